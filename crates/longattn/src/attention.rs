@@ -1,0 +1,147 @@
+//! The public entry point: validate shapes, resolve the mask to a block schedule, dispatch.
+use crate::cpu::{self, Isa};
+use crate::error::{Error, Result};
+use crate::mask::{BlockSchedule, RowMask};
+use crate::tensor::{Tensor, TensorView};
+
+/// Tunables of one attention call. `Default` gives scale 1/sqrt(D), no soft-cap, the best ISA.
+#[derive(Clone, Debug, Default)]
+pub struct AttnParams {
+    /// Multiplier of q.k (default 1/sqrt(D)).
+    pub scale: Option<f32>,
+    /// Logit soft-cap c: s -> c * tanh(s / c), applied before masking.
+    pub softcap: Option<f32>,
+    /// Force one CPU instruction-set path (tests); `None` picks the best the CPU has.
+    pub isa: Option<Isa>,
+}
+
+impl AttnParams {
+    pub fn scale_for(&self, d: usize) -> f32 {
+        self.scale.unwrap_or(1.0 / (d as f32).sqrt())
+    }
+    fn check(&self) -> Result<()> {
+        if let Some(s) = self.scale {
+            if !s.is_finite() {
+                return Err(Error::Param {
+                    op: "attention",
+                    msg: format!("scale must be finite, got {s}"),
+                });
+            }
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::Param {
+                    op: "attention",
+                    msg: format!("softcap must be finite and > 0, got {c}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which (query, key) pairs attend.
+#[derive(Clone, Copy)]
+pub enum MaskSpec<'a> {
+    /// Every pair.
+    Full,
+    /// A prepared schedule; Partial tiles need `rows` (the element mask).
+    Schedule {
+        schedule: &'a BlockSchedule,
+        rows: Option<&'a dyn RowMask>,
+    },
+}
+
+/// Output in the input dtype `[B, Sq, Hq, Dv]` and the natural-log LSE `[B, Hq, Sq]` (f32).
+#[derive(Clone, Debug)]
+pub struct AttnOutput {
+    pub out: Tensor,
+    pub lse: Vec<f32>,
+}
+
+/// Problem sizes after validation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub batch: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub hq: usize,
+    pub hk: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+fn shape_err(op: &'static str, t: &str, got: &[usize; 4], expected: String) -> Error {
+    Error::Shape {
+        op,
+        tensor: t.into(),
+        got: got.to_vec(),
+        expected,
+    }
+}
+
+/// Checks q `[B,Sq,Hq,D]`, k `[B,Sk,Hk,D]`, v `[B,Sk,Hk,Dv]`, one dtype, Hq a multiple of Hk.
+pub fn validate(op: &'static str, q: &TensorView, k: &TensorView, v: &TensorView) -> Result<Dims> {
+    let [b, sq, hq, d] = q.shape;
+    let [kb, sk, hk, kd] = k.shape;
+    if kb != b || kd != d {
+        return Err(shape_err(
+            op,
+            "k",
+            &k.shape,
+            format!("[{b}, Sk, Hk, {d}] (batch and head dim of q {:?})", q.shape),
+        ));
+    }
+    let [vb, vs, vh, dv] = v.shape;
+    if vb != b || vs != sk || vh != hk {
+        return Err(shape_err(
+            op,
+            "v",
+            &v.shape,
+            format!("[{b}, {sk}, {hk}, Dv] (batch, seq and heads of k {:?})", k.shape),
+        ));
+    }
+    if hq % hk != 0 {
+        return Err(shape_err(
+            op,
+            "q",
+            &q.shape,
+            format!("query heads {hq} to be a multiple of key/value heads {hk} (GQA/MQA)"),
+        ));
+    }
+    for (name, t) in [("k", k), ("v", v)] {
+        if t.dtype() != q.dtype() {
+            return Err(Error::DType {
+                op,
+                tensor: name.into(),
+                got: t.dtype().to_string(),
+                expected: format!("{} (the dtype of q)", q.dtype()),
+            });
+        }
+    }
+    Ok(Dims {
+        batch: b,
+        sq,
+        sk,
+        hq,
+        hk,
+        d,
+        dv,
+    })
+}
+
+/// Masked attention forward on the CPU.
+///
+/// NaN or Inf in q/k/v is not scanned for (that would cost a pass over the inputs): it propagates
+/// into the rows it touches. Use [`TensorView::find_non_finite`] (the CLI does) to reject it.
+pub fn forward(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+) -> Result<AttnOutput> {
+    let dims = validate("attention", q, k, v)?;
+    params.check()?;
+    cpu::forward(q, k, v, &dims, params, mask)
+}

@@ -1,0 +1,1 @@
+//! Reading and writing attention tensors as safetensors files.

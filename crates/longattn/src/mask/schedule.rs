@@ -1,0 +1,234 @@
+//! The block schedule: the one sparsity format every kernel consumes.
+//!
+//! For each (batch row, head, query tile) the schedule lists the key tiles that hold at least one
+//! allowed (query, key) pair, in increasing key order, each marked
+//! - [`TileKind::Full`]: every pair of the tile is allowed, the kernel applies no element mask;
+//! - [`TileKind::Partial`]: some pairs are masked, the kernel asks a [`RowMask`] for the bits.
+//!
+//! Tiles that are not listed are never loaded. Storage is CSR: `offsets[row]..offsets[row + 1]`
+//! indexes `entries`, with `row = (b * heads + h) * q_tiles + qt`. A schedule whose `batch` (or
+//! `heads`) is 1 is shared by every batch row (or head), so a mask that depends on neither is stored
+//! once.
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TileKind {
+    Full = 1,
+    Partial = 2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileEntry {
+    pub k_tile: u32,
+    pub kind: TileKind,
+}
+
+/// Element-level mask for Partial tiles, evaluated a query row at a time.
+pub trait RowMask: Sync {
+    /// Writes the allowed bits of query row `i` (batch row `b`, query head `h`) for keys
+    /// `j0 .. j0 + 64 * out.len()`: bit `t` of `out[w]` is key `j0 + 64 * w + t`. Keys at or past
+    /// `Sk` must be 0.
+    fn row_bits(&self, b: usize, h: usize, i: usize, j0: usize, out: &mut [u64]);
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockSchedule {
+    pub tile_q: usize,
+    pub tile_k: usize,
+    pub sq: usize,
+    pub sk: usize,
+    /// Batch rows stored (1 = shared by all).
+    pub batch: usize,
+    /// Heads stored (1 = shared by all).
+    pub heads: usize,
+    pub q_tiles: usize,
+    pub k_tiles: usize,
+    offsets: Vec<u32>,
+    entries: Vec<TileEntry>,
+}
+
+impl BlockSchedule {
+    /// Builds a schedule from per-row entry lists given in row order
+    /// (`row = (b * heads + h) * q_tiles + qt`). Entries must be sorted by key tile and in range.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_rows(
+        tile_q: usize,
+        tile_k: usize,
+        sq: usize,
+        sk: usize,
+        batch: usize,
+        heads: usize,
+        rows: impl IntoIterator<Item = Vec<TileEntry>>,
+    ) -> Result<Self> {
+        let mut s = Self::empty(tile_q, tile_k, sq, sk, batch, heads)?;
+        for row in rows {
+            s.push_row(&row)?;
+        }
+        s.finish()
+    }
+
+    /// Starts a schedule to be filled row by row with [`push_row`](Self::push_row).
+    pub fn empty(
+        tile_q: usize,
+        tile_k: usize,
+        sq: usize,
+        sk: usize,
+        batch: usize,
+        heads: usize,
+    ) -> Result<Self> {
+        if tile_q == 0 || tile_k == 0 || sq == 0 || sk == 0 || batch == 0 || heads == 0 {
+            return Err(Error::Schedule(format!(
+                "tile sizes, lengths, batch and heads must be >= 1 (tile_q {tile_q}, tile_k {tile_k}, sq {sq}, sk {sk}, batch {batch}, heads {heads})"
+            )));
+        }
+        let q_tiles = sq.div_ceil(tile_q);
+        let k_tiles = sk.div_ceil(tile_k);
+        Ok(BlockSchedule {
+            tile_q,
+            tile_k,
+            sq,
+            sk,
+            batch,
+            heads,
+            q_tiles,
+            k_tiles,
+            offsets: vec![0],
+            entries: Vec::new(),
+        })
+    }
+
+    pub fn push_row(&mut self, row: &[TileEntry]) -> Result<()> {
+        let r = self.offsets.len() - 1;
+        if r >= self.batch * self.heads * self.q_tiles {
+            return Err(Error::Schedule(format!(
+                "more rows than batch {} x heads {} x query tiles {}",
+                self.batch, self.heads, self.q_tiles
+            )));
+        }
+        let mut prev: Option<u32> = None;
+        for e in row {
+            if e.k_tile as usize >= self.k_tiles || prev.is_some_and(|p| p >= e.k_tile) {
+                return Err(Error::Schedule(format!(
+                    "row {r}: key tile {} out of order or out of range (key tiles: {})",
+                    e.k_tile, self.k_tiles
+                )));
+            }
+            prev = Some(e.k_tile);
+        }
+        self.entries.extend_from_slice(row);
+        self.offsets.push(self.entries.len() as u32);
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<Self> {
+        let want = self.batch * self.heads * self.q_tiles;
+        if self.offsets.len() - 1 != want {
+            return Err(Error::Schedule(format!(
+                "{} rows given, expected batch {} x heads {} x query tiles {} = {want}",
+                self.offsets.len() - 1,
+                self.batch,
+                self.heads,
+                self.q_tiles
+            )));
+        }
+        Ok(self)
+    }
+
+    /// Dense schedule: every tile Full.
+    pub fn full(tile_q: usize, tile_k: usize, sq: usize, sk: usize) -> Result<Self> {
+        let mut s = Self::empty(tile_q, tile_k, sq, sk, 1, 1)?;
+        let row: Vec<TileEntry> = (0..s.k_tiles as u32)
+            .map(|k_tile| TileEntry {
+                k_tile,
+                kind: TileKind::Full,
+            })
+            .collect();
+        for _ in 0..s.q_tiles {
+            s.push_row(&row)?;
+        }
+        s.finish()
+    }
+
+    /// An explicit block mask: `mask` is a u8 tensor of shape `[batch, heads, q_tiles, k_tiles]`
+    /// (batch or heads may be 1 = shared), nonzero = attend the whole tile.
+    pub fn from_block_mask(
+        mask: &[u8],
+        shape: [usize; 4],
+        tile_q: usize,
+        tile_k: usize,
+        sq: usize,
+        sk: usize,
+    ) -> Result<Self> {
+        let mut s = Self::empty(tile_q, tile_k, sq, sk, shape[0], shape[1])?;
+        if shape[2] != s.q_tiles || shape[3] != s.k_tiles {
+            return Err(Error::Schedule(format!(
+                "block mask has shape {shape:?}, expected [batch, heads, {}, {}] for sq {sq} / tile {tile_q} and sk {sk} / tile {tile_k}",
+                s.q_tiles, s.k_tiles
+            )));
+        }
+        let n: usize = shape.iter().product();
+        if mask.len() != n {
+            return Err(Error::Schedule(format!(
+                "block mask holds {} bytes, its shape {shape:?} needs {n}",
+                mask.len()
+            )));
+        }
+        let kt = s.k_tiles;
+        for r in 0..shape[0] * shape[1] * shape[2] {
+            let row: Vec<TileEntry> = (0..kt)
+                .filter(|&k| mask[r * kt + k] != 0)
+                .map(|k| TileEntry {
+                    k_tile: k as u32,
+                    kind: TileKind::Full,
+                })
+                .collect();
+            s.push_row(&row)?;
+        }
+        s.finish()
+    }
+
+    /// The scheduled key tiles of (batch row `b`, head `h`, query tile `qt`). Shared dimensions
+    /// (stored as 1) ignore the index.
+    #[inline]
+    pub fn row(&self, b: usize, h: usize, qt: usize) -> &[TileEntry] {
+        let b = if self.batch == 1 { 0 } else { b };
+        let h = if self.heads == 1 { 0 } else { h };
+        let r = (b * self.heads + h) * self.q_tiles + qt;
+        &self.entries[self.offsets[r] as usize..self.offsets[r + 1] as usize]
+    }
+
+    /// Query rows `[start, end)` of query tile `qt`.
+    pub fn q_range(&self, qt: usize) -> (usize, usize) {
+        (qt * self.tile_q, ((qt + 1) * self.tile_q).min(self.sq))
+    }
+    /// Keys `[start, end)` of key tile `kt`.
+    pub fn k_range(&self, kt: usize) -> (usize, usize) {
+        (kt * self.tile_k, ((kt + 1) * self.tile_k).min(self.sk))
+    }
+
+    /// Counts of (Full, Partial) entries over all stored rows.
+    pub fn counts(&self) -> (usize, usize) {
+        let full = self.entries.iter().filter(|e| e.kind == TileKind::Full).count();
+        (full, self.entries.len() - full)
+    }
+    pub fn entries(&self) -> &[TileEntry] {
+        &self.entries
+    }
+    /// Number of (query, key) pairs inside the scheduled tiles of one (b, h) (an upper bound of the
+    /// allowed pairs; exact when every tile is Full).
+    pub fn scheduled_pairs(&self, b: usize, h: usize) -> usize {
+        (0..self.q_tiles)
+            .map(|qt| {
+                let (q0, q1) = self.q_range(qt);
+                self.row(b, h, qt)
+                    .iter()
+                    .map(|e| {
+                        let (k0, k1) = self.k_range(e.k_tile as usize);
+                        (q1 - q0) * (k1 - k0)
+                    })
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,1 @@
+//! Shared test support: the awkward sizes, seeded inputs, tolerances.
