@@ -57,7 +57,7 @@ pub trait Element: Copy + Send + Sync + 'static + bytemuck::Pod + Default {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-    fn slice(s: &Slice<'_>) -> Option<&[Self]>;
+    fn slice<'a>(s: &Slice<'a>) -> Option<&'a [Self]>;
     fn wrap(v: Vec<Self>) -> Buffer;
 }
 
