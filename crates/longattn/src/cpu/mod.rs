@@ -17,7 +17,7 @@ use crate::mask::{BlockSchedule, RowMask, TileKind};
 use crate::tensor::{DType, Element, Tensor, TensorView};
 use half::{bf16, f16};
 use micro::{Logits, Micro, BQ, NC};
-use pack::{pack_kt, pack_q, pack_v, packed_dim};
+use pack::{pack_kt, pack_q, pack_v, packed_dim, packed_dv};
 use rayon::prelude::*;
 
 /// Instruction-set paths of the CPU kernel.
@@ -31,10 +31,18 @@ pub enum Isa {
     Avx512,
     /// AVX-512 with `vdpbf16ps` for bf16 inputs (f32/f16 inputs use the AVX-512 f32 path).
     Avx512Bf16,
+    /// AMX tiles for both products of bf16 inputs (f32/f16 inputs use the AVX-512 f32 path).
+    Amx,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16];
+    pub const ALL: [Isa; 5] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Bf16,
+        Isa::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -42,6 +50,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Bf16 => "avx512bf16",
+            Isa::Amx => "amx",
         }
     }
 
@@ -57,6 +66,8 @@ impl Isa {
             Isa::Avx512Bf16 => {
                 is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => micro::amx::available(),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -116,10 +127,11 @@ pub fn forward(
     };
     #[cfg(target_arch = "x86_64")]
     {
-        use micro::{avx2::Avx2, avx512::Avx512, avx512bf16::Avx512Bf16};
+        use micro::{amx::Amx, avx2::Avx2, avx512::Avx512, avx512bf16::Avx512Bf16};
         match (isa, q.dtype()) {
+            (Isa::Amx, DType::BF16) => return job.run::<bf16, Amx>(Amx),
             (Isa::Avx512Bf16, DType::BF16) => return job.run::<bf16, Avx512Bf16>(Avx512Bf16),
-            (Isa::Avx512 | Isa::Avx512Bf16, _) => return job.run_dtype(Avx512),
+            (Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx, _) => return job.run_dtype(Avx512),
             (Isa::Avx2, _) => return job.run_dtype(Avx2),
             (Isa::Scalar, _) => {}
         }
@@ -237,6 +249,7 @@ impl Job<'_> {
             lse: lse.as_mut_ptr(),
         };
         let dp = packed_dim::<M>(d);
+        let dvp = packed_dv::<M>(dv);
         let chunks = sk.div_ceil(NC);
         let group = hq / hk;
         let sched = self.schedule;
@@ -257,7 +270,7 @@ impl Job<'_> {
         };
         let pack_group = |b: usize, g: usize, kt: &mut [M::P], vp: &mut [M::P], par: bool| {
             let kt_chunks = kt.chunks_mut(dp * NC);
-            let v_chunks = vp.chunks_mut(NC * dv);
+            let v_chunks = vp.chunks_mut(NC * dvp);
             if par {
                 kt_chunks
                     .zip(v_chunks)
@@ -278,7 +291,7 @@ impl Job<'_> {
         if tasks_per_group >= 4 * threads || groups.len() == 1 {
             // Many tasks per group: groups in sequence, tasks in parallel (one packed K/V alive).
             let mut kt = vec![M::P::default(); chunks * dp * NC];
-            let mut vp = vec![M::P::default(); chunks * NC * dv];
+            let mut vp = vec![M::P::default(); chunks * NC * dvp];
             for &(b, g) in &groups {
                 pack_group(b, g, &mut kt, &mut vp, true);
                 let tasks = tasks_of(b, g);
@@ -291,7 +304,7 @@ impl Job<'_> {
             // Few tasks per group (decode): groups in parallel, each sequential inside.
             groups.par_iter().with_max_len(1).for_each(|&(b, g)| {
                 let mut kt = vec![M::P::default(); chunks * dp * NC];
-                let mut vp = vec![M::P::default(); chunks * NC * dv];
+                let mut vp = vec![M::P::default(); chunks * NC * dvp];
                 pack_group(b, g, &mut kt, &mut vp, false);
                 let mut scr = Scratch::<M::P>::new(dp, dv);
                 for (h, qt, _) in tasks_of(b, g) {
@@ -322,9 +335,10 @@ impl Job<'_> {
             sq, sk, hq, d, dv, ..
         } = self.dims;
         let sched = self.schedule;
-        let dp = packed_dim::<M>(d);
+        let (dp, dvp) = (packed_dim::<M>(d), packed_dv::<M>(dv));
         let entries = sched.row(b, h, qt);
         let (t0, t1) = sched.q_range(qt);
+        micro.begin();
         for i0 in (t0..t1).step_by(BQ) {
             let rows = BQ.min(t1 - i0);
             pack_q::<T, M>(self.q, b, h, i0, rows, &mut scr.q);
@@ -371,7 +385,7 @@ impl Job<'_> {
                         &scr.p,
                         rows,
                         keys,
-                        &vp[c * NC * dv..(c + 1) * NC * dv],
+                        &vp[c * NC * dvp..(c + 1) * NC * dvp],
                         dv,
                         &scr.alpha,
                         &mut scr.o,

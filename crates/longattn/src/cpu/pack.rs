@@ -5,13 +5,14 @@
 use super::micro::{FromF32, Micro, NC};
 use crate::tensor::{Element, TensorView};
 
-/// Row length of a packed Q row / number of K^T rows: D, or D rounded up to even for pairs.
+/// Row length of a packed Q row / number of K^T rows: D rounded up to `M::DIM_ALIGN`.
 pub fn packed_dim<M: Micro>(d: usize) -> usize {
-    if M::PAIRS {
-        d.div_ceil(2) * 2
-    } else {
-        d
-    }
+    d.div_ceil(M::DIM_ALIGN) * M::DIM_ALIGN
+}
+
+/// Row length of packed V: Dv rounded up to `M::DV_ALIGN`.
+pub fn packed_dv<M: Micro>(dv: usize) -> usize {
+    dv.div_ceil(M::DV_ALIGN) * M::DV_ALIGN
 }
 
 /// Converts one element to the packed type of `M`.
@@ -47,8 +48,8 @@ pub fn pack_kt<T: Element, M: Micro>(
     }
 }
 
-/// V of keys `c*NC .. c*NC+NC` into `out` (`NC * dv` elements): f32: `out[j][x]`;
-/// pairs: `out[j/2][x][j%2]`. Keys past `Sk` are 0.
+/// V of keys `c*NC .. c*NC+NC` into `out` (`NC * dvp` elements, dvp = [`packed_dv`]):
+/// f32: `out[j][x]`; pairs: `out[j/2][x][j%2]`. Keys past `Sk` and dims past `Dv` are 0.
 pub fn pack_v<T: Element, M: Micro>(
     v: &TensorView,
     b: usize,
@@ -58,15 +59,16 @@ pub fn pack_v<T: Element, M: Micro>(
 ) {
     let data = v.typed::<T>().expect("dtype checked by the dispatcher");
     let (sk, dv) = (v.seq(), v.dim());
-    out[..NC * dv].fill(M::P::default());
+    let dvp = packed_dv::<M>(dv);
+    out[..NC * dvp].fill(M::P::default());
     for j in 0..NC.min(sk.saturating_sub(c * NC)) {
         let base = v.offset(b, c * NC + j, hk, 0);
         for x in 0..dv {
             let val = to_packed::<M>(data[base + x * v.strides[3]].to_f32());
             let idx = if M::PAIRS {
-                ((j / 2) * dv + x) * 2 + j % 2
+                ((j / 2) * dvp + x) * 2 + j % 2
             } else {
-                j * dv + x
+                j * dvp + x
             };
             out[idx] = val;
         }

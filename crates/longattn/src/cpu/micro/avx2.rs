@@ -265,6 +265,8 @@ unsafe fn pv_impl(
 impl Micro for Avx2 {
     type P = f32;
     const PAIRS: bool = false;
+    const DIM_ALIGN: usize = 1;
+    const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx2";
 
     fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {

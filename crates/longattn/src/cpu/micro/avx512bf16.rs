@@ -72,7 +72,7 @@ unsafe fn qk_impl(q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) 
 
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn softmax_impl(
+pub(crate) unsafe fn softmax_impl(
     s: &[f32],
     rows: usize,
     mask: &[u64],
@@ -184,6 +184,8 @@ unsafe fn pv_impl(
 impl Micro for Avx512Bf16 {
     type P = u16;
     const PAIRS: bool = true;
+    const DIM_ALIGN: usize = 2;
+    const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512bf16";
 
     fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {

@@ -13,6 +13,8 @@
 //!   `[Dp/2][64][2]` (the two dims of a pair adjacent), V `[32][Dv][2]` (the two keys of a pair
 //!   adjacent), P `[rows][64]` bf16. A 32-bit load of Q or P is then one (even, odd) pair.
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
@@ -70,7 +72,15 @@ pub trait Micro: Sync + Send {
     type P: Copy + Default + Send + Sync + 'static + FromF32;
     /// True for the bf16-pair layouts.
     const PAIRS: bool;
+    /// Packed Q rows / K^T rows are D rounded up to a multiple of this (zeros past D).
+    const DIM_ALIGN: usize;
+    /// Packed V rows are Dv rounded up to a multiple of this (zeros past Dv).
+    const DV_ALIGN: usize;
     const NAME: &'static str;
+
+    /// Called by each task before its first micro-kernel call, on the thread that runs it
+    /// (AMX loads its tile configuration here).
+    fn begin(&self) {}
 
     /// `s[r * NC + c] = sum_d q[r][d] * kt[d][c]` for `r < rows`, all `c < NC`.
     /// `dq` is the packed row length of q (D, or Dp for pairs).
@@ -94,7 +104,8 @@ pub trait Micro: Sync + Send {
     );
 
     /// `o[r][x] = alpha[r] * o[r][x] + sum_{c < keys} p[r][c] * v[c][x]` for `r < rows`, `x < dv`.
-    /// `keys` is even for the pair layout (the padding key has p = 0 and v = 0).
+    /// `keys` is even for the pair layout (the padding key has p = 0 and v = 0); `vt` rows are
+    /// `dv` rounded up to `DV_ALIGN` long.
     #[allow(clippy::too_many_arguments)]
     fn pv(
         &self,

@@ -6,6 +6,8 @@ pub struct Scalar;
 impl Micro for Scalar {
     type P = f32;
     const PAIRS: bool = false;
+    const DIM_ALIGN: usize = 1;
+    const DV_ALIGN: usize = 1;
     const NAME: &'static str = "scalar";
 
     fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
