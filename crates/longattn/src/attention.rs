@@ -45,6 +45,8 @@ impl AttnParams {
 pub enum MaskSpec<'a> {
     /// Every pair.
     Full,
+    /// A bound mask expression: the kernel builds the schedule with its own tile sizes.
+    // INTEGRATE: Expr(&'a crate::mask::BoundMask),
     /// A prepared schedule; Partial tiles need `rows` (the element mask).
     Schedule {
         schedule: &'a BlockSchedule,
@@ -98,7 +100,10 @@ pub fn validate(op: &'static str, q: &TensorView, k: &TensorView, v: &TensorView
             op,
             "v",
             &v.shape,
-            format!("[{b}, {sk}, {hk}, Dv] (batch, seq and heads of k {:?})", k.shape),
+            format!(
+                "[{b}, {sk}, {hk}, Dv] (batch, seq and heads of k {:?})",
+                k.shape
+            ),
         ));
     }
     if hq % hk != 0 {

@@ -9,11 +9,11 @@
 //! - [`tensor`] holds the views (`[batch, seq, heads, dim]`, any strides, f32/bf16/f16).
 
 pub mod attention;
+pub mod cpu;
 pub mod error;
 pub mod io;
 pub mod mask;
 pub mod reference;
-pub mod cpu;
 pub mod tensor;
 pub mod testing;
 

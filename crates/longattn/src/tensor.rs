@@ -278,7 +278,11 @@ impl<'a> TensorView<'a> {
     }
 
     /// A view with explicit element strides. Every addressed element must lie inside `data`.
-    pub fn strided(data: impl Into<Slice<'a>>, shape: [usize; 4], strides: [usize; 4]) -> Result<Self> {
+    pub fn strided(
+        data: impl Into<Slice<'a>>,
+        shape: [usize; 4],
+        strides: [usize; 4],
+    ) -> Result<Self> {
         let data = data.into();
         if shape.iter().any(|&s| s == 0) {
             return Err(Error::Shape {
@@ -300,7 +304,11 @@ impl<'a> TensorView<'a> {
                 ),
             });
         }
-        Ok(TensorView { data, shape, strides })
+        Ok(TensorView {
+            data,
+            shape,
+            strides,
+        })
     }
 
     pub fn dtype(&self) -> DType {

@@ -209,7 +209,11 @@ impl BlockSchedule {
 
     /// Counts of (Full, Partial) entries over all stored rows.
     pub fn counts(&self) -> (usize, usize) {
-        let full = self.entries.iter().filter(|e| e.kind == TileKind::Full).count();
+        let full = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == TileKind::Full)
+            .count();
         (full, self.entries.len() - full)
     }
     pub fn entries(&self) -> &[TileEntry] {

@@ -1,0 +1,109 @@
+//! Micro-kernels: the three inner steps of one (query tile, 64-key chunk) update.
+//!
+//! 1. `qk`: S = Q K^T for up to [`BQ`] query rows and one chunk of [`NC`] keys;
+//! 2. `softmax`: the online-softmax step on S (scale, soft-cap, mask, running max/sum, P);
+//! 3. `pv`: O = alpha * O + P V.
+//!
+//! Every instruction-set path implements [`Micro`]; `scalar` is the plain reference the SIMD paths
+//! are tested against, and the fallback on CPUs without AVX2.
+//!
+//! Packed layouts (one chunk of NC = 64 keys; keys past the end of the sequence are zero):
+//! - f32 family: Q `[rows][D]`, K^T `[D][64]`, V `[64][Dv]`, P `[rows][64]`, all f32;
+//! - bf16 family (`vdpbf16ps`): Q `[rows][Dp]` bf16 with Dp = D rounded up to even, K^T
+//!   `[Dp/2][64][2]` (the two dims of a pair adjacent), V `[32][Dv][2]` (the two keys of a pair
+//!   adjacent), P `[rows][64]` bf16. A 32-bit load of Q or P is then one (even, odd) pair.
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512bf16;
+pub mod scalar;
+
+/// Keys per chunk: one u64 of mask bits, four AVX-512 registers of f32.
+pub const NC: usize = 64;
+/// Query rows per tile.
+pub const BQ: usize = 64;
+
+/// log2(e): the kernels work in base 2 (exp2 is cheaper than exp).
+pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+
+/// What the softmax step applies to the raw dot products s = q . k.
+#[derive(Clone, Copy, Debug)]
+pub struct Logits {
+    /// q.k multiplier (1/sqrt(D) by default).
+    pub scale: f32,
+    /// Soft-cap c: x = c * tanh(scale * s / c).
+    pub softcap: Option<f32>,
+}
+
+impl Logits {
+    /// The base-2 logit of one raw dot product (the scalar definition every path follows).
+    #[inline]
+    pub fn base2(&self, s: f32) -> f32 {
+        match self.softcap {
+            None => s * (self.scale * LOG2E),
+            Some(c) => (c * LOG2E) * (s * self.scale / c).tanh(),
+        }
+    }
+}
+
+/// The packed element types: f32 itself, or u16 holding bf16 bits.
+pub trait FromF32 {
+    fn from_f32(x: f32) -> Self;
+}
+impl FromF32 for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl FromF32 for u16 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x).to_bits()
+    }
+}
+
+/// One instruction-set path. `P` is the packed element (f32, or u16 holding bf16 bits).
+pub trait Micro: Sync + Send {
+    type P: Copy + Default + Send + Sync + 'static + FromF32;
+    /// True for the bf16-pair layouts.
+    const PAIRS: bool;
+    const NAME: &'static str;
+
+    /// `s[r * NC + c] = sum_d q[r][d] * kt[d][c]` for `r < rows`, all `c < NC`.
+    /// `dq` is the packed row length of q (D, or Dp for pairs).
+    fn qk(&self, q: &[Self::P], rows: usize, dq: usize, kt: &[Self::P], s: &mut [f32]);
+
+    /// Online softmax step for `rows` rows of S (base-2 units):
+    /// x_c = logits.base2(s_c) where bit c of `mask[r]` is set, else -inf;
+    /// m' = max(m, max_c x_c); alpha = 2^(m - m'); p_c = 2^(x_c - m'); l' = alpha l + sum_c p_c.
+    /// Rows that have seen no allowed key yet (m' = -inf) keep m = -inf, l = 0, alpha = 1, p = 0.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax(
+        &self,
+        s: &[f32],
+        rows: usize,
+        mask: &[u64],
+        logits: &Logits,
+        m: &mut [f32],
+        l: &mut [f32],
+        alpha: &mut [f32],
+        p: &mut [Self::P],
+    );
+
+    /// `o[r][x] = alpha[r] * o[r][x] + sum_{c < keys} p[r][c] * v[c][x]` for `r < rows`, `x < dv`.
+    /// `keys` is even for the pair layout (the padding key has p = 0 and v = 0).
+    #[allow(clippy::too_many_arguments)]
+    fn pv(
+        &self,
+        p: &[Self::P],
+        rows: usize,
+        keys: usize,
+        vt: &[Self::P],
+        dv: usize,
+        alpha: &[f32],
+        o: &mut [f32],
+    );
+}

@@ -1,0 +1,112 @@
+//! The plain reference path: straight loops in f32, the same math as the SIMD paths.
+use super::{Logits, Micro, NC};
+
+pub struct Scalar;
+
+impl Micro for Scalar {
+    type P = f32;
+    const PAIRS: bool = false;
+    const NAME: &'static str = "scalar";
+
+    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
+        for r in 0..rows {
+            let srow = &mut s[r * NC..(r + 1) * NC];
+            srow.fill(0.0);
+            for (d, &qd) in q[r * dq..(r + 1) * dq].iter().enumerate() {
+                for (sc, &kc) in srow.iter_mut().zip(&kt[d * NC..(d + 1) * NC]) {
+                    *sc += qd * kc;
+                }
+            }
+        }
+    }
+
+    fn softmax(
+        &self,
+        s: &[f32],
+        rows: usize,
+        mask: &[u64],
+        logits: &Logits,
+        m: &mut [f32],
+        l: &mut [f32],
+        alpha: &mut [f32],
+        p: &mut [f32],
+    ) {
+        softmax_rows(s, rows, mask, logits, m, l, alpha, |r, c, x| {
+            p[r * NC + c] = x
+        });
+    }
+
+    fn pv(
+        &self,
+        p: &[f32],
+        rows: usize,
+        keys: usize,
+        vt: &[f32],
+        dv: usize,
+        alpha: &[f32],
+        o: &mut [f32],
+    ) {
+        for r in 0..rows {
+            let orow = &mut o[r * dv..(r + 1) * dv];
+            orow.iter_mut().for_each(|x| *x *= alpha[r]);
+            for c in 0..keys {
+                let pc = p[r * NC + c];
+                for (ox, &vx) in orow.iter_mut().zip(&vt[c * dv..(c + 1) * dv]) {
+                    *ox += pc * vx;
+                }
+            }
+        }
+    }
+}
+
+/// The scalar online-softmax step shared by the scalar path (and the model for the SIMD ones):
+/// writes p through `store(r, c, p_rc)` for every column of every row.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_rows(
+    s: &[f32],
+    rows: usize,
+    mask: &[u64],
+    logits: &Logits,
+    m: &mut [f32],
+    l: &mut [f32],
+    alpha: &mut [f32],
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    let mut x = [0.0f32; NC];
+    for r in 0..rows {
+        let bits = mask[r];
+        let mut mx = f32::NEG_INFINITY;
+        for (c, xc) in x.iter_mut().enumerate() {
+            *xc = if bits >> c & 1 == 1 {
+                logits.base2(s[r * NC + c])
+            } else {
+                f32::NEG_INFINITY
+            };
+            mx = mx.max(*xc);
+        }
+        // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
+        let m_new = if x.iter().any(|v| v.is_nan()) {
+            f32::NAN
+        } else {
+            m[r].max(mx)
+        };
+        if m_new == f32::NEG_INFINITY {
+            alpha[r] = 1.0;
+            (0..NC).for_each(|c| store(r, c, 0.0));
+            continue;
+        }
+        alpha[r] = (m[r] - m_new).exp2();
+        let mut sum = 0.0;
+        for (c, &xc) in x.iter().enumerate() {
+            let pc = if xc == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (xc - m_new).exp2()
+            };
+            sum += pc;
+            store(r, c, pc);
+        }
+        l[r] = l[r] * alpha[r] + sum;
+        m[r] = m_new;
+    }
+}
