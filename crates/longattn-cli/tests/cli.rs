@@ -307,3 +307,9 @@ fn bench_rejects_unknown_mask() {
     let o = bin().args(["bench", "--masks", "fulll"]).output().unwrap();
     fails_with(o, "invalid mask `fulll`");
 }
+
+#[test]
+fn run_causal_matches_the_oracle() {
+    check_run(DType::F32, "causal", 1e-4);
+    check_run(DType::BF16, "causal", 2e-2);
+}
