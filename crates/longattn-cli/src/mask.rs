@@ -20,6 +20,9 @@ pub struct Args {
     /// Tile size (query and key).
     #[arg(long, default_value_t = 64)]
     tile: usize,
+    /// For `document` masks: split every batch row into this many equal documents.
+    #[arg(long)]
+    docs: Option<usize>,
     /// Also draw the tile schedule into this PNG file.
     #[arg(long)]
     png: Option<PathBuf>,
@@ -29,7 +32,26 @@ pub fn main(a: Args) -> Result<()> {
     if a.sq == 0 || a.sk == 0 || a.batch == 0 || a.tile == 0 {
         bail!("--sq, --sk, --batch and --tile must be >= 1");
     }
-    let mask = bind_mask(&a.expr, a.batch, a.sq, a.sk, None)?;
+    let docs = match a.docs {
+        Some(0) => bail!("--docs must be >= 1"),
+        Some(n) => {
+            let ids = |len: usize| -> Vec<i32> {
+                (0..a.batch)
+                    .flat_map(|_| (0..len).map(move |i| (i * n / len) as i32))
+                    .collect()
+            };
+            Some((ids(a.sq), ids(a.sk)))
+        }
+        None => None,
+    };
+    let has_docs = docs.is_some();
+    let mask = bind_mask(&a.expr, a.batch, a.sq, a.sk, docs).map_err(|e| {
+        let mut m = e.to_string();
+        if !has_docs && a.expr.contains("document") {
+            m += "\n  pass --docs N to split each sequence into N equal documents";
+        }
+        anyhow::anyhow!(m)
+    })?;
     println!("{}", mask.explain(a.tile, a.tile)?);
     let sched = mask.schedule(a.tile, a.tile)?;
     print!("{}", mask.render_ascii(&sched, 0, 64));
