@@ -1,1 +1,49 @@
-fn main() {}
+//! The `longattn` command: thin glue over the `longattn` library.
+//!
+//! - `longattn run`: attention over the tensors of a safetensors file.
+//! - `longattn mask`: explain a mask expression and draw its tile schedule.
+//! - `longattn bench`: the benchmark suite (mask x length x head dim x dtype), optionally against
+//!   PyTorch's CPU `scaled_dot_product_attention` in the same run.
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod bench;
+mod common;
+mod mask;
+mod maskglue;
+mod peer;
+mod plot;
+mod run;
+
+#[derive(Parser, Debug)]
+#[command(name = "longattn", version, about = "Long-context attention engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Attention over q/k/v read from a safetensors file; writes out and lse.
+    Run(run::Args),
+    /// Explain a mask expression: density, tile counts, an ASCII picture, optionally a PNG.
+    Mask(mask::Args),
+    /// Benchmark suite: correctness against the f64 oracle, then timing; writes a report folder.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run::main(a),
+        Cmd::Mask(a) => mask::main(a),
+        Cmd::Bench(a) => bench::main(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

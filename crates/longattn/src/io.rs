@@ -1,1 +1,612 @@
 //! Reading and writing attention tensors as safetensors files.
+//!
+//! Input file: `q` `[B, Sq, Hq, D]`, `k` `[B, Sk, Hk, D]`, `v` `[B, Sk, Hk, Dv]`, all of one dtype
+//! (F32, BF16 or F16), and optionally the document ids `q_doc` `[B, Sq]` and `k_doc` `[B, Sk]`
+//! (I32, both or neither) used by the `document` mask.
+//! Output file: `out` `[B, Sq, Hq, Dv]` in the input dtype and `lse` `[B, Hq, Sq]` F32 (natural log).
+//!
+//! Every error is an [`Error::File`] whose message starts with the path (or origin) and names the
+//! tensor and what was expected. Nothing here panics on malformed bytes (see the fuzz target
+//! `fuzz/fuzz_targets/safetensors_read.rs`).
+//!
+//! Values are not checked: NaN or Inf in the inputs propagates through
+//! [`forward`](crate::forward) into the rows it touches. Callers that want to reject them use
+//! [`TensorView::find_non_finite`](crate::TensorView::find_non_finite) (the CLI does, unless
+//! `--allow-nonfinite`).
+use crate::attention::{validate, Dims};
+use crate::error::{Error, Result};
+use crate::tensor::{Buffer, DType, Tensor};
+use half::{bf16, f16};
+use safetensors::tensor::{Dtype as StDtype, TensorView as StView};
+use safetensors::SafeTensors;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The tensors of one attention problem, owned and contiguous.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inputs {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Document id of each query position, `[B, Sq]` row-major.
+    pub q_doc: Option<Vec<i32>>,
+    /// Document id of each key position, `[B, Sk]` row-major.
+    pub k_doc: Option<Vec<i32>>,
+}
+
+impl Inputs {
+    /// The validated problem sizes.
+    pub fn dims(&self) -> Result<Dims> {
+        validate(
+            "inputs",
+            &self.q.view("q")?,
+            &self.k.view("k")?,
+            &self.v.view("v")?,
+        )
+    }
+    pub fn dtype(&self) -> DType {
+        self.q.dtype()
+    }
+}
+
+fn file_err(origin: &str, msg: impl Into<String>) -> Error {
+    Error::File {
+        path: origin.to_string(),
+        msg: msg.into(),
+    }
+}
+
+fn dtype_of(d: StDtype) -> Option<DType> {
+    match d {
+        StDtype::F32 => Some(DType::F32),
+        StDtype::BF16 => Some(DType::BF16),
+        StDtype::F16 => Some(DType::F16),
+        _ => None,
+    }
+}
+
+fn st_dtype(d: DType) -> StDtype {
+    match d {
+        DType::F32 => StDtype::F32,
+        DType::BF16 => StDtype::BF16,
+        DType::F16 => StDtype::F16,
+    }
+}
+
+/// Reads an input file. See the module documentation for the expected tensors.
+pub fn read_inputs(path: impl AsRef<Path>) -> Result<Inputs> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&origin, format!("cannot read: {e}")))?;
+    parse_inputs(&bytes, &origin)
+}
+
+fn get<'a>(st: &SafeTensors<'a>, origin: &str, name: &str) -> Result<Option<StView<'a>>> {
+    match st.tensor(name) {
+        Ok(t) => Ok(Some(t)),
+        Err(safetensors::SafeTensorError::TensorNotFound(_)) => Ok(None),
+        Err(e) => Err(file_err(origin, format!("tensor `{name}`: {e}"))),
+    }
+}
+
+fn require<'a>(st: &SafeTensors<'a>, origin: &str, name: &str, what: &str) -> Result<StView<'a>> {
+    get(st, origin, name)?.ok_or_else(|| {
+        let mut have: Vec<String> = st.names().into_iter().cloned().collect();
+        have.sort();
+        file_err(
+            origin,
+            format!("missing tensor `{name}` ({what}); the file holds {have:?}"),
+        )
+    })
+}
+
+/// Decodes a float tensor of rank 4 into an owned [`Tensor`].
+fn float_tensor(origin: &str, name: &str, t: &StView, layout: &str) -> Result<Tensor> {
+    let shape = t.shape().to_vec();
+    if shape.len() != 4 {
+        return Err(file_err(
+            origin,
+            format!(
+                "tensor `{name}` has shape {shape:?} (rank {}), expected rank 4 {layout}",
+                shape.len()
+            ),
+        ));
+    }
+    if shape.contains(&0) {
+        return Err(file_err(
+            origin,
+            format!("tensor `{name}` has shape {shape:?}, expected every dimension >= 1 {layout}"),
+        ));
+    }
+    let dtype = dtype_of(t.dtype()).ok_or_else(|| {
+        file_err(
+            origin,
+            format!(
+                "tensor `{name}` has dtype {:?}, expected F32, BF16 or F16",
+                t.dtype()
+            ),
+        )
+    })?;
+    let n = checked_len(origin, name, &shape)?;
+    let data = t.data();
+    if data.len() != n * dtype.size() {
+        return Err(file_err(
+            origin,
+            format!(
+                "tensor `{name}` holds {} bytes, its shape {shape:?} needs {}",
+                data.len(),
+                n * dtype.size()
+            ),
+        ));
+    }
+    // The data is not necessarily aligned: decode from little-endian bytes.
+    let buf = match dtype {
+        DType::F32 => Buffer::F32(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        DType::BF16 => Buffer::BF16(
+            data.chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        DType::F16 => Buffer::F16(
+            data.chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+    };
+    Tensor::new(buf, shape)
+}
+
+fn checked_len(origin: &str, name: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s))
+        .ok_or_else(|| {
+            file_err(
+                origin,
+                format!("tensor `{name}` has shape {shape:?}, too many elements"),
+            )
+        })
+}
+
+/// Decodes an I32 document-id tensor that must have shape `[batch, seq]`.
+fn doc_ids(
+    origin: &str,
+    name: &str,
+    t: &StView,
+    batch: usize,
+    seq: usize,
+    seq_name: &str,
+) -> Result<Vec<i32>> {
+    if t.dtype() != StDtype::I32 {
+        return Err(file_err(
+            origin,
+            format!(
+                "tensor `{name}` has dtype {:?}, expected I32 (document ids)",
+                t.dtype()
+            ),
+        ));
+    }
+    if t.shape() != [batch, seq] {
+        return Err(file_err(
+            origin,
+            format!(
+                "tensor `{name}` has shape {:?}, expected [{batch}, {seq}] ([B, {seq_name}])",
+                t.shape()
+            ),
+        ));
+    }
+    let data = t.data();
+    if data.len() != batch * seq * 4 {
+        return Err(file_err(
+            origin,
+            format!(
+                "tensor `{name}` holds {} bytes, expected {}",
+                data.len(),
+                batch * seq * 4
+            ),
+        ));
+    }
+    Ok(data
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Parses the bytes of an input file; `origin` (a path) prefixes every error message.
+pub fn parse_inputs(bytes: &[u8], origin: &str) -> Result<Inputs> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| file_err(origin, format!("not a valid safetensors file: {e}")))?;
+    let tq = require(&st, origin, "q", "queries [B, Sq, Hq, D]")?;
+    let tk = require(&st, origin, "k", "keys [B, Sk, Hk, D]")?;
+    let tv = require(&st, origin, "v", "values [B, Sk, Hk, Dv]")?;
+    let q = float_tensor(origin, "q", &tq, "[B, Sq, Hq, D]")?;
+    let k = float_tensor(origin, "k", &tk, "[B, Sk, Hk, D]")?;
+    let v = float_tensor(origin, "v", &tv, "[B, Sk, Hk, Dv]")?;
+    for (name, t) in [("k", &k), ("v", &v)] {
+        if t.dtype() != q.dtype() {
+            return Err(file_err(
+                origin,
+                format!(
+                    "tensor `{name}` has dtype {}, expected {} like `q` (q, k and v must share one dtype)",
+                    t.dtype(),
+                    q.dtype()
+                ),
+            ));
+        }
+    }
+    let dims = validate("read_inputs", &q.view("q")?, &k.view("k")?, &v.view("v")?)
+        .map_err(|e| file_err(origin, e.to_string()))?;
+    let qd = get(&st, origin, "q_doc")?;
+    let kd = get(&st, origin, "k_doc")?;
+    let (q_doc, k_doc) = match (qd, kd) {
+        (None, None) => (None, None),
+        (Some(qd), Some(kd)) => (
+            Some(doc_ids(origin, "q_doc", &qd, dims.batch, dims.sq, "Sq")?),
+            Some(doc_ids(origin, "k_doc", &kd, dims.batch, dims.sk, "Sk")?),
+        ),
+        (Some(_), None) => {
+            return Err(file_err(
+                origin,
+                "tensor `q_doc` is present but `k_doc` is missing (give both or neither)",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(file_err(
+                origin,
+                "tensor `k_doc` is present but `q_doc` is missing (give both or neither)",
+            ))
+        }
+    };
+    Ok(Inputs {
+        q,
+        k,
+        v,
+        q_doc,
+        k_doc,
+    })
+}
+
+/// Serializes named tensors; `(name, dtype, shape, little-endian bytes)`.
+fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, StDtype, Vec<usize>, &[u8])],
+    overwrite: bool,
+) -> Result<()> {
+    let origin = path.display().to_string();
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, dt, shape, data) in tensors {
+        let v = StView::new(*dt, shape.clone(), data)
+            .map_err(|e| file_err(&origin, format!("tensor `{name}`: {e}")))?;
+        views.push((name.to_string(), v));
+    }
+    let info: Option<HashMap<String, String>> = None;
+    let bytes =
+        safetensors::serialize(views, &info).map_err(|e| file_err(&origin, e.to_string()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true);
+    if overwrite {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            file_err(&origin, "already exists; refusing to overwrite it")
+        } else {
+            file_err(&origin, format!("cannot create: {e}"))
+        }
+    })?;
+    f.write_all(&bytes)
+        .and_then(|_| f.flush())
+        .map_err(|e| file_err(&origin, format!("cannot write: {e}")))
+}
+
+/// Writes `out` (its own dtype, shape as given) and `lse` (F32, `lse_shape` = `[B, Hq, Sq]`).
+/// With `overwrite == false` an existing file is an error and is left untouched.
+pub fn write_outputs(
+    path: impl AsRef<Path>,
+    out: &Tensor,
+    lse: &[f32],
+    lse_shape: [usize; 3],
+    overwrite: bool,
+) -> Result<()> {
+    let path = path.as_ref();
+    let n: usize = lse_shape.iter().product();
+    if n != lse.len() {
+        return Err(Error::Shape {
+            op: "write_outputs",
+            tensor: "lse".into(),
+            got: vec![lse.len()],
+            expected: format!("{n} values for shape {lse_shape:?}"),
+        });
+    }
+    let lse_bytes: Vec<u8> = lse.iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_tensors(
+        path,
+        &[
+            (
+                "out",
+                st_dtype(out.dtype()),
+                out.shape.clone(),
+                out.data.bytes(),
+            ),
+            ("lse", StDtype::F32, lse_shape.to_vec(), &lse_bytes),
+        ],
+        overwrite,
+    )
+}
+
+/// Writes an input file (tests, examples, the benchmark's fixtures).
+pub fn write_inputs(path: impl AsRef<Path>, inputs: &Inputs, overwrite: bool) -> Result<()> {
+    let path = path.as_ref();
+    let mut ts: Vec<(&str, StDtype, Vec<usize>, &[u8])> = vec![
+        (
+            "q",
+            st_dtype(inputs.q.dtype()),
+            inputs.q.shape.clone(),
+            inputs.q.data.bytes(),
+        ),
+        (
+            "k",
+            st_dtype(inputs.k.dtype()),
+            inputs.k.shape.clone(),
+            inputs.k.data.bytes(),
+        ),
+        (
+            "v",
+            st_dtype(inputs.v.dtype()),
+            inputs.v.shape.clone(),
+            inputs.v.data.bytes(),
+        ),
+    ];
+    let (b, sq, sk) = (inputs.q.shape[0], inputs.q.shape[1], inputs.k.shape[1]);
+    let qd: Vec<u8>;
+    let kd: Vec<u8>;
+    if let (Some(q), Some(k)) = (&inputs.q_doc, &inputs.k_doc) {
+        qd = q.iter().flat_map(|x| x.to_le_bytes()).collect();
+        kd = k.iter().flat_map(|x| x.to_le_bytes()).collect();
+        ts.push(("q_doc", StDtype::I32, vec![b, sq], &qd));
+        ts.push(("k_doc", StDtype::I32, vec![b, sk], &kd));
+    }
+    write_tensors(path, &ts, overwrite)
+}
+
+/// Reads an output file written by [`write_outputs`]: `(out, lse, lse_shape)`.
+pub fn read_outputs(path: impl AsRef<Path>) -> Result<(Tensor, Vec<f32>, Vec<usize>)> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&origin, format!("cannot read: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(&origin, format!("not a valid safetensors file: {e}")))?;
+    let to = require(&st, &origin, "out", "output [B, Sq, Hq, Dv]")?;
+    let out = float_tensor(&origin, "out", &to, "[B, Sq, Hq, Dv]")?;
+    let tl = require(&st, &origin, "lse", "log-sum-exp [B, Hq, Sq]")?;
+    if tl.dtype() != StDtype::F32 {
+        return Err(file_err(
+            &origin,
+            format!("tensor `lse` has dtype {:?}, expected F32", tl.dtype()),
+        ));
+    }
+    let lse = tl
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((out, lse, tl.shape().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("longattn-io-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    fn inputs(dtype: DType, docs: bool) -> Inputs {
+        let mk = |shape: Vec<usize>, seed: f32| {
+            let n: usize = shape.iter().product();
+            let x: Vec<f32> = (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect();
+            Tensor::new(Buffer::from_f32(dtype, &x), shape).unwrap()
+        };
+        Inputs {
+            q: mk(vec![2, 5, 4, 8], 0.0),
+            k: mk(vec![2, 7, 2, 8], 1.0),
+            v: mk(vec![2, 7, 2, 3], 2.0),
+            q_doc: docs.then(|| (0..10).map(|i| i / 3).collect()),
+            k_doc: docs.then(|| (0..14).map(|i| i / 4).collect()),
+        }
+    }
+
+    /// Raw file with arbitrary tensors: (name, dtype, shape, bytes).
+    fn raw(ts: &[(&str, StDtype, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let views: Vec<(String, StView)> = ts
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), StView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(views, &None).unwrap()
+    }
+
+    fn msg(r: Result<Inputs>) -> String {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn roundtrip_every_dtype() {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            for docs in [false, true] {
+                let x = inputs(dt, docs);
+                let p = tmp(&format!("rt-{dt}-{docs}.safetensors"));
+                write_inputs(&p, &x, false).unwrap();
+                assert_eq!(read_inputs(&p).unwrap(), x);
+            }
+        }
+    }
+
+    #[test]
+    fn outputs_roundtrip_and_refuse_overwrite() {
+        let x = inputs(DType::BF16, false);
+        let p = tmp("out.safetensors");
+        let lse: Vec<f32> = (0..2 * 4 * 5).map(|i| i as f32).collect();
+        write_outputs(&p, &x.q, &lse, [2, 4, 5], false).unwrap();
+        let e = write_outputs(&p, &x.q, &lse, [2, 4, 5], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already exists"), "{e}");
+        write_outputs(&p, &x.q, &lse, [2, 4, 5], true).unwrap();
+        let (out, l, ls) = read_outputs(&p).unwrap();
+        assert_eq!(out, x.q);
+        assert_eq!(l, lse);
+        assert_eq!(ls, vec![2, 4, 5]);
+        let e = write_outputs(&p, &x.q, &lse, [2, 4, 6], true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lse"), "{e}");
+    }
+
+    #[test]
+    fn missing_file() {
+        let e = read_inputs("/nonexistent/dir/x.safetensors")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/nonexistent/dir/x.safetensors: cannot read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn truncated_and_garbage() {
+        let x = inputs(DType::F32, false);
+        let p = tmp("trunc.safetensors");
+        write_inputs(&p, &x, false).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        for cut in [0, 3, 8, 20, bytes.len() / 2, bytes.len() - 1] {
+            let e = msg(parse_inputs(&bytes[..cut], "f.safetensors"));
+            assert!(
+                e.starts_with("f.safetensors: not a valid safetensors file"),
+                "{cut}: {e}"
+            );
+        }
+        let e = msg(parse_inputs(b"hello world, not a tensor file", "g"));
+        assert!(e.contains("not a valid safetensors"), "{e}");
+    }
+
+    #[test]
+    fn missing_tensor_is_named() {
+        let f = raw(&[
+            ("q", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("k", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ]);
+        let e = msg(parse_inputs(&f, "f"));
+        assert!(e.contains("missing tensor `v`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_rank() {
+        let f = raw(&[
+            ("q", StDtype::F32, vec![2, 1, 2], vec![0; 16]),
+            ("k", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("v", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ]);
+        let e = msg(parse_inputs(&f, "f"));
+        assert!(e.contains("`q`") && e.contains("rank 3"), "{e}");
+    }
+
+    #[test]
+    fn wrong_and_mixed_dtypes() {
+        let f = raw(&[
+            ("q", StDtype::F64, vec![1, 1, 1, 2], vec![0; 16]),
+            ("k", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("v", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ]);
+        let e = msg(parse_inputs(&f, "f"));
+        assert!(e.contains("`q` has dtype F64"), "{e}");
+        let f = raw(&[
+            ("q", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("k", StDtype::BF16, vec![1, 2, 1, 2], vec![0; 8]),
+            ("v", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ]);
+        let e = msg(parse_inputs(&f, "f"));
+        assert!(e.contains("`k` has dtype bf16, expected f32"), "{e}");
+    }
+
+    #[test]
+    fn doc_ids_checked() {
+        let base = || {
+            vec![
+                ("q", StDtype::F32, vec![1, 2, 1, 2], vec![0u8; 16]),
+                ("k", StDtype::F32, vec![1, 3, 1, 2], vec![0u8; 24]),
+                ("v", StDtype::F32, vec![1, 3, 1, 2], vec![0u8; 24]),
+            ]
+        };
+        let mut f = base();
+        f.push(("q_doc", StDtype::I64, vec![1, 2], vec![0; 16]));
+        f.push(("k_doc", StDtype::I32, vec![1, 3], vec![0; 12]));
+        let e = msg(parse_inputs(&raw(&f), "f"));
+        assert!(e.contains("`q_doc` has dtype I64, expected I32"), "{e}");
+        let mut f = base();
+        f.push(("q_doc", StDtype::I32, vec![1, 2], vec![0; 8]));
+        f.push(("k_doc", StDtype::I32, vec![1, 2], vec![0; 8]));
+        let e = msg(parse_inputs(&raw(&f), "f"));
+        assert!(
+            e.contains("`k_doc` has shape [1, 2], expected [1, 3]"),
+            "{e}"
+        );
+        let mut f = base();
+        f.push(("q_doc", StDtype::I32, vec![1, 2], vec![0; 8]));
+        let e = msg(parse_inputs(&raw(&f), "f"));
+        assert!(e.contains("`k_doc` is missing"), "{e}");
+    }
+
+    #[test]
+    fn shape_disagreements() {
+        // Hq = 3 is not a multiple of Hk = 2.
+        let f = raw(&[
+            ("q", StDtype::F32, vec![1, 2, 3, 2], vec![0; 48]),
+            ("k", StDtype::F32, vec![1, 2, 2, 2], vec![0; 32]),
+            ("v", StDtype::F32, vec![1, 2, 2, 2], vec![0; 32]),
+        ]);
+        let e = msg(parse_inputs(&f, "f"));
+        assert!(
+            e.starts_with("f: ") && e.contains("multiple of key/value heads"),
+            "{e}"
+        );
+        // Zero-sized dimension.
+        let f = raw(&[
+            ("q", StDtype::F32, vec![1, 0, 1, 2], vec![]),
+            ("k", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("v", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ]);
+        let e = msg(parse_inputs(&f, "f"));
+        assert!(e.contains("every dimension >= 1"), "{e}");
+    }
+
+    #[test]
+    fn never_panics_on_mutations() {
+        let x = inputs(DType::F16, true);
+        let p = tmp("mut.safetensors");
+        write_inputs(&p, &x, false).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let hdr = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize + 8;
+        for i in 0..hdr.min(bytes.len()) {
+            for v in [0u8, b'9', b'"', b']', 0xff] {
+                let mut b = bytes.clone();
+                b[i] = v;
+                let _ = parse_inputs(&b, "m");
+            }
+        }
+    }
+}

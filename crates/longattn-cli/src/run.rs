@@ -1,0 +1,104 @@
+//! `longattn run`: attention over the tensors of a safetensors file.
+use crate::common::{check_finite, pool};
+use crate::maskglue::bind_mask;
+use anyhow::{bail, Context, Result};
+use longattn::AttnParams;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Input file with q [B,Sq,Hq,D], k [B,Sk,Hk,D], v [B,Sk,Hk,Dv] (f32/bf16/f16) and optional
+    /// i32 q_doc [B,Sq], k_doc [B,Sk].
+    #[arg(long)]
+    input: PathBuf,
+    /// Mask expression, e.g. `causal & window(1024,0)`.
+    #[arg(long, default_value = "full")]
+    mask: String,
+    /// Multiplier of q.k (default 1/sqrt(D)).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Logit soft-cap c: s -> c * tanh(s / c).
+    #[arg(long)]
+    softcap: Option<f32>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output file: out [B,Sq,Hq,Dv] (input dtype) and lse [B,Hq,Sq] (f32).
+    #[arg(long)]
+    output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Compute even if q/k/v hold NaN or Inf (it propagates into the rows it touches).
+    #[arg(long)]
+    allow_nonfinite: bool,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    if a.output.exists() && !a.force {
+        bail!(
+            "{}: output file already exists (pass --force to overwrite it)",
+            a.output.display()
+        );
+    }
+    let inputs = longattn::io::read_inputs(&a.input)?;
+    if !a.allow_nonfinite {
+        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
+    }
+    let dims = inputs.dims()?;
+    let has_docs = inputs.q_doc.is_some();
+    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let mask = bind_mask(&a.mask, dims.batch, dims.sq, dims.sk, docs).map_err(|e| {
+        let mut m = e.to_string();
+        if !has_docs && a.mask.contains("document") {
+            m += &format!(
+                "\n  the `document` mask needs the i32 tensors `q_doc` [B, Sq] and `k_doc` [B, Sk] in {}",
+                a.input.display()
+            );
+        }
+        anyhow::anyhow!(m)
+    })?;
+    let params = AttnParams {
+        scale: a.scale,
+        softcap: a.softcap,
+        isa: None,
+    };
+    let (q, k, v) = (
+        inputs.q.view("q")?,
+        inputs.k.view("k")?,
+        inputs.v.view("v")?,
+    );
+    let pool = pool(a.threads)?;
+    let t0 = Instant::now();
+    let out = pool.install(|| mask.forward(&q, &k, &v, &params))?;
+    let secs = t0.elapsed().as_secs_f64();
+    longattn::io::write_outputs(
+        &a.output,
+        &out.out,
+        &out.lse,
+        [dims.batch, dims.hq, dims.sq],
+        a.force,
+    )?;
+    let pairs: u64 = (0..dims.batch).map(|b| mask.allowed_pairs(b)).sum();
+    let flops = 4.0 * dims.hq as f64 * pairs as f64 * dims.d as f64;
+    eprintln!(
+        "{}: B {} Sq {} Sk {} Hq {} Hk {} D {} Dv {} {} mask `{}` (density {:.4}): {:.3} ms, {:.1} useful GFLOP/s on {} threads -> {}",
+        a.input.display(),
+        dims.batch,
+        dims.sq,
+        dims.sk,
+        dims.hq,
+        dims.hk,
+        dims.d,
+        dims.dv,
+        inputs.dtype(),
+        mask.expr(),
+        mask.density(),
+        secs * 1e3,
+        flops / secs / 1e9,
+        pool.current_num_threads(),
+        a.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! End-to-end tests of the `longattn` binary.
+use half::bf16;
+use longattn::io::{read_outputs, write_inputs, Inputs};
+use longattn::reference::attention_f64;
+use longattn::tensor::Buffer;
+use longattn::{AttnParams, DType, Tensor};
+use safetensors::tensor::{Dtype as StDtype, TensorView as StView};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_longattn"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("longattn-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails unless the command failed cleanly (non-zero exit, no panic) with `want` in its message.
+fn fails_with(o: Output, want: &str) {
+    let e = stderr(&o);
+    assert!(!o.status.success(), "expected failure, got success: {e}");
+    assert!(!e.contains("panicked"), "panic: {e}");
+    assert!(e.contains(want), "expected `{want}` in: {e}");
+}
+
+fn det(n: usize, seed: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.731 + seed) * 1.37).sin())
+        .collect()
+}
+
+fn inputs(dtype: DType, b: usize, sq: usize, sk: usize, hq: usize, hk: usize, d: usize) -> Inputs {
+    let mk = |shape: Vec<usize>, s: f32| {
+        let n = shape.iter().product();
+        Tensor::new(Buffer::from_f32(dtype, &det(n, s)), shape).unwrap()
+    };
+    Inputs {
+        q: mk(vec![b, sq, hq, d], 0.1),
+        k: mk(vec![b, sk, hk, d], 0.2),
+        v: mk(vec![b, sk, hk, d], 0.3),
+        q_doc: None,
+        k_doc: None,
+    }
+}
+
+fn raw_file(name: &str, ts: &[(&str, StDtype, Vec<usize>, Vec<u8>)]) -> PathBuf {
+    let views: Vec<(String, StView)> = ts
+        .iter()
+        .map(|(n, d, s, b)| (n.to_string(), StView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let p = tmp(name);
+    std::fs::write(&p, safetensors::serialize(views, &None).unwrap()).unwrap();
+    p
+}
+
+fn run_args(input: &PathBuf, output: &PathBuf, extra: &[&str]) -> Output {
+    bin()
+        .arg("run")
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn check_run(dtype: DType, mask: &str, tol: f64) {
+    let x = inputs(dtype, 2, 37, 37, 4, 2, 16);
+    let input = tmp(&format!("in-{dtype}-{mask}.safetensors"));
+    let output = tmp(&format!("out-{dtype}-{mask}.safetensors"));
+    write_inputs(&input, &x, true).unwrap();
+    let o = run_args(&input, &output, &["--mask", mask, "--threads", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (out, lse, lse_shape) = read_outputs(&output).unwrap();
+    assert_eq!(out.dtype(), dtype);
+    assert_eq!(out.shape, vec![2, 37, 4, 16]);
+    assert_eq!(lse_shape, vec![2, 4, 37]);
+    let causal = mask == "causal";
+    let r = attention_f64(
+        &x.q.view("q").unwrap(),
+        &x.k.view("k").unwrap(),
+        &x.v.view("v").unwrap(),
+        &AttnParams::default(),
+        &|_, _, i, j| !causal || j <= i,
+    )
+    .unwrap();
+    let got = out.data.to_f32_vec();
+    let max_ref = r.out.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    let err = got
+        .iter()
+        .zip(&r.out)
+        .fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
+    assert!(
+        err / max_ref <= tol,
+        "{dtype} {mask}: out error {err} / {max_ref}"
+    );
+    for (&g, &w) in lse.iter().zip(&r.lse) {
+        assert!(
+            (g as f64 - w).abs() <= tol * w.abs().max(1.0),
+            "lse {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn run_matches_the_oracle_f32() {
+    check_run(DType::F32, "full", 1e-4);
+}
+
+#[test]
+fn run_matches_the_oracle_bf16() {
+    check_run(DType::BF16, "full", 2e-2);
+}
+
+#[test]
+fn mask_prints_causal() {
+    let o = bin()
+        .args([
+            "mask", "causal", "--sq", "256", "--sk", "256", "--tile", "64",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("causal"), "{s}");
+    // 4 x 4 tiles: a lower triangle with partial tiles on the diagonal.
+    let lines: Vec<&str> = s.lines().filter(|l| l.len() == 4).collect();
+    assert_eq!(lines.len(), 4, "{s}");
+}
+
+#[test]
+fn mask_png_is_written() {
+    let p = tmp("mask.png");
+    let o = bin()
+        .args(["mask", "causal", "--sq", "300", "--sk", "300", "--png"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(&b[1..4], b"PNG");
+}
+
+#[test]
+fn mask_parse_error_has_position() {
+    let o = bin()
+        .args(["mask", "causal & windw(3,0)", "--sq", "8", "--sk", "8"])
+        .output()
+        .unwrap();
+    fails_with(o, "position 9");
+}
+
+#[test]
+fn run_missing_tensor() {
+    let p = raw_file(
+        "missing.safetensors",
+        &[
+            ("q", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("k", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ],
+    );
+    fails_with(
+        run_args(&p, &tmp("o1.safetensors"), &[]),
+        "missing tensor `v`",
+    );
+}
+
+#[test]
+fn run_truncated_file() {
+    let x = inputs(DType::F32, 1, 4, 4, 1, 1, 4);
+    let p = tmp("trunc.safetensors");
+    write_inputs(&p, &x, true).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() - 7]).unwrap();
+    fails_with(
+        run_args(&p, &tmp("o2.safetensors"), &[]),
+        "not a valid safetensors file",
+    );
+}
+
+#[test]
+fn run_missing_file() {
+    fails_with(
+        run_args(&tmp("nope.safetensors"), &tmp("o3.safetensors"), &[]),
+        "cannot read",
+    );
+}
+
+#[test]
+fn run_dtype_mismatch() {
+    let p = raw_file(
+        "mixed.safetensors",
+        &[
+            ("q", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+            ("k", StDtype::BF16, vec![1, 2, 1, 2], vec![0; 8]),
+            ("v", StDtype::F32, vec![1, 2, 1, 2], vec![0; 16]),
+        ],
+    );
+    fails_with(
+        run_args(&p, &tmp("o4.safetensors"), &[]),
+        "`k` has dtype bf16, expected f32",
+    );
+}
+
+#[test]
+fn run_heads_not_multiple() {
+    let x = inputs(DType::F32, 1, 4, 4, 3, 2, 4);
+    let p = tmp("heads.safetensors");
+    write_inputs(&p, &x, true).unwrap();
+    fails_with(
+        run_args(&p, &tmp("o5.safetensors"), &[]),
+        "multiple of key/value heads",
+    );
+}
+
+#[test]
+fn run_document_without_doc_ids() {
+    let x = inputs(DType::F32, 1, 4, 4, 1, 1, 4);
+    let p = tmp("nodocs.safetensors");
+    write_inputs(&p, &x, true).unwrap();
+    fails_with(
+        run_args(&p, &tmp("o6.safetensors"), &["--mask", "causal & document"]),
+        "q_doc",
+    );
+}
+
+#[test]
+fn run_nonfinite_input() {
+    let mut x = inputs(DType::BF16, 1, 4, 4, 1, 1, 4);
+    if let Buffer::BF16(v) = &mut x.v.data {
+        v[5] = bf16::NAN;
+    }
+    let p = tmp("nan.safetensors");
+    write_inputs(&p, &x, true).unwrap();
+    fails_with(
+        run_args(&p, &tmp("o7.safetensors"), &[]),
+        "tensor `v` holds a non-finite value (NaN) at flat index 5",
+    );
+    let out = tmp("o7b.safetensors");
+    let o = run_args(&p, &out, &["--allow-nonfinite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn run_refuses_to_overwrite() {
+    let x = inputs(DType::F32, 1, 4, 4, 1, 1, 4);
+    let p = tmp("ow.safetensors");
+    write_inputs(&p, &x, true).unwrap();
+    let out = tmp("ow-out.safetensors");
+    std::fs::write(&out, b"keep me").unwrap();
+    fails_with(run_args(&p, &out, &[]), "--force");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
+    let o = run_args(&p, &out, &["--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(read_outputs(&out).is_ok());
+}
+
+#[test]
+fn bench_quick_writes_a_report() {
+    let dir = tmp("bench-report");
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = bin()
+        .args([
+            "bench",
+            "--quick",
+            "--lens",
+            "64,128",
+            "--dims",
+            "16",
+            "--masks",
+            "full",
+            "--heads",
+            "2",
+            "--min-time",
+            "0",
+            "--reps",
+            "1",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let rows = j["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4); // 2 lengths x 2 dtypes
+    assert!(rows
+        .iter()
+        .all(|r| r["status"] == "ok" && r["gflops"].as_f64().unwrap() > 0.0));
+    assert!(dir.join("report.md").exists());
+    assert!(dir.join("full.png").exists());
+}
+
+#[test]
+fn bench_rejects_unknown_mask() {
+    let o = bin().args(["bench", "--masks", "fulll"]).output().unwrap();
+    fails_with(o, "invalid mask `fulll`");
+}
+
+#[test]
+fn run_causal_matches_the_oracle() {
+    check_run(DType::F32, "causal", 1e-4);
+    check_run(DType::BF16, "causal", 2e-2);
+}
