@@ -284,7 +284,7 @@ impl<'a> TensorView<'a> {
         strides: [usize; 4],
     ) -> Result<Self> {
         let data = data.into();
-        if shape.iter().any(|&s| s == 0) {
+        if shape.contains(&0) {
             return Err(Error::Shape {
                 op: "TensorView",
                 tensor: "view".into(),

@@ -265,7 +265,7 @@ impl Job<'_> {
                 .flat_map(|h| (0..sched.q_tiles).map(move |qt| (h, qt, sched.row(b, h, qt).len())))
                 .filter(|t| t.2 > 0)
                 .collect();
-            t.sort_by(|a, b| b.2.cmp(&a.2));
+            t.sort_by_key(|t| std::cmp::Reverse(t.2));
             t
         };
         let pack_group = |b: usize, g: usize, kt: &mut [M::P], vp: &mut [M::P], par: bool| {

@@ -230,8 +230,8 @@ unsafe fn blocked(
 #[target_feature(enable = "avx512f")]
 unsafe fn merge(rows: usize, dv: usize, dvp: usize, tile: &[f32], alpha: &[f32], o: &mut [f32]) {
     // O = alpha O + PV, row by row.
-    for r in 0..rows {
-        let a = _mm512_set1_ps(alpha[r]);
+    for (r, &ar) in alpha.iter().enumerate().take(rows) {
+        let a = _mm512_set1_ps(ar);
         for x0 in (0..dv).step_by(16) {
             let n = (dv - x0).min(16);
             let k: u16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
@@ -260,7 +260,12 @@ impl Micro for Amx {
     }
 
     fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {
-        assert!(q.len() >= BQ * dq && kt.len() >= dq * NC && s.len() >= BQ * NC && dq % 32 == 0);
+        assert!(
+            q.len() >= BQ * dq
+                && kt.len() >= dq * NC
+                && s.len() >= BQ * NC
+                && dq.is_multiple_of(32)
+        );
         let (qp, kp, sp) = (
             q.as_ptr() as *const u8,
             kt.as_ptr() as *const u8,

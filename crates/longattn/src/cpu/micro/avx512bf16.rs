@@ -189,7 +189,7 @@ impl Micro for Avx512Bf16 {
     const NAME: &'static str = "avx512bf16";
 
     fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {
-        debug_assert!(dq % 2 == 0 && q.len() >= rows * dq && kt.len() >= dq * NC);
+        debug_assert!(dq.is_multiple_of(2) && q.len() >= rows * dq && kt.len() >= dq * NC);
         unsafe { qk_impl(q, rows, dq, kt, s) }
     }
 
@@ -218,7 +218,7 @@ impl Micro for Avx512Bf16 {
         alpha: &[f32],
         o: &mut [f32],
     ) {
-        debug_assert!(keys % 2 == 0 && vt.len() >= keys * dv && o.len() >= rows * dv);
+        debug_assert!(keys.is_multiple_of(2) && vt.len() >= keys * dv && o.len() >= rows * dv);
         unsafe { pv_impl(p, rows, keys, vt, dv, alpha, o) }
     }
 }
