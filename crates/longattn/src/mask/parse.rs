@@ -210,6 +210,11 @@ impl<'a> Parser<'a> {
             return Ok(out);
         }
         self.bump()?;
+        if self.tok == Tok::RParen {
+            // `name()`: an empty list, reported as a wrong argument count by the caller.
+            self.bump()?;
+            return Ok(out);
+        }
         loop {
             match self.tok {
                 Tok::Num(s) => {
