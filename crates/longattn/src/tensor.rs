@@ -280,7 +280,7 @@ impl<'a> TensorView<'a> {
     /// A view with explicit element strides. Every addressed element must lie inside `data`.
     pub fn strided(data: impl Into<Slice<'a>>, shape: [usize; 4], strides: [usize; 4]) -> Result<Self> {
         let data = data.into();
-        if shape.iter().any(|&s| s == 0) {
+        if shape.contains(&0) {
             return Err(Error::Shape {
                 op: "TensorView",
                 tensor: "view".into(),

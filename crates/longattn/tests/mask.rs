@@ -1,7 +1,5 @@
 //! Mask expressions: parser, element semantics, row bits and schedule exactness.
-use longattn::mask::{
-    render_ascii, BoundMask, DocIds, MaskExpr, MaskShape, RowMask, TileKind,
-};
+use longattn::mask::{render_ascii, BoundMask, DocIds, MaskExpr, MaskShape, RowMask, TileKind};
 use longattn::Error;
 use proptest::prelude::*;
 
@@ -16,8 +14,14 @@ fn bind(s: &str, sq: usize, sk: usize) -> BoundMask {
 
 fn err_pos(s: &str) -> (usize, String) {
     match MaskExpr::parse(s) {
-        Err(Error::MaskParse { pos, msg, caret, .. }) => {
-            assert_eq!(caret.len(), s[..pos.min(s.len())].chars().count() + 1, "{s}");
+        Err(Error::MaskParse {
+            pos, msg, caret, ..
+        }) => {
+            assert_eq!(
+                caret.len(),
+                s[..pos.min(s.len())].chars().count() + 1,
+                "{s}"
+            );
             (pos, msg)
         }
         other => panic!("{s}: expected a parse error, got {other:?}"),
@@ -80,7 +84,13 @@ fn precedence_not_and_or() {
         p("  causal&( sinks(4)|window(1024 ,0) ) "),
         And(
             b(Causal),
-            b(Or(b(Sinks(4)), b(Window { left: 1024, right: 0 })))
+            b(Or(
+                b(Sinks(4)),
+                b(Window {
+                    left: 1024,
+                    right: 0
+                })
+            ))
         )
     );
 }
@@ -101,14 +111,20 @@ fn display_round_trips() {
         let text = e.to_string();
         assert_eq!(p(&text), e, "{s} -> {text}");
     }
-    assert_eq!(p("(causal)&(sinks(4)|window(1024,0))").to_string(), "causal & (sinks(4) | window(1024,0))");
+    assert_eq!(
+        p("(causal)&(sinks(4)|window(1024,0))").to_string(),
+        "causal & (sinks(4) | window(1024,0))"
+    );
 }
 
 #[test]
 fn parse_errors_name_the_position() {
     let (pos, msg) = err_pos("causal & foo(3)");
     assert_eq!(pos, 9);
-    assert!(msg.contains("unknown atom `foo`") && msg.contains("window(L,R)"), "{msg}");
+    assert!(
+        msg.contains("unknown atom `foo`") && msg.contains("window(L,R)"),
+        "{msg}"
+    );
     assert_eq!(err_pos("window(3)").0, 0);
     assert!(err_pos("window(3)").1.contains("wrong number of arguments"));
     assert_eq!(err_pos("causal()").0, 0);
@@ -117,7 +133,9 @@ fn parse_errors_name_the_position() {
     assert_eq!(err_pos("sinks(x)").0, 6);
     assert_eq!(err_pos("sinks(-1)").0, 6);
     assert_eq!(err_pos("sinks(12a)").0, 6);
-    assert!(err_pos("sinks(99999999999999999999999)").1.contains("too large"));
+    assert!(err_pos("sinks(99999999999999999999999)")
+        .1
+        .contains("too large"));
     assert_eq!(err_pos("chunk(0)").0, 6);
     assert_eq!(err_pos("strided( 0)").0, 9);
     assert_eq!(err_pos("neighborhood(3,0)").0, 15);
@@ -141,11 +159,20 @@ fn parse_errors_name_the_position() {
     assert_eq!(err_pos("causal & ü").0, 9);
     // Deep nesting is an error, not a stack overflow.
     let deep = format!("{}causal{}", "(".repeat(5000), ")".repeat(5000));
-    assert!(matches!(MaskExpr::parse(&deep), Err(Error::MaskParse { .. })));
+    assert!(matches!(
+        MaskExpr::parse(&deep),
+        Err(Error::MaskParse { .. })
+    ));
     let chain = vec!["causal"; 5000].join(" | ");
-    assert!(matches!(MaskExpr::parse(&chain), Err(Error::MaskParse { .. })));
+    assert!(matches!(
+        MaskExpr::parse(&chain),
+        Err(Error::MaskParse { .. })
+    ));
     let nots = format!("{}causal", "!".repeat(5000));
-    assert!(matches!(MaskExpr::parse(&nots), Err(Error::MaskParse { .. })));
+    assert!(matches!(
+        MaskExpr::parse(&nots),
+        Err(Error::MaskParse { .. })
+    ));
 }
 
 #[test]
@@ -153,11 +180,18 @@ fn bind_errors() {
     let s = |batch, sq, sk| MaskShape { batch, sq, sk };
     let is_bind = |r: longattn::Result<BoundMask>| matches!(r, Err(Error::MaskBind { .. }));
     assert!(is_bind(p("causal & document").bind(s(1, 4, 4), None)));
-    let docs = DocIds { q: vec![0; 4], k: vec![0; 5] };
+    let docs = DocIds {
+        q: vec![0; 4],
+        k: vec![0; 5],
+    };
     assert!(is_bind(p("document").bind(s(1, 4, 4), Some(docs))));
     assert!(is_bind(p("neighborhood(3)").bind(s(1, 4, 5), None)));
-    assert!(is_bind(p("neighborhood2d(4,5,3,3)").bind(s(1, 21, 21), None)));
-    assert!(p("neighborhood2d(4,5,9,9)").bind(s(1, 20, 20), None).is_ok());
+    assert!(is_bind(
+        p("neighborhood2d(4,5,3,3)").bind(s(1, 21, 21), None)
+    ));
+    assert!(p("neighborhood2d(4,5,9,9)")
+        .bind(s(1, 20, 20), None)
+        .is_ok());
     assert!(is_bind(MaskExpr::Chunk(0).bind(s(1, 4, 4), None)));
     assert!(is_bind(MaskExpr::Strided(0).bind(s(1, 4, 4), None)));
     assert!(is_bind(p("causal").bind(s(1, 0, 4), None)));
@@ -204,7 +238,14 @@ fn causal_aligns_bottom_right() {
 #[test]
 fn neighborhood_1d_borders() {
     let m = bind("neighborhood(3)", 6, 6);
-    let want: [&[usize]; 6] = [&[0, 1, 2], &[0, 1, 2], &[1, 2, 3], &[2, 3, 4], &[3, 4, 5], &[3, 4, 5]];
+    let want: [&[usize]; 6] = [
+        &[0, 1, 2],
+        &[0, 1, 2],
+        &[1, 2, 3],
+        &[2, 3, 4],
+        &[3, 4, 5],
+        &[3, 4, 5],
+    ];
     for (i, w) in want.iter().enumerate() {
         assert_eq!(allowed_set(&m, i), w.to_vec(), "row {i}");
     }
@@ -285,7 +326,14 @@ fn documents_unsorted_ids() {
         k: vec![7, 5, 5, 7, 5, 1],
     };
     let m = p("document")
-        .bind(MaskShape { batch: 1, sq: 5, sk: 6 }, Some(docs))
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq: 5,
+                sk: 6,
+            },
+            Some(docs),
+        )
         .unwrap();
     assert_eq!(allowed_set(&m, 0), vec![1, 2, 4]);
     assert_eq!(allowed_set(&m, 2), vec![0, 3]);
@@ -397,13 +445,11 @@ fn ids(n: usize) -> impl Strategy<Value = Vec<i32>> {
     prop_oneof![
         proptest::collection::vec(1usize..40, 1..6).prop_map(move |runs| {
             let mut v = Vec::with_capacity(n);
-            let mut id = 0i32;
-            for r in runs.iter().cycle() {
+            for (id, r) in runs.iter().cycle().enumerate() {
                 if v.len() >= n {
                     break;
                 }
-                v.extend(std::iter::repeat_n(id, (*r).min(n - v.len())));
-                id += 1;
+                v.extend(std::iter::repeat_n(id as i32, (*r).min(n - v.len())));
             }
             v
         }),
@@ -430,7 +476,11 @@ fn bound() -> impl Strategy<Value = (BoundMask, usize, usize)> {
                     (0..sq)
                         .map(|i| {
                             let pp = i as i64 + sk as i64 - sq as i64;
-                            if pp >= 0 { k[pp as usize] } else { q[i] }
+                            if pp >= 0 {
+                                k[pp as usize]
+                            } else {
+                                q[i]
+                            }
                         })
                         .collect()
                 } else {
@@ -524,4 +574,52 @@ fn display_parse_round_trip_random() {
             Ok(())
         })
         .unwrap();
+}
+
+/// Build times at n = 131072 with 64 x 64 tiles (run with
+/// `cargo test --release -p longattn --test mask -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn schedule_build_time_131072() {
+    let n = 131072;
+    let shape = MaskShape {
+        batch: 1,
+        sq: n,
+        sk: n,
+    };
+    let docs = DocIds {
+        q: (0..n as i32).map(|i| i / (n as i32 / 8)).collect(),
+        k: (0..n as i32).map(|i| i / (n as i32 / 8)).collect(),
+    };
+    for text in [
+        "causal",
+        "causal & (sinks(4) | window(1024,0))",
+        "causal & document",
+        "!causal",
+        "neighborhood(1023)",
+        "chunk(4096) | strided(512)",
+    ] {
+        let e = p(text);
+        let t = std::time::Instant::now();
+        let m = e.bind(shape, Some(docs.clone())).unwrap();
+        let bind_t = t.elapsed();
+        let mut best = f64::INFINITY;
+        let mut s = None;
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            s = Some(m.schedule(64, 64).unwrap());
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let s = s.unwrap();
+        let t = std::time::Instant::now();
+        let pairs = m.allowed_pairs(0);
+        let pairs_t = t.elapsed();
+        let (f, pt) = s.counts();
+        println!(
+            "{text:40} bind {:7.3} ms  schedule {:7.3} ms  allowed_pairs {:7.3} ms  full {f} partial {pt} pairs {pairs}",
+            bind_t.as_secs_f64() * 1e3,
+            best * 1e3,
+            pairs_t.as_secs_f64() * 1e3
+        );
+    }
 }

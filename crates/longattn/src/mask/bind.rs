@@ -239,7 +239,11 @@ impl Compiler<'_> {
                         format!("`{e}` needs Sq == Sk, got Sq {sq}, Sk {sk}"),
                     ));
                 }
-                let grid: Vec<usize> = if grid.is_empty() { vec![sq] } else { grid.clone() };
+                let grid: Vec<usize> = if grid.is_empty() {
+                    vec![sq]
+                } else {
+                    grid.clone()
+                };
                 if !(1..=3).contains(&grid.len())
                     || kernel.len() != grid.len()
                     || dilation.len() != grid.len()
@@ -490,9 +494,10 @@ impl BoundMask {
                 Atom::Below(s) => jj < *s,
                 Atom::Chunk(c) => p.div_euclid(*c) == jj.div_euclid(*c),
                 Atom::Strided { s, .. } => (p - jj).rem_euclid(*s) == 0,
-                Atom::Document => self.docs.as_ref().is_some_and(|d| {
-                    d.q[b * self.shape.sq + i] == d.k[b * self.shape.sk + j]
-                }),
+                Atom::Document => self
+                    .docs
+                    .as_ref()
+                    .is_some_and(|d| d.q[b * self.shape.sq + i] == d.k[b * self.shape.sk + j]),
                 Atom::Nbr(axes) => axes.iter().all(|ax| {
                     // Coordinates on this axis, their groups and group positions.
                     let cq = (i as i64 / ax.stride) % ax.n;
@@ -642,7 +647,10 @@ impl BoundMask {
                         for i in q0..q1 {
                             self.row_bits(b, 0, i, k0, &mut words[..nw]);
                             words[nw - 1] &= last;
-                            total += words[..nw].iter().map(|w| w.count_ones() as u64).sum::<u64>();
+                            total += words[..nw]
+                                .iter()
+                                .map(|w| w.count_ones() as u64)
+                                .sum::<u64>();
                         }
                     }
                 }

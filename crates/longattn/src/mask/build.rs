@@ -83,7 +83,7 @@ fn complement(a: &Ivs, sk: i64, out: &mut Ivs) {
         }
         next = hi + 1;
     }
-    if next <= sk - 1 {
+    if next < sk {
         out.push((next, sk - 1));
     }
 }
@@ -198,8 +198,22 @@ impl Builder<'_> {
                             core.clear();
                         }
                     }
+                    // Keys j = p - m s: per m the interval [p0 - m s, p1 - m s]; listed when
+                    // they are few and leave gaps, else the whole range.
                     Atom::Strided { s, .. } => {
-                        set(&mut sup, 0, sk - 1, sk);
+                        if p1 - p0 + 1 < *s && sk / s <= 4096 {
+                            sup.clear();
+                            let mut lo = p0 - (p0 + 1).div_euclid(*s) * s - s;
+                            while lo < sk {
+                                let hi = lo + (p1 - p0);
+                                if hi >= 0 {
+                                    push_merge(&mut sup, lo.max(0), hi.min(sk - 1));
+                                }
+                                lo += s;
+                            }
+                        } else {
+                            set(&mut sup, 0, sk - 1, sk);
+                        }
                         if *s == 1 {
                             set(&mut core, 0, sk - 1, sk);
                         } else {
@@ -401,7 +415,6 @@ impl BoundMask {
             words: vec![0; tile_k.div_ceil(64)],
         };
         let (q_tiles, k_tiles) = (sched.q_tiles, sched.k_tiles);
-        let mut row: Vec<TileEntry> = Vec::new();
         let full = |t: usize| TileEntry {
             k_tile: t as u32,
             kind: TileKind::Full,
@@ -412,49 +425,49 @@ impl BoundMask {
                 let q0 = qt * bl.tq;
                 let q1 = (q0 + bl.tq).min(shape.sq);
                 bl.supports(b, q0, q1);
-                row.clear();
                 let root = self.root;
                 let sup = std::mem::take(&mut bl.sup[root]);
                 let core = std::mem::take(&mut bl.core[root]);
                 let mut next = 0usize;
-                let mut ci = 0usize;
-                for &(a, z) in &sup {
-                    let mut kt = (a as usize / tile_k).max(next);
-                    let kt_end = z as usize / tile_k;
-                    while kt <= kt_end {
-                        let k0 = (kt * tile_k) as i64;
-                        let k1 = ((kt + 1) * tile_k).min(shape.sk) as i64 - 1;
-                        while ci < core.len() && core[ci].1 < k0 {
-                            ci += 1;
+                sched.push_row_with(|row| {
+                    let mut ci = 0usize;
+                    for &(a, z) in &sup {
+                        let mut kt = (a as usize / tile_k).max(next);
+                        let kt_end = z as usize / tile_k;
+                        while kt <= kt_end {
+                            let k0 = (kt * tile_k) as i64;
+                            let k1 = ((kt + 1) * tile_k).min(shape.sk) as i64 - 1;
+                            while ci < core.len() && core[ci].1 < k0 {
+                                ci += 1;
+                            }
+                            if ci < core.len() && core[ci].0 <= k0 && k1 <= core[ci].1 {
+                                // Tiles kt..=last lie inside the core: Full, in bulk.
+                                let c_hi = core[ci].1;
+                                let last = if c_hi >= bl.sk - 1 {
+                                    k_tiles - 1
+                                } else {
+                                    (c_hi as usize + 1) / tile_k - 1
+                                };
+                                let last = last.min(kt_end);
+                                row.extend((kt..=last).map(full));
+                                kt = last + 1;
+                                continue;
+                            }
+                            match bl.classify(b, q0, q1, kt) {
+                                FULL => row.push(full(kt)),
+                                EMPTY => {}
+                                _ => row.push(TileEntry {
+                                    k_tile: kt as u32,
+                                    kind: TileKind::Partial,
+                                }),
+                            }
+                            kt += 1;
                         }
-                        if ci < core.len() && core[ci].0 <= k0 && k1 <= core[ci].1 {
-                            // Tiles kt..=last lie inside the core: Full, in bulk.
-                            let c_hi = core[ci].1;
-                            let last = if c_hi >= bl.sk - 1 {
-                                k_tiles - 1
-                            } else {
-                                (c_hi as usize + 1) / tile_k - 1
-                            };
-                            let last = last.min(kt_end);
-                            row.extend((kt..=last).map(full));
-                            kt = last + 1;
-                            continue;
-                        }
-                        match bl.classify(b, q0, q1, kt) {
-                            FULL => row.push(full(kt)),
-                            EMPTY => {}
-                            _ => row.push(TileEntry {
-                                k_tile: kt as u32,
-                                kind: TileKind::Partial,
-                            }),
-                        }
-                        kt += 1;
+                        next = kt;
                     }
-                    next = kt;
-                }
+                })?;
                 bl.sup[root] = sup;
                 bl.core[root] = core;
-                sched.push_row(&row)?;
             }
         }
         sched.finish()

@@ -14,7 +14,10 @@ pub enum MaskExpr {
     /// `j <= p`.
     Causal,
     /// `p - left <= j <= p + right`.
-    Window { left: usize, right: usize },
+    Window {
+        left: usize,
+        right: usize,
+    },
     /// `j < S`: attention sinks.
     Sinks(usize),
     /// `j < P`: a shared prefix every query sees.

@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 pub const MAX_DEPTH: usize = 200;
 
 /// The atoms, as listed in error messages.
-pub const ATOMS: &str = "full, causal, window(L,R), sinks(S), prefix(P), chunk(C), strided(S), document, \
+pub const ATOMS: &str =
+    "full, causal, window(L,R), sinks(S), prefix(P), chunk(C), strided(S), document, \
 neighborhood(K[,D]), neighborhood2d(H,W,KH,KW[,DH,DW]), neighborhood3d(T,H,W,KT,KH,KW[,DT,DH,DW])";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,10 +65,7 @@ pub(crate) fn parse_error(text: &str, pos: usize, msg: impl Into<String>) -> Err
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     let pos = pos.min(text.len());
-    let col = text
-        .char_indices()
-        .take_while(|&(b, _)| b < pos)
-        .count();
+    let col = text.char_indices().take_while(|&(b, _)| b < pos).count();
     Error::MaskParse {
         pos,
         msg: msg.into(),
@@ -271,12 +269,7 @@ impl<'a> Parser<'a> {
             "neighborhood" => (1, 2, "(K[,D])"),
             "neighborhood2d" => (4, 6, "(H,W,KH,KW[,DH,DW])"),
             "neighborhood3d" => (6, 9, "(T,H,W,KT,KH,KW[,DT,DH,DW])"),
-            _ => {
-                return Err(self.err(
-                    at,
-                    format!("unknown atom `{name}`; known atoms: {ATOMS}"),
-                ))
-            }
+            _ => return Err(self.err(at, format!("unknown atom `{name}`; known atoms: {ATOMS}"))),
         };
         let n = args.len();
         let count_ok = match name {
@@ -290,10 +283,7 @@ impl<'a> Parser<'a> {
             } else {
                 format!("`{name}{sig}` takes {}", plural(min, max, name))
             };
-            return Err(self.err(
-                at,
-                format!("wrong number of arguments: {want}, got {n}"),
-            ));
+            return Err(self.err(at, format!("wrong number of arguments: {want}, got {n}")));
         }
         // Arguments that must be >= 1 (a zero would make no sense).
         let positive: &[usize] = match name {
