@@ -121,6 +121,34 @@ impl BlockSchedule {
         Ok(())
     }
 
+    /// Appends one row written by `fill` straight into the entry array. For builders that produce
+    /// entries sorted and in range by construction (checked in debug builds only).
+    pub(crate) fn push_row_with(&mut self, fill: impl FnOnce(&mut Vec<TileEntry>)) -> Result<()> {
+        let r = self.offsets.len() - 1;
+        if r >= self.batch * self.heads * self.q_tiles {
+            return Err(Error::Schedule(format!(
+                "more rows than batch {} x heads {} x query tiles {}",
+                self.batch, self.heads, self.q_tiles
+            )));
+        }
+        let start = self.entries.len();
+        fill(&mut self.entries);
+        debug_assert!(self.entries[start..]
+            .windows(2)
+            .all(|w| w[0].k_tile < w[1].k_tile));
+        debug_assert!(self.entries[start..]
+            .iter()
+            .all(|e| (e.k_tile as usize) < self.k_tiles));
+        if self.entries.len() > u32::MAX as usize {
+            return Err(Error::Schedule(format!(
+                "more than {} scheduled tiles: use larger tiles",
+                u32::MAX
+            )));
+        }
+        self.offsets.push(self.entries.len() as u32);
+        Ok(())
+    }
+
     pub fn finish(self) -> Result<Self> {
         let want = self.batch * self.heads * self.q_tiles;
         if self.offsets.len() - 1 != want {

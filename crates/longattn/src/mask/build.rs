@@ -1,0 +1,475 @@
+//! The schedule builder: interval reasoning over tiles, never a pass over every (i, j) pair.
+//!
+//! For each query tile (aligned positions `p0 ..= p1`):
+//! 1. Every node gets two key-interval lists: its *support* (keys some row of the tile may
+//!    allow) and its *core* (keys every row of the tile allows). Atoms give them in O(1)
+//!    (causal: support `[0, p1]`, core `[0, p0]`; window: `[p0 - L, p1 + R]` / `[p1 - L, p0 + R]`;
+//!    ...), `&` intersects, `|` unites, `!` swaps them complemented. Only key tiles meeting the
+//!    root support are visited; tiles inside the root core are Full without further work.
+//! 2. Each remaining tile is classified per atom, exactly, as Empty / Full / Partial and the
+//!    classes are combined with three-valued logic (`!`, `&`, `|`). The combination is exact
+//!    except `Partial & Partial` (may be Empty) and `Partial | Partial` (may be Full).
+//! 3. Tiles whose class went through such a lossy step are refined with `row_bits` over the rows
+//!    of the tile, so the schedule is exact: a tile is listed iff it holds an allowed pair, and it
+//!    is Full iff all its pairs are allowed.
+use super::bind::{last_word_mask, Atom, BoundMask, Node};
+use super::schedule::{BlockSchedule, RowMask, TileEntry, TileKind};
+use crate::error::Result;
+
+/// Closed key intervals `[lo, hi]`, sorted, disjoint, inside `[0, Sk - 1]`.
+type Ivs = Vec<(i64, i64)>;
+
+const EMPTY: u8 = 0;
+const FULL: u8 = 1;
+/// Partial, and really Partial.
+const PART: u8 = 2;
+/// Partial after a lossy `&` / `|`: may really be Empty or Full.
+const MAYBE: u8 = 3;
+
+fn set(v: &mut Ivs, lo: i64, hi: i64, sk: i64) {
+    v.clear();
+    let (lo, hi) = (lo.max(0), hi.min(sk - 1));
+    if lo <= hi {
+        v.push((lo, hi));
+    }
+}
+
+fn intersect(a: &Ivs, b: &Ivs, out: &mut Ivs) {
+    out.clear();
+    let (mut x, mut y) = (0, 0);
+    while x < a.len() && y < b.len() {
+        let lo = a[x].0.max(b[y].0);
+        let hi = a[x].1.min(b[y].1);
+        if lo <= hi {
+            out.push((lo, hi));
+        }
+        if a[x].1 < b[y].1 {
+            x += 1;
+        } else {
+            y += 1;
+        }
+    }
+}
+
+/// Appends `[lo, hi]` (given in increasing `lo` order), merging with the last interval.
+fn push_merge(out: &mut Ivs, lo: i64, hi: i64) {
+    match out.last_mut() {
+        Some(last) if lo <= last.1 + 1 => last.1 = last.1.max(hi),
+        _ => out.push((lo, hi)),
+    }
+}
+
+fn union(a: &Ivs, b: &Ivs, out: &mut Ivs) {
+    out.clear();
+    let (mut x, mut y) = (0, 0);
+    while x < a.len() || y < b.len() {
+        let take_a = y >= b.len() || (x < a.len() && a[x].0 <= b[y].0);
+        let (lo, hi) = if take_a { a[x] } else { b[y] };
+        if take_a {
+            x += 1;
+        } else {
+            y += 1;
+        }
+        push_merge(out, lo, hi);
+    }
+}
+
+fn complement(a: &Ivs, sk: i64, out: &mut Ivs) {
+    out.clear();
+    let mut next = 0;
+    for &(lo, hi) in a {
+        if lo > next {
+            out.push((next, lo - 1));
+        }
+        next = hi + 1;
+    }
+    if next < sk {
+        out.push((next, sk - 1));
+    }
+}
+
+/// Sorted, deduplicated ids.
+fn distinct(ids: impl Iterator<Item = i32>, out: &mut Vec<i32>) {
+    out.clear();
+    for id in ids {
+        if out.last() != Some(&id) {
+            out.push(id);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+}
+
+fn disjoint(a: &[i32], b: &[i32]) -> bool {
+    let (mut x, mut y) = (0, 0);
+    while x < a.len() && y < b.len() {
+        match a[x].cmp(&b[y]) {
+            std::cmp::Ordering::Less => x += 1,
+            std::cmp::Ordering::Greater => y += 1,
+            std::cmp::Ordering::Equal => return false,
+        }
+    }
+    true
+}
+
+/// Scratch state of one schedule build.
+struct Builder<'a> {
+    m: &'a BoundMask,
+    tq: usize,
+    tk: usize,
+    sk: i64,
+    /// Support and core per node for the current query tile.
+    sup: Vec<Ivs>,
+    core: Vec<Ivs>,
+    /// Tile class per node for the current tile.
+    class: Vec<u8>,
+    /// Documents: distinct ids of each key tile (CSR) and of the current query tile.
+    kt_off: Vec<usize>,
+    kt_ids: Vec<i32>,
+    q_ids: Vec<i32>,
+    /// Word buffer for row scans.
+    words: Vec<u64>,
+}
+
+impl Builder<'_> {
+    /// Distinct document ids of every key tile of batch row `b`.
+    fn key_tile_ids(&mut self, b: usize) {
+        let Some(d) = &self.m.docs else { return };
+        let sk = self.sk as usize;
+        let ks = &d.k[b * sk..(b + 1) * sk];
+        self.kt_off.clear();
+        self.kt_ids.clear();
+        self.kt_off.push(0);
+        let mut tmp = Vec::new();
+        for chunk in ks.chunks(self.tk) {
+            distinct(chunk.iter().copied(), &mut tmp);
+            self.kt_ids.extend_from_slice(&tmp);
+            self.kt_off.push(self.kt_ids.len());
+        }
+    }
+
+    /// Support and core of every node for query rows `q0..q1` of batch row `b`.
+    fn supports(&mut self, b: usize, q0: usize, q1: usize) {
+        let m = self.m;
+        let sk = self.sk;
+        let (p0, p1) = (m.pos(q0), m.pos(q1 - 1));
+        for n in 0..m.nodes.len() {
+            let mut sup = std::mem::take(&mut self.sup[n]);
+            let mut core = std::mem::take(&mut self.core[n]);
+            match &m.nodes[n] {
+                Node::Not(a) => {
+                    complement(&self.core[*a], sk, &mut sup);
+                    complement(&self.sup[*a], sk, &mut core);
+                }
+                Node::And(a, c) => {
+                    intersect(&self.sup[*a], &self.sup[*c], &mut sup);
+                    intersect(&self.core[*a], &self.core[*c], &mut core);
+                }
+                Node::Or(a, c) => {
+                    union(&self.sup[*a], &self.sup[*c], &mut sup);
+                    union(&self.core[*a], &self.core[*c], &mut core);
+                }
+                Node::Atom(atom) => match atom {
+                    Atom::Full => {
+                        set(&mut sup, 0, sk - 1, sk);
+                        set(&mut core, 0, sk - 1, sk);
+                    }
+                    // j <= p: some row allows j <= p1, every row allows j <= p0.
+                    Atom::Causal => {
+                        set(&mut sup, 0, p1, sk);
+                        set(&mut core, 0, p0, sk);
+                    }
+                    // p - L <= j <= p + R.
+                    Atom::Window { l, r } => {
+                        set(&mut sup, p0 - l, p1 + r, sk);
+                        set(&mut core, p1 - l, p0 + r, sk);
+                    }
+                    Atom::Below(s) => {
+                        set(&mut sup, 0, s - 1, sk);
+                        set(&mut core, 0, s - 1, sk);
+                    }
+                    // Chunks floor(p0 / C) ..= floor(p1 / C); a common core only within one chunk.
+                    Atom::Chunk(c) => {
+                        let (c0, c1) = (p0.div_euclid(*c), p1.div_euclid(*c));
+                        set(&mut sup, c0 * c, c1 * c + c - 1, sk);
+                        if c0 == c1 {
+                            set(&mut core, c0 * c, c0 * c + c - 1, sk);
+                        } else {
+                            core.clear();
+                        }
+                    }
+                    // Keys j = p - m s: per m the interval [p0 - m s, p1 - m s]; listed when
+                    // they are few and leave gaps, else the whole range.
+                    Atom::Strided { s, .. } => {
+                        if p1 - p0 + 1 < *s && sk / s <= 4096 {
+                            sup.clear();
+                            let mut lo = p0 - (p0 + 1).div_euclid(*s) * s - s;
+                            while lo < sk {
+                                let hi = lo + (p1 - p0);
+                                if hi >= 0 {
+                                    push_merge(&mut sup, lo.max(0), hi.min(sk - 1));
+                                }
+                                lo += s;
+                            }
+                        } else {
+                            set(&mut sup, 0, sk - 1, sk);
+                        }
+                        if *s == 1 {
+                            set(&mut core, 0, sk - 1, sk);
+                        } else {
+                            core.clear();
+                        }
+                    }
+                    // Union of the key hulls of the documents of the tile's queries; a core only
+                    // when every query is in one contiguous document.
+                    Atom::Document => {
+                        sup.clear();
+                        core.clear();
+                        if let Some(d) = &m.docs {
+                            let base = b * m.shape().sq;
+                            let mut prev = None;
+                            for qi in base + q0..base + q1 {
+                                let h = d.hull[qi];
+                                if prev != Some(h) && h.0 < h.1 {
+                                    sup.push((h.0 as i64, h.1 as i64 - 1));
+                                }
+                                prev = Some(h);
+                            }
+                            sup.sort_unstable();
+                            let raw = std::mem::take(&mut sup);
+                            for &(lo, hi) in &raw {
+                                push_merge(&mut sup, lo, hi);
+                            }
+                            distinct(d.q[base + q0..base + q1].iter().copied(), &mut self.q_ids);
+                            let h = d.hull[base + q0];
+                            if self.q_ids.len() == 1 && d.dense[base + q0] && h.0 < h.1 {
+                                core.push((h.0 as i64, h.1 as i64 - 1));
+                            }
+                        }
+                    }
+                    // Hull of the rows' neighborhoods; for 1-D without dilation each row's set is
+                    // an interval, so the core is their intersection.
+                    Atom::Nbr(axes) => {
+                        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+                        let (mut clo, mut chi) = (i64::MIN, i64::MAX);
+                        for i in q0..q1 {
+                            let (mut a, mut z) = (0, 0);
+                            for ax in axes {
+                                let (first, count) = ax.ap((i as i64 / ax.stride) % ax.n);
+                                a += first * ax.stride;
+                                z += (first + (count - 1) * ax.d) * ax.stride;
+                            }
+                            lo = lo.min(a);
+                            hi = hi.max(z);
+                            clo = clo.max(a);
+                            chi = chi.min(z);
+                        }
+                        set(&mut sup, lo, hi, sk);
+                        if axes.len() == 1 && axes[0].d == 1 {
+                            set(&mut core, clo, chi, sk);
+                        } else {
+                            core.clear();
+                        }
+                    }
+                },
+            }
+            self.sup[n] = sup;
+            self.core[n] = core;
+        }
+    }
+
+    /// Scans rows `q0..q1` over keys `[k0, k1)` with `fill(i, words)`: Empty, Full or Partial.
+    fn scan_rows(
+        words: &mut [u64],
+        q0: usize,
+        q1: usize,
+        k0: usize,
+        k1: usize,
+        mut fill: impl FnMut(usize, &mut [u64]),
+    ) -> u8 {
+        let nw = (k1 - k0).div_ceil(64);
+        let last = last_word_mask(k1 - k0);
+        let words = &mut words[..nw];
+        let (mut any, mut all) = (false, true);
+        for i in q0..q1 {
+            fill(i, words);
+            words[nw - 1] &= last;
+            for (w, &x) in words.iter().enumerate() {
+                let valid = if w + 1 == nw { last } else { u64::MAX };
+                any |= x != 0;
+                all &= x == valid;
+            }
+            if any && !all {
+                return PART;
+            }
+        }
+        if all {
+            FULL
+        } else if any {
+            PART
+        } else {
+            EMPTY
+        }
+    }
+
+    /// Exact class of tile (rows `q0..q1`, key tile `kt`) of batch row `b`.
+    fn classify(&mut self, b: usize, q0: usize, q1: usize, kt: usize) -> u8 {
+        let m = self.m;
+        let (p0, p1) = (m.pos(q0), m.pos(q1 - 1));
+        let k0 = kt * self.tk;
+        let k1 = (k0 + self.tk).min(self.sk as usize);
+        let (j0, j1) = (k0 as i64, k1 as i64 - 1);
+        for n in 0..m.nodes.len() {
+            let c = match &m.nodes[n] {
+                Node::Not(a) => match self.class[*a] {
+                    EMPTY => FULL,
+                    FULL => EMPTY,
+                    x => x,
+                },
+                Node::And(a, c) => match (self.class[*a], self.class[*c]) {
+                    (EMPTY, _) | (_, EMPTY) => EMPTY,
+                    (FULL, x) | (x, FULL) => x,
+                    _ => MAYBE,
+                },
+                Node::Or(a, c) => match (self.class[*a], self.class[*c]) {
+                    (FULL, _) | (_, FULL) => FULL,
+                    (EMPTY, x) | (x, EMPTY) => x,
+                    _ => MAYBE,
+                },
+                Node::Atom(atom) => match atom {
+                    Atom::Full => FULL,
+                    Atom::Causal => tri(j1 <= p0, j0 > p1),
+                    // j - p ranges over [j0 - p1, j1 - p0].
+                    Atom::Window { l, r } => {
+                        tri(j0 >= p1 - l && j1 <= p0 + r, j1 - p0 < -l || j0 - p1 > *r)
+                    }
+                    Atom::Below(s) => tri(j1 < *s, j0 >= *s),
+                    Atom::Chunk(c) => {
+                        let (a0, a1) = (p0.div_euclid(*c), p1.div_euclid(*c));
+                        let (b0, b1) = (j0 / c, j1 / c);
+                        tri(a0 == a1 && b0 == b1 && a0 == b0, a1 < b0 || b1 < a0)
+                    }
+                    // p - j ranges over [p0 - j1, p1 - j0]: Empty iff it holds no multiple of s.
+                    Atom::Strided { s, .. } => {
+                        let (lo, hi) = (p0 - j1, p1 - j0);
+                        let none = hi.div_euclid(*s) * s < lo;
+                        tri(*s == 1 || (lo == hi && !none), none)
+                    }
+                    Atom::Document => {
+                        let ids = &self.kt_ids[self.kt_off[kt]..self.kt_off[kt + 1]];
+                        tri(
+                            self.q_ids.len() == 1 && ids == self.q_ids.as_slice(),
+                            disjoint(ids, &self.q_ids),
+                        )
+                    }
+                    Atom::Nbr(_) => {
+                        let jw0 = k0 as i64;
+                        Self::scan_rows(&mut self.words, q0, q1, k0, k1, |i, w| {
+                            m.atom_words(n, b, i, jw0, w)
+                        })
+                    }
+                },
+            };
+            self.class[n] = c;
+        }
+        match self.class[m.root] {
+            MAYBE => Self::scan_rows(&mut self.words, q0, q1, k0, k1, |i, w| {
+                m.row_bits(b, 0, i, k0, w)
+            }),
+            c => c,
+        }
+    }
+}
+
+fn tri(full: bool, empty: bool) -> u8 {
+    if full {
+        FULL
+    } else if empty {
+        EMPTY
+    } else {
+        PART
+    }
+}
+
+impl BoundMask {
+    /// The exact block schedule for tiles of `tile_q` x `tile_k` (heads = 1, shared; batch = 1
+    /// unless the expression uses `document`). Cost: O(expression size) per visited tile plus a
+    /// row scan of the few tiles a lossy `&` / `|` leaves undecided; tiles inside the common core
+    /// of a query tile are emitted in bulk.
+    pub fn schedule(&self, tile_q: usize, tile_k: usize) -> Result<BlockSchedule> {
+        let shape = self.shape();
+        let batch = if self.docs.is_some() { shape.batch } else { 1 };
+        let mut sched = BlockSchedule::empty(tile_q, tile_k, shape.sq, shape.sk, batch, 1)?;
+        let nn = self.nodes.len();
+        let mut bl = Builder {
+            m: self,
+            tq: tile_q,
+            tk: tile_k,
+            sk: shape.sk as i64,
+            sup: vec![Vec::new(); nn],
+            core: vec![Vec::new(); nn],
+            class: vec![EMPTY; nn],
+            kt_off: Vec::new(),
+            kt_ids: Vec::new(),
+            q_ids: Vec::new(),
+            words: vec![0; tile_k.div_ceil(64)],
+        };
+        let (q_tiles, k_tiles) = (sched.q_tiles, sched.k_tiles);
+        let full = |t: usize| TileEntry {
+            k_tile: t as u32,
+            kind: TileKind::Full,
+        };
+        for b in 0..batch {
+            bl.key_tile_ids(b);
+            for qt in 0..q_tiles {
+                let q0 = qt * bl.tq;
+                let q1 = (q0 + bl.tq).min(shape.sq);
+                bl.supports(b, q0, q1);
+                let root = self.root;
+                let sup = std::mem::take(&mut bl.sup[root]);
+                let core = std::mem::take(&mut bl.core[root]);
+                let mut next = 0usize;
+                sched.push_row_with(|row| {
+                    let mut ci = 0usize;
+                    for &(a, z) in &sup {
+                        let mut kt = (a as usize / tile_k).max(next);
+                        let kt_end = z as usize / tile_k;
+                        while kt <= kt_end {
+                            let k0 = (kt * tile_k) as i64;
+                            let k1 = ((kt + 1) * tile_k).min(shape.sk) as i64 - 1;
+                            while ci < core.len() && core[ci].1 < k0 {
+                                ci += 1;
+                            }
+                            if ci < core.len() && core[ci].0 <= k0 && k1 <= core[ci].1 {
+                                // Tiles kt..=last lie inside the core: Full, in bulk.
+                                let c_hi = core[ci].1;
+                                let last = if c_hi >= bl.sk - 1 {
+                                    k_tiles - 1
+                                } else {
+                                    (c_hi as usize + 1) / tile_k - 1
+                                };
+                                let last = last.min(kt_end);
+                                row.extend((kt..=last).map(full));
+                                kt = last + 1;
+                                continue;
+                            }
+                            match bl.classify(b, q0, q1, kt) {
+                                FULL => row.push(full(kt)),
+                                EMPTY => {}
+                                _ => row.push(TileEntry {
+                                    k_tile: kt as u32,
+                                    kind: TileKind::Partial,
+                                }),
+                            }
+                            kt += 1;
+                        }
+                        next = kt;
+                    }
+                })?;
+                bl.sup[root] = sup;
+                bl.core[root] = core;
+            }
+        }
+        sched.finish()
+    }
+}
