@@ -20,11 +20,12 @@ use crate::common::{
     check_rows, cpu_model, fmt_len, now_utc, parse_len, parse_list, peak_rss_kib, pool,
     random_inputs, spread_rows, tolerance,
 };
-use crate::maskglue::{bind_mask, Mask, TILE};
+use crate::maskglue::{bind_mask, TILE};
 use crate::peer::{self, PeerConfig, DENSE_MASK_MAX};
 use crate::plot;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use longattn::mask::BoundMask as Mask;
 use longattn::{AttnParams, DType};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -488,7 +489,7 @@ fn bench_one(
     let params = AttnParams::default();
     row.peak_rss_before_mib = peak_rss_kib().map(|x| x as f64 / 1024.0);
     let t0 = Instant::now();
-    let out = mask.forward(&q, &k, &v, &params)?;
+    let out = longattn::forward(&q, &k, &v, &params, longattn::MaskSpec::Expr(&mask))?;
     let warm = t0.elapsed().as_secs_f64();
 
     let heads: Vec<usize> = if hq > 1 { vec![0, hq - 1] } else { vec![0] };
@@ -518,7 +519,7 @@ fn bench_one(
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t0 = Instant::now();
-        let o = mask.forward(&q, &k, &v, &params)?;
+        let o = longattn::forward(&q, &k, &v, &params, longattn::MaskSpec::Expr(&mask))?;
         times.push(t0.elapsed().as_secs_f64());
         drop(o);
     }

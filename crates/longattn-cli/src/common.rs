@@ -1,7 +1,7 @@
 //! Shared helpers of the subcommands: seeded inputs, the oracle check, threads, machine facts.
-use crate::maskglue::Mask;
 use anyhow::{bail, Context, Result};
 use longattn::io::Inputs;
+use longattn::mask::BoundMask as Mask;
 use longattn::reference::attention_f64;
 use longattn::tensor::{Buffer, Slice};
 use longattn::{AttnOutput, AttnParams, DType, Tensor, TensorView};

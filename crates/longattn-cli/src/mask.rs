@@ -52,11 +52,11 @@ pub fn main(a: Args) -> Result<()> {
         }
         anyhow::anyhow!(m)
     })?;
-    println!("{}", mask.explain(a.tile, a.tile)?);
+    println!("{}", longattn::mask::explain(&mask, a.tile, a.tile)?);
     let sched = mask.schedule(a.tile, a.tile)?;
-    print!("{}", mask.render_ascii(&sched, 0, 64));
+    print!("{}", longattn::mask::render_ascii(&sched, 0, 64));
     if let Some(p) = &a.png {
-        let grid = mask.tile_grid(&sched, 0);
+        let grid = longattn::mask::tile_grid(&sched, 0);
         let title = format!("{}  (Sq {} x Sk {}, tile {})", a.expr, a.sq, a.sk, a.tile);
         plot::tile_grid_png(p, &title, &grid)?;
         eprintln!("wrote {}", p.display());

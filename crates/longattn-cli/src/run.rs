@@ -71,7 +71,8 @@ pub fn main(a: Args) -> Result<()> {
     );
     let pool = pool(a.threads)?;
     let t0 = Instant::now();
-    let out = pool.install(|| mask.forward(&q, &k, &v, &params))?;
+    let out =
+        pool.install(|| longattn::forward(&q, &k, &v, &params, longattn::MaskSpec::Expr(&mask)))?;
     let secs = t0.elapsed().as_secs_f64();
     longattn::io::write_outputs(
         &a.output,

@@ -46,7 +46,7 @@ pub enum MaskSpec<'a> {
     /// Every pair.
     Full,
     /// A bound mask expression: the kernel builds the schedule with its own tile sizes.
-    // INTEGRATE: Expr(&'a crate::mask::BoundMask),
+    Expr(&'a crate::mask::BoundMask),
     /// A prepared schedule; Partial tiles need `rows` (the element mask).
     Schedule {
         schedule: &'a BlockSchedule,

@@ -113,6 +113,26 @@ pub fn forward(
             owned = BlockSchedule::full(BQ, NC, dims.sq, dims.sk)?;
             (&owned, None)
         }
+        MaskSpec::Expr(bound) => {
+            let s = bound.shape();
+            if (s.batch, s.sq, s.sk) != (dims.batch, dims.sq, dims.sk) {
+                return Err(Error::Param {
+                    op: "attention",
+                    msg: format!(
+                        "mask `{}` is bound to batch {} / sq {} / sk {}, the inputs have batch {} / sq {} / sk {}",
+                        bound.expr(),
+                        s.batch,
+                        s.sq,
+                        s.sk,
+                        dims.batch,
+                        dims.sq,
+                        dims.sk
+                    ),
+                });
+            }
+            owned = bound.schedule(BQ, NC)?;
+            (&owned, Some(bound as &dyn RowMask))
+        }
         MaskSpec::Schedule { schedule, rows } => (schedule, rows),
     };
     check_schedule(schedule, rows.is_some(), dims)?;
