@@ -579,7 +579,7 @@ fn display_parse_round_trip_random() {
 /// Build times at n = 131072 with 64 x 64 tiles (run with
 /// `cargo test --release -p longattn --test mask -- --ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "a timing report, not a check: run with --ignored --nocapture (numbers in docs/MASKS.md)"]
 fn schedule_build_time_131072() {
     let n = 131072;
     let shape = MaskShape {

@@ -222,12 +222,12 @@ struct Scratch<P> {
 }
 
 impl<P: Copy + Default> Scratch<P> {
-    fn new(dp: usize, dv: usize) -> Self {
+    fn new(dp: usize, dvp: usize) -> Self {
         Scratch {
             q: vec![P::default(); BQ * dp],
             s: vec![0.0; BQ * NC],
             p: vec![P::default(); BQ * NC],
-            o: vec![0.0; BQ * dv],
+            o: vec![0.0; BQ * dvp],
             m: vec![0.0; BQ],
             l: vec![0.0; BQ],
             alpha: vec![0.0; BQ],
@@ -316,7 +316,7 @@ impl Job<'_> {
                 pack_group(b, g, &mut kt, &mut vp, true);
                 let tasks = tasks_of(b, g);
                 tasks.par_iter().with_max_len(1).for_each_init(
-                    || Scratch::<M::P>::new(dp, dv),
+                    || Scratch::<M::P>::new(dp, dvp),
                     |scr, &(h, qt, _)| self.tile::<T, M>(&micro, b, h, qt, &kt, &vp, scr, ptr),
                 );
             }
@@ -326,7 +326,7 @@ impl Job<'_> {
                 let mut kt = vec![M::P::default(); chunks * dp * NC];
                 let mut vp = vec![M::P::default(); chunks * NC * dvp];
                 pack_group(b, g, &mut kt, &mut vp, false);
-                let mut scr = Scratch::<M::P>::new(dp, dv);
+                let mut scr = Scratch::<M::P>::new(dp, dvp);
                 for (h, qt, _) in tasks_of(b, g) {
                     self.tile::<T, M>(&micro, b, h, qt, &kt, &vp, &mut scr, ptr);
                 }
@@ -364,7 +364,7 @@ impl Job<'_> {
             pack_q::<T, M>(self.q, b, h, i0, rows, &mut scr.q);
             scr.m[..rows].fill(f32::NEG_INFINITY);
             scr.l[..rows].fill(0.0);
-            scr.o[..rows * dv].fill(0.0);
+            scr.o.fill(0.0);
             for e in entries {
                 let (k0, k1) = sched.k_range(e.k_tile as usize);
                 for c in k0 / NC..k1.div_ceil(NC) {
@@ -426,7 +426,7 @@ impl Job<'_> {
                     if l != 0.0 {
                         let inv = 1.0 / l;
                         for (x, o) in orow.iter_mut().enumerate() {
-                            *o = T::from_f32(scr.o[r * dv + x] * inv);
+                            *o = T::from_f32(scr.o[r * dvp + x] * inv);
                         }
                         *ptr.lse.add((b * hq + h) * sq + i) =
                             std::f32::consts::LN_2 * (scr.m[r] + l.log2());

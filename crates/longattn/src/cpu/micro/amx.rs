@@ -9,7 +9,9 @@
 //!
 //! Blocking: 2 x 2 accumulator tiles (tmm0-3: 32 rows x 32 columns), A in tmm4-5, B in tmm6-7.
 //! D and Dv are padded to multiples of 32 (DIM_ALIGN, DV_ALIGN). The softmax step is the AVX-512
-//! BF16 one; P V lands in a scratch tile and is merged as O = alpha O + PV with AVX-512.
+//! BF16 one; O lives in memory as `[BQ][dvp]` f32 and is the C operand of P V: loaded into the
+//! tiles, accumulated, stored back. With lazy rescaling (`micro::TAU`) alpha is almost always 1,
+//! so O is rarely touched outside the tile unit.
 //!
 //! Linux hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once
 //! per process by [`available`].
@@ -17,7 +19,6 @@ use super::avx512bf16::softmax_impl;
 use super::{Logits, Micro, BQ, NC};
 use std::arch::asm;
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 use std::sync::OnceLock;
 
 pub struct Amx;
@@ -65,40 +66,77 @@ static CONFIG: TileConfig = {
     TileConfig(c)
 };
 
-thread_local! {
-    /// P V of one chunk, `[BQ][dvp]` f32, before it is merged into O.
-    static PV_TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+/// Loads the C tiles `tmm0..tmm0+n` (n = 2 or 4: a 1 x 2 or 2 x 2 block at `c`, row stride `ldc`
+/// bytes) from memory when `acc`, else zeroes them.
+///
+/// SAFETY (all tile helpers): the caller has loaded `CONFIG` on this thread and every addressed
+/// row lies inside its buffer (16 rows of 64 bytes per tile).
+#[inline]
+unsafe fn c_start(two_rows: bool, c: *const u8, ldc: usize, acc: bool) {
+    match (acc, two_rows) {
+        (false, true) => asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3"
+        ),
+        (false, false) => asm!("tilezero tmm0", "tilezero tmm1"),
+        (true, true) => asm!(
+            "tileloadd tmm0, [{c0} + {ldc}*1]",
+            "tileloadd tmm1, [{c1} + {ldc}*1]",
+            "tileloadd tmm2, [{c2} + {ldc}*1]",
+            "tileloadd tmm3, [{c3} + {ldc}*1]",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(64),
+            c2 = in(reg) c.add(16 * ldc),
+            c3 = in(reg) c.add(16 * ldc + 64),
+            ldc = in(reg) ldc,
+            options(nostack, readonly),
+        ),
+        (true, false) => asm!(
+            "tileloadd tmm0, [{c0} + {ldc}*1]",
+            "tileloadd tmm1, [{c1} + {ldc}*1]",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(64),
+            ldc = in(reg) ldc,
+            options(nostack, readonly),
+        ),
+    }
 }
 
-/// C(2x2 tiles at c, row stride `ldc` bytes) = sum over `steps` of A(2 row tiles) x B(2 col tiles).
-/// A tiles start at `a` and `a + a16` bytes (row stride `lda`), advancing `a_step` bytes per step;
-/// B tiles at `b` and `b + b16` (row stride `ldb`), advancing `b_step`.
-///
-/// SAFETY: the caller has loaded `CONFIG` on this thread and every addressed row lies inside its
-/// buffer (16 rows of 64 bytes per tile).
-#[allow(clippy::too_many_arguments)]
+/// Stores the C tiles of [`c_start`] back to memory.
 #[inline]
-unsafe fn gemm_2x2(
-    a: *const u8,
-    a16: usize,
-    lda: usize,
-    a_step: usize,
-    b: *const u8,
-    b16: usize,
-    ldb: usize,
-    b_step: usize,
-    steps: usize,
-    c: *mut u8,
-    ldc: usize,
-) {
-    asm!(
-        "tilezero tmm0",
-        "tilezero tmm1",
-        "tilezero tmm2",
-        "tilezero tmm3"
-    );
-    for s in 0..steps {
-        let (pa, pb) = (a.add(s * a_step), b.add(s * b_step));
+unsafe fn c_store(two_rows: bool, c: *mut u8, ldc: usize) {
+    if two_rows {
+        asm!(
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(64),
+            c2 = in(reg) c.add(16 * ldc),
+            c3 = in(reg) c.add(16 * ldc + 64),
+            ldc = in(reg) ldc,
+            options(nostack),
+        );
+    } else {
+        asm!(
+            "tilestored [{c0} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            c0 = in(reg) c,
+            c1 = in(reg) c.add(64),
+            ldc = in(reg) ldc,
+            options(nostack),
+        );
+    }
+}
+
+/// One reduction step: C(2 x 2 tiles) += A(rows a, a + 16 lda) x B(columns b, b + 64 bytes),
+/// or the 1 x 2 block when `two_rows` is false.
+#[inline]
+unsafe fn c_step(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+    if two_rows {
         asm!(
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm5, [{a1} + {lda}*1]",
@@ -108,137 +146,76 @@ unsafe fn gemm_2x2(
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) pa,
-            a1 = in(reg) pa.add(a16),
-            b0 = in(reg) pb,
-            b1 = in(reg) pb.add(b16),
+            a0 = in(reg) a,
+            a1 = in(reg) a.add(16 * lda),
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(64),
             lda = in(reg) lda,
             ldb = in(reg) ldb,
             options(nostack, readonly),
         );
-    }
-    asm!(
-        "tilestored [{c0} + {ldc}*1], tmm0",
-        "tilestored [{c1} + {ldc}*1], tmm1",
-        "tilestored [{c2} + {ldc}*1], tmm2",
-        "tilestored [{c3} + {ldc}*1], tmm3",
-        c0 = in(reg) c,
-        c1 = in(reg) c.add(64),
-        c2 = in(reg) c.add(16 * ldc),
-        c3 = in(reg) c.add(16 * ldc + 64),
-        ldc = in(reg) ldc,
-        options(nostack),
-    );
-}
-
-/// The 1 x 2 variant (16 rows) for short query tiles (decode).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn gemm_1x2(
-    a: *const u8,
-    lda: usize,
-    a_step: usize,
-    b: *const u8,
-    b16: usize,
-    ldb: usize,
-    b_step: usize,
-    steps: usize,
-    c: *mut u8,
-    ldc: usize,
-) {
-    asm!("tilezero tmm0", "tilezero tmm1");
-    for s in 0..steps {
-        let (pa, pb) = (a.add(s * a_step), b.add(s * b_step));
+    } else {
         asm!(
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            a0 = in(reg) pa,
-            b0 = in(reg) pb,
-            b1 = in(reg) pb.add(b16),
+            a0 = in(reg) a,
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(64),
             lda = in(reg) lda,
             ldb = in(reg) ldb,
             options(nostack, readonly),
         );
     }
-    asm!(
-        "tilestored [{c0} + {ldc}*1], tmm0",
-        "tilestored [{c1} + {ldc}*1], tmm1",
-        c0 = in(reg) c,
-        c1 = in(reg) c.add(64),
-        ldc = in(reg) ldc,
-        options(nostack),
-    );
 }
 
-/// Runs `C[rows][ncols] = A[rows][k] B[k][ncols]` in 32-column blocks; rows are taken in blocks of
-/// 32 (16 for the last block when at most 16 rows remain). The operand pointers of block
-/// (row r0, column x0) are given by the closures in bytes.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn blocked(
-    rows: usize,
-    ncols: usize,
-    steps: usize,
-    a_at: impl Fn(usize) -> *const u8,
+/// Byte geometry of one blocked product C[rows][ncols] (+)= A[rows][k] B[k][ncols]:
+/// A row r at `a + r lda`, advancing `a_step` per 32-deep step; B column block x0 at
+/// `b + 4 x0`, advancing `b_step` per step; C element (r, x0) at `c + r ldc + 4 x0`.
+struct Gemm {
+    a: *const u8,
     lda: usize,
     a_step: usize,
-    b_at: impl Fn(usize) -> *const u8,
+    b: *const u8,
     ldb: usize,
     b_step: usize,
-    c_at: impl Fn(usize, usize) -> *mut u8,
+    c: *mut u8,
     ldc: usize,
-) {
+    steps: usize,
+}
+
+/// Rows in blocks of 32 (16 for a last block of at most 16 rows), columns in blocks of 32.
+#[inline]
+unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
     let mut r0 = 0;
     while r0 < rows {
+        let two = rows - r0 > 16;
         for x0 in (0..ncols).step_by(32) {
-            if rows - r0 > 16 {
-                gemm_2x2(
-                    a_at(r0),
-                    16 * lda,
-                    lda,
-                    a_step,
-                    b_at(x0),
-                    64,
-                    ldb,
-                    b_step,
-                    steps,
-                    c_at(r0, x0),
-                    ldc,
-                );
-            } else {
-                gemm_1x2(
-                    a_at(r0),
-                    lda,
-                    a_step,
-                    b_at(x0),
-                    64,
-                    ldb,
-                    b_step,
-                    steps,
-                    c_at(r0, x0),
-                    ldc,
-                );
+            let c = g.c.add(r0 * g.ldc + 4 * x0);
+            c_start(two, c, g.ldc, acc);
+            for s in 0..g.steps {
+                let a = g.a.add(r0 * g.lda + s * g.a_step);
+                let b = g.b.add(4 * x0 + s * g.b_step);
+                c_step(two, a, g.lda, b, g.ldb);
             }
+            c_store(two, c, g.ldc);
         }
         r0 += 32;
     }
 }
 
+/// O rows whose alpha is not 1 are rescaled in place (lazy rescaling makes this rare).
 #[target_feature(enable = "avx512f")]
-unsafe fn merge(rows: usize, dv: usize, dvp: usize, tile: &[f32], alpha: &[f32], o: &mut [f32]) {
-    // O = alpha O + PV, row by row.
-    for (r, &ar) in alpha.iter().enumerate().take(rows) {
-        let a = _mm512_set1_ps(ar);
-        for x0 in (0..dv).step_by(16) {
-            let n = (dv - x0).min(16);
-            let k: u16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-            let op = o.as_mut_ptr().add(r * dv + x0);
-            let t = _mm512_maskz_loadu_ps(k, tile.as_ptr().add(r * dvp + x0));
-            let v = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(k, op), t);
-            _mm512_mask_storeu_ps(op, k, v);
+unsafe fn rescale(rows: usize, dvp: usize, alpha: &[f32], o: &mut [f32]) {
+    for (r, &a) in alpha.iter().enumerate().take(rows) {
+        if a != 1.0 {
+            let av = _mm512_set1_ps(a);
+            for x0 in (0..dvp).step_by(16) {
+                let op = o.as_mut_ptr().add(r * dvp + x0);
+                _mm512_storeu_ps(op, _mm512_mul_ps(av, _mm512_loadu_ps(op)));
+            }
         }
     }
 }
@@ -260,34 +237,22 @@ impl Micro for Amx {
     }
 
     fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {
-        assert!(
-            q.len() >= BQ * dq
-                && kt.len() >= dq * NC
-                && s.len() >= BQ * NC
-                && dq.is_multiple_of(32)
-        );
-        let (qp, kp, sp) = (
-            q.as_ptr() as *const u8,
-            kt.as_ptr() as *const u8,
-            s.as_mut_ptr() as *mut u8,
-        );
-        // A: Q rows (2 * dq bytes apart), 32 dims = 64 bytes per step.
-        // B: K^T pair rows (NC * 4 bytes apart), 16 pair rows = 16 * NC * 4 bytes per step.
-        unsafe {
-            blocked(
-                rows,
-                NC,
-                dq / 32,
-                |r0| qp.add(r0 * dq * 2),
-                dq * 2,
-                64,
-                |x0| kp.add(x0 * 4),
-                NC * 4,
-                16 * NC * 4,
-                |r0, x0| sp.add((r0 * NC + x0) * 4),
-                NC * 4,
-            )
-        }
+        assert!(q.len() >= BQ * dq && kt.len() >= dq * NC && s.len() >= BQ * NC);
+        assert!(dq.is_multiple_of(32));
+        // A: Q rows (2 dq bytes apart), 32 dims = 64 bytes per step.
+        // B: K^T pair rows (4 NC bytes apart), 16 pair rows per step.
+        let g = Gemm {
+            a: q.as_ptr() as *const u8,
+            lda: 2 * dq,
+            a_step: 64,
+            b: kt.as_ptr() as *const u8,
+            ldb: 4 * NC,
+            b_step: 16 * 4 * NC,
+            c: s.as_mut_ptr() as *mut u8,
+            ldc: 4 * NC,
+            steps: dq / 32,
+        };
+        unsafe { blocked(&g, rows, NC, false) }
     }
 
     fn softmax(
@@ -316,36 +281,25 @@ impl Micro for Amx {
         o: &mut [f32],
     ) {
         let dvp = dv.div_ceil(32) * 32;
-        assert!(p.len() >= BQ * NC && vt.len() >= NC * dvp && o.len() >= rows * dv);
-        PV_TILE.with(|t| {
-            let mut tile = t.borrow_mut();
-            if tile.len() < BQ * dvp {
-                tile.resize(BQ * dvp, 0.0);
-            }
-            let (pp, vp, tp) = (
-                p.as_ptr() as *const u8,
-                vt.as_ptr() as *const u8,
-                tile.as_mut_ptr() as *mut u8,
-            );
-            // A: P rows (NC * 2 bytes apart), 32 keys = 64 bytes per step.
-            // B: V pair rows (dvp * 4 bytes apart), 16 pair rows per step. All 64 keys are used:
-            // p is 0 past the chunk's valid keys and V is 0 past Sk.
-            unsafe {
-                blocked(
-                    rows,
-                    dvp,
-                    NC / 32,
-                    |r0| pp.add(r0 * NC * 2),
-                    NC * 2,
-                    64,
-                    |x0| vp.add(x0 * 4),
-                    dvp * 4,
-                    16 * dvp * 4,
-                    |r0, x0| tp.add((r0 * dvp + x0) * 4),
-                    dvp * 4,
-                );
-                merge(rows, dv, dvp, &tile, alpha, o);
-            }
-        });
+        assert!(p.len() >= BQ * NC && vt.len() >= NC * dvp && o.len() >= BQ * dvp);
+        // O = alpha O, then O += P V on the tiles (C loaded from and stored to O).
+        // A: P rows (2 NC bytes apart), 32 keys = 64 bytes per step.
+        // B: V pair rows (4 dvp bytes apart), 16 pair rows per step. All 64 keys are used:
+        // p is 0 past the chunk's valid keys and V is 0 past Sk.
+        let g = Gemm {
+            a: p.as_ptr() as *const u8,
+            lda: 2 * NC,
+            a_step: 64,
+            b: vt.as_ptr() as *const u8,
+            ldb: 4 * dvp,
+            b_step: 16 * 4 * dvp,
+            c: o.as_mut_ptr() as *mut u8,
+            ldc: 4 * dvp,
+            steps: NC / 32,
+        };
+        unsafe {
+            rescale(rows, dvp, alpha, o);
+            blocked(&g, rows, dvp, true);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! AVX2 + FMA f32 path (8 lanes) for x86 CPUs without AVX-512.
 //!
 //! Register blocking: 6 rows x 16 columns (12 ymm accumulators) for both `qk` and `pv`.
-use super::{Logits, Micro, LOG2E, NC};
+use super::{update_max, Logits, Micro, LOG2E, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx2;
@@ -160,19 +160,14 @@ unsafe fn softmax_impl(
         let nan = (0..8).fold(0, |a, z| {
             a | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(x[z], x[z]))
         });
-        let m_new = if nan != 0 {
-            f32::NAN
-        } else {
-            m[r].max(hmax(mx))
-        };
+        let (m_new, a) = update_max(m[r], if nan != 0 { f32::NAN } else { hmax(mx) });
+        alpha[r] = a;
         if m_new == f32::NEG_INFINITY {
-            alpha[r] = 1.0;
             for z in 0..8 {
                 _mm256_storeu_ps(pr.add(8 * z), _mm256_setzero_ps());
             }
             continue;
         }
-        alpha[r] = (m[r] - m_new).exp2();
         let mv = _mm256_set1_ps(m_new);
         let mut sum = _mm256_setzero_ps();
         for z in 0..8 {

@@ -3,7 +3,7 @@
 //! Register blocking: `qk` keeps a 6 x 64 block of S in 24 zmm accumulators (per dim: 4 loads of
 //! K^T, 6 broadcasts of Q, 24 FMAs); `pv` keeps a 6 x 64 block of O (per key: 4 loads of V, 6
 //! broadcasts of P, 24 FMAs).
-use super::{Logits, Micro, LOG2E, NC};
+use super::{update_max, Logits, Micro, LOG2E, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx512;
@@ -65,9 +65,11 @@ pub(crate) fn logits_ps(s: __m512, lg: &Logits) -> __m512 {
 }
 
 /// The online-softmax step for one row of 64 logits; returns the 4 zmm of p (masked lanes 0),
-/// or None when the row has seen no allowed key yet. Shared by the f32 and bf16 paths.
+/// or None when the row has seen no allowed key yet. Shared by the f32, bf16 and AMX paths.
 ///
-/// m' = max(m, max_c x_c); alpha = 2^(m - m'); p_c = 2^(x_c - m'); l' = alpha l + sum p.
+/// (m', alpha) = update_max(m, max_c x_c); p_c = 2^(x_c - m'); l' = alpha l + sum p.
+/// Without soft-cap (and scale > 0) the max is taken over the raw dot products and the scale is
+/// folded into one FMA: x_c - m' = s_c * (scale log2 e) - m'.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn softmax_row(
@@ -78,36 +80,45 @@ pub(crate) unsafe fn softmax_row(
     l: &mut f32,
     alpha: &mut f32,
 ) -> Option<[__m512; 4]> {
-    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut x = [ninf; 4];
+    let fused = lg.softcap.is_none() && lg.scale > 0.0;
+    let c2 = _mm512_set1_ps(lg.scale * LOG2E);
+    let mut x = [_mm512_setzero_ps(); 4];
     let mut km = [0u16; 4];
+    let mut mxv = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut nan = 0u16;
     for z in 0..4 {
         km[z] = (bits >> (16 * z)) as u16;
         let sv = _mm512_loadu_ps(s.add(16 * z));
-        x[z] = _mm512_mask_mov_ps(ninf, km[z], logits_ps(sv, lg));
+        x[z] = if fused { sv } else { logits_ps(sv, lg) };
+        mxv = _mm512_mask_max_ps(mxv, km[z], mxv, x[z]);
+        // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
+        nan |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(km[z], x[z], x[z]);
     }
-    let mx = _mm512_reduce_max_ps(_mm512_max_ps(
-        _mm512_max_ps(x[0], x[1]),
-        _mm512_max_ps(x[2], x[3]),
-    ));
-    // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
-    let nan = (0..4).fold(0u16, |a, z| {
-        a | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x[z], x[z])
-    });
-    let m_new = if nan != 0 { f32::NAN } else { m.max(mx) };
+    let mut mx = _mm512_reduce_max_ps(mxv);
+    if fused {
+        mx *= lg.scale * LOG2E;
+    }
+    if nan != 0 {
+        mx = f32::NAN;
+    }
+    let (m_new, a) = update_max(*m, mx);
+    *alpha = a;
     if m_new == f32::NEG_INFINITY {
-        *alpha = 1.0;
         return None;
     }
-    *alpha = (*m - m_new).exp2();
     let mv = _mm512_set1_ps(m_new);
     let mut p = [_mm512_setzero_ps(); 4];
     let mut sum = _mm512_setzero_ps();
     for z in 0..4 {
-        p[z] = _mm512_maskz_mov_ps(km[z], exp2_ps(_mm512_sub_ps(x[z], mv)));
+        let arg = if fused {
+            _mm512_fmsub_ps(x[z], c2, mv)
+        } else {
+            _mm512_sub_ps(x[z], mv)
+        };
+        p[z] = _mm512_maskz_mov_ps(km[z], exp2_ps(arg));
         sum = _mm512_add_ps(sum, p[z]);
     }
-    *l = *l * *alpha + _mm512_reduce_add_ps(sum);
+    *l = *l * a + _mm512_reduce_add_ps(sum);
     *m = m_new;
     Some(p)
 }

@@ -30,6 +30,25 @@ pub const BQ: usize = 64;
 /// log2(e): the kernels work in base 2 (exp2 is cheaper than exp).
 pub const LOG2E: f32 = std::f32::consts::LOG2_E;
 
+/// Lazy rescaling threshold in base-2 units. The running max m is raised only when a chunk's
+/// max logit exceeds it by more than TAU; otherwise m stays and alpha = 1 (O needs no rescale).
+/// Then p = 2^(x - m) <= 2^TAU = 256: no overflow in f32 or bf16, and out = O / l and
+/// LSE = ln 2 (m + log2 l) are unchanged whichever m is used.
+pub const TAU: f32 = 8.0;
+
+/// The running-max update of one row: returns (m', alpha = 2^(m - m')). A row with no allowed
+/// key so far keeps m = -inf and alpha = 1; a NaN max poisons the row (m' = NaN).
+#[inline]
+pub fn update_max(m: f32, mx: f32) -> (f32, f32) {
+    if mx <= m + TAU {
+        (m, 1.0)
+    } else if mx.is_nan() {
+        (f32::NAN, f32::NAN)
+    } else {
+        (mx, (m - mx).exp2())
+    }
+}
+
 /// What the softmax step applies to the raw dot products s = q . k.
 #[derive(Clone, Copy, Debug)]
 pub struct Logits {
@@ -88,7 +107,7 @@ pub trait Micro: Sync + Send {
 
     /// Online softmax step for `rows` rows of S (base-2 units):
     /// x_c = logits.base2(s_c) where bit c of `mask[r]` is set, else -inf;
-    /// m' = max(m, max_c x_c); alpha = 2^(m - m'); p_c = 2^(x_c - m'); l' = alpha l + sum_c p_c.
+    /// (m', alpha) = [`update_max`](m, max_c x_c); p_c = 2^(x_c - m'); l' = alpha l + sum_c p_c.
     /// Rows that have seen no allowed key yet (m' = -inf) keep m = -inf, l = 0, alpha = 1, p = 0.
     #[allow(clippy::too_many_arguments)]
     fn softmax(
@@ -104,8 +123,8 @@ pub trait Micro: Sync + Send {
     );
 
     /// `o[r][x] = alpha[r] * o[r][x] + sum_{c < keys} p[r][c] * v[c][x]` for `r < rows`, `x < dv`.
-    /// `keys` is even for the pair layout (the padding key has p = 0 and v = 0); `vt` rows are
-    /// `dv` rounded up to `DV_ALIGN` long.
+    /// `keys` is even for the pair layout (the padding key has p = 0 and v = 0); rows of `vt` and
+    /// of `o` are dvp = `dv` rounded up to `DV_ALIGN` long, and `o` holds BQ rows.
     #[allow(clippy::too_many_arguments)]
     fn pv(
         &self,

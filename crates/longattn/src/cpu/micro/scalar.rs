@@ -1,5 +1,5 @@
 //! The plain reference path: straight loops in f32, the same math as the SIMD paths.
-use super::{Logits, Micro, NC};
+use super::{update_max, Logits, Micro, NC};
 
 pub struct Scalar;
 
@@ -87,17 +87,15 @@ pub fn softmax_rows(
             mx = mx.max(*xc);
         }
         // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
-        let m_new = if x.iter().any(|v| v.is_nan()) {
-            f32::NAN
-        } else {
-            m[r].max(mx)
-        };
+        if x.iter().any(|v| v.is_nan()) {
+            mx = f32::NAN;
+        }
+        let (m_new, a) = update_max(m[r], mx);
+        alpha[r] = a;
         if m_new == f32::NEG_INFINITY {
-            alpha[r] = 1.0;
             (0..NC).for_each(|c| store(r, c, 0.0));
             continue;
         }
-        alpha[r] = (m[r] - m_new).exp2();
         let mut sum = 0.0;
         for (c, &xc) in x.iter().enumerate() {
             let pc = if xc == f32::NEG_INFINITY {
