@@ -289,19 +289,16 @@ impl Job<'_> {
             t
         };
         let pack_group = |b: usize, g: usize, kt: &mut [M::P], vp: &mut [M::P], par: bool| {
-            let kt_chunks = kt.chunks_mut(dp * NC);
-            let v_chunks = vp.chunks_mut(NC * dvp);
             if par {
-                kt_chunks
-                    .zip(v_chunks)
+                kt.par_chunks_mut(dp * NC)
+                    .zip(vp.par_chunks_mut(NC * dvp))
                     .enumerate()
-                    .par_bridge()
                     .for_each(|(c, (ktc, vc))| {
                         pack_kt::<T, M>(self.k, b, g, c, ktc);
                         pack_v::<T, M>(self.v, b, g, c, vc);
                     });
             } else {
-                for (c, (ktc, vc)) in kt_chunks.zip(v_chunks).enumerate() {
+                for (c, (ktc, vc)) in kt.chunks_mut(dp * NC).zip(vp.chunks_mut(NC * dvp)).enumerate() {
                     pack_kt::<T, M>(self.k, b, g, c, ktc);
                     pack_v::<T, M>(self.v, b, g, c, vc);
                 }

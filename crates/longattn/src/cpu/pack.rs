@@ -1,7 +1,9 @@
 //! Packing inputs into the micro-kernels' layouts (see `micro` for the layouts).
 //!
-//! Packing converts to the compute type (f32, or bf16 bits for the pair path) and reads any
-//! strides, so the kernels only ever see contiguous, padded chunks.
+//! Packing converts to the compute type (f32, or bf16 bits for the pair paths) and reads any
+//! strides, so the kernels only ever see contiguous, padded chunks. Rows whose last dimension is
+//! contiguous take a slice fast path (a plain copy when no conversion is needed); any other
+//! stride goes element by element.
 use super::micro::{FromF32, Micro, NC};
 use crate::tensor::{Element, TensorView};
 
@@ -15,62 +17,74 @@ pub fn packed_dv<M: Micro>(dv: usize) -> usize {
     dv.div_ceil(M::DV_ALIGN) * M::DV_ALIGN
 }
 
-/// Converts one element to the packed type of `M`.
-#[inline(always)]
-fn to_packed<M: Micro>(x: f32) -> M::P {
-    <M::P as FromF32>::from_f32(x)
+/// `dst[x] = src[b, s, h, x]` converted to the packed type, for x < dim (dst may be longer).
+#[inline]
+fn row_into<T: Element, P: FromF32 + bytemuck::Pod>(t: &TensorView, b: usize, s: usize, h: usize, dst: &mut [P]) {
+    let data = t.typed::<T>().expect("dtype checked by the dispatcher");
+    let d = t.dim();
+    let base = t.offset(b, s, h, 0);
+    if t.strides[3] == 1 {
+        P::convert_slice(&data[base..base + d], &mut dst[..d]);
+    } else {
+        for (x, o) in dst[..d].iter_mut().enumerate() {
+            *o = P::from_f32(data[base + x * t.strides[3]].to_f32());
+        }
+    }
 }
+
+/// Per-thread row buffer for the transposing packers.
+struct RowBuf<P>(Vec<P>);
 
 /// K^T of keys `c*NC .. c*NC+NC` (head `hk`, batch `b`) into `out` (`dp * NC` elements):
 /// f32: `out[d][j]`; pairs: `out[d/2][j][d%2]`. Keys past `Sk` and dims past `D` are 0.
-pub fn pack_kt<T: Element, M: Micro>(
-    k: &TensorView,
-    b: usize,
-    hk: usize,
-    c: usize,
-    out: &mut [M::P],
-) {
-    let data = k.typed::<T>().expect("dtype checked by the dispatcher");
-    let (sk, d) = (k.seq(), k.dim());
-    let dp = packed_dim::<M>(d);
+pub fn pack_kt<T: Element, M: Micro>(k: &TensorView, b: usize, hk: usize, c: usize, out: &mut [M::P]) {
+    let sk = k.seq();
+    let dp = packed_dim::<M>(k.dim());
     out[..dp * NC].fill(M::P::default());
+    let mut row = RowBuf(vec![M::P::default(); dp]);
     for j in 0..NC.min(sk.saturating_sub(c * NC)) {
-        let base = k.offset(b, c * NC + j, hk, 0);
-        for x in 0..d {
-            let val = to_packed::<M>(data[base + x * k.strides[3]].to_f32());
-            let idx = if M::PAIRS {
-                ((x / 2) * NC + j) * 2 + x % 2
-            } else {
-                x * NC + j
-            };
-            out[idx] = val;
+        row_into::<T, M::P>(k, b, c * NC + j, hk, &mut row.0);
+        if M::PAIRS {
+            // Transpose 32-bit (even, odd) dim pairs: out[x2][j] = row[x2].
+            for (x2, pair) in row.0.chunks_exact(2).enumerate() {
+                out[(x2 * NC + j) * 2] = pair[0];
+                out[(x2 * NC + j) * 2 + 1] = pair[1];
+            }
+        } else {
+            for (x, &val) in row.0.iter().enumerate() {
+                out[x * NC + j] = val;
+            }
         }
     }
 }
 
 /// V of keys `c*NC .. c*NC+NC` into `out` (`NC * dvp` elements, dvp = [`packed_dv`]):
 /// f32: `out[j][x]`; pairs: `out[j/2][x][j%2]`. Keys past `Sk` and dims past `Dv` are 0.
-pub fn pack_v<T: Element, M: Micro>(
-    v: &TensorView,
-    b: usize,
-    hk: usize,
-    c: usize,
-    out: &mut [M::P],
-) {
-    let data = v.typed::<T>().expect("dtype checked by the dispatcher");
-    let (sk, dv) = (v.seq(), v.dim());
-    let dvp = packed_dv::<M>(dv);
+pub fn pack_v<T: Element, M: Micro>(v: &TensorView, b: usize, hk: usize, c: usize, out: &mut [M::P]) {
+    let sk = v.seq();
+    let dvp = packed_dv::<M>(v.dim());
     out[..NC * dvp].fill(M::P::default());
-    for j in 0..NC.min(sk.saturating_sub(c * NC)) {
-        let base = v.offset(b, c * NC + j, hk, 0);
-        for x in 0..dv {
-            let val = to_packed::<M>(data[base + x * v.strides[3]].to_f32());
-            let idx = if M::PAIRS {
-                ((j / 2) * dvp + x) * 2 + j % 2
-            } else {
-                j * dvp + x
-            };
-            out[idx] = val;
+    let keys = NC.min(sk.saturating_sub(c * NC));
+    if !M::PAIRS {
+        for j in 0..keys {
+            row_into::<T, M::P>(v, b, c * NC + j, hk, &mut out[j * dvp..(j + 1) * dvp]);
+        }
+        return;
+    }
+    let mut rows = RowBuf(vec![M::P::default(); 2 * dvp]);
+    for j2 in 0..keys.div_ceil(2) {
+        let (even, odd) = rows.0.split_at_mut(dvp);
+        row_into::<T, M::P>(v, b, c * NC + 2 * j2, hk, even);
+        if 2 * j2 + 1 < keys {
+            row_into::<T, M::P>(v, b, c * NC + 2 * j2 + 1, hk, odd);
+        } else {
+            odd.fill(M::P::default());
+        }
+        // Interleave the two keys: out[j2][x] = (even[x], odd[x]).
+        let dst = &mut out[j2 * 2 * dvp..(j2 + 1) * 2 * dvp];
+        for (x, pair) in dst.chunks_exact_mut(2).enumerate() {
+            pair[0] = even[x];
+            pair[1] = odd[x];
         }
     }
 }
@@ -84,18 +98,11 @@ pub fn pack_q<T: Element, M: Micro>(
     rows: usize,
     out: &mut [M::P],
 ) {
-    let data = q.typed::<T>().expect("dtype checked by the dispatcher");
-    let d = q.dim();
-    let dp = packed_dim::<M>(d);
+    let (d, dp) = (q.dim(), packed_dim::<M>(q.dim()));
     for r in 0..rows {
-        let base = q.offset(b, i0 + r, h, 0);
         let row = &mut out[r * dp..(r + 1) * dp];
-        for (x, o) in row.iter_mut().enumerate() {
-            *o = if x < d {
-                to_packed::<M>(data[base + x * q.strides[3]].to_f32())
-            } else {
-                M::P::default()
-            };
-        }
+        row_into::<T, M::P>(q, b, i0 + r, h, row);
+        row[d..].fill(M::P::default());
     }
 }
+

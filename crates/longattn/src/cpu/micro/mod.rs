@@ -20,6 +20,8 @@ pub mod avx2;
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512bf16;
+use crate::tensor::{DType, Element};
+
 pub mod scalar;
 
 /// Keys per chunk: one u64 of mask bits, four AVX-512 registers of f32.
@@ -70,16 +72,34 @@ impl Logits {
 }
 
 /// The packed element types: f32 itself, or u16 holding bf16 bits.
-pub trait FromF32 {
+pub trait FromF32: Copy + Sized {
+    /// The input dtype whose bits are this type's bits (packing is then a copy).
+    const COPY_FROM: Option<DType>;
     fn from_f32(x: f32) -> Self;
+    /// `dst[i] = from_f32(src[i])`, a plain copy when `T` is `COPY_FROM`.
+    #[inline]
+    fn convert_slice<T: Element>(src: &[T], dst: &mut [Self])
+    where
+        Self: bytemuck::Pod,
+    {
+        if Self::COPY_FROM == Some(T::DTYPE) {
+            dst.copy_from_slice(bytemuck::cast_slice(src));
+        } else {
+            for (o, &x) in dst.iter_mut().zip(src) {
+                *o = Self::from_f32(x.to_f32());
+            }
+        }
+    }
 }
 impl FromF32 for f32 {
+    const COPY_FROM: Option<DType> = Some(DType::F32);
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         x
     }
 }
 impl FromF32 for u16 {
+    const COPY_FROM: Option<DType> = Some(DType::BF16);
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         half::bf16::from_f32(x).to_bits()
@@ -88,7 +108,7 @@ impl FromF32 for u16 {
 
 /// One instruction-set path. `P` is the packed element (f32, or u16 holding bf16 bits).
 pub trait Micro: Sync + Send {
-    type P: Copy + Default + Send + Sync + 'static + FromF32;
+    type P: Copy + Default + Send + Sync + 'static + FromF32 + bytemuck::Pod;
     /// True for the bf16-pair layouts.
     const PAIRS: bool;
     /// Packed Q rows / K^T rows are D rounded up to a multiple of this (zeros past D).
