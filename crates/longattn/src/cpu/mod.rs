@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, RowMask, TileKind};
 use crate::tensor::{DType, Element, Tensor, TensorView};
 use half::{bf16, f16};
-use micro::{Logits, Micro, BQ, NC};
+use micro::{Logits, Micro, BQ, MAXW, NC};
 use pack::{pack_kt, pack_q, pack_v, packed_dim, packed_dv};
 use rayon::prelude::*;
 
@@ -225,15 +225,24 @@ impl<P: Copy + Default> Scratch<P> {
     fn new(dp: usize, dvp: usize) -> Self {
         Scratch {
             q: vec![P::default(); BQ * dp],
-            s: vec![0.0; BQ * NC],
-            p: vec![P::default(); BQ * NC],
+            s: vec![0.0; BQ * MAXW * NC],
+            p: vec![P::default(); BQ * MAXW * NC],
             o: vec![0.0; BQ * dvp],
             m: vec![0.0; BQ],
             l: vec![0.0; BQ],
             alpha: vec![0.0; BQ],
-            mask: vec![0; BQ],
+            mask: vec![0; BQ * MAXW],
         }
     }
+}
+
+/// One 64-key chunk of a group: keys `c * NC + lo .. c * NC + hi` are in the scheduled tile.
+#[derive(Clone, Copy, Default)]
+struct Chunk {
+    c: usize,
+    lo: usize,
+    hi: usize,
+    partial: bool,
 }
 
 /// Bits `lo .. hi` (0 <= lo <= hi <= 64) set.
@@ -335,6 +344,56 @@ impl Job<'_> {
         })
     }
 
+    /// One group of key chunks for query rows `i0 .. i0 + rows`: S = Q K^T per chunk (into the
+    /// chunk's 64 columns of S), the mask bits (Full: the valid key range; Partial: the row mask
+    /// too), one online-softmax step over the whole group, and O = alpha O + P V.
+    #[allow(clippy::too_many_arguments)]
+    fn group<M: Micro>(
+        &self,
+        micro: &M,
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        group: &[Chunk],
+        kt: &[M::P],
+        vp: &[M::P],
+        scr: &mut Scratch<M::P>,
+    ) {
+        let Dims { d, dv, .. } = self.dims;
+        let (dp, dvp) = (packed_dim::<M>(d), packed_dv::<M>(dv));
+        let width = group.len() * NC;
+        let mut vts: [&[M::P]; MAXW] = [&[]; MAXW];
+        for (g, ch) in group.iter().enumerate() {
+            let range = range_bits(ch.lo, ch.hi);
+            match (ch.partial, self.rows) {
+                (true, Some(rm)) => {
+                    for r in 0..rows {
+                        let mut word = [0u64];
+                        rm.row_bits(b, h, i0 + r, ch.c * NC, &mut word);
+                        scr.mask[r * MAXW + g] = word[0] & range;
+                    }
+                }
+                _ => (0..rows).for_each(|r| scr.mask[r * MAXW + g] = range),
+            }
+            let ktc = &kt[ch.c * dp * NC..(ch.c + 1) * dp * NC];
+            micro.qk(&scr.q, rows, dp, ktc, &mut scr.s[g * NC..], width);
+            vts[g] = &vp[ch.c * NC * dvp..(ch.c + 1) * NC * dvp];
+        }
+        micro.softmax(
+            &scr.s,
+            rows,
+            group.len(),
+            &scr.mask,
+            &self.logits,
+            &mut scr.m,
+            &mut scr.l,
+            &mut scr.alpha,
+            &mut scr.p,
+        );
+        micro.pv(&scr.p, rows, &vts[..group.len()], dv, &scr.alpha, &mut scr.o);
+    }
+
     /// One (batch row, query head, schedule query tile): the online-softmax loop over its key tiles.
     #[allow(clippy::too_many_arguments)]
     fn tile<T: Element, M: Micro>(
@@ -348,11 +407,9 @@ impl Job<'_> {
         scr: &mut Scratch<M::P>,
         ptr: OutPtr<T>,
     ) {
-        let Dims {
-            sq, sk, hq, d, dv, ..
-        } = self.dims;
+        let Dims { sq, sk, hq, dv, .. } = self.dims;
         let sched = self.schedule;
-        let (dp, dvp) = (packed_dim::<M>(d), packed_dv::<M>(dv));
+        let dvp = packed_dv::<M>(dv);
         let entries = sched.row(b, h, qt);
         let (t0, t1) = sched.q_range(qt);
         micro.begin();
@@ -362,52 +419,27 @@ impl Job<'_> {
             scr.m[..rows].fill(f32::NEG_INFINITY);
             scr.l[..rows].fill(0.0);
             scr.o.fill(0.0);
+            // Walk the schedule row in 64-key chunks, flushing groups of up to MAXW chunks.
+            let mut group: [Chunk; MAXW] = [Chunk::default(); MAXW];
+            let mut w = 0;
             for e in entries {
                 let (k0, k1) = sched.k_range(e.k_tile as usize);
                 for c in k0 / NC..k1.div_ceil(NC) {
-                    let (lo, hi) = (
-                        k0.max(c * NC) - c * NC,
-                        k1.min(c * NC + NC).min(sk) - c * NC,
-                    );
-                    let range = range_bits(lo, hi);
-                    match (e.kind, self.rows) {
-                        (TileKind::Partial, Some(rm)) => {
-                            for r in 0..rows {
-                                let mut w = [0u64];
-                                rm.row_bits(b, h, i0 + r, c * NC, &mut w);
-                                scr.mask[r] = w[0] & range;
-                            }
-                        }
-                        _ => scr.mask[..rows].fill(range),
+                    group[w] = Chunk {
+                        c,
+                        lo: k0.max(c * NC) - c * NC,
+                        hi: k1.min(c * NC + NC).min(sk) - c * NC,
+                        partial: e.kind == TileKind::Partial,
+                    };
+                    w += 1;
+                    if w == MAXW {
+                        self.group(micro, b, h, i0, rows, &group[..w], kt, vp, scr);
+                        w = 0;
                     }
-                    micro.qk(
-                        &scr.q,
-                        rows,
-                        dp,
-                        &kt[c * dp * NC..(c + 1) * dp * NC],
-                        &mut scr.s,
-                    );
-                    micro.softmax(
-                        &scr.s,
-                        rows,
-                        &scr.mask,
-                        &self.logits,
-                        &mut scr.m,
-                        &mut scr.l,
-                        &mut scr.alpha,
-                        &mut scr.p,
-                    );
-                    let keys = if M::PAIRS { (hi + 1) & !1 } else { hi };
-                    micro.pv(
-                        &scr.p,
-                        rows,
-                        keys,
-                        &vp[c * NC * dvp..(c + 1) * NC * dvp],
-                        dv,
-                        &scr.alpha,
-                        &mut scr.o,
-                    );
                 }
+            }
+            if w > 0 {
+                self.group(micro, b, h, i0, rows, &group[..w], kt, vp, scr);
             }
             // Epilogue: out = O / l, LSE = ln 2 * (m + log2 l); empty rows (l = 0): out 0,
             // LSE -inf. A NaN l (NaN inputs) propagates to out and LSE.

@@ -15,8 +15,8 @@
 //!
 //! Linux hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once
 //! per process by [`available`].
-use super::avx512bf16::softmax_impl;
-use super::{Logits, Micro, BQ, NC};
+use super::avx512::softmax_rows_bf16;
+use super::{Logits, Micro, BQ, MAXW, NC};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -172,21 +172,23 @@ unsafe fn c_step(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: us
 }
 
 /// Byte geometry of one blocked product C[rows][ncols] (+)= A[rows][k] B[k][ncols]:
-/// A row r at `a + r lda`, advancing `a_step` per 32-deep step; B column block x0 at
-/// `b + 4 x0`, advancing `b_step` per step; C element (r, x0) at `c + r ldc + 4 x0`.
-struct Gemm {
+/// A row r at `a + r lda`, advancing `a_step` per 32-deep step; B is split into `b.len()` pieces
+/// (the chunks of a group) of `steps` steps each: step s of piece g, column block x0 at
+/// `b[g] + 4 x0 + s b_step`; C element (r, x0) at `c + r ldc + 4 x0`.
+struct Gemm<'a> {
     a: *const u8,
     lda: usize,
     a_step: usize,
-    b: *const u8,
+    b: &'a [*const u8],
     ldb: usize,
     b_step: usize,
+    steps: usize,
     c: *mut u8,
     ldc: usize,
-    steps: usize,
 }
 
-/// Rows in blocks of 32 (16 for a last block of at most 16 rows), columns in blocks of 32.
+/// Rows in blocks of 32 (16 for a last block of at most 16 rows), columns in blocks of 32; each
+/// C block stays in the tiles for the whole reduction (all steps of all pieces).
 #[inline]
 unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
     let mut r0 = 0;
@@ -195,10 +197,12 @@ unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
         for x0 in (0..ncols).step_by(32) {
             let c = g.c.add(r0 * g.ldc + 4 * x0);
             c_start(two, c, g.ldc, acc);
-            for s in 0..g.steps {
-                let a = g.a.add(r0 * g.lda + s * g.a_step);
-                let b = g.b.add(4 * x0 + s * g.b_step);
-                c_step(two, a, g.lda, b, g.ldb);
+            for (piece, &bp) in g.b.iter().enumerate() {
+                for s in 0..g.steps {
+                    let a = g.a.add(r0 * g.lda + (piece * g.steps + s) * g.a_step);
+                    let b = bp.add(4 * x0 + s * g.b_step);
+                    c_step(two, a, g.lda, b, g.ldb);
+                }
             }
             c_store(two, c, g.ldc);
         }
@@ -236,8 +240,8 @@ impl Micro for Amx {
         unsafe { asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly)) };
     }
 
-    fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {
-        assert!(q.len() >= BQ * dq && kt.len() >= dq * NC && s.len() >= BQ * NC);
+    fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32], lds: usize) {
+        assert!(q.len() >= BQ * dq && kt.len() >= dq * NC && s.len() >= (BQ - 1) * lds + NC);
         assert!(dq.is_multiple_of(32));
         // A: Q rows (2 dq bytes apart), 32 dims = 64 bytes per step.
         // B: K^T pair rows (4 NC bytes apart), 16 pair rows per step.
@@ -245,12 +249,12 @@ impl Micro for Amx {
             a: q.as_ptr() as *const u8,
             lda: 2 * dq,
             a_step: 64,
-            b: kt.as_ptr() as *const u8,
+            b: &[kt.as_ptr() as *const u8],
             ldb: 4 * NC,
             b_step: 16 * 4 * NC,
-            c: s.as_mut_ptr() as *mut u8,
-            ldc: 4 * NC,
             steps: dq / 32,
+            c: s.as_mut_ptr() as *mut u8,
+            ldc: 4 * lds,
         };
         unsafe { blocked(&g, rows, NC, false) }
     }
@@ -259,6 +263,7 @@ impl Micro for Amx {
         &self,
         s: &[f32],
         rows: usize,
+        w: usize,
         mask: &[u64],
         logits: &Logits,
         m: &mut [f32],
@@ -266,36 +271,33 @@ impl Micro for Amx {
         alpha: &mut [f32],
         p: &mut [u16],
     ) {
-        assert!(s.len() >= rows * NC && p.len() >= rows * NC && mask.len() >= rows);
-        unsafe { softmax_impl(s, rows, mask, logits, m, l, alpha, p) }
+        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        unsafe { softmax_rows_bf16(s, rows, w, mask, logits, m, l, alpha, p.as_mut_ptr() as *mut u8) }
     }
 
-    fn pv(
-        &self,
-        p: &[u16],
-        rows: usize,
-        _keys: usize,
-        vt: &[u16],
-        dv: usize,
-        alpha: &[f32],
-        o: &mut [f32],
-    ) {
+    fn pv(&self, p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
         let dvp = dv.div_ceil(32) * 32;
-        assert!(p.len() >= BQ * NC && vt.len() >= NC * dvp && o.len() >= BQ * dvp);
+        let w = vt.len();
+        assert!(w <= MAXW && p.len() >= BQ * w * NC && o.len() >= BQ * dvp);
+        assert!(vt.iter().all(|v| v.len() >= NC * dvp));
+        let mut b = [std::ptr::null(); MAXW];
+        for (d, v) in b.iter_mut().zip(vt) {
+            *d = v.as_ptr() as *const u8;
+        }
         // O = alpha O, then O += P V on the tiles (C loaded from and stored to O).
-        // A: P rows (2 NC bytes apart), 32 keys = 64 bytes per step.
-        // B: V pair rows (4 dvp bytes apart), 16 pair rows per step. All 64 keys are used:
-        // p is 0 past the chunk's valid keys and V is 0 past Sk.
+        // A: P rows (2 w NC bytes apart), 32 keys = 64 bytes per step.
+        // B: per chunk, V pair rows (4 dvp bytes apart), 16 pair rows per step, 2 steps. All 64
+        // keys of a chunk are used: p is 0 past its valid keys and V is 0 past Sk.
         let g = Gemm {
             a: p.as_ptr() as *const u8,
-            lda: 2 * NC,
+            lda: 2 * w * NC,
             a_step: 64,
-            b: vt.as_ptr() as *const u8,
+            b: &b[..w],
             ldb: 4 * dvp,
             b_step: 16 * 4 * dvp,
+            steps: NC / 32,
             c: o.as_mut_ptr() as *mut u8,
             ldc: 4 * dvp,
-            steps: NC / 32,
         };
         unsafe {
             rescale(rows, dvp, alpha, o);

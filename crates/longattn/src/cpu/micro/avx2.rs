@@ -1,7 +1,7 @@
 //! AVX2 + FMA f32 path (8 lanes) for x86 CPUs without AVX-512.
 //!
 //! Register blocking: 6 rows x 16 columns (12 ymm accumulators) for both `qk` and `pv`.
-use super::{update_max, Logits, Micro, LOG2E, NC};
+use super::{update_max, Logits, Micro, LOG2E, MAXW, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx2;
@@ -88,7 +88,7 @@ fn first_lanes(n: usize) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: *mut f32) {
+unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: *mut f32, lds: usize) {
     for c0 in (0..NC).step_by(16) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for d in 0..dq {
@@ -101,34 +101,51 @@ unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: 
             }
         }
         for (r, accr) in acc.iter().enumerate() {
-            _mm256_storeu_ps(s.add(r * NC + c0), accr[0]);
-            _mm256_storeu_ps(s.add(r * NC + c0 + 8), accr[1]);
+            _mm256_storeu_ps(s.add(r * lds + c0), accr[0]);
+            _mm256_storeu_ps(s.add(r * lds + c0 + 8), accr[1]);
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
+unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
     let mut r = 0;
     while r < rows {
-        let (qp, sp) = (q.as_ptr().add(r * dq), s.as_mut_ptr().add(r * NC));
+        let (qp, sp, kp) = (q.as_ptr().add(r * dq), s.as_mut_ptr().add(r * lds), kt.as_ptr());
         match rows - r {
-            1 => qk_block::<1>(qp, dq, kt.as_ptr(), sp),
-            2 => qk_block::<2>(qp, dq, kt.as_ptr(), sp),
-            3 => qk_block::<3>(qp, dq, kt.as_ptr(), sp),
-            4 => qk_block::<4>(qp, dq, kt.as_ptr(), sp),
-            5 => qk_block::<5>(qp, dq, kt.as_ptr(), sp),
-            _ => qk_block::<MR>(qp, dq, kt.as_ptr(), sp),
+            1 => qk_block::<1>(qp, dq, kp, sp, lds),
+            2 => qk_block::<2>(qp, dq, kp, sp, lds),
+            3 => qk_block::<3>(qp, dq, kp, sp, lds),
+            4 => qk_block::<4>(qp, dq, kp, sp, lds),
+            5 => qk_block::<5>(qp, dq, kp, sp, lds),
+            _ => qk_block::<MR>(qp, dq, kp, sp, lds),
         }
         r += MR;
     }
 }
 
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn load_x(s: *const f32, z: usize, lg: &Logits) -> __m256 {
+    let sv = _mm256_loadu_ps(s.add(8 * z));
+    match lg.softcap {
+        None => _mm256_mul_ps(sv, _mm256_set1_ps(lg.scale * LOG2E)),
+        Some(c) => _mm256_mul_ps(
+            tanh_ps(_mm256_mul_ps(sv, _mm256_set1_ps(lg.scale / c))),
+            _mm256_set1_ps(c * LOG2E),
+        ),
+    }
+}
+
+/// The online-softmax step, two passes per row of `w` chunks (8 w ymm):
+/// pass 1: m_x = max over allowed lanes, (m', alpha) = update_max(m, m_x);
+/// pass 2: p = 2^(x - m') on allowed lanes, 0 elsewhere; l' = alpha l + sum p.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_impl(
     s: &[f32],
     rows: usize,
+    w: usize,
     mask: &[u64],
     lg: &Logits,
     m: &mut [f32],
@@ -136,46 +153,39 @@ unsafe fn softmax_impl(
     alpha: &mut [f32],
     p: &mut [f32],
 ) {
+    let (width, lanes) = (w * NC, 8 * w);
     let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
     for r in 0..rows {
-        let sr = s.as_ptr().add(r * NC);
-        let pr = p.as_mut_ptr().add(r * NC);
-        let mut x = [ninf; 8];
-        let mut km = [_mm256_setzero_ps(); 8];
+        let sr = s.as_ptr().add(r * width);
+        let pr = p.as_mut_ptr().add(r * width);
+        let bits = &mask[r * MAXW..r * MAXW + w];
         let mut mx = ninf;
-        for z in 0..8 {
-            km[z] = lane_mask(mask[r] >> (8 * z));
-            let sv = _mm256_loadu_ps(sr.add(8 * z));
-            let lv = match lg.softcap {
-                None => _mm256_mul_ps(sv, _mm256_set1_ps(lg.scale * LOG2E)),
-                Some(c) => _mm256_mul_ps(
-                    tanh_ps(_mm256_mul_ps(sv, _mm256_set1_ps(lg.scale / c))),
-                    _mm256_set1_ps(c * LOG2E),
-                ),
-            };
-            x[z] = _mm256_blendv_ps(ninf, lv, km[z]);
-            mx = _mm256_max_ps(mx, x[z]);
+        let mut nan = 0;
+        for z in 0..lanes {
+            let k = lane_mask(bits[z / 8] >> (8 * (z % 8)));
+            let x = _mm256_blendv_ps(ninf, load_x(sr, z, lg), k);
+            mx = _mm256_max_ps(mx, x);
+            // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
+            nan |= _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
         }
-        // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
-        let nan = (0..8).fold(0, |a, z| {
-            a | _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_UNORD_Q>(x[z], x[z]))
-        });
         let (m_new, a) = update_max(m[r], if nan != 0 { f32::NAN } else { hmax(mx) });
         alpha[r] = a;
         if m_new == f32::NEG_INFINITY {
-            for z in 0..8 {
+            for z in 0..lanes {
                 _mm256_storeu_ps(pr.add(8 * z), _mm256_setzero_ps());
             }
             continue;
         }
         let mv = _mm256_set1_ps(m_new);
         let mut sum = _mm256_setzero_ps();
-        for z in 0..8 {
-            let pz = _mm256_and_ps(exp2_ps(_mm256_sub_ps(x[z], mv)), km[z]);
+        for z in 0..lanes {
+            let k = lane_mask(bits[z / 8] >> (8 * (z % 8)));
+            let x = _mm256_blendv_ps(ninf, load_x(sr, z, lg), k);
+            let pz = _mm256_and_ps(exp2_ps(_mm256_sub_ps(x, mv)), k);
             sum = _mm256_add_ps(sum, pz);
             _mm256_storeu_ps(pr.add(8 * z), pz);
         }
-        l[r] = l[r] * alpha[r] + hsum(sum);
+        l[r] = l[r] * a + hsum(sum);
         m[r] = m_new;
     }
 }
@@ -185,17 +195,14 @@ unsafe fn softmax_impl(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pv_block<const R: usize>(
     p: *const f32,
-    keys: usize,
-    vt: *const f32,
+    width: usize,
+    vt: &([*const f32; MAXW], usize),
     dv: usize,
     x0: usize,
     alpha: *const f32,
     o: *mut f32,
 ) {
-    let km = [
-        first_lanes(dv - x0),
-        first_lanes((dv - x0).saturating_sub(8)),
-    ];
+    let km = [first_lanes(dv - x0), first_lanes((dv - x0).saturating_sub(8))];
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (r, accr) in acc.iter_mut().enumerate() {
         let a = _mm256_set1_ps(*alpha.add(r));
@@ -204,16 +211,15 @@ unsafe fn pv_block<const R: usize>(
             accr[z] = _mm256_mul_ps(a, ov);
         }
     }
-    for c in 0..keys {
-        let v = vt.add(c * dv + x0);
-        let vv = [
-            _mm256_maskload_ps(v, km[0]),
-            _mm256_maskload_ps(v.add(8), km[1]),
-        ];
-        for (r, accr) in acc.iter_mut().enumerate() {
-            let pb = _mm256_set1_ps(*p.add(r * NC + c));
-            accr[0] = _mm256_fmadd_ps(pb, vv[0], accr[0]);
-            accr[1] = _mm256_fmadd_ps(pb, vv[1], accr[1]);
+    for g in 0..vt.1 {
+        for c in 0..NC {
+            let v = vt.0[g].add(c * dv + x0);
+            let vv = [_mm256_maskload_ps(v, km[0]), _mm256_maskload_ps(v.add(8), km[1])];
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let pb = _mm256_set1_ps(*p.add(r * width + g * NC + c));
+                accr[0] = _mm256_fmadd_ps(pb, vv[0], accr[0]);
+                accr[1] = _mm256_fmadd_ps(pb, vv[1], accr[1]);
+            }
         }
     }
     for (r, accr) in acc.iter().enumerate() {
@@ -223,32 +229,28 @@ unsafe fn pv_block<const R: usize>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pv_impl(
-    p: &[f32],
-    rows: usize,
-    keys: usize,
-    vt: &[f32],
-    dv: usize,
-    alpha: &[f32],
-    o: &mut [f32],
-) {
+unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+    let mut ch = ([std::ptr::null(); MAXW], vt.len());
+    for (d, v) in ch.0.iter_mut().zip(vt) {
+        *d = v.as_ptr();
+    }
+    let width = vt.len() * NC;
     let mut r = 0;
     while r < rows {
         let (pp, ap, op) = (
-            p.as_ptr().add(r * NC),
+            p.as_ptr().add(r * width),
             alpha.as_ptr().add(r),
             o.as_mut_ptr().add(r * dv),
         );
         for x0 in (0..dv).step_by(16) {
             match rows - r {
-                1 => pv_block::<1>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                2 => pv_block::<2>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                3 => pv_block::<3>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                4 => pv_block::<4>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                5 => pv_block::<5>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                _ => pv_block::<MR>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
+                1 => pv_block::<1>(pp, width, &ch, dv, x0, ap, op),
+                2 => pv_block::<2>(pp, width, &ch, dv, x0, ap, op),
+                3 => pv_block::<3>(pp, width, &ch, dv, x0, ap, op),
+                4 => pv_block::<4>(pp, width, &ch, dv, x0, ap, op),
+                5 => pv_block::<5>(pp, width, &ch, dv, x0, ap, op),
+                _ => pv_block::<MR>(pp, width, &ch, dv, x0, ap, op),
             }
         }
         r += MR;
@@ -256,7 +258,7 @@ unsafe fn pv_impl(
 }
 
 // SAFETY: `Avx2` is only constructed after `is_x86_feature_detected!` confirms avx2 and fma; the
-// slice lengths are those of the driver's buffers (checked in debug builds).
+// asserts check the slice lengths against what the kernels address.
 impl Micro for Avx2 {
     type P = f32;
     const PAIRS: bool = false;
@@ -264,15 +266,16 @@ impl Micro for Avx2 {
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx2";
 
-    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
-        debug_assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= rows * NC);
-        unsafe { qk_impl(q, rows, dq, kt, s) }
+    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
+        assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= (rows - 1) * lds + NC);
+        unsafe { qk_impl(q, rows, dq, kt, s, lds) }
     }
 
     fn softmax(
         &self,
         s: &[f32],
         rows: usize,
+        w: usize,
         mask: &[u64],
         logits: &Logits,
         m: &mut [f32],
@@ -280,21 +283,13 @@ impl Micro for Avx2 {
         alpha: &mut [f32],
         p: &mut [f32],
     ) {
-        debug_assert!(s.len() >= rows * NC && p.len() >= rows * NC && mask.len() >= rows);
-        unsafe { softmax_impl(s, rows, mask, logits, m, l, alpha, p) }
+        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        unsafe { softmax_impl(s, rows, w, mask, logits, m, l, alpha, p) }
     }
 
-    fn pv(
-        &self,
-        p: &[f32],
-        rows: usize,
-        keys: usize,
-        vt: &[f32],
-        dv: usize,
-        alpha: &[f32],
-        o: &mut [f32],
-    ) {
-        debug_assert!(p.len() >= rows * NC && vt.len() >= keys * dv && o.len() >= rows * dv);
-        unsafe { pv_impl(p, rows, keys, vt, dv, alpha, o) }
+    fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+        assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
+        assert!(vt.iter().all(|v| v.len() >= NC * dv));
+        unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }

@@ -3,7 +3,7 @@
 //! Register blocking: `qk` keeps a 6 x 64 block of S in 24 zmm accumulators (per dim: 4 loads of
 //! K^T, 6 broadcasts of Q, 24 FMAs); `pv` keeps a 6 x 64 block of O (per key: 4 loads of V, 6
 //! broadcasts of P, 24 FMAs).
-use super::{update_max, Logits, Micro, LOG2E, NC};
+use super::{update_max, Logits, Micro, LOG2E, MAXW, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx512;
@@ -64,68 +64,109 @@ pub(crate) fn logits_ps(s: __m512, lg: &Logits) -> __m512 {
     }
 }
 
-/// The online-softmax step for one row of 64 logits; returns the 4 zmm of p (masked lanes 0),
-/// or None when the row has seen no allowed key yet. Shared by the f32, bf16 and AMX paths.
-///
-/// (m', alpha) = update_max(m, max_c x_c); p_c = 2^(x_c - m'); l' = alpha l + sum p.
-/// Without soft-cap (and scale > 0) the max is taken over the raw dot products and the scale is
-/// folded into one FMA: x_c - m' = s_c * (scale log2 e) - m'.
 #[inline]
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn softmax_row(
-    s: *const f32,
-    bits: u64,
-    lg: &Logits,
-    m: &mut f32,
-    l: &mut f32,
-    alpha: &mut f32,
-) -> Option<[__m512; 4]> {
-    let fused = lg.softcap.is_none() && lg.scale > 0.0;
-    let c2 = _mm512_set1_ps(lg.scale * LOG2E);
-    let mut x = [_mm512_setzero_ps(); 4];
-    let mut km = [0u16; 4];
-    let mut mxv = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut nan = 0u16;
-    for z in 0..4 {
-        km[z] = (bits >> (16 * z)) as u16;
-        let sv = _mm512_loadu_ps(s.add(16 * z));
-        x[z] = if fused { sv } else { logits_ps(sv, lg) };
-        mxv = _mm512_mask_max_ps(mxv, km[z], mxv, x[z]);
-        // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
-        nan |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(km[z], x[z], x[z]);
-    }
-    let mut mx = _mm512_reduce_max_ps(mxv);
+unsafe fn load_x(s: *const f32, z: usize, fused: bool, lg: &Logits) -> __m512 {
+    let sv = _mm512_loadu_ps(s.add(16 * z));
     if fused {
-        mx *= lg.scale * LOG2E;
+        sv
+    } else {
+        logits_ps(sv, lg)
     }
-    if nan != 0 {
-        mx = f32::NAN;
-    }
-    let (m_new, a) = update_max(*m, mx);
-    *alpha = a;
-    if m_new == f32::NEG_INFINITY {
-        return None;
-    }
-    let mv = _mm512_set1_ps(m_new);
-    let mut p = [_mm512_setzero_ps(); 4];
-    let mut sum = _mm512_setzero_ps();
-    for z in 0..4 {
-        let arg = if fused {
-            _mm512_fmsub_ps(x[z], c2, mv)
-        } else {
-            _mm512_sub_ps(x[z], mv)
-        };
-        p[z] = _mm512_maskz_mov_ps(km[z], exp2_ps(arg));
-        sum = _mm512_add_ps(sum, p[z]);
-    }
-    *l = *l * a + _mm512_reduce_add_ps(sum);
-    *m = m_new;
-    Some(p)
+}
+
+/// Defines the online-softmax step over all rows of a group, storing p with `$store(out, z, p)`.
+///
+/// Per row of `w` chunks (4 w zmm of logits):
+/// pass 1: m_x = max over allowed lanes; (m', alpha) = update_max(m, m_x);
+/// pass 2: p_c = 2^(x_c - m') on allowed lanes, 0 elsewhere; l' = alpha l + sum p.
+/// Without soft-cap (and scale > 0) the max is taken over the raw dot products and the scale is
+/// folded into one FMA: x_c - m' = s_c (scale log2 e) - m'.
+macro_rules! softmax_rows_fn {
+    ($name:ident, $features:literal, $psize:literal, $store:ident) => {
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn $name(
+            s: &[f32],
+            rows: usize,
+            w: usize,
+            mask: &[u64],
+            lg: &Logits,
+            m: &mut [f32],
+            l: &mut [f32],
+            alpha: &mut [f32],
+            out: *mut u8,
+        ) {
+            let fused = lg.softcap.is_none() && lg.scale > 0.0;
+            let c2 = lg.scale * LOG2E;
+            let (width, lanes) = (w * NC, 4 * w);
+            for r in 0..rows {
+                let (sr, bits) = (s.as_ptr().add(r * width), &mask[r * MAXW..r * MAXW + w]);
+                let pr = out.add(r * width * $psize);
+                let mut mxv = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut nan = 0u16;
+                for z in 0..lanes {
+                    let km = (bits[z / 4] >> (16 * (z % 4))) as u16;
+                    let x = load_x(sr, z, fused, lg);
+                    mxv = _mm512_mask_max_ps(mxv, km, mxv, x);
+                    // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by max.
+                    nan |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(km, x, x);
+                }
+                let mut mx = _mm512_reduce_max_ps(mxv);
+                if fused {
+                    mx *= c2;
+                }
+                if nan != 0 {
+                    mx = f32::NAN;
+                }
+                let (m_new, a) = update_max(m[r], mx);
+                alpha[r] = a;
+                if m_new == f32::NEG_INFINITY {
+                    for z in 0..lanes {
+                        $store(pr, z, _mm512_setzero_ps());
+                    }
+                    continue;
+                }
+                let (mv, c2v) = (_mm512_set1_ps(m_new), _mm512_set1_ps(c2));
+                let mut sum = _mm512_setzero_ps();
+                for z in 0..lanes {
+                    let km = (bits[z / 4] >> (16 * (z % 4))) as u16;
+                    let x = load_x(sr, z, fused, lg);
+                    let arg = if fused {
+                        _mm512_fmsub_ps(x, c2v, mv)
+                    } else {
+                        _mm512_sub_ps(x, mv)
+                    };
+                    let p = _mm512_maskz_mov_ps(km, exp2_ps(arg));
+                    sum = _mm512_add_ps(sum, p);
+                    $store(pr, z, p);
+                }
+                l[r] = l[r] * a + _mm512_reduce_add_ps(sum);
+                m[r] = m_new;
+            }
+        }
+    };
 }
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: *mut f32) {
+unsafe fn store_f32(out: *mut u8, z: usize, p: __m512) {
+    _mm512_storeu_ps((out as *mut f32).add(16 * z), p);
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn store_bf16(out: *mut u8, z: usize, p: __m512) {
+    let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(p));
+    _mm256_storeu_si256((out as *mut __m256i).add(z), h);
+}
+
+softmax_rows_fn!(softmax_rows_f32, "avx512f", 4, store_f32);
+softmax_rows_fn!(softmax_rows_bf16, "avx512f,avx512bf16", 2, store_bf16);
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: *mut f32, lds: usize) {
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for d in 0..dq {
         let k = kt.add(d * NC);
@@ -144,23 +185,23 @@ unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: 
     }
     for (r, accr) in acc.iter().enumerate() {
         for (z, a) in accr.iter().enumerate() {
-            _mm512_storeu_ps(s.add(r * NC + 16 * z), *a);
+            _mm512_storeu_ps(s.add(r * lds + 16 * z), *a);
         }
     }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
+unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
     let mut r = 0;
     while r < rows {
-        let (qp, sp) = (q.as_ptr().add(r * dq), s.as_mut_ptr().add(r * NC));
+        let (qp, sp, kp) = (q.as_ptr().add(r * dq), s.as_mut_ptr().add(r * lds), kt.as_ptr());
         match rows - r {
-            1 => qk_block::<1>(qp, dq, kt.as_ptr(), sp),
-            2 => qk_block::<2>(qp, dq, kt.as_ptr(), sp),
-            3 => qk_block::<3>(qp, dq, kt.as_ptr(), sp),
-            4 => qk_block::<4>(qp, dq, kt.as_ptr(), sp),
-            5 => qk_block::<5>(qp, dq, kt.as_ptr(), sp),
-            _ => qk_block::<MR>(qp, dq, kt.as_ptr(), sp),
+            1 => qk_block::<1>(qp, dq, kp, sp, lds),
+            2 => qk_block::<2>(qp, dq, kp, sp, lds),
+            3 => qk_block::<3>(qp, dq, kp, sp, lds),
+            4 => qk_block::<4>(qp, dq, kp, sp, lds),
+            5 => qk_block::<5>(qp, dq, kp, sp, lds),
+            _ => qk_block::<MR>(qp, dq, kp, sp, lds),
         }
         r += MR;
     }
@@ -178,12 +219,26 @@ pub(crate) fn col_masks(x0: usize, dv: usize) -> [u16; 4] {
     km
 }
 
+/// Up to MAXW chunk pointers of a group.
+pub(crate) type Chunks<T> = ([*const T; MAXW], usize);
+
+pub(crate) fn chunk_ptrs<T>(vt: &[&[T]]) -> Chunks<T> {
+    let mut p = [std::ptr::null(); MAXW];
+    for (d, v) in p.iter_mut().zip(vt) {
+        *d = v.as_ptr();
+    }
+    (p, vt.len())
+}
+
+/// O block (R rows x 64 columns from x0): alpha O + sum over the group's chunks and keys of
+/// p v; accumulators stay in registers across the whole group.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn pv_block<const R: usize>(
     p: *const f32,
-    keys: usize,
-    vt: *const f32,
+    width: usize,
+    vt: &Chunks<f32>,
     dv: usize,
     x0: usize,
     alpha: *const f32,
@@ -198,18 +253,20 @@ unsafe fn pv_block<const R: usize>(
             accr[z] = _mm512_mul_ps(a, ov);
         }
     }
-    for c in 0..keys {
-        let v = vt.add(c * dv + x0);
-        let vv = [
-            _mm512_maskz_loadu_ps(km[0], v),
-            _mm512_maskz_loadu_ps(km[1], v.add(16)),
-            _mm512_maskz_loadu_ps(km[2], v.add(32)),
-            _mm512_maskz_loadu_ps(km[3], v.add(48)),
-        ];
-        for (r, accr) in acc.iter_mut().enumerate() {
-            let pb = _mm512_set1_ps(*p.add(r * NC + c));
-            for z in 0..4 {
-                accr[z] = _mm512_fmadd_ps(pb, vv[z], accr[z]);
+    for g in 0..vt.1 {
+        for c in 0..NC {
+            let v = vt.0[g].add(c * dv + x0);
+            let vv = [
+                _mm512_maskz_loadu_ps(km[0], v),
+                _mm512_maskz_loadu_ps(km[1], v.add(16)),
+                _mm512_maskz_loadu_ps(km[2], v.add(32)),
+                _mm512_maskz_loadu_ps(km[3], v.add(48)),
+            ];
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let pb = _mm512_set1_ps(*p.add(r * width + g * NC + c));
+                for z in 0..4 {
+                    accr[z] = _mm512_fmadd_ps(pb, vv[z], accr[z]);
+                }
             }
         }
     }
@@ -220,70 +277,33 @@ unsafe fn pv_block<const R: usize>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn pv_impl(
-    p: &[f32],
-    rows: usize,
-    keys: usize,
-    vt: &[f32],
-    dv: usize,
-    alpha: &[f32],
-    o: &mut [f32],
-) {
+unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+    let (ch, width) = (chunk_ptrs(vt), vt.len() * NC);
     let mut r = 0;
     while r < rows {
         let (pp, ap, op) = (
-            p.as_ptr().add(r * NC),
+            p.as_ptr().add(r * width),
             alpha.as_ptr().add(r),
             o.as_mut_ptr().add(r * dv),
         );
         for x0 in (0..dv).step_by(64) {
             match rows - r {
-                1 => pv_block::<1>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                2 => pv_block::<2>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                3 => pv_block::<3>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                4 => pv_block::<4>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                5 => pv_block::<5>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
-                _ => pv_block::<MR>(pp, keys, vt.as_ptr(), dv, x0, ap, op),
+                1 => pv_block::<1>(pp, width, &ch, dv, x0, ap, op),
+                2 => pv_block::<2>(pp, width, &ch, dv, x0, ap, op),
+                3 => pv_block::<3>(pp, width, &ch, dv, x0, ap, op),
+                4 => pv_block::<4>(pp, width, &ch, dv, x0, ap, op),
+                5 => pv_block::<5>(pp, width, &ch, dv, x0, ap, op),
+                _ => pv_block::<MR>(pp, width, &ch, dv, x0, ap, op),
             }
         }
         r += MR;
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-unsafe fn softmax_impl(
-    s: &[f32],
-    rows: usize,
-    mask: &[u64],
-    lg: &Logits,
-    m: &mut [f32],
-    l: &mut [f32],
-    alpha: &mut [f32],
-    p: &mut [f32],
-) {
-    for r in 0..rows {
-        let pr = p.as_mut_ptr().add(r * NC);
-        let pz = softmax_row(
-            s.as_ptr().add(r * NC),
-            mask[r],
-            lg,
-            &mut m[r],
-            &mut l[r],
-            &mut alpha[r],
-        )
-        .unwrap_or([_mm512_setzero_ps(); 4]);
-        for (z, pv) in pz.iter().enumerate() {
-            _mm512_storeu_ps(pr.add(16 * z), *pv);
-        }
-    }
-}
-
-// SAFETY (all three methods): `Avx512` is only constructed by the dispatcher after
-// `is_x86_feature_detected!("avx512f")`; the slices hold at least rows x NC (S, P), rows x dq (Q),
-// dq x NC (K^T), keys x dv (V) and rows x dv (O) elements, as the driver allocates them.
+// SAFETY (all methods): `Avx512` is only constructed by the dispatcher after
+// `is_x86_feature_detected!("avx512f")`; the slices hold at least rows x lds (S), rows x w NC (P), rows x dq (Q),
+// dq x NC (K^T), NC x dv (each V chunk) and rows x dv (O) elements, as the driver allocates them.
 impl Micro for Avx512 {
     type P = f32;
     const PAIRS: bool = false;
@@ -291,15 +311,16 @@ impl Micro for Avx512 {
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512";
 
-    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
-        debug_assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= rows * NC);
-        unsafe { qk_impl(q, rows, dq, kt, s) }
+    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
+        assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= (rows - 1) * lds + NC);
+        unsafe { qk_impl(q, rows, dq, kt, s, lds) }
     }
 
     fn softmax(
         &self,
         s: &[f32],
         rows: usize,
+        w: usize,
         mask: &[u64],
         logits: &Logits,
         m: &mut [f32],
@@ -307,21 +328,14 @@ impl Micro for Avx512 {
         alpha: &mut [f32],
         p: &mut [f32],
     ) {
-        debug_assert!(s.len() >= rows * NC && p.len() >= rows * NC && mask.len() >= rows);
-        unsafe { softmax_impl(s, rows, mask, logits, m, l, alpha, p) }
+        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        unsafe { softmax_rows_f32(s, rows, w, mask, logits, m, l, alpha, p.as_mut_ptr() as *mut u8) }
     }
 
-    fn pv(
-        &self,
-        p: &[f32],
-        rows: usize,
-        keys: usize,
-        vt: &[f32],
-        dv: usize,
-        alpha: &[f32],
-        o: &mut [f32],
-    ) {
-        debug_assert!(p.len() >= rows * NC && vt.len() >= keys * dv && o.len() >= rows * dv);
-        unsafe { pv_impl(p, rows, keys, vt, dv, alpha, o) }
+    fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+        assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
+        assert!(vt.iter().all(|v| v.len() >= NC * dv));
+        unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }
+

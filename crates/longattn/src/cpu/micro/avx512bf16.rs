@@ -1,10 +1,10 @@
 //! AVX-512 BF16 path: `vdpbf16ps` dot products of (even, odd) pairs, f32 accumulation.
 //!
-//! One `vdpbf16ps` does 16 lanes x 2 products, twice the work of an f32 FMA. Q and K are bf16
-//! already (no rounding beyond the input's); P is rounded to bf16 before the P V product, as the
-//! GPU flash kernels do; the softmax statistics (m, l) and O stay f32.
-use super::avx512::{col_masks, softmax_row};
-use super::{Logits, Micro, NC};
+//! One `vdpbf16ps` does 16 lanes x 2 products. Q and K are bf16 already (no rounding beyond the
+//! input's); P is rounded to bf16 before the P V product, as the GPU flash kernels do; the
+//! softmax statistics (m, l) and O stay f32.
+use super::avx512::{chunk_ptrs, col_masks, softmax_rows_bf16, Chunks};
+use super::{Logits, Micro, MAXW, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx512Bf16;
@@ -27,7 +27,7 @@ fn dot2(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
 /// S block: per dim pair (2d, 2d+1), 4 loads of 16 keys x 2 dims, R broadcasts of Q's pair.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn qk_block<const R: usize>(q: *const u32, dq2: usize, kt: *const u32, s: *mut f32) {
+unsafe fn qk_block<const R: usize>(q: *const u32, dq2: usize, kt: *const u32, s: *mut f32, lds: usize) {
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for d2 in 0..dq2 {
         let k = kt.add(d2 * NC);
@@ -46,68 +46,39 @@ unsafe fn qk_block<const R: usize>(q: *const u32, dq2: usize, kt: *const u32, s:
     }
     for (r, accr) in acc.iter().enumerate() {
         for (z, a) in accr.iter().enumerate() {
-            _mm512_storeu_ps(s.add(r * NC + 16 * z), *a);
+            _mm512_storeu_ps(s.add(r * lds + 16 * z), *a);
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn qk_impl(q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {
+unsafe fn qk_impl(q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32], lds: usize) {
     let dq2 = dq / 2;
     let (q, kt) = (q.as_ptr() as *const u32, kt.as_ptr() as *const u32);
     let mut r = 0;
     while r < rows {
-        let (qp, sp) = (q.add(r * dq2), s.as_mut_ptr().add(r * NC));
+        let (qp, sp) = (q.add(r * dq2), s.as_mut_ptr().add(r * lds));
         match rows - r {
-            1 => qk_block::<1>(qp, dq2, kt, sp),
-            2 => qk_block::<2>(qp, dq2, kt, sp),
-            3 => qk_block::<3>(qp, dq2, kt, sp),
-            4 => qk_block::<4>(qp, dq2, kt, sp),
-            5 => qk_block::<5>(qp, dq2, kt, sp),
-            _ => qk_block::<MR>(qp, dq2, kt, sp),
+            1 => qk_block::<1>(qp, dq2, kt, sp, lds),
+            2 => qk_block::<2>(qp, dq2, kt, sp, lds),
+            3 => qk_block::<3>(qp, dq2, kt, sp, lds),
+            4 => qk_block::<4>(qp, dq2, kt, sp, lds),
+            5 => qk_block::<5>(qp, dq2, kt, sp, lds),
+            _ => qk_block::<MR>(qp, dq2, kt, sp, lds),
         }
         r += MR;
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bf16")]
-pub(crate) unsafe fn softmax_impl(
-    s: &[f32],
-    rows: usize,
-    mask: &[u64],
-    lg: &Logits,
-    m: &mut [f32],
-    l: &mut [f32],
-    alpha: &mut [f32],
-    p: &mut [u16],
-) {
-    for r in 0..rows {
-        let pr = p.as_mut_ptr().add(r * NC) as *mut __m256i;
-        let pz = softmax_row(
-            s.as_ptr().add(r * NC),
-            mask[r],
-            lg,
-            &mut m[r],
-            &mut l[r],
-            &mut alpha[r],
-        )
-        .unwrap_or([_mm512_setzero_ps(); 4]);
-        for (z, pv) in pz.iter().enumerate() {
-            let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(*pv));
-            _mm256_storeu_si256(pr.add(z), h);
-        }
-    }
-}
-
-/// O block: per key pair (2c, 2c+1), 4 loads of 16 dims x 2 keys, R broadcasts of P's pair.
+/// O block: per key pair (2c, 2c+1) of every chunk of the group, 4 loads of 16 dims x 2 keys,
+/// R broadcasts of P's pair; the accumulators stay in registers across the group.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pv_block<const R: usize>(
     p: *const u32,
-    pairs: usize,
-    vt: *const u32,
+    width2: usize,
+    vt: &Chunks<u16>,
     dv: usize,
     x0: usize,
     alpha: *const f32,
@@ -122,18 +93,21 @@ unsafe fn pv_block<const R: usize>(
             accr[z] = _mm512_mul_ps(a, ov);
         }
     }
-    for c2 in 0..pairs {
-        let v = vt.add(c2 * dv + x0) as *const i32;
-        let vv = [
-            _mm512_maskz_loadu_epi32(km[0], v),
-            _mm512_maskz_loadu_epi32(km[1], v.add(16)),
-            _mm512_maskz_loadu_epi32(km[2], v.add(32)),
-            _mm512_maskz_loadu_epi32(km[3], v.add(48)),
-        ];
-        for (r, accr) in acc.iter_mut().enumerate() {
-            let pb = _mm512_set1_epi32(*p.add(r * (NC / 2) + c2) as i32);
-            for z in 0..4 {
-                accr[z] = dot2(accr[z], pb, vv[z]);
+    for g in 0..vt.1 {
+        let vg = vt.0[g] as *const u32;
+        for c2 in 0..NC / 2 {
+            let v = vg.add(c2 * dv + x0) as *const i32;
+            let vv = [
+                _mm512_maskz_loadu_epi32(km[0], v),
+                _mm512_maskz_loadu_epi32(km[1], v.add(16)),
+                _mm512_maskz_loadu_epi32(km[2], v.add(32)),
+                _mm512_maskz_loadu_epi32(km[3], v.add(48)),
+            ];
+            for (r, accr) in acc.iter_mut().enumerate() {
+                let pb = _mm512_set1_epi32(*p.add(r * width2 + g * NC / 2 + c2) as i32);
+                for z in 0..4 {
+                    accr[z] = dot2(accr[z], pb, vv[z]);
+                }
             }
         }
     }
@@ -144,34 +118,21 @@ unsafe fn pv_block<const R: usize>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pv_impl(
-    p: &[u16],
-    rows: usize,
-    keys: usize,
-    vt: &[u16],
-    dv: usize,
-    alpha: &[f32],
-    o: &mut [f32],
-) {
-    let pairs = keys / 2;
-    let (p, vt) = (p.as_ptr() as *const u32, vt.as_ptr() as *const u32);
+unsafe fn pv_impl(p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+    let (ch, width2) = (chunk_ptrs(vt), vt.len() * NC / 2);
+    let p = p.as_ptr() as *const u32;
     let mut r = 0;
     while r < rows {
-        let (pp, ap, op) = (
-            p.add(r * NC / 2),
-            alpha.as_ptr().add(r),
-            o.as_mut_ptr().add(r * dv),
-        );
+        let (pp, ap, op) = (p.add(r * width2), alpha.as_ptr().add(r), o.as_mut_ptr().add(r * dv));
         for x0 in (0..dv).step_by(64) {
             match rows - r {
-                1 => pv_block::<1>(pp, pairs, vt, dv, x0, ap, op),
-                2 => pv_block::<2>(pp, pairs, vt, dv, x0, ap, op),
-                3 => pv_block::<3>(pp, pairs, vt, dv, x0, ap, op),
-                4 => pv_block::<4>(pp, pairs, vt, dv, x0, ap, op),
-                5 => pv_block::<5>(pp, pairs, vt, dv, x0, ap, op),
-                _ => pv_block::<MR>(pp, pairs, vt, dv, x0, ap, op),
+                1 => pv_block::<1>(pp, width2, &ch, dv, x0, ap, op),
+                2 => pv_block::<2>(pp, width2, &ch, dv, x0, ap, op),
+                3 => pv_block::<3>(pp, width2, &ch, dv, x0, ap, op),
+                4 => pv_block::<4>(pp, width2, &ch, dv, x0, ap, op),
+                5 => pv_block::<5>(pp, width2, &ch, dv, x0, ap, op),
+                _ => pv_block::<MR>(pp, width2, &ch, dv, x0, ap, op),
             }
         }
         r += MR;
@@ -179,8 +140,8 @@ unsafe fn pv_impl(
 }
 
 // SAFETY: `Avx512Bf16` is only constructed after `is_x86_feature_detected!` confirms avx512f and
-// avx512bf16; the driver allocates the pair layouts with even Dp and keys (module docs of `micro`),
-// so every 32-bit load of a pair stays inside its slice.
+// avx512bf16; the driver allocates the pair layouts with even Dp (module docs of `micro`), so
+// every 32-bit load of a pair stays inside its slice; the asserts check the slice lengths.
 impl Micro for Avx512Bf16 {
     type P = u16;
     const PAIRS: bool = true;
@@ -188,15 +149,17 @@ impl Micro for Avx512Bf16 {
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512bf16";
 
-    fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32]) {
-        debug_assert!(dq.is_multiple_of(2) && q.len() >= rows * dq && kt.len() >= dq * NC);
-        unsafe { qk_impl(q, rows, dq, kt, s) }
+    fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32], lds: usize) {
+        assert!(dq.is_multiple_of(2) && q.len() >= rows * dq && kt.len() >= dq * NC);
+        assert!(s.len() >= (rows - 1) * lds + NC);
+        unsafe { qk_impl(q, rows, dq, kt, s, lds) }
     }
 
     fn softmax(
         &self,
         s: &[f32],
         rows: usize,
+        w: usize,
         mask: &[u64],
         logits: &Logits,
         m: &mut [f32],
@@ -204,21 +167,13 @@ impl Micro for Avx512Bf16 {
         alpha: &mut [f32],
         p: &mut [u16],
     ) {
-        debug_assert!(s.len() >= rows * NC && p.len() >= rows * NC && mask.len() >= rows);
-        unsafe { softmax_impl(s, rows, mask, logits, m, l, alpha, p) }
+        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        unsafe { softmax_rows_bf16(s, rows, w, mask, logits, m, l, alpha, p.as_mut_ptr() as *mut u8) }
     }
 
-    fn pv(
-        &self,
-        p: &[u16],
-        rows: usize,
-        keys: usize,
-        vt: &[u16],
-        dv: usize,
-        alpha: &[f32],
-        o: &mut [f32],
-    ) {
-        debug_assert!(keys.is_multiple_of(2) && vt.len() >= keys * dv && o.len() >= rows * dv);
-        unsafe { pv_impl(p, rows, keys, vt, dv, alpha, o) }
+    fn pv(&self, p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+        assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
+        assert!(vt.iter().all(|v| v.len() >= NC * dv));
+        unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }

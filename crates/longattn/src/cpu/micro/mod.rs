@@ -1,8 +1,10 @@
-//! Micro-kernels: the three inner steps of one (query tile, 64-key chunk) update.
+//! Micro-kernels: the three inner steps of one (query tile, key group) update. A group is up to
+//! [`MAXW`] chunks of [`NC`] = 64 keys (not necessarily adjacent: each chunk is packed on its own),
+//! processed together so the softmax statistics and the P V reduction run over up to 256 keys.
 //!
-//! 1. `qk`: S = Q K^T for up to [`BQ`] query rows and one chunk of [`NC`] keys;
-//! 2. `softmax`: the online-softmax step on S (scale, soft-cap, mask, running max/sum, P);
-//! 3. `pv`: O = alpha * O + P V.
+//! 1. `qk`: S = Q K^T for up to [`BQ`] query rows and one chunk (called once per chunk of a group);
+//! 2. `softmax`: the online-softmax step on the group's S (scale, soft-cap, mask, running max/sum, P);
+//! 3. `pv`: O = alpha * O + P V over the group's chunks.
 //!
 //! Every instruction-set path implements [`Micro`]; `scalar` is the plain reference the SIMD paths
 //! are tested against, and the fallback on CPUs without AVX2.
@@ -28,6 +30,8 @@ pub mod scalar;
 pub const NC: usize = 64;
 /// Query rows per tile.
 pub const BQ: usize = 64;
+/// Most chunks in one group (S and P rows are up to MAXW * NC = 256 long).
+pub const MAXW: usize = 4;
 
 /// log2(e): the kernels work in base 2 (exp2 is cheaper than exp).
 pub const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -121,12 +125,13 @@ pub trait Micro: Sync + Send {
     /// (AMX loads its tile configuration here).
     fn begin(&self) {}
 
-    /// `s[r * NC + c] = sum_d q[r][d] * kt[d][c]` for `r < rows`, all `c < NC`.
+    /// `s[r * lds + c] = sum_d q[r][d] * kt[d][c]` for `r < rows`, all `c < NC`.
     /// `dq` is the packed row length of q (D, or Dp for pairs).
-    fn qk(&self, q: &[Self::P], rows: usize, dq: usize, kt: &[Self::P], s: &mut [f32]);
+    fn qk(&self, q: &[Self::P], rows: usize, dq: usize, kt: &[Self::P], s: &mut [f32], lds: usize);
 
-    /// Online softmax step for `rows` rows of S (base-2 units):
-    /// x_c = logits.base2(s_c) where bit c of `mask[r]` is set, else -inf;
+    /// Online softmax step for `rows` rows of a group of `w` chunks (S and P rows are `w * NC`
+    /// long; the row's mask words are `mask[r * MAXW .. r * MAXW + w]`), in base-2 units:
+    /// x_c = logits.base2(s_c) where bit c of the row's mask is set, else -inf;
     /// (m', alpha) = [`update_max`](m, max_c x_c); p_c = 2^(x_c - m'); l' = alpha l + sum_c p_c.
     /// Rows that have seen no allowed key yet (m' = -inf) keep m = -inf, l = 0, alpha = 1, p = 0.
     #[allow(clippy::too_many_arguments)]
@@ -134,6 +139,7 @@ pub trait Micro: Sync + Send {
         &self,
         s: &[f32],
         rows: usize,
+        w: usize,
         mask: &[u64],
         logits: &Logits,
         m: &mut [f32],
@@ -142,16 +148,16 @@ pub trait Micro: Sync + Send {
         p: &mut [Self::P],
     );
 
-    /// `o[r][x] = alpha[r] * o[r][x] + sum_{c < keys} p[r][c] * v[c][x]` for `r < rows`, `x < dv`.
-    /// `keys` is even for the pair layout (the padding key has p = 0 and v = 0); rows of `vt` and
-    /// of `o` are dvp = `dv` rounded up to `DV_ALIGN` long, and `o` holds BQ rows.
+    /// `o[r][x] = alpha[r] o[r][x] + sum_g sum_{c < NC} p[r][g NC + c] vt[g][c][x]` for `r < rows`,
+    /// `x < dv`, over the `vt.len()` chunks of the group (p rows are `vt.len() * NC` long; p is 0
+    /// and V is 0 on padding keys). Rows of each `vt[g]` and of `o` are dvp = `dv` rounded up to
+    /// `DV_ALIGN` long, and `o` holds BQ rows.
     #[allow(clippy::too_many_arguments)]
     fn pv(
         &self,
         p: &[Self::P],
         rows: usize,
-        keys: usize,
-        vt: &[Self::P],
+        vt: &[&[Self::P]],
         dv: usize,
         alpha: &[f32],
         o: &mut [f32],

@@ -1,5 +1,5 @@
 //! The plain reference path: straight loops in f32, the same math as the SIMD paths.
-use super::{update_max, Logits, Micro, NC};
+use super::{update_max, Logits, Micro, MAXW, NC};
 
 pub struct Scalar;
 
@@ -10,9 +10,9 @@ impl Micro for Scalar {
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "scalar";
 
-    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32]) {
+    fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
         for r in 0..rows {
-            let srow = &mut s[r * NC..(r + 1) * NC];
+            let srow = &mut s[r * lds..r * lds + NC];
             srow.fill(0.0);
             for (d, &qd) in q[r * dq..(r + 1) * dq].iter().enumerate() {
                 for (sc, &kc) in srow.iter_mut().zip(&kt[d * NC..(d + 1) * NC]) {
@@ -26,6 +26,7 @@ impl Micro for Scalar {
         &self,
         s: &[f32],
         rows: usize,
+        w: usize,
         mask: &[u64],
         logits: &Logits,
         m: &mut [f32],
@@ -33,40 +34,36 @@ impl Micro for Scalar {
         alpha: &mut [f32],
         p: &mut [f32],
     ) {
-        softmax_rows(s, rows, mask, logits, m, l, alpha, |r, c, x| {
-            p[r * NC + c] = x
+        let width = w * NC;
+        softmax_rows(s, rows, w, mask, logits, m, l, alpha, |r, c, x| {
+            p[r * width + c] = x
         });
     }
 
-    fn pv(
-        &self,
-        p: &[f32],
-        rows: usize,
-        keys: usize,
-        vt: &[f32],
-        dv: usize,
-        alpha: &[f32],
-        o: &mut [f32],
-    ) {
+    fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
+        let width = vt.len() * NC;
         for r in 0..rows {
             let orow = &mut o[r * dv..(r + 1) * dv];
             orow.iter_mut().for_each(|x| *x *= alpha[r]);
-            for c in 0..keys {
-                let pc = p[r * NC + c];
-                for (ox, &vx) in orow.iter_mut().zip(&vt[c * dv..(c + 1) * dv]) {
-                    *ox += pc * vx;
+            for (g, v) in vt.iter().enumerate() {
+                for c in 0..NC {
+                    let pc = p[r * width + g * NC + c];
+                    for (ox, &vx) in orow.iter_mut().zip(&v[c * dv..(c + 1) * dv]) {
+                        *ox += pc * vx;
+                    }
                 }
             }
         }
     }
 }
 
-/// The scalar online-softmax step shared by the scalar path (and the model for the SIMD ones):
+/// The scalar online-softmax step (the model for the SIMD ones): rows of `w * NC` logits,
 /// writes p through `store(r, c, p_rc)` for every column of every row.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_rows(
     s: &[f32],
     rows: usize,
+    w: usize,
     mask: &[u64],
     logits: &Logits,
     m: &mut [f32],
@@ -74,13 +71,14 @@ pub fn softmax_rows(
     alpha: &mut [f32],
     mut store: impl FnMut(usize, usize, f32),
 ) {
-    let mut x = [0.0f32; NC];
+    let width = w * NC;
+    let mut x = vec![0.0f32; width];
     for r in 0..rows {
-        let bits = mask[r];
         let mut mx = f32::NEG_INFINITY;
         for (c, xc) in x.iter_mut().enumerate() {
-            *xc = if bits >> c & 1 == 1 {
-                logits.base2(s[r * NC + c])
+            let bit = mask[r * MAXW + c / NC] >> (c % NC) & 1;
+            *xc = if bit == 1 {
+                logits.base2(s[r * width + c])
             } else {
                 f32::NEG_INFINITY
             };
@@ -93,7 +91,7 @@ pub fn softmax_rows(
         let (m_new, a) = update_max(m[r], mx);
         alpha[r] = a;
         if m_new == f32::NEG_INFINITY {
-            (0..NC).for_each(|c| store(r, c, 0.0));
+            (0..width).for_each(|c| store(r, c, 0.0));
             continue;
         }
         let mut sum = 0.0;
@@ -106,7 +104,7 @@ pub fn softmax_rows(
             sum += pc;
             store(r, c, pc);
         }
-        l[r] = l[r] * alpha[r] + sum;
+        l[r] = l[r] * a + sum;
         m[r] = m_new;
     }
 }
