@@ -1,13 +1,14 @@
 //! Fused, tiled CPU attention forward (online softmax, O(n) extra memory).
 //!
 //! One dispatch place ([`forward`]) turns (dtype, instruction set) into a monomorphized driver
-//! `drive::<T, M>`; `M` is a [`micro::Micro`] path (scalar, AVX2, AVX-512, AVX-512 BF16).
+//! `Job::run::<T, M>`; `M` is a [`micro::Micro`] path (scalar, AVX2, AVX-512, AVX-512 BF16, AMX).
 //!
-//! Work decomposition: for each (batch row, KV head) group, K^T and V are packed once into 64-key
-//! chunks; then every (query head of the group, query tile) is a task that walks its row of the
-//! block schedule. Tasks run on rayon, heaviest first (causal and ragged schedules balance through
-//! work stealing). When a group holds too few tasks to feed the threads (decode, small Sq), groups
-//! run in parallel instead, each on one thread.
+//! Work decomposition: K^T and V of a (batch row, KV head) group are packed once into 64-key
+//! chunks (in parallel over the chunks). Then every (batch, query head, query tile) is a task that
+//! walks its row of the block schedule. Tasks run on rayon, heaviest first, so work stealing
+//! balances causal and ragged schedules. Long queries go one group at a time (its packed K/V stays
+//! warm while every thread works on it); short ones (decode) pack all groups and run all tasks at
+//! once so every thread has work.
 pub mod micro;
 pub mod pack;
 
@@ -282,61 +283,66 @@ impl Job<'_> {
         let chunks = sk.div_ceil(NC);
         let group = hq / hk;
         let sched = self.schedule;
-        let threads = rayon::current_num_threads();
-        let tasks_per_group = group * sched.q_tiles * sched.tile_q.div_ceil(BQ);
         let groups: Vec<(usize, usize)> = (0..batch)
             .flat_map(|b| (0..hk).map(move |h| (b, h)))
             .collect();
-
-        // Tasks of one group, heaviest first: (head, query tile, scheduled entries).
-        let tasks_of = |b: usize, g: usize| {
-            let mut t: Vec<(usize, usize, usize)> = (g * group..(g + 1) * group)
-                .flat_map(|h| (0..sched.q_tiles).map(move |qt| (h, qt, sched.row(b, h, qt).len())))
-                .filter(|t| t.2 > 0)
-                .collect();
-            t.sort_by_key(|t| std::cmp::Reverse(t.2));
-            t
-        };
-        let pack_group = |b: usize, g: usize, kt: &mut [M::P], vp: &mut [M::P], par: bool| {
-            if par {
-                kt.par_chunks_mut(dp * NC)
-                    .zip(vp.par_chunks_mut(NC * dvp))
-                    .enumerate()
-                    .for_each(|(c, (ktc, vc))| {
-                        pack_kt::<T, M>(self.k, b, g, c, ktc);
-                        pack_v::<T, M>(self.v, b, g, c, vc);
-                    });
-            } else {
-                for (c, (ktc, vc)) in kt.chunks_mut(dp * NC).zip(vp.chunks_mut(NC * dvp)).enumerate() {
+        let (kt_len, v_len) = (dp * NC, NC * dvp);
+        let (glen, vglen) = (chunks * kt_len, chunks * v_len);
+        // Packs K^T and V of the groups `gs` into `kt`/`vp` (group after group), in parallel over
+        // all their chunks. The packed copy is the size of K + V (plus padding).
+        let pack = |gs: &[(usize, usize)], kt: &mut [M::P], vp: &mut [M::P]| {
+            kt.par_chunks_mut(kt_len)
+                .zip(vp.par_chunks_mut(v_len))
+                .enumerate()
+                .for_each(|(i, (ktc, vc))| {
+                    let ((b, g), c) = (gs[i / chunks], i % chunks);
                     pack_kt::<T, M>(self.k, b, g, c, ktc);
                     pack_v::<T, M>(self.v, b, g, c, vc);
-                }
-            }
+                });
         };
-
-        if tasks_per_group >= 4 * threads || groups.len() == 1 {
-            // Many tasks per group: groups in sequence, tasks in parallel (one packed K/V alive).
-            let mut kt = vec![M::P::default(); chunks * dp * NC];
-            let mut vp = vec![M::P::default(); chunks * NC * dvp];
-            for &(b, g) in &groups {
-                pack_group(b, g, &mut kt, &mut vp, true);
-                let tasks = tasks_of(b, g);
-                tasks.par_iter().with_max_len(1).for_each_init(
-                    || Scratch::<M::P>::new(dp, dvp),
-                    |scr, &(h, qt, _)| self.tile::<T, M>(&micro, b, h, qt, &kt, &vp, scr, ptr),
-                );
+        // One task per (batch, query head, query tile) with scheduled keys, heaviest first, so
+        // work stealing balances causal and ragged schedules.
+        let tasks_of = |gs: &[(usize, usize)]| {
+            let mut t: Vec<(usize, usize, usize, usize)> = gs
+                .iter()
+                .flat_map(|&(b, g)| {
+                    (g * group..(g + 1) * group)
+                        .flat_map(move |h| (0..sched.q_tiles).map(move |qt| (b, h, qt)))
+                })
+                .map(|(b, h, qt)| (b, h, qt, sched.row(b, h, qt).len()))
+                .filter(|t| t.3 > 0)
+                .collect();
+            t.sort_by_key(|t| std::cmp::Reverse(t.3));
+            t
+        };
+        // `gi0`: index of the first group packed in `kt`/`vp`.
+        let run_tasks = |tasks: &[(usize, usize, usize, usize)], gi0: usize, kt: &[M::P], vp: &[M::P]| {
+            tasks.par_iter().with_max_len(1).for_each_init(
+                || Scratch::<M::P>::new(dp, dvp),
+                |scr, &(b, h, qt, _)| {
+                    let gi = b * hk + h / group - gi0;
+                    let ktg = &kt[gi * glen..(gi + 1) * glen];
+                    let vpg = &vp[gi * vglen..(gi + 1) * vglen];
+                    self.tile::<T, M>(&micro, b, h, qt, ktg, vpg, scr, ptr)
+                },
+            );
+        };
+        let threads = rayon::current_num_threads();
+        if group * sched.q_tiles >= 4 * threads {
+            // Long queries: one group at a time, so its packed K/V stays warm in cache while all
+            // threads work on its tasks.
+            let mut kt = vec![M::P::default(); glen];
+            let mut vp = vec![M::P::default(); vglen];
+            for (gi, g) in groups.iter().enumerate() {
+                pack(std::slice::from_ref(g), &mut kt, &mut vp);
+                run_tasks(&tasks_of(std::slice::from_ref(g)), gi, &kt, &vp);
             }
         } else {
-            // Few tasks per group (decode): groups in parallel, each sequential inside.
-            groups.par_iter().with_max_len(1).for_each(|&(b, g)| {
-                let mut kt = vec![M::P::default(); chunks * dp * NC];
-                let mut vp = vec![M::P::default(); chunks * NC * dvp];
-                pack_group(b, g, &mut kt, &mut vp, false);
-                let mut scr = Scratch::<M::P>::new(dp, dvp);
-                for (h, qt, _) in tasks_of(b, g) {
-                    self.tile::<T, M>(&micro, b, h, qt, &kt, &vp, &mut scr, ptr);
-                }
-            });
+            // Short queries (decode, small Sq): all groups at once to feed every thread.
+            let mut kt = vec![M::P::default(); groups.len() * glen];
+            let mut vp = vec![M::P::default(); groups.len() * vglen];
+            pack(&groups, &mut kt, &mut vp);
+            run_tasks(&tasks_of(&groups), 0, &kt, &vp);
         }
         Ok(AttnOutput {
             out: Tensor::new(T::wrap(out), vec![batch, sq, hq, dv])?,
@@ -432,7 +438,7 @@ impl Job<'_> {
                         partial: e.kind == TileKind::Partial,
                     };
                     w += 1;
-                    if w == MAXW {
+                    if w == M::GROUP {
                         self.group(micro, b, h, i0, rows, &group[..w], kt, vp, scr);
                         w = 0;
                     }

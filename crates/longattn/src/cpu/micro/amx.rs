@@ -232,6 +232,7 @@ unsafe fn rescale(rows: usize, dvp: usize, alpha: &[f32], o: &mut [f32]) {
 impl Micro for Amx {
     type P = u16;
     const PAIRS: bool = true;
+    const GROUP: usize = 4; //AMX
     const DIM_ALIGN: usize = 32;
     const DV_ALIGN: usize = 32;
     const NAME: &'static str = "amx";

@@ -8,21 +8,20 @@ pub struct Avx2;
 
 const MR: usize = 6;
 
-/// 2^x for x <= 0 (below -126 gives 2^-126): degree-6 polynomial on the fraction, exponent bits
-/// built directly.
+/// 2^x for x <= 8 (below -126 gives 2^-126): the degree-5 polynomial of `avx512::exp2_ps` on
+/// the fraction, exponent bits built directly.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn exp2_ps(x: __m256) -> __m256 {
     let x = _mm256_max_ps(x, _mm256_set1_ps(-126.0));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm256_sub_ps(x, n);
-    let mut p = _mm256_set1_ps(1.535_336_2E-4);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339_887_4E-3));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618_437E-3));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550_332_5E-2));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402_264_8E-1));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931_472E-1));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0));
+    let mut p = _mm256_set1_ps(1.326_697E-3);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.675_46E-3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550_742_6E-2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402_212_2E-1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931_469_5E-1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.000_000_1));
     let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_cvtps_epi32(n),
         _mm256_set1_epi32(127),
@@ -262,6 +261,7 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
 impl Micro for Avx2 {
     type P = f32;
     const PAIRS: bool = false;
+    const GROUP: usize = 2;
     const DIM_ALIGN: usize = 1;
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx2";

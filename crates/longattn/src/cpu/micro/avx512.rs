@@ -11,21 +11,36 @@ pub struct Avx512;
 /// Rows per register block.
 const MR: usize = 6;
 
-/// 2^x for x <= 0 (inputs below -126 give 2^-126): x = n + f, |f| <= 1/2, 2^f by a degree-6
-/// polynomial (relative error ~2e-7), then scaled by 2^n with `vscalefps`.
+/// 2^x for x <= 8 (inputs below -126 give 2^-126): x = n + f, |f| <= 1/2, 2^f by a degree-5
+/// polynomial fitted for relative error on [-1/2, 1/2] (max 8e-8), scaled by 2^n with `vscalefps`.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) fn exp2_ps(x: __m512) -> __m512 {
     let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
     let f = _mm512_sub_ps(x, n);
-    let mut p = _mm512_set1_ps(1.535_336_2E-4);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339_887_4E-3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618_437E-3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550_332_5E-2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402_264_8E-1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931_472E-1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0));
+    let mut p = _mm512_set1_ps(1.326_697E-3);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675_46E-3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550_742_6E-2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402_212_2E-1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931_469_5E-1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000_000_1));
+    _mm512_scalef_ps(p, n)
+}
+
+/// 2^x as [`exp2_ps`] with a degree-4 polynomial (max relative error 2.7e-6), for the bf16 paths
+/// where p is rounded to bf16 (2^-9) before P V anyway.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp2_ps_bf16(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-126.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    let f = _mm512_sub_ps(x, n);
+    let mut p = _mm512_set1_ps(9.560_51E-3);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.591_704E-2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402_498_1E-1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931_22E-1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999_992E-1));
     _mm512_scalef_ps(p, n)
 }
 
@@ -83,7 +98,7 @@ unsafe fn load_x(s: *const f32, z: usize, fused: bool, lg: &Logits) -> __m512 {
 /// Without soft-cap (and scale > 0) the max is taken over the raw dot products and the scale is
 /// folded into one FMA: x_c - m' = s_c (scale log2 e) - m'.
 macro_rules! softmax_rows_fn {
-    ($name:ident, $features:literal, $psize:literal, $store:ident) => {
+    ($name:ident, $features:literal, $psize:literal, $store:ident, $exp2:ident) => {
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $name(
@@ -104,20 +119,27 @@ macro_rules! softmax_rows_fn {
                 let (sr, bits) = (s.as_ptr().add(r * width), &mask[r * MAXW..r * MAXW + w]);
                 let pr = out.add(r * width * $psize);
                 let mut mxv = _mm512_set1_ps(f32::NEG_INFINITY);
-                let mut nan = 0u16;
                 for z in 0..lanes {
                     let km = (bits[z / 4] >> (16 * (z % 4))) as u16;
-                    let x = load_x(sr, z, fused, lg);
-                    mxv = _mm512_mask_max_ps(mxv, km, mxv, x);
-                    // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by max.
-                    nan |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(km, x, x);
+                    mxv = _mm512_mask_max_ps(mxv, km, mxv, load_x(sr, z, fused, lg));
                 }
                 let mut mx = _mm512_reduce_max_ps(mxv);
                 if fused {
                     mx *= c2;
                 }
-                if nan != 0 {
-                    mx = f32::NAN;
+                if mx == f32::NEG_INFINITY {
+                    // `max` drops NaN: a row whose allowed logits are all NaN (NaN/Inf inputs)
+                    // would look empty. NaN among finite logits needs no check: its p is NaN and
+                    // poisons l and O below.
+                    let mut nan = 0u16;
+                    for z in 0..lanes {
+                        let km = (bits[z / 4] >> (16 * (z % 4))) as u16;
+                        let x = load_x(sr, z, fused, lg);
+                        nan |= _mm512_mask_cmp_ps_mask::<_CMP_UNORD_Q>(km, x, x);
+                    }
+                    if nan != 0 {
+                        mx = f32::NAN;
+                    }
                 }
                 let (m_new, a) = update_max(m[r], mx);
                 alpha[r] = a;
@@ -137,7 +159,7 @@ macro_rules! softmax_rows_fn {
                     } else {
                         _mm512_sub_ps(x, mv)
                     };
-                    let p = _mm512_maskz_mov_ps(km, exp2_ps(arg));
+                    let p = _mm512_maskz_mov_ps(km, $exp2(arg));
                     sum = _mm512_add_ps(sum, p);
                     $store(pr, z, p);
                 }
@@ -161,8 +183,8 @@ unsafe fn store_bf16(out: *mut u8, z: usize, p: __m512) {
     _mm256_storeu_si256((out as *mut __m256i).add(z), h);
 }
 
-softmax_rows_fn!(softmax_rows_f32, "avx512f", 4, store_f32);
-softmax_rows_fn!(softmax_rows_bf16, "avx512f,avx512bf16", 2, store_bf16);
+softmax_rows_fn!(softmax_rows_f32, "avx512f", 4, store_f32, exp2_ps);
+softmax_rows_fn!(softmax_rows_bf16, "avx512f,avx512bf16", 2, store_bf16, exp2_ps_bf16);
 
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -307,6 +329,7 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
 impl Micro for Avx512 {
     type P = f32;
     const PAIRS: bool = false;
+    const GROUP: usize = 4; //F32
     const DIM_ALIGN: usize = 1;
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512";

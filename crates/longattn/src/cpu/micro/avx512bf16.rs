@@ -145,6 +145,7 @@ unsafe fn pv_impl(p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32
 impl Micro for Avx512Bf16 {
     type P = u16;
     const PAIRS: bool = true;
+    const GROUP: usize = 4;
     const DIM_ALIGN: usize = 2;
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512bf16";

@@ -115,6 +115,9 @@ pub trait Micro: Sync + Send {
     type P: Copy + Default + Send + Sync + 'static + FromF32 + bytemuck::Pod;
     /// True for the bf16-pair layouts.
     const PAIRS: bool;
+    /// Chunks per group (<= MAXW): deeper groups amortize the softmax bookkeeping and lengthen
+    /// the P V reduction, but grow the V working set (GROUP x 64 keys x Dv).
+    const GROUP: usize;
     /// Packed Q rows / K^T rows are D rounded up to a multiple of this (zeros past D).
     const DIM_ALIGN: usize;
     /// Packed V rows are Dv rounded up to a multiple of this (zeros past Dv).

@@ -6,6 +6,7 @@ pub struct Scalar;
 impl Micro for Scalar {
     type P = f32;
     const PAIRS: bool = false;
+    const GROUP: usize = 1;
     const DIM_ALIGN: usize = 1;
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "scalar";
