@@ -21,7 +21,10 @@ fn main() {
         m.qk(&q, BQ, d, &kt, &mut s, 4 * NC);
     }
     let el = t.elapsed().as_secs_f64();
-    println!("qk  {:.0} GFLOP/s", 2.0 * (BQ * NC * d * iters) as f64 / el / 1e9);
+    println!(
+        "qk  {:.0} GFLOP/s",
+        2.0 * (BQ * NC * d * iters) as f64 / el / 1e9
+    );
     let p = vec![0x3C00u16; BQ * 4 * NC];
     let v = vec![0x3C00u16; NC * d];
     let vts: Vec<&[u16]> = vec![&v; 4];
@@ -32,5 +35,8 @@ fn main() {
         m.pv(&p, BQ, &vts, d, &alpha, &mut o);
     }
     let el = t.elapsed().as_secs_f64();
-    println!("pv  {:.0} GFLOP/s", 2.0 * (BQ * 4 * NC * d * (iters / 4)) as f64 / el / 1e9);
+    println!(
+        "pv  {:.0} GFLOP/s",
+        2.0 * (BQ * 4 * NC * d * (iters / 4)) as f64 / el / 1e9
+    );
 }

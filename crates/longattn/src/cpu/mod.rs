@@ -316,17 +316,18 @@ impl Job<'_> {
             t
         };
         // `gi0`: index of the first group packed in `kt`/`vp`.
-        let run_tasks = |tasks: &[(usize, usize, usize, usize)], gi0: usize, kt: &[M::P], vp: &[M::P]| {
-            tasks.par_iter().with_max_len(1).for_each_init(
-                || Scratch::<M::P>::new(dp, dvp),
-                |scr, &(b, h, qt, _)| {
-                    let gi = b * hk + h / group - gi0;
-                    let ktg = &kt[gi * glen..(gi + 1) * glen];
-                    let vpg = &vp[gi * vglen..(gi + 1) * vglen];
-                    self.tile::<T, M>(&micro, b, h, qt, ktg, vpg, scr, ptr)
-                },
-            );
-        };
+        let run_tasks =
+            |tasks: &[(usize, usize, usize, usize)], gi0: usize, kt: &[M::P], vp: &[M::P]| {
+                tasks.par_iter().with_max_len(1).for_each_init(
+                    || Scratch::<M::P>::new(dp, dvp),
+                    |scr, &(b, h, qt, _)| {
+                        let gi = b * hk + h / group - gi0;
+                        let ktg = &kt[gi * glen..(gi + 1) * glen];
+                        let vpg = &vp[gi * vglen..(gi + 1) * vglen];
+                        self.tile::<T, M>(&micro, b, h, qt, ktg, vpg, scr, ptr)
+                    },
+                );
+            };
         let threads = rayon::current_num_threads();
         if group * sched.q_tiles >= 4 * threads {
             // Long queries: one group at a time, so its packed K/V stays warm in cache while all
@@ -397,7 +398,14 @@ impl Job<'_> {
             &mut scr.alpha,
             &mut scr.p,
         );
-        micro.pv(&scr.p, rows, &vts[..group.len()], dv, &scr.alpha, &mut scr.o);
+        micro.pv(
+            &scr.p,
+            rows,
+            &vts[..group.len()],
+            dv,
+            &scr.alpha,
+            &mut scr.o,
+        );
     }
 
     /// One (batch row, query head, schedule query tile): the online-softmax loop over its key tiles.

@@ -273,7 +273,19 @@ impl Micro for Amx {
         p: &mut [u16],
     ) {
         assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
-        unsafe { softmax_rows_bf16(s, rows, w, mask, logits, m, l, alpha, p.as_mut_ptr() as *mut u8) }
+        unsafe {
+            softmax_rows_bf16(
+                s,
+                rows,
+                w,
+                mask,
+                logits,
+                m,
+                l,
+                alpha,
+                p.as_mut_ptr() as *mut u8,
+            )
+        }
     }
 
     fn pv(&self, p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {

@@ -87,7 +87,13 @@ fn first_lanes(n: usize) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: *mut f32, lds: usize) {
+unsafe fn qk_block<const R: usize>(
+    q: *const f32,
+    dq: usize,
+    kt: *const f32,
+    s: *mut f32,
+    lds: usize,
+) {
     for c0 in (0..NC).step_by(16) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for d in 0..dq {
@@ -110,7 +116,11 @@ unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: 
 unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
     let mut r = 0;
     while r < rows {
-        let (qp, sp, kp) = (q.as_ptr().add(r * dq), s.as_mut_ptr().add(r * lds), kt.as_ptr());
+        let (qp, sp, kp) = (
+            q.as_ptr().add(r * dq),
+            s.as_mut_ptr().add(r * lds),
+            kt.as_ptr(),
+        );
         match rows - r {
             1 => qk_block::<1>(qp, dq, kp, sp, lds),
             2 => qk_block::<2>(qp, dq, kp, sp, lds),
@@ -201,7 +211,10 @@ unsafe fn pv_block<const R: usize>(
     alpha: *const f32,
     o: *mut f32,
 ) {
-    let km = [first_lanes(dv - x0), first_lanes((dv - x0).saturating_sub(8))];
+    let km = [
+        first_lanes(dv - x0),
+        first_lanes((dv - x0).saturating_sub(8)),
+    ];
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     for (r, accr) in acc.iter_mut().enumerate() {
         let a = _mm256_set1_ps(*alpha.add(r));
@@ -213,7 +226,10 @@ unsafe fn pv_block<const R: usize>(
     for g in 0..vt.1 {
         for c in 0..NC {
             let v = vt.0[g].add(c * dv + x0);
-            let vv = [_mm256_maskload_ps(v, km[0]), _mm256_maskload_ps(v.add(8), km[1])];
+            let vv = [
+                _mm256_maskload_ps(v, km[0]),
+                _mm256_maskload_ps(v.add(8), km[1]),
+            ];
             for (r, accr) in acc.iter_mut().enumerate() {
                 let pb = _mm256_set1_ps(*p.add(r * width + g * NC + c));
                 accr[0] = _mm256_fmadd_ps(pb, vv[0], accr[0]);
@@ -235,14 +251,16 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
         *d = v.as_ptr();
     }
     let width = vt.len() * NC;
-    let mut r = 0;
-    while r < rows {
-        let (pp, ap, op) = (
-            p.as_ptr().add(r * width),
-            alpha.as_ptr().add(r),
-            o.as_mut_ptr().add(r * dv),
-        );
-        for x0 in (0..dv).step_by(16) {
+    // Column slabs outermost: the group's V panel of one slab (w x 64 keys x slab columns)
+    // stays in L1 while every row block streams over it.
+    for x0 in (0..dv).step_by(16) {
+        let mut r = 0;
+        while r < rows {
+            let (pp, ap, op) = (
+                p.as_ptr().add(r * width),
+                alpha.as_ptr().add(r),
+                o.as_mut_ptr().add(r * dv),
+            );
             match rows - r {
                 1 => pv_block::<1>(pp, width, &ch, dv, x0, ap, op),
                 2 => pv_block::<2>(pp, width, &ch, dv, x0, ap, op),
@@ -251,8 +269,8 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
                 5 => pv_block::<5>(pp, width, &ch, dv, x0, ap, op),
                 _ => pv_block::<MR>(pp, width, &ch, dv, x0, ap, op),
             }
+            r += MR;
         }
-        r += MR;
     }
 }
 

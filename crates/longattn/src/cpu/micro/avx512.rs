@@ -184,11 +184,23 @@ unsafe fn store_bf16(out: *mut u8, z: usize, p: __m512) {
 }
 
 softmax_rows_fn!(softmax_rows_f32, "avx512f", 4, store_f32, exp2_ps);
-softmax_rows_fn!(softmax_rows_bf16, "avx512f,avx512bf16", 2, store_bf16, exp2_ps_bf16);
+softmax_rows_fn!(
+    softmax_rows_bf16,
+    "avx512f,avx512bf16",
+    2,
+    store_bf16,
+    exp2_ps_bf16
+);
 
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: *mut f32, lds: usize) {
+unsafe fn qk_block<const R: usize>(
+    q: *const f32,
+    dq: usize,
+    kt: *const f32,
+    s: *mut f32,
+    lds: usize,
+) {
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for d in 0..dq {
         let k = kt.add(d * NC);
@@ -216,7 +228,11 @@ unsafe fn qk_block<const R: usize>(q: *const f32, dq: usize, kt: *const f32, s: 
 unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
     let mut r = 0;
     while r < rows {
-        let (qp, sp, kp) = (q.as_ptr().add(r * dq), s.as_mut_ptr().add(r * lds), kt.as_ptr());
+        let (qp, sp, kp) = (
+            q.as_ptr().add(r * dq),
+            s.as_mut_ptr().add(r * lds),
+            kt.as_ptr(),
+        );
         match rows - r {
             1 => qk_block::<1>(qp, dq, kp, sp, lds),
             2 => qk_block::<2>(qp, dq, kp, sp, lds),
@@ -302,14 +318,16 @@ unsafe fn pv_block<const R: usize>(
 #[target_feature(enable = "avx512f")]
 unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
     let (ch, width) = (chunk_ptrs(vt), vt.len() * NC);
-    let mut r = 0;
-    while r < rows {
-        let (pp, ap, op) = (
-            p.as_ptr().add(r * width),
-            alpha.as_ptr().add(r),
-            o.as_mut_ptr().add(r * dv),
-        );
-        for x0 in (0..dv).step_by(64) {
+    // Column slabs outermost: the group's V panel of one slab (w x 64 keys x slab columns)
+    // stays in L1 while every row block streams over it.
+    for x0 in (0..dv).step_by(64) {
+        let mut r = 0;
+        while r < rows {
+            let (pp, ap, op) = (
+                p.as_ptr().add(r * width),
+                alpha.as_ptr().add(r),
+                o.as_mut_ptr().add(r * dv),
+            );
             match rows - r {
                 1 => pv_block::<1>(pp, width, &ch, dv, x0, ap, op),
                 2 => pv_block::<2>(pp, width, &ch, dv, x0, ap, op),
@@ -318,8 +336,8 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
                 5 => pv_block::<5>(pp, width, &ch, dv, x0, ap, op),
                 _ => pv_block::<MR>(pp, width, &ch, dv, x0, ap, op),
             }
+            r += MR;
         }
-        r += MR;
     }
 }
 
@@ -329,7 +347,7 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
 impl Micro for Avx512 {
     type P = f32;
     const PAIRS: bool = false;
-    const GROUP: usize = 4; //F32
+    const GROUP: usize = 2; //F32
     const DIM_ALIGN: usize = 1;
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512";
@@ -352,7 +370,19 @@ impl Micro for Avx512 {
         p: &mut [f32],
     ) {
         assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
-        unsafe { softmax_rows_f32(s, rows, w, mask, logits, m, l, alpha, p.as_mut_ptr() as *mut u8) }
+        unsafe {
+            softmax_rows_f32(
+                s,
+                rows,
+                w,
+                mask,
+                logits,
+                m,
+                l,
+                alpha,
+                p.as_mut_ptr() as *mut u8,
+            )
+        }
     }
 
     fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
@@ -361,4 +391,3 @@ impl Micro for Avx512 {
         unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }
-

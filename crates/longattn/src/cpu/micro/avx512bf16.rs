@@ -27,7 +27,13 @@ fn dot2(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
 /// S block: per dim pair (2d, 2d+1), 4 loads of 16 keys x 2 dims, R broadcasts of Q's pair.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn qk_block<const R: usize>(q: *const u32, dq2: usize, kt: *const u32, s: *mut f32, lds: usize) {
+unsafe fn qk_block<const R: usize>(
+    q: *const u32,
+    dq2: usize,
+    kt: *const u32,
+    s: *mut f32,
+    lds: usize,
+) {
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for d2 in 0..dq2 {
         let k = kt.add(d2 * NC);
@@ -122,10 +128,16 @@ unsafe fn pv_block<const R: usize>(
 unsafe fn pv_impl(p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
     let (ch, width2) = (chunk_ptrs(vt), vt.len() * NC / 2);
     let p = p.as_ptr() as *const u32;
-    let mut r = 0;
-    while r < rows {
-        let (pp, ap, op) = (p.add(r * width2), alpha.as_ptr().add(r), o.as_mut_ptr().add(r * dv));
-        for x0 in (0..dv).step_by(64) {
+    // Column slabs outermost: the group's V panel of one slab (w x 64 keys x slab columns)
+    // stays in L1 while every row block streams over it.
+    for x0 in (0..dv).step_by(64) {
+        let mut r = 0;
+        while r < rows {
+            let (pp, ap, op) = (
+                p.add(r * width2),
+                alpha.as_ptr().add(r),
+                o.as_mut_ptr().add(r * dv),
+            );
             match rows - r {
                 1 => pv_block::<1>(pp, width2, &ch, dv, x0, ap, op),
                 2 => pv_block::<2>(pp, width2, &ch, dv, x0, ap, op),
@@ -134,8 +146,8 @@ unsafe fn pv_impl(p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32
                 5 => pv_block::<5>(pp, width2, &ch, dv, x0, ap, op),
                 _ => pv_block::<MR>(pp, width2, &ch, dv, x0, ap, op),
             }
+            r += MR;
         }
-        r += MR;
     }
 }
 
@@ -169,7 +181,19 @@ impl Micro for Avx512Bf16 {
         p: &mut [u16],
     ) {
         assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
-        unsafe { softmax_rows_bf16(s, rows, w, mask, logits, m, l, alpha, p.as_mut_ptr() as *mut u8) }
+        unsafe {
+            softmax_rows_bf16(
+                s,
+                rows,
+                w,
+                mask,
+                logits,
+                m,
+                l,
+                alpha,
+                p.as_mut_ptr() as *mut u8,
+            )
+        }
     }
 
     fn pv(&self, p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
