@@ -109,6 +109,9 @@ pub fn forward(
     };
     // Resolve the mask into a schedule (+ element mask for Partial tiles).
     let owned;
+    // Whether the row mask ignores the head (mask expressions do), so Partial tile bits can be
+    // computed once and shared by every head.
+    let mut head_free_rows = false;
     let (schedule, rows): (&BlockSchedule, Option<&dyn RowMask>) = match mask {
         MaskSpec::Full => {
             owned = BlockSchedule::full(BQ, NC, dims.sq, dims.sk)?;
@@ -132,12 +135,18 @@ pub fn forward(
                 });
             }
             owned = bound.schedule(BQ, NC)?;
+            head_free_rows = true;
             (&owned, Some(bound as &dyn RowMask))
         }
         MaskSpec::Schedule { schedule, rows } => (schedule, rows),
     };
     check_schedule(schedule, rows.is_some(), dims)?;
+    let partial_bits = match rows {
+        Some(rm) if head_free_rows => PartialBits::build(schedule, rm),
+        _ => None,
+    };
     let job = Job {
+        partial_bits,
         q,
         k,
         v,
@@ -189,6 +198,8 @@ fn check_schedule(s: &BlockSchedule, has_rows: bool, d: &Dims) -> Result<()> {
 
 /// One attention call, resolved.
 struct Job<'a> {
+    /// Precomputed bits of the Partial tiles, shared by all heads (see [`PartialBits`]).
+    partial_bits: Option<PartialBits>,
     q: &'a TensorView<'a>,
     k: &'a TensorView<'a>,
     v: &'a TensorView<'a>,
@@ -237,6 +248,51 @@ impl<P: Copy + Default> Scratch<P> {
     }
 }
 
+/// The element-mask bits of every Partial tile of a head-shared schedule with BQ x NC tiles,
+/// computed once (in parallel) instead of once per head: `words[slot * BQ + r]` holds the bits of
+/// query row `q0 + r` of the tile whose entry has `slot[entry] = slot`.
+struct PartialBits {
+    slot: Vec<u32>,
+    words: Vec<u64>,
+}
+
+impl PartialBits {
+    fn build(s: &BlockSchedule, rm: &dyn RowMask) -> Option<PartialBits> {
+        if s.heads != 1 || s.tile_q != BQ || s.tile_k != NC {
+            return None;
+        }
+        let mut slot = vec![u32::MAX; s.entries().len()];
+        // (batch row, query tile, key tile) of every Partial entry, in slot order.
+        let mut jobs = Vec::new();
+        for b in 0..s.batch {
+            for qt in 0..s.q_tiles {
+                let start = s.row_start(b, 0, qt);
+                for (k, e) in s.row(b, 0, qt).iter().enumerate() {
+                    if e.kind == TileKind::Partial {
+                        slot[start + k] = jobs.len() as u32;
+                        jobs.push((b, qt, e.k_tile as usize));
+                    }
+                }
+            }
+        }
+        let mut words = vec![0u64; jobs.len() * BQ];
+        words
+            .par_chunks_mut(BQ)
+            .zip(&jobs)
+            .for_each(|(w, &(b, qt, kt))| {
+                let (q0, q1) = s.q_range(qt);
+                for (r, word) in w.iter_mut().enumerate().take(q1 - q0) {
+                    rm.row_bits(b, 0, q0 + r, kt * NC, std::slice::from_mut(word));
+                }
+            });
+        Some(PartialBits { slot, words })
+    }
+}
+
+/// Up to this many bytes of packed K/V, all groups are packed at once and their tasks run in one
+/// parallel loop; above it, long queries go group by group.
+const PACK_ALL_BYTES: usize = 4 << 20;
+
 /// One 64-key chunk of a group: keys `c * NC + lo .. c * NC + hi` are in the scheduled tile.
 #[derive(Clone, Copy, Default)]
 struct Chunk {
@@ -244,6 +300,8 @@ struct Chunk {
     lo: usize,
     hi: usize,
     partial: bool,
+    /// Index of the schedule entry (for [`PartialBits`]).
+    entry: usize,
 }
 
 /// Bits `lo .. hi` (0 <= lo <= hi <= 64) set.
@@ -329,7 +387,8 @@ impl Job<'_> {
                 );
             };
         let threads = rayon::current_num_threads();
-        if group * sched.q_tiles >= 4 * threads {
+        let packed_bytes = groups.len() * (glen + vglen) * std::mem::size_of::<M::P>();
+        if group * sched.q_tiles >= 4 * threads && packed_bytes > PACK_ALL_BYTES {
             // Long queries: one group at a time, so its packed K/V stays warm in cache while all
             // threads work on its tasks.
             let mut kt = vec![M::P::default(); glen];
@@ -339,7 +398,8 @@ impl Job<'_> {
                 run_tasks(&tasks_of(std::slice::from_ref(g)), gi, &kt, &vp);
             }
         } else {
-            // Short queries (decode, small Sq): all groups at once to feed every thread.
+            // Short queries (decode, small Sq) or small problems: all groups at once, one parallel
+            // loop over every task (no barrier per group).
             let mut kt = vec![M::P::default(); groups.len() * glen];
             let mut vp = vec![M::P::default(); groups.len() * vglen];
             pack(&groups, &mut kt, &mut vp);
@@ -374,6 +434,14 @@ impl Job<'_> {
         for (g, ch) in group.iter().enumerate() {
             let range = range_bits(ch.lo, ch.hi);
             match (ch.partial, self.rows) {
+                (true, Some(_)) if self.partial_bits.is_some() => {
+                    let pb = self.partial_bits.as_ref().expect("checked");
+                    // Schedule tiles are BQ x NC here, so the task's rows are the tile's rows.
+                    let base = pb.slot[ch.entry] as usize * BQ;
+                    for r in 0..rows {
+                        scr.mask[r * MAXW + g] = pb.words[base + r] & range;
+                    }
+                }
                 (true, Some(rm)) => {
                     for r in 0..rows {
                         let mut word = [0u64];
@@ -432,11 +500,12 @@ impl Job<'_> {
             pack_q::<T, M>(self.q, b, h, i0, rows, &mut scr.q);
             scr.m[..rows].fill(f32::NEG_INFINITY);
             scr.l[..rows].fill(0.0);
-            scr.o.fill(0.0);
+            scr.o[..rows * dvp].fill(0.0);
             // Walk the schedule row in 64-key chunks, flushing groups of up to MAXW chunks.
             let mut group: [Chunk; MAXW] = [Chunk::default(); MAXW];
             let mut w = 0;
-            for e in entries {
+            let first = sched.row_start(b, h, qt);
+            for (ei, e) in entries.iter().enumerate() {
                 let (k0, k1) = sched.k_range(e.k_tile as usize);
                 for c in k0 / NC..k1.div_ceil(NC) {
                     group[w] = Chunk {
@@ -444,6 +513,7 @@ impl Job<'_> {
                         lo: k0.max(c * NC) - c * NC,
                         hi: k1.min(c * NC + NC).min(sk) - c * NC,
                         partial: e.kind == TileKind::Partial,
+                        entry: first + ei,
                     };
                     w += 1;
                     if w == M::GROUP {

@@ -226,6 +226,14 @@ impl BlockSchedule {
         &self.entries[self.offsets[r] as usize..self.offsets[r + 1] as usize]
     }
 
+    /// Index in [`entries`](Self::entries) of the first entry of the row of (b, h, qt).
+    #[inline]
+    pub fn row_start(&self, b: usize, h: usize, qt: usize) -> usize {
+        let b = if self.batch == 1 { 0 } else { b };
+        let h = if self.heads == 1 { 0 } else { h };
+        self.offsets[(b * self.heads + h) * self.q_tiles + qt] as usize
+    }
+
     /// Query rows `[start, end)` of query tile `qt`.
     pub fn q_range(&self, qt: usize) -> (usize, usize) {
         (qt * self.tile_q, ((qt + 1) * self.tile_q).min(self.sq))
