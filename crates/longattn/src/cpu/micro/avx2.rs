@@ -6,8 +6,6 @@ use std::arch::x86_64::*;
 
 pub struct Avx2;
 
-const MR: usize = 6;
-
 /// 2^x for x <= 8 (below -126 gives 2^-126): the degree-5 polynomial of `avx512::exp2_ps` on
 /// the fraction, exponent bits built directly.
 #[inline]
@@ -114,23 +112,12 @@ unsafe fn qk_block<const R: usize>(
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn qk_impl(q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
-    let mut r = 0;
-    while r < rows {
-        let (qp, sp, kp) = (
-            q.as_ptr().add(r * dq),
-            s.as_mut_ptr().add(r * lds),
-            kt.as_ptr(),
-        );
-        match rows - r {
-            1 => qk_block::<1>(qp, dq, kp, sp, lds),
-            2 => qk_block::<2>(qp, dq, kp, sp, lds),
-            3 => qk_block::<3>(qp, dq, kp, sp, lds),
-            4 => qk_block::<4>(qp, dq, kp, sp, lds),
-            5 => qk_block::<5>(qp, dq, kp, sp, lds),
-            _ => qk_block::<MR>(qp, dq, kp, sp, lds),
-        }
-        r += MR;
-    }
+    let (q, kt, s) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
+    by_row_blocks!(
+        rows,
+        r,
+        qk_block(q.add(r * dq), dq, kt, s.add(r * lds), lds)
+    );
 }
 
 #[inline]
@@ -251,26 +238,21 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
         *d = v.as_ptr();
     }
     let width = vt.len() * NC;
-    // Column slabs outermost: the group's V panel of one slab (w x 64 keys x slab columns)
-    // stays in L1 while every row block streams over it.
+    let (p, a, o) = (p.as_ptr(), alpha.as_ptr(), o.as_mut_ptr());
     for x0 in (0..dv).step_by(16) {
-        let mut r = 0;
-        while r < rows {
-            let (pp, ap, op) = (
-                p.as_ptr().add(r * width),
-                alpha.as_ptr().add(r),
-                o.as_mut_ptr().add(r * dv),
-            );
-            match rows - r {
-                1 => pv_block::<1>(pp, width, &ch, dv, x0, ap, op),
-                2 => pv_block::<2>(pp, width, &ch, dv, x0, ap, op),
-                3 => pv_block::<3>(pp, width, &ch, dv, x0, ap, op),
-                4 => pv_block::<4>(pp, width, &ch, dv, x0, ap, op),
-                5 => pv_block::<5>(pp, width, &ch, dv, x0, ap, op),
-                _ => pv_block::<MR>(pp, width, &ch, dv, x0, ap, op),
-            }
-            r += MR;
-        }
+        by_row_blocks!(
+            rows,
+            r,
+            pv_block(
+                p.add(r * width),
+                width,
+                &ch,
+                dv,
+                x0,
+                a.add(r),
+                o.add(r * dv)
+            )
+        );
     }
 }
 

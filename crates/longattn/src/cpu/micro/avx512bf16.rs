@@ -9,8 +9,6 @@ use std::arch::x86_64::*;
 
 pub struct Avx512Bf16;
 
-const MR: usize = 6;
-
 #[inline]
 #[target_feature(enable = "avx512f,avx512bf16")]
 fn dot2(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
@@ -60,20 +58,16 @@ unsafe fn qk_block<const R: usize>(
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn qk_impl(q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32], lds: usize) {
     let dq2 = dq / 2;
-    let (q, kt) = (q.as_ptr() as *const u32, kt.as_ptr() as *const u32);
-    let mut r = 0;
-    while r < rows {
-        let (qp, sp) = (q.add(r * dq2), s.as_mut_ptr().add(r * lds));
-        match rows - r {
-            1 => qk_block::<1>(qp, dq2, kt, sp, lds),
-            2 => qk_block::<2>(qp, dq2, kt, sp, lds),
-            3 => qk_block::<3>(qp, dq2, kt, sp, lds),
-            4 => qk_block::<4>(qp, dq2, kt, sp, lds),
-            5 => qk_block::<5>(qp, dq2, kt, sp, lds),
-            _ => qk_block::<MR>(qp, dq2, kt, sp, lds),
-        }
-        r += MR;
-    }
+    let (q, kt, s) = (
+        q.as_ptr() as *const u32,
+        kt.as_ptr() as *const u32,
+        s.as_mut_ptr(),
+    );
+    by_row_blocks!(
+        rows,
+        r,
+        qk_block(q.add(r * dq2), dq2, kt, s.add(r * lds), lds)
+    );
 }
 
 /// O block: per key pair (2c, 2c+1) of every chunk of the group, 4 loads of 16 dims x 2 keys,
@@ -127,27 +121,22 @@ unsafe fn pv_block<const R: usize>(
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pv_impl(p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
     let (ch, width2) = (chunk_ptrs(vt), vt.len() * NC / 2);
-    let p = p.as_ptr() as *const u32;
-    // Column slabs outermost: the group's V panel of one slab (w x 64 keys x slab columns)
-    // stays in L1 while every row block streams over it.
+    let (p, a, o) = (p.as_ptr() as *const u32, alpha.as_ptr(), o.as_mut_ptr());
+    // Column slabs outermost: the group's V panel of one slab stays in L1 across row blocks.
     for x0 in (0..dv).step_by(64) {
-        let mut r = 0;
-        while r < rows {
-            let (pp, ap, op) = (
+        by_row_blocks!(
+            rows,
+            r,
+            pv_block(
                 p.add(r * width2),
-                alpha.as_ptr().add(r),
-                o.as_mut_ptr().add(r * dv),
-            );
-            match rows - r {
-                1 => pv_block::<1>(pp, width2, &ch, dv, x0, ap, op),
-                2 => pv_block::<2>(pp, width2, &ch, dv, x0, ap, op),
-                3 => pv_block::<3>(pp, width2, &ch, dv, x0, ap, op),
-                4 => pv_block::<4>(pp, width2, &ch, dv, x0, ap, op),
-                5 => pv_block::<5>(pp, width2, &ch, dv, x0, ap, op),
-                _ => pv_block::<MR>(pp, width2, &ch, dv, x0, ap, op),
-            }
-            r += MR;
-        }
+                width2,
+                &ch,
+                dv,
+                x0,
+                a.add(r),
+                o.add(r * dv)
+            )
+        );
     }
 }
 

@@ -14,6 +14,27 @@
 //! - bf16 family (`vdpbf16ps`): Q `[rows][Dp]` bf16 with Dp = D rounded up to even, K^T
 //!   `[Dp/2][64][2]` (the two dims of a pair adjacent), V `[32][Dv][2]` (the two keys of a pair
 //!   adjacent), P `[rows][64]` bf16. A 32-bit load of Q or P is then one (even, odd) pair.
+/// Calls `$block::<R>(args)` for the row blocks of a tile: blocks of 6 rows, the last one
+/// with the 1..=6 rows left (each block size is its own register-blocked instantiation). `$r` is
+/// bound to the block's first row inside `args`.
+macro_rules! by_row_blocks {
+    ($rows:expr, $r:ident, $block:ident($($arg:expr),* $(,)?)) => {{
+        let rows = $rows;
+        let mut $r = 0;
+        while $r < rows {
+            match rows - $r {
+                1 => $block::<1>($($arg),*),
+                2 => $block::<2>($($arg),*),
+                3 => $block::<3>($($arg),*),
+                4 => $block::<4>($($arg),*),
+                5 => $block::<5>($($arg),*),
+                _ => $block::<6>($($arg),*),
+            }
+            $r += 6;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 #[cfg(target_arch = "x86_64")]
