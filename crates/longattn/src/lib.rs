@@ -12,6 +12,7 @@ pub mod attention;
 pub mod cpu;
 pub mod error;
 pub mod io;
+pub mod kv;
 pub mod mask;
 pub mod reference;
 pub mod tensor;
