@@ -14,6 +14,7 @@ pub mod error;
 pub mod io;
 pub mod kv;
 pub mod mask;
+pub mod model;
 pub mod reference;
 pub mod tensor;
 pub mod testing;

@@ -1,0 +1,14 @@
+//! A small real LLM run by longattn, for evaluating attention methods on real text.
+//!
+//! - [`llm`]: config from the file's metadata, f32 weights, the forward pass, greedy decoding;
+//! - [`attn`]: the per-layer attention methods (`exact` reference, mask expressions);
+//! - [`ops`]: matmul (the `gemm` crate), RMSNorm, RoPE, activations.
+pub mod attn;
+pub mod llm;
+pub mod ops;
+
+pub use attn::{from_spec, Attention, ExactAttention, LayerAttn, MaskedAttention};
+pub use llm::{Arch, Captured, Config, LoadOptions, Model, WeightSource};
+
+#[cfg(test)]
+mod tests;
