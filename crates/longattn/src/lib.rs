@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod error;
 pub mod io;
 pub mod mask;
+pub mod model;
 pub mod reference;
 pub mod tensor;
 pub mod testing;
