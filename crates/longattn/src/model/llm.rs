@@ -453,3 +453,23 @@ impl Model {
         Ok(out)
     }
 }
+
+impl WeightSource for super::gguf::Gguf {
+    fn architecture(&self) -> String {
+        super::gguf::Gguf::architecture(self).to_string()
+    }
+    fn meta_int(&self, key: &str) -> Option<u64> {
+        self.meta(key)
+            .and_then(|v| v.as_i128())
+            .and_then(|x| u64::try_from(x).ok())
+    }
+    fn meta_float(&self, key: &str) -> Option<f32> {
+        self.meta(key).and_then(|v| v.as_f64()).map(|x| x as f32)
+    }
+    fn dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensor(name).map(|t| t.dims.clone())
+    }
+    fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        self.dequantize(name)
+    }
+}
