@@ -14,21 +14,37 @@ fn main() {
     let d: usize = a.get(2).map_or(128, |s| s.parse().unwrap());
     let n: usize = a.get(3).map_or(4096, |s| s.parse().unwrap());
     let expr = a.get(4).map_or("full", |s| s);
-    let isa = a.get(5).map(|s| *Isa::ALL.iter().find(|i| i.name() == s).expect("isa"));
+    let isa = a
+        .get(5)
+        .map(|s| *Isa::ALL.iter().find(|i| i.name() == s).expect("isa"));
     let h = 8;
     let q = random_tensor(dt, &[1, n, h, d], 1.0, 1);
     let k = random_tensor(dt, &[1, n, h, d], 1.0, 2);
     let v = random_tensor(dt, &[1, n, h, d], 1.0, 3);
-    let (qv, kv, vv) = (q.view("q").unwrap(), k.view("k").unwrap(), v.view("v").unwrap());
+    let (qv, kv, vv) = (
+        q.view("q").unwrap(),
+        k.view("k").unwrap(),
+        v.view("v").unwrap(),
+    );
     let bound = MaskExpr::parse(expr)
         .unwrap()
-        .bind(MaskShape { batch: 1, sq: n, sk: n }, None)
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq: n,
+                sk: n,
+            },
+            None,
+        )
         .unwrap();
     let t = Instant::now();
     let sched = bound.schedule(64, 64).unwrap();
     let t_sched = t.elapsed().as_secs_f64();
     std::hint::black_box(sched);
-    let p = AttnParams { isa, ..Default::default() };
+    let p = AttnParams {
+        isa,
+        ..Default::default()
+    };
     let flops = 4.0 * h as f64 * bound.allowed_pairs(0) as f64 * d as f64;
     let mut times = vec![];
     for _ in 0..5 {

@@ -298,7 +298,11 @@ impl Job<'_> {
                         pack_v::<T, M>(self.v, b, g, c, vc);
                     });
             } else {
-                for (c, (ktc, vc)) in kt.chunks_mut(dp * NC).zip(vp.chunks_mut(NC * dvp)).enumerate() {
+                for (c, (ktc, vc)) in kt
+                    .chunks_mut(dp * NC)
+                    .zip(vp.chunks_mut(NC * dvp))
+                    .enumerate()
+                {
                     pack_kt::<T, M>(self.k, b, g, c, ktc);
                     pack_v::<T, M>(self.v, b, g, c, vc);
                 }

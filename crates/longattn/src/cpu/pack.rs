@@ -19,7 +19,13 @@ pub fn packed_dv<M: Micro>(dv: usize) -> usize {
 
 /// `dst[x] = src[b, s, h, x]` converted to the packed type, for x < dim (dst may be longer).
 #[inline]
-fn row_into<T: Element, P: FromF32 + bytemuck::Pod>(t: &TensorView, b: usize, s: usize, h: usize, dst: &mut [P]) {
+fn row_into<T: Element, P: FromF32 + bytemuck::Pod>(
+    t: &TensorView,
+    b: usize,
+    s: usize,
+    h: usize,
+    dst: &mut [P],
+) {
     let data = t.typed::<T>().expect("dtype checked by the dispatcher");
     let d = t.dim();
     let base = t.offset(b, s, h, 0);
@@ -37,7 +43,13 @@ struct RowBuf<P>(Vec<P>);
 
 /// K^T of keys `c*NC .. c*NC+NC` (head `hk`, batch `b`) into `out` (`dp * NC` elements):
 /// f32: `out[d][j]`; pairs: `out[d/2][j][d%2]`. Keys past `Sk` and dims past `D` are 0.
-pub fn pack_kt<T: Element, M: Micro>(k: &TensorView, b: usize, hk: usize, c: usize, out: &mut [M::P]) {
+pub fn pack_kt<T: Element, M: Micro>(
+    k: &TensorView,
+    b: usize,
+    hk: usize,
+    c: usize,
+    out: &mut [M::P],
+) {
     let sk = k.seq();
     let dp = packed_dim::<M>(k.dim());
     out[..dp * NC].fill(M::P::default());
@@ -60,7 +72,13 @@ pub fn pack_kt<T: Element, M: Micro>(k: &TensorView, b: usize, hk: usize, c: usi
 
 /// V of keys `c*NC .. c*NC+NC` into `out` (`NC * dvp` elements, dvp = [`packed_dv`]):
 /// f32: `out[j][x]`; pairs: `out[j/2][x][j%2]`. Keys past `Sk` and dims past `Dv` are 0.
-pub fn pack_v<T: Element, M: Micro>(v: &TensorView, b: usize, hk: usize, c: usize, out: &mut [M::P]) {
+pub fn pack_v<T: Element, M: Micro>(
+    v: &TensorView,
+    b: usize,
+    hk: usize,
+    c: usize,
+    out: &mut [M::P],
+) {
     let sk = v.seq();
     let dvp = packed_dv::<M>(v.dim());
     out[..NC * dvp].fill(M::P::default());
@@ -105,4 +123,3 @@ pub fn pack_q<T: Element, M: Micro>(
         row[d..].fill(M::P::default());
     }
 }
-
