@@ -76,12 +76,18 @@ pub fn missing(path: &Path, what: &str) -> Error {
 
 /// Path of the SmolLM2-135M-Instruct Q4_1 GGUF, or an error saying how to fetch it.
 pub fn smollm2_path() -> Result<PathBuf> {
-    existing(cache_dir()?.join("smollm2").join(SMOLLM2_FILE), "SmolLM2 model")
+    existing(
+        cache_dir()?.join("smollm2").join(SMOLLM2_FILE),
+        "SmolLM2 model",
+    )
 }
 
 /// Path of the Gemma-3-270M Q4_K_M GGUF, or an error saying how to fetch it.
 pub fn gemma3_path() -> Result<PathBuf> {
-    existing(cache_dir()?.join("gemma3").join(GEMMA3_FILE), "Gemma-3 model")
+    existing(
+        cache_dir()?.join("gemma3").join(GEMMA3_FILE),
+        "Gemma-3 model",
+    )
 }
 
 /// The directory of the Gutenberg books, or an error saying how to fetch them (checks that the

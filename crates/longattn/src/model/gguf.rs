@@ -116,10 +116,48 @@ pub enum GgmlType {
 
 /// Names of the GGML type ids, for error messages (index = id; empty = unassigned).
 const TYPE_NAMES: [&str; 42] = [
-    "F32", "F16", "Q4_0", "Q4_1", "Q4_2", "Q4_3", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K",
-    "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
-    "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M", "BF16", "Q4_0_4_4", "Q4_0_4_8",
-    "Q4_0_8_8", "TQ1_0", "TQ2_0", "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4", "", "",
+    "F32",
+    "F16",
+    "Q4_0",
+    "Q4_1",
+    "Q4_2",
+    "Q4_3",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q8_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "Q8_K",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ3_XXS",
+    "IQ1_S",
+    "IQ4_NL",
+    "IQ3_S",
+    "IQ2_S",
+    "IQ4_XS",
+    "I8",
+    "I16",
+    "I32",
+    "I64",
+    "F64",
+    "IQ1_M",
+    "BF16",
+    "Q4_0_4_4",
+    "Q4_0_4_8",
+    "Q4_0_8_8",
+    "TQ1_0",
+    "TQ2_0",
+    "IQ4_NL_4_4",
+    "IQ4_NL_4_8",
+    "IQ4_NL_8_8",
+    "MXFP4",
+    "",
+    "",
 ];
 
 impl GgmlType {
@@ -330,22 +368,16 @@ impl<'a> Cursor<'a> {
             return Err(file_err(
                 self.origin,
                 format!(
-                    "{what}: string length {len} at offset {} exceeds the {} bytes left in the file",
+                    "truncated GGUF: {what}: string length {len} at offset {} exceeds the {} bytes \
+                     left in the file",
                     self.pos - 8,
                     self.remaining()
                 ),
             ));
         }
-        let at = self.pos;
         let s = self.take(len as usize, what)?;
         // Vocabularies hold arbitrary bytes in principle; keep them, replacing invalid UTF-8.
-        match std::str::from_utf8(s) {
-            Ok(s) => Ok(s.to_string()),
-            Err(_) => {
-                let _ = at;
-                Ok(String::from_utf8_lossy(s).into_owned())
-            }
-        }
+        Ok(String::from_utf8_lossy(s).into_owned())
     }
 
     fn value(&mut self, ty: u32, key: &str, depth: u32) -> Result<MetaValue> {
@@ -559,7 +591,7 @@ impl Gguf {
 
         // Check every tensor's extent now, so that later reads cannot go out of bounds.
         for t in &tensors {
-            if t.offset % alignment != 0 {
+            if !t.offset.is_multiple_of(alignment) {
                 return Err(file_err(
                     &origin,
                     format!(
@@ -572,7 +604,7 @@ impl Gguf {
                 // Unknown types are reported when dequantized; their extent cannot be checked.
                 continue;
             };
-            if t.dims[0] % be != 0 {
+            if !t.dims[0].is_multiple_of(be) {
                 return Err(file_err(
                     &origin,
                     format!(
@@ -581,8 +613,8 @@ impl Gguf {
                     ),
                 ));
             }
-            let nbytes = (t.n_elements() / be) as u64 * bb as u64;
-            let end = t.offset.checked_add(nbytes);
+            let nbytes = ((t.n_elements() / be) as u64).checked_mul(bb as u64);
+            let end = nbytes.and_then(|n| t.offset.checked_add(n));
             if end.is_none_or(|e| e > data_len) {
                 return Err(file_err(
                     &origin,
@@ -593,7 +625,7 @@ impl Gguf {
                         t.ggml_type,
                         t.dims,
                         t.offset,
-                        t.offset as u128 + nbytes as u128
+                        t.offset as u128 + (t.n_elements() / be) as u128 * bb as u128
                     ),
                 ));
             }
@@ -865,7 +897,7 @@ pub fn dequantize_into(ty: GgmlType, src: &[u8], out: &mut [f32]) -> Result<()> 
         got: ty.name(),
         expected: "one of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K..Q8_K".into(),
     })?;
-    if out.len() % be != 0 || src.len() != out.len() / be * bb {
+    if !out.len().is_multiple_of(be) || src.len() != out.len() / be * bb {
         return Err(Error::Param {
             op: "gguf dequantize",
             msg: format!(
@@ -1015,11 +1047,7 @@ fn dq_q3_k(b: &[u8], y: &mut [f32]) {
     // Unpack the 16 6-bit scales: low 4 bits from bytes 0..8, high 2 bits from bytes 8..12.
     let mut scales = [0i8; 16];
     for (i, s) in scales.iter_mut().enumerate() {
-        let low = if i < 8 {
-            sb[i] & 0xF
-        } else {
-            sb[i - 8] >> 4
-        };
+        let low = if i < 8 { sb[i] & 0xF } else { sb[i - 8] >> 4 };
         let high = (sb[8 + i % 4] >> (2 * (i / 4))) & 3;
         *s = ((low | (high << 4)) as i32 - 32) as i8;
     }
