@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench;
+mod capture;
 mod common;
+mod eval;
+mod generate;
+mod lm;
 mod mask;
 mod maskglue;
 mod peer;
@@ -30,6 +34,12 @@ enum Cmd {
     Mask(mask::Args),
     /// Benchmark suite: correctness against the f64 oracle, then timing; writes a report folder.
     Bench(bench::Args),
+    /// Next-token NLL / perplexity of a GGUF model on a text, or the passkey retrieval task.
+    Eval(eval::Args),
+    /// Greedy generation with the paged KV cache.
+    Generate(generate::Args),
+    /// Post-RoPE q/k/v of chosen layers on real text, as safetensors.
+    Capture(capture::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +48,9 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::main(a),
         Cmd::Mask(a) => mask::main(a),
         Cmd::Bench(a) => bench::main(a),
+        Cmd::Eval(a) => eval::main(a),
+        Cmd::Generate(a) => generate::main(a),
+        Cmd::Capture(a) => capture::main(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,9 @@
 //! Backend-agnostic in the sense that each is a plain function of slices; a GPU backend supplies
 //! its own versions of the same list.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 /// A weight matrix `[out][in]` row-major (the layout of a GGUF 2-D tensor with dims `[in, out]`).
 #[derive(Clone, Debug)]
 pub struct Mat {
@@ -20,9 +23,26 @@ impl Mat {
     }
 }
 
+static MATMUL_NANOS: AtomicU64 = AtomicU64::new(0);
+static MATMUL_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// Wall time (s) and FLOPs (2 n k m per call) spent in [`matmul_t`] since the last reset, for
+/// reporting matmul GFLOP/s.
+pub fn matmul_stats() -> (f64, f64) {
+    (
+        MATMUL_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+        MATMUL_FLOPS.load(Ordering::Relaxed) as f64,
+    )
+}
+pub fn reset_matmul_stats() {
+    MATMUL_NANOS.store(0, Ordering::Relaxed);
+    MATMUL_FLOPS.store(0, Ordering::Relaxed);
+}
+
 /// y `[n, W.rows]` = x `[n, W.cols]` W^T, through the `gemm` crate (run-time SIMD dispatch,
 /// threads from the current rayon pool).
 pub fn matmul_t(x: &[f32], n: usize, w: &Mat, y: &mut [f32]) {
+    let t0 = Instant::now();
     let (k, m) = (w.cols, w.rows);
     assert!(
         x.len() >= n * k && y.len() >= n * m,
@@ -60,6 +80,8 @@ pub fn matmul_t(x: &[f32], n: usize, w: &Mat, y: &mut [f32]) {
             par,
         );
     }
+    MATMUL_NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    MATMUL_FLOPS.fetch_add(2 * (n * k * m) as u64, Ordering::Relaxed);
 }
 
 /// RMSNorm of each `dim`-long row in place: x <- x / sqrt(mean(x^2) + eps) * w.

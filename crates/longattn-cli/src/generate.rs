@@ -1,0 +1,79 @@
+//! `longattn generate`: greedy decoding with the paged KV cache; reports prefill and decode speed.
+use crate::common::peak_rss_kib;
+use crate::lm;
+use anyhow::{bail, Context, Result};
+use longattn::model::from_spec;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The model (GGUF).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// New tokens at most (stops early at end-of-sequence).
+    #[arg(long, default_value_t = 64)]
+    max_new: usize,
+    /// `exact` or a mask expression applied in every layer.
+    #[arg(long, default_value = "causal")]
+    attention: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let pool = crate::common::pool(a.threads)?;
+    pool.install(|| run(&a))
+}
+
+fn run(a: &Args) -> Result<()> {
+    let attn = from_spec(&a.attention).context("--attention")?;
+    let lm = lm::load(&a.model)?;
+    let m = &lm.model;
+    let prompt = lm.encode(&a.prompt)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    lm::check_context(m, prompt.len() + a.max_new)?;
+    let mut cache = m.new_cache(lm::PAGE)?;
+    let seq = cache.add_sequence();
+    let t0 = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut out = std::io::stdout();
+    print!("{}", a.prompt);
+    let toks = m.generate(
+        &mut cache,
+        seq,
+        &prompt,
+        a.max_new,
+        lm.tok.eos(),
+        attn.as_ref(),
+        lm::CHUNK,
+        |t| {
+            first.get_or_insert_with(Instant::now);
+            // Decoding one token at a time; multi-byte characters may print as U+FFFD.
+            print!("{}", lm.tok.decode(&[t]));
+            let _ = out.flush();
+        },
+    )?;
+    println!();
+    let end = Instant::now();
+    let prefill = first.map_or(0.0, |f| (f - t0).as_secs_f64());
+    let decode = first.map_or(0.0, |f| (end - f).as_secs_f64());
+    eprintln!(
+        "prompt {} tokens: prefill {:.2} s ({:.1} tok/s); {} new tokens: decode {:.2} s ({:.1} tok/s); peak RSS {} MiB",
+        prompt.len(),
+        prefill,
+        prompt.len() as f64 / prefill.max(1e-9),
+        toks.len(),
+        decode,
+        (toks.len().saturating_sub(1)) as f64 / decode.max(1e-9),
+        peak_rss_kib().map_or("?".into(), |k| format!("{:.0}", k as f64 / 1024.0))
+    );
+    Ok(())
+}
