@@ -36,10 +36,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
         .with_context(|| format!("{}: cannot load the model", path.display()))?;
     let tok = Tokenizer::from_gguf(&g)
         .with_context(|| format!("{}: cannot build the tokenizer", path.display()))?;
-    let add_bos = g
-        .meta("tokenizer.ggml.add_bos_token")
-        .and_then(|v| v.as_i128())
-        .is_some_and(|x| x != 0);
+    let add_bos = tok.add_bos();
     Ok(Loaded {
         model,
         tok,
