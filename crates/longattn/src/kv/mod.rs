@@ -197,7 +197,10 @@ impl PagedKvCache {
     ) -> Result<()> {
         let c = self.cfg;
         let (kr, vr) = (c.kv_heads * c.head_dim, c.kv_heads * c.v_dim);
-        if k.len() % kr != 0 || v.len() / vr != k.len() / kr || v.len() % vr != 0 {
+        if !k.len().is_multiple_of(kr)
+            || v.len() / vr != k.len() / kr
+            || !v.len().is_multiple_of(vr)
+        {
             return Err(param(format!(
                 "write: k holds {} values and v {}, expected n x {kr} and n x {vr}",
                 k.len(),

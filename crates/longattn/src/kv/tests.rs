@@ -56,12 +56,12 @@ fn check(page: usize, la: usize, lb: usize, sq: usize, hq: usize, hk: usize, mas
         let sq = sq.min(len);
         let qd = randn(sq * hq * d, &mut rng);
         let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
-        for l in 0..layers {
+        for (l, (fk, fv)) in full[s].iter().enumerate() {
             let got = cache
                 .attend(ids[s], l, &q, expr.as_ref(), &AttnParams::default())
                 .unwrap();
-            let k = TensorView::contiguous(&full[s][l].0[..], [1, len, hk, d]).unwrap();
-            let v = TensorView::contiguous(&full[s][l].1[..], [1, len, hk, d]).unwrap();
+            let k = TensorView::contiguous(&fk[..], [1, len, hk, d]).unwrap();
+            let v = TensorView::contiguous(&fv[..], [1, len, hk, d]).unwrap();
             let bound = expr.as_ref().map(|e| {
                 e.bind(
                     MaskShape {
@@ -184,7 +184,7 @@ fn bad_input_is_refused() {
     let x = vec![0.5f32; 3 * 4];
     let e = c.write(a, 0, 0, &x, &x).unwrap_err().to_string();
     assert!(e.contains("outside the sequence"), "{e}");
-    let q = vec![0.1f32; 3 * 4];
+    let q = [0.1f32; 3 * 4];
     let qv = TensorView::contiguous(&q[..], [1, 3, 1, 4]).unwrap();
     assert!(c.attend(a, 0, &qv, None, &AttnParams::default()).is_err());
 }
