@@ -2,7 +2,7 @@
 use crate::common::peak_rss_kib;
 use crate::lm;
 use anyhow::{bail, Context, Result};
-use longattn::model::from_spec;
+use longattn::model::{from_spec, ops};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,8 +13,14 @@ pub struct Args {
     #[arg(long)]
     model: PathBuf,
     /// The prompt text.
+    #[arg(long, required_unless_present = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file instead (e.g. a book, to time a long prefill).
+    #[arg(long, conflicts_with = "prompt")]
+    prompt_file: Option<PathBuf>,
+    /// Keep only the first N tokens of the prompt.
     #[arg(long)]
-    prompt: String,
+    prompt_tokens: Option<usize>,
     /// New tokens at most (stops early at end-of-sequence).
     #[arg(long, default_value_t = 64)]
     max_new: usize,
@@ -35,17 +41,32 @@ fn run(a: &Args) -> Result<()> {
     let attn = from_spec(&a.attention).context("--attention")?;
     let lm = lm::load(&a.model)?;
     let m = &lm.model;
-    let prompt = lm.encode(&a.prompt)?;
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => lm::read_text(p)?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
+    };
+    let mut prompt = lm.encode(&text)?;
+    if let Some(n) = a.prompt_tokens {
+        if prompt.len() < n {
+            bail!("the prompt holds {} tokens, {n} asked (--prompt-tokens)", prompt.len());
+        }
+        prompt.truncate(n);
+    }
     if prompt.is_empty() {
-        bail!("--prompt is empty");
+        bail!("the prompt is empty");
     }
     lm::check_context(m, prompt.len() + a.max_new)?;
     let mut cache = m.new_cache(lm::PAGE)?;
     let seq = cache.add_sequence();
     let t0 = Instant::now();
     let mut first: Option<Instant> = None;
+    let mut prefill_mm = (0.0, 0.0);
     let mut out = std::io::stdout();
-    print!("{}", a.prompt);
+    if a.prompt_file.is_none() {
+        print!("{text}");
+    }
+    ops::reset_matmul_stats();
     let toks = m.generate(
         &mut cache,
         seq,
@@ -55,7 +76,10 @@ fn run(a: &Args) -> Result<()> {
         attn.as_ref(),
         lm::CHUNK,
         |t| {
-            first.get_or_insert_with(Instant::now);
+            if first.is_none() {
+                first = Some(Instant::now());
+                prefill_mm = ops::matmul_stats();
+            }
             // Decoding one token at a time; multi-byte characters may print as U+FFFD.
             print!("{}", lm.tok.decode(&[t]));
             let _ = out.flush();
@@ -74,6 +98,12 @@ fn run(a: &Args) -> Result<()> {
         decode,
         (toks.len().saturating_sub(1)) as f64 / decode.max(1e-9),
         peak_rss_kib().map_or("?".into(), |k| format!("{:.0}", k as f64 / 1024.0))
+    );
+    eprintln!(
+        "prefill matmuls: {:.2} s at {:.1} GFLOP/s ({:.0} GFLOP)",
+        prefill_mm.0,
+        prefill_mm.1 / prefill_mm.0.max(1e-12) / 1e9,
+        prefill_mm.1 / 1e9
     );
     Ok(())
 }
