@@ -41,7 +41,7 @@ enum Kind {
         merges: HashMap<(u32, u32), (u32, u32)>,
         /// Byte -> id of the token for its byte-level character ([`NO_TOKEN`] when the vocabulary
         /// lacks it: such a byte becomes the unknown token, or is dropped without one).
-        byte_token: [u32; 256],
+        byte_token: Box<[u32; 256]>,
         /// Byte-level character -> byte, for decoding.
         char_byte: HashMap<char, u8>,
         pre: Pretokenizer,
@@ -49,7 +49,7 @@ enum Kind {
     Spm {
         scores: Vec<f32>,
         /// Byte -> id of `<0xNN>`, when the vocabulary has it.
-        byte_token: [Option<u32>; 256],
+        byte_token: Box<[Option<u32>; 256]>,
         add_space_prefix: bool,
     },
 }
@@ -289,7 +289,7 @@ impl Tokenizer {
                 (
                     Kind::Bpe {
                         merges,
-                        byte_token,
+                        byte_token: Box::new(byte_token),
                         char_byte,
                         pre,
                     },
@@ -328,7 +328,7 @@ impl Tokenizer {
                 (
                     Kind::Spm {
                         scores,
-                        byte_token,
+                        byte_token: Box::new(byte_token),
                         add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true)?,
                     },
                     index,
