@@ -648,3 +648,16 @@ fn bpe_merge(syms: &mut Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) {
         syms.truncate(j);
     }
 }
+
+/// Reads a text file as bytes and decodes it as UTF-8, replacing invalid sequences with U+FFFD (the
+/// Gutenberg books include ISO-8859 bytes; CRLF line ends are kept as they are).
+pub fn read_text_lossy(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::File {
+        path: path.display().to_string(),
+        msg: format!("cannot read text: {e}"),
+    })?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
