@@ -4,6 +4,9 @@
 //! - `longattn mask`: explain a mask expression and draw its tile schedule.
 //! - `longattn bench`: the benchmark suite (mask x length x head dim x dtype), optionally against
 //!   PyTorch's CPU `scaled_dot_product_attention` in the same run.
+//! - `longattn fetch`: download the real-model fixtures (models, books) into the cache.
+//! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
+//! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -11,6 +14,7 @@ mod bench;
 mod capture;
 mod common;
 mod eval;
+mod fetch;
 mod generate;
 mod lm;
 mod mask;
@@ -18,6 +22,7 @@ mod maskglue;
 mod peer;
 mod plot;
 mod run;
+mod tokenize;
 
 #[derive(Parser, Debug)]
 #[command(name = "longattn", version, about = "Long-context attention engine")]
@@ -40,6 +45,10 @@ enum Cmd {
     Generate(generate::Args),
     /// Post-RoPE q/k/v of chosen layers on real text, as safetensors.
     Capture(capture::Args),
+    /// Download the real-model fixtures (SmolLM2, Gemma-3, Gutenberg books) into the cache.
+    Fetch(fetch::Args),
+    /// Token ids of a text file under a GGUF model's tokenizer, whitespace-separated.
+    Tokenize(tokenize::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +60,8 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval::main(a),
         Cmd::Generate(a) => generate::main(a),
         Cmd::Capture(a) => capture::main(a),
+        Cmd::Fetch(a) => fetch::main(a),
+        Cmd::Tokenize(a) => tokenize::main(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

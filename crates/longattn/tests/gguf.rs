@@ -11,6 +11,9 @@ use longattn::model::gguf::{dequantize_into, GgmlType, Gguf, MetaValue};
 use longattn::testing::Rng;
 use serde_json::Value;
 
+mod common;
+use common::{array, s, u32v, Builder};
+
 fn hex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
@@ -111,94 +114,6 @@ fn dequantize_into_rejects_wrong_lengths_and_unknown_types() {
     assert!(e.to_string().contains("Q4_0"), "{e}");
     let e = dequantize_into(GgmlType::from_id(16), &[0u8; 66], &mut y).unwrap_err();
     assert!(e.to_string().contains("IQ2_XXS"), "{e}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// A minimal GGUF writer for synthesized files.
-
-#[derive(Clone)]
-struct Builder {
-    version: u32,
-    kv: Vec<(String, u32, Vec<u8>)>,
-    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
-    alignment: u64,
-}
-
-fn s(x: &str) -> Vec<u8> {
-    let mut v = (x.len() as u64).to_le_bytes().to_vec();
-    v.extend_from_slice(x.as_bytes());
-    v
-}
-
-impl Builder {
-    fn new() -> Builder {
-        Builder {
-            version: 3,
-            kv: Vec::new(),
-            tensors: Vec::new(),
-            alignment: 32,
-        }
-    }
-    fn kv(mut self, key: &str, ty: u32, val: Vec<u8>) -> Builder {
-        self.kv.push((key.into(), ty, val));
-        self
-    }
-    fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Builder {
-        self.tensors.push((name.into(), dims.to_vec(), ty, data));
-        self
-    }
-    /// Bytes of the file; `offsets` overrides the tensor offsets when given.
-    fn build_with(&self, offsets: Option<&[u64]>) -> Vec<u8> {
-        let mut b = b"GGUF".to_vec();
-        b.extend_from_slice(&self.version.to_le_bytes());
-        b.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        b.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
-        for (k, ty, v) in &self.kv {
-            b.extend(s(k));
-            b.extend_from_slice(&ty.to_le_bytes());
-            b.extend_from_slice(v);
-        }
-        let mut off = 0u64;
-        let mut offs = Vec::new();
-        for (_, _, _, data) in &self.tensors {
-            offs.push(off);
-            off += (data.len() as u64).div_ceil(self.alignment) * self.alignment;
-        }
-        for (i, (name, dims, ty, _)) in self.tensors.iter().enumerate() {
-            b.extend(s(name));
-            b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                b.extend_from_slice(&d.to_le_bytes());
-            }
-            b.extend_from_slice(&ty.to_le_bytes());
-            let o = offsets.map_or(offs[i], |o| o[i]);
-            b.extend_from_slice(&o.to_le_bytes());
-        }
-        while !(b.len() as u64).is_multiple_of(self.alignment) {
-            b.push(0);
-        }
-        for (_, _, _, data) in &self.tensors {
-            b.extend_from_slice(data);
-            while !(b.len() as u64).is_multiple_of(self.alignment) {
-                b.push(0);
-            }
-        }
-        b
-    }
-    fn build(&self) -> Vec<u8> {
-        self.build_with(None)
-    }
-}
-
-fn u32v(x: u32) -> Vec<u8> {
-    x.to_le_bytes().to_vec()
-}
-
-fn array(et: u32, n: u64, elems: &[u8]) -> Vec<u8> {
-    let mut v = et.to_le_bytes().to_vec();
-    v.extend_from_slice(&n.to_le_bytes());
-    v.extend_from_slice(elems);
-    v
 }
 
 /// A small valid file with every metadata value type, nested arrays, alignment 64, an F32 and a

@@ -105,3 +105,31 @@ pub fn books_dir() -> Result<PathBuf> {
 pub fn book_path(name: &str) -> Result<PathBuf> {
     existing(cache_dir()?.join("gutenberg").join(name), "Gutenberg book")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fixture_error_names_the_file_and_the_fetch_command() {
+        let e = missing(Path::new("/cache/smollm2/x.gguf"), "SmolLM2 model").to_string();
+        assert!(e.starts_with("/cache/smollm2/x.gguf: SmolLM2 model not found"), "{e}");
+        assert!(e.contains("longattn fetch") && e.contains("scripts/fetch_fixtures.sh"));
+    }
+
+    #[test]
+    fn getters_agree_with_the_layout() {
+        // Present or absent, each getter either returns the documented path or says how to fetch.
+        let dir = cache_dir().unwrap();
+        for (r, want) in [
+            (smollm2_path(), dir.join("smollm2").join(SMOLLM2_FILE)),
+            (gemma3_path(), dir.join("gemma3").join(GEMMA3_FILE)),
+            (books_dir(), dir.join("gutenberg")),
+        ] {
+            match r {
+                Ok(p) => assert_eq!(p, want),
+                Err(e) => assert!(e.to_string().contains("longattn fetch"), "{e}"),
+            }
+        }
+    }
+}

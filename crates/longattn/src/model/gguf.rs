@@ -484,6 +484,12 @@ impl Gguf {
             pos: 0,
             origin: &origin,
         };
+        if b.len() < 4 {
+            return Err(file_err(
+                &origin,
+                format!("not a GGUF file: {} bytes, shorter than the magic", b.len()),
+            ));
+        }
         let magic = c.take(4, "magic")?;
         if magic != MAGIC {
             return Err(file_err(

@@ -41,7 +41,7 @@ enum Kind {
         merges: HashMap<(u32, u32), (u32, u32)>,
         /// Byte -> id of the token for its byte-level character ([`NO_TOKEN`] when the vocabulary
         /// lacks it: such a byte becomes the unknown token, or is dropped without one).
-        byte_token: [u32; 256],
+        byte_token: Box<[u32; 256]>,
         /// Byte-level character -> byte, for decoding.
         char_byte: HashMap<char, u8>,
         pre: Pretokenizer,
@@ -49,7 +49,7 @@ enum Kind {
     Spm {
         scores: Vec<f32>,
         /// Byte -> id of `<0xNN>`, when the vocabulary has it.
-        byte_token: [Option<u32>; 256],
+        byte_token: Box<[Option<u32>; 256]>,
         add_space_prefix: bool,
     },
 }
@@ -289,7 +289,7 @@ impl Tokenizer {
                 (
                     Kind::Bpe {
                         merges,
-                        byte_token,
+                        byte_token: Box::new(byte_token),
                         char_byte,
                         pre,
                     },
@@ -328,7 +328,7 @@ impl Tokenizer {
                 (
                     Kind::Spm {
                         scores,
-                        byte_token,
+                        byte_token: Box::new(byte_token),
                         add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true)?,
                     },
                     index,
@@ -647,4 +647,17 @@ fn bpe_merge(syms: &mut Vec<u32>, merges: &HashMap<(u32, u32), (u32, u32)>) {
         }
         syms.truncate(j);
     }
+}
+
+/// Reads a text file as bytes and decodes it as UTF-8, replacing invalid sequences with U+FFFD (the
+/// Gutenberg books include ISO-8859 bytes; CRLF line ends are kept as they are).
+pub fn read_text_lossy(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::File {
+        path: path.display().to_string(),
+        msg: format!("cannot read text: {e}"),
+    })?;
+    Ok(match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
