@@ -28,7 +28,8 @@ for m in $MODELS; do
       j=$OUT/${m}_${b%.txt}_$i.json
       [ -f "$j" ] && continue
       echo "== $m $b [$s]"
-      $B eval --model "$G" --text "$CACHE/gutenberg/$b" --tokens "$TOKENS" --attention "$s" --bucket 1 --json "$j" | head -1
+      $B eval --model "$G" --text "$CACHE/gutenberg/$b" --tokens "$TOKENS" --attention "$s" --bucket 1 --json "$j" > "${j%.json}.txt"
+      head -1 "${j%.json}.txt"
     done
   done
 done

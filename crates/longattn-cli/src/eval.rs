@@ -179,6 +179,10 @@ fn nll(a: &Args) -> Result<()> {
         peak_rss_mib: peak_rss_kib().map(|k| k as f64 / 1024.0),
         threads: rayon::current_num_threads(),
     };
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rep)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
     println!(
         "{} tokens, attention `{}`: nll {:.5} nats, ppl {:.3} ({:.2} s; matmul {:.2} s at {:.1} GFLOP/s; uniform baseline ln(vocab) = {:.3})",
         n,
@@ -195,10 +199,6 @@ fn nll(a: &Args) -> Result<()> {
     }
     if let Some(mib) = rep.peak_rss_mib {
         println!("  peak RSS {mib:.0} MiB");
-    }
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&rep)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
 }

@@ -49,7 +49,10 @@ fn run(a: &Args) -> Result<()> {
     let mut prompt = lm.encode(&text)?;
     if let Some(n) = a.prompt_tokens {
         if prompt.len() < n {
-            bail!("the prompt holds {} tokens, {n} asked (--prompt-tokens)", prompt.len());
+            bail!(
+                "the prompt holds {} tokens, {n} asked (--prompt-tokens)",
+                prompt.len()
+            );
         }
         prompt.truncate(n);
     }
