@@ -3,7 +3,7 @@
 # books, one 8192-token run per (model, book, attention) with per-position NLL (--bucket 1).
 # By causality the mean over the first L-1 predicted positions of that run is exactly the NLL of
 # an L-token run, so 2k / 4k / 8k come from the same run. Results: $OUT/*.json and table.md.
-# Usage: scripts/quality_table.sh [OUT] (env: MODELS="smollm2 gemma3", BOOKS, SPECS, TOKENS).
+# Usage: scripts/quality_table.sh [OUT] (env: MODELS="smollm2 gemma3", BOOKS, SPECS separated by `;`, TOKENS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-quality-report}
@@ -11,11 +11,11 @@ CACHE=${LONGATTN_CACHE:-$HOME/.cache/longattn}
 MODELS=${MODELS:-"smollm2 gemma3"}
 BOOKS=${BOOKS:-"austen-emma.txt melville-moby_dick.txt"}
 TOKENS=${TOKENS:-8192}
-SPECS=${SPECS:-"exact|causal & (sinks(4) | window(256,0))|causal & window(512,0)"}
+SPECS=${SPECS:-"exact;causal & (sinks(4) | window(256,0));causal & window(512,0)"}
 mkdir -p "$OUT"
 cargo build --release -q -p longattn-cli
 B=target/release/longattn
-IFS='|' read -ra SPEC_LIST <<< "$SPECS"
+IFS=';' read -ra SPEC_LIST <<< "$SPECS"
 for m in $MODELS; do
   case $m in
     smollm2) G=$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ;;
@@ -51,6 +51,7 @@ for f in sorted(glob.glob(f"{out}/*.json")):
 with open(f"{out}/table.md", "w") as t:
     t.write("| model | book | attention | 2k | 4k | 8k | seconds (8k run) |\n|---|---|---|---|---|---|---|\n")
     for m, b, a, c, s in rows:
+        a = a.replace("|", "\\|")  # a literal | inside a markdown table cell
         t.write(f"| {m} | {b} | `{a}` | {c[0]} | {c[1]} | {c[2]} | {s:.0f} |\n")
 print(open(f"{out}/table.md").read())
 PY
