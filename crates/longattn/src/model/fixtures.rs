@@ -113,7 +113,10 @@ mod tests {
     #[test]
     fn missing_fixture_error_names_the_file_and_the_fetch_command() {
         let e = missing(Path::new("/cache/smollm2/x.gguf"), "SmolLM2 model").to_string();
-        assert!(e.starts_with("/cache/smollm2/x.gguf: SmolLM2 model not found"), "{e}");
+        assert!(
+            e.starts_with("/cache/smollm2/x.gguf: SmolLM2 model not found"),
+            "{e}"
+        );
         assert!(e.contains("longattn fetch") && e.contains("scripts/fetch_fixtures.sh"));
     }
 
