@@ -96,11 +96,20 @@ pub struct Args {
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Real q/k/v from `longattn capture` instead of random inputs: every captured layer (or
+    /// `--layers`) under each mask; lengths, head dim, heads and dtype come from the file.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Comma-separated layers of `--data` (default: all in the file).
+    #[arg(long, requires = "data")]
+    layers: Option<String>,
 }
 
 #[derive(Serialize, Clone, Debug)]
 struct Row {
     mask: String,
+    /// The captured layer of `--data` (None: random inputs).
+    layer: Option<usize>,
     expr: String,
     n: usize,
     d: usize,
@@ -231,9 +240,46 @@ fn plan(a: &Args) -> Result<Plan> {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    let p = plan(&a)?;
-    let hq = a.heads;
-    let hk = a.kv_heads.unwrap_or(hq);
+    let mut p = plan(&a)?;
+    let mut hq = a.heads;
+    let mut hk = a.kv_heads.unwrap_or(hq);
+    // Captured layers replace the random inputs: one config per (mask, layer).
+    let captured = match &a.data {
+        None => Vec::new(),
+        Some(path) => {
+            if a.compare.is_some() {
+                bail!("--compare runs the peer on random inputs only; drop it with --data");
+            }
+            let layers = match &a.layers {
+                Some(s) => Some(parse_list(s, "layer", |x| x.parse::<usize>().ok())?),
+                None => None,
+            };
+            if a.batch != 1 {
+                bail!("--data holds batch 1; drop --batch");
+            }
+            let c = longattn::io::read_captured(path, layers.as_deref())?;
+            let d0 = c[0].1.dims()?;
+            if d0.sq != d0.sk {
+                bail!(
+                    "{}: captured q and k lengths differ ({} vs {})",
+                    path.display(),
+                    d0.sq,
+                    d0.sk
+                );
+            }
+            hq = d0.hq;
+            hk = d0.hk;
+            p.lens = vec![d0.sq];
+            p.dims = vec![d0.d];
+            p.dtypes = vec![c[0].1.dtype()];
+            if a.masks.is_none() {
+                p.masks = ["causal", "sliding_window", "sinks_window", "full"]
+                    .map(String::from)
+                    .to_vec();
+            }
+            c
+        }
+    };
     if hq == 0 || hk == 0 || a.batch == 0 || a.reps == 0 {
         bail!("--heads, --kv-heads, --batch and --reps must be >= 1");
     }
@@ -260,7 +306,12 @@ pub fn main(a: Args) -> Result<()> {
         for m in &p.masks {
             for &d in &p.dims {
                 for &dt in &p.dtypes {
-                    configs.push((m.clone(), n, d, dt));
+                    if captured.is_empty() {
+                        configs.push((m.clone(), n, d, dt, None));
+                    }
+                    for ci in 0..captured.len() {
+                        configs.push((m.clone(), n, d, dt, Some(ci)));
+                    }
                 }
             }
         }
@@ -278,12 +329,14 @@ pub fn main(a: Args) -> Result<()> {
     );
     let mut rows: Vec<Row> = Vec::new();
     let mut peer_jobs: Vec<PeerConfig> = Vec::new();
-    for (id, (mname, n, d, dt)) in configs.iter().enumerate() {
+    for (id, (mname, n, d, dt, ci)) in configs.iter().enumerate() {
+        let data = ci.map(|c| &captured[c]);
         pb.set_message(format!("{mname} n={} D={d} {dt}", fmt_len(*n)));
         let io_bytes =
             (a.batch * n * (2 * hq + 2 * hk) * d * dt.size() + a.batch * hq * n * 4) as u64;
         let mut row = Row {
             mask: mname.clone(),
+            layer: data.map(|x| x.0),
             expr: String::new(),
             n: *n,
             d: *d,
@@ -311,7 +364,20 @@ pub fn main(a: Args) -> Result<()> {
             ratio_vs_torch: None,
             torch_note: None,
         };
-        let r = pool.install(|| bench_one(&a, &p, id, &mut row, *n, *d, *dt, hq, hk));
+        let r = pool.install(|| {
+            bench_one(
+                &a,
+                &p,
+                id,
+                &mut row,
+                *n,
+                *d,
+                *dt,
+                hq,
+                hk,
+                data.map(|x| &x.1),
+            )
+        });
         match r {
             Ok(Some(mask)) if compare_torch => {
                 let kind = match mname.as_str() {
@@ -445,6 +511,7 @@ fn bench_one(
     dt: DType,
     hq: usize,
     hk: usize,
+    data: Option<&longattn::io::Inputs>,
 ) -> Result<Option<Mask>> {
     let (expr, docs) = match mask_expr(&row.mask, n) {
         Ok(x) => x,
@@ -455,17 +522,25 @@ fn bench_one(
         }
     };
     row.expr = expr.clone();
-    let inputs = random_inputs(
-        dt,
-        a.batch,
-        n,
-        n,
-        hq,
-        hk,
-        d,
-        a.seed ^ (id as u64) << 8,
-        docs,
-    )?;
+    if data.is_some() && docs.is_some() {
+        row.status = "skipped".into();
+        row.note = "captured data holds no document ids".into();
+        return Ok(None);
+    }
+    let inputs = match data {
+        Some(x) => x.clone(),
+        None => random_inputs(
+            dt,
+            a.batch,
+            n,
+            n,
+            hq,
+            hk,
+            d,
+            a.seed ^ (id as u64) << 8,
+            docs,
+        )?,
+    };
     let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
     let mask = bind_mask(&expr, a.batch, n, n, docs)?;
     row.density = mask.density();
@@ -549,7 +624,10 @@ fn opt(x: Option<f64>, f: impl Fn(f64) -> String) -> String {
 fn table_line(r: &Row) -> String {
     format!(
         "{:<15} {:>6} {:>4} {:>5} {:>8} {:>11} {:>9} {:>8} {:>7} {:>9}",
-        r.mask,
+        match r.layer {
+            Some(l) => format!("{} L{l}", r.mask),
+            None => r.mask.clone(),
+        },
         fmt_len(r.n),
         r.d,
         r.dtype,

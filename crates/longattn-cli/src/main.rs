@@ -4,16 +4,25 @@
 //! - `longattn mask`: explain a mask expression and draw its tile schedule.
 //! - `longattn bench`: the benchmark suite (mask x length x head dim x dtype), optionally against
 //!   PyTorch's CPU `scaled_dot_product_attention` in the same run.
+//! - `longattn fetch`: download the real-model fixtures (models, books) into the cache.
+//! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
+//! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench;
+mod capture;
 mod common;
+mod eval;
+mod fetch;
+mod generate;
+mod lm;
 mod mask;
 mod maskglue;
 mod peer;
 mod plot;
 mod run;
+mod tokenize;
 
 #[derive(Parser, Debug)]
 #[command(name = "longattn", version, about = "Long-context attention engine")]
@@ -30,6 +39,16 @@ enum Cmd {
     Mask(mask::Args),
     /// Benchmark suite: correctness against the f64 oracle, then timing; writes a report folder.
     Bench(bench::Args),
+    /// Next-token NLL / perplexity of a GGUF model on a text, or the passkey retrieval task.
+    Eval(eval::Args),
+    /// Greedy generation with the paged KV cache.
+    Generate(generate::Args),
+    /// Post-RoPE q/k/v of chosen layers on real text, as safetensors.
+    Capture(capture::Args),
+    /// Download the real-model fixtures (SmolLM2, Gemma-3, Gutenberg books) into the cache.
+    Fetch(fetch::Args),
+    /// Token ids of a text file under a GGUF model's tokenizer, whitespace-separated.
+    Tokenize(tokenize::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +57,11 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::main(a),
         Cmd::Mask(a) => mask::main(a),
         Cmd::Bench(a) => bench::main(a),
+        Cmd::Eval(a) => eval::main(a),
+        Cmd::Generate(a) => generate::main(a),
+        Cmd::Capture(a) => capture::main(a),
+        Cmd::Fetch(a) => fetch::main(a),
+        Cmd::Tokenize(a) => tokenize::main(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -165,3 +165,88 @@ fn tile_grid_inner(path: &Path, title: &str, grid: &[Vec<u8>]) -> Plot {
     root.present()?;
     Ok(())
 }
+
+/// A heat map of values in [0, 1] (white 0 -> blue 1), one labelled row per `rows` entry, one
+/// column per `cols` entry, the value printed in each cell.
+pub fn heat_map_png(
+    path: &Path,
+    title: &str,
+    row_label: &str,
+    col_label: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<f64>],
+) -> Result<()> {
+    init_fonts()?;
+    wrap(
+        path,
+        heat_map_inner(path, title, row_label, col_label, rows, cols, values),
+    )
+}
+
+fn heat_map_inner(
+    path: &Path,
+    title: &str,
+    row_label: &str,
+    col_label: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<f64>],
+) -> Plot {
+    let cell = 72i32;
+    let (left, top) = (120i32, 70i32);
+    let (gw, gh) = (cell * cols.len() as i32, cell * rows.len() as i32);
+    let w = (gw + left + 40).max(560) as u32;
+    let h = (gh + top + 60) as u32;
+    let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
+    root.fill(&WHITE)?;
+    root.draw(&Text::new(
+        title.to_string(),
+        (16, 12),
+        (FAMILY, 18).into_font(),
+    ))?;
+    root.draw(&Text::new(
+        format!("rows: {row_label}, columns: {col_label}"),
+        (16, 40),
+        (FAMILY, 13).into_font(),
+    ))?;
+    for (r, row) in values.iter().enumerate() {
+        root.draw(&Text::new(
+            rows[r].clone(),
+            (16, top + r as i32 * cell + cell / 2 - 8),
+            (FAMILY, 15).into_font(),
+        ))?;
+        for (c, &v) in row.iter().enumerate() {
+            let t = v.clamp(0.0, 1.0);
+            // White (0) to blue (1).
+            let color = RGBColor(
+                (255.0 - t * (255.0 - 31.0)) as u8,
+                (255.0 - t * (255.0 - 119.0)) as u8,
+                (255.0 - t * (255.0 - 180.0)) as u8,
+            );
+            let (x, y) = (left + c as i32 * cell, top + r as i32 * cell);
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                color.filled(),
+            ))?;
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                BLACK.stroke_width(1),
+            ))?;
+            root.draw(&Text::new(
+                format!("{v:.2}"),
+                (x + cell / 2 - 18, y + cell / 2 - 8),
+                (FAMILY, 15).into_font(),
+            ))?;
+        }
+    }
+    for (c, name) in cols.iter().enumerate() {
+        root.draw(&Text::new(
+            name.clone(),
+            (left + c as i32 * cell + cell / 2 - 18, top + gh + 8),
+            (FAMILY, 14).into_font(),
+        ))?;
+    }
+    root.present()?;
+    Ok(())
+}

@@ -12,6 +12,9 @@ pub struct Args {
     /// i32 q_doc [B,Sq], k_doc [B,Sk].
     #[arg(long)]
     input: PathBuf,
+    /// Read the tensors `q.<L>`, `k.<L>`, `v.<L>` of layer L of a `longattn capture` file.
+    #[arg(long)]
+    layer: Option<usize>,
     /// Mask expression, e.g. `causal & window(1024,0)`.
     #[arg(long, default_value = "full")]
     mask: String,
@@ -42,7 +45,14 @@ pub fn main(a: Args) -> Result<()> {
             a.output.display()
         );
     }
-    let inputs = longattn::io::read_inputs(&a.input)?;
+    let inputs = match a.layer {
+        Some(l) => {
+            longattn::io::read_captured(&a.input, Some(&[l]))?
+                .remove(0)
+                .1
+        }
+        None => longattn::io::read_inputs(&a.input)?,
+    };
     if !a.allow_nonfinite {
         check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
     }

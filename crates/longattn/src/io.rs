@@ -82,6 +82,61 @@ pub fn read_inputs(path: impl AsRef<Path>) -> Result<Inputs> {
     parse_inputs(&bytes, &origin)
 }
 
+/// Reads the per-layer tensors written by `longattn capture`: `q.<L>`, `k.<L>`, `v.<L>`
+/// (`[1, N, H, D]`), one [`Inputs`] per layer in increasing layer order. `layers = None` reads
+/// every layer of the file.
+pub fn read_captured(
+    path: impl AsRef<Path>,
+    layers: Option<&[usize]>,
+) -> Result<Vec<(usize, Inputs)>> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&origin, format!("cannot read: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(&origin, format!("not a safetensors file: {e}")))?;
+    let mut found: Vec<usize> = st
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("q.")?.parse().ok())
+        .collect();
+    found.sort_unstable();
+    if found.is_empty() {
+        return Err(file_err(
+            &origin,
+            "no captured layer (tensors `q.<layer>`, `k.<layer>`, `v.<layer>` from `longattn capture`)",
+        ));
+    }
+    let want: Vec<usize> = match layers {
+        Some(l) => l.to_vec(),
+        None => found.clone(),
+    };
+    let layout = "[1, N, H, D] (from `longattn capture`)";
+    want.iter()
+        .map(|&l| {
+            if !found.contains(&l) {
+                return Err(file_err(
+                    &origin,
+                    format!("layer {l} is not in the file (it holds layers {found:?})"),
+                ));
+            }
+            let t = |x: &str| -> Result<Tensor> {
+                let name = format!("{x}.{l}");
+                let v = require(&st, &origin, &name, "a captured layer")?;
+                float_tensor(&origin, &name, &v, layout)
+            };
+            let inp = Inputs {
+                q: t("q")?,
+                k: t("k")?,
+                v: t("v")?,
+                q_doc: None,
+                k_doc: None,
+            };
+            inp.dims()?;
+            Ok((l, inp))
+        })
+        .collect()
+}
+
 fn get<'a>(st: &SafeTensors<'a>, origin: &str, name: &str) -> Result<Option<StView<'a>>> {
     match st.tensor(name) {
         Ok(t) => Ok(Some(t)),

@@ -1,0 +1,331 @@
+//! `longattn eval`: next-token negative log-likelihood of a model on a text (or token ids) under
+//! an attention method; `--task passkey`: a pass key hidden in real filler text, retrieved by
+//! greedy decoding, accuracy per (length, depth).
+use crate::common::{parse_len, parse_list, peak_rss_kib};
+use crate::lm::{self, Loaded};
+use crate::plot;
+use anyhow::{bail, Context, Result};
+use longattn::model::{from_spec, ops};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The model (GGUF).
+    #[arg(long)]
+    model: PathBuf,
+    /// `nll` (default) or `passkey`.
+    #[arg(long, default_value = "nll")]
+    task: String,
+    /// Text file (nll: the text evaluated; passkey: the filler; default: a book of the cache).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Whitespace-separated token ids instead of a text (nll).
+    #[arg(long, conflicts_with = "text")]
+    ids: Option<PathBuf>,
+    /// Tokens evaluated (nll; default: the whole text, up to the model's context).
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// `exact` (plain reference attention) or a mask expression applied in every layer.
+    #[arg(long, default_value = "causal")]
+    attention: String,
+    /// Predicted positions per bucket of `nll_by_bucket`.
+    #[arg(long, default_value_t = 512)]
+    bucket: usize,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Passkey: prompt lengths in tokens (1k = 1024).
+    #[arg(long, default_value = "1k,2k,4k")]
+    lengths: String,
+    /// Passkey: depths of the key in the filler, fractions in [0, 1].
+    #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
+    depths: String,
+    /// Passkey: trials per (length, depth) (different keys and filler offsets).
+    #[arg(long, default_value_t = 2)]
+    trials: usize,
+    /// Passkey: heat map PNG.
+    #[arg(long, default_value = "passkey.png")]
+    png: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct Bucket {
+    start: usize,
+    end: usize,
+    nll: f64,
+}
+
+#[derive(Serialize)]
+struct NllReport {
+    model: String,
+    text: String,
+    tokens: usize,
+    nll_mean: f64,
+    ppl: f64,
+    nll_by_bucket: Vec<Bucket>,
+    attention: String,
+    seconds: f64,
+    load_seconds: f64,
+    matmul_seconds: f64,
+    matmul_gflops: f64,
+    peak_rss_mib: Option<f64>,
+    threads: usize,
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let pool = crate::common::pool(a.threads)?;
+    pool.install(|| match a.task.as_str() {
+        "nll" => nll(&a),
+        "passkey" => passkey(&a),
+        t => bail!("--task {t}: known tasks are nll and passkey"),
+    })
+}
+
+fn default_book() -> Result<PathBuf> {
+    Ok(longattn::model::fixtures::book_path("austen-emma.txt")?)
+}
+
+fn nll(a: &Args) -> Result<()> {
+    let attn = from_spec(&a.attention).context("--attention")?;
+    let lm = lm::load(&a.model)?;
+    let m = &lm.model;
+    let (mut ids, source) = match (&a.ids, &a.text) {
+        (Some(p), _) => (lm::read_ids(p)?, p.display().to_string()),
+        (None, Some(p)) => (lm.encode(&lm::read_text(p)?)?, p.display().to_string()),
+        (None, None) => bail!("give --text FILE or --ids FILE"),
+    };
+    let n = a.tokens.unwrap_or(ids.len().min(m.cfg.context));
+    if n < 2 {
+        bail!("--tokens {n}: at least 2 tokens are needed to predict one");
+    }
+    if ids.len() < n {
+        bail!(
+            "{source} holds only {} tokens, {n} asked (--tokens)",
+            ids.len()
+        );
+    }
+    lm::check_context(m, n)?;
+    ids.truncate(n);
+    m.check_tokens(&ids)?;
+    if a.bucket == 0 {
+        bail!("--bucket must be >= 1");
+    }
+    let vocab = m.cfg.vocab;
+    // nll[t] = -log p(ids[t + 1] | ids[..=t]) for t in 0..n-1.
+    let mut nlls = vec![0.0f64; n - 1];
+    let mut cache = m.new_cache(lm::PAGE)?;
+    let seq = cache.add_sequence();
+    let pb = lm::bar(n as u64, "tokens");
+    ops::reset_matmul_stats();
+    let t0 = Instant::now();
+    lm::prefill(
+        m,
+        &mut cache,
+        seq,
+        &ids,
+        attn.as_ref(),
+        Some(&pb),
+        |start, h| {
+            let rows = h.len() / m.cfg.d_model;
+            // Logits in slices of 128 rows: memory 128 x vocab.
+            for r0 in (0..rows).step_by(128) {
+                let r1 = (r0 + 128).min(rows);
+                let lg = m.logits(&h[r0 * m.cfg.d_model..r1 * m.cfg.d_model]);
+                for r in r0..r1 {
+                    let t = start + r;
+                    if t + 1 < n {
+                        nlls[t] = ops::nll(
+                            &lg[(r - r0) * vocab..(r - r0 + 1) * vocab],
+                            ids[t + 1] as usize,
+                        );
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let (mm_s, mm_flops) = ops::matmul_stats();
+    let mean = nlls.iter().sum::<f64>() / nlls.len() as f64;
+    let buckets: Vec<Bucket> = (0..nlls.len())
+        .step_by(a.bucket)
+        .map(|s| {
+            let e = (s + a.bucket).min(nlls.len());
+            Bucket {
+                start: s,
+                end: e,
+                nll: nlls[s..e].iter().sum::<f64>() / (e - s) as f64,
+            }
+        })
+        .collect();
+    let rep = NllReport {
+        model: a.model.display().to_string(),
+        text: source,
+        tokens: n,
+        nll_mean: mean,
+        ppl: mean.exp(),
+        nll_by_bucket: buckets,
+        attention: attn.spec(),
+        seconds: secs,
+        load_seconds: lm.load_s,
+        matmul_seconds: mm_s,
+        matmul_gflops: mm_flops / mm_s.max(1e-12) / 1e9,
+        peak_rss_mib: peak_rss_kib().map(|k| k as f64 / 1024.0),
+        threads: rayon::current_num_threads(),
+    };
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rep)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    println!(
+        "{} tokens, attention `{}`: nll {:.5} nats, ppl {:.3} ({:.2} s; matmul {:.2} s at {:.1} GFLOP/s; uniform baseline ln(vocab) = {:.3})",
+        n,
+        rep.attention,
+        mean,
+        rep.ppl,
+        secs,
+        mm_s,
+        rep.matmul_gflops,
+        (vocab as f64).ln()
+    );
+    for b in &rep.nll_by_bucket {
+        println!("  positions {:>6}..{:<6} nll {:.4}", b.start, b.end, b.nll);
+    }
+    if let Some(mib) = rep.peak_rss_mib {
+        println!("  peak RSS {mib:.0} MiB");
+    }
+    Ok(())
+}
+
+/// The filler-and-key prompt (after the passkey retrieval test of Mohtashami & Jaggi, 2023):
+/// intro, filler with the key sentence at `depth` of the filler, question. Exactly `len` tokens.
+fn passkey_prompt(
+    lm: &Loaded,
+    filler: &[u32],
+    offset: usize,
+    len: usize,
+    depth: f64,
+    key: u32,
+) -> Result<Vec<u32>> {
+    let intro = lm.encode(
+        "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
+    )?;
+    let needle = lm.encode_plain(&format!(
+        "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+    ))?;
+    let question = lm.encode_plain("\n\nWhat is the pass key? The pass key is")?;
+    let fixed = intro.len() + needle.len() + question.len();
+    if len <= fixed + 16 {
+        bail!("passkey length {len} is too short for the prompt ({fixed} fixed tokens)");
+    }
+    let nf = len - fixed;
+    if filler.len() < offset + nf {
+        bail!(
+            "the filler text holds {} tokens, {} needed for length {len}",
+            filler.len(),
+            offset + nf
+        );
+    }
+    let f = &filler[offset..offset + nf];
+    let at = ((nf as f64) * depth).round() as usize;
+    let mut p = intro;
+    p.extend_from_slice(&f[..at]);
+    p.extend(needle);
+    p.extend_from_slice(&f[at..]);
+    p.extend(question);
+    Ok(p)
+}
+
+fn passkey(a: &Args) -> Result<()> {
+    let attn = from_spec(&a.attention).context("--attention")?;
+    let lengths = parse_list(&a.lengths, "length", parse_len)?;
+    let depths = parse_list(&a.depths, "depth", |x| {
+        x.parse::<f64>().ok().filter(|d| (0.0..=1.0).contains(d))
+    })?;
+    if a.trials == 0 || lengths.is_empty() || depths.is_empty() {
+        bail!("--trials, --lengths and --depths must be non-empty");
+    }
+    let lm = lm::load(&a.model)?;
+    let m = &lm.model;
+    for &l in &lengths {
+        lm::check_context(m, l + 8)?;
+    }
+    let book = match &a.text {
+        Some(p) => p.clone(),
+        None => default_book()?,
+    };
+    let filler = lm.encode_plain(&lm::read_text(&book)?)?;
+    let mut rng = longattn::testing::Rng::new(1234);
+    let total = lengths.len() * depths.len() * a.trials;
+    let pb = lm::bar(total as u64, "prompts");
+    let mut acc = vec![vec![0usize; depths.len()]; lengths.len()];
+    let max_len = *lengths.iter().max().unwrap_or(&0);
+    for (li, &len) in lengths.iter().enumerate() {
+        for (di, &depth) in depths.iter().enumerate() {
+            for _ in 0..a.trials {
+                let key = 10000 + rng.below(90000) as u32;
+                let offset = rng.below(filler.len().saturating_sub(max_len + 64).max(1));
+                let prompt = passkey_prompt(&lm, &filler, offset, len, depth, key)?;
+                let mut cache = m.new_cache(lm::PAGE)?;
+                let seq = cache.add_sequence();
+                let out = m.generate(
+                    &mut cache,
+                    seq,
+                    &prompt,
+                    8,
+                    lm.tok.eos(),
+                    attn.as_ref(),
+                    lm::CHUNK,
+                    |_| {},
+                )?;
+                let text = lm.tok.decode(&out);
+                if text.contains(&key.to_string()) {
+                    acc[li][di] += 1;
+                }
+                pb.inc(1);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    println!(
+        "passkey retrieval, attention `{}`, {} trials per cell (accuracy):",
+        attn.spec(),
+        a.trials
+    );
+    print!("{:>8}", "len\\depth");
+    for d in &depths {
+        print!(" {d:>6.2}");
+    }
+    println!();
+    let mut grid = Vec::new();
+    for (li, &len) in lengths.iter().enumerate() {
+        print!("{len:>9}");
+        let mut row = Vec::new();
+        for c in &acc[li] {
+            let f = *c as f64 / a.trials as f64;
+            print!(" {f:>6.2}");
+            row.push(f);
+        }
+        println!();
+        grid.push(row);
+    }
+    let rows: Vec<String> = lengths.iter().map(|l| l.to_string()).collect();
+    let cols: Vec<String> = depths.iter().map(|d| format!("{d:.2}")).collect();
+    plot::heat_map_png(
+        &a.png,
+        &format!("passkey accuracy, attention `{}`", attn.spec()),
+        "prompt length (tokens)",
+        "depth of the key",
+        &rows,
+        &cols,
+        &grid,
+    )?;
+    eprintln!("heat map: {}", a.png.display());
+    Ok(())
+}

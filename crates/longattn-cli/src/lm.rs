@@ -1,0 +1,126 @@
+//! Shared glue of the model subcommands: loading a GGUF model with its tokenizer, reading token
+//! ids or text, the chunked forward with a progress bar.
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use longattn::kv::{PagedKvCache, SeqId};
+use longattn::model::gguf::Gguf;
+use longattn::model::tokenizer::Tokenizer;
+use longattn::model::{Attention, LoadOptions, Model};
+use std::path::Path;
+use std::time::Instant;
+
+/// Prompt tokens per forward call (memory O(chunk x vocab) for the logits).
+pub const CHUNK: usize = 512;
+/// Tokens per KV page.
+pub const PAGE: usize = 64;
+
+pub struct Loaded {
+    pub model: Model,
+    pub tok: Tokenizer,
+    /// Prepend BOS to texts (`tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
+    pub load_s: f64,
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    if !path.exists() {
+        bail!(
+            "{}: model file not found; {}",
+            path.display(),
+            longattn::model::fixtures::HOW_TO_FETCH
+        );
+    }
+    let t0 = Instant::now();
+    let g = Gguf::open(path)?;
+    let model = Model::load(&g, LoadOptions::default())
+        .with_context(|| format!("{}: cannot load the model", path.display()))?;
+    let tok = Tokenizer::from_gguf(&g)
+        .with_context(|| format!("{}: cannot build the tokenizer", path.display()))?;
+    let add_bos = tok.add_bos();
+    Ok(Loaded {
+        model,
+        tok,
+        add_bos,
+        load_s: t0.elapsed().as_secs_f64(),
+    })
+}
+
+impl Loaded {
+    /// Token ids of a text (BOS first when the model wants it).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if self.add_bos {
+            ids.extend(self.tok.bos());
+        }
+        ids.extend(self.encode_plain(text)?);
+        Ok(ids)
+    }
+    /// Token ids of a text, no BOS.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tok.encode(text))
+    }
+}
+
+/// Reads a text file (lossy UTF-8: one of the books is ISO-8859), CRLF normalized to LF.
+pub fn read_text(path: &Path) -> Result<String> {
+    let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(String::from_utf8_lossy(&b).replace("\r\n", "\n"))
+}
+
+/// Whitespace-separated token ids.
+pub fn read_ids(path: &Path) -> Result<Vec<u32>> {
+    let s =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    s.split_whitespace()
+        .enumerate()
+        .map(|(i, w)| {
+            w.parse::<u32>()
+                .with_context(|| format!("{}: item {i} `{w}` is not a token id", path.display()))
+        })
+        .collect()
+}
+
+pub fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "[{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+/// Runs `tokens` through the model in chunks into `seq`, calling `each(start, hidden)` with the
+/// final hidden states of every chunk.
+pub fn prefill(
+    m: &Model,
+    cache: &mut PagedKvCache,
+    seq: SeqId,
+    tokens: &[u32],
+    attn: &dyn Attention,
+    pb: Option<&ProgressBar>,
+    mut each: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    let mut start = 0;
+    for part in tokens.chunks(CHUNK) {
+        let h = m.forward(cache, seq, part, attn, None)?;
+        each(start, &h)?;
+        start += part.len();
+        if let Some(pb) = pb {
+            pb.inc(part.len() as u64);
+        }
+    }
+    Ok(())
+}
+
+/// Errors when `n` tokens do not fit in the model's context.
+pub fn check_context(m: &Model, n: usize) -> Result<()> {
+    if n > m.cfg.context {
+        bail!(
+            "{n} tokens asked, more than the model's context of {} tokens",
+            m.cfg.context
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! End-to-end tests of `longattn eval`, `generate`, `capture` and `bench --data` on SmolLM2 (each
+//! skips with a message when the fixtures are absent). Short runs: tens of tokens.
+use longattn::model::fixtures;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_longattn"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("longattn-model-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn ok(o: Output) -> String {
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "failed: {e}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn fails_with(o: Output, want: &str) {
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "expected failure, got success");
+    assert!(!e.contains("panicked"), "panic: {e}");
+    assert!(e.contains(want), "expected `{want}` in: {e}");
+}
+
+fn fixtures_or_skip() -> Option<(PathBuf, PathBuf)> {
+    match (
+        fixtures::smollm2_path(),
+        fixtures::book_path("carroll-alice.txt"),
+    ) {
+        (Ok(m), Ok(b)) => Some((m, b)),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("SKIPPED (fixture absent): {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn eval_writes_the_json_contract() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let json = tmp("eval.json");
+    let out = ok(bin()
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--text")
+        .arg(&book)
+        .args(["--tokens", "96", "--bucket", "40", "--attention"])
+        .arg("causal & (sinks(4) | window(32,0))")
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap());
+    assert!(out.contains("96 tokens"), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["tokens"], 96);
+    assert_eq!(v["attention"], "causal & (sinks(4) | window(32,0))");
+    let nll = v["nll_mean"].as_f64().unwrap();
+    assert!(nll > 0.5 && nll < 8.0, "nll {nll}");
+    assert!((v["ppl"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp());
+    let b = v["nll_by_bucket"].as_array().unwrap();
+    // 95 predicted positions in buckets of 40: [0,40) [40,80) [80,95).
+    assert_eq!(b.len(), 3);
+    assert_eq!(
+        (b[2]["start"].as_u64(), b[2]["end"].as_u64()),
+        (Some(80), Some(95))
+    );
+    let mean = (b[0]["nll"].as_f64().unwrap() * 40.0
+        + b[1]["nll"].as_f64().unwrap() * 40.0
+        + b[2]["nll"].as_f64().unwrap() * 15.0)
+        / 95.0;
+    assert!((mean - nll).abs() < 1e-9);
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+
+    // The same positions from an ids file give the same loss.
+    let ids = ok(bin()
+        .args(["tokenize", "--model"])
+        .arg(&model)
+        .arg("--text")
+        .arg(&book)
+        .args(["--limit", "96"])
+        .output()
+        .unwrap());
+    let idf = tmp("ids.txt");
+    std::fs::write(&idf, ids).unwrap();
+    let json2 = tmp("eval2.json");
+    ok(bin()
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--ids")
+        .arg(&idf)
+        .args(["--tokens", "96", "--attention"])
+        .arg("causal & (sinks(4) | window(32,0))")
+        .arg("--json")
+        .arg(&json2)
+        .output()
+        .unwrap());
+    let v2: serde_json::Value = serde_json::from_slice(&std::fs::read(&json2).unwrap()).unwrap();
+    assert!((v2["nll_mean"].as_f64().unwrap() - nll).abs() < 1e-9);
+}
+
+#[test]
+fn capture_then_bench_and_run_on_real_qkv() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let st = tmp("qkv.safetensors");
+    ok(bin()
+        .args(["capture", "--model"])
+        .arg(&model)
+        .arg("--text")
+        .arg(&book)
+        .args(["--tokens", "130", "--layers", "0,29", "--force", "--output"])
+        .arg(&st)
+        .output()
+        .unwrap());
+    let inp = longattn::io::read_captured(&st, None).unwrap();
+    assert_eq!(inp.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 29]);
+    assert_eq!(inp[0].1.q.shape, vec![1, 130, 9, 64]);
+    assert_eq!(inp[0].1.k.shape, vec![1, 130, 3, 64]);
+    let rep = tmp("bench");
+    let out = ok(bin()
+        .args(["bench", "--data"])
+        .arg(&st)
+        .args(["--min-time", "0", "--reps", "1", "--out"])
+        .arg(&rep)
+        .output()
+        .unwrap());
+    assert!(out.contains("causal L29"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+    let o = tmp("out.safetensors");
+    ok(bin()
+        .args(["run", "--layer", "29", "--mask", "causal", "--input"])
+        .arg(&st)
+        .arg("--output")
+        .arg(&o)
+        .output()
+        .unwrap());
+    fails_with(
+        bin()
+            .args(["run", "--layer", "5", "--mask", "causal", "--input"])
+            .arg(&st)
+            .arg("--output")
+            .arg(tmp("o2.safetensors"))
+            .output()
+            .unwrap(),
+        "layer 5 is not in the file",
+    );
+}
+
+#[test]
+fn generate_and_bad_input() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let out = ok(bin()
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--prompt", "The capital of France is", "--max-new", "6"])
+        .output()
+        .unwrap());
+    assert!(out.starts_with("The capital of France is"), "{out}");
+    assert!(out.len() > "The capital of France is".len());
+    let short = tmp("short.txt");
+    std::fs::write(&short, "Only a few words.").unwrap();
+    fails_with(
+        bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&short)
+            .args(["--tokens", "100"])
+            .output()
+            .unwrap(),
+        "holds only",
+    );
+    let ids = tmp("bad_ids.txt");
+    std::fs::write(&ids, "1 2 3 60000").unwrap();
+    fails_with(
+        bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--ids")
+            .arg(&ids)
+            .output()
+            .unwrap(),
+        "token id 60000 at index 3 is out of range",
+    );
+    fails_with(
+        bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--tokens", "9000"])
+            .output()
+            .unwrap(),
+        "context of 8192",
+    );
+    fails_with(
+        bin()
+            .args(["eval", "--model", "/nonexistent/m.gguf", "--text"])
+            .arg(&book)
+            .output()
+            .unwrap(),
+        "longattn fetch",
+    );
+}
