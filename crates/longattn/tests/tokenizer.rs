@@ -5,7 +5,7 @@
 //!   independent implementations fed the GGUF vocabulary — Hugging Face `tokenizers` configured as
 //!   SmolLM2's tokenizer.json (BPE + Digits + ByteLevel) for SmolLM2; Google's `sentencepiece` (BPE
 //!   with byte fallback, special/user-defined pieces split out first as llama.cpp does) for Gemma-3,
-//!   each cross-checked with `transformers` loading the GGUF file (see the script for the one known
+//!   each cross-checked with `transformers` loading the GGUF file (see the script for the two known
 //!   differences). Hand-written strings, byte ranges of the Gutenberg books (ids), and the first
 //!   40 kB of every book (id count + FNV-1a hash). Checked when the fixtures are present.
 //! - hand-made tiny vocabularies (synthesized GGUF files): merges in rank order, score order, byte
