@@ -15,7 +15,10 @@ For Gemma-3 a case is recorded only when (a) and (b) agree (the script fails oth
 (a) is the reference: transformers' GGUF converter omits SmolLM2's Digits pre-tokenizer, so (b)
 differs where a run of whitespace precedes a digit ("\n\n16:16" -> (a) "ĊĊ" "1" "6", (b) "Ċ" "Ċ"
 "1" "6"; llama.cpp's "smollm" pre-tokenizer also splits digits first, as (a)). Each SmolLM2 case
-records whether (b) agreed.
+records whether (b) agreed. The hashed ranges (every book's first 40 kB) are recorded from (a) for
+both models, with the flag: on Milton's 58-space runs transformers matches Gemma's whitespace pieces
+as 16 + 16 + 26 spaces, where llama.cpp's longest-first partition (and (a), and longattn) gives
+31 + 27.
 
 Cases: hand-written strings (punctuation, digits, CRLF, non-ASCII, runs of spaces and newlines,
 special tokens) and byte ranges of the Gutenberg books (stored as file + range; the text is not
@@ -60,6 +63,18 @@ RANGES = [
     ("bible-kjv.txt", 50000, 1500),
     ("whitman-leaves.txt", 200000, 1500),
 ]
+
+# Larger ranges, stored as (count, FNV-1a 64 of the ids as little-endian u32): every book's first
+# 40 kB, and the neighbourhood of chesterton-ball's ISO-8859 bytes.
+HASHED = [(b, 0, 40000) for b in sorted(os.listdir(BOOKS)) if b.endswith(".txt")] + [
+    ("chesterton-ball.txt", 220000, 40000)] if os.path.isdir(BOOKS) else []
+
+
+def fnv1a64(ids):
+    h = 0xcbf29ce484222325
+    for b in np.asarray(ids, dtype="<u4").tobytes():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
 
 
 def field_strings(r, key):
@@ -172,6 +187,13 @@ def cases(name, path, builder, strict):
             continue
         out["books"].append({"book": book, "start": start, "len": n, "ids": ia,
                              "transformers_agrees": ia == ib})
+    out["hashed"] = []
+    for book, start, n in HASHED:
+        raw = open(os.path.join(BOOKS, book), "rb").read()[start:start + n]
+        text = raw.decode("utf-8", errors="replace")
+        ia, ib = a(text), b(text)
+        out["hashed"].append({"book": book, "start": start, "len": n, "count": len(ia),
+                              "fnv1a64": fnv1a64(ia), "transformers_agrees": ia == ib})
     if bad:
         sys.exit(f"{name}: {bad} disagreements between the reference implementations")
     return out

@@ -5,9 +5,9 @@
 //!   independent implementations fed the GGUF vocabulary — Hugging Face `tokenizers` configured as
 //!   SmolLM2's tokenizer.json (BPE + Digits + ByteLevel) for SmolLM2; Google's `sentencepiece` (BPE
 //!   with byte fallback, special/user-defined pieces split out first as llama.cpp does) for Gemma-3,
-//!   each cross-checked with `transformers` loading the GGUF file (see the script for the one known
-//!   difference). Hand-written strings and byte ranges of the Gutenberg books. Checked when the
-//!   fixtures are present.
+//!   each cross-checked with `transformers` loading the GGUF file (see the script for the two known
+//!   differences). Hand-written strings, byte ranges of the Gutenberg books (ids), and the first
+//!   40 kB of every book (id count + FNV-1a hash). Checked when the fixtures are present.
 //! - hand-made tiny vocabularies (synthesized GGUF files): merges in rank order, score order, byte
 //!   fallback, special tokens — small enough to verify by hand.
 //! - round trips `decode(encode(s)) == s` on every real book (CRLF, non-ASCII, ISO-8859 bytes read
@@ -223,6 +223,15 @@ fn real(name: &str) -> Option<Tokenizer> {
     }
 }
 
+/// FNV-1a 64 over the ids as little-endian u32 bytes (as `scripts/tokenizer_reference.py`).
+fn fnv1a64(ids: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in ids.iter().flat_map(|i| i.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -258,10 +267,28 @@ fn real_tokenizers_match_reference_ids() {
                     assert_eq!(t.encode(&text), ids(&c["ids"]), "{name}: {book}[{start}..]");
                     n += 1;
                 }
+                // Every book's first 40 kB (and ISO-8859 bytes): count and FNV-1a hash of the ids.
+                for c in m["hashed"].as_array().unwrap() {
+                    let book = c["book"].as_str().unwrap();
+                    let start = c["start"].as_u64().unwrap() as usize;
+                    let len = c["len"].as_u64().unwrap() as usize;
+                    let bytes = std::fs::read(dir.join(book)).unwrap();
+                    let end = (start + len).min(bytes.len());
+                    let got = t.encode(&String::from_utf8_lossy(&bytes[start..end]));
+                    assert_eq!(
+                        (got.len() as u64, format!("{:016x}", fnv1a64(&got))),
+                        (
+                            c["count"].as_u64().unwrap(),
+                            c["fnv1a64"].as_str().unwrap().to_string()
+                        ),
+                        "{name}: {book}[{start}..{end}]"
+                    );
+                    n += 1;
+                }
             }
             Err(e) => eprintln!("skipping book ranges: {e}"),
         }
-        assert!(n >= 12, "{name}: only {n} reference cases");
+        assert!(n >= 30, "{name}: only {n} reference cases");
     }
 }
 
