@@ -132,20 +132,16 @@ unsafe fn c_store(two_rows: bool, c: *mut u8, ldc: usize) {
     }
 }
 
-/// One reduction step: C(2 x 2 tiles) += A(rows a, a + 16 lda) x B(columns b, b + 64 bytes),
-/// or the 1 x 2 block when `two_rows` is false.
+/// Loads the operands of one reduction step: A rows `a`, `a + 16 lda` into tmm4/tmm5 (tmm4 only
+/// when `two_rows` is false), B columns `b`, `b + 64 bytes` into tmm6/tmm7.
 #[inline]
-unsafe fn c_step(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+unsafe fn ab_load(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
     if two_rows {
         asm!(
             "tileloadd tmm4, [{a0} + {lda}*1]",
-            "tileloadd tmm5, [{a1} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
             a0 = in(reg) a,
             a1 = in(reg) a.add(16 * lda),
             b0 = in(reg) b,
@@ -159,8 +155,6 @@ unsafe fn c_step(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: us
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
             a0 = in(reg) a,
             b0 = in(reg) b,
             b1 = in(reg) b.add(64),
@@ -168,6 +162,53 @@ unsafe fn c_step(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: us
             ldb = in(reg) ldb,
             options(nostack, readonly),
         );
+    }
+}
+
+/// One reduction step on the loaded operands, C(2 x 2) += A x B, with the NEXT step's operands
+/// loaded into each register right after its last use in this step (software pipelining: tile
+/// registers are not renamed, so a load must wait for the products reading the register; issuing
+/// it early overlaps it with the remaining products). Without `next`, the last step.
+#[inline]
+unsafe fn ab_step(two_rows: bool, next: Option<(*const u8, *const u8)>, lda: usize, ldb: usize) {
+    match (two_rows, next) {
+        (true, Some((a, b))) => asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            a0 = in(reg) a,
+            a1 = in(reg) a.add(16 * lda),
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(64),
+            lda = in(reg) lda,
+            ldb = in(reg) ldb,
+            options(nostack, readonly),
+        ),
+        (true, None) => asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+        ),
+        (false, Some((a, b))) => asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            a0 = in(reg) a,
+            b0 = in(reg) b,
+            b1 = in(reg) b.add(64),
+            lda = in(reg) lda,
+            ldb = in(reg) ldb,
+            options(nostack, readonly),
+        ),
+        (false, None) => asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7"),
     }
 }
 
@@ -188,21 +229,24 @@ struct Gemm<'a> {
 }
 
 /// Rows in blocks of 32 (16 for a last block of at most 16 rows), columns in blocks of 32; each
-/// C block stays in the tiles for the whole reduction (all steps of all pieces).
+/// C block stays in the tiles for the whole reduction (all steps of all pieces), whose operand
+/// loads are software-pipelined one step ahead (`ab_step`).
 #[inline]
 unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
+    let total = g.b.len() * g.steps;
     let mut r0 = 0;
     while r0 < rows {
         let two = rows - r0 > 16;
         for x0 in (0..ncols).step_by(32) {
+            // Operand addresses of global step t (piece t / steps, step t % steps).
+            let a_at = |t: usize| g.a.add(r0 * g.lda + t * g.a_step);
+            let b_at = |t: usize| g.b[t / g.steps].add(4 * x0 + (t % g.steps) * g.b_step);
             let c = g.c.add(r0 * g.ldc + 4 * x0);
             c_start(two, c, g.ldc, acc);
-            for (piece, &bp) in g.b.iter().enumerate() {
-                for s in 0..g.steps {
-                    let a = g.a.add(r0 * g.lda + (piece * g.steps + s) * g.a_step);
-                    let b = bp.add(4 * x0 + s * g.b_step);
-                    c_step(two, a, g.lda, b, g.ldb);
-                }
+            ab_load(two, a_at(0), g.lda, b_at(0), g.ldb);
+            for t in 0..total {
+                let next = (t + 1 < total).then(|| (a_at(t + 1), b_at(t + 1)));
+                ab_step(two, next, g.lda, g.ldb);
             }
             c_store(two, c, g.ldc);
         }
