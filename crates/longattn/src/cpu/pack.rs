@@ -38,6 +38,23 @@ fn row_into<T: Element, P: FromF32 + bytemuck::Pod>(
     }
 }
 
+/// The row `t[b, s, h, 0..dim]` as packed elements read in place: `Some` when packing is a plain
+/// copy of bits (f32 -> f32, bf16 -> bf16 bits) and the row is contiguous.
+#[inline]
+fn row_in_place<'a, T: Element, P: FromF32 + bytemuck::Pod>(
+    t: &TensorView<'a>,
+    b: usize,
+    s: usize,
+    h: usize,
+) -> Option<&'a [P]> {
+    if P::COPY_FROM != Some(T::DTYPE) || t.strides[3] != 1 {
+        return None;
+    }
+    let data = t.typed::<T>()?;
+    let base = t.offset(b, s, h, 0);
+    Some(bytemuck::cast_slice(&data[base..base + t.dim()]))
+}
+
 /// Per-thread row buffer for the transposing packers.
 struct RowBuf<P>(Vec<P>);
 
@@ -53,17 +70,24 @@ pub fn pack_kt<T: Element, M: Micro>(
     let sk = k.seq();
     let dp = packed_dim::<M>(k.dim());
     out[..dp * NC].fill(M::P::default());
-    let mut row = RowBuf(vec![M::P::default(); dp]);
+    let mut buf = RowBuf(vec![M::P::default(); dp]);
     for j in 0..NC.min(sk.saturating_sub(c * NC)) {
-        row_into::<T, M::P>(k, b, c * NC + j, hk, &mut row.0);
+        // The key row in place when no conversion is needed, else converted into `buf`.
+        let row: &[M::P] = match row_in_place::<T, M::P>(k, b, c * NC + j, hk) {
+            Some(r) => r,
+            None => {
+                row_into::<T, M::P>(k, b, c * NC + j, hk, &mut buf.0);
+                &buf.0[..k.dim()]
+            }
+        };
         if M::PAIRS {
-            // Transpose 32-bit (even, odd) dim pairs: out[x2][j] = row[x2].
-            for (x2, pair) in row.0.chunks_exact(2).enumerate() {
-                out[(x2 * NC + j) * 2] = pair[0];
-                out[(x2 * NC + j) * 2 + 1] = pair[1];
+            // Transpose 32-bit (even, odd) dim pairs: out[x2][j] = row[x2] (an odd D leaves the
+            // last pair's second half 0).
+            for (x, &val) in row.iter().enumerate() {
+                out[((x / 2) * NC + j) * 2 + x % 2] = val;
             }
         } else {
-            for (x, &val) in row.0.iter().enumerate() {
+            for (x, &val) in row.iter().enumerate() {
                 out[x * NC + j] = val;
             }
         }
@@ -86,6 +110,26 @@ pub fn pack_v<T: Element, M: Micro>(
     if !M::PAIRS {
         for j in 0..keys {
             row_into::<T, M::P>(v, b, c * NC + j, hk, &mut out[j * dvp..(j + 1) * dvp]);
+        }
+        return;
+    }
+    // Interleave two key rows read in place when no conversion is needed.
+    if keys > 0 && row_in_place::<T, M::P>(v, b, c * NC, hk).is_some() {
+        let dv = v.dim();
+        for j2 in 0..keys.div_ceil(2) {
+            let even = row_in_place::<T, M::P>(v, b, c * NC + 2 * j2, hk).expect("checked");
+            let dst = &mut out[j2 * 2 * dvp..j2 * 2 * dvp + 2 * dv];
+            if 2 * j2 + 1 < keys {
+                let odd = row_in_place::<T, M::P>(v, b, c * NC + 2 * j2 + 1, hk).expect("checked");
+                for ((pair, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
+                    pair[0] = e;
+                    pair[1] = o;
+                }
+            } else {
+                for (pair, &e) in dst.chunks_exact_mut(2).zip(even) {
+                    pair[0] = e;
+                }
+            }
         }
         return;
     }
