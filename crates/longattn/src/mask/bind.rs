@@ -201,8 +201,18 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
+    /// `msg` about atom `e`, naming the atom when it is only part of the whole expression (the
+    /// error already shows the whole expression).
+    fn in_atom(&self, e: &MaskExpr, msg: String) -> String {
+        if e == self.top {
+            msg
+        } else {
+            format!("`{e}`: {msg}")
+        }
+    }
+
     fn atom(&self, e: &MaskExpr) -> Result<Atom> {
-        let zero = |what: &str| bind_err(self.top, format!("`{e}`: {what} must be >= 1"));
+        let zero = |what: &str| bind_err(self.top, self.in_atom(e, format!("{what} must be >= 1")));
         Ok(match e {
             MaskExpr::Full => Atom::Full,
             MaskExpr::Causal => Atom::Causal,
@@ -236,7 +246,7 @@ impl Compiler<'_> {
                 if sq != sk {
                     return Err(bind_err(
                         self.top,
-                        format!("`{e}` needs Sq == Sk, got Sq {sq}, Sk {sk}"),
+                        self.in_atom(e, format!("needs Sq == Sk, got Sq {sq}, Sk {sk}")),
                     ));
                 }
                 let grid: Vec<usize> = if grid.is_empty() {
@@ -265,7 +275,10 @@ impl Compiler<'_> {
                 if prod != sq {
                     return Err(bind_err(
                         self.top,
-                        format!("`{e}`: grid {grid:?} holds {prod} tokens, but Sq = Sk = {sq}"),
+                        self.in_atom(
+                            e,
+                            format!("grid {grid:?} holds {prod} tokens, but Sq = Sk = {sq}"),
+                        ),
                     ));
                 }
                 let mut axes = Vec::with_capacity(grid.len());
