@@ -537,10 +537,7 @@ impl Job<'_> {
                     );
                     let l = scr.l[r];
                     if l != 0.0 {
-                        let inv = 1.0 / l;
-                        for (x, o) in orow.iter_mut().enumerate() {
-                            *o = T::from_f32(scr.o[r * dvp + x] * inv);
-                        }
+                        T::from_f32_scaled(&scr.o[r * dvp..r * dvp + dv], 1.0 / l, orow);
                         *ptr.lse.add((b * hq + h) * sq + i) =
                             std::f32::consts::LN_2 * (scr.m[r] + l.log2());
                     } else {
