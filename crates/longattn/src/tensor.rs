@@ -401,8 +401,8 @@ mod tests {
             0.0f32,
             -0.0,
             1.0,
-            1.00390625, // exactly halfway between two bf16 values: ties to even
-            1.01171875,
+            f32::from_bits(0x3F80_8000), // 1 + 2^-8: halfway between two bf16 values, ties to even
+            f32::from_bits(0x3F81_8000), // 1 + 3 * 2^-8: halfway, ties to even (upwards)
             f32::MIN_POSITIVE,
             1e-40,
             f32::MAX,
