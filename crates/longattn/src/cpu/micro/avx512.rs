@@ -277,15 +277,26 @@ unsafe fn pv_block<const R: usize>(
             accr[z] = _mm512_mul_ps(a, ov);
         }
     }
+    // A full 64-column slab (the common case) takes plain loads; a ragged last slab masks them.
+    let full = km == [0xFFFF; 4];
     for g in 0..vt.1 {
         for c in 0..NC {
             let v = vt.0[g].add(c * dv + x0);
-            let vv = [
-                _mm512_maskz_loadu_ps(km[0], v),
-                _mm512_maskz_loadu_ps(km[1], v.add(16)),
-                _mm512_maskz_loadu_ps(km[2], v.add(32)),
-                _mm512_maskz_loadu_ps(km[3], v.add(48)),
-            ];
+            let vv = if full {
+                [
+                    _mm512_loadu_ps(v),
+                    _mm512_loadu_ps(v.add(16)),
+                    _mm512_loadu_ps(v.add(32)),
+                    _mm512_loadu_ps(v.add(48)),
+                ]
+            } else {
+                [
+                    _mm512_maskz_loadu_ps(km[0], v),
+                    _mm512_maskz_loadu_ps(km[1], v.add(16)),
+                    _mm512_maskz_loadu_ps(km[2], v.add(32)),
+                    _mm512_maskz_loadu_ps(km[3], v.add(48)),
+                ]
+            };
             for (r, accr) in acc.iter_mut().enumerate() {
                 let pb = _mm512_set1_ps(*p.add(r * width + g * NC + c));
                 for z in 0..4 {
