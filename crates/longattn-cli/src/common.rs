@@ -53,6 +53,7 @@ pub fn random_inputs(
         v,
         q_doc: docs.map(|nd| ids(sq, nd)),
         k_doc: docs.map(|nd| ids(sk, nd)),
+        block_mask: None,
     })
 }
 

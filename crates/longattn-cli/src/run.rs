@@ -2,6 +2,7 @@
 use crate::common::{check_finite, pool};
 use crate::maskglue::bind_mask;
 use anyhow::{bail, Context, Result};
+use longattn::mask::BlockSchedule;
 use longattn::AttnParams;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,6 +16,9 @@ pub struct Args {
     /// Read the tensors `q.<L>`, `k.<L>`, `v.<L>` of layer L of a `longattn capture` file.
     #[arg(long)]
     layer: Option<usize>,
+    /// Tile size (query and key) of the input's `block_mask` tensor, when it has one.
+    #[arg(long, default_value_t = 64)]
+    block_tile: usize,
     /// Mask expression, e.g. `causal & window(1024,0)`.
     #[arg(long, default_value = "full")]
     mask: String,
@@ -79,10 +83,29 @@ pub fn main(a: Args) -> Result<()> {
         inputs.k.view("k")?,
         inputs.v.view("v")?,
     );
+    // An explicit block mask in the file: a schedule of Full tiles (attend whole tiles).
+    let blocks = match &inputs.block_mask {
+        None => None,
+        Some(_) if a.mask.trim() != "full" => bail!(
+            "{}: the file holds a `block_mask`; it cannot be combined with --mask `{}` (leave --mask at `full`)",
+            a.input.display(),
+            a.mask
+        ),
+        Some((bytes, shape)) => Some(
+            BlockSchedule::from_block_mask(bytes, *shape, a.block_tile, a.block_tile, dims.sq, dims.sk)
+                .with_context(|| format!("{}: tensor `block_mask` with --block-tile {}", a.input.display(), a.block_tile))?,
+        ),
+    };
+    let spec = match &blocks {
+        Some(schedule) => longattn::MaskSpec::Schedule {
+            schedule,
+            rows: None,
+        },
+        None => longattn::MaskSpec::Expr(&mask),
+    };
     let pool = pool(a.threads)?;
     let t0 = Instant::now();
-    let out =
-        pool.install(|| longattn::forward(&q, &k, &v, &params, longattn::MaskSpec::Expr(&mask)))?;
+    let out = pool.install(|| longattn::forward(&q, &k, &v, &params, spec))?;
     let secs = t0.elapsed().as_secs_f64();
     longattn::io::write_outputs(
         &a.output,
@@ -91,10 +114,20 @@ pub fn main(a: Args) -> Result<()> {
         [dims.batch, dims.hq, dims.sq],
         a.force,
     )?;
-    let pairs: u64 = (0..dims.batch).map(|b| mask.allowed_pairs(b)).sum();
+    // Useful pairs: the expression's, or the block mask's (whole tiles, every head).
+    let pairs: u64 = match &blocks {
+        Some(s) => {
+            (0..dims.batch)
+                .flat_map(|b| (0..dims.hq).map(move |h| (b, h)))
+                .map(|(b, h)| s.scheduled_pairs(b, h) as u64)
+                .sum::<u64>()
+                / dims.hq as u64
+        }
+        None => (0..dims.batch).map(|b| mask.allowed_pairs(b)).sum(),
+    };
     let flops = 4.0 * dims.hq as f64 * pairs as f64 * dims.d as f64;
     eprintln!(
-        "{}: B {} Sq {} Sk {} Hq {} Hk {} D {} Dv {} {} mask `{}` (density {:.4}): {:.3} ms, {:.1} useful GFLOP/s on {} threads -> {}",
+        "{}: B {} Sq {} Sk {} Hq {} Hk {} D {} Dv {} {} mask {} (density {:.4}): {:.3} ms, {:.1} useful GFLOP/s on {} threads -> {}",
         a.input.display(),
         dims.batch,
         dims.sq,
@@ -104,8 +137,11 @@ pub fn main(a: Args) -> Result<()> {
         dims.d,
         dims.dv,
         inputs.dtype(),
-        mask.expr(),
-        mask.density(),
+        match &inputs.block_mask {
+            Some((_, shape)) => format!("block_mask {shape:?} of {0}x{0} tiles", a.block_tile),
+            None => format!("`{}`", mask.expr()),
+        },
+        pairs as f64 / (dims.batch * dims.sq * dims.sk) as f64,
         secs * 1e3,
         flops / secs / 1e9,
         pool.current_num_threads(),

@@ -33,6 +33,9 @@ pub struct Inputs {
     pub q_doc: Option<Vec<i32>>,
     /// Document id of each key position, `[B, Sk]` row-major.
     pub k_doc: Option<Vec<i32>>,
+    /// Optional explicit block mask: u8 `[B or 1, Hq or 1, query tiles, key tiles]`, nonzero =
+    /// attend the whole tile (see `BlockSchedule::from_block_mask`).
+    pub block_mask: Option<(Vec<u8>, [usize; 4])>,
 }
 
 impl Inputs {
@@ -130,6 +133,7 @@ pub fn read_captured(
                 v: t("v")?,
                 q_doc: None,
                 k_doc: None,
+                block_mask: None,
             };
             inp.dims()?;
             Ok((l, inp))
@@ -317,12 +321,37 @@ pub fn parse_inputs(bytes: &[u8], origin: &str) -> Result<Inputs> {
             ))
         }
     };
+    let block_mask = match get(&st, origin, "block_mask")? {
+        None => None,
+        Some(t) => {
+            if t.dtype() != StDtype::U8 {
+                return Err(file_err(
+                    origin,
+                    format!(
+                        "tensor `block_mask` has dtype {:?}, expected U8 (0 = skip the tile)",
+                        t.dtype()
+                    ),
+                ));
+            }
+            let shape: [usize; 4] = t.shape().try_into().map_err(|_| {
+                file_err(
+                    origin,
+                    format!(
+                        "tensor `block_mask` has shape {:?}, expected rank 4 [B or 1, Hq or 1, query tiles, key tiles]",
+                        t.shape()
+                    ),
+                )
+            })?;
+            Some((t.data().to_vec(), shape))
+        }
+    };
     Ok(Inputs {
         q,
         k,
         v,
         q_doc,
         k_doc,
+        block_mask,
     })
 }
 
@@ -428,6 +457,9 @@ pub fn write_inputs(path: impl AsRef<Path>, inputs: &Inputs, overwrite: bool) ->
         ts.push(("q_doc", StDtype::I32, vec![b, sq], &qd));
         ts.push(("k_doc", StDtype::I32, vec![b, sk], &kd));
     }
+    if let Some((bytes, shape)) = &inputs.block_mask {
+        ts.push(("block_mask", StDtype::U8, shape.to_vec(), bytes));
+    }
     write_tensors(path, &ts, overwrite)
 }
 
@@ -479,6 +511,7 @@ mod tests {
             v: mk(vec![2, 7, 2, 3], 2.0),
             q_doc: docs.then(|| (0..10).map(|i| i / 3).collect()),
             k_doc: docs.then(|| (0..14).map(|i| i / 4).collect()),
+            block_mask: None,
         }
     }
 
