@@ -69,9 +69,14 @@ pub fn pack_kt<T: Element, M: Micro>(
 ) {
     let sk = k.seq();
     let dp = packed_dim::<M>(k.dim());
-    out[..dp * NC].fill(M::P::default());
+    let keys = NC.min(sk.saturating_sub(c * NC));
+    // Zero the padding (keys past Sk, dims past D) first; a whole chunk of unpadded rows is
+    // overwritten entirely below.
+    if keys < NC || dp != k.dim() {
+        out[..dp * NC].fill(M::P::default());
+    }
     let mut buf = RowBuf(vec![M::P::default(); dp]);
-    for j in 0..NC.min(sk.saturating_sub(c * NC)) {
+    for j in 0..keys {
         // The key row in place when no conversion is needed, else converted into `buf`.
         let row: &[M::P] = match row_in_place::<T, M::P>(k, b, c * NC + j, hk) {
             Some(r) => r,
@@ -105,8 +110,12 @@ pub fn pack_v<T: Element, M: Micro>(
 ) {
     let sk = v.seq();
     let dvp = packed_dv::<M>(v.dim());
-    out[..NC * dvp].fill(M::P::default());
     let keys = NC.min(sk.saturating_sub(c * NC));
+    // Zero the padding (keys past Sk, dims past Dv) first; a whole chunk of unpadded rows is
+    // overwritten entirely below.
+    if keys < NC || dvp != v.dim() {
+        out[..NC * dvp].fill(M::P::default());
+    }
     if !M::PAIRS {
         for j in 0..keys {
             row_into::<T, M::P>(v, b, c * NC + j, hk, &mut out[j * dvp..(j + 1) * dvp]);
