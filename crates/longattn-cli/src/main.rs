@@ -52,6 +52,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`longattn mask ... | head`) ends the process
+    // quietly, as other command-line tools do, instead of a panic from `println!`.
+    #[cfg(unix)]
+    // SAFETY: resetting a signal disposition to its default at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::main(a),
