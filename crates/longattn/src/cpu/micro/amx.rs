@@ -16,7 +16,7 @@
 //! Linux hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once
 //! per process by [`available`].
 use super::avx512::softmax_rows_bf16;
-use super::{Logits, Micro, BQ, MAXW, NC};
+use super::{check_softmax, Logits, Micro, BQ, MAXW, NC};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -276,7 +276,7 @@ unsafe fn rescale(rows: usize, dvp: usize, alpha: &[f32], o: &mut [f32]) {
 impl Micro for Amx {
     type P = u16;
     const PAIRS: bool = true;
-    const GROUP: usize = 4; //AMX
+    const GROUP: usize = 4;
     const DIM_ALIGN: usize = 32;
     const DV_ALIGN: usize = 32;
     const NAME: &'static str = "amx";
@@ -316,7 +316,7 @@ impl Micro for Amx {
         alpha: &mut [f32],
         p: &mut [u16],
     ) {
-        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        check_softmax(s, rows, w, mask, p);
         unsafe {
             softmax_rows_bf16(
                 s,

@@ -1,7 +1,8 @@
 //! AVX2 + FMA f32 path (8 lanes) for x86 CPUs without AVX-512.
 //!
 //! Register blocking: 6 rows x 16 columns (12 ymm accumulators) for both `qk` and `pv`.
-use super::{update_max, Logits, Micro, LOG2E, MAXW, NC};
+use super::avx512::{chunk_ptrs, Chunks};
+use super::{check_pv, check_qk, check_softmax, update_max, Logits, Micro, LOG2E, MAXW, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx2;
@@ -192,7 +193,7 @@ unsafe fn softmax_impl(
 unsafe fn pv_block<const R: usize>(
     p: *const f32,
     width: usize,
-    vt: &([*const f32; MAXW], usize),
+    vt: &Chunks<f32>,
     dv: usize,
     x0: usize,
     alpha: *const f32,
@@ -233,11 +234,7 @@ unsafe fn pv_block<const R: usize>(
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-    let mut ch = ([std::ptr::null(); MAXW], vt.len());
-    for (d, v) in ch.0.iter_mut().zip(vt) {
-        *d = v.as_ptr();
-    }
-    let width = vt.len() * NC;
+    let (ch, width) = (chunk_ptrs(vt), vt.len() * NC);
     let (p, a, o) = (p.as_ptr(), alpha.as_ptr(), o.as_mut_ptr());
     for x0 in (0..dv).step_by(16) {
         by_row_blocks!(
@@ -267,7 +264,7 @@ impl Micro for Avx2 {
     const NAME: &'static str = "avx2";
 
     fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
-        assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= (rows - 1) * lds + NC);
+        check_qk(q, rows, dq, kt, s, lds);
         unsafe { qk_impl(q, rows, dq, kt, s, lds) }
     }
 
@@ -283,13 +280,12 @@ impl Micro for Avx2 {
         alpha: &mut [f32],
         p: &mut [f32],
     ) {
-        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        check_softmax(s, rows, w, mask, p);
         unsafe { softmax_impl(s, rows, w, mask, logits, m, l, alpha, p) }
     }
 
     fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-        assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
-        assert!(vt.iter().all(|v| v.len() >= NC * dv));
+        check_pv(p, rows, vt, dv, o);
         unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }

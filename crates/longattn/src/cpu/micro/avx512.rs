@@ -3,7 +3,7 @@
 //! Register blocking: `qk` keeps a 6 x 64 block of S in 24 zmm accumulators (per dim: 4 loads of
 //! K^T, 6 broadcasts of Q, 24 FMAs); `pv` keeps a 6 x 64 block of O (per key: 4 loads of V, 6
 //! broadcasts of P, 24 FMAs).
-use super::{update_max, Logits, Micro, LOG2E, MAXW, NC};
+use super::{check_pv, check_qk, check_softmax, update_max, Logits, Micro, LOG2E, MAXW, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx512;
@@ -336,18 +336,18 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
 }
 
 // SAFETY (all methods): `Avx512` is only constructed by the dispatcher after
-// `is_x86_feature_detected!("avx512f")`; the slices hold at least rows x lds (S), rows x w NC (P), rows x dq (Q),
-// dq x NC (K^T), NC x dv (each V chunk) and rows x dv (O) elements, as the driver allocates them.
+// `is_x86_feature_detected!("avx512f")`; the `check_*` calls assert the slice lengths the
+// kernels address.
 impl Micro for Avx512 {
     type P = f32;
     const PAIRS: bool = false;
-    const GROUP: usize = 2; //F32
+    const GROUP: usize = 2;
     const DIM_ALIGN: usize = 1;
     const DV_ALIGN: usize = 1;
     const NAME: &'static str = "avx512";
 
     fn qk(&self, q: &[f32], rows: usize, dq: usize, kt: &[f32], s: &mut [f32], lds: usize) {
-        assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= (rows - 1) * lds + NC);
+        check_qk(q, rows, dq, kt, s, lds);
         unsafe { qk_impl(q, rows, dq, kt, s, lds) }
     }
 
@@ -363,7 +363,7 @@ impl Micro for Avx512 {
         alpha: &mut [f32],
         p: &mut [f32],
     ) {
-        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        check_softmax(s, rows, w, mask, p);
         unsafe {
             softmax_rows_f32(
                 s,
@@ -380,8 +380,7 @@ impl Micro for Avx512 {
     }
 
     fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-        assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
-        assert!(vt.iter().all(|v| v.len() >= NC * dv));
+        check_pv(p, rows, vt, dv, o);
         unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }

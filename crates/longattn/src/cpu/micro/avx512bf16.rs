@@ -4,7 +4,7 @@
 //! input's); P is rounded to bf16 before the P V product, as the GPU flash kernels do; the
 //! softmax statistics (m, l) and O stay f32.
 use super::avx512::{chunk_ptrs, col_masks, softmax_rows_bf16, Chunks};
-use super::{Logits, Micro, MAXW, NC};
+use super::{check_pv, check_qk, check_softmax, Logits, Micro, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx512Bf16;
@@ -152,8 +152,8 @@ impl Micro for Avx512Bf16 {
     const NAME: &'static str = "avx512bf16";
 
     fn qk(&self, q: &[u16], rows: usize, dq: usize, kt: &[u16], s: &mut [f32], lds: usize) {
-        assert!(dq.is_multiple_of(2) && q.len() >= rows * dq && kt.len() >= dq * NC);
-        assert!(s.len() >= (rows - 1) * lds + NC);
+        assert!(dq.is_multiple_of(2));
+        check_qk(q, rows, dq, kt, s, lds);
         unsafe { qk_impl(q, rows, dq, kt, s, lds) }
     }
 
@@ -169,7 +169,7 @@ impl Micro for Avx512Bf16 {
         alpha: &mut [f32],
         p: &mut [u16],
     ) {
-        assert!(s.len() >= rows * w * NC && p.len() >= rows * w * NC && mask.len() >= rows * MAXW);
+        check_softmax(s, rows, w, mask, p);
         unsafe {
             softmax_rows_bf16(
                 s,
@@ -186,8 +186,7 @@ impl Micro for Avx512Bf16 {
     }
 
     fn pv(&self, p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-        assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
-        assert!(vt.iter().all(|v| v.len() >= NC * dv));
+        check_pv(p, rows, vt, dv, o);
         unsafe { pv_impl(p, rows, vt, dv, alpha, o) }
     }
 }

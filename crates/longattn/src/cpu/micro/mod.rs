@@ -131,6 +131,25 @@ impl FromF32 for u16 {
     }
 }
 
+/// The slice lengths the SIMD `qk` addresses: rows x dq of Q, dq x NC of K^T, rows of S at stride
+/// `lds`. Checked before each unsafe call, so a driver bug panics instead of reading out of bounds.
+pub(crate) fn check_qk<P>(q: &[P], rows: usize, dq: usize, kt: &[P], s: &[f32], lds: usize) {
+    assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= (rows - 1) * lds + NC);
+}
+
+/// The slice lengths the SIMD `softmax` addresses: rows x w NC of S and P, rows x MAXW mask words.
+pub(crate) fn check_softmax<P>(s: &[f32], rows: usize, w: usize, mask: &[u64], p: &[P]) {
+    assert!(w <= MAXW && s.len() >= rows * w * NC && p.len() >= rows * w * NC);
+    assert!(mask.len() >= rows * MAXW);
+}
+
+/// The slice lengths the SIMD `pv` addresses: rows x (chunks x NC) of P, NC x dv of each V chunk,
+/// rows x dv of O.
+pub(crate) fn check_pv<P>(p: &[P], rows: usize, vt: &[&[P]], dv: usize, o: &[f32]) {
+    assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
+    assert!(vt.iter().all(|v| v.len() >= NC * dv));
+}
+
 /// One instruction-set path. `P` is the packed element (f32, or u16 holding bf16 bits).
 pub trait Micro: Sync + Send {
     type P: Copy + Default + Send + Sync + 'static + FromF32 + bytemuck::Pod;
