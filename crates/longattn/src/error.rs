@@ -47,6 +47,9 @@ pub enum Error {
         index: usize,
         value: f32,
     },
+    /// The CUDA backend is unavailable (no driver, no NVRTC, no device) or a CUDA call failed.
+    #[error("cuda {op}: {msg}")]
+    Cuda { op: &'static str, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -10,6 +10,7 @@
 
 pub mod attention;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod io;
 pub mod kv;

@@ -6,6 +6,7 @@
 //! The language and the builder are described in `docs/MASKS.md`.
 pub mod bind;
 pub mod build;
+pub mod codegen;
 pub mod expr;
 pub mod parse;
 pub mod render;

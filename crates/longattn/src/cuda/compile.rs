@@ -1,0 +1,196 @@
+//! Run-time compilation of the `.cu` kernels with NVRTC, cached in memory (per device, in
+//! [`super::CudaDevice`]) and on disk.
+//!
+//! Disk cache: `$LONGATTN_CUDA_CACHE` or `~/.cache/longattn/cuda/`, one CUBIN per variant, named
+//! `<kernel>-<sha256 of (source, options, architecture, NVRTC version)>.cubin`, written to a
+//! temporary file and renamed, so concurrent processes never read half a file. A changed source,
+//! option or NVRTC version is a new key; stale files are simply never read again.
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use cudarc::nvrtc::{result as nvres, sys as nv};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::Cuda {
+        op: "compile",
+        msg: msg.into(),
+    }
+}
+
+/// Makes NVRTC loadable when `libnvrtc` is not on the loader path but in a CUDA install
+/// (`$CUDA_HOME`, `$CUDA_PATH`, `/usr/local/cuda`): the library is opened by its full path, so a
+/// later open by name finds it already loaded.
+pub(crate) fn nvrtc_present() -> bool {
+    // SAFETY: only opens shared libraries; no symbol is called here.
+    if unsafe { nv::is_culib_present() } {
+        return true;
+    }
+    let roots = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .chain(["/usr/local/cuda".to_string()]);
+    for root in roots {
+        let dir = PathBuf::from(root).join("lib64");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut libs: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libnvrtc.so.") && !n.contains("builtins"))
+            })
+            .collect();
+        libs.sort();
+        for lib in libs {
+            let Ok(c) = CString::new(lib.to_string_lossy().as_bytes()) else {
+                continue;
+            };
+            // SAFETY: dlopen with a valid C string; the handle is kept open for the process.
+            let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+            if !h.is_null() && unsafe { nv::is_culib_present() } {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// NVRTC's version as `major.minor`.
+pub(crate) fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: out-pointers to live integers; the library was found by `nvrtc_present`.
+    unsafe { nv::nvrtcVersion(&mut a, &mut b) }
+        .result()
+        .map_err(|e| err(format!("nvrtcVersion: {e:?}")))?;
+    Ok((a, b))
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Ok(d) = std::env::var("LONGATTN_CUDA_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    std::env::var("HOME")
+        .ok()
+        .map(|h| PathBuf::from(h).join(".cache/longattn/cuda"))
+}
+
+/// How a module was obtained (reported by `selftest` and `bench`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompileSource {
+    /// NVRTC compiled it in this process.
+    Compiled,
+    /// Read from the disk cache.
+    DiskCache,
+}
+
+/// A compiled CUBIN and where it came from.
+pub struct Compiled {
+    pub cubin: Vec<u8>,
+    pub source: CompileSource,
+    pub seconds: f64,
+}
+
+/// Compiles `src` for `arch` (e.g. `sm_90a`) or reads the CUBIN from the disk cache.
+pub fn compile(name: &str, src: &str, arch: &str, defines: &[(String, String)]) -> Result<Compiled> {
+    let t0 = Instant::now();
+    if !nvrtc_present() {
+        return Err(err(
+            "NVRTC (libnvrtc.so) was not found: add the CUDA toolkit's lib64 folder to LD_LIBRARY_PATH or set CUDA_HOME",
+        ));
+    }
+    let ver = nvrtc_version()?;
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+        "-lineinfo".to_string(),
+    ];
+    opts.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+
+    let mut h = Sha256::new();
+    h.update(src.as_bytes());
+    for o in &opts {
+        h.update(o.as_bytes());
+        h.update([0]);
+    }
+    h.update(format!("nvrtc {}.{}", ver.0, ver.1).as_bytes());
+    let key: String = h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = cache_dir().map(|d| d.join(format!("{name}-{key}.cubin")));
+    if let Some(p) = &path {
+        if let Ok(cubin) = std::fs::read(p) {
+            if !cubin.is_empty() {
+                return Ok(Compiled {
+                    cubin,
+                    source: CompileSource::DiskCache,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            }
+        }
+    }
+
+    let csrc = CString::new(src).map_err(|_| err("kernel source holds a NUL byte"))?;
+    let cname = CString::new(format!("{name}.cu")).map_err(|_| err("bad kernel name"))?;
+    let prog = nvres::create_program(&csrc, Some(&cname))
+        .map_err(|e| err(format!("nvrtcCreateProgram: {e:?}")))?;
+    // SAFETY: `prog` is a live program until destroyed below; buffers are sized by NVRTC's calls.
+    let result = unsafe {
+        let compiled = nvres::compile_program(prog, &opts);
+        let log = nvres::get_program_log(prog)
+            .ok()
+            .map(|l| {
+                CStr::from_ptr(l.as_ptr())
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .unwrap_or_default();
+        match compiled {
+            Err(e) => Err(err(format!(
+                "NVRTC failed on kernel `{name}` for {arch} ({e:?}):\n{log}"
+            ))),
+            Ok(()) => {
+                let mut size = 0usize;
+                let r = nv::nvrtcGetCUBINSize(prog, &mut size);
+                if r != nv::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                    Err(err(format!(
+                        "no CUBIN for `{name}` ({r:?}): the architecture `{arch}` must be a real one (sm_XX)"
+                    )))
+                } else {
+                    let mut cubin = vec![0u8; size];
+                    let r = nv::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast());
+                    if r != nv::nvrtcResult::NVRTC_SUCCESS {
+                        Err(err(format!("nvrtcGetCUBIN: {r:?}")))
+                    } else {
+                        Ok(cubin)
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: destroyed once; not used afterwards.
+    let _ = unsafe { nvres::destroy_program(prog) };
+    let cubin = result?;
+    if let Some(p) = &path {
+        // A failed write only costs a recompile next time.
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &cubin).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok(Compiled {
+        cubin,
+        source: CompileSource::Compiled,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,543 @@
+//! Host side of the CUDA forward: tile configuration, schedule preparation, launch.
+//!
+//! A [`FwdPlan`] is everything that depends on the problem but not on the data: the kernel
+//! variant (compiled once per dtype / head dim / tile config / mask program), the block schedule
+//! built for the kernel's tiles and uploaded, document ids, the launch grid. [`FwdPlan::launch`]
+//! then runs on device tensors ([`DevTensor`]); [`forward`] is the host-in, host-out wrapper
+//! with [`crate::forward`]'s contract.
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+
+use super::{drv, CudaDevice};
+use crate::attention::{validate, AttnOutput, AttnParams, Dims, MaskSpec};
+use crate::error::{Error, Result};
+use crate::mask::{BlockSchedule, TileEntry, TileKind};
+use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const FWD: &str = include_str!("kernels/attn_fwd.cu");
+
+/// Tile configuration of the forward kernel for one head dim (one table, one reason each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileCfg {
+    /// Query rows per block (16 per warp).
+    pub br: usize,
+    /// Keys per tile.
+    pub bc: usize,
+    pub warps: usize,
+    /// Keep Q fragments in registers for the whole block (saves a shared-memory read per MMA).
+    pub qregs: bool,
+}
+
+impl TileCfg {
+    pub fn for_head_dim(d: usize) -> TileCfg {
+        if d <= 128 {
+            // 8 warps x 16 rows; O (D/2 floats) + Q (D/4 words) + S (32 floats) fit the 255
+            // registers of a thread at one block per SM.
+            TileCfg { br: 128, bc: 64, warps: 8, qregs: true }
+        } else {
+            // D 256: O alone takes 128 registers a thread; Q is re-read from shared memory.
+            TileCfg { br: 64, bc: 64, warps: 4, qregs: false }
+        }
+    }
+    /// Dynamic shared memory: Q [br][d] + K [bc][d] + V [bc][d], 2-byte elements.
+    pub fn smem(&self, d: usize) -> usize {
+        (self.br + 2 * self.bc) * d * 2
+    }
+}
+
+/// Kernel parameters; field for field `LaFwdParams` in `kernels/attn_fwd.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LaFwdParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    q_s: [i64; 3],
+    k_s: [i64; 3],
+    v_s: [i64; 3],
+    o_s: [i64; 3],
+    b: i32,
+    sq: i32,
+    sk: i32,
+    hq: i32,
+    hk: i32,
+    scale_log2: f32,
+    cap_pre: f32,
+    cap_post: f32,
+    sched_off: u64,
+    sched_ent: u64,
+    sched_batch: i32,
+    sched_heads: i32,
+    q_tiles: i32,
+    pad0: i32,
+    qdoc: u64,
+    kdoc: u64,
+    blk: u64,
+    blk_dims: [i32; 6],
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
+
+/// A contiguous `[B, S, H, D]` bf16/f16 tensor on the device.
+pub struct DevTensor {
+    pub data: CudaSlice<u16>,
+    pub shape: [usize; 4],
+    pub dtype: DType,
+}
+
+impl DevTensor {
+    /// Copies a (possibly strided) bf16/f16 view to the device, contiguous.
+    pub fn upload(dev: &CudaDevice, name: &str, v: &TensorView) -> Result<DevTensor> {
+        let bits = gather_u16(name, v)?;
+        Ok(DevTensor {
+            data: dev.upload(&bits)?,
+            shape: v.shape,
+            dtype: v.dtype(),
+        })
+    }
+
+    /// An uninitialised tensor (outputs).
+    pub fn alloc(dev: &CudaDevice, shape: [usize; 4], dtype: DType) -> Result<DevTensor> {
+        let n = shape.iter().product::<usize>().max(1);
+        // SAFETY: u16 has no invalid bit patterns; the kernel writes every element it owns.
+        let data = unsafe { dev.stream().alloc::<u16>(n) }.map_err(drv("alloc"))?;
+        Ok(DevTensor { data, shape, dtype })
+    }
+
+    pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
+        let bits: Vec<u16> = dev
+            .stream()
+            .clone_dtoh(&self.data)
+            .map_err(drv("copy to host"))?;
+        let buf = match self.dtype {
+            DType::BF16 => Buffer::BF16(bits.into_iter().map(bf16::from_bits).collect()),
+            _ => Buffer::F16(bits.into_iter().map(f16::from_bits).collect()),
+        };
+        Tensor::new(buf, self.shape.to_vec())
+    }
+
+    fn strides(&self) -> [i64; 3] {
+        let [_, s, h, d] = self.shape;
+        [(s * h * d) as i64, (h * d) as i64, d as i64]
+    }
+}
+
+/// The bits of a bf16/f16 view in `[B, S, H, D]` order.
+fn gather_u16(name: &str, v: &TensorView) -> Result<Vec<u16>> {
+    let [b, s, h, d] = v.shape;
+    let mut out = Vec::with_capacity(b * s * h * d);
+    let push = |out: &mut Vec<u16>, f: &dyn Fn(usize) -> u16| {
+        for bi in 0..b {
+            for si in 0..s {
+                for hi in 0..h {
+                    let o = v.offset(bi, si, hi, 0);
+                    for di in 0..d {
+                        out.push(f(o + di * v.strides[3]));
+                    }
+                }
+            }
+        }
+    };
+    match v.data {
+        Slice::BF16(x) => push(&mut out, &|i| x[i].to_bits()),
+        Slice::F16(x) => push(&mut out, &|i| x[i].to_bits()),
+        Slice::F32(_) => {
+            return Err(Error::DType {
+                op: "cuda attention",
+                tensor: name.into(),
+                got: "f32".into(),
+                expected: "bf16 or f16 (the tensor-core kernels; use the CPU backend for f32)"
+                    .into(),
+            })
+        }
+    }
+    Ok(out)
+}
+
+/// How the mask reaches the kernel.
+enum MaskProgram {
+    /// No Partial tile: `la_mask` is never called.
+    None,
+    /// Generated from the expression.
+    Expr(String),
+    /// Explicit block mask: a table lookup.
+    Blocks,
+}
+
+/// Everything about one problem that does not depend on the data.
+pub struct FwdPlan {
+    dev: Arc<CudaDevice>,
+    func: cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    dims: Dims,
+    dtype: DType,
+    base: LaFwdParams,
+    _sched_off: CudaSlice<u32>,
+    _sched_ent: CudaSlice<u32>,
+    _qdoc: CudaSlice<i32>,
+    _kdoc: CudaSlice<i32>,
+    _blk: CudaSlice<u8>,
+    pub tile: TileCfg,
+    /// Seconds spent building the kernel's schedule on the host (and uploading it).
+    pub schedule_seconds: f64,
+    /// Tile counts of the kernel's schedule: (Full, Partial).
+    pub tile_counts: (usize, usize),
+}
+
+fn unsupported(msg: String) -> Error {
+    Error::Param {
+        op: "cuda attention",
+        msg,
+    }
+}
+
+impl FwdPlan {
+    /// Prepares the forward of `dims` in `dtype` under `mask` (`Full`, `Expr`, or an explicit
+    /// block schedule without a row mask).
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        mask: MaskSpec,
+    ) -> Result<FwdPlan> {
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            return Err(unsupported(format!(
+                "dtype {dtype}: the CUDA kernels take bf16 or f16 (use the CPU backend for f32)"
+            )));
+        }
+        let d = dims.d;
+        if d % 16 != 0 || d == 0 || d > 256 || dims.dv != d {
+            return Err(unsupported(format!(
+                "head dims D {d} / Dv {}: the CUDA kernel needs D = Dv, a multiple of 16, at most 256",
+                dims.dv
+            )));
+        }
+        if dims.sq > i32::MAX as usize || dims.sk > i32::MAX as usize {
+            return Err(unsupported("sequence longer than 2^31".into()));
+        }
+        let tile = TileCfg::for_head_dim(d);
+        let t0 = Instant::now();
+        let (sched, program, docs, blk) = match mask {
+            MaskSpec::Full => (
+                BlockSchedule::full(tile.br, tile.bc, dims.sq, dims.sk)?,
+                MaskProgram::None,
+                None,
+                None,
+            ),
+            MaskSpec::Expr(bm) => {
+                let s = bm.schedule(tile.br, tile.bc)?;
+                let prog = if s.counts().1 > 0 {
+                    MaskProgram::Expr(bm.cuda_program())
+                } else {
+                    MaskProgram::None
+                };
+                let docs = bm.docs.as_ref().map(|d| (d.q.clone(), d.k.clone()));
+                (s, prog, docs, None)
+            }
+            MaskSpec::Schedule { schedule, rows } => {
+                if rows.is_some() {
+                    return Err(unsupported(
+                        "a schedule with a CPU row mask cannot run on the GPU: pass the mask expression (MaskSpec::Expr) instead".into(),
+                    ));
+                }
+                let (s, table) = retile(schedule, tile.br, tile.bc)?;
+                let prog = if s.counts().1 > 0 {
+                    MaskProgram::Blocks
+                } else {
+                    MaskProgram::None
+                };
+                (s, prog, None, Some((schedule, table)))
+            }
+        };
+        if sched.batch != 1 && sched.batch != dims.batch
+            || sched.heads != 1 && sched.heads != dims.hq
+            || sched.sq != dims.sq
+            || sched.sk != dims.sk
+        {
+            return Err(Error::Schedule(format!(
+                "schedule for batch {} heads {} sq {} sk {} does not fit the problem {dims:?}",
+                sched.batch, sched.heads, sched.sq, sched.sk
+            )));
+        }
+        let (offs, ents) = encode(&sched);
+        let sched_off = dev.upload(&offs)?;
+        let sched_ent = dev.upload(&ents)?;
+        let (qd, kd) = docs.unwrap_or_default();
+        let qdoc = dev.upload(&qd)?;
+        let kdoc = dev.upload(&kd)?;
+        let (blk, blk_dims) = match &blk {
+            Some((s, table)) => (
+                dev.upload(table)?,
+                [
+                    s.tile_q as i32,
+                    s.tile_k as i32,
+                    s.q_tiles as i32,
+                    s.k_tiles as i32,
+                    s.batch as i32,
+                    s.heads as i32,
+                ],
+            ),
+            None => (dev.upload::<u8>(&[])?, [1; 6]),
+        };
+        let schedule_seconds = t0.elapsed().as_secs_f64();
+
+        let program_src = match &program {
+            MaskProgram::None => {
+                "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, i64, i64) { return true; }\n".to_string()
+            }
+            MaskProgram::Expr(s) => s.clone(),
+            MaskProgram::Blocks => BLOCK_PROGRAM.to_string(),
+        };
+        let src = format!("{COMMON}\n{program_src}\n{FWD}");
+        let defines = vec![
+            ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
+            ("LA_D".into(), d.to_string()),
+            ("LA_BR".into(), tile.br.to_string()),
+            ("LA_BC".into(), tile.bc.to_string()),
+            ("LA_WARPS".into(), tile.warps.to_string()),
+            ("LA_QREGS".into(), (tile.qregs as u8).to_string()),
+            ("LA_SOFTCAP".into(), (params.softcap.is_some() as u8).to_string()),
+        ];
+        let smem = tile.smem(d);
+        let variant = format!(
+            "attn_fwd_{}_d{d}_{}x{}",
+            dtype.name(),
+            tile.br,
+            tile.bc
+        );
+        let func = dev.function(&variant, "la_attn_fwd", &src, &defines, smem)?;
+        let scale = params.scale_for(d);
+        let log2e = std::f32::consts::LOG2_E;
+        let (scale_log2, cap_pre, cap_post) = match params.softcap {
+            Some(c) => (log2e, scale / c, c),
+            None => (scale * log2e, 0.0, 0.0),
+        };
+        let q_tiles = dims.sq.div_ceil(tile.br);
+        let ptr = |s: &CudaSlice<u32>| s.device_ptr(dev.stream()).0;
+        let base = LaFwdParams {
+            b: dims.batch as i32,
+            sq: dims.sq as i32,
+            sk: dims.sk as i32,
+            hq: dims.hq as i32,
+            hk: dims.hk as i32,
+            scale_log2,
+            cap_pre,
+            cap_post,
+            sched_off: ptr(&sched_off),
+            sched_ent: ptr(&sched_ent),
+            sched_batch: sched.batch as i32,
+            sched_heads: sched.heads as i32,
+            q_tiles: q_tiles as i32,
+            qdoc: qdoc.device_ptr(dev.stream()).0,
+            kdoc: kdoc.device_ptr(dev.stream()).0,
+            blk: blk.device_ptr(dev.stream()).0,
+            blk_dims,
+            ..Default::default()
+        };
+        if dims.hq > 65535 || dims.batch > 65535 {
+            return Err(unsupported(format!(
+                "grid: heads {} and batch {} must be <= 65535",
+                dims.hq, dims.batch
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (q_tiles as u32, dims.hq as u32, dims.batch as u32),
+            block_dim: (tile.warps as u32 * 32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        Ok(FwdPlan {
+            dev: dev.clone(),
+            func,
+            cfg,
+            dims,
+            dtype,
+            base,
+            _sched_off: sched_off,
+            _sched_ent: sched_ent,
+            _qdoc: qdoc,
+            _kdoc: kdoc,
+            _blk: blk,
+            tile,
+            schedule_seconds,
+            tile_counts: sched.counts(),
+        })
+    }
+
+    /// Runs the kernel (asynchronously on the device's stream): `o` `[B, Sq, Hq, D]` and `lse`
+    /// `[B, Hq, Sq]` are written.
+    pub fn launch(
+        &self,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let Dims {
+            batch,
+            sq,
+            sk,
+            hq,
+            hk,
+            d,
+            ..
+        } = self.dims;
+        for (name, t, want) in [
+            ("q", q, [batch, sq, hq, d]),
+            ("k", k, [batch, sk, hk, d]),
+            ("v", v, [batch, sk, hk, d]),
+            ("out", &*o, [batch, sq, hq, d]),
+        ] {
+            if t.shape != want || t.dtype != self.dtype {
+                return Err(Error::Shape {
+                    op: "cuda attention",
+                    tensor: name.into(),
+                    got: t.shape.to_vec(),
+                    expected: format!("{want:?} in {} (the plan's problem)", self.dtype),
+                });
+            }
+        }
+        if lse.len() < batch * hq * sq {
+            return Err(Error::Shape {
+                op: "cuda attention",
+                tensor: "lse".into(),
+                got: vec![lse.len()],
+                expected: format!("[{batch}, {hq}, {sq}]"),
+            });
+        }
+        let s = self.dev.stream();
+        let mut p = self.base;
+        p.q = q.data.device_ptr(s).0;
+        p.k = k.data.device_ptr(s).0;
+        p.v = v.data.device_ptr(s).0;
+        p.o = o.data.device_ptr(s).0;
+        p.lse = lse.device_ptr(s).0;
+        p.q_s = q.strides();
+        p.k_s = k.strides();
+        p.v_s = v.strides();
+        p.o_s = o.strides();
+        let mut b = s.launch_builder(&self.func);
+        b.arg(&p);
+        // SAFETY: the parameter struct matches the kernel's; every pointer is a live allocation of
+        // the size the kernel indexes (checked shapes above; schedule/doc buffers owned by self).
+        unsafe { b.launch(self.cfg) }.map_err(drv("launch attention"))?;
+        Ok(())
+    }
+}
+
+/// Element mask of an explicit block mask: the user's tile table (1 = allowed).
+const BLOCK_PROGRAM: &str = r#"template <typename P>
+__device__ __forceinline__ bool la_mask(const P& p, int b, int h, i64 i, i64 j) {
+    const int bb = b % p.blk_batch, hh = h % p.blk_heads;
+    return p.blk[(((i64)bb * p.blk_heads + hh) * p.blk_qtiles + i / p.blk_tq) * p.blk_ktiles + j / p.blk_tk] != 0;
+}
+"#;
+
+/// CSR offsets and entries (`k_tile << 1 | partial`).
+fn encode(s: &BlockSchedule) -> (Vec<u32>, Vec<u32>) {
+    let rows = s.batch * s.heads * s.q_tiles;
+    let mut offs = Vec::with_capacity(rows + 1);
+    let mut ents = Vec::with_capacity(s.entries().len());
+    offs.push(0u32);
+    for r in 0..rows {
+        let (b, rest) = (r / (s.heads * s.q_tiles), r % (s.heads * s.q_tiles));
+        let (h, qt) = (rest / s.q_tiles, rest % s.q_tiles);
+        for e in s.row(b, h, qt) {
+            ents.push(e.k_tile << 1 | (e.kind == TileKind::Partial) as u32);
+        }
+        offs.push(ents.len() as u32);
+    }
+    (offs, ents)
+}
+
+/// Re-tiles an explicit block schedule to the kernel's tiles: a kernel tile is Full when every
+/// user tile it overlaps is listed, absent when none is, Partial otherwise (its elements then
+/// look the user's tile up). Also returns the user's dense tile table.
+fn retile(s: &BlockSchedule, br: usize, bc: usize) -> Result<(BlockSchedule, Vec<u8>)> {
+    let (uq, uk) = (s.q_tiles, s.k_tiles);
+    let mut table = vec![0u8; s.batch * s.heads * uq * uk];
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            for qt in 0..uq {
+                for e in s.row(b, h, qt) {
+                    table[((b * s.heads + h) * uq + qt) * uk + e.k_tile as usize] = 1;
+                }
+            }
+        }
+    }
+    if s.tile_q == br && s.tile_k == bc {
+        return Ok((s.clone(), table));
+    }
+    let kq = s.sq.div_ceil(br);
+    let kk = s.sk.div_ceil(bc);
+    let mut rows = Vec::with_capacity(s.batch * s.heads * kq);
+    for b in 0..s.batch {
+        for h in 0..s.heads {
+            let t = &table[(b * s.heads + h) * uq * uk..][..uq * uk];
+            for qt in 0..kq {
+                let (r0, r1) = (qt * br, ((qt + 1) * br).min(s.sq));
+                let (u0, u1) = (r0 / s.tile_q, (r1 - 1) / s.tile_q);
+                let mut row = Vec::new();
+                for kt in 0..kk {
+                    let (c0, c1) = (kt * bc, ((kt + 1) * bc).min(s.sk));
+                    let (w0, w1) = (c0 / s.tile_k, (c1 - 1) / s.tile_k);
+                    let mut on = 0;
+                    for u in u0..=u1 {
+                        on += t[u * uk + w0..=u * uk + w1].iter().filter(|&&x| x != 0).count();
+                    }
+                    let all = (u1 - u0 + 1) * (w1 - w0 + 1);
+                    if on > 0 {
+                        row.push(TileEntry {
+                            k_tile: kt as u32,
+                            kind: if on == all {
+                                TileKind::Full
+                            } else {
+                                TileKind::Partial
+                            },
+                        });
+                    }
+                }
+                rows.push(row);
+            }
+        }
+    }
+    let out = BlockSchedule::from_rows(br, bc, s.sq, s.sk, s.batch, s.heads, rows)?;
+    Ok((out, table))
+}
+
+/// [`crate::forward`] on the GPU: copies the inputs, runs, copies the output (in the input
+/// dtype) and LSE back.
+pub fn forward(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+) -> Result<AttnOutput> {
+    let dims = validate("cuda attention", q, k, v)?;
+    let plan = FwdPlan::new(dev, dims, q.dtype(), params, mask)?;
+    let (qd, kd, vd) = (
+        DevTensor::upload(dev, "q", q)?,
+        DevTensor::upload(dev, "k", k)?,
+        DevTensor::upload(dev, "v", v)?,
+    );
+    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.d], q.dtype())?;
+    let mut lse = dev
+        .stream()
+        .alloc_zeros::<f32>(dims.batch * dims.hq * dims.sq)
+        .map_err(drv("alloc"))?;
+    plan.launch(&qd, &kd, &vd, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let out = o.download(dev)?;
+    let lse = dev.stream().clone_dtoh(&lse).map_err(drv("copy to host"))?;
+    Ok(AttnOutput { out, lse })
+}

@@ -1,0 +1,242 @@
+// Fused attention forward on the tensor cores (mma.sync m16n8k16, any NVIDIA GPU from sm_80).
+//
+// Compile-time constants (one variant per combination, set by the host in cuda/forward.rs):
+//   LA_F16     1 = f16 inputs, 0 = bf16
+//   LA_D       head dim (a multiple of 16, <= 256); V has the same head dim
+//   LA_BR      query rows per block (16 per warp), LA_BC keys per tile, LA_WARPS = LA_BR / 16
+//   LA_QREGS   1 = keep the warp's Q fragments in registers (D <= 128)
+//   LA_SOFTCAP 1 = s -> c tanh(s / c) before masking
+// and the mask program `la_mask(p, b, h, i, j)` generated from the mask expression.
+//
+// Work: block (query tile qt, query head h, batch b) walks its row of the block schedule
+// (CSR: offsets per (b, h, qt), entries = key tile << 1 | partial). Full tiles skip the mask,
+// Partial tiles evaluate la_mask per element, unlisted tiles are never loaded. A warp owns 16
+// query rows; per key tile it computes S = Q K^T (16 x BC), the online softmax
+//     m' = max(m, rowmax(S)),  P = 2^(S - m'),  l' = 2^(m - m') l + rowsum(P),
+//     O' = 2^(m - m') O + P V
+// (logits pre-multiplied by scale * log2 e), and at the end O / l and LSE = ln2 (m + log2 l).
+// A row with no allowed key ends with l = 0: output 0, LSE = -inf.
+//
+// Shared memory: Q [BR][D], K [BC][D], V [BC][D], rows of 16-byte chunks with the chunk index
+// XOR-swizzled by the row so ldmatrix reads of 8 rows hit distinct banks. V of tile t loads
+// while S of tile t is computed; K of tile t+1 loads while P V of tile t runs.
+
+struct LaFwdParams {
+    const u16* q; const u16* k; const u16* v; u16* o; float* lse;
+    i64 q_sb, q_ss, q_sh;   // element strides of q (batch, seq, head); head dim contiguous
+    i64 k_sb, k_ss, k_sh;
+    i64 v_sb, v_ss, v_sh;
+    i64 o_sb, o_ss, o_sh;
+    int B, Sq, Sk, Hq, Hk;
+    float scale_log2;       // scale * log2 e (no soft-cap) or log2 e (soft-cap)
+    float cap_pre;          // scale / c (soft-cap)
+    float cap_post;         // c (soft-cap)
+    const u32* sched_off; const u32* sched_ent;
+    int sched_batch, sched_heads, q_tiles, pad0;
+    const int* qdoc; const int* kdoc;   // document ids [B * Sq], [B * Sk] (document masks)
+    const unsigned char* blk;           // explicit block mask (block-mask programs)
+    int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
+};
+
+#define LA_CHUNKS (LA_D / 8)
+// Swizzle group: the largest power of two <= 8 dividing the chunk count.
+#define LA_SWZ ((LA_CHUNKS % 8 == 0) ? 8 : ((LA_CHUNKS % 4 == 0) ? 4 : ((LA_CHUNKS % 2 == 0) ? 2 : 1)))
+#define LA_THREADS (LA_WARPS * 32)
+
+// Element offset of (row, 16-byte chunk c) in a swizzled [rows][D] tile.
+__device__ __forceinline__ int la_sw(int row, int c) {
+    return row * LA_D + ((c ^ (row & (LA_SWZ - 1))) << 3);
+}
+
+// Asynchronously copies rows row0 .. row0 + ROWS of a [seq][D] slab (row stride `ss` elements)
+// into a swizzled tile; rows at or past `limit` are filled with zeros.
+template <int ROWS>
+__device__ __forceinline__ void la_load_tile(u16* s, const u16* g, i64 ss, int row0, int limit) {
+    constexpr int N = ROWS * LA_CHUNKS;
+#pragma unroll
+    for (int x = threadIdx.x; x < N; x += LA_THREADS) {
+        int r = x / LA_CHUNKS, c = x % LA_CHUNKS;
+        int gr = row0 + r;
+        bool ok = gr < limit;
+        const u16* src = g + (ok ? (i64)gr * ss : 0) + c * 8;
+        la_cp_async16(s + la_sw(r, c), src, ok ? 16 : 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const LaFwdParams p) {
+    extern __shared__ __align__(128) u16 la_smem[];
+    u16* sQ = la_smem;
+    u16* sK = sQ + LA_BR * LA_D;
+    u16* sV = sK + LA_BC * LA_D;
+
+    // Late query tiles first: under causal-like masks they carry the most key tiles.
+    const int qt = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int kh = h / (p.Hq / p.Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int q0 = qt * LA_BR;
+    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+    const u32 e0 = p.sched_off[srow], e1 = p.sched_off[srow + 1];
+
+    const u16* gq = p.q + b * p.q_sb + h * p.q_sh;
+    const u16* gk = p.k + b * p.k_sb + kh * p.k_sh;
+    const u16* gv = p.v + b * p.v_sb + kh * p.v_sh;
+
+    la_load_tile<LA_BR>(sQ, gq, p.q_ss, q0, p.Sq);
+    la_cp_commit();
+    if (e0 < e1) {
+        la_load_tile<LA_BC>(sK, gk, p.k_ss, (int)(p.sched_ent[e0] >> 1) * LA_BC, p.Sk);
+    }
+    la_cp_commit();
+
+    // This warp's rows: r0 = q0 + warp*16 + g and r0 + 8.
+    const int wrow = warp * 16;
+    float o[LA_D / 8][4];
+#pragma unroll
+    for (int i = 0; i < LA_D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
+
+#if LA_QREGS
+    u32 qf[LA_D / 16][4];
+    la_cp_wait<1>();
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < LA_D / 16; kk++)
+        la_ldmatrix_x4(qf[kk], sQ + la_sw(wrow + (lane & 15), kk * 2 + (lane >> 4)));
+#endif
+
+    for (u32 e = e0; e < e1; e++) {
+        const u32 ent = p.sched_ent[e];
+        const int kt = ent >> 1;
+        const bool partial = ent & 1;
+        const int k0 = kt * LA_BC;
+        la_cp_wait<0>();
+        __syncthreads();  // K of this tile has landed; every warp is done with the last V
+        la_load_tile<LA_BC>(sV, gv, p.v_ss, k0, p.Sk);
+        la_cp_commit();
+
+        // S = Q K^T for 16 rows x BC keys.
+        float s[LA_BC / 8][4];
+#pragma unroll
+        for (int i = 0; i < LA_BC / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < LA_D / 16; kk++) {
+#if LA_QREGS
+            const u32* a = qf[kk];
+#else
+            u32 a[4];
+            la_ldmatrix_x4(a, sQ + la_sw(wrow + (lane & 15), kk * 2 + (lane >> 4)));
+#endif
+#pragma unroll
+            for (int np = 0; np < LA_BC / 16; np++) {
+                u32 bk[4];
+                la_ldmatrix_x4(bk, sK + la_sw(np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                              kk * 2 + ((lane >> 3) & 1)));
+                la_mma16816(s[2 * np], a, bk);
+                la_mma16816(s[2 * np + 1], a, bk + 2);
+            }
+        }
+
+        // Logits in log2 units; soft-cap; mask (Partial tiles and keys past Sk).
+        const bool edge = k0 + LA_BC > p.Sk;
+        const int i0 = q0 + wrow + g;
+#pragma unroll
+        for (int nt = 0; nt < LA_BC / 8; nt++) {
+#pragma unroll
+            for (int e2 = 0; e2 < 4; e2++) {
+                float x = s[nt][e2];
+#if LA_SOFTCAP
+                x = p.cap_post * tanhf(x * p.cap_pre);
+#endif
+                x *= p.scale_log2;
+                if (partial || edge) {
+                    const int j = k0 + nt * 8 + 2 * t4 + (e2 & 1);
+                    const int i = i0 + ((e2 >> 1) << 3);
+                    bool ok = j < p.Sk;
+                    if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                    if (!ok) x = -LA_INF;
+                }
+                s[nt][e2] = x;
+            }
+        }
+
+        // Online softmax: rows g (elements 0, 1) and g + 8 (elements 2, 3).
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < LA_BC / 8; nt++) {
+            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+        // A row with nothing allowed so far keeps m = -inf; subtract 0 instead so 2^(-inf) = 0.
+        const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
+        const float a0 = la_exp2(m0 - u0), a1 = la_exp2(m1 - u1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int i = 0; i < LA_D / 8; i++) {
+            o[i][0] *= a0; o[i][1] *= a0;
+            o[i][2] *= a1; o[i][3] *= a1;
+        }
+        u32 pf[LA_BC / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < LA_BC / 8; nt++) {
+            const float p0 = la_exp2(s[nt][0] - u0), p1 = la_exp2(s[nt][1] - u0);
+            const float p2 = la_exp2(s[nt][2] - u1), p3 = la_exp2(s[nt][3] - u1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            // C fragments of n-tiles 2k, 2k+1 are the A fragment of k-step k.
+            pf[nt >> 1][(nt & 1) * 2 + 0] = la_pack2(p0, p1);
+            pf[nt >> 1][(nt & 1) * 2 + 1] = la_pack2(p2, p3);
+        }
+
+        la_cp_wait<0>();
+        __syncthreads();  // V has landed; every warp is done with K
+        if (e + 1 < e1) {
+            la_load_tile<LA_BC>(sK, gk, p.k_ss, (int)(p.sched_ent[e + 1] >> 1) * LA_BC, p.Sk);
+        }
+        la_cp_commit();
+
+        // O += P V.
+#pragma unroll
+        for (int ks = 0; ks < LA_BC / 16; ks++) {
+#pragma unroll
+            for (int dp = 0; dp < LA_D / 16; dp++) {
+                u32 bv[4];
+                la_ldmatrix_x4_trans(bv, sV + la_sw(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                    dp * 2 + (lane >> 4)));
+                la_mma16816(o[2 * dp], pf[ks], bv);
+                la_mma16816(o[2 * dp + 1], pf[ks], bv + 2);
+            }
+        }
+    }
+
+    // Epilogue: O / l and the LSE; rows past Sq are not written.
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const int r0 = q0 + wrow + g, r1 = r0 + 8;
+    u16* go = p.o + b * p.o_sb + h * p.o_sh;
+    if (r0 < p.Sq) {
+        u32* dst = (u32*)(go + (i64)r0 * p.o_ss);
+#pragma unroll
+        for (int i = 0; i < LA_D / 8; i++) dst[i * 4 + t4] = la_pack2(o[i][0] * inv0, o[i][1] * inv0);
+        if (t4 == 0)
+            p.lse[((i64)b * p.Hq + h) * p.Sq + r0] = l0 > 0.f ? (m0 + __log2f(l0)) * LA_LN2 : -LA_INF;
+    }
+    if (r1 < p.Sq) {
+        u32* dst = (u32*)(go + (i64)r1 * p.o_ss);
+#pragma unroll
+        for (int i = 0; i < LA_D / 8; i++) dst[i * 4 + t4] = la_pack2(o[i][2] * inv1, o[i][3] * inv1);
+        if (t4 == 0)
+            p.lse[((i64)b * p.Hq + h) * p.Sq + r1] = l1 > 0.f ? (m1 + __log2f(l1)) * LA_LN2 : -LA_INF;
+    }
+}

@@ -1,0 +1,207 @@
+//! The CUDA backend: the same API and the same block schedule as the CPU path, on NVIDIA GPUs.
+//!
+//! - [`CudaDevice`]: a context and stream on one GPU, loaded at run time (`cudarc` with dynamic
+//!   loading: the crate builds and runs without CUDA; [`CudaDevice::open`] then returns a clear
+//!   [`Error::Cuda`]).
+//! - [`compile`]: NVRTC compilation of the `.cu` sources in `kernels/` for the device's
+//!   architecture (`sm_90a` on Hopper), one variant per (dtype, head dim, tile config, mask
+//!   program), cached in memory and on disk.
+//! - [`forward`]: the tensor-core forward kernel driven by the block schedule; Partial tiles run
+//!   the mask program generated from the expression ([`crate::mask::BoundMask::cuda_program`]).
+//! - [`decode`]: paged KV-cache decode, split over key ranges and merged by LSE.
+pub mod compile;
+pub mod decode;
+pub mod forward;
+pub mod selftest;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
+
+use crate::error::{Error, Result};
+pub use compile::CompileSource;
+pub use forward::{forward, DevTensor, FwdPlan};
+
+pub(crate) fn drv(op: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e: DriverError| {
+        let msg = if e.0 == cu::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            "out of device memory (CUDA_ERROR_OUT_OF_MEMORY)".to_string()
+        } else {
+            format!("{e:?}")
+        };
+        Error::Cuda { op, msg }
+    }
+}
+
+/// One record of the module cache: how a kernel variant was obtained and how long it took.
+#[derive(Clone, Debug)]
+pub struct CompileRecord {
+    pub variant: String,
+    pub source: CompileSource,
+    pub seconds: f64,
+}
+
+/// A GPU, its context and the stream every longattn call on it runs on.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pub ordinal: usize,
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub cc: (i32, i32),
+    pub sms: usize,
+    /// Largest dynamic shared memory a block may opt in to (bytes).
+    pub smem_optin: usize,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    records: Mutex<Vec<CompileRecord>>,
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`. Errors: no driver library, no device, driver too old.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        // SAFETY: only tries to open the shared library.
+        if !unsafe { cu::is_culib_present() } {
+            return Err(Error::Cuda {
+                op: "open",
+                msg: "no CUDA driver: libcuda.so was not found (no NVIDIA GPU or driver on this machine)".into(),
+            });
+        }
+        let n = CudaContext::device_count().map_err(drv("open"))?;
+        if ordinal >= n.max(0) as usize {
+            return Err(Error::Cuda {
+                op: "open",
+                msg: format!("no CUDA device {ordinal}: the driver reports {n} device(s)"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv("open"))?;
+        // One stream per device: the cross-stream event bookkeeping is not needed.
+        // SAFETY: called before any allocation on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let attr = |a| ctx.attribute(a).map_err(drv("open"));
+        let cc = (
+            attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        if cc.0 < 8 {
+            return Err(Error::Cuda {
+                op: "open",
+                msg: format!(
+                    "device {ordinal} has compute capability {}.{}; longattn's kernels need 8.0 or newer (bf16 tensor cores)",
+                    cc.0, cc.1
+                ),
+            });
+        }
+        let sms = attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let smem_optin =
+            attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                as usize;
+        let name = ctx.name().map_err(drv("open"))?;
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            stream,
+            ordinal,
+            name,
+            cc,
+            sms,
+            smem_optin,
+            functions: Mutex::new(HashMap::new()),
+            records: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// NVRTC target: the architecture-specific `sm_90a` on Hopper (wgmma, setmaxnreg), plain
+    /// `sm_XY` elsewhere.
+    pub fn arch(&self) -> String {
+        match self.cc {
+            (9, 0) => "sm_90a".into(),
+            (a, b) => format!("sm_{a}{b}"),
+        }
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Free and total device memory (bytes).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(drv("mem_get_info"))
+    }
+
+    /// Kernel `entry` of `src` compiled with `defines`, from the in-memory cache, the disk cache
+    /// or NVRTC; `smem` is the dynamic shared memory it will be launched with.
+    pub(crate) fn function(
+        &self,
+        variant: &str,
+        entry: &str,
+        src: &str,
+        defines: &[(String, String)],
+        smem: usize,
+    ) -> Result<CudaFunction> {
+        let key = format!("{variant}|{}", defines_key(defines));
+        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(f.clone());
+        }
+        if smem > self.smem_optin {
+            return Err(Error::Cuda {
+                op: "launch",
+                msg: format!(
+                    "kernel `{variant}` needs {smem} bytes of shared memory; the device allows {}",
+                    self.smem_optin
+                ),
+            });
+        }
+        let c = compile::compile(variant, src, &self.arch(), defines)?;
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(c.cubin))
+            .map_err(drv("load module"))?;
+        let f = module.load_function(entry).map_err(drv("load function"))?;
+        f.set_attribute(
+            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(drv("set shared memory"))?;
+        self.records.lock().unwrap().push(CompileRecord {
+            variant: variant.to_string(),
+            source: c.source,
+            seconds: c.seconds,
+        });
+        self.functions.lock().unwrap().insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Every kernel variant this device has loaded, with where it came from.
+    pub fn compile_records(&self) -> Vec<CompileRecord> {
+        self.records.lock().unwrap().clone()
+    }
+
+    pub(crate) fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        x: &[T],
+    ) -> Result<CudaSlice<T>> {
+        if x.is_empty() {
+            // A 1-element placeholder: kernels never read it, but the pointer must be valid.
+            return self.stream.alloc_zeros::<T>(1).map_err(drv("alloc"));
+        }
+        self.stream.clone_htod(x).map_err(drv("copy to device"))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(drv("synchronize"))
+    }
+}
+
+fn defines_key(d: &[(String, String)]) -> String {
+    d.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Opens device 0 if this machine has a usable GPU; the reason otherwise (tests print it when
+/// they skip).
+pub fn try_default_device() -> std::result::Result<Arc<CudaDevice>, String> {
+    CudaDevice::open(0).map_err(|e| e.to_string())
+}
