@@ -4,6 +4,7 @@
 //! - `longattn mask`: explain a mask expression and draw its tile schedule.
 //! - `longattn bench`: the benchmark suite (mask x length x head dim x dtype), optionally against
 //!   PyTorch's CPU `scaled_dot_product_attention` in the same run.
+//! - `longattn selftest --backend cuda`: the GPU correctness matrix.
 //! - `longattn fetch`: download the real-model fixtures (models, books) into the cache.
 //! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
 //! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
@@ -22,6 +23,7 @@ mod maskglue;
 mod peer;
 mod plot;
 mod run;
+mod selftest;
 mod tokenize;
 
 #[derive(Parser, Debug)]
@@ -45,6 +47,8 @@ enum Cmd {
     Generate(generate::Args),
     /// Post-RoPE q/k/v of chosen layers on real text, as safetensors.
     Capture(capture::Args),
+    /// GPU correctness matrix against the CPU path / f64 oracle (pass/fail table).
+    Selftest(selftest::Args),
     /// Download the real-model fixtures (SmolLM2, Gemma-3, Gutenberg books) into the cache.
     Fetch(fetch::Args),
     /// Token ids of a text file under a GGUF model's tokenizer, whitespace-separated.
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => eval::main(a),
         Cmd::Generate(a) => generate::main(a),
         Cmd::Capture(a) => capture::main(a),
+        Cmd::Selftest(a) => selftest::main(a),
         Cmd::Fetch(a) => fetch::main(a),
         Cmd::Tokenize(a) => tokenize::main(a),
     };

@@ -31,6 +31,12 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// `cpu` or `cuda` (bf16/f16 inputs on an NVIDIA GPU).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// GPU ordinal (with --backend cuda).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
     /// Output file: out [B,Sq,Hq,Dv] (input dtype) and lse [B,Hq,Sq] (f32).
     #[arg(long)]
     output: PathBuf,
@@ -104,9 +110,24 @@ pub fn main(a: Args) -> Result<()> {
         None => longattn::MaskSpec::Expr(&mask),
     };
     let pool = pool(a.threads)?;
-    let t0 = Instant::now();
-    let out = pool.install(|| longattn::forward(&q, &k, &v, &params, spec))?;
-    let secs = t0.elapsed().as_secs_f64();
+    let (out, secs, engine) = match a.backend.as_str() {
+        "cpu" => {
+            let t0 = Instant::now();
+            let out = pool.install(|| longattn::forward(&q, &k, &v, &params, spec))?;
+            let engine = format!("{} threads", pool.current_num_threads());
+            (out, t0.elapsed().as_secs_f64(), engine)
+        }
+        "cuda" => {
+            let dev = longattn::cuda::CudaDevice::open(a.device)?;
+            // Timed as the user sees it: copies to and from the device included, compile excluded
+            // (a first call compiles or loads the kernel variant).
+            longattn::cuda::forward(&dev, &q, &k, &v, &params, spec)?;
+            let t0 = Instant::now();
+            let out = longattn::cuda::forward(&dev, &q, &k, &v, &params, spec)?;
+            (out, t0.elapsed().as_secs_f64(), format!("{} (copies included)", dev.name))
+        }
+        other => bail!("--backend {other}: expected `cpu` or `cuda`"),
+    };
     longattn::io::write_outputs(
         &a.output,
         &out.out,
@@ -127,7 +148,7 @@ pub fn main(a: Args) -> Result<()> {
     };
     let flops = 4.0 * dims.hq as f64 * pairs as f64 * dims.d as f64;
     eprintln!(
-        "{}: B {} Sq {} Sk {} Hq {} Hk {} D {} Dv {} {} mask {} (density {:.4}): {:.3} ms, {:.1} useful GFLOP/s on {} threads -> {}",
+        "{}: B {} Sq {} Sk {} Hq {} Hk {} D {} Dv {} {} mask {} (density {:.4}): {:.3} ms, {:.1} useful GFLOP/s on {} -> {}",
         a.input.display(),
         dims.batch,
         dims.sq,
@@ -144,7 +165,7 @@ pub fn main(a: Args) -> Result<()> {
         pairs as f64 / (dims.batch * dims.sq * dims.sk) as f64,
         secs * 1e3,
         flops / secs / 1e9,
-        pool.current_num_threads(),
+        engine,
         a.output.display()
     );
     Ok(())

@@ -139,7 +139,13 @@ impl CudaDevice {
         defines: &[(String, String)],
         smem: usize,
     ) -> Result<CudaFunction> {
-        let key = format!("{variant}|{}", defines_key(defines));
+        // The source is part of the key: variants differ by their mask program too.
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            src.hash(&mut h);
+            format!("{variant}|{}|{:016x}", defines_key(defines), h.finish())
+        };
         if let Some(f) = self.functions.lock().unwrap().get(&key) {
             return Ok(f.clone());
         }

@@ -15,3 +15,356 @@ pub struct CaseResult {
     pub lse_err: f64,
     pub detail: String,
 }
+
+use std::sync::Arc;
+
+use super::CudaDevice;
+use crate::attention::{AttnOutput, AttnParams, MaskSpec};
+use crate::error::Result;
+use crate::mask::{BlockSchedule, DocIds, MaskExpr, MaskShape};
+use crate::reference::attention_f64;
+use crate::tensor::{DType, Tensor};
+use crate::testing::{compare, out_tolerance, random_tensor, Rng, LSE_TOLERANCE};
+
+/// One forward case of the matrix.
+#[derive(Clone, Debug)]
+pub struct FwdCase {
+    pub dtype: DType,
+    pub batch: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub hq: usize,
+    pub hk: usize,
+    pub d: usize,
+    /// Mask expression, or `blocks(T)` for a random explicit block mask of T x T tiles.
+    pub mask: String,
+    pub softcap: Option<f32>,
+    /// Equal documents per batch row (for `document`).
+    pub docs: usize,
+}
+
+impl FwdCase {
+    fn new(dtype: DType, sq: usize, sk: usize, d: usize, mask: &str) -> FwdCase {
+        FwdCase {
+            dtype,
+            batch: 1,
+            sq,
+            sk,
+            hq: 4,
+            hk: 2,
+            d,
+            mask: mask.into(),
+            softcap: None,
+            docs: 3,
+        }
+    }
+    pub fn name(&self) -> String {
+        format!(
+            "{} B{} Sq{} Sk{} H{}/{} D{} `{}`{}",
+            self.dtype,
+            self.batch,
+            self.sq,
+            self.sk,
+            self.hq,
+            self.hk,
+            self.d,
+            self.mask,
+            self.softcap
+                .map(|c| format!(" softcap {c}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// The forward matrix: awkward sizes (causal and full), every mask atom and compositions, GQA /
+/// MQA / MHA, head dims 32..256, f16 and bf16, batches with documents, soft-cap, Sq != Sk,
+/// decode shapes, explicit block masks. `quick` keeps a small subset (for compute-sanitizer).
+pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
+    use DType::{BF16, F16};
+    let mut v = Vec::new();
+    let sizes: &[(usize, usize)] = if quick {
+        &[(1, 1), (7, 7), (63, 65), (113, 203)]
+    } else {
+        &[
+            (1, 1),
+            (7, 7),
+            (63, 65),
+            (65, 63),
+            (113, 203),
+            (1, 4224),
+            (1023, 1024),
+            (4224, 4224),
+        ]
+    };
+    for &(sq, sk) in sizes {
+        for m in ["full", "causal"] {
+            v.push(FwdCase::new(BF16, sq, sk, 128, m));
+        }
+    }
+    let dims: &[usize] = if quick { &[64, 256] } else { &[32, 64, 96, 128, 256] };
+    for &d in dims {
+        for dt in [BF16, F16] {
+            v.push(FwdCase::new(dt, 300, 300, d, "causal"));
+        }
+    }
+    let masks: &[&str] = &[
+        "window(64,0)",
+        "causal & window(100,20)",
+        "causal & (sinks(4) | window(64,0))",
+        "causal | prefix(100)",
+        "chunk(64)",
+        "strided(3)",
+        "!causal",
+        "causal & document",
+        "document",
+        "neighborhood(33)",
+        "neighborhood(15,3)",
+        "neighborhood2d(16,32,5,7)",
+        "neighborhood2d(16,32,5,7,2,1)",
+        "neighborhood3d(4,8,16,3,3,5)",
+        "blocks(64)",
+        "blocks(32)",
+    ];
+    for (n, m) in masks.iter().enumerate() {
+        if quick && n % 3 != 0 {
+            continue;
+        }
+        let mut c = FwdCase::new(BF16, 512, 512, 64, m);
+        if m.contains("document") {
+            c.batch = 2;
+        }
+        v.push(c);
+    }
+    if !quick {
+        // GQA 8:1 (MQA-like), MHA, Sq != Sk with a window, soft-cap, batch 3.
+        let mut c = FwdCase::new(BF16, 777, 1500, 128, "causal");
+        c.hq = 8;
+        c.hk = 1;
+        v.push(c);
+        let mut c = FwdCase::new(F16, 200, 1000, 64, "causal & window(128,0)");
+        c.hq = 3;
+        c.hk = 3;
+        v.push(c);
+        let mut c = FwdCase::new(BF16, 513, 513, 128, "causal");
+        c.softcap = Some(20.0);
+        v.push(c);
+        let mut c = FwdCase::new(BF16, 1000, 1000, 64, "causal & document");
+        c.batch = 3;
+        c.docs = 5;
+        v.push(c);
+    }
+    v
+}
+
+/// Runs `case` on the GPU and checks it: against the f64 oracle when the problem is small,
+/// else against the CPU path (itself tested against the oracle).
+pub fn check_forward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseResult {
+    let res = run_forward_case(dev, case, seed);
+    let tol = out_tolerance(case.dtype);
+    match res {
+        Ok((err, lse_err, detail)) => CaseResult {
+            group: "forward",
+            name: case.name(),
+            passed: err <= tol && lse_err <= LSE_TOLERANCE,
+            err,
+            tol,
+            lse_err,
+            detail,
+        },
+        Err(e) => CaseResult {
+            group: "forward",
+            name: case.name(),
+            passed: false,
+            err: f64::INFINITY,
+            tol,
+            lse_err: f64::INFINITY,
+            detail: format!("error: {e}"),
+        },
+    }
+}
+
+fn run_forward_case(
+    dev: &Arc<CudaDevice>,
+    c: &FwdCase,
+    seed: u64,
+) -> Result<(f64, f64, String)> {
+    let q = random_tensor(c.dtype, &[c.batch, c.sq, c.hq, c.d], 1.0, seed);
+    let k = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 1);
+    let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
+    let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
+    let params = AttnParams {
+        softcap: c.softcap,
+        ..Default::default()
+    };
+    let shape = MaskShape {
+        batch: c.batch,
+        sq: c.sq,
+        sk: c.sk,
+    };
+    let ids = |n: usize| -> Vec<i32> {
+        (0..c.batch)
+            .flat_map(|_| (0..n).map(|i| (i * c.docs / n) as i32))
+            .collect()
+    };
+    // Explicit block masks: a seeded random table of T x T tiles (about half on).
+    let (bound, blocks) = if let Some(t) = c
+        .mask
+        .strip_prefix("blocks(")
+        .and_then(|r| r.strip_suffix(')'))
+    {
+        let t: usize = t.parse().map_err(|_| crate::Error::Param {
+            op: "selftest",
+            msg: format!("bad block size in `{}`", c.mask),
+        })?;
+        let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
+        let mut rng = Rng::new(seed + 3);
+        let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
+        let s = BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, c.sq, c.sk)?;
+        (None, Some((s, table, t, kt)))
+    } else {
+        let expr = MaskExpr::parse(&c.mask)?;
+        let docs = expr.uses_documents().then(|| DocIds {
+            q: ids(c.sq),
+            k: ids(c.sk),
+        });
+        (Some(expr.bind(shape, docs)?), None)
+    };
+    let spec = match (&bound, &blocks) {
+        (Some(b), _) => MaskSpec::Expr(b),
+        (None, Some((s, ..))) => MaskSpec::Schedule {
+            schedule: s,
+            rows: None,
+        },
+        _ => unreachable!("a case has an expression or a block mask"),
+    };
+    let got: AttnOutput = super::forward(dev, &qv, &kv, &vv, &params, spec)?;
+    let allowed = |b: usize, _h: usize, i: usize, j: usize| -> bool {
+        match (&bound, &blocks) {
+            (Some(m), _) => m.allowed(b, i, j),
+            (None, Some((_, table, t, kt))) => table[(i / t) * kt + j / t] != 0,
+            _ => false,
+        }
+    };
+    let work = c.batch * c.hq * c.sq * c.sk * c.d;
+    if work <= 1 << 28 {
+        let r = attention_f64(&qv, &kv, &vv, &params, &allowed)?;
+        let (e, l) = compare(&got.out, &got.lse, &r);
+        Ok((e, l, "vs f64 oracle".into()))
+    } else {
+        let cpu = crate::forward(&qv, &kv, &vv, &params, spec_cpu(&bound, &blocks))?;
+        let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
+        Ok((e, l, "vs CPU path".into()))
+    }
+}
+
+fn spec_cpu<'a>(
+    bound: &'a Option<crate::mask::BoundMask>,
+    blocks: &'a Option<(BlockSchedule, Vec<u8>, usize, usize)>,
+) -> MaskSpec<'a> {
+    match (bound, blocks) {
+        (Some(b), _) => MaskSpec::Expr(b),
+        (None, Some((s, ..))) => MaskSpec::Schedule {
+            schedule: s,
+            rows: None,
+        },
+        _ => MaskSpec::Full,
+    }
+}
+
+/// (max |a - b| / max |b|, max |lse_a - lse_b|), -inf LSEs must match exactly.
+pub fn compare_outputs(a: &Tensor, la: &[f32], b: &Tensor, lb: &[f32]) -> (f64, f64) {
+    let (x, y) = (a.data.to_f32_vec(), b.data.to_f32_vec());
+    let scale = y.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64)).max(1e-30);
+    let e = x
+        .iter()
+        .zip(&y)
+        .map(|(&p, &q)| {
+            let d = (p as f64 - q as f64).abs();
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                d
+            }
+        })
+        .fold(0.0, f64::max);
+    let l = la
+        .iter()
+        .zip(lb)
+        .map(|(&p, &q)| {
+            if q == f32::NEG_INFINITY || p == f32::NEG_INFINITY {
+                if p == q {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            } else {
+                let d = (p as f64 - q as f64).abs();
+                if d.is_nan() {
+                    f64::INFINITY
+                } else {
+                    d
+                }
+            }
+        })
+        .fold(0.0, f64::max);
+    (e / scale, l)
+}
+
+/// Bad input must give a clear error, not a crash: f32 inputs, a head dim the kernel lacks, a
+/// CPU row-mask schedule.
+pub fn check_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
+    let mut out = Vec::new();
+    let mut case = |name: &str, r: Result<AttnOutput>| {
+        let (passed, detail) = match r {
+            Err(e) => (true, format!("error as expected: {e}")),
+            Ok(_) => (false, "no error".to_string()),
+        };
+        out.push(CaseResult {
+            group: "bad input",
+            name: name.into(),
+            passed,
+            err: 0.0,
+            tol: 0.0,
+            lse_err: 0.0,
+            detail,
+        });
+    };
+    let p = AttnParams::default();
+    let f = random_tensor(DType::F32, &[1, 8, 1, 64], 1.0, 1);
+    let fv = f.view("q").unwrap();
+    case("f32 inputs", super::forward(dev, &fv, &fv, &fv, &p, MaskSpec::Full));
+    let h = random_tensor(DType::BF16, &[1, 8, 1, 72], 1.0, 2);
+    let hv = h.view("q").unwrap();
+    case("head dim 72", super::forward(dev, &hv, &hv, &hv, &p, MaskSpec::Full));
+    let h = random_tensor(DType::BF16, &[1, 8, 1, 320], 1.0, 2);
+    let hv = h.view("q").unwrap();
+    case("head dim 320", super::forward(dev, &hv, &hv, &hv, &p, MaskSpec::Full));
+    let b = random_tensor(DType::BF16, &[1, 70, 1, 64], 1.0, 3);
+    let bv = b.view("q").unwrap();
+    let bm = MaskExpr::Causal
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq: 70,
+                sk: 70,
+            },
+            None,
+        )
+        .unwrap();
+    let s = bm.schedule(64, 64).unwrap();
+    case(
+        "schedule with a CPU row mask",
+        super::forward(
+            dev,
+            &bv,
+            &bv,
+            &bv,
+            &p,
+            MaskSpec::Schedule {
+                schedule: &s,
+                rows: Some(&bm),
+            },
+        ),
+    );
+    out
+}
