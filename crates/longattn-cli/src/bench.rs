@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 /// The masks of the suite: name and description.
-const MASKS: &[(&str, &str)] = &[
+pub(crate) const MASKS: &[(&str, &str)] = &[
     ("full", "full"),
     ("causal", "causal"),
     ("sliding_window", "causal & window(W,0), W = min(1024, n/4)"),
@@ -53,56 +53,68 @@ const MASKS: &[(&str, &str)] = &[
 pub struct Args {
     /// A ~1 minute smoke version of the suite (lengths 1k, head dim 64, shorter timing).
     #[arg(long)]
-    quick: bool,
+    pub(crate) quick: bool,
     /// Comma-separated masks: full, causal, sliding_window, document, neighborhood2d, sinks_window.
     #[arg(long)]
-    masks: Option<String>,
+    pub(crate) masks: Option<String>,
     /// Comma-separated sequence lengths (1k = 1024). Default 1k,4k,16k.
     #[arg(long)]
-    lens: Option<String>,
+    pub(crate) lens: Option<String>,
     /// Comma-separated head dims. Default 64,128.
     #[arg(long)]
-    dims: Option<String>,
+    pub(crate) dims: Option<String>,
     /// Comma-separated dtypes: f32, bf16, f16. Default f32,bf16.
     #[arg(long)]
-    dtypes: Option<String>,
+    pub(crate) dtypes: Option<String>,
     /// Query heads.
     #[arg(long, default_value_t = 8)]
-    heads: usize,
+    pub(crate) heads: usize,
     /// Key/value heads (default: --heads).
     #[arg(long)]
-    kv_heads: Option<usize>,
+    pub(crate) kv_heads: Option<usize>,
     /// Batch rows.
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Minimum timed repetitions per config.
     #[arg(long, default_value_t = 3)]
-    reps: usize,
+    pub(crate) reps: usize,
     /// Time each config at least this long, in seconds (default 0.5; 0.1 with --quick).
     #[arg(long)]
-    min_time: Option<f64>,
+    pub(crate) min_time: Option<f64>,
     /// Query rows checked against the f64 oracle (per checked head).
     #[arg(long, default_value_t = 24)]
-    check_rows: usize,
+    pub(crate) check_rows: usize,
     /// Report folder.
     #[arg(long, default_value = "bench-report")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Worker threads (default: all cores); also given to the peer.
     #[arg(long)]
-    threads: Option<usize>,
+    pub(crate) threads: Option<usize>,
     /// Run a peer in the same run: `torch` (PyTorch CPU scaled_dot_product_attention).
     #[arg(long)]
-    compare: Option<String>,
+    pub(crate) compare: Option<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub(crate) seed: u64,
+    /// `cpu` or `cuda` (the GPU suite: bf16, SDPA FLASH / cuDNN and FlexAttention as peers).
+    #[arg(long, default_value = "cpu")]
+    pub(crate) backend: String,
+    /// GPU ordinal (with --backend cuda).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) device: usize,
+    /// GPU suite: tokens per config (batch = tokens / n, at least 1).
+    #[arg(long, default_value_t = 16384)]
+    pub(crate) tokens: usize,
+    /// GPU suite: model dim (query heads = model dim / D unless --heads is given explicitly).
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) model_dim: usize,
     /// Real q/k/v from `longattn capture` instead of random inputs: every captured layer (or
     /// `--layers`) under each mask; lengths, head dim, heads and dtype come from the file.
     #[arg(long)]
-    data: Option<PathBuf>,
+    pub(crate) data: Option<PathBuf>,
     /// Comma-separated layers of `--data` (default: all in the file).
     #[arg(long, requires = "data")]
-    layers: Option<String>,
+    pub(crate) layers: Option<String>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -153,7 +165,7 @@ struct Report<'a> {
 }
 
 /// The expression of mask `name` at length `n`, and how many documents it needs.
-fn mask_expr(name: &str, n: usize) -> std::result::Result<(String, Option<usize>), String> {
+pub(crate) fn mask_expr(name: &str, n: usize) -> std::result::Result<(String, Option<usize>), String> {
     let w = (n / 4).clamp(1, 1024);
     Ok(match name {
         "full" => ("full".into(), None),
@@ -178,7 +190,7 @@ fn mask_expr(name: &str, n: usize) -> std::result::Result<(String, Option<usize>
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -240,6 +252,11 @@ fn plan(a: &Args) -> Result<Plan> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    match a.backend.as_str() {
+        "cpu" => {}
+        "cuda" => return crate::bench_cuda::main(&a),
+        other => bail!("--backend {other}: expected `cpu` or `cuda`"),
+    }
     let mut p = plan(&a)?;
     let mut hq = a.heads;
     let mut hk = a.kv_heads.unwrap_or(hq);

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod bench;
+mod bench_cuda;
 mod capture;
 mod common;
 mod eval;

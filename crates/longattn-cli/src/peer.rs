@@ -38,8 +38,6 @@ struct Line {
     id: Option<usize>,
     time_s: Option<f64>,
     error: Option<String>,
-    fatal: Option<String>,
-    version: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -73,38 +71,14 @@ pub fn run(
     configs: &[PeerConfig],
     mut on_result: impl FnMut(usize, PeerResult),
 ) -> Result<String> {
-    let script = dir.join("peer_torch.py");
-    std::fs::write(&script, SCRIPT).with_context(|| format!("{}", script.display()))?;
-    let job_path = dir.join("peer_job.json");
     let job = Job {
         threads,
         reps,
         min_time,
         configs,
     };
-    std::fs::write(&job_path, serde_json::to_vec_pretty(&job)?)?;
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(&job_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("cannot start python3")?;
-    let stdout = child.stdout.take().context("no stdout from python3")?;
-    let mut version = String::from("unknown");
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        let l: Line = match serde_json::from_str(&line) {
-            Ok(l) => l,
-            Err(_) => continue, // stray output of torch
-        };
-        if let Some(f) = l.fatal {
-            let _ = child.wait();
-            bail!("{f}");
-        }
-        if let Some(v) = l.version {
-            version = v;
-        }
+    run_script(dir, "peer_torch.py", SCRIPT, &job, |line| {
+        let l: Line = serde_json::from_value(line).unwrap_or_default();
         if let Some(id) = l.id {
             on_result(
                 id,
@@ -114,10 +88,49 @@ pub fn run(
                 },
             );
         }
+    })
+}
+
+/// Writes `script` and `job` (as JSON) into `dir`, runs `python3 script job.json` and hands each
+/// JSON line of its output to `on_line`. A line `{"fatal": msg}` stops with that error; a line
+/// `{"version": v}` gives the returned version. Other output (torch's warnings) is skipped.
+pub fn run_script(
+    dir: &Path,
+    name: &str,
+    script: &str,
+    job: &impl Serialize,
+    mut on_line: impl FnMut(serde_json::Value),
+) -> Result<String> {
+    let path = dir.join(name);
+    std::fs::write(&path, script).with_context(|| format!("{}", path.display()))?;
+    let job_path = dir.join(format!("{name}.job.json"));
+    std::fs::write(&job_path, serde_json::to_vec_pretty(job)?)?;
+    let mut child = Command::new("python3")
+        .arg(&path)
+        .arg(&job_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start python3")?;
+    let stdout = child.stdout.take().context("no stdout from python3")?;
+    let mut version = String::from("unknown");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue; // stray output of torch
+        };
+        if let Some(f) = v.get("fatal").and_then(|f| f.as_str()) {
+            let _ = child.wait();
+            bail!("{f}");
+        }
+        if let Some(ver) = v.get("version").and_then(|f| f.as_str()) {
+            version = ver.to_string();
+        }
+        on_line(v);
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("the torch peer exited with {status}");
+        bail!("the torch peer `{name}` exited with {status}");
     }
     Ok(version)
 }

@@ -43,9 +43,9 @@ impl TileCfg {
             TileCfg { br: 64, bc: 64, warps: 4, qregs: false }
         }
     }
-    /// Dynamic shared memory: Q [br][d] + K [bc][d] + V [bc][d], 2-byte elements.
+    /// Dynamic shared memory: Q [br][d] + two stages of K [bc][d] + V [bc][d], 2-byte elements.
     pub fn smem(&self, d: usize) -> usize {
-        (self.br + 2 * self.bc) * d * 2
+        (self.br + 4 * self.bc) * d * 2
     }
 }
 
@@ -540,4 +540,45 @@ pub fn forward(
     let out = o.download(dev)?;
     let lse = dev.stream().clone_dtoh(&lse).map_err(drv("copy to host"))?;
     Ok(AttnOutput { out, lse })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Rng;
+
+    /// Re-tiling keeps the element semantics: absent kernel tiles hold no allowed element, Full
+    /// ones only allowed elements, Partial ones some of each (user tiles of awkward sizes).
+    #[test]
+    fn retile_matches_the_block_mask() {
+        let mut rng = Rng::new(7);
+        for &(t, sq, sk) in &[(32, 300, 200), (48, 129, 1000), (100, 1, 513), (128, 640, 128)] {
+            let (qt, kt) = (sq.div_ceil(t), sk.div_ceil(t));
+            let table: Vec<u8> = (0..qt * kt).map(|_| rng.below(3).min(1) as u8).collect();
+            let s = BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, sq, sk).unwrap();
+            let (r, back) = retile(&s, 128, 64).unwrap();
+            assert_eq!(back, table);
+            for qtile in 0..r.q_tiles {
+                let row = r.row(0, 0, qtile);
+                for ktile in 0..r.k_tiles {
+                    let (mut on, mut off) = (0, 0);
+                    for i in qtile * 128..((qtile + 1) * 128).min(sq) {
+                        for j in ktile * 64..((ktile + 1) * 64).min(sk) {
+                            if table[(i / t) * kt + j / t] != 0 {
+                                on += 1;
+                            } else {
+                                off += 1;
+                            }
+                        }
+                    }
+                    let kind = row.iter().find(|e| e.k_tile as usize == ktile).map(|e| e.kind);
+                    match kind {
+                        None => assert_eq!(on, 0, "tile {qtile},{ktile} dropped allowed pairs"),
+                        Some(TileKind::Full) => assert_eq!(off, 0, "tile {qtile},{ktile}"),
+                        Some(TileKind::Partial) => assert!(on > 0 && off > 0, "tile {qtile},{ktile}"),
+                    }
+                }
+            }
+        }
+    }
 }

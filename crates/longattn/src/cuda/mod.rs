@@ -17,10 +17,11 @@ pub mod selftest;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys as cu, CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{sys as cu, CudaContext, CudaFunction, CudaStream, DriverError};
 
 use crate::error::{Error, Result};
 pub use compile::CompileSource;
+pub use cudarc::driver::CudaSlice;
 pub use forward::{forward, DevTensor, FwdPlan};
 
 pub(crate) fn drv(op: &'static str) -> impl Fn(DriverError) -> Error {
@@ -192,6 +193,28 @@ impl CudaDevice {
             return self.stream.alloc_zeros::<T>(1).map_err(drv("alloc"));
         }
         self.stream.clone_htod(x).map_err(drv("copy to device"))
+    }
+
+    /// Zero-filled f32 device buffer (LSE outputs).
+    pub fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"))
+    }
+
+    /// Copies a device buffer to the host (synchronous).
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        x: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(x).map_err(drv("copy to host"))
+    }
+
+    /// Device time of the work `f` enqueues, in milliseconds (CUDA events around it).
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let flags = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
+        let e0 = self.stream.record_event(flags).map_err(drv("event"))?;
+        f()?;
+        let e1 = self.stream.record_event(flags).map_err(drv("event"))?;
+        Ok(e0.elapsed_ms(&e1).map_err(drv("event"))? as f64)
     }
 
     pub fn synchronize(&self) -> Result<()> {

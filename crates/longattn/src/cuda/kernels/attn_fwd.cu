@@ -17,9 +17,9 @@
 // (logits pre-multiplied by scale * log2 e), and at the end O / l and LSE = ln2 (m + log2 l).
 // A row with no allowed key ends with l = 0: output 0, LSE = -inf.
 //
-// Shared memory: Q [BR][D], K [BC][D], V [BC][D], rows of 16-byte chunks with the chunk index
-// XOR-swizzled by the row so ldmatrix reads of 8 rows hit distinct banks. V of tile t loads
-// while S of tile t is computed; K of tile t+1 loads while P V of tile t runs.
+// Shared memory: Q [BR][D] and two stages of K [BC][D] + V [BC][D], rows of 16-byte chunks with
+// the chunk index XOR-swizzled by the row so ldmatrix reads of 8 rows hit distinct banks. Tile
+// t + 1 is in flight (cp.async) while tile t is computed.
 
 struct LaFwdParams {
     const u16* q; const u16* k; const u16* v; u16* o; float* lse;
@@ -66,8 +66,10 @@ __device__ __forceinline__ void la_load_tile(u16* s, const u16* g, i64 ss, int r
 extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const LaFwdParams p) {
     extern __shared__ __align__(128) u16 la_smem[];
     u16* sQ = la_smem;
-    u16* sK = sQ + LA_BR * LA_D;
-    u16* sV = sK + LA_BC * LA_D;
+    // Two stages of K and V: tile t computes from stage t & 1 while tile t + 1 lands in the other.
+    u16* sK0 = sQ + LA_BR * LA_D;
+    u16* sV0 = sK0 + LA_BC * LA_D;
+    constexpr int STAGE = 2 * LA_BC * LA_D;
 
     // Late query tiles first: under causal-like masks they carry the most key tiles.
     const int qt = gridDim.x - 1 - blockIdx.x;
@@ -83,12 +85,18 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
     const u16* gk = p.k + b * p.k_sb + kh * p.k_sh;
     const u16* gv = p.v + b * p.v_sb + kh * p.v_sh;
 
+    // Commit groups: G0 = Q + tile e0, then one group per later tile (empty past the row's end),
+    // so before tile t "all but the newest group complete" (wait_group 1) means tile t landed.
     la_load_tile<LA_BR>(sQ, gq, p.q_ss, q0, p.Sq);
-    la_cp_commit();
-    if (e0 < e1) {
-        la_load_tile<LA_BC>(sK, gk, p.k_ss, (int)(p.sched_ent[e0] >> 1) * LA_BC, p.Sk);
+#pragma unroll
+    for (int st = 0; st < 2; st++) {
+        if (e0 + st < e1) {
+            const int k0 = (int)(p.sched_ent[e0 + st] >> 1) * LA_BC;
+            la_load_tile<LA_BC>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
+            la_load_tile<LA_BC>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
+        }
+        la_cp_commit();
     }
-    la_cp_commit();
 
     // This warp's rows: r0 = q0 + warp*16 + g and r0 + 8.
     const int wrow = warp * 16;
@@ -99,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
 
 #if LA_QREGS
     u32 qf[LA_D / 16][4];
-    la_cp_wait<1>();
+    la_cp_wait<1>();  // G0: Q (and tile e0)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < LA_D / 16; kk++)
@@ -111,10 +119,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
         const int kt = ent >> 1;
         const bool partial = ent & 1;
         const int k0 = kt * LA_BC;
-        la_cp_wait<0>();
-        __syncthreads();  // K of this tile has landed; every warp is done with the last V
-        la_load_tile<LA_BC>(sV, gv, p.v_ss, k0, p.Sk);
-        la_cp_commit();
+        const u16* sK = sK0 + ((e - e0) & 1) * STAGE;
+        const u16* sV = sV0 + ((e - e0) & 1) * STAGE;
+        la_cp_wait<1>();
+        __syncthreads();  // this tile's K and V have landed
 
         // S = Q K^T for 16 rows x BC keys.
         float s[LA_BC / 8][4];
@@ -196,13 +204,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
             pf[nt >> 1][(nt & 1) * 2 + 1] = la_pack2(p2, p3);
         }
 
-        la_cp_wait<0>();
-        __syncthreads();  // V has landed; every warp is done with K
-        if (e + 1 < e1) {
-            la_load_tile<LA_BC>(sK, gk, p.k_ss, (int)(p.sched_ent[e + 1] >> 1) * LA_BC, p.Sk);
-        }
-        la_cp_commit();
-
         // O += P V.
 #pragma unroll
         for (int ks = 0; ks < LA_BC / 16; ks++) {
@@ -215,6 +216,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
                 la_mma16816(o[2 * dp + 1], pf[ks], bv + 2);
             }
         }
+        __syncthreads();  // every warp is done with this stage: refill it with tile e + 2
+        if (e + 2 < e1) {
+            const int k2 = (int)(p.sched_ent[e + 2] >> 1) * LA_BC;
+            la_load_tile<LA_BC>((u16*)sK, gk, p.k_ss, k2, p.Sk);
+            la_load_tile<LA_BC>((u16*)sV, gv, p.v_ss, k2, p.Sk);
+        }
+        la_cp_commit();
     }
 
     // Epilogue: O / l and the LSE; rows past Sq are not written.

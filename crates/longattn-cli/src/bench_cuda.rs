@@ -1,0 +1,372 @@
+//! `longattn bench --backend cuda`: the GPU suite, our kernels and the peers in one run.
+//!
+//! Per configuration (mask x length x head dim x dtype; batch = tokens / n, query heads = model
+//! dim / D, as in the peer figures of shared/BENCHMARKS.md):
+//! 1. seeded random inputs in [-1, 1) (never zeros), uploaded once (each of q, k, v is
+//!    tokens x model dim x 2 bytes = 64 MiB by default, larger than the 50 MB L2, so repeated
+//!    calls do not run from cache);
+//! 2. the plan (kernel variant + block schedule) is built; the schedule build is timed on its own
+//!    (median of 3) and the kernel's compile/load time reported;
+//! 3. one warm-up launch whose output is CHECKED on batch row 0, the first and last heads and
+//!    `--check-rows` rows against the f64 oracle (a failing config is not timed);
+//! 4. timing with CUDA events around each launch, median of max(--reps, 20) launches;
+//!    useful TFLOP/s = 4 * Hq * D * (allowed pairs over the batch) / time.
+//! With `--compare torch` the peers (`peer_torch_cuda.py`) run afterwards in the same process run
+//! on the same GPU: SDPA FLASH_ATTENTION and CUDNN_ATTENTION (full / causal) and FlexAttention
+//! (compiled, `create_block_mask` on the same mask; its build time reported too).
+use crate::bench::{mask_expr, median, Args, MASKS};
+use crate::common::{check_rows, fmt_len, now_utc, parse_len, parse_list, random_inputs, spread_rows, tolerance};
+use crate::maskglue::bind_mask;
+use crate::peer;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use longattn::attention::Dims;
+use longattn::cuda::{CudaDevice, DevTensor, FwdPlan};
+use longattn::{AttnOutput, AttnParams, DType, MaskSpec};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+const PEER_SCRIPT: &str = include_str!("peer_torch_cuda.py");
+const PEERS: [&str; 3] = ["sdpa_flash", "sdpa_cudnn", "flex"];
+
+#[derive(Serialize, Clone, Debug, Default)]
+struct Row {
+    id: usize,
+    mask: String,
+    expr: String,
+    n: usize,
+    d: usize,
+    dtype: String,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    status: String,
+    note: String,
+    density: f64,
+    check_rel_err: Option<f64>,
+    check_lse_err: Option<f64>,
+    time_ms: Option<f64>,
+    tflops: Option<f64>,
+    schedule_ms: Option<f64>,
+    tiles_full: usize,
+    tiles_partial: usize,
+    /// Peer -> median ms (or the error).
+    peers_ms: BTreeMap<String, f64>,
+    peer_notes: BTreeMap<String, String>,
+    flex_build_ms: Option<f64>,
+    /// Our useful TFLOP/s over each peer's.
+    ratios: BTreeMap<String, f64>,
+    #[serde(skip)]
+    useful_flops: f64,
+}
+
+#[derive(Serialize)]
+struct PeerCfg {
+    id: usize,
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    n: usize,
+    d: usize,
+    dtype: String,
+    mask: String,
+    window: usize,
+    docs: usize,
+    grid: usize,
+    kernel: usize,
+}
+
+#[derive(Serialize)]
+struct PeerJob<'a> {
+    configs: &'a [PeerCfg],
+}
+
+pub fn main(a: &Args) -> Result<()> {
+    let masks: Vec<String> = match &a.masks {
+        Some(s) => parse_list(s, "mask", |x| {
+            MASKS.iter().find(|m| m.0 == x).map(|m| m.0.to_string())
+        })?,
+        None => ["full", "causal", "sliding_window", "document", "neighborhood2d"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let lens = match &a.lens {
+        Some(s) => parse_list(s, "length", parse_len)?,
+        None if a.quick => vec![4096],
+        None => vec![1024, 4096, 16384, 65536],
+    };
+    let dims = match &a.dims {
+        Some(s) => parse_list(s, "head dim", |x| x.parse().ok().filter(|&d: &usize| d > 0))?,
+        None => vec![64, 128],
+    };
+    let dtypes = match &a.dtypes {
+        Some(s) => parse_list(s, "dtype", DType::parse)?,
+        None => vec![DType::BF16],
+    };
+    let compare = match a.compare.as_deref() {
+        None => false,
+        Some("torch") => true,
+        Some(x) => bail!("--compare {x}: the only peer is `torch`"),
+    };
+    let dev = CudaDevice::open(a.device)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    println!(
+        "device: {} (sm_{}{}, {} SMs); tokens per config {}, model dim {}",
+        dev.name, dev.cc.0, dev.cc.1, dev.sms, a.tokens, a.model_dim
+    );
+
+    let mut configs = Vec::new();
+    for &n in &lens {
+        for m in &masks {
+            for &d in &dims {
+                for &dt in &dtypes {
+                    configs.push((m.clone(), n, d, dt));
+                }
+            }
+        }
+    }
+    let pb = ProgressBar::new(configs.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::new();
+    let mut peer_cfgs = Vec::new();
+    for (id, (m, n, d, dt)) in configs.into_iter().enumerate() {
+        pb.set_message(format!("{m} n={} D={d} {dt}", fmt_len(n)));
+        let hq = (a.model_dim / d).max(1);
+        let hk = a.kv_heads.unwrap_or(hq);
+        let batch = (a.tokens / n).max(1);
+        let mut row = Row {
+            id,
+            mask: m.clone(),
+            n,
+            d,
+            dtype: dt.to_string(),
+            batch,
+            heads: hq,
+            kv_heads: hk,
+            ..Default::default()
+        };
+        match mask_expr(&m, n) {
+            Err(e) => {
+                row.status = "skipped".into();
+                row.note = e;
+            }
+            Ok((expr, docs)) => {
+                row.expr = expr.clone();
+                if let Err(e) = run_one(&dev, a, &mut row, &expr, docs) {
+                    row.status = "error".into();
+                    row.note = format!("{e:#}");
+                }
+                let (window, grid, kernel) = peer_geometry(&expr);
+                peer_cfgs.push(PeerCfg {
+                    id,
+                    batch,
+                    heads: hq,
+                    kv_heads: hk,
+                    n,
+                    d,
+                    dtype: dt.to_string(),
+                    mask: m.clone(),
+                    window,
+                    docs: docs.unwrap_or(0),
+                    grid,
+                    kernel,
+                });
+            }
+        }
+        pb.println(format!(
+            "{:<15} n {:>6} D {:>3} B {:>2} H {:>2}: {} {}",
+            row.mask,
+            fmt_len(n),
+            d,
+            batch,
+            hq,
+            row.status,
+            row.tflops
+                .map(|t| format!("{t:.1} TFLOP/s ({:.3} ms)", row.time_ms.unwrap_or(0.0)))
+                .unwrap_or_else(|| row.note.clone())
+        ));
+        rows.push(row);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+
+    let mut torch_version = None;
+    if compare {
+        println!("running the peers (SDPA FLASH / cuDNN, FlexAttention) on {} ...", dev.name);
+        // Our device memory is released before the peers start (each config freed its own).
+        let dir = a.out.join(".peer");
+        std::fs::create_dir_all(&dir)?;
+        let by_id: BTreeMap<usize, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let v = peer::run_script(&dir, "peer_torch_cuda.py", PEER_SCRIPT, &PeerJob { configs: &peer_cfgs }, |l| {
+            let (Some(id), Some(p)) = (l.get("id").and_then(|x| x.as_u64()), l.get("peer").and_then(|x| x.as_str())) else {
+                return;
+            };
+            let Some(&i) = by_id.get(&(id as usize)) else { return };
+            let r = &mut rows[i];
+            if let Some(ms) = l.get("ms").and_then(|x| x.as_f64()) {
+                r.peers_ms.insert(p.into(), ms);
+                if let Some(t) = r.tflops {
+                    let theirs = r.useful_flops / (ms * 1e-3) / 1e12;
+                    r.ratios.insert(p.into(), t / theirs);
+                }
+            }
+            if let Some(e) = l.get("error").and_then(|x| x.as_str()) {
+                r.peer_notes.insert(p.into(), e.chars().take(160).collect());
+            }
+            if let Some(b) = l.get("build_ms").and_then(|x| x.as_f64()) {
+                r.flex_build_ms = Some(b);
+            }
+        });
+        match v {
+            Ok(v) => torch_version = Some(v),
+            Err(e) => println!("peer run failed: {e:#}"),
+        }
+    }
+    report(a, &dev, &rows, torch_version)
+}
+
+/// Window / grid / kernel of an expression, for the peer's mask_mod.
+fn peer_geometry(expr: &str) -> (usize, usize, usize) {
+    let nums = |s: &str| -> Vec<usize> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse().ok())
+            .collect()
+    };
+    if let Some(r) = expr.split("window(").nth(1) {
+        return (nums(r).first().copied().unwrap_or(0), 0, 0);
+    }
+    if let Some(r) = expr.strip_prefix("neighborhood2d(") {
+        let v = nums(r);
+        return (0, v[0], v[2]);
+    }
+    (0, 0, 0)
+}
+
+fn run_one(dev: &std::sync::Arc<CudaDevice>, a: &Args, row: &mut Row, expr: &str, docs: Option<usize>) -> Result<()> {
+    let dt = DType::parse(&row.dtype).context("dtype")?;
+    let (n, d, batch, hq, hk) = (row.n, row.d, row.batch, row.heads, row.kv_heads);
+    let inputs = random_inputs(dt, batch, n, n, hq, hk, d, a.seed + row.id as u64, docs)?;
+    let ids = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let mask = bind_mask(expr, batch, n, n, ids)?;
+    let dims = Dims { batch, sq: n, sk: n, hq, hk, d, dv: d };
+    let params = AttnParams::default();
+    let spec = if expr == "full" { MaskSpec::Full } else { MaskSpec::Expr(&mask) };
+    let plan = FwdPlan::new(dev, dims, dt, &params, spec)?;
+    let sched: Vec<f64> = (0..3)
+        .map(|_| FwdPlan::new(dev, dims, dt, &params, spec).map(|p| p.schedule_seconds))
+        .collect::<longattn::Result<_>>()?;
+    row.schedule_ms = Some(median(sched) * 1e3);
+    (row.tiles_full, row.tiles_partial) = plan.tile_counts;
+    let pairs: u64 = (0..batch).map(|b| mask.allowed_pairs(b)).sum();
+    row.density = pairs as f64 / (batch * n * n) as f64;
+    row.useful_flops = 4.0 * hq as f64 * d as f64 * pairs as f64;
+
+    let (q, k, v) = (
+        DevTensor::upload(dev, "q", &inputs.q.view("q")?)?,
+        DevTensor::upload(dev, "k", &inputs.k.view("k")?)?,
+        DevTensor::upload(dev, "v", &inputs.v.view("v")?)?,
+    );
+    let mut o = DevTensor::alloc(dev, [batch, n, hq, d], dt)?;
+    let mut lse = dev.alloc_f32(batch * hq * n)?;
+    plan.launch(&q, &k, &v, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let got = AttnOutput {
+        out: o.download(dev)?,
+        lse: dev.download(&lse)?,
+    };
+    let rows_checked = spread_rows(n, a.check_rows);
+    let chk = check_rows(&inputs, &mask, &params, &got, &rows_checked, &[0, hq - 1])?;
+    row.check_rel_err = Some(chk.rel_err);
+    row.check_lse_err = Some(chk.lse_err);
+    if !(chk.rel_err <= tolerance(dt) && chk.lse_err <= 1e-3) {
+        row.status = "FAILED".into();
+        row.note = format!("rel err {:.2e}, lse err {:.2e}", chk.rel_err, chk.lse_err);
+        return Ok(());
+    }
+    let reps = a.reps.max(20);
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..3 {
+        plan.launch(&q, &k, &v, &mut o, &mut lse)?;
+    }
+    for _ in 0..reps {
+        ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
+    }
+    let ms = median(ts);
+    row.time_ms = Some(ms);
+    row.tflops = Some(row.useful_flops / (ms * 1e-3) / 1e12);
+    row.status = "ok".into();
+    Ok(())
+}
+
+fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "longattn bench --backend cuda, {} on {} (torch {}), {} tokens per config, model dim {}\n",
+        now_utc(),
+        dev.name,
+        torch.as_deref().unwrap_or("not run"),
+        a.tokens,
+        a.model_dim
+    );
+    let _ = writeln!(
+        md,
+        "| mask | n | D | B x H | ours ms | ours TFLOP/s | FA2 (SDPA flash) | cuDNN | Flex | ours/FA2 | ours/cuDNN | ours/Flex | schedule ms | Flex build ms | check |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let tf = |r: &Row, p: &str| -> String {
+        r.peers_ms
+            .get(p)
+            .map(|ms| format!("{:.0}", r.useful_flops / (ms * 1e-3) / 1e12))
+            .unwrap_or_else(|| "-".into())
+    };
+    let ra = |r: &Row, p: &str| r.ratios.get(p).map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {}x{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.mask,
+            fmt_len(r.n),
+            r.d,
+            r.batch,
+            r.heads,
+            r.time_ms.map(|x| format!("{x:.3}")).unwrap_or_else(|| r.status.clone()),
+            r.tflops.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
+            tf(r, PEERS[0]),
+            tf(r, PEERS[1]),
+            tf(r, PEERS[2]),
+            ra(r, PEERS[0]),
+            ra(r, PEERS[1]),
+            ra(r, PEERS[2]),
+            r.schedule_ms.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
+            r.flex_build_ms.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
+            r.check_rel_err.map(|x| format!("{x:.1e}")).unwrap_or_else(|| r.note.clone()),
+        );
+    }
+    for p in PEERS {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.mask == "full" || r.mask == "causal")
+            .filter_map(|r| r.ratios.get(p).copied())
+            .collect();
+        if !v.is_empty() {
+            let g = (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp();
+            let _ = writeln!(md, "\ngeometric mean ours/{p} over full+causal: {g:.3} ({} configs)", v.len());
+        }
+    }
+    let notes: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.peer_notes.iter().map(move |(p, e)| format!("- {} n {} D {}: {p}: {e}", r.mask, r.n, r.d)))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(md, "\npeer notes:\n{}", notes.join("\n"));
+    }
+    print!("{md}");
+    std::fs::write(a.out.join("report_cuda.md"), &md)?;
+    std::fs::write(a.out.join("report_cuda.json"), serde_json::to_vec_pretty(rows)?)?;
+    Ok(())
+}

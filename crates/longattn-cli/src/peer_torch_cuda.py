@@ -1,0 +1,116 @@
+"""GPU peers for `longattn bench --backend cuda --compare torch`, in the same run on the same device.
+
+Usage: python3 peer_torch_cuda.py JOB.json. For each forward config it times PyTorch SDPA with the
+FLASH_ATTENTION and CUDNN_ATTENTION backends (full and causal masks only: SDPA has no other fused
+masks) and FlexAttention (torch.compile(flex_attention) with create_block_mask on the same mask),
+and prints one JSON line per (config, peer): {"id", "peer", "ms"} or {"id", "peer", "error"};
+FlexAttention lines also carry "build_ms" (create_block_mask, after its first compiled call). Decode
+configs time SDPA on q [B, Hq, 1, D] against k, v [B, Hk, n, D] (GQA).
+Timing: triton.testing.do_bench, median, after warm-up; inputs uniform in [-1, 1) (never zeros).
+"""
+import json
+import sys
+import time
+
+
+def main():
+    job = json.load(open(sys.argv[1]))
+    try:
+        import torch
+        import triton.testing
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        import torch.nn.functional as F
+    except Exception as e:  # noqa: BLE001
+        print(json.dumps({"fatal": f"torch/triton with CUDA is not available ({e})"}), flush=True)
+        return
+    if not torch.cuda.is_available():
+        print(json.dumps({"fatal": "torch sees no CUDA device"}), flush=True)
+        return
+    print(json.dumps({"version": torch.__version__, "device": torch.cuda.get_device_name()}), flush=True)
+    dev = "cuda"
+    dts = {"bf16": torch.bfloat16, "f16": torch.float16}
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def mask_mod(c):
+        n, kind = c["n"], c["mask"]
+        if kind == "causal":
+            return lambda b, h, q, kv: q >= kv
+        if kind == "sliding_window":
+            w = c["window"]
+            return lambda b, h, q, kv: (q >= kv) & (q - kv <= w)
+        if kind == "document":
+            doc = (torch.arange(n, device=dev) * c["docs"]) // n
+            return lambda b, h, q, kv: (q >= kv) & (doc[q] == doc[kv])
+        if kind == "neighborhood2d":
+            s, k = c["grid"], c["kernel"]
+
+            def nb(b, h, q, kv):
+                qr, qc, kr, kc = q // s, q % s, kv // s, kv % s
+                r0 = (qr - k // 2).clamp(0, s - k)
+                c0 = (qc - k // 2).clamp(0, s - k)
+                return (kr >= r0) & (kr < r0 + k) & (kc >= c0) & (kc < c0 + k)
+
+            return nb
+        return None
+
+    for c in job["configs"]:
+        b, h, hk, n, d = c["batch"], c["heads"], c["kv_heads"], c["n"], c["d"]
+        dt = dts[c["dtype"]]
+        g = torch.Generator(device=dev).manual_seed(1000 + c["id"])
+
+        def rnd(heads, length):
+            return (torch.rand(b, heads, length, d, generator=g, device=dev) * 2 - 1).to(dt)
+
+        if c.get("decode"):
+            q, k, v = rnd(h, 1), rnd(hk, n), rnd(hk, n)
+            try:
+                ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hk != h))
+                print(json.dumps({"id": c["id"], "peer": "sdpa", "ms": ms}), flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(json.dumps({"id": c["id"], "peer": "sdpa", "error": f"{type(e).__name__}: {e}"}), flush=True)
+            del q, k, v
+            continue
+        q, k, v = rnd(h, n), rnd(hk, n), rnd(hk, n)
+        kw = {"enable_gqa": True} if hk != h else {}
+        if c["mask"] in ("full", "causal"):
+            for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    with sdpa_kernel([be]):
+                        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c["mask"] == "causal", **kw)  # noqa: E731
+                        fn()
+                        ms = bench(fn)
+                    print(json.dumps({"id": c["id"], "peer": name, "ms": ms}), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(json.dumps({"id": c["id"], "peer": name, "error": f"{type(e).__name__}: {e}"}), flush=True)
+        try:
+            mm = mask_mod(c)
+            if mm is None:
+                out = lambda: flex(q, k, v, enable_gqa=hk != h)  # noqa: E731
+                build_ms = 0.0
+            else:
+                bm = create_block_mask(mm, None, None, n, n, device=dev, _compile=True)
+                out = lambda: flex(q, k, v, block_mask=bm, enable_gqa=hk != h)  # noqa: E731
+                out()
+                torch.cuda.synchronize()
+                ts = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    create_block_mask(mm, None, None, n, n, device=dev, _compile=True)
+                    torch.cuda.synchronize()
+                    ts.append((time.perf_counter() - t0) * 1e3)
+                build_ms = sorted(ts)[len(ts) // 2]
+            out()
+            ms = bench(out)
+            print(json.dumps({"id": c["id"], "peer": "flex", "ms": ms, "build_ms": build_ms}), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(json.dumps({"id": c["id"], "peer": "flex", "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

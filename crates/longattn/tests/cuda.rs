@@ -1,0 +1,71 @@
+//! CUDA backend tests. Machines without an NVIDIA GPU (CI) check that the backend says so
+//! clearly and skip the device cases, printing why; on a GPU machine the forward matrix runs
+//! against the f64 oracle (`longattn selftest --backend cuda` runs the whole matrix).
+use longattn::cuda::selftest::{check_errors, check_forward, forward_cases};
+use longattn::cuda::{try_default_device, CudaDevice};
+use longattn::mask::MaskExpr;
+
+#[test]
+fn without_a_device_the_error_is_clear() {
+    match CudaDevice::open(0) {
+        Err(e) => {
+            let m = e.to_string();
+            assert!(m.starts_with("cuda open:"), "unclear error: {m}");
+            eprintln!("no CUDA device here (as expected on CI): {m}");
+        }
+        Ok(_) => {
+            let e = CudaDevice::open(999).err().expect("device 999 must not exist");
+            assert!(e.to_string().contains("no CUDA device 999"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn forward_matrix_on_the_gpu_or_skip() {
+    let dev = match try_default_device() {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipping the CUDA forward matrix: {why}");
+            return;
+        }
+    };
+    let failed: Vec<String> = forward_cases(true)
+        .iter()
+        .enumerate()
+        .map(|(n, c)| check_forward(&dev, c, 77 + n as u64))
+        .chain(check_errors(&dev))
+        .filter(|r| !r.passed)
+        .map(|r| format!("{}: err {:.2e} (tol {:.2e}) {}", r.name, r.err, r.tol, r.detail))
+        .collect();
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
+}
+
+/// The generated device program names every atom's constants (host-side; the device selftest
+/// checks its semantics against the CPU element reference).
+#[test]
+fn mask_program_is_generated_for_every_atom() {
+    use longattn::mask::{DocIds, MaskShape};
+    let shape = MaskShape {
+        batch: 1,
+        sq: 512,
+        sk: 512,
+    };
+    for (expr, needle) in [
+        ("causal", "(j <= pos)"),
+        ("window(7,3)", "pos - 7LL <= j && j <= pos + 3LL"),
+        ("sinks(4) | prefix(9)", "(j < 4LL) || (j < 9LL)"),
+        ("chunk(64)", "la_fdiv(pos, 64LL)"),
+        ("strided(3)", "la_emod(pos - j, 3LL)"),
+        ("!causal & document", "p.qdoc["),
+        ("neighborhood2d(16,32,5,7)", "la_nbr_axis(i, j, 16LL"),
+    ] {
+        let e = MaskExpr::parse(expr).unwrap();
+        let docs = e.uses_documents().then(|| DocIds {
+            q: vec![0; 512],
+            k: vec![0; 512],
+        });
+        let prog = e.bind(shape, docs).unwrap().cuda_program();
+        assert!(prog.contains(needle), "`{expr}` -> {prog}");
+        assert!(prog.contains("bool la_mask("), "{prog}");
+    }
+}
