@@ -23,26 +23,59 @@ const FWD: &str = include_str!("kernels/attn_fwd.cu");
 /// Tile configuration of the forward kernel for one head dim (one table, one reason each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TileCfg {
-    /// Query rows per block (16 per warp).
+    /// Query rows per block.
     pub br: usize,
     /// Keys per tile.
     pub bc: usize,
     pub warps: usize,
+    /// Blocks of 16 query rows per warp: `br = 16 * mt * warps`.
+    pub mt: usize,
     /// Keep Q fragments in registers for the whole block (saves a shared-memory read per MMA).
     pub qregs: bool,
+    /// Blocks per SM the register budget is sized for (`__launch_bounds__`).
+    pub min_blocks: usize,
 }
 
 impl TileCfg {
     pub fn for_head_dim(d: usize) -> TileCfg {
+        if let Some(t) = Self::from_env() {
+            return t;
+        }
         if d <= 128 {
-            // 8 warps x 16 rows; O (D/2 floats) + Q (D/4 words) + S (32 floats) fit the 255
-            // registers of a thread at one block per SM.
-            TileCfg { br: 128, bc: 64, warps: 8, qregs: true }
+            // 4 warps x 32 rows: every K/V fragment read from shared memory feeds two MMAs
+            // (16-row warps were bound by shared-memory reads: 8 warps re-read each tile).
+            // O (D floats) + S (bc/2) per thread stay under 255 registers with bc 64 at D 64
+            // and bc 32 at D 128.
+            let bc = if d <= 64 { 64 } else { 32 };
+            TileCfg { br: 128, bc, warps: 4, mt: 2, qregs: false, min_blocks: 1 }
         } else {
-            // D 256: O alone takes 128 registers a thread; Q is re-read from shared memory.
-            TileCfg { br: 64, bc: 64, warps: 4, qregs: false }
+            // D 256: O alone takes 128 registers a thread; 16-row warps, Q re-read from shared
+            // memory.
+            TileCfg { br: 64, bc: 64, warps: 4, mt: 1, qregs: false, min_blocks: 1 }
         }
     }
+
+    /// `LONGATTN_CUDA_TILE=br,bc,warps,qregs,min_blocks` overrides the table (tuning runs).
+    fn from_env() -> Option<TileCfg> {
+        let v: Vec<usize> = std::env::var("LONGATTN_CUDA_TILE")
+            .ok()?
+            .split(',')
+            .filter_map(|x| x.trim().parse().ok())
+            .collect();
+        let [br, bc, warps, qregs, min_blocks] = v[..] else {
+            return None;
+        };
+        let mt = br / (16 * warps.max(1));
+        (mt >= 1 && br == 16 * mt * warps && bc % 16 == 0 && bc > 0).then_some(TileCfg {
+            br,
+            bc,
+            warps,
+            mt,
+            qregs: qregs != 0,
+            min_blocks: min_blocks.max(1),
+        })
+    }
+
     /// Dynamic shared memory: Q [br][d] + two stages of K [bc][d] + V [bc][d], 2-byte elements.
     pub fn smem(&self, d: usize) -> usize {
         (self.br + 4 * self.bc) * d * 2
@@ -214,7 +247,7 @@ impl FwdPlan {
             )));
         }
         let d = dims.d;
-        if d % 16 != 0 || d == 0 || d > 256 || dims.dv != d {
+        if !d.is_multiple_of(16) || d == 0 || d > 256 || dims.dv != d {
             return Err(unsupported(format!(
                 "head dims D {d} / Dv {}: the CUDA kernel needs D = Dv, a multiple of 16, at most 256",
                 dims.dv
@@ -303,15 +336,18 @@ impl FwdPlan {
             ("LA_BR".into(), tile.br.to_string()),
             ("LA_BC".into(), tile.bc.to_string()),
             ("LA_WARPS".into(), tile.warps.to_string()),
+            ("LA_MT".into(), tile.mt.to_string()),
+            ("LA_MINB".into(), tile.min_blocks.to_string()),
             ("LA_QREGS".into(), (tile.qregs as u8).to_string()),
             ("LA_SOFTCAP".into(), (params.softcap.is_some() as u8).to_string()),
         ];
         let smem = tile.smem(d);
         let variant = format!(
-            "attn_fwd_{}_d{d}_{}x{}",
+            "attn_fwd_{}_d{d}_{}x{}w{}",
             dtype.name(),
             tile.br,
-            tile.bc
+            tile.bc,
+            tile.warps
         );
         let func = dev.function(&variant, "la_attn_fwd", &src, &defines, smem)?;
         let scale = params.scale_for(d);
@@ -552,7 +588,8 @@ mod tests {
     #[test]
     fn retile_matches_the_block_mask() {
         let mut rng = Rng::new(7);
-        for &(t, sq, sk) in &[(32, 300, 200), (48, 129, 1000), (100, 1, 513), (128, 640, 128)] {
+        let cases: [(usize, usize, usize); 4] = [(32, 300, 200), (48, 129, 1000), (100, 1, 513), (128, 640, 128)];
+        for &(t, sq, sk) in &cases {
             let (qt, kt) = (sq.div_ceil(t), sk.div_ceil(t));
             let table: Vec<u8> = (0..qt * kt).map(|_| rng.below(3).min(1) as u8).collect();
             let s = BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, sq, sk).unwrap();

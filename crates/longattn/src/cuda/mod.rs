@@ -145,7 +145,7 @@ impl CudaDevice {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             src.hash(&mut h);
-            format!("{variant}|{}|{:016x}", defines_key(defines), h.finish())
+            format!("{variant}|{entry}|{}|{:016x}", defines_key(defines), h.finish())
         };
         if let Some(f) = self.functions.lock().unwrap().get(&key) {
             return Ok(f.clone());

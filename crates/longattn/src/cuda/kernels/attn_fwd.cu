@@ -3,14 +3,15 @@
 // Compile-time constants (one variant per combination, set by the host in cuda/forward.rs):
 //   LA_F16     1 = f16 inputs, 0 = bf16
 //   LA_D       head dim (a multiple of 16, <= 256); V has the same head dim
-//   LA_BR      query rows per block (16 per warp), LA_BC keys per tile, LA_WARPS = LA_BR / 16
-//   LA_QREGS   1 = keep the warp's Q fragments in registers (D <= 128)
+//   LA_BR      query rows per block, LA_BC keys per tile, LA_WARPS warps, LA_MT = LA_BR / (16 LA_WARPS)
+//              blocks of 16 rows per warp (2: each K/V fragment read from shared memory feeds two MMAs)
+//   LA_QREGS   1 = keep the warp's Q fragments in registers
 //   LA_SOFTCAP 1 = s -> c tanh(s / c) before masking
 // and the mask program `la_mask(p, b, h, i, j)` generated from the mask expression.
 //
 // Work: block (query tile qt, query head h, batch b) walks its row of the block schedule
 // (CSR: offsets per (b, h, qt), entries = key tile << 1 | partial). Full tiles skip the mask,
-// Partial tiles evaluate la_mask per element, unlisted tiles are never loaded. A warp owns 16
+// Partial tiles evaluate la_mask per element, unlisted tiles are never loaded. A warp owns 16 LA_MT
 // query rows; per key tile it computes S = Q K^T (16 x BC), the online softmax
 //     m' = max(m, rowmax(S)),  P = 2^(S - m'),  l' = 2^(m - m') l + rowsum(P),
 //     O' = 2^(m - m') O + P V
@@ -63,7 +64,7 @@ __device__ __forceinline__ void la_load_tile(u16* s, const u16* g, i64 ss, int r
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const LaFwdParams p) {
+extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd(const LaFwdParams p) {
     extern __shared__ __align__(128) u16 la_smem[];
     u16* sQ = la_smem;
     // Two stages of K and V: tile t computes from stage t & 1 while tile t + 1 lands in the other.
@@ -98,20 +99,27 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
         la_cp_commit();
     }
 
-    // This warp's rows: r0 = q0 + warp*16 + g and r0 + 8.
-    const int wrow = warp * 16;
-    float o[LA_D / 8][4];
+    // This warp's rows: LA_MT blocks of 16, rows wrow + 16 mt + g and + 8.
+    const int wrow = warp * 16 * LA_MT;
+    float o[LA_MT][LA_D / 8][4];
+    float m[LA_MT][2], l[LA_MT][2];
 #pragma unroll
-    for (int i = 0; i < LA_D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
+    for (int mt = 0; mt < LA_MT; mt++) {
+#pragma unroll
+        for (int i = 0; i < LA_D / 8; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+        m[mt][0] = m[mt][1] = -LA_INF;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
 
 #if LA_QREGS
-    u32 qf[LA_D / 16][4];
+    u32 qf[LA_MT][LA_D / 16][4];
     la_cp_wait<1>();  // G0: Q (and tile e0)
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < LA_D / 16; kk++)
-        la_ldmatrix_x4(qf[kk], sQ + la_sw(wrow + (lane & 15), kk * 2 + (lane >> 4)));
+    for (int mt = 0; mt < LA_MT; mt++)
+#pragma unroll
+        for (int kk = 0; kk < LA_D / 16; kk++)
+            la_ldmatrix_x4(qf[mt][kk], sQ + la_sw(wrow + 16 * mt + (lane & 15), kk * 2 + (lane >> 4)));
 #endif
 
     for (u32 e = e0; e < e1; e++) {
@@ -124,87 +132,99 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
         la_cp_wait<1>();
         __syncthreads();  // this tile's K and V have landed
 
-        // S = Q K^T for 16 rows x BC keys.
-        float s[LA_BC / 8][4];
+        // S = Q K^T for 16 LA_MT rows x BC keys; each K fragment feeds LA_MT MMAs.
+        float s[LA_MT][LA_BC / 8][4];
 #pragma unroll
-        for (int i = 0; i < LA_BC / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mt = 0; mt < LA_MT; mt++)
+#pragma unroll
+            for (int i = 0; i < LA_BC / 8; i++) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < LA_D / 16; kk++) {
+            u32 a[LA_MT][4];
+#pragma unroll
+            for (int mt = 0; mt < LA_MT; mt++) {
 #if LA_QREGS
-            const u32* a = qf[kk];
+#pragma unroll
+                for (int r = 0; r < 4; r++) a[mt][r] = qf[mt][kk][r];
 #else
-            u32 a[4];
-            la_ldmatrix_x4(a, sQ + la_sw(wrow + (lane & 15), kk * 2 + (lane >> 4)));
+                la_ldmatrix_x4(a[mt], sQ + la_sw(wrow + 16 * mt + (lane & 15), kk * 2 + (lane >> 4)));
 #endif
+            }
 #pragma unroll
             for (int np = 0; np < LA_BC / 16; np++) {
                 u32 bk[4];
                 la_ldmatrix_x4(bk, sK + la_sw(np * 16 + (lane & 7) + ((lane >> 4) << 3),
                                               kk * 2 + ((lane >> 3) & 1)));
-                la_mma16816(s[2 * np], a, bk);
-                la_mma16816(s[2 * np + 1], a, bk + 2);
+#pragma unroll
+                for (int mt = 0; mt < LA_MT; mt++) {
+                    la_mma16816(s[mt][2 * np], a[mt], bk);
+                    la_mma16816(s[mt][2 * np + 1], a[mt], bk + 2);
+                }
             }
         }
 
         // Logits in log2 units; soft-cap; mask (Partial tiles and keys past Sk).
         const bool edge = k0 + LA_BC > p.Sk;
-        const int i0 = q0 + wrow + g;
+        u32 pf[LA_MT][LA_BC / 16][4];
 #pragma unroll
-        for (int nt = 0; nt < LA_BC / 8; nt++) {
+        for (int mt = 0; mt < LA_MT; mt++) {
+            const int i0 = q0 + wrow + 16 * mt + g;
 #pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                float x = s[nt][e2];
+            for (int nt = 0; nt < LA_BC / 8; nt++) {
+#pragma unroll
+                for (int e2 = 0; e2 < 4; e2++) {
+                    float x = s[mt][nt][e2];
 #if LA_SOFTCAP
-                x = p.cap_post * tanhf(x * p.cap_pre);
+                    x = p.cap_post * tanhf(x * p.cap_pre);
 #endif
-                x *= p.scale_log2;
-                if (partial || edge) {
-                    const int j = k0 + nt * 8 + 2 * t4 + (e2 & 1);
-                    const int i = i0 + ((e2 >> 1) << 3);
-                    bool ok = j < p.Sk;
-                    if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
-                    if (!ok) x = -LA_INF;
+                    x *= p.scale_log2;
+                    if (partial || edge) {
+                        const int j = k0 + nt * 8 + 2 * t4 + (e2 & 1);
+                        const int i = i0 + ((e2 >> 1) << 3);
+                        bool ok = j < p.Sk;
+                        if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                        if (!ok) x = -LA_INF;
+                    }
+                    s[mt][nt][e2] = x;
                 }
-                s[nt][e2] = x;
+            }
+
+            // Online softmax: rows g (elements 0, 1) and g + 8 (elements 2, 3).
+            float mx0 = m[mt][0], mx1 = m[mt][1];
+#pragma unroll
+            for (int nt = 0; nt < LA_BC / 8; nt++) {
+                mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+            // A row with nothing allowed so far keeps m = -inf; subtract 0 so 2^(-inf) = 0.
+            const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
+            const float a0 = la_exp2(m[mt][0] - u0), a1 = la_exp2(m[mt][1] - u1);
+            m[mt][0] = mx0;
+            m[mt][1] = mx1;
+            l[mt][0] *= a0;
+            l[mt][1] *= a1;
+#pragma unroll
+            for (int i = 0; i < LA_D / 8; i++) {
+                o[mt][i][0] *= a0; o[mt][i][1] *= a0;
+                o[mt][i][2] *= a1; o[mt][i][3] *= a1;
+            }
+#pragma unroll
+            for (int nt = 0; nt < LA_BC / 8; nt++) {
+                const float p0 = la_exp2(s[mt][nt][0] - u0), p1 = la_exp2(s[mt][nt][1] - u0);
+                const float p2 = la_exp2(s[mt][nt][2] - u1), p3 = la_exp2(s[mt][nt][3] - u1);
+                l[mt][0] += p0 + p1;
+                l[mt][1] += p2 + p3;
+                // C fragments of n-tiles 2k, 2k+1 are the A fragment of k-step k.
+                pf[mt][nt >> 1][(nt & 1) * 2 + 0] = la_pack2(p0, p1);
+                pf[mt][nt >> 1][(nt & 1) * 2 + 1] = la_pack2(p2, p3);
             }
         }
 
-        // Online softmax: rows g (elements 0, 1) and g + 8 (elements 2, 3).
-        float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int nt = 0; nt < LA_BC / 8; nt++) {
-            mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-        // A row with nothing allowed so far keeps m = -inf; subtract 0 instead so 2^(-inf) = 0.
-        const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
-        const float a0 = la_exp2(m0 - u0), a1 = la_exp2(m1 - u1);
-        m0 = mx0;
-        m1 = mx1;
-        l0 *= a0;
-        l1 *= a1;
-#pragma unroll
-        for (int i = 0; i < LA_D / 8; i++) {
-            o[i][0] *= a0; o[i][1] *= a0;
-            o[i][2] *= a1; o[i][3] *= a1;
-        }
-        u32 pf[LA_BC / 16][4];
-#pragma unroll
-        for (int nt = 0; nt < LA_BC / 8; nt++) {
-            const float p0 = la_exp2(s[nt][0] - u0), p1 = la_exp2(s[nt][1] - u0);
-            const float p2 = la_exp2(s[nt][2] - u1), p3 = la_exp2(s[nt][3] - u1);
-            l0 += p0 + p1;
-            l1 += p2 + p3;
-            // C fragments of n-tiles 2k, 2k+1 are the A fragment of k-step k.
-            pf[nt >> 1][(nt & 1) * 2 + 0] = la_pack2(p0, p1);
-            pf[nt >> 1][(nt & 1) * 2 + 1] = la_pack2(p2, p3);
-        }
-
-        // O += P V.
+        // O += P V; each V fragment feeds LA_MT MMAs.
 #pragma unroll
         for (int ks = 0; ks < LA_BC / 16; ks++) {
 #pragma unroll
@@ -212,8 +232,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
                 u32 bv[4];
                 la_ldmatrix_x4_trans(bv, sV + la_sw(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
                                                     dp * 2 + (lane >> 4)));
-                la_mma16816(o[2 * dp], pf[ks], bv);
-                la_mma16816(o[2 * dp + 1], pf[ks], bv + 2);
+#pragma unroll
+                for (int mt = 0; mt < LA_MT; mt++) {
+                    la_mma16816(o[mt][2 * dp], pf[mt][ks], bv);
+                    la_mma16816(o[mt][2 * dp + 1], pf[mt][ks], bv + 2);
+                }
             }
         }
         __syncthreads();  // every warp is done with this stage: refill it with tile e + 2
@@ -226,25 +249,25 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_attn_fwd(const La
     }
 
     // Epilogue: O / l and the LSE; rows past Sq are not written.
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const int r0 = q0 + wrow + g, r1 = r0 + 8;
     u16* go = p.o + b * p.o_sb + h * p.o_sh;
-    if (r0 < p.Sq) {
-        u32* dst = (u32*)(go + (i64)r0 * p.o_ss);
 #pragma unroll
-        for (int i = 0; i < LA_D / 8; i++) dst[i * 4 + t4] = la_pack2(o[i][0] * inv0, o[i][1] * inv0);
-        if (t4 == 0)
-            p.lse[((i64)b * p.Hq + h) * p.Sq + r0] = l0 > 0.f ? (m0 + __log2f(l0)) * LA_LN2 : -LA_INF;
-    }
-    if (r1 < p.Sq) {
-        u32* dst = (u32*)(go + (i64)r1 * p.o_ss);
+    for (int mt = 0; mt < LA_MT; mt++) {
 #pragma unroll
-        for (int i = 0; i < LA_D / 8; i++) dst[i * 4 + t4] = la_pack2(o[i][2] * inv1, o[i][3] * inv1);
-        if (t4 == 0)
-            p.lse[((i64)b * p.Hq + h) * p.Sq + r1] = l1 > 0.f ? (m1 + __log2f(l1)) * LA_LN2 : -LA_INF;
+        for (int hf = 0; hf < 2; hf++) {
+            float lsum = l[mt][hf];
+            lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
+            lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
+            const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+            const int r = q0 + wrow + 16 * mt + g + 8 * hf;
+            if (r < p.Sq) {
+                u32* dst = (u32*)(go + (i64)r * p.o_ss);
+#pragma unroll
+                for (int i = 0; i < LA_D / 8; i++)
+                    dst[i * 4 + t4] = la_pack2(o[mt][i][2 * hf] * inv, o[mt][i][2 * hf + 1] * inv);
+                if (t4 == 0)
+                    p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
+                        lsum > 0.f ? (m[mt][hf] + __log2f(lsum)) * LA_LN2 : -LA_INF;
+            }
+        }
     }
 }
