@@ -37,10 +37,20 @@ impl TileCfg {
         if d <= 128 {
             // 8 warps x 16 rows; O (D/2 floats) + Q (D/4 words) + S (32 floats) fit the 255
             // registers of a thread at one block per SM.
-            TileCfg { br: 128, bc: 64, warps: 8, qregs: true }
+            TileCfg {
+                br: 128,
+                bc: 64,
+                warps: 8,
+                qregs: true,
+            }
         } else {
             // D 256: O alone takes 128 registers a thread; Q is re-read from shared memory.
-            TileCfg { br: 64, bc: 64, warps: 4, qregs: false }
+            TileCfg {
+                br: 64,
+                bc: 64,
+                warps: 4,
+                qregs: false,
+            }
         }
     }
     /// Dynamic shared memory: Q [br][d] + K [bc][d] + V [bc][d], 2-byte elements.
@@ -304,15 +314,13 @@ impl FwdPlan {
             ("LA_BC".into(), tile.bc.to_string()),
             ("LA_WARPS".into(), tile.warps.to_string()),
             ("LA_QREGS".into(), (tile.qregs as u8).to_string()),
-            ("LA_SOFTCAP".into(), (params.softcap.is_some() as u8).to_string()),
+            (
+                "LA_SOFTCAP".into(),
+                (params.softcap.is_some() as u8).to_string(),
+            ),
         ];
         let smem = tile.smem(d);
-        let variant = format!(
-            "attn_fwd_{}_d{d}_{}x{}",
-            dtype.name(),
-            tile.br,
-            tile.bc
-        );
+        let variant = format!("attn_fwd_{}_d{d}_{}x{}", dtype.name(), tile.br, tile.bc);
         let func = dev.function(&variant, "la_attn_fwd", &src, &defines, smem)?;
         let scale = params.scale_for(d);
         let log2e = std::f32::consts::LOG2_E;
@@ -491,7 +499,10 @@ fn retile(s: &BlockSchedule, br: usize, bc: usize) -> Result<(BlockSchedule, Vec
                     let (w0, w1) = (c0 / s.tile_k, (c1 - 1) / s.tile_k);
                     let mut on = 0;
                     for u in u0..=u1 {
-                        on += t[u * uk + w0..=u * uk + w1].iter().filter(|&&x| x != 0).count();
+                        on += t[u * uk + w0..=u * uk + w1]
+                            .iter()
+                            .filter(|&&x| x != 0)
+                            .count();
                     }
                     let all = (u1 - u0 + 1) * (w1 - w0 + 1);
                     if on > 0 {
