@@ -614,6 +614,45 @@ impl PageTables {
             lens: vec![0; batch],
         })
     }
+    /// The allocator state of existing tables (`[B, max_pages]`, lengths `[B]`): every page not
+    /// referenced by a live position is free. The tables must pass [`validate`]'s checks.
+    pub fn from_tables(
+        page_size: usize,
+        num_pages: usize,
+        tables: &[i32],
+        max_pages: usize,
+        lens: &[i32],
+    ) -> Result<PageTables> {
+        let mut t = PageTables::new(page_size, num_pages, lens.len())?;
+        if tables.len() != lens.len() * max_pages {
+            return Err(shape(
+                "block tables",
+                vec![tables.len()],
+                format!("[{}, {max_pages}]", lens.len()),
+            ));
+        }
+        let mut used = vec![false; num_pages];
+        for (b, &len) in lens.iter().enumerate() {
+            let need = (len.max(0) as usize).div_ceil(page_size);
+            if len < 0 || need > max_pages {
+                return Err(param(format!(
+                    "sequence {b}: length {len} does not fit a table of {max_pages} pages of {page_size}"
+                )));
+            }
+            for &pg in &tables[b * max_pages..][..need] {
+                if pg < 0 || pg as usize >= num_pages {
+                    return Err(param(format!(
+                        "block table of sequence {b}: page {pg} outside the pool of {num_pages} pages"
+                    )));
+                }
+                used[pg as usize] = true;
+            }
+            t.seqs[b] = tables[b * max_pages..][..need].to_vec();
+            t.lens[b] = len as usize;
+        }
+        t.free.retain(|&p| !used[p as usize]);
+        Ok(t)
+    }
     pub fn page_size(&self) -> usize {
         self.page_size
     }
@@ -842,6 +881,64 @@ impl PagedCache {
             }
         }
     }
+}
+
+/// The test and selftest input recipe: appends of random K/V (`[1, n, Hk, D]` in `dtype`) that
+/// fill sequences of `lens` in interleaved chunks of `page / 2 + 5` tokens (not a multiple of the
+/// page size), as `(sequence, k, v)` in order.
+pub fn random_appends(
+    dtype: DType,
+    lens: &[usize],
+    page: usize,
+    hk: usize,
+    d: usize,
+    seed: u64,
+) -> Vec<(usize, Tensor, Tensor)> {
+    let chunk = page / 2 + 5;
+    let mut done = vec![0usize; lens.len()];
+    let mut out = Vec::new();
+    let mut round = 0u64;
+    while done.iter().zip(lens).any(|(a, b)| a < b) {
+        for s in 0..lens.len() {
+            let n = chunk.min(lens[s] - done[s]);
+            if n == 0 {
+                continue;
+            }
+            round += 1;
+            let k =
+                crate::testing::random_tensor(dtype, &[1, n, hk, d], 1.0, seed * 1000 + 2 * round);
+            let v = crate::testing::random_tensor(
+                dtype,
+                &[1, n, hk, d],
+                1.0,
+                seed * 1000 + 2 * round + 1,
+            );
+            out.push((s, k, v));
+            done[s] += n;
+        }
+    }
+    out
+}
+
+/// A cache holding sequences of `lens` filled by [`random_appends`] from a free list shuffled with
+/// `seed` (every block table scattered), with 3 spare pages; and random q `[B, 1, Hq, D]`.
+pub fn random_cache(
+    dtype: DType,
+    lens: &[usize],
+    page: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    seed: u64,
+) -> Result<(PagedCache, Tensor)> {
+    let pages: usize = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() + 3;
+    let mut c = PagedCache::new(dtype, hk, d, page, pages, lens.len())?;
+    c.tables.shuffle_free(seed);
+    for (s, k, v) in random_appends(dtype, lens, page, hk, d, seed) {
+        c.append_seq(s, &k.view("k")?, &v.view("v")?)?;
+    }
+    let q = crate::testing::random_tensor(dtype, &[lens.len(), 1, hq, d], 1.0, seed + 77);
+    Ok((c, q))
 }
 
 #[cfg(test)]

@@ -3,9 +3,7 @@
 use super::*;
 use crate::testing::{compare, out_tolerance, random_tensor, AWKWARD_SIZES, LSE_TOLERANCE};
 
-/// A cache holding sequences of `lens` (random K/V in `dtype`), filled in interleaved chunks from a
-/// shuffled free list so every block table is scattered; and random q `[B, 1, Hq, D]`.
-pub(crate) fn filled_cache(
+fn filled_cache(
     dtype: DType,
     lens: &[usize],
     page: usize,
@@ -14,28 +12,7 @@ pub(crate) fn filled_cache(
     d: usize,
     seed: u64,
 ) -> (PagedCache, Tensor) {
-    let pages: usize = lens.iter().map(|l| l.div_ceil(page)).sum::<usize>() + 3;
-    let mut c = PagedCache::new(dtype, hk, d, page, pages, lens.len()).unwrap();
-    c.tables.shuffle_free(seed);
-    let chunk = page / 2 + 5; // not a multiple of the page size
-    let mut done = vec![0usize; lens.len()];
-    let mut round = 0u64;
-    while done.iter().zip(lens).any(|(a, b)| a < b) {
-        for s in 0..lens.len() {
-            let n = chunk.min(lens[s] - done[s]);
-            if n == 0 {
-                continue;
-            }
-            round += 1;
-            let k = random_tensor(dtype, &[1, n, hk, d], 1.0, seed * 1000 + 2 * round);
-            let v = random_tensor(dtype, &[1, n, hk, d], 1.0, seed * 1000 + 2 * round + 1);
-            c.append_seq(s, &k.view("k").unwrap(), &v.view("v").unwrap())
-                .unwrap();
-            done[s] += n;
-        }
-    }
-    let q = random_tensor(dtype, &[lens.len(), 1, hq, d], 1.0, seed + 77);
-    (c, q)
+    random_cache(dtype, lens, page, hq, hk, d, seed).unwrap()
 }
 
 fn check(
@@ -292,4 +269,15 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(pt.grow(1, 3).is_err(), "sequence outside the batch");
     assert!(pt.grow(0, 65).is_err(), "out of pages");
     assert_eq!(pt.len(0), 0);
+}
+
+#[test]
+fn tables_rebuilt_from_raw_arrays_free_the_rest() {
+    let (c, _) = filled_cache(DType::F32, &[40, 0, 17], 16, 2, 2, 8, 4);
+    let (t, w) = c.tables.block_tables();
+    let r = PageTables::from_tables(16, c.tables.num_pages(), &t, w, &c.tables.lens()).unwrap();
+    assert_eq!(r.free_pages(), c.tables.free_pages());
+    assert_eq!(r.block_tables(), (t.clone(), w));
+    assert!(PageTables::from_tables(16, 2, &t, w, &c.tables.lens()).is_err());
+    assert!(PageTables::from_tables(16, 9, &t[1..], w, &c.tables.lens()).is_err());
 }
