@@ -133,8 +133,8 @@ pub struct DecodeDims {
     pub max_len: usize,
 }
 
-/// Checks q `[B, 1, Hq, D]` against the pages, tables and lengths: geometry, dtypes, every length
-/// >= 0 and covered by its table, every page index used in range. The GPU wrapper runs the same
+/// Checks q `[B, 1, Hq, D]` against the pages, tables and lengths: geometry, dtypes, every
+/// length non-negative and covered by its table, every page index used in range. The GPU wrapper runs the same
 /// checks before anything reaches the device.
 pub fn validate(
     q_shape: [usize; 4],
@@ -156,7 +156,7 @@ pub fn validate(
         )));
     }
     let pe = kv.page_elems();
-    if kv.k.len() % pe != 0 || kv.v.len() != kv.k.len() {
+    if !kv.k.len().is_multiple_of(pe) || kv.v.len() != kv.k.len() {
         return Err(shape(
             "k/v pages",
             vec![kv.k.len(), kv.v.len()],
@@ -174,7 +174,7 @@ pub fn validate(
         }
     }
     let [b, one, hq, qd] = q_shape;
-    if one != 1 || qd != d || hq == 0 || hq % hk != 0 {
+    if one != 1 || qd != d || hq == 0 || !hq.is_multiple_of(hk) {
         return Err(shape(
             "q",
             q_shape.to_vec(),
@@ -290,7 +290,7 @@ pub fn split_plan_for(max_len: usize, split_len: usize, align: usize) -> SplitPl
 pub fn heads_per_block(group: usize) -> usize {
     (1..=group.min(8))
         .rev()
-        .find(|g| group % g == 0)
+        .find(|&g| group.is_multiple_of(g))
         .unwrap_or(1)
 }
 
