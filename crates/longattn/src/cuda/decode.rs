@@ -524,6 +524,7 @@ impl DecodePlan {
             ("LA_SOFTCAP".into(), (softcap as u8).to_string()),
             ("LA_WARPS".into(), WARPS.to_string()),
             ("LA_U".into(), u.to_string()),
+            ("LA_MERGE_ONLY".into(), "0".into()),
         ];
         let variant = format!(
             "decode_{}_d{d}_g{g}_p{page}{}",
@@ -532,7 +533,20 @@ impl DecodePlan {
         );
         let src = format!("{COMMON}\n{DECODE}");
         let func = dev.function(&variant, "la_decode", &src, &defines, 0)?;
-        let merge = dev.function(&variant, "la_decode_merge", &src, &defines, 0)?;
+        // The merge depends on dtype and D only: its own module (the module cache is keyed by
+        // variant and defines, not by entry name).
+        let merge_defines = vec![
+            defines[0].clone(),
+            defines[1].clone(),
+            ("LA_MERGE_ONLY".into(), "1".into()),
+        ];
+        let merge = dev.function(
+            &format!("decode_merge_{}_d{d}", dtype.name()),
+            "la_decode_merge",
+            &src,
+            &merge_defines,
+            0,
+        )?;
         let threads = (WARPS * 32) as u32;
         let blocks_per_sm = func
             .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)

@@ -9,6 +9,7 @@
 //   LA_SOFTCAP 1 = x -> c tanh(x / c)
 //   LA_WARPS   warps per block
 //   LA_U       tokens each lane group loads per iteration (loads in flight)
+//   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
 //
 // Work: block (split x, KV head kh and head chunk, sequence b) attends the LA_G query heads
 // h0 .. h0 + LA_G (all reading KV head kh: each K/V row is loaded once for all of them, GQA
@@ -87,6 +88,7 @@ __device__ __forceinline__ i64 la_row(const LaDecParams& p, int page, int b, int
 #endif
 }
 
+#if !LA_MERGE_ONLY
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
@@ -290,6 +292,8 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         }
     }
 }
+
+#endif  // !LA_MERGE_ONLY
 
 // Merge of the splits of one output row (b, h); one warp per row. With the partials (o_i, lse_i)
 // of the splits that hold keys, i < n = ceil(len / split_len), over disjoint key ranges:
