@@ -75,6 +75,7 @@ struct PeerCfg {
     docs: usize,
     grid: usize,
     kernel: usize,
+    decode: bool,
 }
 
 #[derive(Serialize)]
@@ -174,6 +175,7 @@ pub fn main(a: &Args) -> Result<()> {
                     docs: docs.unwrap_or(0),
                     grid,
                     kernel,
+                    decode: false,
                 });
             }
         }
@@ -194,6 +196,33 @@ pub fn main(a: &Args) -> Result<()> {
     }
     pb.finish_and_clear();
 
+    // Decode: batch 32, 8k tokens, 32 query / 8 KV heads, D 128 (the target problem).
+    let dcfg = longattn::cuda::decode::DecodeBenchConfig::default();
+    let decode_id = rows.len() + 1_000_000;
+    let mut decode_rows = match longattn::cuda::decode::bench(&dev, &dcfg) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("decode bench failed: {e}");
+            Vec::new()
+        }
+    };
+    let mut decode_sdpa_ms = None;
+    peer_cfgs.push(PeerCfg {
+        id: decode_id,
+        batch: dcfg.batch,
+        heads: dcfg.hq,
+        kv_heads: dcfg.hk,
+        n: dcfg.len,
+        d: dcfg.d,
+        dtype: dcfg.dtype.to_string(),
+        mask: "full".into(),
+        window: 0,
+        docs: 0,
+        grid: 0,
+        kernel: 0,
+        decode: true,
+    });
+
     let mut torch_version = None;
     if compare {
         println!("running the peers (SDPA FLASH / cuDNN, FlexAttention) on {} ...", dev.name);
@@ -205,6 +234,10 @@ pub fn main(a: &Args) -> Result<()> {
             let (Some(id), Some(p)) = (l.get("id").and_then(|x| x.as_u64()), l.get("peer").and_then(|x| x.as_str())) else {
                 return;
             };
+            if id as usize == decode_id {
+                decode_sdpa_ms = l.get("ms").and_then(|x| x.as_f64());
+                return;
+            }
             let Some(&i) = by_id.get(&(id as usize)) else { return };
             let r = &mut rows[i];
             if let Some(ms) = l.get("ms").and_then(|x| x.as_f64()) {
@@ -226,7 +259,45 @@ pub fn main(a: &Args) -> Result<()> {
             Err(e) => println!("peer run failed: {e:#}"),
         }
     }
-    report(a, &dev, &rows, torch_version)
+    decode_rows.sort_by_key(|r| r.name.clone());
+    report(a, &dev, &rows, torch_version)?;
+    report_decode(a, &dcfg, &decode_rows, decode_sdpa_ms)
+}
+
+fn report_decode(
+    a: &Args,
+    cfg: &longattn::cuda::decode::DecodeBenchConfig,
+    rows: &[longattn::cuda::decode::DecodeBenchRow],
+    sdpa_ms: Option<f64>,
+) -> Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\ndecode: batch {}, {} tokens, {} query / {} KV heads, D {}, {} (bytes = K + V + q + o)\n",
+        cfg.batch, cfg.len, cfg.hq, cfg.hk, cfg.d, cfg.dtype
+    );
+    let _ = writeln!(md, "| kernel | splits | ms (median) | GB/s | vs SDPA |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let bytes = rows.iter().find(|r| r.name == "contiguous").map(|r| r.bytes);
+    for r in rows {
+        let vs = sdpa_ms
+            .filter(|_| !r.name.starts_with("copy"))
+            .map(|s| format!("{:.2}", s / r.ms_median))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} | {:.0} | {vs} |",
+            r.name, r.num_splits, r.ms_median, r.gbps
+        );
+    }
+    if let (Some(ms), Some(b)) = (sdpa_ms, bytes) {
+        let _ = writeln!(md, "| PyTorch SDPA (contiguous, GQA) | - | {ms:.4} | {:.0} | 1.00 |", b as f64 / (ms * 1e-3) / 1e9);
+    }
+    print!("{md}");
+    let mut all = std::fs::read_to_string(a.out.join("report_cuda.md")).unwrap_or_default();
+    all.push_str(&md);
+    std::fs::write(a.out.join("report_cuda.md"), all)?;
+    Ok(())
 }
 
 /// Window / grid / kernel of an expression, for the peer's mask_mod.

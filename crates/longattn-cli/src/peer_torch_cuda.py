@@ -30,6 +30,12 @@ def main():
     print(json.dumps({"version": torch.__version__, "device": torch.cuda.get_device_name()}), flush=True)
     dev = "cuda"
     dts = {"bf16": torch.bfloat16, "f16": torch.float16}
+    # Every (shape, mask) is a new compiled graph: lift dynamo's recompile limit (default 8), past
+    # which it silently falls back to eager flex_attention (materialized scores, out of memory).
+    import torch._dynamo
+    torch._dynamo.config.cache_size_limit = 4096
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = 65536
     flex = torch.compile(flex_attention, dynamic=False)
 
     def bench(fn):

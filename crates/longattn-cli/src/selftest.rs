@@ -63,7 +63,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     pb.finish_and_clear();
     results.extend(
-        longattn::cuda::decode::selftest(&dev, a.quick)?
+        longattn::cuda::decode::selftest(&dev)?
             .into_iter()
             .filter(|r| keep(&r.name)),
     );

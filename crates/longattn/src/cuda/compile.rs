@@ -97,7 +97,12 @@ pub struct Compiled {
 }
 
 /// Compiles `src` for `arch` (e.g. `sm_90a`) or reads the CUBIN from the disk cache.
-pub fn compile(name: &str, src: &str, arch: &str, defines: &[(String, String)]) -> Result<Compiled> {
+pub fn compile(
+    name: &str,
+    src: &str,
+    arch: &str,
+    defines: &[(String, String)],
+) -> Result<Compiled> {
     let t0 = Instant::now();
     if !nvrtc_present() {
         return Err(err(
@@ -146,11 +151,7 @@ pub fn compile(name: &str, src: &str, arch: &str, defines: &[(String, String)]) 
         let compiled = nvres::compile_program(prog, &opts);
         let log = nvres::get_program_log(prog)
             .ok()
-            .map(|l| {
-                CStr::from_ptr(l.as_ptr())
-                    .to_string_lossy()
-                    .into_owned()
-            })
+            .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
             .unwrap_or_default();
         match compiled {
             Err(e) => Err(err(format!(

@@ -1,12 +1,1253 @@
 //! Paged KV-cache decode on the GPU (split over key ranges, merged by LSE).
-
+//!
+//! - [`DevPagedCache`]: K/V pages of one layer on the device (`[num_pages, P, Hk, D]`, or a
+//!   contiguous `[B, seq_cap, Hk, D]` for comparison), the block tables and lengths (uploaded from
+//!   the host allocator [`PageTables`]), and appends of new K/V into the pages (`la_kv_append`).
+//! - [`DecodePlan`]: the kernel variant (dtype, head dim, heads per block, page size, soft-cap)
+//!   and the split of the keys ([`plan_splits`]: enough blocks to fill the GPU), with its
+//!   workspace; [`DecodePlan::launch`] runs on device buffers (timing without transfers).
+//! - [`decode`]: host in, host out, the contract of [`crate::kv::decode::decode`].
+//! - [`selftest`] (the decode part of `longattn selftest --backend cuda`) and [`bench`].
+//!
+//! The kernels are in `kernels/decode.cu` (the algorithm and the merge formula are written there)
+//! and `kernels/kv_append.cu`; the CPU twin with the same split and merge is
+//! [`crate::kv::decode`].
 use std::sync::Arc;
 
-use super::selftest::CaseResult;
-use super::CudaDevice;
-use crate::error::Result;
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-/// Decode cases of the selftest (filled in by the decode kernel's module).
-pub fn selftest(_dev: &Arc<CudaDevice>, _quick: bool) -> Result<Vec<CaseResult>> {
-    Ok(Vec::new())
+use super::forward::DevTensor;
+use super::selftest::CaseResult;
+use super::{drv, CudaDevice};
+use crate::attention::AttnOutput;
+use crate::error::{Error, Result};
+use crate::kv::decode::{
+    decode_reference, heads_per_block, plan_splits, random_appends, random_cache, split_plan_for,
+    validate, BlockTables, DecodeParams, PageTables, PagedCache, PagedKv, SplitPlan,
+};
+use crate::tensor::{DType, Slice, Tensor};
+use crate::testing::{compare, out_tolerance, AWKWARD_SIZES, LSE_TOLERANCE};
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const DECODE: &str = include_str!("kernels/decode.cu");
+const APPEND: &str = include_str!("kernels/kv_append.cu");
+
+const OP: &str = "cuda decode";
+
+/// Warps per decode block.
+const WARPS: usize = 4;
+/// Merge kernel: rows (warps) per block (`LA_MERGE_ROWS` in decode.cu).
+const MERGE_ROWS: usize = 4;
+
+/// Head dims the decode kernel supports: a token's row is held by D / 8 lanes, which must divide
+/// the 32 lanes of a warp.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+
+fn param(msg: String) -> Error {
+    Error::Param { op: OP, msg }
+}
+
+/// Kernel parameters; field for field `LaDecParams` in `kernels/decode.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LaDecParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    tables: u64,
+    lens: u64,
+    o: u64,
+    lse: u64,
+    o_part: u64,
+    lse_part: u64,
+    seq_cap: i64,
+    b: i32,
+    hq: i32,
+    hk: i32,
+    max_pages: i32,
+    num_splits: i32,
+    split_len: i32,
+    head_chunks: i32,
+    pad0: i32,
+    q_scale: f32,
+    cap_mul: f32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for LaDecParams {}
+
+/// Parameters of `la_kv_append`; field for field `LaAppendParams` in `kernels/kv_append.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LaAppendParams {
+    k_new: u64,
+    v_new: u64,
+    k_pages: u64,
+    v_pages: u64,
+    slots: u64,
+    n: i64,
+    row_chunks: i64,
+}
+
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LaAppendParams {}
+
+/// How the K/V rows of a batch are laid out on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvLayout {
+    /// Pages of `page_size` tokens `[num_pages, page_size, Hk, D]` and block tables.
+    Paged { page_size: usize },
+    /// One slab per sequence `[B, seq_cap, Hk, D]` (no table: the baseline paging is held to).
+    Contiguous { seq_cap: usize },
+}
+
+impl KvLayout {
+    fn define(&self) -> usize {
+        match *self {
+            KvLayout::Paged { page_size } => page_size,
+            KvLayout::Contiguous { .. } => 0,
+        }
+    }
+    pub fn name(&self) -> String {
+        match *self {
+            KvLayout::Paged { page_size } => format!("paged p{page_size}"),
+            KvLayout::Contiguous { .. } => "contiguous".into(),
+        }
+    }
+}
+
+/// Who decides where position j of sequence b lives.
+#[derive(Clone, Debug)]
+enum Slots {
+    Paged(PageTables),
+    Contiguous { cap: usize, lens: Vec<usize> },
+}
+
+/// One layer's K/V cache on the device: see the module documentation.
+pub struct DevPagedCache {
+    dev: Arc<CudaDevice>,
+    pub dtype: DType,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub layout: KvLayout,
+    pub k: CudaSlice<u16>,
+    pub v: CudaSlice<u16>,
+    slots: Slots,
+    tables: CudaSlice<i32>,
+    max_pages: usize,
+    lens: CudaSlice<i32>,
+}
+
+fn check_kind(dtype: DType, d: usize) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::DType {
+            op: OP,
+            tensor: "kv cache".into(),
+            got: dtype.to_string(),
+            expected: "bf16 or f16 (use the CPU decode for f32)".into(),
+        });
+    }
+    if !HEAD_DIMS.contains(&d) {
+        return Err(param(format!(
+            "head dim {d}: the CUDA decode kernel supports {HEAD_DIMS:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn bits(s: Slice) -> Vec<u16> {
+    match s {
+        Slice::BF16(x) => x.iter().map(|v| v.to_bits()).collect(),
+        Slice::F16(x) => x.iter().map(|v| v.to_bits()).collect(),
+        Slice::F32(_) => Vec::new(),
+    }
+}
+
+impl DevPagedCache {
+    fn alloc_zeros(dev: &CudaDevice, n: usize) -> Result<CudaSlice<u16>> {
+        dev.stream()
+            .alloc_zeros::<u16>(n.max(1))
+            .map_err(drv("alloc kv cache"))
+    }
+
+    /// An empty paged cache: `num_pages` pages of `page_size` tokens (zeros), `batch` sequences.
+    pub fn new_paged(
+        dev: &Arc<CudaDevice>,
+        dtype: DType,
+        kv_heads: usize,
+        head_dim: usize,
+        page_size: usize,
+        num_pages: usize,
+        batch: usize,
+    ) -> Result<DevPagedCache> {
+        check_kind(dtype, head_dim)?;
+        let pt = PageTables::new(page_size, num_pages, batch)?;
+        if kv_heads == 0 {
+            return Err(param("kv heads must be >= 1".into()));
+        }
+        let n = num_pages * page_size * kv_heads * head_dim;
+        let mut c = DevPagedCache {
+            dev: dev.clone(),
+            dtype,
+            kv_heads,
+            head_dim,
+            layout: KvLayout::Paged { page_size },
+            k: Self::alloc_zeros(dev, n)?,
+            v: Self::alloc_zeros(dev, n)?,
+            slots: Slots::Paged(pt),
+            tables: dev.upload::<i32>(&[])?,
+            max_pages: 1,
+            lens: dev.upload::<i32>(&[])?,
+        };
+        c.sync()?;
+        Ok(c)
+    }
+
+    /// An empty contiguous cache `[batch, seq_cap, Hk, D]` (zeros).
+    pub fn new_contiguous(
+        dev: &Arc<CudaDevice>,
+        dtype: DType,
+        kv_heads: usize,
+        head_dim: usize,
+        seq_cap: usize,
+        batch: usize,
+    ) -> Result<DevPagedCache> {
+        check_kind(dtype, head_dim)?;
+        if kv_heads == 0 || seq_cap == 0 || seq_cap > i32::MAX as usize {
+            return Err(param(format!(
+                "kv heads {kv_heads} and seq_cap {seq_cap} must be in 1..2^31"
+            )));
+        }
+        let n = batch * seq_cap * kv_heads * head_dim;
+        let mut c = DevPagedCache {
+            dev: dev.clone(),
+            dtype,
+            kv_heads,
+            head_dim,
+            layout: KvLayout::Contiguous { seq_cap },
+            k: Self::alloc_zeros(dev, n)?,
+            v: Self::alloc_zeros(dev, n)?,
+            slots: Slots::Contiguous {
+                cap: seq_cap,
+                lens: vec![0; batch],
+            },
+            tables: dev.upload::<i32>(&[])?,
+            max_pages: 1,
+            lens: dev.upload::<i32>(&[])?,
+        };
+        c.sync()?;
+        Ok(c)
+    }
+
+    /// Uploads pages, tables and lengths given as host arrays (checked like the CPU decode).
+    pub fn from_parts(
+        dev: &Arc<CudaDevice>,
+        kv: &PagedKv,
+        bt: &BlockTables,
+    ) -> Result<DevPagedCache> {
+        check_kind(kv.dtype(), kv.head_dim)?;
+        let dims = validate(
+            [bt.lens.len(), 1, kv.kv_heads, kv.head_dim],
+            kv.dtype(),
+            kv,
+            bt,
+        )?;
+        let pt = PageTables::from_tables(
+            kv.page_size,
+            dims.num_pages,
+            bt.tables,
+            bt.max_pages,
+            bt.lens,
+        )?;
+        let mut c = DevPagedCache {
+            dev: dev.clone(),
+            dtype: kv.dtype(),
+            kv_heads: kv.kv_heads,
+            head_dim: kv.head_dim,
+            layout: KvLayout::Paged {
+                page_size: kv.page_size,
+            },
+            k: dev.upload(&bits(kv.k))?,
+            v: dev.upload(&bits(kv.v))?,
+            slots: Slots::Paged(pt),
+            tables: dev.upload::<i32>(&[])?,
+            max_pages: 1,
+            lens: dev.upload::<i32>(&[])?,
+        };
+        c.sync()?;
+        Ok(c)
+    }
+
+    /// A host cache's pages and tables on the device (its free list too).
+    pub fn from_host(dev: &Arc<CudaDevice>, c: &PagedCache) -> Result<DevPagedCache> {
+        let mut d = Self::from_parts(dev, &c.view(), &c.block_tables())?;
+        d.slots = Slots::Paged(c.tables.clone());
+        Ok(d)
+    }
+
+    pub fn batch(&self) -> usize {
+        match &self.slots {
+            Slots::Paged(t) => t.batch(),
+            Slots::Contiguous { lens, .. } => lens.len(),
+        }
+    }
+    pub fn lens(&self) -> Vec<usize> {
+        match &self.slots {
+            Slots::Paged(t) => (0..t.batch()).map(|s| t.len(s)).collect(),
+            Slots::Contiguous { lens, .. } => lens.clone(),
+        }
+    }
+    pub fn max_len(&self) -> usize {
+        self.lens().into_iter().max().unwrap_or(0)
+    }
+    /// The page allocator (paged layout), e.g. to shuffle its free list.
+    pub fn page_tables_mut(&mut self) -> Option<&mut PageTables> {
+        match &mut self.slots {
+            Slots::Paged(t) => Some(t),
+            Slots::Contiguous { .. } => None,
+        }
+    }
+
+    /// Uploads the block tables and lengths after the host allocator changed.
+    fn sync(&mut self) -> Result<()> {
+        let (t, w, l) = match &self.slots {
+            Slots::Paged(pt) => {
+                let (t, w) = pt.block_tables();
+                (t, w, pt.lens())
+            }
+            Slots::Contiguous { lens, .. } => (
+                vec![0; lens.len()],
+                1,
+                lens.iter().map(|&l| l as i32).collect(),
+            ),
+        };
+        self.tables = self.dev.upload(&t)?;
+        self.max_pages = w;
+        self.lens = self.dev.upload(&l)?;
+        Ok(())
+    }
+
+    /// Grows sequence `seq` by `n` positions and returns their slots (rows of the pool).
+    fn grow(&mut self, seq: usize, n: usize) -> Result<Vec<usize>> {
+        match &mut self.slots {
+            Slots::Paged(t) => t.grow(seq, n),
+            Slots::Contiguous { cap, lens } => {
+                let (cap, b) = (*cap, lens.len());
+                let len = *lens
+                    .get(seq)
+                    .ok_or_else(|| param(format!("sequence {seq} outside the batch of {b}")))?;
+                if len + n > cap {
+                    return Err(param(format!(
+                        "sequence {seq} grows to {} tokens, the contiguous cache holds {cap}",
+                        len + n
+                    )));
+                }
+                lens[seq] = len + n;
+                Ok((len..len + n).map(|j| seq * cap + j).collect())
+            }
+        }
+    }
+
+    /// Sets every sequence to `len` positions without writing them (benchmarks fill the pool on
+    /// the device); a paged cache takes the pages from its free list.
+    pub fn grow_all(&mut self, len: usize) -> Result<()> {
+        for s in 0..self.batch() {
+            let cur = self.lens()[s];
+            if len > cur {
+                self.grow(s, len - cur)?;
+            }
+        }
+        self.sync()
+    }
+
+    fn append_fn(&self) -> Result<CudaFunction> {
+        let src = format!("{COMMON}\n{APPEND}");
+        let defines = vec![(
+            "LA_F16".into(),
+            ((self.dtype == DType::F16) as u8).to_string(),
+        )];
+        self.dev.function(
+            &format!("kv_append_{}", self.dtype.name()),
+            "la_kv_append",
+            &src,
+            &defines,
+            0,
+        )
+    }
+
+    /// Copies rows `k_new` / `v_new` (`[n, Hk, D]` as `[.., .., Hk, D]` tensors, row-major) into
+    /// the given slots.
+    fn write_slots(&mut self, slots: &[usize], k: &DevTensor, v: &DevTensor) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let f = self.append_fn()?;
+        let row_chunks = self.kv_heads * self.head_dim / 8;
+        let sl: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
+        let sd = self.dev.upload(&sl)?;
+        let s = self.dev.stream();
+        let p = LaAppendParams {
+            k_new: k.data.device_ptr(s).0,
+            v_new: v.data.device_ptr(s).0,
+            k_pages: self.k.device_ptr(s).0,
+            v_pages: self.v.device_ptr(s).0,
+            slots: sd.device_ptr(s).0,
+            n: slots.len() as i64,
+            row_chunks: row_chunks as i64,
+        };
+        let total = slots.len() * row_chunks;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).clamp(1, self.dev.sms * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(&f);
+        b.arg(&p);
+        // SAFETY: the struct matches the kernel's; k/v hold n x Hk x D elements (checked by the
+        // callers), every slot lies inside the pool (given out by the allocator), and `sd` lives
+        // until the stream is synchronized below.
+        unsafe { b.launch(cfg) }.map_err(drv("launch kv append"))?;
+        self.dev.synchronize()
+    }
+
+    fn check_new(&self, name: &str, t: &DevTensor, want: [usize; 4]) -> Result<()> {
+        if t.shape != want || t.dtype != self.dtype {
+            return Err(Error::Shape {
+                op: OP,
+                tensor: name.into(),
+                got: t.shape.to_vec(),
+                expected: format!("{want:?} in {}", self.dtype),
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `n` tokens to sequence `seq`: `k`, `v` are `[1, n, Hk, D]` on the device.
+    pub fn append_seq(&mut self, seq: usize, k: &DevTensor, v: &DevTensor) -> Result<()> {
+        let n = k.shape[1];
+        let want = [1, n, self.kv_heads, self.head_dim];
+        self.check_new("k_new", k, want)?;
+        self.check_new("v_new", v, want)?;
+        let slots = self.grow(seq, n)?;
+        self.sync()?;
+        self.write_slots(&slots, k, v)
+    }
+
+    /// Appends `T` tokens to every sequence: `k`, `v` are `[B, T, Hk, D]` (a decode step: T = 1).
+    /// Out of pages: an error and nothing changes.
+    pub fn append(&mut self, k: &DevTensor, v: &DevTensor) -> Result<()> {
+        let t = k.shape[1];
+        let want = [self.batch(), t, self.kv_heads, self.head_dim];
+        self.check_new("k_new", k, want)?;
+        self.check_new("v_new", v, want)?;
+        let saved = self.slots.clone();
+        let mut slots = Vec::with_capacity(self.batch() * t);
+        for s in 0..self.batch() {
+            match self.grow(s, t) {
+                Ok(x) => slots.extend(x),
+                Err(e) => {
+                    self.slots = saved;
+                    return Err(e);
+                }
+            }
+        }
+        self.sync()?;
+        self.write_slots(&slots, k, v)
+    }
+
+    /// The pools copied to the host (tests).
+    pub fn download(&self) -> Result<(Vec<u16>, Vec<u16>)> {
+        let s = self.dev.stream();
+        Ok((
+            s.clone_dtoh(&self.k).map_err(drv("copy to host"))?,
+            s.clone_dtoh(&self.v).map_err(drv("copy to host"))?,
+        ))
+    }
+}
+
+/// Everything about one decode problem that does not depend on the data: see the module
+/// documentation.
+pub struct DecodePlan {
+    dev: Arc<CudaDevice>,
+    func: CudaFunction,
+    merge: CudaFunction,
+    cfg: LaunchConfig,
+    merge_cfg: LaunchConfig,
+    base: LaDecParams,
+    pub split: SplitPlan,
+    /// Query heads per block (the whole group when it is <= 8).
+    pub heads_per_block: usize,
+    /// Blocks per SM the kernel reaches (the occupancy the split plan assumed).
+    pub blocks_per_sm: usize,
+    pub batch: usize,
+    pub hq: usize,
+    pub layout: KvLayout,
+    dtype: DType,
+    hk: usize,
+    d: usize,
+    _o_part: CudaSlice<f32>,
+    _lse_part: CudaSlice<f32>,
+}
+
+impl DecodePlan {
+    /// Plans decode of `hq` query heads against `cache` for sequences of at most `max_len` keys.
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        cache: &DevPagedCache,
+        hq: usize,
+        max_len: usize,
+        params: &DecodeParams,
+    ) -> Result<DecodePlan> {
+        params.check()?;
+        let (hk, d, dtype, batch) = (cache.kv_heads, cache.head_dim, cache.dtype, cache.batch());
+        check_kind(dtype, d)?;
+        if hq == 0 || !hq.is_multiple_of(hk) {
+            return Err(param(format!(
+                "{hq} query heads: must be a multiple of the {hk} KV heads"
+            )));
+        }
+        if max_len > i32::MAX as usize / 2 {
+            return Err(param(format!("max_len {max_len}: at most 2^30")));
+        }
+        let group = hq / hk;
+        let g = heads_per_block(group);
+        let chunks = group / g;
+        // More keys in flight per lane when the registers allow it (q and acc take 16 G).
+        let u = if g >= 8 { 2 } else { 4 };
+        let page = cache.layout.define();
+        let softcap = params.softcap.is_some();
+        let defines = vec![
+            ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
+            ("LA_D".into(), d.to_string()),
+            ("LA_G".into(), g.to_string()),
+            ("LA_PAGE".into(), page.to_string()),
+            ("LA_SOFTCAP".into(), (softcap as u8).to_string()),
+            ("LA_WARPS".into(), WARPS.to_string()),
+            ("LA_U".into(), u.to_string()),
+            ("LA_MERGE_ONLY".into(), "0".into()),
+        ];
+        let variant = format!(
+            "decode_{}_d{d}_g{g}_p{page}{}",
+            dtype.name(),
+            if softcap { "_cap" } else { "" }
+        );
+        let src = format!("{COMMON}\n{DECODE}");
+        let func = dev.function(&variant, "la_decode", &src, &defines, 0)?;
+        // The merge depends on dtype and D only: its own module (the module cache is keyed by
+        // variant and defines, not by entry name).
+        let merge_defines = vec![
+            defines[0].clone(),
+            defines[1].clone(),
+            ("LA_MERGE_ONLY".into(), "1".into()),
+        ];
+        let merge = dev.function(
+            &format!("decode_merge_{}_d{d}", dtype.name()),
+            "la_decode_merge",
+            &src,
+            &merge_defines,
+            0,
+        )?;
+        let threads = (WARPS * 32) as u32;
+        let blocks_per_sm = func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or(4) as usize;
+        let items = batch * hk * chunks;
+        let split = match params.split_len {
+            Some(n) => split_plan_for(max_len, n, 1),
+            None => plan_splits(
+                items,
+                dev.sms * blocks_per_sm,
+                max_len,
+                if page > 0 { page } else { 64 },
+            ),
+        };
+        if hk * chunks > 65535 || batch > 65535 {
+            return Err(param(format!(
+                "grid: KV heads x head chunks {} and batch {batch} must be <= 65535",
+                hk * chunks
+            )));
+        }
+        let ws = if split.num_splits > 1 {
+            batch * hq * split.num_splits
+        } else {
+            0
+        };
+        let s = dev.stream();
+        let o_part = s
+            .alloc_zeros::<f32>((ws * d).max(1))
+            .map_err(drv("alloc workspace"))?;
+        let lse_part = s
+            .alloc_zeros::<f32>(ws.max(1))
+            .map_err(drv("alloc workspace"))?;
+        let scale = params.scale_for(d);
+        let log2e = std::f32::consts::LOG2_E;
+        let (q_scale, cap_mul) = match params.softcap {
+            Some(c) => (scale / c, c * log2e),
+            None => (scale * log2e, 0.0),
+        };
+        let base = LaDecParams {
+            o_part: o_part.device_ptr(s).0,
+            lse_part: lse_part.device_ptr(s).0,
+            seq_cap: match cache.layout {
+                KvLayout::Contiguous { seq_cap } => seq_cap as i64,
+                KvLayout::Paged { .. } => 0,
+            },
+            b: batch as i32,
+            hq: hq as i32,
+            hk: hk as i32,
+            num_splits: split.num_splits as i32,
+            split_len: split.split_len as i32,
+            head_chunks: chunks as i32,
+            q_scale,
+            cap_mul,
+            ..Default::default()
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                split.num_splits as u32,
+                (hk * chunks) as u32,
+                batch.max(1) as u32,
+            ),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let merge_cfg = LaunchConfig {
+            grid_dim: ((batch * hq).div_ceil(MERGE_ROWS).max(1) as u32, 1, 1),
+            block_dim: ((MERGE_ROWS * 32) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok(DecodePlan {
+            dev: dev.clone(),
+            func,
+            merge,
+            cfg,
+            merge_cfg,
+            base,
+            split,
+            heads_per_block: g,
+            blocks_per_sm,
+            batch,
+            hq,
+            layout: cache.layout,
+            dtype,
+            hk,
+            d,
+            _o_part: o_part,
+            _lse_part: lse_part,
+        })
+    }
+
+    /// Runs decode (asynchronously on the device's stream): q `[B, 1, Hq, D]`, writes o
+    /// `[B, 1, Hq, D]` and lse `[B, Hq]`.
+    pub fn launch(
+        &self,
+        cache: &DevPagedCache,
+        q: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (b, hq, d) = (self.batch, self.hq, self.d);
+        if cache.layout != self.layout
+            || cache.dtype != self.dtype
+            || cache.kv_heads != self.hk
+            || cache.head_dim != d
+            || cache.batch() != b
+        {
+            return Err(param(format!(
+                "cache ({}, {}, Hk {}, D {}, batch {}) is not the one the plan was made for ({}, {}, Hk {}, D {d}, batch {b})",
+                cache.layout.name(),
+                cache.dtype,
+                cache.kv_heads,
+                cache.head_dim,
+                cache.batch(),
+                self.layout.name(),
+                self.dtype,
+                self.hk
+            )));
+        }
+        let planned = self.split.split_len * self.split.num_splits;
+        if cache.max_len() > planned {
+            return Err(param(format!(
+                "a sequence holds {} keys; the plan covers {planned} (make a new plan)",
+                cache.max_len()
+            )));
+        }
+        for (name, t) in [("q", q), ("out", &*o)] {
+            if t.shape != [b, 1, hq, d] || t.dtype != self.dtype {
+                return Err(Error::Shape {
+                    op: OP,
+                    tensor: name.into(),
+                    got: t.shape.to_vec(),
+                    expected: format!("[{b}, 1, {hq}, {d}] in {}", self.dtype),
+                });
+            }
+        }
+        if lse.len() < b * hq {
+            return Err(Error::Shape {
+                op: OP,
+                tensor: "lse".into(),
+                got: vec![lse.len()],
+                expected: format!("[{b}, {hq}]"),
+            });
+        }
+        if b == 0 {
+            return Ok(());
+        }
+        let s = self.dev.stream();
+        let mut p = self.base;
+        p.q = q.data.device_ptr(s).0;
+        p.k = cache.k.device_ptr(s).0;
+        p.v = cache.v.device_ptr(s).0;
+        p.tables = cache.tables.device_ptr(s).0;
+        p.lens = cache.lens.device_ptr(s).0;
+        p.max_pages = cache.max_pages as i32;
+        p.o = o.data.device_ptr(s).0;
+        p.lse = lse.device_ptr(s).0;
+        let mut lb = s.launch_builder(&self.func);
+        lb.arg(&p);
+        // SAFETY: the struct matches the kernel's; q/o/lse have the checked shapes; the tables
+        // and lengths were checked against the pool when they were built (allocator or
+        // `from_parts`), and every length is within the planned splits; the workspace holds
+        // B x Hq x num_splits rows.
+        unsafe { lb.launch(self.cfg) }.map_err(drv("launch decode"))?;
+        if self.split.num_splits > 1 {
+            let mut mb = s.launch_builder(&self.merge);
+            mb.arg(&p);
+            // SAFETY: as above; the merge reads the splits the decode kernel wrote (those holding
+            // keys, ceil(len / split_len) per row) and writes o and lse.
+            unsafe { mb.launch(self.merge_cfg) }.map_err(drv("launch decode merge"))?;
+        }
+        Ok(())
+    }
+}
+
+/// [`crate::kv::decode::decode`] on the GPU: uploads q, the pages and the tables, runs, returns
+/// out `[B, 1, Hq, D]` (input dtype) and lse `[B, Hq]`.
+pub fn decode(
+    dev: &Arc<CudaDevice>,
+    q: &crate::tensor::TensorView,
+    kv: &PagedKv,
+    bt: &BlockTables,
+    params: &DecodeParams,
+) -> Result<AttnOutput> {
+    params.check()?;
+    let dims = validate(q.shape, q.dtype(), kv, bt)?;
+    check_kind(q.dtype(), dims.d)?;
+    let cache = DevPagedCache::from_parts(dev, kv, bt)?;
+    run_host(dev, &cache, q, dims.max_len, params)
+}
+
+fn run_host(
+    dev: &Arc<CudaDevice>,
+    cache: &DevPagedCache,
+    q: &crate::tensor::TensorView,
+    max_len: usize,
+    params: &DecodeParams,
+) -> Result<AttnOutput> {
+    let [b, _, hq, d] = q.shape;
+    let plan = DecodePlan::new(dev, cache, hq, max_len, params)?;
+    let qd = DevTensor::upload(dev, "q", q)?;
+    let mut o = DevTensor::alloc(dev, [b, 1, hq, d], q.dtype())?;
+    let mut lse = dev
+        .stream()
+        .alloc_zeros::<f32>((b * hq).max(1))
+        .map_err(drv("alloc"))?;
+    plan.launch(cache, &qd, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let out = o.download(dev)?;
+    let mut lse = dev.stream().clone_dtoh(&lse).map_err(drv("copy to host"))?;
+    lse.truncate(b * hq);
+    Ok(AttnOutput { out, lse })
+}
+
+/// A `[1, n, Hk, D]` host tensor on the device.
+fn upload_tensor(dev: &Arc<CudaDevice>, name: &str, t: &Tensor) -> Result<DevTensor> {
+    DevTensor::upload(dev, name, &t.view(name)?)
+}
+
+/// One case of the matrix: decode `lens` on the GPU (through `how`) and compare with the oracle.
+struct Case<'a> {
+    name: String,
+    dtype: DType,
+    lens: &'a [usize],
+    page: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    params: DecodeParams,
+    how: How,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum How {
+    /// Host cache uploaded with its tables ([`decode`]).
+    Host,
+    /// Paged device cache filled by `la_kv_append`; its pages must equal the host's bit for bit.
+    DeviceAppend,
+    /// Contiguous device cache filled by `la_kv_append`.
+    Contiguous,
+}
+
+fn run_case(dev: &Arc<CudaDevice>, c: &Case) -> CaseResult {
+    let tol = out_tolerance(c.dtype);
+    let mut r = CaseResult {
+        group: "decode",
+        name: c.name.clone(),
+        passed: false,
+        err: f64::NAN,
+        tol,
+        lse_err: f64::NAN,
+        detail: String::new(),
+    };
+    let res = (|| -> Result<(f64, f64, String)> {
+        let seed = (c.page * 131 + c.hq * 17 + c.hk * 5 + c.d + c.lens.len()) as u64;
+        let (host, q) = random_cache(c.dtype, c.lens, c.page, c.hq, c.hk, c.d, seed)?;
+        let qv = q.view("q")?;
+        let reference = decode_reference(&qv, &host.view(), &host.block_tables(), &c.params)?;
+        let max_len = c.lens.iter().copied().max().unwrap_or(0);
+        let mut detail = String::new();
+        let got = match c.how {
+            How::Host => decode(dev, &qv, &host.view(), &host.block_tables(), &c.params)?,
+            How::DeviceAppend | How::Contiguous => {
+                let mut dc = if c.how == How::Contiguous {
+                    DevPagedCache::new_contiguous(
+                        dev,
+                        c.dtype,
+                        c.hk,
+                        c.d,
+                        max_len.max(1),
+                        c.lens.len(),
+                    )?
+                } else {
+                    let mut dc = DevPagedCache::new_paged(
+                        dev,
+                        c.dtype,
+                        c.hk,
+                        c.d,
+                        c.page,
+                        host.tables.num_pages(),
+                        c.lens.len(),
+                    )?;
+                    if let Some(t) = dc.page_tables_mut() {
+                        t.shuffle_free(seed);
+                    }
+                    dc
+                };
+                for (s, k, v) in random_appends(c.dtype, c.lens, c.page, c.hk, c.d, seed) {
+                    let (kd, vd) = (upload_tensor(dev, "k", &k)?, upload_tensor(dev, "v", &v)?);
+                    dc.append_seq(s, &kd, &vd)?;
+                }
+                if c.how == How::DeviceAppend {
+                    let (k, v) = dc.download()?;
+                    let same = k == bits(host.k.as_slice()) && v == bits(host.v.as_slice());
+                    if !same {
+                        return Err(param(
+                            "pages written by la_kv_append differ from the host's".into(),
+                        ));
+                    }
+                    detail = "appended pages bit-equal to the host's".into();
+                }
+                run_host(dev, &dc, &qv, max_len, &c.params)?
+            }
+        };
+        let (eo, el) = compare(&got.out, &got.lse, &reference);
+        Ok((eo, el, detail))
+    })();
+    match res {
+        Ok((eo, el, detail)) => {
+            r.err = eo;
+            r.lse_err = el;
+            r.passed = eo <= tol && el <= LSE_TOLERANCE;
+            r.detail = detail;
+        }
+        Err(e) => r.detail = e.to_string(),
+    }
+    r
+}
+
+/// The decode correctness matrix on the GPU against the f64 oracle (through the CPU cache):
+/// ragged lengths (the awkward sizes, 0, and one of 32k), page sizes 16/64/256, GQA 4:1 / MQA /
+/// MHA / MQA 32:1 (head chunks), D 64/128/256, bf16 and f16, forced unaligned splits, soft-cap,
+/// appends through the kernel (paged and contiguous), and bad input refused with an error.
+pub fn selftest(dev: &Arc<CudaDevice>) -> Result<Vec<CaseResult>> {
+    let mut lens = AWKWARD_SIZES.to_vec();
+    lens.push(0);
+    let long = [32768, 1, 0, 4224];
+    let auto = DecodeParams::default();
+    let forced = DecodeParams {
+        split_len: Some(100),
+        ..Default::default()
+    };
+    let capped = DecodeParams {
+        softcap: Some(30.0),
+        ..Default::default()
+    };
+    let bf = DType::BF16;
+    let mut cases: Vec<Case> = Vec::new();
+    let mut add = |name: &str, dtype, lens, page, hq, hk, d, params: &DecodeParams, how| {
+        cases.push(Case {
+            name: format!("{name} {dtype} p{page} {hq}:{hk} d{d}"),
+            dtype,
+            lens,
+            page,
+            hq,
+            hk,
+            d,
+            params: params.clone(),
+            how,
+        })
+    };
+    for page in [16, 64, 256] {
+        add(
+            "ragged gqa",
+            bf,
+            &lens[..],
+            page,
+            8,
+            2,
+            128,
+            &auto,
+            How::Host,
+        );
+    }
+    add(
+        "ragged gqa",
+        DType::F16,
+        &lens[..],
+        16,
+        8,
+        2,
+        128,
+        &auto,
+        How::Host,
+    );
+    add("ragged mqa", bf, &lens[..], 64, 4, 1, 64, &auto, How::Host);
+    add("ragged mha", bf, &lens[..], 16, 4, 4, 256, &auto, How::Host);
+    add(
+        "ragged mha",
+        DType::F16,
+        &lens[..],
+        64,
+        2,
+        2,
+        64,
+        &auto,
+        How::Host,
+    );
+    add(
+        "ragged mqa32",
+        bf,
+        &lens[..],
+        16,
+        32,
+        1,
+        128,
+        &auto,
+        How::Host,
+    );
+    add(
+        "split 100",
+        bf,
+        &lens[..],
+        16,
+        8,
+        2,
+        128,
+        &forced,
+        How::Host,
+    );
+    add("long", bf, &long[..], 16, 8, 2, 128, &auto, How::Host);
+    add("softcap", bf, &lens[..], 16, 8, 2, 128, &capped, How::Host);
+    add(
+        "append",
+        bf,
+        &lens[..],
+        16,
+        8,
+        2,
+        128,
+        &auto,
+        How::DeviceAppend,
+    );
+    add(
+        "append",
+        DType::F16,
+        &lens[..],
+        64,
+        4,
+        1,
+        64,
+        &auto,
+        How::DeviceAppend,
+    );
+    add(
+        "contiguous",
+        bf,
+        &lens[..],
+        16,
+        8,
+        2,
+        128,
+        &auto,
+        How::Contiguous,
+    );
+    let mut out: Vec<CaseResult> = cases.iter().map(|c| run_case(dev, c)).collect();
+
+    // Bad input: errors, never a launch.
+    let refused = |name: &str, r: Result<AttnOutput>, want: &str| {
+        let (passed, detail) = match r {
+            Err(e) => {
+                let m = e.to_string();
+                (m.contains(want), m)
+            }
+            Ok(_) => (false, "accepted".to_string()),
+        };
+        CaseResult {
+            group: "decode",
+            name: format!("refuses {name}"),
+            passed,
+            err: 0.0,
+            tol: 0.0,
+            lse_err: 0.0,
+            detail,
+        }
+    };
+    let (h, q) = random_cache(bf, &[40, 17], 16, 4, 2, 48, 1)?;
+    out.push(refused(
+        "head dim 48",
+        decode(dev, &q.view("q")?, &h.view(), &h.block_tables(), &auto),
+        "head dim 48",
+    ));
+    let (h, q) = random_cache(DType::F32, &[40, 17], 16, 4, 2, 64, 1)?;
+    out.push(refused(
+        "f32",
+        decode(dev, &q.view("q")?, &h.view(), &h.block_tables(), &auto),
+        "bf16 or f16",
+    ));
+    let (h, q) = random_cache(bf, &[40, 17], 16, 4, 2, 64, 1)?;
+    let (mut t, w) = h.tables.block_tables();
+    t[0] = 1 << 20;
+    let lens2 = h.tables.lens();
+    let bt = BlockTables {
+        tables: &t,
+        max_pages: w,
+        lens: &lens2,
+    };
+    out.push(refused(
+        "page out of range",
+        decode(dev, &q.view("q")?, &h.view(), &bt, &auto),
+        "outside the pool",
+    ));
+    Ok(out)
+}
+
+/// The benchmark problem of [`bench`].
+#[derive(Clone, Debug)]
+pub struct DecodeBenchConfig {
+    pub batch: usize,
+    pub len: usize,
+    pub hq: usize,
+    pub hk: usize,
+    pub d: usize,
+    pub dtype: DType,
+    pub warmup: usize,
+    pub reps: usize,
+    /// Input sets rotated between repetitions (so L2 does not hold the last one's K/V).
+    pub sets: usize,
+    /// Force the number of keys per split (tuning); `None` = the plan's choice.
+    pub split_len: Option<usize>,
+}
+
+impl Default for DecodeBenchConfig {
+    /// The target: batch 32, 8k tokens, 32 query / 8 KV heads, D 128, bf16.
+    fn default() -> Self {
+        DecodeBenchConfig {
+            batch: 32,
+            len: 8192,
+            hq: 32,
+            hk: 8,
+            d: 128,
+            dtype: DType::BF16,
+            warmup: 5,
+            reps: 30,
+            sets: 2,
+            split_len: None,
+        }
+    }
+}
+
+/// One timed configuration.
+#[derive(Clone, Debug)]
+pub struct DecodeBenchRow {
+    /// `paged p16`, `paged p64`, `contiguous`, or `copy (dtod)` (the device's copy bandwidth:
+    /// a device-to-device copy of one K/V set, bytes = read + write).
+    pub name: String,
+    pub num_splits: usize,
+    pub split_len: usize,
+    pub ms_median: f64,
+    pub ms_min: f64,
+    /// Bytes moved once: K + V + q + o (for the copy: 2 x the K/V bytes).
+    pub bytes: usize,
+    /// bytes / median time.
+    pub gbps: f64,
+}
+
+fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x[x.len() / 2]
+}
+
+fn fill(dev: &Arc<CudaDevice>, f: &CudaFunction, x: &mut CudaSlice<u16>, seed: u32) -> Result<()> {
+    let n = x.len() as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            (n as usize).div_ceil(256).clamp(1, dev.sms * 16) as u32,
+            1,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(f);
+    b.arg(x).arg(&n).arg(&seed);
+    // SAFETY: la_fill(u16*, i64 n, u32 seed) writes x[0..n], the slice's length.
+    unsafe { b.launch(cfg) }.map_err(drv("launch fill"))?;
+    Ok(())
+}
+
+/// Times decode of `cfg` (default: the target problem) with CUDA events, `warmup` runs
+/// then the median of `reps`, rotating `sets` input sets: paged page 16 (scattered pages), paged
+/// page 64, contiguous, and a device-to-device copy of one K/V set for the copy bandwidth.
+pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<DecodeBenchRow>> {
+    let DecodeBenchConfig {
+        batch,
+        len,
+        hq,
+        hk,
+        d,
+        dtype,
+        ..
+    } = *cfg;
+    check_kind(dtype, d)?;
+    if batch == 0 || len == 0 || cfg.reps == 0 || cfg.sets == 0 {
+        return Err(param(format!(
+            "bench: batch, len, reps and sets must be >= 1, got {cfg:?}"
+        )));
+    }
+    let kv_bytes = 2 * batch * len * hk * d * dtype.size();
+    let bytes = kv_bytes + 2 * batch * hq * d * dtype.size();
+    let fill_fn = dev.function(
+        &format!("kv_fill_{}", dtype.name()),
+        "la_fill",
+        &format!("{COMMON}\n{APPEND}"),
+        &[("LA_F16".into(), ((dtype == DType::F16) as u8).to_string())],
+        0,
+    )?;
+    let params = DecodeParams {
+        split_len: cfg.split_len,
+        ..Default::default()
+    };
+    let ev = |s: &Arc<cudarc::driver::CudaStream>| {
+        s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv("record event"))
+    };
+    let mut rows = Vec::new();
+    let layouts = [
+        KvLayout::Paged { page_size: 16 },
+        KvLayout::Paged { page_size: 64 },
+        KvLayout::Contiguous { seq_cap: len },
+    ];
+    for (li, layout) in layouts.into_iter().enumerate() {
+        // Each set: its own cache (pages filled on the device, scattered tables), q and o.
+        let mut sets = Vec::with_capacity(cfg.sets);
+        for si in 0..cfg.sets {
+            let mut c = match layout {
+                KvLayout::Paged { page_size } => {
+                    let pages = batch * len.div_ceil(page_size);
+                    let mut c =
+                        DevPagedCache::new_paged(dev, dtype, hk, d, page_size, pages, batch)?;
+                    if let Some(t) = c.page_tables_mut() {
+                        t.shuffle_free(si as u64 + 1);
+                    }
+                    c
+                }
+                KvLayout::Contiguous { seq_cap } => {
+                    DevPagedCache::new_contiguous(dev, dtype, hk, d, seq_cap, batch)?
+                }
+            };
+            c.grow_all(len)?;
+            let seed = (li * 16 + si) as u32;
+            fill(dev, &fill_fn, &mut c.k, 4 * seed)?;
+            fill(dev, &fill_fn, &mut c.v, 4 * seed + 1)?;
+            let mut q = DevTensor::alloc(dev, [batch, 1, hq, d], dtype)?;
+            fill(dev, &fill_fn, &mut q.data, 4 * seed + 2)?;
+            let o = DevTensor::alloc(dev, [batch, 1, hq, d], dtype)?;
+            let lse = dev
+                .stream()
+                .alloc_zeros::<f32>(batch * hq)
+                .map_err(drv("alloc"))?;
+            sets.push((c, q, o, lse));
+        }
+        let plan = DecodePlan::new(dev, &sets[0].0, hq, len, &params)?;
+        let mut times = Vec::with_capacity(cfg.reps);
+        for r in 0..cfg.warmup + cfg.reps {
+            let (c, q, o, lse) = &mut sets[r % cfg.sets];
+            let s = dev.stream();
+            let e0 = ev(s)?;
+            plan.launch(c, q, o, lse)?;
+            let e1 = ev(s)?;
+            let ms = e0.elapsed_ms(&e1).map_err(drv("event time"))? as f64;
+            if r >= cfg.warmup {
+                times.push(ms);
+            }
+        }
+        let ms_median = median(times.clone());
+        rows.push(DecodeBenchRow {
+            name: layout.name(),
+            num_splits: plan.split.num_splits,
+            split_len: plan.split.split_len,
+            ms_median,
+            ms_min: times.iter().copied().fold(f64::INFINITY, f64::min),
+            bytes,
+            gbps: bytes as f64 / (ms_median * 1e-3) / 1e9,
+        });
+        if li == layouts.len() - 1 {
+            // Copy bandwidth: K of set 0 -> K of set 1 (or itself with one set), and V likewise.
+            let mut times = Vec::with_capacity(cfg.reps);
+            for r in 0..cfg.warmup + cfg.reps {
+                let s = dev.stream().clone();
+                let e0 = ev(&s)?;
+                if sets.len() > 1 {
+                    let (a, b) = sets.split_at_mut(1);
+                    s.memcpy_dtod(&a[0].0.k, &mut b[0].0.k)
+                        .map_err(drv("copy"))?;
+                    s.memcpy_dtod(&a[0].0.v, &mut b[0].0.v)
+                        .map_err(drv("copy"))?;
+                } else {
+                    let c = &mut sets[0].0;
+                    let tmp = s.clone_dtod(&c.k).map_err(drv("copy"))?;
+                    s.memcpy_dtod(&tmp, &mut c.v).map_err(drv("copy"))?;
+                }
+                let e1 = ev(&s)?;
+                let ms = e0.elapsed_ms(&e1).map_err(drv("event time"))? as f64;
+                if r >= cfg.warmup {
+                    times.push(ms);
+                }
+            }
+            let ms_median = median(times.clone());
+            rows.push(DecodeBenchRow {
+                name: "copy (dtod)".into(),
+                num_splits: 0,
+                split_len: 0,
+                ms_median,
+                ms_min: times.iter().copied().fold(f64::INFINITY, f64::min),
+                bytes: 2 * kv_bytes,
+                gbps: 2.0 * kv_bytes as f64 / (ms_median * 1e-3) / 1e9,
+            });
+        }
+        dev.synchronize()?;
+    }
+    Ok(rows)
 }

@@ -11,6 +11,8 @@
 //! block table is split into runs of physically consecutive pages; each run is a strided
 //! `[1, run_len, Hk, D]` view of the pool, attended with [`crate::forward`], and the partial
 //! results are merged by their LSE (see [`merge_partials`]).
+pub mod decode;
+
 use crate::attention::{AttnOutput, AttnParams, MaskSpec};
 use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, BoundMask, MaskExpr, MaskShape, RowMask, TileEntry};

@@ -29,9 +29,7 @@ impl BoundMask {
                 Atom::Below(s) => format!("(j < {s}LL)"),
                 Atom::Chunk(c) => format!("(la_fdiv(pos, {c}LL) == la_fdiv(j, {c}LL))"),
                 Atom::Strided { s, .. } => format!("(la_emod(pos - j, {s}LL) == 0)"),
-                Atom::Document => {
-                    "(p.qdoc[(i64)b * p.Sq + i] == p.kdoc[(i64)b * p.Sk + j])".into()
-                }
+                Atom::Document => "(p.qdoc[(i64)b * p.Sq + i] == p.kdoc[(i64)b * p.Sk + j])".into(),
                 Atom::Nbr(axes) => {
                     let terms: Vec<String> = axes
                         .iter()

@@ -1,0 +1,330 @@
+// Paged KV-cache decode: one query token per sequence against its cached keys, split over key
+// ranges, merged by LSE. The CPU twin (same split, same merge) is crates/longattn/src/kv/decode.rs.
+//
+// Compile-time constants (set by the host in cuda/decode.rs):
+//   LA_F16     1 = f16, 0 = bf16 (q, pages and output)
+//   LA_D       head dim: 32, 64, 128 or 256 (LA_D / 8 lanes hold one token's row)
+//   LA_G       query heads per block (a divisor of the group Hq / Hk, <= 8)
+//   LA_PAGE    tokens per page (16..256); 0 = contiguous cache [B, seq_cap, Hk, D]
+//   LA_SOFTCAP 1 = x -> c tanh(x / c)
+//   LA_WARPS   warps per block
+//   LA_U       tokens each lane group loads per iteration (loads in flight)
+//   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
+//
+// Work: block (split x, KV head kh and head chunk, sequence b) attends the LA_G query heads
+// h0 .. h0 + LA_G (all reading KV head kh: each K/V row is loaded once for all of them, GQA
+// packing) over keys x * split_len .. min((x + 1) * split_len, len). A warp is 32 / (D / 8) lane
+// groups; a group holds one token: each lane 16 bytes (8 elements) of its K and V rows, loaded
+// with ld.global.nc.v4 (LA_U tokens per group in flight). Per iteration and head, each group runs
+// the online softmax over its tokens (logits x in log2 units, pre-scaled q):
+//     m' = max(m, max_u x_u),  p_u = 2^(x_u - m'),  l' = 2^(m - m') l + sum_u p_u,
+//     acc' = 2^(m - m') acc + sum_u p_u v_u
+// and at the end the groups' and warps' states are merged (the same rule with two states).
+// With one split the block writes the final o = acc / l (storage dtype) and lse = ln2 (m + log2 l);
+// with several it writes f32 partials to the workspace and la_decode_merge combines them.
+
+struct LaDecParams {
+    const u16* q;          // [B, Hq, D]
+    const u16* k;          // paged: [num_pages, P, Hk, D]; contiguous: [B, seq_cap, Hk, D]
+    const u16* v;
+    const int* tables;     // [B, max_pages] (paged)
+    const int* lens;       // [B]
+    u16* o;                // [B, Hq, D]
+    float* lse;            // [B, Hq]
+    float* o_part;         // [B * Hq, num_splits, D]   (num_splits > 1)
+    float* lse_part;       // [B * Hq, num_splits]
+    i64 seq_cap;           // contiguous: token slots per sequence
+    int B, Hq, Hk, max_pages;
+    int num_splits, split_len, head_chunks, pad0;
+    float q_scale;         // scale log2 e, or scale / c with soft-cap
+    float cap_mul;         // c log2 e (soft-cap)
+};
+
+#define LA_LPT (LA_D / 8)             // lanes per token
+#define LA_TPW (32 / LA_LPT)          // tokens per warp and load step
+#define LA_STEP (LA_WARPS * LA_TPW)   // tokens per block and load step
+#define LA_ITER (LA_STEP * LA_U)      // tokens per block iteration
+#define LA_FULL 0xffffffffu
+
+struct alignas(16) la_v4 {
+    u32 x, y, z, w;
+};
+
+// 16-byte read-only load that does not allocate in L1 (each byte of K/V is read once).
+__device__ __forceinline__ la_v4 la_ldg16(const u16* p) {
+    la_v4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ int la_imin(int a, int b) { return a < b ? a : b; }
+
+// Packed pair of the storage type -> two f32 (lo = low half).
+__device__ __forceinline__ void la_unpack2(u32 w, float& lo, float& hi) {
+#if LA_F16
+    lo = la_to_f32((u16)(w & 0xffffu));
+    hi = la_to_f32((u16)(w >> 16));
+#else
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+#endif
+}
+
+__device__ __forceinline__ void la_unpack8(const la_v4& w, float* f) {
+    la_unpack2(w.x, f[0], f[1]);
+    la_unpack2(w.y, f[2], f[3]);
+    la_unpack2(w.z, f[4], f[5]);
+    la_unpack2(w.w, f[6], f[7]);
+}
+
+// Element offset of the K/V row of (sequence b, position j, KV head kh), at this lane's 8 elements.
+__device__ __forceinline__ i64 la_row(const LaDecParams& p, int page, int b, int j, int kh, int sub) {
+#if LA_PAGE
+    return (((i64)page * LA_PAGE + (j % LA_PAGE)) * p.Hk + kh) * LA_D + sub * 8;
+#else
+    return (((i64)b * p.seq_cap + j) * p.Hk + kh) * LA_D + sub * 8;
+#endif
+}
+
+#if !LA_MERGE_ONLY
+extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
+    const int split = blockIdx.x;
+    const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
+    const int b = blockIdx.z;
+    const int h0 = kh * (p.Hq / p.Hk) + chunk * LA_G;
+    const int len = p.lens[b];
+    const int j0 = split * p.split_len;
+    const int j1 = la_imin(len, j0 + p.split_len);
+    const bool direct = p.num_splits == 1;
+    // The merge reads only the splits that hold keys; with one split the block always writes
+    // (a sequence of length 0 gets o = 0, lse = -inf).
+    if (!direct && j0 >= len) return;
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int grp = lane / LA_LPT, sub = lane % LA_LPT;
+    const int tok = warp * LA_TPW + grp;  // this group's token within a load step
+
+    // q: this lane's 8 elements of each head, f32, pre-scaled.
+    float q[LA_G][8];
+#pragma unroll
+    for (int g = 0; g < LA_G; g++) {
+        la_unpack8(la_ldg16(p.q + ((i64)b * p.Hq + h0 + g) * LA_D + sub * 8), q[g]);
+#pragma unroll
+        for (int e = 0; e < 8; e++) q[g][e] *= p.q_scale;
+    }
+    float m[LA_G], l[LA_G], acc[LA_G][8];
+#pragma unroll
+    for (int g = 0; g < LA_G; g++) {
+        m[g] = -LA_INF;
+        l[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.f;
+    }
+
+    const int* tab = p.tables + (i64)b * p.max_pages;
+    // Pages of this iteration's tokens, read one iteration ahead (the table read is off the
+    // critical path of the K/V loads).
+    int pg[LA_U];
+#pragma unroll
+    for (int u = 0; u < LA_U; u++) {
+        const int j = j0 + u * LA_STEP + tok;
+#if LA_PAGE
+        pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
+#else
+        pg[u] = 0;
+#endif
+    }
+
+    for (int jb = j0; jb < j1; jb += LA_ITER) {
+        la_v4 kw[LA_U], vw[LA_U];
+#pragma unroll
+        for (int u = 0; u < LA_U; u++) {
+            const int j = jb + u * LA_STEP + tok;
+            if (j < j1) {
+                const i64 r = la_row(p, pg[u], b, j, kh, sub);
+                kw[u] = la_ldg16(p.k + r);
+                vw[u] = la_ldg16(p.v + r);
+            } else {
+                kw[u].x = kw[u].y = kw[u].z = kw[u].w = 0u;
+                vw[u].x = vw[u].y = vw[u].z = vw[u].w = 0u;
+            }
+        }
+#if LA_PAGE
+#pragma unroll
+        for (int u = 0; u < LA_U; u++) {
+            const int j = jb + LA_ITER + u * LA_STEP + tok;
+            pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
+        }
+#endif
+
+        // x[u][g] = q_g . k_u: partial dot over this lane's 8 elements, summed over the group.
+        float x[LA_U][LA_G];
+#pragma unroll
+        for (int u = 0; u < LA_U; u++) {
+            float kf[8];
+            la_unpack8(kw[u], kf);
+#pragma unroll
+            for (int g = 0; g < LA_G; g++) {
+                float s = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) s = fmaf(q[g][e], kf[e], s);
+                x[u][g] = s;
+            }
+        }
+#pragma unroll
+        for (int off = LA_LPT / 2; off >= 1; off >>= 1) {
+#pragma unroll
+            for (int u = 0; u < LA_U; u++) {
+#pragma unroll
+                for (int g = 0; g < LA_G; g++) x[u][g] += __shfl_xor_sync(LA_FULL, x[u][g], off);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < LA_U; u++) {
+            const bool ok = jb + u * LA_STEP + tok < j1;
+#pragma unroll
+            for (int g = 0; g < LA_G; g++) {
+                float s = x[u][g];
+#if LA_SOFTCAP
+                s = p.cap_mul * tanhf(s);
+#endif
+                x[u][g] = ok ? s : -LA_INF;
+            }
+        }
+
+        // Online softmax per head (the group's own running state).
+        float pu[LA_U][LA_G];
+#pragma unroll
+        for (int g = 0; g < LA_G; g++) {
+            float mx = m[g];
+#pragma unroll
+            for (int u = 0; u < LA_U; u++) mx = fmaxf(mx, x[u][g]);
+            // Nothing seen yet: subtract 0 so that 2^(-inf) = 0, never NaN.
+            const float base = mx == -LA_INF ? 0.f : mx;
+            const float alpha = la_exp2(m[g] - base);
+            m[g] = mx;
+            l[g] *= alpha;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[g][e] *= alpha;
+#pragma unroll
+            for (int u = 0; u < LA_U; u++) {
+                pu[u][g] = la_exp2(x[u][g] - base);
+                l[g] += pu[u][g];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < LA_U; u++) {
+            float vf[8];
+            la_unpack8(vw[u], vf);
+#pragma unroll
+            for (int g = 0; g < LA_G; g++) {
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pu[u][g], vf[e], acc[g][e]);
+            }
+        }
+    }
+
+    // Merge the groups of the warp (butterfly over the group index): two states (m, l, acc) and
+    // (m2, l2, acc2) give m' = max(m, m2), l' = 2^(m - m') l + 2^(m2 - m') l2, acc likewise.
+#pragma unroll
+    for (int off = LA_LPT; off < 32; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < LA_G; g++) {
+            const float m2 = __shfl_xor_sync(LA_FULL, m[g], off);
+            const float l2 = __shfl_xor_sync(LA_FULL, l[g], off);
+            const float mx = fmaxf(m[g], m2);
+            const float base = mx == -LA_INF ? 0.f : mx;
+            const float a = la_exp2(m[g] - base), a2 = la_exp2(m2 - base);
+            m[g] = mx;
+            l[g] = l[g] * a + l2 * a2;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                const float o2 = __shfl_xor_sync(LA_FULL, acc[g][e], off);
+                acc[g][e] = acc[g][e] * a + o2 * a2;
+            }
+        }
+    }
+
+    // Merge the warps through shared memory, then write (same rule).
+    __shared__ float s_acc[LA_WARPS][LA_G][LA_D];
+    __shared__ float s_m[LA_WARPS][LA_G];
+    __shared__ float s_l[LA_WARPS][LA_G];
+    if (lane < LA_LPT) {
+#pragma unroll
+        for (int g = 0; g < LA_G; g++) {
+#pragma unroll
+            for (int e = 0; e < 8; e++) s_acc[warp][g][lane * 8 + e] = acc[g][e];
+            if (lane == 0) {
+                s_m[warp][g] = m[g];
+                s_l[warp][g] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    // Each thread finishes pairs of output elements (g, d), (g, d + 1).
+    for (int xi = threadIdx.x; xi < LA_G * LA_D / 2; xi += LA_WARPS * 32) {
+        const int g = xi / (LA_D / 2), d = (xi % (LA_D / 2)) * 2;
+        float mx = -LA_INF;
+#pragma unroll
+        for (int w = 0; w < LA_WARPS; w++) mx = fmaxf(mx, s_m[w][g]);
+        const float base = mx == -LA_INF ? 0.f : mx;
+        float L = 0.f, o0 = 0.f, o1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < LA_WARPS; w++) {
+            const float a = la_exp2(s_m[w][g] - base);
+            L += s_l[w][g] * a;
+            o0 += s_acc[w][g][d] * a;
+            o1 += s_acc[w][g][d + 1] * a;
+        }
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        const float lse = L > 0.f ? (mx + __log2f(L)) * LA_LN2 : -LA_INF;
+        const i64 row = (i64)b * p.Hq + h0 + g;
+        if (direct) {
+            *(u32*)(p.o + row * LA_D + d) = la_pack2(o0 * inv, o1 * inv);
+            if (d == 0) p.lse[row] = lse;
+        } else {
+            float* dst = p.o_part + (row * p.num_splits + split) * LA_D + d;
+            dst[0] = o0 * inv;
+            dst[1] = o1 * inv;
+            if (d == 0) p.lse_part[row * p.num_splits + split] = lse;
+        }
+    }
+}
+
+#endif  // !LA_MERGE_ONLY
+
+// Merge of the splits of one output row (b, h); one warp per row. With the partials (o_i, lse_i)
+// of the splits that hold keys, i < n = ceil(len / split_len), over disjoint key ranges:
+//     lse = log sum_i exp(lse_i) = M + log sum_i exp(lse_i - M),   M = max_i lse_i,
+//     o   = sum_i exp(lse_i - lse) o_i
+// (relative to M, so no exp overflows). n = 0 (length 0) or only -inf partials: o = 0, lse = -inf.
+#define LA_MERGE_ROWS 4
+extern "C" __global__ void __launch_bounds__(LA_MERGE_ROWS * 32) la_decode_merge(const LaDecParams p) {
+    const int row = blockIdx.x * LA_MERGE_ROWS + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= p.B * p.Hq) return;
+    const int len = p.lens[row / p.Hq];
+    const int n = la_imin(p.num_splits, (len + p.split_len - 1) / p.split_len);
+    const float* lp = p.lse_part + (i64)row * p.num_splits;
+    float mx = -LA_INF;
+    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, lp[i]);
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, off));
+    const float base = mx == -LA_INF ? 0.f : mx;
+    float sum = 0.f;
+    for (int i = lane; i < n; i += 32) sum += la_exp2((lp[i] - base) * LA_LOG2E);
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(LA_FULL, sum, off);
+    const float lse = sum > 0.f ? base + logf(sum) : -LA_INF;
+    const float* op = p.o_part + (i64)row * p.num_splits * LA_D;
+    for (int d = lane; d < LA_D; d += 32) {
+        float o = 0.f;
+        if (sum > 0.f) {
+            for (int i = 0; i < n; i++) o += la_exp2((lp[i] - lse) * LA_LOG2E) * op[(i64)i * LA_D + d];
+        }
+        p.o[(i64)row * LA_D + d] = (u16)(la_pack2(o, 0.f) & 0xffffu);
+    }
+    if (lane == 0) p.lse[row] = lse;
+}
