@@ -9,7 +9,7 @@
 //   LA_SOFTCAP 1 = s -> c tanh(s / c) before masking
 // and the mask program `la_mask(p, b, h, i, j)` generated from the mask expression.
 //
-// Work: block (query tile qt, query head h, batch b) walks its row of the block schedule
+// Work: block (query head h, batch b, query tile qt) walks its row of the block schedule
 // (CSR: offsets per (b, h, qt), entries = key tile << 1 | partial). Full tiles skip the mask,
 // Partial tiles evaluate la_mask per element, unlisted tiles are never loaded. A warp owns 16 LA_MT
 // query rows; per key tile it computes S = Q K^T (16 x BC), the online softmax
@@ -72,9 +72,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd(co
     u16* sV0 = sK0 + LA_BC * LA_D;
     constexpr int STAGE = 2 * LA_BC * LA_D;
 
-    // Late query tiles first: under causal-like masks they carry the most key tiles.
-    const int qt = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
+    // Grid (head, batch, query tile), dispatched x fastest: every head's late query tiles (the
+    // heaviest under causal-like masks) go first, light ones fill the last wave.
+    const int qt = gridDim.z - 1 - blockIdx.z;
+    const int h = blockIdx.x, b = blockIdx.y;
     const int kh = h / (p.Hq / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
