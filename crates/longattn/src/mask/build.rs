@@ -15,6 +15,7 @@
 use super::bind::{last_word_mask, Atom, BoundMask, Node};
 use super::schedule::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::error::Result;
+use rayon::prelude::*;
 
 /// Closed key intervals `[lo, hi]`, sorted, disjoint, inside `[0, Sk - 1]`.
 type Ivs = Vec<(i64, i64)>;
@@ -146,6 +147,62 @@ impl Builder<'_> {
             self.kt_ids.extend_from_slice(&tmp);
             self.kt_off.push(self.kt_ids.len());
         }
+    }
+
+    /// The schedule row of query tile `qt` of batch row `b`: the key tiles inside the root's
+    /// core are Full in bulk, the others in its support are classified one by one.
+    fn row(&mut self, b: usize, qt: usize, k_tiles: usize) -> Vec<TileEntry> {
+        let (tile_k, sk) = (self.tk, self.sk);
+        let q0 = qt * self.tq;
+        let q1 = (q0 + self.tq).min(self.m.shape().sq);
+        self.supports(b, q0, q1);
+        let root = self.m.root;
+        let sup = std::mem::take(&mut self.sup[root]);
+        let core = std::mem::take(&mut self.core[root]);
+        let full = |t: usize| TileEntry {
+            k_tile: t as u32,
+            kind: TileKind::Full,
+        };
+        let mut row = Vec::new();
+        let mut next = 0usize;
+        let mut ci = 0usize;
+        for &(a, z) in &sup {
+            let mut kt = (a as usize / tile_k).max(next);
+            let kt_end = z as usize / tile_k;
+            while kt <= kt_end {
+                let k0 = (kt * tile_k) as i64;
+                let k1 = ((kt + 1) * tile_k).min(sk as usize) as i64 - 1;
+                while ci < core.len() && core[ci].1 < k0 {
+                    ci += 1;
+                }
+                if ci < core.len() && core[ci].0 <= k0 && k1 <= core[ci].1 {
+                    // Tiles kt..=last lie inside the core: Full, in bulk.
+                    let c_hi = core[ci].1;
+                    let last = if c_hi >= sk - 1 {
+                        k_tiles - 1
+                    } else {
+                        (c_hi as usize + 1) / tile_k - 1
+                    };
+                    let last = last.min(kt_end);
+                    row.extend((kt..=last).map(full));
+                    kt = last + 1;
+                    continue;
+                }
+                match self.classify(b, q0, q1, kt) {
+                    FULL => row.push(full(kt)),
+                    EMPTY => {}
+                    _ => row.push(TileEntry {
+                        k_tile: kt as u32,
+                        kind: TileKind::Partial,
+                    }),
+                }
+                kt += 1;
+            }
+            next = kt;
+        }
+        self.sup[root] = sup;
+        self.core[root] = core;
+        row
     }
 
     /// Support and core of every node for query rows `q0..q1` of batch row `b`.
@@ -401,73 +458,34 @@ impl BoundMask {
         let batch = if self.docs.is_some() { shape.batch } else { 1 };
         let mut sched = BlockSchedule::empty(tile_q, tile_k, shape.sq, shape.sk, batch, 1)?;
         let nn = self.nodes.len();
-        let mut bl = Builder {
-            m: self,
-            tq: tile_q,
-            tk: tile_k,
-            sk: shape.sk as i64,
-            sup: vec![Vec::new(); nn],
-            core: vec![Vec::new(); nn],
-            class: vec![EMPTY; nn],
-            kt_off: Vec::new(),
-            kt_ids: Vec::new(),
-            q_ids: Vec::new(),
-            words: vec![0; tile_k.div_ceil(64)],
-        };
-        let (q_tiles, k_tiles) = (sched.q_tiles, sched.k_tiles);
-        let full = |t: usize| TileEntry {
-            k_tile: t as u32,
-            kind: TileKind::Full,
-        };
-        for b in 0..batch {
+        let builder = |b: usize| {
+            let mut bl = Builder {
+                m: self,
+                tq: tile_q,
+                tk: tile_k,
+                sk: shape.sk as i64,
+                sup: vec![Vec::new(); nn],
+                core: vec![Vec::new(); nn],
+                class: vec![EMPTY; nn],
+                kt_off: Vec::new(),
+                kt_ids: Vec::new(),
+                q_ids: Vec::new(),
+                words: vec![0; tile_k.div_ceil(64)],
+            };
             bl.key_tile_ids(b);
-            for qt in 0..q_tiles {
-                let q0 = qt * bl.tq;
-                let q1 = (q0 + bl.tq).min(shape.sq);
-                bl.supports(b, q0, q1);
-                let root = self.root;
-                let sup = std::mem::take(&mut bl.sup[root]);
-                let core = std::mem::take(&mut bl.core[root]);
-                let mut next = 0usize;
-                sched.push_row_with(|row| {
-                    let mut ci = 0usize;
-                    for &(a, z) in &sup {
-                        let mut kt = (a as usize / tile_k).max(next);
-                        let kt_end = z as usize / tile_k;
-                        while kt <= kt_end {
-                            let k0 = (kt * tile_k) as i64;
-                            let k1 = ((kt + 1) * tile_k).min(shape.sk) as i64 - 1;
-                            while ci < core.len() && core[ci].1 < k0 {
-                                ci += 1;
-                            }
-                            if ci < core.len() && core[ci].0 <= k0 && k1 <= core[ci].1 {
-                                // Tiles kt..=last lie inside the core: Full, in bulk.
-                                let c_hi = core[ci].1;
-                                let last = if c_hi >= bl.sk - 1 {
-                                    k_tiles - 1
-                                } else {
-                                    (c_hi as usize + 1) / tile_k - 1
-                                };
-                                let last = last.min(kt_end);
-                                row.extend((kt..=last).map(full));
-                                kt = last + 1;
-                                continue;
-                            }
-                            match bl.classify(b, q0, q1, kt) {
-                                FULL => row.push(full(kt)),
-                                EMPTY => {}
-                                _ => row.push(TileEntry {
-                                    k_tile: kt as u32,
-                                    kind: TileKind::Partial,
-                                }),
-                            }
-                            kt += 1;
-                        }
-                        next = kt;
-                    }
-                })?;
-                bl.sup[root] = sup;
-                bl.core[root] = core;
+            bl
+        };
+        let k_tiles = sched.k_tiles;
+        for b in 0..batch {
+            // Query tiles are independent: rows are built in parallel (one builder per worker)
+            // and appended in order.
+            let rows: Vec<Vec<TileEntry>> = (0..sched.q_tiles)
+                .into_par_iter()
+                .with_min_len(8)
+                .map_init(|| builder(b), |bl, qt| bl.row(b, qt, k_tiles))
+                .collect();
+            for r in rows {
+                sched.push_row_with(|row| row.extend_from_slice(&r))?;
             }
         }
         sched.finish()
