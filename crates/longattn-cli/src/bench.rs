@@ -679,14 +679,10 @@ fn bench_backward(
     let heads: Vec<usize> = if hq > 1 { vec![0, hq - 1] } else { vec![0] };
     let mut sel = vec![false; n];
     rows.iter().for_each(|&i| sel[i] = true);
-    let want = longattn::reference::attention_backward_f64(
-        &q,
-        &k,
-        &v,
-        &dov,
-        &params,
-        &|b, h, i, j| b == 0 && sel[i] && heads.contains(&h) && mask.allowed(b, i, j),
-    )?;
+    let want =
+        longattn::reference::attention_backward_f64(&q, &k, &v, &dov, &params, &|b, h, i, j| {
+            b == 0 && sel[i] && heads.contains(&h) && mask.allowed(b, i, j)
+        })?;
     let got = g.dq.data.to_f32_vec();
     let (mut err, mut scale) = (0.0f64, 1e-30f64);
     for &i in &rows {

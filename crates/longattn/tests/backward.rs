@@ -337,7 +337,9 @@ fn caller_schedules() {
         let allowed = |_: usize, _: usize, i: usize, j: usize| bm[(i / 32) * kt + j / 64] != 0;
         check(&c, &Mask::Schedule(&s, None), &allowed, ALL);
         // Odd tile sizes (48 x 80: key tiles cross 64-key chunks) with an element mask.
-        let f = |_: usize, i: usize, j: usize| j < sk && !(i * 7 + j * 3).is_multiple_of(5) && j <= i + 40;
+        let f = |_: usize, i: usize, j: usize| {
+            j < sk && !(i * 7 + j * 3).is_multiple_of(5) && j <= i + 40
+        };
         let s = brute_force_schedule(48, 80, 1, sq, sk, &f).unwrap();
         let rows = FnMask(f);
         check(
