@@ -699,7 +699,7 @@ fn bench_backward(
     let err = err / scale;
     row.check_rel_err = Some(err);
     row.tolerance = longattn::testing::grad_tolerance(inputs.q.dtype());
-    if !(err <= row.tolerance) {
+    if err.is_nan() || err > row.tolerance {
         row.status = "FAILED".into();
         row.note = format!(
             "CORRECTNESS CHECK FAILED: dq error {err:.3e} on {} rows > tolerance {:.1e}",
