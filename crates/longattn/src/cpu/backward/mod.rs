@@ -17,7 +17,7 @@
 //! - fast mode: every task adds its dQ^T contribution into one f32 buffer per (head, query block)
 //!   under that block's lock; the order of the additions depends on the thread timing;
 //! - deterministic mode: the key tiles of a group are split into at most [`DET_SPLITS`] ranges of
-//!   equal work (fixed by the schedule, not by the thread count); each range accumulates its own
+//!   equal work (fixed by the shapes and the schedule, not by the thread count); each range accumulates its own
 //!   dQ buffers in key order, and the buffers are summed in range order at the end. Same products,
 //!   same results bit for bit on every run; the cost is the extra buffers (allocated only for the
 //!   blocks a range touches) and fewer, larger tasks.
@@ -44,6 +44,13 @@ const T: usize = 64;
 
 /// Most key-tile ranges per group in deterministic mode.
 pub const DET_SPLITS: usize = 8;
+
+/// Deterministic mode aims at this many tasks per call (ranges per group = this / groups, at
+/// most [`DET_SPLITS`]): enough to balance a few threads, while every range costs a dQ buffer
+/// per query block it touches (fresh memory: at 1k tokens the page faults of 8 ranges per group
+/// cost a third of the call). A function of the shapes only, so results do not depend on the
+/// thread count.
+const DET_TASKS: usize = 32;
 
 /// Packed Q / dO and LSE of all groups of a wave stay under about this many bytes.
 const WAVE_BYTES: usize = 48 << 20;
@@ -497,7 +504,8 @@ impl<'a> Job<'a> {
                 continue;
             }
             let total: usize = work.iter().sum();
-            let splits = DET_SPLITS.min(kts);
+            let groups = self.dims.batch * self.dims.hk;
+            let splits = (DET_TASKS / groups).clamp(1, DET_SPLITS).min(kts);
             // Range r ends at the first tile where the running work reaches total (r+1)/splits.
             let mut kt0 = 0;
             let mut acc = 0;
