@@ -115,6 +115,12 @@ pub struct Args {
     /// Comma-separated layers of `--data` (default: all in the file).
     #[arg(long, requires = "data")]
     pub(crate) layers: Option<String>,
+    /// Time the backward pass (dQ, dK, dV from a seeded random dO) instead of the forward: fast
+    /// mode (the GFLOP/s column) and deterministic mode beside it. Useful FLOPs are 2.5x the
+    /// forward's; the peer times `.backward()` of its SDPA. The check compares dQ of the checked
+    /// rows with the f64 gradient oracle.
+    #[arg(long)]
+    pub(crate) backward: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -150,6 +156,11 @@ struct Row {
     /// ours / torch in useful GFLOP/s (> 1: we are faster).
     ratio_vs_torch: Option<f64>,
     torch_note: Option<String>,
+    /// "forward" or "backward".
+    pass: String,
+    /// Backward only: the deterministic mode's median time and useful GFLOP/s.
+    det_time_s: Option<f64>,
+    det_gflops: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -165,7 +176,10 @@ struct Report<'a> {
 }
 
 /// The expression of mask `name` at length `n`, and how many documents it needs.
-pub(crate) fn mask_expr(name: &str, n: usize) -> std::result::Result<(String, Option<usize>), String> {
+pub(crate) fn mask_expr(
+    name: &str,
+    n: usize,
+) -> std::result::Result<(String, Option<usize>), String> {
     let w = (n / 4).clamp(1, 1024);
     Ok(match name {
         "full" => ("full".into(), None),
@@ -254,6 +268,9 @@ fn plan(a: &Args) -> Result<Plan> {
 pub fn main(a: Args) -> Result<()> {
     match a.backend.as_str() {
         "cpu" => {}
+        "cuda" if a.backward => {
+            bail!("--backward runs on the CPU backend only (the CUDA backward is not built yet)")
+        }
         "cuda" => return crate::bench_cuda::main(&a),
         other => bail!("--backend {other}: expected `cpu` or `cuda`"),
     }
@@ -380,6 +397,9 @@ pub fn main(a: Args) -> Result<()> {
             torch_gflops: None,
             ratio_vs_torch: None,
             torch_note: None,
+            pass: if a.backward { "backward" } else { "forward" }.into(),
+            det_time_s: None,
+            det_gflops: None,
         };
         let r = pool.install(|| {
             bench_one(
@@ -423,6 +443,7 @@ pub fn main(a: Args) -> Result<()> {
                         dtype: dt.to_string(),
                         mask: k.into(),
                         mask_file: f,
+                        backward: a.backward,
                     });
                 }
             }
@@ -512,8 +533,14 @@ pub fn main(a: Args) -> Result<()> {
     Ok(())
 }
 
+/// Forward: 4 B Hq (allowed pairs) D; backward: 2.5x that (five products instead of two).
 fn useful_flops(r: &Row) -> f64 {
-    4.0 * r.heads as f64 * r.allowed_pairs as f64 * r.d as f64
+    let fwd = 4.0 * r.heads as f64 * r.allowed_pairs as f64 * r.d as f64;
+    if r.pass == "backward" {
+        2.5 * fwd
+    } else {
+        fwd
+    }
 }
 
 /// Runs one config into `row`; returns the bound mask when it was timed.
@@ -595,7 +622,7 @@ fn bench_one(
     )?;
     row.check_rel_err = Some(c.rel_err);
     row.check_lse_err = Some(c.lse_err);
-    drop(out);
+    let out_fwd = out;
     if !(c.rel_err <= row.tolerance && c.lse_err <= row.tolerance) {
         row.status = "FAILED".into();
         row.note = format!(
@@ -605,6 +632,11 @@ fn bench_one(
         return Ok(None);
     }
 
+    if a.backward {
+        bench_backward(a, p, id, row, &inputs, &mask, out_fwd)?;
+        row.schedule_pct = row.time_s.map(|t| 100.0 * sched / t);
+        return Ok(Some(mask));
+    }
     let reps = a
         .reps
         .max(((p.min_time / warm.max(1e-9)).ceil() as usize).min(50));
@@ -622,6 +654,105 @@ fn bench_one(
     row.gflops = Some(useful_flops(row) / t / 1e9);
     row.schedule_pct = Some(100.0 * sched / t);
     Ok(Some(mask))
+}
+
+/// The backward of one config: dO seeded, a warm-up call whose dQ on the checked rows is compared
+/// with the f64 gradient oracle, then fast mode and deterministic mode timed alike.
+fn bench_backward(
+    a: &Args,
+    p: &Plan,
+    id: usize,
+    row: &mut Row,
+    inputs: &longattn::io::Inputs,
+    mask: &Mask,
+    fwd: longattn::AttnOutput,
+) -> Result<()> {
+    let (q, k, v) = (
+        inputs.q.view("q")?,
+        inputs.k.view("k")?,
+        inputs.v.view("v")?,
+    );
+    let dout = longattn::testing::random_tensor(
+        inputs.q.dtype(),
+        &fwd.out.shape,
+        1.0,
+        a.seed ^ (id as u64) << 8 ^ 0xd0,
+    );
+    let (ov, dov) = (fwd.out.view("out")?, dout.view("do")?);
+    let params = AttnParams::default();
+    let run = |deterministic: bool| {
+        longattn::backward(
+            &q,
+            &k,
+            &v,
+            &ov,
+            &fwd.lse,
+            &dov,
+            &params,
+            longattn::MaskSpec::Expr(mask),
+            &longattn::BackwardParams { deterministic },
+        )
+    };
+    let t0 = Instant::now();
+    let g = run(false)?;
+    let warm = t0.elapsed().as_secs_f64();
+    // dQ of row i depends on row i only: the oracle restricted to the checked rows and heads.
+    let (n, hq, d) = (q.seq(), q.heads(), q.dim());
+    let rows = spread_rows(n, a.check_rows);
+    let heads: Vec<usize> = if hq > 1 { vec![0, hq - 1] } else { vec![0] };
+    let mut sel = vec![false; n];
+    rows.iter().for_each(|&i| sel[i] = true);
+    let want =
+        longattn::reference::attention_backward_f64(&q, &k, &v, &dov, &params, &|b, h, i, j| {
+            b == 0 && sel[i] && heads.contains(&h) && mask.allowed(b, i, j)
+        })?;
+    let got = g.dq.data.to_f32_vec();
+    let (mut err, mut scale) = (0.0f64, 1e-30f64);
+    for &i in &rows {
+        for &h in &heads {
+            for x in 0..d {
+                let at = (i * hq + h) * d + x;
+                scale = scale.max(want.dq[at].abs());
+                let e = (got[at] as f64 - want.dq[at]).abs();
+                err = err.max(if e.is_nan() { f64::INFINITY } else { e });
+            }
+        }
+    }
+    drop(g);
+    let err = err / scale;
+    row.check_rel_err = Some(err);
+    row.tolerance = longattn::testing::grad_tolerance(inputs.q.dtype());
+    if err.is_nan() || err > row.tolerance {
+        row.status = "FAILED".into();
+        row.note = format!(
+            "CORRECTNESS CHECK FAILED: dq error {err:.3e} on {} rows > tolerance {:.1e}",
+            rows.len(),
+            row.tolerance
+        );
+        return Ok(());
+    }
+    let reps = a
+        .reps
+        .max(((p.min_time / warm.max(1e-9)).ceil() as usize).min(50));
+    let time = |deterministic: bool| -> Result<f64> {
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            let g = run(deterministic)?;
+            times.push(t0.elapsed().as_secs_f64());
+            drop(g);
+        }
+        Ok(median(times))
+    };
+    let t = time(false)?;
+    let td = time(true)?;
+    row.peak_rss_after_mib = peak_rss_kib().map(|x| x as f64 / 1024.0);
+    row.reps = reps;
+    row.time_s = Some(t);
+    row.gflops = Some(useful_flops(row) / t / 1e9);
+    row.det_time_s = Some(td);
+    row.det_gflops = Some(useful_flops(row) / td / 1e9);
+    Ok(())
 }
 
 fn write_dense_mask(mask: &Mask, n: usize, path: &std::path::Path) -> Result<()> {
@@ -672,6 +803,19 @@ fn geomeans(rows: &[Row]) -> BTreeMap<String, (f64, usize)> {
         .collect()
 }
 
+/// Geometric mean of ours/torch over the full and causal configs of every dtype.
+fn geomean_all(rows: &[Row]) -> Option<(f64, usize)> {
+    let x: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.mask == "full" || r.mask == "causal")
+        .filter_map(|r| r.ratio_vs_torch)
+        .collect();
+    (!x.is_empty()).then(|| {
+        let s: f64 = x.iter().map(|r| r.ln()).sum();
+        ((s / x.len() as f64).exp(), x.len())
+    })
+}
+
 fn print_peer_summary(rows: &[Row]) {
     println!("\nours vs torch (useful GFLOP/s; ratio > 1: longattn is faster)");
     println!(
@@ -684,10 +828,11 @@ fn print_peer_summary(rows: &[Row]) {
         }
         let tail = match (&r.torch_gflops, &r.torch_note) {
             (Some(g), _) => format!(
-                "{:>10} {:>10.1} {:>8}",
+                "{:>10} {:>10.1} {:>8}{}",
                 opt(r.gflops, |x| format!("{x:.1}")),
                 g,
-                opt(r.ratio_vs_torch, |x| format!("{x:.2}"))
+                opt(r.ratio_vs_torch, |x| format!("{x:.2}")),
+                opt(r.det_gflops, |x| format!("   deterministic {x:.1}"))
             ),
             (None, Some(n)) => format!("torch {n}"),
             _ => String::new(),
@@ -702,6 +847,9 @@ fn print_peer_summary(rows: &[Row]) {
     }
     for (dt, (g, c)) in geomeans(rows) {
         println!("geometric mean ours/torch, {dt}, full + causal ({c} configs): {g:.2}");
+    }
+    if let Some((g, c)) = geomean_all(rows) {
+        println!("geometric mean ours/torch, all dtypes, full + causal ({c} configs): {g:.2}");
     }
 }
 
@@ -767,15 +915,18 @@ fn write_report(a: &Args, rep: &Report) -> Result<()> {
         md,
         "\nUseful GFLOP/s = 4 * B * Hq * allowed pairs * D / median time. `check` is the max error of the checked rows against the f64 oracle, relative to max |out|. `sched %` is the block-schedule build time as a percentage of the attention time. Peak RSS is the process's VmHWM after the config (it cannot be reset; it grows only when a config raises the run's peak); `io MiB` is the analytical size of q, k, v, out and lse.\n"
     );
-    let _ = writeln!(md, "| mask | expr | n | D | dtype | status | time ms | GFLOP/s | density | sched % | check | peak RSS MiB | io MiB | torch GFLOP/s | ours/torch |");
+    if rep.results.iter().any(|r| r.pass == "backward") {
+        let _ = writeln!(md, "Backward pass: useful FLOPs are 2.5x the forward's; GFLOP/s is the fast mode, `det GFLOP/s` the deterministic mode; `check` is the dQ error of the checked rows against the f64 gradient oracle.\n");
+    }
+    let _ = writeln!(md, "| mask | expr | n | D | dtype | status | time ms | GFLOP/s | density | sched % | check | peak RSS MiB | io MiB | torch GFLOP/s | ours/torch | det GFLOP/s |");
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in rep.results {
         let _ = writeln!(
             md,
-            "| {} | `{}` | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} | {:.1} | {} | {} |",
+            "| {} | `{}` | {} | {} | {} | {} | {} | {} | {:.4} | {} | {} | {} | {:.1} | {} | {} | {} |",
             r.mask,
             r.expr,
             fmt_len(r.n),
@@ -791,6 +942,7 @@ fn write_report(a: &Args, rep: &Report) -> Result<()> {
             r.io_bytes as f64 / (1 << 20) as f64,
             opt(r.torch_gflops, |g| format!("{g:.1}")),
             opt(r.ratio_vs_torch, |x| format!("{x:.2}")),
+            opt(r.det_gflops, |g| format!("{g:.1}")),
         );
     }
     let notes: Vec<&Row> = rep
@@ -825,6 +977,12 @@ fn write_report(a: &Args, rep: &Report) -> Result<()> {
             let _ = writeln!(
                 md,
                 "- geometric mean ours/torch, {dt}, full + causal ({c} configs): {g:.2}"
+            );
+        }
+        if let Some((g, c)) = geomean_all(rep.results) {
+            let _ = writeln!(
+                md,
+                "- geometric mean ours/torch, all dtypes, full + causal ({c} configs): {g:.2}"
             );
         }
     }

@@ -11,11 +11,14 @@
 //!    `--check-rows` rows against the f64 oracle (a failing config is not timed);
 //! 4. timing with CUDA events around each launch, median of max(--reps, 20) launches;
 //!    useful TFLOP/s = 4 * Hq * D * (allowed pairs over the batch) / time.
+//!
 //! With `--compare torch` the peers (`peer_torch_cuda.py`) run afterwards in the same process run
 //! on the same GPU: SDPA FLASH_ATTENTION and CUDNN_ATTENTION (full / causal) and FlexAttention
 //! (compiled, `create_block_mask` on the same mask; its build time reported too).
 use crate::bench::{mask_expr, median, Args, MASKS};
-use crate::common::{check_rows, fmt_len, now_utc, parse_len, parse_list, random_inputs, spread_rows, tolerance};
+use crate::common::{
+    check_rows, fmt_len, now_utc, parse_len, parse_list, random_inputs, spread_rows, tolerance,
+};
 use crate::maskglue::bind_mask;
 use crate::peer;
 use anyhow::{bail, Context, Result};
@@ -88,9 +91,15 @@ pub fn main(a: &Args) -> Result<()> {
         Some(s) => parse_list(s, "mask", |x| {
             MASKS.iter().find(|m| m.0 == x).map(|m| m.0.to_string())
         })?,
-        None => ["full", "causal", "sliding_window", "document", "neighborhood2d"]
-            .map(String::from)
-            .to_vec(),
+        None => [
+            "full",
+            "causal",
+            "sliding_window",
+            "document",
+            "neighborhood2d",
+        ]
+        .map(String::from)
+        .to_vec(),
     };
     let lens = match &a.lens {
         Some(s) => parse_list(s, "length", parse_len)?,
@@ -111,7 +120,8 @@ pub fn main(a: &Args) -> Result<()> {
         Some(x) => bail!("--compare {x}: the only peer is `torch`"),
     };
     let dev = CudaDevice::open(a.device)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
     println!(
         "device: {} (sm_{}{}, {} SMs); tokens per config {}, model dim {}",
         dev.name, dev.cc.0, dev.cc.1, dev.sms, a.tokens, a.model_dim
@@ -225,35 +235,52 @@ pub fn main(a: &Args) -> Result<()> {
 
     let mut torch_version = None;
     if compare {
-        println!("running the peers (SDPA FLASH / cuDNN, FlexAttention) on {} ...", dev.name);
+        println!(
+            "running the peers (SDPA FLASH / cuDNN, FlexAttention) on {} ...",
+            dev.name
+        );
         // Our device memory is released before the peers start (each config freed its own).
         let dir = a.out.join(".peer");
         std::fs::create_dir_all(&dir)?;
-        let by_id: BTreeMap<usize, usize> = rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
-        let v = peer::run_script(&dir, "peer_torch_cuda.py", PEER_SCRIPT, &PeerJob { configs: &peer_cfgs }, |l| {
-            let (Some(id), Some(p)) = (l.get("id").and_then(|x| x.as_u64()), l.get("peer").and_then(|x| x.as_str())) else {
-                return;
-            };
-            if id as usize == decode_id {
-                decode_sdpa_ms = l.get("ms").and_then(|x| x.as_f64());
-                return;
-            }
-            let Some(&i) = by_id.get(&(id as usize)) else { return };
-            let r = &mut rows[i];
-            if let Some(ms) = l.get("ms").and_then(|x| x.as_f64()) {
-                r.peers_ms.insert(p.into(), ms);
-                if let Some(t) = r.tflops {
-                    let theirs = r.useful_flops / (ms * 1e-3) / 1e12;
-                    r.ratios.insert(p.into(), t / theirs);
+        let by_id: BTreeMap<usize, usize> =
+            rows.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+        let v = peer::run_script(
+            &dir,
+            "peer_torch_cuda.py",
+            PEER_SCRIPT,
+            &PeerJob {
+                configs: &peer_cfgs,
+            },
+            |l| {
+                let (Some(id), Some(p)) = (
+                    l.get("id").and_then(|x| x.as_u64()),
+                    l.get("peer").and_then(|x| x.as_str()),
+                ) else {
+                    return;
+                };
+                if id as usize == decode_id {
+                    decode_sdpa_ms = l.get("ms").and_then(|x| x.as_f64());
+                    return;
                 }
-            }
-            if let Some(e) = l.get("error").and_then(|x| x.as_str()) {
-                r.peer_notes.insert(p.into(), e.chars().take(160).collect());
-            }
-            if let Some(b) = l.get("build_ms").and_then(|x| x.as_f64()) {
-                r.flex_build_ms = Some(b);
-            }
-        });
+                let Some(&i) = by_id.get(&(id as usize)) else {
+                    return;
+                };
+                let r = &mut rows[i];
+                if let Some(ms) = l.get("ms").and_then(|x| x.as_f64()) {
+                    r.peers_ms.insert(p.into(), ms);
+                    if let Some(t) = r.tflops {
+                        let theirs = r.useful_flops / (ms * 1e-3) / 1e12;
+                        r.ratios.insert(p.into(), t / theirs);
+                    }
+                }
+                if let Some(e) = l.get("error").and_then(|x| x.as_str()) {
+                    r.peer_notes.insert(p.into(), e.chars().take(160).collect());
+                }
+                if let Some(b) = l.get("build_ms").and_then(|x| x.as_f64()) {
+                    r.flex_build_ms = Some(b);
+                }
+            },
+        );
         match v {
             Ok(v) => torch_version = Some(v),
             Err(e) => println!("peer run failed: {e:#}"),
@@ -278,7 +305,10 @@ fn report_decode(
     );
     let _ = writeln!(md, "| kernel | splits | ms (median) | GB/s | vs SDPA |");
     let _ = writeln!(md, "|---|---|---|---|---|");
-    let bytes = rows.iter().find(|r| r.name == "contiguous").map(|r| r.bytes);
+    let bytes = rows
+        .iter()
+        .find(|r| r.name == "contiguous")
+        .map(|r| r.bytes);
     for r in rows {
         let vs = sdpa_ms
             .filter(|_| !r.name.starts_with("copy"))
@@ -291,7 +321,11 @@ fn report_decode(
         );
     }
     if let (Some(ms), Some(b)) = (sdpa_ms, bytes) {
-        let _ = writeln!(md, "| PyTorch SDPA (contiguous, GQA) | - | {ms:.4} | {:.0} | 1.00 |", b as f64 / (ms * 1e-3) / 1e9);
+        let _ = writeln!(
+            md,
+            "| PyTorch SDPA (contiguous, GQA) | - | {ms:.4} | {:.0} | 1.00 |",
+            b as f64 / (ms * 1e-3) / 1e9
+        );
     }
     print!("{md}");
     let mut all = std::fs::read_to_string(a.out.join("report_cuda.md")).unwrap_or_default();
@@ -317,15 +351,33 @@ fn peer_geometry(expr: &str) -> (usize, usize, usize) {
     (0, 0, 0)
 }
 
-fn run_one(dev: &std::sync::Arc<CudaDevice>, a: &Args, row: &mut Row, expr: &str, docs: Option<usize>) -> Result<()> {
+fn run_one(
+    dev: &std::sync::Arc<CudaDevice>,
+    a: &Args,
+    row: &mut Row,
+    expr: &str,
+    docs: Option<usize>,
+) -> Result<()> {
     let dt = DType::parse(&row.dtype).context("dtype")?;
     let (n, d, batch, hq, hk) = (row.n, row.d, row.batch, row.heads, row.kv_heads);
     let inputs = random_inputs(dt, batch, n, n, hq, hk, d, a.seed + row.id as u64, docs)?;
     let ids = inputs.q_doc.clone().zip(inputs.k_doc.clone());
     let mask = bind_mask(expr, batch, n, n, ids)?;
-    let dims = Dims { batch, sq: n, sk: n, hq, hk, d, dv: d };
+    let dims = Dims {
+        batch,
+        sq: n,
+        sk: n,
+        hq,
+        hk,
+        d,
+        dv: d,
+    };
     let params = AttnParams::default();
-    let spec = if expr == "full" { MaskSpec::Full } else { MaskSpec::Expr(&mask) };
+    let spec = if expr == "full" {
+        MaskSpec::Full
+    } else {
+        MaskSpec::Expr(&mask)
+    };
     let plan = FwdPlan::new(dev, dims, dt, &params, spec)?;
     let sched: Vec<f64> = (0..3)
         .map(|_| FwdPlan::new(dev, dims, dt, &params, spec).map(|p| p.schedule_seconds))
@@ -388,14 +440,22 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
         md,
         "| mask | n | D | B x H | ours ms | ours TFLOP/s | FA2 (SDPA flash) | cuDNN | Flex | ours/FA2 | ours/cuDNN | ours/Flex | schedule ms | Flex build ms | check |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     let tf = |r: &Row, p: &str| -> String {
         r.peers_ms
             .get(p)
             .map(|ms| format!("{:.0}", r.useful_flops / (ms * 1e-3) / 1e12))
             .unwrap_or_else(|| "-".into())
     };
-    let ra = |r: &Row, p: &str| r.ratios.get(p).map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    let ra = |r: &Row, p: &str| {
+        r.ratios
+            .get(p)
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into())
+    };
     for r in rows {
         let _ = writeln!(
             md,
@@ -405,17 +465,27 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             r.d,
             r.batch,
             r.heads,
-            r.time_ms.map(|x| format!("{x:.3}")).unwrap_or_else(|| r.status.clone()),
-            r.tflops.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
+            r.time_ms
+                .map(|x| format!("{x:.3}"))
+                .unwrap_or_else(|| r.status.clone()),
+            r.tflops
+                .map(|x| format!("{x:.0}"))
+                .unwrap_or_else(|| "-".into()),
             tf(r, PEERS[0]),
             tf(r, PEERS[1]),
             tf(r, PEERS[2]),
             ra(r, PEERS[0]),
             ra(r, PEERS[1]),
             ra(r, PEERS[2]),
-            r.schedule_ms.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into()),
-            r.flex_build_ms.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
-            r.check_rel_err.map(|x| format!("{x:.1e}")).unwrap_or_else(|| r.note.clone()),
+            r.schedule_ms
+                .map(|x| format!("{x:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.flex_build_ms
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.check_rel_err
+                .map(|x| format!("{x:.1e}"))
+                .unwrap_or_else(|| r.note.clone()),
         );
     }
     for p in PEERS {
@@ -426,18 +496,29 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             .collect();
         if !v.is_empty() {
             let g = (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp();
-            let _ = writeln!(md, "\ngeometric mean ours/{p} over full+causal: {g:.3} ({} configs)", v.len());
+            let _ = writeln!(
+                md,
+                "\ngeometric mean ours/{p} over full+causal: {g:.3} ({} configs)",
+                v.len()
+            );
         }
     }
     let notes: Vec<String> = rows
         .iter()
-        .flat_map(|r| r.peer_notes.iter().map(move |(p, e)| format!("- {} n {} D {}: {p}: {e}", r.mask, r.n, r.d)))
+        .flat_map(|r| {
+            r.peer_notes
+                .iter()
+                .map(move |(p, e)| format!("- {} n {} D {}: {p}: {e}", r.mask, r.n, r.d))
+        })
         .collect();
     if !notes.is_empty() {
         let _ = writeln!(md, "\npeer notes:\n{}", notes.join("\n"));
     }
     print!("{md}");
     std::fs::write(a.out.join("report_cuda.md"), &md)?;
-    std::fs::write(a.out.join("report_cuda.json"), serde_json::to_vec_pretty(rows)?)?;
+    std::fs::write(
+        a.out.join("report_cuda.json"),
+        serde_json::to_vec_pretty(rows)?,
+    )?;
     Ok(())
 }

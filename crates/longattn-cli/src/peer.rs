@@ -23,6 +23,8 @@ pub struct PeerConfig {
     /// "none", "causal" or "file".
     pub mask: String,
     pub mask_file: Option<PathBuf>,
+    /// Time the backward (`.backward()` of the SDPA output) instead of the forward.
+    pub backward: bool,
 }
 
 #[derive(Serialize)]

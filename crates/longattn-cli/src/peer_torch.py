@@ -5,6 +5,8 @@ JSON line {"id", "time_s", "reps"} or {"id", "error"}. The timing protocol is th
 warm-up call, then max(reps, ceil(min_time / warm-up time)) calls (at most 50), median.
 Masks: "none" (full), "causal" (is_causal=True), "file" (a dense boolean attn_mask read from a
 raw n*n u8 file written by the bench from the very same mask).
+With "backward": true the timed call is `out.backward(do)` alone (q, k, v require grad; the
+forward runs untimed before each call; the gradients are cleared between calls).
 """
 import json
 import math
@@ -42,16 +44,33 @@ def main():
             elif c["mask"] == "file":
                 m = torch.from_file(c["mask_file"], shared=False, size=n * n, dtype=torch.uint8)
                 kw["attn_mask"] = m.view(n, n).bool()
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                F.scaled_dot_product_attention(q, k, v, **kw)
-                warm = time.perf_counter() - t0
+            if c.get("backward"):
+                for t in (q, k, v):
+                    t.requires_grad_(True)
+                dout = (torch.rand(b, h, n, d, generator=g) * 2 - 1).to(dt)
+
+                def once():
+                    out = F.scaled_dot_product_attention(q, k, v, **kw)
+                    t0 = time.perf_counter()
+                    out.backward(dout)
+                    t = time.perf_counter() - t0
+                    q.grad = k.grad = v.grad = None
+                    return t
+
+                warm = once()
                 reps = max(job["reps"], min(50, math.ceil(job["min_time"] / max(warm, 1e-9))))
-                ts = []
-                for _ in range(reps):
+                ts = [once() for _ in range(reps)]
+            else:
+                with torch.inference_mode():
                     t0 = time.perf_counter()
                     F.scaled_dot_product_attention(q, k, v, **kw)
-                    ts.append(time.perf_counter() - t0)
+                    warm = time.perf_counter() - t0
+                    reps = max(job["reps"], min(50, math.ceil(job["min_time"] / max(warm, 1e-9))))
+                    ts = []
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        F.scaled_dot_product_attention(q, k, v, **kw)
+                        ts.append(time.perf_counter() - t0)
             print(json.dumps({"id": c["id"], "time_s": statistics.median(ts), "reps": reps}), flush=True)
         except Exception as e:  # noqa: BLE001
             print(json.dumps({"id": c["id"], "error": f"{type(e).__name__}: {e}"}), flush=True)

@@ -43,9 +43,16 @@ pub struct Args {
     /// Overwrite the output file if it exists.
     #[arg(long)]
     force: bool,
-    /// Compute even if q/k/v hold NaN or Inf (it propagates into the rows it touches).
+    /// Compute even if q/k/v (and do) hold NaN or Inf (it propagates into the rows it touches).
     #[arg(long)]
     allow_nonfinite: bool,
+    /// Also run the backward pass: reads `do` [B,Sq,Hq,Dv] (the gradient of out, dtype of q) from
+    /// the input file and writes `dq`, `dk`, `dv` (input dtype) next to `out` and `lse`.
+    #[arg(long)]
+    backward: bool,
+    /// Backward in deterministic mode (bit-identical run to run; see docs/PERF.md for its cost).
+    #[arg(long, requires = "backward")]
+    deterministic: bool,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -109,7 +116,25 @@ pub fn main(a: Args) -> Result<()> {
         },
         None => longattn::MaskSpec::Expr(&mask),
     };
+    let dout = match a.backward {
+        false => None,
+        true => {
+            let t = longattn::io::read_dout(&a.input, &inputs)?;
+            if !a.allow_nonfinite {
+                if let Some((index, value)) = t.view("do")?.find_non_finite() {
+                    bail!(
+                        "{}: tensor `do` holds a non-finite value ({value}) at flat index {index} (pass --allow-nonfinite to compute anyway; NaN then propagates into dq of its row and dk/dv of the keys that row attends)",
+                        a.input.display()
+                    );
+                }
+            }
+            Some(t)
+        }
+    };
     let pool = pool(a.threads)?;
+    if a.backend != "cpu" && dout.is_some() {
+        bail!("--backward runs on the CPU backend only (the CUDA backward is not built yet)");
+    }
     let (out, secs, engine) = match a.backend.as_str() {
         "cpu" => {
             let t0 = Instant::now();
@@ -124,17 +149,48 @@ pub fn main(a: Args) -> Result<()> {
             longattn::cuda::forward(&dev, &q, &k, &v, &params, spec)?;
             let t0 = Instant::now();
             let out = longattn::cuda::forward(&dev, &q, &k, &v, &params, spec)?;
-            (out, t0.elapsed().as_secs_f64(), format!("{} (copies included)", dev.name))
+            (
+                out,
+                t0.elapsed().as_secs_f64(),
+                format!("{} (copies included)", dev.name),
+            )
         }
         other => bail!("--backend {other}: expected `cpu` or `cuda`"),
     };
-    longattn::io::write_outputs(
-        &a.output,
-        &out.out,
-        &out.lse,
-        [dims.batch, dims.hq, dims.sq],
-        a.force,
-    )?;
+    let lse_shape = [dims.batch, dims.hq, dims.sq];
+    match &dout {
+        None => longattn::io::write_outputs(&a.output, &out.out, &out.lse, lse_shape, a.force)?,
+        Some(dout) => {
+            let t1 = Instant::now();
+            let grads = pool.install(|| {
+                longattn::backward(
+                    &q,
+                    &k,
+                    &v,
+                    &out.out.view("out")?,
+                    &out.lse,
+                    &dout.view("do")?,
+                    &params,
+                    spec,
+                    &longattn::BackwardParams {
+                        deterministic: a.deterministic,
+                    },
+                )
+            })?;
+            eprintln!(
+                "backward ({} mode): {:.3} ms",
+                if a.deterministic {
+                    "deterministic"
+                } else {
+                    "fast"
+                },
+                t1.elapsed().as_secs_f64() * 1e3
+            );
+            longattn::io::write_backward_outputs(
+                &a.output, &out.out, &out.lse, lse_shape, &grads, a.force,
+            )?;
+        }
+    }
     // Useful pairs: the expression's, or the block mask's (whole tiles, every head).
     let pairs: u64 = match &blocks {
         Some(s) => {

@@ -304,6 +304,43 @@ fn bench_quick_writes_a_report() {
 }
 
 #[test]
+fn bench_backward_writes_a_report() {
+    let dir = tmp("bench-backward-report");
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = bin()
+        .args([
+            "bench",
+            "--backward",
+            "--lens",
+            "200",
+            "--dims",
+            "32",
+            "--masks",
+            "full,causal",
+            "--heads",
+            "2",
+            "--min-time",
+            "0",
+            "--reps",
+            "1",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let rows = j["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4); // 2 masks x 2 dtypes
+    assert!(rows.iter().all(|r| r["status"] == "ok"
+        && r["pass"] == "backward"
+        && r["gflops"].as_f64().unwrap() > 0.0
+        && r["det_gflops"].as_f64().unwrap() > 0.0
+        && r["check_rel_err"].as_f64().unwrap() <= r["tolerance"].as_f64().unwrap()));
+}
+
+#[test]
 fn bench_rejects_unknown_mask() {
     let o = bin().args(["bench", "--masks", "fulll"]).output().unwrap();
     fails_with(o, "invalid mask `fulll`");
@@ -356,4 +393,115 @@ fn run_with_a_block_mask_matches_the_oracle() {
         run_args(&input, &output, &["--mask", "causal", "--force"]),
         "cannot be combined",
     );
+}
+
+/// An input file with `do` (seeded random, the shape of out).
+fn backward_input(
+    name: &str,
+    dtype: DType,
+    causal_sq_sk: (usize, usize),
+) -> (PathBuf, Inputs, Tensor) {
+    let (sq, sk) = causal_sq_sk;
+    let x = inputs(dtype, 2, sq, sk, 4, 2, 16);
+    let dout = longattn::testing::random_tensor(dtype, &[2, sq, 4, 16], 1.0, 9);
+    let t = |name: &str, t: &Tensor| {
+        let dt = match t.dtype() {
+            DType::F32 => StDtype::F32,
+            DType::BF16 => StDtype::BF16,
+            DType::F16 => StDtype::F16,
+        };
+        (
+            name.to_string(),
+            dt,
+            t.shape.clone(),
+            t.data.bytes().to_vec(),
+        )
+    };
+    let ts = [t("q", &x.q), t("k", &x.k), t("v", &x.v), t("do", &dout)];
+    let ts: Vec<(&str, StDtype, Vec<usize>, Vec<u8>)> = ts
+        .iter()
+        .map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.clone()))
+        .collect();
+    (raw_file(name, &ts), x, dout)
+}
+
+#[test]
+fn run_backward_matches_the_gradient_oracle() {
+    for (dtype, det) in [(DType::F32, false), (DType::BF16, true)] {
+        let (input, x, dout) =
+            backward_input(&format!("bwd-in-{dtype}.safetensors"), dtype, (37, 50));
+        let output = tmp(&format!("bwd-out-{dtype}.safetensors"));
+        let mut extra = vec!["--mask", "causal", "--threads", "2", "--backward"];
+        if det {
+            extra.push("--deterministic");
+        }
+        let o = run_args(&input, &output, &extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            read_outputs(&output).is_ok(),
+            "out and lse are still written"
+        );
+        let g = longattn::io::read_grads(&output).unwrap();
+        let want = longattn::reference::attention_backward_f64(
+            &x.q.view("q").unwrap(),
+            &x.k.view("k").unwrap(),
+            &x.v.view("v").unwrap(),
+            &dout.view("do").unwrap(),
+            &AttnParams::default(),
+            &|_, _, i, j| j + 37 <= i + 50, // causal, bottom-right aligned
+        )
+        .unwrap();
+        let tol = longattn::testing::grad_tolerance(dtype);
+        for (name, got, r) in [
+            ("dq", &g.dq, &want.dq),
+            ("dk", &g.dk, &want.dk),
+            ("dv", &g.dv, &want.dv),
+        ] {
+            assert_eq!(got.dtype(), dtype);
+            let e = longattn::testing::compare_grad(got, r, 0.0);
+            assert!(e <= tol, "{dtype} {name}: error {e:.3e}");
+        }
+    }
+}
+
+#[test]
+fn run_backward_bad_do() {
+    // Missing `do`.
+    let x = inputs(DType::F32, 1, 8, 8, 2, 1, 16);
+    let input = tmp("bwd-missing.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    let o = run_args(&input, &tmp("bwd-missing-out.safetensors"), &["--backward"]);
+    fails_with(o, "missing tensor `do`");
+    // `do` of the wrong shape.
+    let dout = longattn::testing::random_tensor(DType::F32, &[1, 8, 2, 15], 1.0, 1);
+    let ts: Vec<(&str, StDtype, Vec<usize>, Vec<u8>)> =
+        [("q", &x.q), ("k", &x.k), ("v", &x.v), ("do", &dout)]
+            .iter()
+            .map(|(n, t)| (*n, StDtype::F32, t.shape.clone(), t.data.bytes().to_vec()))
+            .collect();
+    let input = raw_file("bwd-shape.safetensors", &ts);
+    let o = run_args(&input, &tmp("bwd-shape-out.safetensors"), &["--backward"]);
+    fails_with(
+        o,
+        "tensor `do` has shape [1, 8, 2, 15], expected [1, 8, 2, 16]",
+    );
+    // NaN in `do`.
+    let mut vals = vec![0.5f32; 8 * 2 * 16];
+    vals[3] = f32::NAN;
+    let dn = Tensor::new(Buffer::from_f32(DType::F32, &vals), vec![1, 8, 2, 16]).unwrap();
+    let ts: Vec<(&str, StDtype, Vec<usize>, Vec<u8>)> =
+        [("q", &x.q), ("k", &x.k), ("v", &x.v), ("do", &dn)]
+            .iter()
+            .map(|(n, t)| (*n, StDtype::F32, t.shape.clone(), t.data.bytes().to_vec()))
+            .collect();
+    let input = raw_file("bwd-nan.safetensors", &ts);
+    let o = run_args(&input, &tmp("bwd-nan-out.safetensors"), &["--backward"]);
+    fails_with(o, "tensor `do` holds a non-finite value");
+    // --deterministic without --backward.
+    let o = run_args(
+        &input,
+        &tmp("bwd-det-out.safetensors"),
+        &["--deterministic"],
+    );
+    assert!(!o.status.success());
 }

@@ -19,7 +19,7 @@ impl AttnParams {
     pub fn scale_for(&self, d: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d as f32).sqrt())
     }
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if let Some(s) = self.scale {
             if !s.is_finite() {
                 return Err(Error::Param {

@@ -5,6 +5,10 @@
 //! (I32, both or neither) used by the `document` mask.
 //! Output file: `out` `[B, Sq, Hq, Dv]` in the input dtype and `lse` `[B, Hq, Sq]` F32 (natural log).
 //!
+//! Backward (`longattn run --backward`): the input file also holds `do` `[B, Sq, Hq, Dv]` (the
+//! gradient of the output, dtype of q); the output file also gets `dq` `[B, Sq, Hq, D]`, `dk`
+//! `[B, Sk, Hk, D]` and `dv` `[B, Sk, Hk, Dv]` in the input dtype.
+//!
 //! Every error is an [`Error::File`] whose message starts with the path (or origin) and names the
 //! tensor and what was expected. Nothing here panics on malformed bytes (see the fuzz target
 //! `fuzz/fuzz_targets/safetensors_read.rs`).
@@ -423,6 +427,102 @@ pub fn write_outputs(
         ],
         overwrite,
     )
+}
+
+/// Reads the output gradient `do` of an input file for the backward pass; it must have the shape
+/// `[B, Sq, Hq, Dv]` of the output and the dtype of `q` (`inputs`).
+pub fn read_dout(path: impl AsRef<Path>, inputs: &Inputs) -> Result<Tensor> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&origin, format!("cannot read: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(&origin, format!("not a valid safetensors file: {e}")))?;
+    let t = require(
+        &st,
+        &origin,
+        "do",
+        "the gradient of the output [B, Sq, Hq, Dv], needed by --backward",
+    )?;
+    let dout = float_tensor(&origin, "do", &t, "[B, Sq, Hq, Dv]")?;
+    let d = inputs
+        .dims()
+        .map_err(|e| file_err(&origin, e.to_string()))?;
+    let want = vec![d.batch, d.sq, d.hq, d.dv];
+    if dout.shape != want {
+        return Err(file_err(
+            &origin,
+            format!(
+                "tensor `do` has shape {:?}, expected {want:?} (the shape of out: [B, Sq, Hq] of q, Dv of v)",
+                dout.shape
+            ),
+        ));
+    }
+    if dout.dtype() != inputs.dtype() {
+        return Err(file_err(
+            &origin,
+            format!(
+                "tensor `do` has dtype {}, expected {} like `q`",
+                dout.dtype(),
+                inputs.dtype()
+            ),
+        ));
+    }
+    Ok(dout)
+}
+
+/// Writes the forward's `out` and `lse` (as [`write_outputs`]) and the gradients `dq`, `dk`, `dv`.
+pub fn write_backward_outputs(
+    path: impl AsRef<Path>,
+    out: &Tensor,
+    lse: &[f32],
+    lse_shape: [usize; 3],
+    grads: &crate::backward::Grads,
+    overwrite: bool,
+) -> Result<()> {
+    let path = path.as_ref();
+    let n: usize = lse_shape.iter().product();
+    if n != lse.len() {
+        return Err(Error::Shape {
+            op: "write_backward_outputs",
+            tensor: "lse".into(),
+            got: vec![lse.len()],
+            expected: format!("{n} values for shape {lse_shape:?}"),
+        });
+    }
+    let lse_bytes: Vec<u8> = lse.iter().flat_map(|x| x.to_le_bytes()).collect();
+    fn t<'a>(name: &'a str, x: &'a Tensor) -> (&'a str, StDtype, Vec<usize>, &'a [u8]) {
+        (name, st_dtype(x.dtype()), x.shape.clone(), x.data.bytes())
+    }
+    let ts = [
+        t("out", out),
+        ("lse", StDtype::F32, lse_shape.to_vec(), &lse_bytes),
+        t("dq", &grads.dq),
+        t("dk", &grads.dk),
+        t("dv", &grads.dv),
+    ];
+    write_tensors(path, &ts, overwrite)
+}
+
+/// Reads the gradients `dq`, `dk`, `dv` of a file written by [`write_backward_outputs`].
+pub fn read_grads(path: impl AsRef<Path>) -> Result<crate::backward::Grads> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&origin, format!("cannot read: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(&origin, format!("not a valid safetensors file: {e}")))?;
+    let mut g = Vec::new();
+    for (name, layout) in [
+        ("dq", "[B, Sq, Hq, D]"),
+        ("dk", "[B, Sk, Hk, D]"),
+        ("dv", "[B, Sk, Hk, Dv]"),
+    ] {
+        let t = require(&st, &origin, name, layout)?;
+        g.push(float_tensor(&origin, name, &t, layout)?);
+    }
+    let dv = g.pop().expect("three");
+    let dk = g.pop().expect("three");
+    let dq = g.pop().expect("three");
+    Ok(crate::backward::Grads { dq, dk, dv })
 }
 
 /// Writes an input file (tests, examples, the benchmark's fixtures).

@@ -5,10 +5,12 @@
 //!   sequence lengths (and document ids), and compiles them into a [`mask::BlockSchedule`]: for each
 //!   (batch, head, query tile) the key tiles that hold any allowed pair, marked Full or Partial.
 //! - [`cpu`] is the fused, tiled forward kernel (online softmax) that consumes the schedule.
+//! - [`backward`] is the gradient pass (dQ, dK, dV) through the same schedule.
 //! - [`reference`] is the f64 oracle every fast path is tested against.
 //! - [`tensor`] holds the views (`[batch, seq, heads, dim]`, any strides, f32/bf16/f16).
 
 pub mod attention;
+pub mod backward;
 pub mod cpu;
 pub mod cuda;
 pub mod error;
@@ -21,5 +23,6 @@ pub mod tensor;
 pub mod testing;
 
 pub use attention::{forward, AttnOutput, AttnParams, MaskSpec};
+pub use backward::{backward, BackwardParams, Grads};
 pub use error::{Error, Result};
 pub use tensor::{DType, Element, Tensor, TensorView};

@@ -16,6 +16,34 @@ pub fn out_tolerance(dtype: DType) -> f64 {
     (4.0 * dtype.eps()).max(2e-5)
 }
 
+/// Tolerance of each gradient (dQ, dK, dV), relative to max |grad| of the oracle, for inputs stored
+/// in `dtype`. The gradients are rounded to the storage format, the bf16 path rounds P and dS to
+/// bf16 before its products, and Delta = dO . O reads the forward's output rounded to the storage
+/// format: four units of roundoff of the format, never below 2e-5 (f32 accumulation of products
+/// that cancel: dS = P (dP - Delta) sums to 0 over a row). Measured on the test suite: at most
+/// 1.3 units (bf16, AMX) and 2.5e-6 (f32).
+pub fn grad_tolerance(dtype: DType) -> f64 {
+    (4.0 * dtype.eps()).max(2e-5)
+}
+
+/// Largest error of a gradient against the oracle, relative to max |oracle| or `floor` when that is
+/// larger (NaN counts as inf). dQ and dK vanish identically where rows see a single key (the
+/// softmax of one logit has no gradient): compare them with dV's scale as the floor.
+pub fn compare_grad(got: &Tensor, reference: &[f64], floor: f64) -> f64 {
+    let got = got.data.to_f32_vec();
+    assert_eq!(got.len(), reference.len(), "gradient sizes differ");
+    let scale = reference
+        .iter()
+        .fold(floor, |a, &x| a.max(x.abs()))
+        .max(1e-30);
+    let mut e = 0.0f64;
+    for (&g, &r) in got.iter().zip(reference) {
+        let d = (g as f64 - r).abs();
+        e = e.max(if d.is_nan() { f64::INFINITY } else { d });
+    }
+    e / scale
+}
+
 /// Absolute tolerance of the LSE (kept in f32 whatever the input dtype).
 pub const LSE_TOLERANCE: f64 = 1e-4;
 

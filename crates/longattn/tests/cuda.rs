@@ -14,7 +14,9 @@ fn without_a_device_the_error_is_clear() {
             eprintln!("no CUDA device here (as expected on CI): {m}");
         }
         Ok(_) => {
-            let e = CudaDevice::open(999).err().expect("device 999 must not exist");
+            let e = CudaDevice::open(999)
+                .err()
+                .expect("device 999 must not exist");
             assert!(e.to_string().contains("no CUDA device 999"), "{e}");
         }
     }
@@ -35,7 +37,12 @@ fn forward_matrix_on_the_gpu_or_skip() {
         .map(|(n, c)| check_forward(&dev, c, 77 + n as u64))
         .chain(check_errors(&dev))
         .filter(|r| !r.passed)
-        .map(|r| format!("{}: err {:.2e} (tol {:.2e}) {}", r.name, r.err, r.tol, r.detail))
+        .map(|r| {
+            format!(
+                "{}: err {:.2e} (tol {:.2e}) {}",
+                r.name, r.err, r.tol, r.detail
+            )
+        })
         .collect();
     assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
 }

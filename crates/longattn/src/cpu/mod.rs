@@ -9,6 +9,7 @@
 //! balances causal and ragged schedules. Long queries go one group at a time (its packed K/V stays
 //! warm while every thread works on it); short ones (decode) pack all groups and run all tasks at
 //! once so every thread has work.
+pub mod backward;
 pub mod micro;
 pub mod pack;
 
@@ -170,7 +171,7 @@ pub fn forward(
     job.run_dtype(micro::scalar::Scalar)
 }
 
-fn check_schedule(s: &BlockSchedule, has_rows: bool, d: &Dims) -> Result<()> {
+pub(crate) fn check_schedule(s: &BlockSchedule, has_rows: bool, d: &Dims) -> Result<()> {
     let bad = |msg: String| Err(Error::Schedule(msg));
     if s.sq != d.sq || s.sk != d.sk {
         return bad(format!(

@@ -46,11 +46,25 @@ impl TileCfg {
             // (16-row warps were bound by shared-memory reads: 8 warps re-read each tile).
             // Measured on H100 at n 16k: D 128 with bc 64 ran 269 TFLOP/s (a few registers
             // spill) against 243 with bc 32; D 64: bc 64 250, bc 128 232.
-            TileCfg { br: 128, bc: 64, warps: 4, mt: 2, qregs: false, min_blocks: 1 }
+            TileCfg {
+                br: 128,
+                bc: 64,
+                warps: 4,
+                mt: 2,
+                qregs: false,
+                min_blocks: 1,
+            }
         } else {
             // D 256: O alone takes 128 registers a thread; 16-row warps, Q re-read from shared
             // memory.
-            TileCfg { br: 64, bc: 64, warps: 4, mt: 1, qregs: false, min_blocks: 1 }
+            TileCfg {
+                br: 64,
+                bc: 64,
+                warps: 4,
+                mt: 1,
+                qregs: false,
+                min_blocks: 1,
+            }
         }
     }
 
@@ -338,7 +352,10 @@ impl FwdPlan {
             ("LA_MT".into(), tile.mt.to_string()),
             ("LA_MINB".into(), tile.min_blocks.to_string()),
             ("LA_QREGS".into(), (tile.qregs as u8).to_string()),
-            ("LA_SOFTCAP".into(), (params.softcap.is_some() as u8).to_string()),
+            (
+                "LA_SOFTCAP".into(),
+                (params.softcap.is_some() as u8).to_string(),
+            ),
         ];
         let smem = tile.smem(d);
         let variant = format!(
@@ -526,7 +543,10 @@ fn retile(s: &BlockSchedule, br: usize, bc: usize) -> Result<(BlockSchedule, Vec
                     let (w0, w1) = (c0 / s.tile_k, (c1 - 1) / s.tile_k);
                     let mut on = 0;
                     for u in u0..=u1 {
-                        on += t[u * uk + w0..=u * uk + w1].iter().filter(|&&x| x != 0).count();
+                        on += t[u * uk + w0..=u * uk + w1]
+                            .iter()
+                            .filter(|&&x| x != 0)
+                            .count();
                     }
                     let all = (u1 - u0 + 1) * (w1 - w0 + 1);
                     if on > 0 {
@@ -587,7 +607,12 @@ mod tests {
     #[test]
     fn retile_matches_the_block_mask() {
         let mut rng = Rng::new(7);
-        let cases: [(usize, usize, usize); 4] = [(32, 300, 200), (48, 129, 1000), (100, 1, 513), (128, 640, 128)];
+        let cases: [(usize, usize, usize); 4] = [
+            (32, 300, 200),
+            (48, 129, 1000),
+            (100, 1, 513),
+            (128, 640, 128),
+        ];
         for &(t, sq, sk) in &cases {
             let (qt, kt) = (sq.div_ceil(t), sk.div_ceil(t));
             let table: Vec<u8> = (0..qt * kt).map(|_| rng.below(3).min(1) as u8).collect();
@@ -607,11 +632,16 @@ mod tests {
                             }
                         }
                     }
-                    let kind = row.iter().find(|e| e.k_tile as usize == ktile).map(|e| e.kind);
+                    let kind = row
+                        .iter()
+                        .find(|e| e.k_tile as usize == ktile)
+                        .map(|e| e.kind);
                     match kind {
                         None => assert_eq!(on, 0, "tile {qtile},{ktile} dropped allowed pairs"),
                         Some(TileKind::Full) => assert_eq!(off, 0, "tile {qtile},{ktile}"),
-                        Some(TileKind::Partial) => assert!(on > 0 && off > 0, "tile {qtile},{ktile}"),
+                        Some(TileKind::Partial) => {
+                            assert!(on > 0 && off > 0, "tile {qtile},{ktile}")
+                        }
                     }
                 }
             }

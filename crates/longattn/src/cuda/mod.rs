@@ -145,7 +145,11 @@ impl CudaDevice {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             src.hash(&mut h);
-            format!("{variant}|{entry}|{}|{:016x}", defines_key(defines), h.finish())
+            format!(
+                "{variant}|{entry}|{}|{:016x}",
+                defines_key(defines),
+                h.finish()
+            )
         };
         if let Some(f) = self.functions.lock().unwrap().get(&key) {
             return Ok(f.clone());
@@ -197,7 +201,9 @@ impl CudaDevice {
 
     /// Zero-filled f32 device buffer (LSE outputs).
     pub fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"))
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(drv("alloc"))
     }
 
     /// Copies a device buffer to the host (synchronous).

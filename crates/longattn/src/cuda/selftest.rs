@@ -101,7 +101,11 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
             v.push(FwdCase::new(BF16, sq, sk, 128, m));
         }
     }
-    let dims: &[usize] = if quick { &[64, 256] } else { &[32, 64, 96, 128, 256] };
+    let dims: &[usize] = if quick {
+        &[64, 256]
+    } else {
+        &[32, 64, 96, 128, 256]
+    };
     for &d in dims {
         for dt in [BF16, F16] {
             v.push(FwdCase::new(dt, 300, 300, d, "causal"));
@@ -183,11 +187,7 @@ pub fn check_forward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseRe
     }
 }
 
-fn run_forward_case(
-    dev: &Arc<CudaDevice>,
-    c: &FwdCase,
-    seed: u64,
-) -> Result<(f64, f64, String)> {
+fn run_forward_case(dev: &Arc<CudaDevice>, c: &FwdCase, seed: u64) -> Result<(f64, f64, String)> {
     let q = random_tensor(c.dtype, &[c.batch, c.sq, c.hq, c.d], 1.0, seed);
     let k = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 1);
     let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
@@ -274,7 +274,10 @@ fn spec_cpu<'a>(
 /// (max |a - b| / max |b|, max |lse_a - lse_b|), -inf LSEs must match exactly.
 pub fn compare_outputs(a: &Tensor, la: &[f32], b: &Tensor, lb: &[f32]) -> (f64, f64) {
     let (x, y) = (a.data.to_f32_vec(), b.data.to_f32_vec());
-    let scale = y.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64)).max(1e-30);
+    let scale = y
+        .iter()
+        .fold(0.0f64, |m, &v| m.max(v.abs() as f64))
+        .max(1e-30);
     let e = x
         .iter()
         .zip(&y)
@@ -332,13 +335,22 @@ pub fn check_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     let p = AttnParams::default();
     let f = random_tensor(DType::F32, &[1, 8, 1, 64], 1.0, 1);
     let fv = f.view("q").unwrap();
-    case("f32 inputs", super::forward(dev, &fv, &fv, &fv, &p, MaskSpec::Full));
+    case(
+        "f32 inputs",
+        super::forward(dev, &fv, &fv, &fv, &p, MaskSpec::Full),
+    );
     let h = random_tensor(DType::BF16, &[1, 8, 1, 72], 1.0, 2);
     let hv = h.view("q").unwrap();
-    case("head dim 72", super::forward(dev, &hv, &hv, &hv, &p, MaskSpec::Full));
+    case(
+        "head dim 72",
+        super::forward(dev, &hv, &hv, &hv, &p, MaskSpec::Full),
+    );
     let h = random_tensor(DType::BF16, &[1, 8, 1, 320], 1.0, 2);
     let hv = h.view("q").unwrap();
-    case("head dim 320", super::forward(dev, &hv, &hv, &hv, &p, MaskSpec::Full));
+    case(
+        "head dim 320",
+        super::forward(dev, &hv, &hv, &hv, &p, MaskSpec::Full),
+    );
     let b = random_tensor(DType::BF16, &[1, 70, 1, 64], 1.0, 3);
     let bv = b.view("q").unwrap();
     let bm = MaskExpr::Causal

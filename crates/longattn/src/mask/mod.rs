@@ -15,4 +15,4 @@ pub mod schedule;
 pub use bind::BoundMask;
 pub use expr::{DocIds, MaskExpr, MaskShape};
 pub use render::{explain, render_ascii, tile_grid};
-pub use schedule::{BlockSchedule, RowMask, TileEntry, TileKind};
+pub use schedule::{BlockSchedule, ColumnEntry, RowMask, ScheduleColumns, TileEntry, TileKind};

@@ -271,4 +271,129 @@ impl BlockSchedule {
             })
             .sum()
     }
+
+    /// The column view (the transpose of the CSR rows): for every stored (batch row, head, key
+    /// tile), the query tiles that list it, in increasing order. The backward pass walks it (one
+    /// task per key tile owns dK and dV of its keys).
+    pub fn columns(&self) -> ScheduleColumns {
+        let rows = self.batch * self.heads;
+        let cols = rows * self.k_tiles;
+        // Counting sort of the entries by (b, h, key tile), stable in query-tile order.
+        let mut offsets = vec![0u32; cols + 1];
+        for r in 0..rows {
+            for qt in 0..self.q_tiles {
+                let row = r * self.q_tiles + qt;
+                for e in &self.entries[self.offsets[row] as usize..self.offsets[row + 1] as usize] {
+                    offsets[r * self.k_tiles + e.k_tile as usize + 1] += 1;
+                }
+            }
+        }
+        for c in 0..cols {
+            offsets[c + 1] += offsets[c];
+        }
+        let mut fill: Vec<u32> = offsets[..cols].to_vec();
+        let mut entries = vec![
+            ColumnEntry {
+                q_tile: 0,
+                kind: TileKind::Full,
+            };
+            self.entries.len()
+        ];
+        for r in 0..rows {
+            for qt in 0..self.q_tiles {
+                let row = r * self.q_tiles + qt;
+                for e in &self.entries[self.offsets[row] as usize..self.offsets[row + 1] as usize] {
+                    let c = r * self.k_tiles + e.k_tile as usize;
+                    entries[fill[c] as usize] = ColumnEntry {
+                        q_tile: qt as u32,
+                        kind: e.kind,
+                    };
+                    fill[c] += 1;
+                }
+            }
+        }
+        ScheduleColumns {
+            batch: self.batch,
+            heads: self.heads,
+            k_tiles: self.k_tiles,
+            offsets,
+            entries,
+        }
+    }
+}
+
+/// One entry of a schedule column: query tile `q_tile` lists this key tile as `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnEntry {
+    pub q_tile: u32,
+    pub kind: TileKind,
+}
+
+/// The column (CSC) view of a [`BlockSchedule`], from [`BlockSchedule::columns`]. Shares the
+/// schedule's shared dimensions: a schedule stored for one batch row (or head) has one column set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScheduleColumns {
+    batch: usize,
+    heads: usize,
+    k_tiles: usize,
+    offsets: Vec<u32>,
+    entries: Vec<ColumnEntry>,
+}
+
+impl ScheduleColumns {
+    /// The query tiles that list key tile `kt` for (batch row `b`, head `h`), increasing.
+    #[inline]
+    pub fn column(&self, b: usize, h: usize, kt: usize) -> &[ColumnEntry] {
+        let b = if self.batch == 1 { 0 } else { b };
+        let h = if self.heads == 1 { 0 } else { h };
+        let c = (b * self.heads + h) * self.k_tiles + kt;
+        &self.entries[self.offsets[c] as usize..self.offsets[c + 1] as usize]
+    }
+}
+
+#[cfg(test)]
+mod column_tests {
+    use super::*;
+
+    /// The column view lists exactly the (query tile, kind) pairs of the rows, per key tile.
+    #[test]
+    fn columns_transpose_rows() {
+        let mut rng = crate::testing::Rng::new(5);
+        let (q_tiles, k_tiles, batch, heads) = (7usize, 5usize, 2usize, 3usize);
+        let rows = (0..batch * heads * q_tiles).map(|_| {
+            (0..k_tiles as u32)
+                .filter_map(|k_tile| match rng.below(3) {
+                    0 => None,
+                    1 => Some(TileEntry {
+                        k_tile,
+                        kind: TileKind::Full,
+                    }),
+                    _ => Some(TileEntry {
+                        k_tile,
+                        kind: TileKind::Partial,
+                    }),
+                })
+                .collect::<Vec<_>>()
+        });
+        let s = BlockSchedule::from_rows(16, 32, 100, 150, batch, heads, rows).unwrap();
+        let cols = s.columns();
+        for b in 0..batch {
+            for h in 0..heads {
+                for kt in 0..k_tiles {
+                    let want: Vec<ColumnEntry> = (0..q_tiles)
+                        .filter_map(|qt| {
+                            s.row(b, h, qt)
+                                .iter()
+                                .find(|e| e.k_tile as usize == kt)
+                                .map(|e| ColumnEntry {
+                                    q_tile: qt as u32,
+                                    kind: e.kind,
+                                })
+                        })
+                        .collect();
+                    assert_eq!(cols.column(b, h, kt), &want[..], "b {b} h {h} kt {kt}");
+                }
+            }
+        }
+    }
 }

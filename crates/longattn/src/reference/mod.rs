@@ -3,6 +3,9 @@
 //! For every (b, h, i): s_j = softcap(scale * q_i . k_j) for allowed j, LSE = log sum_j exp(s_j),
 //! out = sum_j exp(s_j - LSE) v_j. A row with no allowed key has out = 0 and LSE = -inf.
 //! Query head h reads key/value head h / (Hq / Hk) (GQA/MQA).
+mod backward;
+pub use backward::{attention_backward_f64, RefGrads};
+
 use crate::attention::{validate, AttnParams};
 use crate::error::Result;
 use crate::tensor::TensorView;

@@ -52,9 +52,9 @@ pub fn available() -> bool {
 
 /// Palette 1, all eight tiles 16 rows x 64 bytes.
 #[repr(C, align(64))]
-struct TileConfig([u8; 64]);
+pub(crate) struct TileConfig(pub(crate) [u8; 64]);
 
-static CONFIG: TileConfig = {
+pub(crate) static CONFIG: TileConfig = {
     let mut c = [0u8; 64];
     c[0] = 1;
     let mut t = 0;
@@ -216,23 +216,23 @@ unsafe fn ab_step(two_rows: bool, next: Option<(*const u8, *const u8)>, lda: usi
 /// A row r at `a + r lda`, advancing `a_step` per 32-deep step; B is split into `b.len()` pieces
 /// (the chunks of a group) of `steps` steps each: step s of piece g, column block x0 at
 /// `b[g] + 4 x0 + s b_step`; C element (r, x0) at `c + r ldc + 4 x0`.
-struct Gemm<'a> {
-    a: *const u8,
-    lda: usize,
-    a_step: usize,
-    b: &'a [*const u8],
-    ldb: usize,
-    b_step: usize,
-    steps: usize,
-    c: *mut u8,
-    ldc: usize,
+pub(crate) struct Gemm<'a> {
+    pub(crate) a: *const u8,
+    pub(crate) lda: usize,
+    pub(crate) a_step: usize,
+    pub(crate) b: &'a [*const u8],
+    pub(crate) ldb: usize,
+    pub(crate) b_step: usize,
+    pub(crate) steps: usize,
+    pub(crate) c: *mut u8,
+    pub(crate) ldc: usize,
 }
 
 /// Rows in blocks of 32 (16 for a last block of at most 16 rows), columns in blocks of 32; each
 /// C block stays in the tiles for the whole reduction (all steps of all pieces), whose operand
 /// loads are software-pipelined one step ahead (`ab_step`).
 #[inline]
-unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
+pub(crate) unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
     let total = g.b.len() * g.steps;
     let mut r0 = 0;
     while r0 < rows {
