@@ -18,7 +18,10 @@ use crate::mask::{BlockSchedule, TileEntry, TileKind};
 use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 
 const COMMON: &str = include_str!("kernels/common.cuh");
+const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
 const FWD: &str = include_str!("kernels/attn_fwd.cu");
+const WGMMA: &str = include_str!("kernels/wgmma.cuh");
+const FWD_WG: &str = include_str!("kernels/attn_fwd_wg.cu");
 
 /// Tile configuration of the forward kernel for one head dim (one table, one reason each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,12 +37,39 @@ pub struct TileCfg {
     pub qregs: bool,
     /// Blocks per SM the register budget is sized for (`__launch_bounds__`).
     pub min_blocks: usize,
+    /// Hopper warpgroup-MMA kernel (`attn_fwd_wg.cu`; warps come in warpgroups of 4, 64 rows
+    /// each) instead of the mma.sync kernel.
+    pub wgmma: bool,
 }
 
 impl TileCfg {
-    pub fn for_head_dim(d: usize) -> TileCfg {
+    /// The tile configuration for head dim `d` on a GPU of compute capability `cc`.
+    pub fn choose(d: usize, cc: (i32, i32)) -> TileCfg {
         if let Some(t) = Self::from_env() {
             return t;
+        }
+        let wgmma_off = std::env::var("LONGATTN_CUDA_WGMMA").is_ok_and(|v| v == "0");
+        if cc == (9, 0) && (d == 64 || d == 128) && !wgmma_off {
+            // Hopper: 2 warpgroups x 64 rows, 128-key tiles; S (64) + O (D / 2) + P (32)
+            // registers a thread. `LONGATTN_CUDA_WG=warpgroups,bc,min_blocks` overrides.
+            let v: Vec<usize> = std::env::var("LONGATTN_CUDA_WG")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect();
+            let (nwg, bc, minb) = match v[..] {
+                [n, b, m] if (1..=4).contains(&n) && (b == 64 || b == 128) => (n, b, m.max(1)),
+                _ => (2, 128, 1),
+            };
+            return TileCfg {
+                br: 64 * nwg,
+                bc,
+                warps: 4 * nwg,
+                mt: 1,
+                qregs: false,
+                min_blocks: minb,
+                wgmma: true,
+            };
         }
         if d <= 128 {
             // 4 warps x 32 rows: every K/V fragment read from shared memory feeds two MMAs
@@ -53,6 +83,7 @@ impl TileCfg {
                 mt: 2,
                 qregs: false,
                 min_blocks: 1,
+                wgmma: false,
             }
         } else {
             // D 256: O alone takes 128 registers a thread; 16-row warps, Q re-read from shared
@@ -64,6 +95,7 @@ impl TileCfg {
                 mt: 1,
                 qregs: false,
                 min_blocks: 1,
+                wgmma: false,
             }
         }
     }
@@ -86,12 +118,14 @@ impl TileCfg {
             mt,
             qregs: qregs != 0,
             min_blocks: min_blocks.max(1),
+            wgmma: false,
         })
     }
 
-    /// Dynamic shared memory: Q [br][d] + two stages of K [bc][d] + V [bc][d], 2-byte elements.
+    /// Dynamic shared memory: Q [br][d] + two stages of K [bc][d] + V [bc][d], 2-byte elements
+    /// (+ 1 KiB to align the wgmma kernel's swizzle atoms).
     pub fn smem(&self, d: usize) -> usize {
-        (self.br + 4 * self.bc) * d * 2
+        (self.br + 4 * self.bc) * d * 2 + if self.wgmma { 1024 } else { 0 }
     }
 }
 
@@ -269,7 +303,7 @@ impl FwdPlan {
         if dims.sq > i32::MAX as usize || dims.sk > i32::MAX as usize {
             return Err(unsupported("sequence longer than 2^31".into()));
         }
-        let tile = TileCfg::for_head_dim(d);
+        let tile = TileCfg::choose(d, dev.cc);
         let t0 = Instant::now();
         let (sched, program, docs, blk) = match mask {
             MaskSpec::Full => (
@@ -342,7 +376,17 @@ impl FwdPlan {
             MaskProgram::Expr(s) => s.clone(),
             MaskProgram::Blocks => BLOCK_PROGRAM.to_string(),
         };
-        let src = format!("{COMMON}\n{program_src}\n{FWD}");
+        let (src, entry) = if tile.wgmma {
+            (
+                format!("{COMMON}\n{WGMMA}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
+                "la_attn_fwd_wg",
+            )
+        } else {
+            (
+                format!("{COMMON}\n{PARAMS}\n{program_src}\n{FWD}"),
+                "la_attn_fwd",
+            )
+        };
         let defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
@@ -352,6 +396,7 @@ impl FwdPlan {
             ("LA_MT".into(), tile.mt.to_string()),
             ("LA_MINB".into(), tile.min_blocks.to_string()),
             ("LA_QREGS".into(), (tile.qregs as u8).to_string()),
+            ("LA_NWG".into(), (tile.warps / 4).to_string()),
             (
                 "LA_SOFTCAP".into(),
                 (params.softcap.is_some() as u8).to_string(),
@@ -359,13 +404,14 @@ impl FwdPlan {
         ];
         let smem = tile.smem(d);
         let variant = format!(
-            "attn_fwd_{}_d{d}_{}x{}w{}",
+            "attn_fwd{}_{}_d{d}_{}x{}w{}",
+            if tile.wgmma { "_wg" } else { "" },
             dtype.name(),
             tile.br,
             tile.bc,
             tile.warps
         );
-        let func = dev.function(&variant, "la_attn_fwd", &src, &defines, smem)?;
+        let func = dev.function(&variant, entry, &src, &defines, smem)?;
         let scale = params.scale_for(d);
         let log2e = std::f32::consts::LOG2_E;
         let (scale_log2, cap_pre, cap_post) = match params.softcap {

@@ -22,22 +22,7 @@
 // the chunk index XOR-swizzled by the row so ldmatrix reads of 8 rows hit distinct banks. Tile
 // t + 1 is in flight (cp.async) while tile t is computed.
 
-struct LaFwdParams {
-    const u16* q; const u16* k; const u16* v; u16* o; float* lse;
-    i64 q_sb, q_ss, q_sh;   // element strides of q (batch, seq, head); head dim contiguous
-    i64 k_sb, k_ss, k_sh;
-    i64 v_sb, v_ss, v_sh;
-    i64 o_sb, o_ss, o_sh;
-    int B, Sq, Sk, Hq, Hk;
-    float scale_log2;       // scale * log2 e (no soft-cap) or log2 e (soft-cap)
-    float cap_pre;          // scale / c (soft-cap)
-    float cap_post;         // c (soft-cap)
-    const u32* sched_off; const u32* sched_ent;
-    int sched_batch, sched_heads, q_tiles, pad0;
-    const int* qdoc; const int* kdoc;   // document ids [B * Sq], [B * Sk] (document masks)
-    const unsigned char* blk;           // explicit block mask (block-mask programs)
-    int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
-};
+// LaFwdParams: fwd_params.cuh (prepended by the host).
 
 #define LA_CHUNKS (LA_D / 8)
 // Swizzle group: the largest power of two <= 8 dividing the chunk count.

@@ -1,0 +1,214 @@
+// Fused attention forward on Hopper's warpgroup MMA (wgmma, sm_90a).
+//
+// Same contract, schedule walk, masking and online softmax as attn_fwd.cu (the mma.sync kernel,
+// which serves other GPUs and head dims); what changes is who multiplies:
+//   S = Q K^T : wgmma m64 n(BC) k16, A = Q and B = K both read by the tensor cores straight from
+//               shared memory (K-major operands), one instruction per 16 of the head dim;
+//   O += P V  : wgmma m64 n(D) k16, A = P from registers (the S accumulators rounded to
+//               bf16/f16: their layout is the A-fragment layout), B = V from shared memory
+//               (N-major operand: V's rows are keys, the tensor cores transpose).
+// A block is LA_NWG warpgroups of 128 threads, each owning 64 query rows (warp w of a warpgroup:
+// rows 16 w + g and + 8, as in the mma.sync kernel), so BR = 64 LA_NWG.
+//
+// Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG, LA_SOFTCAP, and
+// the mask program la_mask.
+//
+// Shared memory: 128-byte-swizzle layout, the one the tensor cores read: a tile of R rows x D is
+// stored as D / 64 column blocks of [R][64] (128-byte rows); the 16-byte chunk c of row r sits at
+// chunk position c ^ (r mod 8). Every block starts 1024-byte aligned (8 rows x 128 bytes, the
+// swizzle atom). Descriptors: K-major (Q, K): stride between 8-row groups 1024 bytes; the k-th
+// 16-column step starts 32 k bytes into the atom row. N-major (V): stride between 8-key groups
+// 1024 bytes, between 64-column blocks R x 128 bytes.
+// Q, and two stages of K and V, as in attn_fwd.cu: tile t + 1 lands while tile t is computed.
+
+#define LA_CHUNKS (LA_D / 8)
+#define LA_THREADS (LA_NWG * 128)
+#define LA_BR (LA_NWG * 64)
+
+// Element offset of (row r, 16-byte chunk c) in a 128-byte-swizzled [ROWS][D] tile.
+template <int ROWS>
+__device__ __forceinline__ int la_sw128(int r, int c) {
+    return (c >> 3) * ROWS * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+}
+
+// Asynchronously copies rows row0 .. row0 + ROWS of a [seq][D] slab (row stride `ss` elements);
+// rows at or past `limit` are filled with zeros.
+template <int ROWS>
+__device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, int row0, int limit) {
+    constexpr int N = ROWS * LA_CHUNKS;
+#pragma unroll
+    for (int x = threadIdx.x; x < N; x += LA_THREADS) {
+        const int r = x / LA_CHUNKS, c = x % LA_CHUNKS;
+        const int gr = row0 + r;
+        const bool ok = gr < limit;
+        const u16* src = g + (ok ? (i64)gr * ss : 0) + c * 8;
+        la_cp_async16(s + la_sw128<ROWS>(r, c), src, ok ? 16 : 0);
+    }
+}
+
+#if LA_BC == 64
+#define la_wg_ss_bc la_wg_ss_n64
+#else
+#define la_wg_ss_bc la_wg_ss_n128
+#endif
+#if LA_D == 64
+#define la_wg_rs_d la_wg_rs_n64
+#else
+#define la_wg_rs_d la_wg_rs_n128
+#endif
+
+extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg(const LaFwdParams p) {
+    extern __shared__ __align__(1024) u16 la_smem_wg[];
+    // The swizzle atoms need 1024-byte alignment in the shared window (the host adds 1 KiB).
+    const u32 mis = la_smem_addr(la_smem_wg) & 1023;
+    u16* sQ = la_smem_wg + (mis ? (1024 - mis) / 2 : 0);
+    u16* sK0 = sQ + LA_BR * LA_D;
+    u16* sV0 = sK0 + LA_BC * LA_D;
+    constexpr int STAGE = 2 * LA_BC * LA_D;
+
+    const int qt = gridDim.z - 1 - blockIdx.z;
+    const int h = blockIdx.x, b = blockIdx.y;
+    const int kh = h / (p.Hq / p.Hk);
+    const int wg = threadIdx.x >> 7;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int q0 = qt * LA_BR;
+    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+    const u32 e0 = p.sched_off[srow], e1 = p.sched_off[srow + 1];
+
+    const u16* gq = p.q + b * p.q_sb + h * p.q_sh;
+    const u16* gk = p.k + b * p.k_sb + kh * p.k_sh;
+    const u16* gv = p.v + b * p.v_sb + kh * p.v_sh;
+
+    la_load_tile128<LA_BR>(sQ, gq, p.q_ss, q0, p.Sq);
+#pragma unroll
+    for (int st = 0; st < 2; st++) {
+        if (e0 + st < e1) {
+            const int k0 = (int)(p.sched_ent[e0 + st] >> 1) * LA_BC;
+            la_load_tile128<LA_BC>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
+            la_load_tile128<LA_BC>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
+        }
+        la_cp_commit();
+    }
+
+    // Accumulators, flat: n8 block j holds elements 4 j .. 4 j + 3 (rows g, g, g + 8, g + 8).
+    float o[LA_D / 2];
+#pragma unroll
+    for (int i = 0; i < LA_D / 2; i++) o[i] = 0.f;
+    float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
+    const int rowbase = q0 + wg * 64 + warp * 16 + g;
+
+    for (u32 e = e0; e < e1; e++) {
+        const u32 ent = p.sched_ent[e];
+        const bool partial = ent & 1;
+        const int k0 = (int)(ent >> 1) * LA_BC;
+        const u16* sK = sK0 + ((e - e0) & 1) * STAGE;
+        const u16* sV = sV0 + ((e - e0) & 1) * STAGE;
+        la_cp_wait<1>();
+        la_fence_async_smem();  // cp.async writes -> visible to the tensor cores' reads
+        __syncthreads();
+
+        // S = Q K^T (this warpgroup's 64 rows x BC keys).
+        float s[LA_BC / 2];
+        la_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < LA_D / 16; kk++) {
+            const u64 da = la_wg_desc(sQ + (kk >> 2) * LA_BR * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
+            const u64 db = la_wg_desc(sK + (kk >> 2) * LA_BC * 64 + (kk & 3) * 16, 16, 1024);
+            la_wg_ss_bc(s, da, db, kk > 0);
+        }
+        la_wg_commit();
+        la_wg_wait0();
+
+        // Logits in log2 units; soft-cap; mask (Partial tiles and keys past Sk).
+        const bool edge = k0 + LA_BC > p.Sk;
+#pragma unroll
+        for (int x = 0; x < LA_BC / 2; x++) {
+            float y = s[x];
+#if LA_SOFTCAP
+            y = p.cap_post * tanhf(y * p.cap_pre);
+#endif
+            y *= p.scale_log2;
+            if (partial || edge) {
+                const int j = k0 + (x >> 2) * 8 + 2 * t4 + (x & 1);
+                const int i = rowbase + (((x >> 1) & 1) << 3);
+                bool ok = j < p.Sk;
+                if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                if (!ok) y = -LA_INF;
+            }
+            s[x] = y;
+        }
+
+        // Online softmax: rows g (elements 4 j, 4 j + 1) and g + 8 (4 j + 2, 4 j + 3).
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < LA_BC / 8; j++) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+        const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
+        const float a0 = la_exp2(m0 - u0), a1 = la_exp2(m1 - u1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int j = 0; j < LA_D / 8; j++) {
+            o[4 * j] *= a0; o[4 * j + 1] *= a0;
+            o[4 * j + 2] *= a1; o[4 * j + 3] *= a1;
+        }
+        u32 pf[LA_BC / 16][4];
+#pragma unroll
+        for (int j = 0; j < LA_BC / 8; j++) {
+            const float p0 = la_exp2(s[4 * j] - u0), p1 = la_exp2(s[4 * j + 1] - u0);
+            const float p2 = la_exp2(s[4 * j + 2] - u1), p3 = la_exp2(s[4 * j + 3] - u1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            pf[j >> 1][(j & 1) * 2 + 0] = la_pack2(p0, p1);
+            pf[j >> 1][(j & 1) * 2 + 1] = la_pack2(p2, p3);
+        }
+
+        // O += P V: 16 keys a step; V's 8-key groups are 1024 bytes apart, its 64-column blocks
+        // BC x 128 bytes apart.
+        la_wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < LA_BC / 16; ks++) {
+            const u64 db = la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024);
+            la_wg_rs_d(o, pf[ks], db);
+        }
+        la_wg_commit();
+        la_wg_wait0();
+
+        __syncthreads();  // every warpgroup is done with this stage: refill it with tile e + 2
+        if (e + 2 < e1) {
+            const int k2 = (int)(p.sched_ent[e + 2] >> 1) * LA_BC;
+            la_load_tile128<LA_BC>((u16*)sK, gk, p.k_ss, k2, p.Sk);
+            la_load_tile128<LA_BC>((u16*)sV, gv, p.v_ss, k2, p.Sk);
+        }
+        la_cp_commit();
+    }
+
+    // Epilogue: O / l and the LSE; rows past Sq are not written.
+    u16* go = p.o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float lsum = hf ? l1 : l0;
+        lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
+        lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
+        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        const int r = rowbase + 8 * hf;
+        if (r < p.Sq) {
+            u32* dst = (u32*)(go + (i64)r * p.o_ss);
+#pragma unroll
+            for (int j = 0; j < LA_D / 8; j++)
+                dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+            if (t4 == 0)
+                p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
+                    lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
+        }
+    }
+}
