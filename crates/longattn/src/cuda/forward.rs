@@ -50,8 +50,12 @@ impl TileCfg {
         }
         let wgmma_off = std::env::var("LONGATTN_CUDA_WGMMA").is_ok_and(|v| v == "0");
         if cc == (9, 0) && (d == 64 || d == 128) && !wgmma_off {
-            // Hopper: 2 warpgroups x 64 rows, 128-key tiles; S (64) + O (D / 2) + P (32)
-            // registers a thread. `LONGATTN_CUDA_WG=warpgroups,bc,min_blocks` overrides.
+            // Hopper: 2 warpgroups x 64 rows, 64-key tiles, two blocks per SM (registers capped
+            // at 128: D 128 spills ~50 bytes a thread, still the fastest). Measured at n 16k
+            // (full / causal TFLOP/s, D 128 | D 64): 2 WG x 128 keys, 1 block: 319/287 | 242/183;
+            // 2 x 64, 2 blocks: 367/370 | 286/264; 3 x 64: 356/326 | 243/205; 3 x 128:
+            // 366/349 | 287/230; 4 x 64: 391/343 | 258/233.
+            // `LONGATTN_CUDA_WG=warpgroups,bc,min_blocks` overrides.
             let v: Vec<usize> = std::env::var("LONGATTN_CUDA_WG")
                 .unwrap_or_default()
                 .split(',')
@@ -59,7 +63,7 @@ impl TileCfg {
                 .collect();
             let (nwg, bc, minb) = match v[..] {
                 [n, b, m] if (1..=4).contains(&n) && (b == 64 || b == 128) => (n, b, m.max(1)),
-                _ => (2, 128, 1),
+                _ => (2, 64, 2),
             };
             return TileCfg {
                 br: 64 * nwg,
