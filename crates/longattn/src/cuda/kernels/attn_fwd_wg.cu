@@ -119,6 +119,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
         }
         la_wg_commit();
         la_wg_wait0();
+        la_fence_regs<LA_BC / 2>(s);  // the results exist only after the wait
 
         // Logits in log2 units; soft-cap; mask (Partial tiles and keys past Sk).
         const bool edge = k0 + LA_BC > p.Sk;
@@ -174,6 +175,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
 
         // O += P V: 16 keys a step; V's 8-key groups are 1024 bytes apart, its 64-column blocks
         // BC x 128 bytes apart.
+        la_fence_regs<LA_D / 2>(o);
         la_wg_fence();
 #pragma unroll
         for (int ks = 0; ks < LA_BC / 16; ks++) {
@@ -182,6 +184,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
         }
         la_wg_commit();
         la_wg_wait0();
+        la_fence_regs<LA_D / 2>(o);
 
         __syncthreads();  // every warpgroup is done with this stage: refill it with tile e + 2
         if (e + 2 < e1) {

@@ -12,6 +12,14 @@ __device__ __forceinline__ u64 la_wg_desc(const void* p, u32 lbo, u32 sbo) {
 __device__ __forceinline__ void la_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void la_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void la_wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void la_wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
+// Pins accumulator registers in place around asynchronous MMAs: the compiler may not move reads or
+// writes of `x` across this point (a wgmma's results are defined only after its wait).
+template <int N>
+__device__ __forceinline__ void la_fence_regs(float* x) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(x[i])::"memory");
+}
 __device__ __forceinline__ void la_fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 #if !LA_F16
