@@ -132,9 +132,6 @@ pub fn main(a: Args) -> Result<()> {
         }
     };
     let pool = pool(a.threads)?;
-    if a.backend != "cpu" && dout.is_some() {
-        bail!("--backward runs on the CPU backend only (the CUDA backward is not built yet)");
-    }
     let (out, secs, engine) = match a.backend.as_str() {
         "cpu" => {
             let t0 = Instant::now();
@@ -162,21 +159,20 @@ pub fn main(a: Args) -> Result<()> {
         None => longattn::io::write_outputs(&a.output, &out.out, &out.lse, lse_shape, a.force)?,
         Some(dout) => {
             let t1 = Instant::now();
-            let grads = pool.install(|| {
-                longattn::backward(
-                    &q,
-                    &k,
-                    &v,
-                    &out.out.view("out")?,
-                    &out.lse,
-                    &dout.view("do")?,
-                    &params,
-                    spec,
-                    &longattn::BackwardParams {
-                        deterministic: a.deterministic,
-                    },
-                )
-            })?;
+            let bp = longattn::BackwardParams {
+                deterministic: a.deterministic,
+            };
+            let (ov, dov) = (out.out.view("out")?, dout.view("do")?);
+            let grads = if a.backend == "cuda" {
+                let dev = longattn::cuda::CudaDevice::open(a.device)?;
+                longattn::cuda::backward::backward(
+                    &dev, &q, &k, &v, &ov, &out.lse, &dov, &params, spec, &bp,
+                )?
+            } else {
+                pool.install(|| {
+                    longattn::backward(&q, &k, &v, &ov, &out.lse, &dov, &params, spec, &bp)
+                })?
+            };
             eprintln!(
                 "backward ({} mode): {:.3} ms",
                 if a.deterministic {

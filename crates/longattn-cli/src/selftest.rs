@@ -2,7 +2,9 @@
 //! against the CPU path / f64 oracle; a pass/fail table, non-zero exit on any failure.
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use longattn::cuda::selftest::{check_errors, check_forward, forward_cases, CaseResult};
+use longattn::cuda::selftest::{
+    backward_cases, check_backward, check_errors, check_forward, forward_cases, CaseResult,
+};
 use longattn::cuda::{CompileSource, CudaDevice};
 use std::path::PathBuf;
 
@@ -59,6 +61,17 @@ pub fn main(a: Args) -> Result<()> {
     for (n, c) in cases.iter().enumerate() {
         pb.set_message(c.name());
         results.push(check_forward(&dev, c, 1000 + 17 * n as u64));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let bcases: Vec<_> = backward_cases(a.quick)
+        .into_iter()
+        .filter(|c| keep(&c.name()))
+        .collect();
+    let pb = ProgressBar::new(bcases.len() as u64);
+    for (n, c) in bcases.iter().enumerate() {
+        pb.set_message(format!("backward {}", c.name()));
+        results.push(check_backward(&dev, c, 5000 + 13 * n as u64));
         pb.inc(1);
     }
     pb.finish_and_clear();

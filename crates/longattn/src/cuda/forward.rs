@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, TileEntry, TileKind};
 use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 
-const COMMON: &str = include_str!("kernels/common.cuh");
+pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
 const FWD: &str = include_str!("kernels/attn_fwd.cu");
 const WGMMA: &str = include_str!("kernels/wgmma.cuh");
@@ -207,14 +207,14 @@ impl DevTensor {
         Tensor::new(buf, self.shape.to_vec())
     }
 
-    fn strides(&self) -> [i64; 3] {
+    pub(crate) fn strides(&self) -> [i64; 3] {
         let [_, s, h, d] = self.shape;
         [(s * h * d) as i64, (h * d) as i64, d as i64]
     }
 }
 
 /// The bits of a bf16/f16 view in `[B, S, H, D]` order.
-fn gather_u16(name: &str, v: &TensorView) -> Result<Vec<u16>> {
+pub(crate) fn gather_u16(name: &str, v: &TensorView) -> Result<Vec<u16>> {
     let [b, s, h, d] = v.shape;
     let mut out = Vec::with_capacity(b * s * h * d);
     let push = |out: &mut Vec<u16>, f: &dyn Fn(usize) -> u16| {
@@ -245,14 +245,123 @@ fn gather_u16(name: &str, v: &TensorView) -> Result<Vec<u16>> {
     Ok(out)
 }
 
-/// How the mask reaches the kernel.
-enum MaskProgram {
-    /// No Partial tile: `la_mask` is never called.
-    None,
-    /// Generated from the expression.
-    Expr(String),
-    /// Explicit block mask: a table lookup.
-    Blocks,
+/// The mask of one problem on the device: the schedule for the kernel's tiles (CSR rows, CSC
+/// columns on request), the mask program compiled into the kernel (`la_mask`), document ids and
+/// the explicit block table. Shared by the forward and the backward.
+pub(crate) struct DevMask {
+    pub sched: BlockSchedule,
+    /// CUDA source of `la_mask`: generated from the expression, a table lookup for block masks,
+    /// or `return true` when the schedule has no Partial tile.
+    pub program: String,
+    pub row_off: CudaSlice<u32>,
+    pub row_ent: CudaSlice<u32>,
+    pub qdoc: CudaSlice<i32>,
+    pub kdoc: CudaSlice<i32>,
+    pub blk: CudaSlice<u8>,
+    /// tile_q, tile_k, q_tiles, k_tiles, batch, heads of the block table.
+    pub blk_dims: [i32; 6],
+}
+
+const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, i64, i64) { return true; }\n";
+
+impl DevMask {
+    pub(crate) fn new(
+        dev: &CudaDevice,
+        mask: MaskSpec,
+        tq: usize,
+        tk: usize,
+        dims: Dims,
+    ) -> Result<DevMask> {
+        let (sched, program, docs, blk) = match mask {
+            MaskSpec::Full => (
+                BlockSchedule::full(tq, tk, dims.sq, dims.sk)?,
+                NO_MASK.to_string(),
+                None,
+                None,
+            ),
+            MaskSpec::Expr(bm) => {
+                let s = bm.schedule(tq, tk)?;
+                let prog = if s.counts().1 > 0 {
+                    bm.cuda_program()
+                } else {
+                    NO_MASK.to_string()
+                };
+                let docs = bm.docs.as_ref().map(|d| (d.q.clone(), d.k.clone()));
+                (s, prog, docs, None)
+            }
+            MaskSpec::Schedule { schedule, rows } => {
+                if rows.is_some() {
+                    return Err(unsupported(
+                        "a schedule with a CPU row mask cannot run on the GPU: pass the mask expression (MaskSpec::Expr) instead".into(),
+                    ));
+                }
+                let (s, table) = retile(schedule, tq, tk)?;
+                let prog = if s.counts().1 > 0 {
+                    BLOCK_PROGRAM.to_string()
+                } else {
+                    NO_MASK.to_string()
+                };
+                (s, prog, None, Some((schedule, table)))
+            }
+        };
+        if sched.batch != 1 && sched.batch != dims.batch
+            || sched.heads != 1 && sched.heads != dims.hq
+            || sched.sq != dims.sq
+            || sched.sk != dims.sk
+        {
+            return Err(Error::Schedule(format!(
+                "schedule for batch {} heads {} sq {} sk {} does not fit the problem {dims:?}",
+                sched.batch, sched.heads, sched.sq, sched.sk
+            )));
+        }
+        let (offs, ents) = encode(&sched);
+        let (qd, kd) = docs.unwrap_or_default();
+        let (blk, blk_dims) = match &blk {
+            Some((s, table)) => (
+                dev.upload(table)?,
+                [
+                    s.tile_q as i32,
+                    s.tile_k as i32,
+                    s.q_tiles as i32,
+                    s.k_tiles as i32,
+                    s.batch as i32,
+                    s.heads as i32,
+                ],
+            ),
+            None => (dev.upload::<u8>(&[])?, [1; 6]),
+        };
+        Ok(DevMask {
+            row_off: dev.upload(&offs)?,
+            row_ent: dev.upload(&ents)?,
+            qdoc: dev.upload(&qd)?,
+            kdoc: dev.upload(&kd)?,
+            blk,
+            blk_dims,
+            sched,
+            program,
+        })
+    }
+
+    /// CSC columns of the schedule (`query tile << 1 | partial` per entry), uploaded.
+    pub(crate) fn columns(&self, dev: &CudaDevice) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
+        let s = &self.sched;
+        let cols = s.columns();
+        let mut offs = vec![0u32];
+        let mut ents = Vec::new();
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for kt in 0..s.k_tiles {
+                    ents.extend(
+                        cols.column(b, h, kt)
+                            .iter()
+                            .map(|e| e.q_tile << 1 | (e.kind == TileKind::Partial) as u32),
+                    );
+                    offs.push(ents.len() as u32);
+                }
+            }
+        }
+        Ok((dev.upload(&offs)?, dev.upload(&ents)?))
+    }
 }
 
 /// Everything about one problem that does not depend on the data.
@@ -263,11 +372,8 @@ pub struct FwdPlan {
     dims: Dims,
     dtype: DType,
     base: LaFwdParams,
-    _sched_off: CudaSlice<u32>,
-    _sched_ent: CudaSlice<u32>,
-    _qdoc: CudaSlice<i32>,
-    _kdoc: CudaSlice<i32>,
-    _blk: CudaSlice<u8>,
+    /// Owns the device buffers the kernel parameters point into.
+    _mask: DevMask,
     pub tile: TileCfg,
     /// Seconds spent building the kernel's schedule on the host (and uploading it).
     pub schedule_seconds: f64,
@@ -275,7 +381,7 @@ pub struct FwdPlan {
     pub tile_counts: (usize, usize),
 }
 
-fn unsupported(msg: String) -> Error {
+pub(crate) fn unsupported(msg: String) -> Error {
     Error::Param {
         op: "cuda attention",
         msg,
@@ -309,77 +415,10 @@ impl FwdPlan {
         }
         let tile = TileCfg::choose(d, dev.cc);
         let t0 = Instant::now();
-        let (sched, program, docs, blk) = match mask {
-            MaskSpec::Full => (
-                BlockSchedule::full(tile.br, tile.bc, dims.sq, dims.sk)?,
-                MaskProgram::None,
-                None,
-                None,
-            ),
-            MaskSpec::Expr(bm) => {
-                let s = bm.schedule(tile.br, tile.bc)?;
-                let prog = if s.counts().1 > 0 {
-                    MaskProgram::Expr(bm.cuda_program())
-                } else {
-                    MaskProgram::None
-                };
-                let docs = bm.docs.as_ref().map(|d| (d.q.clone(), d.k.clone()));
-                (s, prog, docs, None)
-            }
-            MaskSpec::Schedule { schedule, rows } => {
-                if rows.is_some() {
-                    return Err(unsupported(
-                        "a schedule with a CPU row mask cannot run on the GPU: pass the mask expression (MaskSpec::Expr) instead".into(),
-                    ));
-                }
-                let (s, table) = retile(schedule, tile.br, tile.bc)?;
-                let prog = if s.counts().1 > 0 {
-                    MaskProgram::Blocks
-                } else {
-                    MaskProgram::None
-                };
-                (s, prog, None, Some((schedule, table)))
-            }
-        };
-        if sched.batch != 1 && sched.batch != dims.batch
-            || sched.heads != 1 && sched.heads != dims.hq
-            || sched.sq != dims.sq
-            || sched.sk != dims.sk
-        {
-            return Err(Error::Schedule(format!(
-                "schedule for batch {} heads {} sq {} sk {} does not fit the problem {dims:?}",
-                sched.batch, sched.heads, sched.sq, sched.sk
-            )));
-        }
-        let (offs, ents) = encode(&sched);
-        let sched_off = dev.upload(&offs)?;
-        let sched_ent = dev.upload(&ents)?;
-        let (qd, kd) = docs.unwrap_or_default();
-        let qdoc = dev.upload(&qd)?;
-        let kdoc = dev.upload(&kd)?;
-        let (blk, blk_dims) = match &blk {
-            Some((s, table)) => (
-                dev.upload(table)?,
-                [
-                    s.tile_q as i32,
-                    s.tile_k as i32,
-                    s.q_tiles as i32,
-                    s.k_tiles as i32,
-                    s.batch as i32,
-                    s.heads as i32,
-                ],
-            ),
-            None => (dev.upload::<u8>(&[])?, [1; 6]),
-        };
+        let dm = DevMask::new(dev, mask, tile.br, tile.bc, dims)?;
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
-        let program_src = match &program {
-            MaskProgram::None => {
-                "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, i64, i64) { return true; }\n".to_string()
-            }
-            MaskProgram::Expr(s) => s.clone(),
-            MaskProgram::Blocks => BLOCK_PROGRAM.to_string(),
-        };
+        let program_src = dm.program.clone();
         let (src, entry) = if tile.wgmma {
             (
                 format!("{COMMON}\n{WGMMA}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
@@ -433,15 +472,15 @@ impl FwdPlan {
             scale_log2,
             cap_pre,
             cap_post,
-            sched_off: ptr(&sched_off),
-            sched_ent: ptr(&sched_ent),
-            sched_batch: sched.batch as i32,
-            sched_heads: sched.heads as i32,
+            sched_off: ptr(&dm.row_off),
+            sched_ent: ptr(&dm.row_ent),
+            sched_batch: dm.sched.batch as i32,
+            sched_heads: dm.sched.heads as i32,
             q_tiles: q_tiles as i32,
-            qdoc: qdoc.device_ptr(dev.stream()).0,
-            kdoc: kdoc.device_ptr(dev.stream()).0,
-            blk: blk.device_ptr(dev.stream()).0,
-            blk_dims,
+            qdoc: dm.qdoc.device_ptr(dev.stream()).0,
+            kdoc: dm.kdoc.device_ptr(dev.stream()).0,
+            blk: dm.blk.device_ptr(dev.stream()).0,
+            blk_dims: dm.blk_dims,
             ..Default::default()
         };
         if q_tiles > 65535 || dims.batch > 65535 || dims.hq > i32::MAX as usize {
@@ -462,14 +501,10 @@ impl FwdPlan {
             dims,
             dtype,
             base,
-            _sched_off: sched_off,
-            _sched_ent: sched_ent,
-            _qdoc: qdoc,
-            _kdoc: kdoc,
-            _blk: blk,
+            tile_counts: dm.sched.counts(),
+            _mask: dm,
             tile,
             schedule_seconds,
-            tile_counts: sched.counts(),
         })
     }
 

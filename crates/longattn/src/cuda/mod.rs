@@ -9,6 +9,7 @@
 //! - [`forward`]: the tensor-core forward kernel driven by the block schedule; Partial tiles run
 //!   the mask program generated from the expression ([`crate::mask::BoundMask::cuda_program`]).
 //! - [`decode`]: paged KV-cache decode, split over key ranges and merged by LSE.
+pub mod backward;
 pub mod compile;
 pub mod decode;
 pub mod forward;

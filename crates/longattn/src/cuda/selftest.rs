@@ -187,74 +187,184 @@ pub fn check_forward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseRe
     }
 }
 
-fn run_forward_case(dev: &Arc<CudaDevice>, c: &FwdCase, seed: u64) -> Result<(f64, f64, String)> {
-    let q = random_tensor(c.dtype, &[c.batch, c.sq, c.hq, c.d], 1.0, seed);
-    let k = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 1);
-    let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
-    let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
-    let params = AttnParams {
-        softcap: c.softcap,
-        ..Default::default()
-    };
-    let shape = MaskShape {
-        batch: c.batch,
-        sq: c.sq,
-        sk: c.sk,
-    };
-    let ids = |n: usize| -> Vec<i32> {
-        (0..c.batch)
-            .flat_map(|_| (0..n).map(|i| (i * c.docs / n) as i32))
-            .collect()
-    };
-    // Explicit block masks: a seeded random table of T x T tiles (about half on).
-    let (bound, blocks) = if let Some(t) = c
-        .mask
-        .strip_prefix("blocks(")
-        .and_then(|r| r.strip_suffix(')'))
-    {
-        let t: usize = t.parse().map_err(|_| crate::Error::Param {
-            op: "selftest",
-            msg: format!("bad block size in `{}`", c.mask),
-        })?;
-        let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
-        let mut rng = Rng::new(seed + 3);
-        let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
-        let s = BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, c.sq, c.sk)?;
-        (None, Some((s, table, t, kt)))
-    } else {
-        let expr = MaskExpr::parse(&c.mask)?;
-        let docs = expr.uses_documents().then(|| DocIds {
-            q: ids(c.sq),
-            k: ids(c.sk),
-        });
-        (Some(expr.bind(shape, docs)?), None)
-    };
-    let spec = match (&bound, &blocks) {
-        (Some(b), _) => MaskSpec::Expr(b),
-        (None, Some((s, ..))) => MaskSpec::Schedule {
-            schedule: s,
-            rows: None,
-        },
-        _ => unreachable!("a case has an expression or a block mask"),
-    };
-    let got: AttnOutput = super::forward(dev, &qv, &kv, &vv, &params, spec)?;
-    let allowed = |b: usize, _h: usize, i: usize, j: usize| -> bool {
-        match (&bound, &blocks) {
+/// Inputs of a case: q, k, v, the bound mask or the explicit block mask, the parameters.
+struct Built {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bound: Option<crate::mask::BoundMask>,
+    blocks: Option<(BlockSchedule, Vec<u8>, usize, usize)>,
+    params: AttnParams,
+}
+
+impl Built {
+    fn new(c: &FwdCase, seed: u64) -> Result<Built> {
+        let q = random_tensor(c.dtype, &[c.batch, c.sq, c.hq, c.d], 1.0, seed);
+        let k = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 1);
+        let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
+        let params = AttnParams {
+            softcap: c.softcap,
+            ..Default::default()
+        };
+        let shape = MaskShape {
+            batch: c.batch,
+            sq: c.sq,
+            sk: c.sk,
+        };
+        let ids = |n: usize| -> Vec<i32> {
+            (0..c.batch)
+                .flat_map(|_| (0..n).map(|i| (i * c.docs / n) as i32))
+                .collect()
+        };
+        // Explicit block masks: a seeded random table of T x T tiles (about half on).
+        let (bound, blocks) = if let Some(t) = c
+            .mask
+            .strip_prefix("blocks(")
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            let t: usize = t.parse().map_err(|_| crate::Error::Param {
+                op: "selftest",
+                msg: format!("bad block size in `{}`", c.mask),
+            })?;
+            let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
+            let mut rng = Rng::new(seed + 3);
+            let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
+            let s = BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, c.sq, c.sk)?;
+            (None, Some((s, table, t, kt)))
+        } else {
+            let expr = MaskExpr::parse(&c.mask)?;
+            let docs = expr.uses_documents().then(|| DocIds {
+                q: ids(c.sq),
+                k: ids(c.sk),
+            });
+            (Some(expr.bind(shape, docs)?), None)
+        };
+        Ok(Built {
+            q,
+            k,
+            v,
+            bound,
+            blocks,
+            params,
+        })
+    }
+
+    fn spec(&self) -> MaskSpec<'_> {
+        spec_cpu(&self.bound, &self.blocks)
+    }
+
+    fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
+        match (&self.bound, &self.blocks) {
             (Some(m), _) => m.allowed(b, i, j),
             (None, Some((_, table, t, kt))) => table[(i / t) * kt + j / t] != 0,
             _ => false,
         }
-    };
+    }
+}
+
+fn run_forward_case(dev: &Arc<CudaDevice>, c: &FwdCase, seed: u64) -> Result<(f64, f64, String)> {
+    let bt = Built::new(c, seed)?;
+    let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+    let got: AttnOutput = super::forward(dev, &qv, &kv, &vv, &bt.params, bt.spec())?;
     let work = c.batch * c.hq * c.sq * c.sk * c.d;
     if work <= 1 << 28 {
-        let r = attention_f64(&qv, &kv, &vv, &params, &allowed)?;
+        let r = attention_f64(&qv, &kv, &vv, &bt.params, &|b, _, i, j| bt.allowed(b, i, j))?;
         let (e, l) = compare(&got.out, &got.lse, &r);
         Ok((e, l, "vs f64 oracle".into()))
     } else {
-        let cpu = crate::forward(&qv, &kv, &vv, &params, spec_cpu(&bound, &blocks))?;
+        let cpu = crate::forward(&qv, &kv, &vv, &bt.params, bt.spec())?;
         let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
         Ok((e, l, "vs CPU path".into()))
     }
+}
+
+/// The backward of `case` on the GPU (dQ, dK, dV from a random dO and the CPU forward's output
+/// and LSE) against the f64 gradient oracle when small, else the CPU backward. The error is the
+/// largest of the three, each relative to max(|its reference|, max |dV|).
+pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseResult {
+    let tol = crate::testing::grad_tolerance(case.dtype);
+    let r = (|| -> Result<(f64, String)> {
+        let bt = Built::new(case, seed)?;
+        let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+        let dout = random_tensor(
+            case.dtype,
+            &[case.batch, case.sq, case.hq, case.d],
+            1.0,
+            seed + 9,
+        );
+        let dov = dout.view("do")?;
+        let fwd = crate::forward(&qv, &kv, &vv, &bt.params, bt.spec())?;
+        let ov = fwd.out.view("out")?;
+        let bp = crate::BackwardParams {
+            deterministic: true,
+        };
+        let g = super::backward::backward(
+            dev,
+            &qv,
+            &kv,
+            &vv,
+            &ov,
+            &fwd.lse,
+            &dov,
+            &bt.params,
+            bt.spec(),
+            &bp,
+        )?;
+        let work = case.batch * case.hq * case.sq * case.sk * case.d;
+        let (want, how): ([Vec<f64>; 3], &str) = if work <= 1 << 26 {
+            let r = crate::reference::attention_backward_f64(
+                &qv,
+                &kv,
+                &vv,
+                &dov,
+                &bt.params,
+                &|b, _, i, j| bt.allowed(b, i, j),
+            )?;
+            ([r.dq, r.dk, r.dv], "vs f64 gradient oracle")
+        } else {
+            let c = crate::backward(
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &fwd.lse,
+                &dov,
+                &bt.params,
+                bt.spec(),
+                &bp,
+            )?;
+            let f = |t: &Tensor| t.data.to_f32_vec().iter().map(|&x| x as f64).collect();
+            ([f(&c.dq), f(&c.dk), f(&c.dv)], "vs CPU backward")
+        };
+        let floor = want[2].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
+        let e = [&g.dq, &g.dk, &g.dv]
+            .iter()
+            .zip(&want)
+            .map(|(got, r)| crate::testing::compare_grad(got, r, floor))
+            .fold(0.0, f64::max);
+        Ok((e, how.to_string()))
+    })();
+    let (err, detail) = match r {
+        Ok((e, d)) => (e, d),
+        Err(e) => (f64::INFINITY, format!("error: {e}")),
+    };
+    CaseResult {
+        group: "backward",
+        name: case.name(),
+        passed: err <= tol,
+        err,
+        tol,
+        lse_err: 0.0,
+        detail,
+    }
+}
+
+/// The backward matrix: a subset of the forward's (head dims up to 128).
+pub fn backward_cases(quick: bool) -> Vec<FwdCase> {
+    forward_cases(quick)
+        .into_iter()
+        .filter(|c| c.d <= 128 && c.sq * c.sk <= 1100 * 1100)
+        .collect()
 }
 
 fn spec_cpu<'a>(

@@ -1,0 +1,254 @@
+//! Host side of the CUDA backward (`kernels/attn_bwd.cu`): [`backward`] mirrors
+//! [`crate::backward`] (same inputs, same checks, gradients in the input dtype).
+//!
+//! Three launches on the device's stream: `la_bwd_prep` (Delta = rowsum(dO * O), LSE in log2
+//! units), `la_bwd_dq` (one block per 64 query rows, walking the schedule's rows) and
+//! `la_bwd_dkdv` (one block per 64 keys and KV head, walking the schedule's columns for every
+//! query head of the group). No atomics: every gradient element is summed in a fixed order by one
+//! thread, so both [`BackwardParams`] modes give bit-identical results on the GPU (the
+//! deterministic scheme is also the fast one here; see docs/PERF.md).
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::forward::{unsupported, DevMask, DevTensor, COMMON};
+use super::{drv, CudaDevice};
+use crate::attention::{validate, AttnParams, MaskSpec};
+use crate::backward::{BackwardParams, Grads};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorView};
+
+const PARAMS_BWD: &str = include_str!("kernels/attn_bwd.cu");
+/// Query rows and keys per tile of both backward kernels.
+const T: usize = 64;
+
+/// Kernel parameters; field for field `LaBwdParams` in `kernels/attn_bwd.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LaBwdParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    dout: u64,
+    lse: u64,
+    lse2: u64,
+    delta: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    q_s: [i64; 3],
+    k_s: [i64; 3],
+    b: i32,
+    sq: i32,
+    sk: i32,
+    hq: i32,
+    hk: i32,
+    scale_log2: f32,
+    cap_pre: f32,
+    cap_post: f32,
+    scale: f32,
+    row_off: u64,
+    row_ent: u64,
+    col_off: u64,
+    col_ent: u64,
+    sched_batch: i32,
+    sched_heads: i32,
+    q_tiles: i32,
+    k_tiles: i32,
+    qdoc: u64,
+    kdoc: u64,
+    blk: u64,
+    blk_dims: [i32; 6],
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for LaBwdParams {}
+
+/// dQ, dK, dV of `sum(out * dout)` on the GPU; `out` and `lse` are the forward's results for
+/// the same inputs and mask. bf16/f16, head dims that are multiples of 16 up to 128, D = Dv.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    out: &TensorView,
+    lse: &[f32],
+    dout: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+    _bwd: &BackwardParams,
+) -> Result<Grads> {
+    const OP: &str = "cuda attention backward";
+    let dims = validate(OP, q, k, v)?;
+    let want = [dims.batch, dims.sq, dims.hq, dims.dv];
+    for (name, t) in [("out", out), ("do", dout)] {
+        if t.shape != want || t.dtype() != q.dtype() {
+            return Err(Error::Shape {
+                op: OP,
+                tensor: name.into(),
+                got: t.shape.to_vec(),
+                expected: format!(
+                    "{want:?} in {} ([B, Sq, Hq, Dv], the dtype of q)",
+                    q.dtype()
+                ),
+            });
+        }
+    }
+    let n_lse = dims.batch * dims.hq * dims.sq;
+    if lse.len() != n_lse {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "lse".into(),
+            got: vec![lse.len()],
+            expected: format!("{n_lse} values ([B, Hq, Sq])"),
+        });
+    }
+    if let Some(i) = lse.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
+        return Err(Error::NonFinite {
+            tensor: "lse".into(),
+            index: i,
+            value: lse[i],
+        });
+    }
+    let d = dims.d;
+    if !matches!(q.dtype(), DType::BF16 | DType::F16) {
+        return Err(unsupported(format!(
+            "dtype {}: the CUDA backward takes bf16 or f16",
+            q.dtype()
+        )));
+    }
+    if d == 0 || !d.is_multiple_of(16) || d > 128 || dims.dv != d {
+        return Err(unsupported(format!(
+            "head dims D {d} / Dv {}: the CUDA backward needs D = Dv, a multiple of 16, at most 128",
+            dims.dv
+        )));
+    }
+    let dm = DevMask::new(dev, mask, T, T, dims)?;
+    let (col_off, col_ent) = dm.columns(dev)?;
+    // The mask program is a template on the parameter struct, instantiated in the kernels.
+    let src = format!("{COMMON}\n{}\n{PARAMS_BWD}", dm.program);
+    let defines = vec![
+        (
+            "LA_F16".into(),
+            ((q.dtype() == DType::F16) as u8).to_string(),
+        ),
+        ("LA_D".into(), d.to_string()),
+        (
+            "LA_SOFTCAP".into(),
+            (params.softcap.is_some() as u8).to_string(),
+        ),
+    ];
+    let variant = format!("attn_bwd_{}_d{d}", q.dtype().name());
+    let smem = 6 * T * d * 2;
+    let f_prep = dev.function(&variant, "la_bwd_prep", &src, &defines, 0)?;
+    let f_dq = dev.function(&variant, "la_bwd_dq", &src, &defines, smem)?;
+    let f_dkdv = dev.function(&variant, "la_bwd_dkdv", &src, &defines, smem)?;
+
+    let up = |name: &str, t: &TensorView| DevTensor::upload(dev, name, t);
+    let (qd, kd, vd, od, dod) = (
+        up("q", q)?,
+        up("k", k)?,
+        up("v", v)?,
+        up("out", out)?,
+        up("do", dout)?,
+    );
+    let lse_d = dev.upload(lse)?;
+    let lse2 = dev.alloc_f32(n_lse)?;
+    let delta = dev.alloc_f32(n_lse)?;
+    let dq = DevTensor::alloc(dev, q.shape, q.dtype())?;
+    let dk = DevTensor::alloc(dev, k.shape, q.dtype())?;
+    let dv = DevTensor::alloc(dev, v.shape, q.dtype())?;
+
+    let s = dev.stream();
+    let scale = params.scale_for(d);
+    let log2e = std::f32::consts::LOG2_E;
+    let (scale_log2, cap_pre, cap_post) = match params.softcap {
+        Some(c) => (log2e, scale / c, c),
+        None => (scale * log2e, 0.0, 0.0),
+    };
+    let ptr16 = |x: &CudaSlice<u16>| x.device_ptr(s).0;
+    let ptr32 = |x: &CudaSlice<f32>| x.device_ptr(s).0;
+    let (q_tiles, k_tiles) = (dims.sq.div_ceil(T), dims.sk.div_ceil(T));
+    let p = LaBwdParams {
+        q: ptr16(&qd.data),
+        k: ptr16(&kd.data),
+        v: ptr16(&vd.data),
+        o: ptr16(&od.data),
+        dout: ptr16(&dod.data),
+        lse: ptr32(&lse_d),
+        lse2: ptr32(&lse2),
+        delta: ptr32(&delta),
+        dq: dq.data.device_ptr(s).0,
+        dk: dk.data.device_ptr(s).0,
+        dv: dv.data.device_ptr(s).0,
+        q_s: qd.strides(),
+        k_s: kd.strides(),
+        b: dims.batch as i32,
+        sq: dims.sq as i32,
+        sk: dims.sk as i32,
+        hq: dims.hq as i32,
+        hk: dims.hk as i32,
+        scale_log2,
+        cap_pre,
+        cap_post,
+        scale,
+        row_off: dm.row_off.device_ptr(s).0,
+        row_ent: dm.row_ent.device_ptr(s).0,
+        col_off: col_off.device_ptr(s).0,
+        col_ent: col_ent.device_ptr(s).0,
+        sched_batch: dm.sched.batch as i32,
+        sched_heads: dm.sched.heads as i32,
+        q_tiles: q_tiles as i32,
+        k_tiles: k_tiles as i32,
+        qdoc: dm.qdoc.device_ptr(s).0,
+        kdoc: dm.kdoc.device_ptr(s).0,
+        blk: dm.blk.device_ptr(s).0,
+        blk_dims: dm.blk_dims,
+    };
+    if q_tiles > 65535 || k_tiles > 65535 || dims.batch > 65535 {
+        return Err(unsupported(
+            "grid: more than 65535 tiles or batch rows".into(),
+        ));
+    }
+    let rows = dims.batch * dims.sq * dims.hq;
+    let launch = |f: &cudarc::driver::CudaFunction, cfg: LaunchConfig| -> Result<()> {
+        let mut b = s.launch_builder(f);
+        b.arg(&p);
+        // SAFETY: the parameter struct matches the kernels'; every pointer is a live allocation
+        // of the size the kernels index (shapes checked above; buffers owned by this frame).
+        unsafe { b.launch(cfg) }.map_err(drv("launch backward"))?;
+        Ok(())
+    };
+    launch(
+        &f_prep,
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    )?;
+    launch(
+        &f_dq,
+        LaunchConfig {
+            grid_dim: (dims.hq as u32, dims.batch as u32, q_tiles as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        },
+    )?;
+    launch(
+        &f_dkdv,
+        LaunchConfig {
+            grid_dim: (dims.hk as u32, dims.batch as u32, k_tiles as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        },
+    )?;
+    dev.synchronize()?;
+    Ok(Grads {
+        dq: dq.download(dev)?,
+        dk: dk.download(dev)?,
+        dv: dv.download(dev)?,
+    })
+}

@@ -1,0 +1,342 @@
+// Attention backward on the tensor cores (mma.sync m16n8k16), atomic-free and deterministic.
+//
+// With logits y_ij = scale * q_i . k_j (soft-cap: c tanh(q_i . k_j scale / c)), masked -> -inf,
+// P_ij = exp(y_ij - LSE_i) (recomputed from the forward's LSE; never stored), and
+// Delta_i = sum_d dO_id O_id:
+//   dV_j = sum_i P_ij dO_i,   dP_ij = dO_i . v_j,   dS_ij = P_ij (dP_ij - Delta_i) dy/d(q.k),
+//   dQ_i = sum_j dS_ij k_j,   dK_j = sum_i dS_ij q_i,
+// dy/d(q.k) = scale (soft-cap: scale (1 - tanh^2)). Three kernels:
+//   la_bwd_prep : Delta and LSE in log2 units per row (a row with no allowed key gets +inf, so
+//                 every P of it is 2^(-inf) = 0);
+//   la_bwd_dq   : block (head, batch, 64-row query tile) walks its schedule row (as the forward)
+//                 and accumulates dQ of its rows in registers;
+//   la_bwd_dkdv : block (KV head, batch, 64-key tile) walks its schedule column for every query
+//                 head of the group (GQA: dK, dV summed over the group) and accumulates dK, dV.
+// Each output element is written once by one thread after a fixed-order sum: bit-identical run
+// to run. Compile-time constants: LA_F16, LA_D (a multiple of 16, <= 128), LA_SOFTCAP, la_mask.
+
+#define LA_CHUNKS (LA_D / 8)
+#define LA_SWZ ((LA_CHUNKS % 8 == 0) ? 8 : ((LA_CHUNKS % 4 == 0) ? 4 : ((LA_CHUNKS % 2 == 0) ? 2 : 1)))
+#define LA_T 64          // query rows and keys per tile (4 warps x 16)
+#define LA_THREADS 128
+
+struct LaBwdParams {
+    const u16* q; const u16* k; const u16* v; const u16* o; const u16* dout;
+    const float* lse;       // [B, Hq, Sq] natural log (forward output)
+    float* lse2;            // [B, Hq, Sq] log2 units (+inf: row with no allowed key)
+    float* delta;           // [B, Hq, Sq]
+    u16* dq; u16* dk; u16* dv;
+    i64 q_sb, q_ss, q_sh;   // element strides; q, o, dout, dq share [B, Sq, Hq, D]
+    i64 k_sb, k_ss, k_sh;   // k, v, dk, dv share [B, Sk, Hk, D]
+    int B, Sq, Sk, Hq, Hk;
+    float scale_log2, cap_pre, cap_post, scale;
+    const u32* row_off; const u32* row_ent;   // CSR rows: key tile << 1 | partial
+    const u32* col_off; const u32* col_ent;   // CSC columns: query tile << 1 | partial
+    int sched_batch, sched_heads, q_tiles, k_tiles;
+    const int* qdoc; const int* kdoc;
+    const unsigned char* blk;
+    int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
+};
+
+__device__ __forceinline__ int la_sw(int row, int c) {
+    return row * LA_D + ((c ^ (row & (LA_SWZ - 1))) << 3);
+}
+__device__ __forceinline__ void la_load64(u16* s, const u16* g, i64 ss, int row0, int limit) {
+#pragma unroll
+    for (int x = threadIdx.x; x < LA_T * LA_CHUNKS; x += LA_THREADS) {
+        const int r = x / LA_CHUNKS, c = x % LA_CHUNKS;
+        const int gr = row0 + r;
+        const bool ok = gr < limit;
+        la_cp_async16(s + la_sw(r, c), g + (ok ? (i64)gr * ss : 0) + c * 8, ok ? 16 : 0);
+    }
+}
+// Acc[16 x 64] (+)= A[16 x D] (rows of sA at a0, ldmatrix) x B^T where B is [64][D] in sB:
+// the "Q K^T" shape. Acc is the mma C layout, 8 n-blocks.
+__device__ __forceinline__ void la_mm_abt(float (*acc)[4], const u16* sA, int a0, const u16* sB, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < LA_D / 16; kk++) {
+        u32 a[4];
+        la_ldmatrix_x4(a, sA + la_sw(a0 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < LA_T / 16; np++) {
+            u32 b[4];
+            la_ldmatrix_x4(b, sB + la_sw(np * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+            la_mma16816(acc[2 * np], a, b);
+            la_mma16816(acc[2 * np + 1], a, b + 2);
+        }
+    }
+}
+// Acc[16 x D] += A[16 x 64] (registers, bf16/f16 A fragments) x B where B is [64][D] in sB:
+// the "P V" shape.
+__device__ __forceinline__ void la_mm_ab(float (*acc)[4], const u32 (*a)[4], const u16* sB, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < LA_T / 16; ks++) {
+#pragma unroll
+        for (int dp = 0; dp < LA_D / 16; dp++) {
+            u32 b[4];
+            la_ldmatrix_x4_trans(b, sB + la_sw(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), dp * 2 + (lane >> 4)));
+            la_mma16816(acc[2 * dp], a[ks], b);
+            la_mma16816(acc[2 * dp + 1], a[ks], b + 2);
+        }
+    }
+}
+// Logit in log2 units and d(logit)/d(q.k) / scale for the soft-cap (1 otherwise).
+__device__ __forceinline__ float la_logit(const LaBwdParams& p, float raw, float& dcap) {
+#if LA_SOFTCAP
+    const float t = tanhf(raw * p.cap_pre);
+    dcap = 1.f - t * t;
+    return p.cap_post * t * p.scale_log2;
+#else
+    dcap = 1.f;
+    return raw * p.scale_log2;
+#endif
+}
+// C fragments of n-blocks 2k, 2k+1 -> A fragment k (rounded to the storage type).
+__device__ __forceinline__ void la_c_to_a(const float (*c)[4], u32 (*a)[4]) {
+#pragma unroll
+    for (int nt = 0; nt < LA_T / 8; nt++) {
+        a[nt >> 1][(nt & 1) * 2 + 0] = la_pack2(c[nt][0], c[nt][1]);
+        a[nt >> 1][(nt & 1) * 2 + 1] = la_pack2(c[nt][2], c[nt][3]);
+    }
+}
+
+extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
+    // One warp per (b, i, h) row.
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= (i64)p.B * p.Sq * p.Hq) return;
+    const int h = row % p.Hq;
+    const i64 bi = row / p.Hq;
+    const int i = bi % p.Sq, b = bi / p.Sq;
+    const i64 off = b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh;
+    float acc = 0.f;
+    for (int d = lane; d < LA_D; d += 32) acc += la_to_f32(p.o[off + d]) * la_to_f32(p.dout[off + d]);
+#pragma unroll
+    for (int s = 16; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
+    if (lane == 0) {
+        const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
+        p.delta[r] = acc;
+        const float l = p.lse[r];
+        p.lse2[r] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dq(const LaBwdParams p) {
+    extern __shared__ __align__(128) u16 la_smem[];
+    u16* sQ = la_smem;
+    u16* sdO = sQ + LA_T * LA_D;
+    u16* sK = sdO + LA_T * LA_D;     // two stages of K and V
+    u16* sV = sK + LA_T * LA_D;
+    constexpr int STAGE = 2 * LA_T * LA_D;
+    const int qt = gridDim.z - 1 - blockIdx.z, h = blockIdx.x, b = blockIdx.y;
+    const int kh = h / (p.Hq / p.Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int q0 = qt * LA_T;
+    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+    const u32 e0 = p.row_off[srow], e1 = p.row_off[srow + 1];
+    const i64 qoff = b * p.q_sb + h * p.q_sh, koff = b * p.k_sb + kh * p.k_sh;
+
+    la_load64(sQ, p.q + qoff, p.q_ss, q0, p.Sq);
+    la_load64(sdO, p.dout + qoff, p.q_ss, q0, p.Sq);
+#pragma unroll
+    for (int st = 0; st < 2; st++) {
+        if (e0 + st < e1) {
+            const int k0 = (int)(p.row_ent[e0 + st] >> 1) * LA_T;
+            la_load64(sK + st * STAGE, p.k + koff, p.k_ss, k0, p.Sk);
+            la_load64(sV + st * STAGE, p.v + koff, p.k_ss, k0, p.Sk);
+        }
+        la_cp_commit();
+    }
+    const int r0 = q0 + warp * 16 + g;
+    const i64 lrow = ((i64)b * p.Hq + h) * p.Sq;
+    const float L0 = r0 < p.Sq ? p.lse2[lrow + r0] : LA_INF, L1 = r0 + 8 < p.Sq ? p.lse2[lrow + r0 + 8] : LA_INF;
+    const float D0 = r0 < p.Sq ? p.delta[lrow + r0] : 0.f, D1 = r0 + 8 < p.Sq ? p.delta[lrow + r0 + 8] : 0.f;
+    float dq[LA_D / 8][4];
+#pragma unroll
+    for (int i = 0; i < LA_D / 8; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+    for (u32 e = e0; e < e1; e++) {
+        const u32 ent = p.row_ent[e];
+        const bool partial = ent & 1;
+        const int k0 = (int)(ent >> 1) * LA_T;
+        const u16* cK = sK + ((e - e0) & 1) * STAGE;
+        const u16* cV = sV + ((e - e0) & 1) * STAGE;
+        la_cp_wait<1>();
+        __syncthreads();
+        float s[LA_T / 8][4], dp[LA_T / 8][4];
+#pragma unroll
+        for (int i = 0; i < LA_T / 8; i++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) s[i][r] = dp[i][r] = 0.f;
+        la_mm_abt(s, sQ, warp * 16, cK, lane);     // S = Q K^T
+        la_mm_abt(dp, sdO, warp * 16, cV, lane);   // dP = dO V^T
+        const bool edge = k0 + LA_T > p.Sk;
+#pragma unroll
+        for (int nt = 0; nt < LA_T / 8; nt++) {
+#pragma unroll
+            for (int e2 = 0; e2 < 4; e2++) {
+                float dcap;
+                float y = la_logit(p, s[nt][e2], dcap);
+                const int j = k0 + nt * 8 + 2 * t4 + (e2 & 1);
+                const int i = r0 + ((e2 >> 1) << 3);
+                if (partial || edge) {
+                    bool ok = j < p.Sk;
+                    if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                    if (!ok) y = -LA_INF;
+                }
+                const float pr = la_exp2(y - ((e2 >> 1) ? L1 : L0));
+                s[nt][e2] = pr * (dp[nt][e2] - ((e2 >> 1) ? D1 : D0)) * dcap * p.scale;  // dS
+            }
+        }
+        u32 ds[LA_T / 16][4];
+        la_c_to_a(s, ds);
+        la_mm_ab(dq, ds, cK, lane);                // dQ += dS K
+        __syncthreads();
+        if (e + 2 < e1) {
+            const int k2 = (int)(p.row_ent[e + 2] >> 1) * LA_T;
+            la_load64((u16*)cK, p.k + koff, p.k_ss, k2, p.Sk);
+            la_load64((u16*)cV, p.v + koff, p.k_ss, k2, p.Sk);
+        }
+        la_cp_commit();
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int r = r0 + 8 * hf;
+        if (r < p.Sq) {
+            u32* dst = (u32*)(p.dq + qoff + (i64)r * p.q_ss);
+#pragma unroll
+            for (int i = 0; i < LA_D / 8; i++) dst[i * 4 + t4] = la_pack2(dq[i][2 * hf], dq[i][2 * hf + 1]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwdParams p) {
+    extern __shared__ __align__(128) u16 la_smem[];
+    u16* sK = la_smem;
+    u16* sV = sK + LA_T * LA_D;
+    u16* sQ = sV + LA_T * LA_D;      // two stages of Q and dO
+    u16* sdO = sQ + LA_T * LA_D;
+    constexpr int STAGE = 2 * LA_T * LA_D;
+    __shared__ float sL[2][LA_T], sD[2][LA_T];
+    const int kt = gridDim.z - 1 - blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
+    const int G = p.Hq / p.Hk;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int k0 = kt * LA_T;
+    const i64 koff = b * p.k_sb + kh * p.k_sh;
+    la_load64(sK, p.k + koff, p.k_ss, k0, p.Sk);
+    la_load64(sV, p.v + koff, p.k_ss, k0, p.Sk);
+    la_cp_commit();
+
+    // The (query head, schedule column entry) pairs, in a fixed order: head-major.
+    auto col = [&](int h, u32& c0, u32& c1) {
+        const int c = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
+        c0 = p.col_off[c];
+        c1 = p.col_off[c + 1];
+    };
+    // Total work items and the i-th one.
+    int n_items = 0;
+    for (int hh = 0; hh < G; hh++) {
+        u32 c0, c1;
+        col(kh * G + hh, c0, c1);
+        n_items += c1 - c0;
+    }
+    auto item = [&](int t, int& h, u32& ent) {
+        for (int hh = 0; hh < G; hh++) {
+            u32 c0, c1;
+            col(kh * G + hh, c0, c1);
+            if (t < (int)(c1 - c0)) {
+                h = kh * G + hh;
+                ent = p.col_ent[c0 + t];
+                return;
+            }
+            t -= c1 - c0;
+        }
+    };
+    auto load_item = [&](int t, int st) {
+        int h;
+        u32 ent;
+        item(t, h, ent);
+        const int q0 = (int)(ent >> 1) * LA_T;
+        const i64 qoff = b * p.q_sb + h * p.q_sh;
+        la_load64(sQ + st * STAGE, p.q + qoff, p.q_ss, q0, p.Sq);
+        la_load64(sdO + st * STAGE, p.dout + qoff, p.q_ss, q0, p.Sq);
+        for (int x = threadIdx.x; x < LA_T; x += LA_THREADS) {
+            const int i = q0 + x;
+            const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
+            sL[st][x] = i < p.Sq ? p.lse2[r] : LA_INF;
+            sD[st][x] = i < p.Sq ? p.delta[r] : 0.f;
+        }
+    };
+#pragma unroll
+    for (int st = 0; st < 2; st++) {
+        if (st < n_items) load_item(st, st);
+        la_cp_commit();
+    }
+    float dk[LA_D / 8][4], dv[LA_D / 8][4];
+#pragma unroll
+    for (int i = 0; i < LA_D / 8; i++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) dk[i][r] = dv[i][r] = 0.f;
+    const int j0 = k0 + warp * 16 + g;  // this thread's keys: j0, j0 + 8
+
+    for (int t = 0; t < n_items; t++) {
+        const int st = t & 1;
+        int h;
+        u32 ent;
+        item(t, h, ent);
+        const bool partial = ent & 1;
+        const int q0 = (int)(ent >> 1) * LA_T;
+        const u16* cQ = sQ + st * STAGE;
+        const u16* cdO = sdO + st * STAGE;
+        la_cp_wait<1>();
+        __syncthreads();
+        float s[LA_T / 8][4], dp[LA_T / 8][4];
+#pragma unroll
+        for (int i = 0; i < LA_T / 8; i++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) s[i][r] = dp[i][r] = 0.f;
+        la_mm_abt(s, sK, warp * 16, cQ, lane);    // S^T = K Q^T
+        la_mm_abt(dp, sV, warp * 16, cdO, lane);  // dP^T = V dO^T
+        const bool edge = q0 + LA_T > p.Sq || k0 + LA_T > p.Sk;
+        u32 pa[LA_T / 16][4];
+#pragma unroll
+        for (int nt = 0; nt < LA_T / 8; nt++) {
+#pragma unroll
+            for (int e2 = 0; e2 < 4; e2++) {
+                float dcap;
+                float y = la_logit(p, s[nt][e2], dcap);
+                const int ic = nt * 8 + 2 * t4 + (e2 & 1);  // query column within the tile
+                const int i = q0 + ic;
+                const int j = j0 + ((e2 >> 1) << 3);
+                if (partial || edge) {
+                    bool ok = i < p.Sq && j < p.Sk;
+                    if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                    if (!ok) y = -LA_INF;
+                }
+                const float pr = la_exp2(y - sL[st][ic]);
+                dp[nt][e2] = pr * (dp[nt][e2] - sD[st][ic]) * dcap * p.scale;  // dS^T
+                s[nt][e2] = pr;                                                  // P^T
+            }
+        }
+        la_c_to_a(s, pa);
+        la_mm_ab(dv, pa, cdO, lane);   // dV += P^T dO
+        la_c_to_a(dp, pa);
+        la_mm_ab(dk, pa, cQ, lane);    // dK += dS^T Q
+        __syncthreads();
+        if (t + 2 < n_items) load_item(t + 2, st);
+        la_cp_commit();
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int j = j0 + 8 * hf;
+        if (j < p.Sk) {
+            u32* dstk = (u32*)(p.dk + koff + (i64)j * p.k_ss);
+            u32* dstv = (u32*)(p.dv + koff + (i64)j * p.k_ss);
+#pragma unroll
+            for (int i = 0; i < LA_D / 8; i++) {
+                dstk[i * 4 + t4] = la_pack2(dk[i][2 * hf], dk[i][2 * hf + 1]);
+                dstv[i * 4 + t4] = la_pack2(dv[i][2 * hf], dv[i][2 * hf + 1]);
+            }
+        }
+    }
+}
