@@ -268,9 +268,6 @@ fn plan(a: &Args) -> Result<Plan> {
 pub fn main(a: Args) -> Result<()> {
     match a.backend.as_str() {
         "cpu" => {}
-        "cuda" if a.backward => {
-            bail!("--backward runs on the CPU backend only (the CUDA backward is not built yet)")
-        }
         "cuda" => return crate::bench_cuda::main(&a),
         other => bail!("--backend {other}: expected `cpu` or `cuda`"),
     }
@@ -697,29 +694,11 @@ fn bench_backward(
     let g = run(false)?;
     let warm = t0.elapsed().as_secs_f64();
     // dQ of row i depends on row i only: the oracle restricted to the checked rows and heads.
-    let (n, hq, d) = (q.seq(), q.heads(), q.dim());
+    let (n, hq) = (q.seq(), q.heads());
     let rows = spread_rows(n, a.check_rows);
     let heads: Vec<usize> = if hq > 1 { vec![0, hq - 1] } else { vec![0] };
-    let mut sel = vec![false; n];
-    rows.iter().for_each(|&i| sel[i] = true);
-    let want =
-        longattn::reference::attention_backward_f64(&q, &k, &v, &dov, &params, &|b, h, i, j| {
-            b == 0 && sel[i] && heads.contains(&h) && mask.allowed(b, i, j)
-        })?;
-    let got = g.dq.data.to_f32_vec();
-    let (mut err, mut scale) = (0.0f64, 1e-30f64);
-    for &i in &rows {
-        for &h in &heads {
-            for x in 0..d {
-                let at = (i * hq + h) * d + x;
-                scale = scale.max(want.dq[at].abs());
-                let e = (got[at] as f64 - want.dq[at]).abs();
-                err = err.max(if e.is_nan() { f64::INFINITY } else { e });
-            }
-        }
-    }
+    let err = crate::common::check_dq_rows(&q, &k, &v, &dov, &params, mask, &g.dq, &rows, &heads)?;
     drop(g);
-    let err = err / scale;
     row.check_rel_err = Some(err);
     row.tolerance = longattn::testing::grad_tolerance(inputs.q.dtype());
     if err.is_nan() || err > row.tolerance {

@@ -17,13 +17,15 @@
 //! (compiled, `create_block_mask` on the same mask; its build time reported too).
 use crate::bench::{mask_expr, median, Args, MASKS};
 use crate::common::{
-    check_rows, fmt_len, now_utc, parse_len, parse_list, random_inputs, spread_rows, tolerance,
+    check_dq_rows, check_rows, fmt_len, now_utc, parse_len, parse_list, random_inputs, spread_rows,
+    tolerance,
 };
 use crate::maskglue::bind_mask;
 use crate::peer;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longattn::attention::Dims;
+use longattn::cuda::backward::BwdPlan;
 use longattn::cuda::{CudaDevice, DevTensor, FwdPlan};
 use longattn::{AttnOutput, AttnParams, DType, MaskSpec};
 use serde::Serialize;
@@ -83,6 +85,8 @@ struct PeerCfg {
 
 #[derive(Serialize)]
 struct PeerJob<'a> {
+    /// Time `.backward()` instead of the forward.
+    backward: bool,
     configs: &'a [PeerCfg],
 }
 
@@ -209,15 +213,18 @@ pub fn main(a: &Args) -> Result<()> {
     // Decode: batch 32, 8k tokens, 32 query / 8 KV heads, D 128 (the target problem).
     let dcfg = longattn::cuda::decode::DecodeBenchConfig::default();
     let decode_id = rows.len() + 1_000_000;
-    let mut decode_rows = match longattn::cuda::decode::bench(&dev, &dcfg) {
-        Ok(r) => r,
-        Err(e) => {
-            println!("decode bench failed: {e}");
-            Vec::new()
-        }
+    let mut decode_rows = match a.backward {
+        true => Vec::new(),
+        false => match longattn::cuda::decode::bench(&dev, &dcfg) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("decode bench failed: {e}");
+                Vec::new()
+            }
+        },
     };
     let mut decode_sdpa_ms = None;
-    peer_cfgs.push(PeerCfg {
+    peer_cfgs.extend((!a.backward).then_some(PeerCfg {
         id: decode_id,
         batch: dcfg.batch,
         heads: dcfg.hq,
@@ -231,7 +238,7 @@ pub fn main(a: &Args) -> Result<()> {
         grid: 0,
         kernel: 0,
         decode: true,
-    });
+    }));
 
     let mut torch_version = None;
     if compare {
@@ -249,6 +256,7 @@ pub fn main(a: &Args) -> Result<()> {
             "peer_torch_cuda.py",
             PEER_SCRIPT,
             &PeerJob {
+                backward: a.backward,
                 configs: &peer_cfgs,
             },
             |l| {
@@ -288,6 +296,9 @@ pub fn main(a: &Args) -> Result<()> {
     }
     decode_rows.sort_by_key(|r| r.name.clone());
     report(a, &dev, &rows, torch_version)?;
+    if a.backward {
+        return Ok(());
+    }
     report_decode(a, &dcfg, &decode_rows, decode_sdpa_ms)
 }
 
@@ -386,7 +397,9 @@ fn run_one(
     (row.tiles_full, row.tiles_partial) = plan.tile_counts;
     let pairs: u64 = (0..batch).map(|b| mask.allowed_pairs(b)).sum();
     row.density = pairs as f64 / (batch * n * n) as f64;
-    row.useful_flops = 4.0 * hq as f64 * d as f64 * pairs as f64;
+    // Backward: 2.5x the forward's FLOPs (five products instead of two).
+    row.useful_flops =
+        4.0 * hq as f64 * d as f64 * pairs as f64 * if a.backward { 2.5 } else { 1.0 };
 
     let (q, k, v) = (
         DevTensor::upload(dev, "q", &inputs.q.view("q")?)?,
@@ -411,14 +424,72 @@ fn run_one(
         return Ok(());
     }
     let reps = a.reps.max(20);
-    let mut ts = Vec::with_capacity(reps);
-    for _ in 0..3 {
-        plan.launch(&q, &k, &v, &mut o, &mut lse)?;
-    }
-    for _ in 0..reps {
-        ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
-    }
-    let ms = median(ts);
+    let ms =
+        if a.backward {
+            let dout = longattn::testing::random_tensor(
+                dt,
+                &[batch, n, hq, d],
+                1.0,
+                a.seed ^ 0xd0 ^ row.id as u64,
+            );
+            let dod = DevTensor::upload(dev, "do", &dout.view("do")?)?;
+            let bplan = BwdPlan::new(dev, dims, dt, &params, spec)?;
+            let (mut dq, mut dk, mut dv) = (
+                DevTensor::alloc(dev, [batch, n, hq, d], dt)?,
+                DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
+                DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
+            );
+            bplan.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
+            dev.synchronize()?;
+            // dQ rows against the f64 gradient oracle (its cost grows with n^2: up to 16k).
+            if n <= 16384 {
+                let rows_checked = spread_rows(n, a.check_rows.min(8));
+                let (qv, kv, vv) = (
+                    inputs.q.view("q")?,
+                    inputs.k.view("k")?,
+                    inputs.v.view("v")?,
+                );
+                let got_dq = dq.download(dev)?;
+                let e = check_dq_rows(
+                    &qv,
+                    &kv,
+                    &vv,
+                    &dout.view("do")?,
+                    &params,
+                    &mask,
+                    &got_dq,
+                    &rows_checked,
+                    &[0, hq - 1],
+                )?;
+                row.check_rel_err = Some(e);
+                if !(e <= longattn::testing::grad_tolerance(dt)) {
+                    row.status = "FAILED".into();
+                    row.note = format!("dq rel err {e:.2e}");
+                    return Ok(());
+                }
+            } else {
+                row.note = "dq not checked here (n > 16k; the selftest covers it)".into();
+            }
+            for _ in 0..3 {
+                bplan.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
+            }
+            let mut ts = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                ts.push(dev.time_ms(|| {
+                    bplan.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)
+                })?);
+            }
+            median(ts)
+        } else {
+            for _ in 0..3 {
+                plan.launch(&q, &k, &v, &mut o, &mut lse)?;
+            }
+            let mut ts = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
+            }
+            median(ts)
+        };
     row.time_ms = Some(ms);
     row.tflops = Some(row.useful_flops / (ms * 1e-3) / 1e12);
     row.status = "ok".into();
@@ -429,7 +500,8 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "longattn bench --backend cuda, {} on {} (torch {}), {} tokens per config, model dim {}\n",
+        "longattn bench --backend cuda{}, {} on {} (torch {}), {} tokens per config, model dim {}\n",
+        if a.backward { " --backward (TFLOP/s count 2.5x the forward's FLOPs)" } else { "" },
         now_utc(),
         dev.name,
         torch.as_deref().unwrap_or("not run"),

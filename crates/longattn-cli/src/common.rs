@@ -258,3 +258,40 @@ pub fn fmt_len(n: usize) -> String {
         n.to_string()
     }
 }
+
+/// Largest error of dQ on `rows` x `heads` of batch row 0 against the f64 gradient oracle,
+/// relative to max |oracle| there (dQ of row i depends on row i only, so the oracle runs on those
+/// rows alone). `dq` is `[B, Sq, Hq, D]` (any dtype).
+#[allow(clippy::too_many_arguments)]
+pub fn check_dq_rows(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    dout: &TensorView,
+    params: &AttnParams,
+    mask: &Mask,
+    dq: &longattn::Tensor,
+    rows: &[usize],
+    heads: &[usize],
+) -> Result<f64> {
+    let (n, hq, d) = (q.seq(), q.heads(), q.dim());
+    let mut sel = vec![false; n];
+    rows.iter().for_each(|&i| sel[i] = true);
+    let want =
+        longattn::reference::attention_backward_f64(q, k, v, dout, params, &|b, h, i, j| {
+            b == 0 && sel[i] && heads.contains(&h) && mask.allowed(b, i, j)
+        })?;
+    let got = dq.data.to_f32_vec();
+    let (mut err, mut scale) = (0.0f64, 1e-30f64);
+    for &i in rows {
+        for &h in heads {
+            for x in 0..d {
+                let at = (i * hq + h) * d + x;
+                scale = scale.max(want.dq[at].abs());
+                let e = (got[at] as f64 - want.dq[at]).abs();
+                err = err.max(if e.is_nan() { f64::INFINITY } else { e });
+            }
+        }
+    }
+    Ok(err / scale)
+}

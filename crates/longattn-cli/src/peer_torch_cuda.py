@@ -5,7 +5,8 @@ FLASH_ATTENTION and CUDNN_ATTENTION backends (full and causal masks only: SDPA h
 masks) and FlexAttention (torch.compile(flex_attention) with create_block_mask on the same mask),
 and prints one JSON line per (config, peer): {"id", "peer", "ms"} or {"id", "peer", "error"};
 FlexAttention lines also carry "build_ms" (create_block_mask, after its first compiled call). Decode
-configs time SDPA on q [B, Hq, 1, D] against k, v [B, Hk, n, D] (GQA).
+configs time SDPA on q [B, Hq, 1, D] against k, v [B, Hk, n, D] (GQA). With "backward": true in the
+job, every peer times `out.backward(dO)` alone (the forward runs once, its graph is kept).
 Timing: triton.testing.do_bench, median, after warm-up; inputs uniform in [-1, 1) (never zeros).
 """
 import json
@@ -40,6 +41,28 @@ def main():
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    backward = bool(job.get("backward"))
+
+    def timed(fwd, tensors):
+        """Median ms of the forward, or of the backward alone when the job asks for it."""
+        if not backward:
+            fwd()
+            return bench(fwd)
+        for t in tensors:
+            t.requires_grad_(True)
+        out = fwd()
+        dout = torch.rand_like(out) * 2 - 1
+
+        def bwd():
+            out.backward(dout, retain_graph=True)
+
+        bwd()
+        ms = triton.testing.do_bench(bwd, warmup=25, rep=100, return_mode="median", grad_to_none=tensors)
+        for t in tensors:
+            t.requires_grad_(False)
+            t.grad = None
+        return ms
 
     def mask_mod(c):
         n, kind = c["n"], c["mask"]
@@ -87,8 +110,7 @@ def main():
                 try:
                     with sdpa_kernel([be]):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c["mask"] == "causal", **kw)  # noqa: E731
-                        fn()
-                        ms = bench(fn)
+                        ms = timed(fn, [q, k, v])
                     print(json.dumps({"id": c["id"], "peer": name, "ms": ms}), flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(json.dumps({"id": c["id"], "peer": name, "error": f"{type(e).__name__}: {e}"}), flush=True)
@@ -109,8 +131,7 @@ def main():
                     torch.cuda.synchronize()
                     ts.append((time.perf_counter() - t0) * 1e3)
                 build_ms = sorted(ts)[len(ts) // 2]
-            out()
-            ms = bench(out)
+            ms = timed(out, [q, k, v])
             print(json.dumps({"id": c["id"], "peer": "flex", "ms": ms, "build_ms": build_ms}), flush=True)
         except Exception as e:  # noqa: BLE001
             print(json.dumps({"id": c["id"], "peer": "flex", "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
