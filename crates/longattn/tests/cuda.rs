@@ -59,12 +59,12 @@ fn mask_program_is_generated_for_every_atom() {
     };
     for (expr, needle) in [
         ("causal", "(j <= pos)"),
-        ("window(7,3)", "pos - 7LL <= j && j <= pos + 3LL"),
-        ("sinks(4) | prefix(9)", "(j < 4LL) || (j < 9LL)"),
-        ("chunk(64)", "la_fdiv(pos, 64LL)"),
-        ("strided(3)", "la_emod(pos - j, 3LL)"),
+        ("window(7,3)", "pos - 7 <= j && j <= pos + 3"),
+        ("sinks(4) | prefix(9)", "(j < 4) || (j < 9)"),
+        ("chunk(64)", "la_fdiv(pos, 64)"),
+        ("strided(3)", "la_emod(pos - j, 3)"),
         ("!causal & document", "p.qdoc["),
-        ("neighborhood2d(16,32,5,7)", "la_nbr_axis(i, j, 16LL"),
+        ("neighborhood2d(16,32,5,7)", "la_nbr_axis(i, j, 16, "),
     ] {
         let e = MaskExpr::parse(expr).unwrap();
         let docs = e.uses_documents().then(|| DocIds {

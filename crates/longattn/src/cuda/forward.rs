@@ -262,7 +262,7 @@ pub(crate) struct DevMask {
     pub blk_dims: [i32; 6],
 }
 
-const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, i64, i64) { return true; }\n";
+const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
 
 impl DevMask {
     pub(crate) fn new(
@@ -272,6 +272,13 @@ impl DevMask {
         tk: usize,
         dims: Dims,
     ) -> Result<DevMask> {
+        let max = crate::mask::codegen::DEVICE_MAX_LEN;
+        if dims.sq > max || dims.sk > max {
+            return Err(unsupported(format!(
+                "Sq {} / Sk {}: the CUDA kernels take sequences up to {max} tokens",
+                dims.sq, dims.sk
+            )));
+        }
         let (sched, program, docs, blk) = match mask {
             MaskSpec::Full => (
                 BlockSchedule::full(tq, tk, dims.sq, dims.sk)?,
@@ -572,7 +579,7 @@ impl FwdPlan {
 
 /// Element mask of an explicit block mask: the user's tile table (1 = allowed).
 const BLOCK_PROGRAM: &str = r#"template <typename P>
-__device__ __forceinline__ bool la_mask(const P& p, int b, int h, i64 i, i64 j) {
+__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {
     const int bb = b % p.blk_batch, hh = h % p.blk_heads;
     return p.blk[(((i64)bb * p.blk_heads + hh) * p.blk_qtiles + i / p.blk_tq) * p.blk_ktiles + j / p.blk_tk] != 0;
 }

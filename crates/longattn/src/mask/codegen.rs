@@ -5,14 +5,25 @@
 //! document ids come from the kernel parameters (`p.Sq`, `p.Sk`, `p.qdoc`, `p.kdoc`).
 use super::bind::{Atom, BoundMask, Node};
 
+/// Longest sequence the device mask programs take: positions, their differences and sums of a
+/// position and a constant then fit 32-bit ints.
+pub const DEVICE_MAX_LEN: usize = 1 << 29;
+
+/// An atom constant for 32-bit device code, clamped to 2^30. With lengths up to 2^29 every result
+/// is unchanged: a window or prefix bound past 2^30 already covers every key, a chunk or stride
+/// of 2^30 exceeds every position difference (|pos - j| < 2^30), as the larger value does.
+fn c32(v: i64) -> i64 {
+    v.clamp(-(1 << 30), 1 << 30)
+}
+
 impl BoundMask {
-    /// CUDA source of `__device__ bool la_mask(const P& p, int b, int h, i64 i, i64 j)` for a
+    /// CUDA source of `__device__ bool la_mask(const P& p, int b, int h, int i, int j)` for a
     /// parameter struct `P` with fields `Sq`, `Sk`, `qdoc`, `kdoc`; `i` is the query row, `j` the
     /// key, `pos = i + Sk - Sq` the aligned query position.
     pub fn cuda_program(&self) -> String {
         let body = self.cuda_node(self.root);
         format!(
-            "// mask: {}\ntemplate <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, i64 i, i64 j) {{\n    const i64 pos = i + (i64)p.Sk - (i64)p.Sq;\n    (void)pos; (void)b; (void)h;\n    return {body};\n}}\n",
+            "// mask: {}\ntemplate <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {{\n    const int pos = i + p.Sk - p.Sq;\n    (void)pos; (void)b; (void)h;\n    return {body};\n}}\n",
             self.expr().to_string().replace('\n', " ")
         )
     }
@@ -25,18 +36,23 @@ impl BoundMask {
             Node::Atom(atom) => match atom {
                 Atom::Full => "true".into(),
                 Atom::Causal => "(j <= pos)".into(),
-                Atom::Window { l, r } => format!("(pos - {l}LL <= j && j <= pos + {r}LL)"),
-                Atom::Below(s) => format!("(j < {s}LL)"),
-                Atom::Chunk(c) => format!("(la_fdiv(pos, {c}LL) == la_fdiv(j, {c}LL))"),
-                Atom::Strided { s, .. } => format!("(la_emod(pos - j, {s}LL) == 0)"),
+                Atom::Window { l, r } => {
+                    format!("(pos - {} <= j && j <= pos + {})", c32(*l), c32(*r))
+                }
+                Atom::Below(s) => format!("(j < {})", c32(*s)),
+                Atom::Chunk(c) => format!("(la_fdiv(pos, {0}) == la_fdiv(j, {0}))", c32(*c)),
+                Atom::Strided { s, .. } => format!("(la_emod(pos - j, {}) == 0)", c32(*s)),
                 Atom::Document => "(p.qdoc[(i64)b * p.Sq + i] == p.kdoc[(i64)b * p.Sk + j])".into(),
                 Atom::Nbr(axes) => {
                     let terms: Vec<String> = axes
                         .iter()
                         .map(|ax| {
                             format!(
-                                "la_nbr_axis(i, j, {}LL, {}LL, {}LL, {}LL)",
-                                ax.n, ax.stride, ax.k, ax.d
+                                "la_nbr_axis(i, j, {}, {}, {}, {})",
+                                c32(ax.n),
+                                c32(ax.stride),
+                                c32(ax.k),
+                                c32(ax.d)
                             )
                         })
                         .collect();

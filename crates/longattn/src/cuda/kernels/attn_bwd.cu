@@ -181,7 +181,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dq(const LaBwdPa
                 const int i = r0 + ((e2 >> 1) << 3);
                 if (partial || edge) {
                     bool ok = j < p.Sk;
-                    if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                    if (partial && ok) ok = la_mask(p, b, h, i, j);
                     if (!ok) y = -LA_INF;
                 }
                 const float pr = la_exp2(y - ((e2 >> 1) ? L1 : L0));
@@ -310,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
                 const int j = j0 + ((e2 >> 1) << 3);
                 if (partial || edge) {
                     bool ok = i < p.Sq && j < p.Sk;
-                    if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                    if (partial && ok) ok = la_mask(p, b, h, i, j);
                     if (!ok) y = -LA_INF;
                 }
                 const float pr = la_exp2(y - sL[st][ic]);

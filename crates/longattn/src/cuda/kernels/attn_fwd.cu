@@ -168,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd(co
                         const int j = k0 + nt * 8 + 2 * t4 + (e2 & 1);
                         const int i = i0 + ((e2 >> 1) << 3);
                         bool ok = j < p.Sk;
-                        if (partial && ok) ok = la_mask(p, b, h, (i64)i, (i64)j);
+                        if (partial && ok) ok = la_mask(p, b, h, i, j);
                         if (!ok) x = -LA_INF;
                     }
                     s[mt][nt][e2] = x;

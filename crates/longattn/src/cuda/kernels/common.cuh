@@ -80,25 +80,28 @@ __device__ __forceinline__ void la_mma16816(float* c, const u32* a, const u32* b
 #endif
 }
 
+// Mask arithmetic is 32-bit: the host refuses sequences longer than 2^29 and clamps atom
+// constants to 2^30, so positions, their differences and sums stay inside int (see
+// mask/codegen.rs).
 // Floor division and Euclidean remainder (the mask language's semantics).
-__device__ __forceinline__ i64 la_fdiv(i64 a, i64 b) {
-    i64 q = a / b;
+__device__ __forceinline__ int la_fdiv(int a, int b) {
+    const int q = a / b;
     return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
-__device__ __forceinline__ i64 la_emod(i64 a, i64 b) {
-    i64 r = a % b;
+__device__ __forceinline__ int la_emod(int a, int b) {
+    const int r = a % b;
     return r < 0 ? r + b : r;
 }
 
 // One axis of a NATTEN neighborhood: coordinates (t / stride) % n, kernel k, dilation d.
-__device__ __forceinline__ bool la_nbr_axis(i64 i, i64 j, i64 n, i64 stride, i64 k, i64 d) {
-    i64 cq = (i / stride) % n, ck = (j / stride) % n;
+__device__ __forceinline__ bool la_nbr_axis(int i, int j, int n, int stride, int k, int d) {
+    const int cq = (i / stride) % n, ck = (j / stride) % n;
     if (cq % d != ck % d) return false;
-    i64 r = cq % d;
-    i64 nr = (n - r + d - 1) / d;
+    const int r = cq % d;
+    const int nr = (n - r + d - 1) / d;
     if (k >= nr) return true;
-    i64 gq = cq / d, gk = ck / d;
-    i64 s = gq - k / 2;
+    const int gq = cq / d, gk = ck / d;
+    int s = gq - k / 2;
     s = s < 0 ? 0 : (s > nr - k ? nr - k : s);
     return s <= gk && gk < s + k;
 }
