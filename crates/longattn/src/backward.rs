@@ -1,6 +1,6 @@
 //! The public backward entry point: validate, then dispatch to the CPU kernel
 //! ([`crate::cpu::backward`]). Mirrors [`crate::forward`].
-use crate::attention::{validate, AttnParams, MaskSpec};
+use crate::attention::{validate, AttnParams, Dims, MaskSpec};
 use crate::cpu::backward::{self as kernel, BwdInputs};
 use crate::error::{Error, Result};
 use crate::tensor::{Tensor, TensorView};
@@ -47,13 +47,36 @@ pub fn backward(
     mask: MaskSpec,
     bwd: &BackwardParams,
 ) -> Result<Grads> {
-    let dims = validate(OP, q, k, v)?;
+    let dims = validate_inputs(OP, q, k, v, out, lse, dout)?;
     params.check()?;
+    let inp = BwdInputs {
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+    };
+    kernel::backward(&inp, &dims, params, mask, bwd.deterministic)
+}
+
+/// Checks q, k, v and the backward's other inputs: `out` and `do` shaped and typed as the
+/// forward's output, the LSE's length (errors name the tensor). Shared by the CPU and CUDA paths.
+pub(crate) fn validate_inputs(
+    op: &'static str,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    out: &TensorView,
+    lse: &[f32],
+    dout: &TensorView,
+) -> Result<Dims> {
+    let dims = validate(op, q, k, v)?;
     let want = [dims.batch, dims.sq, dims.hq, dims.dv];
     for (name, t) in [("out", out), ("do", dout)] {
         if t.shape != want {
             return Err(Error::Shape {
-                op: OP,
+                op,
                 tensor: name.into(),
                 got: t.shape.to_vec(),
                 expected: format!(
@@ -64,7 +87,7 @@ pub fn backward(
         }
         if t.dtype() != q.dtype() {
             return Err(Error::DType {
-                op: OP,
+                op,
                 tensor: name.into(),
                 got: t.dtype().to_string(),
                 expected: format!("{} (the dtype of q)", q.dtype()),
@@ -74,7 +97,7 @@ pub fn backward(
     let n_lse = dims.batch * dims.hq * dims.sq;
     if lse.len() != n_lse {
         return Err(Error::Shape {
-            op: OP,
+            op,
             tensor: "lse".into(),
             got: vec![lse.len()],
             expected: format!(
@@ -83,13 +106,5 @@ pub fn backward(
             ),
         });
     }
-    let inp = BwdInputs {
-        q,
-        k,
-        v,
-        out,
-        dout,
-        lse,
-    };
-    kernel::backward(&inp, &dims, params, mask, bwd.deterministic)
+    Ok(dims)
 }

@@ -1,7 +1,9 @@
 //! CUDA backend tests. Machines without an NVIDIA GPU (CI) check that the backend says so
 //! clearly and skip the device cases, printing why; on a GPU machine the forward matrix runs
 //! against the f64 oracle (`longattn selftest --backend cuda` runs the whole matrix).
-use longattn::cuda::selftest::{check_errors, check_forward, forward_cases};
+use longattn::cuda::selftest::{
+    backward_cases, check_backward, check_errors, check_forward, forward_cases,
+};
 use longattn::cuda::{try_default_device, CudaDevice};
 use longattn::mask::MaskExpr;
 
@@ -36,6 +38,30 @@ fn forward_matrix_on_the_gpu_or_skip() {
         .enumerate()
         .map(|(n, c)| check_forward(&dev, c, 77 + n as u64))
         .chain(check_errors(&dev))
+        .filter(|r| !r.passed)
+        .map(|r| {
+            format!(
+                "{}: err {:.2e} (tol {:.2e}) {}",
+                r.name, r.err, r.tol, r.detail
+            )
+        })
+        .collect();
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
+}
+
+#[test]
+fn backward_matrix_on_the_gpu_or_skip() {
+    let dev = match try_default_device() {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipping the CUDA backward matrix: {why}");
+            return;
+        }
+    };
+    let failed: Vec<String> = backward_cases(true)
+        .iter()
+        .enumerate()
+        .map(|(n, c)| check_backward(&dev, c, 91 + n as u64))
         .filter(|r| !r.passed)
         .map(|r| {
             format!(

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::forward::{unsupported, DevMask, DevTensor, COMMON};
+use super::forward::{check_launch, unsupported, DevMask, DevTensor, COMMON};
 use super::{drv, CudaDevice};
-use crate::attention::{validate, AttnParams, Dims, MaskSpec};
+use crate::attention::{AttnParams, Dims, MaskSpec};
 use crate::backward::{BackwardParams, Grads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
@@ -204,33 +204,22 @@ impl BwdPlan {
         } = self.dims;
         let qs = [batch, sq, hq, d];
         let ks = [batch, sk, hk, d];
-        for (name, t, want) in [
-            ("q", q, qs),
-            ("k", k, ks),
-            ("v", v, ks),
-            ("out", out, qs),
-            ("do", dout, qs),
-            ("dq", &*dq, qs),
-            ("dk", &*dk, ks),
-            ("dv", &*dv, ks),
-        ] {
-            if t.shape != want || t.dtype != self.dtype {
-                return Err(Error::Shape {
-                    op: "cuda attention backward",
-                    tensor: name.into(),
-                    got: t.shape.to_vec(),
-                    expected: format!("{want:?} in {} (the plan's problem)", self.dtype),
-                });
-            }
-        }
-        if lse.len() < batch * hq * sq {
-            return Err(Error::Shape {
-                op: "cuda attention backward",
-                tensor: "lse".into(),
-                got: vec![lse.len()],
-                expected: format!("[{batch}, {hq}, {sq}]"),
-            });
-        }
+        check_launch(
+            "cuda attention backward",
+            self.dtype,
+            &[
+                ("q", q, qs),
+                ("k", k, ks),
+                ("v", v, ks),
+                ("out", out, qs),
+                ("do", dout, qs),
+                ("dq", &*dq, qs),
+                ("dk", &*dk, ks),
+                ("dv", &*dv, ks),
+            ],
+            lse.len(),
+            [batch, hq, sq],
+        )?;
         let s = self.dev.stream();
         let mut p = self.base;
         p.q = q.data.device_ptr(s).0;
@@ -298,31 +287,8 @@ pub fn backward(
     mask: MaskSpec,
     _bwd: &BackwardParams,
 ) -> Result<Grads> {
-    const OP: &str = "cuda attention backward";
-    let dims = validate(OP, q, k, v)?;
-    let want = [dims.batch, dims.sq, dims.hq, dims.dv];
-    for (name, t) in [("out", out), ("do", dout)] {
-        if t.shape != want || t.dtype() != q.dtype() {
-            return Err(Error::Shape {
-                op: OP,
-                tensor: name.into(),
-                got: t.shape.to_vec(),
-                expected: format!(
-                    "{want:?} in {} ([B, Sq, Hq, Dv], the dtype of q)",
-                    q.dtype()
-                ),
-            });
-        }
-    }
-    let n_lse = dims.batch * dims.hq * dims.sq;
-    if lse.len() != n_lse {
-        return Err(Error::Shape {
-            op: OP,
-            tensor: "lse".into(),
-            got: vec![lse.len()],
-            expected: format!("{n_lse} values ([B, Hq, Sq])"),
-        });
-    }
+    let dims =
+        crate::backward::validate_inputs("cuda attention backward", q, k, v, out, lse, dout)?;
     if let Some(i) = lse.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
         return Err(Error::NonFinite {
             tensor: "lse".into(),

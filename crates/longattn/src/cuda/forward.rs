@@ -534,29 +534,18 @@ impl FwdPlan {
             d,
             ..
         } = self.dims;
-        for (name, t, want) in [
-            ("q", q, [batch, sq, hq, d]),
-            ("k", k, [batch, sk, hk, d]),
-            ("v", v, [batch, sk, hk, d]),
-            ("out", &*o, [batch, sq, hq, d]),
-        ] {
-            if t.shape != want || t.dtype != self.dtype {
-                return Err(Error::Shape {
-                    op: "cuda attention",
-                    tensor: name.into(),
-                    got: t.shape.to_vec(),
-                    expected: format!("{want:?} in {} (the plan's problem)", self.dtype),
-                });
-            }
-        }
-        if lse.len() < batch * hq * sq {
-            return Err(Error::Shape {
-                op: "cuda attention",
-                tensor: "lse".into(),
-                got: vec![lse.len()],
-                expected: format!("[{batch}, {hq}, {sq}]"),
-            });
-        }
+        check_launch(
+            "cuda attention",
+            self.dtype,
+            &[
+                ("q", q, [batch, sq, hq, d]),
+                ("k", k, [batch, sk, hk, d]),
+                ("v", v, [batch, sk, hk, d]),
+                ("out", &*o, [batch, sq, hq, d]),
+            ],
+            lse.len(),
+            [batch, hq, sq],
+        )?;
         let s = self.dev.stream();
         let mut p = self.base;
         p.q = q.data.device_ptr(s).0;
@@ -575,6 +564,36 @@ impl FwdPlan {
         unsafe { b.launch(self.cfg) }.map_err(drv("launch attention"))?;
         Ok(())
     }
+}
+
+/// Checks device tensors against a plan's problem (shape and dtype, each named) and the LSE
+/// buffer's length (`lse` = [B, Hq, Sq]).
+pub(crate) fn check_launch(
+    op: &'static str,
+    dtype: DType,
+    tensors: &[(&str, &DevTensor, [usize; 4])],
+    lse_len: usize,
+    lse: [usize; 3],
+) -> Result<()> {
+    for (name, t, want) in tensors {
+        if t.shape != *want || t.dtype != dtype {
+            return Err(Error::Shape {
+                op,
+                tensor: name.to_string(),
+                got: t.shape.to_vec(),
+                expected: format!("{want:?} in {dtype} (the plan's problem)"),
+            });
+        }
+    }
+    if lse_len < lse.iter().product() {
+        return Err(Error::Shape {
+            op,
+            tensor: "lse".into(),
+            got: vec![lse_len],
+            expected: format!("{lse:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// Element mask of an explicit block mask: the user's tile table (1 = allowed).
