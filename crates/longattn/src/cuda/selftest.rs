@@ -474,6 +474,29 @@ pub fn check_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         )
         .unwrap();
     let s = bm.schedule(64, 64).unwrap();
+    // Out of device memory: a 4 TiB output; the error names it and the device keeps working
+    // (the following cases run on it).
+    case(
+        "out of device memory (4 TiB tensor)",
+        super::DevTensor::alloc(dev, [1, 1 << 26, 256, 128], DType::BF16).map(|_| AttnOutput {
+            out: f.clone(),
+            lse: Vec::new(),
+        }),
+    );
+    // A kernel source NVRTC rejects: the error carries the compiler's log.
+    case(
+        "kernel that fails to compile",
+        super::compile::compile(
+            "selftest_broken",
+            "extern \"C\" __global__ void broken() { this is not C; }",
+            &dev.arch(),
+            &[],
+        )
+        .map(|_| AttnOutput {
+            out: f.clone(),
+            lse: Vec::new(),
+        }),
+    );
     case(
         "schedule with a CPU row mask",
         super::forward(
