@@ -60,6 +60,8 @@ struct Row {
     peers_ms: BTreeMap<String, f64>,
     peer_notes: BTreeMap<String, String>,
     flex_build_ms: Option<f64>,
+    /// Backward runs: the deterministic mode's median ms (the main columns are the fast mode's).
+    det_ms: Option<f64>,
     /// Our useful TFLOP/s over each peer's.
     ratios: BTreeMap<String, f64>,
     #[serde(skip)]
@@ -424,72 +426,87 @@ fn run_one(
         return Ok(());
     }
     let reps = a.reps.max(20);
-    let ms =
-        if a.backward {
-            let dout = longattn::testing::random_tensor(
+    let ms = if a.backward {
+        let dout = longattn::testing::random_tensor(
+            dt,
+            &[batch, n, hq, d],
+            1.0,
+            a.seed ^ 0xd0 ^ row.id as u64,
+        );
+        let dod = DevTensor::upload(dev, "do", &dout.view("do")?)?;
+        let plan_of = |deterministic: bool| {
+            BwdPlan::new(
+                dev,
+                dims,
                 dt,
-                &[batch, n, hq, d],
-                1.0,
-                a.seed ^ 0xd0 ^ row.id as u64,
-            );
-            let dod = DevTensor::upload(dev, "do", &dout.view("do")?)?;
-            let bplan = BwdPlan::new(dev, dims, dt, &params, spec)?;
-            let (mut dq, mut dk, mut dv) = (
-                DevTensor::alloc(dev, [batch, n, hq, d], dt)?,
-                DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
-                DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
-            );
-            bplan.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
+                &params,
+                spec,
+                &longattn::BackwardParams { deterministic },
+            )
+        };
+        let (fast, det) = (plan_of(false)?, plan_of(true)?);
+        let (mut dq, mut dk, mut dv) = (
+            DevTensor::alloc(dev, [batch, n, hq, d], dt)?,
+            DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
+            DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
+        );
+        // dQ rows of both modes against the f64 gradient oracle (cost grows with n^2: to 16k).
+        for bp in [&fast, &det] {
+            bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
             dev.synchronize()?;
-            // dQ rows against the f64 gradient oracle (its cost grows with n^2: up to 16k).
-            if n <= 16384 {
-                let rows_checked = spread_rows(n, a.check_rows.min(8));
-                let (qv, kv, vv) = (
-                    inputs.q.view("q")?,
-                    inputs.k.view("k")?,
-                    inputs.v.view("v")?,
-                );
-                let got_dq = dq.download(dev)?;
-                let e = check_dq_rows(
-                    &qv,
-                    &kv,
-                    &vv,
-                    &dout.view("do")?,
-                    &params,
-                    &mask,
-                    &got_dq,
-                    &rows_checked,
-                    &[0, hq - 1],
-                )?;
-                row.check_rel_err = Some(e);
-                if e.is_nan() || e > longattn::testing::grad_tolerance(dt) {
-                    row.status = "FAILED".into();
-                    row.note = format!("dq rel err {e:.2e}");
-                    return Ok(());
-                }
-            } else {
+            if n > 16384 {
                 row.note = "dq not checked here (n > 16k; the selftest covers it)".into();
+                continue;
             }
+            let rows_checked = spread_rows(n, a.check_rows.min(8));
+            let (qv, kv, vv) = (
+                inputs.q.view("q")?,
+                inputs.k.view("k")?,
+                inputs.v.view("v")?,
+            );
+            let got_dq = dq.download(dev)?;
+            let e = check_dq_rows(
+                &qv,
+                &kv,
+                &vv,
+                &dout.view("do")?,
+                &params,
+                &mask,
+                &got_dq,
+                &rows_checked,
+                &[0, hq - 1],
+            )?;
+            row.check_rel_err = Some(row.check_rel_err.unwrap_or(0.0).max(e));
+            if e.is_nan() || e > longattn::testing::grad_tolerance(dt) {
+                row.status = "FAILED".into();
+                row.note = format!("dq rel err {e:.2e}");
+                return Ok(());
+            }
+        }
+        let mut time = |bp: &BwdPlan| -> Result<f64> {
             for _ in 0..3 {
-                bplan.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
+                bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
             }
             let mut ts = Vec::with_capacity(reps);
             for _ in 0..reps {
                 ts.push(dev.time_ms(|| {
-                    bplan.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)
+                    bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)
                 })?);
             }
-            median(ts)
-        } else {
-            for _ in 0..3 {
-                plan.launch(&q, &k, &v, &mut o, &mut lse)?;
-            }
-            let mut ts = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
-            }
-            median(ts)
+            Ok(median(ts))
         };
+        row.det_ms = Some(time(&det)?);
+        time(&fast)?
+    } else {
+        for _ in 0..3 {
+            plan.launch(&q, &k, &v, &mut o, &mut lse)?;
+        }
+        let mut ts = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
+        }
+        median(ts)
+    };
     row.time_ms = Some(ms);
     row.tflops = Some(row.useful_flops / (ms * 1e-3) / 1e12);
     row.status = "ok".into();
@@ -558,6 +575,18 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             r.check_rel_err
                 .map(|x| format!("{x:.1e}"))
                 .unwrap_or_else(|| r.note.clone()),
+        );
+    }
+    for r in rows.iter().filter(|r| r.det_ms.is_some()) {
+        let _ = writeln!(
+            md,
+            "\n{} n {} D {}: deterministic mode {:.3} ms ({:.0} TFLOP/s), fast mode {:.3} ms",
+            r.mask,
+            fmt_len(r.n),
+            r.d,
+            r.det_ms.unwrap_or(0.0),
+            r.useful_flops / (r.det_ms.unwrap_or(1.0) * 1e-3) / 1e12,
+            r.time_ms.unwrap_or(0.0)
         );
     }
     for p in PEERS {

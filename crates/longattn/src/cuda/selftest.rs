@@ -295,21 +295,34 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
         let dov = dout.view("do")?;
         let fwd = crate::forward(&qv, &kv, &vv, &bt.params, bt.spec())?;
         let ov = fwd.out.view("out")?;
+        let run = |deterministic: bool| {
+            super::backward::backward(
+                dev,
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &fwd.lse,
+                &dov,
+                &bt.params,
+                bt.spec(),
+                &crate::BackwardParams { deterministic },
+            )
+        };
+        let (g, g2, gf) = (run(true)?, run(true)?, run(false)?);
+        // Deterministic mode: bit-identical run to run.
+        let same = [(&g.dq, &g2.dq), (&g.dk, &g2.dk), (&g.dv, &g2.dv)]
+            .iter()
+            .all(|(a, b)| a.data.bytes() == b.data.bytes());
+        if !same {
+            return Ok((
+                f64::INFINITY,
+                "deterministic mode differs between two runs".into(),
+            ));
+        }
         let bp = crate::BackwardParams {
             deterministic: true,
         };
-        let g = super::backward::backward(
-            dev,
-            &qv,
-            &kv,
-            &vv,
-            &ov,
-            &fwd.lse,
-            &dov,
-            &bt.params,
-            bt.spec(),
-            &bp,
-        )?;
         let work = case.batch * case.hq * case.sq * case.sk * case.d;
         let (want, how): ([Vec<f64>; 3], &str) = if work <= 1 << 26 {
             let r = crate::reference::attention_backward_f64(
@@ -337,12 +350,18 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
             ([f(&c.dq), f(&c.dk), f(&c.dv)], "vs CPU backward")
         };
         let floor = want[2].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
-        let e = [&g.dq, &g.dk, &g.dv]
-            .iter()
-            .zip(&want)
-            .map(|(got, r)| crate::testing::compare_grad(got, r, floor))
-            .fold(0.0, f64::max);
-        Ok((e, how.to_string()))
+        let err = |g: &crate::Grads| {
+            [&g.dq, &g.dk, &g.dv]
+                .iter()
+                .zip(&want)
+                .map(|(got, r)| crate::testing::compare_grad(got, r, floor))
+                .fold(0.0, f64::max)
+        };
+        let (ed, ef) = (err(&g), err(&gf));
+        Ok((
+            ed.max(ef),
+            format!("{how}; deterministic {ed:.1e} (bit-identical twice), fast {ef:.1e}"),
+        ))
     })();
     let (err, detail) = match r {
         Ok((e, d)) => (e, d),
