@@ -4,9 +4,9 @@
 //! Three launches on the device's stream: `la_bwd_prep` (Delta = rowsum(dO * O), LSE in log2
 //! units), `la_bwd_dq` (one block per 64 query rows, walking the schedule's rows) and
 //! `la_bwd_dkdv` (one block per 64 keys and KV head, walking the schedule's columns for every
-//! query head of the group). Deterministic mode: no atomics, every gradient element is summed in a
-//! fixed order by one thread (bit-identical run to run). Fast mode: no dQ pass; the dK/dV pass
-//! also adds dS K into an f32 dQ with atomics, then `la_bwd_dq_cast` rounds it.
+//! query head of the group). No atomics: every gradient element is summed in a fixed order by one
+//! thread, so both [`BackwardParams`] modes give bit-identical results on the GPU (the
+//! deterministic scheme is also the fast one here; see docs/PERF.md).
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -34,7 +34,6 @@ struct LaBwdParams {
     lse: u64,
     lse2: u64,
     delta: u64,
-    dq_acc: u64,
     dq: u64,
     dk: u64,
     dv: u64,
@@ -75,31 +74,25 @@ pub struct BwdPlan {
     f_prep: CudaFunction,
     f_dq: CudaFunction,
     f_dkdv: CudaFunction,
-    /// Fast mode: the f32 -> storage cast of the atomically summed dQ.
-    f_cast: Option<CudaFunction>,
     base: LaBwdParams,
     smem: usize,
     _mask: DevMask,
     _cols: (CudaSlice<u32>, CudaSlice<u32>),
     lse2: CudaSlice<f32>,
     delta: CudaSlice<f32>,
-    /// Fast mode: dQ in f32, zeroed before every launch.
-    dq_acc: Option<std::sync::Mutex<CudaSlice<f32>>>,
 }
 
 impl BwdPlan {
-    /// `bwd.deterministic`: the two-pass scheme (dQ over the schedule rows, dK/dV over its
-    /// columns, no atomics); otherwise one pass over the columns that also adds dQ with f32
-    /// atomics (bit-level results then depend on the order blocks finish).
+    /// Both [`BackwardParams`] modes run the same atomic-free kernels on the GPU (deterministic;
+    /// a one-pass variant with f32 atomics for dQ is not in yet), so `_bwd` selects nothing.
     pub fn new(
         dev: &Arc<CudaDevice>,
         dims: Dims,
         dtype: DType,
         params: &AttnParams,
         mask: MaskSpec,
-        bwd: &BackwardParams,
+        _bwd: &BackwardParams,
     ) -> Result<BwdPlan> {
-        let fast = !bwd.deterministic;
         let d = dims.d;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
@@ -136,14 +129,6 @@ impl BwdPlan {
         let f_prep = dev.function(&variant, "la_bwd_prep", &src, &defines, 0)?;
         let f_dq = dev.function(&variant, "la_bwd_dq", &src, &defines, smem)?;
         let f_dkdv = dev.function(&variant, "la_bwd_dkdv", &src, &defines, smem)?;
-        let f_cast = match fast {
-            true => Some(dev.function(&variant, "la_bwd_dq_cast", &src, &defines, 0)?),
-            false => None,
-        };
-        let dq_acc = match fast {
-            true => Some(dev.alloc_f32(dims.batch * dims.sq * dims.hq * d)?),
-            false => None,
-        };
         let n_lse = dims.batch * dims.hq * dims.sq;
         let lse2 = dev.alloc_f32(n_lse)?;
         let delta = dev.alloc_f32(n_lse)?;
@@ -157,7 +142,6 @@ impl BwdPlan {
         let base = LaBwdParams {
             lse2: lse2.device_ptr(s).0,
             delta: delta.device_ptr(s).0,
-            dq_acc: dq_acc.as_ref().map_or(0, |x| x.device_ptr(s).0),
             b: dims.batch as i32,
             sq: dims.sq as i32,
             sk: dims.sk as i32,
@@ -188,14 +172,12 @@ impl BwdPlan {
             f_prep,
             f_dq,
             f_dkdv,
-            f_cast,
             base,
             smem,
             _mask: dm,
             _cols: cols,
             lse2,
             delta,
-            dq_acc: dq_acc.map(std::sync::Mutex::new),
         })
     }
 
@@ -272,40 +254,22 @@ impl BwdPlan {
                 shared_mem_bytes: 0,
             },
         )?;
-        let dkdv = LaunchConfig {
-            grid_dim: (hk as u32, batch as u32, sk.div_ceil(T) as u32),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: self.smem as u32,
-        };
-        match (&self.f_cast, &self.dq_acc) {
-            (Some(cast), Some(acc)) => {
-                let mut acc = acc
-                    .lock()
-                    .map_err(|_| unsupported("dq buffer lock poisoned".into()))?;
-                s.memset_zeros(&mut *acc).map_err(drv("memset"))?;
-                launch(&self.f_dkdv, dkdv)?;
-                let n = batch * sq * hq * d / 2;
-                launch(
-                    cast,
-                    LaunchConfig {
-                        grid_dim: (n.div_ceil(256).min(65535) as u32, 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    },
-                )?;
-            }
-            _ => {
-                launch(
-                    &self.f_dq,
-                    LaunchConfig {
-                        grid_dim: (hq as u32, batch as u32, sq.div_ceil(T) as u32),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: self.smem as u32,
-                    },
-                )?;
-                launch(&self.f_dkdv, dkdv)?;
-            }
-        }
+        launch(
+            &self.f_dq,
+            LaunchConfig {
+                grid_dim: (hq as u32, batch as u32, sq.div_ceil(T) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: self.smem as u32,
+            },
+        )?;
+        launch(
+            &self.f_dkdv,
+            LaunchConfig {
+                grid_dim: (hk as u32, batch as u32, sk.div_ceil(T) as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: self.smem as u32,
+            },
+        )?;
         let _ = (&self.lse2, &self.delta);
         Ok(())
     }
@@ -324,7 +288,7 @@ pub fn backward(
     dout: &TensorView,
     params: &AttnParams,
     mask: MaskSpec,
-    bwd: &BackwardParams,
+    _bwd: &BackwardParams,
 ) -> Result<Grads> {
     let dims =
         crate::backward::validate_inputs("cuda attention backward", q, k, v, out, lse, dout)?;
@@ -335,7 +299,7 @@ pub fn backward(
             value: lse[i],
         });
     }
-    let plan = BwdPlan::new(dev, dims, q.dtype(), params, mask, bwd)?;
+    let plan = BwdPlan::new(dev, dims, q.dtype(), params, mask, _bwd)?;
     let up = |name: &str, t: &TensorView| DevTensor::upload(dev, name, t);
     let (qd, kd, vd, od, dod) = (
         up("q", q)?,

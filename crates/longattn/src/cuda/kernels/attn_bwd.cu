@@ -13,10 +13,7 @@
 //   la_bwd_dkdv : block (KV head, batch, 64-key tile) walks its schedule column for every query
 //                 head of the group (GQA: dK, dV summed over the group) and accumulates dK, dV.
 // Each output element is written once by one thread after a fixed-order sum: bit-identical run
-// to run. Fast mode (LA_FAST = 1) skips la_bwd_dq: la_bwd_dkdv also forms dQ += dS K for its keys
-// (dS^T staged in shared memory, read back transposed by ldmatrix) and adds it into an f32 buffer
-// with atomics, in whatever order the blocks arrive; la_bwd_dq_cast rounds it to the storage type.
-// Compile-time constants: LA_F16, LA_D (a multiple of 16, <= 128), LA_SOFTCAP, LA_FAST, la_mask.
+// to run. Compile-time constants: LA_F16, LA_D (a multiple of 16, <= 128), LA_SOFTCAP, la_mask.
 
 #define LA_CHUNKS (LA_D / 8)
 #define LA_SWZ ((LA_CHUNKS % 8 == 0) ? 8 : ((LA_CHUNKS % 4 == 0) ? 4 : ((LA_CHUNKS % 2 == 0) ? 2 : 1)))
@@ -28,7 +25,6 @@ struct LaBwdParams {
     const float* lse;       // [B, Hq, Sq] natural log (forward output)
     float* lse2;            // [B, Hq, Sq] log2 units (+inf: row with no allowed key)
     float* delta;           // [B, Hq, Sq]
-    float* dq_acc;          // fast mode: [B, Sq, Hq, D] f32, zeroed, summed with atomics
     u16* dq; u16* dk; u16* dv;
     i64 q_sb, q_ss, q_sh;   // element strides; q, o, dout, dq share [B, Sq, Hq, D]
     i64 k_sb, k_ss, k_sh;   // k, v, dk, dv share [B, Sk, Hk, D]
@@ -222,10 +218,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
     u16* sdO = sQ + LA_T * LA_D;
     constexpr int STAGE = 2 * LA_T * LA_D;
     __shared__ float sL[2][LA_T], sD[2][LA_T];
-#if LA_FAST
-    // dS^T of the current item: [64 keys][64 queries + 8] (padded rows: conflict-free ldmatrix).
-    __shared__ __align__(16) u16 sdS[LA_T][LA_T + 8];
-#endif
     const int kt = gridDim.z - 1 - blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
     const int G = p.Hq / p.Hk;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
@@ -330,41 +322,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
         la_mm_ab(dv, pa, cdO, lane);   // dV += P^T dO
         la_c_to_a(dp, pa);
         la_mm_ab(dk, pa, cQ, lane);    // dK += dS^T Q
-#if LA_FAST
-        // dQ += dS K for this item's 64 queries: warp w takes queries 16 w .. 16 w + 15.
-#pragma unroll
-        for (int nt = 0; nt < LA_T / 8; nt++) {
-            const int qc = nt * 8 + 2 * t4;
-            *(u32*)&sdS[warp * 16 + g][qc] = pa[nt >> 1][(nt & 1) * 2 + 0];
-            *(u32*)&sdS[warp * 16 + g + 8][qc] = pa[nt >> 1][(nt & 1) * 2 + 1];
-        }
-        __syncthreads();
-        {
-            u32 da[LA_T / 16][4];
-#pragma unroll
-            for (int ks = 0; ks < LA_T / 16; ks++) {
-                // A = dS (queries x keys) = (dS^T)^T: transposed 8 x 8 reads of the stored rows.
-                const int m = lane >> 3, r = lane & 7;
-                la_ldmatrix_x4_trans(da[ks], &sdS[ks * 16 + ((m >> 1) << 3) + r][warp * 16 + ((m & 1) << 3)]);
-            }
-            float dqp[LA_D / 8][4];
-#pragma unroll
-            for (int i = 0; i < LA_D / 8; i++) dqp[i][0] = dqp[i][1] = dqp[i][2] = dqp[i][3] = 0.f;
-            la_mm_ab(dqp, da, sK, lane);
-            const int qr = q0 + warp * 16 + g;
-#pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-                if (qr + 8 * hf < p.Sq) {
-                    float* dst = p.dq_acc + b * p.q_sb + (i64)(qr + 8 * hf) * p.q_ss + h * p.q_sh;
-#pragma unroll
-                    for (int i = 0; i < LA_D / 8; i++) {
-                        atomicAdd(dst + i * 8 + 2 * t4, dqp[i][2 * hf]);
-                        atomicAdd(dst + i * 8 + 2 * t4 + 1, dqp[i][2 * hf + 1]);
-                    }
-                }
-            }
-        }
-#endif
         __syncthreads();
         if (t + 2 < n_items) load_item(t + 2, st);
         la_cp_commit();
@@ -382,11 +339,4 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
             }
         }
     }
-}
-
-// Fast mode: dQ (f32, summed with atomics) -> the storage type.
-extern "C" __global__ void la_bwd_dq_cast(const LaBwdParams p) {
-    const i64 n = (i64)p.B * p.Sq * p.Hq * LA_D;
-    for (i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x; 2 * x < n; x += (i64)gridDim.x * blockDim.x)
-        ((u32*)p.dq)[x] = la_pack2(p.dq_acc[2 * x], p.dq_acc[2 * x + 1]);
 }
