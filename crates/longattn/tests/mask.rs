@@ -623,3 +623,50 @@ fn schedule_build_time_131072() {
         );
     }
 }
+
+/// The per-axis tile classification of undilated neighborhoods (no row scan) on grids larger than
+/// the proptests draw, with tiles that cut grid lines at awkward places: every tile's kind equals
+/// the brute-force count's.
+#[test]
+fn neighborhood_tiles_classified_exactly_on_larger_grids() {
+    for (expr, n) in [
+        ("neighborhood2d(32,48,7,5)", 32 * 48),
+        ("neighborhood2d(40,40,13,13)", 1600),
+        ("neighborhood3d(4,8,16,3,5,7)", 4 * 8 * 16),
+        ("neighborhood(33)", 700),
+        ("neighborhood2d(32,48,7,5) & causal", 32 * 48),
+    ] {
+        let m = MaskExpr::parse(expr)
+            .unwrap()
+            .bind(
+                MaskShape {
+                    batch: 1,
+                    sq: n,
+                    sk: n,
+                },
+                None,
+            )
+            .unwrap();
+        for (tq, tk) in [(64, 64), (128, 64), (48, 80), (7, 100)] {
+            let s = m.schedule(tq, tk).unwrap();
+            for qt in 0..s.q_tiles {
+                let (q0, q1) = s.q_range(qt);
+                let row = s.row(0, 0, qt);
+                for kt in 0..s.k_tiles {
+                    let (k0, k1) = s.k_range(kt);
+                    let on = (q0..q1)
+                        .flat_map(|i| (k0..k1).map(move |j| (i, j)))
+                        .filter(|&(i, j)| m.allowed(0, i, j))
+                        .count();
+                    let want = match on {
+                        0 => None,
+                        x if x == (q1 - q0) * (k1 - k0) => Some(TileKind::Full),
+                        _ => Some(TileKind::Partial),
+                    };
+                    let got = row.iter().find(|e| e.k_tile as usize == kt).map(|e| e.kind);
+                    assert_eq!(got, want, "{expr} tiles {tq}x{tk} ({qt}, {kt})");
+                }
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@
 //! 3. Tiles whose class went through such a lossy step are refined with `row_bits` over the rows
 //!    of the tile, so the schedule is exact: a tile is listed iff it holds an allowed pair, and it
 //!    is Full iff all its pairs are allowed.
-use super::bind::{last_word_mask, Atom, BoundMask, Node};
+use super::bind::{last_word_mask, Atom, Axis, BoundMask, Node};
 use super::schedule::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -419,7 +419,11 @@ impl Builder<'_> {
                             disjoint(ids, &self.q_ids),
                         )
                     }
-                    Atom::Nbr(_) => {
+                    Atom::Nbr(axes) => {
+                        if let Some(c) = nbr_tile(axes, q0, q1, k0, k1) {
+                            self.class[n] = c;
+                            continue;
+                        }
                         let jw0 = k0 as i64;
                         Self::scan_rows(&mut self.words, q0, q1, k0, k1, |i, w| {
                             m.atom_words(n, b, i, jw0, w)
@@ -436,6 +440,56 @@ impl Builder<'_> {
             c => c,
         }
     }
+}
+
+/// Exact class of an undilated neighborhood atom on the tile of queries `q0..q1` and keys
+/// `k0..k1` without visiting its rows; `None` (scan the rows) for dilated axes or tiles that cut
+/// the grid into too many pieces.
+///
+/// Tokens split into runs of one innermost line (every outer coordinate fixed). For a query run
+/// and a key run the outer axes allow all pairs or none; on the innermost axis (dilation 1) query
+/// coordinate x sees the window [f(x), f(x) + c) with f non-decreasing and steps of at most 1, so
+/// the queries a..=b together see [f(a), f(b) + c) and all of them see [f(b), f(a) + c). The tile
+/// is Full iff every run pair sees all its keys, Empty iff none sees any.
+fn nbr_tile(axes: &[Axis], q0: usize, q1: usize, k0: usize, k1: usize) -> Option<u8> {
+    let inner = axes.last()?;
+    if inner.stride != 1 || axes.iter().any(|a| a.d != 1) {
+        return None;
+    }
+    let line = inner.n as usize;
+    let runs = |lo: usize, hi: usize| -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        let mut a = lo;
+        while a < hi {
+            let e = ((a / line + 1) * line).min(hi);
+            v.push((a, e - 1));
+            a = e;
+        }
+        v
+    };
+    let (qr, kr) = (runs(q0, q1), runs(k0, k1));
+    if qr.len() * kr.len() > 256 {
+        return None;
+    }
+    let (mut any, mut all) = (false, true);
+    for &(qa, qb) in &qr {
+        let (fa, cnt) = inner.ap(qa as i64 % inner.n);
+        let (fb, _) = inner.ap(qb as i64 % inner.n);
+        for &(ka, kb) in &kr {
+            let outer = axes[..axes.len() - 1].iter().all(|ax| {
+                let (f, c) = ax.ap((qa as i64 / ax.stride) % ax.n);
+                let ck = (ka as i64 / ax.stride) % ax.n;
+                f <= ck && ck < f + c
+            });
+            let (ca, cb) = (ka as i64 % inner.n, kb as i64 % inner.n);
+            any |= outer && ca < fb + cnt && cb >= fa;
+            all &= outer && ca >= fb && cb < fa + cnt;
+            if any && !all {
+                return Some(PART);
+            }
+        }
+    }
+    Some(tri(all, !any))
 }
 
 fn tri(full: bool, empty: bool) -> u8 {
