@@ -538,6 +538,7 @@ impl BoundMask {
                 .with_min_len(8)
                 .map_init(|| builder(b), |bl, qt| bl.row(b, qt, k_tiles))
                 .collect();
+            sched.reserve(rows.iter().map(Vec::len).sum());
             for r in rows {
                 sched.push_row_with(|row| row.extend_from_slice(&r))?;
             }

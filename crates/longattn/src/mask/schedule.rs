@@ -121,6 +121,11 @@ impl BlockSchedule {
         Ok(())
     }
 
+    /// Room for `n` more entries (builders that know their size up front).
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.entries.reserve(n);
+    }
+
     /// Appends one row written by `fill` straight into the entry array. For builders that produce
     /// entries sorted and in range by construction (checked in debug builds only).
     pub(crate) fn push_row_with(&mut self, fill: impl FnOnce(&mut Vec<TileEntry>)) -> Result<()> {
