@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::forward::{check_launch, unsupported, DevMask, DevTensor, COMMON};
+use super::forward::{check_launch, unsupported, DevMask, DevTensor, COMMON, MMA_TILE};
 use super::{drv, CudaDevice};
 use crate::attention::{AttnParams, Dims, MaskSpec};
 use crate::backward::{BackwardParams, Grads};
@@ -78,8 +78,9 @@ pub struct BwdPlan {
     smem: usize,
     _mask: DevMask,
     _cols: (CudaSlice<u32>, CudaSlice<u32>),
-    lse2: CudaSlice<f32>,
-    delta: CudaSlice<f32>,
+    /// Work buffers the kernel parameters point into (LSE in log2 units, Delta per row).
+    _lse2: CudaSlice<f32>,
+    _delta: CudaSlice<f32>,
 }
 
 impl BwdPlan {
@@ -115,7 +116,7 @@ impl BwdPlan {
         let dm = DevMask::new(dev, mask, T, T, dims)?;
         let cols = dm.columns(dev)?;
         // The mask program is a template on the parameter struct, instantiated in the kernels.
-        let src = format!("{COMMON}\n{}\n{PARAMS_BWD}", dm.program);
+        let src = format!("{COMMON}\n{MMA_TILE}\n{}\n{PARAMS_BWD}", dm.program);
         let defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
@@ -176,8 +177,8 @@ impl BwdPlan {
             smem,
             _mask: dm,
             _cols: cols,
-            lse2,
-            delta,
+            _lse2: lse2,
+            _delta: delta,
         })
     }
 
@@ -270,7 +271,6 @@ impl BwdPlan {
                 shared_mem_bytes: self.smem as u32,
             },
         )?;
-        let _ = (&self.lse2, &self.delta);
         Ok(())
     }
 }

@@ -18,6 +18,8 @@ use crate::mask::{BlockSchedule, TileEntry, TileKind};
 use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
+/// Swizzled shared-memory tiles of the mma.sync kernels (forward and backward).
+pub(crate) const MMA_TILE: &str = include_str!("kernels/mma_tile.cuh");
 const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
 const FWD: &str = include_str!("kernels/attn_fwd.cu");
 const WGMMA: &str = include_str!("kernels/wgmma.cuh");
@@ -433,7 +435,7 @@ impl FwdPlan {
             )
         } else {
             (
-                format!("{COMMON}\n{PARAMS}\n{program_src}\n{FWD}"),
+                format!("{COMMON}\n{MMA_TILE}\n{PARAMS}\n{program_src}\n{FWD}"),
                 "la_attn_fwd",
             )
         };

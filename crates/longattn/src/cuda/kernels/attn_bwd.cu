@@ -15,8 +15,7 @@
 // Each output element is written once by one thread after a fixed-order sum: bit-identical run
 // to run. Compile-time constants: LA_F16, LA_D (a multiple of 16, <= 128), LA_SOFTCAP, la_mask.
 
-#define LA_CHUNKS (LA_D / 8)
-#define LA_SWZ ((LA_CHUNKS % 8 == 0) ? 8 : ((LA_CHUNKS % 4 == 0) ? 4 : ((LA_CHUNKS % 2 == 0) ? 2 : 1)))
+// LA_CHUNKS, la_sw, la_load_tile: mma_tile.cuh (prepended by the host).
 #define LA_T 64          // query rows and keys per tile (4 warps x 16)
 #define LA_THREADS 128
 
@@ -38,17 +37,9 @@ struct LaBwdParams {
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
 };
 
-__device__ __forceinline__ int la_sw(int row, int c) {
-    return row * LA_D + ((c ^ (row & (LA_SWZ - 1))) << 3);
-}
+// Rows row0 .. row0 + 64 of a [seq][D] slab into a swizzled tile.
 __device__ __forceinline__ void la_load64(u16* s, const u16* g, i64 ss, int row0, int limit) {
-#pragma unroll
-    for (int x = threadIdx.x; x < LA_T * LA_CHUNKS; x += LA_THREADS) {
-        const int r = x / LA_CHUNKS, c = x % LA_CHUNKS;
-        const int gr = row0 + r;
-        const bool ok = gr < limit;
-        la_cp_async16(s + la_sw(r, c), g + (ok ? (i64)gr * ss : 0) + c * 8, ok ? 16 : 0);
-    }
+    la_load_tile<LA_T, LA_THREADS>(s, g, ss, row0, limit);
 }
 // Acc[16 x 64] (+)= A[16 x D] (rows of sA at a0, ldmatrix) x B^T where B is [64][D] in sB:
 // the "Q K^T" shape. Acc is the mma C layout, 8 n-blocks.

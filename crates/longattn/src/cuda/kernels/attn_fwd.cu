@@ -24,30 +24,8 @@
 
 // LaFwdParams: fwd_params.cuh (prepended by the host).
 
-#define LA_CHUNKS (LA_D / 8)
-// Swizzle group: the largest power of two <= 8 dividing the chunk count.
-#define LA_SWZ ((LA_CHUNKS % 8 == 0) ? 8 : ((LA_CHUNKS % 4 == 0) ? 4 : ((LA_CHUNKS % 2 == 0) ? 2 : 1)))
+// LA_CHUNKS, la_sw, la_load_tile: mma_tile.cuh (prepended by the host).
 #define LA_THREADS (LA_WARPS * 32)
-
-// Element offset of (row, 16-byte chunk c) in a swizzled [rows][D] tile.
-__device__ __forceinline__ int la_sw(int row, int c) {
-    return row * LA_D + ((c ^ (row & (LA_SWZ - 1))) << 3);
-}
-
-// Asynchronously copies rows row0 .. row0 + ROWS of a [seq][D] slab (row stride `ss` elements)
-// into a swizzled tile; rows at or past `limit` are filled with zeros.
-template <int ROWS>
-__device__ __forceinline__ void la_load_tile(u16* s, const u16* g, i64 ss, int row0, int limit) {
-    constexpr int N = ROWS * LA_CHUNKS;
-#pragma unroll
-    for (int x = threadIdx.x; x < N; x += LA_THREADS) {
-        int r = x / LA_CHUNKS, c = x % LA_CHUNKS;
-        int gr = row0 + r;
-        bool ok = gr < limit;
-        const u16* src = g + (ok ? (i64)gr * ss : 0) + c * 8;
-        la_cp_async16(s + la_sw(r, c), src, ok ? 16 : 0);
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd(const LaFwdParams p) {
     extern __shared__ __align__(128) u16 la_smem[];
@@ -74,13 +52,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd(co
 
     // Commit groups: G0 = Q + tile e0, then one group per later tile (empty past the row's end),
     // so before tile t "all but the newest group complete" (wait_group 1) means tile t landed.
-    la_load_tile<LA_BR>(sQ, gq, p.q_ss, q0, p.Sq);
+    la_load_tile<LA_BR, LA_THREADS>(sQ, gq, p.q_ss, q0, p.Sq);
 #pragma unroll
     for (int st = 0; st < 2; st++) {
         if (e0 + st < e1) {
             const int k0 = (int)(p.sched_ent[e0 + st] >> 1) * LA_BC;
-            la_load_tile<LA_BC>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
-            la_load_tile<LA_BC>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
+            la_load_tile<LA_BC, LA_THREADS>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
+            la_load_tile<LA_BC, LA_THREADS>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
         }
         la_cp_commit();
     }
@@ -228,8 +206,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd(co
         __syncthreads();  // every warp is done with this stage: refill it with tile e + 2
         if (e + 2 < e1) {
             const int k2 = (int)(p.sched_ent[e + 2] >> 1) * LA_BC;
-            la_load_tile<LA_BC>((u16*)sK, gk, p.k_ss, k2, p.Sk);
-            la_load_tile<LA_BC>((u16*)sV, gv, p.v_ss, k2, p.Sk);
+            la_load_tile<LA_BC, LA_THREADS>((u16*)sK, gk, p.k_ss, k2, p.Sk);
+            la_load_tile<LA_BC, LA_THREADS>((u16*)sV, gv, p.v_ss, k2, p.Sk);
         }
         la_cp_commit();
     }
