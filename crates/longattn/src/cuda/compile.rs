@@ -117,6 +117,12 @@ pub fn compile(
         "-lineinfo".to_string(),
     ];
     opts.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+    // `LONGATTN_CUDA_VERBOSE=1`: ptxas reports registers, spills and shared memory per kernel
+    // (printed to stderr); tuning runs.
+    let verbose = std::env::var("LONGATTN_CUDA_VERBOSE").is_ok_and(|v| v == "1");
+    if verbose {
+        opts.push("--ptxas-options=-v".to_string());
+    }
 
     let mut h = Sha256::new();
     h.update(src.as_bytes());
@@ -158,6 +164,9 @@ pub fn compile(
                 "NVRTC failed on kernel `{name}` for {arch} ({e:?}):\n{log}"
             ))),
             Ok(()) => {
+                if verbose {
+                    eprintln!("nvrtc {name}: {log}");
+                }
                 let mut size = 0usize;
                 let r = nv::nvrtcGetCUBINSize(prog, &mut size);
                 if r != nv::nvrtcResult::NVRTC_SUCCESS || size == 0 {

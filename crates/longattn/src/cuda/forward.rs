@@ -24,6 +24,29 @@ const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
 const FWD: &str = include_str!("kernels/attn_fwd.cu");
 const WGMMA: &str = include_str!("kernels/wgmma.cuh");
 const FWD_WG: &str = include_str!("kernels/attn_fwd_wg.cu");
+const TMA: &str = include_str!("kernels/tma.cuh");
+const FWD_WS: &str = include_str!("kernels/attn_fwd_ws.cu");
+
+/// A comma-separated list of numbers from an environment variable (tuning overrides).
+fn env_list(key: &str) -> Vec<usize> {
+    std::env::var(key)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect()
+}
+
+/// Which forward kernel runs a problem (one contract, three instruction sets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdKernel {
+    /// `attn_fwd.cu`: mma.sync + ldmatrix, every GPU from sm_80, head dims to 256.
+    MmaSync,
+    /// `attn_fwd_wg.cu`: Hopper warpgroup MMA, all warps load and compute.
+    Wgmma,
+    /// `attn_fwd_ws.cu`: Hopper warpgroup MMA with a TMA producer warpgroup, intra-warpgroup
+    /// overlap of softmax and P V, ping-pong between consumer warpgroups.
+    WarpSpecialized,
+}
 
 /// Tile configuration of the forward kernel for one head dim (one table, one reason each).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,9 +62,9 @@ pub struct TileCfg {
     pub qregs: bool,
     /// Blocks per SM the register budget is sized for (`__launch_bounds__`).
     pub min_blocks: usize,
-    /// Hopper warpgroup-MMA kernel (`attn_fwd_wg.cu`; warps come in warpgroups of 4, 64 rows
-    /// each) instead of the mma.sync kernel.
-    pub wgmma: bool,
+    /// The kernel (Hopper ones: warps come in warpgroups of 4, 64 query rows per consumer
+    /// warpgroup).
+    pub kernel: FwdKernel,
 }
 
 impl TileCfg {
@@ -50,32 +73,36 @@ impl TileCfg {
         if let Some(t) = Self::from_env() {
             return t;
         }
-        let wgmma_off = std::env::var("LONGATTN_CUDA_WGMMA").is_ok_and(|v| v == "0");
-        if cc == (9, 0) && (d == 64 || d == 128) && !wgmma_off {
-            // Hopper: 2 warpgroups x 64 rows, 64-key tiles, two blocks per SM (registers capped
-            // at 128: D 128 spills ~50 bytes a thread, still the fastest). Measured at n 16k
-            // (full / causal TFLOP/s, D 128 | D 64): 2 WG x 128 keys, 1 block: 319/287 | 242/183;
-            // 2 x 64, 2 blocks: 367/370 | 286/264; 3 x 64: 356/326 | 243/205; 3 x 128:
-            // 366/349 | 287/230; 4 x 64: 391/343 | 258/233.
-            // `LONGATTN_CUDA_WG=warpgroups,bc,min_blocks` overrides.
-            let v: Vec<usize> = std::env::var("LONGATTN_CUDA_WG")
-                .unwrap_or_default()
-                .split(',')
-                .filter_map(|x| x.trim().parse().ok())
-                .collect();
-            let (nwg, bc, minb) = match v[..] {
-                [n, b, m] if (1..=4).contains(&n) && (b == 64 || b == 128) => (n, b, m.max(1)),
-                _ => (2, 64, 2),
+        // `LONGATTN_CUDA_WGMMA=0`: no Hopper kernels; `LONGATTN_CUDA_WS=0`: the warpgroup-MMA
+        // kernel without warp specialization.
+        let env_off = |k: &str| std::env::var(k).is_ok_and(|v| v == "0");
+        let hopper = cc == (9, 0) && (d == 64 || d == 128) && !env_off("LONGATTN_CUDA_WGMMA");
+        if hopper && !env_off("LONGATTN_CUDA_WS") {
+            // Warp-specialized: one TMA producer warpgroup + consumers of 64 rows, persistent
+            // blocks, one per SM (consumers get 240 registers with 2 of them, 160 with 3).
+            // Measured at n 1k / 4k / 16k (full / causal TFLOP/s, non-persistent blocks):
+            // D 64: 3 x 128 keys 298/140, 389/250, 425/305; 2 x 128 280/149, -, 360/273;
+            // 3 x 64 266/146, 343/243, 377/297. D 128: 3 x 64 377/222, 506/373, 526/448;
+            // 2 x 128 327/229, -, 505/468; 3 x 128 237/161, 292/285, 310/349.
+            // `LONGATTN_CUDA_WS=consumers,bc[,blocks per SM]` overrides.
+            let (nwg, bc, minb) = match env_list("LONGATTN_CUDA_WS")[..] {
+                [n, b] if (1..=3).contains(&n) && (b == 64 || b == 128) => (n, b, 1),
+                [n, b, m] if (1..=3).contains(&n) && (b == 64 || b == 128) => (n, b, m.clamp(1, 2)),
+                _ if d == 64 => (3, 128, 1),
+                _ => (3, 64, 1),
             };
             return TileCfg {
                 br: 64 * nwg,
                 bc,
-                warps: 4 * nwg,
+                warps: 4 * (nwg + 1),
                 mt: 1,
                 qregs: false,
-                min_blocks: minb,
-                wgmma: true,
+                min_blocks: if nwg == 1 { minb } else { 1 },
+                kernel: FwdKernel::WarpSpecialized,
             };
+        }
+        if hopper {
+            return Self::choose_wgmma();
         }
         if d <= 128 {
             // 4 warps x 32 rows: every K/V fragment read from shared memory feeds two MMAs
@@ -89,7 +116,7 @@ impl TileCfg {
                 mt: 2,
                 qregs: false,
                 min_blocks: 1,
-                wgmma: false,
+                kernel: FwdKernel::MmaSync,
             }
         } else {
             // D 256: O alone takes 128 registers a thread; 16-row warps, Q re-read from shared
@@ -101,8 +128,31 @@ impl TileCfg {
                 mt: 1,
                 qregs: false,
                 min_blocks: 1,
-                wgmma: false,
+                kernel: FwdKernel::MmaSync,
             }
+        }
+    }
+
+    /// The Hopper warpgroup-MMA kernel without warp specialization (D 64 / 128).
+    fn choose_wgmma() -> TileCfg {
+        // Hopper: 2 warpgroups x 64 rows, 64-key tiles, two blocks per SM (registers capped
+        // at 128: D 128 spills ~50 bytes a thread, still the fastest). Measured at n 16k
+        // (full / causal TFLOP/s, D 128 | D 64): 2 WG x 128 keys, 1 block: 319/287 | 242/183;
+        // 2 x 64, 2 blocks: 367/370 | 286/264; 3 x 64: 356/326 | 243/205; 3 x 128:
+        // 366/349 | 287/230; 4 x 64: 391/343 | 258/233.
+        // `LONGATTN_CUDA_WG=warpgroups,bc,min_blocks` overrides.
+        let (nwg, bc, minb) = match env_list("LONGATTN_CUDA_WG")[..] {
+            [n, b, m] if (1..=4).contains(&n) && (b == 64 || b == 128) => (n, b, m.max(1)),
+            _ => (2, 64, 2),
+        };
+        TileCfg {
+            br: 64 * nwg,
+            bc,
+            warps: 4 * nwg,
+            mt: 1,
+            qregs: false,
+            min_blocks: minb,
+            kernel: FwdKernel::Wgmma,
         }
     }
 
@@ -124,14 +174,20 @@ impl TileCfg {
             mt,
             qregs: qregs != 0,
             min_blocks: min_blocks.max(1),
-            wgmma: false,
+            kernel: FwdKernel::MmaSync,
         })
     }
 
     /// Dynamic shared memory: Q [br][d] + two stages of K [bc][d] + V [bc][d], 2-byte elements
     /// (+ 1 KiB to align the wgmma kernel's swizzle atoms).
     pub fn smem(&self, d: usize) -> usize {
-        (self.br + 4 * self.bc) * d * 2 + if self.wgmma { 1024 } else { 0 }
+        let tiles = (self.br + 4 * self.bc) * d * 2;
+        match self.kernel {
+            FwdKernel::MmaSync => tiles,
+            FwdKernel::Wgmma => tiles + 1024,
+            // + a second Q stage and the twelve mbarriers of the TMA rings.
+            FwdKernel::WarpSpecialized => tiles + self.br * d * 2 + 1024 + 128,
+        }
     }
 }
 
@@ -170,6 +226,78 @@ struct LaFwdParams {
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
+
+/// A TMA descriptor (`CUtensorMap`, 128 opaque bytes built by the driver); `LaTmap` in
+/// `kernels/tma.cuh`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TmaMap([u64; 16]);
+
+impl TmaMap {
+    /// Describes a contiguous `[B, S, H, D]` tensor as 4-D boxes of `{64 columns, rows, 1 head,
+    /// 1 batch}` written to shared memory with the 128-byte swizzle; rows past S read as zeros.
+    fn rows(t: &DevTensor, rows: usize) -> Result<TmaMap> {
+        use cudarc::driver::sys as cu;
+        let [b, s, h, d] = t.shape;
+        let dims = [d as u64, s as u64, h as u64, b as u64];
+        // Byte strides of dims 1.. (dim 0 is contiguous).
+        let strides = [(h * d * 2) as u64, (d * 2) as u64, (s * h * d * 2) as u64];
+        let boxes = [64u32, rows as u32, 1, 1];
+        let unit = [1u32; 4];
+        let dtype = match t.dtype {
+            DType::F16 => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            _ => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        };
+        let mut map = std::mem::MaybeUninit::<cu::CUtensorMap>::zeroed();
+        let ptr = {
+            let (p, _guard) = t.data.device_ptr(t.data.stream());
+            p
+        };
+        // SAFETY: every array has the rank (4) the call reads; `map` is a properly aligned
+        // CUtensorMap the driver fills in.
+        let r = unsafe {
+            cu::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                dtype,
+                4,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                unit.as_ptr(),
+                cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != cu::CUresult::CUDA_SUCCESS {
+            return Err(Error::Cuda {
+                op: "tensor map",
+                msg: format!(
+                    "cuTensorMapEncodeTiled for a {:?} tensor failed: {r:?}",
+                    t.shape
+                ),
+            });
+        }
+        // SAFETY: initialised by the successful call; CUtensorMap is 128 bytes of plain data.
+        let raw: [u64; 16] = unsafe { std::mem::transmute_copy(&map.assume_init()) };
+        Ok(TmaMap(raw))
+    }
+}
+
+/// Parameters of the warp-specialized kernel: TMA maps of q, k, v, then the common ones.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LaWsParams {
+    tq: TmaMap,
+    tk: TmaMap,
+    tv: TmaMap,
+    p: LaFwdParams,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `LaWsParams` (64-byte aligned maps).
+unsafe impl cudarc::driver::DeviceRepr for LaWsParams {}
 
 /// A contiguous `[B, S, H, D]` bf16/f16 tensor on the device.
 pub struct DevTensor {
@@ -422,22 +550,43 @@ impl FwdPlan {
         if dims.sq > i32::MAX as usize || dims.sk > i32::MAX as usize {
             return Err(unsupported("sequence longer than 2^31".into()));
         }
-        let tile = TileCfg::choose(d, dev.cc);
+        let mut tile = TileCfg::choose(d, dev.cc);
+        if tile.kernel == FwdKernel::WarpSpecialized
+            && matches!(&mask, MaskSpec::Expr(bm) if bm.cuda_program_is_heavy())
+        {
+            // Document and neighborhood programs on their Partial tiles: the wgmma kernel's two
+            // blocks per SM (16 warps) hide the id loads and index math better than one
+            // warp-specialized block (12 consumer warps). H100, n 4k / 16k, D 64 | D 128
+            // TFLOP/s, warp-specialized vs wgmma: document 69/160 | 110/252 vs 107/195 |
+            // 154/271; neighborhood2d 21/12 | 40/22 vs 26/15 | 40/23.
+            tile = TileCfg::choose_wgmma();
+        }
         let t0 = Instant::now();
         let dm = DevMask::new(dev, mask, tile.br, tile.bc, dims)?;
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
         let program_src = dm.program.clone();
-        let (src, entry) = if tile.wgmma {
-            (
-                format!("{COMMON}\n{WGMMA}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
-                "la_attn_fwd_wg",
-            )
-        } else {
-            (
+        let (src, entry, tag) = match tile.kernel {
+            FwdKernel::MmaSync => (
                 format!("{COMMON}\n{MMA_TILE}\n{PARAMS}\n{program_src}\n{FWD}"),
                 "la_attn_fwd",
-            )
+                "",
+            ),
+            FwdKernel::Wgmma => (
+                format!("{COMMON}\n{WGMMA}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
+                "la_attn_fwd_wg",
+                "_wg",
+            ),
+            FwdKernel::WarpSpecialized => (
+                format!("{COMMON}\n{WGMMA}\n{TMA}\n{PARAMS}\n{program_src}\n{FWD_WS}"),
+                "la_attn_fwd_ws",
+                "_ws",
+            ),
+        };
+        // Warpgroups that compute (the warp-specialized kernel adds a producer warpgroup).
+        let nwg = match tile.kernel {
+            FwdKernel::WarpSpecialized => tile.warps / 4 - 1,
+            _ => tile.warps / 4,
         };
         let defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
@@ -448,7 +597,7 @@ impl FwdPlan {
             ("LA_MT".into(), tile.mt.to_string()),
             ("LA_MINB".into(), tile.min_blocks.to_string()),
             ("LA_QREGS".into(), (tile.qregs as u8).to_string()),
-            ("LA_NWG".into(), (tile.warps / 4).to_string()),
+            ("LA_NWG".into(), nwg.to_string()),
             (
                 "LA_SOFTCAP".into(),
                 (params.softcap.is_some() as u8).to_string(),
@@ -456,8 +605,7 @@ impl FwdPlan {
         ];
         let smem = tile.smem(d);
         let variant = format!(
-            "attn_fwd{}_{}_d{d}_{}x{}w{}",
-            if tile.wgmma { "_wg" } else { "" },
+            "attn_fwd{tag}_{}_d{d}_{}x{}w{}",
             dtype.name(),
             tile.br,
             tile.bc,
@@ -498,8 +646,22 @@ impl FwdPlan {
                 dims.batch
             )));
         }
+        let grid = match tile.kernel {
+            // Persistent blocks walk the (query tile, batch, head) items themselves.
+            FwdKernel::WarpSpecialized => {
+                let items = q_tiles * dims.batch * dims.hq;
+                // `LONGATTN_CUDA_PERSIST=0`: one block per item (tuning runs).
+                let blocks = if std::env::var("LONGATTN_CUDA_PERSIST").is_ok_and(|v| v == "0") {
+                    items
+                } else {
+                    items.min(dev.sms * tile.min_blocks)
+                };
+                (blocks.max(1) as u32, 1, 1)
+            }
+            _ => (dims.hq as u32, dims.batch as u32, q_tiles as u32),
+        };
         let cfg = LaunchConfig {
-            grid_dim: (dims.hq as u32, dims.batch as u32, q_tiles as u32),
+            grid_dim: grid,
             block_dim: (tile.warps as u32 * 32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -560,9 +722,21 @@ impl FwdPlan {
         p.v_s = v.strides();
         p.o_s = o.strides();
         let mut b = s.launch_builder(&self.func);
-        b.arg(&p);
+        let ws;
+        if self.tile.kernel == FwdKernel::WarpSpecialized {
+            ws = LaWsParams {
+                tq: TmaMap::rows(q, self.tile.br)?,
+                tk: TmaMap::rows(k, self.tile.bc)?,
+                tv: TmaMap::rows(v, self.tile.bc)?,
+                p,
+            };
+            b.arg(&ws);
+        } else {
+            b.arg(&p);
+        }
         // SAFETY: the parameter struct matches the kernel's; every pointer is a live allocation of
-        // the size the kernel indexes (checked shapes above; schedule/doc buffers owned by self).
+        // the size the kernel indexes (checked shapes above; schedule/doc buffers owned by self;
+        // the TMA maps describe exactly the q, k, v allocations).
         unsafe { b.launch(self.cfg) }.map_err(drv("launch attention"))?;
         Ok(())
     }

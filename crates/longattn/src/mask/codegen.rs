@@ -28,6 +28,15 @@ impl BoundMask {
         )
     }
 
+    /// Whether the device program reads memory or does division-heavy index math per element
+    /// (`document` reads two id arrays, neighborhoods split positions into grid coordinates):
+    /// the kernel choice weighs it (such programs want more warps to hide their latency).
+    pub fn cuda_program_is_heavy(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| matches!(n, Node::Atom(Atom::Document) | Node::Atom(Atom::Nbr(_))))
+    }
+
     fn cuda_node(&self, n: usize) -> String {
         match &self.nodes[n] {
             Node::Not(a) => format!("!({})", self.cuda_node(*a)),

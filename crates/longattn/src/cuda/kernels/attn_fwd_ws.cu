@@ -1,0 +1,363 @@
+// Fused attention forward on Hopper, warp-specialized (sm_90a): the FlashAttention-3 recipe on
+// longattn's block schedule.
+//
+// Same contract, schedule walk, masking and online softmax as attn_fwd_wg.cu; what changes is who
+// waits for whom:
+//   - warpgroup 0 is the producer: one thread walks the schedule row and issues TMA box copies
+//     (Q once, then K and V of every listed key tile) into a two-stage ring; each stage has a
+//     "full" mbarrier (the TMA's bytes landed) and an "empty" one (every consumer warp is done
+//     with it). It gives its registers away (setmaxnreg) to the consumers.
+//   - warpgroups 1 .. LA_NWG are consumers, 64 query rows each (BR = 64 LA_NWG), with the
+//     wgmma fragments of attn_fwd_wg.cu. Per key tile n they
+//         issue  S_n = Q K_n^T            (async)
+//         issue  O  += P_{n-1} V_{n-1}     (async, P from registers)
+//         wait for S_n; mask, online softmax -> P_n (the previous P V still runs)
+//         wait for the P V; rescale O by exp2(m_old - m_new)
+//     so the exponentials of tile n overlap the tensor cores' P V of tile n - 1 (intra-warpgroup
+//     overlap), and the consumers take turns issuing their matrix products (ping-pong on named
+//     barriers 1 .. LA_NWG), so one warpgroup's softmax overlaps another's products.
+// Q has two stages too, so the next item's Q lands while the current item runs.
+// Shared-memory tiles use the 128-byte swizzle of attn_fwd_wg.cu, which is what the TMA writes
+// with CU_TENSOR_MAP_SWIZZLE_128B and a box of 64 columns: a [R][D] tile is D / 64 boxes of
+// [R][64], each 1024-byte aligned. Rows past Sq / Sk arrive as zeros (TMA out-of-bounds fill).
+//
+// Blocks are persistent (one or two per SM, LA_MINB): each walks work items (query tile, batch,
+// head) with a stride of the grid, so the producer loads the next item's Q, K and V while the
+// consumers still finish (softmax tail, output stores) the current one.
+//
+// Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG (consumer
+// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, and the mask program la_mask.
+
+#ifndef LA_BR
+#define LA_BR (LA_NWG * 64)
+#endif
+#define LA_THREADS ((LA_NWG + 1) * 128)
+// Register split (65536 per SM, one block per SM): consumers get what the producer gives up.
+#if LA_NWG == 3
+#define LA_REG_MMA 160
+#define LA_REG_LOAD 32
+#elif LA_NWG == 1 && LA_MINB == 2
+// Two blocks of 256 threads per SM: 32768 registers each.
+#define LA_REG_MMA 232
+#define LA_REG_LOAD 24
+#else
+#define LA_REG_MMA 240
+#define LA_REG_LOAD 24
+#endif
+
+#if LA_BC == 64
+#define la_wg_ss_bc la_wg_ss_n64
+#else
+#define la_wg_ss_bc la_wg_ss_n128
+#endif
+#if LA_D == 64
+#define la_wg_rs_d la_wg_rs_n64
+#else
+#define la_wg_rs_d la_wg_rs_n128
+#endif
+
+// TMA descriptors of q, k, v ([B, S, H, D] as 4-D boxes {64 columns, rows, 1 head, 1 batch}) and
+// the parameters every forward kernel takes.
+struct LaWsParams {
+    LaTmap tq, tk, tv;
+    LaFwdParams p;
+};
+
+// S = Q K^T for this warpgroup's 64 rows (issued, not waited for).
+__device__ __forceinline__ void la_ws_qk(float* s, const u16* sQ, const u16* sK, int c) {
+#pragma unroll
+    for (int kk = 0; kk < LA_D / 16; kk++) {
+        const u64 da = la_wg_desc(sQ + (kk >> 2) * LA_BR * 64 + c * 64 * 64 + (kk & 3) * 16, 16, 1024);
+        const u64 db = la_wg_desc(sK + (kk >> 2) * LA_BC * 64 + (kk & 3) * 16, 16, 1024);
+        la_wg_ss_bc(s, da, db, kk > 0);
+    }
+}
+
+// O += P V, 16 keys a step (issued, not waited for). V is the N-major operand: 8-key groups 1024
+// bytes apart, 64-column blocks BC x 128 bytes apart.
+__device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16* sV) {
+#pragma unroll
+    for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024));
+}
+
+// Logits in log2 units with soft-cap and mask (Partial tiles and keys past Sk) applied in place.
+// Element x of the accumulator: row `rowbase + 8 ((x >> 1) & 1)`, key `k0 + 8 (x >> 2) + 2 t4 + (x & 1)`.
+// The mask is evaluated in a mostly rolled loop into one bit per element, then applied: an
+// unrolled mask program (BC / 2 copies of it) made the main loop too large for the instruction
+// cache (ncu, causal D 64: 2.9 of 8 cycles per instruction waiting for fetch; causal 16k D 64
+// went from 283 to 438 TFLOP/s without it).
+__device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int b, int h, int rowbase, int t4,
+                                             int k0, bool partial) {
+#pragma unroll
+    for (int x = 0; x < LA_BC / 2; x++) {
+        float y = s[x];
+#if LA_SOFTCAP
+        y = p.cap_post * tanhf(y * p.cap_pre);
+#endif
+        s[x] = y * p.scale_log2;
+    }
+    if (partial || k0 + LA_BC > p.Sk) {
+        // One n8 block (2 keys x 2 rows) per step: the row parts of the mask program stay
+        // loop-invariant (hoisted), four independent evaluations per step.
+        u64 bits = 0;
+#pragma unroll 2
+        for (int jb = 0; jb < LA_BC / 8; jb++) {
+            u32 nib = 0;
+#pragma unroll
+            for (int v = 0; v < 4; v++) {
+                const int j = k0 + jb * 8 + 2 * t4 + (v & 1);
+                const int i = rowbase + ((v >> 1) << 3);
+                bool ok = j < p.Sk;
+                if (partial && ok) ok = la_mask(p, b, h, i, j);
+                nib |= (u32)ok << v;
+            }
+            bits |= (u64)nib << (4 * jb);
+        }
+#pragma unroll
+        for (int x = 0; x < LA_BC / 2; x++)
+            if (!((bits >> x) & 1)) s[x] = -LA_INF;
+    }
+}
+
+// Online softmax step on logits s (rows g: elements 4 j, 4 j + 1; g + 8: 4 j + 2, 4 j + 3):
+//   m' = max(m, max_j s_j),  a = 2^(m - m'),  p_j = 2^(s_j - m'),  l' = a l + sum_j p_j.
+// Writes p into s, updates m and l, returns the factors a (a row with no allowed key so far keeps
+// m = -inf and uses 0 as its reference, so p = 0 and nothing becomes NaN).
+__device__ __forceinline__ void la_ws_softmax(float* s, float& m0, float& m1, float& l0, float& l1, float& a0,
+                                              float& a1) {
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int j = 0; j < LA_BC / 8; j++) {
+        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+    const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
+    a0 = la_exp2(m0 - u0);
+    a1 = la_exp2(m1 - u1);
+    m0 = mx0;
+    m1 = mx1;
+    float r0 = 0.f, r1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < LA_BC / 8; j++) {
+        s[4 * j] = la_exp2(s[4 * j] - u0);
+        s[4 * j + 1] = la_exp2(s[4 * j + 1] - u0);
+        s[4 * j + 2] = la_exp2(s[4 * j + 2] - u1);
+        s[4 * j + 3] = la_exp2(s[4 * j + 3] - u1);
+        r0 += s[4 * j] + s[4 * j + 1];
+        r1 += s[4 * j + 2] + s[4 * j + 3];
+    }
+    l0 = l0 * a0 + r0;
+    l1 = l1 * a1 + r1;
+}
+
+// P as the A fragments of the P V product (bf16/f16 pairs; the accumulator layout is the
+// fragment layout).
+__device__ __forceinline__ void la_ws_pack(u32 (*pf)[4], const float* s) {
+#pragma unroll
+    for (int j = 0; j < LA_BC / 8; j++) {
+        pf[j >> 1][(j & 1) * 2 + 0] = la_pack2(s[4 * j], s[4 * j + 1]);
+        pf[j >> 1][(j & 1) * 2 + 1] = la_pack2(s[4 * j + 2], s[4 * j + 3]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws(const __grid_constant__ LaWsParams w) {
+    const LaFwdParams& p = w.p;
+    extern __shared__ __align__(1024) u16 la_smem_ws[];
+    const u32 mis = la_smem_addr(la_smem_ws) & 1023;
+    u16* sQ0 = la_smem_ws + (mis ? (1024 - mis) / 2 : 0);  // stage sq: sQ0 + sq * BR * D
+    u16* sK0 = sQ0 + 2 * LA_BR * LA_D;  // stage st: sK0 + st * BC * D
+    u16* sV0 = sK0 + 2 * LA_BC * LA_D;  // stage st: sV0 + st * BC * D
+    u64* bars = (u64*)(sV0 + 2 * LA_BC * LA_D);
+    u64* full_q = bars;       // [2]
+    u64* empty_q = bars + 2;  // [2]
+    u64* full_k = bars + 4;   // [2]
+    u64* full_v = bars + 6;   // [2]
+    u64* empty_k = bars + 8;  // [2]
+    u64* empty_v = bars + 10; // [2]
+    constexpr u32 TILE_BYTES = LA_BC * LA_D * 2;
+    const int wg = threadIdx.x >> 7;
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int st = 0; st < 2; st++) {
+            la_mbar_init(full_q + st, 1);
+            la_mbar_init(empty_q + st, 4 * LA_NWG);  // one arrival per consumer warp
+            la_mbar_init(full_k + st, 1);
+            la_mbar_init(full_v + st, 1);
+            la_mbar_init(empty_k + st, 4 * LA_NWG);
+            la_mbar_init(empty_v + st, 4 * LA_NWG);
+        }
+        la_mbar_fence_init();
+    }
+    __syncthreads();
+
+    // Persistent blocks: work item t = (query tile, batch, head), heaviest (causal) query tiles
+    // first; block x takes items x, x + grid, ... Producer and consumers walk the same items, so
+    // their ring positions agree: `nq` counts items with work (Q stage nq & 1), `nkv` key tiles
+    // (K/V stage nkv & 1); the (x >> 1)-th use of a stage waits for parity (x >> 1) & 1.
+    const int nbh = p.B * p.Hq;
+    const int items = p.q_tiles * nbh;
+
+    if (wg == 0) {
+        // Producer: one thread issues every TMA copy. A wait for an "empty" barrier with parity
+        // (use & 1) ^ 1 passes at once on a stage's first use.
+        la_regs_dec<LA_REG_LOAD>();
+        if (threadIdx.x != 0) return;
+        int nq = 0, nkv = 0;
+        for (int t = blockIdx.x; t < items; t += gridDim.x) {
+            const int qt = p.q_tiles - 1 - t / nbh, h = t % nbh % p.Hq, b = t % nbh / p.Hq;
+            const int kh = h / (p.Hq / p.Hk);
+            const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+            const u32 e0 = p.sched_off[srow];
+            const int nt = (int)(p.sched_off[srow + 1] - e0);
+            if (nt == 0) continue;
+            const int sq = nq & 1;
+            la_mbar_wait(empty_q + sq, ((nq >> 1) & 1) ^ 1);
+            la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
+#pragma unroll
+            for (int cb = 0; cb < LA_D / 64; cb++)
+                la_tma_load4(sQ0 + sq * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + sq, cb * 64, qt * LA_BR, h, b);
+            nq++;
+            for (int n = 0; n < nt; n++, nkv++) {
+                const int st = nkv & 1;
+                const u32 par = ((nkv >> 1) & 1) ^ 1;
+                const int k0 = (int)(p.sched_ent[e0 + n] >> 1) * LA_BC;
+                u16* sK = sK0 + st * LA_BC * LA_D;
+                u16* sV = sV0 + st * LA_BC * LA_D;
+                la_mbar_wait(empty_k + st, par);
+                la_mbar_expect(full_k + st, TILE_BYTES);
+#pragma unroll
+                for (int cb = 0; cb < LA_D / 64; cb++)
+                    la_tma_load4(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, k0, kh, b);
+                la_mbar_wait(empty_v + st, par);
+                la_mbar_expect(full_v + st, TILE_BYTES);
+#pragma unroll
+                for (int cb = 0; cb < LA_D / 64; cb++)
+                    la_tma_load4(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, k0, kh, b);
+            }
+        }
+        return;
+    }
+
+    // Consumers.
+    la_regs_inc<LA_REG_MMA>();
+    const int c = wg - 1;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    // Ping-pong: consumer c issues its products after consumer c - 1 (cyclically); the last one
+    // lets consumer 0 go first, and consumer 0 takes the last one's final arrival at the end.
+    if (LA_NWG > 1 && c == LA_NWG - 1) la_bar_arrive(1, 256);
+    int nq = 0, nkv = 0;
+
+    for (int t = blockIdx.x; t < items; t += gridDim.x) {
+        const int qt = p.q_tiles - 1 - t / nbh, h = t % nbh % p.Hq, b = t % nbh / p.Hq;
+        const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+        const u32 e0 = p.sched_off[srow];
+        const int nt = (int)(p.sched_off[srow + 1] - e0);
+        const int rowbase = qt * LA_BR + c * 64 + warp * 16 + g;
+
+        float o[LA_D / 2];
+#pragma unroll
+        for (int i = 0; i < LA_D / 2; i++) o[i] = 0.f;
+        float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
+
+        if (nt > 0) {
+            float s[LA_BC / 2];
+            u32 pf[LA_BC / 16][4];
+            float a0, a1;
+            const int sq = nq & 1;
+            const u16* sQ = sQ0 + sq * LA_BR * LA_D;
+            la_mbar_wait(full_q + sq, (nq >> 1) & 1);
+
+            // Tile 0: S_0, softmax -> P_0.
+            {
+                const int st = nkv & 1;
+                la_mbar_wait(full_k + st, (nkv >> 1) & 1);
+                la_wg_fence();
+                la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
+                la_wg_commit();
+                la_wg_wait0();
+                la_fence_regs<LA_BC / 2>(s);
+                if (lane == 0) la_mbar_arrive(empty_k + st);
+                const u32 ent = p.sched_ent[e0];
+                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1);
+                la_ws_softmax(s, m0, m1, l0, l1, a0, a1);
+                la_ws_pack(pf, s);
+            }
+
+            for (int n = 1; n < nt; n++) {
+                const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
+                const int st = j & 1, sp = st ^ 1;
+                la_mbar_wait(full_k + st, (j >> 1) & 1);
+                if (LA_NWG > 1) la_bar_sync(1 + c, 256);
+                la_wg_fence();
+                la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
+                la_wg_commit();
+                la_mbar_wait(full_v + sp, ((j - 1) >> 1) & 1);
+                la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
+                la_wg_commit();
+                if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
+
+                la_wg_wait1();  // S_n is ready; P_{n-1} V_{n-1} may still run
+                la_fence_regs<LA_BC / 2>(s);
+                if (lane == 0) la_mbar_arrive(empty_k + st);
+                const u32 ent = p.sched_ent[e0 + n];
+                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1);
+                la_ws_softmax(s, m0, m1, l0, l1, a0, a1);
+
+                la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
+                la_fence_regs<LA_D / 2>(o);
+                if (lane == 0) la_mbar_arrive(empty_v + sp);
+#pragma unroll
+                for (int x = 0; x < LA_D / 8; x++) {
+                    o[4 * x] *= a0;
+                    o[4 * x + 1] *= a0;
+                    o[4 * x + 2] *= a1;
+                    o[4 * x + 3] *= a1;
+                }
+                la_ws_pack(pf, s);
+            }
+
+            // The last tile's P V; then Q and the stage go back to the producer.
+            const int jl = nkv + nt - 1, sl = jl & 1;
+            la_mbar_wait(full_v + sl, (jl >> 1) & 1);
+            la_wg_fence();
+            la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
+            la_wg_commit();
+            la_wg_wait0();
+            la_fence_regs<LA_D / 2>(o);
+            if (lane == 0) {
+                la_mbar_arrive(empty_v + sl);
+                la_mbar_arrive(empty_q + sq);
+            }
+            nq++;
+            nkv += nt;
+        }
+
+        // Epilogue: O / l and the LSE; rows past Sq are not written; rows with no allowed key get
+        // 0 and -inf.
+        u16* go = p.o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float lsum = hf ? l1 : l0;
+            lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
+            lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
+            const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+            const int r = rowbase + 8 * hf;
+            if (r < p.Sq) {
+                u32* dst = (u32*)(go + (i64)r * p.o_ss);
+#pragma unroll
+                for (int x = 0; x < LA_D / 8; x++)
+                    dst[x * 4 + t4] = la_pack2(o[4 * x + 2 * hf] * inv, o[4 * x + 2 * hf + 1] * inv);
+                if (t4 == 0)
+                    p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
+                        lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
+            }
+        }
+    }
+    if (LA_NWG > 1 && c == 0) la_bar_sync(1, 256);
+}

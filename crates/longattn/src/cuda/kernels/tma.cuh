@@ -1,0 +1,71 @@
+// Hopper (sm_90a) asynchronous-copy plumbing for the warp-specialized forward: the tensor memory
+// accelerator (TMA), shared-memory barriers (mbarrier) with transaction counts, named barriers and
+// warpgroup register reallocation. Inline PTX, no CUDA headers.
+
+// A TMA descriptor built on the host by cuTensorMapEncodeTiled (128 opaque bytes). It must live in
+// kernel-parameter, constant or global memory: kernels take it inside a __grid_constant__ struct.
+struct __align__(64) LaTmap {
+    u64 opaque[16];
+};
+
+// --- mbarrier: a 64-bit shared-memory barrier with a phase bit. A phase completes when the
+// expected number of arrivals has happened and every expected transaction byte has landed.
+__device__ __forceinline__ void la_mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(la_smem_addr(bar)), "r"(count));
+}
+// Makes the initialised barriers visible to the async proxy (TMA) before first use.
+__device__ __forceinline__ void la_mbar_fence_init() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void la_mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(la_smem_addr(bar)) : "memory");
+}
+// One arrival that also announces `bytes` of TMA traffic the phase must wait for.
+__device__ __forceinline__ void la_mbar_expect(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(la_smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+// Waits until the phase of parity `parity` has completed. A fresh barrier is in phase 0, and a
+// wait for parity 1 (the phase "before" it) returns at once: producers start with parity 1.
+__device__ __forceinline__ void la_mbar_wait(u64* bar, u32 parity) {
+    const u32 a = la_smem_addr(bar);
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(a), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+// --- TMA: one box of a 4-D tensor (coordinates innermost first) into shared memory; completion
+// is signalled as transaction bytes on `bar`.
+__device__ __forceinline__ void la_tma_load4(void* dst, const LaTmap* map, u64* bar, int c0, int c1,
+                                             int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(
+            la_smem_addr(dst)),
+        "l"((u64)map), "r"(la_smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+        : "memory");
+}
+
+// --- Named barriers (ids 1..15; 0 is __syncthreads): `sync` waits until `count` threads have
+// arrived (itself included), `arrive` signals without waiting.
+__device__ __forceinline__ void la_bar_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void la_bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// --- Register reallocation between warpgroups (every thread of the warpgroup executes it).
+template <int N>
+__device__ __forceinline__ void la_regs_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void la_regs_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
