@@ -171,7 +171,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dq(const LaBwdPa
                 const int j = k0 + nt * 8 + 2 * t4 + (e2 & 1);
                 const int i = r0 + ((e2 >> 1) << 3);
                 if (partial || edge) {
-                    bool ok = j < p.Sk;
+                    bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: never written, and the mask program may read per-row ids
                     if (partial && ok) ok = la_mask(p, b, h, i, j);
                     if (!ok) y = -LA_INF;
                 }

@@ -133,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
             if (partial || edge) {
                 const int j = k0 + (x >> 2) * 8 + 2 * t4 + (x & 1);
                 const int i = rowbase + (((x >> 1) & 1) << 3);
-                bool ok = j < p.Sk;
+                bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: never written, and the mask program may read per-row ids
                 if (partial && ok) ok = la_mask(p, b, h, i, j);
                 if (!ok) y = -LA_INF;
             }

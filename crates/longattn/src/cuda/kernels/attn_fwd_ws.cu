@@ -107,7 +107,7 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
             for (int v = 0; v < 4; v++) {
                 const int j = k0 + jb * 8 + 2 * t4 + (v & 1);
                 const int i = rowbase + ((v >> 1) << 3);
-                bool ok = j < p.Sk;
+                bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: never written, and the mask program may read per-row ids
                 if (partial && ok) ok = la_mask(p, b, h, i, j);
                 nib |= (u32)ok << v;
             }
