@@ -102,3 +102,59 @@ fn mask_program_is_generated_for_every_atom() {
         assert!(prog.contains("bool la_mask("), "{prog}");
     }
 }
+
+/// The one-interval-per-row form (two compares per element in the warp-specialized kernel) is
+/// offered exactly for `&`-combinations of interval atoms; its bounds are the atoms' own.
+#[test]
+fn interval_programs_only_for_interval_masks() {
+    use longattn::mask::{DocIds, MaskShape};
+    let shape = MaskShape {
+        batch: 1,
+        sq: 512,
+        sk: 512,
+    };
+    for (expr, want) in [
+        ("causal", Some(("0", "pos"))),
+        (
+            "causal & window(1024,0)",
+            Some(("(pos - 1024)", "(pos + 0)")),
+        ),
+        (
+            "prefix(9) & chunk(64)",
+            Some(("la_fdiv(pos, 64) * 64", "(9 - 1)")),
+        ),
+        ("full", Some(("-2147483647", "2147483647"))),
+        ("causal & (sinks(4) | window(8,0))", None),
+        ("!causal", None),
+        ("strided(3)", None),
+        ("causal & document", None),
+        ("neighborhood(5)", None),
+    ] {
+        let e = MaskExpr::parse(expr).unwrap();
+        let docs = e.uses_documents().then(|| DocIds {
+            q: vec![0; 512],
+            k: vec![0; 512],
+        });
+        let prog = e.bind(shape, docs).unwrap().cuda_interval_program();
+        match (want, &prog) {
+            (None, None) => {}
+            (Some((lo, hi)), Some(p)) => {
+                let lo_line = p
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("lo ="))
+                    .unwrap();
+                let hi_line = p
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("hi ="))
+                    .unwrap();
+                assert!(
+                    lo_line.contains(lo) || (lo == "0" && lo_line.contains("-2147483647")),
+                    "`{expr}`: {lo_line}"
+                );
+                assert!(hi_line.contains(hi), "`{expr}`: {hi_line}");
+                assert!(p.contains("#define LA_MASK_INTERVAL 1"), "{p}");
+            }
+            _ => panic!("`{expr}`: expected {want:?}, got {prog:?}"),
+        }
+    }
+}

@@ -68,8 +68,8 @@ pub struct TileCfg {
 }
 
 impl TileCfg {
-    /// The tile configuration for head dim `d` on a GPU of compute capability `cc`.
-    pub fn choose(d: usize, cc: (i32, i32)) -> TileCfg {
+    /// The tile configuration for head dim `d` and `sk` keys on a GPU of compute capability `cc`.
+    pub fn choose(d: usize, sk: usize, cc: (i32, i32)) -> TileCfg {
         if let Some(t) = Self::from_env() {
             return t;
         }
@@ -89,6 +89,10 @@ impl TileCfg {
                 [n, b] if (1..=3).contains(&n) && (b == 64 || b == 128) => (n, b, 1),
                 [n, b, m] if (1..=3).contains(&n) && (b == 64 || b == 128) => (n, b, m.clamp(1, 2)),
                 _ if d == 64 => (3, 128, 1),
+                // D 128: 2 x 128 from 2k keys on (n 4k / 16k full 538 / 570, causal 508 / 585,
+                // against 497 / 501 and 447 / 519 for 3 x 64); below, 3 x 64 (n 1k full 373 vs
+                // 305, causal 272 vs 247: more, shorter items keep the SMs busy).
+                _ if sk >= 2048 => (2, 128, 1),
                 _ => (3, 64, 1),
             };
             return TileCfg {
@@ -419,7 +423,9 @@ impl DevMask {
             MaskSpec::Expr(bm) => {
                 let s = bm.schedule(tq, tk)?;
                 let prog = if s.counts().1 > 0 {
-                    bm.cuda_program()
+                    let mut prog = bm.cuda_program();
+                    prog.extend(bm.cuda_interval_program());
+                    prog
                 } else {
                     NO_MASK.to_string()
                 };
@@ -550,7 +556,7 @@ impl FwdPlan {
         if dims.sq > i32::MAX as usize || dims.sk > i32::MAX as usize {
             return Err(unsupported("sequence longer than 2^31".into()));
         }
-        let mut tile = TileCfg::choose(d, dev.cc);
+        let mut tile = TileCfg::choose(d, dims.sk, dev.cc);
         if tile.kernel == FwdKernel::WarpSpecialized
             && matches!(&mask, MaskSpec::Expr(bm) if bm.cuda_program_is_heavy())
         {

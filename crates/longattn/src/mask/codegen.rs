@@ -28,6 +28,50 @@ impl BoundMask {
         )
     }
 
+    /// When the mask restricted to one query row is a single interval of keys for every row
+    /// (`causal`, `window`, `sinks` / `prefix`, `chunk`, `full`, and `&` of those), CUDA source of
+    /// `la_mask_interval(p, b, h, i, lo, hi)`: row `i` allows exactly the keys `lo <= j <= hi`
+    /// (before the `j < Sk` bound), preceded by `#define LA_MASK_INTERVAL 1`. Kernels then test
+    /// Partial tiles with two compares per element instead of running `la_mask`.
+    pub fn cuda_interval_program(&self) -> Option<String> {
+        let (lo, hi) = self.interval_node(self.root)?;
+        Some(format!(
+            "#define LA_MASK_INTERVAL 1\ntemplate <typename P>\n__device__ __forceinline__ void la_mask_interval(const P& p, int b, int h, int i, int& lo, int& hi) {{\n    const int pos = i + p.Sk - p.Sq;\n    (void)pos; (void)b; (void)h;\n    lo = {lo};\n    hi = {hi};\n}}\n"
+        ))
+    }
+
+    /// Bounds `(lo, hi)` of the keys node `n` allows in row `pos`, as C expressions; `None` when
+    /// the node is not one interval per row.
+    fn interval_node(&self, n: usize) -> Option<(String, String)> {
+        const NONE_LO: &str = "-2147483647";
+        const NONE_HI: &str = "2147483647";
+        match &self.nodes[n] {
+            Node::And(a, c) => {
+                let (la, ha) = self.interval_node(*a)?;
+                let (lc, hc) = self.interval_node(*c)?;
+                Some((
+                    format!("la_imax({la}, {lc})"),
+                    format!("la_imin({ha}, {hc})"),
+                ))
+            }
+            Node::Atom(atom) => match atom {
+                Atom::Full => Some((NONE_LO.into(), NONE_HI.into())),
+                Atom::Causal => Some((NONE_LO.into(), "pos".into())),
+                Atom::Window { l, r } => Some((
+                    format!("(pos - {})", c32(*l)),
+                    format!("(pos + {})", c32(*r)),
+                )),
+                Atom::Below(s) => Some((NONE_LO.into(), format!("({} - 1)", c32(*s)))),
+                Atom::Chunk(c) => Some((
+                    format!("(la_fdiv(pos, {0}) * {0})", c32(*c)),
+                    format!("(la_fdiv(pos, {0}) * {0} + {0} - 1)", c32(*c)),
+                )),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Whether the device program reads memory or does division-heavy index math per element
     /// (`document` reads two id arrays, neighborhoods split positions into grid coordinates):
     /// the kernel choice weighs it (such programs want more warps to hide their latency).

@@ -96,6 +96,32 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
 #endif
         s[x] = y * p.scale_log2;
     }
+#if LA_MASK_INTERVAL
+    // Masks that allow one interval of keys per row: two bounds per row, two compares per
+    // element (the unrolled compares are small enough for the instruction cache).
+    if (partial || k0 + LA_BC > p.Sk) {
+        int lo[2], hi[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int i = rowbase + 8 * r;
+            lo[r] = 0;
+            hi[r] = p.Sk - 1;
+            if (partial) {
+                int a, z;
+                la_mask_interval(p, b, h, i, a, z);
+                lo[r] = la_imax(a, 0);
+                hi[r] = la_imin(z, hi[r]);
+            }
+            if (i >= p.Sq) hi[r] = -1;
+        }
+#pragma unroll
+        for (int x = 0; x < LA_BC / 2; x++) {
+            const int j = k0 + (x >> 2) * 8 + 2 * t4 + (x & 1);
+            const int r = (x >> 1) & 1;
+            if (j < lo[r] || j > hi[r]) s[x] = -LA_INF;
+        }
+    }
+#else
     if (partial || k0 + LA_BC > p.Sk) {
         // One n8 block (2 keys x 2 rows) per step: the row parts of the mask program stay
         // loop-invariant (hoisted), four independent evaluations per step.
@@ -117,6 +143,7 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
         for (int x = 0; x < LA_BC / 2; x++)
             if (!((bits >> x) & 1)) s[x] = -LA_INF;
     }
+#endif
 }
 
 // Online softmax step on logits s (rows g: elements 4 j, 4 j + 1; g + 8: 4 j + 2, 4 j + 3):

@@ -84,6 +84,8 @@ __device__ __forceinline__ void la_mma16816(float* c, const u32* a, const u32* b
 // constants to 2^30, so positions, their differences and sums stay inside int (see
 // mask/codegen.rs).
 // Floor division and Euclidean remainder (the mask language's semantics).
+__device__ __forceinline__ int la_imax(int a, int b) { return a > b ? a : b; }
+__device__ __forceinline__ int la_imin(int a, int b) { return a < b ? a : b; }
 __device__ __forceinline__ int la_fdiv(int a, int b) {
     const int q = a / b;
     return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;

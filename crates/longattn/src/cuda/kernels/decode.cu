@@ -59,7 +59,6 @@ __device__ __forceinline__ la_v4 la_ldg16(const u16* p) {
     return r;
 }
 
-__device__ __forceinline__ int la_imin(int a, int b) { return a < b ? a : b; }
 
 // Packed pair of the storage type -> two f32 (lo = low half).
 __device__ __forceinline__ void la_unpack2(u32 w, float& lo, float& hi) {
