@@ -127,7 +127,7 @@ fn interval_programs_only_for_interval_masks() {
         ("causal & (sinks(4) | window(8,0))", None),
         ("!causal", None),
         ("strided(3)", None),
-        ("causal & document", None),
+        ("causal & document", Some(("p.dlo[", "la_imin(pos, p.dhi["))),
         ("neighborhood(5)", None),
     ] {
         let e = MaskExpr::parse(expr).unwrap();
@@ -156,5 +156,18 @@ fn interval_programs_only_for_interval_masks() {
             }
             _ => panic!("`{expr}`: expected {want:?}, got {prog:?}"),
         }
-    }
+    } // Documents whose keys are not one run each (ids alternate) keep the element program.
+    let e = MaskExpr::parse("causal & document").unwrap();
+    let ids: Vec<i32> = (0..512).map(|t| t % 2).collect();
+    let bound = e
+        .bind(
+            shape,
+            Some(DocIds {
+                q: ids.clone(),
+                k: ids,
+            }),
+        )
+        .unwrap();
+    assert!(bound.cuda_interval_program().is_none());
+    assert!(bound.doc_key_intervals().is_none());
 }

@@ -226,6 +226,8 @@ struct LaFwdParams {
     kdoc: u64,
     blk: u64,
     blk_dims: [i32; 6],
+    dlo: u64,
+    dhi: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -391,6 +393,9 @@ pub(crate) struct DevMask {
     pub row_ent: CudaSlice<u32>,
     pub qdoc: CudaSlice<i32>,
     pub kdoc: CudaSlice<i32>,
+    /// First / last key of each query row's document run (interval programs with documents).
+    pub dlo: CudaSlice<i32>,
+    pub dhi: CudaSlice<i32>,
     pub blk: CudaSlice<u8>,
     /// tile_q, tile_k, q_tiles, k_tiles, batch, heads of the block table.
     pub blk_dims: [i32; 6],
@@ -413,6 +418,7 @@ impl DevMask {
                 dims.sq, dims.sk
             )));
         }
+        let mut runs = (Vec::new(), Vec::new());
         let (sched, program, docs, blk) = match mask {
             MaskSpec::Full => (
                 BlockSchedule::full(tq, tk, dims.sq, dims.sk)?,
@@ -424,7 +430,10 @@ impl DevMask {
                 let s = bm.schedule(tq, tk)?;
                 let prog = if s.counts().1 > 0 {
                     let mut prog = bm.cuda_program();
-                    prog.extend(bm.cuda_interval_program());
+                    if let Some(iv) = bm.cuda_interval_program() {
+                        prog.push_str(&iv);
+                        runs = bm.doc_key_intervals().unwrap_or_default();
+                    }
                     prog
                 } else {
                     NO_MASK.to_string()
@@ -478,6 +487,8 @@ impl DevMask {
             row_ent: dev.upload(&ents)?,
             qdoc: dev.upload(&qd)?,
             kdoc: dev.upload(&kd)?,
+            dlo: dev.upload(&runs.0)?,
+            dhi: dev.upload(&runs.1)?,
             blk,
             blk_dims,
             sched,
@@ -644,6 +655,8 @@ impl FwdPlan {
             kdoc: dm.kdoc.device_ptr(dev.stream()).0,
             blk: dm.blk.device_ptr(dev.stream()).0,
             blk_dims: dm.blk_dims,
+            dlo: dm.dlo.device_ptr(dev.stream()).0,
+            dhi: dm.dhi.device_ptr(dev.stream()).0,
             ..Default::default()
         };
         if q_tiles > 65535 || dims.batch > 65535 || dims.hq > i32::MAX as usize {

@@ -66,19 +66,44 @@ impl BoundMask {
                     format!("(la_fdiv(pos, {0}) * {0})", c32(*c)),
                     format!("(la_fdiv(pos, {0}) * {0} + {0} - 1)", c32(*c)),
                 )),
+                // Documents that are one contiguous run of keys each (packed sequences): the
+                // run of row i's document, from `doc_key_intervals` (kernel parameters dlo, dhi).
+                Atom::Document if self.doc_key_intervals().is_some() => Some((
+                    "p.dlo[(i64)b * p.Sq + i]".into(),
+                    "p.dhi[(i64)b * p.Sq + i]".into(),
+                )),
                 _ => None,
             },
             _ => None,
         }
     }
 
+    /// Per (batch, query row): the first and last key of the row's document when every
+    /// document's keys form one contiguous run (`last < first` when the document has no keys);
+    /// `None` otherwise or without documents.
+    pub fn doc_key_intervals(&self) -> Option<(Vec<i32>, Vec<i32>)> {
+        let d = self.docs.as_ref()?;
+        if !d.dense.iter().all(|&x| x) {
+            return None;
+        }
+        Some(
+            d.hull
+                .iter()
+                .map(|&(lo, hi)| (lo as i32, hi as i32 - 1))
+                .unzip(),
+        )
+    }
+
     /// Whether the device program reads memory or does division-heavy index math per element
     /// (`document` reads two id arrays, neighborhoods split positions into grid coordinates):
     /// the kernel choice weighs it (such programs want more warps to hide their latency).
+    /// Interval programs (documents as contiguous runs included) are never heavy.
     pub fn cuda_program_is_heavy(&self) -> bool {
-        self.nodes
-            .iter()
-            .any(|n| matches!(n, Node::Atom(Atom::Document) | Node::Atom(Atom::Nbr(_))))
+        self.cuda_interval_program().is_none()
+            && self
+                .nodes
+                .iter()
+                .any(|n| matches!(n, Node::Atom(Atom::Document) | Node::Atom(Atom::Nbr(_))))
     }
 
     fn cuda_node(&self, n: usize) -> String {

@@ -14,4 +14,6 @@ struct LaFwdParams {
     const int* qdoc; const int* kdoc;   // document ids [B * Sq], [B * Sk] (document masks)
     const unsigned char* blk;           // explicit block mask (block-mask programs)
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
+    const int* dlo; const int* dhi;     // per (b, i): first / last key of the row's document run
+                                        // (interval mask programs; documents as contiguous runs)
 };
