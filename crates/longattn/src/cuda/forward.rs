@@ -571,11 +571,12 @@ impl FwdPlan {
         if tile.kernel == FwdKernel::WarpSpecialized
             && matches!(&mask, MaskSpec::Expr(bm) if bm.cuda_program_is_heavy())
         {
-            // Document and neighborhood programs on their Partial tiles: the wgmma kernel's two
-            // blocks per SM (16 warps) hide the id loads and index math better than one
-            // warp-specialized block (12 consumer warps). H100, n 4k / 16k, D 64 | D 128
-            // TFLOP/s, warp-specialized vs wgmma: document 69/160 | 110/252 vs 107/195 |
-            // 154/271; neighborhood2d 21/12 | 40/22 vs 26/15 | 40/23.
+            // Document (ids not in key runs) and neighborhood programs on their Partial tiles:
+            // the wgmma kernel's two blocks per SM (16 warps) hide the id loads and index math
+            // better than one warp-specialized block (12 consumer warps). H100, n 4k / 16k,
+            // D 64 | D 128 TFLOP/s, warp-specialized (element program) vs wgmma: document
+            // 69/160 | 110/252 vs 107/195 | 154/271; neighborhood2d 21/12 | 40/22 vs 26/15 |
+            // 40/23.
             tile = TileCfg::choose_wgmma();
         }
         let t0 = Instant::now();
