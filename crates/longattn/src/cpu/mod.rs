@@ -10,6 +10,7 @@
 //! warm while every thread works on it); short ones (decode) pack all groups and run all tasks at
 //! once so every thread has work.
 pub mod backward;
+pub mod buf;
 pub mod micro;
 pub mod pack;
 
@@ -17,6 +18,7 @@ use crate::attention::{AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, RowMask, TileKind};
 use crate::tensor::{DType, Element, Tensor, TensorView};
+use buf::AlignedBuf;
 use half::{bf16, f16};
 use micro::{Logits, Micro, BQ, MAXW, NC};
 use pack::{pack_kt, pack_q, pack_v, packed_dim, packed_dv};
@@ -222,25 +224,26 @@ struct OutPtr<T> {
 unsafe impl<T> Send for OutPtr<T> {}
 unsafe impl<T> Sync for OutPtr<T> {}
 
-/// Per-thread scratch of one task (sized for BQ rows).
-struct Scratch<P> {
-    q: Vec<P>,
-    s: Vec<f32>,
-    p: Vec<P>,
-    o: Vec<f32>,
+/// Per-thread scratch of one task (sized for BQ rows). The buffers the micro-kernels stream
+/// through are cache-line aligned (see [`buf`]).
+struct Scratch<P: bytemuck::Pod> {
+    q: AlignedBuf<P>,
+    s: AlignedBuf<f32>,
+    p: AlignedBuf<P>,
+    o: AlignedBuf<f32>,
     m: Vec<f32>,
     l: Vec<f32>,
     alpha: Vec<f32>,
     mask: Vec<u64>,
 }
 
-impl<P: Copy + Default> Scratch<P> {
+impl<P: bytemuck::Pod> Scratch<P> {
     fn new(dp: usize, dvp: usize) -> Self {
         Scratch {
-            q: vec![P::default(); BQ * dp],
-            s: vec![0.0; BQ * MAXW * NC],
-            p: vec![P::default(); BQ * MAXW * NC],
-            o: vec![0.0; BQ * dvp],
+            q: AlignedBuf::zeroed(BQ * dp),
+            s: AlignedBuf::zeroed(BQ * MAXW * NC),
+            p: AlignedBuf::zeroed(BQ * MAXW * NC),
+            o: AlignedBuf::zeroed(BQ * dvp),
             m: vec![0.0; BQ],
             l: vec![0.0; BQ],
             alpha: vec![0.0; BQ],
@@ -392,8 +395,8 @@ impl Job<'_> {
         if group * sched.q_tiles >= 4 * threads && packed_bytes > PACK_ALL_BYTES {
             // Long queries: one group at a time, so its packed K/V stays warm in cache while all
             // threads work on its tasks.
-            let mut kt = vec![M::P::default(); glen];
-            let mut vp = vec![M::P::default(); vglen];
+            let mut kt = AlignedBuf::<M::P>::zeroed(glen);
+            let mut vp = AlignedBuf::<M::P>::zeroed(vglen);
             for (gi, g) in groups.iter().enumerate() {
                 pack(std::slice::from_ref(g), &mut kt, &mut vp);
                 run_tasks(&tasks_of(std::slice::from_ref(g)), gi, &kt, &vp);
@@ -401,8 +404,8 @@ impl Job<'_> {
         } else {
             // Short queries (decode, small Sq) or small problems: all groups at once, one parallel
             // loop over every task (no barrier per group).
-            let mut kt = vec![M::P::default(); groups.len() * glen];
-            let mut vp = vec![M::P::default(); groups.len() * vglen];
+            let mut kt = AlignedBuf::<M::P>::zeroed(groups.len() * glen);
+            let mut vp = AlignedBuf::<M::P>::zeroed(groups.len() * vglen);
             pack(&groups, &mut kt, &mut vp);
             run_tasks(&tasks_of(&groups), 0, &kt, &vp);
         }
