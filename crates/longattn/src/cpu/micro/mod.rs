@@ -63,6 +63,13 @@ pub const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// LSE = ln 2 (m + log2 l) are unchanged whichever m is used.
 pub const TAU: f32 = 8.0;
 
+/// One-pass softmax steps keep the running max m while the group's sum of p = 2^(x - m) stays at
+/// or below this (so every p <= 2^24: far from overflow in f32 and bf16, and O, l stay finite);
+/// above it (or inf / NaN) the row is redone with its max ([`update_max`]). Larger than any sum
+/// the two-pass rule allows (256 keys x 2^TAU), so a redo never loops.
+pub const LAZY_SUM: f32 = 16_777_216.0;
+const _: () = assert!(LAZY_SUM > (MAXW * NC) as f32 * 256.0);
+
 /// The running-max update of one row: returns (m', alpha = 2^(m - m')). A row with no allowed
 /// key so far keeps m = -inf and alpha = 1; a NaN max poisons the row (m' = NaN).
 #[inline]
@@ -175,8 +182,11 @@ pub trait Micro: Sync + Send {
     /// Online softmax step for `rows` rows of a group of `w` chunks (S and P rows are `w * NC`
     /// long; the row's mask words are `mask[r * MAXW .. r * MAXW + w]`), in base-2 units:
     /// x_c = logits.base2(s_c) where bit c of the row's mask is set, else -inf;
-    /// (m', alpha) = [`update_max`](m, max_c x_c); p_c = 2^(x_c - m'); l' = alpha l + sum_c p_c.
-    /// Rows that have seen no allowed key yet (m' = -inf) keep m = -inf, l = 0, alpha = 1, p = 0.
+    /// a row with a running max m first tries one pass: p_c = 2^(x_c - m), kept (m' = m,
+    /// alpha = 1, l' = l + sum_c p_c) when sum_c p_c <= [`LAZY_SUM`]; otherwise (and for rows
+    /// without m) (m', alpha) = [`update_max`](m, max_c x_c); p_c = 2^(x_c - m');
+    /// l' = alpha l + sum_c p_c. Rows that have seen no allowed key yet (m' = -inf) keep
+    /// m = -inf, l = 0, alpha = 1, p = 0.
     #[allow(clippy::too_many_arguments)]
     fn softmax(
         &self,

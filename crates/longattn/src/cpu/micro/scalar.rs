@@ -1,5 +1,5 @@
 //! The plain reference path: straight loops in f32, the same math as the SIMD paths.
-use super::{update_max, Logits, Micro, MAXW, NC};
+use super::{update_max, Logits, Micro, LAZY_SUM, MAXW, NC};
 
 pub struct Scalar;
 
@@ -84,6 +84,25 @@ pub fn softmax_rows(
                 f32::NEG_INFINITY
             };
             mx = mx.max(*xc);
+        }
+        // One pass against the running max m when the row has one: kept when sum p <= LAZY_SUM.
+        if m[r] > f32::NEG_INFINITY {
+            let p = |xc: f32| {
+                if xc == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (xc - m[r]).exp2()
+                }
+            };
+            let sum: f32 = x.iter().map(|&xc| p(xc)).sum();
+            if sum <= LAZY_SUM {
+                for (c, &xc) in x.iter().enumerate() {
+                    store(r, c, p(xc));
+                }
+                alpha[r] = 1.0;
+                l[r] += sum;
+                continue;
+            }
         }
         // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
         if x.iter().any(|v| v.is_nan()) {
