@@ -73,7 +73,7 @@ pub fn pack_kt<T: Element, M: Micro>(
     // A whole chunk of unpadded rows read in place: one 32-bit transpose (f32 values, or bf16
     // (even, odd) dim pairs) with AVX-512 gathers.
     #[cfg(target_arch = "x86_64")]
-    if keys == NC && dp == k.dim() && (!M::PAIRS || dp % 2 == 0) {
+    if keys == NC && dp == k.dim() && (!M::PAIRS || dp.is_multiple_of(2)) {
         if let Some(row0) = row_in_place::<T, M::P>(k, b, c * NC, hk) {
             let stride = k.strides[1] * std::mem::size_of::<T>();
             let units = dp * std::mem::size_of::<M::P>() / 4;
@@ -299,8 +299,8 @@ mod tests {
         for c in 0..seq.div_ceil(NC) {
             let mut kt = vec![M::P::default(); dp * NC];
             let mut v = vec![M::P::default(); NC * dvp];
-            pack_kt::<T, M>(&t, 0, 1, c, &mut kt);
-            pack_v::<T, M>(&t, 0, 1, c, &mut v);
+            pack_kt::<T, M>(t, 0, 1, c, &mut kt);
+            pack_v::<T, M>(t, 0, 1, c, &mut v);
             for j in 0..NC {
                 for x in 0..d {
                     let want = if c * NC + j < seq {
