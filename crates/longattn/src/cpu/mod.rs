@@ -20,7 +20,7 @@ use crate::mask::{BlockSchedule, RowMask, TileKind};
 use crate::tensor::{DType, Element, Tensor, TensorView};
 use buf::AlignedBuf;
 use half::{bf16, f16};
-use micro::{Logits, Micro, BQ, MAXW, NC};
+use micro::{Logits, Micro, BQ, LDP, LDS, MAXW, NC};
 use pack::{pack_kt, pack_q, pack_v, packed_dim, packed_dv};
 use rayon::prelude::*;
 
@@ -241,8 +241,8 @@ impl<P: bytemuck::Pod> Scratch<P> {
     fn new(dp: usize, dvp: usize) -> Self {
         Scratch {
             q: AlignedBuf::zeroed(BQ * dp),
-            s: AlignedBuf::zeroed(BQ * MAXW * NC),
-            p: AlignedBuf::zeroed(BQ * MAXW * NC),
+            s: AlignedBuf::zeroed(BQ * LDS),
+            p: AlignedBuf::zeroed(BQ * LDP),
             o: AlignedBuf::zeroed(BQ * dvp),
             m: vec![0.0; BQ],
             l: vec![0.0; BQ],
@@ -437,7 +437,6 @@ impl Job<'_> {
     ) {
         let Dims { d, dv, .. } = self.dims;
         let (dp, dvp) = (packed_dim::<M>(d), packed_dv::<M>(dv));
-        let width = group.len() * NC;
         let mut vts: [&[M::P]; MAXW] = [&[]; MAXW];
         for (g, ch) in group.iter().enumerate() {
             let range = range_bits(ch.lo, ch.hi);
@@ -460,7 +459,7 @@ impl Job<'_> {
                 _ => (0..rows).for_each(|r| scr.mask[r * MAXW + g] = range),
             }
             let ktc = &kt[ch.c * dp * NC..(ch.c + 1) * dp * NC];
-            micro.qk(&scr.q, rows, dp, ktc, &mut scr.s[g * NC..], width);
+            micro.qk(&scr.q, rows, dp, ktc, &mut scr.s[g * NC..], LDS);
             vts[g] = &vp[ch.c * NC * dvp..(ch.c + 1) * NC * dvp];
         }
         micro.softmax(

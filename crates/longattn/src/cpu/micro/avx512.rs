@@ -4,7 +4,8 @@
 //! K^T, 6 broadcasts of Q, 24 FMAs); `pv` keeps a 6 x 64 block of O (per key: 4 loads of V, 6
 //! broadcasts of P, 24 FMAs).
 use super::{
-    check_pv, check_qk, check_softmax, update_max, Logits, Micro, LAZY_SUM, LOG2E, MAXW, NC,
+    check_pv, check_qk, check_softmax, update_max, Logits, Micro, LAZY_SUM, LDP, LDS, LOG2E, MAXW,
+    NC,
 };
 use std::arch::x86_64::*;
 
@@ -198,10 +199,10 @@ macro_rules! softmax_rows_fn {
         ) {
             let fused = lg.softcap.is_none() && lg.scale > 0.0;
             let c2 = lg.scale * LOG2E;
-            let (width, lanes) = (w * NC, 4 * w);
+            let lanes = 4 * w;
             for r in 0..rows {
-                let (sr, bits) = (s.as_ptr().add(r * width), &mask[r * MAXW..r * MAXW + w]);
-                let pr = out.add(r * width * $psize);
+                let (sr, bits) = (s.as_ptr().add(r * LDS), &mask[r * MAXW..r * MAXW + w]);
+                let pr = out.add(r * LDP * $psize);
                 let all = bits.iter().all(|&b| b == u64::MAX);
                 if m[r] > f32::NEG_INFINITY {
                     // One pass against the running max (false for NaN m: two passes).
@@ -409,7 +410,7 @@ unsafe fn pv_block<const R: usize>(
 
 #[target_feature(enable = "avx512f")]
 unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-    let (ch, width) = (chunk_ptrs(vt), vt.len() * NC);
+    let ch = chunk_ptrs(vt);
     let (p, a, o) = (p.as_ptr(), alpha.as_ptr(), o.as_mut_ptr());
     // Column slabs outermost: the group's V panel of one slab (w x 64 keys x 64 columns) stays
     // in L1 while every row block streams over it.
@@ -417,15 +418,7 @@ unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32
         by_row_blocks!(
             rows,
             r,
-            pv_block(
-                p.add(r * width),
-                width,
-                &ch,
-                dv,
-                x0,
-                a.add(r),
-                o.add(r * dv)
-            )
+            pv_block(p.add(r * LDP), LDP, &ch, dv, x0, a.add(r), o.add(r * dv))
         );
     }
 }
