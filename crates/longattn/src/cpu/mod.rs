@@ -149,6 +149,7 @@ pub fn forward(
         _ => None,
     };
     let job = Job {
+        epilogue: Epilogue::for_isa(isa),
         partial_bits,
         q,
         k,
@@ -199,8 +200,56 @@ pub(crate) fn check_schedule(s: &BlockSchedule, has_rows: bool, d: &Dims) -> Res
     Ok(())
 }
 
+/// How the epilogue writes output rows: AVX-512 conversions on the AVX-512 paths (the plain
+/// `Element::from_f32_scaled` loops otherwise, and for f16).
+#[derive(Clone, Copy)]
+struct Epilogue {
+    f32: bool,
+    bf16: bool,
+}
+
+impl Epilogue {
+    fn for_isa(isa: Isa) -> Epilogue {
+        match isa {
+            Isa::Amx | Isa::Avx512Bf16 => Epilogue {
+                f32: true,
+                bf16: true,
+            },
+            Isa::Avx512 => Epilogue {
+                f32: true,
+                bf16: false,
+            },
+            Isa::Scalar | Isa::Avx2 => Epilogue {
+                f32: false,
+                bf16: false,
+            },
+        }
+    }
+
+    /// `dst = src * scale` in the output dtype.
+    #[inline]
+    fn row<T: Element>(self, src: &[f32], scale: f32, dst: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `for_isa` enabled a flag only for paths whose CPU features were checked
+            // by `Isa::available` (AVX-512F; AVX-512 BF16 for the bf16 one).
+            if self.bf16 && T::DTYPE == DType::BF16 {
+                let d: &mut [u16] = bytemuck::cast_slice_mut(dst);
+                return unsafe { micro::avx512::scale_to_bf16(src, scale, d) };
+            }
+            if self.f32 && T::DTYPE == DType::F32 {
+                let d: &mut [f32] = bytemuck::cast_slice_mut(dst);
+                return unsafe { micro::avx512::scale_f32(src, scale, d) };
+            }
+        }
+        let _ = self;
+        T::from_f32_scaled(src, scale, dst)
+    }
+}
+
 /// One attention call, resolved.
 struct Job<'a> {
+    epilogue: Epilogue,
     /// Precomputed bits of the Partial tiles, shared by all heads (see [`PartialBits`]).
     partial_bits: Option<PartialBits>,
     q: &'a TensorView<'a>,
@@ -544,7 +593,8 @@ impl Job<'_> {
                     );
                     let l = scr.l[r];
                     if l != 0.0 {
-                        T::from_f32_scaled(&scr.o[r * dvp..r * dvp + dv], 1.0 / l, orow);
+                        self.epilogue
+                            .row(&scr.o[r * dvp..r * dvp + dv], 1.0 / l, orow);
                         *ptr.lse.add((b * hq + h) * sq + i) =
                             std::f32::consts::LN_2 * (scr.m[r] + l.log2());
                     } else {

@@ -285,6 +285,45 @@ softmax_rows_fn!(
     exp2_floor_ps_bf16
 );
 
+/// The epilogue of one output row in bf16: `dst[x] = bf16(src[x] * scale)`, round to nearest
+/// even, NaN kept (quiet), 16 at a time (the plain `Element::from_f32_scaled` ran 4 at a time:
+/// ~9% of a 1k-token forward). `vcvtneps2bf16` flushes results below 2^-126 to 0.
+///
+/// SAFETY: AVX-512F and AVX-512 BF16 are available.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(crate) unsafe fn scale_to_bf16(src: &[f32], scale: f32, dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    let (n, sv) = (src.len(), _mm512_set1_ps(scale));
+    let mut x = 0;
+    while x + 16 <= n {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(x)), sv);
+        let h = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+        _mm256_storeu_si256(dst.as_mut_ptr().add(x) as *mut __m256i, h);
+        x += 16;
+    }
+    for (d, &s) in dst[x..].iter_mut().zip(&src[x..]) {
+        *d = half::bf16::from_f32(s * scale).to_bits();
+    }
+}
+
+/// The epilogue of one output row in f32: `dst[x] = src[x] * scale`, 16 at a time.
+///
+/// SAFETY: AVX-512F is available.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn scale_f32(src: &[f32], scale: f32, dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    let (n, sv) = (src.len(), _mm512_set1_ps(scale));
+    let mut x = 0;
+    while x + 16 <= n {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(x)), sv);
+        _mm512_storeu_ps(dst.as_mut_ptr().add(x), v);
+        x += 16;
+    }
+    for (d, &s) in dst[x..].iter_mut().zip(&src[x..]) {
+        *d = s * scale;
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn qk_block<const R: usize>(
@@ -521,6 +560,47 @@ mod tests {
         assert!(y[1] == f32::INFINITY && y[3] == f32::INFINITY && y[2] >= f32::MAX);
         assert!(y[4].is_nan());
         assert!(worst > 0.0);
+    }
+
+    /// The SIMD epilogue rounds like `half::bf16::from_f32` (nearest even, quiet NaN, inf), except
+    /// that results below 2^-126 flush to 0; lengths that are not a multiple of 16 too.
+    #[test]
+    fn epilogue_bf16_rounds_like_half() {
+        if !(have() && is_x86_feature_detected!("avx512bf16")) {
+            return;
+        }
+        let mut src: Vec<f32> = (0..1000)
+            .map(|i| ((i as f32) * 0.731).sin() * 3.0)
+            .collect();
+        // Ties (exactly halfway between two bf16 values), NaN, inf, overflow after scaling.
+        src.extend([
+            f32::from_bits(0x3F80_8000),
+            f32::from_bits(0x3F81_8000),
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3e38,
+        ]);
+        for len in [src.len(), 37, 16, 5] {
+            for scale in [1.0f32, 0.37, 2.0] {
+                let mut got = vec![0u16; len];
+                unsafe { scale_to_bf16(&src[..len], scale, &mut got) };
+                for (i, (&g, &x)) in got.iter().zip(&src).enumerate() {
+                    let y = x * scale;
+                    let want = half::bf16::from_f32(y);
+                    if want.is_nan() {
+                        assert!(half::bf16::from_bits(g).is_nan(), "{i}: NaN");
+                    } else if y.abs() >= f32::MIN_POSITIVE {
+                        assert_eq!(g, want.to_bits(), "{i}: {y}");
+                    }
+                }
+                let mut f = vec![0f32; len];
+                unsafe { scale_f32(&src[..len], scale, &mut f) };
+                for (&g, &x) in f.iter().zip(&src) {
+                    assert!(g.to_bits() == (x * scale).to_bits() || (g.is_nan() && x.is_nan()));
+                }
+            }
+        }
     }
 
     fn have() -> bool {
