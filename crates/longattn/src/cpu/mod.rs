@@ -383,7 +383,8 @@ impl Job<'_> {
             d,
             dv,
         } = self.dims;
-        let mut out = vec![T::default(); batch * sq * hq * dv];
+        // Rows with no scheduled key are never written: they stay 0.
+        let mut out = buf::zeroed_vec::<T>(batch * sq * hq * dv);
         let mut lse = vec![f32::NEG_INFINITY; batch * hq * sq];
         let ptr = OutPtr {
             out: out.as_mut_ptr(),
