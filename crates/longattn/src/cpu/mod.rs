@@ -445,24 +445,34 @@ impl Job<'_> {
                 });
             };
         let threads = rayon::current_num_threads();
-        let packed_bytes = groups.len() * (glen + vglen) * std::mem::size_of::<M::P>();
-        if group * sched.q_tiles >= 4 * threads && packed_bytes > PACK_ALL_BYTES {
-            // Long queries: one group at a time, so its packed K/V stays warm in cache while all
-            // threads work on its tasks.
-            let mut kt = AlignedBuf::<M::P>::zeroed(glen);
-            let mut vp = AlignedBuf::<M::P>::zeroed(vglen);
-            for (gi, g) in groups.iter().enumerate() {
-                pack(std::slice::from_ref(g), &mut kt, &mut vp);
-                run_tasks(&tasks_of(std::slice::from_ref(g)), gi, &kt, &vp);
+        let elem = std::mem::size_of::<M::P>();
+        let packed_bytes = groups.len() * (glen + vglen) * elem;
+        // The packed K^T / V buffers are kept between calls (`buf::Reuse`); every element the
+        // kernels read is written by the packers first.
+        static KT: buf::Reuse = buf::Reuse::new();
+        static VP: buf::Reuse = buf::Reuse::new();
+        let one_group = group * sched.q_tiles >= 4 * threads && packed_bytes > PACK_ALL_BYTES;
+        let ng = if one_group { 1 } else { groups.len() };
+        let (mut ktb, mut vpb) = (KT.take(ng * glen * elem), VP.take(ng * vglen * elem));
+        {
+            let kt: &mut [M::P] = bytemuck::cast_slice_mut(&mut ktb[..ng * glen * elem]);
+            let vp: &mut [M::P] = bytemuck::cast_slice_mut(&mut vpb[..ng * vglen * elem]);
+            if one_group {
+                // Long queries: one group at a time, so its packed K/V stays warm in cache while
+                // all threads work on its tasks.
+                for (gi, g) in groups.iter().enumerate() {
+                    pack(std::slice::from_ref(g), kt, vp);
+                    run_tasks(&tasks_of(std::slice::from_ref(g)), gi, kt, vp);
+                }
+            } else {
+                // Short queries (decode, small Sq) or small problems: all groups at once, one
+                // parallel loop over every task (no barrier per group).
+                pack(&groups, kt, vp);
+                run_tasks(&tasks_of(&groups), 0, kt, vp);
             }
-        } else {
-            // Short queries (decode, small Sq) or small problems: all groups at once, one parallel
-            // loop over every task (no barrier per group).
-            let mut kt = AlignedBuf::<M::P>::zeroed(groups.len() * glen);
-            let mut vp = AlignedBuf::<M::P>::zeroed(groups.len() * vglen);
-            pack(&groups, &mut kt, &mut vp);
-            run_tasks(&tasks_of(&groups), 0, &kt, &vp);
         }
+        KT.give(ktb);
+        VP.give(vpb);
         Ok(AttnOutput {
             out: Tensor::new(T::wrap(out), vec![batch, sq, hq, dv])?,
             lse,
