@@ -429,7 +429,7 @@ impl Job<'_> {
         };
         // Scratch buffers are taken from a pool and given back after each task: rayon calls a
         // `for_each_init` initializer once per job, i.e. once per task here (`with_max_len(1)`),
-        // and allocating and zeroing ~150 KiB per task cost ~10% at n = 1k.
+        // and allocating and zeroing ~150 KiB per task cost 5-10% at n = 1k.
         let pool: std::sync::Mutex<Vec<Scratch<M::P>>> = std::sync::Mutex::new(Vec::new());
         // `gi0`: index of the first group packed in `kt`/`vp`.
         let run_tasks =

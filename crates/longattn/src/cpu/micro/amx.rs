@@ -198,7 +198,8 @@ unsafe fn ab_step(two_rows: bool, next: Option<Next>, lda: usize, ldb: usize) {
         }
         return;
     };
-    let (a0, a1, b0, b1) = (n.a, n.a.add(16 * lda), n.b, n.b.add(64));
+    // a1 is only read when the next block has two row tiles (it may lie past A otherwise).
+    let (a0, a1, b0, b1) = (n.a, n.a.wrapping_add(16 * lda), n.b, n.b.add(64));
     match (two_rows, n.two_rows) {
         (true, true) => asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
