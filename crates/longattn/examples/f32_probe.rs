@@ -1,30 +1,38 @@
 //! Throughput of the AVX-512 f32 micro-kernels and the softmax step alone on L1/L2-resident data
-//! (one thread): `cargo run --release --example f32_probe`.
+//! (one thread, cache-line aligned buffers): `cargo run --release --example f32_probe`.
+use longattn::cpu::buf::AlignedBuf;
 use longattn::cpu::micro::avx512::Avx512;
-use longattn::cpu::micro::{Logits, Micro, BQ, NC};
+use longattn::cpu::micro::{Logits, Micro, BQ, LDP, LDS, NC};
 use std::time::Instant;
+
+/// A cache-line aligned buffer filled with `x` (as the kernel's scratch is).
+fn buf(len: usize, x: f32) -> AlignedBuf<f32> {
+    let mut b = AlignedBuf::zeroed(len);
+    b.fill(x);
+    b
+}
 
 fn main() {
     for d in [64usize, 128] {
         let m = Avx512;
-        let q = vec![0.5f32; BQ * d];
-        let kt = vec![0.25f32; d * NC];
-        let mut s = vec![0f32; BQ * 2 * NC];
+        let q = buf(BQ * d, 0.5);
+        let kt = buf(d * NC, 0.25);
+        let mut s = buf(BQ * LDS, 0.0);
         let iters = 20000;
         let t = Instant::now();
         for _ in 0..iters {
-            m.qk(&q, BQ, d, &kt, &mut s, 2 * NC);
+            m.qk(&q, BQ, d, &kt, &mut s, LDS);
         }
         let el = t.elapsed().as_secs_f64();
         println!(
             "d{d} qk  {:.0} GFLOP/s",
             2.0 * (BQ * NC * d * iters) as f64 / el / 1e9
         );
-        let p = vec![0.01f32; BQ * 2 * NC];
-        let v = vec![0.5f32; NC * d];
+        let p = buf(BQ * LDP, 0.01);
+        let v = buf(NC * d, 0.5);
         let vts: Vec<&[f32]> = vec![&v; 2];
         let alpha = vec![1.0f32; BQ];
-        let mut o = vec![0f32; BQ * d];
+        let mut o = buf(BQ * d, 0.0);
         let t = Instant::now();
         for _ in 0..iters / 2 {
             m.pv(&p, BQ, &vts, d, &alpha, &mut o);
@@ -40,7 +48,7 @@ fn main() {
             softcap: None,
         };
         let (mut mm, mut l, mut a) = (vec![0f32; BQ], vec![0f32; BQ], vec![0f32; BQ]);
-        let mut pp = vec![0f32; BQ * 2 * NC];
+        let mut pp = buf(BQ * LDP, 0.0);
         let t = Instant::now();
         for _ in 0..iters / 2 {
             m.softmax(&s, BQ, 2, &mask, &lg, &mut mm, &mut l, &mut a, &mut pp);

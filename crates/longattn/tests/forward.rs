@@ -396,3 +396,49 @@ fn nan_propagates_to_its_rows_only() {
     assert!(o[16..32].iter().all(|x| x.is_nan()));
     assert!(o[..16].iter().chain(&o[32..]).all(|x| x.is_finite()));
 }
+
+/// Logits that rise along the keys (by about 28 in base 2 over a 256-key group), jump by 43 at one
+/// chunk and fall again: the one-pass softmax step (running max kept while sum p <= LAZY_SUM) must
+/// redo its rows with the new max, on every path, at awkward lengths.
+#[test]
+fn rising_and_jumping_logits_rescale_on_every_path() {
+    for (n, sk) in [(7usize, 1023usize), (65, 700), (113, 4224)] {
+        for dtype in DTYPES {
+            let d = 64;
+            let q = random_tensor(dtype, &[1, n, 1, d], 1.0, 40);
+            let k = random_tensor(dtype, &[1, sk, 1, d], 1.0, 41);
+            let v = random_tensor(dtype, &[1, sk, 1, d], 1.0, 42);
+            // Dim 0 carries the ramp: q[i][0] = 4, k[j][0] = ramp(j), scale 1/8 -> +ramp / 2.
+            let mut qd = q.data.to_f32_vec();
+            let mut kd = k.data.to_f32_vec();
+            qd.chunks_mut(d).for_each(|r| r[0] = 4.0);
+            for (j, r) in kd.chunks_mut(d).enumerate() {
+                let jump = if (300..364).contains(&j) { 60.0 } else { 0.0 };
+                r[0] = (j % 512) as f32 * 0.15 + jump;
+            }
+            let q = longattn::Tensor::new(longattn::tensor::Buffer::from_f32(dtype, &qd), q.shape)
+                .unwrap();
+            let k = longattn::Tensor::new(longattn::tensor::Buffer::from_f32(dtype, &kd), k.shape)
+                .unwrap();
+            let (qv, kv, vv) = (
+                q.view("q").unwrap(),
+                k.view("k").unwrap(),
+                v.view("v").unwrap(),
+            );
+            let params = AttnParams::default();
+            let reference = attention_f64(&qv, &kv, &vv, &params, &|_, _, _, _| true).unwrap();
+            for isa in isas() {
+                let p = AttnParams {
+                    isa: Some(isa),
+                    ..params.clone()
+                };
+                let got = forward(&qv, &kv, &vv, &p, MaskSpec::Full).unwrap();
+                let (eo, el) = compare(&got.out, &got.lse, &reference);
+                assert!(
+                    eo <= out_tolerance(dtype) && el <= LSE_TOLERANCE,
+                    "{isa:?} {dtype} n {n} sk {sk}: out error {eo:.3e}, lse error {el:.3e}"
+                );
+            }
+        }
+    }
+}

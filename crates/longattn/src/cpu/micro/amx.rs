@@ -16,7 +16,7 @@
 //! Linux hands out the tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once
 //! per process by [`available`].
 use super::avx512::softmax_rows_bf16;
-use super::{check_softmax, Logits, Micro, BQ, MAXW, NC};
+use super::{check_softmax, Logits, Micro, BQ, LDP, MAXW, NC};
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -28,7 +28,10 @@ pub struct Amx;
 pub fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")) {
+        if !(is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512bf16"))
+        {
             return false;
         }
         // SAFETY: cpuid leaf 7 exists on every CPU with AVX-512.
@@ -165,14 +168,40 @@ unsafe fn ab_load(two_rows: bool, a: *const u8, lda: usize, b: *const u8, ldb: u
     }
 }
 
-/// One reduction step on the loaded operands, C(2 x 2) += A x B, with the NEXT step's operands
-/// loaded into each register right after its last use in this step (software pipelining: tile
-/// registers are not renamed, so a load must wait for the products reading the register; issuing
-/// it early overlaps it with the remaining products). Without `next`, the last step.
+/// The operands of the next reduction step: A rows at `a` (and `a + 16 lda` when `two_rows`),
+/// B columns at `b`, `b + 64 bytes`.
+#[derive(Clone, Copy)]
+struct Next {
+    a: *const u8,
+    b: *const u8,
+    two_rows: bool,
+}
+
+/// One reduction step on the loaded operands, C(2 x 2) += A x B (C(1 x 2) when not `two_rows`),
+/// with the NEXT step's operands loaded into each register right after its last use in this step
+/// (software pipelining: tile registers are not renamed, so a load must wait for the products
+/// reading the register; issuing it early overlaps it with the remaining products). The next
+/// step may belong to the next C block (whose row count may differ). Without `next`, the last
+/// step of the last block.
 #[inline]
-unsafe fn ab_step(two_rows: bool, next: Option<(*const u8, *const u8)>, lda: usize, ldb: usize) {
-    match (two_rows, next) {
-        (true, Some((a, b))) => asm!(
+unsafe fn ab_step(two_rows: bool, next: Option<Next>, lda: usize, ldb: usize) {
+    let Some(n) = next else {
+        if two_rows {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+            );
+        } else {
+            asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7");
+        }
+        return;
+    };
+    // a1 is only read when the next block has two row tiles (it may lie past A otherwise).
+    let (a0, a1, b0, b1) = (n.a, n.a.wrapping_add(16 * lda), n.b, n.b.add(64));
+    match (two_rows, n.two_rows) {
+        (true, true) => asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tileloadd tmm4, [{a0} + {lda}*1]",
@@ -181,34 +210,43 @@ unsafe fn ab_step(two_rows: bool, next: Option<(*const u8, *const u8)>, lda: usi
             "tdpbf16ps tmm3, tmm5, tmm7",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
             "tileloadd tmm5, [{a1} + {lda}*1]",
-            a0 = in(reg) a,
-            a1 = in(reg) a.add(16 * lda),
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(64),
-            lda = in(reg) lda,
-            ldb = in(reg) ldb,
+            a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+            lda = in(reg) lda, ldb = in(reg) ldb,
             options(nostack, readonly),
         ),
-        (true, None) => asm!(
+        (true, false) => asm!(
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tdpbf16ps tmm3, tmm5, tmm7",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
+            lda = in(reg) lda, ldb = in(reg) ldb,
+            options(nostack, readonly),
         ),
-        (false, Some((a, b))) => asm!(
+        (false, true) => asm!(
+            "tileloadd tmm5, [{a1} + {lda}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tdpbf16ps tmm1, tmm4, tmm7",
             "tileloadd tmm4, [{a0} + {lda}*1]",
             "tileloadd tmm6, [{b0} + {ldb}*1]",
             "tileloadd tmm7, [{b1} + {ldb}*1]",
-            a0 = in(reg) a,
-            b0 = in(reg) b,
-            b1 = in(reg) b.add(64),
-            lda = in(reg) lda,
-            ldb = in(reg) ldb,
+            a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+            lda = in(reg) lda, ldb = in(reg) ldb,
             options(nostack, readonly),
         ),
-        (false, None) => asm!("tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7"),
+        (false, false) => asm!(
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
+            lda = in(reg) lda, ldb = in(reg) ldb,
+            options(nostack, readonly),
+        ),
     }
 }
 
@@ -229,28 +267,46 @@ pub(crate) struct Gemm<'a> {
 }
 
 /// Rows in blocks of 32 (16 for a last block of at most 16 rows), columns in blocks of 32; each
-/// C block stays in the tiles for the whole reduction (all steps of all pieces), whose operand
-/// loads are software-pipelined one step ahead (`ab_step`).
+/// C block stays in the tiles for the whole reduction (all steps of all pieces). The operand
+/// loads are software-pipelined one step ahead (`ab_step`), across blocks too: the last step of
+/// a block loads the first operands of the next one before its C tiles are stored, so the loads
+/// overlap the products and the stores instead of waiting behind them (a D = 128 `qk` block is
+/// only 4 steps).
 #[inline]
 pub(crate) unsafe fn blocked(g: &Gemm, rows: usize, ncols: usize, acc: bool) {
     let total = g.b.len() * g.steps;
-    let mut r0 = 0;
-    while r0 < rows {
+    // Operand addresses of global step t (piece t / steps, step t % steps) of block (r0, x0).
+    let at = |r0: usize, x0: usize, t: usize| Next {
+        a: g.a.add(r0 * g.lda + t * g.a_step),
+        b: g.b[t / g.steps].add(4 * x0 + (t % g.steps) * g.b_step),
+        two_rows: rows - r0 > 16,
+    };
+    let c_at = |r0: usize, x0: usize| g.c.add(r0 * g.ldc + 4 * x0);
+    let (mut r0, mut x0) = (0, 0);
+    let first = at(0, 0, 0);
+    c_start(first.two_rows, c_at(0, 0), g.ldc, acc);
+    ab_load(first.two_rows, first.a, g.lda, first.b, g.ldb);
+    loop {
         let two = rows - r0 > 16;
-        for x0 in (0..ncols).step_by(32) {
-            // Operand addresses of global step t (piece t / steps, step t % steps).
-            let a_at = |t: usize| g.a.add(r0 * g.lda + t * g.a_step);
-            let b_at = |t: usize| g.b[t / g.steps].add(4 * x0 + (t % g.steps) * g.b_step);
-            let c = g.c.add(r0 * g.ldc + 4 * x0);
-            c_start(two, c, g.ldc, acc);
-            ab_load(two, a_at(0), g.lda, b_at(0), g.ldb);
-            for t in 0..total {
-                let next = (t + 1 < total).then(|| (a_at(t + 1), b_at(t + 1)));
-                ab_step(two, next, g.lda, g.ldb);
-            }
-            c_store(two, c, g.ldc);
+        let next_block = if x0 + 32 < ncols {
+            Some((r0, x0 + 32))
+        } else if r0 + 32 < rows {
+            Some((r0 + 32, 0))
+        } else {
+            None
+        };
+        for t in 0..total {
+            let next = if t + 1 < total {
+                Some(at(r0, x0, t + 1))
+            } else {
+                next_block.map(|(r, x)| at(r, x, 0))
+            };
+            ab_step(two, next, g.lda, g.ldb);
         }
-        r0 += 32;
+        c_store(two, c_at(r0, x0), g.ldc);
+        let Some((r, x)) = next_block else { break };
+        (r0, x0) = (r, x);
+        c_start(rows - r0 > 16, c_at(r0, x0), g.ldc, acc);
     }
 }
 
@@ -335,19 +391,19 @@ impl Micro for Amx {
     fn pv(&self, p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
         let dvp = dv.div_ceil(32) * 32;
         let w = vt.len();
-        assert!(w <= MAXW && p.len() >= BQ * w * NC && o.len() >= BQ * dvp);
+        assert!(w <= MAXW && p.len() >= BQ * LDP && o.len() >= BQ * dvp);
         assert!(vt.iter().all(|v| v.len() >= NC * dvp));
         let mut b = [std::ptr::null(); MAXW];
         for (d, v) in b.iter_mut().zip(vt) {
             *d = v.as_ptr() as *const u8;
         }
         // O = alpha O, then O += P V on the tiles (C loaded from and stored to O).
-        // A: P rows (2 w NC bytes apart), 32 keys = 64 bytes per step.
+        // A: P rows (2 LDP bytes apart), 32 keys = 64 bytes per step.
         // B: per chunk, V pair rows (4 dvp bytes apart), 16 pair rows per step, 2 steps. All 64
         // keys of a chunk are used: p is 0 past its valid keys and V is 0 past Sk.
         let g = Gemm {
             a: p.as_ptr() as *const u8,
-            lda: 2 * w * NC,
+            lda: 2 * LDP,
             a_step: 64,
             b: &b[..w],
             ldb: 4 * dvp,

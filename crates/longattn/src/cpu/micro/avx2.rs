@@ -2,7 +2,9 @@
 //!
 //! Register blocking: 6 rows x 16 columns (12 ymm accumulators) for both `qk` and `pv`.
 use super::avx512::{chunk_ptrs, Chunks};
-use super::{check_pv, check_qk, check_softmax, update_max, Logits, Micro, LOG2E, MAXW, NC};
+use super::{
+    check_pv, check_qk, check_softmax, update_max, Logits, Micro, LDP, LDS, LOG2E, MAXW, NC,
+};
 use std::arch::x86_64::*;
 
 pub struct Avx2;
@@ -150,11 +152,11 @@ unsafe fn softmax_impl(
     alpha: &mut [f32],
     p: &mut [f32],
 ) {
-    let (width, lanes) = (w * NC, 8 * w);
+    let lanes = 8 * w;
     let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
     for r in 0..rows {
-        let sr = s.as_ptr().add(r * width);
-        let pr = p.as_mut_ptr().add(r * width);
+        let sr = s.as_ptr().add(r * LDS);
+        let pr = p.as_mut_ptr().add(r * LDP);
         let bits = &mask[r * MAXW..r * MAXW + w];
         let mut mx = ninf;
         let mut nan = 0;
@@ -234,21 +236,13 @@ unsafe fn pv_block<const R: usize>(
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pv_impl(p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-    let (ch, width) = (chunk_ptrs(vt), vt.len() * NC);
+    let ch = chunk_ptrs(vt);
     let (p, a, o) = (p.as_ptr(), alpha.as_ptr(), o.as_mut_ptr());
     for x0 in (0..dv).step_by(16) {
         by_row_blocks!(
             rows,
             r,
-            pv_block(
-                p.add(r * width),
-                width,
-                &ch,
-                dv,
-                x0,
-                a.add(r),
-                o.add(r * dv)
-            )
+            pv_block(p.add(r * LDP), LDP, &ch, dv, x0, a.add(r), o.add(r * dv))
         );
     }
 }

@@ -4,7 +4,7 @@
 //! input's); P is rounded to bf16 before the P V product, as the GPU flash kernels do; the
 //! softmax statistics (m, l) and O stay f32.
 use super::avx512::{chunk_ptrs, col_masks, softmax_rows_bf16, Chunks};
-use super::{check_pv, check_qk, check_softmax, Logits, Micro, NC};
+use super::{check_pv, check_qk, check_softmax, Logits, Micro, LDP, NC};
 use std::arch::x86_64::*;
 
 pub struct Avx512Bf16;
@@ -120,7 +120,8 @@ unsafe fn pv_block<const R: usize>(
 
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pv_impl(p: &[u16], rows: usize, vt: &[&[u16]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-    let (ch, width2) = (chunk_ptrs(vt), vt.len() * NC / 2);
+    // P rows as u32 (bf16 key pairs), LDP / 2 pairs apart.
+    let (ch, width2) = (chunk_ptrs(vt), LDP / 2);
     let (p, a, o) = (p.as_ptr() as *const u32, alpha.as_ptr(), o.as_mut_ptr());
     // Column slabs outermost: the group's V panel of one slab stays in L1 across row blocks.
     for x0 in (0..dv).step_by(64) {

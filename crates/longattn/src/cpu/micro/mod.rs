@@ -54,6 +54,15 @@ pub const BQ: usize = 64;
 /// Most chunks in one group (S and P rows are up to MAXW * NC = 256 long).
 pub const MAXW: usize = 4;
 
+/// Row stride of the S scratch (f32 logits), in elements: a group's MAXW * NC columns plus one
+/// cache line. With a 1 KiB stride the 16 rows of a tile fall into 4 of the 64 L1 sets, and a
+/// chunk's S (64 rows x 4 lines) does not fit them: AMX `qk` ran 1.3x slower (1635 vs 1267
+/// cycles per 64 x 64 x 128 product on this machine).
+pub const LDS: usize = MAXW * NC + 16;
+/// Row stride of the P scratch, in elements (one cache line more than MAXW * NC bf16, for the
+/// same reason as [`LDS`]).
+pub const LDP: usize = MAXW * NC + 32;
+
 /// log2(e): the kernels work in base 2 (exp2 is cheaper than exp).
 pub const LOG2E: f32 = std::f32::consts::LOG2_E;
 
@@ -62,6 +71,13 @@ pub const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// Then p = 2^(x - m) <= 2^TAU = 256: no overflow in f32 or bf16, and out = O / l and
 /// LSE = ln 2 (m + log2 l) are unchanged whichever m is used.
 pub const TAU: f32 = 8.0;
+
+/// One-pass softmax steps keep the running max m while the group's sum of p = 2^(x - m) stays at
+/// or below this (so every p <= 2^24: far from overflow in f32 and bf16, and O, l stay finite);
+/// above it (or inf / NaN) the row is redone with its max ([`update_max`]). Larger than any sum
+/// the two-pass rule allows (256 keys x 2^TAU), so a redo never loops.
+pub const LAZY_SUM: f32 = 16_777_216.0;
+const _: () = assert!(LAZY_SUM > (MAXW * NC) as f32 * 256.0);
 
 /// The running-max update of one row: returns (m', alpha = 2^(m - m')). A row with no allowed
 /// key so far keeps m = -inf and alpha = 1; a NaN max poisons the row (m' = NaN).
@@ -137,16 +153,19 @@ pub(crate) fn check_qk<P>(q: &[P], rows: usize, dq: usize, kt: &[P], s: &[f32], 
     assert!(q.len() >= rows * dq && kt.len() >= dq * NC && s.len() >= (rows - 1) * lds + NC);
 }
 
-/// The slice lengths the SIMD `softmax` addresses: rows x w NC of S and P, rows x MAXW mask words.
+/// The slice lengths the SIMD `softmax` addresses: rows x w NC of S and P (rows [`LDS`] / [`LDP`]
+/// apart), rows x MAXW mask words.
 pub(crate) fn check_softmax<P>(s: &[f32], rows: usize, w: usize, mask: &[u64], p: &[P]) {
-    assert!(w <= MAXW && s.len() >= rows * w * NC && p.len() >= rows * w * NC);
+    assert!(w <= MAXW && rows >= 1);
+    assert!(s.len() >= (rows - 1) * LDS + w * NC && p.len() >= (rows - 1) * LDP + w * NC);
     assert!(mask.len() >= rows * MAXW);
 }
 
-/// The slice lengths the SIMD `pv` addresses: rows x (chunks x NC) of P, NC x dv of each V chunk,
-/// rows x dv of O.
+/// The slice lengths the SIMD `pv` addresses: rows x (chunks x NC) of P (rows [`LDP`] apart),
+/// NC x dv of each V chunk, rows x dv of O.
 pub(crate) fn check_pv<P>(p: &[P], rows: usize, vt: &[&[P]], dv: usize, o: &[f32]) {
-    assert!(vt.len() <= MAXW && p.len() >= rows * vt.len() * NC && o.len() >= rows * dv);
+    assert!(vt.len() <= MAXW && rows >= 1 && o.len() >= rows * dv);
+    assert!(p.len() >= (rows - 1) * LDP + vt.len() * NC);
     assert!(vt.iter().all(|v| v.len() >= NC * dv));
 }
 
@@ -173,10 +192,14 @@ pub trait Micro: Sync + Send {
     fn qk(&self, q: &[Self::P], rows: usize, dq: usize, kt: &[Self::P], s: &mut [f32], lds: usize);
 
     /// Online softmax step for `rows` rows of a group of `w` chunks (S and P rows are `w * NC`
-    /// long; the row's mask words are `mask[r * MAXW .. r * MAXW + w]`), in base-2 units:
+    /// long, [`LDS`] and [`LDP`] elements apart; the row's mask words are
+    /// `mask[r * MAXW .. r * MAXW + w]`), in base-2 units:
     /// x_c = logits.base2(s_c) where bit c of the row's mask is set, else -inf;
-    /// (m', alpha) = [`update_max`](m, max_c x_c); p_c = 2^(x_c - m'); l' = alpha l + sum_c p_c.
-    /// Rows that have seen no allowed key yet (m' = -inf) keep m = -inf, l = 0, alpha = 1, p = 0.
+    /// a row with a running max m may first try one pass: p_c = 2^(x_c - m), kept (m' = m,
+    /// alpha = 1, l' = l + sum_c p_c) when sum_c p_c <= [`LAZY_SUM`]; otherwise (and for rows
+    /// without m) (m', alpha) = [`update_max`](m, max_c x_c); p_c = 2^(x_c - m');
+    /// l' = alpha l + sum_c p_c. Rows that have seen no allowed key yet (m' = -inf) keep
+    /// m = -inf, l = 0, alpha = 1, p = 0.
     #[allow(clippy::too_many_arguments)]
     fn softmax(
         &self,
@@ -192,7 +215,8 @@ pub trait Micro: Sync + Send {
     );
 
     /// `o[r][x] = alpha[r] o[r][x] + sum_g sum_{c < NC} p[r][g NC + c] vt[g][c][x]` for `r < rows`,
-    /// `x < dv`, over the `vt.len()` chunks of the group (p rows are `vt.len() * NC` long; p is 0
+    /// `x < dv`, over the `vt.len()` chunks of the group (p rows are `vt.len() * NC` long and
+    /// [`LDP`] apart; p is 0
     /// and V is 0 on padding keys). Rows of each `vt[g]` and of `o` are dvp = `dv` rounded up to
     /// `DV_ALIGN` long, and `o` holds BQ rows.
     #[allow(clippy::too_many_arguments)]

@@ -1,5 +1,5 @@
 //! The plain reference path: straight loops in f32, the same math as the SIMD paths.
-use super::{update_max, Logits, Micro, MAXW, NC};
+use super::{update_max, Logits, Micro, LAZY_SUM, LDP, LDS, MAXW, NC};
 
 pub struct Scalar;
 
@@ -35,20 +35,18 @@ impl Micro for Scalar {
         alpha: &mut [f32],
         p: &mut [f32],
     ) {
-        let width = w * NC;
         softmax_rows(s, rows, w, mask, logits, m, l, alpha, |r, c, x| {
-            p[r * width + c] = x
+            p[r * LDP + c] = x
         });
     }
 
     fn pv(&self, p: &[f32], rows: usize, vt: &[&[f32]], dv: usize, alpha: &[f32], o: &mut [f32]) {
-        let width = vt.len() * NC;
         for r in 0..rows {
             let orow = &mut o[r * dv..(r + 1) * dv];
             orow.iter_mut().for_each(|x| *x *= alpha[r]);
             for (g, v) in vt.iter().enumerate() {
                 for c in 0..NC {
-                    let pc = p[r * width + g * NC + c];
+                    let pc = p[r * LDP + g * NC + c];
                     for (ox, &vx) in orow.iter_mut().zip(&v[c * dv..(c + 1) * dv]) {
                         *ox += pc * vx;
                     }
@@ -58,8 +56,8 @@ impl Micro for Scalar {
     }
 }
 
-/// The scalar online-softmax step (the model for the SIMD ones): rows of `w * NC` logits,
-/// writes p through `store(r, c, p_rc)` for every column of every row.
+/// The scalar online-softmax step (the model for the SIMD ones): rows of `w * NC` logits
+/// ([`LDS`] apart), writes p through `store(r, c, p_rc)` for every column of every row.
 #[allow(clippy::too_many_arguments)]
 pub fn softmax_rows(
     s: &[f32],
@@ -79,11 +77,30 @@ pub fn softmax_rows(
         for (c, xc) in x.iter_mut().enumerate() {
             let bit = mask[r * MAXW + c / NC] >> (c % NC) & 1;
             *xc = if bit == 1 {
-                logits.base2(s[r * width + c])
+                logits.base2(s[r * LDS + c])
             } else {
                 f32::NEG_INFINITY
             };
             mx = mx.max(*xc);
+        }
+        // One pass against the running max m when the row has one: kept when sum p <= LAZY_SUM.
+        if m[r] > f32::NEG_INFINITY {
+            let p = |xc: f32| {
+                if xc == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (xc - m[r]).exp2()
+                }
+            };
+            let sum: f32 = x.iter().map(|&xc| p(xc)).sum();
+            if sum <= LAZY_SUM {
+                for (c, &xc) in x.iter().enumerate() {
+                    store(r, c, p(xc));
+                }
+                alpha[r] = 1.0;
+                l[r] += sum;
+                continue;
+            }
         }
         // NaN logits (NaN/Inf inputs) poison the row instead of being dropped by `max`.
         if x.iter().any(|v| v.is_nan()) {
