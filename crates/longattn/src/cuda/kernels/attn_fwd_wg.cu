@@ -196,22 +196,5 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
     }
 
     // Epilogue: O / l and the LSE; rows past Sq are not written.
-    u16* go = p.o + b * p.o_sb + h * p.o_sh;
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        float lsum = hf ? l1 : l0;
-        lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
-        lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
-        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-        const int r = rowbase + 8 * hf;
-        if (r < p.Sq) {
-            u32* dst = (u32*)(go + (i64)r * p.o_ss);
-#pragma unroll
-            for (int j = 0; j < LA_D / 8; j++)
-                dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
-            if (t4 == 0)
-                p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
-                    lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
-        }
-    }
+    la_wg_store(p, o, l0, l1, m0, m1, b, h, rowbase, t4);
 }

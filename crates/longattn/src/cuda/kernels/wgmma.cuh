@@ -94,3 +94,29 @@ __device__ __forceinline__ void la_wg_rs_n128(float* d, const u32* a, u64 db) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
 #endif
+
+// Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's rows
+// `rowbase` and `rowbase + 8` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are
+// not written; a row with no allowed key (l = 0) gets 0 and -inf.
+template <typename P>
+__device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
+                                            int b, int h, int rowbase, int t4) {
+    u16* go = p.o + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float lsum = hf ? l1 : l0;
+        lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
+        lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
+        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        const int r = rowbase + 8 * hf;
+        if (r < p.Sq) {
+            u32* dst = (u32*)(go + (i64)r * p.o_ss);
+#pragma unroll
+            for (int j = 0; j < LA_D / 8; j++)
+                dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
+            if (t4 == 0)
+                p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
+                    lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
+        }
+    }
+}
