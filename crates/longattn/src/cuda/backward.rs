@@ -135,11 +135,7 @@ impl BwdPlan {
         let delta = dev.alloc_f32(n_lse)?;
         let s = dev.stream();
         let scale = params.scale_for(d);
-        let log2e = std::f32::consts::LOG2_E;
-        let (scale_log2, cap_pre, cap_post) = match params.softcap {
-            Some(c) => (log2e, scale / c, c),
-            None => (scale * log2e, 0.0, 0.0),
-        };
+        let (scale_log2, cap_pre, cap_post) = super::forward::logit_consts(params, d);
         let base = LaBwdParams {
             lse2: lse2.device_ptr(s).0,
             delta: delta.device_ptr(s).0,

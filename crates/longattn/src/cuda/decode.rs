@@ -186,15 +186,32 @@ impl DevPagedCache {
             return Err(param("kv heads must be >= 1".into()));
         }
         let n = num_pages * page_size * kv_heads * head_dim;
+        Self::empty(
+            dev,
+            (dtype, kv_heads, head_dim),
+            KvLayout::Paged { page_size },
+            Slots::Paged(pt),
+            n,
+        )
+    }
+
+    /// A cache of `n` zeroed K and V elements with no tables uploaded yet.
+    fn empty(
+        dev: &Arc<CudaDevice>,
+        (dtype, kv_heads, head_dim): (DType, usize, usize),
+        layout: KvLayout,
+        slots: Slots,
+        n: usize,
+    ) -> Result<DevPagedCache> {
         let mut c = DevPagedCache {
             dev: dev.clone(),
             dtype,
             kv_heads,
             head_dim,
-            layout: KvLayout::Paged { page_size },
+            layout,
             k: Self::alloc_zeros(dev, n)?,
             v: Self::alloc_zeros(dev, n)?,
-            slots: Slots::Paged(pt),
+            slots,
             tables: dev.upload::<i32>(&[])?,
             max_pages: 1,
             lens: dev.upload::<i32>(&[])?,
@@ -219,24 +236,16 @@ impl DevPagedCache {
             )));
         }
         let n = batch * seq_cap * kv_heads * head_dim;
-        let mut c = DevPagedCache {
-            dev: dev.clone(),
-            dtype,
-            kv_heads,
-            head_dim,
-            layout: KvLayout::Contiguous { seq_cap },
-            k: Self::alloc_zeros(dev, n)?,
-            v: Self::alloc_zeros(dev, n)?,
-            slots: Slots::Contiguous {
+        Self::empty(
+            dev,
+            (dtype, kv_heads, head_dim),
+            KvLayout::Contiguous { seq_cap },
+            Slots::Contiguous {
                 cap: seq_cap,
                 lens: vec![0; batch],
             },
-            tables: dev.upload::<i32>(&[])?,
-            max_pages: 1,
-            lens: dev.upload::<i32>(&[])?,
-        };
-        c.sync()?;
-        Ok(c)
+            n,
+        )
     }
 
     /// Uploads pages, tables and lengths given as host arrays (checked like the CPU decode).

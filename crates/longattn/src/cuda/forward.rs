@@ -87,7 +87,10 @@ impl TileCfg {
             // `LONGATTN_CUDA_WS=consumers,bc[,blocks per SM]` overrides.
             let (nwg, bc, minb) = match env_list("LONGATTN_CUDA_WS")[..] {
                 [n, b] if (1..=3).contains(&n) && (b == 64 || b == 128) => (n, b, 1),
-                [n, b, m] if (1..=3).contains(&n) && (b == 64 || b == 128) => (n, b, m.clamp(1, 2)),
+                // Two blocks per SM fit the register file with one consumer warpgroup only.
+                [n, b, m] if (1..=3).contains(&n) && (b == 64 || b == 128) => {
+                    (n, b, if n == 1 { m.clamp(1, 2) } else { 1 })
+                }
                 _ if d == 64 => (3, 128, 1),
                 // D 128: 2 x 128 from 2k keys on (n 4k / 16k full 538 / 570, causal 508 / 585,
                 // against 497 / 501 and 447 / 519 for 3 x 64); below, 3 x 64 (n 1k full 373 vs
@@ -101,7 +104,7 @@ impl TileCfg {
                 warps: 4 * (nwg + 1),
                 mt: 1,
                 qregs: false,
-                min_blocks: if nwg == 1 { minb } else { 1 },
+                min_blocks: minb,
                 kernel: FwdKernel::WarpSpecialized,
             };
         }
@@ -630,12 +633,7 @@ impl FwdPlan {
             tile.warps
         );
         let func = dev.function(&variant, entry, &src, &defines, smem)?;
-        let scale = params.scale_for(d);
-        let log2e = std::f32::consts::LOG2_E;
-        let (scale_log2, cap_pre, cap_post) = match params.softcap {
-            Some(c) => (log2e, scale / c, c),
-            None => (scale * log2e, 0.0, 0.0),
-        };
+        let (scale_log2, cap_pre, cap_post) = logit_consts(params, d);
         let q_tiles = dims.sq.div_ceil(tile.br);
         let ptr = |s: &CudaSlice<u32>| s.device_ptr(dev.stream()).0;
         let base = LaFwdParams {
@@ -759,6 +757,18 @@ impl FwdPlan {
         // the TMA maps describe exactly the q, k, v allocations).
         unsafe { b.launch(self.cfg) }.map_err(drv("launch attention"))?;
         Ok(())
+    }
+}
+
+/// Kernel constants of the logits (forward and backward): a logit is `s * scale_log2` in log2
+/// units, or with soft-cap `c`: `cap_post * tanh(s * cap_pre) * scale_log2` with
+/// `cap_pre = scale / c`, `cap_post = c`, `scale_log2 = log2 e`.
+pub(crate) fn logit_consts(params: &AttnParams, d: usize) -> (f32, f32, f32) {
+    let scale = params.scale_for(d);
+    let log2e = std::f32::consts::LOG2_E;
+    match params.softcap {
+        Some(c) => (log2e, scale / c, c),
+        None => (scale * log2e, 0.0, 0.0),
     }
 }
 

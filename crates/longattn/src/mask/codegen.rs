@@ -68,7 +68,7 @@ impl BoundMask {
                 )),
                 // Documents that are one contiguous run of keys each (packed sequences): the
                 // run of row i's document, from `doc_key_intervals` (kernel parameters dlo, dhi).
-                Atom::Document if self.doc_key_intervals().is_some() => Some((
+                Atom::Document if self.docs_are_runs() => Some((
                     "p.dlo[(i64)b * p.Sq + i]".into(),
                     "p.dhi[(i64)b * p.Sq + i]".into(),
                 )),
@@ -82,10 +82,10 @@ impl BoundMask {
     /// document's keys form one contiguous run (`last < first` when the document has no keys);
     /// `None` otherwise or without documents.
     pub fn doc_key_intervals(&self) -> Option<(Vec<i32>, Vec<i32>)> {
-        let d = self.docs.as_ref()?;
-        if !d.dense.iter().all(|&x| x) {
+        if !self.docs_are_runs() {
             return None;
         }
+        let d = self.docs.as_ref()?;
         Some(
             d.hull
                 .iter()
@@ -94,12 +94,19 @@ impl BoundMask {
         )
     }
 
+    /// Documents given, and the keys of every query row's document form one contiguous run.
+    fn docs_are_runs(&self) -> bool {
+        self.docs
+            .as_ref()
+            .is_some_and(|d| d.dense.iter().all(|&x| x))
+    }
+
     /// Whether the device program reads memory or does division-heavy index math per element
     /// (`document` reads two id arrays, neighborhoods split positions into grid coordinates):
     /// the kernel choice weighs it (such programs want more warps to hide their latency).
     /// Interval programs (documents as contiguous runs included) are never heavy.
     pub fn cuda_program_is_heavy(&self) -> bool {
-        self.cuda_interval_program().is_none()
+        self.interval_node(self.root).is_none()
             && self
                 .nodes
                 .iter()
