@@ -277,10 +277,15 @@ pub fn check_dq_rows(
     let (n, hq, d) = (q.seq(), q.heads(), q.dim());
     let mut sel = vec![false; n];
     rows.iter().for_each(|&i| sel[i] = true);
-    let want =
-        longattn::reference::attention_backward_f64(q, k, v, dout, params, &|b, h, i, j| {
-            b == 0 && sel[i] && heads.contains(&h) && mask.allowed(b, i, j)
-        })?;
+    let want = longattn::reference::attention_backward_f64_rows(
+        q,
+        k,
+        v,
+        dout,
+        params,
+        &|b, _, i, j| mask.allowed(b, i, j),
+        &|b, h, i| b == 0 && sel[i] && heads.contains(&h),
+    )?;
     let got = dq.data.to_f32_vec();
     let (mut err, mut scale) = (0.0f64, 1e-30f64);
     for &i in rows {

@@ -1,26 +1,64 @@
-//! Host side of the CUDA backward (`kernels/attn_bwd.cu`): [`backward`] mirrors
-//! [`crate::backward`] (same inputs, same checks, gradients in the input dtype).
+//! Host side of the CUDA backward: [`backward`] mirrors [`crate::backward`] (same inputs, same
+//! checks, gradients in the input dtype). Two schemes, both after `la_bwd_prep` (Delta =
+//! rowsum(dO * O), LSE in log2 units; `kernels/bwd_common.cuh`):
 //!
-//! Three launches on the device's stream: `la_bwd_prep` (Delta = rowsum(dO * O), LSE in log2
-//! units), `la_bwd_dq` (one block per 64 query rows, walking the schedule's rows) and
-//! `la_bwd_dkdv` (one block per 64 keys and KV head, walking the schedule's columns for every
-//! query head of the group). No atomics: every gradient element is summed in a fixed order by one
-//! thread, so both [`BackwardParams`] modes give bit-identical results on the GPU (the
-//! deterministic scheme is also the fast one here; see docs/PERF.md).
+//! - deterministic (`kernels/attn_bwd.cu`, mma.sync, every GPU): `la_bwd_dq` (one block per 64
+//!   query rows, walking the schedule's rows) and `la_bwd_dkdv` (one block per 64 keys and KV
+//!   head, walking the schedule's columns for every query head of the group). No atomics: every
+//!   gradient element is summed in a fixed order by one thread: bit-identical run to run, at the
+//!   price of computing S and dP twice (7 matrix products per tile pair instead of 5).
+//! - fast, Hopper, D 64 / 128 (`kernels/attn_bwd_wg.cu`, warpgroup MMA): one pass over the
+//!   schedule's columns computing dK, dV and dQ together; dQ is summed in an f32 buffer by
+//!   atomic vector adds (order-dependent rounding: run-to-run differences of a few f32 ulps
+//!   before the final rounding to bf16/f16), then `la_bwd_dq_store` converts it. Elsewhere the
+//!   fast mode runs the deterministic kernels.
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::forward::{check_launch, unsupported, DevMask, DevTensor, COMMON, MMA_TILE};
+use super::forward::{check_launch, unsupported, DevMask, DevTensor, COMMON, MMA_TILE, TMA, WGMMA};
 use super::{drv, CudaDevice};
 use crate::attention::{AttnParams, Dims, MaskSpec};
 use crate::backward::{BackwardParams, Grads};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
 
-const PARAMS_BWD: &str = include_str!("kernels/attn_bwd.cu");
-/// Query rows and keys per tile of both backward kernels.
+const BWD_COMMON: &str = include_str!("kernels/bwd_common.cuh");
+const BWD: &str = include_str!("kernels/attn_bwd.cu");
+const BWD_WG: &str = include_str!("kernels/attn_bwd_wg.cu");
+/// Query rows and keys per tile of the mma.sync kernels.
 const T: usize = 64;
+
+/// Which backward scheme runs a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BwdKernel {
+    /// `attn_bwd.cu`: a dQ pass over the rows and a dK/dV pass over the columns, no atomics.
+    TwoPass,
+    /// `attn_bwd_wg.cu`: one pass over the columns on Hopper, dQ by f32 atomic adds.
+    OnePassWgmma {
+        /// Query rows per step (64 or 128).
+        br: usize,
+        /// Keys per block (64 per warpgroup).
+        bc: usize,
+    },
+}
+
+impl BwdKernel {
+    /// The fast mode's kernel on Hopper at D 64 / 128 (`LONGATTN_CUDA_WGMMA=0` turns it off);
+    /// the two-pass kernels otherwise. Tiles: 2 warpgroups x 64 keys; D 64 steps 128 query rows
+    /// (its dQ splits into two 64-row blocks), D 128 steps 64 (dQ splits into two 64-column
+    /// blocks; 128 rows would not fit the registers next to the 64 x 128 dK and dV).
+    pub fn choose(d: usize, cc: (i32, i32), deterministic: bool) -> BwdKernel {
+        let hopper = cc == (9, 0) && !super::forward::env_off("LONGATTN_CUDA_WGMMA");
+        match d {
+            64 | 128 if hopper && !deterministic => BwdKernel::OnePassWgmma {
+                br: if d == 64 { 128 } else { 64 },
+                bc: 128,
+            },
+            _ => BwdKernel::TwoPass,
+        }
+    }
+}
 
 /// Kernel parameters; field for field `LaBwdParams` in `kernels/attn_bwd.cu`.
 #[repr(C)]
@@ -37,6 +75,7 @@ struct LaBwdParams {
     dq: u64,
     dk: u64,
     dv: u64,
+    dq_acc: u64,
     q_s: [i64; 3],
     k_s: [i64; 3],
     b: i32,
@@ -71,28 +110,32 @@ pub struct BwdPlan {
     dev: Arc<CudaDevice>,
     dims: Dims,
     dtype: DType,
+    kernel: BwdKernel,
     f_prep: CudaFunction,
+    /// Two-pass: the dQ pass; one-pass: the dQ conversion.
     f_dq: CudaFunction,
-    f_dkdv: CudaFunction,
+    /// Two-pass: the dK/dV pass; one-pass: the fused pass.
+    f_main: CudaFunction,
     base: LaBwdParams,
     smem: usize,
     _mask: DevMask,
     _cols: (CudaSlice<u32>, CudaSlice<u32>),
-    /// Work buffers the kernel parameters point into (LSE in log2 units, Delta per row).
+    /// Work buffers the kernel parameters point into (LSE in log2 units, Delta per row, the f32
+    /// dQ accumulator of the one-pass kernel).
     _lse2: CudaSlice<f32>,
     _delta: CudaSlice<f32>,
+    _dq_acc: Option<CudaSlice<f32>>,
 }
 
 impl BwdPlan {
-    /// Both [`BackwardParams`] modes run the same atomic-free kernels on the GPU (deterministic;
-    /// a one-pass variant with f32 atomics for dQ is not in yet), so `_bwd` selects nothing.
+    /// The kernel scheme follows [`BwdKernel::choose`] (the mode in `bwd`, the device, D).
     pub fn new(
         dev: &Arc<CudaDevice>,
         dims: Dims,
         dtype: DType,
         params: &AttnParams,
         mask: MaskSpec,
-        _bwd: &BackwardParams,
+        bwd: &BackwardParams,
     ) -> Result<BwdPlan> {
         let d = dims.d;
         if !matches!(dtype, DType::BF16 | DType::F16) {
@@ -106,18 +149,23 @@ impl BwdPlan {
                 dims.dv
             )));
         }
-        let (q_tiles, k_tiles) = (dims.sq.div_ceil(T), dims.sk.div_ceil(T));
+        let kernel = BwdKernel::choose(d, dev.cc, bwd.deterministic);
+        let (br, bc) = match kernel {
+            BwdKernel::TwoPass => (T, T),
+            BwdKernel::OnePassWgmma { br, bc } => (br, bc),
+        };
+        let (q_tiles, k_tiles) = (dims.sq.div_ceil(br), dims.sk.div_ceil(bc));
         if q_tiles > 65535 || k_tiles > 65535 || dims.batch > 65535 {
             return Err(unsupported(
                 "grid: more than 65535 tiles or batch rows".into(),
             ));
         }
         params.check()?;
-        let dm = DevMask::new(dev, mask, T, T, dims)?;
+        let dm = DevMask::new(dev, mask, br, bc, dims)?;
         let cols = dm.columns(dev)?;
         // The mask program is a template on the parameter struct, instantiated in the kernels.
-        let src = format!("{COMMON}\n{MMA_TILE}\n{}\n{PARAMS_BWD}", dm.program);
-        let defines = vec![
+        let program = &dm.program;
+        let mut defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
             (
@@ -125,20 +173,61 @@ impl BwdPlan {
                 (params.softcap.is_some() as u8).to_string(),
             ),
         ];
-        let variant = format!("attn_bwd_{}_d{d}", dtype.name());
-        let smem = 6 * T * d * 2;
+        let (src, variant, smem, main, dq) = match kernel {
+            BwdKernel::TwoPass => (
+                format!("{COMMON}\n{MMA_TILE}\n{BWD_COMMON}\n{program}\n{BWD}"),
+                format!("attn_bwd_{}_d{d}", dtype.name()),
+                6 * T * d * 2,
+                "la_bwd_dkdv",
+                "la_bwd_dq",
+            ),
+            BwdKernel::OnePassWgmma { br, bc } => {
+                defines.push(("LA_NWG".into(), (bc / 64).to_string()));
+                defines.push(("LA_BR".into(), br.to_string()));
+                defines.push((
+                    "LA_ABLATE".into(),
+                    std::env::var("LONGATTN_CUDA_BWD_ABLATE").unwrap_or("0".into()),
+                ));
+                let wrappers = &*super::wgmma::WRAPPERS;
+                (
+                    format!(
+                        "{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"
+                    ),
+                    format!("attn_bwd_wg_{}_d{d}_{br}x{bc}", dtype.name()),
+                    // K, V; two stages of Q, dO; dS^T; two 64 x 64 f32 dQ staging blocks per
+                    // warpgroup; 1 KiB to align the swizzle atoms.
+                    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 1024,
+                    "la_bwd_wg",
+                    "la_bwd_dq_store",
+                )
+            }
+        };
+        let dq_smem = if kernel == BwdKernel::TwoPass {
+            smem
+        } else {
+            0
+        };
         let f_prep = dev.function(&variant, "la_bwd_prep", &src, &defines, 0)?;
-        let f_dq = dev.function(&variant, "la_bwd_dq", &src, &defines, smem)?;
-        let f_dkdv = dev.function(&variant, "la_bwd_dkdv", &src, &defines, smem)?;
+        let f_dq = dev.function(&variant, dq, &src, &defines, dq_smem)?;
+        let f_main = dev.function(&variant, main, &src, &defines, smem)?;
         let n_lse = dims.batch * dims.hq * dims.sq;
         let lse2 = dev.alloc_f32(n_lse)?;
         let delta = dev.alloc_f32(n_lse)?;
+        let dq_acc = match kernel {
+            BwdKernel::TwoPass => None,
+            // 64-row blocks (kernels/bwd_common.cuh, la_dq_acc_at); zeroed here, and again by
+            // la_bwd_dq_store as it reads them.
+            BwdKernel::OnePassWgmma { .. } => {
+                Some(dev.alloc_f32(dims.batch * dims.hq * dims.sq.div_ceil(64) * 64 * d)?)
+            }
+        };
         let s = dev.stream();
         let scale = params.scale_for(d);
         let (scale_log2, cap_pre, cap_post) = super::forward::logit_consts(params, d);
         let base = LaBwdParams {
             lse2: lse2.device_ptr(s).0,
             delta: delta.device_ptr(s).0,
+            dq_acc: dq_acc.as_ref().map_or(0, |a| a.device_ptr(s).0),
             b: dims.batch as i32,
             sq: dims.sq as i32,
             sk: dims.sk as i32,
@@ -166,15 +255,17 @@ impl BwdPlan {
             dev: dev.clone(),
             dims,
             dtype,
+            kernel,
             f_prep,
             f_dq,
-            f_dkdv,
+            f_main,
             base,
             smem,
             _mask: dm,
             _cols: cols,
             _lse2: lse2,
             _delta: delta,
+            _dq_acc: dq_acc,
         })
     }
 
@@ -251,22 +342,44 @@ impl BwdPlan {
                 shared_mem_bytes: 0,
             },
         )?;
-        launch(
-            &self.f_dq,
-            LaunchConfig {
-                grid_dim: (hq as u32, batch as u32, sq.div_ceil(T) as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: self.smem as u32,
-            },
-        )?;
-        launch(
-            &self.f_dkdv,
-            LaunchConfig {
-                grid_dim: (hk as u32, batch as u32, sk.div_ceil(T) as u32),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: self.smem as u32,
-            },
-        )?;
+        match self.kernel {
+            BwdKernel::TwoPass => {
+                launch(
+                    &self.f_dq,
+                    LaunchConfig {
+                        grid_dim: (hq as u32, batch as u32, sq.div_ceil(T) as u32),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: self.smem as u32,
+                    },
+                )?;
+                launch(
+                    &self.f_main,
+                    LaunchConfig {
+                        grid_dim: (hk as u32, batch as u32, sk.div_ceil(T) as u32),
+                        block_dim: (128, 1, 1),
+                        shared_mem_bytes: self.smem as u32,
+                    },
+                )?;
+            }
+            BwdKernel::OnePassWgmma { bc, .. } => {
+                launch(
+                    &self.f_main,
+                    LaunchConfig {
+                        grid_dim: (hk as u32, batch as u32, sk.div_ceil(bc) as u32),
+                        block_dim: (2 * bc as u32, 1, 1),
+                        shared_mem_bytes: self.smem as u32,
+                    },
+                )?;
+                launch(
+                    &self.f_dq,
+                    LaunchConfig {
+                        grid_dim: ((rows * d / 2).div_ceil(256) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                )?;
+            }
+        }
         Ok(())
     }
 }
@@ -284,7 +397,7 @@ pub fn backward(
     dout: &TensorView,
     params: &AttnParams,
     mask: MaskSpec,
-    _bwd: &BackwardParams,
+    bwd: &BackwardParams,
 ) -> Result<Grads> {
     let dims =
         crate::backward::validate_inputs("cuda attention backward", q, k, v, out, lse, dout)?;
@@ -295,7 +408,7 @@ pub fn backward(
             value: lse[i],
         });
     }
-    let plan = BwdPlan::new(dev, dims, q.dtype(), params, mask, _bwd)?;
+    let plan = BwdPlan::new(dev, dims, q.dtype(), params, mask, bwd)?;
     let up = |name: &str, t: &TensorView| DevTensor::upload(dev, name, t);
     let (qd, kd, vd, od, dod) = (
         up("q", q)?,

@@ -22,9 +22,9 @@ pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 pub(crate) const MMA_TILE: &str = include_str!("kernels/mma_tile.cuh");
 const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
 const FWD: &str = include_str!("kernels/attn_fwd.cu");
-const WGMMA: &str = include_str!("kernels/wgmma.cuh");
+pub(crate) const WGMMA: &str = include_str!("kernels/wgmma.cuh");
 const FWD_WG: &str = include_str!("kernels/attn_fwd_wg.cu");
-const TMA: &str = include_str!("kernels/tma.cuh");
+pub(crate) const TMA: &str = include_str!("kernels/tma.cuh");
 const FWD_WS: &str = include_str!("kernels/attn_fwd_ws.cu");
 
 /// A comma-separated list of numbers from an environment variable (tuning overrides).
@@ -34,6 +34,11 @@ fn env_list(key: &str) -> Vec<usize> {
         .split(',')
         .filter_map(|x| x.trim().parse().ok())
         .collect()
+}
+
+/// Whether a tuning switch in the environment is set to `0` (off).
+pub(crate) fn env_off(key: &str) -> bool {
+    std::env::var(key).is_ok_and(|v| v == "0")
 }
 
 /// Which forward kernel runs a problem (one contract, three instruction sets).
@@ -75,7 +80,6 @@ impl TileCfg {
         }
         // `LONGATTN_CUDA_WGMMA=0`: no Hopper kernels; `LONGATTN_CUDA_WS=0`: the warpgroup-MMA
         // kernel without warp specialization.
-        let env_off = |k: &str| std::env::var(k).is_ok_and(|v| v == "0");
         let hopper = cc == (9, 0) && (d == 64 || d == 128) && !env_off("LONGATTN_CUDA_WGMMA");
         if hopper && !env_off("LONGATTN_CUDA_WS") {
             // Warp-specialized: one TMA producer warpgroup + consumers of 64 rows, persistent
@@ -587,6 +591,7 @@ impl FwdPlan {
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
         let program_src = dm.program.clone();
+        let wrappers = &*super::wgmma::WRAPPERS;
         let (src, entry, tag) = match tile.kernel {
             FwdKernel::MmaSync => (
                 format!("{COMMON}\n{MMA_TILE}\n{PARAMS}\n{program_src}\n{FWD}"),
@@ -594,12 +599,12 @@ impl FwdPlan {
                 "",
             ),
             FwdKernel::Wgmma => (
-                format!("{COMMON}\n{WGMMA}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
+                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
                 "la_attn_fwd_wg",
                 "_wg",
             ),
             FwdKernel::WarpSpecialized => (
-                format!("{COMMON}\n{WGMMA}\n{TMA}\n{PARAMS}\n{program_src}\n{FWD_WS}"),
+                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{PARAMS}\n{program_src}\n{FWD_WS}"),
                 "la_attn_fwd_ws",
                 "_ws",
             ),

@@ -14,6 +14,7 @@ pub mod compile;
 pub mod decode;
 pub mod forward;
 pub mod selftest;
+mod wgmma;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -33,6 +33,21 @@ pub fn attention_backward_f64(
     params: &AttnParams,
     allowed: &dyn Fn(usize, usize, usize, usize) -> bool,
 ) -> Result<RefGrads> {
+    attention_backward_f64_rows(q, k, v, dout, params, allowed, &|_, _, _| true)
+}
+
+/// [`attention_backward_f64`] restricted to the query rows `(b, h, i)` that `rows` selects: their
+/// dQ is exact; dK and dV hold only those rows' contributions. Spot checks of long sequences
+/// cost (selected rows) x Sk instead of B Hq Sq Sk.
+pub fn attention_backward_f64_rows(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    dout: &TensorView,
+    params: &AttnParams,
+    allowed: &dyn Fn(usize, usize, usize, usize) -> bool,
+    rows: &dyn Fn(usize, usize, usize) -> bool,
+) -> Result<RefGrads> {
     let dims = validate("reference::attention_backward_f64", q, k, v)?;
     let (bn, sq, sk, hq, hk, d, dv) = (
         dims.batch, dims.sq, dims.sk, dims.hq, dims.hk, dims.d, dims.dv,
@@ -57,6 +72,9 @@ pub fn attention_backward_f64(
         for h in 0..hq {
             let g = h / group;
             for i in 0..sq {
+                if !rows(b, h, i) {
+                    continue;
+                }
                 row.clear();
                 for j in 0..sk {
                     if !allowed(b, h, i, j) {

@@ -4,7 +4,7 @@
 //! out = sum_j exp(s_j - LSE) v_j. A row with no allowed key has out = 0 and LSE = -inf.
 //! Query head h reads key/value head h / (Hq / Hk) (GQA/MQA).
 mod backward;
-pub use backward::{attention_backward_f64, RefGrads};
+pub use backward::{attention_backward_f64, attention_backward_f64_rows, RefGrads};
 
 use crate::attention::{validate, AttnParams};
 use crate::error::Result;

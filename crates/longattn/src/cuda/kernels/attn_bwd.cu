@@ -1,13 +1,7 @@
 // Attention backward on the tensor cores (mma.sync m16n8k16), atomic-free and deterministic.
 //
-// With logits y_ij = scale * q_i . k_j (soft-cap: c tanh(q_i . k_j scale / c)), masked -> -inf,
-// P_ij = exp(y_ij - LSE_i) (recomputed from the forward's LSE; never stored), and
-// Delta_i = sum_d dO_id O_id:
-//   dV_j = sum_i P_ij dO_i,   dP_ij = dO_i . v_j,   dS_ij = P_ij (dP_ij - Delta_i) dy/d(q.k),
-//   dQ_i = sum_j dS_ij k_j,   dK_j = sum_i dS_ij q_i,
-// dy/d(q.k) = scale (soft-cap: scale (1 - tanh^2)). Three kernels:
-//   la_bwd_prep : Delta and LSE in log2 units per row (a row with no allowed key gets +inf, so
-//                 every P of it is 2^(-inf) = 0);
+// The math and la_bwd_prep (Delta and LSE in log2 units per row; a row with no allowed key gets
+// +inf, so every P of it is 2^(-inf) = 0) are in bwd_common.cuh. Two kernels here:
 //   la_bwd_dq   : block (head, batch, 64-row query tile) walks its schedule row (as the forward)
 //                 and accumulates dQ of its rows in registers;
 //   la_bwd_dkdv : block (KV head, batch, 64-key tile) walks its schedule column for every query
@@ -18,24 +12,6 @@
 // LA_CHUNKS, la_sw, la_load_tile: mma_tile.cuh (prepended by the host).
 #define LA_T 64          // query rows and keys per tile (4 warps x 16)
 #define LA_THREADS 128
-
-struct LaBwdParams {
-    const u16* q; const u16* k; const u16* v; const u16* o; const u16* dout;
-    const float* lse;       // [B, Hq, Sq] natural log (forward output)
-    float* lse2;            // [B, Hq, Sq] log2 units (+inf: row with no allowed key)
-    float* delta;           // [B, Hq, Sq]
-    u16* dq; u16* dk; u16* dv;
-    i64 q_sb, q_ss, q_sh;   // element strides; q, o, dout, dq share [B, Sq, Hq, D]
-    i64 k_sb, k_ss, k_sh;   // k, v, dk, dv share [B, Sk, Hk, D]
-    int B, Sq, Sk, Hq, Hk;
-    float scale_log2, cap_pre, cap_post, scale;
-    const u32* row_off; const u32* row_ent;   // CSR rows: key tile << 1 | partial
-    const u32* col_off; const u32* col_ent;   // CSC columns: query tile << 1 | partial
-    int sched_batch, sched_heads, q_tiles, k_tiles;
-    const int* qdoc; const int* kdoc;
-    const unsigned char* blk;
-    int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
-};
 
 // Rows row0 .. row0 + 64 of a [seq][D] slab into a swizzled tile.
 __device__ __forceinline__ void la_load64(u16* s, const u16* g, i64 ss, int row0, int limit) {
@@ -71,44 +47,12 @@ __device__ __forceinline__ void la_mm_ab(float (*acc)[4], const u32 (*a)[4], con
         }
     }
 }
-// Logit in log2 units and d(logit)/d(q.k) / scale for the soft-cap (1 otherwise).
-__device__ __forceinline__ float la_logit(const LaBwdParams& p, float raw, float& dcap) {
-#if LA_SOFTCAP
-    const float t = tanhf(raw * p.cap_pre);
-    dcap = 1.f - t * t;
-    return p.cap_post * t * p.scale_log2;
-#else
-    dcap = 1.f;
-    return raw * p.scale_log2;
-#endif
-}
 // C fragments of n-blocks 2k, 2k+1 -> A fragment k (rounded to the storage type).
 __device__ __forceinline__ void la_c_to_a(const float (*c)[4], u32 (*a)[4]) {
 #pragma unroll
     for (int nt = 0; nt < LA_T / 8; nt++) {
         a[nt >> 1][(nt & 1) * 2 + 0] = la_pack2(c[nt][0], c[nt][1]);
         a[nt >> 1][(nt & 1) * 2 + 1] = la_pack2(c[nt][2], c[nt][3]);
-    }
-}
-
-extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
-    // One warp per (b, i, h) row.
-    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= (i64)p.B * p.Sq * p.Hq) return;
-    const int h = row % p.Hq;
-    const i64 bi = row / p.Hq;
-    const int i = bi % p.Sq, b = bi / p.Sq;
-    const i64 off = b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh;
-    float acc = 0.f;
-    for (int d = lane; d < LA_D; d += 32) acc += la_to_f32(p.o[off + d]) * la_to_f32(p.dout[off + d]);
-#pragma unroll
-    for (int s = 16; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
-    if (lane == 0) {
-        const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
-        p.delta[r] = acc;
-        const float l = p.lse[r];
-        p.lse2[r] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
     }
 }
 

@@ -21,30 +21,8 @@
 // 1024 bytes, between 64-column blocks R x 128 bytes.
 // Q, and two stages of K and V, as in attn_fwd.cu: tile t + 1 lands while tile t is computed.
 
-#define LA_CHUNKS (LA_D / 8)
 #define LA_THREADS (LA_NWG * 128)
 #define LA_BR (LA_NWG * 64)
-
-// Element offset of (row r, 16-byte chunk c) in a 128-byte-swizzled [ROWS][D] tile.
-template <int ROWS>
-__device__ __forceinline__ int la_sw128(int r, int c) {
-    return (c >> 3) * ROWS * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
-}
-
-// Asynchronously copies rows row0 .. row0 + ROWS of a [seq][D] slab (row stride `ss` elements);
-// rows at or past `limit` are filled with zeros.
-template <int ROWS>
-__device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, int row0, int limit) {
-    constexpr int N = ROWS * LA_CHUNKS;
-#pragma unroll
-    for (int x = threadIdx.x; x < N; x += LA_THREADS) {
-        const int r = x / LA_CHUNKS, c = x % LA_CHUNKS;
-        const int gr = row0 + r;
-        const bool ok = gr < limit;
-        const u16* src = g + (ok ? (i64)gr * ss : 0) + c * 8;
-        la_cp_async16(s + la_sw128<ROWS>(r, c), src, ok ? 16 : 0);
-    }
-}
 
 #if LA_BC == 64
 #define la_wg_ss_bc la_wg_ss_n64
@@ -80,13 +58,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
     const u16* gk = p.k + b * p.k_sb + kh * p.k_sh;
     const u16* gv = p.v + b * p.v_sb + kh * p.v_sh;
 
-    la_load_tile128<LA_BR>(sQ, gq, p.q_ss, q0, p.Sq);
+    la_load_tile128<LA_BR, LA_THREADS>(sQ, gq, p.q_ss, q0, p.Sq);
 #pragma unroll
     for (int st = 0; st < 2; st++) {
         if (e0 + st < e1) {
             const int k0 = (int)(p.sched_ent[e0 + st] >> 1) * LA_BC;
-            la_load_tile128<LA_BC>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
-            la_load_tile128<LA_BC>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
+            la_load_tile128<LA_BC, LA_THREADS>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
+            la_load_tile128<LA_BC, LA_THREADS>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
         }
         la_cp_commit();
     }
@@ -189,8 +167,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
         __syncthreads();  // every warpgroup is done with this stage: refill it with tile e + 2
         if (e + 2 < e1) {
             const int k2 = (int)(p.sched_ent[e + 2] >> 1) * LA_BC;
-            la_load_tile128<LA_BC>((u16*)sK, gk, p.k_ss, k2, p.Sk);
-            la_load_tile128<LA_BC>((u16*)sV, gv, p.v_ss, k2, p.Sk);
+            la_load_tile128<LA_BC, LA_THREADS>((u16*)sK, gk, p.k_ss, k2, p.Sk);
+            la_load_tile128<LA_BC, LA_THREADS>((u16*)sV, gv, p.v_ss, k2, p.Sk);
         }
         la_cp_commit();
     }

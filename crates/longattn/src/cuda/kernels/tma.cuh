@@ -69,3 +69,22 @@ template <int N>
 __device__ __forceinline__ void la_regs_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+
+// --- Bulk reduction (TMA unit): dst[0 .. bytes) += src (f32 adds done in L2, asynchronously);
+// `bytes` and both addresses multiples of 16. Completion is tracked per thread in bulk groups.
+__device__ __forceinline__ void la_bulk_add_f32(float* dst, const float* src, u32 bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+                 "r"(la_smem_addr(src)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void la_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's bulk groups have not yet read their shared-memory source.
+template <int N>
+__device__ __forceinline__ void la_bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of this thread's bulk groups are incomplete.
+template <int N>
+__device__ __forceinline__ void la_bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}

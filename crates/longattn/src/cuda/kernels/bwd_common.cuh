@@ -1,0 +1,92 @@
+// Backward pieces shared by the mma.sync kernels (attn_bwd.cu) and the Hopper one-pass kernel
+// (attn_bwd_wg.cu): the parameter struct, the logit and its derivative, the Delta / LSE
+// preparation and the f32 dQ accumulator's conversion.
+//
+// With logits y_ij = scale * q_i . k_j (soft-cap: c tanh(q_i . k_j scale / c)), masked -> -inf,
+// P_ij = exp(y_ij - LSE_i) (recomputed from the forward's LSE; never stored), and
+// Delta_i = sum_d dO_id O_id:
+//   dV_j = sum_i P_ij dO_i,   dP_ij = dO_i . v_j,   dS_ij = P_ij (dP_ij - Delta_i) dy/d(q.k),
+//   dQ_i = sum_j dS_ij k_j,   dK_j = sum_i dS_ij q_i,
+// dy/d(q.k) = scale (soft-cap: scale (1 - tanh^2)).
+
+struct LaBwdParams {
+    const u16* q; const u16* k; const u16* v; const u16* o; const u16* dout;
+    const float* lse;       // [B, Hq, Sq] natural log (forward output)
+    float* lse2;            // [B, Hq, Sq] log2 units (+inf: row with no allowed key)
+    float* delta;           // [B, Hq, Sq]
+    u16* dq; u16* dk; u16* dv;
+    float* dq_acc;          // one-pass kernel: f32 dQ in 64 x 64 blocks (la_dq_acc_at), summed by
+                            // bulk reduce-adds; zero between launches
+    i64 q_sb, q_ss, q_sh;   // element strides; q, o, dout, dq share [B, Sq, Hq, D]
+    i64 k_sb, k_ss, k_sh;   // k, v, dk, dv share [B, Sk, Hk, D]
+    int B, Sq, Sk, Hq, Hk;
+    float scale_log2, cap_pre, cap_post, scale;
+    const u32* row_off; const u32* row_ent;   // CSR rows: key tile << 1 | partial
+    const u32* col_off; const u32* col_ent;   // CSC columns: query tile << 1 | partial
+    int sched_batch, sched_heads, q_tiles, k_tiles;
+    const int* qdoc; const int* kdoc;
+    const unsigned char* blk;
+    int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
+};
+
+// Logit in log2 units and d(logit)/d(q.k) / scale for the soft-cap (1 otherwise).
+__device__ __forceinline__ float la_logit(const LaBwdParams& p, float raw, float& dcap) {
+#if LA_SOFTCAP
+    const float t = tanhf(raw * p.cap_pre);
+    dcap = 1.f - t * t;
+    return p.cap_post * t * p.scale_log2;
+#else
+    dcap = 1.f;
+    return raw * p.scale_log2;
+#endif
+}
+
+extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
+    // One warp per (b, i, h) row.
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= (i64)p.B * p.Sq * p.Hq) return;
+    const int h = row % p.Hq;
+    const i64 bi = row / p.Hq;
+    const int i = bi % p.Sq, b = bi / p.Sq;
+    const i64 off = b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh;
+    float acc = 0.f;
+    for (int d = lane; d < LA_D; d += 32) acc += la_to_f32(p.o[off + d]) * la_to_f32(p.dout[off + d]);
+#pragma unroll
+    for (int s = 16; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
+    if (lane == 0) {
+        const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
+        p.delta[r] = acc;
+        const float l = p.lse[r];
+        p.lse2[r] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
+    }
+}
+
+// The one-pass kernel's f32 dQ accumulator: per (b, h), blocks of 64 query rows x 64 head-dim
+// columns, [B][Hq][ceil(Sq / 64)][D / 64][4096], each block in the order its warpgroup holds it
+// in registers so that staging it in shared memory is conflict-free and one bulk copy moves it:
+// float (j * 128 + thread) * 4 + e of a block is the wgmma accumulator element 4 j + e of
+// thread = 32 warp + 4 g + t4, i.e. row 16 warp + g + 8 (e / 2), column 8 j + 2 t4 + e % 2.
+// Offset of the pair (row i, columns d, d + 1), d even:
+__device__ __forceinline__ i64 la_dq_acc_at(const LaBwdParams& p, int b, int h, int i, int d) {
+    const i64 blk = ((((i64)b * p.Hq + h) * ((p.Sq + 63) / 64) + (i >> 6)) * (LA_D / 64) + (d >> 6)) * 4096;
+    const int rr = i & 63, cc = d & 63;
+    const int thread = (rr >> 4) * 32 + (rr & 7) * 4 + ((cc >> 1) & 3);
+    return blk + (((cc >> 3) * 128 + thread) << 2) + ((rr >> 3) & 1) * 2;
+}
+
+// dq [B, Sq, Hq, D] (storage type) from the f32 accumulator, which is cleared on the way (zero
+// for the next launch); one thread per two elements.
+extern "C" __global__ void la_bwd_dq_store(const LaBwdParams p) {
+    const i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= (i64)p.B * p.Hq * p.Sq * (LA_D / 2)) return;
+    const int d = (int)(x % (LA_D / 2)) * 2;
+    const i64 r = x / (LA_D / 2);  // (b, h, i)
+    const int i = r % p.Sq;
+    const i64 bh = r / p.Sq;
+    const int h = bh % p.Hq, b = bh / p.Hq;
+    float* src = p.dq_acc + la_dq_acc_at(p, b, h, i, d);
+    *(u32*)(p.dq + b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh + d) = la_pack2(src[0], src[1]);
+    src[0] = 0.f;
+    src[1] = 0.f;
+}
