@@ -184,10 +184,6 @@ impl BwdPlan {
             BwdKernel::OnePassWgmma { br, bc } => {
                 defines.push(("LA_NWG".into(), (bc / 64).to_string()));
                 defines.push(("LA_BR".into(), br.to_string()));
-                defines.push((
-                    "LA_ABLATE".into(),
-                    std::env::var("LONGATTN_CUDA_BWD_ABLATE").unwrap_or("0".into()),
-                ));
                 let wrappers = &*super::wgmma::WRAPPERS;
                 (
                     format!(

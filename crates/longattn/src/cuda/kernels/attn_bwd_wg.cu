@@ -181,7 +181,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
                 }
                 pr[e2] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
                 ds[e2] = pr[e2] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap * p.scale;
-                if (LA_ABLATE == 3) { pr[e2] = s[x]; ds[e2] = dp[x]; }
             }
             pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(pr[0], pr[1]);
             pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(pr[2], pr[3]);
@@ -212,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
         float dq[32];
         la_wg_fence();
 #pragma unroll
-        for (int ks = 0; ks < (LA_ABLATE == 2 ? 0 : LA_BC / 16); ks++) {
+        for (int ks = 0; ks < LA_BC / 16; ks++) {
             const u64 da = la_wg_desc(sdS + (qr0 >> 6) * LA_BC * 64 + ks * 16 * 64, LA_BC * 128, 1024);
             const u64 db = la_wg_desc(sK + (dc0 >> 6) * LA_BC * 64 + ks * 16 * 64, LA_BC * 128, 1024);
             la_wg_sst_n64(dq, da, db, ks > 0);
@@ -231,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
         for (int j = 0; j < 8; j++) la_sts4(stg + (j * 128 + tw) * 4, dq + 4 * j);
         la_fence_async_smem();  // staging stores -> visible to the bulk copy
         la_bar_sync(1 + wg, 128);
-        if (tw == 0 && LA_ABLATE == 0) {
+        if (tw == 0) {
             la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg, 4096 * 4);
             la_bulk_commit();
         }
