@@ -11,6 +11,9 @@ pub struct BackwardParams {
     /// Bit-identical results run to run (and whatever the thread count): dQ is accumulated in
     /// per-range buffers summed in a fixed order. Off (fast mode): dQ is accumulated under locks
     /// in whatever order the threads reach it (differences of a few f32 ulps run to run).
+    /// On the GPU the deterministic mode runs two atomic-free passes (S and dP computed twice;
+    /// 1.5-1.9x the fast mode's time on an H100) and the fast mode one pass with dQ summed by
+    /// bulk reduce-adds (Hopper, D 64 / 128; see `cuda::backward` and docs/PERF.md).
     pub deterministic: bool,
 }
 

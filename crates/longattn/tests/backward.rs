@@ -4,7 +4,7 @@
 //! caller schedule with odd tile sizes), fully masked rows; determinism; bad inputs.
 use longattn::cpu::Isa;
 use longattn::mask::{BlockSchedule, BoundMask, DocIds, MaskExpr, MaskShape};
-use longattn::reference::{attention_backward_f64, attention_f64};
+use longattn::reference::{attention_backward_f64, attention_backward_f64_rows, attention_f64};
 use longattn::testing::{
     brute_force_schedule, compare_grad, grad_tolerance, random_tensor, FnMask, Rng, AWKWARD_SIZES,
 };
@@ -110,6 +110,51 @@ fn oracle_matches_finite_differences() {
             }
         }
     }
+}
+
+/// The row-restricted oracle (spot checks of long sequences) gives the full oracle's dQ on the
+/// rows it keeps and nothing elsewhere.
+#[test]
+fn row_restricted_oracle_matches_on_its_rows() {
+    let (bn, sq, sk, hq, hk, d) = (2, 13, 17, 4, 2, 8);
+    let q = random_tensor(DType::F32, &[bn, sq, hq, d], 1.0, 71);
+    let k = random_tensor(DType::F32, &[bn, sk, hk, d], 1.0, 72);
+    let v = random_tensor(DType::F32, &[bn, sk, hk, d], 1.0, 73);
+    let dout = random_tensor(DType::F32, &[bn, sq, hq, d], 1.0, 74);
+    let p = AttnParams {
+        softcap: Some(2.0),
+        ..Default::default()
+    };
+    let (qv, kv, vv, dv) = (
+        q.view("q").unwrap(),
+        k.view("k").unwrap(),
+        v.view("v").unwrap(),
+        dout.view("do").unwrap(),
+    );
+    let allowed = causal(sq, sk);
+    let full = attention_backward_f64(&qv, &kv, &vv, &dv, &p, &allowed).unwrap();
+    let keep = |b: usize, h: usize, i: usize| b == 1 && h % 2 == 1 && i % 4 == 0;
+    let part = attention_backward_f64_rows(&qv, &kv, &vv, &dv, &p, &allowed, &keep).unwrap();
+    let mut kept = 0;
+    for b in 0..bn {
+        for i in 0..sq {
+            for h in 0..hq {
+                for x in 0..d {
+                    let at = ((b * sq + i) * hq + h) * d + x;
+                    if keep(b, h, i) {
+                        assert!(full.dq[at] != 0.0);
+                        assert!(
+                            (part.dq[at] - full.dq[at]).abs() <= 1e-12 * full.dq[at].abs().max(1.0)
+                        );
+                        kept += 1;
+                    } else {
+                        assert_eq!(part.dq[at], 0.0, "row ({b}, {h}, {i}) was not selected");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(kept, 2 * 4 * d);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -425,3 +425,36 @@ pub fn backward(
         dv: dv.download(dev)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BwdKernel;
+
+    /// The one-pass kernel serves exactly the fast mode on Hopper at D 64 / 128.
+    #[test]
+    fn one_pass_only_for_fast_mode_on_hopper() {
+        let hopper = (9, 0);
+        assert_eq!(
+            BwdKernel::choose(64, hopper, false),
+            BwdKernel::OnePassWgmma { br: 128, bc: 128 }
+        );
+        assert_eq!(
+            BwdKernel::choose(128, hopper, false),
+            BwdKernel::OnePassWgmma { br: 64, bc: 128 }
+        );
+        for (d, cc, det) in [
+            (64, hopper, true),
+            (128, hopper, true),
+            (96, hopper, false),
+            (32, hopper, false),
+            (128, (8, 0), false),
+            (64, (8, 9), false),
+        ] {
+            assert_eq!(
+                BwdKernel::choose(d, cc, det),
+                BwdKernel::TwoPass,
+                "{d} {cc:?} {det}"
+            );
+        }
+    }
+}
