@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::forward::{check_launch, unsupported, DevMask, DevTensor, COMMON, MMA_TILE, TMA, WGMMA};
+use super::forward::{check_launch, unsupported, DevMask, DevTensor, TmaMap, COMMON, MMA_TILE, TMA, WGMMA};
 use super::{drv, CudaDevice};
 use crate::attention::{AttnParams, Dims, MaskSpec};
 use crate::backward::{BackwardParams, Grads};
@@ -99,10 +99,33 @@ struct LaBwdParams {
     kdoc: u64,
     blk: u64,
     blk_dims: [i32; 6],
+    lstride: i32,
+    pad0: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaBwdParams {}
+
+/// Parameters of the one-pass kernel: TMA maps of q, k, v, dO, then the common ones;
+/// `LaBwdWsParams` in `kernels/attn_bwd_wg.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LaBwdWsParams {
+    tq: TmaMap,
+    tk: TmaMap,
+    tv: TmaMap,
+    tdo: TmaMap,
+    p: LaBwdParams,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `LaBwdWsParams` (64-byte aligned maps).
+unsafe impl cudarc::driver::DeviceRepr for LaBwdWsParams {}
+
+/// Row length of the LSE (log2) and Delta work buffers: Sq rounded up to 128, so every query
+/// tile of either kernel reads whole, 16-byte aligned rows (entries past Sq: +inf and 0).
+fn lstride(sq: usize) -> usize {
+    sq.div_ceil(128) * 128
+}
 
 /// Everything of one backward problem that does not depend on the data: kernel variants, the
 /// schedule (rows and columns) and mask buffers, the LSE/Delta work buffers.
@@ -191,8 +214,13 @@ impl BwdPlan {
                     ),
                     format!("attn_bwd_wg_{}_d{d}_{br}x{bc}", dtype.name()),
                     // K, V; two stages of Q, dO; dS^T; two 64 x 64 f32 dQ staging blocks per
-                    // warpgroup; 1 KiB to align the swizzle atoms.
-                    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 1024,
+                    // consumer warpgroup; two stages of L2 and Delta; 3 mbarriers (64 bytes);
+                    // 1 KiB to align the swizzle atoms.
+                    (2 * bc * d + 4 * br * d + bc * br) * 2
+                        + (bc / 64) * 2 * 4096 * 4
+                        + 2 * 2 * br * 4
+                        + 64
+                        + 1024,
                     "la_bwd_wg",
                     "la_bwd_dq_store",
                 )
@@ -206,7 +234,7 @@ impl BwdPlan {
         let f_prep = dev.function(&variant, "la_bwd_prep", &src, &defines, 0)?;
         let f_dq = dev.function(&variant, dq, &src, &defines, dq_smem)?;
         let f_main = dev.function(&variant, main, &src, &defines, smem)?;
-        let n_lse = dims.batch * dims.hq * dims.sq;
+        let n_lse = dims.batch * dims.hq * lstride(dims.sq);
         let lse2 = dev.alloc_f32(n_lse)?;
         let delta = dev.alloc_f32(n_lse)?;
         let dq_acc = match kernel {
@@ -245,6 +273,7 @@ impl BwdPlan {
             kdoc: dm.kdoc.device_ptr(s).0,
             blk: dm.blk.device_ptr(s).0,
             blk_dims: dm.blk_dims,
+            lstride: lstride(dims.sq) as i32,
             ..Default::default()
         };
         Ok(BwdPlan {
@@ -333,7 +362,8 @@ impl BwdPlan {
         launch(
             &self.f_prep,
             LaunchConfig {
-                grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                // One warp per row, rows padded to lstride.
+                grid_dim: ((batch * lstride(sq) * hq).div_ceil(8) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -357,15 +387,24 @@ impl BwdPlan {
                     },
                 )?;
             }
-            BwdKernel::OnePassWgmma { bc, .. } => {
-                launch(
-                    &self.f_main,
-                    LaunchConfig {
-                        grid_dim: (hk as u32, batch as u32, sk.div_ceil(bc) as u32),
-                        block_dim: (2 * bc as u32, 1, 1),
-                        shared_mem_bytes: self.smem as u32,
-                    },
-                )?;
+            BwdKernel::OnePassWgmma { br, bc } => {
+                let ws = LaBwdWsParams {
+                    tq: TmaMap::rows(q, br)?,
+                    tk: TmaMap::rows(k, bc)?,
+                    tv: TmaMap::rows(v, bc)?,
+                    tdo: TmaMap::rows(dout, br)?,
+                    p,
+                };
+                let mut b = s.launch_builder(&self.f_main);
+                b.arg(&ws);
+                let cfg = LaunchConfig {
+                    grid_dim: (hk as u32, batch as u32, sk.div_ceil(bc) as u32),
+                    // A producer warpgroup + one consumer warpgroup per 64 keys.
+                    block_dim: (128 * (bc as u32 / 64 + 1), 1, 1),
+                    shared_mem_bytes: self.smem as u32,
+                };
+                // SAFETY: as above; the TMA maps describe exactly the q, k, v, dO allocations.
+                unsafe { b.launch(cfg) }.map_err(drv("launch backward"))?;
                 launch(
                     &self.f_dq,
                     LaunchConfig {

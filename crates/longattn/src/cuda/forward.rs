@@ -244,12 +244,12 @@ unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
 /// `kernels/tma.cuh`.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct TmaMap([u64; 16]);
+pub(crate) struct TmaMap([u64; 16]);
 
 impl TmaMap {
     /// Describes a contiguous `[B, S, H, D]` tensor as 4-D boxes of `{64 columns, rows, 1 head,
     /// 1 batch}` written to shared memory with the 128-byte swizzle; rows past S read as zeros.
-    fn rows(t: &DevTensor, rows: usize) -> Result<TmaMap> {
+    pub(crate) fn rows(t: &DevTensor, rows: usize) -> Result<TmaMap> {
         use cudarc::driver::sys as cu;
         let [b, s, h, d] = t.shape;
         let dims = [d as u64, s as u64, h as u64, b as u64];

@@ -83,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dq(const LaBwdPa
         la_cp_commit();
     }
     const int r0 = q0 + warp * 16 + g;
-    const i64 lrow = ((i64)b * p.Hq + h) * p.Sq;
+    const i64 lrow = ((i64)b * p.Hq + h) * p.lstride;
     const float L0 = r0 < p.Sq ? p.lse2[lrow + r0] : LA_INF, L1 = r0 + 8 < p.Sq ? p.lse2[lrow + r0 + 8] : LA_INF;
     const float D0 = r0 < p.Sq ? p.delta[lrow + r0] : 0.f, D1 = r0 + 8 < p.Sq ? p.delta[lrow + r0 + 8] : 0.f;
     float dq[LA_D / 8][4];
@@ -197,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
         la_load64(sdO + st * STAGE, p.dout + qoff, p.q_ss, q0, p.Sq);
         for (int x = threadIdx.x; x < LA_T; x += LA_THREADS) {
             const int i = q0 + x;
-            const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
+            const i64 r = ((i64)b * p.Hq + h) * p.lstride + i;
             sL[st][x] = i < p.Sq ? p.lse2[r] : LA_INF;
             sD[st][x] = i < p.Sq ? p.delta[r] : 0.f;
         }

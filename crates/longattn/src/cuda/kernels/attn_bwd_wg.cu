@@ -1,33 +1,54 @@
-// Attention backward in one pass on Hopper's warpgroup MMA (wgmma, sm_90a): the fast mode.
+// Attention backward in one pass on Hopper (sm_90a), warp-specialized: the fast mode.
 //
-// The math is in bwd_common.cuh (la_bwd_prep runs first: Delta, LSE in log2 units, dq_acc = 0).
-// Block = (KV head, batch, key tile of LA_BC = 64 LA_NWG keys); warpgroup w owns keys
-// 64 w .. 64 w + 63 of the tile (the M rows of its transposed products). The block walks its
-// schedule column for every query head of the group (GQA: dK, dV summed over the group) in
-// query tiles of LA_BR rows; per tile (L2 = LSE log2 e, one row per query i):
-//   S^T  = K Q^T                     wgmma ss m64 n(BR): A = K, B = Q, both K-major
-//   dP^T = V dO^T                    same with V, dO
-//   P^T  = 2^(S^T scale_log2 - L2),  dS^T = P^T (dP^T - Delta) dcap scale    (registers)
-//   dV  += P^T dO                    wgmma rs m64 n(D): A = P^T from registers (the accumulator
-//                                    layout is the A-fragment layout), B = dO N-major
-//   dK  += dS^T Q                    same with dS^T and Q
-//   dQ  += dS K                      dS^T goes to shared memory as [key][query]; wgmma sst m64 n64:
-//                                    A = dS read M-major (transposed), B = K read N-major. Each
-//                                    warpgroup takes a 64 x 64 block of the BR x D result
-//                                    (BR 64: head-dim columns 64 w..; BR 128: query rows 64 w..)
-//                                    and adds it to dq_acc (f32, la_dq_acc_at): staged in
-//                                    shared memory (two buffers), one 16 KiB bulk reduce-add
-//                                    by the TMA unit, in whatever order blocks get there.
-// la_bwd_dq_store converts dq_acc afterwards. Two stages of Q, dO (and their L2, Delta) in
-// shared memory: tile t + 1 lands while tile t is computed.
+// The math is in bwd_common.cuh (la_bwd_prep runs first: Delta and L2 = LSE log2 e per row,
+// padded to lstride). Block = (KV head, batch, key tile of LA_BC = 64 LA_NWG keys), LA_NWG + 1
+// warpgroups:
+//   - warpgroup 0 is the producer: one thread issues TMA copies of K and V (once) and, per work
+//     item (query head of the group, query tile of LA_BR rows from the schedule column), of Q,
+//     dO (tensor maps, 128-byte swizzle) and the tile's L2 and Delta (bulk copies) into a
+//     two-stage ring: "full" mbarriers count the bytes, "empty" ones the consumer warps done
+//     with a stage. It gives its registers to the consumers (setmaxnreg).
+//   - consumer warpgroup c owns keys 64 c .. 64 c + 63 of the tile (the M rows of its transposed
+//     products) and never waits for the other consumer: per item
+//       S^T  = K Q^T                   wgmma ss m64 n(BR): A = K, B = Q, both K-major
+//       dP^T = V dO^T                  same with V, dO
+//       P^T  = 2^(S^T scale_log2 - L2),  dS^T = P^T (dP^T - Delta) dcap scale   (registers)
+//       dV  += P^T dO                  wgmma rs m64 n(D): A = P^T from registers (the
+//                                      accumulator layout is the A-fragment layout), B = dO
+//                                      N-major
+//       dK  += dS^T Q                  same with dS^T and Q
+//       dQ  += dS K (its 64 keys)      dS^T goes to the warpgroup's rows of a [key][query] tile
+//                                      in shared memory; two 64 x 64 blocks of the BR x D
+//                                      partial (BR 64: head-dim columns 0 / 64; BR 128: query
+//                                      rows 0 / 64), wgmma sst m64 n64 with A = dS read M-major
+//                                      (transposed) and B = K read N-major. Each block is
+//                                      staged in register order and added to dq_acc (f32,
+//                                      la_dq_acc_at) by one 16 KiB bulk reduce-add of the TMA
+//                                      unit, in whatever order blocks and warpgroups get there.
+// la_bwd_dq_store converts dq_acc afterwards.
 //
-// Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D must
-// split into LA_NWG blocks of 64 x 64), LA_SOFTCAP, the mask program la_mask. Shared-memory
-// layout: the 128-byte-swizzle tiles of wgmma.cuh (la_sw128, la_load_tile128).
+// Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
+// 64 x 64 blocks), LA_SOFTCAP, the mask program la_mask. Shared-memory layout: the 128-byte-
+// swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
-#define LA_THREADS (LA_NWG * 128)
+#define LA_THREADS ((LA_NWG + 1) * 128)
 #define LA_BC (LA_NWG * 64)
-#define LA_DQ_ROWSPLIT (LA_BR == 64 * LA_NWG)  // dQ blocks split the query rows (else the columns)
+#define LA_DQ_ROWSPLIT (LA_BR == 128)  // dQ blocks split the query rows (else the columns)
+// Register split (65536 per SM, one block): consumers get what the producer gives up (the
+// producer walks the item list and forms TMA coordinates: 40 registers).
+#define LA_REG_MMA 232
+#define LA_REG_LOAD 40
+
+#if LA_BR == 64
+#define la_wg_ss_br la_wg_ss_n64
+#else
+#define la_wg_ss_br la_wg_ss_n128
+#endif
+#if LA_D == 64
+#define la_wg_rs_d la_wg_rs_n64
+#else
+#define la_wg_rs_d la_wg_rs_n128
+#endif
 
 struct la_f2 {
     float x, y;
@@ -44,46 +65,53 @@ __device__ __forceinline__ void la_sts4(float* a, const float* v) {
                  : "memory");
 }
 
-#if LA_BR == 64
-#define la_wg_ss_br la_wg_ss_n64
-#else
-#define la_wg_ss_br la_wg_ss_n128
-#endif
-#if LA_D == 64
-#define la_wg_rs_d la_wg_rs_n64
-#else
-#define la_wg_rs_d la_wg_rs_n128
-#endif
+// TMA descriptors of q, k, v, dO ([B, S, H, D] as boxes {64 columns, rows, 1 head, 1 batch}) and
+// the backward parameters.
+struct LaBwdWsParams {
+    LaTmap tq, tk, tv, tdo;
+    LaBwdParams p;
+};
 
-extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBwdParams p) {
+extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __grid_constant__ LaBwdWsParams w) {
+    const LaBwdParams& p = w.p;
     extern __shared__ __align__(1024) u16 la_smem_bw[];
     // The swizzle atoms need 1024-byte alignment in the shared window (the host adds 1 KiB).
     const u32 mis = la_smem_addr(la_smem_bw) & 1023;
     u16* sK = la_smem_bw + (mis ? (1024 - mis) / 2 : 0);
     u16* sV = sK + LA_BC * LA_D;
-    u16* sQ0 = sV + LA_BC * LA_D;       // two stages of Q and dO
-    u16* sdO0 = sQ0 + 2 * LA_BR * LA_D;
-    u16* sdS = sdO0 + 2 * LA_BR * LA_D;  // [BC keys][BR queries]
-    float* sStg = (float*)(sdS + LA_BC * LA_BR) + (int)(threadIdx.x >> 7) * 2 * 4096;  // 2 dQ blocks
-    constexpr int STAGE = LA_BR * LA_D;
-    __shared__ __align__(8) float sL[2][LA_BR], sDl[2][LA_BR];
-
+    u16* sQ0 = sV + LA_BC * LA_D;          // stage st: sQ0 + st * BR * D
+    u16* sdO0 = sQ0 + 2 * LA_BR * LA_D;    // stage st: sdO0 + st * BR * D
+    u16* sdS = sdO0 + 2 * LA_BR * LA_D;    // [BC keys][BR queries]; consumer c uses its keys' rows
+    float* sStg = (float*)(sdS + LA_BC * LA_BR);   // consumer c: two 64 x 64 f32 dQ blocks
+    float* sLD0 = sStg + LA_NWG * 2 * 4096;        // stage st: L2 [BR], then Delta [BR]
+    u64* bars = (u64*)(sLD0 + 2 * 2 * LA_BR);
+    u64* full_kv = bars;       // [1]
+    u64* full_q = bars + 1;    // [2]: Q, dO, L2, Delta of a stage landed
+    u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
     const int kt = blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
     const int G = p.Hq / p.Hk;
     const int wg = threadIdx.x >> 7;
-    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t4 = lane & 3;
     const int k0 = kt * LA_BC;
     const i64 koff = b * p.k_sb + kh * p.k_sh;
-    la_load_tile128<LA_BC, LA_THREADS>(sK, p.k + koff, p.k_ss, k0, p.Sk);
-    la_load_tile128<LA_BC, LA_THREADS>(sV, p.v + koff, p.k_ss, k0, p.Sk);
-    la_cp_commit();
 
-    // The (query head, schedule column entry) pairs, in a fixed order: head-major.
+    if (threadIdx.x == 0) {
+        la_mbar_init(full_kv, 1);
+#pragma unroll
+        for (int st = 0; st < 2; st++) {
+            la_mbar_init(full_q + st, 1);
+            la_mbar_init(empty_q + st, 4 * LA_NWG);  // one arrival per consumer warp
+        }
+        la_mbar_fence_init();
+    }
+    __syncthreads();
+
+    // The (query head, schedule column entry) pairs, in a fixed order: head-major. Producer and
+    // consumers walk the same list, so item t sits in stage t & 1; its (t >> 1)-th use of the
+    // stage waits for parity (t >> 1) & 1.
     auto col = [&](int h, u32& c0, u32& c1) {
-        const int c = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
-        c0 = p.col_off[c];
-        c1 = p.col_off[c + 1];
+        const int cc = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
+        c0 = p.col_off[cc];
+        c1 = p.col_off[cc + 1];
     };
     int n_items = 0;
     for (int hh = 0; hh < G; hh++) {
@@ -103,32 +131,51 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
             t -= c1 - c0;
         }
     };
-    auto load_item = [&](int t, int st) {
-        int h;
-        u32 ent;
-        item(t, h, ent);
-        const int q0 = (int)(ent >> 1) * LA_BR;
-        const i64 qoff = b * p.q_sb + h * p.q_sh;
-        la_load_tile128<LA_BR, LA_THREADS>(sQ0 + st * STAGE, p.q + qoff, p.q_ss, q0, p.Sq);
-        la_load_tile128<LA_BR, LA_THREADS>(sdO0 + st * STAGE, p.dout + qoff, p.q_ss, q0, p.Sq);
-        for (int x = threadIdx.x; x < LA_BR; x += LA_THREADS) {
-            const int i = q0 + x;
-            const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
-            sL[st][x] = i < p.Sq ? p.lse2[r] : LA_INF;  // rows past Sq: P = 0
-            sDl[st][x] = i < p.Sq ? p.delta[r] : 0.f;
-        }
-    };
+
+    if (wg == 0) {
+        // Producer: one thread issues every copy. A wait for an "empty" barrier with parity
+        // ((t >> 1) & 1) ^ 1 passes at once on a stage's first use.
+        la_regs_dec<LA_REG_LOAD>();
+        if (threadIdx.x != 0 || n_items == 0) return;
+        la_mbar_expect(full_kv, 2 * LA_BC * LA_D * 2);
 #pragma unroll
-    for (int st = 0; st < 2; st++) {
-        if (st < n_items) load_item(st, st);
-        la_cp_commit();
+        for (int cb = 0; cb < LA_D / 64; cb++) {
+            la_tma_load4(sK + cb * LA_BC * 64, &w.tk, full_kv, cb * 64, k0, kh, b);
+            la_tma_load4(sV + cb * LA_BC * 64, &w.tv, full_kv, cb * 64, k0, kh, b);
+        }
+        for (int t = 0; t < n_items; t++) {
+            const int st = t & 1;
+            int h;
+            u32 ent;
+            item(t, h, ent);
+            const int q0 = (int)(ent >> 1) * LA_BR;
+            la_mbar_wait(empty_q + st, ((t >> 1) & 1) ^ 1);
+            la_mbar_expect(full_q + st, 2 * LA_BR * LA_D * 2 + 2 * LA_BR * 4);
+#pragma unroll
+            for (int cb = 0; cb < LA_D / 64; cb++) {
+                la_tma_load4(sQ0 + st * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + st, cb * 64, q0, h, b);
+                la_tma_load4(sdO0 + st * LA_BR * LA_D + cb * LA_BR * 64, &w.tdo, full_q + st, cb * 64, q0, h, b);
+            }
+            const i64 lr = ((i64)b * p.Hq + h) * p.lstride + q0;
+            la_bulk_load(sLD0 + st * 2 * LA_BR, p.lse2 + lr, LA_BR * 4, full_q + st);
+            la_bulk_load(sLD0 + st * 2 * LA_BR + LA_BR, p.delta + lr, LA_BR * 4, full_q + st);
+        }
+        return;
     }
+
+    // Consumers.
+    la_regs_inc<LA_REG_MMA>();
+    const int c = wg - 1;
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3, tw = threadIdx.x & 127;
+    const int krow = c * 64 + warp * 16 + g;  // this thread's keys in the tile: krow, krow + 8
+    float* stg = sStg + c * 2 * 4096;
 
     // Accumulators, flat: n8 block j holds elements 4 j .. 4 j + 3 (rows g, g, g + 8, g + 8).
     float dk[LA_D / 2], dv[LA_D / 2];
 #pragma unroll
     for (int x = 0; x < LA_D / 2; x++) dk[x] = dv[x] = 0.f;
-    const int krow = wg * 64 + warp * 16 + g;  // this thread's keys in the tile: krow, krow + 8
+    if (n_items > 0) la_mbar_wait(full_kv, 0);
 
     for (int t = 0; t < n_items; t++) {
         const int st = t & 1;
@@ -137,18 +184,18 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
         item(t, h, ent);
         const bool partial = ent & 1;
         const int q0 = (int)(ent >> 1) * LA_BR;
-        const u16* cQ = sQ0 + st * STAGE;
-        const u16* cdO = sdO0 + st * STAGE;
-        la_cp_wait<1>();
-        la_fence_async_smem();  // cp.async writes -> visible to the tensor cores' reads
-        __syncthreads();
+        const u16* cQ = sQ0 + st * LA_BR * LA_D;
+        const u16* cdO = sdO0 + st * LA_BR * LA_D;
+        const float* cL = sLD0 + st * 2 * LA_BR;
+        const float* cD = cL + LA_BR;
+        la_mbar_wait(full_q + st, (t >> 1) & 1);
 
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries).
         float s[LA_BR / 2], dp[LA_BR / 2];
         la_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < LA_D / 16; kk++) {
-            const int ka = (kk >> 2) * LA_BC * 64 + wg * 64 * 64 + (kk & 3) * 16;
+            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
             const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
             la_wg_ss_br(s, la_wg_desc(sK + ka, 16, 1024), la_wg_desc(cQ + kb, 16, 1024), kk > 0);
             la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
@@ -159,22 +206,23 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
         la_fence_regs<LA_BR / 2>(dp);
 
         // P^T and dS^T (element x: query column 8 (x / 4) + 2 t4 + (x & 1), key row + 8 ((x / 2) & 1)).
-        const bool edge = k0 + LA_BC > p.Sk;
+        // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
+        // Delta would give 0 there as well).
+        const bool edge = k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
         u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
 #pragma unroll
         for (int jn = 0; jn < LA_BR / 8; jn++) {
             float pr[4], ds[4];
             // L2 and Delta of query columns 8 jn + 2 t4 and + 1.
-            const la_f2 l2 = la_lds2(&sL[st][jn * 8 + 2 * t4]);
-            const la_f2 dl = la_lds2(&sDl[st][jn * 8 + 2 * t4]);
+            const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
+            const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
 #pragma unroll
             for (int e2 = 0; e2 < 4; e2++) {
                 const int x = 4 * jn + e2;
-                const int ic = jn * 8 + 2 * t4 + (e2 & 1);
                 float dcap;
                 float y = la_logit(p, s[x], dcap);
                 if (partial || edge) {
-                    const int i = q0 + ic, j = k0 + krow + ((e2 >> 1) << 3);
+                    const int i = q0 + jn * 8 + 2 * t4 + (e2 & 1), j = k0 + krow + ((e2 >> 1) << 3);
                     bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: the mask program may read per-row ids
                     if (partial && ok) ok = la_mask(p, b, h, i, j);
                     if (!ok) y = -LA_INF;
@@ -204,44 +252,48 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
         }
         la_wg_commit();
 
-        // dQ block (64 x 64) of this warpgroup = dS K over the BC keys of the tile, 16 a step.
+        // dQ partial over this warpgroup's 64 keys, two 64 x 64 blocks, 16 keys a step. The
+        // staging buffers are free once the previous item's reductions have read them.
         la_fence_async_smem();  // dS^T stores -> visible to the tensor cores
-        __syncthreads();        // both warpgroups' dS^T are in
-        const int qr0 = LA_DQ_ROWSPLIT ? wg * 64 : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : wg * 64;
-        float dq[32];
-        la_wg_fence();
+        if (tw == 0) la_bulk_wait_read<0>();
+        la_bar_sync(1 + c, 128);  // the warpgroup's dS^T rows are in; staging is free
 #pragma unroll
-        for (int ks = 0; ks < LA_BC / 16; ks++) {
-            const u64 da = la_wg_desc(sdS + (qr0 >> 6) * LA_BC * 64 + ks * 16 * 64, LA_BC * 128, 1024);
-            const u64 db = la_wg_desc(sK + (dc0 >> 6) * LA_BC * 64 + ks * 16 * 64, LA_BC * 128, 1024);
-            la_wg_sst_n64(dq, da, db, ks > 0);
+        for (int blk = 0; blk < 2; blk++) {
+            const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
+            float dq[32];
+            la_wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < 4; ks++) {
+                const int kr = (c * 64 + ks * 16) * 64;
+                const u64 da = la_wg_desc(sdS + (qr0 >> 6) * LA_BC * 64 + kr, LA_BC * 128, 1024);
+                const u64 db = la_wg_desc(sK + (dc0 >> 6) * LA_BC * 64 + kr, LA_BC * 128, 1024);
+                la_wg_sst_n64(dq, da, db, ks > 0);
+            }
+            la_wg_commit();
+            la_wg_wait0();
+            la_fence_regs<32>(dq);
+            if (blk == 0) {
+                la_fence_regs<LA_D / 2>(dv);
+                la_fence_regs<LA_D / 2>(dk);
+                // Every read of stage st (products, L2, Delta) is done: back to the producer.
+                if (lane == 0) la_mbar_arrive(empty_q + st);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) la_sts4(stg + blk * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
         }
-        la_wg_commit();
-        la_wg_wait0();
-        la_fence_regs<32>(dq);
-        la_fence_regs<LA_D / 2>(dv);
-        la_fence_regs<LA_D / 2>(dk);
-
-        // Stage the block in accumulator order (buffer t & 1; the reduction that last read it,
-        // issued at t - 2, is done: see below), then one bulk reduce-add of 16 KiB.
-        float* stg = sStg + (t & 1) * 4096;
-        const int tw = threadIdx.x & 127;
-#pragma unroll
-        for (int j = 0; j < 8; j++) la_sts4(stg + (j * 128 + tw) * 4, dq + 4 * j);
-        la_fence_async_smem();  // staging stores -> visible to the bulk copy
-        la_bar_sync(1 + wg, 128);
+        la_fence_async_smem();  // staging stores -> visible to the bulk copies
+        la_bar_sync(1 + c, 128);
         if (tw == 0) {
-            la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg, 4096 * 4);
+#pragma unroll
+            for (int blk = 0; blk < 2; blk++) {
+                const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
+                la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + blk * 4096, 4096 * 4);
+            }
             la_bulk_commit();
         }
-        if (tw == 0) la_bulk_wait_read<1>();  // the reduction of tile t - 1 has read its buffer
-
-        __syncthreads();  // every warpgroup is done with stage st and dS^T: refill with item t + 2
-        if (t + 2 < n_items) load_item(t + 2, st);
-        la_cp_commit();
     }
+    if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
 
-    if ((threadIdx.x & 127) == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
     // dK, dV of this thread's keys krow, krow + 8; keys past Sk are not written.
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {

@@ -12,8 +12,8 @@
 struct LaBwdParams {
     const u16* q; const u16* k; const u16* v; const u16* o; const u16* dout;
     const float* lse;       // [B, Hq, Sq] natural log (forward output)
-    float* lse2;            // [B, Hq, Sq] log2 units (+inf: row with no allowed key)
-    float* delta;           // [B, Hq, Sq]
+    float* lse2;            // [B, Hq, lstride] log2 units (+inf: row with no allowed key or past Sq)
+    float* delta;           // [B, Hq, lstride] (0 past Sq)
     u16* dq; u16* dk; u16* dv;
     float* dq_acc;          // one-pass kernel: f32 dQ in 64 x 64 blocks (la_dq_acc_at), summed by
                             // bulk reduce-adds; zero between launches
@@ -27,6 +27,8 @@ struct LaBwdParams {
     const int* qdoc; const int* kdoc;
     const unsigned char* blk;
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
+    int lstride;            // row length of lse2 / delta: Sq rounded up to 128 (aligned tiles)
+    int pad0;
 };
 
 // Logit in log2 units and d(logit)/d(q.k) / scale for the soft-cap (1 otherwise).
@@ -42,34 +44,42 @@ __device__ __forceinline__ float la_logit(const LaBwdParams& p, float raw, float
 }
 
 extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
-    // One warp per (b, i, h) row.
+    // One warp per (b, i, h) row, i < lstride (rows past Sq: L2 = +inf, Delta = 0, so tiles that
+    // reach past Sq read P = 0).
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
-    if (row >= (i64)p.B * p.Sq * p.Hq) return;
+    if (row >= (i64)p.B * p.lstride * p.Hq) return;
     const int h = row % p.Hq;
     const i64 bi = row / p.Hq;
-    const int i = bi % p.Sq, b = bi / p.Sq;
+    const int i = bi % p.lstride, b = bi / p.lstride;
+    const i64 r = ((i64)b * p.Hq + h) * p.lstride + i;
+    if (i >= p.Sq) {
+        if (lane == 0) {
+            p.lse2[r] = LA_INF;
+            p.delta[r] = 0.f;
+        }
+        return;
+    }
     const i64 off = b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh;
     float acc = 0.f;
     for (int d = lane; d < LA_D; d += 32) acc += la_to_f32(p.o[off + d]) * la_to_f32(p.dout[off + d]);
 #pragma unroll
     for (int s = 16; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
     if (lane == 0) {
-        const i64 r = ((i64)b * p.Hq + h) * p.Sq + i;
         p.delta[r] = acc;
-        const float l = p.lse[r];
+        const float l = p.lse[((i64)b * p.Hq + h) * p.Sq + i];
         p.lse2[r] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
     }
 }
 
 // The one-pass kernel's f32 dQ accumulator: per (b, h), blocks of 64 query rows x 64 head-dim
-// columns, [B][Hq][ceil(Sq / 64)][D / 64][4096], each block in the order its warpgroup holds it
+// columns, [B][Hq][lstride / 64][D / 64][4096], each block in the order its warpgroup holds it
 // in registers so that staging it in shared memory is conflict-free and one bulk copy moves it:
 // float (j * 128 + thread) * 4 + e of a block is the wgmma accumulator element 4 j + e of
 // thread = 32 warp + 4 g + t4, i.e. row 16 warp + g + 8 (e / 2), column 8 j + 2 t4 + e % 2.
 // Offset of the pair (row i, columns d, d + 1), d even:
 __device__ __forceinline__ i64 la_dq_acc_at(const LaBwdParams& p, int b, int h, int i, int d) {
-    const i64 blk = ((((i64)b * p.Hq + h) * ((p.Sq + 63) / 64) + (i >> 6)) * (LA_D / 64) + (d >> 6)) * 4096;
+    const i64 blk = ((((i64)b * p.Hq + h) * (p.lstride / 64) + (i >> 6)) * (LA_D / 64) + (d >> 6)) * 4096;
     const int rr = i & 63, cc = d & 63;
     const int thread = (rr >> 4) * 32 + (rr & 7) * 4 + ((cc >> 1) & 3);
     return blk + (((cc >> 3) * 128 + thread) << 2) + ((rr >> 3) & 1) * 2;

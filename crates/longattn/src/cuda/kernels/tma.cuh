@@ -51,6 +51,16 @@ __device__ __forceinline__ void la_tma_load4(void* dst, const LaTmap* map, u64* 
         : "memory");
 }
 
+// --- Bulk copy (TMA unit, no tensor map): `bytes` contiguous bytes into shared memory; completion
+// as transaction bytes on `bar`. Addresses and size multiples of 16.
+__device__ __forceinline__ void la_bulk_load(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+            la_smem_addr(dst)),
+        "l"(src), "r"(bytes), "r"(la_smem_addr(bar))
+        : "memory");
+}
+
 // --- Named barriers (ids 1..15; 0 is __syncthreads): `sync` waits until `count` threads have
 // arrived (itself included), `arrive` signals without waiting.
 __device__ __forceinline__ void la_bar_sync(int id, int count) {
