@@ -29,6 +29,12 @@ const BWD_WG: &str = include_str!("kernels/attn_bwd_wg.cu");
 /// Query rows and keys per tile of the mma.sync kernels.
 const T: usize = 64;
 
+/// Shared memory of the one-pass kernel: K, V; two stages of Q and dO; the dS^T tile; two
+/// 64 x 64 f32 dQ staging blocks per warpgroup; 1 KiB to align the swizzle atoms.
+fn one_pass_smem(br: usize, bc: usize, d: usize) -> usize {
+    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 1024
+}
+
 /// Which backward scheme runs a problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BwdKernel {
@@ -190,9 +196,7 @@ impl BwdPlan {
                         "{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"
                     ),
                     format!("attn_bwd_wg_{}_d{d}_{br}x{bc}", dtype.name()),
-                    // K, V; two stages of Q, dO; dS^T; two 64 x 64 f32 dQ staging blocks per
-                    // warpgroup; 1 KiB to align the swizzle atoms.
-                    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 1024,
+                    one_pass_smem(br, bc, d),
                     "la_bwd_wg",
                     "la_bwd_dq_store",
                 )
@@ -428,7 +432,19 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::BwdKernel;
+    use super::{one_pass_smem, BwdKernel};
+
+    /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.
+    #[test]
+    fn one_pass_tiles_fit_shared_memory() {
+        for d in [64, 128] {
+            let BwdKernel::OnePassWgmma { br, bc } = BwdKernel::choose(d, (9, 0), false) else {
+                panic!("D {d}: no one-pass kernel");
+            };
+            let bytes = one_pass_smem(br, bc, d);
+            assert!(bytes <= 227 * 1024, "D {d}: {bytes} bytes");
+        }
+    }
 
     /// The one-pass kernel serves exactly the fast mode on Hopper at D 64 / 128.
     #[test]
