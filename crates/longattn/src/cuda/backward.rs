@@ -344,22 +344,17 @@ impl BwdPlan {
         )?;
         match self.kernel {
             BwdKernel::TwoPass => {
-                launch(
-                    &self.f_dq,
-                    LaunchConfig {
-                        grid_dim: (hq as u32, batch as u32, sq.div_ceil(T) as u32),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: self.smem as u32,
-                    },
-                )?;
-                launch(
-                    &self.f_main,
-                    LaunchConfig {
-                        grid_dim: (hk as u32, batch as u32, sk.div_ceil(T) as u32),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: self.smem as u32,
-                    },
-                )?;
+                // dQ: a block per (head, batch, query tile); dK/dV: per (KV head, batch, key tile).
+                for (f, heads, tiles) in [(&self.f_dq, hq, sq), (&self.f_main, hk, sk)] {
+                    launch(
+                        f,
+                        LaunchConfig {
+                            grid_dim: (heads as u32, batch as u32, tiles.div_ceil(T) as u32),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: self.smem as u32,
+                        },
+                    )?;
+                }
             }
             BwdKernel::OnePassWgmma { bc, .. } => {
                 launch(

@@ -49,11 +49,6 @@ __device__ __forceinline__ void la_sts4(float* a, const float* v) {
 #else
 #define la_wg_ss_br la_wg_ss_n128
 #endif
-#if LA_D == 64
-#define la_wg_rs_d la_wg_rs_n64
-#else
-#define la_wg_rs_d la_wg_rs_n128
-#endif
 
 extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBwdParams p) {
     extern __shared__ __align__(1024) u16 la_smem_bw[];
@@ -69,7 +64,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
     __shared__ __align__(8) float sL[2][LA_BR], sDl[2][LA_BR];
 
     const int kt = blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
-    const int G = p.Hq / p.Hk;
     const int wg = threadIdx.x >> 7;
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
@@ -79,30 +73,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const LaBw
     la_load_tile128<LA_BC, LA_THREADS>(sV, p.v + koff, p.k_ss, k0, p.Sk);
     la_cp_commit();
 
-    // The (query head, schedule column entry) pairs, in a fixed order: head-major.
-    auto col = [&](int h, u32& c0, u32& c1) {
-        const int c = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
-        c0 = p.col_off[c];
-        c1 = p.col_off[c + 1];
-    };
-    int n_items = 0;
-    for (int hh = 0; hh < G; hh++) {
-        u32 c0, c1;
-        col(kh * G + hh, c0, c1);
-        n_items += c1 - c0;
-    }
-    auto item = [&](int t, int& h, u32& ent) {
-        for (int hh = 0; hh < G; hh++) {
-            u32 c0, c1;
-            col(kh * G + hh, c0, c1);
-            if (t < (int)(c1 - c0)) {
-                h = kh * G + hh;
-                ent = p.col_ent[c0 + t];
-                return;
-            }
-            t -= c1 - c0;
-        }
-    };
+    // The (query head, schedule column entry) pairs of this block: bwd_common.cuh.
+    const int n_items = la_bwd_items(p, b, kh, kt);
+    auto item = [&](int t, int& h, u32& ent) { la_bwd_item(p, b, kh, kt, t, h, ent); };
     auto load_item = [&](int t, int st) {
         int h;
         u32 ent;
