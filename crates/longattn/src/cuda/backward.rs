@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::forward::{check_launch, unsupported, DevMask, DevTensor, TmaMap, COMMON, MMA_TILE, TMA, WGMMA};
+use super::forward::{
+    check_launch, unsupported, DevMask, DevTensor, TmaMap, COMMON, MMA_TILE, TMA, WGMMA,
+};
 use super::{drv, CudaDevice};
 use crate::attention::{AttnParams, Dims, MaskSpec};
 use crate::backward::{BackwardParams, Grads};
@@ -28,6 +30,13 @@ const BWD: &str = include_str!("kernels/attn_bwd.cu");
 const BWD_WG: &str = include_str!("kernels/attn_bwd_wg.cu");
 /// Query rows and keys per tile of the mma.sync kernels.
 const T: usize = 64;
+
+/// Shared memory of the one-pass kernel: K, V; two stages of Q and dO; the dS^T tile; two
+/// 64 x 64 f32 dQ staging blocks per consumer warpgroup; two stages of L2 and Delta; 3 mbarriers
+/// (64 bytes); 1 KiB to align the swizzle atoms.
+fn one_pass_smem(br: usize, bc: usize, d: usize) -> usize {
+    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 2 * 2 * br * 4 + 64 + 1024
+}
 
 /// Which backward scheme runs a problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,14 +222,7 @@ impl BwdPlan {
                         "{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"
                     ),
                     format!("attn_bwd_wg_{}_d{d}_{br}x{bc}", dtype.name()),
-                    // K, V; two stages of Q, dO; dS^T; two 64 x 64 f32 dQ staging blocks per
-                    // consumer warpgroup; two stages of L2 and Delta; 3 mbarriers (64 bytes);
-                    // 1 KiB to align the swizzle atoms.
-                    (2 * bc * d + 4 * br * d + bc * br) * 2
-                        + (bc / 64) * 2 * 4096 * 4
-                        + 2 * 2 * br * 4
-                        + 64
-                        + 1024,
+                    one_pass_smem(br, bc, d),
                     "la_bwd_wg",
                     "la_bwd_dq_store",
                 )
@@ -370,22 +372,17 @@ impl BwdPlan {
         )?;
         match self.kernel {
             BwdKernel::TwoPass => {
-                launch(
-                    &self.f_dq,
-                    LaunchConfig {
-                        grid_dim: (hq as u32, batch as u32, sq.div_ceil(T) as u32),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: self.smem as u32,
-                    },
-                )?;
-                launch(
-                    &self.f_main,
-                    LaunchConfig {
-                        grid_dim: (hk as u32, batch as u32, sk.div_ceil(T) as u32),
-                        block_dim: (128, 1, 1),
-                        shared_mem_bytes: self.smem as u32,
-                    },
-                )?;
+                // dQ: a block per (head, batch, query tile); dK/dV: per (KV head, batch, key tile).
+                for (f, heads, tiles) in [(&self.f_dq, hq, sq), (&self.f_main, hk, sk)] {
+                    launch(
+                        f,
+                        LaunchConfig {
+                            grid_dim: (heads as u32, batch as u32, tiles.div_ceil(T) as u32),
+                            block_dim: (128, 1, 1),
+                            shared_mem_bytes: self.smem as u32,
+                        },
+                    )?;
+                }
             }
             BwdKernel::OnePassWgmma { br, bc } => {
                 let ws = LaBwdWsParams {
@@ -467,7 +464,19 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::BwdKernel;
+    use super::{one_pass_smem, BwdKernel};
+
+    /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.
+    #[test]
+    fn one_pass_tiles_fit_shared_memory() {
+        for d in [64, 128] {
+            let BwdKernel::OnePassWgmma { br, bc } = BwdKernel::choose(d, (9, 0), false) else {
+                panic!("D {d}: no one-pass kernel");
+            };
+            let bytes = one_pass_smem(br, bc, d);
+            assert!(bytes <= 227 * 1024, "D {d}: {bytes} bytes");
+        }
+    }
 
     /// The one-pass kernel serves exactly the fast mode on Hopper at D 64 / 128.
     #[test]

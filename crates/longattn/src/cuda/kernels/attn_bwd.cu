@@ -154,7 +154,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
     constexpr int STAGE = 2 * LA_T * LA_D;
     __shared__ float sL[2][LA_T], sD[2][LA_T];
     const int kt = gridDim.z - 1 - blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
-    const int G = p.Hq / p.Hk;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int k0 = kt * LA_T;
     const i64 koff = b * p.k_sb + kh * p.k_sh;
@@ -162,31 +161,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
     la_load64(sV, p.v + koff, p.k_ss, k0, p.Sk);
     la_cp_commit();
 
-    // The (query head, schedule column entry) pairs, in a fixed order: head-major.
-    auto col = [&](int h, u32& c0, u32& c1) {
-        const int c = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
-        c0 = p.col_off[c];
-        c1 = p.col_off[c + 1];
-    };
-    // Total work items and the i-th one.
-    int n_items = 0;
-    for (int hh = 0; hh < G; hh++) {
-        u32 c0, c1;
-        col(kh * G + hh, c0, c1);
-        n_items += c1 - c0;
-    }
-    auto item = [&](int t, int& h, u32& ent) {
-        for (int hh = 0; hh < G; hh++) {
-            u32 c0, c1;
-            col(kh * G + hh, c0, c1);
-            if (t < (int)(c1 - c0)) {
-                h = kh * G + hh;
-                ent = p.col_ent[c0 + t];
-                return;
-            }
-            t -= c1 - c0;
-        }
-    };
+    // The (query head, schedule column entry) pairs of this block: bwd_common.cuh.
+    const int n_items = la_bwd_items(p, b, kh, kt);
+    auto item = [&](int t, int& h, u32& ent) { la_bwd_item(p, b, kh, kt, t, h, ent); };
     auto load_item = [&](int t, int st) {
         int h;
         u32 ent;

@@ -44,11 +44,6 @@
 #else
 #define la_wg_ss_br la_wg_ss_n128
 #endif
-#if LA_D == 64
-#define la_wg_rs_d la_wg_rs_n64
-#else
-#define la_wg_rs_d la_wg_rs_n128
-#endif
 
 struct la_f2 {
     float x, y;
@@ -89,7 +84,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u64* full_q = bars + 1;    // [2]: Q, dO, L2, Delta of a stage landed
     u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
     const int kt = blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
-    const int G = p.Hq / p.Hk;
     const int wg = threadIdx.x >> 7;
     const int k0 = kt * LA_BC;
     const i64 koff = b * p.k_sb + kh * p.k_sh;
@@ -105,32 +99,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     }
     __syncthreads();
 
-    // The (query head, schedule column entry) pairs, in a fixed order: head-major. Producer and
+    // The (query head, schedule column entry) pairs of this block (bwd_common.cuh). Producer and
     // consumers walk the same list, so item t sits in stage t & 1; its (t >> 1)-th use of the
     // stage waits for parity (t >> 1) & 1.
-    auto col = [&](int h, u32& c0, u32& c1) {
-        const int cc = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
-        c0 = p.col_off[cc];
-        c1 = p.col_off[cc + 1];
-    };
-    int n_items = 0;
-    for (int hh = 0; hh < G; hh++) {
-        u32 c0, c1;
-        col(kh * G + hh, c0, c1);
-        n_items += c1 - c0;
-    }
-    auto item = [&](int t, int& h, u32& ent) {
-        for (int hh = 0; hh < G; hh++) {
-            u32 c0, c1;
-            col(kh * G + hh, c0, c1);
-            if (t < (int)(c1 - c0)) {
-                h = kh * G + hh;
-                ent = p.col_ent[c0 + t];
-                return;
-            }
-            t -= c1 - c0;
-        }
-    };
+    const int n_items = la_bwd_items(p, b, kh, kt);
+    auto item = [&](int t, int& h, u32& ent) { la_bwd_item(p, b, kh, kt, t, h, ent); };
 
     if (wg == 0) {
         // Producer: one thread issues every copy. A wait for an "empty" barrier with parity

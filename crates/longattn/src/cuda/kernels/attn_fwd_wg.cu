@@ -29,11 +29,6 @@
 #else
 #define la_wg_ss_bc la_wg_ss_n128
 #endif
-#if LA_D == 64
-#define la_wg_rs_d la_wg_rs_n64
-#else
-#define la_wg_rs_d la_wg_rs_n128
-#endif
 
 extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg(const LaFwdParams p) {
     extern __shared__ __align__(1024) u16 la_smem_wg[];

@@ -50,11 +50,6 @@
 #else
 #define la_wg_ss_bc la_wg_ss_n128
 #endif
-#if LA_D == 64
-#define la_wg_rs_d la_wg_rs_n64
-#else
-#define la_wg_rs_d la_wg_rs_n128
-#endif
 
 // TMA descriptors of q, k, v ([B, S, H, D] as 4-D boxes {64 columns, rows, 1 head, 1 batch}) and
 // the parameters every forward kernel takes.

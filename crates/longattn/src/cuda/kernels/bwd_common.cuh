@@ -43,6 +43,39 @@ __device__ __forceinline__ float la_logit(const LaBwdParams& p, float raw, float
 #endif
 }
 
+// The schedule column of key tile kt seen by query head h: entries col_ent[c0 .. c1).
+__device__ __forceinline__ void la_bwd_col(const LaBwdParams& p, int b, int h, int kt, u32& c0, u32& c1) {
+    const int c = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.k_tiles + kt;
+    c0 = p.col_off[c];
+    c1 = p.col_off[c + 1];
+}
+// The work of a dK/dV block (KV head kh, key tile kt): the (query head, column entry) pairs of
+// every query head of the group, in a fixed order (head-major). la_bwd_items counts them;
+// la_bwd_item returns the t-th.
+__device__ __forceinline__ int la_bwd_items(const LaBwdParams& p, int b, int kh, int kt) {
+    const int G = p.Hq / p.Hk;
+    int n = 0;
+    for (int hh = 0; hh < G; hh++) {
+        u32 c0, c1;
+        la_bwd_col(p, b, kh * G + hh, kt, c0, c1);
+        n += c1 - c0;
+    }
+    return n;
+}
+__device__ __forceinline__ void la_bwd_item(const LaBwdParams& p, int b, int kh, int kt, int t, int& h, u32& ent) {
+    const int G = p.Hq / p.Hk;
+    for (int hh = 0; hh < G; hh++) {
+        u32 c0, c1;
+        la_bwd_col(p, b, kh * G + hh, kt, c0, c1);
+        if (t < (int)(c1 - c0)) {
+            h = kh * G + hh;
+            ent = p.col_ent[c0 + t];
+            return;
+        }
+        t -= c1 - c0;
+    }
+}
+
 extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
     // One warp per (b, i, h) row, i < lstride (rows past Sq: L2 = +inf, Delta = 0, so tiles that
     // reach past Sq read P = 0).

@@ -20,6 +20,13 @@ __device__ __forceinline__ void la_fence_regs(float* x) {
 #pragma unroll
     for (int i = 0; i < N; i++) asm volatile("" : "+f"(x[i])::"memory");
 }
+// O += P V shaped products (N = the head dim): la_wg_rs_d.
+#if LA_D == 64
+#define la_wg_rs_d la_wg_rs_n64
+#else
+#define la_wg_rs_d la_wg_rs_n128
+#endif
+
 __device__ __forceinline__ void la_fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Element offset of (row r, 16-byte chunk c) in a 128-byte-swizzled [ROWS][D] tile.
