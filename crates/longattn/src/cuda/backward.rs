@@ -241,10 +241,11 @@ impl BwdPlan {
         let delta = dev.alloc_f32(n_lse)?;
         let dq_acc = match kernel {
             BwdKernel::TwoPass => None,
-            // 64-row blocks (kernels/bwd_common.cuh, la_dq_acc_at); zeroed here, and again by
-            // la_bwd_dq_store as it reads them.
+            // 64-row blocks, lstride / 64 of them per head (kernels/bwd_common.cuh,
+            // la_dq_acc_at: every query tile, even one reaching past Sq, adds whole blocks);
+            // zeroed here, and again by la_bwd_dq_store as it reads them.
             BwdKernel::OnePassWgmma { .. } => {
-                Some(dev.alloc_f32(dims.batch * dims.hq * dims.sq.div_ceil(64) * 64 * d)?)
+                Some(dev.alloc_f32(dims.batch * dims.hq * lstride(dims.sq) * d)?)
             }
         };
         let s = dev.stream();
