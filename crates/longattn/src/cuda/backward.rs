@@ -216,9 +216,12 @@ impl BwdPlan {
         let dq_acc = match kernel {
             BwdKernel::TwoPass => None,
             // 64-row blocks (kernels/bwd_common.cuh, la_dq_acc_at); zeroed here, and again by
-            // la_bwd_dq_store as it reads them.
+            // la_bwd_dq_store as it reads them. At D 64 the upper 64-row half of a head's last
+            // 128-row tile can lie wholly past Sq: its block (all zeros, rows past Sq have P = 0)
+            // is still added, one block past the head's last, i.e. onto the next head's first
+            // block (adding zeros) or, for the last head, into the one spare block allocated here.
             BwdKernel::OnePassWgmma { .. } => {
-                Some(dev.alloc_f32(dims.batch * dims.hq * dims.sq.div_ceil(64) * 64 * d)?)
+                Some(dev.alloc_f32((dims.batch * dims.hq * dims.sq.div_ceil(64) + 1) * 64 * d)?)
             }
         };
         let s = dev.stream();
