@@ -201,9 +201,13 @@ fn pack<T: Element, P: FromF32 + bytemuck::Pod + Default>(
     out: &mut [P],
     idx: impl Fn(usize, usize) -> usize,
 ) {
-    out.fill(P::default());
     let data = t.typed::<T>().expect("dtype checked by the dispatcher");
     let (d, st) = (t.dim(), t.strides[3]);
+    // Every layout maps the n x d block one-to-one into `out`: zeros are needed only where the
+    // block does not cover it (rows past n, padded columns).
+    if n * d != out.len() {
+        out.fill(P::default());
+    }
     // One row at a time: converted as a slice (a copy when P has T's bits), then placed.
     let mut row = vec![P::default(); d];
     for r in 0..n {
