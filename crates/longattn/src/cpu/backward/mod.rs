@@ -213,13 +213,13 @@ fn pack<T: Element, P: FromF32 + bytemuck::Pod + Default>(
     for r in 0..n {
         let base = t.offset(b, s0 + r, h, 0);
         if st == 1 {
-            P::convert_slice(&data[base..base + d], &mut row[..d]);
+            P::convert_slice(&data[base..base + d], &mut row);
         } else {
-            for (x, o) in row[..d].iter_mut().enumerate() {
+            for (x, o) in row.iter_mut().enumerate() {
                 *o = P::from_f32(data[base + x * st].to_f32());
             }
         }
-        for (x, &v) in row[..d].iter().enumerate() {
+        for (x, &v) in row.iter().enumerate() {
             out[idx(r, x)] = v;
         }
     }
