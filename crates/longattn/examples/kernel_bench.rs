@@ -1,16 +1,19 @@
 //! Quick kernel timing without the CLI:
-//! `cargo run --release --example kernel_bench -- f32 128 4096 causal [isa]`
+//! `cargo run --release --example kernel_bench -- f32 128 4096 causal [isa] [--backward]`
 //! (dtype, head dim, sequence length, mask expression, optional ISA; 8 heads, batch 1).
 //! Prints useful GFLOP/s (FLOPs of allowed pairs only) of the median and the best run (at least 5
-//! runs and 1 s) and the schedule build time.
+//! runs and 1 s) and the schedule build time. `--backward` times the backward (fast mode, 2.5x the
+//! forward's FLOPs) on the forward's output and a random dO instead.
 use longattn::cpu::Isa;
 use longattn::mask::{MaskExpr, MaskShape};
 use longattn::testing::random_tensor;
-use longattn::{forward, AttnParams, DType, MaskSpec};
+use longattn::{backward, forward, AttnParams, BackwardParams, DType, MaskSpec};
 use std::time::Instant;
 
 fn main() {
-    let a: Vec<String> = std::env::args().collect();
+    let all: Vec<String> = std::env::args().collect();
+    let bwd = all.iter().any(|x| x == "--backward");
+    let a: Vec<String> = all.into_iter().filter(|x| x != "--backward").collect();
     let dt = DType::parse(a.get(1).map_or("f32", |s| s)).expect("dtype");
     let d: usize = a.get(2).map_or(128, |s| s.parse().unwrap());
     let n: usize = a.get(3).map_or(4096, |s| s.parse().unwrap());
@@ -46,17 +49,40 @@ fn main() {
         isa,
         ..Default::default()
     };
-    let flops = 4.0 * h as f64 * bound.allowed_pairs(0) as f64 * d as f64;
+    let flops =
+        4.0 * h as f64 * bound.allowed_pairs(0) as f64 * d as f64 * if bwd { 2.5 } else { 1.0 };
+    // The forward's output and LSE feed the backward; the call is also the warm-up.
+    let fwd = forward(&qv, &kv, &vv, &p, MaskSpec::Expr(&bound)).unwrap();
+    let dout = random_tensor(dt, &[1, n, h, d], 1.0, 4);
+    let (ov, dov) = (fwd.out.view("out").unwrap(), dout.view("do").unwrap());
+    let bp = BackwardParams {
+        deterministic: false,
+    };
     let mut times = vec![];
     let mut cpu = vec![];
     // At least 5 runs and 1 s: the best run is the steadiest figure on a shared machine.
     let start = Instant::now();
     while times.len() < 5 || start.elapsed().as_secs_f64() < 1.0 {
         let (t, c) = (Instant::now(), cpu_seconds());
-        let o = forward(&qv, &kv, &vv, &p, MaskSpec::Expr(&bound)).unwrap();
+        if bwd {
+            let g = backward(
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &fwd.lse,
+                &dov,
+                &p,
+                MaskSpec::Expr(&bound),
+                &bp,
+            );
+            std::hint::black_box(g.unwrap());
+        } else {
+            let o = forward(&qv, &kv, &vv, &p, MaskSpec::Expr(&bound)).unwrap();
+            std::hint::black_box(o);
+        }
         times.push(t.elapsed().as_secs_f64());
         cpu.push(cpu_seconds() - c);
-        std::hint::black_box(o);
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     cpu.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -9,9 +9,9 @@
 //!   price of computing S and dP twice (7 matrix products per tile pair instead of 5).
 //! - fast, Hopper, D 64 / 128 (`kernels/attn_bwd_wg.cu`, warpgroup MMA): one pass over the
 //!   schedule's columns computing dK, dV and dQ together; dQ is summed in an f32 buffer by
-//!   atomic vector adds (order-dependent rounding: run-to-run differences of a few f32 ulps
-//!   before the final rounding to bf16/f16), then `la_bwd_dq_store` converts it. Elsewhere the
-//!   fast mode runs the deterministic kernels.
+//!   16 KiB bulk reduce-adds of the TMA unit (order-dependent rounding: run-to-run differences
+//!   of a few f32 ulps before the final rounding to bf16/f16), then `la_bwd_dq_store` converts
+//!   it. Elsewhere the fast mode runs the deterministic kernels.
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -43,7 +43,7 @@ fn one_pass_smem(br: usize, bc: usize, d: usize) -> usize {
 pub enum BwdKernel {
     /// `attn_bwd.cu`: a dQ pass over the rows and a dK/dV pass over the columns, no atomics.
     TwoPass,
-    /// `attn_bwd_wg.cu`: one pass over the columns on Hopper, dQ by f32 atomic adds.
+    /// `attn_bwd_wg.cu`: one pass over the columns on Hopper, dQ by f32 bulk reduce-adds.
     OnePassWgmma {
         /// Query rows per step (64 or 128).
         br: usize,

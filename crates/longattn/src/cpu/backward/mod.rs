@@ -201,14 +201,47 @@ fn pack<T: Element, P: FromF32 + bytemuck::Pod + Default>(
     out: &mut [P],
     idx: impl Fn(usize, usize) -> usize,
 ) {
-    out.fill(P::default());
     let data = t.typed::<T>().expect("dtype checked by the dispatcher");
     let (d, st) = (t.dim(), t.strides[3]);
+    // Every layout maps the n x d block one-to-one into `out`: zeros are needed only where the
+    // block does not cover it (rows past n, padded columns).
+    if n * d != out.len() {
+        out.fill(P::default());
+    }
+    // One row at a time: converted as a slice (a copy when P has T's bits), then placed.
+    let mut row = vec![P::default(); d];
     for r in 0..n {
         let base = t.offset(b, s0 + r, h, 0);
-        for x in 0..d {
-            out[idx(r, x)] = P::from_f32(data[base + x * st].to_f32());
+        if st == 1 {
+            P::convert_slice(&data[base..base + d], &mut row);
+        } else {
+            for (x, o) in row.iter_mut().enumerate() {
+                *o = P::from_f32(data[base + x * st].to_f32());
+            }
         }
+        for (x, &v) in row.iter().enumerate() {
+            out[idx(r, x)] = v;
+        }
+    }
+}
+
+/// Delta_i = dO_i . O_i in f32 for rows `i0 .. i0 + n` of (b, h).
+fn deltas<T: Element>(
+    dout: &TensorView,
+    out: &TensorView,
+    (b, h, i0, n): (usize, usize, usize, usize),
+    delta: &mut [f32],
+) {
+    let (dd, od) = (
+        dout.typed::<T>().expect("dtype checked by the dispatcher"),
+        out.typed::<T>().expect("dtype checked by the dispatcher"),
+    );
+    let (dv, sd, so) = (dout.dim(), dout.strides[3], out.strides[3]);
+    for (r, dl) in delta[..n].iter_mut().enumerate() {
+        let (bd, bo) = (dout.offset(b, i0 + r, h, 0), out.offset(b, i0 + r, h, 0));
+        *dl = (0..dv)
+            .map(|x| dd[bd + x * sd].to_f32() * od[bo + x * so].to_f32())
+            .sum();
     }
 }
 
@@ -338,11 +371,9 @@ impl<'a> Job<'a> {
             if has_key {
                 blk.lse2[r] = l * LOG2E;
             }
-            // Delta = dO . O (f32; a NaN in dO propagates into the row's gradients).
-            blk.delta[r] = (0..dv)
-                .map(|x| inp.dout.get(b, i, h, x) * inp.out.get(b, i, h, x))
-                .sum();
         }
+        // Delta = dO . O (f32; a NaN in dO propagates into the row's gradients).
+        deltas::<E>(inp.dout, inp.out, at, &mut blk.delta);
         Ok(blk)
     }
 
