@@ -63,7 +63,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dq(const LaBwdPa
     u16* sK = sdO + LA_T * LA_D;     // two stages of K and V
     u16* sV = sK + LA_T * LA_D;
     constexpr int STAGE = 2 * LA_T * LA_D;
-    const int qt = gridDim.z - 1 - blockIdx.z, h = blockIdx.x, b = blockIdx.y;
+    // Query tiles fastest (the blocks running together share K/V in L2), the last (under a causal
+    // mask the longest row) first.
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int kh = h / (p.Hq / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int q0 = qt * LA_T;
@@ -153,7 +155,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
     u16* sdO = sQ + LA_T * LA_D;
     constexpr int STAGE = 2 * LA_T * LA_D;
     __shared__ float sL[2][LA_T], sD[2][LA_T];
-    const int kt = gridDim.z - 1 - blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
+    // Key tiles fastest (the blocks running together share Q/dO in L2), the first (under a causal
+    // mask the longest column) first.
+    const int kt = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
     const int k0 = kt * LA_T;
     const i64 koff = b * p.k_sb + kh * p.k_sh;

@@ -83,7 +83,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u64* full_kv = bars;       // [1]
     u64* full_q = bars + 1;    // [2]: Q, dO, L2, Delta of a stage landed
     u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
-    const int kt = blockIdx.z, kh = blockIdx.x, b = blockIdx.y;
+    // Key tiles fastest: the blocks running together walk the same query tiles, so Q, dO and the
+    // dQ accumulator's blocks are shared in L2 rather than fetched once per block.
+    const int kt = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x >> 7;
     const int k0 = kt * LA_BC;
     const i64 koff = b * p.k_sb + kh * p.k_sh;
