@@ -43,6 +43,23 @@ fn one_pass_smem(br: usize, bc: usize, d: usize) -> usize {
     (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 2 * 2 * br * 4 + 64 + 1024
 }
 
+/// Blocks per tile of the two-pass kernels: above D 128 each owns half of the gradient columns
+/// (`LA_NH` in `kernels/attn_bwd.cu`).
+fn two_pass_halves(d: usize) -> usize {
+    if d > 128 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Shared memory of a two-pass kernel: the block's own two tiles (Q, dO or K, V) and the streamed
+/// pair, double-buffered up to D 128, single above (128 KiB at D 256).
+fn two_pass_smem(d: usize) -> usize {
+    let stages = if d > 128 { 1 } else { 2 };
+    (2 + 2 * stages) * T * d * 2
+}
+
 /// Which backward scheme runs a problem.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BwdKernel {
@@ -180,9 +197,9 @@ impl BwdPlan {
                 "dtype {dtype}: the CUDA backward takes bf16 or f16"
             )));
         }
-        if d == 0 || !d.is_multiple_of(16) || d > 128 || dims.dv != d {
+        if d == 0 || !d.is_multiple_of(16) || d > 256 || dims.dv != d {
             return Err(unsupported(format!(
-                "head dims D {d} / Dv {}: the CUDA backward needs D = Dv, a multiple of 16, at most 128",
+                "head dims D {d} / Dv {}: the CUDA backward needs D = Dv, a multiple of 16, at most 256",
                 dims.dv
             )));
         }
@@ -192,7 +209,7 @@ impl BwdPlan {
             BwdKernel::OnePassWgmma { br, bc } => (br, bc),
         };
         let (q_tiles, k_tiles) = (dims.sq.div_ceil(br), dims.sk.div_ceil(bc));
-        if q_tiles > 65535 || k_tiles > 65535 || dims.batch > 65535 {
+        if q_tiles > 65535 || k_tiles > 65535 || dims.batch * two_pass_halves(d) > 65535 {
             return Err(unsupported(
                 "grid: more than 65535 tiles or batch rows".into(),
             ));
@@ -214,7 +231,7 @@ impl BwdPlan {
             BwdKernel::TwoPass => (
                 format!("{COMMON}\n{MMA_TILE}\n{BWD_COMMON}\n{program}\n{BWD}"),
                 format!("attn_bwd_{}_d{d}", dtype.name()),
-                6 * T * d * 2,
+                two_pass_smem(d),
                 "la_bwd_dkdv",
                 "la_bwd_dq",
             ),
@@ -378,12 +395,14 @@ impl BwdPlan {
         )?;
         match self.kernel {
             BwdKernel::TwoPass => {
-                // dQ: a block per (query tile, head, batch); dK/dV: per (key tile, KV head, batch).
+                // dQ: a block per (query tile, head, batch [, column half]); dK/dV: per (key tile,
+                // KV head, batch [, column half]).
+                let z = (batch * two_pass_halves(d)) as u32;
                 for (f, heads, tiles) in [(&self.f_dq, hq, sq), (&self.f_main, hk, sk)] {
                     launch(
                         f,
                         LaunchConfig {
-                            grid_dim: (tiles.div_ceil(T) as u32, heads as u32, batch as u32),
+                            grid_dim: (tiles.div_ceil(T) as u32, heads as u32, z),
                             block_dim: (128, 1, 1),
                             shared_mem_bytes: self.smem as u32,
                         },
@@ -423,7 +442,7 @@ impl BwdPlan {
 }
 
 /// dQ, dK, dV of `sum(out * dout)` on the GPU; `out` and `lse` are the forward's results for
-/// the same inputs and mask. bf16/f16, head dims that are multiples of 16 up to 128, D = Dv.
+/// the same inputs and mask. bf16/f16, head dims that are multiples of 16 up to 256, D = Dv.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     dev: &Arc<CudaDevice>,
@@ -470,7 +489,19 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::{one_pass_smem, BwdKernel};
+    use super::{one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel};
+
+    /// The two-pass kernels fit an A100's 163 KiB at every head dim (128 KiB at D 256, where a
+    /// block owns half of the gradient columns); up to D 128 one block owns them all.
+    #[test]
+    fn two_pass_tiles_fit_shared_memory() {
+        for d in (16..=256).step_by(16) {
+            let bytes = two_pass_smem(d);
+            assert!(bytes <= 128 * 1024, "D {d}: {bytes} bytes");
+            assert_eq!(two_pass_halves(d), if d > 128 { 2 } else { 1 }, "D {d}");
+        }
+        assert_eq!(two_pass_smem(256), 128 * 1024);
+    }
 
     /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.
     #[test]

@@ -386,12 +386,29 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
     }
 }
 
-/// The backward matrix: a subset of the forward's (head dims up to 128).
+/// The backward matrix: the forward's cases up to ~1100 x 1100, and head dims above 128 (where
+/// each two-pass block owns half of the gradient columns) with GQA, Sq != Sk and a second half
+/// narrower than the first (D 144: 80 + 64 columns).
 pub fn backward_cases(quick: bool) -> Vec<FwdCase> {
-    forward_cases(quick)
+    let mut v: Vec<FwdCase> = forward_cases(quick)
         .into_iter()
-        .filter(|c| c.d <= 128 && c.sq * c.sk <= 1100 * 1100)
-        .collect()
+        .filter(|c| c.sq * c.sk <= 1100 * 1100)
+        .collect();
+    v.push(FwdCase::new(
+        DType::BF16,
+        113,
+        203,
+        144,
+        "causal & window(64,0)",
+    ));
+    if !quick {
+        let mut c = FwdCase::new(DType::F16, 1, 517, 192, "full");
+        c.hq = 8;
+        c.hk = 1;
+        v.push(c);
+        v.push(FwdCase::new(DType::BF16, 65, 65, 256, "neighborhood(15,3)"));
+    }
+    v
 }
 
 fn spec_cpu<'a>(
