@@ -463,6 +463,38 @@ impl DevMask {
                 (s, prog, None, Some((schedule, table)))
             }
         };
+        Self::upload(dev, sched, program, docs, blk, runs, dims)
+    }
+
+    /// The mask of a 2-D neighborhood in patch order (`mask/patch.rs`): the schedule in patch
+    /// tiles, the expression's program on the tokens the kernel computes.
+    pub(crate) fn patched(
+        dev: &CudaDevice,
+        bm: &crate::mask::BoundMask,
+        nb: &crate::mask::patch::Nbr2d,
+        grid: &crate::mask::patch::PatchGrid,
+        dims: Dims,
+    ) -> Result<DevMask> {
+        let sched = nb.schedule(grid)?;
+        let program = if sched.counts().1 > 0 {
+            bm.cuda_program()
+        } else {
+            NO_MASK.to_string()
+        };
+        Self::upload(dev, sched, program, None, None, Default::default(), dims)
+    }
+
+    /// Checks the schedule against the problem and uploads it with the mask's buffers.
+    #[allow(clippy::type_complexity)]
+    fn upload(
+        dev: &CudaDevice,
+        sched: BlockSchedule,
+        program: String,
+        docs: Option<(Vec<i32>, Vec<i32>)>,
+        blk: Option<(&BlockSchedule, Vec<u8>)>,
+        runs: (Vec<i32>, Vec<i32>),
+        dims: Dims,
+    ) -> Result<DevMask> {
         if sched.batch != 1 && sched.batch != dims.batch
             || sched.heads != 1 && sched.heads != dims.hq
             || sched.sq != dims.sq
@@ -587,7 +619,21 @@ impl FwdPlan {
             tile = TileCfg::choose_wgmma();
         }
         let t0 = Instant::now();
-        let dm = DevMask::new(dev, mask, tile.br, tile.bc, dims)?;
+        // A 2-D neighborhood on the wgmma kernel runs in patch order (`mask/patch.rs`: ~2x fewer
+        // keys per query tile at 13 x 13); `LONGATTN_CUDA_PATCH=0` keeps row order.
+        let patch = match &mask {
+            MaskSpec::Expr(bm)
+                if tile.kernel == FwdKernel::Wgmma && !env_off("LONGATTN_CUDA_PATCH") =>
+            {
+                bm.nbr2d()
+                    .and_then(|nb| Some((bm, nb, nb.choose_patches(tile.br, tile.bc)?)))
+            }
+            _ => None,
+        };
+        let dm = match &patch {
+            Some((bm, nb, grid)) => DevMask::patched(dev, bm, nb, grid, dims)?,
+            None => DevMask::new(dev, mask, tile.br, tile.bc, dims)?,
+        };
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
         let program_src = dm.program.clone();
@@ -629,9 +675,24 @@ impl FwdPlan {
                 (params.softcap.is_some() as u8).to_string(),
             ),
         ];
+        let mut defines = defines;
+        let mut ptag = String::new();
+        if let Some((_, _, g)) = &patch {
+            for (k, v) in [
+                ("LA_PATCH", 1),
+                ("LA_PW", g.w),
+                ("LA_QPH", g.q.0),
+                ("LA_QPW", g.q.1),
+                ("LA_KPH", g.k.0),
+                ("LA_KPW", g.k.1),
+            ] {
+                defines.push((k.into(), v.to_string()));
+            }
+            ptag = format!("_patch{}x{}_{}x{}_w{}", g.q.0, g.q.1, g.k.0, g.k.1, g.w);
+        }
         let smem = tile.smem(d);
         let variant = format!(
-            "attn_fwd{tag}_{}_d{d}_{}x{}w{}",
+            "attn_fwd{tag}_{}_d{d}_{}x{}w{}{ptag}",
             dtype.name(),
             tile.br,
             tile.bc,

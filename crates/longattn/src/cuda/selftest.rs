@@ -140,7 +140,19 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
         }
         v.push(c);
     }
+    // 2-D neighborhoods in patch order (the wgmma kernel on Hopper): 13 x 13 on 32 x 32 (query
+    // patches 8 x 16, key patches 8 x 8), and a wide grid with a flat kernel.
+    v.push(FwdCase::new(
+        BF16,
+        1024,
+        1024,
+        128,
+        "neighborhood2d(32,32,13,13)",
+    ));
     if !quick {
+        let mut c = FwdCase::new(F16, 1024, 1024, 64, "neighborhood2d(8,128,3,9)");
+        c.batch = 2;
+        v.push(c);
         // GQA 8:1 (MQA-like), MHA, Sq != Sk with a window, soft-cap, batch 3.
         let mut c = FwdCase::new(BF16, 777, 1500, 128, "causal");
         c.hq = 8;

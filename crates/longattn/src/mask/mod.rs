@@ -9,6 +9,7 @@ pub mod build;
 pub mod codegen;
 pub mod expr;
 pub mod parse;
+pub mod patch;
 pub mod render;
 pub mod schedule;
 

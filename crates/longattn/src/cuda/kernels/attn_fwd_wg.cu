@@ -13,6 +13,11 @@
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG, LA_SOFTCAP, and
 // the mask program la_mask.
 //
+// Patch order (LA_PATCH = 1, 2-D neighborhoods on a grid LA_PW tokens wide; mask/patch.rs): the
+// schedule's query tile t is the t-th LA_QPH x LA_QPW patch of the grid and key tile t the t-th
+// LA_KPH x LA_KPW patch; tile row r is token la_qtok(t, r) / la_ktok(t, r). Loads, the mask and
+// the stores go through these tokens; nothing else changes.
+//
 // Shared memory: 128-byte-swizzle layout, the one the tensor cores read: a tile of R rows x D is
 // stored as D / 64 column blocks of [R][64] (128-byte rows); the 16-byte chunk c of row r sits at
 // chunk position c ^ (r mod 8). Every block starts 1024-byte aligned (8 rows x 128 bytes, the
@@ -23,6 +28,23 @@
 
 #define LA_THREADS (LA_NWG * 128)
 #define LA_BR (LA_NWG * 64)
+
+#ifndef LA_PATCH
+#define LA_PATCH 0
+#endif
+#if LA_PATCH
+// Token of row r of patch t (patches PH x PW, numbered row-major over the grid of patches).
+template <int PH, int PW>
+__device__ __forceinline__ int la_patch_tok(int t, int r) {
+    constexpr int per = LA_PW / PW;
+    return ((t / per) * PH + r / PW) * LA_PW + (t % per) * PW + r % PW;
+}
+__device__ __forceinline__ int la_qtok(int t, int r) { return la_patch_tok<LA_QPH, LA_QPW>(t, r); }
+__device__ __forceinline__ int la_ktok(int t, int r) { return la_patch_tok<LA_KPH, LA_KPW>(t, r); }
+#else
+__device__ __forceinline__ int la_qtok(int t, int r) { return t * LA_BR + r; }
+__device__ __forceinline__ int la_ktok(int t, int r) { return t * LA_BC + r; }
+#endif
 
 #if LA_BC == 64
 #define la_wg_ss_bc la_wg_ss_n64
@@ -45,7 +67,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
     const int wg = threadIdx.x >> 7;
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int q0 = qt * LA_BR;
     const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
     const u32 e0 = p.sched_off[srow], e1 = p.sched_off[srow + 1];
 
@@ -53,14 +74,15 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
     const u16* gk = p.k + b * p.k_sb + kh * p.k_sh;
     const u16* gv = p.v + b * p.v_sb + kh * p.v_sh;
 
-    la_load_tile128<LA_BR, LA_THREADS>(sQ, gq, p.q_ss, q0, p.Sq);
+    la_load_tile128<LA_BR, LA_THREADS>(sQ, gq, p.q_ss, [=](int r) { return la_qtok(qt, r); }, p.Sq);
+    auto load_kv = [&](u16* sK, u16* sV, u32 ent) {
+        const int kt = (int)(ent >> 1);
+        la_load_tile128<LA_BC, LA_THREADS>(sK, gk, p.k_ss, [=](int r) { return la_ktok(kt, r); }, p.Sk);
+        la_load_tile128<LA_BC, LA_THREADS>(sV, gv, p.v_ss, [=](int r) { return la_ktok(kt, r); }, p.Sk);
+    };
 #pragma unroll
     for (int st = 0; st < 2; st++) {
-        if (e0 + st < e1) {
-            const int k0 = (int)(p.sched_ent[e0 + st] >> 1) * LA_BC;
-            la_load_tile128<LA_BC, LA_THREADS>(sK0 + st * STAGE, gk, p.k_ss, k0, p.Sk);
-            la_load_tile128<LA_BC, LA_THREADS>(sV0 + st * STAGE, gv, p.v_ss, k0, p.Sk);
-        }
+        if (e0 + st < e1) load_kv(sK0 + st * STAGE, sV0 + st * STAGE, p.sched_ent[e0 + st]);
         la_cp_commit();
     }
 
@@ -69,12 +91,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
 #pragma unroll
     for (int i = 0; i < LA_D / 2; i++) o[i] = 0.f;
     float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
-    const int rowbase = q0 + wg * 64 + warp * 16 + g;
+    const int rloc = wg * 64 + warp * 16 + g;  // this thread's tile rows: rloc, rloc + 8
+    const int i0 = la_qtok(qt, rloc), i1 = la_qtok(qt, rloc + 8);
 
     for (u32 e = e0; e < e1; e++) {
         const u32 ent = p.sched_ent[e];
         const bool partial = ent & 1;
-        const int k0 = (int)(ent >> 1) * LA_BC;
+        const int kt = (int)(ent >> 1), k0 = kt * LA_BC;
         const u16* sK = sK0 + ((e - e0) & 1) * STAGE;
         const u16* sV = sV0 + ((e - e0) & 1) * STAGE;
         la_cp_wait<1>();
@@ -104,8 +127,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
 #endif
             y *= p.scale_log2;
             if (partial || edge) {
-                const int j = k0 + (x >> 2) * 8 + 2 * t4 + (x & 1);
-                const int i = rowbase + (((x >> 1) & 1) << 3);
+                const int j = la_ktok(kt, (x >> 2) * 8 + 2 * t4 + (x & 1));
+                const int i = (x >> 1) & 1 ? i1 : i0;
                 bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: never written, and the mask program may read per-row ids
                 if (partial && ok) ok = la_mask(p, b, h, i, j);
                 if (!ok) y = -LA_INF;
@@ -160,14 +183,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
         la_fence_regs<LA_D / 2>(o);
 
         __syncthreads();  // every warpgroup is done with this stage: refill it with tile e + 2
-        if (e + 2 < e1) {
-            const int k2 = (int)(p.sched_ent[e + 2] >> 1) * LA_BC;
-            la_load_tile128<LA_BC, LA_THREADS>((u16*)sK, gk, p.k_ss, k2, p.Sk);
-            la_load_tile128<LA_BC, LA_THREADS>((u16*)sV, gv, p.v_ss, k2, p.Sk);
-        }
+        if (e + 2 < e1) load_kv((u16*)sK, (u16*)sV, p.sched_ent[e + 2]);
         la_cp_commit();
     }
 
     // Epilogue: O / l and the LSE; rows past Sq are not written.
-    la_wg_store(p, o, l0, l1, m0, m1, b, h, rowbase, t4);
+    la_wg_store(p, o, l0, l1, m0, m1, b, h, i0, i1, t4);
 }

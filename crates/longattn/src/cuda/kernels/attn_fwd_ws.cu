@@ -362,7 +362,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 
         // Epilogue: O / l and the LSE; rows past Sq are not written; rows with no allowed key get
         // 0 and -inf.
-        la_wg_store(p, o, l0, l1, m0, m1, b, h, rowbase, t4);
+        la_wg_store(p, o, l0, l1, m0, m1, b, h, rowbase, rowbase + 8, t4);
     }
     if (LA_NWG > 1 && c == 0) la_bar_sync(1, 256);
 }

@@ -35,27 +35,28 @@ __device__ __forceinline__ int la_sw128(int r, int c) {
     return (c >> 3) * ROWS * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
 }
 
-// Asynchronously copies rows row0 .. row0 + ROWS of a [seq][D] slab (row stride `ss` elements)
-// with the block's THREADS threads; rows at or past `limit` are filled with zeros.
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, int row0, int limit) {
+// Asynchronously copies ROWS rows of a [seq][D] slab (row stride `ss` elements) with the block's
+// THREADS threads: tile row r is slab row row_of(r) (row0 + r, or a token of a patch); rows at or
+// past `limit` are filled with zeros.
+template <int ROWS, int THREADS, typename F>
+__device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, F row_of, int limit) {
     constexpr int N = ROWS * (LA_D / 8);
 #pragma unroll
     for (int x = threadIdx.x; x < N; x += THREADS) {
         const int r = x / (LA_D / 8), c = x % (LA_D / 8);
-        const int gr = row0 + r;
+        const int gr = row_of(r);
         const bool ok = gr < limit;
         const u16* src = g + (ok ? (i64)gr * ss : 0) + c * 8;
         la_cp_async16(s + la_sw128<ROWS>(r, c), src, ok ? 16 : 0);
     }
 }
 
-// Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's rows
-// `rowbase` and `rowbase + 8` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are
-// not written; a row with no allowed key (l = 0) gets 0 and -inf.
+// Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's query rows
+// `row0` and `row1` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are not
+// written; a row with no allowed key (l = 0) gets 0 and -inf.
 template <typename P>
 __device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
-                                            int b, int h, int rowbase, int t4) {
+                                            int b, int h, int row0, int row1, int t4) {
     u16* go = p.o + b * p.o_sb + h * p.o_sh;
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
@@ -63,7 +64,7 @@ __device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0
         lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
         lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
         const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-        const int r = rowbase + 8 * hf;
+        const int r = hf ? row1 : row0;
         if (r < p.Sq) {
             u32* dst = (u32*)(go + (i64)r * p.o_ss);
 #pragma unroll
