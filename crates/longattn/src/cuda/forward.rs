@@ -113,7 +113,7 @@ impl TileCfg {
             };
         }
         if hopper {
-            return Self::choose_wgmma();
+            return Self::choose_wgmma(d, false);
         }
         if d <= 128 {
             // 4 warps x 32 rows: every K/V fragment read from shared memory feeds two MMAs
@@ -145,7 +145,8 @@ impl TileCfg {
     }
 
     /// The Hopper warpgroup-MMA kernel without warp specialization (D 64 / 128).
-    fn choose_wgmma() -> TileCfg {
+    /// `nbr2d`: the mask is a 2-D neighborhood (Partial tiles everywhere, short schedule rows).
+    fn choose_wgmma(d: usize, nbr2d: bool) -> TileCfg {
         // Hopper: 2 warpgroups x 64 rows, 64-key tiles, two blocks per SM (registers capped
         // at 128: D 128 spills ~50 bytes a thread, still the fastest). Measured at n 16k
         // (full / causal TFLOP/s, D 128 | D 64): 2 WG x 128 keys, 1 block: 319/287 | 242/183;
@@ -154,6 +155,10 @@ impl TileCfg {
         // `LONGATTN_CUDA_WG=warpgroups,bc,min_blocks` overrides.
         let (nwg, bc, minb) = match env_list("LONGATTN_CUDA_WG")[..] {
             [n, b, m] if (1..=4).contains(&n) && (b == 64 || b == 128) => (n, b, m.max(1)),
+            // 2-D neighborhoods at D 64: one warpgroup, three blocks per SM (n 1k / 4k ms: 0.375
+            // / 0.622 against 0.428 / 0.743 with 2 x 64 and two blocks; 1 x 64 with four 0.379 /
+            // 0.627). At D 128, 2 x 64 stays (0.282 / 0.481 against 0.356 / 0.554 for 1 x 64 x 3).
+            _ if d == 64 && nbr2d => (1, 64, 3),
             _ => (2, 64, 2),
         };
         TileCfg {
@@ -607,8 +612,10 @@ impl FwdPlan {
             return Err(unsupported("sequence longer than 2^31".into()));
         }
         let mut tile = TileCfg::choose(d, dims.sk, dev.cc);
+        // `LONGATTN_CUDA_HEAVY=0` keeps the warp-specialized kernel for these (tuning runs).
         if tile.kernel == FwdKernel::WarpSpecialized
             && matches!(&mask, MaskSpec::Expr(bm) if bm.cuda_program_is_heavy())
+            && !env_off("LONGATTN_CUDA_HEAVY")
         {
             // Document (ids not in key runs) and neighborhood programs on their Partial tiles:
             // the wgmma kernel's two blocks per SM (16 warps) hide the id loads and index math
@@ -616,7 +623,8 @@ impl FwdPlan {
             // D 64 | D 128 TFLOP/s, warp-specialized (element program) vs wgmma: document
             // 69/160 | 110/252 vs 107/195 | 154/271; neighborhood2d 21/12 | 40/22 vs 26/15 |
             // 40/23.
-            tile = TileCfg::choose_wgmma();
+            let nbr2d = matches!(&mask, MaskSpec::Expr(bm) if bm.nbr2d().is_some());
+            tile = TileCfg::choose_wgmma(d, nbr2d);
         }
         let t0 = Instant::now();
         // A 2-D neighborhood on the wgmma kernel runs in patch order (`mask/patch.rs`: ~2x fewer
