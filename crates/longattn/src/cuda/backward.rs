@@ -37,10 +37,11 @@ const BWD_WG: &str = include_str!("kernels/attn_bwd_wg.cu");
 const T: usize = 64;
 
 /// Shared memory of the one-pass kernel: K, V; two stages of Q and dO; the dS^T tile; two
-/// 64 x 64 f32 dQ staging blocks per consumer warpgroup; two stages of L2 and Delta; 3 mbarriers
-/// (64 bytes); 1 KiB to align the swizzle atoms.
+/// 64 x 64 f32 dQ staging blocks per consumer warpgroup; two stages of L2 and Delta; up to 16
+/// mbarriers (128 bytes: K/V, two stages full and empty, staging full and free per consumer);
+/// 1 KiB to align the swizzle atoms.
 fn one_pass_smem(br: usize, bc: usize, d: usize) -> usize {
-    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 2 * 2 * br * 4 + 64 + 1024
+    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 2 * 2 * br * 4 + 128 + 1024
 }
 
 /// Blocks per tile of the two-pass kernels: above D 128 each owns half of the gradient columns
@@ -71,20 +72,27 @@ pub enum BwdKernel {
         br: usize,
         /// Keys per block (64 per warpgroup).
         bc: usize,
+        /// Deterministic: the reduce-adds into each dQ tile go in a fixed order (key tile, then
+        /// warpgroup), passed on by a per-tile counter.
+        ordered: bool,
     },
 }
 
 impl BwdKernel {
-    /// The fast mode's kernel on Hopper at D 64 / 128 (`LONGATTN_CUDA_WGMMA=0` turns it off);
-    /// the two-pass kernels otherwise. Tiles: 2 warpgroups x 64 keys; D 64 steps 128 query rows
-    /// (its dQ splits into two 64-row blocks), D 128 steps 64 (dQ splits into two 64-column
-    /// blocks; 128 rows would not fit the registers next to the 64 x 128 dK and dV).
+    /// The one-pass kernel on Hopper at D 64 / 128 (`LONGATTN_CUDA_WGMMA=0` turns it off), in
+    /// the deterministic mode with ordered dQ adds (`LONGATTN_CUDA_ORDERED=0`: the two-pass
+    /// kernels there instead); the two-pass kernels otherwise. Tiles: 2 warpgroups x 64 keys;
+    /// D 64 steps 128 query rows (its dQ splits into two 64-row blocks), D 128 steps 64 (dQ
+    /// splits into two 64-column blocks; 128 rows would not fit the registers next to the
+    /// 64 x 128 dK and dV).
     pub fn choose(d: usize, cc: (i32, i32), deterministic: bool) -> BwdKernel {
         let hopper = cc == (9, 0) && !super::forward::env_off("LONGATTN_CUDA_WGMMA");
+        let ordered_ok = !super::forward::env_off("LONGATTN_CUDA_ORDERED");
         match d {
-            64 | 128 if hopper && !deterministic => BwdKernel::OnePassWgmma {
+            64 | 128 if hopper && (!deterministic || ordered_ok) => BwdKernel::OnePassWgmma {
                 br: if d == 64 { 128 } else { 64 },
                 bc: 128,
+                ordered: deterministic,
             },
             _ => BwdKernel::TwoPass,
         }
@@ -132,6 +140,8 @@ struct LaBwdParams {
     blk_dims: [i32; 6],
     lstride: i32,
     pad0: i32,
+    dq_sem: u64,
+    col_rank: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -173,12 +183,13 @@ pub struct BwdPlan {
     base: LaBwdParams,
     smem: usize,
     _mask: DevMask,
-    _cols: (CudaSlice<u32>, CudaSlice<u32>),
+    _cols: (CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>),
     /// Work buffers the kernel parameters point into (LSE in log2 units, Delta per row, the f32
     /// dQ accumulator of the one-pass kernel).
     _lse2: CudaSlice<f32>,
     _delta: CudaSlice<f32>,
     _dq_acc: Option<CudaSlice<f32>>,
+    _dq_sem: Option<CudaSlice<i32>>,
 }
 
 impl BwdPlan {
@@ -206,7 +217,7 @@ impl BwdPlan {
         let kernel = BwdKernel::choose(d, dev.cc, bwd.deterministic);
         let (br, bc) = match kernel {
             BwdKernel::TwoPass => (T, T),
-            BwdKernel::OnePassWgmma { br, bc } => (br, bc),
+            BwdKernel::OnePassWgmma { br, bc, .. } => (br, bc),
         };
         let (q_tiles, k_tiles) = (dims.sq.div_ceil(br), dims.sk.div_ceil(bc));
         if q_tiles > 65535 || k_tiles > 65535 || dims.batch * two_pass_halves(d) > 65535 {
@@ -235,9 +246,10 @@ impl BwdPlan {
                 "la_bwd_dkdv",
                 "la_bwd_dq",
             ),
-            BwdKernel::OnePassWgmma { br, bc } => {
+            BwdKernel::OnePassWgmma { br, bc, ordered } => {
                 defines.push(("LA_NWG".into(), (bc / 64).to_string()));
                 defines.push(("LA_BR".into(), br.to_string()));
+                defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
                 let wrappers = &*super::wgmma::WRAPPERS;
                 (
                     format!(
@@ -270,6 +282,14 @@ impl BwdPlan {
                 Some(dev.alloc_f32(dims.batch * dims.hq * lstride(dims.sq) * d)?)
             }
         };
+        // Deterministic one-pass: a counter per (batch, query head, query tile of br rows),
+        // zeroed by la_bwd_prep before every launch.
+        let dq_sem = match kernel {
+            BwdKernel::OnePassWgmma { ordered: true, .. } => {
+                Some(dev.upload(&vec![0i32; dims.batch * dims.hq * lstride(dims.sq) / br])?)
+            }
+            _ => None,
+        };
         let s = dev.stream();
         let scale = params.scale_for(d);
         let (scale_log2, cap_pre, cap_post) = super::forward::logit_consts(params, d);
@@ -299,6 +319,8 @@ impl BwdPlan {
             blk: dm.blk.device_ptr(s).0,
             blk_dims: dm.blk_dims,
             lstride: lstride(dims.sq) as i32,
+            dq_sem: dq_sem.as_ref().map_or(0, |a| a.device_ptr(s).0),
+            col_rank: cols.2.device_ptr(s).0,
             ..Default::default()
         };
         Ok(BwdPlan {
@@ -316,6 +338,7 @@ impl BwdPlan {
             _lse2: lse2,
             _delta: delta,
             _dq_acc: dq_acc,
+            _dq_sem: dq_sem,
         })
     }
 
@@ -409,7 +432,7 @@ impl BwdPlan {
                     )?;
                 }
             }
-            BwdKernel::OnePassWgmma { br, bc } => {
+            BwdKernel::OnePassWgmma { br, bc, .. } => {
                 let ws = LaBwdWsParams {
                     tq: TmaMap::rows(q, br)?,
                     tk: TmaMap::rows(k, bc)?,
@@ -490,6 +513,50 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::{one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel};
+    use crate::cuda::forward::csc_with_ranks;
+    use crate::mask::{MaskExpr, MaskShape, TileKind};
+
+    /// The CSC columns list every schedule entry once, in ascending query tile per column, each
+    /// with its position in its row (the order of the deterministic dQ adds), for a mask with
+    /// documents (per-batch rows) and a causal one.
+    #[test]
+    fn columns_with_ranks_match_the_rows() {
+        use crate::mask::DocIds;
+        let shape = MaskShape {
+            batch: 2,
+            sq: 300,
+            sk: 420,
+        };
+        // Batch row 0: documents of 100 / 200 queries and 150 / 270 keys; row 1: one document.
+        let ids = |a: usize, n: usize| (0..n).map(move |i| (i >= a) as i32);
+        let docs = Some(DocIds {
+            q: ids(100, 300).chain(ids(300, 300)).collect(),
+            k: ids(150, 420).chain(ids(420, 420)).collect(),
+        });
+        for (text, docs) in [("causal", None), ("causal & document", docs)] {
+            let m = MaskExpr::parse(text).unwrap().bind(shape, docs).unwrap();
+            let s = m.schedule(64, 128).unwrap();
+            let (offs, ents, ranks) = csc_with_ranks(&s);
+            let cols = s.columns();
+            let mut at = 0;
+            for b in 0..s.batch {
+                for h in 0..s.heads {
+                    for kt in 0..s.k_tiles {
+                        let col = cols.column(b, h, kt);
+                        assert_eq!(offs[(b * s.heads + h) * s.k_tiles + kt] as usize, at);
+                        for e in col {
+                            let want = e.q_tile << 1 | (e.kind == TileKind::Partial) as u32;
+                            assert_eq!(ents[at], want, "{text}: b {b} kt {kt}");
+                            let row = s.row(b, h, e.q_tile as usize);
+                            assert_eq!(row[ranks[at] as usize].k_tile as usize, kt, "{text}");
+                            at += 1;
+                        }
+                    }
+                }
+            }
+            assert_eq!(at, ents.len());
+        }
+    }
 
     /// The two-pass kernels fit an A100's 163 KiB at every head dim (128 KiB at D 256, where a
     /// block owns half of the gradient columns); up to D 128 one block owns them all.
@@ -507,7 +574,7 @@ mod tests {
     #[test]
     fn one_pass_tiles_fit_shared_memory() {
         for d in [64, 128] {
-            let BwdKernel::OnePassWgmma { br, bc } = BwdKernel::choose(d, (9, 0), false) else {
+            let BwdKernel::OnePassWgmma { br, bc, .. } = BwdKernel::choose(d, (9, 0), false) else {
                 panic!("D {d}: no one-pass kernel");
             };
             let bytes = one_pass_smem(br, bc, d);
@@ -515,21 +582,32 @@ mod tests {
         }
     }
 
-    /// The one-pass kernel serves exactly the fast mode on Hopper at D 64 / 128.
+    /// The one-pass kernel serves both modes on Hopper at D 64 / 128 (ordered adds in the
+    /// deterministic one), the two-pass kernels everything else.
     #[test]
-    fn one_pass_only_for_fast_mode_on_hopper() {
+    fn one_pass_only_on_hopper_at_64_and_128() {
         let hopper = (9, 0);
-        assert_eq!(
-            BwdKernel::choose(64, hopper, false),
-            BwdKernel::OnePassWgmma { br: 128, bc: 128 }
-        );
-        assert_eq!(
-            BwdKernel::choose(128, hopper, false),
-            BwdKernel::OnePassWgmma { br: 64, bc: 128 }
-        );
+        for det in [false, true] {
+            assert_eq!(
+                BwdKernel::choose(64, hopper, det),
+                BwdKernel::OnePassWgmma {
+                    br: 128,
+                    bc: 128,
+                    ordered: det
+                }
+            );
+            assert_eq!(
+                BwdKernel::choose(128, hopper, det),
+                BwdKernel::OnePassWgmma {
+                    br: 64,
+                    bc: 128,
+                    ordered: det
+                }
+            );
+        }
         for (d, cc, det) in [
-            (64, hopper, true),
-            (128, hopper, true),
+            (96, hopper, true),
+            (256, hopper, false),
             (96, hopper, false),
             (32, hopper, false),
             (128, (8, 0), false),

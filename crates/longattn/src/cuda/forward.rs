@@ -540,26 +540,50 @@ impl DevMask {
         })
     }
 
-    /// CSC columns of the schedule (`query tile << 1 | partial` per entry), uploaded.
-    pub(crate) fn columns(&self, dev: &CudaDevice) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
-        let s = &self.sched;
-        let cols = s.columns();
-        let mut offs = vec![0u32];
-        let mut ents = Vec::new();
-        for b in 0..s.batch {
-            for h in 0..s.heads {
-                for kt in 0..s.k_tiles {
-                    ents.extend(
-                        cols.column(b, h, kt)
-                            .iter()
-                            .map(|e| e.q_tile << 1 | (e.kind == TileKind::Partial) as u32),
-                    );
-                    offs.push(ents.len() as u32);
-                }
+    /// CSC columns of the schedule, uploaded: offsets, entries (`query tile << 1 | partial`,
+    /// ascending query tile) and each entry's rank (its position in its query tile's row, i.e.
+    /// among the key tiles of that row in ascending order).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn columns(
+        &self,
+        dev: &CudaDevice,
+    ) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
+        let (offs, ents, ranks) = csc_with_ranks(&self.sched);
+        Ok((dev.upload(&offs)?, dev.upload(&ents)?, dev.upload(&ranks)?))
+    }
+}
+
+/// The schedule's CSC columns with ranks (see [`DevMask::columns`]), on the host.
+pub(crate) fn csc_with_ranks(s: &BlockSchedule) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let groups = s.batch * s.heads;
+    let mut count = vec![0u32; groups * s.k_tiles + 1];
+    for g in 0..groups {
+        for qt in 0..s.q_tiles {
+            for e in s.row(g / s.heads, g % s.heads, qt) {
+                count[g * s.k_tiles + e.k_tile as usize + 1] += 1;
             }
         }
-        Ok((dev.upload(&offs)?, dev.upload(&ents)?))
     }
+    for c in 1..count.len() {
+        count[c] += count[c - 1];
+    }
+    let offs = count.clone();
+    let mut fill = count;
+    let n = *offs.last().unwrap_or(&0) as usize;
+    let (mut ents, mut ranks) = (vec![0u32; n], vec![0u32; n]);
+    // Rows in ascending query tile: each column's entries come out in ascending query tile.
+    for g in 0..groups {
+        for qt in 0..s.q_tiles {
+            for (r, e) in s.row(g / s.heads, g % s.heads, qt).iter().enumerate() {
+                let c = g * s.k_tiles + e.k_tile as usize;
+                let at = fill[c] as usize;
+                ents[at] = (qt as u32) << 1 | (e.kind == TileKind::Partial) as u32;
+                ranks[at] = r as u32;
+                fill[c] += 1;
+            }
+        }
+    }
+    (offs, ents, ranks)
 }
 
 /// Everything about one problem that does not depend on the data.

@@ -180,7 +180,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS) la_bwd_dkdv(const LaBwd
 
     // The (query head, schedule column entry) pairs of this block: bwd_common.cuh.
     const int n_items = la_bwd_items(p, b, kh, kt);
-    auto item = [&](int t, int& h, u32& ent) { la_bwd_item(p, b, kh, kt, t, h, ent); };
+    auto item = [&](int t, int& h, u32& ent) {
+        u32 ci;
+        la_bwd_item(p, b, kh, kt, t, h, ent, ci);
+    };
     auto load_item = [&](int t, int st) {
         int h;
         u32 ent;

@@ -83,6 +83,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u64* full_kv = bars;       // [1]
     u64* full_q = bars + 1;    // [2]: Q, dO, L2, Delta of a stage landed
     u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
+    u64* stg_full = bars + 5;  // [LA_NWG] (deterministic mode): consumer c's dQ partial is staged
+    u64* stg_free = bars + 5 + LA_NWG;  // [LA_NWG]: its adds are done, the staging is free
     // Key tiles fastest: the blocks running together walk the same query tiles, so Q, dO and the
     // dQ accumulator's blocks are shared in L2 rather than fetched once per block.
     const int kt = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
@@ -97,20 +99,62 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             la_mbar_init(full_q + st, 1);
             la_mbar_init(empty_q + st, 4 * LA_NWG);  // one arrival per consumer warp
         }
+#pragma unroll
+        for (int cc = 0; cc < LA_NWG; cc++) {
+            la_mbar_init(stg_full + cc, 1);
+            la_mbar_init(stg_free + cc, 1);
+        }
         la_mbar_fence_init();
     }
     __syncthreads();
 
     // The (query head, schedule column entry) pairs of this block (bwd_common.cuh). Producer and
     // consumers walk the same list, so item t sits in stage t & 1; its (t >> 1)-th use of the
-    // stage waits for parity (t >> 1) & 1.
+    // stage waits for parity (t >> 1) & 1. The deterministic mode walks it backwards (last query
+    // tile first): under causal and banded masks every block then reaches a query tile in
+    // key-tile order, the order of its adds, instead of waiting for the blocks before it.
     const int n_items = la_bwd_items(p, b, kh, kt);
-    auto item = [&](int t, int& h, u32& ent) { la_bwd_item(p, b, kh, kt, t, h, ent); };
+    auto item = [&](int t, int& h, u32& ent, u32& ci) {
+        la_bwd_item(p, b, kh, kt, LA_ORDERED ? n_items - 1 - t : t, h, ent, ci);
+    };
 
     if (wg == 0) {
         // Producer: one thread issues every copy. A wait for an "empty" barrier with parity
         // ((t >> 1) & 1) ^ 1 passes at once on a stage's first use.
         la_regs_dec<LA_REG_LOAD>();
+#if LA_ORDERED
+        // Deterministic mode: warp 1 + c adds consumer c's staged dQ partials in a fixed order:
+        // per dQ tile by (rank of this key tile in the tile's row, consumer), handed on by a
+        // counter in global memory (wait for the count to reach ours, add, wait until the adds
+        // are complete, count on). A block only waits on blocks of lower key tiles, launched
+        // before it, so the chain always progresses. The consumers go on computing meanwhile.
+        const int rw = (threadIdx.x >> 5) - 1;
+        if (rw >= 0 && rw < LA_NWG && (threadIdx.x & 31) == 0) {
+            const float* stg = sStg + rw * 2 * 4096;
+            for (int t = 0; t < n_items; t++) {
+                int h;
+                u32 ent, ci;
+                item(t, h, ent, ci);
+                const int q0 = (int)(ent >> 1) * LA_BR;
+                int* sem = p.dq_sem + ((i64)b * p.Hq + h) * (p.lstride / LA_BR) + q0 / LA_BR;
+                const int want = 2 * (int)p.col_rank[ci] + rw;
+                la_mbar_wait(stg_full + rw, t & 1);
+                while (la_ld_acquire(sem) != want) la_nanosleep(32);
+                la_fence_proxy_async_global();  // the adds are ordered after the acquire
+#pragma unroll
+                for (int blk = 0; blk < 2; blk++) {
+                    const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
+                    la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + blk * 4096, 4096 * 4);
+                }
+                la_bulk_commit();
+                la_bulk_wait<0>();              // the adds are performed
+                la_fence_proxy_async_global();  // ... and ordered before the release
+                la_st_release(sem, want + 1);
+                la_mbar_arrive(stg_free + rw);
+            }
+            return;
+        }
+#endif
         if (threadIdx.x != 0 || n_items == 0) return;
         la_mbar_expect(full_kv, 2 * LA_BC * LA_D * 2);
 #pragma unroll
@@ -121,8 +165,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         for (int t = 0; t < n_items; t++) {
             const int st = t & 1;
             int h;
-            u32 ent;
-            item(t, h, ent);
+            u32 ent, ci;
+            item(t, h, ent, ci);
             const int q0 = (int)(ent >> 1) * LA_BR;
             la_mbar_wait(empty_q + st, ((t >> 1) & 1) ^ 1);
             la_mbar_expect(full_q + st, 2 * LA_BR * LA_D * 2 + 2 * LA_BR * 4);
@@ -155,8 +199,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     for (int t = 0; t < n_items; t++) {
         const int st = t & 1;
         int h;
-        u32 ent;
-        item(t, h, ent);
+        u32 ent, ci;
+        item(t, h, ent, ci);
         const bool partial = ent & 1;
         const int q0 = (int)(ent >> 1) * LA_BR;
         const u16* cQ = sQ0 + st * LA_BR * LA_D;
@@ -230,7 +274,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // dQ partial over this warpgroup's 64 keys, two 64 x 64 blocks, 16 keys a step. The
         // staging buffers are free once the previous item's reductions have read them.
         la_fence_async_smem();  // dS^T stores -> visible to the tensor cores
+#if LA_ORDERED
+        if (t > 0) la_mbar_wait(stg_free + c, (t - 1) & 1);  // the reducer is done with it
+#else
         if (tw == 0) la_bulk_wait_read<0>();
+#endif
         la_bar_sync(1 + c, 128);  // the warpgroup's dS^T rows are in; staging is free
 #pragma unroll
         for (int blk = 0; blk < 2; blk++) {
@@ -258,6 +306,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         }
         la_fence_async_smem();  // staging stores -> visible to the bulk copies
         la_bar_sync(1 + c, 128);
+#if LA_ORDERED
+        if (tw == 0) la_mbar_arrive(stg_full + c);  // hand the staged partial to the reducer
+#else
         if (tw == 0) {
 #pragma unroll
             for (int blk = 0; blk < 2; blk++) {
@@ -266,6 +317,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             }
             la_bulk_commit();
         }
+#endif
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
 

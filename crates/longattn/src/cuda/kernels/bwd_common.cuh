@@ -29,6 +29,9 @@ struct LaBwdParams {
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
     int lstride;            // row length of lse2 / delta: Sq rounded up to 128 (aligned tiles)
     int pad0;
+    int* dq_sem;            // deterministic one-pass: per (b, h, query tile) the number of
+                            // dQ adds done (zeroed by la_bwd_prep)
+    const u32* col_rank;    // per column entry: its key tile's position in the query tile's row
 };
 
 // Logit in log2 units and d(logit)/d(q.k) / scale for the soft-cap (1 otherwise).
@@ -51,7 +54,7 @@ __device__ __forceinline__ void la_bwd_col(const LaBwdParams& p, int b, int h, i
 }
 // The work of a dK/dV block (KV head kh, key tile kt): the (query head, column entry) pairs of
 // every query head of the group, in a fixed order (head-major). la_bwd_items counts them;
-// la_bwd_item returns the t-th.
+// la_bwd_item returns the t-th (and its index ci in col_ent / col_rank).
 __device__ __forceinline__ int la_bwd_items(const LaBwdParams& p, int b, int kh, int kt) {
     const int G = p.Hq / p.Hk;
     int n = 0;
@@ -62,14 +65,16 @@ __device__ __forceinline__ int la_bwd_items(const LaBwdParams& p, int b, int kh,
     }
     return n;
 }
-__device__ __forceinline__ void la_bwd_item(const LaBwdParams& p, int b, int kh, int kt, int t, int& h, u32& ent) {
+__device__ __forceinline__ void la_bwd_item(const LaBwdParams& p, int b, int kh, int kt, int t, int& h, u32& ent,
+                                            u32& ci) {
     const int G = p.Hq / p.Hk;
     for (int hh = 0; hh < G; hh++) {
         u32 c0, c1;
         la_bwd_col(p, b, kh * G + hh, kt, c0, c1);
         if (t < (int)(c1 - c0)) {
             h = kh * G + hh;
-            ent = p.col_ent[c0 + t];
+            ci = c0 + t;
+            ent = p.col_ent[ci];
             return;
         }
         t -= c1 - c0;
@@ -86,6 +91,9 @@ extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
     const i64 bi = row / p.Hq;
     const int i = bi % p.lstride, b = bi / p.lstride;
     const i64 r = ((i64)b * p.Hq + h) * p.lstride + i;
+#if LA_ORDERED
+    if (lane == 0 && i % LA_BR == 0) p.dq_sem[r / LA_BR] = 0;  // lstride is a multiple of LA_BR
+#endif
     if (i >= p.Sq) {
         if (lane == 0) {
             p.lse2[r] = LA_INF;

@@ -98,3 +98,18 @@ template <int N>
 __device__ __forceinline__ void la_bulk_wait() {
     asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+// --- Cross-block hand-off through a counter in global memory (GPU scope): an acquiring load,
+// a releasing store, and the fence that orders the async proxy (bulk copies) against them.
+__device__ __forceinline__ int la_ld_acquire(const int* a) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ void la_st_release(int* a, int v) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(a), "r"(v) : "memory");
+}
+__device__ __forceinline__ void la_nanosleep(u32 ns) { asm volatile("nanosleep.u32 %0;\n" ::"r"(ns)); }
+__device__ __forceinline__ void la_fence_proxy_async_global() {
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
