@@ -2,18 +2,25 @@
 //! checks, gradients in the input dtype). Two schemes, both after `la_bwd_prep` (Delta =
 //! rowsum(dO * O), LSE in log2 units; `kernels/bwd_common.cuh`):
 //!
-//! - deterministic (`kernels/attn_bwd.cu`, mma.sync, every GPU): `la_bwd_dq` (one block per 64
-//!   query rows, walking the schedule's rows) and `la_bwd_dkdv` (one block per 64 keys and KV
-//!   head, walking the schedule's columns for every query head of the group). No atomics: every
-//!   gradient element is summed in a fixed order by one thread: bit-identical run to run, at the
-//!   price of computing S and dP twice (7 matrix products per tile pair instead of 5).
-//! - fast, Hopper, D 64 / 128 (`kernels/attn_bwd_wg.cu`, warpgroup MMA, warp-specialized): one
-//!   pass over the schedule's columns computing dK, dV and dQ together. A producer warpgroup
-//!   loads Q, dO (TMA) and the rows' LSE/Delta into a two-stage ring; two consumer warpgroups
-//!   own 64 keys each and never wait for each other; each adds the dQ partial of its keys to an
-//!   f32 buffer by 16 KiB bulk reduce-adds of the TMA unit (order-dependent rounding: run-to-run
-//!   differences of a few f32 ulps before the final rounding to bf16/f16), then
-//!   `la_bwd_dq_store` converts it. Elsewhere the fast mode runs the deterministic kernels.
+//! - two-pass (`kernels/attn_bwd.cu`, mma.sync, every GPU, head dims to 256): `la_bwd_dq` (one
+//!   block per 64 query rows, walking the schedule's rows) and `la_bwd_dkdv` (one block per 64
+//!   keys and KV head, walking the schedule's columns for every query head of the group). No
+//!   atomics: every gradient element is summed in a fixed order by one thread: bit-identical run
+//!   to run, at the price of computing S and dP twice (7 matrix products per tile pair instead
+//!   of 5). Both modes off Hopper and at head dims other than 64 / 128.
+//! - one pass, Hopper, D 64 / 128 (`kernels/attn_bwd_wg.cu`, warpgroup MMA, warp-specialized):
+//!   dK, dV and dQ together over the schedule's columns. A producer warpgroup loads Q, dO (TMA)
+//!   and the rows' LSE/Delta into a two-stage ring; two consumer warpgroups own 64 keys each and
+//!   never wait for each other; each adds the dQ partial of its keys to an f32 buffer by 16 KiB
+//!   bulk reduce-adds of the TMA unit, and `la_bwd_dq_store` converts it. Fast mode: the adds
+//!   land in whatever order they arrive (run-to-run differences of a few f32 ulps before the
+//!   final rounding to bf16/f16). Deterministic mode (`LA_ORDERED`): the adds into each dQ tile
+//!   go in a fixed order (key tile, then warpgroup), handed on by a per-tile counter; a reducer
+//!   warp per consumer does the waiting so the consumers keep computing, and the blocks walk
+//!   their columns backwards so that under causal and banded masks they reach each tile in that
+//!   order. Cost on an H100 (docs/PERF.md): 1.10-1.61x the fast mode's time (the two-pass
+//!   kernels: 1.46-2.39x); the adds into one tile are serial, so each wave of blocks pays a
+//!   start-up of one add latency per key tile of a head.
 //!
 //! Both schemes put the tile index first in the grid, so the blocks running together are the
 //! tiles of one head: they walk the same rows (columns) and share them in L2 (1.6x at n = 4k).
