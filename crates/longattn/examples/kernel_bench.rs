@@ -32,14 +32,7 @@ fn main() {
     );
     let bound = MaskExpr::parse(expr)
         .unwrap()
-        .bind(
-            MaskShape {
-                batch: 1,
-                sq: n,
-                sk: n,
-            },
-            None,
-        )
+        .bind(MaskShape::square(n), None)
         .unwrap();
     let t = Instant::now();
     let sched = bound.schedule(64, 64).unwrap();

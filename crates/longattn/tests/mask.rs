@@ -638,14 +638,7 @@ fn neighborhood_tiles_classified_exactly_on_larger_grids() {
     ] {
         let m = MaskExpr::parse(expr)
             .unwrap()
-            .bind(
-                MaskShape {
-                    batch: 1,
-                    sq: n,
-                    sk: n,
-                },
-                None,
-            )
+            .bind(MaskShape::square(n), None)
             .unwrap();
         for (tq, tk) in [(64, 64), (128, 64), (48, 80), (7, 100)] {
             let s = m.schedule(tq, tk).unwrap();

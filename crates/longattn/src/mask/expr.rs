@@ -50,6 +50,17 @@ pub struct MaskShape {
     pub sk: usize,
 }
 
+impl MaskShape {
+    /// One batch row of `n` queries and `n` keys.
+    pub fn square(n: usize) -> MaskShape {
+        MaskShape {
+            batch: 1,
+            sq: n,
+            sk: n,
+        }
+    }
+}
+
 /// Document ids per batch row for the `document` atom: `q` is `[batch * sq]`, `k` is
 /// `[batch * sk]`. Ids are arbitrary `i32` (need not be sorted or contiguous).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

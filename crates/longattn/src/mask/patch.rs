@@ -158,14 +158,7 @@ mod tests {
     fn bound(text: &str, n: usize) -> BoundMask {
         MaskExpr::parse(text)
             .unwrap()
-            .bind(
-                MaskShape {
-                    batch: 1,
-                    sq: n,
-                    sk: n,
-                },
-                None,
-            )
+            .bind(MaskShape::square(n), None)
             .unwrap()
     }
 
