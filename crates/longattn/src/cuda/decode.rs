@@ -521,9 +521,18 @@ impl DecodePlan {
         let group = hq / hk;
         let g = heads_per_block(group);
         let chunks = group / g;
-        // More keys in flight per lane when the registers allow it (q and acc take 16 G).
-        let u = if g >= 8 { 2 } else { 4 };
         let page = cache.layout.define();
+        // More keys in flight per lane when the registers allow it (q and acc take 16 G). Pages
+        // want more: a key's address waits on its page-table entry, so the loads of the next
+        // iteration cannot start early. H100, batch 32, 8k keys, 32 / 8 heads, D 128, ms at
+        // u = 2 / 4 / 6 / 8 / 12 / 16: page 16 0.471 / 0.428 / 0.430 / 0.410 / 0.452 / 0.443
+        // (pages in order: the same within 1%, so not their placement); contiguous 0.395 /
+        // 0.367 / 0.373 / 0.374 / 0.360 / 0.363 (the split count follows u).
+        let u = match (g >= 8, page > 0) {
+            (true, _) => 2,
+            (false, true) => 8,
+            (false, false) => 4,
+        };
         let softcap = params.softcap.is_some();
         let defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
@@ -536,7 +545,7 @@ impl DecodePlan {
             ("LA_MERGE_ONLY".into(), "0".into()),
         ];
         let variant = format!(
-            "decode_{}_d{d}_g{g}_p{page}{}",
+            "decode_{}_d{d}_g{g}_p{page}_u{u}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" }
         );
@@ -1090,7 +1099,8 @@ impl Default for DecodeBenchConfig {
 /// One timed configuration.
 #[derive(Clone, Debug)]
 pub struct DecodeBenchRow {
-    /// `paged p16`, `paged p64`, `contiguous`, or `copy (dtod)` (the device's copy bandwidth:
+    /// `paged p16`, `paged p64`, `paged p16 (pages in order)`, `contiguous`, or `copy (dtod)`
+    /// (the device's copy bandwidth:
     /// a device-to-device copy of one K/V set, bytes = read + write).
     pub name: String,
     pub num_splits: usize,
@@ -1128,7 +1138,8 @@ fn fill(dev: &Arc<CudaDevice>, f: &CudaFunction, x: &mut CudaSlice<u16>, seed: u
 
 /// Times decode of `cfg` (default: the target problem) with CUDA events, `warmup` runs
 /// then the median of `reps`, rotating `sets` input sets: paged page 16 (scattered pages), paged
-/// page 64, contiguous, and a device-to-device copy of one K/V set for the copy bandwidth.
+/// page 64 (scattered), paged page 16 with each sequence's pages in order, contiguous, and a
+/// device-to-device copy of one K/V set for the copy bandwidth.
 pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<DecodeBenchRow>> {
     let DecodeBenchConfig {
         batch,
@@ -1163,12 +1174,15 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<Decod
             .map_err(drv("record event"))
     };
     let mut rows = Vec::new();
+    // (layout, pages scattered over the pool): the in-order page-16 row separates the cost of
+    // scattered pages from the cost of the page-table walk.
     let layouts = [
-        KvLayout::Paged { page_size: 16 },
-        KvLayout::Paged { page_size: 64 },
-        KvLayout::Contiguous { seq_cap: len },
+        (KvLayout::Paged { page_size: 16 }, true),
+        (KvLayout::Paged { page_size: 64 }, true),
+        (KvLayout::Paged { page_size: 16 }, false),
+        (KvLayout::Contiguous { seq_cap: len }, false),
     ];
-    for (li, layout) in layouts.into_iter().enumerate() {
+    for (li, (layout, scatter)) in layouts.into_iter().enumerate() {
         // Each set: its own cache (pages filled on the device, scattered tables), q and o.
         let mut sets = Vec::with_capacity(cfg.sets);
         for si in 0..cfg.sets {
@@ -1177,7 +1191,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<Decod
                     let pages = batch * len.div_ceil(page_size);
                     let mut c =
                         DevPagedCache::new_paged(dev, dtype, hk, d, page_size, pages, batch)?;
-                    if let Some(t) = c.page_tables_mut() {
+                    if let Some(t) = c.page_tables_mut().filter(|_| scatter) {
                         t.shuffle_free(si as u64 + 1);
                     }
                     c
@@ -1214,7 +1228,10 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<Decod
         }
         let ms_median = median(times.clone());
         rows.push(DecodeBenchRow {
-            name: layout.name(),
+            name: match layout {
+                KvLayout::Paged { .. } if !scatter => format!("{} (pages in order)", layout.name()),
+                _ => layout.name(),
+            },
             num_splits: plan.split.num_splits,
             split_len: plan.split.split_len,
             ms_median,
