@@ -1,7 +1,8 @@
-// Attention backward in one pass on Hopper (sm_90a), warp-specialized: the fast mode.
+// Attention backward in one pass on Hopper (sm_90a), warp-specialized: the fast mode, and with
+// LA_ORDERED the deterministic one.
 //
 // The math is in bwd_common.cuh (la_bwd_prep runs first: Delta and L2 = LSE log2 e per row,
-// padded to lstride). Block = (KV head, batch, key tile of LA_BC = 64 LA_NWG keys), LA_NWG + 1
+// padded to lstride). Block = (key tile of LA_BC = 64 LA_NWG keys, KV head, batch), LA_NWG + 1
 // warpgroups:
 //   - warpgroup 0 is the producer: one thread issues TMA copies of K and V (once) and, per work
 //     item (query head of the group, query tile of LA_BR rows from the schedule column), of Q,
@@ -24,11 +25,12 @@
 //                                      (transposed) and B = K read N-major. Each block is
 //                                      staged in register order and added to dq_acc (f32,
 //                                      la_dq_acc_at) by one 16 KiB bulk reduce-add of the TMA
-//                                      unit, in whatever order blocks and warpgroups get there.
+//                                      unit, in whatever order blocks and warpgroups get there
+//                                      (LA_ORDERED: in a fixed order, see the producer).
 // la_bwd_dq_store converts dq_acc afterwards.
 //
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
-// 64 x 64 blocks), LA_SOFTCAP, the mask program la_mask. Shared-memory layout: the 128-byte-
+// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), the mask program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
