@@ -130,6 +130,11 @@ struct Builder<'a> {
     q_ids: Vec<i32>,
     /// Word buffer for row scans.
     words: Vec<u64>,
+    /// The root allows one interval of keys per row ([`BoundMask::row_interval`]): undecided
+    /// tiles are then classified from the rows' intervals instead of their bits.
+    interval_root: bool,
+    /// Every document's keys form one contiguous run (documents are then intervals too).
+    doc_runs: bool,
 }
 
 impl Builder<'_> {
@@ -434,11 +439,73 @@ impl Builder<'_> {
             self.class[n] = c;
         }
         match self.class[m.root] {
+            MAYBE if self.interval_root => {
+                // Row i allows keys lo..=hi: the tile is Full when every row covers [j0, j1],
+                // Empty when none meets it.
+                let (mut any, mut all) = (false, true);
+                for i in q0..q1 {
+                    let (lo, hi) = m
+                        .row_interval(m.root, b, i, self.doc_runs)
+                        .unwrap_or((1, 0));
+                    let (a, z) = (lo.max(j0), hi.min(j1));
+                    any |= a <= z;
+                    all &= a == j0 && z == j1;
+                    if any && !all {
+                        return PART;
+                    }
+                }
+                if !any {
+                    EMPTY
+                } else if all {
+                    FULL
+                } else {
+                    PART
+                }
+            }
             MAYBE => Self::scan_rows(&mut self.words, q0, q1, k0, k1, |i, w| {
                 m.row_bits(b, 0, i, k0, w)
             }),
             c => c,
         }
+    }
+}
+
+impl BoundMask {
+    /// Node `n` restricted to query row `i` of batch row `b` as one interval of keys
+    /// `(lo, hi)` (allowed iff lo <= j <= hi, before the `j < Sk` bound; lo > hi: none), or `None`
+    /// when the node is not an interval per row: `&` of causal, window, sinks / prefix, chunk,
+    /// full, and documents that are contiguous key runs (`doc_runs`). The CPU twin of
+    /// `cuda_interval_program`.
+    pub(crate) fn row_interval(
+        &self,
+        n: usize,
+        b: usize,
+        i: usize,
+        doc_runs: bool,
+    ) -> Option<(i64, i64)> {
+        const LO: i64 = i64::MIN / 4;
+        const HI: i64 = i64::MAX / 4;
+        let p = self.pos(i);
+        Some(match &self.nodes[n] {
+            Node::And(a, c) => {
+                let (la, ha) = self.row_interval(*a, b, i, doc_runs)?;
+                let (lc, hc) = self.row_interval(*c, b, i, doc_runs)?;
+                (la.max(lc), ha.min(hc))
+            }
+            Node::Atom(atom) => match atom {
+                Atom::Full => (LO, HI),
+                Atom::Causal => (LO, p),
+                Atom::Window { l, r } => (p - l, p + r),
+                Atom::Below(s) => (LO, s - 1),
+                Atom::Chunk(c) => (p.div_euclid(*c) * c, p.div_euclid(*c) * c + c - 1),
+                Atom::Document if doc_runs => {
+                    let (lo, hi) = self.docs.as_ref()?.hull[b * self.shape().sq + i];
+                    (lo as i64, hi as i64 - 1)
+                }
+                _ => return None,
+            },
+            _ => return None,
+        })
     }
 }
 
@@ -512,6 +579,8 @@ impl BoundMask {
         let batch = if self.docs.is_some() { shape.batch } else { 1 };
         let mut sched = BlockSchedule::empty(tile_q, tile_k, shape.sq, shape.sk, batch, 1)?;
         let nn = self.nodes.len();
+        let doc_runs = self.docs_are_runs();
+        let interval_root = shape.sq > 0 && self.row_interval(self.root, 0, 0, doc_runs).is_some();
         let builder = |b: usize| {
             let mut bl = Builder {
                 m: self,
@@ -525,6 +594,8 @@ impl BoundMask {
                 kt_ids: Vec::new(),
                 q_ids: Vec::new(),
                 words: vec![0; tile_k.div_ceil(64)],
+                interval_root,
+                doc_runs,
             };
             bl.key_tile_ids(b);
             bl

@@ -95,7 +95,7 @@ impl BoundMask {
     }
 
     /// Documents given, and the keys of every query row's document form one contiguous run.
-    fn docs_are_runs(&self) -> bool {
+    pub(crate) fn docs_are_runs(&self) -> bool {
         self.docs
             .as_ref()
             .is_some_and(|d| d.dense.iter().all(|&x| x))
