@@ -520,50 +520,6 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::{one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel};
-    use crate::cuda::forward::csc_with_ranks;
-    use crate::mask::{MaskExpr, MaskShape, TileKind};
-
-    /// The CSC columns list every schedule entry once, in ascending query tile per column, each
-    /// with its position in its row (the order of the deterministic dQ adds), for a mask with
-    /// documents (per-batch rows) and a causal one.
-    #[test]
-    fn columns_with_ranks_match_the_rows() {
-        use crate::mask::DocIds;
-        let shape = MaskShape {
-            batch: 2,
-            sq: 300,
-            sk: 420,
-        };
-        // Batch row 0: documents of 100 / 200 queries and 150 / 270 keys; row 1: one document.
-        let ids = |a: usize, n: usize| (0..n).map(move |i| (i >= a) as i32);
-        let docs = Some(DocIds {
-            q: ids(100, 300).chain(ids(300, 300)).collect(),
-            k: ids(150, 420).chain(ids(420, 420)).collect(),
-        });
-        for (text, docs) in [("causal", None), ("causal & document", docs)] {
-            let m = MaskExpr::parse(text).unwrap().bind(shape, docs).unwrap();
-            let s = m.schedule(64, 128).unwrap();
-            let (offs, ents, ranks) = csc_with_ranks(&s);
-            let cols = s.columns();
-            let mut at = 0;
-            for b in 0..s.batch {
-                for h in 0..s.heads {
-                    for kt in 0..s.k_tiles {
-                        let col = cols.column(b, h, kt);
-                        assert_eq!(offs[(b * s.heads + h) * s.k_tiles + kt] as usize, at);
-                        for e in col {
-                            let want = e.q_tile << 1 | (e.kind == TileKind::Partial) as u32;
-                            assert_eq!(ents[at], want, "{text}: b {b} kt {kt}");
-                            let row = s.row(b, h, e.q_tile as usize);
-                            assert_eq!(row[ranks[at] as usize].k_tile as usize, kt, "{text}");
-                            at += 1;
-                        }
-                    }
-                }
-            }
-            assert_eq!(at, ents.len());
-        }
-    }
 
     /// The two-pass kernels fit an A100's 163 KiB at every head dim (128 KiB at D 256, where a
     /// block owns half of the gradient columns); up to D 128 one block owns them all.

@@ -541,49 +541,30 @@ impl DevMask {
     }
 
     /// CSC columns of the schedule, uploaded: offsets, entries (`query tile << 1 | partial`,
-    /// ascending query tile) and each entry's rank (its position in its query tile's row, i.e.
-    /// among the key tiles of that row in ascending order).
+    /// ascending query tile) and each entry's rank in its query tile's row
+    /// ([`ColumnEntry::rank`](crate::mask::ColumnEntry)).
     #[allow(clippy::type_complexity)]
     pub(crate) fn columns(
         &self,
         dev: &CudaDevice,
     ) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
-        let (offs, ents, ranks) = csc_with_ranks(&self.sched);
+        let s = &self.sched;
+        let cols = s.columns();
+        let mut offs = vec![0u32];
+        let (mut ents, mut ranks) = (Vec::new(), Vec::new());
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                for kt in 0..s.k_tiles {
+                    for e in cols.column(b, h, kt) {
+                        ents.push(e.q_tile << 1 | (e.kind == TileKind::Partial) as u32);
+                        ranks.push(e.rank);
+                    }
+                    offs.push(ents.len() as u32);
+                }
+            }
+        }
         Ok((dev.upload(&offs)?, dev.upload(&ents)?, dev.upload(&ranks)?))
     }
-}
-
-/// The schedule's CSC columns with ranks (see [`DevMask::columns`]), on the host.
-pub(crate) fn csc_with_ranks(s: &BlockSchedule) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
-    let groups = s.batch * s.heads;
-    let mut count = vec![0u32; groups * s.k_tiles + 1];
-    for g in 0..groups {
-        for qt in 0..s.q_tiles {
-            for e in s.row(g / s.heads, g % s.heads, qt) {
-                count[g * s.k_tiles + e.k_tile as usize + 1] += 1;
-            }
-        }
-    }
-    for c in 1..count.len() {
-        count[c] += count[c - 1];
-    }
-    let offs = count.clone();
-    let mut fill = count;
-    let n = *offs.last().unwrap_or(&0) as usize;
-    let (mut ents, mut ranks) = (vec![0u32; n], vec![0u32; n]);
-    // Rows in ascending query tile: each column's entries come out in ascending query tile.
-    for g in 0..groups {
-        for qt in 0..s.q_tiles {
-            for (r, e) in s.row(g / s.heads, g % s.heads, qt).iter().enumerate() {
-                let c = g * s.k_tiles + e.k_tile as usize;
-                let at = fill[c] as usize;
-                ents[at] = (qt as u32) << 1 | (e.kind == TileKind::Partial) as u32;
-                ranks[at] = r as u32;
-                fill[c] += 1;
-            }
-        }
-    }
-    (offs, ents, ranks)
 }
 
 /// Everything about one problem that does not depend on the data.
@@ -636,9 +617,13 @@ impl FwdPlan {
             return Err(unsupported("sequence longer than 2^31".into()));
         }
         let mut tile = TileCfg::choose(d, dims.sk, dev.cc);
+        let (bound, nbr2d) = match &mask {
+            MaskSpec::Expr(bm) => (Some(*bm), bm.nbr2d()),
+            _ => (None, None),
+        };
         // `LONGATTN_CUDA_HEAVY=0` keeps the warp-specialized kernel for these (tuning runs).
         if tile.kernel == FwdKernel::WarpSpecialized
-            && matches!(&mask, MaskSpec::Expr(bm) if bm.cuda_program_is_heavy())
+            && bound.is_some_and(|bm| bm.cuda_program_is_heavy())
             && !env_off("LONGATTN_CUDA_HEAVY")
         {
             // Document (ids not in key runs) and neighborhood programs on their Partial tiles:
@@ -647,18 +632,16 @@ impl FwdPlan {
             // D 64 | D 128 TFLOP/s, warp-specialized (element program) vs wgmma: document
             // 69/160 | 110/252 vs 107/195 | 154/271; neighborhood2d 21/12 | 40/22 vs 26/15 |
             // 40/23.
-            let nbr2d = matches!(&mask, MaskSpec::Expr(bm) if bm.nbr2d().is_some());
-            tile = TileCfg::choose_wgmma(d, nbr2d);
+            tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
         }
         let t0 = Instant::now();
         // A 2-D neighborhood on the wgmma kernel runs in patch order (`mask/patch.rs`: ~2x fewer
         // keys per query tile at 13 x 13); `LONGATTN_CUDA_PATCH=0` keeps row order.
-        let patch = match &mask {
-            MaskSpec::Expr(bm)
+        let patch = match (bound, nbr2d) {
+            (Some(bm), Some(nb))
                 if tile.kernel == FwdKernel::Wgmma && !env_off("LONGATTN_CUDA_PATCH") =>
             {
-                bm.nbr2d()
-                    .and_then(|nb| Some((bm, nb, nb.choose_patches(tile.br, tile.bc)?)))
+                nb.choose_patches(tile.br, tile.bc).map(|g| (bm, nb, g))
             }
             _ => None,
         };
@@ -692,7 +675,7 @@ impl FwdPlan {
             FwdKernel::WarpSpecialized => tile.warps / 4 - 1,
             _ => tile.warps / 4,
         };
-        let defines = vec![
+        let mut defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
             ("LA_BR".into(), tile.br.to_string()),
@@ -707,7 +690,6 @@ impl FwdPlan {
                 (params.softcap.is_some() as u8).to_string(),
             ),
         ];
-        let mut defines = defines;
         let mut ptag = String::new();
         if let Some((_, _, g)) = &patch {
             for (k, v) in [

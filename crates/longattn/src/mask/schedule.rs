@@ -301,17 +301,20 @@ impl BlockSchedule {
             ColumnEntry {
                 q_tile: 0,
                 kind: TileKind::Full,
+                rank: 0,
             };
             self.entries.len()
         ];
         for r in 0..rows {
             for qt in 0..self.q_tiles {
                 let row = r * self.q_tiles + qt;
-                for e in &self.entries[self.offsets[row] as usize..self.offsets[row + 1] as usize] {
+                let es = &self.entries[self.offsets[row] as usize..self.offsets[row + 1] as usize];
+                for (rank, e) in es.iter().enumerate() {
                     let c = r * self.k_tiles + e.k_tile as usize;
                     entries[fill[c] as usize] = ColumnEntry {
                         q_tile: qt as u32,
                         kind: e.kind,
+                        rank: rank as u32,
                     };
                     fill[c] += 1;
                 }
@@ -327,11 +330,14 @@ impl BlockSchedule {
     }
 }
 
-/// One entry of a schedule column: query tile `q_tile` lists this key tile as `kind`.
+/// One entry of a schedule column: query tile `q_tile` lists this key tile as `kind`, as the
+/// `rank`-th entry of its row (the key tiles of a row in increasing order; the deterministic CUDA
+/// backward adds the dQ partials of a query tile in this order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ColumnEntry {
     pub q_tile: u32,
     pub kind: TileKind,
+    pub rank: u32,
 }
 
 /// The column (CSC) view of a [`BlockSchedule`], from [`BlockSchedule::columns`]. Shares the
@@ -387,12 +393,13 @@ mod column_tests {
                 for kt in 0..k_tiles {
                     let want: Vec<ColumnEntry> = (0..q_tiles)
                         .filter_map(|qt| {
-                            s.row(b, h, qt)
-                                .iter()
-                                .find(|e| e.k_tile as usize == kt)
-                                .map(|e| ColumnEntry {
+                            let row = s.row(b, h, qt);
+                            row.iter()
+                                .position(|e| e.k_tile as usize == kt)
+                                .map(|r| ColumnEntry {
                                     q_tile: qt as u32,
-                                    kind: e.kind,
+                                    kind: row[r].kind,
+                                    rank: r as u32,
                                 })
                         })
                         .collect();

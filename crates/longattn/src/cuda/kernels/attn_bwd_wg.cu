@@ -62,6 +62,17 @@ __device__ __forceinline__ void la_sts4(float* a, const float* v) {
                  : "memory");
 }
 
+// Adds the staged dQ partial of query tile q0 of head h (two 64 x 64 blocks in register order at
+// stg) to dq_acc: one 16 KiB bulk reduce-add per block, committed as one bulk group.
+__device__ __forceinline__ void la_dq_add_tile(const LaBwdParams& p, int b, int h, int q0, const float* stg) {
+#pragma unroll
+    for (int blk = 0; blk < 2; blk++) {
+        const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
+        la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + blk * 4096, 4096 * 4);
+    }
+    la_bulk_commit();
+}
+
 // TMA descriptors of q, k, v, dO ([B, S, H, D] as boxes {64 columns, rows, 1 head, 1 batch}) and
 // the backward parameters.
 struct LaBwdWsParams {
@@ -138,17 +149,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 u32 ent, ci;
                 item(t, h, ent, ci);
                 const int q0 = (int)(ent >> 1) * LA_BR;
-                int* sem = p.dq_sem + ((i64)b * p.Hq + h) * (p.lstride / LA_BR) + q0 / LA_BR;
+                int* sem = la_dq_sem_at(p, b, h, q0);
                 const int want = 2 * (int)p.col_rank[ci] + rw;
                 la_mbar_wait(stg_full + rw, t & 1);
                 while (la_ld_acquire(sem) != want) la_nanosleep(32);
                 la_fence_proxy_async_global();  // the adds are ordered after the acquire
-#pragma unroll
-                for (int blk = 0; blk < 2; blk++) {
-                    const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
-                    la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + blk * 4096, 4096 * 4);
-                }
-                la_bulk_commit();
+                la_dq_add_tile(p, b, h, q0, stg);
                 la_bulk_wait<0>();              // the adds are performed
                 la_fence_proxy_async_global();  // ... and ordered before the release
                 la_st_release(sem, want + 1);
@@ -311,14 +317,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #if LA_ORDERED
         if (tw == 0) la_mbar_arrive(stg_full + c);  // hand the staged partial to the reducer
 #else
-        if (tw == 0) {
-#pragma unroll
-            for (int blk = 0; blk < 2; blk++) {
-                const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
-                la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + blk * 4096, 4096 * 4);
-            }
-            la_bulk_commit();
-        }
+        if (tw == 0) la_dq_add_tile(p, b, h, q0, stg);
 #endif
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions

@@ -81,6 +81,13 @@ __device__ __forceinline__ void la_bwd_item(const LaBwdParams& p, int b, int kh,
     }
 }
 
+#if LA_ORDERED
+// The deterministic one-pass kernel's counter of the query tile holding row i of (b, h).
+__device__ __forceinline__ int* la_dq_sem_at(const LaBwdParams& p, int b, int h, int i) {
+    return p.dq_sem + ((i64)b * p.Hq + h) * (p.lstride / LA_BR) + i / LA_BR;
+}
+#endif
+
 extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
     // One warp per (b, i, h) row, i < lstride (rows past Sq: L2 = +inf, Delta = 0, so tiles that
     // reach past Sq read P = 0).
@@ -92,7 +99,7 @@ extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
     const int i = bi % p.lstride, b = bi / p.lstride;
     const i64 r = ((i64)b * p.Hq + h) * p.lstride + i;
 #if LA_ORDERED
-    if (lane == 0 && i % LA_BR == 0) p.dq_sem[r / LA_BR] = 0;  // lstride is a multiple of LA_BR
+    if (lane == 0 && i % LA_BR == 0) *la_dq_sem_at(p, b, h, i) = 0;
 #endif
     if (i >= p.Sq) {
         if (lane == 0) {
