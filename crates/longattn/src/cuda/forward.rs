@@ -26,6 +26,8 @@ pub(crate) const WGMMA: &str = include_str!("kernels/wgmma.cuh");
 const FWD_WG: &str = include_str!("kernels/attn_fwd_wg.cu");
 pub(crate) const TMA: &str = include_str!("kernels/tma.cuh");
 const FWD_WS: &str = include_str!("kernels/attn_fwd_ws.cu");
+const TOKENS: &str = include_str!("kernels/tile_tokens.cuh");
+const MASK_BITS: &str = include_str!("kernels/mask_bits.cu");
 
 /// A comma-separated list of numbers from an environment variable (tuning overrides).
 fn env_list(key: &str) -> Vec<usize> {
@@ -240,6 +242,9 @@ struct LaFwdParams {
     blk_dims: [i32; 6],
     dlo: u64,
     dhi: u64,
+    mbits: u64,
+    mbix: u64,
+    mgrp: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -411,6 +416,13 @@ pub(crate) struct DevMask {
     pub blk: CudaSlice<u8>,
     /// tile_q, tile_k, q_tiles, k_tiles, batch, heads of the block table.
     pub blk_dims: [i32; 6],
+    /// The Partial tiles' mask bits (`kernels/mask_bits.cu`) and, per schedule entry, its tile in
+    /// that table, and per table tile the 64-row groups that allow some key; 1-element
+    /// placeholders until [`DevMask::build_bits`].
+    pub mbits: CudaSlice<u32>,
+    pub mbix: CudaSlice<u32>,
+    /// Per table tile: bit g set when its rows 64 g .. 64 g + 63 allow some key.
+    pub mgrp: CudaSlice<u32>,
 }
 
 const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
@@ -535,9 +547,68 @@ impl DevMask {
             dhi: dev.upload(&runs.1)?,
             blk,
             blk_dims,
+            mbits: dev.upload::<u32>(&[])?,
+            mbix: dev.upload::<u32>(&[])?,
+            mgrp: dev.upload::<u32>(&[])?,
             sched,
             program,
         })
+    }
+
+    /// Largest mask bit table built (bytes); past it kernels run the mask program per element.
+    const MAX_BITS_BYTES: usize = 256 << 20;
+
+    /// Builds the bit table of the Partial tiles (`kernels/mask_bits.cu`) for query tiles of `br`
+    /// rows and key tiles of `bc` keys on the device, evaluating `la_mask` once per element of
+    /// each Partial tile with the kernel's parameters `p` (sequence lengths, document ids); `defines`
+    /// carry the tile shape and the patch order. Returns false (nothing built) when the table
+    /// would exceed [`Self::MAX_BITS_BYTES`].
+    fn build_bits(
+        &mut self,
+        dev: &CudaDevice,
+        p: &LaFwdParams,
+        (br, bc): (usize, usize),
+        defines: &[(String, String)],
+    ) -> Result<bool> {
+        let (offs, ents) = encode(&self.sched);
+        let (mut tiles, mut bix) = (Vec::new(), vec![u32::MAX; ents.len()]);
+        for row in 0..offs.len() - 1 {
+            for e in offs[row] as usize..offs[row + 1] as usize {
+                if ents[e] & 1 == 1 {
+                    bix[e] = (tiles.len() / 2) as u32;
+                    tiles.extend([row as u32, ents[e] >> 1]);
+                }
+            }
+        }
+        let n = tiles.len() / 2;
+        let words = br * bc / 32;
+        if n == 0 || n * words * 4 > Self::MAX_BITS_BYTES {
+            return Ok(false);
+        }
+        let src = format!(
+            "{COMMON}\n{PARAMS}\n{}\n{TOKENS}\n{MASK_BITS}",
+            self.program
+        );
+        let func = dev.function("mask_bits", "la_mask_bits", &src, defines, 0)?;
+        let tiles = dev.upload(&tiles)?;
+        // SAFETY: the kernel writes every word of the table (n tiles x words) before any read.
+        let mut bits = unsafe { dev.stream().alloc::<u32>(n * words) }.map_err(drv("alloc"))?;
+        let mut grp = dev.stream().alloc_zeros::<u32>(n).map_err(drv("alloc"))?;
+        let mut b = dev.stream().launch_builder(&func);
+        b.arg(p).arg(&tiles).arg(&mut bits).arg(&mut grp);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (words.min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `p` points at the mask's live buffers (ids, runs, block table); `tiles` holds n
+        // (schedule row, key tile) pairs of this schedule; `bits` has n x words words, `grp` n.
+        unsafe { b.launch(cfg) }.map_err(drv("launch mask bits"))?;
+        self.mbits = bits;
+        self.mgrp = grp;
+        self.mbix = dev.upload(&bix)?;
+        dev.synchronize()?;
+        Ok(true)
     }
 
     /// CSC columns of the schedule, uploaded: offsets, entries (`query tile << 1 | partial`,
@@ -645,12 +716,13 @@ impl FwdPlan {
             }
             _ => None,
         };
-        let dm = match &patch {
+        let mut dm = match &patch {
             Some((bm, nb, grid)) => DevMask::patched(dev, bm, nb, grid, dims)?,
             None => DevMask::new(dev, mask, tile.br, tile.bc, dims)?,
         };
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
+        let ptr = |s: &CudaSlice<u32>| s.device_ptr(dev.stream()).0;
         let program_src = dm.program.clone();
         let wrappers = &*super::wgmma::WRAPPERS;
         let (src, entry, tag) = match tile.kernel {
@@ -660,7 +732,9 @@ impl FwdPlan {
                 "",
             ),
             FwdKernel::Wgmma => (
-                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{PARAMS}\n{program_src}\n{FWD_WG}"),
+                format!(
+                    "{COMMON}\n{WGMMA}\n{wrappers}\n{PARAMS}\n{program_src}\n{TOKENS}\n{FWD_WG}"
+                ),
                 "la_attn_fwd_wg",
                 "_wg",
             ),
@@ -705,31 +779,17 @@ impl FwdPlan {
             ptag = format!("_patch{}x{}_{}x{}_w{}", g.q.0, g.q.1, g.k.0, g.k.1, g.w);
         }
         let smem = tile.smem(d);
-        let variant = format!(
-            "attn_fwd{tag}_{}_d{d}_{}x{}w{}{ptag}",
-            dtype.name(),
-            tile.br,
-            tile.bc,
-            tile.warps
-        );
-        let func = dev.function(&variant, entry, &src, &defines, smem)?;
-        let (scale_log2, cap_pre, cap_post) = logit_consts(params, d);
-        let q_tiles = dims.sq.div_ceil(tile.br);
-        let ptr = |s: &CudaSlice<u32>| s.device_ptr(dev.stream()).0;
-        let base = LaFwdParams {
+        let mut base = LaFwdParams {
             b: dims.batch as i32,
             sq: dims.sq as i32,
             sk: dims.sk as i32,
             hq: dims.hq as i32,
             hk: dims.hk as i32,
-            scale_log2,
-            cap_pre,
-            cap_post,
             sched_off: ptr(&dm.row_off),
             sched_ent: ptr(&dm.row_ent),
             sched_batch: dm.sched.batch as i32,
             sched_heads: dm.sched.heads as i32,
-            q_tiles: q_tiles as i32,
+            q_tiles: dims.sq.div_ceil(tile.br) as i32,
             qdoc: dm.qdoc.device_ptr(dev.stream()).0,
             kdoc: dm.kdoc.device_ptr(dev.stream()).0,
             blk: dm.blk.device_ptr(dev.stream()).0,
@@ -738,7 +798,41 @@ impl FwdPlan {
             dhi: dm.dhi.device_ptr(dev.stream()).0,
             ..Default::default()
         };
-        if q_tiles > 65535 || dims.batch > 65535 || dims.hq > i32::MAX as usize {
+        // Programs that are heavy per element, on the wgmma kernel: Partial tiles read the mask's
+        // bit table (built here, timed with the schedule) instead of running the program.
+        // `LONGATTN_CUDA_BITS=0` keeps the program (tuning runs).
+        let mut schedule_seconds = schedule_seconds;
+        if tile.kernel == FwdKernel::Wgmma
+            && bound.is_some_and(|bm| bm.cuda_program_is_heavy())
+            && !env_off("LONGATTN_CUDA_BITS")
+        {
+            let t1 = Instant::now();
+            if dm.build_bits(dev, &base, (tile.br, tile.bc), &defines)? {
+                defines.push(("LA_MASK_BITS".into(), "1".into()));
+                base.mbits = ptr(&dm.mbits);
+                base.mbix = ptr(&dm.mbix);
+                base.mgrp = ptr(&dm.mgrp);
+            }
+            schedule_seconds += t1.elapsed().as_secs_f64();
+        }
+        // The wgmma kernel's grid puts query tiles first (blocks running together share a head's
+        // keys and values in L2; n 1k neighborhood2d D 128 on H100: L2 hit rate 25% -> 58%,
+        // 0.274 -> 0.252 ms). `LONGATTN_CUDA_QFIRST=0` keeps heads first (tuning runs).
+        let qfirst = tile.kernel == FwdKernel::Wgmma && !env_off("LONGATTN_CUDA_QFIRST");
+        if qfirst {
+            defines.push(("LA_QFIRST".into(), "1".into()));
+        }
+        let variant = format!(
+            "attn_fwd{tag}_{}_d{d}_{}x{}w{}{ptag}",
+            dtype.name(),
+            tile.br,
+            tile.bc,
+            tile.warps
+        );
+        let func = dev.function(&variant, entry, &src, &defines, smem)?;
+        (base.scale_log2, base.cap_pre, base.cap_post) = logit_consts(params, d);
+        let q_tiles = dims.sq.div_ceil(tile.br);
+        if q_tiles > 65535 || dims.batch > 65535 || dims.hq > 65535 || dims.hq > i32::MAX as usize {
             return Err(unsupported(format!(
                 "grid: query tiles {q_tiles} and batch {} must be <= 65535",
                 dims.batch
@@ -756,6 +850,7 @@ impl FwdPlan {
                 };
                 (blocks.max(1) as u32, 1, 1)
             }
+            _ if qfirst => (q_tiles as u32, dims.hq as u32, dims.batch as u32),
             _ => (dims.hq as u32, dims.batch as u32, q_tiles as u32),
         };
         let cfg = LaunchConfig {

@@ -42,6 +42,9 @@ pub struct FwdCase {
     pub softcap: Option<f32>,
     /// Equal documents per batch row (for `document`).
     pub docs: usize,
+    /// Documents as runs of 16 tokens dealt round-robin (a document's keys are then not one
+    /// contiguous run: the element program, or its bit table, instead of key intervals).
+    pub dealt: bool,
 }
 
 impl FwdCase {
@@ -57,11 +60,12 @@ impl FwdCase {
             mask: mask.into(),
             softcap: None,
             docs: 3,
+            dealt: false,
         }
     }
     pub fn name(&self) -> String {
         format!(
-            "{} B{} Sq{} Sk{} H{}/{} D{} `{}`{}",
+            "{} B{} Sq{} Sk{} H{}/{} D{} `{}`{}{}",
             self.dtype,
             self.batch,
             self.sq,
@@ -72,7 +76,8 @@ impl FwdCase {
             self.mask,
             self.softcap
                 .map(|c| format!(" softcap {c}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            if self.dealt { " docs dealt" } else { "" }
         )
     }
 }
@@ -170,6 +175,17 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
         c.docs = 5;
         v.push(c);
     }
+    // Documents dealt in runs of 16 (not contiguous): Partial tiles everywhere, the element
+    // program (bit table on the wgmma kernel); Sq != Sk.
+    for (dt, sq, sk, d, m) in [
+        (BF16, 700, 700, 128, "causal & document"),
+        (F16, 333, 1023, 64, "document"),
+    ] {
+        let mut c = FwdCase::new(dt, sq, sk, d, m);
+        c.batch = 2;
+        c.dealt = true;
+        v.push(c);
+    }
     v
 }
 
@@ -225,8 +241,12 @@ impl Built {
             sk: c.sk,
         };
         let ids = |n: usize| -> Vec<i32> {
+            let id = |i: usize| match c.dealt {
+                true => (i / 16) % c.docs,
+                false => i * c.docs / n,
+            };
             (0..c.batch)
-                .flat_map(|_| (0..n).map(|i| (i * c.docs / n) as i32))
+                .flat_map(|_| (0..n).map(|i| id(i) as i32))
                 .collect()
         };
         // Explicit block masks: a seeded random table of T x T tiles (about half on).

@@ -16,7 +16,12 @@
 // Patch order (LA_PATCH = 1, 2-D neighborhoods on a grid LA_PW tokens wide; mask/patch.rs): the
 // schedule's query tile t is the t-th LA_QPH x LA_QPW patch of the grid and key tile t the t-th
 // LA_KPH x LA_KPW patch; tile row r is token la_qtok(t, r) / la_ktok(t, r). Loads, the mask and
-// the stores go through these tokens; nothing else changes.
+// the stores go through these tokens (la_qtok / la_ktok, tile_tokens.cuh); nothing else changes.
+//
+// Mask bit table (LA_MASK_BITS = 1, programs that are heavy per element: 2-D neighborhoods,
+// documents whose keys are not runs; mask_bits.cu): a Partial tile's element mask is one bit of
+// the plan's table instead of a run of la_mask. Each thread loads the words of its two rows
+// while the tensor cores compute S.
 //
 // Shared memory: 128-byte-swizzle layout, the one the tensor cores read: a tile of R rows x D is
 // stored as D / 64 column blocks of [R][64] (128-byte rows); the 16-byte chunk c of row r sits at
@@ -28,23 +33,6 @@
 
 #define LA_THREADS (LA_NWG * 128)
 #define LA_BR (LA_NWG * 64)
-
-#ifndef LA_PATCH
-#define LA_PATCH 0
-#endif
-#if LA_PATCH
-// Token of row r of patch t (patches PH x PW, numbered row-major over the grid of patches).
-template <int PH, int PW>
-__device__ __forceinline__ int la_patch_tok(int t, int r) {
-    constexpr int per = LA_PW / PW;
-    return ((t / per) * PH + r / PW) * LA_PW + (t % per) * PW + r % PW;
-}
-__device__ __forceinline__ int la_qtok(int t, int r) { return la_patch_tok<LA_QPH, LA_QPW>(t, r); }
-__device__ __forceinline__ int la_ktok(int t, int r) { return la_patch_tok<LA_KPH, LA_KPW>(t, r); }
-#else
-__device__ __forceinline__ int la_qtok(int t, int r) { return t * LA_BR + r; }
-__device__ __forceinline__ int la_ktok(int t, int r) { return t * LA_BC + r; }
-#endif
 
 #if LA_BC == 64
 #define la_wg_ss_bc la_wg_ss_n64
@@ -61,8 +49,15 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
     u16* sV0 = sK0 + LA_BC * LA_D;
     constexpr int STAGE = 2 * LA_BC * LA_D;
 
+#if LA_QFIRST
+    // Grid (query tiles, heads, batch): the blocks running together are the query tiles of a few
+    // heads, which share their keys and values in L2.
+    const int qt = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+#else
     const int qt = gridDim.z - 1 - blockIdx.z;
     const int h = blockIdx.x, b = blockIdx.y;
+#endif
     const int kh = h / (p.Hq / p.Hk);
     const int wg = threadIdx.x >> 7;
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
@@ -100,87 +95,119 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
         const int kt = (int)(ent >> 1), k0 = kt * LA_BC;
         const u16* sK = sK0 + ((e - e0) & 1) * STAGE;
         const u16* sV = sV0 + ((e - e0) & 1) * STAGE;
+#if LA_MASK_BITS
+        // A Partial tile with no allowed key in this warpgroup's 64 rows is skipped by it (the
+        // warpgroup's bit of the tile's group word). Else rows rloc and rloc + 8 of the tile's
+        // bits, shifted so that bit 8 (jj & 3) + c of word jj / 4 is key 8 jj + 2 t4 + c
+        // (c = 0, 1) of this thread's fragment.
+        bool live = true;
+        u32 mb0[LA_BC / 32], mb1[LA_BC / 32];
+        if (partial) {
+            const u32 u = p.mbix[e];
+            live = (p.mgrp[u] >> wg) & 1;
+            const u32* t = p.mbits + (i64)u * (LA_BR * LA_BC / 32);
+#pragma unroll
+            for (int w = 0; w < LA_BC / 32; w++) {
+                mb0[w] = live ? t[rloc * (LA_BC / 32) + w] >> (2 * t4) : 0;
+                mb1[w] = live ? t[(rloc + 8) * (LA_BC / 32) + w] >> (2 * t4) : 0;
+            }
+        }
+#else
+        const bool live = true;
+#endif
         la_cp_wait<1>();
         la_fence_async_smem();  // cp.async writes -> visible to the tensor cores' reads
         __syncthreads();
 
-        // S = Q K^T (this warpgroup's 64 rows x BC keys).
-        float s[LA_BC / 2];
-        la_wg_fence();
+        if (live) {
+            // S = Q K^T (this warpgroup's 64 rows x BC keys).
+            float s[LA_BC / 2];
+            la_wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < LA_D / 16; kk++) {
-            const u64 da = la_wg_desc(sQ + (kk >> 2) * LA_BR * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
-            const u64 db = la_wg_desc(sK + (kk >> 2) * LA_BC * 64 + (kk & 3) * 16, 16, 1024);
-            la_wg_ss_bc(s, da, db, kk > 0);
-        }
-        la_wg_commit();
-        la_wg_wait0();
-        la_fence_regs<LA_BC / 2>(s);  // the results exist only after the wait
-
-        // Logits in log2 units; soft-cap; mask (Partial tiles and keys past Sk).
-        const bool edge = k0 + LA_BC > p.Sk;
-#pragma unroll
-        for (int x = 0; x < LA_BC / 2; x++) {
-            float y = s[x];
-#if LA_SOFTCAP
-            y = p.cap_post * tanhf(y * p.cap_pre);
-#endif
-            y *= p.scale_log2;
-            if (partial || edge) {
-                const int j = la_ktok(kt, (x >> 2) * 8 + 2 * t4 + (x & 1));
-                const int i = (x >> 1) & 1 ? i1 : i0;
-                bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: never written, and the mask program may read per-row ids
-                if (partial && ok) ok = la_mask(p, b, h, i, j);
-                if (!ok) y = -LA_INF;
+            for (int kk = 0; kk < LA_D / 16; kk++) {
+                const u64 da = la_wg_desc(sQ + (kk >> 2) * LA_BR * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
+                const u64 db = la_wg_desc(sK + (kk >> 2) * LA_BC * 64 + (kk & 3) * 16, 16, 1024);
+                la_wg_ss_bc(s, da, db, kk > 0);
             }
-            s[x] = y;
-        }
+            la_wg_commit();
+            la_wg_wait0();
+            la_fence_regs<LA_BC / 2>(s);  // the results exist only after the wait
 
-        // Online softmax: rows g (elements 4 j, 4 j + 1) and g + 8 (4 j + 2, 4 j + 3).
-        float mx0 = m0, mx1 = m1;
+            // Logits in log2 units; soft-cap; mask (Partial tiles and keys past Sk).
+            const bool edge = k0 + LA_BC > p.Sk;
 #pragma unroll
-        for (int j = 0; j < LA_BC / 8; j++) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-        const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
-        const float a0 = la_exp2(m0 - u0), a1 = la_exp2(m1 - u1);
-        m0 = mx0;
-        m1 = mx1;
-        l0 *= a0;
-        l1 *= a1;
-#pragma unroll
-        for (int j = 0; j < LA_D / 8; j++) {
-            o[4 * j] *= a0; o[4 * j + 1] *= a0;
-            o[4 * j + 2] *= a1; o[4 * j + 3] *= a1;
-        }
-        u32 pf[LA_BC / 16][4];
-#pragma unroll
-        for (int j = 0; j < LA_BC / 8; j++) {
-            const float p0 = la_exp2(s[4 * j] - u0), p1 = la_exp2(s[4 * j + 1] - u0);
-            const float p2 = la_exp2(s[4 * j + 2] - u1), p3 = la_exp2(s[4 * j + 3] - u1);
-            l0 += p0 + p1;
-            l1 += p2 + p3;
-            pf[j >> 1][(j & 1) * 2 + 0] = la_pack2(p0, p1);
-            pf[j >> 1][(j & 1) * 2 + 1] = la_pack2(p2, p3);
-        }
+            for (int x = 0; x < LA_BC / 2; x++) {
+                float y = s[x];
+#if LA_SOFTCAP
+                y = p.cap_post * tanhf(y * p.cap_pre);
+#endif
+                y *= p.scale_log2;
+                if (partial || edge) {
+                    const int j = la_ktok(kt, (x >> 2) * 8 + 2 * t4 + (x & 1));
+                    const int i = (x >> 1) & 1 ? i1 : i0;
+                    bool ok;
+#if LA_MASK_BITS
+                    if (partial) {  // the table has 0 past Sq and Sk
+                        const u32 w = (x >> 1) & 1 ? mb1[x >> 4] : mb0[x >> 4];
+                        ok = (w >> (8 * ((x >> 2) & 3) + (x & 1))) & 1;
+                    } else {
+                        ok = i < p.Sq && j < p.Sk;
+                    }
+#else
+                    ok = i < p.Sq && j < p.Sk;  // rows past Sq: never written, and the mask program may read per-row ids
+                    if (partial && ok) ok = la_mask(p, b, h, i, j);
+#endif
+                    if (!ok) y = -LA_INF;
+                }
+                s[x] = y;
+            }
 
-        // O += P V: 16 keys a step; V's 8-key groups are 1024 bytes apart, its 64-column blocks
-        // BC x 128 bytes apart.
-        la_fence_regs<LA_D / 2>(o);
-        la_wg_fence();
+            // Online softmax: rows g (elements 4 j, 4 j + 1) and g + 8 (4 j + 2, 4 j + 3).
+            float mx0 = m0, mx1 = m1;
 #pragma unroll
-        for (int ks = 0; ks < LA_BC / 16; ks++) {
-            const u64 db = la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024);
-            la_wg_rs_d(o, pf[ks], db);
+            for (int j = 0; j < LA_BC / 8; j++) {
+                mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+                mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+            const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
+            const float a0 = la_exp2(m0 - u0), a1 = la_exp2(m1 - u1);
+            m0 = mx0;
+            m1 = mx1;
+            l0 *= a0;
+            l1 *= a1;
+#pragma unroll
+            for (int j = 0; j < LA_D / 8; j++) {
+                o[4 * j] *= a0; o[4 * j + 1] *= a0;
+                o[4 * j + 2] *= a1; o[4 * j + 3] *= a1;
+            }
+            u32 pf[LA_BC / 16][4];
+#pragma unroll
+            for (int j = 0; j < LA_BC / 8; j++) {
+                const float p0 = la_exp2(s[4 * j] - u0), p1 = la_exp2(s[4 * j + 1] - u0);
+                const float p2 = la_exp2(s[4 * j + 2] - u1), p3 = la_exp2(s[4 * j + 3] - u1);
+                l0 += p0 + p1;
+                l1 += p2 + p3;
+                pf[j >> 1][(j & 1) * 2 + 0] = la_pack2(p0, p1);
+                pf[j >> 1][(j & 1) * 2 + 1] = la_pack2(p2, p3);
+            }
+
+            // O += P V: 16 keys a step; V's 8-key groups are 1024 bytes apart, its 64-column blocks
+            // BC x 128 bytes apart.
+            la_fence_regs<LA_D / 2>(o);
+            la_wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < LA_BC / 16; ks++) {
+                const u64 db = la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024);
+                la_wg_rs_d(o, pf[ks], db);
+            }
+            la_wg_commit();
+            la_wg_wait0();
+            la_fence_regs<LA_D / 2>(o);
         }
-        la_wg_commit();
-        la_wg_wait0();
-        la_fence_regs<LA_D / 2>(o);
 
         __syncthreads();  // every warpgroup is done with this stage: refill it with tile e + 2
         if (e + 2 < e1) load_kv((u16*)sK, (u16*)sV, p.sched_ent[e + 2]);

@@ -16,4 +16,6 @@ struct LaFwdParams {
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
     const int* dlo; const int* dhi;     // per (b, i): first / last key of the row's document run
                                         // (interval mask programs; documents as contiguous runs)
+    const u32* mbits; const u32* mbix;  // Partial tiles' mask bits, entry -> table tile (mask_bits.cu)
+    const u32* mgrp;                    // per table tile: 64-row groups with an allowed key
 };
