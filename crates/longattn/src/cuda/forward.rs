@@ -104,15 +104,7 @@ impl TileCfg {
                 _ if sk >= 2048 => (2, 128, 1),
                 _ => (3, 64, 1),
             };
-            return TileCfg {
-                br: 64 * nwg,
-                bc,
-                warps: 4 * (nwg + 1),
-                mt: 1,
-                qregs: false,
-                min_blocks: minb,
-                kernel: FwdKernel::WarpSpecialized,
-            };
+            return Self::warp_specialized(nwg, bc, minb);
         }
         if hopper {
             return Self::choose_wgmma(d, false);
@@ -143,6 +135,20 @@ impl TileCfg {
                 min_blocks: 1,
                 kernel: FwdKernel::MmaSync,
             }
+        }
+    }
+
+    /// The Hopper warp-specialized kernel: `nwg` consumer warpgroups of 64 rows, `bc`-key tiles,
+    /// `minb` blocks per SM.
+    fn warp_specialized(nwg: usize, bc: usize, minb: usize) -> TileCfg {
+        TileCfg {
+            br: 64 * nwg,
+            bc,
+            warps: 4 * (nwg + 1),
+            mt: 1,
+            qregs: false,
+            min_blocks: minb,
+            kernel: FwdKernel::WarpSpecialized,
         }
     }
 
@@ -692,18 +698,21 @@ impl FwdPlan {
             MaskSpec::Expr(bm) => (Some(*bm), bm.nbr2d()),
             _ => (None, None),
         };
-        // `LONGATTN_CUDA_HEAVY=0` keeps the warp-specialized kernel for these (tuning runs).
-        if tile.kernel == FwdKernel::WarpSpecialized
-            && bound.is_some_and(|bm| bm.cuda_program_is_heavy())
-            && !env_off("LONGATTN_CUDA_HEAVY")
-        {
-            // Document (ids not in key runs) and neighborhood programs on their Partial tiles:
-            // the wgmma kernel's two blocks per SM (16 warps) hide the id loads and index math
-            // better than one warp-specialized block (12 consumer warps). H100, n 4k / 16k,
-            // D 64 | D 128 TFLOP/s, warp-specialized (element program) vs wgmma: document
-            // 69/160 | 110/252 vs 107/195 | 154/271; neighborhood2d 21/12 | 40/22 vs 26/15 |
-            // 40/23.
-            tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
+        let heavy = bound.is_some_and(|bm| bm.cuda_program_is_heavy());
+        // Heavy programs (2-D neighborhoods, documents whose keys are not runs) read a bit table
+        // on their Partial tiles (below). Neighborhoods that a patch order serves run on the wgmma
+        // kernel (patch tiles are gathered by its loads); the rest on the warp-specialized kernel
+        // with one consumer warpgroup, 64-key tiles and two blocks per SM (n 1k neighborhood2d
+        // 32 x 32, 13 x 13, H100, D 64 / D 128 ms: 0.199 / 0.152 against 0.245 / 0.193 for its
+        // default tiles, 0.240 / 0.179 for 2 x 64, and 0.327 / 0.254 on the wgmma kernel).
+        // `LONGATTN_CUDA_HEAVY=0` keeps the default tiles (tuning runs).
+        if tile.kernel == FwdKernel::WarpSpecialized && heavy && !env_off("LONGATTN_CUDA_HEAVY") {
+            let wg = TileCfg::choose_wgmma(d, nbr2d.is_some());
+            if nbr2d.is_some_and(|nb| nb.choose_patches(wg.br, wg.bc).is_some()) {
+                tile = wg;
+            } else if std::env::var("LONGATTN_CUDA_WS").is_err() {
+                tile = TileCfg::warp_specialized(1, 64, 2);
+            }
         }
         let t0 = Instant::now();
         // A 2-D neighborhood on the wgmma kernel runs in patch order (`mask/patch.rs`: ~2x fewer
@@ -802,10 +811,7 @@ impl FwdPlan {
         // bit table (built here, timed with the schedule) instead of running the program.
         // `LONGATTN_CUDA_BITS=0` keeps the program (tuning runs).
         let mut schedule_seconds = schedule_seconds;
-        if tile.kernel == FwdKernel::Wgmma
-            && bound.is_some_and(|bm| bm.cuda_program_is_heavy())
-            && !env_off("LONGATTN_CUDA_BITS")
-        {
+        if tile.kernel != FwdKernel::MmaSync && heavy && !env_off("LONGATTN_CUDA_BITS") {
             let t1 = Instant::now();
             if dm.build_bits(dev, &base, (tile.br, tile.bc), &defines)? {
                 defines.push(("LA_MASK_BITS".into(), "1".into()));
@@ -818,7 +824,7 @@ impl FwdPlan {
         // The wgmma kernel's grid puts query tiles first (blocks running together share a head's
         // keys and values in L2; n 1k neighborhood2d D 128 on H100: L2 hit rate 25% -> 58%,
         // 0.274 -> 0.252 ms). `LONGATTN_CUDA_QFIRST=0` keeps heads first (tuning runs).
-        let qfirst = tile.kernel == FwdKernel::Wgmma && !env_off("LONGATTN_CUDA_QFIRST");
+        let qfirst = (tile.kernel == FwdKernel::Wgmma || heavy) && !env_off("LONGATTN_CUDA_QFIRST");
         if qfirst {
             defines.push(("LA_QFIRST".into(), "1".into()));
         }

@@ -103,8 +103,9 @@ impl BoundMask {
 
     /// Whether the device program reads memory or does division-heavy index math per element
     /// (`document` reads two id arrays, neighborhoods split positions into grid coordinates):
-    /// the kernel choice weighs it (such programs want more warps to hide their latency).
-    /// Interval programs (documents as contiguous runs included) are never heavy.
+    /// the CUDA forward then evaluates it once per plan into a bit table of the Partial tiles
+    /// (`cuda/kernels/mask_bits.cu`) and picks its tiles for that. Interval programs (documents
+    /// as contiguous runs included) are never heavy.
     pub fn cuda_program_is_heavy(&self) -> bool {
         self.interval_node(self.root).is_none()
             && self

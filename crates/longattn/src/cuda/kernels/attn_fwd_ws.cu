@@ -75,6 +75,36 @@ __device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16
     for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024));
 }
 
+// Work item t: (query tile, batch, head). Query tiles outermost, heaviest first (causal: the last
+// tiles have the most keys), or with LA_QFIRST innermost (the items running together are the
+// query tiles of a few heads, which share their keys and values in L2).
+__device__ __forceinline__ void la_ws_item(const LaFwdParams& p, int t, int nbh, int& qt, int& h, int& b) {
+#if LA_QFIRST
+    qt = p.q_tiles - 1 - t % p.q_tiles;
+    h = t / p.q_tiles % p.Hq;
+    b = t / p.q_tiles / p.Hq;
+#else
+    qt = p.q_tiles - 1 - t / nbh;
+    h = t % nbh % p.Hq;
+    b = t % nbh / p.Hq;
+#endif
+}
+
+#if LA_MASK_BITS
+// Rows rl and rl + 8 of a Partial tile's mask bits (entry e; mask_bits.cu), shifted so that bit
+// 8 (jj & 3) + c of word jj / 4 is key 8 jj + 2 t4 + c (c = 0, 1) of this thread's fragment.
+// Loaded before the wait for S, so the loads overlap the tensor cores.
+__device__ __forceinline__ void la_ws_bits(const LaFwdParams& p, u32 e, bool partial, int rl, int t4, u32* w) {
+    if (!partial) return;
+    const u32* t = p.mbits + (i64)p.mbix[e] * (LA_BR * LA_BC / 32) + rl * (LA_BC / 32);
+#pragma unroll
+    for (int x = 0; x < LA_BC / 32; x++) {
+        w[x] = t[x] >> (2 * t4);
+        w[LA_BC / 32 + x] = t[8 * (LA_BC / 32) + x] >> (2 * t4);
+    }
+}
+#endif
+
 // Logits in log2 units with soft-cap and mask (Partial tiles and keys past Sk) applied in place.
 // Element x of the accumulator: row `rowbase + 8 ((x >> 1) & 1)`, key `k0 + 8 (x >> 2) + 2 t4 + (x & 1)`.
 // The mask is evaluated in a mostly rolled loop into one bit per element, then applied: an
@@ -82,7 +112,8 @@ __device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16
 // cache (ncu, causal D 64: 2.9 of 8 cycles per instruction waiting for fetch; causal 16k D 64
 // went from 283 to 438 TFLOP/s without it).
 __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int b, int h, int rowbase, int t4,
-                                             int k0, bool partial) {
+                                             int k0, bool partial, const u32* mw) {
+    (void)mw;
 #pragma unroll
     for (int x = 0; x < LA_BC / 2; x++) {
         float y = s[x];
@@ -115,6 +146,19 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
             const int r = (x >> 1) & 1;
             if (j < lo[r] || j > hi[r]) s[x] = -LA_INF;
         }
+    }
+#elif LA_MASK_BITS
+    // Partial tiles: the bits la_ws_bits loaded (0 past Sq and Sk); Full tiles at the end: Sk.
+    if (partial) {
+#pragma unroll
+        for (int x = 0; x < LA_BC / 2; x++) {
+            const u32 w = mw[((x >> 1) & 1) * (LA_BC / 32) + (x >> 4)];
+            if (!((w >> (8 * ((x >> 2) & 3) + (x & 1))) & 1)) s[x] = -LA_INF;
+        }
+    } else if (k0 + LA_BC > p.Sk) {
+#pragma unroll
+        for (int x = 0; x < LA_BC / 2; x++)
+            if (k0 + (x >> 2) * 8 + 2 * t4 + (x & 1) >= p.Sk) s[x] = -LA_INF;
     }
 #else
     if (partial || k0 + LA_BC > p.Sk) {
@@ -231,7 +275,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         if (threadIdx.x != 0) return;
         int nq = 0, nkv = 0;
         for (int t = blockIdx.x; t < items; t += gridDim.x) {
-            const int qt = p.q_tiles - 1 - t / nbh, h = t % nbh % p.Hq, b = t % nbh / p.Hq;
+            int qt, h, b;
+            la_ws_item(p, t, nbh, qt, h, b);
             const int kh = h / (p.Hq / p.Hk);
             const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
             const u32 e0 = p.sched_off[srow];
@@ -276,7 +321,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     int nq = 0, nkv = 0;
 
     for (int t = blockIdx.x; t < items; t += gridDim.x) {
-        const int qt = p.q_tiles - 1 - t / nbh, h = t % nbh % p.Hq, b = t % nbh / p.Hq;
+        int qt, h, b;
+        la_ws_item(p, t, nbh, qt, h, b);
         const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
         const u32 e0 = p.sched_off[srow];
         const int nt = (int)(p.sched_off[srow + 1] - e0);
@@ -302,11 +348,15 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
+                const u32 ent = p.sched_ent[e0];
+                u32 mw[LA_BC / 16];
+#if LA_MASK_BITS
+                la_ws_bits(p, e0, ent & 1, rowbase - qt * LA_BR, t4, mw);
+#endif
                 la_wg_wait0();
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) la_mbar_arrive(empty_k + st);
-                const u32 ent = p.sched_ent[e0];
-                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1);
+                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
                 la_ws_softmax(s, m0, m1, l0, l1, a0, a1);
                 la_ws_pack(pf, s);
             }
@@ -323,12 +373,16 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                 la_wg_commit();
                 if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
+                const u32 ent = p.sched_ent[e0 + n];
+                u32 mw[LA_BC / 16];
+#if LA_MASK_BITS
+                la_ws_bits(p, e0 + n, ent & 1, rowbase - qt * LA_BR, t4, mw);
+#endif
 
                 la_wg_wait1();  // S_n is ready; P_{n-1} V_{n-1} may still run
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) la_mbar_arrive(empty_k + st);
-                const u32 ent = p.sched_ent[e0 + n];
-                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1);
+                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
                 la_ws_softmax(s, m0, m1, l0, l1, a0, a1);
 
                 la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
