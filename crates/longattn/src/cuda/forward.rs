@@ -266,13 +266,43 @@ impl TmaMap {
     /// Describes a contiguous `[B, S, H, D]` tensor as 4-D boxes of `{64 columns, rows, 1 head,
     /// 1 batch}` written to shared memory with the 128-byte swizzle; rows past S read as zeros.
     pub(crate) fn rows(t: &DevTensor, rows: usize) -> Result<TmaMap> {
-        use cudarc::driver::sys as cu;
         let [b, s, h, d] = t.shape;
-        let dims = [d as u64, s as u64, h as u64, b as u64];
         // Byte strides of dims 1.. (dim 0 is contiguous).
-        let strides = [(h * d * 2) as u64, (d * 2) as u64, (s * h * d * 2) as u64];
-        let boxes = [64u32, rows as u32, 1, 1];
-        let unit = [1u32; 4];
+        Self::encode(
+            t,
+            &[d as u64, s as u64, h as u64, b as u64],
+            &[(h * d * 2) as u64, (d * 2) as u64, (s * h * d * 2) as u64],
+            &[64, rows as u32, 1, 1],
+        )
+    }
+
+    /// Describes a contiguous `[B, S, H, D]` tensor whose sequence is a grid `w` tokens wide as
+    /// 5-D boxes of `{64 columns, pw grid columns, ph grid rows, 1 head, 1 batch}`: a box lands
+    /// as `ph` rows of `pw` tokens, the rows of a patch tile in patch order (`mask/patch.rs`).
+    pub(crate) fn patches(t: &DevTensor, w: usize, (ph, pw): (usize, usize)) -> Result<TmaMap> {
+        let [b, s, h, d] = t.shape;
+        if w == 0 || !s.is_multiple_of(w) {
+            return Err(unsupported(format!(
+                "patch order: sequence {s} is not a whole number of grid rows of {w}"
+            )));
+        }
+        let tok = (h * d * 2) as u64;
+        Self::encode(
+            t,
+            &[d as u64, w as u64, (s / w) as u64, h as u64, b as u64],
+            &[tok, tok * w as u64, (d * 2) as u64, (s * h * d * 2) as u64],
+            &[64, pw as u32, ph as u32, 1, 1],
+        )
+    }
+
+    /// `cuTensorMapEncodeTiled` of `t` with the given dims (innermost first), byte strides of
+    /// dims 1.. and box, written to shared memory with the 128-byte swizzle; out-of-range
+    /// elements read as zeros.
+    fn encode(t: &DevTensor, dims: &[u64], strides: &[u64], boxes: &[u32]) -> Result<TmaMap> {
+        use cudarc::driver::sys as cu;
+        let rank = dims.len();
+        debug_assert!(strides.len() == rank - 1 && boxes.len() == rank);
+        let unit = [1u32; 5];
         let dtype = match t.dtype {
             DType::F16 => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
             _ => cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
@@ -282,13 +312,13 @@ impl TmaMap {
             let (p, _guard) = t.data.device_ptr(t.data.stream());
             p
         };
-        // SAFETY: every array has the rank (4) the call reads; `map` is a properly aligned
-        // CUtensorMap the driver fills in.
+        // SAFETY: dims and boxes have `rank` entries, strides rank - 1, `unit` at least rank;
+        // `map` is a properly aligned CUtensorMap the driver fills in.
         let r = unsafe {
             cu::cuTensorMapEncodeTiled(
                 map.as_mut_ptr(),
                 dtype,
-                4,
+                rank as u32,
                 ptr as *mut std::ffi::c_void,
                 dims.as_ptr(),
                 strides.as_ptr(),
@@ -304,7 +334,7 @@ impl TmaMap {
             return Err(Error::Cuda {
                 op: "tensor map",
                 msg: format!(
-                    "cuTensorMapEncodeTiled for a {:?} tensor failed: {r:?}",
+                    "cuTensorMapEncodeTiled for a {:?} tensor (box {boxes:?}) failed: {r:?}",
                     t.shape
                 ),
             });
@@ -564,6 +594,11 @@ impl DevMask {
     /// Largest mask bit table built (bytes); past it kernels run the mask program per element.
     const MAX_BITS_BYTES: usize = 256 << 20;
 
+    /// Whether the bit table of tiles of `br` x `bc` stays within [`Self::MAX_BITS_BYTES`].
+    fn bits_fit(&self, br: usize, bc: usize) -> bool {
+        self.sched.counts().1 * br * bc / 8 <= Self::MAX_BITS_BYTES
+    }
+
     /// Builds the bit table of the Partial tiles (`kernels/mask_bits.cu`) for query tiles of `br`
     /// rows and key tiles of `bc` keys on the device, evaluating `la_mask` once per element of
     /// each Partial tile with the kernel's parameters `p` (sequence lengths, document ids); `defines`
@@ -588,7 +623,7 @@ impl DevMask {
         }
         let n = tiles.len() / 2;
         let words = br * bc / 32;
-        if n == 0 || n * words * 4 > Self::MAX_BITS_BYTES {
+        if n == 0 || !self.bits_fit(br, bc) {
             return Ok(false);
         }
         let src = format!(
@@ -659,6 +694,8 @@ pub struct FwdPlan {
     pub schedule_seconds: f64,
     /// Tile counts of the kernel's schedule: (Full, Partial).
     pub tile_counts: (usize, usize),
+    /// Grid width and query / key patch shapes in patch order (the TMA maps' boxes).
+    patch: Option<crate::mask::patch::PatchGrid>,
 }
 
 pub(crate) fn unsupported(msg: String) -> Error {
@@ -700,26 +737,31 @@ impl FwdPlan {
         };
         let heavy = bound.is_some_and(|bm| bm.cuda_program_is_heavy());
         // Heavy programs (2-D neighborhoods, documents whose keys are not runs) read a bit table
-        // on their Partial tiles (below). Neighborhoods that a patch order serves run on the wgmma
-        // kernel (patch tiles are gathered by its loads); the rest on the warp-specialized kernel
-        // with one consumer warpgroup, 64-key tiles and two blocks per SM (n 1k neighborhood2d
-        // 32 x 32, 13 x 13, H100, D 64 / D 128 ms: 0.199 / 0.152 against 0.245 / 0.193 for its
-        // default tiles, 0.240 / 0.179 for 2 x 64, and 0.327 / 0.254 on the wgmma kernel).
-        // `LONGATTN_CUDA_HEAVY=0` keeps the default tiles (tuning runs).
-        if tile.kernel == FwdKernel::WarpSpecialized && heavy && !env_off("LONGATTN_CUDA_HEAVY") {
-            let wg = TileCfg::choose_wgmma(d, nbr2d.is_some());
-            if nbr2d.is_some_and(|nb| nb.choose_patches(wg.br, wg.bc).is_some()) {
-                tile = wg;
+        // on their Partial tiles (below) on the warp-specialized kernel with one consumer
+        // warpgroup, 64-key tiles and two blocks per SM; 2-D neighborhoods in patch order where
+        // one helps (`mask/patch.rs`: the TMA loads patch tiles as 5-D boxes). n 1k
+        // neighborhood2d 32 x 32, 13 x 13 (row order), H100, D 64 / D 128 ms: 0.199 / 0.152
+        // against 0.245 / 0.193 for its default tiles, 0.240 / 0.179 for 2 x 64, and 0.327 /
+        // 0.254 on the wgmma kernel. `LONGATTN_CUDA_HEAVY=0` keeps the default tiles,
+        // `LONGATTN_CUDA_HEAVY=wgmma` takes the wgmma kernel (tuning runs).
+        let heavy_env = std::env::var("LONGATTN_CUDA_HEAVY").unwrap_or_default();
+        if tile.kernel == FwdKernel::WarpSpecialized && heavy && heavy_env != "0" {
+            if heavy_env == "wgmma" {
+                tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
             } else if std::env::var("LONGATTN_CUDA_WS").is_err() {
                 tile = TileCfg::warp_specialized(1, 64, 2);
             }
         }
         let t0 = Instant::now();
-        // A 2-D neighborhood on the wgmma kernel runs in patch order (`mask/patch.rs`: ~2x fewer
-        // keys per query tile at 13 x 13); `LONGATTN_CUDA_PATCH=0` keeps row order.
+        // A 2-D neighborhood runs in patch order (~2x fewer keys per query tile at 13 x 13) on
+        // the wgmma kernel, and on the warp-specialized one when its Partial tiles read the bit
+        // table (its element program takes row order); `LONGATTN_CUDA_PATCH=0` keeps row order.
+        let bits_on = heavy && tile.kernel != FwdKernel::MmaSync && !env_off("LONGATTN_CUDA_BITS");
         let patch = match (bound, nbr2d) {
             (Some(bm), Some(nb))
-                if tile.kernel == FwdKernel::Wgmma && !env_off("LONGATTN_CUDA_PATCH") =>
+                if (tile.kernel == FwdKernel::Wgmma
+                    || tile.kernel == FwdKernel::WarpSpecialized && bits_on)
+                    && !env_off("LONGATTN_CUDA_PATCH") =>
             {
                 nb.choose_patches(tile.br, tile.bc).map(|g| (bm, nb, g))
             }
@@ -728,6 +770,16 @@ impl FwdPlan {
         let mut dm = match &patch {
             Some((bm, nb, grid)) => DevMask::patched(dev, bm, nb, grid, dims)?,
             None => DevMask::new(dev, mask, tile.br, tile.bc, dims)?,
+        };
+        // The warp-specialized kernel in patch order needs the table (or no Partial tile).
+        let patch = match patch {
+            Some(_)
+                if tile.kernel == FwdKernel::WarpSpecialized && !dm.bits_fit(tile.br, tile.bc) =>
+            {
+                dm = DevMask::new(dev, mask, tile.br, tile.bc, dims)?;
+                None
+            }
+            p => p,
         };
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
@@ -748,7 +800,7 @@ impl FwdPlan {
                 "_wg",
             ),
             FwdKernel::WarpSpecialized => (
-                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{PARAMS}\n{program_src}\n{FWD_WS}"),
+                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{PARAMS}\n{program_src}\n{TOKENS}\n{FWD_WS}"),
                 "la_attn_fwd_ws",
                 "_ws",
             ),
@@ -811,7 +863,7 @@ impl FwdPlan {
         // bit table (built here, timed with the schedule) instead of running the program.
         // `LONGATTN_CUDA_BITS=0` keeps the program (tuning runs).
         let mut schedule_seconds = schedule_seconds;
-        if tile.kernel != FwdKernel::MmaSync && heavy && !env_off("LONGATTN_CUDA_BITS") {
+        if bits_on {
             let t1 = Instant::now();
             if dm.build_bits(dev, &base, (tile.br, tile.bc), &defines)? {
                 defines.push(("LA_MASK_BITS".into(), "1".into()));
@@ -875,6 +927,7 @@ impl FwdPlan {
             _mask: dm,
             tile,
             schedule_seconds,
+            patch: patch.map(|(_, _, g)| g),
         })
     }
 
@@ -923,12 +976,19 @@ impl FwdPlan {
         let mut b = s.launch_builder(&self.func);
         let ws;
         if self.tile.kernel == FwdKernel::WarpSpecialized {
-            ws = LaWsParams {
-                tq: TmaMap::rows(q, self.tile.br)?,
-                tk: TmaMap::rows(k, self.tile.bc)?,
-                tv: TmaMap::rows(v, self.tile.bc)?,
-                p,
+            let (tq, tk, tv) = match &self.patch {
+                Some(g) => (
+                    TmaMap::patches(q, g.w, g.q)?,
+                    TmaMap::patches(k, g.w, g.k)?,
+                    TmaMap::patches(v, g.w, g.k)?,
+                ),
+                None => (
+                    TmaMap::rows(q, self.tile.br)?,
+                    TmaMap::rows(k, self.tile.bc)?,
+                    TmaMap::rows(v, self.tile.bc)?,
+                ),
             };
+            ws = LaWsParams { tq, tk, tv, p };
             b.arg(&ws);
         } else {
             b.arg(&p);

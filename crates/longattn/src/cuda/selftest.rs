@@ -154,6 +154,11 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
         128,
         "neighborhood2d(32,32,13,13)",
     ));
+    // A taller grid than wide with an uneven kernel, GQA 4:1: patch tiles on the
+    // warp-specialized kernel (5-D TMA boxes) on Hopper.
+    let mut c = FwdCase::new(BF16, 3072, 3072, 64, "neighborhood2d(64,48,7,11)");
+    c.hq = 8;
+    v.push(c);
     if !quick {
         let mut c = FwdCase::new(F16, 1024, 1024, 64, "neighborhood2d(8,128,3,9)");
         c.batch = 2;

@@ -25,6 +25,10 @@
 // head) with a stride of the grid, so the producer loads the next item's Q, K and V while the
 // consumers still finish (softmax tail, output stores) the current one.
 //
+// Patch order (LA_PATCH = 1, 2-D neighborhoods; mask/patch.rs, tile_tokens.cuh): the producer
+// loads a query or key tile as one 5-D box of the grid (PH rows of PW tokens, the tile's rows in
+// patch order); the mask is the plan's bit table (LA_MASK_BITS), the stores go to la_qtok's tokens.
+//
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG (consumer
 // warpgroups: 1..3), LA_MINB, LA_SOFTCAP, and the mask program la_mask.
 
@@ -73,6 +77,27 @@ __device__ __forceinline__ void la_ws_qk(float* s, const u16* sQ, const u16* sK,
 __device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16* sV) {
 #pragma unroll
     for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024));
+}
+
+// In patch order the host builds the bit table whenever there are Partial tiles (the element
+// program below takes row-order tokens); Full tiles need no mask (patch tiles cover the grid).
+#if !LA_PATCH
+#define LA_QPH 1
+#define LA_QPW LA_BR
+#define LA_KPH 1
+#define LA_KPW LA_BC
+#endif
+// 64 columns (from c0) of tile t (R rows) of a head: rows t R .. t R + R - 1 (a 4-D box of the
+// row map), or in patch order the t-th PH x PW patch of the grid (a 5-D box of the patch map,
+// which lands as PH rows of PW tokens: tile row r is la_patch_tok(t, r)).
+template <int R, int PH, int PW>
+__device__ __forceinline__ void la_ws_tma_tile(u16* dst, const LaTmap* map, u64* bar, int c0, int t, int h, int b) {
+#if LA_PATCH
+    constexpr int per = LA_PW / PW;
+    la_tma_load5(dst, map, bar, c0, (t % per) * PW, (t / per) * PH, h, b);
+#else
+    la_tma_load4(dst, map, bar, c0, t * R, h, b);
+#endif
 }
 
 // Work item t: (query tile, batch, head). Query tiles outermost, heaviest first (causal: the last
@@ -287,24 +312,24 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
 #pragma unroll
             for (int cb = 0; cb < LA_D / 64; cb++)
-                la_tma_load4(sQ0 + sq * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + sq, cb * 64, qt * LA_BR, h, b);
+                la_ws_tma_tile<LA_BR, LA_QPH, LA_QPW>(sQ0 + sq * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + sq, cb * 64, qt, h, b);
             nq++;
             for (int n = 0; n < nt; n++, nkv++) {
                 const int st = nkv & 1;
                 const u32 par = ((nkv >> 1) & 1) ^ 1;
-                const int k0 = (int)(p.sched_ent[e0 + n] >> 1) * LA_BC;
+                const int kt = (int)(p.sched_ent[e0 + n] >> 1);
                 u16* sK = sK0 + st * LA_BC * LA_D;
                 u16* sV = sV0 + st * LA_BC * LA_D;
                 la_mbar_wait(empty_k + st, par);
                 la_mbar_expect(full_k + st, TILE_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < LA_D / 64; cb++)
-                    la_tma_load4(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, k0, kh, b);
+                    la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, kt, kh, b);
                 la_mbar_wait(empty_v + st, par);
                 la_mbar_expect(full_v + st, TILE_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < LA_D / 64; cb++)
-                    la_tma_load4(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, k0, kh, b);
+                    la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, kt, kh, b);
             }
         }
         return;
@@ -416,7 +441,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 
         // Epilogue: O / l and the LSE; rows past Sq are not written; rows with no allowed key get
         // 0 and -inf.
-        la_wg_store(p, o, l0, l1, m0, m1, b, h, rowbase, rowbase + 8, t4);
+        const int rl = rowbase - qt * LA_BR;
+        la_wg_store(p, o, l0, l1, m0, m1, b, h, la_qtok(qt, rl), la_qtok(qt, rl + 8), t4);
     }
     if (LA_NWG > 1 && c == 0) la_bar_sync(1, 256);
 }

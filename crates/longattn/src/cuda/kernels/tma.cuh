@@ -51,6 +51,16 @@ __device__ __forceinline__ void la_tma_load4(void* dst, const LaTmap* map, u64* 
         : "memory");
 }
 
+// One box of a 5-D tensor (a patch of a 2-D grid: {64 columns, grid column, grid row, head, batch}).
+__device__ __forceinline__ void la_tma_load5(void* dst, const LaTmap* map, u64* bar, int c0, int c1,
+                                             int c2, int c3, int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6, %7}], [%2];\n" ::"r"(
+            la_smem_addr(dst)),
+        "l"((u64)map), "r"(la_smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+        : "memory");
+}
+
 // --- Bulk copy (TMA unit, no tensor map): `bytes` contiguous bytes into shared memory; completion
 // as transaction bytes on `bar`. Addresses and size multiples of 16.
 __device__ __forceinline__ void la_bulk_load(void* dst, const void* src, u32 bytes, u64* bar) {
