@@ -528,7 +528,14 @@ impl DecodePlan {
         // u = 2 / 4 / 6 / 8 / 12 / 16: page 16 0.471 / 0.428 / 0.430 / 0.410 / 0.452 / 0.443
         // (pages in order: the same within 1%, so not their placement); contiguous 0.395 /
         // 0.367 / 0.373 / 0.374 / 0.360 / 0.363 (the split count follows u).
+        // `LONGATTN_CUDA_DECODE=u[,splits]` overrides (tuning runs). A sweep of u 4..16 x splits
+        // 1..6 (2026-11-23, same shape) found nothing better than u 8 with the planned 3 splits
+        // for pages (0.417 ms) nor u 4 with 2 for the contiguous cache (0.369 ms); at u 8 the
+        // kernel takes 168 registers (3 blocks of 4 warps per SM, 18% occupancy), and capping
+        // them (launch bounds for 4-5 blocks) spills and runs 15-100% slower.
+        let tune = super::forward::env_list("LONGATTN_CUDA_DECODE");
         let u = match (g >= 8, page > 0) {
+            _ if tune.first().is_some_and(|&u| (1..=16).contains(&u)) => tune[0],
             (true, _) => 2,
             (false, true) => 8,
             (false, false) => 4,
@@ -574,6 +581,11 @@ impl DecodePlan {
         let items = batch * hk * chunks;
         let split = match params.split_len {
             Some(n) => split_plan_for(max_len, n, 1),
+            None if tune.get(1).is_some_and(|&s| s > 0) => split_plan_for(
+                max_len,
+                max_len.div_ceil(tune[1]),
+                if page > 0 { page } else { 64 },
+            ),
             None => plan_splits(
                 items,
                 dev.sms * blocks_per_sm,

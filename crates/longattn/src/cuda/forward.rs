@@ -30,7 +30,7 @@ const TOKENS: &str = include_str!("kernels/tile_tokens.cuh");
 const MASK_BITS: &str = include_str!("kernels/mask_bits.cu");
 
 /// A comma-separated list of numbers from an environment variable (tuning overrides).
-fn env_list(key: &str) -> Vec<usize> {
+pub(crate) fn env_list(key: &str) -> Vec<usize> {
     std::env::var(key)
         .unwrap_or_default()
         .split(',')
