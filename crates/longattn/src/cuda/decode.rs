@@ -522,25 +522,31 @@ impl DecodePlan {
         let g = heads_per_block(group);
         let chunks = group / g;
         let page = cache.layout.define();
-        // More keys in flight per lane when the registers allow it (q and acc take 16 G). Pages
-        // want more: a key's address waits on its page-table entry, so the loads of the next
-        // iteration cannot start early. H100, batch 32, 8k keys, 32 / 8 heads, D 128, ms at
-        // u = 2 / 4 / 6 / 8 / 12 / 16: page 16 0.471 / 0.428 / 0.430 / 0.410 / 0.452 / 0.443
-        // (pages in order: the same within 1%, so not their placement); contiguous 0.395 /
-        // 0.367 / 0.373 / 0.374 / 0.360 / 0.363 (the split count follows u).
-        // `LONGATTN_CUDA_DECODE=u[,splits]` overrides (tuning runs). A sweep of u 4..16 x splits
-        // 1..6 (2026-11-23, same shape) found nothing better than u 8 with the planned 3 splits
-        // for pages (0.417 ms) nor u 4 with 2 for the contiguous cache (0.369 ms); at u 8 the
-        // kernel takes 168 registers (3 blocks of 4 warps per SM, 18% occupancy), and capping
-        // them (launch bounds for 4-5 blocks) spills and runs 15-100% slower.
+        // Keys in flight. Contiguous caches load K / V straight into registers, 4 tokens per lane
+        // group (2 when G >= 8: q and acc take 16 G registers). Paged caches go through a ring
+        // of 3 stages in shared memory filled by cp.async (2 iterations of 4 tokens in flight
+        // without holding registers): a key's address waits on its page-table entry, and with
+        // registers alone the 8 tokens that hid it took 168 registers a thread (3 blocks per SM).
+        // H100, batch 32, 8k keys, 32 / 8 heads, D 128, paged p16 ms: registers u 2 / 4 / 8 / 12
+        // / 16 0.471 / 0.428 / 0.410 / 0.452 / 0.443 (pages in order the same within 1%: not their
+        // placement); ring (u, stages) (2, 2) 0.377, (2, 3) 0.391, (4, 2) 0.383, (4, 3) 0.380,
+        // (4, 4) 0.382, (8, 3) 0.382, (6, 3) 0.376; contiguous in the same runs 0.367-0.380
+        // either way (registers u 4: 0.370). `LONGATTN_CUDA_DECODE=u[,splits[,stages]]`
+        // overrides (tuning runs; capping the registers with launch bounds spilled, 15-100%
+        // slower).
         let tune = super::forward::env_list("LONGATTN_CUDA_DECODE");
-        let u = match (g >= 8, page > 0) {
-            _ if tune.first().is_some_and(|&u| (1..=16).contains(&u)) => tune[0],
-            (true, _) => 2,
-            (false, true) => 8,
-            (false, false) => 4,
+        let u = match tune.first() {
+            Some(&u) if (1..=16).contains(&u) => u,
+            _ if g >= 8 => 2,
+            _ => 4,
+        };
+        let ns = match tune.get(2) {
+            Some(&n) if n == 0 || (2..=8).contains(&n) => n,
+            _ if page > 0 => 3,
+            _ => 0,
         };
         let softcap = params.softcap.is_some();
+        let smem = ns * 2 * u * WARPS * 32 * 16;
         let defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
@@ -550,14 +556,15 @@ impl DecodePlan {
             ("LA_WARPS".into(), WARPS.to_string()),
             ("LA_U".into(), u.to_string()),
             ("LA_MERGE_ONLY".into(), "0".into()),
+            ("LA_NS".into(), ns.to_string()),
         ];
         let variant = format!(
-            "decode_{}_d{d}_g{g}_p{page}_u{u}{}",
+            "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" }
         );
         let src = format!("{COMMON}\n{DECODE}");
-        let func = dev.function(&variant, "la_decode", &src, &defines, 0)?;
+        let func = dev.function(&variant, "la_decode", &src, &defines, smem)?;
         // The merge depends on dtype and D only: its own module (the module cache is keyed by
         // variant and defines, not by entry name).
         let merge_defines = vec![
@@ -574,7 +581,7 @@ impl DecodePlan {
         )?;
         let threads = (WARPS * 32) as u32;
         let blocks_per_sm = func
-            .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
             .ok()
             .filter(|&n| n > 0)
             .unwrap_or(4) as usize;
@@ -641,7 +648,7 @@ impl DecodePlan {
                 batch.max(1) as u32,
             ),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem as u32,
         };
         let merge_cfg = LaunchConfig {
             grid_dim: ((batch * hq).div_ceil(MERGE_ROWS).max(1) as u32, 1, 1),

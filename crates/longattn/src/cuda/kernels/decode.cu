@@ -9,6 +9,9 @@
 //   LA_SOFTCAP 1 = x -> c tanh(x / c)
 //   LA_WARPS   warps per block
 //   LA_U       tokens each lane group loads per iteration (loads in flight)
+//   LA_NS      0: K/V go straight to registers; >= 2: a ring of LA_NS stages in shared memory
+//              filled by cp.async (each lane copies, then reads back, its own 16-byte pieces:
+//              no block barrier), LA_NS - 1 iterations of loads in flight
 //   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
 //
 // Work: block (split x, KV head kh and head chunk, sequence b) attends the LA_G query heads
@@ -136,7 +139,47 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 #endif
     }
 
+#if LA_NS
+    // Ring slot of (stage, K or V, token u) for this thread: [LA_NS][2][LA_U][threads] x 16 bytes.
+    extern __shared__ la_v4 la_ring[];
+    auto slot = [&](int st, int kv, int u) -> la_v4* {
+        return la_ring + ((st * 2 + kv) * LA_U + u) * (LA_WARPS * 32) + threadIdx.x;
+    };
+    // Issues the copies of the iteration at jn into stage st (pages from pg), then reads the
+    // pages of the iteration after it; one commit group per iteration (empty past j1).
+    auto issue = [&](int jn, int st) {
+        if (jn < j1) {
+#pragma unroll
+            for (int u = 0; u < LA_U; u++) {
+                const int j = jn + u * LA_STEP + tok;
+                const bool in = j < j1;
+                const i64 r = in ? la_row(p, pg[u], b, j, kh, sub) : 0;
+                la_cp_async16(slot(st, 0, u), p.k + r, in ? 16 : 0);
+                la_cp_async16(slot(st, 1, u), p.v + r, in ? 16 : 0);
+            }
+#if LA_PAGE
+#pragma unroll
+            for (int u = 0; u < LA_U; u++) {
+                const int j = jn + LA_ITER + u * LA_STEP + tok;
+                pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
+            }
+#endif
+        }
+        la_cp_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < LA_NS - 1; st++) issue(j0 + st * LA_ITER, st);
+    int cur = 0;
+#endif
+
     for (int jb = j0; jb < j1; jb += LA_ITER) {
+#if LA_NS
+        // Refill the stage computed last iteration (its reads are done), wait for this one.
+        issue(jb + (LA_NS - 1) * LA_ITER, (cur + LA_NS - 1) % LA_NS);
+        la_cp_wait<LA_NS - 1>();
+#define LA_KW(u) (*slot(cur, 0, u))
+#define LA_VW(u) (*slot(cur, 1, u))
+#else
         la_v4 kw[LA_U], vw[LA_U];
 #pragma unroll
         for (int u = 0; u < LA_U; u++) {
@@ -157,13 +200,16 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
         }
 #endif
+#define LA_KW(u) kw[u]
+#define LA_VW(u) vw[u]
+#endif
 
         // x[u][g] = q_g . k_u: partial dot over this lane's 8 elements, summed over the group.
         float x[LA_U][LA_G];
 #pragma unroll
         for (int u = 0; u < LA_U; u++) {
             float kf[8];
-            la_unpack8(kw[u], kf);
+            la_unpack8(LA_KW(u), kf);
 #pragma unroll
             for (int g = 0; g < LA_G; g++) {
                 float s = 0.f;
@@ -216,14 +262,19 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 #pragma unroll
         for (int u = 0; u < LA_U; u++) {
             float vf[8];
-            la_unpack8(vw[u], vf);
+            la_unpack8(LA_VW(u), vf);
 #pragma unroll
             for (int g = 0; g < LA_G; g++) {
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[g][e] = fmaf(pu[u][g], vf[e], acc[g][e]);
             }
         }
+#if LA_NS
+        cur = (cur + 1) % LA_NS;
+#endif
     }
+#undef LA_KW
+#undef LA_VW
 
     // Merge the groups of the warp (butterfly over the group index): two states (m, l, acc) and
     // (m2, l2, acc2) give m' = max(m, m2), l' = 2^(m - m') l + 2^(m2 - m') l2, acc likewise.
