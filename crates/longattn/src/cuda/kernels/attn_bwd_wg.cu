@@ -177,6 +177,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             item(t, h, ent, ci);
             const int q0 = (int)(ent >> 1) * LA_BR;
             la_mbar_wait(empty_q + st, ((t >> 1) & 1) ^ 1);
+            // The consumers read L2 / Delta with ordinary loads (generic proxy); order those
+            // reads before the bulk copies (async proxy) that refill the stage.
+            la_fence_async_smem();
             la_mbar_expect(full_q + st, 2 * LA_BR * LA_D * 2 + 2 * LA_BR * 4);
 #pragma unroll
             for (int cb = 0; cb < LA_D / 64; cb++) {
@@ -306,7 +309,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             if (blk == 0) {
                 la_fence_regs<LA_D / 2>(dv);
                 la_fence_regs<LA_D / 2>(dk);
-                // Every read of stage st (products, L2, Delta) is done: back to the producer.
+                // Every read of stage st (products, L2, Delta) is done: back to the producer. The
+                // warp barrier orders the other lanes' L2 / Delta loads before lane 0's arrival.
+                __syncwarp();
                 if (lane == 0) la_mbar_arrive(empty_q + st);
             }
 #pragma unroll
