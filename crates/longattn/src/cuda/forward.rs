@@ -27,6 +27,7 @@ const FWD_WG: &str = include_str!("kernels/attn_fwd_wg.cu");
 pub(crate) const TMA: &str = include_str!("kernels/tma.cuh");
 const FWD_WS: &str = include_str!("kernels/attn_fwd_ws.cu");
 const TOKENS: &str = include_str!("kernels/tile_tokens.cuh");
+const WG_SOFTMAX: &str = include_str!("kernels/wg_softmax.cuh");
 const MASK_BITS: &str = include_str!("kernels/mask_bits.cu");
 
 /// A comma-separated list of numbers from an environment variable (tuning overrides).
@@ -794,13 +795,13 @@ impl FwdPlan {
             ),
             FwdKernel::Wgmma => (
                 format!(
-                    "{COMMON}\n{WGMMA}\n{wrappers}\n{PARAMS}\n{program_src}\n{TOKENS}\n{FWD_WG}"
+                    "{COMMON}\n{WGMMA}\n{wrappers}\n{PARAMS}\n{program_src}\n{TOKENS}\n{WG_SOFTMAX}\n{FWD_WG}"
                 ),
                 "la_attn_fwd_wg",
                 "_wg",
             ),
             FwdKernel::WarpSpecialized => (
-                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{PARAMS}\n{program_src}\n{TOKENS}\n{FWD_WS}"),
+                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{PARAMS}\n{program_src}\n{TOKENS}\n{WG_SOFTMAX}\n{FWD_WS}"),
                 "la_attn_fwd_ws",
                 "_ws",
             ),

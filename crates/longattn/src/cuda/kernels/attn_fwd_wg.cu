@@ -162,38 +162,16 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
                 s[x] = y;
             }
 
-            // Online softmax: rows g (elements 4 j, 4 j + 1) and g + 8 (4 j + 2, 4 j + 3).
-            float mx0 = m0, mx1 = m1;
-#pragma unroll
-            for (int j = 0; j < LA_BC / 8; j++) {
-                mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-                mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-            }
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-            const float u0 = mx0 == -LA_INF ? 0.f : mx0, u1 = mx1 == -LA_INF ? 0.f : mx1;
-            const float a0 = la_exp2(m0 - u0), a1 = la_exp2(m1 - u1);
-            m0 = mx0;
-            m1 = mx1;
-            l0 *= a0;
-            l1 *= a1;
+            // Online softmax (wg_softmax.cuh): P into s, O rescaled by 2^(m_old - m_new).
+            float a0, a1;
+            la_wg_softmax(s, m0, m1, l0, l1, a0, a1);
 #pragma unroll
             for (int j = 0; j < LA_D / 8; j++) {
                 o[4 * j] *= a0; o[4 * j + 1] *= a0;
                 o[4 * j + 2] *= a1; o[4 * j + 3] *= a1;
             }
             u32 pf[LA_BC / 16][4];
-#pragma unroll
-            for (int j = 0; j < LA_BC / 8; j++) {
-                const float p0 = la_exp2(s[4 * j] - u0), p1 = la_exp2(s[4 * j + 1] - u0);
-                const float p2 = la_exp2(s[4 * j + 2] - u1), p3 = la_exp2(s[4 * j + 3] - u1);
-                l0 += p0 + p1;
-                l1 += p2 + p3;
-                pf[j >> 1][(j & 1) * 2 + 0] = la_pack2(p0, p1);
-                pf[j >> 1][(j & 1) * 2 + 1] = la_pack2(p2, p3);
-            }
+            la_wg_pack(pf, s);
 
             // O += P V: 16 keys a step; V's 8-key groups are 1024 bytes apart, its 64-column blocks
             // BC x 128 bytes apart.

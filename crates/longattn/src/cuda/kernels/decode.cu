@@ -91,6 +91,21 @@ __device__ __forceinline__ i64 la_row(const LaDecParams& p, int page, int b, int
 }
 
 #if !LA_MERGE_ONLY
+// Physical pages of this lane group's tokens jn + u LA_STEP + tok of an iteration (0 past j1 and
+// for the contiguous cache).
+__device__ __forceinline__ void la_pages(int* pg, const int* tab, int jn, int j1, int tok) {
+#pragma unroll
+    for (int u = 0; u < LA_U; u++) {
+        const int j = jn + u * LA_STEP + tok;
+#if LA_PAGE
+        pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
+#else
+        (void)tab;
+        pg[u] = 0;
+#endif
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
@@ -129,15 +144,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     // Pages of this iteration's tokens, read one iteration ahead (the table read is off the
     // critical path of the K/V loads).
     int pg[LA_U];
-#pragma unroll
-    for (int u = 0; u < LA_U; u++) {
-        const int j = j0 + u * LA_STEP + tok;
-#if LA_PAGE
-        pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
-#else
-        pg[u] = 0;
-#endif
-    }
+    la_pages(pg, tab, j0, j1, tok);
 
 #if LA_NS
     // Ring slot of (stage, K or V, token u) for this thread: [LA_NS][2][LA_U][threads] x 16 bytes.
@@ -157,13 +164,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 la_cp_async16(slot(st, 0, u), p.k + r, in ? 16 : 0);
                 la_cp_async16(slot(st, 1, u), p.v + r, in ? 16 : 0);
             }
-#if LA_PAGE
-#pragma unroll
-            for (int u = 0; u < LA_U; u++) {
-                const int j = jn + LA_ITER + u * LA_STEP + tok;
-                pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
-            }
-#endif
+            la_pages(pg, tab, jn + LA_ITER, j1, tok);
         }
         la_cp_commit();
     };
@@ -193,13 +194,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 vw[u].x = vw[u].y = vw[u].z = vw[u].w = 0u;
             }
         }
-#if LA_PAGE
-#pragma unroll
-        for (int u = 0; u < LA_U; u++) {
-            const int j = jb + LA_ITER + u * LA_STEP + tok;
-            pg[u] = j < j1 ? tab[j / LA_PAGE] : 0;
-        }
-#endif
+        la_pages(pg, tab, jb + LA_ITER, j1, tok);
 #define LA_KW(u) kw[u]
 #define LA_VW(u) vw[u]
 #endif
