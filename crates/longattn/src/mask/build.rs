@@ -124,9 +124,9 @@ struct Builder<'a> {
     core: Vec<Ivs>,
     /// Tile class per node for the current tile.
     class: Vec<u8>,
-    /// Documents: distinct ids of each key tile (CSR) and of the current query tile.
-    kt_off: Vec<usize>,
-    kt_ids: Vec<i32>,
+    /// Documents: distinct ids of each key tile (shared by the builders of a batch row) and of
+    /// the current query tile.
+    kt: &'a KeyTileIds,
     q_ids: Vec<i32>,
     /// Word buffer for row scans.
     words: Vec<u64>,
@@ -137,23 +137,38 @@ struct Builder<'a> {
     doc_runs: bool,
 }
 
-impl Builder<'_> {
-    /// Distinct document ids of every key tile of batch row `b`.
-    fn key_tile_ids(&mut self, b: usize) {
-        let Some(d) = &self.m.docs else { return };
-        let sk = self.sk as usize;
-        let ks = &d.k[b * sk..(b + 1) * sk];
-        self.kt_off.clear();
-        self.kt_ids.clear();
-        self.kt_off.push(0);
-        let mut tmp = Vec::new();
-        for chunk in ks.chunks(self.tk) {
-            distinct(chunk.iter().copied(), &mut tmp);
-            self.kt_ids.extend_from_slice(&tmp);
-            self.kt_off.push(self.kt_ids.len());
-        }
-    }
+/// Distinct document ids of every key tile of one batch row (CSR: tile t's ids are
+/// `ids[off[t]..off[t + 1]]`); empty without documents.
+#[derive(Default)]
+struct KeyTileIds {
+    off: Vec<usize>,
+    ids: Vec<i32>,
+}
 
+impl KeyTileIds {
+    /// The ids of batch row `b` for key tiles of `tk` keys. Built once per batch row (it reads
+    /// every key's id) and shared by the parallel row builders.
+    fn new(m: &BoundMask, b: usize, tk: usize) -> KeyTileIds {
+        let Some(d) = &m.docs else {
+            return KeyTileIds::default();
+        };
+        let sk = m.shape().sk;
+        let ks = &d.k[b * sk..(b + 1) * sk];
+        let mut kt = KeyTileIds {
+            off: vec![0],
+            ids: Vec::new(),
+        };
+        let mut tmp = Vec::new();
+        for chunk in ks.chunks(tk) {
+            distinct(chunk.iter().copied(), &mut tmp);
+            kt.ids.extend_from_slice(&tmp);
+            kt.off.push(kt.ids.len());
+        }
+        kt
+    }
+}
+
+impl Builder<'_> {
     /// The schedule row of query tile `qt` of batch row `b`: the key tiles inside the root's
     /// core are Full in bulk, the others in its support are classified one by one.
     fn row(&mut self, b: usize, qt: usize, k_tiles: usize) -> Vec<TileEntry> {
@@ -418,7 +433,7 @@ impl Builder<'_> {
                         tri(*s == 1 || (lo == hi && !none), none)
                     }
                     Atom::Document => {
-                        let ids = &self.kt_ids[self.kt_off[kt]..self.kt_off[kt + 1]];
+                        let ids = &self.kt.ids[self.kt.off[kt]..self.kt.off[kt + 1]];
                         tri(
                             self.q_ids.len() == 1 && ids == self.q_ids.as_slice(),
                             disjoint(ids, &self.q_ids),
@@ -581,8 +596,12 @@ impl BoundMask {
         let nn = self.nodes.len();
         let doc_runs = self.docs_are_runs();
         let interval_root = shape.sq > 0 && self.row_interval(self.root, 0, 0, doc_runs).is_some();
-        let builder = |b: usize| {
-            let mut bl = Builder {
+        let k_tiles = sched.k_tiles;
+        for b in 0..batch {
+            // Query tiles are independent: rows are built in parallel (one builder per worker)
+            // and appended in order.
+            let kt = &KeyTileIds::new(self, b, tile_k);
+            let builder = || Builder {
                 m: self,
                 tq: tile_q,
                 tk: tile_k,
@@ -590,24 +609,16 @@ impl BoundMask {
                 sup: vec![Vec::new(); nn],
                 core: vec![Vec::new(); nn],
                 class: vec![EMPTY; nn],
-                kt_off: Vec::new(),
-                kt_ids: Vec::new(),
+                kt,
                 q_ids: Vec::new(),
                 words: vec![0; tile_k.div_ceil(64)],
                 interval_root,
                 doc_runs,
             };
-            bl.key_tile_ids(b);
-            bl
-        };
-        let k_tiles = sched.k_tiles;
-        for b in 0..batch {
-            // Query tiles are independent: rows are built in parallel (one builder per worker)
-            // and appended in order.
             let rows: Vec<Vec<TileEntry>> = (0..sched.q_tiles)
                 .into_par_iter()
                 .with_min_len(8)
-                .map_init(|| builder(b), |bl, qt| bl.row(b, qt, k_tiles))
+                .map_init(builder, |bl, qt| bl.row(b, qt, k_tiles))
                 .collect();
             sched.reserve(rows.iter().map(Vec::len).sum());
             for r in rows {
