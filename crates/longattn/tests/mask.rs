@@ -663,3 +663,75 @@ fn neighborhood_tiles_classified_exactly_on_larger_grids() {
         }
     }
 }
+
+/// Masks that allow one interval of keys per row, classified from the first and last rows of a
+/// tile when both interval ends never decrease (and row by row otherwise: documents whose runs
+/// go backwards): every tile's kind equals the brute-force count's, with Sq != Sk, empty rows
+/// (a window past a prefix bound) and tiles that cut the bands at awkward places.
+#[test]
+fn interval_tiles_classified_exactly() {
+    let (sq, sk) = (300, 420);
+    let shape = MaskShape { batch: 2, sq, sk };
+    // Documents in order, or (batch row 1 of the second set) the same runs in reverse order.
+    let ids = |n: usize, b: usize| -> Vec<i32> {
+        (0..n)
+            .map(|i| {
+                let d = (i * 5 / n) as i32;
+                if b == 0 {
+                    d
+                } else {
+                    4 - d
+                }
+            })
+            .collect()
+    };
+    let sets = [
+        DocIds {
+            q: [ids(sq, 0), ids(sq, 0)].concat(),
+            k: [ids(sk, 0), ids(sk, 0)].concat(),
+        },
+        DocIds {
+            q: [ids(sq, 0), ids(sq, 1)].concat(),
+            k: [ids(sk, 0), ids(sk, 1)].concat(),
+        },
+    ];
+    for (docs, text) in sets.iter().flat_map(|d| {
+        [
+            "causal & window(100,0)",
+            "causal & prefix(100) & window(30,0)",
+            "window(10,40) & sinks(64)",
+            "chunk(64) & causal",
+            "chunk(50) & window(20,20)",
+            "causal & sinks(30) & window(60,0)",
+            "window(80,80) & prefix(200)",
+            "causal & document",
+            "document & window(40,10)",
+        ]
+        .map(move |t| (d, t))
+    }) {
+        let m = p(text).bind(shape, Some(docs.clone())).unwrap();
+        for (tq, tk) in [(64, 64), (192, 128), (48, 80), (7, 100), (1, 33)] {
+            let s = m.schedule(tq, tk).unwrap();
+            for b in 0..s.batch {
+                for qt in 0..s.q_tiles {
+                    let (q0, q1) = s.q_range(qt);
+                    let row = s.row(b, 0, qt);
+                    for kt in 0..s.k_tiles {
+                        let (k0, k1) = s.k_range(kt);
+                        let on = (q0..q1)
+                            .flat_map(|i| (k0..k1).map(move |j| (i, j)))
+                            .filter(|&(i, j)| m.allowed(b, i, j))
+                            .count();
+                        let want = match on {
+                            0 => None,
+                            x if x == (q1 - q0) * (k1 - k0) => Some(TileKind::Full),
+                            _ => Some(TileKind::Partial),
+                        };
+                        let got = row.iter().find(|e| e.k_tile as usize == kt).map(|e| e.kind);
+                        assert_eq!(got, want, "{text} b {b} tiles {tq}x{tk} ({qt}, {kt})");
+                    }
+                }
+            }
+        }
+    }
+}
