@@ -641,33 +641,41 @@ fn neighborhood_tiles_classified_exactly_on_larger_grids() {
             .bind(MaskShape::square(n), None)
             .unwrap();
         for (tq, tk) in [(64, 64), (128, 64), (48, 80), (7, 100)] {
-            let s = m.schedule(tq, tk).unwrap();
-            for qt in 0..s.q_tiles {
-                let (q0, q1) = s.q_range(qt);
-                let row = s.row(0, 0, qt);
-                for kt in 0..s.k_tiles {
-                    let (k0, k1) = s.k_range(kt);
-                    let on = (q0..q1)
-                        .flat_map(|i| (k0..k1).map(move |j| (i, j)))
-                        .filter(|&(i, j)| m.allowed(0, i, j))
-                        .count();
-                    let want = match on {
-                        0 => None,
-                        x if x == (q1 - q0) * (k1 - k0) => Some(TileKind::Full),
-                        _ => Some(TileKind::Partial),
-                    };
-                    let got = row.iter().find(|e| e.k_tile as usize == kt).map(|e| e.kind);
-                    assert_eq!(got, want, "{expr} tiles {tq}x{tk} ({qt}, {kt})");
-                }
+            assert_tiles_exact(&m, tq, tk, expr);
+        }
+    }
+}
+
+/// Every tile of `m`'s schedule for `tq` x `tk` tiles, in every batch row it has, has the kind
+/// (absent, Full, Partial) that counting its allowed pairs one by one gives.
+fn assert_tiles_exact(m: &BoundMask, tq: usize, tk: usize, label: &str) {
+    let s = m.schedule(tq, tk).unwrap();
+    for b in 0..s.batch {
+        for qt in 0..s.q_tiles {
+            let (q0, q1) = s.q_range(qt);
+            let row = s.row(b, 0, qt);
+            for kt in 0..s.k_tiles {
+                let (k0, k1) = s.k_range(kt);
+                let on = (q0..q1)
+                    .flat_map(|i| (k0..k1).map(move |j| (i, j)))
+                    .filter(|&(i, j)| m.allowed(b, i, j))
+                    .count();
+                let want = match on {
+                    0 => None,
+                    x if x == (q1 - q0) * (k1 - k0) => Some(TileKind::Full),
+                    _ => Some(TileKind::Partial),
+                };
+                let got = row.iter().find(|e| e.k_tile as usize == kt).map(|e| e.kind);
+                assert_eq!(got, want, "{label} b {b} tiles {tq}x{tk} ({qt}, {kt})");
             }
         }
     }
 }
 
-/// Masks that allow one interval of keys per row, classified from the first and last rows of a
-/// tile when both interval ends never decrease (and row by row otherwise: documents whose runs
-/// go backwards): every tile's kind equals the brute-force count's, with Sq != Sk, empty rows
-/// (a window past a prefix bound) and tiles that cut the bands at awkward places.
+/// Masks that allow one interval of keys per row (tiles the atoms leave undecided are
+/// classified from the rows' intervals), with documents in row order and against it: every
+/// tile's kind equals the brute-force count's, with Sq != Sk, empty rows (a window past a prefix
+/// bound) and tiles that cut the bands at awkward places.
 #[test]
 fn interval_tiles_classified_exactly() {
     let (sq, sk) = (300, 420);
@@ -711,27 +719,7 @@ fn interval_tiles_classified_exactly() {
     }) {
         let m = p(text).bind(shape, Some(docs.clone())).unwrap();
         for (tq, tk) in [(64, 64), (192, 128), (48, 80), (7, 100), (1, 33)] {
-            let s = m.schedule(tq, tk).unwrap();
-            for b in 0..s.batch {
-                for qt in 0..s.q_tiles {
-                    let (q0, q1) = s.q_range(qt);
-                    let row = s.row(b, 0, qt);
-                    for kt in 0..s.k_tiles {
-                        let (k0, k1) = s.k_range(kt);
-                        let on = (q0..q1)
-                            .flat_map(|i| (k0..k1).map(move |j| (i, j)))
-                            .filter(|&(i, j)| m.allowed(b, i, j))
-                            .count();
-                        let want = match on {
-                            0 => None,
-                            x if x == (q1 - q0) * (k1 - k0) => Some(TileKind::Full),
-                            _ => Some(TileKind::Partial),
-                        };
-                        let got = row.iter().find(|e| e.k_tile as usize == kt).map(|e| e.kind);
-                        assert_eq!(got, want, "{text} b {b} tiles {tq}x{tk} ({qt}, {kt})");
-                    }
-                }
-            }
+            assert_tiles_exact(&m, tq, tk, text);
         }
     }
 }
