@@ -62,7 +62,7 @@ pub struct AttnOutput {
 }
 
 /// Problem sizes after validation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Dims {
     pub batch: usize,
     pub sq: usize,

@@ -9,6 +9,7 @@
 //! - [`reference`] is the f64 oracle every fast path is tested against.
 //! - [`tensor`] holds the views (`[batch, seq, heads, dim]`, any strides, f32/bf16/f16).
 
+pub mod api;
 pub mod attention;
 pub mod backward;
 pub mod cpu;

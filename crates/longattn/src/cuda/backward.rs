@@ -364,6 +364,51 @@ impl BwdPlan {
         dk: &mut DevTensor,
         dv: &mut DevTensor,
     ) -> Result<()> {
+        self.launch_on(self.dev.stream(), q, k, v, out, lse, dout, dq, dk, dv)
+    }
+
+    /// [`BwdPlan::launch`] on a caller's stream. The kernels take one set of strides for the
+    /// query-shaped tensors (q, out, dO, dQ) and one for the key-shaped ones (k, v, dK, dV): each
+    /// set must agree (an error names the tensor that differs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_on(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        out: &DevTensor,
+        lse: &CudaSlice<f32>,
+        dout: &DevTensor,
+        dq: &mut DevTensor,
+        dk: &mut DevTensor,
+        dv: &mut DevTensor,
+    ) -> Result<()> {
+        for (name, t, like, like_name) in [
+            ("out", out, q, "q"),
+            ("do", dout, q, "q"),
+            ("dq", &*dq, q, "q"),
+            ("v", v, k, "k"),
+            ("dk", &*dk, k, "k"),
+            ("dv", &*dv, k, "k"),
+        ] {
+            if t.strides != like.strides {
+                return Err(unsupported(format!(
+                    "cuda attention backward: tensor `{name}` has strides {:?}, the kernel needs those of `{like_name}` {:?}",
+                    t.strides, like.strides
+                )));
+            }
+        }
+        if matches!(self.kernel, BwdKernel::OnePassWgmma { .. }) {
+            for (name, t) in [("q", q), ("k", k), ("v", v), ("do", dout)] {
+                if !t.tma_aligned() {
+                    return Err(unsupported(format!(
+                        "cuda attention backward: tensor `{name}`: address or strides {:?} are not multiples of 16 bytes (TMA)",
+                        t.strides
+                    )));
+                }
+            }
+        }
         let Dims {
             batch,
             sq,
@@ -391,7 +436,6 @@ impl BwdPlan {
             lse.len(),
             [batch, hq, sq],
         )?;
-        let s = self.dev.stream();
         let mut p = self.base;
         p.q = q.data.device_ptr(s).0;
         p.k = k.data.device_ptr(s).0;

@@ -507,9 +507,37 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
+        Self::for_layout(
+            dev,
+            cache.layout,
+            (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch()),
+            hq,
+            max_len,
+            params,
+        )
+    }
+
+    /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches
+    /// themselves may be a caller's: [`DecodePlan::launch_raw`]).
+    pub fn for_layout(
+        dev: &Arc<CudaDevice>,
+        layout: KvLayout,
+        (dtype, hk, d, batch): (DType, usize, usize, usize),
+        hq: usize,
+        max_len: usize,
+        params: &DecodeParams,
+    ) -> Result<DecodePlan> {
         params.check()?;
-        let (hk, d, dtype, batch) = (cache.kv_heads, cache.head_dim, cache.dtype, cache.batch());
         check_kind(dtype, d)?;
+        if let KvLayout::Paged { page_size } = layout {
+            if !crate::kv::PAGE_SIZES.contains(&page_size) {
+                return Err(param(format!(
+                    "page size {page_size}: the decode kernel takes pages of {}..={} tokens",
+                    crate::kv::PAGE_SIZES.start(),
+                    crate::kv::PAGE_SIZES.end()
+                )));
+            }
+        }
         if hq == 0 || !hq.is_multiple_of(hk) {
             return Err(param(format!(
                 "{hq} query heads: must be a multiple of the {hk} KV heads"
@@ -521,7 +549,7 @@ impl DecodePlan {
         let group = hq / hk;
         let g = heads_per_block(group);
         let chunks = group / g;
-        let page = cache.layout.define();
+        let page = layout.define();
         // Keys in flight. Contiguous caches load K / V straight into registers, 4 tokens per lane
         // group (2 when G >= 8: q and acc take 16 G registers). Paged caches go through a ring
         // of 3 stages in shared memory filled by cp.async (2 iterations of 4 tokens in flight
@@ -627,7 +655,7 @@ impl DecodePlan {
         let base = LaDecParams {
             o_part: o_part.device_ptr(s).0,
             lse_part: lse_part.device_ptr(s).0,
-            seq_cap: match cache.layout {
+            seq_cap: match layout {
                 KvLayout::Contiguous { seq_cap } => seq_cap as i64,
                 KvLayout::Paged { .. } => 0,
             },
@@ -667,7 +695,7 @@ impl DecodePlan {
             blocks_per_sm,
             batch,
             hq,
-            layout: cache.layout,
+            layout,
             dtype,
             hk,
             d,
@@ -754,6 +782,54 @@ impl DecodePlan {
             mb.arg(&p);
             // SAFETY: as above; the merge reads the splits the decode kernel wrote (those holding
             // keys, ceil(len / split_len) per row) and writes o and lse.
+            unsafe { mb.launch(self.merge_cfg) }.map_err(drv("launch decode merge"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Device pointers of one decode call on a caller's buffers ([`DecodePlan::launch_raw`]): q and
+/// out `[B, 1, Hq, D]` contiguous, the cache in the plan's layout, `tables` `[B, max_pages]`
+/// int32 (paged; 0 for contiguous caches), `lens` `[B]` int32, `lse` `[B, Hq]` f32.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDecode {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub tables: u64,
+    pub max_pages: usize,
+    pub lens: u64,
+    pub o: u64,
+    pub lse: u64,
+}
+
+impl DecodePlan {
+    /// Runs decode on `stream` over a caller's buffers (no copies, no synchronisation). The
+    /// lengths must be at most the planned keys and the tables must point inside the cache:
+    /// the kernel reads them where they are (the Python layer checks them first).
+    pub fn launch_raw(&self, s: &Arc<cudarc::driver::CudaStream>, r: RawDecode) -> Result<()> {
+        if self.batch == 0 {
+            return Ok(());
+        }
+        let mut p = self.base;
+        p.q = r.q;
+        p.k = r.k;
+        p.v = r.v;
+        p.tables = r.tables;
+        p.lens = r.lens;
+        p.max_pages = r.max_pages as i32;
+        p.o = r.o;
+        p.lse = r.lse;
+        let mut lb = s.launch_builder(&self.func);
+        lb.arg(&p);
+        // SAFETY: the struct matches the kernel's; the caller (api::decode) checked the shapes
+        // of q, out, lse and the cache against the plan's problem; lengths and tables are the
+        // caller's contract (see above).
+        unsafe { lb.launch(self.cfg) }.map_err(drv("launch decode"))?;
+        if self.split.num_splits > 1 {
+            let mut mb = s.launch_builder(&self.merge);
+            mb.arg(&p);
+            // SAFETY: as above; the merge reads the splits the decode kernel wrote.
             unsafe { mb.launch(self.merge_cfg) }.map_err(drv("launch decode merge"))?;
         }
         Ok(())

@@ -264,20 +264,21 @@ unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
 pub(crate) struct TmaMap([u64; 16]);
 
 impl TmaMap {
-    /// Describes a contiguous `[B, S, H, D]` tensor as 4-D boxes of `{64 columns, rows, 1 head,
+    /// Describes a `[B, S, H, D]` tensor (any 16-byte strides) as 4-D boxes of `{64 columns, rows, 1 head,
     /// 1 batch}` written to shared memory with the 128-byte swizzle; rows past S read as zeros.
     pub(crate) fn rows(t: &DevTensor, rows: usize) -> Result<TmaMap> {
         let [b, s, h, d] = t.shape;
-        // Byte strides of dims 1.. (dim 0 is contiguous).
+        let [sb, ss, sh, _] = t.strides.map(|x| (x * 2) as u64);
+        // Byte strides of dims 1.. (dim 0, the head dim, is contiguous).
         Self::encode(
             t,
             &[d as u64, s as u64, h as u64, b as u64],
-            &[(h * d * 2) as u64, (d * 2) as u64, (s * h * d * 2) as u64],
+            &[ss, sh, sb],
             &[64, rows as u32, 1, 1],
         )
     }
 
-    /// Describes a contiguous `[B, S, H, D]` tensor whose sequence is a grid `w` tokens wide as
+    /// Describes a `[B, S, H, D]` tensor whose sequence is a grid `w` tokens wide as
     /// 5-D boxes of `{64 columns, pw grid columns, ph grid rows, 1 head, 1 batch}`: a box lands
     /// as `ph` rows of `pw` tokens, the rows of a patch tile in patch order (`mask/patch.rs`).
     pub(crate) fn patches(t: &DevTensor, w: usize, (ph, pw): (usize, usize)) -> Result<TmaMap> {
@@ -287,11 +288,11 @@ impl TmaMap {
                 "patch order: sequence {s} is not a whole number of grid rows of {w}"
             )));
         }
-        let tok = (h * d * 2) as u64;
+        let [sb, tok, sh, _] = t.strides.map(|x| (x * 2) as u64);
         Self::encode(
             t,
             &[d as u64, w as u64, (s / w) as u64, h as u64, b as u64],
-            &[tok, tok * w as u64, (d * 2) as u64, (s * h * d * 2) as u64],
+            &[tok, tok * w as u64, sh, sb],
             &[64, pw as u32, ph as u32, 1, 1],
         )
     }
@@ -359,22 +360,51 @@ struct LaWsParams {
 // SAFETY: plain-old-data with the C layout of the kernel's `LaWsParams` (64-byte aligned maps).
 unsafe impl cudarc::driver::DeviceRepr for LaWsParams {}
 
-/// A contiguous `[B, S, H, D]` bf16/f16 tensor on the device.
+/// A `[B, S, H, D]` bf16/f16 tensor on the device: memory longattn allocated (contiguous), or a
+/// caller's allocation (a PyTorch tensor) borrowed with its element strides. The head dim is
+/// always contiguous (stride 1); the kernels take the other three strides as parameters.
 pub struct DevTensor {
-    pub data: CudaSlice<u16>,
+    /// Dropped (freed) only when `owned`; a borrowed allocation is released by its owner.
+    pub data: std::mem::ManuallyDrop<CudaSlice<u16>>,
     pub shape: [usize; 4],
     pub dtype: DType,
+    /// Element strides of (batch, seq, head, dim); `strides[3] == 1`.
+    pub strides: [usize; 4],
+    owned: bool,
+}
+
+impl Drop for DevTensor {
+    fn drop(&mut self) {
+        // SAFETY: `data` is taken exactly once, here.
+        let data = unsafe { std::mem::ManuallyDrop::take(&mut self.data) };
+        if self.owned {
+            drop(data);
+        } else {
+            // The caller owns the memory: forget the wrapper without freeing it.
+            data.leak();
+        }
+    }
+}
+
+fn contiguous_strides([_, s, h, d]: [usize; 4]) -> [usize; 4] {
+    [s * h * d, h * d, d, 1]
 }
 
 impl DevTensor {
     /// Copies a (possibly strided) bf16/f16 view to the device, contiguous.
     pub fn upload(dev: &CudaDevice, name: &str, v: &TensorView) -> Result<DevTensor> {
         let bits = gather_u16(name, v)?;
-        Ok(DevTensor {
-            data: dev.upload(&bits)?,
-            shape: v.shape,
-            dtype: v.dtype(),
-        })
+        Ok(Self::owned(dev.upload(&bits)?, v.shape, v.dtype()))
+    }
+
+    fn owned(data: CudaSlice<u16>, shape: [usize; 4], dtype: DType) -> DevTensor {
+        DevTensor {
+            data: std::mem::ManuallyDrop::new(data),
+            shape,
+            dtype,
+            strides: contiguous_strides(shape),
+            owned: true,
+        }
     }
 
     /// An uninitialised tensor (outputs).
@@ -382,13 +412,68 @@ impl DevTensor {
         let n = shape.iter().product::<usize>().max(1);
         // SAFETY: u16 has no invalid bit patterns; the kernel writes every element it owns.
         let data = unsafe { dev.stream().alloc::<u16>(n) }.map_err(drv("alloc"))?;
-        Ok(DevTensor { data, shape, dtype })
+        Ok(Self::owned(data, shape, dtype))
+    }
+
+    /// Borrows a caller's device allocation: `ptr` addresses element (0, 0, 0, 0) of a bf16/f16
+    /// tensor of `shape` with element `strides` (head dim contiguous), valid on `stream`'s
+    /// device. Nothing is copied and nothing is freed when the wrapper is dropped.
+    ///
+    /// # Safety
+    /// `ptr` must be a live device allocation holding every element the strides address, and it
+    /// must stay alive (and not be written by others) while kernels that read it are queued.
+    pub unsafe fn borrow(
+        stream: &Arc<cudarc::driver::CudaStream>,
+        name: &str,
+        ptr: u64,
+        shape: [usize; 4],
+        strides: [usize; 4],
+        dtype: DType,
+    ) -> Result<DevTensor> {
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            return Err(Error::DType {
+                op: "cuda attention",
+                tensor: name.into(),
+                got: dtype.to_string(),
+                expected: "bf16 or f16 (the tensor-core kernels; use the CPU for f32)".into(),
+            });
+        }
+        if shape.contains(&0) || strides[3] != 1 && shape[3] > 1 {
+            return Err(Error::Shape {
+                op: "cuda attention",
+                tensor: name.into(),
+                got: shape.to_vec(),
+                expected: format!(
+                    "every dimension >= 1 and a contiguous head dim (stride 1), got strides {strides:?}"
+                ),
+            });
+        }
+        let len = 1 + (0..4).map(|a| (shape[a] - 1) * strides[a]).sum::<usize>();
+        // SAFETY: the caller guarantees the allocation; the wrapper is leaked on drop, never freed.
+        let data = unsafe { stream.upgrade_device_ptr::<u16>(ptr, len) };
+        Ok(DevTensor {
+            data: std::mem::ManuallyDrop::new(data),
+            shape,
+            dtype,
+            strides: [strides[0], strides[1], strides[2], 1],
+            owned: false,
+        })
+    }
+
+    /// True when the address and every stride are multiples of 16 bytes (what TMA descriptors
+    /// need).
+    pub fn tma_aligned(&self) -> bool {
+        let p = self.data.device_ptr(self.data.stream()).0;
+        p % 16 == 0 && self.strides[..3].iter().all(|s| (s * 2) % 16 == 0)
     }
 
     pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
+        if !self.is_contiguous() {
+            return Err(unsupported("download of a strided device tensor".into()));
+        }
         let bits: Vec<u16> = dev
             .stream()
-            .clone_dtoh(&self.data)
+            .clone_dtoh(&*self.data)
             .map_err(drv("copy to host"))?;
         let buf = match self.dtype {
             DType::BF16 => Buffer::BF16(bits.into_iter().map(bf16::from_bits).collect()),
@@ -398,8 +483,15 @@ impl DevTensor {
     }
 
     pub(crate) fn strides(&self) -> [i64; 3] {
-        let [_, s, h, d] = self.shape;
-        [(s * h * d) as i64, (h * d) as i64, d as i64]
+        [
+            self.strides[0] as i64,
+            self.strides[1] as i64,
+            self.strides[2] as i64,
+        ]
+    }
+
+    pub fn is_contiguous(&self) -> bool {
+        self.strides == contiguous_strides(self.shape)
     }
 }
 
@@ -716,6 +808,19 @@ impl FwdPlan {
         params: &AttnParams,
         mask: MaskSpec,
     ) -> Result<FwdPlan> {
+        Self::with_tma(dev, dims, dtype, params, mask, true)
+    }
+
+    /// [`FwdPlan::new`]; `tma = false` keeps to kernels that read q/k/v without TMA descriptors
+    /// (for tensors whose address or strides are not multiples of 16 bytes).
+    pub fn with_tma(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        mask: MaskSpec,
+        tma: bool,
+    ) -> Result<FwdPlan> {
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
                 "dtype {dtype}: the CUDA kernels take bf16 or f16 (use the CPU backend for f32)"
@@ -737,6 +842,9 @@ impl FwdPlan {
             _ => (None, None),
         };
         let heavy = bound.is_some_and(|bm| bm.cuda_program_is_heavy());
+        if !tma && tile.kernel == FwdKernel::WarpSpecialized {
+            tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
+        }
         // Heavy programs (2-D neighborhoods, documents whose keys are not runs) read a bit table
         // on their Partial tiles (below) on the warp-specialized kernel with one consumer
         // warpgroup, 64-key tiles and two blocks per SM; 2-D neighborhoods in patch order where
@@ -942,6 +1050,19 @@ impl FwdPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        self.launch_on(self.dev.stream(), q, k, v, o, lse)
+    }
+
+    /// [`FwdPlan::launch`] on a caller's stream (e.g. PyTorch's current stream).
+    pub fn launch_on(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let Dims {
             batch,
             sq,
@@ -963,7 +1084,16 @@ impl FwdPlan {
             lse.len(),
             [batch, hq, sq],
         )?;
-        let s = self.dev.stream();
+        if self.tile.kernel == FwdKernel::WarpSpecialized {
+            for (name, t) in [("q", q), ("k", k), ("v", v)] {
+                if !t.tma_aligned() {
+                    return Err(unsupported(format!(
+                        "tensor `{name}`: address or strides {:?} are not multiples of 16 bytes, which this plan's kernel (TMA) needs; make the plan with FwdPlan::with_tma(.., false)",
+                        t.strides
+                    )));
+                }
+            }
+        }
         let mut p = self.base;
         p.q = q.data.device_ptr(s).0;
         p.k = k.data.device_ptr(s).0;

@@ -26,7 +26,7 @@ pub use compile::CompileSource;
 pub use cudarc::driver::CudaSlice;
 pub use forward::{forward, DevTensor, FwdPlan};
 
-pub(crate) fn drv(op: &'static str) -> impl Fn(DriverError) -> Error {
+pub fn drv(op: &'static str) -> impl Fn(DriverError) -> Error {
     move |e: DriverError| {
         let msg = if e.0 == cu::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
             "out of device memory (CUDA_ERROR_OUT_OF_MEMORY)".to_string()
@@ -125,6 +125,20 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// A caller's stream on this device (`CUstream` as an integer, e.g. PyTorch's
+    /// `torch.cuda.current_stream().cuda_stream`); 0 is the device's own (legacy default) stream.
+    ///
+    /// # Safety
+    /// `raw` must be a live stream of this device's primary context, kept alive by its owner
+    /// while work queued through the wrapper runs; it is never destroyed here.
+    pub unsafe fn borrow_stream(&self, raw: u64) -> Arc<CudaStream> {
+        if raw == 0 {
+            return self.stream.clone();
+        }
+        // SAFETY: forwarded to the caller.
+        unsafe { self.ctx.wrap_borrowed_stream(raw as cu::CUstream) }
     }
 
     /// Free and total device memory (bytes).
@@ -227,6 +241,41 @@ impl CudaDevice {
 
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(drv("synchronize"))
+    }
+}
+
+/// A caller's device allocation seen as a `CudaSlice<T>` for the length of a call: never freed
+/// (dropping the wrapper forgets the pointer; the owner, e.g. PyTorch's allocator, keeps it).
+pub struct Borrowed<T>(std::mem::ManuallyDrop<CudaSlice<T>>);
+
+impl<T> Borrowed<T> {
+    /// # Safety
+    /// `ptr` must address `len` elements of `T` in a live allocation on `stream`'s device.
+    pub unsafe fn new(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Self {
+        // SAFETY: forwarded to the caller.
+        Borrowed(std::mem::ManuallyDrop::new(unsafe {
+            stream.upgrade_device_ptr::<T>(ptr, len.max(1))
+        }))
+    }
+}
+
+impl<T> std::ops::Deref for Borrowed<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Borrowed<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.0
+    }
+}
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `leak` releases the wrapper's stream handle, not the memory.
+        unsafe { std::mem::ManuallyDrop::take(&mut self.0) }.leak();
     }
 }
 

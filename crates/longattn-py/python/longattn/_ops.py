@@ -1,0 +1,152 @@
+"""The torch.library ops of longattn: implementations (CPU, CUDA), fake tensors, autograd.
+
+Three ops, defined once with `torch.library.Library` (low per-call overhead):
+
+- ``longattn::fwd(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic) -> (out, lse)``
+- ``longattn::bwd(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic)
+  -> (dq, dk, dv)``
+- ``longattn::decode(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap) -> (out, lse)``
+
+Outputs are allocated here by torch (its caching allocator owns all memory) and written in place
+by the Rust entry point (`longattn::api`), which reads the inputs where they are (no copies) and
+queues CUDA work on ``torch.cuda.current_stream()``. The fake implementations give shapes only,
+so ``torch.compile(fullgraph=True)`` traces through the ops; the registered autograd makes
+``loss.backward()`` run longattn's backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _native
+
+_lib = torch.library.Library("longattn", "DEF")
+_lib.define(
+    "fwd(Tensor q, Tensor k, Tensor v, str? mask, float? scale, float? softcap, "
+    "Tensor? q_doc, Tensor? k_doc, bool deterministic=False) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, str? mask, "
+    "float? scale, float? softcap, Tensor? q_doc, Tensor? k_doc, bool deterministic=False) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, "
+    "Tensor cache_seqlens, float? scale, float? softcap) -> (Tensor, Tensor)"
+)
+
+
+def _stream(t: torch.Tensor) -> int:
+    """The CUstream of torch's current stream on t's device (0 on the CPU)."""
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return 0
+
+
+def check_qkv(q, k, v, op: str = "attention") -> None:
+    """Ranks, devices and dtypes of q, k, v, with errors that name the tensor and the shapes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{op}: `{name}` has shape {tuple(t.shape)}; expected rank 4 [batch, seq, heads, dim]"
+            )
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device}, `q` on {q.device}: one device per call")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: `{name}` has dtype {t.dtype}, `q` has {q.dtype}: one dtype per call")
+
+
+def _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+    check_qkv(q, k, v)
+    b, sq, hq, _ = q.shape
+    out = q.new_empty((b, sq, hq, v.shape[3]))
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    _native.fwd(q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, _stream(q))
+    return out, lse
+
+
+def _bwd_impl(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+    # The CUDA kernels take one set of strides for q-shaped tensors and one for k-shaped ones:
+    # contiguous copies where needed (a no-op for contiguous tensors).
+    q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+    dout = dout.to(q.dtype).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _native.bwd(
+        q, k, v, out, lse.contiguous(), dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc,
+        bool(deterministic), _stream(q),
+    )
+    return dq, dk, dv
+
+
+def _decode_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap):
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty((q.shape[0], q.shape[2]), dtype=torch.float32, device=q.device)
+    _native.decode(
+        q, k_cache, v_cache, block_table, cache_seqlens, out, lse, scale, softcap, _stream(q)
+    )
+    return out, lse
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("fwd", _fwd_impl, _key)
+    _lib.impl("bwd", _bwd_impl, _key)
+    _lib.impl("decode", _decode_impl, _key)
+
+
+@torch.library.register_fake("longattn::fwd")
+def _fwd_fake(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+    b, sq, hq, _ = q.shape
+    return (
+        q.new_empty((b, sq, hq, v.shape[3])),
+        q.new_empty((b, hq, sq), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("longattn::bwd")
+def _bwd_fake(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        torch.empty(v.shape, dtype=v.dtype, device=v.device),
+    )
+
+
+@torch.library.register_fake("longattn::decode")
+def _decode_fake(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap):
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32),
+    )
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc)
+    ctx.args = (mask, scale, softcap, deterministic)
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, q_doc, k_doc = ctx.saved_tensors
+    mask, scale, softcap, deterministic = ctx.args
+    # Gradients through the LSE output are not implemented (the kernels' backward takes dO
+    # only). The LSE is returned for merging partial results, which needs no gradient; a loss
+    # that uses it would silently miss a term, so eager mode refuses a nonzero dLSE.
+    if dlse is not None and not torch.compiler.is_compiling():
+        if bool((dlse != 0).any()):
+            raise RuntimeError(
+                "longattn.attention: gradients through `lse` are not supported (use the LSE "
+                "without gradient, e.g. lse.detach())"
+            )
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.longattn.bwd(
+        dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("longattn::fwd", _fwd_backward, setup_context=_fwd_setup)

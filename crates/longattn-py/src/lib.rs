@@ -1,0 +1,295 @@
+//! `longattn._native`: the thin layer between PyTorch tensors and [`longattn::api`].
+//!
+//! Each function reads the tensors' pointers, shapes, strides, dtypes and devices (no copy),
+//! releases the GIL and calls the one Rust entry point, which routes to the CPU or CUDA path.
+//! Outputs are allocated by the Python side (torch's allocator) and written in place; CUDA work
+//! is queued on the stream handle the Python side passes (torch's current stream). The Python
+//! package (`python/longattn`) registers these as `torch.library` ops with fake implementations
+//! and autograd.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use longattn::api::{self, AttnArgs, Device, KvCacheArgs, MaskArg, RawDType, RawTensor};
+use longattn::kv::decode::DecodeParams;
+use longattn::mask::{MaskExpr, MaskShape};
+use longattn::{AttnParams, BackwardParams, DType, Error};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::intern;
+use pyo3::prelude::*;
+
+/// A longattn error as the Python exception torch would raise for it: dtype problems are
+/// `TypeError`, CUDA failures `RuntimeError`, everything else about the arguments `ValueError`.
+fn py_err(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::DType { .. } => PyTypeError::new_err(msg),
+        Error::Cuda { .. } | Error::File { .. } => PyRuntimeError::new_err(msg),
+        _ => PyValueError::new_err(msg),
+    }
+}
+
+/// A torch tensor's memory description (never its data).
+fn raw(t: &Bound<'_, PyAny>, name: &str) -> PyResult<RawTensor> {
+    let py = t.py();
+    let dtype_obj = t.getattr(intern!(py, "dtype")).map_err(|_| {
+        PyTypeError::new_err(format!(
+            "`{name}` must be a torch.Tensor, got {}",
+            type_name(t)
+        ))
+    })?;
+    let dtype_text: String = dtype_obj.str()?.extract()?;
+    let dtype = match dtype_text.as_str() {
+        "torch.float32" => RawDType::Float(DType::F32),
+        "torch.bfloat16" => RawDType::Float(DType::BF16),
+        "torch.float16" => RawDType::Float(DType::F16),
+        "torch.int32" => RawDType::I32,
+        other => {
+            return Err(PyTypeError::new_err(format!(
+                "tensor `{name}` has dtype {other}; longattn takes float32, bfloat16, float16 (int32 for ids, lengths and tables)"
+            )))
+        }
+    };
+    let shape: Vec<usize> = t.getattr(intern!(py, "shape"))?.extract()?;
+    let strides: Vec<i64> = t.call_method0(intern!(py, "stride"))?.extract()?;
+    if shape.len() > 4 {
+        return Err(PyValueError::new_err(format!(
+            "tensor `{name}` has rank {} (shape {shape:?}); at most 4 here",
+            shape.len()
+        )));
+    }
+    if strides.iter().any(|&s| s < 0) {
+        return Err(PyValueError::new_err(format!(
+            "tensor `{name}` has negative strides {strides:?}"
+        )));
+    }
+    let dev = t.getattr(intern!(py, "device"))?;
+    let kind: String = dev.getattr(intern!(py, "type"))?.extract()?;
+    let device = match kind.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(
+            dev.getattr(intern!(py, "index"))?
+                .extract::<Option<usize>>()?
+                .unwrap_or(0),
+        ),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "tensor `{name}` is on device `{other}`; longattn runs on cpu and cuda"
+            )))
+        }
+    };
+    let ptr: u64 = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let mut r = RawTensor::contiguous(ptr, dtype, &shape, device);
+    for (a, &s) in strides.iter().enumerate() {
+        r.strides[a] = s as usize;
+    }
+    Ok(r)
+}
+
+fn type_name(t: &Bound<'_, PyAny>) -> String {
+    t.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn opt_raw(t: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<RawTensor>> {
+    match t {
+        Some(t) if !t.is_none() => Ok(Some(raw(t, name)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Parsed mask expressions by their text: each distinct text is parsed once per process.
+fn mask_expr(text: &str) -> PyResult<Arc<MaskExpr>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<MaskExpr>>>> = OnceLock::new();
+    let m = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(e) = m.lock().unwrap().get(text) {
+        return Ok(e.clone());
+    }
+    let e = Arc::new(MaskExpr::parse(text).map_err(py_err)?);
+    let mut g = m.lock().unwrap();
+    if g.len() > 4096 {
+        g.clear();
+    }
+    g.insert(text.to_string(), e.clone());
+    Ok(e)
+}
+
+/// Canonical text of a mask expression (ValueError with the position of a mistake).
+#[pyfunction]
+fn parse_mask(expr: &str) -> PyResult<String> {
+    Ok(mask_expr(expr)?.to_string())
+}
+
+/// Whether the expression uses `document` (then q_doc / k_doc are needed).
+#[pyfunction]
+fn mask_uses_documents(expr: &str) -> PyResult<bool> {
+    Ok(mask_expr(expr)?.uses_documents())
+}
+
+/// The block schedule of a mask at (Sq, Sk) explained in words and a small drawing.
+#[pyfunction]
+#[pyo3(signature = (expr, sq, sk, tile_q=64, tile_k=64))]
+fn explain_mask(
+    expr: &str,
+    sq: usize,
+    sk: usize,
+    tile_q: usize,
+    tile_k: usize,
+) -> PyResult<String> {
+    let e = mask_expr(expr)?;
+    let bm = e
+        .bind(MaskShape { batch: 1, sq, sk }, None)
+        .map_err(py_err)?;
+    longattn::mask::render::explain(&bm, tile_q, tile_k).map_err(py_err)
+}
+
+fn params(scale: Option<f32>, softcap: Option<f32>) -> AttnParams {
+    AttnParams {
+        scale,
+        softcap,
+        isa: None,
+    }
+}
+
+/// Forward: writes `out` and `lse` (allocated by the caller).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, stream))]
+#[allow(clippy::too_many_arguments)]
+fn fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    mask: Option<&str>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    q_doc: Option<&Bound<'_, PyAny>>,
+    k_doc: Option<&Bound<'_, PyAny>>,
+    stream: u64,
+) -> PyResult<()> {
+    let (q, k, v) = (raw(q, "q")?, raw(k, "k")?, raw(v, "v")?);
+    let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let (q_doc, k_doc) = (opt_raw(q_doc, "q_doc")?, opt_raw(k_doc, "k_doc")?);
+    let expr = mask.map(mask_expr).transpose()?;
+    let p = params(scale, softcap);
+    py.detach(|| {
+        let a = AttnArgs {
+            q,
+            k,
+            v,
+            mask: expr.as_deref().map_or(MaskArg::Full, MaskArg::Expr),
+            q_doc,
+            k_doc,
+            params: &p,
+        };
+        // SAFETY: the tensors are live torch tensors held by the caller for the call; CUDA work
+        // is queued on the caller's stream, which orders it before any reuse of the memory.
+        unsafe { api::forward(&a, &out, &lse, stream) }
+    })
+    .map_err(py_err)
+}
+
+/// Backward: writes `dq`, `dk`, `dv` (allocated by the caller).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc, deterministic, stream))]
+#[allow(clippy::too_many_arguments)]
+fn bwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dout: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    mask: Option<&str>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    q_doc: Option<&Bound<'_, PyAny>>,
+    k_doc: Option<&Bound<'_, PyAny>>,
+    deterministic: bool,
+    stream: u64,
+) -> PyResult<()> {
+    let (q, k, v) = (raw(q, "q")?, raw(k, "k")?, raw(v, "v")?);
+    let (out, lse, dout) = (raw(out, "out")?, raw(lse, "lse")?, raw(dout, "dout")?);
+    let (dq, dk, dv) = (raw(dq, "dq")?, raw(dk, "dk")?, raw(dv, "dv")?);
+    let (q_doc, k_doc) = (opt_raw(q_doc, "q_doc")?, opt_raw(k_doc, "k_doc")?);
+    let expr = mask.map(mask_expr).transpose()?;
+    let p = params(scale, softcap);
+    let b = BackwardParams { deterministic };
+    py.detach(|| {
+        let a = AttnArgs {
+            q,
+            k,
+            v,
+            mask: expr.as_deref().map_or(MaskArg::Full, MaskArg::Expr),
+            q_doc,
+            k_doc,
+            params: &p,
+        };
+        // SAFETY: as in `fwd`.
+        unsafe { api::backward(&a, &out, &lse, &dout, &dq, &dk, &dv, &b, stream) }
+    })
+    .map_err(py_err)
+}
+
+/// Decode of one query per sequence against a (paged) K/V cache: writes `out` and `lse`.
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens, out, lse, scale, softcap, stream))]
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    block_table: Option<&Bound<'_, PyAny>>,
+    seqlens: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    stream: u64,
+) -> PyResult<()> {
+    let q = raw(q, "q")?;
+    let cache = KvCacheArgs {
+        k: raw(k_cache, "k_cache")?,
+        v: raw(v_cache, "v_cache")?,
+        block_table: opt_raw(block_table, "block_table")?,
+        seqlens: raw(seqlens, "cache_seqlens")?,
+    };
+    let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let p = DecodeParams {
+        scale,
+        softcap,
+        split_len: None,
+    };
+    py.detach(|| {
+        // SAFETY: as in `fwd`.
+        unsafe { api::decode(&q, &cache, &out, &lse, &p, stream) }
+    })
+    .map_err(py_err)
+}
+
+/// Plans cached so far (forward, backward, decode): a repeated call adds none.
+#[pyfunction]
+fn plan_counts() -> (usize, usize, usize) {
+    api::plan_counts()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(decode, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(mask_uses_documents, m)?)?;
+    m.add_function(wrap_pyfunction!(explain_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(plan_counts, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
