@@ -3,7 +3,8 @@
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longattn::cuda::selftest::{
-    backward_cases, check_backward, check_errors, check_forward, forward_cases, CaseResult,
+    backward_cases, check_backward, check_errors, check_forward, check_mask_constants,
+    forward_cases, CaseResult,
 };
 use longattn::cuda::{CompileSource, CudaDevice};
 use std::path::PathBuf;
@@ -80,6 +81,10 @@ pub fn main(a: Args) -> Result<()> {
             .into_iter()
             .filter(|r| keep(&r.name)),
     );
+    // Named `mask constants: ...`; run when the filter could match that prefix.
+    if keep("mask constants") {
+        results.extend(check_mask_constants(&dev));
+    }
     results.extend(check_errors(&dev).into_iter().filter(|r| keep(&r.name)));
 
     println!(

@@ -2,7 +2,8 @@
 //! clearly and skip the device cases, printing why; on a GPU machine the forward matrix runs
 //! against the f64 oracle (`longattn selftest --backend cuda` runs the whole matrix).
 use longattn::cuda::selftest::{
-    backward_cases, check_backward, check_errors, check_forward, forward_cases,
+    backward_cases, check_backward, check_errors, check_forward, check_mask_constants,
+    forward_cases,
 };
 use longattn::cuda::{try_default_device, CudaDevice};
 use longattn::mask::MaskExpr;
@@ -38,6 +39,7 @@ fn forward_matrix_on_the_gpu_or_skip() {
         .enumerate()
         .map(|(n, c)| check_forward(&dev, c, 77 + n as u64))
         .chain(check_errors(&dev))
+        .chain(check_mask_constants(&dev))
         .filter(|r| !r.passed)
         .map(|r| {
             format!(
@@ -73,8 +75,9 @@ fn backward_matrix_on_the_gpu_or_skip() {
     assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
 }
 
-/// The generated device program names every atom's constants (host-side; the device selftest
-/// checks its semantics against the CPU element reference).
+/// The generated device program tests every atom, reading the atoms' constants from the kernel
+/// parameters (`p.mc`, returned beside the source) (host-side; the device selftest checks its
+/// semantics against the CPU element reference).
 #[test]
 fn mask_program_is_generated_for_every_atom() {
     use longattn::mask::{DocIds, MaskShape};
@@ -83,23 +86,37 @@ fn mask_program_is_generated_for_every_atom() {
         sq: 512,
         sk: 512,
     };
-    for (expr, needle) in [
-        ("causal", "(j <= pos)"),
-        ("window(7,3)", "pos - 7 <= j && j <= pos + 3"),
-        ("sinks(4) | prefix(9)", "(j < 4) || (j < 9)"),
-        ("chunk(64)", "la_fdiv(pos, 64)"),
-        ("strided(3)", "la_emod(pos - j, 3)"),
-        ("!causal & document", "p.qdoc["),
-        ("neighborhood2d(16,32,5,7)", "la_nbr_axis(i, j, 16, "),
-    ] {
+    let cases: [(&str, &str, &[i32]); 7] = [
+        ("causal", "(j <= pos)", &[]),
+        (
+            "window(7,3)",
+            "pos - p.mc[0] <= j && j <= pos + p.mc[1]",
+            &[7, 3],
+        ),
+        (
+            "sinks(4) | prefix(9)",
+            "(j < p.mc[0]) || (j < p.mc[1])",
+            &[4, 9],
+        ),
+        ("chunk(64)", "la_fdiv(pos, p.mc[0])", &[64]),
+        ("strided(3)", "la_emod(pos - j, p.mc[0])", &[3]),
+        ("!causal & document", "p.qdoc[", &[]),
+        (
+            "neighborhood2d(16,32,5,7)",
+            "la_nbr_axis(i, j, p.mc[0], p.mc[1], p.mc[2], p.mc[3]) && la_nbr_axis(i, j, p.mc[4], ",
+            &[16, 32, 5, 1, 32, 1, 7, 1],
+        ),
+    ];
+    for (expr, needle, consts) in cases {
         let e = MaskExpr::parse(expr).unwrap();
         let docs = e.uses_documents().then(|| DocIds {
             q: vec![0; 512],
             k: vec![0; 512],
         });
         let prog = e.bind(shape, docs).unwrap().cuda_program();
-        assert!(prog.contains(needle), "`{expr}` -> {prog}");
-        assert!(prog.contains("bool la_mask("), "{prog}");
+        assert!(prog.source.contains(needle), "`{expr}` -> {}", prog.source);
+        assert!(prog.source.contains("bool la_mask("), "{}", prog.source);
+        assert_eq!(prog.consts, consts, "`{expr}`");
     }
 }
 
@@ -117,11 +134,11 @@ fn interval_programs_only_for_interval_masks() {
         ("causal", Some(("0", "pos"))),
         (
             "causal & window(1024,0)",
-            Some(("(pos - 1024)", "(pos + 0)")),
+            Some(("(pos - p.mc[0])", "(pos + p.mc[1])")),
         ),
         (
             "prefix(9) & chunk(64)",
-            Some(("la_fdiv(pos, 64) * 64", "(9 - 1)")),
+            Some(("la_fdiv(pos, p.mc[1]) * p.mc[1]", "(p.mc[0] - 1)")),
         ),
         ("full", Some(("-2147483647", "2147483647"))),
         ("causal & (sinks(4) | window(8,0))", None),
@@ -135,10 +152,16 @@ fn interval_programs_only_for_interval_masks() {
             q: vec![0; 512],
             k: vec![0; 512],
         });
-        let prog = e.bind(shape, docs).unwrap().cuda_interval_program();
+        let bound = e.bind(shape, docs).unwrap();
+        let prog = bound.cuda_interval_program();
+        if let Some(p) = &prog {
+            // The element program's constants, in the same slots.
+            assert_eq!(p.consts, bound.cuda_program().consts, "`{expr}`");
+        }
         match (want, &prog) {
             (None, None) => {}
             (Some((lo, hi)), Some(p)) => {
+                let p = &p.source;
                 let lo_line = p
                     .lines()
                     .find(|l| l.trim_start().starts_with("lo ="))

@@ -35,6 +35,7 @@ use super::{drv, CudaDevice};
 use crate::attention::{AttnParams, Dims, MaskSpec};
 use crate::backward::{BackwardParams, Grads};
 use crate::error::{Error, Result};
+use crate::mask::codegen::MASK_CONSTS;
 use crate::tensor::{DType, TensorView};
 
 const BWD_COMMON: &str = include_str!("kernels/bwd_common.cuh");
@@ -106,7 +107,8 @@ impl BwdKernel {
     }
 }
 
-/// Kernel parameters; field for field `LaBwdParams` in `kernels/attn_bwd.cu`.
+/// Kernel parameters; field for field `LaBwdParams` in `kernels/bwd_common.cuh` (passed by
+/// value: the layouts must match byte for byte; sizes are checked on both sides).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct LaBwdParams {
@@ -149,7 +151,16 @@ struct LaBwdParams {
     pad0: i32,
     dq_sem: u64,
     col_rank: u64,
+    /// The mask program's atom constants (`p.mc[k]`, [`crate::mask::codegen::CudaProgram`]).
+    mc: [i32; MASK_CONSTS],
 }
+
+// The C side asserts the same sizes (`static_assert` in bwd_common.cuh and attn_bwd_wg.cu); 4
+// bytes of implicit padding before `row_off` on both sides.
+const _: () = assert!(std::mem::size_of::<LaBwdParams>() == 432);
+const _: () = assert!(std::mem::offset_of!(LaBwdParams, row_off) == 184);
+const _: () = assert!(std::mem::offset_of!(LaBwdParams, mc) == 304);
+const _: () = assert!(std::mem::size_of::<LaBwdWsParams>() == 960);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaBwdParams {}
@@ -235,7 +246,8 @@ impl BwdPlan {
         params.check()?;
         let dm = DevMask::new(dev, mask, br, bc, dims)?;
         let cols = dm.columns(dev)?;
-        // The mask program is a template on the parameter struct, instantiated in the kernels.
+        // The mask program is a template on the parameter struct, instantiated in the kernels; its
+        // constants are arguments (`mc`), so the variant depends on the mask's structure only.
         let program = &dm.program;
         let mut defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
@@ -328,6 +340,7 @@ impl BwdPlan {
             lstride: lstride(dims.sq) as i32,
             dq_sem: dq_sem.as_ref().map_or(0, |a| a.device_ptr(s).0),
             col_rank: cols.2.device_ptr(s).0,
+            mc: dm.consts,
             ..Default::default()
         };
         Ok(BwdPlan {
@@ -563,7 +576,32 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::{one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel};
+    use super::{
+        one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel, LaBwdParams, LaBwdWsParams,
+        BWD_COMMON, BWD_WG,
+    };
+    use crate::cuda::forward::{c_struct_layout, check_layout, offsets};
+
+    /// `LaBwdParams` and `LaBwdWsParams` are laid out as the kernels declare them (passed by
+    /// value).
+    #[test]
+    fn parameter_structs_match_the_kernels() {
+        let rust = offsets!(LaBwdParams; q, k, v, o, dout, lse, lse2, delta, dq, dk, dv, dq_acc,
+            q_s, k_s, b, sq, sk, hq, hk, scale_log2, cap_pre, cap_post, scale, row_off, row_ent,
+            col_off, col_ent, sched_batch, sched_heads, q_tiles, k_tiles, qdoc, kdoc, blk,
+            blk_dims, lstride, pad0, dq_sem, col_rank, mc);
+        let size = std::mem::size_of::<LaBwdParams>();
+        check_layout(BWD_COMMON, "LaBwdParams", &rust, size);
+        let (c, _) = c_struct_layout(BWD_COMMON, "LaBwdParams");
+        assert_eq!(c.len(), 12 + 6 + 9 + 4 + 4 + 2 + 1 + 6 + 2 + 2 + 1);
+        assert!(BWD_COMMON.contains(&format!("sizeof(LaBwdParams) == {size},")));
+        let ws = format!(
+            "sizeof(LaBwdWsParams) == {},",
+            std::mem::size_of::<LaBwdWsParams>()
+        );
+        assert!(BWD_WG.contains(&ws), "attn_bwd_wg.cu must assert {ws}");
+        assert_eq!(std::mem::offset_of!(LaBwdWsParams, p), 4 * 128);
+    }
 
     /// The two-pass kernels fit an A100's 163 KiB at every head dim (128 KiB at D 256, where a
     /// block owns half of the gradient columns); up to D 128 one block owns them all.

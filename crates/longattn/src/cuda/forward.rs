@@ -1,7 +1,8 @@
 //! Host side of the CUDA forward: tile configuration, schedule preparation, launch.
 //!
 //! A [`FwdPlan`] is everything that depends on the problem but not on the data: the kernel
-//! variant (compiled once per dtype / head dim / tile config / mask program), the block schedule
+//! variant (compiled once per dtype / head dim / tile config / mask program *structure*: the
+//! mask's constants travel in the parameters, `LaFwdParams::mc`), the block schedule
 //! built for the kernel's tiles and uploaded, document ids, the launch grid. [`FwdPlan::launch`]
 //! then runs on device tensors ([`DevTensor`]); [`forward`] is the host-in, host-out wrapper
 //! with [`crate::forward`]'s contract.
@@ -14,6 +15,7 @@ use half::{bf16, f16};
 use super::{drv, CudaDevice};
 use crate::attention::{validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
+use crate::mask::codegen::MASK_CONSTS;
 use crate::mask::{BlockSchedule, TileEntry, TileKind};
 use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 
@@ -216,7 +218,8 @@ impl TileCfg {
     }
 }
 
-/// Kernel parameters; field for field `LaFwdParams` in `kernels/attn_fwd.cu`.
+/// Kernel parameters; field for field `LaFwdParams` in `kernels/fwd_params.cuh` (passed by
+/// value: the layouts must match byte for byte; sizes are checked on both sides).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct LaFwdParams {
@@ -252,7 +255,14 @@ struct LaFwdParams {
     mbits: u64,
     mbix: u64,
     mgrp: u64,
+    /// The mask program's atom constants (`p.mc[k]`, [`crate::mask::codegen::CudaProgram`]).
+    mc: [i32; MASK_CONSTS],
 }
+
+// The C side asserts the same sizes (`static_assert` in fwd_params.cuh and attn_fwd_ws.cu).
+const _: () = assert!(std::mem::size_of::<LaFwdParams>() == 416);
+const _: () = assert!(std::mem::offset_of!(LaFwdParams, mc) == 288);
+const _: () = assert!(std::mem::size_of::<LaWsParams>() == 832);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
@@ -528,13 +538,16 @@ pub(crate) fn gather_u16(name: &str, v: &TensorView) -> Result<Vec<u16>> {
 }
 
 /// The mask of one problem on the device: the schedule for the kernel's tiles (CSR rows, CSC
-/// columns on request), the mask program compiled into the kernel (`la_mask`), document ids and
-/// the explicit block table. Shared by the forward and the backward.
+/// columns on request), the mask program compiled into the kernel (`la_mask`) and its constants,
+/// document ids and the explicit block table. Shared by the forward and the backward.
 pub(crate) struct DevMask {
     pub sched: BlockSchedule,
     /// CUDA source of `la_mask`: generated from the expression, a table lookup for block masks,
-    /// or `return true` when the schedule has no Partial tile.
+    /// or `return true` when the schedule has no Partial tile. Its text depends on the
+    /// expression's structure only; the atoms' constants are `consts`.
     pub program: String,
+    /// The program's atom constants, for the parameter structs' `mc` (zeros when it reads none).
+    pub consts: [i32; MASK_CONSTS],
     pub row_off: CudaSlice<u32>,
     pub row_ent: CudaSlice<u32>,
     pub qdoc: CudaSlice<i32>,
@@ -556,6 +569,12 @@ pub(crate) struct DevMask {
 
 const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
 
+/// `LONGATTN_CUDA_MASK_CONSTS=0`: mask constants written into the program source (one kernel
+/// variant per distinct constant, as before they were arguments; tuning runs).
+fn bake_mask_consts() -> bool {
+    env_off("LONGATTN_CUDA_MASK_CONSTS")
+}
+
 impl DevMask {
     pub(crate) fn new(
         dev: &CudaDevice,
@@ -572,6 +591,7 @@ impl DevMask {
             )));
         }
         let mut runs = (Vec::new(), Vec::new());
+        let mut consts = [0; MASK_CONSTS];
         let (sched, program, docs, blk) = match mask {
             MaskSpec::Full => (
                 BlockSchedule::full(tq, tk, dims.sq, dims.sk)?,
@@ -582,9 +602,13 @@ impl DevMask {
             MaskSpec::Expr(bm) => {
                 let s = bm.schedule(tq, tk)?;
                 let prog = if s.counts().1 > 0 {
-                    let mut prog = bm.cuda_program();
-                    if let Some(iv) = bm.cuda_interval_program() {
-                        prog.push_str(&iv);
+                    let bake = bake_mask_consts();
+                    let el = bm.cuda_program_with(bake);
+                    consts = el.const_array();
+                    let mut prog = el.source;
+                    // Same constants in the same slots as the element program (codegen.rs).
+                    if let Some(iv) = bm.cuda_interval_program_with(bake) {
+                        prog.push_str(&iv.source);
                         runs = bm.doc_key_intervals().unwrap_or_default();
                     }
                     prog
@@ -609,11 +633,14 @@ impl DevMask {
                 (s, prog, None, Some((schedule, table)))
             }
         };
-        Self::upload(dev, sched, program, docs, blk, runs, dims)
+        Self::upload(dev, sched, (program, consts), docs, blk, runs, dims)
     }
 
     /// The mask of a 2-D neighborhood in patch order (`mask/patch.rs`): the schedule in patch
-    /// tiles, the expression's program on the tokens the kernel computes.
+    /// tiles, the expression's program on the tokens the kernel computes. The program reads the
+    /// grid and kernel sizes from `p.mc` like any other; only the patch geometry (`LA_PATCH`,
+    /// `LA_PW`, `LA_QPH` ... in `FwdPlan::new`: the TMA boxes and `la_qtok` / `la_ktok`) stays
+    /// compile-time, so a new grid width or patch shape is a new variant, a new kernel size is not.
     pub(crate) fn patched(
         dev: &CudaDevice,
         bm: &crate::mask::BoundMask,
@@ -623,9 +650,11 @@ impl DevMask {
     ) -> Result<DevMask> {
         let sched = nb.schedule(grid)?;
         let program = if sched.counts().1 > 0 {
-            bm.cuda_program()
+            let p = bm.cuda_program_with(bake_mask_consts());
+            let consts = p.const_array();
+            (p.source, consts)
         } else {
-            NO_MASK.to_string()
+            (NO_MASK.to_string(), [0; MASK_CONSTS])
         };
         Self::upload(dev, sched, program, None, None, Default::default(), dims)
     }
@@ -635,7 +664,7 @@ impl DevMask {
     fn upload(
         dev: &CudaDevice,
         sched: BlockSchedule,
-        program: String,
+        (program, consts): (String, [i32; MASK_CONSTS]),
         docs: Option<(Vec<i32>, Vec<i32>)>,
         blk: Option<(&BlockSchedule, Vec<u8>)>,
         runs: (Vec<i32>, Vec<i32>),
@@ -681,6 +710,7 @@ impl DevMask {
             mgrp: dev.upload::<u32>(&[])?,
             sched,
             program,
+            consts,
         })
     }
 
@@ -935,6 +965,10 @@ impl FwdPlan {
             ),
         ];
         let mut ptag = String::new();
+        // Patch order: the grid width and patch shapes are compile-time (TMA boxes, la_qtok /
+        // la_ktok index math), so they stay defines and name the variant; the neighborhood's
+        // grid and kernel sizes in the mask program itself are arguments (`mc`) like every other
+        // mask constant.
         if let Some((_, _, g)) = &patch {
             for (k, v) in [
                 ("LA_PATCH", 1),
@@ -966,6 +1000,8 @@ impl FwdPlan {
             blk_dims: dm.blk_dims,
             dlo: dm.dlo.device_ptr(dev.stream()).0,
             dhi: dm.dhi.device_ptr(dev.stream()).0,
+            // Before build_bits: the bit-table kernel runs la_mask with these parameters.
+            mc: dm.consts,
             ..Default::default()
         };
         // Programs that are heavy per element, on the wgmma kernel: Partial tiles read the mask's
@@ -1286,10 +1322,126 @@ pub fn forward(
     Ok(AttnOutput { out, lse })
 }
 
+/// The byte layout of a C parameter struct as the kernels declare it (tests: the Rust structs
+/// are checked field by field against it). Knows the types the parameter structs use: pointers,
+/// `i64`, `int`, `float`, arrays of those with a number or `LA_MASK_CONSTS` as length; natural
+/// alignment, as both compilers lay out plain structs. Returns every field's (name, offset) and
+/// the struct's size.
+#[cfg(test)]
+pub(crate) fn c_struct_layout(src: &str, name: &str) -> (Vec<(String, usize)>, usize) {
+    let start = src
+        .find(&format!("struct {name} {{"))
+        .unwrap_or_else(|| panic!("no struct {name}"));
+    let body = &src[start..];
+    let body = &body[body.find('{').unwrap() + 1..body.find("};").unwrap()];
+    let code: String = body
+        .lines()
+        .map(|l| l.split("//").next().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (mut fields, mut off, mut align) = (Vec::new(), 0usize, 1usize);
+    for decl in code.split(';').map(str::trim).filter(|d| !d.is_empty()) {
+        let (size, names) = match decl.rfind('*') {
+            Some(star) => (8, &decl[star + 1..]),
+            None => {
+                let (ty, names) = decl.split_once(' ').unwrap();
+                let size = match ty {
+                    "i64" => 8,
+                    "int" | "float" => 4,
+                    _ => panic!("{name}: unknown type in `{decl}`"),
+                };
+                (size, names)
+            }
+        };
+        for n in names.split(',').map(str::trim) {
+            let (n, count) = match n.split_once('[') {
+                Some((n, len)) => {
+                    let len = len.trim_end_matches(']').trim();
+                    let count = if len == "LA_MASK_CONSTS" {
+                        MASK_CONSTS
+                    } else {
+                        len.parse().unwrap()
+                    };
+                    (n.trim(), count)
+                }
+                None => (n, 1),
+            };
+            off = off.next_multiple_of(size);
+            align = align.max(size);
+            fields.push((n.to_string(), off));
+            off += size * count;
+        }
+    }
+    (fields, off.next_multiple_of(align))
+}
+
+/// Checks a Rust parameter struct's field offsets (`rust`: field name and offset) and size
+/// against the C declaration: a Rust field matches the C field of the same name (case aside),
+/// or for arrays standing for several C fields (`q_s: [i64; 3]` for `q_sb, q_ss, q_sh`,
+/// `blk_dims` for `blk_tq, ...`) the first of them, at the same offset. With the sizes equal,
+/// a C field missing or added anywhere shifts the fields after it (the callers also count the
+/// C fields).
+#[cfg(test)]
+pub(crate) fn check_layout(src: &str, name: &str, rust: &[(&str, usize)], rust_size: usize) {
+    let (c, c_size) = c_struct_layout(src, name);
+    assert_eq!(
+        c_size, rust_size,
+        "{name}: C {c_size} bytes, Rust {rust_size}"
+    );
+    let alias = |r: &str| match r {
+        "q_s" | "k_s" | "v_s" | "o_s" => format!("{}b", r),
+        "blk_dims" => "blk_tq".to_string(),
+        _ => r.to_string(),
+    };
+    for &(r, off) in rust {
+        let want = alias(r);
+        let cf = c
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&want))
+            .unwrap_or_else(|| panic!("{name}: no C field for Rust `{r}`"));
+        assert_eq!(cf.1, off, "{name}.{r}: C offset {}, Rust {off}", cf.1);
+    }
+}
+
+/// `(field name, offset)` of each listed field of a struct.
+#[cfg(test)]
+macro_rules! offsets {
+    ($t:ty; $($f:ident),* $(,)?) => {
+        vec![$((stringify!($f), std::mem::offset_of!($t, $f))),*]
+    };
+}
+#[cfg(test)]
+pub(crate) use offsets;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::testing::Rng;
+
+    /// `LaFwdParams` and `LaWsParams` are laid out as the kernels declare them (they are passed
+    /// by value: one field off shifts every field after it).
+    #[test]
+    fn parameter_structs_match_the_kernels() {
+        let rust = offsets!(LaFwdParams; q, k, v, o, lse, q_s, k_s, v_s, o_s, b, sq, sk, hq, hk,
+            scale_log2, cap_pre, cap_post, sched_off, sched_ent, sched_batch, sched_heads,
+            q_tiles, pad0, qdoc, kdoc, blk, blk_dims, dlo, dhi, mbits, mbix, mgrp, mc);
+        check_layout(
+            PARAMS,
+            "LaFwdParams",
+            &rust,
+            std::mem::size_of::<LaFwdParams>(),
+        );
+        let (c, _) = c_struct_layout(PARAMS, "LaFwdParams");
+        assert_eq!(c.len(), 5 + 12 + 8 + 2 + 4 + 2 + 1 + 6 + 2 + 3 + 1);
+        let size = |s: usize| format!("sizeof(LaFwdParams) == {s},");
+        assert!(PARAMS.contains(&size(std::mem::size_of::<LaFwdParams>())));
+        let ws = format!(
+            "sizeof(LaWsParams) == {},",
+            std::mem::size_of::<LaWsParams>()
+        );
+        assert!(FWD_WS.contains(&ws), "attn_fwd_ws.cu must assert {ws}");
+        assert_eq!(std::mem::offset_of!(LaWsParams, p), 3 * 128);
+    }
 
     /// Re-tiling keeps the element semantics: absent kernel tiles hold no allowed element, Full
     /// ones only allowed elements, Partial ones some of each (user tiles of awkward sizes).

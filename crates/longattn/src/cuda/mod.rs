@@ -5,7 +5,7 @@
 //!   [`Error::Cuda`]).
 //! - [`compile`]: NVRTC compilation of the `.cu` sources in `kernels/` for the device's
 //!   architecture (`sm_90a` on Hopper), one variant per (dtype, head dim, tile config, mask
-//!   program), cached in memory and on disk.
+//!   program structure: the mask's constants are kernel arguments), cached in memory and on disk.
 //! - [`forward`]: the tensor-core forward kernel driven by the block schedule; Partial tiles run
 //!   the mask program generated from the expression ([`crate::mask::BoundMask::cuda_program`]).
 //! - [`decode`]: paged KV-cache decode, split over key ranges and merged by LSE.
@@ -156,7 +156,8 @@ impl CudaDevice {
         defines: &[(String, String)],
         smem: usize,
     ) -> Result<CudaFunction> {
-        // The source is part of the key: variants differ by their mask program too.
+        // The source is part of the key: variants differ by their mask program too (its
+        // structure only: mask constants are kernel arguments, mask/codegen.rs).
         let key = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();

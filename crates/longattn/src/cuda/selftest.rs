@@ -448,6 +448,74 @@ pub fn backward_cases(quick: bool) -> Vec<FwdCase> {
     v
 }
 
+/// Masks that differ only in their constants share one compiled kernel (the constants are kernel
+/// arguments, `mask/codegen.rs`): per pair, the first mask runs (compiling or loading what it
+/// needs), then the second must load no new kernel variant and both must match the oracle (the
+/// second runs the first's module with other constants). Forward for every pair, backward for
+/// the first two.
+pub fn check_mask_constants(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
+    let pairs = [
+        ("causal & window(128,0)", "causal & window(300,7)"),
+        (
+            "causal & (sinks(4) | window(64,0))",
+            "causal & (sinks(17) | window(200,3))",
+        ),
+        ("chunk(64)", "chunk(100)"),
+        ("strided(3)", "strided(5)"),
+        ("neighborhood(33)", "neighborhood(15,3)"),
+        // Dilated: no patch order, so no patch geometry in the variant; the bit table on Hopper.
+        (
+            "neighborhood2d(16,32,5,7,2,1)",
+            "neighborhood2d(16,32,3,9,2,1)",
+        ),
+    ];
+    let mut out = Vec::new();
+    for (n, (a, b)) in pairs.iter().enumerate() {
+        for backward in [false, true] {
+            if backward && n >= 2 {
+                continue;
+            }
+            let case = |m: &str| FwdCase::new(DType::BF16, 512, 512, 64, m);
+            let run = |c: &FwdCase, seed| match backward {
+                false => check_forward(dev, c, seed),
+                true => check_backward(dev, c, seed),
+            };
+            let first = run(&case(a), 700 + n as u64);
+            let before = dev.compile_records().len();
+            let second = run(&case(b), 800 + n as u64);
+            let new = dev.compile_records()[before..]
+                .iter()
+                .map(|r| r.variant.clone())
+                .collect::<Vec<_>>();
+            let mut detail = String::new();
+            if !new.is_empty() {
+                let _ = write!(detail, "new kernel variants {new:?}; ");
+            }
+            for (m, r) in [(a, &first), (b, &second)] {
+                if !r.passed {
+                    let _ = write!(detail, "`{m}` failed: err {:.2e} {}; ", r.err, r.detail);
+                }
+            }
+            if detail.is_empty() {
+                detail = "one kernel for both".into();
+            }
+            out.push(CaseResult {
+                group: "mask consts",
+                name: format!(
+                    "mask constants: {} `{a}` then `{b}`",
+                    if backward { "backward" } else { "forward" }
+                ),
+                passed: new.is_empty() && first.passed && second.passed,
+                err: first.err.max(second.err),
+                tol: first.tol,
+                lse_err: first.lse_err.max(second.lse_err),
+                detail,
+            });
+        }
+    }
+    out
+}
+
 fn spec_cpu<'a>(
     bound: &'a Option<crate::mask::BoundMask>,
     blocks: &'a Option<(BlockSchedule, Vec<u8>, usize, usize)>,

@@ -79,6 +79,7 @@ struct LaBwdWsParams {
     LaTmap tq, tk, tv, tdo;
     LaBwdParams p;
 };
+static_assert(sizeof(LaBwdWsParams) == 960, "LaBwdWsParams must match cuda/backward.rs");
 
 extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __grid_constant__ LaBwdWsParams w) {
     const LaBwdParams& p = w.p;

@@ -61,6 +61,7 @@ struct LaWsParams {
     LaTmap tq, tk, tv;
     LaFwdParams p;
 };
+static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs");
 
 // S = Q K^T for this warpgroup's 64 rows (issued, not waited for).
 __device__ __forceinline__ void la_ws_qk(float* s, const u16* sQ, const u16* sK, int c) {

@@ -83,6 +83,11 @@ __device__ __forceinline__ void la_mma16816(float* c, const u32* a, const u32* b
 // Mask arithmetic is 32-bit: the host refuses sequences longer than 2^29 and clamps atom
 // constants to 2^30, so positions, their differences and sums stay inside int (see
 // mask/codegen.rs).
+// Capacity of the atom constants in the parameter structs (`int mc[LA_MASK_CONSTS]` in LaFwdParams
+// and LaBwdParams; MASK_CONSTS in mask/codegen.rs): the generated mask programs read every
+// window bound, sink / prefix length, chunk size, stride and neighborhood size from p.mc[k], so
+// masks that differ only in those constants share one compiled kernel.
+#define LA_MASK_CONSTS 32
 // Floor division and Euclidean remainder (the mask language's semantics).
 __device__ __forceinline__ int la_imax(int a, int b) { return a > b ? a : b; }
 __device__ __forceinline__ int la_imin(int a, int b) { return a < b ? a : b; }

@@ -18,4 +18,8 @@ struct LaFwdParams {
                                         // (interval mask programs; documents as contiguous runs)
     const u32* mbits; const u32* mbix;  // Partial tiles' mask bits, entry -> table tile (mask_bits.cu)
     const u32* mgrp;                    // per table tile: 64-row groups with an allowed key
+    int mc[LA_MASK_CONSTS];             // the mask program's atom constants (mask/codegen.rs)
 };
+// 288 bytes of pointers, strides and ints (no implicit padding) + 128 of mask constants; checked
+// against size_of::<LaFwdParams>() on the host.
+static_assert(sizeof(LaFwdParams) == 416, "LaFwdParams must match cuda/forward.rs");
