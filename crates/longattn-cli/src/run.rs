@@ -76,6 +76,7 @@ pub fn main(a: Args) -> Result<()> {
     let dims = inputs.dims()?;
     let has_docs = inputs.q_doc.is_some();
     let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let doc_ids = docs.clone().map(|(q, k)| longattn::mask::DocIds { q, k });
     let mask = bind_mask(&a.mask, dims.batch, dims.sq, dims.sk, docs).map_err(|e| {
         let mut m = e.to_string();
         if !has_docs && a.mask.contains("document") {
@@ -135,7 +136,21 @@ pub fn main(a: Args) -> Result<()> {
     let (out, secs, engine) = match a.backend.as_str() {
         "cpu" => {
             let t0 = Instant::now();
-            let out = pool.install(|| longattn::forward(&q, &k, &v, &params, spec))?;
+            // Mask expressions go through the one entry point (`longattn::api`), as the Python
+            // package's calls do; explicit block masks take the schedule path.
+            let out = match &blocks {
+                None => pool.install(|| {
+                    longattn::api::forward_host(
+                        &q,
+                        &k,
+                        &v,
+                        longattn::api::MaskArg::Expr(mask.expr()),
+                        doc_ids.as_ref(),
+                        &params,
+                    )
+                })?,
+                Some(_) => pool.install(|| longattn::forward(&q, &k, &v, &params, spec))?,
+            };
             let engine = format!("{} threads", pool.current_num_threads());
             (out, t0.elapsed().as_secs_f64(), engine)
         }

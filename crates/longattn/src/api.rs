@@ -95,6 +95,23 @@ impl RawTensor {
         }
     }
 
+    /// A host view's memory (CPU).
+    pub fn from_view(v: &TensorView) -> RawTensor {
+        let ptr = match v.data {
+            Slice::F32(x) => x.as_ptr() as u64,
+            Slice::BF16(x) => x.as_ptr() as u64,
+            Slice::F16(x) => x.as_ptr() as u64,
+        };
+        RawTensor {
+            ptr,
+            dtype: RawDType::Float(v.dtype()),
+            rank: 4,
+            shape: v.shape,
+            strides: v.strides,
+            device: Device::Cpu,
+        }
+    }
+
     pub fn dims(&self) -> &[usize] {
         &self.shape[..self.rank]
     }
@@ -482,6 +499,56 @@ pub unsafe fn forward(
         }
         Device::Cuda(ord) => cuda_route::forward(ord, a, &dims, dt, out, lse, stream),
     }
+}
+
+/// [`forward`] over host views with outputs allocated here: `out` (q's dtype) and the LSE.
+pub fn forward_host(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    mask: MaskArg,
+    docs: Option<&DocIds>,
+    params: &AttnParams,
+) -> Result<crate::attention::AttnOutput> {
+    let [b, sq, hq, _] = q.shape;
+    let dv = v.shape[3];
+    let mut out = crate::tensor::Buffer::zeros(q.dtype(), b * sq * hq * dv);
+    let mut lse = vec![0f32; b * hq * sq];
+    let out_ptr = match &mut out {
+        crate::tensor::Buffer::F32(x) => x.as_mut_ptr() as u64,
+        crate::tensor::Buffer::BF16(x) => x.as_mut_ptr() as u64,
+        crate::tensor::Buffer::F16(x) => x.as_mut_ptr() as u64,
+    };
+    let id = |x: &Vec<i32>, s: usize| {
+        RawTensor::contiguous(x.as_ptr() as u64, RawDType::I32, &[b, s], Device::Cpu)
+    };
+    let a = AttnArgs {
+        q: RawTensor::from_view(q),
+        k: RawTensor::from_view(k),
+        v: RawTensor::from_view(v),
+        mask,
+        q_doc: docs.map(|d| id(&d.q, sq)),
+        k_doc: docs.map(|d| id(&d.k, k.shape[1])),
+        params,
+    };
+    let o = RawTensor::contiguous(
+        out_ptr,
+        RawDType::Float(q.dtype()),
+        &[b, sq, hq, dv],
+        Device::Cpu,
+    );
+    let l = RawTensor::contiguous(
+        lse.as_mut_ptr() as u64,
+        RawDType::Float(DType::F32),
+        &[b, hq, sq],
+        Device::Cpu,
+    );
+    // SAFETY: the views borrow live host memory; `out` and `lse` are owned here, sized above.
+    unsafe { forward(&a, &o, &l, 0)? };
+    Ok(crate::attention::AttnOutput {
+        out: crate::tensor::Tensor::new(out, vec![b, sq, hq, dv])?,
+        lse,
+    })
 }
 
 /// Attention backward: dQ, dK, dV (`dq` `[B, Sq, Hq, D]`, `dk` `[B, Sk, Hk, D]`, `dv`
