@@ -28,7 +28,23 @@ fn py_err(e: Error) -> PyErr {
     }
 }
 
-/// A torch tensor's memory description (never its data).
+/// torch's dtype objects, looked up once: a tensor's dtype is then found by identity.
+fn dtypes(py: Python<'_>) -> PyResult<&'static [(Py<PyAny>, RawDType); 4]> {
+    static CELL: pyo3::sync::PyOnceLock<[(Py<PyAny>, RawDType); 4]> = pyo3::sync::PyOnceLock::new();
+    CELL.get_or_try_init(py, || {
+        let torch = py.import("torch")?;
+        let get = |n: &str| -> PyResult<Py<PyAny>> { Ok(torch.getattr(n)?.unbind()) };
+        Ok([
+            (get("float32")?, RawDType::Float(DType::F32)),
+            (get("bfloat16")?, RawDType::Float(DType::BF16)),
+            (get("float16")?, RawDType::Float(DType::F16)),
+            (get("int32")?, RawDType::I32),
+        ])
+    })
+}
+
+/// A torch tensor's memory description (never its data). Strides of size-1 dimensions are
+/// normalised (torch leaves them arbitrary; they address nothing).
 fn raw(t: &Bound<'_, PyAny>, name: &str) -> PyResult<RawTensor> {
     let py = t.py();
     let dtype_obj = t.getattr(intern!(py, "dtype")).map_err(|_| {
@@ -37,15 +53,12 @@ fn raw(t: &Bound<'_, PyAny>, name: &str) -> PyResult<RawTensor> {
             type_name(t)
         ))
     })?;
-    let dtype_text: String = dtype_obj.str()?.extract()?;
-    let dtype = match dtype_text.as_str() {
-        "torch.float32" => RawDType::Float(DType::F32),
-        "torch.bfloat16" => RawDType::Float(DType::BF16),
-        "torch.float16" => RawDType::Float(DType::F16),
-        "torch.int32" => RawDType::I32,
-        other => {
+    let dtype = match dtypes(py)?.iter().find(|(d, _)| d.bind(py).is(&dtype_obj)) {
+        Some((_, d)) => *d,
+        None => {
             return Err(PyTypeError::new_err(format!(
-                "tensor `{name}` has dtype {other}; longattn takes float32, bfloat16, float16 (int32 for ids, lengths and tables)"
+                "tensor `{name}` has dtype {}; longattn takes float32, bfloat16, float16 (int32 for ids, lengths and tables)",
+                dtype_obj.str()?
             )))
         }
     };
@@ -62,25 +75,32 @@ fn raw(t: &Bound<'_, PyAny>, name: &str) -> PyResult<RawTensor> {
             "tensor `{name}` has negative strides {strides:?}"
         )));
     }
-    let dev = t.getattr(intern!(py, "device"))?;
-    let kind: String = dev.getattr(intern!(py, "type"))?.extract()?;
-    let device = match kind.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(
-            dev.getattr(intern!(py, "index"))?
-                .extract::<Option<usize>>()?
-                .unwrap_or(0),
-        ),
-        other => {
+    // -1 on the CPU, the ordinal on CUDA; other devices raise.
+    let ord: i64 = t
+        .call_method0(intern!(py, "get_device"))
+        .and_then(|x| x.extract())
+        .map_err(|_| {
+            PyValueError::new_err(format!(
+                "tensor `{name}` is on a device longattn does not run on (cpu, cuda)"
+            ))
+        })?;
+    let device = if ord < 0 {
+        if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
             return Err(PyValueError::new_err(format!(
-                "tensor `{name}` is on device `{other}`; longattn runs on cpu and cuda"
-            )))
+                "tensor `{name}` is on {}; longattn runs on cpu and cuda",
+                t.getattr(intern!(py, "device"))?.str()?
+            )));
         }
+        Device::Cpu
+    } else {
+        Device::Cuda(ord as usize)
     };
     let ptr: u64 = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
     let mut r = RawTensor::contiguous(ptr, dtype, &shape, device);
     for (a, &s) in strides.iter().enumerate() {
-        r.strides[a] = s as usize;
+        if shape[a] != 1 {
+            r.strides[a] = s as usize;
+        }
     }
     Ok(r)
 }

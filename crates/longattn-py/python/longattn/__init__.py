@@ -23,6 +23,7 @@ from .flash_attn_interface import (
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
+    set_cache_checks,
 )
 
 __version__ = _native.__version__
@@ -36,6 +37,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "plan_counts",
+    "set_cache_checks",
 ]
 
 
@@ -64,13 +66,12 @@ def attention(
 
     Returns ``out [B, Sq, Hq, Dv]`` in q's dtype, and with ``return_lse=True`` also
     ``lse [B, Hq, Sq]`` (float32, natural log). A row with no allowed key gets out 0 and lse -inf.
-    Differentiable in q, k, v (not through the LSE); ``deterministic=True`` makes the backward
+    Differentiable in q, k, v, through the output and (without softcap) the LSE; ``deterministic=True`` makes the backward
     bit-identical run to run. NaN in the inputs is not scanned for: it propagates to the rows it
     touches.
     """
-    check_qkv(q, k, v)
     out, lse = torch.ops.longattn.fwd(
-        q, k, v, mask_text(mask), scale, softcap, q_doc, k_doc, deterministic
+        q, k, v, mask_text(mask), scale, softcap, q_doc, k_doc, deterministic, return_lse
     )
     return (out, lse) if return_lse else out
 

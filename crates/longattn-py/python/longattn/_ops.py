@@ -22,7 +22,7 @@ from . import _native
 _lib = torch.library.Library("longattn", "DEF")
 _lib.define(
     "fwd(Tensor q, Tensor k, Tensor v, str? mask, float? scale, float? softcap, "
-    "Tensor? q_doc, Tensor? k_doc, bool deterministic=False) -> (Tensor, Tensor)"
+    "Tensor? q_doc, Tensor? k_doc, bool deterministic=False, bool lse_grad=False) -> (Tensor, Tensor)"
 )
 _lib.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, str? mask, "
@@ -37,8 +37,9 @@ _lib.define(
 
 def _stream(t: torch.Tensor) -> int:
     """The CUstream of torch's current stream on t's device (0 on the CPU)."""
-    if t.device.type == "cuda":
-        return torch.cuda.current_stream(t.device).cuda_stream
+    dev = t.get_device()
+    if dev >= 0:
+        return torch._C._cuda_getCurrentRawStream(dev)
     return 0
 
 
@@ -58,7 +59,7 @@ def check_qkv(q, k, v, op: str = "attention") -> None:
             raise TypeError(f"{op}: `{name}` has dtype {t.dtype}, `q` has {q.dtype}: one dtype per call")
 
 
-def _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+def _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False):
     check_qkv(q, k, v)
     b, sq, hq, _ = q.shape
     out = q.new_empty((b, sq, hq, v.shape[3]))
@@ -97,7 +98,8 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("longattn::fwd")
-def _fwd_fake(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+def _fwd_fake(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False):
+    check_qkv(q, k, v)
     b, sq, hq, _ = q.shape
     return (
         q.new_empty((b, sq, hq, v.shape[3])),
@@ -123,8 +125,14 @@ def _decode_fake(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic = inputs
+    q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad = inputs
     out, lse = output
+    if not lse_grad:
+        # The caller never sees this LSE (e.g. `attention(..., return_lse=False)`).
+        ctx.mark_non_differentiable(lse)
+    # Unused output gradients arrive as None (not zeros), so the LSE term below runs only when
+    # a loss really uses the LSE.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc)
     ctx.args = (mask, scale, softcap, deterministic)
 
@@ -132,21 +140,34 @@ def _fwd_setup(ctx, inputs, output):
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, q_doc, k_doc = ctx.saved_tensors
     mask, scale, softcap, deterministic = ctx.args
-    # Gradients through the LSE output are not implemented (the kernels' backward takes dO
-    # only). The LSE is returned for merging partial results, which needs no gradient; a loss
-    # that uses it would silently miss a term, so eager mode refuses a nonzero dLSE.
-    if dlse is not None and not torch.compiler.is_compiling():
-        if bool((dlse != 0).any()):
-            raise RuntimeError(
-                "longattn.attention: gradients through `lse` are not supported (use the LSE "
-                "without gradient, e.g. lse.detach())"
-            )
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.longattn.bwd(
         dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic
     )
-    return dq, dk, dv, None, None, None, None, None, None
+    if dlse is not None:
+        # LSE_i = log sum_j exp(s_ij), s_ij = scale q_i . k_j, so dLSE_i / ds_ij = P_ij and the
+        # extra logit gradient is dS_ij = P_ij dLSE_i. Hence
+        #   dQ_i += scale dLSE_i sum_j P_ij k_j = scale dLSE_i attention(q, k, k)_i
+        #   dK_j += scale sum_i P_ij dLSE_i q_i  = scale (P^T (dLSE o q))_j,
+        # the dV of attention(q, k, k) for dO = dLSE o q (summed over a GQA group's heads).
+        if softcap is not None:
+            raise RuntimeError(
+                "longattn.attention: gradients through `lse` with softcap are not supported "
+                "(use lse.detach())"
+            )
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        w = dlse.transpose(1, 2).unsqueeze(-1).to(torch.float32)  # [B, Sq, Hq, 1]
+        pk, _ = torch.ops.longattn.fwd(
+            q, k, k, mask, scale, None, q_doc, k_doc, deterministic, False
+        )
+        dq = (dq.float() + s * w * pk.float()).to(dq.dtype)
+        _, _, dk_lse = torch.ops.longattn.bwd(
+            (w * q.float()).to(q.dtype), q, k, k, pk, lse, mask, scale, None, q_doc, k_doc,
+            deterministic,
+        )
+        dk = (dk.float() + s * dk_lse.float()).to(dk.dtype)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("longattn::fwd", _fwd_backward, setup_context=_fwd_setup)

@@ -30,6 +30,18 @@ from ._ops import check_qkv
 #: Stands for "unbounded" in window masks (larger than any sequence the kernels take).
 _UNBOUNDED = 1 << 30
 
+#: Data-dependent checks of K/V caches (lengths within the capacity, block tables inside the
+#: pool). On CUDA each costs a synchronisation; they are skipped under CUDA-graph capture and
+#: when turned off with ``set_cache_checks(False)`` (then out-of-range entries are undefined
+#: behaviour, as in flash_attn).
+_CACHE_CHECKS = True
+
+
+def set_cache_checks(on: bool) -> None:
+    """Turns the data-dependent K/V cache checks of ``flash_attn_with_kvcache`` on or off."""
+    global _CACHE_CHECKS
+    _CACHE_CHECKS = bool(on)
+
 
 def _unsupported(fn: str, **args) -> None:
     for name, (value, ok) in args.items():
@@ -84,11 +96,11 @@ def flash_attn_func(
 ):
     """q ``[B, Sq, Hq, D]``, k / v ``[B, Sk, Hk, D]`` -> out ``[B, Sq, Hq, D]``
     (``(out, softmax_lse [B, Hq, Sq], None)`` with ``return_attn_probs``)."""
-    _common_checks("flash_attn_func", dropout_p, alibi_slopes)
-    check_qkv(q, k, v, "flash_attn_func")
+    if dropout_p or alibi_slopes is not None:
+        _common_checks("flash_attn_func", dropout_p, alibi_slopes)
     out, lse = torch.ops.longattn.fwd(
         q, k, v, _mask(causal, window_size), softmax_scale, _softcap(softcap), None, None,
-        bool(deterministic),
+        bool(deterministic), bool(return_attn_probs),
     )
     return (out, lse, None) if return_attn_probs else out
 
@@ -208,7 +220,8 @@ def flash_attn_varlen_func(
         )[None]
         mask = "document" if base is None else f"({base}) & document"
         out, lse = torch.ops.longattn.fwd(
-            q[None], k[None], v[None], mask, softmax_scale, cap, seg, seg, det
+            q[None], k[None], v[None], mask, softmax_scale, cap, seg, seg, det,
+            bool(return_attn_probs),
         )
         out, lse = out[0], lse[0]
     else:
@@ -223,7 +236,7 @@ def flash_attn_varlen_func(
                 continue
             o, l = torch.ops.longattn.fwd(
                 q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], base, softmax_scale, cap,
-                None, None, det,
+                None, None, det, bool(return_attn_probs),
             )
             outs.append(o[0])
             lses.append(l[0])
@@ -323,16 +336,21 @@ def flash_attn_with_kvcache(
         lens = cache_seqlens
     if (k is None) != (v is None):
         raise ValueError(f"{fn}: pass both `k` and `v` (new keys and values) or neither")
-    capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    no_checks = not _CACHE_CHECKS or (
+        q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    )
     if k is not None:
         snew = k.shape[1]
         if k.shape != (bsz, snew, hk, d) or v.shape[:3] != (bsz, snew, hk):
             raise ValueError(f"{fn}: new `k` {tuple(k.shape)} / `v` {tuple(v.shape)}; expected [{bsz}, Snew, {hk}, {d}]")
-        if not capturing and int((lens + snew).max()) > capacity:
-            raise ValueError(f"{fn}: appending {snew} keys overflows the cache's capacity {capacity}")
+        if not no_checks and int((lens + snew).max()) > capacity:
+            raise ValueError(
+                f"{fn}: `cache_seqlens` + {snew} new keys = {int((lens + snew).max())} overflows the "
+                f"cache's capacity {capacity} ({'block_table pages x page_size' if paged else 'k_cache seq dim'})"
+            )
         pos = lens.long()[:, None] + torch.arange(snew, device=q.device)[None]
         if paged:
-            if not capturing:
+            if not no_checks:
                 _check_cache_tables(block_table, lens + snew, n0, tokens)
             pages = torch.gather(block_table.long(), 1, pos // tokens)
             k_cache[pages, pos % tokens] = k.to(k_cache.dtype)
@@ -342,14 +360,14 @@ def flash_attn_with_kvcache(
             k_cache[rows, pos] = k.to(k_cache.dtype)
             v_cache[rows, pos] = v.to(v_cache.dtype)
         lens = lens + snew
-    elif paged and not capturing:
+    elif paged and not no_checks:
         _check_cache_tables(block_table, lens, n0, tokens)
     lens = lens.to(torch.int32)
     scale, cap = softmax_scale, _softcap(softcap)
     mask = _mask(causal, window_size)
     if sq == 1 and mask in (None, "causal"):
         # One query per sequence: causal allows every cached key; the decode kernel.
-        if not capturing and q.device.type == "cuda" and not paged and int(lens.max()) > capacity:
+        if not no_checks and not paged and int(lens.max()) > capacity:
             raise ValueError(f"{fn}: `cache_seqlens` exceeds the cache's capacity {capacity}")
         out, lse = torch.ops.longattn.decode(q, k_cache, v_cache, block_table, lens, scale, cap)
         lse = lse[:, :, None]
