@@ -939,16 +939,15 @@ mod cuda_route {
         stream: u64,
     }
 
-    fn plans() -> &'static (
+    /// The three plan caches of the process: forward, backward, decode.
+    type Plans = (
         PlanCache<FwdKey, FwdPlan>,
         PlanCache<BwdKey, BwdPlan>,
         PlanCache<DecKey, DecodePlan>,
-    ) {
-        static P: OnceLock<(
-            PlanCache<FwdKey, FwdPlan>,
-            PlanCache<BwdKey, BwdPlan>,
-            PlanCache<DecKey, DecodePlan>,
-        )> = OnceLock::new();
+    );
+
+    fn plans() -> &'static Plans {
+        static P: OnceLock<Plans> = OnceLock::new();
         P.get_or_init(|| (PlanCache::new(), PlanCache::new(), PlanCache::new()))
     }
 
@@ -1133,18 +1132,21 @@ mod cuda_route {
             DecodePlan::for_layout(&dev, layout, (dt, hk, d, b), hq, max_len, params)
         })?;
         let tables = c.block_table.map_or(0, |t| t.ptr);
-        plan.launch_raw(
-            &s,
-            crate::cuda::decode::RawDecode {
-                q: q.ptr,
-                k: c.k.ptr,
-                v: c.v.ptr,
-                tables,
-                max_pages,
-                lens: c.seqlens.ptr,
-                o: out.ptr,
-                lse: lse.ptr,
-            },
-        )
+        // SAFETY: the entry point's contract; shapes were checked by `api::decode`.
+        unsafe {
+            plan.launch_raw(
+                &s,
+                crate::cuda::decode::RawDecode {
+                    q: q.ptr,
+                    k: c.k.ptr,
+                    v: c.v.ptr,
+                    tables,
+                    max_pages,
+                    lens: c.seqlens.ptr,
+                    o: out.ptr,
+                    lse: lse.ptr,
+                },
+            )
+        }
     }
 }

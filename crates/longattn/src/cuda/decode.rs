@@ -761,30 +761,20 @@ impl DecodePlan {
             return Ok(());
         }
         let s = self.dev.stream();
-        let mut p = self.base;
-        p.q = q.data.device_ptr(s).0;
-        p.k = cache.k.device_ptr(s).0;
-        p.v = cache.v.device_ptr(s).0;
-        p.tables = cache.tables.device_ptr(s).0;
-        p.lens = cache.lens.device_ptr(s).0;
-        p.max_pages = cache.max_pages as i32;
-        p.o = o.data.device_ptr(s).0;
-        p.lse = lse.device_ptr(s).0;
-        let mut lb = s.launch_builder(&self.func);
-        lb.arg(&p);
-        // SAFETY: the struct matches the kernel's; q/o/lse have the checked shapes; the tables
-        // and lengths were checked against the pool when they were built (allocator or
-        // `from_parts`), and every length is within the planned splits; the workspace holds
-        // B x Hq x num_splits rows.
-        unsafe { lb.launch(self.cfg) }.map_err(drv("launch decode"))?;
-        if self.split.num_splits > 1 {
-            let mut mb = s.launch_builder(&self.merge);
-            mb.arg(&p);
-            // SAFETY: as above; the merge reads the splits the decode kernel wrote (those holding
-            // keys, ceil(len / split_len) per row) and writes o and lse.
-            unsafe { mb.launch(self.merge_cfg) }.map_err(drv("launch decode merge"))?;
-        }
-        Ok(())
+        let raw = RawDecode {
+            q: q.data.device_ptr(s).0,
+            k: cache.k.device_ptr(s).0,
+            v: cache.v.device_ptr(s).0,
+            tables: cache.tables.device_ptr(s).0,
+            max_pages: cache.max_pages,
+            lens: cache.lens.device_ptr(s).0,
+            o: o.data.device_ptr(s).0,
+            lse: lse.device_ptr(s).0,
+        };
+        // SAFETY: q/o/lse have the checked shapes; the tables and lengths were checked against
+        // the pool when they were built (allocator or `from_parts`), and every length is within
+        // the planned splits.
+        unsafe { self.launch_raw(s, raw) }
     }
 }
 
@@ -804,10 +794,17 @@ pub struct RawDecode {
 }
 
 impl DecodePlan {
-    /// Runs decode on `stream` over a caller's buffers (no copies, no synchronisation). The
-    /// lengths must be at most the planned keys and the tables must point inside the cache:
-    /// the kernel reads them where they are (the Python layer checks them first).
-    pub fn launch_raw(&self, s: &Arc<cudarc::driver::CudaStream>, r: RawDecode) -> Result<()> {
+    /// Runs decode on `stream` over a caller's buffers (no copies, no synchronisation).
+    ///
+    /// # Safety
+    /// Every pointer addresses a live device buffer of the shape [`RawDecode`] states for this
+    /// plan's problem; the lengths are at most the planned keys and the tables point inside the
+    /// cache (the kernel reads them where they are; the Python layer checks them first).
+    pub unsafe fn launch_raw(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        r: RawDecode,
+    ) -> Result<()> {
         if self.batch == 0 {
             return Ok(());
         }
@@ -822,9 +819,8 @@ impl DecodePlan {
         p.lse = r.lse;
         let mut lb = s.launch_builder(&self.func);
         lb.arg(&p);
-        // SAFETY: the struct matches the kernel's; the caller (api::decode) checked the shapes
-        // of q, out, lse and the cache against the plan's problem; lengths and tables are the
-        // caller's contract (see above).
+        // SAFETY: the struct matches the kernel's; the buffers are the caller's contract (above);
+        // the workspace holds B x Hq x num_splits rows.
         unsafe { lb.launch(self.cfg) }.map_err(drv("launch decode"))?;
         if self.split.num_splits > 1 {
             let mut mb = s.launch_builder(&self.merge);
