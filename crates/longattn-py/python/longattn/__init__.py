@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _native, _ops
-from ._ops import check_qkv
+from . import _native, _ops  # noqa: F401  (_ops registers the torch.library ops)
+from ._ops import fwd as _ops_fwd
 from .mask import Mask, mask_text
 from .flash_attn_interface import (
     flash_attn_func,
@@ -70,7 +70,7 @@ def attention(
     bit-identical run to run. NaN in the inputs is not scanned for: it propagates to the rows it
     touches.
     """
-    out, lse = torch.ops.longattn.fwd(
+    out, lse = _ops_fwd(
         q, k, v, mask_text(mask), scale, softcap, q_doc, k_doc, deterministic, return_lse
     )
     return (out, lse) if return_lse else out

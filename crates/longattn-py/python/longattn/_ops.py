@@ -171,3 +171,23 @@ def _fwd_backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("longattn::fwd", _fwd_backward, setup_context=_fwd_setup)
+
+
+def fwd(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False):
+    """``torch.ops.longattn.fwd``, or straight to its implementation in eager mode when no
+    gradient is wanted (inference): the dispatcher and autograd layers cost more host time than
+    the kernel at decode sizes. Traced code (torch.compile) always sees the op."""
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        return _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad)
+    return torch.ops.longattn.fwd(
+        q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad
+    )
+
+
+def decode(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap):
+    """``torch.ops.longattn.decode`` (straight to the implementation in eager mode)."""
+    if not torch.compiler.is_compiling():
+        return _decode_impl(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap)
+    return torch.ops.longattn.decode(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap)

@@ -25,7 +25,8 @@ import math
 
 import torch
 
-from ._ops import check_qkv
+from ._ops import decode as _ops_decode
+from ._ops import fwd as _ops_fwd
 
 #: Stands for "unbounded" in window masks (larger than any sequence the kernels take).
 _UNBOUNDED = 1 << 30
@@ -98,7 +99,7 @@ def flash_attn_func(
     (``(out, softmax_lse [B, Hq, Sq], None)`` with ``return_attn_probs``)."""
     if dropout_p or alibi_slopes is not None:
         _common_checks("flash_attn_func", dropout_p, alibi_slopes)
-    out, lse = torch.ops.longattn.fwd(
+    out, lse = _ops_fwd(
         q, k, v, _mask(causal, window_size), softmax_scale, _softcap(softcap), None, None,
         bool(deterministic), bool(return_attn_probs),
     )
@@ -219,7 +220,7 @@ def flash_attn_varlen_func(
             output_size=q.shape[0],
         )[None]
         mask = "document" if base is None else f"({base}) & document"
-        out, lse = torch.ops.longattn.fwd(
+        out, lse = _ops_fwd(
             q[None], k[None], v[None], mask, softmax_scale, cap, seg, seg, det,
             bool(return_attn_probs),
         )
@@ -234,7 +235,7 @@ def flash_attn_varlen_func(
                 outs.append(q.new_zeros((q1 - q0, hq, v.shape[2])))
                 lses.append(torch.full((hq, q1 - q0), -math.inf, device=q.device))
                 continue
-            o, l = torch.ops.longattn.fwd(
+            o, l = _ops_fwd(
                 q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], base, softmax_scale, cap,
                 None, None, det, bool(return_attn_probs),
             )
@@ -369,7 +370,7 @@ def flash_attn_with_kvcache(
         # One query per sequence: causal allows every cached key; the decode kernel.
         if not no_checks and not paged and int(lens.max()) > capacity:
             raise ValueError(f"{fn}: `cache_seqlens` exceeds the cache's capacity {capacity}")
-        out, lse = torch.ops.longattn.decode(q, k_cache, v_cache, block_table, lens, scale, cap)
+        out, lse = _ops_decode(q, k_cache, v_cache, block_table, lens, scale, cap)
         lse = lse[:, :, None]
     else:
         outs, lses = [], []
@@ -384,7 +385,7 @@ def flash_attn_with_kvcache(
                 vb = v_cache[pages].reshape(-1, hk, v_cache.shape[3])[:n][None]
             else:
                 kb, vb = k_cache[b : b + 1, :n], v_cache[b : b + 1, :n]
-            o, l = torch.ops.longattn.fwd(q[b : b + 1], kb, vb, mask, scale, cap, None, None, False)
+            o, l = _ops_fwd(q[b : b + 1], kb, vb, mask, scale, cap, None, None, False)
             outs.append(o)
             lses.append(l)
         out, lse = torch.cat(outs, 0), torch.cat(lses, 0)

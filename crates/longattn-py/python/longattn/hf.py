@@ -52,7 +52,6 @@ pattern with absolute positions on a sliding-window cache layer that has dropped
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from typing import Any, Callable
