@@ -181,6 +181,25 @@ def gpu_ms(fn, reps=20):
     return t[len(t) // 2]
 
 
+# Where backward time goes at one config: autograd, the op, the binding with outputs given.
+if not args.no_overhead:
+    from longattn import _native
+    b, n, h, d = 4, 4096, 32, 64
+    q, k, v = (rnd(b, n, h, d).requires_grad_() for _ in range(3))
+    o, lse = torch.ops.longattn.fwd(q, k, v, None, None, None, None, None, False, False)
+    do = torch.randn_like(o)
+    qd, kd, vd, od = (t.detach() for t in (q, k, v, o))
+    dq, dk, dv = torch.empty_like(qd), torch.empty_like(kd), torch.empty_like(vd)
+    probe = {
+        "autograd.grad": gpu_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)),
+        "torch.ops.longattn.bwd": gpu_ms(lambda: torch.ops.longattn.bwd(do, qd, kd, vd, od, lse, None, None, None, None, None, False)),
+        "_native.bwd (outputs given)": gpu_ms(lambda: _native.bwd(qd, kd, vd, od, lse, do, dq, dk, dv, None, None, None, None, None, False, 0)),
+    }
+    results["bwd_probe_ms"] = probe
+    for kk, vv in probe.items():
+        print(f"bwd probe b4 n4096 h32 d64 full, {kk}: {vv:.3f} ms")
+    del q, k, v, o, do, qd, kd, vd, od, dq, dk, dv
+
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -1021,7 +1021,12 @@ impl FwdPlan {
         // The wgmma kernel's grid puts query tiles first (blocks running together share a head's
         // keys and values in L2; n 1k neighborhood2d D 128 on H100: L2 hit rate 25% -> 58%,
         // 0.274 -> 0.252 ms). `LONGATTN_CUDA_QFIRST=0` keeps heads first (tuning runs).
-        let qfirst = (tile.kernel == FwdKernel::Wgmma || heavy) && !env_off("LONGATTN_CUDA_QFIRST");
+        // The mma.sync kernel reads (head, batch, query tile) from its grid as it is: it never
+        // takes this order (heavy masks at D 32 on Hopper, or any heavy mask before Hopper, ran
+        // with the grid's axes misread until this was checked: the Python tests caught it).
+        let qfirst = tile.kernel != FwdKernel::MmaSync
+            && (tile.kernel == FwdKernel::Wgmma || heavy)
+            && !env_off("LONGATTN_CUDA_QFIRST");
         if qfirst {
             defines.push(("LA_QFIRST".into(), "1".into()));
         }
