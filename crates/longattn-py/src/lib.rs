@@ -29,8 +29,8 @@ fn py_err(e: Error) -> PyErr {
 }
 
 /// torch's dtype objects, looked up once: a tensor's dtype is then found by identity.
-fn dtypes(py: Python<'_>) -> PyResult<&'static [(Py<PyAny>, RawDType); 4]> {
-    static CELL: pyo3::sync::PyOnceLock<[(Py<PyAny>, RawDType); 4]> = pyo3::sync::PyOnceLock::new();
+fn dtypes(py: Python<'_>) -> PyResult<&'static [(Py<PyAny>, RawDType); 6]> {
+    static CELL: pyo3::sync::PyOnceLock<[(Py<PyAny>, RawDType); 6]> = pyo3::sync::PyOnceLock::new();
     CELL.get_or_try_init(py, || {
         let torch = py.import("torch")?;
         let get = |n: &str| -> PyResult<Py<PyAny>> { Ok(torch.getattr(n)?.unbind()) };
@@ -39,6 +39,8 @@ fn dtypes(py: Python<'_>) -> PyResult<&'static [(Py<PyAny>, RawDType); 4]> {
             (get("bfloat16")?, RawDType::Float(DType::BF16)),
             (get("float16")?, RawDType::Float(DType::F16)),
             (get("int32")?, RawDType::I32),
+            (get("uint8")?, RawDType::U8),
+            (get("bool")?, RawDType::U8),
         ])
     })
 }
@@ -57,7 +59,7 @@ fn raw(t: &Bound<'_, PyAny>, name: &str) -> PyResult<RawTensor> {
         Some((_, d)) => *d,
         None => {
             return Err(PyTypeError::new_err(format!(
-                "tensor `{name}` has dtype {}; longattn takes float32, bfloat16, float16 (int32 for ids, lengths and tables)",
+                "tensor `{name}` has dtype {}; longattn takes float32, bfloat16, float16 (int32 for ids, lengths and tables; uint8 / bool for block masks)",
                 dtype_obj.str()?
             )))
         }
@@ -164,6 +166,34 @@ fn explain_mask(
     longattn::mask::render::explain(&bm, tile_q, tile_k).map_err(py_err)
 }
 
+/// The mask of a call: an expression, an explicit block table, or every pair.
+fn mask_arg<'a>(
+    expr: Option<&'a MaskExpr>,
+    blocks: Option<RawTensor>,
+    block_q: usize,
+    block_k: usize,
+) -> PyResult<MaskArg<'a>> {
+    match (expr, blocks) {
+        (Some(_), Some(_)) => Err(PyValueError::new_err(
+            "pass either a mask expression or `block_mask`, not both",
+        )),
+        (Some(e), None) => Ok(MaskArg::Expr(e)),
+        (None, Some(table)) => {
+            if block_q == 0 || block_k == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "`block_mask` needs tile sizes >= 1, got ({block_q}, {block_k})"
+                )));
+            }
+            Ok(MaskArg::Blocks {
+                table,
+                tile_q: block_q,
+                tile_k: block_k,
+            })
+        }
+        (None, None) => Ok(MaskArg::Full),
+    }
+}
+
 fn params(scale: Option<f32>, softcap: Option<f32>) -> AttnParams {
     AttnParams {
         scale,
@@ -174,7 +204,7 @@ fn params(scale: Option<f32>, softcap: Option<f32>) -> AttnParams {
 
 /// Forward: writes `out` and `lse` (allocated by the caller).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, stream))]
+#[pyo3(signature = (q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, stream, block_mask=None, block_q=0, block_k=0))]
 #[allow(clippy::too_many_arguments)]
 fn fwd(
     py: Python<'_>,
@@ -189,18 +219,23 @@ fn fwd(
     q_doc: Option<&Bound<'_, PyAny>>,
     k_doc: Option<&Bound<'_, PyAny>>,
     stream: u64,
+    block_mask: Option<&Bound<'_, PyAny>>,
+    block_q: usize,
+    block_k: usize,
 ) -> PyResult<()> {
     let (q, k, v) = (raw(q, "q")?, raw(k, "k")?, raw(v, "v")?);
     let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let blocks = opt_raw(block_mask, "block_mask")?;
     let (q_doc, k_doc) = (opt_raw(q_doc, "q_doc")?, opt_raw(k_doc, "k_doc")?);
     let expr = mask.map(mask_expr).transpose()?;
+    let marg = mask_arg(expr.as_deref(), blocks, block_q, block_k)?;
     let p = params(scale, softcap);
     py.detach(|| {
         let a = AttnArgs {
             q,
             k,
             v,
-            mask: expr.as_deref().map_or(MaskArg::Full, MaskArg::Expr),
+            mask: marg,
             q_doc,
             k_doc,
             params: &p,
@@ -214,7 +249,7 @@ fn fwd(
 
 /// Backward: writes `dq`, `dk`, `dv` (allocated by the caller).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc, deterministic, stream))]
+#[pyo3(signature = (q, k, v, out, lse, dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc, deterministic, stream, block_mask=None, block_q=0, block_k=0))]
 #[allow(clippy::too_many_arguments)]
 fn bwd(
     py: Python<'_>,
@@ -234,12 +269,17 @@ fn bwd(
     k_doc: Option<&Bound<'_, PyAny>>,
     deterministic: bool,
     stream: u64,
+    block_mask: Option<&Bound<'_, PyAny>>,
+    block_q: usize,
+    block_k: usize,
 ) -> PyResult<()> {
+    let blocks = opt_raw(block_mask, "block_mask")?;
     let (q, k, v) = (raw(q, "q")?, raw(k, "k")?, raw(v, "v")?);
     let (out, lse, dout) = (raw(out, "out")?, raw(lse, "lse")?, raw(dout, "dout")?);
     let (dq, dk, dv) = (raw(dq, "dq")?, raw(dk, "dk")?, raw(dv, "dv")?);
     let (q_doc, k_doc) = (opt_raw(q_doc, "q_doc")?, opt_raw(k_doc, "k_doc")?);
     let expr = mask.map(mask_expr).transpose()?;
+    let marg = mask_arg(expr.as_deref(), blocks, block_q, block_k)?;
     let p = params(scale, softcap);
     let b = BackwardParams { deterministic };
     py.detach(|| {
@@ -247,7 +287,7 @@ fn bwd(
             q,
             k,
             v,
-            mask: expr.as_deref().map_or(MaskArg::Full, MaskArg::Expr),
+            mask: marg,
             q_doc,
             k_doc,
             params: &p,

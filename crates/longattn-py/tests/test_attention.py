@@ -518,3 +518,33 @@ def test_cuda_float32_refused_or_supported():
         return
     ro, _ = ref_attention(q.cpu(), k.cpu(), v.cpu(), "causal")
     assert_close(out, ro, F32)
+
+
+@pytest.mark.parametrize("sq,sk,tq,tk", [(65, 113, 64, 64), (200, 63, 128, 32), (7, 7, 16, 16)])
+def test_block_mask(device, sq, sk, tq, tk):
+    """An explicit block mask (per batch row, shared by the heads), forward and gradients,
+    against the reference with the same tiles expanded to elements; a table of the wrong shape
+    is refused naming `block_mask`."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = make_qkv(device, dtype, 2, sq, sk, 4, 2, 32, requires_grad=True)
+    gen = torch.Generator().manual_seed(sq * 1000 + sk)
+    nq, nk = -(-sq // tq), -(-sk // tk)
+    table = (torch.rand(2, 1, nq, nk, generator=gen) > 0.4).to(torch.uint8)
+    table[1, 0, :, 0] = 1  # batch row 1: every query tile sees the first key tile
+    i = torch.arange(sq)[:, None] // tq
+    j = torch.arange(sk)[None] // tk
+    allowed = table[:, 0][:, i, j].bool()  # [B, Sq, Sk]
+    out, lse = longattn.attention(
+        q, k, v, longattn.BlockMask(table.to(device), (tq, tk)), return_lse=True
+    )
+    l64 = [leaf64(x) for x in (q, k, v)]
+    ro, rl = ref_attention(*l64, None, allowed=allowed)
+    assert_close(out, ro, dtype)
+    dout = randn(*out.shape, dtype=dtype, device=device)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    r = torch.autograd.grad(ro, l64, dout.cpu().double())
+    for a, b, n in zip(g, r, "qkv"):
+        assert_grad_close(a, b, dtype, "d" + n + " (block mask)")
+    with pytest.raises(ValueError, match="block_mask"):
+        wrong = torch.cat([table, table[..., :1]], -1)  # one key tile too many
+        longattn.attention(q, k, v, longattn.BlockMask(wrong.to(device), (tq, tk)))

@@ -51,6 +51,8 @@ impl std::fmt::Display for Device {
 pub enum RawDType {
     Float(DType),
     I32,
+    /// One byte per element (uint8 or bool): block-mask tables.
+    U8,
 }
 
 impl std::fmt::Display for RawDType {
@@ -58,6 +60,7 @@ impl std::fmt::Display for RawDType {
         match self {
             RawDType::Float(d) => d.fmt(f),
             RawDType::I32 => f.write_str("int32"),
+            RawDType::U8 => f.write_str("uint8"),
         }
     }
 }
@@ -160,10 +163,10 @@ impl RawTensor {
     fn float(&self, op: &'static str, name: &str) -> Result<DType> {
         match self.dtype {
             RawDType::Float(d) => Ok(d),
-            RawDType::I32 => Err(Error::DType {
+            other => Err(Error::DType {
                 op,
                 tensor: name.into(),
-                got: "int32".into(),
+                got: other.to_string(),
                 expected: "float32, bfloat16 or float16".into(),
             }),
         }
@@ -227,6 +230,13 @@ impl RawTensor {
 pub enum MaskArg<'a> {
     Full,
     Expr(&'a MaskExpr),
+    /// An explicit block mask: `table` uint8 / bool `[B or 1, H or 1, q_tiles, k_tiles]`
+    /// (contiguous; nonzero = attend the whole tile of `tile_q` queries x `tile_k` keys).
+    Blocks {
+        table: RawTensor,
+        tile_q: usize,
+        tile_k: usize,
+    },
 }
 
 /// The inputs of one attention call: q `[B, Sq, Hq, D]`, k `[B, Sk, Hk, D]`, v `[B, Sk, Hk, Dv]`
@@ -321,17 +331,73 @@ fn check_out(
     Ok(())
 }
 
-/// Document ids of a call as host vectors (copied from the device when they live there: a
-/// synchronisation of the caller's stream).
-fn docs_of(
+/// What a mask needs from the host besides its expression: document ids or a block table
+/// (copied from the device when they live there: a synchronisation of the caller's stream).
+#[derive(Default)]
+struct MaskData {
+    docs: Option<DocIds>,
+    blocks: Option<Vec<u8>>,
+}
+
+impl MaskData {
+    /// A hash of the data (part of the CUDA plan key).
+    fn key(&self) -> u64 {
+        match (&self.docs, &self.blocks) {
+            (Some(d), _) => hash_of(&(&d.q, &d.k)),
+            (_, Some(b)) => hash_of(b),
+            _ => 0,
+        }
+    }
+}
+
+fn mask_data(
     op: &'static str,
     a: &AttnArgs,
     dims: &Dims,
     stream: StreamHandle,
-) -> Result<Option<DocIds>> {
+) -> Result<MaskData> {
+    if let MaskArg::Blocks {
+        table,
+        tile_q,
+        tile_k,
+    } = a.mask
+    {
+        table.expect_dtype(op, "block_mask", RawDType::U8)?;
+        let (qt, kt) = (
+            dims.sq.div_ceil(tile_q.max(1)),
+            dims.sk.div_ceil(tile_k.max(1)),
+        );
+        let [tb, th, tq, tk] = table.shape;
+        if table.rank != 4
+            || !(tb == 1 || tb == dims.batch)
+            || !(th == 1 || th == dims.hq)
+            || (tq, tk) != (qt, kt)
+            || !table.is_contiguous()
+        {
+            return Err(table.shape_err(
+                op,
+                "block_mask",
+                format!(
+                    "a contiguous [1 or {}, 1 or {}, {qt}, {kt}] uint8 / bool table (Sq {} / tile {tile_q}, Sk {} / tile {tile_k})",
+                    dims.batch, dims.hq, dims.sq, dims.sk
+                ),
+            ));
+        }
+        let bytes = match table.device {
+            // SAFETY: the caller of the entry point guarantees the tensor's memory.
+            Device::Cpu => unsafe {
+                std::slice::from_raw_parts(table.ptr as *const u8, table.numel()).to_vec()
+            },
+            Device::Cuda(ord) => cuda_route::read_u8(ord, &table, stream)?,
+        };
+        return Ok(MaskData {
+            docs: None,
+            blocks: Some(bytes),
+        });
+    }
     let uses = matches!(a.mask, MaskArg::Expr(e) if e.uses_documents());
     match (a.q_doc, a.k_doc, uses) {
-        (_, _, false) => Ok(None),
+        (_, _, false) => Ok(MaskData::default()),
         (Some(qd), Some(kd), true) => {
             let mut ids = Vec::with_capacity(2);
             for (name, t, s) in [("q_doc", qd, dims.sq), ("k_doc", kd, dims.sk)] {
@@ -342,7 +408,10 @@ fn docs_of(
             }
             let k = ids.pop().unwrap();
             let q = ids.pop().unwrap();
-            Ok(Some(DocIds { q, k }))
+            Ok(MaskData {
+                docs: Some(DocIds { q, k }),
+                blocks: None,
+            })
         }
         _ => Err(Error::Param {
             op,
@@ -366,9 +435,16 @@ fn read_i32(op: &'static str, name: &str, t: &RawTensor, stream: StreamHandle) -
     }
 }
 
-fn bind(a: &AttnArgs, dims: &Dims, docs: Option<DocIds>) -> Result<Option<crate::mask::BoundMask>> {
+/// A call's mask resolved for the kernels.
+enum Resolved {
+    Full,
+    Bound(crate::mask::BoundMask),
+    Blocks(crate::mask::BlockSchedule),
+}
+
+fn bind(a: &AttnArgs, dims: &Dims, data: MaskData) -> Result<Resolved> {
     match a.mask {
-        MaskArg::Full => Ok(None),
+        MaskArg::Full => Ok(Resolved::Full),
         MaskArg::Expr(e) => e
             .bind(
                 MaskShape {
@@ -376,16 +452,36 @@ fn bind(a: &AttnArgs, dims: &Dims, docs: Option<DocIds>) -> Result<Option<crate:
                     sq: dims.sq,
                     sk: dims.sk,
                 },
-                docs,
+                data.docs,
             )
-            .map(Some),
+            .map(Resolved::Bound),
+        MaskArg::Blocks {
+            table,
+            tile_q,
+            tile_k,
+        } => {
+            let bytes = data.blocks.unwrap_or_default();
+            crate::mask::BlockSchedule::from_block_mask(
+                &bytes,
+                table.shape,
+                tile_q,
+                tile_k,
+                dims.sq,
+                dims.sk,
+            )
+            .map(Resolved::Blocks)
+        }
     }
 }
 
-fn spec(bm: &Option<crate::mask::BoundMask>) -> MaskSpec<'_> {
-    match bm {
-        None => MaskSpec::Full,
-        Some(b) => MaskSpec::Expr(b),
+fn spec(r: &Resolved) -> MaskSpec<'_> {
+    match r {
+        Resolved::Full => MaskSpec::Full,
+        Resolved::Bound(b) => MaskSpec::Expr(b),
+        Resolved::Blocks(s) => MaskSpec::Schedule {
+            schedule: s,
+            rows: None,
+        },
     }
 }
 
@@ -479,8 +575,8 @@ pub unsafe fn forward(
     )?;
     match dev {
         Device::Cpu => {
-            let docs = docs_of(FWD, a, &dims, stream)?;
-            let bm = bind(a, &dims, docs)?;
+            let data = mask_data(FWD, a, &dims, stream)?;
+            let bm = bind(a, &dims, data)?;
             // SAFETY: the caller's contract.
             let (q, k, v) = unsafe {
                 (
@@ -595,8 +691,8 @@ pub unsafe fn backward(
     )?;
     match dev {
         Device::Cpu => {
-            let docs = docs_of(BWD, a, &dims, stream)?;
-            let bm = bind(a, &dims, docs)?;
+            let data = mask_data(BWD, a, &dims, stream)?;
+            let bm = bind(a, &dims, data)?;
             if !lse.is_contiguous() {
                 return Err(lse.shape_err(
                     BWD,
@@ -986,7 +1082,7 @@ mod cuda_route {
         a: &AttnArgs,
         dims: &Dims,
         dt: DType,
-        docs: &Option<DocIds>,
+        data: &MaskData,
         tma: bool,
     ) -> FwdKey {
         FwdKey {
@@ -996,8 +1092,13 @@ mod cuda_route {
             mask: match a.mask {
                 MaskArg::Full => None,
                 MaskArg::Expr(e) => Some(e.to_string()),
+                MaskArg::Blocks {
+                    table,
+                    tile_q,
+                    tile_k,
+                } => Some(format!("blocks {tile_q}x{tile_k} {:?}", table.shape)),
             },
-            docs: docs.as_ref().map_or(0, |d| hash_of(&(&d.q, &d.k))),
+            docs: data.key(),
             scale: a.params.scale.map(f32::to_bits),
             softcap: a.params.softcap.map(f32::to_bits),
             tma,
@@ -1009,6 +1110,14 @@ mod cuda_route {
         let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract: a live int32 allocation of numel elements.
         let b = unsafe { Borrowed::<i32>::new(&s, t.ptr, t.numel()) };
+        s.clone_dtoh(&*b).map_err(crate::cuda::drv("copy to host"))
+    }
+
+    pub(super) fn read_u8(ord: usize, t: &RawTensor, stream: StreamHandle) -> Result<Vec<u8>> {
+        let dev = device(ord)?;
+        let s = stream_of(&dev, stream);
+        // SAFETY: the entry point's contract: a live byte tensor of numel elements.
+        let b = unsafe { Borrowed::<u8>::new(&s, t.ptr, t.numel()) };
         s.clone_dtoh(&*b).map_err(crate::cuda::drv("copy to host"))
     }
 
@@ -1034,10 +1143,10 @@ mod cuda_route {
             )
         };
         let tma = q.tma_aligned() && k.tma_aligned() && v.tma_aligned();
-        let docs = docs_of(FWD, a, dims, stream)?;
-        let key = fwd_key(ord, a, dims, dt, &docs, tma);
+        let data = mask_data(FWD, a, dims, stream)?;
+        let key = fwd_key(ord, a, dims, dt, &data, tma);
         let plan = plans().0.get_or(key, || {
-            let bm = bind(a, dims, docs)?;
+            let bm = bind(a, dims, data)?;
             FwdPlan::with_tma(&dev, *dims, dt, a.params, spec(&bm), tma)
         })?;
         // SAFETY: the entry point's contract.
@@ -1070,14 +1179,14 @@ mod cuda_route {
                 dev_tensor(&s, "dv", dv)?,
             )
         };
-        let docs = docs_of(BWD, a, dims, stream)?;
+        let data = mask_data(BWD, a, dims, stream)?;
         let key = BwdKey {
-            fwd: fwd_key(ord, a, dims, dt, &docs, true),
+            fwd: fwd_key(ord, a, dims, dt, &data, true),
             deterministic: bwd.deterministic,
             stream,
         };
         let plan = plans().1.get_or(key, || {
-            let bm = bind(a, dims, docs)?;
+            let bm = bind(a, dims, data)?;
             BwdPlan::new(&dev, *dims, dt, a.params, spec(&bm), bwd)
         })?;
         // SAFETY: the entry point's contract.

@@ -16,7 +16,7 @@ import torch
 
 from . import _native, _ops  # noqa: F401  (_ops registers the torch.library ops)
 from ._ops import fwd as _ops_fwd
-from .mask import Mask, mask_text
+from .mask import BlockMask, Mask, mask_args
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -29,6 +29,7 @@ from .flash_attn_interface import (
 __version__ = _native.__version__
 
 __all__ = [
+    "BlockMask",
     "Mask",
     "attention",
     "flash_attn_func",
@@ -45,7 +46,7 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: "str | Mask | None" = "causal",
+    mask: "str | Mask | BlockMask | None" = "causal",
     *,
     scale: "float | None" = None,
     softcap: "float | None" = None,
@@ -57,8 +58,8 @@ def attention(
     """Masked attention: ``softmax(scale * q k^T [softcap] + mask) v`` per head.
 
     q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hk, D]``, v ``[B, Sk, Hk, Dv]`` with Hq a multiple of Hk
-    (GQA / MQA: K/V are never expanded). ``mask``: an expression string or a :class:`Mask`
-    (``None``: every pair attends); masks align the query rows to the end of the keys
+    (GQA / MQA: K/V are never expanded). ``mask``: an expression string, a :class:`Mask`, or an
+    explicit :class:`BlockMask` (``None``: every pair attends); masks align the query rows to the end of the keys
     (``pos = i + Sk - Sq``), like flash_attn's causal. ``scale`` defaults to ``1/sqrt(D)``;
     ``softcap`` c maps a scaled logit s to ``c * tanh(s / c)``. ``q_doc`` / ``k_doc``: int32
     document ids ``[B, Sq]`` / ``[B, Sk]`` for masks with ``document`` (on CUDA they are read to
@@ -70,8 +71,9 @@ def attention(
     bit-identical run to run. NaN in the inputs is not scanned for: it propagates to the rows it
     touches.
     """
+    text, blocks, bq, bk = mask_args(mask)
     out, lse = _ops_fwd(
-        q, k, v, mask_text(mask), scale, softcap, q_doc, k_doc, deterministic, return_lse
+        q, k, v, text, scale, softcap, q_doc, k_doc, deterministic, return_lse, blocks, bq, bk
     )
     return (out, lse) if return_lse else out
 

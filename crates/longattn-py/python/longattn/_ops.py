@@ -22,12 +22,13 @@ from . import _native
 _lib = torch.library.Library("longattn", "DEF")
 _lib.define(
     "fwd(Tensor q, Tensor k, Tensor v, str? mask, float? scale, float? softcap, "
-    "Tensor? q_doc, Tensor? k_doc, bool deterministic=False, bool lse_grad=False) -> (Tensor, Tensor)"
+    "Tensor? q_doc, Tensor? k_doc, bool deterministic=False, bool lse_grad=False, "
+    "Tensor? block_mask=None, int block_q=0, int block_k=0) -> (Tensor, Tensor)"
 )
 _lib.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, str? mask, "
-    "float? scale, float? softcap, Tensor? q_doc, Tensor? k_doc, bool deterministic=False) "
-    "-> (Tensor, Tensor, Tensor)"
+    "float? scale, float? softcap, Tensor? q_doc, Tensor? k_doc, bool deterministic=False, "
+    "Tensor? block_mask=None, int block_q=0, int block_k=0) -> (Tensor, Tensor, Tensor)"
 )
 _lib.define(
     "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, "
@@ -59,16 +60,19 @@ def check_qkv(q, k, v, op: str = "attention") -> None:
             raise TypeError(f"{op}: `{name}` has dtype {t.dtype}, `q` has {q.dtype}: one dtype per call")
 
 
-def _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False):
+def _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False,
+              block_mask=None, block_q=0, block_k=0):
     check_qkv(q, k, v)
     b, sq, hq, _ = q.shape
     out = q.new_empty((b, sq, hq, v.shape[3]))
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    _native.fwd(q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, _stream(q))
+    _native.fwd(q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, _stream(q),
+                block_mask, block_q, block_k)
     return out, lse
 
 
-def _bwd_impl(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+def _bwd_impl(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic=False,
+              block_mask=None, block_q=0, block_k=0):
     # The CUDA kernels take one set of strides for q-shaped tensors and one for k-shaped ones:
     # contiguous copies where needed (a no-op for contiguous tensors).
     q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
@@ -76,7 +80,7 @@ def _bwd_impl(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deter
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _native.bwd(
         q, k, v, out, lse.contiguous(), dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc,
-        bool(deterministic), _stream(q),
+        bool(deterministic), _stream(q), block_mask, block_q, block_k,
     )
     return dq, dk, dv
 
@@ -98,7 +102,8 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("longattn::fwd")
-def _fwd_fake(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False):
+def _fwd_fake(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False,
+              block_mask=None, block_q=0, block_k=0):
     check_qkv(q, k, v)
     b, sq, hq, _ = q.shape
     return (
@@ -108,7 +113,8 @@ def _fwd_fake(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, 
 
 
 @torch.library.register_fake("longattn::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic=False):
+def _bwd_fake(dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic=False,
+              block_mask=None, block_q=0, block_k=0):
     return (
         torch.empty(q.shape, dtype=q.dtype, device=q.device),
         torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -125,7 +131,8 @@ def _decode_fake(q, k_cache, v_cache, block_table, cache_seqlens, scale, softcap
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad = inputs
+    (q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad, block_mask, block_q,
+     block_k) = inputs
     out, lse = output
     if not lse_grad:
         # The caller never sees this LSE (e.g. `attention(..., return_lse=False)`).
@@ -133,17 +140,17 @@ def _fwd_setup(ctx, inputs, output):
     # Unused output gradients arrive as None (not zeros), so the LSE term below runs only when
     # a loss really uses the LSE.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc)
-    ctx.args = (mask, scale, softcap, deterministic)
+    ctx.save_for_backward(q, k, v, out, lse, q_doc, k_doc, block_mask)
+    ctx.args = (mask, scale, softcap, deterministic, block_q, block_k)
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, q_doc, k_doc = ctx.saved_tensors
-    mask, scale, softcap, deterministic = ctx.args
+    q, k, v, out, lse, q_doc, k_doc, blocks = ctx.saved_tensors
+    mask, scale, softcap, deterministic, bq, bk = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = torch.ops.longattn.bwd(
-        dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic
+        dout, q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, deterministic, blocks, bq, bk
     )
     if dlse is not None:
         # LSE_i = log sum_j exp(s_ij), s_ij = scale q_i . k_j, so dLSE_i / ds_ij = P_ij and the
@@ -159,30 +166,33 @@ def _fwd_backward(ctx, dout, dlse):
         s = scale if scale is not None else q.shape[-1] ** -0.5
         w = dlse.transpose(1, 2).unsqueeze(-1).to(torch.float32)  # [B, Sq, Hq, 1]
         pk, _ = torch.ops.longattn.fwd(
-            q, k, k, mask, scale, None, q_doc, k_doc, deterministic, False
+            q, k, k, mask, scale, None, q_doc, k_doc, deterministic, False, blocks, bq, bk
         )
         dq = (dq.float() + s * w * pk.float()).to(dq.dtype)
         _, _, dk_lse = torch.ops.longattn.bwd(
             (w * q.float()).to(q.dtype), q, k, k, pk, lse, mask, scale, None, q_doc, k_doc,
-            deterministic,
+            deterministic, blocks, bq, bk,
         )
         dk = (dk.float() + s * dk_lse.float()).to(dk.dtype)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("longattn::fwd", _fwd_backward, setup_context=_fwd_setup)
 
 
-def fwd(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False):
+def fwd(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic=False, lse_grad=False,
+        block_mask=None, block_q=0, block_k=0):
     """``torch.ops.longattn.fwd``, or straight to its implementation in eager mode when no
     gradient is wanted (inference): the dispatcher and autograd layers cost more host time than
     the kernel at decode sizes. Traced code (torch.compile) always sees the op."""
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     ):
-        return _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad)
+        return _fwd_impl(q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad,
+                         block_mask, block_q, block_k)
     return torch.ops.longattn.fwd(
-        q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad
+        q, k, v, mask, scale, softcap, q_doc, k_doc, deterministic, lse_grad, block_mask,
+        block_q, block_k,
     )
 
 

@@ -48,14 +48,47 @@ class Mask:
         return hash(self.expr)
 
 
-def mask_text(mask) -> "str | None":
-    """The expression text of a mask argument (None means every pair attends)."""
+class BlockMask:
+    """An explicit block mask: ``table`` uint8 / bool ``[B or 1, H or 1, ceil(Sq / block_q),
+    ceil(Sk / block_k)]`` (nonzero: the whole tile of ``block_q`` queries x ``block_k`` keys
+    attends). The schedule is built from it per call shape (on CUDA the table is read to the host:
+    one synchronisation per new table) and cached."""
+
+    __slots__ = ("table", "block_q", "block_k")
+
+    def __init__(self, table, block_size=(128, 128)):
+        import torch
+
+        if not isinstance(table, torch.Tensor) or table.dtype not in (torch.uint8, torch.bool):
+            raise TypeError("BlockMask: `table` must be a uint8 or bool torch.Tensor")
+        if table.dim() != 4:
+            raise ValueError(
+                f"BlockMask: `table` has shape {tuple(table.shape)}; expected [B or 1, H or 1, "
+                "q_tiles, k_tiles]"
+            )
+        bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+        if bq < 1 or bk < 1:
+            raise ValueError(f"BlockMask: `block_size` must be >= 1, got {block_size!r}")
+        self.table = table.contiguous()
+        self.block_q, self.block_k = int(bq), int(bk)
+
+    def __repr__(self) -> str:
+        return (f"longattn.BlockMask(table {tuple(self.table.shape)}, "
+                f"block_size=({self.block_q}, {self.block_k}))")
+
+
+def mask_args(mask):
+    """(expression text or None, block table or None, block_q, block_k) of a mask argument
+    (None means every pair attends)."""
     if mask is None:
-        return None
+        return None, None, 0, 0
     if isinstance(mask, Mask):
-        return mask.expr
+        return mask.expr, None, 0, 0
     if isinstance(mask, str):
-        return mask
+        return mask, None, 0, 0
+    if isinstance(mask, BlockMask):
+        return None, mask.table, mask.block_q, mask.block_k
     raise TypeError(
-        f"`mask` must be a mask expression string, a longattn.Mask or None, got {type(mask).__name__}"
+        "`mask` must be a mask expression string, a longattn.Mask, a longattn.BlockMask or None, "
+        f"got {type(mask).__name__}"
     )
