@@ -158,9 +158,38 @@ pub fn main(a: Args) -> Result<()> {
             let dev = longattn::cuda::CudaDevice::open(a.device)?;
             // Timed as the user sees it: copies to and from the device included, compile excluded
             // (a first call compiles or loads the kernel variant).
-            longattn::cuda::forward(&dev, &q, &k, &v, &params, spec)?;
+            // Through the one entry point (`longattn::api`) on device memory, as the Python
+            // package's calls go; block masks from the file as a host table.
+            let table = inputs.block_mask.as_ref().map(|(bytes, shape)| {
+                longattn::api::RawTensor::contiguous(
+                    bytes.as_ptr() as u64,
+                    longattn::api::RawDType::U8,
+                    shape,
+                    longattn::api::Device::Cpu,
+                )
+            });
+            let marg = match table {
+                Some(table) => longattn::api::MaskArg::Blocks {
+                    table,
+                    tile_q: a.block_tile,
+                    tile_k: a.block_tile,
+                },
+                None => longattn::api::MaskArg::Expr(mask.expr()),
+            };
+            let run = || {
+                longattn::api::forward_on_device(
+                    a.device,
+                    &q,
+                    &k,
+                    &v,
+                    marg,
+                    doc_ids.as_ref(),
+                    &params,
+                )
+            };
+            run()?;
             let t0 = Instant::now();
-            let out = longattn::cuda::forward(&dev, &q, &k, &v, &params, spec)?;
+            let out = run()?;
             (
                 out,
                 t0.elapsed().as_secs_f64(),

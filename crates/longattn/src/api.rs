@@ -226,7 +226,7 @@ impl RawTensor {
 
 /// Which pairs attend: every pair, or a parsed mask expression (bound to the call's lengths and
 /// document ids here).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum MaskArg<'a> {
     Full,
     Expr(&'a MaskExpr),
@@ -237,12 +237,15 @@ pub enum MaskArg<'a> {
         tile_q: usize,
         tile_k: usize,
     },
+    /// A mask the caller resolved already (a bound expression, or a schedule with an optional
+    /// row mask for its Partial tiles, as the paged KV cache builds per page run): CPU only.
+    Prepared(MaskSpec<'a>),
 }
 
 /// The inputs of one attention call: q `[B, Sq, Hq, D]`, k `[B, Sk, Hk, D]`, v `[B, Sk, Hk, Dv]`
 /// (any strides; the CUDA kernels need the head dim contiguous), the mask, document ids (int32
 /// `[B, Sq]` / `[B, Sk]`, for masks with `document`) and the logit parameters.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub struct AttnArgs<'a> {
     pub q: RawTensor,
     pub k: RawTensor,
@@ -435,15 +438,24 @@ fn read_i32(op: &'static str, name: &str, t: &RawTensor, stream: StreamHandle) -
     }
 }
 
+fn prepared_on_cuda() -> Error {
+    Error::Param {
+        op: FWD,
+        msg: "a prepared mask (MaskArg::Prepared) runs on the CPU; on CUDA pass an expression or a block table".into(),
+    }
+}
+
 /// A call's mask resolved for the kernels.
-enum Resolved {
+enum Resolved<'a> {
     Full,
     Bound(crate::mask::BoundMask),
     Blocks(crate::mask::BlockSchedule),
+    Prepared(MaskSpec<'a>),
 }
 
-fn bind(a: &AttnArgs, dims: &Dims, data: MaskData) -> Result<Resolved> {
+fn bind<'a>(a: &AttnArgs<'a>, dims: &Dims, data: MaskData) -> Result<Resolved<'a>> {
     match a.mask {
+        MaskArg::Prepared(s) => Ok(Resolved::Prepared(s)),
         MaskArg::Full => Ok(Resolved::Full),
         MaskArg::Expr(e) => e
             .bind(
@@ -474,8 +486,9 @@ fn bind(a: &AttnArgs, dims: &Dims, data: MaskData) -> Result<Resolved> {
     }
 }
 
-fn spec(r: &Resolved) -> MaskSpec<'_> {
+fn spec<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
     match r {
+        Resolved::Prepared(s) => *s,
         Resolved::Full => MaskSpec::Full,
         Resolved::Bound(b) => MaskSpec::Expr(b),
         Resolved::Blocks(s) => MaskSpec::Schedule {
@@ -593,6 +606,7 @@ pub unsafe fn forward(
             }
             Ok(())
         }
+        Device::Cuda(_) if matches!(a.mask, MaskArg::Prepared(_)) => Err(prepared_on_cuda()),
         Device::Cuda(ord) => cuda_route::forward(ord, a, &dims, dt, out, lse, stream),
     }
 }
@@ -645,6 +659,22 @@ pub fn forward_host(
         out: crate::tensor::Tensor::new(out, vec![b, sq, hq, dv])?,
         lse,
     })
+}
+
+/// [`forward`] on CUDA device `ordinal` for host views (the CLI's `run --backend cuda`): q, k, v
+/// are copied to the device (contiguous), the call goes through the same device route as every
+/// caller's (plan cache, launch), and out / LSE come back. Document ids and block tables stay on
+/// the host (the entry point reads them there).
+pub fn forward_on_device(
+    ordinal: usize,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    mask: MaskArg,
+    docs: Option<&DocIds>,
+    params: &AttnParams,
+) -> Result<crate::attention::AttnOutput> {
+    cuda_route::forward_on_device(ordinal, q, k, v, mask, docs, params)
 }
 
 /// Attention backward: dQ, dK, dV (`dq` `[B, Sq, Hq, D]`, `dk` `[B, Sk, Hk, D]`, `dv`
@@ -1097,6 +1127,8 @@ mod cuda_route {
                     tile_q,
                     tile_k,
                 } => Some(format!("blocks {tile_q}x{tile_k} {:?}", table.shape)),
+                // Refused before the CUDA route (`prepared_on_cuda`).
+                MaskArg::Prepared(_) => Some("prepared".into()),
             },
             docs: data.key(),
             scale: a.params.scale.map(f32::to_bits),
@@ -1111,6 +1143,61 @@ mod cuda_route {
         // SAFETY: the entry point's contract: a live int32 allocation of numel elements.
         let b = unsafe { Borrowed::<i32>::new(&s, t.ptr, t.numel()) };
         s.clone_dtoh(&*b).map_err(crate::cuda::drv("copy to host"))
+    }
+
+    pub(super) fn forward_on_device(
+        ord: usize,
+        q: &TensorView,
+        k: &TensorView,
+        v: &TensorView,
+        mask: MaskArg,
+        docs: Option<&DocIds>,
+        params: &AttnParams,
+    ) -> Result<crate::attention::AttnOutput> {
+        use cudarc::driver::DevicePtr;
+        let dev = device(ord)?;
+        let [b, sq, hq, _] = q.shape;
+        let dv = v.shape[3];
+        let up = |name: &str, t: &TensorView| DevTensor::upload(&dev, name, t);
+        let (qd, kd, vd) = (up("q", q)?, up("k", k)?, up("v", v)?);
+        let o = DevTensor::alloc(&dev, [b, sq, hq, dv], q.dtype())?;
+        let lse = dev.alloc_f32(b * hq * sq)?;
+        let s = dev.stream();
+        let raw = |t: &DevTensor| {
+            let mut r = RawTensor::contiguous(
+                t.data.device_ptr(s).0,
+                RawDType::Float(t.dtype),
+                &t.shape,
+                Device::Cuda(ord),
+            );
+            r.strides = t.strides;
+            r
+        };
+        let id = |x: &Vec<i32>, n: usize| {
+            RawTensor::contiguous(x.as_ptr() as u64, RawDType::I32, &[b, n], Device::Cpu)
+        };
+        let a = AttnArgs {
+            q: raw(&qd),
+            k: raw(&kd),
+            v: raw(&vd),
+            mask,
+            q_doc: docs.map(|d| id(&d.q, sq)),
+            k_doc: docs.map(|d| id(&d.k, k.shape[1])),
+            params,
+        };
+        let l = RawTensor::contiguous(
+            lse.device_ptr(s).0,
+            RawDType::Float(DType::F32),
+            &[b, hq, sq],
+            Device::Cuda(ord),
+        );
+        // SAFETY: every device tensor is owned here and outlives the synchronisation below.
+        unsafe { super::forward(&a, &raw(&o), &l, 0)? };
+        dev.synchronize()?;
+        Ok(crate::attention::AttnOutput {
+            out: o.download(&dev)?,
+            lse: dev.download(&lse)?,
+        })
     }
 
     pub(super) fn read_u8(ord: usize, t: &RawTensor, stream: StreamHandle) -> Result<Vec<u8>> {

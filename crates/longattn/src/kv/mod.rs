@@ -13,6 +13,7 @@
 //! results are merged by their LSE (see [`merge_partials`]).
 pub mod decode;
 
+use crate::api::MaskArg;
 use crate::attention::{AttnOutput, AttnParams, MaskSpec};
 use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, BoundMask, MaskExpr, MaskShape, RowMask, TileEntry};
@@ -338,7 +339,7 @@ impl PagedKvCache {
                 Some(b) => MaskSpec::Expr(b),
                 None => MaskSpec::Full,
             };
-            return crate::forward(q, &k, &v, params, spec);
+            return crate::api::forward_host(q, &k, &v, MaskArg::Prepared(spec), None, params);
         }
         // Several runs: one schedule with key tiles of one page; each run takes its columns.
         let full_sched = match &bound {
@@ -371,7 +372,14 @@ impl PagedKvCache {
                 schedule: &sub,
                 rows: shifted.as_ref().map(|r| r as &dyn RowMask),
             };
-            parts.push(crate::forward(q, &k, &v, params, spec)?);
+            parts.push(crate::api::forward_host(
+                q,
+                &k,
+                &v,
+                MaskArg::Prepared(spec),
+                None,
+                params,
+            )?);
         }
         merge_partials(&parts, [1, sq, hq, c.v_dim])
     }
