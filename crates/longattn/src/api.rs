@@ -555,6 +555,22 @@ unsafe fn write_f32(dst: &RawTensor, src: &[f32]) {
     }
 }
 
+/// What forward and backward check first: q, k, v (shapes, dtypes, one device) and the LSE
+/// `[B, Hq, Sq]` f32 on that device.
+fn prologue(op: &'static str, a: &AttnArgs, lse: &RawTensor) -> Result<(Dims, DType, Device)> {
+    let (dims, dt) = dims_of(op, a)?;
+    let dev = common_device(op, &[("q", &a.q), ("k", &a.k), ("v", &a.v)])?;
+    check_out(
+        op,
+        "lse",
+        lse,
+        &[dims.batch, dims.hq, dims.sq],
+        RawDType::Float(DType::F32),
+        dev,
+    )?;
+    Ok((dims, dt, dev))
+}
+
 /// Attention forward: writes `out` `[B, Sq, Hq, Dv]` (q's dtype) and `lse` `[B, Hq, Sq]` (f32,
 /// natural log; -inf on rows with no allowed key, whose output is 0).
 ///
@@ -568,22 +584,13 @@ pub unsafe fn forward(
     lse: &RawTensor,
     stream: StreamHandle,
 ) -> Result<()> {
-    let (dims, dt) = dims_of(FWD, a)?;
-    let dev = common_device(FWD, &[("q", &a.q), ("k", &a.k), ("v", &a.v)])?;
+    let (dims, dt, dev) = prologue(FWD, a, lse)?;
     check_out(
         FWD,
         "out",
         out,
         &[dims.batch, dims.sq, dims.hq, dims.dv],
         RawDType::Float(dt),
-        dev,
-    )?;
-    check_out(
-        FWD,
-        "lse",
-        lse,
-        &[dims.batch, dims.hq, dims.sq],
-        RawDType::Float(DType::F32),
         dev,
     )?;
     match dev {
@@ -695,8 +702,7 @@ pub unsafe fn backward(
     bwd: &BackwardParams,
     stream: StreamHandle,
 ) -> Result<()> {
-    let (dims, dt) = dims_of(BWD, a)?;
-    let dev = common_device(BWD, &[("q", &a.q), ("k", &a.k), ("v", &a.v)])?;
+    let (dims, dt, dev) = prologue(BWD, a, lse)?;
     let f = RawDType::Float(dt);
     let qs = [dims.batch, dims.sq, dims.hq, dims.d];
     let os = [dims.batch, dims.sq, dims.hq, dims.dv];
@@ -711,14 +717,6 @@ pub unsafe fn backward(
     ] {
         check_out(BWD, name, t, want, f, dev)?;
     }
-    check_out(
-        BWD,
-        "lse",
-        lse,
-        &[dims.batch, dims.hq, dims.sq],
-        RawDType::Float(DType::F32),
-        dev,
-    )?;
     match dev {
         Device::Cpu => {
             let data = mask_data(BWD, a, &dims, stream)?;
