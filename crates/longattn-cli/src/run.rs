@@ -132,25 +132,33 @@ pub fn main(a: Args) -> Result<()> {
             Some(t)
         }
     };
+    // Every backend goes through the one entry point (`longattn::api`), as the Python package's
+    // calls do; a block mask from the file travels as a host table.
+    let table = inputs.block_mask.as_ref().map(|(bytes, shape)| {
+        longattn::api::RawTensor::contiguous(
+            bytes.as_ptr() as u64,
+            longattn::api::RawDType::U8,
+            shape,
+            longattn::api::Device::Cpu,
+        )
+    });
+    let marg = match table {
+        Some(table) => longattn::api::MaskArg::Blocks {
+            table,
+            tile_q: a.block_tile,
+            tile_k: a.block_tile,
+        },
+        None => longattn::api::MaskArg::Expr(mask.expr()),
+    };
     let pool = pool(a.threads)?;
     let (out, secs, engine) = match a.backend.as_str() {
         "cpu" => {
             let t0 = Instant::now();
             // Mask expressions go through the one entry point (`longattn::api`), as the Python
             // package's calls do; explicit block masks take the schedule path.
-            let out = match &blocks {
-                None => pool.install(|| {
-                    longattn::api::forward_host(
-                        &q,
-                        &k,
-                        &v,
-                        longattn::api::MaskArg::Expr(mask.expr()),
-                        doc_ids.as_ref(),
-                        &params,
-                    )
-                })?,
-                Some(_) => pool.install(|| longattn::forward(&q, &k, &v, &params, spec))?,
-            };
+            let out = pool.install(|| {
+                longattn::api::forward_host(&q, &k, &v, marg, doc_ids.as_ref(), &params)
+            })?;
             let engine = format!("{} threads", pool.current_num_threads());
             (out, t0.elapsed().as_secs_f64(), engine)
         }
@@ -158,24 +166,6 @@ pub fn main(a: Args) -> Result<()> {
             let dev = longattn::cuda::CudaDevice::open(a.device)?;
             // Timed as the user sees it: copies to and from the device included, compile excluded
             // (a first call compiles or loads the kernel variant).
-            // Through the one entry point (`longattn::api`) on device memory, as the Python
-            // package's calls go; block masks from the file as a host table.
-            let table = inputs.block_mask.as_ref().map(|(bytes, shape)| {
-                longattn::api::RawTensor::contiguous(
-                    bytes.as_ptr() as u64,
-                    longattn::api::RawDType::U8,
-                    shape,
-                    longattn::api::Device::Cpu,
-                )
-            });
-            let marg = match table {
-                Some(table) => longattn::api::MaskArg::Blocks {
-                    table,
-                    tile_q: a.block_tile,
-                    tile_k: a.block_tile,
-                },
-                None => longattn::api::MaskArg::Expr(mask.expr()),
-            };
             let run = || {
                 longattn::api::forward_on_device(
                     a.device,
