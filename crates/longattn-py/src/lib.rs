@@ -166,39 +166,87 @@ fn explain_mask(
     longattn::mask::render::explain(&bm, tile_q, tile_k).map_err(py_err)
 }
 
-/// The mask of a call: an expression, an explicit block table, or every pair.
-fn mask_arg<'a>(
-    expr: Option<&'a MaskExpr>,
-    blocks: Option<RawTensor>,
-    block_q: usize,
-    block_k: usize,
-) -> PyResult<MaskArg<'a>> {
-    match (expr, blocks) {
-        (Some(_), Some(_)) => Err(PyValueError::new_err(
-            "pass either a mask expression or `block_mask`, not both",
-        )),
-        (Some(e), None) => Ok(MaskArg::Expr(e)),
-        (None, Some(table)) => {
-            if block_q == 0 || block_k == 0 {
-                return Err(PyValueError::new_err(format!(
-                    "`block_mask` needs tile sizes >= 1, got ({block_q}, {block_k})"
-                )));
-            }
-            Ok(MaskArg::Blocks {
-                table,
-                tile_q: block_q,
-                tile_k: block_k,
-            })
-        }
-        (None, None) => Ok(MaskArg::Full),
-    }
-}
-
 fn params(scale: Option<f32>, softcap: Option<f32>) -> AttnParams {
     AttnParams {
         scale,
         softcap,
         isa: None,
+    }
+}
+
+/// The inputs forward and backward share, read from their Python arguments (no data).
+struct Inputs {
+    q: RawTensor,
+    k: RawTensor,
+    v: RawTensor,
+    expr: Option<Arc<MaskExpr>>,
+    blocks: Option<RawTensor>,
+    block_q: usize,
+    block_k: usize,
+    q_doc: Option<RawTensor>,
+    k_doc: Option<RawTensor>,
+    params: AttnParams,
+}
+
+impl Inputs {
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        (q, k, v): (&Bound<'_, PyAny>, &Bound<'_, PyAny>, &Bound<'_, PyAny>),
+        mask: Option<&str>,
+        scale: Option<f32>,
+        softcap: Option<f32>,
+        q_doc: Option<&Bound<'_, PyAny>>,
+        k_doc: Option<&Bound<'_, PyAny>>,
+        block_mask: Option<&Bound<'_, PyAny>>,
+        (block_q, block_k): (usize, usize),
+    ) -> PyResult<Inputs> {
+        let blocks = opt_raw(block_mask, "block_mask")?;
+        let expr = mask.map(mask_expr).transpose()?;
+        if blocks.is_some() {
+            if expr.is_some() {
+                return Err(PyValueError::new_err(
+                    "pass either a mask expression or `block_mask`, not both",
+                ));
+            }
+            if block_q == 0 || block_k == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "`block_mask` needs tile sizes >= 1, got ({block_q}, {block_k})"
+                )));
+            }
+        }
+        Ok(Inputs {
+            q: raw(q, "q")?,
+            k: raw(k, "k")?,
+            v: raw(v, "v")?,
+            expr,
+            blocks,
+            block_q,
+            block_k,
+            q_doc: opt_raw(q_doc, "q_doc")?,
+            k_doc: opt_raw(k_doc, "k_doc")?,
+            params: params(scale, softcap),
+        })
+    }
+
+    fn args(&self) -> AttnArgs<'_> {
+        AttnArgs {
+            q: self.q,
+            k: self.k,
+            v: self.v,
+            // An expression, an explicit block table (never both: `read`), or every pair.
+            mask: match (&self.expr, self.blocks) {
+                (Some(e), _) => MaskArg::Expr(e),
+                (None, Some(table)) => MaskArg::Blocks {
+                    table,
+                    tile_q: self.block_q,
+                    tile_k: self.block_k,
+                },
+                (None, None) => MaskArg::Full,
+            },
+            q_doc: self.q_doc,
+            k_doc: self.k_doc,
+            params: &self.params,
+        }
     }
 }
 
@@ -223,23 +271,19 @@ fn fwd(
     block_q: usize,
     block_k: usize,
 ) -> PyResult<()> {
-    let (q, k, v) = (raw(q, "q")?, raw(k, "k")?, raw(v, "v")?);
+    let inp = Inputs::read(
+        (q, k, v),
+        mask,
+        scale,
+        softcap,
+        q_doc,
+        k_doc,
+        block_mask,
+        (block_q, block_k),
+    )?;
     let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
-    let blocks = opt_raw(block_mask, "block_mask")?;
-    let (q_doc, k_doc) = (opt_raw(q_doc, "q_doc")?, opt_raw(k_doc, "k_doc")?);
-    let expr = mask.map(mask_expr).transpose()?;
-    let marg = mask_arg(expr.as_deref(), blocks, block_q, block_k)?;
-    let p = params(scale, softcap);
     py.detach(|| {
-        let a = AttnArgs {
-            q,
-            k,
-            v,
-            mask: marg,
-            q_doc,
-            k_doc,
-            params: &p,
-        };
+        let a = inp.args();
         // SAFETY: the tensors are live torch tensors held by the caller for the call; CUDA work
         // is queued on the caller's stream, which orders it before any reuse of the memory.
         unsafe { api::forward(&a, &out, &lse, stream) }
@@ -273,25 +317,21 @@ fn bwd(
     block_q: usize,
     block_k: usize,
 ) -> PyResult<()> {
-    let blocks = opt_raw(block_mask, "block_mask")?;
-    let (q, k, v) = (raw(q, "q")?, raw(k, "k")?, raw(v, "v")?);
+    let inp = Inputs::read(
+        (q, k, v),
+        mask,
+        scale,
+        softcap,
+        q_doc,
+        k_doc,
+        block_mask,
+        (block_q, block_k),
+    )?;
     let (out, lse, dout) = (raw(out, "out")?, raw(lse, "lse")?, raw(dout, "dout")?);
     let (dq, dk, dv) = (raw(dq, "dq")?, raw(dk, "dk")?, raw(dv, "dv")?);
-    let (q_doc, k_doc) = (opt_raw(q_doc, "q_doc")?, opt_raw(k_doc, "k_doc")?);
-    let expr = mask.map(mask_expr).transpose()?;
-    let marg = mask_arg(expr.as_deref(), blocks, block_q, block_k)?;
-    let p = params(scale, softcap);
     let b = BackwardParams { deterministic };
     py.detach(|| {
-        let a = AttnArgs {
-            q,
-            k,
-            v,
-            mask: marg,
-            q_doc,
-            k_doc,
-            params: &p,
-        };
+        let a = inp.args();
         // SAFETY: as in `fwd`.
         unsafe { api::backward(&a, &out, &lse, &dout, &dq, &dk, &dv, &b, stream) }
     })

@@ -191,16 +191,8 @@ impl RawTensor {
     unsafe fn view<'a>(&self, op: &'static str, name: &str) -> Result<TensorView<'a>> {
         self.expect_rank(op, name, 4, "[batch, seq, heads, dim]")?;
         let dt = self.float(op, name)?;
-        let n = self.span();
-        let p = self.ptr as usize;
         // SAFETY: the caller's contract above.
-        let data = unsafe {
-            match dt {
-                DType::F32 => Slice::F32(std::slice::from_raw_parts(p as *const f32, n)),
-                DType::BF16 => Slice::BF16(std::slice::from_raw_parts(p as *const bf16, n)),
-                DType::F16 => Slice::F16(std::slice::from_raw_parts(p as *const f16, n)),
-            }
-        };
+        let data = unsafe { host_slice(dt, self.ptr, self.span()) };
         TensorView::strided(data, self.shape, self.strides).map_err(|_| {
             self.shape_err(
                 op,
@@ -222,6 +214,30 @@ impl RawTensor {
         // SAFETY: the caller's contract.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr as *const i32, self.numel()) })
     }
+}
+
+/// `n` elements of `dt` at host address `ptr`.
+///
+/// # Safety
+/// `ptr` must address `n` readable elements of `dt` for the lifetime `'a`.
+unsafe fn host_slice<'a>(dt: DType, ptr: u64, n: usize) -> Slice<'a> {
+    let p = ptr as usize;
+    // SAFETY: the caller's contract.
+    unsafe {
+        match dt {
+            DType::F32 => Slice::F32(std::slice::from_raw_parts(p as *const f32, n)),
+            DType::BF16 => Slice::BF16(std::slice::from_raw_parts(p as *const bf16, n)),
+            DType::F16 => Slice::F16(std::slice::from_raw_parts(p as *const f16, n)),
+        }
+    }
+}
+
+/// Document ids held on the host as the int32 `[B, Sq]` / `[B, Sk]` tensors of a call.
+fn doc_tensors(docs: Option<&DocIds>, b: usize, sq: usize, sk: usize) -> [Option<RawTensor>; 2] {
+    let id = |x: &Vec<i32>, n: usize| {
+        RawTensor::contiguous(x.as_ptr() as u64, RawDType::I32, &[b, n], Device::Cpu)
+    };
+    [docs.map(|d| id(&d.q, sq)), docs.map(|d| id(&d.k, sk))]
 }
 
 /// Which pairs attend: every pair, or a parsed mask expression (bound to the call's lengths and
@@ -391,7 +407,7 @@ fn mask_data(
             Device::Cpu => unsafe {
                 std::slice::from_raw_parts(table.ptr as *const u8, table.numel()).to_vec()
             },
-            Device::Cuda(ord) => cuda_route::read_u8(ord, &table, stream)?,
+            Device::Cuda(ord) => cuda_route::read::<u8>(ord, &table, stream)?,
         };
         return Ok(MaskData {
             docs: None,
@@ -433,7 +449,7 @@ fn read_i32(op: &'static str, name: &str, t: &RawTensor, stream: StreamHandle) -
             if !t.is_contiguous() {
                 return Err(t.shape_err(op, name, "a contiguous int32 tensor".into()));
             }
-            cuda_route::read_i32(ord, t, stream)
+            cuda_route::read::<i32>(ord, t, stream)
         }
     }
 }
@@ -636,16 +652,14 @@ pub fn forward_host(
         crate::tensor::Buffer::BF16(x) => x.as_mut_ptr() as u64,
         crate::tensor::Buffer::F16(x) => x.as_mut_ptr() as u64,
     };
-    let id = |x: &Vec<i32>, s: usize| {
-        RawTensor::contiguous(x.as_ptr() as u64, RawDType::I32, &[b, s], Device::Cpu)
-    };
+    let [q_doc, k_doc] = doc_tensors(docs, b, sq, k.shape[1]);
     let a = AttnArgs {
         q: RawTensor::from_view(q),
         k: RawTensor::from_view(k),
         v: RawTensor::from_view(v),
         mask,
-        q_doc: docs.map(|d| id(&d.q, sq)),
-        k_doc: docs.map(|d| id(&d.k, k.shape[1])),
+        q_doc,
+        k_doc,
         params,
     };
     let o = RawTensor::contiguous(
@@ -850,15 +864,7 @@ pub unsafe fn decode(
             // SAFETY: the caller's contract.
             let (qv, kslice, vslice, lens) = unsafe {
                 let qv = q.view(DEC, "q")?;
-                let sl = |t: &RawTensor| -> Slice<'static> {
-                    let n = t.numel();
-                    let p = t.ptr as usize;
-                    match dt {
-                        DType::F32 => Slice::F32(std::slice::from_raw_parts(p as *const f32, n)),
-                        DType::BF16 => Slice::BF16(std::slice::from_raw_parts(p as *const bf16, n)),
-                        DType::F16 => Slice::F16(std::slice::from_raw_parts(p as *const f16, n)),
-                    }
-                };
+                let sl = |t: &RawTensor| host_slice(dt, t.ptr, t.numel());
                 (
                     qv,
                     sl(kc),
@@ -1135,11 +1141,16 @@ mod cuda_route {
         }
     }
 
-    pub(super) fn read_i32(ord: usize, t: &RawTensor, stream: StreamHandle) -> Result<Vec<i32>> {
+    /// A contiguous device tensor's elements on the host (ids, lengths, block tables): a copy
+    /// on the caller's stream, which it synchronises.
+    pub(super) fn read<T>(ord: usize, t: &RawTensor, stream: StreamHandle) -> Result<Vec<T>>
+    where
+        T: cudarc::driver::DeviceRepr + Default + Clone,
+    {
         let dev = device(ord)?;
         let s = stream_of(&dev, stream);
-        // SAFETY: the entry point's contract: a live int32 allocation of numel elements.
-        let b = unsafe { Borrowed::<i32>::new(&s, t.ptr, t.numel()) };
+        // SAFETY: the entry point's contract: a live allocation of numel elements of T.
+        let b = unsafe { Borrowed::<T>::new(&s, t.ptr, t.numel()) };
         s.clone_dtoh(&*b).map_err(crate::cuda::drv("copy to host"))
     }
 
@@ -1171,16 +1182,14 @@ mod cuda_route {
             r.strides = t.strides;
             r
         };
-        let id = |x: &Vec<i32>, n: usize| {
-            RawTensor::contiguous(x.as_ptr() as u64, RawDType::I32, &[b, n], Device::Cpu)
-        };
+        let [q_doc, k_doc] = doc_tensors(docs, b, sq, k.shape[1]);
         let a = AttnArgs {
             q: raw(&qd),
             k: raw(&kd),
             v: raw(&vd),
             mask,
-            q_doc: docs.map(|d| id(&d.q, sq)),
-            k_doc: docs.map(|d| id(&d.k, k.shape[1])),
+            q_doc,
+            k_doc,
             params,
         };
         let l = RawTensor::contiguous(
@@ -1196,14 +1205,6 @@ mod cuda_route {
             out: o.download(&dev)?,
             lse: dev.download(&lse)?,
         })
-    }
-
-    pub(super) fn read_u8(ord: usize, t: &RawTensor, stream: StreamHandle) -> Result<Vec<u8>> {
-        let dev = device(ord)?;
-        let s = stream_of(&dev, stream);
-        // SAFETY: the entry point's contract: a live byte tensor of numel elements.
-        let b = unsafe { Borrowed::<u8>::new(&s, t.ptr, t.numel()) };
-        s.clone_dtoh(&*b).map_err(crate::cuda::drv("copy to host"))
     }
 
     pub(super) fn forward(

@@ -247,10 +247,8 @@ def flash_attn_varlen_func(
 
 
 def _check_cache_tables(block_table, lens, num_blocks: int, page: int) -> None:
-    """Every page a sequence uses must exist (skipped under CUDA-graph capture, where a check
-    would synchronise)."""
-    if block_table.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
+    """Every page a sequence uses must exist. A data-dependent check (a synchronisation on CUDA):
+    callers skip it under graph capture and after ``set_cache_checks(False)``."""
     used = torch.arange(block_table.shape[1], device=block_table.device)[None] < (
         (lens + page - 1) // page
     )[:, None]

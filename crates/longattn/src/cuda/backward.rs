@@ -29,7 +29,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::forward::{
-    check_launch, unsupported, DevMask, DevTensor, TmaMap, COMMON, MMA_TILE, TMA, WGMMA,
+    check_launch, check_tma, unsupported, DevMask, DevTensor, TmaMap, COMMON, MMA_TILE, TMA, WGMMA,
 };
 use super::{drv, CudaDevice};
 use crate::attention::{AttnParams, Dims, MaskSpec};
@@ -413,14 +413,10 @@ impl BwdPlan {
             }
         }
         if matches!(self.kernel, BwdKernel::OnePassWgmma { .. }) {
-            for (name, t) in [("q", q), ("k", k), ("v", v), ("do", dout)] {
-                if !t.tma_aligned() {
-                    return Err(unsupported(format!(
-                        "cuda attention backward: tensor `{name}`: address or strides {:?} are not multiples of 16 bytes (TMA)",
-                        t.strides
-                    )));
-                }
-            }
+            check_tma(
+                "cuda attention backward",
+                &[("q", q), ("k", k), ("v", v), ("do", dout)],
+            )?;
         }
         let Dims {
             batch,

@@ -1126,14 +1126,7 @@ impl FwdPlan {
             [batch, hq, sq],
         )?;
         if self.tile.kernel == FwdKernel::WarpSpecialized {
-            for (name, t) in [("q", q), ("k", k), ("v", v)] {
-                if !t.tma_aligned() {
-                    return Err(unsupported(format!(
-                        "tensor `{name}`: address or strides {:?} are not multiples of 16 bytes, which this plan's kernel (TMA) needs; make the plan with FwdPlan::with_tma(.., false)",
-                        t.strides
-                    )));
-                }
-            }
+            check_tma("cuda attention", &[("q", q), ("k", k), ("v", v)])?;
         }
         let mut p = self.base;
         p.q = q.data.device_ptr(s).0;
@@ -1183,6 +1176,20 @@ pub(crate) fn logit_consts(params: &AttnParams, d: usize) -> (f32, f32, f32) {
         Some(c) => (log2e, scale / c, c),
         None => (scale * log2e, 0.0, 0.0),
     }
+}
+
+/// Tensors a kernel reads through TMA descriptors: address and strides must be multiples of 16
+/// bytes (a plan made with `FwdPlan::with_tma(.., false)` reads without them).
+pub(crate) fn check_tma(op: &'static str, tensors: &[(&str, &DevTensor)]) -> Result<()> {
+    for (name, t) in tensors {
+        if !t.tma_aligned() {
+            return Err(unsupported(format!(
+                "{op}: tensor `{name}`: address or strides {:?} are not multiples of 16 bytes, which this plan's kernel (TMA) needs",
+                t.strides
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Checks device tensors against a plan's problem (shape and dtype, each named) and the LSE
