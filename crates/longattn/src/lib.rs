@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod error;
 pub mod io;
 pub mod kv;
+pub mod linear;
 pub mod mask;
 pub mod model;
 pub mod reference;
