@@ -168,7 +168,14 @@ for kk, vv in ov.items():
 
 # Timings.
 def gpu_ms(fn, reps=20):
-    for _ in range(3):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    if time.perf_counter() - t0 > 0.02:  # long calls: fewer repetitions
+        reps = 5
+    for _ in range(2):
         fn()
     torch.cuda.synchronize()
     es = [torch.cuda.Event(enable_timing=True) for _ in range(2 * reps)]
@@ -203,6 +210,12 @@ if not args.no_overhead:
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    import torch._dynamo
+    # One compiled flex kernel per (shape, mask) of the sweep: raise the recompile limit, or dynamo
+    # silently falls back to the eager (unfused, quadratic-memory) flex after 8 variants.
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
     flex = torch.compile(flex_attention, dynamic=False)
 except Exception as e:  # noqa
     flex = None

@@ -1,0 +1,101 @@
+"""`longattn run` on both backends: the CUDA route of the CLI (the library's one entry point) must
+agree with the CPU route on the same file, forward and backward, for expression masks, documents and
+an explicit block mask. Needs torch (any device) and a built `longattn` binary; run on a GPU machine:
+
+    python3 scripts/gpu/cli_backend_check.py --bin target/release/longattn --dir /tmp/clicheck
+"""
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import torch
+
+p = argparse.ArgumentParser()
+p.add_argument("--bin", required=True)
+p.add_argument("--dir", default="/tmp/longattn-cli-check")
+args = p.parse_args()
+os.makedirs(args.dir, exist_ok=True)
+
+DT = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int32: "I32", torch.uint8: "U8"}
+RT = {v: k for k, v in DT.items()}
+
+
+def save(path, tensors):
+    """A minimal safetensors writer (header JSON + raw little-endian bytes)."""
+    header, blobs, off = {}, [], 0
+    for name, t in tensors.items():
+        t = t.contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
+        header[name] = {"dtype": DT[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def load(path):
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    out = {}
+    for name, m in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = m["data_offsets"]
+        buf = bytearray(data[8 + n + a : 8 + n + b])
+        out[name] = torch.frombuffer(buf, dtype=RT[m["dtype"]]).reshape(m["shape"]).float()
+    return out
+
+
+g = torch.Generator().manual_seed(7)
+B, SQ, SK, HQ, HK, D = 2, 1000, 1000, 4, 2, 64
+
+
+def rnd(*s):
+    return torch.randn(*s, generator=g).to(torch.bfloat16)
+
+
+base = {"q": rnd(B, SQ, HQ, D), "k": rnd(B, SK, HK, D), "v": rnd(B, SK, HK, D), "do": rnd(B, SQ, HQ, D)}
+docs = torch.tensor([0] * 300 + [1] * 450 + [2] * 250, dtype=torch.int32).repeat(B, 1)
+table = (torch.rand(1, HQ, (SQ + 63) // 64, (SK + 63) // 64, generator=g) < 0.4).to(torch.uint8)
+cases = [
+    ("causal", {}, ["--mask", "causal"]),
+    ("window", {}, ["--mask", "causal & window(300,7)"]),
+    ("sinks|window", {}, ["--mask", "causal & (sinks(4) | window(128,0))"]),
+    ("documents", {"q_doc": docs, "k_doc": docs}, ["--mask", "causal & document"]),
+    ("block_mask", {"block_mask": table}, ["--block-tile", "64"]),
+]
+fails = 0
+for name, extra, flags in cases:
+    inp = os.path.join(args.dir, f"in_{len(extra)}_{name.replace('|', '_')}.safetensors")
+    save(inp, {**base, **extra})
+    outs = {}
+    for be in ("cpu", "cuda"):
+        out = os.path.join(args.dir, f"out_{be}.safetensors")
+        cmd = [args.bin, "run", "--input", inp, "--output", out, "--force", "--backward", "--backend", be] + flags
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"FAIL {name} {be}: {r.stderr.strip()[:400]}")
+            fails += 1
+            break
+        outs[be] = load(out)
+    if len(outs) < 2:
+        continue
+    worst = {}
+    for key in ("out", "lse", "dq", "dk", "dv"):
+        a, b = outs["cpu"][key], outs["cuda"][key]
+        fin = torch.isfinite(a)
+        same_inf = torch.equal(fin, torch.isfinite(b))
+        err = ((a[fin] - b[fin]).abs().max() / a[fin].abs().max().clamp_min(1e-6)).item() if fin.any() else 0.0
+        worst[key] = err
+        if not same_inf or err > (2e-2 if key != "lse" else 1e-3):
+            fails += 1
+            print(f"FAIL {name} {key}: rel err {err:.2e} (non-finite pattern equal: {same_inf})")
+    print(f"{name}: cpu vs cuda " + " ".join(f"{k} {v:.1e}" for k, v in worst.items()), flush=True)
+print(f"cli backend check: {len(cases)} cases, {fails} failures")
+sys.exit(1 if fails else 0)
