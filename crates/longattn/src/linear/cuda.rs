@@ -235,7 +235,10 @@ impl DevCore<'_> {
             check_aligned(op, name, x)?;
         }
         if !self.scale.is_finite() {
-            return Err(param(op, format!("scale must be finite, got {}", self.scale)));
+            return Err(param(
+                op,
+                format!("scale must be finite, got {}", self.scale),
+            ));
         }
         let seqs = match self.cu_seqlens {
             None => b,
@@ -289,7 +292,9 @@ impl DevCore<'_> {
         if seqs > 65535 || h > 65535 {
             return Err(param(
                 op,
-                format!("{seqs} sequences x {h} heads: the launch grid takes at most 65535 of each"),
+                format!(
+                    "{seqs} sequences x {h} heads: the launch grid takes at most 65535 of each"
+                ),
             ));
         }
         if (b * t) as u64 * h as u64 * kd.max(vd) as u64 >= 1 << 62 || t > i32::MAX as usize {
@@ -361,7 +366,10 @@ fn function(
     smem: usize,
 ) -> Result<CudaFunction> {
     let defines = vec![
-        ("LA_F16".to_string(), ((dtype == DType::F16) as i32).to_string()),
+        (
+            "LA_F16".to_string(),
+            ((dtype == DType::F16) as i32).to_string(),
+        ),
         ("LIN_K".to_string(), d.k.to_string()),
         ("LIN_V".to_string(), d.v.to_string()),
         ("LIN_BV".to_string(), bv.to_string()),
@@ -407,7 +415,15 @@ pub fn forward(dev: &CudaDevice, c: &DevCore) -> Result<(DevTensor, CudaSlice<f3
     }
     let bv = choose_bv(dev, &d);
     let smem = smem_fwd(d.k, bv);
-    let f = function(dev, ("linear_fwd", LIN_FWD), "lin_fwd", c.q.dtype, &d, bv, smem)?;
+    let f = function(
+        dev,
+        ("linear_fwd", LIN_FWD),
+        "lin_fwd",
+        c.q.dtype,
+        &d,
+        bv,
+        smem,
+    )?;
     let out = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
     let fin = dev.alloc_f32(d.state_len())?;
     let mut p = c.params(&d);
@@ -448,7 +464,11 @@ pub fn backward(
         if s.len() < d.state_len() {
             return Err(param(
                 OP,
-                format!("d_final_state has {} elements, expected {}", s.len(), d.state_len()),
+                format!(
+                    "d_final_state has {} elements, expected {}",
+                    s.len(),
+                    d.state_len()
+                ),
             ));
         }
     }
@@ -461,9 +481,21 @@ pub fn backward(
     let dv = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.v], dt)?;
     let ds0 = dev.alloc_f32(d.state_len())?;
     let n_tok = d.batch * d.t;
-    let dk_acc = if gqa { Some(dev.alloc_f32(n_tok * d.hk * d.k)?) } else { None };
-    let dv_acc = if gqa { Some(dev.alloc_f32(n_tok * d.hk * d.v)?) } else { None };
-    let db = if token { Some(dev.alloc_f32(n_tok * d.h)?) } else { None };
+    let dk_acc = if gqa {
+        Some(dev.alloc_f32(n_tok * d.hk * d.k)?)
+    } else {
+        None
+    };
+    let dv_acc = if gqa {
+        Some(dev.alloc_f32(n_tok * d.hk * d.v)?)
+    } else {
+        None
+    };
+    let db = if token {
+        Some(dev.alloc_f32(n_tok * d.h)?)
+    } else {
+        None
+    };
 
     let mut p = c.params(&d);
     p.dout = tptr(dout);
@@ -489,9 +521,33 @@ pub fn backward(
     let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
     let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
     let (h, n) = (d.h as u32, d.seqs as u32);
-    launch(dev, &f_dv, ((d.v / bv) as u32, h, n), THREADS, sm_dv, &p, "launch linear dV")?;
-    launch(dev, &f_dq, ((d.k / BK) as u32, h, n), THREADS, sm_ks, &p, "launch linear dQ")?;
-    launch(dev, &f_dk, ((d.k / BK) as u32, h, n), THREADS, sm_ks, &p, "launch linear dK")?;
+    launch(
+        dev,
+        &f_dv,
+        ((d.v / bv) as u32, h, n),
+        THREADS,
+        sm_dv,
+        &p,
+        "launch linear dV",
+    )?;
+    launch(
+        dev,
+        &f_dq,
+        ((d.k / BK) as u32, h, n),
+        THREADS,
+        sm_ks,
+        &p,
+        "launch linear dQ",
+    )?;
+    launch(
+        dev,
+        &f_dk,
+        ((d.k / BK) as u32, h, n),
+        THREADS,
+        sm_ks,
+        &p,
+        "launch linear dK",
+    )?;
     if gqa {
         let f = function(dev, src, "lin_f32_to_el", dt, &d, bv, 0)?;
         for (acc, out) in [(&dk_acc, &dk), (&dv_acc, &dv)] {
@@ -574,10 +630,22 @@ pub fn step(
     if state.len() < d.state_len() {
         return Err(param(
             OP,
-            format!("state has {} elements, expected {}", state.len(), d.state_len()),
+            format!(
+                "state has {} elements, expected {}",
+                state.len(),
+                d.state_len()
+            ),
         ));
     }
-    let f = function(dev, ("linear_step", LIN_STEP), "lin_step", q.dtype, &d, 32, 0)?;
+    let f = function(
+        dev,
+        ("linear_step", LIN_STEP),
+        "lin_step",
+        q.dtype,
+        &d,
+        32,
+        0,
+    )?;
     let out = DevTensor::alloc(dev, [d.batch, 1, d.h, d.v], q.dtype)?;
     let mut p = c.params(&d);
     p.o = tptr(&out);
@@ -586,7 +654,15 @@ pub fn step(
     if d.batch > 65535 {
         return Err(param(OP, format!("batch {} > 65535", d.batch)));
     }
-    launch(dev, &f, (d.h as u32, d.batch as u32, 1), 256, 0, &p, "launch linear step")?;
+    launch(
+        dev,
+        &f,
+        (d.h as u32, d.batch as u32, 1),
+        256,
+        0,
+        &p,
+        "launch linear step",
+    )?;
     Ok(out)
 }
 
@@ -621,12 +697,14 @@ fn upload_view(dev: &CudaDevice, op: &'static str, name: &str, v: &TensorView) -
             _keep: None,
         });
     }
-    let buf = dev.stream().clone_htod(&bits).map_err(drv("copy to device"))?;
+    let buf = dev
+        .stream()
+        .clone_htod(&bits)
+        .map_err(drv("copy to device"))?;
     // SAFETY: `buf` holds the view's whole buffer (every element its strides address, checked
     // when the view was made) and is kept alive next to the borrowing tensor.
-    let t = unsafe {
-        DevTensor::borrow(dev.stream(), name, ptr(&buf), v.shape, v.strides, v.dtype())
-    }?;
+    let t =
+        unsafe { DevTensor::borrow(dev.stream(), name, ptr(&buf), v.shape, v.strides, v.dtype()) }?;
     Ok(Uploaded {
         t,
         _keep: Some(buf),
@@ -724,7 +802,11 @@ pub fn backward_host(
         if s.len() != d.state_len() {
             return Err(param(
                 OP,
-                format!("d_final_state has {} elements, expected {}", s.len(), d.state_len()),
+                format!(
+                    "d_final_state has {} elements, expected {}",
+                    s.len(),
+                    d.state_len()
+                ),
             ));
         }
     }
@@ -822,7 +904,12 @@ pub fn bench(
                 "bench",
                 ptr(&buf),
                 shape,
-                [shape[1] * shape[2] * shape[3], shape[2] * shape[3], shape[3], 1],
+                [
+                    shape[1] * shape[2] * shape[3],
+                    shape[2] * shape[3],
+                    shape[3],
+                    1,
+                ],
                 dtype,
             )
         }?;

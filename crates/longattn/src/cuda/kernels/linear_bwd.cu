@@ -136,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinPa
             float a[1][8][4];
             lin_zero(a);
             lin_mma_nt<LIN_K, LIN_K, 1, 8, LIN_K / 16>(a, sQ, 16 * warp, sK, 0, lane);
-            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale);
+            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale, lane);
         }
         lin_rowscale<LIN_K>(sKt, sK, sb, L, true, 1.f);
         lin_rowscale<LIN_K>(sQt, sQ, sb, L, false, p.scale);
@@ -253,7 +253,7 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
             float a[1][8][4];
             lin_zero(a);
             lin_mma_nt<LIN_V, LIN_V, 1, 8, LIN_V / 16>(a, sdO, 16 * warp, sV, 0, lane);
-            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale);
+            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale, lane);
         }
         // dQ: K o w (state update); dK: scale Q o exp(b) (H update).
         lin_rowscale<LIN_BK>(sXt, sX, sb, L, DQ, DQ ? 1.f : p.scale);

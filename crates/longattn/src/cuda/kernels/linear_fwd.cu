@@ -79,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_fwd(const LinParam
             float a[1][8][4];
             lin_zero(a);
             lin_mma_nt<LIN_K, LIN_K, 1, 8, LIN_K / 16>(a, sQ, 16 * warp, sK, 0, lane);
-            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale);
+            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale, lane);
         }
         lin_rowscale<LIN_K>(sKt, sK, sb, L, true, 1.f);
         __syncthreads();  // P, K o w, S ready
