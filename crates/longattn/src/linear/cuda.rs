@@ -184,7 +184,7 @@ fn check_support(op: &'static str, dtype: DType, kd: usize, vd: usize) -> Result
 
 /// 16-byte aligned rows: the kernels load 16-byte chunks (cp.async).
 fn check_aligned(op: &'static str, name: &str, t: &DevTensor) -> Result<()> {
-    if tptr(t) % 16 != 0 || t.strides[..3].iter().any(|s| s % 8 != 0) {
+    if !tptr(t).is_multiple_of(16) || t.strides[..3].iter().any(|s| !s.is_multiple_of(8)) {
         return Err(Error::Shape {
             op,
             tensor: name.into(),
@@ -690,7 +690,7 @@ fn upload_view(dev: &CudaDevice, op: &'static str, name: &str, v: &TensorView) -
             })
         }
     };
-    let direct = v.strides[3] == 1 && v.strides[..3].iter().all(|s| s % 8 == 0);
+    let direct = v.strides[3] == 1 && v.strides[..3].iter().all(|s| s.is_multiple_of(8));
     if !direct {
         return Ok(Uploaded {
             t: DevTensor::upload(dev, name, v)?,
