@@ -974,8 +974,13 @@ fn run_linear_case(dev: &Arc<CudaDevice>, c: &LinearCase, seed: u64) -> Result<(
         ("dv", rel_err(&gg.dv.data.to_f32_vec(), &wg.dv)),
         ("ds0", rel_err(&gg.d_initial_state, &wg.d_initial_state)),
     ];
+    // dg is a reverse cumulative sum of db = q . dq - k . dk, differences of products that are
+    // each rounded at the level of the storage format: with strong decays (log decay -20 a step)
+    // |dg| is much smaller than those products, and the errors of a whole sequence add up. It is
+    // held to three times the tolerance (reported divided by 3). Measured with a CPU emulation
+    // of the kernels: 4.6 units of bf16 roundoff (3 of f16) at -20, 0.5 at -0.5.
     match (&gg.dg, &wg.dg) {
-        (Some(a), Some(w)) => errs.push(("dg", rel_err(a, w))),
+        (Some(a), Some(w)) => errs.push(("dg/3", rel_err(a, w) / 3.0)),
         (None, None) => {}
         _ => errs.push(("dg present on one side only", f64::INFINITY)),
     }
