@@ -38,7 +38,7 @@ pub const CHUNK: usize = 64;
 /// Key rows per block of the dQ / dK kernels (`LIN_BK`).
 const BK: usize = 32;
 /// Threads per block of the chunked kernels (`LIN_THREADS`).
-const THREADS: u32 = 128;
+const THREADS: u32 = 256;
 
 /// Kernel parameters; field for field `LinParams` in `kernels/linear_common.cuh` (passed by
 /// value: the layouts must match byte for byte; both sides check the size).

@@ -42,8 +42,8 @@ __device__ __forceinline__ void lin_put_grad(const float (&acc)[1][NT][4], u16* 
             const float x0 = acc[0][nt][2 * hf], x1 = acc[0][nt][2 * hf + 1];
             if (acc32) {
                 float* d = acc32 + (i64)(c0 + i) * ld + c;
-                atomicAdd(d, x0);
-                atomicAdd(d + 1, x1);
+                lin_red_add(d, x0);
+                lin_red_add(d + 1, x1);
             } else {
                 *(u32*)(el + (i64)(c0 + i) * ss + c) = la_pack2(x0, x1);
             }
@@ -51,11 +51,11 @@ __device__ __forceinline__ void lin_put_grad(const float (&acc)[1][NT][4], u16* 
     }
 }
 
-// sum over this block's columns of X[i][c] * Y[i][c] for rows m0 + g, m0 + g + 8 (Y from a
+// sum over the warp's columns n0 .. of X[i][c] * Y[i][c] for rows m0 + g, m0 + g + 8 (Y from a
 // swizzled [64][W] tile), added to db[row] (times sign); quad lanes reduce first.
 template <int W, int NT>
 __device__ __forceinline__ void lin_db_add(const float (&acc)[1][NT][4], const u16* sY, float* db, i64 dstride,
-                                           int c0, int m0, int L, float sign, int lane) {
+                                           int c0, int m0, int n0, int L, float sign, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
@@ -63,12 +63,12 @@ __device__ __forceinline__ void lin_db_add(const float (&acc)[1][NT][4], const u
         float s = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            const u32 w = *(const u32*)(sY + lsw_el<W>(i, 8 * nt + 2 * t4));
+            const u32 w = *(const u32*)(sY + lsw_el<W>(i, n0 + 8 * nt + 2 * t4));
             s += acc[0][nt][2 * hf] * la_to_f32((u16)(w & 0xffff)) + acc[0][nt][2 * hf + 1] * la_to_f32((u16)(w >> 16));
         }
         s += __shfl_xor_sync(0xffffffff, s, 1);
         s += __shfl_xor_sync(0xffffffff, s, 2);
-        if (t4 == 0 && i < L) atomicAdd(db + (i64)(c0 + i) * dstride, sign * s);
+        if (t4 == 0 && i < L) lin_red_add(db + (i64)(c0 + i) * dstride, sign * s);
     }
 }
 
@@ -76,7 +76,12 @@ __device__ __forceinline__ void lin_db_add(const float (&acc)[1][NT][4], const u
 // Shared memory: two stages of Q [64][K], K [64][K], dO [64][BV] and the decays, P [64][64],
 // K o w [64][K], scale Q o exp(b) [64][K], H as the storage type [K][BV], b [64].
 #define LIN_DV_STAGE (2 * LIN_C * LIN_K + LIN_C * LIN_BV)
-#define LIN_MTS (LIN_K / (16 * LIN_NW))
+// Warp layouts (8 warps): C x C and C x BV blocks of 16 rows (w % 4) x half the columns (w / 4);
+// the K x BV state in blocks of 16 rows (LIN_SWR along K) x BV / LIN_SWC columns.
+#define LIN_SWR ((LIN_K / 16) < LIN_NW ? (LIN_K / 16) : LIN_NW)
+#define LIN_SWC (LIN_NW / LIN_SWR)
+#define LIN_NTS (LIN_BV / (8 * LIN_SWC))
+static_assert(LIN_K / 16 == LIN_SWR, "one 16-row block of the state per warp row");
 
 extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
@@ -90,6 +95,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinPa
     const int vs = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
     const int kh = h / (p.H / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = warp & 3, wc = warp >> 2;
     const int v0 = vs * LIN_BV;
     int b, t0, t1;
     lin_seq(p, n, b, t0, t1);
@@ -113,10 +119,10 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinPa
         la_cp_commit();
     }
 
-    const int sm0 = warp * 16 * LIN_MTS;
-    float hs[LIN_MTS][LIN_BV / 8][4];
+    const int sm0 = (warp % LIN_SWR) * 16, sn0 = (warp / LIN_SWR) * (LIN_BV / LIN_SWC);
+    float hs[1][LIN_NTS][4];
     const i64 sbase = ((i64)n * p.H + h) * LIN_K * LIN_V;
-    if (p.has_dsfin) lin_state_load(hs, p.dsfin + sbase, LIN_V, sm0, v0, lane);
+    if (p.has_dsfin) lin_state_load(hs, p.dsfin + sbase, LIN_V, sm0, v0 + sn0, lane);
     else lin_zero(hs);
 
     for (int step = 0; step < nc; step++) {
@@ -129,35 +135,37 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinPa
         la_cp_wait<1>();
         __syncthreads();
         if (warp == 0) lin_chunk_b(sb, sg + (step & 1) * LIN_C, p, h, L, lane);
-        lin_store_tile<LIN_BV>(sH, hs, sm0, 0, lane);
+        lin_store_tile<LIN_BV>(sH, hs, sm0, sn0, lane);
         __syncthreads();
 
-        {   // P = scale (Q K^T) o D
-            float a[1][8][4];
+        {   // P = scale (Q K^T) o D, rows 16 wr, columns 32 wc
+            float a[1][4][4];
             lin_zero(a);
-            lin_mma_nt<LIN_K, LIN_K, 1, 8, LIN_K / 16>(a, sQ, 16 * warp, sK, 0, lane);
-            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale, lane);
+            lin_mma_nt<LIN_K, LIN_K, 1, 4, LIN_K / 16>(a, sQ, 16 * wr, sK, 32 * wc, lane);
+            lin_mask_store(sP, a, sb, 16 * wr, 32 * wc, L, p.scale, lane);
         }
         lin_rowscale<LIN_K>(sKt, sK, sb, L, true, 1.f);
         lin_rowscale<LIN_K>(sQt, sQ, sb, L, false, p.scale);
         __syncthreads();
 
-        {   // dV rows 16 warp = P^T dO + (K o w) H
-            float d[1][LIN_BV / 8][4];
+        {   // dV (rows 16 wr, columns (BV / 2) wc) = P^T dO + (K o w) H
+            constexpr int ON = LIN_BV / 16;
+            const int on0 = wc * (LIN_BV / 2);
+            float d[1][ON][4];
             lin_zero(d);
-            lin_mma_tn<LIN_C, LIN_BV, 1, LIN_BV / 8, LIN_C / 16>(d, sP, 16 * warp, sdO, 0, lane);
-            lin_mma_nn<LIN_K, LIN_BV, 1, LIN_BV / 8, LIN_K / 16>(d, sKt, 16 * warp, sH, 0, lane);
+            lin_mma_tn<LIN_C, LIN_BV, 1, ON, LIN_C / 16>(d, sP, 16 * wr, sdO, on0, lane);
+            lin_mma_nn<LIN_K, LIN_BV, 1, ON, LIN_K / 16>(d, sKt, 16 * wr, sH, on0, lane);
             if (p.gqa_acc)
                 lin_put_grad(d, nullptr, 0,
                              p.dv_acc + ((i64)b * p.T * p.Hk + kh) * LIN_V, (i64)p.Hk * LIN_V, c0,
-                             16 * warp, v0, L, lane);
+                             16 * wr, v0 + on0, L, lane);
             else
                 lin_put_grad(d, p.dv + b * p.dv_s[0] + kh * p.dv_s[2], p.dv_s[1], nullptr, 0, c0,
-                             16 * warp, v0, L, lane);
+                             16 * wr, v0 + on0, L, lane);
         }
         // H_prev = exp(b_{L-1}) H + (scale Q o exp(b))^T dO
         lin_scale(hs, lin_exp(sb[LIN_C - 1]));
-        lin_mma_tn<LIN_K, LIN_BV, LIN_MTS, LIN_BV / 8, LIN_C / 16>(hs, sQt, sm0, sdO, 0, lane);
+        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(hs, sQt, sm0, sdO, sn0, lane);
         __syncthreads();
         if (step + 2 < nc) {
             u16* s = lin_smem + (step & 1) * LIN_DV_STAGE;
@@ -170,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinPa
         la_cp_commit();
     }
     la_cp_wait<0>();
-    lin_state_store(p.ds0 + sbase, hs, LIN_V, sm0, v0, lane);
+    lin_state_store(p.ds0 + sbase, hs, LIN_V, sm0, v0 + sn0, lane);
 }
 
 // ---- dQ and dK (K slices) --------------------------------------------------------------------
@@ -178,9 +186,12 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinPa
 // for dQ's db, K slice for dK's db), V [64][V], dO [64][V] and the decays; dP [64][64], a row-scaled
 // slice [64][BK] (K o w for dQ's state, scale Q o exp(b) for dK's H), the state slice as the
 // storage type [BK][V], b [64].
-// State slice ownership (BK x V, f32 registers): all BK rows, columns (V / 4) warp ...
+// Warp layouts (8 warps): dP (64 x 64) and dQ / dK (64 x BK) in blocks of 16 rows (w % 4) x half
+// the columns (w / 4); the state slice (BK x V, f32 registers) in blocks of 16 rows (w % 2) x V / 4
+// columns (w / 2).
 #define LIN_KS_STAGE (2 * LIN_C * LIN_BK + 2 * LIN_C * LIN_V)
-#define LIN_NTS (LIN_V / (8 * LIN_NW))
+#define LIN_KNT (LIN_V / 32)
+static_assert(LIN_BK == 32, "two 16-row blocks of the state slice");
 
 template <bool DQ>
 __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
@@ -194,6 +205,7 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
     const int ks = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
     const int kh = h / (p.H / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = warp & 3, wc = warp >> 2;
     const int k0 = ks * LIN_BK;
     int b, t0, t1;
     lin_seq(p, n, b, t0, t1);
@@ -223,14 +235,14 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
         la_cp_commit();
     }
 
-    const int sn0 = warp * 8 * LIN_NTS;
-    float sacc[LIN_BK / 16][LIN_NTS][4];
+    const int sm0 = (warp & 1) * 16, sn0 = (warp >> 1) * (LIN_V / 4);
+    float sacc[1][LIN_KNT][4];
     const i64 sbase = ((i64)n * p.H + h) * LIN_K * LIN_V + (i64)k0 * LIN_V;
     if (DQ) {
-        if (p.has_s0) lin_state_load(sacc, p.s0 + sbase, LIN_V, 0, sn0, lane);
+        if (p.has_s0) lin_state_load(sacc, p.s0 + sbase, LIN_V, sm0, sn0, lane);
         else lin_zero(sacc);
     } else {
-        if (p.has_dsfin) lin_state_load(sacc, p.dsfin + sbase, LIN_V, 0, sn0, lane);
+        if (p.has_dsfin) lin_state_load(sacc, p.dsfin + sbase, LIN_V, sm0, sn0, lane);
         else lin_zero(sacc);
     }
     float* db = p.db + (i64)b * p.T * p.H + h;
@@ -246,70 +258,73 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
         la_cp_wait<1>();
         __syncthreads();
         if (warp == 0) lin_chunk_b(sb, sg + (step & 1) * LIN_C, p, h, L, lane);
-        lin_store_tile<LIN_V>(sS, sacc, 0, sn0, lane);
+        lin_store_tile<LIN_V>(sS, sacc, sm0, sn0, lane);
         __syncthreads();
 
-        {   // dP = (dO V^T) o D
-            float a[1][8][4];
+        {   // dP = (dO V^T) o D, rows 16 wr, columns 32 wc
+            float a[1][4][4];
             lin_zero(a);
-            lin_mma_nt<LIN_V, LIN_V, 1, 8, LIN_V / 16>(a, sdO, 16 * warp, sV, 0, lane);
-            lin_mask_store(sP, a, sb, 16 * warp, L, p.scale, lane);
+            lin_mma_nt<LIN_V, LIN_V, 1, 4, LIN_V / 16>(a, sdO, 16 * wr, sV, 32 * wc, lane);
+            lin_mask_store(sP, a, sb, 16 * wr, 32 * wc, L, p.scale, lane);
         }
         // dQ: K o w (state update); dK: scale Q o exp(b) (H update).
         lin_rowscale<LIN_BK>(sXt, sX, sb, L, DQ, DQ ? 1.f : p.scale);
         __syncthreads();
 
-        float d[1][LIN_BK / 8][4];
+        // This warp's block of dQ / dK: rows 16 wr, columns dn0 .. dn0 + 15 of the slice.
+        constexpr int DN = LIN_BK / 16;
+        const int dn0 = wc * (LIN_BK / 2);
+        float d[1][DN][4];
         lin_zero(d);
         if (DQ) {
             // dQ[:, ks] = dP K[:, ks] + scale diag(exp(b)) dO S[ks]^T
-            float e[1][LIN_BK / 8][4];
+            float e[1][DN][4];
             lin_zero(e);
-            lin_mma_nn<LIN_C, LIN_BK, 1, LIN_BK / 8, LIN_C / 16>(d, sP, 16 * warp, sX, 0, lane);
-            lin_mma_nt<LIN_V, LIN_V, 1, LIN_BK / 8, LIN_V / 16>(e, sdO, 16 * warp, sS, 0, lane);
+            lin_mma_nn<LIN_C, LIN_BK, 1, DN, LIN_C / 16>(d, sP, 16 * wr, sX, dn0, lane);
+            lin_mma_nt<LIN_V, LIN_V, 1, DN, LIN_V / 16>(e, sdO, 16 * wr, sS, dn0, lane);
             const int g = lane >> 2;
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
-                const float f = p.scale * lin_exp(sb[16 * warp + g + 8 * hf]);
+                const float f = p.scale * lin_exp(sb[16 * wr + g + 8 * hf]);
 #pragma unroll
-                for (int nt = 0; nt < LIN_BK / 8; nt++) {
+                for (int nt = 0; nt < DN; nt++) {
                     d[0][nt][2 * hf] += f * e[0][nt][2 * hf];
                     d[0][nt][2 * hf + 1] += f * e[0][nt][2 * hf + 1];
                 }
             }
-            if (p.want_db) lin_db_add<LIN_BK>(d, sY, db, p.H, c0, 16 * warp, L, 1.f, lane);
-            lin_put_grad(d, p.dq + b * p.dq_s[0] + h * p.dq_s[2], p.dq_s[1], nullptr, 0, c0, 16 * warp,
-                         k0, L, lane);
+            if (p.want_db) lin_db_add<LIN_BK>(d, sY, db, p.H, c0, 16 * wr, dn0, L, 1.f, lane);
+            lin_put_grad(d, p.dq + b * p.dq_s[0] + h * p.dq_s[2], p.dq_s[1], nullptr, 0, c0, 16 * wr,
+                         k0 + dn0, L, lane);
             // S[ks] = exp(b_{L-1}) S[ks] + (K[:, ks] o w)^T V
             lin_scale(sacc, lin_exp(sb[LIN_C - 1]));
-            lin_mma_tn<LIN_BK, LIN_V, LIN_BK / 16, LIN_NTS, LIN_C / 16>(sacc, sXt, 0, sV, sn0, lane);
+            lin_mma_tn<LIN_BK, LIN_V, 1, LIN_KNT, LIN_C / 16>(sacc, sXt, sm0, sV, sn0, lane);
         } else {
             // dK[:, ks] rows 16 warp = dP^T Q[:, ks] + diag(w) V H[ks]^T
-            float e[1][LIN_BK / 8][4];
+            float e[1][DN][4];
             lin_zero(e);
-            lin_mma_tn<LIN_C, LIN_BK, 1, LIN_BK / 8, LIN_C / 16>(d, sP, 16 * warp, sX, 0, lane);
-            lin_mma_nt<LIN_V, LIN_V, 1, LIN_BK / 8, LIN_V / 16>(e, sV, 16 * warp, sS, 0, lane);
+            lin_mma_tn<LIN_C, LIN_BK, 1, DN, LIN_C / 16>(d, sP, 16 * wr, sX, dn0, lane);
+            lin_mma_nt<LIN_V, LIN_V, 1, DN, LIN_V / 16>(e, sV, 16 * wr, sS, dn0, lane);
             const int g = lane >> 2;
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
-                const int j = 16 * warp + g + 8 * hf;
+                const int j = 16 * wr + g + 8 * hf;
                 const float f = j < L ? lin_exp(sb[LIN_C - 1] - sb[j]) : 0.f;
 #pragma unroll
-                for (int nt = 0; nt < LIN_BK / 8; nt++) {
+                for (int nt = 0; nt < DN; nt++) {
                     d[0][nt][2 * hf] += f * e[0][nt][2 * hf];
                     d[0][nt][2 * hf + 1] += f * e[0][nt][2 * hf + 1];
                 }
             }
-            if (p.want_db) lin_db_add<LIN_BK>(d, sY, db, p.H, c0, 16 * warp, L, -1.f, lane);
+            if (p.want_db) lin_db_add<LIN_BK>(d, sY, db, p.H, c0, 16 * wr, dn0, L, -1.f, lane);
             if (p.gqa_acc)
                 lin_put_grad(d, nullptr, 0, p.dk_acc + ((i64)b * p.T * p.Hk + kh) * LIN_K,
-                             (i64)p.Hk * LIN_K, c0, 16 * warp, k0, L, lane);
+                             (i64)p.Hk * LIN_K, c0, 16 * wr, k0 + dn0, L, lane);
             else
                 lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0,
-                             16 * warp, k0, L, lane);
+                             16 * wr, k0 + dn0, L, lane);
             // H[ks] = exp(b_{L-1}) H[ks] + (scale Q[:, ks] o exp(b))^T dO
             lin_scale(sacc, lin_exp(sb[LIN_C - 1]));
-            lin_mma_tn<LIN_BK, LIN_V, LIN_BK / 16, LIN_NTS, LIN_C / 16>(sacc, sXt, 0, sdO, sn0, lane);
+            lin_mma_tn<LIN_BK, LIN_V, 1, LIN_KNT, LIN_C / 16>(sacc, sXt, sm0, sdO, sn0, lane);
         }
         __syncthreads();
         if (step + 2 < nc) load(step & 1, DQ ? c + 2 : c - 2);
@@ -321,18 +336,18 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
         const int g = lane >> 2, t4 = lane & 3;
         float s = 0.f;
 #pragma unroll
-        for (int mt = 0; mt < LIN_BK / 16; mt++)
+        for (int mt = 0; mt < 1; mt++)
 #pragma unroll
-            for (int nt = 0; nt < LIN_NTS; nt++)
+            for (int nt = 0; nt < LIN_KNT; nt++)
 #pragma unroll
                 for (int hf = 0; hf < 2; hf++) {
-                    const int r = 16 * mt + g + 8 * hf, cc = sn0 + 8 * nt + 2 * t4;
-                    const float2 x = *(const float2*)(p.dsfin + sbase + (i64)r * LIN_V + cc);
+                    const int r = sm0 + 16 * mt + g + 8 * hf, cc = sn0 + 8 * nt + 2 * t4;
+                    const lin_f2 x = *(const lin_f2*)(p.dsfin + sbase + (i64)r * LIN_V + cc);
                     s += x.x * sacc[mt][nt][2 * hf] + x.y * sacc[mt][nt][2 * hf + 1];
                 }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        if (lane == 0) atomicAdd(db + (i64)(t1 - 1) * p.H, s);
+        if (lane == 0) lin_red_add(db + (i64)(t1 - 1) * p.H, s);
     }
 }
 

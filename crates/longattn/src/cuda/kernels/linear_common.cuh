@@ -16,7 +16,7 @@
 // so a per-step log decay of -20 (b down to -1280 in a chunk) underflows to 0 and never overflows.
 
 #define LIN_C 64
-#define LIN_NW 4
+#define LIN_NW 8
 #define LIN_THREADS (LIN_NW * 32)
 
 // Kernel parameters (one struct for every linear kernel; unused fields are zero).
@@ -48,6 +48,19 @@ struct LinParams {
 static_assert(sizeof(LinParams) == 384, "LinParams layout (linear/cuda.rs)");
 
 __device__ __forceinline__ float lin_exp(float x) { return la_exp2(x * LA_LOG2E); }
+
+// Vector types of our own (no CUDA headers under NVRTC): 8- and 16-byte f32 loads and stores.
+struct __align__(8) lin_f2 {
+    float x, y;
+};
+struct __align__(16) lin_f4 {
+    float x, y, z, w;
+};
+
+// *p += v in global memory, atomically (no return value).
+__device__ __forceinline__ void lin_red_add(float* p, float v) {
+    asm volatile("red.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
 
 // Token range [t0, t1) and batch row of sequence n (cu_seqlens clamped into [0, T]).
 __device__ __forceinline__ void lin_seq(const LinParams& p, int n, int& b, int& t0, int& t1) {
@@ -250,8 +263,8 @@ __device__ __forceinline__ void lin_store_tile(u16* s, const float (&acc)[MT][NT
             }
 }
 
-// A state block (rows m0.. of K, columns n0.. of V, row length LIN_V... given as `ld`) from / to an
-// f32 [K][V] matrix in global memory.
+// A state block (rows m0.., columns n0..) from / to an f32 matrix in global memory (row length
+// `ld`).
 template <int MT, int NT>
 __device__ __forceinline__ void lin_state_load(float (&acc)[MT][NT][4], const float* s, int ld, int m0,
                                                int n0, int lane) {
@@ -263,7 +276,7 @@ __device__ __forceinline__ void lin_state_load(float (&acc)[MT][NT][4], const fl
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
-                const float2 x = *(const float2*)(s + (i64)r * ld + c);
+                const lin_f2 x = *(const lin_f2*)(s + (i64)r * ld + c);
                 acc[mt][nt][2 * hf] = x.x;
                 acc[mt][nt][2 * hf + 1] = x.y;
             }
@@ -279,28 +292,30 @@ __device__ __forceinline__ void lin_state_store(float* s, const float (&acc)[MT]
 #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
                 const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
-                *(float2*)(s + (i64)r * ld + c) = make_float2(acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
+                *(lin_f2*)(s + (i64)r * ld + c) = lin_f2{acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]};
             }
 }
 
-// The decay mask of a chunk applied to a C x C accumulator of rows 16 w (MT 1, NT 8):
-// X_ij <- scale exp(b_i - b_j) X_ij for j <= i < L, 0 elsewhere; stored into the [64][64] tile sP.
-__device__ __forceinline__ void lin_mask_store(u16* sP, float (&acc)[1][8][4], const float* sb, int m0,
-                                               int L, float scale, int lane) {
+// The decay mask of a chunk applied to a block of a C x C accumulator (rows m0 .. m0 + 15,
+// columns n0 .. n0 + 8 NT - 1): X_ij <- scale exp(b_i - b_j) X_ij for j <= i < L, 0 elsewhere;
+// stored into the [64][64] tile sP.
+template <int NT>
+__device__ __forceinline__ void lin_mask_store(u16* sP, float (&acc)[1][NT][4], const float* sb, int m0,
+                                               int n0, int L, float scale, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         const int i = m0 + g + 8 * hf;
         const float bi = sb[i];
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+        for (int nt = 0; nt < NT; nt++) {
             float x[2];
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const int j = 8 * nt + 2 * t4 + e;
+                const int j = n0 + 8 * nt + 2 * t4 + e;
                 x[e] = (j <= i && i < L) ? scale * lin_exp(bi - sb[j]) * acc[0][nt][2 * hf + e] : 0.f;
             }
-            *(u32*)(sP + lsw_el<64>(i, 8 * nt + 2 * t4)) = la_pack2(x[0], x[1]);
+            *(u32*)(sP + lsw_el<64>(i, n0 + 8 * nt + 2 * t4)) = la_pack2(x[0], x[1]);
         }
     }
 }

@@ -5,7 +5,7 @@
 // q [B, 1, H, K], k [B, 1, Hk, K], v [B, 1, Hk, V] (strided, head dim contiguous), o [B, 1, H, V].
 //
 // Memory-bound (one read and one write of the state): block (h, b) of 256 threads streams the
-// K x V state once; a thread owns 4 consecutive columns (float4, coalesced: a warp covers 512
+// K x V state once; a thread owns 4 consecutive columns (16-byte vectors, coalesced: a warp covers 512
 // contiguous bytes at V = 128) of every (256 / (V / 4))-th row, and the column sums of q S are
 // reduced across row groups in shared memory.
 #define LIN_STEP_THREADS 256
@@ -38,8 +38,8 @@ extern "C" __global__ void __launch_bounds__(LIN_STEP_THREADS) lin_step(const Li
     float o[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
     for (int i = rg; i < LIN_K; i += LIN_RG) {
-        float4* row = (float4*)(S + (i64)i * LIN_V) + c;
-        float4 s = *row;
+        lin_f4* row = (lin_f4*)(S + (i64)i * LIN_V) + c;
+        lin_f4 s = *row;
         const float a = sa[i], ki = sk[i], qi = sq[i];
         s.x = a * s.x + ki * vv[0];
         s.y = a * s.y + ki * vv[1];
