@@ -14,10 +14,14 @@
 //! `cu_seqlens`, strided q / k / v with a contiguous head dim (16-byte aligned rows).
 //!
 //! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_step.cu` hold the
-//! math): chunks of 64 tokens; one block per (state slice, head, sequence) walking its chunks
-//! in order (or in reverse for dK / dV), its slice of the state in f32 registers, chunk c + 1
-//! loading (cp.async) while chunk c computes on the tensor cores (mma.sync m16n8k16). No
-//! per-chunk state ever goes to global memory.
+//! math): chunks of 64 tokens; one block of 8 warps per (state slice, head, sequence) walking its
+//! chunks in order (or in reverse for dK / dV), its slice of the state in f32 registers, chunk
+//! c + 1 loading (cp.async) while chunk c computes on the tensor cores (mma.sync m16n8k16). No
+//! per-chunk state ever goes to global memory. Forward: slices of BV value columns
+//! ([`choose_bv`]); backward: dV with the same slices in reverse, dQ (in order) and dK (in
+//! reverse) with slices of 32 key rows, then dg as reverse cumulative sums of
+//! `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
+//! mma.sync / ldmatrix / shuffles) against an f64 recurrence.
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};

@@ -83,7 +83,7 @@ __device__ __forceinline__ void lin_db_add(const float (&acc)[1][NT][4], const u
 #define LIN_NTS (LIN_BV / (8 * LIN_SWC))
 static_assert(LIN_K / 16 == LIN_SWR, "one 16-row block of the state per warp row");
 
-extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dv(const LinParams p) {
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
     u16* sP = lin_smem + 2 * LIN_DV_STAGE;
     u16* sKt = sP + LIN_C * LIN_C;
@@ -351,10 +351,10 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dq(const LinParams p) {
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dq(const LinParams p) {
     lin_bwd_kslice<true>(p);
 }
-extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_bwd_dk(const LinParams p) {
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dk(const LinParams p) {
     lin_bwd_kslice<false>(p);
 }
 

@@ -16,6 +16,9 @@
 // so a per-step log decay of -20 (b down to -1280 in a chunk) underflows to 0 and never overflows.
 
 #define LIN_C 64
+// 8 warps a block; every chunked kernel is built for two blocks per SM (<= 128 registers a
+// thread; shared memory 101 - 137 KB a block at K = V = 128: two fit below 228 KB except the dV
+// kernel at BV = 64).
 #define LIN_NW 8
 #define LIN_THREADS (LIN_NW * 32)
 

@@ -26,7 +26,7 @@
 #define LIN_NTS (LIN_BV / (8 * LIN_SWC))
 static_assert(LIN_K / 16 == LIN_SWR, "one 16-row block of the state per warp row");
 
-extern "C" __global__ void __launch_bounds__(LIN_THREADS) lin_fwd(const LinParams p) {
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_fwd(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
     u16* sP = lin_smem + 2 * LIN_STAGE_U16;
     u16* sKt = sP + LIN_C * LIN_C;
