@@ -6,7 +6,7 @@
 //! - [`forward`] / [`backward`] / [`step`] run on device tensors ([`DevCore`]);
 //! - [`forward_host`] / [`backward_host`] / [`step_host`] take the host [`Core`] (upload, run,
 //!   download: the selftest and the CLI);
-//! - [`bench`] times forward and forward + backward on random inputs.
+//! - [`bench()`] times forward, forward + backward and the decode step on random inputs.
 //!
 //! Scope: q / k / v in bf16 or f16 (f32 is refused with [`Error::DType`]), K and V head dims 64
 //! or 128, decays none / per head / per token in the chunked kernels (the per-key-dim gate
@@ -18,7 +18,7 @@
 //! chunks in order (or in reverse for dK / dV), its slice of the state in f32 registers, chunk
 //! c + 1 loading (cp.async) while chunk c computes on the tensor cores (mma.sync m16n8k16). No
 //! per-chunk state ever goes to global memory. Forward: slices of BV value columns
-//! ([`choose_bv`]); backward: dV with the same slices in reverse, dQ (in order) and dK (in
+//! (`choose_bv`: 32, or 64 when that still fills the SMs twice); backward: dV with the same slices in reverse, dQ (in order) and dK (in
 //! reverse) with slices of 32 key rows, then dg as reverse cumulative sums of
 //! `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
 //! mma.sync / ldmatrix / shuffles) against an f64 recurrence.
@@ -858,7 +858,7 @@ pub fn step_host(
 
 // ---- Benchmark -----------------------------------------------------------------------------
 
-/// Timings of [`bench`] (median of the timed repetitions, milliseconds) and the bytes the
+/// Timings of [`bench()`] (median of the timed repetitions, milliseconds) and the bytes the
 /// forward must move (q, k, v read, o written, in the storage type) for an effective TB/s.
 #[derive(Clone, Debug)]
 pub struct LinearBench {
