@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
     emu_launch([&] { lin_bwd_dv(p); }, V / LIN_BV, H, seqs, LIN_THREADS);
     emu_launch([&] { lin_bwd_dq(p); }, K / LIN_BK, H, seqs, LIN_THREADS);
     emu_launch([&] { lin_bwd_dk(p); }, K / LIN_BK, H, seqs, LIN_THREADS);
-    if (P.decay == 2) emu_launch([&] { lin_bwd_dg(p, dgo.data()); }, H, seqs, 1, 256);
+    if (P.decay == 2) emu_launch([&] { lin_bwd_dg(p, dgo.data()); }, H, seqs, 1, LIN_DG_THREADS);
     if (H != Hk) {
         for (size_t i = 0; i < dk.size(); i += 2) *(u32*)&dk[i] = la_pack2(dka[i], dka[i + 1]);
         for (size_t i = 0; i < dv.size(); i += 2) *(u32*)&dv[i] = la_pack2(dva[i], dva[i + 1]);

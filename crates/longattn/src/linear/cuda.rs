@@ -576,7 +576,7 @@ pub fn backward(
         let f = function(dev, src, "lin_bwd_dg", dt, &d, bv, 0)?;
         let cfg = LaunchConfig {
             grid_dim: (h, n, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let pg = ptr(&dg);

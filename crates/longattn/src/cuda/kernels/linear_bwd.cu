@@ -361,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dk(const Li
 // dg_t = sum_{u >= t} db_u within each sequence, per head: block (h, n) of LIN_DG_THREADS
 // threads, each a contiguous run of tokens (run sums, a block suffix scan of them, then each run
 // backwards). dg and db are [B, T, H] f32.
-#define LIN_DG_THREADS 256
+#define LIN_DG_THREADS 1024
 extern "C" __global__ void __launch_bounds__(LIN_DG_THREADS) lin_bwd_dg(const LinParams p, float* dg) {
     __shared__ float part[LIN_DG_THREADS];
     const int h = blockIdx.x, n = blockIdx.y, t = threadIdx.x;
@@ -373,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(LIN_DG_THREADS) lin_bwd_dg(const Li
     const float* db = p.db + (i64)b * p.T * p.H + h;
     float* out = dg + (i64)b * p.T * p.H + h;
     float s = 0.f;
+#pragma unroll 4
     for (int u = r0; u < r1; u++) s += db[(i64)u * p.H];
     part[t] = s;
     __syncthreads();
