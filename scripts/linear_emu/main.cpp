@@ -31,7 +31,8 @@ int main(int argc, char** argv) {
     auto DO = [&](int b, int t, int h, int i) { return (double)la_to_f32(dout[(((size_t)b * T + t) * H + h) * V + i]); };
     std::vector<float> g;
     if (P.decay == 1) for (int h = 0; h < H; h++) g.push_back(-0.3f * uni());
-    if (P.decay == 2) for (int i = 0; i < B * T * H; i++) g.push_back(P.gmin * uni());
+    // EMU_CONST_G=1: every token decays by exactly gmin.
+    if (P.decay == 2) for (int i = 0; i < B * T * H; i++) g.push_back(getenv("EMU_CONST_G") ? P.gmin : P.gmin * uni());
     auto G = [&](int b, int t, int h) -> double { return P.decay == 0 ? 0 : P.decay == 1 ? g[h] : g[((size_t)b * T + t) * H + h]; };
     const size_t SL = (size_t)seqs * H * K * V;
     std::vector<float> s0(SL), dsf(SL);

@@ -17,8 +17,9 @@
 
 #define LIN_C 64
 // 8 warps a block; every chunked kernel is built for two blocks per SM (<= 128 registers a
-// thread; shared memory 101 - 137 KB a block at K = V = 128: two fit below 228 KB except the dV
-// kernel at BV = 64).
+// thread). Shared memory a block at K = V = 128 (linear/cuda.rs computes it): forward 104 KiB
+// at BV 32 (121 KiB at 64), dV 121 KiB (137 KiB), dQ / dK 101 KiB; two blocks fit in an SM's
+// 228 KiB for the forward at BV 32 and for dQ / dK.
 #define LIN_NW 8
 #define LIN_THREADS (LIN_NW * 32)
 
