@@ -1,10 +1,11 @@
-//! `longattn selftest --backend cuda`: the GPU correctness matrix (forward, decode, bad input)
-//! against the CPU path / f64 oracle; a pass/fail table, non-zero exit on any failure.
+//! `longattn selftest --backend cuda`: the GPU correctness matrix (forward, backward, decode,
+//! linear attention, bad input) against the CPU path / f64 oracle; a pass/fail table, non-zero
+//! exit on any failure.
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longattn::cuda::selftest::{
-    backward_cases, check_backward, check_errors, check_forward, check_mask_constants,
-    forward_cases, CaseResult,
+    backward_cases, check_backward, check_errors, check_forward, check_linear, check_linear_errors,
+    check_mask_constants, forward_cases, linear_cases, CaseResult,
 };
 use longattn::cuda::{CompileSource, CudaDevice};
 use std::path::PathBuf;
@@ -86,6 +87,23 @@ pub fn main(a: Args) -> Result<()> {
         results.extend(check_mask_constants(&dev));
     }
     results.extend(check_errors(&dev).into_iter().filter(|r| keep(&r.name)));
+    // Linear attention (group `linear`, every case named `linear ...`: `--filter linear`).
+    let lcases: Vec<_> = linear_cases(a.quick)
+        .into_iter()
+        .filter(|c| keep(&c.name()))
+        .collect();
+    let pb = ProgressBar::new(lcases.len() as u64);
+    for (n, c) in lcases.iter().enumerate() {
+        pb.set_message(c.name());
+        results.push(check_linear(&dev, c, 9000 + 29 * n as u64));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    results.extend(
+        check_linear_errors(&dev)
+            .into_iter()
+            .filter(|r| keep(&r.name)),
+    );
 
     println!(
         "{:<10} {:<62} {:>6} {:>10} {:>10} {:>10}  detail",

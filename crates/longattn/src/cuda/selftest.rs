@@ -664,3 +664,437 @@ pub fn check_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     );
     out
 }
+
+// ---- Linear attention (group `linear`) --------------------------------------------------------
+
+/// One case of the linear-attention matrix: the chunked forward (and backward) or the decode
+/// step on the GPU against the f64 oracle ([`crate::linear::reference`]).
+#[derive(Clone, Debug)]
+pub struct LinearCase {
+    pub dtype: DType,
+    pub batch: usize,
+    /// Tokens per batch row (with `varlen`: the packed total, their sum).
+    pub t: usize,
+    pub h: usize,
+    pub hk: usize,
+    pub k: usize,
+    pub v: usize,
+    /// `none`, `head`, `token` (log decays in [-0.5, 0]), `token-20` (in [-20, 0]),
+    /// `token-strong` (-20 on every step), `gate` (step only).
+    pub decay: &'static str,
+    /// An initial state (and a final-state gradient in the backward).
+    pub s0: bool,
+    /// Sequence lengths packed into one row (`cu_seqlens`).
+    pub varlen: Option<Vec<usize>>,
+    /// q / k / v / dout as strided views (rows padded by 8 elements, heads of a wider buffer).
+    pub strided: bool,
+    pub backward: bool,
+    /// The decode step (T = 1 per sequence, the state updated in place).
+    pub step: bool,
+}
+
+impl LinearCase {
+    fn new(dtype: DType, t: usize, kv: (usize, usize), decay: &'static str) -> LinearCase {
+        LinearCase {
+            dtype,
+            batch: 1,
+            t,
+            h: 4,
+            hk: 2,
+            k: kv.0,
+            v: kv.1,
+            decay,
+            s0: false,
+            varlen: None,
+            strided: false,
+            backward: false,
+            step: false,
+        }
+    }
+    pub fn name(&self) -> String {
+        format!(
+            "linear {} {} B{} T{} H{}/{} K{} V{} {}{}{}{}",
+            if self.step {
+                "step"
+            } else if self.backward {
+                "bwd"
+            } else {
+                "fwd"
+            },
+            self.dtype,
+            self.batch,
+            self.t,
+            self.h,
+            self.hk,
+            self.k,
+            self.v,
+            self.decay,
+            if self.s0 { " s0" } else { "" },
+            self.varlen
+                .as_ref()
+                .map(|l| format!(" varlen {l:?}"))
+                .unwrap_or_default(),
+            if self.strided { " strided" } else { "" },
+        )
+    }
+}
+
+/// The linear matrix: awkward lengths (1 .. 4224, chunk edges 63 / 64 / 65), K = V = 64 and
+/// 128 and mixed, every decay kind including per-step log decays of -20, GQA / MHA / MQA,
+/// initial state and final-state gradient, varlen with ragged and empty sequences, bf16 and f16,
+/// strided inputs, and the decode step. `quick` keeps a subset.
+pub fn linear_cases(quick: bool) -> Vec<LinearCase> {
+    use DType::{BF16, F16};
+    let mut v = Vec::new();
+    let lens: &[usize] = if quick {
+        &[1, 65, 113]
+    } else {
+        crate::testing::AWKWARD_SIZES
+    };
+    for &t in lens {
+        let mut c = LinearCase::new(BF16, t, (128, 128), "token");
+        v.push(c.clone());
+        // The oracle's backward keeps every state (T x K x V f64): up to 1023 tokens at 128.
+        if t <= 1023 {
+            c.backward = true;
+            v.push(c);
+        }
+    }
+    for &t in if quick {
+        &[130usize][..]
+    } else {
+        &[64usize, 130, 4224][..]
+    } {
+        for bwd in [false, true] {
+            let mut c = LinearCase::new(BF16, t, (64, 64), "token");
+            c.backward = bwd;
+            v.push(c);
+        }
+    }
+    let mut rest = vec![
+        ("none", BF16, (128, 128), 200, false, false),
+        ("head", BF16, (128, 128), 200, false, false),
+        ("token-20", BF16, (128, 128), 200, false, false),
+        ("token-strong", BF16, (64, 64), 150, false, false),
+        ("token", F16, (128, 128), 300, false, false),
+        ("token", BF16, (64, 128), 150, false, false),
+        ("token", BF16, (128, 64), 150, false, false),
+        ("token", BF16, (128, 128), 257, true, false),
+        ("head", F16, (64, 64), 129, true, true),
+        ("none", BF16, (64, 64), 97, false, true),
+    ];
+    if quick {
+        rest.truncate(4);
+    }
+    for (decay, dt, kv, t, s0, strided) in rest {
+        for bwd in [false, true] {
+            let mut c = LinearCase::new(dt, t, kv, decay);
+            c.s0 = s0;
+            c.strided = strided;
+            c.backward = bwd;
+            v.push(c);
+        }
+    }
+    // GQA shapes: MHA and MQA, a batch of 3.
+    for (h, hk, batch) in [(3, 3, 1), (8, 1, 1), (4, 2, 3)] {
+        for bwd in [false, true] {
+            let mut c = LinearCase::new(BF16, 100, (64, 128), "token");
+            (c.h, c.hk, c.batch, c.backward) = (h, hk, batch, bwd);
+            c.s0 = batch == 3;
+            v.push(c);
+        }
+    }
+    // Varlen: ragged, empty sequences, boundaries off the chunk grid, with initial states.
+    for (lens, decay) in [
+        (vec![0, 5, 64, 0, 130, 1], "token"),
+        (vec![63, 65, 200], "token-20"),
+        (vec![300, 0], "head"),
+    ] {
+        for bwd in [false, true] {
+            let mut c = LinearCase::new(BF16, lens.iter().sum(), (128, 128), decay);
+            c.varlen = Some(lens.clone());
+            c.s0 = true;
+            c.backward = bwd;
+            v.push(c);
+        }
+    }
+    // The decode step: every decay kind (the gate included), GQA, both head dims.
+    for (decay, kv, dt) in [
+        ("none", (128, 128), BF16),
+        ("head", (64, 64), BF16),
+        ("token", (128, 128), F16),
+        ("gate", (128, 128), BF16),
+        ("gate", (64, 128), BF16),
+        ("token-20", (128, 64), BF16),
+    ] {
+        let mut c = LinearCase::new(dt, 1, kv, decay);
+        c.batch = 3;
+        c.step = true;
+        v.push(c);
+    }
+    v
+}
+
+/// Largest |got - want| relative to max |want| (NaN counts as inf).
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    rel_err_floor(got, want, 0.0)
+}
+
+/// Largest |got - want| relative to max |want| or `floor` when that is larger.
+fn rel_err_floor(got: &[f32], want: &[f64], floor: f64) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(floor, |a, &x| a.max(x.abs())).max(1e-30);
+    let mut e = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g as f64 - w).abs();
+        e = e.max(if d.is_nan() { f64::INFINITY } else { d });
+    }
+    e / scale
+}
+
+/// A `[B, T, H, D]` tensor in `dtype` as a view: contiguous, or (strided) the first D columns of
+/// rows of D + 8 elements in a buffer with one spare head, so every stride differs from the
+/// contiguous one (still 16-byte rows: the kernels read it in place).
+struct LinInput {
+    data: Tensor,
+    shape: [usize; 4],
+    strides: [usize; 4],
+}
+
+impl LinInput {
+    fn new(dtype: DType, shape: [usize; 4], std: f64, seed: u64, strided: bool) -> LinInput {
+        let [b, t, h, d] = shape;
+        if strided {
+            let (hp, dp) = (h + 1, d + 8);
+            LinInput {
+                data: random_tensor(dtype, &[b, t, hp, dp], std, seed),
+                shape,
+                strides: [t * hp * dp, hp * dp, dp, 1],
+            }
+        } else {
+            LinInput {
+                data: random_tensor(dtype, &shape, std, seed),
+                shape,
+                strides: [t * h * d, h * d, d, 1],
+            }
+        }
+    }
+    fn view(&self) -> crate::tensor::TensorView<'_> {
+        crate::tensor::TensorView::strided(self.data.data.as_slice(), self.shape, self.strides)
+            .expect("selftest view")
+    }
+}
+
+/// Runs one linear case; (error, tolerance, detail).
+fn run_linear_case(dev: &Arc<CudaDevice>, c: &LinearCase, seed: u64) -> Result<(f64, String)> {
+    use crate::linear::{cuda as lc, reference, Core, Decay};
+    let (b, t, h, hk, kd, vd) = (c.batch, c.t, c.h, c.hk, c.k, c.v);
+    let q = LinInput::new(c.dtype, [b, t, h, kd], 1.0, seed, c.strided);
+    let k = LinInput::new(c.dtype, [b, t, hk, kd], 1.0, seed + 1, c.strided);
+    let v = LinInput::new(c.dtype, [b, t, hk, vd], 1.0, seed + 2, c.strided);
+    let mut rng = Rng::new(seed + 3);
+    let seqs = c.varlen.as_ref().map_or(b, |l| l.len());
+    let ng = match c.decay {
+        "none" => 0,
+        "head" => h,
+        "gate" => b * t * h * kd,
+        _ => b * t * h,
+    };
+    let g: Vec<f32> = (0..ng)
+        .map(|_| match c.decay {
+            "head" => -0.3 * rng.uniform() as f32,
+            "token-20" => -20.0 * rng.uniform() as f32,
+            "token-strong" => -20.0,
+            _ => -0.5 * rng.uniform() as f32,
+        })
+        .collect();
+    let decay = match c.decay {
+        "none" => Decay::None,
+        "head" => Decay::PerHead(&g),
+        "gate" => Decay::Gate(&g),
+        _ => Decay::Token(&g),
+    };
+    let state_len = seqs * h * kd * vd;
+    let s0: Vec<f32> = (0..state_len).map(|_| rng.normal() as f32).collect();
+    let cu: Option<Vec<i32>> = c.varlen.as_ref().map(|l| {
+        let mut cu = vec![0i32];
+        for &x in l {
+            cu.push(cu.last().unwrap() + x as i32);
+        }
+        cu
+    });
+    let (qv, kv, vv) = (q.view(), k.view(), v.view());
+    let core = Core {
+        q: qv,
+        k: kv,
+        v: vv,
+        decay,
+        scale: 1.0 / (kd as f32).sqrt(),
+        initial_state: (c.s0 || c.step).then_some(&s0[..]),
+        cu_seqlens: cu.as_deref(),
+    };
+    let want = reference::forward_f64(&core)?;
+    if c.step {
+        let mut state = s0.clone();
+        let o = lc::step_host(dev, &qv, &kv, &vv, decay, core.scale, &mut state)?;
+        let (eo, es) = (
+            rel_err(&o.data.to_f32_vec(), &want.out),
+            rel_err(&state, &want.state),
+        );
+        return Ok((eo.max(es), format!("out {eo:.1e}, state {es:.1e}")));
+    }
+    if !c.backward {
+        let (o, fin) = lc::forward_host(dev, &core)?;
+        let (eo, es) = (
+            rel_err(&o.data.to_f32_vec(), &want.out),
+            rel_err(&fin, &want.state),
+        );
+        return Ok((eo.max(es), format!("out {eo:.1e}, final state {es:.1e}")));
+    }
+    let dout = LinInput::new(c.dtype, [b, t, h, vd], 1.0, seed + 4, c.strided);
+    let dov = dout.view();
+    let dout64: Vec<f64> = {
+        let mut x = Vec::with_capacity(b * t * h * vd);
+        for bi in 0..b {
+            for ti in 0..t {
+                for hi in 0..h {
+                    for di in 0..vd {
+                        x.push(dov.get(bi, ti, hi, di) as f64);
+                    }
+                }
+            }
+        }
+        x
+    };
+    let dfin: Vec<f32> = (0..state_len).map(|_| rng.normal() as f32).collect();
+    let dfin64: Vec<f64> = dfin.iter().map(|&x| x as f64).collect();
+    let ds = c.s0.then_some(&dfin[..]);
+    let wg = reference::backward_f64(&core, &dout64, c.s0.then_some(&dfin64[..]))?;
+    let gg = lc::backward_host(dev, &core, &dov, ds)?;
+    let mut errs = vec![
+        ("dq", rel_err(&gg.dq.data.to_f32_vec(), &wg.dq)),
+        ("dk", rel_err(&gg.dk.data.to_f32_vec(), &wg.dk)),
+        ("dv", rel_err(&gg.dv.data.to_f32_vec(), &wg.dv)),
+        ("ds0", rel_err(&gg.d_initial_state, &wg.d_initial_state)),
+    ];
+    // dg is a reverse cumulative sum of db = q . dq - k . dk, differences of products that are
+    // each rounded at the level of the storage format: with strong decays (log decay -20 a step)
+    // |dg| is much smaller than those products (at -20 on every step, ~1e-8 against products of
+    // ~10, so only f32 roundoff of the products remains), and the errors of a whole sequence add
+    // up. Its error is taken relative to max |dg| or 1/1024 of the largest per-token
+    // sum |q . dq| + |k . dk| (oracle values), whichever is larger, and held to three times the
+    // tolerance (reported divided by 3). Measured with a CPU emulation of the kernels
+    // (scripts/linear_emu): 4.6 units of bf16 roundoff (3 of f16) relative to max |dg| with log
+    // decays in [-20, 0], 0.5 in [-0.5, 0]; 2e-5 of the floor at -20 on every step.
+    let dg_floor = {
+        let mut f = 0.0f64;
+        for bi in 0..b {
+            for ti in 0..t {
+                for hi in 0..h {
+                    let kh = hi / (h / hk);
+                    let (mut sq, mut sk) = (0.0f64, 0.0f64);
+                    for i in 0..kd {
+                        sq += (qv.get(bi, ti, hi, i) as f64
+                            * wg.dq[((bi * t + ti) * h + hi) * kd + i])
+                            .abs();
+                        sk += (kv.get(bi, ti, kh, i) as f64
+                            * wg.dk[((bi * t + ti) * hk + kh) * kd + i])
+                            .abs();
+                    }
+                    f = f.max(sq + sk);
+                }
+            }
+        }
+        f / 1024.0
+    };
+    match (&gg.dg, &wg.dg) {
+        (Some(a), Some(w)) => errs.push(("dg/3", rel_err_floor(a, w, dg_floor) / 3.0)),
+        (None, None) => {}
+        _ => errs.push(("dg present on one side only", f64::INFINITY)),
+    }
+    let worst = errs.iter().fold(0.0f64, |a, e| a.max(e.1));
+    let detail = errs
+        .iter()
+        .map(|(n, e)| format!("{n} {e:.1e}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((worst, detail))
+}
+
+/// Runs `case` on the GPU against the f64 oracle. Tolerance: six units of roundoff of the
+/// storage format relative to max |reference| of each output (the kernels round P, the row-scaled
+/// K / Q and the state to the storage format before their products, and the outputs).
+pub fn check_linear(dev: &Arc<CudaDevice>, case: &LinearCase, seed: u64) -> CaseResult {
+    let tol = 6.0 * case.dtype.eps();
+    let (err, detail) = match run_linear_case(dev, case, seed) {
+        Ok(x) => x,
+        Err(e) => (f64::INFINITY, format!("error: {e}")),
+    };
+    CaseResult {
+        group: "linear",
+        name: case.name(),
+        passed: err <= tol,
+        err,
+        tol,
+        lse_err: 0.0,
+        detail,
+    }
+}
+
+/// Inputs the linear kernels refuse, each with a clear error: f32, head dim 96, the GLA gate in
+/// the chunked kernels.
+pub fn check_linear_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
+    use crate::linear::{cuda as lc, Core, Decay};
+    let mut out = Vec::new();
+    let mut case = |name: &str, r: Result<()>, needle: &str| {
+        let (passed, detail) = match r {
+            Err(e) => {
+                let m = e.to_string();
+                (m.contains(needle), format!("error: {m}"))
+            }
+            Ok(_) => (false, "no error".to_string()),
+        };
+        out.push(CaseResult {
+            group: "linear",
+            name: format!("linear error: {name}"),
+            passed,
+            err: 0.0,
+            tol: 0.0,
+            lse_err: 0.0,
+            detail,
+        });
+    };
+    let f = random_tensor(DType::F32, &[1, 8, 1, 64], 1.0, 1);
+    let b96 = random_tensor(DType::BF16, &[1, 8, 1, 96], 1.0, 2);
+    let b64 = random_tensor(DType::BF16, &[1, 8, 1, 64], 1.0, 3);
+    let gate = vec![-0.1f32; 8 * 64];
+    fn core<'a>(x: &'a Tensor, decay: Decay<'a>) -> Core<'a> {
+        Core {
+            q: x.view("q").unwrap(),
+            k: x.view("k").unwrap(),
+            v: x.view("v").unwrap(),
+            decay,
+            scale: 1.0,
+            initial_state: None,
+            cu_seqlens: None,
+        }
+    }
+    case(
+        "f32 inputs",
+        lc::forward_host(dev, &core(&f, Decay::None)).map(|_| ()),
+        "f32",
+    );
+    case(
+        "head dim 96",
+        lc::forward_host(dev, &core(&b96, Decay::None)).map(|_| ()),
+        "96",
+    );
+    case(
+        "gate in the chunked forward",
+        lc::forward_host(dev, &core(&b64, Decay::Gate(&gate))).map(|_| ()),
+        "gate",
+    );
+    out
+}

@@ -20,6 +20,7 @@
 //! on features (`K` is the feature dimension after `phi`).
 //!
 //! - [`reference`]: the f64 recurrent oracle of the core, forward and backward (BPTT).
+pub mod cuda;
 pub mod reference;
 
 use crate::error::{Error, Result};

@@ -1,0 +1,342 @@
+// Shared pieces of the linear-attention kernels (linear_fwd.cu, linear_bwd.cu, linear_step.cu).
+// Needs common.cuh (la_mma16816, la_ldmatrix_*, la_cp_async16, la_pack2, la_to_f32, la_exp2).
+//
+// Compile-time constants (set by the host, linear/cuda.rs): LA_F16 (1 = f16, 0 = bf16), LIN_K and
+// LIN_V (key / value head dims, 64 or 128), LIN_BV (value columns per block of the forward and the
+// dV kernel: 32 or 64), LIN_BK (key rows per block of the dQ / dK kernels: 32).
+// Lengths, strides, the scale and the decay are kernel arguments (LinParams).
+//
+// Chunks: LIN_C = 64 tokens, counted from each sequence's first token (a chunk never crosses a
+// sequence boundary; the last one may be short: L = min(64, end - c0) valid rows, the rest of the
+// tiles are zero-filled by the loads and masked out of every product).
+//
+// Decay inside a chunk, in log space: b_i = g_{c0} + ... + g_{c0+i} (inclusive cumulative sum,
+// b_i = b_{L-1} for i >= L). Every factor used is exp of a non-positive number:
+//   exp(b_i - b_j) (j <= i),  exp(b_i),  exp(b_{L-1} - b_j) (j <= L-1),  exp(b_{L-1}),
+// so a per-step log decay of -20 (b down to -1280 in a chunk) underflows to 0 and never overflows.
+
+#define LIN_C 64
+// 8 warps a block; every chunked kernel is built for two blocks per SM (<= 128 registers a
+// thread). Shared memory a block at K = V = 128 (linear/cuda.rs computes it): forward 104 KiB
+// at BV 32 (121 KiB at 64), dV 121 KiB (137 KiB), dQ / dK 101 KiB; two blocks fit in an SM's
+// 228 KiB for the forward at BV 32 and for dQ / dK.
+#define LIN_NW 8
+#define LIN_THREADS (LIN_NW * 32)
+
+// Kernel parameters (one struct for every linear kernel; unused fields are zero).
+// Field for field `LinParams` in linear/cuda.rs: the layouts must match byte for byte.
+struct LinParams {
+    const u16* q;
+    const u16* k;
+    const u16* v;
+    const u16* dout;
+    u16* o;
+    u16* dq;
+    u16* dk;
+    u16* dv;
+    float* dk_acc;       // [B, T, Hk, K] f32 sums over the query heads of a kv head (GQA)
+    float* dv_acc;       // [B, T, Hk, V]
+    const float* g;      // log decay: [H] (per head), [B, T, H] (token), [B, H, K] (gate, step only)
+    const float* s0;     // initial state [seqs, H, K, V] (has_s0)
+    float* sfin;         // final state [seqs, H, K, V]; the step's state, updated in place
+    const float* dsfin;  // gradient of the final state (has_dsfin)
+    float* ds0;          // gradient of the initial state
+    float* db;           // [B, T, H] gradient w.r.t. the cumulative log decay (want_db)
+    const int* cu;       // cu_seqlens [seqs + 1] (has_cu)
+    i64 q_s[3], k_s[3], v_s[3], do_s[3], o_s[3], dq_s[3], dk_s[3], dv_s[3];  // (batch, seq, head)
+    int B, T, H, Hk;
+    int seqs, decay, has_s0, has_cu;  // decay: 0 none, 1 per head, 2 per token, 3 gate (step)
+    int has_dsfin, want_db, gqa_acc, pad0;
+    float scale, pad1;
+};
+static_assert(sizeof(LinParams) == 384, "LinParams layout (linear/cuda.rs)");
+
+__device__ __forceinline__ float lin_exp(float x) { return la_exp2(x * LA_LOG2E); }
+
+// Vector types of our own (no CUDA headers under NVRTC): 8- and 16-byte f32 loads and stores.
+struct __align__(8) lin_f2 {
+    float x, y;
+};
+struct __align__(16) lin_f4 {
+    float x, y, z, w;
+};
+
+// *p += v in global memory, atomically (no return value).
+__device__ __forceinline__ void lin_red_add(float* p, float v) {
+    asm volatile("red.add.f32 [%0], %1;" ::"l"(p), "f"(v) : "memory");
+}
+
+// Token range [t0, t1) and batch row of sequence n (cu_seqlens clamped into [0, T]).
+__device__ __forceinline__ void lin_seq(const LinParams& p, int n, int& b, int& t0, int& t1) {
+    if (p.has_cu) {
+        b = 0;
+        t0 = la_imin(la_imax(p.cu[n], 0), p.T);
+        t1 = la_imin(la_imax(p.cu[n + 1], t0), p.T);
+    } else {
+        b = n;
+        t0 = 0;
+        t1 = p.T;
+    }
+}
+
+// Swizzled shared-memory tiles [rows][W] of 16-bit elements in 16-byte chunks (W = 32, 64 or
+// 128): the chunk index is XORed with a function of the row so that the 8 row addresses of an
+// ldmatrix hit distinct banks (any bijection per row is correct; reads and writes share it).
+template <int W>
+__device__ __forceinline__ int lsw(int row, int c) {
+    static_assert(W == 32 || W == 64 || W == 128, "tile width");
+    const int x = (W == 32) ? ((row >> 1) & 3) : (row & 7);
+    return row * W + ((c ^ x) << 3);
+}
+// Element offset of (row, col) in such a tile (col even: a 4-byte pair).
+template <int W>
+__device__ __forceinline__ int lsw_el(int row, int col) {
+    return lsw<W>(row, col >> 3) + (col & 7);
+}
+
+// Asynchronously copies rows row0 .. row0 + ROWS of a slab (row stride ss elements, W contiguous
+// columns from g) into a swizzled [ROWS][W] tile; rows at or past `limit` are zero-filled.
+template <int ROWS, int W>
+__device__ __forceinline__ void lin_load(u16* s, const u16* g, i64 ss, int row0, int limit) {
+    constexpr int CH = W / 8, N = ROWS * CH;
+#pragma unroll
+    for (int x = threadIdx.x; x < N; x += LIN_THREADS) {
+        const int r = x / CH, c = x % CH;
+        const int gr = row0 + r;
+        const bool ok = gr < limit;
+        la_cp_async16(s + lsw<W>(r, c), g + (ok ? (i64)gr * ss : 0) + c * 8, ok ? 16 : 0);
+    }
+}
+
+// 4-byte asynchronous copy (the decay of one token); bytes = 0 writes zero.
+__device__ __forceinline__ void lin_cp_async4(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(la_smem_addr(dst)), "l"(src),
+                 "r"(bytes));
+}
+
+// The log decays of rows row0 .. row0 + 63 of head h (token decay only) into sg[64]; rows at or
+// past `limit` read 0.
+__device__ __forceinline__ void lin_load_g(float* sg, const LinParams& p, int b, int h, int row0,
+                                           int limit) {
+    if (p.decay != 2) return;
+    for (int r = threadIdx.x; r < LIN_C; r += LIN_THREADS) {
+        const int gr = row0 + r;
+        const bool ok = gr < limit;
+        lin_cp_async4(sg + r, p.g + (ok ? ((i64)b * p.T + gr) * p.H + h : 0), ok ? 4 : 0);
+    }
+}
+
+// b (inclusive cumulative log decay of the chunk's L valid rows, held at b_{L-1} past them) into
+// sb[64]; run by one warp. sg holds the token decays (decay 2).
+__device__ __forceinline__ void lin_chunk_b(float* sb, const float* sg, const LinParams& p, int h,
+                                            int L, int lane) {
+    float x[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int i = lane + 32 * u;
+        float gi = 0.f;
+        if (p.decay == 1) gi = p.g[h];
+        else if (p.decay == 2) gi = sg[i];
+        x[u] = i < L ? gi : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const float y = __shfl_up_sync(0xffffffff, x[u], d);
+            if (lane >= d) x[u] += y;
+        }
+    }
+    const float tot0 = __shfl_sync(0xffffffff, x[0], 31);
+    sb[lane] = x[0];
+    sb[lane + 32] = x[1] + tot0;
+}
+
+// ---- Warp-level tensor-core products on swizzled shared-memory tiles ------------------------
+// mma.sync m16n8k16 (bf16 / f16 in, f32 accumulate). The accumulator acc[MT][NT][4] of a warp
+// covers rows m0 + 16 mt + (g, g + 8) and columns n0 + 8 nt + 2 t4 (+1) with g = lane / 4,
+// t4 = lane % 4: acc[mt][nt][0..1] row g, acc[mt][nt][2..3] row g + 8. NT is even; the
+// contraction runs over KS steps of 16.
+
+// C[m][n] += sum_k A[m][k] B[n][k]: A stored [m][k] (width WA), B stored [n][k] (width WB).
+template <int WA, int WB, int MT, int NT, int KS>
+__device__ __forceinline__ void lin_mma_nt(float (&acc)[MT][NT][4], const u16* sA, int m0,
+                                           const u16* sB, int n0, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            la_ldmatrix_x4(a[mt], sA + lsw<WA>(m0 + 16 * mt + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            u32 bf[4];
+            la_ldmatrix_x4(bf, sB + lsw<WB>(n0 + np * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                            kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                la_mma16816(acc[mt][2 * np], a[mt], bf);
+                la_mma16816(acc[mt][2 * np + 1], a[mt], bf + 2);
+            }
+        }
+    }
+}
+
+// C[m][n] += sum_k A[m][k] B[k][n]: A stored [m][k] (width WA), B stored [k][n] (width WB).
+template <int WA, int WB, int MT, int NT, int KS>
+__device__ __forceinline__ void lin_mma_nn(float (&acc)[MT][NT][4], const u16* sA, int m0,
+                                           const u16* sB, int n0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            la_ldmatrix_x4(a[mt], sA + lsw<WA>(m0 + 16 * mt + (lane & 15), ks * 2 + (lane >> 4)));
+#pragma unroll
+        for (int dp = 0; dp < NT / 2; dp++) {
+            u32 bf[4];
+            la_ldmatrix_x4_trans(bf, sB + lsw<WB>(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                  (n0 >> 3) + dp * 2 + (lane >> 4)));
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                la_mma16816(acc[mt][2 * dp], a[mt], bf);
+                la_mma16816(acc[mt][2 * dp + 1], a[mt], bf + 2);
+            }
+        }
+    }
+}
+
+// C[m][n] += sum_k A[k][m] B[k][n]: A stored [k][m] (width WA, read transposed), B stored [k][n]
+// (width WB).
+template <int WA, int WB, int MT, int NT, int KS>
+__device__ __forceinline__ void lin_mma_tn(float (&acc)[MT][NT][4], const u16* sA, int m0,
+                                           const u16* sB, int n0, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            la_ldmatrix_x4_trans(a[mt], sA + lsw<WA>(ks * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                     ((m0 + 16 * mt) >> 3) + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int dp = 0; dp < NT / 2; dp++) {
+            u32 bf[4];
+            la_ldmatrix_x4_trans(bf, sB + lsw<WB>(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                                  (n0 >> 3) + dp * 2 + (lane >> 4)));
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                la_mma16816(acc[mt][2 * dp], a[mt], bf);
+                la_mma16816(acc[mt][2 * dp + 1], a[mt], bf + 2);
+            }
+        }
+    }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void lin_zero(float (&acc)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.f;
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void lin_scale(float (&acc)[MT][NT][4], float s) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][nt][e] *= s;
+}
+
+// Stores an accumulator (rows m0.., columns n0..) into a swizzled [rows][W] tile, rounded to the
+// storage type.
+template <int W, int MT, int NT>
+__device__ __forceinline__ void lin_store_tile(u16* s, const float (&acc)[MT][NT][4], int m0, int n0,
+                                               int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
+                *(u32*)(s + lsw_el<W>(r, c)) = la_pack2(acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
+            }
+}
+
+// A state block (rows m0.., columns n0..) from / to an f32 matrix in global memory (row length
+// `ld`).
+template <int MT, int NT>
+__device__ __forceinline__ void lin_state_load(float (&acc)[MT][NT][4], const float* s, int ld, int m0,
+                                               int n0, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
+                const lin_f2 x = *(const lin_f2*)(s + (i64)r * ld + c);
+                acc[mt][nt][2 * hf] = x.x;
+                acc[mt][nt][2 * hf + 1] = x.y;
+            }
+}
+template <int MT, int NT>
+__device__ __forceinline__ void lin_state_store(float* s, const float (&acc)[MT][NT][4], int ld, int m0,
+                                                int n0, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
+                *(lin_f2*)(s + (i64)r * ld + c) = lin_f2{acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]};
+            }
+}
+
+// The decay mask of a chunk applied to a block of a C x C accumulator (rows m0 .. m0 + 15,
+// columns n0 .. n0 + 8 NT - 1): X_ij <- scale exp(b_i - b_j) X_ij for j <= i < L, 0 elsewhere;
+// stored into the [64][64] tile sP.
+template <int NT>
+__device__ __forceinline__ void lin_mask_store(u16* sP, float (&acc)[1][NT][4], const float* sb, int m0,
+                                               int n0, int L, float scale, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int i = m0 + g + 8 * hf;
+        const float bi = sb[i];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            float x[2];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = n0 + 8 * nt + 2 * t4 + e;
+                x[e] = (j <= i && i < L) ? scale * lin_exp(bi - sb[j]) * acc[0][nt][2 * hf + e] : 0.f;
+            }
+            *(u32*)(sP + lsw_el<64>(i, n0 + 8 * nt + 2 * t4)) = la_pack2(x[0], x[1]);
+        }
+    }
+}
+
+// Rows of a [64][W] tile scaled in place: X_j <- f(j) X_j, where f(j) = mul exp(bref - b_j) (j < L)
+// with bref = b_{L-1} when `tail`, f(j) = mul exp(b_j) (j < L) otherwise; rows >= L become 0.
+// Reads src, writes dst (both [64][W] swizzled with the same layout). All threads of the block.
+template <int W>
+__device__ __forceinline__ void lin_rowscale(u16* dst, const u16* src, const float* sb, int L, bool tail,
+                                             float mul) {
+    const float bl = sb[LIN_C - 1];
+    for (int x = threadIdx.x; x < LIN_C * W / 2; x += LIN_THREADS) {
+        const int r = x / (W / 2), c = (x % (W / 2)) * 2;
+        const int off = lsw_el<W>(r, c);
+        const u32 w = *(const u32*)(src + off);
+        const float f = r < L ? mul * lin_exp(tail ? bl - sb[r] : sb[r]) : 0.f;
+        const float lo = la_to_f32((u16)(w & 0xffff)), hi = la_to_f32((u16)(w >> 16));
+        *(u32*)(dst + off) = la_pack2(lo * f, hi * f);
+    }
+}

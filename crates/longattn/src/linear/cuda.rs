@@ -1,0 +1,992 @@
+//! The linear-attention core on NVIDIA GPUs: chunked forward and backward, and the recurrent
+//! decode step (`cuda/kernels/linear_*.cu`, compiled by NVRTC at run time like the attention
+//! kernels; one variant per dtype / head dims / slice width, lengths, scale and decays are
+//! kernel arguments).
+//!
+//! - [`forward`] / [`backward`] / [`step`] run on device tensors ([`DevCore`]);
+//! - [`forward_host`] / [`backward_host`] / [`step_host`] take the host [`Core`] (upload, run,
+//!   download: the selftest and the CLI);
+//! - [`bench()`] times forward, forward + backward and the decode step on random inputs.
+//!
+//! Scope: q / k / v in bf16 or f16 (f32 is refused with [`Error::DType`]), K and V head dims 64
+//! or 128, decays none / per head / per token in the chunked kernels (the per-key-dim gate
+//! only in [`step`]), GQA, initial and final states `[seqs, H, K, V]` f32, varlen through
+//! `cu_seqlens`, strided q / k / v with a contiguous head dim (16-byte aligned rows).
+//!
+//! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_step.cu` hold the
+//! math): chunks of 64 tokens; one block of 8 warps per (state slice, head, sequence) walking its
+//! chunks in order (or in reverse for dK / dV), its slice of the state in f32 registers, chunk
+//! c + 1 loading (cp.async) while chunk c computes on the tensor cores (mma.sync m16n8k16). No
+//! per-chunk state ever goes to global memory. Forward: slices of BV value columns
+//! (`choose_bv`: 32, or 64 when that still fills the SMs twice); backward: dV with the same slices in reverse, dQ (in order) and dK (in
+//! reverse) with slices of 32 key rows, then dg as reverse cumulative sums of
+//! `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
+//! mma.sync / ldmatrix / shuffles) against an f64 recurrence.
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::{Core, CoreDims, Decay};
+use crate::cuda::forward::COMMON;
+use crate::cuda::{drv, CudaDevice, DevTensor};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Slice, Tensor, TensorView};
+
+const LIN_COMMON: &str = include_str!("../cuda/kernels/linear_common.cuh");
+const LIN_FWD: &str = include_str!("../cuda/kernels/linear_fwd.cu");
+const LIN_BWD: &str = include_str!("../cuda/kernels/linear_bwd.cu");
+const LIN_STEP: &str = include_str!("../cuda/kernels/linear_step.cu");
+
+/// Tokens per chunk (`LIN_C`).
+pub const CHUNK: usize = 64;
+/// Key rows per block of the dQ / dK kernels (`LIN_BK`).
+const BK: usize = 32;
+/// Threads per block of the chunked kernels (`LIN_THREADS`).
+const THREADS: u32 = 256;
+
+/// Kernel parameters; field for field `LinParams` in `kernels/linear_common.cuh` (passed by
+/// value: the layouts must match byte for byte; both sides check the size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LinParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    dout: u64,
+    o: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    dk_acc: u64,
+    dv_acc: u64,
+    g: u64,
+    s0: u64,
+    sfin: u64,
+    dsfin: u64,
+    ds0: u64,
+    db: u64,
+    cu: u64,
+    q_s: [i64; 3],
+    k_s: [i64; 3],
+    v_s: [i64; 3],
+    do_s: [i64; 3],
+    o_s: [i64; 3],
+    dq_s: [i64; 3],
+    dk_s: [i64; 3],
+    dv_s: [i64; 3],
+    b: i32,
+    t: i32,
+    h: i32,
+    hk: i32,
+    seqs: i32,
+    decay: i32,
+    has_s0: i32,
+    has_cu: i32,
+    has_dsfin: i32,
+    want_db: i32,
+    gqa_acc: i32,
+    pad0: i32,
+    scale: f32,
+    pad1: f32,
+}
+
+const _: () = assert!(std::mem::size_of::<LinParams>() == 384);
+const _: () = assert!(std::mem::offset_of!(LinParams, q_s) == 136);
+const _: () = assert!(std::mem::offset_of!(LinParams, b) == 328);
+
+// SAFETY: plain-old-data with the C layout of the kernels' parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for LinParams {}
+
+/// The decay on the device (log space, `g <= 0`; the caller guarantees the sign, the host
+/// wrappers check it).
+#[derive(Clone, Copy, Debug)]
+pub enum DevDecay<'a> {
+    None,
+    /// `[H]`.
+    PerHead(&'a CudaSlice<f32>),
+    /// `[B, T, H]`.
+    Token(&'a CudaSlice<f32>),
+    /// `[B, T, H, K]`: the decode step only (the chunked kernels refuse it).
+    Gate(&'a CudaSlice<f32>),
+}
+
+impl DevDecay<'_> {
+    fn kind(&self) -> i32 {
+        match self {
+            DevDecay::None => 0,
+            DevDecay::PerHead(_) => 1,
+            DevDecay::Token(_) => 2,
+            DevDecay::Gate(_) => 3,
+        }
+    }
+    fn slice(&self) -> Option<&CudaSlice<f32>> {
+        match *self {
+            DevDecay::None => None,
+            DevDecay::PerHead(g) | DevDecay::Token(g) | DevDecay::Gate(g) => Some(g),
+        }
+    }
+}
+
+/// One core problem on the device: `q [B, T, H, K]`, `k [B, T, Hk, K]`, `v [B, T, Hk, V]`
+/// (bf16 or f16, one dtype), the decay, the scale, the optional initial state
+/// `[seqs, H, K, V]` f32 and optional `cu_seqlens [N + 1]` int32 (then `B = 1`; its values
+/// must start at 0, never decrease and end at T: the kernels clamp them into `[0, T]`).
+#[derive(Clone, Copy)]
+pub struct DevCore<'a> {
+    pub q: &'a DevTensor,
+    pub k: &'a DevTensor,
+    pub v: &'a DevTensor,
+    pub decay: DevDecay<'a>,
+    pub scale: f32,
+    pub initial_state: Option<&'a CudaSlice<f32>>,
+    pub cu_seqlens: Option<&'a CudaSlice<i32>>,
+}
+
+/// Gradients of [`backward`] on the device: `dq` like q, `dk` / `dv` like k / v (summed over the
+/// query heads of each kv head), `dg [B, T, H]` for a token decay, `d_initial_state`
+/// `[seqs, H, K, V]`.
+pub struct DevGrads {
+    pub dq: DevTensor,
+    pub dk: DevTensor,
+    pub dv: DevTensor,
+    pub dg: Option<CudaSlice<f32>>,
+    pub d_initial_state: CudaSlice<f32>,
+}
+
+fn param(op: &'static str, msg: String) -> Error {
+    Error::Param { op, msg }
+}
+
+fn ptr<T>(s: &CudaSlice<T>) -> u64 {
+    s.device_ptr(s.stream()).0
+}
+
+fn tptr(t: &DevTensor) -> u64 {
+    t.data.device_ptr(t.data.stream()).0
+}
+
+/// Checks what the kernels support: the dtype (bf16 / f16) and the head dims (64 / 128).
+fn check_support(op: &'static str, dtype: DType, kd: usize, vd: usize) -> Result<()> {
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::DType {
+            op,
+            tensor: "q".into(),
+            got: dtype.to_string(),
+            expected: "bf16 or f16 (the tensor-core kernels; use the CPU oracle for f32)".into(),
+        });
+    }
+    for (name, d) in [("K", kd), ("V", vd)] {
+        if d != 64 && d != 128 {
+            return Err(param(
+                op,
+                format!("{name} head dim {d} is not supported on the GPU (64 or 128)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 16-byte aligned rows: the kernels load 16-byte chunks (cp.async).
+fn check_aligned(op: &'static str, name: &str, t: &DevTensor) -> Result<()> {
+    if !tptr(t).is_multiple_of(16) || t.strides[..3].iter().any(|s| !s.is_multiple_of(8)) {
+        return Err(Error::Shape {
+            op,
+            tensor: name.into(),
+            got: t.shape.to_vec(),
+            expected: format!(
+                "a 16-byte aligned address and strides that are multiples of 8 elements, got strides {:?}",
+                t.strides
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl DevCore<'_> {
+    /// Checks shapes, dtypes, alignment and buffer lengths; the sizes of the problem.
+    pub fn validate(&self, op: &'static str) -> Result<CoreDims> {
+        let [b, t, h, kd] = self.q.shape;
+        let [kb, kt, hk, kk] = self.k.shape;
+        let [vb, vt, vh, vd] = self.v.shape;
+        let shape = |name: &str, got: [usize; 4], expected: String| Error::Shape {
+            op,
+            tensor: name.into(),
+            got: got.to_vec(),
+            expected,
+        };
+        if (kb, kt, kk) != (b, t, kd) || hk == 0 || h % hk != 0 {
+            return Err(shape(
+                "k",
+                self.k.shape,
+                format!("[{b}, {t}, Hk, {kd}] with Hk dividing H = {h}"),
+            ));
+        }
+        if (vb, vt, vh) != (b, t, hk) {
+            return Err(shape("v", self.v.shape, format!("[{b}, {t}, {hk}, V]")));
+        }
+        for (name, x) in [("k", self.k), ("v", self.v)] {
+            if x.dtype != self.q.dtype {
+                return Err(Error::DType {
+                    op,
+                    tensor: name.into(),
+                    got: x.dtype.to_string(),
+                    expected: format!("{} like q", self.q.dtype),
+                });
+            }
+        }
+        check_support(op, self.q.dtype, kd, vd)?;
+        for (name, x) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            check_aligned(op, name, x)?;
+        }
+        if !self.scale.is_finite() {
+            return Err(param(
+                op,
+                format!("scale must be finite, got {}", self.scale),
+            ));
+        }
+        let seqs = match self.cu_seqlens {
+            None => b,
+            Some(cu) => {
+                if b != 1 || cu.len() < 2 {
+                    return Err(param(
+                        op,
+                        format!(
+                            "cu_seqlens needs batch 1 and at least 2 entries (batch {b}, {} entries)",
+                            cu.len()
+                        ),
+                    ));
+                }
+                cu.len() - 1
+            }
+        };
+        let want = match self.decay {
+            DevDecay::None => 0,
+            DevDecay::PerHead(_) => h,
+            DevDecay::Token(_) => b * t * h,
+            DevDecay::Gate(_) => b * t * h * kd,
+        };
+        if let Some(g) = self.decay.slice() {
+            if g.len() < want {
+                return Err(param(
+                    op,
+                    format!("decay `g` has {} elements, expected {want}", g.len()),
+                ));
+            }
+        }
+        let dims = CoreDims {
+            batch: b,
+            t,
+            h,
+            hk,
+            k: kd,
+            v: vd,
+            seqs,
+        };
+        if let Some(s) = self.initial_state {
+            if s.len() < dims.state_len() {
+                return Err(param(
+                    op,
+                    format!(
+                        "initial_state has {} elements, expected [{seqs}, {h}, {kd}, {vd}]",
+                        s.len()
+                    ),
+                ));
+            }
+        }
+        if seqs > 65535 || h > 65535 {
+            return Err(param(
+                op,
+                format!(
+                    "{seqs} sequences x {h} heads: the launch grid takes at most 65535 of each"
+                ),
+            ));
+        }
+        if (b * t) as u64 * h as u64 * kd.max(vd) as u64 >= 1 << 62 || t > i32::MAX as usize {
+            return Err(param(op, format!("T = {t} is too long")));
+        }
+        Ok(dims)
+    }
+
+    fn params(&self, d: &CoreDims) -> LinParams {
+        LinParams {
+            q: tptr(self.q),
+            k: tptr(self.k),
+            v: tptr(self.v),
+            q_s: self.q.strides(),
+            k_s: self.k.strides(),
+            v_s: self.v.strides(),
+            g: self.decay.slice().map_or(0, ptr),
+            s0: self.initial_state.map_or(0, ptr),
+            cu: self.cu_seqlens.map_or(0, ptr),
+            b: d.batch as i32,
+            t: d.t as i32,
+            h: d.h as i32,
+            hk: d.hk as i32,
+            seqs: d.seqs as i32,
+            decay: self.decay.kind(),
+            has_s0: self.initial_state.is_some() as i32,
+            has_cu: self.cu_seqlens.is_some() as i32,
+            scale: self.scale,
+            ..Default::default()
+        }
+    }
+}
+
+/// Value columns per block of the forward and dV kernels: 32, or 64 when blocks of 64 already
+/// give every SM two (less recomputation of Q K^T per value column).
+/// `LONGATTN_LINEAR_BV=32|64` overrides.
+fn choose_bv(dev: &CudaDevice, d: &CoreDims) -> usize {
+    match std::env::var("LONGATTN_LINEAR_BV").ok().as_deref() {
+        Some("32") => return 32,
+        Some("64") => return 64,
+        _ => {}
+    }
+    if d.seqs * d.h * (d.v / 64) >= 2 * dev.sms {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory (bytes) of each kernel, the layouts at the top of its source.
+fn smem_fwd(k: usize, bv: usize) -> usize {
+    (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
+}
+fn smem_dv(k: usize, bv: usize) -> usize {
+    (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + 2 * CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
+}
+fn smem_kslice(v: usize) -> usize {
+    (2 * (2 * CHUNK * BK + 2 * CHUNK * v) + CHUNK * CHUNK + CHUNK * BK + BK * v) * 2 + 3 * CHUNK * 4
+}
+
+/// Compiles (or fetches) kernel `entry` of `src` for this problem's variant.
+fn function(
+    dev: &CudaDevice,
+    (name, src): (&str, &str),
+    entry: &str,
+    dtype: DType,
+    d: &CoreDims,
+    bv: usize,
+    smem: usize,
+) -> Result<CudaFunction> {
+    let defines = vec![
+        (
+            "LA_F16".to_string(),
+            ((dtype == DType::F16) as i32).to_string(),
+        ),
+        ("LIN_K".to_string(), d.k.to_string()),
+        ("LIN_V".to_string(), d.v.to_string()),
+        ("LIN_BV".to_string(), bv.to_string()),
+        ("LIN_BK".to_string(), BK.to_string()),
+    ];
+    let full = format!("{COMMON}\n{LIN_COMMON}\n{src}");
+    dev.function(name, entry, &full, &defines, smem)
+}
+
+fn launch(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: usize,
+    p: &LinParams,
+    what: &'static str,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut b = dev.stream().launch_builder(f);
+    b.arg(p);
+    // SAFETY: every pointer in `p` addresses a live device buffer sized by `validate` (inputs)
+    // or allocated here for the problem's shape (outputs); the grid stays within the launch
+    // limits checked in `validate`; the shared memory was checked against the device's opt-in
+    // limit when the function was loaded.
+    unsafe { b.launch(cfg) }.map_err(drv(what))?;
+    Ok(())
+}
+
+/// Forward: the output `[B, T, H, V]` (q's dtype) and the final state `[seqs, H, K, V]` f32.
+pub fn forward(dev: &CudaDevice, c: &DevCore) -> Result<(DevTensor, CudaSlice<f32>)> {
+    const OP: &str = "linear::cuda::forward";
+    let d = c.validate(OP)?;
+    if matches!(c.decay, DevDecay::Gate(_)) {
+        return Err(param(
+            OP,
+            "the per-key-dim gate (GLA) is not implemented in the chunked CUDA kernels (only in the decode step)".into(),
+        ));
+    }
+    let bv = choose_bv(dev, &d);
+    let smem = smem_fwd(d.k, bv);
+    let f = function(
+        dev,
+        ("linear_fwd", LIN_FWD),
+        "lin_fwd",
+        c.q.dtype,
+        &d,
+        bv,
+        smem,
+    )?;
+    let out = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
+    let fin = dev.alloc_f32(d.state_len())?;
+    let mut p = c.params(&d);
+    p.o = tptr(&out);
+    p.o_s = out.strides();
+    p.sfin = ptr(&fin);
+    let grid = ((d.v / bv) as u32, d.h as u32, d.seqs as u32);
+    launch(dev, &f, grid, THREADS, smem, &p, "launch linear forward")?;
+    Ok((out, fin))
+}
+
+/// Backward of `loss(out, final state)`: `dout [B, T, H, V]` (q's dtype, 16-byte aligned rows)
+/// and optionally the gradient of the final state `[seqs, H, K, V]` f32.
+pub fn backward(
+    dev: &CudaDevice,
+    c: &DevCore,
+    dout: &DevTensor,
+    d_final_state: Option<&CudaSlice<f32>>,
+) -> Result<DevGrads> {
+    const OP: &str = "linear::cuda::backward";
+    let d = c.validate(OP)?;
+    if matches!(c.decay, DevDecay::Gate(_)) {
+        return Err(param(
+            OP,
+            "the per-key-dim gate (GLA) is not implemented in the chunked CUDA kernels (only in the decode step)".into(),
+        ));
+    }
+    if dout.shape != [d.batch, d.t, d.h, d.v] || dout.dtype != c.q.dtype {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "dout".into(),
+            got: dout.shape.to_vec(),
+            expected: format!("[{}, {}, {}, {}] in {}", d.batch, d.t, d.h, d.v, c.q.dtype),
+        });
+    }
+    check_aligned(OP, "dout", dout)?;
+    if let Some(s) = d_final_state {
+        if s.len() < d.state_len() {
+            return Err(param(
+                OP,
+                format!(
+                    "d_final_state has {} elements, expected {}",
+                    s.len(),
+                    d.state_len()
+                ),
+            ));
+        }
+    }
+    let dt = c.q.dtype;
+    let bv = choose_bv(dev, &d);
+    let gqa = d.h != d.hk;
+    let token = matches!(c.decay, DevDecay::Token(_));
+    let dq = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.k], dt)?;
+    let dk = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.k], dt)?;
+    let dv = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.v], dt)?;
+    let ds0 = dev.alloc_f32(d.state_len())?;
+    let n_tok = d.batch * d.t;
+    let dk_acc = if gqa {
+        Some(dev.alloc_f32(n_tok * d.hk * d.k)?)
+    } else {
+        None
+    };
+    let dv_acc = if gqa {
+        Some(dev.alloc_f32(n_tok * d.hk * d.v)?)
+    } else {
+        None
+    };
+    let db = if token {
+        Some(dev.alloc_f32(n_tok * d.h)?)
+    } else {
+        None
+    };
+
+    let mut p = c.params(&d);
+    p.dout = tptr(dout);
+    p.do_s = dout.strides();
+    p.dq = tptr(&dq);
+    p.dq_s = dq.strides();
+    p.dk = tptr(&dk);
+    p.dk_s = dk.strides();
+    p.dv = tptr(&dv);
+    p.dv_s = dv.strides();
+    p.dk_acc = dk_acc.as_ref().map_or(0, ptr);
+    p.dv_acc = dv_acc.as_ref().map_or(0, ptr);
+    p.dsfin = d_final_state.map_or(0, ptr);
+    p.has_dsfin = d_final_state.is_some() as i32;
+    p.ds0 = ptr(&ds0);
+    p.db = db.as_ref().map_or(0, ptr);
+    p.want_db = token as i32;
+    p.gqa_acc = gqa as i32;
+
+    let src = ("linear_bwd", LIN_BWD);
+    let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
+    let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
+    let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
+    let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
+    let (h, n) = (d.h as u32, d.seqs as u32);
+    launch(
+        dev,
+        &f_dv,
+        ((d.v / bv) as u32, h, n),
+        THREADS,
+        sm_dv,
+        &p,
+        "launch linear dV",
+    )?;
+    launch(
+        dev,
+        &f_dq,
+        ((d.k / BK) as u32, h, n),
+        THREADS,
+        sm_ks,
+        &p,
+        "launch linear dQ",
+    )?;
+    launch(
+        dev,
+        &f_dk,
+        ((d.k / BK) as u32, h, n),
+        THREADS,
+        sm_ks,
+        &p,
+        "launch linear dK",
+    )?;
+    if gqa {
+        let f = function(dev, src, "lin_f32_to_el", dt, &d, bv, 0)?;
+        for (acc, out) in [(&dk_acc, &dk), (&dv_acc, &dv)] {
+            let acc = acc.as_ref().expect("GQA accumulators");
+            let len = acc.len() as i64;
+            let blocks = (len as usize).div_ceil(512).clamp(1, dev.sms * 32) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (pa, po) = (ptr(acc), tptr(out));
+            let mut b = dev.stream().launch_builder(&f);
+            b.arg(&pa).arg(&po).arg(&len);
+            // SAFETY: `acc` holds `len` f32 and `out` (contiguous, allocated above) `len` 16-bit
+            // elements; `len` is even (head dims are 64 or 128).
+            unsafe { b.launch(cfg) }.map_err(drv("launch linear gqa sum"))?;
+        }
+    }
+    let dg = if token {
+        let dg = dev.alloc_f32(n_tok * d.h)?;
+        let f = function(dev, src, "lin_bwd_dg", dt, &d, bv, 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: (h, n, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let pg = ptr(&dg);
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p).arg(&pg);
+        // SAFETY: `p.db` and `dg` hold B x T x H f32; the grid is (H, seqs) within the limits
+        // checked in `validate`.
+        unsafe { b.launch(cfg) }.map_err(drv("launch linear dg"))?;
+        Some(dg)
+    } else {
+        None
+    };
+    // The accumulators are freed when this returns: the stream orders the frees after the
+    // kernels that read them.
+    Ok(DevGrads {
+        dq,
+        dk,
+        dv,
+        dg,
+        d_initial_state: ds0,
+    })
+}
+
+/// One decode step: `q [B, 1, H, K]`, `k [B, 1, Hk, K]`, `v [B, 1, Hk, V]`, the decay of this
+/// token (`[H]`, `[B, H]` or the gate `[B, H, K]`), the state `[B, H, K, V]` f32 updated in place;
+/// returns `o [B, 1, H, V]`.
+pub fn step(
+    dev: &CudaDevice,
+    q: &DevTensor,
+    k: &DevTensor,
+    v: &DevTensor,
+    decay: DevDecay,
+    scale: f32,
+    state: &mut CudaSlice<f32>,
+) -> Result<DevTensor> {
+    const OP: &str = "linear::cuda::step";
+    let c = DevCore {
+        q,
+        k,
+        v,
+        decay,
+        scale,
+        initial_state: None,
+        cu_seqlens: None,
+    };
+    let d = c.validate(OP)?;
+    if d.t != 1 {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "q".into(),
+            got: q.shape.to_vec(),
+            expected: "one token per sequence: [B, 1, H, K]".into(),
+        });
+    }
+    if state.len() < d.state_len() {
+        return Err(param(
+            OP,
+            format!(
+                "state has {} elements, expected {}",
+                state.len(),
+                d.state_len()
+            ),
+        ));
+    }
+    let f = function(
+        dev,
+        ("linear_step", LIN_STEP),
+        "lin_step",
+        q.dtype,
+        &d,
+        32,
+        0,
+    )?;
+    let out = DevTensor::alloc(dev, [d.batch, 1, d.h, d.v], q.dtype)?;
+    let mut p = c.params(&d);
+    p.o = tptr(&out);
+    p.o_s = out.strides();
+    p.sfin = ptr(state);
+    if d.batch > 65535 {
+        return Err(param(OP, format!("batch {} > 65535", d.batch)));
+    }
+    launch(
+        dev,
+        &f,
+        (d.h as u32, d.batch as u32, 1),
+        256,
+        0,
+        &p,
+        "launch linear step",
+    )?;
+    Ok(out)
+}
+
+// ---- Host wrappers ----------------------------------------------------------------------------
+
+/// A host view on the device: strided views whose rows the kernels can read directly (head dim
+/// contiguous, strides multiples of 8) travel as their whole buffer with the same strides; others
+/// are gathered contiguous.
+struct Uploaded {
+    t: DevTensor,
+    _keep: Option<CudaSlice<u16>>,
+}
+
+fn upload_view(dev: &CudaDevice, op: &'static str, name: &str, v: &TensorView) -> Result<Uploaded> {
+    let bits: Vec<u16> = match v.data {
+        Slice::BF16(x) => x.iter().map(|e| e.to_bits()).collect(),
+        Slice::F16(x) => x.iter().map(|e| e.to_bits()).collect(),
+        Slice::F32(_) => {
+            return Err(Error::DType {
+                op,
+                tensor: name.into(),
+                got: "f32".into(),
+                expected: "bf16 or f16 (the tensor-core kernels; use the CPU oracle for f32)"
+                    .into(),
+            })
+        }
+    };
+    let direct = v.strides[3] == 1 && v.strides[..3].iter().all(|s| s.is_multiple_of(8));
+    if !direct {
+        return Ok(Uploaded {
+            t: DevTensor::upload(dev, name, v)?,
+            _keep: None,
+        });
+    }
+    let buf = dev
+        .stream()
+        .clone_htod(&bits)
+        .map_err(drv("copy to device"))?;
+    // SAFETY: `buf` holds the view's whole buffer (every element its strides address, checked
+    // when the view was made) and is kept alive next to the borrowing tensor.
+    let t =
+        unsafe { DevTensor::borrow(dev.stream(), name, ptr(&buf), v.shape, v.strides, v.dtype()) }?;
+    Ok(Uploaded {
+        t,
+        _keep: Some(buf),
+    })
+}
+
+/// Host-side inputs of a core problem, uploaded.
+struct HostUpload {
+    q: Uploaded,
+    k: Uploaded,
+    v: Uploaded,
+    g: Option<CudaSlice<f32>>,
+    s0: Option<CudaSlice<f32>>,
+    cu: Option<CudaSlice<i32>>,
+}
+
+impl HostUpload {
+    fn new(dev: &CudaDevice, c: &Core, op: &'static str) -> Result<(HostUpload, CoreDims)> {
+        let d = c.validate(op)?;
+        check_support(op, c.q.dtype(), d.k, d.v)?;
+        for (name, x) in [("k", &c.k), ("v", &c.v)] {
+            if x.dtype() != c.q.dtype() {
+                return Err(Error::DType {
+                    op,
+                    tensor: name.into(),
+                    got: x.dtype().to_string(),
+                    expected: format!("{} like q", c.q.dtype()),
+                });
+            }
+        }
+        let g = match c.decay {
+            Decay::None => None,
+            Decay::PerHead(g) | Decay::Token(g) | Decay::Gate(g) => Some(dev.upload(g)?),
+        };
+        Ok((
+            HostUpload {
+                q: upload_view(dev, op, "q", &c.q)?,
+                k: upload_view(dev, op, "k", &c.k)?,
+                v: upload_view(dev, op, "v", &c.v)?,
+                g,
+                s0: c.initial_state.map(|s| dev.upload(s)).transpose()?,
+                cu: c.cu_seqlens.map(|s| dev.upload(s)).transpose()?,
+            },
+            d,
+        ))
+    }
+
+    fn core(&self, c: &Core) -> DevCore<'_> {
+        let g = self.g.as_ref();
+        DevCore {
+            q: &self.q.t,
+            k: &self.k.t,
+            v: &self.v.t,
+            decay: match c.decay {
+                Decay::None => DevDecay::None,
+                Decay::PerHead(_) => DevDecay::PerHead(g.expect("decay")),
+                Decay::Token(_) => DevDecay::Token(g.expect("decay")),
+                Decay::Gate(_) => DevDecay::Gate(g.expect("decay")),
+            },
+            scale: c.scale,
+            initial_state: self.s0.as_ref(),
+            cu_seqlens: self.cu.as_ref(),
+        }
+    }
+}
+
+/// Forward of a host problem: the output `[B, T, H, V]` in q's dtype and the final state.
+pub fn forward_host(dev: &CudaDevice, c: &Core) -> Result<(Tensor, Vec<f32>)> {
+    let (u, _) = HostUpload::new(dev, c, "linear::cuda::forward")?;
+    let (out, fin) = forward(dev, &u.core(c))?;
+    Ok((out.download(dev)?, dev.download(&fin)?))
+}
+
+/// Gradients of [`backward_host`], on the host.
+#[derive(Clone, Debug)]
+pub struct HostGrads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+    pub dg: Option<Vec<f32>>,
+    pub d_initial_state: Vec<f32>,
+}
+
+/// Backward of a host problem: `dout [B, T, H, V]` in q's dtype, optionally the final state's
+/// gradient `[seqs, H, K, V]`.
+pub fn backward_host(
+    dev: &CudaDevice,
+    c: &Core,
+    dout: &TensorView,
+    d_final_state: Option<&[f32]>,
+) -> Result<HostGrads> {
+    const OP: &str = "linear::cuda::backward";
+    let (u, d) = HostUpload::new(dev, c, OP)?;
+    if let Some(s) = d_final_state {
+        if s.len() != d.state_len() {
+            return Err(param(
+                OP,
+                format!(
+                    "d_final_state has {} elements, expected {}",
+                    s.len(),
+                    d.state_len()
+                ),
+            ));
+        }
+    }
+    let du = upload_view(dev, OP, "dout", dout)?;
+    let ds = d_final_state.map(|s| dev.upload(s)).transpose()?;
+    let g = backward(dev, &u.core(c), &du.t, ds.as_ref())?;
+    Ok(HostGrads {
+        dq: g.dq.download(dev)?,
+        dk: g.dk.download(dev)?,
+        dv: g.dv.download(dev)?,
+        dg: g.dg.as_ref().map(|x| dev.download(x)).transpose()?,
+        d_initial_state: dev.download(&g.d_initial_state)?,
+    })
+}
+
+/// One decode step of a host problem: `q [B, 1, H, K]`, `k`, `v`, the decay (`Token` is `[B, 1,
+/// H]`, `Gate` `[B, 1, H, K]`), the state `[B, H, K, V]` updated in place; returns `o [B, 1, H, V]`.
+pub fn step_host(
+    dev: &CudaDevice,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    decay: Decay,
+    scale: f32,
+    state: &mut [f32],
+) -> Result<Tensor> {
+    const OP: &str = "linear::cuda::step";
+    // The host checks (shapes, decay sign and length, state length) of the equivalent problem.
+    let c = Core {
+        q: *q,
+        k: *k,
+        v: *v,
+        decay,
+        scale,
+        initial_state: Some(state),
+        cu_seqlens: None,
+    };
+    let (u, _) = HostUpload::new(dev, &c, OP)?;
+    let mut s = dev.upload(state)?;
+    let o = step(dev, &u.q.t, &u.k.t, &u.v.t, u.core(&c).decay, scale, &mut s)?;
+    let host = dev.download(&s)?;
+    state.copy_from_slice(&host[..state.len()]);
+    o.download(dev)
+}
+
+// ---- Benchmark -----------------------------------------------------------------------------
+
+/// Timings of [`bench()`] (median of the timed repetitions, milliseconds) and the bytes the
+/// forward must move (q, k, v read, o written, in the storage type) for an effective TB/s.
+#[derive(Clone, Debug)]
+pub struct LinearBench {
+    pub forward_ms: f64,
+    pub forward_backward_ms: f64,
+    pub step_ms: f64,
+    pub forward_bytes: f64,
+    /// State bytes the decode step reads and writes (`2 x B x H x K x V x 4`).
+    pub step_bytes: f64,
+}
+
+/// Times the forward, forward + backward and the decode step for `[B, T, H, K]` queries
+/// (`Hk` kv heads, value dim `V`) in `dtype`, a token decay (`decay` = "none", "head" or
+/// "token"), random inputs; `reps` timed repetitions after one warm-up.
+#[allow(clippy::too_many_arguments)]
+pub fn bench(
+    dev: &Arc<CudaDevice>,
+    (b, t, h, hk, kd, vd): (usize, usize, usize, usize, usize, usize),
+    dtype: DType,
+    decay: &str,
+    reps: usize,
+) -> Result<LinearBench> {
+    const OP: &str = "linear::cuda::bench";
+    check_support(OP, dtype, kd, vd)?;
+    let mut rng = crate::testing::Rng::new(42);
+    // A block of random values repeated: uploads of gigabytes without hours of host RNG.
+    let block: Vec<f32> = (0..1 << 20).map(|_| rng.normal() as f32).collect();
+    let rand16 = |n: usize, std: f32, off: usize| -> Vec<u16> {
+        (0..n)
+            .map(|i| {
+                let x = block[(i + off) % block.len()] * std;
+                match dtype {
+                    DType::F16 => half::f16::from_f32(x).to_bits(),
+                    _ => half::bf16::from_f32(x).to_bits(),
+                }
+            })
+            .collect()
+    };
+    let ks = 1.0 / (kd as f32).sqrt();
+    let dev_t = |shape: [usize; 4], std: f32, off: usize| -> Result<(CudaSlice<u16>, DevTensor)> {
+        let buf = dev.upload(&rand16(shape.iter().product(), std, off))?;
+        // SAFETY: `buf` holds the whole contiguous tensor and outlives the borrowing wrapper
+        // (both live until the end of `bench`).
+        let t = unsafe {
+            DevTensor::borrow(
+                dev.stream(),
+                "bench",
+                ptr(&buf),
+                shape,
+                [
+                    shape[1] * shape[2] * shape[3],
+                    shape[2] * shape[3],
+                    shape[3],
+                    1,
+                ],
+                dtype,
+            )
+        }?;
+        Ok((buf, t))
+    };
+    let (_qb, q) = dev_t([b, t, h, kd], ks, 0)?;
+    let (_kb, k) = dev_t([b, t, hk, kd], ks, 7919)?;
+    let (_vb, v) = dev_t([b, t, hk, vd], 1.0, 104_729)?;
+    let (_ob, dout) = dev_t([b, t, h, vd], 1.0, 1_299_709)?;
+    let g_host: Vec<f32> = match decay {
+        "none" => vec![],
+        "head" => (0..h).map(|i| -0.01 - 0.1 * i as f32 / h as f32).collect(),
+        "token" => (0..b * t * h)
+            .map(|i| -0.2 * block[(i * 13) % block.len()].abs())
+            .collect(),
+        _ => {
+            return Err(param(
+                OP,
+                format!("decay `{decay}`: expected none, head or token"),
+            ))
+        }
+    };
+    let g = dev.upload(&g_host)?;
+    let c = DevCore {
+        q: &q,
+        k: &k,
+        v: &v,
+        decay: match decay {
+            "none" => DevDecay::None,
+            "head" => DevDecay::PerHead(&g),
+            _ => DevDecay::Token(&g),
+        },
+        scale: ks,
+        initial_state: None,
+        cu_seqlens: None,
+    };
+    let median = |mut x: Vec<f64>| {
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let reps = reps.max(1);
+    // Warm-up (compiles every variant).
+    forward(dev, &c)?;
+    backward(dev, &c, &dout, None)?;
+    dev.synchronize()?;
+    let mut fwd = Vec::new();
+    let mut fb = Vec::new();
+    for _ in 0..reps {
+        fwd.push(dev.time_ms(|| forward(dev, &c).map(|_| ()))?);
+        fb.push(dev.time_ms(|| {
+            forward(dev, &c)?;
+            backward(dev, &c, &dout, None).map(|_| ())
+        })?);
+    }
+    // Decode step over B x H states of one token each.
+    let (_sq, sq) = dev_t([b, 1, h, kd], ks, 3)?;
+    let (_sk, sk) = dev_t([b, 1, hk, kd], ks, 5)?;
+    let (_sv, sv) = dev_t([b, 1, hk, vd], 1.0, 11)?;
+    let mut state = dev.alloc_f32(b * h * kd * vd)?;
+    let sg = dev.upload(&vec![-0.05f32; b * h])?;
+    step(dev, &sq, &sk, &sv, DevDecay::Token(&sg), ks, &mut state)?;
+    let mut st = Vec::new();
+    for _ in 0..reps {
+        st.push(dev.time_ms(|| {
+            step(dev, &sq, &sk, &sv, DevDecay::Token(&sg), ks, &mut state).map(|_| ())
+        })?);
+    }
+    let e = dtype.size() as f64;
+    Ok(LinearBench {
+        forward_ms: median(fwd),
+        forward_backward_ms: median(fb),
+        step_ms: median(st),
+        forward_bytes: (b * t) as f64 * ((h + hk) * kd + hk * vd + h * vd) as f64 * e,
+        step_bytes: 2.0 * (b * h * kd * vd) as f64 * 4.0,
+    })
+}
