@@ -20,7 +20,11 @@
 //! on features (`K` is the feature dimension after `phi`).
 //!
 //! - [`reference`]: the f64 recurrent oracle of the core, forward and backward (BPTT).
+//! - [`cpu`]: the chunked CPU form (forward and backward), the fused recurrent form and `step`.
+pub mod cpu;
 pub mod reference;
+#[cfg(test)]
+mod tests;
 
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
