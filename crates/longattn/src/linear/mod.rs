@@ -21,10 +21,24 @@
 //!
 //! - [`reference`]: the f64 recurrent oracle of the core, forward and backward (BPTT).
 //! - [`cpu`]: the chunked CPU form (forward and backward), the fused recurrent form and `step`.
+//! - [`feature`]: the feature maps and output normalisations, forward and backward.
+//! - [`spec`]: [`LinearSpec`] and its string grammar (`simple_gla(chunk=32)`, `elu+normalized`).
+//! - [`entry`]: the public entry points [`linear_attention`], [`linear_attention_backward`] and
+//!   [`linear_step`] (the one place that routes to a [`Backend`]).
 pub mod cpu;
+pub mod entry;
+pub mod feature;
 pub mod reference;
+pub mod spec;
 #[cfg(test)]
 mod tests;
+
+pub use entry::{
+    linear_attention, linear_attention_backward, linear_step, Backend, LinearGrads, LinearInputs,
+    LinearOutput,
+};
+pub use feature::FeatureMap;
+pub use spec::{DecaySpec, LinearSpec, Normalization};
 
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
