@@ -254,6 +254,11 @@ impl LinearSpec {
                 }
                 "normalized" | "norm" => {
                     if let Some(prev) = norm_atom.replace(atom.to_string()) {
+                        if prev.starts_with("based") {
+                            return Err(err(format!(
+                                "`{prev}` is normalised already; drop `{atom}`"
+                            )));
+                        }
                         return Err(err(format!("two normalisations: `{prev}` and `{atom}`")));
                     }
                     spec.norm = if name == "norm" {
