@@ -74,6 +74,11 @@ use rayon::prelude::*;
 pub const DEFAULT_CHUNK: usize = 64;
 /// Sub-block length of the per-key-dimension gate's intra-chunk products.
 pub const SUB: usize = 16;
+/// Fast path bound: when a chunk's total log decay `-b_L` is at most this in every dimension,
+/// `e^{b_t - b_s} = e^{b_t} e^{-b_s}` is formed from per-token factors in `[e^-60, e^60]` (no
+/// overflow, no subnormal in f32) and `A = (Q ⊙ e^{b}) (K ⊙ e^{-b})^T` is one masked product, for
+/// scalar decays and gates alike; stronger decays take the element-wise / sub-block forms.
+pub const FAST_SPAN: f64 = 60.0;
 /// Largest accepted chunk length (the chunk's `C x C` scratch is allocated per task).
 pub const MAX_CHUNK: usize = 4096;
 
@@ -230,6 +235,10 @@ struct Chunk {
     /// Sub-block scratch for gates.
     qt: Vec<f32>,
     kt: Vec<f32>,
+    /// `K ⊙ e^{-b}` `[C, K]` (the fast path only).
+    kneg: Vec<f32>,
+    /// Whether this chunk takes the fast path (`-b_L <= FAST_SPAN` in every dimension).
+    fast: bool,
 }
 
 impl Chunk {
@@ -248,6 +257,8 @@ impl Chunk {
             kh: vec![0.0; c * d.k],
             qt: vec![0.0; SUB * d.k],
             kt: vec![0.0; c * d.k],
+            kneg: vec![0.0; c * d.k],
+            fast: false,
         }
     }
 
@@ -268,15 +279,36 @@ impl Chunk {
         load(&core.k, bi, t0, l, hk, &mut self.kc);
         load(&core.v, bi, t0, l, hk, &mut self.vc);
         cumulative(core, d, bi, t0, l, h, &mut self.b);
+        let span = (0..self.w).fold(0.0f64, |a, i| a.max(-self.b[(l - 1) * self.w + i]));
+        self.fast = span <= FAST_SPAN;
         for t in 0..l {
             for i in 0..kd {
                 let bt = self.bv(t, i);
                 let last = self.bv(l - 1, i);
                 self.qs[t * kd + i] = self.q[t * kd + i] * (bt.exp() as f32);
                 self.kh[t * kd + i] = self.kc[t * kd + i] * ((last - bt).exp() as f32);
+                if self.fast {
+                    self.kneg[t * kd + i] = self.kc[t * kd + i] * ((-bt).exp() as f32);
+                }
             }
         }
-        if self.w == 1 {
+        if self.fast {
+            // A = (Q ⊙ e^{b}) (K ⊙ e^{-b})^T, causal: every factor within [e^-FAST_SPAN, e^FAST_SPAN].
+            mm(
+                (l, l, kd),
+                &mut self.a,
+                c,
+                false,
+                &self.qs,
+                (kd, 1),
+                &self.kneg,
+                (1, kd),
+                1.0,
+            );
+            for t in 0..l {
+                self.a[t * c + t + 1..t * c + l].fill(0.0);
+            }
+        } else if self.w == 1 {
             // A = (Q K^T) ⊙ D, D_ts = e^{b_t - b_s} for s <= t.
             mm(
                 (l, l, kd),
@@ -577,7 +609,31 @@ fn backward_head(
         );
         let dqc = &mut dq[lo * kd..(lo + l) * kd];
         let dkc = &mut dk[lo * kd..(lo + l) * kd];
-        if w == 1 {
+        if ch.fast {
+            // dQ = (M (K ⊙ e^{-b})) ⊙ e^{b}, dK = (M^T (Q ⊙ e^{b})) ⊙ e^{-b}
+            for t in 0..l {
+                m[t * c + t + 1..t * c + l].fill(0.0);
+            }
+            mm(
+                (l, kd, l),
+                dqc,
+                kd,
+                false,
+                &m,
+                (c, 1),
+                &ch.kneg,
+                (kd, 1),
+                1.0,
+            );
+            mm((l, kd, l), dkc, kd, false, &m, (1, c), &ch.qs, (kd, 1), 1.0);
+            for t in 0..l {
+                for i in 0..kd {
+                    let bt = ch.bv(t, i);
+                    dqc[t * kd + i] *= bt.exp() as f32;
+                    dkc[t * kd + i] *= (-bt).exp() as f32;
+                }
+            }
+        } else if w == 1 {
             for t in 0..l {
                 for s in 0..l {
                     m[t * c + s] = if s <= t {
@@ -882,4 +938,34 @@ pub fn step(core: &Core, state: &mut [f32]) -> Result<Vec<f32>> {
     let r = forward_recurrent(&c)?;
     state.copy_from_slice(&r.state);
     Ok(r.out)
+}
+
+/// FLOPs of the chunked forward over sequences of lengths `lens`, per head, `h` heads: for every
+/// chunk of `L` tokens, `Q K^T` (`2 L^2 K`, the whole `L x L` block is computed) + `A V`
+/// (`2 L^2 V`) + `(Q ⊙ e^b) S_0` (`2 L K V`) + the state update `(K ⊙ e^{b_L - b})^T V`
+/// (`2 L K V`); exponentials and element-wise scalings are not counted.
+pub fn chunked_flops(lens: &[usize], h: usize, k: usize, v: usize, chunk: usize) -> f64 {
+    let per_chunk = |l: f64| 2.0 * l * l * (k + v) as f64 + 4.0 * l * (k * v) as f64;
+    let per_head: f64 = lens
+        .iter()
+        .map(|&n| {
+            let full = n / chunk;
+            let rest = n % chunk;
+            full as f64 * per_chunk(chunk as f64) + per_chunk(rest as f64)
+        })
+        .sum();
+    per_head * h as f64
+}
+
+/// FLOPs of the chunked backward: the forward recomputed (the chunk-start states and `A`), then per
+/// chunk `A` again (`2 L^2 K`), `dV` (`2 L^2 V + 2 L K V`), `M = dO V^T` (`2 L^2 V`), `dQ` and `dK`
+/// from `M` (`4 L^2 K`), `dO S_0^T`, `V dS^T` and the `dS` update (`6 L K V`).
+pub fn chunked_backward_flops(lens: &[usize], h: usize, k: usize, v: usize, chunk: usize) -> f64 {
+    let per_chunk =
+        |l: f64| 6.0 * l * l * k as f64 + 4.0 * l * l * v as f64 + 8.0 * l * (k * v) as f64;
+    let per_head: f64 = lens
+        .iter()
+        .map(|&n| (n / chunk) as f64 * per_chunk(chunk as f64) + per_chunk((n % chunk) as f64))
+        .sum();
+    chunked_flops(lens, h, k, v, chunk) + per_head * h as f64
 }

@@ -309,22 +309,27 @@ fn strided_and_half_inputs() {
 }
 
 /// Per-step log decays down to -20 (exp(-20 * 64) underflows in one chunk): finite and correct
-/// outputs and gradients, no inf * 0 anywhere.
+/// outputs and gradients, no inf * 0 anywhere. With decays down to -2 some chunks take the fast
+/// path (total log decay <= `FAST_SPAN`) and others the element-wise / sub-block forms.
 #[test]
 fn strong_decay_stays_finite() {
-    for kind in [Kind::PerHead, Kind::Token, Kind::Gate] {
-        let mut s = CaseSpec::new(200, kind);
-        s.gmax = 20.0;
-        s.s0 = true;
-        let case = Case::new(&s, 77);
-        let c = case.core();
-        let got = forward_chunked(&c, 64).unwrap();
-        assert!(
-            got.out.iter().chain(&got.state).all(|x| x.is_finite()),
-            "{kind:?}: non-finite"
-        );
-        check_forward(&case, 64, &format!("strong {kind:?}"));
-        check_backward(&case, 64, &format!("strong {kind:?}"));
+    for gmax in [20.0, 2.0] {
+        for kind in [Kind::PerHead, Kind::Token, Kind::Gate] {
+            let mut s = CaseSpec::new(200, kind);
+            s.gmax = gmax;
+            s.s0 = true;
+            let case = Case::new(&s, 77);
+            let c = case.core();
+            let got = forward_chunked(&c, 64).unwrap();
+            assert!(
+                got.out.iter().chain(&got.state).all(|x| x.is_finite()),
+                "{kind:?}: non-finite"
+            );
+            for chunk in [64, 48] {
+                check_forward(&case, chunk, &format!("strong {gmax} {kind:?}"));
+                check_backward(&case, chunk, &format!("strong {gmax} {kind:?}"));
+            }
+        }
     }
 }
 
