@@ -237,6 +237,10 @@ struct Chunk {
     kt: Vec<f32>,
     /// `K ⊙ e^{-b}` `[C, K]` (the fast path only).
     kneg: Vec<f32>,
+    /// Per-token factors `[C, w]` (f32): `e^{b}`, `e^{b_L - b}`, `e^{-b}` (the last: fast path only).
+    eb: Vec<f32>,
+    ebl: Vec<f32>,
+    ebn: Vec<f32>,
     /// Whether this chunk takes the fast path (`-b_L <= FAST_SPAN` in every dimension).
     fast: bool,
 }
@@ -258,7 +262,20 @@ impl Chunk {
             qt: vec![0.0; SUB * d.k],
             kt: vec![0.0; c * d.k],
             kneg: vec![0.0; c * d.k],
+            eb: vec![0.0; c * w],
+            ebl: vec![0.0; c * w],
+            ebn: vec![0.0; c * w],
             fast: false,
+        }
+    }
+
+    /// Element `(t, i)` of a per-token factor `[C, w]`.
+    #[inline]
+    fn at(&self, x: &[f32], t: usize, i: usize) -> f32 {
+        if self.w == 1 {
+            x[t]
+        } else {
+            x[t * self.w + i]
         }
     }
 
@@ -281,14 +298,38 @@ impl Chunk {
         cumulative(core, d, bi, t0, l, h, &mut self.b);
         let span = (0..self.w).fold(0.0f64, |a, i| a.max(-self.b[(l - 1) * self.w + i]));
         self.fast = span <= FAST_SPAN;
+        let w = self.w;
         for t in 0..l {
-            for i in 0..kd {
-                let bt = self.bv(t, i);
-                let last = self.bv(l - 1, i);
-                self.qs[t * kd + i] = self.q[t * kd + i] * (bt.exp() as f32);
-                self.kh[t * kd + i] = self.kc[t * kd + i] * ((last - bt).exp() as f32);
+            for j in 0..w {
+                let bt = self.b[t * w + j];
+                self.eb[t * w + j] = bt.exp() as f32;
+                self.ebl[t * w + j] = (self.b[(l - 1) * w + j] - bt).exp() as f32;
                 if self.fast {
-                    self.kneg[t * kd + i] = self.kc[t * kd + i] * ((-bt).exp() as f32);
+                    self.ebn[t * w + j] = (-bt).exp() as f32;
+                }
+            }
+        }
+        for t in 0..l {
+            let r = t * kd..(t + 1) * kd;
+            let (q, kc) = (&self.q[r.clone()], &self.kc[r.clone()]);
+            let (qs, kh, kn) = (
+                &mut self.qs[r.clone()],
+                &mut self.kh[r.clone()],
+                &mut self.kneg[r],
+            );
+            if w == 1 {
+                let (e, el, en) = (self.eb[t], self.ebl[t], self.ebn[t]);
+                for i in 0..kd {
+                    qs[i] = q[i] * e;
+                    kh[i] = kc[i] * el;
+                    kn[i] = kc[i] * en;
+                }
+            } else {
+                let o = t * w;
+                for i in 0..kd {
+                    qs[i] = q[i] * self.eb[o + i];
+                    kh[i] = kc[i] * self.ebl[o + i];
+                    kn[i] = kc[i] * self.ebn[o + i];
                 }
             }
         }
@@ -628,9 +669,8 @@ fn backward_head(
             mm((l, kd, l), dkc, kd, false, &m, (1, c), &ch.qs, (kd, 1), 1.0);
             for t in 0..l {
                 for i in 0..kd {
-                    let bt = ch.bv(t, i);
-                    dqc[t * kd + i] *= bt.exp() as f32;
-                    dkc[t * kd + i] *= (-bt).exp() as f32;
+                    dqc[t * kd + i] *= ch.at(&ch.eb, t, i);
+                    dkc[t * kd + i] *= ch.at(&ch.ebn, t, i);
                 }
             }
         } else if w == 1 {
@@ -716,7 +756,7 @@ fn backward_head(
         );
         for t in 0..l {
             for i in 0..kd {
-                dqc[t * kd + i] += tmp[t * kd + i] * (ch.bv(t, i).exp() as f32);
+                dqc[t * kd + i] += tmp[t * kd + i] * ch.at(&ch.eb, t, i);
             }
         }
         // dk += e^{b_L - b_s} ⊙ (V dS^T)
@@ -733,8 +773,7 @@ fn backward_head(
         );
         for s in 0..l {
             for i in 0..kd {
-                let e = (ch.bv(l - 1, i) - ch.bv(s, i)).exp() as f32;
-                dkc[s * kd + i] += tmp[s * kd + i] * e;
+                dkc[s * kd + i] += tmp[s * kd + i] * ch.at(&ch.ebl, s, i);
             }
         }
         // dS <- diag(e^{b_L}) dS + scale * Qs^T dO
