@@ -168,6 +168,75 @@ fn mm(
     }
 }
 
+/// Output rows `[B, T, H, V]` shared by the (sequence, head) tasks: each task writes only the rows
+/// `(b, t, h)` of its own sequence and head, so the writes of different tasks never overlap.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the pointer is only written through `mm_out`, at elements that belong to one task (see
+// the type's documentation); the buffer outlives the parallel section that uses it.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `out[off + r * ldd + j] (+)= beta * (lhs rhs)[r, j]` for `r < m`, `j < n`.
+#[allow(clippy::too_many_arguments)]
+fn mm_out(
+    (m, n, k): (usize, usize, usize),
+    out: SharedOut,
+    off: usize,
+    ldd: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lrs, lcs): (usize, usize),
+    rhs: &[f32],
+    (rrs, rcs): (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        n <= ldd && off + (m - 1) * ldd + n <= out.len,
+        "mm_out: dst bounds"
+    );
+    assert!(
+        (m - 1) * lrs + (k - 1) * lcs < lhs.len(),
+        "mm_out: lhs bounds"
+    );
+    assert!(
+        (k - 1) * rrs + (n - 1) * rcs < rhs.len(),
+        "mm_out: rhs bounds"
+    );
+    // SAFETY: bounds checked above; the rows written belong to the calling task only (SharedOut),
+    // and the inputs are distinct buffers of the task.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.ptr.add(off),
+            1,
+            ldd as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Copies rows `t0 .. t0 + n` of head `h` of batch row `b` into `dst [n, dim]` as f32.
 fn load(view: &TensorView, b: usize, t0: usize, n: usize, h: usize, dst: &mut [f32]) {
     fn go<T: Element>(x: &[T], view: &TensorView, b: usize, t0: usize, h: usize, dst: &mut [f32]) {
@@ -426,24 +495,28 @@ impl Chunk {
         }
     }
 
-    /// `o [l, V] = scale * (Qs S_0 + A V)`.
-    fn output(&self, l: usize, s0: &[f32], scale: f32, o: &mut [f32]) {
+    /// `o [l, V] = scale * (Qs S_0 + A V)`, written into the rows of `out` from `off` with row
+    /// stride `ldd`.
+    fn output(&self, l: usize, s0: &[f32], scale: f32, out: SharedOut, off: usize, ldd: usize) {
         let (kd, vd, c) = (self.k, self.v, self.c);
-        mm(
+        let qs = (kd, 1);
+        mm_out(
             (l, vd, kd),
-            o,
-            vd,
+            out,
+            off,
+            ldd,
             false,
             &self.qs,
-            (kd, 1),
+            qs,
             s0,
             (vd, 1),
             scale,
         );
-        mm(
+        mm_out(
             (l, vd, l),
-            o,
-            vd,
+            out,
+            off,
+            ldd,
             true,
             &self.a,
             (c, 1),
@@ -485,18 +558,18 @@ fn initial(c: &Core, d: &CoreDims, n: usize, h: usize) -> Vec<f32> {
     }
 }
 
-/// One (sequence, head) of the chunked forward: its output rows `[len, V]` and final state;
-/// `starts` (when given) receives the state at every chunk's start.
+/// One (sequence, head) of the chunked forward: writes its output rows into `out` (when given)
+/// and returns its final state; `starts` (when given) receives the state at every chunk's start.
 fn forward_head(
     core: &Core,
     d: &CoreDims,
     (bi, t0, t1, n): (usize, usize, usize, usize),
     h: usize,
     chunk: usize,
+    out: Option<SharedOut>,
     mut starts: Option<&mut Vec<f32>>,
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<f32> {
     let mut s = initial(core, d, n, h);
-    let mut out = vec![0.0f32; (t1 - t0) * d.v];
     let mut ch = Chunk::new(chunk.min((t1 - t0).max(1)), d, decay_width(core, d));
     let mut c0 = t0;
     while c0 < t1 {
@@ -505,11 +578,14 @@ fn forward_head(
             st.extend_from_slice(&s);
         }
         ch.prepare(core, d, bi, c0, l, h);
-        ch.output(l, &s, core.scale, &mut out[(c0 - t0) * d.v..]);
+        if let Some(out) = out {
+            let off = ((bi * d.t + c0) * d.h + h) * d.v;
+            ch.output(l, &s, core.scale, out, off, d.h * d.v);
+        }
         ch.advance(l, &mut s);
         c0 += l;
     }
-    (out, s)
+    s
 }
 
 fn tasks(d: &CoreDims, cu: Option<&[i32]>) -> Vec<((usize, usize, usize, usize), usize)> {
@@ -524,13 +600,34 @@ pub fn forward_chunked(core: &Core, chunk: usize) -> Result<CoreOutput> {
     const OP: &str = "linear::cpu::forward_chunked";
     let d = core.validate(OP)?;
     check_chunk(OP, chunk)?;
-    let results: Vec<_> = tasks(&d, core.cu_seqlens)
+    let mut out = vec![0.0f32; d.batch * d.t * d.h * d.v];
+    let shared = SharedOut {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    let states: Vec<_> = tasks(&d, core.cu_seqlens)
         .into_par_iter()
-        .map(|(seq, h)| (seq, h, forward_head(core, &d, seq, h, chunk, None)))
+        .map(|(seq, h)| {
+            (
+                seq.3,
+                h,
+                forward_head(core, &d, seq, h, chunk, Some(shared), None),
+            )
+        })
         .collect();
-    Ok(assemble(&d, results))
+    let kv = d.k * d.v;
+    let mut state = vec![0.0f32; d.state_len()];
+    for (n, h, s) in states {
+        state[(n * d.h + h) * kv..][..kv].copy_from_slice(&s);
+    }
+    Ok(CoreOutput {
+        out,
+        state,
+        dims: d,
+    })
 }
 
+/// Scatters per-(sequence, head) output rows and final states into `out` and the state.
 fn assemble(
     d: &CoreDims,
     results: Vec<((usize, usize, usize, usize), usize, (Vec<f32>, Vec<f32>))>,
@@ -576,7 +673,7 @@ fn backward_head(
     let (kd, vd, kv) = (d.k, d.v, d.k * d.v);
     let len = t1 - t0;
     let mut starts = Vec::new();
-    let (_, s_fin) = forward_head(core, d, seq, h, chunk, Some(&mut starts));
+    let s_fin = forward_head(core, d, seq, h, chunk, None, Some(&mut starts));
     let c = chunk.min(len.max(1));
     let mut ch = Chunk::new(c, d, decay_width(core, d));
     let w = ch.w;
