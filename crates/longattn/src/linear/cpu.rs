@@ -627,11 +627,13 @@ pub fn forward_chunked(core: &Core, chunk: usize) -> Result<CoreOutput> {
     })
 }
 
+/// A sequence `(batch row, first token, end token, state index)`.
+type Seq = (usize, usize, usize, usize);
+/// One task's result of the recurrent form: its sequence, head, output rows and final state.
+type HeadResult = (Seq, usize, (Vec<f32>, Vec<f32>));
+
 /// Scatters per-(sequence, head) output rows and final states into `out` and the state.
-fn assemble(
-    d: &CoreDims,
-    results: Vec<((usize, usize, usize, usize), usize, (Vec<f32>, Vec<f32>))>,
-) -> CoreOutput {
+fn assemble(d: &CoreDims, results: Vec<HeadResult>) -> CoreOutput {
     let (kv, vd) = (d.k * d.v, d.v);
     let mut out = vec![0.0f32; d.batch * d.t * d.h * vd];
     let mut state = vec![0.0f32; d.state_len()];

@@ -155,7 +155,7 @@ impl<'a> Core<'a> {
                 format!("{want} elements (shape {shape:?})"),
             ));
         }
-        if let Some((i, x)) = g.iter().enumerate().find(|(_, x)| !(**x <= 0.0)) {
+        if let Some((i, x)) = g.iter().enumerate().find(|(_, x)| x.is_nan() || **x > 0.0) {
             return Err(Error::Param {
                 op,
                 msg: format!(

@@ -1,5 +1,7 @@
 //! The CPU forms of linear attention against the f64 oracle (`reference`), on seeded random inputs
 //! of the awkward lengths, every decay kind, GQA, initial states, varlen, strided and bf16 inputs.
+// Index loops mirror the formulas of the f64 evaluation.
+#![allow(clippy::needless_range_loop)]
 use super::cpu::{backward_chunked, forward_chunked, forward_recurrent, step};
 use super::reference::{backward_f64, forward_f64};
 use super::{Core, Decay};
@@ -597,9 +599,7 @@ impl Pipe {
                         }
                     };
                     let dst = &mut out[(row * h + hh) * vd..][..vd];
-                    for j in 0..vd {
-                        dst[j] = o[j];
-                    }
+                    dst.copy_from_slice(&o[..vd]);
                     if let Some(wn) = spec.window {
                         // Exact causal softmax over the last wn keys of this sequence.
                         let lo = cu[n].max((row + 1).saturating_sub(wn));
@@ -920,7 +920,8 @@ fn entry_errors() {
     static CU: [i32; 4] = [0, 6, 4, 10];
     static W: [f32; 7] = [0.1; 7];
     let (short, positive, state, cu, w) = (&SHORT[..], &POSITIVE[..], &STATE[..], &CU[..], &W[..]);
-    let cases: Vec<(&str, Box<dyn Fn(&mut LinearInputs)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut LinearInputs)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         ("simple_gla", Box::new(|i| i.g = Some(short)), "`g`"),
         ("simple_gla", Box::new(|i| i.g = Some(positive)), "<= 0"),
         (
