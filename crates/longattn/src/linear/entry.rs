@@ -132,6 +132,7 @@ fn hedgehog<'a>(
 }
 
 fn prepare(op: &'static str, inp: &LinearInputs, spec: &LinearSpec) -> Result<Prepared> {
+    spec.check(op)?;
     // Shapes of q, k, v first (named errors), with the core's own checks.
     Core {
         q: inp.q,

@@ -125,6 +125,28 @@ impl LinearSpec {
         })
     }
 
+    /// Checks the fields (for specs built by hand rather than parsed).
+    pub fn check(&self, op: &'static str) -> Result<()> {
+        check_chunk(op, self.chunk)?;
+        let bad = |msg: String| Err(Error::Param { op, msg });
+        if let Some(s) = self.scale {
+            if !s.is_finite() {
+                return bad(format!("scale must be finite, got {s}"));
+            }
+        }
+        if self.window == Some(0) {
+            return bad("the window of `based` must be >= 1".into());
+        }
+        let ok = |g: f64| g > 0.0 && g <= 1.0;
+        match self.decay {
+            DecaySpec::Constant(g) if !ok(g) => bad(format!("gamma must be in (0, 1], got {g}")),
+            DecaySpec::Spread(lo, hi) if !(ok(lo) && ok(hi) && lo < 1.0 && hi < 1.0) => bad(
+                format!("a spread of gammas needs both ends in (0, 1), got {lo}:{hi}"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// Parses a spec (see the module header).
     pub fn parse(text: &str) -> Result<LinearSpec> {
         let mut spec = LinearSpec::default();

@@ -977,6 +977,30 @@ fn entry_errors() {
         e.to_string().contains("[B, 1, H, K]") || e.to_string().contains("state"),
         "{e}"
     );
+    // Specs built by hand are checked too.
+    for bad in [
+        LinearSpec {
+            chunk: 0,
+            ..LinearSpec::default()
+        },
+        LinearSpec {
+            window: Some(0),
+            ..LinearSpec::default()
+        },
+        LinearSpec {
+            decay: DecaySpec::Constant(1.5),
+            ..LinearSpec::default()
+        },
+        LinearSpec {
+            scale: Some(f32::NAN),
+            ..LinearSpec::default()
+        },
+    ] {
+        let e = with_inputs(&p, &bad, |inp| {
+            linear_attention(inp, &bad, Backend::Cpu).unwrap_err()
+        });
+        assert!(matches!(e, Error::Param { .. }), "{bad:?}: {e}");
+    }
     // Core-level: chunk out of range, d_final_state of the wrong size.
     let case = Case::new(&CaseSpec::new(10, Kind::Token), 1);
     let c = case.core();
