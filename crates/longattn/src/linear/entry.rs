@@ -18,6 +18,7 @@ use crate::attention::{AttnParams, MaskSpec};
 use crate::error::{Error, Result};
 use crate::mask::{BoundMask, DocIds, MaskExpr, MaskShape};
 use crate::tensor::{Buffer, Tensor, TensorView};
+use rayon::prelude::*;
 
 /// Where the core runs. One place routes every entry point to a kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -160,18 +161,18 @@ fn prepare(op: &'static str, inp: &LinearInputs, spec: &LinearSpec) -> Result<Pr
     };
     let vd = inp.v.shape[3];
     let vx = (spec.norm == Normalization::Denominator).then(|| {
-        let [b, t, hv, _] = inp.v.shape;
-        let mut x = vec![1.0f32; b * t * hv * (vd + 1)];
-        for ib in 0..b {
-            for it in 0..t {
-                for ih in 0..hv {
-                    let o = ((ib * t + it) * hv + ih) * (vd + 1);
-                    for j in 0..vd {
-                        x[o + j] = inp.v.get(ib, it, ih, j);
+        let [_, t, hv, _] = inp.v.shape;
+        let mut x = vec![1.0f32; inp.v.shape[0] * t * hv * (vd + 1)];
+        // One task per token; column V stays 1.
+        x.par_chunks_mut(hv * (vd + 1))
+            .enumerate()
+            .for_each(|(n, block)| {
+                for (ih, row) in block.chunks_exact_mut(vd + 1).enumerate() {
+                    for (j, y) in row[..vd].iter_mut().enumerate() {
+                        *y = inp.v.get(n / t, n % t, ih, j);
                     }
                 }
-            }
-        }
+            });
         x
     });
     match (spec.decay.needs_input(), inp.g) {

@@ -22,6 +22,7 @@
 //! - rms (`norm`, TransNormer): `out_t = o_t / sqrt(mean_j o_t[j]^2 + RMS_EPS)`, no learned weight.
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
+use rayon::prelude::*;
 
 /// Epsilon of the RMS normalisation (inside the square root).
 pub const RMS_EPS: f32 = 1e-6;
@@ -74,20 +75,24 @@ pub fn forward(
     let [b, t, hx, d] = x.shape;
     let fh = hh.map_or(0, |w| w.f);
     let f = map.dim(d, fh);
+    if map == FeatureMap::Hedgehog && hh.is_none() {
+        return Err(missing_weights("linear feature map"));
+    }
     let mut out = vec![0.0f32; b * t * hx * f];
-    let mut row = vec![0.0f32; d];
-    let mut z = vec![0.0f32; fh];
-    for ib in 0..b {
-        for it in 0..t {
+    // One task per token (all its heads), in parallel.
+    out.par_chunks_mut(hx * f).enumerate().for_each_init(
+        || (vec![0.0f32; d], vec![0.0f32; fh]),
+        |(row, z), (n, block)| {
+            let (ib, it) = (n / t, n % t);
             for ih in 0..hx {
                 for (i, r) in row.iter_mut().enumerate() {
                     *r = x.get(ib, it, ih, i);
                 }
-                let o = &mut out[((ib * t + it) * hx + ih) * f..][..f];
+                let o = &mut block[ih * f..][..f];
                 match map {
-                    FeatureMap::Identity => o.copy_from_slice(&row),
+                    FeatureMap::Identity => o.copy_from_slice(row),
                     FeatureMap::Elu => {
-                        for (y, &x) in o.iter_mut().zip(&row) {
+                        for (y, &x) in o.iter_mut().zip(row.iter()) {
                             *y = if x > 0.0 { x + 1.0 } else { x.exp() };
                         }
                     }
@@ -102,15 +107,16 @@ pub fn forward(
                         }
                     }
                     FeatureMap::Hedgehog => {
-                        let w = hh.ok_or_else(|| missing_weights("linear feature map"))?;
-                        hedgehog_logits(w, ih / group, &row, &mut z);
-                        softmax(&z, 1.0, &mut o[..fh]);
-                        softmax(&z, -1.0, &mut o[fh..]);
+                        if let Some(w) = hh {
+                            hedgehog_logits(w, ih / group, row, z);
+                            softmax(z, 1.0, &mut o[..fh]);
+                            softmax(z, -1.0, &mut o[fh..]);
+                        }
                     }
                 }
             }
-        }
-    }
+        },
+    );
     Ok(out)
 }
 
@@ -161,28 +167,38 @@ pub fn backward(
     hh: Option<&Hedgehog>,
     group: usize,
     dphi: &[f32],
-    mut dw: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
 ) -> Result<Vec<f32>> {
     let [b, t, hx, d] = x.shape;
     let fh = hh.map_or(0, |w| w.f);
     let f = map.dim(d, fh);
+    if map == FeatureMap::Hedgehog && hh.is_none() {
+        return Err(missing_weights("linear feature map backward"));
+    }
+    let want_dw = dw.is_some() && map == FeatureMap::Hedgehog;
     let mut dx = vec![0.0f32; b * t * hx * d];
-    let mut row = vec![0.0f32; d];
-    let (mut z, mut p, mut m, mut dz) = (
-        vec![0.0f32; fh],
-        vec![0.0f32; fh],
-        vec![0.0f32; fh],
-        vec![0.0f32; fh],
-    );
-    for ib in 0..b {
-        for it in 0..t {
-            for ih in 0..hx {
-                for (i, r) in row.iter_mut().enumerate() {
-                    *r = x.get(ib, it, ih, i);
+    // Blocks of TOKENS tokens in parallel; each block sums its own Hedgehog weight gradient, and
+    // the blocks' sums are added in order afterwards.
+    const TOKENS: usize = 64;
+    let partial: Vec<Option<Vec<f32>>> = dx
+        .par_chunks_mut(TOKENS * hx * d)
+        .enumerate()
+        .map(|(blk, chunk)| {
+            let mut row = vec![0.0f32; d];
+            let (mut z, mut p, mut m, mut dz) = (
+                vec![0.0f32; fh],
+                vec![0.0f32; fh],
+                vec![0.0f32; fh],
+                vec![0.0f32; fh],
+            );
+            let mut local = want_dw.then(|| vec![0.0f32; hh.map_or(0, |w| w.w.len())]);
+            for (r, o) in chunk.chunks_exact_mut(d).enumerate() {
+                let n = blk * TOKENS * hx + r;
+                let (ib, it, ih) = (n / (t * hx), n / hx % t, n % hx);
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = x.get(ib, it, ih, i);
                 }
-                let n = (ib * t + it) * hx + ih;
                 let g = &dphi[n * f..][..f];
-                let o = &mut dx[n * d..][..d];
                 match map {
                     FeatureMap::Identity => o.copy_from_slice(g),
                     FeatureMap::Elu => {
@@ -202,7 +218,7 @@ pub fn backward(
                         }
                     }
                     FeatureMap::Hedgehog => {
-                        let w = hh.ok_or_else(|| missing_weights("linear feature map backward"))?;
+                        let Some(w) = hh else { continue };
                         let head = ih / group;
                         hedgehog_logits(w, head, &row, &mut z);
                         softmax(&z, 1.0, &mut p);
@@ -219,8 +235,8 @@ pub fn backward(
                         for i in 0..d {
                             o[i] = wh[i * fh..][..fh].iter().zip(&dz).map(|(a, b)| a * b).sum();
                         }
-                        if let Some(dw) = dw.as_deref_mut() {
-                            let dwh = &mut dw[head * d * fh..][..d * fh];
+                        if let Some(dwl) = local.as_deref_mut() {
+                            let dwh = &mut dwl[head * d * fh..][..d * fh];
                             for i in 0..d {
                                 for j in 0..fh {
                                     dwh[i * fh + j] += row[i] * dz[j];
@@ -230,6 +246,14 @@ pub fn backward(
                     }
                 }
             }
+            local
+        })
+        .collect();
+    if let Some(dw) = dw {
+        for part in partial.into_iter().flatten() {
+            for (a, b) in dw.iter_mut().zip(part) {
+                *a += b;
+            }
         }
     }
     Ok(dx)
@@ -237,40 +261,46 @@ pub fn backward(
 
 /// Denominator normalisation of rows `o [n, V + 1]` -> `[n, V]`: `o[..V] / o[V]`.
 pub fn normalize(o: &[f32], vd: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(o.len() / (vd + 1) * vd);
-    for row in o.chunks_exact(vd + 1) {
-        let den = row[vd];
-        out.extend(row[..vd].iter().map(|x| x / den));
-    }
+    let mut out = vec![0.0f32; o.len() / (vd + 1) * vd];
+    out.par_chunks_mut(vd)
+        .zip(o.par_chunks(vd + 1))
+        .for_each(|(y, row)| {
+            let den = row[vd];
+            for (a, x) in y.iter_mut().zip(row) {
+                *a = x / den;
+            }
+        });
     out
 }
 
 /// Backward of [`normalize`]: with `y = n / den`, `dn = dy / den`, `dden = -(dy . y) / den`.
 pub fn normalize_backward(o: &[f32], vd: usize, dy: &[f32]) -> Vec<f32> {
     let mut d = vec![0.0f32; o.len()];
-    for ((row, g), dr) in o
-        .chunks_exact(vd + 1)
-        .zip(dy.chunks_exact(vd))
-        .zip(d.chunks_exact_mut(vd + 1))
-    {
-        let den = row[vd];
-        let mut dot = 0.0f32;
-        for j in 0..vd {
-            dr[j] = g[j] / den;
-            dot += g[j] * row[j] / den;
-        }
-        dr[vd] = -dot / den;
-    }
+    d.par_chunks_mut(vd + 1)
+        .zip(o.par_chunks(vd + 1).zip(dy.par_chunks(vd)))
+        .for_each(|(dr, (row, g))| {
+            let den = row[vd];
+            let mut dot = 0.0f32;
+            for j in 0..vd {
+                dr[j] = g[j] / den;
+                dot += g[j] * row[j] / den;
+            }
+            dr[vd] = -dot / den;
+        });
     d
 }
 
 /// RMS normalisation of rows `o [n, V]` (see the module header).
 pub fn rms(o: &[f32], vd: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(o.len());
-    for row in o.chunks_exact(vd) {
-        let r = rms_factor(row);
-        out.extend(row.iter().map(|x| x * r));
-    }
+    let mut out = vec![0.0f32; o.len()];
+    out.par_chunks_mut(vd)
+        .zip(o.par_chunks(vd))
+        .for_each(|(y, row)| {
+            let r = rms_factor(row);
+            for (a, x) in y.iter_mut().zip(row) {
+                *a = x * r;
+            }
+        });
     out
 }
 
@@ -283,16 +313,14 @@ fn rms_factor(row: &[f32]) -> f32 {
 /// `do = r (dy - y (dy . y) / V)`.
 pub fn rms_backward(o: &[f32], vd: usize, dy: &[f32]) -> Vec<f32> {
     let mut d = vec![0.0f32; o.len()];
-    for ((row, g), dr) in o
-        .chunks_exact(vd)
-        .zip(dy.chunks_exact(vd))
-        .zip(d.chunks_exact_mut(vd))
-    {
-        let r = rms_factor(row);
-        let dot: f32 = row.iter().zip(g).map(|(x, gy)| x * r * gy).sum();
-        for j in 0..vd {
-            dr[j] = r * (g[j] - row[j] * r * dot / vd as f32);
-        }
-    }
+    d.par_chunks_mut(vd)
+        .zip(o.par_chunks(vd).zip(dy.par_chunks(vd)))
+        .for_each(|(dr, (row, g))| {
+            let r = rms_factor(row);
+            let dot: f32 = row.iter().zip(g).map(|(x, gy)| x * r * gy).sum();
+            for j in 0..vd {
+                dr[j] = r * (g[j] - row[j] * r * dot / vd as f32);
+            }
+        });
     d
 }
