@@ -121,6 +121,11 @@ pub struct Args {
     /// rows with the f64 gradient oracle.
     #[arg(long)]
     pub(crate) backward: bool,
+    /// Benchmark linear attention of this spec on the CPU instead (e.g. `simple_gla`,
+    /// `elu+normalized`; see `longattn::linear::spec`): uses --lens, --dims (K = V), --dtypes
+    /// (default f32), --heads, --kv-heads, --batch, --threads, --reps, --min-time, --backward.
+    #[arg(long)]
+    pub(crate) linear: Option<String>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -266,6 +271,15 @@ fn plan(a: &Args) -> Result<Plan> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if let Some(spec) = &a.linear {
+        if a.backend != "cpu" {
+            bail!(
+                "--linear runs on the CPU only (drop --backend {})",
+                a.backend
+            );
+        }
+        return crate::bench_linear::main(&a, spec);
+    }
     match a.backend.as_str() {
         "cpu" => {}
         "cuda" => return crate::bench_cuda::main(&a),

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod bench_cuda;
+mod bench_linear;
 mod capture;
 mod common;
 mod eval;

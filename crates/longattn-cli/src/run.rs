@@ -53,6 +53,13 @@ pub struct Args {
     /// Backward in deterministic mode (bit-identical run to run; see docs/PERF.md for its cost).
     #[arg(long, requires = "backward")]
     deterministic: bool,
+    /// Linear attention of this spec instead of softmax attention (CPU), e.g. `simple_gla`,
+    /// `elu+normalized`, `based(window=64)` (grammar: `longattn::linear::spec`). The input file may
+    /// also hold `g` (F32 log decay), `initial_state`, `cu_seqlens` (I32), `hedgehog` (weights) and,
+    /// for --backward, `do` and `d_state`; the output holds `out` and `state` (F32), and with
+    /// --backward `dq`, `dk`, `dv`, `d_initial_state`, `dg`, `d_hedgehog` (F32).
+    #[arg(long, conflicts_with_all = ["mask", "softcap", "layer", "deterministic"])]
+    linear: Option<String>,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -61,6 +68,9 @@ pub fn main(a: Args) -> Result<()> {
             "{}: output file already exists (pass --force to overwrite it)",
             a.output.display()
         );
+    }
+    if let Some(spec) = &a.linear {
+        return run_linear(&a, spec);
     }
     let inputs = match a.layer {
         Some(l) => {
@@ -253,6 +263,87 @@ pub fn main(a: Args) -> Result<()> {
         flops / secs / 1e9,
         engine,
         a.output.display()
+    );
+    Ok(())
+}
+
+/// `run --linear SPEC`: linear attention through `longattn::linear` (glue only).
+fn run_linear(a: &Args, text: &str) -> Result<()> {
+    use longattn::linear::{self, Backend, LinearInputs, LinearSpec};
+    if a.backend != "cpu" {
+        bail!(
+            "--linear runs on the CPU only (drop --backend {})",
+            a.backend
+        );
+    }
+    let mut spec = LinearSpec::parse(text)?;
+    if a.scale.is_some() {
+        spec.scale = a.scale;
+    }
+    let inputs = longattn::io::read_inputs(&a.input)?;
+    if !a.allow_nonfinite {
+        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
+    }
+    let extra = longattn::io::read_linear_extras(&a.input)?;
+    let mut inp = LinearInputs::new(
+        inputs.q.view("q")?,
+        inputs.k.view("k")?,
+        inputs.v.view("v")?,
+    );
+    inp.g = extra.g.as_ref().map(|(x, _)| &x[..]);
+    inp.initial_state = extra.initial_state.as_ref().map(|(x, _)| &x[..]);
+    inp.cu_seqlens = extra.cu_seqlens.as_deref();
+    inp.hedgehog = extra.hedgehog.as_ref().map(|(x, _)| &x[..]);
+    let pool = pool(a.threads)?;
+    let t0 = Instant::now();
+    let out = pool.install(|| linear::linear_attention(&inp, &spec, Backend::Cpu))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let grads = match a.backward {
+        false => None,
+        true => {
+            let dout = extra.dout.as_ref().with_context(|| {
+                format!(
+                    "{}: --backward needs the tensor `do` (the gradient of out, [B, T, H, V])",
+                    a.input.display()
+                )
+            })?;
+            let d_state = extra.d_state.as_ref().map(|(x, _)| &x[..]);
+            let t1 = Instant::now();
+            let g = pool.install(|| {
+                linear::linear_attention_backward(
+                    &inp,
+                    &spec,
+                    &dout.data.to_f32_vec(),
+                    d_state,
+                    Backend::Cpu,
+                )
+            })?;
+            eprintln!("backward: {:.3} ms", t1.elapsed().as_secs_f64() * 1e3);
+            Some(g)
+        }
+    };
+    longattn::io::write_linear_outputs(
+        &a.output,
+        &out.out,
+        &out.final_state,
+        out.state_shape,
+        grads.as_ref(),
+        extra.g.as_ref().map(|(_, s)| &s[..]),
+        extra.hedgehog.as_ref().map(|(_, s)| &s[..]),
+        a.force,
+    )?;
+    let [b, t, h, _] = inp.q.shape;
+    eprintln!(
+        "{}: linear `{spec}` B {b} T {t} H {h} Hk {} D {} V {} {}: {:.3} ms on {} threads -> {} (state {:?})",
+        a.input.display(),
+        inp.k.shape[2],
+        inp.q.shape[3],
+        inp.v.shape[3],
+        inputs.dtype(),
+        secs * 1e3,
+        pool.current_num_threads(),
+        a.output.display(),
+        out.state_shape
     );
     Ok(())
 }

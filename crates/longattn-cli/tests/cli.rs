@@ -505,3 +505,181 @@ fn run_backward_bad_do() {
     );
     assert!(!o.status.success());
 }
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn read_f32(path: &PathBuf, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), StDtype::F32, "{name}");
+    let x = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (x, t.shape().to_vec())
+}
+
+/// `run --linear simple_gla --backward` with varlen, an initial state and a final-state gradient:
+/// out and state against the f64 oracle, every gradient against the oracle's backward.
+#[test]
+fn run_linear_matches_the_oracle() {
+    use longattn::linear::{reference, Core, Decay};
+    let (t, h, hk, d) = (45usize, 4usize, 2usize, 8usize);
+    let (q, k, v) = (
+        det(t * h * d, 0.1),
+        det(t * hk * d, 0.2),
+        det(t * hk * d, 0.3),
+    );
+    let g: Vec<f32> = (0..t * h)
+        .map(|i| -0.01 - 0.2 * ((i * 7 % 13) as f32 / 13.0))
+        .collect();
+    let cu = [0i32, 20, 20, 45];
+    let s0 = det(3 * h * d * d, 0.4);
+    let dout = det(t * h * d, 0.5);
+    let dstate = det(3 * h * d * d, 0.6);
+    let cu_bytes: Vec<u8> = cu.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let input = raw_file(
+        "linear-in.safetensors",
+        &[
+            ("q", StDtype::F32, vec![1, t, h, d], f32_bytes(&q)),
+            ("k", StDtype::F32, vec![1, t, hk, d], f32_bytes(&k)),
+            ("v", StDtype::F32, vec![1, t, hk, d], f32_bytes(&v)),
+            ("g", StDtype::F32, vec![1, t, h], f32_bytes(&g)),
+            ("cu_seqlens", StDtype::I32, vec![4], cu_bytes),
+            (
+                "initial_state",
+                StDtype::F32,
+                vec![3, h, d, d],
+                f32_bytes(&s0),
+            ),
+            ("do", StDtype::F32, vec![1, t, h, d], f32_bytes(&dout)),
+            (
+                "d_state",
+                StDtype::F32,
+                vec![3, h, d, d],
+                f32_bytes(&dstate),
+            ),
+        ],
+    );
+    let output = tmp("linear-out.safetensors");
+    let o = run_args(
+        &input,
+        &output,
+        &[
+            "--linear",
+            "simple_gla(chunk=16)",
+            "--backward",
+            "--threads",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    fn view(x: &[f32], t: usize, hh: usize, d: usize) -> longattn::TensorView<'_> {
+        longattn::TensorView::contiguous(x, [1, t, hh, d]).unwrap()
+    }
+    let core = Core {
+        q: view(&q, t, h, d),
+        k: view(&k, t, hk, d),
+        v: view(&v, t, hk, d),
+        decay: Decay::Token(&g),
+        scale: 1.0 / (d as f32).sqrt(),
+        initial_state: Some(&s0),
+        cu_seqlens: Some(&cu),
+    };
+    let want = reference::forward_f64(&core).unwrap();
+    let d64 = |x: &[f32]| -> Vec<f64> { x.iter().map(|&a| a as f64).collect() };
+    let grads = reference::backward_f64(&core, &d64(&dout), Some(&d64(&dstate))).unwrap();
+    let close = |name: &str, want: &[f64], shape: Vec<usize>| {
+        let (got, s) = read_f32(&output, name);
+        assert_eq!(s, shape, "{name} shape");
+        let m = want.iter().fold(1e-30f64, |a, &x| a.max(x.abs()));
+        let e = got
+            .iter()
+            .zip(want)
+            .fold(0.0f64, |a, (&x, &y)| a.max((x as f64 - y).abs()));
+        assert!(e / m <= 2e-5, "{name}: error {e} / {m}");
+    };
+    close("out", &want.out, vec![1, t, h, d]);
+    close("state", &want.state, vec![3, h, d, d]);
+    close("dq", &grads.dq, vec![1, t, h, d]);
+    close("dk", &grads.dk, vec![1, t, hk, d]);
+    close("dv", &grads.dv, vec![1, t, hk, d]);
+    close("dg", grads.dg.as_ref().unwrap(), vec![1, t, h]);
+    close("d_initial_state", &grads.d_initial_state, vec![3, h, d, d]);
+}
+
+/// `run --linear` errors: an unknown spec atom and a missing gate name the problem, no panic.
+#[test]
+fn run_linear_errors() {
+    let x = inputs(DType::F32, 1, 9, 9, 2, 2, 4);
+    let input = tmp("linear-err.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    fails_with(
+        run_args(&input, &tmp("le1.safetensors"), &["--linear", "softmax"]),
+        "unknown atom `softmax`",
+    );
+    fails_with(
+        run_args(&input, &tmp("le2.safetensors"), &["--linear", "gla"]),
+        "needs the log decay `g`",
+    );
+    fails_with(
+        run_args(
+            &input,
+            &tmp("le3.safetensors"),
+            &["--linear", "elu", "--backward"],
+        ),
+        "`do`",
+    );
+    let o = run_args(
+        &input,
+        &tmp("le4.safetensors"),
+        &["--linear", "elu+normalized"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read_f32(&tmp_keep("le4.safetensors"), "state").1,
+        vec![1, 2, 4, 5]
+    );
+}
+
+/// The path of a temporary file without removing it.
+fn tmp_keep(name: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join(format!("longattn-cli-{}", std::process::id()))
+        .join(name)
+}
+
+/// `bench --linear` prints a row per configuration with its check against the oracle.
+#[test]
+fn bench_linear_prints_rows() {
+    let o = bin()
+        .args([
+            "bench",
+            "--linear",
+            "simple_gla",
+            "--lens",
+            "100",
+            "--dims",
+            "16",
+            "--heads",
+            "2",
+            "--reps",
+            "1",
+            "--min-time",
+            "0",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("matmul ceiling"), "{s}");
+    let row = s.lines().last().unwrap();
+    let check: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
+    assert!(check <= 2e-5, "{row}");
+}

@@ -503,6 +503,139 @@ pub fn write_backward_outputs(
     write_tensors(path, &ts, overwrite)
 }
 
+/// The extra tensors of a linear-attention input file (`longattn run --linear`), beside `q`, `k`,
+/// `v` (read by [`read_inputs`]): `g` (F32 log decay, `[B, T, H]` for `simple_gla`, `[B, T, H, F]`
+/// for `gla`), `initial_state` (F32 `[seqs, H, F, V']`), `cu_seqlens` (I32 `[N + 1]`), `hedgehog`
+/// (F32 `[Hk, D, F]`), and for `--backward` `do` (`[B, T, H, V]`, any float dtype) and `d_state`
+/// (F32, shaped like the state). Shapes are checked by the entry point, which names the tensor.
+#[derive(Clone, Debug, Default)]
+pub struct LinearFile {
+    pub g: Option<(Vec<f32>, Vec<usize>)>,
+    pub initial_state: Option<(Vec<f32>, Vec<usize>)>,
+    pub cu_seqlens: Option<Vec<i32>>,
+    pub hedgehog: Option<(Vec<f32>, Vec<usize>)>,
+    pub dout: Option<Tensor>,
+    pub d_state: Option<(Vec<f32>, Vec<usize>)>,
+}
+
+fn f32_tensor(origin: &str, name: &str, t: &StView) -> Result<(Vec<f32>, Vec<usize>)> {
+    if t.dtype() != StDtype::F32 {
+        return Err(file_err(
+            origin,
+            format!("tensor `{name}` has dtype {:?}, expected F32", t.dtype()),
+        ));
+    }
+    let shape = t.shape().to_vec();
+    let n = checked_len(origin, name, &shape)?;
+    let data = t.data();
+    if data.len() != n * 4 {
+        return Err(file_err(
+            origin,
+            format!(
+                "tensor `{name}` holds {} bytes, its shape {shape:?} needs {}",
+                data.len(),
+                n * 4
+            ),
+        ));
+    }
+    Ok((
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        shape,
+    ))
+}
+
+/// Reads the extra tensors of a linear-attention input file (see [`LinearFile`]).
+pub fn read_linear_extras(path: impl AsRef<Path>) -> Result<LinearFile> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| file_err(&origin, format!("cannot read: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_err(&origin, format!("not a valid safetensors file: {e}")))?;
+    let f = |name: &str| -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        get(&st, &origin, name)?
+            .map(|t| f32_tensor(&origin, name, &t))
+            .transpose()
+    };
+    let cu_seqlens = match get(&st, &origin, "cu_seqlens")? {
+        None => None,
+        Some(t) => {
+            if t.dtype() != StDtype::I32 || t.shape().len() != 1 {
+                return Err(file_err(
+                    &origin,
+                    format!(
+                        "tensor `cu_seqlens` has dtype {:?} and shape {:?}, expected I32 [N + 1]",
+                        t.dtype(),
+                        t.shape()
+                    ),
+                ));
+            }
+            Some(
+                t.data()
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        }
+    };
+    let dout = match get(&st, &origin, "do")? {
+        None => None,
+        Some(t) => Some(float_tensor(&origin, "do", &t, "[B, T, H, V]")?),
+    };
+    Ok(LinearFile {
+        g: f("g")?,
+        initial_state: f("initial_state")?,
+        cu_seqlens,
+        hedgehog: f("hedgehog")?,
+        dout,
+        d_state: f("d_state")?,
+    })
+}
+
+/// Writes a linear-attention result: `out` `[B, T, H, V]` and `state` `[seqs, H, F, V']` (F32), and
+/// with gradients `dq`, `dk`, `dv`, `d_initial_state` and, when present, `dg` (shaped like `g`:
+/// `g_shape`) and `d_hedgehog` (`hedgehog_shape`), all F32.
+#[allow(clippy::too_many_arguments)]
+pub fn write_linear_outputs(
+    path: impl AsRef<Path>,
+    out: &Tensor,
+    state: &[f32],
+    state_shape: [usize; 4],
+    grads: Option<&crate::linear::LinearGrads>,
+    g_shape: Option<&[usize]>,
+    hedgehog_shape: Option<&[usize]>,
+    overwrite: bool,
+) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    let mut owned: Vec<(&str, Vec<usize>, Vec<u8>)> = vec![
+        ("out", out.shape.clone(), bytes(&out.data.to_f32_vec())),
+        ("state", state_shape.to_vec(), bytes(state)),
+    ];
+    if let Some(g) = grads {
+        for (name, t) in [("dq", &g.dq), ("dk", &g.dk), ("dv", &g.dv)] {
+            owned.push((name, t.shape.clone(), bytes(&t.data.to_f32_vec())));
+        }
+        owned.push((
+            "d_initial_state",
+            state_shape.to_vec(),
+            bytes(&g.d_initial_state),
+        ));
+        if let (Some(dg), Some(shape)) = (&g.dg, g_shape) {
+            owned.push(("dg", shape.to_vec(), bytes(dg)));
+        }
+        if let (Some(dh), Some(shape)) = (&g.d_hedgehog, hedgehog_shape) {
+            owned.push(("d_hedgehog", shape.to_vec(), bytes(dh)));
+        }
+    }
+    let ts: Vec<(&str, StDtype, Vec<usize>, &[u8])> = owned
+        .iter()
+        .map(|(n, s, b)| (*n, StDtype::F32, s.clone(), &b[..]))
+        .collect();
+    write_tensors(path, &ts, overwrite)
+}
+
 /// Reads the gradients `dq`, `dk`, `dv` of a file written by [`write_backward_outputs`].
 pub fn read_grads(path: impl AsRef<Path>) -> Result<crate::backward::Grads> {
     let path = path.as_ref();

@@ -20,8 +20,27 @@
 //! on features (`K` is the feature dimension after `phi`).
 //!
 //! - [`reference`]: the f64 recurrent oracle of the core, forward and backward (BPTT).
+//! - [`cuda`]: the CUDA kernels of the core (chunked forward and backward, decode step).
+//! - [`cpu`]: the chunked CPU form (forward and backward), the fused recurrent form and `step`.
+//! - [`feature`]: the feature maps and output normalisations, forward and backward.
+//! - [`spec`]: [`LinearSpec`] and its string grammar (`simple_gla(chunk=32)`, `elu+normalized`).
+//! - [`entry`]: the public entry points [`linear_attention`], [`linear_attention_backward`] and
+//!   [`linear_step`] (the one place that routes to a [`Backend`]).
+pub mod cpu;
 pub mod cuda;
+pub mod entry;
+pub mod feature;
 pub mod reference;
+pub mod spec;
+#[cfg(test)]
+mod tests;
+
+pub use entry::{
+    linear_attention, linear_attention_backward, linear_step, Backend, LinearGrads, LinearInputs,
+    LinearOutput,
+};
+pub use feature::FeatureMap;
+pub use spec::{DecaySpec, LinearSpec, Normalization};
 
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
@@ -138,7 +157,7 @@ impl<'a> Core<'a> {
                 format!("{want} elements (shape {shape:?})"),
             ));
         }
-        if let Some((i, x)) = g.iter().enumerate().find(|(_, x)| !(**x <= 0.0)) {
+        if let Some((i, x)) = g.iter().enumerate().find(|(_, x)| x.is_nan() || **x > 0.0) {
             return Err(Error::Param {
                 op,
                 msg: format!(
