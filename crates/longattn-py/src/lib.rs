@@ -250,6 +250,114 @@ impl Inputs {
     }
 }
 
+/// Linear attention's inputs, read from their Python arguments (no data).
+#[allow(clippy::too_many_arguments)]
+fn linear_args(
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    g: Option<&Bound<'_, PyAny>>,
+    initial_state: Option<&Bound<'_, PyAny>>,
+    cu_seqlens: Option<&Bound<'_, PyAny>>,
+    scale: f32,
+    stream: u64,
+) -> PyResult<api::LinearArgs> {
+    Ok(api::LinearArgs {
+        q: raw(q, "q")?,
+        k: raw(k, "k")?,
+        v: raw(v, "v")?,
+        g: opt_raw(g, "g")?,
+        initial_state: opt_raw(initial_state, "initial_state")?,
+        cu_seqlens: opt_raw(cu_seqlens, "cu_seqlens")?,
+        scale,
+        stream,
+    })
+}
+
+/// Linear attention forward: writes `out` and `final_state` (allocated by the caller).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, g, initial_state, cu_seqlens, out, final_state, scale, stream))]
+#[allow(clippy::too_many_arguments)]
+fn linear_fwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    g: Option<&Bound<'_, PyAny>>,
+    initial_state: Option<&Bound<'_, PyAny>>,
+    cu_seqlens: Option<&Bound<'_, PyAny>>,
+    out: &Bound<'_, PyAny>,
+    final_state: &Bound<'_, PyAny>,
+    scale: f32,
+    stream: u64,
+) -> PyResult<()> {
+    let a = linear_args(q, k, v, g, initial_state, cu_seqlens, scale, stream)?;
+    let (out, fin) = (raw(out, "out")?, raw(final_state, "final_state")?);
+    // SAFETY: live torch tensors held by the caller for the call; CUDA work is queued on the
+    // caller's stream, which orders it before any reuse of the memory.
+    py.detach(|| unsafe { api::linear_forward(&a, &out, &fin) })
+        .map_err(py_err)
+}
+
+/// Linear attention backward: writes `dq`, `dk`, `dv`, `dg` (when given) and `d_initial_state`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, g, initial_state, cu_seqlens, dout, d_final_state, dq, dk, dv, dg, d_initial_state, scale, stream))]
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    g: Option<&Bound<'_, PyAny>>,
+    initial_state: Option<&Bound<'_, PyAny>>,
+    cu_seqlens: Option<&Bound<'_, PyAny>>,
+    dout: &Bound<'_, PyAny>,
+    d_final_state: Option<&Bound<'_, PyAny>>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    dg: Option<&Bound<'_, PyAny>>,
+    d_initial_state: &Bound<'_, PyAny>,
+    scale: f32,
+    stream: u64,
+) -> PyResult<()> {
+    let a = linear_args(q, k, v, g, initial_state, cu_seqlens, scale, stream)?;
+    let dout = raw(dout, "dout")?;
+    let dfin = opt_raw(d_final_state, "d_final_state")?;
+    let grads = api::LinearGradsOut {
+        dq: raw(dq, "dq")?,
+        dk: raw(dk, "dk")?,
+        dv: raw(dv, "dv")?,
+        dg: opt_raw(dg, "dg")?,
+        d_initial_state: raw(d_initial_state, "d_initial_state")?,
+    };
+    // SAFETY: as for `linear_fwd`.
+    py.detach(|| unsafe { api::linear_backward(&a, &dout, dfin.as_ref(), &grads) })
+        .map_err(py_err)
+}
+
+/// One linear-attention decode step: reads and updates `state`, writes `out`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, g, state, out, scale, stream))]
+#[allow(clippy::too_many_arguments)]
+fn linear_step(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    g: Option<&Bound<'_, PyAny>>,
+    state: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    scale: f32,
+    stream: u64,
+) -> PyResult<()> {
+    let a = linear_args(q, k, v, g, None, None, scale, stream)?;
+    let (state, out) = (raw(state, "state")?, raw(out, "out")?);
+    // SAFETY: as for `linear_fwd`; `state` is the caller's to update.
+    py.detach(|| unsafe { api::linear_step(&a, &state, &out) })
+        .map_err(py_err)
+}
+
 /// Forward: writes `out` and `lse` (allocated by the caller).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, stream, block_mask=None, block_q=0, block_k=0))]
@@ -390,6 +498,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(mask_uses_documents, m)?)?;
     m.add_function(wrap_pyfunction!(explain_mask, m)?)?;
     m.add_function(wrap_pyfunction!(plan_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_bwd, m)?)?;
+    m.add_function(wrap_pyfunction!(linear_step, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

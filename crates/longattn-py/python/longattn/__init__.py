@@ -8,7 +8,9 @@ strides; the CUDA kernels need a contiguous head dim), float32 / bfloat16 / floa
 bfloat16 / float16 on CUDA. Outputs are allocated by torch; CUDA work runs on
 ``torch.cuda.current_stream()``. ``longattn.flash_attn_func`` and the other ``flash_attn_*``
 functions are drop-in replacements of the flash_attn package's; ``longattn.hf.register()`` adds
-an ``attn_implementation="longattn"`` to Hugging Face transformers.
+an ``attn_implementation="longattn"`` to Hugging Face transformers. ``longattn.chunk_simple_gla``
+and its siblings (:mod:`longattn.linear`) are linear attention in flash-linear-attention's
+conventions.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch
 from . import _native, _ops  # noqa: F401  (_ops registers the torch.library ops)
 from ._ops import fwd as _ops_fwd
 from .mask import BlockMask, Mask, mask_args
+from . import linear  # noqa: F401  (registers the linear-attention ops)
+from .linear import chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_simple_gla
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -32,11 +36,16 @@ __all__ = [
     "BlockMask",
     "Mask",
     "attention",
+    "chunk_gla",
+    "chunk_linear_attn",
+    "chunk_simple_gla",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
+    "fused_recurrent_simple_gla",
+    "linear",
     "plan_counts",
     "set_cache_checks",
 ]

@@ -24,7 +24,7 @@
 //! mma.sync / ldmatrix / shuffles) against an f64 recurrence.
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{Core, CoreDims, Decay};
 use crate::cuda::forward::COMMON;
@@ -384,7 +384,7 @@ fn function(
 }
 
 fn launch(
-    dev: &CudaDevice,
+    s: &Arc<CudaStream>,
     f: &CudaFunction,
     grid: (u32, u32, u32),
     block: u32,
@@ -397,7 +397,7 @@ fn launch(
         block_dim: (block, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let mut b = dev.stream().launch_builder(f);
+    let mut b = s.launch_builder(f);
     b.arg(p);
     // SAFETY: every pointer in `p` addresses a live device buffer sized by `validate` (inputs)
     // or allocated here for the problem's shape (outputs); the grid stays within the launch
@@ -407,8 +407,55 @@ fn launch(
     Ok(())
 }
 
-/// Forward: the output `[B, T, H, V]` (q's dtype) and the final state `[seqs, H, K, V]` f32.
+/// Forward: the output `[B, T, H, V]` (q's dtype) and the final state `[seqs, H, K, V]` f32,
+/// allocated here, on the device's own stream.
 pub fn forward(dev: &CudaDevice, c: &DevCore) -> Result<(DevTensor, CudaSlice<f32>)> {
+    let d = c.validate("linear::cuda::forward")?;
+    let out = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
+    let fin = dev.alloc_f32(d.state_len())?;
+    forward_on(dev, dev.stream(), c, &out, &fin)?;
+    Ok((out, fin))
+}
+
+/// Checks a caller's output tensor: shape, dtype and the kernels' row alignment.
+fn check_output(
+    op: &'static str,
+    name: &str,
+    t: &DevTensor,
+    shape: [usize; 4],
+    dt: DType,
+) -> Result<()> {
+    if t.shape != shape || t.dtype != dt {
+        return Err(Error::Shape {
+            op,
+            tensor: name.into(),
+            got: t.shape.to_vec(),
+            expected: format!("{shape:?} in {dt}"),
+        });
+    }
+    check_aligned(op, name, t)
+}
+
+/// Checks a caller's f32 buffer holds at least `want` elements.
+fn check_len(op: &'static str, name: &str, x: &CudaSlice<f32>, want: usize) -> Result<()> {
+    if x.len() < want {
+        return Err(param(
+            op,
+            format!("`{name}` has {} elements, expected {want}", x.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Forward into the caller's `out [B, T, H, V]` (q's dtype) and `fin [seqs, H, K, V]` f32, on
+/// stream `s` (no allocation, no synchronisation).
+pub fn forward_on(
+    dev: &CudaDevice,
+    s: &Arc<CudaStream>,
+    c: &DevCore,
+    out: &DevTensor,
+    fin: &CudaSlice<f32>,
+) -> Result<()> {
     const OP: &str = "linear::cuda::forward";
     let d = c.validate(OP)?;
     if matches!(c.decay, DevDecay::Gate(_)) {
@@ -417,6 +464,8 @@ pub fn forward(dev: &CudaDevice, c: &DevCore) -> Result<(DevTensor, CudaSlice<f3
             "the per-key-dim gate (GLA) is not implemented in the chunked CUDA kernels (only in the decode step)".into(),
         ));
     }
+    check_output(OP, "out", out, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
+    check_len(OP, "final_state", fin, d.state_len())?;
     let bv = choose_bv(dev, &d);
     let smem = smem_fwd(d.k, bv);
     let f = function(
@@ -428,25 +477,71 @@ pub fn forward(dev: &CudaDevice, c: &DevCore) -> Result<(DevTensor, CudaSlice<f3
         bv,
         smem,
     )?;
-    let out = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
-    let fin = dev.alloc_f32(d.state_len())?;
     let mut p = c.params(&d);
-    p.o = tptr(&out);
+    p.o = tptr(out);
     p.o_s = out.strides();
-    p.sfin = ptr(&fin);
+    p.sfin = ptr(fin);
     let grid = ((d.v / bv) as u32, d.h as u32, d.seqs as u32);
-    launch(dev, &f, grid, THREADS, smem, &p, "launch linear forward")?;
-    Ok((out, fin))
+    launch(s, &f, grid, THREADS, smem, &p, "launch linear forward")
 }
 
 /// Backward of `loss(out, final state)`: `dout [B, T, H, V]` (q's dtype, 16-byte aligned rows)
-/// and optionally the gradient of the final state `[seqs, H, K, V]` f32.
+/// and optionally the gradient of the final state `[seqs, H, K, V]` f32; the gradients are
+/// allocated here, on the device's own stream.
 pub fn backward(
     dev: &CudaDevice,
     c: &DevCore,
     dout: &DevTensor,
     d_final_state: Option<&CudaSlice<f32>>,
 ) -> Result<DevGrads> {
+    let d = c.validate("linear::cuda::backward")?;
+    let dt = c.q.dtype;
+    let dq = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.k], dt)?;
+    let dk = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.k], dt)?;
+    let dv = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.v], dt)?;
+    let ds0 = dev.alloc_f32(d.state_len())?;
+    let dg = match c.decay {
+        DevDecay::Token(_) => Some(dev.alloc_f32(d.batch * d.t * d.h)?),
+        _ => None,
+    };
+    let out = GradsOut {
+        dq: &dq,
+        dk: &dk,
+        dv: &dv,
+        dg: dg.as_ref(),
+        d_initial_state: &ds0,
+    };
+    backward_on(dev, dev.stream(), c, dout, d_final_state, &out)?;
+    Ok(DevGrads {
+        dq,
+        dk,
+        dv,
+        dg,
+        d_initial_state: ds0,
+    })
+}
+
+/// Where [`backward_on`] writes: `dq` like q, `dk` / `dv` like k / v (contiguous when
+/// `Hk < H`: the GQA sums are converted in one flat pass), `dg [B, T, H]` f32 for a per-token
+/// decay (`None` otherwise), `d_initial_state [seqs, H, K, V]` f32.
+pub struct GradsOut<'a> {
+    pub dq: &'a DevTensor,
+    pub dk: &'a DevTensor,
+    pub dv: &'a DevTensor,
+    pub dg: Option<&'a CudaSlice<f32>>,
+    pub d_initial_state: &'a CudaSlice<f32>,
+}
+
+/// Backward into the caller's gradient buffers, on stream `s` (scratch for the GQA sums and the
+/// per-token `db` is allocated stream-ordered on `s` and freed after the kernels that use it).
+pub fn backward_on(
+    dev: &CudaDevice,
+    s: &Arc<CudaStream>,
+    c: &DevCore,
+    dout: &DevTensor,
+    d_final_state: Option<&CudaSlice<f32>>,
+    out: &GradsOut,
+) -> Result<()> {
     const OP: &str = "linear::cuda::backward";
     let d = c.validate(OP)?;
     if matches!(c.decay, DevDecay::Gate(_)) {
@@ -455,48 +550,58 @@ pub fn backward(
             "the per-key-dim gate (GLA) is not implemented in the chunked CUDA kernels (only in the decode step)".into(),
         ));
     }
-    if dout.shape != [d.batch, d.t, d.h, d.v] || dout.dtype != c.q.dtype {
-        return Err(Error::Shape {
-            op: OP,
-            tensor: "dout".into(),
-            got: dout.shape.to_vec(),
-            expected: format!("[{}, {}, {}, {}] in {}", d.batch, d.t, d.h, d.v, c.q.dtype),
-        });
-    }
-    check_aligned(OP, "dout", dout)?;
-    if let Some(s) = d_final_state {
-        if s.len() < d.state_len() {
-            return Err(param(
-                OP,
-                format!(
-                    "d_final_state has {} elements, expected {}",
-                    s.len(),
-                    d.state_len()
-                ),
-            ));
-        }
-    }
     let dt = c.q.dtype;
-    let bv = choose_bv(dev, &d);
+    check_output(OP, "dout", dout, [d.batch, d.t, d.h, d.v], dt)?;
+    if let Some(x) = d_final_state {
+        check_len(OP, "d_final_state", x, d.state_len())?;
+    }
     let gqa = d.h != d.hk;
     let token = matches!(c.decay, DevDecay::Token(_));
-    let dq = DevTensor::alloc(dev, [d.batch, d.t, d.h, d.k], dt)?;
-    let dk = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.k], dt)?;
-    let dv = DevTensor::alloc(dev, [d.batch, d.t, d.hk, d.v], dt)?;
-    let ds0 = dev.alloc_f32(d.state_len())?;
+    let (dq, dk, dv) = (out.dq, out.dk, out.dv);
+    check_output(OP, "dq", dq, [d.batch, d.t, d.h, d.k], dt)?;
+    check_output(OP, "dk", dk, [d.batch, d.t, d.hk, d.k], dt)?;
+    check_output(OP, "dv", dv, [d.batch, d.t, d.hk, d.v], dt)?;
+    if gqa {
+        for (name, t) in [("dk", dk), ("dv", dv)] {
+            let [_, tt, hh, dd] = t.shape;
+            if t.strides() != [(tt * hh * dd) as i64, (hh * dd) as i64, dd as i64] {
+                return Err(Error::Shape {
+                    op: OP,
+                    tensor: name.into(),
+                    got: t.shape.to_vec(),
+                    expected:
+                        "a contiguous tensor (grouped-query heads are summed in one flat pass)"
+                            .into(),
+                });
+            }
+        }
+    }
+    check_len(OP, "d_initial_state", out.d_initial_state, d.state_len())?;
     let n_tok = d.batch * d.t;
+    match (token, out.dg) {
+        (true, Some(g)) => check_len(OP, "dg", g, n_tok * d.h)?,
+        (true, None) => {
+            return Err(param(
+                OP,
+                "a per-token decay needs its gradient buffer `dg`".into(),
+            ))
+        }
+        _ => {}
+    }
+    let bv = choose_bv(dev, &d);
+    let zeros = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
     let dk_acc = if gqa {
-        Some(dev.alloc_f32(n_tok * d.hk * d.k)?)
+        Some(zeros(n_tok * d.hk * d.k)?)
     } else {
         None
     };
     let dv_acc = if gqa {
-        Some(dev.alloc_f32(n_tok * d.hk * d.v)?)
+        Some(zeros(n_tok * d.hk * d.v)?)
     } else {
         None
     };
     let db = if token {
-        Some(dev.alloc_f32(n_tok * d.h)?)
+        Some(zeros(n_tok * d.h)?)
     } else {
         None
     };
@@ -504,17 +609,17 @@ pub fn backward(
     let mut p = c.params(&d);
     p.dout = tptr(dout);
     p.do_s = dout.strides();
-    p.dq = tptr(&dq);
+    p.dq = tptr(dq);
     p.dq_s = dq.strides();
-    p.dk = tptr(&dk);
+    p.dk = tptr(dk);
     p.dk_s = dk.strides();
-    p.dv = tptr(&dv);
+    p.dv = tptr(dv);
     p.dv_s = dv.strides();
     p.dk_acc = dk_acc.as_ref().map_or(0, ptr);
     p.dv_acc = dv_acc.as_ref().map_or(0, ptr);
     p.dsfin = d_final_state.map_or(0, ptr);
     p.has_dsfin = d_final_state.is_some() as i32;
-    p.ds0 = ptr(&ds0);
+    p.ds0 = ptr(out.d_initial_state);
     p.db = db.as_ref().map_or(0, ptr);
     p.want_db = token as i32;
     p.gqa_acc = gqa as i32;
@@ -526,7 +631,7 @@ pub fn backward(
     let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
     let (h, n) = (d.h as u32, d.seqs as u32);
     launch(
-        dev,
+        s,
         &f_dv,
         ((d.v / bv) as u32, h, n),
         THREADS,
@@ -535,7 +640,7 @@ pub fn backward(
         "launch linear dV",
     )?;
     launch(
-        dev,
+        s,
         &f_dq,
         ((d.k / BK) as u32, h, n),
         THREADS,
@@ -544,7 +649,7 @@ pub fn backward(
         "launch linear dQ",
     )?;
     launch(
-        dev,
+        s,
         &f_dk,
         ((d.k / BK) as u32, h, n),
         THREADS,
@@ -554,7 +659,7 @@ pub fn backward(
     )?;
     if gqa {
         let f = function(dev, src, "lin_f32_to_el", dt, &d, bv, 0)?;
-        for (acc, out) in [(&dk_acc, &dk), (&dv_acc, &dv)] {
+        for (acc, dst) in [(&dk_acc, dk), (&dv_acc, dv)] {
             let acc = acc.as_ref().expect("GQA accumulators");
             let len = acc.len() as i64;
             let blocks = (len as usize).div_ceil(512).clamp(1, dev.sms * 32) as u32;
@@ -563,46 +668,36 @@ pub fn backward(
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (pa, po) = (ptr(acc), tptr(out));
-            let mut b = dev.stream().launch_builder(&f);
+            let (pa, po) = (ptr(acc), tptr(dst));
+            let mut b = s.launch_builder(&f);
             b.arg(&pa).arg(&po).arg(&len);
-            // SAFETY: `acc` holds `len` f32 and `out` (contiguous, allocated above) `len` 16-bit
+            // SAFETY: `acc` holds `len` f32 and `dst` (contiguous, checked above) `len` 16-bit
             // elements; `len` is even (head dims are 64 or 128).
             unsafe { b.launch(cfg) }.map_err(drv("launch linear gqa sum"))?;
         }
     }
-    let dg = if token {
-        let dg = dev.alloc_f32(n_tok * d.h)?;
+    if let (true, Some(dg)) = (token, out.dg) {
         let f = function(dev, src, "lin_bwd_dg", dt, &d, bv, 0)?;
         let cfg = LaunchConfig {
             grid_dim: (h, n, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
-        let pg = ptr(&dg);
-        let mut b = dev.stream().launch_builder(&f);
+        let pg = ptr(dg);
+        let mut b = s.launch_builder(&f);
         b.arg(&p).arg(&pg);
         // SAFETY: `p.db` and `dg` hold B x T x H f32; the grid is (H, seqs) within the limits
         // checked in `validate`.
         unsafe { b.launch(cfg) }.map_err(drv("launch linear dg"))?;
-        Some(dg)
-    } else {
-        None
-    };
+    }
     // The accumulators are freed when this returns: the stream orders the frees after the
     // kernels that read them.
-    Ok(DevGrads {
-        dq,
-        dk,
-        dv,
-        dg,
-        d_initial_state: ds0,
-    })
+    Ok(())
 }
 
 /// One decode step: `q [B, 1, H, K]`, `k [B, 1, Hk, K]`, `v [B, 1, Hk, V]`, the decay of this
 /// token (`[H]`, `[B, H]` or the gate `[B, H, K]`), the state `[B, H, K, V]` f32 updated in place;
-/// returns `o [B, 1, H, V]`.
+/// returns `o [B, 1, H, V]` (allocated here, on the device's own stream).
 pub fn step(
     dev: &CudaDevice,
     q: &DevTensor,
@@ -612,6 +707,25 @@ pub fn step(
     scale: f32,
     state: &mut CudaSlice<f32>,
 ) -> Result<DevTensor> {
+    let out = DevTensor::alloc(dev, [q.shape[0], 1, q.shape[2], v.shape[3]], q.dtype)?;
+    step_on(dev, dev.stream(), q, k, v, decay, scale, state, &out)?;
+    Ok(out)
+}
+
+/// [`step`] into the caller's `out [B, 1, H, V]`, on stream `s`. `state` is read and written by
+/// the kernel (a caller's buffer seen through a shared handle).
+#[allow(clippy::too_many_arguments)]
+pub fn step_on(
+    dev: &CudaDevice,
+    s: &Arc<CudaStream>,
+    q: &DevTensor,
+    k: &DevTensor,
+    v: &DevTensor,
+    decay: DevDecay,
+    scale: f32,
+    state: &CudaSlice<f32>,
+    out: &DevTensor,
+) -> Result<()> {
     const OP: &str = "linear::cuda::step";
     let c = DevCore {
         q,
@@ -631,15 +745,10 @@ pub fn step(
             expected: "one token per sequence: [B, 1, H, K]".into(),
         });
     }
-    if state.len() < d.state_len() {
-        return Err(param(
-            OP,
-            format!(
-                "state has {} elements, expected {}",
-                state.len(),
-                d.state_len()
-            ),
-        ));
+    check_len(OP, "state", state, d.state_len())?;
+    check_output(OP, "out", out, [d.batch, 1, d.h, d.v], q.dtype)?;
+    if d.batch > 65535 {
+        return Err(param(OP, format!("batch {} > 65535", d.batch)));
     }
     let f = function(
         dev,
@@ -650,24 +759,19 @@ pub fn step(
         32,
         0,
     )?;
-    let out = DevTensor::alloc(dev, [d.batch, 1, d.h, d.v], q.dtype)?;
     let mut p = c.params(&d);
-    p.o = tptr(&out);
+    p.o = tptr(out);
     p.o_s = out.strides();
     p.sfin = ptr(state);
-    if d.batch > 65535 {
-        return Err(param(OP, format!("batch {} > 65535", d.batch)));
-    }
     launch(
-        dev,
+        s,
         &f,
         (d.h as u32, d.batch as u32, 1),
         256,
         0,
         &p,
         "launch linear step",
-    )?;
-    Ok(out)
+    )
 }
 
 // ---- Host wrappers ----------------------------------------------------------------------------
