@@ -63,8 +63,7 @@ def _check_g(g, op):
         return None
     if not g.is_floating_point():
         raise TypeError(f"{op}: `g` must be a floating tensor of log decays, got {g.dtype}")
-    if g.dtype != torch.float32:
-        g = g.float()
+    g = g.float().contiguous()  # no copy when it already is
     capturing = g.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and not torch.compiler.is_compiling():
         bad = ~(g <= 0)
@@ -144,8 +143,12 @@ def _run(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, op):
     _check(q, k, v, g, initial_state, cu_seqlens, op)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     g = _check_g(g, op)
-    if initial_state is not None and initial_state.dtype != torch.float32:
-        raise TypeError(f"{op}: `initial_state` must be float32, got {initial_state.dtype}")
+    if initial_state is not None:
+        if initial_state.dtype != torch.float32:
+            raise TypeError(f"{op}: `initial_state` must be float32, got {initial_state.dtype}")
+        initial_state = initial_state.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
     )
@@ -203,6 +206,8 @@ def fused_recurrent_simple_gla(q, k, v, g=None, scale=None, initial_state=None,
         initial_state = torch.zeros((b, h, kd, v.shape[3]), dtype=torch.float32, device=q.device)
     elif initial_state.dtype != torch.float32:
         raise TypeError(f"{op}: `initial_state` must be float32, got {initial_state.dtype}")
+    elif not initial_state.is_contiguous():
+        raise ValueError(f"{op}: `initial_state` is updated in place and must be contiguous")
     g = _check_g(g, op)
     scale = float(kd ** -0.5 if scale is None else scale)
     out = q.new_empty((b, 1, h, v.shape[3]))

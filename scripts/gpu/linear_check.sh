@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Linear attention on the device machine. Expects the stripped CLI as .dev/longattn.xz and the
+# wheel in .dev-wheels/ (carried); the FLA peer from .peers/light (carried with .peers/install.sh).
+#   bash scripts/gpu/linear_check.sh checks   # selftest group `linear`, pytest test_linear on CUDA
+#   bash scripts/gpu/linear_check.sh perf     # linear_check.py: vs FLA (same process), decode step
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+case "${1:-checks}" in
+checks)
+  LONGATTN_CUDA_VERBOSE=${VERBOSE:-0} timeout 300 /tmp/longattn selftest --backend cuda --filter linear \
+    > "$OUT/selftest_linear.txt" 2>&1; echo "selftest rc=$?"
+  grep -vE "^linear .* pass " "$OUT/selftest_linear.txt" | tail -25
+  timeout 200 python3 -m pytest -q crates/longattn-py/tests/test_linear.py -k cuda -p no:cacheprovider \
+    > "$OUT/pytest_linear.txt" 2>&1; echo "pytest rc=$?"; tail -15 "$OUT/pytest_linear.txt"
+  ;;
+perf)
+  if [ -d .peers/light ]; then
+    E=$(bash .peers/install.sh light) && eval "$E"
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  python3 crates/longattn-py/bench/linear_check.py --json "$OUT/linear_check.json" 2>&1 | tee "$OUT/linear_check.txt"
+  ;;
+esac
