@@ -97,5 +97,32 @@ for name, extra, flags in cases:
             fails += 1
             print(f"FAIL {name} {key}: rel err {err:.2e} (non-finite pattern equal: {same_inf})")
     print(f"{name}: cpu vs cuda " + " ".join(f"{k} {v:.1e}" for k, v in worst.items()), flush=True)
-print(f"cli backend check: {len(cases)} cases, {fails} failures")
+
+# Linear attention: `run --linear simple_gla --backward` on both backends (the CUDA core through
+# the same entry point), GQA, per-token log decay, an initial state.
+T, H, HK, K = 1000, 4, 2, 64
+lin = {"q": rnd(1, T, H, K), "k": rnd(1, T, HK, K), "v": rnd(1, T, HK, K), "do": rnd(1, T, H, K),
+       "g": -torch.rand(1, T, H, generator=g) * 0.2, "initial_state": torch.randn(1, H, K, K, generator=g)}
+inp = os.path.join(args.dir, "in_linear.safetensors")
+save(inp, lin)
+outs = {}
+for be in ("cpu", "cuda"):
+    out = os.path.join(args.dir, f"out_linear_{be}.safetensors")
+    r = subprocess.run([args.bin, "run", "--linear", "simple_gla", "--input", inp, "--output", out,
+                        "--force", "--backward", "--backend", be], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"FAIL linear {be}: {r.stderr.strip()[:400]}")
+        fails += 1
+        break
+    outs[be] = load(out)
+if len(outs) == 2:
+    errs = {}
+    for key in ("out", "state", "dq", "dk", "dv", "dg", "d_initial_state"):
+        a, b = outs["cpu"][key], outs["cuda"][key]
+        errs[key] = ((a - b).abs().max() / a.abs().max().clamp_min(1e-6)).item()
+        if errs[key] > 3e-2:
+            fails += 1
+            print(f"FAIL linear {key}: rel err {errs[key]:.2e}")
+    print("linear simple_gla: cpu vs cuda " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
+print(f"cli backend check: {len(cases) + 1} cases, {fails} failures")
 sys.exit(1 if fails else 0)

@@ -3,6 +3,7 @@
 # wheel in .dev-wheels/ (carried); the FLA peer from .peers/light (carried with .peers/install.sh).
 #   bash scripts/gpu/linear_check.sh checks   # selftest group `linear`, pytest test_linear on CUDA
 #   bash scripts/gpu/linear_check.sh perf     # linear_check.py: vs FLA (same process), decode step
+#   bash scripts/gpu/linear_check.sh extra    # CLI cpu-vs-cuda (softmax and linear), memcheck on pytest
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -23,5 +24,12 @@ perf)
     export PYTHONPATH=/tmp/site:$PYTHONPATH
   fi
   python3 crates/longattn-py/bench/linear_check.py --json "$OUT/linear_check.json" 2>&1 | tee "$OUT/linear_check.txt"
+  ;;
+extra)
+  # The CLI's CUDA routes (softmax and linear) against its CPU routes; memcheck on a pytest run.
+  python3 scripts/gpu/cli_backend_check.py --bin /tmp/longattn 2>&1 | tee "$OUT/cli_check.txt" | tail -8
+  timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
+    crates/longattn-py/tests/test_linear.py crates/longattn-py/tests/test_kvcache.py -k cuda \
+    > "$OUT/memcheck_pytest.txt" 2>&1; echo "memcheck pytest rc=$?"; grep -E "passed|failed|ERROR SUMMARY" "$OUT/memcheck_pytest.txt" | tail -3
   ;;
 esac

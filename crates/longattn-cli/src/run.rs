@@ -270,12 +270,11 @@ pub fn main(a: Args) -> Result<()> {
 /// `run --linear SPEC`: linear attention through `longattn::linear` (glue only).
 fn run_linear(a: &Args, text: &str) -> Result<()> {
     use longattn::linear::{self, Backend, LinearInputs, LinearSpec};
-    if a.backend != "cpu" {
-        bail!(
-            "--linear runs on the CPU only (drop --backend {})",
-            a.backend
-        );
-    }
+    let backend = match a.backend.as_str() {
+        "cpu" => Backend::Cpu,
+        "cuda" => Backend::Cuda(a.device),
+        other => bail!("--backend {other}: expected `cpu` or `cuda`"),
+    };
     let mut spec = LinearSpec::parse(text)?;
     if a.scale.is_some() {
         spec.scale = a.scale;
@@ -296,7 +295,7 @@ fn run_linear(a: &Args, text: &str) -> Result<()> {
     inp.hedgehog = extra.hedgehog.as_ref().map(|(x, _)| &x[..]);
     let pool = pool(a.threads)?;
     let t0 = Instant::now();
-    let out = pool.install(|| linear::linear_attention(&inp, &spec, Backend::Cpu))?;
+    let out = pool.install(|| linear::linear_attention(&inp, &spec, backend))?;
     let secs = t0.elapsed().as_secs_f64();
     let grads = match a.backward {
         false => None,
@@ -315,7 +314,7 @@ fn run_linear(a: &Args, text: &str) -> Result<()> {
                     &spec,
                     &dout.data.to_f32_vec(),
                     d_state,
-                    Backend::Cpu,
+                    backend,
                 )
             })?;
             eprintln!("backward: {:.3} ms", t1.elapsed().as_secs_f64() * 1e3);

@@ -64,8 +64,9 @@ def _check_g(g, op):
     if not g.is_floating_point():
         raise TypeError(f"{op}: `g` must be a floating tensor of log decays, got {g.dtype}")
     g = g.float().contiguous()  # no copy when it already is
-    capturing = g.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        return g
+    if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
         bad = ~(g <= 0)
         if bool(bad.any()):
             i = int(bad.flatten().nonzero()[0])

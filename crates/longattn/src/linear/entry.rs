@@ -11,6 +11,8 @@
 //! The backward recomputes the forward pieces it needs and runs the same steps in reverse; the
 //! window part goes through [`crate::backward`] (its gradients are rounded to the input dtype).
 use super::cpu::{self, CoreGrads, CoreOutput};
+use super::cuda;
+use crate::cuda::CudaDevice;
 use super::feature::{self, FeatureMap, Hedgehog};
 use super::spec::{DecaySpec, LinearSpec, Normalization};
 use super::{Core, Decay};
@@ -25,7 +27,9 @@ use rayon::prelude::*;
 pub enum Backend {
     #[default]
     Cpu,
-    /// An NVIDIA GPU (ordinal); the core's CUDA kernels are not part of this build yet.
+    /// An NVIDIA GPU (ordinal): the core runs in the CUDA kernels (`linear::cuda`: bf16 / f16
+    /// q, k, v with K and V of 64 or 128, decays none / per head / per token; the gate only in
+    /// the step); feature maps, the ones column and the normalisations stay on the host.
     Cuda(usize),
 }
 
@@ -255,7 +259,16 @@ fn core_forward(core: &Core, spec: &LinearSpec, backend: Backend) -> Result<Core
                 cpu::forward_chunked(core, spec.chunk)
             }
         }
-        Backend::Cuda(_) => Err(no_cuda("linear attention")),
+        Backend::Cuda(ord) => {
+            let dev = CudaDevice::open(ord)?;
+            let d = core.validate("linear_attention")?;
+            let (out, state) = cuda::forward_host(&dev, core)?;
+            Ok(CoreOutput {
+                out: out.data.to_f32_vec(),
+                state,
+                dims: d,
+            })
+        }
     }
 }
 
@@ -268,14 +281,21 @@ fn core_backward(
 ) -> Result<CoreGrads> {
     match backend {
         Backend::Cpu => cpu::backward_chunked(core, dout, d_final, spec.chunk),
-        Backend::Cuda(_) => Err(no_cuda("linear attention backward")),
-    }
-}
-
-fn no_cuda(op: &'static str) -> Error {
-    Error::Cuda {
-        op,
-        msg: "the linear-attention core has no CUDA kernel in this build; use Backend::Cpu".into(),
+        Backend::Cuda(ord) => {
+            let dev = CudaDevice::open(ord)?;
+            // The kernels take dout in q's dtype.
+            let [b, t, h, _] = core.q.shape;
+            let dbuf = Buffer::from_f32(core.q.dtype(), dout);
+            let dview = TensorView::contiguous(dbuf.as_slice(), [b, t, h, dout.len() / (b * t * h)])?;
+            let g = cuda::backward_host(&dev, core, &dview, d_final)?;
+            Ok(CoreGrads {
+                dq: g.dq.data.to_f32_vec(),
+                dk: g.dk.data.to_f32_vec(),
+                dv: g.dv.data.to_f32_vec(),
+                dg: g.dg,
+                d_initial_state: g.d_initial_state,
+            })
+        }
     }
 }
 
@@ -513,7 +533,12 @@ pub fn linear_step(
     }
     let o = match backend {
         Backend::Cpu => cpu::step(&core, state)?,
-        Backend::Cuda(_) => return Err(no_cuda("linear step")),
+        Backend::Cuda(ord) => {
+            let dev = CudaDevice::open(ord)?;
+            cuda::step_host(&dev, &core.q, &core.k, &core.v, core.decay, core.scale, state)?
+                .data
+                .to_f32_vec()
+        }
     };
     let out = match spec.norm {
         Normalization::None => o,
