@@ -33,3 +33,14 @@ extra)
     > "$OUT/memcheck_pytest.txt" 2>&1; echo "memcheck pytest rc=$?"; grep -E "passed|failed|ERROR SUMMARY" "$OUT/memcheck_pytest.txt" | tail -3
   ;;
 esac
+# Profile of the chunked forward at (1, 16k, 32, 128): `bash scripts/gpu/linear_check.sh profile`
+if [ "${1:-}" = profile ]; then
+  timeout 240 ncu --kernel-name lin_fwd --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis python3 -c "
+import torch, torch.nn.functional as F, longattn
+q, k, v = (torch.randn(1, 16384, 32, 128, device='cuda', dtype=torch.bfloat16) for _ in range(3))
+g = F.logsigmoid(torch.randn(1, 16384, 32, device='cuda')) / 16
+for _ in range(2): longattn.chunk_simple_gla(q, k, v, g)
+torch.cuda.synchronize()" > "$OUT/ncu_lin_fwd.txt" 2>&1; echo "ncu rc=$?"
+  grep -E "Duration|Throughput|Achieved Occupancy|Stall|Warp Cycles|Registers|Eligible|Issued" "$OUT/ncu_lin_fwd.txt" | head -40
+fi

@@ -175,9 +175,11 @@ def test_compile_fullgraph(device):
     grads = torch.autograd.grad(eager, (q, k, v, g))
     compiled = torch.compile(Mix(), fullgraph=True, backend="aot_eager")(q, k, v, g)
     cgrads = torch.autograd.grad(compiled, (q, k, v, g))
-    assert torch.allclose(eager, compiled, rtol=1e-5)
+    # The CUDA backward sums with float atomics (order varies run to run): bf16-level tolerance.
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(eager, compiled, rtol=rtol)
     for a, c in zip(grads, cgrads):
-        assert torch.allclose(a.float(), c.float(), rtol=1e-4, atol=1e-5)
+        assert relerr(c, a.double()) < rtol, relerr(c, a.double())
 
 
 def test_errors(device):

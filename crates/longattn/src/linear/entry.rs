@@ -12,11 +12,11 @@
 //! window part goes through [`crate::backward`] (its gradients are rounded to the input dtype).
 use super::cpu::{self, CoreGrads, CoreOutput};
 use super::cuda;
-use crate::cuda::CudaDevice;
 use super::feature::{self, FeatureMap, Hedgehog};
 use super::spec::{DecaySpec, LinearSpec, Normalization};
 use super::{Core, Decay};
 use crate::attention::{AttnParams, MaskSpec};
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::mask::{BoundMask, DocIds, MaskExpr, MaskShape};
 use crate::tensor::{Buffer, Tensor, TensorView};
@@ -286,7 +286,8 @@ fn core_backward(
             // The kernels take dout in q's dtype.
             let [b, t, h, _] = core.q.shape;
             let dbuf = Buffer::from_f32(core.q.dtype(), dout);
-            let dview = TensorView::contiguous(dbuf.as_slice(), [b, t, h, dout.len() / (b * t * h)])?;
+            let dview =
+                TensorView::contiguous(dbuf.as_slice(), [b, t, h, dout.len() / (b * t * h)])?;
             let g = cuda::backward_host(&dev, core, &dview, d_final)?;
             Ok(CoreGrads {
                 dq: g.dq.data.to_f32_vec(),
@@ -535,9 +536,11 @@ pub fn linear_step(
         Backend::Cpu => cpu::step(&core, state)?,
         Backend::Cuda(ord) => {
             let dev = CudaDevice::open(ord)?;
-            cuda::step_host(&dev, &core.q, &core.k, &core.v, core.decay, core.scale, state)?
-                .data
-                .to_f32_vec()
+            cuda::step_host(
+                &dev, &core.q, &core.k, &core.v, core.decay, core.scale, state,
+            )?
+            .data
+            .to_f32_vec()
         }
     };
     let out = match spec.norm {
