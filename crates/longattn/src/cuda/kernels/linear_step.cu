@@ -7,9 +7,9 @@
 // Memory-bound (one read and one write of the state): block (h, b) of 256 threads streams the
 // K x V state once; a thread owns 4 consecutive columns (16-byte vectors, coalesced: a warp covers 512
 // contiguous bytes at V = 128) of every (256 / (V / 4))-th row, and the column sums of q S are
-// reduced across row groups in shared memory. v2: all of a thread's rows are loaded before any
-// is updated (v1 looped load -> update -> store per row: 2.14 TB/s, 51% of copy, at B 64, H 32,
-// 128 x 128).
+// reduced across row groups in shared memory. Ladder (B 64, H 32, 128 x 128, H200): v1 (this one)
+// 125.5 us, 2.14 TB/s = 51% of copy; v2 loaded all of a thread's rows before updating any: 154.5
+// us, 46% (slower; reverted).
 #define LIN_STEP_THREADS 256
 #define LIN_C4 (LIN_V / 4)
 #define LIN_RG (LIN_STEP_THREADS / LIN_C4)
@@ -38,26 +38,20 @@ extern "C" __global__ void __launch_bounds__(LIN_STEP_THREADS) lin_step(const Li
     __syncthreads();
     float* S = p.sfin + ((i64)b * p.H + h) * LIN_K * LIN_V;
     float o[4] = {0.f, 0.f, 0.f, 0.f};
-    // Every row this thread owns is loaded before any is used: LIN_K / LIN_RG independent
-    // 16-byte loads in flight per thread (memory-level parallelism is what a one-pass stream
-    // needs), then updated, stored and reduced.
-    constexpr int NR = LIN_K / LIN_RG;
-    lin_f4 s[NR];
-#pragma unroll
-    for (int r = 0; r < NR; r++) s[r] = *((const lin_f4*)(S + (i64)(rg + r * LIN_RG) * LIN_V) + c);
-#pragma unroll
-    for (int r = 0; r < NR; r++) {
-        const int i = rg + r * LIN_RG;
+#pragma unroll 4
+    for (int i = rg; i < LIN_K; i += LIN_RG) {
+        lin_f4* row = (lin_f4*)(S + (i64)i * LIN_V) + c;
+        lin_f4 s = *row;
         const float a = sa[i], ki = sk[i], qi = sq[i];
-        s[r].x = a * s[r].x + ki * vv[0];
-        s[r].y = a * s[r].y + ki * vv[1];
-        s[r].z = a * s[r].z + ki * vv[2];
-        s[r].w = a * s[r].w + ki * vv[3];
-        *((lin_f4*)(S + (i64)i * LIN_V) + c) = s[r];
-        o[0] += qi * s[r].x;
-        o[1] += qi * s[r].y;
-        o[2] += qi * s[r].z;
-        o[3] += qi * s[r].w;
+        s.x = a * s.x + ki * vv[0];
+        s.y = a * s.y + ki * vv[1];
+        s.z = a * s.z + ki * vv[2];
+        s.w = a * s.w + ki * vv[3];
+        *row = s;
+        o[0] += qi * s.x;
+        o[1] += qi * s.y;
+        o[2] += qi * s.z;
+        o[3] += qi * s.w;
     }
 #pragma unroll
     for (int e = 0; e < 4; e++) red[rg][4 * c + e] = o[e];
