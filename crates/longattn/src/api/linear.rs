@@ -8,7 +8,9 @@
 //! are the caller's here (the Rust-level `linear::linear_attention` has them).
 //!
 //! Outputs are the caller's buffers, written in place; CUDA work goes on the caller's stream.
-use super::{common_device, write_f32, write_host, Device, RawDType, RawTensor, StreamHandle};
+use super::{
+    check_out, common_device, write_f32, write_host, Device, RawDType, RawTensor, StreamHandle,
+};
 use crate::error::{Error, Result};
 use crate::linear::{cpu, Core, Decay};
 use crate::tensor::{Buffer, DType};
@@ -41,7 +43,7 @@ enum Kind {
     Gate,
 }
 
-/// Sizes of a checked call: (B, T, H, Hk, K, V, sequences).
+/// Sizes of a checked call: B, T, H, K, V and the number of sequences.
 #[derive(Clone, Copy, Debug)]
 struct Sizes {
     b: usize,
@@ -159,28 +161,11 @@ fn check(op: &'static str, a: &LinearArgs) -> Result<(Sizes, Kind, DType, Device
     Ok((s, kind, dt, dev))
 }
 
-/// Checks an output tensor: shape, dtype, device (strided outputs are fine on the CPU).
-fn check_out(
-    op: &'static str,
-    name: &str,
-    t: &RawTensor,
-    want: &[usize],
-    dtype: RawDType,
-    dev: Device,
-) -> Result<()> {
-    super::check_out(op, name, t, want, dtype, dev)
-}
-
 /// The host core of a CPU call.
 ///
 /// # Safety
 /// The tensors of `a` address CPU memory of their shapes and strides for `'a`.
-unsafe fn host_core<'a>(
-    op: &'static str,
-    a: &LinearArgs,
-    kind: Kind,
-    s: &Sizes,
-) -> Result<Core<'a>> {
+unsafe fn host_core<'a>(op: &'static str, a: &LinearArgs, kind: Kind) -> Result<Core<'a>> {
     let f32s = |t: &RawTensor| -> &'a [f32] {
         // SAFETY: checked contiguous f32 CPU tensors; the caller's contract.
         unsafe { std::slice::from_raw_parts(t.ptr as *const f32, t.numel()) }
@@ -192,7 +177,6 @@ unsafe fn host_core<'a>(
         (Kind::Gate, Some(g)) => Decay::Gate(g),
         _ => Decay::None,
     };
-    let _ = s;
     Ok(Core {
         // SAFETY: forwarded.
         q: unsafe { a.q.view(op, "q")? },
@@ -242,7 +226,7 @@ pub unsafe fn linear_forward(
     match dev {
         Device::Cpu => {
             // SAFETY: the caller's contract.
-            let core = unsafe { host_core(OP, a, kind, &s)? };
+            let core = unsafe { host_core(OP, a, kind)? };
             let r = cpu::forward_chunked(&core, CPU_CHUNK)?;
             // SAFETY: checked shapes; the caller's contract.
             unsafe {
@@ -317,7 +301,7 @@ pub unsafe fn linear_backward(
     match dev {
         Device::Cpu => {
             // SAFETY: the caller's contract.
-            let core = unsafe { host_core(OP, a, kind, &s)? };
+            let core = unsafe { host_core(OP, a, kind)? };
             // SAFETY: as above.
             let dview = unsafe { dout.view(OP, "dout")? };
             let mut dvec = Vec::with_capacity(dout.numel());
@@ -393,7 +377,7 @@ pub unsafe fn linear_step(a: &LinearArgs, state: &RawTensor, out: &RawTensor) ->
     match dev {
         Device::Cpu => {
             // SAFETY: the caller's contract.
-            let core = unsafe { host_core(OP, a, kind, &s)? };
+            let core = unsafe { host_core(OP, a, kind)? };
             // SAFETY: a contiguous f32 CPU tensor the caller lets us write.
             let st =
                 unsafe { std::slice::from_raw_parts_mut(state.ptr as *mut f32, state.numel()) };
@@ -413,6 +397,18 @@ mod cuda {
     use super::*;
     use crate::cuda::{Borrowed, DevTensor};
     use crate::linear::cuda::{self as lc, DevCore, DevDecay, GradsOut};
+
+    /// A caller's contiguous device tensor as a `CudaSlice<T>` for the call.
+    ///
+    /// # Safety
+    /// `t` addresses `numel` elements of `T` on the stream's device.
+    unsafe fn borrow<T>(
+        s: &std::sync::Arc<cudarc::driver::CudaStream>,
+        t: &RawTensor,
+    ) -> Borrowed<T> {
+        // SAFETY: forwarded.
+        unsafe { Borrowed::new(s, t.ptr, t.numel()) }
+    }
 
     /// The borrowed device inputs of one call.
     struct Inputs {
@@ -473,9 +469,9 @@ mod cuda {
                 q: dev_tensor(s, "q", &a.q)?,
                 k: dev_tensor(s, "k", &a.k)?,
                 v: dev_tensor(s, "v", &a.v)?,
-                g: a.g.map(|t| Borrowed::new(s, t.ptr, t.numel())),
-                s0: a.initial_state.map(|t| Borrowed::new(s, t.ptr, t.numel())),
-                cu: a.cu_seqlens.map(|t| Borrowed::new(s, t.ptr, t.numel())),
+                g: a.g.map(|t| borrow(s, &t)),
+                s0: a.initial_state.map(|t| borrow(s, &t)),
+                cu: a.cu_seqlens.map(|t| borrow(s, &t)),
             })
         }
     }
@@ -497,7 +493,7 @@ mod cuda {
         unsafe {
             let x = inputs(OP, ord, a, &s)?;
             let o = dev_tensor(&s, "out", out)?;
-            let f = Borrowed::<f32>::new(&s, fin.ptr, fin.numel());
+            let f = borrow::<f32>(&s, fin);
             lc::forward_on(&dev, &s, &x.core(a, kind), &o, &f)
         }
     }
@@ -517,14 +513,14 @@ mod cuda {
         unsafe {
             let x = inputs(OP, ord, a, &s)?;
             let d = dev_tensor(&s, "dout", dout)?;
-            let df = dfin.map(|t| Borrowed::<f32>::new(&s, t.ptr, t.numel()));
+            let df = dfin.map(|t| borrow::<f32>(&s, t));
             let (dq, dk, dv) = (
                 dev_tensor(&s, "dq", &g.dq)?,
                 dev_tensor(&s, "dk", &g.dk)?,
                 dev_tensor(&s, "dv", &g.dv)?,
             );
-            let dg = g.dg.map(|t| Borrowed::<f32>::new(&s, t.ptr, t.numel()));
-            let ds0 = Borrowed::<f32>::new(&s, g.d_initial_state.ptr, g.d_initial_state.numel());
+            let dg = g.dg.map(|t| borrow::<f32>(&s, &t));
+            let ds0 = borrow::<f32>(&s, &g.d_initial_state);
             let out = GradsOut {
                 dq: &dq,
                 dk: &dk,
@@ -550,7 +546,7 @@ mod cuda {
         unsafe {
             let x = inputs(OP, ord, a, &s)?;
             let o = dev_tensor(&s, "out", out)?;
-            let st = Borrowed::<f32>::new(&s, state.ptr, state.numel());
+            let st = borrow::<f32>(&s, state);
             let c = x.core(a, kind);
             lc::step_on(&dev, &s, c.q, c.k, c.v, c.decay, a.scale, &st, &o)
         }
