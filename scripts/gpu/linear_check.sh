@@ -4,6 +4,9 @@
 #   bash scripts/gpu/linear_check.sh checks   # selftest group `linear`, pytest test_linear on CUDA
 #   bash scripts/gpu/linear_check.sh perf     # linear_check.py: vs FLA (same process), decode step
 #   bash scripts/gpu/linear_check.sh extra    # CLI cpu-vs-cuda (softmax and linear), memcheck on pytest
+#   bash scripts/gpu/linear_check.sh segcheck # the checks again with every sequence cut into
+#                                             # segments of 64 / 128 tokens (LONGATTN_LINEAR_SEG)
+#   bash scripts/gpu/linear_check.sh sweep    # timings only, per slice width / segment length
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -17,6 +20,27 @@ checks)
   grep -vE "^linear .* pass " "$OUT/selftest_linear.txt" | tail -25
   timeout 200 python3 -m pytest -q crates/longattn-py/tests/test_linear.py -k cuda -p no:cacheprovider \
     > "$OUT/pytest_linear.txt" 2>&1; echo "pytest rc=$?"; tail -15 "$OUT/pytest_linear.txt"
+  ;;
+segcheck)
+  LONGATTN_LINEAR_SEG=64 timeout 300 /tmp/longattn selftest --backend cuda --filter linear \
+    > "$OUT/selftest_linear_seg64.txt" 2>&1; echo "selftest (segments of 64) rc=$?"
+  grep -vE "^linear .* pass " "$OUT/selftest_linear_seg64.txt" | tail -12
+  LONGATTN_LINEAR_SEG=128 timeout 200 python3 -m pytest -q crates/longattn-py/tests/test_linear.py -k cuda \
+    -p no:cacheprovider > "$OUT/pytest_linear_seg128.txt" 2>&1; echo "pytest (segments of 128) rc=$?"
+  tail -4 "$OUT/pytest_linear_seg128.txt"
+  ;;
+sweep)
+  if [ -d .peers/light ]; then
+    E=$(bash .peers/install.sh light) && eval "$E"
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  CFGS=("LONGATTN_LINEAR_SEG=0" "LONGATTN_LINEAR_NW=16" "LONGATTN_LINEAR_NW=16 LONGATTN_LINEAR_SEG=0"
+        "LONGATTN_LINEAR_NW=16 LONGATTN_LINEAR_BV=64" "LONGATTN_LINEAR_BV=64")
+  [ -n "${SWEEP:-}" ] && IFS=';' read -r -a CFGS <<< "$SWEEP"  # SWEEP="A=1 B=2;A=3"
+  for cfg in "${CFGS[@]}"; do
+    echo "== $cfg"
+    env $cfg python3 crates/longattn-py/bench/linear_check.py --perf-only --no-fla 2>&1 | grep -E "^b[0-9]|Error|error" | head -5
+  done 2>&1 | tee "$OUT/linear_sweep.txt"
   ;;
 perf)
   if [ -d .peers/light ]; then
@@ -36,11 +60,12 @@ esac
 # Profile of the chunked forward at (1, 16k, 32, 128): `bash scripts/gpu/linear_check.sh profile`
 if [ "${1:-}" = profile ]; then
   timeout 240 ncu --kernel-name lin_fwd --launch-skip 1 --launch-count 1 --section SpeedOfLight \
-    --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis python3 -c "
+    --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section LaunchStats python3 -c "
 import torch, torch.nn.functional as F, longattn
 q, k, v = (torch.randn(1, 16384, 32, 128, device='cuda', dtype=torch.bfloat16) for _ in range(3))
 g = F.logsigmoid(torch.randn(1, 16384, 32, device='cuda')) / 16
 for _ in range(2): longattn.chunk_simple_gla(q, k, v, g)
 torch.cuda.synchronize()" > "$OUT/ncu_lin_fwd.txt" 2>&1; echo "ncu rc=$?"
-  grep -E "Duration|Throughput|Achieved Occupancy|Stall|Warp Cycles|Registers|Eligible|Issued" "$OUT/ncu_lin_fwd.txt" | head -40
+  grep -E "Duration|Throughput|Achieved Occupancy|Stall|Warp Cycles|Registers|Eligible|Issued|Pipe|Spill|Executed Ipc" "$OUT/ncu_lin_fwd.txt" | head -40
 fi

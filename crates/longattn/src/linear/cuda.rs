@@ -12,14 +12,17 @@
 //! only in [`step`]), GQA, initial and final states `[seqs, H, K, V]` f32, varlen through
 //! `cu_seqlens`, strided q / k / v with a contiguous head dim (16-byte aligned rows).
 //!
-//! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_step.cu` hold the
-//! math): chunks of 64 tokens; one block of 8 warps per (state slice, head, sequence) walking its
-//! chunks in order (or in reverse for dK / dV), its slice of the state in f32 registers, chunk
-//! c + 1 loading (cp.async) while chunk c computes on the tensor cores (mma.sync m16n8k16). No
-//! per-chunk state ever goes to global memory. Forward: slices of BV value columns
-//! (`choose_bv`: 32, or 64 when that still fills the SMs twice); backward: dV with the same slices in reverse, dQ (in order) and dK (in
-//! reverse) with slices of 32 key rows, then dg as reverse cumulative sums of
-//! `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
+//! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_seg.cu`,
+//! `linear_step.cu` hold the math): chunks of 64 tokens; one block of 8 warps per (state slice,
+//! head, segment) walking its chunks in order (or in reverse for dK / dV), its slice of the state
+//! in f32 registers, chunk c + 1 loading (cp.async) while chunk c computes on the tensor cores
+//! (mma.sync m16n8k16). No per-chunk state ever goes to global memory. When slices x heads x
+//! sequences leave the SMs idle, each sequence is cut into segments (`choose_segments`): a state
+//! pass gives each segment's own contribution, a scan over segments the state entering each
+//! (and, for the backward, the gradient leaving each), then every segment runs in parallel.
+//! Forward: slices of BV value columns (`choose_bv`: 32, or 64 when that still fills the SMs
+//! twice); backward: dV with the same slices in reverse, dQ (in order) and dK (in reverse) with
+//! slices of 32 key rows, then dg as reverse cumulative sums of `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
 //! mma.sync / ldmatrix / shuffles) against an f64 recurrence.
 use std::sync::Arc;
 
@@ -35,6 +38,7 @@ const LIN_COMMON: &str = include_str!("../cuda/kernels/linear_common.cuh");
 const LIN_FWD: &str = include_str!("../cuda/kernels/linear_fwd.cu");
 const LIN_BWD: &str = include_str!("../cuda/kernels/linear_bwd.cu");
 const LIN_STEP: &str = include_str!("../cuda/kernels/linear_step.cu");
+const LIN_SEG: &str = include_str!("../cuda/kernels/linear_seg.cu");
 
 /// Tokens per chunk (`LIN_C`).
 pub const CHUNK: usize = 64;
@@ -65,6 +69,9 @@ struct LinParams {
     ds0: u64,
     db: u64,
     cu: u64,
+    seg_f: u64,
+    seg_r: u64,
+    seg_g: u64,
     q_s: [i64; 3],
     k_s: [i64; 3],
     v_s: [i64; 3],
@@ -84,14 +91,17 @@ struct LinParams {
     has_dsfin: i32,
     want_db: i32,
     gqa_acc: i32,
+    seg_len: i32,
+    nseg: i32,
     pad0: i32,
     scale: f32,
     pad1: f32,
 }
 
-const _: () = assert!(std::mem::size_of::<LinParams>() == 384);
-const _: () = assert!(std::mem::offset_of!(LinParams, q_s) == 136);
-const _: () = assert!(std::mem::offset_of!(LinParams, b) == 328);
+const _: () = assert!(std::mem::size_of::<LinParams>() == 416);
+const _: () = assert!(std::mem::offset_of!(LinParams, q_s) == 160);
+const _: () = assert!(std::mem::offset_of!(LinParams, b) == 352);
+const _: () = assert!(std::mem::offset_of!(LinParams, scale) == 408);
 
 // SAFETY: plain-old-data with the C layout of the kernels' parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LinParams {}
@@ -325,6 +335,7 @@ impl DevCore<'_> {
             decay: self.decay.kind(),
             has_s0: self.initial_state.is_some() as i32,
             has_cu: self.cu_seqlens.is_some() as i32,
+            nseg: 1,
             scale: self.scale,
             ..Default::default()
         }
@@ -347,6 +358,148 @@ fn choose_bv(dev: &CudaDevice, d: &CoreDims) -> usize {
     }
 }
 
+/// Layout of the forward: `(BV, warps)`. 8 warps with [`choose_bv`]'s slices, or 16 warps over
+/// the whole state (BV = V: Q K^T and K o w computed once per chunk and head instead of once per
+/// slice). `LONGATTN_LINEAR_NW=8|16` overrides (16 takes BV = V unless `LONGATTN_LINEAR_BV`
+/// names 64 or more).
+fn choose_fwd(dev: &CudaDevice, d: &CoreDims) -> (usize, usize) {
+    let nw = match std::env::var("LONGATTN_LINEAR_NW").ok().as_deref() {
+        Some("16") => 16,
+        Some("8") => 8,
+        _ => FWD_WARPS,
+    };
+    if nw == 16 {
+        let bv = match std::env::var("LONGATTN_LINEAR_BV").ok().as_deref() {
+            Some("64") => 64,
+            _ => d.v,
+        };
+        (bv, 16)
+    } else {
+        (choose_bv(dev, d), 8)
+    }
+}
+
+/// Default warps of the forward (see [`choose_fwd`]).
+const FWD_WARPS: usize = 8;
+
+/// Shortest segment the chooser makes (tokens): below it the state passes and the scan cost
+/// more than the parallelism gains.
+const MIN_SEGMENT: usize = 512;
+
+/// How the sequences are cut into segments that run in parallel (`linear_common.cuh`,
+/// "Segments"): `(tokens a segment, segments a sequence)`, `(0, 1)` when they are not cut.
+/// Blocks without cutting: `slices x H x seqs`; when that is under `8 x SMs` blocks of 8 warps
+/// (every SM two resident blocks, four waves to balance; half as many of 16 warps), each sequence of up to T tokens is cut into enough
+/// segments of at least [`MIN_SEGMENT`] tokens to reach it. `LONGATTN_LINEAR_SEG=N` forces
+/// segments of N tokens (rounded up to the chunk), `0` turns cutting off.
+fn choose_segments(dev: &CudaDevice, d: &CoreDims, slices: usize, nw: usize) -> (usize, usize) {
+    let forced = std::env::var("LONGATTN_LINEAR_SEG")
+        .ok()
+        .and_then(|x| x.trim().parse::<usize>().ok());
+    let len = match forced {
+        Some(0) => return (0, 1),
+        Some(n) => n.div_ceil(CHUNK) * CHUNK,
+        None => {
+            let base = slices * d.h * d.seqs;
+            let target = 8 * dev.sms * 8 / nw;
+            if base >= target {
+                return (0, 1);
+            }
+            let want = target.div_ceil(base);
+            (d.t.div_ceil(want).div_ceil(CHUNK) * CHUNK).max(MIN_SEGMENT)
+        }
+    };
+    // The grid's z dimension holds seqs x nseg blocks.
+    let most = (65535 / d.seqs).max(1);
+    let mut n = d.t.div_ceil(len.max(CHUNK)).max(1);
+    let mut len = len.max(CHUNK);
+    if n > most {
+        len = d.t.div_ceil(most).div_ceil(CHUNK) * CHUNK;
+        n = d.t.div_ceil(len).max(1);
+    }
+    if n <= 1 {
+        (0, 1)
+    } else {
+        (len, n)
+    }
+}
+
+/// The per-segment states of a cut problem ([`choose_segments`]): `f` (state entering each
+/// segment), `r` (gradient reaching the state leaving it; backward only), `g` (each segment's
+/// total log decay). Allocated stream-ordered on the launch stream; freed after the kernels
+/// that read them (the stream orders the frees).
+struct Segments {
+    f: CudaSlice<f32>,
+    r: Option<CudaSlice<f32>>,
+    g: CudaSlice<f32>,
+}
+
+impl Segments {
+    /// Allocates the buffers and points `p` at them (`p.nseg > 1`).
+    fn new(s: &Arc<CudaStream>, d: &CoreDims, p: &mut LinParams, rev: bool) -> Result<Segments> {
+        let n = d.seqs * p.nseg as usize;
+        let st = n * d.h * d.k * d.v;
+        let zeros = |n: usize| {
+            s.alloc_zeros::<f32>(n.max(1))
+                .map_err(drv("alloc segments"))
+        };
+        let seg = Segments {
+            f: zeros(st)?,
+            r: if rev { Some(zeros(st)?) } else { None },
+            g: zeros(n * d.h)?,
+        };
+        p.seg_f = ptr(&seg.f);
+        p.seg_r = seg.r.as_ref().map_or(0, ptr);
+        p.seg_g = ptr(&seg.g);
+        Ok(seg)
+    }
+
+    /// The state pass of one direction and its scan over segments: afterwards `seg_f` (or
+    /// `seg_r`) holds the state entering (the gradient leaving) every segment.
+    fn run(
+        dev: &CudaDevice,
+        s: &Arc<CudaStream>,
+        p: &LinParams,
+        d: &CoreDims,
+        dtype: DType,
+        bv: usize,
+        rev: bool,
+    ) -> Result<()> {
+        let src = ("linear_seg", LIN_SEG);
+        let smem = smem_seg(d.k, bv);
+        let entry = if rev {
+            "lin_state_rev"
+        } else {
+            "lin_state_fwd"
+        };
+        let f = function(dev, src, entry, dtype, d, bv, smem)?;
+        let z = (d.seqs * p.nseg as usize) as u32;
+        launch(
+            s,
+            &f,
+            ((d.v / bv) as u32, d.h as u32, z),
+            THREADS,
+            smem,
+            p,
+            "launch linear segment states",
+        )?;
+        let scan = function(dev, src, "lin_seg_scan", dtype, d, bv, 0)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((d.k * d.v).div_ceil(256) as u32, d.h as u32, d.seqs as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dir = rev as i32;
+        let mut b = s.launch_builder(&scan);
+        b.arg(p).arg(&dir);
+        // SAFETY: `p` points at live buffers (the caller's inputs, `Segments::new`'s states of
+        // seqs x nseg x H x K x V and seqs x nseg x H f32); the grid is within the limits checked
+        // in `validate` (H and seqs <= 65535).
+        unsafe { b.launch(cfg) }.map_err(drv("launch linear segment scan"))?;
+        Ok(())
+    }
+}
+
 /// Dynamic shared memory (bytes) of each kernel, the layouts at the top of its source.
 fn smem_fwd(k: usize, bv: usize) -> usize {
     (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
@@ -354,21 +507,40 @@ fn smem_fwd(k: usize, bv: usize) -> usize {
 fn smem_dv(k: usize, bv: usize) -> usize {
     (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + 2 * CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
 }
+fn smem_seg(k: usize, bv: usize) -> usize {
+    (2 * (CHUNK * k + CHUNK * bv) + CHUNK * k) * 2 + 3 * CHUNK * 4
+}
 fn smem_kslice(v: usize) -> usize {
     (2 * (2 * CHUNK * BK + 2 * CHUNK * v) + CHUNK * CHUNK + CHUNK * BK + BK * v) * 2 + 3 * CHUNK * 4
 }
 
-/// Compiles (or fetches) kernel `entry` of `src` for this problem's variant.
+/// Compiles (or fetches) kernel `entry` of `src` for this problem's variant (8 warps a block).
 fn function(
     dev: &CudaDevice,
-    (name, src): (&str, &str),
+    src: (&str, &str),
     entry: &str,
     dtype: DType,
     d: &CoreDims,
     bv: usize,
     smem: usize,
 ) -> Result<CudaFunction> {
+    function_nw(dev, src, entry, dtype, d, bv, 8, smem)
+}
+
+/// [`function`] with `nw` warps a block (the forward's 16-warp layout).
+#[allow(clippy::too_many_arguments)]
+fn function_nw(
+    dev: &CudaDevice,
+    (name, src): (&str, &str),
+    entry: &str,
+    dtype: DType,
+    d: &CoreDims,
+    bv: usize,
+    nw: usize,
+    smem: usize,
+) -> Result<CudaFunction> {
     let defines = vec![
+        ("LIN_NW".to_string(), nw.to_string()),
         (
             "LA_F16".to_string(),
             ((dtype == DType::F16) as i32).to_string(),
@@ -447,7 +619,8 @@ fn check_len(op: &'static str, name: &str, x: &CudaSlice<f32>, want: usize) -> R
 }
 
 /// Forward into the caller's `out [B, T, H, V]` (q's dtype) and `fin [seqs, H, K, V]` f32, on
-/// stream `s` (no allocation, no synchronisation).
+/// stream `s` (no synchronisation; the per-segment states of a cut problem are allocated
+/// stream-ordered on `s`).
 pub fn forward_on(
     dev: &CudaDevice,
     s: &Arc<CudaStream>,
@@ -465,23 +638,35 @@ pub fn forward_on(
     }
     check_output(OP, "out", out, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
     check_len(OP, "final_state", fin, d.state_len())?;
-    let bv = choose_bv(dev, &d);
+    let (bv, nw) = choose_fwd(dev, &d);
     let smem = smem_fwd(d.k, bv);
-    let f = function(
+    let f = function_nw(
         dev,
         ("linear_fwd", LIN_FWD),
         "lin_fwd",
         c.q.dtype,
         &d,
         bv,
+        nw,
         smem,
     )?;
     let mut p = c.params(&d);
     p.o = tptr(out);
     p.o_s = out.strides();
     p.sfin = ptr(fin);
-    let grid = ((d.v / bv) as u32, d.h as u32, d.seqs as u32);
-    launch(s, &f, grid, THREADS, smem, &p, "launch linear forward")
+    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, nw);
+    (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
+    let _seg = if nseg > 1 {
+        let seg = Segments::new(s, &d, &mut p, false)?;
+        // The state pass has its own slices (8 warps, at most 64 columns: registers).
+        Segments::run(dev, s, &p, &d, c.q.dtype, bv.min(64), false)?;
+        Some(seg)
+    } else {
+        None
+    };
+    let grid = ((d.v / bv) as u32, d.h as u32, (d.seqs * nseg) as u32);
+    let threads = 32 * nw as u32;
+    launch(s, &f, grid, threads, smem, &p, "launch linear forward")
 }
 
 /// Backward of `loss(out, final state)`: `dout [B, T, H, V]` (q's dtype, 16-byte aligned rows)
@@ -623,12 +808,25 @@ pub fn backward_on(
     p.want_db = token as i32;
     p.gqa_acc = gqa as i32;
 
+    // Cut sequences: states entering and gradients leaving every segment first.
+    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, 8);
+    (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
+    let _seg = if nseg > 1 {
+        let seg = Segments::new(s, &d, &mut p, true)?;
+        Segments::run(dev, s, &p, &d, dt, bv, false)?;
+        Segments::run(dev, s, &p, &d, dt, bv, true)?;
+        Some(seg)
+    } else {
+        None
+    };
+
     let src = ("linear_bwd", LIN_BWD);
     let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
     let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
     let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
     let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
-    let (h, n) = (d.h as u32, d.seqs as u32);
+    let h = d.h as u32;
+    let n = (d.seqs * nseg) as u32;
     launch(
         s,
         &f_dv,
@@ -678,7 +876,7 @@ pub fn backward_on(
     if let (true, Some(dg)) = (token, out.dg) {
         let f = function(dev, src, "lin_bwd_dg", dt, &d, bv, 0)?;
         let cfg = LaunchConfig {
-            grid_dim: (h, n, 1),
+            grid_dim: (h, d.seqs as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -14,7 +14,8 @@
 //
 // dQ and dK need full rows of S / H over V, dV needs full columns over K, so no single slicing of
 // the state serves all three; three kernels, each owning a slice of the state that keeps its
-// output complete (no cross-block reductions), each recomputing the state it needs:
+// output complete (no cross-block reductions), each recomputing the state it needs (over its
+// segment when the sequence is cut, from S_j / H_j of linear_seg.cu):
 //   lin_bwd_dq  block (K slice ks of BK rows, h, n), chunks in order: S[ks] (BK x V) forward,
 //               dQ[:, ks] and q . dq partial sums of db.
 //   lin_bwd_dk  block (ks, h, n), chunks in reverse: H[ks] (BK x V), dK[:, ks], -k . dk.
@@ -78,10 +79,6 @@ __device__ __forceinline__ void lin_db_add(const float (&acc)[1][NT][4], const u
 #define LIN_DV_STAGE (2 * LIN_C * LIN_K + LIN_C * LIN_BV)
 // Warp layouts (8 warps): C x C and C x BV blocks of 16 rows (w % 4) x half the columns (w / 4);
 // the K x BV state in blocks of 16 rows (LIN_SWR along K) x BV / LIN_SWC columns.
-#define LIN_SWR ((LIN_K / 16) < LIN_NW ? (LIN_K / 16) : LIN_NW)
-#define LIN_SWC (LIN_NW / LIN_SWR)
-#define LIN_NTS (LIN_BV / (8 * LIN_SWC))
-static_assert(LIN_K / 16 == LIN_SWR, "one 16-row block of the state per warp row");
 
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
@@ -92,13 +89,14 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const Li
     float* sg = (float*)(sH + LIN_K * LIN_BV);
     float* sb = sg + 2 * LIN_C;
 
-    const int vs = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+    const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const LinSeg seg = lin_segment(p, z);
+    if (!seg.run) return;
     const int kh = h / (p.H / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wr = warp & 3, wc = warp >> 2;
     const int v0 = vs * LIN_BV;
-    int b, t0, t1;
-    lin_seq(p, n, b, t0, t1);
+    const int b = seg.b, t0 = seg.a, t1 = seg.e;  // this block's segment
     const int nc = (t1 - t0 + LIN_C - 1) / LIN_C;
 
     const u16* gq = p.q + b * p.q_s[0] + h * p.q_s[2];
@@ -121,8 +119,9 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const Li
 
     const int sm0 = (warp % LIN_SWR) * 16, sn0 = (warp / LIN_SWR) * (LIN_BV / LIN_SWC);
     float hs[1][LIN_NTS][4];
-    const i64 sbase = ((i64)n * p.H + h) * LIN_K * LIN_V;
-    if (p.has_dsfin) lin_state_load(hs, p.dsfin + sbase, LIN_V, sm0, v0 + sn0, lane);
+    const i64 sbase = ((i64)seg.n * p.H + h) * LIN_K * LIN_V;
+    if (p.nseg > 1) lin_state_load(hs, p.seg_r + lin_seg_state(p, z, h), LIN_V, sm0, v0 + sn0, lane);
+    else if (p.has_dsfin) lin_state_load(hs, p.dsfin + sbase, LIN_V, sm0, v0 + sn0, lane);
     else lin_zero(hs);
 
     for (int step = 0; step < nc; step++) {
@@ -178,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const Li
         la_cp_commit();
     }
     la_cp_wait<0>();
-    lin_state_store(p.ds0 + sbase, hs, LIN_V, sm0, v0 + sn0, lane);
+    if (seg.first) lin_state_store(p.ds0 + sbase, hs, LIN_V, sm0, v0 + sn0, lane);
 }
 
 // ---- dQ and dK (K slices) --------------------------------------------------------------------
@@ -202,13 +201,14 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
     float* sg = (float*)(sS + LIN_BK * LIN_V);
     float* sb = sg + 2 * LIN_C;
 
-    const int ks = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+    const int ks = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const LinSeg seg = lin_segment(p, z);
+    if (!seg.run) return;
     const int kh = h / (p.H / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wr = warp & 3, wc = warp >> 2;
     const int k0 = ks * LIN_BK;
-    int b, t0, t1;
-    lin_seq(p, n, b, t0, t1);
+    const int b = seg.b, t0 = seg.a, t1 = seg.e;  // this block's segment
     const int nc = (t1 - t0 + LIN_C - 1) / LIN_C;
 
     const u16* gq = p.q + b * p.q_s[0] + h * p.q_s[2] + k0;
@@ -237,13 +237,14 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
 
     const int sm0 = (warp & 1) * 16, sn0 = (warp >> 1) * (LIN_V / 4);
     float sacc[1][LIN_KNT][4];
-    const i64 sbase = ((i64)n * p.H + h) * LIN_K * LIN_V + (i64)k0 * LIN_V;
-    if (DQ) {
-        if (p.has_s0) lin_state_load(sacc, p.s0 + sbase, LIN_V, sm0, sn0, lane);
-        else lin_zero(sacc);
+    const i64 sbase = ((i64)seg.n * p.H + h) * LIN_K * LIN_V + (i64)k0 * LIN_V;
+    if (p.nseg > 1) {
+        const float* s = (DQ ? p.seg_f : p.seg_r) + lin_seg_state(p, z, h) + (i64)k0 * LIN_V;
+        lin_state_load(sacc, s, LIN_V, sm0, sn0, lane);
+    } else if (DQ ? p.has_s0 : p.has_dsfin) {
+        lin_state_load(sacc, (DQ ? p.s0 : p.dsfin) + sbase, LIN_V, sm0, sn0, lane);
     } else {
-        if (p.has_dsfin) lin_state_load(sacc, p.dsfin + sbase, LIN_V, sm0, sn0, lane);
-        else lin_zero(sacc);
+        lin_zero(sacc);
     }
     float* db = p.db + (i64)b * p.T * p.H + h;
 
@@ -332,7 +333,7 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
     }
     la_cp_wait<0>();
     // The final-state term of db: sum over this slice of dS_final o S_final, at the last token.
-    if (DQ && p.want_db && p.has_dsfin && nc > 0) {
+    if (DQ && p.want_db && p.has_dsfin && seg.last && t1 > seg.t0) {
         const int g = lane >> 2, t4 = lane & 3;
         float s = 0.f;
 #pragma unroll

@@ -20,8 +20,17 @@
 // thread). Shared memory a block at K = V = 128 (linear/cuda.rs computes it): forward 104 KiB
 // at BV 32 (121 KiB at 64), dV 121 KiB (137 KiB), dQ / dK 101 KiB; two blocks fit in an SM's
 // 228 KiB for the forward at BV 32 and for dQ / dK.
+// (The forward may be built with 16 warps, LIN_NW set by the host, for whole-state slices: BV = V.)
+#ifndef LIN_NW
 #define LIN_NW 8
+#endif
 #define LIN_THREADS (LIN_NW * 32)
+// Warp layout of a K x BV state slice (forward, dV, segment passes): LIN_SWR warps along K (16
+// rows each), LIN_SWC along the BV columns, LIN_NTS 8-column tiles a warp.
+#define LIN_SWR ((LIN_K / 16) < LIN_NW ? (LIN_K / 16) : LIN_NW)
+#define LIN_SWC (LIN_NW / LIN_SWR)
+#define LIN_NTS (LIN_BV / (8 * LIN_SWC))
+static_assert(LIN_K / 16 == LIN_SWR, "one 16-row block of the state per warp row");
 
 // Kernel parameters (one struct for every linear kernel; unused fields are zero).
 // Field for field `LinParams` in linear/cuda.rs: the layouts must match byte for byte.
@@ -43,13 +52,17 @@ struct LinParams {
     float* ds0;          // gradient of the initial state
     float* db;           // [B, T, H] gradient w.r.t. the cumulative log decay (want_db)
     const int* cu;       // cu_seqlens [seqs + 1] (has_cu)
+    float* seg_f;        // segmented (nseg > 1): state entering each segment [seqs, nseg, H, K, V]
+    float* seg_r;        // gradient reaching the state leaving each segment, same shape
+    float* seg_g;        // total log decay of each segment [seqs, nseg, H]
     i64 q_s[3], k_s[3], v_s[3], do_s[3], o_s[3], dq_s[3], dk_s[3], dv_s[3];  // (batch, seq, head)
     int B, T, H, Hk;
     int seqs, decay, has_s0, has_cu;  // decay: 0 none, 1 per head, 2 per token, 3 gate (step)
-    int has_dsfin, want_db, gqa_acc, pad0;
+    int has_dsfin, want_db, gqa_acc, seg_len;  // seg_len: tokens a segment (a multiple of 64)
+    int nseg, pad0;                             // nseg: segments a sequence (1: not segmented)
     float scale, pad1;
 };
-static_assert(sizeof(LinParams) == 384, "LinParams layout (linear/cuda.rs)");
+static_assert(sizeof(LinParams) == 416, "LinParams layout (linear/cuda.rs)");
 
 __device__ __forceinline__ float lin_exp(float x) { return la_exp2(x * LA_LOG2E); }
 
@@ -77,6 +90,44 @@ __device__ __forceinline__ void lin_seq(const LinParams& p, int n, int& b, int& 
         t0 = 0;
         t1 = p.T;
     }
+}
+
+// Segments (issue of parallelism: one block walking a whole sequence leaves the GPU idle when
+// seqs x heads x slices is small). A sequence is cut into nseg segments of seg_len tokens (a
+// multiple of the chunk, so chunks stay counted from the sequence start); block z of a grid runs
+// segment z % nseg of sequence z / nseg. With S_j the state entering segment j, G_j its total
+// log decay and A_j the state it would leave from a zero start (lin_state_fwd),
+//   S_{j+1} = exp(G_j) S_j + A_j,                 S_0 = initial state;
+// with H_j the gradient reaching the state leaving segment j and R_j the gradient its tokens
+// alone send to its start (lin_state_rev),
+//   H_{j-1} = exp(G_j) H_j + R_j,                 H_last = gradient of the final state;
+// lin_seg_scan runs these recurrences (one thread per state element), then every chunked kernel
+// starts its segment from S_j (forward, dQ) or H_j (dV, dK).
+struct LinSeg {
+    int n, seg, b, t0, t1;  // sequence, segment, batch row, the sequence's tokens [t0, t1)
+    int a, e;               // the segment's tokens [a, e)
+    bool run, first, last;  // run: the segment exists (segment 0 always does, even if empty)
+};
+__device__ __forceinline__ LinSeg lin_segment(const LinParams& p, int z) {
+    LinSeg s;
+    s.n = z / p.nseg;
+    s.seg = z % p.nseg;
+    lin_seq(p, s.n, s.b, s.t0, s.t1);
+    if (p.nseg == 1) {
+        s.a = s.t0;
+        s.e = s.t1;
+    } else {
+        s.a = la_imin(s.t1, s.t0 + s.seg * p.seg_len);
+        s.e = la_imin(s.t1, s.a + p.seg_len);
+    }
+    s.run = s.seg == 0 || s.a < s.t1;
+    s.first = s.seg == 0;
+    s.last = s.e == s.t1;
+    return s;
+}
+// Offset of the [K, V] state of (segment z, head h) in seg_f / seg_r.
+__device__ __forceinline__ i64 lin_seg_state(const LinParams& p, int z, int h) {
+    return ((i64)z * p.H + h) * LIN_K * LIN_V;
 }
 
 // Swizzled shared-memory tiles [rows][W] of 16-bit elements in 16-byte chunks (W = 32, 64 or

@@ -8,25 +8,28 @@
 //   S' = exp(b_{L-1}) S + (K o w)^T V,  w_j = exp(b_{L-1} - b_j) for j < L, else 0
 // (o: elementwise, rows of K scaled by w).
 //
-// Work: block (V slice vs, head h, sequence n) of 8 warps owns the state columns vs * BV .. + BV
-// for the whole sequence (S slice K x BV in registers, f32) and walks its chunks in order; every
+// Work: block (V slice vs, head h, segment z) of 8 warps owns the state columns vs * BV .. + BV
+// for its segment of a sequence (S slice K x BV in registers, f32; the whole sequence when it is
+// not segmented, else starting from S_j of linear_seg.cu) and walks its chunks in order; every
 // slice recomputes Q K^T (cheap next to the loads; no cross-block traffic, no states in global
 // memory). Per chunk and block: 64 x 64 x K (Q K^T) + 64 x BV x 64 (P V) + 64 x BV x K (Q S) +
 // K x BV x 64 (state) multiply-adds on the tensor cores.
-// 8 warps: P (64 x 64) and O (64 x BV) in blocks of 16 rows (w % 4) x half the columns (w / 4);
-// the state (K x BV) in blocks of 16 rows x BV / LIN_SWC columns (LIN_SWR blocks of rows).
+// LIN_NW = 8 or 16 warps: P (64 x 64) and O (64 x BV) in blocks of 16 rows (w % 4) x a quarter
+// of the columns (w / 4, LIN_NW / 4 column blocks); the state (K x BV) in blocks of 16 rows x
+// BV / LIN_SWC columns (LIN_SWR blocks of rows). 16 warps with BV = V = 128 compute Q K^T and
+// K o w once per chunk and head (one block a head, one a SM: 153 KiB of shared memory).
 // Shared memory: two stages of Q [64][K], K [64][K], V [64][BV] and the chunk's decays (chunk
 // c + 1 lands while chunk c is computed), P [64][64], K o w [64][K], S as the storage type [K][BV],
 // b [64]. Three block barriers per chunk.
 
 #define LIN_STAGE_U16 (2 * LIN_C * LIN_K + LIN_C * LIN_BV)
-// State warp layout: LIN_SWR warps along K (16 rows each), LIN_SWC along the BV columns.
-#define LIN_SWR ((LIN_K / 16) < LIN_NW ? (LIN_K / 16) : LIN_NW)
-#define LIN_SWC (LIN_NW / LIN_SWR)
-#define LIN_NTS (LIN_BV / (8 * LIN_SWC))
-static_assert(LIN_K / 16 == LIN_SWR, "one 16-row block of the state per warp row");
+#define LIN_FCB (LIN_NW / 4)           // column blocks of P and O
+#define LIN_PN (LIN_C / LIN_FCB)       // P columns a warp
+#define LIN_ON (LIN_BV / LIN_FCB)      // O columns a warp
+static_assert(LIN_NW == 8 || LIN_NW == 16, "8 or 16 warps");
+static_assert(LIN_ON % 16 == 0, "O columns a warp: a multiple of 16");
 
-extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_fwd(const LinParams p) {
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) lin_fwd(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
     u16* sP = lin_smem + 2 * LIN_STAGE_U16;
     u16* sKt = sP + LIN_C * LIN_C;
@@ -34,14 +37,16 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_fwd(const LinPa
     float* sg = (float*)(sS + LIN_K * LIN_BV);  // two stages of 64 decays
     float* sb = sg + 2 * LIN_C;
 
-    const int vs = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+    const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const LinSeg seg = lin_segment(p, z);
+    if (!seg.run) return;
     const int kh = h / (p.H / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
-    const int wr = warp & 3, wc = warp >> 2;  // P / O: rows 16 wr, column half wc
+    const int wr = warp & 3, wc = warp >> 2;  // P / O: rows 16 wr, column block wc
     const int v0 = vs * LIN_BV;
-    int b, t0, t1;
-    lin_seq(p, n, b, t0, t1);
+    // This block's tokens [t0, t1): the segment (chunks aligned with the sequence's).
+    const int b = seg.b, t0 = seg.a, t1 = seg.e;
     const int nc = (t1 - t0 + LIN_C - 1) / LIN_C;
 
     const u16* gq = p.q + b * p.q_s[0] + h * p.q_s[2];
@@ -66,8 +71,9 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_fwd(const LinPa
     // State slice: rows sm0 .. sm0 + 15, columns sn0 .. sn0 + BV / LIN_SWC - 1 of the slice.
     const int sm0 = (warp % LIN_SWR) * 16, sn0 = (warp / LIN_SWR) * (LIN_BV / LIN_SWC);
     float st[1][LIN_NTS][4];
-    const i64 sbase = ((i64)n * p.H + h) * LIN_K * LIN_V;
-    if (p.has_s0) lin_state_load(st, p.s0 + sbase, LIN_V, sm0, v0 + sn0, lane);
+    const i64 sbase = ((i64)seg.n * p.H + h) * LIN_K * LIN_V;
+    if (p.nseg > 1) lin_state_load(st, p.seg_f + lin_seg_state(p, z, h), LIN_V, sm0, v0 + sn0, lane);
+    else if (p.has_s0) lin_state_load(st, p.s0 + sbase, LIN_V, sm0, v0 + sn0, lane);
     else lin_zero(st);
 
     for (int c = 0; c < nc; c++) {
@@ -83,18 +89,18 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_fwd(const LinPa
         lin_store_tile<LIN_BV>(sS, st, sm0, sn0, lane);
         __syncthreads();  // b ready
 
-        {   // P = scale (Q K^T) o D, rows 16 wr, columns 32 wc
-            float a[1][4][4];
+        {   // P = scale (Q K^T) o D, rows 16 wr, columns LIN_PN wc
+            float a[1][LIN_PN / 8][4];
             lin_zero(a);
-            lin_mma_nt<LIN_K, LIN_K, 1, 4, LIN_K / 16>(a, sQ, 16 * wr, sK, 32 * wc, lane);
-            lin_mask_store(sP, a, sb, 16 * wr, 32 * wc, L, p.scale, lane);
+            lin_mma_nt<LIN_K, LIN_K, 1, LIN_PN / 8, LIN_K / 16>(a, sQ, 16 * wr, sK, LIN_PN * wc, lane);
+            lin_mask_store(sP, a, sb, 16 * wr, LIN_PN * wc, L, p.scale, lane);
         }
         lin_rowscale<LIN_K>(sKt, sK, sb, L, true, 1.f);
         __syncthreads();  // P, K o w, S ready
 
-        {   // O = P V + scale diag(exp(b)) Q S, rows 16 wr, columns (BV / 2) wc
-            constexpr int ON = LIN_BV / 16;
-            const int on0 = wc * (LIN_BV / 2);
+        {   // O = P V + scale diag(exp(b)) Q S, rows 16 wr, columns LIN_ON wc
+            constexpr int ON = LIN_ON / 8;
+            const int on0 = wc * LIN_ON;
             float o[1][ON][4], oi[1][ON][4];
             lin_zero(o);
             lin_zero(oi);
@@ -130,5 +136,5 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_fwd(const LinPa
         la_cp_commit();
     }
     la_cp_wait<0>();
-    lin_state_store(p.sfin + sbase, st, LIN_V, sm0, v0 + sn0, lane);
+    if (seg.last) lin_state_store(p.sfin + sbase, st, LIN_V, sm0, v0 + sn0, lane);
 }

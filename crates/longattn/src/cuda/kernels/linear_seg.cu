@@ -1,0 +1,125 @@
+// Segments of a long sequence run in parallel (linear_common.cuh, "Segments"): the state each
+// segment would produce on its own, then a scan over segments. Shared pieces: linear_common.cuh.
+//
+// lin_state_fwd   block (V slice vs, head h, segment z), chunks in order, from S = 0:
+//                   S <- exp(b_{L-1}) S + (K o w)^T V,   w_j = exp(b_{L-1} - b_j) (j < L)
+//                 leaves A_j (columns vs) in seg_f and G_j = sum of the segment's log decays in
+//                 seg_g. The last segment of a sequence has no successor and is skipped.
+// lin_state_rev   the same in reverse over (Q, dO), from H = 0:
+//                   H <- exp(b_{L-1}) H + scale (Q o exp(b))^T dO
+//                 leaves R_j in seg_r (the first segment is skipped).
+// lin_seg_scan    one thread per (state element, head, sequence):
+//                   forward  S_0 = s0 (or 0),     S_{j+1} = exp(G_j) S_j + A_j
+//                   reverse  H_last = dS_final (or 0), H_{j-1} = exp(G_j) H_j + R_j
+//                 overwriting A_j / R_j with S_j / H_j (each read before it is written).
+//
+// Per chunk and block: K x BV x 64 multiply-adds (no Q K^T, no output), so these passes cost a
+// fraction of the chunked kernels they feed. Shared memory: two stages of X [64][K] and
+// Y [64][BV] with the chunk's decays, the row-scaled X [64][K], b [64].
+
+#define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
+
+template <bool REV>
+__device__ __forceinline__ void lin_state_pass(const LinParams& p) {
+    extern __shared__ __align__(128) u16 lin_smem[];
+    u16* sXt = lin_smem + 2 * LIN_SEG_STAGE;
+    float* sg = (float*)(sXt + LIN_C * LIN_K);  // two stages of 64 decays
+    float* sb = sg + 2 * LIN_C;
+
+    const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+    const LinSeg seg = lin_segment(p, z);
+    if (!seg.run || (REV ? seg.first : seg.last)) return;
+    const int kh = h / (p.H / p.Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int v0 = vs * LIN_BV;
+    const int b = seg.b, t0 = seg.a, t1 = seg.e;
+    const int nc = (t1 - t0 + LIN_C - 1) / LIN_C;
+
+    // Forward: X = K, Y = V (kv head); reverse: X = Q, Y = dO (query head).
+    const u16* gx = REV ? p.q + b * p.q_s[0] + h * p.q_s[2] : p.k + b * p.k_s[0] + kh * p.k_s[2];
+    const u16* gy = REV ? p.dout + b * p.do_s[0] + h * p.do_s[2] + v0 : p.v + b * p.v_s[0] + kh * p.v_s[2] + v0;
+    const i64 xs = REV ? p.q_s[1] : p.k_s[1], ys = REV ? p.do_s[1] : p.v_s[1];
+    auto load = [&](int st, int c) {
+        u16* s = lin_smem + st * LIN_SEG_STAGE;
+        const int r0 = t0 + c * LIN_C;
+        lin_load<LIN_C, LIN_K>(s, gx, xs, r0, t1);
+        lin_load<LIN_C, LIN_BV>(s + LIN_C * LIN_K, gy, ys, r0, t1);
+        lin_load_g(sg + st * LIN_C, p, b, h, r0, t1);
+    };
+#pragma unroll
+    for (int st = 0; st < 2; st++) {
+        if (st < nc) load(st, REV ? nc - 1 - st : st);
+        la_cp_commit();
+    }
+
+    const int sm0 = (warp % LIN_SWR) * 16, sn0 = (warp / LIN_SWR) * (LIN_BV / LIN_SWC);
+    float acc[1][LIN_NTS][4];
+    lin_zero(acc);
+    float gsum = 0.f;  // G_j (thread 0 of warp 0)
+    for (int step = 0; step < nc; step++) {
+        const int c = REV ? nc - 1 - step : step;
+        const int L = la_imin(LIN_C, t1 - (t0 + c * LIN_C));
+        const u16* sX = lin_smem + (step & 1) * LIN_SEG_STAGE;
+        const u16* sY = sX + LIN_C * LIN_K;
+        la_cp_wait<1>();
+        __syncthreads();  // chunk landed
+        if (warp == 0) lin_chunk_b(sb, sg + (step & 1) * LIN_C, p, h, L, lane);
+        __syncthreads();  // b ready
+        gsum += sb[LIN_C - 1];
+        lin_rowscale<LIN_K>(sXt, sX, sb, L, !REV, REV ? p.scale : 1.f);
+        __syncthreads();  // X o (w or scale exp(b)) ready
+        lin_scale(acc, lin_exp(sb[LIN_C - 1]));
+        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sXt, sm0, sY, sn0, lane);
+        __syncthreads();  // every warp is done with this stage, X o .. and b
+        if (step + 2 < nc) load(step & 1, REV ? c - 2 : c + 2);
+        la_cp_commit();
+    }
+    la_cp_wait<0>();
+    float* out = (REV ? p.seg_r : p.seg_f) + lin_seg_state(p, z, h);
+    lin_state_store(out, acc, LIN_V, sm0, v0 + sn0, lane);
+    if (vs == 0 && threadIdx.x == 0) p.seg_g[(i64)z * p.H + h] = gsum;
+}
+
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_fwd(const LinParams p) {
+    lin_state_pass<false>(p);
+}
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_rev(const LinParams p) {
+    lin_state_pass<true>(p);
+}
+
+// Grid (ceil(K V / 256), H, seqs) of 256 threads; `rev` picks the direction.
+extern "C" __global__ void __launch_bounds__(256) lin_seg_scan(const LinParams p, int rev) {
+    const int e = blockIdx.x * 256 + threadIdx.x, h = blockIdx.y, n = blockIdx.z;
+    if (e >= LIN_K * LIN_V) return;
+    int b, t0, t1;
+    lin_seq(p, n, b, t0, t1);
+    // Segments this sequence has (at least one, even when empty).
+    const int ns = la_imax(1, (t1 - t0 + p.seg_len - 1) / p.seg_len);
+    const i64 base = (i64)n * p.nseg;
+    float* buf = rev ? p.seg_r : p.seg_f;
+    auto at = [&](int j) -> float& { return buf[((base + j) * p.H + h) * LIN_K * LIN_V + e]; };
+    const i64 sidx = ((i64)n * p.H + h) * LIN_K * LIN_V + e;
+    if (!rev) {
+        float s = p.has_s0 ? p.s0[sidx] : 0.f;
+        for (int j = 0; j < ns; j++) {
+            if (j + 1 == ns) {
+                at(j) = s;
+                break;
+            }
+            const float a = at(j);
+            at(j) = s;
+            s = lin_exp(p.seg_g[(base + j) * p.H + h]) * s + a;
+        }
+    } else {
+        float s = p.has_dsfin ? p.dsfin[sidx] : 0.f;
+        for (int j = ns - 1; j >= 0; j--) {
+            if (j == 0) {
+                at(j) = s;
+                break;
+            }
+            const float r = at(j);
+            at(j) = s;
+            s = lin_exp(p.seg_g[(base + j) * p.H + h]) * s + r;
+        }
+    }
+}
