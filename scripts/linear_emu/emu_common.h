@@ -35,6 +35,7 @@ inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 inline int emu_warp() { return threadIdx.x >> 5; }
 inline int emu_lane() { return threadIdx.x & 31; }
 inline void warp_sync() { g_warp_bar[emu_warp()]->arrive_and_wait(); }
+inline void __syncwarp() { warp_sync(); }
 
 float xf[64][32];
 inline float __shfl_xor_sync(unsigned, float v, int d) {

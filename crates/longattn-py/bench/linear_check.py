@@ -145,6 +145,9 @@ for (b, t, h) in shapes:
     gb = (4 * b * t * h * 128 * 2 + b * t * h * 4) / 1e9
     row["longattn_fwd_ms"] = gpu_ms(lambda: longattn.chunk_simple_gla(q, k, v, g))
     qd, kd_, vd, gd = (x.detach() for x in (q, k, v, g))
+    longattn.linear.check_decays(False)  # eager without the read-back of the decay check
+    row["longattn_fwd_nocheck_ms"] = gpu_ms(lambda: longattn.chunk_simple_gla(q, k, v, g))
+    longattn.linear.check_decays(True)
     try_graph_ms(lambda: longattn.chunk_simple_gla(qd, kd_, vd, gd), row, "longattn_fwd_graph_ms")
     o, _ = longattn.chunk_simple_gla(q, k, v, g)
     do = torch.randn_like(o)
@@ -174,6 +177,9 @@ for (b, t, h) in shapes:
         line += f" | FLA fwd {row['fla_fwd_ms']:.3f} ms ({row['fla_fwd_ms'] / row['longattn_fwd_ms']:.2f}x)"
         line += f" fwd+bwd {row['fla_fwdbwd_ms']:.3f} ms ({row['fla_fwdbwd_ms'] / row['longattn_fwdbwd_ms']:.2f}x)" if "fla_fwdbwd_ms" in row else f" bwd: {row.get('fla_bwd_error')}"
         line += f" | out vs FLA {row['longattn_vs_fla_rel']:.1e}"
+    line += f" | eager without the decay check: longattn fwd {row['longattn_fwd_nocheck_ms']:.3f} ms"
+    if "fla_fwd_ms" in row:
+        line += f" ({row['fla_fwd_ms'] / row['longattn_fwd_nocheck_ms']:.2f}x FLA)"
     if "longattn_fwd_graph_ms" in row:
         line += f" | graphs: longattn fwd {row['longattn_fwd_graph_ms']:.3f} ms"
         if "fla_fwd_graph_ms" in row:

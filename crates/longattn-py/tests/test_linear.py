@@ -202,3 +202,25 @@ def test_errors(device):
         longattn.chunk_simple_gla(q, k, v, head_first=True)
     with pytest.raises(ValueError, match="one token"):
         longattn.fused_recurrent_simple_gla(q, k, v)
+
+
+def test_check_decays_switch(device):
+    """`check_decays(False)` skips the CUDA read-back (CPU always checks); the setting round-trips."""
+    kd, vd = dims_for(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (rnd(1, 10, 2, d, dtype=dtype, device=device) for d in (kd, kd, vd))
+    bad = torch.full((1, 10, 2), 0.1, device=device)
+    good = -torch.rand(1, 10, 2, device=device)
+    assert longattn.linear.check_decays(False) is True
+    try:
+        if device == "cuda":
+            o, _ = longattn.chunk_simple_gla(q, k, v, bad)  # unchecked: runs, the state grows
+            assert o.shape == (1, 10, 2, vd)
+        else:
+            with pytest.raises(ValueError, match="<= 0"):
+                longattn.chunk_simple_gla(q, k, v, bad)
+        o1, _ = longattn.chunk_simple_gla(q, k, v, good)
+    finally:
+        assert longattn.linear.check_decays(True) is False
+    o2, _ = longattn.chunk_simple_gla(q, k, v, good)
+    assert torch.equal(o1, o2)

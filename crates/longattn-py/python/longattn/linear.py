@@ -17,6 +17,11 @@ in FLA; the Rust library (``longattn run --linear SPEC``) has them built in.
 - :func:`fused_recurrent_simple_gla`: the decode step (one token per sequence), state updated in
   place.
 
+The log decays are checked (``g <= 0``, finite) before the kernels run; on CUDA that reads one
+flag back from the device, a synchronisation per call (skipped under CUDA graph capture and
+``torch.compile``). :func:`check_decays` turns it off for loops that produce ``g`` by
+construction (``F.logsigmoid``): the kernels never fault on a positive decay, its state grows.
+
 CPU: float32 / bfloat16 / float16. CUDA: bfloat16 / float16, K and V in {64, 128}, decays none /
 per head / per token in the chunked kernels (``chunk_gla`` on CUDA is refused with a clear error;
 the decode step takes every decay kind).
@@ -56,6 +61,18 @@ def _check(q, k, v, g, initial_state, cu_seqlens, op):
         raise TypeError(f"{op}: `cu_seqlens` must be int32, got {cu_seqlens.dtype}")
 
 
+_CHECK_DECAYS = True
+
+
+def check_decays(enabled: bool = True) -> bool:
+    """Whether the linear-attention calls check their CUDA log decays (``g <= 0``) by reading a
+    flag back from the device (a synchronisation per call; on by default). Returns the previous
+    setting. CPU tensors are always checked."""
+    global _CHECK_DECAYS
+    prev, _CHECK_DECAYS = _CHECK_DECAYS, bool(enabled)
+    return prev
+
+
 def _check_g(g, op):
     """float32 log decays, <= 0 (checked outside graph capture and compilation: the check reads
     one flag back from the device)."""
@@ -65,6 +82,8 @@ def _check_g(g, op):
         raise TypeError(f"{op}: `g` must be a floating tensor of log decays, got {g.dtype}")
     g = g.float().contiguous()  # no copy when it already is
     if torch.compiler.is_compiling():
+        return g
+    if g.is_cuda and not _CHECK_DECAYS:
         return g
     if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
         bad = ~(g <= 0)

@@ -342,19 +342,13 @@ impl DevCore<'_> {
     }
 }
 
-/// Value columns per block of the forward and dV kernels: 32, or 64 when blocks of 64 already
-/// give every SM two (less recomputation of Q K^T per value column).
-/// `LONGATTN_LINEAR_BV=32|64` overrides.
-fn choose_bv(dev: &CudaDevice, d: &CoreDims) -> usize {
+/// Value columns per block of the 8-warp forward and of the dV kernel: 64 (half the
+/// recomputation of Q K^T per value column of 32; the sequences are cut into segments when the
+/// blocks are too few), or V when V < 64. `LONGATTN_LINEAR_BV=32|64` overrides.
+fn choose_bv(d: &CoreDims) -> usize {
     match std::env::var("LONGATTN_LINEAR_BV").ok().as_deref() {
-        Some("32") => return 32,
-        Some("64") => return 64,
-        _ => {}
-    }
-    if d.seqs * d.h * (d.v / 64) >= 2 * dev.sms {
-        64
-    } else {
-        32
+        Some("32") => 32,
+        _ => d.v.min(64),
     }
 }
 
@@ -362,7 +356,7 @@ fn choose_bv(dev: &CudaDevice, d: &CoreDims) -> usize {
 /// the whole state (BV = V: Q K^T and K o w computed once per chunk and head instead of once per
 /// slice). `LONGATTN_LINEAR_NW=8|16` overrides (16 takes BV = V unless `LONGATTN_LINEAR_BV`
 /// names 64 or more).
-fn choose_fwd(dev: &CudaDevice, d: &CoreDims) -> (usize, usize) {
+fn choose_fwd(d: &CoreDims) -> (usize, usize) {
     let nw = match std::env::var("LONGATTN_LINEAR_NW").ok().as_deref() {
         Some("16") => 16,
         Some("8") => 8,
@@ -375,12 +369,13 @@ fn choose_fwd(dev: &CudaDevice, d: &CoreDims) -> (usize, usize) {
         };
         (bv, 16)
     } else {
-        (choose_bv(dev, d), 8)
+        (choose_bv(d), 8)
     }
 }
 
-/// Default warps of the forward (see [`choose_fwd`]).
-const FWD_WARPS: usize = 8;
+/// Default warps of the forward (see [`choose_fwd`]): 16 (measured on the H200: 0.98 vs 1.25 ms
+/// at (1, 16k, 32, 128), 3.00 vs 4.40 ms at 64k, 3.34 vs 5.82 ms at (4, 32k); docs/PERF.md).
+const FWD_WARPS: usize = 16;
 
 /// Shortest segment the chooser makes (tokens): below it the state passes and the scan cost
 /// more than the parallelism gains.
@@ -388,40 +383,56 @@ const MIN_SEGMENT: usize = 512;
 
 /// How the sequences are cut into segments that run in parallel (`linear_common.cuh`,
 /// "Segments"): `(tokens a segment, segments a sequence)`, `(0, 1)` when they are not cut.
-/// Blocks without cutting: `slices x H x seqs`; when that is under `8 x SMs` blocks of 8 warps
-/// (every SM two resident blocks, four waves to balance; half as many of 16 warps), each sequence of up to T tokens is cut into enough
-/// segments of at least [`MIN_SEGMENT`] tokens to reach it. `LONGATTN_LINEAR_SEG=N` forces
+/// `slots` = SMs x resident blocks a SM. Blocks without cutting: `slices x H x seqs`; when they
+/// fill at least 90% of one wave of slots, nothing is cut (a state pass and a scan cost more
+/// than the last tenth of a wave). Otherwise each sequence of up to T tokens is cut into n
+/// segments of at least [`MIN_SEGMENT`] tokens, n between the count that gives four waves and
+/// twice that, picking the n whose last wave is fullest. `LONGATTN_LINEAR_SEG=N` forces
 /// segments of N tokens (rounded up to the chunk), `0` turns cutting off.
-fn choose_segments(dev: &CudaDevice, d: &CoreDims, slices: usize, nw: usize) -> (usize, usize) {
+fn choose_segments(dev: &CudaDevice, d: &CoreDims, slices: usize, per_sm: usize) -> (usize, usize) {
     let forced = std::env::var("LONGATTN_LINEAR_SEG")
         .ok()
         .and_then(|x| x.trim().parse::<usize>().ok());
-    let len = match forced {
-        Some(0) => return (0, 1),
-        Some(n) => n.div_ceil(CHUNK) * CHUNK,
-        None => {
-            let base = slices * d.h * d.seqs;
-            let target = 8 * dev.sms * 8 / nw;
-            if base >= target {
-                return (0, 1);
-            }
-            let want = target.div_ceil(base);
-            (d.t.div_ceil(want).div_ceil(CHUNK) * CHUNK).max(MIN_SEGMENT)
+    // Segments of `len` tokens: their count, within the grid's z limit (seqs x nseg <= 65535).
+    let most = (65535 / d.seqs).max(1);
+    let cut = |len: usize| -> (usize, usize) {
+        let mut len = len.max(CHUNK).div_ceil(CHUNK) * CHUNK;
+        let mut n = d.t.div_ceil(len).max(1);
+        if n > most {
+            len = d.t.div_ceil(most).div_ceil(CHUNK) * CHUNK;
+            n = d.t.div_ceil(len).max(1);
+        }
+        if n <= 1 {
+            (0, 1)
+        } else {
+            (len, n)
         }
     };
-    // The grid's z dimension holds seqs x nseg blocks.
-    let most = (65535 / d.seqs).max(1);
-    let mut n = d.t.div_ceil(len.max(CHUNK)).max(1);
-    let mut len = len.max(CHUNK);
-    if n > most {
-        len = d.t.div_ceil(most).div_ceil(CHUNK) * CHUNK;
-        n = d.t.div_ceil(len).max(1);
+    match forced {
+        Some(0) => return (0, 1),
+        Some(n) => return cut(n),
+        None => {}
     }
-    if n <= 1 {
-        (0, 1)
-    } else {
-        (len, n)
+    let slots = dev.sms * per_sm;
+    let base = slices * d.h * d.seqs;
+    if base * 10 >= slots * 9 {
+        return (0, 1);
     }
+    let want = (4 * slots).div_ceil(base).max(2);
+    let mut best = (0, 1);
+    let mut best_eff = 0.0f64;
+    for n in want..=2 * want {
+        let (len, nseg) = cut(d.t.div_ceil(n).max(MIN_SEGMENT));
+        if nseg <= 1 {
+            break;
+        }
+        let blocks = base * nseg;
+        let eff = blocks as f64 / (blocks.div_ceil(slots) * slots) as f64;
+        if eff > best_eff + 1e-9 {
+            (best, best_eff) = ((len, nseg), eff);
+        }
+    }
+    best
 }
 
 /// The per-segment states of a cut problem ([`choose_segments`]): `f` (state entering each
@@ -502,13 +513,13 @@ impl Segments {
 
 /// Dynamic shared memory (bytes) of each kernel, the layouts at the top of its source.
 fn smem_fwd(k: usize, bv: usize) -> usize {
-    (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
+    (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + k * bv) * 2 + 4 * CHUNK * 4
 }
 fn smem_dv(k: usize, bv: usize) -> usize {
     (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + 2 * CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
 }
 fn smem_seg(k: usize, bv: usize) -> usize {
-    (2 * (CHUNK * k + CHUNK * bv) + CHUNK * k) * 2 + 3 * CHUNK * 4
+    2 * (CHUNK * k + CHUNK * bv) * 2 + 4 * CHUNK * 4
 }
 fn smem_kslice(v: usize) -> usize {
     (2 * (2 * CHUNK * BK + 2 * CHUNK * v) + CHUNK * CHUNK + CHUNK * BK + BK * v) * 2 + 3 * CHUNK * 4
@@ -638,7 +649,7 @@ pub fn forward_on(
     }
     check_output(OP, "out", out, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
     check_len(OP, "final_state", fin, d.state_len())?;
-    let (bv, nw) = choose_fwd(dev, &d);
+    let (bv, nw) = choose_fwd(&d);
     let smem = smem_fwd(d.k, bv);
     let f = function_nw(
         dev,
@@ -654,7 +665,7 @@ pub fn forward_on(
     p.o = tptr(out);
     p.o_s = out.strides();
     p.sfin = ptr(fin);
-    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, nw);
+    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, if nw == 16 { 1 } else { 2 });
     (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
     let _seg = if nseg > 1 {
         let seg = Segments::new(s, &d, &mut p, false)?;
@@ -772,7 +783,7 @@ pub fn backward_on(
         }
         _ => {}
     }
-    let bv = choose_bv(dev, &d);
+    let bv = choose_bv(&d);
     let zeros = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
     let dk_acc = if gqa {
         Some(zeros(n_tok * d.hk * d.k)?)
@@ -809,7 +820,7 @@ pub fn backward_on(
     p.gqa_acc = gqa as i32;
 
     // Cut sequences: states entering and gradients leaving every segment first.
-    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, 8);
+    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, 1);
     (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
     let _seg = if nseg > 1 {
         let seg = Segments::new(s, &d, &mut p, true)?;

@@ -17,10 +17,10 @@
 // LIN_NW = 8 or 16 warps: P (64 x 64) and O (64 x BV) in blocks of 16 rows (w % 4) x a quarter
 // of the columns (w / 4, LIN_NW / 4 column blocks); the state (K x BV) in blocks of 16 rows x
 // BV / LIN_SWC columns (LIN_SWR blocks of rows). 16 warps with BV = V = 128 compute Q K^T and
-// K o w once per chunk and head (one block a head, one a SM: 153 KiB of shared memory).
+// the decay mask once per chunk and head (one block a head, one a SM: 137 KiB of shared memory).
 // Shared memory: two stages of Q [64][K], K [64][K], V [64][BV] and the chunk's decays (chunk
-// c + 1 lands while chunk c is computed), P [64][64], K o w [64][K], S as the storage type [K][BV],
-// b [64]. Three block barriers per chunk.
+// c + 1 lands while chunk c is computed), P [64][64], S as the storage type [K][BV], b [64],
+// w [64] (applied to K's fragments in registers: lin_mma_tn_ws). Three block barriers per chunk.
 
 #define LIN_STAGE_U16 (2 * LIN_C * LIN_K + LIN_C * LIN_BV)
 #define LIN_FCB (LIN_NW / 4)           // column blocks of P and O
@@ -32,10 +32,10 @@ static_assert(LIN_ON % 16 == 0, "O columns a warp: a multiple of 16");
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) lin_fwd(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
     u16* sP = lin_smem + 2 * LIN_STAGE_U16;
-    u16* sKt = sP + LIN_C * LIN_C;
-    u16* sS = sKt + LIN_C * LIN_K;
+    u16* sS = sP + LIN_C * LIN_C;
     float* sg = (float*)(sS + LIN_K * LIN_BV);  // two stages of 64 decays
     float* sb = sg + 2 * LIN_C;
+    float* sw = sb + LIN_C;  // w_j = exp(b_{L-1} - b_j) (j < L), the rows of K in the update
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const LinSeg seg = lin_segment(p, z);
@@ -84,7 +84,10 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
         const u16* sV = sK + LIN_C * LIN_K;
         la_cp_wait<1>();
         __syncthreads();  // chunk c landed (all threads' copies)
-        if (warp == 0) lin_chunk_b(sb, sg + (c & 1) * LIN_C, p, h, L, lane);
+        if (warp == 0) {
+            lin_chunk_b(sb, sg + (c & 1) * LIN_C, p, h, L, lane);
+            lin_chunk_w(sw, sb, L, true, 1.f, lane);
+        }
         // S -> storage type for Q S (the old state: the update below only touches registers).
         lin_store_tile<LIN_BV>(sS, st, sm0, sn0, lane);
         __syncthreads();  // b ready
@@ -95,8 +98,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
             lin_mma_nt<LIN_K, LIN_K, 1, LIN_PN / 8, LIN_K / 16>(a, sQ, 16 * wr, sK, LIN_PN * wc, lane);
             lin_mask_store(sP, a, sb, 16 * wr, LIN_PN * wc, L, p.scale, lane);
         }
-        lin_rowscale<LIN_K>(sKt, sK, sb, L, true, 1.f);
-        __syncthreads();  // P, K o w, S ready
+        __syncthreads();  // P, S ready
 
         {   // O = P V + scale diag(exp(b)) Q S, rows 16 wr, columns LIN_ON wc
             constexpr int ON = LIN_ON / 8;
@@ -123,8 +125,8 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
         }
         // S' = exp(b_{L-1}) S + (K o w)^T V
         lin_scale(st, lin_exp(sb[LIN_C - 1]));
-        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(st, sKt, sm0, sV, sn0, lane);
-        __syncthreads();  // every warp is done with this stage, P, K o w, S and b
+        lin_mma_tn_ws<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(st, sK, sm0, sV, sn0, sw, lane);
+        __syncthreads();  // every warp is done with this stage, P, S, b and w
         if (c + 2 < nc) {
             u16* s = lin_smem + (c & 1) * LIN_STAGE_U16;
             const int r0 = t0 + (c + 2) * LIN_C;

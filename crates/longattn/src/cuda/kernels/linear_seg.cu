@@ -14,17 +14,18 @@
 //                 overwriting A_j / R_j with S_j / H_j (each read before it is written).
 //
 // Per chunk and block: K x BV x 64 multiply-adds (no Q K^T, no output), so these passes cost a
-// fraction of the chunked kernels they feed. Shared memory: two stages of X [64][K] and
-// Y [64][BV] with the chunk's decays, the row-scaled X [64][K], b [64].
+// fraction of the chunked kernels they feed; the row factors of X are applied to its fragments
+// in registers (lin_mma_tn_ws). Shared memory: two stages of X [64][K] and Y [64][BV] with the
+// chunk's decays, b [64], the row factors [64].
 
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
 
 template <bool REV>
 __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     extern __shared__ __align__(128) u16 lin_smem[];
-    u16* sXt = lin_smem + 2 * LIN_SEG_STAGE;
-    float* sg = (float*)(sXt + LIN_C * LIN_K);  // two stages of 64 decays
+    float* sg = (float*)(lin_smem + 2 * LIN_SEG_STAGE);  // two stages of 64 decays
     float* sb = sg + 2 * LIN_C;
+    float* sw = sb + LIN_C;
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const LinSeg seg = lin_segment(p, z);
@@ -63,14 +64,16 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
         const u16* sY = sX + LIN_C * LIN_K;
         la_cp_wait<1>();
         __syncthreads();  // chunk landed
-        if (warp == 0) lin_chunk_b(sb, sg + (step & 1) * LIN_C, p, h, L, lane);
-        __syncthreads();  // b ready
-        gsum += sb[LIN_C - 1];
-        lin_rowscale<LIN_K>(sXt, sX, sb, L, !REV, REV ? p.scale : 1.f);
-        __syncthreads();  // X o (w or scale exp(b)) ready
-        lin_scale(acc, lin_exp(sb[LIN_C - 1]));
-        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sXt, sm0, sY, sn0, lane);
-        __syncthreads();  // every warp is done with this stage, X o .. and b
+        if (warp == 0) {
+            lin_chunk_b(sb, sg + (step & 1) * LIN_C, p, h, L, lane);
+            lin_chunk_w(sw, sb, L, !REV, REV ? p.scale : 1.f, lane);
+        }
+        __syncthreads();  // b and the row factors (w, or scale exp(b)) ready
+        const float bl = sb[LIN_C - 1];
+        gsum += bl;
+        lin_scale(acc, lin_exp(bl));
+        lin_mma_tn_ws<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sX, sm0, sY, sn0, sw, lane);
+        __syncthreads();  // every warp is done with this stage, b and the factors
         if (step + 2 < nc) load(step & 1, REV ? c - 2 : c + 2);
         la_cp_commit();
     }
@@ -99,27 +102,25 @@ extern "C" __global__ void __launch_bounds__(256) lin_seg_scan(const LinParams p
     float* buf = rev ? p.seg_r : p.seg_f;
     auto at = [&](int j) -> float& { return buf[((base + j) * p.H + h) * LIN_K * LIN_V + e]; };
     const i64 sidx = ((i64)n * p.H + h) * LIN_K * LIN_V + e;
-    if (!rev) {
-        float s = p.has_s0 ? p.s0[sidx] : 0.f;
-        for (int j = 0; j < ns; j++) {
-            if (j + 1 == ns) {
-                at(j) = s;
-                break;
-            }
-            const float a = at(j);
-            at(j) = s;
-            s = lin_exp(p.seg_g[(base + j) * p.H + h]) * s + a;
+    // Batches of 8 segments: every load of a batch before its stores (the loads of one thread
+    // would otherwise wait for each other behind the stores to the same buffer).
+    constexpr int NB = 8;
+    float s = rev ? (p.has_dsfin ? p.dsfin[sidx] : 0.f) : (p.has_s0 ? p.s0[sidx] : 0.f);
+    for (int i0 = 0; i0 < ns; i0 += NB) {
+        float a[NB], f[NB];
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            const int j = rev ? ns - 1 - (i0 + u) : i0 + u;  // segment, in scan order
+            // A_j / R_j exist for every segment but the last (forward) / first (reverse).
+            const bool has = i0 + u < ns && (rev ? j > 0 : j + 1 < ns);
+            a[u] = has ? at(j) : 0.f;
+            f[u] = has ? lin_exp(p.seg_g[(base + j) * p.H + h]) : 0.f;
         }
-    } else {
-        float s = p.has_dsfin ? p.dsfin[sidx] : 0.f;
-        for (int j = ns - 1; j >= 0; j--) {
-            if (j == 0) {
-                at(j) = s;
-                break;
-            }
-            const float r = at(j);
-            at(j) = s;
-            s = lin_exp(p.seg_g[(base + j) * p.H + h]) * s + r;
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            if (i0 + u >= ns) break;
+            at(rev ? ns - 1 - (i0 + u) : i0 + u) = s;
+            s = f[u] * s + a[u];
         }
     }
 }
