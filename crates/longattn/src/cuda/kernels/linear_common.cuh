@@ -276,52 +276,30 @@ __device__ __forceinline__ void lin_mma_nn(float (&acc)[MT][NT][4], const u16* s
 }
 
 // C[m][n] += sum_k A[k][m] B[k][n]: A stored [k][m] (width WA, read transposed), B stored [k][n]
-// (width WB).
+// (width WB). With `sw`, the contraction rows of A are scaled on the fly: sum_k (w_k A[k][m])
+// B[k][n], w = sw[0 .. 16 KS) (each product rounded to the storage type, as a row-scaled copy of
+// A in shared memory would be; the A fragment of mma m16n8k16 holds k = 2 t4 + (0, 1) in
+// registers 0 and 1 and k = 2 t4 + 8 + (0, 1) in registers 2 and 3).
 template <int WA, int WB, int MT, int NT, int KS>
 __device__ __forceinline__ void lin_mma_tn(float (&acc)[MT][NT][4], const u16* sA, int m0,
-                                           const u16* sB, int n0, int lane) {
-#pragma unroll
-    for (int ks = 0; ks < KS; ks++) {
-        u32 a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-            la_ldmatrix_x4_trans(a[mt], sA + lsw<WA>(ks * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                     ((m0 + 16 * mt) >> 3) + ((lane >> 3) & 1)));
-#pragma unroll
-        for (int dp = 0; dp < NT / 2; dp++) {
-            u32 bf[4];
-            la_ldmatrix_x4_trans(bf, sB + lsw<WB>(ks * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                  (n0 >> 3) + dp * 2 + (lane >> 4)));
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                la_mma16816(acc[mt][2 * dp], a[mt], bf);
-                la_mma16816(acc[mt][2 * dp + 1], a[mt], bf + 2);
-            }
-        }
-    }
-}
-
-// lin_mma_tn with the contraction rows k of A scaled on the fly: C[m][n] += sum_k (w_k A[k][m])
-// B[k][n], w = sw[0 .. 16 KS) (each product rounded to the storage type, as a row-scaled copy of
-// A in shared memory would be). The A fragment of mma m16n8k16 holds k = 2 t4 + (0, 1) in
-// registers 0 and 1 and k = 2 t4 + 8 + (0, 1) in registers 2 and 3.
-template <int WA, int WB, int MT, int NT, int KS>
-__device__ __forceinline__ void lin_mma_tn_ws(float (&acc)[MT][NT][4], const u16* sA, int m0,
-                                              const u16* sB, int n0, const float* sw, int lane) {
+                                           const u16* sB, int n0, int lane,
+                                           const float* sw = nullptr) {
     const int t4 = lane & 3;
 #pragma unroll
     for (int ks = 0; ks < KS; ks++) {
-        const lin_f2 wl = *(const lin_f2*)(sw + ks * 16 + 2 * t4);
-        const lin_f2 wh = *(const lin_f2*)(sw + ks * 16 + 2 * t4 + 8);
         u32 a[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
             la_ldmatrix_x4_trans(a[mt], sA + lsw<WA>(ks * 16 + (lane & 7) + ((lane >> 4) << 3),
                                                      ((m0 + 16 * mt) >> 3) + ((lane >> 3) & 1)));
-            a[mt][0] = lin_scale2(a[mt][0], wl.x, wl.y);
-            a[mt][1] = lin_scale2(a[mt][1], wl.x, wl.y);
-            a[mt][2] = lin_scale2(a[mt][2], wh.x, wh.y);
-            a[mt][3] = lin_scale2(a[mt][3], wh.x, wh.y);
+            if (sw) {
+                const lin_f2 wl = *(const lin_f2*)(sw + ks * 16 + 2 * t4);
+                const lin_f2 wh = *(const lin_f2*)(sw + ks * 16 + 2 * t4 + 8);
+                a[mt][0] = lin_scale2(a[mt][0], wl.x, wl.y);
+                a[mt][1] = lin_scale2(a[mt][1], wl.x, wl.y);
+                a[mt][2] = lin_scale2(a[mt][2], wh.x, wh.y);
+                a[mt][3] = lin_scale2(a[mt][3], wh.x, wh.y);
+            }
         }
 #pragma unroll
         for (int dp = 0; dp < NT / 2; dp++) {

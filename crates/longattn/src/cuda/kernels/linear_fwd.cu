@@ -20,7 +20,7 @@
 // the decay mask once per chunk and head (one block a head, one a SM: 137 KiB of shared memory).
 // Shared memory: two stages of Q [64][K], K [64][K], V [64][BV] and the chunk's decays (chunk
 // c + 1 lands while chunk c is computed), P [64][64], S as the storage type [K][BV], b [64],
-// w [64] (applied to K's fragments in registers: lin_mma_tn_ws). Three block barriers per chunk.
+// w [64] (applied to K's fragments in registers: lin_mma_tn). Three block barriers per chunk.
 
 #define LIN_STAGE_U16 (2 * LIN_C * LIN_K + LIN_C * LIN_BV)
 #define LIN_FCB (LIN_NW / 4)           // column blocks of P and O
@@ -125,7 +125,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
         }
         // S' = exp(b_{L-1}) S + (K o w)^T V
         lin_scale(st, lin_exp(sb[LIN_C - 1]));
-        lin_mma_tn_ws<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(st, sK, sm0, sV, sn0, sw, lane);
+        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(st, sK, sm0, sV, sn0, lane, sw);
         __syncthreads();  // every warp is done with this stage, P, S, b and w
         if (c + 2 < nc) {
             u16* s = lin_smem + (c & 1) * LIN_STAGE_U16;

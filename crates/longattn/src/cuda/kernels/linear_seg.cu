@@ -15,7 +15,7 @@
 //
 // Per chunk and block: K x BV x 64 multiply-adds (no Q K^T, no output), so these passes cost a
 // fraction of the chunked kernels they feed; the row factors of X are applied to its fragments
-// in registers (lin_mma_tn_ws). Shared memory: two stages of X [64][K] and Y [64][BV] with the
+// in registers (lin_mma_tn). Shared memory: two stages of X [64][K] and Y [64][BV] with the
 // chunk's decays, b [64], the row factors [64].
 
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
@@ -72,7 +72,7 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
         const float bl = sb[LIN_C - 1];
         gsum += bl;
         lin_scale(acc, lin_exp(bl));
-        lin_mma_tn_ws<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sX, sm0, sY, sn0, sw, lane);
+        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sX, sm0, sY, sn0, lane, sw);
         __syncthreads();  // every warp is done with this stage, b and the factors
         if (step + 2 < nc) load(step & 1, REV ? c - 2 : c + 2);
         la_cp_commit();
