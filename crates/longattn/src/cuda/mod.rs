@@ -219,6 +219,27 @@ impl CudaDevice {
         Ok(f)
     }
 
+    /// [`Self::function`] for a source fixed at build time (`include_str!` pieces, so that the
+    /// variant name and the defines determine it): the in-memory cache is keyed by those alone,
+    /// and a warm call neither builds nor hashes the source (`src` runs on a miss only). Saves
+    /// the per-call cost of formatting and hashing ~100 KB of source per kernel.
+    pub(crate) fn function_static(
+        &self,
+        variant: &str,
+        entry: &str,
+        src: impl FnOnce() -> String,
+        defines: &[(String, String)],
+        smem: usize,
+    ) -> Result<CudaFunction> {
+        let key = format!("static|{variant}|{entry}|{}|{smem}", defines_key(defines));
+        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(f.clone());
+        }
+        let f = self.function(variant, entry, &src(), defines, smem)?;
+        self.functions.lock().unwrap().insert(key, f.clone());
+        Ok(f)
+    }
+
     /// Every kernel variant this device has loaded, with where it came from.
     pub fn compile_records(&self) -> Vec<CompileRecord> {
         self.records.lock().unwrap().clone()

@@ -561,8 +561,8 @@ fn function_nw(
         ("LIN_BV".to_string(), bv.to_string()),
         ("LIN_BK".to_string(), BK.to_string()),
     ];
-    let full = format!("{COMMON}\n{LIN_COMMON}\n{src}");
-    dev.function(name, entry, &full, &defines, smem)
+    let full = || format!("{COMMON}\n{LIN_COMMON}\n{src}");
+    dev.function_static(name, entry, full, &defines, smem)
 }
 
 fn launch(
