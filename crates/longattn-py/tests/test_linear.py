@@ -224,3 +224,15 @@ def test_check_decays_switch(device):
         assert longattn.linear.check_decays(True) is False
     o2, _ = longattn.chunk_simple_gla(q, k, v, good)
     assert torch.equal(o1, o2)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf"), 0.5])
+def test_bad_decay_values(device, value):
+    """NaN, -inf and positive log decays are refused with the element named."""
+    kd, vd = dims_for(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (rnd(1, 10, 2, d, dtype=dtype, device=device) for d in (kd, kd, vd))
+    g = -torch.rand(1, 10, 2, device=device)
+    g[0, 7, 1] = value
+    with pytest.raises(ValueError, match="element 15"):
+        longattn.chunk_simple_gla(q, k, v, g)

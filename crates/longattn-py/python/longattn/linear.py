@@ -86,8 +86,10 @@ def _check_g(g, op):
     if g.is_cuda and not _CHECK_DECAYS:
         return g
     if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
-        bad = ~(g <= 0)
-        if bool(bad.any()):
+        # One flag read back: every element in [-inf, 0] excluding -inf (NaN fails both tests;
+        # -inf would make the in-chunk differences of cumulative decays NaN).
+        if not bool(((g <= 0) & (g > float("-inf"))).all()):
+            bad = ~((g <= 0) & (g > float("-inf")))
             i = int(bad.flatten().nonzero()[0])
             raise ValueError(
                 f"{op}: `g` holds log decays, which must be finite and <= 0 (a decay in (0, 1]); "
