@@ -23,7 +23,9 @@ fn py_err(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
         Error::DType { .. } => PyTypeError::new_err(msg),
-        Error::Cuda { .. } | Error::File { .. } => PyRuntimeError::new_err(msg),
+        Error::Cuda { .. } | Error::File { .. } | Error::Comm { .. } => {
+            PyRuntimeError::new_err(msg)
+        }
         _ => PyValueError::new_err(msg),
     }
 }

@@ -50,6 +50,13 @@ pub enum Error {
     /// The CUDA backend is unavailable (no driver, no NVRTC, no device) or a CUDA call failed.
     #[error("cuda {op}: {msg}")]
     Cuda { op: &'static str, msg: String },
+    /// Communication between ranks failed: a peer left, timed out, or sent what was not expected.
+    #[error("rank {rank} of {world}: {msg}")]
+    Comm {
+        rank: usize,
+        world: usize,
+        msg: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod attention;
 pub mod backward;
+pub mod cp;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

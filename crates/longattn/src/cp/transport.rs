@@ -1,0 +1,378 @@
+//! How ranks exchange data: the [`Transport`] trait and the in-process [`ThreadTransport`].
+//!
+//! Messages are byte buffers with a tag; a receive names its source, its tag and its exact
+//! length, and anything else (a different tag, a different length, a peer that left, nothing
+//! within the timeout) is an error naming the peer. The collectives are written once, over
+//! send / receive, in a fixed order, so every rank computes the same result bit for bit:
+//! - `all_gather`: rank r's buffer lands at `out[r * n .. (r + 1) * n]` on every rank;
+//! - `all_to_all`: chunk j of rank i's send buffer lands in chunk i of rank j's receive buffer;
+//! - `all_reduce_sum` (f32): `x <- sum_{r = 0 .. P-1} x_r`, summed in rank order on every rank;
+//! - `barrier`: returns once every rank has entered it.
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Tags at and above this value are the collectives' own.
+const COLLECTIVE_TAG: u32 = 0xffff_0000;
+
+/// Point-to-point messages between the ranks of one group, and the collectives built on them.
+pub trait Transport: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Sends `data` to rank `to` under `tag` (does not wait for the receiver).
+    fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()>;
+    /// Receives the next message from rank `from` into `out`: it must carry `tag` and exactly
+    /// `out.len()` bytes.
+    fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()>;
+
+    /// Every rank's `data` (all of one length n) concatenated in rank order into `out`
+    /// (`P x n` bytes).
+    fn all_gather(&self, data: &[u8], out: &mut [u8]) -> Result<()> {
+        let (p, r, n) = (self.world(), self.rank(), data.len());
+        if out.len() != p * n {
+            return Err(self.err(format!(
+                "all_gather: output holds {} bytes, expected {p} ranks x {n}",
+                out.len()
+            )));
+        }
+        for to in (0..p).filter(|&to| to != r) {
+            self.send(to, COLLECTIVE_TAG, data)?;
+        }
+        out[r * n..(r + 1) * n].copy_from_slice(data);
+        for from in (0..p).filter(|&f| f != r) {
+            self.recv(from, COLLECTIVE_TAG, &mut out[from * n..(from + 1) * n])?;
+        }
+        Ok(())
+    }
+
+    /// Chunk j of `send` (P equal chunks) goes to rank j; chunk i of `recv` comes from rank i.
+    fn all_to_all(&self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        let (p, r) = (self.world(), self.rank());
+        if !send.len().is_multiple_of(p) || recv.len() != send.len() {
+            return Err(self.err(format!(
+                "all_to_all: {} bytes to send and {} to receive; both must be the same multiple of {p} ranks",
+                send.len(),
+                recv.len()
+            )));
+        }
+        let n = send.len() / p;
+        for to in (0..p).filter(|&to| to != r) {
+            self.send(to, COLLECTIVE_TAG + 1, &send[to * n..(to + 1) * n])?;
+        }
+        recv[r * n..(r + 1) * n].copy_from_slice(&send[r * n..(r + 1) * n]);
+        for from in (0..p).filter(|&f| f != r) {
+            self.recv(
+                from,
+                COLLECTIVE_TAG + 1,
+                &mut recv[from * n..(from + 1) * n],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `x <- sum over ranks of x` (f32, summed in rank order: the same bits on every rank).
+    fn all_reduce_sum(&self, x: &mut [f32]) -> Result<()> {
+        let p = self.world();
+        let mine: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut all = vec![0u8; p * mine.len()];
+        self.all_gather(&mine, &mut all)?;
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = (0..p)
+                .map(|r| {
+                    let o = r * mine.len() + 4 * i;
+                    f32::from_le_bytes(all[o..o + 4].try_into().expect("4 bytes"))
+                })
+                .fold(0.0f32, |a, b| a + b);
+        }
+        Ok(())
+    }
+
+    /// Returns once every rank has entered it.
+    fn barrier(&self) -> Result<()> {
+        let mut out = vec![0u8; self.world()];
+        self.all_gather(&[1], &mut out)
+    }
+
+    /// An error of this rank.
+    fn err(&self, msg: String) -> Error {
+        Error::Comm {
+            rank: self.rank(),
+            world: self.world(),
+            msg,
+        }
+    }
+}
+
+/// One message: its tag and bytes.
+type Msg = (u32, Vec<u8>);
+
+/// Ranks as threads of one process: one channel per ordered pair of ranks. A rank whose
+/// transport is dropped (its thread ended or panicked) closes its channels, and its peers'
+/// receives from it fail at once; a rank that sends nothing fails its peers' receives after
+/// the timeout.
+pub struct ThreadTransport {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// `to[j]`: the channel to rank j (None for this rank).
+    to: Vec<Option<Sender<Msg>>>,
+    /// `from[i]`: the channel from rank i (None for this rank).
+    from: Vec<Option<Mutex<Receiver<Msg>>>>,
+}
+
+impl ThreadTransport {
+    /// A group of `world` ranks (index = rank), each to be moved into its own thread.
+    pub fn group(world: usize, timeout: Duration) -> Result<Vec<ThreadTransport>> {
+        if world == 0 {
+            return Err(Error::Comm {
+                rank: 0,
+                world,
+                msg: "a group needs at least one rank".into(),
+            });
+        }
+        let mut to: Vec<Vec<Option<Sender<Msg>>>> = (0..world)
+            .map(|_| (0..world).map(|_| None).collect())
+            .collect();
+        let mut from: Vec<Vec<Option<Mutex<Receiver<Msg>>>>> = (0..world)
+            .map(|_| (0..world).map(|_| None).collect())
+            .collect();
+        for i in 0..world {
+            for j in (0..world).filter(|&j| j != i) {
+                let (s, r) = channel();
+                to[i][j] = Some(s);
+                from[j][i] = Some(Mutex::new(r));
+            }
+        }
+        Ok(to
+            .into_iter()
+            .zip(from)
+            .enumerate()
+            .map(|(rank, (to, from))| ThreadTransport {
+                rank,
+                world,
+                timeout,
+                to,
+                from,
+            })
+            .collect())
+    }
+
+    fn check_peer(&self, peer: usize, what: &str) -> Result<()> {
+        if peer >= self.world || peer == self.rank {
+            return Err(self.err(format!(
+                "{what} rank {peer}: not a peer (ranks 0..{}, this is {})",
+                self.world, self.rank
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Transport for ThreadTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()> {
+        self.check_peer(to, "send to")?;
+        let s = self.to[to].as_ref().expect("a channel to every peer");
+        s.send((tag, data.to_vec()))
+            .map_err(|_| self.err(format!("send to rank {to}: that rank has left the group")))
+    }
+
+    fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()> {
+        self.check_peer(from, "receive from")?;
+        let r = self.from[from].as_ref().expect("a channel from every peer");
+        let r = r.lock().unwrap_or_else(|e| e.into_inner());
+        let (got_tag, data) = r.recv_timeout(self.timeout).map_err(|e| {
+            self.err(match e {
+                RecvTimeoutError::Timeout => format!(
+                    "receive from rank {from} (tag {tag:#x}): nothing within {:.1} s",
+                    self.timeout.as_secs_f64()
+                ),
+                RecvTimeoutError::Disconnected => {
+                    format!("receive from rank {from} (tag {tag:#x}): that rank has left the group")
+                }
+            })
+        })?;
+        if got_tag != tag || data.len() != out.len() {
+            return Err(self.err(format!(
+                "receive from rank {from}: expected tag {tag:#x} with {} bytes, got tag {got_tag:#x} with {} bytes (the ranks disagree on the schedule)",
+                out.len(),
+                data.len()
+            )));
+        }
+        out.copy_from_slice(&data);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    /// Runs `f(rank transport)` on `p` threads; the results in rank order.
+    fn run<T: Send + 'static>(
+        p: usize,
+        timeout_ms: u64,
+        f: impl Fn(ThreadTransport) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let group = ThreadTransport::group(p, Duration::from_millis(timeout_ms)).unwrap();
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                let f = f.clone();
+                thread::spawn(move || f(t))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// A rank's test payload: distinct per rank and position, never zero.
+    fn payload(rank: usize, n: usize) -> Vec<u8> {
+        (0..n).map(|i| (rank * 31 + i * 7 + 1) as u8).collect()
+    }
+
+    #[test]
+    fn collectives_agree_for_awkward_world_sizes() {
+        for p in [1, 2, 3, 5, 8] {
+            let n = 7;
+            let res = run(p, 5000, move |t| {
+                let r = t.rank();
+                let mut g = vec![0u8; p * n];
+                t.all_gather(&payload(r, n), &mut g).unwrap();
+                let send: Vec<u8> = (0..p * 3).map(|i| (r * 100 + i) as u8).collect();
+                let mut a2a = vec![0u8; p * 3];
+                t.all_to_all(&send, &mut a2a).unwrap();
+                let mut x: Vec<f32> = (0..5).map(|i| 0.1 * (r as f32 + 1.0) + i as f32).collect();
+                t.all_reduce_sum(&mut x).unwrap();
+                t.barrier().unwrap();
+                (g, a2a, x)
+            });
+            for (r, (g, a2a, x)) in res.iter().enumerate() {
+                for s in 0..p {
+                    assert_eq!(&g[s * n..(s + 1) * n], &payload(s, n)[..], "p {p} rank {r}");
+                    // chunk s of rank r's receive = chunk r of rank s's send
+                    let want: Vec<u8> = (0..3).map(|i| (s * 100 + r * 3 + i) as u8).collect();
+                    assert_eq!(&a2a[s * 3..(s + 1) * 3], &want[..], "p {p} rank {r}");
+                }
+                for (i, v) in x.iter().enumerate() {
+                    let want: f32 = (0..p).map(|s| 0.1 * (s as f32 + 1.0) + i as f32).sum();
+                    assert!((v - want).abs() <= 1e-4 * want.abs(), "{v} vs {want}");
+                    assert_eq!(
+                        v.to_bits(),
+                        res[0].2[i].to_bits(),
+                        "same bits on every rank"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ring_of_point_to_point_messages() {
+        let p = 5;
+        let res = run(p, 5000, move |t| {
+            let (r, next, prev) = (t.rank(), (t.rank() + 1) % p, (t.rank() + p - 1) % p);
+            t.send(next, 3, &payload(r, 11)).unwrap();
+            let mut got = vec![0u8; 11];
+            t.recv(prev, 3, &mut got).unwrap();
+            got
+        });
+        for (r, got) in res.iter().enumerate() {
+            assert_eq!(got, &payload((r + p - 1) % p, 11));
+        }
+    }
+
+    #[test]
+    fn a_silent_rank_times_out_with_its_name() {
+        let res = run(2, 200, |t| {
+            if t.rank() == 0 {
+                let mut b = [0u8; 4];
+                Some(t.recv(1, 9, &mut b).unwrap_err().to_string())
+            } else {
+                // alive but silent past rank 0's timeout: a timeout, not a departure
+                thread::sleep(Duration::from_millis(3000));
+                None
+            }
+        });
+        let e = res[0].clone().unwrap();
+        assert!(
+            e.contains("rank 0 of 2") && e.contains("from rank 1") && e.contains("nothing within"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_leaves_is_reported_at_once() {
+        let res = run(3, 10_000, |t| {
+            if t.rank() == 2 {
+                return String::new(); // leaves: its transport is dropped
+            }
+            let start = std::time::Instant::now();
+            let mut b = vec![0u8; 3];
+            let e = t
+                .all_gather(&[1, 2, 3][..1], &mut b)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no wait for the timeout"
+            );
+            e
+        });
+        // (which departure a survivor sees first depends on timing: rank 2's, or that of the
+        // other survivor once it has failed)
+        for e in &res[..2] {
+            assert!(e.contains("left the group"), "{e}");
+        }
+    }
+
+    #[test]
+    fn mismatched_messages_and_bad_peers_are_errors() {
+        let res = run(2, 2000, |t| {
+            if t.rank() == 0 {
+                t.send(1, 5, &[1, 2, 3]).unwrap();
+                t.send(1, 6, &[1, 2]).unwrap();
+                let bad = t.send(7, 0, &[0]).unwrap_err().to_string();
+                let me = t.send(0, 0, &[0]).unwrap_err().to_string();
+                vec![bad, me]
+            } else {
+                let mut b = [0u8; 3];
+                let tag = t.recv(0, 4, &mut b).unwrap_err().to_string();
+                let len = t.recv(0, 6, &mut b).unwrap_err().to_string();
+                let mut g = [0u8; 5];
+                let size = t.all_gather(&[1, 2], &mut g).unwrap_err().to_string();
+                vec![tag, len, size]
+            }
+        });
+        assert!(
+            res[0][0].contains("send to rank 7: not a peer"),
+            "{}",
+            res[0][0]
+        );
+        assert!(
+            res[0][1].contains("send to rank 0: not a peer"),
+            "{}",
+            res[0][1]
+        );
+        assert!(
+            res[1][0].contains("expected tag 0x4") && res[1][0].contains("got tag 0x5"),
+            "{}",
+            res[1][0]
+        );
+        assert!(
+            res[1][1].contains("with 3 bytes") && res[1][1].contains("with 2 bytes"),
+            "{}",
+            res[1][1]
+        );
+        assert!(res[1][2].contains("expected 2 ranks x 2"), "{}", res[1][2]);
+        assert!(ThreadTransport::group(0, Duration::from_secs(1)).is_err());
+    }
+}
