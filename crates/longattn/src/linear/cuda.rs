@@ -373,8 +373,9 @@ fn choose_fwd(d: &CoreDims) -> (usize, usize) {
     }
 }
 
-/// Default warps of the forward (see [`choose_fwd`]): 16 (measured on the H200: 0.98 vs 1.25 ms
-/// at (1, 16k, 32, 128), 3.00 vs 4.40 ms at 64k, 3.34 vs 5.82 ms at (4, 32k); docs/PERF.md).
+/// Default warps of the forward (see [`choose_fwd`]): 16 (measured on the H200 before the
+/// fragment scaling, both cut into segments: 0.98 vs 1.25 ms at (1, 16k, 32, 128), 3.00 vs
+/// 4.40 ms at 64k; docs/PERF.md).
 const FWD_WARPS: usize = 16;
 
 /// Shortest segment the chooser makes (tokens): below it the state passes and the scan cost
@@ -393,6 +394,17 @@ fn choose_segments(dev: &CudaDevice, d: &CoreDims, slices: usize, per_sm: usize)
     let forced = std::env::var("LONGATTN_LINEAR_SEG")
         .ok()
         .and_then(|x| x.trim().parse::<usize>().ok());
+    segments_for(dev.sms, d, slices, per_sm, forced)
+}
+
+/// [`choose_segments`] for `sms` SMs and an optional forced segment length.
+fn segments_for(
+    sms: usize,
+    d: &CoreDims,
+    slices: usize,
+    per_sm: usize,
+    forced: Option<usize>,
+) -> (usize, usize) {
     // Segments of `len` tokens: their count, within the grid's z limit (seqs x nseg <= 65535).
     let most = (65535 / d.seqs).max(1);
     let cut = |len: usize| -> (usize, usize) {
@@ -413,7 +425,7 @@ fn choose_segments(dev: &CudaDevice, d: &CoreDims, slices: usize, per_sm: usize)
         Some(n) => return cut(n),
         None => {}
     }
-    let slots = dev.sms * per_sm;
+    let slots = sms * per_sm;
     let base = slices * d.h * d.seqs;
     if base * 10 >= slots * 9 {
         return (0, 1);
@@ -1166,4 +1178,79 @@ pub fn step_host(
     let host = dev.download(&s)?;
     state.copy_from_slice(&host[..state.len()]);
     o.download(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(seqs: usize, t: usize, h: usize) -> CoreDims {
+        CoreDims {
+            batch: seqs,
+            t,
+            h,
+            hk: h,
+            k: 128,
+            v: 128,
+            seqs,
+        }
+    }
+
+    /// The cut covers every token with chunk-aligned segments, stays within the grid's z limit,
+    /// leaves a nearly full wave uncut and fills the waves it makes.
+    #[test]
+    fn segments_cover_the_sequence_and_fill_the_waves() {
+        for &(seqs, t, h, slices, per_sm) in &[
+            (1, 16384, 32, 1, 1),
+            (1, 65536, 32, 1, 1),
+            (4, 32768, 32, 1, 1),
+            (1, 1023, 2, 2, 2),
+            (3, 4224, 4, 2, 2),
+            (1, 1 << 20, 1, 1, 1),
+            (1000, 700, 8, 2, 2),
+            (1, 64, 32, 1, 1),
+        ] {
+            let d = dims(seqs, t, h);
+            let (len, n) = segments_for(132, &d, slices, per_sm, None);
+            let base = slices * h * seqs;
+            if n == 1 {
+                assert_eq!(len, 0);
+                continue;
+            }
+            assert!(
+                base * 10 < 132 * per_sm * 9,
+                "cut although one wave is 90% full"
+            );
+            assert_eq!(len % CHUNK, 0);
+            assert!(len >= MIN_SEGMENT, "{len}");
+            assert!(n * len >= t && (n - 1) * len < t, "{n} x {len} for {t}");
+            assert!(seqs * n <= 65535);
+            let blocks = base * n;
+            let slots = 132 * per_sm;
+            let eff = blocks as f64 / (blocks.div_ceil(slots) * slots) as f64;
+            assert!(
+                eff >= 0.75 || t < 8 * MIN_SEGMENT,
+                "waves {eff:.2} full at {seqs} x {t}"
+            );
+        }
+        // (4, 32k, 32 heads, 16 warps): 128 blocks of 132 slots, one wave: not cut.
+        assert_eq!(segments_for(132, &dims(4, 32768, 32), 1, 1, None), (0, 1));
+        // (1, 64k, 16 warps): 20 segments of 3328 tokens (640 blocks, 97% of 5 waves; the cut
+        // the H200 figures in docs/PERF.md ran with).
+        assert_eq!(
+            segments_for(132, &dims(1, 65536, 32), 1, 1, None),
+            (3328, 20)
+        );
+    }
+
+    #[test]
+    fn forced_segments_round_to_the_chunk_and_respect_the_grid() {
+        let d = dims(1, 1000, 2);
+        assert_eq!(segments_for(132, &d, 1, 1, Some(0)), (0, 1));
+        assert_eq!(segments_for(132, &d, 1, 1, Some(100)), (128, 8));
+        assert_eq!(segments_for(132, &d, 1, 1, Some(5000)), (0, 1));
+        // 65535 / 3 sequences = 21845 segments at most: 2^20 tokens need segments of >= 64.
+        let (len, n) = segments_for(132, &dims(3, 1 << 20, 1), 1, 1, Some(1));
+        assert!(3 * n <= 65535 && n * len >= 1 << 20, "{n} x {len}");
+    }
 }
