@@ -1,0 +1,319 @@
+//! Ring attention for a causal mask with zigzag placement: the keys and values travel around
+//! the ranks, the queries stay.
+//!
+//! A sequence of n tokens is cut into 2P chunks of c = n / (2P); rank r holds chunks r and
+//! 2P - 1 - r (one early, one late: every rank gets the same causal work). At step
+//! s = 0 .. P-1 rank r holds the keys and values of rank (r - s) mod P and, for each of its query
+//! chunks a and each held chunk b, runs the common attention forward on the c x c block:
+//! b < a the full block, b = a the causal block, b > a nothing. It then sends what it holds to
+//! rank r + 1 and receives from rank r - 1. The partial results of a query chunk are merged in
+//! f32 as they come (per row and head, `merge_partial`):
+//!   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
+//! Single-rank `forward` with `causal` is the reference (tests below, for P = 1 .. 5).
+use super::transport::Transport;
+use crate::attention::{forward, AttnParams, MaskSpec};
+use crate::error::{Error, Result};
+use crate::mask::{MaskExpr, MaskShape};
+use crate::tensor::TensorView;
+
+/// This rank's share of one causal attention: `q [B, 2c, Hq, D]`, `k [B, 2c, Hk, D]`,
+/// `v [B, 2c, Hk, Dv]` (f32, contiguous; rows 0..c are chunk r, rows c..2c chunk 2P - 1 - r).
+pub struct LocalQkv<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    /// (B, 2c, Hq, Hk, D, Dv)
+    pub dims: (usize, usize, usize, usize, usize, usize),
+}
+
+/// Rows `[s0, s0 + c)` of a contiguous `[B, S, H, D]` f32 tensor, as a new contiguous tensor.
+fn rows(x: &[f32], b: usize, s: usize, hd: usize, s0: usize, c: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(b * c * hd);
+    for bi in 0..b {
+        let base = (bi * s + s0) * hd;
+        out.extend_from_slice(&x[base..base + c * hd]);
+    }
+    out
+}
+
+/// Merges a partial result `(o2 [B, c, H, Dv], l2 [B, H, c])` into `(o1, l1)` (formula in the
+/// module header; `l1 = -inf` rows take the partial as it is).
+fn merge_partial(
+    o1: &mut [f32],
+    l1: &mut [f32],
+    o2: &[f32],
+    l2: &[f32],
+    dims: (usize, usize, usize, usize),
+) {
+    let (b, c, h, dv) = dims;
+    for bi in 0..b {
+        for hi in 0..h {
+            for i in 0..c {
+                let li = (bi * h + hi) * c + i;
+                let (a, z) = (l1[li], l2[li]);
+                let m = a.max(z);
+                if m == f32::NEG_INFINITY {
+                    continue; // no key of either part: stays empty
+                }
+                let (wa, wz) = ((a - m).exp(), (z - m).exp());
+                let s = wa + wz;
+                l1[li] = m + s.ln();
+                let o = ((bi * c + i) * h + hi) * dv;
+                for d in 0..dv {
+                    o1[o + d] = (wa * o1[o + d] + wz * o2[o + d]) / s;
+                }
+            }
+        }
+    }
+}
+
+/// Causal attention of this rank's two query chunks over the whole sequence; returns
+/// `(out [B, 2c, Hq, Dv], lse [B, Hq, 2c])` in the local row order.
+pub fn zigzag_causal_forward(
+    t: &dyn Transport,
+    x: &LocalQkv,
+    params: &AttnParams,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (b, s2, hq, hk, d, dv) = x.dims;
+    let (p, r) = (t.world(), t.rank());
+    if !s2.is_multiple_of(2) || s2 == 0 {
+        return Err(t.err(format!(
+            "zigzag: a rank holds two chunks of equal length, got {s2} rows"
+        )));
+    }
+    let c = s2 / 2;
+    let want = |n: usize| b * s2 * n;
+    if x.q.len() != want(hq * d) || x.k.len() != want(hk * d) || x.v.len() != want(hk * dv) {
+        return Err(t.err(format!(
+            "zigzag: q / k / v hold {} / {} / {} values, expected [B {b}, 2c {s2}, H, D] = {} / {} / {}",
+            x.q.len(),
+            x.k.len(),
+            x.v.len(),
+            want(hq * d),
+            want(hk * d),
+            want(hk * dv)
+        )));
+    }
+    let causal = MaskExpr::parse("causal")?.bind(
+        MaskShape {
+            batch: b,
+            sq: c,
+            sk: c,
+        },
+        None,
+    )?;
+    let mine = [r, 2 * p - 1 - r]; // global chunk index of local chunk 0 / 1
+    let qs = [
+        rows(x.q, b, s2, hq * d, 0, c),
+        rows(x.q, b, s2, hq * d, c, c),
+    ];
+    let mut out = [vec![0f32; b * c * hq * dv], vec![0f32; b * c * hq * dv]];
+    let mut lse = [
+        vec![f32::NEG_INFINITY; b * hq * c],
+        vec![f32::NEG_INFINITY; b * hq * c],
+    ];
+    // The key / value chunks held at this step (both chunks of one rank), as sent.
+    let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
+    for step in 0..p {
+        let owner = (r + p - step) % p;
+        let theirs = [owner, 2 * p - 1 - owner];
+        for (la, &a) in mine.iter().enumerate() {
+            let qv = TensorView::contiguous(&qs[la][..], [b, c, hq, d])?;
+            for (lb, &g) in theirs.iter().enumerate() {
+                if g > a {
+                    continue;
+                }
+                let kc = rows(&k_held, b, s2, hk * d, lb * c, c);
+                let vc = rows(&v_held, b, s2, hk * dv, lb * c, c);
+                let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
+                let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
+                let mask = if g == a {
+                    MaskSpec::Expr(&causal)
+                } else {
+                    MaskSpec::Full
+                };
+                let part = forward(&qv, &kv, &vv, params, mask)?;
+                let o2 = part.out.data.to_f32_vec();
+                merge_partial(&mut out[la], &mut lse[la], &o2, &part.lse, (b, c, hq, dv));
+            }
+        }
+        if step + 1 < p {
+            // Pass the held chunks on: to r + 1, from r - 1 (sends do not wait).
+            let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+            let bytes = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            t.send(next, step as u32 * 2, &bytes(&k_held))?;
+            t.send(next, step as u32 * 2 + 1, &bytes(&v_held))?;
+            let mut kb = vec![0u8; k_held.len() * 4];
+            let mut vb = vec![0u8; v_held.len() * 4];
+            t.recv(prev, step as u32 * 2, &mut kb)?;
+            t.recv(prev, step as u32 * 2 + 1, &mut vb)?;
+            let floats = |x: &[u8]| {
+                x.chunks_exact(4)
+                    .map(|w| f32::from_le_bytes(w.try_into().expect("4 bytes")))
+                    .collect::<Vec<f32>>()
+            };
+            (k_held, v_held) = (floats(&kb), floats(&vb));
+        }
+    }
+    // Back to the local row order: [B, 2c, Hq, Dv] and [B, Hq, 2c].
+    let mut o = Vec::with_capacity(b * s2 * hq * dv);
+    for bi in 0..b {
+        for half in &out {
+            o.extend_from_slice(&half[bi * c * hq * dv..(bi + 1) * c * hq * dv]);
+        }
+    }
+    let mut l = vec![0f32; b * hq * s2];
+    for bi in 0..b {
+        for hi in 0..hq {
+            for (la, half) in lse.iter().enumerate() {
+                let src = &half[(bi * hq + hi) * c..(bi * hq + hi + 1) * c];
+                let dst = (bi * hq + hi) * s2 + la * c;
+                l[dst..dst + c].copy_from_slice(src);
+            }
+        }
+    }
+    Ok((o, l))
+}
+
+/// The zigzag placement of a whole `[B, n, H, D]` tensor: rank r's rows (chunks r and
+/// 2P - 1 - r of c = n / (2P), concatenated). Errors when 2P does not divide n.
+pub fn zigzag_shard(
+    x: &[f32],
+    b: usize,
+    n: usize,
+    hd: usize,
+    p: usize,
+    r: usize,
+) -> Result<Vec<f32>> {
+    if p == 0 || r >= p || !n.is_multiple_of(2 * p) {
+        return Err(Error::Param {
+            op: "zigzag",
+            msg: format!(
+                "{n} tokens over {p} ranks: zigzag needs 2P = {} to divide the length (rank {r})",
+                2 * p
+            ),
+        });
+    }
+    let c = n / (2 * p);
+    let mut out = Vec::with_capacity(b * 2 * c * hd);
+    for bi in 0..b {
+        for g in [r, 2 * p - 1 - r] {
+            let base = (bi * n + g * c) * hd;
+            out.extend_from_slice(&x[base..base + c * hd]);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cp::ThreadTransport;
+    use crate::testing::Rng;
+    use std::time::Duration;
+
+    fn seeded(seed: u64, n: usize) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.normal() as f32).collect()
+    }
+
+    /// Zigzag ring over P threads against single-rank causal attention on the whole sequence.
+    #[test]
+    fn zigzag_matches_single_rank_causal() {
+        for &(p, c, hq, hk) in &[
+            (1, 7, 2, 2),
+            (2, 7, 2, 1),
+            (3, 5, 4, 2),
+            (4, 3, 2, 2),
+            (5, 9, 3, 1),
+        ] {
+            let (b, d, dv) = (2, 16, 8);
+            let n = 2 * p * c;
+            let q = seeded(1 + p as u64, b * n * hq * d);
+            let k = seeded(2 + p as u64, b * n * hk * d);
+            let v = seeded(3 + p as u64, b * n * hk * dv);
+            let whole = {
+                let m = MaskExpr::parse("causal")
+                    .unwrap()
+                    .bind(
+                        MaskShape {
+                            batch: b,
+                            sq: n,
+                            sk: n,
+                        },
+                        None,
+                    )
+                    .unwrap();
+                forward(
+                    &TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
+                    &TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
+                    &TensorView::contiguous(&v[..], [b, n, hk, dv]).unwrap(),
+                    &AttnParams::default(),
+                    MaskSpec::Expr(&m),
+                )
+                .unwrap()
+            };
+            let want_o = whole.out.data.to_f32_vec();
+            let group = ThreadTransport::group(p, Duration::from_secs(20)).unwrap();
+            let hs: Vec<_> = group
+                .into_iter()
+                .map(|t| {
+                    let (q, k, v) = (q.clone(), k.clone(), v.clone());
+                    std::thread::spawn(move || {
+                        let r = t.rank();
+                        let lq = zigzag_shard(&q, b, n, hq * d, p, r).unwrap();
+                        let lk = zigzag_shard(&k, b, n, hk * d, p, r).unwrap();
+                        let lv = zigzag_shard(&v, b, n, hk * dv, p, r).unwrap();
+                        let x = LocalQkv {
+                            q: &lq,
+                            k: &lk,
+                            v: &lv,
+                            dims: (b, 2 * c, hq, hk, d, dv),
+                        };
+                        zigzag_causal_forward(&t, &x, &AttnParams::default()).unwrap()
+                    })
+                })
+                .collect();
+            for (r, h) in hs.into_iter().enumerate() {
+                let (o, l) = h.join().unwrap();
+                let want = zigzag_shard(&want_o, b, n, hq * dv, p, r).unwrap();
+                let err = o
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, w)| (a - w).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "p {p} rank {r}: out differs by {err}");
+                for bi in 0..b {
+                    for hi in 0..hq {
+                        for (la, g) in [r, 2 * p - 1 - r].into_iter().enumerate() {
+                            for i in 0..c {
+                                let got = l[(bi * hq + hi) * 2 * c + la * c + i];
+                                let w = whole.lse[(bi * hq + hi) * n + g * c + i];
+                                assert!((got - w).abs() < 1e-5, "p {p} rank {r} lse {got} vs {w}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_lengths_and_shapes_are_refused() {
+        let e = zigzag_shard(&[0.0; 10], 1, 10, 1, 3, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2P = 6"), "{e}");
+        let g = ThreadTransport::group(1, Duration::from_secs(1)).unwrap();
+        let x = LocalQkv {
+            q: &[1.0; 6],
+            k: &[1.0; 6],
+            v: &[1.0; 6],
+            dims: (1, 3, 1, 1, 2, 2),
+        };
+        let e = zigzag_causal_forward(&g[0], &x, &AttnParams::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("two chunks"), "{e}");
+    }
+}
