@@ -8,6 +8,7 @@
 //! - `longattn fetch`: download the real-model fixtures (models, books) into the cache.
 //! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
 //! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
+//! - `longattn cp bench`: context parallelism (the zigzag ring) with ranks as threads.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -16,6 +17,7 @@ mod bench_cuda;
 mod bench_linear;
 mod capture;
 mod common;
+mod cp;
 mod eval;
 mod fetch;
 mod generate;
@@ -55,6 +57,8 @@ enum Cmd {
     Fetch(fetch::Args),
     /// Token ids of a text file under a GGUF model's tokenizer, whitespace-separated.
     Tokenize(tokenize::Args),
+    /// Context parallelism: `cp bench` (the zigzag ring, ranks as threads on this CPU).
+    Cp(cp::Args),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Cmd::Selftest(a) => selftest::main(a),
         Cmd::Fetch(a) => fetch::main(a),
         Cmd::Tokenize(a) => tokenize::main(a),
+        Cmd::Cp(a) => cp::main(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
