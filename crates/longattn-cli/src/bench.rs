@@ -703,7 +703,10 @@ fn bench_backward(
             &dov,
             &params,
             longattn::MaskSpec::Expr(mask),
-            &longattn::BackwardParams { deterministic },
+            &longattn::BackwardParams {
+                deterministic,
+                ..Default::default()
+            },
         )
     };
     let t0 = Instant::now();

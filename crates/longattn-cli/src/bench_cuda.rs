@@ -441,7 +441,10 @@ fn run_one(
                 dt,
                 &params,
                 spec,
-                &longattn::BackwardParams { deterministic },
+                &longattn::BackwardParams {
+                    deterministic,
+                    ..Default::default()
+                },
             )
         };
         let (fast, det) = (plan_of(false)?, plan_of(true)?);

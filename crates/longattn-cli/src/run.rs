@@ -205,6 +205,7 @@ pub fn main(a: Args) -> Result<()> {
             let t1 = Instant::now();
             let bp = longattn::BackwardParams {
                 deterministic: a.deterministic,
+                ..Default::default()
             };
             let (ov, dov) = (out.out.view("out")?, dout.view("do")?);
             let grads = if a.backend == "cuda" {

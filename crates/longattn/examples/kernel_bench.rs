@@ -50,6 +50,7 @@ fn main() {
     let (ov, dov) = (fwd.out.view("out").unwrap(), dout.view("do").unwrap());
     let bp = BackwardParams {
         deterministic: false,
+        ..Default::default()
     };
     let mut times = vec![];
     let mut cpu = vec![];

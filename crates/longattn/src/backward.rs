@@ -15,6 +15,12 @@ pub struct BackwardParams {
     /// 1.5-1.9x the fast mode's time on an H100) and the fast mode one pass with dQ summed by
     /// bulk reduce-adds (Hopper, D 64 / 128; see `cuda::backward` and docs/PERF.md).
     pub deterministic: bool,
+    /// The given `out` and `lse` belong to a larger set of keys than this call's (context
+    /// parallelism: the call sees one block of keys of each row's softmax and returns that
+    /// block's contributions, P = exp(S - LSE) and D = rowsum(dO o O) taken from the whole row).
+    /// Skips the CPU check that each row's probabilities sum to 1; the CUDA path has no such
+    /// check.
+    pub partial_keys: bool,
 }
 
 /// Gradients in the input dtype: `dq` `[B, Sq, Hq, D]`, `dk` `[B, Sk, Hk, D]`, `dv`
@@ -60,7 +66,7 @@ pub fn backward(
         dout,
         lse,
     };
-    kernel::backward(&inp, &dims, params, mask, bwd.deterministic)
+    kernel::backward(&inp, &dims, params, mask, bwd)
 }
 
 /// Checks q, k, v and the backward's other inputs: `out` and `do` shaped and typed as the

@@ -263,7 +263,10 @@ fn check(
                 &dov,
                 &p,
                 spec(mask),
-                &BackwardParams { deterministic },
+                &BackwardParams {
+                    deterministic,
+                    ..Default::default()
+                },
             )
             .unwrap();
             assert_eq!(g.dq.dtype(), c.dtype);
@@ -455,7 +458,10 @@ fn run_once(c: &Case, x: &Inputs, deterministic: bool, mask: MaskSpec) -> [Vec<f
         &dov,
         &p,
         mask,
-        &BackwardParams { deterministic },
+        &BackwardParams {
+            deterministic,
+            ..Default::default()
+        },
     )
     .unwrap();
     [

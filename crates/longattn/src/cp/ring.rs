@@ -9,9 +9,15 @@
 //! rank r + 1 and receives from rank r - 1. The partial results of a query chunk are merged in
 //! f32 as they come (per row and head, `merge_partial`):
 //!   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
-//! Single-rank `forward` with `causal` is the reference (tests below, for P = 1 .. 5).
+//! Backward (`zigzag_causal_backward`): the same walk; each block's gradients come from the
+//! common `backward` given the query chunk's final out and LSE (so P = exp(S - LSE) is the
+//! block of the whole softmax and D = rowsum(dO o O) is the whole row's):
+//!   dQ_a += dS_ab K_b,   dK_b += dS_ab^T Q_a,   dV_b += P_ab^T dO_a.
+//! dK / dV accumulators travel with the keys and values and go home after the last step.
+//! Single-rank `forward` / `backward` with `causal` are the reference (tests below, P = 1 .. 5).
 use super::transport::Transport;
 use crate::attention::{forward, AttnParams, MaskSpec};
+use crate::backward::{backward, BackwardParams};
 use crate::error::{Error, Result};
 use crate::mask::{MaskExpr, MaskShape};
 use crate::tensor::TensorView;
@@ -140,19 +146,13 @@ pub fn zigzag_causal_forward(
         if step + 1 < p {
             // Pass the held chunks on: to r + 1, from r - 1 (sends do not wait).
             let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
-            let bytes = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-            t.send(next, step as u32 * 2, &bytes(&k_held))?;
-            t.send(next, step as u32 * 2 + 1, &bytes(&v_held))?;
-            let mut kb = vec![0u8; k_held.len() * 4];
-            let mut vb = vec![0u8; v_held.len() * 4];
-            t.recv(prev, step as u32 * 2, &mut kb)?;
-            t.recv(prev, step as u32 * 2 + 1, &mut vb)?;
-            let floats = |x: &[u8]| {
-                x.chunks_exact(4)
-                    .map(|w| f32::from_le_bytes(w.try_into().expect("4 bytes")))
-                    .collect::<Vec<f32>>()
-            };
-            (k_held, v_held) = (floats(&kb), floats(&vb));
+            pass_on(
+                t,
+                next,
+                prev,
+                2 * step as u32,
+                &mut [&mut k_held, &mut v_held],
+            )?;
         }
     }
     // Back to the local row order: [B, 2c, Hq, Dv] and [B, Hq, 2c].
@@ -173,6 +173,178 @@ pub fn zigzag_causal_forward(
         }
     }
     Ok((o, l))
+}
+
+fn to_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn from_bytes(x: &[u8]) -> Vec<f32> {
+    x.chunks_exact(4)
+        .map(|w| f32::from_le_bytes(w.try_into().expect("4 bytes")))
+        .collect()
+}
+
+/// Sends each buffer to `to` (tags `tag0..`) and replaces it by the one of the same length
+/// received from `from`.
+fn pass_on(
+    t: &dyn Transport,
+    to: usize,
+    from: usize,
+    tag0: u32,
+    bufs: &mut [&mut Vec<f32>],
+) -> Result<()> {
+    for (i, b) in bufs.iter().enumerate() {
+        t.send(to, tag0 + i as u32, &to_bytes(b))?;
+    }
+    for (i, b) in bufs.iter_mut().enumerate() {
+        let mut raw = vec![0u8; b.len() * 4];
+        t.recv(from, tag0 + i as u32, &mut raw)?;
+        **b = from_bytes(&raw);
+    }
+    Ok(())
+}
+
+/// Adds rows `[s0, s0 + c)` of a contiguous `[B, S, H, D]` f32 tensor from `part [B, c, H, D]`.
+fn add_rows(x: &mut [f32], part: &[f32], b: usize, s: usize, hd: usize, s0: usize, c: usize) {
+    for bi in 0..b {
+        let dst = (bi * s + s0) * hd;
+        let src = bi * c * hd;
+        for (d, p) in x[dst..dst + c * hd]
+            .iter_mut()
+            .zip(&part[src..src + c * hd])
+        {
+            *d += p;
+        }
+    }
+}
+
+/// Gradients of this rank's share of causal attention (module header): `out [B, 2c, Hq, Dv]`
+/// and `lse [B, Hq, 2c]` from [`zigzag_causal_forward`], `dout` like `out`; returns
+/// `(dq, dk, dv)` in the local row order (f32).
+pub fn zigzag_causal_backward(
+    t: &dyn Transport,
+    x: &LocalQkv,
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    params: &AttnParams,
+    bwd: &BackwardParams,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (b, s2, hq, hk, d, dv) = x.dims;
+    let (p, r) = (t.world(), t.rank());
+    if !s2.is_multiple_of(2) || s2 == 0 {
+        return Err(t.err(format!(
+            "zigzag: a rank holds two chunks of equal length, got {s2} rows"
+        )));
+    }
+    let c = s2 / 2;
+    if out.len() != b * s2 * hq * dv || dout.len() != out.len() || lse.len() != b * hq * s2 {
+        return Err(t.err(format!(
+            "zigzag backward: out / dout / lse hold {} / {} / {} values, expected {} / {} / {}",
+            out.len(),
+            dout.len(),
+            lse.len(),
+            b * s2 * hq * dv,
+            b * s2 * hq * dv,
+            b * hq * s2
+        )));
+    }
+    let causal = MaskExpr::parse("causal")?.bind(
+        MaskShape {
+            batch: b,
+            sq: c,
+            sk: c,
+        },
+        None,
+    )?;
+    let mine = [r, 2 * p - 1 - r];
+    let part = |la: usize| -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut l = Vec::with_capacity(b * hq * c);
+        for bh in 0..b * hq {
+            l.extend_from_slice(&lse[bh * s2 + la * c..bh * s2 + (la + 1) * c]);
+        }
+        (
+            rows(x.q, b, s2, hq * d, la * c, c),
+            rows(out, b, s2, hq * dv, la * c, c),
+            rows(dout, b, s2, hq * dv, la * c, c),
+            l,
+        )
+    };
+    let chunks = [part(0), part(1)];
+    // Each call sees one block of keys of the rows' softmax (out and LSE are the whole row's).
+    let blk = BackwardParams {
+        partial_keys: true,
+        ..*bwd
+    };
+    let mut dq = vec![0f32; b * s2 * hq * d];
+    let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
+    let (mut dk_held, mut dv_held) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
+    for step in 0..p {
+        let owner = (r + p - step) % p;
+        let theirs = [owner, 2 * p - 1 - owner];
+        for (la, &a) in mine.iter().enumerate() {
+            let (qa, oa, doa, la_lse) = &chunks[la];
+            let qv = TensorView::contiguous(&qa[..], [b, c, hq, d])?;
+            let ov = TensorView::contiguous(&oa[..], [b, c, hq, dv])?;
+            let dov = TensorView::contiguous(&doa[..], [b, c, hq, dv])?;
+            for (lb, &g) in theirs.iter().enumerate() {
+                if g > a {
+                    continue;
+                }
+                let kc = rows(&k_held, b, s2, hk * d, lb * c, c);
+                let vc = rows(&v_held, b, s2, hk * dv, lb * c, c);
+                let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
+                let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
+                let mask = if g == a {
+                    MaskSpec::Expr(&causal)
+                } else {
+                    MaskSpec::Full
+                };
+                let gr = backward(&qv, &kv, &vv, &ov, la_lse, &dov, params, mask, &blk)?;
+                add_rows(&mut dq, &gr.dq.data.to_f32_vec(), b, s2, hq * d, la * c, c);
+                add_rows(
+                    &mut dk_held,
+                    &gr.dk.data.to_f32_vec(),
+                    b,
+                    s2,
+                    hk * d,
+                    lb * c,
+                    c,
+                );
+                add_rows(
+                    &mut dv_held,
+                    &gr.dv.data.to_f32_vec(),
+                    b,
+                    s2,
+                    hk * dv,
+                    lb * c,
+                    c,
+                );
+            }
+        }
+        let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+        if step + 1 < p {
+            let tag = 4 * step as u32;
+            pass_on(
+                t,
+                next,
+                prev,
+                tag,
+                &mut [&mut k_held, &mut v_held, &mut dk_held, &mut dv_held],
+            )?;
+        } else if p > 1 {
+            // The accumulators held now belong to rank r + 1; this rank's come from r - 1.
+            pass_on(
+                t,
+                next,
+                prev,
+                4 * p as u32,
+                &mut [&mut dk_held, &mut dv_held],
+            )?;
+        }
+    }
+    Ok((dq, dk_held, dv_held))
 }
 
 /// The zigzag placement of a whole `[B, n, H, D]` tensor: rank r's rows (chunks r and
@@ -293,6 +465,110 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Gradients of the zigzag ring against single-rank causal backward on the whole sequence.
+    #[test]
+    fn zigzag_backward_matches_single_rank() {
+        for &(p, c, hq, hk) in &[(1, 5, 2, 2), (2, 7, 2, 1), (3, 4, 4, 2), (5, 3, 3, 1)] {
+            let (b, d, dv) = (2, 16, 8);
+            let n = 2 * p * c;
+            let q = seeded(11 + p as u64, b * n * hq * d);
+            let k = seeded(12 + p as u64, b * n * hk * d);
+            let v = seeded(13 + p as u64, b * n * hk * dv);
+            let dout = seeded(14 + p as u64, b * n * hq * dv);
+            let m = MaskExpr::parse("causal")
+                .unwrap()
+                .bind(
+                    MaskShape {
+                        batch: b,
+                        sq: n,
+                        sk: n,
+                    },
+                    None,
+                )
+                .unwrap();
+            let (qv, kv, vv) = (
+                TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
+                TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
+                TensorView::contiguous(&v[..], [b, n, hk, dv]).unwrap(),
+            );
+            let prm = AttnParams::default();
+            let f = forward(&qv, &kv, &vv, &prm, MaskSpec::Expr(&m)).unwrap();
+            let ov = f.out.view("out").unwrap();
+            let dov = TensorView::contiguous(&dout[..], [b, n, hq, dv]).unwrap();
+            let bp = BackwardParams {
+                deterministic: true,
+                ..Default::default()
+            };
+            let g = backward(
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &f.lse,
+                &dov,
+                &prm,
+                MaskSpec::Expr(&m),
+                &bp,
+            )
+            .unwrap();
+            let want = [
+                g.dq.data.to_f32_vec(),
+                g.dk.data.to_f32_vec(),
+                g.dv.data.to_f32_vec(),
+            ];
+            let group = ThreadTransport::group(p, Duration::from_secs(20)).unwrap();
+            let hs: Vec<_> = group
+                .into_iter()
+                .map(|t| {
+                    let (q, k, v, dout) = (q.clone(), k.clone(), v.clone(), dout.clone());
+                    std::thread::spawn(move || {
+                        let r = t.rank();
+                        let sh = |x: &[f32], hd: usize| zigzag_shard(x, b, n, hd, p, r).unwrap();
+                        let (lq, lk, lv, ld) = (
+                            sh(&q, hq * d),
+                            sh(&k, hk * d),
+                            sh(&v, hk * dv),
+                            sh(&dout, hq * dv),
+                        );
+                        let x = LocalQkv {
+                            q: &lq,
+                            k: &lk,
+                            v: &lv,
+                            dims: (b, 2 * c, hq, hk, d, dv),
+                        };
+                        let prm = AttnParams::default();
+                        let (o, l) = zigzag_causal_forward(&t, &x, &prm).unwrap();
+                        let bp = BackwardParams {
+                            deterministic: true,
+                            ..Default::default()
+                        };
+                        zigzag_causal_backward(&t, &x, &o, &l, &ld, &prm, &bp).unwrap()
+                    })
+                })
+                .collect();
+            for (r, h) in hs.into_iter().enumerate() {
+                let (dq, dk, dv_) = h.join().unwrap();
+                for (name, got, w, hd) in [
+                    ("dq", &dq, &want[0], hq * d),
+                    ("dk", &dk, &want[1], hk * d),
+                    ("dv", &dv_, &want[2], hk * dv),
+                ] {
+                    let w = zigzag_shard(w, b, n, hd, p, r).unwrap();
+                    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let err = got
+                        .iter()
+                        .zip(&w)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err <= 1e-5 * scale.max(1.0),
+                        "p {p} rank {r} {name}: {err} (max {scale})"
+                    );
                 }
             }
         }

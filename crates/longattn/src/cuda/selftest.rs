@@ -346,7 +346,10 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
                 &dov,
                 &bt.params,
                 bt.spec(),
-                &crate::BackwardParams { deterministic },
+                &crate::BackwardParams {
+                    deterministic,
+                    ..Default::default()
+                },
             )
         };
         let (g, g2, gf) = (run(true)?, run(true)?, run(false)?);
@@ -362,6 +365,7 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
         }
         let bp = crate::BackwardParams {
             deterministic: true,
+            ..Default::default()
         };
         let work = case.batch * case.hq * case.sq * case.sk * case.d;
         let (want, how): ([Vec<f64>; 3], &str) = if work <= 1 << 26 {

@@ -73,7 +73,7 @@ pub fn backward(
     dims: &Dims,
     params: &AttnParams,
     mask: MaskSpec,
-    deterministic: bool,
+    bwd: &crate::backward::BackwardParams,
 ) -> Result<Grads> {
     let isa = match params.isa {
         Some(i) if !i.available() => {
@@ -108,7 +108,8 @@ pub fn backward(
         MaskSpec::Schedule { schedule, rows } => (schedule, rows),
     };
     check_schedule(schedule, rows.is_some(), dims)?;
-    let job = Job::new(inp, dims, params, schedule, rows, deterministic);
+    let mut job = Job::new(inp, dims, params, schedule, rows, bwd.deterministic);
+    job.partial_keys = bwd.partial_keys;
     #[cfg(target_arch = "x86_64")]
     {
         use micro::{AmxBwd, Avx512Bwd};
@@ -131,6 +132,8 @@ struct Job<'a> {
     cols: ScheduleColumns,
     rows: Option<&'a dyn RowMask>,
     deterministic: bool,
+    /// `BackwardParams::partial_keys`: skip the probability-sum check.
+    partial_keys: bool,
     /// Query blocks (first row, rows): the 64-row pieces of every schedule query tile.
     blocks: Vec<(usize, usize)>,
     /// Block indices of each schedule query tile.
@@ -285,6 +288,7 @@ impl<'a> Job<'a> {
             cols: sched.columns(),
             rows,
             deterministic,
+            partial_keys: false,
             blocks,
             tile_blocks,
         }
@@ -484,7 +488,7 @@ impl<'a> Job<'a> {
                 .reduce(|| 0.0, f32::max);
             // Each row's probabilities exp(s - LSE) sum to 1 for the LSE of these inputs (up to
             // rounding: f32 sums, the bf16 path's exp2 polynomial).
-            if wdev > 1e-2 {
+            if wdev > 1e-2 && !self.partial_keys {
                 return Err(Error::Param {
                     op: "attention backward",
                     msg: format!(
