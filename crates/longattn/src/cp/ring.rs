@@ -32,6 +32,29 @@ pub struct LocalQkv<'a> {
     pub dims: (usize, usize, usize, usize, usize, usize),
 }
 
+impl LocalQkv<'_> {
+    /// Checks the shapes; the chunk length c.
+    fn check(&self, t: &dyn Transport) -> Result<usize> {
+        let (b, s2, hq, hk, d, dv) = self.dims;
+        if !s2.is_multiple_of(2) || s2 == 0 {
+            return Err(t.err(format!(
+                "zigzag: a rank holds two chunks of equal length, got {s2} rows"
+            )));
+        }
+        let want = |n: usize| b * s2 * n;
+        let (q, k, v) = (self.q.len(), self.k.len(), self.v.len());
+        if q != want(hq * d) || k != want(hk * d) || v != want(hk * dv) {
+            return Err(t.err(format!(
+                "zigzag: q / k / v hold {q} / {k} / {v} values, expected [B {b}, 2c {s2}, H, D] = {} / {} / {}",
+                want(hq * d),
+                want(hk * d),
+                want(hk * dv)
+            )));
+        }
+        Ok(s2 / 2)
+    }
+}
+
 /// Rows `[s0, s0 + c)` of a contiguous `[B, S, H, D]` f32 tensor, as a new contiguous tensor.
 fn rows(x: &[f32], b: usize, s: usize, hd: usize, s0: usize, c: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(b * c * hd);
@@ -82,33 +105,8 @@ pub fn zigzag_causal_forward(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (b, s2, hq, hk, d, dv) = x.dims;
     let (p, r) = (t.world(), t.rank());
-    if !s2.is_multiple_of(2) || s2 == 0 {
-        return Err(t.err(format!(
-            "zigzag: a rank holds two chunks of equal length, got {s2} rows"
-        )));
-    }
-    let c = s2 / 2;
-    let want = |n: usize| b * s2 * n;
-    if x.q.len() != want(hq * d) || x.k.len() != want(hk * d) || x.v.len() != want(hk * dv) {
-        return Err(t.err(format!(
-            "zigzag: q / k / v hold {} / {} / {} values, expected [B {b}, 2c {s2}, H, D] = {} / {} / {}",
-            x.q.len(),
-            x.k.len(),
-            x.v.len(),
-            want(hq * d),
-            want(hk * d),
-            want(hk * dv)
-        )));
-    }
-    let causal = MaskExpr::parse("causal")?.bind(
-        MaskShape {
-            batch: b,
-            sq: c,
-            sk: c,
-        },
-        None,
-    )?;
-    let mine = [r, 2 * p - 1 - r]; // global chunk index of local chunk 0 / 1
+    let c = x.check(t)?;
+    let causal = causal_block(b, c)?;
     let qs = [
         rows(x.q, b, s2, hq * d, 0, c),
         rows(x.q, b, s2, hq * d, c, c),
@@ -121,27 +119,19 @@ pub fn zigzag_causal_forward(
     // The key / value chunks held at this step (both chunks of one rank), as sent.
     let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
     for step in 0..p {
-        let owner = (r + p - step) % p;
-        let theirs = [owner, 2 * p - 1 - owner];
-        for (la, &a) in mine.iter().enumerate() {
+        for (la, lb, diag) in blocks_at(p, r, step) {
             let qv = TensorView::contiguous(&qs[la][..], [b, c, hq, d])?;
-            for (lb, &g) in theirs.iter().enumerate() {
-                if g > a {
-                    continue;
-                }
-                let kc = rows(&k_held, b, s2, hk * d, lb * c, c);
-                let vc = rows(&v_held, b, s2, hk * dv, lb * c, c);
-                let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
-                let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
-                let mask = if g == a {
-                    MaskSpec::Expr(&causal)
-                } else {
-                    MaskSpec::Full
-                };
-                let part = forward(&qv, &kv, &vv, params, mask)?;
-                let o2 = part.out.data.to_f32_vec();
-                merge_partial(&mut out[la], &mut lse[la], &o2, &part.lse, (b, c, hq, dv));
-            }
+            let (kc, vc) = held_chunk(&k_held, &v_held, x.dims, lb);
+            let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
+            let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
+            let mask = if diag {
+                MaskSpec::Expr(&causal)
+            } else {
+                MaskSpec::Full
+            };
+            let part = forward(&qv, &kv, &vv, params, mask)?;
+            let o2 = part.out.data.to_f32_vec();
+            merge_partial(&mut out[la], &mut lse[la], &o2, &part.lse, (b, c, hq, dv));
         }
         if step + 1 < p {
             // Pass the held chunks on: to r + 1, from r - 1 (sends do not wait).
@@ -183,6 +173,49 @@ fn from_bytes(x: &[u8]) -> Vec<f32> {
     x.chunks_exact(4)
         .map(|w| f32::from_le_bytes(w.try_into().expect("4 bytes")))
         .collect()
+}
+
+/// The blocks a rank computes at ring step `step`: (local query chunk, local held chunk,
+/// whether it is a diagonal block) for every held chunk g <= query chunk a. Rank r's chunks are
+/// r and 2P - 1 - r; at step s it holds those of rank (r - s) mod P.
+fn blocks_at(p: usize, r: usize, step: usize) -> Vec<(usize, usize, bool)> {
+    let owner = (r + p - step) % p;
+    let (mine, theirs) = ([r, 2 * p - 1 - r], [owner, 2 * p - 1 - owner]);
+    let mut v = Vec::with_capacity(4);
+    for (la, &a) in mine.iter().enumerate() {
+        for (lb, &g) in theirs.iter().enumerate() {
+            if g <= a {
+                v.push((la, lb, g == a));
+            }
+        }
+    }
+    v
+}
+
+/// Keys and values of held chunk `lb` (of two), contiguous `[B, c, Hk, D]` / `[B, c, Hk, Dv]`.
+fn held_chunk(
+    k: &[f32],
+    v: &[f32],
+    (b, s2, _, hk, d, dv): (usize, usize, usize, usize, usize, usize),
+    lb: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let c = s2 / 2;
+    (
+        rows(k, b, s2, hk * d, lb * c, c),
+        rows(v, b, s2, hk * dv, lb * c, c),
+    )
+}
+
+/// The causal mask bound to square blocks of `c` rows (batch `b`).
+fn causal_block(b: usize, c: usize) -> Result<crate::mask::BoundMask> {
+    MaskExpr::parse("causal")?.bind(
+        MaskShape {
+            batch: b,
+            sq: c,
+            sk: c,
+        },
+        None,
+    )
 }
 
 /// Sends each buffer to `to` (tags `tag0..`) and replaces it by the one of the same length
@@ -233,12 +266,7 @@ pub fn zigzag_causal_backward(
 ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (b, s2, hq, hk, d, dv) = x.dims;
     let (p, r) = (t.world(), t.rank());
-    if !s2.is_multiple_of(2) || s2 == 0 {
-        return Err(t.err(format!(
-            "zigzag: a rank holds two chunks of equal length, got {s2} rows"
-        )));
-    }
-    let c = s2 / 2;
+    let c = x.check(t)?;
     if out.len() != b * s2 * hq * dv || dout.len() != out.len() || lse.len() != b * hq * s2 {
         return Err(t.err(format!(
             "zigzag backward: out / dout / lse hold {} / {} / {} values, expected {} / {} / {}",
@@ -250,15 +278,7 @@ pub fn zigzag_causal_backward(
             b * hq * s2
         )));
     }
-    let causal = MaskExpr::parse("causal")?.bind(
-        MaskShape {
-            batch: b,
-            sq: c,
-            sk: c,
-        },
-        None,
-    )?;
-    let mine = [r, 2 * p - 1 - r];
+    let causal = causal_block(b, c)?;
     let part = |la: usize| -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
         let mut l = Vec::with_capacity(b * hq * c);
         for bh in 0..b * hq {
@@ -281,47 +301,39 @@ pub fn zigzag_causal_backward(
     let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
     let (mut dk_held, mut dv_held) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
     for step in 0..p {
-        let owner = (r + p - step) % p;
-        let theirs = [owner, 2 * p - 1 - owner];
-        for (la, &a) in mine.iter().enumerate() {
+        for (la, lb, diag) in blocks_at(p, r, step) {
             let (qa, oa, doa, la_lse) = &chunks[la];
             let qv = TensorView::contiguous(&qa[..], [b, c, hq, d])?;
             let ov = TensorView::contiguous(&oa[..], [b, c, hq, dv])?;
             let dov = TensorView::contiguous(&doa[..], [b, c, hq, dv])?;
-            for (lb, &g) in theirs.iter().enumerate() {
-                if g > a {
-                    continue;
-                }
-                let kc = rows(&k_held, b, s2, hk * d, lb * c, c);
-                let vc = rows(&v_held, b, s2, hk * dv, lb * c, c);
-                let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
-                let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
-                let mask = if g == a {
-                    MaskSpec::Expr(&causal)
-                } else {
-                    MaskSpec::Full
-                };
-                let gr = backward(&qv, &kv, &vv, &ov, la_lse, &dov, params, mask, &blk)?;
-                add_rows(&mut dq, &gr.dq.data.to_f32_vec(), b, s2, hq * d, la * c, c);
-                add_rows(
-                    &mut dk_held,
-                    &gr.dk.data.to_f32_vec(),
-                    b,
-                    s2,
-                    hk * d,
-                    lb * c,
-                    c,
-                );
-                add_rows(
-                    &mut dv_held,
-                    &gr.dv.data.to_f32_vec(),
-                    b,
-                    s2,
-                    hk * dv,
-                    lb * c,
-                    c,
-                );
-            }
+            let (kc, vc) = held_chunk(&k_held, &v_held, x.dims, lb);
+            let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
+            let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
+            let mask = if diag {
+                MaskSpec::Expr(&causal)
+            } else {
+                MaskSpec::Full
+            };
+            let gr = backward(&qv, &kv, &vv, &ov, la_lse, &dov, params, mask, &blk)?;
+            add_rows(&mut dq, &gr.dq.data.to_f32_vec(), b, s2, hq * d, la * c, c);
+            add_rows(
+                &mut dk_held,
+                &gr.dk.data.to_f32_vec(),
+                b,
+                s2,
+                hk * d,
+                lb * c,
+                c,
+            );
+            add_rows(
+                &mut dv_held,
+                &gr.dv.data.to_f32_vec(),
+                b,
+                s2,
+                hk * dv,
+                lb * c,
+                c,
+            );
         }
         let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
         if step + 1 < p {
@@ -405,17 +417,7 @@ mod tests {
             let k = seeded(2 + p as u64, b * n * hk * d);
             let v = seeded(3 + p as u64, b * n * hk * dv);
             let whole = {
-                let m = MaskExpr::parse("causal")
-                    .unwrap()
-                    .bind(
-                        MaskShape {
-                            batch: b,
-                            sq: n,
-                            sk: n,
-                        },
-                        None,
-                    )
-                    .unwrap();
+                let m = causal_block(b, n).unwrap();
                 forward(
                     &TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
                     &TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
@@ -480,17 +482,7 @@ mod tests {
             let k = seeded(12 + p as u64, b * n * hk * d);
             let v = seeded(13 + p as u64, b * n * hk * dv);
             let dout = seeded(14 + p as u64, b * n * hq * dv);
-            let m = MaskExpr::parse("causal")
-                .unwrap()
-                .bind(
-                    MaskShape {
-                        batch: b,
-                        sq: n,
-                        sk: n,
-                    },
-                    None,
-                )
-                .unwrap();
+            let m = causal_block(b, n).unwrap();
             let (qv, kv, vv) = (
                 TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
                 TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
