@@ -88,9 +88,9 @@ def _check_g(g, op):
     if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
         # One flag read back: every element in [-inf, 0] excluding -inf (NaN fails both tests;
         # -inf would make the in-chunk differences of cumulative decays NaN).
-        if not bool(((g <= 0) & (g > float("-inf"))).all()):
-            bad = ~((g <= 0) & (g > float("-inf")))
-            i = int(bad.flatten().nonzero()[0])
+        ok = (g <= 0) & (g > float("-inf"))
+        if not bool(ok.all()):
+            i = int((~ok).flatten().nonzero()[0])
             raise ValueError(
                 f"{op}: `g` holds log decays, which must be finite and <= 0 (a decay in (0, 1]); "
                 f"element {i} is {g.flatten()[i].item()}"

@@ -19,7 +19,7 @@ use super::transport::Transport;
 use crate::attention::{forward, AttnParams, MaskSpec};
 use crate::backward::{backward, BackwardParams};
 use crate::error::{Error, Result};
-use crate::mask::{MaskExpr, MaskShape};
+use crate::mask::{BoundMask, MaskExpr, MaskShape};
 use crate::tensor::TensorView;
 
 /// This rank's share of one causal attention: `q [B, 2c, Hq, D]`, `k [B, 2c, Hk, D]`,
@@ -55,41 +55,58 @@ impl LocalQkv<'_> {
     }
 }
 
-/// Rows `[s0, s0 + c)` of a contiguous `[B, S, H, D]` f32 tensor, as a new contiguous tensor.
-fn rows(x: &[f32], b: usize, s: usize, hd: usize, s0: usize, c: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(b * c * hd);
-    for bi in 0..b {
-        let base = (bi * s + s0) * hd;
-        out.extend_from_slice(&x[base..base + c * hd]);
-    }
-    out
+/// Chunk `half` (0 or 1) of a rank's `[B, 2c, H, W]` f32 buffer as a `[B, c, H, W]` view (no
+/// copy).
+fn chunk(
+    x: &[f32],
+    (b, s2, h, w): (usize, usize, usize, usize),
+    half: usize,
+) -> Result<TensorView<'_>> {
+    let c = s2 / 2;
+    TensorView::strided(
+        &x[half * c * h * w..],
+        [b, c, h, w],
+        [s2 * h * w, h * w, w, 1],
+    )
 }
 
-/// Merges a partial result `(o2 [B, c, H, Dv], l2 [B, H, c])` into `(o1, l1)` (formula in the
-/// module header; `l1 = -inf` rows take the partial as it is).
+/// The mask of a block: the bound causal mask on the diagonal, none below it.
+fn block_mask(diag: bool, causal: &BoundMask) -> MaskSpec<'_> {
+    if diag {
+        MaskSpec::Expr(causal)
+    } else {
+        MaskSpec::Full
+    }
+}
+
+/// Merges a partial result `(o2 [B, c, H, Dv], l2 [B, H, c])` of query chunk `half` into the
+/// rank's `(o1 [B, 2c, H, Dv], l1 [B, H, 2c])` (formula in the module header; rows without keys
+/// in both parts stay empty).
 fn merge_partial(
-    o1: &mut [f32],
-    l1: &mut [f32],
-    o2: &[f32],
-    l2: &[f32],
-    dims: (usize, usize, usize, usize),
+    (o1, l1): (&mut [f32], &mut [f32]),
+    (o2, l2): (&[f32], &[f32]),
+    (b, s2, h, dv): (usize, usize, usize, usize),
+    half: usize,
 ) {
-    let (b, c, h, dv) = dims;
+    let c = s2 / 2;
     for bi in 0..b {
         for hi in 0..h {
             for i in 0..c {
-                let li = (bi * h + hi) * c + i;
-                let (a, z) = (l1[li], l2[li]);
+                let (li, pi) = ((bi * h + hi) * s2 + half * c + i, (bi * h + hi) * c + i);
+                let (a, z) = (l1[li], l2[pi]);
                 let m = a.max(z);
                 if m == f32::NEG_INFINITY {
-                    continue; // no key of either part: stays empty
+                    continue;
                 }
                 let (wa, wz) = ((a - m).exp(), (z - m).exp());
                 let s = wa + wz;
                 l1[li] = m + s.ln();
-                let o = ((bi * c + i) * h + hi) * dv;
+                let (o, op) = (
+                    ((bi * s2 + half * c + i) * h + hi) * dv,
+                    ((bi * c + i) * h + hi) * dv,
+                );
                 for d in 0..dv {
-                    o1[o + d] = (wa * o1[o + d] + wz * o2[o + d]) / s;
+                    o1[o + d] = (wa * o1[o + d] + wz * o2[op + d]) / s;
                 }
             }
         }
@@ -107,31 +124,21 @@ pub fn zigzag_causal_forward(
     let (p, r) = (t.world(), t.rank());
     let c = x.check(t)?;
     let causal = causal_block(b, c)?;
-    let qs = [
-        rows(x.q, b, s2, hq * d, 0, c),
-        rows(x.q, b, s2, hq * d, c, c),
-    ];
-    let mut out = [vec![0f32; b * c * hq * dv], vec![0f32; b * c * hq * dv]];
-    let mut lse = [
-        vec![f32::NEG_INFINITY; b * hq * c],
-        vec![f32::NEG_INFINITY; b * hq * c],
-    ];
+    let mut out = vec![0f32; b * s2 * hq * dv];
+    let mut lse = vec![f32::NEG_INFINITY; b * hq * s2];
     // The key / value chunks held at this step (both chunks of one rank), as sent.
     let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
     for step in 0..p {
         for (la, lb, diag) in blocks_at(p, r, step) {
-            let qv = TensorView::contiguous(&qs[la][..], [b, c, hq, d])?;
-            let (kc, vc) = held_chunk(&k_held, &v_held, x.dims, lb);
-            let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
-            let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
-            let mask = if diag {
-                MaskSpec::Expr(&causal)
-            } else {
-                MaskSpec::Full
-            };
-            let part = forward(&qv, &kv, &vv, params, mask)?;
+            let part = forward(
+                &chunk(x.q, (b, s2, hq, d), la)?,
+                &chunk(&k_held, (b, s2, hk, d), lb)?,
+                &chunk(&v_held, (b, s2, hk, dv), lb)?,
+                params,
+                block_mask(diag, &causal),
+            )?;
             let o2 = part.out.data.to_f32_vec();
-            merge_partial(&mut out[la], &mut lse[la], &o2, &part.lse, (b, c, hq, dv));
+            merge_partial((&mut out, &mut lse), (&o2, &part.lse), (b, s2, hq, dv), la);
         }
         if step + 1 < p {
             // Pass the held chunks on: to r + 1, from r - 1 (sends do not wait).
@@ -145,24 +152,7 @@ pub fn zigzag_causal_forward(
             )?;
         }
     }
-    // Back to the local row order: [B, 2c, Hq, Dv] and [B, Hq, 2c].
-    let mut o = Vec::with_capacity(b * s2 * hq * dv);
-    for bi in 0..b {
-        for half in &out {
-            o.extend_from_slice(&half[bi * c * hq * dv..(bi + 1) * c * hq * dv]);
-        }
-    }
-    let mut l = vec![0f32; b * hq * s2];
-    for bi in 0..b {
-        for hi in 0..hq {
-            for (la, half) in lse.iter().enumerate() {
-                let src = &half[(bi * hq + hi) * c..(bi * hq + hi + 1) * c];
-                let dst = (bi * hq + hi) * s2 + la * c;
-                l[dst..dst + c].copy_from_slice(src);
-            }
-        }
-    }
-    Ok((o, l))
+    Ok((out, lse))
 }
 
 fn to_bytes(x: &[f32]) -> Vec<u8> {
@@ -192,22 +182,8 @@ fn blocks_at(p: usize, r: usize, step: usize) -> Vec<(usize, usize, bool)> {
     v
 }
 
-/// Keys and values of held chunk `lb` (of two), contiguous `[B, c, Hk, D]` / `[B, c, Hk, Dv]`.
-fn held_chunk(
-    k: &[f32],
-    v: &[f32],
-    (b, s2, _, hk, d, dv): (usize, usize, usize, usize, usize, usize),
-    lb: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let c = s2 / 2;
-    (
-        rows(k, b, s2, hk * d, lb * c, c),
-        rows(v, b, s2, hk * dv, lb * c, c),
-    )
-}
-
 /// The causal mask bound to square blocks of `c` rows (batch `b`).
-fn causal_block(b: usize, c: usize) -> Result<crate::mask::BoundMask> {
+fn causal_block(b: usize, c: usize) -> Result<BoundMask> {
     MaskExpr::parse("causal")?.bind(
         MaskShape {
             batch: b,
@@ -238,14 +214,19 @@ fn pass_on(
     Ok(())
 }
 
-/// Adds rows `[s0, s0 + c)` of a contiguous `[B, S, H, D]` f32 tensor from `part [B, c, H, D]`.
-fn add_rows(x: &mut [f32], part: &[f32], b: usize, s: usize, hd: usize, s0: usize, c: usize) {
+/// Adds `part [B, c, H, W]` into chunk `half` of a rank's `[B, 2c, H, W]` buffer.
+fn add_chunk(
+    x: &mut [f32],
+    part: &[f32],
+    (b, s2, h, w): (usize, usize, usize, usize),
+    half: usize,
+) {
+    let (c, hw) = (s2 / 2, h * w);
     for bi in 0..b {
-        let dst = (bi * s + s0) * hd;
-        let src = bi * c * hd;
-        for (d, p) in x[dst..dst + c * hd]
+        let dst = (bi * s2 + half * c) * hw;
+        for (d, p) in x[dst..dst + c * hw]
             .iter_mut()
-            .zip(&part[src..src + c * hd])
+            .zip(&part[bi * c * hw..(bi + 1) * c * hw])
         {
             *d += p;
         }
@@ -279,19 +260,14 @@ pub fn zigzag_causal_backward(
         )));
     }
     let causal = causal_block(b, c)?;
-    let part = |la: usize| -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-        let mut l = Vec::with_capacity(b * hq * c);
-        for bh in 0..b * hq {
-            l.extend_from_slice(&lse[bh * s2 + la * c..bh * s2 + (la + 1) * c]);
-        }
-        (
-            rows(x.q, b, s2, hq * d, la * c, c),
-            rows(out, b, s2, hq * dv, la * c, c),
-            rows(dout, b, s2, hq * dv, la * c, c),
-            l,
-        )
+    // The LSE rows of each query chunk, contiguous [B, Hq, c] as the backward takes them.
+    let lse_of = |half: usize| -> Vec<f32> {
+        (0..b * hq)
+            .flat_map(|bh| &lse[bh * s2 + half * c..bh * s2 + (half + 1) * c])
+            .copied()
+            .collect()
     };
-    let chunks = [part(0), part(1)];
+    let lse_c = [lse_of(0), lse_of(1)];
     // Each call sees one block of keys of the rows' softmax (out and LSE are the whole row's).
     let blk = BackwardParams {
         partial_keys: true,
@@ -302,38 +278,20 @@ pub fn zigzag_causal_backward(
     let (mut dk_held, mut dv_held) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
     for step in 0..p {
         for (la, lb, diag) in blocks_at(p, r, step) {
-            let (qa, oa, doa, la_lse) = &chunks[la];
-            let qv = TensorView::contiguous(&qa[..], [b, c, hq, d])?;
-            let ov = TensorView::contiguous(&oa[..], [b, c, hq, dv])?;
-            let dov = TensorView::contiguous(&doa[..], [b, c, hq, dv])?;
-            let (kc, vc) = held_chunk(&k_held, &v_held, x.dims, lb);
-            let kv = TensorView::contiguous(&kc[..], [b, c, hk, d])?;
-            let vv = TensorView::contiguous(&vc[..], [b, c, hk, dv])?;
-            let mask = if diag {
-                MaskSpec::Expr(&causal)
-            } else {
-                MaskSpec::Full
-            };
-            let gr = backward(&qv, &kv, &vv, &ov, la_lse, &dov, params, mask, &blk)?;
-            add_rows(&mut dq, &gr.dq.data.to_f32_vec(), b, s2, hq * d, la * c, c);
-            add_rows(
-                &mut dk_held,
-                &gr.dk.data.to_f32_vec(),
-                b,
-                s2,
-                hk * d,
-                lb * c,
-                c,
-            );
-            add_rows(
-                &mut dv_held,
-                &gr.dv.data.to_f32_vec(),
-                b,
-                s2,
-                hk * dv,
-                lb * c,
-                c,
-            );
+            let gr = backward(
+                &chunk(x.q, (b, s2, hq, d), la)?,
+                &chunk(&k_held, (b, s2, hk, d), lb)?,
+                &chunk(&v_held, (b, s2, hk, dv), lb)?,
+                &chunk(out, (b, s2, hq, dv), la)?,
+                &lse_c[la],
+                &chunk(dout, (b, s2, hq, dv), la)?,
+                params,
+                block_mask(diag, &causal),
+                &blk,
+            )?;
+            add_chunk(&mut dq, &gr.dq.data.to_f32_vec(), (b, s2, hq, d), la);
+            add_chunk(&mut dk_held, &gr.dk.data.to_f32_vec(), (b, s2, hk, d), lb);
+            add_chunk(&mut dv_held, &gr.dv.data.to_f32_vec(), (b, s2, hk, dv), lb);
         }
         let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
         if step + 1 < p {

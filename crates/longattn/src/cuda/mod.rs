@@ -222,7 +222,7 @@ impl CudaDevice {
     /// [`Self::function`] for a source fixed at build time (`include_str!` pieces, so that the
     /// variant name and the defines determine it): the in-memory cache is keyed by those alone,
     /// and a warm call neither builds nor hashes the source (`src` runs on a miss only). Saves
-    /// the per-call cost of formatting and hashing ~100 KB of source per kernel.
+    /// the per-call cost of formatting and hashing tens of KB of source per kernel.
     pub(crate) fn function_static(
         &self,
         variant: &str,

@@ -13,16 +13,17 @@
 //! `cu_seqlens`, strided q / k / v with a contiguous head dim (16-byte aligned rows).
 //!
 //! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_seg.cu`,
-//! `linear_step.cu` hold the math): chunks of 64 tokens; one block of 8 warps per (state slice,
-//! head, segment) walking its chunks in order (or in reverse for dK / dV), its slice of the state
-//! in f32 registers, chunk c + 1 loading (cp.async) while chunk c computes on the tensor cores
+//! `linear_step.cu` hold the math): chunks of 64 tokens; one block per (state slice, head,
+//! segment) walking its chunks in order (or in reverse for dK / dV), its slice of the state in
+//! f32 registers, chunk c + 1 loading (cp.async) while chunk c computes on the tensor cores
 //! (mma.sync m16n8k16). No per-chunk state ever goes to global memory. When slices x heads x
 //! sequences leave the SMs idle, each sequence is cut into segments (`choose_segments`): a state
 //! pass gives each segment's own contribution, a scan over segments the state entering each
 //! (and, for the backward, the gradient leaving each), then every segment runs in parallel.
-//! Forward: slices of BV value columns (`choose_bv`: 32, or 64 when that still fills the SMs
-//! twice); backward: dV with the same slices in reverse, dQ (in order) and dK (in reverse) with
-//! slices of 32 key rows, then dg as reverse cumulative sums of `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
+//! Forward (`choose_fwd`): 16 warps over the whole state (BV = V), or 8 warps with slices of
+//! `choose_bv` columns; backward (8 warps): dV with slices of `choose_bv` columns in reverse, dQ
+//! (in order) and dK (in reverse) with slices of 32 key rows, then dg as reverse cumulative sums
+//! of `q . dq - k . dk`. `scripts/linear_emu` runs the kernels on the CPU (an emulation of
 //! mma.sync / ldmatrix / shuffles) against an f64 recurrence.
 use std::sync::Arc;
 
@@ -355,7 +356,7 @@ fn choose_bv(d: &CoreDims) -> usize {
 /// Layout of the forward: `(BV, warps)`. 8 warps with [`choose_bv`]'s slices, or 16 warps over
 /// the whole state (BV = V: Q K^T and K o w computed once per chunk and head instead of once per
 /// slice). `LONGATTN_LINEAR_NW=8|16` overrides (16 takes BV = V unless `LONGATTN_LINEAR_BV`
-/// names 64 or more).
+/// is `64`).
 fn choose_fwd(d: &CoreDims) -> (usize, usize) {
     let nw = match std::env::var("LONGATTN_LINEAR_NW").ok().as_deref() {
         Some("16") => 16,
@@ -458,9 +459,25 @@ struct Segments {
 }
 
 impl Segments {
-    /// Allocates the buffers and points `p` at them (`p.nseg > 1`).
-    fn new(s: &Arc<CudaStream>, d: &CoreDims, p: &mut LinParams, rev: bool) -> Result<Segments> {
-        let n = d.seqs * p.nseg as usize;
+    /// Cuts the sequences as `(seg_len, nseg)` says ([`choose_segments`]; `nseg = 1`: uncut,
+    /// `None`): sets `p`'s segment fields, allocates the segment states, points `p` at them and
+    /// runs the forward state pass and scan, and for the backward (`rev`) the reverse ones.
+    #[allow(clippy::too_many_arguments)]
+    fn prepare(
+        dev: &CudaDevice,
+        s: &Arc<CudaStream>,
+        p: &mut LinParams,
+        d: &CoreDims,
+        dtype: DType,
+        bv: usize,
+        (seg_len, nseg): (usize, usize),
+        rev: bool,
+    ) -> Result<Option<Segments>> {
+        (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
+        if nseg <= 1 {
+            return Ok(None);
+        }
+        let n = d.seqs * nseg;
         let st = n * d.h * d.k * d.v;
         let zeros = |n: usize| {
             s.alloc_zeros::<f32>(n.max(1))
@@ -474,7 +491,11 @@ impl Segments {
         p.seg_f = ptr(&seg.f);
         p.seg_r = seg.r.as_ref().map_or(0, ptr);
         p.seg_g = ptr(&seg.g);
-        Ok(seg)
+        Self::run(dev, s, p, d, dtype, bv, false)?;
+        if rev {
+            Self::run(dev, s, p, d, dtype, bv, true)?;
+        }
+        Ok(Some(seg))
     }
 
     /// The state pass of one direction and its scan over segments: afterwards `seg_f` (or
@@ -677,17 +698,10 @@ pub fn forward_on(
     p.o = tptr(out);
     p.o_s = out.strides();
     p.sfin = ptr(fin);
-    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, if nw == 16 { 1 } else { 2 });
-    (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
-    let _seg = if nseg > 1 {
-        let seg = Segments::new(s, &d, &mut p, false)?;
-        // The state pass has its own slices (8 warps, at most 64 columns: registers).
-        Segments::run(dev, s, &p, &d, c.q.dtype, bv.min(64), false)?;
-        Some(seg)
-    } else {
-        None
-    };
-    let grid = ((d.v / bv) as u32, d.h as u32, (d.seqs * nseg) as u32);
+    let cut = choose_segments(dev, &d, d.v / bv, if nw == 16 { 1 } else { 2 });
+    // The state pass has its own slices (8 warps, at most 64 columns: registers).
+    let _seg = Segments::prepare(dev, s, &mut p, &d, c.q.dtype, bv.min(64), cut, false)?;
+    let grid = ((d.v / bv) as u32, d.h as u32, (d.seqs * cut.1) as u32);
     let threads = 32 * nw as u32;
     launch(s, &f, grid, threads, smem, &p, "launch linear forward")
 }
@@ -832,16 +846,8 @@ pub fn backward_on(
     p.gqa_acc = gqa as i32;
 
     // Cut sequences: states entering and gradients leaving every segment first.
-    let (seg_len, nseg) = choose_segments(dev, &d, d.v / bv, 1);
-    (p.seg_len, p.nseg) = (seg_len as i32, nseg as i32);
-    let _seg = if nseg > 1 {
-        let seg = Segments::new(s, &d, &mut p, true)?;
-        Segments::run(dev, s, &p, &d, dt, bv, false)?;
-        Segments::run(dev, s, &p, &d, dt, bv, true)?;
-        Some(seg)
-    } else {
-        None
-    };
+    let cut = choose_segments(dev, &d, d.v / bv, 1);
+    let _seg = Segments::prepare(dev, s, &mut p, &d, dt, bv, cut, true)?;
 
     let src = ("linear_bwd", LIN_BWD);
     let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
@@ -849,7 +855,7 @@ pub fn backward_on(
     let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
     let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
     let h = d.h as u32;
-    let n = (d.seqs * nseg) as u32;
+    let n = (d.seqs * cut.1) as u32;
     launch(
         s,
         &f_dv,

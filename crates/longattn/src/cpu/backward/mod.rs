@@ -108,8 +108,7 @@ pub fn backward(
         MaskSpec::Schedule { schedule, rows } => (schedule, rows),
     };
     check_schedule(schedule, rows.is_some(), dims)?;
-    let mut job = Job::new(inp, dims, params, schedule, rows, bwd.deterministic);
-    job.partial_keys = bwd.partial_keys;
+    let job = Job::new(inp, dims, params, schedule, rows, bwd);
     #[cfg(target_arch = "x86_64")]
     {
         use micro::{AmxBwd, Avx512Bwd};
@@ -265,7 +264,7 @@ impl<'a> Job<'a> {
         params: &AttnParams,
         sched: &'a BlockSchedule,
         rows: Option<&'a dyn RowMask>,
-        deterministic: bool,
+        bwd: &crate::backward::BackwardParams,
     ) -> Self {
         let mut blocks = Vec::new();
         let mut tile_blocks = Vec::new();
@@ -287,8 +286,8 @@ impl<'a> Job<'a> {
             sched,
             cols: sched.columns(),
             rows,
-            deterministic,
-            partial_keys: false,
+            deterministic: bwd.deterministic,
+            partial_keys: bwd.partial_keys,
             blocks,
             tile_blocks,
         }
