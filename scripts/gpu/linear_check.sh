@@ -47,6 +47,13 @@ perf)
     E=$(bash .peers/install.sh light) && eval "$E"
     export PYTHONPATH=/tmp/site:$PYTHONPATH
   fi
+  # A newer Triton for FLA's gated backward (scripts/gpu/slim_triton.sh), in front of the installed one.
+  tri=$(ls .peers/triton-*-slim.tar.xz 2>/dev/null | tail -1)
+  if [ -n "$tri" ]; then
+    mkdir -p /tmp/tri && [ -d /tmp/tri/triton ] || xz -dc "$tri" | tar xf - -C /tmp/tri
+    export PYTHONPATH=/tmp/site:/tmp/tri:$PYTHONPATH TRITON_PTXAS_PATH=${TRITON_PTXAS_PATH:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
+    python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
+  fi
   python3 crates/longattn-py/bench/linear_check.py --json "$OUT/linear_check.json" 2>&1 | tee "$OUT/linear_check.txt"
   ;;
 extra)

@@ -157,6 +157,9 @@ for (b, t, h) in shapes:
         return torch.autograd.grad(o, (q, k, v, g), do)
 
     row["longattn_fwdbwd_ms"] = gpu_ms(fb)
+    longattn.linear.check_decays(False)
+    row["longattn_fwdbwd_nocheck_ms"] = gpu_ms(fb)
+    longattn.linear.check_decays(True)
     if fla_simple_gla is not None:
         row["fla_fwd_ms"] = gpu_ms(lambda: fla_simple_gla(q, k, v, g))
         try_graph_ms(lambda: fla_simple_gla(qd, kd_, vd, gd), row, "fla_fwd_graph_ms")
@@ -168,6 +171,10 @@ for (b, t, h) in shapes:
                 o, _ = fla_simple_gla(q, k, v, g)
                 return torch.autograd.grad(o, (q, k, v, g), do)
             row["fla_fwdbwd_ms"] = gpu_ms(fla_fb)
+            # Gradient agreement (max |a - b| / max |b| per tensor, FLA as b).
+            gl, gf = fb(), fla_fb()
+            row["grad_vs_fla_rel"] = {n: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                      for n, a, b in zip("qkvg", gl, gf)}
         except Exception as e:  # noqa
             row["fla_bwd_error"] = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
     row["longattn_fwd_TBps"] = gb / row["longattn_fwd_ms"]
@@ -177,9 +184,14 @@ for (b, t, h) in shapes:
         line += f" | FLA fwd {row['fla_fwd_ms']:.3f} ms ({row['fla_fwd_ms'] / row['longattn_fwd_ms']:.2f}x)"
         line += f" fwd+bwd {row['fla_fwdbwd_ms']:.3f} ms ({row['fla_fwdbwd_ms'] / row['longattn_fwdbwd_ms']:.2f}x)" if "fla_fwdbwd_ms" in row else f" bwd: {row.get('fla_bwd_error')}"
         line += f" | out vs FLA {row['longattn_vs_fla_rel']:.1e}"
+        if "grad_vs_fla_rel" in row:
+            line += " grads vs FLA " + " ".join(f"d{n} {e:.1e}" for n, e in row["grad_vs_fla_rel"].items())
     line += f" | eager without the decay check: longattn fwd {row['longattn_fwd_nocheck_ms']:.3f} ms"
     if "fla_fwd_ms" in row:
         line += f" ({row['fla_fwd_ms'] / row['longattn_fwd_nocheck_ms']:.2f}x FLA)"
+    line += f" fwd+bwd {row['longattn_fwdbwd_nocheck_ms']:.3f} ms"
+    if "fla_fwdbwd_ms" in row:
+        line += f" ({row['fla_fwdbwd_ms'] / row['longattn_fwdbwd_nocheck_ms']:.2f}x FLA)"
     if "longattn_fwd_graph_ms" in row:
         line += f" | graphs: longattn fwd {row['longattn_fwd_graph_ms']:.3f} ms"
         if "fla_fwd_graph_ms" in row:
