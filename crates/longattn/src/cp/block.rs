@@ -4,6 +4,7 @@
 use super::plan::Plan;
 use super::transport::Transport;
 use crate::attention::MaskSpec;
+use crate::backward::BackwardParams;
 use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, BoundMask, RowMask, TileEntry, TileKind};
 use crate::tensor::TensorView;
@@ -213,6 +214,17 @@ pub struct Run {
     pub src: usize,
     pub dst: usize,
     pub len: usize,
+}
+
+impl Run {
+    /// The same rows the other way.
+    pub fn rev(self) -> Run {
+        Run {
+            src: self.dst,
+            dst: self.src,
+            len: self.len,
+        }
+    }
 }
 
 /// `y[b, run.dst + i, hd] (+)= x[b, run.src + i, hs]` (W values each) for every batch row, run
@@ -442,6 +454,11 @@ impl Plan {
             .collect()
     }
 
+    /// The most rows any rank holds (what the collectives pad every rank's part to).
+    pub fn max_rows(&self) -> usize {
+        (0..self.world).map(|r| self.rows_of(r)).max().unwrap_or(0)
+    }
+
     /// Rank r's rows of a whole-sequence tensor `[B, n, H, W]` (`h_w` = (H, W)).
     pub fn shard(&self, x: &[f32], b: usize, (h, w): (usize, usize), r: usize) -> Vec<f32> {
         let local = Rows::new(b, self.rows_of(r), h, w);
@@ -457,17 +474,122 @@ impl Plan {
     }
 }
 
-/// The blocks a rank computes against the chunks of rank `held` (its own chunks at step 0 of a
-/// ring): (query chunk a, its first local row, key chunk b, its first row in `held`'s layout)
-/// for every pair where some scheduled tile meets a x b. Key chunks no query chunk of this rank
-/// needs are skipped.
-pub fn blocks(plan: &Plan, rank: usize, held: usize) -> Vec<(usize, usize, usize, usize)> {
-    let theirs = plan.chunks_of(held);
-    plan.chunks_of(rank)
-        .into_iter()
-        .flat_map(|(a, qa)| theirs.iter().map(move |&(b, kb)| (a, qa, b, kb)))
-        .filter(|&(a, _, b, _)| plan.needs(a, b))
-        .collect()
+/// Where a rank's blocks take their keys from.
+#[derive(Clone, Copy)]
+pub enum Keys {
+    /// The chunks of this rank (held at one step of a ring), in its local layout.
+    Held(usize),
+    /// The whole sequence, in sequence order.
+    Whole,
+}
+
+/// One block a rank computes: its query rows `qa .. qa + la` (local), its key rows
+/// `kb .. kb + lb` (in the layout of the keys it reads), and the mask's cut for it.
+pub struct Block<'a> {
+    pub qa: usize,
+    pub la: usize,
+    pub kb: usize,
+    pub lb: usize,
+    pub rect: Rect<'a>,
+}
+
+/// The blocks `rank` computes against `keys`: each of its query chunks a with each key chunk b
+/// it needs (some scheduled tile meets a x b); key chunks no query chunk of the rank needs are
+/// skipped. Against the whole sequence, one block per query chunk that has any scheduled key.
+pub fn blocks<'m>(
+    plan: &Plan,
+    mask: &'m CpMask,
+    rank: usize,
+    keys: Keys,
+) -> Result<Vec<Block<'m>>> {
+    let mut v = Vec::new();
+    for (a, qa) in plan.chunks_of(rank) {
+        let theirs = match keys {
+            Keys::Held(held) => plan
+                .chunks_of(held)
+                .into_iter()
+                .filter(|&(b, _)| plan.needs(a, b))
+                .map(|(b, kb)| (plan.range(b), kb))
+                .collect(),
+            Keys::Whole => vec![((0, plan.n), 0)],
+        };
+        for ((k0, k1), kb) in theirs {
+            if let Some(rect) = mask.rect(plan.range(a), (k0, k1))? {
+                v.push(Block {
+                    qa,
+                    la: plan.len(a),
+                    kb,
+                    lb: k1 - k0,
+                    rect,
+                });
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// What a backward takes besides the inputs: the forward's `out [B, rows, Hq, Dv]` and
+/// `lse [B, Hq, rows]` and the gradient `dout` of the output, in the local row order, and the
+/// backward's options.
+pub struct GradIn<'a> {
+    pub out: &'a [f32],
+    pub lse: &'a [f32],
+    pub dout: &'a [f32],
+    pub bwd: BackwardParams,
+}
+
+/// The setting of one context-parallel call: this rank's transport, and the plan and mask
+/// (the same on every rank).
+#[derive(Clone, Copy)]
+pub struct Cp<'a> {
+    pub t: &'a dyn Transport,
+    pub plan: &'a Plan,
+    pub mask: &'a CpMask,
+}
+
+impl GradIn<'_> {
+    /// Checks the lengths against this rank's inputs, then that every rank agrees
+    /// ([`LocalQkv::agree`]).
+    pub fn agree(
+        &self,
+        t: &dyn Transport,
+        scheme: &str,
+        x: &LocalQkv,
+        plan: &Plan,
+        mask: &CpMask,
+    ) -> Result<()> {
+        let (no, nl) = (x.o_rows().values(), x.lse_rows().values());
+        let (o, l, d) = (self.out.len(), self.lse.len(), self.dout.len());
+        let checked = if o != no || d != no || l != nl {
+            Err(t.err(format!(
+                "{scheme} backward: out / dout / lse hold {o} / {d} / {l} values, expected {no} / {no} / {nl}"
+            )))
+        } else {
+            Ok(())
+        };
+        x.agree(t, scheme, plan, mask)?;
+        checked
+    }
+
+    /// The LSE rows of a query chunk (local rows `r0 .. r0 + len`), contiguous `[B, Hq, len]`
+    /// as the backward takes them.
+    pub fn lse_rows(&self, x: &LocalQkv, r0: usize, len: usize) -> Vec<f32> {
+        let ll = x.lse_rows();
+        let mut y = vec![0f32; ll.with_rows(len).values()];
+        let run = Run {
+            src: r0,
+            dst: 0,
+            len,
+        };
+        copy_rows(
+            (self.lse, ll),
+            (&mut y, ll.with_rows(len)),
+            &[run],
+            &same_heads(ll.h),
+            false,
+        );
+        y
+    }
 }
 
 #[cfg(test)]

@@ -12,20 +12,31 @@
 //! expression:
 //! - ring pass-KV over a plan ([`ring`]; zigzag is its causal case), blocks no query chunk needs
 //!   skipped, partial results merged by their LSE;
-//! - still to come here: all-gather of K / V and Ulysses.
+//! - all-gather of K / V ([`gather`]): each query chunk against the whole gathered sequence with
+//!   its cut of the schedule; dK / dV reduce-scattered by an all-to-all;
+//! - Ulysses ([`ulysses`]): all-to-all from sequence shards to head groups, the whole sequence
+//!   per head group, all-to-all back; GQA key / value heads sent to (or replicated for) the
+//!   ranks whose query heads use them.
 //!
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
 //! Every blocking call has a timeout: a rank that stalls or leaves gives a clear
 //! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang.
 pub mod block;
+pub mod gather;
 pub mod plan;
 pub mod ring;
 pub mod transport;
+pub mod ulysses;
 
-pub use block::{CpMask, LocalQkv};
+#[cfg(test)]
+mod tests;
+
+pub use block::{Cp, CpMask, GradIn, LocalQkv};
+pub use gather::{gather_backward, gather_forward};
 pub use plan::{plan, Plan};
 pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
 pub use transport::{ThreadTransport, Transport};
+pub use ulysses::{ulysses_backward, ulysses_forward};

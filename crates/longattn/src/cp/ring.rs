@@ -18,62 +18,93 @@
 //! for a causal mask). Single-rank `forward` / `backward` are the reference (tests here and in
 //! `cp/tests.rs`).
 use super::block::{
-    blocks, copy_rows, from_bytes, merge_rows, same_heads, to_bytes, CpMask, LocalQkv, Rows, Run,
+    blocks, copy_rows, from_bytes, merge_rows, same_heads, to_bytes, Block, Cp, CpMask, GradIn,
+    Keys, LocalQkv, Rows, Run,
 };
 use super::plan::{even_bounds, Plan};
 use super::transport::Transport;
 use crate::attention::{forward, AttnParams};
 use crate::backward::{backward, BackwardParams};
 use crate::error::{Error, Result};
-use crate::mask::{MaskExpr, MaskShape};
+use crate::mask::{BoundMask, MaskExpr, MaskShape};
+use crate::tensor::TensorView;
 
 /// Attention of this rank's query chunks over the whole sequence under `mask`, keys and values
 /// passed around the ring; returns `(out [B, rows, Hq, Dv], lse [B, Hq, rows])` in the local row
 /// order.
-pub fn ring_forward(
+pub fn ring_forward(cp: &Cp, x: &LocalQkv, params: &AttnParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    let Cp { t, plan, mask } = *cp;
+    x.agree(t, "ring", plan, mask)?;
+    let ol = x.o_rows();
+    let mut out = vec![0f32; ol.values()];
+    let mut lse = vec![f32::NEG_INFINITY; x.lse_rows().values()];
+    walk(t, plan, mask, x, false, |b, h| {
+        let part = forward(&h.q, &h.k, &h.v, params, b.rect.spec())?;
+        let o2 = part.out.data.to_f32_vec();
+        merge_rows((&mut out, &mut lse), (&o2, &part.lse), ol, b.qa, b.la);
+        Ok(())
+    })?;
+    Ok((out, lse))
+}
+
+/// One block's queries, and its keys and values from the rank held at this ring step; in a
+/// backward the dK / dV accumulators that travel with the keys (layouts `kl`, `vl`).
+struct Held<'a> {
+    q: TensorView<'a>,
+    k: TensorView<'a>,
+    v: TensorView<'a>,
+    kl: Rows,
+    vl: Rows,
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+/// The ring walk of the forward and the backward (module header): at step s = 0 .. P-1 this
+/// rank holds rank (r - s)'s keys and values (with dK / dV accumulators when `grads`), runs `f`
+/// on each block it needs, then passes what it holds to r + 1 and takes r - 1's. After the last
+/// step the accumulators it holds belong to rank r + 1: they go there, and this rank's come from
+/// r - 1. Returns this rank's (dK, dV) (empty without `grads`).
+fn walk(
     t: &dyn Transport,
     plan: &Plan,
     mask: &CpMask,
     x: &LocalQkv,
-    params: &AttnParams,
+    grads: bool,
+    mut f: impl FnMut(Block, Held) -> Result<()>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    x.agree(t, "ring", plan, mask)?;
     let (p, r) = (t.world(), t.rank());
-    let (ql, ol) = (x.q_rows(), x.o_rows());
-    let mut out = vec![0f32; ol.values()];
-    let mut lse = vec![f32::NEG_INFINITY; x.lse_rows().values()];
-    // The key / value chunks held at this step (those of one rank), as sent.
-    let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
+    let (mut k, mut v) = (x.k.to_vec(), x.v.to_vec());
+    let n_acc = |n: usize| if grads { n } else { 0 };
+    let (mut dk, mut dv) = (vec![0f32; n_acc(x.k.len())], vec![0f32; n_acc(x.v.len())]);
     for step in 0..p {
         let held = (r + p - step) % p;
         let (kl, vl) = held_rows(x, plan, held);
-        for (a, qa, b, kb) in blocks(plan, r, held) {
-            let Some(rect) = mask.rect(plan.range(a), plan.range(b))? else {
-                continue;
+        for blk in blocks(plan, mask, r, Keys::Held(held))? {
+            let h = Held {
+                q: x.q_rows().view(x.q, blk.qa, blk.la)?,
+                k: kl.view(&k, blk.kb, blk.lb)?,
+                v: vl.view(&v, blk.kb, blk.lb)?,
+                kl,
+                vl,
+                dk: &mut dk,
+                dv: &mut dv,
             };
-            let (la, lb) = (plan.len(a), plan.len(b));
-            let part = forward(
-                &ql.view(x.q, qa, la)?,
-                &kl.view(&k_held, kb, lb)?,
-                &vl.view(&v_held, kb, lb)?,
-                params,
-                rect.spec(),
-            )?;
-            let o2 = part.out.data.to_f32_vec();
-            merge_rows((&mut out, &mut lse), (&o2, &part.lse), ol, qa, la);
+            f(blk, h)?;
         }
+        // What comes next is rank (held - 1)'s.
+        let (kn, vn) = held_rows(x, plan, (held + p - 1) % p);
+        let mut bufs = Vec::with_capacity(4);
         if step + 1 < p {
-            // Pass the held chunks on: to r + 1, from r - 1 (sends do not wait); what comes
-            // next is rank (held - 1)'s.
-            let (kn, vn) = held_rows(x, plan, (held + p - 1) % p);
-            pass_on(
-                t,
-                2 * step as u32,
-                &mut [(&mut k_held, kn.values()), (&mut v_held, vn.values())],
-            )?;
+            bufs.extend([(&mut k, kn.values()), (&mut v, vn.values())]);
+        }
+        if grads && p > 1 {
+            bufs.extend([(&mut dk, n_acc(kn.values())), (&mut dv, n_acc(vn.values()))]);
+        }
+        if !bufs.is_empty() {
+            pass_on(t, 4 * step as u32, &mut bufs)?;
         }
     }
-    Ok((out, lse))
+    Ok((dk, dv))
 }
 
 /// The layouts of rank `held`'s keys and values.
@@ -98,136 +129,65 @@ fn pass_on(t: &dyn Transport, tag0: u32, bufs: &mut [(&mut Vec<f32>, usize)]) ->
     Ok(())
 }
 
-/// Checks `out`, `lse` and `dout` of a backward against this rank's inputs.
-pub(crate) fn check_grad_inputs(
-    scheme: &str,
-    x: &LocalQkv,
-    out: &[f32],
-    lse: &[f32],
-    dout: &[f32],
-) -> Result<()> {
-    let (no, nl) = (x.o_rows().values(), x.lse_rows().values());
-    if out.len() != no || dout.len() != no || lse.len() != nl {
-        return Err(Error::Param {
-            op: "context parallelism",
-            msg: format!(
-                "{scheme} backward: out / dout / lse hold {} / {} / {} values, expected {no} / {no} / {nl}",
-                out.len(),
-                dout.len(),
-                lse.len()
-            ),
-        });
-    }
-    Ok(())
+/// Gradients of this rank's share of the attention (module header): `g.out`, `g.lse` from
+/// [`ring_forward`]; returns `(dq, dk, dv)` in the local row order (f32).
+pub fn ring_backward(cp: &Cp, x: &LocalQkv, g: &GradIn, params: &AttnParams) -> Result<Grads> {
+    let Cp { t, plan, mask } = *cp;
+    g.agree(t, "ring", x, plan, mask)?;
+    let (ql, ol) = (x.q_rows(), x.o_rows());
+    // Each call sees one block of keys of the rows' softmax (out and LSE are the whole row's).
+    let part_keys = BackwardParams {
+        partial_keys: true,
+        ..g.bwd
+    };
+    let mut dq = vec![0f32; ql.values()];
+    let (dk, dv) = walk(t, plan, mask, x, true, |b, h| {
+        let (qa, la) = (b.qa, b.la);
+        let gr = backward(
+            &h.q,
+            &h.k,
+            &h.v,
+            &ol.view(g.out, qa, la)?,
+            &g.lse_rows(x, qa, la),
+            &ol.view(g.dout, qa, la)?,
+            params,
+            b.rect.spec(),
+            &part_keys,
+        )?;
+        add(&mut dq, &gr.dq.data.to_f32_vec(), ql, qa, la);
+        add(h.dk, &gr.dk.data.to_f32_vec(), h.kl, b.kb, b.lb);
+        add(h.dv, &gr.dv.data.to_f32_vec(), h.vl, b.kb, b.lb);
+        Ok(())
+    })?;
+    Ok((dq, dk, dv))
 }
 
-/// The LSE rows of a query chunk (local rows `r0 .. r0 + len`), contiguous `[B, Hq, len]` as
-/// the backward takes them.
-pub(crate) fn lse_chunk(x: &LocalQkv, lse: &[f32], r0: usize, len: usize) -> Vec<f32> {
-    let ll = x.lse_rows();
-    let mut y = vec![0f32; ll.with_rows(len).values()];
+/// Adds `part [B, len, H, W]` into rows `r0 .. r0 + len` of `y` (layout `yl`).
+pub(crate) fn add(y: &mut [f32], part: &[f32], yl: Rows, r0: usize, len: usize) {
     let run = Run {
-        src: r0,
-        dst: 0,
+        src: 0,
+        dst: r0,
         len,
     };
     copy_rows(
-        (lse, ll),
-        (&mut y, ll.with_rows(len)),
+        (part, yl.with_rows(len)),
+        (y, yl),
         &[run],
-        &same_heads(ll.h),
-        false,
+        &same_heads(yl.h),
+        true,
     );
-    y
 }
 
-/// Gradients of this rank's share of the attention (module header): `out [B, rows, Hq, Dv]`
-/// and `lse [B, Hq, rows]` from [`ring_forward`], `dout` like `out`; returns `(dq, dk, dv)` in
-/// the local row order (f32).
-#[allow(clippy::too_many_arguments)]
-pub fn ring_backward(
-    t: &dyn Transport,
-    plan: &Plan,
-    mask: &CpMask,
-    x: &LocalQkv,
-    out: &[f32],
-    lse: &[f32],
-    dout: &[f32],
-    params: &AttnParams,
-    bwd: &BackwardParams,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let checked = check_grad_inputs("ring", x, out, lse, dout);
-    x.agree(t, "ring", plan, mask)?;
-    checked?;
-    let (p, r) = (t.world(), t.rank());
-    let (ql, ol) = (x.q_rows(), x.o_rows());
-    // Each call sees one block of keys of the rows' softmax (out and LSE are the whole row's).
-    let blk = BackwardParams {
-        partial_keys: true,
-        ..*bwd
+/// Gradients `(dq, dk, dv)` of one rank's rows (f32).
+pub type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The causal mask bound to `n` x `n` (batch `b`).
+fn causal_mask(b: usize, n: usize) -> Result<BoundMask> {
+    let shape = MaskShape {
+        batch: b,
+        ..MaskShape::square(n)
     };
-    let mut dq = vec![0f32; ql.values()];
-    let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
-    let (mut dk_held, mut dv_held) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
-    for step in 0..p {
-        let held = (r + p - step) % p;
-        let (kl, vl) = held_rows(x, plan, held);
-        for (a, qa, b, kb) in blocks(plan, r, held) {
-            let Some(rect) = mask.rect(plan.range(a), plan.range(b))? else {
-                continue;
-            };
-            let (la, lb) = (plan.len(a), plan.len(b));
-            let gr = backward(
-                &ql.view(x.q, qa, la)?,
-                &kl.view(&k_held, kb, lb)?,
-                &vl.view(&v_held, kb, lb)?,
-                &ol.view(out, qa, la)?,
-                &lse_chunk(x, lse, qa, la),
-                &ol.view(dout, qa, la)?,
-                params,
-                rect.spec(),
-                &blk,
-            )?;
-            let add = |y: &mut [f32], part: &[f32], yl: Rows, r0: usize, len: usize| {
-                let run = Run {
-                    src: 0,
-                    dst: r0,
-                    len,
-                };
-                copy_rows(
-                    (part, yl.with_rows(len)),
-                    (y, yl),
-                    &[run],
-                    &same_heads(yl.h),
-                    true,
-                );
-            };
-            add(&mut dq, &gr.dq.data.to_f32_vec(), ql, qa, la);
-            add(&mut dk_held, &gr.dk.data.to_f32_vec(), kl, kb, lb);
-            add(&mut dv_held, &gr.dv.data.to_f32_vec(), vl, kb, lb);
-        }
-        let (kn, vn) = held_rows(x, plan, (held + p - 1) % p);
-        if step + 1 < p {
-            pass_on(
-                t,
-                4 * step as u32,
-                &mut [
-                    (&mut k_held, kn.values()),
-                    (&mut v_held, vn.values()),
-                    (&mut dk_held, kn.values()),
-                    (&mut dv_held, vn.values()),
-                ],
-            )?;
-        } else if p > 1 {
-            // The accumulators held now belong to rank r + 1; this rank's come from r - 1.
-            pass_on(
-                t,
-                4 * p as u32,
-                &mut [(&mut dk_held, kn.values()), (&mut dv_held, vn.values())],
-            )?;
-        }
-    }
-    Ok((dq, dk_held, dv_held))
+    MaskExpr::parse("causal")?.bind(shape, None)
 }
 
 /// The zigzag plan and causal mask of a rank holding `dims.1` = 2c rows (two chunks of c).
@@ -240,17 +200,7 @@ fn zigzag_setup(t: &dyn Transport, x: &LocalQkv) -> Result<(Plan, CpMask)> {
         )));
     }
     let n = p * s2;
-    let mask = CpMask::new(
-        MaskExpr::parse("causal")?.bind(
-            MaskShape {
-                batch: b,
-                sq: n,
-                sk: n,
-            },
-            None,
-        )?,
-        64,
-    )?;
+    let mask = CpMask::new(causal_mask(b, n)?, 64)?;
     let owner = (0..2 * p).map(|g| g.min(2 * p - 1 - g)).collect();
     let plan = Plan::new(&mask.sched, even_bounds(n, 2 * p), owner, p)?;
     Ok((plan, mask))
@@ -264,7 +214,15 @@ pub fn zigzag_causal_forward(
     params: &AttnParams,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (plan, mask) = zigzag_setup(t, x)?;
-    ring_forward(t, &plan, &mask, x, params)
+    ring_forward(
+        &Cp {
+            t,
+            plan: &plan,
+            mask: &mask,
+        },
+        x,
+        params,
+    )
 }
 
 /// Gradients of [`zigzag_causal_forward`]: [`ring_backward`] with the zigzag plan.
@@ -276,9 +234,24 @@ pub fn zigzag_causal_backward(
     dout: &[f32],
     params: &AttnParams,
     bwd: &BackwardParams,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+) -> Result<Grads> {
     let (plan, mask) = zigzag_setup(t, x)?;
-    ring_backward(t, &plan, &mask, x, out, lse, dout, params, bwd)
+    let g = GradIn {
+        out,
+        lse,
+        dout,
+        bwd: *bwd,
+    };
+    ring_backward(
+        &Cp {
+            t,
+            plan: &plan,
+            mask: &mask,
+        },
+        x,
+        &g,
+        params,
+    )
 }
 
 /// The zigzag placement of a whole `[B, n, H, D]` tensor: rank r's rows (chunks r and
@@ -316,22 +289,9 @@ mod tests {
     use super::*;
     use crate::attention::MaskSpec;
     use crate::cp::ThreadTransport;
-    use crate::mask::BoundMask;
     use crate::tensor::TensorView;
     use crate::testing::Rng;
     use std::time::Duration;
-
-    /// The causal mask bound to `n` x `n` (batch `b`).
-    fn causal_block(b: usize, n: usize) -> Result<BoundMask> {
-        MaskExpr::parse("causal")?.bind(
-            MaskShape {
-                batch: b,
-                sq: n,
-                sk: n,
-            },
-            None,
-        )
-    }
 
     fn seeded(seed: u64, n: usize) -> Vec<f32> {
         let mut r = Rng::new(seed);
@@ -354,7 +314,7 @@ mod tests {
             let k = seeded(2 + p as u64, b * n * hk * d);
             let v = seeded(3 + p as u64, b * n * hk * dv);
             let whole = {
-                let m = causal_block(b, n).unwrap();
+                let m = causal_mask(b, n).unwrap();
                 forward(
                     &TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
                     &TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
@@ -419,7 +379,7 @@ mod tests {
             let k = seeded(12 + p as u64, b * n * hk * d);
             let v = seeded(13 + p as u64, b * n * hk * dv);
             let dout = seeded(14 + p as u64, b * n * hq * dv);
-            let m = causal_block(b, n).unwrap();
+            let m = causal_mask(b, n).unwrap();
             let (qv, kv, vv) = (
                 TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
                 TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
