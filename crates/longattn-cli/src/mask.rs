@@ -1,5 +1,5 @@
 //! `longattn mask`: explain a mask expression and draw its tile schedule.
-use crate::maskglue::bind_mask;
+use crate::maskglue::{bind_mask, equal_docs};
 use crate::plot;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -34,14 +34,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     let docs = match a.docs {
         Some(0) => bail!("--docs must be >= 1"),
-        Some(n) => {
-            let ids = |len: usize| -> Vec<i32> {
-                (0..a.batch)
-                    .flat_map(|_| (0..len).map(move |i| (i * n / len) as i32))
-                    .collect()
-            };
-            Some((ids(a.sq), ids(a.sk)))
-        }
+        Some(n) => Some((equal_docs(a.batch, a.sq, n), equal_docs(a.batch, a.sk, n))),
         None => None,
     };
     let has_docs = docs.is_some();

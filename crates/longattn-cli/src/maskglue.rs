@@ -17,6 +17,14 @@ pub fn bind_mask(
     )
 }
 
+/// Document ids of `n` equal documents over `len` tokens, the same in each of `batch` rows
+/// (`[batch, len]` row-major; what `--docs N` means).
+pub fn equal_docs(batch: usize, len: usize, n: usize) -> Vec<i32> {
+    (0..batch)
+        .flat_map(|_| (0..len).map(move |i| (i * n / len) as i32))
+        .collect()
+}
+
 /// Tile size used to build schedules in the CLI's reports (the kernel's own choice lives in
 /// `longattn::cpu`).
 pub const TILE: usize = 64;

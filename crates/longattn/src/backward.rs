@@ -18,8 +18,9 @@ pub struct BackwardParams {
     /// The given `out` and `lse` belong to a larger set of keys than this call's (context
     /// parallelism: the call sees one block of keys of each row's softmax and returns that
     /// block's contributions, P = exp(S - LSE) and D = rowsum(dO o O) taken from the whole row).
-    /// Skips the CPU check that each row's probabilities sum to 1; the CUDA path has no such
-    /// check.
+    /// Skips the CPU check that each row's probabilities sum to 1, and allows a finite LSE on a
+    /// row with no allowed key in this call (its keys lie in other blocks; its gradients here
+    /// are 0); the CUDA path has no such checks.
     pub partial_keys: bool,
 }
 

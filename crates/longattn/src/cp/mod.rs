@@ -1,15 +1,42 @@
 //! Context parallelism: one sequence's attention split across ranks (issue: ring / zigzag,
 //! all-gather, pass-Q, Ulysses and their hybrid over one mask-aware schedule).
 //!
-//! Built so far: the [`Transport`] every scheme will speak (point-to-point and the collectives
-//! the schemes need) and its in-process implementation [`ThreadTransport`], where ranks are
-//! threads (what CI tests; the NCCL and one-GPU loopback transports implement the same trait);
-//! the first scheme, ring pass-KV with zigzag placement for a causal mask over the CPU forward
-//! and backward ([`ring`]), merging partial results by their LSE.
+//! Built so far: the [`Transport`] every scheme speaks (point-to-point and the collectives the
+//! schemes need) and its in-process implementation [`ThreadTransport`], where ranks are threads
+//! (what CI tests; the NCCL and one-GPU loopback transports implement the same trait); the
+//! mask-aware placement ([`plan`]: the sequence cut into k P chunks, the work of each chunk
+//! counted from the mask's block schedule, chunks assigned to ranks longest-first to equalise
+//! it; causal gives zigzag); the mask cut into blocks ([`block`]: any rectangle of the schedule
+//! with its shifted element mask, the LSE merge, the rank-local layouts); and the schemes, all
+//! on the CPU through the common `forward` / `backward`, forward and backward, for any mask
+//! expression:
+//! - ring pass-KV over a plan ([`ring`]; zigzag is its causal case), blocks no query chunk needs
+//!   skipped, partial results merged by their LSE;
+//! - all-gather of K / V ([`gather`]): each query chunk against the whole gathered sequence with
+//!   its cut of the schedule; dK / dV reduce-scattered by an all-to-all;
+//! - Ulysses ([`ulysses`]): all-to-all from sequence shards to head groups, the whole sequence
+//!   per head group, all-to-all back; GQA key / value heads sent to (or replicated for) the
+//!   ranks whose query heads use them.
+//!
+//! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
+//! and first checks with one all-gather that every rank has the same shapes, mask and plan.
 //! Every blocking call has a timeout: a rank that stalls or leaves gives a clear
 //! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang.
+pub mod block;
+pub mod gather;
+pub mod plan;
 pub mod ring;
 pub mod transport;
+pub mod ulysses;
 
-pub use ring::{zigzag_causal_backward, zigzag_causal_forward, zigzag_shard, LocalQkv};
+#[cfg(test)]
+mod tests;
+
+pub use block::{Cp, CpMask, GradIn, LocalQkv};
+pub use gather::{gather_backward, gather_forward};
+pub use plan::{plan, Plan};
+pub use ring::{
+    ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
+};
 pub use transport::{ThreadTransport, Transport};
+pub use ulysses::{ulysses_backward, ulysses_forward};

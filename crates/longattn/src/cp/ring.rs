@@ -1,241 +1,231 @@
-//! Ring attention for a causal mask with zigzag placement: the keys and values travel around
-//! the ranks, the queries stay.
+//! Ring attention: the keys and values travel around the ranks, the queries stay.
 //!
-//! A sequence of n tokens is cut into 2P chunks of c = n / (2P); rank r holds chunks r and
-//! 2P - 1 - r (one early, one late: every rank gets the same causal work). At step
-//! s = 0 .. P-1 rank r holds the keys and values of rank (r - s) mod P and, for each of its query
-//! chunks a and each held chunk b, runs the common attention forward on the c x c block:
-//! b < a the full block, b = a the causal block, b > a nothing. It then sends what it holds to
-//! rank r + 1 and receives from rank r - 1. The partial results of a query chunk are merged in
-//! f32 as they come (per row and head, `merge_partial`):
+//! Rank r holds the chunks the [`Plan`] gives it (queries, keys and values of the same rows).
+//! At step s = 0 .. P-1 it holds the keys and values of rank (r - s) mod P and, for each of its
+//! query chunks a and each held key chunk b that a needs (some scheduled tile of the mask meets
+//! a x b: [`blocks`]), runs the common attention forward on the block with the block's cut of the
+//! mask ([`CpMask::rect`]); key chunks its queries do not need are skipped but still passed on.
+//! It then sends what it holds to rank r + 1 and receives from rank r - 1. The partial results of
+//! a query chunk are merged in f32 as they come (per row and head, [`merge_rows`]):
 //!   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
-//! Backward (`zigzag_causal_backward`): the same walk; each block's gradients come from the
-//! common `backward` given the query chunk's final out and LSE (so P = exp(S - LSE) is the
-//! block of the whole softmax and D = rowsum(dO o O) is the whole row's):
+//! Backward ([`ring_backward`]): the same walk; each block's gradients come from the common
+//! `backward` given the query chunk's final out and LSE (so P = exp(S - LSE) is the block of the
+//! whole softmax and D = rowsum(dO o O) is the whole row's):
 //!   dQ_a += dS_ab K_b,   dK_b += dS_ab^T Q_a,   dV_b += P_ab^T dO_a.
 //! dK / dV accumulators travel with the keys and values and go home after the last step.
-//! Single-rank `forward` / `backward` with `causal` are the reference (tests below, P = 1 .. 5).
+//! Zigzag ([`zigzag_causal_forward`], [`zigzag_causal_backward`]) is the causal case with 2P
+//! equal chunks, rank r holding chunks r and 2P - 1 - r (what [`plan`](super::plan::plan) picks
+//! for a causal mask). Single-rank `forward` / `backward` are the reference (tests here and in
+//! `cp/tests.rs`).
+use super::block::{
+    blocks, copy_rows, from_bytes, merge_rows, same_heads, to_bytes, Block, Cp, CpMask, GradIn,
+    Keys, LocalQkv, Rows, Run,
+};
+use super::plan::{even_bounds, Plan};
 use super::transport::Transport;
-use crate::attention::{forward, AttnParams, MaskSpec};
+use crate::attention::{forward, AttnParams};
 use crate::backward::{backward, BackwardParams};
 use crate::error::{Error, Result};
 use crate::mask::{BoundMask, MaskExpr, MaskShape};
 use crate::tensor::TensorView;
 
-/// This rank's share of one causal attention: `q [B, 2c, Hq, D]`, `k [B, 2c, Hk, D]`,
-/// `v [B, 2c, Hk, Dv]` (f32, contiguous; rows 0..c are chunk r, rows c..2c chunk 2P - 1 - r).
-pub struct LocalQkv<'a> {
-    pub q: &'a [f32],
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    /// (B, 2c, Hq, Hk, D, Dv)
-    pub dims: (usize, usize, usize, usize, usize, usize),
-}
-
-impl LocalQkv<'_> {
-    /// Checks the shapes; the chunk length c.
-    fn check(&self, t: &dyn Transport) -> Result<usize> {
-        let (b, s2, hq, hk, d, dv) = self.dims;
-        if !s2.is_multiple_of(2) || s2 == 0 {
-            return Err(t.err(format!(
-                "zigzag: a rank holds two chunks of equal length, got {s2} rows"
-            )));
-        }
-        let want = |n: usize| b * s2 * n;
-        let (q, k, v) = (self.q.len(), self.k.len(), self.v.len());
-        if q != want(hq * d) || k != want(hk * d) || v != want(hk * dv) {
-            return Err(t.err(format!(
-                "zigzag: q / k / v hold {q} / {k} / {v} values, expected [B {b}, 2c {s2}, H, D] = {} / {} / {}",
-                want(hq * d),
-                want(hk * d),
-                want(hk * dv)
-            )));
-        }
-        Ok(s2 / 2)
-    }
-}
-
-/// Chunk `half` (0 or 1) of a rank's `[B, 2c, H, W]` f32 buffer as a `[B, c, H, W]` view (no
-/// copy).
-fn chunk(
-    x: &[f32],
-    (b, s2, h, w): (usize, usize, usize, usize),
-    half: usize,
-) -> Result<TensorView<'_>> {
-    let c = s2 / 2;
-    TensorView::strided(
-        &x[half * c * h * w..],
-        [b, c, h, w],
-        [s2 * h * w, h * w, w, 1],
-    )
-}
-
-/// The mask of a block: the bound causal mask on the diagonal, none below it.
-fn block_mask(diag: bool, causal: &BoundMask) -> MaskSpec<'_> {
-    if diag {
-        MaskSpec::Expr(causal)
-    } else {
-        MaskSpec::Full
-    }
-}
-
-/// Merges a partial result `(o2 [B, c, H, Dv], l2 [B, H, c])` of query chunk `half` into the
-/// rank's `(o1 [B, 2c, H, Dv], l1 [B, H, 2c])` (formula in the module header; rows without keys
-/// in both parts stay empty).
-fn merge_partial(
-    (o1, l1): (&mut [f32], &mut [f32]),
-    (o2, l2): (&[f32], &[f32]),
-    (b, s2, h, dv): (usize, usize, usize, usize),
-    half: usize,
-) {
-    let c = s2 / 2;
-    for bi in 0..b {
-        for hi in 0..h {
-            for i in 0..c {
-                let (li, pi) = ((bi * h + hi) * s2 + half * c + i, (bi * h + hi) * c + i);
-                let (a, z) = (l1[li], l2[pi]);
-                let m = a.max(z);
-                if m == f32::NEG_INFINITY {
-                    continue;
-                }
-                let (wa, wz) = ((a - m).exp(), (z - m).exp());
-                let s = wa + wz;
-                l1[li] = m + s.ln();
-                let (o, op) = (
-                    ((bi * s2 + half * c + i) * h + hi) * dv,
-                    ((bi * c + i) * h + hi) * dv,
-                );
-                for d in 0..dv {
-                    o1[o + d] = (wa * o1[o + d] + wz * o2[op + d]) / s;
-                }
-            }
-        }
-    }
-}
-
-/// Causal attention of this rank's two query chunks over the whole sequence; returns
-/// `(out [B, 2c, Hq, Dv], lse [B, Hq, 2c])` in the local row order.
-pub fn zigzag_causal_forward(
-    t: &dyn Transport,
-    x: &LocalQkv,
-    params: &AttnParams,
-) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (b, s2, hq, hk, d, dv) = x.dims;
-    let (p, r) = (t.world(), t.rank());
-    let c = x.check(t)?;
-    let causal = causal_block(b, c)?;
-    let mut out = vec![0f32; b * s2 * hq * dv];
-    let mut lse = vec![f32::NEG_INFINITY; b * hq * s2];
-    // The key / value chunks held at this step (both chunks of one rank), as sent.
-    let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
-    for step in 0..p {
-        for (la, lb, diag) in blocks_at(p, r, step) {
-            let part = forward(
-                &chunk(x.q, (b, s2, hq, d), la)?,
-                &chunk(&k_held, (b, s2, hk, d), lb)?,
-                &chunk(&v_held, (b, s2, hk, dv), lb)?,
-                params,
-                block_mask(diag, &causal),
-            )?;
-            let o2 = part.out.data.to_f32_vec();
-            merge_partial((&mut out, &mut lse), (&o2, &part.lse), (b, s2, hq, dv), la);
-        }
-        if step + 1 < p {
-            // Pass the held chunks on: to r + 1, from r - 1 (sends do not wait).
-            let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
-            pass_on(
-                t,
-                next,
-                prev,
-                2 * step as u32,
-                &mut [&mut k_held, &mut v_held],
-            )?;
-        }
-    }
+/// Attention of this rank's query chunks over the whole sequence under `mask`, keys and values
+/// passed around the ring; returns `(out [B, rows, Hq, Dv], lse [B, Hq, rows])` in the local row
+/// order.
+pub fn ring_forward(cp: &Cp, x: &LocalQkv, params: &AttnParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    let Cp { t, plan, mask } = *cp;
+    x.agree(t, "ring", plan, mask)?;
+    let ol = x.o_rows();
+    let mut out = vec![0f32; ol.values()];
+    let mut lse = vec![f32::NEG_INFINITY; x.lse_rows().values()];
+    walk(t, plan, mask, x, false, |b, h| {
+        let part = forward(&h.q, &h.k, &h.v, params, b.rect.spec())?;
+        let o2 = part.out.data.to_f32_vec();
+        merge_rows((&mut out, &mut lse), (&o2, &part.lse), ol, b.qa, b.la);
+        Ok(())
+    })?;
     Ok((out, lse))
 }
 
-fn to_bytes(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// One block's queries, and its keys and values from the rank held at this ring step; in a
+/// backward the dK / dV accumulators that travel with the keys (layouts `kl`, `vl`).
+struct Held<'a> {
+    q: TensorView<'a>,
+    k: TensorView<'a>,
+    v: TensorView<'a>,
+    kl: Rows,
+    vl: Rows,
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
 }
 
-fn from_bytes(x: &[u8]) -> Vec<f32> {
-    x.chunks_exact(4)
-        .map(|w| f32::from_le_bytes(w.try_into().expect("4 bytes")))
-        .collect()
-}
-
-/// The blocks a rank computes at ring step `step`: (local query chunk, local held chunk,
-/// whether it is a diagonal block) for every held chunk g <= query chunk a. Rank r's chunks are
-/// r and 2P - 1 - r; at step s it holds those of rank (r - s) mod P.
-fn blocks_at(p: usize, r: usize, step: usize) -> Vec<(usize, usize, bool)> {
-    let owner = (r + p - step) % p;
-    let (mine, theirs) = ([r, 2 * p - 1 - r], [owner, 2 * p - 1 - owner]);
-    let mut v = Vec::with_capacity(4);
-    for (la, &a) in mine.iter().enumerate() {
-        for (lb, &g) in theirs.iter().enumerate() {
-            if g <= a {
-                v.push((la, lb, g == a));
-            }
+/// The ring walk of the forward and the backward (module header): at step s = 0 .. P-1 this
+/// rank holds rank (r - s)'s keys and values (with dK / dV accumulators when `grads`), runs `f`
+/// on each block it needs, then passes what it holds to r + 1 and takes r - 1's. After the last
+/// step the accumulators it holds belong to rank r + 1: they go there, and this rank's come from
+/// r - 1. Returns this rank's (dK, dV) (empty without `grads`).
+fn walk(
+    t: &dyn Transport,
+    plan: &Plan,
+    mask: &CpMask,
+    x: &LocalQkv,
+    grads: bool,
+    mut f: impl FnMut(Block, Held) -> Result<()>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (p, r) = (t.world(), t.rank());
+    let (mut k, mut v) = (x.k.to_vec(), x.v.to_vec());
+    let n_acc = |n: usize| if grads { n } else { 0 };
+    let (mut dk, mut dv) = (vec![0f32; n_acc(x.k.len())], vec![0f32; n_acc(x.v.len())]);
+    for step in 0..p {
+        let held = (r + p - step) % p;
+        let (kl, vl) = held_rows(x, plan, held);
+        for blk in blocks(plan, mask, r, Keys::Held(held))? {
+            let h = Held {
+                q: x.q_rows().view(x.q, blk.qa, blk.la)?,
+                k: kl.view(&k, blk.kb, blk.lb)?,
+                v: vl.view(&v, blk.kb, blk.lb)?,
+                kl,
+                vl,
+                dk: &mut dk,
+                dv: &mut dv,
+            };
+            f(blk, h)?;
+        }
+        // What comes next is rank (held - 1)'s.
+        let (kn, vn) = held_rows(x, plan, (held + p - 1) % p);
+        let mut bufs = Vec::with_capacity(4);
+        if step + 1 < p {
+            bufs.extend([(&mut k, kn.values()), (&mut v, vn.values())]);
+        }
+        if grads && p > 1 {
+            bufs.extend([(&mut dk, n_acc(kn.values())), (&mut dv, n_acc(vn.values()))]);
+        }
+        if !bufs.is_empty() {
+            pass_on(t, 4 * step as u32, &mut bufs)?;
         }
     }
-    v
+    Ok((dk, dv))
 }
 
-/// The causal mask bound to square blocks of `c` rows (batch `b`).
-fn causal_block(b: usize, c: usize) -> Result<BoundMask> {
-    MaskExpr::parse("causal")?.bind(
-        MaskShape {
-            batch: b,
-            sq: c,
-            sk: c,
-        },
-        None,
-    )
+/// The layouts of rank `held`'s keys and values.
+fn held_rows(x: &LocalQkv, plan: &Plan, held: usize) -> (Rows, Rows) {
+    let n = plan.rows_of(held);
+    (x.k_rows().with_rows(n), x.v_rows().with_rows(n))
 }
 
-/// Sends each buffer to `to` (tags `tag0..`) and replaces it by the one of the same length
-/// received from `from`.
-fn pass_on(
-    t: &dyn Transport,
-    to: usize,
-    from: usize,
-    tag0: u32,
-    bufs: &mut [&mut Vec<f32>],
-) -> Result<()> {
-    for (i, b) in bufs.iter().enumerate() {
+/// Sends each buffer to rank r + 1 (tags `tag0..`) and replaces it by the one received from rank
+/// r - 1, of the given length.
+fn pass_on(t: &dyn Transport, tag0: u32, bufs: &mut [(&mut Vec<f32>, usize)]) -> Result<()> {
+    let (p, r) = (t.world(), t.rank());
+    let (to, from) = ((r + 1) % p, (r + p - 1) % p);
+    for (i, (b, _)) in bufs.iter().enumerate() {
         t.send(to, tag0 + i as u32, &to_bytes(b))?;
     }
-    for (i, b) in bufs.iter_mut().enumerate() {
-        let mut raw = vec![0u8; b.len() * 4];
+    for (i, (b, len)) in bufs.iter_mut().enumerate() {
+        let mut raw = vec![0u8; *len * 4];
         t.recv(from, tag0 + i as u32, &mut raw)?;
         **b = from_bytes(&raw);
     }
     Ok(())
 }
 
-/// Adds `part [B, c, H, W]` into chunk `half` of a rank's `[B, 2c, H, W]` buffer.
-fn add_chunk(
-    x: &mut [f32],
-    part: &[f32],
-    (b, s2, h, w): (usize, usize, usize, usize),
-    half: usize,
-) {
-    let (c, hw) = (s2 / 2, h * w);
-    for bi in 0..b {
-        let dst = (bi * s2 + half * c) * hw;
-        for (d, p) in x[dst..dst + c * hw]
-            .iter_mut()
-            .zip(&part[bi * c * hw..(bi + 1) * c * hw])
-        {
-            *d += p;
-        }
-    }
+/// Gradients of this rank's share of the attention (module header): `g.out`, `g.lse` from
+/// [`ring_forward`]; returns `(dq, dk, dv)` in the local row order (f32).
+pub fn ring_backward(cp: &Cp, x: &LocalQkv, g: &GradIn, params: &AttnParams) -> Result<Grads> {
+    let Cp { t, plan, mask } = *cp;
+    g.agree(t, "ring", x, plan, mask)?;
+    let (ql, ol) = (x.q_rows(), x.o_rows());
+    // Each call sees one block of keys of the rows' softmax (out and LSE are the whole row's).
+    let part_keys = BackwardParams {
+        partial_keys: true,
+        ..g.bwd
+    };
+    let mut dq = vec![0f32; ql.values()];
+    let (dk, dv) = walk(t, plan, mask, x, true, |b, h| {
+        let (qa, la) = (b.qa, b.la);
+        let gr = backward(
+            &h.q,
+            &h.k,
+            &h.v,
+            &ol.view(g.out, qa, la)?,
+            &g.lse_rows(x, qa, la),
+            &ol.view(g.dout, qa, la)?,
+            params,
+            b.rect.spec(),
+            &part_keys,
+        )?;
+        add(&mut dq, &gr.dq.data.to_f32_vec(), ql, qa, la);
+        add(h.dk, &gr.dk.data.to_f32_vec(), h.kl, b.kb, b.lb);
+        add(h.dv, &gr.dv.data.to_f32_vec(), h.vl, b.kb, b.lb);
+        Ok(())
+    })?;
+    Ok((dq, dk, dv))
 }
 
-/// Gradients of this rank's share of causal attention (module header): `out [B, 2c, Hq, Dv]`
-/// and `lse [B, Hq, 2c]` from [`zigzag_causal_forward`], `dout` like `out`; returns
-/// `(dq, dk, dv)` in the local row order (f32).
+/// Adds `part [B, len, H, W]` into rows `r0 .. r0 + len` of `y` (layout `yl`).
+pub(crate) fn add(y: &mut [f32], part: &[f32], yl: Rows, r0: usize, len: usize) {
+    let run = Run {
+        src: 0,
+        dst: r0,
+        len,
+    };
+    copy_rows(
+        (part, yl.with_rows(len)),
+        (y, yl),
+        &[run],
+        &same_heads(yl.h),
+        true,
+    );
+}
+
+/// Gradients `(dq, dk, dv)` of one rank's rows (f32).
+pub type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// The causal mask bound to `n` x `n` (batch `b`).
+fn causal_mask(b: usize, n: usize) -> Result<BoundMask> {
+    let shape = MaskShape {
+        batch: b,
+        ..MaskShape::square(n)
+    };
+    MaskExpr::parse("causal")?.bind(shape, None)
+}
+
+/// The zigzag plan and causal mask of a rank holding `dims.1` = 2c rows (two chunks of c).
+fn zigzag_setup(t: &dyn Transport, x: &LocalQkv) -> Result<(Plan, CpMask)> {
+    let (b, s2, ..) = x.dims;
+    let p = t.world();
+    if !s2.is_multiple_of(2) || s2 == 0 {
+        return Err(t.err(format!(
+            "zigzag: a rank holds two chunks of equal length, got {s2} rows"
+        )));
+    }
+    let n = p * s2;
+    let mask = CpMask::new(causal_mask(b, n)?, 64)?;
+    let owner = (0..2 * p).map(|g| g.min(2 * p - 1 - g)).collect();
+    let plan = Plan::new(&mask.sched, even_bounds(n, 2 * p), owner, p)?;
+    Ok((plan, mask))
+}
+
+/// Causal attention of this rank's two zigzag chunks (rows 0..c chunk r, rows c..2c chunk
+/// 2P - 1 - r) over the whole sequence: [`ring_forward`] with the zigzag plan.
+pub fn zigzag_causal_forward(
+    t: &dyn Transport,
+    x: &LocalQkv,
+    params: &AttnParams,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (plan, mask) = zigzag_setup(t, x)?;
+    ring_forward(
+        &Cp {
+            t,
+            plan: &plan,
+            mask: &mask,
+        },
+        x,
+        params,
+    )
+}
+
+/// Gradients of [`zigzag_causal_forward`]: [`ring_backward`] with the zigzag plan.
 pub fn zigzag_causal_backward(
     t: &dyn Transport,
     x: &LocalQkv,
@@ -244,77 +234,24 @@ pub fn zigzag_causal_backward(
     dout: &[f32],
     params: &AttnParams,
     bwd: &BackwardParams,
-) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-    let (b, s2, hq, hk, d, dv) = x.dims;
-    let (p, r) = (t.world(), t.rank());
-    let c = x.check(t)?;
-    if out.len() != b * s2 * hq * dv || dout.len() != out.len() || lse.len() != b * hq * s2 {
-        return Err(t.err(format!(
-            "zigzag backward: out / dout / lse hold {} / {} / {} values, expected {} / {} / {}",
-            out.len(),
-            dout.len(),
-            lse.len(),
-            b * s2 * hq * dv,
-            b * s2 * hq * dv,
-            b * hq * s2
-        )));
-    }
-    let causal = causal_block(b, c)?;
-    // The LSE rows of each query chunk, contiguous [B, Hq, c] as the backward takes them.
-    let lse_of = |half: usize| -> Vec<f32> {
-        (0..b * hq)
-            .flat_map(|bh| &lse[bh * s2 + half * c..bh * s2 + (half + 1) * c])
-            .copied()
-            .collect()
+) -> Result<Grads> {
+    let (plan, mask) = zigzag_setup(t, x)?;
+    let g = GradIn {
+        out,
+        lse,
+        dout,
+        bwd: *bwd,
     };
-    let lse_c = [lse_of(0), lse_of(1)];
-    // Each call sees one block of keys of the rows' softmax (out and LSE are the whole row's).
-    let blk = BackwardParams {
-        partial_keys: true,
-        ..*bwd
-    };
-    let mut dq = vec![0f32; b * s2 * hq * d];
-    let (mut k_held, mut v_held) = (x.k.to_vec(), x.v.to_vec());
-    let (mut dk_held, mut dv_held) = (vec![0f32; x.k.len()], vec![0f32; x.v.len()]);
-    for step in 0..p {
-        for (la, lb, diag) in blocks_at(p, r, step) {
-            let gr = backward(
-                &chunk(x.q, (b, s2, hq, d), la)?,
-                &chunk(&k_held, (b, s2, hk, d), lb)?,
-                &chunk(&v_held, (b, s2, hk, dv), lb)?,
-                &chunk(out, (b, s2, hq, dv), la)?,
-                &lse_c[la],
-                &chunk(dout, (b, s2, hq, dv), la)?,
-                params,
-                block_mask(diag, &causal),
-                &blk,
-            )?;
-            add_chunk(&mut dq, &gr.dq.data.to_f32_vec(), (b, s2, hq, d), la);
-            add_chunk(&mut dk_held, &gr.dk.data.to_f32_vec(), (b, s2, hk, d), lb);
-            add_chunk(&mut dv_held, &gr.dv.data.to_f32_vec(), (b, s2, hk, dv), lb);
-        }
-        let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
-        if step + 1 < p {
-            let tag = 4 * step as u32;
-            pass_on(
-                t,
-                next,
-                prev,
-                tag,
-                &mut [&mut k_held, &mut v_held, &mut dk_held, &mut dv_held],
-            )?;
-        } else if p > 1 {
-            // The accumulators held now belong to rank r + 1; this rank's come from r - 1.
-            pass_on(
-                t,
-                next,
-                prev,
-                4 * p as u32,
-                &mut [&mut dk_held, &mut dv_held],
-            )?;
-        }
-    }
-    Ok((dq, dk_held, dv_held))
+    ring_backward(
+        &Cp {
+            t,
+            plan: &plan,
+            mask: &mask,
+        },
+        x,
+        &g,
+        params,
+    )
 }
 
 /// The zigzag placement of a whole `[B, n, H, D]` tensor: rank r's rows (chunks r and
@@ -350,7 +287,9 @@ pub fn zigzag_shard(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::MaskSpec;
     use crate::cp::ThreadTransport;
+    use crate::tensor::TensorView;
     use crate::testing::Rng;
     use std::time::Duration;
 
@@ -375,7 +314,7 @@ mod tests {
             let k = seeded(2 + p as u64, b * n * hk * d);
             let v = seeded(3 + p as u64, b * n * hk * dv);
             let whole = {
-                let m = causal_block(b, n).unwrap();
+                let m = causal_mask(b, n).unwrap();
                 forward(
                     &TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
                     &TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
@@ -440,7 +379,7 @@ mod tests {
             let k = seeded(12 + p as u64, b * n * hk * d);
             let v = seeded(13 + p as u64, b * n * hk * dv);
             let dout = seeded(14 + p as u64, b * n * hq * dv);
-            let m = causal_block(b, n).unwrap();
+            let m = causal_mask(b, n).unwrap();
             let (qv, kv, vv) = (
                 TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
                 TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),

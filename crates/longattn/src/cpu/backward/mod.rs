@@ -362,7 +362,9 @@ impl<'a> Job<'a> {
                 });
             }
             let has_key = self.row_has_key(b, h, i);
-            if has_key == (l == f32::NEG_INFINITY) {
+            // With `partial_keys` a row may have no key in this call's block and still a
+            // finite LSE (its keys are elsewhere): its probabilities here are all 0.
+            if has_key == (l == f32::NEG_INFINITY) && (has_key || !self.partial_keys) {
                 return Err(Error::Param {
                     op: "attention backward",
                     msg: format!(

@@ -1,0 +1,463 @@
+//! Every scheme against single-rank `forward` / `backward` with the same mask: seeded random
+//! inputs, odd lengths, GQA, P = 1 .. 5, several masks; and the inputs the schemes refuse.
+use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
+use super::plan::{plan, Plan};
+use super::ring::Grads;
+use super::{gather, ring, ulysses, ThreadTransport, Transport};
+use crate::attention::{forward, AttnParams, MaskSpec};
+use crate::backward::{backward, BackwardParams};
+use crate::error::Result;
+use crate::mask::{DocIds, MaskExpr, MaskShape};
+use crate::tensor::TensorView;
+use crate::testing::Rng;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Scheme {
+    Ring,
+    Gather,
+    Ulysses,
+}
+
+type Fwd = fn(&Cp, &LocalQkv, &AttnParams) -> Result<(Vec<f32>, Vec<f32>)>;
+type Bwd = fn(&Cp, &LocalQkv, &GradIn, &AttnParams) -> Result<Grads>;
+
+impl Scheme {
+    fn fns(self) -> (Fwd, Bwd) {
+        match self {
+            Scheme::Ring => (ring::ring_forward, ring::ring_backward),
+            Scheme::Gather => (gather::gather_forward, gather::gather_backward),
+            Scheme::Ulysses => (ulysses::ulysses_forward, ulysses::ulysses_backward),
+        }
+    }
+}
+
+/// One problem: P ranks, n tokens, batch, heads (Hq, Hk), dims (D, Dv), a mask, chunks per
+/// rank and the schedule's tile.
+struct Case {
+    p: usize,
+    n: usize,
+    b: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    dv: usize,
+    expr: &'static str,
+    per_rank: usize,
+    tile: usize,
+}
+
+fn seeded(seed: u64, n: usize) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+/// Packed documents per batch row: lengths cycling through 5, 11, 3, 8, shifted per row.
+fn docs(b: usize, n: usize) -> DocIds {
+    let lens = [5, 11, 3, 8];
+    let ids: Vec<i32> = (0..b)
+        .flat_map(|bi| {
+            let mut v = Vec::with_capacity(n);
+            let mut d = bi;
+            while v.len() < n {
+                let l = lens[d % 4];
+                v.extend(std::iter::repeat_n(d as i32, l.min(n - v.len())));
+                d += 1;
+            }
+            v
+        })
+        .collect();
+    DocIds {
+        q: ids.clone(),
+        k: ids,
+    }
+}
+
+/// Largest |got - want| relative to max(1, max |want|); equal infinities (rows without keys)
+/// count as 0.
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(1f32, |m, x| m.max(x.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| if g == w { 0.0 } else { (g - w).abs() / scale })
+        .fold(
+            0f32,
+            |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+        )
+}
+
+/// Runs `scheme` on `c` over P threads (forward, and backward when `grads`) and compares every
+/// rank's out, LSE (and dQ, dK, dV) with single-rank on the whole sequence.
+fn check(c: &Case, scheme: Scheme, grads: bool) {
+    let Case {
+        p,
+        n,
+        b,
+        hq,
+        hk,
+        d,
+        dv,
+        ..
+    } = *c;
+    let seed = (p * 1000 + n) as u64;
+    let (q, k, v, dout) = (
+        seeded(seed, b * n * hq * d),
+        seeded(seed + 1, b * n * hk * d),
+        seeded(seed + 2, b * n * hk * dv),
+        seeded(seed + 3, b * n * hq * dv),
+    );
+    let expr = MaskExpr::parse(c.expr).unwrap();
+    let dids = expr.uses_documents().then(|| docs(b, n));
+    let bound = expr
+        .bind(
+            MaskShape {
+                batch: b,
+                sq: n,
+                sk: n,
+            },
+            dids,
+        )
+        .unwrap();
+    let prm = AttnParams::default();
+    let bp = BackwardParams {
+        deterministic: true,
+        ..Default::default()
+    };
+    let (qv, kv, vv) = (
+        TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
+        TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
+        TensorView::contiguous(&v[..], [b, n, hk, dv]).unwrap(),
+    );
+    let whole = forward(&qv, &kv, &vv, &prm, MaskSpec::Expr(&bound)).unwrap();
+    let want_g = grads.then(|| {
+        let ov = whole.out.view("out").unwrap();
+        let dov = TensorView::contiguous(&dout[..], [b, n, hq, dv]).unwrap();
+        let g = backward(
+            &qv,
+            &kv,
+            &vv,
+            &ov,
+            &whole.lse,
+            &dov,
+            &prm,
+            MaskSpec::Expr(&bound),
+            &bp,
+        )
+        .unwrap();
+        [
+            g.dq.data.to_f32_vec(),
+            g.dk.data.to_f32_vec(),
+            g.dv.data.to_f32_vec(),
+        ]
+    });
+    let want_o = whole.out.data.to_f32_vec();
+    let mask = CpMask::new(bound, c.tile).unwrap();
+    let pl = plan(&mask.sched, p, c.per_rank).unwrap();
+    let (fwd, bwd) = scheme.fns();
+    let group = ThreadTransport::group(p, Duration::from_secs(30)).unwrap();
+    let results: Vec<(Vec<f32>, Vec<f32>, Option<Grads>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                let (q, k, v, dout, pl, mask, prm, bp) = (&q, &k, &v, &dout, &pl, &mask, &prm, &bp);
+                s.spawn(move || {
+                    let r = t.rank();
+                    let (lq, lk, lv, ld) = (
+                        pl.shard(q, b, (hq, d), r),
+                        pl.shard(k, b, (hk, d), r),
+                        pl.shard(v, b, (hk, dv), r),
+                        pl.shard(dout, b, (hq, dv), r),
+                    );
+                    let x = LocalQkv {
+                        q: &lq,
+                        k: &lk,
+                        v: &lv,
+                        dims: (b, pl.rows_of(r), hq, hk, d, dv),
+                    };
+                    let cp = Cp {
+                        t: &t,
+                        plan: pl,
+                        mask,
+                    };
+                    let (o, l) = fwd(&cp, &x, prm).unwrap();
+                    let g = grads.then(|| {
+                        let gi = GradIn {
+                            out: &o,
+                            lse: &l,
+                            dout: &ld,
+                            bwd: *bp,
+                        };
+                        bwd(&cp, &x, &gi, prm).unwrap()
+                    });
+                    (o, l, g)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let tol = 1e-5;
+    for (r, (o, l, g)) in results.iter().enumerate() {
+        let what = format!(
+            "{scheme:?} `{}` p {p} n {n} heads {hq}/{hk} rank {r}",
+            c.expr
+        );
+        let e = rel_err(o, &pl.shard(&want_o, b, (hq, dv), r));
+        assert!(e <= tol, "{what}: out differs by {e}");
+        let ll = Rows::lse(b, hq, pl.rows_of(r));
+        let mut wl = vec![0f32; ll.values()];
+        let runs = pl.runs_of(r);
+        copy_rows(
+            (&whole.lse, Rows::lse(b, hq, n)),
+            (&mut wl, ll),
+            &runs,
+            &same_heads(hq),
+            false,
+        );
+        let e = rel_err(l, &wl);
+        assert!(e <= tol, "{what}: lse differs by {e}");
+        if let (Some((dq, dk, dv_)), Some(w)) = (g, &want_g) {
+            for (name, got, want, h, width) in [
+                ("dq", dq, &w[0], hq, d),
+                ("dk", dk, &w[1], hk, d),
+                ("dv", dv_, &w[2], hk, dv),
+            ] {
+                let e = rel_err(got, &pl.shard(want, b, (h, width), r));
+                assert!(e <= tol, "{what}: {name} differs by {e}");
+            }
+        }
+    }
+}
+
+const MASKS: &[&str] = &[
+    "causal",
+    "causal & window(6,0)",
+    "window(3,5) | sinks(2)",
+    "prefix(9) | causal",
+    "document",
+    "causal & document",
+    "chunk(10) & !strided(3)",
+    "full",
+];
+
+/// Odd lengths, GQA, P = 1 .. 5, every mask of `MASKS`, forward and backward.
+fn sweep(scheme: Scheme) {
+    for &(p, n, hq, hk, per_rank, tile) in &[
+        (1, 23, 2, 1, 2, 4),
+        (2, 37, 4, 2, 2, 4),
+        (3, 41, 6, 2, 2, 5),
+        (4, 43, 4, 2, 3, 4),
+        (5, 52, 5, 5, 2, 3),
+    ] {
+        for expr in MASKS {
+            let c = Case {
+                p,
+                n,
+                b: 2,
+                hq,
+                hk,
+                d: 16,
+                dv: 8,
+                expr,
+                per_rank,
+                tile,
+            };
+            check(&c, scheme, true);
+        }
+    }
+}
+
+#[test]
+fn ring_matches_single_rank_for_every_mask() {
+    sweep(Scheme::Ring);
+}
+
+#[test]
+fn all_gather_matches_single_rank_for_every_mask() {
+    sweep(Scheme::Gather);
+}
+
+#[test]
+fn ulysses_matches_single_rank_for_every_mask() {
+    sweep(Scheme::Ulysses);
+    // GQA with fewer key / value heads than ranks (one replicated head per rank), and query
+    // groups that straddle ranks (one key / value head per query head).
+    for &(p, hq, hk) in &[(4, 8, 2), (4, 4, 1), (2, 6, 2), (3, 3, 1)] {
+        let c = Case {
+            p,
+            n: 29,
+            b: 1,
+            hq,
+            hk,
+            d: 8,
+            dv: 8,
+            expr: "causal & window(4,0)",
+            per_rank: 2,
+            tile: 4,
+        };
+        check(&c, Scheme::Ulysses, true);
+    }
+}
+
+/// Runs `f` on every rank of a P-thread group; the results in rank order.
+fn on_ranks<T: Send>(p: usize, f: impl Fn(&dyn Transport) -> T + Sync) -> Vec<T> {
+    let group = ThreadTransport::group(p, Duration::from_secs(5)).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                let f = &f;
+                s.spawn(move || f(&t))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn ctx<'a>(t: &'a dyn Transport, plan: &'a Plan, mask: &'a CpMask) -> Cp<'a> {
+    Cp { t, plan, mask }
+}
+
+/// A rank's inputs cut from `buf`: batch 1, `hq` query heads, one key / value head, D = Dv = 4,
+/// q `short` values short.
+fn local(buf: &[f32], rows: usize, hq: usize, short: usize) -> LocalQkv<'_> {
+    LocalQkv {
+        q: &buf[..rows * hq * 4 - short],
+        k: &buf[..rows * 4],
+        v: &buf[..rows * 4],
+        dims: (1, rows, hq, 1, 4, 4),
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let (n, b, d) = (24, 1, 4);
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(
+            MaskShape {
+                batch: b,
+                sq: n,
+                sk: n,
+            },
+            None,
+        )
+        .unwrap();
+    let mask = CpMask::new(bound, 4).unwrap();
+    let pl = plan(&mask.sched, 2, 2).unwrap();
+    let prm = AttnParams::default();
+    let buf = seeded(7, b * n * 6 * d);
+    // Heads not divisible by the ranks (Ulysses only): every rank names the problem.
+    let errs = on_ranks(2, |t| {
+        let rows = pl.rows_of(t.rank());
+        let x = local(&buf, rows, 3, 0);
+        ulysses::ulysses_forward(&ctx(t, &pl, &mask), &x, &prm)
+            .unwrap_err()
+            .to_string()
+    });
+    for e in &errs {
+        assert!(
+            e.contains("3 query heads cannot be split over 2 ranks"),
+            "{e}"
+        );
+    }
+    // Mismatched shapes across ranks: rank 1 has other heads; both ranks say so (every scheme).
+    for scheme in [Scheme::Ring, Scheme::Gather, Scheme::Ulysses] {
+        let errs = on_ranks(2, |t| {
+            let rows = pl.rows_of(t.rank());
+            let hq = if t.rank() == 1 { 4 } else { 2 };
+            let x = local(&buf, rows, hq, 0);
+            (scheme.fns().0)(&ctx(t, &pl, &mask), &x, &prm)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(
+            errs[0].contains("rank 1 has query heads 4, this rank 2"),
+            "{scheme:?}: {}",
+            errs[0]
+        );
+        assert!(
+            errs[1].contains("rank 0 has query heads 2, this rank 4"),
+            "{scheme:?}: {}",
+            errs[1]
+        );
+    }
+    // A rank whose buffers do not match its chunks: it names the problem, the others name it.
+    let errs = on_ranks(2, |t| {
+        let rows = pl.rows_of(t.rank()) + t.rank();
+        let x = local(&buf, rows, 2, 0);
+        gather::gather_forward(&ctx(t, &pl, &mask), &x, &prm)
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(
+        errs[1].contains("this rank holds 13 rows, its chunks of the plan have 12"),
+        "{}",
+        errs[1]
+    );
+    assert!(errs[0].contains("rank 1 refused its inputs"), "{}", errs[0]);
+    // Wrong buffer lengths for the dims, and a plan for another group size.
+    let errs = on_ranks(2, |t| {
+        let rows = pl.rows_of(t.rank());
+        let short = local(&buf, rows, 2, 1);
+        let e1 = ring::ring_forward(&ctx(t, &pl, &mask), &short, &prm)
+            .unwrap_err()
+            .to_string();
+        let p3 = plan(&mask.sched, 3, 2).unwrap();
+        let e2 = ring::ring_forward(
+            &Cp {
+                t,
+                plan: &p3,
+                mask: &mask,
+            },
+            &short,
+            &prm,
+        )
+        .unwrap_err()
+        .to_string();
+        (e1, e2)
+    });
+    assert!(
+        errs[0].0.contains(
+            "q / k / v hold 95 / 48 / 48 values, expected [B 1, rows 12, H, D] = 96 / 48 / 48"
+        ),
+        "{}",
+        errs[0].0
+    );
+    assert!(
+        errs[0]
+            .1
+            .contains("the plan is for 3 ranks, the group has 2"),
+        "{}",
+        errs[0].1
+    );
+    // Backward with an LSE of the wrong length.
+    let errs = on_ranks(2, |t| {
+        let rows = pl.rows_of(t.rank());
+        let x = local(&buf, rows, 2, 0);
+        let (o, l) = ring::ring_forward(&ctx(t, &pl, &mask), &x, &prm).unwrap();
+        let g = GradIn {
+            out: &o,
+            lse: &l[1..],
+            dout: &o,
+            bwd: BackwardParams::default(),
+        };
+        ring::ring_backward(&ctx(t, &pl, &mask), &x, &g, &prm)
+            .unwrap_err()
+            .to_string()
+    });
+    assert!(
+        errs[0].contains("out / dout / lse hold 96 / 96 / 23 values, expected 96 / 96 / 24"),
+        "{}",
+        errs[0]
+    );
+    // Too few tokens for the chunks.
+    let e = plan(&mask.sched, 5, 5).unwrap_err().to_string();
+    assert!(
+        e.contains("24 tokens cannot be cut into 5 chunks for each of 5 ranks"),
+        "{e}"
+    );
+}
