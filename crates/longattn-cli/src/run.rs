@@ -60,6 +60,13 @@ pub struct Args {
     /// --backward `dq`, `dk`, `dv`, `d_initial_state`, `dg`, `d_hedgehog` (F32).
     #[arg(long, conflicts_with_all = ["mask", "softcap", "layer", "deterministic"])]
     linear: Option<String>,
+    /// Dynamic sparse attention (CPU): select key tiles of --mask with this spec, e.g.
+    /// `topmass(gamma=0.95,block=128)`, `relthresh(alpha=0.7)`, `moba(block=512,topk=3)`,
+    /// `vertical_slash(v=1000,s=6096)` (grammar: `longattn::sparse`). The output also holds the
+    /// selection: `block_mask` (u8 [B, Hq, query tiles, key tiles]: 0 = tile skipped, 1 = computed
+    /// whole, 2 = computed in part under --mask) and `block_tile_q` / `block_tile_k` (i32 [1]).
+    #[arg(long, conflicts_with = "linear")]
+    sparse: Option<String>,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -142,6 +149,15 @@ pub fn main(a: Args) -> Result<()> {
             Some(t)
         }
     };
+    if let Some(text) = &a.sparse {
+        if blocks.is_some() {
+            bail!(
+                "{}: --sparse selects within --mask; the file's `block_mask` cannot be combined with it",
+                a.input.display()
+            );
+        }
+        return run_sparse(&a, text, [&q, &k, &v], &mask, dout.as_ref(), &params);
+    }
     // Every backend goes through the one entry point (`longattn::api`), as the Python package's
     // calls do; a block mask from the file travels as a host table.
     let table = inputs.block_mask.as_ref().map(|(bytes, shape)| {
@@ -269,6 +285,79 @@ pub fn main(a: Args) -> Result<()> {
 }
 
 /// `run --linear SPEC`: linear attention through `longattn::linear` (glue only).
+/// `run --sparse`: select, attend through the selection (and the backward through it), write the
+/// outputs with the selected block table.
+fn run_sparse(
+    a: &Args,
+    text: &str,
+    [q, k, v]: [&longattn::TensorView; 3],
+    mask: &longattn::mask::BoundMask,
+    dout: Option<&longattn::Tensor>,
+    params: &AttnParams,
+) -> Result<()> {
+    if a.backend != "cpu" {
+        bail!("--sparse runs on the CPU only (--backend cpu)");
+    }
+    let spec = longattn::SparseSpec::parse(text)?;
+    let pool = pool(a.threads)?;
+    let t0 = Instant::now();
+    let (out, sel) = pool.install(|| {
+        longattn::sparse::forward(q, k, v, params, &spec, longattn::MaskSpec::Expr(mask))
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let grads = match dout {
+        None => None,
+        Some(d) => {
+            let bp = longattn::BackwardParams {
+                deterministic: a.deterministic,
+                ..Default::default()
+            };
+            let (ov, dov) = (out.out.view("out")?, d.view("do")?);
+            Some(pool.install(|| {
+                longattn::backward(q, k, v, &ov, &out.lse, &dov, params, sel.mask(), &bp)
+            })?)
+        }
+    };
+    let [b, sq, hq, _] = q.shape;
+    let s = &sel.schedule;
+    let table = sel.block_mask();
+    let (tq, tk) = ([s.tile_q as i32], [s.tile_k as i32]);
+    use longattn::io::Extra;
+    longattn::io::write_outputs_with(
+        &a.output,
+        &out.out,
+        &out.lse,
+        [b, hq, sq],
+        grads.as_ref(),
+        &[
+            (
+                "block_mask",
+                vec![b, hq, s.q_tiles, s.k_tiles],
+                Extra::U8(&table),
+            ),
+            ("block_tile_q", vec![1], Extra::I32(&tq)),
+            ("block_tile_k", vec![1], Extra::I32(&tk)),
+        ],
+        a.force,
+    )?;
+    let r = &sel.report;
+    let (lo, hi) = (0..b * hq)
+        .map(|i| r.head_density(i / hq, i % hq))
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        });
+    eprintln!(
+        "{}: sparse {spec} within mask `{}`: density {:.4} of the mask's pairs (heads {lo:.4} .. {hi:.4}), {:.3} ms selection + attention{} -> {}",
+        a.input.display(),
+        mask.expr(),
+        r.density(),
+        secs * 1e3,
+        if grads.is_some() { " (+ backward)" } else { "" },
+        a.output.display()
+    );
+    Ok(())
+}
+
 fn run_linear(a: &Args, text: &str) -> Result<()> {
     use longattn::linear::{self, Backend, LinearInputs, LinearSpec};
     let backend = match a.backend.as_str() {

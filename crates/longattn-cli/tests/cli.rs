@@ -395,6 +395,71 @@ fn run_with_a_block_mask_matches_the_oracle() {
     );
 }
 
+/// `run --sparse`: the output holds the selected `block_mask` (0 / 1 / 2) and tile sizes, and
+/// `out` / `lse` equal the oracle on `mask & selected tiles` read back from that table.
+#[test]
+fn run_sparse_writes_its_selection_and_matches_the_oracle() {
+    let (b, s, hq, d) = (2, 70, 4, 16);
+    let x = inputs(DType::F32, b, s, s, hq, 2, d);
+    let input = tmp("in-sparse.safetensors");
+    let output = tmp("out-sparse.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    let spec = ["--sparse", "moba(block=16,topk=2)", "--mask", "causal"];
+    let o = run_args(&input, &output, &spec);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("density"), "{}", stderr(&o));
+    let bytes = std::fs::read(&output).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tiles = s.div_ceil(16);
+    let table = st.tensor("block_mask").unwrap();
+    assert_eq!(table.dtype(), StDtype::U8);
+    assert_eq!(table.shape(), &[b, hq, tiles, tiles]);
+    let table = table.data().to_vec();
+    for name in ["block_tile_q", "block_tile_k"] {
+        let t = st.tensor(name).unwrap();
+        assert_eq!((t.dtype(), t.shape()), (StDtype::I32, &[1usize][..]));
+        assert_eq!(t.data(), &16i32.to_le_bytes());
+    }
+    // Causal at 16 x 16 tiles: diagonal tiles partial (2), tiles below whole (1), above never.
+    for (idx, &m) in table.iter().enumerate() {
+        let (qt, kt) = ((idx / tiles) % tiles, idx % tiles);
+        let want: &[u8] = match kt.cmp(&qt) {
+            std::cmp::Ordering::Greater => &[0],
+            std::cmp::Ordering::Equal => &[2],
+            std::cmp::Ordering::Less => &[0, 1],
+        };
+        assert!(want.contains(&m), "tile ({qt}, {kt}) marked {m}");
+    }
+    assert!(
+        table.contains(&0) && table.contains(&1),
+        "nothing skipped or nothing whole"
+    );
+    let (out, lse, _) = read_outputs(&output).unwrap();
+    let r = attention_f64(
+        &x.q.view("q").unwrap(),
+        &x.k.view("k").unwrap(),
+        &x.v.view("v").unwrap(),
+        &AttnParams::default(),
+        &|bb, h, i, j| j <= i && table[((bb * hq + h) * tiles + i / 16) * tiles + j / 16] != 0,
+    )
+    .unwrap();
+    let (eo, el) = longattn::testing::compare(&out, &lse, &r);
+    assert!(eo <= 1e-5 && el <= 1e-4, "out {eo}, lse {el}");
+    // Bad specs are clear errors.
+    fails_with(
+        run_args(&input, &output, &["--sparse", "dense(k=1)", "--force"]),
+        "unknown method `dense`",
+    );
+    fails_with(
+        run_args(
+            &input,
+            &output,
+            &["--sparse", "topmass(gamma=2)", "--force"],
+        ),
+        "`gamma` must be in (0, 1]",
+    );
+}
+
 /// An input file with `do` (seeded random, the shape of out).
 fn backward_input(
     name: &str,

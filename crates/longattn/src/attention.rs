@@ -82,6 +82,31 @@ fn shape_err(op: &'static str, t: &str, got: &[usize; 4], expected: String) -> E
     }
 }
 
+/// Checks that a bound mask was bound to the inputs' batch, Sq and Sk.
+pub(crate) fn check_bound(
+    op: &'static str,
+    bound: &crate::mask::BoundMask,
+    dims: &Dims,
+) -> Result<()> {
+    let s = bound.shape();
+    if (s.batch, s.sq, s.sk) == (dims.batch, dims.sq, dims.sk) {
+        return Ok(());
+    }
+    Err(Error::Param {
+        op,
+        msg: format!(
+            "mask `{}` is bound to batch {} / sq {} / sk {}, the inputs have batch {} / sq {} / sk {}",
+            bound.expr(),
+            s.batch,
+            s.sq,
+            s.sk,
+            dims.batch,
+            dims.sq,
+            dims.sk
+        ),
+    })
+}
+
 /// Checks q `[B,Sq,Hq,D]`, k `[B,Sk,Hk,D]`, v `[B,Sk,Hk,Dv]`, one dtype, Hq a multiple of Hk.
 pub fn validate(op: &'static str, q: &TensorView, k: &TensorView, v: &TensorView) -> Result<Dims> {
     let [b, sq, hq, d] = q.shape;

@@ -403,6 +403,27 @@ pub fn write_outputs(
     lse_shape: [usize; 3],
     overwrite: bool,
 ) -> Result<()> {
+    write_outputs_with(path, out, lse, lse_shape, None, &[], overwrite)
+}
+
+/// Data of an extra tensor written beside the outputs ([`write_outputs_with`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Extra<'a> {
+    U8(&'a [u8]),
+    I32(&'a [i32]),
+}
+
+/// Writes `out` and `lse` (as [`write_outputs`]), the gradients `dq`, `dk`, `dv` when given, and
+/// the `extra` tensors `(name, shape, data)` (e.g. the selected `block_mask` of a sparse run).
+pub fn write_outputs_with(
+    path: impl AsRef<Path>,
+    out: &Tensor,
+    lse: &[f32],
+    lse_shape: [usize; 3],
+    grads: Option<&crate::backward::Grads>,
+    extra: &[(&str, Vec<usize>, Extra)],
+    overwrite: bool,
+) -> Result<()> {
     let path = path.as_ref();
     let n: usize = lse_shape.iter().product();
     if n != lse.len() {
@@ -414,19 +435,30 @@ pub fn write_outputs(
         });
     }
     let lse_bytes: Vec<u8> = lse.iter().flat_map(|x| x.to_le_bytes()).collect();
-    write_tensors(
-        path,
-        &[
-            (
-                "out",
-                st_dtype(out.dtype()),
-                out.shape.clone(),
-                out.data.bytes(),
+    let extra_bytes: Vec<(StDtype, Vec<u8>)> = extra
+        .iter()
+        .map(|e| match e.2 {
+            Extra::U8(b) => (StDtype::U8, b.to_vec()),
+            Extra::I32(x) => (
+                StDtype::I32,
+                x.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
-            ("lse", StDtype::F32, lse_shape.to_vec(), &lse_bytes),
-        ],
-        overwrite,
-    )
+        })
+        .collect();
+    fn t<'a>(name: &'a str, x: &'a Tensor) -> (&'a str, StDtype, Vec<usize>, &'a [u8]) {
+        (name, st_dtype(x.dtype()), x.shape.clone(), x.data.bytes())
+    }
+    let mut ts = vec![
+        t("out", out),
+        ("lse", StDtype::F32, lse_shape.to_vec(), &lse_bytes),
+    ];
+    if let Some(g) = grads {
+        ts.extend([t("dq", &g.dq), t("dk", &g.dk), t("dv", &g.dv)]);
+    }
+    for ((name, shape, _), (dt, bytes)) in extra.iter().zip(&extra_bytes) {
+        ts.push((name, *dt, shape.clone(), bytes));
+    }
+    write_tensors(path, &ts, overwrite)
 }
 
 /// Reads the output gradient `do` of an input file for the backward pass; it must have the shape
@@ -479,28 +511,7 @@ pub fn write_backward_outputs(
     grads: &crate::backward::Grads,
     overwrite: bool,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let n: usize = lse_shape.iter().product();
-    if n != lse.len() {
-        return Err(Error::Shape {
-            op: "write_backward_outputs",
-            tensor: "lse".into(),
-            got: vec![lse.len()],
-            expected: format!("{n} values for shape {lse_shape:?}"),
-        });
-    }
-    let lse_bytes: Vec<u8> = lse.iter().flat_map(|x| x.to_le_bytes()).collect();
-    fn t<'a>(name: &'a str, x: &'a Tensor) -> (&'a str, StDtype, Vec<usize>, &'a [u8]) {
-        (name, st_dtype(x.dtype()), x.shape.clone(), x.data.bytes())
-    }
-    let ts = [
-        t("out", out),
-        ("lse", StDtype::F32, lse_shape.to_vec(), &lse_bytes),
-        t("dq", &grads.dq),
-        t("dk", &grads.dk),
-        t("dv", &grads.dv),
-    ];
-    write_tensors(path, &ts, overwrite)
+    write_outputs_with(path, out, lse, lse_shape, Some(grads), &[], overwrite)
 }
 
 /// The extra tensors of a linear-attention input file (`longattn run --linear`), beside `q`, `k`,

@@ -22,10 +22,12 @@ pub mod linear;
 pub mod mask;
 pub mod model;
 pub mod reference;
+pub mod sparse;
 pub mod tensor;
 pub mod testing;
 
 pub use attention::{forward, AttnOutput, AttnParams, MaskSpec};
 pub use backward::{backward, BackwardParams, Grads};
 pub use error::{Error, Result};
+pub use sparse::{Selection, SparseSpec};
 pub use tensor::{DType, Element, Tensor, TensorView};

@@ -121,22 +121,7 @@ pub fn forward(
             (&owned, None)
         }
         MaskSpec::Expr(bound) => {
-            let s = bound.shape();
-            if (s.batch, s.sq, s.sk) != (dims.batch, dims.sq, dims.sk) {
-                return Err(Error::Param {
-                    op: "attention",
-                    msg: format!(
-                        "mask `{}` is bound to batch {} / sq {} / sk {}, the inputs have batch {} / sq {} / sk {}",
-                        bound.expr(),
-                        s.batch,
-                        s.sq,
-                        s.sk,
-                        dims.batch,
-                        dims.sq,
-                        dims.sk
-                    ),
-                });
-            }
+            crate::attention::check_bound("attention", bound, dims)?;
             owned = bound.schedule(BQ, NC)?;
             head_free_rows = true;
             (&owned, Some(bound as &dyn RowMask))

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::expr::{DocIds, MaskExpr, MaskShape};
-use super::schedule::{BlockSchedule, RowMask, TileKind};
+use super::schedule::{BlockSchedule, RowMask};
 use crate::error::{Error, Result};
 
 /// Longest sequence a mask binds to (tile and key indices are stored as `u32`).
@@ -646,30 +646,7 @@ impl BoundMask {
     }
 
     pub(crate) fn count_pairs(&self, s: &BlockSchedule, b: usize) -> u64 {
-        let mut total = 0u64;
-        let mut words = vec![0u64; s.tile_k.div_ceil(64)];
-        for qt in 0..s.q_tiles {
-            let (q0, q1) = s.q_range(qt);
-            for e in s.row(b, 0, qt) {
-                let (k0, k1) = s.k_range(e.k_tile as usize);
-                match e.kind {
-                    TileKind::Full => total += ((q1 - q0) * (k1 - k0)) as u64,
-                    TileKind::Partial => {
-                        let nw = (k1 - k0).div_ceil(64);
-                        let last = last_word_mask(k1 - k0);
-                        for i in q0..q1 {
-                            self.row_bits(b, 0, i, k0, &mut words[..nw]);
-                            words[nw - 1] &= last;
-                            total += words[..nw]
-                                .iter()
-                                .map(|w| w.count_ones() as u64)
-                                .sum::<u64>();
-                        }
-                    }
-                }
-            }
-        }
-        total
+        s.allowed_pairs(b, 0, Some(self))
     }
 
     /// Allowed pairs / (batch * Sq * Sk).

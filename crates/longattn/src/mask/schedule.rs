@@ -277,6 +277,36 @@ impl BlockSchedule {
             .sum()
     }
 
+    /// Exact number of allowed (query, key) pairs of (batch row `b`, head `h`): Full tiles count
+    /// whole, Partial tiles count the bits `rows` gives (a schedule with Partial tiles needs it).
+    pub fn allowed_pairs(&self, b: usize, h: usize, rows: Option<&dyn RowMask>) -> u64 {
+        let mut total = 0u64;
+        let mut words = vec![0u64; self.tile_k.div_ceil(64)];
+        for qt in 0..self.q_tiles {
+            let (q0, q1) = self.q_range(qt);
+            for e in self.row(b, h, qt) {
+                let (k0, k1) = self.k_range(e.k_tile as usize);
+                match (e.kind, rows) {
+                    (TileKind::Full, _) => total += ((q1 - q0) * (k1 - k0)) as u64,
+                    (TileKind::Partial, None) => {}
+                    (TileKind::Partial, Some(rm)) => {
+                        let nw = (k1 - k0).div_ceil(64);
+                        let last = crate::mask::bind::last_word_mask(k1 - k0);
+                        for i in q0..q1 {
+                            rm.row_bits(b, h, i, k0, &mut words[..nw]);
+                            words[nw - 1] &= last;
+                            total += words[..nw]
+                                .iter()
+                                .map(|w| w.count_ones() as u64)
+                                .sum::<u64>();
+                        }
+                    }
+                }
+            }
+        }
+        total
+    }
+
     /// The column view (the transpose of the CSR rows): for every stored (batch row, head, key
     /// tile), the query tiles that list it, in increasing order. The backward pass walks it (one
     /// task per key tile owns dK and dV of its keys).

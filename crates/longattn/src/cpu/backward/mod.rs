@@ -92,16 +92,7 @@ pub fn backward(
             (&owned, None)
         }
         MaskSpec::Expr(bound) => {
-            let s = bound.shape();
-            if (s.batch, s.sq, s.sk) != (dims.batch, dims.sq, dims.sk) {
-                return Err(Error::Param {
-                    op: "attention backward",
-                    msg: format!(
-                        "mask `{}` is bound to batch {} / sq {} / sk {}, the inputs have batch {} / sq {} / sk {}",
-                        bound.expr(), s.batch, s.sq, s.sk, dims.batch, dims.sq, dims.sk
-                    ),
-                });
-            }
+            crate::attention::check_bound("attention backward", bound, dims)?;
             owned = bound.schedule(T, T)?;
             (&owned, Some(bound as &dyn RowMask))
         }

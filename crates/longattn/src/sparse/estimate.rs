@@ -1,0 +1,263 @@
+//! The fast CPU estimators: the one dispatch over [`Method`], parallel over (batch row, head).
+//!
+//! Pooled methods cost O((Sq + Sk) D) for the block means plus O(candidates x D) for the scores;
+//! vertical-slash costs O(last x Sk x D) for its estimate plus O(candidates) to coarsen (prefix
+//! sums over the kept columns and diagonals). Each returns, per query tile, the kept subset of
+//! the candidate entries (kinds kept from the mask).
+use super::{Ctx, Method};
+use crate::mask::TileEntry;
+use rayon::prelude::*;
+use std::cmp::Ordering;
+
+/// Kept entries of every (batch row, query head) in row order, each a list per query tile.
+pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>> {
+    let d = ctx.dims;
+    let pooled = !matches!(method, Method::VerticalSlash { .. });
+    // Block means of the keys per (batch row, key head), shared by the query heads of a group.
+    let kbar: Vec<Vec<f64>> = if pooled {
+        (0..d.batch * d.hk)
+            .into_par_iter()
+            .map(|r| pool(ctx, true, r / d.hk, r % d.hk))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (0..d.batch * d.hq)
+        .into_par_iter()
+        .map(|r| {
+            let (b, h) = (r / d.hq, r % d.hq);
+            match *method {
+                Method::VerticalSlash {
+                    v,
+                    s,
+                    last,
+                    sink,
+                    local,
+                } => vertical_slash(ctx, b, h, [v, s, last, sink, local]),
+                _ => pooled_head(ctx, method, b, h, &kbar[b * d.hk + ctx.kv_head(h)]),
+            }
+        })
+        .collect()
+}
+
+/// Block means of q (head `h`) or k (key head `h`) of batch row `b`: for every tile of rows
+/// [r0, r1), mean_r x_r, as `[tiles, D]`.
+fn pool(ctx: &Ctx, keys: bool, b: usize, h: usize) -> Vec<f64> {
+    let (x, t, n) = if keys {
+        (ctx.k, ctx.cand.tile_k, ctx.dims.sk)
+    } else {
+        (ctx.q, ctx.cand.tile_q, ctx.dims.sq)
+    };
+    let dd = ctx.dims.d;
+    let tiles = n.div_ceil(t);
+    let mut out = vec![0.0f64; tiles * dd];
+    for (tile, acc) in out.chunks_exact_mut(dd).enumerate() {
+        let (r0, r1) = (tile * t, ((tile + 1) * t).min(n));
+        for r in r0..r1 {
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a += x.get(b, r, h, c) as f64;
+            }
+        }
+        let inv = 1.0 / (r1 - r0) as f64;
+        acc.iter_mut().for_each(|a| *a *= inv);
+    }
+    out
+}
+
+#[inline]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Orders indices by score descending, ties by index ascending (a total order).
+fn by_score(s: &[f64]) -> impl Fn(&usize, &usize) -> Ordering + '_ {
+    move |&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b))
+}
+
+/// One (batch row, head) of topmass / relthresh / moba: pooled scores of the candidate tiles,
+/// then the method's rule per query tile.
+fn pooled_head(
+    ctx: &Ctx,
+    method: &Method,
+    b: usize,
+    h: usize,
+    kbar: &[f64],
+) -> Vec<Vec<TileEntry>> {
+    let dd = ctx.dims.d;
+    let qbar = pool(ctx, false, b, h);
+    let mut scores = Vec::new();
+    (0..ctx.cand.q_tiles)
+        .map(|qt| {
+            let cand = ctx.cand.row(b, h, qt);
+            let qv = &qbar[qt * dd..][..dd];
+            // s(qt, kt) = softcap(scale mean(q) . mean(k)).
+            scores.clear();
+            scores.extend(
+                cand.iter()
+                    .map(|e| ctx.logit.of(dot(qv, &kbar[e.k_tile as usize * dd..][..dd]))),
+            );
+            let diag = ctx.diag_tiles(qt);
+            let in_diag = |kt: u32| diag.is_some_and(|(lo, hi)| lo <= kt && kt <= hi);
+            let sink = !matches!(method, Method::Moba { .. });
+            let mut keep: Vec<bool> = cand
+                .iter()
+                .map(|e| in_diag(e.k_tile) || (sink && e.k_tile == 0))
+                .collect();
+            match *method {
+                Method::TopMass { gamma } => top_mass(&scores, gamma, &mut keep),
+                Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
+                Method::Moba { topk } => top_k(&scores, topk, &mut keep),
+                Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
+            }
+            cand.iter()
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(e, _)| *e)
+                .collect()
+        })
+        .collect()
+}
+
+/// Adds to `keep` the most probable blocks, p = softmax(s), in decreasing order until their
+/// cumulative mass reaches gamma (the block that reaches it included); gamma >= 1 keeps all
+/// (in exact arithmetic only the whole row has mass 1).
+fn top_mass(s: &[f64], gamma: f64, keep: &mut [bool]) {
+    if gamma >= 1.0 {
+        keep.fill(true);
+        return;
+    }
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = s.iter().map(|&x| (x - m).exp()).sum();
+    let mut order: Vec<usize> = (0..s.len()).collect();
+    order.sort_unstable_by(by_score(s));
+    let mut mass = 0.0;
+    for x in order {
+        keep[x] = true;
+        mass += (s[x] - m).exp() / z;
+        if mass >= gamma {
+            break;
+        }
+    }
+}
+
+/// Adds the blocks with p >= alpha max p, i.e. s - max s >= ln alpha (one pass for the max, one
+/// for the test; alpha = 0 gives ln 0 = -inf and keeps all).
+fn rel_thresh(s: &[f64], alpha: f64, keep: &mut [bool]) {
+    let thr = s.iter().copied().fold(f64::NEG_INFINITY, f64::max) + alpha.ln();
+    for (k, &x) in keep.iter_mut().zip(s) {
+        *k |= x >= thr;
+    }
+}
+
+/// MoBA: the `topk` blocks first by forced (already in `keep`), then by score; forced blocks are
+/// kept even past topk.
+fn top_k(s: &[f64], topk: usize, keep: &mut [bool]) {
+    if topk >= s.len() {
+        keep.fill(true);
+        return;
+    }
+    let forced = keep.to_vec();
+    let score = by_score(s);
+    let mut order: Vec<usize> = (0..s.len()).collect();
+    order.select_nth_unstable_by(topk - 1, |a, b| {
+        forced[*b].cmp(&forced[*a]).then(score(a, b))
+    });
+    for &x in &order[..topk] {
+        keep[x] = true;
+    }
+}
+
+/// The `n` largest entries among those > 0 (ties by index), as flags.
+fn top_positive(mass: &[f64], n: usize) -> Vec<bool> {
+    let mut idx: Vec<usize> = (0..mass.len()).filter(|&j| mass[j] > 0.0).collect();
+    if idx.len() > n {
+        if n == 0 {
+            idx.clear();
+        } else {
+            idx.select_nth_unstable_by(n - 1, by_score(mass));
+            idx.truncate(n);
+        }
+    }
+    let mut out = vec![false; mass.len()];
+    idx.into_iter().for_each(|j| out[j] = true);
+    out
+}
+
+/// Exclusive prefix sums of flags: `p[b] - p[a]` counts the set flags in `a..b`.
+fn prefix(flags: &[bool]) -> Vec<u32> {
+    let mut p = Vec::with_capacity(flags.len() + 1);
+    p.push(0u32);
+    for &f in flags {
+        p.push(p[p.len() - 1] + f as u32);
+    }
+    p
+}
+
+/// Vertical-slash for one (batch row, head); `a` = [v, s, last, sink, local].
+fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileEntry>> {
+    let [v, s, last, sink, local] = a;
+    let (sq, sk, dd) = (ctx.dims.sq, ctx.dims.sk, ctx.dims.d);
+    let g = ctx.kv_head(h);
+    // Keys of this head, widened once: [Sk, D].
+    let keys: Vec<f64> = (0..sk)
+        .flat_map(|j| (0..dd).map(move |c| (j, c)))
+        .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
+        .collect();
+    // Column mass c_j and diagonal mass d_o (index o + Sq - 1 = i + Sk - 1 - j) of the last rows.
+    let mut col = vec![0.0f64; sk];
+    let mut diag = vec![0.0f64; sq + sk - 1];
+    let (mut allowed, mut words) = (vec![false; sk], Vec::new());
+    let mut logits = vec![0.0f64; sk];
+    let mut qrow = vec![0.0f64; dd];
+    for i in sq - last.min(sq)..sq {
+        ctx.el.row(b, h, i, &mut allowed, &mut words);
+        qrow.iter_mut()
+            .enumerate()
+            .for_each(|(c, x)| *x = ctx.q.get(b, i, h, c) as f64);
+        // p_ij = exp(s_ij - m) / z over the allowed keys.
+        let mut m = f64::NEG_INFINITY;
+        for j in (0..sk).filter(|&j| allowed[j]) {
+            logits[j] = ctx.logit.of(dot(&qrow, &keys[j * dd..][..dd]));
+            m = m.max(logits[j]);
+        }
+        if m == f64::NEG_INFINITY {
+            continue; // no allowed key: the row estimates nothing
+        }
+        let z: f64 = (0..sk)
+            .filter(|&j| allowed[j])
+            .map(|j| (logits[j] - m).exp())
+            .sum();
+        for j in (0..sk).filter(|&j| allowed[j]) {
+            let p = (logits[j] - m).exp() / z;
+            col[j] += p;
+            diag[i + sk - 1 - j] += p;
+        }
+    }
+    let mut cols = top_positive(&col, v);
+    cols[..sink.min(sk)].fill(true);
+    let mut diags = top_positive(&diag, s);
+    // Local band 0 <= o < local: indices Sq - 1 .. Sq - 1 + local.
+    let band = (sq - 1).min(diags.len())..(sq - 1 + local).min(diags.len());
+    diags[band].fill(true);
+    let (cp, dp) = (prefix(&cols), prefix(&diags));
+    let n_diag = diags.len() as i64;
+    (0..ctx.cand.q_tiles)
+        .map(|qt| {
+            let (q0, q1) = ctx.cand.q_range(qt);
+            let (p0, p1) = (ctx.pos(q0), ctx.pos(q1 - 1));
+            ctx.cand
+                .row(b, h, qt)
+                .iter()
+                .filter(|e| {
+                    let (k0, k1) = ctx.cand.k_range(e.k_tile as usize);
+                    // A kept column j in [k0, k1), or a kept diagonal o = p_i - j with i in the
+                    // tile: o in [p0 - (k1 - 1), p1 - k0] (consecutive integers).
+                    let lo = (p0 - (k1 as i64 - 1) + sq as i64 - 1).max(0);
+                    let hi = (p1 - k0 as i64 + sq as i64 - 1).min(n_diag - 1);
+                    cp[k1] > cp[k0] || (lo <= hi && dp[hi as usize + 1] > dp[lo as usize])
+                })
+                .copied()
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,435 @@
+//! Training-free dynamic sparse prefill (issue 15, CPU): estimators that write the block schedule.
+//!
+//! One path of data: an estimator looks at q and k, keeps some of the key tiles of every
+//! (batch, query head, query tile) that the caller's mask schedules, and writes the result as an
+//! ordinary [`BlockSchedule`] (batch B, heads Hq, tiles `block` x `block`). The selection is
+//! `mask & selection`: a kept tile keeps its kind from the mask's schedule (Full, or Partial with
+//! the mask's own row bits), so the mask part is exact and only whole tiles are dropped. Attention
+//! then runs through the existing forward ([`crate::forward`]) and backward ([`crate::backward`])
+//! with [`Selection::mask`]; there is no private kernel.
+//!
+//! ```text
+//!   SparseSpec::parse("topmass(gamma=0.95,block=128)")
+//!   select(q, k, params, &spec, mask)  -> Selection { schedule, report }   (estimate.rs)
+//!   forward(q, k, v, params, &spec, mask) = select + crate::forward(.., selection.mask())
+//!   crate::backward(.., selection.mask(), ..)                                (same schedule)
+//! ```
+//!
+//! # Grammar
+//!
+//! ```text
+//!   spec := name | name '(' [arg (',' arg)*] ')'       (whitespace around tokens ignored)
+//!   arg  := key '=' number
+//! ```
+//! Every argument is optional (defaults below), may be given once, and is range-checked; an
+//! unknown method or argument is an error naming it and listing what is accepted.
+//!
+//! | method | arguments (default) | keeps, per (batch, query head, query block) |
+//! |---|---|---|
+//! | `topmass` | `gamma` in (0, 1] (0.95), `block` (64) | the most probable key blocks until their mass reaches gamma, under p = softmax over key blocks of the pooled score; gamma = 1 keeps every block |
+//! | `relthresh` | `alpha` in [0, 1] (0.5), `block` (64) | the key blocks with p >= alpha max p (sort-free: s >= max s + ln alpha); alpha = 0 keeps every block |
+//! | `moba` | `block` (512), `topk` >= 1 (3) | the topk key blocks by mean(q_block) . mean(k_block), the current (diagonal) blocks forced in first |
+//! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64) | the tiles crossed by a kept column or diagonal (below) |
+//!
+//! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
+//! mean(k_j, j in kb)) = softcap(mean over the block's pairs of scale q_i . k_j) (linearity).
+//! topmass and relthresh always keep the sink block (key block 0) and the diagonal blocks (the key
+//! blocks that hold an aligned position p_i = i + Sk - Sq of the query block); moba forces the
+//! diagonal blocks. Only blocks the mask schedules are candidates, so `causal` as the mask gives
+//! MoBA's causal gating and `document` restricts every method to the query's document.
+//! Mean pooling dilutes a single hot key by the block size (its pooled logit is 1/block of the
+//! key's), so the pooled methods see block-level structure (a passage of similar keys) but not a
+//! lone hub column: on planted hub columns topmass(gamma=0.95) kept 97% of the pairs (the tests
+//! record it); vertical-slash, which estimates per key, finds them.
+//!
+//! Vertical-slash (MInference): the last `last` query rows attend (exactly, under the mask) to
+//! all keys; the column mass c_j = sum_i p_ij and the diagonal mass d_o = sum_{p_i - j = o} p_ij
+//! estimate where the rest of the rows put theirs. Kept: the `v` heaviest columns and the `s`
+//! heaviest diagonals among those with mass > 0, the columns j < `sink` and the diagonals
+//! 0 <= o < `local`. The selection is coarsened to tiles: a tile is kept when a kept column or
+//! diagonal passes through it. The element-level version (MInference's kernel) would keep only
+//! the elements on those columns and diagonals: Partial tiles whose row bits come from a column
+//! list and a set of diagonal bands (a `RowMask` built from the kept indices, the mask's bits
+//! ANDed in) and, for speed, bands whose key start is not tile-aligned and gathered key columns
+//! as new schedule entry kinds.
+//!
+//! Every method works per (batch, query head) with the key head h / (Hq / Hk) (GQA), in parallel
+//! over (batch, head), for any Sq and Sk (queries aligned to the end of the keys, as the mask
+//! language aligns them). Each fast estimator has a plain reference ([`reference`]: scores from
+//! every pair, full sorts, brute-force tile coverage) that the tests compare it with.
+//!
+//! [`SparseReport`] gives the achieved density per head; [`mass_recall`] the attention mass
+//! inside the selection, computed exactly with the f64 oracle (small inputs).
+mod estimate;
+pub mod reference;
+mod spec;
+#[cfg(test)]
+mod tests;
+
+pub use spec::{Method, SparseSpec};
+
+use crate::attention::{check_bound, validate, AttnOutput, AttnParams, Dims, MaskSpec};
+use crate::error::{Error, Result};
+use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
+use crate::tensor::TensorView;
+use std::borrow::Cow;
+
+const OP: &str = "sparse select";
+
+/// A selected schedule with the element mask its Partial tiles need and what it achieved.
+pub struct Selection<'a> {
+    /// The selected tiles: batch B, heads Hq, tiles `block` x `block`.
+    pub schedule: BlockSchedule,
+    /// The caller's mask at the same tiles (the candidates).
+    pub candidates: Cow<'a, BlockSchedule>,
+    /// The element mask of Partial tiles (the caller's), if any.
+    pub rows: Option<&'a dyn RowMask>,
+    pub report: SparseReport,
+}
+
+impl<'a> Selection<'a> {
+    /// The selection as a mask for [`crate::forward`] / [`crate::backward`].
+    pub fn mask(&self) -> MaskSpec<'_> {
+        MaskSpec::Schedule {
+            schedule: &self.schedule,
+            rows: self.rows,
+        }
+    }
+
+    /// The selection as a u8 table `[B, Hq, query tiles, key tiles]`: 0 = tile skipped,
+    /// 1 = computed whole, 2 = computed in part (a Partial tile of the mask).
+    pub fn block_mask(&self) -> Vec<u8> {
+        let r = &self.report;
+        block_table(&self.schedule, r.batch, r.heads)
+    }
+}
+
+/// Expands a schedule (shared dimensions included) to `[batch, heads, q_tiles, k_tiles]` bytes:
+/// 0 = not listed, else the entry's [`TileKind`] (1 Full, 2 Partial).
+pub fn block_table(s: &BlockSchedule, batch: usize, heads: usize) -> Vec<u8> {
+    let (nq, nk) = (s.q_tiles, s.k_tiles);
+    let mut t = vec![0u8; batch * heads * nq * nk];
+    for b in 0..batch {
+        for h in 0..heads {
+            for qt in 0..nq {
+                let base = ((b * heads + h) * nq + qt) * nk;
+                for e in s.row(b, h, qt) {
+                    t[base + e.k_tile as usize] = e.kind as u8;
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Density of a selection: allowed pairs inside the selected tiles over allowed pairs of the
+/// mask, per (batch row, query head).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseReport {
+    pub batch: usize,
+    pub heads: usize,
+    /// Allowed pairs in the selection, `[B, Hq]`.
+    pub selected: Vec<u64>,
+    /// Allowed pairs of the mask, `[B, Hq]`.
+    pub allowed: Vec<u64>,
+}
+
+impl SparseReport {
+    /// Density of one (batch row, head); 1 where the mask allows nothing.
+    pub fn head_density(&self, b: usize, h: usize) -> f64 {
+        let i = b * self.heads + h;
+        ratio(self.selected[i], self.allowed[i])
+    }
+    /// Density over all heads: total selected pairs / total allowed pairs.
+    pub fn density(&self) -> f64 {
+        ratio(self.selected.iter().sum(), self.allowed.iter().sum())
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        1.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// Logits as the kernels compute them: softcap(scale x).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Logit {
+    scale: f64,
+    cap: Option<f64>,
+}
+
+impl Logit {
+    fn new(params: &AttnParams, d: usize) -> Logit {
+        Logit {
+            scale: params.scale_for(d) as f64,
+            cap: params.softcap.map(f64::from),
+        }
+    }
+    /// softcap(scale dot): c tanh(scale dot / c), or scale dot without a cap.
+    #[inline]
+    pub(crate) fn of(self, dot: f64) -> f64 {
+        let u = self.scale * dot;
+        match self.cap {
+            Some(c) => c * (u / c).tanh(),
+            None => u,
+        }
+    }
+}
+
+/// Everything an estimator reads: inputs, sizes, the candidates (the mask at the spec's tiles).
+pub(crate) struct Ctx<'a> {
+    pub q: &'a TensorView<'a>,
+    pub k: &'a TensorView<'a>,
+    pub dims: Dims,
+    pub logit: Logit,
+    pub cand: &'a BlockSchedule,
+    pub el: Elements<'a>,
+}
+
+impl Ctx<'_> {
+    /// Key head of query head `h` (GQA).
+    #[inline]
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / (self.dims.hq / self.dims.hk)
+    }
+    /// Aligned position of query `i`: p_i = i + Sk - Sq.
+    #[inline]
+    pub fn pos(&self, i: usize) -> i64 {
+        i as i64 + self.dims.sk as i64 - self.dims.sq as i64
+    }
+    /// The key tiles (inclusive range) that hold an aligned position p_i of a query of tile `qt`
+    /// (keys p_q0 ..= p_q1-1 clipped to [0, Sk)); `None` when every p_i is outside the keys.
+    pub fn diag_tiles(&self, qt: usize) -> Option<(u32, u32)> {
+        let (q0, q1) = self.cand.q_range(qt);
+        let lo = self.pos(q0).max(0);
+        let hi = self.pos(q1 - 1).min(self.dims.sk as i64 - 1);
+        (lo <= hi).then(|| {
+            let t = self.cand.tile_k as i64;
+            ((lo / t) as u32, (hi / t) as u32)
+        })
+    }
+}
+
+/// The element mask of a schedule: a pair is allowed when its tile is listed and is Full or its
+/// row bit (from `rows`) is set.
+#[derive(Clone, Copy)]
+pub(crate) struct Elements<'a> {
+    pub s: &'a BlockSchedule,
+    pub rows: Option<&'a dyn RowMask>,
+}
+
+impl Elements<'_> {
+    /// One pair (a binary search in the row; tests and references).
+    pub fn allowed(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+        let row = self.s.row(b, h, i / self.s.tile_q);
+        let kt = (j / self.s.tile_k) as u32;
+        match row.binary_search_by_key(&kt, |e| e.k_tile) {
+            Err(_) => false,
+            Ok(x) => match (row[x].kind, self.rows) {
+                (TileKind::Full, _) => true,
+                (TileKind::Partial, None) => false,
+                (TileKind::Partial, Some(rm)) => {
+                    let mut w = [0u64];
+                    rm.row_bits(b, h, i, j, &mut w);
+                    w[0] & 1 == 1
+                }
+            },
+        }
+    }
+
+    /// The allowed keys of query row `i` into `out` (length Sk), a tile at a time.
+    pub fn row(&self, b: usize, h: usize, i: usize, out: &mut [bool], words: &mut Vec<u64>) {
+        out.fill(false);
+        for e in self.s.row(b, h, i / self.s.tile_q) {
+            let (k0, k1) = self.s.k_range(e.k_tile as usize);
+            match (e.kind, self.rows) {
+                (TileKind::Full, _) => out[k0..k1].fill(true),
+                (TileKind::Partial, None) => {}
+                (TileKind::Partial, Some(rm)) => {
+                    words.resize((k1 - k0).div_ceil(64), 0);
+                    rm.row_bits(b, h, i, k0, words);
+                    for (t, o) in out[k0..k1].iter_mut().enumerate() {
+                        *o = words[t / 64] >> (t % 64) & 1 == 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sizes of q and k (k stands in for v: the estimators read no values).
+fn dims_of(q: &TensorView, k: &TensorView) -> Result<Dims> {
+    validate(OP, q, k, k)
+}
+
+/// The caller's mask as a schedule at `block` x `block` tiles with its row mask.
+fn candidates<'a>(
+    mask: MaskSpec<'a>,
+    dims: &Dims,
+    block: usize,
+) -> Result<(Cow<'a, BlockSchedule>, Option<&'a dyn RowMask>)> {
+    let (s, rows) = match mask {
+        MaskSpec::Full => (
+            Cow::Owned(BlockSchedule::full(block, block, dims.sq, dims.sk)?),
+            None,
+        ),
+        MaskSpec::Expr(bound) => {
+            check_bound(OP, bound, dims)?;
+            (
+                Cow::Owned(bound.schedule(block, block)?),
+                Some(bound as &dyn RowMask),
+            )
+        }
+        MaskSpec::Schedule { schedule, rows } => {
+            if (schedule.tile_q, schedule.tile_k) != (block, block) {
+                return Err(Error::Param {
+                    op: OP,
+                    msg: format!(
+                        "the mask's schedule has tiles {} x {}, the spec selects {block} x {block} blocks (give the mask as an expression, or a schedule at the spec's block)",
+                        schedule.tile_q, schedule.tile_k
+                    ),
+                });
+            }
+            (Cow::Borrowed(schedule), rows)
+        }
+    };
+    crate::cpu::check_schedule(&s, rows.is_some(), dims)?;
+    Ok((s, rows))
+}
+
+/// Selects the key tiles of every (batch row, query head, query tile) by `spec`, intersected with
+/// `mask` (see the module header). `params` gives the scale and soft-cap of the estimates' logits.
+pub fn select<'a>(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec<'a>,
+) -> Result<Selection<'a>> {
+    spec.check()?;
+    params.check()?;
+    let dims = dims_of(q, k)?;
+    let (cand, rows) = candidates(mask, &dims, spec.block)?;
+    let ctx = Ctx {
+        q,
+        k,
+        dims,
+        logit: Logit::new(params, dims.d),
+        cand: &cand,
+        el: Elements { s: &cand, rows },
+    };
+    let heads = estimate::select_all(&ctx, &spec.method);
+    let schedule = build(&ctx, heads)?;
+    let report = report(&schedule, &cand, rows, &dims);
+    Ok(Selection {
+        schedule,
+        candidates: cand,
+        rows,
+        report,
+    })
+}
+
+/// Kept entries per (batch row, head) in order, each a list per query tile, into a schedule.
+fn build(ctx: &Ctx, heads: Vec<Vec<Vec<TileEntry>>>) -> Result<BlockSchedule> {
+    let c = ctx.cand;
+    let mut s = BlockSchedule::empty(c.tile_q, c.tile_k, c.sq, c.sk, ctx.dims.batch, ctx.dims.hq)?;
+    s.reserve(heads.iter().flatten().map(Vec::len).sum());
+    for row in heads.iter().flatten() {
+        s.push_row_with(|out| out.extend_from_slice(row))?;
+    }
+    s.finish()
+}
+
+fn report(
+    sel: &BlockSchedule,
+    cand: &BlockSchedule,
+    rows: Option<&dyn RowMask>,
+    dims: &Dims,
+) -> SparseReport {
+    let (bn, hq) = (dims.batch, dims.hq);
+    let per_head = |s: &BlockSchedule| -> Vec<u64> {
+        (0..bn * hq)
+            .map(|r| s.allowed_pairs(r / hq, r % hq, rows))
+            .collect()
+    };
+    SparseReport {
+        batch: bn,
+        heads: hq,
+        selected: per_head(sel),
+        allowed: per_head(cand),
+    }
+}
+
+/// Sparse attention forward: [`select`], then [`crate::forward`] through the selected schedule.
+pub fn forward<'a>(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec<'a>,
+) -> Result<(AttnOutput, Selection<'a>)> {
+    let sel = select(q, k, params, spec, mask)?;
+    let out = crate::forward(q, k, v, params, sel.mask())?;
+    Ok((out, sel))
+}
+
+/// Attention mass recall of a selection per (batch row, query head): the mean over the rows the
+/// mask leaves non-empty of sum_{j selected} p_ij, with p the softmax over the mask's keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recall {
+    /// `[B, Hq]`.
+    pub per_head: Vec<f64>,
+    pub mean: f64,
+    pub worst: f64,
+}
+
+/// Exact mass recall of `sel` (made from these q and k) with the f64 oracle: for a row,
+/// sum_{j in sel} exp(s_ij - LSE_mask) = exp(LSE_sel - LSE_mask), so two oracle passes give it.
+/// Costs two dense f64 attentions: small inputs only (tests, quality tables).
+pub fn mass_recall(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    sel: &Selection,
+) -> Result<Recall> {
+    let dims = dims_of(q, k)?;
+    let full = Elements {
+        s: &sel.candidates,
+        rows: sel.rows,
+    };
+    let part = Elements {
+        s: &sel.schedule,
+        rows: sel.rows,
+    };
+    // k stands in for v: only the LSE is read.
+    let oracle = |el: Elements| {
+        crate::reference::attention_f64(q, k, k, params, &|b, h, i, j| el.allowed(b, h, i, j))
+    };
+    let (lf, ls) = (oracle(full)?.lse, oracle(part)?.lse);
+    let per_head: Vec<f64> = (0..dims.batch * dims.hq)
+        .map(|r| {
+            let rows = r * dims.sq..(r + 1) * dims.sq;
+            let (sum, n) = rows
+                .filter(|&x| lf[x] > f64::NEG_INFINITY)
+                .fold((0.0, 0usize), |(s, n), x| {
+                    (s + (ls[x] - lf[x]).exp(), n + 1)
+                });
+            if n == 0 {
+                1.0
+            } else {
+                sum / n as f64
+            }
+        })
+        .collect();
+    let mean = per_head.iter().sum::<f64>() / per_head.len() as f64;
+    let worst = per_head.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(Recall {
+        per_head,
+        mean,
+        worst,
+    })
+}

@@ -1,0 +1,198 @@
+//! Plain references of the estimators, straight from the definitions in the module header (f64,
+//! every pair visited, full sorts, brute-force tile coverage). The fast estimators are tested to
+//! select exactly the same tiles. Costs O(B Hq Sq Sk D): small inputs only.
+use super::{candidates, dims_of, Elements, Logit, Method, SparseSpec};
+use crate::attention::{AttnParams, MaskSpec};
+use crate::error::Result;
+use crate::mask::BlockSchedule;
+use crate::tensor::TensorView;
+use std::collections::{HashMap, HashSet};
+
+/// The selection of `spec` under `mask`, computed the plain way.
+pub fn select_reference(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec,
+) -> Result<BlockSchedule> {
+    spec.check()?;
+    params.check()?;
+    let dims = dims_of(q, k)?;
+    let (cand, rows) = candidates(mask, &dims, spec.block)?;
+    let el = Elements { s: &cand, rows };
+    let logit = Logit::new(params, dims.d);
+    let t = spec.block;
+    let mut out = BlockSchedule::empty(t, t, dims.sq, dims.sk, dims.batch, dims.hq)?;
+    let (nq, nk) = (cand.q_tiles, cand.k_tiles);
+    let group = dims.hq / dims.hk;
+    let off = dims.sk as i64 - dims.sq as i64;
+    for b in 0..dims.batch {
+        for h in 0..dims.hq {
+            let g = h / group;
+            // scale q_i . k_j in f64.
+            let qk = |i: usize, j: usize| -> f64 {
+                (0..dims.d)
+                    .map(|c| q.get(b, i, h, c) as f64 * k.get(b, j, g, c) as f64)
+                    .sum()
+            };
+            // kept[qt][kt] for every tile; intersected with the candidates below.
+            let kept: Vec<Vec<bool>> = match spec.method {
+                Method::VerticalSlash {
+                    v,
+                    s,
+                    last,
+                    sink,
+                    local,
+                } => {
+                    let (col, diag) = last_rows_mass(&el, &logit, &qk, b, h, last, off);
+                    let cols = heaviest(col.into_iter().enumerate().collect(), v);
+                    let diags = heaviest(diag.into_iter().collect(), s);
+                    let (cols, diags): (HashSet<usize>, HashSet<i64>) =
+                        (cols.into_iter().collect(), diags.into_iter().collect());
+                    let col_kept = |j: usize| j < sink || cols.contains(&j);
+                    let diag_kept = |o: i64| (0..local as i64).contains(&o) || diags.contains(&o);
+                    (0..nq)
+                        .map(|qt| {
+                            (0..nk)
+                                .map(|kt| {
+                                    let (q0, q1) = cand.q_range(qt);
+                                    let (k0, k1) = cand.k_range(kt);
+                                    (q0..q1).any(|i| {
+                                        (k0..k1).any(|j| {
+                                            col_kept(j) || diag_kept(i as i64 + off - j as i64)
+                                        })
+                                    })
+                                })
+                                .collect()
+                        })
+                        .collect()
+                }
+                method => (0..nq)
+                    .map(|qt| {
+                        let (q0, q1) = cand.q_range(qt);
+                        let c: Vec<usize> = cand
+                            .row(b, h, qt)
+                            .iter()
+                            .map(|e| e.k_tile as usize)
+                            .collect();
+                        // Score of a tile: softcap of the mean over its pairs of scale q_i . k_j.
+                        let score: Vec<f64> = c
+                            .iter()
+                            .map(|&kt| {
+                                let (k0, k1) = cand.k_range(kt);
+                                let sum: f64 = (q0..q1)
+                                    .flat_map(|i| (k0..k1).map(move |j| (i, j)))
+                                    .map(|(i, j)| qk(i, j))
+                                    .sum();
+                                logit.of(sum / ((q1 - q0) * (k1 - k0)) as f64)
+                            })
+                            .collect();
+                        // Diagonal: the tile holds key p_i of some query i of the block.
+                        let diag = |kt: usize| {
+                            let (k0, k1) = cand.k_range(kt);
+                            (q0..q1).any(|i| (k0 as i64..k1 as i64).contains(&(i as i64 + off)))
+                        };
+                        let sink = !matches!(method, Method::Moba { .. });
+                        let forced: Vec<bool> =
+                            c.iter().map(|&kt| diag(kt) || (sink && kt == 0)).collect();
+                        let keep = rule(method, &score, &forced);
+                        let mut row = vec![false; nk];
+                        for (x, &kt) in c.iter().enumerate() {
+                            row[kt] = keep[x];
+                        }
+                        row
+                    })
+                    .collect(),
+            };
+            for (qt, keep) in kept.iter().enumerate() {
+                let row: Vec<_> = cand
+                    .row(b, h, qt)
+                    .iter()
+                    .filter(|e| keep[e.k_tile as usize])
+                    .copied()
+                    .collect();
+                out.push_row(&row)?;
+            }
+        }
+    }
+    out.finish()
+}
+
+/// The pooled methods' rules on one row of candidate scores (`forced`: sink / diagonal).
+fn rule(method: Method, score: &[f64], forced: &[bool]) -> Vec<bool> {
+    let n = score.len();
+    let m = score.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = score.iter().map(|s| (s - m).exp()).sum();
+    let p: Vec<f64> = score.iter().map(|s| (s - m).exp() / z).collect();
+    // Candidates by score descending, ties by key tile.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    let mut keep = forced.to_vec();
+    match method {
+        Method::TopMass { gamma } => {
+            // Smallest prefix of the order whose mass reaches gamma; gamma = 1: every block.
+            let mut mass = 0.0;
+            for &x in &order {
+                if gamma < 1.0 && mass >= gamma {
+                    break;
+                }
+                keep[x] = true;
+                mass += p[x];
+            }
+        }
+        Method::RelThresh { alpha } => {
+            let pmax = p.iter().copied().fold(0.0, f64::max);
+            for x in 0..n {
+                keep[x] |= p[x] >= alpha * pmax;
+            }
+        }
+        Method::Moba { topk } => {
+            // Forced blocks first, then by score; the first topk, forced ones always.
+            order.sort_by_key(|&x| !forced[x]);
+            for &x in order.iter().take(topk) {
+                keep[x] = true;
+            }
+        }
+        Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
+    }
+    keep
+}
+
+/// Column mass c_j and diagonal mass d_o (o = p_i - j) of the softmax rows of the last `last`
+/// queries under the mask.
+#[allow(clippy::too_many_arguments)]
+fn last_rows_mass(
+    el: &Elements,
+    logit: &Logit,
+    qk: &dyn Fn(usize, usize) -> f64,
+    b: usize,
+    h: usize,
+    last: usize,
+    off: i64,
+) -> (Vec<f64>, HashMap<i64, f64>) {
+    let (sq, sk) = (el.s.sq, el.s.sk);
+    let mut col = vec![0.0f64; sk];
+    let mut diag: HashMap<i64, f64> = HashMap::new();
+    for i in sq.saturating_sub(last)..sq {
+        let s: Vec<(usize, f64)> = (0..sk)
+            .filter(|&j| el.allowed(b, h, i, j))
+            .map(|j| (j, logit.of(qk(i, j))))
+            .collect();
+        let m = s.iter().fold(f64::NEG_INFINITY, |a, x| a.max(x.1));
+        let z: f64 = s.iter().map(|x| (x.1 - m).exp()).sum();
+        for &(j, sj) in &s {
+            let p = (sj - m).exp() / z;
+            col[j] += p;
+            *diag.entry(i as i64 + off - j as i64).or_insert(0.0) += p;
+        }
+    }
+    (col, diag)
+}
+
+/// The `n` heaviest keys among those with mass > 0 (ties: smaller key first).
+fn heaviest<K: Ord + Copy>(mut mass: Vec<(K, f64)>, n: usize) -> Vec<K> {
+    mass.retain(|x| x.1 > 0.0);
+    mass.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    mass.into_iter().take(n).map(|x| x.0).collect()
+}
