@@ -115,9 +115,24 @@ int main(int argc, char** argv) {
         emu_launch([&] { lin_state_rev(p); }, V / LIN_BV, H, zs, LIN_THREADS);
         emu_launch([&] { lin_seg_scan(p, 1); }, (K * V + 255) / 256, H, seqs, 256);
     }
-    emu_launch([&] { lin_bwd_dv(p); }, V / LIN_BV, H, zs, LIN_THREADS);
-    emu_launch([&] { lin_bwd_dq(p); }, K / LIN_BK, H, zs, LIN_THREADS);
-    emu_launch([&] { lin_bwd_dk(p); }, K / LIN_BK, H, zs, LIN_THREADS);
+    // EMU_BWD=slice: the sliced kernels; else the chunk-parallel path (per-chunk states, NaN
+    // before the walks so that a chunk state read before it is written shows).
+    const bool sliced = getenv("EMU_BWD") && !strcmp(getenv("EMU_BWD"), "slice");
+    const int nct = (T + LIN_C - 1) / LIN_C;
+    const size_t ids = p.has_cu ? (size_t)nct + seqs : (size_t)B * nct;
+    std::vector<u16> chf(ids * H * K * V, 0x7fc1), chr(chf.size(), 0x7fc1);
+    p.chunk_f = chf.data(); p.chunk_r = chr.data();
+    if (sliced) {
+        printf("backward: sliced\n");
+        emu_launch([&] { lin_bwd_dv(p); }, V / LIN_BV, H, zs, LIN_THREADS);
+        emu_launch([&] { lin_bwd_dq(p); }, K / LIN_BK, H, zs, LIN_THREADS);
+        emu_launch([&] { lin_bwd_dk(p); }, K / LIN_BK, H, zs, LIN_THREADS);
+    } else {
+        printf("backward: chunk-parallel, %zu chunk ids\n", ids);
+        emu_launch([&] { lin_state_fwd_mat(p); }, V / LIN_BV, H, zs, LIN_THREADS);
+        emu_launch([&] { lin_state_rev_mat(p); }, V / LIN_BV, H, zs, LIN_THREADS);
+        emu_launch([&] { lin_bwd_chunk(p); }, (int)ids, H, 1, LIN_THREADS);
+    }
     if (P.decay == 2) emu_launch([&] { lin_bwd_dg(p, dgo.data()); }, H, seqs, 1, LIN_DG_THREADS);
 #endif
     if (H != Hk) {

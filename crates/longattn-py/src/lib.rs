@@ -439,7 +439,10 @@ fn bwd(
     )?;
     let (out, lse, dout) = (raw(out, "out")?, raw(lse, "lse")?, raw(dout, "dout")?);
     let (dq, dk, dv) = (raw(dq, "dq")?, raw(dk, "dk")?, raw(dv, "dv")?);
-    let b = BackwardParams { deterministic, ..Default::default() };
+    let b = BackwardParams {
+        deterministic,
+        ..Default::default()
+    };
     py.detach(|| {
         let a = inp.args();
         // SAFETY: as in `fwd`.

@@ -97,9 +97,11 @@ struct LinParams {
     pad0: i32,
     scale: f32,
     pad1: f32,
+    chunk_f: u64,
+    chunk_r: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<LinParams>() == 416);
+const _: () = assert!(std::mem::size_of::<LinParams>() == 432);
 const _: () = assert!(std::mem::offset_of!(LinParams, q_s) == 160);
 const _: () = assert!(std::mem::offset_of!(LinParams, b) == 352);
 const _: () = assert!(std::mem::offset_of!(LinParams, scale) == 408);
@@ -374,6 +376,48 @@ fn choose_fwd(d: &CoreDims) -> (usize, usize) {
     }
 }
 
+/// How the backward runs (`backward_on`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BwdPath {
+    /// The state entering and the gradient leaving every chunk stored (storage type, two
+    /// buffers of chunk ids x H x K x V) by two walks, then every chunk's gradients at once
+    /// (`lin_bwd_chunk`).
+    Chunked,
+    /// No per-chunk states: three kernels walking the chunks of their state slices
+    /// (`lin_bwd_dv`, `lin_bwd_dq`, `lin_bwd_dk`), each recomputing the state it needs.
+    Sliced,
+}
+
+/// Largest per-chunk state storage (bytes, both directions) the chunked backward takes before
+/// the sliced one is used instead.
+const CHUNK_STATES_MAX: usize = 4 << 30;
+
+/// Chunk ids of the per-chunk states (`lin_chunk_id`): `ceil(T / 64) + seqs` with
+/// `cu_seqlens`, `B ceil(T / 64)` without.
+fn chunk_ids(d: &CoreDims, varlen: bool) -> usize {
+    if varlen {
+        d.t.div_ceil(CHUNK) + d.seqs
+    } else {
+        d.batch * d.t.div_ceil(CHUNK)
+    }
+}
+
+/// [`BwdPath::Chunked`] unless its states would pass [`CHUNK_STATES_MAX`] bytes;
+/// `LONGATTN_LINEAR_BWD=chunk|slice` overrides.
+fn choose_bwd(d: &CoreDims, varlen: bool, el: usize) -> BwdPath {
+    if chunk_ids(d, varlen) > i32::MAX as usize {
+        return BwdPath::Sliced; // the grid's x limit
+    }
+    match std::env::var("LONGATTN_LINEAR_BWD").ok().as_deref() {
+        Some("chunk") => BwdPath::Chunked,
+        Some("slice") => BwdPath::Sliced,
+        _ if 2 * chunk_ids(d, varlen) * d.h * d.k * d.v * el <= CHUNK_STATES_MAX => {
+            BwdPath::Chunked
+        }
+        _ => BwdPath::Sliced,
+    }
+}
+
 /// Default warps of the forward (see [`choose_fwd`]): 16 (measured on the H200 before the
 /// fragment scaling, both cut into segments: 0.98 vs 1.25 ms at (1, 16k, 32, 128), 3.00 vs
 /// 4.40 ms at 64k; docs/PERF.md).
@@ -553,6 +597,9 @@ fn smem_dv(k: usize, bv: usize) -> usize {
 }
 fn smem_seg(k: usize, bv: usize) -> usize {
     2 * (CHUNK * k + CHUNK * bv) * 2 + 4 * CHUNK * 4
+}
+fn smem_chunk(k: usize, v: usize) -> usize {
+    (2 * CHUNK * k + 2 * CHUNK * v + k * v + 2 * CHUNK * CHUNK) * 2 + 2 * CHUNK * 4
 }
 fn smem_kslice(v: usize) -> usize {
     (2 * (2 * CHUNK * BK + 2 * CHUNK * v) + CHUNK * CHUNK + CHUNK * BK + BK * v) * 2 + 3 * CHUNK * 4
@@ -850,39 +897,61 @@ pub fn backward_on(
     let _seg = Segments::prepare(dev, s, &mut p, &d, dt, bv, cut, true)?;
 
     let src = ("linear_bwd", LIN_BWD);
-    let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
-    let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
-    let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
-    let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
     let h = d.h as u32;
     let n = (d.seqs * cut.1) as u32;
-    launch(
-        s,
-        &f_dv,
-        ((d.v / bv) as u32, h, n),
-        THREADS,
-        sm_dv,
-        &p,
-        "launch linear dV",
-    )?;
-    launch(
-        s,
-        &f_dq,
-        ((d.k / BK) as u32, h, n),
-        THREADS,
-        sm_ks,
-        &p,
-        "launch linear dQ",
-    )?;
-    launch(
-        s,
-        &f_dk,
-        ((d.k / BK) as u32, h, n),
-        THREADS,
-        sm_ks,
-        &p,
-        "launch linear dK",
-    )?;
+    let varlen = c.cu_seqlens.is_some();
+    let _states = match choose_bwd(&d, varlen, 2) {
+        BwdPath::Chunked => {
+            let ids = chunk_ids(&d, varlen);
+            let len = ids * d.h * d.k * d.v;
+            // SAFETY: every element a kernel reads is written first: the walks store the state
+            // of every chunk id that belongs to a chunk, and lin_bwd_chunk reads only those.
+            let alloc = || unsafe { s.alloc::<u16>(len.max(1)) }.map_err(drv("alloc chunk states"));
+            let (cf, cr) = (alloc()?, alloc()?);
+            p.chunk_f = ptr(&cf);
+            p.chunk_r = ptr(&cr);
+            let seg_src = ("linear_seg", LIN_SEG);
+            let sm_seg = smem_seg(d.k, bv);
+            for (entry, what) in [
+                ("lin_state_fwd_mat", "launch linear chunk states"),
+                ("lin_state_rev_mat", "launch linear chunk state gradients"),
+            ] {
+                let f = function(dev, seg_src, entry, dt, &d, bv, sm_seg)?;
+                launch(s, &f, ((d.v / bv) as u32, h, n), THREADS, sm_seg, &p, what)?;
+            }
+            let sm = smem_chunk(d.k, d.v);
+            let f = function(dev, src, "lin_bwd_chunk", dt, &d, bv, sm)?;
+            launch(
+                s,
+                &f,
+                (ids as u32, h, 1),
+                THREADS,
+                sm,
+                &p,
+                "launch linear chunk gradients",
+            )?;
+            Some((cf, cr))
+        }
+        BwdPath::Sliced => {
+            let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
+            let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
+            let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
+            let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
+            let ks = (d.k / BK) as u32;
+            launch(
+                s,
+                &f_dv,
+                ((d.v / bv) as u32, h, n),
+                THREADS,
+                sm_dv,
+                &p,
+                "launch linear dV",
+            )?;
+            launch(s, &f_dq, (ks, h, n), THREADS, sm_ks, &p, "launch linear dQ")?;
+            launch(s, &f_dk, (ks, h, n), THREADS, sm_ks, &p, "launch linear dK")?;
+            None
+        }
+    };
     if gqa {
         let f = function(dev, src, "lin_f32_to_el", dt, &d, bv, 0)?;
         for (acc, dst) in [(&dk_acc, dk), (&dv_acc, dv)] {

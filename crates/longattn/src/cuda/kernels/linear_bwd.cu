@@ -12,10 +12,15 @@
 //   dg_t = sum_{u >= t in the sequence} db_u      (b = cumulative sum of g, token decay only)
 // with dk per query head (summed over the query heads of a kv head afterwards).
 //
-// dQ and dK need full rows of S / H over V, dV needs full columns over K, so no single slicing of
-// the state serves all three; three kernels, each owning a slice of the state that keeps its
-// output complete (no cross-block reductions), each recomputing the state it needs (over its
-// segment when the sequence is cut, from S_j / H_j of linear_seg.cu):
+// Two ways to run it (linear/cuda.rs, `BwdPath`):
+// Chunk-parallel (the default): two walks (linear_seg.cu, lin_state_{fwd,rev}_mat) store S and H
+// of every chunk in the storage type, then lin_bwd_chunk computes every chunk's dQ, dK, dV and db
+// at once with P and dP computed once a chunk (2 K V bf16 per chunk and head of scratch).
+// Sliced (when those states would not fit the scratch bound): dQ and dK need full rows of S / H
+// over V, dV needs full columns over K, so no single slicing of the state serves all three; three
+// kernels, each owning a slice of the state that keeps its output complete (no cross-block
+// reductions), each recomputing the state it needs (over its segment when the sequence is cut,
+// from S_j / H_j of linear_seg.cu):
 //   lin_bwd_dq  block (K slice ks of BK rows, h, n), chunks in order: S[ks] (BK x V) forward,
 //               dQ[:, ks] and q . dq partial sums of db.
 //   lin_bwd_dk  block (ks, h, n), chunks in reverse: H[ks] (BK x V), dK[:, ks], -k . dk.
@@ -357,6 +362,171 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dq(const Li
 }
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dk(const LinParams p) {
     lin_bwd_kslice<false>(p);
+}
+
+// ---- Chunk-parallel gradients (lin_bwd_chunk) ----------------------------------------------
+// With the state entering every chunk (S, chunk_f) and the gradient reaching the state leaving it
+// (H, chunk_r) stored by lin_state_fwd_mat / lin_state_rev_mat (linear_seg.cu), every chunk's
+// gradients are independent: block (chunk id, h) computes, with P and dP once,
+//   dQ = dP K + scale diag(exp(b)) dO S^T        and db += q . dq
+//   dV = P^T dO + diag(w) K H
+//   dK = dP^T Q + diag(w) V H^T                  and db -= k . dk
+// (the formulas at the top of this file), no walk and no recomputed state: the whole GPU works
+// on chunks at once. Shared memory: Q, K [64][K], V, dO [64][V], one state [K][V] (S, then H
+// in the same place), P and dP [64][64], the decays and b [64]: 112.5 KiB at K = V = 128, two
+// blocks an SM. Warp layouts (8 warps): P / dP in blocks of 16 rows (w % 4) x 32 columns
+// (w / 4); the gradients (64 x K or 64 x V) in 16 rows (w % 4) x half the columns (w / 4).
+#define LIN_CH_SMEM_EL (2 * LIN_C * LIN_K + 2 * LIN_C * LIN_V + LIN_K * LIN_V + 2 * LIN_C * LIN_C)
+
+// Sequence n, batch row b, tokens [t0, t1) and chunk start r0 of chunk id `id` (lin_chunk_id);
+// false when the id belongs to no chunk (the gaps of the varlen numbering).
+__device__ __forceinline__ bool lin_chunk_of(const LinParams& p, i64 id, int& n, int& b, int& t0, int& t1,
+                                             int& r0) {
+    if (!p.has_cu) {
+        const int nct = (p.T + LIN_C - 1) / LIN_C;
+        n = b = (int)(id / nct);
+        t0 = 0;
+        t1 = p.T;
+        r0 = (int)(id % nct) * LIN_C;
+        return n < p.seqs && r0 < t1;
+    }
+    // The last sequence whose first id floor(t0 / 64) + n is <= id (strictly increasing in n).
+    int lo = 0, hi = p.seqs - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        int bb, a, e;
+        lin_seq(p, mid, bb, a, e);
+        if (a / LIN_C + mid <= id) lo = mid;
+        else hi = mid - 1;
+    }
+    n = lo;
+    lin_seq(p, n, b, t0, t1);
+    r0 = t0 + (int)(id - (t0 / LIN_C + n)) * LIN_C;
+    return id >= t0 / LIN_C + n && r0 < t1;
+}
+
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_chunk(const LinParams p) {
+    extern __shared__ __align__(128) u16 lin_smem[];
+    u16* sQ = lin_smem;
+    u16* sK = sQ + LIN_C * LIN_K;
+    u16* sV = sK + LIN_C * LIN_K;
+    u16* sdO = sV + LIN_C * LIN_V;
+    u16* sS = sdO + LIN_C * LIN_V;
+    u16* sP = sS + LIN_K * LIN_V;
+    u16* sdP = sP + LIN_C * LIN_C;
+    float* sg = (float*)(sdP + LIN_C * LIN_C);
+    float* sb = sg + LIN_C;
+
+    const i64 id = blockIdx.x;
+    const int h = blockIdx.y;
+    int n, b, t0, t1, c0;
+    if (!lin_chunk_of(p, id, n, b, t0, t1, c0)) return;
+    const int kh = h / (p.H / p.Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = warp & 3, wc = warp >> 2;
+    const int L = la_imin(LIN_C, t1 - c0);
+    const i64 st = (id * p.H + h) * LIN_K * LIN_V;
+
+    lin_load<LIN_C, LIN_K>(sQ, p.q + b * p.q_s[0] + h * p.q_s[2], p.q_s[1], c0, t1);
+    lin_load<LIN_C, LIN_K>(sK, p.k + b * p.k_s[0] + kh * p.k_s[2], p.k_s[1], c0, t1);
+    lin_load<LIN_C, LIN_V>(sV, p.v + b * p.v_s[0] + kh * p.v_s[2], p.v_s[1], c0, t1);
+    lin_load<LIN_C, LIN_V>(sdO, p.dout + b * p.do_s[0] + h * p.do_s[2], p.do_s[1], c0, t1);
+    lin_load_g(sg, p, b, h, c0, t1);
+    la_cp_commit();
+    lin_load<LIN_K, LIN_V>(sS, p.chunk_f + st, LIN_V, 0, LIN_K);
+    la_cp_commit();
+    la_cp_wait<1>();
+    __syncthreads();
+    if (warp == 0) lin_chunk_b(sb, sg, p, h, L, lane);
+    __syncthreads();
+    {   // P = scale (Q K^T) o D and dP = (dO V^T) o D (D with the scale: lin_mask_store)
+        float a[1][4][4];
+        lin_zero(a);
+        lin_mma_nt<LIN_K, LIN_K, 1, 4, LIN_K / 16>(a, sQ, 16 * wr, sK, 32 * wc, lane);
+        lin_mask_store(sP, a, sb, 16 * wr, 32 * wc, L, p.scale, lane);
+        lin_zero(a);
+        lin_mma_nt<LIN_V, LIN_V, 1, 4, LIN_V / 16>(a, sdO, 16 * wr, sV, 32 * wc, lane);
+        lin_mask_store(sdP, a, sb, 16 * wr, 32 * wc, L, p.scale, lane);
+    }
+    la_cp_wait<0>();
+    __syncthreads();  // P, dP and S ready
+
+    const int g = lane >> 2;
+    float* db = p.db + (i64)b * p.T * p.H + h;
+    constexpr int DN = LIN_K / 16, ON = LIN_V / 16;
+    const int dn0 = wc * (LIN_K / 2), on0 = wc * (LIN_V / 2);
+    // Row factors of this warp's rows 16 wr + g + 8 hf: w_j = exp(b_{L-1} - b_j) (0 past L).
+    float wrow[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int j = 16 * wr + g + 8 * hf;
+        wrow[hf] = j < L ? lin_exp(sb[LIN_C - 1] - sb[j]) : 0.f;
+    }
+    {   // dQ = dP K + scale diag(exp(b)) dO S^T
+        float d[1][DN][4], e[1][DN][4];
+        lin_zero(d);
+        lin_zero(e);
+        lin_mma_nn<LIN_C, LIN_K, 1, DN, LIN_C / 16>(d, sdP, 16 * wr, sK, dn0, lane);
+        lin_mma_nt<LIN_V, LIN_V, 1, DN, LIN_V / 16>(e, sdO, 16 * wr, sS, dn0, lane);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const float f = p.scale * lin_exp(sb[16 * wr + g + 8 * hf]);
+#pragma unroll
+            for (int nt = 0; nt < DN; nt++) {
+                d[0][nt][2 * hf] += f * e[0][nt][2 * hf];
+                d[0][nt][2 * hf + 1] += f * e[0][nt][2 * hf + 1];
+            }
+        }
+        if (p.want_db) lin_db_add<LIN_K>(d, sQ, db, p.H, c0, 16 * wr, dn0, L, 1.f, lane);
+        lin_put_grad(d, p.dq + b * p.dq_s[0] + h * p.dq_s[2], p.dq_s[1], nullptr, 0, c0, 16 * wr, dn0, L,
+                     lane);
+    }
+    __syncthreads();  // every warp is done with S
+    lin_load<LIN_K, LIN_V>(sS, p.chunk_r + st, LIN_V, 0, LIN_K);
+    la_cp_commit();
+    {   // dV = P^T dO + diag(w) K H (P^T dO while H lands)
+        float d[1][ON][4], e[1][ON][4];
+        lin_zero(d);
+        lin_zero(e);
+        lin_mma_tn<LIN_C, LIN_V, 1, ON, LIN_C / 16>(d, sP, 16 * wr, sdO, on0, lane);
+        la_cp_wait<0>();
+        __syncthreads();  // H ready
+        lin_mma_nn<LIN_K, LIN_V, 1, ON, LIN_K / 16>(e, sK, 16 * wr, sS, on0, lane);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+            for (int nt = 0; nt < ON; nt++) {
+                d[0][nt][2 * hf] += wrow[hf] * e[0][nt][2 * hf];
+                d[0][nt][2 * hf + 1] += wrow[hf] * e[0][nt][2 * hf + 1];
+            }
+        if (p.gqa_acc)
+            lin_put_grad(d, nullptr, 0, p.dv_acc + ((i64)b * p.T * p.Hk + kh) * LIN_V, (i64)p.Hk * LIN_V, c0,
+                         16 * wr, on0, L, lane);
+        else
+            lin_put_grad(d, p.dv + b * p.dv_s[0] + kh * p.dv_s[2], p.dv_s[1], nullptr, 0, c0, 16 * wr, on0,
+                         L, lane);
+    }
+    {   // dK = dP^T Q + diag(w) V H^T
+        float d[1][DN][4], e[1][DN][4];
+        lin_zero(d);
+        lin_zero(e);
+        lin_mma_tn<LIN_C, LIN_K, 1, DN, LIN_C / 16>(d, sdP, 16 * wr, sQ, dn0, lane);
+        lin_mma_nt<LIN_V, LIN_V, 1, DN, LIN_V / 16>(e, sV, 16 * wr, sS, dn0, lane);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+            for (int nt = 0; nt < DN; nt++) {
+                d[0][nt][2 * hf] += wrow[hf] * e[0][nt][2 * hf];
+                d[0][nt][2 * hf + 1] += wrow[hf] * e[0][nt][2 * hf + 1];
+            }
+        if (p.want_db) lin_db_add<LIN_K>(d, sK, db, p.H, c0, 16 * wr, dn0, L, -1.f, lane);
+        if (p.gqa_acc)
+            lin_put_grad(d, nullptr, 0, p.dk_acc + ((i64)b * p.T * p.Hk + kh) * LIN_K, (i64)p.Hk * LIN_K, c0,
+                         16 * wr, dn0, L, lane);
+        else
+            lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0, 16 * wr, dn0,
+                         L, lane);
+    }
 }
 
 // dg_t = sum_{u >= t} db_u within each sequence, per head: block (h, n) of LIN_DG_THREADS

@@ -61,8 +61,10 @@ struct LinParams {
     int has_dsfin, want_db, gqa_acc, seg_len;  // seg_len: tokens a segment (a multiple of 64)
     int nseg, pad0;                             // nseg: segments a sequence (1: not segmented)
     float scale, pad1;
+    u16* chunk_f;  // chunk-parallel backward: the state entering every chunk [chunk ids, H, K, V]
+    u16* chunk_r;  // and the gradient reaching the state leaving it, same shape (lin_chunk_id)
 };
-static_assert(sizeof(LinParams) == 416, "LinParams layout (linear/cuda.rs)");
+static_assert(sizeof(LinParams) == 432, "LinParams layout (linear/cuda.rs)");
 
 __device__ __forceinline__ float lin_exp(float x) { return la_exp2(x * LA_LOG2E); }
 
@@ -125,6 +127,15 @@ __device__ __forceinline__ LinSeg lin_segment(const LinParams& p, int z) {
     s.last = s.e == s.t1;
     return s;
 }
+// Index of the chunk starting at token r0 of sequence n (batch row b) in chunk_f / chunk_r: with
+// cu_seqlens, floor(r0 / 64) + n (strictly increasing over chunks and sequences: a sequence's
+// chunks start 64 apart, the next sequence starts at or after the last chunk's floor, and n adds
+// one; at most ceil(T / 64) + seqs ids); without, b ceil(T / 64) + r0 / 64.
+__device__ __forceinline__ i64 lin_chunk_id(const LinParams& p, int n, int b, int r0) {
+    if (p.has_cu) return r0 / LIN_C + n;
+    return (i64)b * ((p.T + LIN_C - 1) / LIN_C) + r0 / LIN_C;
+}
+
 // Offset of the [K, V] state of (segment z, head h) in seg_f / seg_r.
 __device__ __forceinline__ i64 lin_seg_state(const LinParams& p, int z, int h) {
     return ((i64)z * p.H + h) * LIN_K * LIN_V;
@@ -381,6 +392,44 @@ __device__ __forceinline__ void lin_state_store(float* s, const float (&acc)[MT]
                 const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
                 *(lin_f2*)(s + (i64)r * ld + c) = lin_f2{acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]};
             }
+}
+
+// The same block stored in the storage type (the per-chunk states of the chunk-parallel backward).
+template <int MT, int NT>
+__device__ __forceinline__ void lin_state_store_el(u16* s, const float (&acc)[MT][NT][4], int ld, int m0,
+                                                   int n0, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
+                *(u32*)(s + (i64)r * ld + c) = la_pack2(acc[mt][nt][2 * hf], acc[mt][nt][2 * hf + 1]);
+            }
+}
+
+// sum over a state block (rows m0.., columns n0..) of X o acc, X an f32 matrix in global memory
+// (row length `ld`), added to *dst by every warp (the final-state term of db).
+template <int MT, int NT>
+__device__ __forceinline__ void lin_state_dot_add(float* dst, const float* x, const float (&acc)[MT][NT][4],
+                                                  int ld, int m0, int n0, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+    float s = 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                const int r = m0 + 16 * mt + g + 8 * hf, c = n0 + 8 * nt + 2 * t4;
+                const lin_f2 v = *(const lin_f2*)(x + (i64)r * ld + c);
+                s += v.x * acc[mt][nt][2 * hf] + v.y * acc[mt][nt][2 * hf + 1];
+            }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+    if (lane == 0) lin_red_add(dst, s);
 }
 
 // The decay mask of a chunk applied to a block of a C x C accumulator (rows m0 .. m0 + 15,

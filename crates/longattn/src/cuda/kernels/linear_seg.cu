@@ -13,6 +13,14 @@
 //                   reverse  H_last = dS_final (or 0), H_{j-1} = exp(G_j) H_j + R_j
 //                 overwriting A_j / R_j with S_j / H_j (each read before it is written).
 //
+// lin_state_fwd_mat / lin_state_rev_mat (the chunk-parallel backward, lin_bwd_chunk): the same
+//                 walks over every segment, starting from the true state (S_j / H_j after the
+//                 scan, or s0 / dS_final / 0 when uncut), storing the state entering (forward)
+//                 or the gradient leaving (reverse) every chunk, in the storage type, into
+//                 chunk_f / chunk_r before the chunk's update. The forward walk adds the final
+//                 state's term of db (sum dS_final o S_final, at the last token); the reverse
+//                 one leaves dS_0 at the first segment.
+//
 // Per chunk and block: K x BV x 64 multiply-adds (no Q K^T, no output), so these passes cost a
 // fraction of the chunked kernels they feed; the row factors of X are applied to its fragments
 // in registers (lin_mma_tn). Shared memory: two stages of X [64][K] and Y [64][BV] with the
@@ -20,7 +28,7 @@
 
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
 
-template <bool REV>
+template <bool REV, bool MAT>
 __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     extern __shared__ __align__(128) u16 lin_smem[];
     float* sg = (float*)(lin_smem + 2 * LIN_SEG_STAGE);  // two stages of 64 decays
@@ -29,7 +37,7 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const LinSeg seg = lin_segment(p, z);
-    if (!seg.run || (REV ? seg.first : seg.last)) return;
+    if (!seg.run || (!MAT && (REV ? seg.first : seg.last))) return;
     const int kh = h / (p.H / p.Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int v0 = vs * LIN_BV;
@@ -55,7 +63,13 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
 
     const int sm0 = (warp % LIN_SWR) * 16, sn0 = (warp / LIN_SWR) * (LIN_BV / LIN_SWC);
     float acc[1][LIN_NTS][4];
-    lin_zero(acc);
+    const i64 sbase = ((i64)seg.n * p.H + h) * LIN_K * LIN_V;
+    if (MAT && p.nseg > 1)
+        lin_state_load(acc, (REV ? p.seg_r : p.seg_f) + lin_seg_state(p, z, h), LIN_V, sm0, v0 + sn0, lane);
+    else if (MAT && (REV ? p.has_dsfin : p.has_s0))
+        lin_state_load(acc, (REV ? p.dsfin : p.s0) + sbase, LIN_V, sm0, v0 + sn0, lane);
+    else
+        lin_zero(acc);
     float gsum = 0.f;  // G_j (thread 0 of warp 0)
     for (int step = 0; step < nc; step++) {
         const int c = REV ? nc - 1 - step : step;
@@ -69,6 +83,11 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
             lin_chunk_w(sw, sb, L, !REV, REV ? p.scale : 1.f, lane);
         }
         __syncthreads();  // b and the row factors (w, or scale exp(b)) ready
+        if (MAT) {
+            const i64 id = lin_chunk_id(p, seg.n, b, t0 + c * LIN_C);
+            u16* dst = (REV ? p.chunk_r : p.chunk_f) + (id * p.H + h) * LIN_K * LIN_V;
+            lin_state_store_el(dst, acc, LIN_V, sm0, v0 + sn0, lane);
+        }
         const float bl = sb[LIN_C - 1];
         gsum += bl;
         lin_scale(acc, lin_exp(bl));
@@ -78,16 +97,30 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
         la_cp_commit();
     }
     la_cp_wait<0>();
+    if (MAT) {
+        if (REV && seg.first) lin_state_store(p.ds0 + sbase, acc, LIN_V, sm0, v0 + sn0, lane);
+        // S_final . dS_final, the final state's term of db_{t1 - 1} (b = cumulative log decay).
+        if (!REV && seg.last && p.want_db && p.has_dsfin && seg.t1 > seg.t0)
+            lin_state_dot_add(p.db + ((i64)b * p.T + seg.t1 - 1) * p.H + h, p.dsfin + sbase, acc, LIN_V,
+                              sm0, v0 + sn0, lane);
+        return;
+    }
     float* out = (REV ? p.seg_r : p.seg_f) + lin_seg_state(p, z, h);
     lin_state_store(out, acc, LIN_V, sm0, v0 + sn0, lane);
     if (vs == 0 && threadIdx.x == 0) p.seg_g[(i64)z * p.H + h] = gsum;
 }
 
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_fwd(const LinParams p) {
-    lin_state_pass<false>(p);
+    lin_state_pass<false, false>(p);
 }
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_rev(const LinParams p) {
-    lin_state_pass<true>(p);
+    lin_state_pass<true, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_fwd_mat(const LinParams p) {
+    lin_state_pass<false, true>(p);
+}
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_rev_mat(const LinParams p) {
+    lin_state_pass<true, true>(p);
 }
 
 // Grid (ceil(K V / 256), H, seqs) of 256 threads; `rev` picks the direction.
