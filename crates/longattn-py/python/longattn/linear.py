@@ -86,10 +86,12 @@ def _check_g(g, op):
     if g.is_cuda and not _CHECK_DECAYS:
         return g
     if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # One flag read back: every element in [-inf, 0] excluding -inf (NaN fails both tests;
-        # -inf would make the in-chunk differences of cumulative decays NaN).
-        ok = (g <= 0) & (g > float("-inf"))
-        if not bool(ok.all()):
+        # One reduction and one read back of (min, max): every element in (-inf, 0] (NaN
+        # propagates into both and fails both tests; -inf would make the in-chunk differences of
+        # cumulative decays NaN).
+        lo, hi = torch.stack(torch.aminmax(g)).tolist() if g.numel() else (0.0, 0.0)
+        if not (hi <= 0 and lo > float("-inf")):
+            ok = (g <= 0) & (g > float("-inf"))
             i = int((~ok).flatten().nonzero()[0])
             raise ValueError(
                 f"{op}: `g` holds log decays, which must be finite and <= 0 (a decay in (0, 1]); "

@@ -402,8 +402,8 @@ fn chunk_ids(d: &CoreDims, varlen: bool) -> usize {
     }
 }
 
-/// [`BwdPath::Chunked`] unless its states would pass [`CHUNK_STATES_MAX`] bytes;
-/// `LONGATTN_LINEAR_BWD=chunk|slice` overrides.
+/// [`BwdPath::Chunked`] unless its states would pass [`CHUNK_STATES_MAX`] bytes (or cannot be
+/// allocated: `backward_on` falls back then); `LONGATTN_LINEAR_BWD=chunk|slice` overrides.
 fn choose_bwd(d: &CoreDims, varlen: bool, el: usize) -> BwdPath {
     if chunk_ids(d, varlen) > i32::MAX as usize {
         return BwdPath::Sliced; // the grid's x limit
@@ -900,58 +900,67 @@ pub fn backward_on(
     let h = d.h as u32;
     let n = (d.seqs * cut.1) as u32;
     let varlen = c.cu_seqlens.is_some();
-    let _states = match choose_bwd(&d, varlen, 2) {
+    // The chunk states, when the chunk-parallel path is chosen and they can be allocated (after
+    // trimming the pool once); otherwise the sliced walks.
+    let states = match choose_bwd(&d, varlen, 2) {
         BwdPath::Chunked => {
-            let ids = chunk_ids(&d, varlen);
-            let len = ids * d.h * d.k * d.v;
+            let len = chunk_ids(&d, varlen) * d.h * d.k * d.v;
             // SAFETY: every element a kernel reads is written first: the walks store the state
             // of every chunk id that belongs to a chunk, and lin_bwd_chunk reads only those.
-            let alloc = || unsafe { s.alloc::<u16>(len.max(1)) }.map_err(drv("alloc chunk states"));
-            let (cf, cr) = (alloc()?, alloc()?);
-            p.chunk_f = ptr(&cf);
-            p.chunk_r = ptr(&cr);
-            let seg_src = ("linear_seg", LIN_SEG);
-            let sm_seg = smem_seg(d.k, bv);
-            for (entry, what) in [
-                ("lin_state_fwd_mat", "launch linear chunk states"),
-                ("lin_state_rev_mat", "launch linear chunk state gradients"),
-            ] {
-                let f = function(dev, seg_src, entry, dt, &d, bv, sm_seg)?;
-                launch(s, &f, ((d.v / bv) as u32, h, n), THREADS, sm_seg, &p, what)?;
-            }
-            let sm = smem_chunk(d.k, d.v);
-            let f = function(dev, src, "lin_bwd_chunk", dt, &d, bv, sm)?;
-            launch(
-                s,
-                &f,
-                (ids as u32, h, 1),
-                THREADS,
-                sm,
-                &p,
-                "launch linear chunk gradients",
-            )?;
-            Some((cf, cr))
+            let alloc = || -> Option<(CudaSlice<u16>, CudaSlice<u16>)> {
+                let a = unsafe { s.alloc::<u16>(len.max(1)) }.ok()?;
+                let b = unsafe { s.alloc::<u16>(len.max(1)) }.ok()?;
+                Some((a, b))
+            };
+            alloc().or_else(|| {
+                dev.trim_pool();
+                alloc()
+            })
         }
-        BwdPath::Sliced => {
-            let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
-            let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
-            let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
-            let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
-            let ks = (d.k / BK) as u32;
-            launch(
-                s,
-                &f_dv,
-                ((d.v / bv) as u32, h, n),
-                THREADS,
-                sm_dv,
-                &p,
-                "launch linear dV",
-            )?;
-            launch(s, &f_dq, (ks, h, n), THREADS, sm_ks, &p, "launch linear dQ")?;
-            launch(s, &f_dk, (ks, h, n), THREADS, sm_ks, &p, "launch linear dK")?;
-            None
-        }
+        BwdPath::Sliced => None,
     };
+    if let Some((cf, cr)) = &states {
+        p.chunk_f = ptr(cf);
+        p.chunk_r = ptr(cr);
+        let seg_src = ("linear_seg", LIN_SEG);
+        let sm_seg = smem_seg(d.k, bv);
+        for (entry, what) in [
+            ("lin_state_fwd_mat", "launch linear chunk states"),
+            ("lin_state_rev_mat", "launch linear chunk state gradients"),
+        ] {
+            let f = function(dev, seg_src, entry, dt, &d, bv, sm_seg)?;
+            launch(s, &f, ((d.v / bv) as u32, h, n), THREADS, sm_seg, &p, what)?;
+        }
+        let sm = smem_chunk(d.k, d.v);
+        let f = function(dev, src, "lin_bwd_chunk", dt, &d, bv, sm)?;
+        let ids = chunk_ids(&d, varlen) as u32;
+        launch(
+            s,
+            &f,
+            (ids, h, 1),
+            THREADS,
+            sm,
+            &p,
+            "launch linear chunk gradients",
+        )?;
+    } else {
+        let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
+        let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
+        let f_dq = function(dev, src, "lin_bwd_dq", dt, &d, bv, sm_ks)?;
+        let f_dk = function(dev, src, "lin_bwd_dk", dt, &d, bv, sm_ks)?;
+        let ks = (d.k / BK) as u32;
+        launch(
+            s,
+            &f_dv,
+            ((d.v / bv) as u32, h, n),
+            THREADS,
+            sm_dv,
+            &p,
+            "launch linear dV",
+        )?;
+        launch(s, &f_dq, (ks, h, n), THREADS, sm_ks, &p, "launch linear dQ")?;
+        launch(s, &f_dk, (ks, h, n), THREADS, sm_ks, &p, "launch linear dK")?;
+    }
     if gqa {
         let f = function(dev, src, "lin_f32_to_el", dt, &d, bv, 0)?;
         for (acc, dst) in [(&dk_acc, dk), (&dv_acc, dv)] {
@@ -1327,5 +1336,41 @@ mod tests {
         // 65535 / 3 sequences = 21845 segments at most: 2^20 tokens need segments of >= 64.
         let (len, n) = segments_for(132, &dims(3, 1 << 20, 1), 1, 1, Some(1));
         assert!(3 * n <= 65535 && n * len >= 1 << 20, "{n} x {len}");
+    }
+
+    #[test]
+    fn chunk_ids_cover_every_chunk_and_the_bound_picks_the_path() {
+        // Mirror of lin_chunk_id (linear_common.cuh): ids of every chunk of every sequence are
+        // distinct and below chunk_ids, for awkward cu_seqlens (empty and one-token sequences).
+        let cu = [0usize, 0, 1, 64, 65, 129, 200, 263, 263, 1000];
+        let d = CoreDims {
+            seqs: cu.len() - 1,
+            ..dims(1, 1000, 2)
+        };
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..d.seqs {
+            let mut r0 = cu[n];
+            while r0 < cu[n + 1] {
+                let id = r0 / CHUNK + n;
+                assert!(
+                    id < chunk_ids(&d, true),
+                    "chunk {r0} of sequence {n}: id {id}"
+                );
+                assert!(seen.insert(id), "id {id} twice");
+                r0 += CHUNK;
+            }
+        }
+        let b = dims(3, 130, 4);
+        assert_eq!(chunk_ids(&b, false), 3 * 3);
+        // 2 x ids x H x K x V bf16: (1, 64k, 32, 128) takes 2 GiB, (4, 64k, 32, 128) 8 GiB.
+        let big = |batch| CoreDims {
+            k: 128,
+            v: 128,
+            ..dims(batch, 1 << 16, 32)
+        };
+        if std::env::var_os("LONGATTN_LINEAR_BWD").is_none() {
+            assert_eq!(choose_bwd(&big(1), false, 2), BwdPath::Chunked);
+            assert_eq!(choose_bwd(&big(4), false, 2), BwdPath::Sliced);
+        }
     }
 }
