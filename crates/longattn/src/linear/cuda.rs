@@ -923,7 +923,7 @@ pub fn backward_on(
         p.chunk_f = ptr(cf);
         p.chunk_r = ptr(cr);
         let seg_src = ("linear_seg", LIN_SEG);
-        let sm_seg = smem_seg(d.k, bv);
+        let sm_seg = smem_seg(d.k, bv) + d.k * bv * 2; // + the staging tile of the chunk states
         for (entry, what) in [
             ("lin_state_fwd_mat", "launch linear chunk states"),
             ("lin_state_rev_mat", "launch linear chunk state gradients"),

@@ -24,7 +24,7 @@
 // Per chunk and block: K x BV x 64 multiply-adds (no Q K^T, no output), so these passes cost a
 // fraction of the chunked kernels they feed; the row factors of X are applied to its fragments
 // in registers (lin_mma_tn). Shared memory: two stages of X [64][K] and Y [64][BV] with the
-// chunk's decays, b [64], the row factors [64].
+// chunk's decays, b [64], the row factors [64]; the _mat walks add a [K][BV] staging tile.
 
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
 
@@ -34,6 +34,7 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     float* sg = (float*)(lin_smem + 2 * LIN_SEG_STAGE);  // two stages of 64 decays
     float* sb = sg + 2 * LIN_C;
     float* sw = sb + LIN_C;
+    u16* stile = (u16*)(sw + LIN_C);  // MAT: the state as the storage type [K][BV] (16-byte aligned)
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const LinSeg seg = lin_segment(p, z);
@@ -84,9 +85,16 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
         }
         __syncthreads();  // b and the row factors (w, or scale exp(b)) ready
         if (MAT) {
+            // Through a swizzled [K][BV] tile in shared memory, so that the rows leave in 16-byte
+            // stores (the fragments alone would store 4 bytes at a time).
             const i64 id = lin_chunk_id(p, seg.n, b, t0 + c * LIN_C);
-            u16* dst = (REV ? p.chunk_r : p.chunk_f) + (id * p.H + h) * LIN_K * LIN_V;
-            lin_state_store_el(dst, acc, LIN_V, sm0, v0 + sn0, lane);
+            u16* dst = (REV ? p.chunk_r : p.chunk_f) + (id * p.H + h) * LIN_K * LIN_V + v0;
+            lin_store_tile<LIN_BV>(stile, acc, sm0, sn0, lane);
+            __syncthreads();
+            for (int x = threadIdx.x; x < LIN_K * (LIN_BV / 8); x += LIN_THREADS) {
+                const int r = x / (LIN_BV / 8), cc = x % (LIN_BV / 8);
+                *(lin_f4*)(dst + (i64)r * LIN_V + cc * 8) = *(const lin_f4*)(stile + lsw<LIN_BV>(r, cc));
+            }
         }
         const float bl = sb[LIN_C - 1];
         gsum += bl;
