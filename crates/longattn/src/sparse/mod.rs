@@ -24,6 +24,13 @@
 //! Every argument is optional (defaults below), may be given once, and is range-checked; an
 //! unknown method or argument is an error naming it and listing what is accepted.
 //!
+//! Every method also takes `dense_below` (integer >= 0, default [`DENSE_BELOW`] = 1024): the
+//! automatic dense fallback. When the keys are fewer than `dense_below`, [`select`] runs no
+//! estimator and keeps every tile of the mask ([`Selection::fallback`] is set, density 1):
+//! at that length the estimate costs a sizeable part of the attention it would save and the
+//! tiles every method must keep (sink, diagonal) are already a large share of a row.
+//! `dense_below=0` always selects.
+//!
 //! | method | arguments (default) | keeps, per (batch, query head, query block) |
 //! |---|---|---|
 //! | `topmass` | `gamma` in (0, 1] (0.95), `block` (64) | the most probable key blocks until their mass reaches gamma, under p = softmax over key blocks of the pooled score; gamma = 1 keeps every block |
@@ -66,7 +73,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use spec::{Method, SparseSpec};
+pub use spec::{Method, SparseSpec, DENSE_BELOW};
 
 use crate::attention::{check_bound, validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
@@ -85,6 +92,9 @@ pub struct Selection<'a> {
     /// The element mask of Partial tiles (the caller's), if any.
     pub rows: Option<&'a dyn RowMask>,
     pub report: SparseReport,
+    /// The dense fallback was taken (fewer keys than the spec's `dense_below`): every
+    /// candidate tile is kept and no estimator ran.
+    pub fallback: bool,
 }
 
 impl<'a> Selection<'a> {
@@ -321,14 +331,19 @@ pub fn select<'a>(
         cand: &cand,
         el: Elements { s: &cand, rows },
     };
-    let heads = estimate::select_all(&ctx, &spec.method);
-    let schedule = build(&ctx, heads)?;
+    let fallback = dims.sk < spec.dense_below;
+    let schedule = if fallback {
+        cand.as_ref().clone()
+    } else {
+        build(&ctx, estimate::select_all(&ctx, &spec.method))?
+    };
     let report = report(&schedule, &cand, rows, &dims);
     Ok(Selection {
         schedule,
         candidates: cand,
         rows,
         report,
+        fallback,
     })
 }
 

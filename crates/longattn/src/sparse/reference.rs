@@ -20,6 +20,9 @@ pub fn select_reference(
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, spec.block)?;
+    if dims.sk < spec.dense_below {
+        return Ok(cand.into_owned()); // the dense fallback: every tile of the mask
+    }
     let el = Elements { s: &cand, rows };
     let logit = Logit::new(params, dims.d);
     let t = spec.block;

@@ -30,13 +30,21 @@ pub enum Method {
     },
 }
 
-/// A parsed sparse spec: the method and the block (tile) size it selects at, used for both the
-/// query and the key side of the schedule.
+/// A parsed sparse spec: the method, the block (tile) size it selects at (used for both the
+/// query and the key side of the schedule) and the dense fallback threshold.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparseSpec {
     pub method: Method,
     pub block: usize,
+    /// Dense fallback: with fewer keys than this, [`crate::sparse::select`] keeps every tile of
+    /// the mask and runs no estimator (argument `dense_below`, default [`DENSE_BELOW`]).
+    pub dense_below: usize,
 }
+
+/// Default of `dense_below`: below 1024 keys a 64-wide selection has at most 16 key tiles per
+/// row, the estimate costs a sizeable part of the attention it would save, and the blocks that
+/// must stay (sink, diagonal) already cover a large share of the row; sparsity cannot pay.
+pub const DENSE_BELOW: usize = 1024;
 
 /// The accepted arguments of each method with their defaults (in canonical order).
 fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
@@ -55,6 +63,9 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
         _ => return None,
     })
 }
+
+/// Arguments every method accepts, after its own (name, default).
+const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64)];
 
 const KNOWN: &str = "topmass, relthresh, moba, vertical_slash";
 
@@ -88,14 +99,23 @@ fn split_call(text: &str) -> Result<(&str, Vec<(&str, &str)>)> {
 }
 
 impl SparseSpec {
+    /// Whether `text` names a sparse method (its name before any `(` is one of the methods),
+    /// so that a caller can tell a sparse spec from a mask expression.
+    pub fn names_a_method(text: &str) -> bool {
+        let t = text.trim();
+        let name = t.find('(').map_or(t, |open| t[..open].trim());
+        arguments(name).is_some()
+    }
+
     /// Parses a spec (grammar in the [`crate::sparse`] module header).
     pub fn parse(text: &str) -> Result<SparseSpec> {
         let (name, given) = split_call(text)?;
         if name.is_empty() {
             return Err(err(format!("`{text}`: no method name (known: {KNOWN})")));
         }
-        let accepted = arguments(name)
+        let own = arguments(name)
             .ok_or_else(|| err(format!("unknown method `{name}` (known: {KNOWN})")))?;
+        let accepted: Vec<(&str, f64)> = own.iter().chain(COMMON).copied().collect();
         // Start from the defaults; each given argument replaces one, once.
         let mut vals: Vec<f64> = accepted.iter().map(|a| a.1).collect();
         let mut seen = vec![false; accepted.len()];
@@ -149,6 +169,7 @@ impl SparseSpec {
         let spec = SparseSpec {
             method,
             block: int("block", 1)?,
+            dense_below: int("dense_below", 0)?,
         };
         spec.check()?;
         Ok(spec)
@@ -179,20 +200,21 @@ impl SparseSpec {
 impl fmt::Display for SparseSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.block;
-        match self.method {
-            Method::TopMass { gamma } => write!(f, "topmass(gamma={gamma},block={b})"),
-            Method::RelThresh { alpha } => write!(f, "relthresh(alpha={alpha},block={b})"),
-            Method::Moba { topk } => write!(f, "moba(block={b},topk={topk})"),
+        let (name, args) = match self.method {
+            Method::TopMass { gamma } => ("topmass", format!("gamma={gamma},block={b}")),
+            Method::RelThresh { alpha } => ("relthresh", format!("alpha={alpha},block={b}")),
+            Method::Moba { topk } => ("moba", format!("block={b},topk={topk}")),
             Method::VerticalSlash {
                 v,
                 s,
                 last,
                 sink,
                 local,
-            } => write!(
-                f,
-                "vertical_slash(v={v},s={s},block={b},last={last},sink={sink},local={local})"
+            } => (
+                "vertical_slash",
+                format!("v={v},s={s},block={b},last={last},sink={sink},local={local}"),
             ),
-        }
+        };
+        write!(f, "{name}({args},dense_below={})", self.dense_below)
     }
 }

@@ -40,8 +40,14 @@ fn assert_close(out: &AttnOutput, r: &crate::reference::RefOutput, what: &str) {
     );
 }
 
+/// A parsed spec; the dense fallback is switched off (`dense_below=0`) unless the text sets it,
+/// so that the small test sizes exercise the estimators.
 fn spec(text: &str) -> SparseSpec {
-    SparseSpec::parse(text).unwrap()
+    let mut s = SparseSpec::parse(text).unwrap();
+    if !text.contains("dense_below") {
+        s.dense_below = 0;
+    }
+    s
 }
 
 #[test]
@@ -50,14 +56,16 @@ fn parse_accepts_the_grammar() {
         spec("topmass(gamma=0.9,block=128)"),
         SparseSpec {
             method: Method::TopMass { gamma: 0.9 },
-            block: 128
+            block: 128,
+            dense_below: 0
         }
     );
     assert_eq!(
         spec(" moba( block = 512 , topk = 3 ) "),
         SparseSpec {
             method: Method::Moba { topk: 3 },
-            block: 512
+            block: 512,
+            dense_below: 0
         }
     );
     assert_eq!(
@@ -65,6 +73,11 @@ fn parse_accepts_the_grammar() {
         Method::RelThresh { alpha: 0.7 }
     );
     assert_eq!(spec("relthresh()").block, 64);
+    assert_eq!(
+        SparseSpec::parse("relthresh()").unwrap().dense_below,
+        DENSE_BELOW
+    );
+    assert_eq!(spec("moba(dense_below=77)").dense_below, 77);
     let vs = spec("vertical_slash(v=1000,s=6096)");
     assert_eq!(
         vs.method,
@@ -82,6 +95,8 @@ fn parse_accepts_the_grammar() {
         "relthresh(alpha=0)",
         "moba(topk=1,block=7)",
         "vertical_slash(v=3,s=0,block=16,last=5,sink=0,local=1)",
+        "moba(dense_below=0)",
+        "topmass(gamma=0.5,dense_below=4096)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
@@ -108,6 +123,11 @@ fn parse_rejects_bad_specs_by_name() {
         ("topmass(gamma=nan)", "not a finite number"),
         ("topmass(gamma=0.5", "must end with `)`"),
         ("topmass(gamma=0.5,,block=4)", "empty argument"),
+        (
+            "moba(dense_below=-1)",
+            "`dense_below` must be an integer in [0",
+        ),
+        ("moba(dense_below=1.5)", "`dense_below` must be an integer"),
     ] {
         let e = SparseSpec::parse(text).unwrap_err().to_string();
         assert!(e.contains(needle), "`{text}`: error `{e}` lacks `{needle}`");
@@ -176,6 +196,30 @@ fn fast_estimators_select_the_reference_blocks() {
         }
     }
     assert!(nonempty > 100, "only {nonempty} selections had tiles");
+}
+
+#[test]
+fn short_keys_fall_back_to_the_dense_mask() {
+    // dense_below = 100: 65 and 99 keys keep every tile of the mask, 100 and 113 select.
+    let p = AttnParams::default();
+    for (sk, seed) in [(65, 1700), (99, 1703), (100, 1706), (113, 1709)] {
+        let [q, k, _] = inputs((1, 63, sk, 2, 1, 8), seed);
+        let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+        let bound = bind("causal", 1, 63, sk);
+        let s = spec("moba(block=16,topk=1,dense_below=100)");
+        let sel = select(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        let dense = bound.schedule(16, 16).unwrap();
+        assert_eq!(sel.fallback, sk < 100, "sk {sk}");
+        let table = |x: &BlockSchedule| block_table(x, 1, 2);
+        if sk < 100 {
+            assert_eq!(table(&sel.schedule), table(&dense), "sk {sk}");
+            assert_eq!(sel.report.density(), 1.0);
+        } else {
+            assert!(sel.report.density() < 1.0, "sk {sk}: {:?}", sel.report);
+        }
+        let slow = select_reference(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        assert_eq!(table(&sel.schedule), table(&slow), "sk {sk}");
+    }
 }
 
 /// The oracle with `mask & selection`: the mask's element definition and the selection's block
@@ -536,6 +580,7 @@ fn bad_inputs_are_clear_errors() {
     let bad = SparseSpec {
         method: Method::Moba { topk: 0 },
         block: 16,
+        dense_below: 0,
     };
     assert!(select(&qv, &kv, &p, &bad, MaskSpec::Full).is_err());
     let k8 = random_tensor(DType::F32, &[1, 50, 1, 4], 1.0, 1950);
