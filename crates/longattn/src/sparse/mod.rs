@@ -37,6 +37,7 @@
 //! | `relthresh` | `alpha` in [0, 1] (0.5), `block` (64) | the key blocks with p >= alpha max p (sort-free: s >= max s + ln alpha); alpha = 0 keeps every block |
 //! | `moba` | `block` (512), `topk` >= 1 (3) | the topk key blocks by mean(q_block) . mean(k_block), the current (diagonal) blocks forced in first |
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64) | the tiles crossed by a kept column or diagonal (below) |
+//! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64) | per head, query-aware blocks or cumulative vertical-slash, chosen by a distance test (below) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
 //! mean(k_j, j in kb)) = softcap(mean over the block's pairs of scale q_i . k_j) (linearity).
@@ -59,6 +60,20 @@
 //! list and a set of diagonal bands (a `RowMask` built from the kept indices, the mask's bits
 //! ANDed in) and, for speed, bands whose key start is not tile-aligned and gathered key columns
 //! as new schedule entry kinds.
+//!
+//! FlexPrefill: per head, the last `last` query rows give the exact block distribution
+//! a_hat(kt) = sum_{j in kt} c_j / sum_j c_j and the pooled estimate
+//! a_bar = softmax over the key tiles they can see of softcap(scale mean_i(q_i) . mean(k_kt)).
+//! When the square-root Jensen-Shannon distance sqrt(JSD(a_bar, a_hat)) (natural logarithm, so
+//! in [0, sqrt(ln 2) = 0.83]) is below `tau`, the pooled scores are trusted: every query tile
+//! keeps key tiles by pooled score as `topmass(gamma)` does, at least ceil(min_budget / block)
+//! of them (sink and diagonal tiles forced and counted). Otherwise the head is vertical-slash:
+//! the heaviest columns until their mass reaches gamma of the total and at least
+//! ceil(min_budget / block) of them (among those with mass; once coarsened a column costs at
+//! most one tile of a row, so the minimum is counted in tiles in both patterns), the same for
+//! diagonals, column 0 and diagonal 0 forced, coarsened to tiles as above. The slash budget is
+//! cumulative too: a head whose mass sits on a few columns spreads it over every diagonal
+//! o = p_i - j the last rows meet, so reaching gamma of it can keep many diagonals.
 //!
 //! Every method works per (batch, query head) with the key head h / (Hq / Hk) (GQA), in parallel
 //! over (batch, head), for any Sq and Sk (queries aligned to the end of the keys, as the mask

@@ -28,6 +28,19 @@ pub enum Method {
         sink: usize,
         local: usize,
     },
+    /// FlexPrefill: per head, the last `last` query rows decide between query-aware blocks and
+    /// vertical-slash by the square-root Jensen-Shannon distance of the pooled block estimate
+    /// from the exact block distribution (query-aware when it is below `tau`); either pattern
+    /// keeps its smallest set reaching cumulative mass `gamma`, and at least about `min_budget`
+    /// keys per row: m = ceil(min_budget / block) tiles per query tile (query-aware), or m
+    /// columns and m diagonals among those with mass (vertical-slash: a column costs at most one
+    /// tile of a row once coarsened).
+    FlexPrefill {
+        gamma: f64,
+        tau: f64,
+        min_budget: usize,
+        last: usize,
+    },
 }
 
 /// A parsed sparse spec: the method, the block (tile) size it selects at (used for both the
@@ -60,6 +73,13 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("sink", 4.0),
             ("local", 64.0),
         ],
+        "flexprefill" => &[
+            ("gamma", 0.9),
+            ("tau", 0.1),
+            ("min_budget", 256.0),
+            ("block", 64.0),
+            ("last", 64.0),
+        ],
         _ => return None,
     })
 }
@@ -67,7 +87,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
 /// Arguments every method accepts, after its own (name, default).
 const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64)];
 
-const KNOWN: &str = "topmass, relthresh, moba, vertical_slash";
+const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -158,6 +178,12 @@ impl SparseSpec {
             "moba" => Method::Moba {
                 topk: int("topk", 1)?,
             },
+            "flexprefill" => Method::FlexPrefill {
+                gamma: arg("gamma"),
+                tau: arg("tau"),
+                min_budget: int("min_budget", 0)?,
+                last: int("last", 1)?,
+            },
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
                 s: int("s", 0)?,
@@ -191,6 +217,16 @@ impl SparseSpec {
             Method::VerticalSlash { last: 0, .. } => {
                 Err(err("`vertical_slash`: `last` must be >= 1".into()))
             }
+            Method::FlexPrefill { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(
+                format!("`flexprefill`: `gamma` must be in (0, 1], got {gamma}"),
+            )),
+            // sqrt(JSD) with natural logarithms lies in [0, sqrt(ln 2)].
+            Method::FlexPrefill { tau, .. } if !(0.0..=1.0).contains(&tau) => Err(err(format!(
+                "`flexprefill`: `tau` must be in [0, 1], got {tau}"
+            ))),
+            Method::FlexPrefill { last: 0, .. } => {
+                Err(err("`flexprefill`: `last` must be >= 1".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -213,6 +249,15 @@ impl fmt::Display for SparseSpec {
             } => (
                 "vertical_slash",
                 format!("v={v},s={s},block={b},last={last},sink={sink},local={local}"),
+            ),
+            Method::FlexPrefill {
+                gamma,
+                tau,
+                min_budget,
+                last,
+            } => (
+                "flexprefill",
+                format!("gamma={gamma},tau={tau},min_budget={min_budget},block={b},last={last}"),
             ),
         };
         write!(f, "{name}({args},dense_below={})", self.dense_below)

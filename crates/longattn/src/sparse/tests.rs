@@ -78,6 +78,15 @@ fn parse_accepts_the_grammar() {
         DENSE_BELOW
     );
     assert_eq!(spec("moba(dense_below=77)").dense_below, 77);
+    assert_eq!(
+        spec("flexprefill(gamma=0.95,tau=0.2)").method,
+        Method::FlexPrefill {
+            gamma: 0.95,
+            tau: 0.2,
+            min_budget: 256,
+            last: 64
+        }
+    );
     let vs = spec("vertical_slash(v=1000,s=6096)");
     assert_eq!(
         vs.method,
@@ -95,6 +104,7 @@ fn parse_accepts_the_grammar() {
         "relthresh(alpha=0)",
         "moba(topk=1,block=7)",
         "vertical_slash(v=3,s=0,block=16,last=5,sink=0,local=1)",
+        "flexprefill(gamma=0.5,tau=0.25,min_budget=7,block=8,last=3)",
         "moba(dense_below=0)",
         "topmass(gamma=0.5,dense_below=4096)",
     ] {
@@ -148,6 +158,10 @@ fn specs() -> Vec<SparseSpec> {
         "moba(block=9,topk=4)",
         "vertical_slash(v=20,s=10,block=16,last=16,sink=2,local=8)",
         "vertical_slash(v=3,s=2,block=32,last=7,sink=0,local=0)",
+        "flexprefill(gamma=0.8,tau=0.1,min_budget=20,block=16,last=16)",
+        "flexprefill(gamma=0.9,tau=0.3,min_budget=0,block=7,last=5)",
+        "flexprefill(gamma=0.7,tau=0,min_budget=3,block=16,last=9)",
+        "flexprefill(gamma=0.95,tau=1,min_budget=40,block=9,last=1)",
     ]
     .into_iter()
     .map(spec)
@@ -443,21 +457,41 @@ fn planted_structure_is_found_at_low_density() {
     for (hubs, specs) in [
         (
             &columns,
-            &["vertical_slash(v=4,s=0,block=64,last=64,sink=1,local=64)"][..],
+            &[
+                (
+                    "vertical_slash(v=4,s=0,block=64,last=64,sink=1,local=64)",
+                    0.3,
+                ),
+                // FlexPrefill picks vertical-slash here by itself, and its slash budget is
+                // cumulative: the hub columns' mass is spread over every diagonal o = p_i - j
+                // of the last rows, so reaching gamma of it keeps ~240 diagonals (measured
+                // density 0.373, recall 0.998).
+                (
+                    "flexprefill(gamma=0.95,tau=0.1,min_budget=0,block=64,last=64)",
+                    0.4,
+                ),
+            ][..],
         ),
         (
             &blocks,
             &[
-                "topmass(gamma=0.95,block=64)",
-                "relthresh(alpha=0.05,block=64)",
-                "moba(block=64,topk=5)",
-                "vertical_slash(v=256,s=0,block=64,last=64,sink=1,local=64)",
+                (
+                    "flexprefill(gamma=0.95,tau=0.1,min_budget=0,block=64,last=64)",
+                    0.3,
+                ),
+                ("topmass(gamma=0.95,block=64)", 0.3),
+                ("relthresh(alpha=0.05,block=64)", 0.3),
+                ("moba(block=64,topk=5)", 0.3),
+                (
+                    "vertical_slash(v=256,s=0,block=64,last=64,sink=1,local=64)",
+                    0.3,
+                ),
             ][..],
         ),
     ] {
         let [q, k, _] = planted(n, 4, 2, 32, hubs, 1500);
         let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
-        for s in specs {
+        for &(s, max_density) in specs {
             let s = spec(s);
             let sel = select(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
             let r = mass_recall(&qv, &kv, &p, &sel).unwrap();
@@ -473,7 +507,37 @@ fn planted_structure_is_found_at_low_density() {
                 "{s}: worst head recall {} (density {density})",
                 r.worst
             );
-            assert!(density <= 0.3, "{s}: density {density}");
+            assert!(density <= max_density, "{s}: density {density}");
+            // FlexPrefill's choice: vertical-slash (as tau = 0 forces) on single hub keys, which
+            // pooling dilutes; query-aware blocks (as tau = 1 forces) on hub blocks.
+            if let Method::FlexPrefill {
+                gamma,
+                min_budget,
+                last,
+                ..
+            } = s.method
+            {
+                let tau = if hubs.len() == columns.len() {
+                    0.0
+                } else {
+                    1.0
+                };
+                let forced = SparseSpec {
+                    method: Method::FlexPrefill {
+                        gamma,
+                        tau,
+                        min_budget,
+                        last,
+                    },
+                    ..s
+                };
+                let f = select(&qv, &kv, &p, &forced, MaskSpec::Expr(&bound)).unwrap();
+                assert_eq!(
+                    block_table(&sel.schedule, 1, 4),
+                    block_table(&f.schedule, 1, 4),
+                    "{s}: not the pattern of tau = {tau}"
+                );
+            }
             assert!(r.per_head.iter().all(|&x| x <= 1.0 + 1e-9));
         }
     }
@@ -589,4 +653,98 @@ fn bad_inputs_are_clear_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("tensor `k`"), "{e}");
+}
+
+#[test]
+fn js_distance_follows_its_definition() {
+    use super::estimate::js_distance;
+    let ln2 = std::f64::consts::LN_2;
+    let p = [0.5, 0.25, 0.25, 0.0];
+    assert_eq!(js_distance(&p, &p), 0.0);
+    // Disjoint supports: JSD = ln 2.
+    let (a, b) = ([0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 0.6, 0.4]);
+    assert!((js_distance(&a, &b) - ln2.sqrt()).abs() < 1e-12);
+    // Symmetric, and equal to the formula written out for a pair of seeded distributions.
+    let mut rng = crate::testing::Rng::new(1800);
+    for n in [1, 7, 63] {
+        let mut draw = || {
+            let x: Vec<f64> = (0..n).map(|_| rng.normal().abs() + 1e-3).collect();
+            let z: f64 = x.iter().sum();
+            x.into_iter().map(|v| v / z).collect::<Vec<f64>>()
+        };
+        let (p, q) = (draw(), draw());
+        let kl =
+            |x: &[f64], m: &[f64]| -> f64 { x.iter().zip(m).map(|(a, b)| a * (a / b).ln()).sum() };
+        let m: Vec<f64> = p.iter().zip(&q).map(|(a, b)| (a + b) / 2.0).collect();
+        let want = (0.5 * kl(&p, &m) + 0.5 * kl(&q, &m)).sqrt();
+        let got = js_distance(&p, &q);
+        assert!((got - want).abs() < 1e-12, "n {n}: {got} vs {want}");
+        assert!((got - js_distance(&q, &p)).abs() < 1e-15);
+        assert!(got <= ln2.sqrt() + 1e-12);
+    }
+}
+
+#[test]
+fn flexprefill_patterns_reduce_to_their_parts() {
+    // tau = 1 exceeds every distance (at most sqrt(ln 2) = 0.83): every head is query-aware,
+    // which with min_budget = 0 is topmass(gamma) exactly. tau = 0: every head that sees a key
+    // is vertical-slash; with gamma = 1 and min_budget = 0 it keeps every column and diagonal
+    // with mass, i.e. every tile the last rows reach.
+    let p = AttnParams::default();
+    for (sq, sk, seed) in [(65, 65, 1900), (113, 200, 1903), (1, 63, 1906)] {
+        let [q, k, _] = inputs((1, sq, sk, 4, 2, 8), seed);
+        let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+        for m in MASKS {
+            let pick = |text: &str| {
+                with_mask(*m, 1, sq, sk, |mask| {
+                    block_table(
+                        &select(&qv, &kv, &p, &spec(text), mask).unwrap().schedule,
+                        1,
+                        4,
+                    )
+                })
+            };
+            for g in [0.5, 0.9] {
+                let a = pick(&format!(
+                    "flexprefill(gamma={g},tau=1,min_budget=0,block=16)"
+                ));
+                let b = pick(&format!("topmass(gamma={g},block=16)"));
+                assert_eq!(a, b, "gamma {g} sq {sq} sk {sk} mask {m:?}");
+            }
+            let all = pick("flexprefill(gamma=1,tau=0,min_budget=0,block=16,last=1000)");
+            let dense = pick("topmass(gamma=1,block=16)");
+            assert_eq!(all, dense, "sq {sq} sk {sk} mask {m:?}");
+        }
+    }
+}
+
+#[test]
+fn flexprefill_min_budget_keeps_at_least_that_many_tiles() {
+    let p = AttnParams::default();
+    let (n, b) = (300, 16);
+    let [q, k, _] = inputs((1, n, n, 2, 1, 8), 1950);
+    let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+    let bound = bind("causal", 1, n, n);
+    // Query-aware (tau = 1) with a tiny gamma: the budget alone decides past the forced tiles.
+    for min_budget in [0usize, 40, 100] {
+        let text = format!("flexprefill(gamma=0.01,tau=1,min_budget={min_budget},block={b})");
+        let sel = select(&qv, &kv, &p, &spec(&text), MaskSpec::Expr(&bound)).unwrap();
+        let want = min_budget.div_ceil(b);
+        for h in 0..2 {
+            for qt in 0..sel.schedule.q_tiles {
+                let (cand, got) = (
+                    sel.candidates.row(0, h, qt).len(),
+                    sel.schedule.row(0, h, qt).len(),
+                );
+                assert!(
+                    got >= want.min(cand),
+                    "{text}: tile {qt} keeps {got} of {cand}"
+                );
+                // With no minimum, the forced tiles (sink, diagonal) and at most one more.
+                if min_budget == 0 {
+                    assert!(got <= 3, "{text}: tile {qt} keeps {got}");
+                }
+            }
+        }
+    }
 }
