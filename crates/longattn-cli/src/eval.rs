@@ -106,6 +106,9 @@ struct SparseJson {
     /// Mean and worst head of the mass recall (with `--recall`).
     recall_mean: Option<f64>,
     recall_worst: Option<f64>,
+    /// The same for the best selection with as many tiles per query tile (with `--recall`).
+    best_recall_mean: Option<f64>,
+    best_recall_worst: Option<f64>,
     select_seconds: f64,
     attend_seconds: f64,
 }
@@ -118,6 +121,7 @@ struct LayerJson {
     fallbacks: usize,
     /// Per query head (with `--recall`).
     recall: Option<Vec<f64>>,
+    best_recall: Option<Vec<f64>>,
 }
 
 fn sparse_json(st: &SparseStats) -> SparseJson {
@@ -130,10 +134,11 @@ fn sparse_json(st: &SparseStats) -> SparseJson {
             calls: l.calls,
             fallbacks: l.fallbacks,
             recall: l.head_recall(),
+            best_recall: l.head_best_recall(),
         })
         .collect();
     let mean = layers.iter().map(|l| l.density).sum::<f64>() / layers.len().max(1) as f64;
-    let recall = st.recall();
+    let (recall, best) = (st.recall(), st.best_recall());
     SparseJson {
         spec: st.spec.clone(),
         density: st.density(),
@@ -141,6 +146,8 @@ fn sparse_json(st: &SparseStats) -> SparseJson {
         density_per_layer: layers,
         recall_mean: recall.map(|r| r.0),
         recall_worst: recall.map(|r| r.1),
+        best_recall_mean: best.map(|r| r.0),
+        best_recall_worst: best.map(|r| r.1),
         select_seconds: st.select_seconds,
         attend_seconds: st.attend_seconds,
     }
@@ -173,6 +180,9 @@ fn print_sparse(s: &SparseJson) {
     );
     if let (Some(m), Some(w)) = (s.recall_mean, s.recall_worst) {
         println!("  mass recall: mean {m:.4}, worst (layer, head) {w:.4}");
+    }
+    if let (Some(m), Some(w)) = (s.best_recall_mean, s.best_recall_worst) {
+        println!("  best selection of equal size: mean {m:.4}, worst {w:.4}");
     }
 }
 

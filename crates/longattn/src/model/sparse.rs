@@ -15,8 +15,10 @@
 //! allowed pairs inside the selection and under the mask (density = their ratio), and on request
 //! the attention mass recall of every row, sum_{j selected} p_ij = exp(LSE_sel - LSE_mask)
 //! (p the softmax over the mask's keys), from the LSEs of the selected forward and of one extra
-//! dense forward through the same kernel. The recall is that of the sparse run: each layer sees
-//! the hidden states that the sparse layers before it produced.
+//! dense forward through the same kernel; beside it the recall of the best selection with as
+//! many tiles in every query tile ([`sparse::best_recall`], the tiles of most exact mass). The
+//! recall is that of the sparse run: each layer sees the hidden states that the sparse layers
+//! before it produced.
 use super::attn::{Attention, LayerAttn, MaskedAttention};
 use crate::attention::{AttnOutput, AttnParams, MaskSpec};
 use crate::error::{Error, Result};
@@ -52,6 +54,9 @@ pub struct LayerStats {
     pub recall_sum: Vec<f64>,
     /// Rows summed in `recall_sum` (rows the mask leaves non-empty), per query head.
     pub recall_rows: Vec<u64>,
+    /// The same sum for the best selection with as many tiles per query tile
+    /// ([`sparse::best_recall`]), per query head (with `recall`).
+    pub best_sum: Vec<f64>,
 }
 
 impl LayerStats {
@@ -61,9 +66,15 @@ impl LayerStats {
     }
     /// Mass recall of every query head (mean over rows), if measured.
     pub fn head_recall(&self) -> Option<Vec<f64>> {
+        self.per_row(&self.recall_sum)
+    }
+    /// Mass recall of the best selection of equal size per query tile, per head, if measured.
+    pub fn head_best_recall(&self) -> Option<Vec<f64>> {
+        self.per_row(&self.best_sum)
+    }
+    fn per_row(&self, sums: &[f64]) -> Option<Vec<f64>> {
         (!self.recall_rows.is_empty() && self.recall_rows.iter().all(|&n| n > 0)).then(|| {
-            self.recall_sum
-                .iter()
+            sums.iter()
                 .zip(&self.recall_rows)
                 .map(|(s, &n)| s / n as f64)
                 .collect()
@@ -89,10 +100,17 @@ impl SparseStats {
     }
     /// Mean and worst mass recall over the (layer, head) pairs, if measured.
     pub fn recall(&self) -> Option<(f64, f64)> {
+        self.mean_worst(LayerStats::head_recall)
+    }
+    /// Mean and worst recall of the best selections of equal size, if measured.
+    pub fn best_recall(&self) -> Option<(f64, f64)> {
+        self.mean_worst(LayerStats::head_best_recall)
+    }
+    fn mean_worst(&self, f: fn(&LayerStats) -> Option<Vec<f64>>) -> Option<(f64, f64)> {
         let all: Vec<f64> = self
             .layers
             .iter()
-            .map(LayerStats::head_recall)
+            .map(f)
             .collect::<Option<Vec<_>>>()?
             .into_iter()
             .flatten()
@@ -211,7 +229,9 @@ impl Attention for SparseAttention {
                     }
                 }
             }
-            Some(per)
+            // The best selection of equal size per query tile: its per-head mean times the rows.
+            let best = sparse::best_recall(q, &kv, &params, &sel)?;
+            Some((per, best.per_head))
         } else {
             None
         };
@@ -222,22 +242,16 @@ impl Attention for SparseAttention {
             Some(x) => x,
             None => {
                 let x = st.layers.partition_point(|l| l.layer < layer.layer);
+                let r = if self.opts.recall { hq } else { 0 }; // recall heads
                 st.layers.insert(
                     x,
                     LayerStats {
                         layer: layer.layer,
                         selected: vec![0; hq],
                         allowed: vec![0; hq],
-                        recall_sum: if self.opts.recall {
-                            vec![0.0; hq]
-                        } else {
-                            vec![]
-                        },
-                        recall_rows: if self.opts.recall {
-                            vec![0; hq]
-                        } else {
-                            vec![]
-                        },
+                        recall_sum: vec![0.0; r],
+                        recall_rows: vec![0; r],
+                        best_sum: vec![0.0; r],
                         ..Default::default()
                     },
                 );
@@ -261,10 +275,11 @@ impl Attention for SparseAttention {
             ls.selected[h] += sel.report.selected[h];
             ls.allowed[h] += sel.report.allowed[h];
         }
-        if let Some(per) = recall {
+        if let Some((per, best)) = recall {
             for (h, (s, n)) in per.into_iter().enumerate() {
                 ls.recall_sum[h] += s;
                 ls.recall_rows[h] += n;
+                ls.best_sum[h] += best[h] * n as f64;
             }
         }
         Ok(out)

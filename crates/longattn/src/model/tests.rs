@@ -272,6 +272,11 @@ fn sparse_prefill_with_every_block_equals_causal() {
             (mean - 1.0).abs() < 1e-5 && (worst - 1.0).abs() < 1e-5,
             "{arch}"
         );
+        let (bm, bw) = st.best_recall().unwrap();
+        assert!(
+            (bm - 1.0).abs() < 1e-5 && (bw - 1.0).abs() < 1e-5,
+            "{arch}: best {bm} {bw}"
+        );
         for l in &st.layers {
             assert_eq!((l.calls, l.fallbacks), (3, 0), "{arch} layer {}", l.layer);
         }
@@ -340,6 +345,17 @@ fn sparse_prefill_statistics_match_the_selection_and_the_oracle_recall() {
     for (h, (g, o)) in got.iter().zip(&oracle.per_head).enumerate() {
         assert!((g - o).abs() < 1e-4, "head {h}: recall {g} vs oracle {o}");
         assert!(*o < 0.999, "head {h}: recall {o} with tiles dropped");
+    }
+    // The best selection of equal size, against the same computation made directly.
+    let best = crate::sparse::best_recall(&qv, &kv, &p, &sel).unwrap();
+    let mine = l.head_best_recall().unwrap();
+    for (h, (g, b)) in mine.iter().zip(&best.per_head).enumerate() {
+        assert!((g - b).abs() < 1e-9, "head {h}: best recall {g} vs {b}");
+        assert!(
+            *b >= got[h] - 1e-4,
+            "head {h}: best {b} below the selection's {}",
+            got[h]
+        );
     }
     // The selection changed the model's output (layers 0 and 2 dense).
     let dense = run(&m, &t, "causal", n, 16);

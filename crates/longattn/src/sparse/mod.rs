@@ -463,3 +463,134 @@ pub fn mass_recall(
         worst,
     })
 }
+
+/// The softmax mass of every candidate tile, summed over the tile's rows:
+/// `[B, Hq, query tiles, key tiles]`, M(qt, kt) = sum_{i in qt} sum_{j in kt} p_ij with p the
+/// softmax over the mask's keys. Through the kernel: for every key tile kt, one forward over
+/// the candidates of column kt gives LSE_kt, and sum_{j in kt} p_ij = exp(LSE_kt(i) - LSE(i)).
+/// Costs about two dense forwards (k stands in for v).
+pub fn tile_mass(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    sel: &Selection,
+) -> Result<Vec<f64>> {
+    let dims = dims_of(q, k)?;
+    let c = sel.candidates.as_ref();
+    let (bn, hq, sq) = (dims.batch, dims.hq, dims.sq);
+    let (nq, nk) = (c.q_tiles, c.k_tiles);
+    let full = crate::forward(
+        q,
+        k,
+        k,
+        params,
+        MaskSpec::Schedule {
+            schedule: c,
+            rows: sel.rows,
+        },
+    )?;
+    let mut mass = vec![0.0f64; bn * hq * nq * nk];
+    for kt in 0..nk as u32 {
+        let mut col = BlockSchedule::empty(c.tile_q, c.tile_k, c.sq, c.sk, bn, hq)?;
+        let mut any = false;
+        for b in 0..bn {
+            for h in 0..hq {
+                for qt in 0..nq {
+                    let e: Vec<TileEntry> = c
+                        .row(b, h, qt)
+                        .iter()
+                        .filter(|e| e.k_tile == kt)
+                        .copied()
+                        .collect();
+                    any |= !e.is_empty();
+                    col.push_row(&e)?;
+                }
+            }
+        }
+        if !any {
+            continue;
+        }
+        let col = col.finish()?;
+        let part = crate::forward(
+            q,
+            k,
+            k,
+            params,
+            MaskSpec::Schedule {
+                schedule: &col,
+                rows: sel.rows,
+            },
+        )?;
+        for b in 0..bn {
+            for h in 0..hq {
+                let lse = (b * hq + h) * sq;
+                for i in 0..sq {
+                    let (lp, lf) = (part.lse[lse + i], full.lse[lse + i]);
+                    if lp > f32::NEG_INFINITY && lf > f32::NEG_INFINITY {
+                        let qt = i / c.tile_q;
+                        mass[((b * hq + h) * nq + qt) * nk + kt as usize] +=
+                            (lp as f64 - lf as f64).exp();
+                    }
+                }
+            }
+        }
+    }
+    Ok(mass)
+}
+
+/// The mass recall of the best selection with as many tiles as `sel` in every (batch row, head,
+/// query tile): there, the tiles with the most mass M(qt, kt) ([`tile_mass`]), which maximise
+/// the sum of the rows' recalls. Per head: sum over query tiles of the kept masses / the rows
+/// the mask leaves non-empty (the same normalisation as [`mass_recall`]).
+pub fn best_recall(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    sel: &Selection,
+) -> Result<Recall> {
+    let dims = dims_of(q, k)?;
+    let mass = tile_mass(q, k, params, sel)?;
+    let c = sel.candidates.as_ref();
+    let (nq, nk) = (c.q_tiles, c.k_tiles);
+    let el = Elements {
+        s: c,
+        rows: sel.rows,
+    };
+    let (mut keys, mut words) = (vec![false; dims.sk], Vec::new());
+    let per_head: Vec<f64> = (0..dims.batch * dims.hq)
+        .map(|r| {
+            let (b, h) = (r / dims.hq, r % dims.hq);
+            let rows = (0..dims.sq)
+                .filter(|&i| {
+                    el.row(b, h, i, &mut keys, &mut words);
+                    keys.contains(&true)
+                })
+                .count();
+            let mut sum = 0.0;
+            for qt in 0..nq {
+                let m = &mass[(r * nq + qt) * nk..][..nk];
+                let mut tiles: Vec<f64> = c
+                    .row(b, h, qt)
+                    .iter()
+                    .map(|e| m[e.k_tile as usize])
+                    .collect();
+                tiles.sort_unstable_by(|x, y| y.total_cmp(x));
+                sum += tiles[..sel.schedule.row(b, h, qt).len()]
+                    .iter()
+                    .sum::<f64>();
+            }
+            if rows == 0 {
+                1.0
+            } else {
+                (sum / rows as f64).min(1.0)
+            }
+        })
+        .collect();
+    let mean = per_head.iter().sum::<f64>() / per_head.len() as f64;
+    let worst = per_head.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(Recall {
+        per_head,
+        mean,
+        worst,
+    })
+}

@@ -748,3 +748,85 @@ fn flexprefill_min_budget_keeps_at_least_that_many_tiles() {
         }
     }
 }
+
+#[test]
+fn best_recall_is_the_best_subset_of_equal_size() {
+    // Brute force: the exact p_ij from the definition, every subset of each query tile's
+    // candidates with as many tiles as the selection keeps there.
+    let p = AttnParams::default();
+    for (sq, sk, m, seed) in [
+        (40, 50, "causal", 2000),
+        (33, 33, "sinks(2) | window(9,0)", 2003),
+    ] {
+        let [q, k, _] = inputs((1, sq, sk, 2, 1, 8), seed);
+        let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+        let bound = bind(m, 1, sq, sk);
+        for text in [
+            "moba(block=8,topk=2)",
+            "topmass(gamma=0.5,block=8)",
+            "topmass(gamma=1,block=8)",
+        ] {
+            let sel = select(&qv, &kv, &p, &spec(text), MaskSpec::Expr(&bound)).unwrap();
+            let best = best_recall(&qv, &kv, &p, &sel).unwrap();
+            let got = mass_recall(&qv, &kv, &p, &sel).unwrap();
+            let c = sel.candidates.as_ref();
+            for h in 0..2 {
+                // Softmax rows from the definition.
+                let mut tile = vec![vec![0.0f64; c.k_tiles]; c.q_tiles];
+                let mut rows = 0;
+                for i in 0..sq {
+                    let keys: Vec<usize> = (0..sk).filter(|&j| bound.allowed(0, i, j)).collect();
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    rows += 1;
+                    let s: Vec<f64> = keys
+                        .iter()
+                        .map(|&j| {
+                            (0..8)
+                                .map(|x| qv.get(0, i, h, x) as f64 * kv.get(0, j, 0, x) as f64)
+                                .sum::<f64>()
+                                / 8f64.sqrt()
+                        })
+                        .collect();
+                    let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    for (&j, x) in keys.iter().zip(&s) {
+                        tile[i / 8][j / 8] += (x - mx).exp() / z;
+                    }
+                }
+                let mut sum = 0.0;
+                for (qt, mass) in tile.iter().enumerate() {
+                    let cand: Vec<usize> =
+                        c.row(0, h, qt).iter().map(|e| e.k_tile as usize).collect();
+                    let n = sel.schedule.row(0, h, qt).len();
+                    let mut top = 0.0f64;
+                    for bits in 0u32..1 << cand.len() {
+                        if bits.count_ones() as usize == n {
+                            let m: f64 = (0..cand.len())
+                                .filter(|x| bits >> x & 1 == 1)
+                                .map(|x| mass[cand[x]])
+                                .sum();
+                            top = top.max(m);
+                        }
+                    }
+                    sum += top;
+                }
+                let want = sum / rows as f64;
+                let b = best.per_head[h];
+                assert!(
+                    (b - want).abs() < 1e-4,
+                    "{text} {m} head {h}: best {b} vs brute force {want}"
+                );
+                assert!(
+                    b >= got.per_head[h] - 1e-4,
+                    "{text} {m} head {h}: best {b} < {}",
+                    got.per_head[h]
+                );
+            }
+            if text.contains("gamma=1") {
+                assert!((best.worst - 1.0).abs() < 1e-4, "{text}: {best:?}");
+            }
+        }
+    }
+}
