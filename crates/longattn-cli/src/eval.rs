@@ -1,11 +1,16 @@
 //! `longattn eval`: next-token negative log-likelihood of a model on a text (or token ids) under
 //! an attention method; `--task passkey`: a pass key hidden in real filler text, retrieved by
 //! greedy decoding, accuracy per (length, depth).
+//!
+//! `--attention` takes `exact`, a mask expression, or a sparse spec (`topmass(gamma=0.9)`, see
+//! `longattn::sparse`): the prefill of every layer (or of `--sparse-layers`) then goes through the
+//! sparse selection, and the report gives the achieved density (overall and per layer) and, with
+//! `--recall`, the attention mass recall per (layer, head).
 use crate::common::{parse_len, parse_list, peak_rss_kib};
 use crate::lm::{self, Loaded};
 use crate::plot;
 use anyhow::{bail, Context, Result};
-use longattn::model::{from_spec, ops};
+use longattn::model::{from_spec_with, ops, Attention, Model, SparseOptions, SparseStats};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,9 +32,20 @@ pub struct Args {
     /// Tokens evaluated (nll; default: the whole text, up to the model's context).
     #[arg(long)]
     tokens: Option<usize>,
-    /// `exact` (plain reference attention) or a mask expression applied in every layer.
+    /// `exact` (plain reference attention), a mask expression applied in every layer, or a
+    /// sparse spec (`topmass(gamma=0.9)`, `vertical_slash(v=64,s=64)`, ...) for the prefill.
     #[arg(long, default_value = "causal")]
     attention: String,
+    /// Sparse spec only: the layers whose prefill is sparse (e.g. `2,5,8`; default: all).
+    #[arg(long)]
+    sparse_layers: Option<String>,
+    /// Sparse spec only: measure the attention mass recall of every (layer, head) (one extra
+    /// dense attention per sparse call).
+    #[arg(long)]
+    recall: bool,
+    /// Prompt tokens per forward call (a sparse prefill selects over one call's queries).
+    #[arg(long, default_value_t = lm::CHUNK)]
+    chunk: usize,
     /// Predicted positions per bucket of `nll_by_bucket`.
     #[arg(long, default_value_t = 512)]
     bucket: usize,
@@ -75,9 +91,105 @@ struct NllReport {
     matmul_gflops: f64,
     peak_rss_mib: Option<f64>,
     threads: usize,
+    sparse: Option<SparseJson>,
+}
+
+/// What a sparse spec selected, in the JSON reports.
+#[derive(Serialize)]
+struct SparseJson {
+    spec: String,
+    /// Allowed pairs inside the selection / allowed pairs of the mask, over all sparse layers.
+    density: f64,
+    /// Mean of the per-layer densities.
+    density_mean_layer: f64,
+    density_per_layer: Vec<LayerJson>,
+    /// Mean and worst head of the mass recall (with `--recall`).
+    recall_mean: Option<f64>,
+    recall_worst: Option<f64>,
+    /// The same for the best selection with as many tiles per query tile (with `--recall`).
+    best_recall_mean: Option<f64>,
+    best_recall_worst: Option<f64>,
+    select_seconds: f64,
+    attend_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct LayerJson {
+    layer: usize,
+    density: f64,
+    calls: usize,
+    fallbacks: usize,
+    /// Per query head (with `--recall`).
+    recall: Option<Vec<f64>>,
+    best_recall: Option<Vec<f64>>,
+}
+
+fn sparse_json(st: &SparseStats) -> SparseJson {
+    let layers: Vec<LayerJson> = st
+        .layers
+        .iter()
+        .map(|l| LayerJson {
+            layer: l.layer,
+            density: l.density(),
+            calls: l.calls,
+            fallbacks: l.fallbacks,
+            recall: l.head_recall(),
+            best_recall: l.head_best_recall(),
+        })
+        .collect();
+    let mean = layers.iter().map(|l| l.density).sum::<f64>() / layers.len().max(1) as f64;
+    let (recall, best) = (st.recall(), st.best_recall());
+    SparseJson {
+        spec: st.spec.clone(),
+        density: st.density(),
+        density_mean_layer: mean,
+        density_per_layer: layers,
+        recall_mean: recall.map(|r| r.0),
+        recall_worst: recall.map(|r| r.1),
+        best_recall_mean: best.map(|r| r.0),
+        best_recall_worst: best.map(|r| r.1),
+        select_seconds: st.select_seconds,
+        attend_seconds: st.attend_seconds,
+    }
+}
+
+/// The attention method of `--attention` with the sparse options, checked against the model.
+fn attention(a: &Args, m: &Model) -> Result<Box<dyn Attention>> {
+    let layers = match &a.sparse_layers {
+        Some(t) => Some(parse_list(t, "layer", |x| x.parse::<usize>().ok())?),
+        None => None,
+    };
+    if let Some(l) = layers.iter().flatten().find(|&&l| l >= m.cfg.layers) {
+        bail!(
+            "--sparse-layers: layer {l} does not exist (the model has layers 0..{})",
+            m.cfg.layers
+        );
+    }
+    let opts = (layers.is_some() || a.recall).then_some(SparseOptions {
+        layers,
+        recall: a.recall,
+    });
+    from_spec_with(&a.attention, opts).context("--attention")
+}
+
+/// Prints the sparse statistics (density, recall) when the method is sparse.
+fn print_sparse(s: &SparseJson) {
+    println!(
+        "  sparse `{}`: density {:.4} (mean over layers {:.4}); select {:.2} s, attention {:.2} s",
+        s.spec, s.density, s.density_mean_layer, s.select_seconds, s.attend_seconds
+    );
+    if let (Some(m), Some(w)) = (s.recall_mean, s.recall_worst) {
+        println!("  mass recall: mean {m:.4}, worst (layer, head) {w:.4}");
+    }
+    if let (Some(m), Some(w)) = (s.best_recall_mean, s.best_recall_worst) {
+        println!("  best selection of equal size: mean {m:.4}, worst {w:.4}");
+    }
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if a.chunk == 0 {
+        bail!("--chunk must be >= 1");
+    }
     let pool = crate::common::pool(a.threads)?;
     pool.install(|| match a.task.as_str() {
         "nll" => nll(&a),
@@ -91,9 +203,9 @@ fn default_book() -> Result<PathBuf> {
 }
 
 fn nll(a: &Args) -> Result<()> {
-    let attn = from_spec(&a.attention).context("--attention")?;
     let lm = lm::load(&a.model)?;
     let m = &lm.model;
+    let attn = attention(a, m)?;
     let (mut ids, source) = match (&a.ids, &a.text) {
         (Some(p), _) => (lm::read_ids(p)?, p.display().to_string()),
         (None, Some(p)) => (lm.encode(&lm::read_text(p)?)?, p.display().to_string()),
@@ -129,6 +241,7 @@ fn nll(a: &Args) -> Result<()> {
         seq,
         &ids,
         attn.as_ref(),
+        a.chunk,
         Some(&pb),
         |start, h| {
             let rows = h.len() / m.cfg.d_model;
@@ -178,6 +291,7 @@ fn nll(a: &Args) -> Result<()> {
         matmul_gflops: mm_flops / mm_s.max(1e-12) / 1e9,
         peak_rss_mib: peak_rss_kib().map(|k| k as f64 / 1024.0),
         threads: rayon::current_num_threads(),
+        sparse: attn.sparse_stats().as_ref().map(sparse_json),
     };
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&rep)?)
@@ -199,6 +313,9 @@ fn nll(a: &Args) -> Result<()> {
     }
     if let Some(mib) = rep.peak_rss_mib {
         println!("  peak RSS {mib:.0} MiB");
+    }
+    if let Some(s) = &rep.sparse {
+        print_sparse(s);
     }
     Ok(())
 }
@@ -242,8 +359,19 @@ fn passkey_prompt(
     Ok(p)
 }
 
+#[derive(Serialize)]
+struct PasskeyReport {
+    model: String,
+    attention: String,
+    lengths: Vec<usize>,
+    depths: Vec<f64>,
+    trials: usize,
+    /// Accuracy `[length][depth]`.
+    accuracy: Vec<Vec<f64>>,
+    sparse: Option<SparseJson>,
+}
+
 fn passkey(a: &Args) -> Result<()> {
-    let attn = from_spec(&a.attention).context("--attention")?;
     let lengths = parse_list(&a.lengths, "length", parse_len)?;
     let depths = parse_list(&a.depths, "depth", |x| {
         x.parse::<f64>().ok().filter(|d| (0.0..=1.0).contains(d))
@@ -253,6 +381,7 @@ fn passkey(a: &Args) -> Result<()> {
     }
     let lm = lm::load(&a.model)?;
     let m = &lm.model;
+    let attn = attention(a, m)?;
     for &l in &lengths {
         lm::check_context(m, l + 8)?;
     }
@@ -281,7 +410,7 @@ fn passkey(a: &Args) -> Result<()> {
                     8,
                     lm.tok.eos(),
                     attn.as_ref(),
-                    lm::CHUNK,
+                    a.chunk,
                     |_| {},
                 )?;
                 let text = lm.tok.decode(&out);
@@ -327,5 +456,21 @@ fn passkey(a: &Args) -> Result<()> {
         &grid,
     )?;
     eprintln!("heat map: {}", a.png.display());
+    let rep = PasskeyReport {
+        model: a.model.display().to_string(),
+        attention: attn.spec(),
+        lengths,
+        depths,
+        trials: a.trials,
+        accuracy: grid,
+        sparse: attn.sparse_stats().as_ref().map(sparse_json),
+    };
+    if let Some(s) = &rep.sparse {
+        print_sparse(s);
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&rep)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
     Ok(())
 }

@@ -91,19 +91,21 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Runs `tokens` through the model in chunks into `seq`, calling `each(start, hidden)` with the
-/// final hidden states of every chunk.
+/// Runs `tokens` through the model in chunks of `chunk` tokens into `seq`, calling
+/// `each(start, hidden)` with the final hidden states of every chunk.
+#[allow(clippy::too_many_arguments)]
 pub fn prefill(
     m: &Model,
     cache: &mut PagedKvCache,
     seq: SeqId,
     tokens: &[u32],
     attn: &dyn Attention,
+    chunk: usize,
     pb: Option<&ProgressBar>,
     mut each: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let mut start = 0;
-    for part in tokens.chunks(CHUNK) {
+    for part in tokens.chunks(chunk.max(1)) {
         let h = m.forward(cache, seq, part, attn, None)?;
         each(start, &h)?;
         start += part.len();

@@ -355,6 +355,12 @@ fn run_sparse(
         if grads.is_some() { " (+ backward)" } else { "" },
         a.output.display()
     );
+    if sel.fallback {
+        eprintln!(
+            "  dense fallback: {} keys, fewer than dense_below = {} (give dense_below=0 to select)",
+            k.shape[1], spec.dense_below
+        );
+    }
     Ok(())
 }
 

@@ -404,7 +404,12 @@ fn run_sparse_writes_its_selection_and_matches_the_oracle() {
     let input = tmp("in-sparse.safetensors");
     let output = tmp("out-sparse.safetensors");
     write_inputs(&input, &x, true).unwrap();
-    let spec = ["--sparse", "moba(block=16,topk=2)", "--mask", "causal"];
+    let spec = [
+        "--sparse",
+        "moba(block=16,topk=2,dense_below=0)",
+        "--mask",
+        "causal",
+    ];
     let o = run_args(&input, &output, &spec);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("density"), "{}", stderr(&o));
@@ -445,6 +450,27 @@ fn run_sparse_writes_its_selection_and_matches_the_oracle() {
     .unwrap();
     let (eo, el) = longattn::testing::compare(&out, &lse, &r);
     assert!(eo <= 1e-5 && el <= 1e-4, "out {eo}, lse {el}");
+    // With the default dense_below (1024) the 70 keys fall back to every tile of the mask.
+    let dflt = [
+        "--sparse",
+        "moba(block=16,topk=2)",
+        "--mask",
+        "causal",
+        "--force",
+    ];
+    let o = run_args(&input, &output, &dflt);
+    assert!(stderr(&o).contains("dense fallback"), "{}", stderr(&o));
+    let bytes = std::fs::read(&output).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let all = st.tensor("block_mask").unwrap().data().to_vec();
+    for (idx, &m) in all.iter().enumerate() {
+        let (qt, kt) = ((idx / tiles) % tiles, idx % tiles);
+        assert_eq!(
+            m,
+            (kt <= qt) as u8 * (1 + (kt == qt) as u8),
+            "tile ({qt}, {kt})"
+        );
+    }
     // Bad specs are clear errors.
     fails_with(
         run_args(&input, &output, &["--sparse", "dense(k=1)", "--force"]),

@@ -5,12 +5,17 @@
 //! - [`MaskedAttention`] (`--attention 'causal & window(256,0)'`): the fast kernel through the
 //!   paged cache under a mask expression applied in every layer (intersected with the model's own
 //!   sliding window on the layers that have one).
+//! - [`SparseAttention`] (`--attention 'topmass(gamma=0.9)'`, any [`SparseSpec`]): dynamic
+//!   sparse prefill on all or chosen layers (`model/sparse.rs`).
 use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
 use crate::kv::{PagedKvCache, SeqId};
 use crate::mask::MaskExpr;
+use crate::sparse::SparseSpec;
 use crate::tensor::{Buffer, Tensor, TensorView};
 use rayon::prelude::*;
+
+use super::sparse::{SparseAttention, SparseOptions, SparseStats};
 
 /// What the model tells the attention about one layer.
 #[derive(Clone, Copy, Debug)]
@@ -34,10 +39,36 @@ pub trait Attention: Send + Sync {
         q: &TensorView,
         layer: &LayerAttn,
     ) -> Result<AttnOutput>;
+    /// What a sparse method selected so far (density, mass recall); `None` for dense methods.
+    fn sparse_stats(&self) -> Option<SparseStats> {
+        None
+    }
 }
 
-/// Builds the method named by a spec: `exact`, or a mask expression.
+/// Builds the method named by a spec: `exact`, a sparse spec (all layers, no recall), or a mask
+/// expression.
 pub fn from_spec(spec: &str) -> Result<Box<dyn Attention>> {
+    from_spec_with(spec, None)
+}
+
+/// As [`from_spec`]; `sparse` sets the options of a sparse spec and is an error with any other.
+pub fn from_spec_with(spec: &str, sparse: Option<SparseOptions>) -> Result<Box<dyn Attention>> {
+    if SparseSpec::names_a_method(spec) {
+        let s = SparseSpec::parse(spec)?;
+        return Ok(Box::new(SparseAttention::new(
+            s,
+            sparse.unwrap_or_default(),
+        )?));
+    }
+    if sparse.is_some() {
+        return Err(Error::Param {
+            op: "model attention",
+            msg: format!(
+                "sparse options (layers, recall) need a sparse spec, `{}` is not one",
+                spec.trim()
+            ),
+        });
+    }
     if spec.trim() == "exact" {
         return Ok(Box::new(ExactAttention));
     }
@@ -167,7 +198,8 @@ impl MaskedAttention {
             local: Default::default(),
         })
     }
-    fn expr_for(&self, window: Option<usize>) -> Result<MaskExpr> {
+    /// The expression for a layer with the model's sliding window `window` (keys per query).
+    pub(crate) fn expr_for(&self, window: Option<usize>) -> Result<MaskExpr> {
         let Some(w) = window else {
             return Ok(self.expr.clone());
         };

@@ -230,3 +230,180 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("unsupported architecture `mamba`"), "{e}");
     assert!(from_spec("causal & windo(3,0)").is_err());
 }
+
+/// Logits of every position and the sparse statistics, the prompt in chunks of `chunk`.
+fn run_sparse(
+    m: &Model,
+    toks: &[u32],
+    spec: &str,
+    opts: SparseOptions,
+    chunk: usize,
+) -> (Vec<f32>, SparseStats) {
+    let attn = from_spec_with(spec, Some(opts)).unwrap();
+    let mut cache = m.new_cache(16).unwrap();
+    let s = cache.add_sequence();
+    let mut out = Vec::new();
+    for part in toks.chunks(chunk) {
+        let h = m.forward(&mut cache, s, part, attn.as_ref(), None).unwrap();
+        out.extend(m.logits(&h));
+    }
+    (out, attn.sparse_stats().unwrap())
+}
+
+#[test]
+fn sparse_prefill_with_every_block_equals_causal() {
+    // gamma = 1 keeps every tile of the model's mask (Gemma-3's local layers: causal & window).
+    for arch in ["llama", "gemma3"] {
+        let m = Model::load(&synthetic(arch, 21), LoadOptions::default()).unwrap();
+        let t = tokens(113, 22);
+        let causal = run(&m, &t, "causal", 40, 16);
+        let opts = SparseOptions {
+            layers: None,
+            recall: true,
+        };
+        let spec = "topmass(gamma=1,block=16,dense_below=0)";
+        let (sparse, st) = run_sparse(&m, &t, spec, opts, 40);
+        let e = max_diff(&causal, &sparse);
+        assert!(e < 2e-4, "{arch}: sparse with every block vs causal: {e}");
+        assert_eq!(st.layers.len(), 3);
+        assert_eq!(st.density(), 1.0);
+        let (mean, worst) = st.recall().unwrap();
+        assert!(
+            (mean - 1.0).abs() < 1e-5 && (worst - 1.0).abs() < 1e-5,
+            "{arch}"
+        );
+        let (bm, bw) = st.best_recall().unwrap();
+        assert!(
+            (bm - 1.0).abs() < 1e-5 && (bw - 1.0).abs() < 1e-5,
+            "{arch}: best {bm} {bw}"
+        );
+        for l in &st.layers {
+            assert_eq!((l.calls, l.fallbacks), (3, 0), "{arch} layer {}", l.layer);
+        }
+    }
+}
+
+#[test]
+fn sparse_prefill_statistics_match_the_selection_and_the_oracle_recall() {
+    use crate::attention::{AttnParams, MaskSpec};
+    use crate::mask::{MaskExpr, MaskShape};
+    use crate::tensor::TensorView;
+    let m = Model::load(&synthetic("llama", 23), LoadOptions::default()).unwrap();
+    let (n, c) = (113, &m.cfg);
+    let t = tokens(n, 24);
+    let spec_text = "moba(block=16,topk=2,dense_below=0)";
+    let attn = from_spec_with(
+        spec_text,
+        Some(SparseOptions {
+            layers: Some(vec![1]),
+            recall: true,
+        }),
+    )
+    .unwrap();
+    let mut cache = m.new_cache(16).unwrap();
+    let s = cache.add_sequence();
+    // Layer 1's q and k as the sparse run computed them (one call: the whole prompt).
+    let mut qk: Option<(Vec<f32>, Vec<f32>)> = None;
+    let mut cap = |x: Captured| {
+        if x.layer == 1 {
+            qk = Some((x.q.to_vec(), x.k.to_vec()));
+        }
+    };
+    let h = m
+        .forward(&mut cache, s, &t, attn.as_ref(), Some(&mut cap))
+        .unwrap();
+    let st = attn.sparse_stats().unwrap();
+    assert_eq!(st.layers.len(), 1, "only the chosen layer is sparse");
+    let l = &st.layers[0];
+    assert_eq!((l.layer, l.calls, l.fallbacks), (1, 1, 0));
+    // The same selection made directly, and its recall from the f64 oracle.
+    let (q, k) = qk.unwrap();
+    let qv = TensorView::contiguous(&q[..], [1, n, c.heads, c.head_dim]).unwrap();
+    let kv = TensorView::contiguous(&k[..], [1, n, c.kv_heads, c.head_dim]).unwrap();
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq: n,
+                sk: n,
+            },
+            None,
+        )
+        .unwrap();
+    let p = AttnParams {
+        scale: Some(c.attn_scale),
+        ..Default::default()
+    };
+    let spec = crate::SparseSpec::parse(spec_text).unwrap();
+    let sel = crate::sparse::select(&qv, &kv, &p, &spec, MaskSpec::Expr(&bound)).unwrap();
+    assert_eq!(l.selected, sel.report.selected);
+    assert_eq!(l.allowed, sel.report.allowed);
+    assert!(l.density() > 0.1 && l.density() < 0.9, "{}", l.density());
+    let oracle = crate::sparse::mass_recall(&qv, &kv, &p, &sel).unwrap();
+    let got = l.head_recall().unwrap();
+    for (h, (g, o)) in got.iter().zip(&oracle.per_head).enumerate() {
+        assert!((g - o).abs() < 1e-4, "head {h}: recall {g} vs oracle {o}");
+        assert!(*o < 0.999, "head {h}: recall {o} with tiles dropped");
+    }
+    // The best selection of equal size, against the same computation made directly.
+    let best = crate::sparse::best_recall(&qv, &kv, &p, &sel).unwrap();
+    let mine = l.head_best_recall().unwrap();
+    for (h, (g, b)) in mine.iter().zip(&best.per_head).enumerate() {
+        assert!((g - b).abs() < 1e-9, "head {h}: best recall {g} vs {b}");
+        assert!(
+            *b >= got[h] - 1e-4,
+            "head {h}: best {b} below the selection's {}",
+            got[h]
+        );
+    }
+    // The selection changed the model's output (layers 0 and 2 dense).
+    let dense = run(&m, &t, "causal", n, 16);
+    assert!(max_diff(&dense, &m.logits(&h)) > 1e-3);
+}
+
+#[test]
+fn sparse_decode_steps_are_dense_and_short_prefills_fall_back() {
+    let m = Model::load(&synthetic("llama", 25), LoadOptions::default()).unwrap();
+    let t = tokens(97, 26);
+    // Chunks of 40: 40, 80 and 97 keys; dense_below = 50 makes the first a fallback.
+    let spec = "relthresh(alpha=0.5,block=16,dense_below=50)";
+    let attn = from_spec_with(spec, Some(SparseOptions::default())).unwrap();
+    let mut cache = m.new_cache(16).unwrap();
+    let s = cache.add_sequence();
+    let out = m
+        .generate(&mut cache, s, &t, 5, None, attn.as_ref(), 40, |_| {})
+        .unwrap();
+    assert_eq!(out.len(), 5);
+    let st = attn.sparse_stats().unwrap();
+    for l in &st.layers {
+        // Three prefill calls (decode steps are not sparse), the first one dense.
+        assert_eq!((l.calls, l.fallbacks), (3, 1), "layer {}", l.layer);
+    }
+    assert!(st.density() < 1.0 && st.density() > 0.0);
+}
+
+#[test]
+fn sparse_options_and_specs_are_checked() {
+    let e = from_spec_with("causal", Some(SparseOptions::default()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("need a sparse spec"), "{e}");
+    let e = from_spec("topmass(gamma=2)").err().unwrap().to_string();
+    assert!(e.contains("`gamma` must be in (0, 1]"), "{e}");
+    let spec = crate::SparseSpec::parse("moba").unwrap();
+    let a = SparseAttention::new(
+        spec,
+        SparseOptions {
+            layers: Some(vec![0, 3]),
+            recall: false,
+        },
+    )
+    .unwrap();
+    let e = a.check_layers(3).unwrap_err().to_string();
+    assert!(e.contains("layer 3") && e.contains("0..3"), "{e}");
+    assert!(a.check_layers(4).is_ok());
+    // A dense method has no sparse statistics.
+    assert!(from_spec("causal").unwrap().sparse_stats().is_none());
+}

@@ -34,6 +34,15 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>>
                     sink,
                     local,
                 } => vertical_slash(ctx, b, h, [v, s, last, sink, local]),
+                Method::FlexPrefill {
+                    gamma,
+                    tau,
+                    min_budget,
+                    last,
+                } => {
+                    let kbar = &kbar[b * d.hk + ctx.kv_head(h)];
+                    flexprefill(ctx, b, h, kbar, [gamma, tau], min_budget, last)
+                }
                 _ => pooled_head(ctx, method, b, h, &kbar[b * d.hk + ctx.kv_head(h)]),
             }
         })
@@ -104,7 +113,13 @@ fn pooled_head(
                 .map(|e| in_diag(e.k_tile) || (sink && e.k_tile == 0))
                 .collect();
             match *method {
-                Method::TopMass { gamma } => top_mass(&scores, gamma, &mut keep),
+                Method::TopMass { gamma } => top_mass(&scores, gamma, 0, &mut keep),
+                Method::FlexPrefill {
+                    gamma, min_budget, ..
+                } => {
+                    let min_tiles = min_budget.div_ceil(ctx.cand.tile_k);
+                    top_mass(&scores, gamma, min_tiles, &mut keep)
+                }
                 Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
                 Method::Moba { topk } => top_k(&scores, topk, &mut keep),
                 Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
@@ -119,9 +134,10 @@ fn pooled_head(
 }
 
 /// Adds to `keep` the most probable blocks, p = softmax(s), in decreasing order until their
-/// cumulative mass reaches gamma (the block that reaches it included); gamma >= 1 keeps all
-/// (in exact arithmetic only the whole row has mass 1).
-fn top_mass(s: &[f64], gamma: f64, keep: &mut [bool]) {
+/// cumulative mass reaches gamma (the block that reaches it included) and at least `min_kept`
+/// blocks of the row are kept (forced ones counted); gamma >= 1 keeps all (in exact arithmetic
+/// only the whole row has mass 1).
+fn top_mass(s: &[f64], gamma: f64, min_kept: usize, keep: &mut [bool]) {
     if gamma >= 1.0 {
         keep.fill(true);
         return;
@@ -130,11 +146,12 @@ fn top_mass(s: &[f64], gamma: f64, keep: &mut [bool]) {
     let z: f64 = s.iter().map(|&x| (x - m).exp()).sum();
     let mut order: Vec<usize> = (0..s.len()).collect();
     order.sort_unstable_by(by_score(s));
+    let mut kept = keep.iter().filter(|&&k| k).count();
     let mut mass = 0.0;
     for x in order {
-        keep[x] = true;
+        kept += !std::mem::replace(&mut keep[x], true) as usize;
         mass += (s[x] - m).exp() / z;
-        if mass >= gamma {
+        if mass >= gamma && kept >= min_kept {
             break;
         }
     }
@@ -193,9 +210,22 @@ fn prefix(flags: &[bool]) -> Vec<u32> {
     p
 }
 
-/// Vertical-slash for one (batch row, head); `a` = [v, s, last, sink, local].
-fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileEntry>> {
-    let [v, s, last, sink, local] = a;
+/// What the last query rows of one (batch row, head) say about the keys, from their exact
+/// softmax rows under the mask.
+struct LastRows {
+    /// Column mass c_j = sum_i p_ij, `[Sk]`.
+    col: Vec<f64>,
+    /// Diagonal mass d_o = sum_{p_i - j = o} p_ij at index o + Sq - 1, `[Sq + Sk - 1]`.
+    diag: Vec<f64>,
+    /// Keys allowed for at least one of the rows, `[Sk]`.
+    seen: Vec<bool>,
+    /// Mean of the rows' queries (all `last` of them), `[D]`.
+    qmean: Vec<f64>,
+}
+
+/// Column and diagonal mass of the last `last` query rows (rows without an allowed key estimate
+/// nothing).
+fn last_rows(ctx: &Ctx, b: usize, h: usize, last: usize) -> LastRows {
     let (sq, sk, dd) = (ctx.dims.sq, ctx.dims.sk, ctx.dims.d);
     let g = ctx.kv_head(h);
     // Keys of this head, widened once: [Sk, D].
@@ -203,22 +233,26 @@ fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileE
         .flat_map(|j| (0..dd).map(move |c| (j, c)))
         .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
         .collect();
-    // Column mass c_j and diagonal mass d_o (index o + Sq - 1 = i + Sk - 1 - j) of the last rows.
     let mut col = vec![0.0f64; sk];
     let mut diag = vec![0.0f64; sq + sk - 1];
+    let mut seen = vec![false; sk];
+    let mut qmean = vec![0.0f64; dd];
     let (mut allowed, mut words) = (vec![false; sk], Vec::new());
     let mut logits = vec![0.0f64; sk];
     let mut qrow = vec![0.0f64; dd];
-    for i in sq - last.min(sq)..sq {
+    let first = sq - last.min(sq);
+    for i in first..sq {
         ctx.el.row(b, h, i, &mut allowed, &mut words);
         qrow.iter_mut()
             .enumerate()
             .for_each(|(c, x)| *x = ctx.q.get(b, i, h, c) as f64);
+        qmean.iter_mut().zip(&qrow).for_each(|(a, x)| *a += x);
         // p_ij = exp(s_ij - m) / z over the allowed keys.
         let mut m = f64::NEG_INFINITY;
         for j in (0..sk).filter(|&j| allowed[j]) {
             logits[j] = ctx.logit.of(dot(&qrow, &keys[j * dd..][..dd]));
             m = m.max(logits[j]);
+            seen[j] = true;
         }
         if m == f64::NEG_INFINITY {
             continue; // no allowed key: the row estimates nothing
@@ -233,13 +267,35 @@ fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileE
             diag[i + sk - 1 - j] += p;
         }
     }
+    let inv = 1.0 / (sq - first) as f64;
+    qmean.iter_mut().for_each(|a| *a *= inv);
+    LastRows {
+        col,
+        diag,
+        seen,
+        qmean,
+    }
+}
+
+/// Vertical-slash for one (batch row, head); `a` = [v, s, last, sink, local].
+fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileEntry>> {
+    let [v, s, last, sink, local] = a;
+    let (sq, sk) = (ctx.dims.sq, ctx.dims.sk);
+    let LastRows { col, diag, .. } = last_rows(ctx, b, h, last);
     let mut cols = top_positive(&col, v);
     cols[..sink.min(sk)].fill(true);
     let mut diags = top_positive(&diag, s);
     // Local band 0 <= o < local: indices Sq - 1 .. Sq - 1 + local.
     let band = (sq - 1).min(diags.len())..(sq - 1 + local).min(diags.len());
     diags[band].fill(true);
-    let (cp, dp) = (prefix(&cols), prefix(&diags));
+    coarsen(ctx, b, h, &cols, &diags)
+}
+
+/// The candidate tiles of (b, h) crossed by a kept column (`cols`, `[Sk]`) or a kept diagonal
+/// (`diags`, index o + Sq - 1, `[Sq + Sk - 1]`).
+fn coarsen(ctx: &Ctx, b: usize, h: usize, cols: &[bool], diags: &[bool]) -> Vec<Vec<TileEntry>> {
+    let sq = ctx.dims.sq;
+    let (cp, dp) = (prefix(cols), prefix(diags));
     let n_diag = diags.len() as i64;
     (0..ctx.cand.q_tiles)
         .map(|qt| {
@@ -260,4 +316,110 @@ fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileE
                 .collect()
         })
         .collect()
+}
+
+/// The smallest set of entries, heaviest first (ties by index) among those > 0, whose mass
+/// reaches `target` and that holds at least `min` entries (or every entry > 0), as flags.
+fn cumulative(mass: &[f64], target: f64, min: usize) -> Vec<bool> {
+    let mut idx: Vec<usize> = (0..mass.len()).filter(|&j| mass[j] > 0.0).collect();
+    idx.sort_unstable_by(by_score(mass));
+    let mut out = vec![false; mass.len()];
+    let mut acc = 0.0;
+    for (n, j) in idx.into_iter().enumerate() {
+        if acc >= target && n >= min {
+            break;
+        }
+        out[j] = true;
+        acc += mass[j];
+    }
+    out
+}
+
+/// Square-root Jensen-Shannon distance of two distributions (natural logarithm, 0 ln 0 = 0):
+/// sqrt(JSD), JSD = 1/2 sum p ln(p / m) + 1/2 sum q ln(q / m), m = (p + q) / 2; in
+/// [0, sqrt(ln 2)].
+pub(crate) fn js_distance(p: &[f64], q: &[f64]) -> f64 {
+    let half_kl = |a: f64, m: f64| if a > 0.0 { 0.5 * a * (a / m).ln() } else { 0.0 };
+    let jsd: f64 = p
+        .iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let m = 0.5 * (a + b);
+            half_kl(a, m) + half_kl(b, m)
+        })
+        .sum();
+    jsd.max(0.0).sqrt()
+}
+
+/// FlexPrefill for one (batch row, head): the pattern test, then query-aware blocks or
+/// cumulative vertical-slash. `gt` = [gamma, tau]; `kbar` the key tile means of the head.
+///
+/// Pattern test, on the last `last` query rows: the exact block distribution
+///   a_hat(kt) = sum_{j in kt} c_j / sum_j c_j        (c_j the rows' column mass)
+/// against the pooled estimate over the key tiles S the rows can see
+///   a_bar(kt) = softmax_{kt in S} softcap(scale mean_i(q_i) . mean_{j in kt}(k_j)).
+/// sqrt(JSD(a_bar, a_hat)) < tau: the pooled scores track the real distribution, so every query
+/// tile keeps its key tiles by pooled score (top mass gamma, at least ceil(min_budget / block)
+/// tiles, sink and diagonal tiles forced). Otherwise: the heaviest columns until their mass
+/// reaches gamma of the column total (at least ceil(min_budget / block) of them), the same for
+/// diagonals,
+/// with column 0 and diagonal 0 forced, coarsened to tiles.
+fn flexprefill(
+    ctx: &Ctx,
+    b: usize,
+    h: usize,
+    kbar: &[f64],
+    gt: [f64; 2],
+    min_budget: usize,
+    last: usize,
+) -> Vec<Vec<TileEntry>> {
+    let [gamma, tau] = gt;
+    let (sq, dd, t) = (ctx.dims.sq, ctx.dims.d, ctx.cand.tile_k);
+    let rows = last_rows(ctx, b, h, last);
+    let nk = ctx.cand.k_tiles;
+    let total: f64 = rows.col.iter().sum();
+    let visible: Vec<bool> = (0..nk)
+        .map(|kt| rows.seen[kt * t..((kt + 1) * t).min(ctx.dims.sk)].contains(&true))
+        .collect();
+    let dist = if total > 0.0 {
+        let exact: Vec<f64> = (0..nk)
+            .map(|kt| {
+                rows.col[kt * t..((kt + 1) * t).min(ctx.dims.sk)]
+                    .iter()
+                    .sum::<f64>()
+                    / total
+            })
+            .collect();
+        let s: Vec<f64> = (0..nk)
+            .map(|kt| match visible[kt] {
+                true => ctx.logit.of(dot(&rows.qmean, &kbar[kt * dd..][..dd])),
+                false => f64::NEG_INFINITY,
+            })
+            .collect();
+        let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = s.iter().map(|&x| (x - m).exp()).sum();
+        let pooled: Vec<f64> = s.iter().map(|&x| (x - m).exp() / z).collect();
+        js_distance(&pooled, &exact)
+    } else {
+        0.0 // the rows see no key: nothing to compare, the query-aware pattern
+    };
+    if dist < tau {
+        let method = Method::FlexPrefill {
+            gamma,
+            tau,
+            min_budget,
+            last,
+        };
+        return pooled_head(ctx, &method, b, h, kbar);
+    }
+    // The minimum in units of one tile per row: a column costs at most one tile of a row.
+    let min_lines = min_budget.div_ceil(t);
+    let mut cols = cumulative(&rows.col, gamma * total, min_lines);
+    let diag_total: f64 = rows.diag.iter().sum();
+    let mut diags = cumulative(&rows.diag, gamma * diag_total, min_lines);
+    if let Some(c0) = cols.first_mut() {
+        *c0 = true;
+    }
+    diags[sq - 1] = true;
+    coarsen(ctx, b, h, &cols, &diags)
 }

@@ -24,12 +24,20 @@
 //! Every argument is optional (defaults below), may be given once, and is range-checked; an
 //! unknown method or argument is an error naming it and listing what is accepted.
 //!
+//! Every method also takes `dense_below` (integer >= 0, default [`DENSE_BELOW`] = 1024): the
+//! automatic dense fallback. When the keys are fewer than `dense_below`, [`select`] runs no
+//! estimator and keeps every tile of the mask ([`Selection::fallback`] is set, density 1):
+//! at that length the estimate costs a sizeable part of the attention it would save and the
+//! tiles every method must keep (sink, diagonal) are already a large share of a row.
+//! `dense_below=0` always selects.
+//!
 //! | method | arguments (default) | keeps, per (batch, query head, query block) |
 //! |---|---|---|
 //! | `topmass` | `gamma` in (0, 1] (0.95), `block` (64) | the most probable key blocks until their mass reaches gamma, under p = softmax over key blocks of the pooled score; gamma = 1 keeps every block |
 //! | `relthresh` | `alpha` in [0, 1] (0.5), `block` (64) | the key blocks with p >= alpha max p (sort-free: s >= max s + ln alpha); alpha = 0 keeps every block |
 //! | `moba` | `block` (512), `topk` >= 1 (3) | the topk key blocks by mean(q_block) . mean(k_block), the current (diagonal) blocks forced in first |
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64) | the tiles crossed by a kept column or diagonal (below) |
+//! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64) | per head, query-aware blocks or cumulative vertical-slash, chosen by a distance test (below) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
 //! mean(k_j, j in kb)) = softcap(mean over the block's pairs of scale q_i . k_j) (linearity).
@@ -53,6 +61,20 @@
 //! ANDed in) and, for speed, bands whose key start is not tile-aligned and gathered key columns
 //! as new schedule entry kinds.
 //!
+//! FlexPrefill: per head, the last `last` query rows give the exact block distribution
+//! a_hat(kt) = sum_{j in kt} c_j / sum_j c_j and the pooled estimate
+//! a_bar = softmax over the key tiles they can see of softcap(scale mean_i(q_i) . mean(k_kt)).
+//! When the square-root Jensen-Shannon distance sqrt(JSD(a_bar, a_hat)) (natural logarithm, so
+//! in [0, sqrt(ln 2) = 0.83]) is below `tau`, the pooled scores are trusted: every query tile
+//! keeps key tiles by pooled score as `topmass(gamma)` does, at least ceil(min_budget / block)
+//! of them (sink and diagonal tiles forced and counted). Otherwise the head is vertical-slash:
+//! the heaviest columns until their mass reaches gamma of the total and at least
+//! ceil(min_budget / block) of them (among those with mass; once coarsened a column costs at
+//! most one tile of a row, so the minimum is counted in tiles in both patterns), the same for
+//! diagonals, column 0 and diagonal 0 forced, coarsened to tiles as above. The slash budget is
+//! cumulative too: a head whose mass sits on a few columns spreads it over every diagonal
+//! o = p_i - j the last rows meet, so reaching gamma of it can keep many diagonals.
+//!
 //! Every method works per (batch, query head) with the key head h / (Hq / Hk) (GQA), in parallel
 //! over (batch, head), for any Sq and Sk (queries aligned to the end of the keys, as the mask
 //! language aligns them). Each fast estimator has a plain reference ([`reference`]: scores from
@@ -66,7 +88,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-pub use spec::{Method, SparseSpec};
+pub use spec::{Method, SparseSpec, DENSE_BELOW};
 
 use crate::attention::{check_bound, validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
@@ -85,6 +107,9 @@ pub struct Selection<'a> {
     /// The element mask of Partial tiles (the caller's), if any.
     pub rows: Option<&'a dyn RowMask>,
     pub report: SparseReport,
+    /// The dense fallback was taken (fewer keys than the spec's `dense_below`): every
+    /// candidate tile is kept and no estimator ran.
+    pub fallback: bool,
 }
 
 impl<'a> Selection<'a> {
@@ -321,14 +346,19 @@ pub fn select<'a>(
         cand: &cand,
         el: Elements { s: &cand, rows },
     };
-    let heads = estimate::select_all(&ctx, &spec.method);
-    let schedule = build(&ctx, heads)?;
+    let fallback = dims.sk < spec.dense_below;
+    let schedule = if fallback {
+        cand.as_ref().clone()
+    } else {
+        build(&ctx, estimate::select_all(&ctx, &spec.method))?
+    };
     let report = report(&schedule, &cand, rows, &dims);
     Ok(Selection {
         schedule,
         candidates: cand,
         rows,
         report,
+        fallback,
     })
 }
 
@@ -422,6 +452,137 @@ pub fn mass_recall(
                 1.0
             } else {
                 sum / n as f64
+            }
+        })
+        .collect();
+    let mean = per_head.iter().sum::<f64>() / per_head.len() as f64;
+    let worst = per_head.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(Recall {
+        per_head,
+        mean,
+        worst,
+    })
+}
+
+/// The softmax mass of every candidate tile, summed over the tile's rows:
+/// `[B, Hq, query tiles, key tiles]`, M(qt, kt) = sum_{i in qt} sum_{j in kt} p_ij with p the
+/// softmax over the mask's keys. Through the kernel: for every key tile kt, one forward over
+/// the candidates of column kt gives LSE_kt, and sum_{j in kt} p_ij = exp(LSE_kt(i) - LSE(i)).
+/// Costs about two dense forwards (k stands in for v).
+pub fn tile_mass(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    sel: &Selection,
+) -> Result<Vec<f64>> {
+    let dims = dims_of(q, k)?;
+    let c = sel.candidates.as_ref();
+    let (bn, hq, sq) = (dims.batch, dims.hq, dims.sq);
+    let (nq, nk) = (c.q_tiles, c.k_tiles);
+    let full = crate::forward(
+        q,
+        k,
+        k,
+        params,
+        MaskSpec::Schedule {
+            schedule: c,
+            rows: sel.rows,
+        },
+    )?;
+    let mut mass = vec![0.0f64; bn * hq * nq * nk];
+    for kt in 0..nk as u32 {
+        let mut col = BlockSchedule::empty(c.tile_q, c.tile_k, c.sq, c.sk, bn, hq)?;
+        let mut any = false;
+        for b in 0..bn {
+            for h in 0..hq {
+                for qt in 0..nq {
+                    let e: Vec<TileEntry> = c
+                        .row(b, h, qt)
+                        .iter()
+                        .filter(|e| e.k_tile == kt)
+                        .copied()
+                        .collect();
+                    any |= !e.is_empty();
+                    col.push_row(&e)?;
+                }
+            }
+        }
+        if !any {
+            continue;
+        }
+        let col = col.finish()?;
+        let part = crate::forward(
+            q,
+            k,
+            k,
+            params,
+            MaskSpec::Schedule {
+                schedule: &col,
+                rows: sel.rows,
+            },
+        )?;
+        for b in 0..bn {
+            for h in 0..hq {
+                let lse = (b * hq + h) * sq;
+                for i in 0..sq {
+                    let (lp, lf) = (part.lse[lse + i], full.lse[lse + i]);
+                    if lp > f32::NEG_INFINITY && lf > f32::NEG_INFINITY {
+                        let qt = i / c.tile_q;
+                        mass[((b * hq + h) * nq + qt) * nk + kt as usize] +=
+                            (lp as f64 - lf as f64).exp();
+                    }
+                }
+            }
+        }
+    }
+    Ok(mass)
+}
+
+/// The mass recall of the best selection with as many tiles as `sel` in every (batch row, head,
+/// query tile): there, the tiles with the most mass M(qt, kt) ([`tile_mass`]), which maximise
+/// the sum of the rows' recalls. Per head: sum over query tiles of the kept masses / the rows
+/// the mask leaves non-empty (the same normalisation as [`mass_recall`]).
+pub fn best_recall(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    sel: &Selection,
+) -> Result<Recall> {
+    let dims = dims_of(q, k)?;
+    let mass = tile_mass(q, k, params, sel)?;
+    let c = sel.candidates.as_ref();
+    let (nq, nk) = (c.q_tiles, c.k_tiles);
+    let el = Elements {
+        s: c,
+        rows: sel.rows,
+    };
+    let (mut keys, mut words) = (vec![false; dims.sk], Vec::new());
+    let per_head: Vec<f64> = (0..dims.batch * dims.hq)
+        .map(|r| {
+            let (b, h) = (r / dims.hq, r % dims.hq);
+            let rows = (0..dims.sq)
+                .filter(|&i| {
+                    el.row(b, h, i, &mut keys, &mut words);
+                    keys.contains(&true)
+                })
+                .count();
+            let mut sum = 0.0;
+            for qt in 0..nq {
+                let m = &mass[(r * nq + qt) * nk..][..nk];
+                let mut tiles: Vec<f64> = c
+                    .row(b, h, qt)
+                    .iter()
+                    .map(|e| m[e.k_tile as usize])
+                    .collect();
+                tiles.sort_unstable_by(|x, y| y.total_cmp(x));
+                sum += tiles[..sel.schedule.row(b, h, qt).len()]
+                    .iter()
+                    .sum::<f64>();
+            }
+            if rows == 0 {
+                1.0
+            } else {
+                (sum / rows as f64).min(1.0)
             }
         })
         .collect();

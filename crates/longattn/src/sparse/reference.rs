@@ -20,6 +20,9 @@ pub fn select_reference(
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, spec.block)?;
+    if dims.sk < spec.dense_below {
+        return Ok(cand.into_owned()); // the dense fallback: every tile of the mask
+    }
     let el = Elements { s: &cand, rows };
     let logit = Logit::new(params, dims.d);
     let t = spec.block;
@@ -36,15 +39,43 @@ pub fn select_reference(
                     .map(|c| q.get(b, i, h, c) as f64 * k.get(b, j, g, c) as f64)
                     .sum()
             };
-            // kept[qt][kt] for every tile; intersected with the candidates below.
-            let kept: Vec<Vec<bool>> = match spec.method {
-                Method::VerticalSlash {
-                    v,
-                    s,
+            // FlexPrefill's pattern test: the kept columns and diagonals when it picks
+            // vertical-slash, None for query-aware blocks.
+            let flex_vs = match spec.method {
+                Method::FlexPrefill {
+                    gamma,
+                    tau,
+                    min_budget,
                     last,
-                    sink,
-                    local,
-                } => {
+                } => flex_pattern(
+                    &el,
+                    &logit,
+                    &qk,
+                    (b, h),
+                    [gamma, tau],
+                    min_budget,
+                    last,
+                    off,
+                ),
+                _ => None,
+            };
+            // kept[qt][kt] for every tile; intersected with the candidates below.
+            let kept: Vec<Vec<bool>> = match (spec.method, flex_vs) {
+                (_, Some((cols, diags))) => {
+                    let col_kept = |j: usize| j == 0 || cols.contains(&j);
+                    let diag_kept = |o: i64| o == 0 || diags.contains(&o);
+                    cover(&cand, off, &col_kept, &diag_kept)
+                }
+                (
+                    Method::VerticalSlash {
+                        v,
+                        s,
+                        last,
+                        sink,
+                        local,
+                    },
+                    None,
+                ) => {
                     let (col, diag) = last_rows_mass(&el, &logit, &qk, b, h, last, off);
                     let cols = heaviest(col.into_iter().enumerate().collect(), v);
                     let diags = heaviest(diag.into_iter().collect(), s);
@@ -52,23 +83,9 @@ pub fn select_reference(
                         (cols.into_iter().collect(), diags.into_iter().collect());
                     let col_kept = |j: usize| j < sink || cols.contains(&j);
                     let diag_kept = |o: i64| (0..local as i64).contains(&o) || diags.contains(&o);
-                    (0..nq)
-                        .map(|qt| {
-                            (0..nk)
-                                .map(|kt| {
-                                    let (q0, q1) = cand.q_range(qt);
-                                    let (k0, k1) = cand.k_range(kt);
-                                    (q0..q1).any(|i| {
-                                        (k0..k1).any(|j| {
-                                            col_kept(j) || diag_kept(i as i64 + off - j as i64)
-                                        })
-                                    })
-                                })
-                                .collect()
-                        })
-                        .collect()
+                    cover(&cand, off, &col_kept, &diag_kept)
                 }
-                method => (0..nq)
+                (method, None) => (0..nq)
                     .map(|qt| {
                         let (q0, q1) = cand.q_range(qt);
                         let c: Vec<usize> = cand
@@ -96,7 +113,7 @@ pub fn select_reference(
                         let sink = !matches!(method, Method::Moba { .. });
                         let forced: Vec<bool> =
                             c.iter().map(|&kt| diag(kt) || (sink && kt == 0)).collect();
-                        let keep = rule(method, &score, &forced);
+                        let keep = rule(method, &score, &forced, t);
                         let mut row = vec![false; nk];
                         for (x, &kt) in c.iter().enumerate() {
                             row[kt] = keep[x];
@@ -119,8 +136,31 @@ pub fn select_reference(
     out.finish()
 }
 
-/// The pooled methods' rules on one row of candidate scores (`forced`: sink / diagonal).
-fn rule(method: Method, score: &[f64], forced: &[bool]) -> Vec<bool> {
+/// Every tile (as `[q tile][k tile]`) crossed by a kept column or a kept diagonal o = p_i - j.
+fn cover(
+    cand: &BlockSchedule,
+    off: i64,
+    col_kept: &dyn Fn(usize) -> bool,
+    diag_kept: &dyn Fn(i64) -> bool,
+) -> Vec<Vec<bool>> {
+    (0..cand.q_tiles)
+        .map(|qt| {
+            (0..cand.k_tiles)
+                .map(|kt| {
+                    let (q0, q1) = cand.q_range(qt);
+                    let (k0, k1) = cand.k_range(kt);
+                    (q0..q1).any(|i| {
+                        (k0..k1).any(|j| col_kept(j) || diag_kept(i as i64 + off - j as i64))
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The pooled methods' rules on one row of candidate scores (`forced`: sink / diagonal; `tile`
+/// the key tile size, for FlexPrefill's minimum budget).
+fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool> {
     let n = score.len();
     let m = score.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let z: f64 = score.iter().map(|s| (s - m).exp()).sum();
@@ -129,18 +169,24 @@ fn rule(method: Method, score: &[f64], forced: &[bool]) -> Vec<bool> {
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
     let mut keep = forced.to_vec();
-    match method {
-        Method::TopMass { gamma } => {
-            // Smallest prefix of the order whose mass reaches gamma; gamma = 1: every block.
-            let mut mass = 0.0;
-            for &x in &order {
-                if gamma < 1.0 && mass >= gamma {
-                    break;
-                }
-                keep[x] = true;
-                mass += p[x];
+    // Smallest prefix of the order whose mass reaches gamma with at least `min` blocks kept in
+    // the row (forced ones counted); gamma = 1: every block.
+    let top_mass = |gamma: f64, min: usize, keep: &mut Vec<bool>| {
+        let mut mass = 0.0;
+        for &x in &order {
+            let kept = keep.iter().filter(|&&k| k).count();
+            if gamma < 1.0 && mass >= gamma && kept >= min {
+                break;
             }
+            keep[x] = true;
+            mass += p[x];
         }
+    };
+    match method {
+        Method::TopMass { gamma } => top_mass(gamma, 0, &mut keep),
+        Method::FlexPrefill {
+            gamma, min_budget, ..
+        } => top_mass(gamma, min_budget.div_ceil(tile), &mut keep),
         Method::RelThresh { alpha } => {
             let pmax = p.iter().copied().fold(0.0, f64::max);
             for x in 0..n {
@@ -157,6 +203,86 @@ fn rule(method: Method, score: &[f64], forced: &[bool]) -> Vec<bool> {
         Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
     }
     keep
+}
+
+/// FlexPrefill's pattern test for one (b, h), from the definitions: the last `last` rows'
+/// softmax (under the mask) summed per key tile and normalised (a_hat), the softmax over the
+/// tiles those rows can see of the mean over the tile's pairs of their logits' argument
+/// (a_bar), and d = sqrt(JSD(a_bar, a_hat)). d < tau (or rows that see nothing): `None`, the
+/// query-aware pattern. Otherwise the heaviest columns until gamma of the total, at least
+/// ceil(min_budget / block) of them (among those > 0), and the same for diagonals o = p_i - j.
+#[allow(clippy::too_many_arguments)]
+fn flex_pattern(
+    el: &Elements,
+    logit: &Logit,
+    qk: &dyn Fn(usize, usize) -> f64,
+    (b, h): (usize, usize),
+    [gamma, tau]: [f64; 2],
+    min_budget: usize,
+    last: usize,
+    off: i64,
+) -> Option<(HashSet<usize>, HashSet<i64>)> {
+    let s = el.s;
+    let sq = s.sq;
+    let (col, diag) = last_rows_mass(el, logit, qk, b, h, last, off);
+    let total: f64 = col.iter().sum();
+    if total == 0.0 {
+        return None;
+    }
+    let rows = sq.saturating_sub(last)..sq;
+    let mut exact = Vec::new();
+    let mut pooled = Vec::new();
+    for kt in 0..s.k_tiles {
+        let (k0, k1) = s.k_range(kt);
+        exact.push(col[k0..k1].iter().sum::<f64>() / total);
+        let visible = rows
+            .clone()
+            .any(|i| (k0..k1).any(|j| el.allowed(b, h, i, j)));
+        pooled.push(if visible {
+            let pairs = rows.clone().flat_map(|i| (k0..k1).map(move |j| (i, j)));
+            let n = rows.len() * (k1 - k0);
+            logit.of(pairs.map(|(i, j)| qk(i, j)).sum::<f64>() / n as f64)
+        } else {
+            f64::NEG_INFINITY
+        });
+    }
+    let m = pooled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = pooled.iter().map(|x| (x - m).exp()).sum();
+    let mut jsd = 0.0;
+    for (x, &e) in pooled.iter().zip(&exact) {
+        let a = (x - m).exp() / z;
+        let mid = (a + e) / 2.0;
+        if a > 0.0 {
+            jsd += 0.5 * a * (a / mid).ln();
+        }
+        if e > 0.0 {
+            jsd += 0.5 * e * (e / mid).ln();
+        }
+    }
+    if jsd.max(0.0).sqrt() < tau {
+        return None;
+    }
+    let min = min_budget.div_ceil(s.tile_k);
+    let cols = heaviest_until(col.into_iter().enumerate().collect(), gamma, min);
+    let diags = heaviest_until(diag.into_iter().collect(), gamma, min);
+    Some((cols.into_iter().collect(), diags.into_iter().collect()))
+}
+
+/// Heaviest first among the entries > 0 (ties: smaller key first) until the taken mass reaches
+/// gamma of the total and at least `min` are taken.
+fn heaviest_until<K: Ord + Copy>(mut mass: Vec<(K, f64)>, gamma: f64, min: usize) -> Vec<K> {
+    let total: f64 = mass.iter().map(|x| x.1).sum();
+    mass.retain(|x| x.1 > 0.0);
+    mass.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let (mut acc, mut out) = (0.0, Vec::new());
+    for (key, x) in mass {
+        if acc >= gamma * total && out.len() >= min {
+            break;
+        }
+        out.push(key);
+        acc += x;
+    }
+    out
 }
 
 /// Column mass c_j and diagonal mass d_o (o = p_i - j) of the softmax rows of the last `last`

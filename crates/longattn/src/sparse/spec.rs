@@ -28,15 +28,36 @@ pub enum Method {
         sink: usize,
         local: usize,
     },
+    /// FlexPrefill: per head, the last `last` query rows decide between query-aware blocks and
+    /// vertical-slash by the square-root Jensen-Shannon distance of the pooled block estimate
+    /// from the exact block distribution (query-aware when it is below `tau`); either pattern
+    /// keeps its smallest set reaching cumulative mass `gamma`, and at least about `min_budget`
+    /// keys per row: m = ceil(min_budget / block) tiles per query tile (query-aware), or m
+    /// columns and m diagonals among those with mass (vertical-slash: a column costs at most one
+    /// tile of a row once coarsened).
+    FlexPrefill {
+        gamma: f64,
+        tau: f64,
+        min_budget: usize,
+        last: usize,
+    },
 }
 
-/// A parsed sparse spec: the method and the block (tile) size it selects at, used for both the
-/// query and the key side of the schedule.
+/// A parsed sparse spec: the method, the block (tile) size it selects at (used for both the
+/// query and the key side of the schedule) and the dense fallback threshold.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparseSpec {
     pub method: Method,
     pub block: usize,
+    /// Dense fallback: with fewer keys than this, [`crate::sparse::select`] keeps every tile of
+    /// the mask and runs no estimator (argument `dense_below`, default [`DENSE_BELOW`]).
+    pub dense_below: usize,
 }
+
+/// Default of `dense_below`: below 1024 keys a 64-wide selection has at most 16 key tiles per
+/// row, the estimate costs a sizeable part of the attention it would save, and the blocks that
+/// must stay (sink, diagonal) already cover a large share of the row; sparsity cannot pay.
+pub const DENSE_BELOW: usize = 1024;
 
 /// The accepted arguments of each method with their defaults (in canonical order).
 fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
@@ -52,11 +73,21 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("sink", 4.0),
             ("local", 64.0),
         ],
+        "flexprefill" => &[
+            ("gamma", 0.9),
+            ("tau", 0.1),
+            ("min_budget", 256.0),
+            ("block", 64.0),
+            ("last", 64.0),
+        ],
         _ => return None,
     })
 }
 
-const KNOWN: &str = "topmass, relthresh, moba, vertical_slash";
+/// Arguments every method accepts, after its own (name, default).
+const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64)];
+
+const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -88,14 +119,23 @@ fn split_call(text: &str) -> Result<(&str, Vec<(&str, &str)>)> {
 }
 
 impl SparseSpec {
+    /// Whether `text` names a sparse method (its name before any `(` is one of the methods),
+    /// so that a caller can tell a sparse spec from a mask expression.
+    pub fn names_a_method(text: &str) -> bool {
+        let t = text.trim();
+        let name = t.find('(').map_or(t, |open| t[..open].trim());
+        arguments(name).is_some()
+    }
+
     /// Parses a spec (grammar in the [`crate::sparse`] module header).
     pub fn parse(text: &str) -> Result<SparseSpec> {
         let (name, given) = split_call(text)?;
         if name.is_empty() {
             return Err(err(format!("`{text}`: no method name (known: {KNOWN})")));
         }
-        let accepted = arguments(name)
+        let own = arguments(name)
             .ok_or_else(|| err(format!("unknown method `{name}` (known: {KNOWN})")))?;
+        let accepted: Vec<(&str, f64)> = own.iter().chain(COMMON).copied().collect();
         // Start from the defaults; each given argument replaces one, once.
         let mut vals: Vec<f64> = accepted.iter().map(|a| a.1).collect();
         let mut seen = vec![false; accepted.len()];
@@ -138,6 +178,12 @@ impl SparseSpec {
             "moba" => Method::Moba {
                 topk: int("topk", 1)?,
             },
+            "flexprefill" => Method::FlexPrefill {
+                gamma: arg("gamma"),
+                tau: arg("tau"),
+                min_budget: int("min_budget", 0)?,
+                last: int("last", 1)?,
+            },
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
                 s: int("s", 0)?,
@@ -149,6 +195,7 @@ impl SparseSpec {
         let spec = SparseSpec {
             method,
             block: int("block", 1)?,
+            dense_below: int("dense_below", 0)?,
         };
         spec.check()?;
         Ok(spec)
@@ -170,6 +217,16 @@ impl SparseSpec {
             Method::VerticalSlash { last: 0, .. } => {
                 Err(err("`vertical_slash`: `last` must be >= 1".into()))
             }
+            Method::FlexPrefill { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(
+                format!("`flexprefill`: `gamma` must be in (0, 1], got {gamma}"),
+            )),
+            // sqrt(JSD) with natural logarithms lies in [0, sqrt(ln 2)].
+            Method::FlexPrefill { tau, .. } if !(0.0..=1.0).contains(&tau) => Err(err(format!(
+                "`flexprefill`: `tau` must be in [0, 1], got {tau}"
+            ))),
+            Method::FlexPrefill { last: 0, .. } => {
+                Err(err("`flexprefill`: `last` must be >= 1".into()))
+            }
             _ => Ok(()),
         }
     }
@@ -179,20 +236,30 @@ impl SparseSpec {
 impl fmt::Display for SparseSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.block;
-        match self.method {
-            Method::TopMass { gamma } => write!(f, "topmass(gamma={gamma},block={b})"),
-            Method::RelThresh { alpha } => write!(f, "relthresh(alpha={alpha},block={b})"),
-            Method::Moba { topk } => write!(f, "moba(block={b},topk={topk})"),
+        let (name, args) = match self.method {
+            Method::TopMass { gamma } => ("topmass", format!("gamma={gamma},block={b}")),
+            Method::RelThresh { alpha } => ("relthresh", format!("alpha={alpha},block={b}")),
+            Method::Moba { topk } => ("moba", format!("block={b},topk={topk}")),
             Method::VerticalSlash {
                 v,
                 s,
                 last,
                 sink,
                 local,
-            } => write!(
-                f,
-                "vertical_slash(v={v},s={s},block={b},last={last},sink={sink},local={local})"
+            } => (
+                "vertical_slash",
+                format!("v={v},s={s},block={b},last={last},sink={sink},local={local}"),
             ),
-        }
+            Method::FlexPrefill {
+                gamma,
+                tau,
+                min_budget,
+                last,
+            } => (
+                "flexprefill",
+                format!("gamma={gamma},tau={tau},min_budget={min_budget},block={b},last={last}"),
+            ),
+        };
+        write!(f, "{name}({args},dense_below={})", self.dense_below)
     }
 }
