@@ -21,6 +21,7 @@
 //! entry -> position), so attention is exactly attention over the kept keys. Decode of many
 //! sequences goes through [`decode::decode`] with per-head tables ([`PagedKvCache::decode`]).
 pub mod decode;
+pub mod press;
 pub mod score;
 
 use crate::api::MaskArg;
