@@ -86,6 +86,8 @@ pub struct KvMemory {
     pub bytes_entries: usize,
     /// Bytes the live sequences would hold uncompressed (every position in every layer and head).
     pub bytes_full: usize,
+    /// Bytes of the pages the live sequences would use uncompressed.
+    pub bytes_full_in_use: usize,
 }
 
 /// The paged cache: see the module documentation.
@@ -230,7 +232,11 @@ impl PagedKvCache {
             .flat_map(|s| s.heads.iter().map(|h| h.len()))
             .sum();
         let full: usize = live
+            .clone()
             .map(|s| s.len * self.cfg.layers * self.cfg.kv_heads)
+            .sum();
+        let full_pages: usize = live
+            .map(|s| s.len.div_ceil(self.cfg.page_size) * self.cfg.layers * self.cfg.kv_heads)
             .sum();
         let page_bytes = (self.k_page() + self.v_page()) * 4;
         KvMemory {
@@ -240,6 +246,7 @@ impl PagedKvCache {
             bytes_in_use: self.pages_in_use() * page_bytes,
             bytes_entries: entries * self.entry_bytes(),
             bytes_full: full * self.entry_bytes(),
+            bytes_full_in_use: full_pages * page_bytes,
         }
     }
 

@@ -167,7 +167,8 @@ impl MaskedAttention {
             local: Default::default(),
         })
     }
-    fn expr_for(&self, window: Option<usize>) -> Result<MaskExpr> {
+    /// The expression applied on a layer with the model's sliding window `window`.
+    pub fn expr_for(&self, window: Option<usize>) -> Result<MaskExpr> {
         let Some(w) = window else {
             return Ok(self.expr.clone());
         };

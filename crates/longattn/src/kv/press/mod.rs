@@ -23,6 +23,7 @@
 pub mod a2sf;
 pub mod h2o;
 pub mod knorm;
+pub mod runner;
 pub mod snapkv;
 pub mod streaming;
 pub mod tova;
