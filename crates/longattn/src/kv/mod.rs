@@ -351,14 +351,16 @@ impl PagedKvCache {
             return Ok(());
         }
         // Entry of `pos` in each head: the last n entries hold the last positions if no
-        // compression dropped them.
-        let mut at = Vec::with_capacity(c.kv_heads);
+        // compression dropped them. The slot of each (head, new position) first, then the copy.
+        let p = c.page_size;
+        let mut slots = Vec::with_capacity(c.kv_heads * n);
         for kh in 0..c.kv_heads {
             let h = &s.heads[layer * c.kv_heads + kh];
-            let e0 = (h.len() + pos).checked_sub(slen);
-            match e0 {
-                Some(e0) if h.pos[e0] as usize == pos && h.pos[e0 + n - 1] as usize == pos + n - 1 => {
-                    at.push((h.pages.clone(), e0))
+            match (h.len() + pos).checked_sub(slen) {
+                Some(e0)
+                    if h.pos[e0] as usize == pos && h.pos[e0 + n - 1] as usize == pos + n - 1 =>
+                {
+                    slots.extend((e0..e0 + n).map(|e| h.pages[e / p] as usize * p + e % p))
                 }
                 _ => {
                     return Err(param(format!(
@@ -368,14 +370,11 @@ impl PagedKvCache {
                 }
             }
         }
-        let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
-        for (kh, (pages, e0)) in at.into_iter().enumerate() {
-            for t in 0..n {
-                let e = e0 + t;
-                let slot = pages[e / p] as usize * p + e % p;
-                self.k[slot * d..][..d].copy_from_slice(&k[(t * c.kv_heads + kh) * d..][..d]);
-                self.v[slot * dv..][..dv].copy_from_slice(&v[(t * c.kv_heads + kh) * dv..][..dv]);
-            }
+        let (d, dv) = (c.head_dim, c.v_dim);
+        for (i, &slot) in slots.iter().enumerate() {
+            let (kh, t) = (i / n, i % n);
+            self.k[slot * d..][..d].copy_from_slice(&k[(t * c.kv_heads + kh) * d..][..d]);
+            self.v[slot * dv..][..dv].copy_from_slice(&v[(t * c.kv_heads + kh) * dv..][..dv]);
         }
         Ok(())
     }
