@@ -10,6 +10,8 @@ use crate::common::{parse_len, parse_list, peak_rss_kib};
 use crate::lm::{self, Loaded};
 use crate::plot;
 use anyhow::{bail, Context, Result};
+use longattn::kv::press::{runner::PressAttention, Press};
+use longattn::kv::score::Reduce;
 use longattn::model::{from_spec_with, ops, Attention, Model, SparseOptions, SparseStats};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -46,6 +48,17 @@ pub struct Args {
     /// Prompt tokens per forward call (a sparse prefill selects over one call's queries).
     #[arg(long, default_value_t = lm::CHUNK)]
     chunk: usize,
+    /// KV-cache compression (nll): a press such as `snapkv(budget=0.2,window=32)`,
+    /// `streaming(sinks=4,window=1020)`, `h2o(budget=0.2)`, `a2sf(budget=0.2,f=0.95)`,
+    /// `tova(budget=0.2)`, `knorm(budget=0.2)`, applied as the cache grows.
+    #[arg(long)]
+    kv: Option<String>,
+    /// Tokens per forward under `--kv` (1: token by token, decode-time compression).
+    #[arg(long, default_value_t = 1)]
+    kv_chunk: usize,
+    /// How a group's query heads are reduced into one score under `--kv`: mean, max or sum.
+    #[arg(long, default_value = "mean")]
+    kv_reduce: String,
     /// Predicted positions per bucket of `nll_by_bucket`.
     #[arg(long, default_value_t = 512)]
     bucket: usize,
@@ -85,6 +98,15 @@ struct NllReport {
     ppl: f64,
     nll_by_bucket: Vec<Bucket>,
     attention: String,
+    /// The press (`--kv`), if any.
+    kv: Option<String>,
+    /// Bytes of K/V pages the cache held at its largest (after a forward, before compression).
+    kv_bytes: usize,
+    /// Bytes of K/V pages the uncompressed cache holds for the same tokens.
+    kv_bytes_full: usize,
+    /// The same two counting only the entries held (no unfilled page tails).
+    kv_bytes_entries: usize,
+    kv_bytes_entries_full: usize,
     seconds: f64,
     load_seconds: f64,
     matmul_seconds: f64,
@@ -203,6 +225,20 @@ fn default_book() -> Result<PathBuf> {
 }
 
 fn nll(a: &Args) -> Result<()> {
+    let press = match &a.kv {
+        Some(spec) => {
+            if a.attention.trim() == "exact" {
+                bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
+            }
+            if a.kv_chunk == 0 {
+                bail!("--kv-chunk must be >= 1");
+            }
+            let p = Press::parse(spec).context("--kv")?;
+            let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
+            Some(PressAttention::new(&a.attention, p, r).context("--attention")?)
+        }
+        None => None,
+    };
     let lm = lm::load(&a.model)?;
     let m = &lm.model;
     let attn = attention(a, m)?;
@@ -235,33 +271,49 @@ fn nll(a: &Args) -> Result<()> {
     let pb = lm::bar(n as u64, "tokens");
     ops::reset_matmul_stats();
     let t0 = Instant::now();
-    lm::prefill(
-        m,
-        &mut cache,
-        seq,
-        &ids,
-        attn.as_ref(),
-        a.chunk,
-        Some(&pb),
-        |start, h| {
-            let rows = h.len() / m.cfg.d_model;
-            // Logits in slices of 128 rows: memory 128 x vocab.
-            for r0 in (0..rows).step_by(128) {
-                let r1 = (r0 + 128).min(rows);
-                let lg = m.logits(&h[r0 * m.cfg.d_model..r1 * m.cfg.d_model]);
-                for r in r0..r1 {
-                    let t = start + r;
-                    if t + 1 < n {
-                        nlls[t] = ops::nll(
-                            &lg[(r - r0) * vocab..(r - r0 + 1) * vocab],
-                            ids[t + 1] as usize,
-                        );
-                    }
+    let mut each = |start: usize, h: &[f32]| -> Result<()> {
+        let rows = h.len() / m.cfg.d_model;
+        // Logits in slices of 128 rows: memory 128 x vocab.
+        for r0 in (0..rows).step_by(128) {
+            let r1 = (r0 + 128).min(rows);
+            let lg = m.logits(&h[r0 * m.cfg.d_model..r1 * m.cfg.d_model]);
+            for r in r0..r1 {
+                let t = start + r;
+                if t + 1 < n {
+                    nlls[t] = ops::nll(
+                        &lg[(r - r0) * vocab..(r - r0 + 1) * vocab],
+                        ids[t + 1] as usize,
+                    );
                 }
             }
-            Ok(())
-        },
-    )?;
+        }
+        Ok(())
+    };
+    let (peak, end) = match &press {
+        Some(p) => lm::prefill_pressed(
+            m,
+            &mut cache,
+            seq,
+            &ids,
+            p,
+            a.kv_chunk,
+            Some(&pb),
+            &mut each,
+        )?,
+        None => {
+            lm::prefill(
+                m,
+                &mut cache,
+                seq,
+                &ids,
+                attn.as_ref(),
+                a.chunk,
+                Some(&pb),
+                &mut each,
+            )?;
+            (cache.memory(), cache.memory())
+        }
+    };
     let secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let (mm_s, mm_flops) = ops::matmul_stats();
@@ -284,7 +336,15 @@ fn nll(a: &Args) -> Result<()> {
         nll_mean: mean,
         ppl: mean.exp(),
         nll_by_bucket: buckets,
-        attention: attn.spec(),
+        attention: match &press {
+            Some(p) => p.spec(),
+            None => attn.spec(),
+        },
+        kv: press.as_ref().map(|p| p.press().to_string()),
+        kv_bytes: peak.bytes_in_use,
+        kv_bytes_full: end.bytes_full_in_use,
+        kv_bytes_entries: peak.bytes_entries,
+        kv_bytes_entries_full: end.bytes_full,
         seconds: secs,
         load_seconds: lm.load_s,
         matmul_seconds: mm_s,
@@ -307,6 +367,12 @@ fn nll(a: &Args) -> Result<()> {
         mm_s,
         rep.matmul_gflops,
         (vocab as f64).ln()
+    );
+    println!(
+        "  KV cache: {:.2} MiB of pages at most ({:.1}% of the full cache's {:.2} MiB)",
+        rep.kv_bytes as f64 / 1048576.0,
+        100.0 * rep.kv_bytes as f64 / rep.kv_bytes_full.max(1) as f64,
+        rep.kv_bytes_full as f64 / 1048576.0
     );
     for b in &rep.nll_by_bucket {
         println!("  positions {:>6}..{:<6} nll {:.4}", b.start, b.end, b.nll);

@@ -2,7 +2,8 @@
 //! ids or text, the chunked forward with a progress bar.
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use longattn::kv::{PagedKvCache, SeqId};
+use longattn::kv::press::runner::PressAttention;
+use longattn::kv::{KvMemory, PagedKvCache, SeqId};
 use longattn::model::gguf::Gguf;
 use longattn::model::tokenizer::Tokenizer;
 use longattn::model::{Attention, LoadOptions, Model};
@@ -114,6 +115,43 @@ pub fn prefill(
         }
     }
     Ok(())
+}
+
+/// Runs `tokens` through the model under a press, `chunk` tokens per forward (1: token by
+/// token), compressing after every forward with room for the next chunk; calls
+/// `each(start, hidden)` per chunk. Returns the largest memory the cache held (after a forward,
+/// before its compression) and the memory at the end.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_pressed(
+    m: &Model,
+    cache: &mut PagedKvCache,
+    seq: SeqId,
+    tokens: &[u32],
+    attn: &PressAttention,
+    chunk: usize,
+    pb: Option<&ProgressBar>,
+    mut each: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<(KvMemory, KvMemory)> {
+    let mut start = 0;
+    let mut peak: Option<KvMemory> = None;
+    let parts: Vec<&[u32]> = tokens.chunks(chunk.max(1)).collect();
+    for (i, part) in parts.iter().enumerate() {
+        let h = m.forward(cache, seq, part, attn, None)?;
+        each(start, &h)?;
+        start += part.len();
+        let mem = cache.memory();
+        if peak.is_none_or(|p| {
+            (mem.bytes_in_use, mem.bytes_entries) > (p.bytes_in_use, p.bytes_entries)
+        }) {
+            peak = Some(mem);
+        }
+        let next = parts.get(i + 1).map_or(0, |p| p.len());
+        attn.compress(cache, seq, next)?;
+        if let Some(pb) = pb {
+            pb.inc(part.len() as u64);
+        }
+    }
+    Ok((peak.unwrap_or_else(|| cache.memory()), cache.memory()))
 }
 
 /// Errors when `n` tokens do not fit in the model's context.

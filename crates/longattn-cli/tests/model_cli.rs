@@ -212,3 +212,72 @@ fn generate_and_bad_input() {
         "longattn fetch",
     );
 }
+
+/// `eval --kv`: budget 1.0 is the full cache bit for bit, streaming under decode-time eviction
+/// gives the NLL of the sinks-and-window mask with a fraction of the memory, bad specs are refused.
+#[test]
+fn eval_kv_sanity_and_bad_input() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let eval = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let json = tmp(name);
+        ok(bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--tokens", "80"])
+            .args(extra)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap());
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let full = eval("full.json", &[]);
+    let one = eval("one.json", &["--kv", "h2o(budget=1)", "--kv-chunk", "80"]);
+    assert_eq!(
+        one["nll_mean"], full["nll_mean"],
+        "budget 1.0 is the full cache"
+    );
+    assert_eq!(one["kv_bytes"], one["kv_bytes_full"]);
+    let stream = eval("stream.json", &["--kv", "streaming(sinks=4,window=24)"]);
+    let mask = eval(
+        "mask.json",
+        &["--attention", "causal & (sinks(4) | window(23,0))"],
+    );
+    let (a, b) = (
+        stream["nll_mean"].as_f64().unwrap(),
+        mask["nll_mean"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-5, "streaming {a} vs mask {b}");
+    assert_eq!(stream["kv"], "streaming(sinks=4,window=24)");
+    let (kb, kf) = (
+        stream["kv_bytes"].as_u64().unwrap(),
+        stream["kv_bytes_full"].as_u64().unwrap(),
+    );
+    assert!(kb > 0 && kb < kf, "kv_bytes {kb} of {kf}");
+    assert_eq!(kf, full["kv_bytes_full"].as_u64().unwrap());
+    let run = |args: &[&str]| {
+        bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--tokens", "20"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    fails_with(run(&["--kv", "h2o(budget=2)"]), "outside (0, 1]");
+    fails_with(run(&["--kv", "quest(budget=0.2)"]), "unknown press `quest`");
+    fails_with(
+        run(&["--kv", "h2o(budget=0.2)", "--kv-reduce", "median"]),
+        "mean, max or sum",
+    );
+    fails_with(
+        run(&["--kv", "h2o(budget=0.2)", "--attention", "exact"]),
+        "not exact",
+    );
+}

@@ -886,11 +886,7 @@ pub unsafe fn decode(
                         kv_heads: hk,
                         head_dim: d,
                     };
-                    let bt = BlockTables {
-                        tables,
-                        max_pages: bt.shape[1],
-                        lens,
-                    };
+                    let bt = BlockTables::shared(tables, bt.shape[1], lens);
                     crate::kv::decode::decode(&qv, &kv, &bt, params)?
                 }
                 None => contiguous_decode_cpu(&qv, kc, vc, lens, params)?,

@@ -254,6 +254,12 @@ impl DevPagedCache {
         kv: &PagedKv,
         bt: &BlockTables,
     ) -> Result<DevPagedCache> {
+        if bt.head_tables {
+            return Err(Error::Param {
+                op: "cuda decode",
+                msg: "per-head block tables (a compressed cache) run on the CPU decode only".into(),
+            });
+        }
         check_kind(kv.dtype(), kv.head_dim)?;
         let dims = validate(
             [bt.lens.len(), 1, kv.kv_heads, kv.head_dim],
@@ -1139,11 +1145,7 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Result<Vec<CaseResult>> {
     let (mut t, w) = h.tables.block_tables();
     t[0] = 1 << 20;
     let lens2 = h.tables.lens();
-    let bt = BlockTables {
-        tables: &t,
-        max_pages: w,
-        lens: &lens2,
-    };
+    let bt = BlockTables::shared(&t, w, &lens2);
     out.push(refused(
         "page out of range",
         decode(dev, &q.view("q")?, &h.view(), &bt, &auto),

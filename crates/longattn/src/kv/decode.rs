@@ -9,6 +9,12 @@
 //! - lengths `[B]` (i32): sequence `b` holds positions `0 .. lens[b]`;
 //! - queries `[B, 1, Hq, D]` (one new token per sequence), Hq a multiple of Hk.
 //!
+//! Ragged per-head tables (`BlockTables::head_tables`, a compressed cache such as
+//! [`super::PagedKvCache`]'s): every (sequence, KV head) has its own block table and length, tables
+//! `[B, Hk, max_pages]`, lengths `[B, Hk]`, and a page holds the tokens of one KV head,
+//! `[num_pages, page_size, D]`. Everything below then reads "length of (b, KV head)" for
+//! "length of b"; the work split and the merge are the same.
+//!
 //! Output `[B, 1, Hq, D]` in the dtype of q and the natural-log LSE `[B, Hq]`:
 //! for query head h (KV head h / (Hq / Hk)), `s_j = softcap(scale q . k_j)` over j < len,
 //! `lse = log sum_j exp(s_j)`, `o = sum_j exp(s_j - lse) v_j`; a sequence of length 0 gives o = 0,
@@ -71,12 +77,54 @@ impl PagedKv<'_> {
     }
 }
 
-/// Block tables `[B, max_pages]` and lengths `[B]` of a batch (borrowed, i32 as on the GPU).
+/// Block tables `[B, max_pages]` and lengths `[B]` of a batch (borrowed, i32 as on the GPU); with
+/// `head_tables`, one table and length per (sequence, KV head): `[B, Hk, max_pages]` and `[B, Hk]`,
+/// pages of one KV head each (see the module documentation).
 #[derive(Clone, Copy, Debug)]
 pub struct BlockTables<'a> {
     pub tables: &'a [i32],
     pub max_pages: usize,
     pub lens: &'a [i32],
+    pub head_tables: bool,
+}
+
+impl<'a> BlockTables<'a> {
+    /// Tables shared by every KV head of a sequence (`[B, max_pages]`, lengths `[B]`).
+    pub fn shared(tables: &'a [i32], max_pages: usize, lens: &'a [i32]) -> Self {
+        BlockTables {
+            tables,
+            max_pages,
+            lens,
+            head_tables: false,
+        }
+    }
+    /// Tables per (sequence, KV head) (`[B, Hk, max_pages]`, lengths `[B, Hk]`).
+    pub fn per_head(tables: &'a [i32], max_pages: usize, lens: &'a [i32]) -> Self {
+        BlockTables {
+            tables,
+            max_pages,
+            lens,
+            head_tables: true,
+        }
+    }
+    /// Tables per sequence: Hk with `head_tables`, else 1.
+    pub fn tables_per_seq(&self, hk: usize) -> usize {
+        if self.head_tables {
+            hk
+        } else {
+            1
+        }
+    }
+    /// Length of (sequence b, KV head kh).
+    pub fn len_of(&self, b: usize, kh: usize, hk: usize) -> usize {
+        let t = self.tables_per_seq(hk);
+        self.lens[b * t + kh % t].max(0) as usize
+    }
+    /// Physical page of logical page `i` of (sequence b, KV head kh).
+    pub fn page_of(&self, b: usize, kh: usize, hk: usize, i: usize) -> usize {
+        let t = self.tables_per_seq(hk);
+        self.tables[(b * t + kh % t) * self.max_pages + i] as usize
+    }
 }
 
 /// Tunables of one decode call.
@@ -155,12 +203,16 @@ pub fn validate(
             "kv heads {hk} and head dim {d} must be >= 1"
         )));
     }
-    let pe = kv.page_elems();
+    // A page holds every KV head (shared tables) or one (per-head tables).
+    let page_heads = if bt.head_tables { 1 } else { hk };
+    let pe = p * page_heads * d;
     if !kv.k.len().is_multiple_of(pe) || kv.v.len() != kv.k.len() {
         return Err(shape(
             "k/v pages",
             vec![kv.k.len(), kv.v.len()],
-            format!("equal lengths, a multiple of page_size x Hk x D = {p} x {hk} x {d}"),
+            format!(
+                "equal lengths, a multiple of page_size x heads per page x D = {p} x {page_heads} x {d}"
+            ),
         ));
     }
     for (name, dt) in [("k pages", kv.k.dtype()), ("v pages", kv.v.dtype())] {
@@ -181,23 +233,36 @@ pub fn validate(
             format!("[B, 1, Hq, {d}] with Hq a multiple of the {hk} KV heads"),
         ));
     }
-    if bt.lens.len() != b {
-        return Err(shape(
-            "lens",
-            vec![bt.lens.len()],
-            format!("[{b}] (the batch of q)"),
-        ));
+    let t = bt.tables_per_seq(hk);
+    let rows_name = if bt.head_tables {
+        format!("[{b}, {hk}] (batch of q x KV heads)")
+    } else {
+        format!("[{b}] (the batch of q)")
+    };
+    if bt.lens.len() != b * t {
+        return Err(shape("lens", vec![bt.lens.len()], rows_name));
     }
-    if bt.tables.len() != b * bt.max_pages {
+    if bt.tables.len() != b * t * bt.max_pages {
         return Err(shape(
             "block tables",
             vec![bt.tables.len()],
-            format!("[{b}, {}] = {} entries", bt.max_pages, b * bt.max_pages),
+            format!(
+                "{} tables of {} pages = {} entries",
+                b * t,
+                bt.max_pages,
+                b * t * bt.max_pages
+            ),
         ));
     }
-    let num_pages = kv.num_pages();
+    let num_pages = kv.k.len() / pe;
     let mut max_len = 0;
-    for (bi, &len) in bt.lens.iter().enumerate() {
+    for (row, &len) in bt.lens.iter().enumerate() {
+        // Name the sequence (and KV head) of a table row in errors.
+        let bi = if bt.head_tables {
+            format!("{} (KV head {})", row / t, row % t)
+        } else {
+            row.to_string()
+        };
         if len < 0 {
             return Err(param(format!("sequence {bi} has a negative length {len}")));
         }
@@ -209,7 +274,7 @@ pub fn validate(
                 bt.max_pages
             )));
         }
-        for (i, &pg) in bt.tables[bi * bt.max_pages..][..need].iter().enumerate() {
+        for (i, &pg) in bt.tables[row * bt.max_pages..][..need].iter().enumerate() {
             if pg < 0 || pg as usize >= num_pages {
                 return Err(param(format!(
                     "block table of sequence {bi}: logical page {i} -> physical page {pg}, outside the pool of {num_pages} pages"
@@ -352,8 +417,7 @@ fn run<T: Element>(
     let cfg = BlockCfg {
         k,
         v,
-        tables: bt.tables,
-        max_pages: bt.max_pages,
+        bt: *bt,
         page: dims.page_size,
         hk,
         d,
@@ -368,7 +432,7 @@ fn run<T: Element>(
     let parts: Vec<Option<Partial>> = blocks
         .par_iter()
         .map(|&(b, kh, x)| {
-            let len = bt.lens[b] as usize;
+            let len = bt.len_of(b, kh, hk);
             let j0 = x * plan.split_len;
             if j0 >= len && !(s_n == 1 && x == 0) {
                 return None;
@@ -397,7 +461,7 @@ fn run<T: Element>(
         (o_part, lse_part)
     } else {
         let counts: Vec<usize> = (0..rows)
-            .map(|r| (bt.lens[r / hq] as usize).div_ceil(plan.split_len))
+            .map(|r| bt.len_of(r / hq, (r % hq) / g, hk).div_ceil(plan.split_len))
             .collect();
         merge_splits(&o_part, &lse_part, s_n, d, &counts)
     };
@@ -411,8 +475,7 @@ fn run<T: Element>(
 struct BlockCfg<'a, T> {
     k: &'a [T],
     v: &'a [T],
-    tables: &'a [i32],
-    max_pages: usize,
+    bt: BlockTables<'a>,
     page: usize,
     hk: usize,
     d: usize,
@@ -426,8 +489,12 @@ const STEP: usize = 16;
 impl<T: Element> BlockCfg<'_, T> {
     /// Element offset of the K/V row of (sequence b, position j, KV head kh) in the pages.
     fn row(&self, b: usize, j: usize, kh: usize) -> usize {
-        let page = self.tables[b * self.max_pages + j / self.page] as usize;
-        ((page * self.page + j % self.page) * self.hk + kh) * self.d
+        let page = self.bt.page_of(b, kh, self.hk, j / self.page);
+        if self.bt.head_tables {
+            (page * self.page + j % self.page) * self.d
+        } else {
+            ((page * self.page + j % self.page) * self.hk + kh) * self.d
+        }
     }
 
     /// Partial attention of the G query heads of KV head `kh` (q pre-scaled, `[G][D]`) over keys
@@ -548,30 +615,39 @@ pub fn decode_reference(
     let DecodeDims {
         batch, hq, hk, d, ..
     } = dims;
+    let g = hq / hk;
     let mut out = vec![0.0f64; batch * hq * d];
     let mut lse = vec![f64::NEG_INFINITY; batch * hq];
-    let ks = kv.k;
-    let vs = kv.v;
+    let (ks, vs, p) = (kv.k, kv.v, kv.page_size);
+    // Each (sequence, KV head): its keys gathered, its group of query heads attended.
     for b in 0..batch {
-        let len = bt.lens[b] as usize;
-        if len == 0 {
-            continue; // no key: o = 0, lse = -inf (a view cannot have a zero dimension)
+        for kh in 0..hk {
+            let len = bt.len_of(b, kh, hk);
+            if len == 0 {
+                continue; // no key: o = 0, lse = -inf (a view cannot have a zero dimension)
+            }
+            let mut kc = Vec::with_capacity(len * d);
+            let mut vc = Vec::with_capacity(len * d);
+            for j in 0..len {
+                let page = bt.page_of(b, kh, hk, j / p);
+                let r = if bt.head_tables {
+                    (page * p + j % p) * d
+                } else {
+                    ((page * p + j % p) * hk + kh) * d
+                };
+                kc.extend((r..r + d).map(|i| ks.get_f32(i)));
+                vc.extend((r..r + d).map(|i| vs.get_f32(i)));
+            }
+            let qb: Vec<f32> = (0..g * d)
+                .map(|i| q.get(b, 0, kh * g + i / d, i % d))
+                .collect();
+            let qv = TensorView::contiguous(&qb[..], [1, 1, g, d])?;
+            let kv_ = TensorView::contiguous(&kc[..], [1, len, 1, d])?;
+            let vv = TensorView::contiguous(&vc[..], [1, len, 1, d])?;
+            let r = attention_f64(&qv, &kv_, &vv, &params.attn(), &|_, _, _, _| true)?;
+            out[(b * hq + kh * g) * d..][..g * d].copy_from_slice(&r.out);
+            lse[b * hq + kh * g..][..g].copy_from_slice(&r.lse);
         }
-        let mut kc = Vec::with_capacity(len * hk * d);
-        let mut vc = Vec::with_capacity(len * hk * d);
-        for j in 0..len {
-            let page = bt.tables[b * bt.max_pages + j / kv.page_size] as usize;
-            let r = (page * kv.page_size + j % kv.page_size) * hk * d;
-            kc.extend((r..r + hk * d).map(|i| ks.get_f32(i)));
-            vc.extend((r..r + hk * d).map(|i| vs.get_f32(i)));
-        }
-        let qb: Vec<f32> = (0..hq * d).map(|i| q.get(b, 0, i / d, i % d)).collect();
-        let qv = TensorView::contiguous(&qb[..], [1, 1, hq, d])?;
-        let kv_ = TensorView::contiguous(&kc[..], [1, len, hk, d])?;
-        let vv = TensorView::contiguous(&vc[..], [1, len, hk, d])?;
-        let r = attention_f64(&qv, &kv_, &vv, &params.attn(), &|_, _, _, _| true)?;
-        out[b * hq * d..][..hq * d].copy_from_slice(&r.out);
-        lse[b * hq..][..hq].copy_from_slice(&r.lse);
     }
     Ok(RefOutput {
         out,
@@ -799,11 +875,7 @@ impl PagedCache {
     }
     /// The block tables and lengths as a [`BlockTables`].
     pub fn block_tables(&self) -> BlockTables<'_> {
-        BlockTables {
-            tables: &self.table_cache.0,
-            max_pages: self.table_cache.1,
-            lens: &self.lens_cache,
-        }
+        BlockTables::shared(&self.table_cache.0, self.table_cache.1, &self.lens_cache)
     }
 
     /// Appends `n` tokens to sequence `seq`: `k`, `v` are `[1, n, Hk, D]` in the cache's dtype.

@@ -1,23 +1,34 @@
 //! Paged KV cache on the CPU and attention of new queries against it.
 //!
-//! Storage: a pool of pages of `P` tokens. Each layer owns one K buffer and one V buffer laid out
-//! `[page][P][Hk][D]` (f32), so page `p` of every layer is the same slot. A sequence owns a block
-//! table (logical page -> physical page) and a length; `extend` grows the length and takes pages
-//! from the free list (or grows the pool), `drop_sequence` returns its pages to the free list and
-//! `trim` gives back the memory of free pages at the end of the pool.
+//! Storage: one pool of pages of `P` tokens of one KV head: K pages `[page][P][D]` and V pages
+//! `[page][P][Dv]` (f32). Every (sequence, layer, KV head) owns its own block table (logical page
+//! -> physical page), its length and the position of each entry it holds (ragged per head: a
+//! compressed head holds fewer entries than the sequence has positions). `extend` grows every
+//! head of a sequence by the same new positions and takes pages from the free list (or grows the
+//! pool); `compress` keeps a subset of one head's entries, compacts them into the first pages of
+//! its table in order and returns the pages it no longer needs to the free list; `drop_sequence`
+//! returns all pages of a sequence; `trim` gives back the memory of free pages at the end of the
+//! pool. [`KvMemory`] is the exact accounting (pages and bytes allocated, in use, held by entries,
+//! and what the uncompressed cache would hold).
 //!
 //! Attention (`attend`): the queries are the last `Sq` positions of the sequence (the mask is
-//! bottom-right aligned: query row i sits at position i + Sk - Sq, as in [`crate::forward`]). The
-//! block table is split into runs of physically consecutive pages; each run is a strided
-//! `[1, run_len, Hk, D]` view of the pool, attended with [`crate::forward`], and the partial
-//! results are merged by their LSE (see [`merge_partials`]).
+//! bottom-right aligned over positions: query row i sits at position i + len - Sq, as in
+//! [`crate::forward`]). Per KV head, the G query heads of its group attend the head's entries: its
+//! block table is split into runs of physically consecutive pages; each run is a `[1, run_len, 1,
+//! D]` view of the pool, attended with [`crate::forward`], and the partial results are merged by
+//! their LSE (see [`merge_partials`]). A head holding every position uses the mask's own schedule;
+//! a compressed head evaluates the mask at the positions its entries came from (a row mask over
+//! entry -> position), so attention is exactly attention over the kept keys. Decode of many
+//! sequences goes through [`decode::decode`] with per-head tables ([`PagedKvCache::decode`]).
 pub mod decode;
+pub mod press;
+pub mod score;
 
 use crate::api::MaskArg;
 use crate::attention::{AttnOutput, AttnParams, MaskSpec};
 use crate::error::{Error, Result};
-use crate::mask::{BlockSchedule, BoundMask, MaskExpr, MaskShape, RowMask, TileEntry};
-use crate::tensor::{Buffer, Tensor, TensorView};
+use crate::mask::{BlockSchedule, BoundMask, MaskExpr, MaskShape, RowMask, TileEntry, TileKind};
+use crate::tensor::{Buffer, Slice, Tensor, TensorView};
 
 /// Smallest and largest page sizes accepted.
 pub const PAGE_SIZES: std::ops::RangeInclusive<usize> = 16..=256;
@@ -38,17 +49,54 @@ pub struct KvConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SeqId(usize);
 
+/// The entries of one (sequence, layer, KV head): pages and the position of each entry
+/// (strictly increasing; entry e lives in page `pages[e / P]` at offset `e % P`).
+#[derive(Clone, Debug, Default)]
+struct HeadTable {
+    pages: Vec<u32>,
+    pos: Vec<u32>,
+}
+
+impl HeadTable {
+    fn len(&self) -> usize {
+        self.pos.len()
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct Seq {
-    pages: Vec<u32>,
+    /// Positions seen (appended) so far.
     len: usize,
+    /// `[layer * Hk + kv head]`.
+    heads: Vec<HeadTable>,
+}
+
+/// Exact memory accounting of a cache (K and V, f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct KvMemory {
+    /// Pages held by the pool (free or not).
+    pub pages_allocated: usize,
+    /// Pages in the block tables of live sequences.
+    pub pages_in_use: usize,
+    /// Bytes of the pool.
+    pub bytes_allocated: usize,
+    /// Bytes of the pages in use.
+    pub bytes_in_use: usize,
+    /// Bytes of the entries held (in-use pages less their unfilled tails).
+    pub bytes_entries: usize,
+    /// Bytes the live sequences would hold uncompressed (every position in every layer and head).
+    pub bytes_full: usize,
+    /// Bytes of the pages the live sequences would use uncompressed.
+    pub bytes_full_in_use: usize,
 }
 
 /// The paged cache: see the module documentation.
 pub struct PagedKvCache {
     cfg: KvConfig,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// K pages `[page][P][D]`.
+    k: Vec<f32>,
+    /// V pages `[page][P][Dv]`.
+    v: Vec<f32>,
     /// Pages in the pool (allocated storage).
     n_pages: usize,
     free: Vec<u32>,
@@ -59,6 +107,15 @@ fn param(msg: String) -> Error {
     Error::Param {
         op: "kv cache",
         msg,
+    }
+}
+
+/// `s[off..]` of any dtype.
+fn slice_from(s: Slice<'_>, off: usize) -> Slice<'_> {
+    match s {
+        Slice::F32(x) => Slice::F32(&x[off..]),
+        Slice::BF16(x) => Slice::BF16(&x[off..]),
+        Slice::F16(x) => Slice::F16(&x[off..]),
     }
 }
 
@@ -79,8 +136,8 @@ impl PagedKvCache {
         }
         Ok(PagedKvCache {
             cfg,
-            k: vec![Vec::new(); cfg.layers],
-            v: vec![Vec::new(); cfg.layers],
+            k: Vec::new(),
+            v: Vec::new(),
             n_pages: 0,
             free: Vec::new(),
             seqs: Vec::new(),
@@ -91,19 +148,27 @@ impl PagedKvCache {
         self.cfg
     }
     fn k_page(&self) -> usize {
-        self.cfg.page_size * self.cfg.kv_heads * self.cfg.head_dim
+        self.cfg.page_size * self.cfg.head_dim
     }
     fn v_page(&self) -> usize {
-        self.cfg.page_size * self.cfg.kv_heads * self.cfg.v_dim
+        self.cfg.page_size * self.cfg.v_dim
+    }
+    /// Bytes of one entry (K and V of one token of one head).
+    fn entry_bytes(&self) -> usize {
+        (self.cfg.head_dim + self.cfg.v_dim) * 4
     }
 
     /// Starts an empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
+        let s = Seq {
+            len: 0,
+            heads: vec![HeadTable::default(); self.cfg.layers * self.cfg.kv_heads],
+        };
         if let Some(i) = self.seqs.iter().position(|s| s.is_none()) {
-            self.seqs[i] = Some(Seq::default());
+            self.seqs[i] = Some(s);
             return SeqId(i);
         }
-        self.seqs.push(Some(Seq::default()));
+        self.seqs.push(Some(s));
         SeqId(self.seqs.len() - 1)
     }
 
@@ -114,16 +179,39 @@ impl PagedKvCache {
             .ok_or_else(|| param(format!("sequence {} does not exist (dropped?)", id.0)))
     }
 
-    /// Tokens held for a sequence.
+    fn head(&self, id: SeqId, layer: usize, kh: usize) -> Result<&HeadTable> {
+        let c = self.cfg;
+        if layer >= c.layers || kh >= c.kv_heads {
+            return Err(param(format!(
+                "layer {layer} / KV head {kh} outside the cache's {} layers x {} KV heads",
+                c.layers, c.kv_heads
+            )));
+        }
+        Ok(&self.seq(id)?.heads[layer * c.kv_heads + kh])
+    }
+
+    /// Positions seen by a sequence (what an uncompressed head holds).
     pub fn len(&self, id: SeqId) -> Result<usize> {
         Ok(self.seq(id)?.len)
+    }
+
+    /// Entries held by one (sequence, layer, KV head).
+    pub fn head_len(&self, id: SeqId, layer: usize, kh: usize) -> Result<usize> {
+        Ok(self.head(id, layer, kh)?.len())
+    }
+
+    /// The position each entry of one (sequence, layer, KV head) came from (increasing).
+    pub fn positions(&self, id: SeqId, layer: usize, kh: usize) -> Result<&[u32]> {
+        Ok(&self.head(id, layer, kh)?.pos)
     }
 
     /// Releases the pages of a sequence to the free list.
     pub fn drop_sequence(&mut self, id: SeqId) -> Result<()> {
         self.seq(id)?;
         let s = self.seqs[id.0].take().unwrap_or_default();
-        self.free.extend(s.pages);
+        for h in s.heads {
+            self.free.extend(h.pages);
+        }
         Ok(())
     }
 
@@ -131,9 +219,35 @@ impl PagedKvCache {
     pub fn pages_in_use(&self) -> usize {
         self.n_pages - self.free.len()
     }
-    /// Bytes of K/V storage held by the pool (all layers).
+    /// Bytes of K/V storage held by the pool.
     pub fn bytes_allocated(&self) -> usize {
-        self.n_pages * (self.k_page() + self.v_page()) * self.cfg.layers * 4
+        self.n_pages * (self.k_page() + self.v_page()) * 4
+    }
+
+    /// The exact memory accounting (see [`KvMemory`]).
+    pub fn memory(&self) -> KvMemory {
+        let live = self.seqs.iter().flatten();
+        let entries: usize = live
+            .clone()
+            .flat_map(|s| s.heads.iter().map(|h| h.len()))
+            .sum();
+        let full: usize = live
+            .clone()
+            .map(|s| s.len * self.cfg.layers * self.cfg.kv_heads)
+            .sum();
+        let full_pages: usize = live
+            .map(|s| s.len.div_ceil(self.cfg.page_size) * self.cfg.layers * self.cfg.kv_heads)
+            .sum();
+        let page_bytes = (self.k_page() + self.v_page()) * 4;
+        KvMemory {
+            pages_allocated: self.n_pages,
+            pages_in_use: self.pages_in_use(),
+            bytes_allocated: self.bytes_allocated(),
+            bytes_in_use: self.pages_in_use() * page_bytes,
+            bytes_entries: entries * self.entry_bytes(),
+            bytes_full: full * self.entry_bytes(),
+            bytes_full_in_use: full_pages * page_bytes,
+        }
     }
 
     /// Returns the storage of free pages at the end of the pool to the allocator.
@@ -145,12 +259,10 @@ impl PagedKvCache {
             self.n_pages -= 1;
         }
         let (kp, vp) = (self.k_page(), self.v_page());
-        for l in 0..self.cfg.layers {
-            self.k[l].truncate(self.n_pages * kp);
-            self.k[l].shrink_to_fit();
-            self.v[l].truncate(self.n_pages * vp);
-            self.v[l].shrink_to_fit();
-        }
+        self.k.truncate(self.n_pages * kp);
+        self.k.shrink_to_fit();
+        self.v.truncate(self.n_pages * vp);
+        self.v.shrink_to_fit();
         // Lowest pages first out of the free list (pop takes the last): keeps runs long.
         free.reverse();
         self.free = free;
@@ -163,33 +275,47 @@ impl PagedKvCache {
         let p = self.n_pages as u32;
         self.n_pages += 1;
         let (kp, vp) = (self.k_page(), self.v_page());
-        for l in 0..self.cfg.layers {
-            self.k[l].resize(self.n_pages * kp, 0.0);
-            self.v[l].resize(self.n_pages * vp, 0.0);
-        }
+        self.k.resize(self.n_pages * kp, 0.0);
+        self.v.resize(self.n_pages * vp, 0.0);
         p
     }
 
-    /// Grows a sequence by `n` positions (pages taken as needed) and returns the first new position.
-    /// The new positions must then be written in every layer with [`write`](Self::write) before
-    /// they are attended.
+    /// Grows a sequence by `n` positions in every layer and KV head (pages taken as needed) and
+    /// returns the first new position. The new positions must then be written in every layer
+    /// with [`write`](Self::write) before they are attended.
     pub fn extend(&mut self, id: SeqId, n: usize) -> Result<usize> {
-        let len = self.seq(id)?.len;
-        let need = (len + n).div_ceil(self.cfg.page_size);
-        let mut new_pages = Vec::new();
-        for _ in self.seq(id)?.pages.len()..need {
-            new_pages.push(self.take_page());
+        let s = self.seq(id)?;
+        let len = s.len;
+        if len + n > u32::MAX as usize {
+            return Err(param(format!(
+                "a sequence of {} positions: at most 2^32 - 1",
+                len + n
+            )));
+        }
+        let p = self.cfg.page_size;
+        let need: Vec<usize> = s
+            .heads
+            .iter()
+            .map(|h| (h.len() + n).div_ceil(p) - h.pages.len())
+            .collect();
+        let mut taken: Vec<Vec<u32>> = Vec::with_capacity(need.len());
+        for &m in &need {
+            taken.push((0..m).map(|_| self.take_page()).collect());
         }
         let s = self.seqs[id.0]
             .as_mut()
             .ok_or_else(|| param("gone".into()))?;
-        s.pages.extend(new_pages);
+        for (h, pages) in s.heads.iter_mut().zip(taken) {
+            h.pages.extend(pages);
+            h.pos.extend(len as u32..(len + n) as u32);
+        }
         s.len = len + n;
         Ok(len)
     }
 
     /// Writes K `[n, Hk, D]` and V `[n, Hk, Dv]` (row-major) of one layer at positions
-    /// `pos .. pos + n`, which must lie inside the sequence.
+    /// `pos .. pos + n`, which every head of the layer must hold (appended since its last
+    /// compression).
     pub fn write(
         &mut self,
         id: SeqId,
@@ -212,7 +338,7 @@ impl PagedKvCache {
         }
         let n = k.len() / kr;
         let s = self.seq(id)?;
-        let (slen, pages) = (s.len, s.pages.clone());
+        let slen = s.len;
         if layer >= c.layers || pos + n > slen {
             return Err(param(format!(
                 "write: layer {layer} (of {}), positions {pos}..{} outside the sequence of length {}",
@@ -221,18 +347,34 @@ impl PagedKvCache {
                 slen
             )));
         }
+        if n == 0 {
+            return Ok(());
+        }
+        // Entry of `pos` in each head: the last n entries hold the last positions if no
+        // compression dropped them. The slot of each (head, new position) first, then the copy.
         let p = c.page_size;
-        let mut t = 0;
-        while t < n {
-            let at = pos + t;
-            let page = pages[at / p] as usize;
-            let off = at % p;
-            let m = (p - off).min(n - t);
-            let kd = &mut self.k[layer][(page * p + off) * kr..][..m * kr];
-            kd.copy_from_slice(&k[t * kr..(t + m) * kr]);
-            let vd = &mut self.v[layer][(page * p + off) * vr..][..m * vr];
-            vd.copy_from_slice(&v[t * vr..(t + m) * vr]);
-            t += m;
+        let mut slots = Vec::with_capacity(c.kv_heads * n);
+        for kh in 0..c.kv_heads {
+            let h = &s.heads[layer * c.kv_heads + kh];
+            match (h.len() + pos).checked_sub(slen) {
+                Some(e0)
+                    if h.pos[e0] as usize == pos && h.pos[e0 + n - 1] as usize == pos + n - 1 =>
+                {
+                    slots.extend((e0..e0 + n).map(|e| h.pages[e / p] as usize * p + e % p))
+                }
+                _ => {
+                    return Err(param(format!(
+                        "write: layer {layer} KV head {kh} no longer holds positions {pos}..{} (compressed away)",
+                        pos + n
+                    )))
+                }
+            }
+        }
+        let (d, dv) = (c.head_dim, c.v_dim);
+        for (i, &slot) in slots.iter().enumerate() {
+            let (kh, t) = (i / n, i % n);
+            self.k[slot * d..][..d].copy_from_slice(&k[(t * c.kv_heads + kh) * d..][..d]);
+            self.v[slot * dv..][..dv].copy_from_slice(&v[(t * c.kv_heads + kh) * dv..][..dv]);
         }
         Ok(())
     }
@@ -254,29 +396,161 @@ impl PagedKvCache {
         Ok(pos)
     }
 
+    /// K `[len, D]` and V `[len, Dv]` of the entries of one (sequence, layer, KV head), copied
+    /// out contiguously, and their positions.
+    pub fn gather_head(
+        &self,
+        id: SeqId,
+        layer: usize,
+        kh: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>)> {
+        let c = self.cfg;
+        let h = self.head(id, layer, kh)?;
+        let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
+        let mut k = Vec::with_capacity(h.len() * d);
+        let mut v = Vec::with_capacity(h.len() * dv);
+        for (lp, &pp) in h.pages.iter().enumerate() {
+            let m = (h.len() - lp * p).min(p);
+            let pp = pp as usize * p;
+            k.extend_from_slice(&self.k[pp * d..(pp + m) * d]);
+            v.extend_from_slice(&self.v[pp * dv..(pp + m) * dv]);
+        }
+        Ok((k, v, h.pos.clone()))
+    }
+
     /// K and V of positions `0..len` of one layer copied out contiguously (`[len, Hk, D]`,
-    /// `[len, Hk, Dv]`): for reference paths and capture.
+    /// `[len, Hk, Dv]`): for reference paths and capture. Every head of the layer must hold
+    /// every position (no compression); see [`gather_head`](Self::gather_head) otherwise.
     pub fn gather(&self, id: SeqId, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let c = self.cfg;
-        let s = self.seq(id)?;
-        let (kr, vr) = (c.kv_heads * c.head_dim, c.kv_heads * c.v_dim);
-        let mut k = Vec::with_capacity(s.len * kr);
-        let mut v = Vec::with_capacity(s.len * vr);
-        for (lp, &pp) in s.pages.iter().enumerate() {
-            let m = (s.len - lp * c.page_size).min(c.page_size);
-            let pp = pp as usize * c.page_size;
-            k.extend_from_slice(&self.k[layer][pp * kr..(pp + m) * kr]);
-            v.extend_from_slice(&self.v[layer][pp * vr..(pp + m) * vr]);
+        let len = self.seq(id)?.len;
+        let (hk, d, dv) = (c.kv_heads, c.head_dim, c.v_dim);
+        let mut k = vec![0.0f32; len * hk * d];
+        let mut v = vec![0.0f32; len * hk * dv];
+        for kh in 0..hk {
+            let (hkv, hvv, _) = self.gather_head(id, layer, kh)?;
+            if hkv.len() != len * d {
+                return Err(param(format!(
+                    "gather: layer {layer} KV head {kh} holds {} of the {len} positions (compressed); gather it with gather_head",
+                    hkv.len() / d
+                )));
+            }
+            for j in 0..len {
+                k[(j * hk + kh) * d..][..d].copy_from_slice(&hkv[j * d..][..d]);
+                v[(j * hk + kh) * dv..][..dv].copy_from_slice(&hvv[j * dv..][..dv]);
+            }
         }
         Ok((k, v))
     }
 
-    /// Runs of physically consecutive pages: (first logical position, first physical page, tokens).
-    fn runs(&self, s: &Seq) -> Vec<(usize, usize, usize)> {
+    /// Checks a keep set of one head: strictly increasing entry indices below the head's length.
+    pub fn check_keep(&self, id: SeqId, layer: usize, kh: usize, keep: &[usize]) -> Result<()> {
+        let len = self.head(id, layer, kh)?.len();
+        for (i, &e) in keep.iter().enumerate() {
+            if e >= len || (i > 0 && e <= keep[i - 1]) {
+                return Err(param(format!(
+                    "compress: layer {layer} KV head {kh}: keep[{i}] = {e} is not a strictly increasing entry index below the head's {len} entries"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps entries `keep` (strictly increasing indices into the head's entries) of one
+    /// (sequence, layer, KV head): entry `keep[i]` moves to index i (in place, ascending; a
+    /// source is never overwritten before it is read since `keep[i] >= i`), the table shrinks to
+    /// `ceil(|keep| / P)` pages and the rest go back to the free list. Returns the pages freed.
+    /// Bad input changes nothing.
+    pub fn compress(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        kh: usize,
+        keep: &[usize],
+    ) -> Result<usize> {
+        self.check_keep(id, layer, kh, keep)?;
+        let c = self.cfg;
+        let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
+        let hi = layer * c.kv_heads + kh;
+        let s = self.seqs[id.0].as_mut().expect("checked above");
+        let h = &mut s.heads[hi];
+        let slot = |pages: &[u32], e: usize| pages[e / p] as usize * p + e % p;
+        for (i, &e) in keep.iter().enumerate() {
+            if i == e {
+                continue;
+            }
+            let (src, dst) = (slot(&h.pages, e), slot(&h.pages, i));
+            self.k.copy_within(src * d..(src + 1) * d, dst * d);
+            self.v.copy_within(src * dv..(src + 1) * dv, dst * dv);
+            h.pos[i] = h.pos[e];
+        }
+        h.pos.truncate(keep.len());
+        let freed = h.pages.split_off(keep.len().div_ceil(p));
+        let n = freed.len();
+        self.free.extend(freed.into_iter().rev());
+        Ok(n)
+    }
+
+    /// Per-head block tables of one layer for a batch of sequences, as the decode reads them:
+    /// tables `[B, Hk, max_pages]` (padded with -1), `max_pages`, lengths `[B, Hk]`.
+    pub fn head_tables(&self, ids: &[SeqId], layer: usize) -> Result<(Vec<i32>, usize, Vec<i32>)> {
+        let hk = self.cfg.kv_heads;
+        let mut heads = Vec::with_capacity(ids.len() * hk);
+        for &id in ids {
+            for kh in 0..hk {
+                heads.push(self.head(id, layer, kh)?);
+            }
+        }
+        let w = heads
+            .iter()
+            .map(|h| h.pages.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut t = vec![-1i32; heads.len() * w];
+        for (r, h) in heads.iter().enumerate() {
+            for (x, &pg) in t[r * w..].iter_mut().zip(&h.pages) {
+                *x = pg as i32;
+            }
+        }
+        let lens = heads.iter().map(|h| h.len() as i32).collect();
+        Ok((t, w, lens))
+    }
+
+    /// One new query per sequence (`q` `[B, 1, Hq, D]`, the last position of each sequence of
+    /// `ids`, already written) against one layer: the paged decode ([`decode::decode`]) over the
+    /// per-head tables. K and V must have the same head dim.
+    pub fn decode(
+        &self,
+        ids: &[SeqId],
+        layer: usize,
+        q: &TensorView,
+        params: &decode::DecodeParams,
+    ) -> Result<AttnOutput> {
+        let c = self.cfg;
+        if c.v_dim != c.head_dim {
+            return Err(param(format!(
+                "decode needs V's head dim ({}) equal to K's ({})",
+                c.v_dim, c.head_dim
+            )));
+        }
+        let (t, w, lens) = self.head_tables(ids, layer)?;
+        let kv = decode::PagedKv {
+            k: Slice::F32(&self.k),
+            v: Slice::F32(&self.v),
+            page_size: c.page_size,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        };
+        decode::decode(q, &kv, &decode::BlockTables::per_head(&t, w, &lens), params)
+    }
+
+    /// Runs of physically consecutive pages of a head: (first entry, first physical page, entries).
+    fn runs(&self, h: &HeadTable) -> Vec<(usize, usize, usize)> {
         let p = self.cfg.page_size;
         let mut runs: Vec<(usize, usize, usize)> = Vec::new();
-        for (lp, &pp) in s.pages.iter().enumerate() {
-            let m = (s.len - lp * p).min(p);
+        for (lp, &pp) in h.pages.iter().enumerate() {
+            let m = (h.len() - lp * p).min(p);
             match runs.last_mut() {
                 Some(r) if r.1 + r.2 / p == pp as usize && r.2 % p == 0 => r.2 += m,
                 _ => runs.push((lp * p, pp as usize, m)),
@@ -286,8 +560,8 @@ impl PagedKvCache {
     }
 
     /// Attention of `q` `[1, Sq, Hq, D]` (the last Sq positions of the sequence, already written)
-    /// over the whole sequence of one layer, under `mask` (`None` = every pair). Output
-    /// `[1, Sq, Hq, Dv]` f32 and LSE `[1, Hq, Sq]`.
+    /// over the entries of one layer, under `mask` (`None` = every pair) evaluated at the
+    /// entries' positions. Output `[1, Sq, Hq, Dv]` f32 and LSE `[1, Hq, Sq]`.
     pub fn attend(
         &self,
         id: SeqId,
@@ -299,14 +573,19 @@ impl PagedKvCache {
         let c = self.cfg;
         let s = self.seq(id)?;
         let [qb, sq, hq, d] = q.shape;
-        if qb != 1 || d != c.head_dim || sq > s.len || layer >= c.layers {
+        if qb != 1
+            || d != c.head_dim
+            || sq > s.len
+            || layer >= c.layers
+            || !hq.is_multiple_of(c.kv_heads)
+        {
             return Err(Error::Shape {
                 op: "kv attend",
                 tensor: "q".into(),
                 got: q.shape.to_vec(),
                 expected: format!(
-                    "[1, Sq <= {} (the cached length), Hq, {}] and layer < {} (got layer {layer})",
-                    s.len, c.head_dim, c.layers
+                    "[1, Sq <= {} (the cached length), Hq (a multiple of the {} KV heads), {}] and layer < {} (got layer {layer})",
+                    s.len, c.kv_heads, c.head_dim, c.layers
                 ),
             });
         }
@@ -321,59 +600,141 @@ impl PagedKvCache {
             )?),
             None => None,
         };
-        let runs = self.runs(s);
+        let g = hq / c.kv_heads;
+        let dv = c.v_dim;
+        let mut out = vec![0.0f32; sq * hq * dv];
+        let mut lse = vec![f32::NEG_INFINITY; hq * sq];
+        // The mask's schedule over positions, with key tiles of one page (built once, shared by
+        // the heads that hold every position and span several runs).
+        let mut page_sched: Option<BlockSchedule> = None;
+        for kh in 0..c.kv_heads {
+            let h = &s.heads[layer * c.kv_heads + kh];
+            if h.len() == 0 {
+                continue; // no entry: o = 0, lse = -inf
+            }
+            // The group's query heads: a strided view of q from head kh * G.
+            let qg = TensorView::strided(
+                slice_from(q.data, q.offset(0, 0, kh * g, 0)),
+                [1, sq, g, d],
+                q.strides,
+            )?;
+            let r = self.attend_head(h, &qg, s.len, bound.as_ref(), &mut page_sched, params)?;
+            let ro = r.out.data.to_f32_vec();
+            for i in 0..sq {
+                for gi in 0..g {
+                    out[(i * hq + kh * g + gi) * dv..][..dv]
+                        .copy_from_slice(&ro[(i * g + gi) * dv..][..dv]);
+                    lse[(kh * g + gi) * sq + i] = r.lse[gi * sq + i];
+                }
+            }
+        }
+        Ok(AttnOutput {
+            out: Tensor::new(Buffer::F32(out), vec![1, sq, hq, dv])?,
+            lse,
+        })
+    }
+
+    /// One KV head's entries attended by its group's query heads `qg` `[1, Sq, G, D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_head(
+        &self,
+        h: &HeadTable,
+        qg: &TensorView,
+        seq_len: usize,
+        bound: Option<&BoundMask>,
+        page_sched: &mut Option<BlockSchedule>,
+        params: &AttnParams,
+    ) -> Result<AttnOutput> {
+        let c = self.cfg;
+        let [_, sq, g, _] = qg.shape;
+        let p = c.page_size;
+        // Positions are strictly increasing and below seq_len: holding seq_len entries means
+        // holding every position (entry j = position j).
+        let whole = h.len() == seq_len;
+        let runs = self.runs(h);
         let view = |run: &(usize, usize, usize)| -> Result<(TensorView, TensorView)> {
             let (_, pp, m) = *run;
-            let (kr, vr) = (c.kv_heads * c.head_dim, c.kv_heads * c.v_dim);
-            let ks = &self.k[layer][pp * c.page_size * kr..];
-            let vs = &self.v[layer][pp * c.page_size * vr..];
+            let ks = &self.k[pp * p * c.head_dim..];
+            let vs = &self.v[pp * p * c.v_dim..];
             Ok((
-                TensorView::contiguous(&ks[..m * kr], [1, m, c.kv_heads, c.head_dim])?,
-                TensorView::contiguous(&vs[..m * vr], [1, m, c.kv_heads, c.v_dim])?,
+                TensorView::contiguous(&ks[..m * c.head_dim], [1, m, 1, c.head_dim])?,
+                TensorView::contiguous(&vs[..m * c.v_dim], [1, m, 1, c.v_dim])?,
             ))
         };
-        if runs.len() == 1 {
-            // One run: the kernel builds its own schedule from the bound mask.
+        if whole && runs.len() == 1 {
+            // One run holding every position: the kernel builds its own schedule from the mask.
             let (k, v) = view(&runs[0])?;
-            let spec = match &bound {
+            let spec = match bound {
                 Some(b) => MaskSpec::Expr(b),
                 None => MaskSpec::Full,
             };
-            return crate::api::forward_host(q, &k, &v, MaskArg::Prepared(spec), None, params);
+            return crate::api::forward_host(qg, &k, &v, MaskArg::Prepared(spec), None, params);
         }
-        // Several runs: one schedule with key tiles of one page; each run takes its columns.
-        let full_sched = match &bound {
-            Some(b) => b.schedule(64, c.page_size)?,
-            None => BlockSchedule::full(64, c.page_size, sq, s.len)?,
-        };
+        if whole && page_sched.is_none() {
+            *page_sched = Some(match bound {
+                Some(b) => b.schedule(64, p)?,
+                None => BlockSchedule::full(64, p, sq, seq_len)?,
+            });
+        }
         let mut parts = Vec::with_capacity(runs.len());
         for run in &runs {
             let (k, v) = view(run)?;
             let (j0, _, m) = *run;
-            let (t0, t1) = (j0 / c.page_size, (j0 + m).div_ceil(c.page_size));
-            let rows = (0..full_sched.q_tiles).map(|qt| {
-                full_sched
-                    .row(0, 0, qt)
-                    .iter()
-                    .filter(|e| (t0..t1).contains(&(e.k_tile as usize)))
-                    .map(|e| TileEntry {
-                        k_tile: e.k_tile - t0 as u32,
-                        kind: e.kind,
-                    })
-                    .collect::<Vec<_>>()
-            });
-            let sub = BlockSchedule::from_rows(64, c.page_size, sq, m, 1, 1, rows)?;
-            let shifted = bound.as_ref().map(|b| Shifted {
+            let (t0, t1) = (j0 / p, (j0 + m).div_ceil(p));
+            let sub = match (whole, bound) {
+                // Every position: the run takes its columns of the mask's schedule.
+                (true, _) => {
+                    let full_sched = page_sched.as_ref().expect("built above");
+                    let rows = (0..full_sched.q_tiles).map(|qt| {
+                        full_sched
+                            .row(0, 0, qt)
+                            .iter()
+                            .filter(|e| (t0..t1).contains(&(e.k_tile as usize)))
+                            .map(|e| TileEntry {
+                                k_tile: e.k_tile - t0 as u32,
+                                kind: e.kind,
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    BlockSchedule::from_rows(64, p, sq, m, 1, 1, rows)?
+                }
+                // Compressed, no mask: every pair.
+                (false, None) => BlockSchedule::full(64, p, sq, m)?,
+                // Compressed under a mask: every tile in part, the mask read at the positions.
+                (false, Some(_)) => {
+                    let row: Vec<TileEntry> = (0..m.div_ceil(p) as u32)
+                        .map(|k_tile| TileEntry {
+                            k_tile,
+                            kind: TileKind::Partial,
+                        })
+                        .collect();
+                    BlockSchedule::from_rows(
+                        64,
+                        p,
+                        sq,
+                        m,
+                        1,
+                        1,
+                        (0..sq.div_ceil(64)).map(|_| row.clone()),
+                    )?
+                }
+            };
+            let shifted = bound.map(|b| Shifted {
                 inner: b,
                 off: j0,
                 len: m,
+                pos: if whole {
+                    None
+                } else {
+                    Some(&h.pos[j0..j0 + m])
+                },
             });
             let spec = MaskSpec::Schedule {
                 schedule: &sub,
                 rows: shifted.as_ref().map(|r| r as &dyn RowMask),
             };
             parts.push(crate::api::forward_host(
-                q,
+                qg,
                 &k,
                 &v,
                 MaskArg::Prepared(spec),
@@ -381,20 +742,36 @@ impl PagedKvCache {
                 params,
             )?);
         }
-        merge_partials(&parts, [1, sq, hq, c.v_dim])
+        merge_partials(&parts, [1, sq, g, c.v_dim])
     }
 }
 
-/// A row mask over keys `off .. off + len` of `inner`, renumbered from 0.
+/// A row mask over entries `off .. off + len` of a head, renumbered from 0: with `pos = None` the
+/// entries are positions `off ..` of `inner`; else entry `j` is position `pos[j]` (a compressed
+/// head) and the mask is read pair by pair there.
 struct Shifted<'a> {
     inner: &'a BoundMask,
     off: usize,
     len: usize,
+    pos: Option<&'a [u32]>,
 }
 
 impl RowMask for Shifted<'_> {
     fn row_bits(&self, b: usize, h: usize, i: usize, j0: usize, out: &mut [u64]) {
-        self.inner.row_bits(b, h, i, j0 + self.off, out);
+        match self.pos {
+            None => self.inner.row_bits(b, h, i, j0 + self.off, out),
+            Some(pos) => {
+                for (w, word) in out.iter_mut().enumerate() {
+                    *word = 0;
+                    for t in 0..64 {
+                        let j = j0 + 64 * w + t;
+                        if j < self.len && self.inner.allowed(b, i, pos[j] as usize) {
+                            *word |= 1u64 << t;
+                        }
+                    }
+                }
+            }
+        }
         // Keys at or past this run's end belong to the next run: clear them.
         for (w, word) in out.iter_mut().enumerate() {
             let first = j0 + 64 * w;

@@ -199,7 +199,7 @@ impl MaskedAttention {
         })
     }
     /// The expression for a layer with the model's sliding window `window` (keys per query).
-    pub(crate) fn expr_for(&self, window: Option<usize>) -> Result<MaskExpr> {
+    pub fn expr_for(&self, window: Option<usize>) -> Result<MaskExpr> {
         let Some(w) = window else {
             return Ok(self.expr.clone());
         };

@@ -407,3 +407,97 @@ fn sparse_options_and_specs_are_checked() {
     // A dense method has no sparse statistics.
     assert!(from_spec("causal").unwrap().sparse_stats().is_none());
 }
+
+/// Logits of every position under a press: `first` tokens as one chunk, then one at a time, the
+/// cache compressed after each forward with room for the next chunk.
+fn run_press(
+    m: &Model,
+    toks: &[u32],
+    press: &str,
+    first: usize,
+    page: usize,
+) -> (Vec<f32>, crate::kv::KvMemory) {
+    use crate::kv::press::{runner::PressAttention, Press};
+    use crate::kv::score::Reduce;
+    let attn = PressAttention::new("causal", Press::parse(press).unwrap(), Reduce::Mean).unwrap();
+    let mut cache = m.new_cache(page).unwrap();
+    let s = cache.add_sequence();
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < toks.len() {
+        let n = if at == 0 { first.max(1) } else { 1 };
+        let part = &toks[at..(at + n).min(toks.len())];
+        let h = m.forward(&mut cache, s, part, &attn, None).unwrap();
+        out.extend(m.logits(&h));
+        at += part.len();
+        attn.compress(&mut cache, s, 1).unwrap();
+    }
+    (out, cache.memory())
+}
+
+#[test]
+fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
+    for arch in ["llama", "gemma3"] {
+        let m = Model::load(&synthetic(arch, 7), LoadOptions::default()).unwrap();
+        let t = tokens(60, 8);
+        // The plain run with the same chunks: 25, then one at a time.
+        let mut want = run(&m, &t[..25], "causal", 25, 16);
+        let attn = from_spec("causal").unwrap();
+        let mut cache = m.new_cache(16).unwrap();
+        let s = cache.add_sequence();
+        m.forward(&mut cache, s, &t[..25], attn.as_ref(), None)
+            .unwrap();
+        for &tok in &t[25..] {
+            let h = m
+                .forward(&mut cache, s, &[tok], attn.as_ref(), None)
+                .unwrap();
+            want.extend(m.logits(&h));
+        }
+        for press in [
+            "h2o(budget=1)",
+            "snapkv(budget=1,window=4)",
+            "tova(budget=1)",
+            "knorm(budget=1)",
+            "a2sf(budget=1,f=0.9)",
+        ] {
+            let (got, mem) = run_press(&m, &t, press, 25, 16);
+            assert!(
+                got == want,
+                "{arch} {press}: logits differ from the full cache"
+            );
+            assert_eq!(mem.bytes_entries, mem.bytes_full, "{arch} {press}");
+        }
+        // A real budget changes the logits and holds less.
+        let (got, mem) = run_press(&m, &t, "h2o(budget=0.3)", 25, 16);
+        assert!(
+            max_diff(&got, &want) > 1e-3,
+            "{arch}: h2o(budget=0.3) changed nothing"
+        );
+        assert!(mem.bytes_entries * 2 < mem.bytes_full, "{arch}: {mem:?}");
+    }
+}
+
+#[test]
+fn kv_streaming_eviction_equals_the_sinks_and_window_mask() {
+    for arch in ["llama", "gemma3"] {
+        let m = Model::load(&synthetic(arch, 9), LoadOptions::default()).unwrap();
+        let t = tokens(70, 10);
+        for (sinks, window) in [(2, 9), (0, 16), (4, 1)] {
+            let (got, mem) = run_press(
+                &m,
+                &t,
+                &format!("streaming(sinks={sinks},window={window})"),
+                1,
+                16,
+            );
+            let mask = format!("causal & (sinks({sinks}) | window({},0))", window - 1);
+            let want = run(&m, &t, &mask, 1, 16);
+            let e = max_diff(&got, &want);
+            assert!(
+                e < 2e-4,
+                "{arch} S {sinks} W {window}: logits differ by {e}"
+            );
+            assert!(mem.bytes_entries < mem.bytes_full);
+        }
+    }
+}

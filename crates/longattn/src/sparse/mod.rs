@@ -84,7 +84,7 @@
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
 mod estimate;
 pub mod reference;
-mod spec;
+pub(crate) mod spec;
 #[cfg(test)]
 mod tests;
 

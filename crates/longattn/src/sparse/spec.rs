@@ -93,8 +93,13 @@ fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
 }
 
-/// Splits `name(k=v,...)` (or a bare `name`) into the name and its `(key, value)` pairs.
-fn split_call(text: &str) -> Result<(&str, Vec<(&str, &str)>)> {
+/// Splits `name(k=v,...)` (or a bare `name`) into the name and its `(key, value)` pairs; errors
+/// name the operation `op` (shared by the specs that use this grammar).
+pub(crate) fn split_call<'a>(
+    op: &'static str,
+    text: &'a str,
+) -> Result<(&'a str, Vec<(&'a str, &'a str)>)> {
+    let err = |msg: String| Error::Param { op, msg };
     let t = text.trim();
     let Some(open) = t.find('(') else {
         return Ok((t, Vec::new()));
@@ -129,7 +134,7 @@ impl SparseSpec {
 
     /// Parses a spec (grammar in the [`crate::sparse`] module header).
     pub fn parse(text: &str) -> Result<SparseSpec> {
-        let (name, given) = split_call(text)?;
+        let (name, given) = split_call(OP, text)?;
         if name.is_empty() {
             return Err(err(format!("`{text}`: no method name (known: {KNOWN})")));
         }

@@ -1,0 +1,370 @@
+//! Presses: the grammar and its errors; every policy's fast keep set equals its reference (ties
+//! included); budget 1.0 is the full cache bit for bit under decode-time compression; streaming
+//! under decode-time eviction is attention under `causal & (sinks(S) | window(W-1,0))`; a failed
+//! compression changes nothing; freed pages are counted exactly.
+use super::*;
+use crate::attention::AttnParams;
+use crate::kv::decode::DecodeParams;
+use crate::kv::score::{Observation, ScoreParams};
+use crate::kv::KvConfig;
+use crate::mask::MaskExpr;
+use crate::tensor::TensorView;
+use crate::testing::{Rng, AWKWARD_SIZES};
+
+fn randn(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+#[test]
+fn specs_parse_print_and_refuse_bad_input() {
+    for (text, want) in [
+        (
+            "snapkv(budget=0.2,window=32)",
+            Press::SnapKv {
+                budget: 0.2,
+                window: 32,
+                kernel: 5,
+            },
+        ),
+        (
+            "streaming(sinks=4,window=1020)",
+            Press::Streaming {
+                sinks: 4,
+                window: 1020,
+            },
+        ),
+        (" h2o( budget = 0.2 ) ", Press::H2o { budget: 0.2 }),
+        (
+            "a2sf(budget=0.2,f=0.95)",
+            Press::A2sf {
+                budget: 0.2,
+                f: 0.95,
+            },
+        ),
+        ("tova(budget=0.2)", Press::Tova { budget: 0.2 }),
+        ("knorm(budget=1)", Press::Knorm { budget: 1.0 }),
+        (
+            "streaming(window=8)",
+            Press::Streaming {
+                sinks: 4,
+                window: 8,
+            },
+        ),
+    ] {
+        let p = Press::parse(text).unwrap();
+        assert_eq!(p, want, "{text}");
+        assert_eq!(
+            Press::parse(&p.to_string()).unwrap(),
+            p,
+            "round trip of {p}"
+        );
+    }
+    for (text, what) in [
+        ("quest(budget=0.2)", "unknown press `quest`"),
+        ("h2o(budget=0)", "budget 0 outside (0, 1]"),
+        ("h2o(budget=1.5)", "outside (0, 1]"),
+        ("tova(budget=-0.1)", "outside (0, 1]"),
+        ("h2o", "`budget` is required"),
+        ("streaming(sinks=4)", "`window` is required"),
+        ("h2o(budget=0.2,window=3)", "unknown argument `window`"),
+        ("h2o(budget=abc)", "not a finite number"),
+        ("h2o(budget=0.2", "must end with `)`"),
+        ("h2o(budget=0.2,budget=0.3)", "given twice"),
+        ("snapkv(budget=0.2,kernel=4)", "kernel odd"),
+        ("snapkv(budget=0.2,window=0)", "window must be >= 1"),
+        ("a2sf(budget=0.2,f=1.2)", "outside [0, 1]"),
+        ("streaming(sinks=0,window=0)", "must be >= 1"),
+        ("streaming(sinks=2.5,window=8)", "non-negative integer"),
+        ("(budget=0.2)", "no press name"),
+    ] {
+        let e = Press::parse(text).unwrap_err().to_string();
+        assert!(e.contains(what), "{text}: {e}");
+    }
+}
+
+#[test]
+fn fast_keep_sets_equal_the_references() {
+    let mut rng = Rng::new(17);
+    let d = 8;
+    let presses = [
+        Press::Streaming {
+            sinks: 4,
+            window: 20,
+        },
+        Press::Streaming {
+            sinks: 0,
+            window: 3,
+        },
+        Press::H2o { budget: 0.3 },
+        Press::A2sf {
+            budget: 0.3,
+            f: 0.9,
+        },
+        Press::SnapKv {
+            budget: 0.3,
+            window: 8,
+            kernel: 5,
+        },
+        Press::SnapKv {
+            budget: 0.3,
+            window: 100,
+            kernel: 1,
+        },
+        Press::Tova { budget: 0.3 },
+        Press::Knorm { budget: 0.3 },
+    ];
+    for &len in &AWKWARD_SIZES[..6] {
+        // Scores with many ties (quantised), some entries unscored (appended since the last fold).
+        let scores: Vec<f32> = (0..len.saturating_sub(2))
+            .map(|_| (rng.uniform() * 6.0).floor() as f32)
+            .collect();
+        let keys: Vec<f32> = (0..len * d)
+            .map(|_| (rng.normal() * 2.0).round() as f32)
+            .collect();
+        for press in &presses {
+            for n in [0, 1, len / 3, len.saturating_sub(1), len, len + 5] {
+                let h = HeadInput {
+                    len,
+                    n,
+                    scores: &scores,
+                    keys: &keys,
+                    head_dim: d,
+                };
+                let (got, want) = (keep(press, &h), keep_reference(press, &h));
+                assert_eq!(got, want, "{press} len {len} n {n}");
+                let expect = n.min(len);
+                assert_eq!(got.len(), expect, "{press} len {len} n {n}");
+                assert!(got.windows(2).all(|w| w[0] < w[1]));
+            }
+        }
+    }
+}
+
+/// One attention result: output and LSE.
+type Outputs = (Vec<f32>, Vec<f32>);
+
+const HQ: usize = 4;
+const HK: usize = 2;
+const D: usize = 16;
+const LAYERS: usize = 2;
+
+/// A decode-time run: `prefill` random positions appended and attended as one causal chunk, then
+/// `steps` single positions, each attended (per-layer `attend` and the batched decode), observed
+/// for the press's scores and compressed with headroom 1. Returns every attention output and LSE
+/// (the chunk's and each step's, `attend` then `decode`) and the final cache.
+fn run(
+    press: Option<&Press>,
+    prefill: usize,
+    steps: usize,
+    seed: u64,
+) -> (Vec<Outputs>, PagedKvCache) {
+    let cfg = KvConfig {
+        layers: LAYERS,
+        kv_heads: HK,
+        head_dim: D,
+        v_dim: D,
+        page_size: 16,
+    };
+    let mut c = PagedKvCache::new(cfg).unwrap();
+    let a = c.add_sequence();
+    let mut rng = Rng::new(seed);
+    let causal = MaskExpr::parse("causal").unwrap();
+    let mut scores = press
+        .and_then(|p| p.score_kind())
+        .map(|k| KvScores::new(&c, k, ScoreParams::default()).unwrap());
+    let mut outs = Vec::new();
+    let chunks = std::iter::once(prefill).chain(std::iter::repeat_n(1, steps));
+    for n in chunks.filter(|&n| n > 0) {
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..LAYERS)
+            .map(|_| (randn(n * HK * D, &mut rng), randn(n * HK * D, &mut rng)))
+            .collect();
+        let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        c.append(a, &refs).unwrap();
+        for l in 0..LAYERS {
+            let qd = randn(n * HQ * D, &mut rng);
+            let q = TensorView::contiguous(&qd[..], [1, n, HQ, D]).unwrap();
+            let r = c
+                .attend(a, l, &q, Some(&causal), &AttnParams::default())
+                .unwrap();
+            if let Some(s) = scores.as_mut() {
+                let obs = Observation {
+                    q: &q,
+                    lse: &r.lse,
+                    mask: Some(&causal),
+                };
+                s.observe(&c, a, l, &obs).unwrap();
+            }
+            outs.push((r.out.data.to_f32_vec(), r.lse));
+            if n == 1 {
+                let r = c.decode(&[a], l, &q, &DecodeParams::default()).unwrap();
+                outs.push((r.out.data.to_f32_vec(), r.lse));
+            }
+        }
+        if let Some(p) = press {
+            compress(&mut c, a, p, scores.as_mut(), 1).unwrap();
+        }
+    }
+    (outs, c)
+}
+
+#[test]
+fn budget_one_is_the_full_cache_bit_for_bit() {
+    let (full, fc) = run(None, 37, 30, 5);
+    for text in [
+        "h2o(budget=1)",
+        "a2sf(budget=1,f=0.9)",
+        "snapkv(budget=1,window=8)",
+        "tova(budget=1)",
+        "knorm(budget=1)",
+        "streaming(sinks=4,window=100)",
+    ] {
+        let press = Press::parse(text).unwrap();
+        let (got, c) = run(Some(&press), 37, 30, 5);
+        assert_eq!(got, full, "{text}");
+        assert_eq!(c.memory(), fc.memory(), "{text}");
+    }
+}
+
+#[test]
+fn presses_cut_every_head_to_its_budget_and_free_pages() {
+    for text in [
+        "h2o(budget=0.2)",
+        "a2sf(budget=0.25,f=0.95)",
+        "snapkv(budget=0.3,window=8)",
+        "tova(budget=0.2)",
+        "knorm(budget=0.2)",
+        "streaming(sinks=4,window=20)",
+    ] {
+        let press = Press::parse(text).unwrap();
+        let (prefill, steps) = (113, 20);
+        let (_, c) = run(Some(&press), prefill, steps, 9);
+        let a = SeqId(0);
+        let len = prefill + steps;
+        let n = press.target(len, 1);
+        let m = c.memory();
+        let mut pages = 0;
+        for l in 0..LAYERS {
+            for kh in 0..HK {
+                let h = c.head_len(a, l, kh).unwrap();
+                assert_eq!(h, n, "{text} layer {l} head {kh}");
+                pages += h.div_ceil(16);
+                let pos = c.positions(a, l, kh).unwrap();
+                // The newest position is always kept by the presses with a recent window.
+                if matches!(
+                    press,
+                    Press::H2o { .. } | Press::SnapKv { .. } | Press::Streaming { .. }
+                ) {
+                    assert_eq!(*pos.last().unwrap() as usize, len - 1, "{text}");
+                }
+            }
+        }
+        assert_eq!(m.pages_in_use, pages, "{text}");
+        assert_eq!(m.bytes_entries, LAYERS * HK * n * 2 * D * 4);
+        assert_eq!(m.bytes_full, LAYERS * HK * len * 2 * D * 4);
+        if let Press::Streaming { sinks, .. } = press {
+            let pos = c.positions(a, 0, 0).unwrap();
+            assert!(pos[..sinks]
+                .iter()
+                .enumerate()
+                .all(|(i, &p)| p as usize == i));
+        }
+    }
+}
+
+#[test]
+fn streaming_eviction_is_attention_under_the_sinks_and_window_mask() {
+    for &(sinks, window) in &[(4usize, 20usize), (1, 7), (0, 33), (16, 1)] {
+        let press = Press::Streaming { sinks, window };
+        let cfg = KvConfig {
+            layers: 1,
+            kv_heads: HK,
+            head_dim: D,
+            v_dim: D,
+            page_size: 16,
+        };
+        let mask = MaskExpr::parse(&format!(
+            "causal & (sinks({sinks}) | window({},0))",
+            window - 1
+        ))
+        .unwrap();
+        let (mut evicted, mut full) = (
+            PagedKvCache::new(cfg).unwrap(),
+            PagedKvCache::new(cfg).unwrap(),
+        );
+        let (a, b) = (evicted.add_sequence(), full.add_sequence());
+        let mut rng = Rng::new((sinks * 100 + window) as u64);
+        for p in 0..130 {
+            let (k, v) = (randn(HK * D, &mut rng), randn(HK * D, &mut rng));
+            evicted.append(a, &[(&k, &v)]).unwrap();
+            full.append(b, &[(&k, &v)]).unwrap();
+            let qd = randn(HQ * D, &mut rng);
+            let q = TensorView::contiguous(&qd[..], [1, 1, HQ, D]).unwrap();
+            let want = full
+                .attend(b, 0, &q, Some(&mask), &AttnParams::default())
+                .unwrap();
+            let got = [
+                evicted
+                    .attend(a, 0, &q, None, &AttnParams::default())
+                    .unwrap(),
+                evicted
+                    .decode(&[a], 0, &q, &DecodeParams::default())
+                    .unwrap(),
+            ];
+            for g in got {
+                let (x, y) = (g.out.data.to_f32_vec(), want.out.data.to_f32_vec());
+                let e = x
+                    .iter()
+                    .zip(&y)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                let el = g
+                    .lse
+                    .iter()
+                    .zip(&want.lse)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    e <= 2e-5 && el <= 1e-4,
+                    "S {sinks} W {window} position {p}: out {e:.2e} lse {el:.2e}"
+                );
+            }
+            compress(&mut evicted, a, &press, None, 1).unwrap();
+            assert!(evicted.head_len(a, 0, 0).unwrap() < sinks + window);
+        }
+    }
+}
+
+#[test]
+fn failed_compression_leaves_cache_and_scores_as_they_were() {
+    let press = Press::parse("h2o(budget=0.2)").unwrap();
+    let (_, mut c) = run(None, 65, 3, 2);
+    let a = SeqId(0);
+    let before: Vec<_> = (0..HK).map(|kh| c.gather_head(a, 1, kh).unwrap()).collect();
+    let mem = c.memory();
+    let e = compress(&mut c, a, &press, None, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not collected"), "{e}");
+    let mut tova = KvScores::new(&c, ScoreKind::Tova, ScoreParams::default()).unwrap();
+    let e = compress(&mut c, a, &press, Some(&mut tova), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the scores given are Tova"), "{e}");
+    // Scores out of step with the cache (more scores than entries in one head).
+    let mut h2o = KvScores::new(&c, ScoreKind::H2o, ScoreParams::default()).unwrap();
+    h2o.scores[3] = vec![1.0; 1000];
+    let snapshot = h2o.clone();
+    let e = compress(&mut c, a, &press, Some(&mut h2o), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("out of step"), "{e}");
+    assert_eq!(h2o, snapshot);
+    let after: Vec<_> = (0..HK).map(|kh| c.gather_head(a, 1, kh).unwrap()).collect();
+    assert_eq!(before, after);
+    assert_eq!(c.memory(), mem);
+    let bad = Press::H2o { budget: 2.0 };
+    assert!(compress(&mut c, a, &bad, None, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("outside (0, 1]"));
+}
