@@ -26,6 +26,7 @@ pub mod block;
 pub mod gather;
 pub mod plan;
 pub mod ring;
+pub mod scheme;
 pub mod transport;
 pub mod ulysses;
 
@@ -38,5 +39,6 @@ pub use plan::{plan, Plan};
 pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
+pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
 pub use transport::{ThreadTransport, Transport};
 pub use ulysses::{ulysses_backward, ulysses_forward};

@@ -129,6 +129,15 @@ fn pass_on(t: &dyn Transport, tag0: u32, bufs: &mut [(&mut Vec<f32>, usize)]) ->
     Ok(())
 }
 
+/// Bytes of keys and values the busiest rank receives over a forward (`kv_row`: bytes of one
+/// row of K and V, every batch row and head): every other rank's rows, passed around the ring.
+pub fn ring_bytes(plan: &Plan, kv_row: u64) -> u64 {
+    (0..plan.world)
+        .map(|r| (plan.n - plan.rows_of(r)) as u64 * kv_row)
+        .max()
+        .unwrap_or(0)
+}
+
 /// Gradients of this rank's share of the attention (module header): `g.out`, `g.lse` from
 /// [`ring_forward`]; returns `(dq, dk, dv)` in the local row order (f32).
 pub fn ring_backward(cp: &Cp, x: &LocalQkv, g: &GradIn, params: &AttnParams) -> Result<Grads> {
