@@ -45,7 +45,9 @@ pub enum Scheme {
     Allgather,
     /// All-to-all over heads (the query heads must be a multiple of the ranks).
     Ulysses,
-    /// The least estimated time of ring, all-gather and Ulysses (`longattn::cp::scheme`).
+    /// Pass-Q: K / V stay, the queries travel and their partial results come back.
+    Passq,
+    /// The least estimated time of ring, all-gather, Ulysses and pass-Q (`longattn::cp::scheme`).
     Auto,
 }
 
@@ -76,6 +78,7 @@ impl Scheme {
             Scheme::Zigzag => cp::Scheme::Zigzag,
             Scheme::Allgather => cp::Scheme::AllGather,
             Scheme::Ulysses => cp::Scheme::Ulysses,
+            Scheme::Passq => cp::Scheme::PassQ,
         };
         Ok((s, s.plan(mask, p, per_rank)?, Vec::new()))
     }

@@ -832,7 +832,7 @@ fn cp_run_matches_single_rank_run() {
         let names = ["out", "lse", "dq", "dk", "dv"];
         let want: Vec<Vec<f32>> = names.iter().map(|x| read_f32(&single, x).0).collect();
         for p in ["1", "2", "3"] {
-            for scheme in ["ring", "zigzag", "allgather", "ulysses", "auto"] {
+            for scheme in ["ring", "zigzag", "allgather", "ulysses", "passq", "auto"] {
                 let output = tmp("cp-out.safetensors");
                 let o = cp_run(
                     &input,

@@ -14,6 +14,8 @@
 //!   skipped, partial results merged by their LSE;
 //! - all-gather of K / V ([`gather`]): each query chunk against the whole gathered sequence with
 //!   its cut of the schedule; dK / dV reduce-scattered by an all-to-all;
+//! - pass-Q ([`passq`]): the keys and values stay, the query chunks that need a rank's keys
+//!   travel to it and their partial (out, LSE) come back, merged by LSE at the owner;
 //! - Ulysses ([`ulysses`]): all-to-all from sequence shards to head groups, the whole sequence
 //!   per head group, all-to-all back; GQA key / value heads sent to (or replicated for) the
 //!   ranks whose query heads use them.
@@ -24,6 +26,7 @@
 //! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang.
 pub mod block;
 pub mod gather;
+pub mod passq;
 pub mod plan;
 pub mod ring;
 pub mod scheme;
@@ -35,6 +38,7 @@ mod tests;
 
 pub use block::{Cp, CpMask, GradIn, LocalQkv};
 pub use gather::{gather_backward, gather_forward};
+pub use passq::{passq_backward, passq_forward};
 pub use plan::{plan, Plan};
 pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,

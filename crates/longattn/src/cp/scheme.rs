@@ -8,11 +8,13 @@
 //!   blocks, so their peak is the plan's heaviest rank; Ulysses runs the whole mask for `Hq / P`
 //!   heads, exactly `1 / P` of the work);
 //! - communication: the bytes a rank receives at `bytes_per_s`, plus `latency` per dependent
-//!   round of messages (the ring and pass-Q: P - 1 steps; all-gather: one collective for K, one
-//!   for V; Ulysses: four all-to-alls, q / k / v there and the output back);
+//!   round of messages (the ring: P - 1 steps; pass-Q: P - 1 steps of two rounds, queries there
+//!   and results back; all-gather: one collective for K, one for V; Ulysses: four all-to-alls,
+//!   q / k / v there and the output back);
 //! - overlap: with `overlap` (a transport that moves the next step's data while this step
-//!   computes) the ring hides its transfers behind its compute (`max(compute, transfer)`); the
-//!   threads transport as built does not, nor do the collectives (`compute + transfer`).
+//!   computes) the ring and pass-Q hide their transfers behind their compute
+//!   (`max(compute, transfer)`); the threads transport as built does not, nor do the
+//!   collectives (`compute + transfer`).
 //!
 //! With the defaults (a rank of 50 GFLOP/s, links of 10 GB/s, 20 us per round, no overlap) this
 //! picks Ulysses for dense masks with as many key / value heads as query heads when the heads
@@ -24,7 +26,7 @@ use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
 use super::plan::{even_bounds, plan, Plan};
 use super::ring::Grads;
 use super::transport::{ThreadTransport, Transport};
-use super::{gather, ring, ulysses};
+use super::{gather, passq, ring, ulysses};
 use crate::attention::AttnParams;
 use crate::backward::BackwardParams;
 use crate::error::{Error, Result};
@@ -42,14 +44,17 @@ pub enum Scheme {
     AllGather,
     /// All-to-all over heads.
     Ulysses,
+    /// Pass-Q over the mask-aware plan: the queries travel, K / V stay.
+    PassQ,
 }
 
 impl Scheme {
-    pub const ALL: [Scheme; 4] = [
+    pub const ALL: [Scheme; 5] = [
         Scheme::Ring,
         Scheme::Zigzag,
         Scheme::AllGather,
         Scheme::Ulysses,
+        Scheme::PassQ,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,10 +63,11 @@ impl Scheme {
             Scheme::Zigzag => "zigzag",
             Scheme::AllGather => "allgather",
             Scheme::Ulysses => "ulysses",
+            Scheme::PassQ => "passq",
         }
     }
 
-    /// The scheme of a name (`ring`, `zigzag`, `allgather`, `ulysses`).
+    /// The scheme of a name (`ring`, `zigzag`, `allgather`, `ulysses`, `passq`).
     pub fn parse(s: &str) -> Result<Scheme> {
         Scheme::ALL
             .into_iter()
@@ -95,6 +101,7 @@ impl Scheme {
             Scheme::Ring | Scheme::Zigzag => ring::ring_forward(cp, x, params),
             Scheme::AllGather => gather::gather_forward(cp, x, params),
             Scheme::Ulysses => ulysses::ulysses_forward(cp, x, params),
+            Scheme::PassQ => passq::passq_forward(cp, x, params),
         }
     }
 
@@ -104,6 +111,7 @@ impl Scheme {
             Scheme::Ring | Scheme::Zigzag => ring::ring_backward(cp, x, g, params),
             Scheme::AllGather => gather::gather_backward(cp, x, g, params),
             Scheme::Ulysses => ulysses::ulysses_backward(cp, x, g, params),
+            Scheme::PassQ => passq::passq_backward(cp, x, g, params),
         }
     }
 }
@@ -189,6 +197,12 @@ impl CostModel {
             Scheme::Ring | Scheme::Zigzag => {
                 (flop(rank_max), ring::ring_bytes(plan, kv_row), p - 1, true)
             }
+            Scheme::PassQ => (
+                flop(rank_max),
+                passq::passq_bytes(plan, 4 * b * hq * d, 4 * b * hq * (dv + 1)),
+                2 * (p - 1),
+                true,
+            ),
             Scheme::AllGather => (
                 flop(rank_max),
                 (p as u64 - 1) * rows * kv_row,
@@ -235,7 +249,7 @@ impl CostModel {
     }
 
     /// The scheme of least estimated time (ties: the earlier of ring, all-gather, Ulysses,
-    /// zigzag) and its plan (`per_rank` chunks per rank), with every estimate for the report.
+    /// pass-Q) and its plan (`per_rank` chunks per rank), with every estimate for the report.
     pub fn choose(
         &self,
         mask: &CpMask,
@@ -245,7 +259,12 @@ impl CostModel {
     ) -> Result<(Scheme, Plan, Vec<Estimate>)> {
         let balanced = plan(&mask.sched, world, per_rank)?;
         let mut all = Vec::new();
-        for s in [Scheme::Ring, Scheme::AllGather, Scheme::Ulysses] {
+        for s in [
+            Scheme::Ring,
+            Scheme::AllGather,
+            Scheme::Ulysses,
+            Scheme::PassQ,
+        ] {
             all.extend(self.estimate(s, &balanced, mask, dims));
         }
         let best = all

@@ -3,7 +3,7 @@
 use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
 use super::plan::{plan, Plan};
 use super::ring::Grads;
-use super::{gather, ring, ulysses, ThreadTransport, Transport};
+use super::{gather, passq, ring, ulysses, ThreadTransport, Transport};
 use crate::attention::{forward, AttnParams, MaskSpec};
 use crate::backward::{backward, BackwardParams};
 use crate::error::Result;
@@ -17,6 +17,7 @@ enum Scheme {
     Ring,
     Gather,
     Ulysses,
+    PassQ,
 }
 
 type Fwd = fn(&Cp, &LocalQkv, &AttnParams) -> Result<(Vec<f32>, Vec<f32>)>;
@@ -28,6 +29,7 @@ impl Scheme {
             Scheme::Ring => (ring::ring_forward, ring::ring_backward),
             Scheme::Gather => (gather::gather_forward, gather::gather_backward),
             Scheme::Ulysses => (ulysses::ulysses_forward, ulysses::ulysses_backward),
+            Scheme::PassQ => (passq::passq_forward, passq::passq_backward),
         }
     }
 }
@@ -281,6 +283,27 @@ fn all_gather_matches_single_rank_for_every_mask() {
 }
 
 #[test]
+fn pass_q_matches_single_rank_for_every_mask() {
+    sweep(Scheme::PassQ);
+    // MQA and one query chunk per rank (every exchange a whole rank's rows).
+    for &(p, hq, per_rank) in &[(3, 4, 1), (4, 2, 3)] {
+        let c = Case {
+            p,
+            n: 31,
+            b: 1,
+            hq,
+            hk: 1,
+            d: 8,
+            dv: 16,
+            expr: "prefix(5) | causal & window(7,0)",
+            per_rank,
+            tile: 4,
+        };
+        check(&c, Scheme::PassQ, true);
+    }
+}
+
+#[test]
 fn ulysses_matches_single_rank_for_every_mask() {
     sweep(Scheme::Ulysses);
     // GQA with fewer key / value heads than ranks (one replicated head per rank), and query
@@ -365,7 +388,7 @@ fn bad_inputs_are_clear_errors() {
         );
     }
     // Mismatched shapes across ranks: rank 1 has other heads; both ranks say so (every scheme).
-    for scheme in [Scheme::Ring, Scheme::Gather, Scheme::Ulysses] {
+    for scheme in [Scheme::Ring, Scheme::Gather, Scheme::Ulysses, Scheme::PassQ] {
         let errs = on_ranks(2, |t| {
             let rows = pl.rows_of(t.rank());
             let hq = if t.rank() == 1 { 4 } else { 2 };
