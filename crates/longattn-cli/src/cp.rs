@@ -295,6 +295,8 @@ fn run(a: RunArgs) -> Result<()> {
         Duration::from_secs_f64(a.timeout),
     )?;
     let secs = t0.elapsed().as_secs_f64();
+    let recv: Vec<String> = res.traffic.iter().map(|x| x.received.to_string()).collect();
+    eprintln!("bytes received per rank: {}", recv.join(" "));
     let dtype = inputs.dtype();
     let tensor = |x: &[f32], shape: Vec<usize>| {
         longattn::Tensor::new(longattn::tensor::Buffer::from_f32(dtype, x), shape)

@@ -562,9 +562,10 @@ pub fn pack(plan: &Plan, owner: usize, x: &[f32], l: Rows, list: &[(usize, usize
 
 /// Where a rank's blocks take their keys from.
 #[derive(Clone, Copy)]
-pub enum Keys {
-    /// The chunks of this rank (held at one step of a ring), in its local layout.
-    Held(usize),
+pub enum Keys<'a> {
+    /// Some chunks, each with its first row in the buffer of keys held (a rank's local layout,
+    /// or the packed chunks fetched from another rank, [`Plan::exchanged`]).
+    Chunks(&'a [(usize, usize)]),
     /// The whole sequence, in sequence order.
     Whole,
 }
@@ -591,11 +592,10 @@ pub fn blocks<'m>(
     let mut v = Vec::new();
     for (a, qa) in plan.chunks_of(rank) {
         let theirs = match keys {
-            Keys::Held(held) => plan
-                .chunks_of(held)
-                .into_iter()
-                .filter(|&(b, _)| plan.needs(a, b))
-                .map(|(b, kb)| (plan.range(b), kb))
+            Keys::Chunks(list) => list
+                .iter()
+                .filter(|&&(b, _)| plan.needs(a, b))
+                .map(|&(b, kb)| (plan.range(b), kb))
                 .collect(),
             Keys::Whole => vec![((0, plan.n), 0)],
         };

@@ -44,5 +44,5 @@ pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
 pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
-pub use transport::{ThreadTransport, Transport};
+pub use transport::{Counted, ThreadTransport, Traffic, Transport};
 pub use ulysses::{ulysses_backward, ulysses_forward};

@@ -21,33 +21,15 @@
 //! keeps dK / dV (they stay with the keys, summed in step order) and sends each chunk's dQ part
 //! back, where the owner adds it in step order.
 use super::block::{
-    copy_rows, from_bytes, merge_rows, merge_runs, pack, same_heads, to_bytes, Block, Cp, CpMask,
-    GradIn, LocalQkv, Rows, Run, Side,
+    copy_rows, merge_rows, merge_runs, pack, same_heads, Block, Cp, CpMask, GradIn, LocalQkv, Rows,
+    Run, Side,
 };
 use super::plan::Plan;
-use super::ring::{add, Grads};
+use super::ring::{add, recv, send, Grads};
 use super::transport::Transport;
 use crate::attention::{forward, AttnParams};
 use crate::backward::{backward, BackwardParams};
 use crate::error::Result;
-
-/// Sends `x` to rank `to` under `tag` when it is not empty.
-fn send(t: &dyn Transport, to: usize, tag: u32, x: &[f32]) -> Result<()> {
-    if x.is_empty() {
-        return Ok(());
-    }
-    t.send(to, tag, &to_bytes(x))
-}
-
-/// Receives `len` f32 from rank `from` under `tag` (nothing when `len` is 0).
-fn recv(t: &dyn Transport, from: usize, tag: u32, len: usize) -> Result<Vec<f32>> {
-    if len == 0 {
-        return Ok(Vec::new());
-    }
-    let mut raw = vec![0u8; 4 * len];
-    t.recv(from, tag, &mut raw)?;
-    Ok(from_bytes(&raw))
-}
 
 /// One step's exchange of rows: this rank's packed chunks `mine` (from its local buffer `x`,
 /// layout `l`) go to rank `to`; returns the packed chunks `theirs` of rank `from`. At step 0

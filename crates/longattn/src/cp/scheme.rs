@@ -25,7 +25,7 @@
 use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
 use super::plan::{even_bounds, plan, Plan};
 use super::ring::Grads;
-use super::transport::{ThreadTransport, Transport};
+use super::transport::{Counted, ThreadTransport, Traffic, Transport};
 use super::{gather, passq, ring, ulysses};
 use crate::attention::AttnParams;
 use crate::backward::BackwardParams;
@@ -292,6 +292,9 @@ pub struct WholeOut {
     pub out: Vec<f32>,
     pub lse: Vec<f32>,
     pub grads: Option<Grads>,
+    /// What each rank sent and received (forward and backward together; the agreement check's
+    /// few words included).
+    pub traffic: Vec<Traffic>,
 }
 
 /// Runs `scheme` over `plan` with `plan.world` ranks as threads of this process (the in-process
@@ -321,12 +324,13 @@ pub fn run_threads(
         });
     }
     let group = ThreadTransport::group(plan.world, timeout)?;
-    type RankOut = Result<(Vec<f32>, Vec<f32>, Option<Grads>)>;
+    type RankOut = Result<(Vec<f32>, Vec<f32>, Option<Grads>, Traffic)>;
     let results: Vec<RankOut> = std::thread::scope(|s| {
         let hs: Vec<_> = group
             .into_iter()
             .map(|t| {
                 s.spawn(move || -> RankOut {
+                    let t = Counted::new(t);
                     let r = t.rank();
                     let shard = |y: &[f32], h: usize, w: usize| plan.shard(y, b, (h, w), r);
                     let (lq, lk, lv) = (shard(x.q, hq, d), shard(x.k, hk, d), shard(x.v, hk, dv));
@@ -351,7 +355,7 @@ pub fn run_threads(
                             Some(scheme.backward(&cp, &local, &g, params)?)
                         }
                     };
-                    Ok((o, l, grads))
+                    Ok((o, l, grads, t.traffic()))
                 })
             })
             .collect();
@@ -396,7 +400,7 @@ pub fn run_threads(
             vec![0f32; want[2]],
         )
     });
-    for (r, (o, l, g)) in parts.iter().enumerate() {
+    for (r, (o, l, g, _)) in parts.iter().enumerate() {
         let rows = plan.rows_of(r);
         let runs: Vec<_> = plan.runs_of(r).into_iter().map(|u| u.rev()).collect();
         let put = |src: &[f32], dst: &mut [f32], l: Rows| {
@@ -416,7 +420,13 @@ pub fn run_threads(
             put(dv_, gv, Rows::new(b, n, hk, dv));
         }
     }
-    Ok(WholeOut { out, lse, grads })
+    let traffic = parts.iter().map(|x| x.3).collect();
+    Ok(WholeOut {
+        out,
+        lse,
+        grads,
+        traffic,
+    })
 }
 
 /// Whether an error reports another rank's failure rather than naming a problem itself.
@@ -455,6 +465,9 @@ mod tests {
         assert_ne!(pick("causal", 3, 32, 32), Scheme::Ulysses);
         // GQA with two key / value heads at four ranks, dense: all-gather.
         assert_eq!(pick("full", 4, 32, 2), Scheme::AllGather);
+        // A sliding window: the ring fetches a halo, far less than any other scheme moves.
+        assert_eq!(pick("causal & window(512,0)", 4, 32, 2), Scheme::Ring);
+        assert_eq!(pick("causal & window(512,0)", 8, 32, 32), Scheme::Ring);
         // One rank: nothing to move, the ring (first of the ties).
         assert_eq!(pick("causal", 1, 32, 2), Scheme::Ring);
         // Every estimate's parts add up as the header says (no overlap by default).

@@ -484,3 +484,89 @@ fn bad_inputs_are_clear_errors() {
         "{e}"
     );
 }
+
+/// The ring fetches only the key chunks a rank's queries need: under a sliding window each rank
+/// receives a halo of neighbouring chunks, a small part of what a causal mask (or a ring that
+/// passes every chunk on) moves, and the outputs and gradients still equal single-rank's.
+#[test]
+fn ring_moves_only_the_halo_of_a_window() {
+    use super::scheme::{run_threads, Scheme as S, Whole};
+    let (p, per_rank, n, b, hq, hk, d, dv) = (8, 2, 383, 1, 4, 2, 16, 16);
+    let (q, k, v, dout) = (
+        seeded(71, b * n * hq * d),
+        seeded(72, b * n * hk * d),
+        seeded(73, b * n * hk * dv),
+        seeded(74, b * n * hq * dv),
+    );
+    let kv_row = (4 * b * hk * (d + dv)) as u64;
+    // The agreement check: one all-gather of 8 words from each peer.
+    let agree = 64 * (p as u64 - 1);
+    let mut most = Vec::new();
+    for expr in ["causal", "causal & window(8,0)", "window(6,6)"] {
+        let bound = MaskExpr::parse(expr)
+            .unwrap()
+            .bind(MaskShape::square(n), None)
+            .unwrap();
+        let (qv, kv, vv) = (
+            TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
+            TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
+            TensorView::contiguous(&v[..], [b, n, hk, dv]).unwrap(),
+        );
+        let prm = AttnParams::default();
+        let bp = BackwardParams {
+            deterministic: true,
+            ..Default::default()
+        };
+        let whole = forward(&qv, &kv, &vv, &prm, MaskSpec::Expr(&bound)).unwrap();
+        let dov = TensorView::contiguous(&dout[..], [b, n, hq, dv]).unwrap();
+        let ov = whole.out.view("out").unwrap();
+        let spec = MaskSpec::Expr(&bound);
+        let g = backward(&qv, &kv, &vv, &ov, &whole.lse, &dov, &prm, spec, &bp).unwrap();
+        let mask = CpMask::new(bound, 8).unwrap();
+        let pl = plan(&mask.sched, p, per_rank).unwrap();
+        let t = Duration::from_secs(30);
+        let x = Whole {
+            q: &q,
+            k: &k,
+            v: &v,
+            dout: Some(&dout),
+            dims: (b, n, hq, hk, d, dv),
+        };
+        let res = run_threads(S::Ring, &pl, &mask, &x, &prm, &bp, t).unwrap();
+        let (dq, dk, dv_) = res.grads.unwrap();
+        for (name, got, want) in [
+            ("out", &res.out, whole.out.data.to_f32_vec()),
+            ("lse", &res.lse, whole.lse.clone()),
+            ("dq", &dq, g.dq.data.to_f32_vec()),
+            ("dk", &dk, g.dk.data.to_f32_vec()),
+            ("dv", &dv_, g.dv.data.to_f32_vec()),
+        ] {
+            let e = rel_err(got, &want);
+            assert!(e <= 1e-5, "{expr}: {name} differs by {e}");
+        }
+        // The forward alone: every rank receives exactly its halo (and the agreement words).
+        let fwd_only = Whole { dout: None, ..x };
+        let res = run_threads(S::Ring, &pl, &mask, &fwd_only, &prm, &bp, t).unwrap();
+        let got = res.traffic.iter().map(|x| x.received).max().unwrap() - agree;
+        assert_eq!(got, ring::ring_bytes(&pl, kv_row), "{expr}");
+        // A ring passing every chunk on would bring each rank the other ranks' rows.
+        let relay = (0..p)
+            .map(|r| (n - pl.rows_of(r)) as u64 * kv_row)
+            .max()
+            .unwrap();
+        assert!(got <= relay, "{expr}: {got} > {relay}");
+        most.push((got, relay));
+    }
+    // Causal: the busiest rank needs 14 of the 16 chunks; a window at most its chunks'
+    // neighbours (4, tiles straddling chunk bounds counted on both sides).
+    let (causal, relay) = most[0];
+    for (expr, (w, _)) in ["causal & window(8,0)", "window(6,6)"]
+        .iter()
+        .zip(&most[1..])
+    {
+        assert!(
+            3 * w <= causal && 3 * w <= relay,
+            "{expr}: {w} bytes to the busiest rank, causal {causal}, relay {relay}"
+        );
+    }
+}

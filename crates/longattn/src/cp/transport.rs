@@ -8,6 +8,7 @@
 //! - `all_to_all`: chunk j of rank i's send buffer lands in chunk i of rank j's receive buffer;
 //! - `all_reduce_sum` (f32): `x <- sum_{r = 0 .. P-1} x_r`, summed in rank order on every rank;
 //! - `barrier`: returns once every rank has entered it.
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -102,6 +103,62 @@ pub trait Transport: Send {
             world: self.world(),
             msg,
         }
+    }
+}
+
+/// A transport that counts what passes through it: the bytes and messages this rank sends and
+/// receives (collectives included: they are built on send / receive).
+pub struct Counted<T: Transport> {
+    pub inner: T,
+    sent: AtomicU64,
+    received: AtomicU64,
+    messages: AtomicU64,
+}
+
+/// What a [`Counted`] transport saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+    /// Messages sent.
+    pub messages: u64,
+}
+
+impl<T: Transport> Counted<T> {
+    pub fn new(inner: T) -> Counted<T> {
+        Counted {
+            inner,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        }
+    }
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<T: Transport> Transport for Counted<T> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()> {
+        self.inner.send(to, tag, data)?;
+        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()> {
+        self.inner.recv(from, tag, out)?;
+        self.received.fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
