@@ -23,7 +23,9 @@
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
 //! Every blocking call has a timeout: a rank that stalls or leaves gives a clear
-//! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang.
+//! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang. A rank whose scheme
+//! fails tells its peers why ([`Transport::abort`], done by [`Scheme`]'s switch), so the rank
+//! that stalled or left is named on every rank, also on those that were waiting for another.
 pub mod block;
 pub mod gather;
 pub mod passq;

@@ -90,29 +90,33 @@ impl Scheme {
         }
     }
 
-    /// This rank's forward: `(out [B, rows, Hq, Dv], lse [B, Hq, rows])`, local row order.
+    /// This rank's forward: `(out [B, rows, Hq, Dv], lse [B, Hq, rows])`, local row order. On
+    /// an error the rank tells its peers why ([`Transport::abort`]) before returning it.
     pub fn forward(
         self,
         cp: &Cp,
         x: &LocalQkv,
         params: &AttnParams,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        match self {
+        let res = match self {
             Scheme::Ring | Scheme::Zigzag => ring::ring_forward(cp, x, params),
             Scheme::AllGather => gather::gather_forward(cp, x, params),
             Scheme::Ulysses => ulysses::ulysses_forward(cp, x, params),
             Scheme::PassQ => passq::passq_forward(cp, x, params),
-        }
+        };
+        res.inspect_err(|e| cp.t.abort(&e.to_string()))
     }
 
-    /// This rank's backward: `(dq, dk, dv)`, local row order.
+    /// This rank's backward: `(dq, dk, dv)`, local row order (an error aborts, as in
+    /// [`Scheme::forward`]).
     pub fn backward(self, cp: &Cp, x: &LocalQkv, g: &GradIn, params: &AttnParams) -> Result<Grads> {
-        match self {
+        let res = match self {
             Scheme::Ring | Scheme::Zigzag => ring::ring_backward(cp, x, g, params),
             Scheme::AllGather => gather::gather_backward(cp, x, g, params),
             Scheme::Ulysses => ulysses::ulysses_backward(cp, x, g, params),
             Scheme::PassQ => passq::passq_backward(cp, x, g, params),
-        }
+        };
+        res.inspect_err(|e| cp.t.abort(&e.to_string()))
     }
 }
 
@@ -432,7 +436,7 @@ pub fn run_threads(
 /// Whether an error reports another rank's failure rather than naming a problem itself.
 fn secondhand(e: &Error) -> bool {
     matches!(e, Error::Comm { msg, .. }
-        if msg.contains("refused its inputs") || msg.contains("left the group"))
+        if msg.contains("refused its inputs") || msg.contains("left the group") || msg.contains("gave up"))
 }
 
 #[cfg(test)]

@@ -570,3 +570,151 @@ fn ring_moves_only_the_halo_of_a_window() {
         );
     }
 }
+
+/// The outcome of one rank in a fault test: its error (if any) and how long it took.
+type Outcome = (Option<String>, Duration);
+
+/// P = 3 ranks of `scheme` on a causal problem; rank 1 misbehaves as `bad` says (it gets its
+/// transport and its inputs), the others run the forward and backward under `timeout`.
+fn with_a_bad_rank(
+    scheme: super::scheme::Scheme,
+    timeout: Duration,
+    bad: impl Fn(&dyn Transport, &LocalQkv, &Cp) -> Option<String> + Sync,
+) -> Vec<Outcome> {
+    let (p, n, b, hq, hk, d) = (3, 45, 1, 6, 3, 8);
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(MaskShape::square(n), None)
+        .unwrap();
+    let mask = CpMask::new(bound, 4).unwrap();
+    let pl = plan(&mask.sched, p, 2).unwrap();
+    let (q, k, v) = (
+        seeded(81, b * n * hq * d),
+        seeded(82, b * n * hk * d),
+        seeded(83, b * n * hk * d),
+    );
+    let prm = AttnParams::default();
+    let group = ThreadTransport::group(p, timeout).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                let (q, k, v, pl, mask, prm, bad) = (&q, &k, &v, &pl, &mask, &prm, &bad);
+                s.spawn(move || {
+                    let start = std::time::Instant::now();
+                    let r = t.rank();
+                    let (lq, lk, lv) = (
+                        pl.shard(q, b, (hq, d), r),
+                        pl.shard(k, b, (hk, d), r),
+                        pl.shard(v, b, (hk, d), r),
+                    );
+                    let x = LocalQkv {
+                        q: &lq,
+                        k: &lk,
+                        v: &lv,
+                        dims: (b, pl.rows_of(r), hq, hk, d, d),
+                    };
+                    let cp = Cp {
+                        t: &t,
+                        plan: pl,
+                        mask,
+                    };
+                    if r == 1 {
+                        let e = bad(&t, &x, &cp);
+                        drop(t);
+                        return (e, start.elapsed());
+                    }
+                    let res = scheme.forward(&cp, &x, prm).and_then(|(o, l)| {
+                        let g = GradIn {
+                            out: &o,
+                            lse: &l,
+                            dout: &o,
+                            bwd: BackwardParams::default(),
+                        };
+                        scheme.backward(&cp, &x, &g, prm)
+                    });
+                    (res.err().map(|e| e.to_string()), start.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// A rank that leaves in the middle (after the agreement, its transport dropped): every other
+/// rank fails with an error naming it, at once (no wait for the timeout), for every scheme.
+#[test]
+fn a_rank_that_leaves_is_named_on_every_other_rank() {
+    use super::scheme::Scheme as S;
+    for scheme in [S::Ring, S::AllGather, S::Ulysses, S::PassQ] {
+        let res = with_a_bad_rank(scheme, Duration::from_secs(20), |t, x, cp| {
+            x.agree(t, scheme_name(scheme), cp.plan, cp.mask)
+                .err()
+                .map(|e| e.to_string())
+        });
+        assert_eq!(res[1].0, None, "{scheme:?}: rank 1 agreed before leaving");
+        for r in [0, 2] {
+            let (e, took) = &res[r];
+            let e = e
+                .as_deref()
+                .unwrap_or_else(|| panic!("{scheme:?}: rank {r} succeeded"));
+            assert!(
+                e.starts_with(&format!("rank {r} of 3")) && e.contains("rank 1"),
+                "{scheme:?} rank {r}: {e}"
+            );
+            assert!(
+                *took < Duration::from_secs(5),
+                "{scheme:?} rank {r}: {took:?}"
+            );
+        }
+    }
+}
+
+/// The name the schemes give themselves in their agreement check.
+fn scheme_name(s: super::scheme::Scheme) -> &'static str {
+    use super::scheme::Scheme as S;
+    match s {
+        S::Ring | S::Zigzag => "ring",
+        S::AllGather => "all-gather",
+        S::Ulysses => "ulysses",
+        S::PassQ => "pass-Q",
+    }
+}
+
+/// A rank that stalls (alive, silent, past the timeout): every other rank fails within the
+/// timeout (plus the work before it) with an error naming it; when the stalled rank wakes and
+/// runs, it fails at once too (its peers have gone). Nothing hangs.
+#[test]
+fn a_rank_that_stalls_is_named_within_the_timeout() {
+    use super::scheme::Scheme as S;
+    for scheme in [S::Ring, S::AllGather, S::Ulysses, S::PassQ] {
+        let timeout = Duration::from_millis(400);
+        let res = with_a_bad_rank(scheme, timeout, |t, x, cp| {
+            std::thread::sleep(Duration::from_millis(1500));
+            let start = std::time::Instant::now();
+            let e = scheme.forward(cp, x, &AttnParams::default()).err();
+            let _ = t;
+            assert!(
+                start.elapsed() < Duration::from_millis(300),
+                "the late rank waited"
+            );
+            e.map(|e| e.to_string())
+        });
+        let late = res[1].0.as_deref().expect("the late rank fails");
+        assert!(late.starts_with("rank 1 of 3"), "{scheme:?}: {late}");
+        for r in [0, 2] {
+            let (e, took) = &res[r];
+            let e = e
+                .as_deref()
+                .unwrap_or_else(|| panic!("{scheme:?}: rank {r} succeeded"));
+            assert!(
+                e.starts_with(&format!("rank {r} of 3")) && e.contains("from rank 1"),
+                "{scheme:?} rank {r}: {e}"
+            );
+            assert!(
+                *took < Duration::from_millis(1400),
+                "{scheme:?} rank {r}: {took:?}"
+            );
+        }
+    }
+}

@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 /// Tags at and above this value are the collectives' own.
 const COLLECTIVE_TAG: u32 = 0xffff_0000;
 
+/// The tag of an abort notice ([`Transport::abort`]): its bytes are the reason, in UTF-8.
+pub const ABORT_TAG: u32 = 0xffff_ffff;
+
 /// Point-to-point messages between the ranks of one group, and the collectives built on them.
 pub trait Transport: Send {
     fn rank(&self) -> usize;
@@ -94,6 +97,16 @@ pub trait Transport: Send {
     fn barrier(&self) -> Result<()> {
         let mut out = vec![0u8; self.world()];
         self.all_gather(&[1], &mut out)
+    }
+
+    /// Tells every peer that this rank gives up, and why (its error): a peer waiting for this
+    /// rank then fails at once with the reason instead of its own timeout, so a failure's
+    /// cause (the rank that stalled or left) reaches every rank. Best effort: peers that have
+    /// left are skipped.
+    fn abort(&self, why: &str) {
+        for to in (0..self.world()).filter(|&to| to != self.rank()) {
+            let _ = self.send(to, ABORT_TAG, why.as_bytes());
+        }
     }
 
     /// An error of this rank.
@@ -238,8 +251,19 @@ impl Transport for ThreadTransport {
     fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()> {
         self.check_peer(to, "send to")?;
         let s = self.to[to].as_ref().expect("a channel to every peer");
-        s.send((tag, data.to_vec()))
-            .map_err(|_| self.err(format!("send to rank {to}: that rank has left the group")))
+        s.send((tag, data.to_vec())).map_err(|_| {
+            // Gone: if it said why before leaving, its notice waits among its messages to us.
+            let r = self.from[to].as_ref().expect("a channel from every peer");
+            let r = r.lock().unwrap_or_else(|e| e.into_inner());
+            let why = r.try_iter().find(|m| m.0 == ABORT_TAG);
+            self.err(match why {
+                Some((_, why)) => format!(
+                    "send to rank {to}: that rank gave up: {}",
+                    String::from_utf8_lossy(&why)
+                ),
+                None => format!("send to rank {to}: that rank has left the group"),
+            })
+        })
     }
 
     fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()> {
@@ -257,6 +281,12 @@ impl Transport for ThreadTransport {
                 }
             })
         })?;
+        if got_tag == ABORT_TAG && tag != ABORT_TAG {
+            return Err(self.err(format!(
+                "receive from rank {from} (tag {tag:#x}): that rank gave up: {}",
+                String::from_utf8_lossy(&data)
+            )));
+        }
         if got_tag != tag || data.len() != out.len() {
             return Err(self.err(format!(
                 "receive from rank {from}: expected tag {tag:#x} with {} bytes, got tag {got_tag:#x} with {} bytes (the ranks disagree on the schedule)",
@@ -389,6 +419,48 @@ mod tests {
         for e in &res[..2] {
             assert!(e.contains("left the group"), "{e}");
         }
+    }
+
+    /// A rank that gives up tells the others why: rank 0 waits on rank 2, rank 2 on rank 1,
+    /// which stalls; rank 2 times out naming rank 1 and aborts, and rank 0 hears of rank 1 at
+    /// once through rank 2's notice (long before its own, much longer, timeout).
+    #[test]
+    fn an_abort_carries_the_cause_to_every_rank() {
+        let res = run(3, 300, |mut t| {
+            let start = std::time::Instant::now();
+            let mut b = [0u8; 4];
+            if t.rank() == 0 {
+                t.timeout = Duration::from_secs(10);
+            }
+            match t.rank() {
+                0 => {
+                    let e = t.recv(2, 1, &mut b).unwrap_err().to_string();
+                    Some((e, start.elapsed()))
+                }
+                1 => {
+                    thread::sleep(Duration::from_millis(1500));
+                    None
+                }
+                _ => {
+                    let e = t.recv(1, 1, &mut b).unwrap_err();
+                    t.abort(&e.to_string());
+                    Some((e.to_string(), start.elapsed()))
+                }
+            }
+        });
+        let (e2, _) = res[2].clone().unwrap();
+        assert!(
+            e2.contains("rank 2 of 3")
+                && e2.contains("from rank 1")
+                && e2.contains("nothing within"),
+            "{e2}"
+        );
+        let (e0, waited) = res[0].clone().unwrap();
+        assert!(
+            e0.contains("from rank 2") && e0.contains("gave up") && e0.contains("from rank 1"),
+            "{e0}"
+        );
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
     }
 
     #[test]
