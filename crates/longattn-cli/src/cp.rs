@@ -383,6 +383,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     // P ranks: shards prepared outside the timing; each rank times its run between barriers.
     let mut tp = Vec::new();
     let mut shares = vec![0.0; p];
+    let mut received = vec![0u64; p];
     let mut worst = 0f32;
     for _ in 0..a.reps {
         let group = ThreadTransport::group(p, Duration::from_secs(600))?;
@@ -391,7 +392,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                 .into_iter()
                 .map(|t| {
                     let (q, k, v, params, plan, mask) = (&q, &k, &v, &params, &plan, &mask);
-                    s.spawn(move || -> Result<(Vec<f32>, f64, f64)> {
+                    s.spawn(move || -> Result<(Vec<f32>, f64, f64, u64)> {
+                        let t = cp::Counted::new(t);
                         let r = t.rank();
                         let (lq, lk, lv) = (
                             plan.shard(q, 1, (h, d), r),
@@ -410,7 +412,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                         let (o, _) = pl.install(|| run(&Cp { t: &t, plan, mask }, &x, params))?;
                         let mine = t0.elapsed().as_secs_f64();
                         t.barrier()?;
-                        Ok((o, mine, t0.elapsed().as_secs_f64()))
+                        let total = t0.elapsed().as_secs_f64();
+                        Ok((o, mine, total, t.traffic().received))
                     })
                 })
                 .collect();
@@ -420,7 +423,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         });
         let mut span: f64 = 0.0;
         for (r, res) in results.into_iter().enumerate() {
-            let (o, mine, total) = res?;
+            let (o, mine, total, got) = res?;
+            received[r] = got;
             let w = plan.shard(&want, 1, (h, d), r);
             worst = o
                 .iter()
@@ -461,6 +465,11 @@ fn bench(a: BenchArgs) -> Result<()> {
     );
     let shares: Vec<String> = shares.iter().map(|s| format!("{s:.3}")).collect();
     println!("compute per rank (s): {}", shares.join(" "));
+    let received: Vec<String> = received.iter().map(|b| b.to_string()).collect();
+    println!(
+        "bytes received per rank (one run, barriers included): {}",
+        received.join(" ")
+    );
     println!("largest |cp - single rank| over the output: {worst:.2e}");
     if worst.is_nan() || worst > 1e-4 {
         bail!(
