@@ -1,4 +1,11 @@
-//! `longattn cp bench`: context parallelism on this machine's CPU cores, ranks as threads.
+//! `longattn cp run` and `longattn cp bench`: context parallelism on this machine's CPU cores,
+//! ranks as threads.
+//!
+//! `cp run` has the file contract of `longattn run` (the same input tensors q, k, v, optional
+//! q_doc / k_doc and `do` with --backward; the same outputs out, lse, dq, dk, dv in the input
+//! dtype): the sequence is placed over --ranks P ranks by the scheme's plan, each rank (a thread)
+//! computes its rows through `longattn::cp`, and the rows are written back in sequence order.
+//! `--scheme auto` picks by the cost model of `longattn::cp::scheme` and says which and why.
 //!
 //! Attention over one sequence under a mask (`--mask`, default causal): single-rank on one
 //! thread (T1) and on every thread (Tall), then P ranks (`--ranks`) of one scheme (`--scheme`:
@@ -8,17 +15,21 @@
 //! rank (max / mean), T1, Tall, TP, the speedup T1 / TP, the scaling efficiency T1 / (P TP),
 //! each rank's compute time, and the largest difference of the output from single-rank's
 //! (checked: it must stay below 1e-4).
-use crate::common::{fmt_len, parse_len, pool};
-use crate::maskglue::{bind_mask, equal_docs};
+use crate::common::{check_finite, fmt_len, parse_len, pool};
+use crate::maskglue::{bind_mask, equal_docs, TILE};
 use anyhow::{bail, Context, Result};
 use longattn::attention::{forward, AttnParams, MaskSpec};
-use longattn::cp::{self, Cp, CpMask, LocalQkv, ThreadTransport, Transport};
+use longattn::cp::{self, CostModel, Cp, CpMask, LocalQkv, Plan, ThreadTransport, Transport};
 use longattn::testing::Rng;
 use longattn::TensorView;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Cmd {
+    /// Attention over the tensors of a safetensors file (the contract of `longattn run`) with the
+    /// sequence split over ranks.
+    Run(RunArgs),
     /// Scaling of a context-parallel scheme with ranks as threads on this CPU.
     Bench(BenchArgs),
 }
@@ -28,10 +39,92 @@ pub enum Cmd {
 pub enum Scheme {
     /// Ring pass-KV over the mask-aware plan (zigzag for causal).
     Ring,
+    /// Ring pass-KV over the fixed zigzag placement (2P equal chunks), whatever the mask.
+    Zigzag,
     /// All-gather of K / V.
     Allgather,
     /// All-to-all over heads (the query heads must be a multiple of the ranks).
     Ulysses,
+    /// Pass-Q: K / V stay, the queries travel and their partial results come back.
+    Passq,
+    /// The least estimated time of ring, all-gather, Ulysses and pass-Q (`longattn::cp::scheme`).
+    Auto,
+}
+
+/// How the ranks exchange data.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    /// Ranks as threads of this process (in-memory channels).
+    Threads,
+    /// Ranks as streams of one GPU exchanging by device copies.
+    Loopback,
+    /// Ranks as processes on GPUs, through NCCL.
+    Nccl,
+}
+
+impl Scheme {
+    /// The library's scheme and its plan; `auto` asks the cost model (its estimates returned
+    /// for the report).
+    fn resolve(
+        self,
+        mask: &CpMask,
+        p: usize,
+        per_rank: usize,
+        dims: cp::scheme::Dims,
+    ) -> Result<(cp::Scheme, Plan, Vec<cp::Estimate>)> {
+        let s = match self {
+            Scheme::Auto => return Ok(CostModel::default().choose(mask, p, per_rank, dims)?),
+            Scheme::Ring => cp::Scheme::Ring,
+            Scheme::Zigzag => cp::Scheme::Zigzag,
+            Scheme::Allgather => cp::Scheme::AllGather,
+            Scheme::Ulysses => cp::Scheme::Ulysses,
+            Scheme::Passq => cp::Scheme::PassQ,
+        };
+        Ok((s, s.plan(mask, p, per_rank)?, Vec::new()))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Input file with q [B,S,Hq,D], k [B,S,Hk,D], v [B,S,Hk,Dv] (f32/bf16/f16; one sequence
+    /// length for queries and keys) and optional i32 q_doc, k_doc [B,S].
+    #[arg(long)]
+    input: PathBuf,
+    /// Mask expression, e.g. `causal & window(1024,0)`.
+    #[arg(long, default_value = "full")]
+    mask: String,
+    /// Output file: out [B,S,Hq,Dv] (input dtype) and lse [B,Hq,S] (f32); with --backward also
+    /// dq, dk, dv.
+    #[arg(long)]
+    output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Also run the backward pass: reads `do` [B,S,Hq,Dv] from the input file.
+    #[arg(long)]
+    backward: bool,
+    #[arg(long, value_enum, default_value_t = Scheme::Auto)]
+    scheme: Scheme,
+    /// Ranks P (>= 1).
+    #[arg(long)]
+    ranks: usize,
+    #[arg(long, value_enum, default_value_t = TransportArg::Threads)]
+    transport: TransportArg,
+    /// Chunks per rank of the mask-aware plan (2 gives zigzag for causal).
+    #[arg(long, default_value_t = 2)]
+    chunks_per_rank: usize,
+    /// Multiplier of q.k (default 1/sqrt(D)).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Logit soft-cap c: s -> c * tanh(s / c).
+    #[arg(long)]
+    softcap: Option<f32>,
+    /// Seconds a rank waits for a peer before it reports it.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Compute even if q/k/v (and do) hold NaN or Inf.
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -77,8 +170,165 @@ fn median(mut x: Vec<f64>) -> f64 {
 
 pub fn main(a: Args) -> Result<()> {
     match a.cmd {
+        Cmd::Run(r) => run(r),
         Cmd::Bench(b) => bench(b),
     }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    if a.transport != TransportArg::Threads {
+        let name = format!("{:?}", a.transport).to_lowercase();
+        bail!("--transport {name}: not built yet (only `--transport threads` runs today: ranks as threads of this process)");
+    }
+    if a.ranks == 0 {
+        bail!("--ranks 0: context parallelism needs at least one rank");
+    }
+    if a.chunks_per_rank == 0 {
+        bail!("--chunks-per-rank 0: every rank needs at least one chunk");
+    }
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!(
+            "--timeout {}: expected a positive number of seconds",
+            a.timeout
+        );
+    }
+    if a.output.exists() && !a.force {
+        bail!(
+            "{}: output file already exists (pass --force to overwrite it)",
+            a.output.display()
+        );
+    }
+    let inputs = longattn::io::read_inputs(&a.input)?;
+    if !a.allow_nonfinite {
+        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
+    }
+    if inputs.block_mask.is_some() {
+        bail!(
+            "{}: the file holds a `block_mask`; cp run takes a mask expression (--mask) only",
+            a.input.display()
+        );
+    }
+    let dims = inputs.dims()?;
+    if dims.sq != dims.sk {
+        bail!(
+            "{}: q has {} tokens and k / v {}: context parallelism splits one sequence, queries and keys alike (Sq = Sk)",
+            a.input.display(),
+            dims.sq,
+            dims.sk
+        );
+    }
+    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let has_docs = docs.is_some();
+    let bound = bind_mask(&a.mask, dims.batch, dims.sq, dims.sk, docs).map_err(|e| {
+        let mut m = e.to_string();
+        if !has_docs && a.mask.contains("document") {
+            m += &format!(
+                "\n  the `document` mask needs the i32 tensors `q_doc` [B, S] and `k_doc` [B, S] in {}",
+                a.input.display()
+            );
+        }
+        anyhow::anyhow!(m)
+    })?;
+    let dout = match a.backward {
+        false => None,
+        true => {
+            let t = longattn::io::read_dout(&a.input, &inputs)?;
+            if !a.allow_nonfinite {
+                if let Some((index, value)) = t.view("do")?.find_non_finite() {
+                    bail!(
+                        "{}: tensor `do` holds a non-finite value ({value}) at flat index {index} (pass --allow-nonfinite to compute anyway)",
+                        a.input.display()
+                    );
+                }
+            }
+            Some(t.data.to_f32_vec())
+        }
+    };
+    let (b, n, hq, hk, d, dv) = (dims.batch, dims.sq, dims.hq, dims.hk, dims.d, dims.dv);
+    let mask = CpMask::new(bound, TILE)?;
+    let (scheme, plan, estimates) = a
+        .scheme
+        .resolve(&mask, a.ranks, a.chunks_per_rank, (b, n, hq, hk, d, dv))
+        .with_context(|| {
+            let name = format!("{:?}", a.scheme).to_lowercase();
+            format!("--scheme {name} over --ranks {}", a.ranks)
+        })?;
+    for e in &estimates {
+        eprintln!(
+            "cost model: {:<9} compute {:.3} ms, receives {} bytes in {} rounds, estimate {:.3} ms",
+            e.scheme.name(),
+            e.compute_s * 1e3,
+            e.bytes,
+            e.rounds,
+            e.total_s * 1e3
+        );
+    }
+    let (q, k, v) = (
+        inputs.q.data.to_f32_vec(),
+        inputs.k.data.to_f32_vec(),
+        inputs.v.data.to_f32_vec(),
+    );
+    let whole = cp::Whole {
+        q: &q,
+        k: &k,
+        v: &v,
+        dout: dout.as_deref(),
+        dims: (b, n, hq, hk, d, dv),
+    };
+    let params = AttnParams {
+        scale: a.scale,
+        softcap: a.softcap,
+        isa: None,
+    };
+    let bwd = longattn::BackwardParams {
+        deterministic: true,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let res = cp::run_threads(
+        scheme,
+        &plan,
+        &mask,
+        &whole,
+        &params,
+        &bwd,
+        Duration::from_secs_f64(a.timeout),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let recv: Vec<String> = res.traffic.iter().map(|x| x.received.to_string()).collect();
+    eprintln!("bytes received per rank: {}", recv.join(" "));
+    let dtype = inputs.dtype();
+    let tensor = |x: &[f32], shape: Vec<usize>| {
+        longattn::Tensor::new(longattn::tensor::Buffer::from_f32(dtype, x), shape)
+    };
+    let out = tensor(&res.out, vec![b, n, hq, dv])?;
+    let lse_shape = [b, hq, n];
+    match &res.grads {
+        None => longattn::io::write_outputs(&a.output, &out, &res.lse, lse_shape, a.force)?,
+        Some((dq, dk, dv_)) => {
+            let grads = longattn::backward::Grads {
+                dq: tensor(dq, vec![b, n, hq, d])?,
+                dk: tensor(dk, vec![b, n, hk, d])?,
+                dv: tensor(dv_, vec![b, n, hk, dv])?,
+            };
+            longattn::io::write_backward_outputs(
+                &a.output, &out, &res.lse, lse_shape, &grads, a.force,
+            )?;
+        }
+    }
+    eprintln!(
+        "{}: B {b} S {n} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: {} over {} ranks (threads), {} chunks, work max / mean {:.3}: {:.3} ms{} -> {}",
+        a.input.display(),
+        mask.bound.expr(),
+        scheme.name(),
+        plan.world,
+        plan.chunks(),
+        plan.imbalance(),
+        secs * 1e3,
+        if a.backward { " (forward + backward)" } else { "" },
+        a.output.display()
+    );
+    Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
@@ -125,16 +375,15 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     let (t1, tall) = (median(t1), median(tall));
 
-    let mask = CpMask::new(bound.clone(), 64)?;
-    let plan = cp::plan(&mask.sched, p, a.chunks_per_rank)?;
-    let run = match a.scheme {
-        Scheme::Ring => cp::ring_forward,
-        Scheme::Allgather => cp::gather_forward,
-        Scheme::Ulysses => cp::ulysses_forward,
-    };
+    let mask = CpMask::new(bound.clone(), TILE)?;
+    let (scheme, plan, _) = a
+        .scheme
+        .resolve(&mask, p, a.chunks_per_rank, (1, n, h, hk, d, d))?;
+    let run = |cp: &Cp, x: &LocalQkv, prm: &AttnParams| scheme.forward(cp, x, prm);
     // P ranks: shards prepared outside the timing; each rank times its run between barriers.
     let mut tp = Vec::new();
     let mut shares = vec![0.0; p];
+    let mut received = vec![0u64; p];
     let mut worst = 0f32;
     for _ in 0..a.reps {
         let group = ThreadTransport::group(p, Duration::from_secs(600))?;
@@ -143,7 +392,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                 .into_iter()
                 .map(|t| {
                     let (q, k, v, params, plan, mask) = (&q, &k, &v, &params, &plan, &mask);
-                    s.spawn(move || -> Result<(Vec<f32>, f64, f64)> {
+                    s.spawn(move || -> Result<(Vec<f32>, f64, f64, u64)> {
+                        let t = cp::Counted::new(t);
                         let r = t.rank();
                         let (lq, lk, lv) = (
                             plan.shard(q, 1, (h, d), r),
@@ -162,7 +412,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                         let (o, _) = pl.install(|| run(&Cp { t: &t, plan, mask }, &x, params))?;
                         let mine = t0.elapsed().as_secs_f64();
                         t.barrier()?;
-                        Ok((o, mine, t0.elapsed().as_secs_f64()))
+                        let total = t0.elapsed().as_secs_f64();
+                        Ok((o, mine, total, t.traffic().received))
                     })
                 })
                 .collect();
@@ -172,7 +423,8 @@ fn bench(a: BenchArgs) -> Result<()> {
         });
         let mut span: f64 = 0.0;
         for (r, res) in results.into_iter().enumerate() {
-            let (o, mine, total) = res?;
+            let (o, mine, total, got) = res?;
+            received[r] = got;
             let w = plan.shard(&want, 1, (h, d), r);
             worst = o
                 .iter()
@@ -189,7 +441,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         "cp bench: `{}`, n {}, heads {h} / {hk}, dim {d}, {:?} over {p} ranks (threads), {} chunks per rank, {} reps (medians)",
         a.mask,
         fmt_len(n),
-        a.scheme,
+        scheme,
         a.chunks_per_rank,
         a.reps
     );
@@ -213,11 +465,16 @@ fn bench(a: BenchArgs) -> Result<()> {
     );
     let shares: Vec<String> = shares.iter().map(|s| format!("{s:.3}")).collect();
     println!("compute per rank (s): {}", shares.join(" "));
+    let received: Vec<String> = received.iter().map(|b| b.to_string()).collect();
+    println!(
+        "bytes received per rank (one run, barriers included): {}",
+        received.join(" ")
+    );
     println!("largest |cp - single rank| over the output: {worst:.2e}");
     if worst.is_nan() || worst > 1e-4 {
         bail!(
             "the {:?} output differs from single-rank by {worst:.2e}",
-            a.scheme
+            scheme
         );
     }
     Ok(())

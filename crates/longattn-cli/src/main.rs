@@ -8,7 +8,8 @@
 //! - `longattn fetch`: download the real-model fixtures (models, books) into the cache.
 //! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
 //! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
-//! - `longattn cp bench`: context parallelism (the zigzag ring) with ranks as threads.
+//! - `longattn cp run` / `cp bench`: context parallelism (ring, zigzag, all-gather, Ulysses,
+//!   auto) with ranks as threads.
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -57,7 +58,8 @@ enum Cmd {
     Fetch(fetch::Args),
     /// Token ids of a text file under a GGUF model's tokenizer, whitespace-separated.
     Tokenize(tokenize::Args),
-    /// Context parallelism: `cp bench` (the zigzag ring, ranks as threads on this CPU).
+    /// Context parallelism: `cp run` (the contract of `run`, the sequence over ranks) and `cp bench`
+    /// (scaling), ranks as threads on this CPU.
     Cp(cp::Args),
 }
 

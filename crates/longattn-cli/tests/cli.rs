@@ -774,3 +774,151 @@ fn bench_linear_prints_rows() {
     let check: f64 = row.split_whitespace().last().unwrap().parse().unwrap();
     assert!(check <= 2e-5, "{row}");
 }
+
+/// A `cp run` input: seeded random q [2, n, hq, 16], k / v [2, n, hk, 16], do, and document ids
+/// (lengths 9, 4, 13, ... cycling) in every batch row.
+fn cp_input(name: &str, n: usize, hq: usize, hk: usize) -> PathBuf {
+    let t = |shape: Vec<usize>, seed: u64| {
+        let x = longattn::testing::random_tensor(DType::F32, &shape, 1.0, seed);
+        (shape, x.data.bytes().to_vec())
+    };
+    let (q, k, v, dout) = (
+        t(vec![2, n, hq, 16], 31),
+        t(vec![2, n, hk, 16], 32),
+        t(vec![2, n, hk, 16], 33),
+        t(vec![2, n, hq, 16], 34),
+    );
+    let lens = [9, 4, 13];
+    let ids: Vec<i32> = (0..2 * n)
+        .map(|i| {
+            let (mut pos, mut d) = (i % n, 0);
+            while pos >= lens[d % 3] {
+                pos -= lens[d % 3];
+                d += 1;
+            }
+            d as i32
+        })
+        .collect();
+    let ids: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+    raw_file(
+        name,
+        &[
+            ("q", StDtype::F32, q.0, q.1),
+            ("k", StDtype::F32, k.0, k.1),
+            ("v", StDtype::F32, v.0, v.1),
+            ("do", StDtype::F32, dout.0, dout.1),
+            ("q_doc", StDtype::I32, vec![2, n], ids.clone()),
+            ("k_doc", StDtype::I32, vec![2, n], ids),
+        ],
+    )
+}
+
+fn cp_run(input: &PathBuf, output: &PathBuf, extra: &[&str]) -> Output {
+    bin()
+        .args(["cp", "run", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Largest |got - want| relative to max(1, max |want|).
+fn rel_diff(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| if g == w { 0.0 } else { (g - w).abs() / scale })
+        .fold(
+            0f32,
+            |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) },
+        )
+}
+
+/// `cp run --backward` over P = 1, 2, 3 ranks writes what single-rank `run --backward` writes
+/// (out, lse, dq, dk, dv) for three masks and every scheme (Ulysses where the heads divide).
+#[test]
+fn cp_run_matches_single_rank_run() {
+    let n = 37;
+    let input = cp_input("cp-in.safetensors", n, 6, 2);
+    for mask in [
+        "causal",
+        "causal & window(5,0) | sinks(2)",
+        "causal & document",
+    ] {
+        let single = tmp("cp-single.safetensors");
+        let o = run_args(
+            &input,
+            &single,
+            &["--mask", mask, "--backward", "--threads", "1"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let names = ["out", "lse", "dq", "dk", "dv"];
+        let want: Vec<Vec<f32>> = names.iter().map(|x| read_f32(&single, x).0).collect();
+        for p in ["1", "2", "3"] {
+            for scheme in ["ring", "zigzag", "allgather", "ulysses", "passq", "auto"] {
+                let output = tmp("cp-out.safetensors");
+                let o = cp_run(
+                    &input,
+                    &output,
+                    &[
+                        "--mask",
+                        mask,
+                        "--backward",
+                        "--ranks",
+                        p,
+                        "--scheme",
+                        scheme,
+                    ],
+                );
+                assert!(o.status.success(), "{mask} {p} {scheme}: {}", stderr(&o));
+                for (name, w) in names.iter().zip(&want) {
+                    let (got, _) = read_f32(&output, name);
+                    let e = rel_diff(&got, w);
+                    assert!(e <= 1e-5, "{mask}, P {p}, {scheme}: {name} differs by {e}");
+                }
+                if scheme == "auto" {
+                    assert!(stderr(&o).contains("cost model: ring"), "{}", stderr(&o));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cp_run_bad_inputs_are_clear_errors() {
+    let input = cp_input("cp-bad-in.safetensors", 20, 3, 1);
+    let out = tmp("cp-bad-out.safetensors");
+    fails_with(
+        cp_run(&input, &out, &["--ranks", "0"]),
+        "--ranks 0: context parallelism needs at least one rank",
+    );
+    fails_with(
+        cp_run(&input, &out, &["--ranks", "2", "--scheme", "spiral"]),
+        "invalid value 'spiral' for '--scheme",
+    );
+    fails_with(
+        cp_run(&input, &out, &["--ranks", "2", "--scheme", "ulysses"]),
+        "3 query heads cannot be split over 2 ranks",
+    );
+    for tr in ["nccl", "loopback"] {
+        fails_with(
+            cp_run(&input, &out, &["--ranks", "2", "--transport", tr]),
+            &format!("--transport {tr}: not built yet"),
+        );
+    }
+    fails_with(
+        cp_run(&input, &out, &["--ranks", "11", "--scheme", "ring"]),
+        "20 tokens cannot be cut into 2 chunks for each of 11 ranks",
+    );
+    // Queries and keys of different lengths.
+    let x = inputs(DType::F32, 1, 8, 12, 2, 1, 16);
+    let uneven = tmp("cp-uneven.safetensors");
+    write_inputs(&uneven, &x, true).unwrap();
+    fails_with(
+        cp_run(&uneven, &out, &["--ranks", "2"]),
+        "q has 8 tokens and k / v 12",
+    );
+}

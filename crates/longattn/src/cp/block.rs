@@ -260,10 +260,7 @@ pub fn same_heads(h: usize) -> Vec<(usize, usize)> {
 }
 
 /// Merges a partial result `(o2 [B, len, H, Dv], l2 [B, H, len])` into rows `r0 .. r0 + len` of
-/// `(o1, l1)` (layouts `ol`, `[B, H, rows]`), per row and head:
-///   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2,
-/// computed with m = max(lse_1, lse_2) subtracted first; rows without keys in both parts
-/// (both LSE -inf) stay empty. Merging into an empty row copies the part.
+/// `(o1, l1)` (layouts `ol`, `[B, H, rows]`): [`merge_runs`] with one run.
 pub fn merge_rows(
     (o1, l1): (&mut [f32], &mut [f32]),
     (o2, l2): (&[f32], &[f32]),
@@ -271,26 +268,47 @@ pub fn merge_rows(
     r0: usize,
     len: usize,
 ) {
-    let (pl, ll, pll) = (
-        ol.with_rows(len),
+    let run = Run {
+        src: 0,
+        dst: r0,
+        len,
+    };
+    merge_runs((o1, l1), ol, (o2, l2), ol.with_rows(len), &[run]);
+}
+
+/// Merges rows `run.src ..` of a partial result `(o2, l2)` (layouts `pl` and `[B, H, pl.rows]`)
+/// into rows `run.dst ..` of `(o1, l1)` (layouts `ol`, `[B, H, ol.rows]`), per row and head:
+///   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2,
+/// computed with m = max(lse_1, lse_2) subtracted first; rows without keys in both parts
+/// (both LSE -inf) stay empty. Merging into an empty row copies the part.
+pub fn merge_runs(
+    (o1, l1): (&mut [f32], &mut [f32]),
+    ol: Rows,
+    (o2, l2): (&[f32], &[f32]),
+    pl: Rows,
+    runs: &[Run],
+) {
+    let (ll, pll) = (
         Rows::lse(ol.b, ol.h, ol.rows),
-        Rows::lse(ol.b, ol.h, len),
+        Rows::lse(pl.b, pl.h, pl.rows),
     );
     for b in 0..ol.b {
         for h in 0..ol.h {
-            for i in 0..len {
-                let (li, pi) = (ll.at(b, r0 + i, h), pll.at(b, i, h));
-                let (a, z) = (l1[li], l2[pi]);
-                let m = a.max(z);
-                if m == f32::NEG_INFINITY {
-                    continue;
-                }
-                let (wa, wz) = ((a - m).exp(), (z - m).exp());
-                let s = wa + wz;
-                l1[li] = m + s.ln();
-                let (o, op) = (ol.at(b, r0 + i, h), pl.at(b, i, h));
-                for d in 0..ol.w {
-                    o1[o + d] = (wa * o1[o + d] + wz * o2[op + d]) / s;
+            for run in runs {
+                for i in 0..run.len {
+                    let (li, pi) = (ll.at(b, run.dst + i, h), pll.at(b, run.src + i, h));
+                    let (a, z) = (l1[li], l2[pi]);
+                    let m = a.max(z);
+                    if m == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let (wa, wz) = ((a - m).exp(), (z - m).exp());
+                    let s = wa + wz;
+                    l1[li] = m + s.ln();
+                    let (o, op) = (ol.at(b, run.dst + i, h), pl.at(b, run.src + i, h));
+                    for d in 0..ol.w {
+                        o1[o + d] = (wa * o1[o + d] + wz * o2[op + d]) / s;
+                    }
                 }
             }
         }
@@ -454,6 +472,52 @@ impl Plan {
             .collect()
     }
 
+    /// The chunks of rank `owner` that meet some chunk of rank `user` under the mask, each with
+    /// its row in a packed buffer of just those chunks (increasing order): with
+    /// [`Side::Keys`] the key chunks of `owner` some query chunk of `user` needs (what `user`
+    /// fetches of `owner`'s K / V), with [`Side::Queries`] the query chunks of `owner` that need
+    /// some key chunk of `user` (what `owner` sends `user` under pass-Q).
+    pub fn exchanged(&self, owner: usize, user: usize, side: Side) -> Vec<(usize, usize)> {
+        let theirs = self.chunks_of(user);
+        let mut row = 0;
+        self.chunks_of(owner)
+            .into_iter()
+            .filter(|&(g, _)| {
+                theirs.iter().any(|&(u, _)| match side {
+                    Side::Keys => self.needs(u, g),
+                    Side::Queries => self.needs(g, u),
+                })
+            })
+            .map(|(g, _)| {
+                let at = row;
+                row += self.len(g);
+                (g, at)
+            })
+            .collect()
+    }
+
+    /// Runs from rank `owner`'s local rows to the packed rows of its chunks `list` (from
+    /// [`Plan::exchanged`]).
+    pub fn packed_runs(&self, owner: usize, list: &[(usize, usize)]) -> Vec<Run> {
+        let local = self.chunks_of(owner);
+        list.iter()
+            .map(|&(g, at)| Run {
+                src: local
+                    .iter()
+                    .find(|c| c.0 == g)
+                    .expect("a chunk of the owner")
+                    .1,
+                dst: at,
+                len: self.len(g),
+            })
+            .collect()
+    }
+
+    /// Rows of the packed chunks `list`.
+    pub fn packed_rows(&self, list: &[(usize, usize)]) -> usize {
+        list.iter().map(|&(g, _)| self.len(g)).sum()
+    }
+
     /// The most rows any rank holds (what the collectives pad every rank's part to).
     pub fn max_rows(&self) -> usize {
         (0..self.world).map(|r| self.rows_of(r)).max().unwrap_or(0)
@@ -474,11 +538,34 @@ impl Plan {
     }
 }
 
+/// Which side of the attention a rank's chunks play in [`Plan::exchanged`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Keys,
+    Queries,
+}
+
+/// Rank `owner`'s chunks `list` of its local buffer `x` (layout `l`) copied into a packed buffer
+/// (layout `l` with the packed rows).
+pub fn pack(plan: &Plan, owner: usize, x: &[f32], l: Rows, list: &[(usize, usize)]) -> Vec<f32> {
+    let pl = l.with_rows(plan.packed_rows(list));
+    let mut y = vec![0f32; pl.values()];
+    copy_rows(
+        (x, l),
+        (&mut y, pl),
+        &plan.packed_runs(owner, list),
+        &same_heads(l.h),
+        false,
+    );
+    y
+}
+
 /// Where a rank's blocks take their keys from.
 #[derive(Clone, Copy)]
-pub enum Keys {
-    /// The chunks of this rank (held at one step of a ring), in its local layout.
-    Held(usize),
+pub enum Keys<'a> {
+    /// Some chunks, each with its first row in the buffer of keys held (a rank's local layout,
+    /// or the packed chunks fetched from another rank, [`Plan::exchanged`]).
+    Chunks(&'a [(usize, usize)]),
     /// The whole sequence, in sequence order.
     Whole,
 }
@@ -505,11 +592,10 @@ pub fn blocks<'m>(
     let mut v = Vec::new();
     for (a, qa) in plan.chunks_of(rank) {
         let theirs = match keys {
-            Keys::Held(held) => plan
-                .chunks_of(held)
-                .into_iter()
-                .filter(|&(b, _)| plan.needs(a, b))
-                .map(|(b, kb)| (plan.range(b), kb))
+            Keys::Chunks(list) => list
+                .iter()
+                .filter(|&&(b, _)| plan.needs(a, b))
+                .map(|&(b, kb)| (plan.range(b), kb))
                 .collect(),
             Keys::Whole => vec![((0, plan.n), 0)],
         };

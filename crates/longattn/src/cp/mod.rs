@@ -14,6 +14,8 @@
 //!   skipped, partial results merged by their LSE;
 //! - all-gather of K / V ([`gather`]): each query chunk against the whole gathered sequence with
 //!   its cut of the schedule; dK / dV reduce-scattered by an all-to-all;
+//! - pass-Q ([`passq`]): the keys and values stay, the query chunks that need a rank's keys
+//!   travel to it and their partial (out, LSE) come back, merged by LSE at the owner;
 //! - Ulysses ([`ulysses`]): all-to-all from sequence shards to head groups, the whole sequence
 //!   per head group, all-to-all back; GQA key / value heads sent to (or replicated for) the
 //!   ranks whose query heads use them.
@@ -21,11 +23,15 @@
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
 //! Every blocking call has a timeout: a rank that stalls or leaves gives a clear
-//! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang.
+//! [`Error::Comm`](crate::error::Error::Comm) on the others, never a hang. A rank whose scheme
+//! fails tells its peers why ([`Transport::abort`], done by [`Scheme`]'s switch), so the rank
+//! that stalled or left is named on every rank, also on those that were waiting for another.
 pub mod block;
 pub mod gather;
+pub mod passq;
 pub mod plan;
 pub mod ring;
+pub mod scheme;
 pub mod transport;
 pub mod ulysses;
 
@@ -34,9 +40,11 @@ mod tests;
 
 pub use block::{Cp, CpMask, GradIn, LocalQkv};
 pub use gather::{gather_backward, gather_forward};
+pub use passq::{passq_backward, passq_forward};
 pub use plan::{plan, Plan};
 pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
-pub use transport::{ThreadTransport, Transport};
+pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
+pub use transport::{Counted, ThreadTransport, Traffic, Transport};
 pub use ulysses::{ulysses_backward, ulysses_forward};

@@ -12,7 +12,10 @@
 //! (ties: the lower rank), then swaps of a chunk of the heaviest rank with a lighter chunk of
 //! another rank while they lower the heavier of the two. For a causal mask W(g) grows with g, so k = 2 gives zigzag (rank r
 //! holds chunks r and 2P - 1 - r); a sliding window gives near-equal chunks (any placement
-//! balances); packed documents balance by the work each chunk's documents carry.
+//! balances); packed documents balance by the work each chunk's documents carry. When the
+//! contiguous placement (rank r holds chunks r k .. r k + k - 1) balances within 1% of that one
+//! and its busiest rank fetches fewer key rows from the others ([`Plan::halo_rows`]), it is
+//! taken instead: a sliding window's ring then fetches one neighbouring chunk per rank.
 //! A rank holds its chunks in increasing order, queries, keys and values alike (the local row
 //! layout of every scheme).
 use crate::error::{Error, Result};
@@ -220,6 +223,20 @@ impl Plan {
         }
         *w.iter().max().expect("world >= 1") as f64 * self.world as f64 / total as f64
     }
+    /// The most key rows any rank fetches from the others under the halo exchange (the chunks of
+    /// other ranks its queries need, [`Plan::exchanged`]).
+    pub fn halo_rows(&self) -> usize {
+        (0..self.world)
+            .map(|r| {
+                (0..self.world)
+                    .filter(|&o| o != r)
+                    .map(|o| self.packed_rows(&self.exchanged(o, r, crate::cp::block::Side::Keys)))
+                    .sum::<usize>()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// A fingerprint of the placement (ranks compare it before exchanging anything).
     pub fn fingerprint(&self) -> u64 {
         // FNV-1a over n, world, the bounds and the owners.
@@ -252,7 +269,16 @@ pub fn plan(s: &BlockSchedule, world: usize, per_rank: usize) -> Result<Plan> {
         .map(|row| row.iter().sum())
         .collect();
     let owner = balance(&work, world, per_rank);
-    Plan::new(s, bounds, owner, world)
+    let balanced = Plan::new(s, bounds.clone(), owner, world)?;
+    // Where keeping neighbours together balances as well (sliding windows, chunked masks), the
+    // contiguous placement is taken: the ring's halo then crosses one chunk boundary per rank.
+    let contiguous = Plan::new(s, bounds, (0..nc).map(|g| g / per_rank).collect(), world)?;
+    if contiguous.imbalance() <= balanced.imbalance() * 1.01
+        && contiguous.halo_rows() < balanced.halo_rows()
+    {
+        return Ok(contiguous);
+    }
+    Ok(balanced)
 }
 
 #[cfg(test)]
@@ -364,6 +390,30 @@ mod tests {
                     assert!(c.imbalance() > 1.3, "{}", c.imbalance());
                 }
             }
+        }
+    }
+
+    /// A sliding window balances under any placement: the plan keeps neighbours together, so a
+    /// rank fetches one neighbouring chunk at most; causal keeps zigzag.
+    #[test]
+    fn windows_keep_neighbours_together() {
+        for p in [2, 3, 5, 8] {
+            let s = sched("causal & window(100,0)", 1, 4096, None, 64);
+            let pl = plan(&s, p, 2).unwrap();
+            for r in 0..p {
+                let mine: Vec<usize> = pl.chunks_of(r).iter().map(|c| c.0).collect();
+                assert_eq!(mine, vec![2 * r, 2 * r + 1], "p {p}");
+            }
+            // Chunks aligned with the tiles (p = 2, 8): rank r > 0 fetches the chunk before its
+            // first, 2r - 1, rank 0 nothing. Otherwise a tile straddling the chunk after its last
+            // counts that one too (the need is known per tile): two chunks at most.
+            let one = (1..p).map(|r| pl.len(2 * r - 1)).max().unwrap_or(0);
+            if (4096 / (2 * p)) % 64 == 0 {
+                assert_eq!(pl.halo_rows(), one, "p {p}");
+            } else {
+                assert!(pl.halo_rows() <= 2 * one, "p {p}: {}", pl.halo_rows());
+            }
+            assert!(pl.imbalance() < 1.05, "p {p}: {}", pl.imbalance());
         }
     }
 

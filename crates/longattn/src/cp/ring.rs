@@ -1,25 +1,28 @@
 //! Ring attention: the keys and values travel around the ranks, the queries stay.
 //!
 //! Rank r holds the chunks the [`Plan`] gives it (queries, keys and values of the same rows).
-//! At step s = 0 .. P-1 it holds the keys and values of rank (r - s) mod P and, for each of its
-//! query chunks a and each held key chunk b that a needs (some scheduled tile of the mask meets
-//! a x b: [`blocks`]), runs the common attention forward on the block with the block's cut of the
-//! mask ([`CpMask::rect`]); key chunks its queries do not need are skipped but still passed on.
-//! It then sends what it holds to rank r + 1 and receives from rank r - 1. The partial results of
-//! a query chunk are merged in f32 as they come (per row and head, [`merge_rows`]):
+//! At step s = 0 .. P-1 it holds the keys and values of rank (r - s) mod P that its queries need
+//! and, for each of its query chunks a and each held key chunk b that a needs (some scheduled
+//! tile of the mask meets a x b: [`blocks`]), runs the common attention forward on the block
+//! with the block's cut of the mask ([`CpMask::rect`]). Only the chunks a rank needs travel (the
+//! halo exchange: rank r - s sends r exactly those at step s, [`Plan::exchanged`]), so a sliding
+//! window moves the neighbouring chunks, not the whole sequence, and chunks the mask keeps apart
+//! move nothing ([`ring_bytes`]). The partial results of a query chunk are merged in f32 as they
+//! come (per row and head, [`merge_rows`]):
 //!   lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2.
 //! Backward ([`ring_backward`]): the same walk; each block's gradients come from the common
 //! `backward` given the query chunk's final out and LSE (so P = exp(S - LSE) is the block of the
 //! whole softmax and D = rowsum(dO o O) is the whole row's):
 //!   dQ_a += dS_ab K_b,   dK_b += dS_ab^T Q_a,   dV_b += P_ab^T dO_a.
-//! dK / dV accumulators travel with the keys and values and go home after the last step.
+//! The dK / dV of fetched chunks go back to their owner after each step and are added there in
+//! step order.
 //! Zigzag ([`zigzag_causal_forward`], [`zigzag_causal_backward`]) is the causal case with 2P
 //! equal chunks, rank r holding chunks r and 2P - 1 - r (what [`plan`](super::plan::plan) picks
 //! for a causal mask). Single-rank `forward` / `backward` are the reference (tests here and in
 //! `cp/tests.rs`).
 use super::block::{
-    blocks, copy_rows, from_bytes, merge_rows, same_heads, to_bytes, Block, Cp, CpMask, GradIn,
-    Keys, LocalQkv, Rows, Run,
+    blocks, copy_rows, from_bytes, merge_rows, pack, same_heads, to_bytes, Block, Cp, CpMask,
+    GradIn, Keys, LocalQkv, Rows, Run, Side,
 };
 use super::plan::{even_bounds, Plan};
 use super::transport::Transport;
@@ -48,7 +51,7 @@ pub fn ring_forward(cp: &Cp, x: &LocalQkv, params: &AttnParams) -> Result<(Vec<f
 }
 
 /// One block's queries, and its keys and values from the rank held at this ring step; in a
-/// backward the dK / dV accumulators that travel with the keys (layouts `kl`, `vl`).
+/// backward the dK / dV accumulators of the keys held (layouts `kl`, `vl`).
 struct Held<'a> {
     q: TensorView<'a>,
     k: TensorView<'a>,
@@ -59,11 +62,15 @@ struct Held<'a> {
     dv: &'a mut [f32],
 }
 
-/// The ring walk of the forward and the backward (module header): at step s = 0 .. P-1 this
-/// rank holds rank (r - s)'s keys and values (with dK / dV accumulators when `grads`), runs `f`
-/// on each block it needs, then passes what it holds to r + 1 and takes r - 1's. After the last
-/// step the accumulators it holds belong to rank r + 1: they go there, and this rank's come from
-/// r - 1. Returns this rank's (dK, dV) (empty without `grads`).
+/// The ring walk of the forward and the backward (module header), with halo fetches: at step
+/// s = 0 .. P-1 this rank holds the key chunks of rank r - s that its queries need
+/// ([`Plan::exchanged`] with [`Side::Keys`]: all of them for a dense mask, the neighbouring
+/// chunks for a sliding window, none for chunks the mask keeps apart) and runs `f` on each block
+/// it needs. Step 0 reads its own keys in place; at step s > 0 it sends rank r + s the chunks
+/// r + s needs of its own and receives from rank r - s the chunks it needs of r - s (the same
+/// P - 1 steps as a ring pass, each message only the halo). With `grads` the dK / dV of the
+/// fetched chunks go back to their owner after the step, which adds them in step order (its
+/// own blocks first). Returns this rank's (dK, dV) (empty without `grads`).
 fn walk(
     t: &dyn Transport,
     plan: &Plan,
@@ -73,60 +80,105 @@ fn walk(
     mut f: impl FnMut(Block, Held) -> Result<()>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (p, r) = (t.world(), t.rank());
-    let (mut k, mut v) = (x.k.to_vec(), x.v.to_vec());
+    let (kl, vl) = (x.k_rows(), x.v_rows());
     let n_acc = |n: usize| if grads { n } else { 0 };
     let (mut dk, mut dv) = (vec![0f32; n_acc(x.k.len())], vec![0f32; n_acc(x.v.len())]);
     for step in 0..p {
-        let held = (r + p - step) % p;
-        let (kl, vl) = held_rows(x, plan, held);
-        for blk in blocks(plan, mask, r, Keys::Held(held))? {
+        let (to, from) = ((r + step) % p, (r + p - step) % p);
+        let tag = 4 * step as u32;
+        if step == 0 {
+            let own = plan.chunks_of(r);
+            for blk in blocks(plan, mask, r, Keys::Chunks(&own))? {
+                let h = Held {
+                    q: x.q_rows().view(x.q, blk.qa, blk.la)?,
+                    k: kl.view(x.k, blk.kb, blk.lb)?,
+                    v: vl.view(x.v, blk.kb, blk.lb)?,
+                    kl,
+                    vl,
+                    dk: &mut dk,
+                    dv: &mut dv,
+                };
+                f(blk, h)?;
+            }
+            continue;
+        }
+        // The halo: what `to` needs of this rank goes out, what this rank needs of `from` comes.
+        let mine = plan.exchanged(r, to, Side::Keys);
+        let theirs = plan.exchanged(from, r, Side::Keys);
+        send(t, to, tag, &pack(plan, r, x.k, kl, &mine))?;
+        send(t, to, tag + 1, &pack(plan, r, x.v, vl, &mine))?;
+        let rows = plan.packed_rows(&theirs);
+        let (hk, hv) = (kl.with_rows(rows), vl.with_rows(rows));
+        let k = recv(t, from, tag, hk.values())?;
+        let v = recv(t, from, tag + 1, hv.values())?;
+        let (mut pdk, mut pdv) = (vec![0f32; n_acc(k.len())], vec![0f32; n_acc(v.len())]);
+        for blk in blocks(plan, mask, r, Keys::Chunks(&theirs))? {
             let h = Held {
                 q: x.q_rows().view(x.q, blk.qa, blk.la)?,
-                k: kl.view(&k, blk.kb, blk.lb)?,
-                v: vl.view(&v, blk.kb, blk.lb)?,
-                kl,
-                vl,
-                dk: &mut dk,
-                dv: &mut dv,
+                k: hk.view(&k, blk.kb, blk.lb)?,
+                v: hv.view(&v, blk.kb, blk.lb)?,
+                kl: hk,
+                vl: hv,
+                dk: &mut pdk,
+                dv: &mut pdv,
             };
             f(blk, h)?;
         }
-        // What comes next is rank (held - 1)'s.
-        let (kn, vn) = held_rows(x, plan, (held + p - 1) % p);
-        let mut bufs = Vec::with_capacity(4);
-        if step + 1 < p {
-            bufs.extend([(&mut k, kn.values()), (&mut v, vn.values())]);
-        }
-        if grads && p > 1 {
-            bufs.extend([(&mut dk, n_acc(kn.values())), (&mut dv, n_acc(vn.values()))]);
-        }
-        if !bufs.is_empty() {
-            pass_on(t, 4 * step as u32, &mut bufs)?;
+        if grads {
+            // The fetched chunks' gradients go home; this rank's come from `to`.
+            send(t, from, tag + 2, &pdk)?;
+            send(t, from, tag + 3, &pdv)?;
+            let rows = plan.packed_rows(&mine);
+            let back = plan.packed_runs(r, &mine);
+            let back: Vec<Run> = back.into_iter().map(Run::rev).collect();
+            for (acc, l, tg) in [(&mut dk, kl, tag + 2), (&mut dv, vl, tag + 3)] {
+                let part = recv(t, to, tg, l.with_rows(rows).values())?;
+                copy_rows(
+                    (&part, l.with_rows(rows)),
+                    (acc, l),
+                    &back,
+                    &same_heads(l.h),
+                    true,
+                );
+            }
         }
     }
     Ok((dk, dv))
 }
 
-/// The layouts of rank `held`'s keys and values.
-fn held_rows(x: &LocalQkv, plan: &Plan, held: usize) -> (Rows, Rows) {
-    let n = plan.rows_of(held);
-    (x.k_rows().with_rows(n), x.v_rows().with_rows(n))
+/// Sends `x` to rank `to` under `tag` when it is not empty (the receiver knows from the plan
+/// that nothing comes).
+pub(crate) fn send(t: &dyn Transport, to: usize, tag: u32, x: &[f32]) -> Result<()> {
+    if x.is_empty() {
+        return Ok(());
+    }
+    t.send(to, tag, &to_bytes(x))
 }
 
-/// Sends each buffer to rank r + 1 (tags `tag0..`) and replaces it by the one received from rank
-/// r - 1, of the given length.
-fn pass_on(t: &dyn Transport, tag0: u32, bufs: &mut [(&mut Vec<f32>, usize)]) -> Result<()> {
-    let (p, r) = (t.world(), t.rank());
-    let (to, from) = ((r + 1) % p, (r + p - 1) % p);
-    for (i, (b, _)) in bufs.iter().enumerate() {
-        t.send(to, tag0 + i as u32, &to_bytes(b))?;
+/// Receives `len` f32 from rank `from` under `tag` (nothing when `len` is 0).
+pub(crate) fn recv(t: &dyn Transport, from: usize, tag: u32, len: usize) -> Result<Vec<f32>> {
+    if len == 0 {
+        return Ok(Vec::new());
     }
-    for (i, (b, len)) in bufs.iter_mut().enumerate() {
-        let mut raw = vec![0u8; *len * 4];
-        t.recv(from, tag0 + i as u32, &mut raw)?;
-        **b = from_bytes(&raw);
-    }
-    Ok(())
+    let mut raw = vec![0u8; 4 * len];
+    t.recv(from, tag, &mut raw)?;
+    Ok(from_bytes(&raw))
+}
+
+/// Bytes of keys and values the busiest rank receives over a forward (`kv_row`: bytes of one
+/// row of K and V, every batch row and head): the halo of each step, the chunks of the other
+/// ranks its queries need.
+pub fn ring_bytes(plan: &Plan, kv_row: u64) -> u64 {
+    let p = plan.world;
+    (0..p)
+        .map(|r| {
+            (1..p)
+                .map(|s| plan.packed_rows(&plan.exchanged((r + p - s) % p, r, Side::Keys)) as u64)
+                .sum::<u64>()
+                * kv_row
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Gradients of this rank's share of the attention (module header): `g.out`, `g.lse` from

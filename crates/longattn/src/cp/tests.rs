@@ -3,7 +3,7 @@
 use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
 use super::plan::{plan, Plan};
 use super::ring::Grads;
-use super::{gather, ring, ulysses, ThreadTransport, Transport};
+use super::{gather, passq, ring, ulysses, ThreadTransport, Transport};
 use crate::attention::{forward, AttnParams, MaskSpec};
 use crate::backward::{backward, BackwardParams};
 use crate::error::Result;
@@ -17,6 +17,7 @@ enum Scheme {
     Ring,
     Gather,
     Ulysses,
+    PassQ,
 }
 
 type Fwd = fn(&Cp, &LocalQkv, &AttnParams) -> Result<(Vec<f32>, Vec<f32>)>;
@@ -28,6 +29,7 @@ impl Scheme {
             Scheme::Ring => (ring::ring_forward, ring::ring_backward),
             Scheme::Gather => (gather::gather_forward, gather::gather_backward),
             Scheme::Ulysses => (ulysses::ulysses_forward, ulysses::ulysses_backward),
+            Scheme::PassQ => (passq::passq_forward, passq::passq_backward),
         }
     }
 }
@@ -281,6 +283,27 @@ fn all_gather_matches_single_rank_for_every_mask() {
 }
 
 #[test]
+fn pass_q_matches_single_rank_for_every_mask() {
+    sweep(Scheme::PassQ);
+    // MQA and one query chunk per rank (every exchange a whole rank's rows).
+    for &(p, hq, per_rank) in &[(3, 4, 1), (4, 2, 3)] {
+        let c = Case {
+            p,
+            n: 31,
+            b: 1,
+            hq,
+            hk: 1,
+            d: 8,
+            dv: 16,
+            expr: "prefix(5) | causal & window(7,0)",
+            per_rank,
+            tile: 4,
+        };
+        check(&c, Scheme::PassQ, true);
+    }
+}
+
+#[test]
 fn ulysses_matches_single_rank_for_every_mask() {
     sweep(Scheme::Ulysses);
     // GQA with fewer key / value heads than ranks (one replicated head per rank), and query
@@ -365,7 +388,7 @@ fn bad_inputs_are_clear_errors() {
         );
     }
     // Mismatched shapes across ranks: rank 1 has other heads; both ranks say so (every scheme).
-    for scheme in [Scheme::Ring, Scheme::Gather, Scheme::Ulysses] {
+    for scheme in [Scheme::Ring, Scheme::Gather, Scheme::Ulysses, Scheme::PassQ] {
         let errs = on_ranks(2, |t| {
             let rows = pl.rows_of(t.rank());
             let hq = if t.rank() == 1 { 4 } else { 2 };
@@ -460,4 +483,238 @@ fn bad_inputs_are_clear_errors() {
         e.contains("24 tokens cannot be cut into 5 chunks for each of 5 ranks"),
         "{e}"
     );
+}
+
+/// The ring fetches only the key chunks a rank's queries need: under a sliding window each rank
+/// receives a halo of neighbouring chunks, a small part of what a causal mask (or a ring that
+/// passes every chunk on) moves, and the outputs and gradients still equal single-rank's.
+#[test]
+fn ring_moves_only_the_halo_of_a_window() {
+    use super::scheme::{run_threads, Scheme as S, Whole};
+    let (p, per_rank, n, b, hq, hk, d, dv) = (8, 2, 383, 1, 4, 2, 16, 16);
+    let (q, k, v, dout) = (
+        seeded(71, b * n * hq * d),
+        seeded(72, b * n * hk * d),
+        seeded(73, b * n * hk * dv),
+        seeded(74, b * n * hq * dv),
+    );
+    let kv_row = (4 * b * hk * (d + dv)) as u64;
+    // The agreement check: one all-gather of 8 words from each peer.
+    let agree = 64 * (p as u64 - 1);
+    let mut most = Vec::new();
+    for expr in ["causal", "causal & window(8,0)", "window(6,6)"] {
+        let bound = MaskExpr::parse(expr)
+            .unwrap()
+            .bind(MaskShape::square(n), None)
+            .unwrap();
+        let (qv, kv, vv) = (
+            TensorView::contiguous(&q[..], [b, n, hq, d]).unwrap(),
+            TensorView::contiguous(&k[..], [b, n, hk, d]).unwrap(),
+            TensorView::contiguous(&v[..], [b, n, hk, dv]).unwrap(),
+        );
+        let prm = AttnParams::default();
+        let bp = BackwardParams {
+            deterministic: true,
+            ..Default::default()
+        };
+        let whole = forward(&qv, &kv, &vv, &prm, MaskSpec::Expr(&bound)).unwrap();
+        let dov = TensorView::contiguous(&dout[..], [b, n, hq, dv]).unwrap();
+        let ov = whole.out.view("out").unwrap();
+        let spec = MaskSpec::Expr(&bound);
+        let g = backward(&qv, &kv, &vv, &ov, &whole.lse, &dov, &prm, spec, &bp).unwrap();
+        let mask = CpMask::new(bound, 8).unwrap();
+        let pl = plan(&mask.sched, p, per_rank).unwrap();
+        let t = Duration::from_secs(30);
+        let x = Whole {
+            q: &q,
+            k: &k,
+            v: &v,
+            dout: Some(&dout),
+            dims: (b, n, hq, hk, d, dv),
+        };
+        let res = run_threads(S::Ring, &pl, &mask, &x, &prm, &bp, t).unwrap();
+        let (dq, dk, dv_) = res.grads.unwrap();
+        for (name, got, want) in [
+            ("out", &res.out, whole.out.data.to_f32_vec()),
+            ("lse", &res.lse, whole.lse.clone()),
+            ("dq", &dq, g.dq.data.to_f32_vec()),
+            ("dk", &dk, g.dk.data.to_f32_vec()),
+            ("dv", &dv_, g.dv.data.to_f32_vec()),
+        ] {
+            let e = rel_err(got, &want);
+            assert!(e <= 1e-5, "{expr}: {name} differs by {e}");
+        }
+        // The forward alone: every rank receives exactly its halo (and the agreement words).
+        let fwd_only = Whole { dout: None, ..x };
+        let res = run_threads(S::Ring, &pl, &mask, &fwd_only, &prm, &bp, t).unwrap();
+        let got = res.traffic.iter().map(|x| x.received).max().unwrap() - agree;
+        assert_eq!(got, ring::ring_bytes(&pl, kv_row), "{expr}");
+        // A ring passing every chunk on would bring each rank the other ranks' rows.
+        let relay = (0..p)
+            .map(|r| (n - pl.rows_of(r)) as u64 * kv_row)
+            .max()
+            .unwrap();
+        assert!(got <= relay, "{expr}: {got} > {relay}");
+        most.push((got, relay));
+    }
+    // Causal: the busiest rank needs 14 of the 16 chunks; a window at most its chunks'
+    // neighbours (4, tiles straddling chunk bounds counted on both sides).
+    let (causal, relay) = most[0];
+    for (expr, (w, _)) in ["causal & window(8,0)", "window(6,6)"]
+        .iter()
+        .zip(&most[1..])
+    {
+        assert!(
+            3 * w <= causal && 3 * w <= relay,
+            "{expr}: {w} bytes to the busiest rank, causal {causal}, relay {relay}"
+        );
+    }
+}
+
+/// The outcome of one rank in a fault test: its error (if any) and how long it took.
+type Outcome = (Option<String>, Duration);
+
+/// P = 3 ranks of `scheme` on a causal problem; rank 1 misbehaves as `bad` says (it gets its
+/// transport and its inputs), the others run the forward and backward under `timeout`.
+fn with_a_bad_rank(
+    scheme: super::scheme::Scheme,
+    timeout: Duration,
+    bad: impl Fn(&dyn Transport, &LocalQkv, &Cp) -> Option<String> + Sync,
+) -> Vec<Outcome> {
+    let (p, n, b, hq, hk, d) = (3, 45, 1, 6, 3, 8);
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(MaskShape::square(n), None)
+        .unwrap();
+    let mask = CpMask::new(bound, 4).unwrap();
+    let pl = plan(&mask.sched, p, 2).unwrap();
+    let (q, k, v) = (
+        seeded(81, b * n * hq * d),
+        seeded(82, b * n * hk * d),
+        seeded(83, b * n * hk * d),
+    );
+    let prm = AttnParams::default();
+    let group = ThreadTransport::group(p, timeout).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                let (q, k, v, pl, mask, prm, bad) = (&q, &k, &v, &pl, &mask, &prm, &bad);
+                s.spawn(move || {
+                    let start = std::time::Instant::now();
+                    let r = t.rank();
+                    let (lq, lk, lv) = (
+                        pl.shard(q, b, (hq, d), r),
+                        pl.shard(k, b, (hk, d), r),
+                        pl.shard(v, b, (hk, d), r),
+                    );
+                    let x = LocalQkv {
+                        q: &lq,
+                        k: &lk,
+                        v: &lv,
+                        dims: (b, pl.rows_of(r), hq, hk, d, d),
+                    };
+                    let cp = Cp {
+                        t: &t,
+                        plan: pl,
+                        mask,
+                    };
+                    if r == 1 {
+                        let e = bad(&t, &x, &cp);
+                        drop(t);
+                        return (e, start.elapsed());
+                    }
+                    let res = scheme.forward(&cp, &x, prm).and_then(|(o, l)| {
+                        let g = GradIn {
+                            out: &o,
+                            lse: &l,
+                            dout: &o,
+                            bwd: BackwardParams::default(),
+                        };
+                        scheme.backward(&cp, &x, &g, prm)
+                    });
+                    (res.err().map(|e| e.to_string()), start.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// A rank that leaves in the middle (after the agreement, its transport dropped): every other
+/// rank fails with an error naming it, at once (no wait for the timeout), for every scheme.
+#[test]
+fn a_rank_that_leaves_is_named_on_every_other_rank() {
+    use super::scheme::Scheme as S;
+    for scheme in [S::Ring, S::AllGather, S::Ulysses, S::PassQ] {
+        let res = with_a_bad_rank(scheme, Duration::from_secs(20), |t, x, cp| {
+            x.agree(t, scheme_name(scheme), cp.plan, cp.mask)
+                .err()
+                .map(|e| e.to_string())
+        });
+        assert_eq!(res[1].0, None, "{scheme:?}: rank 1 agreed before leaving");
+        for r in [0, 2] {
+            let (e, took) = &res[r];
+            let e = e
+                .as_deref()
+                .unwrap_or_else(|| panic!("{scheme:?}: rank {r} succeeded"));
+            assert!(
+                e.starts_with(&format!("rank {r} of 3")) && e.contains("rank 1"),
+                "{scheme:?} rank {r}: {e}"
+            );
+            assert!(
+                *took < Duration::from_secs(5),
+                "{scheme:?} rank {r}: {took:?}"
+            );
+        }
+    }
+}
+
+/// The name the schemes give themselves in their agreement check.
+fn scheme_name(s: super::scheme::Scheme) -> &'static str {
+    use super::scheme::Scheme as S;
+    match s {
+        S::Ring | S::Zigzag => "ring",
+        S::AllGather => "all-gather",
+        S::Ulysses => "ulysses",
+        S::PassQ => "pass-Q",
+    }
+}
+
+/// A rank that stalls (alive, silent, past the timeout): every other rank fails within the
+/// timeout (plus the work before it) with an error naming it; when the stalled rank wakes and
+/// runs, it fails at once too (its peers have gone). Nothing hangs.
+#[test]
+fn a_rank_that_stalls_is_named_within_the_timeout() {
+    use super::scheme::Scheme as S;
+    for scheme in [S::Ring, S::AllGather, S::Ulysses, S::PassQ] {
+        let timeout = Duration::from_millis(400);
+        let res = with_a_bad_rank(scheme, timeout, |t, x, cp| {
+            std::thread::sleep(Duration::from_millis(1500));
+            let start = std::time::Instant::now();
+            let e = scheme.forward(cp, x, &AttnParams::default()).err();
+            let _ = t;
+            assert!(
+                start.elapsed() < Duration::from_millis(300),
+                "the late rank waited"
+            );
+            e.map(|e| e.to_string())
+        });
+        let late = res[1].0.as_deref().expect("the late rank fails");
+        assert!(late.starts_with("rank 1 of 3"), "{scheme:?}: {late}");
+        for r in [0, 2] {
+            let (e, took) = &res[r];
+            let e = e
+                .as_deref()
+                .unwrap_or_else(|| panic!("{scheme:?}: rank {r} succeeded"));
+            assert!(
+                e.starts_with(&format!("rank {r} of 3")) && e.contains("from rank 1"),
+                "{scheme:?} rank {r}: {e}"
+            );
+            assert!(
+                *took < Duration::from_millis(1400),
+                "{scheme:?} rank {r}: {took:?}"
+            );
+        }
+    }
 }

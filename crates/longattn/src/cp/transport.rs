@@ -8,6 +8,7 @@
 //! - `all_to_all`: chunk j of rank i's send buffer lands in chunk i of rank j's receive buffer;
 //! - `all_reduce_sum` (f32): `x <- sum_{r = 0 .. P-1} x_r`, summed in rank order on every rank;
 //! - `barrier`: returns once every rank has entered it.
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -16,6 +17,9 @@ use crate::error::{Error, Result};
 
 /// Tags at and above this value are the collectives' own.
 const COLLECTIVE_TAG: u32 = 0xffff_0000;
+
+/// The tag of an abort notice ([`Transport::abort`]): its bytes are the reason, in UTF-8.
+pub const ABORT_TAG: u32 = 0xffff_ffff;
 
 /// Point-to-point messages between the ranks of one group, and the collectives built on them.
 pub trait Transport: Send {
@@ -95,6 +99,16 @@ pub trait Transport: Send {
         self.all_gather(&[1], &mut out)
     }
 
+    /// Tells every peer that this rank gives up, and why (its error): a peer waiting for this
+    /// rank then fails at once with the reason instead of its own timeout, so a failure's
+    /// cause (the rank that stalled or left) reaches every rank. Best effort: peers that have
+    /// left are skipped.
+    fn abort(&self, why: &str) {
+        for to in (0..self.world()).filter(|&to| to != self.rank()) {
+            let _ = self.send(to, ABORT_TAG, why.as_bytes());
+        }
+    }
+
     /// An error of this rank.
     fn err(&self, msg: String) -> Error {
         Error::Comm {
@@ -102,6 +116,62 @@ pub trait Transport: Send {
             world: self.world(),
             msg,
         }
+    }
+}
+
+/// A transport that counts what passes through it: the bytes and messages this rank sends and
+/// receives (collectives included: they are built on send / receive).
+pub struct Counted<T: Transport> {
+    pub inner: T,
+    sent: AtomicU64,
+    received: AtomicU64,
+    messages: AtomicU64,
+}
+
+/// What a [`Counted`] transport saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+    /// Messages sent.
+    pub messages: u64,
+}
+
+impl<T: Transport> Counted<T> {
+    pub fn new(inner: T) -> Counted<T> {
+        Counted {
+            inner,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+        }
+    }
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            messages: self.messages.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<T: Transport> Transport for Counted<T> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()> {
+        self.inner.send(to, tag, data)?;
+        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()> {
+        self.inner.recv(from, tag, out)?;
+        self.received.fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -181,8 +251,19 @@ impl Transport for ThreadTransport {
     fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()> {
         self.check_peer(to, "send to")?;
         let s = self.to[to].as_ref().expect("a channel to every peer");
-        s.send((tag, data.to_vec()))
-            .map_err(|_| self.err(format!("send to rank {to}: that rank has left the group")))
+        s.send((tag, data.to_vec())).map_err(|_| {
+            // Gone: if it said why before leaving, its notice waits among its messages to us.
+            let r = self.from[to].as_ref().expect("a channel from every peer");
+            let r = r.lock().unwrap_or_else(|e| e.into_inner());
+            let why = r.try_iter().find(|m| m.0 == ABORT_TAG);
+            self.err(match why {
+                Some((_, why)) => format!(
+                    "send to rank {to}: that rank gave up: {}",
+                    String::from_utf8_lossy(&why)
+                ),
+                None => format!("send to rank {to}: that rank has left the group"),
+            })
+        })
     }
 
     fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()> {
@@ -200,6 +281,12 @@ impl Transport for ThreadTransport {
                 }
             })
         })?;
+        if got_tag == ABORT_TAG && tag != ABORT_TAG {
+            return Err(self.err(format!(
+                "receive from rank {from} (tag {tag:#x}): that rank gave up: {}",
+                String::from_utf8_lossy(&data)
+            )));
+        }
         if got_tag != tag || data.len() != out.len() {
             return Err(self.err(format!(
                 "receive from rank {from}: expected tag {tag:#x} with {} bytes, got tag {got_tag:#x} with {} bytes (the ranks disagree on the schedule)",
@@ -332,6 +419,48 @@ mod tests {
         for e in &res[..2] {
             assert!(e.contains("left the group"), "{e}");
         }
+    }
+
+    /// A rank that gives up tells the others why: rank 0 waits on rank 2, rank 2 on rank 1,
+    /// which stalls; rank 2 times out naming rank 1 and aborts, and rank 0 hears of rank 1 at
+    /// once through rank 2's notice (long before its own, much longer, timeout).
+    #[test]
+    fn an_abort_carries_the_cause_to_every_rank() {
+        let res = run(3, 300, |mut t| {
+            let start = std::time::Instant::now();
+            let mut b = [0u8; 4];
+            if t.rank() == 0 {
+                t.timeout = Duration::from_secs(10);
+            }
+            match t.rank() {
+                0 => {
+                    let e = t.recv(2, 1, &mut b).unwrap_err().to_string();
+                    Some((e, start.elapsed()))
+                }
+                1 => {
+                    thread::sleep(Duration::from_millis(1500));
+                    None
+                }
+                _ => {
+                    let e = t.recv(1, 1, &mut b).unwrap_err();
+                    t.abort(&e.to_string());
+                    Some((e.to_string(), start.elapsed()))
+                }
+            }
+        });
+        let (e2, _) = res[2].clone().unwrap();
+        assert!(
+            e2.contains("rank 2 of 3")
+                && e2.contains("from rank 1")
+                && e2.contains("nothing within"),
+            "{e2}"
+        );
+        let (e0, waited) = res[0].clone().unwrap();
+        assert!(
+            e0.contains("from rank 2") && e0.contains("gave up") && e0.contains("from rank 1"),
+            "{e0}"
+        );
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
     }
 
     #[test]

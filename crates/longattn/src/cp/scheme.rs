@@ -1,0 +1,506 @@
+//! One switch over the schemes, the cost model that picks one (`auto`), and the whole-sequence
+//! driver that runs a scheme with ranks as threads ([`run_threads`], what `longattn cp run` does).
+//!
+//! The cost model ([`CostModel::estimate`]) gives each scheme a time per rank for the forward from
+//! three parts, each counted from the plan and the shapes (nothing measured at run time):
+//! - compute: the most scheduled (query, key) pairs any rank computes, times `Hq 2 (D + Dv)`
+//!   flops a pair, at `flops` per second (ring, zigzag, all-gather and pass-Q compute the plan's
+//!   blocks, so their peak is the plan's heaviest rank; Ulysses runs the whole mask for `Hq / P`
+//!   heads, exactly `1 / P` of the work);
+//! - communication: the bytes a rank receives at `bytes_per_s`, plus `latency` per dependent
+//!   round of messages (the ring: P - 1 steps; pass-Q: P - 1 steps of two rounds, queries there
+//!   and results back; all-gather: one collective for K, one for V; Ulysses: four all-to-alls,
+//!   q / k / v there and the output back);
+//! - overlap: with `overlap` (a transport that moves the next step's data while this step
+//!   computes) the ring and pass-Q hide their transfers behind their compute
+//!   (`max(compute, transfer)`); the threads transport as built does not, nor do the
+//!   collectives (`compute + transfer`).
+//!
+//! With the defaults (a rank of 50 GFLOP/s, links of 10 GB/s, 20 us per round, no overlap) this
+//! picks Ulysses for dense masks with as many key / value heads as query heads when the heads
+//! divide by P (it receives `~(P - 1) / P^2` of the sequence's q / k / v / out, against the
+//! ring's `(P - 1) / P` of its K / V, and balances perfectly), all-gather for GQA with few key /
+//! value heads at small P (the same bytes as the ring in fewer rounds), and the ring when its
+//! queries need only some key chunks (sliding windows: it fetches only the chunks a rank needs).
+use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
+use super::plan::{even_bounds, plan, Plan};
+use super::ring::Grads;
+use super::transport::{Counted, ThreadTransport, Traffic, Transport};
+use super::{gather, passq, ring, ulysses};
+use crate::attention::AttnParams;
+use crate::backward::BackwardParams;
+use crate::error::{Error, Result};
+use std::time::Duration;
+
+/// A context-parallel scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Ring pass-KV over the mask-aware plan.
+    Ring,
+    /// Ring pass-KV over the fixed zigzag placement (2P equal chunks, rank r holds chunks r and
+    /// 2P - 1 - r), whatever the mask.
+    Zigzag,
+    /// All-gather of K / V over the mask-aware plan.
+    AllGather,
+    /// All-to-all over heads.
+    Ulysses,
+    /// Pass-Q over the mask-aware plan: the queries travel, K / V stay.
+    PassQ,
+}
+
+impl Scheme {
+    pub const ALL: [Scheme; 5] = [
+        Scheme::Ring,
+        Scheme::Zigzag,
+        Scheme::AllGather,
+        Scheme::Ulysses,
+        Scheme::PassQ,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Ring => "ring",
+            Scheme::Zigzag => "zigzag",
+            Scheme::AllGather => "allgather",
+            Scheme::Ulysses => "ulysses",
+            Scheme::PassQ => "passq",
+        }
+    }
+
+    /// The scheme of a name (`ring`, `zigzag`, `allgather`, `ulysses`, `passq`).
+    pub fn parse(s: &str) -> Result<Scheme> {
+        Scheme::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| Error::Param {
+                op: "context parallelism",
+                msg: format!(
+                    "unknown scheme `{s}` (expected one of {})",
+                    Scheme::ALL.map(|x| x.name()).join(", ")
+                ),
+            })
+    }
+
+    /// The placement this scheme runs over: the fixed zigzag one for [`Scheme::Zigzag`], the
+    /// balanced plan with `per_rank` chunks per rank otherwise.
+    pub fn plan(self, mask: &CpMask, world: usize, per_rank: usize) -> Result<Plan> {
+        match self {
+            Scheme::Zigzag => zigzag_plan(mask, world),
+            _ => plan(&mask.sched, world, per_rank),
+        }
+    }
+
+    /// This rank's forward: `(out [B, rows, Hq, Dv], lse [B, Hq, rows])`, local row order. On
+    /// an error the rank tells its peers why ([`Transport::abort`]) before returning it.
+    pub fn forward(
+        self,
+        cp: &Cp,
+        x: &LocalQkv,
+        params: &AttnParams,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let res = match self {
+            Scheme::Ring | Scheme::Zigzag => ring::ring_forward(cp, x, params),
+            Scheme::AllGather => gather::gather_forward(cp, x, params),
+            Scheme::Ulysses => ulysses::ulysses_forward(cp, x, params),
+            Scheme::PassQ => passq::passq_forward(cp, x, params),
+        };
+        res.inspect_err(|e| cp.t.abort(&e.to_string()))
+    }
+
+    /// This rank's backward: `(dq, dk, dv)`, local row order (an error aborts, as in
+    /// [`Scheme::forward`]).
+    pub fn backward(self, cp: &Cp, x: &LocalQkv, g: &GradIn, params: &AttnParams) -> Result<Grads> {
+        let res = match self {
+            Scheme::Ring | Scheme::Zigzag => ring::ring_backward(cp, x, g, params),
+            Scheme::AllGather => gather::gather_backward(cp, x, g, params),
+            Scheme::Ulysses => ulysses::ulysses_backward(cp, x, g, params),
+            Scheme::PassQ => passq::passq_backward(cp, x, g, params),
+        };
+        res.inspect_err(|e| cp.t.abort(&e.to_string()))
+    }
+}
+
+/// The zigzag placement of the whole sequence over `world` ranks: 2P near-equal chunks, rank r
+/// holding chunks r and 2P - 1 - r (what [`plan`] finds for a causal mask with two chunks per
+/// rank), for any mask.
+pub fn zigzag_plan(mask: &CpMask, world: usize) -> Result<Plan> {
+    let n = mask.sched.sq;
+    if world == 0 || n < 2 * world {
+        return Err(Error::Param {
+            op: "cp plan",
+            msg: format!(
+                "zigzag cuts {n} tokens into 2P = {} chunks: needs at least one rank and 2P tokens",
+                2 * world
+            ),
+        });
+    }
+    let owner = (0..2 * world).map(|g| g.min(2 * world - 1 - g)).collect();
+    Plan::new(&mask.sched, even_bounds(n, 2 * world), owner, world)
+}
+
+/// The shapes of one attention: (B, n, Hq, Hk, D, Dv).
+pub type Dims = (usize, usize, usize, usize, usize, usize);
+
+/// The rates the cost model assumes (module header); the defaults describe a CPU rank or a
+/// modest link, and only their ratios matter for the choice.
+#[derive(Clone, Copy, Debug)]
+pub struct CostModel {
+    /// Attention flops per second of one rank.
+    pub flops: f64,
+    /// Bytes per second a rank receives.
+    pub bytes_per_s: f64,
+    /// Seconds per dependent round of messages.
+    pub latency: f64,
+    /// Whether the ring's transfers overlap its compute.
+    pub overlap: bool,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        CostModel {
+            flops: 50e9,
+            bytes_per_s: 10e9,
+            latency: 20e-6,
+            overlap: false,
+        }
+    }
+}
+
+/// A scheme's estimated forward time per rank and its parts (seconds, bytes).
+#[derive(Clone, Copy, Debug)]
+pub struct Estimate {
+    pub scheme: Scheme,
+    pub compute_s: f64,
+    /// Bytes the busiest rank receives.
+    pub bytes: u64,
+    pub rounds: usize,
+    pub total_s: f64,
+}
+
+impl CostModel {
+    /// The estimate of `scheme` on `plan` (module header); `None` when the scheme cannot run
+    /// these shapes (Ulysses with query heads not a multiple of P).
+    pub fn estimate(
+        &self,
+        scheme: Scheme,
+        plan: &Plan,
+        mask: &CpMask,
+        dims: Dims,
+    ) -> Option<Estimate> {
+        let (b, _, hq, hk, d, dv) = dims;
+        let p = plan.world;
+        // The plan counts pairs over the schedule's (batch, heads) rows; per query head:
+        let per_head = hq as f64 / mask.sched.heads as f64 * (b / mask.sched.batch) as f64;
+        let flop = |pairs: f64| pairs * per_head * 2.0 * (d + dv) as f64;
+        let rank_max = *plan.rank_work().iter().max().unwrap_or(&0) as f64;
+        let total: f64 = plan.rank_work().iter().sum::<u64>() as f64;
+        let rows = plan.max_rows() as u64;
+        let (b, hq, hk, d, dv) = (b as u64, hq as u64, hk as u64, d as u64, dv as u64);
+        let kv_row = 4 * b * hk * (d + dv);
+        let (compute, bytes, rounds, overlap) = match scheme {
+            Scheme::Ring | Scheme::Zigzag => {
+                (flop(rank_max), ring::ring_bytes(plan, kv_row), p - 1, true)
+            }
+            Scheme::PassQ => (
+                flop(rank_max),
+                passq::passq_bytes(plan, 4 * b * hq * d, 4 * b * hq * (dv + 1)),
+                2 * (p - 1),
+                true,
+            ),
+            Scheme::AllGather => (
+                flop(rank_max),
+                (p as u64 - 1) * rows * kv_row,
+                2 * (p > 1) as usize,
+                false,
+            ),
+            Scheme::Ulysses => {
+                let (p64, hp) = (p as u64, hq / p as u64);
+                if hq % p64 != 0 {
+                    return None;
+                }
+                let g = hq / hk;
+                let kv_heads = if hp % g == 0 {
+                    hp / g
+                } else if g % hp == 0 {
+                    1
+                } else {
+                    hp
+                };
+                // q, k, v of this rank's heads from the other ranks' rows, and its out back.
+                let row = 4 * b * (hp * (d + dv) + kv_heads * (d + dv) + hp * (dv + 1));
+                (
+                    flop(total / p as f64),
+                    (p64 - 1) * rows * row,
+                    4 * (p > 1) as usize,
+                    false,
+                )
+            }
+        };
+        let compute_s = compute / self.flops;
+        let move_s = bytes as f64 / self.bytes_per_s + rounds as f64 * self.latency;
+        let total_s = if overlap && self.overlap {
+            compute_s.max(bytes as f64 / self.bytes_per_s) + rounds as f64 * self.latency
+        } else {
+            compute_s + move_s
+        };
+        Some(Estimate {
+            scheme,
+            compute_s,
+            bytes,
+            rounds,
+            total_s,
+        })
+    }
+
+    /// The scheme of least estimated time (ties: the earlier of ring, all-gather, Ulysses,
+    /// pass-Q) and its plan (`per_rank` chunks per rank), with every estimate for the report.
+    pub fn choose(
+        &self,
+        mask: &CpMask,
+        world: usize,
+        per_rank: usize,
+        dims: Dims,
+    ) -> Result<(Scheme, Plan, Vec<Estimate>)> {
+        let balanced = plan(&mask.sched, world, per_rank)?;
+        let mut all = Vec::new();
+        for s in [
+            Scheme::Ring,
+            Scheme::AllGather,
+            Scheme::Ulysses,
+            Scheme::PassQ,
+        ] {
+            all.extend(self.estimate(s, &balanced, mask, dims));
+        }
+        let best = all
+            .iter()
+            .min_by(|a, b| a.total_s.total_cmp(&b.total_s))
+            .expect("the ring always runs")
+            .scheme;
+        Ok((best, balanced, all))
+    }
+}
+
+/// Whole-sequence tensors (f32, contiguous): `q [B, n, Hq, D]`, `k [B, n, Hk, D]`,
+/// `v [B, n, Hk, Dv]`, and for a backward `dout [B, n, Hq, Dv]`.
+pub struct Whole<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub dout: Option<&'a [f32]>,
+    pub dims: Dims,
+}
+
+/// What [`run_threads`] returns, in whole-sequence layouts: `out [B, n, Hq, Dv]`,
+/// `lse [B, Hq, n]`, and the gradients `(dq, dk, dv)` when `dout` was given.
+pub struct WholeOut {
+    pub out: Vec<f32>,
+    pub lse: Vec<f32>,
+    pub grads: Option<Grads>,
+    /// What each rank sent and received (forward and backward together; the agreement check's
+    /// few words included).
+    pub traffic: Vec<Traffic>,
+}
+
+/// Runs `scheme` over `plan` with `plan.world` ranks as threads of this process (the in-process
+/// transport, every wait under `timeout`): each rank takes its shard of `x`, runs the forward
+/// (and the backward when `x.dout` is given), and the ranks' rows are put back in sequence order.
+/// A failing rank's error is returned (one that names its own problem rather than a peer's).
+pub fn run_threads(
+    scheme: Scheme,
+    plan: &Plan,
+    mask: &CpMask,
+    x: &Whole,
+    params: &AttnParams,
+    bwd: &BackwardParams,
+    timeout: Duration,
+) -> Result<WholeOut> {
+    let (b, n, hq, hk, d, dv) = x.dims;
+    let want = [b * n * hq * d, b * n * hk * d, b * n * hk * dv];
+    let got = [x.q.len(), x.k.len(), x.v.len()];
+    if got != want || x.dout.is_some_and(|g| g.len() != b * n * hq * dv) || n != plan.n {
+        return Err(Error::Param {
+            op: "context parallelism",
+            msg: format!(
+                "q / k / v hold {got:?} values (expected {want:?} for B {b}, n {n}, heads {hq} / {hk}, dims {d} / {dv}), dout {:?}, plan of {} tokens",
+                x.dout.map(|g| g.len()),
+                plan.n
+            ),
+        });
+    }
+    let group = ThreadTransport::group(plan.world, timeout)?;
+    type RankOut = Result<(Vec<f32>, Vec<f32>, Option<Grads>, Traffic)>;
+    let results: Vec<RankOut> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                s.spawn(move || -> RankOut {
+                    let t = Counted::new(t);
+                    let r = t.rank();
+                    let shard = |y: &[f32], h: usize, w: usize| plan.shard(y, b, (h, w), r);
+                    let (lq, lk, lv) = (shard(x.q, hq, d), shard(x.k, hk, d), shard(x.v, hk, dv));
+                    let local = LocalQkv {
+                        q: &lq,
+                        k: &lk,
+                        v: &lv,
+                        dims: (b, plan.rows_of(r), hq, hk, d, dv),
+                    };
+                    let cp = Cp { t: &t, plan, mask };
+                    let (o, l) = scheme.forward(&cp, &local, params)?;
+                    let grads = match x.dout {
+                        None => None,
+                        Some(dout) => {
+                            let ld = shard(dout, hq, dv);
+                            let g = GradIn {
+                                out: &o,
+                                lse: &l,
+                                dout: &ld,
+                                bwd: *bwd,
+                            };
+                            Some(scheme.backward(&cp, &local, &g, params)?)
+                        }
+                    };
+                    Ok((o, l, grads, t.traffic()))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Comm {
+                        rank: r,
+                        world: plan.world,
+                        msg: "the rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut parts = Vec::with_capacity(results.len());
+    let mut first_err: Option<Error> = None;
+    for res in results {
+        match res {
+            Ok(x) => parts.push(x),
+            // A rank's own complaint beats a peer's report of it ("refused its inputs", "left").
+            Err(e) => {
+                if first_err
+                    .as_ref()
+                    .is_none_or(|f| secondhand(f) && !secondhand(&e))
+                {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let mut out = vec![0f32; b * n * hq * dv];
+    let mut lse = vec![0f32; b * hq * n];
+    let mut grads = x.dout.map(|_| {
+        (
+            vec![0f32; want[0]],
+            vec![0f32; want[1]],
+            vec![0f32; want[2]],
+        )
+    });
+    for (r, (o, l, g, _)) in parts.iter().enumerate() {
+        let rows = plan.rows_of(r);
+        let runs: Vec<_> = plan.runs_of(r).into_iter().map(|u| u.rev()).collect();
+        let put = |src: &[f32], dst: &mut [f32], l: Rows| {
+            copy_rows(
+                (src, l.with_rows(rows)),
+                (dst, l.with_rows(n)),
+                &runs,
+                &same_heads(l.h),
+                false,
+            )
+        };
+        put(o, &mut out, Rows::new(b, n, hq, dv));
+        put(l, &mut lse, Rows::lse(b, hq, n));
+        if let (Some((dq, dk, dv_)), Some((gq, gk, gv))) = (g, grads.as_mut()) {
+            put(dq, gq, Rows::new(b, n, hq, d));
+            put(dk, gk, Rows::new(b, n, hk, d));
+            put(dv_, gv, Rows::new(b, n, hk, dv));
+        }
+    }
+    let traffic = parts.iter().map(|x| x.3).collect();
+    Ok(WholeOut {
+        out,
+        lse,
+        grads,
+        traffic,
+    })
+}
+
+/// Whether an error reports another rank's failure rather than naming a problem itself.
+fn secondhand(e: &Error) -> bool {
+    matches!(e, Error::Comm { msg, .. }
+        if msg.contains("refused its inputs") || msg.contains("left the group") || msg.contains("gave up"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::{MaskExpr, MaskShape};
+
+    fn mask(expr: &str, n: usize) -> CpMask {
+        let b = MaskExpr::parse(expr)
+            .unwrap()
+            .bind(MaskShape::square(n), None)
+            .unwrap();
+        CpMask::new(b, 64).unwrap()
+    }
+
+    /// The choices the module header describes, at 16k tokens, D = Dv = 128.
+    #[test]
+    fn cost_model_picks_by_shape_and_mask() {
+        let n = 16384;
+        let m = CostModel::default();
+        let pick = |expr: &str, p: usize, hq: usize, hk: usize| {
+            m.choose(&mask(expr, n), p, 2, (1, n, hq, hk, 128, 128))
+                .unwrap()
+                .0
+        };
+        // Dense, as many key / value heads as query heads, heads divisible: Ulysses.
+        assert_eq!(pick("causal", 4, 32, 32), Scheme::Ulysses);
+        assert_eq!(pick("full", 8, 32, 32), Scheme::Ulysses);
+        // Heads not divisible: never Ulysses.
+        assert_ne!(pick("causal", 3, 32, 32), Scheme::Ulysses);
+        // GQA with two key / value heads at four ranks, dense: all-gather.
+        assert_eq!(pick("full", 4, 32, 2), Scheme::AllGather);
+        // A sliding window: the ring fetches a halo, far less than any other scheme moves.
+        assert_eq!(pick("causal & window(512,0)", 4, 32, 2), Scheme::Ring);
+        assert_eq!(pick("causal & window(512,0)", 8, 32, 32), Scheme::Ring);
+        // One rank: nothing to move, the ring (first of the ties).
+        assert_eq!(pick("causal", 1, 32, 2), Scheme::Ring);
+        // Every estimate's parts add up as the header says (no overlap by default).
+        let mk = mask("causal", n);
+        let pl = plan(&mk.sched, 4, 2).unwrap();
+        for s in [Scheme::Ring, Scheme::AllGather, Scheme::Ulysses] {
+            let e = m.estimate(s, &pl, &mk, (1, n, 32, 8, 128, 128)).unwrap();
+            let want = e.compute_s + e.bytes as f64 / m.bytes_per_s + e.rounds as f64 * m.latency;
+            assert!((e.total_s - want).abs() <= 1e-12 * want, "{s:?}");
+            assert!(e.bytes > 0 && e.compute_s > 0.0, "{s:?}");
+        }
+        let six = m.estimate(Scheme::Ulysses, &pl, &mk, (1, n, 6, 6, 64, 64));
+        assert!(
+            six.is_none(),
+            "6 query heads over 4 ranks: Ulysses cannot run"
+        );
+    }
+
+    #[test]
+    fn scheme_names_round_trip_and_unknown_is_an_error() {
+        for s in Scheme::ALL {
+            assert_eq!(Scheme::parse(s.name()).unwrap(), s);
+        }
+        let e = Scheme::parse("spiral").unwrap_err().to_string();
+        assert!(
+            e.contains("unknown scheme `spiral`") && e.contains("ulysses"),
+            "{e}"
+        );
+        let e = zigzag_plan(&mask("causal", 5), 3).unwrap_err().to_string();
+        assert!(e.contains("zigzag cuts 5 tokens into 2P = 6 chunks"), "{e}");
+    }
+}
