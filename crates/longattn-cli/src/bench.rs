@@ -93,6 +93,10 @@ pub struct Args {
     /// Run a peer in the same run: `torch` (PyTorch CPU scaled_dot_product_attention).
     #[arg(long)]
     pub(crate) compare: Option<String>,
+    /// `--backend cuda --compare torch`: the peers to time, of sdpa_flash, sdpa_cudnn, flex and
+    /// fa4 (FlashAttention-4's `flash_attn.cute`, full and causal, when importable); default all.
+    #[arg(long)]
+    pub(crate) peers: Option<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,

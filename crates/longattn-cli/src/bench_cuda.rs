@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 const PEER_SCRIPT: &str = include_str!("peer_torch_cuda.py");
-const PEERS: [&str; 3] = ["sdpa_flash", "sdpa_cudnn", "flex"];
+const PEERS: [&str; 4] = ["sdpa_flash", "sdpa_cudnn", "flex", "fa4"];
 
 #[derive(Serialize, Clone, Debug, Default)]
 struct Row {
@@ -89,6 +89,8 @@ struct PeerCfg {
 struct PeerJob<'a> {
     /// Time `.backward()` instead of the forward.
     backward: bool,
+    /// The peers to time (names of `PEERS`).
+    peers: Vec<String>,
     configs: &'a [PeerCfg],
 }
 
@@ -125,6 +127,16 @@ pub fn main(a: &Args) -> Result<()> {
         Some("torch") => true,
         Some(x) => bail!("--compare {x}: the only peer is `torch`"),
     };
+    let peers: Vec<String> = match &a.peers {
+        Some(s) => parse_list(s, "peer", |x| {
+            PEERS.iter().find(|p| **p == x).map(|p| p.to_string())
+        })
+        .with_context(|| format!("--peers: known peers are {}", PEERS.join(", ")))?,
+        None => PEERS.map(String::from).to_vec(),
+    };
+    if a.peers.is_some() && !compare {
+        bail!("--peers chooses among the peers of --compare torch; add --compare torch");
+    }
     let dev = CudaDevice::open(a.device)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
@@ -245,7 +257,8 @@ pub fn main(a: &Args) -> Result<()> {
     let mut torch_version = None;
     if compare {
         println!(
-            "running the peers (SDPA FLASH / cuDNN, FlexAttention) on {} ...",
+            "running the peers ({}) on {} ...",
+            peers.join(", "),
             dev.name
         );
         // Our device memory is released before the peers start (each config freed its own).
@@ -259,6 +272,7 @@ pub fn main(a: &Args) -> Result<()> {
             PEER_SCRIPT,
             &PeerJob {
                 backward: a.backward,
+                peers: peers.clone(),
                 configs: &peer_cfgs,
             },
             |l| {
@@ -530,11 +544,11 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
     );
     let _ = writeln!(
         md,
-        "| mask | n | D | B x H | ours ms | ours TFLOP/s | FA2 (SDPA flash) | cuDNN | Flex | ours/FA2 | ours/cuDNN | ours/Flex | schedule ms | Flex build ms | check |"
+        "| mask | n | D | B x H | ours ms | ours TFLOP/s | FA2 (SDPA flash) | cuDNN | Flex | FA4 | ours/FA2 | ours/cuDNN | ours/Flex | ours/FA4 | schedule ms | Flex build ms | check |"
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     let tf = |r: &Row, p: &str| -> String {
         r.peers_ms
@@ -551,7 +565,7 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
     for r in rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {}x{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {}x{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.mask,
             fmt_len(r.n),
             r.d,
@@ -566,9 +580,11 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             tf(r, PEERS[0]),
             tf(r, PEERS[1]),
             tf(r, PEERS[2]),
+            tf(r, PEERS[3]),
             ra(r, PEERS[0]),
             ra(r, PEERS[1]),
             ra(r, PEERS[2]),
+            ra(r, PEERS[3]),
             r.schedule_ms
                 .map(|x| format!("{x:.3}"))
                 .unwrap_or_else(|| "-".into()),
@@ -593,17 +609,20 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
         );
     }
     for p in PEERS {
-        let v: Vec<f64> = rows
+        let v: Vec<(f64, &Row)> = rows
             .iter()
             .filter(|r| r.mask == "full" || r.mask == "causal")
-            .filter_map(|r| r.ratios.get(p).copied())
+            .filter_map(|r| r.ratios.get(p).map(|&x| (x, r)))
             .collect();
-        if !v.is_empty() {
-            let g = (v.iter().map(|x| x.ln()).sum::<f64>() / v.len() as f64).exp();
+        if let Some(&(lo, w)) = v.iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
+            let g = (v.iter().map(|x| x.0.ln()).sum::<f64>() / v.len() as f64).exp();
             let _ = writeln!(
                 md,
-                "\ngeometric mean ours/{p} over full+causal: {g:.3} ({} configs)",
-                v.len()
+                "\ngeometric mean ours/{p} over full+causal: {g:.3} ({} configs; lowest {lo:.3} at {} n {} D {})",
+                v.len(),
+                w.mask,
+                fmt_len(w.n),
+                w.d
             );
         }
     }

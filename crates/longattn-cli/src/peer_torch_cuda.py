@@ -3,10 +3,12 @@
 Usage: python3 peer_torch_cuda.py JOB.json. For each forward config it times PyTorch SDPA with the
 FLASH_ATTENTION and CUDNN_ATTENTION backends (full and causal masks only: SDPA has no other fused
 masks) and FlexAttention (torch.compile(flex_attention) with create_block_mask on the same mask),
-and prints one JSON line per (config, peer): {"id", "peer", "ms"} or {"id", "peer", "error"};
+FlashAttention-4 (`flash_attn.cute.flash_attn_func`, full and causal, [B, S, H, D] inputs) when it is
+importable, and prints one JSON line per (config, peer): {"id", "peer", "ms"} or {"id", "peer", "error"};
 FlexAttention lines also carry "build_ms" (create_block_mask, after its first compiled call). Decode
 configs time SDPA on q [B, Hq, 1, D] against k, v [B, Hk, n, D] (GQA). With "backward": true in the
-job, every peer times `out.backward(dO)` alone (the forward runs once, its graph is kept).
+job, every peer times `out.backward(dO)` alone (the forward runs once, its graph is kept). "peers"
+in the job names the peers to time (default all).
 Timing: triton.testing.do_bench, median, after warm-up; inputs uniform in [-1, 1) (never zeros).
 """
 import json
@@ -28,7 +30,23 @@ def main():
     if not torch.cuda.is_available():
         print(json.dumps({"fatal": "torch sees no CUDA device"}), flush=True)
         return
-    print(json.dumps({"version": torch.__version__, "device": torch.cuda.get_device_name()}), flush=True)
+    want = set(job.get("peers") or ["sdpa_flash", "sdpa_cudnn", "flex", "fa4"])
+    fa4, fa4_error = None, None
+    if "fa4" in want:
+        try:
+            from flash_attn.cute import flash_attn_func as fa4
+        except Exception as e:  # noqa: BLE001
+            fa4_error = f"not importable ({type(e).__name__}: {str(e)[:200]})"
+    if fa4 is not None:
+        try:
+            import importlib.metadata as md
+            fa4_status = "flash-attn-4 " + md.version("flash-attn-4")
+        except Exception:  # noqa: BLE001
+            fa4_status = "flash-attn-4 (version unknown)"
+    else:
+        fa4_status = fa4_error or "FA4 not asked"
+    print(json.dumps({"version": f"{torch.__version__}; {fa4_status}",
+                      "device": torch.cuda.get_device_name()}), flush=True)
     dev = "cuda"
     dts = {"bf16": torch.bfloat16, "f16": torch.float16}
     # Every (shape, mask) is a new compiled graph: lift dynamo's recompile limit (default 8), past
@@ -37,7 +55,7 @@ def main():
     torch._dynamo.config.cache_size_limit = 4096
     if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
         torch._dynamo.config.accumulated_cache_size_limit = 65536
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False) if "flex" in want else None
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -113,6 +131,8 @@ def main():
         kw = {"enable_gqa": True} if hk != h else {}
         if c["mask"] in ("full", "causal"):
             for name, be in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                if name not in want:
+                    continue
                 try:
                     with sdpa_kernel([be]):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c["mask"] == "causal", **kw)  # noqa: E731
@@ -120,6 +140,20 @@ def main():
                     print(json.dumps({"id": c["id"], "peer": name, "ms": ms}), flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(json.dumps({"id": c["id"], "peer": name, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            if fa4 is not None:
+                # FA4 takes [B, S, H, D]: the same values, transposed once outside the timing.
+                qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+                try:
+                    fn = lambda: fa4(qt, kt, vt, causal=c["mask"] == "causal")[0]  # noqa: E731
+                    ms = timed(fn, [qt, kt, vt])
+                    print(json.dumps({"id": c["id"], "peer": "fa4", "ms": ms}), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(json.dumps({"id": c["id"], "peer": "fa4", "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+                del qt, kt, vt
+        if flex is None:
+            del q, k, v
+            torch.cuda.empty_cache()
+            continue
         try:
             mm = mask_mod(c)
             if mm is None:

@@ -226,6 +226,20 @@ def test_check_decays_switch(device):
     assert torch.equal(o1, o2)
 
 
+def test_refused_step_keeps_state(device):
+    """The decode step updates its state in place: a refused decay leaves the state untouched."""
+    kd, vd = dims_for(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (rnd(3, 1, 2, d, dtype=dtype, device=device) for d in (kd, kd, vd))
+    state = torch.randn(3, 2, kd, vd, device=device)
+    before = state.clone()
+    g = -torch.rand(3, 1, 2, device=device)
+    g[2, 0, 1] = 0.25
+    with pytest.raises(ValueError, match="element 5"):
+        longattn.fused_recurrent_simple_gla(q, k, v, g, initial_state=state)
+    assert torch.equal(state, before)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("-inf"), 0.5])
 def test_bad_decay_values(device, value):
     """NaN, -inf and positive log decays are refused with the element named."""

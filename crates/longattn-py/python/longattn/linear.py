@@ -17,10 +17,14 @@ in FLA; the Rust library (``longattn run --linear SPEC``) has them built in.
 - :func:`fused_recurrent_simple_gla`: the decode step (one token per sequence), state updated in
   place.
 
-The log decays are checked (``g <= 0``, finite) before the kernels run; on CUDA that reads one
-flag back from the device, a synchronisation per call (skipped under CUDA graph capture and
-``torch.compile``). :func:`check_decays` turns it off for loops that produce ``g`` by
-construction (``F.logsigmoid``): the kernels never fault on a positive decay, its state grows.
+The log decays are checked (``g <= 0``, finite). On CUDA the chunked calls queue one reduction
+and an 8-byte copy of (min, max) into pinned memory, launch the kernels behind it, and only then
+wait for the copy: the device never idles for the check, and a bad ``g`` raises before any result
+is returned (the results are fresh tensors, nothing the caller holds is written). The in-place
+decode step waits before its kernel instead, since it updates the caller's state. The check is
+skipped under CUDA graph capture and ``torch.compile``; :func:`check_decays` turns it off for
+loops that produce ``g`` by construction (``F.logsigmoid``): the kernels never fault on a
+positive decay, its state grows.
 
 CPU: float32 / bfloat16 / float16. CUDA: bfloat16 / float16, K and V in {64, 128}, decays none /
 per head / per token in the chunked kernels (``chunk_gla`` on CUDA is refused with a clear error;
@@ -73,31 +77,63 @@ def check_decays(enabled: bool = True) -> bool:
     return prev
 
 
-def _check_g(g, op):
-    """float32 log decays, <= 0 (checked outside graph capture and compilation: the check reads
-    one flag back from the device)."""
+def _decay_error(g, op):
+    ok = (g <= 0) & (g > float("-inf"))
+    i = int((~ok).flatten().nonzero()[0])
+    return ValueError(
+        f"{op}: `g` holds log decays, which must be finite and <= 0 (a decay in (0, 1]); "
+        f"element {i} is {g.flatten()[i].item()}"
+    )
+
+
+def _decays_ok(lo, hi):
+    # Every element in (-inf, 0]: NaN propagates into both extremes and fails both tests; -inf
+    # would make the in-chunk differences of cumulative decays NaN.
+    return hi <= 0 and lo > float("-inf")
+
+
+class _DecayCheck:
+    """The (min, max) of a CUDA ``g`` on its way to pinned host memory: one reduction and an
+    8-byte copy queued on the current stream, waited for by :meth:`wait` once the kernels that
+    read ``g`` are queued behind it."""
+
+    def __init__(self, g, op):
+        self.g, self.op = g, op
+        self.host = torch.empty(2, dtype=torch.float32, pin_memory=True)
+        self.host.copy_(torch.stack(torch.aminmax(g)), non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record(torch.cuda.current_stream(g.device))
+
+    def wait(self):
+        self.done.synchronize()
+        lo, hi = self.host.tolist()
+        if not _decays_ok(lo, hi):
+            raise _decay_error(self.g, self.op)
+
+
+def _check_g(g, op, deferred=False):
+    """float32 log decays, <= 0. Returns ``(g, pending)``: with ``deferred`` a CUDA check is only
+    queued and ``pending.wait()`` finishes it (call it after queuing the kernels); otherwise it is
+    finished here and ``pending`` is None. Skipped under graph capture and compilation."""
     if g is None:
-        return None
+        return None, None
     if not g.is_floating_point():
         raise TypeError(f"{op}: `g` must be a floating tensor of log decays, got {g.dtype}")
     g = g.float().contiguous()  # no copy when it already is
-    if torch.compiler.is_compiling():
-        return g
-    if g.is_cuda and not _CHECK_DECAYS:
-        return g
-    if not (g.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # One reduction and one read back of (min, max): every element in (-inf, 0] (NaN
-        # propagates into both and fails both tests; -inf would make the in-chunk differences of
-        # cumulative decays NaN).
-        lo, hi = torch.stack(torch.aminmax(g)).tolist() if g.numel() else (0.0, 0.0)
-        if not (hi <= 0 and lo > float("-inf")):
-            ok = (g <= 0) & (g > float("-inf"))
-            i = int((~ok).flatten().nonzero()[0])
-            raise ValueError(
-                f"{op}: `g` holds log decays, which must be finite and <= 0 (a decay in (0, 1]); "
-                f"element {i} is {g.flatten()[i].item()}"
-            )
-    return g
+    if torch.compiler.is_compiling() or g.numel() == 0:
+        return g, None
+    if g.is_cuda:
+        if not _CHECK_DECAYS or torch.cuda.is_current_stream_capturing():
+            return g, None
+        pending = _DecayCheck(g, op)
+        if deferred:
+            return g, pending
+        pending.wait()
+        return g, None
+    lo, hi = torch.stack(torch.aminmax(g)).tolist()
+    if not _decays_ok(lo, hi):
+        raise _decay_error(g, op)
+    return g, None
 
 
 def _seqs(q, cu_seqlens):
@@ -166,7 +202,7 @@ torch.library.register_autograd("longattn::linear_fwd", _backward, setup_context
 def _run(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, op):
     _check(q, k, v, g, initial_state, cu_seqlens, op)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    g = _check_g(g, op)
+    g, pending = _check_g(g, op, deferred=True)
     if initial_state is not None:
         if initial_state.dtype != torch.float32:
             raise TypeError(f"{op}: `initial_state` must be float32, got {initial_state.dtype}")
@@ -180,6 +216,8 @@ def _run(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, op):
         o, s = torch.ops.longattn.linear_fwd(q, k, v, g, initial_state, cu_seqlens, scale)
     else:
         o, s = _fwd_impl(q, k, v, g, initial_state, cu_seqlens, scale)
+    if pending is not None:
+        pending.wait()  # the kernels are queued: the device does not idle for the check
     return o, (s if output_final_state else None)
 
 
@@ -232,7 +270,7 @@ def fused_recurrent_simple_gla(q, k, v, g=None, scale=None, initial_state=None,
         raise TypeError(f"{op}: `initial_state` must be float32, got {initial_state.dtype}")
     elif not initial_state.is_contiguous():
         raise ValueError(f"{op}: `initial_state` is updated in place and must be contiguous")
-    g = _check_g(g, op)
+    g, _ = _check_g(g, op)  # finished before the kernel: the state is updated in place
     scale = float(kd ** -0.5 if scale is None else scale)
     out = q.new_empty((b, 1, h, v.shape[3]))
     _native.linear_step(q, k, v, g, initial_state, out, scale, _stream(q))

@@ -46,6 +46,29 @@ pub(crate) fn env_off(key: &str) -> bool {
     std::env::var(key).is_ok_and(|v| v == "0")
 }
 
+/// The warp-specialized kernel's order of work items (`la_ws_item` in attn_fwd_ws.cu): the
+/// (batch, head) pairs are walked `G` at a time, each group's query tiles together, so that the
+/// keys and values the running blocks read stay in L2. `G` is the number of query heads whose
+/// keys and values (a KV head's `Sk D` keys and as many values, read by `Hq / Hk` query heads)
+/// fill half of L2, at least 1; heavy mask programs (`one_head`) take 1. `LONGATTN_CUDA_HGROUP=N`
+/// sets it (tuning runs; `B Hq` is the order of query tiles outermost over every head).
+fn ws_head_group(dev: &CudaDevice, dims: &Dims, one_head: bool) -> usize {
+    let pairs = (dims.batch * dims.hq).max(1);
+    if let Some(g) = std::env::var("LONGATTN_CUDA_HGROUP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&g| g > 0)
+    {
+        return g.min(pairs);
+    }
+    if one_head {
+        return 1;
+    }
+    let kv_bytes = 2 * dims.sk * dims.d * 2;
+    let per_query_head = (kv_bytes / (dims.hq / dims.hk.max(1)).max(1)).max(1);
+    (dev.l2_bytes / 2 / per_query_head).clamp(1, pairs)
+}
+
 /// Which forward kernel runs a problem (one contract, three instruction sets).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FwdKernel {
@@ -245,7 +268,8 @@ struct LaFwdParams {
     sched_batch: i32,
     sched_heads: i32,
     q_tiles: i32,
-    pad0: i32,
+    /// Warp-specialized kernel: (batch, head) pairs whose query tiles are walked together.
+    hgroup: i32,
     qdoc: u64,
     kdoc: u64,
     blk: u64,
@@ -1027,7 +1051,7 @@ impl FwdPlan {
         let qfirst = tile.kernel != FwdKernel::MmaSync
             && (tile.kernel == FwdKernel::Wgmma || heavy)
             && !env_off("LONGATTN_CUDA_QFIRST");
-        if qfirst {
+        if qfirst && tile.kernel != FwdKernel::WarpSpecialized {
             defines.push(("LA_QFIRST".into(), "1".into()));
         }
         let variant = format!(
@@ -1046,6 +1070,7 @@ impl FwdPlan {
                 dims.batch
             )));
         }
+        base.hgroup = ws_head_group(dev, &dims, qfirst) as i32;
         let grid = match tile.kernel {
             // Persistent blocks walk the (query tile, batch, head) items themselves.
             FwdKernel::WarpSpecialized => {
@@ -1436,7 +1461,7 @@ mod tests {
     fn parameter_structs_match_the_kernels() {
         let rust = offsets!(LaFwdParams; q, k, v, o, lse, q_s, k_s, v_s, o_s, b, sq, sk, hq, hk,
             scale_log2, cap_pre, cap_post, sched_off, sched_ent, sched_batch, sched_heads,
-            q_tiles, pad0, qdoc, kdoc, blk, blk_dims, dlo, dhi, mbits, mbix, mgrp, mc);
+            q_tiles, hgroup, qdoc, kdoc, blk, blk_dims, dlo, dhi, mbits, mbix, mgrp, mc);
         check_layout(
             PARAMS,
             "LaFwdParams",

@@ -56,6 +56,8 @@ pub struct CudaDevice {
     pub sms: usize,
     /// Largest dynamic shared memory a block may opt in to (bytes).
     pub smem_optin: usize,
+    /// Size of the L2 cache (bytes).
+    pub l2_bytes: usize,
     functions: Mutex<HashMap<String, CudaFunction>>,
     records: Mutex<Vec<CompileRecord>>,
 }
@@ -122,6 +124,7 @@ impl CudaDevice {
         let smem_optin =
             attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
                 as usize;
+        let l2_bytes = attr(cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize;
         let name = ctx.name().map_err(drv("open"))?;
         Ok(Arc::new(CudaDevice {
             ctx,
@@ -131,6 +134,7 @@ impl CudaDevice {
             cc,
             sms,
             smem_optin,
+            l2_bytes,
             functions: Mutex::new(HashMap::new()),
             records: Mutex::new(Vec::new()),
         }))

@@ -101,19 +101,22 @@ __device__ __forceinline__ void la_ws_tma_tile(u16* dst, const LaTmap* map, u64*
 #endif
 }
 
-// Work item t: (query tile, batch, head). Query tiles outermost, heaviest first (causal: the last
-// tiles have the most keys), or with LA_QFIRST innermost (the items running together are the
-// query tiles of a few heads, which share their keys and values in L2).
+// Work item t: (query tile, batch, head). The B Hq (batch, head) pairs are cut into groups of
+// G = p.hgroup consecutive pairs; the groups run one after the other, and inside a group the query
+// tiles are outermost, heaviest first (causal: the last tiles have the most keys), the group's
+// pairs innermost. The blocks running at once then read the keys and values of about G heads,
+// which stay in L2 (G = B Hq: every head at once; G = 1: one head's query tiles together).
+//   group    = t / (G q_tiles),  r = t mod (G q_tiles),  size = min(G, B Hq - G group)
+//   pair     = G group + r mod size,  query tile = q_tiles - 1 - r / size
 __device__ __forceinline__ void la_ws_item(const LaFwdParams& p, int t, int nbh, int& qt, int& h, int& b) {
-#if LA_QFIRST
-    qt = p.q_tiles - 1 - t % p.q_tiles;
-    h = t / p.q_tiles % p.Hq;
-    b = t / p.q_tiles / p.Hq;
-#else
-    qt = p.q_tiles - 1 - t / nbh;
-    h = t % nbh % p.Hq;
-    b = t % nbh / p.Hq;
-#endif
+    const int G = p.hgroup;
+    const int per = G * p.q_tiles;
+    const int grp = t / per, r = t - grp * per;
+    const int size = min(G, nbh - grp * G);
+    const int bh = grp * G + r % size;
+    qt = p.q_tiles - 1 - r / size;
+    h = bh % p.Hq;
+    b = bh / p.Hq;
 }
 
 #if LA_MASK_BITS

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Dense softmax attention on the device machine against FlashAttention-4 (issue 14). Expects the
+# stripped CLI as .dev/longattn.xz (carried); FA4 from .peers/fa4 with .peers/install.sh (carried,
+# 55 MiB: it fits a call only with the tree and the compressed CLI).
+#   bash scripts/gpu/dense_check.sh selftest  # selftest --backend cuda --quick (every group)
+#   bash scripts/gpu/dense_check.sh order     # forward TFLOP/s per head-group order
+#                                             # (LONGATTN_CUDA_HGROUP; HGROUPS="1 2 4 16") at 16k / 64k
+#   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
+#                                             # with FA4 and cuDNN in the same run
+#   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
+# Several modes run in order: `bash scripts/gpu/dense_check.sh selftest order fwd bwd`.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
+fa4_env() {
+  if [ -z "${FA4_READY:-}" ] && [ -d .peers/fa4 ]; then
+    E=$(bash .peers/install.sh fa4) && eval "$E" && FA4_READY=1
+  fi
+}
+for mode in "${@:-selftest}"; do
+  case "$mode" in
+  selftest)
+    timeout 400 /tmp/longattn selftest --backend cuda --quick > "$OUT/selftest_quick.txt" 2>&1
+    echo "selftest --quick rc=$?"
+    grep -vE " pass " "$OUT/selftest_quick.txt" | tail -15
+    ;;
+  order)
+    for g in ${HGROUPS:-1 2 4 16}; do
+      echo "== LONGATTN_CUDA_HGROUP=$g"
+      LONGATTN_CUDA_HGROUP=$g timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
+        --lens 16k,64k --dims 128 --out "$OUT/order_$g" 2>&1 | grep -E "^(full|causal) " | head -8
+    done 2>&1 | tee "$OUT/order.txt"
+    echo "== default (L2 rule)"
+    timeout 200 /tmp/longattn bench --backend cuda --masks full,causal --lens 16k,64k --dims 64,128 \
+      --out "$OUT/order_default" 2>&1 | grep -E "^(full|causal) " | tee -a "$OUT/order.txt"
+    ;;
+  fwd)
+    fa4_env
+    timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
+      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} --out "$OUT/fwd" > "$OUT/fwd.txt" 2>&1
+    echo "bench fwd rc=$?"
+    sed -n '/^longattn bench/,$p' "$OUT/fwd.txt" | head -40
+    ;;
+  bwd)
+    fa4_env
+    timeout 500 /tmp/longattn bench --backend cuda --backward --masks full,causal --lens ${BLENS:-4k,16k} \
+      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} --out "$OUT/bwd" > "$OUT/bwd.txt" 2>&1
+    echo "bench bwd rc=$?"
+    sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
+    ;;
+  *) echo "unknown mode $mode (selftest | order | fwd | bwd)"; exit 2 ;;
+  esac
+done
