@@ -46,12 +46,10 @@ pub(crate) fn env_off(key: &str) -> bool {
     std::env::var(key).is_ok_and(|v| v == "0")
 }
 
-/// The warp-specialized kernel's order of work items (`la_ws_item` in attn_fwd_ws.cu): the
-/// (batch, head) pairs are walked `G` at a time, each group's query tiles together, so that the
-/// keys and values the running blocks read stay in L2. `G` is the number of query heads whose
-/// keys and values (a KV head's `Sk D` keys and as many values, read by `Hq / Hk` query heads)
-/// fill half of L2, at least 1; heavy mask programs (`one_head`) take 1. `LONGATTN_CUDA_HGROUP=N`
-/// sets it (tuning runs; `B Hq` is the order of query tiles outermost over every head).
+/// How many (batch, head) pairs the warp-specialized kernel walks together ([`ws_work_list`]):
+/// the query heads whose keys and values (a KV head's `Sk D` keys and as many values, read by
+/// `Hq / Hk` query heads) fill half of L2, at least 1; heavy mask programs (`one_head`) take 1.
+/// `LONGATTN_CUDA_HGROUP=N` sets it (tuning runs; `B Hq`: every head at once).
 fn ws_head_group(dev: &CudaDevice, dims: &Dims, one_head: bool) -> usize {
     let pairs = (dims.batch * dims.hq).max(1);
     if let Some(g) = std::env::var("LONGATTN_CUDA_HGROUP")
@@ -67,6 +65,58 @@ fn ws_head_group(dev: &CudaDevice, dims: &Dims, one_head: bool) -> usize {
     let kv_bytes = 2 * dims.sk * dims.d * 2;
     let per_query_head = (kv_bytes / (dims.hq / dims.hk.max(1)).max(1)).max(1);
     (dev.l2_bytes / 2 / per_query_head).clamp(1, pairs)
+}
+
+/// The warp-specialized kernel's work lists: `blocks + 1` offsets, then every item
+/// `(b Hq + h) q_tiles + qt` once, block x's items at `[offsets[x], offsets[x + 1])` in the order
+/// it runs them.
+///
+/// Items are taken in locality order: the `pairs` (batch, head) pairs in groups of `group`
+/// consecutive pairs, group after group; inside a group query tiles outermost, heaviest first
+/// (causal: the last tiles have the most keys), the group's pairs innermost. Each item goes to
+/// the block with the least work so far (list scheduling; `cost(pair, qt)` = its key tiles, plus
+/// one for the epilogue). Blocks then start items in about the locality order, so the blocks
+/// running at once read the keys and values of about one group (which stay in L2), and no block
+/// ends more than one item's cost after the average: a static stride over a group's uneven
+/// (causal) items left some blocks with twice the work of others.
+fn ws_work_list(
+    pairs: usize,
+    q_tiles: usize,
+    group: usize,
+    blocks: usize,
+    cost: impl Fn(usize, usize) -> usize,
+) -> Vec<u32> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let group = group.clamp(1, pairs.max(1));
+    let blocks = blocks.max(1);
+    let mut lists: Vec<Vec<u32>> = vec![Vec::new(); blocks];
+    // (load, block): the least loaded block first, the lowest index among equals.
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> =
+        (0..blocks).map(|x| Reverse((0, x))).collect();
+    for g0 in (0..pairs).step_by(group) {
+        let g1 = (g0 + group).min(pairs);
+        for qt in (0..q_tiles).rev() {
+            for bh in g0..g1 {
+                let Some(Reverse((load, x))) = heap.pop() else {
+                    unreachable!("the heap holds every block")
+                };
+                lists[x].push((bh * q_tiles + qt) as u32);
+                heap.push(Reverse((load + cost(bh, qt) as u64 + 1, x)));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(blocks + 1 + pairs * q_tiles);
+    let mut off = 0u32;
+    out.push(0);
+    for l in &lists {
+        off += l.len() as u32;
+        out.push(off);
+    }
+    for l in lists {
+        out.extend(l);
+    }
+    out
 }
 
 /// Which forward kernel runs a problem (one contract, three instruction sets).
@@ -268,8 +318,7 @@ struct LaFwdParams {
     sched_batch: i32,
     sched_heads: i32,
     q_tiles: i32,
-    /// Warp-specialized kernel: (batch, head) pairs whose query tiles are walked together.
-    hgroup: i32,
+    pad0: i32,
     qdoc: u64,
     kdoc: u64,
     blk: u64,
@@ -389,6 +438,8 @@ struct LaWsParams {
     tk: TmaMap,
     tv: TmaMap,
     p: LaFwdParams,
+    /// The blocks' work lists ([`ws_work_list`]).
+    work: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `LaWsParams` (64-byte aligned maps).
@@ -836,6 +887,8 @@ pub struct FwdPlan {
     base: LaFwdParams,
     /// Owns the device buffers the kernel parameters point into.
     _mask: DevMask,
+    /// The warp-specialized kernel's work lists ([`ws_work_list`]).
+    work: Option<CudaSlice<u32>>,
     pub tile: TileCfg,
     /// Seconds spent building the kernel's schedule on the host (and uploading it).
     pub schedule_seconds: f64,
@@ -1070,18 +1123,37 @@ impl FwdPlan {
                 dims.batch
             )));
         }
-        base.hgroup = ws_head_group(dev, &dims, qfirst) as i32;
+        let mut work = None;
         let grid = match tile.kernel {
-            // Persistent blocks walk the (query tile, batch, head) items themselves.
+            // Persistent blocks walk the (query tile, batch, head) items of their work lists.
             FwdKernel::WarpSpecialized => {
-                let items = q_tiles * dims.batch * dims.hq;
+                let pairs = dims.batch * dims.hq;
+                let items = q_tiles * pairs;
+                if items + dev.sms * tile.min_blocks + 1 > u32::MAX as usize {
+                    return Err(unsupported(format!(
+                        "{items} work items (query tiles x batch x heads): at most {} fit the kernel's 32-bit work list",
+                        u32::MAX as usize - dev.sms * tile.min_blocks - 1
+                    )));
+                }
                 // `LONGATTN_CUDA_PERSIST=0`: one block per item (tuning runs).
                 let blocks = if std::env::var("LONGATTN_CUDA_PERSIST").is_ok_and(|v| v == "0") {
                     items
                 } else {
                     items.min(dev.sms * tile.min_blocks)
-                };
-                (blocks.max(1) as u32, 1, 1)
+                }
+                .max(1);
+                let t1 = Instant::now();
+                let s = &dm.sched;
+                let list = ws_work_list(
+                    pairs,
+                    q_tiles,
+                    ws_head_group(dev, &dims, qfirst),
+                    blocks,
+                    |bh, qt| s.row(bh / dims.hq, bh % dims.hq, qt).len(),
+                );
+                work = Some(dev.upload(&list)?);
+                schedule_seconds += t1.elapsed().as_secs_f64();
+                (blocks as u32, 1, 1)
             }
             _ if qfirst => (q_tiles as u32, dims.hq as u32, dims.batch as u32),
             _ => (dims.hq as u32, dims.batch as u32, q_tiles as u32),
@@ -1100,6 +1172,7 @@ impl FwdPlan {
             base,
             tile_counts: dm.sched.counts(),
             _mask: dm,
+            work,
             tile,
             schedule_seconds,
             patch: patch.map(|(_, _, g)| g),
@@ -1178,7 +1251,21 @@ impl FwdPlan {
                     TmaMap::rows(v, self.tile.bc)?,
                 ),
             };
-            ws = LaWsParams { tq, tk, tv, p };
+            let work = match &self.work {
+                Some(w) => w.device_ptr(s).0,
+                None => {
+                    return Err(unsupported(
+                        "warp-specialized plan without work lists".into(),
+                    ))
+                }
+            };
+            ws = LaWsParams {
+                tq,
+                tk,
+                tv,
+                p,
+                work,
+            };
             b.arg(&ws);
         } else {
             b.arg(&p);
@@ -1461,7 +1548,7 @@ mod tests {
     fn parameter_structs_match_the_kernels() {
         let rust = offsets!(LaFwdParams; q, k, v, o, lse, q_s, k_s, v_s, o_s, b, sq, sk, hq, hk,
             scale_log2, cap_pre, cap_post, sched_off, sched_ent, sched_batch, sched_heads,
-            q_tiles, hgroup, qdoc, kdoc, blk, blk_dims, dlo, dhi, mbits, mbix, mgrp, mc);
+            q_tiles, pad0, qdoc, kdoc, blk, blk_dims, dlo, dhi, mbits, mbix, mgrp, mc);
         check_layout(
             PARAMS,
             "LaFwdParams",
@@ -1478,6 +1565,74 @@ mod tests {
         );
         assert!(FWD_WS.contains(&ws), "attn_fwd_ws.cu must assert {ws}");
         assert_eq!(std::mem::offset_of!(LaWsParams, p), 3 * 128);
+        // `work` right after the common parameters, as the kernel declares it.
+        assert_eq!(
+            std::mem::offset_of!(LaWsParams, work),
+            3 * 128 + std::mem::size_of::<LaFwdParams>()
+        );
+    }
+
+    /// Every item once; block loads within one item of each other; groups started in order.
+    #[test]
+    fn work_lists_cover_every_item_balanced_and_in_group_order() {
+        let causal = |_: usize, qt: usize| qt + 1;
+        let uneven = |bh: usize, qt: usize| (bh * 7 + qt * 13) % 11;
+        let cases: [(usize, usize, usize, usize); 7] = [
+            (16, 128, 3, 132),
+            (16, 512, 1, 264),
+            (1, 1, 1, 1),
+            (7, 5, 16, 132),
+            (3, 113, 2, 65),
+            (64, 32, 12, 264),
+            (5, 9, 5, 1),
+        ];
+        for &(pairs, q_tiles, group, blocks) in &cases {
+            for (name, cost) in [
+                ("causal", &causal as &dyn Fn(usize, usize) -> usize),
+                ("uneven", &uneven),
+            ] {
+                let w = ws_work_list(pairs, q_tiles, group, blocks, cost);
+                let what =
+                    format!("{name} pairs {pairs} q_tiles {q_tiles} group {group} blocks {blocks}");
+                let (off, items) = w.split_at(blocks + 1);
+                assert_eq!(off[0], 0, "{what}");
+                assert_eq!(off[blocks] as usize, pairs * q_tiles, "{what}");
+                let mut seen = vec![false; pairs * q_tiles];
+                let mut loads = Vec::new();
+                for x in 0..blocks {
+                    assert!(off[x] <= off[x + 1], "{what}");
+                    let mine = &items[off[x] as usize..off[x + 1] as usize];
+                    let mut load = 0;
+                    let mut last_group = 0;
+                    for &t in mine {
+                        let (bh, qt) = (t as usize / q_tiles, t as usize % q_tiles);
+                        assert!(
+                            !std::mem::replace(&mut seen[t as usize], true),
+                            "{what}: item {t} twice"
+                        );
+                        load += cost(bh, qt) + 1;
+                        // A block never goes back to an earlier group.
+                        assert!(
+                            bh / group >= last_group,
+                            "{what}: block {x} goes back a group"
+                        );
+                        last_group = bh / group;
+                    }
+                    loads.push(load);
+                }
+                assert!(seen.iter().all(|&s| s), "{what}: an item is missing");
+                let most = (0..pairs)
+                    .flat_map(|bh| (0..q_tiles).map(move |qt| (bh, qt)))
+                    .map(|(bh, qt)| cost(bh, qt) + 1)
+                    .max()
+                    .unwrap();
+                let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+                assert!(
+                    hi - lo <= most,
+                    "{what}: loads {lo}..{hi}, largest item {most}"
+                );
+            }
+        }
     }
 
     /// Re-tiling keeps the element semantics: absent kernel tiles hold no allowed element, Full

@@ -21,9 +21,10 @@
 // with CU_TENSOR_MAP_SWIZZLE_128B and a box of 64 columns: a [R][D] tile is D / 64 boxes of
 // [R][64], each 1024-byte aligned. Rows past Sq / Sk arrive as zeros (TMA out-of-bounds fill).
 //
-// Blocks are persistent (one or two per SM, LA_MINB): each walks work items (query tile, batch,
-// head) with a stride of the grid, so the producer loads the next item's Q, K and V while the
-// consumers still finish (softmax tail, output stores) the current one.
+// Blocks are persistent (one or two per SM, LA_MINB): each walks its list of work items (query
+// tile, batch, head), built on the host for L2 reuse and balance (ws_work_list in forward.rs), so
+// the producer loads the next item's Q, K and V while the consumers still finish (softmax tail,
+// output stores) the current one.
 //
 // Patch order (LA_PATCH = 1, 2-D neighborhoods; mask/patch.rs, tile_tokens.cuh): the producer
 // loads a query or key tile as one 5-D box of the grid (PH rows of PW tokens, the tile's rows in
@@ -60,6 +61,9 @@
 struct LaWsParams {
     LaTmap tq, tk, tv;
     LaFwdParams p;
+    // The blocks' work lists (cuda/forward.rs, ws_work_list): work[x] .. work[x + 1] are block
+    // x's entries in work[grid + 1 ..], each an item (b Hq + h) q_tiles + qt, in the order run.
+    const u32* work;
 };
 static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs");
 
@@ -101,20 +105,12 @@ __device__ __forceinline__ void la_ws_tma_tile(u16* dst, const LaTmap* map, u64*
 #endif
 }
 
-// Work item t: (query tile, batch, head). The B Hq (batch, head) pairs are cut into groups of
-// G = p.hgroup consecutive pairs; the groups run one after the other, and inside a group the query
-// tiles are outermost, heaviest first (causal: the last tiles have the most keys), the group's
-// pairs innermost. The blocks running at once then read the keys and values of about G heads,
-// which stay in L2 (G = B Hq: every head at once; G = 1: one head's query tiles together).
-//   group    = t / (G q_tiles),  r = t mod (G q_tiles),  size = min(G, B Hq - G group)
-//   pair     = G group + r mod size,  query tile = q_tiles - 1 - r / size
-__device__ __forceinline__ void la_ws_item(const LaFwdParams& p, int t, int nbh, int& qt, int& h, int& b) {
-    const int G = p.hgroup;
-    const int per = G * p.q_tiles;
-    const int grp = t / per, r = t - grp * per;
-    const int size = min(G, nbh - grp * G);
-    const int bh = grp * G + r % size;
-    qt = p.q_tiles - 1 - r / size;
+// Work item t = (b Hq + h) q_tiles + qt. Which block runs it, and when, is the host's list
+// (ws_work_list): heads in groups whose keys and values fit L2, each group's query tiles
+// heaviest first, every item to the block with the least work so far.
+__device__ __forceinline__ void la_ws_item(const LaFwdParams& p, u32 t, int& qt, int& h, int& b) {
+    qt = (int)(t % (u32)p.q_tiles);
+    const int bh = (int)(t / (u32)p.q_tiles);
     h = bh % p.Hq;
     b = bh / p.Hq;
 }
@@ -245,12 +241,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     }
     __syncthreads();
 
-    // Persistent blocks: work item t = (query tile, batch, head), heaviest (causal) query tiles
-    // first; block x takes items x, x + grid, ... Producer and consumers walk the same items, so
-    // their ring positions agree: `nq` counts items with work (Q stage nq & 1), `nkv` key tiles
-    // (K/V stage nkv & 1); the (x >> 1)-th use of a stage waits for parity (x >> 1) & 1.
-    const int nbh = p.B * p.Hq;
-    const int items = p.q_tiles * nbh;
+    // Persistent blocks: block x runs the items of its work list in order. Producer and consumers
+    // walk the same items, so their ring positions agree: `nq` counts items with work (Q stage
+    // nq & 1), `nkv` key tiles (K/V stage nkv & 1); the (x >> 1)-th use of a stage waits for
+    // parity (x >> 1) & 1.
+    const u32 i0 = w.work[blockIdx.x], i1 = w.work[blockIdx.x + 1];
+    const u32* list = w.work + gridDim.x + 1;
 
     if (wg == 0) {
         // Producer: one thread issues every TMA copy. A wait for an "empty" barrier with parity
@@ -258,9 +254,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         la_regs_dec<LA_REG_LOAD>();
         if (threadIdx.x != 0) return;
         int nq = 0, nkv = 0;
-        for (int t = blockIdx.x; t < items; t += gridDim.x) {
+        for (u32 i = i0; i < i1; i++) {
             int qt, h, b;
-            la_ws_item(p, t, nbh, qt, h, b);
+            la_ws_item(p, list[i], qt, h, b);
             const int kh = h / (p.Hq / p.Hk);
             const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
             const u32 e0 = p.sched_off[srow];
@@ -304,9 +300,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     if (LA_NWG > 1 && c == LA_NWG - 1) la_bar_arrive(1, 256);
     int nq = 0, nkv = 0;
 
-    for (int t = blockIdx.x; t < items; t += gridDim.x) {
+    for (u32 i = i0; i < i1; i++) {
         int qt, h, b;
-        la_ws_item(p, t, nbh, qt, h, b);
+        la_ws_item(p, list[i], qt, h, b);
         const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
         const u32 e0 = p.sched_off[srow];
         const int nt = (int)(p.sched_off[srow + 1] - e0);

@@ -10,8 +10,7 @@ struct LaFwdParams {
     float cap_pre;          // scale / c (soft-cap)
     float cap_post;         // c (soft-cap)
     const u32* sched_off; const u32* sched_ent;
-    int sched_batch, sched_heads, q_tiles;
-    int hgroup;             // warp-specialized kernel: (batch, head) pairs walked together (la_ws_item)
+    int sched_batch, sched_heads, q_tiles, pad0;
     const int* qdoc; const int* kdoc;   // document ids [B * Sq], [B * Sk] (document masks)
     const unsigned char* blk;           // explicit block mask (block-mask programs)
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
