@@ -18,8 +18,8 @@ in FLA; the Rust library (``longattn run --linear SPEC``) has them built in.
   place.
 
 The log decays are checked (``g <= 0``, finite). On CUDA the chunked calls queue one reduction
-and an 8-byte copy of (min, max) into pinned memory, launch the kernels behind it, and only then
-wait for the copy: the device never idles for the check, and a bad ``g`` raises before any result
+and an 8-byte copy of (min, max) into pinned memory on a side stream, launch the kernels on the
+caller's stream beside it, and only then wait for the copy: the device never idles for the check, and a bad ``g`` raises before any result
 is returned (the results are fresh tensors, nothing the caller holds is written). The in-place
 decode step waits before its kernel instead, since it updates the caller's state. The check is
 skipped under CUDA graph capture and ``torch.compile``; :func:`check_decays` turns it off for
@@ -92,6 +92,17 @@ def _decays_ok(lo, hi):
     return hi <= 0 and lo > float("-inf")
 
 
+_SIDE_STREAMS = {}
+
+
+def _side_stream(device):
+    """One stream per device for the decay checks."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[idx]
+
+
 class _DecayCheck:
     """The (min, max) of a CUDA ``g`` on its way to pinned host memory: one reduction and an
     8-byte copy queued on the current stream, waited for by :meth:`wait` once the kernels that
@@ -100,9 +111,16 @@ class _DecayCheck:
     def __init__(self, g, op):
         self.g, self.op = g, op
         self.host = torch.empty(2, dtype=torch.float32, pin_memory=True)
-        self.host.copy_(torch.stack(torch.aminmax(g)), non_blocking=True)
-        self.done = torch.cuda.Event()
-        self.done.record(torch.cuda.current_stream(g.device))
+        # On a side stream that starts where the caller's stream is (g is ready there): the
+        # reduction and the copy run beside the kernels queued next instead of before them. `g`
+        # is held until wait(), so its memory is not reused while the side stream reads it.
+        main = torch.cuda.current_stream(g.device)
+        side = _side_stream(g.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.host.copy_(torch.stack(torch.aminmax(g)), non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(side)
 
     def wait(self):
         self.done.synchronize()
