@@ -279,6 +279,7 @@ fn run(a: RunArgs) -> Result<()> {
         scale: a.scale,
         softcap: a.softcap,
         isa: None,
+        skip_below: None,
     };
     let bwd = longattn::BackwardParams {
         deterministic: true,

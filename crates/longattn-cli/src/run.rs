@@ -108,6 +108,7 @@ pub fn main(a: Args) -> Result<()> {
         scale: a.scale,
         softcap: a.softcap,
         isa: None,
+        skip_below: None,
     };
     let (q, k, v) = (
         inputs.q.view("q")?,
@@ -299,6 +300,9 @@ fn run_sparse(
         bail!("--sparse runs on the CPU only (--backend cpu)");
     }
     let spec = longattn::SparseSpec::parse(text)?;
+    if spec.skip.is_some() && dout.is_some() {
+        bail!("--sparse {text}: skip-softmax approximates the forward only; drop `skip` for --backward");
+    }
     let pool = pool(a.threads)?;
     let t0 = Instant::now();
     let (out, sel) = pool.install(|| {

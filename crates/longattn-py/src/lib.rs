@@ -173,6 +173,7 @@ fn params(scale: Option<f32>, softcap: Option<f32>) -> AttnParams {
         scale,
         softcap,
         isa: None,
+        skip_below: None,
     }
 }
 

@@ -13,9 +13,28 @@ pub struct AttnParams {
     pub softcap: Option<f32>,
     /// Force one CPU instruction-set path (tests); `None` picks the best the CPU has.
     pub isa: Option<Isa>,
+    /// Skip-softmax threshold `lambda` in (0, 1) (an approximation, forward only, CPU): a group
+    /// of key tiles in which every allowed logit of every row of the query block lies below
+    /// the row's running maximum by more than `-ln lambda` (`exp(s - m) < lambda` for all of
+    /// them) is dropped without its exponentials, its V reads and its P V. The row's true sum
+    /// then misses at most `lambda` per skipped key relative to its largest term. `None`: exact.
+    pub skip_below: Option<f32>,
 }
 
 impl AttnParams {
+    /// Errors when skip-softmax is asked of a path that does not implement it (`what`).
+    pub(crate) fn refuse_skip(&self, op: &'static str, what: &str) -> Result<()> {
+        match self.skip_below {
+            Some(l) => Err(Error::Param {
+                op,
+                msg: format!(
+                    "skip-softmax (skip_below = {l}) is not available {what}: it runs in the CPU forward only"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub fn scale_for(&self, d: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d as f32).sqrt())
     }
@@ -33,6 +52,14 @@ impl AttnParams {
                 return Err(Error::Param {
                     op: "attention",
                     msg: format!("softcap must be finite and > 0, got {c}"),
+                });
+            }
+        }
+        if let Some(l) = self.skip_below {
+            if !(l > 0.0 && l < 1.0) {
+                return Err(Error::Param {
+                    op: "attention",
+                    msg: format!("skip_below (skip-softmax lambda) must be in (0, 1), got {l}"),
                 });
             }
         }

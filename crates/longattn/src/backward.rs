@@ -59,6 +59,9 @@ pub fn backward(
 ) -> Result<Grads> {
     let dims = validate_inputs(OP, q, k, v, out, lse, dout)?;
     params.check()?;
+    // The forward's skipped groups are not recorded: a backward through them would not be the
+    // gradient of that forward.
+    params.refuse_skip(OP, "in the backward (an approximation of the forward only)")?;
     let inp = BwdInputs {
         q,
         k,

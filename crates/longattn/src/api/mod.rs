@@ -920,6 +920,7 @@ fn contiguous_decode_cpu(
         scale: params.scale,
         softcap: params.softcap,
         isa: None,
+        skip_below: None,
     };
     for (bi, &len) in lens.iter().enumerate() {
         if len < 0 || len as usize > cap {

@@ -141,6 +141,7 @@ pub fn forward(
         v,
         dims: *dims,
         logits,
+        skip_log2: params.skip_below.map(f32::log2),
         schedule,
         rows,
     };
@@ -242,6 +243,8 @@ struct Job<'a> {
     v: &'a TensorView<'a>,
     dims: Dims,
     logits: Logits,
+    /// Skip-softmax: log2 of `lambda` ([`AttnParams::skip_below`]).
+    skip_log2: Option<f32>,
     schedule: &'a BlockSchedule,
     rows: Option<&'a dyn RowMask>,
 }
@@ -507,6 +510,11 @@ impl Job<'_> {
             micro.qk(&scr.q, rows, dp, ktc, &mut scr.s[g * NC..], LDS);
             vts[g] = &vp[ch.c * NC * dvp..(ch.c + 1) * NC * dvp];
         }
+        if let Some(t) = self.skip_log2 {
+            if self.negligible(rows, group.len(), t, scr) {
+                return;
+            }
+        }
         micro.softmax(
             &scr.s,
             rows,
@@ -526,6 +534,53 @@ impl Job<'_> {
             &scr.alpha,
             &mut scr.o,
         );
+    }
+
+    /// Skip-softmax: whether every allowed logit x of the group (base 2) lies below its row's
+    /// running maximum by more than -t = -log2 lambda, i.e. 2^(x - m) < lambda for every row and
+    /// key. A row that has seen no key yet (m = -inf) or a NaN logit keeps the group. The logit
+    /// is monotone in the raw dot product s (increasing for scale > 0, decreasing for scale < 0,
+    /// with or without soft-cap), so a row's largest logit is that of its largest or smallest s.
+    fn negligible<P: bytemuck::Pod>(
+        &self,
+        rows: usize,
+        w: usize,
+        t: f32,
+        scr: &Scratch<P>,
+    ) -> bool {
+        for r in 0..rows {
+            let m = scr.m[r];
+            if m == f32::NEG_INFINITY {
+                return false;
+            }
+            let (mut hi, mut lo, mut any) = (f32::NEG_INFINITY, f32::INFINITY, false);
+            for g in 0..w {
+                let bits = scr.mask[r * MAXW + g];
+                if bits == 0 {
+                    continue;
+                }
+                any = true;
+                let row = &scr.s[r * LDS + g * NC..r * LDS + g * NC + NC];
+                for (c, &x) in row.iter().enumerate() {
+                    if bits >> c & 1 == 1 {
+                        if x.is_nan() {
+                            return false;
+                        }
+                        hi = hi.max(x);
+                        lo = lo.min(x);
+                    }
+                }
+            }
+            if !any {
+                continue;
+            }
+            let top = self.logits.base2(hi).max(self.logits.base2(lo));
+            let gap = top - m;
+            if gap.is_nan() || gap >= t {
+                return false;
+            }
+        }
+        true
     }
 
     /// One (batch row, query head, schedule query tile): the online-softmax loop over its key tiles.

@@ -244,6 +244,7 @@ impl BwdPlan {
             ));
         }
         params.check()?;
+        params.refuse_skip("cuda attention backward", "in the backward")?;
         let dm = DevMask::new(dev, mask, br, bc, dims)?;
         let cols = dm.columns(dev)?;
         // The mask program is a template on the parameter struct, instantiated in the kernels; its

@@ -928,6 +928,7 @@ impl FwdPlan {
         mask: MaskSpec,
         tma: bool,
     ) -> Result<FwdPlan> {
+        params.refuse_skip("cuda attention", "in the CUDA forward")?;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
                 "dtype {dtype}: the CUDA kernels take bf16 or f16 (use the CPU backend for f32)"

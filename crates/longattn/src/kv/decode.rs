@@ -147,6 +147,7 @@ impl DecodeParams {
             scale: self.scale,
             softcap: self.softcap,
             isa: None,
+            skip_below: None,
         }
     }
     pub(crate) fn check(&self) -> Result<()> {

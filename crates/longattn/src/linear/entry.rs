@@ -329,6 +329,7 @@ fn window_params() -> AttnParams {
         scale: None,
         softcap: None,
         isa: None,
+        skip_below: None,
     }
 }
 

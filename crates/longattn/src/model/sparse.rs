@@ -212,7 +212,7 @@ impl Attention for SparseAttention {
         let t0 = Instant::now();
         let sel = sparse::select(q, &kv, &params, &self.spec, MaskSpec::Expr(&bound))?;
         let t1 = Instant::now();
-        let out = crate::forward(q, &kv, &vv, &params, sel.mask())?;
+        let out = crate::forward(q, &kv, &vv, &sel.params(&params, &self.spec)?, sel.mask())?;
         let t2 = Instant::now();
         // Mass recall per row: exp(LSE_sel - LSE_mask), rows with an allowed key only.
         let recall = if self.opts.recall {

@@ -122,6 +122,7 @@ fn pooled_head(
                 }
                 Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
                 Method::Moba { topk } => top_k(&scores, topk, &mut keep),
+                Method::Whole => keep.fill(true),
                 Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
             }
             cand.iter()

@@ -31,6 +31,13 @@
 //! tiles every method must keep (sink, diagonal) are already a large share of a row.
 //! `dense_below=0` always selects.
 //!
+//! Every method also takes `skip` (F > 0; default 0: off): skip-softmax (BLASST) in the forward
+//! through the selection ([`Selection::params`]): with lambda = F / Sk, a group of key tiles
+//! whose every probability relative to its row's running maximum is below lambda, for every row
+//! of the query block, is dropped without exponentials, V reads or P V
+//! ([`crate::AttnParams::skip_below`]; CPU forward only, not under the dense fallback, F < Sk).
+//! The method `skip(factor=F, block)` keeps every tile of the mask and only skips.
+//!
 //! | method | arguments (default) | keeps, per (batch, query head, query block) |
 //! |---|---|---|
 //! | `topmass` | `gamma` in (0, 1] (0.95), `block` (64) | the most probable key blocks until their mass reaches gamma, under p = softmax over key blocks of the pooled score; gamma = 1 keeps every block |
@@ -38,6 +45,7 @@
 //! | `moba` | `block` (512), `topk` >= 1 (3) | the topk key blocks by mean(q_block) . mean(k_block), the current (diagonal) blocks forced in first |
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64) | the tiles crossed by a kept column or diagonal (below) |
 //! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64) | per head, query-aware blocks or cumulative vertical-slash, chosen by a distance test (below) |
+//! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
 //! mean(k_j, j in kb)) = softcap(mean over the block's pairs of scale q_i . k_j) (linearity).
@@ -119,6 +127,17 @@ impl<'a> Selection<'a> {
             schedule: &self.schedule,
             rows: self.rows,
         }
+    }
+
+    /// The forward's parameters through this selection: `params` with the spec's skip-softmax
+    /// threshold (lambda = F / Sk), none under the dense fallback (short rows: skipping cannot
+    /// pay there either).
+    pub fn params(&self, params: &AttnParams, spec: &SparseSpec) -> Result<AttnParams> {
+        let mut p = params.clone();
+        if !self.fallback {
+            p.skip_below = spec.skip_below(self.schedule.sk)?;
+        }
+        Ok(p)
     }
 
     /// The selection as a u8 table `[B, Hq, query tiles, key tiles]`: 0 = tile skipped,
@@ -347,7 +366,7 @@ pub fn select<'a>(
         el: Elements { s: &cand, rows },
     };
     let fallback = dims.sk < spec.dense_below;
-    let schedule = if fallback {
+    let schedule = if fallback || spec.method == Method::Whole {
         cand.as_ref().clone()
     } else {
         build(&ctx, estimate::select_all(&ctx, &spec.method))?
@@ -403,7 +422,7 @@ pub fn forward<'a>(
     mask: MaskSpec<'a>,
 ) -> Result<(AttnOutput, Selection<'a>)> {
     let sel = select(q, k, params, spec, mask)?;
-    let out = crate::forward(q, k, v, params, sel.mask())?;
+    let out = crate::forward(q, k, v, &sel.params(params, spec)?, sel.mask())?;
     Ok((out, sel))
 }
 

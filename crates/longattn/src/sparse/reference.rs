@@ -200,6 +200,7 @@ fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool
                 keep[x] = true;
             }
         }
+        Method::Whole => keep.fill(true),
         Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
     }
     keep

@@ -41,6 +41,8 @@ pub enum Method {
         min_budget: usize,
         last: usize,
     },
+    /// No estimate: every tile of the mask (the `skip(factor=F)` spec: skip-softmax alone).
+    Whole,
 }
 
 /// A parsed sparse spec: the method, the block (tile) size it selects at (used for both the
@@ -52,6 +54,10 @@ pub struct SparseSpec {
     /// Dense fallback: with fewer keys than this, [`crate::sparse::select`] keeps every tile of
     /// the mask and runs no estimator (argument `dense_below`, default [`DENSE_BELOW`]).
     pub dense_below: usize,
+    /// Skip-softmax factor F (argument `skip=F` of any method, or the `skip(factor=F)` method):
+    /// the forward through the selection drops key groups whose probabilities relative to the
+    /// running maximum all fall below lambda = F / Sk ([`crate::AttnParams::skip_below`]).
+    pub skip: Option<f64>,
 }
 
 /// Default of `dense_below`: below 1024 keys a 64-wide selection has at most 16 key tiles per
@@ -80,14 +86,16 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("block", 64.0),
             ("last", 64.0),
         ],
+        "skip" => &[("factor", 600.0), ("block", 64.0)],
         _ => return None,
     })
 }
 
 /// Arguments every method accepts, after its own (name, default).
-const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64)];
+/// `skip` = 0: no skip-softmax.
+const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64), ("skip", 0.0)];
 
-const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill";
+const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, skip";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -189,6 +197,7 @@ impl SparseSpec {
                 min_budget: int("min_budget", 0)?,
                 last: int("last", 1)?,
             },
+            "skip" => Method::Whole,
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
                 s: int("s", 0)?,
@@ -197,19 +206,53 @@ impl SparseSpec {
                 local: int("local", 0)?,
             },
         };
+        let skip_at = accepted.iter().position(|a| a.0 == "skip").unwrap();
+        let skip = match name {
+            "skip" if seen[skip_at] => {
+                return Err(err(
+                    "`skip`: give the factor as `factor=F` (`skip=F` is for the other methods)"
+                        .into(),
+                ))
+            }
+            "skip" => Some(arg("factor")),
+            _ => Some(arg("skip")).filter(|&f| f != 0.0),
+        };
         let spec = SparseSpec {
             method,
             block: int("block", 1)?,
             dense_below: int("dense_below", 0)?,
+            skip,
         };
         spec.check()?;
         Ok(spec)
+    }
+
+    /// The skip-softmax threshold lambda = F / `sk` of a forward over `sk` keys (None without
+    /// skip-softmax); errors when it would not be below 1 (F >= Sk).
+    pub fn skip_below(&self, sk: usize) -> Result<Option<f32>> {
+        let Some(f) = self.skip else {
+            return Ok(None);
+        };
+        let lambda = f / sk.max(1) as f64;
+        if lambda >= 1.0 {
+            return Err(err(format!(
+                "skip-softmax factor {f} over {sk} keys gives lambda = {lambda:.3} >= 1: the factor must be below the key count"
+            )));
+        }
+        Ok(Some(lambda as f32))
     }
 
     /// Checks the fields (for specs built by hand rather than parsed).
     pub fn check(&self) -> Result<()> {
         if self.block == 0 {
             return Err(err("`block` must be >= 1".into()));
+        }
+        if let Some(f) = self.skip {
+            if !(f > 0.0 && f.is_finite()) {
+                return Err(err(format!(
+                    "the skip-softmax factor must be finite and > 0, got {f}"
+                )));
+            }
         }
         match self.method {
             Method::TopMass { gamma } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(format!(
@@ -232,6 +275,9 @@ impl SparseSpec {
             Method::FlexPrefill { last: 0, .. } => {
                 Err(err("`flexprefill`: `last` must be >= 1".into()))
             }
+            Method::Whole if self.skip.is_none() => Err(err(
+                "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
+            )),
             _ => Ok(()),
         }
     }
@@ -264,7 +310,15 @@ impl fmt::Display for SparseSpec {
                 "flexprefill",
                 format!("gamma={gamma},tau={tau},min_budget={min_budget},block={b},last={last}"),
             ),
+            Method::Whole => (
+                "skip",
+                format!("factor={},block={b}", self.skip.unwrap_or(0.0)),
+            ),
         };
-        write!(f, "{name}({args},dense_below={})", self.dense_below)
+        write!(f, "{name}({args},dense_below={}", self.dense_below)?;
+        match (self.method, self.skip) {
+            (Method::Whole, _) | (_, None) => write!(f, ")"),
+            (_, Some(s)) => write!(f, ",skip={s})"),
+        }
     }
 }

@@ -57,7 +57,8 @@ fn parse_accepts_the_grammar() {
         SparseSpec {
             method: Method::TopMass { gamma: 0.9 },
             block: 128,
-            dense_below: 0
+            dense_below: 0,
+            skip: None,
         }
     );
     assert_eq!(
@@ -65,7 +66,8 @@ fn parse_accepts_the_grammar() {
         SparseSpec {
             method: Method::Moba { topk: 3 },
             block: 512,
-            dense_below: 0
+            dense_below: 0,
+            skip: None,
         }
     );
     assert_eq!(
@@ -107,6 +109,9 @@ fn parse_accepts_the_grammar() {
         "flexprefill(gamma=0.5,tau=0.25,min_budget=7,block=8,last=3)",
         "moba(dense_below=0)",
         "topmass(gamma=0.5,dense_below=4096)",
+        "skip(factor=600)",
+        "skip(factor=12.5,block=32,dense_below=0)",
+        "topmass(gamma=0.9,skip=300)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
@@ -138,10 +143,62 @@ fn parse_rejects_bad_specs_by_name() {
             "`dense_below` must be an integer in [0",
         ),
         ("moba(dense_below=1.5)", "`dense_below` must be an integer"),
+        ("skip(factor=0)", "factor must be finite and > 0"),
+        ("topmass(skip=-3)", "factor must be finite and > 0"),
+        ("skip(skip=3)", "`factor=F`"),
+        ("skip(gamma=0.5)", "unknown argument `gamma`"),
     ] {
         let e = SparseSpec::parse(text).unwrap_err().to_string();
         assert!(e.contains(needle), "`{text}`: error `{e}` lacks `{needle}`");
     }
+}
+
+/// Skip-softmax through a spec: `skip(factor=F)` keeps every tile of the mask, and the forward
+/// through it equals `crate::forward` with lambda = F / Sk; `skip=F` on an estimator applies the
+/// same threshold to its selection; the fallback and F >= Sk are handled.
+#[test]
+fn skip_specs_set_the_forward_threshold() {
+    let (sq, sk) = (70, 1100);
+    let t = inputs((1, sq, sk, 2, 1, 16), 4100);
+    let [q, k, v] = views([&t[0], &t[1], &t[2]]);
+    let p = AttnParams::default();
+    let causal = bind("causal", 1, sq, sk);
+    let s = spec("skip(factor=100)");
+    assert_eq!(s.method, Method::Whole);
+    assert_eq!(s.skip, Some(100.0));
+    let (out, sel) = forward(&q, &k, &v, &p, &s, MaskSpec::Expr(&causal)).unwrap();
+    assert_eq!(sel.schedule.entries(), sel.candidates.entries());
+    let lambda = (100.0 / sk as f64) as f32;
+    let want = crate::forward(
+        &q,
+        &k,
+        &v,
+        &AttnParams {
+            skip_below: Some(lambda),
+            ..Default::default()
+        },
+        MaskSpec::Expr(&causal),
+    )
+    .unwrap();
+    assert_eq!(out.lse, want.lse);
+    assert_eq!(out.out.data.to_f32_vec(), want.out.data.to_f32_vec());
+    assert_eq!(sel.params(&p, &s).unwrap().skip_below, Some(lambda));
+    // On an estimator: the same threshold; without `skip`, none.
+    let with = spec("topmass(gamma=0.9,skip=100)");
+    let (_, sel) = forward(&q, &k, &v, &p, &with, MaskSpec::Expr(&causal)).unwrap();
+    assert_eq!(sel.params(&p, &with).unwrap().skip_below, Some(lambda));
+    let without = spec("topmass(gamma=0.9)");
+    assert_eq!(sel.params(&p, &without).unwrap().skip_below, None);
+    // The dense fallback skips nothing; F >= Sk is refused by name.
+    let fb = SparseSpec::parse("skip(factor=100,dense_below=2000)").unwrap();
+    let (_, sel) = forward(&q, &k, &v, &p, &fb, MaskSpec::Full).unwrap();
+    assert!(sel.fallback);
+    assert_eq!(sel.params(&p, &fb).unwrap().skip_below, None);
+    let e = forward(&q, &k, &v, &p, &spec("skip(factor=5000)"), MaskSpec::Full)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("lambda") && e.contains("5000"), "{e}");
 }
 
 /// Masks (expression text) exercised: none, causal (Partial diagonal tiles), a window with sinks.
@@ -645,6 +702,7 @@ fn bad_inputs_are_clear_errors() {
         method: Method::Moba { topk: 0 },
         block: 16,
         dense_below: 0,
+        skip: None,
     };
     assert!(select(&qv, &kv, &p, &bad, MaskSpec::Full).is_err());
     let k8 = random_tensor(DType::F32, &[1, 50, 1, 4], 1.0, 1950);
