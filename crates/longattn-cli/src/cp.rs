@@ -5,11 +5,14 @@
 //! q_doc / k_doc and `do` with --backward; the same outputs out, lse, dq, dk, dv in the input
 //! dtype): the sequence is placed over --ranks P ranks by the scheme's plan, each rank (a thread)
 //! computes its rows through `longattn::cp`, and the rows are written back in sequence order.
-//! `--scheme auto` picks by the cost model of `longattn::cp::scheme` and says which and why.
+//! `--scheme auto` picks by the cost model of `longattn::cp::scheme` and says which and why;
+//! `--scheme usp` runs the Ulysses x ring hybrid with the degree U the cost model picks, or the
+//! one `--usp U` gives.
 //!
 //! Attention over one sequence under a mask (`--mask`, default causal): single-rank on one
 //! thread (T1) and on every thread (Tall), then P ranks (`--ranks`) of one scheme (`--scheme`:
-//! the ring over the mask-aware plan, all-gather of K / V, or Ulysses; `longattn::cp`), each
+//! the ring over the mask-aware plan, all-gather of K / V, Ulysses, pass-Q or USP;
+//! `longattn::cp`), each
 //! rank a thread running its blocks on a one-thread pool, exchanging data through the in-process
 //! transport (TP, the slowest rank between two barriers). Prints the plan's scheduled work per
 //! rank (max / mean), T1, Tall, TP, the speedup T1 / TP, the scaling efficiency T1 / (P TP),
@@ -47,7 +50,11 @@ pub enum Scheme {
     Ulysses,
     /// Pass-Q: K / V stay, the queries travel and their partial results come back.
     Passq,
-    /// The least estimated time of ring, all-gather, Ulysses and pass-Q (`longattn::cp::scheme`).
+    /// Ulysses inside groups of U ranks, the ring across the P / U groups; U by the cost model
+    /// unless --usp gives it.
+    Usp,
+    /// The least estimated time of ring, all-gather, Ulysses, pass-Q and USP
+    /// (`longattn::cp::scheme`).
     Auto,
 }
 
@@ -63,22 +70,35 @@ pub enum TransportArg {
 }
 
 impl Scheme {
-    /// The library's scheme and its plan; `auto` asks the cost model (its estimates returned
-    /// for the report).
+    /// The library's scheme and its plan; `auto` asks the cost model, and so does `usp` for
+    /// its degree U unless `usp` (--usp) forces it (the estimates returned for the report).
     fn resolve(
         self,
+        usp: Option<usize>,
         mask: &CpMask,
         p: usize,
         per_rank: usize,
         dims: cp::scheme::Dims,
     ) -> Result<(cp::Scheme, Plan, Vec<cp::Estimate>)> {
-        let s = match self {
-            Scheme::Auto => return Ok(CostModel::default().choose(mask, p, per_rank, dims)?),
-            Scheme::Ring => cp::Scheme::Ring,
-            Scheme::Zigzag => cp::Scheme::Zigzag,
-            Scheme::Allgather => cp::Scheme::AllGather,
-            Scheme::Ulysses => cp::Scheme::Ulysses,
-            Scheme::Passq => cp::Scheme::PassQ,
+        let model = CostModel::default();
+        let s = match (self, usp) {
+            (Scheme::Usp | Scheme::Auto, Some(u)) => {
+                if u == 0 || !p.is_multiple_of(u) {
+                    bail!("--usp {u}: the Ulysses degree U must divide the {p} ranks (P = U x R)");
+                }
+                cp::Scheme::Usp(u)
+            }
+            (_, Some(u)) => bail!(
+                "--usp {u} sets USP's Ulysses degree: it goes with --scheme usp (or auto), not {}",
+                format!("{self:?}").to_lowercase()
+            ),
+            (Scheme::Usp, None) => return Ok(model.choose_usp(mask, p, per_rank, dims)?),
+            (Scheme::Auto, None) => return Ok(model.choose(mask, p, per_rank, dims)?),
+            (Scheme::Ring, None) => cp::Scheme::Ring,
+            (Scheme::Zigzag, None) => cp::Scheme::Zigzag,
+            (Scheme::Allgather, None) => cp::Scheme::AllGather,
+            (Scheme::Ulysses, None) => cp::Scheme::Ulysses,
+            (Scheme::Passq, None) => cp::Scheme::PassQ,
         };
         Ok((s, s.plan(mask, p, per_rank)?, Vec::new()))
     }
@@ -105,6 +125,10 @@ pub struct RunArgs {
     backward: bool,
     #[arg(long, value_enum, default_value_t = Scheme::Auto)]
     scheme: Scheme,
+    /// USP's Ulysses degree U (a divisor of the ranks and the query heads): forces it instead
+    /// of the cost model's choice (with --scheme usp or auto).
+    #[arg(long)]
+    usp: Option<usize>,
     /// Ranks P (>= 1).
     #[arg(long)]
     ranks: usize,
@@ -137,6 +161,9 @@ pub struct BenchArgs {
     ranks: usize,
     #[arg(long, value_enum, default_value_t = Scheme::Ring)]
     scheme: Scheme,
+    /// USP's Ulysses degree U (with --scheme usp; the cost model's otherwise).
+    #[arg(long)]
+    usp: Option<usize>,
     /// Mask expression (docs/MASKS.md).
     #[arg(long, default_value = "causal")]
     mask: String,
@@ -248,7 +275,13 @@ fn run(a: RunArgs) -> Result<()> {
     let mask = CpMask::new(bound, TILE)?;
     let (scheme, plan, estimates) = a
         .scheme
-        .resolve(&mask, a.ranks, a.chunks_per_rank, (b, n, hq, hk, d, dv))
+        .resolve(
+            a.usp,
+            &mask,
+            a.ranks,
+            a.chunks_per_rank,
+            (b, n, hq, hk, d, dv),
+        )
         .with_context(|| {
             let name = format!("{:?}", a.scheme).to_lowercase();
             format!("--scheme {name} over --ranks {}", a.ranks)
@@ -256,7 +289,7 @@ fn run(a: RunArgs) -> Result<()> {
     for e in &estimates {
         eprintln!(
             "cost model: {:<9} compute {:.3} ms, receives {} bytes in {} rounds, estimate {:.3} ms",
-            e.scheme.name(),
+            e.scheme.label(),
             e.compute_s * 1e3,
             e.bytes,
             e.rounds,
@@ -320,7 +353,7 @@ fn run(a: RunArgs) -> Result<()> {
         "{}: B {b} S {n} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: {} over {} ranks (threads), {} chunks, work max / mean {:.3}: {:.3} ms{} -> {}",
         a.input.display(),
         mask.bound.expr(),
-        scheme.name(),
+        scheme.label(),
         plan.world,
         plan.chunks(),
         plan.imbalance(),
@@ -376,9 +409,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     let (t1, tall) = (median(t1), median(tall));
 
     let mask = CpMask::new(bound.clone(), TILE)?;
-    let (scheme, plan, _) = a
-        .scheme
-        .resolve(&mask, p, a.chunks_per_rank, (1, n, h, hk, d, d))?;
+    let (scheme, plan, _) =
+        a.scheme
+            .resolve(a.usp, &mask, p, a.chunks_per_rank, (1, n, h, hk, d, d))?;
     let run = |cp: &Cp, x: &LocalQkv, prm: &AttnParams| scheme.forward(cp, x, prm);
     // P ranks: shards prepared outside the timing; each rank times its run between barriers.
     let mut tp = Vec::new();

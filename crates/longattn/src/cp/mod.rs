@@ -18,7 +18,10 @@
 //!   travel to it and their partial (out, LSE) come back, merged by LSE at the owner;
 //! - Ulysses ([`ulysses`]): all-to-all from sequence shards to head groups, the whole sequence
 //!   per head group, all-to-all back; GQA key / value heads sent to (or replicated for) the
-//!   ranks whose query heads use them.
+//!   ranks whose query heads use them;
+//! - USP ([`usp`]): P = U x R, Ulysses inside groups of U ranks and the ring (with its plan
+//!   and halo exchange) across the R groups, each group's view a [`Sub`] of the transport; the
+//!   degrees chosen by the cost model ([`CostModel::choose_usp`]).
 //!
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
@@ -34,6 +37,7 @@ pub mod ring;
 pub mod scheme;
 pub mod transport;
 pub mod ulysses;
+pub mod usp;
 
 #[cfg(test)]
 mod tests;
@@ -46,5 +50,6 @@ pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
 pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
-pub use transport::{Counted, ThreadTransport, Traffic, Transport};
+pub use transport::{Counted, Sub, ThreadTransport, Traffic, Transport};
 pub use ulysses::{ulysses_backward, ulysses_forward};
+pub use usp::{usp_backward, usp_forward, usp_plan};

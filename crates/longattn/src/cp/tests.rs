@@ -3,7 +3,7 @@
 use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
 use super::plan::{plan, Plan};
 use super::ring::Grads;
-use super::{gather, passq, ring, ulysses, ThreadTransport, Transport};
+use super::{gather, passq, ring, ulysses, usp, ThreadTransport, Transport};
 use crate::attention::{forward, AttnParams, MaskSpec};
 use crate::backward::{backward, BackwardParams};
 use crate::error::Result;
@@ -18,18 +18,34 @@ enum Scheme {
     Gather,
     Ulysses,
     PassQ,
+    /// USP with its Ulysses degree U.
+    Usp(usize),
 }
 
-type Fwd = fn(&Cp, &LocalQkv, &AttnParams) -> Result<(Vec<f32>, Vec<f32>)>;
-type Bwd = fn(&Cp, &LocalQkv, &GradIn, &AttnParams) -> Result<Grads>;
-
 impl Scheme {
-    fn fns(self) -> (Fwd, Bwd) {
+    fn fwd(self, cp: &Cp, x: &LocalQkv, prm: &AttnParams) -> Result<(Vec<f32>, Vec<f32>)> {
         match self {
-            Scheme::Ring => (ring::ring_forward, ring::ring_backward),
-            Scheme::Gather => (gather::gather_forward, gather::gather_backward),
-            Scheme::Ulysses => (ulysses::ulysses_forward, ulysses::ulysses_backward),
-            Scheme::PassQ => (passq::passq_forward, passq::passq_backward),
+            Scheme::Ring => ring::ring_forward(cp, x, prm),
+            Scheme::Gather => gather::gather_forward(cp, x, prm),
+            Scheme::Ulysses => ulysses::ulysses_forward(cp, x, prm),
+            Scheme::PassQ => passq::passq_forward(cp, x, prm),
+            Scheme::Usp(u) => usp::usp_forward(cp, u, x, prm),
+        }
+    }
+    fn bwd(self, cp: &Cp, x: &LocalQkv, g: &GradIn, prm: &AttnParams) -> Result<Grads> {
+        match self {
+            Scheme::Ring => ring::ring_backward(cp, x, g, prm),
+            Scheme::Gather => gather::gather_backward(cp, x, g, prm),
+            Scheme::Ulysses => ulysses::ulysses_backward(cp, x, g, prm),
+            Scheme::PassQ => passq::passq_backward(cp, x, g, prm),
+            Scheme::Usp(u) => usp::usp_backward(cp, u, x, g, prm),
+        }
+    }
+    /// The placement the scheme runs over.
+    fn plan(self, mask: &CpMask, p: usize, per_rank: usize) -> Plan {
+        match self {
+            Scheme::Usp(u) => usp::usp_plan(mask, p, u, per_rank).unwrap(),
+            _ => plan(&mask.sched, p, per_rank).unwrap(),
         }
     }
 }
@@ -158,8 +174,7 @@ fn check(c: &Case, scheme: Scheme, grads: bool) {
     });
     let want_o = whole.out.data.to_f32_vec();
     let mask = CpMask::new(bound, c.tile).unwrap();
-    let pl = plan(&mask.sched, p, c.per_rank).unwrap();
-    let (fwd, bwd) = scheme.fns();
+    let pl = scheme.plan(&mask, p, c.per_rank);
     let group = ThreadTransport::group(p, Duration::from_secs(30)).unwrap();
     let results: Vec<(Vec<f32>, Vec<f32>, Option<Grads>)> = std::thread::scope(|s| {
         let hs: Vec<_> = group
@@ -185,7 +200,7 @@ fn check(c: &Case, scheme: Scheme, grads: bool) {
                         plan: pl,
                         mask,
                     };
-                    let (o, l) = fwd(&cp, &x, prm).unwrap();
+                    let (o, l) = scheme.fwd(&cp, &x, prm).unwrap();
                     let g = grads.then(|| {
                         let gi = GradIn {
                             out: &o,
@@ -193,7 +208,7 @@ fn check(c: &Case, scheme: Scheme, grads: bool) {
                             dout: &ld,
                             bwd: *bp,
                         };
-                        bwd(&cp, &x, &gi, prm).unwrap()
+                        scheme.bwd(&cp, &x, &gi, prm).unwrap()
                     });
                     (o, l, g)
                 })
@@ -325,6 +340,105 @@ fn ulysses_matches_single_rank_for_every_mask() {
     }
 }
 
+/// USP for every mask, P in {1, 2, 3, 4, 6, 8} with each factorisation U x R, odd lengths,
+/// GQA (query groups inside a member, across members, and fewer key / value heads than U).
+#[test]
+fn usp_matches_single_rank_for_every_mask() {
+    for &(p, n, hq, hk, per_rank, tile) in &[
+        (1, 23, 2, 1, 2, 4),
+        (2, 37, 4, 2, 2, 4),
+        (3, 41, 6, 2, 2, 5),
+        (4, 43, 4, 2, 3, 4),
+        (6, 53, 6, 3, 2, 4),
+        (8, 67, 8, 2, 2, 5),
+    ] {
+        for u in (1..=p).filter(|u| p % u == 0) {
+            for expr in MASKS {
+                let c = Case {
+                    p,
+                    n,
+                    b: 2,
+                    hq,
+                    hk,
+                    d: 16,
+                    dv: 8,
+                    expr,
+                    per_rank,
+                    tile,
+                };
+                check(&c, Scheme::Usp(u), true);
+            }
+        }
+    }
+    // MQA, and query groups that straddle the members of a Ulysses group.
+    for &(p, u, hq, hk) in &[(4, 2, 2, 1), (6, 3, 3, 1), (4, 2, 6, 2)] {
+        let c = Case {
+            p,
+            n: 31,
+            b: 1,
+            hq,
+            hk,
+            d: 8,
+            dv: 8,
+            expr: "prefix(3) | causal & window(6,0)",
+            per_rank: 1,
+            tile: 4,
+        };
+        check(&c, Scheme::Usp(u), true);
+    }
+}
+
+/// USP's own refusals: heads that U does not divide (on every rank), a U that does not divide
+/// the ranks, chunks shorter than U, and a plan that is not a USP placement for U.
+#[test]
+fn usp_bad_inputs_are_clear_errors() {
+    let n = 24;
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(MaskShape::square(n), None)
+        .unwrap();
+    let mask = CpMask::new(bound, 4).unwrap();
+    let prm = AttnParams::default();
+    let buf = seeded(9, n * 6 * 4);
+    let pl = usp::usp_plan(&mask, 4, 2, 2).unwrap();
+    let errs = on_ranks(4, |t| {
+        let x = local(&buf, pl.rows_of(t.rank()), 3, 0);
+        usp::usp_forward(&ctx(t, &pl, &mask), 2, &x, &prm)
+            .unwrap_err()
+            .to_string()
+    });
+    for (r, e) in errs.iter().enumerate() {
+        assert!(
+            e.starts_with(&format!("rank {r} of 4"))
+                && e.contains("usp: 3 query heads cannot be split over 2 ranks")
+                && e.contains("usp ulysses group"),
+            "{e}"
+        );
+    }
+    let e = usp::usp_plan(&mask, 4, 3, 2).unwrap_err().to_string();
+    assert!(e.contains("U = 3 must divide the 4 ranks"), "{e}");
+    let e = usp::usp_plan(&mask, 8, 8, 4).unwrap_err().to_string();
+    assert!(
+        e.contains("chunk 0 of the ring plan holds 6 tokens, fewer than the U = 8 ranks"),
+        "{e}"
+    );
+    // The ring's plan for 4 ranks is not USP's for U = 2 (nor is USP's for U = 2 one for U = 4).
+    let ring_plan = plan(&mask.sched, 4, 2).unwrap();
+    for (pl, u) in [(&ring_plan, 2), (&pl, 4)] {
+        let errs = on_ranks(4, |t| {
+            let x = local(&buf, pl.rows_of(t.rank()), 2, 0);
+            usp::usp_forward(&ctx(t, pl, &mask), u, &x, &prm)
+                .unwrap_err()
+                .to_string()
+        });
+        assert!(
+            errs[0].contains(&format!("not a USP placement for U = {u}")),
+            "{}",
+            errs[0]
+        );
+    }
+}
+
 /// Runs `f` on every rank of a P-thread group; the results in rank order.
 fn on_ranks<T: Send>(p: usize, f: impl Fn(&dyn Transport) -> T + Sync) -> Vec<T> {
     let group = ThreadTransport::group(p, Duration::from_secs(5)).unwrap();
@@ -393,7 +507,8 @@ fn bad_inputs_are_clear_errors() {
             let rows = pl.rows_of(t.rank());
             let hq = if t.rank() == 1 { 4 } else { 2 };
             let x = local(&buf, rows, hq, 0);
-            (scheme.fns().0)(&ctx(t, &pl, &mask), &x, &prm)
+            scheme
+                .fwd(&ctx(t, &pl, &mask), &x, &prm)
                 .unwrap_err()
                 .to_string()
         });
@@ -587,7 +702,7 @@ fn with_a_bad_rank(
         .bind(MaskShape::square(n), None)
         .unwrap();
     let mask = CpMask::new(bound, 4).unwrap();
-    let pl = plan(&mask.sched, p, 2).unwrap();
+    let pl = scheme.plan(&mask, p, 2).unwrap();
     let (q, k, v) = (
         seeded(81, b * n * hq * d),
         seeded(82, b * n * hk * d),
@@ -646,7 +761,14 @@ fn with_a_bad_rank(
 #[test]
 fn a_rank_that_leaves_is_named_on_every_other_rank() {
     use super::scheme::Scheme as S;
-    for scheme in [S::Ring, S::AllGather, S::Ulysses, S::PassQ] {
+    for scheme in [
+        S::Ring,
+        S::AllGather,
+        S::Ulysses,
+        S::PassQ,
+        S::Usp(1),
+        S::Usp(3),
+    ] {
         let res = with_a_bad_rank(scheme, Duration::from_secs(20), |t, x, cp| {
             x.agree(t, scheme_name(scheme), cp.plan, cp.mask)
                 .err()
@@ -678,6 +800,7 @@ fn scheme_name(s: super::scheme::Scheme) -> &'static str {
         S::AllGather => "all-gather",
         S::Ulysses => "ulysses",
         S::PassQ => "pass-Q",
+        S::Usp(_) => "usp",
     }
 }
 
@@ -687,7 +810,14 @@ fn scheme_name(s: super::scheme::Scheme) -> &'static str {
 #[test]
 fn a_rank_that_stalls_is_named_within_the_timeout() {
     use super::scheme::Scheme as S;
-    for scheme in [S::Ring, S::AllGather, S::Ulysses, S::PassQ] {
+    for scheme in [
+        S::Ring,
+        S::AllGather,
+        S::Ulysses,
+        S::PassQ,
+        S::Usp(1),
+        S::Usp(3),
+    ] {
         let timeout = Duration::from_millis(400);
         let res = with_a_bad_rank(scheme, timeout, |t, x, cp| {
             std::thread::sleep(Duration::from_millis(1500));
