@@ -1,5 +1,10 @@
-//! `longattn cp run` and `longattn cp bench`: context parallelism on this machine's CPU cores,
-//! ranks as threads.
+//! `longattn cp run`, `longattn cp bench` and `longattn cp decode`: context parallelism on this
+//! machine's CPU cores, ranks as threads.
+//!
+//! `cp decode` is tree decode: the file contract of `longattn run` with Sq <= Sk (the queries
+//! the last positions), the keys and values split over --ranks P ranks (near-equal shards, or
+//! the lengths of `--shards 100,0,37`, empty shards allowed), each rank's partial (out, LSE)
+//! gathered by every rank and merged by LSE; the output equals single-rank `run`'s.
 //!
 //! `cp run` has the file contract of `longattn run` (the same input tensors q, k, v, optional
 //! q_doc / k_doc and `do` with --backward; the same outputs out, lse, dq, dk, dv in the input
@@ -35,6 +40,9 @@ pub enum Cmd {
     Run(RunArgs),
     /// Scaling of a context-parallel scheme with ranks as threads on this CPU.
     Bench(BenchArgs),
+    /// Tree decode: the keys and values of the input sharded over ranks, every rank's partial
+    /// (out, LSE) gathered and merged (`longattn::cp::tree`); writes what `longattn run` writes.
+    Decode(DecodeArgs),
 }
 
 /// A context-parallel scheme.
@@ -152,6 +160,42 @@ pub struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    /// Input file with q [B,Sq,Hq,D] (the new queries, Sq <= Sk: the last positions),
+    /// k [B,Sk,Hk,D], v [B,Sk,Hk,Dv] (f32/bf16/f16) and optional i32 q_doc [B,Sq], k_doc [B,Sk].
+    #[arg(long)]
+    input: PathBuf,
+    /// Mask expression (queries aligned bottom-right), e.g. `causal & window(1024,0)`.
+    #[arg(long, default_value = "full")]
+    mask: String,
+    /// Output file: out [B,Sq,Hq,Dv] (input dtype) and lse [B,Hq,Sq] (f32).
+    #[arg(long)]
+    output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Ranks P (>= 1); the keys are split into P near-equal shards unless --shards says.
+    #[arg(long)]
+    ranks: usize,
+    /// The keys of each rank, comma-separated (P lengths adding up to Sk; 0 for an empty
+    /// shard), e.g. `100,0,37`.
+    #[arg(long)]
+    shards: Option<String>,
+    /// Multiplier of q.k (default 1/sqrt(D)).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Logit soft-cap c: s -> c * tanh(s / c).
+    #[arg(long)]
+    softcap: Option<f32>,
+    /// Seconds a rank waits for a peer before it reports it.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Compute even if q/k/v hold NaN or Inf.
+    #[arg(long)]
+    allow_nonfinite: bool,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Sequence length (e.g. 16k); at least ranks x chunks per rank.
     #[arg(long, default_value = "16k")]
@@ -199,7 +243,122 @@ pub fn main(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::Run(r) => run(r),
         Cmd::Bench(b) => bench(b),
+        Cmd::Decode(d) => decode(d),
     }
+}
+
+/// The shard bounds of `sk` keys over `p` ranks: `--shards` lengths, or near-equal shards.
+fn shard_bounds(shards: Option<&str>, p: usize, sk: usize) -> Result<Vec<usize>> {
+    let lens: Vec<usize> = match shards {
+        None => (0..p).map(|r| (r + 1) * sk / p - r * sk / p).collect(),
+        Some(text) => text
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .with_context(|| format!("--shards `{text}`: `{x}` is not a length"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let total: usize = lens.iter().sum();
+    if lens.len() != p || total != sk {
+        bail!(
+            "--shards gives {} ranks {} keys; expected --ranks {p} shards adding up to the {sk} keys",
+            lens.len(),
+            total
+        );
+    }
+    Ok(std::iter::once(0)
+        .chain(lens.iter().scan(0, |acc, &l| {
+            *acc += l;
+            Some(*acc)
+        }))
+        .collect())
+}
+
+fn decode(a: DecodeArgs) -> Result<()> {
+    if a.ranks == 0 {
+        bail!("--ranks 0: tree decode needs at least one rank");
+    }
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!(
+            "--timeout {}: expected a positive number of seconds",
+            a.timeout
+        );
+    }
+    if a.output.exists() && !a.force {
+        bail!(
+            "{}: output file already exists (pass --force to overwrite it)",
+            a.output.display()
+        );
+    }
+    let inputs = longattn::io::read_inputs(&a.input)?;
+    if !a.allow_nonfinite {
+        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
+    }
+    if inputs.block_mask.is_some() {
+        bail!(
+            "{}: the file holds a `block_mask`; cp decode takes a mask expression (--mask) only",
+            a.input.display()
+        );
+    }
+    let dims = inputs.dims()?;
+    let (b, sq, sk, hq, hk, d, dv) = (
+        dims.batch, dims.sq, dims.sk, dims.hq, dims.hk, dims.d, dims.dv,
+    );
+    if sq > sk {
+        bail!(
+            "{}: q has {sq} tokens and k / v {sk}: decode queries are the last positions of the keys (Sq <= Sk)",
+            a.input.display()
+        );
+    }
+    let bounds = shard_bounds(a.shards.as_deref(), a.ranks, sk)?;
+    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let bound =
+        bind_mask(&a.mask, b, sq, sk, docs).with_context(|| format!("--mask `{}`", a.mask))?;
+    let mask = CpMask::new(bound, TILE)?;
+    let (q, k, v) = (
+        inputs.q.data.to_f32_vec(),
+        inputs.k.data.to_f32_vec(),
+        inputs.v.data.to_f32_vec(),
+    );
+    let params = AttnParams {
+        scale: a.scale,
+        softcap: a.softcap,
+        isa: None,
+    };
+    let t0 = Instant::now();
+    let res = cp::tree_decode_threads(
+        &mask,
+        (&q, &k, &v),
+        (b, sq, sk, hq, hk, d, dv),
+        &bounds,
+        &params,
+        Duration::from_secs_f64(a.timeout),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let recv: Vec<String> = res.traffic.iter().map(|x| x.received.to_string()).collect();
+    eprintln!("bytes received per rank: {}", recv.join(" "));
+    let dtype = inputs.dtype();
+    let out = longattn::Tensor::new(
+        longattn::tensor::Buffer::from_f32(dtype, &res.out),
+        vec![b, sq, hq, dv],
+    )?;
+    longattn::io::write_outputs(&a.output, &out, &res.lse, [b, hq, sq], a.force)?;
+    let lens: Vec<String> = bounds
+        .windows(2)
+        .map(|w| (w[1] - w[0]).to_string())
+        .collect();
+    eprintln!(
+        "{}: B {b} Sq {sq} Sk {sk} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: tree decode over {} ranks (threads), keys per rank {}: {:.3} ms -> {}",
+        a.input.display(),
+        mask.bound.expr(),
+        a.ranks,
+        lens.join(","),
+        secs * 1e3,
+        a.output.display()
+    );
+    Ok(())
 }
 
 fn run(a: RunArgs) -> Result<()> {

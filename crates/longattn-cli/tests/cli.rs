@@ -955,3 +955,60 @@ fn cp_run_bad_inputs_are_clear_errors() {
         "q has 8 tokens and k / v 12",
     );
 }
+
+/// `cp decode` (tree decode) writes what single-rank `run` writes, for near-equal shards and for
+/// uneven shards with an empty one, under masks with Sq < Sk; bad shard lists are clear errors.
+#[test]
+fn cp_decode_matches_single_rank_run() {
+    let x = inputs(DType::F32, 2, 5, 77, 4, 2, 16);
+    let input = tmp("cp-decode-in.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    let decode = |output: &PathBuf, extra: &[&str]| {
+        bin()
+            .args(["cp", "decode", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for mask in ["full", "causal & window(20,0) | sinks(3)"] {
+        let single = tmp("cp-decode-single.safetensors");
+        let o = run_args(&input, &single, &["--mask", mask, "--threads", "1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let want: Vec<Vec<f32>> = ["out", "lse"]
+            .iter()
+            .map(|n| read_f32(&single, n).0)
+            .collect();
+        for extra in [
+            &["--ranks", "1"][..],
+            &["--ranks", "4"],
+            &["--ranks", "3", "--shards", "40,0,37"],
+        ] {
+            let output = tmp("cp-decode-out.safetensors");
+            let mut args = vec!["--mask", mask, "--force"];
+            args.extend(extra);
+            let o = decode(&output, &args);
+            assert!(o.status.success(), "{mask} {extra:?}: {}", stderr(&o));
+            assert!(stderr(&o).contains("tree decode over"), "{}", stderr(&o));
+            for (name, w) in ["out", "lse"].iter().zip(&want) {
+                let e = rel_diff(&read_f32(&output, name).0, w);
+                assert!(e <= 1e-5, "{mask} {extra:?}: {name} differs by {e}");
+            }
+        }
+    }
+    let out = tmp("cp-decode-bad.safetensors");
+    fails_with(
+        decode(&out, &["--ranks", "2", "--shards", "40,30", "--force"]),
+        "--shards gives 2 ranks 70 keys; expected --ranks 2 shards adding up to the 77 keys",
+    );
+    fails_with(
+        decode(&out, &["--ranks", "2", "--shards", "40,x", "--force"]),
+        "`x` is not a length",
+    );
+    fails_with(
+        decode(&out, &["--ranks", "0"]),
+        "--ranks 0: tree decode needs at least one rank",
+    );
+}

@@ -21,7 +21,10 @@
 //!   ranks whose query heads use them;
 //! - USP ([`usp`]): P = U x R, Ulysses inside groups of U ranks and the ring (with its plan
 //!   and halo exchange) across the R groups, each group's view a [`Sub`] of the transport; the
-//!   degrees chosen by the cost model ([`CostModel::choose_usp`]).
+//!   degrees chosen by the cost model ([`CostModel::choose_usp`]);
+//! - tree decode ([`tree`]): the keys and values sharded across ranks (any lengths, empty
+//!   shards too), each rank's partial (out, LSE) from the common forward on its shard, one
+//!   all-gather of the partials and the LSE merge on every rank.
 //!
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
@@ -36,6 +39,7 @@ pub mod plan;
 pub mod ring;
 pub mod scheme;
 pub mod transport;
+pub mod tree;
 pub mod ulysses;
 pub mod usp;
 
@@ -51,5 +55,6 @@ pub use ring::{
 };
 pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
 pub use transport::{Counted, Sub, ThreadTransport, Traffic, Transport};
+pub use tree::{tree_decode, tree_decode_threads, DecodeOut, DecodeShard};
 pub use ulysses::{ulysses_backward, ulysses_forward};
 pub use usp::{usp_backward, usp_forward, usp_plan};

@@ -532,7 +532,7 @@ pub fn run_threads(
 }
 
 /// Whether an error reports another rank's failure rather than naming a problem itself.
-fn secondhand(e: &Error) -> bool {
+pub(crate) fn secondhand(e: &Error) -> bool {
     matches!(e, Error::Comm { msg, .. }
         if msg.contains("refused its inputs") || msg.contains("left the group") || msg.contains("gave up"))
 }

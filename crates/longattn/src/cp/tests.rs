@@ -848,3 +848,159 @@ fn a_rank_that_stalls_is_named_within_the_timeout() {
         }
     }
 }
+
+/// Tree decode against single-rank `forward` on the whole K / V and the f64 oracle: a batch of
+/// queries (Sq < Sk, bottom-right aligned), GQA and MQA, P = 1 .. 5 with shards of uneven length
+/// and empty ones, several masks; every rank ends with the same bits, and a rank receives only
+/// the other ranks' partial (out, LSE).
+#[test]
+fn tree_decode_matches_single_rank_and_the_oracle() {
+    use super::tree::tree_decode_threads;
+    use crate::reference::attention_f64;
+    let (b, d, dv) = (2, 16, 8);
+    // (Sk, Sq, Hq, Hk, shard bounds)
+    let cases: &[(usize, usize, usize, usize, &[usize])] = &[
+        (13, 1, 2, 1, &[0, 13]),
+        (63, 1, 4, 2, &[0, 40, 63]),
+        (65, 3, 3, 1, &[0, 1, 1, 65]),
+        (113, 7, 4, 4, &[0, 50, 51, 90, 113]),
+        (1023, 5, 6, 2, &[0, 300, 301, 301, 900, 1023]),
+        (37, 37, 2, 2, &[0, 0, 20, 37]),
+    ];
+    for &(sk, sq, hq, hk, bounds) in cases {
+        let seed = (sk * 10 + sq) as u64;
+        let (q, k, v) = (
+            seeded(seed, b * sq * hq * d),
+            seeded(seed + 1, b * sk * hk * d),
+            seeded(seed + 2, b * sk * hk * dv),
+        );
+        for expr in [
+            "full",
+            "causal",
+            "causal & window(9,0) | sinks(2)",
+            "chunk(10) & !strided(3)",
+        ] {
+            let bound = MaskExpr::parse(expr)
+                .unwrap()
+                .bind(MaskShape { batch: b, sq, sk }, None)
+                .unwrap();
+            let prm = AttnParams::default();
+            let (qv, kv, vv) = (
+                TensorView::contiguous(&q[..], [b, sq, hq, d]).unwrap(),
+                TensorView::contiguous(&k[..], [b, sk, hk, d]).unwrap(),
+                TensorView::contiguous(&v[..], [b, sk, hk, dv]).unwrap(),
+            );
+            let single = forward(&qv, &kv, &vv, &prm, MaskSpec::Expr(&bound)).unwrap();
+            let oracle =
+                attention_f64(&qv, &kv, &vv, &prm, &|bi, _, i, j| bound.allowed(bi, i, j)).unwrap();
+            let mask = CpMask::new(bound, 16).unwrap();
+            let dims = (b, sq, sk, hq, hk, d, dv);
+            let t = Duration::from_secs(30);
+            let res = tree_decode_threads(&mask, (&q, &k, &v), dims, bounds, &prm, t).unwrap();
+            let what = format!("`{expr}` Sk {sk} Sq {sq} heads {hq}/{hk} shards {bounds:?}");
+            let want_o = single.out.data.to_f32_vec();
+            let e = rel_err(&res.out, &want_o);
+            assert!(e <= 1e-5, "{what}: out differs from single-rank by {e}");
+            let e = rel_err(&res.lse, &single.lse);
+            assert!(e <= 1e-5, "{what}: lse differs from single-rank by {e}");
+            // Against the f64 oracle: no worse than 1.5 x single-rank's own error.
+            let o64: Vec<f32> = oracle.out.iter().map(|&x| x as f32).collect();
+            let l64: Vec<f32> = oracle.lse.iter().map(|&x| x as f32).collect();
+            let (e_cp, e_one) = (rel_err(&res.out, &o64), rel_err(&want_o, &o64));
+            assert!(
+                e_cp <= 1.5 * e_one + 1e-6,
+                "{what}: out vs oracle {e_cp}, single {e_one}"
+            );
+            let (e_cp, e_one) = (rel_err(&res.lse, &l64), rel_err(&single.lse, &l64));
+            assert!(
+                e_cp <= 1.5 * e_one + 1e-6,
+                "{what}: lse vs oracle {e_cp}, single {e_one}"
+            );
+            // What a rank receives: the agreement's ten words and the partials of the others.
+            let p = bounds.len() - 1;
+            let per = (4 * b * sq * hq * (dv + 1) + 80) as u64 * (p as u64 - 1);
+            for (r, x) in res.traffic.iter().enumerate() {
+                assert_eq!(x.received, per, "{what}: rank {r}");
+            }
+        }
+    }
+}
+
+/// Tree decode's refusals: shards that leave a gap or overlap, ranks with other queries, a
+/// buffer that does not match its shard, bounds that do not cover the keys.
+#[test]
+fn tree_decode_bad_inputs_are_clear_errors() {
+    use super::tree::{tree_decode, tree_decode_threads, DecodeShard};
+    let (b, sq, sk, hq, hk, d) = (1, 2, 20, 2, 1, 4);
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(MaskShape { batch: b, sq, sk }, None)
+        .unwrap();
+    let mask = CpMask::new(bound, 4).unwrap();
+    let prm = AttnParams::default();
+    let (q, k) = (seeded(5, b * sq * hq * d), seeded(6, b * sk * hk * d));
+    let run = |keys: &(dyn Fn(usize) -> (usize, usize) + Sync),
+               heads: &(dyn Fn(usize) -> usize + Sync)| {
+        on_ranks(2, |t| {
+            let (k0, k1) = keys(t.rank());
+            let hq = heads(t.rank());
+            let x = DecodeShard {
+                q: &q[..b * sq * hq * d],
+                k: &k[k0 * hk * d..k1 * hk * d],
+                v: &k[k0 * hk * d..k1 * hk * d],
+                keys: (k0, k1),
+                dims: (b, sq, hq, hk, d, d),
+            };
+            tree_decode(t, &mask, &x, &prm).unwrap_err().to_string()
+        })
+    };
+    let gap = run(&|r| if r == 0 { (0, 8) } else { (9, 20) }, &|_| hq);
+    for e in &gap {
+        assert!(
+            e.contains("rank 1 holds keys 9..20") && e.contains("it should start at 8"),
+            "{e}"
+        );
+    }
+    let short = run(&|r| if r == 0 { (0, 8) } else { (8, 19) }, &|_| hq);
+    assert!(
+        short[0].contains("the shards cover keys 0..19 of the 20"),
+        "{}",
+        short[0]
+    );
+    let heads = run(&|r| if r == 0 { (0, 8) } else { (8, 20) }, &|r| 1 + r);
+    assert!(
+        heads[0].contains("rank 1 has query heads 2, this rank 1"),
+        "{}",
+        heads[0]
+    );
+    // A buffer too short for its shard: that rank names it, the other names that rank.
+    let errs = on_ranks(2, |t| {
+        let (k0, k1) = if t.rank() == 0 { (0, 8) } else { (8, 20) };
+        let x = DecodeShard {
+            q: &q,
+            k: &k[k0 * hk * d..k1 * hk * d - t.rank()],
+            v: &k[k0 * hk * d..k1 * hk * d],
+            keys: (k0, k1),
+            dims: (b, sq, hq, hk, d, d),
+        };
+        tree_decode(t, &mask, &x, &prm).unwrap_err().to_string()
+    });
+    assert!(
+        errs[1].contains("q / k / v hold 16 / 47 / 48 values"),
+        "{}",
+        errs[1]
+    );
+    assert!(errs[0].contains("rank 1 refused its inputs"), "{}", errs[0]);
+    let dims = (b, sq, sk, hq, hk, d, d);
+    let t = Duration::from_secs(5);
+    for bounds in [&[0, 12, 10, 20][..], &[0, 19], &[5, 20], &[0]] {
+        let e = tree_decode_threads(&mask, (&q, &k, &k), dims, bounds, &prm, t)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("must rise from 0 to the 20 keys"),
+            "{bounds:?}: {e}"
+        );
+    }
+}
