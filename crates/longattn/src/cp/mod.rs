@@ -24,7 +24,10 @@
 //!   degrees chosen by the cost model ([`CostModel::choose_usp`]);
 //! - tree decode ([`tree`]): the keys and values sharded across ranks (any lengths, empty
 //!   shards too), each rank's partial (out, LSE) from the common forward on its shard, one
-//!   all-gather of the partials and the LSE merge on every rank.
+//!   all-gather of the partials and the LSE merge on every rank;
+//! - linear attention's state passing ([`lasp`], LASP-2 style): each rank's part of the
+//!   sequence gives its final state and total log decay, one all-gather, each rank's initial
+//!   state the decayed prefix sum of the earlier parts' states, then its chunked forward.
 //!
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
@@ -34,6 +37,7 @@
 //! that stalled or left is named on every rank, also on those that were waiting for another.
 pub mod block;
 pub mod gather;
+pub mod lasp;
 pub mod passq;
 pub mod plan;
 pub mod ring;
@@ -48,6 +52,7 @@ mod tests;
 
 pub use block::{Cp, CpMask, GradIn, LocalQkv};
 pub use gather::{gather_backward, gather_forward};
+pub use lasp::lasp_forward;
 pub use passq::{passq_backward, passq_forward};
 pub use plan::{plan, Plan};
 pub use ring::{

@@ -1004,3 +1004,218 @@ fn tree_decode_bad_inputs_are_clear_errors() {
         );
     }
 }
+
+/// Linear attention's state passing against single-rank `forward_chunked` on the whole sequence
+/// and the f64 recurrence: P = 1 .. 5, odd lengths cut unevenly (parts of one token too), no
+/// decay, per-head, per-token and per-key gate decays, GQA, with and without an initial state;
+/// every rank ends with the same final state.
+#[test]
+fn lasp_matches_single_rank_linear_attention() {
+    use super::lasp::lasp_forward;
+    use crate::linear::cpu::forward_chunked;
+    use crate::linear::reference::forward_f64;
+    use crate::linear::{Core, Decay};
+    fn as_decay((k, g): &(u8, Vec<f32>)) -> Decay<'_> {
+        match k {
+            0 => Decay::None,
+            1 => Decay::PerHead(g),
+            2 => Decay::Token(g),
+            _ => Decay::Gate(g),
+        }
+    }
+    let (b, h, hk, kd, vd) = (2, 4, 2, 8, 6);
+    // (T, part lengths)
+    let cases: &[(usize, &[usize])] = &[
+        (37, &[37]),
+        (37, &[20, 17]),
+        (65, &[1, 40, 24]),
+        (113, &[30, 30, 1, 52]),
+        (101, &[7, 33, 20, 40, 1]),
+    ];
+    for &(t, parts) in cases {
+        let p = parts.len();
+        let seed = (t * 10 + p) as u64;
+        let (q, k, v) = (
+            seeded(seed, b * t * h * kd),
+            seeded(seed + 1, b * t * hk * kd),
+            seeded(seed + 2, b * t * hk * vd),
+        );
+        let s0 = seeded(seed + 3, b * h * kd * vd);
+        // Log decays <= 0, of several strengths.
+        let neg = |seed: u64, n: usize, s: f32| -> Vec<f32> {
+            seeded(seed, n)
+                .iter()
+                .map(|x| -s * (0.05 + x.abs()))
+                .collect()
+        };
+        let per_head = neg(seed + 4, h, 0.1);
+        let token = neg(seed + 5, b * t * h, 0.3);
+        let gate = neg(seed + 6, b * t * h * kd, 0.2);
+        for kind in 0..4 {
+            for with_s0 in [false, true] {
+                // The decay of tokens t0 .. t1 (the whole sequence for 0 .. t).
+                let decay = |t0: usize, t1: usize| -> (u8, Vec<f32>) {
+                    let rows = |g: &[f32], w: usize| -> Vec<f32> {
+                        (0..b)
+                            .flat_map(|bi| g[(bi * t + t0) * w..(bi * t + t1) * w].to_vec())
+                            .collect()
+                    };
+                    match kind {
+                        0 => (0, vec![]),
+                        1 => (1, per_head.clone()),
+                        2 => (2, rows(&token, h)),
+                        _ => (3, rows(&gate, h * kd)),
+                    }
+                };
+                let whole_g = decay(0, t);
+                let whole = Core {
+                    q: TensorView::contiguous(&q[..], [b, t, h, kd]).unwrap(),
+                    k: TensorView::contiguous(&k[..], [b, t, hk, kd]).unwrap(),
+                    v: TensorView::contiguous(&v[..], [b, t, hk, vd]).unwrap(),
+                    decay: as_decay(&whole_g),
+                    scale: 0.5,
+                    initial_state: with_s0.then_some(&s0[..]),
+                    cu_seqlens: None,
+                };
+                let single = forward_chunked(&whole, 16).unwrap();
+                let oracle = forward_f64(&whole).unwrap();
+                let bounds: Vec<usize> = std::iter::once(0)
+                    .chain(parts.iter().scan(0, |a, &l| {
+                        *a += l;
+                        Some(*a)
+                    }))
+                    .collect();
+                let res = on_ranks(p, |tr| {
+                    let r = tr.rank();
+                    let (t0, t1) = (bounds[r], bounds[r + 1]);
+                    let rows = |x: &[f32], w: usize| -> Vec<f32> {
+                        (0..b)
+                            .flat_map(|bi| x[(bi * t + t0) * w..(bi * t + t1) * w].to_vec())
+                            .collect()
+                    };
+                    let (lq, lk, lv) = (rows(&q, h * kd), rows(&k, hk * kd), rows(&v, hk * vd));
+                    let g = decay(t0, t1);
+                    let n = t1 - t0;
+                    let core = Core {
+                        q: TensorView::contiguous(&lq[..], [b, n, h, kd]).unwrap(),
+                        k: TensorView::contiguous(&lk[..], [b, n, hk, kd]).unwrap(),
+                        v: TensorView::contiguous(&lv[..], [b, n, hk, vd]).unwrap(),
+                        decay: as_decay(&g),
+                        initial_state: (with_s0 && r == 0).then_some(&s0[..]),
+                        ..whole
+                    };
+                    let o = lasp_forward(tr, &core, 16).unwrap();
+                    (rows(&single.out, h * vd), o.out, o.state)
+                });
+                let what = format!("T {t} parts {parts:?} decay {kind} s0 {with_s0}");
+                for (r, (want, got, state)) in res.iter().enumerate() {
+                    let e = rel_err(got, want);
+                    assert!(e <= 1e-4, "{what} rank {r}: out differs by {e}");
+                    let e = rel_err(state, &single.state);
+                    assert!(e <= 1e-4, "{what} rank {r}: state differs by {e}");
+                    assert_eq!(state, &res[0].2, "{what}: rank {r}'s final state");
+                }
+                // Against the f64 recurrence: no worse than 1.5 x single-rank's error.
+                let got: Vec<f32> = res.iter().flat_map(|x| x.1.clone()).collect();
+                let o64: Vec<f32> = oracle.out.iter().map(|&x| x as f32).collect();
+                let one = rel_err(&single.out, &o64);
+                // (the parts' rows are in rank order per batch row: compare per batch row)
+                let mut cp_rows = vec![0f32; got.len()];
+                let mut at = 0;
+                for (r, x) in res.iter().enumerate() {
+                    let n = bounds[r + 1] - bounds[r];
+                    for bi in 0..b {
+                        let dst = (bi * t + bounds[r]) * h * vd;
+                        cp_rows[dst..dst + n * h * vd]
+                            .copy_from_slice(&x.1[bi * n * h * vd..(bi + 1) * n * h * vd]);
+                    }
+                    at += x.1.len();
+                }
+                assert_eq!(at, got.len());
+                let e = rel_err(&cp_rows, &o64);
+                assert!(e <= 1.5 * one + 1e-5, "{what}: vs f64 {e}, single {one}");
+                let s64: Vec<f32> = oracle.state.iter().map(|&x| x as f32).collect();
+                let (e, one) = (rel_err(&res[0].2, &s64), rel_err(&single.state, &s64));
+                assert!(
+                    e <= 1.5 * one + 1e-5,
+                    "{what}: state vs f64 {e}, single {one}"
+                );
+            }
+        }
+    }
+}
+
+/// State passing's refusals: an initial state on a rank other than 0, ranks with other decays
+/// or heads, packed sequences.
+#[test]
+fn lasp_bad_inputs_are_clear_errors() {
+    use super::lasp::lasp_forward;
+    use crate::linear::{Core, Decay};
+    let (b, t, kd) = (1, 5, 4);
+    let x = seeded(3, b * t * 4 * kd);
+    let s0 = seeded(4, 4 * kd * kd);
+    let g = [-0.1f32; 4];
+    fn core<'a>(x: &'a [f32], h: usize, decay: Decay<'a>) -> Core<'a> {
+        let (b, t, kd) = (1, 5, 4);
+        let view =
+            |hh: usize| TensorView::contiguous(&x[..b * t * hh * kd], [b, t, hh, kd]).unwrap();
+        Core {
+            q: view(h),
+            k: view(1),
+            v: view(1),
+            decay,
+            scale: 1.0,
+            initial_state: None,
+            cu_seqlens: None,
+        }
+    }
+    let errs = on_ranks(2, |tr| {
+        let mut c = core(&x, 2, Decay::None);
+        if tr.rank() == 1 {
+            c.initial_state = Some(&s0[..2 * kd * kd]);
+        }
+        lasp_forward(tr, &c, 16).unwrap_err().to_string()
+    });
+    assert!(
+        errs[1].contains("rank 1 holds an initial state"),
+        "{}",
+        errs[1]
+    );
+    assert!(errs[0].contains("rank 1 refused its inputs"), "{}", errs[0]);
+    let errs = on_ranks(2, |tr| {
+        let c = match tr.rank() {
+            0 => core(&x, 2, Decay::None),
+            _ => core(&x, 2, Decay::PerHead(&g[..2])),
+        };
+        lasp_forward(tr, &c, 16).unwrap_err().to_string()
+    });
+    assert!(
+        errs[0].contains(
+            "rank 1 has decay kind (0 none, 1 per head, 2 per token, 3 gate) 1, this rank 0"
+        ),
+        "{}",
+        errs[0]
+    );
+    let errs = on_ranks(2, |tr| {
+        let c = core(&x, 1 + tr.rank(), Decay::None);
+        lasp_forward(tr, &c, 16).unwrap_err().to_string()
+    });
+    assert!(
+        errs[1].contains("rank 0 has heads 1, this rank 2"),
+        "{}",
+        errs[1]
+    );
+    let cu = [0i32, 2, 5];
+    let errs = on_ranks(2, |tr| {
+        let c = Core {
+            cu_seqlens: Some(&cu),
+            ..core(&x, 2, Decay::None)
+        };
+        lasp_forward(tr, &c, 16).unwrap_err().to_string()
+    });
+    assert!(
+        errs[0].contains("cu_seqlens: state passing splits one sequence"),
+        "{}",
+        errs[0]
+    );
+}

@@ -627,6 +627,24 @@ pub fn forward_chunked(core: &Core, chunk: usize) -> Result<CoreOutput> {
     })
 }
 
+/// The final state `[seqs, H, K, V]` of the chunked forward alone (the chunks' state updates,
+/// no output rows): what context parallelism's state passing needs of one rank's tokens.
+pub fn final_state_chunked(core: &Core, chunk: usize) -> Result<Vec<f32>> {
+    const OP: &str = "linear::cpu::final_state_chunked";
+    let d = core.validate(OP)?;
+    check_chunk(OP, chunk)?;
+    let states: Vec<_> = tasks(&d, core.cu_seqlens)
+        .into_par_iter()
+        .map(|(seq, h)| (seq.3, h, forward_head(core, &d, seq, h, chunk, None, None)))
+        .collect();
+    let kv = d.k * d.v;
+    let mut state = vec![0.0f32; d.state_len()];
+    for (n, h, s) in states {
+        state[(n * d.h + h) * kv..][..kv].copy_from_slice(&s);
+    }
+    Ok(state)
+}
+
 /// A sequence `(batch row, first token, end token, state index)`.
 type Seq = (usize, usize, usize, usize);
 /// One task's result of the recurrent form: its sequence, head, output rows and final state.
