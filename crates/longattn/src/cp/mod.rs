@@ -52,7 +52,7 @@ mod tests;
 
 pub use block::{Cp, CpMask, GradIn, LocalQkv};
 pub use gather::{gather_backward, gather_forward};
-pub use lasp::lasp_forward;
+pub use lasp::{lasp_backward, lasp_forward};
 pub use passq::{passq_backward, passq_forward};
 pub use plan::{plan, Plan};
 pub use ring::{

@@ -1007,13 +1007,14 @@ fn tree_decode_bad_inputs_are_clear_errors() {
 
 /// Linear attention's state passing against single-rank `forward_chunked` on the whole sequence
 /// and the f64 recurrence: P = 1 .. 5, odd lengths cut unevenly (parts of one token too), no
-/// decay, per-head, per-token and per-key gate decays, GQA, with and without an initial state;
-/// every rank ends with the same final state.
+/// decay, per-head, per-token and per-key gate decays, GQA, with and without an initial state
+/// and a final state's gradient; forward and backward; every rank ends with the same final
+/// state and initial state's gradient.
 #[test]
 fn lasp_matches_single_rank_linear_attention() {
-    use super::lasp::lasp_forward;
-    use crate::linear::cpu::forward_chunked;
-    use crate::linear::reference::forward_f64;
+    use super::lasp::{lasp_backward, lasp_forward};
+    use crate::linear::cpu::{backward_chunked, forward_chunked};
+    use crate::linear::reference::{backward_f64, forward_f64};
     use crate::linear::{Core, Decay};
     fn as_decay((k, g): &(u8, Vec<f32>)) -> Decay<'_> {
         match k {
@@ -1079,6 +1080,14 @@ fn lasp_matches_single_rank_linear_attention() {
                 };
                 let single = forward_chunked(&whole, 16).unwrap();
                 let oracle = forward_f64(&whole).unwrap();
+                let dout = seeded(seed + 7, b * t * h * vd);
+                let d_final = seeded(seed + 8, b * h * kd * vd);
+                // A final state's gradient with the initial state, none without.
+                let df = with_s0.then_some(&d_final[..]);
+                let sg = backward_chunked(&whole, &dout, df, 16).unwrap();
+                let d64: Vec<f64> = dout.iter().map(|&x| x as f64).collect();
+                let df64: Option<Vec<f64>> = df.map(|x| x.iter().map(|&y| y as f64).collect());
+                let og = backward_f64(&whole, &d64, df64.as_deref()).unwrap();
                 let bounds: Vec<usize> = std::iter::once(0)
                     .chain(parts.iter().scan(0, |a, &l| {
                         *a += l;
@@ -1105,10 +1114,64 @@ fn lasp_matches_single_rank_linear_attention() {
                         ..whole
                     };
                     let o = lasp_forward(tr, &core, 16).unwrap();
-                    (rows(&single.out, h * vd), o.out, o.state)
+                    let g = lasp_backward(tr, &core, &rows(&dout, h * vd), df, 16).unwrap();
+                    // This rank's rows of single-rank's and the f64 oracle's gradients.
+                    let f32s = |x: &[f64]| -> Vec<f32> { x.iter().map(|&y| y as f32).collect() };
+                    let mut want = vec![
+                        (
+                            "dq",
+                            rows(&sg.dq, h * kd),
+                            rows(&f32s(&og.dq), h * kd),
+                            g.dq.clone(),
+                        ),
+                        (
+                            "dk",
+                            rows(&sg.dk, hk * kd),
+                            rows(&f32s(&og.dk), hk * kd),
+                            g.dk.clone(),
+                        ),
+                        (
+                            "dv",
+                            rows(&sg.dv, hk * vd),
+                            rows(&f32s(&og.dv), hk * vd),
+                            g.dv.clone(),
+                        ),
+                    ];
+                    if let (Some(sdg), Some(odg), Some(dg)) = (&sg.dg, &og.dg, &g.dg) {
+                        let w = sdg.len() / (b * t);
+                        want.push(("dg", rows(sdg, w), rows(&f32s(odg), w), dg.clone()));
+                    }
+                    assert_eq!(g.dg.is_some(), sg.dg.is_some());
+                    (
+                        rows(&single.out, h * vd),
+                        o.out,
+                        o.state,
+                        want,
+                        g.d_initial_state,
+                    )
                 });
                 let what = format!("T {t} parts {parts:?} decay {kind} s0 {with_s0}");
-                for (r, (want, got, state)) in res.iter().enumerate() {
+                let d0_64: Vec<f32> = og.d_initial_state.iter().map(|&x| x as f32).collect();
+                for (r, (_, _, _, grads, d0)) in res.iter().enumerate() {
+                    for (name, want, oracle, got) in grads {
+                        let e = rel_err(got, want);
+                        assert!(e <= 1e-4, "{what} rank {r}: {name} differs by {e}");
+                        let (e, one) = (rel_err(got, oracle), rel_err(want, oracle));
+                        assert!(
+                            e <= 1.5 * one + 1e-5,
+                            "{what} rank {r}: {name} vs f64 {e}, single {one}"
+                        );
+                    }
+                    let e = rel_err(d0, &sg.d_initial_state);
+                    assert!(e <= 1e-4, "{what} rank {r}: d initial state differs by {e}");
+                    let (e, one) = (rel_err(d0, &d0_64), rel_err(&sg.d_initial_state, &d0_64));
+                    assert!(
+                        e <= 1.5 * one + 1e-5,
+                        "{what}: d initial vs f64 {e}, single {one}"
+                    );
+                    assert_eq!(d0, &res[0].4, "{what}: rank {r}'s initial state gradient");
+                }
+                for (r, (want, got, state, ..)) in res.iter().enumerate() {
                     let e = rel_err(got, want);
                     assert!(e <= 1e-4, "{what} rank {r}: out differs by {e}");
                     let e = rel_err(state, &single.state);
