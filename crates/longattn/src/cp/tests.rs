@@ -689,14 +689,15 @@ fn ring_moves_only_the_halo_of_a_window() {
 /// The outcome of one rank in a fault test: its error (if any) and how long it took.
 type Outcome = (Option<String>, Duration);
 
-/// P = 3 ranks of `scheme` on a causal problem; rank 1 misbehaves as `bad` says (it gets its
+/// P ranks of `scheme` on a causal problem; rank 1 misbehaves as `bad` says (it gets its
 /// transport and its inputs), the others run the forward and backward under `timeout`.
 fn with_a_bad_rank(
     scheme: super::scheme::Scheme,
+    p: usize,
     timeout: Duration,
     bad: impl Fn(&dyn Transport, &LocalQkv, &Cp) -> Option<String> + Sync,
 ) -> Vec<Outcome> {
-    let (p, n, b, hq, hk, d) = (3, 45, 1, 6, 3, 8);
+    let (n, b, hq, hk, d) = (45, 1, 6, 3, 8);
     let bound = MaskExpr::parse("causal")
         .unwrap()
         .bind(MaskShape::square(n), None)
@@ -761,27 +762,30 @@ fn with_a_bad_rank(
 #[test]
 fn a_rank_that_leaves_is_named_on_every_other_rank() {
     use super::scheme::Scheme as S;
-    for scheme in [
-        S::Ring,
-        S::AllGather,
-        S::Ulysses,
-        S::PassQ,
-        S::Usp(1),
-        S::Usp(3),
+    // (USP: U = 1 and U = P at three ranks, and a 2 x 2 grid, where a rank's peers in its
+    // groups and the others all name the rank that failed.)
+    for (scheme, p) in [
+        (S::Ring, 3),
+        (S::AllGather, 3),
+        (S::Ulysses, 3),
+        (S::PassQ, 3),
+        (S::Usp(1), 3),
+        (S::Usp(3), 3),
+        (S::Usp(2), 4),
     ] {
-        let res = with_a_bad_rank(scheme, Duration::from_secs(20), |t, x, cp| {
+        let res = with_a_bad_rank(scheme, p, Duration::from_secs(20), |t, x, cp| {
             x.agree(t, scheme_name(scheme), cp.plan, cp.mask)
                 .err()
                 .map(|e| e.to_string())
         });
         assert_eq!(res[1].0, None, "{scheme:?}: rank 1 agreed before leaving");
-        for r in [0, 2] {
+        for r in (0..p).filter(|&r| r != 1) {
             let (e, took) = &res[r];
             let e = e
                 .as_deref()
                 .unwrap_or_else(|| panic!("{scheme:?}: rank {r} succeeded"));
             assert!(
-                e.starts_with(&format!("rank {r} of 3")) && e.contains("rank 1"),
+                e.starts_with(&format!("rank {r} of {p}")) && e.contains("rank 1"),
                 "{scheme:?} rank {r}: {e}"
             );
             assert!(
@@ -810,16 +814,19 @@ fn scheme_name(s: super::scheme::Scheme) -> &'static str {
 #[test]
 fn a_rank_that_stalls_is_named_within_the_timeout() {
     use super::scheme::Scheme as S;
-    for scheme in [
-        S::Ring,
-        S::AllGather,
-        S::Ulysses,
-        S::PassQ,
-        S::Usp(1),
-        S::Usp(3),
+    // (USP: U = 1 and U = P at three ranks, and a 2 x 2 grid, where a rank's peers in its
+    // groups and the others all name the rank that failed.)
+    for (scheme, p) in [
+        (S::Ring, 3),
+        (S::AllGather, 3),
+        (S::Ulysses, 3),
+        (S::PassQ, 3),
+        (S::Usp(1), 3),
+        (S::Usp(3), 3),
+        (S::Usp(2), 4),
     ] {
         let timeout = Duration::from_millis(400);
-        let res = with_a_bad_rank(scheme, timeout, |t, x, cp| {
+        let res = with_a_bad_rank(scheme, p, timeout, |t, x, cp| {
             std::thread::sleep(Duration::from_millis(1500));
             let start = std::time::Instant::now();
             let e = scheme.forward(cp, x, &AttnParams::default()).err();
@@ -831,14 +838,17 @@ fn a_rank_that_stalls_is_named_within_the_timeout() {
             e.map(|e| e.to_string())
         });
         let late = res[1].0.as_deref().expect("the late rank fails");
-        assert!(late.starts_with("rank 1 of 3"), "{scheme:?}: {late}");
-        for r in [0, 2] {
+        assert!(
+            late.starts_with(&format!("rank 1 of {p}")),
+            "{scheme:?}: {late}"
+        );
+        for r in (0..p).filter(|&r| r != 1) {
             let (e, took) = &res[r];
             let e = e
                 .as_deref()
                 .unwrap_or_else(|| panic!("{scheme:?}: rank {r} succeeded"));
             assert!(
-                e.starts_with(&format!("rank {r} of 3")) && e.contains("from rank 1"),
+                e.starts_with(&format!("rank {r} of {p}")) && e.contains("from rank 1"),
                 "{scheme:?} rank {r}: {e}"
             );
             assert!(
