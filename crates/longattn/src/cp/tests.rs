@@ -1292,3 +1292,171 @@ fn lasp_bad_inputs_are_clear_errors() {
         errs[0]
     );
 }
+
+/// State passing against the public `linear_attention` on the CPU (identity features, `plain`
+/// and `simple_gla`): the parts' rows put back in order equal its output, and every rank's final
+/// state its final state.
+#[test]
+fn lasp_matches_the_public_linear_attention() {
+    use super::lasp::lasp_forward;
+    use crate::linear::{linear_attention, Backend, Core, Decay, LinearInputs, LinearSpec};
+    let (b, t, h, hk, kd, vd) = (2, 83, 4, 2, 16, 8);
+    let parts = [30usize, 1, 52];
+    let bounds = [0usize, 30, 31, 83];
+    let (q, k, v) = (
+        seeded(61, b * t * h * kd),
+        seeded(62, b * t * hk * kd),
+        seeded(63, b * t * hk * vd),
+    );
+    let g: Vec<f32> = seeded(64, b * t * h)
+        .iter()
+        .map(|x| -0.02 - 0.2 * x.abs())
+        .collect();
+    let s0 = seeded(65, b * h * kd * vd);
+    for spec in ["plain", "simple_gla"] {
+        let gated = spec == "simple_gla";
+        let sp = LinearSpec::parse(spec).unwrap();
+        let mut inp = LinearInputs::new(
+            TensorView::contiguous(&q[..], [b, t, h, kd]).unwrap(),
+            TensorView::contiguous(&k[..], [b, t, hk, kd]).unwrap(),
+            TensorView::contiguous(&v[..], [b, t, hk, vd]).unwrap(),
+        );
+        inp.g = gated.then_some(&g[..]);
+        inp.initial_state = Some(&s0);
+        let want = linear_attention(&inp, &sp, Backend::Cpu).unwrap();
+        let want_out = want.out.data.to_f32_vec();
+        let res = on_ranks(parts.len(), |tr| {
+            let (t0, t1) = (bounds[tr.rank()], bounds[tr.rank() + 1]);
+            let rows = |x: &[f32], w: usize| -> Vec<f32> {
+                (0..b)
+                    .flat_map(|bi| x[(bi * t + t0) * w..(bi * t + t1) * w].to_vec())
+                    .collect()
+            };
+            let (lq, lk, lv, lg) = (
+                rows(&q, h * kd),
+                rows(&k, hk * kd),
+                rows(&v, hk * vd),
+                rows(&g, h),
+            );
+            let n = t1 - t0;
+            let core = Core {
+                q: TensorView::contiguous(&lq[..], [b, n, h, kd]).unwrap(),
+                k: TensorView::contiguous(&lk[..], [b, n, hk, kd]).unwrap(),
+                v: TensorView::contiguous(&lv[..], [b, n, hk, vd]).unwrap(),
+                decay: if gated {
+                    Decay::Token(&lg)
+                } else {
+                    Decay::None
+                },
+                scale: 1.0 / (kd as f32).sqrt(),
+                initial_state: (tr.rank() == 0).then_some(&s0[..]),
+                cu_seqlens: None,
+            };
+            let o = lasp_forward(tr, &core, 64).unwrap();
+            (rows(&want_out, h * vd), o.out, o.state)
+        });
+        for (r, (want_rows, got, state)) in res.iter().enumerate() {
+            let e = rel_err(got, want_rows);
+            assert!(e <= 1e-4, "{spec} rank {r}: out differs by {e}");
+            let e = rel_err(state, &want.final_state);
+            assert!(e <= 1e-4, "{spec} rank {r}: final state differs by {e}");
+        }
+    }
+}
+
+/// Tree decode and state passing under a rank that leaves at once or stalls past the timeout:
+/// every other rank fails with an error naming it (directly or through a peer's abort notice),
+/// in time (nothing hangs).
+#[test]
+fn tree_decode_and_lasp_name_a_rank_that_leaves_or_stalls() {
+    use super::lasp::lasp_forward;
+    use super::tree::{tree_decode, DecodeShard};
+    use crate::linear::{Core, Decay};
+    let (p, b, sq, sk, hq, hk, d) = (3, 1, 2, 30, 2, 1, 4);
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
+        .bind(MaskShape { batch: b, sq, sk }, None)
+        .unwrap();
+    let mask = CpMask::new(bound, 4).unwrap();
+    let (q, k) = (seeded(91, b * sq * hq * d), seeded(92, b * sk * hk * d));
+    let prm = AttnParams::default();
+    for stall in [false, true] {
+        for which in ["tree", "lasp"] {
+            // (a timeout long enough that a busy machine still starts every rank within it)
+            let timeout = Duration::from_millis(if stall { 800 } else { 20_000 });
+            let group = ThreadTransport::group(p, timeout).unwrap();
+            let res: Vec<(Option<String>, Duration)> = std::thread::scope(|s| {
+                let hs: Vec<_> = group
+                    .into_iter()
+                    .map(|t| {
+                        let (q, k, mask, prm) = (&q, &k, &mask, &prm);
+                        s.spawn(move || {
+                            let start = std::time::Instant::now();
+                            let r = t.rank();
+                            if r == 1 {
+                                if stall {
+                                    std::thread::sleep(Duration::from_millis(3000));
+                                }
+                                return (None, start.elapsed());
+                            }
+                            let (k0, k1) = (r * 10, r * 10 + 10);
+                            let (lk, lv) =
+                                (&k[k0 * hk * d..k1 * hk * d], &k[k0 * hk * d..k1 * hk * d]);
+                            let e = match which {
+                                "tree" => {
+                                    let x = DecodeShard {
+                                        q,
+                                        k: lk,
+                                        v: lv,
+                                        keys: (k0, k1),
+                                        dims: (b, sq, hq, hk, d, d),
+                                    };
+                                    tree_decode(&t, mask, &x, prm).err()
+                                }
+                                _ => {
+                                    let core = Core {
+                                        q: TensorView::contiguous(
+                                            &k[..10 * hq * d],
+                                            [b, 10, hq, d],
+                                        )
+                                        .unwrap(),
+                                        k: TensorView::contiguous(lk, [b, 10, hk, d]).unwrap(),
+                                        v: TensorView::contiguous(lv, [b, 10, hk, d]).unwrap(),
+                                        decay: Decay::None,
+                                        scale: 1.0,
+                                        initial_state: None,
+                                        cu_seqlens: None,
+                                    };
+                                    lasp_forward(&t, &core, 16).err()
+                                }
+                            };
+                            // (as the drivers do: a failing rank tells the others why)
+                            let e = e.map(|e| e.to_string());
+                            if let Some(why) = &e {
+                                t.abort(why);
+                            }
+                            (e, start.elapsed())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in [0, 2] {
+                let (e, took) = &res[r];
+                let e = e
+                    .as_deref()
+                    .unwrap_or_else(|| panic!("{which} stall {stall}: rank {r} succeeded"));
+                let named = match stall {
+                    true => e.contains("from rank 1") && e.contains("nothing within"),
+                    false => e.contains("rank 1") && e.contains("left the group"),
+                };
+                assert!(
+                    e.starts_with(&format!("rank {r} of 3")) && named,
+                    "{which} stall {stall} rank {r}: {e}"
+                );
+                let limit = Duration::from_millis(if stall { 2500 } else { 5000 });
+                assert!(*took < limit, "{which} stall {stall} rank {r}: {took:?}");
+            }
+        }
+    }
+}
