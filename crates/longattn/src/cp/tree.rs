@@ -13,7 +13,10 @@
 //!   out = sum_r exp(lse_r - lse) o_r
 //! (a row no rank has a key for stays `out = 0`, `lse = -inf`, as single-rank `forward` gives).
 //! The queries, not the keys, travel: a rank receives `(P - 1) B Sq Hq (Dv + 1)` floats whatever
-//! the sequence's length. Single-rank `forward` and the f64 oracle are the references (tests).
+//! the sequence's length. The shard runs through the common `forward` rather than the paged
+//! decode (`kv::decode`: one query per sequence, no mask) so that a batch of new queries and any
+//! mask expression work; the merge is the same split-KV merge the paged decode does inside one
+//! rank. Single-rank `forward` and the f64 oracle are the references (tests).
 use super::block::{from_bytes, to_bytes, CpMask};
 use super::scheme::secondhand;
 use super::transport::{Counted, ThreadTransport, Traffic, Transport};
