@@ -1,15 +1,23 @@
-//! `longattn cp run` and `longattn cp bench`: context parallelism on this machine's CPU cores,
-//! ranks as threads.
+//! `longattn cp run`, `longattn cp bench` and `longattn cp decode`: context parallelism on this
+//! machine's CPU cores, ranks as threads.
+//!
+//! `cp decode` is tree decode: the file contract of `longattn run` with Sq <= Sk (the queries
+//! the last positions), the keys and values split over --ranks P ranks (near-equal shards, or
+//! the lengths of `--shards 100,0,37`, empty shards allowed), each rank's partial (out, LSE)
+//! gathered by every rank and merged by LSE; the output equals single-rank `run`'s.
 //!
 //! `cp run` has the file contract of `longattn run` (the same input tensors q, k, v, optional
 //! q_doc / k_doc and `do` with --backward; the same outputs out, lse, dq, dk, dv in the input
 //! dtype): the sequence is placed over --ranks P ranks by the scheme's plan, each rank (a thread)
 //! computes its rows through `longattn::cp`, and the rows are written back in sequence order.
-//! `--scheme auto` picks by the cost model of `longattn::cp::scheme` and says which and why.
+//! `--scheme auto` picks by the cost model of `longattn::cp::scheme` and says which and why;
+//! `--scheme usp` runs the Ulysses x ring hybrid with the degree U the cost model picks, or the
+//! one `--usp U` gives.
 //!
 //! Attention over one sequence under a mask (`--mask`, default causal): single-rank on one
 //! thread (T1) and on every thread (Tall), then P ranks (`--ranks`) of one scheme (`--scheme`:
-//! the ring over the mask-aware plan, all-gather of K / V, or Ulysses; `longattn::cp`), each
+//! the ring over the mask-aware plan, all-gather of K / V, Ulysses, pass-Q or USP;
+//! `longattn::cp`), each
 //! rank a thread running its blocks on a one-thread pool, exchanging data through the in-process
 //! transport (TP, the slowest rank between two barriers). Prints the plan's scheduled work per
 //! rank (max / mean), T1, Tall, TP, the speedup T1 / TP, the scaling efficiency T1 / (P TP),
@@ -32,6 +40,9 @@ pub enum Cmd {
     Run(RunArgs),
     /// Scaling of a context-parallel scheme with ranks as threads on this CPU.
     Bench(BenchArgs),
+    /// Tree decode: the keys and values of the input sharded over ranks, every rank's partial
+    /// (out, LSE) gathered and merged (`longattn::cp::tree`); writes what `longattn run` writes.
+    Decode(DecodeArgs),
 }
 
 /// A context-parallel scheme.
@@ -47,7 +58,11 @@ pub enum Scheme {
     Ulysses,
     /// Pass-Q: K / V stay, the queries travel and their partial results come back.
     Passq,
-    /// The least estimated time of ring, all-gather, Ulysses and pass-Q (`longattn::cp::scheme`).
+    /// Ulysses inside groups of U ranks, the ring across the P / U groups; U by the cost model
+    /// unless --usp gives it.
+    Usp,
+    /// The least estimated time of ring, all-gather, Ulysses, pass-Q and USP
+    /// (`longattn::cp::scheme`).
     Auto,
 }
 
@@ -63,22 +78,35 @@ pub enum TransportArg {
 }
 
 impl Scheme {
-    /// The library's scheme and its plan; `auto` asks the cost model (its estimates returned
-    /// for the report).
+    /// The library's scheme and its plan; `auto` asks the cost model, and so does `usp` for
+    /// its degree U unless `usp` (--usp) forces it (the estimates returned for the report).
     fn resolve(
         self,
+        usp: Option<usize>,
         mask: &CpMask,
         p: usize,
         per_rank: usize,
         dims: cp::scheme::Dims,
     ) -> Result<(cp::Scheme, Plan, Vec<cp::Estimate>)> {
-        let s = match self {
-            Scheme::Auto => return Ok(CostModel::default().choose(mask, p, per_rank, dims)?),
-            Scheme::Ring => cp::Scheme::Ring,
-            Scheme::Zigzag => cp::Scheme::Zigzag,
-            Scheme::Allgather => cp::Scheme::AllGather,
-            Scheme::Ulysses => cp::Scheme::Ulysses,
-            Scheme::Passq => cp::Scheme::PassQ,
+        let model = CostModel::default();
+        let s = match (self, usp) {
+            (Scheme::Usp | Scheme::Auto, Some(u)) => {
+                if u == 0 || !p.is_multiple_of(u) {
+                    bail!("--usp {u}: the Ulysses degree U must divide the {p} ranks (P = U x R)");
+                }
+                cp::Scheme::Usp(u)
+            }
+            (_, Some(u)) => bail!(
+                "--usp {u} sets USP's Ulysses degree: it goes with --scheme usp (or auto), not {}",
+                format!("{self:?}").to_lowercase()
+            ),
+            (Scheme::Usp, None) => return Ok(model.choose_usp(mask, p, per_rank, dims)?),
+            (Scheme::Auto, None) => return Ok(model.choose(mask, p, per_rank, dims)?),
+            (Scheme::Ring, None) => cp::Scheme::Ring,
+            (Scheme::Zigzag, None) => cp::Scheme::Zigzag,
+            (Scheme::Allgather, None) => cp::Scheme::AllGather,
+            (Scheme::Ulysses, None) => cp::Scheme::Ulysses,
+            (Scheme::Passq, None) => cp::Scheme::PassQ,
         };
         Ok((s, s.plan(mask, p, per_rank)?, Vec::new()))
     }
@@ -105,6 +133,10 @@ pub struct RunArgs {
     backward: bool,
     #[arg(long, value_enum, default_value_t = Scheme::Auto)]
     scheme: Scheme,
+    /// USP's Ulysses degree U (a divisor of the ranks and the query heads): forces it instead
+    /// of the cost model's choice (with --scheme usp or auto).
+    #[arg(long)]
+    usp: Option<usize>,
     /// Ranks P (>= 1).
     #[arg(long)]
     ranks: usize,
@@ -128,6 +160,42 @@ pub struct RunArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    /// Input file with q [B,Sq,Hq,D] (the new queries, Sq <= Sk: the last positions),
+    /// k [B,Sk,Hk,D], v [B,Sk,Hk,Dv] (f32/bf16/f16) and optional i32 q_doc [B,Sq], k_doc [B,Sk].
+    #[arg(long)]
+    input: PathBuf,
+    /// Mask expression (queries aligned bottom-right), e.g. `causal & window(1024,0)`.
+    #[arg(long, default_value = "full")]
+    mask: String,
+    /// Output file: out [B,Sq,Hq,Dv] (input dtype) and lse [B,Hq,Sq] (f32).
+    #[arg(long)]
+    output: PathBuf,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Ranks P (>= 1); the keys are split into P near-equal shards unless --shards says.
+    #[arg(long)]
+    ranks: usize,
+    /// The keys of each rank, comma-separated (P lengths adding up to Sk; 0 for an empty
+    /// shard), e.g. `100,0,37`.
+    #[arg(long)]
+    shards: Option<String>,
+    /// Multiplier of q.k (default 1/sqrt(D)).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Logit soft-cap c: s -> c * tanh(s / c).
+    #[arg(long)]
+    softcap: Option<f32>,
+    /// Seconds a rank waits for a peer before it reports it.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Compute even if q/k/v hold NaN or Inf.
+    #[arg(long)]
+    allow_nonfinite: bool,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Sequence length (e.g. 16k); at least ranks x chunks per rank.
     #[arg(long, default_value = "16k")]
@@ -137,6 +205,9 @@ pub struct BenchArgs {
     ranks: usize,
     #[arg(long, value_enum, default_value_t = Scheme::Ring)]
     scheme: Scheme,
+    /// USP's Ulysses degree U (with --scheme usp; the cost model's otherwise).
+    #[arg(long)]
+    usp: Option<usize>,
     /// Mask expression (docs/MASKS.md).
     #[arg(long, default_value = "causal")]
     mask: String,
@@ -172,7 +243,122 @@ pub fn main(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::Run(r) => run(r),
         Cmd::Bench(b) => bench(b),
+        Cmd::Decode(d) => decode(d),
     }
+}
+
+/// The shard bounds of `sk` keys over `p` ranks: `--shards` lengths, or near-equal shards.
+fn shard_bounds(shards: Option<&str>, p: usize, sk: usize) -> Result<Vec<usize>> {
+    let lens: Vec<usize> = match shards {
+        None => (0..p).map(|r| (r + 1) * sk / p - r * sk / p).collect(),
+        Some(text) => text
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .with_context(|| format!("--shards `{text}`: `{x}` is not a length"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let total: usize = lens.iter().sum();
+    if lens.len() != p || total != sk {
+        bail!(
+            "--shards gives {} ranks {} keys; expected --ranks {p} shards adding up to the {sk} keys",
+            lens.len(),
+            total
+        );
+    }
+    Ok(std::iter::once(0)
+        .chain(lens.iter().scan(0, |acc, &l| {
+            *acc += l;
+            Some(*acc)
+        }))
+        .collect())
+}
+
+fn decode(a: DecodeArgs) -> Result<()> {
+    if a.ranks == 0 {
+        bail!("--ranks 0: tree decode needs at least one rank");
+    }
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!(
+            "--timeout {}: expected a positive number of seconds",
+            a.timeout
+        );
+    }
+    if a.output.exists() && !a.force {
+        bail!(
+            "{}: output file already exists (pass --force to overwrite it)",
+            a.output.display()
+        );
+    }
+    let inputs = longattn::io::read_inputs(&a.input)?;
+    if !a.allow_nonfinite {
+        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
+    }
+    if inputs.block_mask.is_some() {
+        bail!(
+            "{}: the file holds a `block_mask`; cp decode takes a mask expression (--mask) only",
+            a.input.display()
+        );
+    }
+    let dims = inputs.dims()?;
+    let (b, sq, sk, hq, hk, d, dv) = (
+        dims.batch, dims.sq, dims.sk, dims.hq, dims.hk, dims.d, dims.dv,
+    );
+    if sq > sk {
+        bail!(
+            "{}: q has {sq} tokens and k / v {sk}: decode queries are the last positions of the keys (Sq <= Sk)",
+            a.input.display()
+        );
+    }
+    let bounds = shard_bounds(a.shards.as_deref(), a.ranks, sk)?;
+    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let bound =
+        bind_mask(&a.mask, b, sq, sk, docs).with_context(|| format!("--mask `{}`", a.mask))?;
+    let mask = CpMask::new(bound, TILE)?;
+    let (q, k, v) = (
+        inputs.q.data.to_f32_vec(),
+        inputs.k.data.to_f32_vec(),
+        inputs.v.data.to_f32_vec(),
+    );
+    let params = AttnParams {
+        scale: a.scale,
+        softcap: a.softcap,
+        isa: None,
+    };
+    let t0 = Instant::now();
+    let res = cp::tree_decode_threads(
+        &mask,
+        (&q, &k, &v),
+        (b, sq, sk, hq, hk, d, dv),
+        &bounds,
+        &params,
+        Duration::from_secs_f64(a.timeout),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let recv: Vec<String> = res.traffic.iter().map(|x| x.received.to_string()).collect();
+    eprintln!("bytes received per rank: {}", recv.join(" "));
+    let dtype = inputs.dtype();
+    let out = longattn::Tensor::new(
+        longattn::tensor::Buffer::from_f32(dtype, &res.out),
+        vec![b, sq, hq, dv],
+    )?;
+    longattn::io::write_outputs(&a.output, &out, &res.lse, [b, hq, sq], a.force)?;
+    let lens: Vec<String> = bounds
+        .windows(2)
+        .map(|w| (w[1] - w[0]).to_string())
+        .collect();
+    eprintln!(
+        "{}: B {b} Sq {sq} Sk {sk} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: tree decode over {} ranks (threads), keys per rank {}: {:.3} ms -> {}",
+        a.input.display(),
+        mask.bound.expr(),
+        a.ranks,
+        lens.join(","),
+        secs * 1e3,
+        a.output.display()
+    );
+    Ok(())
 }
 
 fn run(a: RunArgs) -> Result<()> {
@@ -248,7 +434,13 @@ fn run(a: RunArgs) -> Result<()> {
     let mask = CpMask::new(bound, TILE)?;
     let (scheme, plan, estimates) = a
         .scheme
-        .resolve(&mask, a.ranks, a.chunks_per_rank, (b, n, hq, hk, d, dv))
+        .resolve(
+            a.usp,
+            &mask,
+            a.ranks,
+            a.chunks_per_rank,
+            (b, n, hq, hk, d, dv),
+        )
         .with_context(|| {
             let name = format!("{:?}", a.scheme).to_lowercase();
             format!("--scheme {name} over --ranks {}", a.ranks)
@@ -256,7 +448,7 @@ fn run(a: RunArgs) -> Result<()> {
     for e in &estimates {
         eprintln!(
             "cost model: {:<9} compute {:.3} ms, receives {} bytes in {} rounds, estimate {:.3} ms",
-            e.scheme.name(),
+            e.scheme.label(),
             e.compute_s * 1e3,
             e.bytes,
             e.rounds,
@@ -321,7 +513,7 @@ fn run(a: RunArgs) -> Result<()> {
         "{}: B {b} S {n} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: {} over {} ranks (threads), {} chunks, work max / mean {:.3}: {:.3} ms{} -> {}",
         a.input.display(),
         mask.bound.expr(),
-        scheme.name(),
+        scheme.label(),
         plan.world,
         plan.chunks(),
         plan.imbalance(),
@@ -377,9 +569,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     let (t1, tall) = (median(t1), median(tall));
 
     let mask = CpMask::new(bound.clone(), TILE)?;
-    let (scheme, plan, _) = a
-        .scheme
-        .resolve(&mask, p, a.chunks_per_rank, (1, n, h, hk, d, d))?;
+    let (scheme, plan, _) =
+        a.scheme
+            .resolve(a.usp, &mask, p, a.chunks_per_rank, (1, n, h, hk, d, d))?;
     let run = |cp: &Cp, x: &LocalQkv, prm: &AttnParams| scheme.forward(cp, x, prm);
     // P ranks: shards prepared outside the timing; each rank times its run between barriers.
     let mut tp = Vec::new();

@@ -838,7 +838,8 @@ fn rel_diff(got: &[f32], want: &[f32]) -> f32 {
 }
 
 /// `cp run --backward` over P = 1, 2, 3 ranks writes what single-rank `run --backward` writes
-/// (out, lse, dq, dk, dv) for three masks and every scheme (Ulysses where the heads divide).
+/// (out, lse, dq, dk, dv) for three masks and every scheme (Ulysses where the heads divide; USP
+/// with the cost model's U and with U forced by --usp).
 #[test]
 fn cp_run_matches_single_rank_run() {
     let n = 37;
@@ -858,21 +859,25 @@ fn cp_run_matches_single_rank_run() {
         let names = ["out", "lse", "dq", "dk", "dv"];
         let want: Vec<Vec<f32>> = names.iter().map(|x| read_f32(&single, x).0).collect();
         for p in ["1", "2", "3"] {
-            for scheme in ["ring", "zigzag", "allgather", "ulysses", "passq", "auto"] {
+            // U = P at two ranks, U = 1 (the ring through the views) otherwise.
+            let forced = if p == "2" { "2" } else { "1" };
+            for scheme in [
+                "ring",
+                "zigzag",
+                "allgather",
+                "ulysses",
+                "passq",
+                "usp",
+                "usp-forced",
+                "auto",
+            ] {
                 let output = tmp("cp-out.safetensors");
-                let o = cp_run(
-                    &input,
-                    &output,
-                    &[
-                        "--mask",
-                        mask,
-                        "--backward",
-                        "--ranks",
-                        p,
-                        "--scheme",
-                        scheme,
-                    ],
-                );
+                let mut args = vec!["--mask", mask, "--backward", "--ranks", p, "--scheme"];
+                match scheme {
+                    "usp-forced" => args.extend(["usp", "--usp", forced]),
+                    s => args.push(s),
+                }
+                let o = cp_run(&input, &output, &args);
                 assert!(o.status.success(), "{mask} {p} {scheme}: {}", stderr(&o));
                 for (name, w) in names.iter().zip(&want) {
                     let (got, _) = read_f32(&output, name);
@@ -881,6 +886,10 @@ fn cp_run_matches_single_rank_run() {
                 }
                 if scheme == "auto" {
                     assert!(stderr(&o).contains("cost model: ring"), "{}", stderr(&o));
+                }
+                if scheme == "usp-forced" {
+                    let said = format!("usp(U={forced}) over {p} ranks");
+                    assert!(stderr(&o).contains(&said), "{}", stderr(&o));
                 }
             }
         }
@@ -903,6 +912,30 @@ fn cp_run_bad_inputs_are_clear_errors() {
         cp_run(&input, &out, &["--ranks", "2", "--scheme", "ulysses"]),
         "3 query heads cannot be split over 2 ranks",
     );
+    fails_with(
+        cp_run(
+            &input,
+            &out,
+            &["--ranks", "2", "--scheme", "usp", "--usp", "2"],
+        ),
+        "usp: 3 query heads cannot be split over 2 ranks",
+    );
+    fails_with(
+        cp_run(
+            &input,
+            &out,
+            &["--ranks", "2", "--scheme", "usp", "--usp", "4"],
+        ),
+        "--usp 4: the Ulysses degree U must divide the 2 ranks",
+    );
+    fails_with(
+        cp_run(
+            &input,
+            &out,
+            &["--ranks", "2", "--scheme", "ring", "--usp", "2"],
+        ),
+        "--usp 2 sets USP's Ulysses degree: it goes with --scheme usp (or auto), not ring",
+    );
     for tr in ["nccl", "loopback"] {
         fails_with(
             cp_run(&input, &out, &["--ranks", "2", "--transport", tr]),
@@ -920,5 +953,62 @@ fn cp_run_bad_inputs_are_clear_errors() {
     fails_with(
         cp_run(&uneven, &out, &["--ranks", "2"]),
         "q has 8 tokens and k / v 12",
+    );
+}
+
+/// `cp decode` (tree decode) writes what single-rank `run` writes, for near-equal shards and for
+/// uneven shards with an empty one, under masks with Sq < Sk; bad shard lists are clear errors.
+#[test]
+fn cp_decode_matches_single_rank_run() {
+    let x = inputs(DType::F32, 2, 5, 77, 4, 2, 16);
+    let input = tmp("cp-decode-in.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    let decode = |output: &PathBuf, extra: &[&str]| {
+        bin()
+            .args(["cp", "decode", "--input"])
+            .arg(&input)
+            .arg("--output")
+            .arg(output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for mask in ["full", "causal & window(20,0) | sinks(3)"] {
+        let single = tmp("cp-decode-single.safetensors");
+        let o = run_args(&input, &single, &["--mask", mask, "--threads", "1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let want: Vec<Vec<f32>> = ["out", "lse"]
+            .iter()
+            .map(|n| read_f32(&single, n).0)
+            .collect();
+        for extra in [
+            &["--ranks", "1"][..],
+            &["--ranks", "4"],
+            &["--ranks", "3", "--shards", "40,0,37"],
+        ] {
+            let output = tmp("cp-decode-out.safetensors");
+            let mut args = vec!["--mask", mask, "--force"];
+            args.extend(extra);
+            let o = decode(&output, &args);
+            assert!(o.status.success(), "{mask} {extra:?}: {}", stderr(&o));
+            assert!(stderr(&o).contains("tree decode over"), "{}", stderr(&o));
+            for (name, w) in ["out", "lse"].iter().zip(&want) {
+                let e = rel_diff(&read_f32(&output, name).0, w);
+                assert!(e <= 1e-5, "{mask} {extra:?}: {name} differs by {e}");
+            }
+        }
+    }
+    let out = tmp("cp-decode-bad.safetensors");
+    fails_with(
+        decode(&out, &["--ranks", "2", "--shards", "40,30", "--force"]),
+        "--shards gives 2 ranks 70 keys; expected --ranks 2 shards adding up to the 77 keys",
+    );
+    fails_with(
+        decode(&out, &["--ranks", "2", "--shards", "40,x", "--force"]),
+        "`x` is not a length",
+    );
+    fails_with(
+        decode(&out, &["--ranks", "0"]),
+        "--ranks 0: tree decode needs at least one rank",
     );
 }

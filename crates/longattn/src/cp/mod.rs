@@ -18,7 +18,16 @@
 //!   travel to it and their partial (out, LSE) come back, merged by LSE at the owner;
 //! - Ulysses ([`ulysses`]): all-to-all from sequence shards to head groups, the whole sequence
 //!   per head group, all-to-all back; GQA key / value heads sent to (or replicated for) the
-//!   ranks whose query heads use them.
+//!   ranks whose query heads use them;
+//! - USP ([`usp`]): P = U x R, Ulysses inside groups of U ranks and the ring (with its plan
+//!   and halo exchange) across the R groups, each group's view a [`Sub`] of the transport; the
+//!   degrees chosen by the cost model ([`CostModel::choose_usp`]);
+//! - tree decode ([`tree`]): the keys and values sharded across ranks (any lengths, empty
+//!   shards too), each rank's partial (out, LSE) from the common forward on its shard, one
+//!   all-gather of the partials and the LSE merge on every rank;
+//! - linear attention's state passing ([`lasp`], LASP-2 style): each rank's part of the
+//!   sequence gives its final state and total log decay, one all-gather, each rank's initial
+//!   state the decayed prefix sum of the earlier parts' states, then its chunked forward.
 //!
 //! Every scheme takes the same local shard (the rank's chunks of the plan, in increasing order)
 //! and first checks with one all-gather that every rank has the same shapes, mask and plan.
@@ -28,23 +37,29 @@
 //! that stalled or left is named on every rank, also on those that were waiting for another.
 pub mod block;
 pub mod gather;
+pub mod lasp;
 pub mod passq;
 pub mod plan;
 pub mod ring;
 pub mod scheme;
 pub mod transport;
+pub mod tree;
 pub mod ulysses;
+pub mod usp;
 
 #[cfg(test)]
 mod tests;
 
 pub use block::{Cp, CpMask, GradIn, LocalQkv};
 pub use gather::{gather_backward, gather_forward};
+pub use lasp::{lasp_backward, lasp_forward};
 pub use passq::{passq_backward, passq_forward};
 pub use plan::{plan, Plan};
 pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
 pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
-pub use transport::{Counted, ThreadTransport, Traffic, Transport};
+pub use transport::{Counted, Sub, ThreadTransport, Traffic, Transport};
+pub use tree::{tree_decode, tree_decode_threads, DecodeOut, DecodeShard};
 pub use ulysses::{ulysses_backward, ulysses_forward};
+pub use usp::{usp_backward, usp_forward, usp_plan};

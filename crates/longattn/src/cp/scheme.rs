@@ -10,7 +10,9 @@
 //! - communication: the bytes a rank receives at `bytes_per_s`, plus `latency` per dependent
 //!   round of messages (the ring: P - 1 steps; pass-Q: P - 1 steps of two rounds, queries there
 //!   and results back; all-gather: one collective for K, one for V; Ulysses: four all-to-alls,
-//!   q / k / v there and the output back);
+//!   q / k / v there and the output back; USP with degree U: Ulysses' four all-to-alls over U
+//!   ranks, each a member's piece, plus the ring's halo over the P / U groups of K / V for
+//!   Hq / U heads, and the ring plan's heaviest group's work divided by U);
 //! - overlap: with `overlap` (a transport that moves the next step's data while this step
 //!   computes) the ring and pass-Q hide their transfers behind their compute
 //!   (`max(compute, transfer)`); the threads transport as built does not, nor do the
@@ -21,11 +23,15 @@
 //! divide by P (it receives `~(P - 1) / P^2` of the sequence's q / k / v / out, against the
 //! ring's `(P - 1) / P` of its K / V, and balances perfectly), all-gather for GQA with few key /
 //! value heads at small P (the same bytes as the ring in fewer rounds), and the ring when its
-//! queries need only some key chunks (sliding windows: it fetches only the chunks a rank needs).
+//! queries need only some key chunks (sliding windows: it fetches only the chunks a rank needs),
+//! and USP when the query heads divide by a group of the ranks but not by all of them (8 ranks,
+//! 4 heads: U = 4, R = 2). `auto` weighs USP for every U with 1 < U < P that divides P;
+//! `choose_usp` picks U for `--scheme usp` among all divisors (U = 1 the ring, U = P Ulysses).
 use super::block::{copy_rows, same_heads, Cp, CpMask, GradIn, LocalQkv, Rows};
 use super::plan::{even_bounds, plan, Plan};
 use super::ring::Grads;
 use super::transport::{Counted, ThreadTransport, Traffic, Transport};
+use super::usp::{self, usp_plan};
 use super::{gather, passq, ring, ulysses};
 use crate::attention::AttnParams;
 use crate::backward::BackwardParams;
@@ -46,6 +52,9 @@ pub enum Scheme {
     Ulysses,
     /// Pass-Q over the mask-aware plan: the queries travel, K / V stay.
     PassQ,
+    /// USP with Ulysses degree U (the field): Ulysses inside groups of U ranks, the ring across
+    /// the P / U groups, over [`usp_plan`].
+    Usp(usize),
 }
 
 impl Scheme {
@@ -64,10 +73,20 @@ impl Scheme {
             Scheme::AllGather => "allgather",
             Scheme::Ulysses => "ulysses",
             Scheme::PassQ => "passq",
+            Scheme::Usp(_) => "usp",
         }
     }
 
-    /// The scheme of a name (`ring`, `zigzag`, `allgather`, `ulysses`, `passq`).
+    /// The name with the degrees that are part of the scheme (`usp(U=2)`).
+    pub fn label(self) -> String {
+        match self {
+            Scheme::Usp(u) => format!("usp(U={u})"),
+            s => s.name().to_string(),
+        }
+    }
+
+    /// The scheme of a name (`ring`, `zigzag`, `allgather`, `ulysses`, `passq`; USP is
+    /// [`Scheme::Usp`] with its degree, or [`CostModel::choose_usp`]).
     pub fn parse(s: &str) -> Result<Scheme> {
         Scheme::ALL
             .into_iter()
@@ -86,6 +105,7 @@ impl Scheme {
     pub fn plan(self, mask: &CpMask, world: usize, per_rank: usize) -> Result<Plan> {
         match self {
             Scheme::Zigzag => zigzag_plan(mask, world),
+            Scheme::Usp(u) => usp_plan(mask, world, u, per_rank),
             _ => plan(&mask.sched, world, per_rank),
         }
     }
@@ -103,6 +123,7 @@ impl Scheme {
             Scheme::AllGather => gather::gather_forward(cp, x, params),
             Scheme::Ulysses => ulysses::ulysses_forward(cp, x, params),
             Scheme::PassQ => passq::passq_forward(cp, x, params),
+            Scheme::Usp(u) => usp::usp_forward(cp, u, x, params),
         };
         res.inspect_err(|e| cp.t.abort(&e.to_string()))
     }
@@ -115,6 +136,7 @@ impl Scheme {
             Scheme::AllGather => gather::gather_backward(cp, x, g, params),
             Scheme::Ulysses => ulysses::ulysses_backward(cp, x, g, params),
             Scheme::PassQ => passq::passq_backward(cp, x, g, params),
+            Scheme::Usp(u) => usp::usp_backward(cp, u, x, g, params),
         };
         res.inspect_err(|e| cp.t.abort(&e.to_string()))
     }
@@ -197,51 +219,84 @@ impl CostModel {
         let rows = plan.max_rows() as u64;
         let (b, hq, hk, d, dv) = (b as u64, hq as u64, hk as u64, d as u64, dv as u64);
         let kv_row = 4 * b * hk * (d + dv);
-        let (compute, bytes, rounds, overlap) = match scheme {
-            Scheme::Ring | Scheme::Zigzag => {
-                (flop(rank_max), ring::ring_bytes(plan, kv_row), p - 1, true)
+        // Key / value heads a rank receives when its `hp` query heads of groups of `g` arrive
+        // by an all-to-all (the three cases of `ulysses`).
+        let kv_heads = |hp: u64, g: u64| {
+            if hp.is_multiple_of(g) {
+                hp / g
+            } else if g.is_multiple_of(hp) {
+                1
+            } else {
+                hp
             }
-            Scheme::PassQ => (
-                flop(rank_max),
-                passq::passq_bytes(plan, 4 * b * hq * d, 4 * b * hq * (dv + 1)),
-                2 * (p - 1),
-                true,
-            ),
+        };
+        // Bytes of one row a rank's head group receives in Ulysses' all-to-alls: q, k, v of its
+        // heads there and its out (with the LSE) back.
+        let a2a_row =
+            |hp: u64| 4 * b * (hp * (d + dv) + kv_heads(hp, hq / hk) * (d + dv) + hp * (dv + 1));
+        // (compute flops, bytes received, of which the ring's steps (hidden under overlap),
+        // dependent rounds)
+        let (compute, bytes, ringed, rounds) = match scheme {
+            Scheme::Ring | Scheme::Zigzag => {
+                let x = ring::ring_bytes(plan, kv_row);
+                (flop(rank_max), x, x, p - 1)
+            }
+            Scheme::PassQ => {
+                let x = passq::passq_bytes(plan, 4 * b * hq * d, 4 * b * hq * (dv + 1));
+                (flop(rank_max), x, x, 2 * (p - 1))
+            }
             Scheme::AllGather => (
                 flop(rank_max),
                 (p as u64 - 1) * rows * kv_row,
+                0,
                 2 * (p > 1) as usize,
-                false,
             ),
             Scheme::Ulysses => {
-                let (p64, hp) = (p as u64, hq / p as u64);
+                let p64 = p as u64;
                 if hq % p64 != 0 {
                     return None;
                 }
-                let g = hq / hk;
-                let kv_heads = if hp % g == 0 {
-                    hp / g
-                } else if g % hp == 0 {
-                    1
-                } else {
-                    hp
-                };
-                // q, k, v of this rank's heads from the other ranks' rows, and its out back.
-                let row = 4 * b * (hp * (d + dv) + kv_heads * (d + dv) + hp * (dv + 1));
                 (
                     flop(total / p as f64),
-                    (p64 - 1) * rows * row,
+                    (p64 - 1) * rows * a2a_row(hq / p64),
+                    0,
                     4 * (p > 1) as usize,
-                    false,
+                )
+            }
+            Scheme::Usp(u) => {
+                let u64_ = u as u64;
+                if u == 0 || !p.is_multiple_of(u) || !hq.is_multiple_of(u64_) {
+                    return None;
+                }
+                // The ring plan over the P / U groups (what `usp_plan` cuts): each member
+                // computes its group's blocks for Hq / U heads; the all-to-alls inside the
+                // group move a member's piece, the ring the halo of K / V for its heads.
+                let per_rank = (plan.chunks() / p).max(1);
+                let rp = super::plan::plan(&mask.sched, p / u, per_rank).ok()?;
+                if (0..rp.chunks()).any(|c| rp.len(c) < u) {
+                    return None;
+                }
+                let hp = hq / u64_;
+                let ring_max = *rp.rank_work().iter().max().unwrap_or(&0) as f64;
+                let piece = rp.max_rows().div_ceil(u) as u64;
+                let ringed = ring::ring_bytes(&rp, 4 * b * kv_heads(hp, hq / hk) * (d + dv));
+                (
+                    flop(ring_max) / u as f64,
+                    (u64_ - 1) * piece * a2a_row(hp) + ringed,
+                    ringed,
+                    4 * (u > 1) as usize + p / u - 1,
                 )
             }
         };
         let compute_s = compute / self.flops;
-        let move_s = bytes as f64 / self.bytes_per_s + rounds as f64 * self.latency;
-        let total_s = if overlap && self.overlap {
-            compute_s.max(bytes as f64 / self.bytes_per_s) + rounds as f64 * self.latency
+        let (move_s, hidden_s) = (
+            bytes as f64 / self.bytes_per_s,
+            ringed as f64 / self.bytes_per_s,
+        );
+        let total_s = if self.overlap {
+            compute_s.max(hidden_s) + (move_s - hidden_s) + rounds as f64 * self.latency
         } else {
-            compute_s + move_s
+            compute_s + move_s + rounds as f64 * self.latency
         };
         Some(Estimate {
             scheme,
@@ -253,7 +308,9 @@ impl CostModel {
     }
 
     /// The scheme of least estimated time (ties: the earlier of ring, all-gather, Ulysses,
-    /// pass-Q) and its plan (`per_rank` chunks per rank), with every estimate for the report.
+    /// pass-Q, then USP by increasing U; USP only with 1 < U < P, as U = 1 is the ring and
+    /// U = P Ulysses) and its plan (`per_rank` chunks per rank), with every estimate for the
+    /// report.
     pub fn choose(
         &self,
         mask: &CpMask,
@@ -262,22 +319,63 @@ impl CostModel {
         dims: Dims,
     ) -> Result<(Scheme, Plan, Vec<Estimate>)> {
         let balanced = plan(&mask.sched, world, per_rank)?;
+        let hybrids = (2..world)
+            .filter(|&u| world.is_multiple_of(u))
+            .map(Scheme::Usp);
         let mut all = Vec::new();
         for s in [
             Scheme::Ring,
             Scheme::AllGather,
             Scheme::Ulysses,
             Scheme::PassQ,
-        ] {
+        ]
+        .into_iter()
+        .chain(hybrids)
+        {
             all.extend(self.estimate(s, &balanced, mask, dims));
         }
-        let best = all
-            .iter()
-            .min_by(|a, b| a.total_s.total_cmp(&b.total_s))
-            .expect("the ring always runs")
-            .scheme;
-        Ok((best, balanced, all))
+        let best = least(&all).expect("the ring always runs");
+        let chosen = match best {
+            Scheme::Usp(u) => usp_plan(mask, world, u, per_rank)?,
+            _ => balanced,
+        };
+        Ok((best, chosen, all))
     }
+
+    /// USP's degrees for `world` ranks: the Ulysses degree U (a divisor of P and of the query
+    /// heads, U = 1 and U = P included) of least estimated time, ties to the smaller U, and its
+    /// plan ([`usp_plan`]), with the estimate of every U that can run.
+    pub fn choose_usp(
+        &self,
+        mask: &CpMask,
+        world: usize,
+        per_rank: usize,
+        dims: Dims,
+    ) -> Result<(Scheme, Plan, Vec<Estimate>)> {
+        let balanced = plan(&mask.sched, world, per_rank)?;
+        let all: Vec<Estimate> = (1..=world)
+            .filter(|&u| world.is_multiple_of(u))
+            .filter_map(|u| self.estimate(Scheme::Usp(u), &balanced, mask, dims))
+            .collect();
+        let best = least(&all).ok_or_else(|| Error::Param {
+            op: "context parallelism",
+            msg: format!(
+                "usp: no Ulysses degree U fits {world} ranks with {} query heads and {} tokens",
+                dims.2, dims.1
+            ),
+        })?;
+        let Scheme::Usp(u) = best else {
+            unreachable!("only USP estimated")
+        };
+        Ok((best, usp_plan(mask, world, u, per_rank)?, all))
+    }
+}
+
+/// The scheme of the least estimated time (the first of equal ones).
+fn least(all: &[Estimate]) -> Option<Scheme> {
+    all.iter()
+        .min_by(|a, b| a.total_s.total_cmp(&b.total_s))
+        .map(|e| e.scheme)
 }
 
 /// Whole-sequence tensors (f32, contiguous): `q [B, n, Hq, D]`, `k [B, n, Hk, D]`,
@@ -434,7 +532,7 @@ pub fn run_threads(
 }
 
 /// Whether an error reports another rank's failure rather than naming a problem itself.
-fn secondhand(e: &Error) -> bool {
+pub(crate) fn secondhand(e: &Error) -> bool {
     matches!(e, Error::Comm { msg, .. }
         if msg.contains("refused its inputs") || msg.contains("left the group") || msg.contains("gave up"))
 }
@@ -488,6 +586,54 @@ mod tests {
             six.is_none(),
             "6 query heads over 4 ranks: Ulysses cannot run"
         );
+    }
+
+    /// USP in the cost model: `choose_usp` takes the U that moves least for the mask, and
+    /// `auto` takes USP where Ulysses cannot split the heads over every rank but can over a
+    /// group.
+    #[test]
+    fn cost_model_picks_usp_degrees() {
+        let n = 16384;
+        let m = CostModel::default();
+        let usp = |expr: &str, p: usize, hq: usize, hk: usize| {
+            let dims = (1, n, hq, hk, 128, 128);
+            let (s, pl, all) = m.choose_usp(&mask(expr, n), p, 2, dims).unwrap();
+            let Scheme::Usp(u) = s else { panic!("{s:?}") };
+            assert_eq!(pl.world, p);
+            assert_eq!(pl.chunks(), 2 * p, "two pieces of each ring chunk per rank");
+            // Every U that divides P and the heads was estimated; the least was taken.
+            let us: Vec<usize> = (1..=p)
+                .filter(|&u| p.is_multiple_of(u) && hq.is_multiple_of(u))
+                .collect();
+            assert_eq!(all.len(), us.len());
+            let best = all.iter().map(|e| e.total_s).fold(f64::INFINITY, f64::min);
+            assert_eq!(all.iter().find(|e| e.scheme == s).unwrap().total_s, best);
+            u
+        };
+        // Dense causal, heads to spare: all-to-all over every rank (Ulysses' end).
+        assert_eq!(usp("causal", 8, 32, 32), 8);
+        // A sliding window: the ring's halo is cheaper than any all-to-all (the ring's end).
+        assert_eq!(usp("causal & window(512,0)", 8, 32, 32), 1);
+        // Four heads over eight ranks: Ulysses over four, the ring over two.
+        assert_eq!(usp("causal", 8, 4, 4), 4);
+        // Heads 6 over P = 6: U = 1, 2, 3, 6 all estimated.
+        assert!([1, 2, 3, 6].contains(&usp("full", 6, 6, 2)));
+        let auto = |expr: &str, p: usize, hq: usize, hk: usize| {
+            let (s, pl, all) = m
+                .choose(&mask(expr, n), p, 2, (1, n, hq, hk, 128, 128))
+                .unwrap();
+            assert!(all.iter().any(|e| matches!(e.scheme, Scheme::Usp(_))));
+            assert_eq!(
+                pl,
+                s.plan(&mask(expr, n), p, 2).unwrap(),
+                "{s:?}: its own plan"
+            );
+            s
+        };
+        // `auto` weighs the hybrid: where Ulysses cannot take every rank, it takes a group.
+        assert_eq!(auto("causal", 8, 4, 4), Scheme::Usp(4));
+        assert_eq!(auto("causal", 4, 2, 2), Scheme::Usp(2));
+        assert_eq!(auto("causal", 6, 6, 6), Scheme::Ulysses);
     }
 
     #[test]

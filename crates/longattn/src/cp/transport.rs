@@ -8,6 +8,10 @@
 //! - `all_to_all`: chunk j of rank i's send buffer lands in chunk i of rank j's receive buffer;
 //! - `all_reduce_sum` (f32): `x <- sum_{r = 0 .. P-1} x_r`, summed in rank order on every rank;
 //! - `barrier`: returns once every rank has entered it.
+//!
+//! [`Sub`] is a view of a transport restricted to some of its ranks (renumbered 0 .. m-1), with
+//! its tags moved into a range of their own: the groups of a hybrid scheme (USP's Ulysses groups
+//! and ring groups) run any scheme or collective over the same transport.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
@@ -22,7 +26,7 @@ const COLLECTIVE_TAG: u32 = 0xffff_0000;
 pub const ABORT_TAG: u32 = 0xffff_ffff;
 
 /// Point-to-point messages between the ranks of one group, and the collectives built on them.
-pub trait Transport: Send {
+pub trait Transport: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Sends `data` to rank `to` under `tag` (does not wait for the receiver).
@@ -172,6 +176,111 @@ impl<T: Transport> Transport for Counted<T> {
         self.inner.recv(from, tag, out)?;
         self.received.fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// A transport restricted to the ranks `members` of another (`members[i]` is the view's rank i):
+/// a send to rank i goes to rank `members[i]` of the whole group. The view's tags are moved by
+/// its `salt` (1 ..= 127) into their own range, `tag ^ (salt << 24)`: the schemes' small tags
+/// and the collectives' tags (top byte 0xff) land in ranges no other salt and no tag of the
+/// whole group uses (the abort tag stays the abort tag), so a message meant for one group is
+/// never taken for another's (the ranks' views must still not talk to the same peer at the same
+/// time: messages between two ranks are received in order). Errors name the whole group's ranks
+/// (the underlying transport reports the peers by their rank there) and the view.
+pub struct Sub<'a> {
+    inner: &'a dyn Transport,
+    members: Vec<usize>,
+    rank: usize,
+    salt: u32,
+    name: String,
+}
+
+impl<'a> Sub<'a> {
+    /// The view of `inner` over `members` (distinct ranks of `inner`, this rank among them),
+    /// named `name` in its errors.
+    pub fn new(
+        inner: &'a dyn Transport,
+        members: Vec<usize>,
+        salt: u32,
+        name: &str,
+    ) -> Result<Sub<'a>> {
+        let me = inner.rank();
+        let distinct = members
+            .iter()
+            .enumerate()
+            .all(|(i, a)| members[..i].iter().all(|b| a != b));
+        let rank = members.iter().position(|&m| m == me);
+        match rank {
+            Some(rank)
+                if distinct
+                    && (1..=127).contains(&salt)
+                    && members.iter().all(|&m| m < inner.world()) =>
+            {
+                Ok(Sub {
+                    inner,
+                    members,
+                    rank,
+                    salt,
+                    name: name.to_string(),
+                })
+            }
+            _ => Err(inner.err(format!(
+                "{name}: ranks {members:?} (salt {salt}) are not a group of distinct ranks of 0..{} holding this rank {me} (salts 1 ..= 127)",
+                inner.world()
+            ))),
+        }
+    }
+
+    /// The whole group's ranks of this view, in the view's order.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    fn tag(&self, tag: u32) -> u32 {
+        if tag == ABORT_TAG {
+            tag
+        } else {
+            tag ^ (self.salt << 24)
+        }
+    }
+
+    fn peer(&self, i: usize, what: &str) -> Result<usize> {
+        self.members.get(i).copied().ok_or_else(|| {
+            self.err(format!(
+                "{what} rank {i}: not a rank of the view (ranks 0..{})",
+                self.members.len()
+            ))
+        })
+    }
+}
+
+impl Transport for Sub<'_> {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.members.len()
+    }
+    fn send(&self, to: usize, tag: u32, data: &[u8]) -> Result<()> {
+        let to = self.peer(to, "send to")?;
+        self.inner.send(to, self.tag(tag), data)
+    }
+    fn recv(&self, from: usize, tag: u32, out: &mut [u8]) -> Result<()> {
+        let from = self.peer(from, "receive from")?;
+        self.inner.recv(from, self.tag(tag), out)
+    }
+    /// A rank that gives up in one group tells the whole group (every rank may wait on it).
+    fn abort(&self, why: &str) {
+        self.inner.abort(why)
+    }
+    fn err(&self, msg: String) -> Error {
+        self.inner.err(format!(
+            "{} (ranks {:?}, here rank {} of {}): {msg}",
+            self.name,
+            self.members,
+            self.rank,
+            self.members.len()
+        ))
     }
 }
 
@@ -461,6 +570,103 @@ mod tests {
             "{e0}"
         );
         assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    /// P = 6 as a 2 x 3 grid: the rows' views, then the columns' views, each running the
+    /// collectives and a ring of point-to-point messages under the same tags; every view sees
+    /// its members' data only, in its own numbering.
+    #[test]
+    fn sub_views_of_rows_and_columns_keep_to_their_members() {
+        let (rows, cols) = (2, 3);
+        let res = run(rows * cols, 5000, move |t| {
+            let me = t.rank();
+            let row: Vec<usize> = (0..cols).map(|c| me / cols * cols + c).collect();
+            let col: Vec<usize> = (0..rows).map(|r| r * cols + me % cols).collect();
+            let mut seen = Vec::new();
+            for (members, salt) in [(row, 1), (col, 2)] {
+                let v = Sub::new(&t, members.clone(), salt, "test view").unwrap();
+                assert_eq!(v.members(), &members[..]);
+                let (m, r) = (v.world(), v.rank());
+                assert_eq!(members[r], me);
+                let mut g = vec![0u8; m * 5];
+                v.all_gather(&payload(me, 5), &mut g).unwrap();
+                let send: Vec<u8> = (0..m * 2).map(|i| (me * 50 + i) as u8).collect();
+                let mut a2a = vec![0u8; m * 2];
+                v.all_to_all(&send, &mut a2a).unwrap();
+                let mut x = [me as f32 + 0.5];
+                v.all_reduce_sum(&mut x).unwrap();
+                let mut got = vec![0u8; 3];
+                if m > 1 {
+                    v.send((r + 1) % m, 7, &payload(me, 3)).unwrap();
+                    v.recv((r + m - 1) % m, 7, &mut got).unwrap();
+                }
+                seen.push((members, g, a2a, x[0], got));
+            }
+            seen
+        });
+        for (me, views) in res.iter().enumerate() {
+            for (members, g, a2a, x, got) in views {
+                let m = members.len();
+                let r = members.iter().position(|&x| x == me).unwrap();
+                for (i, &who) in members.iter().enumerate() {
+                    assert_eq!(&g[i * 5..i * 5 + 5], &payload(who, 5)[..], "rank {me}");
+                    let want: Vec<u8> = (0..2).map(|j| (who * 50 + r * 2 + j) as u8).collect();
+                    assert_eq!(&a2a[i * 2..i * 2 + 2], &want[..], "rank {me}");
+                }
+                let sum: f32 = members.iter().map(|&w| w as f32 + 0.5).sum();
+                assert_eq!(*x, sum, "rank {me}");
+                if m > 1 {
+                    assert_eq!(got, &payload(members[(r + m - 1) % m], 3), "rank {me}");
+                }
+            }
+        }
+    }
+
+    /// A view's tags are its own: a message sent through another view (or the whole group) is
+    /// an error naming both tags, not a silent mix-up; bad member lists and peers are errors.
+    #[test]
+    fn sub_view_tags_are_separate_and_bad_views_are_errors() {
+        let res = run(3, 2000, |t| {
+            let v = Sub::new(&t, vec![0, 1], 1, "pair");
+            if t.rank() == 2 {
+                let e = v.err().unwrap().to_string();
+                return vec![e];
+            }
+            let v = v.unwrap();
+            if t.rank() == 0 {
+                let w = Sub::new(&t, vec![1, 0], 2, "other").unwrap();
+                w.send(0, 4, &[1]).unwrap(); // rank 1 of `other` is rank 0: rank 1 of the whole
+                let bad = v.send(2, 4, &[1]).unwrap_err().to_string();
+                let dup = Sub::new(&t, vec![0, 0], 1, "dup")
+                    .err()
+                    .unwrap()
+                    .to_string();
+                vec![bad, dup]
+            } else {
+                let mut b = [0u8; 1];
+                vec![v.recv(0, 4, &mut b).unwrap_err().to_string()]
+            }
+        });
+        assert!(
+            res[0][0].contains(
+                "pair (ranks [0, 1], here rank 0 of 2): send to rank 2: not a rank of the view"
+            ),
+            "{}",
+            res[0][0]
+        );
+        assert!(res[0][1].contains("dup: ranks [0, 0]"), "{}", res[0][1]);
+        assert!(
+            res[1][0].contains("rank 1 of 3")
+                && res[1][0].contains("expected tag 0x1000004")
+                && res[1][0].contains("got tag 0x2000004"),
+            "{}",
+            res[1][0]
+        );
+        assert!(
+            res[2][0].contains("rank 2 of 3") && res[2][0].contains("holding this rank 2"),
+            "{}",
+            res[2][0]
+        );
     }
 
     #[test]

@@ -627,6 +627,75 @@ pub fn forward_chunked(core: &Core, chunk: usize) -> Result<CoreOutput> {
     })
 }
 
+/// The final state `[seqs, H, K, V]` of the chunked forward alone (the chunks' state updates,
+/// no output rows): what context parallelism's state passing needs of one rank's tokens.
+pub fn final_state_chunked(core: &Core, chunk: usize) -> Result<Vec<f32>> {
+    const OP: &str = "linear::cpu::final_state_chunked";
+    let d = core.validate(OP)?;
+    check_chunk(OP, chunk)?;
+    let states: Vec<_> = tasks(&d, core.cu_seqlens)
+        .into_par_iter()
+        .map(|(seq, h)| (seq.3, h, forward_head(core, &d, seq, h, chunk, None, None)))
+        .collect();
+    let kv = d.k * d.v;
+    let mut state = vec![0.0f32; d.state_len()];
+    for (n, h, s) in states {
+        state[(n * d.h + h) * kv..][..kv].copy_from_slice(&s);
+    }
+    Ok(state)
+}
+
+/// The gradient of the initial state `[seqs, H, K, V]` that the output gradient
+/// `dout [B, T, H, V]` alone gives (the final state's gradient zero), per (sequence, head):
+///   dS_0 = scale sum_t diag(e^{B_t}) q_t^T do_t,   B_t = g_0 + .. + g_t
+/// (the chunked backward's `dS_0` with `dS = 0` at the end, in f64). The whole `dS_0` is this
+/// plus `diag(e^{B_T}) dS_T`: context parallelism's state passing runs that sum across ranks.
+pub fn initial_state_grad(core: &Core, dout: &[f32]) -> Result<Vec<f32>> {
+    const OP: &str = "linear::cpu::initial_state_grad";
+    let d = core.validate(OP)?;
+    let want = d.batch * d.t * d.h * d.v;
+    if dout.len() != want {
+        return Err(Error::Shape {
+            op: OP,
+            tensor: "dout".into(),
+            got: vec![dout.len()],
+            expected: format!("[{}, {}, {}, {}] = {want} elements", d.batch, d.t, d.h, d.v),
+        });
+    }
+    let w = decay_width(core, &d);
+    let (kd, vd) = (d.k, d.v);
+    let grads: Vec<_> = tasks(&d, core.cu_seqlens)
+        .into_par_iter()
+        .map(|((bi, t0, t1, n), h)| {
+            let l = t1 - t0;
+            let mut q = vec![0.0f32; l * kd];
+            load(&core.q, bi, t0, l, h, &mut q);
+            let mut bc = vec![0.0f64; l * w];
+            cumulative(core, &d, bi, t0, l, h, &mut bc);
+            let mut acc = vec![0.0f64; kd * vd];
+            for t in 0..l {
+                let o = &dout[((bi * d.t + t0 + t) * d.h + h) * vd..][..vd];
+                for i in 0..kd {
+                    let e = bc[t * w + if w == 1 { 0 } else { i }].exp();
+                    let x = core.scale as f64 * q[t * kd + i] as f64 * e;
+                    for (a, &y) in acc[i * vd..][..vd].iter_mut().zip(o) {
+                        *a += x * y as f64;
+                    }
+                }
+            }
+            (n, h, acc)
+        })
+        .collect();
+    let kv = kd * vd;
+    let mut ds = vec![0.0f32; d.state_len()];
+    for (n, h, acc) in grads {
+        for (y, x) in ds[(n * d.h + h) * kv..][..kv].iter_mut().zip(&acc) {
+            *y = *x as f32;
+        }
+    }
+    Ok(ds)
+}
+
 /// A sequence `(batch row, first token, end token, state index)`.
 type Seq = (usize, usize, usize, usize);
 /// One task's result of the recurrent form: its sequence, head, output rows and final state.

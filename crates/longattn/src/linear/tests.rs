@@ -268,6 +268,53 @@ fn chunked_backward_matches_oracle() {
     }
 }
 
+/// The pieces context parallelism's state passing takes of the chunked forms: the final state
+/// alone equals the forward's, and the initial state's gradient from the output gradient alone
+/// equals the backward's without a final-state gradient (awkward lengths, every decay kind,
+/// varlen with an empty sequence).
+#[test]
+fn final_state_and_initial_state_grad_match_the_chunked_forms() {
+    use super::cpu::{final_state_chunked, initial_state_grad};
+    for &t in &[1usize, 7, 63, 65, 113] {
+        for kind in KINDS {
+            let mut s = CaseSpec::new(t, kind);
+            s.s0 = t % 2 == 1;
+            if t == 113 {
+                s.cu = Some(vec![0, 40, 40, 113]);
+            }
+            let case = Case::new(&s, t as u64 * 3 + kind as u64);
+            let core = case.core();
+            let d = core.validate("test").unwrap();
+            let dout: Vec<f32> = {
+                let mut r = Rng::new(t as u64 + 99);
+                (0..d.batch * d.t * d.h * d.v)
+                    .map(|_| r.normal() as f32)
+                    .collect()
+            };
+            let f = forward_chunked(&core, 16).unwrap();
+            let st = final_state_chunked(&core, 16).unwrap();
+            let e = max_rel(&st, &f.state);
+            assert!(e <= 1e-6, "T {t} {kind:?}: final state differs by {e}");
+            let g = backward_chunked(&core, &dout, None, 16).unwrap();
+            let ds = initial_state_grad(&core, &dout).unwrap();
+            let e = max_rel(&ds, &g.d_initial_state);
+            assert!(
+                e <= 1e-4,
+                "T {t} {kind:?}: initial state's gradient differs by {e}"
+            );
+        }
+    }
+}
+
+/// Largest |a - b| relative to max(1, max |b|).
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let s = b.iter().fold(1f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs() / s))
+}
+
 /// Varlen: ragged and empty sequences whose boundaries fall inside chunks; states never leak.
 #[test]
 fn varlen_forward_and_backward() {
