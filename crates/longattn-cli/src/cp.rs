@@ -326,6 +326,7 @@ fn decode(a: DecodeArgs) -> Result<()> {
         scale: a.scale,
         softcap: a.softcap,
         isa: None,
+        skip_below: None,
     };
     let t0 = Instant::now();
     let res = cp::tree_decode_threads(
