@@ -12,7 +12,21 @@ use std::cmp::Ordering;
 /// Kept entries of every (batch row, query head) in row order, each a list per query tile.
 pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>> {
     let d = ctx.dims;
-    let pooled = !matches!(method, Method::VerticalSlash { .. });
+    if let Method::Proxy { gamma, rows, last } = *method {
+        // The proxy scores once per (batch row, KV group), then each head's own budget.
+        let scores: Vec<Vec<Vec<f64>>> = (0..d.batch * d.hk)
+            .into_par_iter()
+            .map(|r| proxy_scores(ctx, r / d.hk, r % d.hk, rows))
+            .collect();
+        return (0..d.batch * d.hq)
+            .into_par_iter()
+            .map(|r| {
+                let (b, h) = (r / d.hq, r % d.hq);
+                proxy_head(ctx, b, h, &scores[b * d.hk + ctx.kv_head(h)], gamma, last)
+            })
+            .collect();
+    }
+    let pooled = !matches!(method, Method::VerticalSlash { .. } | Method::Proxy { .. });
     // Block means of the keys per (batch row, key head), shared by the query heads of a group.
     let kbar: Vec<Vec<f64>> = if pooled {
         (0..d.batch * d.hk)
@@ -123,7 +137,9 @@ fn pooled_head(
                 Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
                 Method::Moba { topk } => top_k(&scores, topk, &mut keep),
                 Method::Whole => keep.fill(true),
-                Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
+                Method::VerticalSlash { .. } | Method::Proxy { .. } => {
+                    unreachable!("not a pooled method")
+                }
             }
             cand.iter()
                 .zip(&keep)
@@ -423,4 +439,129 @@ fn flexprefill(
     }
     diags[sq - 1] = true;
     coarsen(ctx, b, h, &cols, &diags)
+}
+
+/// ProxyAttn's shared scores of KV group `g` in batch row `b`: per query tile, per key tile,
+///   S(qt, kt) = mean over the sampled rows i of sum_{j in kt} pbar_ij,
+///   pbar_i = softmax over the allowed keys j of logit(qbar_i . k_j),  qbar_i = mean_{h in g} q_hi,
+/// with `rows` rows per query tile, i_r = q0 + floor((r + 1) (q1 - q0) / rows) - 1 (the last row
+/// always among them; fewer when the tile is shorter). The element mask is the group's first
+/// query head's. `[q tiles][k tiles]`.
+fn proxy_scores(ctx: &Ctx, b: usize, g: usize, rows: usize) -> Vec<Vec<f64>> {
+    let (sk, dd) = (ctx.dims.sk, ctx.dims.d);
+    let group = ctx.dims.hq / ctx.dims.hk;
+    let h0 = g * group;
+    let keys: Vec<f64> = (0..sk)
+        .flat_map(|j| (0..dd).map(move |c| (j, c)))
+        .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
+        .collect();
+    let (nq, nk, t) = (ctx.cand.q_tiles, ctx.cand.k_tiles, ctx.cand.tile_k);
+    let (mut allowed, mut words) = (vec![false; sk], Vec::new());
+    let mut logits = vec![0.0f64; sk];
+    let mut qbar = vec![0.0f64; dd];
+    (0..nq)
+        .map(|qt| {
+            let (q0, q1) = ctx.cand.q_range(qt);
+            let mut out = vec![0.0f64; nk];
+            let mut sampled: Vec<usize> =
+                (0..rows).map(|r| q0 + (r + 1) * (q1 - q0) / rows).collect();
+            sampled.retain(|&i| i > q0);
+            sampled.dedup();
+            let n = sampled.len();
+            for i in sampled.into_iter().map(|i| i - 1) {
+                ctx.el.row(b, h0, i, &mut allowed, &mut words);
+                for (c, x) in qbar.iter_mut().enumerate() {
+                    *x = (h0..h0 + group)
+                        .map(|h| ctx.q.get(b, i, h, c) as f64)
+                        .sum::<f64>()
+                        / group as f64;
+                }
+                let mut m = f64::NEG_INFINITY;
+                for j in (0..sk).filter(|&j| allowed[j]) {
+                    logits[j] = ctx.logit.of(dot(&qbar, &keys[j * dd..][..dd]));
+                    m = m.max(logits[j]);
+                }
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = (0..sk)
+                    .filter(|&j| allowed[j])
+                    .map(|j| (logits[j] - m).exp())
+                    .sum();
+                for j in (0..sk).filter(|&j| allowed[j]) {
+                    out[j / t] += (logits[j] - m).exp() / z;
+                }
+            }
+            out.iter_mut().for_each(|x| *x /= n.max(1) as f64);
+            out
+        })
+        .collect()
+}
+
+/// ProxyAttn for one (batch row, head): its own budget, then the proxy's best tiles.
+///
+/// Budget: the head's last `last` rows' exact block distribution a_hat (as in FlexPrefill's
+/// test) needs n_h tiles, heaviest first, to reach mass gamma (every candidate when the rows
+/// see no key). Kept per query tile: the sink tile and the diagonal tiles, then candidates by
+/// proxy score (descending, ties by key tile) until at least min(n_h, c) of its c candidates
+/// are kept and the kept tiles hold proxy mass >= gamma.
+fn proxy_head(
+    ctx: &Ctx,
+    b: usize,
+    h: usize,
+    scores: &[Vec<f64>],
+    gamma: f64,
+    last: usize,
+) -> Vec<Vec<TileEntry>> {
+    let (t, sk, nk) = (ctx.cand.tile_k, ctx.dims.sk, ctx.cand.k_tiles);
+    let lr = last_rows(ctx, b, h, last);
+    let tile_mass: Vec<f64> = (0..nk)
+        .map(|kt| lr.col[kt * t..((kt + 1) * t).min(sk)].iter().sum())
+        .collect();
+    let total: f64 = tile_mass.iter().sum();
+    let need = match total > 0.0 {
+        true => cumulative(&tile_mass, gamma * total, 1)
+            .iter()
+            .filter(|&&k| k)
+            .count(),
+        false => usize::MAX,
+    };
+    (0..ctx.cand.q_tiles)
+        .map(|qt| {
+            let cand = ctx.cand.row(b, h, qt);
+            let m = need.min(cand.len());
+            let diag = ctx.diag_tiles(qt);
+            let mut keep: Vec<bool> = cand
+                .iter()
+                .map(|e| {
+                    e.k_tile == 0 || diag.is_some_and(|(lo, hi)| lo <= e.k_tile && e.k_tile <= hi)
+                })
+                .collect();
+            let s: Vec<f64> = cand.iter().map(|e| scores[qt][e.k_tile as usize]).collect();
+            let mut order: Vec<usize> = (0..cand.len()).collect();
+            order.sort_unstable_by(by_score(&s));
+            let mut kept = keep.iter().filter(|&&k| k).count();
+            let mut mass: f64 = s
+                .iter()
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(x, _)| x)
+                .sum();
+            for x in order {
+                if kept >= m && mass >= gamma {
+                    break;
+                }
+                if !keep[x] {
+                    keep[x] = true;
+                    kept += 1;
+                    mass += s[x];
+                }
+            }
+            cand.iter()
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(e, _)| *e)
+                .collect()
+        })
+        .collect()
 }

@@ -45,6 +45,7 @@
 //! | `moba` | `block` (512), `topk` >= 1 (3) | the topk key blocks by mean(q_block) . mean(k_block), the current (diagonal) blocks forced in first |
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64) | the tiles crossed by a kept column or diagonal (below) |
 //! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64) | per head, query-aware blocks or cumulative vertical-slash, chosen by a distance test (below) |
+//! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .

@@ -85,6 +85,9 @@ pub fn select_reference(
                     let diag_kept = |o: i64| (0..local as i64).contains(&o) || diags.contains(&o);
                     cover(&cand, off, &col_kept, &diag_kept)
                 }
+                (Method::Proxy { gamma, rows, last }, None) => {
+                    proxy_reference(q, k, &el, &logit, (b, h), [gamma], rows, last, off)
+                }
                 (method, None) => (0..nq)
                     .map(|qt| {
                         let (q0, q1) = cand.q_range(qt);
@@ -201,7 +204,7 @@ fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool
             }
         }
         Method::Whole => keep.fill(true),
-        Method::VerticalSlash { .. } => unreachable!("not a pooled method"),
+        Method::VerticalSlash { .. } | Method::Proxy { .. } => unreachable!("not a pooled method"),
     }
     keep
 }
@@ -322,4 +325,115 @@ fn heaviest<K: Ord + Copy>(mut mass: Vec<(K, f64)>, n: usize) -> Vec<K> {
     mass.retain(|x| x.1 > 0.0);
     mass.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     mass.into_iter().take(n).map(|x| x.0).collect()
+}
+
+/// ProxyAttn from its definition (module `estimate`): the proxy query of a row is the mean of
+/// its KV group's query heads; a query tile's score of a key tile is the proxy softmax mass in
+/// it, averaged over the sampled rows; the head keeps sink and diagonal tiles, then the best by
+/// score until min(n_h, c) of its c candidates are kept and their score sum reaches gamma, n_h
+/// the tiles its last rows need for mass gamma (all when they see no key). `[q tile][k tile]`
+/// flags.
+#[allow(clippy::too_many_arguments)]
+fn proxy_reference(
+    q: &TensorView,
+    k: &TensorView,
+    el: &Elements,
+    logit: &Logit,
+    (b, h): (usize, usize),
+    [gamma]: [f64; 1],
+    rows: usize,
+    last: usize,
+    off: i64,
+) -> Vec<Vec<bool>> {
+    let (cand, sk, d) = (el.s, el.s.sk, q.dim());
+    let (hq, hk) = (q.heads(), k.heads());
+    let group = hq / hk;
+    let g = h / group;
+    let t = cand.tile_k;
+    let qbar = |i: usize, c: usize| -> f64 {
+        (g * group..(g + 1) * group)
+            .map(|x| q.get(b, i, x, c) as f64)
+            .sum::<f64>()
+            / group as f64
+    };
+    let kk = |j: usize, c: usize| k.get(b, j, g, c) as f64;
+    // The head's budget share from its last rows' exact distribution.
+    let qh = |i: usize, j: usize| (0..d).map(|c| q.get(b, i, h, c) as f64 * kk(j, c)).sum();
+    let (col, _) = last_rows_mass(el, logit, &qh, b, h, last, off);
+    let mut tile_mass = vec![0.0f64; cand.k_tiles];
+    for j in 0..sk {
+        tile_mass[j / t] += col[j];
+    }
+    let total: f64 = tile_mass.iter().sum();
+    let mut by_mass: Vec<usize> = (0..cand.k_tiles).filter(|&x| tile_mass[x] > 0.0).collect();
+    by_mass.sort_by(|&a, &b| tile_mass[b].total_cmp(&tile_mass[a]).then(a.cmp(&b)));
+    let mut need = 0;
+    let mut acc = 0.0;
+    for &x in &by_mass {
+        if acc >= gamma * total && need >= 1 {
+            break;
+        }
+        acc += tile_mass[x];
+        need += 1;
+    }
+    if total <= 0.0 {
+        need = usize::MAX;
+    }
+    (0..cand.q_tiles)
+        .map(|qt| {
+            let (q0, q1) = cand.q_range(qt);
+            let mut picks: Vec<usize> =
+                (0..rows).map(|r| q0 + (r + 1) * (q1 - q0) / rows).collect();
+            picks.retain(|&i| i > q0);
+            picks.dedup();
+            let mut score = vec![0.0f64; cand.k_tiles];
+            for &i in &picks {
+                let i = i - 1;
+                let s: Vec<(usize, f64)> = (0..sk)
+                    .filter(|&j| el.allowed(b, g * group, i, j))
+                    .map(|j| (j, logit.of((0..d).map(|c| qbar(i, c) * kk(j, c)).sum())))
+                    .collect();
+                let m = s.iter().fold(f64::NEG_INFINITY, |a, x| a.max(x.1));
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = s.iter().map(|x| (x.1 - m).exp()).sum();
+                for &(j, sj) in &s {
+                    score[j / t] += (sj - m).exp() / z;
+                }
+            }
+            score
+                .iter_mut()
+                .for_each(|x| *x /= picks.len().max(1) as f64);
+            let c: Vec<usize> = cand
+                .row(b, h, qt)
+                .iter()
+                .map(|e| e.k_tile as usize)
+                .collect();
+            let m = need.min(c.len());
+            let diag = |kt: usize| {
+                let (k0, k1) = cand.k_range(kt);
+                (q0..q1).any(|i| (k0 as i64..k1 as i64).contains(&(i as i64 + off)))
+            };
+            let mut row = vec![false; cand.k_tiles];
+            for &kt in &c {
+                row[kt] = kt == 0 || diag(kt);
+            }
+            let mut order = c.clone();
+            order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+            let mut kept = c.iter().filter(|&&kt| row[kt]).count();
+            let mut mass: f64 = c.iter().filter(|&&kt| row[kt]).map(|&kt| score[kt]).sum();
+            for kt in order {
+                if kept >= m && mass >= gamma {
+                    break;
+                }
+                if !row[kt] {
+                    row[kt] = true;
+                    kept += 1;
+                    mass += score[kt];
+                }
+            }
+            row
+        })
+        .collect()
 }

@@ -41,6 +41,15 @@ pub enum Method {
         min_budget: usize,
         last: usize,
     },
+    /// ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key
+    /// tiles from `rows` sampled rows of every query tile (exact softmax, token level), shared
+    /// by the group; each head keeps, per query tile, as many tiles as its own last `last` rows
+    /// need to reach mass `gamma` (as a share of the tiles they see), the proxy's best first.
+    Proxy {
+        gamma: f64,
+        rows: usize,
+        last: usize,
+    },
     /// No estimate: every tile of the mask (the `skip(factor=F)` spec: skip-softmax alone).
     Whole,
 }
@@ -86,6 +95,12 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("block", 64.0),
             ("last", 64.0),
         ],
+        "proxy" => &[
+            ("gamma", 0.9),
+            ("rows", 4.0),
+            ("block", 64.0),
+            ("last", 64.0),
+        ],
         "skip" => &[("factor", 600.0), ("block", 64.0)],
         _ => return None,
     })
@@ -95,7 +110,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
 /// `skip` = 0: no skip-softmax.
 const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64), ("skip", 0.0)];
 
-const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, skip";
+const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, skip";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -197,6 +212,11 @@ impl SparseSpec {
                 min_budget: int("min_budget", 0)?,
                 last: int("last", 1)?,
             },
+            "proxy" => Method::Proxy {
+                gamma: arg("gamma"),
+                rows: int("rows", 1)?,
+                last: int("last", 1)?,
+            },
             "skip" => Method::Whole,
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
@@ -275,6 +295,12 @@ impl SparseSpec {
             Method::FlexPrefill { last: 0, .. } => {
                 Err(err("`flexprefill`: `last` must be >= 1".into()))
             }
+            Method::Proxy { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(format!(
+                "`proxy`: `gamma` must be in (0, 1], got {gamma}"
+            ))),
+            Method::Proxy { rows: 0, .. } | Method::Proxy { last: 0, .. } => {
+                Err(err("`proxy`: `rows` and `last` must be >= 1".into()))
+            }
             Method::Whole if self.skip.is_none() => Err(err(
                 "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
             )),
@@ -309,6 +335,10 @@ impl fmt::Display for SparseSpec {
             } => (
                 "flexprefill",
                 format!("gamma={gamma},tau={tau},min_budget={min_budget},block={b},last={last}"),
+            ),
+            Method::Proxy { gamma, rows, last } => (
+                "proxy",
+                format!("gamma={gamma},rows={rows},block={b},last={last}"),
             ),
             Method::Whole => (
                 "skip",

@@ -112,6 +112,7 @@ fn parse_accepts_the_grammar() {
         "skip(factor=600)",
         "skip(factor=12.5,block=32,dense_below=0)",
         "topmass(gamma=0.9,skip=300)",
+        "proxy(gamma=0.5,rows=3,block=16,last=8)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
@@ -144,6 +145,8 @@ fn parse_rejects_bad_specs_by_name() {
         ),
         ("moba(dense_below=1.5)", "`dense_below` must be an integer"),
         ("skip(factor=0)", "factor must be finite and > 0"),
+        ("proxy(rows=0)", "`rows` must be an integer in [1"),
+        ("proxy(gamma=0)", "`gamma` must be in (0, 1]"),
         ("topmass(skip=-3)", "factor must be finite and > 0"),
         ("skip(skip=3)", "`factor=F`"),
         ("skip(gamma=0.5)", "unknown argument `gamma`"),
@@ -219,6 +222,10 @@ fn specs() -> Vec<SparseSpec> {
         "flexprefill(gamma=0.9,tau=0.3,min_budget=0,block=7,last=5)",
         "flexprefill(gamma=0.7,tau=0,min_budget=3,block=16,last=9)",
         "flexprefill(gamma=0.95,tau=1,min_budget=40,block=9,last=1)",
+        "proxy(gamma=0.8,rows=4,block=16,last=16)",
+        "proxy(gamma=0.95,rows=1,block=7,last=5)",
+        "proxy(gamma=1,rows=64,block=16,last=1)",
+        "proxy(gamma=0.5,rows=3,block=32,last=40)",
     ]
     .into_iter()
     .map(spec)
@@ -537,6 +544,7 @@ fn planted_structure_is_found_at_low_density() {
                     0.3,
                 ),
                 ("topmass(gamma=0.95,block=64)", 0.3),
+                ("proxy(gamma=0.95,rows=4,block=64,last=64)", 0.3),
                 ("relthresh(alpha=0.05,block=64)", 0.3),
                 ("moba(block=64,topk=5)", 0.3),
                 (
