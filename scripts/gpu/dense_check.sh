@@ -5,6 +5,8 @@
 #   bash scripts/gpu/dense_check.sh selftest  # selftest --backend cuda --quick (every group)
 #   bash scripts/gpu/dense_check.sh order     # forward TFLOP/s per head-group order
 #                                             # (LONGATTN_CUDA_HGROUP; HGROUPS="1 2 4 16") at 16k / 64k
+#   bash scripts/gpu/dense_check.sh tiles     # forward TFLOP/s per tile config (LONGATTN_CUDA_WS;
+#                                             # WS_CFGS, TILE_D, TILE_LENS)
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
@@ -38,6 +40,15 @@ for mode in "${@:-selftest}"; do
       --out "$OUT/order_default" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/order_default/report_cuda.md" | cut -d'|' -f2-7 | tee -a "$OUT/order.txt"
     ;;
+  tiles)
+    # Forward TFLOP/s per warp-specialized tile config (LONGATTN_CUDA_WS=consumers,bc[,blocks]).
+    for cfg in ${WS_CFGS:-3,128 2,128 3,64 2,64 1,128,2}; do
+      echo "== D ${TILE_D:-64} LONGATTN_CUDA_WS=$cfg"
+      LONGATTN_CUDA_WS=$cfg timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
+        --lens ${TILE_LENS:-4k,16k} --dims ${TILE_D:-64} --out "$OUT/tiles_$cfg" > /dev/null 2>&1
+      grep -E "^\| (full|causal)" "$OUT/tiles_$cfg/report_cuda.md" | cut -d'|' -f2-7
+    done 2>&1 | tee "$OUT/tiles.txt"
+    ;;
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
@@ -52,6 +63,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | fwd | bwd)"; exit 2 ;;
   esac
 done
