@@ -276,32 +276,51 @@ fn shard_bounds(shards: Option<&str>, p: usize, sk: usize) -> Result<Vec<usize>>
         .collect())
 }
 
+/// The checks `cp run` and `cp decode` share, then the input file: a positive timeout, no output
+/// overwritten without `--force`, finite inputs (unless allowed), no `block_mask` (`op` takes a
+/// mask expression).
+fn read_checked(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    timeout: f64,
+    force: bool,
+    allow_nonfinite: bool,
+    op: &str,
+) -> Result<longattn::io::Inputs> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        bail!("--timeout {timeout}: expected a positive number of seconds");
+    }
+    if output.exists() && !force {
+        bail!(
+            "{}: output file already exists (pass --force to overwrite it)",
+            output.display()
+        );
+    }
+    let inputs = longattn::io::read_inputs(input)?;
+    if !allow_nonfinite {
+        check_finite(&inputs).with_context(|| format!("{}", input.display()))?;
+    }
+    if inputs.block_mask.is_some() {
+        bail!(
+            "{}: the file holds a `block_mask`; {op} takes a mask expression (--mask) only",
+            input.display()
+        );
+    }
+    Ok(inputs)
+}
+
 fn decode(a: DecodeArgs) -> Result<()> {
     if a.ranks == 0 {
         bail!("--ranks 0: tree decode needs at least one rank");
     }
-    if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        bail!(
-            "--timeout {}: expected a positive number of seconds",
-            a.timeout
-        );
-    }
-    if a.output.exists() && !a.force {
-        bail!(
-            "{}: output file already exists (pass --force to overwrite it)",
-            a.output.display()
-        );
-    }
-    let inputs = longattn::io::read_inputs(&a.input)?;
-    if !a.allow_nonfinite {
-        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
-    }
-    if inputs.block_mask.is_some() {
-        bail!(
-            "{}: the file holds a `block_mask`; cp decode takes a mask expression (--mask) only",
-            a.input.display()
-        );
-    }
+    let inputs = read_checked(
+        &a.input,
+        &a.output,
+        a.timeout,
+        a.force,
+        a.allow_nonfinite,
+        "cp decode",
+    )?;
     let dims = inputs.dims()?;
     let (b, sq, sk, hq, hk, d, dv) = (
         dims.batch, dims.sq, dims.sk, dims.hq, dims.hk, dims.d, dims.dv,
@@ -373,28 +392,14 @@ fn run(a: RunArgs) -> Result<()> {
     if a.chunks_per_rank == 0 {
         bail!("--chunks-per-rank 0: every rank needs at least one chunk");
     }
-    if !(a.timeout.is_finite() && a.timeout > 0.0) {
-        bail!(
-            "--timeout {}: expected a positive number of seconds",
-            a.timeout
-        );
-    }
-    if a.output.exists() && !a.force {
-        bail!(
-            "{}: output file already exists (pass --force to overwrite it)",
-            a.output.display()
-        );
-    }
-    let inputs = longattn::io::read_inputs(&a.input)?;
-    if !a.allow_nonfinite {
-        check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
-    }
-    if inputs.block_mask.is_some() {
-        bail!(
-            "{}: the file holds a `block_mask`; cp run takes a mask expression (--mask) only",
-            a.input.display()
-        );
-    }
+    let inputs = read_checked(
+        &a.input,
+        &a.output,
+        a.timeout,
+        a.force,
+        a.allow_nonfinite,
+        "cp run",
+    )?;
     let dims = inputs.dims()?;
     if dims.sq != dims.sk {
         bail!(
