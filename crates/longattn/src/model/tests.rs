@@ -463,6 +463,7 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             "a2sf(budget=1,f=0.9)",
             "kivi(bits=16)",
             "h2o(budget=1)+kivi(bits=16)",
+            "quest(budget=1,page=4)",
         ] {
             let (got, mem) = run_press(&m, &t, press, 25, 16);
             assert!(
@@ -502,6 +503,13 @@ fn kv_quantized_pages_in_the_model_stay_close_and_hold_less() {
             errs[0] < errs[1],
             "{arch}: int4 / int2 logit errors {errs:?}"
         );
+        // Quest drops nothing but attends fewer keys.
+        let (got, mem) = run_press(&m, &t, "quest(budget=0.2,page=4)", 25, 16);
+        assert!(
+            max_diff(&got, &want) > 1e-4,
+            "{arch}: quest changed nothing"
+        );
+        assert_eq!(mem.bytes_entries, full.bytes_entries);
         // Eviction then quantization: fewer entries, quantized.
         let (_, mem) = run_press(
             &m,
