@@ -139,6 +139,43 @@ fn unpack(row: &[u8], i: usize, bits: u32) -> u8 {
     (row[at / 8] >> (at % 8)) & ((1u8 << bits) - 1)
 }
 
+/// Every code of a packed row as f32 (`out` holds `8 / b` values per byte): the inner loops
+/// read codes from here, so the products below them run over plain f32 slices.
+#[inline(always)]
+fn unpack_row(row: &[u8], bits: u32, out: &mut [f32]) {
+    match bits {
+        4 => {
+            for (o, &c) in out.chunks_exact_mut(2).zip(row) {
+                o[0] = (c & 15) as f32;
+                o[1] = (c >> 4) as f32;
+            }
+        }
+        _ => {
+            for (o, &c) in out.chunks_exact_mut(4).zip(row) {
+                o[0] = (c & 3) as f32;
+                o[1] = ((c >> 2) & 3) as f32;
+                o[2] = ((c >> 4) & 3) as f32;
+                o[3] = (c >> 6) as f32;
+            }
+        }
+    }
+}
+
+/// sum_x a_x b_x in 8 running lanes (so the compiler keeps it in vector registers).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for t in 0..8 {
+            lanes[t] += x[t] * y[t];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Bytes of a packed row of `n` codes.
 fn row_bytes(n: usize, bits: u32) -> usize {
     (n * bits as usize).div_ceil(8)
@@ -175,6 +212,10 @@ impl QuantHead {
     /// Bits of the codes (0 while empty and never written).
     pub fn bits(&self) -> u32 {
         self.bits
+    }
+    /// Entries per K group and channels per V group (0 while empty and never written).
+    pub fn group(&self) -> usize {
+        self.group
     }
 
     /// Bytes held: packed codes and the f32 scales and minima (exact).
@@ -350,6 +391,10 @@ impl QuantHead {
                 let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
                 let mut acc = vec![0.0f32; dv];
                 let mut qs = vec![0.0f32; d];
+                // Codes of one entry as f32 (room for the padding codes of the last byte).
+                let per_byte = 8 / b as usize;
+                let mut kc = vec![0.0f32; kb * per_byte];
+                let mut vc = vec![0.0f32; vb * per_byte];
                 for kg in 0..self.gstart.len() {
                     let pr = &self.kparams[kg * 2 * d..][..2 * d];
                     // q . k^ = c0 + sum_d (q_d s_d) c_td
@@ -363,11 +408,8 @@ impl QuantHead {
                         if bound.is_some_and(|bm| !bm.allowed(0, i, self.pos[e] as usize)) {
                             continue;
                         }
-                        let row = &self.kcodes[e * kb..][..kb];
-                        let mut dot = c0;
-                        for (x, &qx) in qs.iter().enumerate() {
-                            dot += qx * unpack(row, x, b) as f32;
-                        }
+                        unpack_row(&self.kcodes[e * kb..][..kb], b, &mut kc);
+                        let dot = c0 + dot8(&qs, &kc[..d]);
                         let mut s = dot * scale;
                         if let Some(c) = cap {
                             s = c * (s / c).tanh();
@@ -382,13 +424,13 @@ impl QuantHead {
                         }
                         let p = (s - m).exp();
                         l += p;
-                        let vrow = &self.vcodes[e * vb..][..vb];
+                        unpack_row(&self.vcodes[e * vb..][..vb], b, &mut vc);
                         for vg in 0..ng {
                             let vp = &self.vparams[(e * ng + vg) * 2..][..2];
                             let (ps, plo) = (p * vp[0], p * vp[1]);
                             let x0 = vg * gr;
-                            for (x, a) in acc[x0..x0 + gr].iter_mut().enumerate() {
-                                *a += ps * unpack(vrow, x0 + x, b) as f32 + plo;
+                            for (a, &c) in acc[x0..x0 + gr].iter_mut().zip(&vc[x0..x0 + gr]) {
+                                *a += ps * c + plo;
                             }
                         }
                     }

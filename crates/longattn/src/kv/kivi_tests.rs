@@ -349,6 +349,14 @@ fn bad_input_is_refused_with_a_clear_error() {
     cache.quantize(id, &kivi(4, 8, 0)).unwrap();
     let e = cache.quantize(id, &kivi(2, 8, 0)).unwrap_err().to_string();
     assert!(e.contains("quantized with 4 bits"), "{e}");
+    let mem = cache.memory();
+    let e = cache.quantize(id, &kivi(4, 4, 0)).unwrap_err().to_string();
+    assert!(e.contains("in groups of 8"), "{e}");
+    assert_eq!(
+        mem,
+        cache.memory(),
+        "a refused quantization changes nothing"
+    );
 }
 
 #[test]

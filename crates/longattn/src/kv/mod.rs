@@ -574,12 +574,13 @@ impl PagedKvCache {
         }
         let (g, r) = (kivi.group, kivi.residual);
         for (hi, h) in self.seq(id)?.heads.iter().enumerate() {
-            if !h.quant.is_empty() && h.quant.bits() != kivi.bits {
+            if !h.quant.is_empty() && (h.quant.bits(), h.quant.group()) != (kivi.bits, kivi.group) {
                 return Err(param(format!(
-                    "quantize: layer {} KV head {} holds entries quantized with {} bits, asked {kivi}",
+                    "quantize: layer {} KV head {} holds entries quantized with {} bits in groups of {}, asked {kivi}",
                     hi / c.kv_heads,
                     hi % c.kv_heads,
-                    h.quant.bits()
+                    h.quant.bits(),
+                    h.quant.group()
                 )));
             }
         }
