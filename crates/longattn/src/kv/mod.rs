@@ -20,6 +20,15 @@
 //! a compressed head evaluates the mask at the positions its entries came from (a row mask over
 //! entry -> position), so attention is exactly attention over the kept keys. Decode of many
 //! sequences goes through [`decode::decode`] with per-head tables ([`PagedKvCache::decode`]).
+//!
+//! Quantized entries ([`kivi`], [`PagedKvCache::quantize`]): a head's oldest entries can move
+//! out of its pages into packed codes with per-group scales; entry indices then run over the
+//! quantized entries first and the pages' after them (`head_len`, `positions`, `compress`,
+//! `gather_head` see both; `gather_head` dequantizes). Attention of such a head is the quantized
+//! part (dequantized in the inner loop) merged with the pages' part by LSE; the batched decode
+//! goes through the same attention per sequence when any head of the layer is quantized.
+//! Query-aware page selection ([`quest`]) attends, per query head and row, a subset of a head's
+//! entries through [`PagedKvCache::attend_selected`].
 pub mod decode;
 pub mod kivi;
 pub mod press;
