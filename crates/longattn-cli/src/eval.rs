@@ -10,8 +10,9 @@ use crate::common::{parse_len, parse_list, peak_rss_kib};
 use crate::lm::{self, Loaded};
 use crate::plot;
 use anyhow::{bail, Context, Result};
-use longattn::kv::press::{runner::PressAttention, Press};
+use longattn::kv::press::runner::PressAttention;
 use longattn::kv::score::Reduce;
+use longattn::kv::spec::KvSpec;
 use longattn::model::{from_spec_with, ops, Attention, Model, SparseOptions, SparseStats};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -50,7 +51,10 @@ pub struct Args {
     chunk: usize,
     /// KV-cache compression (nll): a press such as `snapkv(budget=0.2,window=32)`,
     /// `streaming(sinks=4,window=1020)`, `h2o(budget=0.2)`, `a2sf(budget=0.2,f=0.95)`,
-    /// `tova(budget=0.2)`, `knorm(budget=0.2)`, applied as the cache grows.
+    /// `tova(budget=0.2)`, `knorm(budget=0.2)`, applied as the cache grows; quantized pages
+    /// `kivi(bits=4|2,group=32,residual=32)`; query-aware page selection
+    /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
+    /// eviction first, then quantization).
     #[arg(long)]
     kv: Option<String>,
     /// Tokens per forward under `--kv` (1: token by token, decode-time compression).
@@ -98,7 +102,7 @@ struct NllReport {
     ppl: f64,
     nll_by_bucket: Vec<Bucket>,
     attention: String,
-    /// The press (`--kv`), if any.
+    /// The `--kv` spec, if any.
     kv: Option<String>,
     /// Bytes of K/V pages the cache held at its largest (after a forward, before compression).
     kv_bytes: usize,
@@ -233,9 +237,9 @@ fn nll(a: &Args) -> Result<()> {
             if a.kv_chunk == 0 {
                 bail!("--kv-chunk must be >= 1");
             }
-            let p = Press::parse(spec).context("--kv")?;
+            let p = KvSpec::parse(spec).context("--kv")?;
             let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
-            Some(PressAttention::new(&a.attention, p, r).context("--attention")?)
+            Some(PressAttention::with_spec(&a.attention, p, r).context("--attention")?)
         }
         None => None,
     };

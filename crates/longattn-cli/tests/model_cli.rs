@@ -259,6 +259,27 @@ fn eval_kv_sanity_and_bad_input() {
     );
     assert!(kb > 0 && kb < kf, "kv_bytes {kb} of {kf}");
     assert_eq!(kf, full["kv_bytes_full"].as_u64().unwrap());
+    // Quest with budget 1 and no-op quantization are the full cache bit for bit.
+    for spec in ["quest(budget=1,page=16)", "kivi(bits=16)"] {
+        let r = eval("noop.json", &["--kv", spec, "--kv-chunk", "80"]);
+        assert_eq!(r["nll_mean"], full["nll_mean"], "{spec}");
+    }
+    // int4 pages hold less than the full cache and stay close to its NLL.
+    let q4 = eval("q4.json", &["--kv", "kivi(bits=4)", "--kv-chunk", "16"]);
+    let (kb, kf) = (
+        q4["kv_bytes"].as_u64().unwrap(),
+        q4["kv_bytes_full"].as_u64().unwrap(),
+    );
+    assert!(kb < kf, "kivi(bits=4): kv_bytes {kb} of {kf}");
+    let (a, b) = (
+        q4["nll_mean"].as_f64().unwrap(),
+        full["nll_mean"].as_f64().unwrap(),
+    );
+    assert!(
+        a != b && (a - b).abs() < 0.1,
+        "kivi(bits=4) {a} vs full {b}"
+    );
+    assert_eq!(q4["kv"], "kivi(bits=4,group=32,residual=32)");
     let run = |args: &[&str]| {
         bin()
             .args(["eval", "--model"])
@@ -271,7 +292,12 @@ fn eval_kv_sanity_and_bad_input() {
             .unwrap()
     };
     fails_with(run(&["--kv", "h2o(budget=2)"]), "outside (0, 1]");
-    fails_with(run(&["--kv", "quest(budget=0.2)"]), "unknown press `quest`");
+    fails_with(run(&["--kv", "zip(budget=0.2)"]), "unknown press `zip`");
+    fails_with(run(&["--kv", "kivi(bits=3)"]), "bits must be 2 or 4");
+    fails_with(
+        run(&["--kv", "quest(budget=0.2)+h2o(budget=0.2)"]),
+        "quest composes with no other",
+    );
     fails_with(
         run(&["--kv", "h2o(budget=0.2)", "--kv-reduce", "median"]),
         "mean, max or sum",

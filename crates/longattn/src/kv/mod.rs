@@ -20,9 +20,21 @@
 //! a compressed head evaluates the mask at the positions its entries came from (a row mask over
 //! entry -> position), so attention is exactly attention over the kept keys. Decode of many
 //! sequences goes through [`decode::decode`] with per-head tables ([`PagedKvCache::decode`]).
+//!
+//! Quantized entries ([`kivi`], [`PagedKvCache::quantize`]): a head's oldest entries can move
+//! out of its pages into packed codes with per-group scales; entry indices then run over the
+//! quantized entries first and the pages' after them (`head_len`, `positions`, `compress`,
+//! `gather_head` see both; `gather_head` dequantizes). Attention of such a head is the quantized
+//! part (dequantized in the inner loop) merged with the pages' part by LSE; the batched decode
+//! goes through the same attention per sequence when any head of the layer is quantized.
+//! Query-aware page selection ([`quest`]) attends, per query head and row, a subset of a head's
+//! entries through [`PagedKvCache::attend_selected`].
 pub mod decode;
+pub mod kivi;
 pub mod press;
+pub mod quest;
 pub mod score;
+pub mod spec;
 
 use crate::api::MaskArg;
 use crate::attention::{AttnOutput, AttnParams, MaskSpec};
@@ -49,17 +61,25 @@ pub struct KvConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SeqId(usize);
 
-/// The entries of one (sequence, layer, KV head): pages and the position of each entry
-/// (strictly increasing; entry e lives in page `pages[e / P]` at offset `e % P`).
+/// The entries of one (sequence, layer, KV head): its quantized entries (oldest, see
+/// [`kivi`]; empty unless quantized), then the full-precision residual in pages with the
+/// position of each entry (strictly increasing; residual entry e lives in page `pages[e / P]` at
+/// offset `e % P`). Entry indices seen from outside run over both: quantized first.
 #[derive(Clone, Debug, Default)]
 struct HeadTable {
+    quant: kivi::QuantHead,
     pages: Vec<u32>,
     pos: Vec<u32>,
 }
 
 impl HeadTable {
+    /// Entries in full-precision pages.
     fn len(&self) -> usize {
         self.pos.len()
+    }
+    /// Every entry held (quantized and full precision).
+    fn held(&self) -> usize {
+        self.quant.len() + self.pos.len()
     }
 }
 
@@ -88,6 +108,9 @@ pub struct KvMemory {
     pub bytes_full: usize,
     /// Bytes of the pages the live sequences would use uncompressed.
     pub bytes_full_in_use: usize,
+    /// Bytes of quantized entries (packed codes and scales; included in the figures above
+    /// except the `_full` ones).
+    pub bytes_quantized: usize,
 }
 
 /// The paged cache: see the module documentation.
@@ -195,14 +218,20 @@ impl PagedKvCache {
         Ok(self.seq(id)?.len)
     }
 
-    /// Entries held by one (sequence, layer, KV head).
+    /// Entries held by one (sequence, layer, KV head), quantized or not.
     pub fn head_len(&self, id: SeqId, layer: usize, kh: usize) -> Result<usize> {
-        Ok(self.head(id, layer, kh)?.len())
+        Ok(self.head(id, layer, kh)?.held())
+    }
+
+    /// Quantized entries held by one (sequence, layer, KV head) (the oldest ones).
+    pub fn head_quantized(&self, id: SeqId, layer: usize, kh: usize) -> Result<usize> {
+        Ok(self.head(id, layer, kh)?.quant.len())
     }
 
     /// The position each entry of one (sequence, layer, KV head) came from (increasing).
-    pub fn positions(&self, id: SeqId, layer: usize, kh: usize) -> Result<&[u32]> {
-        Ok(&self.head(id, layer, kh)?.pos)
+    pub fn positions(&self, id: SeqId, layer: usize, kh: usize) -> Result<Vec<u32>> {
+        let h = self.head(id, layer, kh)?;
+        Ok([&h.quant.pos[..], &h.pos[..]].concat())
     }
 
     /// Releases the pages of a sequence to the free list.
@@ -231,6 +260,10 @@ impl PagedKvCache {
             .clone()
             .flat_map(|s| s.heads.iter().map(|h| h.len()))
             .sum();
+        let quant: usize = live
+            .clone()
+            .flat_map(|s| s.heads.iter().map(|h| h.quant.bytes()))
+            .sum();
         let full: usize = live
             .clone()
             .map(|s| s.len * self.cfg.layers * self.cfg.kv_heads)
@@ -242,11 +275,12 @@ impl PagedKvCache {
         KvMemory {
             pages_allocated: self.n_pages,
             pages_in_use: self.pages_in_use(),
-            bytes_allocated: self.bytes_allocated(),
-            bytes_in_use: self.pages_in_use() * page_bytes,
-            bytes_entries: entries * self.entry_bytes(),
+            bytes_allocated: self.bytes_allocated() + quant,
+            bytes_in_use: self.pages_in_use() * page_bytes + quant,
+            bytes_entries: entries * self.entry_bytes() + quant,
             bytes_full: full * self.entry_bytes(),
             bytes_full_in_use: full_pages * page_bytes,
+            bytes_quantized: quant,
         }
     }
 
@@ -407,15 +441,43 @@ impl PagedKvCache {
         let c = self.cfg;
         let h = self.head(id, layer, kh)?;
         let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
-        let mut k = Vec::with_capacity(h.len() * d);
-        let mut v = Vec::with_capacity(h.len() * dv);
+        let mut k = Vec::with_capacity(h.held() * d);
+        let mut v = Vec::with_capacity(h.held() * dv);
+        if !h.quant.is_empty() {
+            // Quantized entries come out dequantized (the plain path: scores, key norms).
+            let (qk, qv) = h.quant.dequantize();
+            k.extend(qk);
+            v.extend(qv);
+        }
         for (lp, &pp) in h.pages.iter().enumerate() {
             let m = (h.len() - lp * p).min(p);
             let pp = pp as usize * p;
             k.extend_from_slice(&self.k[pp * d..(pp + m) * d]);
             v.extend_from_slice(&self.v[pp * dv..(pp + m) * dv]);
         }
-        Ok((k, v, h.pos.clone()))
+        Ok((k, v, [&h.quant.pos[..], &h.pos[..]].concat()))
+    }
+
+    /// K `[n, D]` of the entries `from ..` of one (sequence, layer, KV head), every one in
+    /// full precision (what appending added since `from`).
+    pub fn head_keys(&self, id: SeqId, layer: usize, kh: usize, from: usize) -> Result<Vec<f32>> {
+        let c = self.cfg;
+        let h = self.head(id, layer, kh)?;
+        let nq = h.quant.len();
+        if from < nq || from > h.held() {
+            return Err(param(format!(
+                "head_keys: entries {from}.. of layer {layer} KV head {kh}, which holds {} quantized and {} full-precision entries",
+                nq,
+                h.len()
+            )));
+        }
+        let (p, d) = (c.page_size, c.head_dim);
+        let mut k = Vec::with_capacity((h.held() - from) * d);
+        for e in from - nq..h.len() {
+            let slot = h.pages[e / p] as usize * p + e % p;
+            k.extend_from_slice(&self.k[slot * d..][..d]);
+        }
+        Ok(k)
     }
 
     /// K and V of positions `0..len` of one layer copied out contiguously (`[len, Hk, D]`,
@@ -445,7 +507,7 @@ impl PagedKvCache {
 
     /// Checks a keep set of one head: strictly increasing entry indices below the head's length.
     pub fn check_keep(&self, id: SeqId, layer: usize, kh: usize, keep: &[usize]) -> Result<()> {
-        let len = self.head(id, layer, kh)?.len();
+        let len = self.head(id, layer, kh)?.held();
         for (i, &e) in keep.iter().enumerate() {
             if e >= len || (i > 0 && e <= keep[i - 1]) {
                 return Err(param(format!(
@@ -469,10 +531,27 @@ impl PagedKvCache {
         keep: &[usize],
     ) -> Result<usize> {
         self.check_keep(id, layer, kh, keep)?;
+        let hi = layer * self.cfg.kv_heads + kh;
+        let s = self.seqs[id.0].as_mut().expect("checked above");
+        let h = &mut s.heads[hi];
+        // Quantized entries first (indices below nq), then the residual's, renumbered from 0.
+        let nq = h.quant.len();
+        let split = keep.partition_point(|&e| e < nq);
+        if split < nq {
+            h.quant.compact(&keep[..split]);
+        }
+        let rest: Vec<usize> = keep[split..].iter().map(|&e| e - nq).collect();
+        Ok(self.compact_residual(id, hi, &rest))
+    }
+
+    /// Keeps residual entries `keep` (strictly increasing, checked) of head `hi` of a live
+    /// sequence: entry `keep[i]` moves to index i (in place, ascending; a source is never
+    /// overwritten before it is read since `keep[i] >= i`), the table shrinks to
+    /// `ceil(|keep| / P)` pages and the rest go back to the free list. Returns the pages freed.
+    fn compact_residual(&mut self, id: SeqId, hi: usize, keep: &[usize]) -> usize {
         let c = self.cfg;
         let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
-        let hi = layer * c.kv_heads + kh;
-        let s = self.seqs[id.0].as_mut().expect("checked above");
+        let s = self.seqs[id.0].as_mut().expect("live sequence");
         let h = &mut s.heads[hi];
         let slot = |pages: &[u32], e: usize| pages[e / p] as usize * p + e % p;
         for (i, &e) in keep.iter().enumerate() {
@@ -488,7 +567,62 @@ impl PagedKvCache {
         let freed = h.pages.split_off(keep.len().div_ceil(p));
         let n = freed.len();
         self.free.extend(freed.into_iter().rev());
-        Ok(n)
+        n
+    }
+
+    /// Quantizes sequence `id` under `kivi` (see [`kivi`]): in every (layer, KV head) the oldest
+    /// residual entries move into the head's quantized store in whole groups of G while the
+    /// residual holds at least R + G entries; their pages go back to the free list. Returns the
+    /// entries quantized. `bits=16` does nothing. Checked before anything changes (dims, and
+    /// heads quantized under another setting).
+    pub fn quantize(&mut self, id: SeqId, kivi: &kivi::Kivi) -> Result<usize> {
+        let c = self.cfg;
+        kivi.check_dims(c.head_dim, c.v_dim)?;
+        if kivi.is_noop() {
+            return Ok(0);
+        }
+        let (g, r) = (kivi.group, kivi.residual);
+        for (hi, h) in self.seq(id)?.heads.iter().enumerate() {
+            if !h.quant.is_empty() && (h.quant.bits(), h.quant.group()) != (kivi.bits, kivi.group) {
+                return Err(param(format!(
+                    "quantize: layer {} KV head {} holds entries quantized with {} bits in groups of {}, asked {kivi}",
+                    hi / c.kv_heads,
+                    hi % c.kv_heads,
+                    h.quant.bits(),
+                    h.quant.group()
+                )));
+            }
+        }
+        let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
+        let mut total = 0;
+        for hi in 0..c.layers * c.kv_heads {
+            let h = &self.seq(id)?.heads[hi];
+            let nr = h.len();
+            if nr < r + g {
+                continue;
+            }
+            let m = (nr - r) / g * g;
+            let mut groups = Vec::with_capacity(m / g);
+            for g0 in (0..m).step_by(g) {
+                let mut k = Vec::with_capacity(g * d);
+                let mut v = Vec::with_capacity(g * dv);
+                for e in g0..g0 + g {
+                    let slot = h.pages[e / p] as usize * p + e % p;
+                    k.extend_from_slice(&self.k[slot * d..][..d]);
+                    v.extend_from_slice(&self.v[slot * dv..][..dv]);
+                }
+                groups.push((k, v, h.pos[g0..g0 + g].to_vec()));
+            }
+            let s = self.seqs[id.0].as_mut().expect("live sequence");
+            let q = &mut s.heads[hi].quant;
+            for (k, v, pos) in groups {
+                q.push_group(kivi, d, dv, &k, &v, &pos)?;
+            }
+            let rest: Vec<usize> = (m..nr).collect();
+            self.compact_residual(id, hi, &rest);
+            total += m;
+        }
+        Ok(total)
     }
 
     /// Per-head block tables of one layer for a batch of sequences, as the decode reads them:
@@ -534,6 +668,9 @@ impl PagedKvCache {
                 c.v_dim, c.head_dim
             )));
         }
+        if self.any_quantized(ids, layer)? {
+            return self.decode_quantized(ids, layer, q, params);
+        }
         let (t, w, lens) = self.head_tables(ids, layer)?;
         let kv = decode::PagedKv {
             k: Slice::F32(&self.k),
@@ -543,6 +680,60 @@ impl PagedKvCache {
             head_dim: c.head_dim,
         };
         decode::decode(q, &kv, &decode::BlockTables::per_head(&t, w, &lens), params)
+    }
+
+    fn any_quantized(&self, ids: &[SeqId], layer: usize) -> Result<bool> {
+        for &id in ids {
+            for kh in 0..self.cfg.kv_heads {
+                if !self.head(id, layer, kh)?.quant.is_empty() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Decode over heads with quantized entries: each sequence's query row attends its entries
+    /// through [`attend`](Self::attend) (quantized part dequantized in the inner loop, residual
+    /// through the kernel, merged by LSE).
+    fn decode_quantized(
+        &self,
+        ids: &[SeqId],
+        layer: usize,
+        q: &TensorView,
+        params: &decode::DecodeParams,
+    ) -> Result<AttnOutput> {
+        let [b, one, hq, d] = q.shape;
+        if b != ids.len() || one != 1 {
+            return Err(Error::Shape {
+                op: "kv decode",
+                tensor: "q".into(),
+                got: q.shape.to_vec(),
+                expected: format!("[{}, 1, Hq, {d}]", ids.len()),
+            });
+        }
+        let ap = AttnParams {
+            scale: params.scale,
+            softcap: params.softcap,
+            ..Default::default()
+        };
+        let dv = self.cfg.v_dim;
+        let mut out = Vec::with_capacity(b * hq * dv);
+        let mut lse = Vec::with_capacity(b * hq);
+        for (bi, &id) in ids.iter().enumerate() {
+            let qb = TensorView::strided(
+                slice_from(q.data, q.offset(bi, 0, 0, 0)),
+                [1, 1, hq, d],
+                q.strides,
+            )?;
+            let r = self.attend(id, layer, &qb, None, &ap)?;
+            out.extend(r.out.data.to_f32_vec());
+            lse.extend(r.lse);
+        }
+        Ok(AttnOutput {
+            out: Tensor::new(Buffer::F32(out), vec![b, 1, hq, dv])?,
+            lse,
+        })
     }
 
     /// Runs of physically consecutive pages of a head: (first entry, first physical page, entries).
@@ -609,7 +800,7 @@ impl PagedKvCache {
         let mut page_sched: Option<BlockSchedule> = None;
         for kh in 0..c.kv_heads {
             let h = &s.heads[layer * c.kv_heads + kh];
-            if h.len() == 0 {
+            if h.held() == 0 {
                 continue; // no entry: o = 0, lse = -inf
             }
             // The group's query heads: a strided view of q from head kh * G.
@@ -618,7 +809,7 @@ impl PagedKvCache {
                 [1, sq, g, d],
                 q.strides,
             )?;
-            let r = self.attend_head(h, &qg, s.len, bound.as_ref(), &mut page_sched, params)?;
+            let r = self.attend_entries(h, &qg, s.len, bound.as_ref(), &mut page_sched, params)?;
             let ro = r.out.data.to_f32_vec();
             for i in 0..sq {
                 for gi in 0..g {
@@ -634,7 +825,113 @@ impl PagedKvCache {
         })
     }
 
-    /// One KV head's entries attended by its group's query heads `qg` `[1, Sq, G, D]`.
+    /// Attention of the query heads `q` `[1, Sq, Hq, D]` of one layer over the entries each
+    /// query head selects: `select(query head, query row, position)` must hold (besides `mask`)
+    /// for a key to be attended (Quest's pages). One kernel call per query head and run of
+    /// pages, every tile read through the row mask; heads must hold no quantized entries.
+    pub fn attend_selected(
+        &self,
+        id: SeqId,
+        layer: usize,
+        q: &TensorView,
+        mask: Option<&MaskExpr>,
+        params: &AttnParams,
+        select: &(dyn Fn(usize, usize, usize) -> bool + Sync),
+    ) -> Result<AttnOutput> {
+        let c = self.cfg;
+        let s = self.seq(id)?;
+        let [qb, sq, hq, d] = q.shape;
+        if qb != 1 || d != c.head_dim || sq > s.len || layer >= c.layers || hq % c.kv_heads != 0 {
+            return Err(Error::Shape {
+                op: "kv attend_selected",
+                tensor: "q".into(),
+                got: q.shape.to_vec(),
+                expected: format!(
+                    "[1, Sq <= {} (the cached length), Hq (a multiple of the {} KV heads), {}] and layer < {} (got layer {layer})",
+                    s.len, c.kv_heads, c.head_dim, c.layers
+                ),
+            });
+        }
+        let bound = match mask {
+            Some(e) => Some(e.bind(
+                MaskShape {
+                    batch: 1,
+                    sq,
+                    sk: s.len,
+                },
+                None,
+            )?),
+            None => None,
+        };
+        let g = hq / c.kv_heads;
+        let dv = c.v_dim;
+        let mut out = vec![0.0f32; sq * hq * dv];
+        let mut lse = vec![f32::NEG_INFINITY; hq * sq];
+        let mut none: Option<BlockSchedule> = None;
+        for h in 0..hq {
+            let ht = &s.heads[layer * c.kv_heads + h / g];
+            if !ht.quant.is_empty() {
+                return Err(param(format!(
+                    "attend_selected: layer {layer} KV head {} holds quantized entries (page selection reads full-precision keys)",
+                    h / g
+                )));
+            }
+            if ht.len() == 0 {
+                continue;
+            }
+            let q1 = TensorView::strided(
+                slice_from(q.data, q.offset(0, 0, h, 0)),
+                [1, sq, 1, d],
+                q.strides,
+            )?;
+            let sel = |i: usize, pos: usize| select(h, i, pos);
+            let r = self.attend_head(
+                ht,
+                &q1,
+                s.len,
+                bound.as_ref(),
+                &mut none,
+                params,
+                Some(&sel),
+            )?;
+            let ro = r.out.data.to_f32_vec();
+            for i in 0..sq {
+                out[(i * hq + h) * dv..][..dv].copy_from_slice(&ro[i * dv..][..dv]);
+                lse[h * sq + i] = r.lse[i];
+            }
+        }
+        Ok(AttnOutput {
+            out: Tensor::new(Buffer::F32(out), vec![1, sq, hq, dv])?,
+            lse,
+        })
+    }
+
+    /// One KV head's entries, quantized and full precision, attended by its group's query heads
+    /// `qg` `[1, Sq, G, D]`. With a quantized part the two partial results (o_q, lse_q) and
+    /// (o_r, lse_r) are merged by [`merge_partials`]:
+    ///   lse = log(e^lse_q + e^lse_r),  o = e^(lse_q - lse) o_q + e^(lse_r - lse) o_r.
+    fn attend_entries(
+        &self,
+        h: &HeadTable,
+        qg: &TensorView,
+        seq_len: usize,
+        bound: Option<&BoundMask>,
+        page_sched: &mut Option<BlockSchedule>,
+        params: &AttnParams,
+    ) -> Result<AttnOutput> {
+        if h.quant.is_empty() {
+            return self.attend_head(h, qg, seq_len, bound, page_sched, params, None);
+        }
+        let [_, sq, g, _] = qg.shape;
+        let mut parts = vec![h.quant.attend(qg, bound, params)?];
+        if h.len() > 0 {
+            parts.push(self.attend_head(h, qg, seq_len, bound, page_sched, params, None)?);
+        }
+        merge_partials(&parts, [1, sq, g, self.cfg.v_dim])
+    }
+
+    /// One KV head's full-precision entries attended by its group's query heads `qg`
+    /// `[1, Sq, G, D]`; `sel(query row, position)` (one query head only) narrows the keys.
     #[allow(clippy::too_many_arguments)]
     fn attend_head(
         &self,
@@ -644,13 +941,15 @@ impl PagedKvCache {
         bound: Option<&BoundMask>,
         page_sched: &mut Option<BlockSchedule>,
         params: &AttnParams,
+        sel: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
     ) -> Result<AttnOutput> {
         let c = self.cfg;
         let [_, sq, g, _] = qg.shape;
         let p = c.page_size;
         // Positions are strictly increasing and below seq_len: holding seq_len entries means
-        // holding every position (entry j = position j).
-        let whole = h.len() == seq_len;
+        // holding every position (entry j = position j). A selection reads every key through
+        // the row mask, as a compressed head does.
+        let whole = h.len() == seq_len && sel.is_none();
         let runs = self.runs(h);
         let view = |run: &(usize, usize, usize)| -> Result<(TensorView, TensorView)> {
             let (_, pp, m) = *run;
@@ -699,9 +998,10 @@ impl PagedKvCache {
                     BlockSchedule::from_rows(64, p, sq, m, 1, 1, rows)?
                 }
                 // Compressed, no mask: every pair.
-                (false, None) => BlockSchedule::full(64, p, sq, m)?,
-                // Compressed under a mask: every tile in part, the mask read at the positions.
-                (false, Some(_)) => {
+                (false, None) if sel.is_none() => BlockSchedule::full(64, p, sq, m)?,
+                // Compressed under a mask or a selection: every tile in part, the mask read at
+                // the positions.
+                (false, _) => {
                     let row: Vec<TileEntry> = (0..m.div_ceil(p) as u32)
                         .map(|k_tile| TileEntry {
                             k_tile,
@@ -719,8 +1019,8 @@ impl PagedKvCache {
                     )?
                 }
             };
-            let shifted = bound.map(|b| Shifted {
-                inner: b,
+            let shifted = (bound.is_some() || sel.is_some()).then(|| Shifted {
+                inner: bound,
                 off: j0,
                 len: m,
                 pos: if whole {
@@ -728,6 +1028,7 @@ impl PagedKvCache {
                 } else {
                     Some(&h.pos[j0..j0 + m])
                 },
+                sel,
             });
             let spec = MaskSpec::Schedule {
                 schedule: &sub,
@@ -747,25 +1048,33 @@ impl PagedKvCache {
 }
 
 /// A row mask over entries `off .. off + len` of a head, renumbered from 0: with `pos = None` the
-/// entries are positions `off ..` of `inner`; else entry `j` is position `pos[j]` (a compressed
-/// head) and the mask is read pair by pair there.
+/// entries are positions `off ..` of `inner` (which is then given); else entry `j` is position
+/// `pos[j]` (a compressed head, or a selection) and the mask (None: every pair) and the
+/// selection `sel(row, position)` are read pair by pair there.
 struct Shifted<'a> {
-    inner: &'a BoundMask,
+    inner: Option<&'a BoundMask>,
     off: usize,
     len: usize,
     pos: Option<&'a [u32]>,
+    sel: Option<&'a (dyn Fn(usize, usize) -> bool + Sync)>,
 }
 
 impl RowMask for Shifted<'_> {
     fn row_bits(&self, b: usize, h: usize, i: usize, j0: usize, out: &mut [u64]) {
-        match self.pos {
-            None => self.inner.row_bits(b, h, i, j0 + self.off, out),
-            Some(pos) => {
+        match (self.pos, self.inner) {
+            (None, Some(inner)) => inner.row_bits(b, h, i, j0 + self.off, out),
+            (pos, inner) => {
                 for (w, word) in out.iter_mut().enumerate() {
                     *word = 0;
                     for t in 0..64 {
                         let j = j0 + 64 * w + t;
-                        if j < self.len && self.inner.allowed(b, i, pos[j] as usize) {
+                        if j >= self.len {
+                            continue;
+                        }
+                        let at = pos.map_or(j + self.off, |p| p[j] as usize);
+                        if inner.is_none_or(|m| m.allowed(b, i, at))
+                            && self.sel.is_none_or(|f| f(i, at))
+                        {
                             *word |= 1u64 << t;
                         }
                     }

@@ -355,7 +355,7 @@ fn compressed_heads_attend_exactly_the_kept_keys() {
                     let keep = random_keep(len, frac, &mut rng);
                     c.compress(a, l, kh, &keep).unwrap();
                     let pos = c.positions(a, l, kh).unwrap();
-                    assert!(keep.iter().zip(pos).all(|(&e, &p)| e == p as usize));
+                    assert!(keep.iter().zip(pos).all(|(&e, p)| e == p as usize));
                 }
             }
             // Chunked queries after compression: new positions appended to every head.

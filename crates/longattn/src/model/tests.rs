@@ -417,9 +417,11 @@ fn run_press(
     first: usize,
     page: usize,
 ) -> (Vec<f32>, crate::kv::KvMemory) {
-    use crate::kv::press::{runner::PressAttention, Press};
+    use crate::kv::press::runner::PressAttention;
     use crate::kv::score::Reduce;
-    let attn = PressAttention::new("causal", Press::parse(press).unwrap(), Reduce::Mean).unwrap();
+    use crate::kv::spec::KvSpec;
+    let attn =
+        PressAttention::with_spec("causal", KvSpec::parse(press).unwrap(), Reduce::Mean).unwrap();
     let mut cache = m.new_cache(page).unwrap();
     let s = cache.add_sequence();
     let mut out = Vec::new();
@@ -459,6 +461,9 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             "tova(budget=1)",
             "knorm(budget=1)",
             "a2sf(budget=1,f=0.9)",
+            "kivi(bits=16)",
+            "h2o(budget=1)+kivi(bits=16)",
+            "quest(budget=1,page=4)",
         ] {
             let (got, mem) = run_press(&m, &t, press, 25, 16);
             assert!(
@@ -474,6 +479,46 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             "{arch}: h2o(budget=0.3) changed nothing"
         );
         assert!(mem.bytes_entries * 2 < mem.bytes_full, "{arch}: {mem:?}");
+    }
+}
+
+#[test]
+fn kv_quantized_pages_in_the_model_stay_close_and_hold_less() {
+    for arch in ["llama", "gemma3"] {
+        let m = Model::load(&synthetic(arch, 11), LoadOptions::default()).unwrap();
+        let t = tokens(60, 12);
+        let (want, full) = run_press(&m, &t, "kivi(bits=16)", 25, 16);
+        let mut errs = Vec::new();
+        for spec in [
+            "kivi(bits=4,group=8,residual=4)",
+            "kivi(bits=2,group=8,residual=4)",
+        ] {
+            let (got, mem) = run_press(&m, &t, spec, 25, 16);
+            let e = max_diff(&got, &want);
+            assert!(e > 0.0, "{arch} {spec}: nothing quantized");
+            assert!(mem.bytes_quantized > 0 && mem.bytes_in_use < full.bytes_in_use);
+            errs.push(e);
+        }
+        assert!(
+            errs[0] < errs[1],
+            "{arch}: int4 / int2 logit errors {errs:?}"
+        );
+        // Quest drops nothing but attends fewer keys.
+        let (got, mem) = run_press(&m, &t, "quest(budget=0.2,page=4)", 25, 16);
+        assert!(
+            max_diff(&got, &want) > 1e-4,
+            "{arch}: quest changed nothing"
+        );
+        assert_eq!(mem.bytes_entries, full.bytes_entries);
+        // Eviction then quantization: fewer entries, quantized.
+        let (_, mem) = run_press(
+            &m,
+            &t,
+            "h2o(budget=0.5)+kivi(bits=4,group=8,residual=4)",
+            25,
+            16,
+        );
+        assert!(mem.bytes_quantized > 0 && mem.bytes_entries * 2 < full.bytes_entries);
     }
 }
 

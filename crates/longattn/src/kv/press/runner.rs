@@ -3,56 +3,102 @@
 //! press's running scores; between chunks the caller compresses with [`PressAttention::compress`]
 //! (headroom = the next chunk's length), so the policy is applied as the cache grows. Positions
 //! are never re-encoded: RoPE uses the position seen, whatever the cache still holds.
+//!
+//! A composed spec ([`KvSpec`]) runs its parts in a fixed order: after each forward the eviction
+//! press, then quantization of what is kept ([`PagedKvCache::quantize`]); Quest keeps its page
+//! bounds up to date at each attention and selects pages per query ([`QuestIndex`]).
 use std::sync::Mutex;
 
 use super::{compress, CompressReport, Press};
-use crate::attention::AttnOutput;
+use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
+use crate::kv::quest::QuestIndex;
 use crate::kv::score::{KvScores, Observation, Reduce, ScoreParams};
+use crate::kv::spec::KvSpec;
 use crate::kv::{PagedKvCache, SeqId};
 use crate::model::{Attention, LayerAttn, MaskedAttention};
 use crate::tensor::TensorView;
 
-/// Mask attention plus a press and its scores, for one sequence at a time.
+/// Mask attention plus the policies of a spec and the press's scores, for one sequence at a time.
 pub struct PressAttention {
     inner: MaskedAttention,
-    press: Press,
+    spec: KvSpec,
     reduce: Reduce,
     /// The running scores and the sequence they belong to (created at the first attention).
     scores: Mutex<Option<(SeqId, KvScores)>>,
+    /// Quest's page bounds and their sequence (created at the first attention).
+    quest: Mutex<Option<(SeqId, QuestIndex)>>,
 }
 
 impl PressAttention {
     /// `mask`: the attention's mask expression (usually `causal`); `reduce`: how a group's query
     /// heads are reduced into one score.
     pub fn new(mask: &str, press: Press, reduce: Reduce) -> Result<Self> {
-        press.check()?;
+        Self::with_spec(mask, press.into(), reduce)
+    }
+
+    /// As [`new`](Self::new) with a composed spec.
+    pub fn with_spec(mask: &str, spec: KvSpec, reduce: Reduce) -> Result<Self> {
+        if let Some(p) = &spec.evict {
+            p.check()?;
+        }
+        if let Some(k) = &spec.kivi {
+            k.check()?;
+        }
+        if let Some(q) = &spec.quest {
+            q.check()?;
+        }
         Ok(PressAttention {
             inner: MaskedAttention::new(mask)?,
-            press,
+            spec,
             reduce,
             scores: Mutex::new(None),
+            quest: Mutex::new(None),
         })
     }
 
-    pub fn press(&self) -> &Press {
-        &self.press
+    pub fn press(&self) -> &KvSpec {
+        &self.spec
     }
 
-    /// Compresses sequence `seq` under the press, leaving room for `headroom` positions.
+    /// Compresses sequence `seq` under the spec, leaving room for `headroom` positions: the
+    /// eviction press first, then quantization.
     pub fn compress(
         &self,
         cache: &mut PagedKvCache,
         seq: SeqId,
         headroom: usize,
     ) -> Result<CompressReport> {
-        let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
-        let scores = match guard.as_mut() {
-            Some((s, sc)) if *s == seq => Some(sc),
-            Some(_) => return Err(other_seq()),
-            None => None,
+        let mut report = match &self.spec.evict {
+            Some(press) => {
+                let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+                let scores = match guard.as_mut() {
+                    Some((s, sc)) if *s == seq => Some(sc),
+                    Some(_) => return Err(other_seq()),
+                    None => None,
+                };
+                compress(cache, seq, press, scores, headroom)?
+            }
+            None => {
+                let c = cache.config();
+                let mut kept = Vec::with_capacity(c.layers * c.kv_heads);
+                for l in 0..c.layers {
+                    for kh in 0..c.kv_heads {
+                        kept.push(cache.head_len(seq, l, kh)?);
+                    }
+                }
+                CompressReport {
+                    kept,
+                    pages_freed: 0,
+                }
+            }
         };
-        compress(cache, seq, &self.press, scores, headroom)
+        if let Some(k) = &self.spec.kivi {
+            let before = cache.pages_in_use();
+            cache.quantize(seq, k)?;
+            report.pages_freed += before - cache.pages_in_use();
+        }
+        Ok(report)
     }
 }
 
@@ -66,7 +112,7 @@ fn other_seq() -> Error {
 
 impl Attention for PressAttention {
     fn spec(&self) -> String {
-        format!("{} with kv {}", self.inner.spec(), self.press)
+        format!("{} with kv {}", self.inner.spec(), self.spec)
     }
     fn attend(
         &self,
@@ -75,8 +121,25 @@ impl Attention for PressAttention {
         q: &TensorView,
         layer: &LayerAttn,
     ) -> Result<AttnOutput> {
+        if let Some(quest) = self.spec.quest {
+            let mut guard = self.quest.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_none() {
+                *guard = Some((seq, QuestIndex::new(quest, cache)?));
+            }
+            let (s, index) = guard.as_mut().expect("set above");
+            if *s != seq {
+                return Err(other_seq());
+            }
+            index.update(cache, seq, layer.layer)?;
+            let expr = self.inner.expr_for(layer.window)?;
+            let params = AttnParams {
+                scale: Some(layer.scale),
+                ..Default::default()
+            };
+            return index.attend(cache, seq, layer.layer, q, Some(&expr), &params);
+        }
         let out = self.inner.attend(cache, seq, q, layer)?;
-        let Some(kind) = self.press.score_kind() else {
+        let Some(kind) = self.spec.evict.and_then(|p| p.score_kind()) else {
             return Ok(out);
         };
         let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());

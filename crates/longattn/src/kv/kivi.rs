@@ -1,0 +1,461 @@
+//! KIVI quantized pages: `kivi(bits=4|2,group=G,residual=R)` (`bits=16`: no quantization).
+//!
+//! Asymmetric min/max quantization with b bits over a group x_1..x_G:
+//!   lo = min x, hi = max x, s = (hi - lo) / (2^b - 1), c_t = round((x_t - lo) / s) in 0..2^b-1,
+//!   x^_t = lo + s c_t, so |x_t - x^_t| <= s / 2 (s = 0: every c_t = 0, exact).
+//! K is quantized per channel: G consecutive entries of a head form a group, and channel d has
+//! its own (s_d, lo_d) over the group's G tokens. V is quantized per token: each entry's Dv
+//! channels fall into Dv / G groups of G channels with their own (s, lo). Codes are packed
+//! 8 / b per byte, one byte row per entry (`ceil(D b / 8)` bytes for K, `ceil(Dv b / 8)` for V).
+//!
+//! The newest entries of a head stay in the cache's full-precision pages (the residual): after
+//! each forward [`super::PagedKvCache::quantize`] moves whole groups of the oldest residual
+//! entries into the head's [`QuantHead`] while the residual keeps more than `R + G - 1`, so it
+//! ends with between R and R + G - 1 entries (R = 0: fewer than a full group).
+//!
+//! Attention over the quantized entries ([`QuantHead::attend`]) dequantizes in its inner loop.
+//! With K per channel the dot product factors per group:
+//!   q . k^_t = sum_d q_d (lo_d + s_d c_td) = sum_d q_d lo_d + sum_d (q_d s_d) c_td,
+//! so q's scaled copy and the constant are formed once per group and each entry costs one pass
+//! over its codes; V^ is accumulated as p (lo + s c) channel group by channel group; the softmax
+//! is online (running max m, sum l). The cache's attention merges this part with the residual's
+//! by their LSE. The plain reference is [`QuantHead::dequantize`] followed by the f64 oracle.
+use std::fmt;
+
+use rayon::prelude::*;
+
+use crate::attention::{AttnOutput, AttnParams};
+use crate::error::{Error, Result};
+use crate::mask::BoundMask;
+use crate::tensor::{Buffer, Tensor, TensorView};
+
+const OP: &str = "kv kivi";
+
+fn err(msg: String) -> Error {
+    Error::Param { op: OP, msg }
+}
+
+/// The quantization policy (module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kivi {
+    /// 2 or 4; 16 keeps everything in full precision (a no-op).
+    pub bits: u32,
+    /// Tokens per K group and channels per V group.
+    pub group: usize,
+    /// Newest entries always kept in full precision.
+    pub residual: usize,
+}
+
+impl Kivi {
+    pub fn parse(text: &str) -> Result<Kivi> {
+        let (name, _) = crate::sparse::spec::split_call(OP, text)?;
+        if name != "kivi" {
+            return Err(err(format!("`{text}` is not a kivi spec")));
+        }
+        let v = super::spec::parse_args(
+            OP,
+            text,
+            &[
+                ("bits", Some(4.0)),
+                ("group", Some(32.0)),
+                ("residual", Some(32.0)),
+            ],
+        )?;
+        let int = |k: &str, x: f64| super::spec::int_arg(OP, name, k, x);
+        let k = Kivi {
+            bits: int("bits", v[0])? as u32,
+            group: int("group", v[1])?,
+            residual: int("residual", v[2])?,
+        };
+        k.check()?;
+        Ok(k)
+    }
+
+    /// Checks the fields alone.
+    pub fn check(&self) -> Result<()> {
+        if ![2, 4, 16].contains(&self.bits) {
+            return Err(err(format!(
+                "`{self}`: bits must be 2 or 4 (16: no quantization), got {}",
+                self.bits
+            )));
+        }
+        if self.group == 0 {
+            return Err(err(format!("`{self}`: group must be >= 1")));
+        }
+        Ok(())
+    }
+
+    /// Checks the policy against a cache's head dims: V's channel groups must tile Dv.
+    pub fn check_dims(&self, head_dim: usize, v_dim: usize) -> Result<()> {
+        self.check()?;
+        if self.bits == 16 {
+            return Ok(());
+        }
+        if !v_dim.is_multiple_of(self.group) || !head_dim.is_multiple_of(self.group) {
+            return Err(err(format!(
+                "`{self}`: head dims K {head_dim} / V {v_dim} are not divisible by the group {} (V is quantized per token in groups of that many channels)",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.bits == 16
+    }
+}
+
+impl fmt::Display for Kivi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "kivi(bits={},group={},residual={})",
+            self.bits, self.group, self.residual
+        )
+    }
+}
+
+/// (scale, lo) of values `x` under b bits (module documentation).
+pub fn scale_lo(x: impl Iterator<Item = f32> + Clone, bits: u32) -> (f32, f32) {
+    let lo = x.clone().fold(f32::INFINITY, f32::min);
+    let hi = x.fold(f32::NEG_INFINITY, f32::max);
+    ((hi - lo) / ((1u32 << bits) - 1) as f32, lo)
+}
+
+/// The code of `x` under (scale, lo).
+pub fn code(x: f32, s: f32, lo: f32, bits: u32) -> u8 {
+    if s == 0.0 {
+        return 0;
+    }
+    ((x - lo) / s)
+        .round()
+        .clamp(0.0, ((1u32 << bits) - 1) as f32) as u8
+}
+
+/// Code `i` of a packed byte row.
+#[inline(always)]
+fn unpack(row: &[u8], i: usize, bits: u32) -> u8 {
+    let at = i * bits as usize;
+    (row[at / 8] >> (at % 8)) & ((1u8 << bits) - 1)
+}
+
+/// Every code of a packed row as f32 (`out` holds `8 / b` values per byte): the inner loops
+/// read codes from here, so the products below them run over plain f32 slices.
+#[inline(always)]
+fn unpack_row(row: &[u8], bits: u32, out: &mut [f32]) {
+    match bits {
+        4 => {
+            for (o, &c) in out.chunks_exact_mut(2).zip(row) {
+                o[0] = (c & 15) as f32;
+                o[1] = (c >> 4) as f32;
+            }
+        }
+        _ => {
+            for (o, &c) in out.chunks_exact_mut(4).zip(row) {
+                o[0] = (c & 3) as f32;
+                o[1] = ((c >> 2) & 3) as f32;
+                o[2] = ((c >> 4) & 3) as f32;
+                o[3] = (c >> 6) as f32;
+            }
+        }
+    }
+}
+
+/// sum_x a_x b_x in 8 running lanes (so the compiler keeps it in vector registers).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for t in 0..8 {
+            lanes[t] += x[t] * y[t];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Bytes of a packed row of `n` codes.
+fn row_bytes(n: usize, bits: u32) -> usize {
+    (n * bits as usize).div_ceil(8)
+}
+
+/// The quantized entries of one (sequence, layer, KV head), oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct QuantHead {
+    bits: u32,
+    group: usize,
+    d: usize,
+    dv: usize,
+    /// Position of each entry.
+    pub(crate) pos: Vec<u32>,
+    /// K codes `[n][ceil(D b / 8)]`.
+    kcodes: Vec<u8>,
+    /// K group g holds entries `gstart[g] .. gstart[g + 1]` (the last to n).
+    gstart: Vec<u32>,
+    /// Per K group: scale `[D]` then lo `[D]`.
+    kparams: Vec<f32>,
+    /// V codes `[n][ceil(Dv b / 8)]`.
+    vcodes: Vec<u8>,
+    /// Per entry and V channel group: (scale, lo).
+    vparams: Vec<f32>,
+}
+
+impl QuantHead {
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+    /// Bits of the codes (0 while empty and never written).
+    pub fn bits(&self) -> u32 {
+        self.bits
+    }
+    /// Entries per K group and channels per V group (0 while empty and never written).
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Bytes held: packed codes and the f32 scales and minima (exact).
+    pub fn bytes(&self) -> usize {
+        self.kcodes.len() + self.vcodes.len() + 4 * (self.kparams.len() + self.vparams.len())
+    }
+
+    /// Appends one group: `k` `[n, D]`, `v` `[n, Dv]` of entries at positions `pos` (n >= 1)
+    /// quantized under `kivi` (K per channel over the n entries, V per token).
+    pub fn push_group(
+        &mut self,
+        kivi: &Kivi,
+        d: usize,
+        dv: usize,
+        k: &[f32],
+        v: &[f32],
+        pos: &[u32],
+    ) -> Result<()> {
+        let n = pos.len();
+        if self.pos.is_empty() && self.gstart.is_empty() {
+            (self.bits, self.group, self.d, self.dv) = (kivi.bits, kivi.group, d, dv);
+        }
+        if (self.bits, self.group, self.d, self.dv) != (kivi.bits, kivi.group, d, dv) {
+            return Err(err(format!(
+                "this head holds entries quantized with bits={} group={} (D {} Dv {}); asked bits={} group={} (D {d} Dv {dv})",
+                self.bits, self.group, self.d, self.dv, kivi.bits, kivi.group
+            )));
+        }
+        if n == 0 || k.len() != n * d || v.len() != n * dv || !dv.is_multiple_of(kivi.group) {
+            return Err(err(format!(
+                "push_group: {n} entries with {} K and {} V values (D {d}, Dv {dv}, group {})",
+                k.len(),
+                v.len(),
+                kivi.group
+            )));
+        }
+        let b = self.bits;
+        self.gstart.push(self.pos.len() as u32);
+        let (kb, vb) = (row_bytes(d, b), row_bytes(dv, b));
+        let mut params = vec![0.0f32; 2 * d];
+        for x in 0..d {
+            let (s, lo) = scale_lo((0..n).map(|t| k[t * d + x]), b);
+            params[x] = s;
+            params[d + x] = lo;
+        }
+        for t in 0..n {
+            let mut row = vec![0u8; kb];
+            for x in 0..d {
+                let c = code(k[t * d + x], params[x], params[d + x], b);
+                row[x * b as usize / 8] |= c << ((x * b as usize) % 8);
+            }
+            self.kcodes.extend(row);
+            let mut row = vec![0u8; vb];
+            for gv in 0..dv / self.group {
+                let ch = &v[t * dv + gv * self.group..][..self.group];
+                let (s, lo) = scale_lo(ch.iter().copied(), b);
+                self.vparams.extend([s, lo]);
+                for (i, &x) in ch.iter().enumerate() {
+                    let at = (gv * self.group + i) * b as usize;
+                    row[at / 8] |= code(x, s, lo, b) << (at % 8);
+                }
+            }
+            self.vcodes.extend(row);
+        }
+        self.kparams.extend(params);
+        self.pos.extend_from_slice(pos);
+        Ok(())
+    }
+
+    /// Entry range of K group g.
+    fn group_range(&self, g: usize) -> (usize, usize) {
+        let e1 = self
+            .gstart
+            .get(g + 1)
+            .map_or(self.pos.len(), |&x| x as usize);
+        (self.gstart[g] as usize, e1)
+    }
+
+    /// K `[n, D]` and V `[n, Dv]` dequantized (x^ = lo + s c): the plain path, for references,
+    /// scores and key norms.
+    pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
+        let (n, d, dv, b) = (self.len(), self.d, self.dv, self.bits);
+        let (kb, vb) = (row_bytes(d, b), row_bytes(dv, b));
+        let mut k = vec![0.0f32; n * d];
+        let mut v = vec![0.0f32; n * dv];
+        for g in 0..self.gstart.len() {
+            let pr = &self.kparams[g * 2 * d..][..2 * d];
+            let (e0, e1) = self.group_range(g);
+            for t in e0..e1 {
+                let row = &self.kcodes[t * kb..][..kb];
+                for x in 0..d {
+                    k[t * d + x] = pr[d + x] + pr[x] * unpack(row, x, b) as f32;
+                }
+            }
+        }
+        let ng = dv.checked_div(self.group).unwrap_or(0);
+        for t in 0..n {
+            let row = &self.vcodes[t * vb..][..vb];
+            for x in 0..dv {
+                let pr = &self.vparams[(t * ng + x / self.group) * 2..][..2];
+                v[t * dv + x] = pr[1] + pr[0] * unpack(row, x, b) as f32;
+            }
+        }
+        (k, v)
+    }
+
+    /// Keeps entries `keep` (strictly increasing, checked by the caller): their codes, V scales
+    /// and positions move down in order; a K group keeps its scales while any of its entries
+    /// remains (dequantized values of the kept entries do not change) and is dropped otherwise.
+    pub fn compact(&mut self, keep: &[usize]) {
+        let (kb, vb) = (row_bytes(self.d, self.bits), row_bytes(self.dv, self.bits));
+        let ng = self.dv.checked_div(self.group).unwrap_or(0);
+        let mut counts = vec![0u32; self.gstart.len()];
+        for (i, &e) in keep.iter().enumerate() {
+            let g = self.gstart.partition_point(|&s| s as usize <= e) - 1;
+            counts[g] += 1;
+            if i != e {
+                self.kcodes.copy_within(e * kb..(e + 1) * kb, i * kb);
+                self.vcodes.copy_within(e * vb..(e + 1) * vb, i * vb);
+                self.vparams
+                    .copy_within(e * 2 * ng..(e + 1) * 2 * ng, i * 2 * ng);
+                self.pos[i] = self.pos[e];
+            }
+        }
+        let n = keep.len();
+        self.kcodes.truncate(n * kb);
+        self.vcodes.truncate(n * vb);
+        self.vparams.truncate(n * 2 * ng);
+        self.pos.truncate(n);
+        let d2 = 2 * self.d;
+        let (mut start, mut out) = (0u32, 0usize);
+        let mut gstart = Vec::new();
+        for (g, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            self.kparams.copy_within(g * d2..(g + 1) * d2, out * d2);
+            gstart.push(start);
+            start += c;
+            out += 1;
+        }
+        self.kparams.truncate(out * d2);
+        self.gstart = gstart;
+    }
+
+    /// Attention of `qg` `[1, Sq, G, D]` (query row i at position `seq_len - Sq + i`) over the
+    /// quantized entries, under `bound` read at the entries' positions (None: every pair).
+    /// Output `[1, Sq, G, Dv]` f32 and LSE `[G, Sq]` (natural log; -inf where nothing is allowed).
+    pub fn attend(
+        &self,
+        qg: &TensorView,
+        bound: Option<&BoundMask>,
+        params: &AttnParams,
+    ) -> Result<AttnOutput> {
+        let [_, sq, g, d] = qg.shape;
+        if d != self.d {
+            return Err(err(format!(
+                "attend: q has head dim {d}, the quantized entries {}",
+                self.d
+            )));
+        }
+        let (dv, b, gr) = (self.dv, self.bits, self.group);
+        let (kb, vb) = (row_bytes(d, b), row_bytes(dv, b));
+        let scale = params.scale_for(d);
+        let cap = params.softcap;
+        let ng = dv / gr.max(1);
+        // One task per (query row, head of the group): (o [Dv], lse).
+        let rows: Vec<(Vec<f32>, f32)> = (0..sq * g)
+            .into_par_iter()
+            .map(|t| {
+                let (i, gi) = (t / g, t % g);
+                let q: Vec<f32> = (0..d).map(|x| qg.get(0, i, gi, x)).collect();
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
+                let mut acc = vec![0.0f32; dv];
+                let mut qs = vec![0.0f32; d];
+                // Codes of one entry as f32 (room for the padding codes of the last byte).
+                let per_byte = 8 / b as usize;
+                let mut kc = vec![0.0f32; kb * per_byte];
+                let mut vc = vec![0.0f32; vb * per_byte];
+                for kg in 0..self.gstart.len() {
+                    let pr = &self.kparams[kg * 2 * d..][..2 * d];
+                    // q . k^ = c0 + sum_d (q_d s_d) c_td
+                    let mut c0 = 0.0f32;
+                    for x in 0..d {
+                        qs[x] = q[x] * pr[x];
+                        c0 += q[x] * pr[d + x];
+                    }
+                    let (e0, e1) = self.group_range(kg);
+                    for e in e0..e1 {
+                        if bound.is_some_and(|bm| !bm.allowed(0, i, self.pos[e] as usize)) {
+                            continue;
+                        }
+                        unpack_row(&self.kcodes[e * kb..][..kb], b, &mut kc);
+                        let dot = c0 + dot8(&qs, &kc[..d]);
+                        let mut s = dot * scale;
+                        if let Some(c) = cap {
+                            s = c * (s / c).tanh();
+                        }
+                        // Online softmax: m' = max(m, s), l' = l e^(m - m') + e^(s - m'),
+                        // acc' = acc e^(m - m') + e^(s - m') v^.
+                        if s > m {
+                            let alpha = (m - s).exp();
+                            l *= alpha;
+                            acc.iter_mut().for_each(|a| *a *= alpha);
+                            m = s;
+                        }
+                        let p = (s - m).exp();
+                        l += p;
+                        unpack_row(&self.vcodes[e * vb..][..vb], b, &mut vc);
+                        for vg in 0..ng {
+                            let vp = &self.vparams[(e * ng + vg) * 2..][..2];
+                            let (ps, plo) = (p * vp[0], p * vp[1]);
+                            let x0 = vg * gr;
+                            for (a, &c) in acc[x0..x0 + gr].iter_mut().zip(&vc[x0..x0 + gr]) {
+                                *a += ps * c + plo;
+                            }
+                        }
+                    }
+                }
+                if l == 0.0 {
+                    return (vec![0.0; dv], f32::NEG_INFINITY);
+                }
+                let inv = 1.0 / l;
+                (acc.iter().map(|a| a * inv).collect(), m + l.ln())
+            })
+            .collect();
+        let mut out = vec![0.0f32; sq * g * dv];
+        let mut lse = vec![f32::NEG_INFINITY; g * sq];
+        for (t, (o, l)) in rows.into_iter().enumerate() {
+            let (i, gi) = (t / g, t % g);
+            out[t * dv..][..dv].copy_from_slice(&o);
+            lse[gi * sq + i] = l;
+        }
+        Ok(AttnOutput {
+            out: Tensor::new(Buffer::F32(out), vec![1, sq, g, dv])?,
+            lse,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "kivi_tests.rs"]
+mod tests;

@@ -1,0 +1,385 @@
+//! KIVI: round-trip bounds, attention over a quantized cache against the f64 oracle on the
+//! dequantized entries, the no-op, eviction after quantization, memory, bad input.
+use super::*;
+use crate::kv::spec::KvSpec;
+use crate::kv::{KvConfig, PagedKvCache, SeqId};
+use crate::mask::{MaskExpr, MaskShape};
+use crate::reference::attention_f64;
+use crate::testing::{compare, out_tolerance, Rng, LSE_TOLERANCE};
+use crate::DType;
+
+const LENS: [usize; 6] = [1, 7, 63, 65, 113, 1023];
+
+fn randn(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+fn kivi(bits: u32, group: usize, residual: usize) -> Kivi {
+    Kivi {
+        bits,
+        group,
+        residual,
+    }
+}
+
+/// K and V `[len, Hk, D]` of each layer.
+type LayerKv = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// A cache of one sequence of `len` positions (2 layers), filled in chunks of 13, with its
+/// K / V per layer `[len, Hk, D]` kept for reference.
+fn filled(
+    len: usize,
+    hk: usize,
+    d: usize,
+    page: usize,
+    rng: &mut Rng,
+) -> (PagedKvCache, SeqId, LayerKv) {
+    let cfg = KvConfig {
+        layers: 2,
+        kv_heads: hk,
+        head_dim: d,
+        v_dim: d,
+        page_size: page,
+    };
+    let mut cache = PagedKvCache::new(cfg).unwrap();
+    let id = cache.add_sequence();
+    let mut full = vec![(Vec::new(), Vec::new()); 2];
+    let mut done = 0;
+    while done < len {
+        let n = 13.min(len - done);
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+            .map(|_| (randn(n * hk * d, rng), randn(n * hk * d, rng)))
+            .collect();
+        let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        cache.append(id, &refs).unwrap();
+        for (l, (k, v)) in kv.into_iter().enumerate() {
+            full[l].0.extend(k);
+            full[l].1.extend(v);
+        }
+        done += n;
+    }
+    (cache, id, full)
+}
+
+#[test]
+fn round_trip_error_is_at_most_half_a_step() {
+    let mut rng = Rng::new(16);
+    for bits in [2u32, 4] {
+        for &(n, d, group) in &[(1, 8, 8), (7, 16, 4), (32, 64, 32), (13, 24, 8)] {
+            let k = randn(n * d, &mut rng);
+            let v: Vec<f32> = randn(n * d, &mut rng).iter().map(|x| 3.0 * x).collect();
+            let pos: Vec<u32> = (0..n as u32).collect();
+            let mut h = QuantHead::default();
+            h.push_group(&kivi(bits, group, 0), d, d, &k, &v, &pos)
+                .unwrap();
+            let (kk, vv) = h.dequantize();
+            let levels = ((1u32 << bits) - 1) as f32;
+            let mut worst = 0.0f32;
+            // K: per channel over the n tokens.
+            for x in 0..d {
+                let col: Vec<f32> = (0..n).map(|t| k[t * d + x]).collect();
+                let (lo, hi) = col
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &y| {
+                        (a.min(y), b.max(y))
+                    });
+                let step = (hi - lo) / levels;
+                for t in 0..n {
+                    let e = (k[t * d + x] - kk[t * d + x]).abs();
+                    assert!(
+                        e <= step / 2.0 * 1.0001 + 1e-6,
+                        "bits {bits} K[{t},{x}]: error {e} > half step {}",
+                        step / 2.0
+                    );
+                    worst = worst.max(e / (hi - lo).max(1e-30));
+                }
+            }
+            // V: per token over groups of channels.
+            for t in 0..n {
+                for g0 in (0..d).step_by(group) {
+                    let ch = &v[t * d + g0..][..group];
+                    let (lo, hi) = ch
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &y| {
+                            (a.min(y), b.max(y))
+                        });
+                    let step = (hi - lo) / levels;
+                    for x in g0..g0 + group {
+                        let e = (v[t * d + x] - vv[t * d + x]).abs();
+                        assert!(
+                            e <= step / 2.0 * 1.0001 + 1e-6,
+                            "bits {bits} V[{t},{x}]: error {e} > half step {}",
+                            step / 2.0
+                        );
+                    }
+                }
+            }
+            // The bound is reached in order of magnitude (codes really round, not truncate).
+            if n >= 7 {
+                assert!(worst > 0.1 / levels, "bits {bits}: suspiciously exact");
+            }
+        }
+    }
+}
+
+/// Attention of the last `sq` positions over a quantized cache against the oracle over the
+/// dequantized entries (gather_head), causal mask, per layer.
+fn check_attend(len: usize, sq: usize, hq: usize, hk: usize, k: Kivi, page: usize) {
+    let d = 32;
+    let mut rng = Rng::new((len * 31 + sq * 7 + hq + k.bits as usize) as u64);
+    let (mut cache, id, _) = filled(len, hk, d, page, &mut rng);
+    let quantized = cache.quantize(id, &k).unwrap();
+    let expect = if len >= k.residual + k.group {
+        (len - k.residual) / k.group * k.group * 2 * hk
+    } else {
+        0
+    };
+    assert_eq!(quantized, expect, "len {len}: entries quantized");
+    let sq = sq.min(len);
+    let expr = MaskExpr::parse("causal").unwrap();
+    let bound = expr
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq,
+                sk: len,
+            },
+            None,
+        )
+        .unwrap();
+    for l in 0..2 {
+        let qd = randn(sq * hq * d, &mut rng);
+        let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
+        let got = cache
+            .attend(id, l, &q, Some(&expr), &AttnParams::default())
+            .unwrap();
+        // The dequantized cache, [len, Hk, D].
+        let mut kf = vec![0.0f32; len * hk * d];
+        let mut vf = vec![0.0f32; len * hk * d];
+        for kh in 0..hk {
+            let (hk_, hv, pos) = cache.gather_head(id, l, kh).unwrap();
+            assert_eq!(pos, (0..len as u32).collect::<Vec<_>>());
+            for j in 0..len {
+                kf[(j * hk + kh) * d..][..d].copy_from_slice(&hk_[j * d..][..d]);
+                vf[(j * hk + kh) * d..][..d].copy_from_slice(&hv[j * d..][..d]);
+            }
+        }
+        let kt = TensorView::contiguous(&kf[..], [1, len, hk, d]).unwrap();
+        let vt = TensorView::contiguous(&vf[..], [1, len, hk, d]).unwrap();
+        let allowed = |b: usize, _h: usize, i: usize, j: usize| bound.allowed(b, i, j);
+        let r = attention_f64(&q, &kt, &vt, &AttnParams::default(), &allowed).unwrap();
+        let (eo, el) = compare(&got.out, &got.lse, &r);
+        assert!(
+            eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
+            "{k} len {len} sq {sq} hq {hq} hk {hk} layer {l}: out err {eo:.2e}, lse err {el:.2e}"
+        );
+        if sq == 1 {
+            // The decode entry point takes the same path.
+            let dec = cache
+                .decode(&[id], l, &q, &crate::kv::decode::DecodeParams::default())
+                .unwrap();
+            let (eo, el) = compare(&dec.out, &dec.lse, &r);
+            assert!(eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE);
+        }
+    }
+}
+
+#[test]
+fn attention_over_quantized_cache_matches_oracle_on_dequantized_entries() {
+    for &len in &LENS {
+        for bits in [4, 2] {
+            check_attend(len, 1, 6, 2, kivi(bits, 8, 0), 16);
+            check_attend(len, 5, 4, 4, kivi(bits, 16, 16), 64);
+        }
+    }
+    check_attend(1023, 17, 6, 3, kivi(4, 32, 32), 64);
+}
+
+#[test]
+fn quantized_attention_stays_close_to_the_full_cache() {
+    // Sanity of the quantization itself: int4 is closer to the full-precision result than int2.
+    let (len, hq, hk, d) = (200, 4, 2, 32);
+    let mut errs = Vec::new();
+    for bits in [4, 2] {
+        let mut rng = Rng::new(77);
+        let (mut cache, id, _) = filled(len, hk, d, 16, &mut rng);
+        let qd = randn(hq * d, &mut rng);
+        let q = TensorView::contiguous(&qd[..], [1, 1, hq, d]).unwrap();
+        let full = cache
+            .attend(id, 0, &q, None, &AttnParams::default())
+            .unwrap();
+        cache.quantize(id, &kivi(bits, 32, 0)).unwrap();
+        let got = cache
+            .attend(id, 0, &q, None, &AttnParams::default())
+            .unwrap();
+        let (a, b) = (full.out.data.to_f32_vec(), got.out.data.to_f32_vec());
+        let e = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        errs.push(e);
+    }
+    assert!(
+        errs[0] > 0.0 && errs[0] < errs[1],
+        "int4 / int2 errors {errs:?}"
+    );
+}
+
+#[test]
+fn bits_16_is_the_full_cache_bit_for_bit() {
+    let mut rng = Rng::new(5);
+    let (mut cache, id, _) = filled(113, 2, 32, 16, &mut rng);
+    let qd = randn(3 * 4 * 32, &mut rng);
+    let q = TensorView::contiguous(&qd[..], [1, 3, 4, 32]).unwrap();
+    let expr = MaskExpr::parse("causal").unwrap();
+    let before = cache
+        .attend(id, 1, &q, Some(&expr), &AttnParams::default())
+        .unwrap();
+    let mem = cache.memory();
+    assert_eq!(
+        cache
+            .quantize(id, &Kivi::parse("kivi(bits=16)").unwrap())
+            .unwrap(),
+        0
+    );
+    let after = cache
+        .attend(id, 1, &q, Some(&expr), &AttnParams::default())
+        .unwrap();
+    assert_eq!(before.out.data.to_f32_vec(), after.out.data.to_f32_vec());
+    assert_eq!(before.lse, after.lse);
+    assert_eq!(mem, cache.memory());
+}
+
+#[test]
+fn memory_counts_packed_bytes_and_scales_and_frees_pages() {
+    let (hk, d, page) = (2, 32, 16);
+    for bits in [4u32, 2] {
+        let mut rng = Rng::new(9);
+        let (mut cache, id, _) = filled(113, hk, d, page, &mut rng);
+        let before = cache.memory();
+        let k = kivi(bits, 8, 5);
+        cache.quantize(id, &k).unwrap();
+        let m = cache.memory();
+        // Per head: 113 - 5 = 108 -> 13 groups of 8 = 104 quantized, 9 in the residual.
+        let (nq, nr, groups) = (104, 9usize, 13);
+        let row = d * bits as usize / 8;
+        let per_head = nq * 2 * row + groups * 2 * d * 4 + nq * (d / 8) * 2 * 4;
+        let heads = 2 * hk;
+        assert_eq!(m.bytes_quantized, heads * per_head);
+        assert_eq!(m.pages_in_use, heads * nr.div_ceil(page));
+        assert_eq!(
+            m.bytes_in_use,
+            m.pages_in_use * page * 2 * d * 4 + heads * per_head
+        );
+        assert_eq!(m.bytes_entries, heads * nr * 2 * d * 4 + heads * per_head);
+        assert_eq!(m.bytes_full, before.bytes_full);
+        assert!(
+            m.bytes_in_use * 2 < before.bytes_in_use,
+            "{m:?} vs {before:?}"
+        );
+        for kh in 0..hk {
+            assert_eq!(cache.head_len(id, 0, kh).unwrap(), 113);
+            assert_eq!(cache.head_quantized(id, 0, kh).unwrap(), nq);
+        }
+    }
+}
+
+#[test]
+fn eviction_after_quantization_keeps_the_kept_entries_values() {
+    let (hk, d) = (2, 32);
+    let mut rng = Rng::new(21);
+    let (mut cache, id, _) = filled(150, hk, d, 16, &mut rng);
+    cache.quantize(id, &kivi(4, 8, 8)).unwrap();
+    let (k0, v0, p0) = cache.gather_head(id, 1, 1).unwrap();
+    // Keep a scattered set across both parts: whole groups dropped, groups cut, residual cut.
+    let keep: Vec<usize> = (0..150)
+        .filter(|&e| !(8..16).contains(&e) && (e % 3 != 1 || e > 140))
+        .collect();
+    cache.compress(id, 1, 1, &keep).unwrap();
+    let (k1, v1, p1) = cache.gather_head(id, 1, 1).unwrap();
+    assert_eq!(p1.len(), keep.len());
+    for (i, &e) in keep.iter().enumerate() {
+        assert_eq!(p1[i], p0[e]);
+        assert_eq!(k1[i * d..][..d], k0[e * d..][..d], "K of entry {e}");
+        assert_eq!(v1[i * d..][..d], v0[e * d..][..d], "V of entry {e}");
+    }
+    // Attention over the compacted head against the oracle over its (dequantized) entries.
+    let qd = randn(2 * d, &mut rng);
+    let q = TensorView::contiguous(&qd[..], [1, 1, 2, d]).unwrap();
+    let got = cache
+        .attend(id, 1, &q, None, &AttnParams::default())
+        .unwrap();
+    let n = keep.len();
+    let kt = TensorView::contiguous(&k1[..], [1, n, 1, d]).unwrap();
+    let vt = TensorView::contiguous(&v1[..], [1, n, 1, d]).unwrap();
+    let r = attention_f64(&q, &kt, &vt, &AttnParams::default(), &|_, _, _, _| true).unwrap();
+    // The cache has one query head per KV head: query head 1 reads the compacted KV head 1.
+    let out = got.out.data.to_f32_vec();
+    let scale = r.out[d..].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
+    for x in 0..d {
+        let e = (out[d + x] as f64 - r.out[d + x]).abs() / scale;
+        assert!(e <= out_tolerance(DType::F32), "out[{x}] err {e:.2e}");
+    }
+    assert!((got.lse[1] as f64 - r.lse[1]).abs() <= LSE_TOLERANCE);
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    for (spec, needle) in [
+        ("kivi(bits=3)", "bits must be 2 or 4"),
+        ("kivi(bits=8)", "bits must be 2 or 4"),
+        ("kivi(bits=4,group=0)", "group must be >= 1"),
+        ("kivi(bits=4,size=3)", "unknown argument `size`"),
+        ("kivi(bits=4.5)", "non-negative integer"),
+    ] {
+        let e = Kivi::parse(spec).unwrap_err().to_string();
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+    let mut rng = Rng::new(3);
+    let (mut cache, id, _) = filled(40, 1, 24, 16, &mut rng);
+    let mem = cache.memory();
+    let e = cache.quantize(id, &kivi(4, 32, 0)).unwrap_err().to_string();
+    assert!(e.contains("not divisible by the group 32"), "{e}");
+    assert_eq!(
+        mem,
+        cache.memory(),
+        "a refused quantization changes nothing"
+    );
+    cache.quantize(id, &kivi(4, 8, 0)).unwrap();
+    let e = cache.quantize(id, &kivi(2, 8, 0)).unwrap_err().to_string();
+    assert!(e.contains("quantized with 4 bits"), "{e}");
+    let mem = cache.memory();
+    let e = cache.quantize(id, &kivi(4, 4, 0)).unwrap_err().to_string();
+    assert!(e.contains("in groups of 8"), "{e}");
+    assert_eq!(
+        mem,
+        cache.memory(),
+        "a refused quantization changes nothing"
+    );
+}
+
+#[test]
+fn specs_compose_with_plus() {
+    let s = KvSpec::parse("snapkv(budget=0.2) + kivi(bits=4)").unwrap();
+    assert!(s.evict.is_some());
+    assert_eq!(s.kivi, Some(kivi(4, 32, 32)));
+    assert_eq!(
+        s.to_string(),
+        "snapkv(budget=0.2,window=32,kernel=5)+kivi(bits=4,group=32,residual=32)"
+    );
+    assert_eq!(KvSpec::parse(&s.to_string()).unwrap(), s);
+    for (spec, needle) in [
+        ("kivi(bits=4)+kivi(bits=2)", "more than one quantization"),
+        ("h2o(budget=0.2)+tova(budget=0.2)", "more than one eviction"),
+        (
+            "quest(budget=0.2)+kivi(bits=4)",
+            "quest composes with no other",
+        ),
+        ("h2o(budget=0.2)+", "empty policy"),
+        ("zip(bits=4)", "unknown press `zip`"),
+    ] {
+        let e = KvSpec::parse(spec).unwrap_err().to_string();
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! Quest: the page bound is an upper bound, running bounds equal recomputed ones, the selection
+//! against its reference, the selected keys attended exactly (f64 oracle), budget >= length is
+//! the full cache bit for bit, bad input.
+use super::*;
+use crate::kv::KvConfig;
+use crate::mask::MaskShape;
+use crate::reference::attention_f64;
+use crate::testing::{compare, out_tolerance, Rng, LSE_TOLERANCE};
+use crate::DType;
+
+const LENS: [usize; 6] = [1, 7, 63, 65, 113, 1023];
+
+fn randn(n: usize, rng: &mut Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+#[test]
+fn page_bound_is_an_upper_bound_of_every_key() {
+    let mut rng = Rng::new(160);
+    for case in 0..400 {
+        let d = 1 + rng.below(40);
+        let page = 1 + rng.below(20);
+        let n = 1 + rng.below(3 * page);
+        // Keys with a per-case offset and scale so signs and magnitudes vary.
+        let (off, sc) = (rng.normal() as f32, 0.1 + 3.0 * rng.uniform() as f32);
+        let keys: Vec<f32> = randn(n * d, &mut rng)
+            .iter()
+            .map(|x| off + sc * x)
+            .collect();
+        let q = randn(d, &mut rng);
+        let mut b = PageBounds::new(page, d);
+        // Appended in uneven pieces.
+        let mut at = 0;
+        while at < n {
+            let m = (1 + rng.below(5)).min(n - at);
+            b.append(&keys[at * d..(at + m) * d]);
+            at += m;
+        }
+        assert_eq!((b.len(), b.pages()), (n, n.div_ceil(page)));
+        for pg in 0..b.pages() {
+            let bound = b.bound(&q, pg) as f64;
+            let mut best = f64::NEG_INFINITY;
+            for j in pg * page..((pg + 1) * page).min(n) {
+                let dot: f64 = (0..d).map(|x| q[x] as f64 * keys[j * d + x] as f64).sum();
+                best = best.max(dot);
+                assert!(
+                    bound >= dot - 1e-4 * (1.0 + dot.abs()),
+                    "case {case} page {pg} key {j}: bound {bound} < q.k {dot}"
+                );
+            }
+            // A page of one key: the bound is its q . k.
+            if ((pg + 1) * page).min(n) - pg * page == 1 {
+                assert!((bound - best).abs() <= 1e-4 * (1.0 + best.abs()));
+            }
+        }
+    }
+}
+
+#[test]
+fn selection_matches_its_reference() {
+    let mut rng = Rng::new(161);
+    for &len in &LENS {
+        for &(budget, page) in &[(0.2, 16), (0.5, 7), (0.1, 1), (0.05, 64)] {
+            let quest = Quest { budget, page };
+            let d = 16;
+            let keys = randn(len * d, &mut rng);
+            let q = randn(d, &mut rng);
+            let mut b = PageBounds::new(page, d);
+            b.append(&keys);
+            for at in [0, len / 2, len - 1] {
+                let cur = at / page;
+                let bounds: Vec<f32> = (0..cur).map(|pg| b.bound(&q, pg)).collect();
+                let got = select_pages(&quest, &bounds, at);
+                let want = select_reference(&quest, &keys, d, &q, at);
+                assert_eq!(got, want, "len {len} at {at} budget {budget} page {page}");
+                assert_eq!(got.len(), quest.pages_for(at).min(cur + 1));
+                assert_eq!(got.last(), Some(&cur), "the page being filled is attended");
+            }
+        }
+    }
+}
+
+/// Two sequences filled in interleaved chunks (their pages alternate: several runs per head);
+/// returns the cache, the first sequence and its K / V per layer `[len, Hk, D]`.
+fn filled(
+    len: usize,
+    hk: usize,
+    d: usize,
+    page: usize,
+    rng: &mut Rng,
+) -> (PagedKvCache, SeqId, Vec<f32>, Vec<f32>) {
+    let cfg = KvConfig {
+        layers: 1,
+        kv_heads: hk,
+        head_dim: d,
+        v_dim: d,
+        page_size: page,
+    };
+    let mut cache = PagedKvCache::new(cfg).unwrap();
+    let ids = [cache.add_sequence(), cache.add_sequence()];
+    let (mut fk, mut fv) = (Vec::new(), Vec::new());
+    let mut done = 0;
+    while done < len {
+        let n = 37.min(len - done);
+        for (s, &id) in ids.iter().enumerate() {
+            let (k, v) = (randn(n * hk * d, rng), randn(n * hk * d, rng));
+            cache.append(id, &[(&k[..], &v[..])]).unwrap();
+            if s == 0 {
+                fk.extend(k);
+                fv.extend(v);
+            }
+        }
+        done += n;
+    }
+    (cache, ids[0], fk, fv)
+}
+
+fn check(len: usize, sq: usize, hq: usize, hk: usize, quest: Quest, page: usize) {
+    let d = 32;
+    let mut rng = Rng::new((len * 13 + sq * 5 + hq + page) as u64);
+    let (cache, id, fk, fv) = filled(len, hk, d, page, &mut rng);
+    let mut index = QuestIndex::new(quest, &cache).unwrap();
+    index.update(&cache, id, 0).unwrap();
+    let sq = sq.min(len);
+    let qd = randn(sq * hq * d, &mut rng);
+    let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
+    let expr = MaskExpr::parse("causal").unwrap();
+    let params = AttnParams::default();
+    let got = index
+        .attend(&cache, id, 0, &q, Some(&expr), &params)
+        .unwrap();
+    // The reference: causal & the reference selection of each (query head, row).
+    let g = hq / hk;
+    let mut sel = vec![Vec::new(); hq * sq];
+    for h in 0..hq {
+        let kh = h / g;
+        let keys: Vec<f32> = (0..len)
+            .flat_map(|j| fk[(j * hk + kh) * d..][..d].to_vec())
+            .collect();
+        for i in 0..sq {
+            let qv: Vec<f32> = (0..d).map(|x| qd[(i * hq + h) * d + x]).collect();
+            sel[h * sq + i] = select_reference(&quest, &keys, d, &qv, len - sq + i);
+        }
+    }
+    if len >= 113 {
+        let narrowed = (0..hq * sq).any(|t| sel[t].len() * quest.page < len - sq + t % sq);
+        assert!(narrowed, "len {len}: every query attended every page");
+    }
+    let bound = expr
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq,
+                sk: len,
+            },
+            None,
+        )
+        .unwrap();
+    let allowed = |b: usize, h: usize, i: usize, j: usize| {
+        bound.allowed(b, i, j) && sel[h * sq + i].contains(&(j / quest.page))
+    };
+    let k = TensorView::contiguous(&fk[..], [1, len, hk, d]).unwrap();
+    let v = TensorView::contiguous(&fv[..], [1, len, hk, d]).unwrap();
+    let r = attention_f64(&q, &k, &v, &params, &allowed).unwrap();
+    let (eo, el) = compare(&got.out, &got.lse, &r);
+    assert!(
+        eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
+        "{quest} len {len} sq {sq} hq {hq} hk {hk} page {page}: out err {eo:.2e}, lse err {el:.2e}"
+    );
+}
+
+#[test]
+fn selected_pages_are_attended_exactly() {
+    for &len in &LENS {
+        check(
+            len,
+            1,
+            6,
+            2,
+            Quest {
+                budget: 0.2,
+                page: 16,
+            },
+            16,
+        );
+        check(
+            len,
+            5,
+            4,
+            4,
+            Quest {
+                budget: 0.3,
+                page: 7,
+            },
+            64,
+        );
+    }
+    check(
+        1023,
+        9,
+        6,
+        3,
+        Quest {
+            budget: 0.1,
+            page: 32,
+        },
+        32,
+    );
+}
+
+#[test]
+fn budget_at_least_the_length_is_the_full_cache_bit_for_bit() {
+    for &len in &LENS {
+        let mut rng = Rng::new(len as u64);
+        let (cache, id, _, _) = filled(len, 2, 32, 16, &mut rng);
+        let sq = 3.min(len);
+        let qd = randn(sq * 6 * 32, &mut rng);
+        let q = TensorView::contiguous(&qd[..], [1, sq, 6, 32]).unwrap();
+        let expr = MaskExpr::parse("causal").unwrap();
+        let params = AttnParams::default();
+        let full = cache.attend(id, 0, &q, Some(&expr), &params).unwrap();
+        for page in [1, 16, 100] {
+            let quest = Quest { budget: 1.0, page };
+            let mut index = QuestIndex::new(quest, &cache).unwrap();
+            index.update(&cache, id, 0).unwrap();
+            let got = index
+                .attend(&cache, id, 0, &q, Some(&expr), &params)
+                .unwrap();
+            assert_eq!(got.out.data.to_f32_vec(), full.out.data.to_f32_vec());
+            assert_eq!(got.lse, full.lse);
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    for (spec, needle) in [
+        ("quest(budget=0)", "budget 0 outside (0, 1]"),
+        ("quest(budget=1.5,page=16)", "outside (0, 1]"),
+        ("quest(budget=0.2,page=0)", "page must be >= 1"),
+        ("quest(page=16)", "argument `budget` is required"),
+        ("quest(budget=0.2,pages=3)", "unknown argument `pages`"),
+    ] {
+        let e = Quest::parse(spec).unwrap_err().to_string();
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+    // An evicted head: quest needs every position.
+    let mut rng = Rng::new(4);
+    let (mut cache, id, _, _) = filled(40, 1, 32, 16, &mut rng);
+    let mut index = QuestIndex::new(
+        Quest {
+            budget: 0.2,
+            page: 8,
+        },
+        &cache,
+    )
+    .unwrap();
+    let keep: Vec<usize> = (0..40).step_by(2).collect();
+    cache.compress(id, 0, 0, &keep).unwrap();
+    let e = index.update(&cache, id, 0).unwrap_err().to_string();
+    assert!(e.contains("quest needs every position"), "{e}");
+}

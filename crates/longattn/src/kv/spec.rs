@@ -1,0 +1,155 @@
+//! The `--kv` spec: policies composed with `+`, e.g. `snapkv(budget=0.2)+kivi(bits=4)`.
+//!
+//! Each part is `name(key=value,...)` (the grammar shared with the presses and sparse specs):
+//! at most one eviction press ([`Press`]), at most one quantization ([`Kivi`]) and at most one
+//! page selection ([`Quest`]). Order of application does not follow the text: after each forward
+//! the eviction press runs first, then quantization of the kept entries; Quest selects pages per
+//! query at attention time and drops nothing (it composes with nothing yet: its page bounds are
+//! over full-precision keys of every position).
+use std::fmt;
+
+use super::kivi::Kivi;
+use super::press::Press;
+use super::quest::Quest;
+use crate::error::{Error, Result};
+
+const OP: &str = "kv spec";
+
+fn err(msg: String) -> Error {
+    Error::Param { op: OP, msg }
+}
+
+/// Parses the arguments of `text` (`name(key=value,...)`) against `accepted` (name, default;
+/// None: required) and returns the values in the order of `accepted`. `op` names the caller in
+/// errors.
+pub(crate) fn parse_args(
+    op: &'static str,
+    text: &str,
+    accepted: &[(&str, Option<f64>)],
+) -> Result<Vec<f64>> {
+    let e = |msg: String| Error::Param { op, msg };
+    let (name, given) = crate::sparse::spec::split_call(op, text)?;
+    let mut vals: Vec<Option<f64>> = accepted.iter().map(|a| a.1).collect();
+    let mut seen = vec![false; accepted.len()];
+    for (k, v) in given {
+        let idx = accepted.iter().position(|a| a.0 == k).ok_or_else(|| {
+            let names: Vec<&str> = accepted.iter().map(|a| a.0).collect();
+            e(format!(
+                "`{name}`: unknown argument `{k}` (`{name}` takes {})",
+                names.join(", ")
+            ))
+        })?;
+        if std::mem::replace(&mut seen[idx], true) {
+            return Err(e(format!("`{name}`: argument `{k}` given twice")));
+        }
+        let x: f64 = v
+            .parse()
+            .ok()
+            .filter(|x: &f64| x.is_finite())
+            .ok_or_else(|| e(format!("`{name}`: `{k}={v}` is not a finite number")))?;
+        vals[idx] = Some(x);
+    }
+    vals.iter()
+        .zip(accepted)
+        .map(|(v, a)| v.ok_or_else(|| e(format!("`{name}`: argument `{}` is required", a.0))))
+        .collect()
+}
+
+/// A non-negative integer argument.
+pub(crate) fn int_arg(op: &'static str, name: &str, key: &str, x: f64) -> Result<usize> {
+    if x.fract() != 0.0 || !(0.0..=u32::MAX as f64).contains(&x) {
+        return Err(Error::Param {
+            op,
+            msg: format!("`{name}`: `{key}` must be a non-negative integer, got {x}"),
+        });
+    }
+    Ok(x as usize)
+}
+
+/// The policies of one `--kv` spec (module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KvSpec {
+    pub evict: Option<Press>,
+    pub kivi: Option<Kivi>,
+    pub quest: Option<Quest>,
+}
+
+impl From<Press> for KvSpec {
+    fn from(p: Press) -> Self {
+        KvSpec {
+            evict: Some(p),
+            ..Default::default()
+        }
+    }
+}
+
+/// `text` split at the `+` signs outside parentheses.
+fn split_plus(text: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, ch) in text.char_indices() {
+        match ch {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            '+' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+impl KvSpec {
+    pub fn parse(text: &str) -> Result<KvSpec> {
+        let mut s = KvSpec::default();
+        for part in split_plus(text) {
+            let t = part.trim();
+            if t.is_empty() {
+                return Err(err(format!("`{text}`: an empty policy around `+`")));
+            }
+            let name = t.find('(').map_or(t, |o| t[..o].trim());
+            let twice = |what: &str| err(format!("`{text}`: more than one {what}"));
+            match name {
+                "kivi" => {
+                    if s.kivi.replace(Kivi::parse(t)?).is_some() {
+                        return Err(twice("quantization (kivi)"));
+                    }
+                }
+                "quest" => {
+                    if s.quest.replace(Quest::parse(t)?).is_some() {
+                        return Err(twice("page selection (quest)"));
+                    }
+                }
+                _ => {
+                    if s.evict.replace(Press::parse(t)?).is_some() {
+                        return Err(twice("eviction press"));
+                    }
+                }
+            }
+        }
+        if s.quest.is_some() && (s.evict.is_some() || s.kivi.is_some()) {
+            return Err(err(format!(
+                "`{text}`: quest composes with no other policy yet (its page bounds need every position in full precision)"
+            )));
+        }
+        Ok(s)
+    }
+}
+
+impl fmt::Display for KvSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(p) = &self.evict {
+            parts.push(p.to_string());
+        }
+        if let Some(k) = &self.kivi {
+            parts.push(k.to_string());
+        }
+        if let Some(q) = &self.quest {
+            parts.push(q.to_string());
+        }
+        write!(f, "{}", parts.join("+"))
+    }
+}
