@@ -763,34 +763,8 @@ impl PagedKvCache {
     ) -> Result<AttnOutput> {
         let c = self.cfg;
         let s = self.seq(id)?;
-        let [qb, sq, hq, d] = q.shape;
-        if qb != 1
-            || d != c.head_dim
-            || sq > s.len
-            || layer >= c.layers
-            || !hq.is_multiple_of(c.kv_heads)
-        {
-            return Err(Error::Shape {
-                op: "kv attend",
-                tensor: "q".into(),
-                got: q.shape.to_vec(),
-                expected: format!(
-                    "[1, Sq <= {} (the cached length), Hq (a multiple of the {} KV heads), {}] and layer < {} (got layer {layer})",
-                    s.len, c.kv_heads, c.head_dim, c.layers
-                ),
-            });
-        }
-        let bound = match mask {
-            Some(e) => Some(e.bind(
-                MaskShape {
-                    batch: 1,
-                    sq,
-                    sk: s.len,
-                },
-                None,
-            )?),
-            None => None,
-        };
+        let [_, sq, hq, d] = q.shape;
+        let bound = self.check_query("kv attend", s.len, layer, q, mask)?;
         let g = hq / c.kv_heads;
         let dv = c.v_dim;
         let mut out = vec![0.0f32; sq * hq * dv];
@@ -825,6 +799,47 @@ impl PagedKvCache {
         })
     }
 
+    /// Checks the queries `q` `[1, Sq <= len, Hq (a multiple of the KV heads), D]` of `layer`
+    /// against a sequence of `len` cached positions and binds `mask` to (Sq, len).
+    fn check_query(
+        &self,
+        op: &'static str,
+        len: usize,
+        layer: usize,
+        q: &TensorView,
+        mask: Option<&MaskExpr>,
+    ) -> Result<Option<BoundMask>> {
+        let c = self.cfg;
+        let [qb, sq, hq, d] = q.shape;
+        if qb != 1
+            || d != c.head_dim
+            || sq > len
+            || layer >= c.layers
+            || !hq.is_multiple_of(c.kv_heads)
+        {
+            return Err(Error::Shape {
+                op,
+                tensor: "q".into(),
+                got: q.shape.to_vec(),
+                expected: format!(
+                    "[1, Sq <= {len} (the cached length), Hq (a multiple of the {} KV heads), {}] and layer < {} (got layer {layer})",
+                    c.kv_heads, c.head_dim, c.layers
+                ),
+            });
+        }
+        mask.map(|e| {
+            e.bind(
+                MaskShape {
+                    batch: 1,
+                    sq,
+                    sk: len,
+                },
+                None,
+            )
+        })
+        .transpose()
+    }
+
     /// Attention of the query heads `q` `[1, Sq, Hq, D]` of one layer over the entries each
     /// query head selects: `select(query head, query row, position)` must hold (besides `mask`)
     /// for a key to be attended (Quest's pages). One kernel call per query head and run of
@@ -840,29 +855,8 @@ impl PagedKvCache {
     ) -> Result<AttnOutput> {
         let c = self.cfg;
         let s = self.seq(id)?;
-        let [qb, sq, hq, d] = q.shape;
-        if qb != 1 || d != c.head_dim || sq > s.len || layer >= c.layers || hq % c.kv_heads != 0 {
-            return Err(Error::Shape {
-                op: "kv attend_selected",
-                tensor: "q".into(),
-                got: q.shape.to_vec(),
-                expected: format!(
-                    "[1, Sq <= {} (the cached length), Hq (a multiple of the {} KV heads), {}] and layer < {} (got layer {layer})",
-                    s.len, c.kv_heads, c.head_dim, c.layers
-                ),
-            });
-        }
-        let bound = match mask {
-            Some(e) => Some(e.bind(
-                MaskShape {
-                    batch: 1,
-                    sq,
-                    sk: s.len,
-                },
-                None,
-            )?),
-            None => None,
-        };
+        let [_, sq, hq, d] = q.shape;
+        let bound = self.check_query("kv attend_selected", s.len, layer, q, mask)?;
         let g = hq / c.kv_heads;
         let dv = c.v_dim;
         let mut out = vec![0.0f32; sq * hq * dv];

@@ -146,6 +146,38 @@ pub(crate) fn split_call<'a>(
     Ok((t[..open].trim(), args))
 }
 
+/// Matches the `key=value` pairs `given` to `name`'s accepted `keys`: the value of each key
+/// (None where not given). Errors (naming the operation `op`): an unknown key (the accepted ones
+/// listed), a key given twice, a value that is not a finite number. Shared by the specs that use
+/// this grammar.
+pub(crate) fn assign_args(
+    op: &'static str,
+    name: &str,
+    keys: &[&str],
+    given: Vec<(&str, &str)>,
+) -> Result<Vec<Option<f64>>> {
+    let err = |msg: String| Error::Param { op, msg };
+    let mut vals: Vec<Option<f64>> = vec![None; keys.len()];
+    for (k, v) in given {
+        let idx = keys.iter().position(|&a| a == k).ok_or_else(|| {
+            err(format!(
+                "`{name}`: unknown argument `{k}` (`{name}` takes {})",
+                keys.join(", ")
+            ))
+        })?;
+        if vals[idx].is_some() {
+            return Err(err(format!("`{name}`: argument `{k}` given twice")));
+        }
+        let x: f64 = v
+            .parse()
+            .ok()
+            .filter(|x: &f64| x.is_finite())
+            .ok_or_else(|| err(format!("`{name}`: `{k}={v}` is not a finite number")))?;
+        vals[idx] = Some(x);
+    }
+    Ok(vals)
+}
+
 impl SparseSpec {
     /// Whether `text` names a sparse method (its name before any `(` is one of the methods),
     /// so that a caller can tell a sparse spec from a mask expression.
@@ -165,26 +197,14 @@ impl SparseSpec {
             .ok_or_else(|| err(format!("unknown method `{name}` (known: {KNOWN})")))?;
         let accepted: Vec<(&str, f64)> = own.iter().chain(COMMON).copied().collect();
         // Start from the defaults; each given argument replaces one, once.
-        let mut vals: Vec<f64> = accepted.iter().map(|a| a.1).collect();
-        let mut seen = vec![false; accepted.len()];
-        for (k, v) in given {
-            let idx = accepted.iter().position(|a| a.0 == k).ok_or_else(|| {
-                let names: Vec<&str> = accepted.iter().map(|a| a.0).collect();
-                err(format!(
-                    "`{name}`: unknown argument `{k}` (`{name}` takes {})",
-                    names.join(", ")
-                ))
-            })?;
-            if std::mem::replace(&mut seen[idx], true) {
-                return Err(err(format!("`{name}`: argument `{k}` given twice")));
-            }
-            let x: f64 = v
-                .parse()
-                .ok()
-                .filter(|x: &f64| x.is_finite())
-                .ok_or_else(|| err(format!("`{name}`: `{k}={v}` is not a finite number")))?;
-            vals[idx] = x;
-        }
+        let keys: Vec<&str> = accepted.iter().map(|a| a.0).collect();
+        let given = assign_args(OP, name, &keys, given)?;
+        let seen: Vec<bool> = given.iter().map(Option::is_some).collect();
+        let vals: Vec<f64> = given
+            .iter()
+            .zip(&accepted)
+            .map(|(g, a)| g.unwrap_or(a.1))
+            .collect();
         let arg = |key: &str| vals[accepted.iter().position(|a| a.0 == key).unwrap()];
         let int = |key: &str, min: usize| -> Result<usize> {
             let x = arg(key);

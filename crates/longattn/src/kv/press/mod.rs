@@ -93,26 +93,12 @@ impl Press {
         }
         let accepted = arguments(name)
             .ok_or_else(|| err(format!("unknown press `{name}` (known: {KNOWN})")))?;
-        let mut vals: Vec<Option<f64>> = accepted.iter().map(|a| a.1).collect();
-        let mut seen = vec![false; accepted.len()];
-        for (k, v) in given {
-            let idx = accepted.iter().position(|a| a.0 == k).ok_or_else(|| {
-                let names: Vec<&str> = accepted.iter().map(|a| a.0).collect();
-                err(format!(
-                    "`{name}`: unknown argument `{k}` (`{name}` takes {})",
-                    names.join(", ")
-                ))
-            })?;
-            if std::mem::replace(&mut seen[idx], true) {
-                return Err(err(format!("`{name}`: argument `{k}` given twice")));
-            }
-            let x: f64 = v
-                .parse()
-                .ok()
-                .filter(|x: &f64| x.is_finite())
-                .ok_or_else(|| err(format!("`{name}`: `{k}={v}` is not a finite number")))?;
-            vals[idx] = Some(x);
-        }
+        let keys: Vec<&str> = accepted.iter().map(|a| a.0).collect();
+        let vals: Vec<Option<f64>> = crate::sparse::spec::assign_args(OP, name, &keys, given)?
+            .into_iter()
+            .zip(accepted.iter())
+            .map(|(g, a)| g.or(a.1))
+            .collect();
         let arg = |key: &str| -> Result<f64> {
             let i = accepted.iter().position(|a| a.0 == key).expect("listed");
             vals[i].ok_or_else(|| err(format!("`{name}`: argument `{key}` is required")))
