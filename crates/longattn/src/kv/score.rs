@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::{PagedKvCache, SeqId};
 use crate::error::{Error, Result};
-use crate::mask::{MaskExpr, MaskShape};
+use crate::mask::{BoundMask, MaskExpr, MaskShape};
 use crate::tensor::TensorView;
 
 fn param(msg: String) -> Error {
@@ -148,6 +148,36 @@ fn check(cache: &PagedKvCache, id: SeqId, layer: usize, obs: &Observation) -> Re
     Ok(len)
 }
 
+/// [`check`], one weight per query row in `w`, and the mask bound to (Sq, the cached length):
+/// what [`column_scores`] and its reference share.
+fn prepare(
+    cache: &PagedKvCache,
+    id: SeqId,
+    layer: usize,
+    obs: &Observation,
+    w: &[f64],
+) -> Result<(usize, Option<BoundMask>)> {
+    let len = check(cache, id, layer, obs)?;
+    let sq = obs.q.shape[1];
+    if w.len() != sq {
+        return Err(param(format!("{} weights for {sq} query rows", w.len())));
+    }
+    let bound = obs
+        .mask
+        .map(|e| {
+            e.bind(
+                MaskShape {
+                    batch: 1,
+                    sq,
+                    sk: len,
+                },
+                None,
+            )
+        })
+        .transpose()?;
+    Ok((len, bound))
+}
+
 /// The weighted column sums `c[j] = R_h sum_q w_q P_h[q, j]` of every KV head of one layer, one
 /// value per entry the head holds (`[Hk][head_len]`). `w` has one weight per query row.
 pub fn column_scores(
@@ -158,24 +188,10 @@ pub fn column_scores(
     w: &[f64],
     params: &ScoreParams,
 ) -> Result<Vec<Vec<f32>>> {
-    let len = check(cache, id, layer, obs)?;
+    let (len, bound) = prepare(cache, id, layer, obs, w)?;
     let c = cache.config();
     let [_, sq, hq, d] = obs.q.shape;
-    if w.len() != sq {
-        return Err(param(format!("{} weights for {sq} query rows", w.len())));
-    }
     let (hk, g) = (c.kv_heads, hq / c.kv_heads);
-    let bound = match obs.mask {
-        Some(e) => Some(e.bind(
-            MaskShape {
-                batch: 1,
-                sq,
-                sk: len,
-            },
-            None,
-        )?),
-        None => None,
-    };
     let scale = params.scale.unwrap_or(1.0 / (d as f32).sqrt());
     let heads: Vec<(Vec<f32>, Vec<u32>)> = (0..hk)
         .map(|kh| cache.gather_head(id, layer, kh).map(|(k, _, pos)| (k, pos)))
@@ -239,24 +255,10 @@ pub fn column_scores_reference(
     w: &[f64],
     params: &ScoreParams,
 ) -> Result<Vec<Vec<f64>>> {
-    let len = check(cache, id, layer, obs)?;
+    let (len, bound) = prepare(cache, id, layer, obs, w)?;
     let c = cache.config();
     let [_, sq, hq, d] = obs.q.shape;
-    if w.len() != sq {
-        return Err(param(format!("{} weights for {sq} query rows", w.len())));
-    }
     let (hk, g) = (c.kv_heads, hq / c.kv_heads);
-    let bound = match obs.mask {
-        Some(e) => Some(e.bind(
-            MaskShape {
-                batch: 1,
-                sq,
-                sk: len,
-            },
-            None,
-        )?),
-        None => None,
-    };
     let scale = params.scale.unwrap_or(1.0 / (d as f32).sqrt()) as f64;
     let mut out = Vec::with_capacity(hk);
     for kh in 0..hk {
