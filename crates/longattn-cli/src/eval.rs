@@ -274,6 +274,7 @@ fn nll(a: &Args) -> Result<()> {
     let seq = cache.add_sequence();
     let pb = lm::bar(n as u64, "tokens");
     ops::reset_matmul_stats();
+    longattn::cpu::reset_skip_stats();
     let t0 = Instant::now();
     let mut each = |start: usize, h: &[f32]| -> Result<()> {
         let rows = h.len() / m.cfg.d_model;
@@ -386,6 +387,13 @@ fn nll(a: &Args) -> Result<()> {
     }
     if let Some(s) = &rep.sparse {
         print_sparse(s);
+        let (tested, dropped) = longattn::cpu::skip_stats();
+        if tested > 0 {
+            println!(
+                "  skip-softmax: {dropped} of {tested} key groups dropped ({:.1}%)",
+                100.0 * dropped as f64 / tested as f64
+            );
+        }
     }
     Ok(())
 }

@@ -87,6 +87,24 @@ impl Isa {
     }
 }
 
+/// Skip-softmax counters of this process: key groups tested and dropped ([`skip_stats`]).
+static SKIP_TESTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static SKIP_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// (key groups tested, key groups dropped) by skip-softmax since the last
+/// [`reset_skip_stats`] (all forwards of this process with `AttnParams::skip_below`).
+pub fn skip_stats() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (SKIP_TESTED.load(Relaxed), SKIP_DROPPED.load(Relaxed))
+}
+
+/// Zeroes the [`skip_stats`] counters.
+pub fn reset_skip_stats() {
+    use std::sync::atomic::Ordering::Relaxed;
+    SKIP_TESTED.store(0, Relaxed);
+    SKIP_DROPPED.store(0, Relaxed);
+}
+
 /// Dispatch: dtype x instruction set -> one monomorphized driver.
 pub fn forward(
     q: &TensorView,
@@ -511,7 +529,10 @@ impl Job<'_> {
             vts[g] = &vp[ch.c * NC * dvp..(ch.c + 1) * NC * dvp];
         }
         if let Some(t) = self.skip_log2 {
+            use std::sync::atomic::Ordering::Relaxed;
+            SKIP_TESTED.fetch_add(1, Relaxed);
             if self.negligible(rows, group.len(), t, scr) {
+                SKIP_DROPPED.fetch_add(1, Relaxed);
                 return;
             }
         }

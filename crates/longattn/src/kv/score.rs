@@ -188,7 +188,7 @@ pub fn column_scores(
     w: &[f64],
     params: &ScoreParams,
 ) -> Result<Vec<Vec<f32>>> {
-    let (len, bound) = prepare(cache, id, layer, obs, w)?;
+    let (_, bound) = prepare(cache, id, layer, obs, w)?;
     let c = cache.config();
     let [_, sq, hq, d] = obs.q.shape;
     let (hk, g) = (c.kv_heads, hq / c.kv_heads);
@@ -255,7 +255,7 @@ pub fn column_scores_reference(
     w: &[f64],
     params: &ScoreParams,
 ) -> Result<Vec<Vec<f64>>> {
-    let (len, bound) = prepare(cache, id, layer, obs, w)?;
+    let (_, bound) = prepare(cache, id, layer, obs, w)?;
     let c = cache.config();
     let [_, sq, hq, d] = obs.q.shape;
     let (hk, g) = (c.kv_heads, hq / c.kv_heads);
