@@ -130,6 +130,14 @@ pub struct Args {
     /// (default f32), --heads, --kv-heads, --batch, --threads, --reps, --min-time, --backward.
     #[arg(long)]
     pub(crate) linear: Option<String>,
+    /// Benchmark dynamic sparse prefill on the CPU instead: sparse specs separated by `;` (e.g.
+    /// `flexprefill(gamma=0.7);proxy(gamma=0.9)`), each against the dense forward under the
+    /// first of --masks (default causal), on --data's captured layers or random inputs.
+    #[arg(long)]
+    pub(crate) sparse: Option<String>,
+    /// With --sparse: also the exact mass recall of each selection (f64 oracle: small inputs).
+    #[arg(long)]
+    pub(crate) recall: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -275,6 +283,9 @@ fn plan(a: &Args) -> Result<Plan> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if let Some(specs) = &a.sparse {
+        return crate::bench_sparse::main(&a, specs);
+    }
     if let Some(spec) = &a.linear {
         if a.backend != "cpu" {
             bail!(

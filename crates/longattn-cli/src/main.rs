@@ -16,6 +16,7 @@ use std::process::ExitCode;
 mod bench;
 mod bench_cuda;
 mod bench_linear;
+mod bench_sparse;
 mod capture;
 mod common;
 mod cp;

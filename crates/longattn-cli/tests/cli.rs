@@ -1012,3 +1012,60 @@ fn cp_decode_matches_single_rank_run() {
         "--ranks 0: tree decode needs at least one rank",
     );
 }
+
+/// `bench --sparse`: one row per spec against the dense forward, the skip share for skip specs;
+/// unknown specs, a GPU backend and several masks are refused by name.
+#[test]
+fn bench_sparse_reports_every_spec_and_refuses_bad_input() {
+    let o = bin()
+        .args([
+            "bench",
+            "--sparse",
+            "topmass(gamma=0.9,block=64,dense_below=0);skip(factor=10,dense_below=0)",
+            "--lens",
+            "1k",
+            "--dims",
+            "32",
+            "--heads",
+            "2",
+            "--min-time",
+            "0.01",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("random n 1k D 32"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].contains("topmass(gamma=0.9"), "{out}");
+    // The skip row reports the share of groups dropped (a percentage), the topmass row none.
+    assert!(
+        rows[1].contains("skip(factor=10") && rows[1].trim_end().ends_with('%'),
+        "{out}"
+    );
+    assert!(rows[0].trim_end().ends_with('-'), "{out}");
+    fails_with(
+        bin()
+            .args(["bench", "--sparse", "bogus(x=1)"])
+            .output()
+            .unwrap(),
+        "unknown method `bogus`",
+    );
+    fails_with(
+        bin()
+            .args(["bench", "--sparse", "topmass", "--backend", "cuda"])
+            .output()
+            .unwrap(),
+        "CPU only",
+    );
+    fails_with(
+        bin()
+            .args(["bench", "--sparse", "topmass", "--masks", "causal,full"])
+            .output()
+            .unwrap(),
+        "one mask expression",
+    );
+}

@@ -1,0 +1,156 @@
+//! `longattn bench --sparse SPEC[;SPEC...]`: dynamic sparse prefill on the CPU against the dense
+//! forward under the same mask, in one run.
+//!
+//! Inputs: the captured layers of `--data` (real q / k / v: sinks, local bands, outliers), or
+//! seeded uniform random ones (`--lens`, `--dims`, `--heads`, `--kv-heads`; random scores have no
+//! structure, so their densities say little). Per (input, spec): the median time of the dense
+//! forward under `--masks`' first mask (default `causal`), of `sparse::select` and of the forward
+//! through the selection (`Selection::params`, so `skip=F` applies), the selection's density and
+//! the end-to-end speedup dense / (select + sparse), and the share of key groups skip-softmax
+//! dropped in the timed sparse calls. With `--recall` also the exact mass recall
+//! (`sparse::mass_recall`: two f64 oracle passes, small inputs only).
+use crate::bench::Args;
+use crate::common::{fmt_len, parse_len, parse_list, pool, random_inputs};
+use crate::maskglue::bind_mask;
+use anyhow::{bail, Context, Result};
+use longattn::{AttnParams, MaskSpec, SparseSpec};
+use std::time::Instant;
+
+fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(|a, b| a.total_cmp(b));
+    x[x.len() / 2]
+}
+
+/// Median seconds of `f` over at least 3 calls and `min_time` seconds (after one warm-up).
+fn timed(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let (mut times, t_all) = (Vec::new(), Instant::now());
+    while times.len() < 3 || t_all.elapsed().as_secs_f64() < min_time {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+pub fn main(a: &Args, text: &str) -> Result<()> {
+    if a.backend != "cpu" {
+        bail!(
+            "--sparse runs on the CPU only (drop --backend {})",
+            a.backend
+        );
+    }
+    let specs: Vec<SparseSpec> = text
+        .split(';')
+        .map(|s| SparseSpec::parse(s).with_context(|| format!("--sparse `{s}`")))
+        .collect::<Result<_>>()?;
+    let mask_text = match &a.masks {
+        Some(m) if m.contains(',') => bail!("--sparse takes one mask expression in --masks"),
+        Some(m) => m.clone(),
+        None => "causal".into(),
+    };
+    let pool = pool(a.threads)?;
+    let min_time = a.min_time.unwrap_or(0.5);
+    let inputs: Vec<(String, longattn::io::Inputs)> = match &a.data {
+        Some(path) => {
+            let layers = match &a.layers {
+                Some(s) => Some(parse_list(s, "layer", |x| x.parse::<usize>().ok())?),
+                None => None,
+            };
+            longattn::io::read_captured(path, layers.as_deref())?
+                .into_iter()
+                .map(|(l, i)| (format!("layer {l}"), i))
+                .collect()
+        }
+        None => {
+            let lens = parse_list(a.lens.as_deref().unwrap_or("4k,16k"), "length", parse_len)?;
+            let dims = parse_list(a.dims.as_deref().unwrap_or("64"), "head dim", |x| {
+                x.parse().ok()
+            })?;
+            let hk = a.kv_heads.unwrap_or(a.heads);
+            let mut v = Vec::new();
+            for &n in &lens {
+                for &d in &dims {
+                    let inp = random_inputs(
+                        longattn::DType::F32,
+                        a.batch,
+                        n,
+                        n,
+                        a.heads,
+                        hk,
+                        d,
+                        a.seed,
+                        None,
+                    )?;
+                    v.push((format!("random n {} D {d}", fmt_len(n)), inp));
+                }
+            }
+            v
+        }
+    };
+    println!(
+        "sparse prefill on {} threads, mask `{mask_text}`",
+        pool.current_num_threads()
+    );
+    println!(
+        "{:<22} {:<58} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "input", "spec", "density", "dense ms", "select", "sparse", "speedup", "recall", "skipped"
+    );
+    for (name, inp) in &inputs {
+        let d = inp.dims()?;
+        let (q, k, v) = (inp.q.view("q")?, inp.k.view("k")?, inp.v.view("v")?);
+        let bound = bind_mask(&mask_text, d.batch, d.sq, d.sk, None)?;
+        let params = AttnParams::default();
+        let dense = pool.install(|| {
+            timed(min_time, || {
+                longattn::forward(&q, &k, &v, &params, MaskSpec::Expr(&bound))?;
+                Ok(())
+            })
+        })?;
+        for spec in &specs {
+            let sel = pool.install(|| {
+                longattn::sparse::select(&q, &k, &params, spec, MaskSpec::Expr(&bound))
+            })?;
+            let t_sel = pool.install(|| {
+                timed(min_time, || {
+                    longattn::sparse::select(&q, &k, &params, spec, MaskSpec::Expr(&bound))?;
+                    Ok(())
+                })
+            })?;
+            let p = sel.params(&params, spec)?;
+            longattn::cpu::reset_skip_stats();
+            let t_sparse = pool.install(|| {
+                timed(min_time, || {
+                    longattn::forward(&q, &k, &v, &p, sel.mask())?;
+                    Ok(())
+                })
+            })?;
+            let recall = match a.recall {
+                true => format!(
+                    "{:.4}",
+                    pool.install(|| longattn::sparse::mass_recall(&q, &k, &params, &sel))?
+                        .mean
+                ),
+                false => "-".into(),
+            };
+            let (tested, dropped) = longattn::cpu::skip_stats();
+            let skipped = match tested {
+                0 => "-".to_string(),
+                _ => format!("{:.1}%", 100.0 * dropped as f64 / tested as f64),
+            };
+            println!(
+                "{:<22} {:<58} {:>8.4} {:>9.2} {:>9.2} {:>9.2} {:>7.2}x {:>8} {:>8}",
+                name,
+                spec.to_string(),
+                sel.report.density(),
+                dense * 1e3,
+                t_sel * 1e3,
+                t_sparse * 1e3,
+                dense / (t_sel + t_sparse),
+                recall,
+                skipped
+            );
+        }
+    }
+    Ok(())
+}
