@@ -583,15 +583,16 @@ impl Job<'_> {
                 any = true;
                 let row = &scr.s[r * LDS + g * NC..r * LDS + g * NC + NC];
                 if bits == u64::MAX {
-                    // A whole chunk: branch-free folds the compiler vectorizes; a NaN (which
-                    // max / min skip) shows in the sum.
-                    let (mut h, mut l, mut sum) = (f32::NEG_INFINITY, f32::INFINITY, 0.0f32);
+                    // A whole chunk: branch-free selects the compiler turns into vector max /
+                    // min (a NaN never wins a comparison, so it is flagged on its own; a float
+                    // sum would not vectorize: its order is fixed).
+                    let (mut h, mut l, mut nan) = (f32::NEG_INFINITY, f32::INFINITY, false);
                     for &x in row {
-                        h = h.max(x);
-                        l = l.min(x);
-                        sum += x;
+                        h = if x > h { x } else { h };
+                        l = if x < l { x } else { l };
+                        nan |= x.is_nan();
                     }
-                    if sum.is_nan() {
+                    if nan {
                         return false;
                     }
                     hi = hi.max(h);
