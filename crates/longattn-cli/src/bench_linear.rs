@@ -9,18 +9,13 @@
 //! on the feature dim and the value width the core sees. The matmul ceiling (a 2048^3 f32 `gemm`
 //! on the same threads) is measured in the same run and each row shows the ratio of its time to
 //! the ceiling's time for the same FLOPs.
-use crate::bench::Args;
+use crate::bench::{median, Args};
 use crate::common::{fmt_len, parse_len, parse_list, pool};
 use anyhow::{bail, Result};
 use longattn::linear::{self, Backend, FeatureMap, LinearInputs, LinearSpec, Normalization};
 use longattn::testing::Rng;
 use longattn::{DType, TensorView};
 use std::time::Instant;
-
-fn median(mut x: Vec<f64>) -> f64 {
-    x.sort_by(|a, b| a.total_cmp(b));
-    x[x.len() / 2]
-}
 
 /// GFLOP/s of an f32 `n x n x n` product through the library's `gemm` path (the ceiling).
 fn matmul_ceiling(n: usize) -> f64 {

@@ -9,17 +9,12 @@
 //! the end-to-end speedup dense / (select + sparse), and the share of key groups skip-softmax
 //! dropped in the timed sparse calls. With `--recall` also the exact mass recall
 //! (`sparse::mass_recall`: two f64 oracle passes, small inputs only).
-use crate::bench::Args;
+use crate::bench::{median, Args};
 use crate::common::{fmt_len, parse_len, parse_list, pool, random_inputs};
 use crate::maskglue::bind_mask;
 use anyhow::{bail, Context, Result};
 use longattn::{AttnParams, MaskSpec, SparseSpec};
 use std::time::Instant;
-
-fn median(mut x: Vec<f64>) -> f64 {
-    x.sort_by(|a, b| a.total_cmp(b));
-    x[x.len() / 2]
-}
 
 /// Median seconds of `f` over at least 3 calls and `min_time` seconds (after one warm-up).
 fn timed(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {

@@ -23,8 +23,9 @@
 //! rank (max / mean), T1, Tall, TP, the speedup T1 / TP, the scaling efficiency T1 / (P TP),
 //! each rank's compute time, and the largest difference of the output from single-rank's
 //! (checked: it must stay below 1e-4).
+use crate::bench::median;
 use crate::common::{check_finite, fmt_len, parse_len, pool};
-use crate::maskglue::{bind_mask, equal_docs, TILE};
+use crate::maskglue::{bind_input_mask, bind_mask, equal_docs, TILE};
 use anyhow::{bail, Context, Result};
 use longattn::attention::{forward, AttnParams, MaskSpec};
 use longattn::cp::{self, CostModel, Cp, CpMask, LocalQkv, Plan, ThreadTransport, Transport};
@@ -234,11 +235,6 @@ pub struct Args {
     cmd: Cmd,
 }
 
-fn median(mut x: Vec<f64>) -> f64 {
-    x.sort_by(|a, b| a.total_cmp(b));
-    x[x.len() / 2]
-}
-
 pub fn main(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::Run(r) => run(r),
@@ -409,18 +405,7 @@ fn run(a: RunArgs) -> Result<()> {
             dims.sk
         );
     }
-    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
-    let has_docs = docs.is_some();
-    let bound = bind_mask(&a.mask, dims.batch, dims.sq, dims.sk, docs).map_err(|e| {
-        let mut m = e.to_string();
-        if !has_docs && a.mask.contains("document") {
-            m += &format!(
-                "\n  the `document` mask needs the i32 tensors `q_doc` [B, S] and `k_doc` [B, S] in {}",
-                a.input.display()
-            );
-        }
-        anyhow::anyhow!(m)
-    })?;
+    let bound = bind_input_mask(&a.mask, &inputs, &a.input)?;
     let dout = match a.backward {
         false => None,
         true => {

@@ -17,6 +17,28 @@ pub fn bind_mask(
     )
 }
 
+/// [`bind_mask`] over the inputs read from `path` (their shapes and document ids); an error of a
+/// `document` mask on inputs without ids says which tensors the file lacks.
+pub fn bind_input_mask(
+    expr: &str,
+    inputs: &longattn::io::Inputs,
+    path: &std::path::Path,
+) -> anyhow::Result<BoundMask> {
+    let dims = inputs.dims()?;
+    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
+    let has_docs = docs.is_some();
+    bind_mask(expr, dims.batch, dims.sq, dims.sk, docs).map_err(|e| {
+        let mut m = e.to_string();
+        if !has_docs && expr.contains("document") {
+            m += &format!(
+                "\n  the `document` mask needs the i32 tensors `q_doc` [B, Sq] and `k_doc` [B, Sk] in {}",
+                path.display()
+            );
+        }
+        anyhow::anyhow!(m)
+    })
+}
+
 /// Document ids of `n` equal documents over `len` tokens, the same in each of `batch` rows
 /// (`[batch, len]` row-major; what `--docs N` means).
 pub fn equal_docs(batch: usize, len: usize, n: usize) -> Vec<i32> {

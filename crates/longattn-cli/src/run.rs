@@ -1,6 +1,6 @@
 //! `longattn run`: attention over the tensors of a safetensors file.
 use crate::common::{check_finite, pool};
-use crate::maskglue::bind_mask;
+use crate::maskglue::bind_input_mask;
 use anyhow::{bail, Context, Result};
 use longattn::mask::BlockSchedule;
 use longattn::AttnParams;
@@ -91,19 +91,12 @@ pub fn main(a: Args) -> Result<()> {
         check_finite(&inputs).with_context(|| format!("{}", a.input.display()))?;
     }
     let dims = inputs.dims()?;
-    let has_docs = inputs.q_doc.is_some();
-    let docs = inputs.q_doc.clone().zip(inputs.k_doc.clone());
-    let doc_ids = docs.clone().map(|(q, k)| longattn::mask::DocIds { q, k });
-    let mask = bind_mask(&a.mask, dims.batch, dims.sq, dims.sk, docs).map_err(|e| {
-        let mut m = e.to_string();
-        if !has_docs && a.mask.contains("document") {
-            m += &format!(
-                "\n  the `document` mask needs the i32 tensors `q_doc` [B, Sq] and `k_doc` [B, Sk] in {}",
-                a.input.display()
-            );
-        }
-        anyhow::anyhow!(m)
-    })?;
+    let doc_ids = inputs
+        .q_doc
+        .clone()
+        .zip(inputs.k_doc.clone())
+        .map(|(q, k)| longattn::mask::DocIds { q, k });
+    let mask = bind_input_mask(&a.mask, &inputs, &a.input)?;
     let params = AttnParams {
         scale: a.scale,
         softcap: a.softcap,

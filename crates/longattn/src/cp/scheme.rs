@@ -425,74 +425,33 @@ pub fn run_threads(
             ),
         });
     }
-    let group = ThreadTransport::group(plan.world, timeout)?;
-    type RankOut = Result<(Vec<f32>, Vec<f32>, Option<Grads>, Traffic)>;
-    let results: Vec<RankOut> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|t| {
-                s.spawn(move || -> RankOut {
-                    let t = Counted::new(t);
-                    let r = t.rank();
-                    let shard = |y: &[f32], h: usize, w: usize| plan.shard(y, b, (h, w), r);
-                    let (lq, lk, lv) = (shard(x.q, hq, d), shard(x.k, hk, d), shard(x.v, hk, dv));
-                    let local = LocalQkv {
-                        q: &lq,
-                        k: &lk,
-                        v: &lv,
-                        dims: (b, plan.rows_of(r), hq, hk, d, dv),
-                    };
-                    let cp = Cp { t: &t, plan, mask };
-                    let (o, l) = scheme.forward(&cp, &local, params)?;
-                    let grads = match x.dout {
-                        None => None,
-                        Some(dout) => {
-                            let ld = shard(dout, hq, dv);
-                            let g = GradIn {
-                                out: &o,
-                                lse: &l,
-                                dout: &ld,
-                                bwd: *bwd,
-                            };
-                            Some(scheme.backward(&cp, &local, &g, params)?)
-                        }
-                    };
-                    Ok((o, l, grads, t.traffic()))
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .enumerate()
-            .map(|(r, h)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Comm {
-                        rank: r,
-                        world: plan.world,
-                        msg: "the rank's thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
-    });
-    let mut parts = Vec::with_capacity(results.len());
-    let mut first_err: Option<Error> = None;
-    for res in results {
-        match res {
-            Ok(x) => parts.push(x),
-            // A rank's own complaint beats a peer's report of it ("refused its inputs", "left").
-            Err(e) => {
-                if first_err
-                    .as_ref()
-                    .is_none_or(|f| secondhand(f) && !secondhand(&e))
-                {
-                    first_err = Some(e);
-                }
+    let parts = on_threads(plan.world, timeout, |t| {
+        let r = t.rank();
+        let shard = |y: &[f32], h: usize, w: usize| plan.shard(y, b, (h, w), r);
+        let (lq, lk, lv) = (shard(x.q, hq, d), shard(x.k, hk, d), shard(x.v, hk, dv));
+        let local = LocalQkv {
+            q: &lq,
+            k: &lk,
+            v: &lv,
+            dims: (b, plan.rows_of(r), hq, hk, d, dv),
+        };
+        let cp = Cp { t: &t, plan, mask };
+        let (o, l) = scheme.forward(&cp, &local, params)?;
+        let grads = match x.dout {
+            None => None,
+            Some(dout) => {
+                let ld = shard(dout, hq, dv);
+                let g = GradIn {
+                    out: &o,
+                    lse: &l,
+                    dout: &ld,
+                    bwd: *bwd,
+                };
+                Some(scheme.backward(&cp, &local, &g, params)?)
             }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
+        };
+        Ok((o, l, grads, t.traffic()))
+    })?;
     let mut out = vec![0f32; b * n * hq * dv];
     let mut lse = vec![0f32; b * hq * n];
     let mut grads = x.dout.map(|_| {
@@ -532,6 +491,57 @@ pub fn run_threads(
 }
 
 /// Whether an error reports another rank's failure rather than naming a problem itself.
+/// Runs `f` on every rank of a [`ThreadTransport`] group of `world` ranks, each a thread of this
+/// process with its transport counted, and returns the ranks' results in rank order. A rank whose
+/// thread panics reports an `Error::Comm`; when ranks fail, the error returned is a rank's own
+/// complaint rather than a peer's report of it ([`secondhand`]).
+pub(crate) fn on_threads<T: Send>(
+    world: usize,
+    timeout: Duration,
+    f: impl Fn(Counted<ThreadTransport>) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let group = ThreadTransport::group(world, timeout)?;
+    let f = &f;
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|t| s.spawn(move || f(Counted::new(t))))
+            .collect();
+        hs.into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Comm {
+                        rank: r,
+                        world,
+                        msg: "the rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut parts = Vec::with_capacity(world);
+    let mut first_err: Option<Error> = None;
+    for res in results {
+        match res {
+            Ok(x) => parts.push(x),
+            // A rank's own complaint beats a peer's report of it ("refused its inputs", "left").
+            Err(e) => {
+                if first_err
+                    .as_ref()
+                    .is_none_or(|f| secondhand(f) && !secondhand(&e))
+                {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(parts),
+    }
+}
+
 pub(crate) fn secondhand(e: &Error) -> bool {
     matches!(e, Error::Comm { msg, .. }
         if msg.contains("refused its inputs") || msg.contains("left the group") || msg.contains("gave up"))

@@ -18,8 +18,8 @@
 //! mask expression work; the merge is the same split-KV merge the paged decode does inside one
 //! rank. Single-rank `forward` and the f64 oracle are the references (tests).
 use super::block::{from_bytes, to_bytes, CpMask};
-use super::scheme::secondhand;
-use super::transport::{Counted, ThreadTransport, Traffic, Transport};
+use super::scheme::on_threads;
+use super::transport::{Traffic, Transport};
 use crate::attention::{forward, AttnParams};
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
@@ -281,62 +281,19 @@ pub fn tree_decode_threads(
             .flat_map(|bi| x[(bi * sk + k0) * w..(bi * sk + k1) * w].iter().copied())
             .collect()
     };
-    let group = ThreadTransport::group(p, timeout)?;
-    type RankOut = Result<(Vec<f32>, Vec<f32>, Traffic)>;
-    let results: Vec<RankOut> = std::thread::scope(|s| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|t| {
-                let rows = &rows;
-                s.spawn(move || -> RankOut {
-                    let t = Counted::new(t);
-                    let keys = (bounds[t.rank()], bounds[t.rank() + 1]);
-                    let (lk, lv) = (rows(k, hk * d, keys), rows(v, hk * dv, keys));
-                    let x = DecodeShard {
-                        q,
-                        k: &lk,
-                        v: &lv,
-                        keys,
-                        dims: (b, sq, hq, hk, d, dv),
-                    };
-                    let (o, l) = tree_decode(&t, mask, &x, params)
-                        .inspect_err(|e| t.abort(&e.to_string()))?;
-                    Ok((o, l, t.traffic()))
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .enumerate()
-            .map(|(r, h)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Comm {
-                        rank: r,
-                        world: p,
-                        msg: "the rank's thread panicked".into(),
-                    })
-                })
-            })
-            .collect()
-    });
-    let mut ok = Vec::with_capacity(p);
-    let mut first_err: Option<Error> = None;
-    for res in results {
-        match res {
-            Ok(x) => ok.push(x),
-            // A rank's own complaint beats a peer's report of it.
-            Err(e) => {
-                if first_err
-                    .as_ref()
-                    .is_none_or(|f| secondhand(f) && !secondhand(&e))
-                {
-                    first_err = Some(e);
-                }
-            }
-        }
-    }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
+    let mut ok = on_threads(p, timeout, |t| {
+        let keys = (bounds[t.rank()], bounds[t.rank() + 1]);
+        let (lk, lv) = (rows(k, hk * d, keys), rows(v, hk * dv, keys));
+        let x = DecodeShard {
+            q,
+            k: &lk,
+            v: &lv,
+            keys,
+            dims: (b, sq, hq, hk, d, dv),
+        };
+        let (o, l) = tree_decode(&t, mask, &x, params).inspect_err(|e| t.abort(&e.to_string()))?;
+        Ok((o, l, t.traffic()))
+    })?;
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     if let Some(r) =
         (1..p).find(|&r| bits(&ok[r].0) != bits(&ok[0].0) || bits(&ok[r].1) != bits(&ok[0].1))
