@@ -3,6 +3,7 @@
 # wheel in .dev-wheels/ (carried); the FLA peer from .peers/light (carried with .peers/install.sh).
 #   bash scripts/gpu/linear_check.sh checks   # selftest group `linear`, pytest test_linear on CUDA
 #   bash scripts/gpu/linear_check.sh perf     # linear_check.py: vs FLA (same process), decode step
+#   bash scripts/gpu/linear_check.sh gla      # gla_check.py: the gate's forward vs FLA's chunk_gla
 #   bash scripts/gpu/linear_check.sh extra    # CLI cpu-vs-cuda (softmax and linear), memcheck on pytest
 #   bash scripts/gpu/linear_check.sh segcheck # the checks again with every sequence cut into
 #                                             # segments of 64 / 128 tokens (LONGATTN_LINEAR_SEG)
@@ -55,6 +56,19 @@ perf)
     python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
   fi
   python3 crates/longattn-py/bench/linear_check.py --json "$OUT/linear_check.json" 2>&1 | tee "$OUT/linear_check.txt"
+  ;;
+gla)
+  # The per-key-dim gate's forward against FLA's chunk_gla (checks and timings).
+  if [ -d .peers/light ]; then
+    E=$(bash .peers/install.sh light) && eval "$E"
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  tri=$(ls .peers/triton-*-slim.tar.xz 2>/dev/null | tail -1)
+  if [ -n "$tri" ]; then
+    mkdir -p /tmp/tri && [ -d /tmp/tri/triton ] || xz -dc "$tri" | tar xf - -C /tmp/tri
+    export PYTHONPATH=/tmp/site:/tmp/tri:$PYTHONPATH TRITON_PTXAS_PATH=${TRITON_PTXAS_PATH:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
+  fi
+  python3 crates/longattn-py/bench/gla_check.py --json "$OUT/gla_check.json" 2>&1 | tee "$OUT/gla_check.txt"
   ;;
 extra)
   # The CLI's CUDA routes (softmax and linear) against its CPU routes; memcheck on a pytest run.

@@ -3,6 +3,7 @@
 #   scripts/linear_emu/build.sh K V BV F16 [main.cpp|main_step.cpp]  -> $OUT/emu_K_V_BV_F16 (or step_...)
 # then e.g. `$OUT/emu_64_64_32_0 B T H Hk decay(0 none|1 head|2 token) s0(0|1) gmin [cu_seqlens...]`
 # prints the error of every output against an f64 recurrence; `$OUT/step_.. decay(0..3)`.
+# GLA=1 NW=16 builds the per-key-dim gate's forward (decay 3; the backward is left out).
 # EMU_SEG=<tokens> (a multiple of 64) cuts the sequences into segments (linear_seg.cu).
 set -e
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,6 +26,6 @@ for f in ['linear_seg.cu', 'linear_fwd.cu'] + (['linear_bwd.cu', 'linear_step.cu
 out += open(here + '/' + main).read()
 print(out)
 PY
-SUF=$([ "$NW" = 8 ] && echo "" || echo "_nw$NW")
-g++ -std=c++20 -O1 -pthread -w -DLA_F16=$F16 -DLIN_K=$K -DLIN_V=$V -DLIN_BV=$BV -DLIN_BK=32 -DLIN_NW=$NW \
+SUF=$([ "$NW" = 8 ] && echo "" || echo "_nw$NW")$([ "${GLA:-0}" = 1 ] && echo _gla || true)
+g++ -std=c++20 -O1 -pthread -w -DLA_F16=$F16 -DLIN_K=$K -DLIN_V=$V -DLIN_BV=$BV -DLIN_BK=32 -DLIN_NW=$NW -DLIN_GLA=${GLA:-0} \
     "$OUT/$NAME.cpp" -o "$OUT/${NAME}_${K}_${V}_${BV}_${F16}${SUF}"

@@ -3,6 +3,7 @@
 // ldmatrix, mma.sync m16n8k16) through per-warp exchange buffers with the PTX fragment layouts,
 // cp.async as a synchronous copy (so it cannot catch a wrong wait_group), shared memory poisoned
 // with NaN before every block. It replaces common.cuh; build.sh assembles a translation unit.
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -32,6 +33,17 @@ uint3_ blockIdx, blockDim, gridDim;
 std::barrier<>* g_block_bar;
 std::barrier<>* g_warp_bar[64];
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+std::atomic<int> g_or{0};
+inline int __syncthreads_or(int x) {
+    if (x) g_or = 1;
+    __syncthreads();
+    const int r = g_or;
+    __syncthreads();
+    if (threadIdx.x == 0) g_or = 0;
+    __syncthreads();
+    return r;
+}
+inline void __trap() { fprintf(stderr, "trap\n"); abort(); }
 inline int emu_warp() { return threadIdx.x >> 5; }
 inline int emu_lane() { return threadIdx.x & 31; }
 inline void warp_sync() { g_warp_bar[emu_warp()]->arrive_and_wait(); }

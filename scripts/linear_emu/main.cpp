@@ -5,7 +5,7 @@ float nrm() { std::normal_distribution<float> d; return d(rng); }
 float uni() { std::uniform_real_distribution<float> d; return d(rng); }
 
 struct Prob {
-    int B, T, H, Hk, K, V, decay; // decay 0 none 1 head 2 token
+    int B, T, H, Hk, K, V, decay; // decay 0 none 1 head 2 token 3 gate (per key dim)
     std::vector<int> cu; // empty: no varlen
     bool s0, dsf;
     float gmin;
@@ -33,7 +33,13 @@ int main(int argc, char** argv) {
     if (P.decay == 1) for (int h = 0; h < H; h++) g.push_back(-0.3f * uni());
     // EMU_CONST_G=1: every token decays by exactly gmin.
     if (P.decay == 2) for (int i = 0; i < B * T * H; i++) g.push_back(getenv("EMU_CONST_G") ? P.gmin : P.gmin * uni());
-    auto G = [&](int b, int t, int h) -> double { return P.decay == 0 ? 0 : P.decay == 1 ? g[h] : g[((size_t)b * T + t) * H + h]; };
+    // Gates: EMU_GATE_MIX=1 makes every 4th dimension decay by gmin exactly (strong) and the rest
+    // by gmin * uni() / 50 (weak), so chunks of both forms occur.
+    if (P.decay == 3)
+        for (int i = 0; i < B * T * H * K; i++)
+            g.push_back(getenv("EMU_GATE_MIX") ? (i % 4 == 0 ? P.gmin : P.gmin * uni() / 50) : P.gmin * uni());
+    auto G = [&](int b, int t, int h) -> double { return P.decay == 0 || P.decay == 3 ? 0 : P.decay == 1 ? g[h] : g[((size_t)b * T + t) * H + h]; };
+    auto GK = [&](int b, int t, int h, int i) -> double { return P.decay == 3 ? g[(((size_t)b * T + t) * H + h) * K + i] : G(b, t, h); };
     const size_t SL = (size_t)seqs * H * K * V;
     std::vector<float> s0(SL), dsf(SL);
     for (auto& e : s0) e = nrm();
@@ -52,8 +58,10 @@ int main(int argc, char** argv) {
             if (P.s0) for (int i = 0; i < K * V; i++) S[i] = s0[((size_t)n * H + h) * K * V + i];
             st.push_back(S);
             for (int t = t0; t < t1; t++) {
-                double a = exp(G(b, t, h));
-                for (int i = 0; i < K; i++) for (int j = 0; j < V; j++) S[i * V + j] = a * S[i * V + j] + Kf(b, t, kh, i) * Vf(b, t, kh, j);
+                for (int i = 0; i < K; i++) {
+                    double a = exp(GK(b, t, h, i));
+                    for (int j = 0; j < V; j++) S[i * V + j] = a * S[i * V + j] + Kf(b, t, kh, i) * Vf(b, t, kh, j);
+                }
                 for (int j = 0; j < V; j++) { double o = 0; for (int i = 0; i < K; i++) o += scale * Q(b, t, h, i) * S[i * V + j]; ro[(((size_t)b * T + t) * H + h) * V + j] = o; }
                 st.push_back(S);
             }
@@ -81,6 +89,7 @@ int main(int argc, char** argv) {
     // ---- kernels
     std::vector<u16> o((size_t)B * T * H * V, 0x7fc1), dq((size_t)B * T * H * K, 0x7fc1), dk((size_t)B * T * Hk * K, 0x7fc1), dv((size_t)B * T * Hk * V, 0x7fc1);
     std::vector<float> fin(SL, NAN), ds0(SL, NAN), db((size_t)B * T * H, 0), dgo((size_t)B * T * H, NAN);
+    if (P.decay == 3) printf("gate: %s\n", LIN_GLA ? "GLA build" : "NOT a GLA build (expect garbage)");
     std::vector<float> dka((size_t)B * T * Hk * K, 0), dva((size_t)B * T * Hk * V, 0);
     LinParams p;
     memset(&p, 0, sizeof p);
@@ -100,7 +109,7 @@ int main(int argc, char** argv) {
     // that a read of anything the passes did not write shows.
     const int seg_len = getenv("EMU_SEG") ? atoi(getenv("EMU_SEG")) : 0;
     const int nseg = seg_len > 0 ? std::max(1, (T + seg_len - 1) / seg_len) : 1;
-    std::vector<float> segf((size_t)seqs * nseg * H * K * V, NAN), segr(segf.size(), NAN), segg((size_t)seqs * nseg * H, NAN);
+    std::vector<float> segf((size_t)seqs * nseg * H * K * V, NAN), segr(segf.size(), NAN), segg((size_t)seqs * nseg * H * K, NAN);
     p.seg_len = seg_len; p.nseg = nseg;
     p.seg_f = segf.data(); p.seg_r = segr.data(); p.seg_g = segg.data();
     const int zs = seqs * nseg;
@@ -111,6 +120,7 @@ int main(int argc, char** argv) {
     }
     emu_launch([&] { lin_fwd(p); }, V / LIN_BV, H, zs, LIN_THREADS);
 #if LIN_NW == 8
+    if (P.decay != 3) {  // gates: forward only
     if (nseg > 1) {
         emu_launch([&] { lin_state_rev(p); }, V / LIN_BV, H, zs, LIN_THREADS);
         emu_launch([&] { lin_seg_scan(p, 1); }, (K * V + 255) / 256, H, seqs, 256);
@@ -134,6 +144,7 @@ int main(int argc, char** argv) {
         emu_launch([&] { lin_bwd_chunk(p); }, (int)ids, H, 1, LIN_THREADS);
     }
     if (P.decay == 2) emu_launch([&] { lin_bwd_dg(p, dgo.data()); }, H, seqs, 1, LIN_DG_THREADS);
+    }
 #endif
     if (H != Hk) {
         for (size_t i = 0; i < dk.size(); i += 2) *(u32*)&dk[i] = la_pack2(dka[i], dka[i + 1]);
@@ -152,6 +163,7 @@ int main(int argc, char** argv) {
     w = std::max(w, cmp("out", [&](size_t i) { return la_to_f32(o[i]); }, ro));
     w = std::max(w, cmp("fin", [&](size_t i) { return fin[i]; }, rfin));
 #if LIN_NW == 8
+    if (P.decay != 3) {
     w = std::max(w, cmp("dq", [&](size_t i) { return la_to_f32(dq[i]); }, rdq));
     w = std::max(w, cmp("dk", [&](size_t i) { return la_to_f32(dk[i]); }, rdk));
     w = std::max(w, cmp("dv", [&](size_t i) { return la_to_f32(dv[i]); }, rdv));
@@ -169,6 +181,7 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < rdg.size(); i++) { mx = std::max(mx, fabs(rdg[i])); e = std::max(e, fabs((double)dgo[i] - rdg[i])); }
         printf("dg     rel err %.3e against max(max|dg|, per-token (|q.dq|+|k.dk|) / 1024 = %.3e) (selftest: /3)\n", e / mx, fl);
         w = std::max(w, e / mx / 3);
+    }
     }
 #else
     printf("backward left out (built for 8 warps)\n");

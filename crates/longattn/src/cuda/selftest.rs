@@ -822,6 +822,41 @@ pub fn linear_cases(quick: bool) -> Vec<LinearCase> {
             v.push(c);
         }
     }
+    // The per-key-dim gate (GLA), forward only: weak gates (the tensor-core form of P), strong
+    // ones (log decay down to -20 a step: the exact element-wise form), a mix (strong in every
+    // fourth key dim), at awkward lengths; f16, GQA, strided, varlen with initial states, cut
+    // into segments (long enough for the chooser at one head).
+    let glens: &[usize] = if quick {
+        &[1, 65, 1023]
+    } else {
+        &[1, 7, 63, 65, 113, 1023, 4224]
+    };
+    for &t in glens {
+        v.push(LinearCase::new(BF16, t, (128, 128), "gate"));
+    }
+    let mut gates = vec![
+        ("gate-20", BF16, (128, 128), 200, false, false),
+        ("gate-mix", BF16, (64, 64), 150, true, false),
+        ("gate", F16, (128, 128), 300, true, false),
+        ("gate", BF16, (64, 128), 150, false, true),
+        ("gate-mix", F16, (128, 64), 257, false, false),
+    ];
+    if quick {
+        gates.truncate(3);
+    }
+    for (decay, dt, kv, t, s0, strided) in gates {
+        let mut c = LinearCase::new(dt, t, kv, decay);
+        (c.s0, c.strided) = (s0, strided);
+        v.push(c);
+    }
+    let mut c = LinearCase::new(BF16, 100, (64, 128), "gate");
+    (c.h, c.hk, c.batch, c.s0) = (4, 2, 3, true);
+    v.push(c);
+    let mut c = LinearCase::new(BF16, 0, (128, 128), "gate-mix");
+    c.varlen = Some(vec![63, 0, 65, 200, 1]);
+    c.t = 329;
+    c.s0 = true;
+    v.push(c);
     // The decode step: every decay kind (the gate included), GQA, both head dims.
     for (decay, kv, dt) in [
         ("none", (128, 128), BF16),
@@ -900,24 +935,28 @@ fn run_linear_case(dev: &Arc<CudaDevice>, c: &LinearCase, seed: u64) -> Result<(
     let v = LinInput::new(c.dtype, [b, t, hk, vd], 1.0, seed + 2, c.strided);
     let mut rng = Rng::new(seed + 3);
     let seqs = c.varlen.as_ref().map_or(b, |l| l.len());
+    let gate = c.decay.starts_with("gate");
     let ng = match c.decay {
         "none" => 0,
         "head" => h,
-        "gate" => b * t * h * kd,
+        _ if gate => b * t * h * kd,
         _ => b * t * h,
     };
     let g: Vec<f32> = (0..ng)
-        .map(|_| match c.decay {
+        .map(|i| match c.decay {
             "head" => -0.3 * rng.uniform() as f32,
-            "token-20" => -20.0 * rng.uniform() as f32,
+            "token-20" | "gate-20" => -20.0 * rng.uniform() as f32,
             "token-strong" => -20.0,
+            // Strong in every fourth key dim, weak elsewhere.
+            "gate-mix" if i % 4 == 0 => -20.0 * rng.uniform() as f32,
+            "gate-mix" => -0.02 * rng.uniform() as f32,
             _ => -0.5 * rng.uniform() as f32,
         })
         .collect();
     let decay = match c.decay {
         "none" => Decay::None,
         "head" => Decay::PerHead(&g),
-        "gate" => Decay::Gate(&g),
+        _ if gate => Decay::Gate(&g),
         _ => Decay::Token(&g),
     };
     let state_len = seqs * h * kd * vd;
@@ -1096,8 +1135,14 @@ pub fn check_linear_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         "96",
     );
     case(
-        "gate in the chunked forward",
-        lc::forward_host(dev, &core(&b64, Decay::Gate(&gate))).map(|_| ()),
+        "gate in the chunked backward",
+        lc::backward_host(
+            dev,
+            &core(&b64, Decay::Gate(&gate)),
+            &b64.view("dout").unwrap(),
+            None,
+        )
+        .map(|_| ()),
         "gate",
     );
     out

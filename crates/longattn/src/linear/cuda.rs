@@ -8,8 +8,8 @@
 //!   download: the selftest and the CLI);
 //!
 //! Scope: q / k / v in bf16 or f16 (f32 is refused with [`Error::DType`]), K and V head dims 64
-//! or 128, decays none / per head / per token in the chunked kernels (the per-key-dim gate
-//! only in [`step`]), GQA, initial and final states `[seqs, H, K, V]` f32, varlen through
+//! or 128, decays none / per head / per token in the chunked kernels, the per-key-dim gate in
+//! the forward and [`step`] (not yet in the backward), GQA, initial and final states `[seqs, H, K, V]` f32, varlen through
 //! `cu_seqlens`, strided q / k / v with a contiguous head dim (16-byte aligned rows).
 //!
 //! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_seg.cu`,
@@ -118,9 +118,12 @@ pub enum DevDecay<'a> {
     PerHead(&'a CudaSlice<f32>),
     /// `[B, T, H]`.
     Token(&'a CudaSlice<f32>),
-    /// `[B, T, H, K]`: the decode step only (the chunked kernels refuse it).
+    /// `[B, T, H, K]` (GLA): the forward and the decode step (the chunked backward refuses it).
     Gate(&'a CudaSlice<f32>),
 }
+
+/// `LinParams::decay` of the per-key-dimension gate.
+const GATE: i32 = 3;
 
 impl DevDecay<'_> {
     fn kind(&self) -> i32 {
@@ -128,7 +131,7 @@ impl DevDecay<'_> {
             DevDecay::None => 0,
             DevDecay::PerHead(_) => 1,
             DevDecay::Token(_) => 2,
-            DevDecay::Gate(_) => 3,
+            DevDecay::Gate(_) => GATE,
         }
     }
     fn slice(&self) -> Option<&CudaSlice<f32>> {
@@ -530,7 +533,8 @@ impl Segments {
         let seg = Segments {
             f: zeros(st)?,
             r: if rev { Some(zeros(st)?) } else { None },
-            g: zeros(n * d.h)?,
+            // Each segment's total log decay: per head, or per head and key dim (gate).
+            g: zeros(n * d.h * if p.decay == GATE { d.k } else { 1 })?,
         };
         p.seg_f = ptr(&seg.f);
         p.seg_r = seg.r.as_ref().map_or(0, ptr);
@@ -554,13 +558,14 @@ impl Segments {
         rev: bool,
     ) -> Result<()> {
         let src = ("linear_seg", LIN_SEG);
-        let smem = smem_seg(d.k, bv);
+        let gla = p.decay == GATE;
+        let smem = smem_seg(d.k, bv) + if gla { smem_gate(d.k) } else { 0 };
         let entry = if rev {
             "lin_state_rev"
         } else {
             "lin_state_fwd"
         };
-        let f = function(dev, src, entry, dtype, d, bv, smem)?;
+        let f = function_nw(dev, src, entry, dtype, d, bv, 8, gla, smem)?;
         let z = (d.seqs * p.nseg as usize) as u32;
         launch(
             s,
@@ -571,7 +576,7 @@ impl Segments {
             p,
             "launch linear segment states",
         )?;
-        let scan = function(dev, src, "lin_seg_scan", dtype, d, bv, 0)?;
+        let scan = function_nw(dev, src, "lin_seg_scan", dtype, d, bv, 8, gla, 0)?;
         let cfg = LaunchConfig {
             grid_dim: ((d.k * d.v).div_ceil(256) as u32, d.h as u32, d.seqs as u32),
             block_dim: (256, 1, 1),
@@ -595,6 +600,11 @@ fn smem_fwd(k: usize, bv: usize) -> usize {
 fn smem_dv(k: usize, bv: usize) -> usize {
     (2 * (2 * CHUNK * k + CHUNK * bv) + CHUNK * CHUNK + 2 * CHUNK * k + k * bv) * 2 + 3 * CHUNK * 4
 }
+/// What the gate's variants add (`LIN_GLA`): two stages of gates [64][K] f32; the forward also
+/// a [64][K] tile of K o exp(-B) (`smem_gate(k) + CHUNK * k * 2`).
+fn smem_gate(k: usize) -> usize {
+    2 * CHUNK * k * 4
+}
 fn smem_seg(k: usize, bv: usize) -> usize {
     2 * (CHUNK * k + CHUNK * bv) * 2 + 4 * CHUNK * 4
 }
@@ -615,10 +625,11 @@ fn function(
     bv: usize,
     smem: usize,
 ) -> Result<CudaFunction> {
-    function_nw(dev, src, entry, dtype, d, bv, 8, smem)
+    function_nw(dev, src, entry, dtype, d, bv, 8, false, smem)
 }
 
-/// [`function`] with `nw` warps a block (the forward's 16-warp layout).
+/// [`function`] with `nw` warps a block (the forward's 16-warp layout) and, with `gla`, the
+/// per-key-dimension gate's variant (`LIN_GLA`).
 #[allow(clippy::too_many_arguments)]
 fn function_nw(
     dev: &CudaDevice,
@@ -628,9 +639,10 @@ fn function_nw(
     d: &CoreDims,
     bv: usize,
     nw: usize,
+    gla: bool,
     smem: usize,
 ) -> Result<CudaFunction> {
-    let defines = vec![
+    let mut defines = vec![
         ("LIN_NW".to_string(), nw.to_string()),
         (
             "LA_F16".to_string(),
@@ -641,6 +653,9 @@ fn function_nw(
         ("LIN_BV".to_string(), bv.to_string()),
         ("LIN_BK".to_string(), BK.to_string()),
     ];
+    if gla {
+        defines.push(("LIN_GLA".to_string(), "1".to_string()));
+    }
     let full = || format!("{COMMON}\n{LIN_COMMON}\n{src}");
     dev.function_static(name, entry, full, &defines, smem)
 }
@@ -721,16 +736,26 @@ pub fn forward_on(
 ) -> Result<()> {
     const OP: &str = "linear::cuda::forward";
     let d = c.validate(OP)?;
-    if matches!(c.decay, DevDecay::Gate(_)) {
-        return Err(param(
-            OP,
-            "the per-key-dim gate (GLA) is not implemented in the chunked CUDA kernels (only in the decode step)".into(),
-        ));
-    }
     check_output(OP, "out", out, [d.batch, d.t, d.h, d.v], c.q.dtype)?;
     check_len(OP, "final_state", fin, d.state_len())?;
-    let (bv, nw) = choose_fwd(&d);
-    let smem = smem_fwd(d.k, bv);
+    // The gate's forward: 16 warps over the whole state (its shared memory leaves no room for
+    // two 8-warp blocks a SM), gates and K o exp(-B) staged beside the tiles.
+    let gla = matches!(c.decay, DevDecay::Gate(_));
+    if let (true, Some(g)) = (gla, c.decay.slice()) {
+        if !ptr(g).is_multiple_of(16) {
+            return Err(param(
+                OP,
+                "the gate `g` must start at a 16-byte aligned address (the kernels copy 16-byte runs)".into(),
+            ));
+        }
+    }
+    let (bv, nw) = if gla { (d.v, 16) } else { choose_fwd(&d) };
+    let smem = smem_fwd(d.k, bv)
+        + if gla {
+            smem_gate(d.k) + CHUNK * d.k * 2
+        } else {
+            0
+        };
     let f = function_nw(
         dev,
         ("linear_fwd", LIN_FWD),
@@ -739,6 +764,7 @@ pub fn forward_on(
         &d,
         bv,
         nw,
+        gla,
         smem,
     )?;
     let mut p = c.params(&d);
@@ -815,7 +841,7 @@ pub fn backward_on(
     if matches!(c.decay, DevDecay::Gate(_)) {
         return Err(param(
             OP,
-            "the per-key-dim gate (GLA) is not implemented in the chunked CUDA kernels (only in the decode step)".into(),
+            "the backward of the per-key-dim gate (GLA) is not implemented in the CUDA kernels (its forward and decode step are); run the backward on the CPU".into(),
         ));
     }
     let dt = c.q.dtype;

@@ -16,6 +16,11 @@
 // so a per-step log decay of -20 (b down to -1280 in a chunk) underflows to 0 and never overflows.
 
 #define LIN_C 64
+// LIN_GLA = 1: the per-key-dimension gate (GLA, decay 3: g [B, T, H, K]) in the forward and the
+// forward state pass ("Per-key-dimension gates" below); 0: the scalar decays.
+#ifndef LIN_GLA
+#define LIN_GLA 0
+#endif
 // 8 warps a block; every chunked kernel is built for two blocks per SM (<= 128 registers a
 // thread). Shared memory a block at K = V = 128 (linear/cuda.rs computes it): forward 104 KiB
 // at BV 32 (121 KiB at 64), dV 121 KiB (137 KiB), dQ / dK 101 KiB; two blocks fit in an SM's
@@ -45,7 +50,7 @@ struct LinParams {
     u16* dv;
     float* dk_acc;       // [B, T, Hk, K] f32 sums over the query heads of a kv head (GQA)
     float* dv_acc;       // [B, T, Hk, V]
-    const float* g;      // log decay: [H] (per head), [B, T, H] (token), [B, H, K] (gate, step only)
+    const float* g;      // log decay: [H] (per head), [B, T, H] (token), [B, T, H, K] (gate)
     const float* s0;     // initial state [seqs, H, K, V] (has_s0)
     float* sfin;         // final state [seqs, H, K, V]; the step's state, updated in place
     const float* dsfin;  // gradient of the final state (has_dsfin)
@@ -54,10 +59,10 @@ struct LinParams {
     const int* cu;       // cu_seqlens [seqs + 1] (has_cu)
     float* seg_f;        // segmented (nseg > 1): state entering each segment [seqs, nseg, H, K, V]
     float* seg_r;        // gradient reaching the state leaving each segment, same shape
-    float* seg_g;        // total log decay of each segment [seqs, nseg, H]
+    float* seg_g;        // total log decay of each segment [seqs, nseg, H] ([.., H, K]: gate)
     i64 q_s[3], k_s[3], v_s[3], do_s[3], o_s[3], dq_s[3], dk_s[3], dv_s[3];  // (batch, seq, head)
     int B, T, H, Hk;
-    int seqs, decay, has_s0, has_cu;  // decay: 0 none, 1 per head, 2 per token, 3 gate (step)
+    int seqs, decay, has_s0, has_cu;  // decay: 0 none, 1 per head, 2 per token, 3 gate
     int has_dsfin, want_db, gqa_acc, seg_len;  // seg_len: tokens a segment (a multiple of 64)
     int nseg, pad0;                             // nseg: segments a sequence (1: not segmented)
     float scale, pad1;
@@ -470,5 +475,135 @@ __device__ __forceinline__ void lin_rowscale(u16* dst, const u16* src, const flo
         const float f = r < L ? mul * lin_exp(tail ? bl - sb[r] : sb[r]) : 0.f;
         const float lo = la_to_f32((u16)(w & 0xffff)), hi = la_to_f32((u16)(w >> 16));
         *(u32*)(dst + off) = la_pack2(lo * f, hi * f);
+    }
+}
+
+// ---- Per-key-dimension gates (GLA, LIN_GLA = 1) ------------------------------------------------
+// The decay of state row k at token t is exp(g_t[k]); inside a chunk, with the inclusive
+// cumulative sums B_i[k] = g_{c0}[k] + ... + g_{c0+i}[k] (B_i = B_{L-1} for i >= L):
+//   P_ij = scale sum_k q_i[k] k_j[k] exp(B_i[k] - B_j[k])         (j <= i < L, else 0)
+//   O    = P V + scale (Q o exp(B)) S
+//   S'   = diag(exp(B_{L-1})) S + (K o exp(B_{L-1} - B))^T V
+// Q o exp(B) and K o exp(B_{L-1} - B) only hold exponentials of non-positive numbers. P is not a
+// masked matrix product (the decay sits inside the sum over k); two ways to form it:
+//   fast  P = mask(scale (Q o exp(B)) (K o exp(-B))^T) on the tensor cores, taken when every
+//         K o exp(-B) of the chunk stays below LIN_GLA_BIG (exp(-B) grows with the chunk's total
+//         decay; the terms kept, j <= i, are each at most |q_i[k] k_j[k]|, so nothing cancels);
+//   exact element by element with exp(B_i[k] - B_j[k]) <= 1 (a chunk whose decay is too strong
+//         for the fast form: a per-step log decay of -20 gives exp(1280) there).
+// The gate tile of a chunk is [64][K] f32 (row stride K, no swizzle: thread k walks column k).
+#define LIN_GT (LIN_C * LIN_K)
+#if LA_F16
+#define LIN_GLA_BIG 16384.f
+#else
+#define LIN_GLA_BIG 1e30f
+#endif
+
+// The gates of rows row0 .. row0 + 63 of head h into sG [64][K] (rows at or past `limit` read 0).
+__device__ __forceinline__ void lin_load_gate(float* sG, const LinParams& p, int b, int h, int row0,
+                                              int limit) {
+    constexpr int CH = LIN_K / 4;  // 16-byte chunks a row
+    for (int x = threadIdx.x; x < LIN_C * CH; x += LIN_THREADS) {
+        const int r = x / CH, c = x % CH;
+        const int gr = row0 + r;
+        const bool ok = gr < limit;
+        la_cp_async16(sG + r * LIN_K + c * 4, p.g + (ok ? (((i64)b * p.T + gr) * p.H + h) * LIN_K : 0) + c * 4,
+                      ok ? 16 : 0);
+    }
+}
+
+// sG [64][K] of gates -> B (inclusive cumulative sums down each column), in place: each thread
+// sums a run of rows of one column, then adds the totals of the runs above it. All threads;
+// ends with a block barrier.
+__device__ __forceinline__ void lin_gate_cumsum(float* sG) {
+    static_assert(LIN_THREADS % LIN_K == 0, "whole columns per thread group");
+    constexpr int PARTS = LIN_THREADS / LIN_K, RP = LIN_C / PARTS;
+    const int k = threadIdx.x % LIN_K, part = threadIdx.x / LIN_K;
+    float s = 0.f;
+#pragma unroll
+    for (int r = part * RP; r < part * RP + RP; r++) {
+        s += sG[r * LIN_K + k];
+        sG[r * LIN_K + k] = s;
+    }
+    __syncthreads();
+    float off = 0.f;
+    for (int u = 0; u < part; u++) off += sG[(u * RP + RP - 1) * LIN_K + k];
+    __syncthreads();  // every run's total read before any is shifted
+    if (part > 0) {
+#pragma unroll
+        for (int r = part * RP; r < part * RP + RP; r++) sG[r * LIN_K + k] += off;
+    }
+    __syncthreads();
+}
+
+// The factors of a chunk (B in sG, L valid rows), all threads:
+//   sKt <- K o exp(-B)        (the fast form's keys; returns whether any is >= LIN_GLA_BIG or
+//                             not finite: then P must be formed element by element)
+// Barrier at the end (the returned flag is block-uniform).
+__device__ __forceinline__ bool lin_gate_keys(u16* sKt, const u16* sK, const float* sG) {
+    int big = 0;
+    for (int x = threadIdx.x; x < LIN_C * LIN_K / 2; x += LIN_THREADS) {
+        const int r = x / (LIN_K / 2), c = (x % (LIN_K / 2)) * 2;
+        const int off = lsw_el<LIN_K>(r, c);
+        const u32 w = *(const u32*)(sK + off);
+        const float k0 = la_to_f32((u16)(w & 0xffff)) * lin_exp(-sG[r * LIN_K + c]);
+        const float k1 = la_to_f32((u16)(w >> 16)) * lin_exp(-sG[r * LIN_K + c + 1]);
+        big |= !(fabsf(k0) < LIN_GLA_BIG && fabsf(k1) < LIN_GLA_BIG);
+        *(u32*)(sKt + off) = la_pack2(k0, k1);
+    }
+    return __syncthreads_or(big);
+}
+
+// The exact form: sP <- P_ij = scale sum_k q_i[k] k_j[k] exp(B_i[k] - B_j[k]) for j <= i < L
+// (0 elsewhere), from the unscaled Q and K tiles. All threads; no barrier.
+__device__ __forceinline__ void lin_gate_exact(u16* sP, const u16* sQ, const u16* sK, const float* sG, int L,
+                                               float scale) {
+    for (int x = threadIdx.x; x < LIN_C * LIN_C / 2; x += LIN_THREADS) {
+        const int i = x / (LIN_C / 2), j0 = (x % (LIN_C / 2)) * 2;
+        float a[2] = {0.f, 0.f};
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int j = j0 + e;
+            if (j > i || i >= L) continue;
+            float s = 0.f;
+            for (int k = 0; k < LIN_K; k++)
+                s += la_to_f32(sQ[lsw<LIN_K>(i, k >> 3) + (k & 7)]) * la_to_f32(sK[lsw<LIN_K>(j, k >> 3) + (k & 7)]) *
+                     lin_exp(sG[i * LIN_K + k] - sG[j * LIN_K + k]);
+            a[e] = scale * s;
+        }
+        *(u32*)(sP + lsw_el<LIN_C>(i, j0)) = la_pack2(a[0], a[1]);
+    }
+}
+
+// In place: sQ <- Q o exp(B), sK <- K o exp(B_{L-1} - B) (exponents <= 0; rows past L are zero
+// already). All threads; no barrier.
+__device__ __forceinline__ void lin_gate_scale(u16* sQ, u16* sK, const float* sG) {
+    const float* bl = sG + (LIN_C - 1) * LIN_K;
+    for (int x = threadIdx.x; x < LIN_C * LIN_K / 2; x += LIN_THREADS) {
+        const int r = x / (LIN_K / 2), c = (x % (LIN_K / 2)) * 2;
+        const int off = lsw_el<LIN_K>(r, c);
+        const float b0 = sG[r * LIN_K + c], b1 = sG[r * LIN_K + c + 1];
+        if (sQ) {
+            const u32 w = *(const u32*)(sQ + off);
+            *(u32*)(sQ + off) = la_pack2(la_to_f32((u16)(w & 0xffff)) * lin_exp(b0),
+                                         la_to_f32((u16)(w >> 16)) * lin_exp(b1));
+        }
+        const u32 w = *(const u32*)(sK + off);
+        *(u32*)(sK + off) = la_pack2(la_to_f32((u16)(w & 0xffff)) * lin_exp(bl[c] - b0),
+                                     la_to_f32((u16)(w >> 16)) * lin_exp(bl[c + 1] - b1));
+    }
+}
+
+// Rows of a state block scaled by exp(B_{L-1}[row]) (rows m0 + g, m0 + g + 8 of the warp's block).
+template <int NT>
+__device__ __forceinline__ void lin_gate_rows(float (&acc)[1][NT][4], const float* sG, int m0, int lane) {
+    const float* bl = sG + (LIN_C - 1) * LIN_K;
+    const float f0 = lin_exp(bl[m0 + (lane >> 2)]), f1 = lin_exp(bl[m0 + (lane >> 2) + 8]);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        acc[0][nt][0] *= f0;
+        acc[0][nt][1] *= f0;
+        acc[0][nt][2] *= f1;
+        acc[0][nt][3] *= f1;
     }
 }

@@ -21,6 +21,12 @@
 // Shared memory: two stages of Q [64][K], K [64][K], V [64][BV] and the chunk's decays (chunk
 // c + 1 lands while chunk c is computed), P [64][64], S as the storage type [K][BV], b [64],
 // w [64] (applied to K's fragments in registers: lin_mma_tn). Three block barriers per chunk.
+//
+// LIN_GLA (the per-key-dimension gate, linear_common.cuh "Per-key-dimension gates"; 16 warps,
+// BV = V): two more stages of the chunk's gates [64][K] f32 (turned into B in place) and a
+// [64][K] tile of K o exp(-B); per chunk Q -> Q o exp(B) and K -> K o exp(B_{L-1} - B) in place,
+// P from the fast or the exact form, the output's row factor scale alone and the state's rows
+// scaled by exp(B_{L-1}[k]).
 
 #define LIN_STAGE_U16 (2 * LIN_C * LIN_K + LIN_C * LIN_BV)
 #define LIN_FCB (LIN_NW / 4)           // column blocks of P and O
@@ -36,6 +42,10 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
     float* sg = (float*)(sS + LIN_K * LIN_BV);  // two stages of 64 decays
     float* sb = sg + 2 * LIN_C;
     float* sw = sb + LIN_C;  // w_j = exp(b_{L-1} - b_j) (j < L), the rows of K in the update
+#if LIN_GLA
+    float* sGate = sw + LIN_C;                // two stages of gates [64][K]
+    u16* sKt = (u16*)(sGate + 2 * LIN_GT);    // K o exp(-B) [64][K]
+#endif
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const LinSeg seg = lin_segment(p, z);
@@ -51,6 +61,11 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
 
     const u16* gq = p.q + b * p.q_s[0] + h * p.q_s[2];
     const u16* gk = p.k + b * p.k_s[0] + kh * p.k_s[2];
+#if LIN_GLA
+    auto load_gate = [&](int st, int r0) { lin_load_gate(sGate + st * LIN_GT, p, b, h, r0, t1); };
+#else
+    auto load_gate = [&](int, int) {};
+#endif
     const u16* gv = p.v + b * p.v_s[0] + kh * p.v_s[2] + v0;
 
     // Commit groups: one per chunk (empty past the end), so "all but the newest complete"
@@ -64,6 +79,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
             lin_load<LIN_C, LIN_K>(s + LIN_C * LIN_K, gk, p.k_s[1], r0, t1);
             lin_load<LIN_C, LIN_BV>(s + 2 * LIN_C * LIN_K, gv, p.v_s[1], r0, t1);
             lin_load_g(sg + st * LIN_C, p, b, h, r0, t1);
+            load_gate(st, r0);
         }
         la_cp_commit();
     }
@@ -79,11 +95,19 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
     for (int c = 0; c < nc; c++) {
         const int c0 = t0 + c * LIN_C;
         const int L = la_imin(LIN_C, t1 - c0);
-        const u16* sQ = lin_smem + (c & 1) * LIN_STAGE_U16;
-        const u16* sK = sQ + LIN_C * LIN_K;
+        u16* sQ = lin_smem + (c & 1) * LIN_STAGE_U16;
+        u16* sK = sQ + LIN_C * LIN_K;
         const u16* sV = sK + LIN_C * LIN_K;
         la_cp_wait<1>();
         __syncthreads();  // chunk c landed (all threads' copies)
+#if LIN_GLA
+        float* sG = sGate + (c & 1) * LIN_GT;
+        lin_gate_cumsum(sG);
+        const bool exact = lin_gate_keys(sKt, sK, sG);
+        if (exact) lin_gate_exact(sP, sQ, sK, sG, L, p.scale);
+        __syncthreads();  // the exact form read Q and K unscaled
+        lin_gate_scale(sQ, sK, sG);
+#endif
         if (warp == 0) {
             lin_chunk_b(sb, sg + (c & 1) * LIN_C, p, h, L, lane);
             lin_chunk_w(sw, sb, L, true, 1.f, lane);
@@ -92,12 +116,21 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
         lin_store_tile<LIN_BV>(sS, st, sm0, sn0, lane);
         __syncthreads();  // b ready
 
+#if LIN_GLA
+        if (!exact) {  // P = mask(scale (Q o exp(B)) (K o exp(-B))^T)  (b = 0: the mask alone)
+            float a[1][LIN_PN / 8][4];
+            lin_zero(a);
+            lin_mma_nt<LIN_K, LIN_K, 1, LIN_PN / 8, LIN_K / 16>(a, sQ, 16 * wr, sKt, LIN_PN * wc, lane);
+            lin_mask_store(sP, a, sb, 16 * wr, LIN_PN * wc, L, p.scale, lane);
+        }
+#else
         {   // P = scale (Q K^T) o D, rows 16 wr, columns LIN_PN wc
             float a[1][LIN_PN / 8][4];
             lin_zero(a);
             lin_mma_nt<LIN_K, LIN_K, 1, LIN_PN / 8, LIN_K / 16>(a, sQ, 16 * wr, sK, LIN_PN * wc, lane);
             lin_mask_store(sP, a, sb, 16 * wr, LIN_PN * wc, L, p.scale, lane);
         }
+#endif
         __syncthreads();  // P, S ready
 
         {   // O = P V + scale diag(exp(b)) Q S, rows 16 wr, columns LIN_ON wc
@@ -123,9 +156,15 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
                 }
             }
         }
+#if LIN_GLA
+        // S' = diag(exp(B_{L-1})) S + (K o exp(B_{L-1} - B))^T V  (sK scaled above)
+        lin_gate_rows(st, sG, sm0, lane);
+        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(st, sK, sm0, sV, sn0, lane);
+#else
         // S' = exp(b_{L-1}) S + (K o w)^T V
         lin_scale(st, lin_exp(sb[LIN_C - 1]));
         lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(st, sK, sm0, sV, sn0, lane, sw);
+#endif
         __syncthreads();  // every warp is done with this stage, P, S, b and w
         if (c + 2 < nc) {
             u16* s = lin_smem + (c & 1) * LIN_STAGE_U16;
@@ -134,6 +173,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, LIN_NW == 8 ? 2 : 1) l
             lin_load<LIN_C, LIN_K>(s + LIN_C * LIN_K, gk, p.k_s[1], r0, t1);
             lin_load<LIN_C, LIN_BV>(s + 2 * LIN_C * LIN_K, gv, p.v_s[1], r0, t1);
             lin_load_g(sg + (c & 1) * LIN_C, p, b, h, r0, t1);
+            load_gate(c & 1, r0);
         }
         la_cp_commit();
     }

@@ -26,6 +26,12 @@
 // in registers (lin_mma_tn). Shared memory: two stages of X [64][K] and Y [64][BV] with the
 // chunk's decays, b [64], the row factors [64]; the _mat walks add a [K][BV] staging tile.
 
+//
+// LIN_GLA (per-key-dimension gates): the forward state pass only (the backward refuses gates),
+// with two more stages of gates [64][K] f32 (B in place); per chunk X = K -> K o exp(B_{L-1} - B)
+// in place, S <- diag(exp(B_{L-1})) S + X^T V, and G_j per state row k in seg_g [z, H, K]; the
+// scan reads G_j of its element's row.
+
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
 
 template <bool REV, bool MAT>
@@ -35,6 +41,10 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     float* sb = sg + 2 * LIN_C;
     float* sw = sb + LIN_C;
     u16* stile = (u16*)(sw + LIN_C);  // MAT: the state as the storage type [K][BV] (16-byte aligned)
+#if LIN_GLA
+    if (REV || MAT) __trap();  // the backward refuses gates on the host
+    float* sGate = sw + LIN_C;  // two stages of gates [64][K]
+#endif
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
     const LinSeg seg = lin_segment(p, z);
@@ -55,6 +65,9 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
         lin_load<LIN_C, LIN_K>(s, gx, xs, r0, t1);
         lin_load<LIN_C, LIN_BV>(s + LIN_C * LIN_K, gy, ys, r0, t1);
         lin_load_g(sg + st * LIN_C, p, b, h, r0, t1);
+#if LIN_GLA
+        lin_load_gate(sGate + st * LIN_GT, p, b, h, r0, t1);
+#endif
     };
 #pragma unroll
     for (int st = 0; st < 2; st++) {
@@ -72,6 +85,9 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     else
         lin_zero(acc);
     float gsum = 0.f;  // G_j (thread 0 of warp 0)
+#if LIN_GLA
+    float grow[2] = {0.f, 0.f};  // G_j of state rows sm0 + g, sm0 + g + 8
+#endif
     for (int step = 0; step < nc; step++) {
         const int c = REV ? nc - 1 - step : step;
         const int L = la_imin(LIN_C, t1 - (t0 + c * LIN_C));
@@ -84,6 +100,20 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
             lin_chunk_w(sw, sb, L, !REV, REV ? p.scale : 1.f, lane);
         }
         __syncthreads();  // b and the row factors (w, or scale exp(b)) ready
+#if LIN_GLA
+        float* sG = sGate + (step & 1) * LIN_GT;
+        lin_gate_cumsum(sG);
+        lin_gate_scale(nullptr, (u16*)sX, sG);
+        __syncthreads();  // K o exp(B_{L-1} - B)
+        lin_gate_rows(acc, sG, sm0, lane);
+        grow[0] += sG[(LIN_C - 1) * LIN_K + sm0 + (lane >> 2)];
+        grow[1] += sG[(LIN_C - 1) * LIN_K + sm0 + (lane >> 2) + 8];
+        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sX, sm0, sY, sn0, lane);
+        __syncthreads();  // every warp is done with this stage and the gates
+        if (step + 2 < nc) load(step & 1, c + 2);
+        la_cp_commit();
+        continue;
+#endif
         if (MAT) {
             // Through a swizzled [K][BV] tile in shared memory, so that the rows leave in 16-byte
             // stores (the fragments alone would store 4 bytes at a time).
@@ -115,7 +145,14 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     }
     float* out = (REV ? p.seg_r : p.seg_f) + lin_seg_state(p, z, h);
     lin_state_store(out, acc, LIN_V, sm0, v0 + sn0, lane);
+#if LIN_GLA
+    if (vs == 0 && sn0 == 0 && (lane & 3) == 0) {
+        p.seg_g[((i64)z * p.H + h) * LIN_K + sm0 + (lane >> 2)] = grow[0];
+        p.seg_g[((i64)z * p.H + h) * LIN_K + sm0 + (lane >> 2) + 8] = grow[1];
+    }
+#else
     if (vs == 0 && threadIdx.x == 0) p.seg_g[(i64)z * p.H + h] = gsum;
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_state_fwd(const LinParams p) {
@@ -155,7 +192,10 @@ extern "C" __global__ void __launch_bounds__(256) lin_seg_scan(const LinParams p
             // A_j / R_j exist for every segment but the last (forward) / first (reverse).
             const bool has = i0 + u < ns && (rev ? j > 0 : j + 1 < ns);
             a[u] = has ? at(j) : 0.f;
-            f[u] = has ? lin_exp(p.seg_g[(base + j) * p.H + h]) : 0.f;
+            // G_j: per head, or per state row (e / V) under gates.
+            f[u] = has ? lin_exp(LIN_GLA ? p.seg_g[((base + j) * p.H + h) * LIN_K + e / LIN_V]
+                                         : p.seg_g[(base + j) * p.H + h])
+                       : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < NB; u++) {
