@@ -48,7 +48,7 @@ int main(int argc, char** argv) {
 
     // ---- reference
     std::vector<double> ro((size_t)B * T * H * V, 0), rfin(SL), rdq((size_t)B * T * H * K, 0), rdk((size_t)B * T * Hk * K, 0),
-        rdv((size_t)B * T * Hk * V, 0), rdg((size_t)B * T * H, 0), rd0(SL);
+        rdv((size_t)B * T * Hk * V, 0), rdg((size_t)B * T * H * (P.decay == 3 ? K : 1), 0), rd0(SL);
     for (int n = 0; n < seqs; n++) {
         int b = P.cu.empty() ? n : 0, t0 = P.cu.empty() ? 0 : P.cu[n], t1 = P.cu.empty() ? T : P.cu[n + 1];
         for (int h = 0; h < H; h++) {
@@ -71,16 +71,18 @@ int main(int argc, char** argv) {
             for (int t = t1 - 1; t >= t0; t--) {
                 auto& St = st[t - t0 + 1]; auto& Sp = st[t - t0];
                 for (int i = 0; i < K; i++) for (int j = 0; j < V; j++) Gm[i * V + j] += scale * Q(b, t, h, i) * DO(b, t, h, j);
-                double a = exp(G(b, t, h)), accg = 0;
                 for (int i = 0; i < K; i++) {
-                    double aq = 0, ak = 0;
+                    double aq = 0, ak = 0, accg = 0;
                     for (int j = 0; j < V; j++) { aq += DO(b, t, h, j) * St[i * V + j]; ak += Vf(b, t, kh, j) * Gm[i * V + j]; accg += Gm[i * V + j] * Sp[i * V + j]; }
                     rdq[(((size_t)b * T + t) * H + h) * K + i] += scale * aq;
                     rdk[(((size_t)b * T + t) * Hk + kh) * K + i] += ak;
+                    // dL/dg_t[i] = a_t[i] sum_j dS_t[i][j] S_{t-1}[i][j] (summed over i for a scalar decay)
+                    const double ai = exp(GK(b, t, h, i));
+                    if (P.decay == 3) rdg[(((size_t)b * T + t) * H + h) * K + i] += ai * accg;
+                    else rdg[((size_t)b * T + t) * H + h] += ai * accg;
                 }
-                rdg[((size_t)b * T + t) * H + h] += a * accg;
                 for (int j = 0; j < V; j++) { double acc = 0; for (int i = 0; i < K; i++) acc += Kf(b, t, kh, i) * Gm[i * V + j]; rdv[(((size_t)b * T + t) * Hk + kh) * V + j] += acc; }
-                for (auto& e : Gm) e *= a;
+                for (int i = 0; i < K; i++) { const double ai = exp(GK(b, t, h, i)); for (int j = 0; j < V; j++) Gm[i * V + j] *= ai; }
             }
             for (int i = 0; i < K * V; i++) rd0[((size_t)n * H + h) * K * V + i] = Gm[i];
         }
@@ -88,7 +90,8 @@ int main(int argc, char** argv) {
 
     // ---- kernels
     std::vector<u16> o((size_t)B * T * H * V, 0x7fc1), dq((size_t)B * T * H * K, 0x7fc1), dk((size_t)B * T * Hk * K, 0x7fc1), dv((size_t)B * T * Hk * V, 0x7fc1);
-    std::vector<float> fin(SL, NAN), ds0(SL, NAN), db((size_t)B * T * H, 0), dgo((size_t)B * T * H, NAN);
+    const int GW = P.decay == 3 ? K : 1;  // db / dg per key dim under gates
+    std::vector<float> fin(SL, NAN), ds0(SL, NAN), db((size_t)B * T * H * GW, 0), dgo((size_t)B * T * H * GW, NAN);
     if (P.decay == 3) printf("gate: %s\n", LIN_GLA ? "GLA build" : "NOT a GLA build (expect garbage)");
     std::vector<float> dka((size_t)B * T * Hk * K, 0), dva((size_t)B * T * Hk * V, 0);
     LinParams p;
@@ -103,7 +106,7 @@ int main(int argc, char** argv) {
     memcpy(p.q_s, qs, 24); memcpy(p.k_s, ks, 24); memcpy(p.v_s, vs, 24); memcpy(p.do_s, hs, 24); memcpy(p.o_s, hs, 24);
     memcpy(p.dq_s, hq, 24); memcpy(p.dk_s, ks, 24); memcpy(p.dv_s, vs, 24);
     p.B = B; p.T = T; p.H = H; p.Hk = Hk; p.seqs = seqs; p.decay = P.decay; p.has_s0 = P.s0; p.has_cu = !P.cu.empty();
-    p.has_dsfin = P.dsf; p.want_db = P.decay == 2; p.gqa_acc = H != Hk; p.scale = scale;
+    p.has_dsfin = P.dsf; p.want_db = P.decay >= 2; p.gqa_acc = H != Hk; p.scale = scale;
     p.nseg = 1;
     // Segments: EMU_SEG tokens each (the host's choice on the GPU); the buffers start as NaN so
     // that a read of anything the passes did not write shows.
@@ -120,14 +123,14 @@ int main(int argc, char** argv) {
     }
     emu_launch([&] { lin_fwd(p); }, V / LIN_BV, H, zs, LIN_THREADS);
 #if LIN_NW == 8
-    if (P.decay != 3) {  // gates: forward only
+    {
     if (nseg > 1) {
         emu_launch([&] { lin_state_rev(p); }, V / LIN_BV, H, zs, LIN_THREADS);
         emu_launch([&] { lin_seg_scan(p, 1); }, (K * V + 255) / 256, H, seqs, 256);
     }
     // EMU_BWD=slice: the sliced kernels; else the chunk-parallel path (per-chunk states, NaN
     // before the walks so that a chunk state read before it is written shows).
-    const bool sliced = getenv("EMU_BWD") && !strcmp(getenv("EMU_BWD"), "slice");
+    const bool sliced = getenv("EMU_BWD") && !strcmp(getenv("EMU_BWD"), "slice") && P.decay != 3;
     const int nct = (T + LIN_C - 1) / LIN_C;
     const size_t ids = p.has_cu ? (size_t)nct + seqs : (size_t)B * nct;
     std::vector<u16> chf(ids * H * K * V, 0x7fc1), chr(chf.size(), 0x7fc1);
@@ -144,6 +147,11 @@ int main(int argc, char** argv) {
         emu_launch([&] { lin_bwd_chunk(p); }, (int)ids, H, 1, LIN_THREADS);
     }
     if (P.decay == 2) emu_launch([&] { lin_bwd_dg(p, dgo.data()); }, H, seqs, 1, LIN_DG_THREADS);
+    if (P.decay == 3) {  // db / dg [B, T, H, K]: H K "heads"
+        LinParams pg = p;
+        pg.H = H * K;
+        emu_launch([&] { lin_bwd_dg(pg, dgo.data()); }, H * K, seqs, 1, LIN_DG_THREADS);
+    }
     }
 #endif
     if (H != Hk) {
@@ -163,12 +171,12 @@ int main(int argc, char** argv) {
     w = std::max(w, cmp("out", [&](size_t i) { return la_to_f32(o[i]); }, ro));
     w = std::max(w, cmp("fin", [&](size_t i) { return fin[i]; }, rfin));
 #if LIN_NW == 8
-    if (P.decay != 3) {
+    {
     w = std::max(w, cmp("dq", [&](size_t i) { return la_to_f32(dq[i]); }, rdq));
     w = std::max(w, cmp("dk", [&](size_t i) { return la_to_f32(dk[i]); }, rdk));
     w = std::max(w, cmp("dv", [&](size_t i) { return la_to_f32(dv[i]); }, rdv));
     w = std::max(w, cmp("ds0", [&](size_t i) { return ds0[i]; }, rd0));
-    if (P.decay == 2) {
+    if (P.decay >= 2) {
         // dg relative to max |dg| or the largest per-token |q . dq| + |k . dk| (the selftest's scale).
         double fl = 0;
         for (int b = 0; b < B; b++) for (int t = 0; t < T; t++) for (int h = 0; h < H; h++) {

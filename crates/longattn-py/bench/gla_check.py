@@ -4,8 +4,9 @@
 
 Checks (bf16, g = logsigmoid(x) / 16 per key dim as FLA's own tests draw it, plus strong gates
 of up to -20 a step in every fourth key dim): longattn's `chunk_gla` and FLA's against a float64
-recurrence at small shapes; then times the forward (no gradients: the GLA backward has no CUDA
-kernel in longattn yet) at the linear-attention issue's shapes, FLA in the same loop.
+recurrence at small shapes, gradients of q, k, v, g against float64 autograd; then times the
+forward and forward + backward (`torch.autograd.grad` of q, k, v, g) at the linear-attention
+issue's shapes, FLA in the same loop (its gated backward needs Triton >= 3.7.1 on Hopper).
 """
 import argparse
 import json
@@ -87,6 +88,19 @@ with torch.no_grad():
             except Exception as e:  # noqa
                 print(f"FLA chunk_gla {tag}: {type(e).__name__}: {str(e)[:160]}")
 
+# Gradients against float64 autograd of the recurrence (weak and strong gates).
+for (t, strong) in [(200, False), (150, True)]:
+    q, k, v, g = inputs(1, t, 2, 64, 64, strong)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    o, _ = longattn.chunk_gla(*leaves)
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, leaves, do)
+    ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, g)]
+    want = torch.autograd.grad(ref_f64(*ref_leaves, 64 ** -0.5), ref_leaves, do.double())
+    for n, a, w in zip("qkvg", got, want):
+        check(f"grad d{n} t{t}{' strong' if strong else ''} vs f64", a, w, 5e-2)
+
+with torch.no_grad():
     shapes = [(1, 16384, 32), (1, 65536, 32), (4, 32768, 32)]
     if args.quick:
         shapes = shapes[:1]
@@ -103,6 +117,27 @@ with torch.no_grad():
                 row["ratio_fla_over_ours"] = row["fla_fwd_ms"] / row["longattn_fwd_ms"]
             except Exception as e:  # noqa
                 row["fla_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        with torch.enable_grad():
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+            do = torch.randn_like(v)
+
+            def fb(fn):
+                def run():
+                    o, _ = fn(*leaves)
+                    torch.autograd.grad(o, leaves, do)
+                return run
+
+            try:
+                row["longattn_fwdbwd_ms"] = gpu_ms(fb(longattn.chunk_gla), reps=10)
+            except Exception as e:  # noqa
+                row["longattn_fwdbwd_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            if fla_gla is not None:
+                try:
+                    row["fla_fwdbwd_ms"] = gpu_ms(fb(fla_gla), reps=10)
+                    row["ratio_fla_over_ours_fwdbwd"] = row["fla_fwdbwd_ms"] / row["longattn_fwdbwd_ms"]
+                except Exception as e:  # noqa
+                    row["fla_fwdbwd_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            del leaves
         res["perf"].append(row)
         print(json.dumps(row), flush=True)
         del q, k, v, g

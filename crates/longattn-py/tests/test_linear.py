@@ -99,19 +99,6 @@ def test_strong_gate_no_nan(device):
     assert relerr(s, want_s) < TOL[dtype], relerr(s, want_s)
 
 
-def test_gate_backward_cuda_refused(device):
-    """The GLA backward has no CUDA kernel yet: asking for gradients fails at the call, clearly."""
-    if device != "cuda":
-        pytest.skip("skipped: CUDA only (the CPU backward of the gate is tested in test_gradients)")
-    q, k, v = (rnd(1, 70, 2, 64, dtype=torch.bfloat16, device=device) for _ in range(3))
-    g = log_decay((1, 70, 2, 64), device)
-    with pytest.raises(NotImplementedError, match="gate"):
-        longattn.chunk_gla(q.requires_grad_(), k, v, g)
-    with torch.no_grad():
-        o, _ = longattn.chunk_gla(q, k, v, g)
-    assert torch.isfinite(o).all()
-
-
 def test_strong_decay_no_nan(device):
     """Per-step log decay -20: every intermediate stays finite."""
     kd, vd = dims_for(device)
@@ -140,22 +127,25 @@ def test_varlen(device, lens):
     assert relerr(s, want_s) < TOL[dtype]
 
 
-@pytest.mark.parametrize("decay", ["none", "token", "gate"])
+@pytest.mark.parametrize("decay", ["none", "token", "gate", "gate-strong"])
 @pytest.mark.parametrize("t", [7, 65, 300])
 def test_gradients(device, decay, t):
     kd, vd = dims_for(device)
-    if device == "cuda" and decay == "gate":
-        pytest.skip("skipped: the per-key-dim gate's backward has no CUDA kernel (refusal tested in test_gate_backward_cuda_refused)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     b, h, hk = 1, 4, 2
     q = rnd(b, t, h, kd, dtype=dtype, device=device).requires_grad_()
     k = rnd(b, t, hk, kd, dtype=dtype, device=device).requires_grad_()
     v = rnd(b, t, hk, vd, dtype=dtype, device=device).requires_grad_()
     g = None if decay == "none" else log_decay((b, t, h) if decay == "token" else (b, t, h, kd), device)
+    if decay == "gate-strong":  # down to -20 a step in every fourth key dim (the exact form)
+        gen = torch.Generator().manual_seed(t)
+        g = g.cpu()
+        g[..., ::4] = -20.0 * torch.rand(b, t, h, (kd + 3) // 4, generator=gen)
+        g = g.to(device)
     if g is not None:
         g.requires_grad_()
     s0 = rnd(b, h, kd, vd, device=device).requires_grad_()
-    fn = longattn.chunk_gla if decay == "gate" else longattn.chunk_simple_gla
+    fn = longattn.chunk_gla if decay.startswith("gate") else longattn.chunk_simple_gla
     o, s = fn(q, k, v, g, scale=0.5, initial_state=s0, output_final_state=True)
     do, ds = rnd(*o.shape, device=device), rnd(*s.shape, device=device)
     ((o.float() * do).sum() + (s * ds).sum()).backward()

@@ -27,9 +27,8 @@ loops that produce ``g`` by construction (``F.logsigmoid``): the kernels never f
 positive decay, its state grows.
 
 CPU: float32 / bfloat16 / float16. CUDA: bfloat16 / float16, K and V in {64, 128}, decays none /
-per head / per token / per key dim in the chunked forward; the chunked backward on CUDA takes
-every kind but the per-key-dim gate (``chunk_gla`` with gradients on CUDA raises
-NotImplementedError at the call); the decode step takes every decay kind.
+per head / per token / per key dim (``chunk_gla``) in the chunked forward and backward, and in
+the decode step.
 """
 from __future__ import annotations
 
@@ -231,11 +230,6 @@ def _run(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, op):
     grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
     )
-    if grad and q.is_cuda and g is not None and g.dim() == 4:
-        raise NotImplementedError(
-            f"{op}: the backward of the per-key-dim gate (GLA) is not implemented on CUDA yet "
-            "(its forward is): run under torch.no_grad(), or on the CPU for gradients"
-        )
     if grad or torch.compiler.is_compiling():
         o, s = torch.ops.longattn.linear_fwd(q, k, v, g, initial_state, cu_seqlens, scale)
     else:

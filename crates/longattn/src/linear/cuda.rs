@@ -8,8 +8,8 @@
 //!   download: the selftest and the CLI);
 //!
 //! Scope: q / k / v in bf16 or f16 (f32 is refused with [`Error::DType`]), K and V head dims 64
-//! or 128, decays none / per head / per token in the chunked kernels, the per-key-dim gate in
-//! the forward and [`step`] (not yet in the backward), GQA, initial and final states `[seqs, H, K, V]` f32, varlen through
+//! or 128, decays none / per head / per token / per key dim (GLA) in the chunked kernels and
+//! [`step`] (the gate's backward always takes the chunk-parallel path), GQA, initial and final states `[seqs, H, K, V]` f32, varlen through
 //! `cu_seqlens`, strided q / k / v with a contiguous head dim (16-byte aligned rows).
 //!
 //! Kernel designs (`cuda/kernels/linear_fwd.cu`, `linear_bwd.cu`, `linear_seg.cu`,
@@ -158,7 +158,8 @@ pub struct DevCore<'a> {
 }
 
 /// Gradients of [`backward`] on the device: `dq` like q, `dk` / `dv` like k / v (summed over the
-/// query heads of each kv head), `dg [B, T, H]` for a token decay, `d_initial_state`
+/// query heads of each kv head), `dg [B, T, H]` for a token decay (`[B, T, H, K]` for the gate),
+/// `d_initial_state`
 /// `[seqs, H, K, V]`.
 pub struct DevGrads {
     pub dq: DevTensor,
@@ -611,6 +612,11 @@ fn smem_seg(k: usize, bv: usize) -> usize {
 fn smem_chunk(k: usize, v: usize) -> usize {
     (2 * CHUNK * k + 2 * CHUNK * v + k * v + 2 * CHUNK * CHUNK) * 2 + 2 * CHUNK * 4
 }
+/// The gate's `lin_bwd_chunk`: Q, K, Q o e^B, K o e^-B [64][K], V, dO [64][V], the state,
+/// P and dA, the gates [64][K] f32 and 64 zeros.
+fn smem_chunk_gate(k: usize, v: usize) -> usize {
+    (4 * CHUNK * k + 2 * CHUNK * v + k * v + 2 * CHUNK * CHUNK) * 2 + CHUNK * k * 4 + CHUNK * 4
+}
 fn smem_kslice(v: usize) -> usize {
     (2 * (2 * CHUNK * BK + 2 * CHUNK * v) + CHUNK * CHUNK + CHUNK * BK + BK * v) * 2 + 3 * CHUNK * 4
 }
@@ -796,6 +802,7 @@ pub fn backward(
     let ds0 = dev.alloc_f32(d.state_len())?;
     let dg = match c.decay {
         DevDecay::Token(_) => Some(dev.alloc_f32(d.batch * d.t * d.h)?),
+        DevDecay::Gate(_) => Some(dev.alloc_f32(d.batch * d.t * d.h * d.k)?),
         _ => None,
     };
     let out = GradsOut {
@@ -817,7 +824,7 @@ pub fn backward(
 
 /// Where [`backward_on`] writes: `dq` like q, `dk` / `dv` like k / v (contiguous when
 /// `Hk < H`: the GQA sums are converted in one flat pass), `dg [B, T, H]` f32 for a per-token
-/// decay (`None` otherwise), `d_initial_state [seqs, H, K, V]` f32.
+/// decay, `[B, T, H, K]` for the gate (`None` otherwise), `d_initial_state [seqs, H, K, V]` f32.
 pub struct GradsOut<'a> {
     pub dq: &'a DevTensor,
     pub dk: &'a DevTensor,
@@ -838,19 +845,24 @@ pub fn backward_on(
 ) -> Result<()> {
     const OP: &str = "linear::cuda::backward";
     let d = c.validate(OP)?;
-    if matches!(c.decay, DevDecay::Gate(_)) {
-        return Err(param(
-            OP,
-            "the backward of the per-key-dim gate (GLA) is not implemented in the CUDA kernels (its forward and decode step are); run the backward on the CPU".into(),
-        ));
-    }
     let dt = c.q.dtype;
     check_output(OP, "dout", dout, [d.batch, d.t, d.h, d.v], dt)?;
     if let Some(x) = d_final_state {
         check_len(OP, "d_final_state", x, d.state_len())?;
     }
     let gqa = d.h != d.hk;
-    let token = matches!(c.decay, DevDecay::Token(_));
+    // Decays with a gradient: per token (`db`, `dg` [B, T, H]) and the gate ([B, T, H, K]).
+    let gla = matches!(c.decay, DevDecay::Gate(_));
+    let token = matches!(c.decay, DevDecay::Token(_)) || gla;
+    let gw = if gla { d.k } else { 1 };
+    if let (true, Some(g)) = (gla, c.decay.slice()) {
+        if !ptr(g).is_multiple_of(16) {
+            return Err(param(
+                OP,
+                "the gate `g` must start at a 16-byte aligned address (the kernels copy 16-byte runs)".into(),
+            ));
+        }
+    }
     let (dq, dk, dv) = (out.dq, out.dk, out.dv);
     check_output(OP, "dq", dq, [d.batch, d.t, d.h, d.k], dt)?;
     check_output(OP, "dk", dk, [d.batch, d.t, d.hk, d.k], dt)?;
@@ -873,11 +885,11 @@ pub fn backward_on(
     check_len(OP, "d_initial_state", out.d_initial_state, d.state_len())?;
     let n_tok = d.batch * d.t;
     match (token, out.dg) {
-        (true, Some(g)) => check_len(OP, "dg", g, n_tok * d.h)?,
+        (true, Some(g)) => check_len(OP, "dg", g, n_tok * d.h * gw)?,
         (true, None) => {
             return Err(param(
                 OP,
-                "a per-token decay needs its gradient buffer `dg`".into(),
+                "a per-token decay or gate needs its gradient buffer `dg`".into(),
             ))
         }
         _ => {}
@@ -895,7 +907,7 @@ pub fn backward_on(
         None
     };
     let db = if token {
-        Some(zeros(n_tok * d.h)?)
+        Some(zeros(n_tok * d.h * gw)?)
     } else {
         None
     };
@@ -928,7 +940,27 @@ pub fn backward_on(
     let varlen = c.cu_seqlens.is_some();
     // The chunk states, when the chunk-parallel path is chosen and they can be allocated (after
     // trimming the pool once); otherwise the sliced walks.
-    let states = match choose_bwd(&d, varlen, 2) {
+    // Gates have only the chunk-parallel path: its states may take up to a quarter of the
+    // device's memory (the scalar decays fall back to the sliced walks past CHUNK_STATES_MAX).
+    let path = if gla {
+        let bytes = 2 * chunk_ids(&d, varlen) * d.h * d.k * d.v * 2;
+        let most = CHUNK_STATES_MAX.max(dev.mem_info().map_or(0, |(_, total)| total / 4));
+        if bytes > most || chunk_ids(&d, varlen) > i32::MAX as usize {
+            return Err(param(
+                OP,
+                format!(
+                    "the per-key-dim gate's backward keeps the state of every chunk: {:.1} GiB for \
+                     this problem, more than the {:.1} GiB it may take (split the batch)",
+                    bytes as f64 / (1u64 << 30) as f64,
+                    most as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
+        BwdPath::Chunked
+    } else {
+        choose_bwd(&d, varlen, 2)
+    };
+    let states = match path {
         BwdPath::Chunked => {
             let len = chunk_ids(&d, varlen) * d.h * d.k * d.v;
             // SAFETY: every element a kernel reads is written first: the walks store the state
@@ -945,20 +977,31 @@ pub fn backward_on(
         }
         BwdPath::Sliced => None,
     };
+    if gla && states.is_none() {
+        return Err(Error::Cuda {
+            op: OP,
+            msg: "out of device memory for the per-chunk states of the gate's backward".into(),
+        });
+    }
     if let Some((cf, cr)) = &states {
         p.chunk_f = ptr(cf);
         p.chunk_r = ptr(cr);
         let seg_src = ("linear_seg", LIN_SEG);
-        let sm_seg = smem_seg(d.k, bv) + d.k * bv * 2; // + the staging tile of the chunk states
+        // + the staging tile of the chunk states (and the gates' stages)
+        let sm_seg = smem_seg(d.k, bv) + d.k * bv * 2 + if gla { smem_gate(d.k) } else { 0 };
         for (entry, what) in [
             ("lin_state_fwd_mat", "launch linear chunk states"),
             ("lin_state_rev_mat", "launch linear chunk state gradients"),
         ] {
-            let f = function(dev, seg_src, entry, dt, &d, bv, sm_seg)?;
+            let f = function_nw(dev, seg_src, entry, dt, &d, bv, 8, gla, sm_seg)?;
             launch(s, &f, ((d.v / bv) as u32, h, n), THREADS, sm_seg, &p, what)?;
         }
-        let sm = smem_chunk(d.k, d.v);
-        let f = function(dev, src, "lin_bwd_chunk", dt, &d, bv, sm)?;
+        let sm = if gla {
+            smem_chunk_gate(d.k, d.v)
+        } else {
+            smem_chunk(d.k, d.v)
+        };
+        let f = function_nw(dev, src, "lin_bwd_chunk", dt, &d, bv, 8, gla, sm)?;
         let ids = chunk_ids(&d, varlen) as u32;
         launch(
             s,
@@ -1008,16 +1051,19 @@ pub fn backward_on(
     }
     if let (true, Some(dg)) = (token, out.dg) {
         let f = function(dev, src, "lin_bwd_dg", dt, &d, bv, 0)?;
+        // Under the gate db / dg are [B, T, H, K]: the same scan over H K "heads".
+        let mut pd = p;
+        pd.h = (d.h * gw) as i32;
         let cfg = LaunchConfig {
-            grid_dim: (h, d.seqs as u32, 1),
+            grid_dim: ((d.h * gw) as u32, d.seqs as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let pg = ptr(dg);
         let mut b = s.launch_builder(&f);
-        b.arg(&p).arg(&pg);
-        // SAFETY: `p.db` and `dg` hold B x T x H f32; the grid is (H, seqs) within the limits
-        // checked in `validate`.
+        b.arg(&pd).arg(&pg);
+        // SAFETY: `p.db` and `dg` hold B x T x H x gw f32; the grid is (H gw, seqs): H and seqs
+        // are within the limits checked in `validate`, gw <= 128.
         unsafe { b.launch(cfg) }.map_err(drv("launch linear dg"))?;
     }
     // The accumulators are freed when this returns: the stream orders the frees after the

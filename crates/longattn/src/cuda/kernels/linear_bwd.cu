@@ -87,6 +87,7 @@ __device__ __forceinline__ void lin_db_add(const float (&acc)[1][NT][4], const u
 
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
+    if (LIN_GLA) __trap();  // gates take the chunk-parallel path (the host never launches this)
     u16* sP = lin_smem + 2 * LIN_DV_STAGE;
     u16* sKt = sP + LIN_C * LIN_C;
     u16* sQt = sKt + LIN_C * LIN_K;
@@ -200,6 +201,7 @@ static_assert(LIN_BK == 32, "two 16-row blocks of the state slice");
 template <bool DQ>
 __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
     extern __shared__ __align__(128) u16 lin_smem[];
+    if (LIN_GLA) __trap();  // gates take the chunk-parallel path (the host never launches this)
     u16* sP = lin_smem + 2 * LIN_KS_STAGE;
     u16* sXt = sP + LIN_C * LIN_C;
     u16* sS = sXt + LIN_C * LIN_BK;
@@ -405,6 +407,7 @@ __device__ __forceinline__ bool lin_chunk_of(const LinParams& p, i64 id, int& n,
     return id >= t0 / LIN_C + n && r0 < t1;
 }
 
+#if !LIN_GLA
 extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_chunk(const LinParams p) {
     extern __shared__ __align__(128) u16 lin_smem[];
     u16* sQ = lin_smem;
@@ -529,9 +532,157 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_chunk(const
     }
 }
 
+#else
+// The chunk-parallel gradients under per-key-dimension gates (linear_common.cuh "Per-key-
+// dimension gates"; B the chunk's cumulative gates, Qt = Q o exp(B), Kt = K o exp(-B),
+// Kh = K o exp(B_{L-1} - B), dA = scale mask(dO V^T), S entering and H leaving the chunk):
+//   dQ = exp(B) o (dA Kt + scale dO S^T)                    fast form
+//      = [sum_j dA_ij k_j o exp(B_i - B_j)] + scale exp(B) o (dO S^T)       exact form
+//   dV = P^T dO + Kh H
+//   dK = exp(-B) o (dA^T Qt) + exp(B_{L-1} - B) o (V H^T)     fast form
+//      = [sum_i dA_ij q_i o exp(B_i - B_j)] + exp(B_{L-1} - B) o (V H^T)    exact form
+//   db = q o dq - k o dk per key dim (db [B, T, H, K]; the forward walk added the final state's
+//        term before), each element owned by one thread of one block
+// with P from the fast or exact form as in the forward; the fast form when lin_gate_keys finds
+// every Kt < LIN_GLA_BIG and every chunk total >= -LIN_GLA_SPAN (exp(-B) <= e^60 in f32).
+// Shared memory: Q, K, Qt, Kt (Kh after dQ) [64][K], V, dO [64][V], the state [K][V] (S, then
+// H), P and dA [64][64], the gates [64][K] f32, 64 zeros (the mask's b): 176.3 KiB at
+// K = V = 128, one block an SM.
+extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const LinParams p) {
+    extern __shared__ __align__(128) u16 lin_smem[];
+    u16* sQ = lin_smem;
+    u16* sK = sQ + LIN_C * LIN_K;
+    u16* sQt = sK + LIN_C * LIN_K;
+    u16* sKt = sQt + LIN_C * LIN_K;
+    u16* sV = sKt + LIN_C * LIN_K;
+    u16* sdO = sV + LIN_C * LIN_V;
+    u16* sS = sdO + LIN_C * LIN_V;
+    u16* sP = sS + LIN_K * LIN_V;
+    u16* sdP = sP + LIN_C * LIN_C;
+    float* sG = (float*)(sdP + LIN_C * LIN_C);
+    float* sz = sG + LIN_GT;
+
+    const i64 id = blockIdx.x;
+    const int h = blockIdx.y;
+    int n, b, t0, t1, c0;
+    if (!lin_chunk_of(p, id, n, b, t0, t1, c0)) return;
+    const int kh = h / (p.H / p.Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = warp & 3, wc = warp >> 2;
+    const int L = la_imin(LIN_C, t1 - c0);
+    const i64 st = (id * p.H + h) * LIN_K * LIN_V;
+
+    lin_load<LIN_C, LIN_K>(sQ, p.q + b * p.q_s[0] + h * p.q_s[2], p.q_s[1], c0, t1);
+    lin_load<LIN_C, LIN_K>(sK, p.k + b * p.k_s[0] + kh * p.k_s[2], p.k_s[1], c0, t1);
+    lin_load<LIN_C, LIN_V>(sV, p.v + b * p.v_s[0] + kh * p.v_s[2], p.v_s[1], c0, t1);
+    lin_load<LIN_C, LIN_V>(sdO, p.dout + b * p.do_s[0] + h * p.do_s[2], p.do_s[1], c0, t1);
+    lin_load_gate(sG, p, b, h, c0, t1);
+    la_cp_commit();
+    lin_load<LIN_K, LIN_V>(sS, p.chunk_f + st, LIN_V, 0, LIN_K);
+    la_cp_commit();
+    la_cp_wait<1>();
+    if (threadIdx.x < LIN_C) sz[threadIdx.x] = 0.f;
+    __syncthreads();
+    lin_gate_cumsum(sG);
+    const bool exact = lin_gate_keys(sKt, sK, sG);
+    lin_gate_mul<false>(sQt, sQ, sG, 1.f);
+    if (exact) lin_gate_exact(sP, sQ, sK, sG, L, p.scale);
+    __syncthreads();  // Qt (and the exact P)
+    {   // P (fast form) and dA = scale mask(dO V^T)
+        float a[1][4][4];
+        if (!exact) {
+            lin_zero(a);
+            lin_mma_nt<LIN_K, LIN_K, 1, 4, LIN_K / 16>(a, sQt, 16 * wr, sKt, 32 * wc, lane);
+            lin_mask_store(sP, a, sz, 16 * wr, 32 * wc, L, p.scale, lane);
+        }
+        lin_zero(a);
+        lin_mma_nt<LIN_V, LIN_V, 1, 4, LIN_V / 16>(a, sdO, 16 * wr, sV, 32 * wc, lane);
+        lin_mask_store(sdP, a, sz, 16 * wr, 32 * wc, L, p.scale, lane);
+    }
+    la_cp_wait<0>();
+    __syncthreads();  // P, dA and S ready
+
+    const int g = lane >> 2, t4 = lane & 3;
+    float* db = p.db + ((i64)b * p.T * p.H + h) * LIN_K;  // + (token H + 0) K + key dim
+    constexpr int DN = LIN_K / 16, ON = LIN_V / 16;
+    const int dn0 = wc * (LIN_K / 2), on0 = wc * (LIN_V / 2);
+    {   // dQ
+        float d[1][DN][4], e[1][DN][4];
+        lin_zero(d);
+        lin_zero(e);
+        if (exact) lin_gate_exact_frag<false>(d, sdP, sK, sG, 16 * wr, dn0, L, lane);
+        else lin_mma_nn<LIN_C, LIN_K, 1, DN, LIN_C / 16>(d, sdP, 16 * wr, sKt, dn0, lane);
+        lin_mma_nt<LIN_V, LIN_V, 1, DN, LIN_V / 16>(e, sdO, 16 * wr, sS, dn0, lane);
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int i = 16 * wr + g + 8 * hf;
+#pragma unroll
+            for (int nt = 0; nt < DN; nt++)
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    const int col = dn0 + 8 * nt + 2 * t4 + x;
+                    const float f = lin_exp(sG[i * LIN_K + col]);
+                    float& v = d[0][nt][2 * hf + x];
+                    v = (exact ? v : f * v) + p.scale * f * e[0][nt][2 * hf + x];
+                    if (i < L) db[(i64)(c0 + i) * p.H * LIN_K + col] += lin_el<LIN_K>(sQ, i, col) * v;
+                }
+        }
+        lin_put_grad(d, p.dq + b * p.dq_s[0] + h * p.dq_s[2], p.dq_s[1], nullptr, 0, c0, 16 * wr, dn0, L,
+                     lane);
+    }
+    __syncthreads();  // every warp is done with S and Kt
+    lin_load<LIN_K, LIN_V>(sS, p.chunk_r + st, LIN_V, 0, LIN_K);
+    la_cp_commit();
+    lin_gate_mul<true>(sKt, sK, sG, 1.f);  // Kh
+    la_cp_wait<0>();
+    __syncthreads();  // H and Kh ready
+    {   // dV = P^T dO + Kh H
+        float d[1][ON][4];
+        lin_zero(d);
+        lin_mma_tn<LIN_C, LIN_V, 1, ON, LIN_C / 16>(d, sP, 16 * wr, sdO, on0, lane);
+        lin_mma_nn<LIN_K, LIN_V, 1, ON, LIN_K / 16>(d, sKt, 16 * wr, sS, on0, lane);
+        if (p.gqa_acc)
+            lin_put_grad(d, nullptr, 0, p.dv_acc + ((i64)b * p.T * p.Hk + kh) * LIN_V, (i64)p.Hk * LIN_V, c0,
+                         16 * wr, on0, L, lane);
+        else
+            lin_put_grad(d, p.dv + b * p.dv_s[0] + kh * p.dv_s[2], p.dv_s[1], nullptr, 0, c0, 16 * wr, on0,
+                         L, lane);
+    }
+    {   // dK
+        float d[1][DN][4], e[1][DN][4];
+        lin_zero(d);
+        lin_zero(e);
+        if (exact) lin_gate_exact_frag<true>(d, sdP, sQ, sG, 16 * wr, dn0, L, lane);
+        else lin_mma_tn<LIN_C, LIN_K, 1, DN, LIN_C / 16>(d, sdP, 16 * wr, sQt, dn0, lane);
+        lin_mma_nt<LIN_V, LIN_V, 1, DN, LIN_V / 16>(e, sV, 16 * wr, sS, dn0, lane);
+        const float* bl = sG + (LIN_C - 1) * LIN_K;
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int j = 16 * wr + g + 8 * hf;
+#pragma unroll
+            for (int nt = 0; nt < DN; nt++)
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    const int col = dn0 + 8 * nt + 2 * t4 + x;
+                    const float bj = sG[j * LIN_K + col];
+                    float& v = d[0][nt][2 * hf + x];
+                    v = (exact ? v : lin_exp(-bj) * v) + lin_exp(bl[col] - bj) * e[0][nt][2 * hf + x];
+                    if (j < L) db[(i64)(c0 + j) * p.H * LIN_K + col] -= lin_el<LIN_K>(sK, j, col) * v;
+                }
+        }
+        if (p.gqa_acc)
+            lin_put_grad(d, nullptr, 0, p.dk_acc + ((i64)b * p.T * p.Hk + kh) * LIN_K, (i64)p.Hk * LIN_K, c0,
+                         16 * wr, dn0, L, lane);
+        else
+            lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0, 16 * wr, dn0,
+                         L, lane);
+    }
+}
+#endif
+
 // dg_t = sum_{u >= t} db_u within each sequence, per head: block (h, n) of LIN_DG_THREADS
 // threads, each a contiguous run of tokens (run sums, a block suffix scan of them, then each run
-// backwards). dg and db are [B, T, H] f32.
+// backwards). dg and db are [B, T, H] f32 (under gates [B, T, H, K]: the host passes H K as H).
 #define LIN_DG_THREADS 1024
 extern "C" __global__ void __launch_bounds__(LIN_DG_THREADS) lin_bwd_dg(const LinParams p, float* dg) {
     __shared__ float part[LIN_DG_THREADS];

@@ -478,6 +478,12 @@ __device__ __forceinline__ void lin_rowscale(u16* dst, const u16* src, const flo
     }
 }
 
+// Element (row, col) of a swizzled [rows][W] tile, as f32.
+template <int W>
+__device__ __forceinline__ float lin_el(const u16* s, int row, int col) {
+    return la_to_f32(s[lsw<W>(row, col >> 3) + (col & 7)]);
+}
+
 // ---- Per-key-dimension gates (GLA, LIN_GLA = 1) ------------------------------------------------
 // The decay of state row k at token t is exp(g_t[k]); inside a chunk, with the inclusive
 // cumulative sums B_i[k] = g_{c0}[k] + ... + g_{c0+i}[k] (B_i = B_{L-1} for i >= L):
@@ -498,6 +504,9 @@ __device__ __forceinline__ void lin_rowscale(u16* dst, const u16* src, const flo
 #else
 #define LIN_GLA_BIG 1e30f
 #endif
+// Largest total log decay of a chunk (any key dim) the fast form takes: the backward multiplies
+// by exp(-B) <= e^60 in f32.
+#define LIN_GLA_SPAN 60.f
 
 // The gates of rows row0 .. row0 + 63 of head h into sG [64][K] (rows at or past `limit` read 0).
 __device__ __forceinline__ void lin_load_gate(float* sG, const LinParams& p, int b, int h, int row0,
@@ -538,7 +547,8 @@ __device__ __forceinline__ void lin_gate_cumsum(float* sG) {
 
 // The factors of a chunk (B in sG, L valid rows), all threads:
 //   sKt <- K o exp(-B)        (the fast form's keys; returns whether any is >= LIN_GLA_BIG or
-//                             not finite: then P must be formed element by element)
+//                             not finite, or the chunk's total log decay passes LIN_GLA_SPAN in
+//                             some key dim: then P must be formed element by element)
 // Barrier at the end (the returned flag is block-uniform).
 __device__ __forceinline__ bool lin_gate_keys(u16* sKt, const u16* sK, const float* sG) {
     int big = 0;
@@ -549,6 +559,7 @@ __device__ __forceinline__ bool lin_gate_keys(u16* sKt, const u16* sK, const flo
         const float k0 = la_to_f32((u16)(w & 0xffff)) * lin_exp(-sG[r * LIN_K + c]);
         const float k1 = la_to_f32((u16)(w >> 16)) * lin_exp(-sG[r * LIN_K + c + 1]);
         big |= !(fabsf(k0) < LIN_GLA_BIG && fabsf(k1) < LIN_GLA_BIG);
+        big |= !(sG[(LIN_C - 1) * LIN_K + c] >= -LIN_GLA_SPAN && sG[(LIN_C - 1) * LIN_K + c + 1] >= -LIN_GLA_SPAN);
         *(u32*)(sKt + off) = la_pack2(k0, k1);
     }
     return __syncthreads_or(big);
@@ -567,7 +578,7 @@ __device__ __forceinline__ void lin_gate_exact(u16* sP, const u16* sQ, const u16
             if (j > i || i >= L) continue;
             float s = 0.f;
             for (int k = 0; k < LIN_K; k++)
-                s += la_to_f32(sQ[lsw<LIN_K>(i, k >> 3) + (k & 7)]) * la_to_f32(sK[lsw<LIN_K>(j, k >> 3) + (k & 7)]) *
+                s += lin_el<LIN_K>(sQ, i, k) * lin_el<LIN_K>(sK, j, k) *
                      lin_exp(sG[i * LIN_K + k] - sG[j * LIN_K + k]);
             a[e] = scale * s;
         }
@@ -575,22 +586,87 @@ __device__ __forceinline__ void lin_gate_exact(u16* sP, const u16* sQ, const u16
     }
 }
 
-// In place: sQ <- Q o exp(B), sK <- K o exp(B_{L-1} - B) (exponents <= 0; rows past L are zero
-// already). All threads; no barrier.
-__device__ __forceinline__ void lin_gate_scale(u16* sQ, u16* sK, const float* sG) {
+// dst <- src o F elementwise ([64][K] tiles, same swizzle; dst may be src) with
+// F = mul exp(B) (TAIL = false) or mul exp(B_{L-1} - B) (TAIL = true): exponents <= 0, rows past
+// L are zero already. All threads; no barrier.
+template <bool TAIL>
+__device__ __forceinline__ void lin_gate_mul(u16* dst, const u16* src, const float* sG, float mul) {
     const float* bl = sG + (LIN_C - 1) * LIN_K;
     for (int x = threadIdx.x; x < LIN_C * LIN_K / 2; x += LIN_THREADS) {
         const int r = x / (LIN_K / 2), c = (x % (LIN_K / 2)) * 2;
         const int off = lsw_el<LIN_K>(r, c);
         const float b0 = sG[r * LIN_K + c], b1 = sG[r * LIN_K + c + 1];
-        if (sQ) {
-            const u32 w = *(const u32*)(sQ + off);
-            *(u32*)(sQ + off) = la_pack2(la_to_f32((u16)(w & 0xffff)) * lin_exp(b0),
-                                         la_to_f32((u16)(w >> 16)) * lin_exp(b1));
+        const float f0 = mul * lin_exp(TAIL ? bl[c] - b0 : b0), f1 = mul * lin_exp(TAIL ? bl[c + 1] - b1 : b1);
+        const u32 w = *(const u32*)(src + off);
+        *(u32*)(dst + off) = la_pack2(la_to_f32((u16)(w & 0xffff)) * f0, la_to_f32((u16)(w >> 16)) * f1);
+    }
+}
+
+// In place: sQ <- Q o exp(B) (when given), sK <- K o exp(B_{L-1} - B).
+__device__ __forceinline__ void lin_gate_scale(u16* sQ, u16* sK, const float* sG) {
+    if (sQ) lin_gate_mul<false>(sQ, sQ, sG, 1.f);
+    lin_gate_mul<true>(sK, sK, sG, 1.f);
+}
+
+// In place: sQ <- mul Q o exp(B) (the reverse walks' X). All threads; no barrier.
+__device__ __forceinline__ void lin_gate_qscale(u16* sQ, const float* sG, float mul) {
+    lin_gate_mul<false>(sQ, sQ, sG, mul);
+}
+
+// Exact intra-chunk sums into a gradient fragment (rows m0 + g, m0 + g + 8, columns
+// n0 + 8 nt + 2 t4 (+1); rows at or past L left alone), exponents <= 0:
+//   TR = false (dQ): acc[i][k] += sum_{j <= i}     A[i][j] X[j][k] exp(B_i[k] - B_j[k])
+//   TR = true  (dK): acc[j][k] += sum_{j <= i < L} A[i][j] X[i][k] exp(B_i[k] - B_j[k])
+// A [64][64] (dA, masked), X [64][K] (K for dQ, Q for dK), both swizzled.
+template <bool TR, int NT>
+__device__ __forceinline__ void lin_gate_exact_frag(float (&acc)[1][NT][4], const u16* sA, const u16* sX,
+                                                    const float* sG, int m0, int n0, int L, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int r = m0 + g + 8 * hf;
+        if (r >= L) continue;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int col = n0 + 8 * nt + 2 * t4 + e;
+                const float br = sG[r * LIN_K + col];
+                float s = 0.f;
+                if (!TR) {
+                    for (int j = 0; j <= r; j++)
+                        s += lin_el<LIN_C>(sA, r, j) * lin_el<LIN_K>(sX, j, col) *
+                             lin_exp(br - sG[j * LIN_K + col]);
+                } else {
+                    for (int i = r; i < L; i++)
+                        s += lin_el<LIN_C>(sA, i, r) * lin_el<LIN_K>(sX, i, col) *
+                             lin_exp(sG[i * LIN_K + col] - br);
+                }
+                acc[0][nt][2 * hf + e] += s;
+            }
+    }
+}
+
+// sum over a state block's columns of X o acc for each of its rows (rows m0 + g, m0 + g + 8;
+// X an f32 matrix with row length ld), added to dst[row] (atomically: other warps and blocks
+// hold the other columns).
+template <int NT>
+__device__ __forceinline__ void lin_state_dot_rows(float* dst, const float* x, const float (&acc)[1][NT][4],
+                                                   int ld, int m0, int n0, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int r = m0 + g + 8 * hf;
+        float s = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const int c = n0 + 8 * nt + 2 * t4;
+            const lin_f2 v = *(const lin_f2*)(x + (i64)r * ld + c);
+            s += v.x * acc[0][nt][2 * hf] + v.y * acc[0][nt][2 * hf + 1];
         }
-        const u32 w = *(const u32*)(sK + off);
-        *(u32*)(sK + off) = la_pack2(la_to_f32((u16)(w & 0xffff)) * lin_exp(bl[c] - b0),
-                                     la_to_f32((u16)(w >> 16)) * lin_exp(bl[c + 1] - b1));
+        s += __shfl_xor_sync(0xffffffff, s, 1);
+        s += __shfl_xor_sync(0xffffffff, s, 2);
+        if (t4 == 0) lin_red_add(dst + r, s);
     }
 }
 

@@ -27,10 +27,11 @@
 // chunk's decays, b [64], the row factors [64]; the _mat walks add a [K][BV] staging tile.
 
 //
-// LIN_GLA (per-key-dimension gates): the forward state pass only (the backward refuses gates),
-// with two more stages of gates [64][K] f32 (B in place); per chunk X = K -> K o exp(B_{L-1} - B)
-// in place, S <- diag(exp(B_{L-1})) S + X^T V, and G_j per state row k in seg_g [z, H, K]; the
-// scan reads G_j of its element's row.
+// LIN_GLA (per-key-dimension gates): two more stages of gates [64][K] f32 (B in place, after the
+// staging tile of the _mat walks); per chunk X = K -> K o exp(B_{L-1} - B) (forward) or
+// X = Q -> scale Q o exp(B) (reverse) in place, S <- diag(exp(B_{L-1})) S + X^T Y, and G_j per
+// state row k in seg_g [z, H, K]; the scan reads G_j of its element's row. db is [B, T, H, K]:
+// the final state's term is added per key dim.
 
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
 
@@ -42,8 +43,7 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     float* sw = sb + LIN_C;
     u16* stile = (u16*)(sw + LIN_C);  // MAT: the state as the storage type [K][BV] (16-byte aligned)
 #if LIN_GLA
-    if (REV || MAT) __trap();  // the backward refuses gates on the host
-    float* sGate = sw + LIN_C;  // two stages of gates [64][K]
+    float* sGate = (float*)(stile + (MAT ? LIN_K * LIN_BV : 0));  // two stages of gates [64][K]
 #endif
 
     const int vs = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
@@ -100,21 +100,7 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
             lin_chunk_w(sw, sb, L, !REV, REV ? p.scale : 1.f, lane);
         }
         __syncthreads();  // b and the row factors (w, or scale exp(b)) ready
-#if LIN_GLA
-        float* sG = sGate + (step & 1) * LIN_GT;
-        lin_gate_cumsum(sG);
-        lin_gate_scale(nullptr, (u16*)sX, sG);
-        __syncthreads();  // K o exp(B_{L-1} - B)
-        lin_gate_rows(acc, sG, sm0, lane);
-        grow[0] += sG[(LIN_C - 1) * LIN_K + sm0 + (lane >> 2)];
-        grow[1] += sG[(LIN_C - 1) * LIN_K + sm0 + (lane >> 2) + 8];
-        lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sX, sm0, sY, sn0, lane);
-        __syncthreads();  // every warp is done with this stage and the gates
-        if (step + 2 < nc) load(step & 1, c + 2);
-        la_cp_commit();
-        continue;
-#endif
-        if (MAT) {
+        auto store_mat = [&]() {
             // Through a swizzled [K][BV] tile in shared memory, so that the rows leave in 16-byte
             // stores (the fragments alone would store 4 bytes at a time).
             const i64 id = lin_chunk_id(p, seg.n, b, t0 + c * LIN_C);
@@ -125,7 +111,28 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
                 const int r = x / (LIN_BV / 8), cc = x % (LIN_BV / 8);
                 *(lin_f4*)(dst + (i64)r * LIN_V + cc * 8) = *(const lin_f4*)(stile + lsw<LIN_BV>(r, cc));
             }
+        };
+#if LIN_GLA
+        {
+            // Forward: S <- diag(exp(B_{L-1})) S + (K o exp(B_{L-1} - B))^T V;
+            // reverse: H <- diag(exp(B_{L-1})) H + (scale Q o exp(B))^T dO.
+            float* sG = sGate + (step & 1) * LIN_GT;
+            lin_gate_cumsum(sG);
+            if (REV) lin_gate_qscale((u16*)sX, sG, p.scale);
+            else lin_gate_scale(nullptr, (u16*)sX, sG);
+            __syncthreads();  // X scaled
+            if (MAT) store_mat();
+            lin_gate_rows(acc, sG, sm0, lane);
+            grow[0] += sG[(LIN_C - 1) * LIN_K + sm0 + (lane >> 2)];
+            grow[1] += sG[(LIN_C - 1) * LIN_K + sm0 + (lane >> 2) + 8];
+            lin_mma_tn<LIN_K, LIN_BV, 1, LIN_NTS, LIN_C / 16>(acc, sX, sm0, sY, sn0, lane);
+            __syncthreads();  // every warp is done with this stage and the gates
+            if (step + 2 < nc) load(step & 1, REV ? c - 2 : c + 2);
+            la_cp_commit();
+            continue;
         }
+#endif
+        if (MAT) store_mat();
         const float bl = sb[LIN_C - 1];
         gsum += bl;
         lin_scale(acc, lin_exp(bl));
@@ -138,9 +145,16 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
     if (MAT) {
         if (REV && seg.first) lin_state_store(p.ds0 + sbase, acc, LIN_V, sm0, v0 + sn0, lane);
         // S_final . dS_final, the final state's term of db_{t1 - 1} (b = cumulative log decay).
-        if (!REV && seg.last && p.want_db && p.has_dsfin && seg.t1 > seg.t0)
+        if (!REV && seg.last && p.want_db && p.has_dsfin && seg.t1 > seg.t0) {
+#if LIN_GLA
+            // Per key dim (db [B, T, H, K]): sum over v of dS_final[k][v] S_final[k][v].
+            lin_state_dot_rows(p.db + (((i64)b * p.T + seg.t1 - 1) * p.H + h) * LIN_K, p.dsfin + sbase, acc,
+                               LIN_V, sm0, v0 + sn0, lane);
+#else
             lin_state_dot_add(p.db + ((i64)b * p.T + seg.t1 - 1) * p.H + h, p.dsfin + sbase, acc, LIN_V,
                               sm0, v0 + sn0, lane);
+#endif
+        }
         return;
     }
     float* out = (REV ? p.seg_r : p.seg_f) + lin_seg_state(p, z, h);
