@@ -68,7 +68,7 @@ gla)
     mkdir -p /tmp/tri && [ -d /tmp/tri/triton ] || xz -dc "$tri" | tar xf - -C /tmp/tri
     export PYTHONPATH=/tmp/site:/tmp/tri:$PYTHONPATH TRITON_PTXAS_PATH=${TRITON_PTXAS_PATH:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
   fi
-  python3 crates/longattn-py/bench/gla_check.py --json "$OUT/gla_check.json" 2>&1 | tee "$OUT/gla_check.txt"
+  python3 crates/longattn-py/bench/gla_check.py ${GLA_ARGS:-} --json "$OUT/gla_check.json" 2>&1 | tee "$OUT/gla_check.txt"
   ;;
 extra)
   # The CLI's CUDA routes (softmax and linear) against its CPU routes; memcheck on a pytest run.

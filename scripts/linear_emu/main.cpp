@@ -135,6 +135,9 @@ int main(int argc, char** argv) {
     const size_t ids = p.has_cu ? (size_t)nct + seqs : (size_t)B * nct;
     std::vector<u16> chf(ids * H * K * V, 0x7fc1), chr(chf.size(), 0x7fc1);
     p.chunk_f = chf.data(); p.chunk_r = chr.data();
+    std::vector<float> dgtot(ids * H * K, NAN);
+    p.dg = dgo.data(); p.dg_tot = dgtot.data();
+    if (P.decay == 3) { db.assign((size_t)seqs * H * K, 0.f); p.db = db.data(); }  // the final state's term
     if (sliced) {
         printf("backward: sliced\n");
         emu_launch([&] { lin_bwd_dv(p); }, V / LIN_BV, H, zs, LIN_THREADS);
@@ -147,11 +150,12 @@ int main(int argc, char** argv) {
         emu_launch([&] { lin_bwd_chunk(p); }, (int)ids, H, 1, LIN_THREADS);
     }
     if (P.decay == 2) emu_launch([&] { lin_bwd_dg(p, dgo.data()); }, H, seqs, 1, LIN_DG_THREADS);
-    if (P.decay == 3) {  // db / dg [B, T, H, K]: H K "heads"
-        LinParams pg = p;
-        pg.H = H * K;
-        emu_launch([&] { lin_bwd_dg(pg, dgo.data()); }, H * K, seqs, 1, LIN_DG_THREADS);
+#if LIN_GLA
+    if (P.decay == 3 && !sliced) {  // dg inside each chunk (lin_bwd_chunk), then the carries
+        emu_launch([&] { lin_gla_dg_carry(p); }, H, seqs, 1, K);
+        emu_launch([&] { lin_gla_dg_add(p); }, (int)ids, H, 1, LIN_THREADS);
     }
+#endif
     }
 #endif
     if (H != Hk) {

@@ -99,9 +99,11 @@ struct LinParams {
     pad1: f32,
     chunk_f: u64,
     chunk_r: u64,
+    dg: u64,
+    dg_tot: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<LinParams>() == 432);
+const _: () = assert!(std::mem::size_of::<LinParams>() == 448);
 const _: () = assert!(std::mem::offset_of!(LinParams, q_s) == 160);
 const _: () = assert!(std::mem::offset_of!(LinParams, b) == 352);
 const _: () = assert!(std::mem::offset_of!(LinParams, scale) == 408);
@@ -906,8 +908,12 @@ pub fn backward_on(
     } else {
         None
     };
-    let db = if token {
-        Some(zeros(n_tok * d.h * gw)?)
+    // db: [B, T, H] for a token decay; for the gate only the final state's term, [seqs, H, K]
+    // (the chunk kernel keeps db in shared memory and writes dg itself).
+    let db = if gla {
+        Some(zeros(d.seqs * d.h * d.k)?)
+    } else if token {
+        Some(zeros(n_tok * d.h)?)
     } else {
         None
     };
@@ -983,6 +989,15 @@ pub fn backward_on(
             msg: "out of device memory for the per-chunk states of the gate's backward".into(),
         });
     }
+    // The gate's chunk totals of db, then its carries ([chunk ids, H, K]).
+    let dg_tot = if gla {
+        p.dg = out.dg.map_or(0, ptr);
+        let t = zeros(chunk_ids(&d, varlen) * d.h * d.k)?;
+        p.dg_tot = ptr(&t);
+        Some(t)
+    } else {
+        None
+    };
     if let Some((cf, cr)) = &states {
         p.chunk_f = ptr(cf);
         p.chunk_r = ptr(cr);
@@ -1012,6 +1027,21 @@ pub fn backward_on(
             &p,
             "launch linear chunk gradients",
         )?;
+        if dg_tot.is_some() {
+            // dg = the chunk's suffix sums (written above) + the later chunks' totals.
+            let f = function_nw(dev, src, "lin_gla_dg_carry", dt, &d, bv, 8, true, 0)?;
+            launch(
+                s,
+                &f,
+                (h, d.seqs as u32, 1),
+                d.k as u32,
+                0,
+                &p,
+                "launch linear dg carry",
+            )?;
+            let f = function_nw(dev, src, "lin_gla_dg_add", dt, &d, bv, 8, true, 0)?;
+            launch(s, &f, (ids, h, 1), THREADS, 0, &p, "launch linear dg add")?;
+        }
     } else {
         let (sm_dv, sm_ks) = (smem_dv(d.k, bv), smem_kslice(d.v));
         let f_dv = function(dev, src, "lin_bwd_dv", dt, &d, bv, sm_dv)?;
@@ -1049,21 +1079,18 @@ pub fn backward_on(
             unsafe { b.launch(cfg) }.map_err(drv("launch linear gqa sum"))?;
         }
     }
-    if let (true, Some(dg)) = (token, out.dg) {
+    if let (true, false, Some(dg)) = (token, gla, out.dg) {
         let f = function(dev, src, "lin_bwd_dg", dt, &d, bv, 0)?;
-        // Under the gate db / dg are [B, T, H, K]: the same scan over H K "heads".
-        let mut pd = p;
-        pd.h = (d.h * gw) as i32;
         let cfg = LaunchConfig {
-            grid_dim: ((d.h * gw) as u32, d.seqs as u32, 1),
+            grid_dim: (h, d.seqs as u32, 1),
             block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         let pg = ptr(dg);
         let mut b = s.launch_builder(&f);
-        b.arg(&pd).arg(&pg);
-        // SAFETY: `p.db` and `dg` hold B x T x H x gw f32; the grid is (H gw, seqs): H and seqs
-        // are within the limits checked in `validate`, gw <= 128.
+        b.arg(&p).arg(&pg);
+        // SAFETY: `p.db` and `dg` hold B x T x H f32; the grid is (H, seqs) within the limits
+        // checked in `validate`.
         unsafe { b.launch(cfg) }.map_err(drv("launch linear dg"))?;
     }
     // The accumulators are freed when this returns: the stream orders the frees after the

@@ -541,8 +541,10 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_chunk(const
 //   dV = P^T dO + Kh H
 //   dK = exp(-B) o (dA^T Qt) + exp(B_{L-1} - B) o (V H^T)     fast form
 //      = [sum_i dA_ij q_i o exp(B_i - B_j)] + exp(B_{L-1} - B) o (V H^T)    exact form
-//   db = q o dq - k o dk per key dim (db [B, T, H, K]; the forward walk added the final state's
-//        term before), each element owned by one thread of one block
+//   db = q o dq - k o dk per key dim, turned into dg inside the chunk (suffix sums over its rows,
+//        through shared memory: dg [B, T, H, K] written in whole rows) and the chunk's total into
+//        dg_tot; lin_gla_dg_carry / lin_gla_dg_add then add the later chunks' totals and the
+//        final state's term (dg_t = sum_{u >= t} db_u within the sequence)
 // with P from the fast or exact form as in the forward; the fast form when lin_gate_keys finds
 // every Kt < LIN_GLA_BIG and every chunk total >= -LIN_GLA_SPAN (exp(-B) <= e^60 in f32).
 // Shared memory: Q, K, Qt, Kt (Kh after dQ) [64][K], V, dO [64][V], the state [K][V] (S, then
@@ -603,8 +605,8 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const
     __syncthreads();  // P, dA and S ready
 
     const int g = lane >> 2, t4 = lane & 3;
-    float* db = p.db + ((i64)b * p.T * p.H + h) * LIN_K;  // + (token H + 0) K + key dim
     constexpr int DN = LIN_K / 16, ON = LIN_V / 16;
+    float dbv[DN][4];  // q o dq, then - k o dk, of this thread's fragment
     const int dn0 = wc * (LIN_K / 2), on0 = wc * (LIN_V / 2);
     {   // dQ
         float d[1][DN][4], e[1][DN][4];
@@ -624,7 +626,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const
                     const float f = lin_exp(sG[i * LIN_K + col]);
                     float& v = d[0][nt][2 * hf + x];
                     v = (exact ? v : f * v) + p.scale * f * e[0][nt][2 * hf + x];
-                    if (i < L) db[(i64)(c0 + i) * p.H * LIN_K + col] += lin_el<LIN_K>(sQ, i, col) * v;
+                    dbv[nt][2 * hf + x] = i < L ? lin_el<LIN_K>(sQ, i, col) * v : 0.f;
                 }
         }
         lin_put_grad(d, p.dq + b * p.dq_s[0] + h * p.dq_s[2], p.dq_s[1], nullptr, 0, c0, 16 * wr, dn0, L,
@@ -667,7 +669,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const
                     const float bj = sG[j * LIN_K + col];
                     float& v = d[0][nt][2 * hf + x];
                     v = (exact ? v : lin_exp(-bj) * v) + lin_exp(bl[col] - bj) * e[0][nt][2 * hf + x];
-                    if (j < L) db[(i64)(c0 + j) * p.H * LIN_K + col] -= lin_el<LIN_K>(sK, j, col) * v;
+                    if (j < L) dbv[nt][2 * hf + x] -= lin_el<LIN_K>(sK, j, col) * v;
                 }
         }
         if (p.gqa_acc)
@@ -677,12 +679,85 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const
             lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0, 16 * wr, dn0,
                          L, lane);
     }
+    // dg inside the chunk: db [64][K] f32 over the gates' tile, suffix sums down each column.
+    __syncthreads();  // every warp is done with the gates
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+        for (int nt = 0; nt < DN; nt++)
+            *(lin_f2*)(sG + (16 * wr + g + 8 * hf) * LIN_K + dn0 + 8 * nt + 2 * t4) =
+                lin_f2{dbv[nt][2 * hf], dbv[nt][2 * hf + 1]};
+    __syncthreads();
+    {
+        constexpr int PARTS = LIN_THREADS / LIN_K, RP = LIN_C / PARTS;
+        const int k = threadIdx.x % LIN_K, part = threadIdx.x / LIN_K;
+        float sum = 0.f;
+#pragma unroll
+        for (int r = part * RP + RP - 1; r >= part * RP; r--) {
+            sum += sG[r * LIN_K + k];
+            sG[r * LIN_K + k] = sum;
+        }
+        __syncthreads();
+        float off = 0.f;
+        for (int u = part + 1; u < PARTS; u++) off += sG[u * RP * LIN_K + k];
+        __syncthreads();  // every run's total read before any is shifted
+        float* dg = p.dg + (((i64)b * p.T + c0) * p.H + h) * LIN_K + k;
+#pragma unroll
+        for (int r = part * RP; r < part * RP + RP; r++)
+            if (r < L) dg[(i64)r * p.H * LIN_K] = sG[r * LIN_K + k] + off;
+        if (part == 0) p.dg_tot[(id * p.H + h) * LIN_K + k] = sG[k] + off;
+    }
+}
+
+// dg carries (gate): thread k of block (h, n) walks sequence n's chunks from the last, turning
+// each chunk total in dg_tot into the sum of all later totals plus the final state's term
+// (db [seqs, H, K], left there by the forward _mat walk):
+//   carry_last = F,   carry_{c-1} = carry_c + total_c.
+extern "C" __global__ void lin_gla_dg_carry(const LinParams p) {
+    const int k = threadIdx.x, h = blockIdx.x, n = blockIdx.y;
+    if (k >= LIN_K) return;
+    int b, t0, t1;
+    lin_seq(p, n, b, t0, t1);
+    const int nc = (t1 - t0 + LIN_C - 1) / LIN_C;
+    float carry = p.db[((i64)n * p.H + h) * LIN_K + k];
+    constexpr int NB = 8;  // loads of a batch before its stores
+    for (int i0 = 0; i0 < nc; i0 += NB) {
+        float tot[NB];
+        i64 at[NB];
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            const int c = nc - 1 - (i0 + u);
+            at[u] = c >= 0 ? (lin_chunk_id(p, n, b, t0 + c * LIN_C) * p.H + h) * LIN_K + k : -1;
+            tot[u] = at[u] >= 0 ? p.dg_tot[at[u]] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            if (at[u] < 0) break;
+            p.dg_tot[at[u]] = carry;
+            carry += tot[u];
+        }
+    }
+}
+
+// dg_t += carry of t's chunk: block (chunk id, h), rows of the chunk in whole rows of K.
+extern "C" __global__ void lin_gla_dg_add(const LinParams p) {
+    const i64 id = blockIdx.x;
+    const int h = blockIdx.y;
+    int n, b, t0, t1, c0;
+    if (!lin_chunk_of(p, id, n, b, t0, t1, c0)) return;
+    const int L = la_imin(LIN_C, t1 - c0);
+    const float* carry = p.dg_tot + (id * p.H + h) * LIN_K;
+    float* dg = p.dg + (((i64)b * p.T + c0) * p.H + h) * LIN_K;
+    for (int x = threadIdx.x; x < L * LIN_K; x += blockDim.x) {
+        const int r = x / LIN_K, k = x % LIN_K;
+        dg[(i64)r * p.H * LIN_K + k] += carry[k];
+    }
 }
 #endif
 
 // dg_t = sum_{u >= t} db_u within each sequence, per head: block (h, n) of LIN_DG_THREADS
 // threads, each a contiguous run of tokens (run sums, a block suffix scan of them, then each run
-// backwards). dg and db are [B, T, H] f32 (under gates [B, T, H, K]: the host passes H K as H).
+// backwards). dg and db are [B, T, H] f32.
 #define LIN_DG_THREADS 1024
 extern "C" __global__ void __launch_bounds__(LIN_DG_THREADS) lin_bwd_dg(const LinParams p, float* dg) {
     __shared__ float part[LIN_DG_THREADS];

@@ -55,7 +55,8 @@ struct LinParams {
     float* sfin;         // final state [seqs, H, K, V]; the step's state, updated in place
     const float* dsfin;  // gradient of the final state (has_dsfin)
     float* ds0;          // gradient of the initial state
-    float* db;           // [B, T, H] gradient w.r.t. the cumulative log decay (want_db)
+    float* db;           // [B, T, H] gradient w.r.t. the cumulative log decay (want_db); gate:
+                         // [seqs, H, K], the final state's term alone
     const int* cu;       // cu_seqlens [seqs + 1] (has_cu)
     float* seg_f;        // segmented (nseg > 1): state entering each segment [seqs, nseg, H, K, V]
     float* seg_r;        // gradient reaching the state leaving each segment, same shape
@@ -68,8 +69,10 @@ struct LinParams {
     float scale, pad1;
     u16* chunk_f;  // chunk-parallel backward: the state entering every chunk [chunk ids, H, K, V]
     u16* chunk_r;  // and the gradient reaching the state leaving it, same shape (lin_chunk_id)
+    float* dg;     // gate: dg [B, T, H, K], written by lin_bwd_chunk (suffix sums inside a chunk)
+    float* dg_tot; // gate: [chunk ids, H, K] chunk totals of db, then the carries (lin_gla_dg_carry)
 };
-static_assert(sizeof(LinParams) == 432, "LinParams layout (linear/cuda.rs)");
+static_assert(sizeof(LinParams) == 448, "LinParams layout (linear/cuda.rs)");
 
 __device__ __forceinline__ float lin_exp(float x) { return la_exp2(x * LA_LOG2E); }
 

@@ -30,8 +30,8 @@
 // LIN_GLA (per-key-dimension gates): two more stages of gates [64][K] f32 (B in place, after the
 // staging tile of the _mat walks); per chunk X = K -> K o exp(B_{L-1} - B) (forward) or
 // X = Q -> scale Q o exp(B) (reverse) in place, S <- diag(exp(B_{L-1})) S + X^T Y, and G_j per
-// state row k in seg_g [z, H, K]; the scan reads G_j of its element's row. db is [B, T, H, K]:
-// the final state's term is added per key dim.
+// state row k in seg_g [z, H, K]; the scan reads G_j of its element's row. The forward _mat
+// walk leaves the final state's term of db per key dim in db [seqs, H, K].
 
 #define LIN_SEG_STAGE (LIN_C * LIN_K + LIN_C * LIN_BV)
 
@@ -148,8 +148,8 @@ __device__ __forceinline__ void lin_state_pass(const LinParams& p) {
         if (!REV && seg.last && p.want_db && p.has_dsfin && seg.t1 > seg.t0) {
 #if LIN_GLA
             // Per key dim (db [B, T, H, K]): sum over v of dS_final[k][v] S_final[k][v].
-            lin_state_dot_rows(p.db + (((i64)b * p.T + seg.t1 - 1) * p.H + h) * LIN_K, p.dsfin + sbase, acc,
-                               LIN_V, sm0, v0 + sn0, lane);
+            lin_state_dot_rows(p.db + ((i64)seg.n * p.H + h) * LIN_K, p.dsfin + sbase, acc, LIN_V, sm0,
+                               v0 + sn0, lane);
 #else
             lin_state_dot_add(p.db + ((i64)b * p.T + seg.t1 - 1) * p.H + h, p.dsfin + sbase, acc, LIN_V,
                               sm0, v0 + sn0, lane);
