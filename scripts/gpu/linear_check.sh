@@ -14,6 +14,19 @@ mkdir -p "$OUT"
 if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# FLA from the carried light bundle, and a newer Triton for its gated backward
+# (scripts/gpu/slim_triton.sh) in front of the installed one.
+fla_env() {
+  if [ -d .peers/light ]; then
+    E=$(bash .peers/install.sh light) && eval "$E"
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  fi
+  tri=$(ls .peers/triton-*-slim.tar.xz 2>/dev/null | tail -1)
+  if [ -n "$tri" ]; then
+    mkdir -p /tmp/tri && [ -d /tmp/tri/triton ] || xz -dc "$tri" | tar xf - -C /tmp/tri
+    export PYTHONPATH=/tmp/site:/tmp/tri:$PYTHONPATH TRITON_PTXAS_PATH=${TRITON_PTXAS_PATH:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
+  fi
+}
 case "${1:-checks}" in
 checks)
   LONGATTN_CUDA_VERBOSE=${VERBOSE:-0} timeout 300 /tmp/longattn selftest --backend cuda --filter linear \
@@ -44,30 +57,13 @@ sweep)
   done 2>&1 | tee "$OUT/linear_sweep.txt"
   ;;
 perf)
-  if [ -d .peers/light ]; then
-    E=$(bash .peers/install.sh light) && eval "$E"
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
-  fi
-  # A newer Triton for FLA's gated backward (scripts/gpu/slim_triton.sh), in front of the installed one.
-  tri=$(ls .peers/triton-*-slim.tar.xz 2>/dev/null | tail -1)
-  if [ -n "$tri" ]; then
-    mkdir -p /tmp/tri && [ -d /tmp/tri/triton ] || xz -dc "$tri" | tar xf - -C /tmp/tri
-    export PYTHONPATH=/tmp/site:/tmp/tri:$PYTHONPATH TRITON_PTXAS_PATH=${TRITON_PTXAS_PATH:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
-    python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
-  fi
+  fla_env
+  python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
   python3 crates/longattn-py/bench/linear_check.py --json "$OUT/linear_check.json" 2>&1 | tee "$OUT/linear_check.txt"
   ;;
 gla)
-  # The per-key-dim gate's forward against FLA's chunk_gla (checks and timings).
-  if [ -d .peers/light ]; then
-    E=$(bash .peers/install.sh light) && eval "$E"
-    export PYTHONPATH=/tmp/site:$PYTHONPATH
-  fi
-  tri=$(ls .peers/triton-*-slim.tar.xz 2>/dev/null | tail -1)
-  if [ -n "$tri" ]; then
-    mkdir -p /tmp/tri && [ -d /tmp/tri/triton ] || xz -dc "$tri" | tar xf - -C /tmp/tri
-    export PYTHONPATH=/tmp/site:/tmp/tri:$PYTHONPATH TRITON_PTXAS_PATH=${TRITON_PTXAS_PATH:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
-  fi
+  # The per-key-dim gate (GLA) against FLA's chunk_gla: checks, forward and fwd+bwd timings.
+  fla_env
   python3 crates/longattn-py/bench/gla_check.py ${GLA_ARGS:-} --json "$OUT/gla_check.json" 2>&1 | tee "$OUT/gla_check.txt"
   ;;
 extra)

@@ -57,6 +57,22 @@ __device__ __forceinline__ void lin_put_grad(const float (&acc)[1][NT][4], u16* 
     }
 }
 
+// Stores a dK (DK) or dV block of kv head kh (rows m0 + .., columns n0 + .. of the chunk at
+// token c0): summed over the group's query heads in f32 under GQA (dk_acc / dv_acc), else
+// directly in the storage type.
+template <bool DK, int NT>
+__device__ __forceinline__ void lin_put_kv(const float (&acc)[1][NT][4], const LinParams& p, int b, int kh, int c0,
+                                           int m0, int n0, int L, int lane) {
+    constexpr int W = DK ? LIN_K : LIN_V;
+    if (p.gqa_acc) {
+        lin_put_grad(acc, nullptr, 0, (DK ? p.dk_acc : p.dv_acc) + ((i64)b * p.T * p.Hk + kh) * W, (i64)p.Hk * W,
+                     c0, m0, n0, L, lane);
+    } else {
+        const i64* st = DK ? p.dk_s : p.dv_s;
+        lin_put_grad(acc, (DK ? p.dk : p.dv) + b * st[0] + kh * st[2], st[1], nullptr, 0, c0, m0, n0, L, lane);
+    }
+}
+
 // sum over the warp's columns n0 .. of X[i][c] * Y[i][c] for rows m0 + g, m0 + g + 8 (Y from a
 // swizzled [64][W] tile), added to db[row] (times sign); quad lanes reduce first.
 template <int W, int NT>
@@ -160,13 +176,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_dv(const Li
             lin_zero(d);
             lin_mma_tn<LIN_C, LIN_BV, 1, ON, LIN_C / 16>(d, sP, 16 * wr, sdO, on0, lane);
             lin_mma_nn<LIN_K, LIN_BV, 1, ON, LIN_K / 16>(d, sKt, 16 * wr, sH, on0, lane);
-            if (p.gqa_acc)
-                lin_put_grad(d, nullptr, 0,
-                             p.dv_acc + ((i64)b * p.T * p.Hk + kh) * LIN_V, (i64)p.Hk * LIN_V, c0,
-                             16 * wr, v0 + on0, L, lane);
-            else
-                lin_put_grad(d, p.dv + b * p.dv_s[0] + kh * p.dv_s[2], p.dv_s[1], nullptr, 0, c0,
-                             16 * wr, v0 + on0, L, lane);
+            lin_put_kv<false>(d, p, b, kh, c0, 16 * wr, v0 + on0, L, lane);
         }
         // H_prev = exp(b_{L-1}) H + (scale Q o exp(b))^T dO
         lin_scale(hs, lin_exp(sb[LIN_C - 1]));
@@ -324,12 +334,7 @@ __device__ __forceinline__ void lin_bwd_kslice(const LinParams& p) {
                 }
             }
             if (p.want_db) lin_db_add<LIN_BK>(d, sY, db, p.H, c0, 16 * wr, dn0, L, -1.f, lane);
-            if (p.gqa_acc)
-                lin_put_grad(d, nullptr, 0, p.dk_acc + ((i64)b * p.T * p.Hk + kh) * LIN_K,
-                             (i64)p.Hk * LIN_K, c0, 16 * wr, k0 + dn0, L, lane);
-            else
-                lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0,
-                             16 * wr, k0 + dn0, L, lane);
+            lin_put_kv<true>(d, p, b, kh, c0, 16 * wr, k0 + dn0, L, lane);
             // H[ks] = exp(b_{L-1}) H[ks] + (scale Q[:, ks] o exp(b))^T dO
             lin_scale(sacc, lin_exp(sb[LIN_C - 1]));
             lin_mma_tn<LIN_BK, LIN_V, 1, LIN_KNT, LIN_C / 16>(sacc, sXt, sm0, sdO, sn0, lane);
@@ -502,12 +507,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_chunk(const
                 d[0][nt][2 * hf] += wrow[hf] * e[0][nt][2 * hf];
                 d[0][nt][2 * hf + 1] += wrow[hf] * e[0][nt][2 * hf + 1];
             }
-        if (p.gqa_acc)
-            lin_put_grad(d, nullptr, 0, p.dv_acc + ((i64)b * p.T * p.Hk + kh) * LIN_V, (i64)p.Hk * LIN_V, c0,
-                         16 * wr, on0, L, lane);
-        else
-            lin_put_grad(d, p.dv + b * p.dv_s[0] + kh * p.dv_s[2], p.dv_s[1], nullptr, 0, c0, 16 * wr, on0,
-                         L, lane);
+        lin_put_kv<false>(d, p, b, kh, c0, 16 * wr, on0, L, lane);
     }
     {   // dK = dP^T Q + diag(w) V H^T
         float d[1][DN][4], e[1][DN][4];
@@ -523,12 +523,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 2) lin_bwd_chunk(const
                 d[0][nt][2 * hf + 1] += wrow[hf] * e[0][nt][2 * hf + 1];
             }
         if (p.want_db) lin_db_add<LIN_K>(d, sK, db, p.H, c0, 16 * wr, dn0, L, -1.f, lane);
-        if (p.gqa_acc)
-            lin_put_grad(d, nullptr, 0, p.dk_acc + ((i64)b * p.T * p.Hk + kh) * LIN_K, (i64)p.Hk * LIN_K, c0,
-                         16 * wr, dn0, L, lane);
-        else
-            lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0, 16 * wr, dn0,
-                         L, lane);
+        lin_put_kv<true>(d, p, b, kh, c0, 16 * wr, dn0, L, lane);
     }
 }
 
@@ -643,12 +638,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const
         lin_zero(d);
         lin_mma_tn<LIN_C, LIN_V, 1, ON, LIN_C / 16>(d, sP, 16 * wr, sdO, on0, lane);
         lin_mma_nn<LIN_K, LIN_V, 1, ON, LIN_K / 16>(d, sKt, 16 * wr, sS, on0, lane);
-        if (p.gqa_acc)
-            lin_put_grad(d, nullptr, 0, p.dv_acc + ((i64)b * p.T * p.Hk + kh) * LIN_V, (i64)p.Hk * LIN_V, c0,
-                         16 * wr, on0, L, lane);
-        else
-            lin_put_grad(d, p.dv + b * p.dv_s[0] + kh * p.dv_s[2], p.dv_s[1], nullptr, 0, c0, 16 * wr, on0,
-                         L, lane);
+        lin_put_kv<false>(d, p, b, kh, c0, 16 * wr, on0, L, lane);
     }
     {   // dK
         float d[1][DN][4], e[1][DN][4];
@@ -672,12 +662,7 @@ extern "C" __global__ void __launch_bounds__(LIN_THREADS, 1) lin_bwd_chunk(const
                     if (j < L) dbv[nt][2 * hf + x] -= lin_el<LIN_K>(sK, j, col) * v;
                 }
         }
-        if (p.gqa_acc)
-            lin_put_grad(d, nullptr, 0, p.dk_acc + ((i64)b * p.T * p.Hk + kh) * LIN_K, (i64)p.Hk * LIN_K, c0,
-                         16 * wr, dn0, L, lane);
-        else
-            lin_put_grad(d, p.dk + b * p.dk_s[0] + kh * p.dk_s[2], p.dk_s[1], nullptr, 0, c0, 16 * wr, dn0,
-                         L, lane);
+        lin_put_kv<true>(d, p, b, kh, c0, 16 * wr, dn0, L, lane);
     }
     // dg inside the chunk: db [64][K] f32 over the gates' tile, suffix sums down each column.
     __syncthreads();  // every warp is done with the gates

@@ -1,0 +1,90 @@
+"""Compiles the linear-attention CUDA kernels with NVRTC, no GPU needed (a compile check of the
+sources as the library assembles them: common.cuh + linear_common.cuh + the kernel file, the
+library's NVRTC options, one variant per (file, warps, gate, dtype, head dims)).
+
+    python3 -m venv /tmp/nvrtc && /tmp/nvrtc/bin/pip install nvidia-cuda-nvrtc-cu12
+    /tmp/nvrtc/bin/python scripts/nvrtc_check.py [--arch sm_90a]
+
+Prints one line per variant (PASS, or FAIL with NVRTC's log) and exits non-zero on a failure.
+Runtime behaviour is the emulator's (scripts/linear_emu) and the device selftest's to check.
+"""
+import argparse
+import ctypes
+import glob
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KD = os.path.join(HERE, "..", "crates", "longattn", "src", "cuda", "kernels")
+
+
+def load_nvrtc():
+    cands = []
+    try:
+        import nvidia.cuda_nvrtc as m  # the PyPI wheel
+
+        base = list(m.__path__)[0]
+        cands += sorted(glob.glob(os.path.join(base, "lib", "libnvrtc.so*")))
+    except ImportError:
+        pass
+    cands += ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+    for c in cands:
+        if "alt" in os.path.basename(c) or "builtins" in os.path.basename(c):
+            continue
+        try:
+            return ctypes.CDLL(c)
+        except OSError:
+            continue
+    sys.exit("libnvrtc not found: pip install nvidia-cuda-nvrtc-cu12 (or put the toolkit's lib64 on LD_LIBRARY_PATH)")
+
+
+def compile_src(lib, name, src, opts):
+    prog = ctypes.c_void_p()
+    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), name.encode(), 0, None, None)
+    assert rc == 0, f"nvrtcCreateProgram: {rc}"
+    arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode(errors="replace")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sm_90a")
+    a = ap.parse_args()
+    lib = load_nvrtc()
+    read = lambda f: open(os.path.join(KD, f)).read()  # noqa: E731
+    head = read("common.cuh") + "\n" + read("linear_common.cuh") + "\n"
+    variants = []
+    for f16 in (0, 1):
+        for k, v in ((64, 64), (128, 128), (64, 128)):
+            for gla in (0, 1):
+                variants.append(("linear_fwd.cu", 16, gla, f16, k, v, v))
+                variants.append(("linear_seg.cu", 8, gla, f16, k, v, min(v, 64)))
+                variants.append(("linear_bwd.cu", 8, gla, f16, k, v, min(v, 64)))
+            variants.append(("linear_fwd.cu", 8, 0, f16, k, v, min(v, 64)))
+            variants.append(("linear_step.cu", 8, 0, f16, k, v, min(v, 64)))
+    bad = 0
+    for f, nw, gla, f16, k, v, bv in variants:
+        defs = dict(LIN_NW=nw, LA_F16=f16, LIN_K=k, LIN_V=v, LIN_BV=bv, LIN_BK=32)
+        if gla:
+            defs["LIN_GLA"] = 1
+        opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
+        opts += [f"-D{x}={y}" for x, y in defs.items()]
+        rc, log = compile_src(lib, f, head + read(f), opts)
+        tag = f"{f} NW{nw} GLA{gla} {'f16' if f16 else 'bf16'} K{k} V{v} BV{bv}"
+        if rc == 0:
+            print(f"PASS {tag}")
+        else:
+            bad += 1
+            print(f"FAIL {tag}\n{log}")
+    print(f"{len(variants) - bad} / {len(variants)} compiled")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
