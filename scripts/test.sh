@@ -6,7 +6,8 @@
 #
 # The Python part installs the package (maturin builds the Rust extension) and its test
 # dependencies (torch, transformers, gguf, accelerate, pytest) into a virtual environment,
-# `$LONGATTN_VENV` (default .venv), made once and reused.
+# `$LONGATTN_VENV` (default .venv), made once and reused; it also compiles the linear-attention
+# CUDA kernels with NVRTC from PyPI (scripts/nvrtc_check.py; no GPU needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace
@@ -21,6 +22,10 @@ PY="${PYTHON:-python3}"
 # torch first (the large one), then the package with its test extras.
 "$VENV/bin/python" -m pip install -q torch numpy pytest "transformers>=4.56" gguf accelerate
 "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps ./crates/longattn-py
+# The linear-attention kernels compile with NVRTC (from PyPI; no GPU needed): every variant.
+"$VENV/bin/python" -m pip install -q nvidia-cuda-nvrtc-cu12
+"$VENV/bin/python" scripts/nvrtc_check.py > "$VENV/nvrtc_check.txt" || { grep -v "^PASS" "$VENV/nvrtc_check.txt"; exit 1; }
+echo "NVRTC: $(tail -1 "$VENV/nvrtc_check.txt")"
 # The Hugging Face tests compare against `longattn eval`: the binary `cargo test` just built.
 export LONGATTN_BIN="${LONGATTN_BIN:-$PWD/target/debug/longattn}"
 "$VENV/bin/python" -m pytest -q -ra crates/longattn-py/tests
