@@ -38,6 +38,7 @@
 pub mod block;
 pub mod gather;
 pub mod lasp;
+pub mod launch;
 pub mod passq;
 pub mod plan;
 pub mod ring;
@@ -53,6 +54,7 @@ mod tests;
 pub use block::{Cp, CpMask, GradIn, LocalQkv};
 pub use gather::{gather_backward, gather_forward};
 pub use lasp::{lasp_backward, lasp_forward};
+pub use launch::{join, Job, TcpTransport};
 pub use passq::{passq_backward, passq_forward};
 pub use plan::{plan, Plan};
 pub use ring::{
