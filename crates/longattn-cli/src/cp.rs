@@ -72,6 +72,10 @@ pub enum Scheme {
 pub enum TransportArg {
     /// Ranks as threads of this process (in-memory channels).
     Threads,
+    /// Ranks as processes (this one is one of them), over TCP: joins from torchrun's
+    /// environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), e.g.
+    /// `torchrun --no-python --nproc-per-node=4 longattn cp run ... --transport tcp`.
+    Tcp,
     /// Ranks as streams of one GPU exchanging by device copies.
     Loopback,
     /// Ranks as processes on GPUs, through NCCL.
@@ -138,9 +142,9 @@ pub struct RunArgs {
     /// of the cost model's choice (with --scheme usp or auto).
     #[arg(long)]
     usp: Option<usize>,
-    /// Ranks P (>= 1).
+    /// Ranks P (>= 1); with `--transport tcp` the job's WORLD_SIZE (given or not).
     #[arg(long)]
-    ranks: usize,
+    ranks: Option<usize>,
     #[arg(long, value_enum, default_value_t = TransportArg::Threads)]
     transport: TransportArg,
     /// Chunks per rank of the mask-aware plan (2 gives zigzag for causal).
@@ -378,13 +382,29 @@ fn decode(a: DecodeArgs) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    if a.transport != TransportArg::Threads {
-        let name = format!("{:?}", a.transport).to_lowercase();
-        bail!("--transport {name}: not built yet (only `--transport threads` runs today: ranks as threads of this process)");
-    }
-    if a.ranks == 0 {
+    let job = match a.transport {
+        TransportArg::Threads => None,
+        TransportArg::Tcp => Some(cp::Job::from_env()?),
+        TransportArg::Loopback | TransportArg::Nccl => {
+            let name = format!("{:?}", a.transport).to_lowercase();
+            bail!("--transport {name}: not built yet (`threads` runs ranks as threads of this process, `tcp` as processes)");
+        }
+    };
+    let ranks = match (&job, a.ranks) {
+        (None, Some(p)) => p,
+        (None, None) => bail!("--ranks P is needed with --transport threads"),
+        (Some(j), None) => j.world,
+        (Some(j), Some(p)) if p == j.world => p,
+        (Some(j), Some(p)) => bail!(
+            "--ranks {p} but the job has WORLD_SIZE={} processes (leave --ranks out with --transport tcp)",
+            j.world
+        ),
+    };
+    if ranks == 0 {
         bail!("--ranks 0: context parallelism needs at least one rank");
     }
+    // With processes only rank 0 writes the output (and checks that it may).
+    let writer = job.as_ref().is_none_or(|j| j.rank == 0);
     if a.chunks_per_rank == 0 {
         bail!("--chunks-per-rank 0: every rank needs at least one chunk");
     }
@@ -392,7 +412,7 @@ fn run(a: RunArgs) -> Result<()> {
         &a.input,
         &a.output,
         a.timeout,
-        a.force,
+        a.force || !writer,
         a.allow_nonfinite,
         "cp run",
     )?;
@@ -428,13 +448,13 @@ fn run(a: RunArgs) -> Result<()> {
         .resolve(
             a.usp,
             &mask,
-            a.ranks,
+            ranks,
             a.chunks_per_rank,
             (b, n, hq, hk, d, dv),
         )
         .with_context(|| {
             let name = format!("{:?}", a.scheme).to_lowercase();
-            format!("--scheme {name} over --ranks {}", a.ranks)
+            format!("--scheme {name} over --ranks {ranks}")
         })?;
     for e in &estimates {
         eprintln!(
@@ -468,16 +488,42 @@ fn run(a: RunArgs) -> Result<()> {
         deterministic: true,
         ..Default::default()
     };
+    let timeout = Duration::from_secs_f64(a.timeout);
     let t0 = Instant::now();
-    let res = cp::run_threads(
-        scheme,
-        &plan,
-        &mask,
-        &whole,
-        &params,
-        &bwd,
-        Duration::from_secs_f64(a.timeout),
-    )?;
+    let res = match &job {
+        None => cp::run_threads(scheme, &plan, &mask, &whole, &params, &bwd, timeout)?,
+        Some(j) => {
+            // What every rank must agree on: the shapes, the data, the mask, the scheme and its
+            // plan, the options.
+            let fp = fingerprint(&[
+                format!(
+                    "{:?} {} {:?} {:?}",
+                    whole.dims,
+                    mask.bound.expr(),
+                    scheme,
+                    plan.chunks()
+                ),
+                format!(
+                    "{:?} {:?} {} {}",
+                    a.scale, a.softcap, a.backward, a.chunks_per_rank
+                ),
+            ])
+            .wrapping_add(data_hash(&[&q, &k, &v, dout.as_deref().unwrap_or(&[])]));
+            let t = cp::Counted::new(cp::join(j, fp, timeout)?);
+            match cp::run_process(&t, scheme, &plan, &mask, &whole, &params, &bwd)? {
+                Some(res) => res,
+                None => {
+                    eprintln!(
+                        "rank {} of {}: done in {:.3} ms (rank 0 writes the output)",
+                        j.rank,
+                        j.world,
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    };
     let secs = t0.elapsed().as_secs_f64();
     let recv: Vec<String> = res.traffic.iter().map(|x| x.received.to_string()).collect();
     eprintln!("bytes received per rank: {}", recv.join(" "));
@@ -501,11 +547,12 @@ fn run(a: RunArgs) -> Result<()> {
         }
     }
     eprintln!(
-        "{}: B {b} S {n} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: {} over {} ranks (threads), {} chunks, work max / mean {:.3}: {:.3} ms{} -> {}",
+        "{}: B {b} S {n} Hq {hq} Hk {hk} D {d} Dv {dv} {dtype} mask `{}`: {} over {} ranks ({}), {} chunks, work max / mean {:.3}: {:.3} ms{} -> {}",
         a.input.display(),
         mask.bound.expr(),
         scheme.label(),
         plan.world,
+        if job.is_some() { "processes, tcp" } else { "threads" },
         plan.chunks(),
         plan.imbalance(),
         secs * 1e3,
@@ -513,6 +560,29 @@ fn run(a: RunArgs) -> Result<()> {
         a.output.display()
     );
     Ok(())
+}
+
+/// FNV-1a over strings: a job's description as one number.
+fn fingerprint(parts: &[String]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for &b in p.as_bytes().iter().chain([0u8].iter()) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// FNV-1a over the bits of f32 buffers (the ranks read the same file: the same numbers).
+fn data_hash(bufs: &[&[f32]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in bufs {
+        for x in b.iter() {
+            h = (h ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        h = (h ^ b.len() as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 fn bench(a: BenchArgs) -> Result<()> {

@@ -1069,3 +1069,146 @@ fn bench_sparse_reports_every_spec_and_refuses_bad_input() {
         "one mask expression",
     );
 }
+
+/// Starts `cp run --transport tcp` as `world` processes with torchrun's environment (rank r's
+/// extra arguments from `extra(r)`); returns each rank's output, in rank order.
+fn cp_run_tcp(
+    input: &PathBuf,
+    output: &PathBuf,
+    world: usize,
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Vec<Output> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            bin()
+                .args(["cp", "run", "--transport", "tcp", "--input"])
+                .arg(input)
+                .arg("--output")
+                .arg(output)
+                .args(extra(r))
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// Ranks as processes over TCP (the environment torchrun sets) write what single-rank `run`
+/// writes, forward and backward, for P = 2 and 3.
+#[test]
+fn cp_run_over_tcp_processes_matches_single_rank_run() {
+    let input = cp_input("cp-tcp-in.safetensors", 41, 6, 2);
+    let mask = "causal & window(9,0) | sinks(2)";
+    let single = tmp("cp-tcp-single.safetensors");
+    let o = run_args(
+        &input,
+        &single,
+        &["--mask", mask, "--backward", "--threads", "1"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let names = ["out", "lse", "dq", "dk", "dv"];
+    let want: Vec<Vec<f32>> = names.iter().map(|x| read_f32(&single, x).0).collect();
+    for (world, scheme) in [(2, "ring"), (3, "allgather"), (3, "zigzag")] {
+        let output = tmp("cp-tcp-out.safetensors");
+        let outs = cp_run_tcp(&input, &output, world, |_| {
+            [
+                "--mask",
+                mask,
+                "--backward",
+                "--scheme",
+                scheme,
+                "--timeout",
+                "30",
+            ]
+            .map(String::from)
+            .to_vec()
+        });
+        for (r, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "P {world} rank {r}: {}", stderr(o));
+        }
+        assert!(
+            stderr(&outs[0]).contains("(processes, tcp)"),
+            "{}",
+            stderr(&outs[0])
+        );
+        for (name, w) in names.iter().zip(&want) {
+            let (got, _) = read_f32(&output, name);
+            let e = rel_diff(&got, w);
+            assert!(e <= 1e-5, "P {world} {scheme}: {name} differs by {e}");
+        }
+    }
+}
+
+/// A rank given other inputs is refused on every rank by the rendezvous; a rank that never
+/// starts is named on the others within the timeout; --ranks must match WORLD_SIZE.
+#[test]
+fn cp_run_over_tcp_refuses_mismatched_and_missing_ranks() {
+    let input = cp_input("cp-tcp-bad-in.safetensors", 30, 3, 1);
+    let out = tmp("cp-tcp-bad-out.safetensors");
+    let outs = cp_run_tcp(&input, &out, 2, |r| {
+        let mask = if r == 0 { "causal" } else { "full" };
+        ["--mask", mask, "--timeout", "20"]
+            .map(String::from)
+            .to_vec()
+    });
+    for o in &outs {
+        assert!(!o.status.success());
+        assert!(
+            stderr(o).contains("job differs from rank 0's"),
+            "{}",
+            stderr(o)
+        );
+    }
+    // World 3, only ranks 0 and 1 started (rank 2's process exits at once: --ranks is wrong).
+    let t0 = std::time::Instant::now();
+    let outs = cp_run_tcp(&input, &out, 3, |r| {
+        let mut v: Vec<String> = ["--mask", "causal", "--timeout", "2"]
+            .map(String::from)
+            .to_vec();
+        if r == 2 {
+            v.extend(["--ranks", "5"].map(String::from));
+        }
+        v
+    });
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+    assert!(
+        stderr(&outs[2]).contains("--ranks 5 but the job has WORLD_SIZE=3"),
+        "{}",
+        stderr(&outs[2])
+    );
+    for o in &outs[..2] {
+        assert!(!o.status.success());
+        assert!(
+            stderr(o).contains("rank(s) [2] did not join"),
+            "{}",
+            stderr(o)
+        );
+    }
+    // No environment: a clear error naming the variable.
+    let o = bin()
+        .args(["cp", "run", "--transport", "tcp", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&out)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("RANK is not set"), "{}", stderr(&o));
+}

@@ -384,7 +384,9 @@ pub fn join(job: &Job, fingerprint: u64, timeout: Duration) -> Result<TcpTranspo
     }
     for _ in rank + 1..world {
         let Some(mut s) = accept_by(&mesh, deadline).map_err(|x| e(x.to_string()))? else {
-            let missing: Vec<usize> = (rank + 1..world).filter(|&r| streams[r].is_none()).collect();
+            let missing: Vec<usize> = (rank + 1..world)
+                .filter(|&r| streams[r].is_none())
+                .collect();
             return Err(e(format!(
                 "rank(s) {missing:?} did not connect within {:.1} s",
                 timeout.as_secs_f64()
@@ -425,7 +427,11 @@ impl TcpTransport {
     ) -> TcpTransport {
         let mut to = Vec::with_capacity(world);
         let mut from = Vec::with_capacity(world);
-        for s in streams.into_iter().chain(std::iter::repeat_with(|| None)).take(world) {
+        for s in streams
+            .into_iter()
+            .chain(std::iter::repeat_with(|| None))
+            .take(world)
+        {
             match s.and_then(|s| s.try_clone().ok().map(|r| (s, r))) {
                 Some((w, r)) => {
                     let (tx, rx) = channel();
@@ -554,8 +560,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn vars(m: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            m.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = m
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -642,28 +650,36 @@ mod tests {
     fn ranks_join_and_the_collectives_agree() {
         for world in 1..=4 {
             let all: Vec<usize> = (0..world).collect();
-            let got = on_ranks(world, &all, |_| 7, Duration::from_secs(20), |t| {
-                let t = t.unwrap();
-                let r = t.rank();
-                // Unequal payloads, seeded by rank: a ring, then the collectives.
-                let mine: Vec<u8> = (0..1000 + 37 * r).map(|i| (i * 31 + r * 7) as u8).collect();
-                let to = (r + 1) % world;
-                let from = (r + world - 1) % world;
-                if world > 1 {
-                    t.send(to, 5, &mine).unwrap();
-                    let mut back = vec![0u8; 1000 + 37 * from];
-                    t.recv(from, 5, &mut back).unwrap();
-                    let want: Vec<u8> =
-                        (0..1000 + 37 * from).map(|i| (i * 31 + from * 7) as u8).collect();
-                    assert_eq!(back, want);
-                }
-                let mut x: Vec<f32> = (0..100).map(|i| (i * (r + 1)) as f32 * 0.25).collect();
-                t.all_reduce_sum(&mut x).unwrap();
-                let mut g = vec![0u8; 3 * world];
-                t.all_gather(&[r as u8, 1, 2], &mut g).unwrap();
-                t.barrier().unwrap();
-                (x, g)
-            });
+            let got = on_ranks(
+                world,
+                &all,
+                |_| 7,
+                Duration::from_secs(20),
+                |t| {
+                    let t = t.unwrap();
+                    let r = t.rank();
+                    // Unequal payloads, seeded by rank: a ring, then the collectives.
+                    let mine: Vec<u8> =
+                        (0..1000 + 37 * r).map(|i| (i * 31 + r * 7) as u8).collect();
+                    let to = (r + 1) % world;
+                    let from = (r + world - 1) % world;
+                    if world > 1 {
+                        t.send(to, 5, &mine).unwrap();
+                        let mut back = vec![0u8; 1000 + 37 * from];
+                        t.recv(from, 5, &mut back).unwrap();
+                        let want: Vec<u8> = (0..1000 + 37 * from)
+                            .map(|i| (i * 31 + from * 7) as u8)
+                            .collect();
+                        assert_eq!(back, want);
+                    }
+                    let mut x: Vec<f32> = (0..100).map(|i| (i * (r + 1)) as f32 * 0.25).collect();
+                    t.all_reduce_sum(&mut x).unwrap();
+                    let mut g = vec![0u8; 3 * world];
+                    t.all_gather(&[r as u8, 1, 2], &mut g).unwrap();
+                    t.barrier().unwrap();
+                    (x, g)
+                },
+            );
             for (x, g) in &got {
                 assert_eq!((x, g), (&got[0].0, &got[0].1));
                 let s: usize = (1..=world).sum();
@@ -675,24 +691,34 @@ mod tests {
 
     #[test]
     fn large_messages_both_ways_do_not_deadlock() {
-        let got = on_ranks(2, &[0, 1], |_| 1, Duration::from_secs(30), |t| {
-            let t = t.unwrap();
-            let peer = 1 - t.rank();
-            let big = vec![t.rank() as u8 + 1; 16 << 20];
-            t.send(peer, 9, &big).unwrap();
-            let mut back = vec![0u8; 16 << 20];
-            t.recv(peer, 9, &mut back).unwrap();
-            back[12345]
-        });
+        let got = on_ranks(
+            2,
+            &[0, 1],
+            |_| 1,
+            Duration::from_secs(30),
+            |t| {
+                let t = t.unwrap();
+                let peer = 1 - t.rank();
+                let big = vec![t.rank() as u8 + 1; 16 << 20];
+                t.send(peer, 9, &big).unwrap();
+                let mut back = vec![0u8; 16 << 20];
+                t.recv(peer, 9, &mut back).unwrap();
+                back[12345]
+            },
+        );
         assert_eq!(got, vec![2, 1]);
     }
 
     #[test]
     fn a_missing_rank_is_named_on_every_rank() {
         let t0 = Instant::now();
-        let got = on_ranks(3, &[0, 1], |_| 3, Duration::from_millis(1500), |t| {
-            t.err().map(|e| e.to_string()).unwrap_or_default()
-        });
+        let got = on_ranks(
+            3,
+            &[0, 1],
+            |_| 3,
+            Duration::from_millis(1500),
+            |t| t.err().map(|e| e.to_string()).unwrap_or_default(),
+        );
         assert!(got[0].contains("rank(s) [2] did not join"), "{}", got[0]);
         assert!(got[1].contains("rank(s) [2] did not join"), "{}", got[1]);
         assert!(t0.elapsed() < Duration::from_secs(10));
@@ -700,42 +726,70 @@ mod tests {
 
     #[test]
     fn mismatched_jobs_and_duplicate_ranks_are_refused() {
-        let got = on_ranks(2, &[0, 1], |r| r as u64, Duration::from_secs(10), |t| {
-            t.err().map(|e| e.to_string()).unwrap_or_default()
-        });
+        let got = on_ranks(
+            2,
+            &[0, 1],
+            |r| r as u64,
+            Duration::from_secs(10),
+            |t| t.err().map(|e| e.to_string()).unwrap_or_default(),
+        );
         for g in &got {
             assert!(g.contains("job differs from rank 0's"), "{g}");
         }
-        let got = on_ranks(3, &[0, 1, 1], |_| 5, Duration::from_secs(5), |t| {
-            t.err().map(|e| e.to_string()).unwrap_or_default()
-        });
-        assert!(got[0].contains("two processes joined as rank 1"), "{}", got[0]);
+        let got = on_ranks(
+            3,
+            &[0, 1, 1],
+            |_| 5,
+            Duration::from_secs(5),
+            |t| t.err().map(|e| e.to_string()).unwrap_or_default(),
+        );
+        assert!(
+            got[0].contains("two processes joined as rank 1"),
+            "{}",
+            got[0]
+        );
     }
 
     #[test]
     fn a_rank_that_leaves_is_reported_at_once_and_a_silent_one_times_out() {
-        let got = on_ranks(2, &[0, 1], |_| 1, Duration::from_secs(20), |t| {
-            let t = t.unwrap();
-            if t.rank() == 1 {
-                drop(t); // leaves at once
-                return String::new();
-            }
-            let t0 = Instant::now();
-            let mut b = [0u8; 4];
-            let e = t.recv(1, 1, &mut b).unwrap_err().to_string();
-            assert!(t0.elapsed() < Duration::from_secs(5), "reported late");
-            e
-        });
-        assert!(got[0].contains("rank 1") && got[0].contains("left the group"), "{}", got[0]);
-        let got = on_ranks(2, &[0, 1], |_| 1, Duration::from_millis(800), |t| {
-            let t = t.unwrap();
-            if t.rank() == 1 {
-                std::thread::sleep(Duration::from_millis(1500));
-                return String::new();
-            }
-            let mut b = [0u8; 4];
-            t.recv(1, 1, &mut b).unwrap_err().to_string()
-        });
+        let got = on_ranks(
+            2,
+            &[0, 1],
+            |_| 1,
+            Duration::from_secs(20),
+            |t| {
+                let t = t.unwrap();
+                if t.rank() == 1 {
+                    drop(t); // leaves at once
+                    return String::new();
+                }
+                let t0 = Instant::now();
+                let mut b = [0u8; 4];
+                let e = t.recv(1, 1, &mut b).unwrap_err().to_string();
+                assert!(t0.elapsed() < Duration::from_secs(5), "reported late");
+                e
+            },
+        );
+        assert!(
+            got[0].contains("rank 1") && got[0].contains("left the group"),
+            "{}",
+            got[0]
+        );
+        let got = on_ranks(
+            2,
+            &[0, 1],
+            |_| 1,
+            Duration::from_millis(800),
+            |t| {
+                let t = t.unwrap();
+                if t.rank() == 1 {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    return String::new();
+                }
+                let mut b = [0u8; 4];
+                t.recv(1, 1, &mut b).unwrap_err().to_string()
+            },
+        );
         assert!(got[0].contains("nothing within 0.8 s"), "{}", got[0]);
     }
 }

@@ -60,7 +60,9 @@ pub use plan::{plan, Plan};
 pub use ring::{
     ring_backward, ring_forward, zigzag_causal_backward, zigzag_causal_forward, zigzag_shard,
 };
-pub use scheme::{run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut};
+pub use scheme::{
+    run_process, run_threads, zigzag_plan, CostModel, Estimate, Scheme, Whole, WholeOut,
+};
 pub use transport::{Counted, Sub, ThreadTransport, Traffic, Transport};
 pub use tree::{tree_decode, tree_decode_threads, DecodeOut, DecodeShard};
 pub use ulysses::{ulysses_backward, ulysses_forward};

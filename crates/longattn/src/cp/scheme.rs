@@ -412,6 +412,108 @@ pub fn run_threads(
     bwd: &BackwardParams,
     timeout: Duration,
 ) -> Result<WholeOut> {
+    check_whole(plan, x)?;
+    let parts = on_threads(plan.world, timeout, |t| {
+        let part = rank_part(&t, scheme, plan, mask, x, params, bwd)?;
+        Ok((part, t.traffic()))
+    })?;
+    let (parts, traffic): (Vec<RankPart>, Vec<Traffic>) = parts.into_iter().unzip();
+    Ok(assemble(plan, x, &parts, traffic))
+}
+
+/// Runs `scheme` as one rank of a job whose ranks are processes (`t`, e.g. a
+/// [`TcpTransport`](super::launch::TcpTransport) counted): every rank holds the whole `x` (read
+/// from the same file) and computes its shard; the other ranks then send their rows and their
+/// traffic to rank 0, which puts the rows back in sequence order. Rank 0 returns the whole
+/// result, the others `None`.
+pub fn run_process<T: Transport>(
+    t: &Counted<T>,
+    scheme: Scheme,
+    plan: &Plan,
+    mask: &CpMask,
+    x: &Whole,
+    params: &AttnParams,
+    bwd: &BackwardParams,
+) -> Result<Option<WholeOut>> {
+    check_whole(plan, x)?;
+    if t.world() != plan.world {
+        return Err(t.err(format!(
+            "the plan is for {} ranks, the job has {}",
+            plan.world,
+            t.world()
+        )));
+    }
+    // (A scheme that fails tells the peers why itself: `Scheme::forward` / `backward`.)
+    let part = rank_part(t, scheme, plan, mask, x, params, bwd)?;
+    let (b, _, hq, hk, d, dv) = x.dims;
+    // The rows of rank r as f32 buffers, in a fixed order: out, lse, then dq, dk, dv.
+    let shapes = |r: usize| -> Vec<usize> {
+        let rows = plan.rows_of(r);
+        let mut v = vec![b * rows * hq * dv, b * hq * rows];
+        if x.dout.is_some() {
+            v.extend([b * rows * hq * d, b * rows * hk * d, b * rows * hk * dv]);
+        }
+        v
+    };
+    let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|v| v.to_le_bytes()).collect() };
+    const TAG: u32 = 0xfffe_0000;
+    let r = t.rank();
+    if r != 0 {
+        let mut bufs = vec![&part.0, &part.1];
+        if let Some((dq, dk, dv_)) = &part.2 {
+            bufs.extend([dq, dk, dv_]);
+        }
+        for (i, buf) in bufs.into_iter().enumerate() {
+            t.send(0, TAG + i as u32, &bytes(buf))?;
+        }
+        let tr = t.traffic();
+        let words: Vec<u8> = [tr.sent, tr.received, tr.messages]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        t.send(0, TAG + 16, &words)?;
+        return Ok(None);
+    }
+    let mut parts = vec![part];
+    let mut traffic = vec![t.traffic()];
+    for from in 1..plan.world {
+        let mut got = Vec::new();
+        for (i, n) in shapes(from).into_iter().enumerate() {
+            let mut raw = vec![0u8; 4 * n];
+            t.recv(from, TAG + i as u32, &mut raw)?;
+            got.push(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect::<Vec<f32>>(),
+            );
+        }
+        let mut words = [0u8; 24];
+        t.recv(from, TAG + 16, &mut words)?;
+        let w = |i: usize| u64::from_le_bytes(words[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        traffic.push(Traffic {
+            sent: w(0),
+            received: w(1),
+            messages: w(2),
+        });
+        let mut it = got.into_iter();
+        let (o, l) = (it.next().expect("out"), it.next().expect("lse"));
+        let g = x.dout.map(|_| {
+            (
+                it.next().expect("dq"),
+                it.next().expect("dk"),
+                it.next().expect("dv"),
+            )
+        });
+        parts.push((o, l, g));
+    }
+    Ok(Some(assemble(plan, x, &parts, traffic)))
+}
+
+/// One rank's rows: out, LSE and (with a backward) dq, dk, dv, in the rank's local layout.
+type RankPart = (Vec<f32>, Vec<f32>, Option<Grads>);
+
+/// Checks that `x` matches its dims and the plan.
+fn check_whole(plan: &Plan, x: &Whole) -> Result<()> {
     let (b, n, hq, hk, d, dv) = x.dims;
     let want = [b * n * hq * d, b * n * hk * d, b * n * hk * dv];
     let got = [x.q.len(), x.k.len(), x.v.len()];
@@ -425,43 +527,61 @@ pub fn run_threads(
             ),
         });
     }
-    let parts = on_threads(plan.world, timeout, |t| {
-        let r = t.rank();
-        let shard = |y: &[f32], h: usize, w: usize| plan.shard(y, b, (h, w), r);
-        let (lq, lk, lv) = (shard(x.q, hq, d), shard(x.k, hk, d), shard(x.v, hk, dv));
-        let local = LocalQkv {
-            q: &lq,
-            k: &lk,
-            v: &lv,
-            dims: (b, plan.rows_of(r), hq, hk, d, dv),
-        };
-        let cp = Cp { t: &t, plan, mask };
-        let (o, l) = scheme.forward(&cp, &local, params)?;
-        let grads = match x.dout {
-            None => None,
-            Some(dout) => {
-                let ld = shard(dout, hq, dv);
-                let g = GradIn {
-                    out: &o,
-                    lse: &l,
-                    dout: &ld,
-                    bwd: *bwd,
-                };
-                Some(scheme.backward(&cp, &local, &g, params)?)
-            }
-        };
-        Ok((o, l, grads, t.traffic()))
-    })?;
+    Ok(())
+}
+
+/// The work of rank `t.rank()`: its shard of `x`, the scheme's forward and (with `x.dout`) its
+/// backward.
+fn rank_part(
+    t: &dyn Transport,
+    scheme: Scheme,
+    plan: &Plan,
+    mask: &CpMask,
+    x: &Whole,
+    params: &AttnParams,
+    bwd: &BackwardParams,
+) -> Result<RankPart> {
+    let (b, _, hq, hk, d, dv) = x.dims;
+    let r = t.rank();
+    let shard = |y: &[f32], h: usize, w: usize| plan.shard(y, b, (h, w), r);
+    let (lq, lk, lv) = (shard(x.q, hq, d), shard(x.k, hk, d), shard(x.v, hk, dv));
+    let local = LocalQkv {
+        q: &lq,
+        k: &lk,
+        v: &lv,
+        dims: (b, plan.rows_of(r), hq, hk, d, dv),
+    };
+    let cp = Cp { t, plan, mask };
+    let (o, l) = scheme.forward(&cp, &local, params)?;
+    let grads = match x.dout {
+        None => None,
+        Some(dout) => {
+            let ld = shard(dout, hq, dv);
+            let g = GradIn {
+                out: &o,
+                lse: &l,
+                dout: &ld,
+                bwd: *bwd,
+            };
+            Some(scheme.backward(&cp, &local, &g, params)?)
+        }
+    };
+    Ok((o, l, grads))
+}
+
+/// The ranks' rows (rank order) put back in sequence order.
+fn assemble(plan: &Plan, x: &Whole, parts: &[RankPart], traffic: Vec<Traffic>) -> WholeOut {
+    let (b, n, hq, hk, d, dv) = x.dims;
     let mut out = vec![0f32; b * n * hq * dv];
     let mut lse = vec![0f32; b * hq * n];
     let mut grads = x.dout.map(|_| {
         (
-            vec![0f32; want[0]],
-            vec![0f32; want[1]],
-            vec![0f32; want[2]],
+            vec![0f32; b * n * hq * d],
+            vec![0f32; b * n * hk * d],
+            vec![0f32; b * n * hk * dv],
         )
     });
-    for (r, (o, l, g, _)) in parts.iter().enumerate() {
+    for (r, (o, l, g)) in parts.iter().enumerate() {
         let rows = plan.rows_of(r);
         let runs: Vec<_> = plan.runs_of(r).into_iter().map(|u| u.rev()).collect();
         let put = |src: &[f32], dst: &mut [f32], l: Rows| {
@@ -481,13 +601,12 @@ pub fn run_threads(
             put(dv_, gv, Rows::new(b, n, hk, dv));
         }
     }
-    let traffic = parts.iter().map(|x| x.3).collect();
-    Ok(WholeOut {
+    WholeOut {
         out,
         lse,
         grads,
         traffic,
-    })
+    }
 }
 
 /// Whether an error reports another rank's failure rather than naming a problem itself.
