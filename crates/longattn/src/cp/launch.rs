@@ -37,13 +37,16 @@ pub struct Job {
     pub rank: usize,
     pub world: usize,
     pub local_rank: usize,
-    /// `MASTER_ADDR:MASTER_PORT`.
+    /// Where rank 0 hosts the rendezvous: `MASTER_ADDR:port` (see [`Job::from_env`]).
     pub master: String,
 }
 
 impl Job {
     /// Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (default: `RANK`), `MASTER_ADDR` (default
     /// 127.0.0.1) and `MASTER_PORT`; a missing or malformed variable is an error naming it.
+    /// The rendezvous port is `LONGATTN_RDZV_PORT` when set; else `MASTER_PORT + 1` under
+    /// torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`: torchrun's own store already listens on
+    /// `MASTER_PORT`), `MASTER_PORT` otherwise.
     pub fn from_env() -> Result<Job> {
         Job::from_vars(|k| std::env::var(k).ok())
     }
@@ -69,14 +72,27 @@ impl Job {
         let rank = num("RANK", true)?.expect("required");
         let world = num("WORLD_SIZE", true)?.expect("required");
         let local_rank = num("LOCAL_RANK", false)?.unwrap_or(rank);
-        let port = num("MASTER_PORT", true)?.expect("required");
+        let master_port = num("MASTER_PORT", true)?.expect("required");
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let port = match num("LONGATTN_RDZV_PORT", false)? {
+            Some(p) => p,
+            None => master_port + agent_store as usize,
+        };
         if world == 0 || rank >= world {
             return Err(bad(format!(
                 "RANK={rank} and WORLD_SIZE={world}: the rank must be below the world size (>= 1)"
             )));
         }
         if port == 0 || port > 65535 {
-            return Err(bad(format!("MASTER_PORT={port} is not a port (1..65535)")));
+            return Err(bad(format!(
+                "rendezvous port {port} (MASTER_PORT={master_port}{}) is not a port (1..65535)",
+                if agent_store {
+                    ", + 1 under torchrun"
+                } else {
+                    ""
+                }
+            )));
         }
         let addr = get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         if addr.trim().is_empty() {
@@ -236,7 +252,7 @@ pub fn join(job: &Job, fingerprint: u64, timeout: Duration) -> Result<TcpTranspo
     if rank == 0 {
         let master = TcpListener::bind(&job.master).map_err(|x| {
             e(format!(
-                "rank 0 cannot listen on MASTER_ADDR:MASTER_PORT = {}: {x}",
+                "rank 0 cannot listen for the rendezvous on {}: {x} (choose a free port with LONGATTN_RDZV_PORT)",
                 job.master
             ))
         })?;
@@ -322,7 +338,7 @@ pub fn join(job: &Job, fingerprint: u64, timeout: Duration) -> Result<TcpTranspo
     } else {
         let mut s = connect_by(&job.master, deadline).map_err(|x| {
             e(format!(
-                "rank {rank} cannot reach rank 0 at MASTER_ADDR:MASTER_PORT = {} within {:.1} s: {x}",
+                "rank {rank} cannot reach rank 0's rendezvous at {} within {:.1} s: {x}",
                 job.master,
                 timeout.as_secs_f64()
             ))
@@ -432,6 +448,9 @@ impl TcpTransport {
             .chain(std::iter::repeat_with(|| None))
             .take(world)
         {
+            // The rendezvous left a read timeout on the socket: the reader waits without one
+            // (the receives have their own), or a quiet peer would look gone.
+            let s = s.filter(|s| s.set_read_timeout(None).is_ok());
             match s.and_then(|s| s.try_clone().ok().map(|r| (s, r))) {
                 Some((w, r)) => {
                     let (tx, rx) = channel();
@@ -585,6 +604,20 @@ mod tests {
                 master: "10.0.0.7:29500".into()
             }
         );
+        // Under torchrun its store holds MASTER_PORT: the rendezvous takes the next port, or
+        // LONGATTN_RDZV_PORT.
+        let under = |extra: &[(&'static str, &'static str)]| {
+            let mut v = vec![
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_PORT", "29500"),
+                ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ];
+            v.extend_from_slice(extra);
+            Job::from_vars(vars(&v)).unwrap().master
+        };
+        assert_eq!(under(&[]), "127.0.0.1:29501");
+        assert_eq!(under(&[("LONGATTN_RDZV_PORT", "4000")]), "127.0.0.1:4000");
         for (env, want) in [
             (vec![("WORLD_SIZE", "2"), ("MASTER_PORT", "1")], "RANK"),
             (vec![("RANK", "0"), ("MASTER_PORT", "1")], "WORLD_SIZE"),
