@@ -2,8 +2,10 @@
 //! all-gather, pass-Q, Ulysses and their hybrid over one mask-aware schedule).
 //!
 //! Built so far: the [`Transport`] every scheme speaks (point-to-point and the collectives the
-//! schemes need) and its in-process implementation [`ThreadTransport`], where ranks are threads
-//! (what CI tests; the NCCL and one-GPU loopback transports implement the same trait); the
+//! schemes need), its in-process implementation [`ThreadTransport`], where ranks are threads
+//! (what CI tests), and [`TcpTransport`] ([`launch`]), where ranks are processes joined from
+//! torchrun's environment through a TCP rendezvous ([`run_process`]; the NCCL and one-GPU
+//! loopback transports are to implement the same trait); the
 //! mask-aware placement ([`plan`]: the sequence cut into k P chunks, the work of each chunk
 //! counted from the mask's block schedule, chunks assigned to ranks longest-first to equalise
 //! it; causal gives zigzag); the mask cut into blocks ([`block`]: any rectangle of the schedule
