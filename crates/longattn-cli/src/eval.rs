@@ -63,6 +63,11 @@ pub struct Args {
     /// How a group's query heads are reduced into one score under `--kv`: mean, max or sum.
     #[arg(long, default_value = "mean")]
     kv_reduce: String,
+    /// Passkey under `--kv`: `inside` (the whole prompt, question included, is prefilled and
+    /// compressed once: the question sits in the observation window) or `after` (the context is
+    /// prefilled and compressed once, then the question is asked). `--kv-chunk` is nll's.
+    #[arg(long, default_value = "inside")]
+    kv_protocol: String,
     /// Predicted positions per bucket of `nll_by_bucket`.
     #[arg(long, default_value_t = 512)]
     bucket: usize,
@@ -398,8 +403,9 @@ fn nll(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// The filler-and-key prompt (after the passkey retrieval test of Mohtashami & Jaggi, 2023):
-/// intro, filler with the key sentence at `depth` of the filler, question. Exactly `len` tokens.
+/// The filler-and-key prompt (after the passkey retrieval test of the landmark-attention paper,
+/// 2023): intro, filler with the key sentence at `depth` of the filler, question. Exactly `len`
+/// tokens; also the question's length (the prompt's last tokens).
 fn passkey_prompt(
     lm: &Loaded,
     filler: &[u32],
@@ -407,7 +413,7 @@ fn passkey_prompt(
     len: usize,
     depth: f64,
     key: u32,
-) -> Result<Vec<u32>> {
+) -> Result<(Vec<u32>, usize)> {
     let intro = lm.encode(
         "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n",
     )?;
@@ -433,8 +439,82 @@ fn passkey_prompt(
     p.extend_from_slice(&f[..at]);
     p.extend(needle);
     p.extend_from_slice(&f[at..]);
+    let nq = question.len();
     p.extend(question);
-    Ok(p)
+    Ok((p, nq))
+}
+
+/// Where the question stands when the cache is compressed (`--kv-protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KvProtocol {
+    /// The context is prefilled and compressed, then the question is asked: the press cannot
+    /// know the question.
+    After,
+    /// The whole prompt, question included, is prefilled and compressed (the question sits in
+    /// the presses' observation window).
+    Inside,
+}
+
+/// One passkey prompt under a press: the greedy answer (up to 8 tokens) and the key's
+/// teacher-forced log-probability (a second run of the same protocol that feeds the key's
+/// tokens), with the cache's memory after compression. The part the protocol compresses is
+/// prefilled in one forward and compressed once; the question (protocol `after`) and the answer
+/// are appended uncompressed.
+fn passkey_pressed(
+    m: &longattn::model::llm::Model,
+    prompt: &[u32],
+    nq: usize,
+    key_ids: &[u32],
+    press: &PressAttention,
+    proto: KvProtocol,
+    stop: Option<u32>,
+) -> Result<(Vec<u32>, f64, longattn::kv::KvMemory)> {
+    let d = m.cfg.d_model;
+    // Prefill as the protocol says; the hidden state of the prompt's last token.
+    let prefill = |cache: &mut longattn::kv::PagedKvCache, seq| -> Result<Vec<f32>> {
+        press.reset(); // a new cache: its sequence ids start again
+        let ctx = match proto {
+            KvProtocol::After => &prompt[..prompt.len() - nq],
+            KvProtocol::Inside => prompt,
+        };
+        // One forward over the part to compress, then one compression (kvpress's protocol).
+        let mut last = Vec::new();
+        lm::prefill_pressed(m, cache, seq, ctx, press, ctx.len(), None, |_, h| {
+            last = h[h.len() - d..].to_vec();
+            Ok(())
+        })?;
+        if proto == KvProtocol::After {
+            let h = m.forward(cache, seq, &prompt[prompt.len() - nq..], press, None)?;
+            last = h[h.len() - d..].to_vec();
+        }
+        Ok(last)
+    };
+    // Greedy answer.
+    let mut cache = m.new_cache(lm::PAGE)?;
+    let seq = cache.add_sequence();
+    let mut hidden = prefill(&mut cache, seq)?;
+    let mem = cache.memory();
+    let mut out = Vec::new();
+    for _ in 0..8 {
+        let t = ops::argmax(&m.logits(&hidden)) as u32;
+        out.push(t);
+        if Some(t) == stop || cache.len(seq)? >= m.cfg.context {
+            break;
+        }
+        hidden = m.forward(&mut cache, seq, &[t], press, None)?;
+    }
+    // Teacher-forced log-probability of the key's tokens.
+    let mut cache = m.new_cache(lm::PAGE)?;
+    let seq = cache.add_sequence();
+    let first = prefill(&mut cache, seq)?;
+    let mut logp = -ops::nll(&m.logits(&first), key_ids[0] as usize);
+    if key_ids.len() > 1 {
+        let h = m.forward(&mut cache, seq, &key_ids[..key_ids.len() - 1], press, None)?;
+        for (i, &t) in key_ids[1..].iter().enumerate() {
+            logp -= ops::nll(&m.logits(&h[i * d..(i + 1) * d]), t as usize);
+        }
+    }
+    Ok((out, logp, mem))
 }
 
 #[derive(Serialize)]
@@ -447,6 +527,15 @@ struct PasskeyReport {
     /// Accuracy `[length][depth]`.
     accuracy: Vec<Vec<f64>>,
     sparse: Option<SparseJson>,
+    /// The `--kv` spec and protocol, if any.
+    kv: Option<String>,
+    kv_protocol: Option<String>,
+    /// Under `--kv`: the key's teacher-forced log-probability, mean per `[length][depth]`.
+    key_logprob: Option<Vec<Vec<f64>>>,
+    /// Under `--kv`: the cache's bytes in use after compression / the full cache's, over all
+    /// prompts.
+    kv_bytes: Option<usize>,
+    kv_bytes_full: Option<usize>,
 }
 
 fn passkey(a: &Args) -> Result<()> {
@@ -457,6 +546,28 @@ fn passkey(a: &Args) -> Result<()> {
     if a.trials == 0 || lengths.is_empty() || depths.is_empty() {
         bail!("--trials, --lengths and --depths must be non-empty");
     }
+    let press = match &a.kv {
+        Some(spec) => {
+            if a.attention.trim() == "exact" {
+                bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
+            }
+            if a.kv_chunk == 0 {
+                bail!("--kv-chunk must be >= 1");
+            }
+            let p = KvSpec::parse(spec).context("--kv")?;
+            let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
+            let proto = match a.kv_protocol.as_str() {
+                "inside" => KvProtocol::Inside,
+                "after" => KvProtocol::After,
+                x => bail!("--kv-protocol {x}: expected `inside` or `after`"),
+            };
+            Some((
+                PressAttention::with_spec(&a.attention, p, r).context("--attention")?,
+                proto,
+            ))
+        }
+        None => None,
+    };
     let lm = lm::load(&a.model)?;
     let m = &lm.model;
     let attn = attention(a, m)?;
@@ -472,25 +583,40 @@ fn passkey(a: &Args) -> Result<()> {
     let total = lengths.len() * depths.len() * a.trials;
     let pb = lm::bar(total as u64, "prompts");
     let mut acc = vec![vec![0usize; depths.len()]; lengths.len()];
+    let mut logp = vec![vec![0.0f64; depths.len()]; lengths.len()];
+    let (mut bytes, mut bytes_full) = (0usize, 0usize);
     let max_len = *lengths.iter().max().unwrap_or(&0);
     for (li, &len) in lengths.iter().enumerate() {
         for (di, &depth) in depths.iter().enumerate() {
             for _ in 0..a.trials {
                 let key = 10000 + rng.below(90000) as u32;
                 let offset = rng.below(filler.len().saturating_sub(max_len + 64).max(1));
-                let prompt = passkey_prompt(&lm, &filler, offset, len, depth, key)?;
-                let mut cache = m.new_cache(lm::PAGE)?;
-                let seq = cache.add_sequence();
-                let out = m.generate(
-                    &mut cache,
-                    seq,
-                    &prompt,
-                    8,
-                    lm.tok.eos(),
-                    attn.as_ref(),
-                    a.chunk,
-                    |_| {},
-                )?;
+                let (prompt, nq) = passkey_prompt(&lm, &filler, offset, len, depth, key)?;
+                let out = match &press {
+                    Some((p, proto)) => {
+                        let key_ids = lm.encode_plain(&format!(" {key}"))?;
+                        let (out, lp, mem) =
+                            passkey_pressed(m, &prompt, nq, &key_ids, p, *proto, lm.tok.eos())?;
+                        logp[li][di] += lp / a.trials as f64;
+                        bytes += mem.bytes_in_use;
+                        bytes_full += mem.bytes_full_in_use;
+                        out
+                    }
+                    None => {
+                        let mut cache = m.new_cache(lm::PAGE)?;
+                        let seq = cache.add_sequence();
+                        m.generate(
+                            &mut cache,
+                            seq,
+                            &prompt,
+                            8,
+                            lm.tok.eos(),
+                            attn.as_ref(),
+                            a.chunk,
+                            |_| {},
+                        )?
+                    }
+                };
                 let text = lm.tok.decode(&out);
                 if text.contains(&key.to_string()) {
                     acc[li][di] += 1;
@@ -500,9 +626,12 @@ fn passkey(a: &Args) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    let spec = match &press {
+        Some((p, proto)) => format!("{} ({proto:?} protocol)", p.spec()).to_lowercase(),
+        None => attn.spec(),
+    };
     println!(
-        "passkey retrieval, attention `{}`, {} trials per cell (accuracy):",
-        attn.spec(),
+        "passkey retrieval, attention `{spec}`, {} trials per cell (accuracy):",
         a.trials
     );
     print!("{:>8}", "len\\depth");
@@ -526,7 +655,7 @@ fn passkey(a: &Args) -> Result<()> {
     let cols: Vec<String> = depths.iter().map(|d| format!("{d:.2}")).collect();
     plot::heat_map_png(
         &a.png,
-        &format!("passkey accuracy, attention `{}`", attn.spec()),
+        &format!("passkey accuracy, attention `{spec}`"),
         "prompt length (tokens)",
         "depth of the key",
         &rows,
@@ -542,7 +671,23 @@ fn passkey(a: &Args) -> Result<()> {
         trials: a.trials,
         accuracy: grid,
         sparse: attn.sparse_stats().as_ref().map(sparse_json),
+        kv: press.as_ref().map(|(p, _)| p.press().to_string()),
+        kv_protocol: press.as_ref().map(|(_, x)| format!("{x:?}").to_lowercase()),
+        key_logprob: press.as_ref().map(|_| logp.clone()),
+        kv_bytes: press.as_ref().map(|_| bytes),
+        kv_bytes_full: press.as_ref().map(|_| bytes_full),
     };
+    if press.is_some() {
+        println!("key log-probability (teacher-forced), per cell:");
+        for (li, &len) in rep.lengths.iter().enumerate() {
+            let row: Vec<String> = logp[li].iter().map(|x| format!("{x:>7.2}")).collect();
+            println!("{len:>9} {}", row.join(" "));
+        }
+        println!(
+            "kv memory after compression: {:.1}% of the full cache ({bytes} / {bytes_full} bytes over all prompts)",
+            100.0 * bytes as f64 / bytes_full.max(1) as f64
+        );
+    }
     if let Some(s) = &rep.sparse {
         print_sparse(s);
     }

@@ -307,3 +307,64 @@ fn eval_kv_sanity_and_bad_input() {
         "not exact",
     );
 }
+
+/// `eval --task passkey --kv`: budget 1.0 answers as the full cache does (same accuracy grid)
+/// under both protocols, with the key's log-probability and the memory reported; a real budget
+/// keeps that share of the cache; an unknown protocol is refused.
+#[test]
+fn eval_passkey_kv_protocols() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let run = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let json = tmp(name);
+        ok(bin()
+            .args(["eval", "--task", "passkey", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--lengths", "300", "--depths", "0,1", "--trials", "1"])
+            .arg("--png")
+            .arg(tmp(&format!("{name}.png")))
+            .args(extra)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap());
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let dense = run("pk-dense.json", &[]);
+    for proto in ["inside", "after"] {
+        let full = run(
+            &format!("pk-full-{proto}.json"),
+            &["--kv", "snapkv(budget=1,window=16)", "--kv-protocol", proto],
+        );
+        assert_eq!(full["accuracy"], dense["accuracy"], "{proto}");
+        assert_eq!(full["kv_bytes"], full["kv_bytes_full"], "{proto}");
+        let lp = full["key_logprob"][0].as_array().unwrap();
+        assert!(lp.iter().all(|x| x.as_f64().unwrap() < 0.0), "{lp:?}");
+        let half = run(
+            &format!("pk-half-{proto}.json"),
+            &[
+                "--kv",
+                "snapkv(budget=0.5,window=16)",
+                "--kv-protocol",
+                proto,
+            ],
+        );
+        let (b, f) = (
+            half["kv_bytes"].as_f64().unwrap(),
+            half["kv_bytes_full"].as_f64().unwrap(),
+        );
+        // Pages of 16 entries per head: the kept half rounds up to whole pages.
+        assert!(b < 0.7 * f && b > 0.4 * f, "{proto}: {b} of {f}");
+        assert_eq!(half["kv_protocol"], proto);
+    }
+    let o = bin()
+        .args(["eval", "--task", "passkey", "--model"])
+        .arg(&model)
+        .args(["--kv", "h2o(budget=0.5)", "--kv-protocol", "before"])
+        .output()
+        .unwrap();
+    fails_with(o, "--kv-protocol before: expected `inside` or `after`");
+}

@@ -57,6 +57,14 @@ impl PressAttention {
         })
     }
 
+    /// Forgets the running scores and Quest's page bounds: the next attention starts a new
+    /// sequence (call it before reusing the press on a new cache, whose sequence ids start
+    /// again at the same values).
+    pub fn reset(&self) {
+        *self.scores.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.quest.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     pub fn press(&self) -> &KvSpec {
         &self.spec
     }
