@@ -2,6 +2,9 @@
 use crate::common::peak_rss_kib;
 use crate::lm;
 use anyhow::{bail, Context, Result};
+use longattn::kv::press::runner::PressAttention;
+use longattn::kv::score::Reduce;
+use longattn::kv::spec::KvSpec;
 use longattn::model::{from_spec, ops};
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,6 +30,15 @@ pub struct Args {
     /// `exact` or a mask expression applied in every layer.
     #[arg(long, default_value = "causal")]
     attention: String,
+    /// KV-cache compression while generating (the specs of `eval --kv`, e.g.
+    /// `snapkv(budget=0.2,window=32)`, `streaming(sinks=4,window=1020)`, `kivi(bits=4)`): the
+    /// prompt is prefilled in chunks with the press applied as the cache grows, then the press
+    /// runs after every new token.
+    #[arg(long)]
+    kv: Option<String>,
+    /// How a group's query heads are reduced into one score under `--kv`: mean, max or sum.
+    #[arg(long, default_value = "mean")]
+    kv_reduce: String,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -39,6 +51,17 @@ pub fn main(a: Args) -> Result<()> {
 
 fn run(a: &Args) -> Result<()> {
     let attn = from_spec(&a.attention).context("--attention")?;
+    let press = match &a.kv {
+        Some(spec) => {
+            if a.attention.trim() == "exact" {
+                bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
+            }
+            let p = KvSpec::parse(spec).context("--kv")?;
+            let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
+            Some(PressAttention::with_spec(&a.attention, p, r).context("--attention")?)
+        }
+        None => None,
+    };
     let lm = lm::load(&a.model)?;
     let m = &lm.model;
     let text = match (&a.prompt, &a.prompt_file) {
@@ -70,25 +93,60 @@ fn run(a: &Args) -> Result<()> {
         print!("{text}");
     }
     ops::reset_matmul_stats();
-    let toks = m.generate(
-        &mut cache,
-        seq,
-        &prompt,
-        a.max_new,
-        lm.tok.eos(),
-        attn.as_ref(),
-        lm::CHUNK,
-        |t| {
-            if first.is_none() {
-                first = Some(Instant::now());
-                prefill_mm = ops::matmul_stats();
+    let mut show = |t: u32| {
+        // Decoding one token at a time; multi-byte characters may print as U+FFFD.
+        print!("{}", lm.tok.decode(&[t]));
+        let _ = out.flush();
+    };
+    let toks = if let Some(p) = &press {
+        let d = m.cfg.d_model;
+        let mut hidden = Vec::new();
+        lm::prefill_pressed(m, &mut cache, seq, &prompt, p, lm::CHUNK, None, |_, h| {
+            hidden = h[h.len() - d..].to_vec();
+            Ok(())
+        })?;
+        first = Some(Instant::now());
+        prefill_mm = ops::matmul_stats();
+        let mut toks = Vec::new();
+        for _ in 0..a.max_new {
+            let t = ops::argmax(&m.logits(&hidden)) as u32;
+            toks.push(t);
+            show(t);
+            if Some(t) == lm.tok.eos() {
+                break;
             }
-            // Decoding one token at a time; multi-byte characters may print as U+FFFD.
-            print!("{}", lm.tok.decode(&[t]));
-            let _ = out.flush();
-        },
-    )?;
+            hidden = m.forward(&mut cache, seq, &[t], p, None)?;
+            p.compress(&mut cache, seq, 1)?;
+        }
+        toks
+    } else {
+        m.generate(
+            &mut cache,
+            seq,
+            &prompt,
+            a.max_new,
+            lm.tok.eos(),
+            attn.as_ref(),
+            lm::CHUNK,
+            |t| {
+                if first.is_none() {
+                    first = Some(Instant::now());
+                    prefill_mm = ops::matmul_stats();
+                }
+                show(t);
+            },
+        )?
+    };
     println!();
+    if press.is_some() {
+        let mem = cache.memory();
+        eprintln!(
+            "kv cache: {:.2} MiB in use, {:.1}% of the full cache's {:.2} MiB",
+            mem.bytes_in_use as f64 / 1048576.0,
+            100.0 * mem.bytes_in_use as f64 / mem.bytes_full_in_use.max(1) as f64,
+            mem.bytes_full_in_use as f64 / 1048576.0
+        );
+    }
     let end = Instant::now();
     let prefill = first.map_or(0.0, |f| (f - t0).as_secs_f64());
     let decode = first.map_or(0.0, |f| (end - f).as_secs_f64());

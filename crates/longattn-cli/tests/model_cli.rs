@@ -368,3 +368,41 @@ fn eval_passkey_kv_protocols() {
         .unwrap();
     fails_with(o, "--kv-protocol before: expected `inside` or `after`");
 }
+
+/// `generate --kv`: budget 1 writes the full cache's text token for token; a streaming window
+/// on a 600-token book prompt keeps about its share of the cache; bad specs are refused.
+#[test]
+fn generate_kv_matches_the_full_cache_and_frees_memory() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let gen = |extra: &[&str]| -> Output {
+        bin()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .arg("--prompt-file")
+            .arg(&book)
+            .args(["--prompt-tokens", "300", "--max-new", "12"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let full = ok(gen(&[]));
+    let same = ok(gen(&["--kv", "h2o(budget=1)"]));
+    assert_eq!(full, same);
+    let o = gen(&["--kv", "streaming(sinks=4,window=60)"]);
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{e}");
+    let share: f64 = e
+        .split("MiB in use, ")
+        .nth(1)
+        .and_then(|x| x.split('%').next())
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no memory line in: {e}"));
+    assert!(share < 35.0, "{share}% of the full cache kept: {e}");
+    fails_with(gen(&["--kv", "h2o(budget=0)"]), "outside (0, 1]");
+    fails_with(
+        gen(&["--kv", "h2o(budget=0.5)", "--attention", "exact"]),
+        "not exact",
+    );
+}
