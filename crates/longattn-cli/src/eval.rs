@@ -51,7 +51,8 @@ pub struct Args {
     chunk: usize,
     /// KV-cache compression (nll): a press such as `snapkv(budget=0.2,window=32)`,
     /// `streaming(sinks=4,window=1020)`, `h2o(budget=0.2)`, `a2sf(budget=0.2,f=0.95)`,
-    /// `tova(budget=0.2)`, `knorm(budget=0.2)`, applied as the cache grows; quantized pages
+    /// `tova(budget=0.2)`, `knorm(budget=0.2)`, `pyramid(budget=0.2,beta=5)` (SnapKV with budgets
+    /// decreasing over the layers), applied as the cache grows; quantized pages
     /// `kivi(bits=4|2,group=32,residual=32)`; query-aware page selection
     /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
     /// eviction first, then quantization).

@@ -8,8 +8,14 @@
 //! | `h2o(budget=B)` | the n/2 newest, then the heaviest by accumulated attention | H2O |
 //! | `a2sf(budget=B,f=F)` | the n heaviest by attention accumulated with forgetting factor F | A2SF |
 //! | `snapkv(budget=B,window=W,kernel=K)` | the last W, then the heaviest by the window's attention max-pooled over K neighbours | SnapKV(W) |
+//! | `pyramid(budget=B,window=W,kernel=K,beta=R)` | SnapKV's choice with a budget per layer (PyramidKV, below) | SnapKV(W) |
 //! | `tova(budget=B)` | the n most attended by the latest query | TOVA |
 //! | `knorm(budget=B)` | the n keys of smallest L2 norm | none |
+//!
+//! PyramidKV's budgets decrease linearly from the first layer to the last, the first R times the
+//! last (R >= 1), averaging B over the layers: layer l of L keeps
+//! `B_l = min(1, B (1 + s (1 - 2 l / (L - 1))))`, `s = (R - 1) / (R + 1)` (R = 1: SnapKV; a
+//! first layer's budget clamped to 1 leaves the mean below B).
 //!
 //! Budgets are fractions in (0, 1] of the positions seen. Compression is decode-time friendly:
 //! with `headroom` h positions about to be appended, a head of a sequence of L positions is cut
@@ -59,6 +65,12 @@ pub enum Press {
         window: usize,
         kernel: usize,
     },
+    Pyramid {
+        budget: f64,
+        window: usize,
+        kernel: usize,
+        beta: f64,
+    },
     Tova {
         budget: f64,
     },
@@ -67,7 +79,7 @@ pub enum Press {
     },
 }
 
-const KNOWN: &str = "streaming, h2o, a2sf, snapkv, tova, knorm";
+const KNOWN: &str = "streaming, h2o, a2sf, snapkv, pyramid, tova, knorm";
 
 /// The accepted arguments of each press with their defaults (None: required), canonical order.
 fn arguments(name: &str) -> Option<&'static [(&'static str, Option<f64>)]> {
@@ -79,6 +91,12 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, Option<f64>)]> {
             ("budget", None),
             ("window", Some(32.0)),
             ("kernel", Some(5.0)),
+        ],
+        "pyramid" => &[
+            ("budget", None),
+            ("window", Some(32.0)),
+            ("kernel", Some(5.0)),
+            ("beta", Some(5.0)),
         ],
         _ => return None,
     })
@@ -129,6 +147,12 @@ impl Press {
                 window: int("window")?,
                 kernel: int("kernel")?,
             },
+            "pyramid" => Press::Pyramid {
+                budget: arg("budget")?,
+                window: int("window")?,
+                kernel: int("kernel")?,
+                beta: arg("beta")?,
+            },
             "tova" => Press::Tova {
                 budget: arg("budget")?,
             },
@@ -154,14 +178,30 @@ impl Press {
             Press::A2sf { f, .. } if !(0.0..=1.0).contains(&f) => Err(err(format!(
                 "`{self}`: forgetting factor f = {f} outside [0, 1]"
             ))),
-            Press::SnapKv { window, kernel, .. }
+            Press::SnapKv { window, kernel, .. } | Press::Pyramid { window, kernel, .. }
                 if window == 0 || kernel == 0 || kernel % 2 == 0 =>
             {
                 Err(err(format!(
                     "`{self}`: window must be >= 1 and kernel odd and >= 1"
                 )))
             }
+            Press::Pyramid { beta, .. } if !(beta >= 1.0 && beta.is_finite()) => Err(err(format!(
+                "`{self}`: beta = {beta} must be >= 1 (the first layer's budget over the last's)"
+            ))),
             _ => Ok(()),
+        }
+    }
+
+    /// The budget fraction of layer `layer` of `layers` (PyramidKV's per-layer budget; the
+    /// press's budget for the others; None for streaming).
+    pub fn layer_budget(&self, layer: usize, layers: usize) -> Option<f64> {
+        match *self {
+            Press::Pyramid { budget, beta, .. } if layers > 1 => {
+                let s = (beta - 1.0) / (beta + 1.0);
+                let x = 1.0 - 2.0 * layer as f64 / (layers - 1) as f64;
+                Some((budget * (1.0 + s * x)).min(1.0))
+            }
+            _ => self.budget(),
         }
     }
 
@@ -172,6 +212,7 @@ impl Press {
             Press::H2o { budget }
             | Press::A2sf { budget, .. }
             | Press::SnapKv { budget, .. }
+            | Press::Pyramid { budget, .. }
             | Press::Tova { budget }
             | Press::Knorm { budget } => Some(budget),
         }
@@ -183,7 +224,9 @@ impl Press {
             Press::Streaming { .. } | Press::Knorm { .. } => None,
             Press::H2o { .. } => Some(ScoreKind::H2o),
             Press::A2sf { f, .. } => Some(ScoreKind::A2sf(f as f32)),
-            Press::SnapKv { window, .. } => Some(ScoreKind::SnapKv(window)),
+            Press::SnapKv { window, .. } | Press::Pyramid { window, .. } => {
+                Some(ScoreKind::SnapKv(window))
+            }
             Press::Tova { .. } => Some(ScoreKind::Tova),
         }
     }
@@ -191,10 +234,21 @@ impl Press {
     /// Entries a head keeps when the sequence has seen `seq_len` positions and `headroom` more
     /// are about to be appended (module documentation).
     pub fn target(&self, seq_len: usize, headroom: usize) -> usize {
+        self.layer_target(seq_len, headroom, 0, 1)
+    }
+
+    /// [`Press::target`] for layer `layer` of `layers` (PyramidKV's budgets differ by layer).
+    pub fn layer_target(
+        &self,
+        seq_len: usize,
+        headroom: usize,
+        layer: usize,
+        layers: usize,
+    ) -> usize {
         match *self {
             Press::Streaming { sinks, window } => (sinks + window).saturating_sub(headroom),
             _ => {
-                let b = self.budget().expect("budget presses");
+                let b = self.layer_budget(layer, layers).expect("budget presses");
                 let n = (b * (seq_len + headroom) as f64).ceil() as usize;
                 n.saturating_sub(headroom)
             }
@@ -215,6 +269,15 @@ impl fmt::Display for Press {
                 window,
                 kernel,
             } => write!(f, "snapkv(budget={budget},window={window},kernel={kernel})"),
+            Press::Pyramid {
+                budget,
+                window,
+                kernel,
+                beta,
+            } => write!(
+                f,
+                "pyramid(budget={budget},window={window},kernel={kernel},beta={beta})"
+            ),
             Press::Tova { budget } => write!(f, "tova(budget={budget})"),
             Press::Knorm { budget } => write!(f, "knorm(budget={budget})"),
         }
@@ -275,7 +338,9 @@ pub fn keep(press: &Press, h: &HeadInput) -> Vec<usize> {
         }
         Press::H2o { .. } => h2o::keep(h.len, h.n, h.scores),
         Press::A2sf { .. } => a2sf::keep(h.len, h.n, h.scores),
-        Press::SnapKv { window, kernel, .. } => snapkv::keep(h.len, h.n, h.scores, window, kernel),
+        Press::SnapKv { window, kernel, .. } | Press::Pyramid { window, kernel, .. } => {
+            snapkv::keep(h.len, h.n, h.scores, window, kernel)
+        }
         Press::Tova { .. } => tova::keep(h.len, h.n, h.scores),
         Press::Knorm { .. } => knorm::keep(h.len, h.n, h.keys, h.head_dim),
     }
@@ -293,7 +358,7 @@ pub fn keep_reference(press: &Press, h: &HeadInput) -> Vec<usize> {
         }
         Press::H2o { .. } => h2o::keep_reference(h.len, h.n, h.scores),
         Press::A2sf { .. } => a2sf::keep_reference(h.len, h.n, h.scores),
-        Press::SnapKv { window, kernel, .. } => {
+        Press::SnapKv { window, kernel, .. } | Press::Pyramid { window, kernel, .. } => {
             snapkv::keep_reference(h.len, h.n, h.scores, window, kernel)
         }
         Press::Tova { .. } => tova::keep_reference(h.len, h.n, h.scores),
@@ -325,7 +390,6 @@ pub fn compress(
     press.check()?;
     let c = cache.config();
     let seq_len = cache.len(id)?;
-    let n = press.target(seq_len, headroom);
     match (press.score_kind(), scores.as_deref()) {
         (Some(kind), None) => {
             return Err(err(format!(
@@ -352,6 +416,7 @@ pub fn compress(
     }
     let mut keeps = Vec::with_capacity(c.layers * c.kv_heads);
     for l in 0..c.layers {
+        let n = press.layer_target(seq_len, headroom, l, c.layers);
         for kh in 0..c.kv_heads {
             let len = cache.head_len(id, l, kh)?;
             let sc: &[f32] = match scores.as_deref() {

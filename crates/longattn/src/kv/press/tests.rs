@@ -368,3 +368,54 @@ fn failed_compression_leaves_cache_and_scores_as_they_were() {
         .to_string()
         .contains("outside (0, 1]"));
 }
+
+/// PyramidKV: beta = 1 is SnapKV bit for bit; otherwise each layer holds its own budget,
+/// decreasing with depth and averaging the press's budget; its spec prints back and a beta
+/// below 1 is refused.
+#[test]
+fn pyramid_budgets_decrease_with_depth_around_the_mean() {
+    let flat = Press::parse("pyramid(budget=0.3,window=8,beta=1)").unwrap();
+    let snap = Press::parse("snapkv(budget=0.3,window=8)").unwrap();
+    let (a, ca) = run(Some(&flat), 113, 20, 4);
+    let (b, cb) = run(Some(&snap), 113, 20, 4);
+    assert_eq!(a, b);
+    assert_eq!(ca.memory(), cb.memory());
+    let text = "pyramid(budget=0.3,window=8,kernel=5,beta=3)";
+    let press = Press::parse(text).unwrap();
+    assert_eq!(press.to_string(), text);
+    let (prefill, steps) = (113, 20);
+    let (_, c) = run(Some(&press), prefill, steps, 9);
+    let len = prefill + steps;
+    let mut per_layer = Vec::new();
+    for l in 0..LAYERS {
+        let n = press.layer_target(len, 1, l, LAYERS);
+        for kh in 0..HK {
+            assert_eq!(
+                c.head_len(SeqId(0), l, kh).unwrap(),
+                n,
+                "layer {l} head {kh}"
+            );
+        }
+        per_layer.push(n);
+    }
+    assert!(per_layer.windows(2).all(|w| w[0] > w[1]), "{per_layer:?}");
+    let first = press.layer_budget(0, LAYERS).unwrap();
+    let last = press.layer_budget(LAYERS - 1, LAYERS).unwrap();
+    assert!((first / last - 3.0).abs() < 1e-12, "{first} / {last}");
+    let mean: f64 = (0..LAYERS)
+        .map(|l| press.layer_budget(l, LAYERS).unwrap())
+        .sum::<f64>()
+        / LAYERS as f64;
+    assert!((mean - 0.3).abs() < 1e-12, "{mean}");
+    // A first layer's budget past 1 is clamped.
+    let wide = Press::parse("pyramid(budget=0.9,beta=10)").unwrap();
+    assert_eq!(wide.layer_budget(0, 4), Some(1.0));
+    for (bad, want) in [
+        ("pyramid(budget=0.3,beta=0.5)", "must be >= 1"),
+        ("pyramid(budget=0.3,kernel=2)", "kernel odd"),
+        ("pyramid(window=8)", "`budget` is required"),
+    ] {
+        let e = Press::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+}
