@@ -11,8 +11,6 @@ use crate::lm::{self, Loaded};
 use crate::plot;
 use anyhow::{bail, Context, Result};
 use longattn::kv::press::runner::PressAttention;
-use longattn::kv::score::Reduce;
-use longattn::kv::spec::KvSpec;
 use longattn::model::{from_spec_with, ops, Attention, Model, SparseOptions, SparseStats};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -237,15 +235,10 @@ fn default_book() -> Result<PathBuf> {
 fn nll(a: &Args) -> Result<()> {
     let press = match &a.kv {
         Some(spec) => {
-            if a.attention.trim() == "exact" {
-                bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
-            }
             if a.kv_chunk == 0 {
                 bail!("--kv-chunk must be >= 1");
             }
-            let p = KvSpec::parse(spec).context("--kv")?;
-            let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
-            Some(PressAttention::with_spec(&a.attention, p, r).context("--attention")?)
+            Some(lm::press_of(&a.attention, spec, &a.kv_reduce)?)
         }
         None => None,
     };
@@ -549,23 +542,12 @@ fn passkey(a: &Args) -> Result<()> {
     }
     let press = match &a.kv {
         Some(spec) => {
-            if a.attention.trim() == "exact" {
-                bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
-            }
-            if a.kv_chunk == 0 {
-                bail!("--kv-chunk must be >= 1");
-            }
-            let p = KvSpec::parse(spec).context("--kv")?;
-            let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
             let proto = match a.kv_protocol.as_str() {
                 "inside" => KvProtocol::Inside,
                 "after" => KvProtocol::After,
                 x => bail!("--kv-protocol {x}: expected `inside` or `after`"),
             };
-            Some((
-                PressAttention::with_spec(&a.attention, p, r).context("--attention")?,
-                proto,
-            ))
+            Some((lm::press_of(&a.attention, spec, &a.kv_reduce)?, proto))
         }
         None => None,
     };

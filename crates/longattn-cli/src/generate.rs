@@ -2,9 +2,6 @@
 use crate::common::peak_rss_kib;
 use crate::lm;
 use anyhow::{bail, Context, Result};
-use longattn::kv::press::runner::PressAttention;
-use longattn::kv::score::Reduce;
-use longattn::kv::spec::KvSpec;
 use longattn::model::{from_spec, ops};
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,14 +49,7 @@ pub fn main(a: Args) -> Result<()> {
 fn run(a: &Args) -> Result<()> {
     let attn = from_spec(&a.attention).context("--attention")?;
     let press = match &a.kv {
-        Some(spec) => {
-            if a.attention.trim() == "exact" {
-                bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
-            }
-            let p = KvSpec::parse(spec).context("--kv")?;
-            let r = Reduce::parse(&a.kv_reduce).context("--kv-reduce")?;
-            Some(PressAttention::with_spec(&a.attention, p, r).context("--attention")?)
-        }
+        Some(spec) => Some(lm::press_of(&a.attention, spec, &a.kv_reduce)?),
         None => None,
     };
     let lm = lm::load(&a.model)?;

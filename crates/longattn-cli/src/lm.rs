@@ -154,6 +154,21 @@ pub fn prefill_pressed(
     Ok((peak.unwrap_or_else(|| cache.memory()), cache.memory()))
 }
 
+/// The press of `--kv SPEC` over the attention `--attention MASK` (`--kv-reduce`): the checks
+/// `eval` and `generate` share (a mask expression, not `exact`; the spec and the reduction).
+pub fn press_of(
+    attention: &str,
+    kv: &str,
+    reduce: &str,
+) -> Result<longattn::kv::press::runner::PressAttention> {
+    if attention.trim() == "exact" {
+        bail!("--kv runs through the paged cache's kernel: give --attention a mask expression (default causal), not exact");
+    }
+    let p = longattn::kv::spec::KvSpec::parse(kv).context("--kv")?;
+    let r = longattn::kv::score::Reduce::parse(reduce).context("--kv-reduce")?;
+    longattn::kv::press::runner::PressAttention::with_spec(attention, p, r).context("--attention")
+}
+
 /// Errors when `n` tokens do not fit in the model's context.
 pub fn check_context(m: &Model, n: usize) -> Result<()> {
     if n > m.cfg.context {

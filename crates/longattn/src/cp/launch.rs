@@ -24,11 +24,11 @@
 //! timeout: a rank that never arrives is named on every other rank, never a hang.
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::transport::{Transport, ABORT_TAG};
+use super::transport::{take_message, Msg, Transport};
 use crate::error::{Error, Result};
 
 /// A process's place in the job, from torchrun's environment.
@@ -420,9 +420,6 @@ pub fn join(job: &Job, fingerprint: u64, timeout: Duration) -> Result<TcpTranspo
     Ok(TcpTransport::from_streams(rank, world, timeout, streams))
 }
 
-/// One message: its tag and bytes.
-type Msg = (u32, Vec<u8>);
-
 /// Ranks as processes, one TCP socket per pair of ranks (see the module documentation).
 pub struct TcpTransport {
     rank: usize,
@@ -534,32 +531,8 @@ impl Transport for TcpTransport {
         self.check_peer(from, "receive from")?;
         let r = self.from[from].as_ref().expect("a queue from every peer");
         let r = r.lock().unwrap_or_else(|e| e.into_inner());
-        let (got_tag, data) = r.recv_timeout(self.timeout).map_err(|e| {
-            self.err(match e {
-                RecvTimeoutError::Timeout => format!(
-                    "receive from rank {from} (tag {tag:#x}): nothing within {:.1} s",
-                    self.timeout.as_secs_f64()
-                ),
-                RecvTimeoutError::Disconnected => {
-                    format!("receive from rank {from} (tag {tag:#x}): that rank has left the group")
-                }
-            })
-        })?;
-        if got_tag == ABORT_TAG && tag != ABORT_TAG {
-            return Err(self.err(format!(
-                "receive from rank {from} (tag {tag:#x}): that rank gave up: {}",
-                String::from_utf8_lossy(&data)
-            )));
-        }
-        if got_tag != tag || data.len() != out.len() {
-            return Err(self.err(format!(
-                "receive from rank {from}: expected tag {tag:#x} with {} bytes, got tag {got_tag:#x} with {} bytes (the ranks disagree on the schedule)",
-                out.len(),
-                data.len()
-            )));
-        }
-        out.copy_from_slice(&data);
-        Ok(())
+        let msg = r.recv_timeout(self.timeout);
+        take_message(self, from, tag, self.timeout, msg, out)
     }
 }
 

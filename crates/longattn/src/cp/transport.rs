@@ -285,7 +285,46 @@ impl Transport for Sub<'_> {
 }
 
 /// One message: its tag and bytes.
-type Msg = (u32, Vec<u8>);
+pub(crate) type Msg = (u32, Vec<u8>);
+
+/// What every queue-backed transport's receive does with what its queue from rank `from` gave
+/// (`msg`, waited for up to `timeout`): nothing in time or a peer that left, an abort notice,
+/// a different tag or length are errors naming the peer; else the bytes go to `out`.
+pub(crate) fn take_message(
+    t: &dyn Transport,
+    from: usize,
+    tag: u32,
+    timeout: Duration,
+    msg: std::result::Result<Msg, RecvTimeoutError>,
+    out: &mut [u8],
+) -> Result<()> {
+    let (got_tag, data) = msg.map_err(|e| {
+        t.err(match e {
+            RecvTimeoutError::Timeout => format!(
+                "receive from rank {from} (tag {tag:#x}): nothing within {:.1} s",
+                timeout.as_secs_f64()
+            ),
+            RecvTimeoutError::Disconnected => {
+                format!("receive from rank {from} (tag {tag:#x}): that rank has left the group")
+            }
+        })
+    })?;
+    if got_tag == ABORT_TAG && tag != ABORT_TAG {
+        return Err(t.err(format!(
+            "receive from rank {from} (tag {tag:#x}): that rank gave up: {}",
+            String::from_utf8_lossy(&data)
+        )));
+    }
+    if got_tag != tag || data.len() != out.len() {
+        return Err(t.err(format!(
+            "receive from rank {from}: expected tag {tag:#x} with {} bytes, got tag {got_tag:#x} with {} bytes (the ranks disagree on the schedule)",
+            out.len(),
+            data.len()
+        )));
+    }
+    out.copy_from_slice(&data);
+    Ok(())
+}
 
 /// Ranks as threads of one process: one channel per ordered pair of ranks. A rank whose
 /// transport is dropped (its thread ended or panicked) closes its channels, and its peers'
@@ -379,32 +418,8 @@ impl Transport for ThreadTransport {
         self.check_peer(from, "receive from")?;
         let r = self.from[from].as_ref().expect("a channel from every peer");
         let r = r.lock().unwrap_or_else(|e| e.into_inner());
-        let (got_tag, data) = r.recv_timeout(self.timeout).map_err(|e| {
-            self.err(match e {
-                RecvTimeoutError::Timeout => format!(
-                    "receive from rank {from} (tag {tag:#x}): nothing within {:.1} s",
-                    self.timeout.as_secs_f64()
-                ),
-                RecvTimeoutError::Disconnected => {
-                    format!("receive from rank {from} (tag {tag:#x}): that rank has left the group")
-                }
-            })
-        })?;
-        if got_tag == ABORT_TAG && tag != ABORT_TAG {
-            return Err(self.err(format!(
-                "receive from rank {from} (tag {tag:#x}): that rank gave up: {}",
-                String::from_utf8_lossy(&data)
-            )));
-        }
-        if got_tag != tag || data.len() != out.len() {
-            return Err(self.err(format!(
-                "receive from rank {from}: expected tag {tag:#x} with {} bytes, got tag {got_tag:#x} with {} bytes (the ranks disagree on the schedule)",
-                out.len(),
-                data.len()
-            )));
-        }
-        out.copy_from_slice(&data);
-        Ok(())
+        let msg = r.recv_timeout(self.timeout);
+        take_message(self, from, tag, self.timeout, msg, out)
     }
 }
 
