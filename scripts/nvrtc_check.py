@@ -1,6 +1,7 @@
-"""Compiles the linear-attention CUDA kernels with NVRTC, no GPU needed (a compile check of the
-sources as the library assembles them: common.cuh + linear_common.cuh + the kernel file, the
-library's NVRTC options, one variant per (file, warps, gate, dtype, head dims)).
+"""Compiles the linear-attention and sparse-estimator CUDA kernels with NVRTC, no GPU needed (a
+compile check of the sources as the library assembles them: common.cuh + linear_common.cuh + the
+kernel file, or common.cuh + fwd_params.cuh + a causal mask program + sparse_vs.cu; the library's
+NVRTC options, one variant per (file, warps, gate, dtype, head dims, tiles, soft-cap)).
 
     python3 -m venv /tmp/nvrtc && /tmp/nvrtc/bin/pip install nvidia-cuda-nvrtc-cu12
     /tmp/nvrtc/bin/python scripts/nvrtc_check.py [--arch sm_90a]
@@ -69,7 +70,28 @@ def main():
             variants.append(("linear_fwd.cu", 8, 0, f16, k, v, min(v, 64)))
             variants.append(("linear_step.cu", 8, 0, f16, k, v, min(v, 64)))
     bad = 0
-    for f, nw, gla, f16, k, v, bv in variants:
+    # The sparse estimator (sparse/cuda.rs): the forward's parameter struct and a mask program
+    # shaped like the generated ones (mask/codegen.rs).
+    causal = (
+        "template <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {\n"
+        "    const int pos = i + p.Sk - p.Sq;\n    (void)b; (void)h;\n    return j <= pos + p.mc[0];\n}\n"
+    )
+    sp_head = read("common.cuh") + "\n" + read("fwd_params.cuh") + "\n" + causal + "\n"
+    for f16 in (0, 1):
+        for d, br, bc in ((64, 192, 128), (128, 128, 128), (128, 192, 64), (256, 64, 64)):
+            for cap in (0, 1):
+                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap)
+                opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
+                opts += [f"-D{x}={y}" for x, y in defs.items()]
+                rc, log = compile_src(lib, "sparse_vs.cu", sp_head + read("sparse_vs.cu"), opts)
+                tag = f"sparse_vs.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} softcap{cap}"
+                variants.append(tag)
+                if rc == 0:
+                    print(f"PASS {tag}")
+                else:
+                    bad += 1
+                    print(f"FAIL {tag}\n{log}")
+    for f, nw, gla, f16, k, v, bv in (x for x in variants if isinstance(x, tuple)):
         defs = dict(LIN_NW=nw, LA_F16=f16, LIN_K=k, LIN_V=v, LIN_BV=bv, LIN_BK=32)
         if gla:
             defs["LIN_GLA"] = 1

@@ -29,16 +29,15 @@ fn timed(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 pub fn main(a: &Args, text: &str) -> Result<()> {
-    if a.backend != "cpu" {
-        bail!(
-            "--sparse runs on the CPU only (drop --backend {})",
-            a.backend
-        );
-    }
     let specs: Vec<SparseSpec> = text
         .split(';')
         .map(|s| SparseSpec::parse(s).with_context(|| format!("--sparse `{s}`")))
         .collect::<Result<_>>()?;
+    match a.backend.as_str() {
+        "cpu" => {}
+        "cuda" => return cuda(a, &specs),
+        b => bail!("--sparse runs on `cpu` or `cuda`, not `{b}`"),
+    }
     let mask_text = match &a.masks {
         Some(m) if m.contains(',') => bail!("--sparse takes one mask expression in --masks"),
         Some(m) => m.clone(),
@@ -145,6 +144,146 @@ pub fn main(a: &Args, text: &str) -> Result<()> {
                 recall,
                 skipped
             );
+        }
+    }
+    Ok(())
+}
+
+/// `--backend cuda`: per length, our dense forward under the mask against, per spec, the device
+/// estimator + schedule build (`SparsePlan::launch_select_on`) and the attention through the
+/// device-written schedule (`launch_attention_on`), each the median of CUDA-event timings after
+/// a warm-up. Inputs: [`longattn::sparse::structured_qk`] (sinks, hub columns, diagonals; seeded)
+/// and random values, bf16, `--heads` / `--kv-heads` (default 32 / 8), `--dims` (default 128).
+fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
+    use longattn::cuda::{CudaDevice, DevTensor, FwdPlan};
+    use longattn::sparse::cuda::SparsePlan;
+    let mask_text = match &a.masks {
+        Some(m) if m.contains(',') => bail!("--sparse takes one mask expression in --masks"),
+        Some(m) => m.clone(),
+        None => "causal".into(),
+    };
+    let dev = CudaDevice::open(a.device)?;
+    let lens = parse_list(
+        a.lens.as_deref().unwrap_or("4k,8k,64k,128k"),
+        "length",
+        parse_len,
+    )?;
+    let dims = parse_list(a.dims.as_deref().unwrap_or("128"), "head dim", |x| {
+        x.parse().ok()
+    })?;
+    let hq = if a.heads == 8 && a.kv_heads.is_none() {
+        32
+    } else {
+        a.heads
+    };
+    let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
+    let reps = a.reps.max(10);
+    println!(
+        "sparse prefill on {} (CUDA), mask `{mask_text}`, bf16, batch {}, heads {hq} / {hk}, structured q / k (sparse::structured_qk), median of {reps}",
+        dev.name, a.batch
+    );
+    println!(
+        "{:<10} {:<50} {:>8} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8}",
+        "input",
+        "spec",
+        "density",
+        "dense ms",
+        "select",
+        "sel/dns",
+        "sparse",
+        "e2e",
+        "speedup",
+        "kernel"
+    );
+    let median_ms = |f: &mut dyn FnMut() -> longattn::Result<()>| -> Result<f64> {
+        f()?;
+        let mut t = Vec::new();
+        for _ in 0..reps {
+            t.push(dev.time_ms(&mut *f)?);
+        }
+        Ok(median(t))
+    };
+    for &n in &lens {
+        for &d in &dims {
+            let (q, k) = longattn::sparse::structured_qk(
+                longattn::DType::BF16,
+                a.batch,
+                n,
+                n,
+                hq,
+                hk,
+                d,
+                a.seed,
+            );
+            let v = longattn::testing::random_tensor(
+                longattn::DType::BF16,
+                &[a.batch, n, hk, d],
+                1.0,
+                a.seed + 2,
+            );
+            let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
+            let bound = bind_mask(&mask_text, a.batch, n, n, None)?;
+            let dm = longattn::attention::validate("bench", &qv, &kv, &vv)?;
+            let (qd, kd, vd) = (
+                DevTensor::upload(&dev, "q", &qv)?,
+                DevTensor::upload(&dev, "k", &kv)?,
+                DevTensor::upload(&dev, "v", &vv)?,
+            );
+            let mut o = DevTensor::alloc(&dev, [a.batch, n, hq, d], longattn::DType::BF16)?;
+            let mut lse = dev.alloc_f32(a.batch * hq * n)?;
+            let params = AttnParams::default();
+            let s = dev.stream().clone();
+            let dense = {
+                let plan = FwdPlan::new(
+                    &dev,
+                    dm,
+                    longattn::DType::BF16,
+                    &params,
+                    MaskSpec::Expr(&bound),
+                )?;
+                median_ms(&mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse))?
+            };
+            let name = format!("n {} D {d}", fmt_len(n));
+            for spec in specs {
+                let mut plan = SparsePlan::new(
+                    &dev,
+                    dm,
+                    longattn::DType::BF16,
+                    &params,
+                    spec,
+                    MaskSpec::Expr(&bound),
+                )?;
+                let t_sel = median_ms(&mut || plan.launch_select_on(&s, &qd, &kd))?;
+                let sel = plan.selection(Some(&bound as &dyn longattn::mask::RowMask))?;
+                let t_att = median_ms(&mut || {
+                    plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
+                })?;
+                let t_e2e = median_ms(&mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse))?;
+                let density = sel.report.density();
+                let stages = plan
+                    .profile_select_on(&s, &qd, &kd)?
+                    .iter()
+                    .map(|(n, ms)| format!("{n} {ms:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                println!(
+                    "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x",
+                    name,
+                    spec.to_string(),
+                    density,
+                    dense,
+                    t_sel,
+                    100.0 * t_sel / dense,
+                    t_att,
+                    t_e2e,
+                    dense / t_e2e,
+                    // Sparse kernel time against density x dense: 1.00 = proportional.
+                    t_att / (density * dense).max(1e-9),
+                );
+                if !stages.is_empty() {
+                    println!("{:<10} estimator stages (ms): {stages}", "");
+                }
+            }
         }
     }
     Ok(())

@@ -355,7 +355,8 @@ fn run_sparse(
     if sel.fallback {
         eprintln!(
             "  dense fallback: {} keys, fewer than dense_below = {} (give dense_below=0 to select)",
-            k.shape[1], spec.dense_below
+            k.shape[1],
+            spec.dense_below_or(longattn::sparse::DENSE_BELOW)
         );
     }
     Ok(())

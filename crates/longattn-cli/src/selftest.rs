@@ -1,11 +1,12 @@
 //! `longattn selftest --backend cuda`: the GPU correctness matrix (forward, backward, decode,
-//! linear attention, bad input) against the CPU path / f64 oracle; a pass/fail table, non-zero
+//! linear attention, the sparse estimator, bad input) against the CPU path / f64 oracle; a pass/fail table, non-zero
 //! exit on any failure.
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use longattn::cuda::selftest::{
     backward_cases, check_backward, check_errors, check_forward, check_linear, check_linear_errors,
-    check_mask_constants, forward_cases, linear_cases, CaseResult,
+    check_mask_constants, check_sparse, check_sparse_errors, forward_cases, linear_cases,
+    sparse_cases, CaseResult,
 };
 use longattn::cuda::{CompileSource, CudaDevice};
 use std::path::PathBuf;
@@ -101,6 +102,23 @@ pub fn main(a: Args) -> Result<()> {
     pb.finish_and_clear();
     results.extend(
         check_linear_errors(&dev)
+            .into_iter()
+            .filter(|r| keep(&r.name)),
+    );
+    // The device sparse estimator (group `sparse`, every case named `sparse ...`).
+    let scases: Vec<_> = sparse_cases(a.quick)
+        .into_iter()
+        .filter(|c| keep(&c.name()))
+        .collect();
+    let pb = ProgressBar::new(scases.len() as u64);
+    for (n, c) in scases.iter().enumerate() {
+        pb.set_message(c.name());
+        results.push(check_sparse(&dev, c, 12000 + 31 * n as u64));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    results.extend(
+        check_sparse_errors(&dev)
             .into_iter()
             .filter(|r| keep(&r.name)),
     );

@@ -22,7 +22,7 @@ use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 /// Swizzled shared-memory tiles of the mma.sync kernels (forward and backward).
 pub(crate) const MMA_TILE: &str = include_str!("kernels/mma_tile.cuh");
-const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
+pub(crate) const PARAMS: &str = include_str!("kernels/fwd_params.cuh");
 const FWD: &str = include_str!("kernels/attn_fwd.cu");
 pub(crate) const WGMMA: &str = include_str!("kernels/wgmma.cuh");
 const FWD_WG: &str = include_str!("kernels/attn_fwd_wg.cu");
@@ -295,7 +295,7 @@ impl TileCfg {
 /// value: the layouts must match byte for byte; sizes are checked on both sides).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct LaFwdParams {
+pub(crate) struct LaFwdParams {
     q: u64,
     k: u64,
     v: u64,
@@ -1203,6 +1203,57 @@ impl FwdPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        self.launch_sched_on(s, q, k, v, o, lse, None)
+    }
+
+    /// The plan's kernel parameters with q and k bound (strides included): what the device-side
+    /// estimators (`sparse/cuda.rs`) read besides the mask's schedule, program constants and
+    /// logit constants.
+    pub(crate) fn params_for(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+    ) -> LaFwdParams {
+        let mut p = self.base;
+        p.q = q.data.device_ptr(s).0;
+        p.k = k.data.device_ptr(s).0;
+        p.q_s = q.strides();
+        p.k_s = k.strides();
+        p
+    }
+
+    /// The CUDA source of the plan's mask program (`la_mask`), for kernels that evaluate the mask.
+    pub(crate) fn mask_program(&self) -> &str {
+        &self._mask.program
+    }
+
+    /// The mask's schedule at the kernel's tiles (shared batch / head dimensions as built).
+    pub(crate) fn mask_schedule(&self) -> &BlockSchedule {
+        &self._mask.sched
+    }
+
+    /// Whether Partial tiles read the mask's bit table (entries index it: a schedule written on
+    /// the device cannot run then).
+    pub(crate) fn uses_mask_bits(&self) -> bool {
+        self.base.mbits != 0
+    }
+
+    /// [`FwdPlan::launch_on`] through a schedule in device memory instead of the mask's:
+    /// `sched = (offsets, entries)` in the kernels' CSR form (`B Hq q_tiles + 1` offsets, entries
+    /// `k_tile << 1 | partial`, rows (b, h, qt) in that order, a subset of the mask's rows with
+    /// their kinds); `None` runs the mask's own schedule.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_sched_on(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+        sched: Option<(u64, u64)>,
+    ) -> Result<()> {
         let Dims {
             batch,
             sq,
@@ -1227,16 +1278,23 @@ impl FwdPlan {
         if self.tile.kernel == FwdKernel::WarpSpecialized {
             check_tma("cuda attention", &[("q", q), ("k", k), ("v", v)])?;
         }
-        let mut p = self.base;
-        p.q = q.data.device_ptr(s).0;
-        p.k = k.data.device_ptr(s).0;
+        let mut p = self.params_for(s, q, k);
         p.v = v.data.device_ptr(s).0;
         p.o = o.data.device_ptr(s).0;
         p.lse = lse.device_ptr(s).0;
-        p.q_s = q.strides();
-        p.k_s = k.strides();
         p.v_s = v.strides();
         p.o_s = o.strides();
+        if let Some((off, ent)) = sched {
+            if self.uses_mask_bits() {
+                return Err(unsupported(
+                    "a device-written schedule with a mask whose Partial tiles read its bit table (2-D neighborhoods, dealt documents)".into(),
+                ));
+            }
+            p.sched_off = off;
+            p.sched_ent = ent;
+            p.sched_batch = batch as i32;
+            p.sched_heads = hq as i32;
+        }
         let mut b = s.launch_builder(&self.func);
         let ws;
         if self.tile.kernel == FwdKernel::WarpSpecialized {

@@ -1151,3 +1151,212 @@ pub fn check_linear_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     );
     out
 }
+
+/// One case of the device sparse estimator (`sparse/cuda.rs`, group `sparse`).
+#[derive(Clone, Debug)]
+pub struct SparseCase {
+    pub base: FwdCase,
+    pub spec: String,
+    /// Inputs with planted sinks, hub columns and diagonals ([`crate::sparse::structured_qk`])
+    /// instead of plain random ones.
+    pub structured: bool,
+}
+
+impl SparseCase {
+    pub fn name(&self) -> String {
+        format!(
+            "sparse {}{} {}",
+            self.base.name(),
+            if self.structured { " structured" } else { "" },
+            self.spec
+        )
+    }
+}
+
+/// The device vertical-slash matrix: awkward sizes, Sq != Sk and decode shapes, causal / full /
+/// window / documents, GQA, head dims 64 / 128 / 256, f16, soft-cap, short `last`, budgets of
+/// nothing and of everything, planted structure.
+pub fn sparse_cases(quick: bool) -> Vec<SparseCase> {
+    use DType::{BF16, F16};
+    let vs = "vertical_slash(v=8,s=8,last=64,sink=4,local=64,dense_below=0)";
+    let mut v = Vec::new();
+    let mut add = |c: FwdCase, spec: &str, structured: bool| {
+        v.push(SparseCase {
+            base: c,
+            spec: spec.into(),
+            structured,
+        })
+    };
+    let sizes: &[(usize, usize)] = if quick {
+        &[(7, 7), (113, 203), (1023, 1024)]
+    } else {
+        &[
+            (1, 1),
+            (7, 7),
+            (65, 63),
+            (113, 113),
+            (100, 1000),
+            (1, 4224),
+            (1023, 1023),
+            (4224, 4224),
+        ]
+    };
+    for &(sq, sk) in sizes {
+        for m in ["causal", "full"] {
+            add(FwdCase::new(BF16, sq, sk, 128, m), vs, false);
+        }
+    }
+    add(FwdCase::new(BF16, 4224, 4224, 128, "causal"), vs, true);
+    if quick {
+        return v;
+    }
+    add(
+        FwdCase::new(BF16, 2000, 2000, 128, "causal"),
+        "vertical_slash(v=16,s=4,last=64,sink=1,local=128,dense_below=0)",
+        true,
+    );
+    for d in [64, 256] {
+        add(FwdCase::new(BF16, 777, 777, d, "causal"), vs, false);
+    }
+    add(FwdCase::new(F16, 513, 700, 128, "causal"), vs, false);
+    let mut c = FwdCase::new(BF16, 600, 600, 128, "causal");
+    c.softcap = Some(20.0);
+    add(c, vs, false);
+    let mut c = FwdCase::new(BF16, 900, 900, 128, "causal & document");
+    c.batch = 2;
+    add(c, vs, false);
+    add(
+        FwdCase::new(BF16, 900, 900, 128, "causal & window(255,0)"),
+        vs,
+        false,
+    );
+    add(
+        FwdCase::new(BF16, 700, 700, 128, "causal"),
+        "vertical_slash(v=4,s=2,last=7,sink=0,local=1,dense_below=0)",
+        false,
+    );
+    add(
+        FwdCase::new(BF16, 700, 700, 128, "causal"),
+        "vertical_slash(v=0,s=0,last=64,sink=0,local=0,dense_below=0)",
+        false,
+    );
+    add(
+        FwdCase::new(BF16, 700, 700, 128, "causal"),
+        "vertical_slash(v=100000,s=100000,last=64,dense_below=0)",
+        false,
+    );
+    let mut c = FwdCase::new(BF16, 640, 640, 128, "causal");
+    (c.hq, c.hk) = (8, 1);
+    add(c, vs, false);
+    v
+}
+
+/// Runs one sparse case: the device's masses against the f64 estimate, its schedule against the
+/// CPU keep step on those masses (exactly), its output against the f64 oracle (small) or the CPU
+/// forward (large) through the same schedule.
+pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> CaseResult {
+    let tol = out_tolerance(case.base.dtype);
+    const MASS_TOL: f64 = 1e-3;
+    let r = (|| -> Result<(f64, f64, String, bool)> {
+        let mut bt = Built::new(&case.base, seed)?;
+        if case.structured {
+            let c = &case.base;
+            (bt.q, bt.k) =
+                crate::sparse::structured_qk(c.dtype, c.batch, c.sq, c.sk, c.hq, c.hk, c.d, seed);
+        }
+        let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+        let spec = crate::sparse::SparseSpec::parse(&case.spec)?;
+        let (chk, got, sel) = crate::sparse::cuda::check_vertical_slash(
+            dev,
+            &qv,
+            &kv,
+            &vv,
+            &bt.params,
+            &spec,
+            bt.spec(),
+        )?;
+        let c = &case.base;
+        let work = c.batch * c.hq * c.sq * c.sk * c.d;
+        let (e, l, against) = if work <= 1 << 27 {
+            let el = crate::sparse::Elements {
+                s: &sel.schedule,
+                rows: sel.rows,
+            };
+            let r = attention_f64(&qv, &kv, &vv, &bt.params, &|b, h, i, j| {
+                el.allowed(b, h, i, j)
+            })?;
+            let (e, l) = compare(&got.out, &got.lse, &r);
+            (e, l, "f64 oracle")
+        } else {
+            let cpu = crate::forward(&qv, &kv, &vv, &bt.params, sel.mask())?;
+            let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
+            (e, l, "CPU path")
+        };
+        let ok = chk.mass_err <= MASS_TOL && chk.rows_differ == 0;
+        let detail = format!(
+            "density {:.3}; mass err {:.1e} (tol {MASS_TOL:.0e}); rows != CPU keep step on the device's masses {} (must be 0), != CPU estimator in f64 {}; output vs {against} through the device's schedule",
+            chk.density, chk.mass_err, chk.rows_differ, chk.rows_differ_f64
+        );
+        Ok((e, l, detail, ok))
+    })();
+    match r {
+        Ok((err, lse_err, detail, ok)) => CaseResult {
+            group: "sparse",
+            name: case.name(),
+            passed: ok && err <= tol && lse_err <= LSE_TOLERANCE,
+            err,
+            tol,
+            lse_err,
+            detail,
+        },
+        Err(e) => CaseResult {
+            group: "sparse",
+            name: case.name(),
+            passed: false,
+            err: f64::INFINITY,
+            tol,
+            lse_err: f64::INFINITY,
+            detail: format!("error: {e}"),
+        },
+    }
+}
+
+/// Refusals of the device estimator: methods it lacks, `last` past its bound, skip-softmax.
+pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
+    let mut out = Vec::new();
+    let q = random_tensor(DType::BF16, &[1, 300, 2, 64], 1.0, 5);
+    for (spec, want) in [
+        ("topmass(gamma=0.9,dense_below=0)", "no CUDA estimator"),
+        ("vertical_slash(last=100,dense_below=0)", "last=100"),
+        ("vertical_slash(skip=10,dense_below=0)", "skip-softmax"),
+    ] {
+        let r = (|| -> Result<()> {
+            let v = q.view("q")?;
+            let spec = crate::sparse::SparseSpec::parse(spec)?;
+            crate::sparse::cuda::forward(
+                dev,
+                &v,
+                &v,
+                &v,
+                &AttnParams::default(),
+                &spec,
+                MaskSpec::Full,
+            )
+            .map(|_| ())
+        })();
+        let (passed, detail) = match r {
+            Ok(()) => (false, "accepted".to_string()),
+            Err(e) => (e.to_string().contains(want), format!("error: {e}")),
+        };
+        out.push(CaseResult {
+            group: "sparse",
+            name: format!("sparse bad input: {spec}"),
+            passed,
+            err: 0.0,
+            tol: 0.0,
+            lse_err: 0.0,
+            detail,
+        });
+    }
+    out
+}

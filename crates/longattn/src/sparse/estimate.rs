@@ -297,11 +297,33 @@ fn last_rows(ctx: &Ctx, b: usize, h: usize, last: usize) -> LastRows {
 /// Vertical-slash for one (batch row, head); `a` = [v, s, last, sink, local].
 fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileEntry>> {
     let [v, s, last, sink, local] = a;
-    let (sq, sk) = (ctx.dims.sq, ctx.dims.sk);
     let LastRows { col, diag, .. } = last_rows(ctx, b, h, last);
-    let mut cols = top_positive(&col, v);
+    vs_keep(ctx, b, h, &col, &diag, [v, s, sink, local])
+}
+
+/// Column mass `[Sk]` and diagonal mass `[Sq + Sk - 1]` of the last `last` rows of (b, h) (the
+/// f64 reference of the CUDA estimator's first kernels).
+pub(crate) fn last_mass(ctx: &Ctx, b: usize, h: usize, last: usize) -> (Vec<f64>, Vec<f64>) {
+    let r = last_rows(ctx, b, h, last);
+    (r.col, r.diag)
+}
+
+/// Vertical-slash's keep step from given masses; `a` = [v, s, sink, local]: the `v` heaviest
+/// columns and `s` heaviest diagonals with mass > 0 (ties by index), the columns j < sink and the
+/// diagonals 0 <= o < local, coarsened to the candidate tiles.
+pub(crate) fn vs_keep(
+    ctx: &Ctx,
+    b: usize,
+    h: usize,
+    col: &[f64],
+    diag: &[f64],
+    a: [usize; 4],
+) -> Vec<Vec<TileEntry>> {
+    let [v, s, sink, local] = a;
+    let (sq, sk) = (ctx.dims.sq, ctx.dims.sk);
+    let mut cols = top_positive(col, v);
     cols[..sink.min(sk)].fill(true);
-    let mut diags = top_positive(&diag, s);
+    let mut diags = top_positive(diag, s);
     // Local band 0 <= o < local: indices Sq - 1 .. Sq - 1 + local.
     let band = (sq - 1).min(diags.len())..(sq - 1 + local).min(diags.len());
     diags[band].fill(true);

@@ -24,7 +24,8 @@
 //! Every argument is optional (defaults below), may be given once, and is range-checked; an
 //! unknown method or argument is an error naming it and listing what is accepted.
 //!
-//! Every method also takes `dense_below` (integer >= 0, default [`DENSE_BELOW`] = 1024): the
+//! Every method also takes `dense_below` (integer >= 0; default [`DENSE_BELOW`] = 1024 on the
+//! CPU, [`cuda::CUDA_DENSE_BELOW`] on CUDA, where the estimate's launches cost more): the
 //! automatic dense fallback. When the keys are fewer than `dense_below`, [`select`] runs no
 //! estimator and keeps every tile of the mask ([`Selection::fallback`] is set, density 1):
 //! at that length the estimate costs a sizeable part of the attention it would save and the
@@ -91,13 +92,16 @@
 //!
 //! [`SparseReport`] gives the achieved density per head; [`mass_recall`] the attention mass
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
+pub mod cuda;
 mod estimate;
 pub mod reference;
 pub(crate) mod spec;
+mod synthetic;
 #[cfg(test)]
 mod tests;
 
 pub use spec::{Method, SparseSpec, DENSE_BELOW};
+pub use synthetic::structured_qk;
 
 use crate::attention::{check_bound, validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
@@ -310,30 +314,31 @@ fn dims_of(q: &TensorView, k: &TensorView) -> Result<Dims> {
     validate(OP, q, k, k)
 }
 
-/// The caller's mask as a schedule at `block` x `block` tiles with its row mask.
+/// The caller's mask as a schedule at `tq` x `tk` tiles with its row mask.
 fn candidates<'a>(
     mask: MaskSpec<'a>,
     dims: &Dims,
-    block: usize,
+    (tq, tk): (usize, usize),
 ) -> Result<(Cow<'a, BlockSchedule>, Option<&'a dyn RowMask>)> {
+    let block = tq;
     let (s, rows) = match mask {
         MaskSpec::Full => (
-            Cow::Owned(BlockSchedule::full(block, block, dims.sq, dims.sk)?),
+            Cow::Owned(BlockSchedule::full(tq, tk, dims.sq, dims.sk)?),
             None,
         ),
         MaskSpec::Expr(bound) => {
             check_bound(OP, bound, dims)?;
             (
-                Cow::Owned(bound.schedule(block, block)?),
+                Cow::Owned(bound.schedule(tq, tk)?),
                 Some(bound as &dyn RowMask),
             )
         }
         MaskSpec::Schedule { schedule, rows } => {
-            if (schedule.tile_q, schedule.tile_k) != (block, block) {
+            if (schedule.tile_q, schedule.tile_k) != (tq, tk) {
                 return Err(Error::Param {
                     op: OP,
                     msg: format!(
-                        "the mask's schedule has tiles {} x {}, the spec selects {block} x {block} blocks (give the mask as an expression, or a schedule at the spec's block)",
+                        "the mask's schedule has tiles {} x {}, the selection is made at {block} x {tk} tiles (give the mask as an expression, or a schedule at those tiles)",
                         schedule.tile_q, schedule.tile_k
                     ),
                 });
@@ -357,7 +362,7 @@ pub fn select<'a>(
     spec.check()?;
     params.check()?;
     let dims = dims_of(q, k)?;
-    let (cand, rows) = candidates(mask, &dims, spec.block)?;
+    let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
     let ctx = Ctx {
         q,
         k,
@@ -366,7 +371,7 @@ pub fn select<'a>(
         cand: &cand,
         el: Elements { s: &cand, rows },
     };
-    let fallback = dims.sk < spec.dense_below;
+    let fallback = dims.sk < spec.dense_below_or(DENSE_BELOW);
     let schedule = if fallback || spec.method == Method::Whole {
         cand.as_ref().clone()
     } else {

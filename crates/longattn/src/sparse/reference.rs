@@ -19,8 +19,8 @@ pub fn select_reference(
     spec.check()?;
     params.check()?;
     let dims = dims_of(q, k)?;
-    let (cand, rows) = candidates(mask, &dims, spec.block)?;
-    if dims.sk < spec.dense_below {
+    let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
+    if dims.sk < spec.dense_below_or(super::DENSE_BELOW) {
         return Ok(cand.into_owned()); // the dense fallback: every tile of the mask
     }
     let el = Elements { s: &cand, rows };

@@ -61,8 +61,10 @@ pub struct SparseSpec {
     pub method: Method,
     pub block: usize,
     /// Dense fallback: with fewer keys than this, [`crate::sparse::select`] keeps every tile of
-    /// the mask and runs no estimator (argument `dense_below`, default [`DENSE_BELOW`]).
-    pub dense_below: usize,
+    /// the mask and runs no estimator (argument `dense_below`; `None` when not given: the
+    /// backend's default, [`DENSE_BELOW`] on the CPU, `sparse::cuda::CUDA_DENSE_BELOW` on CUDA;
+    /// read it with [`SparseSpec::dense_below_or`]).
+    pub dense_below: Option<usize>,
     /// Skip-softmax factor F (argument `skip=F` of any method, or the `skip(factor=F)` method):
     /// the forward through the selection drops key groups whose probabilities relative to the
     /// running maximum all fall below lambda = F / Sk ([`crate::AttnParams::skip_below`]).
@@ -260,11 +262,19 @@ impl SparseSpec {
         let spec = SparseSpec {
             method,
             block: int("block", 1)?,
-            dense_below: int("dense_below", 0)?,
+            dense_below: match seen[accepted.iter().position(|a| a.0 == "dense_below").unwrap()] {
+                true => Some(int("dense_below", 0)?),
+                false => None,
+            },
             skip,
         };
         spec.check()?;
         Ok(spec)
+    }
+
+    /// The dense-fallback length: the given `dense_below`, else the backend's `default`.
+    pub fn dense_below_or(&self, default: usize) -> usize {
+        self.dense_below.unwrap_or(default)
     }
 
     /// The skip-softmax threshold lambda = F / `sk` of a forward over `sk` keys (None without
@@ -365,7 +375,10 @@ impl fmt::Display for SparseSpec {
                 format!("factor={},block={b}", self.skip.unwrap_or(0.0)),
             ),
         };
-        write!(f, "{name}({args},dense_below={}", self.dense_below)?;
+        write!(f, "{name}({args}")?;
+        if let Some(n) = self.dense_below {
+            write!(f, ",dense_below={n}")?;
+        }
         match (self.method, self.skip) {
             (Method::Whole, _) | (_, None) => write!(f, ")"),
             (_, Some(s)) => write!(f, ",skip={s})"),

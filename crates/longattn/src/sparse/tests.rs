@@ -45,7 +45,7 @@ fn assert_close(out: &AttnOutput, r: &crate::reference::RefOutput, what: &str) {
 fn spec(text: &str) -> SparseSpec {
     let mut s = SparseSpec::parse(text).unwrap();
     if !text.contains("dense_below") {
-        s.dense_below = 0;
+        s.dense_below = Some(0);
     }
     s
 }
@@ -57,7 +57,7 @@ fn parse_accepts_the_grammar() {
         SparseSpec {
             method: Method::TopMass { gamma: 0.9 },
             block: 128,
-            dense_below: 0,
+            dense_below: Some(0),
             skip: None,
         }
     );
@@ -66,7 +66,7 @@ fn parse_accepts_the_grammar() {
         SparseSpec {
             method: Method::Moba { topk: 3 },
             block: 512,
-            dense_below: 0,
+            dense_below: Some(0),
             skip: None,
         }
     );
@@ -75,11 +75,11 @@ fn parse_accepts_the_grammar() {
         Method::RelThresh { alpha: 0.7 }
     );
     assert_eq!(spec("relthresh()").block, 64);
-    assert_eq!(
-        SparseSpec::parse("relthresh()").unwrap().dense_below,
-        DENSE_BELOW
-    );
-    assert_eq!(spec("moba(dense_below=77)").dense_below, 77);
+    let auto = SparseSpec::parse("relthresh()").unwrap();
+    assert_eq!(auto.dense_below, None);
+    assert_eq!(auto.dense_below_or(DENSE_BELOW), DENSE_BELOW);
+    assert_eq!(spec("moba(dense_below=77)").dense_below, Some(77));
+    assert_eq!(spec("moba(dense_below=77)").dense_below_or(DENSE_BELOW), 77);
     assert_eq!(
         spec("flexprefill(gamma=0.95,tau=0.2)").method,
         Method::FlexPrefill {
@@ -709,7 +709,7 @@ fn bad_inputs_are_clear_errors() {
     let bad = SparseSpec {
         method: Method::Moba { topk: 0 },
         block: 16,
-        dense_below: 0,
+        dense_below: Some(0),
         skip: None,
     };
     assert!(select(&qv, &kv, &p, &bad, MaskSpec::Full).is_err());

@@ -1,0 +1,656 @@
+//! Dynamic sparse prefill on NVIDIA GPUs: the estimator runs on the device and writes the block
+//! schedule the attention kernels read, with no host synchronisation between the inputs and the
+//! output (`cuda/kernels/sparse_vs.cu` holds the math).
+//!
+//! ```text
+//!   SparsePlan::new(dev, dims, dtype, params, spec, mask)   // FwdPlan of the mask + scratch
+//!   plan.launch_on(stream, q, k, v, out, lse)                // estimate -> schedule -> attention
+//!   plan.selection(..)                                       // the schedule on the host (report)
+//! ```
+//!
+//! One path of data: the candidates are the mask's own schedule at the attention kernel's tiles
+//! (`FwdPlan::mask_schedule`, uploaded once per plan); the estimator keeps a subset of each
+//! row's entries with their kinds (the result is `mask & selection`, exact for the mask part)
+//! and writes them in the kernels' CSR form into a buffer sized by the candidates (a bounded
+//! entry count); the forward runs through it (`FwdPlan::launch_sched_on`). The selection is
+//! made at the kernel's tiles, not at the spec's `block` (the report and `block_mask` give the
+//! tiles). Methods on the device: `vertical_slash` (MInference), exactly the CPU estimator's
+//! semantics at those tiles ([`super::estimate::vs_keep`]); the others give a clear error.
+//! Below the spec's `dense_below` keys ([`CUDA_DENSE_BELOW`] when not given) the mask's schedule
+//! runs as it is (no estimator).
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::{estimate, report, Ctx, Elements, Logit, Method, Selection, SparseSpec};
+use crate::attention::{AttnOutput, AttnParams, Dims, MaskSpec};
+use crate::cuda::forward::{LaFwdParams, COMMON, PARAMS};
+use crate::cuda::{drv, CudaDevice, DevTensor, FwdPlan};
+use crate::error::{Error, Result};
+use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
+use crate::tensor::{DType, TensorView};
+
+const SRC: &str = include_str!("../cuda/kernels/sparse_vs.cu");
+
+/// The device's dense fallback when the spec gives no `dense_below`: below this many keys the
+/// estimate (a few fixed-cost launches) and a sparse schedule cannot pay against the dense
+/// kernel (docs/PERF.md, "Dynamic sparse prefill on the GPU").
+pub const CUDA_DENSE_BELOW: usize = 16384;
+const OP: &str = "cuda sparse";
+/// Most last rows (`SP_L`) and keys per chunk (`SP_KC`) in the kernels.
+const SP_L: usize = 64;
+const SP_KC: usize = 256;
+
+/// Scratch pointers and arguments; field for field `SpParams` in `sparse_vs.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SpParams {
+    stats: u64,
+    lse: u64,
+    col: u64,
+    diag: u64,
+    cp: u64,
+    dp: u64,
+    cnt: u64,
+    off: u64,
+    ent: u64,
+    last: i32,
+    nchunks: i32,
+    nv: i32,
+    ns: i32,
+    sink: i32,
+    local: i32,
+    k_tiles: i32,
+    vec: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernels' parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for SpParams {}
+
+fn param(msg: String) -> Error {
+    Error::Param { op: OP, msg }
+}
+
+/// Vertical-slash arguments: [v, s, last, sink, local].
+fn vs_args(spec: &SparseSpec) -> Result<[usize; 5]> {
+    match spec.method {
+        Method::VerticalSlash {
+            v,
+            s,
+            last,
+            sink,
+            local,
+        } => {
+            if last > SP_L {
+                return Err(param(format!(
+                    "vertical_slash last={last}: the CUDA estimator takes at most {SP_L} last rows"
+                )));
+            }
+            let big = |x: usize| x.min(i32::MAX as usize);
+            Ok([big(v), big(s), last, big(sink), big(local)])
+        }
+        _ => Err(param(format!(
+            "`{spec}` has no CUDA estimator yet (the CPU backend has it; on CUDA: vertical_slash)"
+        ))),
+    }
+}
+
+/// Wraps each launch of the estimator: `around(stage name, launch)` (timing, or just calling).
+type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
+
+/// Device buffers of the estimator and the selected schedule.
+struct Scratch {
+    stats: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    col: CudaSlice<f32>,
+    diag: CudaSlice<f32>,
+    cp: CudaSlice<u32>,
+    dp: CudaSlice<u32>,
+    cnt: CudaSlice<u32>,
+    off: CudaSlice<u32>,
+    ent: CudaSlice<u32>,
+}
+
+/// The kernels of one (dtype, head dim, tiles, mask program) variant.
+struct Kernels {
+    stats: CudaFunction,
+    lse: CudaFunction,
+    mass: CudaFunction,
+    select: CudaFunction,
+    coarsen: CudaFunction,
+    scan: CudaFunction,
+}
+
+/// Sparse attention forward of one problem on the device: the mask's forward plan, the
+/// estimator's kernels and scratch.
+pub struct SparsePlan {
+    dev: Arc<CudaDevice>,
+    fwd: FwdPlan,
+    dims: Dims,
+    /// No estimator runs (fewer keys than `dense_below`): the mask's schedule as it is.
+    pub fallback: bool,
+    args: [usize; 5],
+    k: Option<(Kernels, Scratch)>,
+    /// Schedule rows (B Hq q_tiles) and the entry bound (the candidates' count).
+    rows: usize,
+    cap: usize,
+    nchunks: usize,
+    smem: (usize, usize),
+}
+
+impl SparsePlan {
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        spec: &SparseSpec,
+        mask: MaskSpec,
+    ) -> Result<SparsePlan> {
+        spec.check()?;
+        if spec.skip.is_some() {
+            return Err(param(
+                "skip-softmax (`skip=F`) runs in the CPU forward only".into(),
+            ));
+        }
+        let fallback =
+            dims.sk < spec.dense_below_or(CUDA_DENSE_BELOW) || spec.method == Method::Whole;
+        let args = if fallback { [0; 5] } else { vs_args(spec)? };
+        let fwd = FwdPlan::new(dev, dims, dtype, params, mask)?;
+        let (br, bc) = (fwd.tile.br, fwd.tile.bc);
+        let q_tiles = dims.sq.div_ceil(br);
+        let rows = dims.batch * dims.hq * q_tiles;
+        let cand = fwd.mask_schedule();
+        let copies = (dims.batch / cand.batch) * (dims.hq / cand.heads);
+        let cap = cand.entries().len() * copies;
+        let nchunks = dims.sk.div_ceil(SP_KC);
+        let d = dims.d;
+        // sizeof(SpSmem): q and k tiles of 64 padded rows (16-bit), the kind table, the
+        // cross-warp (max, sum) pairs.
+        let base = 2 * 2 * 64 * (d + 8) + 4 * ((SP_KC + SP_L) / 16 + 4) + 2 * SP_L * 2 * 4;
+        // sp_vs_mass adds its column and diagonal sums behind it.
+        let smem = (base, base + 4 * (2 * SP_KC + SP_L));
+        let mut plan = SparsePlan {
+            dev: dev.clone(),
+            dims,
+            fallback,
+            args,
+            k: None,
+            rows,
+            cap,
+            nchunks,
+            smem,
+            fwd,
+        };
+        if fallback {
+            return Ok(plan);
+        }
+        if br < 32 {
+            return Err(param(format!(
+                "query tiles of {br} rows: the estimator needs at least 32"
+            )));
+        }
+        if dims.batch * dims.hq > 65535 || q_tiles > 65535 || nchunks > 65535 {
+            return Err(param(format!(
+                "grid: batch x heads {} and query tiles {q_tiles} must be <= 65535",
+                dims.batch * dims.hq
+            )));
+        }
+        if plan.fwd.uses_mask_bits() {
+            return Err(param(
+                "masks whose Partial tiles read a bit table (2-D neighborhoods, dealt documents) cannot take a device-written schedule yet".into(),
+            ));
+        }
+        if (dims.sq + dims.sk) as u64 * (dims.batch * dims.hq) as u64 > u32::MAX as u64 {
+            return Err(param(
+                "sequence too long for the estimator's 32-bit counts".into(),
+            ));
+        }
+        let src = format!("{COMMON}\n{PARAMS}\n{}\n{SRC}", plan.fwd.mask_program());
+        let defines: Vec<(String, String)> = vec![
+            ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
+            ("LA_D".into(), d.to_string()),
+            ("LA_BR".into(), br.to_string()),
+            ("LA_BC".into(), bc.to_string()),
+            (
+                "LA_SOFTCAP".into(),
+                (params.softcap.is_some() as u8).to_string(),
+            ),
+        ];
+        let variant = format!("sparse_vs_{}_d{d}_{br}x{bc}", dtype.name());
+        let f = |entry: &str, smem: usize| dev.function(&variant, entry, &src, &defines, smem);
+        let kernels = Kernels {
+            stats: f("sp_vs_stats", smem.0)?,
+            lse: f("sp_vs_lse", 0)?,
+            mass: f("sp_vs_mass", smem.1)?,
+            select: f("sp_vs_select", 0)?,
+            coarsen: f("sp_coarsen", 0)?,
+            scan: f("sp_scan", 0)?,
+        };
+        let bh = dims.batch * dims.hq;
+        let nd = dims.sq + dims.sk - 1;
+        let s = dev.stream();
+        let zf = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
+        let zu = |n: usize| s.alloc_zeros::<u32>(n.max(1)).map_err(drv("alloc"));
+        let scratch = Scratch {
+            stats: zf(bh * nchunks * SP_L * 2)?,
+            lse: zf(bh * SP_L)?,
+            col: zf(bh * dims.sk)?,
+            diag: zf(bh * nd)?,
+            cp: zu(bh * (dims.sk + 1))?,
+            dp: zu(bh * (nd + 1))?,
+            cnt: zu(rows)?,
+            off: zu(rows + 1)?,
+            ent: zu(cap)?,
+        };
+        plan.k = Some((kernels, scratch));
+        Ok(plan)
+    }
+
+    /// The attention kernel's tiles (query rows, keys): the selection's tiles.
+    pub fn tiles(&self) -> (usize, usize) {
+        (self.fwd.tile.br, self.fwd.tile.bc)
+    }
+
+    /// Queues the estimator and the schedule build on `s` (nothing when the plan falls back to
+    /// dense): after it, the device holds the selected schedule.
+    pub fn launch_select_on(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+    ) -> Result<()> {
+        self.stages(s, q, k, &mut |_, f| f())
+    }
+
+    /// [`Self::launch_select_on`] with each stage timed by CUDA events (synchronises): (stage,
+    /// ms) in launch order.
+    pub fn profile_select_on(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let mut out = Vec::new();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        self.stages(s, q, k, &mut |name, f| {
+            let e0 = s.record_event(flags).map_err(drv("event"))?;
+            f()?;
+            let e1 = s.record_event(flags).map_err(drv("event"))?;
+            out.push((name, e0.elapsed_ms(&e1).map_err(drv("event"))? as f64));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The estimator's launches, each through `around(stage name, launch)`.
+    fn stages(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        around: &mut Around,
+    ) -> Result<()> {
+        let Some((kern, sc)) = &mut self.k else {
+            return Ok(());
+        };
+        let p: LaFwdParams = self.fwd.params_for(s, q, k);
+        let [v, sl, last, sink, local] = self.args;
+        let ptr_f = |x: &CudaSlice<f32>| x.device_ptr(s).0;
+        let ptr_u = |x: &CudaSlice<u32>| x.device_ptr(s).0;
+        let sp = SpParams {
+            stats: ptr_f(&sc.stats),
+            lse: ptr_f(&sc.lse),
+            col: ptr_f(&sc.col),
+            diag: ptr_f(&sc.diag),
+            cp: ptr_u(&sc.cp),
+            dp: ptr_u(&sc.dp),
+            cnt: ptr_u(&sc.cnt),
+            off: ptr_u(&sc.off),
+            ent: ptr_u(&sc.ent),
+            last: last as i32,
+            nchunks: self.nchunks as i32,
+            nv: v as i32,
+            ns: sl as i32,
+            sink: sink as i32,
+            local: local as i32,
+            k_tiles: self.dims.sk.div_ceil(self.fwd.tile.bc) as i32,
+            vec: (q.tma_aligned() && k.tma_aligned()) as i32,
+        };
+        let bh = (self.dims.batch * self.dims.hq) as u32;
+        let q_tiles = self.dims.sq.div_ceil(self.fwd.tile.br) as u32;
+        let cfg = |grid: (u32, u32, u32), threads: u32, smem: usize| LaunchConfig {
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let nch = self.nchunks as u32;
+        let rows = self.rows as i32;
+        let smem = self.smem;
+        // SAFETY (every launch below): the parameter structs match the kernels'; every pointer
+        // is a live allocation of the size the kernels index (scratch sized in `new` from the
+        // same dims; q / k are device tensors of these dims, the forward plan's contract).
+        let launch = |f: &CudaFunction, c: LaunchConfig, extra: Option<i32>| -> Result<()> {
+            let mut b = s.launch_builder(f);
+            b.arg(&p);
+            b.arg(&sp);
+            if let Some(x) = &extra {
+                b.arg(x);
+            }
+            unsafe { b.launch(c) }
+                .map(|_| ())
+                .map_err(drv("launch sparse estimator"))
+        };
+        // Diagonals no row meets keep mass 0 (the mass kernel writes only the others).
+        around("zero diagonals", &mut || {
+            s.memset_zeros(&mut sc.diag).map_err(drv("memset"))
+        })?;
+        around("row stats", &mut || {
+            launch(&kern.stats, cfg((nch, bh, 1), 256, smem.0), None)
+        })?;
+        around("row LSE", &mut || {
+            launch(&kern.lse, cfg((bh, 1, 1), SP_L as u32, 0), None)
+        })?;
+        around("masses", &mut || {
+            launch(&kern.mass, cfg((nch, bh, 1), 256, smem.1), None)
+        })?;
+        around("top lines", &mut || {
+            launch(&kern.select, cfg((bh, 2, 1), 1024, 0), None)
+        })?;
+        around("coarsen: count", &mut || {
+            launch(&kern.coarsen, cfg((q_tiles, bh, 1), 128, 0), Some(0))
+        })?;
+        around("scan", &mut || {
+            let mut b = s.launch_builder(&kern.scan);
+            b.arg(&sp);
+            b.arg(&rows);
+            // SAFETY: as above.
+            unsafe { b.launch(cfg((1, 1, 1), 1024, 0)) }
+                .map(|_| ())
+                .map_err(drv("launch sparse estimator"))
+        })?;
+        around("coarsen: write", &mut || {
+            launch(&kern.coarsen, cfg((q_tiles, bh, 1), 128, 0), Some(1))
+        })?;
+        Ok(())
+    }
+
+    /// Estimate, build the schedule and run the attention through it, all queued on `s`.
+    pub fn launch_on(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.launch_select_on(s, q, k)?;
+        self.launch_attention_on(s, q, k, v, o, lse)
+    }
+
+    /// The attention through the schedule the last [`Self::launch_select_on`] wrote (the
+    /// mask's own under the dense fallback).
+    pub fn launch_attention_on(
+        &self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let sched = self
+            .k
+            .as_ref()
+            .map(|(_, sc)| (sc.off.device_ptr(s).0, sc.ent.device_ptr(s).0));
+        self.fwd.launch_sched_on(s, q, k, v, o, lse, sched)
+    }
+
+    /// The selected schedule on the host (synchronises the device's stream): batch B, heads Hq,
+    /// the kernel's tiles.
+    pub fn schedule(&self) -> Result<BlockSchedule> {
+        let cand = self.fwd.mask_schedule();
+        let d = &self.dims;
+        let Some((_, sc)) = &self.k else {
+            // The mask's schedule, expanded to every (batch row, head).
+            let rows = (0..d.batch * d.hq).flat_map(|r| {
+                (0..cand.q_tiles).map(move |qt| cand.row(r / d.hq, r % d.hq, qt).to_vec())
+            });
+            return BlockSchedule::from_rows(
+                cand.tile_q,
+                cand.tile_k,
+                d.sq,
+                d.sk,
+                d.batch,
+                d.hq,
+                rows,
+            );
+        };
+        let off = self.dev.download(&sc.off)?;
+        let ent = self.dev.download(&sc.ent)?;
+        let n = off[self.rows] as usize;
+        if n > self.cap {
+            return Err(param(format!(
+                "the device schedule holds {n} entries, more than its bound {}",
+                self.cap
+            )));
+        }
+        let rows = (0..self.rows).map(|r| {
+            ent[off[r] as usize..off[r + 1] as usize]
+                .iter()
+                .map(|&e| TileEntry {
+                    k_tile: e >> 1,
+                    kind: if e & 1 == 1 {
+                        TileKind::Partial
+                    } else {
+                        TileKind::Full
+                    },
+                })
+                .collect::<Vec<_>>()
+        });
+        BlockSchedule::from_rows(cand.tile_q, cand.tile_k, d.sq, d.sk, d.batch, d.hq, rows)
+    }
+
+    /// The estimator's column masses `[B Hq, Sk]` and diagonal masses `[B Hq, Sq + Sk - 1]` of
+    /// the last launch (synchronises; tests). `None` under the dense fallback.
+    pub fn masses(&self) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        match &self.k {
+            None => Ok(None),
+            Some((_, sc)) => Ok(Some((
+                self.dev.download(&sc.col)?,
+                self.dev.download(&sc.diag)?,
+            ))),
+        }
+    }
+
+    /// The last launch's selection with its report (synchronises): candidates are the mask's
+    /// schedule at the kernel's tiles, `rows` the mask's element rule.
+    pub fn selection<'a>(&self, rows: Option<&'a dyn RowMask>) -> Result<Selection<'a>> {
+        let schedule = self.schedule()?;
+        let cand = self.fwd.mask_schedule().clone();
+        let report = report(&schedule, &cand, rows, &self.dims);
+        Ok(Selection {
+            schedule,
+            candidates: std::borrow::Cow::Owned(cand),
+            rows,
+            report,
+            fallback: self.fallback,
+        })
+    }
+}
+
+/// The mask's element rule for reports: the bound expression's rows, none for `Full`.
+fn rows_of<'a>(mask: &MaskSpec<'a>) -> Option<&'a dyn RowMask> {
+    match *mask {
+        MaskSpec::Expr(b) => Some(b as &dyn RowMask),
+        MaskSpec::Schedule { rows, .. } => rows,
+        MaskSpec::Full => None,
+    }
+}
+
+/// Host in, host out (the CLI and the selftest): uploads q, k, v, selects and attends on the
+/// device, returns the output, the LSE and the selection.
+pub fn forward<'a>(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec<'a>,
+) -> Result<(AttnOutput, Selection<'a>)> {
+    let dims = crate::attention::validate(OP, q, k, v)?;
+    let rows = rows_of(&mask);
+    let mut plan = SparsePlan::new(dev, dims, q.dtype(), params, spec, mask)?;
+    let (qd, kd, vd) = (
+        DevTensor::upload(dev, "q", q)?,
+        DevTensor::upload(dev, "k", k)?,
+        DevTensor::upload(dev, "v", v)?,
+    );
+    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.dv], q.dtype())?;
+    let mut lse = dev.alloc_f32(dims.batch * dims.hq * dims.sq)?;
+    plan.launch_on(dev.stream(), &qd, &kd, &vd, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let out = AttnOutput {
+        out: o.download(dev)?,
+        lse: dev.download(&lse)?,
+    };
+    Ok((out, plan.selection(rows)?))
+}
+
+/// What the device selftest compares for one vertical-slash case.
+pub struct VsCheck {
+    /// Largest |device mass - f64 mass| / (1 + |f64 mass|) over columns and diagonals.
+    pub mass_err: f64,
+    /// Rows of the device's schedule that differ from the CPU keep step run on the device's
+    /// masses (must be 0), and from the CPU estimator on its own f64 masses (near-ties may
+    /// differ; reported).
+    pub rows_differ: usize,
+    pub rows_differ_f64: usize,
+    pub density: f64,
+}
+
+/// Runs `spec` (vertical_slash) on the device and checks it against the CPU estimator at the
+/// kernel's tiles: the masses, the keep step (exactly, from the device's masses), and returns
+/// the selection and output for the caller's attention check.
+pub fn check_vertical_slash<'a>(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec<'a>,
+) -> Result<(VsCheck, AttnOutput, Selection<'a>)> {
+    let dims = crate::attention::validate(OP, q, k, v)?;
+    let rows = rows_of(&mask);
+    let mut plan = SparsePlan::new(dev, dims, q.dtype(), params, spec, mask)?;
+    let (qd, kd, vd) = (
+        DevTensor::upload(dev, "q", q)?,
+        DevTensor::upload(dev, "k", k)?,
+        DevTensor::upload(dev, "v", v)?,
+    );
+    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.dv], q.dtype())?;
+    let mut lse = dev.alloc_f32(dims.batch * dims.hq * dims.sq)?;
+    plan.launch_on(dev.stream(), &qd, &kd, &vd, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let out = AttnOutput {
+        out: o.download(dev)?,
+        lse: dev.download(&lse)?,
+    };
+    let sel = plan.selection(rows)?;
+    let Some((col, diag)) = plan.masses()? else {
+        return Err(param(
+            "the check needs a plan that estimates (not the dense fallback)".into(),
+        ));
+    };
+    let [v_, s_, last, sink, local] = plan.args;
+    let cand = sel.candidates.as_ref();
+    let ctx = Ctx {
+        q,
+        k,
+        dims,
+        logit: Logit::new(params, dims.d),
+        cand,
+        el: Elements { s: cand, rows },
+    };
+    let nd = dims.sq + dims.sk - 1;
+    let (mut mass_err, mut rows_differ, mut rows_differ_f64) = (0f64, 0, 0);
+    for r in 0..dims.batch * dims.hq {
+        let (b, h) = (r / dims.hq, r % dims.hq);
+        let (c64, d64) = estimate::last_mass(&ctx, b, h, last);
+        let cg: Vec<f64> = col[r * dims.sk..][..dims.sk]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let dg: Vec<f64> = diag[r * nd..][..nd].iter().map(|&x| x as f64).collect();
+        for (a, b) in cg.iter().zip(&c64).chain(dg.iter().zip(&d64)) {
+            mass_err = mass_err.max((a - b).abs() / (1.0 + b.abs()));
+        }
+        let keep = [v_, s_, sink, local];
+        let from_dev = estimate::vs_keep(&ctx, b, h, &cg, &dg, keep);
+        let from_f64 = estimate::vs_keep(&ctx, b, h, &c64, &d64, keep);
+        for (qt, (x, y)) in from_dev.iter().zip(&from_f64).enumerate() {
+            let got = sel.schedule.row(b, h, qt);
+            rows_differ += (got != x.as_slice()) as usize;
+            rows_differ_f64 += (got != y.as_slice()) as usize;
+        }
+    }
+    let density = sel.report.density();
+    Ok((
+        VsCheck {
+            mass_err,
+            rows_differ,
+            rows_differ_f64,
+            density,
+        },
+        out,
+        sel,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_struct_matches_the_kernels() {
+        crate::cuda::forward::check_layout(
+            SRC,
+            "SpParams",
+            &[
+                ("stats", std::mem::offset_of!(SpParams, stats)),
+                ("lse", std::mem::offset_of!(SpParams, lse)),
+                ("col", std::mem::offset_of!(SpParams, col)),
+                ("diag", std::mem::offset_of!(SpParams, diag)),
+                ("cp", std::mem::offset_of!(SpParams, cp)),
+                ("dp", std::mem::offset_of!(SpParams, dp)),
+                ("cnt", std::mem::offset_of!(SpParams, cnt)),
+                ("off", std::mem::offset_of!(SpParams, off)),
+                ("ent", std::mem::offset_of!(SpParams, ent)),
+                ("last", std::mem::offset_of!(SpParams, last)),
+                ("nchunks", std::mem::offset_of!(SpParams, nchunks)),
+                ("nv", std::mem::offset_of!(SpParams, nv)),
+                ("ns", std::mem::offset_of!(SpParams, ns)),
+                ("sink", std::mem::offset_of!(SpParams, sink)),
+                ("local", std::mem::offset_of!(SpParams, local)),
+                ("k_tiles", std::mem::offset_of!(SpParams, k_tiles)),
+                ("vec", std::mem::offset_of!(SpParams, vec)),
+            ],
+            std::mem::size_of::<SpParams>(),
+        );
+    }
+
+    #[test]
+    fn other_methods_are_refused_with_their_name() {
+        let spec = SparseSpec::parse("topmass(gamma=0.9)").unwrap();
+        let e = vs_args(&spec).unwrap_err().to_string();
+        assert!(e.contains("topmass") && e.contains("vertical_slash"), "{e}");
+        let spec = SparseSpec::parse("vertical_slash(last=65)").unwrap();
+        let e = vs_args(&spec).unwrap_err().to_string();
+        assert!(e.contains("last=65"), "{e}");
+        let spec = SparseSpec::parse("vertical_slash(v=3,s=5,last=7,sink=2,local=9)").unwrap();
+        assert_eq!(vs_args(&spec).unwrap(), [3, 5, 7, 2, 9]);
+    }
+}
