@@ -130,9 +130,12 @@ pub struct Args {
     /// (default f32), --heads, --kv-heads, --batch, --threads, --reps, --min-time, --backward.
     #[arg(long)]
     pub(crate) linear: Option<String>,
-    /// Benchmark dynamic sparse prefill on the CPU instead: sparse specs separated by `;` (e.g.
+    /// Benchmark dynamic sparse prefill instead: sparse specs separated by `;` (e.g.
     /// `flexprefill(gamma=0.7);proxy(gamma=0.9)`), each against the dense forward under the
-    /// first of --masks (default causal), on --data's captured layers or random inputs.
+    /// first of --masks (default causal), on --data's captured layers or random inputs; with
+    /// --backend cuda: the device estimator on `sparse::structured_qk` inputs (32 / 8 heads,
+    /// D 128, lengths 4k..128k by default), and with --compare torch FlexAttention on the same
+    /// blocks.
     #[arg(long)]
     pub(crate) sparse: Option<String>,
     /// With --sparse: also the exact mass recall of each selection (f64 oracle: small inputs).

@@ -16,6 +16,9 @@ use anyhow::{bail, Context, Result};
 use longattn::{AttnParams, MaskSpec, SparseSpec};
 use std::time::Instant;
 
+/// FlexAttention on the selected blocks (`--backend cuda --compare torch`).
+const PEER_SCRIPT: &str = include_str!("peer_sparse_cuda.py");
+
 /// Median seconds of `f` over at least 3 calls and `min_time` seconds (after one warm-up).
 fn timed(min_time: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -203,6 +206,17 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         }
         Ok(median(t))
     };
+    let compare = match a.compare.as_deref() {
+        None => false,
+        Some("torch") => true,
+        Some(o) => bail!("--compare {o}: expected `torch` (FlexAttention on the same blocks)"),
+    };
+    let dir = a.out.join(".peer");
+    if compare {
+        std::fs::create_dir_all(&dir)?;
+    }
+    // (job config, label, our dense ms, our sparse-kernel ms, density) per compared row.
+    let mut peer_rows: Vec<(serde_json::Value, String, f64, f64, f64)> = Vec::new();
     for &n in &lens {
         for &d in &dims {
             let (q, k) = longattn::sparse::structured_qk(
@@ -283,7 +297,73 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                 if !stages.is_empty() {
                     println!("{:<10} estimator stages (ms): {stages}", "");
                 }
+                if compare {
+                    let id = peer_rows.len();
+                    let path = dir.join(format!("sparse_{id}.bin"));
+                    std::fs::write(&path, sel.block_mask())?;
+                    let sch = &sel.schedule;
+                    peer_rows.push((
+                        serde_json::json!({"id": id, "n": n, "b": a.batch, "hq": hq, "hk": hk, "d": d,
+                            "table": path, "nq": sch.q_tiles, "nk": sch.k_tiles, "bq": sch.tile_q,
+                            "bk": sch.tile_k, "reps": reps}),
+                        format!("{name} {spec}"),
+                        dense,
+                        t_att,
+                        density,
+                    ));
+                }
             }
+        }
+    }
+    if compare && !peer_rows.is_empty() {
+        println!("FlexAttention on the same blocks (BlockMask.from_kv_blocks of our selection), random bf16 inputs of the same shapes ...");
+        let configs: Vec<serde_json::Value> = peer_rows.iter().map(|r| r.0.clone()).collect();
+        let mut flex: std::collections::BTreeMap<(usize, String), Result<f64, String>> =
+            Default::default();
+        let version = crate::peer::run_script(
+            &dir,
+            "peer_sparse_cuda.py",
+            PEER_SCRIPT,
+            &serde_json::json!({ "configs": configs }),
+            |l| {
+                let (Some(id), Some(p)) = (
+                    l.get("id").and_then(|x| x.as_u64()),
+                    l.get("peer").and_then(|x| x.as_str()),
+                ) else {
+                    return;
+                };
+                let r = match (l.get("ms").and_then(|x| x.as_f64()), l.get("error")) {
+                    (Some(ms), _) => Ok(ms),
+                    (_, Some(e)) => Err(e.to_string()),
+                    _ => return,
+                };
+                flex.insert((id as usize, p.to_string()), r);
+            },
+        )?;
+        println!("torch {version}");
+        println!(
+            "{:<78} {:>8} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
+            "input, spec",
+            "density",
+            "ours sp",
+            "flex sp",
+            "flex/ours",
+            "ours dense",
+            "flex dense",
+            "flex/ours"
+        );
+        for (id, (_, label, dense, att, density)) in peer_rows.iter().enumerate() {
+            let get = |p: &str| flex.get(&(id, p.to_string())).cloned();
+            let fmt = |x: &Option<Result<f64, String>>, ours: f64| match x {
+                Some(Ok(ms)) => (format!("{ms:.3}"), format!("{:.2}x", ms / ours)),
+                Some(Err(e)) => (format!("error: {e}"), "-".into()),
+                None => ("-".into(), "-".into()),
+            };
+            let (fs, rs) = fmt(&get("flex_sparse"), *att);
+            let (fd, rd) = fmt(&get("flex_dense"), *dense);
+            println!(
+                "{label:<78} {density:>8.4} {att:>10.3} {fs:>10} {rs:>9} {dense:>10.3} {fd:>10} {rd:>9}"
+            );
         }
     }
     Ok(())

@@ -60,9 +60,11 @@ pub struct Args {
     /// --backward `dq`, `dk`, `dv`, `d_initial_state`, `dg`, `d_hedgehog` (F32).
     #[arg(long, conflicts_with_all = ["mask", "softcap", "layer", "deterministic"])]
     linear: Option<String>,
-    /// Dynamic sparse attention (CPU): select key tiles of --mask with this spec, e.g.
+    /// Dynamic sparse attention: select key tiles of --mask with this spec, e.g.
     /// `topmass(gamma=0.95,block=128)`, `relthresh(alpha=0.7)`, `moba(block=512,topk=3)`,
-    /// `vertical_slash(v=1000,s=6096)` (grammar: `longattn::sparse`). The output also holds the
+    /// `vertical_slash(v=1000,s=6096)` (grammar: `longattn::sparse`). With --backend cuda the
+    /// estimate runs on the GPU (vertical_slash; tiles of the attention kernel; forward only;
+    /// the dense fallback below 16k keys unless `dense_below` is given). The output also holds the
     /// selection: `block_mask` (u8 [B, Hq, query tiles, key tiles]: 0 = tile skipped, 1 = computed
     /// whole, 2 = computed in part under --mask) and `block_tile_q` / `block_tile_k` (i32 [1]).
     #[arg(long, conflicts_with = "linear")]
@@ -289,18 +291,33 @@ fn run_sparse(
     dout: Option<&longattn::Tensor>,
     params: &AttnParams,
 ) -> Result<()> {
-    if a.backend != "cpu" {
-        bail!("--sparse runs on the CPU only (--backend cpu)");
-    }
     let spec = longattn::SparseSpec::parse(text)?;
     if spec.skip.is_some() && dout.is_some() {
         bail!("--sparse {text}: skip-softmax approximates the forward only; drop `skip` for --backward");
     }
     let pool = pool(a.threads)?;
     let t0 = Instant::now();
-    let (out, sel) = pool.install(|| {
-        longattn::sparse::forward(q, k, v, params, &spec, longattn::MaskSpec::Expr(mask))
-    })?;
+    let (out, sel) = match a.backend.as_str() {
+        "cpu" => pool.install(|| {
+            longattn::sparse::forward(q, k, v, params, &spec, longattn::MaskSpec::Expr(mask))
+        })?,
+        "cuda" => {
+            if dout.is_some() {
+                bail!("--sparse with --backward runs on the CPU (--backend cpu): the CUDA backward through a device-written schedule is not built yet");
+            }
+            let dev = longattn::cuda::CudaDevice::open(a.device)?;
+            longattn::sparse::cuda::forward(
+                &dev,
+                q,
+                k,
+                v,
+                params,
+                &spec,
+                longattn::MaskSpec::Expr(mask),
+            )?
+        }
+        other => bail!("--backend {other}: expected `cpu` or `cuda`"),
+    };
     let secs = t0.elapsed().as_secs_f64();
     let grads = match dout {
         None => None,
@@ -356,7 +373,10 @@ fn run_sparse(
         eprintln!(
             "  dense fallback: {} keys, fewer than dense_below = {} (give dense_below=0 to select)",
             k.shape[1],
-            spec.dense_below_or(longattn::sparse::DENSE_BELOW)
+            spec.dense_below_or(match a.backend.as_str() {
+                "cuda" => longattn::sparse::cuda::CUDA_DENSE_BELOW,
+                _ => longattn::sparse::DENSE_BELOW,
+            })
         );
     }
     Ok(())
