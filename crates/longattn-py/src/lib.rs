@@ -402,6 +402,51 @@ fn fwd(
     .map_err(py_err)
 }
 
+/// Dynamic sparse forward: selects key tiles of `mask` by `spec` and writes `out` and `lse`.
+/// Returns (fallback, (tile_q, tile_k), density, table bytes, table shape); the last three are
+/// None unless `report` (on CUDA the report synchronises the stream).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, spec, mask, scale, softcap, q_doc, k_doc, stream, report))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn sparse_fwd<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    lse: &Bound<'py, PyAny>,
+    spec: &str,
+    mask: Option<&str>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    q_doc: Option<&Bound<'py, PyAny>>,
+    k_doc: Option<&Bound<'py, PyAny>>,
+    stream: u64,
+    report: bool,
+) -> PyResult<(
+    bool,
+    (usize, usize),
+    Option<f64>,
+    Option<Bound<'py, pyo3::types::PyBytes>>,
+    Option<[usize; 4]>,
+)> {
+    let spec = longattn::SparseSpec::parse(spec).map_err(py_err)?;
+    let inp = Inputs::read((q, k, v), mask, scale, softcap, q_doc, k_doc, None, (0, 0))?;
+    let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let info = py
+        .detach(|| {
+            let a = inp.args();
+            // SAFETY: as for `fwd`.
+            unsafe { api::sparse_forward(&a, &spec, &out, &lse, stream, report) }
+        })
+        .map_err(py_err)?;
+    let (bytes, shape) = match info.table {
+        Some((t, shape)) => (Some(pyo3::types::PyBytes::new(py, &t)), Some(shape)),
+        None => (None, None),
+    };
+    Ok((info.fallback, info.tiles, info.density, bytes, shape))
+}
+
 /// Backward: writes `dq`, `dk`, `dv` (allocated by the caller).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc, deterministic, stream, block_mask=None, block_q=0, block_k=0))]
@@ -498,6 +543,7 @@ fn plan_counts() -> (usize, usize, usize) {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(parse_mask, m)?)?;

@@ -8,7 +8,8 @@ strides; the CUDA kernels need a contiguous head dim), float32 / bfloat16 / floa
 bfloat16 / float16 on CUDA. Outputs are allocated by torch; CUDA work runs on
 ``torch.cuda.current_stream()``. ``longattn.flash_attn_func`` and the other ``flash_attn_*``
 functions are drop-in replacements of the flash_attn package's; ``longattn.hf.register()`` adds
-an ``attn_implementation="longattn"`` to Hugging Face transformers. ``longattn.chunk_simple_gla``
+an ``attn_implementation="longattn"`` to Hugging Face transformers. ``longattn.sparse_attention``
+is training-free dynamic sparse prefill (estimated on the GPU on CUDA). ``longattn.chunk_simple_gla``
 and its siblings (:mod:`longattn.linear`) are linear attention in flash-linear-attention's
 conventions.
 """
@@ -48,6 +49,7 @@ __all__ = [
     "linear",
     "plan_counts",
     "set_cache_checks",
+    "sparse_attention",
 ]
 
 
@@ -85,6 +87,74 @@ def attention(
         q, k, v, text, scale, softcap, q_doc, k_doc, deterministic, return_lse, blocks, bq, bk
     )
     return (out, lse) if return_lse else out
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: str,
+    mask: "str | Mask | None" = "causal",
+    *,
+    scale: "float | None" = None,
+    softcap: "float | None" = None,
+    q_doc: "torch.Tensor | None" = None,
+    k_doc: "torch.Tensor | None" = None,
+    return_lse: bool = False,
+    return_selection: bool = False,
+):
+    """Training-free dynamic sparse attention (forward): an estimator keeps some key tiles of
+    every (batch row, query head, query tile) that ``mask`` schedules, and attention runs
+    through the kept tiles (``mask & selection``: exact for the mask part).
+
+    ``spec`` is a method with keyword arguments, e.g. ``"vertical_slash(v=64,s=32)"``,
+    ``"flexprefill(gamma=0.9,tau=0.1)"``, ``"topmass(gamma=0.95)"``, ``"proxy(gamma=0.9)"``,
+    ``"moba(block=512,topk=3)"``, ``"relthresh(alpha=0.7)"``, ``"skip(factor=600)"`` (the grammar
+    and every argument: the Rust crate's ``longattn::sparse``). Every method takes
+    ``dense_below=N``: with fewer keys the mask runs dense (default 1024 on the CPU, 16384 on
+    CUDA). On CUDA the estimator runs on the device with no host synchronisation
+    (``vertical_slash``; the selection is made at the attention kernel's tiles; other methods
+    raise a clear error); on the CPU every method. Shapes, dtypes and ``mask`` (an expression
+    string, a :class:`Mask` or ``None``) as for :func:`attention`.
+
+    Returns ``out`` (and ``lse`` with ``return_lse``), and with ``return_selection`` also a dict:
+    ``block_mask`` (uint8 ``[B, Hq, query tiles, key tiles]`` on the CPU: 0 skipped, 1 whole
+    tile, 2 tile under the mask), ``tile_q`` / ``tile_k``, ``density`` (allowed pairs kept /
+    allowed pairs of the mask) and ``fallback`` (the dense fallback ran); on CUDA this
+    synchronises. Forward only: inputs that require grad (with grad enabled) raise; for a
+    differentiable sparse pattern use :func:`attention` with a :class:`BlockMask`.
+    """
+    from ._ops import _stream, check_qkv
+
+    check_qkv(q, k, v, "sparse_attention")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "sparse_attention is forward-only: call it under torch.no_grad() (or detach the inputs); "
+            "for gradients through a fixed pattern use longattn.attention with a BlockMask"
+        )
+    if isinstance(mask, BlockMask):
+        raise ValueError(
+            "sparse_attention selects within a mask expression (or None); an explicit BlockMask "
+            "cannot be combined with it"
+        )
+    text, _, _, _ = mask_args(mask)
+    b, sq, hq, _ = q.shape
+    out = q.new_empty((b, sq, hq, v.shape[3]))
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    fallback, (tq, tk), density, table, shape = _native.sparse_fwd(
+        q, k, v, out, lse, spec, text, scale, softcap, q_doc, k_doc, _stream(q), return_selection
+    )
+    res = (out, lse) if return_lse else (out,)
+    if return_selection:
+        sel = {
+            "block_mask": torch.frombuffer(bytearray(table), dtype=torch.uint8).reshape(shape),
+            "tile_q": tq,
+            "tile_k": tk,
+            "density": density,
+            "fallback": fallback,
+        }
+        res = res + (sel,)
+    return res[0] if len(res) == 1 else res
 
 
 def plan_counts():

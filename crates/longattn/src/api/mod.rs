@@ -506,6 +506,10 @@ fn bind<'a>(a: &AttnArgs<'a>, dims: &Dims, data: MaskData) -> Result<Resolved<'a
 }
 
 fn spec<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
+    spec_of(r)
+}
+
+fn spec_of<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
     match r {
         Resolved::Prepared(s) => *s,
         Resolved::Full => MaskSpec::Full,
@@ -634,6 +638,82 @@ pub unsafe fn forward(
         }
         Device::Cuda(_) if matches!(a.mask, MaskArg::Prepared(_)) => Err(prepared_on_cuda()),
         Device::Cuda(ord) => cuda_route::forward(ord, a, &dims, dt, out, lse, stream),
+    }
+}
+
+/// What a sparse forward selected ([`sparse_forward`]).
+#[derive(Clone, Debug)]
+pub struct SparseInfo {
+    /// The dense fallback ran (fewer keys than the spec's `dense_below`, per backend).
+    pub fallback: bool,
+    /// Tiles of the selection (query rows, keys): the spec's block on the CPU, the attention
+    /// kernel's tiles on CUDA.
+    pub tiles: (usize, usize),
+    /// With `report`: allowed pairs kept / allowed pairs of the mask, and the selection as a u8
+    /// table `[B, Hq, query tiles, key tiles]` (0 skipped, 1 whole tile, 2 tile under the mask).
+    pub density: Option<f64>,
+    pub table: Option<(Vec<u8>, [usize; 4])>,
+}
+
+fn sparse_info(sel: &crate::sparse::Selection, report: bool) -> SparseInfo {
+    let s = &sel.schedule;
+    let r = &sel.report;
+    SparseInfo {
+        fallback: sel.fallback,
+        tiles: (s.tile_q, s.tile_k),
+        density: report.then(|| r.density()),
+        table: report.then(|| (sel.block_mask(), [r.batch, r.heads, s.q_tiles, s.k_tiles])),
+    }
+}
+
+/// Dynamic sparse attention forward (`crate::sparse`): selects key tiles of the mask by `spec`
+/// and attends through the selection; writes `out` and `lse` as [`forward`] does. The mask must
+/// be an expression (or `None`: full). On CUDA the estimator runs on the device (no host
+/// synchronisation unless `report` asks for the selection on the host).
+///
+/// # Safety
+/// As for [`forward`].
+pub unsafe fn sparse_forward(
+    a: &AttnArgs,
+    spec: &crate::sparse::SparseSpec,
+    out: &RawTensor,
+    lse: &RawTensor,
+    stream: StreamHandle,
+    report: bool,
+) -> Result<SparseInfo> {
+    const OP: &str = "sparse attention";
+    let (dims, dt, dev) = prologue(OP, a, lse)?;
+    check_out(
+        OP,
+        "out",
+        out,
+        &[dims.batch, dims.sq, dims.hq, dims.dv],
+        RawDType::Float(dt),
+        dev,
+    )?;
+    if !matches!(a.mask, MaskArg::Full | MaskArg::Expr(_)) {
+        return Err(Error::Param {
+            op: OP,
+            msg: "the selection is made within a mask expression (or no mask); an explicit block mask or a prepared schedule cannot be combined with it".into(),
+        });
+    }
+    match dev {
+        Device::Cpu => {
+            let data = mask_data(OP, a, &dims, stream)?;
+            let bm = bind(a, &dims, data)?;
+            // SAFETY: the caller's contract.
+            let (q, k, v) = unsafe { (a.q.view(OP, "q")?, a.k.view(OP, "k")?, a.v.view(OP, "v")?) };
+            let (r, sel) = crate::sparse::forward(&q, &k, &v, a.params, spec, spec_of(&bm))?;
+            // SAFETY: the caller's contract (outputs writable).
+            unsafe {
+                write_host(out, &r.out.data);
+                write_f32(lse, &r.lse);
+            }
+            Ok(sparse_info(&sel, report))
+        }
+        Device::Cuda(ord) => {
+            cuda_route::sparse_forward(ord, a, spec, &dims, dt, out, lse, stream, report)
+        }
     }
 }
 
@@ -1241,6 +1321,81 @@ mod cuda_route {
         // SAFETY: the entry point's contract.
         let mut l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
         plan.launch_on(&s, &q, &k, &v, &mut o, &mut l)
+    }
+
+    #[derive(Hash, PartialEq, Eq)]
+    struct SparseKey {
+        fwd: FwdKey,
+        spec: String,
+        stream: u64,
+    }
+
+    type SparsePlans = PlanCache<SparseKey, Mutex<crate::sparse::cuda::SparsePlan>>;
+
+    fn sparse_plans() -> &'static SparsePlans {
+        static P: OnceLock<SparsePlans> = OnceLock::new();
+        P.get_or_init(PlanCache::new)
+    }
+
+    /// The device estimator and the attention through its schedule, on the caller's stream; one
+    /// plan (scratch included) per problem, spec and stream (two streams never share scratch).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn sparse_forward(
+        ord: usize,
+        a: &AttnArgs,
+        spec: &crate::sparse::SparseSpec,
+        dims: &Dims,
+        dt: DType,
+        out: &RawTensor,
+        lse: &RawTensor,
+        stream: StreamHandle,
+        report: bool,
+    ) -> Result<SparseInfo> {
+        const OP: &str = "sparse attention";
+        f32_contig(OP, "lse", lse)?;
+        let dev = device(ord)?;
+        let s = stream_of(&dev, stream);
+        // SAFETY: the entry point's contract.
+        let (q, k, v, mut o) = unsafe {
+            (
+                dev_tensor(&s, "q", &a.q)?,
+                dev_tensor(&s, "k", &a.k)?,
+                dev_tensor(&s, "v", &a.v)?,
+                dev_tensor(&s, "out", out)?,
+            )
+        };
+        let data = mask_data(OP, a, dims, stream)?;
+        let key = SparseKey {
+            fwd: fwd_key(ord, a, dims, dt, &data, true),
+            spec: spec.to_string(),
+            stream,
+        };
+        let docs = data.docs.clone();
+        let plan = sparse_plans().get_or(key, || {
+            let bm = bind(a, dims, data)?;
+            crate::sparse::cuda::SparsePlan::new(&dev, *dims, dt, a.params, spec, spec_of(&bm))
+                .map(Mutex::new)
+        })?;
+        let mut plan = plan.lock().unwrap();
+        // SAFETY: the entry point's contract.
+        let mut l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
+        plan.launch_on(&s, &q, &k, &v, &mut o, &mut l)?;
+        let (tq, tk) = plan.tiles();
+        if !report {
+            return Ok(SparseInfo {
+                fallback: plan.fallback,
+                tiles: (tq, tk),
+                density: None,
+                table: None,
+            });
+        }
+        s.synchronize().map_err(crate::cuda::drv("synchronize"))?;
+        let bm = bind(a, dims, MaskData { docs, blocks: None })?;
+        let rows = match &bm {
+            Resolved::Bound(b) => Some(b as &dyn crate::mask::RowMask),
+            _ => None,
+        };
+        Ok(sparse_info(&plan.selection(rows)?, true))
     }
 
     pub(super) fn backward(

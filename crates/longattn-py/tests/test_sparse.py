@@ -1,0 +1,138 @@
+"""longattn.sparse_attention: dynamic sparse prefill through the one entry point (CPU: every
+method; CUDA: vertical_slash estimated on the device). Each output is checked against the f64
+reference restricted to the tiles the call reports it kept (per head), and the selection
+against the mask (every kept pair is allowed by the mask; tile kinds as the mask makes them)."""
+import pytest
+import torch
+
+import longattn
+from conftest import HAS_CUDA, assert_close, require_cuda
+from reference import allowed_matrix, ref_attention
+
+
+def qkv(b, sq, sk, hq, hk, d, dtype, device, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    mk = lambda s, h: torch.randn(b, s, h, d, generator=g).to(dtype).to(device)  # noqa: E731
+    return mk(sq, hq), mk(sk, hk), mk(sk, hk)
+
+
+def selected_ref(q, k, v, mask, sel):
+    """f64 reference per head with the element mask = mask & kept tiles."""
+    b, sq, hq, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    tq, tk = sel["tile_q"], sel["tile_k"]
+    table = sel["block_mask"]
+    assert table.shape == (b, hq, -(-sq // tq), -(-sk // tk)), table.shape
+    base = allowed_matrix(mask, b, sq, sk) if mask is not None else torch.ones(b, sq, sk, dtype=torch.bool)
+    outs, lses = [], []
+    for h in range(hq):
+        kept = table[:, h].repeat_interleave(tq, 1)[:, :sq].repeat_interleave(tk, 2)[:, :, :sk] > 0
+        g = h // (hq // hk)
+        o, l = ref_attention(q[:, :, h:h + 1].cpu(), k[:, :, g:g + 1].cpu(), v[:, :, g:g + 1].cpu(),
+                             allowed=base & kept)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 2), torch.cat(lses, 1), base
+
+
+CPU_SPECS = [
+    "vertical_slash(v=8,s=4,block=32,last=16,dense_below=0)",
+    "flexprefill(gamma=0.8,tau=0.1,min_budget=32,block=32,last=16,dense_below=0)",
+    "topmass(gamma=0.8,block=32,dense_below=0)",
+    "relthresh(alpha=0.3,block=32,dense_below=0)",
+    "moba(block=32,topk=2,dense_below=0)",
+    "proxy(gamma=0.8,rows=4,block=32,last=16,dense_below=0)",
+]
+
+
+@pytest.mark.parametrize("spec", CPU_SPECS)
+@pytest.mark.parametrize("sq,sk", [(7, 7), (65, 65), (113, 300), (1, 257)])
+def test_cpu_matches_reference_on_the_kept_tiles(spec, sq, sk):
+    q, k, v = qkv(1, sq, sk, 4, 2, 32, torch.float32, "cpu", gen_seed=sq * 1000 + sk)
+    out, lse, sel = longattn.sparse_attention(q, k, v, spec, "causal", return_lse=True,
+                                              return_selection=True)
+    ref_o, ref_l, base = selected_ref(q, k, v, "causal", sel)
+    assert_close(out, ref_o, torch.float32)
+    fin = torch.isfinite(ref_l)
+    assert torch.equal(fin, torch.isfinite(lse.double()))
+    assert (lse.double()[fin] - ref_l[fin]).abs().max() < 1e-4
+    # Kinds: a tile the mask allows whole is 1, in part 2, nothing 0 (never kept).
+    tq, tk = sel["tile_q"], sel["tile_k"]
+    t = sel["block_mask"]
+    for qi in range(t.shape[2]):
+        for ki in range(t.shape[3]):
+            blk = base[0, qi * tq:(qi + 1) * tq, ki * tk:(ki + 1) * tk]
+            want = 0 if not blk.any() else (1 if blk.all() else 2)
+            kinds = set(t[0, :, qi, ki].tolist())
+            assert kinds <= {0, want}, (qi, ki, kinds, want)
+    assert 0.0 < sel["density"] <= 1.0 and not sel["fallback"]
+
+
+def test_dense_fallback_keeps_every_tile_and_equals_attention():
+    q, k, v = qkv(1, 200, 200, 2, 2, 32, torch.float32, "cpu")
+    out, sel = longattn.sparse_attention(q, k, v, "vertical_slash(v=2,s=2)", "causal",
+                                         return_selection=True)
+    assert sel["fallback"] and sel["density"] == 1.0
+    dense = longattn.attention(q, k, v, "causal")
+    assert torch.equal(out, dense)
+
+
+def test_no_mask_and_window_mask():
+    q, k, v = qkv(1, 150, 150, 2, 1, 32, torch.float32, "cpu")
+    for mask in (None, "causal & window(40,0)"):
+        out, sel = longattn.sparse_attention(q, k, v, "topmass(gamma=0.7,block=32,dense_below=0)",
+                                             mask, return_selection=True)
+        ref_o, _, _ = selected_ref(q, k, v, mask, sel)
+        assert_close(out, ref_o, torch.float32)
+
+
+def test_bad_input_is_a_clear_error():
+    q, k, v = qkv(1, 64, 64, 2, 2, 32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="unknown method"):
+        longattn.sparse_attention(q, k, v, "nosuch(a=1)")
+    with pytest.raises(ValueError, match="gamma"):
+        longattn.sparse_attention(q, k, v, "topmass(gamma=2)")
+    with pytest.raises(ValueError, match="BlockMask"):
+        longattn.sparse_attention(q, k, v, "topmass()",
+                                  longattn.BlockMask(torch.ones(1, 1, 1, 1, dtype=torch.bool), (64, 64)))
+    qg = q.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        longattn.sparse_attention(qg, k, v, "topmass()")
+    with torch.no_grad():
+        longattn.sparse_attention(qg, k, v, "topmass()")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device (skipped)")
+@pytest.mark.parametrize("sq,sk", [(1, 2048), (113, 113), (1023, 1023), (3000, 3000), (500, 2100)])
+def test_cuda_vertical_slash_matches_reference_and_the_cpu_selection(sq, sk):
+    require_cuda()
+    spec = "vertical_slash(v=16,s=8,block=128,last=64,dense_below=0)"
+    q, k, v = qkv(1, sq, sk, 4, 2, 128, torch.bfloat16, "cuda", gen_seed=sq + sk)
+    out, lse, sel = longattn.sparse_attention(q, k, v, spec, "causal", return_lse=True,
+                                              return_selection=True)
+    ref_o, ref_l, _ = selected_ref(q, k, v, "causal", sel)
+    assert_close(out.cpu(), ref_o, torch.bfloat16)
+    # From 2k keys the D 128 kernel's tiles are 128 x 128, the CPU spec's block: the selections
+    # agree (f32 vs f64 masses; random inputs have no near-ties at the cut).
+    if sk >= 2048 and (sel["tile_q"], sel["tile_k"]) == (128, 128):
+        _, cpu_sel = longattn.sparse_attention(q.cpu(), k.cpu(), v.cpu(), spec, "causal",
+                                               return_selection=True)
+        assert torch.equal(cpu_sel["block_mask"], sel["block_mask"])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device (skipped)")
+def test_cuda_fallback_and_refusals():
+    require_cuda()
+    q, k, v = qkv(1, 300, 300, 2, 2, 64, torch.bfloat16, "cuda")
+    out, sel = longattn.sparse_attention(q, k, v, "vertical_slash()", "causal", return_selection=True)
+    assert sel["fallback"]
+    torch.testing.assert_close(out, longattn.attention(q, k, v, "causal"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no CUDA estimator"):
+        longattn.sparse_attention(q, k, v, "topmass(dense_below=0)")
+    with pytest.raises(ValueError, match="CPU forward only"):
+        longattn.sparse_attention(q, k, v, "vertical_slash(skip=10,dense_below=0)")
+    # No selection requested: no synchronisation, the same output.
+    o1 = longattn.sparse_attention(q, k, v, "vertical_slash(v=4,s=4,dense_below=0)")
+    o2, _ = longattn.sparse_attention(q, k, v, "vertical_slash(v=4,s=4,dense_below=0)",
+                                      return_selection=True)
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
