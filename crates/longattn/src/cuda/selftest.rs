@@ -1160,14 +1160,18 @@ pub struct SparseCase {
     /// Inputs with planted sinks, hub columns and diagonals ([`crate::sparse::structured_qk`])
     /// instead of plain random ones.
     pub structured: bool,
+    /// Keys repeated in runs of 4 (k_j = k_{4 floor(j / 4)}): equal column masses, so the top-n
+    /// cut falls inside a run of ties.
+    pub tied: bool,
 }
 
 impl SparseCase {
     pub fn name(&self) -> String {
         format!(
-            "sparse {}{} {}",
+            "sparse {}{}{} {}",
             self.base.name(),
             if self.structured { " structured" } else { "" },
+            if self.tied { " tied keys" } else { "" },
             self.spec
         )
     }
@@ -1185,6 +1189,7 @@ pub fn sparse_cases(quick: bool) -> Vec<SparseCase> {
             base: c,
             spec: spec.into(),
             structured,
+            tied: false,
         })
     };
     let sizes: &[(usize, usize)] = if quick {
@@ -1248,6 +1253,17 @@ pub fn sparse_cases(quick: bool) -> Vec<SparseCase> {
     let mut c = FwdCase::new(BF16, 640, 640, 128, "causal");
     (c.hq, c.hk) = (8, 1);
     add(c, vs, false);
+    for spec in [
+        "vertical_slash(v=6,s=3,last=64,sink=0,local=0,dense_below=0)",
+        "vertical_slash(v=1,s=0,last=64,sink=0,local=0,dense_below=0)",
+    ] {
+        v.push(SparseCase {
+            base: FwdCase::new(BF16, 900, 900, 128, "full"),
+            spec: spec.into(),
+            structured: false,
+            tied: true,
+        });
+    }
     v
 }
 
@@ -1263,6 +1279,19 @@ pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> Case
             let c = &case.base;
             (bt.q, bt.k) =
                 crate::sparse::structured_qk(c.dtype, c.batch, c.sq, c.sk, c.hq, c.hk, c.d, seed);
+        }
+        if case.tied {
+            let c = &case.base;
+            let x = bt.k.data.to_f32_vec();
+            let row = c.hk * c.d;
+            let y: Vec<f32> = (0..c.batch * c.sk)
+                .flat_map(|bj| {
+                    let (b, j) = (bj / c.sk, bj % c.sk);
+                    let src = (b * c.sk + j - j % 4) * row;
+                    x[src..src + row].to_vec()
+                })
+                .collect();
+            bt.k.data = crate::tensor::Buffer::from_f32(c.dtype, &y);
         }
         let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
         let spec = crate::sparse::SparseSpec::parse(&case.spec)?;

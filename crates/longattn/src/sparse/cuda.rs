@@ -54,6 +54,8 @@ struct SpParams {
     cnt: u64,
     off: u64,
     ent: u64,
+    thr: u64,
+    seg: u64,
     last: i32,
     nchunks: i32,
     nv: i32,
@@ -62,10 +64,20 @@ struct SpParams {
     local: i32,
     k_tiles: i32,
     vec: i32,
+    nseg: i32,
+    pad: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernels' parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for SpParams {}
+
+/// Lines per block of the flag / prefix kernels (`SP_SEG`).
+const SP_SEG: usize = 4096;
+
+/// Segments of the longer line kind (diagonals: Sq + Sk - 1).
+fn nseg(d: &Dims) -> usize {
+    (d.sq + d.sk - 1).div_ceil(SP_SEG)
+}
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -109,6 +121,8 @@ struct Scratch {
     cnt: CudaSlice<u32>,
     off: CudaSlice<u32>,
     ent: CudaSlice<u32>,
+    thr: CudaSlice<i32>,
+    seg: CudaSlice<u32>,
 }
 
 /// The kernels of one (dtype, head dim, tiles, mask program) variant.
@@ -117,6 +131,8 @@ struct Kernels {
     lse: CudaFunction,
     mass: CudaFunction,
     select: CudaFunction,
+    flags: CudaFunction,
+    prefix: CudaFunction,
     coarsen: CudaFunction,
     scan: CudaFunction,
 }
@@ -224,6 +240,8 @@ impl SparsePlan {
             lse: f("sp_vs_lse", 0)?,
             mass: f("sp_vs_mass", smem.1)?,
             select: f("sp_vs_select", 0)?,
+            flags: f("sp_vs_flags", 0)?,
+            prefix: f("sp_vs_prefix", 0)?,
             coarsen: f("sp_coarsen", 0)?,
             scan: f("sp_scan", 0)?,
         };
@@ -242,6 +260,8 @@ impl SparsePlan {
             cnt: zu(rows)?,
             off: zu(rows + 1)?,
             ent: zu(cap)?,
+            thr: s.alloc_zeros::<i32>(bh * 4).map_err(drv("alloc"))?,
+            seg: zu(bh * 2 * nseg(&dims))?,
         };
         plan.k = Some((kernels, scratch));
         Ok(plan)
@@ -308,6 +328,8 @@ impl SparsePlan {
             cnt: ptr_u(&sc.cnt),
             off: ptr_u(&sc.off),
             ent: ptr_u(&sc.ent),
+            thr: sc.thr.device_ptr(s).0,
+            seg: ptr_u(&sc.seg),
             last: last as i32,
             nchunks: self.nchunks as i32,
             nv: v as i32,
@@ -316,6 +338,8 @@ impl SparsePlan {
             local: local as i32,
             k_tiles: self.dims.sk.div_ceil(self.fwd.tile.bc) as i32,
             vec: (q.tma_aligned() && k.tma_aligned()) as i32,
+            nseg: nseg(&self.dims) as i32,
+            pad: 0,
         };
         let bh = (self.dims.batch * self.dims.hq) as u32;
         let q_tiles = self.dims.sq.div_ceil(self.fwd.tile.br) as u32;
@@ -354,8 +378,11 @@ impl SparsePlan {
         around("masses", &mut || {
             launch(&kern.mass, cfg((nch, bh, 1), 256, smem.1), None)
         })?;
+        let ns = nseg(&self.dims) as u32;
         around("top lines", &mut || {
-            launch(&kern.select, cfg((bh, 2, 1), 1024, 0), None)
+            launch(&kern.select, cfg((bh, 2, 1), 1024, 0), None)?;
+            launch(&kern.flags, cfg((ns, bh, 2), 1024, 0), None)?;
+            launch(&kern.prefix, cfg((ns, bh, 2), 1024, 0), None)
         })?;
         around("coarsen: count", &mut || {
             launch(&kern.coarsen, cfg((q_tiles, bh, 1), 128, 0), Some(0))
@@ -629,6 +656,8 @@ mod tests {
                 ("cnt", std::mem::offset_of!(SpParams, cnt)),
                 ("off", std::mem::offset_of!(SpParams, off)),
                 ("ent", std::mem::offset_of!(SpParams, ent)),
+                ("thr", std::mem::offset_of!(SpParams, thr)),
+                ("seg", std::mem::offset_of!(SpParams, seg)),
                 ("last", std::mem::offset_of!(SpParams, last)),
                 ("nchunks", std::mem::offset_of!(SpParams, nchunks)),
                 ("nv", std::mem::offset_of!(SpParams, nv)),
@@ -637,6 +666,8 @@ mod tests {
                 ("local", std::mem::offset_of!(SpParams, local)),
                 ("k_tiles", std::mem::offset_of!(SpParams, k_tiles)),
                 ("vec", std::mem::offset_of!(SpParams, vec)),
+                ("nseg", std::mem::offset_of!(SpParams, nseg)),
+                ("pad", std::mem::offset_of!(SpParams, pad)),
             ],
             std::mem::size_of::<SpParams>(),
         );

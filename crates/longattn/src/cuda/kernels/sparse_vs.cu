@@ -19,8 +19,10 @@
 //   sp_vs_mass    per (key chunk, b h): p over the chunk and a halo of L - 1 keys; the chunk's
 //                 column masses and the diagonals whose first row meets the chunk (shared-memory
 //                 adds: the f32 sums' order, not their terms, varies from run to run)
-//   sp_vs_select  per (b h, columns | diagonals): top-n by radix select on the f32 bits, forced
-//                 lines, exclusive prefix counts of the kept flags
+//   sp_vs_select  per (b h, columns | diagonals): the n-th largest mass by radix select on the
+//                 f32 bits, and where ties straddle the cut the last tied index kept
+//   sp_vs_flags   per (segment of SP_SEG lines, b h, kind): kept flags (forced lines included),
+//   sp_vs_prefix  their prefix counts in the segment, then the earlier segments' totals added
 //   sp_coarsen    per (query tile, b h), twice: count the kept candidate entries, then (after
 //   sp_scan       the exclusive scan of the counts) write them in order: the CSR schedule the
 //                 attention kernels read (`k_tile << 1 | partial`).
@@ -45,9 +47,15 @@ struct SpParams {
     u32* cnt;        // [BH q_tiles]: kept entries per row of the schedule
     u32* off;        // [BH q_tiles + 1]
     u32* ent;        // kept entries (CSR)
+    int* thr;        // [BH][2][2]: per (b h, line kind) the n-th largest bits T and the last index
+                     // of the lines equal to T that are kept (-1: none)
+    u32* seg;        // [BH][2][nseg]: kept lines per segment of SP_SEG
     int last, nchunks, nv, ns;
     int sink, local, k_tiles, vec;   // vec: q / k rows 16-byte aligned (vector loads)
+    int nseg, pad;
 };
+
+#define SP_SEG 4096   // lines per block of the flag / prefix kernels (4 per thread)
 
 // Kind of candidate tile (qt, kt) for (b, h): 0 absent, 1 Full, 2 Partial (binary search in
 // the mask's CSR row; rows are sorted by key tile).
@@ -350,11 +358,11 @@ __device__ __forceinline__ u32 sp_block_sum(u32 x, u32* ws) {
     return total;
 }
 
-// Top-n lines among those with mass > 0 (by mass, ties by the lower index) plus the forced ones
-// [f0, f1), as exclusive prefix counts out[0 .. N]. blockIdx.y: 0 columns, 1 diagonals.
-// The n-th largest value T comes from a radix select on the f32 bits (monotone for x >= 0):
-// four passes of 8-bit digits, each a shared histogram of the values that match the digits
-// chosen so far; every line above T is kept, and the lowest-index lines equal to T until n.
+// The top-n lines among those with mass > 0 (by mass, ties by the lower index), as (T, cut):
+// the lines kept are those with bits > T and those equal to T up to index `cut`.
+// blockIdx.y: 0 columns, 1 diagonals. The n-th largest value T comes from a radix select on the
+// f32 bits (monotone for x >= 0): four passes of 8-bit digits, each a shared histogram of the
+// values that match the digits chosen so far.
 extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParams p, const SpParams sp) {
     __shared__ u32 ws[32];
     __shared__ u32 hist[256];
@@ -363,10 +371,7 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParam
     const i64 nd = (i64)p.Sq + p.Sk - 1;
     const int N = diag ? (int)nd : p.Sk;
     const float* x = diag ? sp.diag + (i64)bh * nd : sp.col + (i64)bh * p.Sk;
-    u32* out = diag ? sp.dp + (i64)bh * (nd + 1) : sp.cp + (i64)bh * (p.Sk + 1);
     const u32 n = (u32)(diag ? sp.ns : sp.nv);
-    const int f0 = diag ? p.Sq - 1 : 0;
-    const int f1 = diag ? (int)min((i64)p.Sq - 1 + sp.local, nd) : min(sp.sink, p.Sk);
     u32 pos = 0;
     for (int j = threadIdx.x; j < N; j += blockDim.x) pos += __float_as_uint(x[j]) != 0u;
     pos = sp_block_sum(pos, ws);
@@ -413,31 +418,90 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParam
         T = prefix;
         need = rem;
     }
-    // Contiguous ranges per thread for the ordered passes: ranks of the lines equal to T, then
-    // the prefix counts of the kept flags.
-    const int per = (N + blockDim.x - 1) / blockDim.x;
-    const int a0 = min(N, (int)threadIdx.x * per), a1 = min(N, a0 + per);
-    u32 eq = 0;
-    for (int j = a0; j < a1; j++) eq += __float_as_uint(x[j]) == T;
+    // Lines equal to T: all kept when they are at most `need`, else the lowest-index `need`
+    // (an ordered pass, only then: ties at the cut).
+    int cut = -1;
+    if (T != 0xffffffffu) {
+        u32 eqc = 0;
+        for (int j = threadIdx.x; j < N; j += blockDim.x) eqc += __float_as_uint(x[j]) == T;
+        eqc = sp_block_sum(eqc, ws);
+        if (eqc <= need) {
+            cut = N;
+        } else if (need > 0) {
+            u32 before = 0;
+            for (int jb = 0; jb < N && before < need; jb += blockDim.x) {
+                const int j = jb + threadIdx.x;
+                const bool f = j < N && __float_as_uint(x[j]) == T;
+                u32 tot;
+                const u32 r = before + sp_block_scan(f, ws, tot);
+                if (f && r == need - 1) pick[0] = (u32)j;
+                before += tot;
+            }
+            __syncthreads();
+            cut = (int)pick[0];
+        }
+    }
+    if (threadIdx.x == 0) {
+        int* t = sp.thr + (bh * 2 + diag) * 2;
+        t[0] = (int)T;
+        t[1] = cut;
+    }
+}
+
+// The kept flags of lines [SP_SEG s, SP_SEG (s + 1)) of (b h, kind): prefix counts inside the
+// segment into out[j + 1], the segment's total into seg. Kept: bits > T, bits = T up to the
+// cut index, and the forced lines.
+extern "C" __global__ void __launch_bounds__(1024) sp_vs_flags(const LaFwdParams p, const SpParams sp) {
+    __shared__ u32 ws[32];
+    const int s = blockIdx.x, bh = blockIdx.y, diag = blockIdx.z;
+    const i64 nd = (i64)p.Sq + p.Sk - 1;
+    const int N = diag ? (int)nd : p.Sk;
+    const float* x = diag ? sp.diag + (i64)bh * nd : sp.col + (i64)bh * p.Sk;
+    u32* out = diag ? sp.dp + (i64)bh * (nd + 1) : sp.cp + (i64)bh * (p.Sk + 1);
+    const int f0 = diag ? p.Sq - 1 : 0;
+    const int f1 = diag ? (int)min((i64)p.Sq - 1 + sp.local, nd) : min(sp.sink, p.Sk);
+    const int* t = sp.thr + (bh * 2 + diag) * 2;
+    const u32 T = (u32)t[0];
+    const int cut = t[1];
+    const int j0 = s * SP_SEG + 4 * threadIdx.x;
+    u32 f[4], c = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int j = j0 + i;
+        f[i] = 0;
+        if (j < N) {
+            const u32 u = __float_as_uint(x[j]);
+            f[i] = (u != 0u && (u > T || (u == T && j <= cut))) || (j >= f0 && j < f1);
+        }
+        c += f[i];
+    }
     u32 tot;
-    const u32 rank0 = sp_block_scan(eq, ws, tot);
-    u32 rank = rank0, kept = 0;
-    for (int j = a0; j < a1; j++) {
-        const u32 u = __float_as_uint(x[j]);
-        bool k = u > T && u != 0u;
-        if (u == T && u != 0u) k = rank++ < need;
-        kept += k || (j >= f0 && j < f1);
+    u32 run = sp_block_scan(c, ws, tot);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        run += f[i];
+        if (j0 + i < N) out[j0 + i + 1] = run;
     }
-    u32 run = sp_block_scan(kept, ws, tot);
-    rank = rank0;
-    if (threadIdx.x == 0) out[0] = 0;
-    for (int j = a0; j < a1; j++) {
-        const u32 u = __float_as_uint(x[j]);
-        bool k = u > T && u != 0u;
-        if (u == T && u != 0u) k = rank++ < need;
-        run += k || (j >= f0 && j < f1);
-        out[j + 1] = run;
+    if (threadIdx.x == 0) sp.seg[(bh * 2 + diag) * sp.nseg + s] = tot;
+}
+
+// Adds the kept lines of the earlier segments to a segment's prefix counts (out[0] = 0).
+extern "C" __global__ void __launch_bounds__(1024) sp_vs_prefix(const LaFwdParams p, const SpParams sp) {
+    __shared__ u32 off;
+    const int s = blockIdx.x, bh = blockIdx.y, diag = blockIdx.z;
+    const i64 nd = (i64)p.Sq + p.Sk - 1;
+    const int N = diag ? (int)nd : p.Sk;
+    u32* out = diag ? sp.dp + (i64)bh * (nd + 1) : sp.cp + (i64)bh * (p.Sk + 1);
+    if (threadIdx.x == 0) {
+        u32 o = 0;
+        const u32* g = sp.seg + (bh * 2 + diag) * sp.nseg;
+        for (int i = 0; i < s; i++) o += g[i];
+        off = o;
+        if (s == 0) out[0] = 0;
     }
+    __syncthreads();
+    if (off == 0) return;
+    for (int j = s * SP_SEG + threadIdx.x; j < min(N, (s + 1) * SP_SEG); j += blockDim.x) out[j + 1] += off;
 }
 
 // The candidate entries of schedule row (b h, qt) that a kept column or diagonal crosses:
