@@ -165,6 +165,9 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         Some(m) => m.clone(),
         None => "causal".into(),
     };
+    for spec in specs {
+        longattn::sparse::cuda::check_spec(spec).with_context(|| format!("--sparse `{spec}`"))?;
+    }
     let dev = CudaDevice::open(a.device)?;
     let lens = parse_list(
         a.lens.as_deref().unwrap_or("4k,8k,64k,128k"),

@@ -1059,7 +1059,14 @@ fn bench_sparse_reports_every_spec_and_refuses_bad_input() {
             .args(["bench", "--sparse", "topmass", "--backend", "cuda"])
             .output()
             .unwrap(),
-        "CPU only",
+        "no CUDA estimator",
+    );
+    fails_with(
+        bin()
+            .args(["bench", "--sparse", "topmass", "--backend", "tpu"])
+            .output()
+            .unwrap(),
+        "runs on `cpu` or `cuda`",
     );
     fails_with(
         bin()

@@ -1187,6 +1187,26 @@ mod cuda_route {
         unsafe { DevTensor::borrow(s, name, t.ptr, t.shape, t.strides, dt) }
     }
 
+    /// q, k, v and the output of a forward as device tensors on stream `s`.
+    ///
+    /// # Safety
+    /// As for [`dev_tensor`], for each of them.
+    unsafe fn qkv_out(
+        s: &Arc<cudarc::driver::CudaStream>,
+        a: &AttnArgs,
+        out: &RawTensor,
+    ) -> Result<(DevTensor, DevTensor, DevTensor, DevTensor)> {
+        // SAFETY: forwarded.
+        unsafe {
+            Ok((
+                dev_tensor(s, "q", &a.q)?,
+                dev_tensor(s, "k", &a.k)?,
+                dev_tensor(s, "v", &a.v)?,
+                dev_tensor(s, "out", out)?,
+            ))
+        }
+    }
+
     fn f32_contig(op: &'static str, name: &str, t: &RawTensor) -> Result<()> {
         if !t.is_contiguous() {
             return Err(t.shape_err(op, name, "a contiguous float32 tensor".into()));
@@ -1303,14 +1323,7 @@ mod cuda_route {
         let dev = device(ord)?;
         let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract.
-        let (q, k, v, mut o) = unsafe {
-            (
-                dev_tensor(&s, "q", &a.q)?,
-                dev_tensor(&s, "k", &a.k)?,
-                dev_tensor(&s, "v", &a.v)?,
-                dev_tensor(&s, "out", out)?,
-            )
-        };
+        let (q, k, v, mut o) = unsafe { qkv_out(&s, a, out)? };
         let tma = q.tma_aligned() && k.tma_aligned() && v.tma_aligned();
         let data = mask_data(FWD, a, dims, stream)?;
         let key = fwd_key(ord, a, dims, dt, &data, tma);
@@ -1356,14 +1369,7 @@ mod cuda_route {
         let dev = device(ord)?;
         let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract.
-        let (q, k, v, mut o) = unsafe {
-            (
-                dev_tensor(&s, "q", &a.q)?,
-                dev_tensor(&s, "k", &a.k)?,
-                dev_tensor(&s, "v", &a.v)?,
-                dev_tensor(&s, "out", out)?,
-            )
-        };
+        let (q, k, v, mut o) = unsafe { qkv_out(&s, a, out)? };
         let data = mask_data(OP, a, dims, stream)?;
         let key = SparseKey {
             fwd: fwd_key(ord, a, dims, dt, &data, true),

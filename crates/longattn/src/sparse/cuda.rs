@@ -110,6 +110,21 @@ fn vs_args(spec: &SparseSpec) -> Result<[usize; 5]> {
 /// Wraps each launch of the estimator: `around(stage name, launch)` (timing, or just calling).
 type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
 
+/// Whether the device estimator takes `spec` (its method and arguments; lengths aside): the
+/// error a plan would give, before any device is opened.
+pub fn check_spec(spec: &SparseSpec) -> Result<()> {
+    spec.check()?;
+    if spec.skip.is_some() {
+        return Err(param(
+            "skip-softmax (`skip=F`) runs in the CPU forward only".into(),
+        ));
+    }
+    if spec.method != Method::Whole {
+        vs_args(spec)?;
+    }
+    Ok(())
+}
+
 /// Device buffers of the estimator and the selected schedule.
 struct Scratch {
     stats: CudaSlice<f32>,
@@ -163,12 +178,7 @@ impl SparsePlan {
         spec: &SparseSpec,
         mask: MaskSpec,
     ) -> Result<SparsePlan> {
-        spec.check()?;
-        if spec.skip.is_some() {
-            return Err(param(
-                "skip-softmax (`skip=F`) runs in the CPU forward only".into(),
-            ));
-        }
+        check_spec(spec)?;
         let fallback =
             dims.sk < spec.dense_below_or(CUDA_DENSE_BELOW) || spec.method == Method::Whole;
         let args = if fallback { [0; 5] } else { vs_args(spec)? };
@@ -516,19 +526,16 @@ fn rows_of<'a>(mask: &MaskSpec<'a>) -> Option<&'a dyn RowMask> {
     }
 }
 
-/// Host in, host out (the CLI and the selftest): uploads q, k, v, selects and attends on the
-/// device, returns the output, the LSE and the selection.
-pub fn forward<'a>(
+/// Uploads q, k, v, selects and attends on the device, waits, and returns the plan (its
+/// selection and masses stay readable) with the output and LSE.
+fn run_host(
     dev: &Arc<CudaDevice>,
-    q: &TensorView,
-    k: &TensorView,
-    v: &TensorView,
+    [q, k, v]: [&TensorView; 3],
     params: &AttnParams,
     spec: &SparseSpec,
-    mask: MaskSpec<'a>,
-) -> Result<(AttnOutput, Selection<'a>)> {
+    mask: MaskSpec,
+) -> Result<(SparsePlan, AttnOutput)> {
     let dims = crate::attention::validate(OP, q, k, v)?;
-    let rows = rows_of(&mask);
     let mut plan = SparsePlan::new(dev, dims, q.dtype(), params, spec, mask)?;
     let (qd, kd, vd) = (
         DevTensor::upload(dev, "q", q)?,
@@ -543,6 +550,22 @@ pub fn forward<'a>(
         out: o.download(dev)?,
         lse: dev.download(&lse)?,
     };
+    Ok((plan, out))
+}
+
+/// Host in, host out (the CLI and the selftest): uploads q, k, v, selects and attends on the
+/// device, returns the output, the LSE and the selection.
+pub fn forward<'a>(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec<'a>,
+) -> Result<(AttnOutput, Selection<'a>)> {
+    let rows = rows_of(&mask);
+    let (plan, out) = run_host(dev, [q, k, v], params, spec, mask)?;
     Ok((out, plan.selection(rows)?))
 }
 
@@ -572,20 +595,7 @@ pub fn check_vertical_slash<'a>(
 ) -> Result<(VsCheck, AttnOutput, Selection<'a>)> {
     let dims = crate::attention::validate(OP, q, k, v)?;
     let rows = rows_of(&mask);
-    let mut plan = SparsePlan::new(dev, dims, q.dtype(), params, spec, mask)?;
-    let (qd, kd, vd) = (
-        DevTensor::upload(dev, "q", q)?,
-        DevTensor::upload(dev, "k", k)?,
-        DevTensor::upload(dev, "v", v)?,
-    );
-    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.dv], q.dtype())?;
-    let mut lse = dev.alloc_f32(dims.batch * dims.hq * dims.sq)?;
-    plan.launch_on(dev.stream(), &qd, &kd, &vd, &mut o, &mut lse)?;
-    dev.synchronize()?;
-    let out = AttnOutput {
-        out: o.download(dev)?,
-        lse: dev.download(&lse)?,
-    };
+    let (plan, out) = run_host(dev, [q, k, v], params, spec, mask)?;
     let sel = plan.selection(rows)?;
     let Some((col, diag)) = plan.masses()? else {
         return Err(param(
