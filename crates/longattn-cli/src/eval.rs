@@ -50,8 +50,9 @@ pub struct Args {
     /// KV-cache compression (nll): a press such as `snapkv(budget=0.2,window=32)`,
     /// `streaming(sinks=4,window=1020)`, `h2o(budget=0.2)`, `a2sf(budget=0.2,f=0.95)`,
     /// `tova(budget=0.2)`, `knorm(budget=0.2)`, `pyramid(budget=0.2,beta=5)` (SnapKV with budgets
-    /// decreasing over the layers), applied as the cache grows; quantized pages
-    /// `kivi(bits=4|2,group=32,residual=32)`; query-aware page selection
+    /// decreasing over the layers), `duo(sinks=4,window=256,ratio=0.5)` (head roles probed on
+    /// the model; `roles=FILE` from `longattn kv roles`), applied as the cache grows; quantized
+    /// pages `kivi(bits=4|2,group=32,residual=32)`; query-aware page selection
     /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
     /// eviction first, then quantization).
     #[arg(long)]
@@ -233,7 +234,7 @@ fn default_book() -> Result<PathBuf> {
 }
 
 fn nll(a: &Args) -> Result<()> {
-    let press = match &a.kv {
+    let mut press = match &a.kv {
         Some(spec) => {
             if a.kv_chunk == 0 {
                 bail!("--kv-chunk must be >= 1");
@@ -243,6 +244,9 @@ fn nll(a: &Args) -> Result<()> {
         None => None,
     };
     let lm = lm::load(&a.model)?;
+    if let Some(p) = press.as_mut() {
+        crate::kv::attach_roles(p, &lm)?;
+    }
     let m = &lm.model;
     let attn = attention(a, m)?;
     let (mut ids, source) = match (&a.ids, &a.text) {
@@ -540,7 +544,7 @@ fn passkey(a: &Args) -> Result<()> {
     if a.trials == 0 || lengths.is_empty() || depths.is_empty() {
         bail!("--trials, --lengths and --depths must be non-empty");
     }
-    let press = match &a.kv {
+    let mut press = match &a.kv {
         Some(spec) => {
             let proto = match a.kv_protocol.as_str() {
                 "inside" => KvProtocol::Inside,
@@ -552,6 +556,9 @@ fn passkey(a: &Args) -> Result<()> {
         None => None,
     };
     let lm = lm::load(&a.model)?;
+    if let Some((p, _)) = press.as_mut() {
+        crate::kv::attach_roles(p, &lm)?;
+    }
     let m = &lm.model;
     let attn = attention(a, m)?;
     for &l in &lengths {

@@ -28,9 +28,9 @@ pub struct Args {
     #[arg(long, default_value = "causal")]
     attention: String,
     /// KV-cache compression while generating (the specs of `eval --kv`, e.g.
-    /// `snapkv(budget=0.2,window=32)`, `streaming(sinks=4,window=1020)`, `kivi(bits=4)`): the
-    /// prompt is prefilled in chunks with the press applied as the cache grows, then the press
-    /// runs after every new token.
+    /// `snapkv(budget=0.2,window=32)`, `streaming(sinks=4,window=1020)`, `kivi(bits=4)`,
+    /// `duo(sinks=4,window=256,roles=FILE)`): the prompt is prefilled in chunks with the press
+    /// applied as the cache grows, then the press runs after every new token.
     #[arg(long)]
     kv: Option<String>,
     /// How a group's query heads are reduced into one score under `--kv`: mean, max or sum.
@@ -48,11 +48,14 @@ pub fn main(a: Args) -> Result<()> {
 
 fn run(a: &Args) -> Result<()> {
     let attn = from_spec(&a.attention).context("--attention")?;
-    let press = match &a.kv {
+    let mut press = match &a.kv {
         Some(spec) => Some(lm::press_of(&a.attention, spec, &a.kv_reduce)?),
         None => None,
     };
     let lm = lm::load(&a.model)?;
+    if let Some(p) = press.as_mut() {
+        crate::kv::attach_roles(p, &lm)?;
+    }
     let m = &lm.model;
     let text = match (&a.prompt, &a.prompt_file) {
         (Some(t), _) => t.clone(),

@@ -156,6 +156,7 @@ pub fn prefill_pressed(
 
 /// The press of `--kv SPEC` over the attention `--attention MASK` (`--kv-reduce`): the checks
 /// `eval` and `generate` share (a mask expression, not `exact`; the spec and the reduction).
+/// A `duo(...)` press gets its head roles once the model is loaded ([`crate::kv::attach_roles`]).
 pub fn press_of(
     attention: &str,
     kv: &str,

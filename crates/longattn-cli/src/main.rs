@@ -8,6 +8,7 @@
 //! - `longattn fetch`: download the real-model fixtures (models, books) into the cache.
 //! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
 //! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
+//! - `longattn kv roles`: the head role table of a model (DuoAttention / RazorAttention probe).
 //! - `longattn cp run` / `cp bench`: context parallelism (ring, zigzag, all-gather, Ulysses,
 //!   auto) with ranks as threads.
 use clap::{Parser, Subcommand};
@@ -23,6 +24,7 @@ mod cp;
 mod eval;
 mod fetch;
 mod generate;
+mod kv;
 mod lm;
 mod mask;
 mod maskglue;
@@ -62,6 +64,8 @@ enum Cmd {
     /// Context parallelism: `cp run` (the contract of `run`, the sequence over ranks) and `cp bench`
     /// (scaling), ranks as threads on this CPU.
     Cp(cp::Args),
+    /// KV-cache tools: `kv roles` probes a model's heads and saves the role table of `duo(...)`.
+    Kv(kv::Args),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Cmd::Fetch(a) => fetch::main(a),
         Cmd::Tokenize(a) => tokenize::main(a),
         Cmd::Cp(a) => cp::main(a),
+        Cmd::Kv(a) => kv::main(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -406,3 +406,121 @@ fn generate_kv_matches_the_full_cache_and_frees_memory() {
         "not exact",
     );
 }
+
+/// `kv roles` writes the role table; `eval --kv duo(...)`: every head retrieval is the full cache
+/// bit for bit, every head streaming is `streaming(...)` bit for bit (roles probed on the fly),
+/// the saved table frees memory; `generate --kv duo(...)` with every head retrieval is the full
+/// cache's text; bad input is refused.
+#[test]
+fn kv_roles_and_duo() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let roles = tmp("roles.json");
+    let out = ok(bin()
+        .args(["kv", "roles", "--model"])
+        .arg(&model)
+        .arg("--output")
+        .arg(&roles)
+        .args(["--ratio", "0.25", "--copy-len", "48"])
+        .output()
+        .unwrap());
+    assert!(out.contains("retrieval heads"), "{out}");
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&roles).unwrap()).unwrap();
+    let (layers, hk) = (
+        t["layers"].as_u64().unwrap() as usize,
+        t["kv_heads"].as_u64().unwrap() as usize,
+    );
+    let flags: Vec<bool> = t["retrieval"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_bool().unwrap()))
+        .collect();
+    assert_eq!(flags.len(), layers * hk);
+    assert_eq!(
+        flags.iter().filter(|&&x| x).count(),
+        (0.25 * (layers * hk) as f64).ceil() as usize
+    );
+    assert_eq!(t["select"], "ratio=0.25");
+    let eval = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let json = tmp(name);
+        ok(bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--tokens", "80"])
+            .args(extra)
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap());
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let r = roles.display().to_string();
+    let full = eval("duo-full.json", &["--kv", "h2o(budget=1)"]);
+    let all = eval(
+        "duo-all.json",
+        &["--kv", &format!("duo(sinks=4,window=24,roles={r},ratio=1)")],
+    );
+    assert_eq!(all["nll_mean"], full["nll_mean"], "every head retrieval");
+    assert_eq!(all["kv_bytes"], all["kv_bytes_full"]);
+    let none = eval("duo-none.json", &["--kv", "duo(sinks=4,window=24,ratio=0)"]);
+    let stream = eval("duo-stream.json", &["--kv", "streaming(sinks=4,window=24)"]);
+    assert_eq!(none["nll_mean"], stream["nll_mean"], "every head streaming");
+    assert_eq!(none["kv_bytes"], stream["kv_bytes"]);
+    let saved = eval(
+        "duo-saved.json",
+        &["--kv", &format!("duo(sinks=4,window=24,roles={r})")],
+    );
+    let (kb, kf, ks) = (
+        saved["kv_bytes"].as_u64().unwrap(),
+        saved["kv_bytes_full"].as_u64().unwrap(),
+        stream["kv_bytes"].as_u64().unwrap(),
+    );
+    assert!(ks < kb && kb < kf, "duo {kb}, streaming {ks}, full {kf}");
+    // generate --kv duo (the same press construction): every head retrieval is the full cache's
+    // text; the saved table generates.
+    let gen = |spec: &str| -> String {
+        ok(bin()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .arg("--prompt-file")
+            .arg(&book)
+            .args(["--prompt-tokens", "120", "--max-new", "8", "--kv", spec])
+            .output()
+            .unwrap())
+    };
+    assert_eq!(
+        gen(&format!("duo(sinks=4,window=24,roles={r},ratio=1)")),
+        gen("h2o(budget=1)"),
+        "generate: every head retrieval"
+    );
+    gen(&format!("duo(sinks=4,window=24,roles={r})"));
+    let run = |args: &[&str]| bin().args(args).output().unwrap();
+    let m = model.display().to_string();
+    let bad = tmp("bad-roles.json");
+    std::fs::write(
+        &bad,
+        r#"{"layers":2,"kv_heads":1,"scores":[[0.1],[0.2]],"retrieval":[[true],[false]],"select":"ratio=0.5","prefix":0,"copy_len":4}"#,
+    )
+    .unwrap();
+    let b = bad.display().to_string();
+    fails_with(
+        run(&["kv", "roles", "--model", &m, "--output", &r, "--ratio", "2"]),
+        "outside [0, 1]",
+    );
+    let ev = |spec: &str| {
+        let book = book.display().to_string();
+        run(&[
+            "eval", "--model", &m, "--text", &book, "--tokens", "20", "--kv", spec,
+        ])
+    };
+    fails_with(
+        ev(&format!("duo(window=8,roles={b})")),
+        &format!("the model has {layers} x {hk}"),
+    );
+    fails_with(ev("duo(window=8,roles=/nonexistent/r.json)"), "cannot read");
+    fails_with(ev("duo(window=8,ratio=0.5,threshold=0.2)"), "not both");
+}

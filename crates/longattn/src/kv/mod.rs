@@ -33,6 +33,7 @@ pub mod decode;
 pub mod kivi;
 pub mod press;
 pub mod quest;
+pub mod roles;
 pub mod score;
 pub mod spec;
 

@@ -67,11 +67,13 @@ pub(crate) fn int_arg(op: &'static str, name: &str, key: &str, x: f64) -> Result
 }
 
 /// The policies of one `--kv` spec (module documentation).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct KvSpec {
     pub evict: Option<Press>,
     pub kivi: Option<Kivi>,
     pub quest: Option<Quest>,
+    /// `duo(...,roles=FILE)`: the role table's path (read by the caller, which owns the model).
+    pub roles: Option<String>,
 }
 
 impl From<Press> for KvSpec {
@@ -102,6 +104,11 @@ fn split_plus(text: &str) -> Vec<&str> {
 }
 
 impl KvSpec {
+    /// Whether the eviction press is `duo` (it needs a head role table).
+    pub fn needs_roles(&self) -> bool {
+        matches!(self.evict, Some(Press::Duo { .. }))
+    }
+
     pub fn parse(text: &str) -> Result<KvSpec> {
         let mut s = KvSpec::default();
         for part in split_plus(text) {
@@ -123,9 +130,11 @@ impl KvSpec {
                     }
                 }
                 _ => {
-                    if s.evict.replace(Press::parse(t)?).is_some() {
+                    let (p, roles) = Press::parse_with_roles(t)?;
+                    if s.evict.replace(p).is_some() {
                         return Err(twice("eviction press"));
                     }
+                    s.roles = roles;
                 }
             }
         }
@@ -142,7 +151,11 @@ impl fmt::Display for KvSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut parts: Vec<String> = Vec::new();
         if let Some(p) = &self.evict {
-            parts.push(p.to_string());
+            let t = p.to_string();
+            parts.push(match &self.roles {
+                Some(r) => format!("{},roles={r})", t.strip_suffix(')').unwrap_or(&t)),
+                None => t,
+            });
         }
         if let Some(k) = &self.kivi {
             parts.push(k.to_string());

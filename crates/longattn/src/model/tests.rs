@@ -417,11 +417,26 @@ fn run_press(
     first: usize,
     page: usize,
 ) -> (Vec<f32>, crate::kv::KvMemory) {
+    run_press_roles(m, toks, press, first, page, None)
+}
+
+/// As [`run_press`] with a head role table for `duo`.
+fn run_press_roles(
+    m: &Model,
+    toks: &[u32],
+    press: &str,
+    first: usize,
+    page: usize,
+    roles: Option<crate::kv::roles::HeadRoles>,
+) -> (Vec<f32>, crate::kv::KvMemory) {
     use crate::kv::press::runner::PressAttention;
     use crate::kv::score::Reduce;
     use crate::kv::spec::KvSpec;
-    let attn =
+    let mut attn =
         PressAttention::with_spec("causal", KvSpec::parse(press).unwrap(), Reduce::Mean).unwrap();
+    if let Some(r) = roles {
+        attn.set_roles(r).unwrap();
+    }
     let mut cache = m.new_cache(page).unwrap();
     let s = cache.add_sequence();
     let mut out = Vec::new();
@@ -544,5 +559,47 @@ fn kv_streaming_eviction_equals_the_sinks_and_window_mask() {
             );
             assert!(mem.bytes_entries < mem.bytes_full);
         }
+    }
+}
+
+#[test]
+fn head_role_probe_on_the_model_and_duo_under_it() {
+    use crate::kv::roles::{probe, RoleSelect};
+    for arch in ["llama", "gemma3"] {
+        let m = Model::load(&synthetic(arch, 21), LoadOptions::default()).unwrap();
+        let r = probe(&m, &[3], 37, 5, RoleSelect::Ratio(0.5)).unwrap();
+        assert_eq!((r.layers, r.kv_heads), (3, 2));
+        r.check(3, 2).unwrap();
+        assert!(r.scores.iter().flatten().all(|&x| (0.0..=1.0).contains(&x)));
+        assert!(r.scores.iter().flatten().any(|&x| x > 0.0));
+        assert_eq!(r.retrieval.iter().flatten().filter(|&&x| x).count(), 3);
+        // Seeded: the same table again; another seed gives other scores.
+        assert_eq!(probe(&m, &[3], 37, 5, RoleSelect::Ratio(0.5)).unwrap(), r);
+        assert_ne!(
+            probe(&m, &[3], 37, 6, RoleSelect::Ratio(0.5))
+                .unwrap()
+                .scores,
+            r.scores
+        );
+        let t = tokens(60, 22);
+        let (want, full) = run_press(&m, &t, "h2o(budget=1)", 25, 16);
+        // Every head a retrieval head: the full cache bit for bit.
+        let all = r.reselect(RoleSelect::Ratio(1.0)).unwrap();
+        let (got, mem) = run_press_roles(&m, &t, "duo(sinks=2,window=4)", 25, 16, Some(all));
+        assert!(got == want, "{arch}: duo with every head retrieval");
+        assert_eq!(mem, full);
+        // Half the heads streaming: less memory than the full cache, more than all streaming.
+        let (half, mem_half) = run_press_roles(&m, &t, "duo(sinks=2,window=4)", 25, 16, Some(r));
+        let none = probe(&m, &[3], 37, 5, RoleSelect::Ratio(0.0)).unwrap();
+        let (_, mem_none) = run_press_roles(&m, &t, "duo(sinks=2,window=4)", 25, 16, Some(none));
+        assert!(max_diff(&half, &want) > 1e-4, "{arch}: duo changed nothing");
+        assert_eq!(
+            mem_half.bytes_entries,
+            (3 * 60 + 3 * 5) * 2 * 8 * 4,
+            "{arch}"
+        );
+        assert_eq!(mem_none.bytes_entries, 6 * 5 * 2 * 8 * 4, "{arch}");
+        assert!(mem_none.bytes_in_use < mem_half.bytes_in_use);
+        assert!(mem_half.bytes_in_use < full.bytes_in_use);
     }
 }

@@ -9,6 +9,7 @@
 //! | `a2sf(budget=B,f=F)` | the n heaviest by attention accumulated with forgetting factor F | A2SF |
 //! | `snapkv(budget=B,window=W,kernel=K)` | the last W, then the heaviest by the window's attention max-pooled over K neighbours | SnapKV(W) |
 //! | `pyramid(budget=B,window=W,kernel=K,beta=R)` | SnapKV's choice with a budget per layer (PyramidKV, below) | SnapKV(W) |
+//! | `duo(sinks=S,window=W,ratio=F \| threshold=T)` | retrieval heads: everything; streaming heads: the first S and the last W (roles from a probe, [`crate::kv::roles`]) | none |
 //! | `tova(budget=B)` | the n most attended by the latest query | TOVA |
 //! | `knorm(budget=B)` | the n keys of smallest L2 norm | none |
 //!
@@ -36,6 +37,7 @@ pub mod tova;
 
 use std::fmt;
 
+use super::roles::{HeadRoles, RoleSelect};
 use super::score::{KvScores, ScoreKind};
 use super::{PagedKvCache, SeqId};
 use crate::error::{Error, Result};
@@ -71,6 +73,14 @@ pub enum Press {
         kernel: usize,
         beta: f64,
     },
+    /// DuoAttention / RazorAttention head roles: retrieval heads keep everything, streaming
+    /// heads the sinks and the window. The roles come with [`compress_with`]'s table; `select`
+    /// (when given) says how a table probed on the fly chooses them.
+    Duo {
+        sinks: usize,
+        window: usize,
+        select: Option<RoleSelect>,
+    },
     Tova {
         budget: f64,
     },
@@ -79,7 +89,7 @@ pub enum Press {
     },
 }
 
-const KNOWN: &str = "streaming, h2o, a2sf, snapkv, pyramid, tova, knorm";
+const KNOWN: &str = "streaming, h2o, a2sf, snapkv, pyramid, duo, tova, knorm";
 
 /// The accepted arguments of each press with their defaults (None: required), canonical order.
 fn arguments(name: &str) -> Option<&'static [(&'static str, Option<f64>)]> {
@@ -98,14 +108,47 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, Option<f64>)]> {
             ("kernel", Some(5.0)),
             ("beta", Some(5.0)),
         ],
+        "duo" => &[
+            ("sinks", Some(4.0)),
+            ("window", None),
+            ("ratio", Some(f64::NAN)),
+            ("threshold", Some(f64::NAN)),
+        ],
         _ => return None,
     })
 }
 
 impl Press {
-    /// Parses a spec (grammar in the module documentation).
+    /// Parses a spec (grammar in the module documentation). `duo(...,roles=FILE)` is a `--kv`
+    /// spec's ([`crate::kv::spec::KvSpec`]), which reads the file: see
+    /// [`parse_with_roles`](Self::parse_with_roles).
     pub fn parse(text: &str) -> Result<Press> {
-        let (name, given) = crate::sparse::spec::split_call(OP, text)?;
+        let (p, roles) = Press::parse_with_roles(text)?;
+        if roles.is_some() {
+            return Err(err(format!(
+                "`{text}`: `roles=FILE` names a role table, which a --kv spec reads (KvSpec::parse); a bare press takes its roles through compress_with"
+            )));
+        }
+        Ok(p)
+    }
+
+    /// As [`parse`](Self::parse), also returning duo's `roles=FILE` argument (the path of a role
+    /// table), which no other press takes.
+    pub fn parse_with_roles(text: &str) -> Result<(Press, Option<String>)> {
+        let (name, mut given) = crate::sparse::spec::split_call(OP, text)?;
+        let mut roles = None;
+        if name == "duo" {
+            if let Some(i) = given.iter().position(|g| g.0 == "roles") {
+                let path = given.remove(i).1;
+                if given.iter().any(|g| g.0 == "roles") {
+                    return Err(err("`duo`: argument `roles` given twice".into()));
+                }
+                if path.is_empty() {
+                    return Err(err("`duo`: `roles=` names no file".into()));
+                }
+                roles = Some(path.to_string());
+            }
+        }
         if name.is_empty() {
             return Err(err(format!("`{text}`: no press name (known: {KNOWN})")));
         }
@@ -153,6 +196,22 @@ impl Press {
                 kernel: int("kernel")?,
                 beta: arg("beta")?,
             },
+            "duo" => {
+                let opt = |key: &str| arg(key).map(|x| (!x.is_nan()).then_some(x));
+                let select = match (opt("ratio")?, opt("threshold")?) {
+                    (Some(_), Some(_)) => {
+                        return Err(err(format!("`{text}`: give ratio or threshold, not both")))
+                    }
+                    (Some(r), None) => Some(RoleSelect::Ratio(r)),
+                    (None, Some(t)) => Some(RoleSelect::Threshold(t)),
+                    (None, None) => None,
+                };
+                Press::Duo {
+                    sinks: int("sinks")?,
+                    window: int("window")?,
+                    select,
+                }
+            }
             "tova" => Press::Tova {
                 budget: arg("budget")?,
             },
@@ -161,7 +220,7 @@ impl Press {
             },
         };
         press.check()?;
-        Ok(press)
+        Ok((press, roles))
     }
 
     /// Checks the fields (for presses built by hand rather than parsed).
@@ -172,9 +231,16 @@ impl Press {
             }
         }
         match *self {
-            Press::Streaming { sinks, window } if sinks + window == 0 => Err(err(format!(
-                "`{self}`: sinks + window must be >= 1 (nothing would be kept)"
-            ))),
+            Press::Streaming { sinks, window } | Press::Duo { sinks, window, .. }
+                if sinks + window == 0 =>
+            {
+                Err(err(format!(
+                    "`{self}`: sinks + window must be >= 1 (nothing would be kept)"
+                )))
+            }
+            Press::Duo {
+                select: Some(sel), ..
+            } => sel.check().map_err(|e| err(format!("`{self}`: {e}"))),
             Press::A2sf { f, .. } if !(0.0..=1.0).contains(&f) => Err(err(format!(
                 "`{self}`: forgetting factor f = {f} outside [0, 1]"
             ))),
@@ -193,7 +259,7 @@ impl Press {
     }
 
     /// The budget fraction of layer `layer` of `layers` (PyramidKV's per-layer budget; the
-    /// press's budget for the others; None for streaming).
+    /// press's budget for the others; None for streaming and duo).
     pub fn layer_budget(&self, layer: usize, layers: usize) -> Option<f64> {
         match *self {
             Press::Pyramid { budget, beta, .. } if layers > 1 => {
@@ -205,10 +271,10 @@ impl Press {
         }
     }
 
-    /// The budget fraction (None for streaming).
+    /// The budget fraction (None for streaming and duo).
     pub fn budget(&self) -> Option<f64> {
         match *self {
-            Press::Streaming { .. } => None,
+            Press::Streaming { .. } | Press::Duo { .. } => None,
             Press::H2o { budget }
             | Press::A2sf { budget, .. }
             | Press::SnapKv { budget, .. }
@@ -221,7 +287,7 @@ impl Press {
     /// The scores this press ranks by (None: it needs none).
     pub fn score_kind(&self) -> Option<ScoreKind> {
         match *self {
-            Press::Streaming { .. } | Press::Knorm { .. } => None,
+            Press::Streaming { .. } | Press::Duo { .. } | Press::Knorm { .. } => None,
             Press::H2o { .. } => Some(ScoreKind::H2o),
             Press::A2sf { f, .. } => Some(ScoreKind::A2sf(f as f32)),
             Press::SnapKv { window, .. } | Press::Pyramid { window, .. } => {
@@ -246,7 +312,9 @@ impl Press {
         layers: usize,
     ) -> usize {
         match *self {
-            Press::Streaming { sinks, window } => (sinks + window).saturating_sub(headroom),
+            Press::Streaming { sinks, window } | Press::Duo { sinks, window, .. } => {
+                (sinks + window).saturating_sub(headroom)
+            }
             _ => {
                 let b = self.layer_budget(layer, layers).expect("budget presses");
                 let n = (b * (seq_len + headroom) as f64).ceil() as usize;
@@ -278,6 +346,17 @@ impl fmt::Display for Press {
                 f,
                 "pyramid(budget={budget},window={window},kernel={kernel},beta={beta})"
             ),
+            Press::Duo {
+                sinks,
+                window,
+                select,
+            } => {
+                write!(f, "duo(sinks={sinks},window={window}")?;
+                if let Some(s) = select {
+                    write!(f, ",{s}")?;
+                }
+                write!(f, ")")
+            }
             Press::Tova { budget } => write!(f, "tova(budget={budget})"),
             Press::Knorm { budget } => write!(f, "knorm(budget={budget})"),
         }
@@ -331,8 +410,8 @@ pub fn keep(press: &Press, h: &HeadInput) -> Vec<usize> {
         return (0..h.len).collect();
     }
     match *press {
-        Press::Streaming { sinks, .. } => {
-            // n = S + W - headroom: the sinks, then the newest n - S.
+        Press::Streaming { sinks, .. } | Press::Duo { sinks, .. } => {
+            // n = S + W - headroom: the sinks, then the newest n - S (a duo streaming head).
             let s = sinks.min(h.n);
             streaming::keep(h.len, s, h.n - s)
         }
@@ -352,7 +431,7 @@ pub fn keep_reference(press: &Press, h: &HeadInput) -> Vec<usize> {
         return (0..h.len).collect();
     }
     match *press {
-        Press::Streaming { sinks, .. } => {
+        Press::Streaming { sinks, .. } | Press::Duo { sinks, .. } => {
             let s = sinks.min(h.n);
             streaming::keep_reference(h.len, s, h.n - s)
         }
@@ -384,11 +463,32 @@ pub fn compress(
     cache: &mut PagedKvCache,
     id: SeqId,
     press: &Press,
+    scores: Option<&mut KvScores>,
+    headroom: usize,
+) -> Result<CompressReport> {
+    compress_with(cache, id, press, scores, headroom, None)
+}
+
+/// As [`compress`] with the head role table `roles` that `duo` needs (retrieval heads keep
+/// every entry, the others are cut as streaming heads); ignored by the other presses.
+pub fn compress_with(
+    cache: &mut PagedKvCache,
+    id: SeqId,
+    press: &Press,
     mut scores: Option<&mut KvScores>,
     headroom: usize,
+    roles: Option<&HeadRoles>,
 ) -> Result<CompressReport> {
     press.check()?;
     let c = cache.config();
+    if let Press::Duo { .. } = press {
+        let r = roles.ok_or_else(|| {
+            err(format!(
+                "`{press}` needs the head role table (kv::roles::probe on the model, or roles=FILE from `longattn kv roles`); none was given"
+            ))
+        })?;
+        r.check(c.layers, c.kv_heads)?;
+    }
     let seq_len = cache.len(id)?;
     match (press.score_kind(), scores.as_deref()) {
         (Some(kind), None) => {
@@ -419,6 +519,10 @@ pub fn compress(
         let n = press.layer_target(seq_len, headroom, l, c.layers);
         for kh in 0..c.kv_heads {
             let len = cache.head_len(id, l, kh)?;
+            let n = match (press, roles) {
+                (Press::Duo { .. }, Some(r)) if r.is_retrieval(l, kh) => len,
+                _ => n,
+            };
             let sc: &[f32] = match scores.as_deref() {
                 Some(s) if press.score_kind().is_some() => s.head(l, kh),
                 _ => &[],

@@ -9,10 +9,11 @@
 //! bounds up to date at each attention and selects pages per query ([`QuestIndex`]).
 use std::sync::Mutex;
 
-use super::{compress, CompressReport, Press};
+use super::{compress_with, CompressReport, Press};
 use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
 use crate::kv::quest::QuestIndex;
+use crate::kv::roles::HeadRoles;
 use crate::kv::score::{KvScores, Observation, Reduce, ScoreParams};
 use crate::kv::spec::KvSpec;
 use crate::kv::{PagedKvCache, SeqId};
@@ -28,6 +29,8 @@ pub struct PressAttention {
     scores: Mutex<Option<(SeqId, KvScores)>>,
     /// Quest's page bounds and their sequence (created at the first attention).
     quest: Mutex<Option<(SeqId, QuestIndex)>>,
+    /// `duo`'s head role table ([`set_roles`](Self::set_roles)).
+    roles: Option<HeadRoles>,
 }
 
 impl PressAttention {
@@ -54,7 +57,26 @@ impl PressAttention {
             reduce,
             scores: Mutex::new(None),
             quest: Mutex::new(None),
+            roles: None,
         })
+    }
+
+    /// Gives `duo` its head role table (from [`crate::kv::roles::probe`] or a saved table);
+    /// an error for any other press.
+    pub fn set_roles(&mut self, roles: HeadRoles) -> Result<()> {
+        if !self.spec.needs_roles() {
+            return Err(Error::Param {
+                op: "kv press",
+                msg: format!("`{}` takes no head role table (only duo does)", self.spec),
+            });
+        }
+        self.roles = Some(roles);
+        Ok(())
+    }
+
+    /// The role table given with [`set_roles`](Self::set_roles).
+    pub fn roles(&self) -> Option<&HeadRoles> {
+        self.roles.as_ref()
     }
 
     /// Forgets the running scores and Quest's page bounds: the next attention starts a new
@@ -85,7 +107,7 @@ impl PressAttention {
                     Some(_) => return Err(other_seq()),
                     None => None,
                 };
-                compress(cache, seq, press, scores, headroom)?
+                compress_with(cache, seq, press, scores, headroom, self.roles.as_ref())?
             }
             None => {
                 let c = cache.config();

@@ -419,3 +419,127 @@ fn pyramid_budgets_decrease_with_depth_around_the_mean() {
         assert!(e.contains(want), "{bad}: {e}");
     }
 }
+
+#[test]
+fn duo_specs_parse_and_refuse_bad_input() {
+    use crate::kv::roles::RoleSelect;
+    use crate::kv::spec::KvSpec;
+    for (text, want) in [
+        (
+            "duo(sinks=4,window=256,ratio=0.5)",
+            Press::Duo {
+                sinks: 4,
+                window: 256,
+                select: Some(RoleSelect::Ratio(0.5)),
+            },
+        ),
+        (
+            "duo(window=8,threshold=0.25)",
+            Press::Duo {
+                sinks: 4,
+                window: 8,
+                select: Some(RoleSelect::Threshold(0.25)),
+            },
+        ),
+        (
+            "duo(sinks=0,window=8)",
+            Press::Duo {
+                sinks: 0,
+                window: 8,
+                select: None,
+            },
+        ),
+    ] {
+        let p = Press::parse(text).unwrap();
+        assert_eq!(p, want, "{text}");
+        assert_eq!(Press::parse(&p.to_string()).unwrap(), p);
+    }
+    let s = KvSpec::parse("duo(sinks=2,window=16,roles=/tmp/r.json)+kivi(bits=4)").unwrap();
+    assert_eq!(s.roles.as_deref(), Some("/tmp/r.json"));
+    assert!(s.needs_roles());
+    assert_eq!(KvSpec::parse(&s.to_string()).unwrap(), s, "{s}");
+    for (text, what) in [
+        ("duo(window=8,ratio=1.5)", "outside [0, 1]"),
+        ("duo(window=8,ratio=0.5,threshold=0.1)", "not both"),
+        ("duo(sinks=4)", "`window` is required"),
+        ("duo(sinks=0,window=0)", "must be >= 1"),
+        ("duo(window=8,roles=r.json)", "a --kv spec reads"),
+        ("duo(window=8,roles=)", "names no file"),
+        ("duo(window=8,roles=a,roles=b)", "given twice"),
+        ("h2o(budget=0.2,roles=r.json)", "unknown argument `roles`"),
+    ] {
+        let e = Press::parse(text).unwrap_err().to_string();
+        assert!(e.contains(what), "{text}: {e}");
+    }
+}
+
+#[test]
+fn duo_keeps_retrieval_heads_whole_and_cuts_streaming_heads_to_sinks_and_window() {
+    use crate::kv::roles::{HeadRoles, RoleSelect};
+    let (sinks, window) = (3usize, 17usize);
+    let press = Press::Duo {
+        sinks,
+        window,
+        select: None,
+    };
+    // Layer 0: KV head 0 retrieval; layer 1: KV head 1.
+    let roles = HeadRoles::from_scores(
+        vec![vec![0.9, 0.1], vec![0.2, 0.8]],
+        RoleSelect::Threshold(0.5),
+        0,
+        8,
+    )
+    .unwrap();
+    let (_, mut c) = run(None, 65, 0, 8);
+    let a = SeqId(0);
+    let mem = c.memory();
+    // Without the table, or with one of another shape: a clear error, nothing changed.
+    let e = compress(&mut c, a, &press, None, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs the head role table"), "{e}");
+    let other = HeadRoles::from_scores(vec![vec![0.5; 3]], RoleSelect::Ratio(0.5), 0, 8).unwrap();
+    let e = compress_with(&mut c, a, &press, None, 1, Some(&other))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 layers x 3 KV heads"), "{e}");
+    assert_eq!(c.memory(), mem);
+    let mut rng = Rng::new(12);
+    for step in 0..=40usize {
+        if step > 0 {
+            let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..LAYERS)
+                .map(|_| (randn(HK * D, &mut rng), randn(HK * D, &mut rng)))
+                .collect();
+            let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            c.append(a, &refs).unwrap();
+        }
+        let len = c.len(a).unwrap();
+        let rep = compress_with(&mut c, a, &press, None, 1, Some(&roles)).unwrap();
+        for l in 0..LAYERS {
+            for kh in 0..HK {
+                let pos = c.positions(a, l, kh).unwrap();
+                let want: Vec<u32> = if roles.is_retrieval(l, kh) {
+                    (0..len as u32).collect()
+                } else {
+                    streaming::keep_reference(len, sinks, window - 1)
+                        .into_iter()
+                        .map(|j| j as u32)
+                        .collect()
+                };
+                assert_eq!(pos, want, "step {step} layer {l} head {kh}");
+                assert_eq!(rep.kept[l * HK + kh], want.len());
+            }
+        }
+    }
+    // The streaming heads' pages are really freed: two heads of the full length, two of S + W - 1.
+    let len = c.len(a).unwrap();
+    let m = c.memory();
+    assert_eq!(
+        m.pages_in_use,
+        2 * len.div_ceil(16) + 2 * (sinks + window - 1).div_ceil(16)
+    );
+    assert_eq!(
+        m.bytes_entries,
+        (2 * len + 2 * (sinks + window - 1)) * 2 * D * 4
+    );
+}
