@@ -506,10 +506,6 @@ fn bind<'a>(a: &AttnArgs<'a>, dims: &Dims, data: MaskData) -> Result<Resolved<'a
 }
 
 fn spec<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
-    spec_of(r)
-}
-
-fn spec_of<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
     match r {
         Resolved::Prepared(s) => *s,
         Resolved::Full => MaskSpec::Full,
@@ -594,6 +590,49 @@ fn prologue(op: &'static str, a: &AttnArgs, lse: &RawTensor) -> Result<(Dims, DT
     Ok((dims, dt, dev))
 }
 
+/// [`prologue`], then `out` `[B, Sq, Hq, Dv]` in q's dtype on the same device (every forward).
+fn fwd_prologue(
+    op: &'static str,
+    a: &AttnArgs,
+    out: &RawTensor,
+    lse: &RawTensor,
+) -> Result<(Dims, DType, Device)> {
+    let (dims, dt, dev) = prologue(op, a, lse)?;
+    check_out(
+        op,
+        "out",
+        out,
+        &[dims.batch, dims.sq, dims.hq, dims.dv],
+        RawDType::Float(dt),
+        dev,
+    )?;
+    Ok((dims, dt, dev))
+}
+
+/// q, k, v of a CPU call as host views.
+///
+/// # Safety
+/// The entry points' contract: each tensor addresses live host memory of its shape and strides.
+unsafe fn host_qkv<'t>(
+    op: &'static str,
+    a: &AttnArgs,
+) -> Result<(TensorView<'t>, TensorView<'t>, TensorView<'t>)> {
+    // SAFETY: forwarded.
+    unsafe { Ok((a.q.view(op, "q")?, a.k.view(op, "k")?, a.v.view(op, "v")?)) }
+}
+
+/// A CPU forward's output and LSE into the caller's `out` and `lse`.
+///
+/// # Safety
+/// `out` and `lse` address writable host memory of their shapes and strides.
+unsafe fn write_result(out: &RawTensor, lse: &RawTensor, r: &crate::attention::AttnOutput) {
+    // SAFETY: forwarded.
+    unsafe {
+        write_host(out, &r.out.data);
+        write_f32(lse, &r.lse);
+    }
+}
+
 /// Attention forward: writes `out` `[B, Sq, Hq, Dv]` (q's dtype) and `lse` `[B, Hq, Sq]` (f32,
 /// natural log; -inf on rows with no allowed key, whose output is 0).
 ///
@@ -607,33 +646,16 @@ pub unsafe fn forward(
     lse: &RawTensor,
     stream: StreamHandle,
 ) -> Result<()> {
-    let (dims, dt, dev) = prologue(FWD, a, lse)?;
-    check_out(
-        FWD,
-        "out",
-        out,
-        &[dims.batch, dims.sq, dims.hq, dims.dv],
-        RawDType::Float(dt),
-        dev,
-    )?;
+    let (dims, dt, dev) = fwd_prologue(FWD, a, out, lse)?;
     match dev {
         Device::Cpu => {
             let data = mask_data(FWD, a, &dims, stream)?;
             let bm = bind(a, &dims, data)?;
             // SAFETY: the caller's contract.
-            let (q, k, v) = unsafe {
-                (
-                    a.q.view(FWD, "q")?,
-                    a.k.view(FWD, "k")?,
-                    a.v.view(FWD, "v")?,
-                )
-            };
+            let (q, k, v) = unsafe { host_qkv(FWD, a)? };
             let r = crate::forward(&q, &k, &v, a.params, spec(&bm))?;
             // SAFETY: the caller's contract (outputs writable).
-            unsafe {
-                write_host(out, &r.out.data);
-                write_f32(lse, &r.lse);
-            }
+            unsafe { write_result(out, lse, &r) };
             Ok(())
         }
         Device::Cuda(_) if matches!(a.mask, MaskArg::Prepared(_)) => Err(prepared_on_cuda()),
@@ -682,15 +704,7 @@ pub unsafe fn sparse_forward(
     report: bool,
 ) -> Result<SparseInfo> {
     const OP: &str = "sparse attention";
-    let (dims, dt, dev) = prologue(OP, a, lse)?;
-    check_out(
-        OP,
-        "out",
-        out,
-        &[dims.batch, dims.sq, dims.hq, dims.dv],
-        RawDType::Float(dt),
-        dev,
-    )?;
+    let (dims, dt, dev) = fwd_prologue(OP, a, out, lse)?;
     if !matches!(a.mask, MaskArg::Full | MaskArg::Expr(_)) {
         return Err(Error::Param {
             op: OP,
@@ -702,13 +716,10 @@ pub unsafe fn sparse_forward(
             let data = mask_data(OP, a, &dims, stream)?;
             let bm = bind(a, &dims, data)?;
             // SAFETY: the caller's contract.
-            let (q, k, v) = unsafe { (a.q.view(OP, "q")?, a.k.view(OP, "k")?, a.v.view(OP, "v")?) };
-            let (r, sel) = crate::sparse::forward(&q, &k, &v, a.params, spec, spec_of(&bm))?;
+            let (q, k, v) = unsafe { host_qkv(OP, a)? };
+            let (r, sel) = crate::sparse::forward(&q, &k, &v, a.params, spec, self::spec(&bm))?;
             // SAFETY: the caller's contract (outputs writable).
-            unsafe {
-                write_host(out, &r.out.data);
-                write_f32(lse, &r.lse);
-            }
+            unsafe { write_result(out, lse, &r) };
             Ok(sparse_info(&sel, report))
         }
         Device::Cuda(ord) => {
@@ -1379,7 +1390,7 @@ mod cuda_route {
         let docs = data.docs.clone();
         let plan = sparse_plans().get_or(key, || {
             let bm = bind(a, dims, data)?;
-            crate::sparse::cuda::SparsePlan::new(&dev, *dims, dt, a.params, spec, spec_of(&bm))
+            crate::sparse::cuda::SparsePlan::new(&dev, *dims, dt, a.params, spec, super::spec(&bm))
                 .map(Mutex::new)
         })?;
         let mut plan = plan.lock().unwrap();
