@@ -76,7 +76,7 @@ def main():
         "template <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {\n"
         "    const int pos = i + p.Sk - p.Sq;\n    (void)b; (void)h;\n    return j <= pos + p.mc[0];\n}\n"
     )
-    sp_head = read("common.cuh") + "\n" + read("fwd_params.cuh") + "\n" + causal + "\n"
+    sp_head = read("common.cuh") + "\n" + read("fwd_params.cuh") + "\n" + causal + "\n" + read("select.cuh") + "\n"
     for f16 in (0, 1):
         for d, br, bc in ((64, 192, 128), (128, 128, 128), (128, 192, 64), (256, 64, 64)):
             for cap in (0, 1):
@@ -91,6 +91,27 @@ def main():
                 else:
                     bad += 1
                     print(f"FAIL {tag}\n{log}")
+    # The KV-cache kernels (cuda/decode.rs, kv/cuda.rs): decode (paged / contiguous, the ring),
+    # the append / move / fill helpers, and the Quest selection.
+    kv = []
+    for f16 in (0, 1):
+        for d in (64, 128, 256):
+            for g, page, u, ns in ((4, 16, 4, 3), (8, 0, 2, 0), (1, 64, 4, 3)):
+                kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
+                                             LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns), ""))
+            kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
+        kv.append(("kv_append.cu", dict(LA_F16=f16), ""))
+    for f, defs, extra in kv:
+        opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
+        opts += [f"-D{x}={y}" for x, y in defs.items()]
+        rc, log = compile_src(lib, f, read("common.cuh") + "\n" + extra + "\n" + read(f), opts)
+        tag = f"{f} " + " ".join(f"{x}={y}" for x, y in defs.items())
+        variants.append(tag)
+        if rc == 0:
+            print(f"PASS {tag}")
+        else:
+            bad += 1
+            print(f"FAIL {tag}\n{log}")
     for f, nw, gla, f16, k, v, bv in (x for x in variants if isinstance(x, tuple)):
         defs = dict(LIN_NW=nw, LA_F16=f16, LIN_K=k, LIN_V=v, LIN_BV=bv, LIN_BK=32)
         if gla:

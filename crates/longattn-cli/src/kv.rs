@@ -2,6 +2,10 @@
 //! RazorAttention, training-free): the copy / induction probe of `longattn::kv::roles` run on the
 //! model, the retrieval heads chosen by ratio or threshold, the table written as JSON for
 //! `--kv 'duo(sinks=4,window=256,roles=FILE)'`.
+//!
+//! `longattn kv bench`: one layer's decode on the GPU under compression (full paged cache,
+//! per-head cache, Quest, eviction; `longattn::kv::cuda::bench`), with PyTorch SDPA and
+//! FlashInfer's paged decode on the full cache in the same run (`peer_kv_cuda.py`).
 use crate::lm;
 use anyhow::{bail, Context, Result};
 use longattn::kv::press::runner::PressAttention;
@@ -24,6 +28,187 @@ pub struct Args {
 enum Cmd {
     /// Probe a model's heads (a repeated random sequence) and save the role table as JSON.
     Roles(RolesArgs),
+    /// Time decode under compression on the GPU (eviction, Quest) against the full cache and peers.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Problems as BATCHxLEN, comma separated (LEN like 8k, 128k).
+    #[arg(long, default_value = "32x8k,1x128k,8x128k")]
+    configs: String,
+    /// Query heads / KV heads / head dim.
+    #[arg(long, default_value_t = 32)]
+    heads: usize,
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Fraction kept by eviction and attended by Quest.
+    #[arg(long, default_value_t = 0.2)]
+    budget: f64,
+    /// Peers on the full cache in the same run (sdpa, flashinfer; `none` for none).
+    #[arg(long, default_value = "sdpa,flashinfer")]
+    compare: String,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Rows as JSON lines.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const PEER_SCRIPT: &str = include_str!("peer_kv_cuda.py");
+
+#[derive(serde::Serialize)]
+struct PeerJob {
+    peers: Vec<String>,
+    configs: Vec<PeerCfg>,
+}
+
+#[derive(serde::Serialize)]
+struct PeerCfg {
+    id: usize,
+    batch: usize,
+    len: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    page: usize,
+}
+
+fn bench_cmd(a: &BenchArgs) -> Result<()> {
+    let mut cfgs = Vec::new();
+    for c in a.configs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        let (b, l) = c
+            .split_once('x')
+            .with_context(|| format!("config `{c}`: expected BATCHxLEN, e.g. 8x128k"))?;
+        let batch: usize = b
+            .parse()
+            .ok()
+            .filter(|&b| b > 0)
+            .with_context(|| format!("config `{c}`: batch `{b}` is not a positive integer"))?;
+        let len = crate::common::parse_len(l)
+            .filter(|&l| l > 0)
+            .with_context(|| format!("config `{c}`: length `{l}` is not a length like 8192 or 128k"))?;
+        cfgs.push(longattn::kv::cuda::KvBenchConfig {
+            batch,
+            len,
+            hq: a.heads,
+            hk: a.kv_heads,
+            d: a.dim,
+            budget: a.budget,
+            ..Default::default()
+        });
+    }
+    if !(a.budget > 0.0 && a.budget <= 1.0) {
+        bail!("--budget {}: must be in (0, 1]", a.budget);
+    }
+    let dev = longattn::cuda::CudaDevice::open(a.device)?;
+    let mut all = Vec::new();
+    for (i, c) in cfgs.iter().enumerate() {
+        eprintln!("kv bench {}x{} ...", c.batch, c.len);
+        let rows = longattn::kv::cuda::bench(&dev, c)?;
+        all.push((i, c.clone(), rows));
+        dev.synchronize()?;
+    }
+    let peers: Vec<String> = a
+        .compare
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s != "none")
+        .collect();
+    let mut peer_ms: std::collections::BTreeMap<(usize, String), Result<f64, String>> =
+        Default::default();
+    if !peers.is_empty() {
+        let dir = std::env::temp_dir().join(format!("longattn-kv-peer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let job = PeerJob {
+            peers: peers.clone(),
+            configs: cfgs
+                .iter()
+                .enumerate()
+                .map(|(id, c)| PeerCfg {
+                    id,
+                    batch: c.batch,
+                    len: c.len,
+                    heads: c.hq,
+                    kv_heads: c.hk,
+                    d: c.d,
+                    page: c.page,
+                })
+                .collect(),
+        };
+        let r = crate::peer::run_script(&dir, "peer_kv_cuda.py", PEER_SCRIPT, &job, |l| {
+            let (Some(id), Some(p)) = (
+                l.get("id").and_then(|x| x.as_u64()),
+                l.get("peer").and_then(|x| x.as_str()),
+            ) else {
+                return;
+            };
+            let v = match (l.get("ms").and_then(|x| x.as_f64()), l.get("error")) {
+                (Some(ms), _) => Ok(ms),
+                (None, Some(e)) => Err(e.as_str().unwrap_or("error").chars().take(200).collect()),
+                _ => return,
+            };
+            peer_ms.insert((id as usize, p.to_string()), v);
+        });
+        match r {
+            Ok(v) => println!("peers: {v}"),
+            Err(e) => println!("peer run failed: {e:#}"),
+        }
+    }
+    let mut json = String::new();
+    for (i, c, rows) in &all {
+        println!(
+            "\n{} x {} tokens, {} / {} heads, D {}, {} (device {}):\n",
+            c.batch, c.len, c.hq, c.hk, c.d, c.dtype, dev.name
+        );
+        println!("| kernel | ms | GB/s (bytes read) | cache MiB | vs full paged |");
+        println!("|---|---|---|---|---|");
+        for r in rows {
+            let gbs = if r.bytes > 0 {
+                format!("{:.0}", r.bytes as f64 / (r.ms * 1e-3) / 1e9)
+            } else {
+                "-".into()
+            };
+            println!(
+                "| {} | {:.4} | {gbs} | {:.0} | {:.2}x |",
+                r.name,
+                r.ms,
+                r.cache_bytes as f64 / (1 << 20) as f64,
+                r.speedup
+            );
+            json.push_str(&serde_json::to_string(&serde_json::json!({
+                "batch": c.batch, "len": c.len, "row": r,
+            }))?);
+            json.push('\n');
+        }
+        let full = rows.first().map(|r| r.ms).unwrap_or(f64::NAN);
+        for p in &peers {
+            match peer_ms.get(&(*i, p.clone())) {
+                Some(Ok(ms)) => {
+                    println!(
+                        "| peer {p} (full cache) | {ms:.4} | - | - | ours full paged / {p}: {:.3}x |",
+                        ms / full
+                    );
+                    json.push_str(&serde_json::to_string(&serde_json::json!({
+                        "batch": c.batch, "len": c.len, "peer": p, "ms": ms, "ours_over_peer": ms / full,
+                    }))?);
+                    json.push('\n');
+                }
+                Some(Err(e)) => println!("| peer {p} | error: {e} | | | |"),
+                None => println!("| peer {p} | no result | | | |"),
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        if path.exists() {
+            bail!("{} exists: not overwritten", path.display());
+        }
+        std::fs::write(path, json)?;
+    }
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +238,7 @@ struct RolesArgs {
 
 pub fn main(a: Args) -> Result<()> {
     match a.cmd {
+        Cmd::Bench(b) => bench_cmd(&b),
         Cmd::Roles(r) => {
             let pool = crate::common::pool(r.threads)?;
             pool.install(|| roles_cmd(&r))

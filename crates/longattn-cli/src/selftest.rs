@@ -105,6 +105,17 @@ pub fn main(a: Args) -> Result<()> {
             .into_iter()
             .filter(|r| keep(&r.name)),
     );
+    // KV-cache compression on the device (group `kv`, every case named `kv ...`).
+    let kv_asked = a.filter.as_ref().is_none_or(|f| {
+        f.starts_with("kv") || ["quest", "evict", "per-head"].iter().any(|k| f.contains(k))
+    });
+    if kv_asked {
+        results.extend(
+            longattn::kv::cuda::selftest(&dev)
+                .into_iter()
+                .filter(|r| keep(&r.name)),
+        );
+    }
     // The device sparse estimator (group `sparse`, every case named `sparse ...`).
     let scases: Vec<_> = sparse_cases(a.quick)
         .into_iter()

@@ -1486,6 +1486,7 @@ mod cuda_route {
             ord,
             layout: match layout {
                 KvLayout::Paged { page_size } => (1, page_size),
+                KvLayout::HeadPaged { page_size } => (2, page_size),
                 KvLayout::Contiguous { seq_cap } => (0, seq_cap),
             },
             dtype: dt,

@@ -68,7 +68,7 @@ struct LaDecParams {
     num_splits: i32,
     split_len: i32,
     head_chunks: i32,
-    pad0: i32,
+    head_tables: i32,
     q_scale: f32,
     cap_mul: f32,
 }
@@ -92,6 +92,21 @@ struct LaAppendParams {
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for LaAppendParams {}
 
+/// Parameters of `la_kv_move`; field for field `LaMoveParams` in `kernels/kv_append.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LaMoveParams {
+    k_pages: u64,
+    v_pages: u64,
+    src: u64,
+    dst: u64,
+    n: i64,
+    row_chunks: i64,
+}
+
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for LaMoveParams {}
+
 /// How the K/V rows of a batch are laid out on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvLayout {
@@ -99,18 +114,33 @@ pub enum KvLayout {
     Paged { page_size: usize },
     /// One slab per sequence `[B, seq_cap, Hk, D]` (no table: the baseline paging is held to).
     Contiguous { seq_cap: usize },
+    /// Ragged per-head pages (a compressed cache): pages of one KV head `[num_pages, page_size,
+    /// D]`, one block table and length per (sequence, KV head), `[B, Hk, max_pages]` / `[B, Hk]`.
+    HeadPaged { page_size: usize },
 }
 
 impl KvLayout {
     fn define(&self) -> usize {
         match *self {
-            KvLayout::Paged { page_size } => page_size,
+            KvLayout::Paged { page_size } | KvLayout::HeadPaged { page_size } => page_size,
             KvLayout::Contiguous { .. } => 0,
         }
+    }
+    /// Tokens per page (paged layouts).
+    pub fn page_size(&self) -> Option<usize> {
+        match *self {
+            KvLayout::Paged { page_size } | KvLayout::HeadPaged { page_size } => Some(page_size),
+            KvLayout::Contiguous { .. } => None,
+        }
+    }
+    /// One table per (sequence, KV head).
+    pub fn head_tables(&self) -> bool {
+        matches!(self, KvLayout::HeadPaged { .. })
     }
     pub fn name(&self) -> String {
         match *self {
             KvLayout::Paged { page_size } => format!("paged p{page_size}"),
+            KvLayout::HeadPaged { page_size } => format!("per-head paged p{page_size}"),
             KvLayout::Contiguous { .. } => "contiguous".into(),
         }
     }
@@ -195,6 +225,32 @@ impl DevPagedCache {
         )
     }
 
+    /// An empty ragged per-head cache ([`KvLayout::HeadPaged`]): `num_pages` pages of
+    /// `page_size` tokens of one KV head (zeros), `batch` sequences of `kv_heads` tables each.
+    pub fn new_head_paged(
+        dev: &Arc<CudaDevice>,
+        dtype: DType,
+        kv_heads: usize,
+        head_dim: usize,
+        page_size: usize,
+        num_pages: usize,
+        batch: usize,
+    ) -> Result<DevPagedCache> {
+        check_kind(dtype, head_dim)?;
+        if kv_heads == 0 {
+            return Err(param("kv heads must be >= 1".into()));
+        }
+        let pt = PageTables::new(page_size, num_pages, batch * kv_heads)?;
+        let n = num_pages * page_size * head_dim;
+        Self::empty(
+            dev,
+            (dtype, kv_heads, head_dim),
+            KvLayout::HeadPaged { page_size },
+            Slots::Paged(pt),
+            n,
+        )
+    }
+
     /// A cache of `n` zeroed K and V elements with no tables uploaded yet.
     fn empty(
         dev: &Arc<CudaDevice>,
@@ -249,20 +305,16 @@ impl DevPagedCache {
     }
 
     /// Uploads pages, tables and lengths given as host arrays (checked like the CPU decode).
+    /// With per-head tables (`bt.head_tables`) the cache is [`KvLayout::HeadPaged`].
     pub fn from_parts(
         dev: &Arc<CudaDevice>,
         kv: &PagedKv,
         bt: &BlockTables,
     ) -> Result<DevPagedCache> {
-        if bt.head_tables {
-            return Err(Error::Param {
-                op: "cuda decode",
-                msg: "per-head block tables (a compressed cache) run on the CPU decode only".into(),
-            });
-        }
         check_kind(kv.dtype(), kv.head_dim)?;
+        let batch = bt.lens.len() / bt.tables_per_seq(kv.kv_heads).max(1);
         let dims = validate(
-            [bt.lens.len(), 1, kv.kv_heads, kv.head_dim],
+            [batch, 1, kv.kv_heads, kv.head_dim],
             kv.dtype(),
             kv,
             bt,
@@ -279,8 +331,14 @@ impl DevPagedCache {
             dtype: kv.dtype(),
             kv_heads: kv.kv_heads,
             head_dim: kv.head_dim,
-            layout: KvLayout::Paged {
-                page_size: kv.page_size,
+            layout: if bt.head_tables {
+                KvLayout::HeadPaged {
+                    page_size: kv.page_size,
+                }
+            } else {
+                KvLayout::Paged {
+                    page_size: kv.page_size,
+                }
             },
             k: dev.upload(&bits(kv.k))?,
             v: dev.upload(&bits(kv.v))?,
@@ -302,10 +360,20 @@ impl DevPagedCache {
 
     pub fn batch(&self) -> usize {
         match &self.slots {
-            Slots::Paged(t) => t.batch(),
+            Slots::Paged(t) => t.batch() / self.rows_per_seq(),
             Slots::Contiguous { lens, .. } => lens.len(),
         }
     }
+    /// Block tables per sequence: Hk for [`KvLayout::HeadPaged`], else 1.
+    fn rows_per_seq(&self) -> usize {
+        if self.layout.head_tables() {
+            self.kv_heads
+        } else {
+            1
+        }
+    }
+    /// Length of every table row: per sequence, or per (sequence, KV head) for
+    /// [`KvLayout::HeadPaged`].
     pub fn lens(&self) -> Vec<usize> {
         match &self.slots {
             Slots::Paged(t) => (0..t.batch()).map(|s| t.len(s)).collect(),
@@ -343,8 +411,34 @@ impl DevPagedCache {
     }
 
     /// Grows sequence `seq` by `n` positions and returns their slots (rows of the pool).
+    /// A per-head cache grows every KV head of the sequence by the same positions; its slots
+    /// (rows of D elements) come as `[n, Hk]`.
     fn grow(&mut self, seq: usize, n: usize) -> Result<Vec<usize>> {
+        let hk = self.kv_heads;
+        let heads = self.layout.head_tables();
         match &mut self.slots {
+            Slots::Paged(t) if heads => {
+                if seq >= t.batch() / hk {
+                    return Err(param(format!(
+                        "sequence {seq} outside the batch of {}",
+                        t.batch() / hk
+                    )));
+                }
+                let saved = t.clone();
+                let mut per = Vec::with_capacity(hk);
+                for kh in 0..hk {
+                    match t.grow(seq * hk + kh, n) {
+                        Ok(s) => per.push(s),
+                        Err(e) => {
+                            *t = saved;
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok((0..n)
+                    .flat_map(|i| per.iter().map(move |s| s[i]))
+                    .collect())
+            }
             Slots::Paged(t) => t.grow(seq, n),
             Slots::Contiguous { cap, lens } => {
                 let (cap, b) = (*cap, lens.len());
@@ -366,10 +460,33 @@ impl DevPagedCache {
     /// Sets every sequence to `len` positions without writing them (benchmarks fill the pool on
     /// the device); a paged cache takes the pages from its free list.
     pub fn grow_all(&mut self, len: usize) -> Result<()> {
+        let per = self.rows_per_seq();
         for s in 0..self.batch() {
-            let cur = self.lens()[s];
+            let cur = self.lens()[s * per];
             if len > cur {
                 self.grow(s, len - cur)?;
+            }
+        }
+        self.sync()
+    }
+
+    /// Sets every table row r to `lens[r]` positions (at least its current length) without
+    /// writing them: a ragged per-head cache for benchmarks (pages filled on the device).
+    pub fn grow_rows(&mut self, lens: &[usize]) -> Result<()> {
+        let Slots::Paged(t) = &mut self.slots else {
+            return Err(param("grow_rows needs a paged cache".into()));
+        };
+        if lens.len() != t.batch() {
+            return Err(param(format!(
+                "{} lengths for {} table rows",
+                lens.len(),
+                t.batch()
+            )));
+        }
+        for (r, &l) in lens.iter().enumerate() {
+            let cur = t.len(r);
+            if l > cur {
+                t.grow(r, l - cur)?;
             }
         }
         self.sync()
@@ -397,7 +514,8 @@ impl DevPagedCache {
             return Ok(());
         }
         let f = self.append_fn()?;
-        let row_chunks = self.kv_heads * self.head_dim / 8;
+        // A slot is a token row of every KV head, or (per-head pages) of one.
+        let row_chunks = self.head_dim / 8 * if self.layout.head_tables() { 1 } else { self.kv_heads };
         let sl: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
         let sd = self.dev.upload(&sl)?;
         let s = self.dev.stream();
@@ -411,6 +529,7 @@ impl DevPagedCache {
             row_chunks: row_chunks as i64,
         };
         let total = slots.len() * row_chunks;
+        debug_assert_eq!(total * 8, k.data.len());
         let cfg = LaunchConfig {
             grid_dim: (total.div_ceil(256).clamp(1, self.dev.sms * 16) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -468,6 +587,121 @@ impl DevPagedCache {
         }
         self.sync()?;
         self.write_slots(&slots, k, v)
+    }
+
+    /// The device's block tables, their width and the lengths (what the kernels read).
+    pub(crate) fn device_tables(&self) -> (&CudaSlice<i32>, usize, &CudaSlice<i32>) {
+        (&self.tables, self.max_pages, &self.lens)
+    }
+
+    /// Block tables and lengths of every table row as the kernels read them: (`[rows,
+    /// max_pages]` padded with -1, max_pages, `[rows]`); rows are sequences, or (sequence, KV
+    /// head) pairs for [`KvLayout::HeadPaged`]. Contiguous caches have no tables.
+    pub fn tables(&self) -> Option<(Vec<i32>, usize, Vec<i32>)> {
+        match &self.slots {
+            Slots::Paged(t) => {
+                let (tab, w) = t.block_tables();
+                Some((tab, w, t.lens()))
+            }
+            Slots::Contiguous { .. } => None,
+        }
+    }
+
+    /// Compression of a [`KvLayout::HeadPaged`] cache: table row r (sequence r / Hk, KV head
+    /// r % Hk) keeps the entries `keep[r]` (strictly increasing indices below its length), moved in
+    /// order into fresh pages by `la_kv_move`; the row's old pages go back to the free list.
+    /// Returns the pages freed (in use before less in use after). Everything is checked before
+    /// anything moves: a bad keep list or too few free pages is an error and the cache is as it was.
+    pub fn compress_heads(&mut self, keep: &[Vec<usize>]) -> Result<usize> {
+        let d = self.head_dim;
+        let Slots::Paged(t) = &mut self.slots else {
+            return Err(param("compress_heads needs a per-head paged cache".into()));
+        };
+        if !self.layout.head_tables() {
+            return Err(param(format!(
+                "compress_heads needs a per-head paged cache, this one is {}",
+                self.layout.name()
+            )));
+        }
+        if keep.len() != t.batch() {
+            return Err(param(format!(
+                "{} keep lists for {} table rows (batch x KV heads)",
+                keep.len(),
+                t.batch()
+            )));
+        }
+        for (r, k) in keep.iter().enumerate() {
+            let len = t.len(r);
+            if let Some(w) = k.windows(2).find(|w| w[0] >= w[1]) {
+                return Err(param(format!(
+                    "keep list of row {r}: indices must increase ({} then {})",
+                    w[0], w[1]
+                )));
+            }
+            if let Some(&last) = k.last() {
+                if last >= len {
+                    return Err(param(format!(
+                        "keep list of row {r}: entry {last} past the row's {len} entries"
+                    )));
+                }
+            }
+        }
+        let in_use = |t: &PageTables| (0..t.batch()).map(|r| t.pages(r).len()).sum::<usize>();
+        let before = in_use(t);
+        let saved = t.clone();
+        let (mut src, mut dst) = (Vec::new(), Vec::new());
+        for (r, k) in keep.iter().enumerate() {
+            let from: Vec<i64> = k
+                .iter()
+                .map(|&e| t.slot(r, e).expect("checked above") as i64)
+                .collect();
+            match t.rebuild(r, k.len()) {
+                Ok((_, to)) => {
+                    src.extend(from);
+                    dst.extend(to.into_iter().map(|x| x as i64));
+                }
+                Err(e) => {
+                    *t = saved;
+                    return Err(e);
+                }
+            }
+        }
+        let after = in_use(t);
+        if !src.is_empty() {
+            let f = self.move_fn()?;
+            let (sd, dd) = (self.dev.upload(&src)?, self.dev.upload(&dst)?);
+            let s = self.dev.stream();
+            let row_chunks = d / 8;
+            let p = LaMoveParams {
+                k_pages: self.k.device_ptr(s).0,
+                v_pages: self.v.device_ptr(s).0,
+                src: sd.device_ptr(s).0,
+                dst: dd.device_ptr(s).0,
+                n: src.len() as i64,
+                row_chunks: row_chunks as i64,
+            };
+            let total = src.len() * row_chunks;
+            let cfg = LaunchConfig {
+                grid_dim: (total.div_ceil(256).clamp(1, self.dev.sms * 16) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = s.launch_builder(&f);
+            b.arg(&p);
+            // SAFETY: the struct matches the kernel's; every source slot is a live entry of its
+            // row and every destination a slot of a fresh page (taken from the free list before
+            // the old pages went back), both inside the pool; `sd` / `dd` live until the
+            // synchronisation below.
+            unsafe { b.launch(cfg) }.map_err(drv("launch kv move"))?;
+            self.dev.synchronize()?;
+        }
+        self.sync()?;
+        Ok(before - after)
+    }
+
+    fn move_fn(&self) -> Result<CudaFunction> {
+        let src = format!("{COMMON}\n{APPEND}");
+        self.dev.function("kv_move", "la_kv_move", &src, &[], 0)
     }
 
     /// The pools copied to the host (tests).
@@ -535,7 +769,7 @@ impl DecodePlan {
     ) -> Result<DecodePlan> {
         params.check()?;
         check_kind(dtype, d)?;
-        if let KvLayout::Paged { page_size } = layout {
+        if let KvLayout::Paged { page_size } | KvLayout::HeadPaged { page_size } = layout {
             if !crate::kv::PAGE_SIZES.contains(&page_size) {
                 return Err(param(format!(
                     "page size {page_size}: the decode kernel takes pages of {}..={} tokens",
@@ -663,8 +897,9 @@ impl DecodePlan {
             lse_part: lse_part.device_ptr(s).0,
             seq_cap: match layout {
                 KvLayout::Contiguous { seq_cap } => seq_cap as i64,
-                KvLayout::Paged { .. } => 0,
+                KvLayout::Paged { .. } | KvLayout::HeadPaged { .. } => 0,
             },
+            head_tables: layout.head_tables() as i32,
             b: batch as i32,
             hq: hq as i32,
             hk: hk as i32,
@@ -1211,6 +1446,24 @@ fn median(mut x: Vec<f64>) -> f64 {
     x[x.len() / 2]
 }
 
+/// Fills `x` on the device with values uniform in [-1, 1) from a hash of (seed, index), rounded
+/// to `dtype` (benchmark inputs without a host round trip).
+pub(crate) fn fill_random(
+    dev: &Arc<CudaDevice>,
+    dtype: DType,
+    x: &mut CudaSlice<u16>,
+    seed: u32,
+) -> Result<()> {
+    let f = dev.function(
+        &format!("kv_fill_{}", dtype.name()),
+        "la_fill",
+        &format!("{COMMON}\n{APPEND}"),
+        &[("LA_F16".into(), ((dtype == DType::F16) as u8).to_string())],
+        0,
+    )?;
+    fill(dev, &f, x, seed)
+}
+
 fn fill(dev: &Arc<CudaDevice>, f: &CudaFunction, x: &mut CudaSlice<u16>, seed: u32) -> Result<()> {
     let n = x.len() as i64;
     let cfg = LaunchConfig {
@@ -1273,6 +1526,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<Decod
         (KvLayout::Paged { page_size: 16 }, true),
         (KvLayout::Paged { page_size: 64 }, true),
         (KvLayout::Paged { page_size: 16 }, false),
+        (KvLayout::HeadPaged { page_size: 16 }, true),
         (KvLayout::Contiguous { seq_cap: len }, false),
     ];
     for (li, (layout, scatter)) in layouts.into_iter().enumerate() {
@@ -1285,6 +1539,15 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<Decod
                     let mut c =
                         DevPagedCache::new_paged(dev, dtype, hk, d, page_size, pages, batch)?;
                     if let Some(t) = c.page_tables_mut().filter(|_| scatter) {
+                        t.shuffle_free(si as u64 + 1);
+                    }
+                    c
+                }
+                KvLayout::HeadPaged { page_size } => {
+                    let pages = batch * hk * len.div_ceil(page_size);
+                    let mut c =
+                        DevPagedCache::new_head_paged(dev, dtype, hk, d, page_size, pages, batch)?;
+                    if let Some(t) = c.page_tables_mut() {
                         t.shuffle_free(si as u64 + 1);
                     }
                     c

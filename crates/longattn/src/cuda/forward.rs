@@ -1529,7 +1529,7 @@ pub(crate) fn c_struct_layout(src: &str, name: &str) -> (Vec<(String, usize)>, u
             None => {
                 let (ty, names) = decl.split_once(' ').unwrap();
                 let size = match ty {
-                    "i64" => 8,
+                    "i64" | "double" => 8,
                     "int" | "float" => 4,
                     _ => panic!("{name}: unknown type in `{decl}`"),
                 };

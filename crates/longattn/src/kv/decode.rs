@@ -799,6 +799,40 @@ impl PageTables {
             .map(|j| s[j / p] as usize * p + j % p)
             .collect())
     }
+    /// Slot (`page * page_size + offset`) of position `j` of sequence `seq` (None past its length).
+    pub fn slot(&self, seq: usize, j: usize) -> Option<usize> {
+        let p = self.page_size;
+        (j < self.len(seq)).then(|| self.seqs[seq][j / p] as usize * p + j % p)
+    }
+    /// Physical pages of sequence `seq` in logical order.
+    pub fn pages(&self, seq: usize) -> &[i32] {
+        self.seqs.get(seq).map(|s| &s[..]).unwrap_or(&[])
+    }
+    /// Rebuilds sequence `seq` with `n` positions on fresh pages from the free list and only then
+    /// returns its old pages (so the caller can copy from the old slots into the new ones before
+    /// anything reuses them). Returns (old pages, new slots). Out of pages: an error and nothing
+    /// changes.
+    pub fn rebuild(&mut self, seq: usize, n: usize) -> Result<(Vec<i32>, Vec<usize>)> {
+        if seq >= self.batch() {
+            return Err(param(format!(
+                "sequence {seq} outside the batch of {}",
+                self.batch()
+            )));
+        }
+        let old = std::mem::take(&mut self.seqs[seq]);
+        let old_len = std::mem::replace(&mut self.lens[seq], 0);
+        match self.grow(seq, n) {
+            Ok(slots) => {
+                self.free.extend(old.iter().rev());
+                Ok((old, slots))
+            }
+            Err(e) => {
+                self.seqs[seq] = old;
+                self.lens[seq] = old_len;
+                Err(e)
+            }
+        }
+    }
     /// Empties sequence `seq` and returns its pages to the free list.
     pub fn release(&mut self, seq: usize) -> Result<()> {
         if seq >= self.batch() {

@@ -29,6 +29,7 @@
 //! goes through the same attention per sequence when any head of the layer is quantized.
 //! Query-aware page selection ([`quest`]) attends, per query head and row, a subset of a head's
 //! entries through [`PagedKvCache::attend_selected`].
+pub mod cuda;
 pub mod decode;
 pub mod kivi;
 pub mod press;

@@ -31,6 +31,7 @@ use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::tensor::{DType, TensorView};
 
 const SRC: &str = include_str!("../cuda/kernels/sparse_vs.cu");
+const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
 
 /// The device's dense fallback when the spec gives no `dense_below`: below this many keys the
 /// estimate (a few fixed-cost launches) and a sparse schedule cannot pay against the dense
@@ -232,7 +233,10 @@ impl SparsePlan {
                 "sequence too long for the estimator's 32-bit counts".into(),
             ));
         }
-        let src = format!("{COMMON}\n{PARAMS}\n{}\n{SRC}", plan.fwd.mask_program());
+        let src = format!(
+            "{COMMON}\n{PARAMS}\n{}\n{SELECT}\n{SRC}",
+            plan.fwd.mask_program()
+        );
         let defines: Vec<(String, String)> = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),

@@ -14,6 +14,11 @@
 //              no block barrier), LA_NS - 1 iterations of loads in flight
 //   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
 //
+// Tables at run time (`head_tables`): 0 = one block table and length per sequence, pages
+// [num_pages, P, Hk, D]; 1 = one per (sequence, KV head) (a compressed, ragged cache: table row
+// b Hk + kh, pages of one KV head [num_pages, P, D]). Everything below reads "the table row of
+// (b, kh)" for "sequence b"; the split and the merge are the same.
+//
 // Work: block (split x, KV head kh and head chunk, sequence b) attends the LA_G query heads
 // h0 .. h0 + LA_G (all reading KV head kh: each K/V row is loaded once for all of them, GQA
 // packing) over keys x * split_len .. min((x + 1) * split_len, len). A warp is 32 / (D / 8) lane
@@ -30,15 +35,15 @@ struct LaDecParams {
     const u16* q;          // [B, Hq, D]
     const u16* k;          // paged: [num_pages, P, Hk, D]; contiguous: [B, seq_cap, Hk, D]
     const u16* v;
-    const int* tables;     // [B, max_pages] (paged)
-    const int* lens;       // [B]
+    const int* tables;     // [B, max_pages] (paged), [B, Hk, max_pages] with head_tables
+    const int* lens;       // [B], [B, Hk] with head_tables
     u16* o;                // [B, Hq, D]
     float* lse;            // [B, Hq]
     float* o_part;         // [B * Hq, num_splits, D]   (num_splits > 1)
     float* lse_part;       // [B * Hq, num_splits]
     i64 seq_cap;           // contiguous: token slots per sequence
     int B, Hq, Hk, max_pages;
-    int num_splits, split_len, head_chunks, pad0;
+    int num_splits, split_len, head_chunks, head_tables;
     float q_scale;         // scale log2 e, or scale / c with soft-cap
     float cap_mul;         // c log2 e (soft-cap)
 };
@@ -81,9 +86,11 @@ __device__ __forceinline__ void la_unpack8(const la_v4& w, float* f) {
     la_unpack2(w.w, f[6], f[7]);
 }
 
-// Element offset of the K/V row of (sequence b, position j, KV head kh), at this lane's 8 elements.
+// Element offset of the K/V row of (sequence b, position j, KV head kh), at this lane's 8 elements
+// (pages of one KV head with head_tables: kh's rows are the page's only rows).
 __device__ __forceinline__ i64 la_row(const LaDecParams& p, int page, int b, int j, int kh, int sub) {
 #if LA_PAGE
+    if (p.head_tables) return ((i64)page * LA_PAGE + (j % LA_PAGE)) * LA_D + sub * 8;
     return (((i64)page * LA_PAGE + (j % LA_PAGE)) * p.Hk + kh) * LA_D + sub * 8;
 #else
     return (((i64)b * p.seq_cap + j) * p.Hk + kh) * LA_D + sub * 8;
@@ -111,7 +118,8 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
     const int b = blockIdx.z;
     const int h0 = kh * (p.Hq / p.Hk) + chunk * LA_G;
-    const int len = p.lens[b];
+    const int trow = p.head_tables ? b * p.Hk + kh : b;   // table row of (b, kh)
+    const int len = p.lens[trow];
     const int j0 = split * p.split_len;
     const int j1 = la_imin(len, j0 + p.split_len);
     const bool direct = p.num_splits == 1;
@@ -140,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         for (int e = 0; e < 8; e++) acc[g][e] = 0.f;
     }
 
-    const int* tab = p.tables + (i64)b * p.max_pages;
+    const int* tab = p.tables + (i64)trow * p.max_pages;
     // Pages of this iteration's tokens, read one iteration ahead (the table read is off the
     // critical path of the K/V loads).
     int pg[LA_U];
@@ -350,7 +358,8 @@ extern "C" __global__ void __launch_bounds__(LA_MERGE_ROWS * 32) la_decode_merge
     const int row = blockIdx.x * LA_MERGE_ROWS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= p.B * p.Hq) return;
-    const int len = p.lens[row / p.Hq];
+    const int b = row / p.Hq, kh = (row % p.Hq) / (p.Hq / p.Hk);
+    const int len = p.lens[p.head_tables ? b * p.Hk + kh : b];
     const int n = la_imin(p.num_splits, (len + p.split_len - 1) / p.split_len);
     const float* lp = p.lse_part + (i64)row * p.num_splits;
     float mx = -LA_INF;

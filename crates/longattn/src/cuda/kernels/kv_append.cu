@@ -27,6 +27,27 @@ extern "C" __global__ void __launch_bounds__(256) la_kv_append(const LaAppendPar
     }
 }
 
+// Compaction of a cache: row src[t] of the pool moves to row dst[t] (rows of row_chunks 16-byte
+// chunks; the destinations are fresh pages, never a source of the same call).
+struct LaMoveParams {
+    u16* k_pages;
+    u16* v_pages;
+    const i64* src;     // [n]
+    const i64* dst;     // [n]
+    i64 n;
+    i64 row_chunks;
+};
+
+extern "C" __global__ void __launch_bounds__(256) la_kv_move(const LaMoveParams p) {
+    const i64 total = p.n * p.row_chunks;
+    for (i64 x = (i64)blockIdx.x * 256 + threadIdx.x; x < total; x += (i64)gridDim.x * 256) {
+        const i64 t = x / p.row_chunks, c = x % p.row_chunks;
+        const i64 s = p.src[t] * p.row_chunks + c, d = p.dst[t] * p.row_chunks + c;
+        ((la_a4*)p.k_pages)[d] = ((const la_a4*)p.k_pages)[s];
+        ((la_a4*)p.v_pages)[d] = ((const la_a4*)p.v_pages)[s];
+    }
+}
+
 // x[i] = a value uniform in [-1, 1) from a hash of (seed, i), rounded to the storage format.
 extern "C" __global__ void __launch_bounds__(256) la_fill(u16* x, i64 n, u32 seed) {
     for (i64 i = (i64)blockIdx.x * 256 + threadIdx.x; i < n; i += (i64)gridDim.x * 256) {

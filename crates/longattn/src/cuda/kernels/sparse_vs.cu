@@ -324,40 +324,6 @@ extern "C" __global__ void __launch_bounds__(256) sp_vs_mass(const LaFwdParams p
     }
 }
 
-// Exclusive scan of one value per thread over a block of 1024 threads; returns the block total
-// in `total`.
-__device__ __forceinline__ u32 sp_block_scan(u32 x, u32* ws, u32& total) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    u32 v = x;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const u32 y = __shfl_up_sync(0xffffffffu, v, o);
-        if (lane >= o) v += y;
-    }
-    __syncthreads();
-    if (lane == 31) ws[w] = v;
-    __syncthreads();
-    if (w == 0) {
-        u32 s = lane < (int)(blockDim.x >> 5) ? ws[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const u32 y = __shfl_up_sync(0xffffffffu, s, o);
-            if (lane >= o) s += y;
-        }
-        ws[lane] = s;   // inclusive over warps
-    }
-    __syncthreads();
-    total = ws[(blockDim.x >> 5) - 1];
-    const u32 before = w > 0 ? ws[w - 1] : 0;
-    return before + v - x;
-}
-
-__device__ __forceinline__ u32 sp_block_sum(u32 x, u32* ws) {
-    u32 total;
-    sp_block_scan(x, ws, total);
-    return total;
-}
-
 // The top-n lines among those with mass > 0 (by mass, ties by the lower index), as (T, cut):
 // the lines kept are those with bits > T and those equal to T up to index `cut`.
 // blockIdx.y: 0 columns, 1 diagonals. The n-th largest value T comes from a radix select on the
@@ -374,7 +340,7 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParam
     const u32 n = (u32)(diag ? sp.ns : sp.nv);
     u32 pos = 0;
     for (int j = threadIdx.x; j < N; j += blockDim.x) pos += __float_as_uint(x[j]) != 0u;
-    pos = sp_block_sum(pos, ws);
+    pos = la_block_sum(pos, ws);
     u32 T, need;
     if (n == 0) {
         T = 0xffffffffu;   // nothing above it
@@ -383,40 +349,9 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParam
         T = 1u;            // every line with mass
         need = n;
     } else {
-        u32 prefix = 0, mask = 0, rem = n;   // rem: lines still to take at or below the prefix
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int t = threadIdx.x; t < 256; t += blockDim.x) hist[t] = 0;
-            __syncthreads();
-            // Whole warps iterate (the tail lanes count nothing): the lanes of a warp that
-            // fall into one bin add once (leading digits are shared by most lines: one shared
-            // address would serialise the warp's adds).
-            for (int jb = 0; jb < N; jb += blockDim.x) {
-                const int j = jb + threadIdx.x;
-                const u32 u = j < N ? __float_as_uint(x[j]) : 0u;
-                const bool in = u != 0u && (u & mask) == prefix;
-                const u32 bin = in ? (u >> shift) & 255u : 256u;
-                const u32 peers = __match_any_sync(0xffffffffu, bin);
-                if (in && (int)(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                u32 cum = 0;
-                int dgt = 0;
-                for (int t = 255; t >= 0; t--) {
-                    if (cum + hist[t] >= rem) { dgt = t; break; }
-                    cum += hist[t];
-                }
-                pick[0] = (u32)dgt;
-                pick[1] = rem - cum;
-            }
-            __syncthreads();
-            prefix |= pick[0] << shift;
-            mask |= 255u << shift;
-            rem = pick[1];
-            __syncthreads();
-        }
-        T = prefix;
-        need = rem;
+        // Masses are >= 0: their f32 bits are in value order already.
+        T = la_radix_nth(N, n, [&](int j, u32& u) { u = __float_as_uint(x[j]); return u != 0u; },
+                         hist, pick, need);
     }
     // Lines equal to T: all kept when they are at most `need`, else the lowest-index `need`
     // (an ordered pass, only then: ties at the cut).
@@ -424,7 +359,7 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParam
     if (T != 0xffffffffu) {
         u32 eqc = 0;
         for (int j = threadIdx.x; j < N; j += blockDim.x) eqc += __float_as_uint(x[j]) == T;
-        eqc = sp_block_sum(eqc, ws);
+        eqc = la_block_sum(eqc, ws);
         if (eqc <= need) {
             cut = N;
         } else if (need > 0) {
@@ -433,7 +368,7 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_select(const LaFwdParam
                 const int j = jb + threadIdx.x;
                 const bool f = j < N && __float_as_uint(x[j]) == T;
                 u32 tot;
-                const u32 r = before + sp_block_scan(f, ws, tot);
+                const u32 r = before + la_block_scan(f, ws, tot);
                 if (f && r == need - 1) pick[0] = (u32)j;
                 before += tot;
             }
@@ -476,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_flags(const LaFwdParams
         c += f[i];
     }
     u32 tot;
-    u32 run = sp_block_scan(c, ws, tot);
+    u32 run = la_block_scan(c, ws, tot);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         run += f[i];
@@ -531,7 +466,7 @@ extern "C" __global__ void __launch_bounds__(128) sp_coarsen(const LaFwdParams p
             keep = cp[k1] > cp[k0] || (lo <= hi && dp[hi + 1] > dp[lo]);
         }
         u32 tot;
-        const u32 at = sp_block_scan(keep, ws, tot);
+        const u32 at = la_block_scan(keep, ws, tot);
         if (write && keep) sp.ent[base + at] = ent;
         base += tot;
         total += tot;
@@ -547,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(1024) sp_scan(const SpParams sp, in
     u32 s = 0;
     for (int r = a0; r < a1; r++) s += sp.cnt[r];
     u32 tot;
-    u32 run = sp_block_scan(s, ws, tot);
+    u32 run = la_block_scan(s, ws, tot);
     for (int r = a0; r < a1; r++) {
         sp.off[r] = run;
         run += sp.cnt[r];

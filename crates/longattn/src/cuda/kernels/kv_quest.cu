@@ -1,0 +1,185 @@
+// Quest page selection on the device (kv/cuda.rs; the CPU policy is kv/quest.rs, whose rule these
+// kernels apply per KV head with the group's bounds reduced). The cache is ragged per head: pages
+// of one KV head [num_pages, P, D], one block table and length per table row r = b Hk + kh.
+//
+// Per page of a row: the element-wise minimum and maximum of its keys (meta, storage dtype:
+// min and max of stored values are stored values). A query q scores the page by the upper bound
+//     u(q, page) = sum_d max(q_d min_d, q_d max_d)  >=  q . k  for every key k of the page
+// and the row's score is the group's reduction over its G query heads: max, sum or mean of u.
+// The decode at position t = len - 1 attends the page being filled (cur = t / P) and the
+// n - 1 pages of largest score among pages 0 .. cur - 1, n = max(1, ceil(ceil(budget (t + 1)) / P))
+// (ties: the newer page first); n > cur: every page. The kernels write the selected physical pages
+// as a block table (ascending logical order, the page being filled last) and the length covered
+// ((n - 1) P + the entries of the last page), so the unchanged decode kernel (decode.cu, per-head
+// tables) attends exactly the selected keys.
+//
+// Kernels (the caller's stream, no host synchronisation):
+//   la_quest_bounds  per (group of pages, row): meta of every page, or of the last page only
+//                    (after an append)
+//   la_quest_score   per (group of pages, row): the reduced bound of pages 0 .. cur - 1
+//   la_quest_select  per row: radix select of the (n - 1)-th largest score, then one ordered
+//                    pass writing the table
+// Needs: common.cuh, select.cuh, LA_D (multiple of 8), LA_PAGE, LA_F16.
+
+struct LaQuestParams {
+    const u16* q;        // [B, Hq, D]
+    const u16* k;        // pages [num_pages, P, D]
+    u16* meta;           // [num_pages, 2, D]: min, then max
+    const int* tables;   // [rows, max_pages]
+    const int* lens;     // [rows]
+    float* score;        // [rows, score_stride]
+    int* sel_tables;     // [rows, sel_pages]
+    int* sel_lens;       // [rows]
+    double budget;       // fraction of the positions attended, (0, 1]
+    int B, Hq, Hk, max_pages;
+    int sel_pages, tail_only, reduce, score_stride;   // reduce: 0 max, 1 sum, 2 mean
+};
+
+#define LQ_LPP (LA_D / 8)        // lanes per page (16 bytes each)
+#define LQ_PPB (256 / LQ_LPP)    // pages per block of 256 threads
+
+struct alignas(16) lq_v4 {
+    u32 x, y, z, w;
+};
+
+__device__ __forceinline__ void lq_unpack8(const lq_v4& w, float* f) {
+    const u32 a[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = la_to_f32((u16)(a[i] & 0xffffu));
+        f[2 * i + 1] = la_to_f32((u16)(a[i] >> 16));
+    }
+}
+
+__device__ __forceinline__ lq_v4 lq_pack8(const float* f) {
+    lq_v4 w;
+    w.x = la_pack2(f[0], f[1]);
+    w.y = la_pack2(f[2], f[3]);
+    w.z = la_pack2(f[4], f[5]);
+    w.w = la_pack2(f[6], f[7]);
+    return w;
+}
+
+// Pages a decode at position len - 1 attends (module comment): max(1, ceil(ceil(budget len) / P)).
+__device__ __forceinline__ int lq_pages_for(const LaQuestParams& p, int len) {
+    const long long tokens = (long long)ceil(p.budget * (double)len);
+    const long long n = (tokens + LA_PAGE - 1) / LA_PAGE;
+    return n < 1 ? 1 : (int)n;
+}
+
+extern "C" __global__ void __launch_bounds__(256) la_quest_bounds(const LaQuestParams p) {
+    const int r = blockIdx.y;
+    const int len = p.lens[r];
+    const int np = (len + LA_PAGE - 1) / LA_PAGE;
+    const int sub = threadIdx.x % LQ_LPP;
+    int i;
+    if (p.tail_only) {   // the last page: one lane group of block 0
+        if (blockIdx.x > 0 || threadIdx.x >= LQ_LPP) return;
+        i = np - 1;
+    } else {
+        i = blockIdx.x * LQ_PPB + threadIdx.x / LQ_LPP;
+    }
+    if (i < 0 || i >= np) return;
+    const int page = p.tables[(i64)r * p.max_pages + i];
+    const int n = la_imin(LA_PAGE, len - i * LA_PAGE);
+    float mn[8], mx[8];
+    const u16* src = p.k + (i64)page * LA_PAGE * LA_D + sub * 8;
+    lq_unpack8(*(const lq_v4*)src, mn);
+#pragma unroll
+    for (int e = 0; e < 8; e++) mx[e] = mn[e];
+    for (int t = 1; t < n; t++) {
+        float f[8];
+        lq_unpack8(*(const lq_v4*)(src + (i64)t * LA_D), f);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            mn[e] = fminf(mn[e], f[e]);
+            mx[e] = fmaxf(mx[e], f[e]);
+        }
+    }
+    u16* dst = p.meta + (i64)page * 2 * LA_D + sub * 8;
+    *(lq_v4*)dst = lq_pack8(mn);
+    *(lq_v4*)(dst + LA_D) = lq_pack8(mx);
+}
+
+extern "C" __global__ void __launch_bounds__(256) la_quest_score(const LaQuestParams p) {
+    const int r = blockIdx.y;
+    const int b = r / p.Hk, kh = r % p.Hk, G = p.Hq / p.Hk;
+    const int len = p.lens[r];
+    const int cur = len > 0 ? (len - 1) / LA_PAGE : 0;   // candidates: pages 0 .. cur - 1
+    const int sub = threadIdx.x % LQ_LPP;
+    const int i = blockIdx.x * LQ_PPB + threadIdx.x / LQ_LPP;
+    // Every lane stays for the shuffles; lanes past the candidates read nothing, write nothing.
+    const bool ok = i < cur;
+    float mn[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, mx[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (ok) {
+        const int page = p.tables[(i64)r * p.max_pages + i];
+        const u16* m = p.meta + (i64)page * 2 * LA_D + sub * 8;
+        lq_unpack8(*(const lq_v4*)m, mn);
+        lq_unpack8(*(const lq_v4*)(m + LA_D), mx);
+    }
+    float red = p.reduce == 0 ? -LA_INF : 0.f;
+    for (int g = 0; g < G; g++) {
+        float q[8];
+        lq_unpack8(*(const lq_v4*)(p.q + ((i64)b * p.Hq + kh * G + g) * LA_D + sub * 8), q);
+        float u = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) u += fmaxf(q[e] * mn[e], q[e] * mx[e]);
+#pragma unroll
+        for (int off = LQ_LPP / 2; off >= 1; off >>= 1) u += __shfl_xor_sync(0xffffffffu, u, off, LQ_LPP);
+        red = p.reduce == 0 ? fmaxf(red, u) : red + u;
+    }
+    if (p.reduce == 2) red /= (float)G;
+    if (ok && sub == 0) p.score[(i64)r * p.score_stride + i] = red;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuestParams p) {
+    __shared__ u32 ws[32];
+    __shared__ u32 hist[256];
+    __shared__ u32 pick[2];
+    const int r = blockIdx.x;
+    const int len = p.lens[r];
+    const int* tab = p.tables + (i64)r * p.max_pages;
+    int* out = p.sel_tables + (i64)r * p.sel_pages;
+    if (len <= 0) {
+        if (threadIdx.x == 0) p.sel_lens[r] = 0;
+        return;
+    }
+    const int cur = (len - 1) / LA_PAGE;
+    const int n = lq_pages_for(p, len);
+    if (n > cur) {   // every page
+        for (int i = threadIdx.x; i <= cur; i += blockDim.x) out[i] = tab[i];
+        if (threadIdx.x == 0) p.sel_lens[r] = len;
+        return;
+    }
+    const float* x = p.score + (i64)r * p.score_stride;
+    u32 need = 0, T = 0xffffffffu;
+    if (n > 1) T = la_radix_nth(cur, (u32)(n - 1), [&](int j, u32& u) { u = la_order_key(x[j]); return true; },
+                               hist, pick, need);
+    // Pages with key > T are kept; of the pages with key == T (tied at the cut) the `need` newest.
+    // One ordered pass with two running counts: above (key > T) and tied (key == T); tied page of
+    // rank t (0-based, by index) is kept when t >= ties - need, and a kept page's slot is
+    // above_before + max(0, tied_before - (ties - need)).
+    u32 ties = 0;
+    if (n > 1) {
+        u32 c = 0;
+        for (int j = threadIdx.x; j < cur; j += blockDim.x) c += la_order_key(x[j]) == T;
+        ties = la_block_sum(c, ws);
+    }
+    const u32 skip = ties - need;
+    u32 above0 = 0, tied0 = 0;
+    for (int jb = 0; jb < cur && n > 1; jb += blockDim.x) {
+        const int j = jb + threadIdx.x;
+        const u32 key = j < cur ? la_order_key(x[j]) : 0u;
+        const bool a = j < cur && key > T, t = j < cur && key == T;
+        u32 ta, tt;
+        const u32 ab = above0 + la_block_scan(a, ws, ta);
+        const u32 tb = tied0 + la_block_scan(t, ws, tt);
+        if (a || (t && tb >= skip)) out[ab + (tb > skip ? tb - skip : 0u)] = tab[j];
+        above0 += ta;
+        tied0 += tt;
+    }
+    if (threadIdx.x == 0) {
+        out[n - 1] = tab[cur];
+        p.sel_lens[r] = (n - 1) * LA_PAGE + (len - cur * LA_PAGE);
+    }
+}
