@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# KV-cache compression on the device machine (issue 16's GPU part). Expects the stripped CLI as
+# .dev/longattn.xz (carried); FlashInfer from .peers/flashinfer + .peers/light (carried with
+# .peers/install.sh) for the peer rows.
+#   bash scripts/gpu/kv_check.sh checks   # selftest groups kv, decode (ragged ...), sparse
+#   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
+#   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
+for what in "${@:-checks}"; do
+case "$what" in
+checks)
+  timeout 240 /tmp/longattn selftest --backend cuda --filter kv > "$OUT/selftest_kv.txt" 2>&1
+  echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -30
+  for f in ragged split long softcap append contiguous refuses; do
+    timeout 120 /tmp/longattn selftest --backend cuda --filter "$f" > "$OUT/selftest_dec_$f.txt" 2>&1
+    echo "selftest $f rc=$?"; tail -2 "$OUT/selftest_dec_$f.txt"
+  done
+  timeout 240 /tmp/longattn selftest --backend cuda --filter sparse > "$OUT/selftest_sparse.txt" 2>&1
+  echo "selftest sparse rc=$?"; tail -3 "$OUT/selftest_sparse.txt"
+  ;;
+bench)
+  if [ -d .peers/flashinfer ]; then E=$(bash .peers/install.sh flashinfer light) && eval "$E"; fi
+  timeout 400 /tmp/longattn kv bench ${KV_BENCH_ARGS:-} > "$OUT/kv_bench.txt" 2>&1
+  echo "kv bench rc=$?"; cat "$OUT/kv_bench.txt" | grep -v "^kv bench " | tail -60
+  ;;
+memcheck)
+  timeout 400 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --filter kv \
+    > "$OUT/memcheck_kv.txt" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_kv.txt" | tail -5
+  ;;
+esac
+done
