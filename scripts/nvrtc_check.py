@@ -96,9 +96,12 @@ def main():
     kv = []
     for f16 in (0, 1):
         for d in (64, 128, 256):
-            for g, page, u, ns in ((4, 16, 4, 3), (8, 0, 2, 0), (1, 64, 4, 3)):
+            for g, page, u, ns, mma in ((4, 16, 4, 3, 0), (8, 0, 2, 0, 0), (1, 64, 4, 3, 0), (4, 16, 4, 3, 1),
+                                        (8, 0, 4, 2, 1), (1, 64, 4, 4, 1)):
+                if mma and d > 128:
+                    continue
                 kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
-                                             LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns), ""))
+                                             LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma), ""))
             kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
         kv.append(("kv_append.cu", dict(LA_F16=f16), ""))
     for f, defs, extra in kv:

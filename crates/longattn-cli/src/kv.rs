@@ -79,7 +79,12 @@ struct PeerCfg {
 
 fn bench_cmd(a: &BenchArgs) -> Result<()> {
     let mut cfgs = Vec::new();
-    for c in a.configs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+    for c in a
+        .configs
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
         let (b, l) = c
             .split_once('x')
             .with_context(|| format!("config `{c}`: expected BATCHxLEN, e.g. 8x128k"))?;
@@ -90,7 +95,9 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
             .with_context(|| format!("config `{c}`: batch `{b}` is not a positive integer"))?;
         let len = crate::common::parse_len(l)
             .filter(|&l| l > 0)
-            .with_context(|| format!("config `{c}`: length `{l}` is not a length like 8192 or 128k"))?;
+            .with_context(|| {
+                format!("config `{c}`: length `{l}` is not a length like 8192 or 128k")
+            })?;
         cfgs.push(longattn::kv::cuda::KvBenchConfig {
             batch,
             len,

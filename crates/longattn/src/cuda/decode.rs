@@ -313,12 +313,7 @@ impl DevPagedCache {
     ) -> Result<DevPagedCache> {
         check_kind(kv.dtype(), kv.head_dim)?;
         let batch = bt.lens.len() / bt.tables_per_seq(kv.kv_heads).max(1);
-        let dims = validate(
-            [batch, 1, kv.kv_heads, kv.head_dim],
-            kv.dtype(),
-            kv,
-            bt,
-        )?;
+        let dims = validate([batch, 1, kv.kv_heads, kv.head_dim], kv.dtype(), kv, bt)?;
         let pt = PageTables::from_tables(
             kv.page_size,
             dims.num_pages,
@@ -435,9 +430,7 @@ impl DevPagedCache {
                         }
                     }
                 }
-                Ok((0..n)
-                    .flat_map(|i| per.iter().map(move |s| s[i]))
-                    .collect())
+                Ok((0..n).flat_map(|i| per.iter().map(move |s| s[i])).collect())
             }
             Slots::Paged(t) => t.grow(seq, n),
             Slots::Contiguous { cap, lens } => {
@@ -515,7 +508,12 @@ impl DevPagedCache {
         }
         let f = self.append_fn()?;
         // A slot is a token row of every KV head, or (per-head pages) of one.
-        let row_chunks = self.head_dim / 8 * if self.layout.head_tables() { 1 } else { self.kv_heads };
+        let row_chunks = self.head_dim / 8
+            * if self.layout.head_tables() {
+                1
+            } else {
+                self.kv_heads
+            };
         let sl: Vec<i64> = slots.iter().map(|&s| s as i64).collect();
         let sd = self.dev.upload(&sl)?;
         let s = self.dev.stream();
@@ -649,23 +647,29 @@ impl DevPagedCache {
         let in_use = |t: &PageTables| (0..t.batch()).map(|r| t.pages(r).len()).sum::<usize>();
         let before = in_use(t);
         let saved = t.clone();
-        let (mut src, mut dst) = (Vec::new(), Vec::new());
+        // Every row gets fresh pages before any old page goes back (a later row must not take
+        // a page that is still a source of this call's moves).
+        let (mut src, mut dst, mut old) = (Vec::new(), Vec::new(), Vec::new());
         for (r, k) in keep.iter().enumerate() {
             let from: Vec<i64> = k
                 .iter()
                 .map(|&e| t.slot(r, e).expect("checked above") as i64)
                 .collect();
             match t.rebuild(r, k.len()) {
-                Ok((_, to)) => {
+                Ok((o, to)) => {
                     src.extend(from);
                     dst.extend(to.into_iter().map(|x| x as i64));
+                    old.extend(o);
                 }
                 Err(e) => {
                     *t = saved;
-                    return Err(e);
+                    return Err(param(format!(
+                        "compression needs fresh pages for every kept entry before the old ones are freed: {e}"
+                    )));
                 }
             }
         }
+        t.give_back(&old);
         let after = in_use(t);
         if !src.is_empty() {
             let f = self.move_fn()?;
@@ -747,13 +751,21 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        Self::for_layout(
+        // A ragged per-head cache: the split is planned for the rows' total keys (rows shorter
+        // than the longest leave their last splits empty, so count the work, not the grid).
+        let rows = cache.lens();
+        let work_rows = (cache.layout.head_tables() && max_len > 0).then(|| {
+            let total: usize = rows.iter().map(|&l| l.min(max_len)).sum();
+            total.div_ceil(max_len).max(1)
+        });
+        Self::plan(
             dev,
             cache.layout,
             (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch()),
             hq,
             max_len,
             params,
+            work_rows,
         )
     }
 
@@ -762,10 +774,24 @@ impl DecodePlan {
     pub fn for_layout(
         dev: &Arc<CudaDevice>,
         layout: KvLayout,
+        dims: (DType, usize, usize, usize),
+        hq: usize,
+        max_len: usize,
+        params: &DecodeParams,
+    ) -> Result<DecodePlan> {
+        Self::plan(dev, layout, dims, hq, max_len, params, None)
+    }
+
+    /// `work_rows`: table rows' worth of keys at `max_len` each that the batch really holds
+    /// (default: every row full), for the split plan.
+    fn plan(
+        dev: &Arc<CudaDevice>,
+        layout: KvLayout,
         (dtype, hk, d, batch): (DType, usize, usize, usize),
         hq: usize,
         max_len: usize,
         params: &DecodeParams,
+        work_rows: Option<usize>,
     ) -> Result<DecodePlan> {
         params.check()?;
         check_kind(dtype, d)?;
@@ -808,28 +834,43 @@ impl DecodePlan {
             _ if g >= 8 => 2,
             _ => 4,
         };
+        // The tensor-core kernel (LA_MMA: D <= 128; `LONGATTN_CUDA_DECODE_MMA=0` picks the lane
+        // groups) always streams through its per-warp ring.
+        let mma = d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0");
         let ns = match tune.get(2) {
-            Some(&n) if n == 0 || (2..=8).contains(&n) => n,
-            _ if page > 0 => 3,
+            Some(&n) if (2..=8).contains(&n) => n,
+            Some(&0) if !mma => 0,
+            _ if page > 0 || mma => 3,
             _ => 0,
         };
         let softcap = params.softcap.is_some();
-        let smem = ns * 2 * u * WARPS * 32 * 16;
+        // A fourth value of the override sets the warps per block (tuning runs).
+        let warps = match tune.get(3) {
+            Some(&w) if (1..=16).contains(&w) => w,
+            _ => WARPS,
+        };
+        let smem = if mma {
+            warps * ns * 2 * 16 * (d + 8) * 2
+        } else {
+            ns * 2 * u * warps * 32 * 16
+        };
         let defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
             ("LA_G".into(), g.to_string()),
             ("LA_PAGE".into(), page.to_string()),
             ("LA_SOFTCAP".into(), (softcap as u8).to_string()),
-            ("LA_WARPS".into(), WARPS.to_string()),
+            ("LA_WARPS".into(), warps.to_string()),
             ("LA_U".into(), u.to_string()),
             ("LA_MERGE_ONLY".into(), "0".into()),
             ("LA_NS".into(), ns.to_string()),
+            ("LA_MMA".into(), (mma as u8).to_string()),
         ];
         let variant = format!(
-            "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}{}",
+            "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}{}{}",
             dtype.name(),
-            if softcap { "_cap" } else { "" }
+            if softcap { "_cap" } else { "" },
+            if mma { "_mma" } else { "" }
         );
         let src = format!("{COMMON}\n{DECODE}");
         let func = dev.function(&variant, "la_decode", &src, &defines, smem)?;
@@ -847,13 +888,13 @@ impl DecodePlan {
             &merge_defines,
             0,
         )?;
-        let threads = (WARPS * 32) as u32;
+        let threads = (warps * 32) as u32;
         let blocks_per_sm = func
             .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
             .ok()
             .filter(|&n| n > 0)
             .unwrap_or(4) as usize;
-        let items = batch * hk * chunks;
+        let items = work_rows.map_or(batch * hk, |r| r.min(batch * hk)) * chunks;
         let split = match params.split_len {
             Some(n) => split_plan_for(max_len, n, 1),
             None if tune.get(1).is_some_and(|&s| s > 0) => split_plan_for(

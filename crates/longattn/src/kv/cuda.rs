@@ -32,6 +32,8 @@ const COMMON: &str = include_str!("../cuda/kernels/common.cuh");
 const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
 const QUEST: &str = include_str!("../cuda/kernels/kv_quest.cu");
 const OP: &str = "cuda kv";
+/// Most page keys per row the Quest select kernel keeps in shared memory.
+const SMEM_KEYS: usize = 16384;
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -58,6 +60,8 @@ struct LaQuestParams {
     tail_only: i32,
     reduce: i32,
     score_stride: i32,
+    smem_keys: i32,
+    pad: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -81,6 +85,8 @@ pub struct DevQuest {
     sel_lens: CudaSlice<i32>,
     sel_pages: usize,
     cap_pages: usize,
+    /// Candidates per row whose keys the select kernel holds in shared memory.
+    smem_keys: usize,
     rows: usize,
     hq: usize,
     /// Decode over the selected tables.
@@ -126,10 +132,13 @@ impl DevQuest {
         let src = format!("{COMMON}\n{SELECT}\n{QUEST}");
         let variant = format!("kv_quest_{}_d{d}_p{page_size}", dt.name());
         let f = |name: &str| dev.function(&variant, name, &src, &defines, 0);
-        let (bounds, score_fn, select) =
-            (f("la_quest_bounds")?, f("la_quest_score")?, f("la_quest_select")?);
-        let rows = b * hk;
         let cap_pages = max_len.div_ceil(page_size).max(1);
+        // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
+        // passes; the kernel is loaded once allowing the most (the launch asks for what it uses).
+        let smem_keys = cap_pages.min(SMEM_KEYS);
+        let (bounds, score_fn) = (f("la_quest_bounds")?, f("la_quest_score")?);
+        let select = dev.function(&variant, "la_quest_select", &src, &defines, SMEM_KEYS * 4)?;
+        let rows = b * hk;
         let sel_pages = quest.pages_for(max_len.max(1) - 1).min(cap_pages).max(1);
         let s = dev.stream();
         let alloc_i32 = |n: usize| {
@@ -164,6 +173,7 @@ impl DevQuest {
             sel_lens: alloc_i32(rows)?,
             sel_pages,
             cap_pages,
+            smem_keys,
             rows,
             hq,
             plan,
@@ -171,9 +181,11 @@ impl DevQuest {
     }
 
     fn params(&self, cache: &DevPagedCache, q: u64) -> Result<LaQuestParams> {
-        if cache.layout != (KvLayout::HeadPaged {
-            page_size: self.quest.page,
-        }) || cache.batch() * cache.kv_heads != self.rows
+        if cache.layout
+            != (KvLayout::HeadPaged {
+                page_size: self.quest.page,
+            })
+            || cache.batch() * cache.kv_heads != self.rows
         {
             return Err(param(format!(
                 "cache ({}, {} rows) is not the one this Quest was made for ({} rows)",
@@ -213,6 +225,8 @@ impl DevQuest {
                 Reduce::Mean => 2,
             },
             score_stride: self.cap_pages as i32,
+            smem_keys: self.smem_keys as i32,
+            pad: 0,
         })
     }
 
@@ -278,7 +292,7 @@ impl DevQuest {
         let sel_cfg = LaunchConfig {
             grid_dim: (self.rows as u32, 1, 1),
             block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: (self.smem_keys * 4) as u32,
         };
         let mut lb = s.launch_builder(&self.select);
         lb.arg(&p);
@@ -297,7 +311,10 @@ impl DevQuest {
     ) -> Result<()> {
         self.select(cache, q)?;
         let want = [cache.batch(), 1, self.hq, cache.head_dim];
-        if o.shape != want || o.dtype != cache.dtype || lse.len() < self.rows / cache.kv_heads * self.hq {
+        if o.shape != want
+            || o.dtype != cache.dtype
+            || lse.len() < self.rows / cache.kv_heads * self.hq
+        {
             return Err(Error::Shape {
                 op: OP,
                 tensor: "out / lse".into(),
@@ -503,7 +520,12 @@ fn check_decode(dev: &Arc<CudaDevice>, cache: &DevPagedCache, q: &Tensor) -> Res
 /// then `compress_heads` with a random keep set per head (ragged, some empty, some whole); the
 /// moved rows must equal the original entries bit for bit, the pages freed must be what the
 /// lengths say, and decode must match the oracle over what is kept.
-fn check_evict(dev: &Arc<CudaDevice>, dt: DType, (hq, hk, d): (usize, usize, usize), seed: u64) -> Result<(f64, f64, String, bool)> {
+fn check_evict(
+    dev: &Arc<CudaDevice>,
+    dt: DType,
+    (hq, hk, d): (usize, usize, usize),
+    seed: u64,
+) -> Result<(f64, f64, String, bool)> {
     let page = 16;
     let (b, len) = (2usize, 1023usize);
     let pages = b * hk * len.div_ceil(page) * 2 + 4;
@@ -535,13 +557,18 @@ fn check_evict(dev: &Arc<CudaDevice>, dt: DType, (hq, hk, d): (usize, usize, usi
             _ => (0..len).filter(|_| rng.below(5) == 0).collect(),
         })
         .collect();
-    let used_before: usize = c.tables().map(|t| t.2.iter().map(|&l| (l as usize).div_ceil(page)).sum()).unwrap_or(0);
+    let used_before: usize = c
+        .tables()
+        .map(|t| t.2.iter().map(|&l| (l as usize).div_ceil(page)).sum())
+        .unwrap_or(0);
     let freed = c.compress_heads(&keep)?;
     let used_after: usize = keep.iter().map(|k| k.len().div_ceil(page)).sum();
     // The kept rows, read back through the new tables, against the appended values.
     let (tables, w, lens) = c.tables().ok_or_else(|| param("tables".into()))?;
     let (kb, _) = c.download()?;
-    let kt = Tensor::new(from_bits(kb, dt), vec![c.k.len()])?.data.to_f32_vec();
+    let kt = Tensor::new(from_bits(kb, dt), vec![c.k.len()])?
+        .data
+        .to_f32_vec();
     let mut wrong = 0usize;
     for (r, kr) in keep.iter().enumerate() {
         let (s, kh) = (r / hk, r % hk);
@@ -564,7 +591,10 @@ fn check_evict(dev: &Arc<CudaDevice>, dt: DType, (hq, hk, d): (usize, usize, usi
     Ok((
         eo,
         el,
-        format!("rows moved wrong {wrong} (must be 0); pages freed {freed} (expected {})", used_before - used_after),
+        format!(
+            "rows moved wrong {wrong} (must be 0); pages freed {freed} (expected {})",
+            used_before - used_after
+        ),
         ok,
     ))
 }
@@ -596,7 +626,15 @@ fn check_quest(
     let cache = DevPagedCache::from_parts(dev, &kv, &bt)?;
     let max_len = lens.iter().copied().max().unwrap_or(0).max(0) as usize;
     let quest = Quest { budget, page };
-    let dq = DevQuest::new(dev, &cache, hq, max_len, quest, reduce, &DecodeParams::default())?;
+    let dq = DevQuest::new(
+        dev,
+        &cache,
+        hq,
+        max_len,
+        quest,
+        reduce,
+        &DecodeParams::default(),
+    )?;
     dq.update_bounds(&cache, false)?;
     let qv = q.view("q")?;
     let qd = DevTensor::upload(dev, "q", &qv)?;
@@ -686,7 +724,9 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     ] {
         let tol = out_tolerance(dt);
         // Per-head tables straight from the host: rows of every awkward length.
-        let lens: Vec<i32> = (0..2 * hk).map(|r| ragged[(r * 3 + hk) % ragged.len()]).collect();
+        let lens: Vec<i32> = (0..2 * hk)
+            .map(|r| ragged[(r * 3 + hk) % ragged.len()])
+            .collect();
         let name = format!("kv per-head decode {dt} {hq}:{hk} d{d}");
         let r = (|| {
             let (k, v, tables, w, q) = random_head_cache(dt, &lens, 16, (hq, hk, d), 11)?;
@@ -707,9 +747,20 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             check_evict(dev, dt, (hq, hk, d), 21 + d as u64),
             tol,
         ));
-        for (budget, reduce) in [(0.2, Reduce::Max), (0.05, Reduce::Sum), (0.5, Reduce::Mean), (1.0, Reduce::Max)] {
+        for (budget, reduce) in [
+            (0.2, Reduce::Max),
+            (0.05, Reduce::Sum),
+            (0.5, Reduce::Mean),
+            (1.0, Reduce::Max),
+        ] {
             let lens: Vec<i32> = (0..2 * hk)
-                .map(|r| if r == 1 { 0 } else { [4224, 1023, 113, 65, 17, 2000][r % 6] })
+                .map(|r| {
+                    if r == 1 {
+                        0
+                    } else {
+                        [4224, 1023, 113, 65, 17, 2000][r % 6]
+                    }
+                })
                 .collect();
             out.push(case(
                 format!("kv quest({budget}) {reduce:?} {dt} {hq}:{hk} d{d}"),
@@ -734,7 +785,15 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         };
         let cache = DevPagedCache::from_parts(dev, &kv, &BlockTables::per_head(&tables, w, &lens))?;
         let quest = Quest { budget: 0.3, page };
-        let dq = DevQuest::new(dev, &cache, hq, 1000, quest, Reduce::Max, &DecodeParams::default())?;
+        let dq = DevQuest::new(
+            dev,
+            &cache,
+            hq,
+            1000,
+            quest,
+            Reduce::Max,
+            &DecodeParams::default(),
+        )?;
         dq.update_bounds(&cache, false)?;
         let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
         dq.select(&cache, &qd)?;
@@ -746,7 +805,16 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             x
         };
         let ok = sel[..n] == want[..];
-        Ok((0.0, 0.0, format!("{n} pages of 63 tied: kept {:?}, expected the newest {want:?}; len {}", &sel[..n], sl[0]), ok))
+        Ok((
+            0.0,
+            0.0,
+            format!(
+                "{n} pages of 63 tied: kept {:?}, expected the newest {want:?}; len {}",
+                &sel[..n],
+                sl[0]
+            ),
+            ok,
+        ))
     })();
     out.push(case("kv quest ties keep the newest pages".into(), tie, 1.0));
     // Bad input.
@@ -768,7 +836,7 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             detail,
         }
     };
-    let bad = (|| -> Result<DevPagedCache> { DevPagedCache::new_head_paged(dev, DType::BF16, 2, 64, 16, 64, 1) })();
+    let bad = DevPagedCache::new_head_paged(dev, DType::BF16, 2, 64, 16, 64, 1);
     match bad {
         Ok(mut c) => {
             out.push(refused(
@@ -778,7 +846,19 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             ));
             out.push(refused(
                 "quest pages other than the cache's",
-                DevQuest::new(dev, &c, 4, 64, Quest { budget: 0.2, page: 32 }, Reduce::Max, &DecodeParams::default()).map(|_| ()),
+                DevQuest::new(
+                    dev,
+                    &c,
+                    4,
+                    64,
+                    Quest {
+                        budget: 0.2,
+                        page: 32,
+                    },
+                    Reduce::Max,
+                    &DecodeParams::default(),
+                )
+                .map(|_| ()),
                 "must be the cache's",
             ));
         }
@@ -893,16 +973,17 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         Ok((q, o, lse))
     };
     let mut rows = Vec::new();
-    let push = |name: String, ms: f64, bytes: usize, cache_bytes: usize, rows: &mut Vec<KvBenchRow>| {
-        let full = rows.first().map(|r: &KvBenchRow| r.ms).unwrap_or(ms);
-        rows.push(KvBenchRow {
-            name,
-            ms,
-            bytes,
-            cache_bytes,
-            speedup: full / ms,
-        });
-    };
+    let push =
+        |name: String, ms: f64, bytes: usize, cache_bytes: usize, rows: &mut Vec<KvBenchRow>| {
+            let full = rows.first().map(|r: &KvBenchRow| r.ms).unwrap_or(ms);
+            rows.push(KvBenchRow {
+                name,
+                ms,
+                bytes,
+                cache_bytes,
+                speedup: full / ms,
+            });
+        };
     // Full paged decode (one table per sequence).
     {
         let pages = batch * len.div_ceil(page);
@@ -915,9 +996,17 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         crate::cuda::decode::fill_random(dev, dt, &mut c.v, 12)?;
         let (q, mut o, mut lse) = alloc_q(13)?;
         let plan = DecodePlan::new(dev, &c, hq, len, &params)?;
-        let ms = time_calls(dev, cfg.reps, cfg.samples, || plan.launch(&c, &q, &mut o, &mut lse))?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            plan.launch(&c, &q, &mut o, &mut lse)
+        })?;
         let bytes = batch * hk * len * row_bytes;
-        push(format!("full paged p{page}"), ms, bytes, pages * page * hk * row_bytes, &mut rows);
+        push(
+            format!("full paged p{page}"),
+            ms,
+            bytes,
+            pages * page * hk * row_bytes,
+            &mut rows,
+        );
     }
     // The per-head cache at full length: its decode, then Quest on it.
     {
@@ -931,10 +1020,18 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         crate::cuda::decode::fill_random(dev, dt, &mut c.v, 22)?;
         let (q, mut o, mut lse) = alloc_q(23)?;
         let plan = DecodePlan::new(dev, &c, hq, len, &params)?;
-        let ms = time_calls(dev, cfg.reps, cfg.samples, || plan.launch(&c, &q, &mut o, &mut lse))?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            plan.launch(&c, &q, &mut o, &mut lse)
+        })?;
         let full_bytes = batch * hk * len * row_bytes;
         let cache_bytes = pages * page * row_bytes;
-        push(format!("full per-head p{page}"), ms, full_bytes, cache_bytes, &mut rows);
+        push(
+            format!("full per-head p{page}"),
+            ms,
+            full_bytes,
+            cache_bytes,
+            &mut rows,
+        );
         let quest = Quest {
             budget: cfg.budget,
             page,
@@ -942,11 +1039,25 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         let dq = DevQuest::new(dev, &c, hq, len, quest, Reduce::Max, &params)?;
         dq.update_bounds(&c, false)?;
         let ms = time_calls(dev, cfg.reps, cfg.samples, || dq.update_bounds(&c, true))?;
-        push("quest bounds, tail page (per append)".into(), ms, 0, 0, &mut rows);
+        push(
+            "quest bounds, tail page (per append)".into(),
+            ms,
+            0,
+            0,
+            &mut rows,
+        );
         let ms = time_calls(dev, cfg.reps, cfg.samples, || dq.select(&c, &q))?;
         let meta_bytes = batch * hk * len.div_ceil(page) * 2 * d * es;
-        push(format!("quest({}) score + select", cfg.budget), ms, meta_bytes, 0, &mut rows);
-        let ms = time_calls(dev, cfg.reps, cfg.samples, || dq.decode(&c, &q, &mut o, &mut lse))?;
+        push(
+            format!("quest({}) score + select", cfg.budget),
+            ms,
+            meta_bytes,
+            0,
+            &mut rows,
+        );
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            dq.decode(&c, &q, &mut o, &mut lse)
+        })?;
         let kept = quest.pages_for(len - 1).min(len.div_ceil(page)) * page;
         push(
             format!("quest({},page={page}) score + select + decode", cfg.budget),
@@ -959,7 +1070,11 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
     // Eviction to the budget, ragged over the heads.
     {
         let frac = |kh: usize| {
-            let t = if hk > 1 { kh as f64 / (hk - 1) as f64 } else { 0.5 };
+            let t = if hk > 1 {
+                kh as f64 / (hk - 1) as f64
+            } else {
+                0.5
+            };
             (cfg.budget * (0.5 + t)).min(1.0)
         };
         let lens: Vec<usize> = (0..batch * hk)
@@ -976,7 +1091,9 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         let (q, mut o, mut lse) = alloc_q(33)?;
         let max = lens.iter().copied().max().unwrap_or(1);
         let plan = DecodePlan::new(dev, &c, hq, max, &params)?;
-        let ms = time_calls(dev, cfg.reps, cfg.samples, || plan.launch(&c, &q, &mut o, &mut lse))?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            plan.launch(&c, &q, &mut o, &mut lse)
+        })?;
         let kept: usize = lens.iter().sum();
         push(
             format!("evict to {} (ragged per head)", cfg.budget),
@@ -988,4 +1105,58 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
     }
     dev.synchronize()?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quest_parameter_struct_matches_the_kernel() {
+        crate::cuda::forward::check_layout(
+            QUEST,
+            "LaQuestParams",
+            &crate::cuda::forward::offsets!(LaQuestParams; q, k, meta, tables, lens, score,
+                sel_tables, sel_lens, budget, b, hq, hk, max_pages, sel_pages, tail_only, reduce,
+                score_stride, smem_keys, pad),
+            std::mem::size_of::<LaQuestParams>(),
+        );
+    }
+
+    #[test]
+    fn scores_reference_bounds_every_key_of_its_page() {
+        // The bound of a page is >= q . k for each key of the page, and is reached when q
+        // points along one key's coordinates' extremes.
+        let (page, d, hq, hk) = (16, 8, 2, 1);
+        let lens = [50i32];
+        let (k, _, tables, w, q) =
+            random_head_cache(DType::F32, &lens, page, (hq, hk, d), 3).unwrap();
+        let (kf, qf) = (k.data.to_f32_vec(), q.data.to_f32_vec());
+        for reduce in [Reduce::Max, Reduce::Sum, Reduce::Mean] {
+            let s =
+                quest_scores_reference(&qf, &kf, (&tables, w, &lens), page, d, (hq, hk), reduce);
+            assert_eq!(s[0].len(), 3, "pages before the last of 50 entries");
+            for (i, &bound) in s[0].iter().enumerate() {
+                let pg = tables[i] as usize;
+                for t in 0..page {
+                    let dots: Vec<f64> = (0..hq)
+                        .map(|h| {
+                            (0..d)
+                                .map(|x| qf[h * d + x] as f64 * kf[(pg * page + t) * d + x] as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let r = match reduce {
+                        Reduce::Max => dots.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                        Reduce::Sum => dots.iter().sum(),
+                        Reduce::Mean => dots.iter().sum::<f64>() / hq as f64,
+                    };
+                    assert!(
+                        bound >= r - 1e-9,
+                        "{reduce:?} page {i}: bound {bound} < {r}"
+                    );
+                }
+            }
+        }
+    }
 }

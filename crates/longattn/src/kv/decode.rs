@@ -307,7 +307,7 @@ pub struct SplitPlan {
 /// reduction across warps) and the merge's extra read dominate the keys' own traffic.
 pub const MIN_SPLIT_KEYS: usize = 256;
 /// Most splits per sequence (bounds the workspace: `B * Hq * MAX_SPLITS * D` f32).
-pub const MAX_SPLITS: usize = 64;
+pub const MAX_SPLITS: usize = 128;
 
 /// Chooses the split of keys. `items` blocks exist per split (B x KV heads x head chunks);
 /// `slots` blocks run at once (SMs x resident blocks per SM on the GPU, threads on the CPU);
@@ -808,10 +808,11 @@ impl PageTables {
     pub fn pages(&self, seq: usize) -> &[i32] {
         self.seqs.get(seq).map(|s| &s[..]).unwrap_or(&[])
     }
-    /// Rebuilds sequence `seq` with `n` positions on fresh pages from the free list and only then
-    /// returns its old pages (so the caller can copy from the old slots into the new ones before
-    /// anything reuses them). Returns (old pages, new slots). Out of pages: an error and nothing
-    /// changes.
+    /// Rebuilds sequence `seq` with `n` positions on fresh pages from the free list and hands
+    /// back its old pages without freeing them: the caller copies from the old slots into the new
+    /// ones and only then returns the old pages ([`PageTables::give_back`]), so no later rebuild
+    /// of the same batch reuses a page that is still a source. Returns (old pages, new slots).
+    /// Out of pages: an error and nothing changes.
     pub fn rebuild(&mut self, seq: usize, n: usize) -> Result<(Vec<i32>, Vec<usize>)> {
         if seq >= self.batch() {
             return Err(param(format!(
@@ -822,16 +823,17 @@ impl PageTables {
         let old = std::mem::take(&mut self.seqs[seq]);
         let old_len = std::mem::replace(&mut self.lens[seq], 0);
         match self.grow(seq, n) {
-            Ok(slots) => {
-                self.free.extend(old.iter().rev());
-                Ok((old, slots))
-            }
+            Ok(slots) => Ok((old, slots)),
             Err(e) => {
                 self.seqs[seq] = old;
                 self.lens[seq] = old_len;
                 Err(e)
             }
         }
+    }
+    /// Returns pages (taken by [`PageTables::rebuild`]) to the free list.
+    pub fn give_back(&mut self, pages: &[i32]) {
+        self.free.extend(pages.iter().rev());
     }
     /// Empties sequence `seq` and returns its pages to the free list.
     pub fn release(&mut self, seq: usize) -> Result<()> {

@@ -163,7 +163,7 @@ fn split_plan_fills_the_device() {
     // Short: no split.
     assert_eq!(plan_splits(1, 528, 100, 16).num_splits, 1);
     assert_eq!(plan_splits(1, 528, 0, 16).num_splits, 1);
-    assert_eq!(split_plan_for(10_000, 1, 1).num_splits, MAX_SPLITS);
+    assert_eq!(split_plan_for(MAX_SPLITS * 100, 1, 1).num_splits, MAX_SPLITS);
     assert_eq!(heads_per_block(4), 4);
     assert_eq!(heads_per_block(32), 8);
     assert_eq!(heads_per_block(12), 6);
@@ -345,4 +345,30 @@ fn per_head_tables_against_oracle() {
             assert!(e.contains("lens") && e.contains("KV heads"), "{e}");
         }
     }
+}
+
+#[test]
+fn rebuild_keeps_old_pages_until_given_back() {
+    let mut t = PageTables::new(16, 10, 2).unwrap();
+    t.grow(0, 40).unwrap(); // 3 pages
+    t.grow(1, 17).unwrap(); // 2 pages
+    let free0 = t.free_pages();
+    let (old, slots) = t.rebuild(0, 20).unwrap();
+    assert_eq!(old.len(), 3);
+    assert_eq!(slots.len(), 20);
+    // The new pages are fresh: none of the old ones, none of row 1's.
+    for s in &slots {
+        let pg = (s / 16) as i32;
+        assert!(!old.contains(&pg) && !t.pages(1).contains(&pg), "slot {s}");
+    }
+    assert_eq!(t.free_pages(), free0 - 2);
+    // Too many entries for the free list: an error, the row unchanged.
+    let before = t.pages(1).to_vec();
+    assert!(t.rebuild(1, 16 * 9).is_err());
+    assert_eq!(t.pages(1), &before[..]);
+    assert_eq!(t.len(1), 17);
+    t.give_back(&old);
+    assert_eq!(t.free_pages(), free0 + 1);
+    assert_eq!(t.slot(0, 19).map(|s| s / 16), Some(t.pages(0)[1] as usize));
+    assert_eq!(t.slot(0, 20), None);
 }

@@ -12,6 +12,7 @@
 //   LA_NS      0: K/V go straight to registers; >= 2: a ring of LA_NS stages in shared memory
 //              filled by cp.async (each lane copies, then reads back, its own 16-byte pieces:
 //              no block barrier), LA_NS - 1 iterations of loads in flight
+//   LA_MMA     1 = the tensor-core kernel (below; D <= 128, LA_NS >= 2), 0 = lane groups
 //   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
 //
 // Tables at run time (`head_tables`): 0 = one block table and length per sequence, pages
@@ -113,6 +114,44 @@ __device__ __forceinline__ void la_pages(int* pg, const int* tab, int jn, int j1
     }
 }
 
+// The block's warps hold partial states (s_m, s_l, s_acc: log2-unit max, sum and unnormalised
+// accumulator per head): merge them (m = max_w m_w, L = sum_w 2^(m_w - m) l_w, o likewise) and
+// write o = acc / L and lse = ln2 (m + log2 L), or the split's f32 partials.
+__device__ __forceinline__ void la_block_finish(const LaDecParams& p, float (&s_acc)[LA_WARPS][LA_G][LA_D],
+                                                float (&s_m)[LA_WARPS][LA_G], float (&s_l)[LA_WARPS][LA_G],
+                                                int b, int h0, int split, bool direct) {
+    __syncthreads();
+    // Each thread finishes pairs of output elements (g, d), (g, d + 1).
+    for (int xi = threadIdx.x; xi < LA_G * LA_D / 2; xi += LA_WARPS * 32) {
+        const int g = xi / (LA_D / 2), d = (xi % (LA_D / 2)) * 2;
+        float mx = -LA_INF;
+#pragma unroll
+        for (int w = 0; w < LA_WARPS; w++) mx = fmaxf(mx, s_m[w][g]);
+        const float base = mx == -LA_INF ? 0.f : mx;
+        float L = 0.f, o0 = 0.f, o1 = 0.f;
+#pragma unroll
+        for (int w = 0; w < LA_WARPS; w++) {
+            const float a = la_exp2(s_m[w][g] - base);
+            L += s_l[w][g] * a;
+            o0 += s_acc[w][g][d] * a;
+            o1 += s_acc[w][g][d + 1] * a;
+        }
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        const float lse = L > 0.f ? (mx + __log2f(L)) * LA_LN2 : -LA_INF;
+        const i64 row = (i64)b * p.Hq + h0 + g;
+        if (direct) {
+            *(u32*)(p.o + row * LA_D + d) = la_pack2(o0 * inv, o1 * inv);
+            if (d == 0) p.lse[row] = lse;
+        } else {
+            float* dst = p.o_part + (row * p.num_splits + split) * LA_D + d;
+            dst[0] = o0 * inv;
+            dst[1] = o1 * inv;
+            if (d == 0) p.lse_part[row * p.num_splits + split] = lse;
+        }
+    }
+}
+
+#if !LA_MMA
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
@@ -315,36 +354,173 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             }
         }
     }
-    __syncthreads();
-    // Each thread finishes pairs of output elements (g, d), (g, d + 1).
-    for (int xi = threadIdx.x; xi < LA_G * LA_D / 2; xi += LA_WARPS * 32) {
-        const int g = xi / (LA_D / 2), d = (xi % (LA_D / 2)) * 2;
-        float mx = -LA_INF;
+    la_block_finish(p, s_acc, s_m, s_l, b, h0, split, direct);
+}
+#else  // LA_MMA
+// Tensor-core decode (LA_MMA = 1; D 32 / 64 / 128, LA_NS >= 2 stages): the same work split, the
+// same online softmax and the same finish, with the products on mma.sync m16n8k16. The G query
+// heads of the block are the rows of A (rows G .. 15 are zero): per tile of 16 keys of one warp,
+//     S[16 x 16] = Q[16 x D] K_tile^T        (f32; B fragments of K by ldmatrix, rows = keys)
+//     x = S q_scale (log2 units; soft-cap c log2 e tanh(S scale / c)), -inf past j1
+//     m' = max(m, max_keys x),  P = 2^(x - m'),  l' = 2^(m - m') l + sum P,
+//     O' = 2^(m - m') O + P V_tile           (P rounded to the storage type as the A operand)
+// Each warp owns a ring of LA_NS tiles [K | V][16 keys][D + 8] in shared memory filled by
+// cp.async (the padding puts the 8 rows an ldmatrix reads in distinct banks); a warp walks the
+// tiles w, w + W, w + 2W, ... of its block's key range, so warps never wait for each other until
+// the finish. With splits of a multiple of 16 keys (the planned ones: a page's multiple) a tile
+// never crosses a page, so one table read gives its page.
+#define LM_LDS (LA_D + 8)            // row length of a ring tile (16-bit words)
+#define LM_TILE (16 * LM_LDS)        // one K or V tile
+extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
+    const int split = blockIdx.x;
+    const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
+    const int b = blockIdx.z;
+    const int h0 = kh * (p.Hq / p.Hk) + chunk * LA_G;
+    const int trow = p.head_tables ? b * p.Hk + kh : b;
+    const int len = p.lens[trow];
+    const int j0 = split * p.split_len;
+    const int j1 = la_imin(len, j0 + p.split_len);
+    const bool direct = p.num_splits == 1;
+    if (!direct && j0 >= len) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r = lane >> 2, q4 = lane & 3;   // fragment row (head) and column pair
+    const int* tab = p.tables + (i64)trow * p.max_pages;
+    const int ntiles = j1 > j0 ? (j1 - j0 + 15) / 16 : 0;
+
+    // Q as A fragments (rows = heads; rows >= G and the +8 rows are zero), unscaled.
+    u32 qa[LA_D / 16][2];
 #pragma unroll
-        for (int w = 0; w < LA_WARPS; w++) mx = fmaxf(mx, s_m[w][g]);
-        const float base = mx == -LA_INF ? 0.f : mx;
-        float L = 0.f, o0 = 0.f, o1 = 0.f;
-#pragma unroll
-        for (int w = 0; w < LA_WARPS; w++) {
-            const float a = la_exp2(s_m[w][g] - base);
-            L += s_l[w][g] * a;
-            o0 += s_acc[w][g][d] * a;
-            o1 += s_acc[w][g][d + 1] * a;
-        }
-        const float inv = L > 0.f ? 1.f / L : 0.f;
-        const float lse = L > 0.f ? (mx + __log2f(L)) * LA_LN2 : -LA_INF;
-        const i64 row = (i64)b * p.Hq + h0 + g;
-        if (direct) {
-            *(u32*)(p.o + row * LA_D + d) = la_pack2(o0 * inv, o1 * inv);
-            if (d == 0) p.lse[row] = lse;
-        } else {
-            float* dst = p.o_part + (row * p.num_splits + split) * LA_D + d;
-            dst[0] = o0 * inv;
-            dst[1] = o1 * inv;
-            if (d == 0) p.lse_part[row * p.num_splits + split] = lse;
+    for (int ks = 0; ks < LA_D / 16; ks++) {
+        qa[ks][0] = qa[ks][1] = 0u;
+        if (r < LA_G) {
+            const u16* qr = p.q + ((i64)b * p.Hq + h0 + r) * LA_D + ks * 16 + 2 * q4;
+            qa[ks][0] = *(const u32*)qr;
+            qa[ks][1] = *(const u32*)(qr + 8);
         }
     }
+    float o[LA_D / 8][4];
+#pragma unroll
+    for (int n = 0; n < LA_D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m = -LA_INF, l = 0.f;
+
+    extern __shared__ u16 lm_ring[];
+    u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
+    // Copies tile k (keys j0 + 16 k ..) of this warp into stage st; one commit group per call.
+    auto issue = [&](int k, int st) {
+        if (k < ntiles) {
+            const int js = j0 + 16 * k;
+#if LA_PAGE
+            // Splits of a multiple of 16 keys: the tile lies in one page (one table read); a
+            // forced split length that is not (a caller's split_len) reads each row's page.
+            const bool one_page = p.split_len % 16 == 0;
+            const int page0 = one_page ? tab[js / LA_PAGE] : 0;
+#endif
+            u16* kd = ring + st * 2 * LM_TILE;
+#pragma unroll
+            for (int i = 0; i < LA_D / 16; i++) {
+                const int c = lane + 32 * i, row = c / (LA_D / 8), col = c % (LA_D / 8);
+                const int j = js + row;
+                const bool in = j < j1;
+#if LA_PAGE
+                const int page = one_page ? page0 : (in ? tab[j / LA_PAGE] : 0);
+#else
+                const int page = 0;
+#endif
+                const i64 off = in ? la_row(p, page, b, j, kh, col) : 0;
+                la_cp_async16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
+                la_cp_async16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
+            }
+        }
+        la_cp_commit();
+    };
+#pragma unroll
+    for (int st = 0; st < LA_NS - 1; st++) issue(warp + st * LA_WARPS, st);
+    int cur = 0;
+    for (int k = warp; k < ntiles; k += LA_WARPS) {
+        issue(k + (LA_NS - 1) * LA_WARPS, (cur + LA_NS - 1) % LA_NS);
+        la_cp_wait<LA_NS - 1>();
+        __syncwarp();
+        const u16* kt = ring + cur * 2 * LM_TILE;
+        const u16* vt = kt + LM_TILE;
+        // S = Q K^T: two n-blocks of 8 keys; ldmatrix x4 gives the B fragments of two k-steps.
+        float sc[2][4];
+#pragma unroll
+        for (int nb = 0; nb < 2; nb++) {
+            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
+#pragma unroll
+            for (int kp = 0; kp < LA_D / 32; kp++) {
+                const int mi = lane >> 3;
+                u32 bf[4];
+                la_ldmatrix_x4(bf, kt + (nb * 8 + (lane & 7)) * LM_LDS + (2 * kp + (mi >> 1)) * 16 + (mi & 1) * 8);
+                const u32 a0[4] = {qa[2 * kp][0], 0u, qa[2 * kp][1], 0u};
+                const u32 a1[4] = {qa[2 * kp + 1][0], 0u, qa[2 * kp + 1][1], 0u};
+                la_mma16816(sc[nb], a0, bf);
+                la_mma16816(sc[nb], a1, bf + 2);
+            }
+        }
+        // Logits of this lane's row r: keys 2 q4 + {0, 1} and 8 + 2 q4 + {0, 1}.
+        const int jt = j0 + 16 * k;
+        float x[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
+        float mx = m;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
+#if LA_SOFTCAP
+            float s = p.cap_mul * tanhf(x[e] * p.q_scale);
+#else
+            float s = x[e] * p.q_scale;
+#endif
+            x[e] = j < j1 ? s : -LA_INF;
+            mx = fmaxf(mx, x[e]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 2));
+        const float base = mx == -LA_INF ? 0.f : mx;
+        const float alpha = la_exp2(m - base);
+        m = mx;
+        float pe[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) pe[e] = la_exp2(x[e] - base);
+        l = l * alpha + (pe[0] + pe[1]) + (pe[2] + pe[3]);
+#pragma unroll
+        for (int n = 0; n < LA_D / 8; n++) {
+            o[n][0] *= alpha;
+            o[n][1] *= alpha;
+        }
+        // O += P V: A = P (row r; keys 0..7 | 8..15), B fragments of V by ldmatrix.trans.
+        const u32 pa[4] = {la_pack2(pe[0], pe[1]), 0u, la_pack2(pe[2], pe[3]), 0u};
+#pragma unroll
+        for (int np = 0; np < LA_D / 16; np++) {
+            const int mi = lane >> 3;
+            u32 bf[4];
+            la_ldmatrix_x4_trans(bf, vt + ((mi & 1) * 8 + (lane & 7)) * LM_LDS + (2 * np + (mi >> 1)) * 8);
+            la_mma16816(o[2 * np], pa, bf);
+            la_mma16816(o[2 * np + 1], pa, bf + 2);
+        }
+        __syncwarp();
+        cur = (cur + 1) % LA_NS;
+    }
+    la_cp_wait<0>();
+    // The 4 lanes of a row hold disjoint keys' sums: add them.
+    l += __shfl_xor_sync(LA_FULL, l, 1);
+    l += __shfl_xor_sync(LA_FULL, l, 2);
+    __shared__ float s_acc[LA_WARPS][LA_G][LA_D];
+    __shared__ float s_m[LA_WARPS][LA_G];
+    __shared__ float s_l[LA_WARPS][LA_G];
+    if (r < LA_G) {
+#pragma unroll
+        for (int n = 0; n < LA_D / 8; n++) {
+            s_acc[warp][r][n * 8 + 2 * q4] = o[n][0];
+            s_acc[warp][r][n * 8 + 2 * q4 + 1] = o[n][1];
+        }
+        if (q4 == 0) {
+            s_m[warp][r] = m;
+            s_l[warp][r] = l;
+        }
+    }
+    la_block_finish(p, s_acc, s_m, s_l, b, h0, split, direct);
 }
+#endif  // LA_MMA
 
 #endif  // !LA_MERGE_ONLY
 

@@ -33,6 +33,7 @@ struct LaQuestParams {
     double budget;       // fraction of the positions attended, (0, 1]
     int B, Hq, Hk, max_pages;
     int sel_pages, tail_only, reduce, score_stride;   // reduce: 0 max, 1 sum, 2 mean
+    int smem_keys, pad;   // rows of at most smem_keys candidates keep their keys in shared memory
 };
 
 #define LQ_LPP (LA_D / 8)        // lanes per page (16 bytes each)
@@ -152,31 +153,40 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
         return;
     }
     const float* x = p.score + (i64)r * p.score_stride;
+    // The order keys, read once into shared memory when they fit (every pass below reads them).
+    extern __shared__ u32 lq_keys[];
+    const bool in_smem = cur <= p.smem_keys;
+    if (in_smem) {
+        for (int j = threadIdx.x; j < cur; j += blockDim.x) lq_keys[j] = la_order_key(x[j]);
+        __syncthreads();
+    }
+    auto key = [&](int j) -> u32 { return in_smem ? lq_keys[j] : la_order_key(x[j]); };
     u32 need = 0, T = 0xffffffffu;
-    if (n > 1) T = la_radix_nth(cur, (u32)(n - 1), [&](int j, u32& u) { u = la_order_key(x[j]); return true; },
+    if (n > 1) T = la_radix_nth(cur, (u32)(n - 1), [&](int j, u32& u) { u = key(j); return true; },
                                hist, pick, need);
     // Pages with key > T are kept; of the pages with key == T (tied at the cut) the `need` newest.
-    // One ordered pass with two running counts: above (key > T) and tied (key == T); tied page of
-    // rank t (0-based, by index) is kept when t >= ties - need, and a kept page's slot is
+    // One ordered pass with two running counts, above (key > T) and tied (key == T), packed in
+    // one scan (low / high 16 bits; a chunk of the block counts at most 1024 of each): tied page
+    // of rank t (0-based, by index) is kept when t >= ties - need, and a kept page's slot is
     // above_before + max(0, tied_before - (ties - need)).
     u32 ties = 0;
     if (n > 1) {
         u32 c = 0;
-        for (int j = threadIdx.x; j < cur; j += blockDim.x) c += la_order_key(x[j]) == T;
+        for (int j = threadIdx.x; j < cur; j += blockDim.x) c += key(j) == T;
         ties = la_block_sum(c, ws);
     }
     const u32 skip = ties - need;
     u32 above0 = 0, tied0 = 0;
     for (int jb = 0; jb < cur && n > 1; jb += blockDim.x) {
         const int j = jb + threadIdx.x;
-        const u32 key = j < cur ? la_order_key(x[j]) : 0u;
-        const bool a = j < cur && key > T, t = j < cur && key == T;
-        u32 ta, tt;
-        const u32 ab = above0 + la_block_scan(a, ws, ta);
-        const u32 tb = tied0 + la_block_scan(t, ws, tt);
+        const u32 kj = j < cur ? key(j) : 0u;
+        const bool a = j < cur && kj > T, t = j < cur && kj == T;
+        u32 tot;
+        const u32 ex = la_block_scan((u32)a | ((u32)t << 16), ws, tot);
+        const u32 ab = above0 + (ex & 0xffffu), tb = tied0 + (ex >> 16);
         if (a || (t && tb >= skip)) out[ab + (tb > skip ? tb - skip : 0u)] = tab[j];
-        above0 += ta;
-        tied0 += tt;
+        above0 += tot & 0xffffu;
+        tied0 += tot >> 16;
     }
     if (threadIdx.x == 0) {
         out[n - 1] = tab[cur];
