@@ -44,6 +44,25 @@ pub enum Cmd {
     /// Tree decode: the keys and values of the input sharded over ranks, every rank's partial
     /// (out, LSE) gathered and merged (`longattn::cp::tree`); writes what `longattn run` writes.
     Decode(DecodeArgs),
+    /// NCCL on this machine's GPUs: the library loads, a communicator of the launched job (a world
+    /// of one without a launcher) initialises, and its send / receive, all-gather, all-to-all
+    /// and all-reduce give what the host computes. Prints PASS / FAIL lines.
+    NcclCheck(NcclCheckArgs),
+    /// The one-GPU loopback: P ranks as streams of one GPU, the ring pass-KV forward (zigzag
+    /// placement) through the CUDA kernel with device-to-device copies overlapped with the
+    /// compute, against the single-GPU forward (and the f64 oracle on a small case). Prints
+    /// PASS / FAIL lines and per-step timings.
+    LoopbackCheck(crate::cp_loopback::LoopbackArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NcclCheckArgs {
+    /// Values per rank in each collective.
+    #[arg(long, default_value_t = 4099)]
+    len: usize,
+    /// Seconds a rank waits for the others (rendezvous and the unique id's exchange).
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
 }
 
 /// A context-parallel scheme.
@@ -244,7 +263,161 @@ pub fn main(a: Args) -> Result<()> {
         Cmd::Run(r) => run(r),
         Cmd::Bench(b) => bench(b),
         Cmd::Decode(d) => decode(d),
+        Cmd::NcclCheck(c) => nccl_check(c),
+        Cmd::LoopbackCheck(c) => crate::cp_loopback::main(c),
     }
+}
+
+/// The variable that marks a process started again by [`nccl_ready`] (read and removed at once,
+/// so that programs this one starts do not inherit it).
+const NCCL_RESTARTED: &str = "LONGATTN_NCCL_RESTARTED";
+
+/// NCCL ready in this process: its version. When the library was found at a file that cudarc
+/// opens only through a `libnccl.so` link (`longattn::cp::nccl`), the process starts itself
+/// again, once, with the link's folder first on LD_LIBRARY_PATH (the dynamic loader reads the
+/// variable at start only). It cannot loop: the restarted process carries a mark, and a marked
+/// process that would need another restart fails with the reason instead.
+fn nccl_ready() -> Result<i32> {
+    use longattn::cp::nccl::{prepare, Loaded};
+    let restarted = std::env::var_os(NCCL_RESTARTED).is_some();
+    // SAFETY (edition 2021, safe): called on the main thread before any other thread runs.
+    std::env::remove_var(NCCL_RESTARTED);
+    match prepare()? {
+        Loaded::Ready { version } => Ok(version),
+        Loaded::Restart { dir, file } => {
+            if restarted {
+                bail!(
+                    "NCCL at {} still does not load by name with {} (holding the link libnccl.so) first on LD_LIBRARY_PATH",
+                    file.display(),
+                    dir.display()
+                );
+            }
+            eprintln!(
+                "NCCL at {}: starting again with {} (the link libnccl.so) first on LD_LIBRARY_PATH",
+                file.display(),
+                dir.display()
+            );
+            let mut ld = dir.into_os_string();
+            if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|o| !o.is_empty()) {
+                ld.push(":");
+                ld.push(old);
+            }
+            let exe = std::env::current_exe().context("the path of this program")?;
+            use std::os::unix::process::CommandExt;
+            // exec keeps the process id (a launcher such as torchrun keeps watching it).
+            let e = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .env("LD_LIBRARY_PATH", ld)
+                .env(NCCL_RESTARTED, "1")
+                .exec();
+            bail!("starting {} again: {e}", exe.display())
+        }
+    }
+}
+
+fn nccl_check(a: NcclCheckArgs) -> Result<()> {
+    use longattn::cp::nccl::NcclComm;
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!(
+            "--timeout {}: expected a positive number of seconds",
+            a.timeout
+        );
+    }
+    if a.len == 0 {
+        bail!("--len 0: the collectives need at least one value");
+    }
+    let timeout = Duration::from_secs_f64(a.timeout);
+    let version = nccl_ready()?;
+    // A launched job, or a world of one.
+    let job = match std::env::var_os("RANK") {
+        Some(_) => cp::Job::from_env()?,
+        None => cp::Job {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master: "127.0.0.1:0".into(),
+        },
+    };
+    let (r, p, n) = (job.rank, job.world, a.len);
+    println!("PASS rank {r} of {p}: nccl loads (version {version})");
+    let dev = longattn::cuda::CudaDevice::open(job.local_rank)
+        .with_context(|| format!("rank {r}: GPU {} (LOCAL_RANK)", job.local_rank))?;
+    let stream = dev.stream().clone();
+    let fp = fingerprint(&[format!("nccl-check {n}")]);
+    let t = cp::join(&job, fp, timeout)?;
+    let comm = NcclComm::new(stream.clone(), &t)?;
+    println!(
+        "PASS rank {r} of {p}: nccl communicator on GPU {} ({})",
+        job.local_rank, dev.name
+    );
+    let cu = longattn::cuda::drv("nccl-check");
+    // Values exact in f32 and their sums too: multiples of 1/4 below 2^20.
+    let x = |s: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (s + 1) as f32 * 0.5 + (i % 97) as f32 * 0.25)
+            .collect()
+    };
+    let mut failed = 0;
+    let mut report = |what: &str, got: &[f32], want: &[f32]| {
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        if got.len() == want.len() && worst == 0.0 {
+            println!("PASS rank {r} of {p}: nccl {what} ({} values)", want.len());
+        } else {
+            failed += 1;
+            println!(
+                "FAIL rank {r} of {p}: nccl {what}: {} values, expected {}, largest difference {worst}",
+                got.len(),
+                want.len()
+            );
+        }
+    };
+    // all-reduce
+    let dx = stream.clone_htod(&x(r)).map_err(&cu)?;
+    let mut out = stream.alloc_zeros::<f32>(n).map_err(&cu)?;
+    comm.all_reduce_sum(&dx, &mut out)?;
+    let want: Vec<f32> = (0..n).map(|i| (0..p).map(|s| x(s)[i]).sum()).collect();
+    report("all-reduce", &stream.clone_dtoh(&out).map_err(&cu)?, &want);
+    // all-gather
+    let mut all = stream.alloc_zeros::<f32>(p * n).map_err(&cu)?;
+    comm.all_gather(&dx, &mut all)?;
+    let want: Vec<f32> = (0..p).flat_map(x).collect();
+    report("all-gather", &stream.clone_dtoh(&all).map_err(&cu)?, &want);
+    // all-to-all: chunk j of rank s holds s * 1000 + j * 10 + (i % 7)
+    let chunk = |s: usize, j: usize| -> Vec<f32> {
+        (0..n).map(|i| (s * 1000 + j * 10 + i % 7) as f32).collect()
+    };
+    let send: Vec<f32> = (0..p).flat_map(|j| chunk(r, j)).collect();
+    let dsend = stream.clone_htod(&send).map_err(&cu)?;
+    let mut drecv = stream.alloc_zeros::<f32>(p * n).map_err(&cu)?;
+    comm.all_to_all(&dsend, &mut drecv)?;
+    let want: Vec<f32> = (0..p).flat_map(|s| chunk(s, r)).collect();
+    report(
+        "all-to-all",
+        &stream.clone_dtoh(&drecv).map_err(&cu)?,
+        &want,
+    );
+    // send / receive around the ring (two ranks or more)
+    if p > 1 {
+        let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+        let mut got = stream.alloc_zeros::<f32>(n).map_err(&cu)?;
+        comm.send_recv(&dx, next, &mut got, prev)?;
+        report(
+            "send / receive ring",
+            &stream.clone_dtoh(&got).map_err(&cu)?,
+            &x(prev),
+        );
+    }
+    stream.synchronize().map_err(&cu)?;
+    // Every rank done before any leaves (the host transport).
+    t.barrier()?;
+    if failed > 0 {
+        bail!("rank {r} of {p}: {failed} NCCL check(s) failed");
+    }
+    Ok(())
 }
 
 /// The shard bounds of `sk` keys over `p` ranks: `--shards` lengths, or near-equal shards.
@@ -387,7 +560,7 @@ fn run(a: RunArgs) -> Result<()> {
         TransportArg::Tcp => Some(cp::Job::from_env()?),
         TransportArg::Loopback | TransportArg::Nccl => {
             let name = format!("{:?}", a.transport).to_lowercase();
-            bail!("--transport {name}: not built yet (`threads` runs ranks as threads of this process, `tcp` as processes)");
+            bail!("--transport {name}: not built yet for the schemes, which run on host buffers (`threads` runs ranks as threads of this process, `tcp` as processes; `longattn cp nccl-check` checks NCCL's communicator on the GPUs, `longattn cp loopback-check` the ring on one GPU)");
         }
     };
     let ranks = match (&job, a.ranks) {

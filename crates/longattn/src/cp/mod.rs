@@ -41,6 +41,8 @@ pub mod block;
 pub mod gather;
 pub mod lasp;
 pub mod launch;
+pub mod loopback;
+pub mod nccl;
 pub mod passq;
 pub mod plan;
 pub mod ring;
