@@ -14,6 +14,7 @@
 #   loopback  `longattn cp loopback-check --require-gpu`: P in {1, 2, 3, 4, 5, 8} ranks as streams of
 #             GPU 0, causal and full, the ring against the f64 oracle (173 tokens) and against the
 #             single-GPU forward at 16411 tokens with per-step compute / copy / exposed-wait times;
+#             `cp run --transport loopback --ranks 5` on a bf16 file against `run --backend cuda`;
 #             then f16 at D 64 with P = 3 over 1031 tokens.
 #   tcp       `cp run --transport tcp` across 2 processes (the launcher's variables set here, and
 #             under torchrun --nproc-per-node=2 when installed) on a generated input, against `run`.
@@ -93,6 +94,62 @@ mode_loopback() {
     pass "cp loopback-check: P 1 2 3 4 5 8 x causal / full, oracle and single-GPU cases (24 PASS)"
   else
     fail "cp loopback-check (rc=$rc; see $OUT/loopback.txt, $OUT/loopback.err)"
+  fi
+  # cp run --transport loopback (the file contract of run) against run --backend cuda
+  in=$OUT/loopback_in.safetensors
+  python3 - "$in" <<'PY'
+# seeded random bf16 q / k / v (4097 tokens, Hq 8, Hk 2, D 128), standard library only
+import json, random, struct, sys
+random.seed(23)
+n, hq, hk, d = 4097, 8, 2, 128
+def bf16(x):
+    b = struct.unpack("<I", struct.pack("<f", x))[0]
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+head, blobs, off = {}, [], 0
+for name, shape in {"q": [1, n, hq, d], "k": [1, n, hk, d], "v": [1, n, hk, d]}.items():
+    count = shape[0] * shape[1] * shape[2] * shape[3]
+    b = struct.pack(f"<{count}H", *(bf16(random.gauss(0.0, 1.0)) for _ in range(count)))
+    head[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + len(b)]}
+    blobs.append(b)
+    off += len(b)
+h = json.dumps(head).encode()
+h += b" " * (-len(h) % 8)
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+PY
+  timeout 200 "$BIN" run --backend cuda --input "$in" --output "$OUT/loopback_single.safetensors" --force \
+    --mask causal > /dev/null 2> "$OUT/loopback_single.err"; rc1=$?
+  timeout 200 "$BIN" cp run --transport loopback --ranks 5 --input "$in" --output "$OUT/loopback_cp.safetensors" \
+    --force --mask causal > /dev/null 2> "$OUT/loopback_cp.err"; rc2=$?
+  tail -1 "$OUT/loopback_cp.err"
+  cmp=$(python3 - "$OUT/loopback_single.safetensors" "$OUT/loopback_cp.safetensors" 2>/dev/null <<'PY'
+import json, struct, sys
+def load(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    out = {}
+    for k, t in head.items():
+        if k == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        body = raw[8 + n + a:8 + n + b]
+        if t["dtype"] == "F32":
+            out[k] = struct.unpack(f"<{len(body) // 4}f", body)
+        elif t["dtype"] == "BF16":
+            out[k] = [struct.unpack("<f", struct.pack("<I", w << 16))[0] for w in struct.unpack(f"<{len(body) // 2}H", body)]
+    return out
+x, y = load(sys.argv[1]), load(sys.argv[2])
+scale = max(abs(v) for v in x["out"])
+eo = max(abs(p - q) for p, q in zip(x["out"], y["out"])) / scale
+el = max(abs(p - q) for p, q in zip(x["lse"], y["lse"]))
+print(f"{eo:.2e} {el:.2e}")
+PY
+)
+  eo=${cmp% *}; el=${cmp#* }
+  if [ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && python3 -c "import sys; sys.exit(0 if float('$eo') <= 0.03 and float('$el') <= 2e-4 else 1)" 2>/dev/null; then
+    pass "cp run --transport loopback --ranks 5 causal 4097 tokens equals run --backend cuda (out $eo, lse $el)"
+  else
+    fail "cp run --transport loopback (rc $rc1 / $rc2, out ${eo:-none}, lse ${el:-none}; see $OUT/loopback_cp.err)"
   fi
   timeout 300 "$BIN" cp loopback-check --require-gpu --f16 --dim 64 --heads 4 --kv-heads 1 --ranks 3 --len 1031 \
     > "$OUT/loopback_f16.txt" 2>&1; rc=$?

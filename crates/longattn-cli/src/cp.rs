@@ -558,9 +558,10 @@ fn run(a: RunArgs) -> Result<()> {
     let job = match a.transport {
         TransportArg::Threads => None,
         TransportArg::Tcp => Some(cp::Job::from_env()?),
-        TransportArg::Loopback | TransportArg::Nccl => {
+        TransportArg::Loopback => return run_loopback(a),
+        TransportArg::Nccl => {
             let name = format!("{:?}", a.transport).to_lowercase();
-            bail!("--transport {name}: not built yet for the schemes, which run on host buffers (`threads` runs ranks as threads of this process, `tcp` as processes; `longattn cp nccl-check` checks NCCL's communicator on the GPUs, `longattn cp loopback-check` the ring on one GPU)");
+            bail!("--transport {name}: not built yet for the schemes, which run on host buffers (`threads` runs ranks as threads of this process, `tcp` as processes, `loopback` as streams of one GPU; `longattn cp nccl-check` checks NCCL's communicator on the GPUs)");
         }
     };
     let ranks = match (&job, a.ranks) {
@@ -730,6 +731,90 @@ fn run(a: RunArgs) -> Result<()> {
         plan.imbalance(),
         secs * 1e3,
         if a.backward { " (forward + backward)" } else { "" },
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// `cp run --transport loopback`: the ranks as streams of GPU 0, the ring pass-KV forward over
+/// the zigzag placement (`longattn::cp::loopback`), causal or full masks, bf16 / f16 inputs;
+/// writes what `run` writes (the output merged in f32, rounded to the input dtype once).
+fn run_loopback(a: RunArgs) -> Result<()> {
+    let p = match a.ranks {
+        Some(0) | None => {
+            bail!("--transport loopback needs --ranks P (>= 1): the streams of the GPU")
+        }
+        Some(p) => p,
+    };
+    if a.backward {
+        bail!(
+            "--transport loopback runs the forward only (the loopback backward is not built yet)"
+        );
+    }
+    if !matches!(a.scheme, Scheme::Ring | Scheme::Zigzag | Scheme::Auto) || a.usp.is_some() {
+        bail!("--transport loopback runs the ring over the zigzag placement (--scheme ring, zigzag or auto)");
+    }
+    let inputs = read_checked(
+        &a.input,
+        &a.output,
+        a.timeout,
+        a.force,
+        a.allow_nonfinite,
+        "cp run",
+    )?;
+    let dims = inputs.dims()?;
+    let (b, n, hq, d) = (dims.batch, dims.sq, dims.hq, dims.d);
+    let bound = bind_input_mask(&a.mask, &inputs, &a.input)?;
+    let causal = match bound.expr().to_string().as_str() {
+        "causal" => true,
+        "full" => false,
+        other => bail!(
+            "--mask `{other}`: --transport loopback runs the causal and full masks (other masks run with --transport threads or tcp)"
+        ),
+    };
+    let dtype = inputs.dtype();
+    if !matches!(dtype, longattn::DType::BF16 | longattn::DType::F16) {
+        bail!(
+            "{}: dtype {dtype}: --transport loopback runs the CUDA kernels, which take bf16 or f16",
+            a.input.display()
+        );
+    }
+    if dims.sq != dims.sk {
+        bail!(
+            "{}: q has {} tokens and k / v {}: the ring splits one sequence (Sq = Sk)",
+            a.input.display(),
+            dims.sq,
+            dims.sk
+        );
+    }
+    let dev = longattn::cuda::CudaDevice::open(0).context("--transport loopback")?;
+    let mask = CpMask::new(bound, TILE)?;
+    let plan = cp::zigzag_plan(&mask, p)?;
+    let params = AttnParams {
+        scale: a.scale,
+        softcap: a.softcap,
+        isa: None,
+        skip_below: None,
+    };
+    let (q, k, v) = (
+        inputs.q.view("q")?,
+        inputs.k.view("k")?,
+        inputs.v.view("v")?,
+    );
+    let res = cp::loopback::run_device(&dev, &plan, causal, (&q, &k, &v), &params, 1)?;
+    let out = longattn::Tensor::new(
+        longattn::tensor::Buffer::from_f32(dtype, &res.out),
+        vec![b, n, hq, d],
+    )?;
+    longattn::io::write_outputs(&a.output, &out, &res.lse, [b, hq, n], a.force)?;
+    eprintln!(
+        "{}: B {b} S {n} Hq {hq} Hk {} D {d} {dtype} mask `{}`: ring over {p} ranks (streams of {}), {} blocks: {:.3} ms on the device -> {}",
+        a.input.display(),
+        dims.hk,
+        mask.bound.expr(),
+        dev.name,
+        res.blocks,
+        res.total_ms,
         a.output.display()
     );
     Ok(())
