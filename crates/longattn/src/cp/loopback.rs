@@ -117,12 +117,14 @@ pub enum Op {
         buf: usize,
         kind: BlockKind,
     },
-    /// On rank `rank`'s copy stream: rank `from`'s buffer `src` into its own buffer `dst`.
+    /// On rank `rank`'s copy stream: rank `from`'s buffer `src` into its own buffer `dst`; the
+    /// source holds `rows` rows (those of the rank whose keys it holds; the rest is padding).
     Copy {
         rank: usize,
         from: usize,
         src: usize,
         dst: usize,
+        rows: usize,
     },
 }
 
@@ -165,6 +167,8 @@ pub fn ring_program(plan: &Plan, causal: bool) -> Vec<Op> {
                     from: prev,
                     src: cur,
                     dst: nxt,
+                    // rank r - 1 holds rank r - 1 - s's keys at step s
+                    rows: plan.rows_of((prev + p - s) % p),
                 });
                 ops.push(Op::Record {
                     on,
@@ -424,8 +428,9 @@ pub fn run_host(
         let rr = rank_ranges(plan, r);
         let rows = plan.rows_of(r);
         qs.push(gather_rows(&qf, b, n, hq * d, &rr));
+        // Padding rows are NaN: a block that reads one fails the tests.
         let pad = |x: Vec<f32>| -> Vec<f32> {
-            let mut y = vec![0f32; b * cap * hk * d];
+            let mut y = vec![f32::NAN; b * cap * hk * d];
             for bi in 0..b {
                 y[bi * cap * hk * d..][..rows * hk * d]
                     .copy_from_slice(&x[bi * rows * hk * d..][..rows * hk * d]);
@@ -436,7 +441,7 @@ pub fn run_host(
             pad(gather_rows(&kf, b, n, hk * d, &rr)),
             pad(gather_rows(&vf, b, n, hk * d, &rr)),
         );
-        let empty = vec![0f32; b * cap * hk * d];
+        let empty = vec![f32::NAN; b * cap * hk * d];
         bufs.push([(kr, vr, Some(r)), (empty.clone(), empty, None)]);
         acc.push((
             vec![0f32; b * rows * hq * d],
@@ -452,9 +457,26 @@ pub fn run_host(
                 from,
                 src,
                 dst,
+                rows,
             } => {
-                let x = bufs[from][src].clone();
-                bufs[rank][dst] = x;
+                // Only the rows the op names, as the device copies them: the rest of the
+                // destination is poisoned (NaN), so a block reading past them fails the tests.
+                let (sk, sv, held) = bufs[from][src].clone();
+                if held.map(|h| plan.rows_of(h)) != Some(rows) {
+                    return Err(bad(format!(
+                        "program: rank {rank} copies {rows} rows of rank {from}'s buffer {src}, which holds rank {held:?}'s"
+                    )));
+                }
+                let (tk, tv, to) = &mut bufs[rank][dst];
+                tk.fill(f32::NAN);
+                tv.fill(f32::NAN);
+                let w = hk * d;
+                for bi in 0..b {
+                    let r = bi * cap * w..(bi * cap + rows) * w;
+                    tk[r.clone()].copy_from_slice(&sk[r.clone()]);
+                    tv[r.clone()].copy_from_slice(&sv[r]);
+                }
+                *to = held;
             }
             Op::Block {
                 rank,
@@ -717,9 +739,10 @@ pub fn run_device(
                         from,
                         src,
                         dst,
+                        rows,
                     } => {
-                        // Only the rows the source holds (the buffers are padded to `cap`).
-                        let len = ((b - 1) * cap + plan.rows_of(from)) * hk * d;
+                        // The rows the source holds, in each batch (batches `cap` rows apart).
+                        let len = ((b - 1) * cap + rows) * hk * d;
                         let st = &copy[rank];
                         let (a, z) = kv.split_at_mut(rank.max(from));
                         let (to, fr) = if rank > from {
@@ -910,6 +933,7 @@ mod tests {
                 from,
                 src,
                 dst,
+                ..
             } => vec![(from, src, false), (rank, dst, true)],
             _ => Vec::new(),
         }
