@@ -665,6 +665,9 @@ pub fn run_device(
         stream.alloc_zeros::<u16>(len.max(1)).map_err(drv("alloc"))
     };
     let mut q_local = Vec::new();
+    // Each rank's own keys and values (`home`, kept for every run: the ring overwrites both
+    // buffers) and its two buffers.
+    let mut home: Vec<(CudaSlice<u16>, CudaSlice<u16>)> = Vec::new();
     let mut kv: Vec<[(CudaSlice<u16>, CudaSlice<u16>); 2]> = Vec::new();
     let mut parts: Vec<HashMap<usize, (DevTensor, CudaSlice<f32>)>> = Vec::new();
     let mut acc: Vec<(CudaSlice<f32>, CudaSlice<f32>)> = Vec::new();
@@ -680,12 +683,12 @@ pub fn run_device(
             }
             y
         };
-        let k0 = dev.upload(&pad(gather_rows(&kb, b, n, hk * d, &rr)))?;
-        let v0 = dev.upload(&pad(gather_rows(&vb, b, n, hk * d, &rr)))?;
-        kv.push([
-            (k0, v0),
-            (alloc16(b * cap * hk * d)?, alloc16(b * cap * hk * d)?),
-        ]);
+        home.push((
+            dev.upload(&pad(gather_rows(&kb, b, n, hk * d, &rr)))?,
+            dev.upload(&pad(gather_rows(&vb, b, n, hk * d, &rr)))?,
+        ));
+        let m = b * cap * hk * d;
+        kv.push([(alloc16(m)?, alloc16(m)?), (alloc16(m)?, alloc16(m)?)]);
         let mut mine = HashMap::new();
         for (g, _) in plan.chunks_of(r) {
             let len = plan.len(g);
@@ -715,17 +718,20 @@ pub fn run_device(
     let mut result = Ok(());
     for _ in 0..runs {
         result = (|| -> Result<()> {
-            // The running results start at (0, -inf) (queued on the compute streams, before
-            // the first step there).
+            // Every rank's buffer 0 holds its own keys and values, its running result is
+            // (0, -inf); done before the first step is queued (the program's first copies read
+            // the buffers 0 without a wait).
             for r in 0..p {
                 let (o, l) = &mut acc[r];
-                compute[r]
-                    .memset_zeros(o)
-                    .map_err(drv("cp loopback: reset"))?;
-                compute[r]
-                    .memcpy_htod(&neg_inf[r], l)
-                    .map_err(drv("cp loopback: reset"))?;
+                let reset = drv("cp loopback: reset");
+                stream.memset_zeros(o).map_err(&reset)?;
+                stream.memcpy_htod(&neg_inf[r], l).map_err(&reset)?;
+                let (hk_, hv) = &home[r];
+                let (k0, v0) = &mut kv[r][0];
+                stream.memcpy_dtod(hk_, k0).map_err(&reset)?;
+                stream.memcpy_dtod(hv, v0).map_err(&reset)?;
             }
+            stream.synchronize().map_err(drv("cp loopback: reset"))?;
             for op in &ops {
                 match *op {
                     Op::Wait { on: st, event } => on(st)
@@ -1209,7 +1215,8 @@ mod tests {
         match crate::cuda::try_default_device() {
             Err(why) => assert!(why.contains("CUDA") || why.contains("cuda"), "{why}"),
             Ok(dev) => {
-                // On a GPU: a small causal ring against the host run (the CLI checks more).
+                // On a GPU: a small causal ring (run twice: the second starts from the kept
+                // keys) against the host run (the CLI checks more).
                 let (b, n, hq, hk, d, p) = (1, 67, 2, 1, 64, 3);
                 let tq = crate::testing::random_tensor(DType::BF16, &[b, n, hq, d], 1.0, 1);
                 let tk = crate::testing::random_tensor(DType::BF16, &[b, n, hk, d], 1.0, 2);
@@ -1221,7 +1228,7 @@ mod tests {
                 );
                 let plan = zigzag_plan(&cp_mask(true, n), p).unwrap();
                 let params = AttnParams::default();
-                let got = run_device(&dev, &plan, true, (&qv, &kv, &vv), &params, 1).unwrap();
+                let got = run_device(&dev, &plan, true, (&qv, &kv, &vv), &params, 2).unwrap();
                 let want =
                     run_host(&plan, &ring_program(&plan, true), &qv, &kv, &vv, &params).unwrap();
                 let e = got
