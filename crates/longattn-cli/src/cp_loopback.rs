@@ -245,12 +245,13 @@ fn timed_case(
     let ok = (eo as f64) <= bo && (el as f64) <= bl;
     let mask = if causal { "causal" } else { "full" };
     let mut lines = vec![format!(
-        "{} P {p} {mask} n {}: ring vs single GPU out {eo:.2e} (<= {bo:.1e}) lse {el:.2e} (<= {bl:.0e}); T1 {t1:.3} ms, ring {:.3} ms ({:.2}x T1) in {} blocks",
+        "{} P {p} {mask} n {}: ring vs single GPU out {eo:.2e} (<= {bo:.1e}) lse {el:.2e} (<= {bl:.0e}); T1 {t1:.3} ms, ring {:.3} ms ({:.2}x T1) in {} blocks, queued in {:.3} ms on the host",
         if ok { "PASS" } else { "FAIL" },
         fmt_len(n),
         ring.total_ms,
         ring.total_ms / t1.max(1e-9),
-        ring.blocks
+        ring.blocks,
+        ring.enqueue_ms
     )];
     for (s, row) in ring.steps.iter().enumerate() {
         let stat = |f: &dyn Fn(&longattn::cp::loopback::StepTime) -> f64| {

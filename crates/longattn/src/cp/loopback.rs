@@ -341,6 +341,9 @@ pub struct LoopbackOut {
     pub steps: Vec<Vec<StepTime>>,
     /// From the first event to the last (ms; device runs only).
     pub total_ms: f64,
+    /// Host wall time to queue the program's operations (ms; device runs only): when it nears
+    /// `total_ms`, the launches, not the GPU, set the pace.
+    pub enqueue_ms: f64,
     /// Kernel launches: blocks (forward + merge each) of the program.
     pub blocks: usize,
 }
@@ -536,6 +539,7 @@ pub fn run_host(
         lse,
         steps: Vec::new(),
         total_ms: 0.0,
+        enqueue_ms: 0.0,
         blocks,
     })
 }
@@ -716,6 +720,7 @@ pub fn run_device(
         .collect();
     dev.synchronize()?;
     let mut result = Ok(());
+    let mut enqueue_ms = 0.0;
     for _ in 0..runs {
         result = (|| -> Result<()> {
             // Every rank's buffer 0 holds its own keys and values, its running result is
@@ -732,6 +737,7 @@ pub fn run_device(
                 stream.memcpy_dtod(hv, v0).map_err(&reset)?;
             }
             stream.synchronize().map_err(drv("cp loopback: reset"))?;
+            let t0 = std::time::Instant::now();
             for op in &ops {
                 match *op {
                     Op::Wait { on: st, event } => on(st)
@@ -837,6 +843,7 @@ pub fn run_device(
                     }
                 }
             }
+            enqueue_ms = t0.elapsed().as_secs_f64() * 1e3;
             Ok(())
         })();
         // Every stream done before anything is read or freed, on success or failure.
@@ -904,6 +911,7 @@ pub fn run_device(
         lse,
         steps,
         total_ms,
+        enqueue_ms,
         blocks,
     })
 }
