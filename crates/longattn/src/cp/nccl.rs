@@ -1,11 +1,13 @@
 //! NCCL for ranks on GPUs: the library found and loaded at run time, and [`NcclComm`], a
-//! communicator made from the rendezvous's blob, with device-buffer send / receive, all-gather,
+//! communicator made from rank 0's unique id, with device-buffer send / receive, all-gather,
 //! all-to-all and all-reduce over cudarc `CudaSlice`s on a given stream.
 //!
 //! Loading. cudarc (its `nccl` feature, loaded at run time like the rest of CUDA) opens NCCL by
 //! name only: `libnccl.so` and `libnccl.so.<N>` for some N, but not `libnccl.so.2`, the name NCCL
 //! ships under (and the only one torch's `nvidia-nccl-cu13` package holds); and its loader
-//! panics when nothing loads. So before any NCCL call, [`find`] settles where the library is:
+//! panics when nothing loads, or when a symbol is missing. So before any NCCL call, [`find`]
+//! settles where the library is, a file counting only if it loads and holds every function of
+//! [`SYMBOLS`]:
 //! - `LONGATTN_NCCL_LIB` ([`LIB_VAR`]) names the file: it must exist and load;
 //! - else cudarc's names load: NCCL is ready as it is;
 //! - else the folders of [`search_dirs`] (LD_LIBRARY_PATH, CUDA's and the system's library
@@ -17,7 +19,8 @@
 //! A file found that way loads by name only if a folder holding a link `libnccl.so -> file` is on
 //! LD_LIBRARY_PATH when the process starts (the dynamic loader reads the variable once, at
 //! start): [`prepare`] makes that folder ([`link_dir`]) and says so ([`Loaded::Restart`]); the
-//! CLI then starts itself again with the folder first on LD_LIBRARY_PATH.
+//! CLI then starts itself again, once, with the folder first on LD_LIBRARY_PATH (the restarted
+//! process is marked: if it still cannot load NCCL by name it fails with the reason).
 //!
 //! The communicator ([`NcclComm::new`]) is made over a host [`Transport`] the ranks already share
 //! (the [`TcpTransport`](super::launch::TcpTransport) of a job joined through rank 0's rendezvous,
