@@ -1,4 +1,4 @@
-"""Compiles the linear-attention and sparse-estimator CUDA kernels with NVRTC, no GPU needed (a
+"""Compiles the linear-attention, sparse-estimator and context-parallel merge CUDA kernels with NVRTC, no GPU needed (a
 compile check of the sources as the library assembles them: common.cuh + linear_common.cuh + the
 kernel file, or common.cuh + fwd_params.cuh + a causal mask program + sparse_vs.cu; the library's
 NVRTC options, one variant per (file, warps, gate, dtype, head dims, tiles, soft-cap)).
@@ -109,6 +109,17 @@ def main():
         opts += [f"-D{x}={y}" for x, y in defs.items()]
         rc, log = compile_src(lib, f, read("common.cuh") + "\n" + extra + "\n" + read(f), opts)
         tag = f"{f} " + " ".join(f"{x}={y}" for x, y in defs.items())
+        variants.append(tag)
+        if rc == 0:
+            print(f"PASS {tag}")
+        else:
+            bad += 1
+            print(f"FAIL {tag}\n{log}")
+    # The ring's LSE merge of the one-GPU loopback (cp/loopback.rs): common.cuh + cp_merge.cu.
+    for f16 in (0, 1):
+        opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo", f"-DLA_F16={f16}"]
+        rc, log = compile_src(lib, "cp_merge.cu", read("common.cuh") + "\n" + read("cp_merge.cu"), opts)
+        tag = f"cp_merge.cu {'f16' if f16 else 'bf16'}"
         variants.append(tag)
         if rc == 0:
             print(f"PASS {tag}")

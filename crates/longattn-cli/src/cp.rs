@@ -44,6 +44,25 @@ pub enum Cmd {
     /// Tree decode: the keys and values of the input sharded over ranks, every rank's partial
     /// (out, LSE) gathered and merged (`longattn::cp::tree`); writes what `longattn run` writes.
     Decode(DecodeArgs),
+    /// NCCL on this machine's GPUs: the library loads, a communicator of the launched job (a world
+    /// of one without a launcher) initialises, and its send / receive, all-gather, all-to-all
+    /// and all-reduce give what the host computes. Prints PASS / FAIL lines.
+    NcclCheck(NcclCheckArgs),
+    /// The one-GPU loopback: P ranks as streams of one GPU, the ring pass-KV forward (zigzag
+    /// placement) through the CUDA kernel with device-to-device copies overlapped with the
+    /// compute, against the single-GPU forward (and the f64 oracle on a small case). Prints
+    /// PASS / FAIL lines and per-step timings.
+    LoopbackCheck(crate::cp_loopback::LoopbackArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NcclCheckArgs {
+    /// Values per rank in each collective.
+    #[arg(long, default_value_t = 4099)]
+    len: usize,
+    /// Seconds a rank waits for the others (rendezvous and the unique id's exchange).
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
 }
 
 /// A context-parallel scheme.
@@ -244,7 +263,161 @@ pub fn main(a: Args) -> Result<()> {
         Cmd::Run(r) => run(r),
         Cmd::Bench(b) => bench(b),
         Cmd::Decode(d) => decode(d),
+        Cmd::NcclCheck(c) => nccl_check(c),
+        Cmd::LoopbackCheck(c) => crate::cp_loopback::main(c),
     }
+}
+
+/// The variable that marks a process started again by [`nccl_ready`] (read and removed at once,
+/// so that programs this one starts do not inherit it).
+const NCCL_RESTARTED: &str = "LONGATTN_NCCL_RESTARTED";
+
+/// NCCL ready in this process: its version. When the library was found at a file that cudarc
+/// opens only through a `libnccl.so` link (`longattn::cp::nccl`), the process starts itself
+/// again, once, with the link's folder first on LD_LIBRARY_PATH (the dynamic loader reads the
+/// variable at start only). It cannot loop: the restarted process carries a mark, and a marked
+/// process that would need another restart fails with the reason instead.
+fn nccl_ready() -> Result<i32> {
+    use longattn::cp::nccl::{prepare, Loaded};
+    let restarted = std::env::var_os(NCCL_RESTARTED).is_some();
+    // SAFETY (edition 2021, safe): called on the main thread before any other thread runs.
+    std::env::remove_var(NCCL_RESTARTED);
+    match prepare()? {
+        Loaded::Ready { version } => Ok(version),
+        Loaded::Restart { dir, file } => {
+            if restarted {
+                bail!(
+                    "NCCL at {} still does not load by name with {} (holding the link libnccl.so) first on LD_LIBRARY_PATH",
+                    file.display(),
+                    dir.display()
+                );
+            }
+            eprintln!(
+                "NCCL at {}: starting again with {} (the link libnccl.so) first on LD_LIBRARY_PATH",
+                file.display(),
+                dir.display()
+            );
+            let mut ld = dir.into_os_string();
+            if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|o| !o.is_empty()) {
+                ld.push(":");
+                ld.push(old);
+            }
+            let exe = std::env::current_exe().context("the path of this program")?;
+            use std::os::unix::process::CommandExt;
+            // exec keeps the process id (a launcher such as torchrun keeps watching it).
+            let e = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .env("LD_LIBRARY_PATH", ld)
+                .env(NCCL_RESTARTED, "1")
+                .exec();
+            bail!("starting {} again: {e}", exe.display())
+        }
+    }
+}
+
+fn nccl_check(a: NcclCheckArgs) -> Result<()> {
+    use longattn::cp::nccl::NcclComm;
+    if !(a.timeout.is_finite() && a.timeout > 0.0) {
+        bail!(
+            "--timeout {}: expected a positive number of seconds",
+            a.timeout
+        );
+    }
+    if a.len == 0 {
+        bail!("--len 0: the collectives need at least one value");
+    }
+    let timeout = Duration::from_secs_f64(a.timeout);
+    let version = nccl_ready()?;
+    // A launched job, or a world of one.
+    let job = match std::env::var_os("RANK") {
+        Some(_) => cp::Job::from_env()?,
+        None => cp::Job {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master: "127.0.0.1:0".into(),
+        },
+    };
+    let (r, p, n) = (job.rank, job.world, a.len);
+    println!("PASS rank {r} of {p}: nccl loads (version {version})");
+    let dev = longattn::cuda::CudaDevice::open(job.local_rank)
+        .with_context(|| format!("rank {r}: GPU {} (LOCAL_RANK)", job.local_rank))?;
+    let stream = dev.stream().clone();
+    let fp = fingerprint(&[format!("nccl-check {n}")]);
+    let t = cp::join(&job, fp, timeout)?;
+    let comm = NcclComm::new(stream.clone(), &t)?;
+    println!(
+        "PASS rank {r} of {p}: nccl communicator on GPU {} ({})",
+        job.local_rank, dev.name
+    );
+    let cu = longattn::cuda::drv("nccl-check");
+    // Values exact in f32 and their sums too: multiples of 1/4 below 2^20.
+    let x = |s: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (s + 1) as f32 * 0.5 + (i % 97) as f32 * 0.25)
+            .collect()
+    };
+    let mut failed = 0;
+    let mut report = |what: &str, got: &[f32], want: &[f32]| {
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        if got.len() == want.len() && worst == 0.0 {
+            println!("PASS rank {r} of {p}: nccl {what} ({} values)", want.len());
+        } else {
+            failed += 1;
+            println!(
+                "FAIL rank {r} of {p}: nccl {what}: {} values, expected {}, largest difference {worst}",
+                got.len(),
+                want.len()
+            );
+        }
+    };
+    // all-reduce
+    let dx = stream.clone_htod(&x(r)).map_err(&cu)?;
+    let mut out = stream.alloc_zeros::<f32>(n).map_err(&cu)?;
+    comm.all_reduce_sum(&dx, &mut out)?;
+    let want: Vec<f32> = (0..n).map(|i| (0..p).map(|s| x(s)[i]).sum()).collect();
+    report("all-reduce", &stream.clone_dtoh(&out).map_err(&cu)?, &want);
+    // all-gather
+    let mut all = stream.alloc_zeros::<f32>(p * n).map_err(&cu)?;
+    comm.all_gather(&dx, &mut all)?;
+    let want: Vec<f32> = (0..p).flat_map(x).collect();
+    report("all-gather", &stream.clone_dtoh(&all).map_err(&cu)?, &want);
+    // all-to-all: chunk j of rank s holds s * 1000 + j * 10 + (i % 7)
+    let chunk = |s: usize, j: usize| -> Vec<f32> {
+        (0..n).map(|i| (s * 1000 + j * 10 + i % 7) as f32).collect()
+    };
+    let send: Vec<f32> = (0..p).flat_map(|j| chunk(r, j)).collect();
+    let dsend = stream.clone_htod(&send).map_err(&cu)?;
+    let mut drecv = stream.alloc_zeros::<f32>(p * n).map_err(&cu)?;
+    comm.all_to_all(&dsend, &mut drecv)?;
+    let want: Vec<f32> = (0..p).flat_map(|s| chunk(s, r)).collect();
+    report(
+        "all-to-all",
+        &stream.clone_dtoh(&drecv).map_err(&cu)?,
+        &want,
+    );
+    // send / receive around the ring (two ranks or more)
+    if p > 1 {
+        let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+        let mut got = stream.alloc_zeros::<f32>(n).map_err(&cu)?;
+        comm.send_recv(&dx, next, &mut got, prev)?;
+        report(
+            "send / receive ring",
+            &stream.clone_dtoh(&got).map_err(&cu)?,
+            &x(prev),
+        );
+    }
+    stream.synchronize().map_err(&cu)?;
+    // Every rank done before any leaves (the host transport).
+    t.barrier()?;
+    if failed > 0 {
+        bail!("rank {r} of {p}: {failed} NCCL check(s) failed");
+    }
+    Ok(())
 }
 
 /// The shard bounds of `sk` keys over `p` ranks: `--shards` lengths, or near-equal shards.
@@ -385,9 +558,10 @@ fn run(a: RunArgs) -> Result<()> {
     let job = match a.transport {
         TransportArg::Threads => None,
         TransportArg::Tcp => Some(cp::Job::from_env()?),
-        TransportArg::Loopback | TransportArg::Nccl => {
+        TransportArg::Loopback => return run_loopback(a),
+        TransportArg::Nccl => {
             let name = format!("{:?}", a.transport).to_lowercase();
-            bail!("--transport {name}: not built yet (`threads` runs ranks as threads of this process, `tcp` as processes)");
+            bail!("--transport {name}: not built yet for the schemes, which run on host buffers (`threads` runs ranks as threads of this process, `tcp` as processes, `loopback` as streams of one GPU; `longattn cp nccl-check` checks NCCL's communicator on the GPUs)");
         }
     };
     let ranks = match (&job, a.ranks) {
@@ -557,6 +731,90 @@ fn run(a: RunArgs) -> Result<()> {
         plan.imbalance(),
         secs * 1e3,
         if a.backward { " (forward + backward)" } else { "" },
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// `cp run --transport loopback`: the ranks as streams of GPU 0, the ring pass-KV forward over
+/// the zigzag placement (`longattn::cp::loopback`), causal or full masks, bf16 / f16 inputs;
+/// writes what `run` writes (the output merged in f32, rounded to the input dtype once).
+fn run_loopback(a: RunArgs) -> Result<()> {
+    let p = match a.ranks {
+        Some(0) | None => {
+            bail!("--transport loopback needs --ranks P (>= 1): the streams of the GPU")
+        }
+        Some(p) => p,
+    };
+    if a.backward {
+        bail!(
+            "--transport loopback runs the forward only (the loopback backward is not built yet)"
+        );
+    }
+    if !matches!(a.scheme, Scheme::Ring | Scheme::Zigzag | Scheme::Auto) || a.usp.is_some() {
+        bail!("--transport loopback runs the ring over the zigzag placement (--scheme ring, zigzag or auto)");
+    }
+    let inputs = read_checked(
+        &a.input,
+        &a.output,
+        a.timeout,
+        a.force,
+        a.allow_nonfinite,
+        "cp run",
+    )?;
+    let dims = inputs.dims()?;
+    let (b, n, hq, d) = (dims.batch, dims.sq, dims.hq, dims.d);
+    let bound = bind_input_mask(&a.mask, &inputs, &a.input)?;
+    let causal = match bound.expr().to_string().as_str() {
+        "causal" => true,
+        "full" => false,
+        other => bail!(
+            "--mask `{other}`: --transport loopback runs the causal and full masks (other masks run with --transport threads or tcp)"
+        ),
+    };
+    let dtype = inputs.dtype();
+    if !matches!(dtype, longattn::DType::BF16 | longattn::DType::F16) {
+        bail!(
+            "{}: dtype {dtype}: --transport loopback runs the CUDA kernels, which take bf16 or f16",
+            a.input.display()
+        );
+    }
+    if dims.sq != dims.sk {
+        bail!(
+            "{}: q has {} tokens and k / v {}: the ring splits one sequence (Sq = Sk)",
+            a.input.display(),
+            dims.sq,
+            dims.sk
+        );
+    }
+    let dev = longattn::cuda::CudaDevice::open(0).context("--transport loopback")?;
+    let mask = CpMask::new(bound, TILE)?;
+    let plan = cp::zigzag_plan(&mask, p)?;
+    let params = AttnParams {
+        scale: a.scale,
+        softcap: a.softcap,
+        isa: None,
+        skip_below: None,
+    };
+    let (q, k, v) = (
+        inputs.q.view("q")?,
+        inputs.k.view("k")?,
+        inputs.v.view("v")?,
+    );
+    let res = cp::loopback::run_device(&dev, &plan, causal, (&q, &k, &v), &params, 1)?;
+    let out = longattn::Tensor::new(
+        longattn::tensor::Buffer::from_f32(dtype, &res.out),
+        vec![b, n, hq, d],
+    )?;
+    longattn::io::write_outputs(&a.output, &out, &res.lse, [b, hq, n], a.force)?;
+    eprintln!(
+        "{}: B {b} S {n} Hq {hq} Hk {} D {d} {dtype} mask `{}`: ring over {p} ranks (streams of {}), {} blocks: {:.3} ms on the device -> {}",
+        a.input.display(),
+        dims.hk,
+        mask.bound.expr(),
+        dev.name,
+        res.blocks,
+        res.total_ms,
         a.output.display()
     );
     Ok(())

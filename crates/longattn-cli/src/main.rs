@@ -10,7 +10,8 @@
 //! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
 //! - `longattn kv roles`: the head role table of a model (DuoAttention / RazorAttention probe).
 //! - `longattn cp run` / `cp bench`: context parallelism (ring, zigzag, all-gather, Ulysses,
-//!   auto) with ranks as threads.
+//!   auto) with ranks as threads or processes (TCP); `cp nccl-check` (NCCL on the GPUs),
+//!   `cp loopback-check` (the ring with ranks as streams of one GPU).
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -21,6 +22,7 @@ mod bench_sparse;
 mod capture;
 mod common;
 mod cp;
+mod cp_loopback;
 mod eval;
 mod fetch;
 mod generate;
@@ -61,8 +63,8 @@ enum Cmd {
     Fetch(fetch::Args),
     /// Token ids of a text file under a GGUF model's tokenizer, whitespace-separated.
     Tokenize(tokenize::Args),
-    /// Context parallelism: `cp run` (the contract of `run`, the sequence over ranks) and `cp bench`
-    /// (scaling), ranks as threads on this CPU.
+    /// Context parallelism: `cp run` (the contract of `run`, the sequence over ranks), `cp bench`
+    /// (scaling), `cp decode`, `cp nccl-check` and `cp loopback-check` (the GPU transports).
     Cp(cp::Args),
     /// KV-cache tools: `kv roles` probes a model's heads and saves the role table of `duo(...)`.
     Kv(kv::Args),

@@ -936,12 +936,23 @@ fn cp_run_bad_inputs_are_clear_errors() {
         ),
         "--usp 2 sets USP's Ulysses degree: it goes with --scheme usp (or auto), not ring",
     );
-    for tr in ["nccl", "loopback"] {
-        fails_with(
-            cp_run(&input, &out, &["--ranks", "2", "--transport", tr]),
-            &format!("--transport {tr}: not built yet"),
-        );
-    }
+    fails_with(
+        cp_run(&input, &out, &["--ranks", "2", "--transport", "nccl"]),
+        "--transport nccl: not built yet",
+    );
+    // The loopback runs the CUDA kernels: f32 input is refused before any GPU is looked for.
+    fails_with(
+        cp_run(&input, &out, &["--ranks", "2", "--transport", "loopback"]),
+        "dtype f32: --transport loopback runs the CUDA kernels, which take bf16 or f16",
+    );
+    fails_with(
+        cp_run(
+            &input,
+            &out,
+            &["--ranks", "2", "--transport", "loopback", "--backward"],
+        ),
+        "--transport loopback runs the forward only",
+    );
     fails_with(
         cp_run(&input, &out, &["--ranks", "11", "--scheme", "ring"]),
         "20 tokens cannot be cut into 2 chunks for each of 11 ranks",

@@ -4,8 +4,10 @@
 //! Built so far: the [`Transport`] every scheme speaks (point-to-point and the collectives the
 //! schemes need), its in-process implementation [`ThreadTransport`], where ranks are threads
 //! (what CI tests), and [`TcpTransport`] ([`launch`]), where ranks are processes joined from
-//! torchrun's environment through a TCP rendezvous ([`run_process`]; the NCCL and one-GPU
-//! loopback transports are to implement the same trait); the
+//! torchrun's environment through a TCP rendezvous ([`run_process`]); on GPUs, [`nccl`]
+//! (NCCL loaded at run time, a communicator of device-buffer collectives made over a host
+//! transport) and [`loopback`] (P ranks as streams of one GPU: the ring pass-KV forward through
+//! the CUDA kernel with device copies overlapped with compute, and its plain host reference); the
 //! mask-aware placement ([`plan`]: the sequence cut into k P chunks, the work of each chunk
 //! counted from the mask's block schedule, chunks assigned to ranks longest-first to equalise
 //! it; causal gives zigzag); the mask cut into blocks ([`block`]: any rectangle of the schedule
@@ -41,6 +43,8 @@ pub mod block;
 pub mod gather;
 pub mod lasp;
 pub mod launch;
+pub mod loopback;
+pub mod nccl;
 pub mod passq;
 pub mod plan;
 pub mod ring;
