@@ -849,6 +849,15 @@ impl DecodePlan {
             Some(&w) if (1..=16).contains(&w) => w,
             _ => WARPS,
         };
+        // L2 prefetch hint of the tensor-core kernel's copies (bytes; tuning runs:
+        // `LONGATTN_CUDA_DECODE_PF=0|128|256`).
+        let l2pf = match std::env::var("LONGATTN_CUDA_DECODE_PF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(v @ (0 | 128 | 256)) => v,
+            _ => 128usize,
+        };
         let smem = if mma {
             warps * ns * 2 * 16 * (d + 8) * 2
         } else {
@@ -865,12 +874,17 @@ impl DecodePlan {
             ("LA_MERGE_ONLY".into(), "0".into()),
             ("LA_NS".into(), ns.to_string()),
             ("LA_MMA".into(), (mma as u8).to_string()),
+            ("LA_L2PF".into(), l2pf.to_string()),
         ];
         let variant = format!(
             "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}{}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" },
-            if mma { "_mma" } else { "" }
+            if mma {
+                format!("_mma_pf{l2pf}")
+            } else {
+                String::new()
+            }
         );
         let src = format!("{COMMON}\n{DECODE}");
         let func = dev.function(&variant, "la_decode", &src, &defines, smem)?;

@@ -163,7 +163,10 @@ fn split_plan_fills_the_device() {
     // Short: no split.
     assert_eq!(plan_splits(1, 528, 100, 16).num_splits, 1);
     assert_eq!(plan_splits(1, 528, 0, 16).num_splits, 1);
-    assert_eq!(split_plan_for(MAX_SPLITS * 100, 1, 1).num_splits, MAX_SPLITS);
+    assert_eq!(
+        split_plan_for(MAX_SPLITS * 100, 1, 1).num_splits,
+        MAX_SPLITS
+    );
     assert_eq!(heads_per_block(4), 4);
     assert_eq!(heads_per_block(32), 8);
     assert_eq!(heads_per_block(12), 6);

@@ -370,6 +370,20 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 // the finish. With splits of a multiple of 16 keys (the planned ones: a page's multiple) a tile
 // never crosses a page, so one table read gives its page.
 #define LM_LDS (LA_D + 8)            // row length of a ring tile (16-bit words)
+#ifndef LA_L2PF
+#define LA_L2PF 0
+#endif
+// 16-byte global -> shared copy with an L2 prefetch hint of LA_L2PF bytes (0: none): a tile row
+// is 2 D bytes read by D / 8 lanes at once, and the hint lets L2 fetch it from DRAM whole.
+__device__ __forceinline__ void lm_cp16(void* dst, const void* src, int bytes) {
+#if LA_L2PF == 256
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(la_smem_addr(dst)), "l"(src), "r"(bytes));
+#elif LA_L2PF == 128
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(la_smem_addr(dst)), "l"(src), "r"(bytes));
+#else
+    la_cp_async16(dst, src, bytes);
+#endif
+}
 #define LM_TILE (16 * LM_LDS)        // one K or V tile
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
@@ -427,8 +441,8 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 const int page = 0;
 #endif
                 const i64 off = in ? la_row(p, page, b, j, kh, col) : 0;
-                la_cp_async16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
-                la_cp_async16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
+                lm_cp16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
+                lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
         }
         la_cp_commit();
