@@ -851,13 +851,11 @@ impl DecodePlan {
         };
         // L2 prefetch hint of the tensor-core kernel's copies (bytes; tuning runs:
         // `LONGATTN_CUDA_DECODE_PF=0|128|256`).
-        let l2pf = match std::env::var("LONGATTN_CUDA_DECODE_PF")
+        let l2pf = std::env::var("LONGATTN_CUDA_DECODE_PF")
             .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            Some(v @ (0 | 128 | 256)) => v,
-            _ => 128usize,
-        };
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|v| [0, 128, 256].contains(v))
+            .unwrap_or(128);
         let smem = if mma {
             warps * ns * 2 * 16 * (d + 8) * 2
         } else {
