@@ -592,6 +592,29 @@ impl DevPagedCache {
         (&self.tables, self.max_pages, &self.lens)
     }
 
+    /// The pointers of one decode over this cache (its own tables, or `tables`: (block tables,
+    /// width, lengths) over the same pool, e.g. a selection).
+    pub(crate) fn raw_decode(
+        &self,
+        q: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+        tables: Option<(&CudaSlice<i32>, usize, &CudaSlice<i32>)>,
+    ) -> RawDecode {
+        let s = self.dev.stream();
+        let (t, w, l) = tables.unwrap_or((&self.tables, self.max_pages, &self.lens));
+        RawDecode {
+            q: q.data.device_ptr(s).0,
+            k: self.k.device_ptr(s).0,
+            v: self.v.device_ptr(s).0,
+            tables: t.device_ptr(s).0,
+            max_pages: w,
+            lens: l.device_ptr(s).0,
+            o: o.data.device_ptr(s).0,
+            lse: lse.device_ptr(s).0,
+        }
+    }
+
     /// Block tables and lengths of every table row as the kernels read them: (`[rows,
     /// max_pages]` padded with -1, max_pages, `[rows]`); rows are sequences, or (sequence, KV
     /// head) pairs for [`KvLayout::HeadPaged`]. Contiguous caches have no tables.
@@ -1055,16 +1078,7 @@ impl DecodePlan {
             return Ok(());
         }
         let s = self.dev.stream();
-        let raw = RawDecode {
-            q: q.data.device_ptr(s).0,
-            k: cache.k.device_ptr(s).0,
-            v: cache.v.device_ptr(s).0,
-            tables: cache.tables.device_ptr(s).0,
-            max_pages: cache.max_pages,
-            lens: cache.lens.device_ptr(s).0,
-            o: o.data.device_ptr(s).0,
-            lse: lse.device_ptr(s).0,
-        };
+        let raw = cache.raw_decode(q, o, lse, None);
         // SAFETY: q/o/lse have the checked shapes; the tables and lengths were checked against
         // the pool when they were built (allocator or `from_parts`), and every length is within
         // the planned splits.

@@ -21,7 +21,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKerne
 use super::decode::{decode_reference, BlockTables, DecodeParams, PagedKv};
 use super::quest::{select_pages, Quest};
 use super::score::Reduce;
-use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout, RawDecode};
+use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout};
 use crate::cuda::selftest::CaseResult;
 use crate::cuda::{drv, CudaDevice, DevTensor};
 use crate::error::{Error, Result};
@@ -323,16 +323,12 @@ impl DevQuest {
             });
         }
         let s = self.dev.stream();
-        let raw = RawDecode {
-            q: q.data.device_ptr(s).0,
-            k: cache.k.device_ptr(s).0,
-            v: cache.v.device_ptr(s).0,
-            tables: self.sel_tables.device_ptr(s).0,
-            max_pages: self.sel_pages,
-            lens: self.sel_lens.device_ptr(s).0,
-            o: o.data.device_ptr(s).0,
-            lse: lse.device_ptr(s).0,
-        };
+        let raw = cache.raw_decode(
+            q,
+            o,
+            lse,
+            Some((&self.sel_tables, self.sel_pages, &self.sel_lens)),
+        );
         // SAFETY: the selected tables hold pages of the cache's pool (copied from its tables),
         // their lengths are at most sel_pages x P (the plan's keys), q / o / lse checked above.
         unsafe { self.plan.launch_raw(s, raw) }
@@ -867,6 +863,31 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     out
 }
 
+/// A benchmark cache filled on the device: per-sequence tables (`heads` false, `lens` per
+/// sequence) or per-head tables (`lens` per (sequence, KV head)), pages scattered by `seed`.
+fn bench_cache(
+    dev: &Arc<CudaDevice>,
+    cfg: &KvBenchConfig,
+    heads: bool,
+    lens: &[usize],
+    seed: u32,
+) -> Result<DevPagedCache> {
+    let (dt, hk, d, page) = (cfg.dtype, cfg.hk, cfg.d, cfg.page);
+    let pages: usize = lens.iter().map(|l| l.div_ceil(page)).sum();
+    let mut c = if heads {
+        DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, cfg.batch)?
+    } else {
+        DevPagedCache::new_paged(dev, dt, hk, d, page, pages, cfg.batch)?
+    };
+    if let Some(t) = c.page_tables_mut() {
+        t.shuffle_free(seed as u64);
+    }
+    c.grow_rows(lens)?;
+    crate::cuda::decode::fill_random(dev, dt, &mut c.k, 10 * seed + 1)?;
+    crate::cuda::decode::fill_random(dev, dt, &mut c.v, 10 * seed + 2)?;
+    Ok(c)
+}
+
 /// The problem of [`bench`]: one layer's decode at `len` positions per (sequence, KV head).
 #[derive(Clone, Debug)]
 pub struct KvBenchConfig {
@@ -987,13 +1008,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
     // Full paged decode (one table per sequence).
     {
         let pages = batch * len.div_ceil(page);
-        let mut c = DevPagedCache::new_paged(dev, dt, hk, d, page, pages, batch)?;
-        if let Some(t) = c.page_tables_mut() {
-            t.shuffle_free(1);
-        }
-        c.grow_all(len)?;
-        crate::cuda::decode::fill_random(dev, dt, &mut c.k, 11)?;
-        crate::cuda::decode::fill_random(dev, dt, &mut c.v, 12)?;
+        let c = bench_cache(dev, cfg, false, &vec![len; batch], 1)?;
         let (q, mut o, mut lse) = alloc_q(13)?;
         let plan = DecodePlan::new(dev, &c, hq, len, &params)?;
         let ms = time_calls(dev, cfg.reps, cfg.samples, || {
@@ -1011,13 +1026,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
     // The per-head cache at full length: its decode, then Quest on it.
     {
         let pages = batch * hk * len.div_ceil(page);
-        let mut c = DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, batch)?;
-        if let Some(t) = c.page_tables_mut() {
-            t.shuffle_free(2);
-        }
-        c.grow_all(len)?;
-        crate::cuda::decode::fill_random(dev, dt, &mut c.k, 21)?;
-        crate::cuda::decode::fill_random(dev, dt, &mut c.v, 22)?;
+        let c = bench_cache(dev, cfg, true, &vec![len; batch * hk], 2)?;
         let (q, mut o, mut lse) = alloc_q(23)?;
         let plan = DecodePlan::new(dev, &c, hq, len, &params)?;
         let ms = time_calls(dev, cfg.reps, cfg.samples, || {
@@ -1081,13 +1090,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             .map(|r| ((frac(r % hk) * len as f64).round() as usize).max(1))
             .collect();
         let pages: usize = lens.iter().map(|l| l.div_ceil(page)).sum();
-        let mut c = DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, batch)?;
-        if let Some(t) = c.page_tables_mut() {
-            t.shuffle_free(3);
-        }
-        c.grow_rows(&lens)?;
-        crate::cuda::decode::fill_random(dev, dt, &mut c.k, 31)?;
-        crate::cuda::decode::fill_random(dev, dt, &mut c.v, 32)?;
+        let c = bench_cache(dev, cfg, true, &lens, 3)?;
         let (q, mut o, mut lse) = alloc_q(33)?;
         let max = lens.iter().copied().max().unwrap_or(1);
         let plan = DecodePlan::new(dev, &c, hq, max, &params)?;
