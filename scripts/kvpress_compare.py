@@ -140,6 +140,9 @@ def run_kvpress(model, press, ctx, cont, one_by_one=False):
     # causal mask cannot serve them all, so the tokens go one at a time.
     L = len(ctx)
     lens = {cache.layers[li].keys.shape[2] for li in range(layers)}
+    # The scored tokens through SDPA: with one query row it takes no mask (eager's mask has
+    # layer 0's length, which fails on PyramidKV's shorter layers).
+    model.set_attn_implementation("sdpa")
     nll = [float(torch.nn.functional.cross_entropy(out.logits[0, -1:], torch.tensor(cont[:1])))]
     with torch.no_grad():
         if len(lens) == 1 and not one_by_one:
@@ -153,20 +156,23 @@ def run_kvpress(model, press, ctx, cont, one_by_one=False):
                           position_ids=torch.tensor([[L + i]]))
                 nll.append(float(torch.nn.functional.cross_entropy(
                     o.logits[0, -1:], torch.tensor([cont[i + 1]]))))
+    model.set_attn_implementation("eager")
     return kept, scores, nbytes, nll
 
 
 def near_cut(scores, n):
-    """Entries whose score is within REL_TIE of the n-th largest (the cut)."""
+    """Entries whose order at the cut is a matter of ties: those within REL_TIE of the n-th
+    largest score, when that group straddles the cut (some kept, some not). A group wholly kept
+    (StreamingLLM's ones, kvpress's padded windows) is no tie."""
     if n == 0 or n >= len(scores):
         return set()
-    order = sorted(scores, reverse=True)
-    cut = order[n - 1]
+    cut = sorted(scores, reverse=True)[n - 1]
     tol = REL_TIE * max(abs(cut), 1e-30)
-    finite = [s for s in scores if math.isfinite(s)]
-    if not finite:
+    group = {j for j, s in enumerate(scores) if abs(s - cut) <= tol}
+    above = sum(1 for s in scores if s > cut + tol)
+    if above + len(group) <= n:
         return set()
-    return {j for j, s in enumerate(scores) if math.isfinite(s) and abs(s - cut) <= tol}
+    return group
 
 
 def compare(ours, kv_kept, kv_scores):
@@ -184,7 +190,7 @@ def compare(ours, kv_kept, kv_scores):
         j = len(a & b) / len(a | b)
         a2, b2 = a - ties, b - ties
         j2 = len(a2 & b2) / max(1, len(a2 | b2))
-        rows.append((li, kh, j, j2, len(ties), len(a), len(b), len(a ^ b)))
+        rows.append((li, kh, j, j2, len(ties), len(a), len(b), len(a ^ b), len(b - a)))
     assert len(rows) == len(ours["heads"]) and hk > 0
     return rows
 
@@ -226,7 +232,12 @@ def main():
                     help="tokens of the NLL check of the weights (0: none)")
     ap.add_argument("--check-one-by-one", action="store_true",
                     help="also score the full cache's tokens one at a time (mask check)")
+    ap.add_argument("--markdown", help="print the tables of an earlier result.json and stop")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.markdown) as fh:
+            print(markdown(json.load(fh)))
+        return
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
     budgets = [float(x) for x in args.budgets.split(",")]
@@ -277,16 +288,19 @@ def main():
                 j2 = [r[3] for r in rows]
                 ties = sum(r[4] for r in rows)
                 differ = sum(r[7] for r in rows)
+                only_kv = sum(r[8] for r in rows)
                 rec = {"press": name, "budget": budget, "ours": sp, "which": which,
                        "jaccard_mean": sum(js) / len(js), "jaccard_min": min(js),
                        "jaccard_ex_ties_mean": sum(j2) / len(j2), "jaccard_ex_ties_min": min(j2),
                        "tied_entries": ties, "differing_entries": differ,
+                       "kvpress_only_entries": only_kv,
                        "kept_ours": sum(r[5] for r in rows), "kept_kvpress": sum(r[6] for r in rows),
                        "worst": min(rows, key=lambda r: r[2])[:2]}
                 result["jaccard"].append(rec)
                 print(f"{name:18s} B={budget:<4} {sp:48s} Jaccard mean {rec['jaccard_mean']:.4f} "
                       f"min {rec['jaccard_min']:.4f} (apart from ties: {rec['jaccard_ex_ties_mean']:.4f}"
-                      f" / {rec['jaccard_ex_ties_min']:.4f}; {ties} near-tie entries, {differ} differ;"
+                      f" / {rec['jaccard_ex_ties_min']:.4f}; {ties} near-tie entries, {differ} differ,"
+                      f" {only_kv} kept by kvpress alone;"
                       f" kept {rec['kept_ours']} / {rec['kept_kvpress']})", flush=True)
                 if which == "kvpress convention":
                     result["rows"].append({
@@ -300,6 +314,29 @@ def main():
                           f"{ours['kv_bytes_entries']}) kvpress {kv_bytes}", flush=True)
     with open(os.path.join(args.out, "result.json"), "w") as fh:
         json.dump(result, fh, indent=1)
+    print(markdown(result))
+
+
+def markdown(result):
+    """The two tables of docs/QUALITY.md from a result."""
+    out = ["| kvpress press | B | our spec | Jaccard mean / min | apart from ties mean / min "
+           "| near-tie entries | entries kept ours / kvpress |", "|---|---|---|---|---|---|---|"]
+    for r in result["jaccard"]:
+        out.append(f"| {r['press']} | {r['budget']} | `{r['ours']}` | {r['jaccard_mean']:.4f} / "
+                   f"{r['jaccard_min']:.4f} | {r['jaccard_ex_ties_mean']:.4f} / "
+                   f"{r['jaccard_ex_ties_min']:.4f} | {r['tied_entries']} | {r['kept_ours']} / "
+                   f"{r['kept_kvpress']} |")
+    f = result["full"]
+    mib = 1 / 1048576
+    out += ["", f"| press | B | NLL ours | NLL kvpress | KV MiB ours: pages in use (entries) "
+            f"| KV MiB kvpress (tensors) |", "|---|---|---|---|---|---|",
+            f"| full cache | 1 | {f['ours_nll']:.4f} | {f['kvpress_nll']:.4f} | "
+            f"{f['ours_bytes'] * mib:.2f} | {f['kvpress_bytes'] * mib:.2f} |"]
+    for r in result["rows"]:
+        out.append(f"| {r['press']} | {r['budget']} | {r['ours_nll']:.4f} | {r['kvpress_nll']:.4f}"
+                   f" | {r['ours_bytes'] * mib:.2f} ({r['ours_bytes_entries'] * mib:.2f}) | "
+                   f"{r['kvpress_bytes'] * mib:.2f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
