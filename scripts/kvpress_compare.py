@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """kvpress on the same weights and token ids as longattn (issue 16).
 
-Runs under an environment with kvpress (it pins transformers < 5.3), torch and gguf:
+Runs under an environment with kvpress (it pins transformers < 5.3, and transformers 5.2 wants
+`kernels>=0.10.2,<0.11`), torch and gguf:
 
     python scripts/kvpress_compare.py --longattn target/release/longattn \
         --text ~/.cache/longattn/gutenberg/austen-emma.txt --skip 2000 --tokens 1024 --score 128 \
