@@ -23,8 +23,8 @@ score lies within a relative 1e-4 of the score at the cut (the n-th largest), wh
 sides' float sums may order them differently.
 
 The number kept: ours keeps ceil(B L) of L entries, kvpress int(L (1 - r)); the script gives
-kvpress r = 1 - (ceil(B L) + 0.5) / L so that both keep the same count (PyramidKV: r = 1 - B, its
-layer budgets are rounded, ours rounded up).
+kvpress r = 1 - (ceil(B L) + 0.5) / L so that both keep the same count (PyramidKV: r = 1 - B and
+our `counts=kvpress`, its per-layer counts).
 """
 import argparse
 import json
@@ -91,7 +91,8 @@ def kvpress_presses(budget, L):
         ("Knorm", f"knorm({b})", None, KnormPress(compression_ratio=r)),
         # kvpress's beta: layer 0 keeps (2 beta - 1) times the last layer's budget; ours is that
         # ratio, so kvpress beta=2 is our beta=3.
-        ("PyramidKV", f"pyramid({b},window=64,kernel=5,beta=3,pool=avg)", None,
+        ("PyramidKV", f"pyramid({b},window=64,kernel=5,beta=3,pool=avg,counts=kvpress)",
+         f"pyramid({b},window=64,kernel=5,beta=3,pool=avg)",
          PyramidKVPress(compression_ratio=1.0 - budget, window_size=64, kernel_size=5, beta=2)),
     ]
 

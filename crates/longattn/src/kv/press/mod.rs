@@ -8,7 +8,7 @@
 //! | `h2o(budget=B,recent=R,score=sum\|mean)` | the floor(R n) newest (R = 0.5), then the heaviest by accumulated attention (`mean`: divided by the queries that saw the entry) | H2O |
 //! | `a2sf(budget=B,f=F)` | the n heaviest by attention accumulated with forgetting factor F | A2SF |
 //! | `snapkv(budget=B,window=W,kernel=K,pool=max\|avg)` | the last W, then the heaviest by the window's attention pooled over K neighbours | SnapKV(W) |
-//! | `pyramid(budget=B,window=W,kernel=K,beta=R,pool=max\|avg)` | SnapKV's choice with a budget per layer (PyramidKV, below) | SnapKV(W) |
+//! | `pyramid(budget=B,window=W,kernel=K,beta=R,pool=max\|avg,counts=ceil\|kvpress)` | SnapKV's choice with a budget per layer (PyramidKV, below) | SnapKV(W) |
 //! | `duo(sinks=S,window=W,ratio=F \| threshold=T)` | retrieval heads: everything; streaming heads: the first S and the last W (roles from a probe, [`crate::kv::roles`]) | none |
 //! | `tova(budget=B,heads=group\|layer)` | the n most attended by the latest query (`layer`: one set per layer, below) | TOVA |
 //! | `knorm(budget=B)` | the n keys of smallest L2 norm | none |
@@ -18,7 +18,8 @@
 //! docs/QUALITY.md compares keep sets on the same weights: `h2o(recent=0,score=mean)` ranks every
 //! entry by its mean attention `sum_q P[q, j] / (L - pos_j)` with no recent window; `pool=avg`
 //! averages over the K neighbours (zeros beyond the ends, divided by K) instead of taking their
-//! maximum; `tova(heads=layer)` ranks the entries of every KV head of a layer by the mean over
+//! maximum; `pyramid(counts=kvpress)` computes the layers' counts as kvpress does
+//! ([`LayerCounts::Kvpress`]); `tova(heads=layer)` ranks the entries of every KV head of a layer by the mean over
 //! the layer's KV heads (with equal groups: over all its query heads) and always keeps the latest
 //! entry, so a layer's heads keep one set.
 //!
@@ -87,10 +88,23 @@ pub enum Heads {
     Layer,
 }
 
+/// How PyramidKV turns its per-layer budget fractions into counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LayerCounts {
+    /// `ceil(B_l L)` per layer (module documentation).
+    #[default]
+    Ceil,
+    /// kvpress's: with `C = B L`, the line from `C (1 + s)` at the first layer to `C (1 - s)` at
+    /// the last (the first clamped to `L - W` with the mean kept at C), each count rounded to the
+    /// nearest; plain SnapKV's C in every layer when the line leaves `[W, L]`.
+    Kvpress,
+}
+
 /// The symbolic values of an argument (the default first), or None for a numeric one.
 fn choices(name: &str, key: &str) -> Option<&'static [&'static str]> {
     match (name, key) {
         ("snapkv" | "pyramid", "pool") => Some(&["max", "avg"]),
+        ("pyramid", "counts") => Some(&["ceil", "kvpress"]),
         ("h2o", "score") => Some(&["sum", "mean"]),
         ("tova", "heads") => Some(&["group", "layer"]),
         _ => None,
@@ -126,6 +140,7 @@ pub enum Press {
         kernel: usize,
         beta: f64,
         pool: Pool,
+        counts: LayerCounts,
     },
     /// DuoAttention / RazorAttention head roles: retrieval heads keep everything, streaming
     /// heads the sinks and the window. The roles come with [`compress_with`]'s table; `select`
@@ -170,6 +185,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, Option<f64>)]> {
             ("kernel", Some(5.0)),
             ("beta", Some(5.0)),
             ("pool", Some(0.0)),
+            ("counts", Some(0.0)),
         ],
         "duo" => &[
             ("sinks", Some(4.0)),
@@ -279,6 +295,7 @@ impl Press {
                 kernel: int("kernel")?,
                 beta: arg("beta")?,
                 pool: [Pool::Max, Pool::Avg][int("pool")?],
+                counts: [LayerCounts::Ceil, LayerCounts::Kvpress][int("counts")?],
             },
             "duo" => {
                 let opt = |key: &str| arg(key).map(|x| (!x.is_nan()).then_some(x));
@@ -403,6 +420,32 @@ impl Press {
             Press::Streaming { sinks, window } | Press::Duo { sinks, window, .. } => {
                 (sinks + window).saturating_sub(headroom)
             }
+            Press::Pyramid {
+                budget,
+                window,
+                beta,
+                counts: LayerCounts::Kvpress,
+                ..
+            } => {
+                // kvpress's PyramidKV budgets, our beta being its first-to-last ratio.
+                let l = (seq_len + headroom) as f64;
+                let c = budget * l;
+                let s = (beta - 1.0) / (beta + 1.0);
+                let (mut hi, mut lo) = (c * (1.0 + s), c * (1.0 - s));
+                let w = window as f64;
+                if hi >= l - w {
+                    hi = l - w;
+                    lo = 2.0 * c - hi;
+                }
+                let n = if !(l >= hi && hi >= lo && lo >= w) {
+                    c.round().max(1.0)
+                } else if layers > 1 {
+                    (hi - layer as f64 * (hi - lo) / (layers - 1) as f64).round()
+                } else {
+                    hi.round()
+                };
+                (n as usize).saturating_sub(headroom)
+            }
             _ => {
                 let b = self.layer_budget(layer, layers).expect("budget presses");
                 let n = (b * (seq_len + headroom) as f64).ceil() as usize;
@@ -448,11 +491,15 @@ impl fmt::Display for Press {
                 kernel,
                 beta,
                 pool,
+                counts,
             } => {
                 write!(
                     f,
                     "pyramid(budget={budget},window={window},kernel={kernel},beta={beta}"
                 )?;
+                if counts == LayerCounts::Kvpress {
+                    write!(f, ",counts=kvpress")?;
+                }
                 write_pool(f, pool)
             }
             Press::Duo {

@@ -67,6 +67,18 @@ fn specs_parse_print_and_refuse_bad_input() {
                 kernel: 5,
                 beta: 3.0,
                 pool: Pool::Avg,
+                counts: LayerCounts::Ceil,
+            },
+        ),
+        (
+            "pyramid(budget=0.2,window=64,beta=3,counts=kvpress)",
+            Press::Pyramid {
+                budget: 0.2,
+                window: 64,
+                kernel: 5,
+                beta: 3.0,
+                pool: Pool::Max,
+                counts: LayerCounts::Kvpress,
             },
         ),
         (
@@ -781,5 +793,56 @@ fn kvpress_conventions_match_probabilities_from_the_definition() {
                 .collect();
             assert_eq!(pos, plan.keeps[kh], "{text}");
         }
+    }
+}
+
+/// `pyramid(counts=kvpress)`: kvpress's per-layer counts, computed here from its description:
+/// with C = B L and kvpress's beta b (our R = 2 b - 1), the line from C (2 - 1/b) to C / b,
+/// rounded; SnapKV's C everywhere when the last layer would get less than the window; the mean
+/// stays C.
+#[test]
+fn pyramid_kvpress_counts_follow_its_line_and_fallback() {
+    let layers = 30;
+    for (len, budget, b, window) in [
+        (1024usize, 0.5, 2.0, 64usize),
+        (1024, 0.2, 2.0, 64),
+        (2048, 0.2, 2.0, 64),
+        (1024, 0.1, 2.0, 64),
+        (1023, 0.3, 20.0, 64),
+        (113, 0.9, 2.0, 8),
+    ] {
+        let press = Press::Pyramid {
+            budget,
+            window,
+            kernel: 5,
+            beta: 2.0 * b - 1.0,
+            pool: Pool::Avg,
+            counts: LayerCounts::Kvpress,
+        };
+        press.check().unwrap();
+        let l = len as f64;
+        let c = l * budget;
+        let (mut max, mut min) = (c * (2.0 - 1.0 / b), c / b);
+        if max >= l - window as f64 {
+            max = l - window as f64;
+            min = 2.0 * c - max;
+        }
+        let fallback = !(l >= max && max >= min && min >= window as f64);
+        for layer in 0..layers {
+            let want = if fallback {
+                c.round() as usize
+            } else {
+                (max - layer as f64 * (max - min) / (layers - 1) as f64).round() as usize
+            };
+            let got = press.layer_target(len, 0, layer, layers);
+            assert_eq!(got, want, "len {len} B {budget} layer {layer}");
+        }
+        let total: usize = (0..layers)
+            .map(|l| press.layer_target(len, 0, l, layers))
+            .sum();
+        assert!(
+            (total as f64 / layers as f64 - c).abs() <= 1.0,
+            "mean {total}"
+        );
     }
 }
