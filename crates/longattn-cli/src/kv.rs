@@ -6,11 +6,19 @@
 //! `longattn kv bench`: one layer's decode on the GPU under compression (full paged cache,
 //! per-head cache, Quest, eviction; `longattn::kv::cuda::bench`), with PyTorch SDPA and
 //! FlashInfer's paged decode on the full cache in the same run (`peer_kv_cuda.py`).
+//!
+//! `longattn kv keep`: one prefill-time compression as kvpress does it (the context prefilled in
+//! one forward, every layer compressed once, nothing re-encoded), written as JSON: per (layer,
+//! KV head) the kept positions and the values the press ranked, the token ids, the cache's
+//! memory, and optionally the NLL of the tokens that follow the context, appended uncompressed
+//! (`scripts/kvpress_compare.py` runs kvpress on the same ids and compares).
 use crate::lm;
 use anyhow::{bail, Context, Result};
 use longattn::kv::press::runner::PressAttention;
 use longattn::kv::press::Press;
 use longattn::kv::roles::{self, HeadRoles, RoleSelect};
+use longattn::model::ops;
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// Tokens of each copy of the probe's random sequence (default).
@@ -30,6 +38,82 @@ enum Cmd {
     Roles(RolesArgs),
     /// Time decode under compression on the GPU (eviction, Quest) against the full cache and peers.
     Bench(BenchArgs),
+    /// Prefill a context, compress it once under a press, write the kept sets as JSON.
+    Keep(KeepArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeepArgs {
+    /// The model (GGUF).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text file, tokenized with the model's tokenizer (BOS first when the model wants it).
+    #[arg(long, conflicts_with = "ids")]
+    text: Option<PathBuf>,
+    /// Whitespace-separated token ids instead of a text.
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Token ids skipped at the start of the text or ids.
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Tokens of context, prefilled in one forward and compressed once.
+    #[arg(long)]
+    tokens: usize,
+    /// Tokens after the context scored by next-token NLL (appended uncompressed).
+    #[arg(long, default_value_t = 0)]
+    score: usize,
+    /// The press, e.g. `snapkv(budget=0.2,window=64,pool=avg)` (an eviction press alone).
+    #[arg(long)]
+    kv: String,
+    /// How a group's query heads are reduced into one score: mean, max or sum.
+    #[arg(long, default_value = "mean")]
+    kv_reduce: String,
+    /// The model's attention mask.
+    #[arg(long, default_value = "causal")]
+    attention: String,
+    /// Where the JSON goes.
+    #[arg(long)]
+    json: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// One (layer, KV head) of `kv keep`'s JSON.
+#[derive(Serialize)]
+struct KeptHead {
+    layer: usize,
+    kv_head: usize,
+    /// Positions held after the compression (increasing).
+    kept: Vec<u32>,
+    /// The value each context position was ranked by (null: kept whatever its score; empty for
+    /// presses without scores).
+    ranks: Vec<f32>,
+}
+
+#[derive(Serialize)]
+struct KeepReport {
+    model: String,
+    kv: String,
+    kv_reduce: String,
+    attention: String,
+    /// Context tokens compressed and tokens scored after them.
+    tokens: usize,
+    score: usize,
+    /// The token ids: the context, then the scored tokens.
+    ids: Vec<u32>,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    heads: Vec<KeptHead>,
+    /// Bytes of the pages in use before and after the compression, and of the entries held after.
+    kv_bytes_full: usize,
+    kv_bytes: usize,
+    kv_bytes_entries: usize,
+    pages_freed: usize,
+    /// Next-token NLL of each scored token (ids[tokens + i] given everything before), and the mean.
+    nll: Vec<f64>,
+    nll_mean: Option<f64>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -250,6 +334,10 @@ pub fn main(a: Args) -> Result<()> {
             let pool = crate::common::pool(r.threads)?;
             pool.install(|| roles_cmd(&r))
         }
+        Cmd::Keep(k) => {
+            let pool = crate::common::pool(k.threads)?;
+            pool.install(|| keep_cmd(&k))
+        }
     }
 }
 
@@ -347,5 +435,117 @@ pub fn attach_roles(p: &mut PressAttention, lm: &lm::Loaded) -> Result<()> {
         roles.select
     );
     p.set_roles(roles)?;
+    Ok(())
+}
+
+fn keep_cmd(a: &KeepArgs) -> Result<()> {
+    let mut press = lm::press_of(&a.attention, &a.kv, &a.kv_reduce)?;
+    let spec = press.press().clone();
+    if spec.evict.is_none() || spec.kivi.is_some() || spec.quest.is_some() {
+        bail!(
+            "--kv {spec}: `kv keep` takes one eviction press (streaming, h2o, a2sf, snapkv, pyramid, duo, tova, knorm), nothing composed"
+        );
+    }
+    if a.tokens < 2 {
+        bail!("--tokens {}: at least 2 tokens of context", a.tokens);
+    }
+    let lm = lm::load(&a.model)?;
+    attach_roles(&mut press, &lm)?;
+    let m = &lm.model;
+    let (all, source) = match (&a.ids, &a.text) {
+        (Some(p), _) => (lm::read_ids(p)?, p.display().to_string()),
+        (None, Some(p)) => (lm.encode(&lm::read_text(p)?)?, p.display().to_string()),
+        (None, None) => bail!("give --text FILE or --ids FILE"),
+    };
+    let need = a.skip + a.tokens + a.score;
+    if all.len() < need {
+        bail!(
+            "{source} holds {} tokens, {need} needed (--skip {} + --tokens {} + --score {})",
+            all.len(),
+            a.skip,
+            a.tokens,
+            a.score
+        );
+    }
+    let ids = all[a.skip..need].to_vec();
+    lm::check_context(m, ids.len())?;
+    m.check_tokens(&ids)?;
+    let (ctx, cont) = ids.split_at(a.tokens);
+    let c = &m.cfg;
+    let mut cache = m.new_cache(lm::PAGE)?;
+    let seq = cache.add_sequence();
+    // One forward over the context (every layer attends the whole context), then one
+    // compression of every layer: kvpress's prefill-time protocol.
+    let h = m.forward(&mut cache, seq, ctx, &press, None)?;
+    let before = cache.memory();
+    let plan = press.plan(&cache, seq, 0)?;
+    let pos_before: Vec<Vec<u32>> = (0..c.layers * c.kv_heads)
+        .map(|i| cache.positions(seq, i / c.kv_heads, i % c.kv_heads))
+        .collect::<longattn::Result<_>>()?;
+    let rep = press.compress(&mut cache, seq, 0)?;
+    let after = cache.memory();
+    let mut heads = Vec::with_capacity(c.layers * c.kv_heads);
+    for (i, keep) in plan.keeps.iter().enumerate() {
+        let (layer, kv_head) = (i / c.kv_heads, i % c.kv_heads);
+        let kept = cache.positions(seq, layer, kv_head)?;
+        let planned: Vec<u32> = keep.iter().map(|&e| pos_before[i][e]).collect();
+        if kept != planned {
+            bail!("layer {layer} KV head {kv_head}: the cache holds other entries than planned");
+        }
+        heads.push(KeptHead {
+            layer,
+            kv_head,
+            kept,
+            ranks: plan.ranks.get(i).cloned().unwrap_or_default(),
+        });
+    }
+    // NLL of the scored tokens: the context's last hidden state predicts cont[0], the forward
+    // over cont[..score - 1] (through the compressed cache, not compressed again) the rest.
+    let d = c.d_model;
+    let mut nll = Vec::with_capacity(cont.len());
+    if let Some(&first) = cont.first() {
+        nll.push(ops::nll(&m.logits(&h[h.len() - d..]), first as usize));
+        if cont.len() > 1 {
+            let hc = m.forward(&mut cache, seq, &cont[..cont.len() - 1], &press, None)?;
+            for (r, &t) in cont[1..].iter().enumerate() {
+                nll.push(ops::nll(&m.logits(&hc[r * d..(r + 1) * d]), t as usize));
+            }
+        }
+    }
+    let nll_mean = (!nll.is_empty()).then(|| nll.iter().sum::<f64>() / nll.len() as f64);
+    let report = KeepReport {
+        model: a.model.display().to_string(),
+        kv: spec.to_string(),
+        kv_reduce: a.kv_reduce.clone(),
+        attention: a.attention.clone(),
+        tokens: a.tokens,
+        score: a.score,
+        ids: ids.clone(),
+        layers: c.layers,
+        kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        heads,
+        kv_bytes_full: before.bytes_in_use,
+        kv_bytes: after.bytes_in_use,
+        kv_bytes_entries: after.bytes_entries,
+        pages_freed: rep.pages_freed,
+        nll,
+        nll_mean,
+    };
+    std::fs::write(&a.json, serde_json::to_string(&report)?)
+        .with_context(|| format!("cannot write {}", a.json.display()))?;
+    println!(
+        "{spec}: {} context tokens, {} of {} entries kept ({:.1}%), KV pages {:.2} of {:.2} MiB{}",
+        a.tokens,
+        rep.kept.iter().sum::<usize>(),
+        a.tokens * c.layers * c.kv_heads,
+        100.0 * rep.kept.iter().sum::<usize>() as f64 / (a.tokens * c.layers * c.kv_heads) as f64,
+        after.bytes_in_use as f64 / 1048576.0,
+        before.bytes_in_use as f64 / 1048576.0,
+        match nll_mean {
+            Some(x) => format!("; NLL of the next {} tokens {x:.5}", a.score),
+            None => String::new(),
+        }
+    );
     Ok(())
 }

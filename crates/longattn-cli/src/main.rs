@@ -9,6 +9,7 @@
 //! - `longattn tokenize`: token ids of a text file under a GGUF model's tokenizer.
 //! - `longattn eval`, `generate`, `capture`: a real model run with longattn's attention.
 //! - `longattn kv roles`: the head role table of a model (DuoAttention / RazorAttention probe).
+//! - `longattn kv keep`: one prefill-time compression under a press, the kept sets as JSON.
 //! - `longattn cp run` / `cp bench`: context parallelism (ring, zigzag, all-gather, Ulysses,
 //!   auto) with ranks as threads or processes (TCP); `cp nccl-check` (NCCL on the GPUs),
 //!   `cp loopback-check` (the ring with ranks as streams of one GPU).
@@ -66,7 +67,8 @@ enum Cmd {
     /// Context parallelism: `cp run` (the contract of `run`, the sequence over ranks), `cp bench`
     /// (scaling), `cp decode`, `cp nccl-check` and `cp loopback-check` (the GPU transports).
     Cp(cp::Args),
-    /// KV-cache tools: `kv roles` probes a model's heads and saves the role table of `duo(...)`.
+    /// KV-cache tools: `kv roles` probes a model's heads and saves the role table of `duo(...)`;
+    /// `kv keep` writes one prefill-time compression's kept sets as JSON.
     Kv(kv::Args),
 }
 

@@ -524,3 +524,130 @@ fn kv_roles_and_duo() {
     fails_with(ev("duo(window=8,roles=/nonexistent/r.json)"), "cannot read");
     fails_with(ev("duo(window=8,ratio=0.5,threshold=0.2)"), "not both");
 }
+
+/// `kv keep`: one prefill-time compression written as JSON (kept positions per (layer, KV head),
+/// the ranked values, the ids, memory, the NLL of the tokens after the context); budget 1 scores
+/// the tokens as `eval` does; bad input is refused.
+#[test]
+fn kv_keep_writes_kept_sets_and_scores() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let keep = |name: &str, spec: &str| -> serde_json::Value {
+        let json = tmp(name);
+        ok(bin()
+            .args(["kv", "keep", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args([
+                "--skip", "7", "--tokens", "63", "--score", "9", "--kv", spec,
+            ])
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .unwrap());
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let r = keep("snap.json", "snapkv(budget=0.5,window=8,pool=avg)");
+    assert_eq!(r["kv"], "snapkv(budget=0.5,window=8,kernel=5,pool=avg)");
+    let (layers, hk) = (
+        r["layers"].as_u64().unwrap(),
+        r["kv_heads"].as_u64().unwrap(),
+    );
+    let heads = r["heads"].as_array().unwrap();
+    assert_eq!(heads.len() as u64, layers * hk);
+    assert_eq!(r["ids"].as_array().unwrap().len(), 63 + 9);
+    for h in heads {
+        let kept: Vec<u64> = h["kept"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(kept.len(), 32, "ceil(0.5 x 63) kept");
+        assert!(kept.windows(2).all(|w| w[0] < w[1]) && kept[31] == 62);
+        assert!((55..63).all(|p| kept.contains(&p)), "the window is kept");
+        let ranks = h["ranks"].as_array().unwrap();
+        assert_eq!(ranks.len(), 63);
+        // The window is forced (null = +inf); the others are the pooled attention, and the
+        // kept older entries rank at least as high as the dropped ones.
+        assert!(ranks[55..].iter().all(|x| x.is_null()));
+        let v = |j: usize| ranks[j].as_f64().unwrap();
+        let kept_min = (0..55)
+            .filter(|j| kept.contains(&(*j as u64)))
+            .map(v)
+            .fold(f64::INFINITY, f64::min);
+        let dropped_max = (0..55)
+            .filter(|j| !kept.contains(&(*j as u64)))
+            .map(v)
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert!(kept_min >= dropped_max && dropped_max > 0.0);
+    }
+    // One page of 64 holds the 63 positions before and the 32 after; the entries are exact
+    // (f32 K and V of every kept entry).
+    let (kb, kf) = (
+        r["kv_bytes"].as_u64().unwrap(),
+        r["kv_bytes_full"].as_u64().unwrap(),
+    );
+    assert!(kb > 0 && kb <= kf, "kv_bytes {kb} of {kf}");
+    let d = r["head_dim"].as_u64().unwrap();
+    assert_eq!(
+        r["kv_bytes_entries"].as_u64().unwrap(),
+        layers * hk * 32 * d * 2 * 4
+    );
+    assert_eq!(r["nll"].as_array().unwrap().len(), 9);
+    // Budget 1 keeps everything: the scored tokens' NLL is eval's at the same positions.
+    let full = keep("full.json", "knorm(budget=1)");
+    assert_eq!(full["kv_bytes"], full["kv_bytes_full"]);
+    let ids = tmp("keep_ids.txt");
+    let text: Vec<String> = full["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    std::fs::write(&ids, text.join(" ")).unwrap();
+    let ej = tmp("keep_eval.json");
+    ok(bin()
+        .args(["eval", "--model"])
+        .arg(&model)
+        .arg("--ids")
+        .arg(&ids)
+        .args(["--bucket", "1", "--json"])
+        .arg(&ej)
+        .output()
+        .unwrap());
+    let e: serde_json::Value = serde_json::from_slice(&std::fs::read(&ej).unwrap()).unwrap();
+    let buckets = e["nll_by_bucket"].as_array().unwrap();
+    for (i, x) in full["nll"].as_array().unwrap().iter().enumerate() {
+        let (a, b) = (
+            x.as_f64().unwrap(),
+            buckets[62 + i]["nll"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 1e-4,
+            "scored token {i}: kv keep {a} vs eval {b}"
+        );
+    }
+    let run = |spec: &str, tokens: &str| {
+        bin()
+            .args(["kv", "keep", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--tokens", tokens, "--kv", spec, "--json"])
+            .arg(tmp("bad.json"))
+            .output()
+            .unwrap()
+    };
+    fails_with(run("kivi(bits=4)", "40"), "one eviction press");
+    fails_with(
+        run("h2o(budget=0.2,score=max)", "40"),
+        "not one of sum, mean",
+    );
+    fails_with(
+        run("h2o(budget=0.2)", "100000000"),
+        "tokens, 100000000 needed",
+    );
+}

@@ -3,7 +3,7 @@
 use super::top_entries;
 
 /// `-|k_j|^2` per entry (larger = kept first).
-fn neg_norms(len: usize, keys: &[f32], d: usize) -> Vec<f32> {
+pub fn neg_norms(len: usize, keys: &[f32], d: usize) -> Vec<f32> {
     (0..len)
         .map(|j| -keys[j * d..][..d].iter().map(|x| x * x).sum::<f32>())
         .collect()

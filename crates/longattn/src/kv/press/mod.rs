@@ -5,13 +5,23 @@
 //! | spec | keeps (n = the head's budget, see below) | scores |
 //! |---|---|---|
 //! | `streaming(sinks=S,window=W)` | the first S entries and the last W | none |
-//! | `h2o(budget=B)` | the n/2 newest, then the heaviest by accumulated attention | H2O |
+//! | `h2o(budget=B,recent=R,score=sum\|mean)` | the floor(R n) newest (R = 0.5), then the heaviest by accumulated attention (`mean`: divided by the queries that saw the entry) | H2O |
 //! | `a2sf(budget=B,f=F)` | the n heaviest by attention accumulated with forgetting factor F | A2SF |
-//! | `snapkv(budget=B,window=W,kernel=K)` | the last W, then the heaviest by the window's attention max-pooled over K neighbours | SnapKV(W) |
-//! | `pyramid(budget=B,window=W,kernel=K,beta=R)` | SnapKV's choice with a budget per layer (PyramidKV, below) | SnapKV(W) |
+//! | `snapkv(budget=B,window=W,kernel=K,pool=max\|avg)` | the last W, then the heaviest by the window's attention pooled over K neighbours | SnapKV(W) |
+//! | `pyramid(budget=B,window=W,kernel=K,beta=R,pool=max\|avg,counts=ceil\|kvpress)` | SnapKV's choice with a budget per layer (PyramidKV, below) | SnapKV(W) |
 //! | `duo(sinks=S,window=W,ratio=F \| threshold=T)` | retrieval heads: everything; streaming heads: the first S and the last W (roles from a probe, [`crate::kv::roles`]) | none |
-//! | `tova(budget=B)` | the n most attended by the latest query | TOVA |
+//! | `tova(budget=B,heads=group\|layer)` | the n most attended by the latest query (`layer`: one set per layer, below) | TOVA |
 //! | `knorm(budget=B)` | the n keys of smallest L2 norm | none |
+//!
+//! Symbolic arguments (the first value is the default) select conventions; the second values are
+//! those of NVIDIA kvpress (its ObservedAttention, SnapKV / PyramidKV and TOVA presses), with which
+//! docs/QUALITY.md compares keep sets on the same weights: `h2o(recent=0,score=mean)` ranks every
+//! entry by its mean attention `sum_q P[q, j] / (L - pos_j)` with no recent window; `pool=avg`
+//! averages over the K neighbours (zeros beyond the ends, divided by K) instead of taking their
+//! maximum; `pyramid(counts=kvpress)` computes the layers' counts as kvpress does
+//! ([`LayerCounts::Kvpress`]); `tova(heads=layer)` ranks the entries of every KV head of a layer by the mean over
+//! the layer's KV heads (with equal groups: over all its query heads) and always keeps the latest
+//! entry, so a layer's heads keep one set.
 //!
 //! PyramidKV's budgets decrease linearly from the first layer to the last, the first R times the
 //! last (R >= 1), averaging B over the layers: layer l of L keeps
@@ -48,6 +58,59 @@ fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
 }
 
+/// SnapKV's pooling of the window's scores over `kernel` neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Pool {
+    /// `max_{|t - j| <= K/2} s[t]`.
+    #[default]
+    Max,
+    /// `sum_{|t - j| <= K/2} s[t] / K` (entries beyond the ends count as 0).
+    Avg,
+}
+
+/// What H2O accumulates per entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Accum {
+    /// `sum_q P[q, j]`.
+    #[default]
+    Sum,
+    /// `sum_q P[q, j] / (L - pos_j)`: the mean over the queries that saw the entry (causal).
+    Mean,
+}
+
+/// Whose attention ranks a TOVA head's entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Heads {
+    /// The KV head's own group of query heads (reduced as the scores say).
+    #[default]
+    Group,
+    /// The mean over the layer's KV heads, one keep set per layer, the latest entry always kept.
+    Layer,
+}
+
+/// How PyramidKV turns its per-layer budget fractions into counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LayerCounts {
+    /// `ceil(B_l L)` per layer (module documentation).
+    #[default]
+    Ceil,
+    /// kvpress's: with `C = B L`, the line from `C (1 + s)` at the first layer to `C (1 - s)` at
+    /// the last (the first clamped to `L - W` with the mean kept at C), each count rounded to the
+    /// nearest; plain SnapKV's C in every layer when the line leaves `[W, L]`.
+    Kvpress,
+}
+
+/// The symbolic values of an argument (the default first), or None for a numeric one.
+fn choices(name: &str, key: &str) -> Option<&'static [&'static str]> {
+    match (name, key) {
+        ("snapkv" | "pyramid", "pool") => Some(&["max", "avg"]),
+        ("pyramid", "counts") => Some(&["ceil", "kvpress"]),
+        ("h2o", "score") => Some(&["sum", "mean"]),
+        ("tova", "heads") => Some(&["group", "layer"]),
+        _ => None,
+    }
+}
+
 /// A compression policy (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Press {
@@ -57,6 +120,9 @@ pub enum Press {
     },
     H2o {
         budget: f64,
+        /// Fraction of the kept entries that are the newest (0.5).
+        recent: f64,
+        score: Accum,
     },
     A2sf {
         budget: f64,
@@ -66,12 +132,15 @@ pub enum Press {
         budget: f64,
         window: usize,
         kernel: usize,
+        pool: Pool,
     },
     Pyramid {
         budget: f64,
         window: usize,
         kernel: usize,
         beta: f64,
+        pool: Pool,
+        counts: LayerCounts,
     },
     /// DuoAttention / RazorAttention head roles: retrieval heads keep everything, streaming
     /// heads the sinks and the window. The roles come with [`compress_with`]'s table; `select`
@@ -83,6 +152,7 @@ pub enum Press {
     },
     Tova {
         budget: f64,
+        heads: Heads,
     },
     Knorm {
         budget: f64,
@@ -95,18 +165,27 @@ const KNOWN: &str = "streaming, h2o, a2sf, snapkv, pyramid, duo, tova, knorm";
 fn arguments(name: &str) -> Option<&'static [(&'static str, Option<f64>)]> {
     Some(match name {
         "streaming" => &[("sinks", Some(4.0)), ("window", None)],
-        "h2o" | "tova" | "knorm" => &[("budget", None)],
+        "tova" => &[("budget", None), ("heads", Some(0.0))],
+        "knorm" => &[("budget", None)],
+        "h2o" => &[
+            ("budget", None),
+            ("recent", Some(0.5)),
+            ("score", Some(0.0)),
+        ],
         "a2sf" => &[("budget", None), ("f", Some(0.95))],
         "snapkv" => &[
             ("budget", None),
             ("window", Some(32.0)),
             ("kernel", Some(5.0)),
+            ("pool", Some(0.0)),
         ],
         "pyramid" => &[
             ("budget", None),
             ("window", Some(32.0)),
             ("kernel", Some(5.0)),
             ("beta", Some(5.0)),
+            ("pool", Some(0.0)),
+            ("counts", Some(0.0)),
         ],
         "duo" => &[
             ("sinks", Some(4.0)),
@@ -155,6 +234,23 @@ impl Press {
         let accepted = arguments(name)
             .ok_or_else(|| err(format!("unknown press `{name}` (known: {KNOWN})")))?;
         let keys: Vec<&str> = accepted.iter().map(|a| a.0).collect();
+        // Symbolic values become their index among the argument's choices.
+        let mut given_idx: Vec<(&str, String)> = Vec::with_capacity(given.len());
+        for (k, v) in given {
+            match choices(name, k) {
+                Some(c) => {
+                    let i = c.iter().position(|x| *x == v).ok_or_else(|| {
+                        err(format!(
+                            "`{name}`: `{k}={v}` is not one of {}",
+                            c.join(", ")
+                        ))
+                    })?;
+                    given_idx.push((k, i.to_string()));
+                }
+                None => given_idx.push((k, v.to_string())),
+            }
+        }
+        let given: Vec<(&str, &str)> = given_idx.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let vals: Vec<Option<f64>> = crate::sparse::spec::assign_args(OP, name, &keys, given)?
             .into_iter()
             .zip(accepted.iter())
@@ -180,6 +276,8 @@ impl Press {
             },
             "h2o" => Press::H2o {
                 budget: arg("budget")?,
+                recent: arg("recent")?,
+                score: [Accum::Sum, Accum::Mean][int("score")?],
             },
             "a2sf" => Press::A2sf {
                 budget: arg("budget")?,
@@ -189,12 +287,15 @@ impl Press {
                 budget: arg("budget")?,
                 window: int("window")?,
                 kernel: int("kernel")?,
+                pool: [Pool::Max, Pool::Avg][int("pool")?],
             },
             "pyramid" => Press::Pyramid {
                 budget: arg("budget")?,
                 window: int("window")?,
                 kernel: int("kernel")?,
                 beta: arg("beta")?,
+                pool: [Pool::Max, Pool::Avg][int("pool")?],
+                counts: [LayerCounts::Ceil, LayerCounts::Kvpress][int("counts")?],
             },
             "duo" => {
                 let opt = |key: &str| arg(key).map(|x| (!x.is_nan()).then_some(x));
@@ -214,6 +315,7 @@ impl Press {
             }
             "tova" => Press::Tova {
                 budget: arg("budget")?,
+                heads: [Heads::Group, Heads::Layer][int("heads")?],
             },
             _ => Press::Knorm {
                 budget: arg("budget")?,
@@ -241,6 +343,9 @@ impl Press {
             Press::Duo {
                 select: Some(sel), ..
             } => sel.check().map_err(|e| err(format!("`{self}`: {e}"))),
+            Press::H2o { recent, .. } if !(0.0..=1.0).contains(&recent) => Err(err(format!(
+                "`{self}`: recent = {recent} outside [0, 1] (the fraction of kept entries that are the newest)"
+            ))),
             Press::A2sf { f, .. } if !(0.0..=1.0).contains(&f) => Err(err(format!(
                 "`{self}`: forgetting factor f = {f} outside [0, 1]"
             ))),
@@ -275,11 +380,11 @@ impl Press {
     pub fn budget(&self) -> Option<f64> {
         match *self {
             Press::Streaming { .. } | Press::Duo { .. } => None,
-            Press::H2o { budget }
+            Press::H2o { budget, .. }
             | Press::A2sf { budget, .. }
             | Press::SnapKv { budget, .. }
             | Press::Pyramid { budget, .. }
-            | Press::Tova { budget }
+            | Press::Tova { budget, .. }
             | Press::Knorm { budget } => Some(budget),
         }
     }
@@ -315,6 +420,32 @@ impl Press {
             Press::Streaming { sinks, window } | Press::Duo { sinks, window, .. } => {
                 (sinks + window).saturating_sub(headroom)
             }
+            Press::Pyramid {
+                budget,
+                window,
+                beta,
+                counts: LayerCounts::Kvpress,
+                ..
+            } => {
+                // kvpress's PyramidKV budgets, our beta being its first-to-last ratio.
+                let l = (seq_len + headroom) as f64;
+                let c = budget * l;
+                let s = (beta - 1.0) / (beta + 1.0);
+                let (mut hi, mut lo) = (c * (1.0 + s), c * (1.0 - s));
+                let w = window as f64;
+                if hi >= l - w {
+                    hi = l - w;
+                    lo = 2.0 * c - hi;
+                }
+                let n = if !(l >= hi && hi >= lo && lo >= w) {
+                    c.round().max(1.0)
+                } else if layers > 1 {
+                    (hi - layer as f64 * (hi - lo) / (layers - 1) as f64).round()
+                } else {
+                    hi.round()
+                };
+                (n as usize).saturating_sub(headroom)
+            }
             _ => {
                 let b = self.layer_budget(layer, layers).expect("budget presses");
                 let n = (b * (seq_len + headroom) as f64).ceil() as usize;
@@ -330,22 +461,47 @@ impl fmt::Display for Press {
             Press::Streaming { sinks, window } => {
                 write!(f, "streaming(sinks={sinks},window={window})")
             }
-            Press::H2o { budget } => write!(f, "h2o(budget={budget})"),
+            Press::H2o {
+                budget,
+                recent,
+                score,
+            } => {
+                write!(f, "h2o(budget={budget}")?;
+                if recent != 0.5 {
+                    write!(f, ",recent={recent}")?;
+                }
+                if score == Accum::Mean {
+                    write!(f, ",score=mean")?;
+                }
+                write!(f, ")")
+            }
             Press::A2sf { budget, f: ff } => write!(f, "a2sf(budget={budget},f={ff})"),
             Press::SnapKv {
                 budget,
                 window,
                 kernel,
-            } => write!(f, "snapkv(budget={budget},window={window},kernel={kernel})"),
+                pool,
+            } => {
+                write!(f, "snapkv(budget={budget},window={window},kernel={kernel}")?;
+                write_pool(f, pool)
+            }
             Press::Pyramid {
                 budget,
                 window,
                 kernel,
                 beta,
-            } => write!(
-                f,
-                "pyramid(budget={budget},window={window},kernel={kernel},beta={beta})"
-            ),
+                pool,
+                counts,
+            } => {
+                write!(
+                    f,
+                    "pyramid(budget={budget},window={window},kernel={kernel},beta={beta}"
+                )?;
+                if counts == LayerCounts::Kvpress {
+                    write!(f, ",counts=kvpress")?;
+                }
+                write_pool(f, pool)
+            }
             Press::Duo {
                 sinks,
                 window,
@@ -357,9 +513,23 @@ impl fmt::Display for Press {
                 }
                 write!(f, ")")
             }
-            Press::Tova { budget } => write!(f, "tova(budget={budget})"),
+            Press::Tova { budget, heads } => {
+                write!(f, "tova(budget={budget}")?;
+                if heads == Heads::Layer {
+                    write!(f, ",heads=layer")?;
+                }
+                write!(f, ")")
+            }
             Press::Knorm { budget } => write!(f, "knorm(budget={budget})"),
         }
+    }
+}
+
+/// `,pool=avg)` or `)` (max pooling is the default and not printed).
+fn write_pool(f: &mut fmt::Formatter<'_>, pool: Pool) -> fmt::Result {
+    match pool {
+        Pool::Max => write!(f, ")"),
+        Pool::Avg => write!(f, ",pool=avg)"),
     }
 }
 
@@ -415,12 +585,21 @@ pub fn keep(press: &Press, h: &HeadInput) -> Vec<usize> {
             let s = sinks.min(h.n);
             streaming::keep(h.len, s, h.n - s)
         }
-        Press::H2o { .. } => h2o::keep(h.len, h.n, h.scores),
+        Press::H2o { recent, .. } => h2o::keep(h.len, h.n, h.scores, recent),
         Press::A2sf { .. } => a2sf::keep(h.len, h.n, h.scores),
-        Press::SnapKv { window, kernel, .. } | Press::Pyramid { window, kernel, .. } => {
-            snapkv::keep(h.len, h.n, h.scores, window, kernel)
+        Press::SnapKv {
+            window,
+            kernel,
+            pool,
+            ..
         }
-        Press::Tova { .. } => tova::keep(h.len, h.n, h.scores),
+        | Press::Pyramid {
+            window,
+            kernel,
+            pool,
+            ..
+        } => snapkv::keep(h.len, h.n, h.scores, window, kernel, pool),
+        Press::Tova { heads, .. } => tova::keep(h.len, h.n, h.scores, heads == Heads::Layer),
         Press::Knorm { .. } => knorm::keep(h.len, h.n, h.keys, h.head_dim),
     }
 }
@@ -435,14 +614,86 @@ pub fn keep_reference(press: &Press, h: &HeadInput) -> Vec<usize> {
             let s = sinks.min(h.n);
             streaming::keep_reference(h.len, s, h.n - s)
         }
-        Press::H2o { .. } => h2o::keep_reference(h.len, h.n, h.scores),
+        Press::H2o { recent, .. } => h2o::keep_reference(h.len, h.n, h.scores, recent),
         Press::A2sf { .. } => a2sf::keep_reference(h.len, h.n, h.scores),
-        Press::SnapKv { window, kernel, .. } | Press::Pyramid { window, kernel, .. } => {
-            snapkv::keep_reference(h.len, h.n, h.scores, window, kernel)
+        Press::SnapKv {
+            window,
+            kernel,
+            pool,
+            ..
         }
-        Press::Tova { .. } => tova::keep_reference(h.len, h.n, h.scores),
+        | Press::Pyramid {
+            window,
+            kernel,
+            pool,
+            ..
+        } => snapkv::keep_reference(h.len, h.n, h.scores, window, kernel, pool),
+        Press::Tova { heads, .. } => {
+            tova::keep_reference(h.len, h.n, h.scores, heads == Heads::Layer)
+        }
         Press::Knorm { .. } => knorm::keep_reference(h.len, h.n, h.keys, h.head_dim),
     }
+}
+
+/// The value each entry of one head is ranked by (larger kept first; `+inf` for the entries
+/// the press keeps whatever their score: SnapKV's window, H2O's recent entries, TOVA's latest
+/// with `heads=layer`), one per entry: SnapKV / PyramidKV the pooled window attention, H2O /
+/// A2SF / TOVA the scores given, key-norm `-|k|^2`. Empty for streaming and duo (no scores).
+pub fn ranks(press: &Press, h: &HeadInput) -> Vec<f32> {
+    let at = |j: usize| h.scores.get(j).copied().unwrap_or(0.0);
+    let forced_from = |from: usize| -> Vec<f32> {
+        (0..h.len)
+            .map(|j| if j >= from { f32::INFINITY } else { at(j) })
+            .collect()
+    };
+    let n = h.n.min(h.len);
+    match *press {
+        Press::Streaming { .. } | Press::Duo { .. } => Vec::new(),
+        Press::H2o { recent, .. } => forced_from(h.len - h2o::recent_len(n, recent)),
+        Press::A2sf { .. } => forced_from(h.len),
+        Press::Tova { heads, .. } => {
+            forced_from(h.len - usize::from(heads == Heads::Layer && h.len > 0))
+        }
+        Press::SnapKv {
+            window,
+            kernel,
+            pool,
+            ..
+        }
+        | Press::Pyramid {
+            window,
+            kernel,
+            pool,
+            ..
+        } => {
+            let (older, _) = snapkv::split(h.len, n, window);
+            let mut r = snapkv::pooled(older, h.scores, kernel, pool);
+            r.resize(h.len, f32::INFINITY);
+            r
+        }
+        Press::Knorm { .. } => knorm::neg_norms(h.len, h.keys, h.head_dim),
+    }
+}
+
+/// TOVA with `heads=layer`: the mean over the layer's KV heads of their scores (each already
+/// reduced over its group), which needs the heads to hold the same entries.
+fn layer_mean(cache: &PagedKvCache, id: SeqId, s: &KvScores, layer: usize) -> Result<Vec<f32>> {
+    let hk = cache.config().kv_heads;
+    let pos0 = cache.positions(id, layer, 0)?;
+    for kh in 1..hk {
+        if cache.positions(id, layer, kh)? != pos0 {
+            return Err(err(format!(
+                "tova(heads=layer): layer {layer}'s KV heads hold different entries (one keep set per layer needs the same)"
+            )));
+        }
+    }
+    let mut m = vec![0.0f64; pos0.len()];
+    for kh in 0..hk {
+        for (x, &v) in m.iter_mut().zip(s.head(layer, kh)) {
+            *x += v as f64;
+        }
+    }
+    Ok(m.into_iter().map(|x| (x / hk as f64) as f32).collect())
 }
 
 /// What a compression did.
@@ -471,14 +722,25 @@ pub fn compress(
 
 /// As [`compress`] with the head role table `roles` that `duo` needs (retrieval heads keep
 /// every entry, the others are cut as streaming heads); ignored by the other presses.
-pub fn compress_with(
-    cache: &mut PagedKvCache,
+/// The keep sets a compression would apply, per `[layer * Hk + KV head]` (entry indices,
+/// increasing), with (when `with_ranks`) the value each entry is ranked by ([`ranks`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeepPlan {
+    pub keeps: Vec<Vec<usize>>,
+    pub ranks: Vec<Vec<f32>>,
+}
+
+/// Every head's keep set under `press` (what [`compress_with`] applies), checked against the
+/// cache; nothing changes. `with_ranks` also returns the values the press ranked.
+pub fn plan(
+    cache: &PagedKvCache,
     id: SeqId,
     press: &Press,
-    mut scores: Option<&mut KvScores>,
+    scores: Option<&KvScores>,
     headroom: usize,
     roles: Option<&HeadRoles>,
-) -> Result<CompressReport> {
+    with_ranks: bool,
+) -> Result<KeepPlan> {
     press.check()?;
     let c = cache.config();
     if let Press::Duo { .. } = press {
@@ -490,7 +752,7 @@ pub fn compress_with(
         r.check(c.layers, c.kv_heads)?;
     }
     let seq_len = cache.len(id)?;
-    match (press.score_kind(), scores.as_deref()) {
+    match (press.score_kind(), scores) {
         (Some(kind), None) => {
             return Err(err(format!(
                 "`{press}` ranks entries by {kind:?} scores, which were not collected (KvScores::new with ScoreKind::{kind:?}, observed every step)"
@@ -504,7 +766,7 @@ pub fn compress_with(
         }
         _ => {}
     }
-    if let Some(s) = scores.as_deref() {
+    if let Some(s) = scores {
         if s.scores.len() != c.layers * c.kv_heads {
             return Err(err(format!(
                 "scores of {} heads for a cache of {} layers x {} KV heads",
@@ -515,15 +777,26 @@ pub fn compress_with(
         }
     }
     let mut keeps = Vec::with_capacity(c.layers * c.kv_heads);
+    let mut all_ranks = Vec::new();
     for l in 0..c.layers {
         let n = press.layer_target(seq_len, headroom, l, c.layers);
+        let layer_mean = match (press, scores) {
+            (
+                Press::Tova {
+                    heads: Heads::Layer,
+                    ..
+                },
+                Some(s),
+            ) => Some(layer_mean(cache, id, s, l)?),
+            _ => None,
+        };
         for kh in 0..c.kv_heads {
             let len = cache.head_len(id, l, kh)?;
             let n = match (press, roles) {
                 (Press::Duo { .. }, Some(r)) if r.is_retrieval(l, kh) => len,
                 _ => n,
             };
-            let sc: &[f32] = match scores.as_deref() {
+            let sc: &[f32] = match scores {
                 Some(s) if press.score_kind().is_some() => s.head(l, kh),
                 _ => &[],
             };
@@ -534,23 +807,61 @@ pub fn compress_with(
                 )));
             }
             let keys = match press {
-                Press::Knorm { .. } if n < len => cache.gather_head(id, l, kh)?.0,
+                Press::Knorm { .. } if n < len || with_ranks => cache.gather_head(id, l, kh)?.0,
                 _ => Vec::new(),
             };
-            let k = keep(
-                press,
-                &HeadInput {
-                    len,
-                    n,
-                    scores: sc,
-                    keys: &keys,
-                    head_dim: c.head_dim,
-                },
-            );
+            // The values ranked: h2o(score=mean) divides by the queries that saw each entry
+            // (L - pos under a causal mask); tova(heads=layer) ranks by the layer's mean.
+            let mean_of_seen;
+            let sc: &[f32] = match (press, &layer_mean) {
+                (_, Some(m)) => m,
+                (
+                    Press::H2o {
+                        score: Accum::Mean, ..
+                    },
+                    _,
+                ) => {
+                    let pos = cache.positions(id, l, kh)?;
+                    mean_of_seen = sc
+                        .iter()
+                        .zip(&pos)
+                        .map(|(&x, &p)| x / (seq_len - p as usize) as f32)
+                        .collect::<Vec<f32>>();
+                    &mean_of_seen
+                }
+                _ => sc,
+            };
+            let h = HeadInput {
+                len,
+                n,
+                scores: sc,
+                keys: &keys,
+                head_dim: c.head_dim,
+            };
+            let k = keep(press, &h);
             cache.check_keep(id, l, kh, &k)?;
+            if with_ranks {
+                all_ranks.push(ranks(press, &h));
+            }
             keeps.push(k);
         }
     }
+    Ok(KeepPlan {
+        keeps,
+        ranks: all_ranks,
+    })
+}
+
+pub fn compress_with(
+    cache: &mut PagedKvCache,
+    id: SeqId,
+    press: &Press,
+    mut scores: Option<&mut KvScores>,
+    headroom: usize,
+    roles: Option<&HeadRoles>,
+) -> Result<CompressReport> {
+    let KeepPlan { keeps, .. } = plan(cache, id, press, scores.as_deref(), headroom, roles, false)?;
+    let c = cache.config();
     // Everything checked: apply (infallible from here on).
     let mut pages_freed = 0;
     let mut kept = Vec::with_capacity(keeps.len());

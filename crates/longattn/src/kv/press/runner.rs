@@ -9,7 +9,7 @@
 //! bounds up to date at each attention and selects pages per query ([`QuestIndex`]).
 use std::sync::Mutex;
 
-use super::{compress_with, CompressReport, Press};
+use super::{compress_with, plan, CompressReport, KeepPlan, Press};
 use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
 use crate::kv::quest::QuestIndex;
@@ -89,6 +89,31 @@ impl PressAttention {
 
     pub fn press(&self) -> &KvSpec {
         &self.spec
+    }
+
+    /// The keep sets the eviction press would apply to sequence `seq` now (with `headroom`), and
+    /// the values it ranks ([`super::plan`] over this press's running scores); nothing changes.
+    /// An error for a spec without an eviction press.
+    pub fn plan(&self, cache: &PagedKvCache, seq: SeqId, headroom: usize) -> Result<KeepPlan> {
+        let press = self.spec.evict.as_ref().ok_or_else(|| Error::Param {
+            op: "kv press",
+            msg: format!("`{}` evicts nothing: no keep sets to plan", self.spec),
+        })?;
+        let guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+        let scores = match guard.as_ref() {
+            Some((s, sc)) if *s == seq => Some(sc),
+            Some(_) => return Err(other_seq()),
+            None => None,
+        };
+        plan(
+            cache,
+            seq,
+            press,
+            scores,
+            headroom,
+            self.roles.as_ref(),
+            true,
+        )
     }
 
     /// Compresses sequence `seq` under the spec, leaving room for `headroom` positions: the

@@ -24,6 +24,7 @@ fn specs_parse_print_and_refuse_bad_input() {
                 budget: 0.2,
                 window: 32,
                 kernel: 5,
+                pool: Pool::Max,
             },
         ),
         (
@@ -33,7 +34,60 @@ fn specs_parse_print_and_refuse_bad_input() {
                 window: 1020,
             },
         ),
-        (" h2o( budget = 0.2 ) ", Press::H2o { budget: 0.2 }),
+        (
+            " h2o( budget = 0.2 ) ",
+            Press::H2o {
+                budget: 0.2,
+                recent: 0.5,
+                score: Accum::Sum,
+            },
+        ),
+        (
+            "h2o(budget=0.2,recent=0,score=mean)",
+            Press::H2o {
+                budget: 0.2,
+                recent: 0.0,
+                score: Accum::Mean,
+            },
+        ),
+        (
+            "snapkv(budget=0.5,window=64,pool=avg)",
+            Press::SnapKv {
+                budget: 0.5,
+                window: 64,
+                kernel: 5,
+                pool: Pool::Avg,
+            },
+        ),
+        (
+            "pyramid(budget=0.5,beta=3,pool=avg)",
+            Press::Pyramid {
+                budget: 0.5,
+                window: 32,
+                kernel: 5,
+                beta: 3.0,
+                pool: Pool::Avg,
+                counts: LayerCounts::Ceil,
+            },
+        ),
+        (
+            "pyramid(budget=0.2,window=64,beta=3,counts=kvpress)",
+            Press::Pyramid {
+                budget: 0.2,
+                window: 64,
+                kernel: 5,
+                beta: 3.0,
+                pool: Pool::Max,
+                counts: LayerCounts::Kvpress,
+            },
+        ),
+        (
+            "tova(budget=0.2,heads=layer)",
+            Press::Tova {
+                budget: 0.2,
+                heads: Heads::Layer,
+            },
+        ),
         (
             "a2sf(budget=0.2,f=0.95)",
             Press::A2sf {
@@ -41,7 +95,13 @@ fn specs_parse_print_and_refuse_bad_input() {
                 f: 0.95,
             },
         ),
-        ("tova(budget=0.2)", Press::Tova { budget: 0.2 }),
+        (
+            "tova(budget=0.2)",
+            Press::Tova {
+                budget: 0.2,
+                heads: Heads::Group,
+            },
+        ),
         ("knorm(budget=1)", Press::Knorm { budget: 1.0 }),
         (
             "streaming(window=8)",
@@ -70,6 +130,16 @@ fn specs_parse_print_and_refuse_bad_input() {
         ("h2o(budget=abc)", "not a finite number"),
         ("h2o(budget=0.2", "must end with `)`"),
         ("h2o(budget=0.2,budget=0.3)", "given twice"),
+        ("h2o(budget=0.2,recent=1.5)", "recent = 1.5 outside [0, 1]"),
+        (
+            "h2o(budget=0.2,score=max)",
+            "`score=max` is not one of sum, mean",
+        ),
+        (
+            "snapkv(budget=0.2,pool=1)",
+            "`pool=1` is not one of max, avg",
+        ),
+        ("tova(budget=0.2,heads=all)", "not one of group, layer"),
         ("snapkv(budget=0.2,kernel=4)", "kernel odd"),
         ("snapkv(budget=0.2,window=0)", "window must be >= 1"),
         ("a2sf(budget=0.2,f=1.2)", "outside [0, 1]"),
@@ -95,7 +165,16 @@ fn fast_keep_sets_equal_the_references() {
             sinks: 0,
             window: 3,
         },
-        Press::H2o { budget: 0.3 },
+        Press::H2o {
+            budget: 0.3,
+            recent: 0.5,
+            score: Accum::Sum,
+        },
+        Press::H2o {
+            budget: 0.3,
+            recent: 0.0,
+            score: Accum::Mean,
+        },
         Press::A2sf {
             budget: 0.3,
             f: 0.9,
@@ -104,13 +183,28 @@ fn fast_keep_sets_equal_the_references() {
             budget: 0.3,
             window: 8,
             kernel: 5,
+            pool: Pool::Max,
+        },
+        Press::SnapKv {
+            budget: 0.3,
+            window: 8,
+            kernel: 7,
+            pool: Pool::Avg,
         },
         Press::SnapKv {
             budget: 0.3,
             window: 100,
             kernel: 1,
+            pool: Pool::Max,
         },
-        Press::Tova { budget: 0.3 },
+        Press::Tova {
+            budget: 0.3,
+            heads: Heads::Group,
+        },
+        Press::Tova {
+            budget: 0.3,
+            heads: Heads::Layer,
+        },
         Press::Knorm { budget: 0.3 },
     ];
     for &len in &AWKWARD_SIZES[..6] {
@@ -362,7 +456,11 @@ fn failed_compression_leaves_cache_and_scores_as_they_were() {
     let after: Vec<_> = (0..HK).map(|kh| c.gather_head(a, 1, kh).unwrap()).collect();
     assert_eq!(before, after);
     assert_eq!(c.memory(), mem);
-    let bad = Press::H2o { budget: 2.0 };
+    let bad = Press::H2o {
+        budget: 2.0,
+        recent: 0.5,
+        score: Accum::Sum,
+    };
     assert!(compress(&mut c, a, &bad, None, 0)
         .unwrap_err()
         .to_string()
@@ -542,4 +640,209 @@ fn duo_keeps_retrieval_heads_whole_and_cuts_streaming_heads_to_sinks_and_window(
         m.bytes_entries,
         (2 * len + 2 * (sinks + window - 1)) * 2 * D * 4
     );
+}
+
+/// The kvpress conventions on one prefill (random q, k, v; one causal chunk of L positions,
+/// observed, then planned): `h2o(recent=0,score=mean)` keeps the top n by the mean attention
+/// `sum_i P[i, j] / (L - j)` (group mean), `tova(heads=layer)` one set per layer, the latest
+/// entry and the top n - 1 by the mean over all query heads of the last row's attention,
+/// `snapkv(pool=avg)` the window and the top by the group mean of the window's attention
+/// averaged over 5 neighbours; all against probabilities computed here in f64.
+#[test]
+fn kvpress_conventions_match_probabilities_from_the_definition() {
+    let cfg = KvConfig {
+        layers: 1,
+        kv_heads: HK,
+        head_dim: D,
+        v_dim: D,
+        page_size: 16,
+    };
+    let len = 65;
+    let mut rng = Rng::new(23);
+    let (kd, vd) = (randn(len * HK * D, &mut rng), randn(len * HK * D, &mut rng));
+    let qd = randn(len * HQ * D, &mut rng);
+    let causal = MaskExpr::parse("causal").unwrap();
+    // P[h][i][j] in f64 from the definition (scale 1/sqrt(D)).
+    let p: Vec<Vec<Vec<f64>>> = (0..HQ)
+        .map(|h| {
+            let kh = h / (HQ / HK);
+            (0..len)
+                .map(|i| {
+                    let s: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..D)
+                                .map(|x| {
+                                    qd[(i * HQ + h) * D + x] as f64
+                                        * kd[(j * HK + kh) * D + x] as f64
+                                })
+                                .sum::<f64>()
+                                / (D as f64).sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    let mut row: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
+                    row.resize(len, 0.0);
+                    row
+                })
+                .collect()
+        })
+        .collect();
+    let g = HQ / HK;
+    let top = |score: &[f64], cands: std::ops::Range<usize>, n: usize| -> Vec<usize> {
+        let mut c: Vec<usize> = cands.collect();
+        c.sort_by(|&a, &b| score[b].total_cmp(&score[a]));
+        c.truncate(n);
+        c
+    };
+    let window = 8;
+    // Per case: the spec and the expected keep set of (KV head, n).
+    type Want<'a> = Box<dyn Fn(usize, usize) -> Vec<usize> + 'a>;
+    let cases: [(&str, Want); 3] = [
+        (
+            "h2o(budget=0.3,recent=0,score=mean)",
+            Box::new(|kh, n| {
+                let s: Vec<f64> = (0..len)
+                    .map(|j| {
+                        (0..g)
+                            .map(|gi| (0..len).map(|i| p[kh * g + gi][i][j]).sum::<f64>())
+                            .sum::<f64>()
+                            / g as f64
+                            / (len - j) as f64
+                    })
+                    .collect();
+                top(&s, 0..len, n)
+            }),
+        ),
+        (
+            "tova(budget=0.3,heads=layer)",
+            Box::new(|_, n| {
+                let s: Vec<f64> = (0..len)
+                    .map(|j| (0..HQ).map(|h| p[h][len - 1][j]).sum::<f64>() / HQ as f64)
+                    .collect();
+                let mut k = top(&s, 0..len - 1, n - 1);
+                k.push(len - 1);
+                k
+            }),
+        ),
+        (
+            "snapkv(budget=0.3,window=8,kernel=5,pool=avg)",
+            Box::new(|kh, n| {
+                let older = len - window;
+                let col: Vec<f64> = (0..older)
+                    .map(|j| {
+                        (0..g)
+                            .map(|gi| (older..len).map(|i| p[kh * g + gi][i][j]).sum::<f64>())
+                            .sum::<f64>()
+                            / g as f64
+                    })
+                    .collect();
+                let pooled: Vec<f64> = (0..older)
+                    .map(|j| {
+                        (j.saturating_sub(2)..(j + 3).min(older))
+                            .map(|t| col[t])
+                            .sum::<f64>()
+                            / 5.0
+                    })
+                    .collect();
+                let mut k = top(&pooled, 0..older, n - window);
+                k.extend(older..len);
+                k
+            }),
+        ),
+    ];
+    for (text, want) in cases {
+        let press = Press::parse(text).unwrap();
+        let mut c = PagedKvCache::new(cfg).unwrap();
+        let a = c.add_sequence();
+        c.append(a, &[(&kd[..], &vd[..])]).unwrap();
+        let q = TensorView::contiguous(&qd[..], [1, len, HQ, D]).unwrap();
+        let r = c
+            .attend(a, 0, &q, Some(&causal), &AttnParams::default())
+            .unwrap();
+        let mut s = KvScores::new(&c, press.score_kind().unwrap(), ScoreParams::default()).unwrap();
+        let obs = Observation {
+            q: &q,
+            lse: &r.lse,
+            mask: Some(&causal),
+        };
+        s.observe(&c, a, 0, &obs).unwrap();
+        let plan = plan(&c, a, &press, Some(&s), 0, None, true).unwrap();
+        let n = press.target(len, 0);
+        for kh in 0..HK {
+            let mut w = want(kh, n);
+            w.sort_unstable();
+            assert_eq!(plan.keeps[kh], w, "{text} KV head {kh}");
+            // The ranked values: the forced entries at +inf, the others finite.
+            let forced = plan.ranks[kh].iter().filter(|x| x.is_infinite()).count();
+            let expect = match press {
+                Press::Tova { .. } => 1,
+                Press::SnapKv { .. } => window,
+                _ => 0,
+            };
+            assert_eq!(forced, expect, "{text}");
+        }
+        // What compress applies is the plan.
+        compress(&mut c, a, &press, Some(&mut s), 0).unwrap();
+        for kh in 0..HK {
+            let pos: Vec<usize> = c
+                .positions(a, 0, kh)
+                .unwrap()
+                .into_iter()
+                .map(|x| x as usize)
+                .collect();
+            assert_eq!(pos, plan.keeps[kh], "{text}");
+        }
+    }
+}
+
+/// `pyramid(counts=kvpress)`: kvpress's per-layer counts, computed here from its description:
+/// with C = B L and kvpress's beta b (our R = 2 b - 1), the line from C (2 - 1/b) to C / b,
+/// rounded; SnapKV's C everywhere when the last layer would get less than the window; the mean
+/// stays C.
+#[test]
+fn pyramid_kvpress_counts_follow_its_line_and_fallback() {
+    let layers = 30;
+    for (len, budget, b, window) in [
+        (1024usize, 0.5, 2.0, 64usize),
+        (1024, 0.2, 2.0, 64),
+        (2048, 0.2, 2.0, 64),
+        (1024, 0.1, 2.0, 64),
+        (1023, 0.3, 20.0, 64),
+        (113, 0.9, 2.0, 8),
+    ] {
+        let press = Press::Pyramid {
+            budget,
+            window,
+            kernel: 5,
+            beta: 2.0 * b - 1.0,
+            pool: Pool::Avg,
+            counts: LayerCounts::Kvpress,
+        };
+        press.check().unwrap();
+        let l = len as f64;
+        let c = l * budget;
+        let (mut max, mut min) = (c * (2.0 - 1.0 / b), c / b);
+        if max >= l - window as f64 {
+            max = l - window as f64;
+            min = 2.0 * c - max;
+        }
+        let fallback = !(l >= max && max >= min && min >= window as f64);
+        for layer in 0..layers {
+            let want = if fallback {
+                c.round() as usize
+            } else {
+                (max - layer as f64 * (max - min) / (layers - 1) as f64).round() as usize
+            };
+            let got = press.layer_target(len, 0, layer, layers);
+            assert_eq!(got, want, "len {len} B {budget} layer {layer}");
+        }
+        let total: usize = (0..layers)
+            .map(|l| press.layer_target(len, 0, l, layers))
+            .sum();
+        assert!(
+            (total as f64 / layers as f64 - c).abs() <= 1.0,
+            "mean {total}"
+        );
+    }
 }
