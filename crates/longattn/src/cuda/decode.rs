@@ -528,11 +528,7 @@ impl DevPagedCache {
         };
         let total = slots.len() * row_chunks;
         debug_assert_eq!(total * 8, k.data.len());
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256).clamp(1, self.dev.sms * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = self.stride_cfg(total);
         let mut b = s.launch_builder(&f);
         b.arg(&p);
         // SAFETY: the struct matches the kernel's; k/v hold n x Hk x D elements (checked by the
@@ -708,11 +704,7 @@ impl DevPagedCache {
                 row_chunks: row_chunks as i64,
             };
             let total = src.len() * row_chunks;
-            let cfg = LaunchConfig {
-                grid_dim: (total.div_ceil(256).clamp(1, self.dev.sms * 16) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = self.stride_cfg(total);
             let mut b = s.launch_builder(&f);
             b.arg(&p);
             // SAFETY: the struct matches the kernel's; every source slot is a live entry of its
@@ -724,6 +716,15 @@ impl DevPagedCache {
         }
         self.sync()?;
         Ok(before - after)
+    }
+
+    /// Grid-stride launch of the 256-thread copy kernels over `total` 16-byte chunks.
+    fn stride_cfg(&self, total: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (total.div_ceil(256).clamp(1, self.dev.sms * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     fn move_fn(&self) -> Result<CudaFunction> {
