@@ -916,6 +916,10 @@ impl DecodePlan {
             defines[0].clone(),
             defines[1].clone(),
             ("LA_MERGE_ONLY".into(), "1".into()),
+            (
+                "LA_MAX_SPLITS".into(),
+                crate::kv::decode::MAX_SPLITS.to_string(),
+            ),
         ];
         let merge = dev.function(
             &format!("decode_merge_{}_d{d}", dtype.name()),

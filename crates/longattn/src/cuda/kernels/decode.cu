@@ -544,6 +544,9 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 //     o   = sum_i exp(lse_i - lse) o_i
 // (relative to M, so no exp overflows). n = 0 (length 0) or only -inf partials: o = 0, lse = -inf.
 #define LA_MERGE_ROWS 4
+#ifndef LA_MAX_SPLITS
+#define LA_MAX_SPLITS 128   // kv::decode::MAX_SPLITS (set by the host)
+#endif
 extern "C" __global__ void __launch_bounds__(LA_MERGE_ROWS * 32) la_decode_merge(const LaDecParams p) {
     const int row = blockIdx.x * LA_MERGE_ROWS + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
@@ -562,13 +565,27 @@ extern "C" __global__ void __launch_bounds__(LA_MERGE_ROWS * 32) la_decode_merge
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(LA_FULL, sum, off);
     const float lse = sum > 0.f ? base + logf(sum) : -LA_INF;
-    const float* op = p.o_part + (i64)row * p.num_splits * LA_D;
-    for (int d = lane; d < LA_D; d += 32) {
-        float o = 0.f;
-        if (sum > 0.f) {
-            for (int i = 0; i < n; i++) o += la_exp2((lp[i] - lse) * LA_LOG2E) * op[(i64)i * LA_D + d];
-        }
-        p.o[(i64)row * LA_D + d] = (u16)(la_pack2(o, 0.f) & 0xffffu);
+    // Weights w_i = exp(lse_i - lse) in shared memory, then each lane accumulates its LA_D / 32
+    // contiguous elements over the splits: every split's row is one coalesced load per warp and
+    // the loop is unrolled so that several splits' loads are in flight (a loop over splits per
+    // element waits on one L2 round trip per split and element).
+    __shared__ float s_w[LA_MERGE_ROWS][LA_MAX_SPLITS];
+    float* w = s_w[threadIdx.x >> 5];
+    for (int i = lane; i < n; i += 32) w[i] = sum > 0.f ? la_exp2((lp[i] - lse) * LA_LOG2E) : 0.f;
+    __syncwarp();
+    constexpr int PER = LA_D / 32;
+    float acc[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) acc[e] = 0.f;
+    const float* op = p.o_part + (i64)row * p.num_splits * LA_D + lane * PER;
+#pragma unroll 4
+    for (int i = 0; i < n; i++) {
+        const float wi = w[i];
+#pragma unroll
+        for (int e = 0; e < PER; e++) acc[e] = fmaf(wi, op[(i64)i * LA_D + e], acc[e]);
     }
+    u16* dst = p.o + (i64)row * LA_D + lane * PER;
+#pragma unroll
+    for (int e = 0; e < PER; e++) dst[e] = (u16)(la_pack2(acc[e], 0.f) & 0xffffu);
     if (lane == 0) p.lse[row] = lse;
 }
