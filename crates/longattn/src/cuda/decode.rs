@@ -861,18 +861,28 @@ impl DecodePlan {
         // The tensor-core kernel (LA_MMA: D <= 128; `LONGATTN_CUDA_DECODE_MMA=0` picks the lane
         // groups) always streams through its per-warp ring.
         let mma = d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0");
-        let ns = match tune.get(2) {
+        let mut ns = match tune.get(2) {
             Some(&n) if (2..=8).contains(&n) => n,
             Some(&0) if !mma => 0,
             _ if page > 0 || mma => 3,
             _ => 0,
         };
         let softcap = params.softcap.is_some();
-        // A fourth value of the override sets the warps per block (tuning runs).
+        // A fourth value of the override sets the warps per block (tuning runs). 8 warps in one
+        // block per SM (tensor-core kernel, H200): full decode 1-2% faster, eviction at 8 x 128k
+        // 11% slower than 2 blocks of 4 (PERF.md): 4 stays.
         let warps = match tune.get(3) {
             Some(&w) if (1..=16).contains(&w) => w,
             _ => WARPS,
         };
+        if mma {
+            // The ring's stages shrink (to 2) until the ring and the finish's static arrays
+            // (s_acc, s_m, s_l) fit the device's shared memory.
+            let fixed = warps * g * (d + 2) * 4 + 1024;
+            while ns > 2 && warps * ns * 2 * 16 * (d + 8) * 2 + fixed > dev.smem_optin {
+                ns -= 1;
+            }
+        }
         // L2 prefetch hint of the tensor-core kernel's copies (bytes; tuning runs:
         // `LONGATTN_CUDA_DECODE_PF=0|128|256`).
         let l2pf = std::env::var("LONGATTN_CUDA_DECODE_PF")
