@@ -1,7 +1,7 @@
 //! End-to-end tests of `longattn eval`, `generate`, `capture` and `bench --data` on SmolLM2 (each
 //! skips with a message when the fixtures are absent). Short runs: tens of tokens.
 use longattn::model::fixtures;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn bin() -> Command {
@@ -25,6 +25,23 @@ fn fails_with(o: Output, want: &str) {
     assert!(!o.status.success(), "expected failure, got success");
     assert!(!e.contains("panicked"), "panic: {e}");
     assert!(e.contains(want), "expected `{want}` in: {e}");
+}
+
+/// `longattn eval` over the first 80 tokens of `book` with `extra` arguments: its JSON.
+fn eval_80(model: &Path, book: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let json = tmp(name);
+    ok(bin()
+        .args(["eval", "--model"])
+        .arg(model)
+        .arg("--text")
+        .arg(book)
+        .args(["--tokens", "80"])
+        .args(extra)
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap());
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
 }
 
 fn fixtures_or_skip() -> Option<(PathBuf, PathBuf)> {
@@ -220,21 +237,7 @@ fn eval_kv_sanity_and_bad_input() {
     let Some((model, book)) = fixtures_or_skip() else {
         return;
     };
-    let eval = |name: &str, extra: &[&str]| -> serde_json::Value {
-        let json = tmp(name);
-        ok(bin()
-            .args(["eval", "--model"])
-            .arg(&model)
-            .arg("--text")
-            .arg(&book)
-            .args(["--tokens", "80"])
-            .args(extra)
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap());
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
-    };
+    let eval = |name: &str, extra: &[&str]| eval_80(&model, &book, name, extra);
     let full = eval("full.json", &[]);
     let one = eval("one.json", &["--kv", "h2o(budget=1)", "--kv-chunk", "80"]);
     assert_eq!(
@@ -443,21 +446,7 @@ fn kv_roles_and_duo() {
         (0.25 * (layers * hk) as f64).ceil() as usize
     );
     assert_eq!(t["select"], "ratio=0.25");
-    let eval = |name: &str, extra: &[&str]| -> serde_json::Value {
-        let json = tmp(name);
-        ok(bin()
-            .args(["eval", "--model"])
-            .arg(&model)
-            .arg("--text")
-            .arg(&book)
-            .args(["--tokens", "80"])
-            .args(extra)
-            .arg("--json")
-            .arg(&json)
-            .output()
-            .unwrap());
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
-    };
+    let eval = |name: &str, extra: &[&str]| eval_80(&model, &book, name, extra);
     let r = roles.display().to_string();
     let full = eval("duo-full.json", &["--kv", "h2o(budget=1)"]);
     let all = eval(

@@ -210,19 +210,8 @@ impl DevPagedCache {
         num_pages: usize,
         batch: usize,
     ) -> Result<DevPagedCache> {
-        check_kind(dtype, head_dim)?;
-        let pt = PageTables::new(page_size, num_pages, batch)?;
-        if kv_heads == 0 {
-            return Err(param("kv heads must be >= 1".into()));
-        }
-        let n = num_pages * page_size * kv_heads * head_dim;
-        Self::empty(
-            dev,
-            (dtype, kv_heads, head_dim),
-            KvLayout::Paged { page_size },
-            Slots::Paged(pt),
-            n,
-        )
+        let layout = KvLayout::Paged { page_size };
+        Self::new_pages(dev, dtype, kv_heads, head_dim, layout, num_pages, batch)
     }
 
     /// An empty ragged per-head cache ([`KvLayout::HeadPaged`]): `num_pages` pages of
@@ -236,16 +225,33 @@ impl DevPagedCache {
         num_pages: usize,
         batch: usize,
     ) -> Result<DevPagedCache> {
+        let layout = KvLayout::HeadPaged { page_size };
+        Self::new_pages(dev, dtype, kv_heads, head_dim, layout, num_pages, batch)
+    }
+
+    /// The empty cache of a paged `layout`: a page holds every KV head's rows (`Paged`, one
+    /// table per sequence) or one head's (`HeadPaged`, one table per (sequence, KV head)).
+    fn new_pages(
+        dev: &Arc<CudaDevice>,
+        dtype: DType,
+        kv_heads: usize,
+        head_dim: usize,
+        layout: KvLayout,
+        num_pages: usize,
+        batch: usize,
+    ) -> Result<DevPagedCache> {
         check_kind(dtype, head_dim)?;
         if kv_heads == 0 {
             return Err(param("kv heads must be >= 1".into()));
         }
-        let pt = PageTables::new(page_size, num_pages, batch * kv_heads)?;
-        let n = num_pages * page_size * head_dim;
+        let page_size = layout.page_size().unwrap_or(0);
+        let heads = if layout.head_tables() { 1 } else { kv_heads };
+        let pt = PageTables::new(page_size, num_pages, batch * kv_heads / heads)?;
+        let n = num_pages * page_size * heads * head_dim;
         Self::empty(
             dev,
             (dtype, kv_heads, head_dim),
-            KvLayout::HeadPaged { page_size },
+            layout,
             Slots::Paged(pt),
             n,
         )

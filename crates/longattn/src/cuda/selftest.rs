@@ -16,6 +16,39 @@ pub struct CaseResult {
     pub detail: String,
 }
 
+impl CaseResult {
+    /// The result of a check that returns (output error, LSE error, detail, its own verdict):
+    /// passed when the verdict holds and both errors are within `tol` and [`LSE_TOLERANCE`]; an
+    /// error is a failure that names it.
+    pub fn checked(
+        group: &'static str,
+        name: String,
+        r: Result<(f64, f64, String, bool)>,
+        tol: f64,
+    ) -> CaseResult {
+        match r {
+            Ok((err, lse_err, detail, ok)) => CaseResult {
+                group,
+                name,
+                passed: ok && err <= tol && lse_err <= LSE_TOLERANCE,
+                err,
+                tol,
+                lse_err,
+                detail,
+            },
+            Err(e) => CaseResult {
+                group,
+                name,
+                passed: false,
+                err: f64::INFINITY,
+                tol,
+                lse_err: f64::INFINITY,
+                detail: format!("error: {e}"),
+            },
+        }
+    }
+}
+
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -1328,26 +1361,7 @@ pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> Case
         );
         Ok((e, l, detail, ok))
     })();
-    match r {
-        Ok((err, lse_err, detail, ok)) => CaseResult {
-            group: "sparse",
-            name: case.name(),
-            passed: ok && err <= tol && lse_err <= LSE_TOLERANCE,
-            err,
-            tol,
-            lse_err,
-            detail,
-        },
-        Err(e) => CaseResult {
-            group: "sparse",
-            name: case.name(),
-            passed: false,
-            err: f64::INFINITY,
-            tol,
-            lse_err: f64::INFINITY,
-            detail: format!("error: {e}"),
-        },
-    }
+    CaseResult::checked("sparse", case.name(), r, tol)
 }
 
 /// Refusals of the device estimator: methods it lacks, `last` past its bound, skip-softmax.

@@ -26,7 +26,7 @@ use crate::cuda::selftest::CaseResult;
 use crate::cuda::{drv, CudaDevice, DevTensor};
 use crate::error::{Error, Result};
 use crate::tensor::{Buffer, DType, Tensor};
-use crate::testing::{compare, out_tolerance, random_tensor, Rng, LSE_TOLERANCE};
+use crate::testing::{compare, out_tolerance, random_tensor, Rng};
 
 const COMMON: &str = include_str!("../cuda/kernels/common.cuh");
 const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
@@ -456,26 +456,25 @@ fn from_bits(bits: Vec<u16>, dt: DType) -> Buffer {
 }
 
 fn case(name: String, r: Result<(f64, f64, String, bool)>, tol: f64) -> CaseResult {
-    match r {
-        Ok((err, lse_err, detail, ok)) => CaseResult {
-            group: "kv",
-            name,
-            passed: ok && err <= tol && lse_err <= LSE_TOLERANCE,
-            err,
-            tol,
-            lse_err,
-            detail,
-        },
-        Err(e) => CaseResult {
-            group: "kv",
-            name,
-            passed: false,
-            err: f64::INFINITY,
-            tol,
-            lse_err: f64::INFINITY,
-            detail: e.to_string(),
-        },
-    }
+    CaseResult::checked("kv", name, r, tol)
+}
+
+/// A host per-head cache (pool `[pages, P, D]` of K and V, tables `[rows, w]`, row lengths) on the
+/// device.
+fn upload_heads(
+    dev: &Arc<CudaDevice>,
+    (k, v): (&Tensor, &Tensor),
+    (tables, w, lens): (&[i32], usize, &[i32]),
+    (page, hk, d): (usize, usize, usize),
+) -> Result<DevPagedCache> {
+    let kv = PagedKv {
+        k: k.data.as_slice(),
+        v: v.data.as_slice(),
+        page_size: page,
+        kv_heads: hk,
+        head_dim: d,
+    };
+    DevPagedCache::from_parts(dev, &kv, &BlockTables::per_head(tables, w, lens))
 }
 
 /// Decode through `cache` on the device with its own tables, compared with the f64 oracle over the
@@ -726,14 +725,7 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         let name = format!("kv per-head decode {dt} {hq}:{hk} d{d}");
         let r = (|| {
             let (k, v, tables, w, q) = random_head_cache(dt, &lens, 16, (hq, hk, d), 11)?;
-            let kv = PagedKv {
-                k: k.data.as_slice(),
-                v: v.data.as_slice(),
-                page_size: 16,
-                kv_heads: hk,
-                head_dim: d,
-            };
-            let c = DevPagedCache::from_parts(dev, &kv, &BlockTables::per_head(&tables, w, &lens))?;
+            let c = upload_heads(dev, (&k, &v), (&tables, w, &lens), (16, hk, d))?;
             let (eo, el) = check_decode(dev, &c, &q)?;
             Ok((eo, el, format!("row lengths {lens:?}"), true))
         })();
@@ -772,14 +764,7 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         let (_, v, tables, w, q) = random_head_cache(DType::BF16, &lens, page, (hq, hk, d), 5)?;
         let kf = vec![0.5f32; v.data.as_slice().len()];
         let k = Tensor::new(Buffer::from_f32(DType::BF16, &kf), vec![kf.len()])?;
-        let kv = PagedKv {
-            k: k.data.as_slice(),
-            v: v.data.as_slice(),
-            page_size: page,
-            kv_heads: hk,
-            head_dim: d,
-        };
-        let cache = DevPagedCache::from_parts(dev, &kv, &BlockTables::per_head(&tables, w, &lens))?;
+        let cache = upload_heads(dev, (&k, &v), (&tables, w, &lens), (page, hk, d))?;
         let quest = Quest { budget: 0.3, page };
         let dq = DevQuest::new(
             dev,
