@@ -104,6 +104,12 @@ def main():
                                              LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma), ""))
             kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
         kv.append(("kv_append.cu", dict(LA_F16=f16), ""))
+        # KIVI pages (kv/kivi_cuda.rs): decode.cu's parameters, finish and merge, then kv_kivi.cu's
+        # quantizer and decode, per (head dim, bits, group).
+        for d, qb, qg, g in ((128, 4, 32, 4), (128, 2, 64, 8), (64, 4, 16, 1), (64, 2, 64, 4)):
+            kv.append(("kv_kivi.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16, LA_WARPS=4,
+                                          LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1, LA_KIVI=1, LA_QB=qb,
+                                          LA_QG=qg), read("decode.cu")))
     for f, defs, extra in kv:
         opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
         opts += [f"-D{x}={y}" for x, y in defs.items()]

@@ -116,6 +116,14 @@ pub fn main(a: Args) -> Result<()> {
                 .filter(|r| keep(&r.name)),
         );
     }
+    // KIVI pages (group `kv`, cases named `kv kivi ...`).
+    if kv_asked || a.filter.as_ref().is_some_and(|f| f.contains("kivi")) {
+        results.extend(
+            longattn::kv::kivi_cuda::selftest(&dev)
+                .into_iter()
+                .filter(|r| keep(&r.name)),
+        );
+    }
     // The device sparse estimator (group `sparse`, every case named `sparse ...`).
     let scases: Vec<_> = sparse_cases(a.quick)
         .into_iter()

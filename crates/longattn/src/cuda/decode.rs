@@ -31,6 +31,7 @@ use crate::testing::{compare, out_tolerance, AWKWARD_SIZES, LSE_TOLERANCE};
 const COMMON: &str = include_str!("kernels/common.cuh");
 const DECODE: &str = include_str!("kernels/decode.cu");
 const APPEND: &str = include_str!("kernels/kv_append.cu");
+pub(crate) const KIVI: &str = include_str!("kernels/kv_kivi.cu");
 
 const OP: &str = "cuda decode";
 
@@ -45,6 +46,14 @@ pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// Kernel parameters; field for field `LaDecParams` in `kernels/decode.cu`.
@@ -71,6 +80,11 @@ struct LaDecParams {
     head_tables: i32,
     q_scale: f32,
     cap_mul: f32,
+    qpages: u64,
+    qtables: u64,
+    qlens: u64,
+    qmax_pages: i32,
+    qpad: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -768,6 +782,8 @@ pub struct DecodePlan {
     dtype: DType,
     hk: usize,
     d: usize,
+    /// (bits, group) of a KIVI plan.
+    quant: Option<(u32, usize)>,
     _o_part: CudaSlice<f32>,
     _lse_part: CudaSlice<f32>,
 }
@@ -796,6 +812,31 @@ impl DecodePlan {
             max_len,
             params,
             work_rows,
+            None,
+        )
+    }
+
+    /// A plan for a KIVI-quantized per-head cache (`crate::kv::kivi_cuda::DevKivi`): `bits` and
+    /// `group` of its pages, `lens` the rows' total entries (quantized + full precision).
+    pub(crate) fn for_kivi(
+        dev: &Arc<CudaDevice>,
+        cache: &DevPagedCache,
+        hq: usize,
+        lens: &[usize],
+        params: &DecodeParams,
+        (bits, group): (u32, usize),
+    ) -> Result<DecodePlan> {
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        let work_rows = (max_len > 0).then(|| lens.iter().sum::<usize>().div_ceil(max_len).max(1));
+        Self::plan(
+            dev,
+            cache.layout,
+            (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch()),
+            hq,
+            max_len,
+            params,
+            work_rows,
+            Some((bits, group)),
         )
     }
 
@@ -809,11 +850,13 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        Self::plan(dev, layout, dims, hq, max_len, params, None)
+        Self::plan(dev, layout, dims, hq, max_len, params, None, None)
     }
 
     /// `work_rows`: table rows' worth of keys at `max_len` each that the batch really holds
-    /// (default: every row full), for the split plan.
+    /// (default: every row full), for the split plan. `quant`: (bits, group) of KIVI pages
+    /// before each row's full-precision ones (kernels/kv_kivi.cu; per-head tables only).
+    #[allow(clippy::too_many_arguments)]
     fn plan(
         dev: &Arc<CudaDevice>,
         layout: KvLayout,
@@ -822,9 +865,24 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
         work_rows: Option<usize>,
+        quant: Option<(u32, usize)>,
     ) -> Result<DecodePlan> {
         params.check()?;
         check_kind(dtype, d)?;
+        if let Some((bits, group)) = quant {
+            crate::kv::kivi_cuda::PageLayout::new(d, bits, group)?;
+            if !layout.head_tables() {
+                return Err(param(format!(
+                    "KIVI pages need a per-head paged cache, this one is {}",
+                    layout.name()
+                )));
+            }
+            if params.split_len.is_some_and(|n| n % 16 != 0) {
+                return Err(param(
+                    "split length: a multiple of 16 over KIVI pages (their tiles)".into(),
+                ));
+            }
+        }
         if let KvLayout::Paged { page_size } | KvLayout::HeadPaged { page_size } = layout {
             if !crate::kv::PAGE_SIZES.contains(&page_size) {
                 return Err(param(format!(
@@ -866,7 +924,14 @@ impl DecodePlan {
         };
         // The tensor-core kernel (LA_MMA: D <= 128; `LONGATTN_CUDA_DECODE_MMA=0` picks the lane
         // groups) always streams through its per-warp ring.
-        let mma = d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0");
+        let mma = quant.is_some()
+            || (d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0"));
+        // Bytes of one ring stage of one warp: a K and a V tile of 16 rows (padded), or for KIVI
+        // pages the page's K scales and one tile (kv_kivi.cu, KQ_STAGE).
+        let stage = match quant {
+            Some((bits, group)) => crate::kv::kivi_cuda::PageLayout::new(d, bits, group)?.stage_bytes(),
+            None => 2 * 16 * (d + 8) * 2,
+        };
         let mut ns = match tune.get(2) {
             Some(&n) if (2..=8).contains(&n) => n,
             Some(&0) if !mma => 0,
@@ -885,7 +950,7 @@ impl DecodePlan {
             // The ring's stages shrink (to 2) until the ring and the finish's static arrays
             // (s_acc, s_m, s_l) fit the device's shared memory.
             let fixed = warps * g * (d + 2) * 4 + 1024;
-            while ns > 2 && warps * ns * 2 * 16 * (d + 8) * 2 + fixed > dev.smem_optin {
+            while ns > 2 && warps * ns * stage + fixed > dev.smem_optin {
                 ns -= 1;
             }
         }
@@ -897,11 +962,11 @@ impl DecodePlan {
             .filter(|v| [0, 128, 256].contains(v))
             .unwrap_or(128);
         let smem = if mma {
-            warps * ns * 2 * 16 * (d + 8) * 2
+            warps * ns * stage
         } else {
             ns * 2 * u * warps * 32 * 16
         };
-        let defines = vec![
+        let mut defines = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
             ("LA_G".into(), g.to_string()),
@@ -914,7 +979,7 @@ impl DecodePlan {
             ("LA_MMA".into(), (mma as u8).to_string()),
             ("LA_L2PF".into(), l2pf.to_string()),
         ];
-        let variant = format!(
+        let mut variant = format!(
             "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}{}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" },
@@ -924,8 +989,19 @@ impl DecodePlan {
                 String::new()
             }
         );
+        let func = match quant {
+            Some((bits, group)) => {
+                defines.extend(crate::kv::kivi_cuda::defines(bits, group));
+                variant.push_str(&format!("_kivi_b{bits}_g{group}"));
+                let src = format!("{COMMON}\n{DECODE}\n{KIVI}");
+                dev.function(&variant, "la_decode_kivi", &src, &defines, smem)?
+            }
+            None => {
+                let src = format!("{COMMON}\n{DECODE}");
+                dev.function(&variant, "la_decode", &src, &defines, smem)?
+            }
+        };
         let src = format!("{COMMON}\n{DECODE}");
-        let func = dev.function(&variant, "la_decode", &src, &defines, smem)?;
         // The merge depends on dtype and D only: its own module (the module cache is keyed by
         // variant and defines, not by entry name).
         let merge_defines = vec![
@@ -951,19 +1027,19 @@ impl DecodePlan {
             .filter(|&n| n > 0)
             .unwrap_or(4) as usize;
         let items = work_rows.map_or(batch * hk, |r| r.min(batch * hk)) * chunks;
+        // Splits in whole pages (64 keys for contiguous caches); over KIVI pages also in whole
+        // tiles of 16 keys (a tile must not straddle two splits): lcm(page, 16).
+        let align = match (quant, page) {
+            (Some(_), p) => p * 16 / gcd(p, 16),
+            (None, 0) => 64,
+            (None, p) => p,
+        };
         let split = match params.split_len {
             Some(n) => split_plan_for(max_len, n, 1),
-            None if tune.get(1).is_some_and(|&s| s > 0) => split_plan_for(
-                max_len,
-                max_len.div_ceil(tune[1]),
-                if page > 0 { page } else { 64 },
-            ),
-            None => plan_splits(
-                items,
-                dev.sms * blocks_per_sm,
-                max_len,
-                if page > 0 { page } else { 64 },
-            ),
+            None if tune.get(1).is_some_and(|&s| s > 0) => {
+                split_plan_for(max_len, max_len.div_ceil(tune[1]), align)
+            }
+            None => plan_splits(items, dev.sms * blocks_per_sm, max_len, align),
         };
         if hk * chunks > 65535 || batch > 65535 {
             return Err(param(format!(
@@ -1037,19 +1113,21 @@ impl DecodePlan {
             dtype,
             hk,
             d,
+            quant,
             _o_part: o_part,
             _lse_part: lse_part,
         })
     }
 
-    /// Runs decode (asynchronously on the device's stream): q `[B, 1, Hq, D]`, writes o
-    /// `[B, 1, Hq, D]` and lse `[B, Hq]`.
-    pub fn launch(
+    /// The checks of a launch: `cache` is the planned one, its longest row (`max_len` keys) is
+    /// within the planned splits, q / out / lse have the planned shapes.
+    pub(crate) fn check_io(
         &self,
         cache: &DevPagedCache,
+        max_len: usize,
         q: &DevTensor,
-        o: &mut DevTensor,
-        lse: &mut CudaSlice<f32>,
+        o: &DevTensor,
+        lse: &CudaSlice<f32>,
     ) -> Result<()> {
         let (b, hq, d) = (self.batch, self.hq, self.d);
         if cache.layout != self.layout
@@ -1071,13 +1149,12 @@ impl DecodePlan {
             )));
         }
         let planned = self.split.split_len * self.split.num_splits;
-        if cache.max_len() > planned {
+        if max_len > planned {
             return Err(param(format!(
-                "a sequence holds {} keys; the plan covers {planned} (make a new plan)",
-                cache.max_len()
+                "a sequence holds {max_len} keys; the plan covers {planned} (make a new plan)"
             )));
         }
-        for (name, t) in [("q", q), ("out", &*o)] {
+        for (name, t) in [("q", q), ("out", o)] {
             if t.shape != [b, 1, hq, d] || t.dtype != self.dtype {
                 return Err(Error::Shape {
                     op: OP,
@@ -1095,6 +1172,20 @@ impl DecodePlan {
                 expected: format!("[{b}, {hq}]"),
             });
         }
+        Ok(())
+    }
+
+    /// Runs decode (asynchronously on the device's stream): q `[B, 1, Hq, D]`, writes o
+    /// `[B, 1, Hq, D]` and lse `[B, Hq]`.
+    pub fn launch(
+        &self,
+        cache: &DevPagedCache,
+        q: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.check_io(cache, cache.max_len(), q, o, lse)?;
+        let b = self.batch;
         if b == 0 {
             return Ok(());
         }
@@ -1122,6 +1213,16 @@ pub struct RawDecode {
     pub lse: u64,
 }
 
+/// Device pointers of the quantized pages of a KIVI decode: the pool, the tables `[B Hk,
+/// qmax_pages]` and the quantized entries per row `[B Hk]` (int32).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawQuant {
+    pub qpages: u64,
+    pub qtables: u64,
+    pub qmax_pages: usize,
+    pub qlens: u64,
+}
+
 impl DecodePlan {
     /// Runs decode on `stream` over a caller's buffers (no copies, no synchronisation).
     ///
@@ -1134,10 +1235,49 @@ impl DecodePlan {
         s: &Arc<cudarc::driver::CudaStream>,
         r: RawDecode,
     ) -> Result<()> {
+        // SAFETY: the caller's contract, above.
+        unsafe { self.launch_with(s, r, None) }
+    }
+
+    /// [`DecodePlan::launch_raw`] of a KIVI plan ([`DecodePlan::for_kivi`]) with the quantized
+    /// pages `rq`.
+    ///
+    /// # Safety
+    /// As [`DecodePlan::launch_raw`]; `rq`'s tables point inside its pool of pages of this plan's
+    /// layout and every row's total length is within the planned keys.
+    pub(crate) unsafe fn launch_raw_kivi(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        r: RawDecode,
+        rq: RawQuant,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, above.
+        unsafe { self.launch_with(s, r, Some(rq)) }
+    }
+
+    /// # Safety
+    /// [`DecodePlan::launch_raw_kivi`].
+    unsafe fn launch_with(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        r: RawDecode,
+        rq: Option<RawQuant>,
+    ) -> Result<()> {
+        if rq.is_some() != self.quant.is_some() {
+            return Err(param(
+                "a KIVI plan runs with its quantized pages, any other plan without".into(),
+            ));
+        }
         if self.batch == 0 {
             return Ok(());
         }
         let mut p = self.base;
+        if let Some(rq) = rq {
+            p.qpages = rq.qpages;
+            p.qtables = rq.qtables;
+            p.qmax_pages = rq.qmax_pages as i32;
+            p.qlens = rq.qlens;
+        }
         p.q = r.q;
         p.k = r.k;
         p.v = r.v;

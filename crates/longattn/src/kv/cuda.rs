@@ -19,6 +19,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::decode::{decode_reference, BlockTables, DecodeParams, PagedKv};
+use super::kivi::Kivi;
+use super::kivi_cuda::DevKivi;
 use super::quest::{select_pages, Quest};
 use super::score::Reduce;
 use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout};
@@ -885,6 +887,8 @@ pub struct KvBenchConfig {
     /// Fraction kept by eviction and attended by Quest.
     pub budget: f64,
     pub page: usize,
+    /// KIVI group (and residual) of the quantized rows.
+    pub kivi_group: usize,
     /// Timed launches per sample (back to back between two events) and samples (median).
     pub reps: usize,
     pub samples: usize,
@@ -901,6 +905,7 @@ impl Default for KvBenchConfig {
             dtype: DType::BF16,
             budget: 0.2,
             page: 16,
+            kivi_group: 32,
             reps: 20,
             samples: 7,
         }
@@ -1090,6 +1095,30 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             pages * page * row_bytes,
             &mut rows,
         );
+    }
+    // KIVI pages (int4, int2): the per-head cache quantized (not timed: a group's quantization
+    // happens once per G appends), then decode over the pages and the residual.
+    for bits in [4u32, 2] {
+        let kivi = Kivi {
+            bits,
+            group: cfg.kivi_group,
+            residual: cfg.kivi_group,
+        };
+        let pages = 2 * batch * hk * (len.div_ceil(page) + 2);
+        let mut c = DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, batch)?;
+        c.grow_rows(&vec![len; batch * hk])?;
+        crate::cuda::decode::fill_random(dev, dt, &mut c.k, 41 + bits)?;
+        crate::cuda::decode::fill_random(dev, dt, &mut c.v, 42 + bits)?;
+        let mut kv = DevKivi::new(dev, &c, kivi, len, batch * hk * len.div_ceil(kivi.group))?;
+        kv.quantize(&mut c)?;
+        let (q, mut o, mut lse) = alloc_q(43)?;
+        let plan = kv.plan(&c, hq, len, &params)?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            kv.decode(&plan, &c, &q, &mut o, &mut lse)
+        })?;
+        let (used, _) = kv.bytes();
+        let res: usize = c.lens().iter().sum::<usize>() * row_bytes;
+        push(format!("{kivi}"), ms, used + res, used + res, &mut rows);
     }
     dev.synchronize()?;
     Ok(rows)

@@ -32,6 +32,7 @@
 pub mod cuda;
 pub mod decode;
 pub mod kivi;
+pub mod kivi_cuda;
 pub mod press;
 pub mod quest;
 pub mod roles;

@@ -14,6 +14,7 @@
 //              no block barrier), LA_NS - 1 iterations of loads in flight
 //   LA_MMA     1 = the tensor-core kernel (below; D <= 128, LA_NS >= 2), 0 = lane groups
 //   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
+//   LA_KIVI    1 = neither decode kernel (kv_kivi.cu follows with its own, over quantized pages)
 //
 // Tables at run time (`head_tables`): 0 = one block table and length per sequence, pages
 // [num_pages, P, Hk, D]; 1 = one per (sequence, KV head) (a compressed, ragged cache: table row
@@ -47,6 +48,11 @@ struct LaDecParams {
     int num_splits, split_len, head_chunks, head_tables;
     float q_scale;         // scale log2 e, or scale / c with soft-cap
     float cap_mul;         // c log2 e (soft-cap)
+    // KIVI (kv_kivi.cu): quantized pages before the full-precision ones; null otherwise
+    const unsigned char* qpages;   // [num_qpages, page bytes]
+    const int* qtables;            // [B, Hk, qmax_pages]
+    const int* qlens;              // [B, Hk] quantized entries (a row's length is qlens + lens)
+    int qmax_pages, qpad;
 };
 
 #define LA_LPT (LA_D / 8)             // lanes per token
@@ -151,7 +157,10 @@ __device__ __forceinline__ void la_block_finish(const LaDecParams& p, float (&s_
     }
 }
 
-#if !LA_MMA
+#ifndef LA_KIVI
+#define LA_KIVI 0
+#endif
+#if !LA_MMA && !LA_KIVI
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
@@ -385,6 +394,7 @@ __device__ __forceinline__ void lm_cp16(void* dst, const void* src, int bytes) {
 #endif
 }
 #define LM_TILE (16 * LM_LDS)        // one K or V tile
+#if !LA_KIVI
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
@@ -534,6 +544,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     }
     la_block_finish(p, s_acc, s_m, s_l, b, h0, split, direct);
 }
+#endif  // !LA_KIVI
 #endif  // LA_MMA
 
 #endif  // !LA_MERGE_ONLY
@@ -552,7 +563,8 @@ extern "C" __global__ void __launch_bounds__(LA_MERGE_ROWS * 32) la_decode_merge
     const int lane = threadIdx.x & 31;
     if (row >= p.B * p.Hq) return;
     const int b = row / p.Hq, kh = (row % p.Hq) / (p.Hq / p.Hk);
-    const int len = p.lens[p.head_tables ? b * p.Hk + kh : b];
+    const int trow = p.head_tables ? b * p.Hk + kh : b;
+    const int len = p.lens[trow] + (p.qlens ? p.qlens[trow] : 0);
     const int n = la_imin(p.num_splits, (len + p.split_len - 1) / p.split_len);
     const float* lp = p.lse_part + (i64)row * p.num_splits;
     float mx = -LA_INF;
