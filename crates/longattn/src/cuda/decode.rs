@@ -877,10 +877,10 @@ impl DecodePlan {
                     layout.name()
                 )));
             }
-            if params.split_len.is_some_and(|n| n % 16 != 0) {
-                return Err(param(
-                    "split length: a multiple of 16 over KIVI pages (their tiles)".into(),
-                ));
+            if params.split_len.is_some_and(|n| n % group != 0) {
+                return Err(param(format!(
+                    "split length: a multiple of the KIVI group {group} (whole quantized pages)"
+                )));
             }
         }
         if let KvLayout::Paged { page_size } | KvLayout::HeadPaged { page_size } = layout {
@@ -926,8 +926,8 @@ impl DecodePlan {
         // groups) always streams through its per-warp ring.
         let mma = quant.is_some()
             || (d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0"));
-        // Bytes of one ring stage of one warp: a K and a V tile of 16 rows (padded), or for KIVI
-        // pages the page's K scales and one tile (kv_kivi.cu, KQ_STAGE).
+        // Bytes of one ring stage of one warp: a K and a V tile of 16 rows (padded), or a KIVI
+        // page (kv_kivi.cu).
         let stage = match quant {
             Some((bits, group)) => crate::kv::kivi_cuda::PageLayout::new(d, bits, group)?.stage_bytes(),
             None => 2 * 16 * (d + 8) * 2,
@@ -938,6 +938,20 @@ impl DecodePlan {
             _ if page > 0 || mma => 3,
             _ => 0,
         };
+        // KIVI: blocks per SM the registers are capped for, and stages of the ring of pages
+        // (`LONGATTN_CUDA_KIVI=minb,stages`, tuning runs). 4 blocks of 4 warps (128 registers,
+        // no spills) need 2 stages of pages to fit the shared memory.
+        let kivi_tune = super::forward::env_list("LONGATTN_CUDA_KIVI");
+        let minb = match kivi_tune.first() {
+            Some(&b) if (1..=8).contains(&b) => b,
+            _ => 4,
+        };
+        if quant.is_some() {
+            ns = match kivi_tune.get(1) {
+                Some(&n) if (2..=8).contains(&n) => n,
+                _ => 2,
+            };
+        }
         let softcap = params.softcap.is_some();
         // A fourth value of the override sets the warps per block (tuning runs). 8 warps in one
         // block per SM (tensor-core kernel, H200): full decode 1-2% faster, eviction at 8 x 128k
@@ -992,7 +1006,8 @@ impl DecodePlan {
         let func = match quant {
             Some((bits, group)) => {
                 defines.extend(crate::kv::kivi_cuda::defines(bits, group));
-                variant.push_str(&format!("_kivi_b{bits}_g{group}"));
+                defines.push(("KQ_MINB".into(), minb.to_string()));
+                variant.push_str(&format!("_kivi_b{bits}_g{group}_mb{minb}"));
                 let src = format!("{COMMON}\n{DECODE}\n{KIVI}");
                 dev.function(&variant, "la_decode_kivi", &src, &defines, smem)?
             }
@@ -1028,9 +1043,9 @@ impl DecodePlan {
             .unwrap_or(4) as usize;
         let items = work_rows.map_or(batch * hk, |r| r.min(batch * hk)) * chunks;
         // Splits in whole pages (64 keys for contiguous caches); over KIVI pages also in whole
-        // tiles of 16 keys (a tile must not straddle two splits): lcm(page, 16).
+        // quantized pages of G keys (a warp takes whole ones): lcm(page, G).
         let align = match (quant, page) {
-            (Some(_), p) => p * 16 / gcd(p, 16),
+            (Some((_, g)), p) => p * g / gcd(p, g),
             (None, 0) => 64,
             (None, p) => p,
         };

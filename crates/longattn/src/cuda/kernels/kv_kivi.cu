@@ -14,20 +14,27 @@
 // K per channel (channel d has its own (s_d, lo_d) over the page's G tokens), V per token (each
 // token's D channels in D / G groups of G channels).
 //
-// Page layout (one page = the G oldest-first tokens of one (sequence, KV head); bytes):
-//   [K scales: 4 D][tile 0]...[tile G / 16 - 1],  tile = [K codes: 2 D b][V codes: 2 D b][V scales: 64 D / G]
-//   K scales: word (q4 D / 16 + ks) 4 + e = (s, lo) as an f16 pair (s in the low half) of channel
-//     ks 16 + 2 q4 + (e & 1) + 8 (e >> 1): the channels lane group q4 = lane % 4 reads.
-//   V scales: word (q4 4 + e) (D / G) + g = (s, lo) of the tile's token 2 q4 + (e & 1) + 8 (e >> 1),
-//     channel group g.
-//   Codes are in the B-fragment order of mma.m16n8k16: lane L holds, per fragment, 4 codes
-//   e = 0..3 at (k = 2 (L % 4) + (e & 1) + 8 (e >> 1), n = L / 4). K fragment f = 2 ks + nb: k =
-//   channel ks 16 + .., n = key nb 8 + ..; V fragment f = np: k = key, n = channel np 8 + ...
-//   A 32-bit word holds F = 8 / b fragments: fragment j's code e at bit (e & 1) 16 + b (2 j + (e >> 1)),
-//   so `(w >> b r) & mask` with mask = (2^b - 1) at bits 0 and 16, OR 0x6400 in each half, is the
-//   f16 pair (1024 + code, 1024 + code'): B register r (r = 2 j: e 0, 1; r = 2 j + 1: e 2, 3) after
-//   subtracting 1024 (exact). Lane L's NW = D b / 64 words of a tile are stored as chunks of
-//   CH = min(16, 4 NW) bytes: word wi at (wi / (CH / 4)) 32 CH + L CH + (wi % (CH / 4)) 4.
+// Page layout (one page = G consecutive entries of one (sequence, KV head); bytes; f16 pairs
+// have the first element in the low half):
+//   [K scales: 4 D][tile 0]...[tile G / 16 - 1],
+//   tile = [K codes: 2 D b][V codes: 2 D b][V scales: 32 D / G][V minima: 32 D / G]
+//   K scales: 16 bytes per (q4, ks) at (q4 D / 16 + ks) 16: the pairs (s_e0, s_e1), (s_e2, s_e3),
+//     (lo_e0, lo_e1), (lo_e2, lo_e3) of channels ks 16 + 2 q4 + (e & 1) + 8 (e >> 1): what lane
+//     group q4 = lane % 4 multiplies into its A fragments (s) and its B fragments (lo).
+//   V scales: 8 bytes per (q4, g) at (q4 D / G + g) 8: (s_e0, s_e1), (s_e2, s_e3) of the tile's
+//     tokens 2 q4 + (e & 1) + 8 (e >> 1), channel group g.
+//   V minima: 8 bytes per lane L = 4 g + q4 (g < D / G) at L 8: (lo_e0, lo_e1), (lo_e2, lo_e3) of
+//     the same tokens: the B fragment of an mma whose column g is channel group g.
+//   Codes are in the A-fragment order of mma.m16n8k16 (the decode computes S^T = K Q^T and
+//   O^T = V^T P^T: keys and channels are the rows, the query heads the columns): lane L = 4 r +
+//   q4 holds, per fragment, registers i = 0..3 of code pairs (rows r + 8 (i & 1), k columns
+//   2 q4 + 8 (i >> 1) + {0, 1}). K fragment ks: rows = the tile's keys, k = channels ks 16 + ..;
+//   V fragment mt: rows = channels mt 16 + .., k = the tile's keys.
+//   A 32-bit word holds Fw = 4 / b fragments: register 4 j + i of the word (fragment j) is the
+//   pair of codes at bits b (4 j + i) and 16 + b (4 j + i) (`kq_unpack`: masked with an f16
+//   exponent of 1024 ORed in, then scaled and shifted back exactly). Lane L's NW = D b / 64 words
+//   of a tile are stored as chunks of CH = min(16, 4 NW) bytes: word wi at
+//   (wi / (CH / 4)) 32 CH + L CH + (wi % (CH / 4)) 4.
 #ifndef LA_QB
 #define LA_QB 4
 #endif
@@ -37,14 +44,17 @@
 #define KQ_NW (LA_D * LA_QB / 64)           // code words of one lane and tile (K or V)
 #define KQ_CH (KQ_NW >= 4 ? 16 : 4 * KQ_NW)   // bytes of one lane's chunk
 #define KQ_CHW (KQ_CH / 4)
-#define KQ_F (8 / LA_QB)                    // fragments per word
+#define KQ_FW (4 / LA_QB)                   // fragments per word
+#define KQ_R (16 / LA_QB)                   // registers (code pairs) per word
 #define KQ_CODES (2 * LA_D * LA_QB)         // bytes of a tile's K (or V) codes
 #define KQ_NG (LA_D / LA_QG)                // V channel groups
-#define KQ_VS (64 * KQ_NG)                  // bytes of a tile's V scales
+#define KQ_VS (64 * KQ_NG)                  // bytes of a tile's V scales and minima
 #define KQ_TILE (2 * KQ_CODES + KQ_VS)
 #define KQ_KS (4 * LA_D)                    // bytes of a page's K scales
 #define KQ_PAGE (KQ_KS + (LA_QG / 16) * KQ_TILE)
-#define KQ_STAGE (KQ_KS + KQ_TILE)          // one ring stage: the page's K scales and one tile
+#ifndef KQ_MINB
+#define KQ_MINB 1
+#endif
 #define KQ_MAXC ((1 << LA_QB) - 1)
 #define KQ_MASK2 (((1u << LA_QB) - 1u) * 0x10001u)
 
@@ -65,12 +75,43 @@ __device__ __forceinline__ u16 kq_f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// B register r of a word: the f16 pair of codes (exact small integers).
-__device__ __forceinline__ u32 kq_codes2(u32 w, int r) {
-    const u32 y = ((w >> (LA_QB * r)) & KQ_MASK2) | 0x64006400u;
-    u32 z;
-    asm("sub.f16x2 %0, %1, %2;" : "=r"(z) : "r"(y), "r"(0x64006400u));
-    return z;
+// x & m with the f16 exponent of 1024 ORed into both halves.
+__device__ __forceinline__ u32 kq_lop(u32 x, u32 m) {
+    u32 y;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(y) : "r"(x), "r"(m), "r"(0x64006400u));
+    return y;
+}
+__device__ __forceinline__ u32 kq_fma2(u32 x, u32 mul, u32 add) {
+    u32 y;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(y) : "r"(x), "r"(mul), "r"(add));
+    return y;
+}
+// The KQ_R registers of a code word (f16 pairs of exact small integers): register x holds the
+// codes at bits b x and 16 + b x. A code c at bit 4 k (k < 4) of a half ORed with 0x6400 is the
+// f16 1024 + 4^k c (int2: 2 k) and (1024 + 4^k c) 4^-k - 1024 4^-k = c exactly.
+__device__ __forceinline__ void kq_unpack(u32 w, u32 (&c)[KQ_R]) {
+#if LA_QB == 4
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 x = w >> (8 * h);
+        c[2 * h] = kq_fma2(kq_lop(x, 0x000f000fu), 0x3c003c00u, 0xe400e400u);      // 1, -1024
+        c[2 * h + 1] = kq_fma2(kq_lop(x, 0x00f000f0u), 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+    }
+#else
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 x = w >> (8 * h);
+        c[4 * h] = kq_fma2(kq_lop(x, 0x00030003u), 0x3c003c00u, 0xe400e400u);      // 1, -1024
+        c[4 * h + 1] = kq_fma2(kq_lop(x, 0x000c000cu), 0x34003400u, 0xdc00dc00u);  // 1/4, -256
+        c[4 * h + 2] = kq_fma2(kq_lop(x, 0x00300030u), 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+        c[4 * h + 3] = kq_fma2(kq_lop(x, 0x00c000c0u), 0x24002400u, 0xcc00cc00u);  // 1/64, -16
+    }
+#endif
+}
+__device__ __forceinline__ u32 kq_hmul2(u32 a, u32 b) {
+    u32 y;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(y) : "r"(a), "r"(b));
+    return y;
 }
 __device__ __forceinline__ void kq_mma_f16(float* c, const u32* a, const u32* b) {
     asm volatile(
@@ -117,12 +158,13 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
         *(la_v4*)(sv + t * LA_D + c * 8) = *(const la_v4*)(p.v + off);
     }
     __syncthreads();
-    // (s, lo) -> rounded to f16; returns whether both are finite.
-    auto scale = [](float mn, float mx, bool nan, float& s, float& lo, u32& word) {
+    // (s, lo) rounded to f16 (stored at sp, lp); returns whether both are finite.
+    auto scale = [](float mn, float mx, bool nan, float& s, float& lo, u8* sp, u8* lp) {
         const u16 sh = kq_f2h((mx - mn) / (float)KQ_MAXC), lh = kq_f2h(mn);
         s = kq_h2f(sh);
         lo = kq_h2f(lh);
-        word = (u32)sh | ((u32)lh << 16);
+        *(u16*)sp = sh;
+        *(u16*)lp = lh;
         return !nan && isfinite(s) && isfinite(lo);
     };
     int bad = 0;
@@ -135,11 +177,10 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
             mn = fminf(mn, x);
             mx = fmaxf(mx, x);
         }
-        u32 w;
-        bad += !scale(mn, mx, nan, ks[d], klo[d], w);
         const int kk = d / 16, rem = d % 16;
         const int e = (rem & 1) + 2 * (rem >= 8), q4 = (rem % 8) / 2;
-        *(u32*)(page + ((q4 * (LA_D / 16) + kk) * 4 + e) * 4) = w;
+        u8* sp = page + (q4 * (LA_D / 16) + kk) * 16 + (e >> 1) * 4 + (e & 1) * 2;
+        bad += !scale(mn, mx, nan, ks[d], klo[d], sp, sp + 8);
     }
     for (int i = threadIdx.x; i < LA_QG * KQ_NG; i += blockDim.x) {
         const int t = i / KQ_NG, g = i % KQ_NG;
@@ -151,11 +192,12 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
             mn = fminf(mn, x);
             mx = fmaxf(mx, x);
         }
-        u32 w;
-        bad += !scale(mn, mx, nan, vs[i], vlo[i], w);
         const int ti = t / 16, tt = t % 16;
         const int e = (tt & 1) + 2 * (tt >= 8), q4 = (tt % 8) / 2;
-        *(u32*)(page + KQ_KS + ti * KQ_TILE + 2 * KQ_CODES + ((q4 * 4 + e) * KQ_NG + g) * 4) = w;
+        u8* vb = page + KQ_KS + ti * KQ_TILE + 2 * KQ_CODES;
+        const int half = (e >> 1) * 4 + (e & 1) * 2;
+        bad += !scale(mn, mx, nan, vs[i], vlo[i], vb + (q4 * KQ_NG + g) * 8 + half,
+                      vb + 32 * KQ_NG + (g * 4 + q4) * 8 + half);
     }
     if (bad) atomicAdd(p.bad, bad);
     __syncthreads();
@@ -164,22 +206,26 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
     for (int i = threadIdx.x; i < 2 * (LA_QG / 16) * per_tile; i += blockDim.x) {
         const int side = i / ((LA_QG / 16) * per_tile), x = i % ((LA_QG / 16) * per_tile);
         const int ti = x / per_tile, L = (x % per_tile) / KQ_NW, wi = x % KQ_NW;
+        const int r = L / 4, q4 = L % 4;
         u32 w = 0;
 #pragma unroll
-        for (int j = 0; j < KQ_F; j++) {
-            const int f = wi * KQ_F + j;
+        for (int j = 0; j < KQ_FW; j++) {
+            const int f = wi * KQ_FW + j;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int kidx = 2 * (L % 4) + (e & 1) + 8 * (e >> 1), n = L / 4;
-                int c;
-                if (side == 0) {
-                    const int ch = (f / 2) * 16 + kidx, key = ti * 16 + (f % 2) * 8 + n;
-                    c = kq_code(la_to_f32(sk[key * LA_D + ch]), ks[ch], klo[ch]);
-                } else {
-                    const int key = ti * 16 + kidx, ch = f * 8 + n, g = ch / LA_QG;
-                    c = kq_code(la_to_f32(sv[key * LA_D + ch]), vs[key * KQ_NG + g], vlo[key * KQ_NG + g]);
+            for (int reg = 0; reg < 4; reg++) {
+#pragma unroll
+                for (int el = 0; el < 2; el++) {
+                    const int row = r + 8 * (reg & 1), col = 2 * q4 + 8 * (reg >> 1) + el;
+                    int c;
+                    if (side == 0) {
+                        const int key = ti * 16 + row, ch = f * 16 + col;
+                        c = kq_code(la_to_f32(sk[key * LA_D + ch]), ks[ch], klo[ch]);
+                    } else {
+                        const int key = ti * 16 + col, ch = f * 16 + row, g = ch / LA_QG;
+                        c = kq_code(la_to_f32(sv[key * LA_D + ch]), vs[key * KQ_NG + g], vlo[key * KQ_NG + g]);
+                    }
+                    w |= (u32)c << (el * 16 + LA_QB * (4 * j + reg));
                 }
-                w |= (u32)c << ((e & 1) * 16 + LA_QB * (2 * j + (e >> 1)));
             }
         }
         *(u32*)(page + KQ_KS + ti * KQ_TILE + side * KQ_CODES + kq_word_at(wi, L)) = w;
@@ -189,16 +235,21 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
 // ---------------------------------------------------------------------------------------------
 // Decode over a quantized head: positions 0 .. ql - 1 are the quantized pages (qtables, qlens),
 // ql .. ql + rlen - 1 the full-precision pages of the per-head cache (tables, lens: the
-// residual). Same work split, online softmax, finish and merge as decode.cu's tensor-core kernel.
-// Per quantized tile of 16 keys (K per channel factors per page):
-//     S[h, t] = sum_d q_hd (lo_d + s_d c_td) = sum_d q_hd lo_d + sum_d (q_hd s_d) c_td
-// A = q s (f16, rows = heads), B = the codes (f16 integers), plus the constant per head. With P
-// the tile's probabilities and V per token (group g of channels c):
-//     sum_t P_ht v^_tc = sum_t P_ht lo_tg + sum_t (P_ht s_tg) c_tc
-// A = P s_g (f16) per channel group against the V codes; the lo terms accumulate per (head,
-// group) in f32 beside O (rescaled with it) and are added to O's channels after the loop.
-// Residual tiles (at most R + G - 1 entries per head) load their K / V fragments straight from
-// global memory in the storage type.
+// residual). Same work split, online softmax, finish and merge as decode.cu. The products are
+// transposed so that the few query heads of a block are the N columns of mma.m16n8k16 and keys /
+// channels fill its 16 rows: S^T = K Q^T (rows = keys), O^T = V^T P^T (rows = channels); P^T
+// comes from S^T's accumulators by movmatrix (an 8 x 8 transpose in registers). A warp takes
+// whole pages (w, w + W, ...; splits hold whole pages), each one ring stage (cp.async).
+// K per channel factors per page:
+//     S[h, t] = sum_d q_hd (lo_d + s_d c_td) = sum_d c_td (s_d q_hd) + sum_d lo_d q_hd
+// once per page: B_page = s q (f16 products) and the constant lo . q (lo in every row of A); per
+// tile of 16 keys: S^T = C_K B_page + constant. With V per token (group g of channels c):
+//     sum_t P_ht v^_tc = sum_t c_tc (s_tg P_ht) + sum_t lo_tg P_ht
+// B = s_g P^T (f16) per channel group against the V codes, and sum_t lo_tg P_ht for every g at
+// once (one mma with the minima as A, row g = group g), accumulated beside O and rescaled with it;
+// the minima's sums are added to O's channels after the loop.
+// Residual tiles (at most R + G - 1 entries per head) load K / V fragments straight from global
+// memory in the storage type.
 #if LA_KIVI
 __device__ __forceinline__ void kq_load_words(u32 (&w)[KQ_NW], const u8* base, int lane) {
 #pragma unroll
@@ -216,21 +267,10 @@ __device__ __forceinline__ void kq_load_words(u32 (&w)[KQ_NW], const u8* base, i
     }
 }
 
-// Online softmax over the tile's logits x (this lane's keys of row r): m, l, the rescale of the
-// accumulators (alpha) and p.
-__device__ __forceinline__ float kq_softmax(float (&x)[4], float& m, float& l, float (&pe)[4]) {
-    float mx = m;
-#pragma unroll
-    for (int e = 0; e < 4; e++) mx = fmaxf(mx, x[e]);
-    mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 2));
-    const float base = mx == -LA_INF ? 0.f : mx;
-    const float alpha = la_exp2(m - base);
-    m = mx;
-#pragma unroll
-    for (int e = 0; e < 4; e++) pe[e] = la_exp2(x[e] - base);
-    l = l * alpha + (pe[0] + pe[1]) + (pe[2] + pe[3]);
-    return alpha;
+__device__ __forceinline__ u32 kq_trans(u32 x) {
+    u32 y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
 }
 
 __device__ __forceinline__ float kq_logit(const LaDecParams& p, float s) {
@@ -241,7 +281,27 @@ __device__ __forceinline__ float kq_logit(const LaDecParams& p, float s) {
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode_kivi(const LaDecParams p) {
+// Online softmax over a tile's S^T accumulators x (this lane: keys r, r + 8 of heads 2 q4,
+// 2 q4 + 1: x0 (r, 2q4), x1 (r, 2q4+1), x2 (r+8, 2q4), x3 (r+8, 2q4+1)): updates the heads' m and
+// l (this lane's keys only; l is summed over the lanes at the end), writes p, returns alpha.
+__device__ __forceinline__ void kq_softmax(const float (&x)[4], float (&m)[2], float (&l)[2], float (&pe)[4],
+                                           float (&alpha)[2]) {
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        float mx = fmaxf(m[c], fmaxf(x[c], x[c + 2]));
+        mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 16));
+        const float base = mx == -LA_INF ? 0.f : mx;
+        alpha[c] = la_exp2(m[c] - base);
+        m[c] = mx;
+        pe[c] = la_exp2(x[c] - base);
+        pe[c + 2] = la_exp2(x[c + 2] - base);
+        l[c] = l[c] * alpha[c] + pe[c] + pe[c + 2];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_kivi(const LaDecParams p) {
     const int split = blockIdx.x;
     const int kh = blockIdx.y / p.head_chunks, chunk = blockIdx.y % p.head_chunks;
     const int b = blockIdx.z;
@@ -255,188 +315,208 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode_kivi(const
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = lane >> 2, q4 = lane & 3;
     const int ntiles = j1 > j0 ? (j1 - j0 + 15) / 16 : 0;
-    // Tiles 0 .. nq - 1 of the split are quantized (ql and j0 are multiples of 16).
-    const int nq = ql > j0 ? la_imin(ntiles, (ql - j0) / 16) : 0;
+    // Quantized pages of the split (ql and j0 are multiples of G), then residual tiles.
+    const int npages = ql > j0 ? la_imin((j1 - j0 + LA_QG - 1) / LA_QG, (ql - j0) / LA_QG) : 0;
 
-    // q of row r: f32 for the quantized tiles, storage-type A fragments for the residual.
-    u32 qa[LA_D / 16][2];
-    float qf[LA_D / 16][4];
+    // q as B fragments (column r = head h0 + r, zero past G): storage type and f16.
+    u32 qb[LA_D / 16][2], qh[LA_D / 16][2];
 #pragma unroll
     for (int ks = 0; ks < LA_D / 16; ks++) {
-        qa[ks][0] = qa[ks][1] = 0u;
+        qb[ks][0] = qb[ks][1] = 0u;
         if (r < LA_G) {
             const u16* qr = p.q + ((i64)b * p.Hq + h0 + r) * LA_D + ks * 16 + 2 * q4;
-            qa[ks][0] = *(const u32*)qr;
-            qa[ks][1] = *(const u32*)(qr + 8);
+            qb[ks][0] = *(const u32*)qr;
+            qb[ks][1] = *(const u32*)(qr + 8);
         }
-        la_unpack2(qa[ks][0], qf[ks][0], qf[ks][1]);
-        la_unpack2(qa[ks][1], qf[ks][2], qf[ks][3]);
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+            float lo, hi;
+            la_unpack2(qb[ks][x], lo, hi);
+            qh[ks][x] = kq_f16x2(lo, hi);
+        }
     }
-    float o[LA_D / 8][4];
+    // O^T: rows = channels mt 16 + r (+ 8), columns = heads 2 q4, 2 q4 + 1.
+    float o[LA_D / 16][4];
 #pragma unroll
-    for (int n = 0; n < LA_D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float lo_acc[KQ_NG];
-#pragma unroll
-    for (int g = 0; g < KQ_NG; g++) lo_acc[g] = 0.f;
-    float m = -LA_INF, l = 0.f;
+    for (int n = 0; n < LA_D / 16; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float olo[4] = {0.f, 0.f, 0.f, 0.f};   // sum_t lo P: row = group r, columns = heads 2 q4, 2 q4 + 1
+    float m[2] = {-LA_INF, -LA_INF}, l[2] = {0.f, 0.f};
 
     extern __shared__ __align__(16) u8 kq_ring[];
-    u8* ring = kq_ring + (i64)warp * LA_NS * KQ_STAGE;
+    u8* ring = kq_ring + (i64)warp * LA_NS * KQ_PAGE;
     const int* qtab = p.qtables + (i64)trow * p.qmax_pages;
     auto issue = [&](int k, int st) {
-        if (k < nq) {
-            const int js = j0 + 16 * k;
-            const u8* pg = p.qpages + (i64)qtab[js / LA_QG] * KQ_PAGE;
-            const u8* tile = pg + KQ_KS + ((js % LA_QG) / 16) * KQ_TILE;
-            u8* dst = ring + st * KQ_STAGE;
-            for (int i = lane; i < KQ_KS / 16; i += 32) la_cp_async16(dst + 16 * i, pg + 16 * i, 16);
-            for (int i = lane; i < KQ_TILE / 16; i += 32)
-                la_cp_async16(dst + KQ_KS + 16 * i, tile + 16 * i, 16);
+        if (k < npages) {
+            const u8* pg = p.qpages + (i64)qtab[(j0 + LA_QG * k) / LA_QG] * KQ_PAGE;
+            u8* dst = ring + st * KQ_PAGE;
+#pragma unroll 4
+            for (int i = lane; i < KQ_PAGE / 16; i += 32) la_cp_async16(dst + 16 * i, pg + 16 * i, 16);
         }
         la_cp_commit();
+    };
+    auto rescale = [&](const float (&alpha)[2]) {
+        if (__any_sync(LA_FULL, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+            for (int n = 0; n < LA_D / 16; n++) {
+                o[n][0] *= alpha[0];
+                o[n][1] *= alpha[1];
+                o[n][2] *= alpha[0];
+                o[n][3] *= alpha[1];
+            }
+            olo[0] *= alpha[0];
+            olo[1] *= alpha[1];
+        }
     };
 #pragma unroll
     for (int st = 0; st < LA_NS - 1; st++) issue(warp + st * LA_WARPS, st);
     int cur = 0;
-    for (int k = warp; k < nq; k += LA_WARPS) {
+    for (int k = warp; k < npages; k += LA_WARPS) {
         issue(k + (LA_NS - 1) * LA_WARPS, (cur + LA_NS - 1) % LA_NS);
         la_cp_wait<LA_NS - 1>();
         __syncwarp();
-        const u8* st = ring + cur * KQ_STAGE;
-        // S = (q s) C_K + sum_d q lo.
-        u32 kw[KQ_NW];
-        kq_load_words(kw, st + KQ_KS, lane);
-        float sc[2][4];
-#pragma unroll
-        for (int nb = 0; nb < 2; nb++) sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
-        float cst = 0.f;
+        const u8* pg = ring + cur * KQ_PAGE;
+        // Per page: B = s q and the constant lo . q (the same in every row of cst).
+        u32 kb[LA_D / 16][2];
+        float cst[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ks = 0; ks < LA_D / 16; ks++) {
-            const la_v4 sl = *(const la_v4*)(st + (q4 * (LA_D / 16) + ks) * 16);
-            const u32 wd[4] = {sl.x, sl.y, sl.z, sl.w};
-            float s[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[e] = kq_h2f((u16)(wd[e] & 0xffffu));
-                cst = fmaf(qf[ks][e], kq_h2f((u16)(wd[e] >> 16)), cst);
-            }
-            const u32 a[4] = {kq_f16x2(qf[ks][0] * s[0], qf[ks][1] * s[1]), 0u,
-                              kq_f16x2(qf[ks][2] * s[2], qf[ks][3] * s[3]), 0u};
-#pragma unroll
-            for (int nb = 0; nb < 2; nb++) {
-                const int f = 2 * ks + nb, wi = f / KQ_F, j = f % KQ_F;
-                const u32 bq[2] = {kq_codes2(kw[wi], 2 * j), kq_codes2(kw[wi], 2 * j + 1)};
-                kq_mma_f16(sc[nb], a, bq);
-            }
+            const la_v4 w = *(const la_v4*)(pg + (q4 * (LA_D / 16) + ks) * 16);
+            kb[ks][0] = kq_hmul2(qh[ks][0], w.x);
+            kb[ks][1] = kq_hmul2(qh[ks][1], w.y);
+            const u32 a[4] = {w.z, w.z, w.w, w.w};
+            kq_mma_f16(cst, a, qh[ks]);
         }
-        cst += __shfl_xor_sync(LA_FULL, cst, 1);
-        cst += __shfl_xor_sync(LA_FULL, cst, 2);
-        float x[4] = {kq_logit(p, sc[0][0] + cst), kq_logit(p, sc[0][1] + cst),
-                      kq_logit(p, sc[1][0] + cst), kq_logit(p, sc[1][1] + cst)};
-        float pe[4];
-        const float alpha = kq_softmax(x, m, l, pe);
 #pragma unroll
-        for (int n = 0; n < LA_D / 8; n++) {
-            o[n][0] *= alpha;
-            o[n][1] *= alpha;
-        }
-        // O += (P s_g) C_V per channel group; lo terms beside.
-        u32 vw[KQ_NW];
-        kq_load_words(vw, st + KQ_KS + KQ_CODES, lane);
-        const u32* vsc = (const u32*)(st + KQ_KS + 2 * KQ_CODES);
+        for (int t = 0; t < LA_QG / 16; t++) {
+            const u8* tile = pg + KQ_KS + t * KQ_TILE;
+            u32 kw[KQ_NW];
+            kq_load_words(kw, tile, lane);
+            float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int g = 0; g < KQ_NG; g++) {
-            float s[4];
-            float lsum = 0.f;
+            for (int wi = 0; wi < KQ_NW; wi++) {
+                u32 c[KQ_R];
+                kq_unpack(kw[wi], c);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const u32 wd = vsc[(q4 * 4 + e) * KQ_NG + g];
-                s[e] = kq_h2f((u16)(wd & 0xffffu));
-                lsum = fmaf(pe[e], kq_h2f((u16)(wd >> 16)), lsum);
+                for (int j = 0; j < KQ_FW; j++) kq_mma_f16(sc, c + 4 * j, kb[wi * KQ_FW + j]);
             }
-            lo_acc[g] = lo_acc[g] * alpha + lsum;
-            const u32 a[4] = {kq_f16x2(pe[0] * s[0], pe[1] * s[1]), 0u, kq_f16x2(pe[2] * s[2], pe[3] * s[3]),
-                              0u};
+            const float x[4] = {kq_logit(p, sc[0] + cst[0]), kq_logit(p, sc[1] + cst[1]),
+                                kq_logit(p, sc[2] + cst[0]), kq_logit(p, sc[3] + cst[1])};
+            float pe[4], alpha[2];
+            kq_softmax(x, m, l, pe, alpha);
+            rescale(alpha);
+            // P^T as B fragments (keys 2 q4 + {0, 1} | + 8, head r).
+            const u32 pb[2] = {kq_trans(kq_f16x2(pe[0], pe[1])), kq_trans(kq_f16x2(pe[2], pe[3]))};
+            const u8* vsc = tile + 2 * KQ_CODES;
+            {
+                const uint2 al = r < KQ_NG ? *(const uint2*)(vsc + 32 * KQ_NG + lane * 8) : make_uint2(0u, 0u);
+                const u32 a[4] = {al.x, 0u, al.y, 0u};
+                kq_mma_f16(olo, a, pb);
+            }
+            u32 vw[KQ_NW];
+            kq_load_words(vw, tile + KQ_CODES, lane);
 #pragma unroll
-            for (int np = g * (LA_QG / 8); np < (g + 1) * (LA_QG / 8); np++) {
-                const int wi = np / KQ_F, j = np % KQ_F;
-                const u32 bq[2] = {kq_codes2(vw[wi], 2 * j), kq_codes2(vw[wi], 2 * j + 1)};
-                kq_mma_f16(o[np], a, bq);
+            for (int g = 0; g < KQ_NG; g++) {
+                const uint2 sg = *(const uint2*)(vsc + (q4 * KQ_NG + g) * 8);
+                const u32 bs[2] = {kq_hmul2(pb[0], sg.x), kq_hmul2(pb[1], sg.y)};
+#pragma unroll
+                for (int mt = g * (LA_QG / 16); mt < (g + 1) * (LA_QG / 16); mt += KQ_FW) {
+                    u32 c[KQ_R];
+                    kq_unpack(vw[mt / KQ_FW], c);
+#pragma unroll
+                    for (int j = 0; j < KQ_FW; j++) kq_mma_f16(o[mt + j], c + 4 * j, bs);
+                }
             }
         }
         __syncwarp();
         cur = (cur + 1) % LA_NS;
     }
     la_cp_wait<0>();
-    // The lo terms: the quad's keys summed, added to every channel of their group.
+    // The minima's sums: group g's row is in lane 4 g + q4 (same heads).
 #pragma unroll
     for (int g = 0; g < KQ_NG; g++) {
-        float t = lo_acc[g];
-        t += __shfl_xor_sync(LA_FULL, t, 1);
-        t += __shfl_xor_sync(LA_FULL, t, 2);
+        const float t0 = __shfl_sync(LA_FULL, olo[0], 4 * g + q4);
+        const float t1 = __shfl_sync(LA_FULL, olo[1], 4 * g + q4);
 #pragma unroll
-        for (int np = g * (LA_QG / 8); np < (g + 1) * (LA_QG / 8); np++) {
-            o[np][0] += t;
-            o[np][1] += t;
+        for (int mt = g * (LA_QG / 16); mt < (g + 1) * (LA_QG / 16); mt++) {
+            o[mt][0] += t0;
+            o[mt][1] += t1;
+            o[mt][2] += t0;
+            o[mt][3] += t1;
         }
     }
     // Residual tiles: position j is entry j - ql of the head's full-precision pages.
     const int* tab = p.tables + (i64)trow * p.max_pages;
-    for (int k = nq + ((warp - nq) % LA_WARPS + LA_WARPS) % LA_WARPS; k < ntiles; k += LA_WARPS) {
+    const int kr = npages * (LA_QG / 16);
+    for (int k = kr + ((warp - kr) % LA_WARPS + LA_WARPS) % LA_WARPS; k < ntiles; k += LA_WARPS) {
         const int jt = j0 + 16 * k;
-        float sc[2][4];
-#pragma unroll
-        for (int nb = 0; nb < 2; nb++) {
-            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
-            const int j = jt + nb * 8 + r;
-            const bool in = j < j1;
-            const u16* row = p.k + (in ? la_row(p, tab[(j - ql) / LA_PAGE], b, j - ql, kh, 0) : 0);
-#pragma unroll
-            for (int ks = 0; ks < LA_D / 16; ks++) {
-                const u32 bk[2] = {in ? *(const u32*)(row + ks * 16 + 2 * q4) : 0u,
-                                   in ? *(const u32*)(row + ks * 16 + 2 * q4 + 8) : 0u};
-                const u32 a[4] = {qa[ks][0], 0u, qa[ks][1], 0u};
-                la_mma16816(sc[nb], a, bk);
-            }
-        }
-        float x[4];
+        // Rows (keys) r and r + 8 of the tile; columns of V: keys 2 q4 + {0, 1} (+ 8).
+        const u16* krow[2];
         const u16* vrow[4];
 #pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int j = jt + r + 8 * h;
+            krow[h] = j < j1 ? p.k + la_row(p, tab[(j - ql) / LA_PAGE], b, j - ql, kh, 0) : nullptr;
+        }
+#pragma unroll
         for (int e = 0; e < 4; e++) {
-            const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
-            x[e] = j < j1 ? kq_logit(p, sc[e >> 1][e & 1]) : -LA_INF;
+            const int j = jt + 2 * q4 + (e & 1) + 8 * (e >> 1);
             vrow[e] = j < j1 ? p.v + la_row(p, tab[(j - ql) / LA_PAGE], b, j - ql, kh, 0) : nullptr;
         }
-        float pe[4];
-        const float alpha = kq_softmax(x, m, l, pe);
-        const u32 pa[4] = {la_pack2(pe[0], pe[1]), 0u, la_pack2(pe[2], pe[3]), 0u};
+        float sc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int n = 0; n < LA_D / 8; n++) {
-            o[n][0] *= alpha;
-            o[n][1] *= alpha;
-            // B = V rows of keys 2 q4 + {0, 1} (and + 8) at channel n 8 + r.
-            const int ch = n * 8 + r;
-            u16 vv[4];
+        for (int ks = 0; ks < LA_D / 16; ks++) {
+            u32 a[4];
 #pragma unroll
-            for (int e = 0; e < 4; e++) vv[e] = vrow[e] ? vrow[e][ch] : (u16)0;
-            const u32 bv[2] = {(u32)vv[0] | ((u32)vv[1] << 16), (u32)vv[2] | ((u32)vv[3] << 16)};
-            la_mma16816(o[n], pa, bv);
+            for (int i = 0; i < 4; i++) {
+                const u16* kr_ = krow[i & 1];
+                a[i] = kr_ ? *(const u32*)(kr_ + ks * 16 + 2 * q4 + 8 * (i >> 1)) : 0u;
+            }
+            la_mma16816(sc, a, qb[ks]);
+        }
+        float x[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) x[e] = krow[e >> 1] ? kq_logit(p, sc[e]) : -LA_INF;
+        float pe[4], alpha[2];
+        kq_softmax(x, m, l, pe, alpha);
+        rescale(alpha);
+        const u32 pb[2] = {kq_trans(la_pack2(pe[0], pe[1])), kq_trans(la_pack2(pe[2], pe[3]))};
+#pragma unroll
+        for (int mt = 0; mt < LA_D / 16; mt++) {
+            // A = V^T: rows = channels mt 16 + r (+ 8), k = keys 2 q4 + {0, 1} (+ 8).
+            u32 a[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int ch = mt * 16 + r + 8 * (i & 1);
+                const u16* v0 = vrow[2 * (i >> 1)];
+                const u16* v1 = vrow[2 * (i >> 1) + 1];
+                a[i] = (u32)(v0 ? v0[ch] : (u16)0) | ((u32)(v1 ? v1[ch] : (u16)0) << 16);
+            }
+            la_mma16816(o[mt], a, pb);
         }
     }
-    l += __shfl_xor_sync(LA_FULL, l, 1);
-    l += __shfl_xor_sync(LA_FULL, l, 2);
+    // l: the sum over this lane's keys -> over all keys (lanes of the same q4).
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+        l[c] += __shfl_xor_sync(LA_FULL, l[c], 4);
+        l[c] += __shfl_xor_sync(LA_FULL, l[c], 8);
+        l[c] += __shfl_xor_sync(LA_FULL, l[c], 16);
+    }
     __shared__ float s_acc[LA_WARPS][LA_G][LA_D];
     __shared__ float s_m[LA_WARPS][LA_G];
     __shared__ float s_l[LA_WARPS][LA_G];
-    if (r < LA_G) {
 #pragma unroll
-        for (int n = 0; n < LA_D / 8; n++) {
-            s_acc[warp][r][n * 8 + 2 * q4] = o[n][0];
-            s_acc[warp][r][n * 8 + 2 * q4 + 1] = o[n][1];
-        }
-        if (q4 == 0) {
-            s_m[warp][r] = m;
-            s_l[warp][r] = l;
+    for (int c = 0; c < 2; c++) {
+        const int h = 2 * q4 + c;
+        if (h < LA_G) {
+#pragma unroll
+            for (int mt = 0; mt < LA_D / 16; mt++) {
+                s_acc[warp][h][mt * 16 + r] = o[mt][c];
+                s_acc[warp][h][mt * 16 + r + 8] = o[mt][c + 2];
+            }
+            if (r == 0) {
+                s_m[warp][h] = m[c];
+                s_l[warp][h] = l[c];
+            }
         }
     }
     la_block_finish(p, s_acc, s_m, s_l, b, h0, split, direct);
