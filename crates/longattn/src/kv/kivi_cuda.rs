@@ -102,7 +102,7 @@ impl PageLayout {
         let b = self.bits as usize;
         let fw = 4 / b;
         let (wi, j) = (f / fw, f % fw);
-        let bit = el * 16 + b * (2 * j + (reg >> 1)) + 8 * (reg & 1);
+        let bit = el * 16 + b * (4 * j + reg);
         (self.word_at(wi, l) + bit / 8, bit % 8)
     }
     /// (lane, register, element) of A-fragment entry (row 0..16, k column 0..16).

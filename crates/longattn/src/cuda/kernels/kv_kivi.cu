@@ -30,13 +30,9 @@
 //   q4 holds, per fragment, registers i = 0..3 of code pairs (rows r + 8 (i & 1), k columns
 //   2 q4 + 8 (i >> 1) + {0, 1}). K fragment ks: rows = the tile's keys, k = channels ks 16 + ..;
 //   V fragment mt: rows = channels mt 16 + .., k = the tile's keys.
-//   A 32-bit word holds Fw = 4 / b fragments: element el of register i of fragment j is the
-//   code at bit 16 el + b (2 j + (i >> 1)) + 8 (i & 1). `kq_unpack` turns a register into an f16
-//   pair by masking its codes (after a shift by 8 for i odd) and ORing in the exponent of
-//   K_ji = 2^(10 - b (2 j + (i >> 1))), whose last mantissa bit weighs 1 at that position: the
-//   pair (K + c, K + c'), exact (one lop3). Registers 0 / 1 and 2 / 3 share K (they multiply the
-//   same B rows), so sum_k (K_k + c_k) B_k = sum_k c_k B_k + sum_k K_k B_k and the decode
-//   subtracts the second sum, one mma with K as A, per fragment pattern. Lane L's NW = D b / 64 words
+//   A 32-bit word holds Fw = 4 / b fragments: register 4 j + i of the word (fragment j) is the
+//   pair of codes at bits b (4 j + i) and 16 + b (4 j + i) (`kq_unpack`: masked with an f16
+//   exponent of 1024 ORed in, then scaled and shifted back exactly). Lane L's NW = D b / 64 words
 //   of a tile are stored as chunks of CH = min(16, 4 NW) bytes: word wi at
 //   (wi / (CH / 4)) 32 CH + L CH + (wi % (CH / 4)) 4.
 #ifndef LA_QB
@@ -79,30 +75,39 @@ __device__ __forceinline__ u16 kq_f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// x & m with the f16 exponent e ORed into both halves.
-__device__ __forceinline__ u32 kq_lop(u32 x, u32 m, u32 e) {
+// x & m with the f16 exponent of 1024 ORed into both halves.
+__device__ __forceinline__ u32 kq_lop(u32 x, u32 m) {
     u32 y;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(y) : "r"(x), "r"(m), "r"(e));
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(y) : "r"(x), "r"(m), "r"(0x64006400u));
     return y;
 }
-// f16 pair (2^x, 2^x) for x = 10 - b (2 j + h): K of the registers of fragment j, half h.
-#define KQ_KEXP(j, h) ((u32)(25 - LA_QB * (2 * (j) + (h))) << 10)
-#define KQ_K2(j, h) (KQ_KEXP(j, h) * 0x10001u)
-// The KQ_R registers of a code word in fragment order: register 4 j + i = (K_ji + c, K_ji + c')
-// (see the layout above).
-__device__ __forceinline__ void kq_unpack(u32 w, u32 (&c)[KQ_R]) {
-    const u32 w8 = w >> 8;
-#pragma unroll
-    for (int j = 0; j < KQ_FW; j++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int sh = LA_QB * (2 * j + (i >> 1));
-            c[4 * j + i] = kq_lop(i & 1 ? w8 : w, KQ_MASK2 << sh, KQ_K2(j, i >> 1));
-        }
-    }
+__device__ __forceinline__ u32 kq_fma2(u32 x, u32 mul, u32 add) {
+    u32 y;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(y) : "r"(x), "r"(mul), "r"(add));
+    return y;
 }
-// The negated K pair of fragment j, half h (the correction's factor).
-__device__ __forceinline__ u32 kq_negk(int j, int h) { return KQ_K2(j, h) | 0x80008000u; }
+// The KQ_R registers of a code word (f16 pairs of exact small integers): register x holds the
+// codes at bits b x and 16 + b x. A code c at bit 4 k (k < 4) of a half ORed with 0x6400 is the
+// f16 1024 + 4^k c (int2: 2 k) and (1024 + 4^k c) 4^-k - 1024 4^-k = c exactly.
+__device__ __forceinline__ void kq_unpack(u32 w, u32 (&c)[KQ_R]) {
+#if LA_QB == 4
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 x = w >> (8 * h);
+        c[2 * h] = kq_fma2(kq_lop(x, 0x000f000fu), 0x3c003c00u, 0xe400e400u);      // 1, -1024
+        c[2 * h + 1] = kq_fma2(kq_lop(x, 0x00f000f0u), 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+    }
+#else
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const u32 x = w >> (8 * h);
+        c[4 * h] = kq_fma2(kq_lop(x, 0x00030003u), 0x3c003c00u, 0xe400e400u);      // 1, -1024
+        c[4 * h + 1] = kq_fma2(kq_lop(x, 0x000c000cu), 0x34003400u, 0xdc00dc00u);  // 1/4, -256
+        c[4 * h + 2] = kq_fma2(kq_lop(x, 0x00300030u), 0x2c002c00u, 0xd400d400u);  // 1/16, -64
+        c[4 * h + 3] = kq_fma2(kq_lop(x, 0x00c000c0u), 0x24002400u, 0xcc00cc00u);  // 1/64, -16
+    }
+#endif
+}
 __device__ __forceinline__ u32 kq_hmul2(u32 a, u32 b) {
     u32 y;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(y) : "r"(a), "r"(b));
@@ -219,7 +224,7 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
                         const int key = ti * 16 + col, ch = f * 16 + row, g = ch / LA_QG;
                         c = kq_code(la_to_f32(sv[key * LA_D + ch]), vs[key * KQ_NG + g], vlo[key * KQ_NG + g]);
                     }
-                    w |= (u32)c << (el * 16 + LA_QB * (2 * j + (reg >> 1)) + 8 * (reg & 1));
+                    w |= (u32)c << (el * 16 + LA_QB * (4 * j + reg));
                 }
             }
         }
@@ -276,23 +281,31 @@ __device__ __forceinline__ float kq_logit(const LaDecParams& p, float s) {
 #endif
 }
 
-// Online softmax over a tile's S^T accumulators x (this lane: keys r, r + 8 of heads 2 q4,
-// 2 q4 + 1: x0 (r, 2q4), x1 (r, 2q4+1), x2 (r+8, 2q4), x3 (r+8, 2q4+1)): updates the heads' m and
-// l (this lane's keys only; l is summed over the lanes at the end), writes p, returns alpha.
-__device__ __forceinline__ void kq_softmax(const float (&x)[4], float (&m)[2], float (&l)[2], float (&pe)[4],
-                                           float (&alpha)[2]) {
+// Online softmax over T tiles' S^T accumulators x (this lane: keys r, r + 8 of heads 2 q4,
+// 2 q4 + 1: x[t] = (r, 2q4), (r, 2q4+1), (r+8, 2q4), (r+8, 2q4+1)): updates the heads' m and l
+// (this lane's keys only; l is summed over the lanes at the end), writes p, returns alpha.
+template <int T>
+__device__ __forceinline__ void kq_softmax(const float (&x)[T][4], float (&m)[2], float (&l)[2],
+                                           float (&pe)[T][4], float (&alpha)[2]) {
 #pragma unroll
     for (int c = 0; c < 2; c++) {
-        float mx = fmaxf(m[c], fmaxf(x[c], x[c + 2]));
+        float mx = m[c];
+#pragma unroll
+        for (int t = 0; t < T; t++) mx = fmaxf(mx, fmaxf(x[t][c], x[t][c + 2]));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 4));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 16));
         const float base = mx == -LA_INF ? 0.f : mx;
         alpha[c] = la_exp2(m[c] - base);
         m[c] = mx;
-        pe[c] = la_exp2(x[c] - base);
-        pe[c + 2] = la_exp2(x[c + 2] - base);
-        l[c] = l[c] * alpha[c] + pe[c] + pe[c + 2];
+        float sum = 0.f;
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            pe[t][c] = la_exp2(x[t][c] - base);
+            pe[t][c + 2] = la_exp2(x[t][c + 2] - base);
+            sum += pe[t][c] + pe[t][c + 2];
+        }
+        l[c] = l[c] * alpha[c] + sum;
     }
 }
 
@@ -335,9 +348,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
 #pragma unroll
     for (int n = 0; n < LA_D / 16; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
     float olo[4] = {0.f, 0.f, 0.f, 0.f};   // sum_t lo P: row = group r, columns = heads 2 q4, 2 q4 + 1
-    float ocor[KQ_FW][4];                   // - sum_t K s P per fragment pattern, the same layout
-#pragma unroll
-    for (int j = 0; j < KQ_FW; j++) ocor[j][0] = ocor[j][1] = ocor[j][2] = ocor[j][3] = 0.f;
     float m[2] = {-LA_INF, -LA_INF}, l[2] = {0.f, 0.f};
 
     extern __shared__ __align__(16) u8 kq_ring[];
@@ -363,11 +373,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
             }
             olo[0] *= alpha[0];
             olo[1] *= alpha[1];
-#pragma unroll
-            for (int j = 0; j < KQ_FW; j++) {
-                ocor[j][0] *= alpha[0];
-                ocor[j][1] *= alpha[1];
-            }
         }
     };
 #pragma unroll
@@ -380,52 +385,51 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
         const u8* pg = ring + cur * KQ_PAGE;
         // Per page: B = s q and the constant lo . q (the same in every row of cst).
         u32 kb[LA_D / 16][2];
-        float cst[4] = {0.f, 0.f, 0.f, 0.f};
+        float cs[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int ks = 0; ks < LA_D / 16; ks++) {
             const la_v4 w = *(const la_v4*)(pg + (q4 * (LA_D / 16) + ks) * 16);
             kb[ks][0] = kq_hmul2(qh[ks][0], w.x);
             kb[ks][1] = kq_hmul2(qh[ks][1], w.y);
             const u32 a[4] = {w.z, w.z, w.w, w.w};
-            kq_mma_f16(cst, a, qh[ks]);
-            // - sum_k K_k (s q)_k of this fragment's pattern (the codes carry K).
-            const int j = ks % KQ_FW;
-            const u32 ak[4] = {kq_negk(j, 0), kq_negk(j, 0), kq_negk(j, 1), kq_negk(j, 1)};
-            kq_mma_f16(cst, ak, kb[ks]);
+            kq_mma_f16(cs[ks & 1], a, qh[ks]);
         }
+        const float cst[2] = {cs[0][0] + cs[1][0], cs[0][1] + cs[1][1]};
+        // S^T of the page's T tiles (two accumulators per tile: shorter mma chains), one
+        // softmax step over all of them, then O^T += V^T P^T tile by tile.
+        constexpr int T = LA_QG / 16;
+        float x[T][4];
 #pragma unroll
-        for (int t = 0; t < LA_QG / 16; t++) {
-            const u8* tile = pg + KQ_KS + t * KQ_TILE;
+        for (int t = 0; t < T; t++) {
             u32 kw[KQ_NW];
-            kq_load_words(kw, tile, lane);
-            float sc[4] = {0.f, 0.f, 0.f, 0.f};
+            kq_load_words(kw, pg + KQ_KS + t * KQ_TILE, lane);
+            float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
             for (int wi = 0; wi < KQ_NW; wi++) {
                 u32 c[KQ_R];
                 kq_unpack(kw[wi], c);
 #pragma unroll
-                for (int j = 0; j < KQ_FW; j++) kq_mma_f16(sc, c + 4 * j, kb[wi * KQ_FW + j]);
+                for (int j = 0; j < KQ_FW; j++) {
+                    const int ks = wi * KQ_FW + j;
+                    kq_mma_f16(sc[ks & 1], c + 4 * j, kb[ks]);
+                }
             }
-            const float x[4] = {kq_logit(p, sc[0] + cst[0]), kq_logit(p, sc[1] + cst[1]),
-                                kq_logit(p, sc[2] + cst[0]), kq_logit(p, sc[3] + cst[1])};
-            float pe[4], alpha[2];
-            kq_softmax(x, m, l, pe, alpha);
-            rescale(alpha);
+#pragma unroll
+            for (int e = 0; e < 4; e++) x[t][e] = kq_logit(p, sc[0][e] + sc[1][e] + cst[e & 1]);
+        }
+        float pe[T][4], alpha[2];
+        kq_softmax<T>(x, m, l, pe, alpha);
+        rescale(alpha);
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            const u8* tile = pg + KQ_KS + t * KQ_TILE;
             // P^T as B fragments (keys 2 q4 + {0, 1} | + 8, head r).
-            const u32 pb[2] = {kq_trans(kq_f16x2(pe[0], pe[1])), kq_trans(kq_f16x2(pe[2], pe[3]))};
+            const u32 pb[2] = {kq_trans(kq_f16x2(pe[t][0], pe[t][1])), kq_trans(kq_f16x2(pe[t][2], pe[t][3]))};
             const u8* vsc = tile + 2 * KQ_CODES;
             {
                 const uint2 al = r < KQ_NG ? *(const uint2*)(vsc + 32 * KQ_NG + lane * 8) : make_uint2(0u, 0u);
                 const u32 a[4] = {al.x, 0u, al.y, 0u};
                 kq_mma_f16(olo, a, pb);
-                // - sum_t K_t s_tg P_ht per fragment pattern j: A = s (row g), B = -K P^T.
-                const uint2 sa = r < KQ_NG ? *(const uint2*)(vsc + (q4 * KQ_NG + r) * 8) : make_uint2(0u, 0u);
-                const u32 as[4] = {sa.x, 0u, sa.y, 0u};
-#pragma unroll
-                for (int j = 0; j < KQ_FW; j++) {
-                    const u32 bk[2] = {kq_hmul2(pb[0], kq_negk(j, 0)), kq_hmul2(pb[1], kq_negk(j, 1))};
-                    kq_mma_f16(ocor[j], as, bk);
-                }
             }
             u32 vw[KQ_NW];
             kq_load_words(vw, tile + KQ_CODES, lane);
@@ -446,22 +450,17 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
         cur = (cur + 1) % LA_NS;
     }
     la_cp_wait<0>();
-    // The minima's sums and the corrections: group g's row is in lane 4 g + q4 (same heads).
+    // The minima's sums: group g's row is in lane 4 g + q4 (same heads).
 #pragma unroll
     for (int g = 0; g < KQ_NG; g++) {
         const float t0 = __shfl_sync(LA_FULL, olo[0], 4 * g + q4);
         const float t1 = __shfl_sync(LA_FULL, olo[1], 4 * g + q4);
 #pragma unroll
-        for (int j = 0; j < KQ_FW; j++) {
-            const float c0 = t0 + __shfl_sync(LA_FULL, ocor[j][0], 4 * g + q4);
-            const float c1 = t1 + __shfl_sync(LA_FULL, ocor[j][1], 4 * g + q4);
-#pragma unroll
-            for (int mt = g * (LA_QG / 16) + j; mt < (g + 1) * (LA_QG / 16); mt += KQ_FW) {
-                o[mt][0] += c0;
-                o[mt][1] += c1;
-                o[mt][2] += c0;
-                o[mt][3] += c1;
-            }
+        for (int mt = g * (LA_QG / 16); mt < (g + 1) * (LA_QG / 16); mt++) {
+            o[mt][0] += t0;
+            o[mt][1] += t1;
+            o[mt][2] += t0;
+            o[mt][3] += t1;
         }
     }
     // Residual tiles: position j is entry j - ql of the head's full-precision pages.
@@ -493,13 +492,13 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
             }
             la_mma16816(sc, a, qb[ks]);
         }
-        float x[4];
+        float x[1][4];
 #pragma unroll
-        for (int e = 0; e < 4; e++) x[e] = krow[e >> 1] ? kq_logit(p, sc[e]) : -LA_INF;
-        float pe[4], alpha[2];
-        kq_softmax(x, m, l, pe, alpha);
+        for (int e = 0; e < 4; e++) x[0][e] = krow[e >> 1] ? kq_logit(p, sc[e]) : -LA_INF;
+        float pe[1][4], alpha[2];
+        kq_softmax<1>(x, m, l, pe, alpha);
         rescale(alpha);
-        const u32 pb[2] = {kq_trans(la_pack2(pe[0], pe[1])), kq_trans(la_pack2(pe[2], pe[3]))};
+        const u32 pb[2] = {kq_trans(la_pack2(pe[0][0], pe[0][1])), kq_trans(la_pack2(pe[0][2], pe[0][3]))};
 #pragma unroll
         for (int mt = 0; mt < LA_D / 16; mt++) {
             // A = V^T: rows = channels mt 16 + r (+ 8), k = keys 2 q4 + {0, 1} (+ 8).
