@@ -102,7 +102,7 @@ impl PageLayout {
         let b = self.bits as usize;
         let fw = 4 / b;
         let (wi, j) = (f / fw, f % fw);
-        let bit = el * 16 + b * (4 * j + reg);
+        let bit = el * 16 + 8 * (reg & 1) + 4 * j + b * (reg >> 1);
         (self.word_at(wi, l) + bit / 8, bit % 8)
     }
     /// (lane, register, element) of A-fragment entry (row 0..16, k column 0..16).
@@ -133,7 +133,7 @@ impl PageLayout {
     /// Byte offsets of K's f16 s and lo of channel c.
     fn k_scale_at(&self, c: usize) -> (usize, usize) {
         let (q4, e) = Self::k_index(c % 16);
-        let at = (q4 * (self.d / 16) + c / 16) * 16 + Self::half(e);
+        let at = (4 * (c / 16) + q4) * 16 + Self::half(e);
         (at, at + 8)
     }
     /// Byte offsets of V's f16 s and lo of (token t, channel group g).

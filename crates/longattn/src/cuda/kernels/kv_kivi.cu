@@ -18,9 +18,9 @@
 // have the first element in the low half):
 //   [K scales: 4 D][tile 0]...[tile G / 16 - 1],
 //   tile = [K codes: 2 D b][V codes: 2 D b][V scales: 32 D / G][V minima: 32 D / G]
-//   K scales: 16 bytes per (q4, ks) at (q4 D / 16 + ks) 16: the pairs (s_e0, s_e1), (s_e2, s_e3),
+//   K scales: 16 bytes per (ks, q4) at (4 ks + q4) 16: the pairs (s_e0, s_e1), (s_e2, s_e3),
 //     (lo_e0, lo_e1), (lo_e2, lo_e3) of channels ks 16 + 2 q4 + (e & 1) + 8 (e >> 1): what lane
-//     group q4 = lane % 4 multiplies into its A fragments (s) and its B fragments (lo).
+//     group q4 = lane % 4 multiplies into its B fragments.
 //   V scales: 8 bytes per (q4, g) at (q4 D / G + g) 8: (s_e0, s_e1), (s_e2, s_e3) of the tile's
 //     tokens 2 q4 + (e & 1) + 8 (e >> 1), channel group g.
 //   V minima: 8 bytes per lane L = 4 g + q4 (g < D / G) at L 8: (lo_e0, lo_e1), (lo_e2, lo_e3) of
@@ -30,9 +30,15 @@
 //   q4 holds, per fragment, registers i = 0..3 of code pairs (rows r + 8 (i & 1), k columns
 //   2 q4 + 8 (i >> 1) + {0, 1}). K fragment ks: rows = the tile's keys, k = channels ks 16 + ..;
 //   V fragment mt: rows = channels mt 16 + .., k = the tile's keys.
-//   A 32-bit word holds Fw = 4 / b fragments: register 4 j + i of the word (fragment j) is the
-//   pair of codes at bits b (4 j + i) and 16 + b (4 j + i) (`kq_unpack`: masked with an f16
-//   exponent of 1024 ORed in, then scaled and shifted back exactly). Lane L's NW = D b / 64 words
+//   A 32-bit word holds Fw = 4 / b fragments: element el of register i of fragment j is the
+//   code at bit 16 el + 8 (i & 1) + 4 j + b (i >> 1). `kq_unpack` makes a register an f16 pair by
+//   shifting the word by 8 (i & 1) + 4 j, masking the two codes at bits b (i >> 1) (+ 16) and ORing
+//   in the exponent of K_i = 2^(10 - b (i >> 1)), whose last mantissa bit weighs 1 there: the pair
+//   (K_i + c, K_i + c'), exact, one lop3. Registers 0 / 1 (k columns 2 q4 + {0, 1}) hold K_lo = 1024,
+//   registers 2 / 3 (k columns + 8) K_hi = 2^(10 - b), in every fragment, so an mma over codes
+//   computes sum_k c_k B_k + sum_k K_k B_k and the decode subtracts the second sum with one more
+//   mma whose A is -K (the same B, so the difference is exact up to f32 accumulation).
+//   Lane L's NW = D b / 64 words
 //   of a tile are stored as chunks of CH = min(16, 4 NW) bytes: word wi at
 //   (wi / (CH / 4)) 32 CH + L CH + (wi % (CH / 4)) 4.
 #ifndef LA_QB
@@ -75,38 +81,25 @@ __device__ __forceinline__ u16 kq_f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
-// x & m with the f16 exponent of 1024 ORed into both halves.
-__device__ __forceinline__ u32 kq_lop(u32 x, u32 m) {
+// x & m with the f16 exponent e ORed into both halves.
+__device__ __forceinline__ u32 kq_lop(u32 x, u32 m, u32 e) {
     u32 y;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(y) : "r"(x), "r"(m), "r"(0x64006400u));
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(y) : "r"(x), "r"(m), "r"(e));
     return y;
 }
-__device__ __forceinline__ u32 kq_fma2(u32 x, u32 mul, u32 add) {
-    u32 y;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(y) : "r"(x), "r"(mul), "r"(add));
-    return y;
-}
-// The KQ_R registers of a code word (f16 pairs of exact small integers): register x holds the
-// codes at bits b x and 16 + b x. A code c at bit 4 k (k < 4) of a half ORed with 0x6400 is the
-// f16 1024 + 4^k c (int2: 2 k) and (1024 + 4^k c) 4^-k - 1024 4^-k = c exactly.
+// The f16 pair (K_h, K_h), K_0 = 1024 (registers 0, 1), K_1 = 2^(10 - b) (registers 2, 3).
+#define KQ_K2(h) (((u32)(25 - LA_QB * (h)) << 10) * 0x10001u)
+// The KQ_R registers of a code word in fragment order: register 4 j + i = (K + c, K + c') (the
+// layout above).
 __device__ __forceinline__ void kq_unpack(u32 w, u32 (&c)[KQ_R]) {
-#if LA_QB == 4
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const u32 x = w >> (8 * h);
-        c[2 * h] = kq_fma2(kq_lop(x, 0x000f000fu), 0x3c003c00u, 0xe400e400u);      // 1, -1024
-        c[2 * h + 1] = kq_fma2(kq_lop(x, 0x00f000f0u), 0x2c002c00u, 0xd400d400u);  // 1/16, -64
-    }
-#else
+    for (int j = 0; j < KQ_FW; j++) {
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const u32 x = w >> (8 * h);
-        c[4 * h] = kq_fma2(kq_lop(x, 0x00030003u), 0x3c003c00u, 0xe400e400u);      // 1, -1024
-        c[4 * h + 1] = kq_fma2(kq_lop(x, 0x000c000cu), 0x34003400u, 0xdc00dc00u);  // 1/4, -256
-        c[4 * h + 2] = kq_fma2(kq_lop(x, 0x00300030u), 0x2c002c00u, 0xd400d400u);  // 1/16, -64
-        c[4 * h + 3] = kq_fma2(kq_lop(x, 0x00c000c0u), 0x24002400u, 0xcc00cc00u);  // 1/64, -16
+        for (int i = 0; i < 4; i++) {
+            const int h = i >> 1;
+            c[4 * j + i] = kq_lop(w >> (8 * (i & 1) + 4 * j), KQ_MASK2 << (LA_QB * h), KQ_K2(h));
+        }
     }
-#endif
 }
 __device__ __forceinline__ u32 kq_hmul2(u32 a, u32 b) {
     u32 y;
@@ -179,7 +172,7 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
         }
         const int kk = d / 16, rem = d % 16;
         const int e = (rem & 1) + 2 * (rem >= 8), q4 = (rem % 8) / 2;
-        u8* sp = page + (q4 * (LA_D / 16) + kk) * 16 + (e >> 1) * 4 + (e & 1) * 2;
+        u8* sp = page + (4 * kk + q4) * 16 + (e >> 1) * 4 + (e & 1) * 2;
         bad += !scale(mn, mx, nan, ks[d], klo[d], sp, sp + 8);
     }
     for (int i = threadIdx.x; i < LA_QG * KQ_NG; i += blockDim.x) {
@@ -224,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviPara
                         const int key = ti * 16 + col, ch = f * 16 + row, g = ch / LA_QG;
                         c = kq_code(la_to_f32(sv[key * LA_D + ch]), vs[key * KQ_NG + g], vlo[key * KQ_NG + g]);
                     }
-                    w |= (u32)c << (el * 16 + LA_QB * (4 * j + reg));
+                    w |= (u32)c << (el * 16 + 8 * (reg & 1) + 4 * j + LA_QB * (reg >> 1));
                 }
             }
         }
@@ -384,15 +377,19 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
         __syncwarp();
         const u8* pg = ring + cur * KQ_PAGE;
         // Per page: B = s q and the constant lo . q (the same in every row of cst).
+        const u32 nk[4] = {KQ_K2(0) | 0x80008000u, KQ_K2(0) | 0x80008000u, KQ_K2(1) | 0x80008000u,
+                           KQ_K2(1) | 0x80008000u};
         u32 kb[LA_D / 16][2];
         float cs[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int ks = 0; ks < LA_D / 16; ks++) {
-            const la_v4 w = *(const la_v4*)(pg + (q4 * (LA_D / 16) + ks) * 16);
+            const la_v4 w = *(const la_v4*)(pg + (4 * ks + q4) * 16);
             kb[ks][0] = kq_hmul2(qh[ks][0], w.x);
             kb[ks][1] = kq_hmul2(qh[ks][1], w.y);
             const u32 a[4] = {w.z, w.z, w.w, w.w};
             kq_mma_f16(cs[ks & 1], a, qh[ks]);
+            // - sum_k K_k (s q)_k: the codes carry K.
+            kq_mma_f16(cs[ks & 1], nk, kb[ks]);
         }
         const float cst[2] = {cs[0][0] + cs[1][0], cs[0][1] + cs[1][1]};
         // S^T of the page's T tiles (two accumulators per tile: shorter mma chains), one
@@ -437,6 +434,10 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
             for (int g = 0; g < KQ_NG; g++) {
                 const uint2 sg = *(const uint2*)(vsc + (q4 * KQ_NG + g) * 8);
                 const u32 bs[2] = {kq_hmul2(pb[0], sg.x), kq_hmul2(pb[1], sg.y)};
+                // - sum_t K_t (s P)_t into row g of the minima's sums (the codes carry K).
+                const u32 ng = r == g ? 0x80008000u : 0u;
+                const u32 ak[4] = {r == g ? KQ_K2(0) | ng : 0u, 0u, r == g ? KQ_K2(1) | ng : 0u, 0u};
+                kq_mma_f16(olo, ak, bs);
 #pragma unroll
                 for (int mt = g * (LA_QG / 16); mt < (g + 1) * (LA_QG / 16); mt += KQ_FW) {
                     u32 c[KQ_R];
