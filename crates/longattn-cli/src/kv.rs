@@ -131,6 +131,9 @@ struct BenchArgs {
     /// Fraction kept by eviction and attended by Quest.
     #[arg(long, default_value_t = 0.2)]
     budget: f64,
+    /// KIVI group (tokens per quantized page; also the residual) of the int4 / int2 rows.
+    #[arg(long, default_value_t = 32)]
+    kivi_group: usize,
     /// Peers on the full cache in the same run (sdpa, flashinfer; `none` for none).
     #[arg(long, default_value = "sdpa,flashinfer")]
     compare: String,
@@ -189,6 +192,7 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
             hk: a.kv_heads,
             d: a.dim,
             budget: a.budget,
+            kivi_group: a.kivi_group,
             ..Default::default()
         });
     }

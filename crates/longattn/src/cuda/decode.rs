@@ -85,6 +85,7 @@ struct LaDecParams {
     qlens: u64,
     qmax_pages: i32,
     qpad: i32,
+    tickets: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -786,6 +787,7 @@ pub struct DecodePlan {
     quant: Option<(u32, usize)>,
     _o_part: CudaSlice<f32>,
     _lse_part: CudaSlice<f32>,
+    _tickets: CudaSlice<i32>,
 }
 
 impl DecodePlan {
@@ -963,7 +965,7 @@ impl DecodePlan {
         if mma {
             // The ring's stages shrink (to 2) until the ring and the finish's static arrays
             // (s_acc, s_m, s_l) fit the device's shared memory.
-            let fixed = warps * g * (d + 2) * 4 + 1024;
+            let fixed = warps * g * (d + 2) * 4 + warps * crate::kv::decode::MAX_SPLITS * 4 + 1024;
             while ns > 2 && warps * ns * stage + fixed > dev.smem_optin {
                 ns -= 1;
             }
@@ -1074,6 +1076,13 @@ impl DecodePlan {
         let lse_part = s
             .alloc_zeros::<f32>(ws.max(1))
             .map_err(drv("alloc workspace"))?;
+        // The merge fused into the decode kernel (the last split of a row merges; one ticket per
+        // grid row): no second launch. `LONGATTN_CUDA_DECODE_FUSE=0` keeps la_decode_merge.
+        let fuse = split.num_splits > 1
+            && std::env::var("LONGATTN_CUDA_DECODE_FUSE").map_or(true, |v| v != "0");
+        let tickets = s
+            .alloc_zeros::<i32>(if fuse { batch * hk * chunks } else { 1 })
+            .map_err(drv("alloc decode tickets"))?;
         let scale = params.scale_for(d);
         let log2e = std::f32::consts::LOG2_E;
         let (q_scale, cap_mul) = match params.softcap {
@@ -1096,6 +1105,7 @@ impl DecodePlan {
             head_chunks: chunks as i32,
             q_scale,
             cap_mul,
+            tickets: if fuse { tickets.device_ptr(s).0 } else { 0 },
             ..Default::default()
         };
         let cfg = LaunchConfig {
@@ -1131,6 +1141,7 @@ impl DecodePlan {
             quant,
             _o_part: o_part,
             _lse_part: lse_part,
+            _tickets: tickets,
         })
     }
 
@@ -1304,9 +1315,10 @@ impl DecodePlan {
         let mut lb = s.launch_builder(&self.func);
         lb.arg(&p);
         // SAFETY: the struct matches the kernel's; the buffers are the caller's contract (above);
-        // the workspace holds B x Hq x num_splits rows.
+        // the workspace holds B x Hq x num_splits rows and the tickets one int per grid row (y, z),
+        // zero between launches (the merging block resets its ticket).
         unsafe { lb.launch(self.cfg) }.map_err(drv("launch decode"))?;
-        if self.split.num_splits > 1 {
+        if self.split.num_splits > 1 && p.tickets == 0 {
             let mut mb = s.launch_builder(&self.merge);
             mb.arg(&p);
             // SAFETY: as above; the merge reads the splits the decode kernel wrote.

@@ -53,6 +53,10 @@ struct LaDecParams {
     const int* qtables;            // [B, Hk, qmax_pages]
     const int* qlens;              // [B, Hk] quantized entries (a row's length is qlens + lens)
     int qmax_pages, qpad;
+    // Split merge fused into the decode kernel: a ticket per (sequence, KV head, head chunk)
+    // [B, Hk, head_chunks], zero between launches (the merging block resets its own); null: the
+    // separate la_decode_merge kernel merges.
+    int* tickets;
 };
 
 #define LA_LPT (LA_D / 8)             // lanes per token
@@ -102,6 +106,55 @@ __device__ __forceinline__ i64 la_row(const LaDecParams& p, int page, int b, int
 #else
     return (((i64)b * p.seq_cap + j) * p.Hk + kh) * LA_D + sub * 8;
 #endif
+}
+
+// Merge of the splits of one output row (b, h) by one warp. With the partials (o_i, lse_i) of
+// the splits that hold keys, i < n = ceil(len / split_len), over disjoint key ranges:
+//     lse = log sum_i exp(lse_i) = M + log sum_i exp(lse_i - M),   M = max_i lse_i,
+//     o   = sum_i exp(lse_i - lse) o_i
+// (relative to M, so no exp overflows). Split 0 always writes a partial (-inf for length 0);
+// only -inf partials: o = 0, lse = -inf. The partials are read through L2 (ld.cg): with the fused merge other blocks wrote them.
+#ifndef LA_MAX_SPLITS
+#define LA_MAX_SPLITS 128   // kv::decode::MAX_SPLITS (set by the host)
+#endif
+__device__ __forceinline__ void la_merge_row(const LaDecParams& p, int row, int lane, float* w) {
+    const int b = row / p.Hq, kh = (row % p.Hq) / (p.Hq / p.Hk);
+    const int trow = p.head_tables ? b * p.Hk + kh : b;
+    const int len = p.lens[trow] + (p.qlens ? p.qlens[trow] : 0);
+    const int n = la_imin(p.num_splits, la_imax(1, (len + p.split_len - 1) / p.split_len));
+    const float* lp = p.lse_part + (i64)row * p.num_splits;
+    float mx = -LA_INF;
+    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, __ldcg(lp + i));
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, off));
+    const float base = mx == -LA_INF ? 0.f : mx;
+    float sum = 0.f;
+    for (int i = lane; i < n; i += 32) sum += la_exp2((__ldcg(lp + i) - base) * LA_LOG2E);
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(LA_FULL, sum, off);
+    const float lse = sum > 0.f ? base + logf(sum) : -LA_INF;
+    // Weights w_i = exp(lse_i - lse) in shared memory, then each lane accumulates its LA_D / 32
+    // contiguous elements over the splits: every split's row is one coalesced load per warp and
+    // the loop is unrolled so that several splits' loads are in flight (a loop over splits per
+    // element waits on one L2 round trip per split and element).
+    for (int i = lane; i < n; i += 32) w[i] = sum > 0.f ? la_exp2((__ldcg(lp + i) - lse) * LA_LOG2E) : 0.f;
+    __syncwarp();
+    constexpr int PER = LA_D / 32;
+    float acc[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) acc[e] = 0.f;
+    const float* op = p.o_part + (i64)row * p.num_splits * LA_D + lane * PER;
+#pragma unroll 4
+    for (int i = 0; i < n; i++) {
+        const float wi = w[i];
+#pragma unroll
+        for (int e = 0; e < PER; e++) acc[e] = fmaf(wi, __ldcg(op + (i64)i * LA_D + e), acc[e]);
+    }
+    u16* dst = p.o + (i64)row * LA_D + lane * PER;
+#pragma unroll
+    for (int e = 0; e < PER; e++) dst[e] = (u16)(la_pack2(acc[e], 0.f) & 0xffffu);
+    if (lane == 0) p.lse[row] = lse;
+    __syncwarp();
 }
 
 #if !LA_MERGE_ONLY
@@ -155,6 +208,29 @@ __device__ __forceinline__ void la_block_finish(const LaDecParams& p, float (&s_
             if (d == 0) p.lse_part[row * p.num_splits + split] = lse;
         }
     }
+    // Fused merge: the last of the row's splits to finish (a ticket per grid row (y, z)) merges
+    // them, after every block's partials are visible (fence, then the ticket).
+    if (!direct && p.tickets) {
+        __shared__ int s_last;
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const int trow = p.head_tables ? b * p.Hk + h0 / (p.Hq / p.Hk) : b;
+            const int len = p.lens[trow] + (p.qlens ? p.qlens[trow] : 0);
+            const int n = la_imin(p.num_splits, la_imax(1, (len + p.split_len - 1) / p.split_len));
+            int* t = p.tickets + (i64)blockIdx.z * gridDim.y + blockIdx.y;
+            s_last = atomicAdd(t, 1) == n - 1;
+            if (s_last) *t = 0;
+        }
+        __syncthreads();
+        if (s_last) {
+            __threadfence();
+            __shared__ float s_w[LA_WARPS][LA_MAX_SPLITS];
+            const int warp = threadIdx.x >> 5;
+            for (int g = warp; g < LA_G; g += LA_WARPS)
+                la_merge_row(p, b * p.Hq + h0 + g, threadIdx.x & 31, s_w[warp]);
+        }
+    }
 }
 
 #ifndef LA_KIVI
@@ -173,7 +249,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     const bool direct = p.num_splits == 1;
     // The merge reads only the splits that hold keys; with one split the block always writes
     // (a sequence of length 0 gets o = 0, lse = -inf).
-    if (!direct && j0 >= len) return;
+    if (!direct && j0 >= len && split > 0) return;   // split 0 runs (a -inf partial for len 0)
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int grp = lane / LA_LPT, sub = lane % LA_LPT;
@@ -405,7 +481,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     const int j0 = split * p.split_len;
     const int j1 = la_imin(len, j0 + p.split_len);
     const bool direct = p.num_splits == 1;
-    if (!direct && j0 >= len) return;
+    if (!direct && j0 >= len && split > 0) return;   // split 0 runs (a -inf partial for len 0)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = lane >> 2, q4 = lane & 3;   // fragment row (head) and column pair
     const int* tab = p.tables + (i64)trow * p.max_pages;
@@ -549,55 +625,11 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 
 #endif  // !LA_MERGE_ONLY
 
-// Merge of the splits of one output row (b, h); one warp per row. With the partials (o_i, lse_i)
-// of the splits that hold keys, i < n = ceil(len / split_len), over disjoint key ranges:
-//     lse = log sum_i exp(lse_i) = M + log sum_i exp(lse_i - M),   M = max_i lse_i,
-//     o   = sum_i exp(lse_i - lse) o_i
-// (relative to M, so no exp overflows). n = 0 (length 0) or only -inf partials: o = 0, lse = -inf.
+// The separate merge kernel: one warp per row.
 #define LA_MERGE_ROWS 4
-#ifndef LA_MAX_SPLITS
-#define LA_MAX_SPLITS 128   // kv::decode::MAX_SPLITS (set by the host)
-#endif
 extern "C" __global__ void __launch_bounds__(LA_MERGE_ROWS * 32) la_decode_merge(const LaDecParams p) {
     const int row = blockIdx.x * LA_MERGE_ROWS + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
     if (row >= p.B * p.Hq) return;
-    const int b = row / p.Hq, kh = (row % p.Hq) / (p.Hq / p.Hk);
-    const int trow = p.head_tables ? b * p.Hk + kh : b;
-    const int len = p.lens[trow] + (p.qlens ? p.qlens[trow] : 0);
-    const int n = la_imin(p.num_splits, (len + p.split_len - 1) / p.split_len);
-    const float* lp = p.lse_part + (i64)row * p.num_splits;
-    float mx = -LA_INF;
-    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, lp[i]);
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, off));
-    const float base = mx == -LA_INF ? 0.f : mx;
-    float sum = 0.f;
-    for (int i = lane; i < n; i += 32) sum += la_exp2((lp[i] - base) * LA_LOG2E);
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(LA_FULL, sum, off);
-    const float lse = sum > 0.f ? base + logf(sum) : -LA_INF;
-    // Weights w_i = exp(lse_i - lse) in shared memory, then each lane accumulates its LA_D / 32
-    // contiguous elements over the splits: every split's row is one coalesced load per warp and
-    // the loop is unrolled so that several splits' loads are in flight (a loop over splits per
-    // element waits on one L2 round trip per split and element).
     __shared__ float s_w[LA_MERGE_ROWS][LA_MAX_SPLITS];
-    float* w = s_w[threadIdx.x >> 5];
-    for (int i = lane; i < n; i += 32) w[i] = sum > 0.f ? la_exp2((lp[i] - lse) * LA_LOG2E) : 0.f;
-    __syncwarp();
-    constexpr int PER = LA_D / 32;
-    float acc[PER];
-#pragma unroll
-    for (int e = 0; e < PER; e++) acc[e] = 0.f;
-    const float* op = p.o_part + (i64)row * p.num_splits * LA_D + lane * PER;
-#pragma unroll 4
-    for (int i = 0; i < n; i++) {
-        const float wi = w[i];
-#pragma unroll
-        for (int e = 0; e < PER; e++) acc[e] = fmaf(wi, op[(i64)i * LA_D + e], acc[e]);
-    }
-    u16* dst = p.o + (i64)row * LA_D + lane * PER;
-#pragma unroll
-    for (int e = 0; e < PER; e++) dst[e] = (u16)(la_pack2(acc[e], 0.f) & 0xffffu);
-    if (lane == 0) p.lse[row] = lse;
+    la_merge_row(p, row, threadIdx.x & 31, s_w[threadIdx.x >> 5]);
 }

@@ -312,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32, KQ_MINB) la_decode_k
     const int j0 = split * p.split_len;
     const int j1 = la_imin(len, j0 + p.split_len);
     const bool direct = p.num_splits == 1;
-    if (!direct && j0 >= len) return;
+    if (!direct && j0 >= len && split > 0) return;   // split 0 runs (a -inf partial for len 0)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int r = lane >> 2, q4 = lane & 3;
     const int ntiles = j1 > j0 ? (j1 - j0 + 15) / 16 : 0;
