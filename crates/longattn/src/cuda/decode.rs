@@ -941,12 +941,13 @@ impl DecodePlan {
             _ => 0,
         };
         // KIVI: blocks per SM the registers are capped for, and stages of the ring of pages
-        // (`LONGATTN_CUDA_KIVI=minb,stages`, tuning runs). 4 blocks of 4 warps (128 registers,
-        // no spills) need 2 stages of pages to fit the shared memory.
+        // (`LONGATTN_CUDA_KIVI=minb,stages`, tuning runs). H200, 1 / 8 x 128k, int4 g32 ms:
+        // (4, 2) 0.0643 / 0.3357, (3, 2) 0.0609 / 0.3274, (3, 3) 0.0655 / 0.362, (2, 3) 0.0648 /
+        // 0.352, (4, 4) 0.0733 / 0.433, (2, 6) 0.0902 / 0.590 (PERF.md): 3 blocks, 2 stages.
         let kivi_tune = super::forward::env_list("LONGATTN_CUDA_KIVI");
         let minb = match kivi_tune.first() {
             Some(&b) if (1..=8).contains(&b) => b,
-            _ => 4,
+            _ => 3,
         };
         if quant.is_some() {
             ns = match kivi_tune.get(1) {

@@ -413,7 +413,9 @@ impl DevKivi {
                 self.free.len()
             )));
         }
-        let taken: Vec<i32> = self.free.split_off(self.free.len() - need);
+        // The free list is popped from its end: a row's new pages come in ascending order.
+        let mut taken: Vec<i32> = self.free.split_off(self.free.len() - need);
+        taken.reverse();
         let mut jobs = Vec::with_capacity(3 * need);
         let mut next = taken.iter();
         for (r, &n) in groups.iter().enumerate() {
@@ -422,7 +424,7 @@ impl DevKivi {
             }
         }
         let restore = |me: &mut DevKivi, e: Error| {
-            me.free.extend(&taken);
+            me.free.extend(taken.iter().rev());
             Err(e)
         };
         if let Err(e) = self.launch_quant(cache, &jobs, need) {
