@@ -931,7 +931,9 @@ impl DecodePlan {
         // Bytes of one ring stage of one warp: a K and a V tile of 16 rows (padded), or a KIVI
         // page (kv_kivi.cu).
         let stage = match quant {
-            Some((bits, group)) => crate::kv::kivi_cuda::PageLayout::new(d, bits, group)?.stage_bytes(),
+            Some((bits, group)) => {
+                crate::kv::kivi_cuda::PageLayout::new(d, bits, group)?.stage_bytes()
+            }
             None => 2 * 16 * (d + 8) * 2,
         };
         let mut ns = match tune.get(2) {

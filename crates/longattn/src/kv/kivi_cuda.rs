@@ -352,10 +352,7 @@ impl DevKivi {
     /// Bytes of the pages in use, and of the pool.
     pub fn bytes(&self) -> (usize, usize) {
         let pb = self.layout.page_bytes();
-        (
-            (self.num_pages - self.free.len()) * pb,
-            self.num_pages * pb,
-        )
+        ((self.num_pages - self.free.len()) * pb, self.num_pages * pb)
     }
 
     /// The pages of row r, oldest first.
@@ -586,7 +583,11 @@ fn oracle(
             let s: Vec<f64> = (0..n)
                 .map(|j| {
                     let k = &keys[r][j * d..][..d];
-                    qr.iter().zip(k).map(|(&a, &c)| a as f64 * c as f64).sum::<f64>() * scale
+                    qr.iter()
+                        .zip(k)
+                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .sum::<f64>()
+                        * scale
                 })
                 .collect();
             if n == 0 {
@@ -614,22 +615,32 @@ fn oracle(
 fn bits_of(x: &[f32], dt: DType) -> Vec<u16> {
     match dt {
         DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_bits()).collect(),
-        _ => x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(),
+        _ => x
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_bits())
+            .collect(),
     }
 }
 
 fn from_bits(b: &[u16], dt: DType) -> Vec<f32> {
     match dt {
         DType::F16 => b.iter().map(|&x| f16::from_bits(x).to_f32()).collect(),
-        _ => b.iter().map(|&x| half::bf16::from_bits(x).to_f32()).collect(),
+        _ => b
+            .iter()
+            .map(|&x| half::bf16::from_bits(x).to_f32())
+            .collect(),
     }
 }
 
 /// Random entries in the storage type: uniform [-1, 1) with a few outlier channels (K's, the
 /// reason KIVI quantizes K per channel) and a few heavy tokens.
 fn random_rows(n: usize, d: usize, rng: &mut Rng, dt: DType) -> (Vec<f32>, Vec<f32>) {
-    let mut k: Vec<f32> = (0..n * d).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect();
-    let v: Vec<f32> = (0..n * d).map(|_| rng.uniform() as f32 * 2.0 - 1.0).collect();
+    let mut k: Vec<f32> = (0..n * d)
+        .map(|_| rng.uniform() as f32 * 2.0 - 1.0)
+        .collect();
+    let v: Vec<f32> = (0..n * d)
+        .map(|_| rng.uniform() as f32 * 2.0 - 1.0)
+        .collect();
     for (i, x) in k.iter_mut().enumerate() {
         if (i % d) % 29 == 3 {
             *x = *x * 6.0 + 4.0;
@@ -682,9 +693,10 @@ fn check_case(dev: &Arc<CudaDevice>, c: &KiviCase) -> Result<(f64, f64, String, 
         .map(|r| random_rows(row_len(r), d, &mut rng, dt))
         .collect();
     let max_total = (0..rows).map(row_len).max().unwrap_or(0) + c.more;
-    let pages = 2 * (0..rows)
-        .map(|r| (row_len(r) + c.more).div_ceil(page) + 2)
-        .sum::<usize>();
+    let pages = 2
+        * (0..rows)
+            .map(|r| (row_len(r) + c.more).div_ceil(page) + 2)
+            .sum::<usize>();
     let mut cache = DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, b)?;
     if let Some(t) = cache.page_tables_mut() {
         t.shuffle_free(c.seed);
@@ -705,7 +717,9 @@ fn check_case(dev: &Arc<CudaDevice>, c: &KiviCase) -> Result<(f64, f64, String, 
         cache.k = dev.upload(&kb)?;
         cache.v = dev.upload(&vb)?;
     }
-    let qpages = (0..rows).map(|r| (row_len(r) + c.more) / c.kivi.group + 1).sum();
+    let qpages = (0..rows)
+        .map(|r| (row_len(r) + c.more) / c.kivi.group + 1)
+        .sum();
     let mut kv = DevKivi::new(dev, &cache, c.kivi, max_total, qpages)?;
     let q: Vec<f32> = {
         let x: Vec<f32> = (0..b * hq * d)
@@ -845,7 +859,10 @@ fn check_refusals(dev: &Arc<CudaDevice>) -> Result<(f64, f64, String, bool)> {
     let before = cache.download()?;
     let e1 = kv.quantize(&mut cache);
     let unchanged = cache.download()? == before && cache.lens() == vec![70] && kv.lens() == vec![0];
-    let mut notes = vec![format!("overflow: {:?}", e1.as_ref().err().map(|e| e.to_string()))];
+    let mut notes = vec![format!(
+        "overflow: {:?}",
+        e1.as_ref().err().map(|e| e.to_string())
+    )];
     let mut ok = e1.is_err() && unchanged && kv.bytes().0 == 0;
     let refused = [
         PageLayout::new(256, 4, 32).is_err(),
@@ -920,13 +937,7 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         .map(|c| {
             let name = format!(
                 "kv kivi {} {}/{} D{} {} lens {:?} +{}",
-                c.dt,
-                c.heads.0,
-                c.heads.1,
-                c.d,
-                c.kivi,
-                c.lens,
-                c.more
+                c.dt, c.heads.0, c.heads.1, c.d, c.kivi, c.lens, c.more
             );
             let tol = out_tolerance(c.dt);
             match check_case(dev, c) {
@@ -1051,7 +1062,9 @@ mod tests {
         let k: Vec<f32> = (0..group * d)
             .map(|i| ((i * 7 + i / d) % 16) as f32 * 0.25 - 2.0)
             .collect();
-        let v: Vec<f32> = (0..group * d).map(|i| ((i * 5) % 16) as f32 * 0.5).collect();
+        let v: Vec<f32> = (0..group * d)
+            .map(|i| ((i * 5) % 16) as f32 * 0.5)
+            .collect();
         let (page, ok) = pack_page(&k, &v, lay);
         assert!(ok);
         let (kq, vq) = unpack_page(&page, lay);
