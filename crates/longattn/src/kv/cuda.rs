@@ -1067,15 +1067,15 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         );
     }
     // Eviction to the budget, ragged over the heads.
-    {
-        let frac = |kh: usize| {
-            let t = if hk > 1 {
-                kh as f64 / (hk - 1) as f64
-            } else {
-                0.5
-            };
-            (cfg.budget * (0.5 + t)).min(1.0)
+    let frac = |kh: usize| {
+        let t = if hk > 1 {
+            kh as f64 / (hk - 1) as f64
+        } else {
+            0.5
         };
+        (cfg.budget * (0.5 + t)).min(1.0)
+    };
+    {
         let lens: Vec<usize> = (0..batch * hk)
             .map(|r| ((frac(r % hk) * len as f64).round() as usize).max(1))
             .collect();
@@ -1096,29 +1096,46 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             &mut rows,
         );
     }
-    // KIVI pages (int4, int2): the per-head cache quantized (not timed: a group's quantization
-    // happens once per G appends), then decode over the pages and the residual.
-    for bits in [4u32, 2] {
+    // KIVI pages (int4, int2; and int4 after eviction to the budget, the ragged lengths above):
+    // the per-head cache quantized (not timed: a group's quantization happens once per G
+    // appends), then decode over the pages and the residual.
+    let evicted: Vec<usize> = (0..batch * hk)
+        .map(|r| ((frac(r % hk) * len as f64).round() as usize).max(1))
+        .collect();
+    let full = vec![len; batch * hk];
+    for (bits, lens, what) in [
+        (4u32, &full, String::new()),
+        (2, &full, String::new()),
+        (4, &evicted, format!("evict to {} + ", cfg.budget)),
+    ] {
         let kivi = Kivi {
             bits,
             group: cfg.kivi_group,
             residual: cfg.kivi_group,
         };
-        let pages = 2 * batch * hk * (len.div_ceil(page) + 2);
+        let pages = 2 * lens.iter().map(|l| l.div_ceil(page) + 2).sum::<usize>();
         let mut c = DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, batch)?;
-        c.grow_rows(&vec![len; batch * hk])?;
+        c.grow_rows(lens)?;
         crate::cuda::decode::fill_random(dev, dt, &mut c.k, 41 + bits)?;
         crate::cuda::decode::fill_random(dev, dt, &mut c.v, 42 + bits)?;
-        let mut kv = DevKivi::new(dev, &c, kivi, len, batch * hk * len.div_ceil(kivi.group))?;
+        let qpages = lens.iter().map(|l| l.div_ceil(kivi.group)).sum();
+        let mut kv = DevKivi::new(dev, &c, kivi, len, qpages)?;
         kv.quantize(&mut c)?;
         let (q, mut o, mut lse) = alloc_q(43)?;
-        let plan = kv.plan(&c, hq, len, &params)?;
+        let max = lens.iter().copied().max().unwrap_or(1);
+        let plan = kv.plan(&c, hq, max, &params)?;
         let ms = time_calls(dev, cfg.reps, cfg.samples, || {
             kv.decode(&plan, &c, &q, &mut o, &mut lse)
         })?;
         let (used, _) = kv.bytes();
         let res: usize = c.lens().iter().sum::<usize>() * row_bytes;
-        push(format!("{kivi}"), ms, used + res, used + res, &mut rows);
+        push(
+            format!("{what}{kivi}"),
+            ms,
+            used + res,
+            used + res,
+            &mut rows,
+        );
     }
     dev.synchronize()?;
     Ok(rows)
