@@ -806,15 +806,29 @@ impl DecodePlan {
             let total: usize = rows.iter().map(|&l| l.min(max_len)).sum();
             total.div_ceil(max_len).max(1)
         });
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None)
+    }
+
+    /// [`DecodePlan::plan`] for `cache`'s layout and dimensions.
+    fn for_cache(
+        dev: &Arc<CudaDevice>,
+        cache: &DevPagedCache,
+        hq: usize,
+        max_len: usize,
+        params: &DecodeParams,
+        work_rows: Option<usize>,
+        quant: Option<(u32, usize)>,
+    ) -> Result<DecodePlan> {
+        let dims = (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch());
         Self::plan(
             dev,
             cache.layout,
-            (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch()),
+            dims,
             hq,
             max_len,
             params,
             work_rows,
-            None,
+            quant,
         )
     }
 
@@ -830,16 +844,8 @@ impl DecodePlan {
     ) -> Result<DecodePlan> {
         let max_len = lens.iter().copied().max().unwrap_or(0);
         let work_rows = (max_len > 0).then(|| lens.iter().sum::<usize>().div_ceil(max_len).max(1));
-        Self::plan(
-            dev,
-            cache.layout,
-            (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch()),
-            hq,
-            max_len,
-            params,
-            work_rows,
-            Some((bits, group)),
-        )
+        let quant = Some((bits, group));
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant)
     }
 
     /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches
