@@ -54,7 +54,8 @@ pub struct Args {
     /// the model; `roles=FILE` from `longattn kv roles`), applied as the cache grows; quantized
     /// pages `kivi(bits=4|2,group=32,residual=32)`; query-aware page selection
     /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
-    /// eviction first, then quantization).
+    /// eviction first, then quantization; `h2o(budget=0.2)+merge`: what the press evicts is
+    /// folded into one residual slot per head, LOOK-M style).
     #[arg(long)]
     kv: Option<String>,
     /// Tokens per forward under `--kv` (1: token by token, decode-time compression).

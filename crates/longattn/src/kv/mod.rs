@@ -416,6 +416,43 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// Overwrites K `[D]` and V `[Dv]` of entry `e` of one (sequence, layer, KV head), an entry
+    /// in full precision; its position stays (the residual slot of a merging press,
+    /// [`press::merge`]).
+    pub fn set_entry(
+        &mut self,
+        id: SeqId,
+        layer: usize,
+        kh: usize,
+        e: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let c = self.cfg;
+        if k.len() != c.head_dim || v.len() != c.v_dim {
+            return Err(param(format!(
+                "set_entry: k holds {} values and v {}, expected {} and {}",
+                k.len(),
+                v.len(),
+                c.head_dim,
+                c.v_dim
+            )));
+        }
+        let h = self.head(id, layer, kh)?;
+        let nq = h.quant.len();
+        if e < nq || e >= h.held() {
+            return Err(param(format!(
+                "set_entry: entry {e} of layer {layer} KV head {kh}, which holds {nq} quantized and {} full-precision entries",
+                h.len()
+            )));
+        }
+        let r = e - nq;
+        let slot = h.pages[r / c.page_size] as usize * c.page_size + r % c.page_size;
+        self.k[slot * c.head_dim..][..c.head_dim].copy_from_slice(k);
+        self.v[slot * c.v_dim..][..c.v_dim].copy_from_slice(v);
+        Ok(())
+    }
+
     /// Convenience: extends by `n` and writes every layer (`kv[l] = (k, v)` of layer l).
     pub fn append(&mut self, id: SeqId, kv: &[(&[f32], &[f32])]) -> Result<usize> {
         if kv.len() != self.cfg.layers {

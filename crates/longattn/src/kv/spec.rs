@@ -1,8 +1,9 @@
 //! The `--kv` spec: policies composed with `+`, e.g. `snapkv(budget=0.2)+kivi(bits=4)`.
 //!
 //! Each part is `name(key=value,...)` (the grammar shared with the presses and sparse specs):
-//! at most one eviction press ([`Press`]), at most one quantization ([`Kivi`]) and at most one
-//! page selection ([`Quest`]). Order of application does not follow the text: after each forward
+//! at most one eviction press ([`Press`]), optionally `merge` (its evicted entries folded into a
+//! residual slot per head, [`super::press::merge`]), at most one quantization ([`Kivi`]) and at
+//! most one page selection ([`Quest`]). Order of application does not follow the text: after each forward
 //! the eviction press runs first, then quantization of the kept entries; Quest selects pages per
 //! query at attention time and drops nothing (it composes with nothing yet: its page bounds are
 //! over full-precision keys of every position).
@@ -74,6 +75,9 @@ pub struct KvSpec {
     pub quest: Option<Quest>,
     /// `duo(...,roles=FILE)`: the role table's path (read by the caller, which owns the model).
     pub roles: Option<String>,
+    /// `+merge`: what the eviction press evicts is merged into a residual slot per head
+    /// ([`super::press::merge`]).
+    pub merge: bool,
 }
 
 impl From<Press> for KvSpec {
@@ -124,6 +128,15 @@ impl KvSpec {
                         return Err(twice("quantization (kivi)"));
                     }
                 }
+                "merge" => {
+                    let (_, args) = crate::sparse::spec::split_call(OP, t)?;
+                    if !args.is_empty() {
+                        return Err(err(format!("`{t}`: `merge` takes no arguments")));
+                    }
+                    if std::mem::replace(&mut s.merge, true) {
+                        return Err(twice("merge"));
+                    }
+                }
                 "quest" => {
                     if s.quest.replace(Quest::parse(t)?).is_some() {
                         return Err(twice("page selection (quest)"));
@@ -137,6 +150,16 @@ impl KvSpec {
                     s.roles = roles;
                 }
             }
+        }
+        if s.merge && s.evict.is_none() {
+            return Err(err(format!(
+                "`{text}`: `merge` folds what an eviction press evicts into a residual slot: give one (e.g. snapkv(budget=0.2)+merge)"
+            )));
+        }
+        if s.merge && s.kivi.is_some() {
+            return Err(err(format!(
+                "`{text}`: merge composes with no quantization yet (the residual slot stays in full precision)"
+            )));
         }
         if s.quest.is_some() && (s.evict.is_some() || s.kivi.is_some()) {
             return Err(err(format!(
@@ -156,6 +179,9 @@ impl fmt::Display for KvSpec {
                 Some(r) => format!("{},roles={r})", t.strip_suffix(')').unwrap_or(&t)),
                 None => t,
             });
+        }
+        if self.merge {
+            parts.push("merge".into());
         }
         if let Some(k) = &self.kivi {
             parts.push(k.to_string());

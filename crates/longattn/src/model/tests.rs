@@ -476,6 +476,7 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             "tova(budget=1)",
             "knorm(budget=1)",
             "a2sf(budget=1,f=0.9)",
+            "snapkv(budget=1,window=4)+merge",
             "kivi(bits=16)",
             "h2o(budget=1)+kivi(bits=16)",
             "quest(budget=1,page=4)",
@@ -494,6 +495,13 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             "{arch}: h2o(budget=0.3) changed nothing"
         );
         assert!(mem.bytes_entries * 2 < mem.bytes_full, "{arch}: {mem:?}");
+        // Merging what h2o evicts changes its logits, not its memory.
+        let (merged, mem_m) = run_press(&m, &t, "h2o(budget=0.3)+merge", 25, 16);
+        assert!(
+            max_diff(&merged, &got) > 1e-5,
+            "{arch}: merge changed nothing"
+        );
+        assert_eq!(mem_m, mem, "{arch}");
     }
 }
 

@@ -40,6 +40,7 @@
 pub mod a2sf;
 pub mod h2o;
 pub mod knorm;
+pub mod merge;
 pub mod runner;
 pub mod snapkv;
 pub mod streaming;
@@ -717,21 +718,23 @@ pub fn compress(
     scores: Option<&mut KvScores>,
     headroom: usize,
 ) -> Result<CompressReport> {
-    compress_with(cache, id, press, scores, headroom, None)
+    compress_with(cache, id, press, scores, headroom, None, None)
 }
 
-/// As [`compress`] with the head role table `roles` that `duo` needs (retrieval heads keep
-/// every entry, the others are cut as streaming heads); ignored by the other presses.
 /// The keep sets a compression would apply, per `[layer * Hk + KV head]` (entry indices,
-/// increasing), with (when `with_ranks`) the value each entry is ranked by ([`ranks`]).
+/// increasing), with (when `with_ranks`) the value each entry is ranked by ([`ranks`]) and,
+/// under merging, the residual slot's entry of every head that evicts (before compaction).
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeepPlan {
     pub keeps: Vec<Vec<usize>>,
     pub ranks: Vec<Vec<f32>>,
+    pub slots: Vec<Option<usize>>,
 }
 
 /// Every head's keep set under `press` (what [`compress_with`] applies), checked against the
-/// cache; nothing changes. `with_ranks` also returns the values the press ranked.
+/// cache; nothing changes. `with_ranks` also returns the values the press ranked; `merge` plans
+/// LOOK-M-style merging with these residual slots ([`merge::keep_with_slot`]).
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     cache: &PagedKvCache,
     id: SeqId,
@@ -740,9 +743,20 @@ pub fn plan(
     headroom: usize,
     roles: Option<&HeadRoles>,
     with_ranks: bool,
+    merge: Option<&merge::MergeSlots>,
 ) -> Result<KeepPlan> {
     press.check()?;
     let c = cache.config();
+    if let Some(m) = merge {
+        if m.slots.len() != c.layers * c.kv_heads {
+            return Err(err(format!(
+                "merge slots of {} heads for a cache of {} layers x {} KV heads",
+                m.slots.len(),
+                c.layers,
+                c.kv_heads
+            )));
+        }
+    }
     if let Press::Duo { .. } = press {
         let r = roles.ok_or_else(|| {
             err(format!(
@@ -778,6 +792,7 @@ pub fn plan(
     }
     let mut keeps = Vec::with_capacity(c.layers * c.kv_heads);
     let mut all_ranks = Vec::new();
+    let mut slots = Vec::with_capacity(c.layers * c.kv_heads);
     for l in 0..c.layers {
         let n = press.layer_target(seq_len, headroom, l, c.layers);
         let layer_mean = match (press, scores) {
@@ -838,20 +853,47 @@ pub fn plan(
                 keys: &keys,
                 head_dim: c.head_dim,
             };
-            let k = keep(press, &h);
+            let (k, slot) = match merge {
+                Some(m) if n >= 1 && n < len => {
+                    if cache.head_quantized(id, l, kh)? > 0 {
+                        return Err(err(format!(
+                            "layer {l} KV head {kh} holds quantized entries: merging needs every entry in full precision"
+                        )));
+                    }
+                    let old = m.slots[l * c.kv_heads + kh].map(|s| s.entry);
+                    if let Some(e) = old.filter(|&e| e >= len) {
+                        return Err(err(format!(
+                            "layer {l} KV head {kh}: merge slot at entry {e} of {len} (slots out of step with the cache)"
+                        )));
+                    }
+                    let (k, e) = merge::keep_with_slot(press, &h, old);
+                    (k, Some(e))
+                }
+                _ => (keep(press, &h), None),
+            };
             cache.check_keep(id, l, kh, &k)?;
             if with_ranks {
                 all_ranks.push(ranks(press, &h));
             }
             keeps.push(k);
+            slots.push(slot);
         }
     }
     Ok(KeepPlan {
         keeps,
         ranks: all_ranks,
+        slots,
     })
 }
 
+/// A merging head's slot after compression: (entry before compaction, K, V, weight).
+type MergedSlot = (usize, Vec<f32>, Vec<f32>, f64);
+
+/// As [`compress`] with the head role table `roles` that `duo` needs (retrieval heads keep
+/// every entry, the others are cut as streaming heads; ignored by the other presses), and with
+/// `merge` the residual slots of LOOK-M-style merging ([`merge`]: evicted entries are folded into
+/// one slot per head instead of dropped; the slots are updated with the cache). Everything is
+/// planned and the merged values computed before anything changes.
 pub fn compress_with(
     cache: &mut PagedKvCache,
     id: SeqId,
@@ -859,18 +901,76 @@ pub fn compress_with(
     mut scores: Option<&mut KvScores>,
     headroom: usize,
     roles: Option<&HeadRoles>,
+    mut merge: Option<&mut merge::MergeSlots>,
 ) -> Result<CompressReport> {
-    let KeepPlan { keeps, .. } = plan(cache, id, press, scores.as_deref(), headroom, roles, false)?;
+    let KeepPlan { keeps, slots, .. } = plan(
+        cache,
+        id,
+        press,
+        scores.as_deref(),
+        headroom,
+        roles,
+        false,
+        merge.as_deref(),
+    )?;
     let c = cache.config();
+    // The merged slots' values (reads only) per merging head.
+    let mut merged: Vec<Option<MergedSlot>> = vec![None; keeps.len()];
+    for (i, (k, slot)) in keeps.iter().zip(&slots).enumerate() {
+        let (Some(e), Some(m)) = (*slot, merge.as_deref()) else {
+            continue;
+        };
+        let (l, kh) = (i / c.kv_heads, i % c.kv_heads);
+        let len = cache.head_len(id, l, kh)?;
+        let (hk, hv, _) = cache.gather_head(id, l, kh)?;
+        let old = m.slots[i].filter(|s| s.entry == e);
+        let w_old = old.map_or(0.0, |s| s.weight);
+        let mut is_kept = vec![false; len];
+        for &j in k {
+            is_kept[j] = true;
+        }
+        // A new slot's own entry is merged too (W = 0).
+        let evicted: Vec<usize> = (0..len)
+            .filter(|&j| !is_kept[j] || (j == e && old.is_none()))
+            .collect();
+        let sc: &[f32] = match scores.as_deref() {
+            Some(s) if press.score_kind().is_some() => s.head(l, kh),
+            _ => &[],
+        };
+        let weights: Vec<f64> = evicted
+            .iter()
+            .map(|&j| match press.score_kind() {
+                Some(_) => sc.get(j).copied().unwrap_or(0.0) as f64,
+                None => 1.0,
+            })
+            .collect();
+        let (mk, mv, total) = merge::merged_values(
+            (e, w_old),
+            &evicted,
+            &weights,
+            (&hk, &hv),
+            (c.head_dim, c.v_dim),
+        );
+        merged[i] = Some((e, mk, mv, total));
+    }
     // Everything checked: apply (infallible from here on).
     let mut pages_freed = 0;
     let mut kept = Vec::with_capacity(keeps.len());
     for (i, k) in keeps.iter().enumerate() {
         let (l, kh) = (i / c.kv_heads, i % c.kv_heads);
         if k.len() < cache.head_len(id, l, kh)? {
+            if let Some((e, mk, mv, _)) = &merged[i] {
+                cache.set_entry(id, l, kh, *e, mk, mv)?;
+            }
             pages_freed += cache.compress(id, l, kh, k)?;
             if let Some(s) = scores.as_deref_mut() {
                 s.compact(l, kh, k);
+            }
+            if let Some(m) = merge.as_deref_mut() {
+                m.slots[i] = merged[i].as_ref().map(|(e, _, _, w)| merge::Slot {
+                    entry: k.binary_search(e).expect("the slot is kept"),
+                    weight: *w,
+                });
             }
         }
         kept.push(k.len());

@@ -9,6 +9,7 @@
 //! bounds up to date at each attention and selects pages per query ([`QuestIndex`]).
 use std::sync::Mutex;
 
+use super::merge::MergeSlots;
 use super::{compress_with, plan, CompressReport, KeepPlan, Press};
 use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
@@ -31,6 +32,8 @@ pub struct PressAttention {
     quest: Mutex<Option<(SeqId, QuestIndex)>>,
     /// `duo`'s head role table ([`set_roles`](Self::set_roles)).
     roles: Option<HeadRoles>,
+    /// `+merge`: the residual slots and their sequence (created at the first compression).
+    merge: Mutex<Option<(SeqId, MergeSlots)>>,
 }
 
 impl PressAttention {
@@ -58,6 +61,7 @@ impl PressAttention {
             scores: Mutex::new(None),
             quest: Mutex::new(None),
             roles: None,
+            merge: Mutex::new(None),
         })
     }
 
@@ -85,6 +89,7 @@ impl PressAttention {
     pub fn reset(&self) {
         *self.scores.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.quest.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.merge.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     pub fn press(&self) -> &KvSpec {
@@ -105,6 +110,18 @@ impl PressAttention {
             Some(_) => return Err(other_seq()),
             None => None,
         };
+        let mguard = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh;
+        let slots = match (self.spec.merge, mguard.as_ref()) {
+            (false, _) => None,
+            (true, Some((s, m))) if *s == seq => Some(m),
+            (true, Some(_)) => return Err(other_seq()),
+            (true, None) => {
+                let c = cache.config();
+                fresh = MergeSlots::new(c.layers, c.kv_heads);
+                Some(&fresh)
+            }
+        };
         plan(
             cache,
             seq,
@@ -113,6 +130,7 @@ impl PressAttention {
             headroom,
             self.roles.as_ref(),
             true,
+            slots,
         )
     }
 
@@ -132,7 +150,27 @@ impl PressAttention {
                     Some(_) => return Err(other_seq()),
                     None => None,
                 };
-                compress_with(cache, seq, press, scores, headroom, self.roles.as_ref())?
+                let mut mguard = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+                let slots = if self.spec.merge {
+                    let c = cache.config();
+                    let (s, m) =
+                        mguard.get_or_insert_with(|| (seq, MergeSlots::new(c.layers, c.kv_heads)));
+                    if *s != seq {
+                        return Err(other_seq());
+                    }
+                    Some(m)
+                } else {
+                    None
+                };
+                compress_with(
+                    cache,
+                    seq,
+                    press,
+                    scores,
+                    headroom,
+                    self.roles.as_ref(),
+                    slots,
+                )?
             }
             None => {
                 let c = cache.config();

@@ -597,7 +597,7 @@ fn duo_keeps_retrieval_heads_whole_and_cuts_streaming_heads_to_sinks_and_window(
         .to_string();
     assert!(e.contains("needs the head role table"), "{e}");
     let other = HeadRoles::from_scores(vec![vec![0.5; 3]], RoleSelect::Ratio(0.5), 0, 8).unwrap();
-    let e = compress_with(&mut c, a, &press, None, 1, Some(&other))
+    let e = compress_with(&mut c, a, &press, None, 1, Some(&other), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("1 layers x 3 KV heads"), "{e}");
@@ -612,7 +612,7 @@ fn duo_keeps_retrieval_heads_whole_and_cuts_streaming_heads_to_sinks_and_window(
             c.append(a, &refs).unwrap();
         }
         let len = c.len(a).unwrap();
-        let rep = compress_with(&mut c, a, &press, None, 1, Some(&roles)).unwrap();
+        let rep = compress_with(&mut c, a, &press, None, 1, Some(&roles), None).unwrap();
         for l in 0..LAYERS {
             for kh in 0..HK {
                 let pos = c.positions(a, l, kh).unwrap();
@@ -767,7 +767,7 @@ fn kvpress_conventions_match_probabilities_from_the_definition() {
             mask: Some(&causal),
         };
         s.observe(&c, a, 0, &obs).unwrap();
-        let plan = plan(&c, a, &press, Some(&s), 0, None, true).unwrap();
+        let plan = plan(&c, a, &press, Some(&s), 0, None, true, None).unwrap();
         let n = press.target(len, 0);
         for kh in 0..HK {
             let mut w = want(kh, n);
@@ -844,5 +844,206 @@ fn pyramid_kvpress_counts_follow_its_line_and_fallback() {
             (total as f64 / layers as f64 - c).abs() <= 1.0,
             "mean {total}"
         );
+    }
+}
+
+#[test]
+fn merge_specs_parse_and_refuse_bad_input() {
+    use crate::kv::spec::KvSpec;
+    let s = KvSpec::parse("h2o(budget=0.2)+merge").unwrap();
+    assert!(s.merge);
+    assert_eq!(s.to_string(), "h2o(budget=0.2)+merge");
+    assert_eq!(
+        KvSpec::parse("merge + snapkv(budget=0.2)")
+            .unwrap()
+            .to_string(),
+        "snapkv(budget=0.2,window=32,kernel=5)+merge"
+    );
+    for (text, what) in [
+        ("merge", "give one"),
+        ("kivi(bits=4)+merge", "give one"),
+        ("h2o(budget=0.2)+merge+kivi(bits=4)", "no quantization"),
+        ("h2o(budget=0.2)+merge(x=1)", "takes no arguments"),
+        ("h2o(budget=0.2)+merge+merge", "more than one merge"),
+        ("quest(budget=0.2)+merge", "give one"),
+    ] {
+        let e = KvSpec::parse(text).unwrap_err().to_string();
+        assert!(e.contains(what), "{text}: {e}");
+    }
+}
+
+/// Streaming + merge: uniform weights, so each head's slot is exactly the mean of every entry
+/// it ever evicted; the head holds as many entries as without merging.
+#[test]
+fn merged_streaming_slot_is_the_mean_of_every_evicted_entry() {
+    use super::merge::MergeSlots;
+    for &(sinks, window) in &[(4usize, 20usize), (1, 7), (0, 33), (2, 3)] {
+        let press = Press::Streaming { sinks, window };
+        let cfg = KvConfig {
+            layers: LAYERS,
+            kv_heads: HK,
+            head_dim: D,
+            v_dim: D,
+            page_size: 16,
+        };
+        let mut c = PagedKvCache::new(cfg).unwrap();
+        let a = c.add_sequence();
+        let mut slots = MergeSlots::new(LAYERS, HK);
+        let mut rng = Rng::new((sinks * 31 + window) as u64);
+        // Every appended (K, V) per (layer, head): [position][D].
+        let mut all: Vec<(Vec<f32>, Vec<f32>)> = vec![Default::default(); LAYERS * HK];
+        for step in 0..130usize {
+            let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..LAYERS)
+                .map(|_| (randn(HK * D, &mut rng), randn(HK * D, &mut rng)))
+                .collect();
+            for (l, (k, v)) in kv.iter().enumerate() {
+                for kh in 0..HK {
+                    all[l * HK + kh]
+                        .0
+                        .extend_from_slice(&k[kh * D..(kh + 1) * D]);
+                    all[l * HK + kh]
+                        .1
+                        .extend_from_slice(&v[kh * D..(kh + 1) * D]);
+                }
+            }
+            let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            c.append(a, &refs).unwrap();
+            compress_with(&mut c, a, &press, None, 1, None, Some(&mut slots)).unwrap();
+            let len = step + 1;
+            let n = press.target(len, 1);
+            for (i, (all_k, all_v)) in all.iter().enumerate() {
+                let (l, kh) = (i / HK, i % HK);
+                let held = c.head_len(a, l, kh).unwrap();
+                assert_eq!(held, n.min(len), "S {sinks} W {window} step {step}");
+                let Some(slot) = slots.slots[i] else {
+                    assert!(len <= n, "S {sinks} W {window} step {step}: no slot");
+                    continue;
+                };
+                // Kept apart from the slot: the sinks and the newest n - 1 - S.
+                let recent = n - 1 - sinks.min(n - 1);
+                let evicted: Vec<usize> = (sinks..len - recent).collect();
+                let (k, v, pos) = c.gather_head(a, l, kh).unwrap();
+                assert_eq!(pos.len(), n);
+                let others: Vec<u32> = pos
+                    .iter()
+                    .enumerate()
+                    .filter(|&(e, _)| e != slot.entry)
+                    .map(|(_, &p)| p)
+                    .collect();
+                let want: Vec<u32> = (0..sinks.min(n - 1))
+                    .chain(len - recent..len)
+                    .map(|p| p as u32)
+                    .collect();
+                assert_eq!(others, want, "S {sinks} W {window} step {step}");
+                assert_eq!(slot.weight, evicted.len() as f64);
+                for x in 0..D {
+                    for (got, src) in [(&k, all_k), (&v, all_v)] {
+                        let mean = evicted.iter().map(|&p| src[p * D + x] as f64).sum::<f64>()
+                            / evicted.len() as f64;
+                        let g = got[slot.entry * D + x] as f64;
+                        assert!(
+                            (g - mean).abs() < 1e-5,
+                            "S {sinks} W {window} step {step}: slot {g} vs mean {mean}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A score-based press + merge: the slot is the newest evicted entry, holding the score-weighted
+/// mean of the evicted entries; the others are the reference keep set of n - 1 entries.
+#[test]
+fn merged_slot_weights_the_evicted_entries_by_their_scores() {
+    use super::merge::MergeSlots;
+    for (text, len) in [
+        ("h2o(budget=0.3)", 65usize),
+        ("snapkv(budget=0.2,window=8)", 113),
+        ("tova(budget=0.1)", 63),
+    ] {
+        let press = Press::parse(text).unwrap();
+        let (_, mut c) = run(None, len, 0, 23);
+        let a = SeqId(0);
+        let mut rng = Rng::new(len as u64);
+        let mut scores =
+            KvScores::new(&c, press.score_kind().unwrap(), ScoreParams::default()).unwrap();
+        for s in scores.scores.iter_mut() {
+            *s = (0..len - 3).map(|_| rng.uniform() as f32).collect();
+        }
+        let before: Vec<_> = (0..LAYERS * HK)
+            .map(|i| c.gather_head(a, i / HK, i % HK).unwrap())
+            .collect();
+        let sc = scores.clone();
+        let mut slots = MergeSlots::new(LAYERS, HK);
+        compress_with(
+            &mut c,
+            a,
+            &press,
+            Some(&mut scores),
+            0,
+            None,
+            Some(&mut slots),
+        )
+        .unwrap();
+        let n = press.target(len, 0);
+        for (i, (k0, v0, _)) in before.iter().enumerate() {
+            let (l, kh) = (i / HK, i % HK);
+            let h = HeadInput {
+                len,
+                n: n - 1,
+                scores: &sc.scores[i],
+                keys: &[],
+                head_dim: D,
+            };
+            let mut want = keep_reference(&press, &h);
+            let evicted: Vec<usize> = (0..len).filter(|j| !want.contains(j)).collect();
+            let slot_pos = *evicted.last().unwrap();
+            want.push(slot_pos);
+            want.sort_unstable();
+            let (k, v, pos) = c.gather_head(a, l, kh).unwrap();
+            let want_pos: Vec<u32> = want.iter().map(|&j| j as u32).collect();
+            assert_eq!(pos, want_pos, "{text} head {i}");
+            let slot = slots.slots[i].unwrap();
+            assert_eq!(pos[slot.entry] as usize, slot_pos);
+            let w: Vec<f64> = evicted
+                .iter()
+                .map(|&e| sc.scores[i].get(e).copied().unwrap_or(0.0) as f64)
+                .collect();
+            let total: f64 = w.iter().sum();
+            assert!((slot.weight - total).abs() < 1e-9);
+            for x in 0..D {
+                for (got, src) in [(&k, k0), (&v, v0)] {
+                    let mean = evicted
+                        .iter()
+                        .zip(&w)
+                        .map(|(&e, &we)| we * src[e * D + x] as f64)
+                        .sum::<f64>()
+                        / total;
+                    let g = got[slot.entry * D + x] as f64;
+                    assert!((g - mean).abs() < 1e-5, "{text}: {g} vs {mean}");
+                }
+            }
+            // The kept entries are untouched.
+            for (e, &j) in want.iter().enumerate() {
+                if j != slot_pos {
+                    assert_eq!(k[e * D..(e + 1) * D], k0[j * D..(j + 1) * D]);
+                }
+            }
+        }
+        // Slots of another shape: a clear error.
+        let mut bad = MergeSlots::new(1, 1);
+        let e = compress_with(
+            &mut c,
+            a,
+            &press,
+            Some(&mut scores),
+            0,
+            None,
+            Some(&mut bad),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("merge slots of 1 heads"), "{e}");
     }
 }
