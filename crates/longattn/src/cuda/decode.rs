@@ -1154,6 +1154,11 @@ impl DecodePlan {
         })
     }
 
+    /// (bits, group) of a KIVI plan ([`DecodePlan::for_kivi`]), None for the others.
+    pub(crate) fn kivi(&self) -> Option<(u32, usize)> {
+        self.quant
+    }
+
     /// The checks of a launch: `cache` is the planned one, its longest row (`max_len` keys) is
     /// within the planned splits, q / out / lse have the planned shapes.
     pub(crate) fn check_io(

@@ -540,6 +540,13 @@ impl DevKivi {
                 "the cache is not the one these KIVI pages were made for".into(),
             ));
         }
+        let ours = (self.layout.bits, self.layout.group);
+        if plan.kivi() != Some(ours) {
+            return Err(param(format!(
+                "the plan (KIVI bits and group {:?}) is not one for these pages ({ours:?}): make it with DevKivi::plan",
+                plan.kivi()
+            )));
+        }
         let longest = self.total_lens(cache).into_iter().max().unwrap_or(0);
         plan.check_io(cache, longest, q, o, lse)?;
         let s = self.dev.stream();
@@ -875,6 +882,18 @@ fn check_refusals(dev: &Arc<CudaDevice>) -> Result<(f64, f64, String, bool)> {
     let paged = DevPagedCache::new_paged(dev, DType::BF16, hk, d, page, 4, 1)?;
     let e2 = DevKivi::new(dev, &paged, kivi, 128, 4);
     ok &= e2.is_err();
+    // A plan made for other pages (int2) is refused by the int4 pages' decode.
+    let other = DevKivi::new(dev, &cache, Kivi { bits: 2, ..kivi }, 128, 4)?;
+    let plan = other.plan(&cache, 1, 128, &DecodeParams::default())?;
+    let q = upload(dev, &[0.5; 64], [1, 1, 1, 64], DType::BF16)?;
+    let mut o = DevTensor::alloc(dev, [1, 1, 1, 64], DType::BF16)?;
+    let mut lse = dev.alloc_f32(1)?;
+    let e3 = kv.decode(&plan, &cache, &q, &mut o, &mut lse);
+    notes.push(format!(
+        "other plan: {:?}",
+        e3.as_ref().err().map(|e| e.to_string())
+    ));
+    ok &= e3.is_err_and(|e| e.to_string().contains("not one for these pages"));
     Ok((0.0, 0.0, notes.join("; "), ok))
 }
 
