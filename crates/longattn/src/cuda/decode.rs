@@ -48,6 +48,15 @@ fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
 }
 
+/// Rows' worth of keys at `max_len` each that rows of lengths `lens` really hold (for the split
+/// plan of a ragged cache); None without keys.
+fn work_rows(lens: &[usize], max_len: usize) -> Option<usize> {
+    (max_len > 0).then(|| {
+        let total: usize = lens.iter().map(|&l| l.min(max_len)).sum();
+        total.div_ceil(max_len).max(1)
+    })
+}
+
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
@@ -200,7 +209,7 @@ fn check_kind(dtype: DType, d: usize) -> Result<()> {
     Ok(())
 }
 
-fn bits(s: Slice) -> Vec<u16> {
+pub(crate) fn bits(s: Slice) -> Vec<u16> {
     match s {
         Slice::BF16(x) => x.iter().map(|v| v.to_bits()).collect(),
         Slice::F16(x) => x.iter().map(|v| v.to_bits()).collect(),
@@ -801,11 +810,11 @@ impl DecodePlan {
     ) -> Result<DecodePlan> {
         // A ragged per-head cache: the split is planned for the rows' total keys (rows shorter
         // than the longest leave their last splits empty, so count the work, not the grid).
-        let rows = cache.lens();
-        let work_rows = (cache.layout.head_tables() && max_len > 0).then(|| {
-            let total: usize = rows.iter().map(|&l| l.min(max_len)).sum();
-            total.div_ceil(max_len).max(1)
-        });
+        let work_rows = cache
+            .layout
+            .head_tables()
+            .then(|| work_rows(&cache.lens(), max_len))
+            .flatten();
         Self::for_cache(dev, cache, hq, max_len, params, work_rows, None)
     }
 
@@ -833,17 +842,17 @@ impl DecodePlan {
     }
 
     /// A plan for a KIVI-quantized per-head cache (`crate::kv::kivi_cuda::DevKivi`): `bits` and
-    /// `group` of its pages, `lens` the rows' total entries (quantized + full precision).
+    /// `group` of its pages, rows of at most `max_len` entries, `lens` the rows' total entries
+    /// now (quantized + full precision).
     pub(crate) fn for_kivi(
         dev: &Arc<CudaDevice>,
         cache: &DevPagedCache,
         hq: usize,
-        lens: &[usize],
+        (max_len, lens): (usize, &[usize]),
         params: &DecodeParams,
         (bits, group): (u32, usize),
     ) -> Result<DecodePlan> {
-        let max_len = lens.iter().copied().max().unwrap_or(0);
-        let work_rows = (max_len > 0).then(|| lens.iter().sum::<usize>().div_ceil(max_len).max(1));
+        let work_rows = work_rows(lens, max_len);
         let quant = Some((bits, group));
         Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant)
     }

@@ -450,7 +450,7 @@ pub fn random_head_cache(
 }
 
 /// Storage bits (as the device holds them) as a host buffer of `dt`.
-fn from_bits(bits: Vec<u16>, dt: DType) -> Buffer {
+pub(super) fn from_bits(bits: Vec<u16>, dt: DType) -> Buffer {
     match dt {
         DType::F16 => Buffer::F16(bits.into_iter().map(half::f16::from_bits).collect()),
         _ => Buffer::BF16(bits.into_iter().map(half::bf16::from_bits).collect()),

@@ -285,7 +285,7 @@ impl DevKivi {
         };
         let layout = PageLayout::new(cache.head_dim, kivi.bits, kivi.group)?;
         let dt = cache.dtype;
-        let mut defines = vec![
+        let mut defs = vec![
             ("LA_F16".into(), ((dt == DType::F16) as u8).to_string()),
             ("LA_D".into(), layout.d.to_string()),
             ("LA_G".into(), "1".into()),
@@ -296,7 +296,7 @@ impl DevKivi {
             ("LA_MMA".into(), "1".into()),
             ("LA_MERGE_ONLY".into(), "0".into()),
         ];
-        defines.extend(defines_for(&layout));
+        defs.extend(defines(layout.bits, layout.group));
         let src = format!(
             "{}\n{}\n{}",
             include_str!("../cuda/kernels/common.cuh"),
@@ -310,7 +310,7 @@ impl DevKivi {
             layout.bits,
             layout.group
         );
-        let quant = dev.function(&variant, "la_kivi_quant", &src, &defines, 0)?;
+        let quant = dev.function(&variant, "la_kivi_quant", &src, &defs, 0)?;
         let rows = cache.batch() * cache.kv_heads;
         let qmax_pages = max_len.div_ceil(layout.group).max(1);
         let s = dev.stream();
@@ -509,17 +509,13 @@ impl DevKivi {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        let mut lens = self.total_lens(cache);
-        if lens.iter().all(|&l| l < max_len) {
-            if let Some(x) = lens.first_mut() {
-                *x = max_len;
-            }
-        }
+        let lens = self.total_lens(cache);
+        let max_len = lens.iter().copied().fold(max_len, usize::max);
         DecodePlan::for_kivi(
             &self.dev,
             cache,
             hq,
-            &lens,
+            (max_len, &lens),
             params,
             (self.layout.bits, self.layout.group),
         )
@@ -562,10 +558,6 @@ impl DevKivi {
         // list) and cover qlens; every row's total is within the plan (check_io).
         unsafe { plan.launch_raw_kivi(s, raw, rq) }
     }
-}
-
-fn defines_for(l: &PageLayout) -> Vec<(String, String)> {
-    defines(l.bits, l.group)
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -619,24 +611,14 @@ fn oracle(
     }
 }
 
+/// Values as the storage type's bits (what the device's pages hold).
 fn bits_of(x: &[f32], dt: DType) -> Vec<u16> {
-    match dt {
-        DType::F16 => x.iter().map(|&v| f16::from_f32(v).to_bits()).collect(),
-        _ => x
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_bits())
-            .collect(),
-    }
+    crate::cuda::decode::bits(Buffer::from_f32(dt, x).as_slice())
 }
 
+/// Storage bits as f32 values.
 fn from_bits(b: &[u16], dt: DType) -> Vec<f32> {
-    match dt {
-        DType::F16 => b.iter().map(|&x| f16::from_bits(x).to_f32()).collect(),
-        _ => b
-            .iter()
-            .map(|&x| half::bf16::from_bits(x).to_f32())
-            .collect(),
-    }
+    super::cuda::from_bits(b.to_vec(), dt).to_f32_vec()
 }
 
 /// Random entries in the storage type: uniform [-1, 1) with a few outlier channels (K's, the
@@ -658,17 +640,13 @@ fn random_rows(n: usize, d: usize, rng: &mut Rng, dt: DType) -> (Vec<f32>, Vec<f
             *x *= 3.0;
         }
     }
-    let round = |x: Vec<f32>| from_bits(&bits_of(&x, dt), dt);
+    let round = |x: Vec<f32>| Buffer::from_f32(dt, &x).to_f32_vec();
     (round(k), round(v))
 }
 
 /// Values of the storage type as a device tensor.
 fn upload(dev: &Arc<CudaDevice>, x: &[f32], shape: [usize; 4], dt: DType) -> Result<DevTensor> {
-    let buf = match dt {
-        DType::F16 => Buffer::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
-        _ => Buffer::BF16(x.iter().map(|&v| half::bf16::from_f32(v)).collect()),
-    };
-    let t = Tensor::new(buf, shape.to_vec())?;
+    let t = Tensor::new(Buffer::from_f32(dt, x), shape.to_vec())?;
     DevTensor::upload(dev, "kivi input", &t.view("kivi input")?)
 }
 
@@ -732,7 +710,7 @@ fn check_case(dev: &Arc<CudaDevice>, c: &KiviCase) -> Result<(f64, f64, String, 
         let x: Vec<f32> = (0..b * hq * d)
             .map(|_| rng.uniform() as f32 * 2.0 - 1.0)
             .collect();
-        from_bits(&bits_of(&x, dt), dt)
+        Buffer::from_f32(dt, &x).to_f32_vec()
     };
     let qd = upload(dev, &q, [b, 1, hq, d], dt)?;
     let (mut worst, mut worst_lse, mut bad_bytes, mut bad_res) = (0f64, 0f64, 0usize, 0usize);
