@@ -7,6 +7,8 @@
 #                                             # (LONGATTN_CUDA_HGROUP; HGROUPS="1 2 4 16") at 16k / 64k
 #   bash scripts/gpu/dense_check.sh tiles     # forward TFLOP/s per tile config (LONGATTN_CUDA_WS;
 #                                             # WS_CFGS, TILE_D, TILE_LENS)
+#   bash scripts/gpu/dense_check.sh softmax   # forward TFLOP/s per softmax step
+#                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy) at 16k
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
@@ -49,6 +51,14 @@ for mode in "${@:-selftest}"; do
       grep -E "^\| (full|causal)" "$OUT/tiles_$cfg/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/tiles.txt"
     ;;
+  softmax)
+    for sm in plain fused lazy; do
+      echo "== LONGATTN_CUDA_FWD_SOFTMAX=$sm"
+      LONGATTN_CUDA_FWD_SOFTMAX=$sm timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
+        --lens ${SM_LENS:-16k} --dims 64,128 --out "$OUT/softmax_$sm" > /dev/null 2>&1
+      grep -E "^\| (full|causal)" "$OUT/softmax_$sm/report_cuda.md" | cut -d'|' -f2-7
+    done 2>&1 | tee "$OUT/softmax.txt"
+    ;;
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
@@ -63,6 +73,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | fwd | bwd)"; exit 2 ;;
   esac
 done

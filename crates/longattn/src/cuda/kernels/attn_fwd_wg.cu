@@ -141,7 +141,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
 #if LA_SOFTCAP
                 y = p.cap_post * tanhf(y * p.cap_pre);
 #endif
-                y *= p.scale_log2;
+#if !LA_FUSED_SCALE
+                y *= p.scale_log2;  // else the softmax applies it (wg_softmax.cuh)
+#endif
                 if (partial || edge) {
                     const int j = la_ktok(kt, (x >> 2) * 8 + 2 * t4 + (x & 1));
                     const int i = (x >> 1) & 1 ? i1 : i0;
@@ -164,12 +166,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_wg
 
             // Online softmax (wg_softmax.cuh): P into s, O rescaled by 2^(m_old - m_new).
             float a0, a1;
-            la_wg_softmax(s, m0, m1, l0, l1, a0, a1);
-#pragma unroll
-            for (int j = 0; j < LA_D / 8; j++) {
-                o[4 * j] *= a0; o[4 * j + 1] *= a0;
-                o[4 * j + 2] *= a1; o[4 * j + 3] *= a1;
-            }
+            if (la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1)) la_wg_rescale(o, a0, a1);
             u32 pf[LA_BC / 16][4];
             la_wg_pack(pf, s);
 

@@ -145,7 +145,11 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
 #if LA_SOFTCAP
         y = p.cap_post * tanhf(y * p.cap_pre);
 #endif
+#if LA_FUSED_SCALE
+        s[x] = y;  // the softmax applies the scale (wg_softmax.cuh)
+#else
         s[x] = y * p.scale_log2;
+#endif
     }
 #if LA_MASK_INTERVAL
     // Masks that allow one interval of keys per row: two bounds per row, two compares per
@@ -337,7 +341,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) la_mbar_arrive(empty_k + st);
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
-                la_wg_softmax(s, m0, m1, l0, l1, a0, a1);
+                la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
                 la_wg_pack(pf, s);
             }
 
@@ -363,18 +367,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) la_mbar_arrive(empty_k + st);
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
-                la_wg_softmax(s, m0, m1, l0, l1, a0, a1);
+                const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
 
                 la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
                 la_fence_regs<LA_D / 2>(o);
                 if (lane == 0) la_mbar_arrive(empty_v + sp);
-#pragma unroll
-                for (int x = 0; x < LA_D / 8; x++) {
-                    o[4 * x] *= a0;
-                    o[4 * x + 1] *= a0;
-                    o[4 * x + 2] *= a1;
-                    o[4 * x + 3] *= a1;
-                }
+                if (up) la_wg_rescale(o, a0, a1);
                 la_wg_pack(pf, s);
             }
 
