@@ -1108,11 +1108,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         (2, &full, String::new()),
         (4, &evicted, format!("evict to {} + ", cfg.budget)),
     ] {
-        let kivi = Kivi {
-            bits,
-            group: cfg.kivi_group,
-            residual: cfg.kivi_group,
-        };
+        let kivi = Kivi::uniform(bits, cfg.kivi_group, cfg.kivi_group);
         let pages = 2 * lens.iter().map(|l| l.div_ceil(page) + 2).sum::<usize>();
         let mut c = DevPagedCache::new_head_paged(dev, dt, hk, d, page, pages, batch)?;
         c.grow_rows(lens)?;

@@ -13,6 +13,19 @@
 //! entries into the head's [`QuantHead`] while the residual keeps more than `R + G - 1`, so it
 //! ends with between R and R + G - 1 entries (R = 0: fewer than a full group).
 //!
+//! ZipVL-style mixed precision, `zipvl(lo=2,hi=4,mass=0.9,group=G,residual=R)` ([`Mixed`]): the
+//! same groups, but each group's bit width is chosen when it is quantized, by the importance of
+//! its entries. Importance is the mean attention an entry has received per query since it was
+//! written, a_e = score_e / n_e, with score_e the running H2O score (the attention probability
+//! summed over every query so far, reduced over the group's query heads; [`super::score`]) and
+//! n_e = t - pos_e the number of queries that could see it (t = positions seen): without the
+//! division old entries would outrank new ones by age alone. The important entries are the
+//! smallest set of the head's entries (quantized or not) that holds `mass` of sum_e a_e, taken
+//! by decreasing a_e (ZipVL's adaptive ratio: how many are important depends on how
+//! concentrated the head's attention is); a group takes `hi` bits when it holds at least one of
+//! them, `lo` bits otherwise. A group keeps its bit width once quantized (no re-quantization).
+//! Codes of 8 bits are one byte each.
+//!
 //! Attention over the quantized entries ([`QuantHead::attend`]) dequantizes in its inner loop.
 //! With K per channel the dot product factors per group:
 //!   q . k^_t = sum_d q_d (lo_d + s_d c_td) = sum_d q_d lo_d + sum_d (q_d s_d) c_td,
@@ -36,21 +49,48 @@ fn err(msg: String) -> Error {
 }
 
 /// The quantization policy (module documentation).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Kivi {
-    /// 2 or 4; 16 keeps everything in full precision (a no-op).
+    /// 2 or 4; 16 keeps everything in full precision (a no-op). With [`Mixed`]: the bits of the
+    /// groups that hold no important entry.
     pub bits: u32,
     /// Tokens per K group and channels per V group.
     pub group: usize,
     /// Newest entries always kept in full precision.
     pub residual: usize,
+    /// ZipVL-style bit width per group by importance (`zipvl(...)`); None: every group `bits`.
+    pub mixed: Option<Mixed>,
+}
+
+/// ZipVL-style mixed precision (module documentation): groups holding an entry of the important
+/// set (the most important entries that hold `mass` of the head's importance) take `bits`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mixed {
+    /// Bits of the important groups: 4 or 8, more than the policy's.
+    pub bits: u32,
+    /// Share of the head's importance held by the important entries, in (0, 1].
+    pub mass: f32,
 }
 
 impl Kivi {
+    /// KIVI with every group at `bits`.
+    pub fn uniform(bits: u32, group: usize, residual: usize) -> Kivi {
+        Kivi {
+            bits,
+            group,
+            residual,
+            mixed: None,
+        }
+    }
+
+    /// `kivi(bits=..,group=..,residual=..)` or `zipvl(lo=..,hi=..,mass=..,group=..,residual=..)`.
     pub fn parse(text: &str) -> Result<Kivi> {
         let (name, _) = crate::sparse::spec::split_call(OP, text)?;
+        if name == "zipvl" {
+            return Self::parse_zipvl(text);
+        }
         if name != "kivi" {
-            return Err(err(format!("`{text}` is not a kivi spec")));
+            return Err(err(format!("`{text}` is not a kivi or zipvl spec")));
         }
         let v = super::spec::parse_args(
             OP,
@@ -62,10 +102,36 @@ impl Kivi {
             ],
         )?;
         let int = |k: &str, x: f64| super::spec::int_arg(OP, name, k, x);
+        let k = Kivi::uniform(
+            int("bits", v[0])? as u32,
+            int("group", v[1])?,
+            int("residual", v[2])?,
+        );
+        k.check()?;
+        Ok(k)
+    }
+
+    fn parse_zipvl(text: &str) -> Result<Kivi> {
+        let v = super::spec::parse_args(
+            OP,
+            text,
+            &[
+                ("lo", Some(2.0)),
+                ("hi", Some(4.0)),
+                ("mass", Some(0.9)),
+                ("group", Some(32.0)),
+                ("residual", Some(32.0)),
+            ],
+        )?;
+        let int = |k: &str, x: f64| super::spec::int_arg(OP, "zipvl", k, x);
         let k = Kivi {
-            bits: int("bits", v[0])? as u32,
-            group: int("group", v[1])?,
-            residual: int("residual", v[2])?,
+            bits: int("lo", v[0])? as u32,
+            group: int("group", v[3])?,
+            residual: int("residual", v[4])?,
+            mixed: Some(Mixed {
+                bits: int("hi", v[1])? as u32,
+                mass: v[2] as f32,
+            }),
         };
         k.check()?;
         Ok(k)
@@ -73,16 +139,42 @@ impl Kivi {
 
     /// Checks the fields alone.
     pub fn check(&self) -> Result<()> {
-        if ![2, 4, 16].contains(&self.bits) {
-            return Err(err(format!(
-                "`{self}`: bits must be 2 or 4 (16: no quantization), got {}",
-                self.bits
-            )));
-        }
         if self.group == 0 {
             return Err(err(format!("`{self}`: group must be >= 1")));
         }
+        let Some(m) = self.mixed else {
+            if ![2, 4, 16].contains(&self.bits) {
+                return Err(err(format!(
+                    "`{self}`: bits must be 2 or 4 (16: no quantization), got {}",
+                    self.bits
+                )));
+            }
+            return Ok(());
+        };
+        if ![2, 4].contains(&self.bits) {
+            return Err(err(format!(
+                "`{self}`: lo must be 2 or 4, got {}",
+                self.bits
+            )));
+        }
+        if ![4, 8].contains(&m.bits) || m.bits <= self.bits {
+            return Err(err(format!(
+                "`{self}`: hi must be 4 or 8 and more than lo ({}), got {}",
+                self.bits, m.bits
+            )));
+        }
+        if !(m.mass > 0.0 && m.mass <= 1.0) {
+            return Err(err(format!(
+                "`{self}`: mass must be in (0, 1], got {}",
+                m.mass
+            )));
+        }
         Ok(())
+    }
+
+    /// Whether a group quantized at `bits` belongs to this policy.
+    pub fn allows_bits(&self, bits: u32) -> bool {
+        bits == self.bits || self.mixed.is_some_and(|m| m.bits == bits)
     }
 
     /// Checks the policy against a cache's head dims: V's channel groups must tile Dv.
@@ -107,11 +199,18 @@ impl Kivi {
 
 impl fmt::Display for Kivi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "kivi(bits={},group={},residual={})",
-            self.bits, self.group, self.residual
-        )
+        match self.mixed {
+            None => write!(
+                f,
+                "kivi(bits={},group={},residual={})",
+                self.bits, self.group, self.residual
+            ),
+            Some(m) => write!(
+                f,
+                "zipvl(lo={},hi={},mass={},group={},residual={})",
+                self.bits, m.bits, m.mass, self.group, self.residual
+            ),
+        }
     }
 }
 
@@ -136,7 +235,7 @@ pub fn code(x: f32, s: f32, lo: f32, bits: u32) -> u8 {
 #[inline(always)]
 fn unpack(row: &[u8], i: usize, bits: u32) -> u8 {
     let at = i * bits as usize;
-    (row[at / 8] >> (at % 8)) & ((1u8 << bits) - 1)
+    ((row[at / 8] as u32 >> (at % 8)) & ((1u32 << bits) - 1)) as u8
 }
 
 /// Every code of a packed row as f32 (`out` holds `8 / b` values per byte): the inner loops
@@ -144,6 +243,11 @@ fn unpack(row: &[u8], i: usize, bits: u32) -> u8 {
 #[inline(always)]
 fn unpack_row(row: &[u8], bits: u32, out: &mut [f32]) {
     match bits {
+        8 => {
+            for (o, &c) in out.iter_mut().zip(row) {
+                *o = c as f32;
+            }
+        }
         4 => {
             for (o, &c) in out.chunks_exact_mut(2).zip(row) {
                 o[0] = (c & 15) as f32;
@@ -181,22 +285,63 @@ fn row_bytes(n: usize, bits: u32) -> usize {
     (n * bits as usize).div_ceil(8)
 }
 
-/// The quantized entries of one (sequence, layer, KV head), oldest first.
+/// ZipVL's important set of one head (module documentation): entry e (at position `pos[e]`,
+/// running H2O score `score[e]`, 0 past the scores' end) has importance a_e = score_e /
+/// (seen - pos_e), the mean attention per query since it was written (`seen` = positions seen);
+/// the important entries are the fewest, by decreasing a_e, whose importance reaches `mass` of
+/// the total. Ties with the last one taken are important too. `mass` 1: every entry (the policy
+/// is then `kivi(bits=hi)`); otherwise no entry is important while the total is 0 (nothing
+/// observed yet).
+pub fn important_entries(pos: &[u32], score: &[f32], seen: usize, mass: f32) -> Vec<bool> {
+    let a: Vec<f64> = pos
+        .iter()
+        .enumerate()
+        .map(|(e, &p)| {
+            let s = score.get(e).copied().unwrap_or(0.0) as f64;
+            s / seen.saturating_sub(p as usize).max(1) as f64
+        })
+        .collect();
+    if mass >= 1.0 {
+        return vec![true; a.len()];
+    }
+    let total: f64 = a.iter().sum();
+    if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+        return vec![false; a.len()];
+    }
+    let mut order: Vec<usize> = (0..a.len()).collect();
+    order.sort_by(|&x, &y| a[y].total_cmp(&a[x]));
+    let (mut acc, mut theta) = (0.0, f64::INFINITY);
+    for &e in &order {
+        acc += a[e];
+        theta = a[e];
+        if acc >= mass as f64 * total {
+            break;
+        }
+    }
+    a.iter().map(|&x| x >= theta).collect()
+}
+
+/// The quantized entries of one (sequence, layer, KV head), oldest first, in K groups that each
+/// have their own bit width (one width for all under plain KIVI).
 #[derive(Clone, Debug, Default)]
 pub struct QuantHead {
-    bits: u32,
     group: usize,
     d: usize,
     dv: usize,
     /// Position of each entry.
     pub(crate) pos: Vec<u32>,
-    /// K codes `[n][ceil(D b / 8)]`.
-    kcodes: Vec<u8>,
     /// K group g holds entries `gstart[g] .. gstart[g + 1]` (the last to n).
     gstart: Vec<u32>,
+    /// Bits of K group g's codes (and of its entries' V codes).
+    gbits: Vec<u8>,
+    /// Byte offsets of K group g's code rows in `kcodes` and of its entries' rows in `vcodes`.
+    koff: Vec<usize>,
+    voff: Vec<usize>,
+    /// K codes: each entry one row of `ceil(D b / 8)` bytes, b its group's bits.
+    kcodes: Vec<u8>,
     /// Per K group: scale `[D]` then lo `[D]`.
     kparams: Vec<f32>,
-    /// V codes `[n][ceil(Dv b / 8)]`.
+    /// V codes: each entry one row of `ceil(Dv b / 8)` bytes.
     vcodes: Vec<u8>,
     /// Per entry and V channel group: (scale, lo).
     vparams: Vec<f32>,
@@ -209,9 +354,9 @@ impl QuantHead {
     pub fn is_empty(&self) -> bool {
         self.pos.is_empty()
     }
-    /// Bits of the codes (0 while empty and never written).
-    pub fn bits(&self) -> u32 {
-        self.bits
+    /// Bits of each K group, oldest first.
+    pub fn group_bits(&self) -> &[u8] {
+        &self.gbits
     }
     /// Entries per K group and channels per V group (0 while empty and never written).
     pub fn group(&self) -> usize {
@@ -223,11 +368,14 @@ impl QuantHead {
         self.kcodes.len() + self.vcodes.len() + 4 * (self.kparams.len() + self.vparams.len())
     }
 
-    /// Appends one group: `k` `[n, D]`, `v` `[n, Dv]` of entries at positions `pos` (n >= 1)
-    /// quantized under `kivi` (K per channel over the n entries, V per token).
+    /// Appends one group at `bits` (one the policy allows): `k` `[n, D]`, `v` `[n, Dv]` of
+    /// entries at positions `pos` (n >= 1) quantized under `kivi` (K per channel over the n
+    /// entries, V per token).
+    #[allow(clippy::too_many_arguments)]
     pub fn push_group(
         &mut self,
         kivi: &Kivi,
+        bits: u32,
         d: usize,
         dv: usize,
         k: &[f32],
@@ -235,13 +383,13 @@ impl QuantHead {
         pos: &[u32],
     ) -> Result<()> {
         let n = pos.len();
-        if self.pos.is_empty() && self.gstart.is_empty() {
-            (self.bits, self.group, self.d, self.dv) = (kivi.bits, kivi.group, d, dv);
+        if self.gstart.is_empty() {
+            (self.group, self.d, self.dv) = (kivi.group, d, dv);
         }
-        if (self.bits, self.group, self.d, self.dv) != (kivi.bits, kivi.group, d, dv) {
+        if (self.group, self.d, self.dv) != (kivi.group, d, dv) || !kivi.allows_bits(bits) {
             return Err(err(format!(
-                "this head holds entries quantized with bits={} group={} (D {} Dv {}); asked bits={} group={} (D {d} Dv {dv})",
-                self.bits, self.group, self.d, self.dv, kivi.bits, kivi.group
+                "this head holds entries quantized in groups of {} (D {} Dv {}); asked {kivi} at {bits} bits (D {d} Dv {dv})",
+                self.group, self.d, self.dv
             )));
         }
         if n == 0 || k.len() != n * d || v.len() != n * dv || !dv.is_multiple_of(kivi.group) {
@@ -252,8 +400,11 @@ impl QuantHead {
                 kivi.group
             )));
         }
-        let b = self.bits;
+        let b = bits;
         self.gstart.push(self.pos.len() as u32);
+        self.gbits.push(b as u8);
+        self.koff.push(self.kcodes.len());
+        self.voff.push(self.vcodes.len());
         let (kb, vb) = (row_bytes(d, b), row_bytes(dv, b));
         let mut params = vec![0.0f32; 2 * d];
         for x in 0..d {
@@ -294,71 +445,80 @@ impl QuantHead {
         (self.gstart[g] as usize, e1)
     }
 
+    /// Entries of K group g.
+    pub fn group_len(&self, g: usize) -> usize {
+        let (e0, e1) = self.group_range(g);
+        e1 - e0
+    }
+
+    /// K group g's bits, and the K and V code rows of its entry e (an entry of the group).
+    fn rows(&self, g: usize, e: usize) -> (u32, &[u8], &[u8]) {
+        let b = self.gbits[g] as u32;
+        let (kb, vb) = (row_bytes(self.d, b), row_bytes(self.dv, b));
+        let t = e - self.gstart[g] as usize;
+        (
+            b,
+            &self.kcodes[self.koff[g] + t * kb..][..kb],
+            &self.vcodes[self.voff[g] + t * vb..][..vb],
+        )
+    }
+
     /// K `[n, D]` and V `[n, Dv]` dequantized (x^ = lo + s c): the plain path, for references,
     /// scores and key norms.
     pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
-        let (n, d, dv, b) = (self.len(), self.d, self.dv, self.bits);
-        let (kb, vb) = (row_bytes(d, b), row_bytes(dv, b));
+        let (n, d, dv) = (self.len(), self.d, self.dv);
         let mut k = vec![0.0f32; n * d];
         let mut v = vec![0.0f32; n * dv];
         for g in 0..self.gstart.len() {
             let pr = &self.kparams[g * 2 * d..][..2 * d];
             let (e0, e1) = self.group_range(g);
             for t in e0..e1 {
-                let row = &self.kcodes[t * kb..][..kb];
+                let (b, krow, vrow) = self.rows(g, t);
                 for x in 0..d {
-                    k[t * d + x] = pr[d + x] + pr[x] * unpack(row, x, b) as f32;
+                    k[t * d + x] = pr[d + x] + pr[x] * unpack(krow, x, b) as f32;
                 }
-            }
-        }
-        let ng = dv.checked_div(self.group).unwrap_or(0);
-        for t in 0..n {
-            let row = &self.vcodes[t * vb..][..vb];
-            for x in 0..dv {
-                let pr = &self.vparams[(t * ng + x / self.group) * 2..][..2];
-                v[t * dv + x] = pr[1] + pr[0] * unpack(row, x, b) as f32;
+                for x in 0..dv {
+                    let pr = &self.vparams[(t * (dv / self.group) + x / self.group) * 2..][..2];
+                    v[t * dv + x] = pr[1] + pr[0] * unpack(vrow, x, b) as f32;
+                }
             }
         }
         (k, v)
     }
 
     /// Keeps entries `keep` (strictly increasing, checked by the caller): their codes, V scales
-    /// and positions move down in order; a K group keeps its scales while any of its entries
-    /// remains (dequantized values of the kept entries do not change) and is dropped otherwise.
+    /// and positions move down in order; a K group keeps its scales and bits while any of its
+    /// entries remains (dequantized values of the kept entries do not change) and is dropped
+    /// otherwise.
     pub fn compact(&mut self, keep: &[usize]) {
-        let (kb, vb) = (row_bytes(self.d, self.bits), row_bytes(self.dv, self.bits));
         let ng = self.dv.checked_div(self.group).unwrap_or(0);
-        let mut counts = vec![0u32; self.gstart.len()];
-        for (i, &e) in keep.iter().enumerate() {
-            let g = self.gstart.partition_point(|&s| s as usize <= e) - 1;
-            counts[g] += 1;
-            if i != e {
-                self.kcodes.copy_within(e * kb..(e + 1) * kb, i * kb);
-                self.vcodes.copy_within(e * vb..(e + 1) * vb, i * vb);
-                self.vparams
-                    .copy_within(e * 2 * ng..(e + 1) * 2 * ng, i * 2 * ng);
-                self.pos[i] = self.pos[e];
-            }
-        }
-        let n = keep.len();
-        self.kcodes.truncate(n * kb);
-        self.vcodes.truncate(n * vb);
-        self.vparams.truncate(n * 2 * ng);
-        self.pos.truncate(n);
         let d2 = 2 * self.d;
-        let (mut start, mut out) = (0u32, 0usize);
-        let mut gstart = Vec::new();
-        for (g, &c) in counts.iter().enumerate() {
-            if c == 0 {
-                continue;
+        let mut out = QuantHead {
+            group: self.group,
+            d: self.d,
+            dv: self.dv,
+            ..Default::default()
+        };
+        let mut last = usize::MAX;
+        for &e in keep {
+            let g = self.gstart.partition_point(|&s| s as usize <= e) - 1;
+            if g != last {
+                out.gstart.push(out.pos.len() as u32);
+                out.gbits.push(self.gbits[g]);
+                out.koff.push(out.kcodes.len());
+                out.voff.push(out.vcodes.len());
+                out.kparams
+                    .extend_from_slice(&self.kparams[g * d2..(g + 1) * d2]);
+                last = g;
             }
-            self.kparams.copy_within(g * d2..(g + 1) * d2, out * d2);
-            gstart.push(start);
-            start += c;
-            out += 1;
+            let (_, krow, vrow) = self.rows(g, e);
+            out.kcodes.extend_from_slice(krow);
+            out.vcodes.extend_from_slice(vrow);
+            out.vparams
+                .extend_from_slice(&self.vparams[e * 2 * ng..(e + 1) * 2 * ng]);
+            out.pos.push(self.pos[e]);
         }
-        self.kparams.truncate(out * d2);
-        self.gstart = gstart;
+        *self = out;
     }
 
     /// Attention of `qg` `[1, Sq, G, D]` (query row i at position `seq_len - Sq + i`) over the
@@ -377,8 +537,7 @@ impl QuantHead {
                 self.d
             )));
         }
-        let (dv, b, gr) = (self.dv, self.bits, self.group);
-        let (kb, vb) = (row_bytes(d, b), row_bytes(dv, b));
+        let (dv, gr) = (self.dv, self.group);
         let scale = params.scale_for(d);
         let cap = params.softcap;
         let ng = dv / gr.max(1);
@@ -392,9 +551,8 @@ impl QuantHead {
                 let mut acc = vec![0.0f32; dv];
                 let mut qs = vec![0.0f32; d];
                 // Codes of one entry as f32 (room for the padding codes of the last byte).
-                let per_byte = 8 / b as usize;
-                let mut kc = vec![0.0f32; kb * per_byte];
-                let mut vc = vec![0.0f32; vb * per_byte];
+                let mut kc = vec![0.0f32; d + 8];
+                let mut vc = vec![0.0f32; dv + 8];
                 for kg in 0..self.gstart.len() {
                     let pr = &self.kparams[kg * 2 * d..][..2 * d];
                     // q . k^ = c0 + sum_d (q_d s_d) c_td
@@ -408,7 +566,8 @@ impl QuantHead {
                         if bound.is_some_and(|bm| !bm.allowed(0, i, self.pos[e] as usize)) {
                             continue;
                         }
-                        unpack_row(&self.kcodes[e * kb..][..kb], b, &mut kc);
+                        let (b, krow, vrow) = self.rows(kg, e);
+                        unpack_row(krow, b, &mut kc);
                         let dot = c0 + dot8(&qs, &kc[..d]);
                         let mut s = dot * scale;
                         if let Some(c) = cap {
@@ -424,7 +583,7 @@ impl QuantHead {
                         }
                         let p = (s - m).exp();
                         l += p;
-                        unpack_row(&self.vcodes[e * vb..][..vb], b, &mut vc);
+                        unpack_row(vrow, b, &mut vc);
                         for vg in 0..ng {
                             let vp = &self.vparams[(e * ng + vg) * 2..][..2];
                             let (ps, plo) = (p * vp[0], p * vp[1]);

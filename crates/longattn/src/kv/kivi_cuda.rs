@@ -277,6 +277,11 @@ impl DevKivi {
         num_pages: usize,
     ) -> Result<DevKivi> {
         kivi.check()?;
+        if kivi.mixed.is_some() {
+            return Err(param(format!(
+                "`{kivi}`: a bit width per page by importance is not on the device yet (the CPU cache runs it); use kivi(bits=4|2)"
+            )));
+        }
         let KvLayout::HeadPaged { page_size } = cache.layout else {
             return Err(param(format!(
                 "KIVI on the device needs a per-head paged cache, this one is {}",
@@ -835,11 +840,7 @@ fn check_refusals(dev: &Arc<CudaDevice>) -> Result<(f64, f64, String, bool)> {
     let mut kb = vec![half::bf16::from_f32(0.5).to_bits(); cache.k.len()];
     kb[5 * d + 3] = half::bf16::from_f32(1.0e6).to_bits();
     cache.k = dev.upload(&kb)?;
-    let kivi = Kivi {
-        bits: 4,
-        group: 32,
-        residual: 0,
-    };
+    let kivi = Kivi::uniform(4, 32, 0);
     let mut kv = DevKivi::new(dev, &cache, kivi, 128, 4)?;
     let before = cache.download()?;
     let e1 = kv.quantize(&mut cache);
@@ -877,11 +878,7 @@ fn check_refusals(dev: &Arc<CudaDevice>) -> Result<(f64, f64, String, bool)> {
 
 /// The KIVI part of `longattn selftest --backend cuda --filter kv`.
 pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
-    let k = |bits, group, residual| Kivi {
-        bits,
-        group,
-        residual,
-    };
+    let k = Kivi::uniform;
     let cases = [
         KiviCase {
             dt: DType::BF16,

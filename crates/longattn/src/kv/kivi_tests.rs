@@ -1,6 +1,7 @@
 //! KIVI: round-trip bounds, attention over a quantized cache against the f64 oracle on the
 //! dequantized entries, the no-op, eviction after quantization, memory, bad input.
 use super::*;
+use crate::kv::score::{KvScores, Reduce, ScoreKind, ScoreParams};
 use crate::kv::spec::KvSpec;
 use crate::kv::{KvConfig, PagedKvCache, SeqId};
 use crate::mask::{MaskExpr, MaskShape};
@@ -15,10 +16,14 @@ fn randn(n: usize, rng: &mut Rng) -> Vec<f32> {
 }
 
 fn kivi(bits: u32, group: usize, residual: usize) -> Kivi {
+    Kivi::uniform(bits, group, residual)
+}
+
+/// `zipvl(lo,hi,mass,group,residual)`.
+fn zipvl(lo: u32, hi: u32, mass: f32, group: usize, residual: usize) -> Kivi {
     Kivi {
-        bits,
-        group,
-        residual,
+        mixed: Some(Mixed { bits: hi, mass }),
+        ..kivi(lo, group, residual)
     }
 }
 
@@ -64,13 +69,18 @@ fn filled(
 #[test]
 fn round_trip_error_is_at_most_half_a_step() {
     let mut rng = Rng::new(16);
-    for bits in [2u32, 4] {
+    for bits in [2u32, 4, 8] {
+        // 8-bit codes exist as zipvl's high width.
+        let policy = |group| match bits {
+            8 => zipvl(2, 8, 0.5, group, 0),
+            b => kivi(b, group, 0),
+        };
         for &(n, d, group) in &[(1, 8, 8), (7, 16, 4), (32, 64, 32), (13, 24, 8)] {
             let k = randn(n * d, &mut rng);
             let v: Vec<f32> = randn(n * d, &mut rng).iter().map(|x| 3.0 * x).collect();
             let pos: Vec<u32> = (0..n as u32).collect();
             let mut h = QuantHead::default();
-            h.push_group(&kivi(bits, group, 0), d, d, &k, &v, &pos)
+            h.push_group(&policy(group), bits, d, d, &k, &v, &pos)
                 .unwrap();
             let (kk, vv) = h.dequantize();
             let levels = ((1u32 << bits) - 1) as f32;
@@ -348,7 +358,7 @@ fn bad_input_is_refused_with_a_clear_error() {
     );
     cache.quantize(id, &kivi(4, 8, 0)).unwrap();
     let e = cache.quantize(id, &kivi(2, 8, 0)).unwrap_err().to_string();
-    assert!(e.contains("quantized with 4 bits"), "{e}");
+    assert!(e.contains("in groups of 8 at bits [4"), "{e}");
     let mem = cache.memory();
     let e = cache.quantize(id, &kivi(4, 4, 0)).unwrap_err().to_string();
     assert!(e.contains("in groups of 8"), "{e}");
@@ -381,5 +391,219 @@ fn specs_compose_with_plus() {
     ] {
         let e = KvSpec::parse(spec).unwrap_err().to_string();
         assert!(e.contains(needle), "{spec}: {e}");
+    }
+}
+
+/// The important set against its definition on random scores: it holds `mass` of the
+/// importance, every important entry is at least as important as every other, and it is the
+/// fewest such entries (up to ties with the last one taken); a newer entry with the same score
+/// is the more important (its score came from fewer queries).
+#[test]
+fn important_entries_follow_their_definition() {
+    let mut rng = Rng::new(77);
+    for &n in &[1usize, 7, 63, 65, 113] {
+        for &mass in &[0.1f32, 0.5, 0.9, 0.99] {
+            let seen = n + 5;
+            let pos: Vec<u32> = (0..n as u32).map(|p| p + (p >= 3) as u32 * 5).collect();
+            // Heavy-tailed scores; some entries past the scores' end (appended since the fold).
+            let score: Vec<f32> = (0..n.saturating_sub(2).max(1))
+                .map(|_| (3.0 * rng.normal()).exp() as f32)
+                .collect();
+            let imp = important_entries(&pos, &score, seen, mass);
+            let a: Vec<f64> = (0..n)
+                .map(|e| {
+                    score.get(e).copied().unwrap_or(0.0) as f64 / (seen - pos[e] as usize) as f64
+                })
+                .collect();
+            let total: f64 = a.iter().sum();
+            let held: f64 = (0..n).filter(|&e| imp[e]).map(|e| a[e]).sum();
+            assert!(
+                held >= mass as f64 * total * (1.0 - 1e-12),
+                "n {n} mass {mass}"
+            );
+            let lo_in = (0..n)
+                .filter(|&e| imp[e])
+                .map(|e| a[e])
+                .fold(f64::INFINITY, f64::min);
+            let hi_out = (0..n)
+                .filter(|&e| !imp[e])
+                .map(|e| a[e])
+                .fold(0.0, f64::max);
+            assert!(lo_in >= hi_out, "n {n} mass {mass}: {lo_in} < {hi_out}");
+            let above: f64 = (0..n).filter(|&e| a[e] > lo_in).map(|e| a[e]).sum();
+            assert!(
+                above < mass as f64 * total,
+                "n {n} mass {mass}: not the fewest"
+            );
+        }
+    }
+    // Equal scores: the newer entry (seen by fewer queries) is the important one.
+    assert_eq!(
+        important_entries(&[0, 90], &[1.0, 1.0], 100, 0.5),
+        vec![false, true]
+    );
+    // Nothing observed yet: nothing important; mass 1: everything.
+    assert_eq!(important_entries(&[0, 1], &[], 2, 0.9), vec![false, false]);
+    assert_eq!(important_entries(&[0, 1], &[], 2, 1.0), vec![true, true]);
+}
+
+/// H2O scores of every head of `cache` where entry `hot` of each head holds most of the
+/// importance and the rest is spread evenly.
+fn scores_with_hot_entry(cache: &PagedKvCache, id: SeqId, hot: usize) -> KvScores {
+    let params = ScoreParams {
+        scale: None,
+        softcap: None,
+        reduce: Reduce::Mean,
+    };
+    let mut s = KvScores::new(cache, ScoreKind::H2o, params).unwrap();
+    let seen = cache.len(id).unwrap();
+    let c = cache.config();
+    for l in 0..c.layers {
+        for kh in 0..c.kv_heads {
+            let pos = cache.positions(id, l, kh).unwrap();
+            s.scores[l * c.kv_heads + kh] = pos
+                .iter()
+                .enumerate()
+                .map(|(e, &p)| {
+                    let per_query = if e == hot { 10.0 } else { 0.01 };
+                    per_query * (seen - p as usize) as f32
+                })
+                .collect();
+        }
+    }
+    s
+}
+
+#[test]
+fn zipvl_gives_the_high_width_to_groups_with_important_entries() {
+    let (hk, d, len) = (2, 32, 150);
+    let mut rng = Rng::new(31);
+    let (mut cache, id, full) = filled(len, hk, d, 16, &mut rng);
+    // Entry 20 holds 10 / (10 + 149 x 0.01) = 87% of each head's importance: with mass 0.5 it
+    // alone is important, so its group (entries 16..24) takes 4 bits and the rest 2.
+    let z = zipvl(2, 4, 0.5, 8, 8);
+    let s = scores_with_hot_entry(&cache, id, 20);
+    let e = cache.quantize(id, &z).unwrap_err().to_string();
+    assert!(e.contains("no scores were given"), "{e}");
+    let n = cache.quantize_scored(id, &z, Some(&s)).unwrap();
+    // Per head: 150 - 8 = 142 -> 17 groups of 8 = 136 quantized.
+    assert_eq!(n, 136 * 2 * hk);
+    let heads = 2 * hk;
+    assert_eq!(
+        cache.quantized_by_bits(id).unwrap(),
+        vec![(2, 128 * heads), (4, 8 * heads)]
+    );
+    // Each entry within half a step of its group's width: the 4-bit group is ~5x closer.
+    let mut worst = [0.0f32; 2];
+    for (l, (kl, _)) in full.iter().enumerate() {
+        for kh in 0..hk {
+            let (k, _, pos) = cache.gather_head(id, l, kh).unwrap();
+            assert_eq!(pos.len(), len);
+            for e in 0..136 {
+                let hot = (16..24).contains(&e) as usize;
+                for x in 0..d {
+                    let err = (k[e * d + x] - kl[(e * hk + kh) * d + x]).abs();
+                    worst[hot] = worst[hot].max(err);
+                }
+            }
+        }
+    }
+    assert!(
+        worst[1] * 3.0 < worst[0],
+        "4-bit / 2-bit worst errors {worst:?}"
+    );
+    // Attention over the mixed cache against the oracle over its dequantized entries.
+    let qd = randn(3 * 4 * d, &mut rng);
+    let q = TensorView::contiguous(&qd[..], [1, 3, 4, d]).unwrap();
+    let expr = MaskExpr::parse("causal").unwrap();
+    let bound = expr
+        .bind(
+            MaskShape {
+                batch: 1,
+                sq: 3,
+                sk: len,
+            },
+            None,
+        )
+        .unwrap();
+    let got = cache
+        .attend(id, 1, &q, Some(&expr), &AttnParams::default())
+        .unwrap();
+    let mut kf = vec![0.0f32; len * hk * d];
+    let mut vf = vec![0.0f32; len * hk * d];
+    for kh in 0..hk {
+        let (hk_, hv, _) = cache.gather_head(id, 1, kh).unwrap();
+        for j in 0..len {
+            kf[(j * hk + kh) * d..][..d].copy_from_slice(&hk_[j * d..][..d]);
+            vf[(j * hk + kh) * d..][..d].copy_from_slice(&hv[j * d..][..d]);
+        }
+    }
+    let kt = TensorView::contiguous(&kf[..], [1, len, hk, d]).unwrap();
+    let vt = TensorView::contiguous(&vf[..], [1, len, hk, d]).unwrap();
+    let allowed = |b: usize, _h: usize, i: usize, j: usize| bound.allowed(b, i, j);
+    let r = attention_f64(&q, &kt, &vt, &AttnParams::default(), &allowed).unwrap();
+    let (eo, el) = compare(&got.out, &got.lse, &r);
+    assert!(
+        eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
+        "out {eo:.2e} lse {el:.2e}"
+    );
+    // Eviction across mixed groups keeps the kept entries' values (and their widths).
+    let (k0, v0, p0) = cache.gather_head(id, 0, 1).unwrap();
+    let keep: Vec<usize> = (0..len).filter(|&e| e % 3 != 0 || e == 21).collect();
+    cache.compress(id, 0, 1, &keep).unwrap();
+    let (k1, v1, p1) = cache.gather_head(id, 0, 1).unwrap();
+    for (i, &e) in keep.iter().enumerate() {
+        assert_eq!(
+            (p1[i], &k1[i * d..][..d], &v1[i * d..][..d]),
+            (p0[e], &k0[e * d..][..d], &v0[e * d..][..d])
+        );
+    }
+    // Plain KIVI at the low width cannot extend heads that hold 4-bit groups.
+    let mem = cache.memory();
+    let e = cache.quantize(id, &kivi(2, 8, 8)).unwrap_err().to_string();
+    assert!(e.contains("at bits [2, 2, 4"), "{e}");
+    assert_eq!(mem, cache.memory());
+}
+
+#[test]
+fn zipvl_specs_parse_print_and_refuse_bad_input() {
+    let s = KvSpec::parse("h2o(budget=0.5) + zipvl(lo=2,hi=8,mass=0.8)").unwrap();
+    assert_eq!(s.kivi, Some(zipvl(2, 8, 0.8, 32, 32)));
+    assert_eq!(
+        s.to_string(),
+        "h2o(budget=0.5)+zipvl(lo=2,hi=8,mass=0.8,group=32,residual=32)"
+    );
+    assert_eq!(KvSpec::parse(&s.to_string()).unwrap(), s);
+    assert_eq!(Kivi::parse("zipvl").unwrap(), zipvl(2, 4, 0.9, 32, 32));
+    for (spec, needle) in [
+        ("zipvl(lo=4,hi=4)", "hi must be 4 or 8 and more than lo"),
+        ("zipvl(hi=16)", "hi must be 4 or 8"),
+        ("zipvl(lo=8,hi=8)", "lo must be 2 or 4"),
+        ("zipvl(mass=0)", "mass must be in (0, 1]"),
+        ("zipvl(mass=1.5)", "mass must be in (0, 1]"),
+        ("zipvl(bits=4)", "unknown argument `bits`"),
+    ] {
+        let e = Kivi::parse(spec).unwrap_err().to_string();
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+    for (spec, needle) in [
+        ("zipvl()+kivi(bits=4)", "more than one quantization"),
+        (
+            "snapkv(budget=0.2)+zipvl()",
+            "zipvl ranks groups by accumulated attention",
+        ),
+        (
+            "tova(budget=0.2)+zipvl()",
+            "zipvl ranks groups by accumulated attention",
+        ),
+    ] {
+        let e = KvSpec::parse(spec).unwrap_err().to_string();
+        assert!(e.contains(needle), "{spec}: {e}");
+    }
+    for ok in [
+        "streaming(sinks=4,window=60)+zipvl()",
+        "knorm(budget=0.3)+zipvl()",
+    ] {
+        KvSpec::parse(ok).unwrap();
     }
 }

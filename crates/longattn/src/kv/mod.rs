@@ -614,26 +614,62 @@ impl PagedKvCache {
     /// residual entries move into the head's quantized store in whole groups of G while the
     /// residual holds at least R + G entries; their pages go back to the free list. Returns the
     /// entries quantized. `bits=16` does nothing. Checked before anything changes (dims, and
-    /// heads quantized under another setting).
+    /// heads quantized under another setting). A mixed policy (`zipvl`) needs the running
+    /// scores: [`quantize_scored`](Self::quantize_scored).
     pub fn quantize(&mut self, id: SeqId, kivi: &kivi::Kivi) -> Result<usize> {
+        self.quantize_scored(id, kivi, None)
+    }
+
+    /// [`quantize`](Self::quantize) with the running H2O scores of the sequence (accumulated
+    /// attention per entry, [`score::KvScores`] of [`score::ScoreKind::H2o`], in step with the
+    /// cache), which a mixed policy ranks groups by ([`kivi`]'s ZipVL rule): each new group
+    /// takes the high bit width when it holds an entry of the head's important set.
+    pub fn quantize_scored(
+        &mut self,
+        id: SeqId,
+        kivi: &kivi::Kivi,
+        scores: Option<&score::KvScores>,
+    ) -> Result<usize> {
         let c = self.cfg;
         kivi.check_dims(c.head_dim, c.v_dim)?;
         if kivi.is_noop() {
             return Ok(0);
         }
+        if let Some(m) = kivi.mixed {
+            let s = scores.ok_or_else(|| {
+                param(format!(
+                    "quantize: `{kivi}` ranks groups by accumulated attention, and no scores were given (KvScores of ScoreKind::H2o, observed every step)"
+                ))
+            })?;
+            if s.kind != score::ScoreKind::H2o || s.scores.len() != c.layers * c.kv_heads {
+                return Err(param(format!(
+                    "quantize: `{kivi}` needs H2O scores of {} layers x {} KV heads, got {:?} scores of {} heads",
+                    c.layers,
+                    c.kv_heads,
+                    s.kind,
+                    s.scores.len()
+                )));
+            }
+            debug_assert!(m.bits > kivi.bits);
+        }
         let (g, r) = (kivi.group, kivi.residual);
         for (hi, h) in self.seq(id)?.heads.iter().enumerate() {
-            if !h.quant.is_empty() && (h.quant.bits(), h.quant.group()) != (kivi.bits, kivi.group) {
+            let q = &h.quant;
+            if !q.is_empty()
+                && (q.group() != kivi.group
+                    || q.group_bits().iter().any(|&b| !kivi.allows_bits(b as u32)))
+            {
                 return Err(param(format!(
-                    "quantize: layer {} KV head {} holds entries quantized with {} bits in groups of {}, asked {kivi}",
+                    "quantize: layer {} KV head {} holds entries quantized in groups of {} at bits {:?}, asked {kivi}",
                     hi / c.kv_heads,
                     hi % c.kv_heads,
-                    h.quant.bits(),
-                    h.quant.group()
+                    q.group(),
+                    q.group_bits()
                 )));
             }
         }
         let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
+        let seen = self.len(id)?;
         let mut total = 0;
         for hi in 0..c.layers * c.kv_heads {
             let h = &self.seq(id)?.heads[hi];
@@ -642,6 +678,15 @@ impl PagedKvCache {
                 continue;
             }
             let m = (nr - r) / g * g;
+            // ZipVL: the head's important entries (module kivi), by entry index.
+            let important = match (kivi.mixed, scores) {
+                (Some(mx), Some(s)) => {
+                    let pos: Vec<u32> = [&h.quant.pos[..], &h.pos[..]].concat();
+                    kivi::important_entries(&pos, &s.scores[hi], seen, mx.mass)
+                }
+                _ => Vec::new(),
+            };
+            let nq = h.quant.len();
             let mut groups = Vec::with_capacity(m / g);
             for g0 in (0..m).step_by(g) {
                 let mut k = Vec::with_capacity(g * d);
@@ -651,18 +696,33 @@ impl PagedKvCache {
                     k.extend_from_slice(&self.k[slot * d..][..d]);
                     v.extend_from_slice(&self.v[slot * dv..][..dv]);
                 }
-                groups.push((k, v, h.pos[g0..g0 + g].to_vec()));
+                let bits = match kivi.mixed {
+                    Some(mx) if important[nq + g0..nq + g0 + g].iter().any(|&x| x) => mx.bits,
+                    _ => kivi.bits,
+                };
+                groups.push((bits, k, v, h.pos[g0..g0 + g].to_vec()));
             }
             let s = self.seqs[id.0].as_mut().expect("live sequence");
             let q = &mut s.heads[hi].quant;
-            for (k, v, pos) in groups {
-                q.push_group(kivi, d, dv, &k, &v, &pos)?;
+            for (bits, k, v, pos) in groups {
+                q.push_group(kivi, bits, d, dv, &k, &v, &pos)?;
             }
             let rest: Vec<usize> = (m..nr).collect();
             self.compact_residual(id, hi, &rest);
             total += m;
         }
         Ok(total)
+    }
+
+    /// Quantized entries of sequence `id` by bit width (ascending), over every (layer, KV head).
+    pub fn quantized_by_bits(&self, id: SeqId) -> Result<Vec<(u32, usize)>> {
+        let mut by = std::collections::BTreeMap::new();
+        for h in &self.seq(id)?.heads {
+            for (g, &b) in h.quant.group_bits().iter().enumerate() {
+                *by.entry(b as u32).or_insert(0) += h.quant.group_len(g);
+            }
+        }
+        Ok(by.into_iter().collect())
     }
 
     /// Per-head block tables of one layer for a batch of sequences, as the decode reads them:

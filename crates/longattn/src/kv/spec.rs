@@ -2,8 +2,8 @@
 //!
 //! Each part is `name(key=value,...)` (the grammar shared with the presses and sparse specs):
 //! at most one eviction press ([`Press`]), optionally `merge` (its evicted entries folded into a
-//! residual slot per head, [`super::press::merge`]), at most one quantization ([`Kivi`]) and at
-//! most one page selection ([`Quest`]). Order of application does not follow the text: after each forward
+//! residual slot per head, [`super::press::merge`]), at most one quantization ([`Kivi`]: `kivi`
+//! or its mixed-precision form `zipvl`) and at most one page selection ([`Quest`]). Order of application does not follow the text: after each forward
 //! the eviction press runs first, then quantization of the kept entries; Quest selects pages per
 //! query at attention time and drops nothing (it composes with nothing yet: its page bounds are
 //! over full-precision keys of every position).
@@ -12,6 +12,7 @@ use std::fmt;
 use super::kivi::Kivi;
 use super::press::Press;
 use super::quest::Quest;
+use super::score::ScoreKind;
 use crate::error::{Error, Result};
 
 const OP: &str = "kv spec";
@@ -123,9 +124,9 @@ impl KvSpec {
             let name = t.find('(').map_or(t, |o| t[..o].trim());
             let twice = |what: &str| err(format!("`{text}`: more than one {what}"));
             match name {
-                "kivi" => {
+                "kivi" | "zipvl" => {
                     if s.kivi.replace(Kivi::parse(t)?).is_some() {
-                        return Err(twice("quantization (kivi)"));
+                        return Err(twice("quantization (kivi, zipvl)"));
                     }
                 }
                 "merge" => {
@@ -160,6 +161,16 @@ impl KvSpec {
             return Err(err(format!(
                 "`{text}`: merge composes with no quantization yet (the residual slot stays in full precision)"
             )));
+        }
+        if let (Some(k), Some(p)) = (&s.kivi, &s.evict) {
+            match p.score_kind() {
+                Some(kind) if k.mixed.is_some() && kind != ScoreKind::H2o => {
+                    return Err(err(format!(
+                        "`{text}`: zipvl ranks groups by accumulated attention (H2O scores) and `{p}` keeps {kind:?} scores: compose zipvl with h2o, streaming, knorm or duo, or use kivi"
+                    )))
+                }
+                _ => {}
+            }
         }
         if s.quest.is_some() && (s.evict.is_some() || s.kivi.is_some()) {
             return Err(err(format!(

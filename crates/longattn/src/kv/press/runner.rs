@@ -5,8 +5,10 @@
 //! are never re-encoded: RoPE uses the position seen, whatever the cache still holds.
 //!
 //! A composed spec ([`KvSpec`]) runs its parts in a fixed order: after each forward the eviction
-//! press, then quantization of what is kept ([`PagedKvCache::quantize`]); Quest keeps its page
-//! bounds up to date at each attention and selects pages per query ([`QuestIndex`]).
+//! press, then quantization of what is kept ([`PagedKvCache::quantize_scored`]); Quest keeps its
+//! page bounds up to date at each attention and selects pages per query ([`QuestIndex`]). The
+//! running scores are the eviction press's kind, or H2O's for `zipvl` (which ranks its groups by
+//! accumulated attention; the spec refuses a press that keeps another kind beside it).
 use std::sync::Mutex;
 
 use super::merge::MergeSlots;
@@ -15,7 +17,7 @@ use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
 use crate::kv::quest::QuestIndex;
 use crate::kv::roles::HeadRoles;
-use crate::kv::score::{KvScores, Observation, Reduce, ScoreParams};
+use crate::kv::score::{KvScores, Observation, Reduce, ScoreKind, ScoreParams};
 use crate::kv::spec::KvSpec;
 use crate::kv::{PagedKvCache, SeqId};
 use crate::model::{Attention, LayerAttn, MaskedAttention};
@@ -94,6 +96,15 @@ impl PressAttention {
 
     pub fn press(&self) -> &KvSpec {
         &self.spec
+    }
+
+    /// The running scores this spec needs: the eviction press's, else H2O's for `zipvl`.
+    fn score_kind(&self) -> Option<ScoreKind> {
+        let zip = self.spec.kivi.is_some_and(|k| k.mixed.is_some());
+        self.spec
+            .evict
+            .and_then(|p| p.score_kind())
+            .or(zip.then_some(ScoreKind::H2o))
     }
 
     /// The keep sets the eviction press would apply to sequence `seq` now (with `headroom`), and
@@ -188,7 +199,13 @@ impl PressAttention {
         };
         if let Some(k) = &self.spec.kivi {
             let before = cache.pages_in_use();
-            cache.quantize(seq, k)?;
+            let guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+            let scores = match guard.as_ref() {
+                Some((s, sc)) if *s == seq => Some(sc),
+                Some(_) => return Err(other_seq()),
+                None => None,
+            };
+            cache.quantize_scored(seq, k, scores)?;
             report.pages_freed += before - cache.pages_in_use();
         }
         Ok(report)
@@ -232,7 +249,7 @@ impl Attention for PressAttention {
             return index.attend(cache, seq, layer.layer, q, Some(&expr), &params);
         }
         let out = self.inner.attend(cache, seq, q, layer)?;
-        let Some(kind) = self.spec.evict.and_then(|p| p.score_kind()) else {
+        let Some(kind) = self.score_kind() else {
             return Ok(out);
         };
         let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
