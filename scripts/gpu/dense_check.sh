@@ -9,6 +9,11 @@
 #                                             # WS_CFGS, TILE_D, TILE_LENS)
 #   bash scripts/gpu/dense_check.sh softmax   # forward TFLOP/s per softmax step
 #                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy) at 16k
+#   bash scripts/gpu/dense_check.sh candidates  # the opt-in variants not yet run on a GPU
+#                                             # (LONGATTN_CUDA_FWD_SOFTMAX=lazy,
+#                                             # LONGATTN_CUDA_BWD_DQ=merge): selftest --quick
+#                                             # with both, then forward / backward TFLOP/s of
+#                                             # each against the default in the same call
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
@@ -59,6 +64,18 @@ for mode in "${@:-selftest}"; do
       grep -E "^\| (full|causal)" "$OUT/softmax_$sm/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/softmax.txt"
     ;;
+  candidates)
+    LONGATTN_CUDA_FWD_SOFTMAX=lazy LONGATTN_CUDA_BWD_DQ=merge timeout 400 /tmp/longattn selftest \
+      --backend cuda --quick > "$OUT/selftest_candidates.txt" 2>&1
+    echo "selftest --quick (lazy softmax, merged dQ) rc=$?"
+    grep -vE " pass " "$OUT/selftest_candidates.txt" | tail -15
+    for bwd in split merge; do
+      echo "== LONGATTN_CUDA_BWD_DQ=$bwd"
+      LONGATTN_CUDA_BWD_DQ=$bwd timeout 200 /tmp/longattn bench --backend cuda --backward \
+        --masks full,causal --lens ${BLENS:-4k,16k} --dims 64,128 --out "$OUT/bwd_$bwd" > /dev/null 2>&1
+      grep -E "^\| (full|causal)" "$OUT/bwd_$bwd/report_cuda.md" | cut -d'|' -f2-7
+    done 2>&1 | tee "$OUT/candidates_bwd.txt"
+    ;;
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
@@ -73,6 +90,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | fwd | bwd)"; exit 2 ;;
   esac
 done

@@ -44,12 +44,79 @@ const BWD_WG: &str = include_str!("kernels/attn_bwd_wg.cu");
 /// Query rows and keys per tile of the mma.sync kernels.
 const T: usize = 64;
 
-/// Shared memory of the one-pass kernel: K, V; two stages of Q and dO; the dS^T tile; two
-/// 64 x 64 f32 dQ staging blocks per consumer warpgroup; two stages of L2 and Delta; up to 16
-/// mbarriers (128 bytes: K/V, two stages full and empty, staging full and free per consumer);
-/// 1 KiB to align the swizzle atoms.
-fn one_pass_smem(br: usize, bc: usize, d: usize) -> usize {
-    (2 * bc * d + 4 * br * d + bc * br) * 2 + (bc / 64) * 2 * 4096 * 4 + 2 * 2 * br * 4 + 128 + 1024
+/// Shared memory of the one-pass kernel: K, V; two stages of Q and dO; the dS^T tile (two stages
+/// with `merge`); two 64 x 64 f32 dQ staging blocks per consumer warpgroup (one with `merge`);
+/// two stages of L2 and Delta; up to 16 mbarriers (128 bytes: K/V, two stages full and empty,
+/// staging full and free per consumer); 1 KiB to align the swizzle atoms.
+fn one_pass_smem(br: usize, bc: usize, d: usize, merge: bool) -> usize {
+    let (ds_stages, stg_blocks) = if merge { (2, 1) } else { (1, 2) };
+    (2 * bc * d + 4 * br * d + ds_stages * bc * br) * 2
+        + (bc / 64) * stg_blocks * 4096 * 4
+        + 2 * 2 * br * 4
+        + 128
+        + 1024
+}
+
+/// How the one-pass kernel forms its dQ partials, `LONGATTN_CUDA_BWD_DQ`: `split` (the default,
+/// the version measured on the device: each consumer over its own 64 keys, two blocks added per
+/// consumer and item) or `merge` (over the whole key tile, one block per consumer: half the
+/// bytes added, a barrier of the two consumers per item; `LA_DQ_MERGE` in attn_bwd_wg.cu).
+/// `merge` compiles (test below) but has not run on a GPU yet: opt-in until the selftest and
+/// the bench have seen it.
+fn dq_merge() -> bool {
+    std::env::var("LONGATTN_CUDA_BWD_DQ").is_ok_and(|v| v == "merge")
+}
+
+/// Source, variant name, shared memory, main and dQ entry points, and defines of `kernel` for
+/// the mask `program` (`merge`: [`dq_merge`], one-pass kernel only).
+#[allow(clippy::type_complexity)]
+fn kernel_build(
+    kernel: BwdKernel,
+    dtype: DType,
+    d: usize,
+    params: &AttnParams,
+    program: &str,
+    merge: bool,
+) -> (
+    String,
+    String,
+    usize,
+    &'static str,
+    &'static str,
+    Vec<(String, String)>,
+) {
+    let mut defines = vec![
+        ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
+        ("LA_D".into(), d.to_string()),
+        (
+            "LA_SOFTCAP".into(),
+            (params.softcap.is_some() as u8).to_string(),
+        ),
+    ];
+    let (src, variant, smem, main, dq) = match kernel {
+        BwdKernel::TwoPass => (
+            format!("{COMMON}\n{MMA_TILE}\n{BWD_COMMON}\n{program}\n{BWD}"),
+            format!("attn_bwd_{}_d{d}", dtype.name()),
+            two_pass_smem(d),
+            "la_bwd_dkdv",
+            "la_bwd_dq",
+        ),
+        BwdKernel::OnePassWgmma { br, bc, ordered } => {
+            defines.push(("LA_NWG".into(), (bc / 64).to_string()));
+            defines.push(("LA_BR".into(), br.to_string()));
+            defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
+            defines.push(("LA_DQ_MERGE".into(), (merge as u8).to_string()));
+            let wrappers = &*super::wgmma::WRAPPERS;
+            (
+                format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"),
+                format!("attn_bwd_wg_{}_d{d}_{br}x{bc}", dtype.name()),
+                one_pass_smem(br, bc, d, merge),
+                "la_bwd_wg",
+                "la_bwd_dq_store",
+            )
+        }
+    };
+    (src, variant, smem, main, dq, defines)
 }
 
 /// Blocks per tile of the two-pass kernels: above D 128 each owns half of the gradient columns
@@ -250,38 +317,8 @@ impl BwdPlan {
         // The mask program is a template on the parameter struct, instantiated in the kernels; its
         // constants are arguments (`mc`), so the variant depends on the mask's structure only.
         let program = &dm.program;
-        let mut defines = vec![
-            ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
-            ("LA_D".into(), d.to_string()),
-            (
-                "LA_SOFTCAP".into(),
-                (params.softcap.is_some() as u8).to_string(),
-            ),
-        ];
-        let (src, variant, smem, main, dq) = match kernel {
-            BwdKernel::TwoPass => (
-                format!("{COMMON}\n{MMA_TILE}\n{BWD_COMMON}\n{program}\n{BWD}"),
-                format!("attn_bwd_{}_d{d}", dtype.name()),
-                two_pass_smem(d),
-                "la_bwd_dkdv",
-                "la_bwd_dq",
-            ),
-            BwdKernel::OnePassWgmma { br, bc, ordered } => {
-                defines.push(("LA_NWG".into(), (bc / 64).to_string()));
-                defines.push(("LA_BR".into(), br.to_string()));
-                defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
-                let wrappers = &*super::wgmma::WRAPPERS;
-                (
-                    format!(
-                        "{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"
-                    ),
-                    format!("attn_bwd_wg_{}_d{d}_{br}x{bc}", dtype.name()),
-                    one_pass_smem(br, bc, d),
-                    "la_bwd_wg",
-                    "la_bwd_dq_store",
-                )
-            }
-        };
+        let (src, variant, smem, main, dq, defines) =
+            kernel_build(kernel, dtype, d, params, program, dq_merge());
         let dq_smem = if kernel == BwdKernel::TwoPass {
             smem
         } else {
@@ -574,10 +611,12 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::{
-        one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel, LaBwdParams, LaBwdWsParams,
-        BWD_COMMON, BWD_WG,
+        kernel_build, one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel, LaBwdParams,
+        LaBwdWsParams, BWD_COMMON, BWD_WG,
     };
+    use crate::attention::AttnParams;
     use crate::cuda::forward::{c_struct_layout, check_layout, offsets};
+    use crate::tensor::DType;
 
     /// `LaBwdParams` and `LaBwdWsParams` are laid out as the kernels declare them (passed by
     /// value).
@@ -612,6 +651,54 @@ mod tests {
         assert_eq!(two_pass_smem(256), 128 * 1024);
     }
 
+    /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
+    /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
+    /// adds, dQ split or merged ([`dq_merge`]), with and without soft-cap.
+    #[test]
+    fn one_pass_kernels_compile_with_nvrtc() {
+        if !super::super::compile::nvrtc_present() {
+            eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA lib folder)");
+            return;
+        }
+        let shape = crate::mask::MaskShape {
+            batch: 1,
+            sq: 300,
+            sk: 300,
+        };
+        let bm = crate::mask::MaskExpr::parse("causal & window(100,0)")
+            .unwrap()
+            .bind(shape, None)
+            .unwrap();
+        let program = bm.cuda_program().source;
+        let mut n = 0;
+        for d in [64, 128] {
+            for det in [false, true] {
+                let kernel = BwdKernel::choose(d, (9, 0), det);
+                assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
+                for dtype in [DType::BF16, DType::F16] {
+                    for merge in [false, true] {
+                        for softcap in [None, Some(20.0)] {
+                            let params = AttnParams {
+                                softcap,
+                                ..Default::default()
+                            };
+                            let (src, variant, _, _, _, defines) =
+                                kernel_build(kernel, dtype, d, &params, &program, merge);
+                            let name = format!("test_{variant}");
+                            if let Err(e) =
+                                super::super::compile::compile(&name, &src, "sm_90a", &defines)
+                            {
+                                panic!("{name} {defines:?}: {e}");
+                            }
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(n, 32);
+    }
+
     /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.
     #[test]
     fn one_pass_tiles_fit_shared_memory() {
@@ -619,8 +706,10 @@ mod tests {
             let BwdKernel::OnePassWgmma { br, bc, .. } = BwdKernel::choose(d, (9, 0), false) else {
                 panic!("D {d}: no one-pass kernel");
             };
-            let bytes = one_pass_smem(br, bc, d);
-            assert!(bytes <= 227 * 1024, "D {d}: {bytes} bytes");
+            for merge in [false, true] {
+                let bytes = one_pass_smem(br, bc, d, merge);
+                assert!(bytes <= 227 * 1024, "D {d} merge {merge}: {bytes} bytes");
+            }
         }
     }
 

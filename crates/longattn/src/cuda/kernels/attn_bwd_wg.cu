@@ -29,13 +29,29 @@
 //                                      (LA_ORDERED: in a fixed order, see the producer).
 // la_bwd_dq_store converts dq_acc afterwards.
 //
+// LA_DQ_MERGE (1): the dQ partial is formed over the whole key tile instead of each consumer's
+// 64 keys, half of it per consumer: after both consumers' dS^T rows are in (a named barrier of
+// the two warpgroups), consumer c multiplies block c of dQ (BR 64: head-dim columns 64 c ..;
+// BR 128: query rows 64 c ..) over all LA_BC keys and adds that one 16 KiB block, so dq_acc
+// receives half the bytes and half the bulk adds. dS^T then has two stages (item t in stage
+// t & 1): a consumer writes stage t & 1 again only after the barrier of item t + 1, which the
+// other consumer reaches only after its item-t product has read the stage.
+//
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
-// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), the mask program la_mask. Shared-memory layout: the 128-byte-
+// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), the mask program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
 #define LA_BC (LA_NWG * 64)
 #define LA_DQ_ROWSPLIT (LA_BR == 128)  // dQ blocks split the query rows (else the columns)
+#ifndef LA_DQ_MERGE
+#define LA_DQ_MERGE 0
+#endif
+#if LA_DQ_MERGE && LA_NWG != 2
+#error "LA_DQ_MERGE: one dQ block per consumer needs two consumers"
+#endif
+#define LA_DS_STAGES (1 + LA_DQ_MERGE)
+#define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
 // Register split (65536 per SM, one block): consumers get what the producer gives up (the
 // producer walks the item list and forms TMA coordinates: 40 registers).
 #define LA_REG_MMA 232
@@ -62,13 +78,15 @@ __device__ __forceinline__ void la_sts4(float* a, const float* v) {
                  : "memory");
 }
 
-// Adds the staged dQ partial of query tile q0 of head h (two 64 x 64 blocks in register order at
-// stg) to dq_acc: one 16 KiB bulk reduce-add per block, committed as one bulk group.
-__device__ __forceinline__ void la_dq_add_tile(const LaBwdParams& p, int b, int h, int q0, const float* stg) {
+// Adds the staged dQ partial of query tile q0 of head h to dq_acc: one 16 KiB bulk reduce-add
+// per 64 x 64 block staged in register order at stg (both blocks; LA_DQ_MERGE: block c only),
+// committed as one bulk group.
+__device__ __forceinline__ void la_dq_add_tile(const LaBwdParams& p, int b, int h, int q0, int c, const float* stg) {
 #pragma unroll
-    for (int blk = 0; blk < 2; blk++) {
+    for (int x = 0; x < LA_STG_BLOCKS; x++) {
+        const int blk = LA_DQ_MERGE ? c : x;
         const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
-        la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + blk * 4096, 4096 * 4);
+        la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + x * 4096, 4096 * 4);
     }
     la_bulk_commit();
 }
@@ -90,9 +108,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u16* sV = sK + LA_BC * LA_D;
     u16* sQ0 = sV + LA_BC * LA_D;          // stage st: sQ0 + st * BR * D
     u16* sdO0 = sQ0 + 2 * LA_BR * LA_D;    // stage st: sdO0 + st * BR * D
-    u16* sdS = sdO0 + 2 * LA_BR * LA_D;    // [BC keys][BR queries]; consumer c uses its keys' rows
-    float* sStg = (float*)(sdS + LA_BC * LA_BR);   // consumer c: two 64 x 64 f32 dQ blocks
-    float* sLD0 = sStg + LA_NWG * 2 * 4096;        // stage st: L2 [BR], then Delta [BR]
+    // dS^T [BC keys][BR queries] (LA_DS_STAGES stages); consumer c writes its keys' rows.
+    u16* sdS0 = sdO0 + 2 * LA_BR * LA_D;
+    float* sStg = (float*)(sdS0 + LA_DS_STAGES * LA_BC * LA_BR);  // consumer c: its staged dQ blocks
+    float* sLD0 = sStg + LA_NWG * LA_STG_BLOCKS * 4096;            // stage st: L2 [BR], then Delta [BR]
     u64* bars = (u64*)(sLD0 + 2 * 2 * LA_BR);
     u64* full_kv = bars;       // [1]
     u64* full_q = bars + 1;    // [2]: Q, dO, L2, Delta of a stage landed
@@ -144,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // before it, so the chain always progresses. The consumers go on computing meanwhile.
         const int rw = (threadIdx.x >> 5) - 1;
         if (rw >= 0 && rw < LA_NWG && (threadIdx.x & 31) == 0) {
-            const float* stg = sStg + rw * 2 * 4096;
+            const float* stg = sStg + rw * LA_STG_BLOCKS * 4096;
             for (int t = 0; t < n_items; t++) {
                 int h;
                 u32 ent, ci;
@@ -155,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 la_mbar_wait(stg_full + rw, t & 1);
                 while (la_ld_acquire(sem) != want) la_nanosleep(32);
                 la_fence_proxy_async_global();  // the adds are ordered after the acquire
-                la_dq_add_tile(p, b, h, q0, stg);
+                la_dq_add_tile(p, b, h, q0, rw, stg);
                 la_bulk_wait<0>();              // the adds are performed
                 la_fence_proxy_async_global();  // ... and ordered before the release
                 la_st_release(sem, want + 1);
@@ -200,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3, tw = threadIdx.x & 127;
     const int krow = c * 64 + warp * 16 + g;  // this thread's keys in the tile: krow, krow + 8
-    float* stg = sStg + c * 2 * 4096;
+    float* stg = sStg + c * LA_STG_BLOCKS * 4096;
 
     // Accumulators, flat: n8 block j holds elements 4 j .. 4 j + 3 (rows g, g, g + 8, g + 8).
     float dk[LA_D / 2], dv[LA_D / 2];
@@ -219,6 +238,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         const u16* cdO = sdO0 + st * LA_BR * LA_D;
         const float* cL = sLD0 + st * 2 * LA_BR;
         const float* cD = cL + LA_BR;
+        u16* sdS = sdS0 + (LA_DQ_MERGE ? st * LA_BC * LA_BR : 0);
         la_mbar_wait(full_q + st, (t >> 1) & 1);
 
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries).
@@ -291,15 +311,23 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #else
         if (tw == 0) la_bulk_wait_read<0>();
 #endif
+#if LA_DQ_MERGE
+        la_bar_sync(1 + LA_NWG, 128 * LA_NWG);  // both consumers' dS^T rows are in; staging is free
+#else
         la_bar_sync(1 + c, 128);  // the warpgroup's dS^T rows are in; staging is free
+#endif
 #pragma unroll
-        for (int blk = 0; blk < 2; blk++) {
+        for (int x = 0; x < LA_STG_BLOCKS; x++) {
+            // Block blk of dQ over keys kb0 .. kb0 + LA_DQ_KEYS - 1 of the tile.
+            const int blk = LA_DQ_MERGE ? c : x;
             const int qr0 = LA_DQ_ROWSPLIT ? 64 * blk : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * blk;
+            constexpr int LA_DQ_KEYS = LA_DQ_MERGE ? LA_BC : 64;
+            const int kb0 = LA_DQ_MERGE ? 0 : c * 64;
             float dq[32];
             la_wg_fence();
 #pragma unroll
-            for (int ks = 0; ks < 4; ks++) {
-                const int kr = (c * 64 + ks * 16) * 64;
+            for (int ks = 0; ks < LA_DQ_KEYS / 16; ks++) {
+                const int kr = (kb0 + ks * 16) * 64;
                 const u64 da = la_wg_desc(sdS + (qr0 >> 6) * LA_BC * 64 + kr, LA_BC * 128, 1024);
                 const u64 db = la_wg_desc(sK + (dc0 >> 6) * LA_BC * 64 + kr, LA_BC * 128, 1024);
                 la_wg_sst_n64(dq, da, db, ks > 0);
@@ -307,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             la_wg_commit();
             la_wg_wait0();
             la_fence_regs<32>(dq);
-            if (blk == 0) {
+            if (x == 0) {
                 la_fence_regs<LA_D / 2>(dv);
                 la_fence_regs<LA_D / 2>(dk);
                 // Every read of stage st (products, L2, Delta) is done: back to the producer. The
@@ -320,14 +348,14 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 if (lane == 0) la_mbar_arrive(empty_q + st);
             }
 #pragma unroll
-            for (int j = 0; j < 8; j++) la_sts4(stg + blk * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
+            for (int j = 0; j < 8; j++) la_sts4(stg + x * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
         }
         la_fence_async_smem();  // staging stores -> visible to the bulk copies
         la_bar_sync(1 + c, 128);
 #if LA_ORDERED
         if (tw == 0) la_mbar_arrive(stg_full + c);  // hand the staged partial to the reducer
 #else
-        if (tw == 0) la_dq_add_tile(p, b, h, q0, stg);
+        if (tw == 0) la_dq_add_tile(p, b, h, q0, c, stg);
 #endif
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
