@@ -26,10 +26,10 @@ PY="${PYTHON:-python3}"
 "$VENV/bin/python" -m pip install -q nvidia-cuda-nvrtc-cu12
 "$VENV/bin/python" scripts/nvrtc_check.py > "$VENV/nvrtc_check.txt" || { grep -v "^PASS" "$VENV/nvrtc_check.txt"; exit 1; }
 echo "NVRTC: $(tail -1 "$VENV/nvrtc_check.txt")"
-# The Hopper forward kernels (their source is assembled in Rust) through the same NVRTC.
+# The Hopper forward and backward kernels (their source is assembled in Rust) through the same NVRTC.
 NVRTC_LIB=$("$VENV/bin/python" -c "import nvidia.cuda_nvrtc as m, os; print(os.path.join(list(m.__path__)[0], 'lib'))")
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    cargo test -q -p longattn --lib hopper_forward_kernels_compile -- --nocapture 2>&1 | grep -E "skipped|test result"
+    cargo test -q -p longattn --lib kernels_compile_with_nvrtc -- --nocapture 2>&1 | grep -E "skipped|test result"
 # The Hugging Face tests compare against `longattn eval`: the binary `cargo test` just built.
 export LONGATTN_BIN="${LONGATTN_BIN:-$PWD/target/debug/longattn}"
 "$VENV/bin/python" -m pytest -q -ra crates/longattn-py/tests
