@@ -15,16 +15,18 @@
 //!
 //! ZipVL-style mixed precision, `zipvl(lo=2,hi=4,mass=0.9,group=G,residual=R)` ([`Mixed`]): the
 //! same groups, but each group's bit width is chosen when it is quantized, by the importance of
-//! its entries. Importance is the mean attention an entry has received per query since it was
-//! written, a_e = score_e / n_e, with score_e the running H2O score (the attention probability
-//! summed over every query so far, reduced over the group's query heads; [`super::score`]) and
-//! n_e = t - pos_e the number of queries that could see it (t = positions seen): without the
-//! division old entries would outrank new ones by age alone. The important entries are the
-//! smallest set of the head's entries (quantized or not) that holds `mass` of sum_e a_e, taken
-//! by decreasing a_e (ZipVL's adaptive ratio: how many are important depends on how
-//! concentrated the head's attention is); a group takes `hi` bits when it holds at least one of
-//! them, `lo` bits otherwise. A group keeps its bit width once quantized (no re-quantization).
-//! Codes of 8 bits are one byte each.
+//! its entries. An entry's importance is the mean attention it has received per query since it
+//! was written, a_e = score_e / n_e ([`importance`]), with score_e the running H2O score (the
+//! attention probability summed over every query so far, reduced over the group's query heads;
+//! [`super::score`]) and n_e = t - pos_e the number of queries that could see it (t = positions
+//! seen): without the division old entries would outrank new ones by age alone. A group's
+//! importance is the sum over its entries. The head's units are its K groups (quantized ones
+//! and the ones being quantized) and its remaining full-precision entries one by one; the
+//! important units are the fewest, by decreasing importance, that hold `mass` of the head's
+//! total ([`important_set`]: ZipVL's adaptive ratio, how many are important depends on how
+//! concentrated the head's attention is). A group being quantized takes `hi` bits when it is
+//! important, `lo` bits otherwise, and keeps that width (no re-quantization). Codes of 8 bits
+//! are one byte each.
 //!
 //! Attention over the quantized entries ([`QuantHead::attend`]) dequantizes in its inner loop.
 //! With K per channel the dot product factors per group:
@@ -285,40 +287,43 @@ fn row_bytes(n: usize, bits: u32) -> usize {
     (n * bits as usize).div_ceil(8)
 }
 
-/// ZipVL's important set of one head (module documentation): entry e (at position `pos[e]`,
-/// running H2O score `score[e]`, 0 past the scores' end) has importance a_e = score_e /
-/// (seen - pos_e), the mean attention per query since it was written (`seen` = positions seen);
-/// the important entries are the fewest, by decreasing a_e, whose importance reaches `mass` of
-/// the total. Ties with the last one taken are important too. `mass` 1: every entry (the policy
-/// is then `kivi(bits=hi)`); otherwise no entry is important while the total is 0 (nothing
-/// observed yet).
-pub fn important_entries(pos: &[u32], score: &[f32], seen: usize, mass: f32) -> Vec<bool> {
-    let a: Vec<f64> = pos
-        .iter()
+/// Importance of a head's entries (module documentation): entry e at position `pos[e]` with
+/// running H2O score `score[e]` (0 past the scores' end: appended since the last fold) has
+/// a_e = score_e / (seen - pos_e), the mean attention it received per query since it was
+/// written (`seen` = positions seen, so seen - pos_e queries could attend to it).
+pub fn importance(pos: &[u32], score: &[f32], seen: usize) -> Vec<f64> {
+    pos.iter()
         .enumerate()
         .map(|(e, &p)| {
             let s = score.get(e).copied().unwrap_or(0.0) as f64;
             s / seen.saturating_sub(p as usize).max(1) as f64
         })
-        .collect();
+        .collect()
+}
+
+/// The important units among units of importance `w` (a unit: a K group, or a residual
+/// entry): the fewest, by decreasing w, whose importance reaches `mass` of the total; ties with
+/// the last one taken are important too. `mass` 1: every unit (the policy is then
+/// `kivi(bits=hi)`); otherwise no unit is important while the total is 0 (nothing observed).
+pub fn important_set(w: &[f64], mass: f32) -> Vec<bool> {
     if mass >= 1.0 {
-        return vec![true; a.len()];
+        return vec![true; w.len()];
     }
-    let total: f64 = a.iter().sum();
+    let total: f64 = w.iter().sum();
     if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
-        return vec![false; a.len()];
+        return vec![false; w.len()];
     }
-    let mut order: Vec<usize> = (0..a.len()).collect();
-    order.sort_by(|&x, &y| a[y].total_cmp(&a[x]));
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&x, &y| w[y].total_cmp(&w[x]));
     let (mut acc, mut theta) = (0.0, f64::INFINITY);
-    for &e in &order {
-        acc += a[e];
-        theta = a[e];
+    for &u in &order {
+        acc += w[u];
+        theta = w[u];
         if acc >= mass as f64 * total {
             break;
         }
     }
-    a.iter().map(|&x| x >= theta).collect()
+    w.iter().map(|&x| x >= theta).collect()
 }
 
 /// The quantized entries of one (sequence, layer, KV head), oldest first, in K groups that each

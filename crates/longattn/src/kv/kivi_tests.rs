@@ -394,27 +394,28 @@ fn specs_compose_with_plus() {
     }
 }
 
-/// The important set against its definition on random scores: it holds `mass` of the
-/// importance, every important entry is at least as important as every other, and it is the
-/// fewest such entries (up to ties with the last one taken); a newer entry with the same score
-/// is the more important (its score came from fewer queries).
+/// Importance and the important set against their definitions on random scores: the set holds
+/// `mass` of the total, every important unit weighs at least as much as every other, and it is
+/// the fewest such units (up to ties with the last one taken); a newer entry with the same
+/// score is the more important (its score came from fewer queries).
 #[test]
-fn important_entries_follow_their_definition() {
+fn important_units_follow_their_definition() {
     let mut rng = Rng::new(77);
     for &n in &[1usize, 7, 63, 65, 113] {
+        let seen = n + 5;
+        let pos: Vec<u32> = (0..n as u32).map(|p| p + (p >= 3) as u32 * 5).collect();
+        // Heavy-tailed scores; some entries past the scores' end (appended since the fold).
+        let score: Vec<f32> = (0..n.saturating_sub(2).max(1))
+            .map(|_| (3.0 * rng.normal()).exp() as f32)
+            .collect();
+        let a = importance(&pos, &score, seen);
+        for e in 0..n {
+            let want =
+                score.get(e).copied().unwrap_or(0.0) as f64 / (seen - pos[e] as usize) as f64;
+            assert_eq!(a[e], want);
+        }
         for &mass in &[0.1f32, 0.5, 0.9, 0.99] {
-            let seen = n + 5;
-            let pos: Vec<u32> = (0..n as u32).map(|p| p + (p >= 3) as u32 * 5).collect();
-            // Heavy-tailed scores; some entries past the scores' end (appended since the fold).
-            let score: Vec<f32> = (0..n.saturating_sub(2).max(1))
-                .map(|_| (3.0 * rng.normal()).exp() as f32)
-                .collect();
-            let imp = important_entries(&pos, &score, seen, mass);
-            let a: Vec<f64> = (0..n)
-                .map(|e| {
-                    score.get(e).copied().unwrap_or(0.0) as f64 / (seen - pos[e] as usize) as f64
-                })
-                .collect();
+            let imp = important_set(&a, mass);
             let total: f64 = a.iter().sum();
             let held: f64 = (0..n).filter(|&e| imp[e]).map(|e| a[e]).sum();
             assert!(
@@ -438,13 +439,11 @@ fn important_entries_follow_their_definition() {
         }
     }
     // Equal scores: the newer entry (seen by fewer queries) is the important one.
-    assert_eq!(
-        important_entries(&[0, 90], &[1.0, 1.0], 100, 0.5),
-        vec![false, true]
-    );
+    let a = importance(&[0, 90], &[1.0, 1.0], 100);
+    assert_eq!(important_set(&a, 0.5), vec![false, true]);
     // Nothing observed yet: nothing important; mass 1: everything.
-    assert_eq!(important_entries(&[0, 1], &[], 2, 0.9), vec![false, false]);
-    assert_eq!(important_entries(&[0, 1], &[], 2, 1.0), vec![true, true]);
+    assert_eq!(important_set(&[0.0, 0.0], 0.9), vec![false, false]);
+    assert_eq!(important_set(&[0.0, 0.0], 1.0), vec![true, true]);
 }
 
 /// H2O scores of every head of `cache` where entry `hot` of each head holds most of the
@@ -479,8 +478,8 @@ fn zipvl_gives_the_high_width_to_groups_with_important_entries() {
     let (hk, d, len) = (2, 32, 150);
     let mut rng = Rng::new(31);
     let (mut cache, id, full) = filled(len, hk, d, 16, &mut rng);
-    // Entry 20 holds 10 / (10 + 149 x 0.01) = 87% of each head's importance: with mass 0.5 it
-    // alone is important, so its group (entries 16..24) takes 4 bits and the rest 2.
+    // Entry 20 holds 10 / (10 + 149 x 0.01) = 87% of each head's importance: with mass 0.5 its
+    // group (entries 16..24) alone is important and takes 4 bits, the rest 2.
     let z = zipvl(2, 4, 0.5, 8, 8);
     let s = scores_with_hot_entry(&cache, id, 20);
     let e = cache.quantize(id, &z).unwrap_err().to_string();

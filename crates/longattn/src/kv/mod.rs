@@ -623,7 +623,7 @@ impl PagedKvCache {
     /// [`quantize`](Self::quantize) with the running H2O scores of the sequence (accumulated
     /// attention per entry, [`score::KvScores`] of [`score::ScoreKind::H2o`], in step with the
     /// cache), which a mixed policy ranks groups by ([`kivi`]'s ZipVL rule): each new group
-    /// takes the high bit width when it holds an entry of the head's important set.
+    /// takes the high bit width when it is among the head's important units.
     pub fn quantize_scored(
         &mut self,
         id: SeqId,
@@ -678,15 +678,32 @@ impl PagedKvCache {
                 continue;
             }
             let m = (nr - r) / g * g;
-            // ZipVL: the head's important entries (module kivi), by entry index.
-            let important = match (kivi.mixed, scores) {
+            // ZipVL (module kivi): the head's units are its quantized groups, the m / g groups
+            // about to be, and its other residual entries one by one; `hot[x]`: whether new group
+            // x is among the important units.
+            let hot = match (kivi.mixed, scores) {
                 (Some(mx), Some(s)) => {
                     let pos: Vec<u32> = [&h.quant.pos[..], &h.pos[..]].concat();
-                    kivi::important_entries(&pos, &s.scores[hi], seen, mx.mass)
+                    let a = kivi::importance(&pos, &s.scores[hi], seen);
+                    let nq = h.quant.len();
+                    let mut units = Vec::new();
+                    let mut e0 = 0;
+                    for x in 0..h.quant.group_bits().len() {
+                        let n = h.quant.group_len(x);
+                        units.push(a[e0..e0 + n].iter().sum::<f64>());
+                        e0 += n;
+                    }
+                    let first_new = units.len();
+                    units.extend(
+                        (0..m)
+                            .step_by(g)
+                            .map(|g0| a[nq + g0..nq + g0 + g].iter().sum::<f64>()),
+                    );
+                    units.extend(&a[nq + m..]);
+                    kivi::important_set(&units, mx.mass)[first_new..first_new + m / g].to_vec()
                 }
                 _ => Vec::new(),
             };
-            let nq = h.quant.len();
             let mut groups = Vec::with_capacity(m / g);
             for g0 in (0..m).step_by(g) {
                 let mut k = Vec::with_capacity(g * d);
@@ -697,7 +714,7 @@ impl PagedKvCache {
                     v.extend_from_slice(&self.v[slot * dv..][..dv]);
                 }
                 let bits = match kivi.mixed {
-                    Some(mx) if important[nq + g0..nq + g0 + g].iter().any(|&x| x) => mx.bits,
+                    Some(mx) if hot[g0 / g] => mx.bits,
                     _ => kivi.bits,
                 };
                 groups.push((bits, k, v, h.pos[g0..g0 + g].to_vec()));
