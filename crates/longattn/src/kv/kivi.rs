@@ -13,20 +13,21 @@
 //! entries into the head's [`QuantHead`] while the residual keeps more than `R + G - 1`, so it
 //! ends with between R and R + G - 1 entries (R = 0: fewer than a full group).
 //!
-//! ZipVL-style mixed precision, `zipvl(lo=2,hi=4,mass=0.9,group=G,residual=R)` ([`Mixed`]): the
-//! same groups, but each group's bit width is chosen when it is quantized, by the importance of
-//! its entries. An entry's importance is the mean attention it has received per query since it
-//! was written, a_e = score_e / n_e ([`importance`]), with score_e the running H2O score (the
-//! attention probability summed over every query so far, reduced over the group's query heads;
-//! [`super::score`]) and n_e = t - pos_e the number of queries that could see it (t = positions
-//! seen): without the division old entries would outrank new ones by age alone. A group's
-//! importance is the sum over its entries. The head's units are its K groups (quantized ones
-//! and the ones being quantized) and its remaining full-precision entries one by one; the
-//! important units are the fewest, by decreasing importance, that hold `mass` of the head's
-//! total ([`important_set`]: ZipVL's adaptive ratio, how many are important depends on how
-//! concentrated the head's attention is). A group being quantized takes `hi` bits when it is
-//! important, `lo` bits otherwise, and keeps that width (no re-quantization). Codes of 8 bits
-//! are one byte each.
+//! ZipVL-style mixed precision, `zipvl(lo=2,hi=4,mass=0.9,f=0.95,group=G,residual=R)`
+//! ([`Mixed`]): the same groups, each with its own bit width, following the groups' importance.
+//! An entry's importance is its running A2SF score with forgetting factor f ([`super::score`]:
+//! `score = f score + p` per query, p the attention probability reduced over the group's query
+//! heads), i.e. the attention of the recent queries (about 1 / (1 - f) of them) on it, which all
+//! groups old enough to be quantized are judged by alike; a group's importance is the sum over
+//! its entries. The head's units are its K groups (quantized ones and the ones being quantized)
+//! and its remaining full-precision entries one by one; the important units are the fewest, by
+//! decreasing importance, that hold `mass` of the head's total ([`important_set`]: ZipVL's
+//! adaptive ratio, how many are important depends on how concentrated the head's attention is).
+//! At every quantization a group being quantized takes `hi` bits when it is important and `lo`
+//! bits otherwise, and a quantized `hi` group that is no longer important is re-quantized to
+//! `lo` from its dequantized values (its error then at most half a `lo` step plus half a `hi`
+//! step); a `lo` group never goes back up (the bits are gone). Codes of 8 bits are one byte
+//! each.
 //!
 //! Attention over the quantized entries ([`QuantHead::attend`]) dequantizes in its inner loop.
 //! With K per channel the dot product factors per group:
@@ -64,14 +65,16 @@ pub struct Kivi {
     pub mixed: Option<Mixed>,
 }
 
-/// ZipVL-style mixed precision (module documentation): groups holding an entry of the important
-/// set (the most important entries that hold `mass` of the head's importance) take `bits`.
+/// ZipVL-style mixed precision (module documentation): the important groups (the fewest that
+/// hold `mass` of the head's importance) take `bits`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Mixed {
     /// Bits of the important groups: 4 or 8, more than the policy's.
     pub bits: u32,
-    /// Share of the head's importance held by the important entries, in (0, 1].
+    /// Share of the head's importance held by the important units, in (0, 1].
     pub mass: f32,
+    /// Forgetting factor of the A2SF scores importance is read from, in [0, 1).
+    pub f: f32,
 }
 
 impl Kivi {
@@ -85,7 +88,7 @@ impl Kivi {
         }
     }
 
-    /// `kivi(bits=..,group=..,residual=..)` or `zipvl(lo=..,hi=..,mass=..,group=..,residual=..)`.
+    /// `kivi(bits=..,group=..,residual=..)` or `zipvl(lo=..,hi=..,mass=..,f=..,group=..,residual=..)`.
     pub fn parse(text: &str) -> Result<Kivi> {
         let (name, _) = crate::sparse::spec::split_call(OP, text)?;
         if name == "zipvl" {
@@ -121,6 +124,7 @@ impl Kivi {
                 ("lo", Some(2.0)),
                 ("hi", Some(4.0)),
                 ("mass", Some(0.9)),
+                ("f", Some(0.95)),
                 ("group", Some(32.0)),
                 ("residual", Some(32.0)),
             ],
@@ -128,11 +132,12 @@ impl Kivi {
         let int = |k: &str, x: f64| super::spec::int_arg(OP, "zipvl", k, x);
         let k = Kivi {
             bits: int("lo", v[0])? as u32,
-            group: int("group", v[3])?,
-            residual: int("residual", v[4])?,
+            group: int("group", v[4])?,
+            residual: int("residual", v[5])?,
             mixed: Some(Mixed {
                 bits: int("hi", v[1])? as u32,
                 mass: v[2] as f32,
+                f: v[3] as f32,
             }),
         };
         k.check()?;
@@ -170,6 +175,9 @@ impl Kivi {
                 "`{self}`: mass must be in (0, 1], got {}",
                 m.mass
             )));
+        }
+        if !(0.0..1.0).contains(&m.f) {
+            return Err(err(format!("`{self}`: f must be in [0, 1), got {}", m.f)));
         }
         Ok(())
     }
@@ -209,8 +217,8 @@ impl fmt::Display for Kivi {
             ),
             Some(m) => write!(
                 f,
-                "zipvl(lo={},hi={},mass={},group={},residual={})",
-                self.bits, m.bits, m.mass, self.group, self.residual
+                "zipvl(lo={},hi={},mass={},f={},group={},residual={})",
+                self.bits, m.bits, m.mass, m.f, self.group, self.residual
             ),
         }
     }
@@ -285,20 +293,6 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 /// Bytes of a packed row of `n` codes.
 fn row_bytes(n: usize, bits: u32) -> usize {
     (n * bits as usize).div_ceil(8)
-}
-
-/// Importance of a head's entries (module documentation): entry e at position `pos[e]` with
-/// running H2O score `score[e]` (0 past the scores' end: appended since the last fold) has
-/// a_e = score_e / (seen - pos_e), the mean attention it received per query since it was
-/// written (`seen` = positions seen, so seen - pos_e queries could attend to it).
-pub fn importance(pos: &[u32], score: &[f32], seen: usize) -> Vec<f64> {
-    pos.iter()
-        .enumerate()
-        .map(|(e, &p)| {
-            let s = score.get(e).copied().unwrap_or(0.0) as f64;
-            s / seen.saturating_sub(p as usize).max(1) as f64
-        })
-        .collect()
 }
 
 /// The important units among units of importance `w` (a unit: a K group, or a residual
@@ -524,6 +518,62 @@ impl QuantHead {
             out.pos.push(self.pos[e]);
         }
         *self = out;
+    }
+
+    /// Re-quantizes the groups whose width `bits[g]` differs from theirs, from their dequantized
+    /// values (K per channel over the group, V per token, as `push_group` does); the others are
+    /// kept as they are. Entries, positions and group bounds do not change.
+    pub fn rewidth(&mut self, kivi: &Kivi, bits: &[u32]) -> Result<()> {
+        if bits.len() != self.gstart.len() || bits.iter().any(|&b| !kivi.allows_bits(b)) {
+            return Err(err(format!(
+                "rewidth: {} widths {bits:?} for {} groups under {kivi}",
+                bits.len(),
+                self.gstart.len()
+            )));
+        }
+        if bits.iter().zip(&self.gbits).all(|(&b, &o)| b == o as u32) {
+            return Ok(());
+        }
+        let (k, v) = self.dequantize();
+        let (d, dv) = (self.d, self.dv);
+        let ng = dv.checked_div(self.group).unwrap_or(0);
+        let mut out = QuantHead {
+            group: self.group,
+            d,
+            dv,
+            ..Default::default()
+        };
+        for (g, &b) in bits.iter().enumerate() {
+            let (e0, e1) = self.group_range(g);
+            if b == self.gbits[g] as u32 {
+                out.gstart.push(out.pos.len() as u32);
+                out.gbits.push(self.gbits[g]);
+                out.koff.push(out.kcodes.len());
+                out.voff.push(out.vcodes.len());
+                out.kparams
+                    .extend_from_slice(&self.kparams[g * 2 * d..(g + 1) * 2 * d]);
+                for e in e0..e1 {
+                    let (_, krow, vrow) = self.rows(g, e);
+                    out.kcodes.extend_from_slice(krow);
+                    out.vcodes.extend_from_slice(vrow);
+                }
+                out.vparams
+                    .extend_from_slice(&self.vparams[e0 * 2 * ng..e1 * 2 * ng]);
+                out.pos.extend_from_slice(&self.pos[e0..e1]);
+            } else {
+                out.push_group(
+                    kivi,
+                    b,
+                    d,
+                    dv,
+                    &k[e0 * d..e1 * d],
+                    &v[e0 * dv..e1 * dv],
+                    &self.pos[e0..e1],
+                )?;
+            }
+        }
+        *self = out;
+        Ok(())
     }
 
     /// Attention of `qg` `[1, Sq, G, D]` (query row i at position `seq_len - Sq + i`) over the

@@ -19,10 +19,14 @@ fn kivi(bits: u32, group: usize, residual: usize) -> Kivi {
     Kivi::uniform(bits, group, residual)
 }
 
-/// `zipvl(lo,hi,mass,group,residual)`.
+/// `zipvl(lo,hi,mass,f=0.95,group,residual)`.
 fn zipvl(lo: u32, hi: u32, mass: f32, group: usize, residual: usize) -> Kivi {
     Kivi {
-        mixed: Some(Mixed { bits: hi, mass }),
+        mixed: Some(Mixed {
+            bits: hi,
+            mass,
+            f: 0.95,
+        }),
         ..kivi(lo, group, residual)
     }
 }
@@ -394,26 +398,23 @@ fn specs_compose_with_plus() {
     }
 }
 
-/// Importance and the important set against their definitions on random scores: the set holds
-/// `mass` of the total, every important unit weighs at least as much as every other, and it is
-/// the fewest such units (up to ties with the last one taken); a newer entry with the same
-/// score is the more important (its score came from fewer queries).
+/// The important set against its definition on random weights: it holds `mass` of the total,
+/// every important unit weighs at least as much as every other, and it is the fewest such units
+/// (up to ties with the last one taken).
 #[test]
 fn important_units_follow_their_definition() {
     let mut rng = Rng::new(77);
     for &n in &[1usize, 7, 63, 65, 113] {
-        let seen = n + 5;
-        let pos: Vec<u32> = (0..n as u32).map(|p| p + (p >= 3) as u32 * 5).collect();
-        // Heavy-tailed scores; some entries past the scores' end (appended since the fold).
-        let score: Vec<f32> = (0..n.saturating_sub(2).max(1))
-            .map(|_| (3.0 * rng.normal()).exp() as f32)
+        // Heavy-tailed weights, some exactly 0.
+        let a: Vec<f64> = (0..n)
+            .map(|e| {
+                if e % 5 == 3 {
+                    0.0
+                } else {
+                    (3.0 * rng.normal()).exp()
+                }
+            })
             .collect();
-        let a = importance(&pos, &score, seen);
-        for e in 0..n {
-            let want =
-                score.get(e).copied().unwrap_or(0.0) as f64 / (seen - pos[e] as usize) as f64;
-            assert_eq!(a[e], want);
-        }
         for &mass in &[0.1f32, 0.5, 0.9, 0.99] {
             let imp = important_set(&a, mass);
             let total: f64 = a.iter().sum();
@@ -438,35 +439,26 @@ fn important_units_follow_their_definition() {
             );
         }
     }
-    // Equal scores: the newer entry (seen by fewer queries) is the important one.
-    let a = importance(&[0, 90], &[1.0, 1.0], 100);
-    assert_eq!(important_set(&a, 0.5), vec![false, true]);
     // Nothing observed yet: nothing important; mass 1: everything.
     assert_eq!(important_set(&[0.0, 0.0], 0.9), vec![false, false]);
     assert_eq!(important_set(&[0.0, 0.0], 1.0), vec![true, true]);
 }
 
-/// H2O scores of every head of `cache` where entry `hot` of each head holds most of the
+/// A2SF(0.95) scores of every head of `cache` where the entries of `hot` hold most of the
 /// importance and the rest is spread evenly.
-fn scores_with_hot_entry(cache: &PagedKvCache, id: SeqId, hot: usize) -> KvScores {
+fn scores_with_hot_entries(cache: &PagedKvCache, id: SeqId, hot: &[usize]) -> KvScores {
     let params = ScoreParams {
         scale: None,
         softcap: None,
         reduce: Reduce::Mean,
     };
-    let mut s = KvScores::new(cache, ScoreKind::H2o, params).unwrap();
-    let seen = cache.len(id).unwrap();
+    let mut s = KvScores::new(cache, ScoreKind::A2sf(0.95), params).unwrap();
     let c = cache.config();
     for l in 0..c.layers {
         for kh in 0..c.kv_heads {
-            let pos = cache.positions(id, l, kh).unwrap();
-            s.scores[l * c.kv_heads + kh] = pos
-                .iter()
-                .enumerate()
-                .map(|(e, &p)| {
-                    let per_query = if e == hot { 10.0 } else { 0.01 };
-                    per_query * (seen - p as usize) as f32
-                })
+            let n = cache.head_len(id, l, kh).unwrap();
+            s.scores[l * c.kv_heads + kh] = (0..n)
+                .map(|e| if hot.contains(&e) { 10.0 } else { 0.01 })
                 .collect();
         }
     }
@@ -481,7 +473,8 @@ fn zipvl_gives_the_high_width_to_groups_with_important_entries() {
     // Entry 20 holds 10 / (10 + 149 x 0.01) = 87% of each head's importance: with mass 0.5 its
     // group (entries 16..24) alone is important and takes 4 bits, the rest 2.
     let z = zipvl(2, 4, 0.5, 8, 8);
-    let s = scores_with_hot_entry(&cache, id, 20);
+    assert_eq!(z.mixed.unwrap().f, 0.95);
+    let s = scores_with_hot_entries(&cache, id, &[20]);
     let e = cache.quantize(id, &z).unwrap_err().to_string();
     assert!(e.contains("no scores were given"), "{e}");
     let n = cache.quantize_scored(id, &z, Some(&s)).unwrap();
@@ -566,11 +559,11 @@ fn zipvl_gives_the_high_width_to_groups_with_important_entries() {
 
 #[test]
 fn zipvl_specs_parse_print_and_refuse_bad_input() {
-    let s = KvSpec::parse("h2o(budget=0.5) + zipvl(lo=2,hi=8,mass=0.8)").unwrap();
+    let s = KvSpec::parse("a2sf(budget=0.5,f=0.95) + zipvl(lo=2,hi=8,mass=0.8)").unwrap();
     assert_eq!(s.kivi, Some(zipvl(2, 8, 0.8, 32, 32)));
     assert_eq!(
         s.to_string(),
-        "h2o(budget=0.5)+zipvl(lo=2,hi=8,mass=0.8,group=32,residual=32)"
+        "a2sf(budget=0.5,f=0.95)+zipvl(lo=2,hi=8,mass=0.8,f=0.95,group=32,residual=32)"
     );
     assert_eq!(KvSpec::parse(&s.to_string()).unwrap(), s);
     assert_eq!(Kivi::parse("zipvl").unwrap(), zipvl(2, 4, 0.9, 32, 32));
@@ -580,6 +573,7 @@ fn zipvl_specs_parse_print_and_refuse_bad_input() {
         ("zipvl(lo=8,hi=8)", "lo must be 2 or 4"),
         ("zipvl(mass=0)", "mass must be in (0, 1]"),
         ("zipvl(mass=1.5)", "mass must be in (0, 1]"),
+        ("zipvl(f=1)", "f must be in [0, 1)"),
         ("zipvl(bits=4)", "unknown argument `bits`"),
     ] {
         let e = Kivi::parse(spec).unwrap_err().to_string();
@@ -587,13 +581,11 @@ fn zipvl_specs_parse_print_and_refuse_bad_input() {
     }
     for (spec, needle) in [
         ("zipvl()+kivi(bits=4)", "more than one quantization"),
+        ("snapkv(budget=0.2)+zipvl()", "by their recent attention"),
+        ("h2o(budget=0.2)+zipvl()", "by their recent attention"),
         (
-            "snapkv(budget=0.2)+zipvl()",
-            "zipvl ranks groups by accumulated attention",
-        ),
-        (
-            "tova(budget=0.2)+zipvl()",
-            "zipvl ranks groups by accumulated attention",
+            "a2sf(budget=0.2,f=0.9)+zipvl()",
+            "by their recent attention",
         ),
     ] {
         let e = KvSpec::parse(spec).unwrap_err().to_string();
@@ -602,7 +594,91 @@ fn zipvl_specs_parse_print_and_refuse_bad_input() {
     for ok in [
         "streaming(sinks=4,window=60)+zipvl()",
         "knorm(budget=0.3)+zipvl()",
+        "a2sf(budget=0.2,f=0.9)+zipvl(f=0.9)",
     ] {
         KvSpec::parse(ok).unwrap();
+    }
+}
+
+/// A high-width group that is no longer important is re-quantized to the low width from its
+/// dequantized values (error within half a low step plus half a high step of the original), a
+/// newly important one takes the high width, and nothing else moves.
+#[test]
+fn zipvl_demotes_groups_that_lose_their_importance() {
+    let (hk, d) = (1, 32);
+    let mut rng = Rng::new(41);
+    let (mut cache, id, mut full) = filled(100, hk, d, 16, &mut rng);
+    let z = zipvl(2, 4, 0.5, 8, 8);
+    let s = scores_with_hot_entries(&cache, id, &[20]);
+    cache.quantize_scored(id, &z, Some(&s)).unwrap();
+    // 100 - 8 = 92 -> 11 groups of 8 = 88 quantized; group 2 (entries 16..24) at 4 bits.
+    assert_eq!(
+        cache.quantized_by_bits(id).unwrap(),
+        vec![(2, 80 * 2), (4, 8 * 2)]
+    );
+    let (k_before, v_before, _) = cache.gather_head(id, 0, 0).unwrap();
+    // 40 more positions; now entry 100 is the hot one.
+    for _ in 0..4 {
+        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
+            .map(|_| (randn(10 * hk * d, &mut rng), randn(10 * hk * d, &mut rng)))
+            .collect();
+        let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        cache.append(id, &refs).unwrap();
+        for (l, (k, v)) in kv.into_iter().enumerate() {
+            full[l].0.extend(k);
+            full[l].1.extend(v);
+        }
+    }
+    let s = scores_with_hot_entries(&cache, id, &[100]);
+    cache.quantize_scored(id, &z, Some(&s)).unwrap();
+    // 140 - 8 = 132 -> 16 groups = 128 quantized: group 12 (96..104) at 4 bits, group 2 demoted.
+    assert_eq!(
+        cache.quantized_by_bits(id).unwrap(),
+        vec![(2, 120 * 2), (4, 8 * 2)]
+    );
+    let (k_after, v_after, pos) = cache.gather_head(id, 0, 0).unwrap();
+    assert_eq!(pos, (0..140).collect::<Vec<u32>>());
+    let (k0, v0) = (&full[0].0, &full[0].1);
+    for e in 0..88 {
+        let demoted = (16..24).contains(&e);
+        for x in 0..d {
+            let (kb, ka, vb, va) = (
+                k_before[e * d + x],
+                k_after[e * d + x],
+                v_before[e * d + x],
+                v_after[e * d + x],
+            );
+            if !demoted {
+                assert_eq!((ka, va), (kb, vb), "entry {e}: a kept group moved");
+                continue;
+            }
+            // K's 2-bit step over the group's channel x (of the 4-bit values), V's over the
+            // entry's channel group; the 4-bit step over the original values.
+            let col = |src: &[f32]| -> (f32, f32) {
+                (16..24).fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), t| {
+                    (a.min(src[t * d + x]), b.max(src[t * d + x]))
+                })
+            };
+            let (lo4, hi4) = col(k0);
+            let (lo2, hi2) = col(&k_before);
+            let bound = (hi2 - lo2) / 3.0 / 2.0 + (hi4 - lo4) / 15.0 / 2.0;
+            assert!(
+                (ka - k0[e * d + x]).abs() <= bound * 1.0001 + 1e-6,
+                "K entry {e} ch {x}"
+            );
+            let g0 = x / 8 * 8;
+            let row = |src: &[f32]| -> (f32, f32) {
+                (g0..g0 + 8).fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), c| {
+                    (a.min(src[e * d + c]), b.max(src[e * d + c]))
+                })
+            };
+            let (lo4, hi4) = row(v0);
+            let (lo2, hi2) = row(&v_before);
+            let bound = (hi2 - lo2) / 3.0 / 2.0 + (hi4 - lo4) / 15.0 / 2.0;
+            assert!(
+                (va - v0[e * d + x]).abs() <= bound * 1.0001 + 1e-6,
+                "V entry {e} ch {x}"
+            );
+        }
     }
 }

@@ -620,10 +620,11 @@ impl PagedKvCache {
         self.quantize_scored(id, kivi, None)
     }
 
-    /// [`quantize`](Self::quantize) with the running H2O scores of the sequence (accumulated
-    /// attention per entry, [`score::KvScores`] of [`score::ScoreKind::H2o`], in step with the
-    /// cache), which a mixed policy ranks groups by ([`kivi`]'s ZipVL rule): each new group
-    /// takes the high bit width when it is among the head's important units.
+    /// [`quantize`](Self::quantize) with the running scores of the sequence, which a mixed
+    /// policy ranks groups by ([`kivi`]'s ZipVL rule; [`score::KvScores`] of
+    /// [`score::ScoreKind::A2sf`] with the policy's f, in step with the cache): each new group
+    /// takes the high bit width when it is among the head's important units, and quantized
+    /// high-width groups that are no longer important are re-quantized to the low width.
     pub fn quantize_scored(
         &mut self,
         id: SeqId,
@@ -638,12 +639,14 @@ impl PagedKvCache {
         if let Some(m) = kivi.mixed {
             let s = scores.ok_or_else(|| {
                 param(format!(
-                    "quantize: `{kivi}` ranks groups by accumulated attention, and no scores were given (KvScores of ScoreKind::H2o, observed every step)"
+                    "quantize: `{kivi}` ranks groups by their recent attention, and no scores were given (KvScores of ScoreKind::A2sf({}), observed every step)",
+                    m.f
                 ))
             })?;
-            if s.kind != score::ScoreKind::H2o || s.scores.len() != c.layers * c.kv_heads {
+            if s.kind != score::ScoreKind::A2sf(m.f) || s.scores.len() != c.layers * c.kv_heads {
                 return Err(param(format!(
-                    "quantize: `{kivi}` needs H2O scores of {} layers x {} KV heads, got {:?} scores of {} heads",
+                    "quantize: `{kivi}` needs A2SF({}) scores of {} layers x {} KV heads, got {:?} scores of {} heads",
+                    m.f,
                     c.layers,
                     c.kv_heads,
                     s.kind,
@@ -669,7 +672,6 @@ impl PagedKvCache {
             }
         }
         let (p, d, dv) = (c.page_size, c.head_dim, c.v_dim);
-        let seen = self.len(id)?;
         let mut total = 0;
         for hi in 0..c.layers * c.kv_heads {
             let h = &self.seq(id)?.heads[hi];
@@ -680,30 +682,35 @@ impl PagedKvCache {
             let m = (nr - r) / g * g;
             // ZipVL (module kivi): the head's units are its quantized groups, the m / g groups
             // about to be, and its other residual entries one by one; `hot[x]`: whether new group
-            // x is among the important units.
-            let hot = match (kivi.mixed, scores) {
-                (Some(mx), Some(s)) => {
-                    let pos: Vec<u32> = [&h.quant.pos[..], &h.pos[..]].concat();
-                    let a = kivi::importance(&pos, &s.scores[hi], seen);
-                    let nq = h.quant.len();
-                    let mut units = Vec::new();
-                    let mut e0 = 0;
-                    for x in 0..h.quant.group_bits().len() {
-                        let n = h.quant.group_len(x);
-                        units.push(a[e0..e0 + n].iter().sum::<f64>());
-                        e0 += n;
-                    }
-                    let first_new = units.len();
-                    units.extend(
-                        (0..m)
-                            .step_by(g)
-                            .map(|g0| a[nq + g0..nq + g0 + g].iter().sum::<f64>()),
-                    );
-                    units.extend(&a[nq + m..]);
-                    kivi::important_set(&units, mx.mass)[first_new..first_new + m / g].to_vec()
+            // x is among the important units, `widths[x]`: quantized group x's width from now on.
+            let (mut hot, mut widths) = (Vec::new(), Vec::new());
+            if let (Some(mx), Some(s)) = (kivi.mixed, scores) {
+                let a = |e: usize| s.scores[hi].get(e).copied().unwrap_or(0.0) as f64;
+                let nq = h.quant.len();
+                let mut units = Vec::new();
+                let mut e0 = 0;
+                for x in 0..h.quant.group_bits().len() {
+                    let n = h.quant.group_len(x);
+                    units.push((e0..e0 + n).map(a).sum::<f64>());
+                    e0 += n;
                 }
-                _ => Vec::new(),
-            };
+                let old = units.len();
+                units.extend(
+                    (0..m)
+                        .step_by(g)
+                        .map(|g0| (nq + g0..nq + g0 + g).map(a).sum::<f64>()),
+                );
+                units.extend((nq + m..nq + nr).map(a));
+                let imp = kivi::important_set(&units, mx.mass);
+                hot = imp[old..old + m / g].to_vec();
+                widths = h
+                    .quant
+                    .group_bits()
+                    .iter()
+                    .zip(&imp[..old])
+                    .map(|(&b, &i)| if i { b as u32 } else { kivi.bits })
+                    .collect();
+            }
             let mut groups = Vec::with_capacity(m / g);
             for g0 in (0..m).step_by(g) {
                 let mut k = Vec::with_capacity(g * d);
@@ -721,6 +728,9 @@ impl PagedKvCache {
             }
             let s = self.seqs[id.0].as_mut().expect("live sequence");
             let q = &mut s.heads[hi].quant;
+            if kivi.mixed.is_some() {
+                q.rewidth(kivi, &widths)?;
+            }
             for (bits, k, v, pos) in groups {
                 q.push_group(kivi, bits, d, dv, &k, &v, &pos)?;
             }

@@ -162,11 +162,12 @@ impl KvSpec {
                 "`{text}`: merge composes with no quantization yet (the residual slot stays in full precision)"
             )));
         }
-        if let (Some(k), Some(p)) = (&s.kivi, &s.evict) {
+        if let (Some(m), Some(p)) = (s.kivi.and_then(|k| k.mixed), &s.evict) {
             match p.score_kind() {
-                Some(kind) if k.mixed.is_some() && kind != ScoreKind::H2o => {
+                Some(kind) if kind != ScoreKind::A2sf(m.f) => {
                     return Err(err(format!(
-                        "`{text}`: zipvl ranks groups by accumulated attention (H2O scores) and `{p}` keeps {kind:?} scores: compose zipvl with h2o, streaming, knorm or duo, or use kivi"
+                        "`{text}`: zipvl ranks groups by their recent attention (A2SF scores, f = {}) and `{p}` keeps {kind:?} scores: compose zipvl with streaming, knorm, duo or a2sf(f={}), or use kivi",
+                        m.f, m.f
                     )))
                 }
                 _ => {}

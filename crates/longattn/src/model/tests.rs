@@ -527,7 +527,8 @@ fn kv_quantized_pages_in_the_model_stay_close_and_hold_less() {
             "{arch}: int4 / int2 logit errors {errs:?}"
         );
         // ZipVL with mass 1 puts every group at its high width: KIVI at that width bit for bit.
-        // With mass 0.5 the groups split between the widths: memory between int2's and int4's.
+        // Otherwise the groups split between the widths (how depends on where the recent
+        // attention sits): memory between int2's and int4's.
         let (int4, m4) = run_press(&m, &t, "kivi(bits=4,group=8,residual=4)", 25, 16);
         let (_, m2) = run_press(&m, &t, "kivi(bits=2,group=8,residual=4)", 25, 16);
         let (all_hi, mh) = run_press(&m, &t, "zipvl(lo=2,hi=4,mass=1,group=8,residual=4)", 25, 16);
@@ -544,7 +545,7 @@ fn kv_quantized_pages_in_the_model_stay_close_and_hold_less() {
             16,
         );
         assert!(
-            m2.bytes_quantized < mm.bytes_quantized && mm.bytes_quantized < m4.bytes_quantized,
+            m2.bytes_quantized <= mm.bytes_quantized && mm.bytes_quantized <= m4.bytes_quantized,
             "{arch}: zipvl bytes {} not between int2 {} and int4 {}",
             mm.bytes_quantized,
             m2.bytes_quantized,

@@ -7,8 +7,8 @@
 //! A composed spec ([`KvSpec`]) runs its parts in a fixed order: after each forward the eviction
 //! press, then quantization of what is kept ([`PagedKvCache::quantize_scored`]); Quest keeps its
 //! page bounds up to date at each attention and selects pages per query ([`QuestIndex`]). The
-//! running scores are the eviction press's kind, or H2O's for `zipvl` (which ranks its groups by
-//! accumulated attention; the spec refuses a press that keeps another kind beside it).
+//! running scores are the eviction press's kind, or A2SF's for `zipvl` (which ranks its groups
+//! by their recent attention; the spec refuses a press that keeps another kind beside it).
 use std::sync::Mutex;
 
 use super::merge::MergeSlots;
@@ -98,13 +98,13 @@ impl PressAttention {
         &self.spec
     }
 
-    /// The running scores this spec needs: the eviction press's, else H2O's for `zipvl`.
+    /// The running scores this spec needs: the eviction press's, else A2SF's for `zipvl`.
     fn score_kind(&self) -> Option<ScoreKind> {
-        let zip = self.spec.kivi.is_some_and(|k| k.mixed.is_some());
+        let zip = self.spec.kivi.and_then(|k| k.mixed);
         self.spec
             .evict
             .and_then(|p| p.score_kind())
-            .or(zip.then_some(ScoreKind::H2o))
+            .or(zip.map(|m| ScoreKind::A2sf(m.f)))
     }
 
     /// The keep sets the eviction press would apply to sequence `seq` now (with `headroom`), and
