@@ -54,7 +54,7 @@
 //! topmass and relthresh always keep the sink block (key block 0) and the diagonal blocks (the key
 //! blocks that hold an aligned position p_i = i + Sk - Sq of the query block); moba forces the
 //! diagonal blocks. Only blocks the mask schedules are candidates, so `causal` as the mask gives
-//! MoBA's causal gating and `document` restricts every method to the query's document.
+//! MoBA's causal gating; under `document` every method works per document (below).
 //! Mean pooling dilutes a single hot key by the block size (its pooled logit is 1/block of the
 //! key's), so the pooled methods see block-level structure (a passage of similar keys) but not a
 //! lone hub column: on planted hub columns topmass(gamma=0.95) kept 97% of the pairs (the tests
@@ -89,6 +89,39 @@
 //! over (batch, head), for any Sq and Sk (queries aligned to the end of the keys, as the mask
 //! language aligns them). Each fast estimator has a plain reference ([`reference`]: scores from
 //! every pair, full sorts, brute-force tile coverage) that the tests compare it with.
+//!
+//! # Documents (packed varlen)
+//!
+//! A mask bound with document ids (the `document` atom, [`crate::mask::DocIds`]: an id per query
+//! and per key) packs several documents into a batch row. Document d is a run of queries
+//! Q_d = [q0, q1) with one id and the run of keys K_d = [k0, k1) with that id (empty when no key
+//! has it: its rows attend nothing), and every method runs on each document alone, as on a
+//! sequence of its own:
+//! - last rows: the last min(last, |Q_d|) rows of Q_d; c_j = sum_i p_ij for j in K_d and
+//!   d_o = sum_{p_i - j = o} p_ij over the document's pairs (o = p_i - j is the offset inside
+//!   the document too);
+//! - budgets per (document, head): vertical-slash's `v` / `s`, FlexPrefill's pattern test, gamma
+//!   and `min_budget`, ProxyAttn's n_h count the document's columns, diagonals and tiles;
+//! - sinks are the document's first keys, j - k0 < `sink` (the pooled methods' sink block is the
+//!   tile of k0); the local band 0 <= o < `local` and the diagonal tiles lie inside K_d;
+//! - pooled scores pool only the document's tokens. A query tile that straddles documents has a
+//!   part per document (its rows in Q_d), scored against each key tile's keys in K_d:
+//!   s_d(qt, kt) = softcap(scale mean_{i in qt, i in Q_d} q_i . mean_{j in kt, j in K_d} k_j);
+//!   ProxyAttn samples its `rows` per part;
+//! - a part's candidates are the entries of its tile's row whose key tile meets K_d, and the
+//!   tile keeps the union of its parts' selections (`mask & selection` as everywhere);
+//! - a document with fewer keys than `dense_below` keeps every candidate of its parts (the
+//!   whole-row fallback still compares Sk).
+//!
+//! So with document boundaries on tile multiples (and Sq = Sk), the tiles a document's queries
+//! keep are exactly those of the document run alone with the same spec (the tests check it for
+//! every method). Positions stay aligned on the batch row (p_i = i + Sk - Sq). Refused with an
+//! error naming the problem: a mask that uses `document` other than as a conjunct
+//! (`causal | document`, `!document`: pairs across documents, which no document's estimate
+//! sees), and ids that are not runs (an id whose queries, or keys, are split in a batch row),
+//! both only where an estimator runs (not under the dense fallback or `skip`). A schedule given as the mask ([`MaskSpec::Schedule`]) carries no ids: one document per batch
+//! row. The CUDA estimator ([`cuda`]) takes the whole batch row's last rows and refuses masks
+//! with document ids.
 //!
 //! [`SparseReport`] gives the achieved density per head; [`mass_recall`] the attention mass
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
@@ -517,8 +550,14 @@ pub fn select<'a>(
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
-    let docs = documents(&mask, &dims)?;
     let dense_below = spec.dense_below_or(DENSE_BELOW);
+    let fallback = dims.sk < dense_below;
+    // The documents matter (and are checked) only where an estimator runs.
+    let estimate = !fallback && spec.method != Method::Whole;
+    let docs = match estimate {
+        true => documents(&mask, &dims)?,
+        false => Vec::new(),
+    };
     let ctx = Ctx {
         q,
         k,
@@ -529,11 +568,9 @@ pub fn select<'a>(
         docs,
         dense_below,
     };
-    let fallback = dims.sk < dense_below;
-    let schedule = if fallback || spec.method == Method::Whole {
-        cand.as_ref().clone()
-    } else {
-        build(&ctx, estimate::select_all(&ctx, &spec.method))?
+    let schedule = match estimate {
+        false => cand.as_ref().clone(),
+        true => build(&ctx, estimate::select_all(&ctx, &spec.method))?,
     };
     let report = report(&schedule, &cand, rows, &dims);
     Ok(Selection {

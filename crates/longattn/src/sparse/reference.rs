@@ -60,12 +60,12 @@ pub fn select_reference(
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
+    let dense_below = spec.dense_below_or(super::DENSE_BELOW);
+    if dims.sk < dense_below || spec.method == Method::Whole {
+        return Ok(cand.into_owned()); // the dense fallback / skip: every tile of the mask
+    }
     // The fast path's refusals (`document` not a conjunct, ids that are not runs).
     documents(&mask, &dims)?;
-    let dense_below = spec.dense_below_or(super::DENSE_BELOW);
-    if dims.sk < dense_below {
-        return Ok(cand.into_owned()); // the dense fallback: every tile of the mask
-    }
     let el = Elements { s: &cand, rows };
     let logit = Logit::new(params, dims.d);
     let t = spec.block;

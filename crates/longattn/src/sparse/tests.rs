@@ -1185,13 +1185,24 @@ fn documents_that_cross_or_are_not_runs_are_refused_by_name() {
             .to_string();
         assert!(e.contains(needle), "{m}: `{e}` lacks `{needle}`");
     }
-    // The dense fallback refuses them too (the ids are checked before any estimate).
-    let fb = SparseSpec::parse("moba(dense_below=100)").unwrap();
+    // Where no estimator runs (the dense fallback, `skip`) the ids are not read: every tile of
+    // the mask, as the forward without a selection.
     let bound = bind_docs(
         "causal & document",
         (1, 40, 40),
         dealt.clone(),
         runs.clone(),
     );
-    assert!(select(&qv, &kv, &p, &fb, MaskSpec::Expr(&bound)).is_err());
+    let whole = bound.schedule(16, 16).unwrap();
+    for text in ["moba(dense_below=100,block=16)", "skip(factor=4,block=16)"] {
+        let s = SparseSpec::parse(text).unwrap();
+        let sel = select(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        assert_eq!(
+            block_table(&sel.schedule, 1, 2),
+            block_table(&whole, 1, 2),
+            "{text}"
+        );
+        let r = select_reference(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        assert_eq!(block_table(&r, 1, 2), block_table(&whole, 1, 2), "{text}");
+    }
 }
