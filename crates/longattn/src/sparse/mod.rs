@@ -119,9 +119,10 @@
 //! error naming the problem: a mask that uses `document` other than as a conjunct
 //! (`causal | document`, `!document`: pairs across documents, which no document's estimate
 //! sees), and ids that are not runs (an id whose queries, or keys, are split in a batch row),
-//! both only where an estimator runs (not under the dense fallback or `skip`). A schedule given as the mask ([`MaskSpec::Schedule`]) carries no ids: one document per batch
-//! row. The CUDA estimator ([`cuda`]) takes the whole batch row's last rows and refuses masks
-//! with document ids.
+//! both only where an estimator runs (not under the dense fallback or `skip`). A schedule given
+//! as the mask ([`MaskSpec::Schedule`]) carries no ids: one document per batch row. The CUDA
+//! estimator ([`cuda`]) takes the whole batch row's last rows and refuses masks with document
+//! ids.
 //!
 //! [`SparseReport`] gives the achieved density per head; [`mass_recall`] the attention mass
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
@@ -304,6 +305,17 @@ fn runs(ids: &[i32]) -> Vec<(i32, Range<usize>)> {
     out
 }
 
+/// The error for an id of batch row `b` found in two runs `a` and `c` of `side`.
+fn not_a_run(b: usize, side: &str, id: i32, a: &Range<usize>, c: &Range<usize>) -> Error {
+    Error::Param {
+        op: OP,
+        msg: format!(
+            "document id {id} of batch row {b} is not one run of {side} ({side} {}..{} and {}..{}): the per-document estimate needs each document's tokens contiguous (packed varlen)",
+            a.start, a.end, c.start, c.end
+        ),
+    }
+}
+
 /// The documents of every batch row, in query order (their query runs tile `0..Sq`): from the
 /// mask's document ids when it has them, else one per batch row ([`Doc::whole`]).
 ///
@@ -329,28 +341,19 @@ pub(crate) fn documents(mask: &MaskSpec, dims: &Dims) -> Result<Vec<Vec<Doc>>> {
         });
     }
     let (sq, sk) = (dims.sq, dims.sk);
-    let split = |b: usize, side: &str, id: i32, a: &Range<usize>, c: &Range<usize>| {
-        Error::Param {
-        op: OP,
-        msg: format!(
-            "document id {id} of batch row {b} is not one run of {side} ({side} {}..{} and {}..{}): the per-document estimate needs each document's tokens contiguous (packed varlen)",
-            a.start, a.end, c.start, c.end
-        ),
-    }
-    };
     let mut out = Vec::with_capacity(dims.batch);
     for b in 0..dims.batch {
         let mut keys: HashMap<i32, Range<usize>> = HashMap::new();
         for (id, r) in runs(&docs.k[b * sk..(b + 1) * sk]) {
             if let Some(prev) = keys.insert(id, r.clone()) {
-                return Err(split(b, "keys", id, &prev, &r));
+                return Err(not_a_run(b, "keys", id, &prev, &r));
             }
         }
         let mut seen: HashMap<i32, Range<usize>> = HashMap::new();
         let mut row = Vec::new();
         for (id, r) in runs(&docs.q[b * sq..(b + 1) * sq]) {
             if let Some(prev) = seen.insert(id, r.clone()) {
-                return Err(split(b, "queries", id, &prev, &r));
+                return Err(not_a_run(b, "queries", id, &prev, &r));
             }
             row.push(Doc {
                 q: r,
