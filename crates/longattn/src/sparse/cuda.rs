@@ -114,7 +114,7 @@ fn vs_args(spec: &SparseSpec) -> Result<[usize; 5]> {
 fn refuse_documents(mask: &MaskSpec) -> Result<()> {
     match mask {
         MaskSpec::Expr(b) if b.docs.is_some() => Err(param(format!(
-            "mask `{}` has document ids: the CUDA estimator estimates over the whole packed sequence, not per document (run the selection on the CPU, --backend cpu, or give dense_below above the length for the mask alone)",
+            "mask `{}` has document ids: the CUDA estimator estimates over the whole packed sequence, not per document (select on the CPU, --backend cpu, or set dense_below above Sk to run the mask dense)",
             b.expr()
         ))),
         _ => Ok(()),
