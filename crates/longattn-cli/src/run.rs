@@ -67,6 +67,8 @@ pub struct Args {
     /// the dense fallback below 16k keys unless `dense_below` is given). The output also holds the
     /// selection: `block_mask` (u8 [B, Hq, query tiles, key tiles]: 0 = tile skipped, 1 = computed
     /// whole, 2 = computed in part under --mask) and `block_tile_q` / `block_tile_k` (i32 [1]).
+    /// With the file's `q_doc` / `k_doc` and `--mask 'causal & document'` every estimate is
+    /// made per document (CPU; the CUDA estimator refuses document ids).
     #[arg(long, conflicts_with = "linear")]
     sparse: Option<String>,
 }

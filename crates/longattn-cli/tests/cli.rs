@@ -486,6 +486,78 @@ fn run_sparse_writes_its_selection_and_matches_the_oracle() {
     );
 }
 
+/// `run --sparse` with the file's document ids: the selection is the library's per-document
+/// one (`sparse::select` under the same bound mask); a mask whose pairs cross documents is
+/// refused by name.
+#[test]
+fn run_sparse_selects_per_document() {
+    use longattn::mask::{DocIds, MaskExpr, MaskShape};
+    let (b, s, hq, hk, d) = (2, 150, 4, 2, 16);
+    let rnd =
+        |shape: &[usize], seed| longattn::testing::random_tensor(DType::F32, shape, 1.0, seed);
+    let lens: [&[usize]; 2] = [&[1, 63, 65, 21], &[113, 7, 30]];
+    let ids: Vec<i32> = lens
+        .iter()
+        .flat_map(|row| {
+            row.iter()
+                .enumerate()
+                .flat_map(|(id, &n)| std::iter::repeat_n(id as i32, n))
+        })
+        .collect();
+    let x = Inputs {
+        q: rnd(&[b, s, hq, d], 21),
+        k: rnd(&[b, s, hk, d], 22),
+        v: rnd(&[b, s, hk, d], 23),
+        q_doc: Some(ids.clone()),
+        k_doc: Some(ids.clone()),
+        block_mask: None,
+    };
+    let input = tmp("in-sparse-docs.safetensors");
+    let output = tmp("out-sparse-docs.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    let text = "vertical_slash(v=4,s=2,block=16,last=16,sink=1,local=4,dense_below=0)";
+    let mask = "causal & document";
+    let o = run_args(&input, &output, &["--sparse", text, "--mask", mask]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&output).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let got = st.tensor("block_mask").unwrap().data().to_vec();
+    let bound = MaskExpr::parse(mask)
+        .unwrap()
+        .bind(
+            MaskShape {
+                batch: b,
+                sq: s,
+                sk: s,
+            },
+            Some(DocIds {
+                q: ids.clone(),
+                k: ids,
+            }),
+        )
+        .unwrap();
+    let spec = longattn::SparseSpec::parse(text).unwrap();
+    let (q, k) = (x.q.view("q").unwrap(), x.k.view("k").unwrap());
+    let sel = longattn::sparse::select(
+        &q,
+        &k,
+        &AttnParams::default(),
+        &spec,
+        longattn::MaskSpec::Expr(&bound),
+    )
+    .unwrap();
+    assert_eq!(got, sel.block_mask());
+    assert!(sel.report.density() < 1.0);
+    fails_with(
+        run_args(
+            &input,
+            &output,
+            &["--sparse", text, "--mask", "causal | document", "--force"],
+        ),
+        "other than as a conjunct",
+    );
+}
+
 /// An input file with `do` (seeded random, the shape of out).
 fn backward_input(
     name: &str,

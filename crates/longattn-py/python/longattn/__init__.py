@@ -115,7 +115,10 @@ def sparse_attention(
     CUDA). On CUDA the estimator runs on the device with no host synchronisation
     (``vertical_slash``; the selection is made at the attention kernel's tiles; other methods
     raise a clear error); on the CPU every method. Shapes, dtypes and ``mask`` (an expression
-    string, a :class:`Mask` or ``None``) as for :func:`attention`.
+    string, a :class:`Mask` or ``None``) as for :func:`attention`. With ``q_doc`` / ``k_doc``
+    (packed varlen, ``mask="causal & document"``) the CPU estimators work per document (each
+    document's own last rows, sinks and budgets; ids must be contiguous runs); the CUDA
+    estimator refuses document ids.
 
     Returns ``out`` (and ``lse`` with ``return_lse``), and with ``return_selection`` also a dict:
     ``block_mask`` (uint8 ``[B, Hq, query tiles, key tiles]`` on the CPU: 0 skipped, 1 whole

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
-use super::{estimate, report, Ctx, Elements, Logit, Method, Selection, SparseSpec};
+use super::{estimate, report, Ctx, Doc, Elements, Logit, Method, Selection, SparseSpec};
 use crate::attention::{AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::cuda::forward::{LaFwdParams, COMMON, PARAMS};
 use crate::cuda::{drv, CudaDevice, DevTensor, FwdPlan};
@@ -108,6 +108,19 @@ fn vs_args(spec: &SparseSpec) -> Result<[usize; 5]> {
     }
 }
 
+/// The device estimator takes the last rows of the whole batch row: under a mask with document
+/// ids it would apply the last document's columns and diagonals to every document, where the
+/// CPU estimator works per document ([`super::documents`]). Refused rather than different.
+fn refuse_documents(mask: &MaskSpec) -> Result<()> {
+    match mask {
+        MaskSpec::Expr(b) if b.docs.is_some() => Err(param(format!(
+            "mask `{}` has document ids: the CUDA estimator estimates over the whole packed sequence, not per document (select on the CPU, --backend cpu, or set dense_below above Sk to run the mask dense)",
+            b.expr()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Wraps each launch of the estimator: `around(stage name, launch)` (timing, or just calling).
 type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
 
@@ -183,6 +196,9 @@ impl SparsePlan {
         let fallback =
             dims.sk < spec.dense_below_or(CUDA_DENSE_BELOW) || spec.method == Method::Whole;
         let args = if fallback { [0; 5] } else { vs_args(spec)? };
+        if !fallback {
+            refuse_documents(&mask)?;
+        }
         let fwd = FwdPlan::new(dev, dims, dtype, params, mask)?;
         let (br, bc) = (fwd.tile.br, fwd.tile.bc);
         let q_tiles = dims.sq.div_ceil(br);
@@ -615,6 +631,8 @@ pub fn check_vertical_slash<'a>(
         logit: Logit::new(params, dims.d),
         cand,
         el: Elements { s: cand, rows },
+        docs: vec![vec![Doc::whole(&dims)]; dims.batch],
+        dense_below: 0,
     };
     let nd = dims.sq + dims.sk - 1;
     let (mut mass_err, mut rows_differ, mut rows_differ_f64) = (0f64, 0, 0);
@@ -685,6 +703,31 @@ mod tests {
             ],
             std::mem::size_of::<SpParams>(),
         );
+    }
+
+    #[test]
+    fn document_masks_are_refused_by_name() {
+        use crate::mask::{DocIds, MaskExpr, MaskShape};
+        let shape = MaskShape::square(4);
+        let ids = DocIds {
+            q: vec![0, 0, 1, 1],
+            k: vec![0, 0, 1, 1],
+        };
+        let docs = MaskExpr::parse("causal & document").unwrap();
+        let bound = docs.bind(shape, Some(ids)).unwrap();
+        let e = refuse_documents(&MaskSpec::Expr(&bound))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("document ids") && e.contains("per document"),
+            "{e}"
+        );
+        let causal = MaskExpr::parse("causal")
+            .unwrap()
+            .bind(shape, None)
+            .unwrap();
+        assert!(refuse_documents(&MaskSpec::Expr(&causal)).is_ok());
+        assert!(refuse_documents(&MaskSpec::Full).is_ok());
     }
 
     #[test]

@@ -1,20 +1,67 @@
-//! The fast CPU estimators: the one dispatch over [`Method`], parallel over (batch row, head).
+//! The fast CPU estimators: the one dispatch over [`Method`], parallel over (batch row, head),
+//! and inside a (batch row, head) one document at a time.
 //!
 //! Pooled methods cost O((Sq + Sk) D) for the block means plus O(candidates x D) for the scores;
 //! vertical-slash costs O(last x Sk x D) for its estimate plus O(candidates) to coarsen (prefix
 //! sums over the kept columns and diagonals). Each returns, per query tile, the kept subset of
 //! the candidate entries (kinds kept from the mask).
-use super::{Ctx, Method};
+//!
+//! Documents ([`Doc`]: a run of queries and the run of keys with its id; one per batch row
+//! without ids): every method runs on each document alone. A document's part of a query tile
+//! is the tile's rows inside it, its candidates there the candidate entries whose key tile
+//! meets its keys ([`Ctx::doc_cands`]); what the parts keep is collected per query tile
+//! ([`Kept`]), so a tile that straddles documents keeps the union of its parts' selections.
+//! Means, last rows, masses and budgets only read the document's own queries and keys. A
+//! document with fewer keys than `dense_below` keeps every candidate of its parts.
+use super::{Ctx, Doc, Method};
 use crate::mask::TileEntry;
 use rayon::prelude::*;
 use std::cmp::Ordering;
+use std::ops::Range;
+
+/// Kept flags of one (batch row, head): per query tile, one flag per entry of its candidate
+/// row. The documents' parts OR into it; [`Kept::entries`] gives the kept entries.
+struct Kept<'c> {
+    rows: Vec<&'c [TileEntry]>,
+    flags: Vec<Vec<bool>>,
+}
+
+impl<'c> Kept<'c> {
+    fn new(ctx: &Ctx<'c>, b: usize, h: usize) -> Kept<'c> {
+        let cand = ctx.cand;
+        let rows: Vec<&'c [TileEntry]> = (0..cand.q_tiles).map(|qt| cand.row(b, h, qt)).collect();
+        let flags = rows.iter().map(|r| vec![false; r.len()]).collect();
+        Kept { rows, flags }
+    }
+
+    /// Keeps candidate `xs.start + x` of query tile `qt` where `keep[x]`.
+    fn or(&mut self, qt: usize, xs: &Range<usize>, keep: &[bool]) {
+        for (f, &k) in self.flags[qt][xs.clone()].iter_mut().zip(keep) {
+            *f |= k;
+        }
+    }
+
+    fn entries(self) -> Vec<Vec<TileEntry>> {
+        self.rows
+            .iter()
+            .zip(&self.flags)
+            .map(|(row, f)| {
+                row.iter()
+                    .zip(f)
+                    .filter(|(_, &k)| k)
+                    .map(|(e, _)| *e)
+                    .collect()
+            })
+            .collect()
+    }
+}
 
 /// Kept entries of every (batch row, query head) in row order, each a list per query tile.
 pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>> {
     let d = ctx.dims;
     if let Method::Proxy { gamma, rows, last } = *method {
         // The proxy scores once per (batch row, KV group), then each head's own budget.
-        let scores: Vec<Vec<Vec<f64>>> = (0..d.batch * d.hk)
+        let scores: Vec<Vec<Vec<Vec<f64>>>> = (0..d.batch * d.hk)
             .into_par_iter()
             .map(|r| proxy_scores(ctx, r / d.hk, r % d.hk, rows))
             .collect();
@@ -22,16 +69,26 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>>
             .into_par_iter()
             .map(|r| {
                 let (b, h) = (r / d.hq, r % d.hq);
-                proxy_head(ctx, b, h, &scores[b * d.hk + ctx.kv_head(h)], gamma, last)
+                let scores = &scores[b * d.hk + ctx.kv_head(h)];
+                each_doc(ctx, b, h, |doc, x, kept| {
+                    proxy_doc(ctx, (b, h), doc, &scores[x], [gamma], last, kept)
+                })
             })
             .collect();
     }
-    let pooled = !matches!(method, Method::VerticalSlash { .. } | Method::Proxy { .. });
-    // Block means of the keys per (batch row, key head), shared by the query heads of a group.
-    let kbar: Vec<Vec<f64>> = if pooled {
+    let pooled = !matches!(method, Method::VerticalSlash { .. });
+    // Block means of every document's keys per (batch row, key head), shared by the query
+    // heads of a group: `[document][its key tiles, D]`.
+    let kbar: Vec<Vec<Vec<f64>>> = if pooled {
         (0..d.batch * d.hk)
             .into_par_iter()
-            .map(|r| pool(ctx, true, r / d.hk, r % d.hk))
+            .map(|r| {
+                let (b, g) = (r / d.hk, r % d.hk);
+                ctx.docs[b]
+                    .iter()
+                    .map(|doc| key_means(ctx, b, g, doc))
+                    .collect()
+            })
             .collect()
     } else {
         Vec::new()
@@ -40,51 +97,84 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>>
         .into_par_iter()
         .map(|r| {
             let (b, h) = (r / d.hq, r % d.hq);
-            match *method {
+            each_doc(ctx, b, h, |doc, x, kept| match *method {
                 Method::VerticalSlash {
                     v,
                     s,
                     last,
                     sink,
                     local,
-                } => vertical_slash(ctx, b, h, [v, s, last, sink, local]),
+                } => vertical_slash(ctx, (b, h), doc, [v, s, last, sink, local], kept),
                 Method::FlexPrefill {
                     gamma,
                     tau,
                     min_budget,
                     last,
                 } => {
-                    let kbar = &kbar[b * d.hk + ctx.kv_head(h)];
-                    flexprefill(ctx, b, h, kbar, [gamma, tau], min_budget, last)
+                    let kbar = &kbar[b * d.hk + ctx.kv_head(h)][x];
+                    flexprefill(ctx, (b, h), doc, kbar, [gamma, tau], min_budget, last, kept)
                 }
-                _ => pooled_head(ctx, method, b, h, &kbar[b * d.hk + ctx.kv_head(h)]),
-            }
+                _ => {
+                    let kbar = &kbar[b * d.hk + ctx.kv_head(h)][x];
+                    pooled_doc(ctx, method, (b, h), doc, kbar, kept)
+                }
+            })
         })
         .collect()
 }
 
-/// Block means of q (head `h`) or k (key head `h`) of batch row `b`: for every tile of rows
-/// [r0, r1), mean_r x_r, as `[tiles, D]`.
-fn pool(ctx: &Ctx, keys: bool, b: usize, h: usize) -> Vec<f64> {
-    let (x, t, n) = if keys {
-        (ctx.k, ctx.cand.tile_k, ctx.dims.sk)
-    } else {
-        (ctx.q, ctx.cand.tile_q, ctx.dims.sq)
-    };
-    let dd = ctx.dims.d;
-    let tiles = n.div_ceil(t);
-    let mut out = vec![0.0f64; tiles * dd];
-    for (tile, acc) in out.chunks_exact_mut(dd).enumerate() {
-        let (r0, r1) = (tile * t, ((tile + 1) * t).min(n));
-        for r in r0..r1 {
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a += x.get(b, r, h, c) as f64;
-            }
+/// Runs `f(document, its index, kept)` on every document of batch row `b` that has keys and at
+/// least `dense_below` of them (shorter ones keep all their candidates), then gives the kept
+/// entries of (b, h).
+fn each_doc(
+    ctx: &Ctx,
+    b: usize,
+    h: usize,
+    mut f: impl FnMut(&Doc, usize, &mut Kept),
+) -> Vec<Vec<TileEntry>> {
+    let mut kept = Kept::new(ctx, b, h);
+    for (x, doc) in ctx.docs[b].iter().enumerate() {
+        if doc.k.is_empty() {
+            continue; // no key: its queries attend nothing
         }
-        let inv = 1.0 / (r1 - r0) as f64;
-        acc.iter_mut().for_each(|a| *a *= inv);
+        if doc.k.len() < ctx.dense_below {
+            for (qt, _) in ctx.parts(doc) {
+                let xs = ctx.doc_cands(b, h, qt, doc);
+                kept.or(qt, &xs, &vec![true; xs.len()]);
+            }
+            continue;
+        }
+        f(doc, x, &mut kept);
     }
-    out
+    kept.entries()
+}
+
+/// Mean of the rows `rows` of head `h` of `x` (q or k) in batch row `b`, `[D]`.
+fn mean_rows(x: &crate::tensor::TensorView, b: usize, h: usize, rows: Range<usize>) -> Vec<f64> {
+    let dd = x.dim();
+    let mut acc = vec![0.0f64; dd];
+    let inv = 1.0 / rows.len() as f64;
+    for r in rows {
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a += x.get(b, r, h, c) as f64;
+        }
+    }
+    acc.iter_mut().for_each(|a| *a *= inv);
+    acc
+}
+
+/// The document's keys in key tile `kt`: keys `c0..c1` (the tile's keys inside `doc.k`).
+fn k_part(ctx: &Ctx, doc: &Doc, kt: usize) -> Range<usize> {
+    let (k0, k1) = ctx.cand.k_range(kt);
+    k0.max(doc.k.start)..k1.min(doc.k.end)
+}
+
+/// Block means of the document's keys (key head `g`): for every key tile that meets them, the
+/// mean over its keys inside the document, as `[doc key tiles, D]` from the first such tile.
+fn key_means(ctx: &Ctx, b: usize, g: usize, doc: &Doc) -> Vec<f64> {
+    ctx.doc_k_tiles(doc)
+        .flat_map(|kt| mean_rows(ctx.k, b, g, k_part(ctx, doc, kt)))
+        .collect()
 }
 
 #[inline]
@@ -97,57 +187,63 @@ fn by_score(s: &[f64]) -> impl Fn(&usize, &usize) -> Ordering + '_ {
     move |&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b))
 }
 
-/// One (batch row, head) of topmass / relthresh / moba: pooled scores of the candidate tiles,
-/// then the method's rule per query tile.
-fn pooled_head(
-    ctx: &Ctx,
-    method: &Method,
-    b: usize,
-    h: usize,
-    kbar: &[f64],
-) -> Vec<Vec<TileEntry>> {
-    let dd = ctx.dims.d;
-    let qbar = pool(ctx, false, b, h);
-    let mut scores = Vec::new();
-    (0..ctx.cand.q_tiles)
-        .map(|qt| {
-            let cand = ctx.cand.row(b, h, qt);
-            let qv = &qbar[qt * dd..][..dd];
-            // s(qt, kt) = softcap(scale mean(q) . mean(k)).
-            scores.clear();
-            scores.extend(
-                cand.iter()
-                    .map(|e| ctx.logit.of(dot(qv, &kbar[e.k_tile as usize * dd..][..dd]))),
-            );
-            let diag = ctx.diag_tiles(qt);
-            let in_diag = |kt: u32| diag.is_some_and(|(lo, hi)| lo <= kt && kt <= hi);
-            let sink = !matches!(method, Method::Moba { .. });
-            let mut keep: Vec<bool> = cand
-                .iter()
-                .map(|e| in_diag(e.k_tile) || (sink && e.k_tile == 0))
-                .collect();
-            match *method {
-                Method::TopMass { gamma } => top_mass(&scores, gamma, 0, &mut keep),
-                Method::FlexPrefill {
-                    gamma, min_budget, ..
-                } => {
-                    let min_tiles = min_budget.div_ceil(ctx.cand.tile_k);
-                    top_mass(&scores, gamma, min_tiles, &mut keep)
-                }
-                Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
-                Method::Moba { topk } => top_k(&scores, topk, &mut keep),
-                Method::Whole => keep.fill(true),
-                Method::VerticalSlash { .. } | Method::Proxy { .. } => {
-                    unreachable!("not a pooled method")
-                }
-            }
-            cand.iter()
-                .zip(&keep)
-                .filter(|(_, &k)| k)
-                .map(|(e, _)| *e)
-                .collect()
+/// The forced tiles of a document's part (rows `rows`) among the candidates `cand`: the tiles
+/// on the diagonal inside the document ([`Ctx::diag_tiles`]) and, with `sink`, the tile of the
+/// document's first key.
+fn forced(ctx: &Ctx, doc: &Doc, rows: &Range<usize>, cand: &[TileEntry], sink: bool) -> Vec<bool> {
+    let diag = ctx.diag_tiles(rows, doc);
+    let sink_tile = (doc.k.start / ctx.cand.tile_k) as u32;
+    cand.iter()
+        .map(|e| {
+            diag.is_some_and(|(lo, hi)| lo <= e.k_tile && e.k_tile <= hi)
+                || (sink && e.k_tile == sink_tile)
         })
         .collect()
+}
+
+/// One document of (batch row, head) for topmass / relthresh / moba (and FlexPrefill's
+/// query-aware pattern): per part, the pooled scores of its candidates
+///   s(part, kt) = softcap(scale mean_{i in part} q_i . mean_{j in kt, j in doc} k_j),
+/// then the method's rule. `kbar` = [`key_means`] of the document.
+fn pooled_doc(
+    ctx: &Ctx,
+    method: &Method,
+    (b, h): (usize, usize),
+    doc: &Doc,
+    kbar: &[f64],
+    kept: &mut Kept,
+) {
+    let dd = ctx.dims.d;
+    let kt0 = ctx.doc_k_tiles(doc).start;
+    let mut scores = Vec::new();
+    for (qt, rows) in ctx.parts(doc) {
+        let xs = ctx.doc_cands(b, h, qt, doc);
+        let cand = &ctx.cand.row(b, h, qt)[xs.clone()];
+        let qv = mean_rows(ctx.q, b, h, rows.clone());
+        scores.clear();
+        scores.extend(cand.iter().map(|e| {
+            let kv = &kbar[(e.k_tile as usize - kt0) * dd..][..dd];
+            ctx.logit.of(dot(&qv, kv))
+        }));
+        let sink = !matches!(method, Method::Moba { .. });
+        let mut keep = forced(ctx, doc, &rows, cand, sink);
+        match *method {
+            Method::TopMass { gamma } => top_mass(&scores, gamma, 0, &mut keep),
+            Method::FlexPrefill {
+                gamma, min_budget, ..
+            } => {
+                let min_tiles = min_budget.div_ceil(ctx.cand.tile_k);
+                top_mass(&scores, gamma, min_tiles, &mut keep)
+            }
+            Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
+            Method::Moba { topk } => top_k(&scores, topk, &mut keep),
+            Method::Whole => keep.fill(true),
+            Method::VerticalSlash { .. } | Method::Proxy { .. } => {
+                unreachable!("not a pooled method")
+            }
+        }
+        kept.or(qt, &xs, &keep);
+    }
 }
 
 /// Adds to `keep` the most probable blocks, p = softmax(s), in decreasing order until their
@@ -227,90 +323,107 @@ fn prefix(flags: &[bool]) -> Vec<u32> {
     p
 }
 
-/// What the last query rows of one (batch row, head) say about the keys, from their exact
-/// softmax rows under the mask.
+/// What the last query rows of one document of (batch row, head) say about its keys, from
+/// their exact softmax rows under the mask.
 struct LastRows {
-    /// Column mass c_j = sum_i p_ij, `[Sk]`.
+    /// Column mass c_j = sum_i p_ij at index j - k0 (k0 the document's first key), `[doc keys]`.
     col: Vec<f64>,
-    /// Diagonal mass d_o = sum_{p_i - j = o} p_ij at index o + Sq - 1, `[Sq + Sk - 1]`.
+    /// Diagonal mass d_o = sum_{p_i - j = o} p_ij at index o - omin, over every offset of the
+    /// document's (query, key) pairs: `[doc queries + doc keys - 1]`.
     diag: Vec<f64>,
-    /// Keys allowed for at least one of the rows, `[Sk]`.
+    /// The smallest offset, omin = p_q0 - (k1 - 1) (queries q0..q1, keys k0..k1).
+    omin: i64,
+    /// Keys allowed for at least one of the rows, as `col`.
     seen: Vec<bool>,
-    /// Mean of the rows' queries (all `last` of them), `[D]`.
+    /// Mean of the rows' queries (all of them), `[D]`.
     qmean: Vec<f64>,
 }
 
-/// Column and diagonal mass of the last `last` query rows (rows without an allowed key estimate
-/// nothing).
-fn last_rows(ctx: &Ctx, b: usize, h: usize, last: usize) -> LastRows {
-    let (sq, sk, dd) = (ctx.dims.sq, ctx.dims.sk, ctx.dims.d);
+/// Column and diagonal mass of the document's last `last` query rows (clipped to its length;
+/// rows without an allowed key estimate nothing). The mask keeps every allowed key inside the
+/// document (`document` is one of its conjuncts), so only the document's keys are visited.
+fn last_rows(ctx: &Ctx, (b, h): (usize, usize), doc: &Doc, last: usize) -> LastRows {
+    let dd = ctx.dims.d;
+    let (k0, nk) = (doc.k.start, doc.k.len());
     let g = ctx.kv_head(h);
-    // Keys of this head, widened once: [Sk, D].
-    let keys: Vec<f64> = (0..sk)
+    // Keys of this head, widened once: [doc keys, D].
+    let keys: Vec<f64> = doc
+        .k
+        .clone()
         .flat_map(|j| (0..dd).map(move |c| (j, c)))
         .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
         .collect();
-    let mut col = vec![0.0f64; sk];
-    let mut diag = vec![0.0f64; sq + sk - 1];
-    let mut seen = vec![false; sk];
+    let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);
+    let mut col = vec![0.0f64; nk];
+    let mut diag = vec![0.0f64; doc.q.len() + nk - 1];
+    let mut seen = vec![false; nk];
     let mut qmean = vec![0.0f64; dd];
-    let (mut allowed, mut words) = (vec![false; sk], Vec::new());
-    let mut logits = vec![0.0f64; sk];
+    let (mut allowed, mut words) = (vec![false; nk], Vec::new());
+    let mut logits = vec![0.0f64; nk];
     let mut qrow = vec![0.0f64; dd];
-    let first = sq - last.min(sq);
-    for i in first..sq {
-        ctx.el.row(b, h, i, &mut allowed, &mut words);
+    let first = doc.q.end - last.min(doc.q.len());
+    for i in first..doc.q.end {
+        ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
         qrow.iter_mut()
             .enumerate()
             .for_each(|(c, x)| *x = ctx.q.get(b, i, h, c) as f64);
         qmean.iter_mut().zip(&qrow).for_each(|(a, x)| *a += x);
         // p_ij = exp(s_ij - m) / z over the allowed keys.
         let mut m = f64::NEG_INFINITY;
-        for j in (0..sk).filter(|&j| allowed[j]) {
-            logits[j] = ctx.logit.of(dot(&qrow, &keys[j * dd..][..dd]));
-            m = m.max(logits[j]);
-            seen[j] = true;
+        for x in (0..nk).filter(|&x| allowed[x]) {
+            logits[x] = ctx.logit.of(dot(&qrow, &keys[x * dd..][..dd]));
+            m = m.max(logits[x]);
+            seen[x] = true;
         }
         if m == f64::NEG_INFINITY {
             continue; // no allowed key: the row estimates nothing
         }
-        let z: f64 = (0..sk)
-            .filter(|&j| allowed[j])
-            .map(|j| (logits[j] - m).exp())
+        let z: f64 = (0..nk)
+            .filter(|&x| allowed[x])
+            .map(|x| (logits[x] - m).exp())
             .sum();
-        for j in (0..sk).filter(|&j| allowed[j]) {
-            let p = (logits[j] - m).exp() / z;
-            col[j] += p;
-            diag[i + sk - 1 - j] += p;
+        let base = ctx.pos(i) - k0 as i64 - omin; // index of o = p_i - k0
+        for x in (0..nk).filter(|&x| allowed[x]) {
+            let p = (logits[x] - m).exp() / z;
+            col[x] += p;
+            diag[(base - x as i64) as usize] += p;
         }
     }
-    let inv = 1.0 / (sq - first) as f64;
+    let inv = 1.0 / (doc.q.end - first) as f64;
     qmean.iter_mut().for_each(|a| *a *= inv);
     LastRows {
         col,
         diag,
+        omin,
         seen,
         qmean,
     }
 }
 
-/// Vertical-slash for one (batch row, head); `a` = [v, s, last, sink, local].
-fn vertical_slash(ctx: &Ctx, b: usize, h: usize, a: [usize; 5]) -> Vec<Vec<TileEntry>> {
+/// Vertical-slash for one document of (batch row, head); `a` = [v, s, last, sink, local].
+fn vertical_slash(ctx: &Ctx, bh: (usize, usize), doc: &Doc, a: [usize; 5], kept: &mut Kept) {
     let [v, s, last, sink, local] = a;
-    let LastRows { col, diag, .. } = last_rows(ctx, b, h, last);
-    vs_keep(ctx, b, h, &col, &diag, [v, s, sink, local])
+    let r = last_rows(ctx, bh, doc, last);
+    vs_doc(
+        ctx,
+        bh,
+        doc,
+        (&r.col, &r.diag, r.omin),
+        [v, s, sink, local],
+        kept,
+    )
 }
 
-/// Column mass `[Sk]` and diagonal mass `[Sq + Sk - 1]` of the last `last` rows of (b, h) (the
-/// f64 reference of the CUDA estimator's first kernels).
+/// Column mass `[Sk]` and diagonal mass `[Sq + Sk - 1]` (index o + Sq - 1) of the last `last`
+/// rows of (b, h) over the whole batch row (the f64 reference of the CUDA estimator's first
+/// kernels, which take no documents).
 pub(crate) fn last_mass(ctx: &Ctx, b: usize, h: usize, last: usize) -> (Vec<f64>, Vec<f64>) {
-    let r = last_rows(ctx, b, h, last);
+    let r = last_rows(ctx, (b, h), &Doc::whole(&ctx.dims), last);
     (r.col, r.diag)
 }
 
-/// Vertical-slash's keep step from given masses; `a` = [v, s, sink, local]: the `v` heaviest
-/// columns and `s` heaviest diagonals with mass > 0 (ties by index), the columns j < sink and the
-/// diagonals 0 <= o < local, coarsened to the candidate tiles.
+/// Vertical-slash's keep step over the whole batch row from given masses (as [`last_mass`]
+/// gives them; the CUDA estimator's check); `a` = [v, s, sink, local].
 pub(crate) fn vs_keep(
     ctx: &Ctx,
     b: usize,
@@ -319,42 +432,75 @@ pub(crate) fn vs_keep(
     diag: &[f64],
     a: [usize; 4],
 ) -> Vec<Vec<TileEntry>> {
-    let [v, s, sink, local] = a;
-    let (sq, sk) = (ctx.dims.sq, ctx.dims.sk);
-    let mut cols = top_positive(col, v);
-    cols[..sink.min(sk)].fill(true);
-    let mut diags = top_positive(diag, s);
-    // Local band 0 <= o < local: indices Sq - 1 .. Sq - 1 + local.
-    let band = (sq - 1).min(diags.len())..(sq - 1 + local).min(diags.len());
-    diags[band].fill(true);
-    coarsen(ctx, b, h, &cols, &diags)
+    let mut kept = Kept::new(ctx, b, h);
+    let omin = 1 - ctx.dims.sq as i64;
+    vs_doc(
+        ctx,
+        (b, h),
+        &Doc::whole(&ctx.dims),
+        (col, diag, omin),
+        a,
+        &mut kept,
+    );
+    kept.entries()
 }
 
-/// The candidate tiles of (b, h) crossed by a kept column (`cols`, `[Sk]`) or a kept diagonal
-/// (`diags`, index o + Sq - 1, `[Sq + Sk - 1]`).
-fn coarsen(ctx: &Ctx, b: usize, h: usize, cols: &[bool], diags: &[bool]) -> Vec<Vec<TileEntry>> {
-    let sq = ctx.dims.sq;
+/// Vertical-slash's keep step for one document from its masses (`m` = col, diag, omin as in
+/// [`LastRows`]); `a` = [v, s, sink, local]: the `v` heaviest columns and `s` heaviest
+/// diagonals with mass > 0 (ties by index), the document's first `sink` keys and the diagonals
+/// 0 <= o < local, coarsened to the document's candidates.
+fn vs_doc(
+    ctx: &Ctx,
+    bh: (usize, usize),
+    doc: &Doc,
+    (col, diag, omin): (&[f64], &[f64], i64),
+    a: [usize; 4],
+    kept: &mut Kept,
+) {
+    let [v, s, sink, local] = a;
+    let mut cols = top_positive(col, v);
+    let n = cols.len();
+    cols[..sink.min(n)].fill(true);
+    let mut diags = top_positive(diag, s);
+    // Local band 0 <= o < local: indices -omin .. local - omin, clipped.
+    let nd = diags.len() as i64;
+    let local = i64::try_from(local).unwrap_or(i64::MAX);
+    let band = (-omin).clamp(0, nd) as usize..local.saturating_sub(omin).clamp(0, nd) as usize;
+    diags[band].fill(true);
+    coarsen(ctx, bh, doc, &cols, (&diags, omin), kept)
+}
+
+/// The document's candidates crossed by a kept column (`cols`, index j - k0) or a kept
+/// diagonal (`diags`, index o - omin) inside the document: per part (rows r0..r1) and candidate
+/// tile, the document's keys c0..c1 in the tile hold a kept column, or a kept o = p_i - j with
+/// i in the part and j in c0..c1, i.e. o in [p_r0 - (c1 - 1), p_(r1-1) - c0] (consecutive
+/// integers).
+fn coarsen(
+    ctx: &Ctx,
+    (b, h): (usize, usize),
+    doc: &Doc,
+    cols: &[bool],
+    (diags, omin): (&[bool], i64),
+    kept: &mut Kept,
+) {
     let (cp, dp) = (prefix(cols), prefix(diags));
     let n_diag = diags.len() as i64;
-    (0..ctx.cand.q_tiles)
-        .map(|qt| {
-            let (q0, q1) = ctx.cand.q_range(qt);
-            let (p0, p1) = (ctx.pos(q0), ctx.pos(q1 - 1));
-            ctx.cand
-                .row(b, h, qt)
-                .iter()
-                .filter(|e| {
-                    let (k0, k1) = ctx.cand.k_range(e.k_tile as usize);
-                    // A kept column j in [k0, k1), or a kept diagonal o = p_i - j with i in the
-                    // tile: o in [p0 - (k1 - 1), p1 - k0] (consecutive integers).
-                    let lo = (p0 - (k1 as i64 - 1) + sq as i64 - 1).max(0);
-                    let hi = (p1 - k0 as i64 + sq as i64 - 1).min(n_diag - 1);
-                    cp[k1] > cp[k0] || (lo <= hi && dp[hi as usize + 1] > dp[lo as usize])
-                })
-                .copied()
-                .collect()
-        })
-        .collect()
+    let k0 = doc.k.start;
+    for (qt, rows) in ctx.parts(doc) {
+        let xs = ctx.doc_cands(b, h, qt, doc);
+        let (p0, p1) = (ctx.pos(rows.start), ctx.pos(rows.end - 1));
+        let keep: Vec<bool> = ctx.cand.row(b, h, qt)[xs.clone()]
+            .iter()
+            .map(|e| {
+                let c = k_part(ctx, doc, e.k_tile as usize);
+                let lo = (p0 - (c.end as i64 - 1) - omin).max(0);
+                let hi = (p1 - c.start as i64 - omin).min(n_diag - 1);
+                cp[c.end - k0] > cp[c.start - k0]
+                    || (lo <= hi && dp[hi as usize + 1] > dp[lo as usize])
+            })
+            .collect();
+        kept.or(qt, &xs, &keep);
+    }
 }
 
 /// The smallest set of entries, heaviest first (ties by index) among those > 0, whose mass
@@ -390,48 +536,52 @@ pub(crate) fn js_distance(p: &[f64], q: &[f64]) -> f64 {
     jsd.max(0.0).sqrt()
 }
 
-/// FlexPrefill for one (batch row, head): the pattern test, then query-aware blocks or
-/// cumulative vertical-slash. `gt` = [gamma, tau]; `kbar` the key tile means of the head.
+/// FlexPrefill for one document of (batch row, head): the pattern test, then query-aware blocks
+/// or cumulative vertical-slash. `gt` = [gamma, tau]; `kbar` the document's key tile means.
 ///
-/// Pattern test, on the last `last` query rows: the exact block distribution
+/// Pattern test, on the document's last `last` query rows, over the key tiles S that meet the
+/// document's keys and that the rows can see: the exact block distribution
 ///   a_hat(kt) = sum_{j in kt} c_j / sum_j c_j        (c_j the rows' column mass)
-/// against the pooled estimate over the key tiles S the rows can see
-///   a_bar(kt) = softmax_{kt in S} softcap(scale mean_i(q_i) . mean_{j in kt}(k_j)).
-/// sqrt(JSD(a_bar, a_hat)) < tau: the pooled scores track the real distribution, so every query
-/// tile keeps its key tiles by pooled score (top mass gamma, at least ceil(min_budget / block)
+/// against the pooled estimate
+///   a_bar(kt) = softmax_{kt in S} softcap(scale mean_i(q_i) . mean_{j in kt, j in doc}(k_j)).
+/// sqrt(JSD(a_bar, a_hat)) < tau: the pooled scores track the real distribution, so every part
+/// keeps its key tiles by pooled score (top mass gamma, at least ceil(min_budget / block)
 /// tiles, sink and diagonal tiles forced). Otherwise: the heaviest columns until their mass
 /// reaches gamma of the column total (at least ceil(min_budget / block) of them), the same for
-/// diagonals,
-/// with column 0 and diagonal 0 forced, coarsened to tiles.
+/// diagonals, with the document's first key and diagonal 0 forced, coarsened to tiles.
+#[allow(clippy::too_many_arguments)]
 fn flexprefill(
     ctx: &Ctx,
-    b: usize,
-    h: usize,
+    bh: (usize, usize),
+    doc: &Doc,
     kbar: &[f64],
     gt: [f64; 2],
     min_budget: usize,
     last: usize,
-) -> Vec<Vec<TileEntry>> {
+    kept: &mut Kept,
+) {
     let [gamma, tau] = gt;
-    let (sq, dd, t) = (ctx.dims.sq, ctx.dims.d, ctx.cand.tile_k);
-    let rows = last_rows(ctx, b, h, last);
-    let nk = ctx.cand.k_tiles;
+    let (dd, t) = (ctx.dims.d, ctx.cand.tile_k);
+    let rows = last_rows(ctx, bh, doc, last);
+    let kts = ctx.doc_k_tiles(doc);
+    let k0 = doc.k.start;
+    let span = |kt: usize| {
+        let c = k_part(ctx, doc, kt);
+        c.start - k0..c.end - k0
+    };
     let total: f64 = rows.col.iter().sum();
-    let visible: Vec<bool> = (0..nk)
-        .map(|kt| rows.seen[kt * t..((kt + 1) * t).min(ctx.dims.sk)].contains(&true))
+    let visible: Vec<bool> = kts
+        .clone()
+        .map(|kt| rows.seen[span(kt)].contains(&true))
         .collect();
     let dist = if total > 0.0 {
-        let exact: Vec<f64> = (0..nk)
-            .map(|kt| {
-                rows.col[kt * t..((kt + 1) * t).min(ctx.dims.sk)]
-                    .iter()
-                    .sum::<f64>()
-                    / total
-            })
+        let exact: Vec<f64> = kts
+            .clone()
+            .map(|kt| rows.col[span(kt)].iter().sum::<f64>() / total)
             .collect();
-        let s: Vec<f64> = (0..nk)
-            .map(|kt| match visible[kt] {
-                true => ctx.logit.of(dot(&rows.qmean, &kbar[kt * dd..][..dd])),
+        let s: Vec<f64> = (0..kts.len())
+            .map(|x| match visible[x] {
+                true => ctx.logit.of(dot(&rows.qmean, &kbar[x * dd..][..dd])),
                 false => f64::NEG_INFINITY,
             })
             .collect();
@@ -449,7 +599,7 @@ fn flexprefill(
             min_budget,
             last,
         };
-        return pooled_head(ctx, &method, b, h, kbar);
+        return pooled_doc(ctx, &method, bh, doc, kbar, kept);
     }
     // The minimum in units of one tile per row: a column costs at most one tile of a row.
     let min_lines = min_budget.div_ceil(t);
@@ -459,86 +609,114 @@ fn flexprefill(
     if let Some(c0) = cols.first_mut() {
         *c0 = true;
     }
-    diags[sq - 1] = true;
-    coarsen(ctx, b, h, &cols, &diags)
+    // Diagonal 0 (index -omin) when the document's pairs reach it.
+    if let Some(d0) = usize::try_from(-rows.omin)
+        .ok()
+        .and_then(|x| diags.get_mut(x))
+    {
+        *d0 = true;
+    }
+    coarsen(ctx, bh, doc, &cols, (&diags, rows.omin), kept)
 }
 
-/// ProxyAttn's shared scores of KV group `g` in batch row `b`: per query tile, per key tile,
-///   S(qt, kt) = mean over the sampled rows i of sum_{j in kt} pbar_ij,
+/// ProxyAttn's shared scores of KV group `g` in batch row `b`, per document (none for one
+/// without keys or below `dense_below`), per part (query tile of the document, in order), per
+/// key tile of the document:
+///   S(part, kt) = mean over the sampled rows i of sum_{j in kt, j in doc} pbar_ij,
 ///   pbar_i = softmax over the allowed keys j of logit(qbar_i . k_j),  qbar_i = mean_{h in g} q_hi,
-/// with `rows` rows per query tile, i_r = q0 + floor((r + 1) (q1 - q0) / rows) - 1 (the last row
-/// always among them; fewer when the tile is shorter). The element mask is the group's first
-/// query head's. `[q tiles][k tiles]`.
-fn proxy_scores(ctx: &Ctx, b: usize, g: usize, rows: usize) -> Vec<Vec<f64>> {
-    let (sk, dd) = (ctx.dims.sk, ctx.dims.d);
+/// with `rows` rows per part r0..r1, i_r = r0 + floor((r + 1) (r1 - r0) / rows) - 1 (the last
+/// row always among them; fewer when the part is shorter). The element mask is the group's
+/// first query head's. `[document][part][doc key tile]`.
+fn proxy_scores(ctx: &Ctx, b: usize, g: usize, rows: usize) -> Vec<Vec<Vec<f64>>> {
+    let dd = ctx.dims.d;
     let group = ctx.dims.hq / ctx.dims.hk;
     let h0 = g * group;
-    let keys: Vec<f64> = (0..sk)
-        .flat_map(|j| (0..dd).map(move |c| (j, c)))
-        .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
-        .collect();
-    let (nq, nk, t) = (ctx.cand.q_tiles, ctx.cand.k_tiles, ctx.cand.tile_k);
-    let (mut allowed, mut words) = (vec![false; sk], Vec::new());
-    let mut logits = vec![0.0f64; sk];
-    let mut qbar = vec![0.0f64; dd];
-    (0..nq)
-        .map(|qt| {
-            let (q0, q1) = ctx.cand.q_range(qt);
-            let mut out = vec![0.0f64; nk];
-            let mut sampled: Vec<usize> =
-                (0..rows).map(|r| q0 + (r + 1) * (q1 - q0) / rows).collect();
-            sampled.retain(|&i| i > q0);
-            sampled.dedup();
-            let n = sampled.len();
-            for i in sampled.into_iter().map(|i| i - 1) {
-                ctx.el.row(b, h0, i, &mut allowed, &mut words);
-                for (c, x) in qbar.iter_mut().enumerate() {
-                    *x = (h0..h0 + group)
-                        .map(|h| ctx.q.get(b, i, h, c) as f64)
-                        .sum::<f64>()
-                        / group as f64;
-                }
-                let mut m = f64::NEG_INFINITY;
-                for j in (0..sk).filter(|&j| allowed[j]) {
-                    logits[j] = ctx.logit.of(dot(&qbar, &keys[j * dd..][..dd]));
-                    m = m.max(logits[j]);
-                }
-                if m == f64::NEG_INFINITY {
-                    continue;
-                }
-                let z: f64 = (0..sk)
-                    .filter(|&j| allowed[j])
-                    .map(|j| (logits[j] - m).exp())
-                    .sum();
-                for j in (0..sk).filter(|&j| allowed[j]) {
-                    out[j / t] += (logits[j] - m).exp() / z;
-                }
+    let t = ctx.cand.tile_k;
+    ctx.docs[b]
+        .iter()
+        .map(|doc| {
+            if doc.k.is_empty() || doc.k.len() < ctx.dense_below {
+                return Vec::new();
             }
-            out.iter_mut().for_each(|x| *x /= n.max(1) as f64);
-            out
+            let (k0, nk) = (doc.k.start, doc.k.len());
+            let kt0 = ctx.doc_k_tiles(doc).start;
+            let n_tiles = ctx.doc_k_tiles(doc).len();
+            let keys: Vec<f64> = doc
+                .k
+                .clone()
+                .flat_map(|j| (0..dd).map(move |c| (j, c)))
+                .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
+                .collect();
+            let (mut allowed, mut words) = (vec![false; nk], Vec::new());
+            let mut logits = vec![0.0f64; nk];
+            let mut qbar = vec![0.0f64; dd];
+            ctx.parts(doc)
+                .map(|(_, part)| {
+                    let (r0, r1) = (part.start, part.end);
+                    let mut out = vec![0.0f64; n_tiles];
+                    let mut sampled: Vec<usize> =
+                        (0..rows).map(|r| r0 + (r + 1) * (r1 - r0) / rows).collect();
+                    sampled.retain(|&i| i > r0);
+                    sampled.dedup();
+                    let n = sampled.len();
+                    for i in sampled.into_iter().map(|i| i - 1) {
+                        ctx.el.row_in((b, h0, i), &doc.k, &mut allowed, &mut words);
+                        for (c, x) in qbar.iter_mut().enumerate() {
+                            *x = (h0..h0 + group)
+                                .map(|h| ctx.q.get(b, i, h, c) as f64)
+                                .sum::<f64>()
+                                / group as f64;
+                        }
+                        let mut m = f64::NEG_INFINITY;
+                        for x in (0..nk).filter(|&x| allowed[x]) {
+                            logits[x] = ctx.logit.of(dot(&qbar, &keys[x * dd..][..dd]));
+                            m = m.max(logits[x]);
+                        }
+                        if m == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let z: f64 = (0..nk)
+                            .filter(|&x| allowed[x])
+                            .map(|x| (logits[x] - m).exp())
+                            .sum();
+                        for x in (0..nk).filter(|&x| allowed[x]) {
+                            out[(k0 + x) / t - kt0] += (logits[x] - m).exp() / z;
+                        }
+                    }
+                    out.iter_mut().for_each(|x| *x /= n.max(1) as f64);
+                    out
+                })
+                .collect()
         })
         .collect()
 }
 
-/// ProxyAttn for one (batch row, head): its own budget, then the proxy's best tiles.
+/// ProxyAttn for one document of (batch row, head): its own budget, then the proxy's best
+/// tiles (`scores` = the document's [`proxy_scores`]).
 ///
-/// Budget: the head's last `last` rows' exact block distribution a_hat (as in FlexPrefill's
-/// test) needs n_h tiles, heaviest first, to reach mass gamma (every candidate when the rows
-/// see no key). Kept per query tile: the sink tile and the diagonal tiles, then candidates by
-/// proxy score (descending, ties by key tile) until at least min(n_h, c) of its c candidates
-/// are kept and the kept tiles hold proxy mass >= gamma.
-fn proxy_head(
+/// Budget: the document's last `last` rows' exact block distribution a_hat of this head (as in
+/// FlexPrefill's test) needs n_h tiles, heaviest first, to reach mass gamma (every candidate
+/// when the rows see no key). Kept per part: the tile of the document's first key and the
+/// diagonal tiles, then candidates by proxy score (descending, ties by key tile) until at least
+/// min(n_h, c) of its c candidates are kept and the kept tiles hold proxy mass >= gamma.
+fn proxy_doc(
     ctx: &Ctx,
-    b: usize,
-    h: usize,
+    (b, h): (usize, usize),
+    doc: &Doc,
     scores: &[Vec<f64>],
-    gamma: f64,
+    [gamma]: [f64; 1],
     last: usize,
-) -> Vec<Vec<TileEntry>> {
-    let (t, sk, nk) = (ctx.cand.tile_k, ctx.dims.sk, ctx.cand.k_tiles);
-    let lr = last_rows(ctx, b, h, last);
-    let tile_mass: Vec<f64> = (0..nk)
-        .map(|kt| lr.col[kt * t..((kt + 1) * t).min(sk)].iter().sum())
+    kept: &mut Kept,
+) {
+    let lr = last_rows(ctx, (b, h), doc, last);
+    let kts = ctx.doc_k_tiles(doc);
+    let k0 = doc.k.start;
+    let tile_mass: Vec<f64> = kts
+        .clone()
+        .map(|kt| {
+            let c = k_part(ctx, doc, kt);
+            lr.col[c.start - k0..c.end - k0].iter().sum()
+        })
         .collect();
     let total: f64 = tile_mass.iter().sum();
     let need = match total > 0.0 {
@@ -548,42 +726,34 @@ fn proxy_head(
             .count(),
         false => usize::MAX,
     };
-    (0..ctx.cand.q_tiles)
-        .map(|qt| {
-            let cand = ctx.cand.row(b, h, qt);
-            let m = need.min(cand.len());
-            let diag = ctx.diag_tiles(qt);
-            let mut keep: Vec<bool> = cand
-                .iter()
-                .map(|e| {
-                    e.k_tile == 0 || diag.is_some_and(|(lo, hi)| lo <= e.k_tile && e.k_tile <= hi)
-                })
-                .collect();
-            let s: Vec<f64> = cand.iter().map(|e| scores[qt][e.k_tile as usize]).collect();
-            let mut order: Vec<usize> = (0..cand.len()).collect();
-            order.sort_unstable_by(by_score(&s));
-            let mut kept = keep.iter().filter(|&&k| k).count();
-            let mut mass: f64 = s
-                .iter()
-                .zip(&keep)
-                .filter(|(_, &k)| k)
-                .map(|(x, _)| x)
-                .sum();
-            for x in order {
-                if kept >= m && mass >= gamma {
-                    break;
-                }
-                if !keep[x] {
-                    keep[x] = true;
-                    kept += 1;
-                    mass += s[x];
-                }
+    for ((qt, rows), score) in ctx.parts(doc).zip(scores) {
+        let xs = ctx.doc_cands(b, h, qt, doc);
+        let cand = &ctx.cand.row(b, h, qt)[xs.clone()];
+        let m = need.min(cand.len());
+        let mut keep = forced(ctx, doc, &rows, cand, true);
+        let s: Vec<f64> = cand
+            .iter()
+            .map(|e| score[e.k_tile as usize - kts.start])
+            .collect();
+        let mut order: Vec<usize> = (0..cand.len()).collect();
+        order.sort_unstable_by(by_score(&s));
+        let mut n_kept = keep.iter().filter(|&&k| k).count();
+        let mut mass: f64 = s
+            .iter()
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .map(|(x, _)| x)
+            .sum();
+        for x in order {
+            if n_kept >= m && mass >= gamma {
+                break;
             }
-            cand.iter()
-                .zip(&keep)
-                .filter(|(_, &k)| k)
-                .map(|(e, _)| *e)
-                .collect()
-        })
-        .collect()
+            if !keep[x] {
+                keep[x] = true;
+                n_kept += 1;
+                mass += s[x];
+            }
+        }
+        kept.or(qt, &xs, &keep);
+    }
 }

@@ -54,7 +54,7 @@
 //! topmass and relthresh always keep the sink block (key block 0) and the diagonal blocks (the key
 //! blocks that hold an aligned position p_i = i + Sk - Sq of the query block); moba forces the
 //! diagonal blocks. Only blocks the mask schedules are candidates, so `causal` as the mask gives
-//! MoBA's causal gating and `document` restricts every method to the query's document.
+//! MoBA's causal gating; under `document` every method works per document (below).
 //! Mean pooling dilutes a single hot key by the block size (its pooled logit is 1/block of the
 //! key's), so the pooled methods see block-level structure (a passage of similar keys) but not a
 //! lone hub column: on planted hub columns topmass(gamma=0.95) kept 97% of the pairs (the tests
@@ -90,6 +90,40 @@
 //! language aligns them). Each fast estimator has a plain reference ([`reference`]: scores from
 //! every pair, full sorts, brute-force tile coverage) that the tests compare it with.
 //!
+//! # Documents (packed varlen)
+//!
+//! A mask bound with document ids (the `document` atom, [`crate::mask::DocIds`]: an id per query
+//! and per key) packs several documents into a batch row. Document d is a run of queries
+//! Q_d = [q0, q1) with one id and the run of keys K_d = [k0, k1) with that id (empty when no key
+//! has it: its rows attend nothing), and every method runs on each document alone, as on a
+//! sequence of its own:
+//! - last rows: the last min(last, |Q_d|) rows of Q_d; c_j = sum_i p_ij for j in K_d and
+//!   d_o = sum_{p_i - j = o} p_ij over the document's pairs (o = p_i - j is the offset inside
+//!   the document too);
+//! - budgets per (document, head): vertical-slash's `v` / `s`, FlexPrefill's pattern test, gamma
+//!   and `min_budget`, ProxyAttn's n_h count the document's columns, diagonals and tiles;
+//! - sinks are the document's first keys, j - k0 < `sink` (the pooled methods' sink block is the
+//!   tile of k0); the local band 0 <= o < `local` and the diagonal tiles lie inside K_d;
+//! - pooled scores pool only the document's tokens. A query tile that straddles documents has a
+//!   part per document (its rows in Q_d), scored against each key tile's keys in K_d:
+//!   s_d(qt, kt) = softcap(scale mean_{i in qt, i in Q_d} q_i . mean_{j in kt, j in K_d} k_j);
+//!   ProxyAttn samples its `rows` per part;
+//! - a part's candidates are the entries of its tile's row whose key tile meets K_d, and the
+//!   tile keeps the union of its parts' selections (`mask & selection` as everywhere);
+//! - a document with fewer keys than `dense_below` keeps every candidate of its parts (the
+//!   whole-row fallback still compares Sk).
+//!
+//! So with document boundaries on tile multiples (and Sq = Sk), the tiles a document's queries
+//! keep are exactly those of the document run alone with the same spec (the tests check it for
+//! every method). Positions stay aligned on the batch row (p_i = i + Sk - Sq). Refused with an
+//! error naming the problem: a mask that uses `document` other than as a conjunct
+//! (`causal | document`, `!document`: pairs across documents, which no document's estimate
+//! sees), and ids that are not runs (an id whose queries, or keys, are split in a batch row),
+//! both only where an estimator runs (not under the dense fallback or `skip`). A schedule given
+//! as the mask ([`MaskSpec::Schedule`]) carries no ids: one document per batch row. The CUDA
+//! estimator ([`cuda`]) takes the whole batch row's last rows and refuses masks with document
+//! ids.
+//!
 //! [`SparseReport`] gives the achieved density per head; [`mass_recall`] the attention mass
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
 pub mod cuda;
@@ -105,9 +139,11 @@ pub use synthetic::structured_qk;
 
 use crate::attention::{check_bound, validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
-use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
+use crate::mask::{BlockSchedule, MaskExpr, RowMask, TileEntry, TileKind};
 use crate::tensor::TensorView;
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ops::Range;
 
 const OP: &str = "sparse select";
 
@@ -228,7 +264,109 @@ impl Logit {
     }
 }
 
-/// Everything an estimator reads: inputs, sizes, the candidates (the mask at the spec's tiles).
+/// One document of a batch row: its queries (one run of equal ids) and its keys (the run of
+/// keys with that id; empty when no key has it). Without document ids a batch row is one
+/// document, `0..Sq` and `0..Sk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Doc {
+    pub q: Range<usize>,
+    pub k: Range<usize>,
+}
+
+impl Doc {
+    /// The whole batch row as one document.
+    pub fn whole(dims: &Dims) -> Doc {
+        Doc {
+            q: 0..dims.sq,
+            k: 0..dims.sk,
+        }
+    }
+}
+
+/// True when `e` is `document` or a conjunction with `document` among its conjuncts: then every
+/// pair the mask allows lies inside one document.
+fn document_conjunct(e: &MaskExpr) -> bool {
+    match e {
+        MaskExpr::Document => true,
+        MaskExpr::And(a, b) => document_conjunct(a) || document_conjunct(b),
+        _ => false,
+    }
+}
+
+/// The runs of equal ids of one batch row: (id, range).
+fn runs(ids: &[i32]) -> Vec<(i32, Range<usize>)> {
+    let mut out: Vec<(i32, Range<usize>)> = Vec::new();
+    for (x, &id) in ids.iter().enumerate() {
+        match out.last_mut() {
+            Some((last, r)) if *last == id => r.end = x + 1,
+            _ => out.push((id, x..x + 1)),
+        }
+    }
+    out
+}
+
+/// The error for an id of batch row `b` found in two runs `a` and `c` of `side`.
+fn not_a_run(b: usize, side: &str, id: i32, a: &Range<usize>, c: &Range<usize>) -> Error {
+    Error::Param {
+        op: OP,
+        msg: format!(
+            "document id {id} of batch row {b} is not one run of {side} ({side} {}..{} and {}..{}): the per-document estimate needs each document's tokens contiguous (packed varlen)",
+            a.start, a.end, c.start, c.end
+        ),
+    }
+}
+
+/// The documents of every batch row, in query order (their query runs tile `0..Sq`): from the
+/// mask's document ids when it has them, else one per batch row ([`Doc::whole`]).
+///
+/// Errors: a mask that uses `document` other than as a conjunct (`causal | document`,
+/// `!document`: its pairs may cross documents, which a per-document estimate does not see), and
+/// ids that are not runs (an id whose queries, or whose keys, are split in several runs of a
+/// batch row). A schedule given as the mask carries no ids: one document per batch row.
+pub(crate) fn documents(mask: &MaskSpec, dims: &Dims) -> Result<Vec<Vec<Doc>>> {
+    let whole = || vec![vec![Doc::whole(dims)]; dims.batch];
+    let MaskSpec::Expr(bound) = mask else {
+        return Ok(whole());
+    };
+    let Some(docs) = &bound.docs else {
+        return Ok(whole());
+    };
+    if !document_conjunct(bound.expr()) {
+        return Err(Error::Param {
+            op: OP,
+            msg: format!(
+                "mask `{}` uses `document` other than as a conjunct: its pairs may cross documents, which the per-document estimate does not see (write the mask as `document & (...)`)",
+                bound.expr()
+            ),
+        });
+    }
+    let (sq, sk) = (dims.sq, dims.sk);
+    let mut out = Vec::with_capacity(dims.batch);
+    for b in 0..dims.batch {
+        let mut keys: HashMap<i32, Range<usize>> = HashMap::new();
+        for (id, r) in runs(&docs.k[b * sk..(b + 1) * sk]) {
+            if let Some(prev) = keys.insert(id, r.clone()) {
+                return Err(not_a_run(b, "keys", id, &prev, &r));
+            }
+        }
+        let mut seen: HashMap<i32, Range<usize>> = HashMap::new();
+        let mut row = Vec::new();
+        for (id, r) in runs(&docs.q[b * sq..(b + 1) * sq]) {
+            if let Some(prev) = seen.insert(id, r.clone()) {
+                return Err(not_a_run(b, "queries", id, &prev, &r));
+            }
+            row.push(Doc {
+                q: r,
+                k: keys.get(&id).cloned().unwrap_or(0..0),
+            });
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Everything an estimator reads: inputs, sizes, the candidates (the mask at the spec's tiles),
+/// the documents of every batch row.
 pub(crate) struct Ctx<'a> {
     pub q: &'a TensorView<'a>,
     pub k: &'a TensorView<'a>,
@@ -236,6 +374,11 @@ pub(crate) struct Ctx<'a> {
     pub logit: Logit,
     pub cand: &'a BlockSchedule,
     pub el: Elements<'a>,
+    /// `[batch][document]`, in query order.
+    pub docs: Vec<Vec<Doc>>,
+    /// Documents with fewer keys keep every candidate of their queries (the dense fallback per
+    /// document).
+    pub dense_below: usize,
 }
 
 impl Ctx<'_> {
@@ -249,16 +392,46 @@ impl Ctx<'_> {
     pub fn pos(&self, i: usize) -> i64 {
         i as i64 + self.dims.sk as i64 - self.dims.sq as i64
     }
-    /// The key tiles (inclusive range) that hold an aligned position p_i of a query of tile `qt`
-    /// (keys p_q0 ..= p_q1-1 clipped to [0, Sk)); `None` when every p_i is outside the keys.
-    pub fn diag_tiles(&self, qt: usize) -> Option<(u32, u32)> {
-        let (q0, q1) = self.cand.q_range(qt);
-        let lo = self.pos(q0).max(0);
-        let hi = self.pos(q1 - 1).min(self.dims.sk as i64 - 1);
+    /// The key tiles (inclusive range) that hold an aligned position p_i of a query `i` in
+    /// `rows` inside the document's keys `doc.k` (positions p_r0 ..= p_r1-1 clipped to `doc.k`);
+    /// `None` when every p_i is outside them.
+    pub fn diag_tiles(&self, rows: &Range<usize>, doc: &Doc) -> Option<(u32, u32)> {
+        let lo = self.pos(rows.start).max(doc.k.start as i64);
+        let hi = self.pos(rows.end - 1).min(doc.k.end as i64 - 1);
         (lo <= hi).then(|| {
             let t = self.cand.tile_k as i64;
             ((lo / t) as u32, (hi / t) as u32)
         })
+    }
+
+    /// The parts of document `doc` of batch row `b` in the query tiles: (query tile, its rows
+    /// inside the document), in order.
+    pub fn parts<'d>(&self, doc: &'d Doc) -> impl Iterator<Item = (usize, Range<usize>)> + 'd {
+        let t = self.cand.tile_q;
+        let tiles = match doc.q.is_empty() {
+            true => 0..0,
+            false => doc.q.start / t..(doc.q.end - 1) / t + 1,
+        };
+        tiles.map(move |qt| (qt, (qt * t).max(doc.q.start)..((qt + 1) * t).min(doc.q.end)))
+    }
+
+    /// The key tiles that meet the document's keys, `kt0..kt1` (empty without keys).
+    pub fn doc_k_tiles(&self, doc: &Doc) -> Range<usize> {
+        let t = self.cand.tile_k;
+        match doc.k.is_empty() {
+            true => 0..0,
+            false => doc.k.start / t..(doc.k.end - 1) / t + 1,
+        }
+    }
+
+    /// The document's candidates in the row of (b, h, qt): the entries whose key tile meets
+    /// `doc.k`, a slice `x0..x1` of the row (entries are sorted by key tile).
+    pub fn doc_cands(&self, b: usize, h: usize, qt: usize, doc: &Doc) -> Range<usize> {
+        let row = self.cand.row(b, h, qt);
+        let kts = self.doc_k_tiles(doc);
+        let x0 = row.partition_point(|e| (e.k_tile as usize) < kts.start);
+        let x1 = row.partition_point(|e| (e.k_tile as usize) < kts.end);
+        x0..x1.max(x0)
     }
 }
 
@@ -289,23 +462,40 @@ impl Elements<'_> {
         }
     }
 
-    /// The allowed keys of query row `i` into `out` (length Sk), a tile at a time.
-    pub fn row(&self, b: usize, h: usize, i: usize, out: &mut [bool], words: &mut Vec<u64>) {
+    /// The allowed keys of query row `i` among the keys `keys` into `out` (length
+    /// `keys.len()`, `out[x]` is key `keys.start + x`), a tile at a time.
+    pub fn row_in(
+        &self,
+        (b, h, i): (usize, usize, usize),
+        keys: &Range<usize>,
+        out: &mut [bool],
+        words: &mut Vec<u64>,
+    ) {
         out.fill(false);
         for e in self.s.row(b, h, i / self.s.tile_q) {
             let (k0, k1) = self.s.k_range(e.k_tile as usize);
+            let (c0, c1) = (k0.max(keys.start), k1.min(keys.end));
+            if c0 >= c1 {
+                continue;
+            }
+            let o = &mut out[c0 - keys.start..c1 - keys.start];
             match (e.kind, self.rows) {
-                (TileKind::Full, _) => out[k0..k1].fill(true),
+                (TileKind::Full, _) => o.fill(true),
                 (TileKind::Partial, None) => {}
                 (TileKind::Partial, Some(rm)) => {
-                    words.resize((k1 - k0).div_ceil(64), 0);
-                    rm.row_bits(b, h, i, k0, words);
-                    for (t, o) in out[k0..k1].iter_mut().enumerate() {
+                    words.resize((c1 - c0).div_ceil(64), 0);
+                    rm.row_bits(b, h, i, c0, words);
+                    for (t, o) in o.iter_mut().enumerate() {
                         *o = words[t / 64] >> (t % 64) & 1 == 1;
                     }
                 }
             }
         }
+    }
+
+    /// The allowed keys of query row `i` into `out` (length Sk), a tile at a time.
+    pub fn row(&self, b: usize, h: usize, i: usize, out: &mut [bool], words: &mut Vec<u64>) {
+        self.row_in((b, h, i), &(0..self.s.sk), out, words)
     }
 }
 
@@ -363,6 +553,14 @@ pub fn select<'a>(
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
+    let dense_below = spec.dense_below_or(DENSE_BELOW);
+    let fallback = dims.sk < dense_below;
+    // The documents matter (and are checked) only where an estimator runs.
+    let estimate = !fallback && spec.method != Method::Whole;
+    let docs = match estimate {
+        true => documents(&mask, &dims)?,
+        false => Vec::new(),
+    };
     let ctx = Ctx {
         q,
         k,
@@ -370,12 +568,12 @@ pub fn select<'a>(
         logit: Logit::new(params, dims.d),
         cand: &cand,
         el: Elements { s: &cand, rows },
+        docs,
+        dense_below,
     };
-    let fallback = dims.sk < spec.dense_below_or(DENSE_BELOW);
-    let schedule = if fallback || spec.method == Method::Whole {
-        cand.as_ref().clone()
-    } else {
-        build(&ctx, estimate::select_all(&ctx, &spec.method))?
+    let schedule = match estimate {
+        false => cand.as_ref().clone(),
+        true => build(&ctx, estimate::select_all(&ctx, &spec.method))?,
     };
     let report = report(&schedule, &cand, rows, &dims);
     Ok(Selection {

@@ -1,14 +1,54 @@
 //! Plain references of the estimators, straight from the definitions in the module header (f64,
 //! every pair visited, full sorts, brute-force tile coverage). The fast estimators are tested to
-//! select exactly the same tiles. Costs O(B Hq Sq Sk D): small inputs only.
-use super::{candidates, dims_of, Elements, Logit, Method, SparseSpec};
+//! select exactly the same tiles. Costs O(B Hq Sq Sk D) per document: small inputs only.
+//!
+//! Documents are taken by id (every query and every key with the id, as index sets, not as
+//! ranges), the tiles a document keeps are found by brute force over its rows and keys, and a
+//! query tile keeps the union over its documents.
+use super::{candidates, dims_of, documents, Elements, Logit, Method, SparseSpec};
 use crate::attention::{AttnParams, MaskSpec};
 use crate::error::Result;
 use crate::mask::BlockSchedule;
 use crate::tensor::TensorView;
 use std::collections::{HashMap, HashSet};
 
-/// The selection of `spec` under `mask`, computed the plain way.
+/// One document from its definition: the queries and the keys with its id (ascending).
+struct DocSet {
+    q: Vec<usize>,
+    k: Vec<usize>,
+}
+
+/// The documents of batch row `b` by id (the per-id rule: every id of the queries, in order of
+/// first appearance, with all its queries and all its keys): from the mask's document ids, or
+/// one document of every query and key without them.
+fn doc_sets(mask: &MaskSpec, b: usize, sq: usize, sk: usize) -> Vec<DocSet> {
+    let (qid, kid): (Vec<i32>, Vec<i32>) = match mask {
+        MaskSpec::Expr(bound) if bound.docs.is_some() => {
+            let d = bound.docs.as_ref().unwrap();
+            (
+                d.q[b * sq..(b + 1) * sq].to_vec(),
+                d.k[b * sk..(b + 1) * sk].to_vec(),
+            )
+        }
+        _ => (vec![0; sq], vec![0; sk]),
+    };
+    let mut ids: Vec<i32> = Vec::new();
+    for &x in &qid {
+        if !ids.contains(&x) {
+            ids.push(x);
+        }
+    }
+    ids.into_iter()
+        .map(|x| DocSet {
+            q: (0..sq).filter(|&i| qid[i] == x).collect(),
+            k: (0..sk).filter(|&j| kid[j] == x).collect(),
+        })
+        .collect()
+}
+
+/// The selection of `spec` under `mask`, computed the plain way: every document of every
+/// (batch row, head) on its own (module `sparse`), the kept tiles the union over the documents,
+/// intersected with the candidates.
 pub fn select_reference(
     q: &TensorView,
     k: &TensorView,
@@ -20,9 +60,12 @@ pub fn select_reference(
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
-    if dims.sk < spec.dense_below_or(super::DENSE_BELOW) {
-        return Ok(cand.into_owned()); // the dense fallback: every tile of the mask
+    let dense_below = spec.dense_below_or(super::DENSE_BELOW);
+    if dims.sk < dense_below || spec.method == Method::Whole {
+        return Ok(cand.into_owned()); // the dense fallback / skip: every tile of the mask
     }
+    // The fast path's refusals (`document` not a conjunct, ids that are not runs).
+    documents(&mask, &dims)?;
     let el = Elements { s: &cand, rows };
     let logit = Logit::new(params, dims.d);
     let t = spec.block;
@@ -31,6 +74,7 @@ pub fn select_reference(
     let group = dims.hq / dims.hk;
     let off = dims.sk as i64 - dims.sq as i64;
     for b in 0..dims.batch {
+        let docs = doc_sets(&mask, b, dims.sq, dims.sk);
         for h in 0..dims.hq {
             let g = h / group;
             // scale q_i . k_j in f64.
@@ -39,92 +83,106 @@ pub fn select_reference(
                     .map(|c| q.get(b, i, h, c) as f64 * k.get(b, j, g, c) as f64)
                     .sum()
             };
-            // FlexPrefill's pattern test: the kept columns and diagonals when it picks
-            // vertical-slash, None for query-aware blocks.
-            let flex_vs = match spec.method {
-                Method::FlexPrefill {
-                    gamma,
-                    tau,
-                    min_budget,
-                    last,
-                } => flex_pattern(
-                    &el,
-                    &logit,
-                    &qk,
-                    (b, h),
-                    [gamma, tau],
-                    min_budget,
-                    last,
-                    off,
-                ),
-                _ => None,
-            };
-            // kept[qt][kt] for every tile; intersected with the candidates below.
-            let kept: Vec<Vec<bool>> = match (spec.method, flex_vs) {
-                (_, Some((cols, diags))) => {
-                    let col_kept = |j: usize| j == 0 || cols.contains(&j);
-                    let diag_kept = |o: i64| o == 0 || diags.contains(&o);
-                    cover(&cand, off, &col_kept, &diag_kept)
-                }
-                (
-                    Method::VerticalSlash {
-                        v,
-                        s,
-                        last,
-                        sink,
-                        local,
-                    },
-                    None,
-                ) => {
-                    let (col, diag) = last_rows_mass(&el, &logit, &qk, b, h, last, off);
-                    let cols = heaviest(col.into_iter().enumerate().collect(), v);
-                    let diags = heaviest(diag.into_iter().collect(), s);
-                    let (cols, diags): (HashSet<usize>, HashSet<i64>) =
-                        (cols.into_iter().collect(), diags.into_iter().collect());
-                    let col_kept = |j: usize| j < sink || cols.contains(&j);
-                    let diag_kept = |o: i64| (0..local as i64).contains(&o) || diags.contains(&o);
-                    cover(&cand, off, &col_kept, &diag_kept)
-                }
-                (Method::Proxy { gamma, rows, last }, None) => {
-                    proxy_reference(q, k, &el, &logit, (b, h), [gamma], rows, last, off)
-                }
-                (method, None) => (0..nq)
-                    .map(|qt| {
-                        let (q0, q1) = cand.q_range(qt);
-                        let c: Vec<usize> = cand
-                            .row(b, h, qt)
-                            .iter()
-                            .map(|e| e.k_tile as usize)
-                            .collect();
-                        // Score of a tile: softcap of the mean over its pairs of scale q_i . k_j.
-                        let score: Vec<f64> = c
-                            .iter()
-                            .map(|&kt| {
-                                let (k0, k1) = cand.k_range(kt);
-                                let sum: f64 = (q0..q1)
-                                    .flat_map(|i| (k0..k1).map(move |j| (i, j)))
-                                    .map(|(i, j)| qk(i, j))
-                                    .sum();
-                                logit.of(sum / ((q1 - q0) * (k1 - k0)) as f64)
-                            })
-                            .collect();
-                        // Diagonal: the tile holds key p_i of some query i of the block.
-                        let diag = |kt: usize| {
-                            let (k0, k1) = cand.k_range(kt);
-                            (q0..q1).any(|i| (k0 as i64..k1 as i64).contains(&(i as i64 + off)))
-                        };
-                        let sink = !matches!(method, Method::Moba { .. });
-                        let forced: Vec<bool> =
-                            c.iter().map(|&kt| diag(kt) || (sink && kt == 0)).collect();
-                        let keep = rule(method, &score, &forced, t);
-                        let mut row = vec![false; nk];
-                        for (x, &kt) in c.iter().enumerate() {
-                            row[kt] = keep[x];
+            let mut kept = vec![vec![false; nk]; nq];
+            for doc in docs.iter().filter(|d| !d.k.is_empty()) {
+                let (in_q, in_k) = (member(&doc.q, dims.sq), member(&doc.k, dims.sk));
+                // The document's rows of query tile qt, and its keys of key tile kt.
+                let q_of = |qt: usize| -> Vec<usize> {
+                    let (q0, q1) = cand.q_range(qt);
+                    (q0..q1).filter(|&i| in_q[i]).collect()
+                };
+                let k_of = |kt: usize| -> Vec<usize> {
+                    let (k0, k1) = cand.k_range(kt);
+                    (k0..k1).filter(|&j| in_k[j]).collect()
+                };
+                let first_key = doc.k[0];
+                let last_rows = &doc.q[doc.q.len() - last_of(spec.method).min(doc.q.len())..];
+                let doc_kept: Vec<Vec<bool>> = if doc.k.len() < dense_below {
+                    // Short document: every candidate of its rows that meets its keys.
+                    (0..nq)
+                        .map(|qt| {
+                            let some = !q_of(qt).is_empty();
+                            (0..nk).map(|kt| some && !k_of(kt).is_empty()).collect()
+                        })
+                        .collect()
+                } else {
+                    match spec.method {
+                        Method::FlexPrefill {
+                            gamma,
+                            tau,
+                            min_budget,
+                            ..
+                        } => match flex_pattern(
+                            &el,
+                            &logit,
+                            &qk,
+                            (b, h),
+                            [gamma, tau],
+                            min_budget,
+                            (last_rows, &k_of),
+                            off,
+                        ) {
+                            Some((cols, diags)) => {
+                                let col_kept = |j: usize| j == first_key || cols.contains(&j);
+                                let diag_kept = |o: i64| o == 0 || diags.contains(&o);
+                                cover(&cand, off, (&q_of, &k_of), &col_kept, &diag_kept)
+                            }
+                            None => pooled(
+                                &cand,
+                                spec.method,
+                                (b, h),
+                                &qk,
+                                &logit,
+                                &doc.k,
+                                off,
+                                (&q_of, &k_of),
+                            ),
+                        },
+                        Method::VerticalSlash {
+                            v, s, sink, local, ..
+                        } => {
+                            let (col, diag) =
+                                last_rows_mass(&el, &logit, &qk, b, h, last_rows, off);
+                            let cols = heaviest(col.into_iter().enumerate().collect(), v);
+                            let diags = heaviest(diag.into_iter().collect(), s);
+                            let (cols, diags): (HashSet<usize>, HashSet<i64>) =
+                                (cols.into_iter().collect(), diags.into_iter().collect());
+                            let sinks: HashSet<usize> = doc.k.iter().take(sink).copied().collect();
+                            let col_kept = |j: usize| sinks.contains(&j) || cols.contains(&j);
+                            let diag_kept =
+                                |o: i64| (0..local as i64).contains(&o) || diags.contains(&o);
+                            cover(&cand, off, (&q_of, &k_of), &col_kept, &diag_kept)
                         }
-                        row
-                    })
-                    .collect(),
-            };
+                        Method::Proxy { gamma, rows, .. } => proxy_reference(
+                            q,
+                            k,
+                            &el,
+                            &logit,
+                            (b, h),
+                            [gamma],
+                            rows,
+                            (last_rows, &doc.k),
+                            off,
+                            (&q_of, &k_of),
+                        ),
+                        method => pooled(
+                            &cand,
+                            method,
+                            (b, h),
+                            &qk,
+                            &logit,
+                            &doc.k,
+                            off,
+                            (&q_of, &k_of),
+                        ),
+                    }
+                };
+                for (row, d) in kept.iter_mut().zip(&doc_kept) {
+                    for (x, &y) in row.iter_mut().zip(d) {
+                        *x |= y;
+                    }
+                }
+            }
             for (qt, keep) in kept.iter().enumerate() {
                 let row: Vec<_> = cand
                     .row(b, h, qt)
@@ -139,21 +197,110 @@ pub fn select_reference(
     out.finish()
 }
 
-/// Every tile (as `[q tile][k tile]`) crossed by a kept column or a kept diagonal o = p_i - j.
+/// Membership flags of a set of indices below `n`.
+fn member(set: &[usize], n: usize) -> Vec<bool> {
+    let mut m = vec![false; n];
+    set.iter().for_each(|&x| m[x] = true);
+    m
+}
+
+/// The method's `last` (1 for the methods without it).
+fn last_of(method: Method) -> usize {
+    match method {
+        Method::VerticalSlash { last, .. }
+        | Method::FlexPrefill { last, .. }
+        | Method::Proxy { last, .. } => last,
+        _ => 1,
+    }
+}
+
+/// The document's rows of a query tile and its keys of a key tile.
+type Parts<'a> = (
+    &'a dyn Fn(usize) -> Vec<usize>,
+    &'a dyn Fn(usize) -> Vec<usize>,
+);
+
+/// The pooled methods on one document, `[q tile][k tile]` flags: for every query tile with rows
+/// of the document, its candidates that hold keys of the document (`keys`), scored by the
+/// softcap of the mean over the pairs (document rows of the tile) x (document keys of the key
+/// tile) of scale q_i . k_j; forced: the key tiles holding p_i of such a row among the
+/// document's keys (diagonal) and, but for moba, the tile of the document's first key.
+#[allow(clippy::too_many_arguments)]
+fn pooled(
+    cand: &BlockSchedule,
+    method: Method,
+    (b, h): (usize, usize),
+    qk: &dyn Fn(usize, usize) -> f64,
+    logit: &Logit,
+    keys: &[usize],
+    off: i64,
+    (q_of, k_of): Parts,
+) -> Vec<Vec<bool>> {
+    let nk = cand.k_tiles;
+    (0..cand.q_tiles)
+        .map(|qt| {
+            let mut row = vec![false; nk];
+            let rows = q_of(qt);
+            if rows.is_empty() {
+                return row;
+            }
+            let c: Vec<usize> = cand
+                .row(b, h, qt)
+                .iter()
+                .map(|e| e.k_tile as usize)
+                .filter(|&kt| !k_of(kt).is_empty())
+                .collect();
+            let score: Vec<f64> = c
+                .iter()
+                .map(|&kt| {
+                    let ks = k_of(kt);
+                    let sum: f64 = rows
+                        .iter()
+                        .flat_map(|&i| ks.iter().map(move |&j| (i, j)))
+                        .map(|(i, j)| qk(i, j))
+                        .sum();
+                    logit.of(sum / (rows.len() * ks.len()) as f64)
+                })
+                .collect();
+            let diag = |kt: usize| {
+                let ks = k_of(kt);
+                rows.iter().any(|&i| {
+                    let p = i as i64 + off;
+                    p >= 0 && ks.contains(&(p as usize))
+                })
+            };
+            let sink = !matches!(method, Method::Moba { .. });
+            let forced: Vec<bool> = c
+                .iter()
+                .map(|&kt| diag(kt) || (sink && k_of(kt).contains(&keys[0])))
+                .collect();
+            let keep = rule(method, &score, &forced, cand.tile_k);
+            for (x, &kt) in c.iter().enumerate() {
+                row[kt] = keep[x];
+            }
+            row
+        })
+        .collect()
+}
+
+/// Every tile (as `[q tile][k tile]`) with a document row i and a document key j where j is a
+/// kept column or o = p_i - j a kept diagonal.
 fn cover(
     cand: &BlockSchedule,
     off: i64,
+    (q_of, k_of): Parts,
     col_kept: &dyn Fn(usize) -> bool,
     diag_kept: &dyn Fn(i64) -> bool,
 ) -> Vec<Vec<bool>> {
     (0..cand.q_tiles)
         .map(|qt| {
+            let rows = q_of(qt);
             (0..cand.k_tiles)
                 .map(|kt| {
-                    let (q0, q1) = cand.q_range(qt);
-                    let (k0, k1) = cand.k_range(kt);
-                    (q0..q1).any(|i| {
-                        (k0..k1).any(|j| col_kept(j) || diag_kept(i as i64 + off - j as i64))
+                    let keys = k_of(kt);
+                    rows.iter().any(|&i| {
+                        keys.iter()
+                            .any(|&j| col_kept(j) || diag_kept(i as i64 + off - j as i64))
                     })
                 })
                 .collect()
@@ -209,12 +356,13 @@ fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool
     keep
 }
 
-/// FlexPrefill's pattern test for one (b, h), from the definitions: the last `last` rows'
-/// softmax (under the mask) summed per key tile and normalised (a_hat), the softmax over the
-/// tiles those rows can see of the mean over the tile's pairs of their logits' argument
-/// (a_bar), and d = sqrt(JSD(a_bar, a_hat)). d < tau (or rows that see nothing): `None`, the
-/// query-aware pattern. Otherwise the heaviest columns until gamma of the total, at least
-/// ceil(min_budget / block) of them (among those > 0), and the same for diagonals o = p_i - j.
+/// FlexPrefill's pattern test for one document of (b, h), from the definitions: the softmax
+/// (under the mask) of its last rows `rows` summed per key tile and normalised (a_hat), the
+/// softmax over the tiles those rows can see of the mean over the pairs (rows) x (document keys
+/// of the tile) of their logits' argument (a_bar), and d = sqrt(JSD(a_bar, a_hat)). d < tau (or
+/// rows that see nothing): `None`, the query-aware pattern. Otherwise the heaviest columns until
+/// gamma of the total, at least ceil(min_budget / block) of them (among those > 0), and the
+/// same for diagonals o = p_i - j.
 #[allow(clippy::too_many_arguments)]
 fn flex_pattern(
     el: &Elements,
@@ -223,28 +371,26 @@ fn flex_pattern(
     (b, h): (usize, usize),
     [gamma, tau]: [f64; 2],
     min_budget: usize,
-    last: usize,
+    (rows, k_of): (&[usize], &dyn Fn(usize) -> Vec<usize>),
     off: i64,
 ) -> Option<(HashSet<usize>, HashSet<i64>)> {
     let s = el.s;
-    let sq = s.sq;
-    let (col, diag) = last_rows_mass(el, logit, qk, b, h, last, off);
+    let (col, diag) = last_rows_mass(el, logit, qk, b, h, rows, off);
     let total: f64 = col.iter().sum();
     if total == 0.0 {
         return None;
     }
-    let rows = sq.saturating_sub(last)..sq;
     let mut exact = Vec::new();
     let mut pooled = Vec::new();
     for kt in 0..s.k_tiles {
-        let (k0, k1) = s.k_range(kt);
-        exact.push(col[k0..k1].iter().sum::<f64>() / total);
+        let keys = k_of(kt);
+        exact.push(keys.iter().map(|&j| col[j]).sum::<f64>() / total);
         let visible = rows
-            .clone()
-            .any(|i| (k0..k1).any(|j| el.allowed(b, h, i, j)));
+            .iter()
+            .any(|&i| keys.iter().any(|&j| el.allowed(b, h, i, j)));
         pooled.push(if visible {
-            let pairs = rows.clone().flat_map(|i| (k0..k1).map(move |j| (i, j)));
-            let n = rows.len() * (k1 - k0);
+            let pairs = rows.iter().flat_map(|&i| keys.iter().map(move |&j| (i, j)));
+            let n = rows.len() * keys.len();
             logit.of(pairs.map(|(i, j)| qk(i, j)).sum::<f64>() / n as f64)
         } else {
             f64::NEG_INFINITY
@@ -289,22 +435,21 @@ fn heaviest_until<K: Ord + Copy>(mut mass: Vec<(K, f64)>, gamma: f64, min: usize
     out
 }
 
-/// Column mass c_j and diagonal mass d_o (o = p_i - j) of the softmax rows of the last `last`
-/// queries under the mask.
-#[allow(clippy::too_many_arguments)]
+/// Column mass c_j and diagonal mass d_o (o = p_i - j) of the softmax rows of the queries
+/// `rows` under the mask.
 fn last_rows_mass(
     el: &Elements,
     logit: &Logit,
     qk: &dyn Fn(usize, usize) -> f64,
     b: usize,
     h: usize,
-    last: usize,
+    rows: &[usize],
     off: i64,
 ) -> (Vec<f64>, HashMap<i64, f64>) {
-    let (sq, sk) = (el.s.sq, el.s.sk);
+    let sk = el.s.sk;
     let mut col = vec![0.0f64; sk];
     let mut diag: HashMap<i64, f64> = HashMap::new();
-    for i in sq.saturating_sub(last)..sq {
+    for &i in rows {
         let s: Vec<(usize, f64)> = (0..sk)
             .filter(|&j| el.allowed(b, h, i, j))
             .map(|j| (j, logit.of(qk(i, j))))
@@ -327,12 +472,13 @@ fn heaviest<K: Ord + Copy>(mut mass: Vec<(K, f64)>, n: usize) -> Vec<K> {
     mass.into_iter().take(n).map(|x| x.0).collect()
 }
 
-/// ProxyAttn from its definition (module `estimate`): the proxy query of a row is the mean of
-/// its KV group's query heads; a query tile's score of a key tile is the proxy softmax mass in
-/// it, averaged over the sampled rows; the head keeps sink and diagonal tiles, then the best by
-/// score until min(n_h, c) of its c candidates are kept and their score sum reaches gamma, n_h
-/// the tiles its last rows need for mass gamma (all when they see no key). `[q tile][k tile]`
-/// flags.
+/// ProxyAttn on one document from its definition (module `estimate`): the proxy query of a
+/// row is the mean of its KV group's query heads; a query tile's score of a key tile is the
+/// proxy softmax mass in it, averaged over the sampled rows of the tile's document rows; the
+/// head keeps the tile of the document's first key and the diagonal tiles, then the best by
+/// score until min(n_h, c) of its c candidates (those with document keys) are kept and their
+/// score sum reaches gamma, n_h the tiles the document's last rows need for mass gamma (all
+/// when they see no key). `[q tile][k tile]` flags.
 #[allow(clippy::too_many_arguments)]
 fn proxy_reference(
     q: &TensorView,
@@ -342,8 +488,9 @@ fn proxy_reference(
     (b, h): (usize, usize),
     [gamma]: [f64; 1],
     rows: usize,
-    last: usize,
+    (last_rows, keys): (&[usize], &[usize]),
     off: i64,
+    (q_of, k_of): Parts,
 ) -> Vec<Vec<bool>> {
     let (cand, sk, d) = (el.s, el.s.sk, q.dim());
     let (hq, hk) = (q.heads(), k.heads());
@@ -357,9 +504,9 @@ fn proxy_reference(
             / group as f64
     };
     let kk = |j: usize, c: usize| k.get(b, j, g, c) as f64;
-    // The head's budget share from its last rows' exact distribution.
+    // The head's budget share from the document's last rows' exact distribution.
     let qh = |i: usize, j: usize| (0..d).map(|c| q.get(b, i, h, c) as f64 * kk(j, c)).sum();
-    let (col, _) = last_rows_mass(el, logit, &qh, b, h, last, off);
+    let (col, _) = last_rows_mass(el, logit, &qh, b, h, last_rows, off);
     let mut tile_mass = vec![0.0f64; cand.k_tiles];
     for j in 0..sk {
         tile_mass[j / t] += col[j];
@@ -381,14 +528,18 @@ fn proxy_reference(
     }
     (0..cand.q_tiles)
         .map(|qt| {
-            let (q0, q1) = cand.q_range(qt);
-            let mut picks: Vec<usize> =
-                (0..rows).map(|r| q0 + (r + 1) * (q1 - q0) / rows).collect();
-            picks.retain(|&i| i > q0);
+            let mut row = vec![false; cand.k_tiles];
+            let part = q_of(qt);
+            if part.is_empty() {
+                return row;
+            }
+            let n = part.len();
+            let mut picks: Vec<usize> = (0..rows).map(|r| (r + 1) * n / rows).collect();
+            picks.retain(|&x| x > 0);
             picks.dedup();
             let mut score = vec![0.0f64; cand.k_tiles];
-            for &i in &picks {
-                let i = i - 1;
+            for &x in &picks {
+                let i = part[x - 1];
                 let s: Vec<(usize, f64)> = (0..sk)
                     .filter(|&j| el.allowed(b, g * group, i, j))
                     .map(|j| (j, logit.of((0..d).map(|c| qbar(i, c) * kk(j, c)).sum())))
@@ -409,15 +560,18 @@ fn proxy_reference(
                 .row(b, h, qt)
                 .iter()
                 .map(|e| e.k_tile as usize)
+                .filter(|&kt| !k_of(kt).is_empty())
                 .collect();
             let m = need.min(c.len());
             let diag = |kt: usize| {
-                let (k0, k1) = cand.k_range(kt);
-                (q0..q1).any(|i| (k0 as i64..k1 as i64).contains(&(i as i64 + off)))
+                let ks = k_of(kt);
+                part.iter().any(|&i| {
+                    let p = i as i64 + off;
+                    p >= 0 && ks.contains(&(p as usize))
+                })
             };
-            let mut row = vec![false; cand.k_tiles];
             for &kt in &c {
-                row[kt] = kt == 0 || diag(kt);
+                row[kt] = k_of(kt).contains(&keys[0]) || diag(kt);
             }
             let mut order = c.clone();
             order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));

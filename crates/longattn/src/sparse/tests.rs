@@ -3,7 +3,7 @@
 //! result, empty rows, density report, and mass recall on inputs with planted structure.
 use super::reference::select_reference;
 use super::*;
-use crate::mask::{BoundMask, MaskExpr, MaskShape};
+use crate::mask::{BoundMask, DocIds, MaskExpr, MaskShape};
 use crate::reference::{attention_backward_f64, attention_f64};
 use crate::tensor::{Buffer, DType, Tensor};
 use crate::testing::{compare, compare_grad, grad_tolerance, out_tolerance, random_tensor};
@@ -894,5 +894,315 @@ fn best_recall_is_the_best_subset_of_equal_size() {
                 assert!((best.worst - 1.0).abs() < 1e-4, "{text}: {best:?}");
             }
         }
+    }
+}
+
+/// Document ids of runs: batch row b holds documents of the lengths `lens[b]` (ids 0, 1, ...
+/// in order), flattened to `[batch * S]`.
+fn run_ids(lens: &[&[usize]]) -> Vec<i32> {
+    lens.iter()
+        .flat_map(|row| {
+            row.iter()
+                .enumerate()
+                .flat_map(|(id, &n)| std::iter::repeat_n(id as i32, n))
+        })
+        .collect()
+}
+
+fn bind_docs(
+    expr: &str,
+    (batch, sq, sk): (usize, usize, usize),
+    q: Vec<i32>,
+    k: Vec<i32>,
+) -> BoundMask {
+    MaskExpr::parse(expr)
+        .unwrap()
+        .bind(MaskShape { batch, sq, sk }, Some(DocIds { q, k }))
+        .unwrap()
+}
+
+/// Masks with documents exercised (`document` a conjunct, as the per-document estimate needs).
+const DOC_MASKS: &[&str] = &[
+    "causal & document",
+    "document",
+    "(sinks(3) | window(20,2)) & document",
+];
+
+/// Specs over documents: every method, `last` above some documents' lengths, and the dense
+/// fallback per document (`dense_below` between the documents' lengths).
+fn doc_specs() -> Vec<SparseSpec> {
+    let mut v = specs();
+    v.extend(
+        [
+            "topmass(gamma=0.6,block=16,dense_below=50)",
+            "vertical_slash(v=5,s=3,block=16,last=80,sink=3,local=5,dense_below=60)",
+            "proxy(gamma=0.7,rows=2,block=16,last=70,dense_below=64)",
+            "flexprefill(gamma=0.9,tau=0.2,min_budget=16,block=16,last=100,dense_below=8)",
+        ]
+        .into_iter()
+        .map(|t| SparseSpec::parse(t).unwrap()),
+    );
+    v
+}
+
+/// Packed documents (batch of 2, different packings, awkward lengths 1, 7, 63, 65, 113, a query
+/// document without keys, keys without queries, Sq != Sk): the fast estimators select the
+/// reference's tiles.
+#[test]
+fn documents_fast_estimators_select_the_reference_blocks() {
+    // (Sq, Sk, q ids, k ids, masks).
+    let square: [&[usize]; 2] = [&[1, 7, 63, 65, 113], &[113, 65, 1, 7, 63]];
+    let ids = run_ids(&square);
+    // Sq != Sk without causal: the documents' query and key runs differ in length, row 1 has a
+    // query document (id 4) without keys and keys (id 5) without queries.
+    let (q_dif, k_dif) = (
+        run_ids(&[&[3, 40, 1, 70], &[1, 63, 7, 43]]),
+        [run_ids(&[&[50, 2, 33, 9, 7]]), {
+            let mut k = run_ids(&[&[9, 65, 1]]);
+            k.extend(std::iter::repeat_n(5, 26));
+            k
+        }]
+        .concat(),
+    );
+    let q_dif: Vec<i32> = q_dif
+        .iter()
+        .enumerate()
+        .map(|(x, &id)| if x >= 114 && id == 3 { 4 } else { id })
+        .collect();
+    // Sq < Sk under causal: the queries are the last 100 positions of the keys' documents.
+    let k_tail = run_ids(&[&[30, 64, 71], &[7, 1, 113, 44]]);
+    let q_tail: Vec<i32> = (0..2)
+        .flat_map(|b| k_tail[b * 165 + 65..(b + 1) * 165].to_vec())
+        .collect();
+    type Case = (usize, usize, Vec<i32>, Vec<i32>, &'static [&'static str]);
+    let cases: Vec<Case> = vec![
+        (249, 249, ids.clone(), ids, DOC_MASKS),
+        (
+            114,
+            101,
+            q_dif,
+            k_dif,
+            &["document", "window(30,30) & document"],
+        ),
+        (100, 165, q_tail, k_tail, &["causal & document"]),
+    ];
+    let mut seed = 3000;
+    let (mut nonempty, mut sparse) = (0, 0);
+    for (sq, sk, qi, ki, masks) in cases {
+        assert_eq!((qi.len(), ki.len()), (2 * sq, 2 * sk));
+        for m in masks {
+            let [q, k, _] = inputs((2, sq, sk, 4, 2, 8), seed);
+            seed += 3;
+            let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+            let p = AttnParams::default();
+            let bound = bind_docs(m, (2, sq, sk), qi.clone(), ki.clone());
+            for s in doc_specs() {
+                let mask = MaskSpec::Expr(&bound);
+                let sel = select(&qv, &kv, &p, &s, mask).unwrap();
+                sparse += (sel.report.density() < 1.0) as usize;
+                let fast = sel.schedule;
+                let slow = select_reference(&qv, &kv, &p, &s, mask).unwrap();
+                assert_eq!(
+                    block_table(&fast, 2, 4),
+                    block_table(&slow, 2, 4),
+                    "{s} sq {sq} sk {sk} mask {m}"
+                );
+                nonempty += !fast.entries().is_empty() as usize;
+            }
+        }
+    }
+    assert!(nonempty > 80, "only {nonempty} selections had tiles");
+    assert!(sparse > 60, "only {sparse} selections dropped a tile");
+}
+
+/// `[1, n, H, D]`: rows r0..r0 + n of batch row b of a `[B, S, H, D]` tensor.
+fn rows_of(t: &Tensor, b: usize, r0: usize, n: usize) -> Tensor {
+    let [_, s, h, d] = t.shape[..] else {
+        panic!("rank")
+    };
+    let x = t.data.to_f32_vec();
+    let start = (b * s + r0) * h * d;
+    Tensor {
+        data: Buffer::from_f32(DType::F32, &x[start..start + n * h * d]),
+        shape: vec![1, n, h, d],
+    }
+}
+
+/// The invariant users rely on: with document boundaries on tile multiples, the packed
+/// selection restricted to document d is the selection of document d run alone (same method,
+/// same arguments), and nothing outside the document's keys is kept for its queries.
+#[test]
+fn packed_documents_select_as_each_document_alone() {
+    let t = 16;
+    let lens: [&[usize]; 2] = [&[16, 48, 112, 32], &[64, 16, 128]];
+    let n = 208;
+    let ids = run_ids(&lens);
+    let (hq, hk) = (4, 2);
+    let p = AttnParams::default();
+    let mut specs: Vec<SparseSpec> = doc_specs().into_iter().filter(|s| s.block == t).collect();
+    specs.push(spec("moba(block=16,topk=3)"));
+    specs.push(spec("relthresh(alpha=0.5,block=16,dense_below=40)"));
+    assert!(specs.len() >= 12);
+    let mut sparse = 0;
+    for (mi, m) in ["causal & document", "window(20,2) & document"]
+        .iter()
+        .enumerate()
+    {
+        let [q, k, _] = inputs((2, n, n, hq, hk, 8), 3100 + mi as u64);
+        let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+        let bound = bind_docs(m, (2, n, n), ids.clone(), ids.clone());
+        for s in &specs {
+            let packed = select(&qv, &kv, &p, s, MaskSpec::Expr(&bound)).unwrap();
+            sparse += (packed.report.density() < 1.0) as usize;
+            let table = packed.block_mask();
+            let nt = n / t;
+            for (b, row) in lens.iter().enumerate() {
+                let mut start = 0;
+                for &len in row.iter() {
+                    let (qa, ka) = (rows_of(&q, b, start, len), rows_of(&k, b, start, len));
+                    let (qav, kav) = (qa.view("q").unwrap(), ka.view("k").unwrap());
+                    let one = vec![0; len];
+                    let alone_mask = bind_docs(m, (1, len, len), one.clone(), one);
+                    let alone = select(&qav, &kav, &p, s, MaskSpec::Expr(&alone_mask)).unwrap();
+                    let at = alone.block_mask();
+                    let (t0, na) = (start / t, len / t);
+                    for h in 0..hq {
+                        for qt in 0..na {
+                            let got = &table[((b * hq + h) * nt + t0 + qt) * nt..][..nt];
+                            let want = &at[(h * na + qt) * na..][..na];
+                            assert_eq!(
+                                &got[t0..t0 + na],
+                                want,
+                                "{s} mask {m}: row {b} document at {start} (length {len}) head {h} tile {qt}"
+                            );
+                            assert!(
+                                got[..t0].iter().chain(&got[t0 + na..]).all(|&x| x == 0),
+                                "{s} mask {m}: row {b} document at {start}: tiles outside it"
+                            );
+                        }
+                    }
+                    start += len;
+                }
+            }
+        }
+    }
+    assert!(
+        sparse >= specs.len(),
+        "only {sparse} selections dropped a tile"
+    );
+}
+
+/// The forward through a selection over documents matches the oracle on `mask & selection`;
+/// rows of a query document without keys, and rows the selection leaves empty, give 0 and LSE
+/// -inf. Documents of length 1 and shorter than `last` included.
+#[test]
+fn documents_forward_matches_the_oracle_and_empty_rows_are_zero() {
+    // Row 0: documents 1, 7, 63, 65, 113; row 1: 113, 1 (no keys: id 9), 65, 70.
+    let (sq, sk) = (249, 249);
+    let q_ids = run_ids(&[&[1, 7, 63, 65, 113], &[113, 1, 65, 70]]);
+    let q_ids: Vec<i32> = q_ids
+        .iter()
+        .enumerate()
+        .map(|(x, &id)| if x == sq + 113 { 9 } else { id })
+        .collect();
+    let k_ids = run_ids(&[&[1, 7, 63, 65, 113], &[113, 1, 65, 70]]);
+    let p = AttnParams::default();
+    let mut seed = 3200;
+    for (m, text) in [
+        (
+            "causal & document",
+            "vertical_slash(v=4,s=2,block=16,last=64,sink=1,local=4)",
+        ),
+        (
+            "causal & document",
+            "flexprefill(gamma=0.5,tau=1,min_budget=0,block=16,last=32)",
+        ),
+        ("document", "topmass(gamma=0.7,block=16)"),
+        ("causal & document", "moba(block=16,topk=1)"),
+        (
+            "causal & document",
+            "proxy(gamma=0.6,rows=2,block=16,last=16)",
+        ),
+    ] {
+        let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), seed);
+        seed += 3;
+        let [qv, kv, vv] = views([&q, &k, &v]);
+        let bound = bind_docs(m, (2, sq, sk), q_ids.clone(), k_ids.clone());
+        let s = spec(text);
+        let (out, sel) = forward(&qv, &kv, &vv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        let r = oracle_selected(&qv, &kv, &vv, &p, Some(&bound), &sel);
+        assert_close(&out, &r, &format!("{text} mask {m}"));
+        let o = out.out.data.to_f32_vec();
+        let i = 113; // row 1's query document without keys
+        for h in 0..4 {
+            assert_eq!(out.lse[(4 + h) * sq + i], f32::NEG_INFINITY, "{text}");
+            assert!(o[((sq + i) * 4 + h) * 16..][..16].iter().all(|&x| x == 0.0));
+        }
+        // Rows the selection empties are 0 / -inf too: the oracle on `mask & selection` agrees
+        // above.
+        assert!(sel.report.density() < 1.0, "{text}: nothing was skipped");
+    }
+}
+
+#[test]
+fn documents_that_cross_or_are_not_runs_are_refused_by_name() {
+    let [q, k, _] = inputs((1, 40, 40, 2, 1, 8), 3300);
+    let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+    let p = AttnParams::default();
+    let s = spec("vertical_slash(v=4,s=2,block=16,last=8,sink=1,local=4)");
+    let runs = run_ids(&[&[10, 30]]);
+    let mut dealt = runs.clone();
+    dealt[35] = 0; // id 0 again after id 1
+    for (m, qi, ki, needle) in [
+        (
+            "causal | document",
+            &runs,
+            &runs,
+            "other than as a conjunct",
+        ),
+        (
+            "!document & causal",
+            &runs,
+            &runs,
+            "other than as a conjunct",
+        ),
+        (
+            "causal & document",
+            &dealt,
+            &runs,
+            "document id 0 of batch row 0 is not one run of queries (queries 0..10 and 35..36)",
+        ),
+        ("causal & document", &runs, &dealt, "not one run of keys"),
+    ] {
+        let bound = bind_docs(m, (1, 40, 40), qi.clone(), ki.clone());
+        let e = select(&qv, &kv, &p, &s, MaskSpec::Expr(&bound))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(needle), "{m}: `{e}` lacks `{needle}`");
+        let e = select_reference(&qv, &kv, &p, &s, MaskSpec::Expr(&bound))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{m}: `{e}` lacks `{needle}`");
+    }
+    // Where no estimator runs (the dense fallback, `skip`) the ids are not read: every tile of
+    // the mask, as the forward without a selection.
+    let bound = bind_docs(
+        "causal & document",
+        (1, 40, 40),
+        dealt.clone(),
+        runs.clone(),
+    );
+    let whole = bound.schedule(16, 16).unwrap();
+    for text in ["moba(dense_below=100,block=16)", "skip(factor=4,block=16)"] {
+        let s = SparseSpec::parse(text).unwrap();
+        let sel = select(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        assert_eq!(
+            block_table(&sel.schedule, 1, 2),
+            block_table(&whole, 1, 2),
+            "{text}"
+        );
+        let r = select_reference(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        assert_eq!(block_table(&r, 1, 2), block_table(&whole, 1, 2), "{text}");
     }
 }
