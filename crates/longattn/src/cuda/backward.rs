@@ -656,20 +656,9 @@ mod tests {
     /// adds, dQ split or merged ([`dq_merge`]), with and without soft-cap.
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
-        if !super::super::compile::nvrtc_present() {
-            eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA lib folder)");
+        let Some((program, _)) = super::super::compile::test_programs() else {
             return;
-        }
-        let shape = crate::mask::MaskShape {
-            batch: 1,
-            sq: 300,
-            sk: 300,
         };
-        let bm = crate::mask::MaskExpr::parse("causal & window(100,0)")
-            .unwrap()
-            .bind(shape, None)
-            .unwrap();
-        let program = bm.cuda_program().source;
         let mut n = 0;
         for d in [64, 128] {
             for det in [false, true] {

@@ -204,3 +204,27 @@ pub fn compile(
         seconds: t0.elapsed().as_secs_f64(),
     })
 }
+
+/// For the tests that compile kernels without a GPU: the element and interval mask programs of
+/// a banded causal mask (`causal & window(100,0)` at 300 x 300), or `None` (and a printed
+/// "skipped") when `libnvrtc` cannot be found.
+#[cfg(test)]
+pub(crate) fn test_programs() -> Option<(String, String)> {
+    if !nvrtc_present() {
+        eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA lib folder)");
+        return None;
+    }
+    let shape = crate::mask::MaskShape {
+        batch: 1,
+        sq: 300,
+        sk: 300,
+    };
+    let bm = crate::mask::MaskExpr::parse("causal & window(100,0)")
+        .unwrap()
+        .bind(shape, None)
+        .unwrap();
+    Some((
+        bm.cuda_program().source,
+        bm.cuda_interval_program().unwrap().source,
+    ))
+}

@@ -1640,23 +1640,12 @@ mod tests {
     /// exponent's FFMA only for scale > 0 without soft-cap), element and interval mask programs.
     #[test]
     fn hopper_forward_kernels_compile_with_nvrtc() {
-        if !super::super::compile::nvrtc_present() {
-            eprintln!("skipped: libnvrtc not found (set LD_LIBRARY_PATH to a CUDA lib folder)");
+        let Some((element, interval)) = super::super::compile::test_programs() else {
             return;
-        }
-        let shape = crate::mask::MaskShape {
-            batch: 1,
-            sq: 300,
-            sk: 300,
         };
-        let bm = crate::mask::MaskExpr::parse("causal & window(100,0)")
-            .unwrap()
-            .bind(shape, None)
-            .unwrap();
         // The plan's two program forms: the element program alone, and with the interval
         // program after it (which defines LA_MASK_INTERVAL itself).
-        let element = bm.cuda_program().source;
-        let interval = element.clone() + &bm.cuda_interval_program().unwrap().source;
+        let interval = element.clone() + &interval;
         let tiles = [
             (TileCfg::warp_specialized(3, 128, 1), 64),
             (TileCfg::warp_specialized(2, 128, 1), 128),

@@ -136,6 +136,33 @@ fn round_trip_error_is_at_most_half_a_step() {
     }
 }
 
+/// The f64 oracle of `q` over one layer of a cache whose heads hold every position in order
+/// (quantized entries dequantized by gather_head), under `bound`.
+fn oracle_over_cache(
+    cache: &PagedKvCache,
+    id: SeqId,
+    layer: usize,
+    q: &TensorView,
+    bound: &crate::mask::BoundMask,
+) -> crate::reference::RefOutput {
+    let c = cache.config();
+    let (hk, d, len) = (c.kv_heads, c.head_dim, cache.len(id).unwrap());
+    let mut kf = vec![0.0f32; len * hk * d];
+    let mut vf = vec![0.0f32; len * hk * d];
+    for kh in 0..hk {
+        let (hk_, hv, pos) = cache.gather_head(id, layer, kh).unwrap();
+        assert_eq!(pos, (0..len as u32).collect::<Vec<_>>());
+        for j in 0..len {
+            kf[(j * hk + kh) * d..][..d].copy_from_slice(&hk_[j * d..][..d]);
+            vf[(j * hk + kh) * d..][..d].copy_from_slice(&hv[j * d..][..d]);
+        }
+    }
+    let kt = TensorView::contiguous(&kf[..], [1, len, hk, d]).unwrap();
+    let vt = TensorView::contiguous(&vf[..], [1, len, hk, d]).unwrap();
+    let allowed = |b: usize, _h: usize, i: usize, j: usize| bound.allowed(b, i, j);
+    attention_f64(q, &kt, &vt, &AttnParams::default(), &allowed).unwrap()
+}
+
 /// Attention of the last `sq` positions over a quantized cache against the oracle over the
 /// dequantized entries (gather_head), causal mask, per layer.
 fn check_attend(len: usize, sq: usize, hq: usize, hk: usize, k: Kivi, page: usize) {
@@ -167,21 +194,7 @@ fn check_attend(len: usize, sq: usize, hq: usize, hk: usize, k: Kivi, page: usiz
         let got = cache
             .attend(id, l, &q, Some(&expr), &AttnParams::default())
             .unwrap();
-        // The dequantized cache, [len, Hk, D].
-        let mut kf = vec![0.0f32; len * hk * d];
-        let mut vf = vec![0.0f32; len * hk * d];
-        for kh in 0..hk {
-            let (hk_, hv, pos) = cache.gather_head(id, l, kh).unwrap();
-            assert_eq!(pos, (0..len as u32).collect::<Vec<_>>());
-            for j in 0..len {
-                kf[(j * hk + kh) * d..][..d].copy_from_slice(&hk_[j * d..][..d]);
-                vf[(j * hk + kh) * d..][..d].copy_from_slice(&hv[j * d..][..d]);
-            }
-        }
-        let kt = TensorView::contiguous(&kf[..], [1, len, hk, d]).unwrap();
-        let vt = TensorView::contiguous(&vf[..], [1, len, hk, d]).unwrap();
-        let allowed = |b: usize, _h: usize, i: usize, j: usize| bound.allowed(b, i, j);
-        let r = attention_f64(&q, &kt, &vt, &AttnParams::default(), &allowed).unwrap();
+        let r = oracle_over_cache(&cache, id, l, &q, &bound);
         let (eo, el) = compare(&got.out, &got.lse, &r);
         assert!(
             eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
@@ -521,19 +534,7 @@ fn zipvl_gives_the_high_width_to_groups_with_important_entries() {
     let got = cache
         .attend(id, 1, &q, Some(&expr), &AttnParams::default())
         .unwrap();
-    let mut kf = vec![0.0f32; len * hk * d];
-    let mut vf = vec![0.0f32; len * hk * d];
-    for kh in 0..hk {
-        let (hk_, hv, _) = cache.gather_head(id, 1, kh).unwrap();
-        for j in 0..len {
-            kf[(j * hk + kh) * d..][..d].copy_from_slice(&hk_[j * d..][..d]);
-            vf[(j * hk + kh) * d..][..d].copy_from_slice(&hv[j * d..][..d]);
-        }
-    }
-    let kt = TensorView::contiguous(&kf[..], [1, len, hk, d]).unwrap();
-    let vt = TensorView::contiguous(&vf[..], [1, len, hk, d]).unwrap();
-    let allowed = |b: usize, _h: usize, i: usize, j: usize| bound.allowed(b, i, j);
-    let r = attention_f64(&q, &kt, &vt, &AttnParams::default(), &allowed).unwrap();
+    let r = oracle_over_cache(&cache, id, 1, &q, &bound);
     let (eo, el) = compare(&got.out, &got.lse, &r);
     assert!(
         eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
