@@ -106,6 +106,19 @@ pub fn select_reference(
                         })
                         .collect()
                 } else {
+                    // The pooled-score selection of `method` over this document.
+                    let pooled_doc = |method| {
+                        pooled(
+                            &cand,
+                            method,
+                            (b, h),
+                            &qk,
+                            &logit,
+                            &doc.k,
+                            off,
+                            (&q_of, &k_of),
+                        )
+                    };
                     match spec.method {
                         Method::FlexPrefill {
                             gamma,
@@ -127,16 +140,7 @@ pub fn select_reference(
                                 let diag_kept = |o: i64| o == 0 || diags.contains(&o);
                                 cover(&cand, off, (&q_of, &k_of), &col_kept, &diag_kept)
                             }
-                            None => pooled(
-                                &cand,
-                                spec.method,
-                                (b, h),
-                                &qk,
-                                &logit,
-                                &doc.k,
-                                off,
-                                (&q_of, &k_of),
-                            ),
+                            None => pooled_doc(spec.method),
                         },
                         Method::VerticalSlash {
                             v, s, sink, local, ..
@@ -165,16 +169,7 @@ pub fn select_reference(
                             off,
                             (&q_of, &k_of),
                         ),
-                        method => pooled(
-                            &cand,
-                            method,
-                            (b, h),
-                            &qk,
-                            &logit,
-                            &doc.k,
-                            off,
-                            (&q_of, &k_of),
-                        ),
+                        method => pooled_doc(method),
                     }
                 };
                 for (row, d) in kept.iter_mut().zip(&doc_kept) {
