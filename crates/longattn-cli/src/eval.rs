@@ -102,8 +102,9 @@ pub struct Args {
     /// Copy: tokens of filler text before the first copy (its depth).
     #[arg(long, default_value_t = 0)]
     copy_prefix: usize,
-    /// Multikey: facts ("The pass key of NAME is NUMBER.") spread over the filler.
-    #[arg(long, default_value_t = 4)]
+    /// Multikey: facts ("The pass key of NAME is NUMBER.") spread over the filler (2: the most
+    /// at which SmolLM2's full cache comes near 80% at 1k-2k, docs/QUALITY.md).
+    #[arg(long, default_value_t = 2)]
     keys: usize,
     /// Passkey: heat map PNG.
     #[arg(long, default_value = "passkey.png")]
