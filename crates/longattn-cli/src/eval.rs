@@ -1,6 +1,9 @@
 //! `longattn eval`: next-token negative log-likelihood of a model on a text (or token ids) under
 //! an attention method; `--task passkey`: a pass key hidden in real filler text, retrieved by
-//! greedy decoding, accuracy per (length, depth).
+//! greedy decoding, accuracy per (length, depth); `--task copy`: a span of random tokens
+//! repeated, the second copy scored teacher-forced; `--task multikey`: several keys, one asked
+//! (both in [`tasks`]). `--kl` with `--kv`: the KL divergence of the compressed cache's next-token
+//! distributions from the full cache's, computed alongside in the same run.
 //!
 //! `--attention` takes `exact`, a mask expression, or a sparse spec (`topmass(gamma=0.9)`, see
 //! `longattn::sparse`): the prefill of every layer (or of `--sparse-layers`) then goes through the
@@ -16,12 +19,15 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod tasks;
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model (GGUF).
     #[arg(long)]
     model: PathBuf,
-    /// `nll` (default) or `passkey`.
+    /// `nll` (default), `passkey`, `copy` (random tokens repeated, the second copy scored) or
+    /// `multikey` (several keys in the filler, one asked).
     #[arg(long, default_value = "nll")]
     task: String,
     /// Text file (nll: the text evaluated; passkey: the filler; default: a book of the cache).
@@ -69,21 +75,37 @@ pub struct Args {
     /// prefilled and compressed once, then the question is asked). `--kv-chunk` is nll's.
     #[arg(long, default_value = "inside")]
     kv_protocol: String,
+    /// nll under `--kv`: also run the full cache on the same tokens in the same chunks and report
+    /// KL(p_full || p_kv) of the next-token distributions (per bucket and mean) and the full
+    /// cache's NLL.
+    #[arg(long)]
+    kl: bool,
     /// Predicted positions per bucket of `nll_by_bucket`.
     #[arg(long, default_value_t = 512)]
     bucket: usize,
     /// Write the result as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Passkey: prompt lengths in tokens (1k = 1024).
+    /// Passkey, multikey: prompt lengths in tokens (1k = 1024); copy: tokens of each copy.
     #[arg(long, default_value = "1k,2k,4k")]
     lengths: String,
     /// Passkey: depths of the key in the filler, fractions in [0, 1].
     #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
     depths: String,
-    /// Passkey: trials per (length, depth) (different keys and filler offsets).
+    /// Passkey: trials per (length, depth) (different keys and filler offsets); copy, multikey:
+    /// trials per length.
     #[arg(long, default_value_t = 2)]
     trials: usize,
+    /// Seed of the keys, names, random tokens and filler offsets (passkey, copy, multikey).
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Copy: tokens of filler text before the first copy (its depth).
+    #[arg(long, default_value_t = 0)]
+    copy_prefix: usize,
+    /// Multikey: facts ("The pass key of NAME is NUMBER.") spread over the filler (2: the most
+    /// at which SmolLM2's full cache comes near 80% at 1k-2k, docs/QUALITY.md).
+    #[arg(long, default_value_t = 2)]
+    keys: usize,
     /// Passkey: heat map PNG.
     #[arg(long, default_value = "passkey.png")]
     png: PathBuf,
@@ -97,6 +119,9 @@ struct Bucket {
     start: usize,
     end: usize,
     nll: f64,
+    /// With `--kl`: the full cache's NLL and KL(p_full || p_kv), mean over the bucket.
+    nll_full: Option<f64>,
+    kl: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -108,8 +133,13 @@ struct NllReport {
     ppl: f64,
     nll_by_bucket: Vec<Bucket>,
     attention: String,
-    /// The `--kv` spec, if any.
+    /// The `--kv` spec, if any, and its tokens per forward.
     kv: Option<String>,
+    kv_chunk: Option<usize>,
+    /// With `--kl`: KL(p_full || p_kv) of the next-token distributions, mean over the predicted
+    /// positions, and the full cache's NLL on the same tokens and chunks.
+    kl_mean: Option<f64>,
+    nll_full_mean: Option<f64>,
     /// Bytes of K/V pages the cache held at its largest (after a forward, before compression).
     kv_bytes: usize,
     /// Bytes of K/V pages the uncompressed cache holds for the same tokens.
@@ -223,10 +253,15 @@ pub fn main(a: Args) -> Result<()> {
         bail!("--chunk must be >= 1");
     }
     let pool = crate::common::pool(a.threads)?;
+    if a.kl && a.task != "nll" {
+        bail!("--kl applies to --task nll (the text's next-token distributions)");
+    }
     pool.install(|| match a.task.as_str() {
         "nll" => nll(&a),
         "passkey" => passkey(&a),
-        t => bail!("--task {t}: known tasks are nll and passkey"),
+        "copy" => tasks::copy(&a),
+        "multikey" => tasks::multikey(&a),
+        t => bail!("--task {t}: known tasks are nll, passkey, copy and multikey"),
     })
 }
 
@@ -244,6 +279,9 @@ fn nll(a: &Args) -> Result<()> {
         }
         None => None,
     };
+    if a.kl && press.is_none() {
+        bail!("--kl compares a compressed cache with the full cache: give --kv SPEC");
+    }
     let lm = lm::load(&a.model)?;
     if let Some(p) = press.as_mut() {
         crate::kv::attach_roles(p, &lm)?;
@@ -274,25 +312,45 @@ fn nll(a: &Args) -> Result<()> {
     let vocab = m.cfg.vocab;
     // nll[t] = -log p(ids[t + 1] | ids[..=t]) for t in 0..n-1.
     let mut nlls = vec![0.0f64; n - 1];
+    // --kl: the full cache, fed the same chunks alongside; its NLL and the KL per position.
+    let mut full = match a.kl {
+        true => {
+            let mut c = m.new_cache(lm::PAGE)?;
+            let s = c.add_sequence();
+            Some((c, s))
+        }
+        false => None,
+    };
+    let (mut nlls_full, mut kls) = (vec![0.0f64; n - 1], vec![0.0f64; n - 1]);
     let mut cache = m.new_cache(lm::PAGE)?;
     let seq = cache.add_sequence();
     let pb = lm::bar(n as u64, "tokens");
     ops::reset_matmul_stats();
     longattn::cpu::reset_skip_stats();
     let t0 = Instant::now();
+    let d = m.cfg.d_model;
     let mut each = |start: usize, h: &[f32]| -> Result<()> {
-        let rows = h.len() / m.cfg.d_model;
-        // Logits in slices of 128 rows: memory 128 x vocab.
+        let rows = h.len() / d;
+        let hf = match full.as_mut() {
+            Some((c, s)) => {
+                Some(m.forward(c, *s, &ids[start..start + rows], attn.as_ref(), None)?)
+            }
+            None => None,
+        };
+        // Logits in slices of 128 rows: memory 128 x vocab (twice with --kl).
         for r0 in (0..rows).step_by(128) {
             let r1 = (r0 + 128).min(rows);
-            let lg = m.logits(&h[r0 * m.cfg.d_model..r1 * m.cfg.d_model]);
+            let lg = m.logits(&h[r0 * d..r1 * d]);
+            let lf = hf.as_ref().map(|hf| m.logits(&hf[r0 * d..r1 * d]));
             for r in r0..r1 {
                 let t = start + r;
                 if t + 1 < n {
-                    nlls[t] = ops::nll(
-                        &lg[(r - r0) * vocab..(r - r0 + 1) * vocab],
-                        ids[t + 1] as usize,
-                    );
+                    let row = (r - r0) * vocab..(r - r0 + 1) * vocab;
+                    nlls[t] = ops::nll(&lg[row.clone()], ids[t + 1] as usize);
+                    if let Some(lf) = &lf {
+                        nlls_full[t] = ops::nll(&lf[row.clone()], ids[t + 1] as usize);
+                        kls[t] = ops::kl(&lf[row.clone()], &lg[row]);
+                    }
                 }
             }
         }
@@ -326,7 +384,8 @@ fn nll(a: &Args) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let (mm_s, mm_flops) = ops::matmul_stats();
-    let mean = nlls.iter().sum::<f64>() / nlls.len() as f64;
+    let avg = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    let mean = avg(&nlls);
     let buckets: Vec<Bucket> = (0..nlls.len())
         .step_by(a.bucket)
         .map(|s| {
@@ -334,7 +393,9 @@ fn nll(a: &Args) -> Result<()> {
             Bucket {
                 start: s,
                 end: e,
-                nll: nlls[s..e].iter().sum::<f64>() / (e - s) as f64,
+                nll: avg(&nlls[s..e]),
+                nll_full: a.kl.then(|| avg(&nlls_full[s..e])),
+                kl: a.kl.then(|| avg(&kls[s..e])),
             }
         })
         .collect();
@@ -350,6 +411,9 @@ fn nll(a: &Args) -> Result<()> {
             None => attn.spec(),
         },
         kv: press.as_ref().map(|p| p.press().to_string()),
+        kv_chunk: press.as_ref().map(|_| a.kv_chunk),
+        kl_mean: a.kl.then(|| avg(&kls)),
+        nll_full_mean: a.kl.then(|| avg(&nlls_full)),
         kv_bytes: peak.bytes_in_use,
         kv_bytes_full: end.bytes_full_in_use,
         kv_bytes_entries: peak.bytes_entries,
@@ -383,8 +447,17 @@ fn nll(a: &Args) -> Result<()> {
         100.0 * rep.kv_bytes as f64 / rep.kv_bytes_full.max(1) as f64,
         rep.kv_bytes_full as f64 / 1048576.0
     );
+    if let (Some(kl), Some(nf)) = (rep.kl_mean, rep.nll_full_mean) {
+        println!(
+            "  KL(full || kv) {kl:.6} nats per position; the full cache in the same chunks: nll {nf:.5}"
+        );
+    }
     for b in &rep.nll_by_bucket {
-        println!("  positions {:>6}..{:<6} nll {:.4}", b.start, b.end, b.nll);
+        print!("  positions {:>6}..{:<6} nll {:.4}", b.start, b.end, b.nll);
+        if let (Some(kl), Some(nf)) = (b.kl, b.nll_full) {
+            print!("  full {nf:.4}  KL {kl:.6}");
+        }
+        println!();
     }
     if let Some(mib) = rep.peak_rss_mib {
         println!("  peak RSS {mib:.0} MiB");
@@ -452,6 +525,16 @@ enum KvProtocol {
     /// The whole prompt, question included, is prefilled and compressed (the question sits in
     /// the presses' observation window).
     Inside,
+}
+
+impl KvProtocol {
+    fn parse(s: &str) -> Result<KvProtocol> {
+        match s {
+            "inside" => Ok(KvProtocol::Inside),
+            "after" => Ok(KvProtocol::After),
+            x => bail!("--kv-protocol {x}: expected `inside` or `after`"),
+        }
+    }
 }
 
 /// One passkey prompt under a press: the greedy answer (up to 8 tokens) and the key's
@@ -547,11 +630,7 @@ fn passkey(a: &Args) -> Result<()> {
     }
     let mut press = match &a.kv {
         Some(spec) => {
-            let proto = match a.kv_protocol.as_str() {
-                "inside" => KvProtocol::Inside,
-                "after" => KvProtocol::After,
-                x => bail!("--kv-protocol {x}: expected `inside` or `after`"),
-            };
+            let proto = KvProtocol::parse(&a.kv_protocol)?;
             Some((lm::press_of(&a.attention, spec, &a.kv_reduce)?, proto))
         }
         None => None,
@@ -570,7 +649,7 @@ fn passkey(a: &Args) -> Result<()> {
         None => default_book()?,
     };
     let filler = lm.encode_plain(&lm::read_text(&book)?)?;
-    let mut rng = longattn::testing::Rng::new(1234);
+    let mut rng = longattn::testing::Rng::new(a.seed);
     let total = lengths.len() * depths.len() * a.trials;
     let pb = lm::bar(total as u64, "prompts");
     let mut acc = vec![vec![0usize; depths.len()]; lengths.len()];

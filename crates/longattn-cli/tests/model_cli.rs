@@ -640,3 +640,236 @@ fn kv_keep_writes_kept_sets_and_scores() {
         "tokens, 100000000 needed",
     );
 }
+
+/// `eval --kv --kl`: a press that keeps everything is the full cache run alongside (KL exactly 0
+/// in every bucket, the same NLL bit for bit, itself the dense run's in the same chunks); a real
+/// budget moves the distributions; `--kl` without `--kv`, or outside `--task nll`, is refused.
+#[test]
+fn eval_kl_is_zero_for_a_press_that_keeps_everything() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let eval = |name: &str, extra: &[&str]| eval_80(&model, &book, name, extra);
+    let dense = eval("kl-dense.json", &["--chunk", "16", "--bucket", "20"]);
+    let one = eval(
+        "kl-one.json",
+        &[
+            "--kv",
+            "h2o(budget=1)",
+            "--kv-chunk",
+            "16",
+            "--kl",
+            "--bucket",
+            "20",
+        ],
+    );
+    assert!(one["kl_mean"].as_f64().unwrap().abs() < 1e-9, "{one}");
+    assert_eq!(one["nll_mean"], one["nll_full_mean"]);
+    assert_eq!(one["nll_full_mean"], dense["nll_mean"]);
+    assert_eq!(one["kv_chunk"], 16);
+    let buckets = one["nll_by_bucket"].as_array().unwrap();
+    assert_eq!(buckets.len(), 4);
+    for (b, d) in buckets
+        .iter()
+        .zip(dense["nll_by_bucket"].as_array().unwrap())
+    {
+        assert!(b["kl"].as_f64().unwrap().abs() < 1e-9, "{b}");
+        assert_eq!(b["nll_full"], d["nll"]);
+    }
+    assert!(dense["kl_mean"].is_null() && dense["nll_by_bucket"][0]["kl"].is_null());
+    let cut = eval(
+        "kl-cut.json",
+        &[
+            "--kv",
+            "streaming(sinks=4,window=12)",
+            "--kv-chunk",
+            "8",
+            "--kl",
+        ],
+    );
+    let kl = cut["kl_mean"].as_f64().unwrap();
+    assert!(
+        kl > 1e-3,
+        "a 16-entry window moves the distributions: KL {kl}"
+    );
+    let run = |args: &[&str]| {
+        bin()
+            .args(["eval", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(["--tokens", "20"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    fails_with(run(&["--kl"]), "give --kv SPEC");
+    fails_with(
+        run(&["--kl", "--task", "passkey", "--kv", "h2o(budget=0.5)"]),
+        "--kl applies to --task nll",
+    );
+}
+
+/// `eval --task copy`: the JSON per trial and per length; `h2o(budget=1)` token by token in
+/// chunks of 8 is the full cache in the same chunks bit for bit; a window shorter than the copy
+/// loses it; bad arguments are refused with the argument named.
+#[test]
+fn eval_copy_probe() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        bin()
+            .args(["eval", "--task", "copy", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let copy = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let json = tmp(name);
+        let mut args = vec!["--lengths", "40", "--trials", "2", "--copy-prefix", "30"];
+        args.extend_from_slice(extra);
+        let j = json.to_str().unwrap();
+        args.extend_from_slice(&["--json", j]);
+        ok(run(&args));
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let full = copy("copy-full.json", &["--chunk", "8"]);
+    let trials = full["per_trial"].as_array().unwrap();
+    assert_eq!(trials.len(), 2);
+    for t in trials {
+        assert_eq!(t["first"], 30, "no BOS for SmolLM2, then 30 filler tokens");
+        assert_eq!(t["second"], 70);
+        let acc = t["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{t}");
+        assert!(t["kv_bytes"].is_null());
+    }
+    // Induction: the second copy is far better predicted than the uniform ln(vocab) = 10.8.
+    assert!(full["nll"][0].as_f64().unwrap() < 6.0, "{full}");
+    let one = copy(
+        "copy-one.json",
+        &["--kv", "h2o(budget=1)", "--kv-chunk", "8"],
+    );
+    assert_eq!(one["nll"], full["nll"]);
+    assert_eq!(one["accuracy"], full["accuracy"]);
+    assert_eq!(one["kv"], "h2o(budget=1)");
+    assert_eq!(
+        one["per_trial"][0]["kv_bytes"],
+        one["per_trial"][0]["kv_bytes_full"]
+    );
+    let win = copy(
+        "copy-win.json",
+        &["--kv", "streaming(sinks=4,window=12)", "--kv-chunk", "8"],
+    );
+    assert!(win["accuracy"][0].as_f64().unwrap() < full["accuracy"][0].as_f64().unwrap());
+    fails_with(run(&["--lengths", "1"]), "too short (at least 2 tokens");
+    fails_with(
+        run(&["--lengths", "40", "--trials", "0"]),
+        "must be non-empty",
+    );
+    let tiny = tmp("tiny.txt");
+    std::fs::write(&tiny, "A short filler.").unwrap();
+    let o = bin()
+        .args(["eval", "--task", "copy", "--model"])
+        .arg(&model)
+        .arg("--text")
+        .arg(&tiny)
+        .args(["--lengths", "40", "--copy-prefix", "50"])
+        .output()
+        .unwrap();
+    fails_with(o, "--copy-prefix 50: the filler text holds only");
+    fails_with(run(&["--lengths", "5k"]), "more than the model's context");
+    fails_with(
+        run(&[
+            "--lengths",
+            "40",
+            "--kv",
+            "h2o(budget=0.5)",
+            "--kv-chunk",
+            "0",
+        ]),
+        "--kv-chunk must be >= 1",
+    );
+}
+
+/// `eval --task multikey`: the reference answer is the asked fact's key; `snapkv(budget=1)` under
+/// both protocols answers as the full cache; bad arguments are refused.
+#[test]
+fn eval_multikey() {
+    let Some((model, book)) = fixtures_or_skip() else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        bin()
+            .args(["eval", "--task", "multikey", "--model"])
+            .arg(&model)
+            .arg("--text")
+            .arg(&book)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mk = |name: &str, extra: &[&str]| -> serde_json::Value {
+        let json = tmp(name);
+        let mut args = vec!["--lengths", "300", "--trials", "2", "--keys", "3"];
+        args.extend_from_slice(extra);
+        let j = json.to_str().unwrap();
+        args.extend_from_slice(&["--json", j]);
+        ok(run(&args));
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let full = mk("mk-full.json", &[]);
+    assert_eq!(full["keys"], 3);
+    let trials = full["per_trial"].as_array().unwrap();
+    assert_eq!(trials.len(), 2);
+    for t in trials {
+        let key = t["key"].as_u64().unwrap();
+        assert!((10000..100000).contains(&key), "{t}");
+        let digits: String = t["answer"]
+            .as_str()
+            .unwrap()
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let correct = digits == key.to_string();
+        assert_eq!(t["correct"].as_bool().unwrap(), correct, "{t}");
+        assert!(t["logprob"].as_f64().unwrap() < 0.0);
+        assert!(t["asked"].as_u64().unwrap() < 3);
+    }
+    for proto in ["inside", "after"] {
+        let one = mk(
+            &format!("mk-one-{proto}.json"),
+            &["--kv", "snapkv(budget=1,window=16)", "--kv-protocol", proto],
+        );
+        assert_eq!(one["accuracy"], full["accuracy"], "{proto}");
+        assert_eq!(one["kv_protocol"], proto);
+        for (a, b) in one["key_logprob"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(full["key_logprob"].as_array().unwrap())
+        {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!((a - b).abs() < 1e-3, "{proto}: {a} vs {b}");
+        }
+        for (x, y) in one["per_trial"].as_array().unwrap().iter().zip(trials) {
+            assert_eq!(x["key"], y["key"], "same seed, same facts");
+            assert_eq!(x["answer"], y["answer"], "{proto}");
+        }
+    }
+    fails_with(run(&["--keys", "0"]), "--keys 0: expected 1..=16");
+    fails_with(run(&["--keys", "17"]), "--keys 17");
+    fails_with(
+        run(&["--lengths", "60", "--keys", "4"]),
+        "too short for 4 facts",
+    );
+    fails_with(
+        run(&["--kv", "h2o(budget=0.5)", "--kv-protocol", "before"]),
+        "--kv-protocol before: expected `inside` or `after`",
+    );
+    fails_with(run(&["--kv", "zip(budget=0.2)"]), "unknown press `zip`");
+}

@@ -161,6 +161,23 @@ pub fn nll(logits: &[f32], t: usize) -> f64 {
     m + s.ln() - logits[t] as f64
 }
 
+/// KL(p || q) of the softmax distributions of two logit rows, in nats (f64 accumulation):
+/// sum_j p_j (a_j - b_j) - lse(a) + lse(b), with p = softmax(a). Two identical rows give exactly 0.
+pub fn kl(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let lse = |x: &[f32]| {
+        let m = x.iter().fold(f32::NEG_INFINITY, |u, &v| u.max(v)) as f64;
+        m + x.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (la, lb) = (lse(a), lse(b));
+    let cross: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - la).exp() * (x as f64 - y as f64))
+        .sum();
+    cross - la + lb
+}
+
 /// Index of the largest logit (first on ties).
 pub fn argmax(logits: &[f32]) -> usize {
     let mut best = 0;
@@ -193,6 +210,32 @@ mod tests {
                     assert!((y[i * m + j] as f64 - r).abs() < 1e-4 * (k as f64).sqrt());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn kl_matches_the_definition_and_is_zero_on_equal_rows() {
+        let mut rng = Rng::new(5);
+        for &n in &[1usize, 2, 7, 1000] {
+            let a: Vec<f32> = (0..n).map(|_| 3.0 * rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..n).map(|_| 3.0 * rng.normal() as f32).collect();
+            assert_eq!(kl(&a, &a), 0.0);
+            let soft = |x: &[f32]| {
+                let s: f64 = x.iter().map(|&z| (z as f64).exp()).sum();
+                x.iter()
+                    .map(|&z| (z as f64).exp() / s)
+                    .collect::<Vec<f64>>()
+            };
+            let (p, q) = (soft(&a), soft(&b));
+            let r: f64 = p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum();
+            assert!(
+                (kl(&a, &b) - r).abs() < 1e-9 * r.max(1.0),
+                "{n}: {} vs {r}",
+                kl(&a, &b)
+            );
+            // Invariant to a shift of either row.
+            let a2: Vec<f32> = a.iter().map(|x| x + 100.0).collect();
+            assert!((kl(&a2, &b) - r).abs() < 1e-4 * r.max(1.0));
         }
     }
 

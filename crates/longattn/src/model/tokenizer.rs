@@ -389,6 +389,13 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// Whether `id` is an ordinary text token: of type NORMAL (not control, user-defined, byte or
+    /// unused) and none of BOS, EOS, UNK. The pool a random-token probe draws from.
+    pub fn is_ordinary(&self, id: u32) -> bool {
+        self.types.get(id as usize) == Some(&TYPE_NORMAL)
+            && ![self.bos, self.eos, self.unk].contains(&Some(id))
+    }
+
     /// The id of a token text (any type), if present.
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.index
