@@ -58,7 +58,8 @@ pub struct Args {
     /// `tova(budget=0.2)`, `knorm(budget=0.2)`, `pyramid(budget=0.2,beta=5)` (SnapKV with budgets
     /// decreasing over the layers), `duo(sinks=4,window=256,ratio=0.5)` (head roles probed on
     /// the model; `roles=FILE` from `longattn kv roles`), applied as the cache grows; quantized
-    /// pages `kivi(bits=4|2,group=32,residual=32)`; query-aware page selection
+    /// pages `kivi(bits=4|2,group=32,residual=32)` or with a width per group that follows its
+    /// recent attention `zipvl(lo=2,hi=4,mass=0.9,f=0.95)`; query-aware page selection
     /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
     /// eviction first, then quantization; `h2o(budget=0.2)+merge`: what the press evicts is
     /// folded into one residual slot per head, LOOK-M style).

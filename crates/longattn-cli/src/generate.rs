@@ -29,6 +29,7 @@ pub struct Args {
     attention: String,
     /// KV-cache compression while generating (the specs of `eval --kv`, e.g.
     /// `snapkv(budget=0.2,window=32)`, `streaming(sinks=4,window=1020)`, `kivi(bits=4)`,
+    /// `zipvl(lo=2,hi=4,mass=0.9)`,
     /// `duo(sinks=4,window=256,roles=FILE)`): the prompt is prefilled in chunks with the press
     /// applied as the cache grows, then the press runs after every new token.
     #[arg(long)]
