@@ -641,6 +641,40 @@ fn kv_keep_writes_kept_sets_and_scores() {
     );
 }
 
+/// `longattn eval --task TASK --model M --text T ARGS...`.
+fn eval_task(
+    task: &str,
+    model: &std::path::Path,
+    book: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    bin()
+        .args(["eval", "--task", task, "--model"])
+        .arg(model)
+        .arg("--text")
+        .arg(book)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`eval_task`] with `base` then `extra` arguments, which must succeed; its JSON report
+/// (written to the temporary file `name`).
+fn eval_task_json(
+    task: &str,
+    (model, book): (&std::path::Path, &std::path::Path),
+    name: &str,
+    base: &[&str],
+    extra: &[&str],
+) -> serde_json::Value {
+    let json = tmp(name);
+    let mut args = base.to_vec();
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--json", json.to_str().unwrap()]);
+    ok(eval_task(task, model, book, &args));
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
 /// `eval --kv --kl`: a press that keeps everything is the full cache run alongside (KL exactly 0
 /// in every bucket, the same NLL bit for bit, itself the dense run's in the same chunks); a real
 /// budget moves the distributions; `--kl` without `--kv`, or outside `--task nll`, is refused.
@@ -718,24 +752,10 @@ fn eval_copy_probe() {
     let Some((model, book)) = fixtures_or_skip() else {
         return;
     };
-    let run = |args: &[&str]| {
-        bin()
-            .args(["eval", "--task", "copy", "--model"])
-            .arg(&model)
-            .arg("--text")
-            .arg(&book)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let copy = |name: &str, extra: &[&str]| -> serde_json::Value {
-        let json = tmp(name);
-        let mut args = vec!["--lengths", "40", "--trials", "2", "--copy-prefix", "30"];
-        args.extend_from_slice(extra);
-        let j = json.to_str().unwrap();
-        args.extend_from_slice(&["--json", j]);
-        ok(run(&args));
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    let run = |args: &[&str]| eval_task("copy", &model, &book, args);
+    let copy = |name: &str, extra: &[&str]| {
+        let base = ["--lengths", "40", "--trials", "2", "--copy-prefix", "30"];
+        eval_task_json("copy", (&model, &book), name, &base, extra)
     };
     let full = copy("copy-full.json", &["--chunk", "8"]);
     let trials = full["per_trial"].as_array().unwrap();
@@ -802,24 +822,10 @@ fn eval_multikey() {
     let Some((model, book)) = fixtures_or_skip() else {
         return;
     };
-    let run = |args: &[&str]| {
-        bin()
-            .args(["eval", "--task", "multikey", "--model"])
-            .arg(&model)
-            .arg("--text")
-            .arg(&book)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let mk = |name: &str, extra: &[&str]| -> serde_json::Value {
-        let json = tmp(name);
-        let mut args = vec!["--lengths", "300", "--trials", "2", "--keys", "3"];
-        args.extend_from_slice(extra);
-        let j = json.to_str().unwrap();
-        args.extend_from_slice(&["--json", j]);
-        ok(run(&args));
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+    let run = |args: &[&str]| eval_task("multikey", &model, &book, args);
+    let mk = |name: &str, extra: &[&str]| {
+        let base = ["--lengths", "300", "--trials", "2", "--keys", "3"];
+        eval_task_json("multikey", (&model, &book), name, &base, extra)
     };
     let full = mk("mk-full.json", &[]);
     assert_eq!(full["keys"], 3);
