@@ -148,6 +148,9 @@ struct NllReport {
     /// The same two counting only the entries held (no unfilled page tails).
     kv_bytes_entries: usize,
     kv_bytes_entries_full: usize,
+    /// Quantized entries at the end, `[bits, entries]` per width over every (layer, KV head)
+    /// (specs with `kivi` or `zipvl`).
+    kv_quantized_by_bits: Option<Vec<(u32, usize)>>,
     seconds: f64,
     load_seconds: f64,
     matmul_seconds: f64,
@@ -384,6 +387,10 @@ fn nll(a: &Args) -> Result<()> {
     };
     let secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let by_bits = match &press {
+        Some(p) if p.press().kivi.is_some() => Some(cache.quantized_by_bits(seq)?),
+        _ => None,
+    };
     let (mm_s, mm_flops) = ops::matmul_stats();
     let avg = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
     let mean = avg(&nlls);
@@ -419,6 +426,7 @@ fn nll(a: &Args) -> Result<()> {
         kv_bytes_full: end.bytes_full_in_use,
         kv_bytes_entries: peak.bytes_entries,
         kv_bytes_entries_full: end.bytes_full,
+        kv_quantized_by_bits: by_bits,
         seconds: secs,
         load_seconds: lm.load_s,
         matmul_seconds: mm_s,
@@ -448,6 +456,10 @@ fn nll(a: &Args) -> Result<()> {
         100.0 * rep.kv_bytes as f64 / rep.kv_bytes_full.max(1) as f64,
         rep.kv_bytes_full as f64 / 1048576.0
     );
+    if let Some(by) = &rep.kv_quantized_by_bits {
+        let parts: Vec<String> = by.iter().map(|(b, n)| format!("{n} at {b} bits")).collect();
+        println!("  quantized entries: {}", parts.join(", "));
+    }
     if let (Some(kl), Some(nf)) = (rep.kl_mean, rep.nll_full_mean) {
         println!(
             "  KL(full || kv) {kl:.6} nats per position; the full cache in the same chunks: nll {nf:.5}"

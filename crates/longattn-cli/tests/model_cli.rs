@@ -283,6 +283,22 @@ fn eval_kv_sanity_and_bad_input() {
         "kivi(bits=4) {a} vs full {b}"
     );
     assert_eq!(q4["kv"], "kivi(bits=4,group=32,residual=32)");
+    // 80 entries per head: one group of 32 quantized in each of the model's (layer, KV head).
+    let by = q4["kv_quantized_by_bits"].as_array().unwrap();
+    assert_eq!(by.len(), 1, "{by:?}");
+    assert_eq!(by[0][0], 4);
+    let groups = by[0][1].as_u64().unwrap();
+    assert!(groups > 0 && groups % 32 == 0, "{by:?}");
+    assert!(full["kv_quantized_by_bits"].is_null());
+    // ZipVL quantizes the same entries, each group at 2 or 4 bits.
+    let zip = eval(
+        "zip.json",
+        &["--kv", "zipvl(lo=2,hi=4,mass=0.5)", "--kv-chunk", "16"],
+    );
+    let zby = zip["kv_quantized_by_bits"].as_array().unwrap();
+    let total: u64 = zby.iter().map(|x| x[1].as_u64().unwrap()).sum();
+    assert_eq!(total, groups, "{zby:?}");
+    assert!(zby.iter().all(|x| x[0] == 2 || x[0] == 4), "{zby:?}");
     let run = |args: &[&str]| {
         bin()
             .args(["eval", "--model"])
