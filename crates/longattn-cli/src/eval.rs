@@ -273,6 +273,15 @@ fn default_book() -> Result<PathBuf> {
     Ok(longattn::model::fixtures::book_path("austen-emma.txt")?)
 }
 
+/// The filler of the retrieval tasks: `--text`, or the cache's default book, as token ids.
+fn filler_ids(a: &Args, lm: &lm::Loaded) -> Result<Vec<u32>> {
+    let book = match &a.text {
+        Some(p) => p.clone(),
+        None => default_book()?,
+    };
+    lm.encode_plain(&lm::read_text(&book)?)
+}
+
 fn nll(a: &Args) -> Result<()> {
     let mut press = match &a.kv {
         Some(spec) => {
@@ -657,11 +666,7 @@ fn passkey(a: &Args) -> Result<()> {
     for &l in &lengths {
         lm::check_context(m, l + 8)?;
     }
-    let book = match &a.text {
-        Some(p) => p.clone(),
-        None => default_book()?,
-    };
-    let filler = lm.encode_plain(&lm::read_text(&book)?)?;
+    let filler = filler_ids(a, &lm)?;
     let mut rng = longattn::testing::Rng::new(a.seed);
     let total = lengths.len() * depths.len() * a.trials;
     let pb = lm::bar(total as u64, "prompts");

@@ -808,14 +808,12 @@ fn eval_copy_probe() {
     );
     let tiny = tmp("tiny.txt");
     std::fs::write(&tiny, "A short filler.").unwrap();
-    let o = bin()
-        .args(["eval", "--task", "copy", "--model"])
-        .arg(&model)
-        .arg("--text")
-        .arg(&tiny)
-        .args(["--lengths", "40", "--copy-prefix", "50"])
-        .output()
-        .unwrap();
+    let o = eval_task(
+        "copy",
+        &model,
+        &tiny,
+        &["--lengths", "40", "--copy-prefix", "50"],
+    );
     fails_with(o, "--copy-prefix 50: the filler text holds only");
     fails_with(run(&["--lengths", "5k"]), "more than the model's context");
     fails_with(

@@ -12,7 +12,7 @@
 //! is NUMBER." at depths (i + 1/2) / K of Gutenberg filler, then a question about one of them.
 //! Greedy exact match (the first number of 8 generated tokens is the key) and the key's
 //! teacher-forced log-probability; `--kv` with passkey's protocols (`--kv-protocol inside|after`).
-use super::{attention, default_book, passkey_pressed, Args, KvProtocol};
+use super::{attention, filler_ids, passkey_pressed, Args, KvProtocol};
 use crate::common::{parse_len, parse_list};
 use crate::lm::{self, Loaded};
 use anyhow::{bail, Result};
@@ -122,13 +122,7 @@ pub(super) fn copy(a: &Args) -> Result<()> {
     }
     let filler = match a.copy_prefix {
         0 => Vec::new(),
-        _ => {
-            let book = match &a.text {
-                Some(p) => p.clone(),
-                None => default_book()?,
-            };
-            lm.encode_plain(&lm::read_text(&book)?)?
-        }
+        _ => filler_ids(a, &lm)?,
     };
     if filler.len() < a.copy_prefix {
         bail!(
@@ -448,11 +442,7 @@ pub(super) fn multikey(a: &Args) -> Result<()> {
     for &l in &lengths {
         lm::check_context(m, l + 8)?;
     }
-    let book = match &a.text {
-        Some(p) => p.clone(),
-        None => default_book()?,
-    };
-    let filler = lm.encode_plain(&lm::read_text(&book)?)?;
+    let filler = filler_ids(a, &lm)?;
     let max_len = *lengths.iter().max().unwrap_or(&0);
     let mut rng = Rng::new(a.seed);
     let pb = lm::bar((lengths.len() * a.trials) as u64, "prompts");

@@ -653,31 +653,29 @@ fn zipvl_demotes_groups_that_lose_their_importance() {
                 assert_eq!((ka, va), (kb, vb), "entry {e}: a kept group moved");
                 continue;
             }
-            // K's 2-bit step over the group's channel x (of the 4-bit values), V's over the
-            // entry's channel group; the 4-bit step over the original values.
-            let col = |src: &[f32]| -> (f32, f32) {
-                (16..24).fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), t| {
-                    (a.min(src[t * d + x]), b.max(src[t * d + x]))
-                })
+            // The bound over a quantization group whose elements sit at `at` (K: channel x of
+            // the group's entries; V: the entry's channel group): half a 2-bit step over the
+            // 4-bit values plus half a 4-bit step over the original ones.
+            let bound = |orig: &[f32], before: &[f32], at: &[usize]| {
+                let span = |src: &[f32]| {
+                    let (lo, hi) = at
+                        .iter()
+                        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &i| {
+                            (a.min(src[i]), b.max(src[i]))
+                        });
+                    hi - lo
+                };
+                span(before) / 3.0 / 2.0 + span(orig) / 15.0 / 2.0
             };
-            let (lo4, hi4) = col(k0);
-            let (lo2, hi2) = col(&k_before);
-            let bound = (hi2 - lo2) / 3.0 / 2.0 + (hi4 - lo4) / 15.0 / 2.0;
+            let kat: Vec<usize> = (16..24).map(|t| t * d + x).collect();
             assert!(
-                (ka - k0[e * d + x]).abs() <= bound * 1.0001 + 1e-6,
+                (ka - k0[e * d + x]).abs() <= bound(k0, &k_before, &kat) * 1.0001 + 1e-6,
                 "K entry {e} ch {x}"
             );
             let g0 = x / 8 * 8;
-            let row = |src: &[f32]| -> (f32, f32) {
-                (g0..g0 + 8).fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), c| {
-                    (a.min(src[e * d + c]), b.max(src[e * d + c]))
-                })
-            };
-            let (lo4, hi4) = row(v0);
-            let (lo2, hi2) = row(&v_before);
-            let bound = (hi2 - lo2) / 3.0 / 2.0 + (hi4 - lo4) / 15.0 / 2.0;
+            let vat: Vec<usize> = (g0..g0 + 8).map(|c| e * d + c).collect();
             assert!(
-                (va - v0[e * d + x]).abs() <= bound * 1.0001 + 1e-6,
+                (va - v0[e * d + x]).abs() <= bound(v0, &v_before, &vat) * 1.0001 + 1e-6,
                 "V entry {e} ch {x}"
             );
         }

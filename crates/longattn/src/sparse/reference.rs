@@ -215,6 +215,19 @@ type Parts<'a> = (
     &'a dyn Fn(usize) -> Vec<usize>,
 );
 
+/// The candidate key tiles of (b, h, query tile `qt`) that hold keys of the document (`k_of`).
+fn doc_candidates(
+    cand: &BlockSchedule,
+    (b, h, qt): (usize, usize, usize),
+    k_of: &dyn Fn(usize) -> Vec<usize>,
+) -> Vec<usize> {
+    cand.row(b, h, qt)
+        .iter()
+        .map(|e| e.k_tile as usize)
+        .filter(|&kt| !k_of(kt).is_empty())
+        .collect()
+}
+
 /// The pooled methods on one document, `[q tile][k tile]` flags: for every query tile with rows
 /// of the document, its candidates that hold keys of the document (`keys`), scored by the
 /// softcap of the mean over the pairs (document rows of the tile) x (document keys of the key
@@ -239,12 +252,7 @@ fn pooled(
             if rows.is_empty() {
                 return row;
             }
-            let c: Vec<usize> = cand
-                .row(b, h, qt)
-                .iter()
-                .map(|e| e.k_tile as usize)
-                .filter(|&kt| !k_of(kt).is_empty())
-                .collect();
+            let c = doc_candidates(cand, (b, h, qt), k_of);
             let score: Vec<f64> = c
                 .iter()
                 .map(|&kt| {
@@ -551,12 +559,7 @@ fn proxy_reference(
             score
                 .iter_mut()
                 .for_each(|x| *x /= picks.len().max(1) as f64);
-            let c: Vec<usize> = cand
-                .row(b, h, qt)
-                .iter()
-                .map(|e| e.k_tile as usize)
-                .filter(|&kt| !k_of(kt).is_empty())
-                .collect();
+            let c = doc_candidates(cand, (b, h, qt), k_of);
             let m = need.min(c.len());
             let diag = |kt: usize| {
                 let ks = k_of(kt);

@@ -115,12 +115,8 @@ impl PressAttention {
             op: "kv press",
             msg: format!("`{}` evicts nothing: no keep sets to plan", self.spec),
         })?;
-        let guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
-        let scores = match guard.as_ref() {
-            Some((s, sc)) if *s == seq => Some(sc),
-            Some(_) => return Err(other_seq()),
-            None => None,
-        };
+        let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+        let scores = of_seq(&mut guard, seq)?.map(|s| &*s);
         let mguard = self.merge.lock().unwrap_or_else(|e| e.into_inner());
         let fresh;
         let slots = match (self.spec.merge, mguard.as_ref()) {
@@ -153,14 +149,10 @@ impl PressAttention {
         seq: SeqId,
         headroom: usize,
     ) -> Result<CompressReport> {
+        let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
+        let mut scores = of_seq(&mut guard, seq)?;
         let mut report = match &self.spec.evict {
             Some(press) => {
-                let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
-                let scores = match guard.as_mut() {
-                    Some((s, sc)) if *s == seq => Some(sc),
-                    Some(_) => return Err(other_seq()),
-                    None => None,
-                };
                 let mut mguard = self.merge.lock().unwrap_or_else(|e| e.into_inner());
                 let slots = if self.spec.merge {
                     let c = cache.config();
@@ -177,7 +169,7 @@ impl PressAttention {
                     cache,
                     seq,
                     press,
-                    scores,
+                    scores.as_deref_mut(),
                     headroom,
                     self.roles.as_ref(),
                     slots,
@@ -199,16 +191,20 @@ impl PressAttention {
         };
         if let Some(k) = &self.spec.kivi {
             let before = cache.pages_in_use();
-            let guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
-            let scores = match guard.as_ref() {
-                Some((s, sc)) if *s == seq => Some(sc),
-                Some(_) => return Err(other_seq()),
-                None => None,
-            };
-            cache.quantize_scored(seq, k, scores)?;
+            cache.quantize_scored(seq, k, scores.as_deref())?;
             report.pages_freed += before - cache.pages_in_use();
         }
         Ok(report)
+    }
+}
+
+/// What `slot` holds if it belongs to sequence `seq` (None before the first use); an error if it
+/// follows another sequence.
+fn of_seq<T>(slot: &mut Option<(SeqId, T)>, seq: SeqId) -> Result<Option<&mut T>> {
+    match slot {
+        Some((s, x)) if *s == seq => Ok(Some(x)),
+        Some(_) => Err(other_seq()),
+        None => Ok(None),
     }
 }
 
