@@ -273,6 +273,18 @@ fn default_book() -> Result<PathBuf> {
     Ok(longattn::model::fixtures::book_path("austen-emma.txt")?)
 }
 
+/// `nf` filler tokens from `offset` for a prompt of `len` tokens, or an error naming the shortfall.
+fn filler_span(filler: &[u32], offset: usize, nf: usize, len: usize) -> Result<&[u32]> {
+    if filler.len() < offset + nf {
+        bail!(
+            "the filler text holds {} tokens, {} needed for length {len}",
+            filler.len(),
+            offset + nf
+        );
+    }
+    Ok(&filler[offset..offset + nf])
+}
+
 /// The filler of the retrieval tasks: `--text`, or the cache's default book, as token ids.
 fn filler_ids(a: &Args, lm: &lm::Loaded) -> Result<Vec<u32>> {
     let book = match &a.text {
@@ -520,14 +532,7 @@ fn passkey_prompt(
         bail!("passkey length {len} is too short for the prompt ({fixed} fixed tokens)");
     }
     let nf = len - fixed;
-    if filler.len() < offset + nf {
-        bail!(
-            "the filler text holds {} tokens, {} needed for length {len}",
-            filler.len(),
-            offset + nf
-        );
-    }
-    let f = &filler[offset..offset + nf];
+    let f = filler_span(filler, offset, nf, len)?;
     let at = ((nf as f64) * depth).round() as usize;
     let mut p = intro;
     p.extend_from_slice(&f[..at]);

@@ -12,7 +12,7 @@
 //! is NUMBER." at depths (i + 1/2) / K of Gutenberg filler, then a question about one of them.
 //! Greedy exact match (the first number of 8 generated tokens is the key) and the key's
 //! teacher-forced log-probability; `--kv` with passkey's protocols (`--kv-protocol inside|after`).
-use super::{attention, filler_ids, passkey_pressed, Args, KvProtocol};
+use super::{attention, filler_ids, filler_span, passkey_pressed, Args, KvProtocol};
 use crate::common::{parse_len, parse_list};
 use crate::lm::{self, Loaded};
 use anyhow::{bail, Result};
@@ -314,14 +314,7 @@ pub(super) fn multikey_prompt(
         );
     }
     let nf = len - fixed;
-    if filler.len() < offset + nf {
-        bail!(
-            "the filler text holds {} tokens, {} needed for length {len}",
-            filler.len(),
-            offset + nf
-        );
-    }
-    let f = &filler[offset..offset + nf];
+    let f = filler_span(filler, offset, nf, len)?;
     let k = facts.len() as f64;
     let mut p = intro;
     let mut at = 0;

@@ -34,6 +34,19 @@ fn zipvl(lo: u32, hi: u32, mass: f32, group: usize, residual: usize) -> Kivi {
 /// K and V `[len, Hk, D]` of each layer.
 type LayerKv = Vec<(Vec<f32>, Vec<f32>)>;
 
+/// Appends `n` random positions to sequence `id` of a 2-layer cache, and their K / V to `full`.
+fn append_random(cache: &mut PagedKvCache, id: SeqId, n: usize, rng: &mut Rng, full: &mut LayerKv) {
+    let c = cache.config();
+    let m = n * c.kv_heads * c.head_dim;
+    let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..2).map(|_| (randn(m, rng), randn(m, rng))).collect();
+    let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    cache.append(id, &refs).unwrap();
+    for (l, (k, v)) in kv.into_iter().enumerate() {
+        full[l].0.extend(k);
+        full[l].1.extend(v);
+    }
+}
+
 /// A cache of one sequence of `len` positions (2 layers), filled in chunks of 13, with its
 /// K / V per layer `[len, Hk, D]` kept for reference.
 fn filled(
@@ -56,15 +69,7 @@ fn filled(
     let mut done = 0;
     while done < len {
         let n = 13.min(len - done);
-        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
-            .map(|_| (randn(n * hk * d, rng), randn(n * hk * d, rng)))
-            .collect();
-        let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-        cache.append(id, &refs).unwrap();
-        for (l, (k, v)) in kv.into_iter().enumerate() {
-            full[l].0.extend(k);
-            full[l].1.extend(v);
-        }
+        append_random(&mut cache, id, n, rng, &mut full);
         done += n;
     }
     (cache, id, full)
@@ -620,15 +625,7 @@ fn zipvl_demotes_groups_that_lose_their_importance() {
     let (k_before, v_before, _) = cache.gather_head(id, 0, 0).unwrap();
     // 40 more positions; now entry 100 is the hot one.
     for _ in 0..4 {
-        let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..2)
-            .map(|_| (randn(10 * hk * d, &mut rng), randn(10 * hk * d, &mut rng)))
-            .collect();
-        let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-        cache.append(id, &refs).unwrap();
-        for (l, (k, v)) in kv.into_iter().enumerate() {
-            full[l].0.extend(k);
-            full[l].1.extend(v);
-        }
+        append_random(&mut cache, id, 10, &mut rng, &mut full);
     }
     let s = scores_with_hot_entries(&cache, id, &[100]);
     cache.quantize_scored(id, &z, Some(&s)).unwrap();
