@@ -465,24 +465,63 @@ impl QuantHead {
     /// K `[n, D]` and V `[n, Dv]` dequantized (x^ = lo + s c): the plain path, for references,
     /// scores and key norms.
     pub fn dequantize(&self) -> (Vec<f32>, Vec<f32>) {
-        let (n, d, dv) = (self.len(), self.d, self.dv);
-        let mut k = vec![0.0f32; n * d];
-        let mut v = vec![0.0f32; n * dv];
+        let mut k = Vec::with_capacity(self.len() * self.d);
+        let mut v = Vec::with_capacity(self.len() * self.dv);
         for g in 0..self.gstart.len() {
-            let pr = &self.kparams[g * 2 * d..][..2 * d];
-            let (e0, e1) = self.group_range(g);
-            for t in e0..e1 {
-                let (b, krow, vrow) = self.rows(g, t);
-                for x in 0..d {
-                    k[t * d + x] = pr[d + x] + pr[x] * unpack(krow, x, b) as f32;
-                }
-                for x in 0..dv {
-                    let pr = &self.vparams[(t * (dv / self.group) + x / self.group) * 2..][..2];
-                    v[t * dv + x] = pr[1] + pr[0] * unpack(vrow, x, b) as f32;
-                }
-            }
+            let (gk, gv) = self.dequantize_group(g);
+            k.extend(gk);
+            v.extend(gv);
         }
         (k, v)
+    }
+
+    /// K and V of K group g's entries dequantized, `[n_g, D]` and `[n_g, Dv]`.
+    fn dequantize_group(&self, g: usize) -> (Vec<f32>, Vec<f32>) {
+        let (d, dv) = (self.d, self.dv);
+        let pr = &self.kparams[g * 2 * d..][..2 * d];
+        let (e0, e1) = self.group_range(g);
+        let mut k = Vec::with_capacity((e1 - e0) * d);
+        let mut v = Vec::with_capacity((e1 - e0) * dv);
+        for t in e0..e1 {
+            let (b, krow, vrow) = self.rows(g, t);
+            k.extend((0..d).map(|x| pr[d + x] + pr[x] * unpack(krow, x, b) as f32));
+            v.extend((0..dv).map(|x| {
+                let pv = &self.vparams[(t * (dv / self.group) + x / self.group) * 2..][..2];
+                pv[1] + pv[0] * unpack(vrow, x, b) as f32
+            }));
+        }
+        (k, v)
+    }
+
+    /// An empty head with this one's layout.
+    fn empty_like(&self) -> QuantHead {
+        QuantHead {
+            group: self.group,
+            d: self.d,
+            dv: self.dv,
+            ..Default::default()
+        }
+    }
+
+    /// Appends entry e (of K group g) to `out` as it is (codes, V scales, position); `open`: it
+    /// starts a new group there, which takes g's bits and K scales.
+    fn copy_entry_to(&self, out: &mut QuantHead, g: usize, e: usize, open: bool) {
+        if open {
+            let d2 = 2 * self.d;
+            out.gstart.push(out.pos.len() as u32);
+            out.gbits.push(self.gbits[g]);
+            out.koff.push(out.kcodes.len());
+            out.voff.push(out.vcodes.len());
+            out.kparams
+                .extend_from_slice(&self.kparams[g * d2..(g + 1) * d2]);
+        }
+        let ng = self.dv.checked_div(self.group).unwrap_or(0);
+        let (_, krow, vrow) = self.rows(g, e);
+        out.kcodes.extend_from_slice(krow);
+        out.vcodes.extend_from_slice(vrow);
+        out.vparams
+            .extend_from_slice(&self.vparams[e * 2 * ng..(e + 1) * 2 * ng]);
+        out.pos.push(self.pos[e]);
     }
 
     /// Keeps entries `keep` (strictly increasing, checked by the caller): their codes, V scales
@@ -490,32 +529,12 @@ impl QuantHead {
     /// entries remains (dequantized values of the kept entries do not change) and is dropped
     /// otherwise.
     pub fn compact(&mut self, keep: &[usize]) {
-        let ng = self.dv.checked_div(self.group).unwrap_or(0);
-        let d2 = 2 * self.d;
-        let mut out = QuantHead {
-            group: self.group,
-            d: self.d,
-            dv: self.dv,
-            ..Default::default()
-        };
+        let mut out = self.empty_like();
         let mut last = usize::MAX;
         for &e in keep {
             let g = self.gstart.partition_point(|&s| s as usize <= e) - 1;
-            if g != last {
-                out.gstart.push(out.pos.len() as u32);
-                out.gbits.push(self.gbits[g]);
-                out.koff.push(out.kcodes.len());
-                out.voff.push(out.vcodes.len());
-                out.kparams
-                    .extend_from_slice(&self.kparams[g * d2..(g + 1) * d2]);
-                last = g;
-            }
-            let (_, krow, vrow) = self.rows(g, e);
-            out.kcodes.extend_from_slice(krow);
-            out.vcodes.extend_from_slice(vrow);
-            out.vparams
-                .extend_from_slice(&self.vparams[e * 2 * ng..(e + 1) * 2 * ng]);
-            out.pos.push(self.pos[e]);
+            self.copy_entry_to(&mut out, g, e, g != last);
+            last = g;
         }
         *self = out;
     }
@@ -534,42 +553,16 @@ impl QuantHead {
         if bits.iter().zip(&self.gbits).all(|(&b, &o)| b == o as u32) {
             return Ok(());
         }
-        let (k, v) = self.dequantize();
-        let (d, dv) = (self.d, self.dv);
-        let ng = dv.checked_div(self.group).unwrap_or(0);
-        let mut out = QuantHead {
-            group: self.group,
-            d,
-            dv,
-            ..Default::default()
-        };
+        let mut out = self.empty_like();
         for (g, &b) in bits.iter().enumerate() {
             let (e0, e1) = self.group_range(g);
             if b == self.gbits[g] as u32 {
-                out.gstart.push(out.pos.len() as u32);
-                out.gbits.push(self.gbits[g]);
-                out.koff.push(out.kcodes.len());
-                out.voff.push(out.vcodes.len());
-                out.kparams
-                    .extend_from_slice(&self.kparams[g * 2 * d..(g + 1) * 2 * d]);
                 for e in e0..e1 {
-                    let (_, krow, vrow) = self.rows(g, e);
-                    out.kcodes.extend_from_slice(krow);
-                    out.vcodes.extend_from_slice(vrow);
+                    self.copy_entry_to(&mut out, g, e, e == e0);
                 }
-                out.vparams
-                    .extend_from_slice(&self.vparams[e0 * 2 * ng..e1 * 2 * ng]);
-                out.pos.extend_from_slice(&self.pos[e0..e1]);
             } else {
-                out.push_group(
-                    kivi,
-                    b,
-                    d,
-                    dv,
-                    &k[e0 * d..e1 * d],
-                    &v[e0 * dv..e1 * dv],
-                    &self.pos[e0..e1],
-                )?;
+                let (k, v) = self.dequantize_group(g);
+                out.push_group(kivi, b, self.d, self.dv, &k, &v, &self.pos[e0..e1])?;
             }
         }
         *self = out;
