@@ -133,6 +133,11 @@ pub fn check_spec(spec: &SparseSpec) -> Result<()> {
             "skip-softmax (`skip=F`) runs in the CPU forward only".into(),
         ));
     }
+    if spec.element {
+        return Err(param(
+            "element-level lines (`element=1`) run on the CPU only: the device schedule keeps whole tiles (drop `element=1`, or select on the CPU, --backend cpu)".into(),
+        ));
+    }
     if spec.method != Method::Whole {
         vs_args(spec)?;
     }
@@ -526,11 +531,12 @@ impl SparsePlan {
     pub fn selection<'a>(&self, rows: Option<&'a dyn RowMask>) -> Result<Selection<'a>> {
         let schedule = self.schedule()?;
         let cand = self.fwd.mask_schedule().clone();
-        let report = report(&schedule, &cand, rows, &self.dims);
+        let report = report((&schedule, rows), (&cand, rows), &self.dims);
         Ok(Selection {
             schedule,
             candidates: std::borrow::Cow::Owned(cand),
             rows,
+            lines: None,
             report,
             fallback: self.fallback,
         })
@@ -633,6 +639,7 @@ pub fn check_vertical_slash<'a>(
         el: Elements { s: cand, rows },
         docs: vec![vec![Doc::whole(&dims)]; dims.batch],
         dense_below: 0,
+        element: false,
     };
     let nd = dims.sq + dims.sk - 1;
     let (mut mass_err, mut rows_differ, mut rows_differ_f64) = (0f64, 0, 0);

@@ -13,25 +13,40 @@
 //! ([`Kept`]), so a tile that straddles documents keeps the union of its parts' selections.
 //! Means, last rows, masses and budgets only read the document's own queries and keys. A
 //! document with fewer keys than `dense_below` keeps every candidate of its parts.
+use super::lines::{set_bit, DocLines, HeadLines};
 use super::{Ctx, Doc, Method};
-use crate::mask::TileEntry;
+use crate::mask::{TileEntry, TileKind};
 use rayon::prelude::*;
 use std::cmp::Ordering;
 use std::ops::Range;
 
 /// Kept flags of one (batch row, head): per query tile, one flag per entry of its candidate
-/// row. The documents' parts OR into it; [`Kept::entries`] gives the kept entries.
+/// row. The documents' parts OR into it; [`Kept::entries`] gives the kept entries. With
+/// element-level lines (`ctx.element`) it also collects the kept lines of every document and,
+/// per candidate, whether a line pattern kept it (its entry becomes Partial).
 struct Kept<'c> {
     rows: Vec<&'c [TileEntry]>,
     flags: Vec<Vec<bool>>,
+    lines: Option<(HeadLines, Vec<Vec<bool>>)>,
+    /// The document being estimated (its index in the batch row's documents).
+    doc: usize,
 }
 
 impl<'c> Kept<'c> {
     fn new(ctx: &Ctx<'c>, b: usize, h: usize) -> Kept<'c> {
         let cand = ctx.cand;
         let rows: Vec<&'c [TileEntry]> = (0..cand.q_tiles).map(|qt| cand.row(b, h, qt)).collect();
-        let flags = rows.iter().map(|r| vec![false; r.len()]).collect();
-        Kept { rows, flags }
+        let flags: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
+        let lines = ctx.element.then(|| {
+            let docs = ctx.docs.get(b).map_or(1, Vec::len);
+            (HeadLines::new(ctx.dims.sk, docs), flags.clone())
+        });
+        Kept {
+            rows,
+            flags,
+            lines,
+            doc: 0,
+        }
     }
 
     /// Keeps candidate `xs.start + x` of query tile `qt` where `keep[x]`.
@@ -41,23 +56,75 @@ impl<'c> Kept<'c> {
         }
     }
 
-    fn entries(self) -> Vec<Vec<TileEntry>> {
-        self.rows
+    /// [`Kept::or`] for tiles kept by lines: with element-level lines they keep only the lines'
+    /// pairs (Partial).
+    fn or_lines(&mut self, qt: usize, xs: &Range<usize>, keep: &[bool]) {
+        self.or(qt, xs, keep);
+        if let Some((_, partial)) = self.lines.as_mut() {
+            for (f, &k) in partial[qt][xs.clone()].iter_mut().zip(keep) {
+                *f |= k;
+            }
+        }
+    }
+
+    /// Records the current document's kept lines (element level only): columns `cols` (index
+    /// j - k0) and diagonals `diags` (index o - omin).
+    fn record_lines(&mut self, k0: usize, cols: &[bool], (diags, omin): (&[bool], i64)) {
+        let Some((hl, _)) = self.lines.as_mut() else {
+            return;
+        };
+        for x in (0..cols.len()).filter(|&x| cols[x]) {
+            set_bit(&mut hl.cols, k0 + x);
+        }
+        // Reversed: bit n - 1 - x is offset omin + x = omax - (n - 1 - x).
+        let n = diags.len();
+        let mut diag = vec![0u64; n.div_ceil(64)];
+        for x in (0..n).filter(|&x| diags[x]) {
+            set_bit(&mut diag, n - 1 - x);
+        }
+        hl.docs[self.doc] = DocLines {
+            whole: false,
+            omax: omin + n as i64 - 1,
+            diag,
+        };
+    }
+
+    fn entries(self) -> (Vec<Vec<TileEntry>>, Option<HeadLines>) {
+        let none = vec![Vec::new(); self.rows.len()];
+        let (lines, partial) = match self.lines {
+            Some((l, p)) => (Some(l), p),
+            None => (None, none),
+        };
+        let rows = self
+            .rows
             .iter()
             .zip(&self.flags)
-            .map(|(row, f)| {
+            .enumerate()
+            .map(|(qt, (row, f))| {
                 row.iter()
                     .zip(f)
-                    .filter(|(_, &k)| k)
-                    .map(|(e, _)| *e)
+                    .enumerate()
+                    .filter(|(_, (_, &k))| k)
+                    .map(|(x, (e, _))| match partial[qt].get(x) {
+                        Some(true) => TileEntry {
+                            kind: TileKind::Partial,
+                            ..*e
+                        },
+                        _ => *e,
+                    })
                     .collect()
             })
-            .collect()
+            .collect();
+        (rows, lines)
     }
 }
 
-/// Kept entries of every (batch row, query head) in row order, each a list per query tile.
-pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<Vec<Vec<TileEntry>>> {
+/// Kept entries of every (batch row, query head) in row order, each a list per query tile, and
+/// its element-level lines (with `ctx.element`).
+pub(crate) type HeadSelection = (Vec<Vec<TileEntry>>, Option<HeadLines>);
+
+/// The selection of every (batch row, query head) in row order.
+pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
     let d = ctx.dims;
     if let Method::Proxy { gamma, rows, last } = *method {
         // The proxy scores once per (batch row, KV group), then each head's own budget.
@@ -131,9 +198,10 @@ fn each_doc(
     b: usize,
     h: usize,
     mut f: impl FnMut(&Doc, usize, &mut Kept),
-) -> Vec<Vec<TileEntry>> {
+) -> HeadSelection {
     let mut kept = Kept::new(ctx, b, h);
     for (x, doc) in ctx.docs[b].iter().enumerate() {
+        kept.doc = x;
         if doc.k.is_empty() {
             continue; // no key: its queries attend nothing
         }
@@ -442,7 +510,7 @@ pub(crate) fn vs_keep(
         a,
         &mut kept,
     );
-    kept.entries()
+    kept.entries().0
 }
 
 /// Vertical-slash's keep step for one document from its masses (`m` = col, diag, omin as in
@@ -486,6 +554,7 @@ fn coarsen(
     let (cp, dp) = (prefix(cols), prefix(diags));
     let n_diag = diags.len() as i64;
     let k0 = doc.k.start;
+    kept.record_lines(k0, cols, (diags, omin));
     for (qt, rows) in ctx.parts(doc) {
         let xs = ctx.doc_cands(b, h, qt, doc);
         let (p0, p1) = (ctx.pos(rows.start), ctx.pos(rows.end - 1));
@@ -499,7 +568,7 @@ fn coarsen(
                     || (lo <= hi && dp[hi as usize + 1] > dp[lo as usize])
             })
             .collect();
-        kept.or(qt, &xs, &keep);
+        kept.or_lines(qt, &xs, &keep);
     }
 }
 

@@ -128,12 +128,14 @@
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
 pub mod cuda;
 mod estimate;
+mod lines;
 pub mod reference;
 pub(crate) mod spec;
 mod synthetic;
 #[cfg(test)]
 mod tests;
 
+pub use lines::Lines;
 pub use spec::{Method, SparseSpec, DENSE_BELOW};
 pub use synthetic::structured_qk;
 
@@ -153,8 +155,12 @@ pub struct Selection<'a> {
     pub schedule: BlockSchedule,
     /// The caller's mask at the same tiles (the candidates).
     pub candidates: Cow<'a, BlockSchedule>,
-    /// The element mask of Partial tiles (the caller's), if any.
+    /// The element mask of the candidates' Partial tiles (the caller's), if any.
     pub rows: Option<&'a dyn RowMask>,
+    /// Element-level lines (`element=1`): the element mask of the selection's tiles (the
+    /// caller's mask and the kept columns and diagonals); `None`: the selection's Partial tiles
+    /// are the mask's, with `rows`.
+    pub lines: Option<Lines<'a>>,
     pub report: SparseReport,
     /// The dense fallback was taken (fewer keys than the spec's `dense_below`): every
     /// candidate tile is kept and no estimator ran.
@@ -166,7 +172,16 @@ impl<'a> Selection<'a> {
     pub fn mask(&self) -> MaskSpec<'_> {
         MaskSpec::Schedule {
             schedule: &self.schedule,
-            rows: self.rows,
+            rows: self.row_mask(),
+        }
+    }
+
+    /// The element mask of the selection's Partial tiles: the lines of an element-level
+    /// selection, else the caller's.
+    pub fn row_mask(&self) -> Option<&dyn RowMask> {
+        match &self.lines {
+            Some(l) => Some(l as &dyn RowMask),
+            None => self.rows,
         }
     }
 
@@ -182,7 +197,8 @@ impl<'a> Selection<'a> {
     }
 
     /// The selection as a u8 table `[B, Hq, query tiles, key tiles]`: 0 = tile skipped,
-    /// 1 = computed whole, 2 = computed in part (a Partial tile of the mask).
+    /// 1 = computed whole, 2 = computed in part (a Partial tile of the mask, or of the kept
+    /// lines of an element-level selection).
     pub fn block_mask(&self) -> Vec<u8> {
         let r = &self.report;
         block_table(&self.schedule, r.batch, r.heads)
@@ -379,6 +395,8 @@ pub(crate) struct Ctx<'a> {
     /// Documents with fewer keys keep every candidate of their queries (the dense fallback per
     /// document).
     pub dense_below: usize,
+    /// Element-level lines (`element=1`): kept columns and diagonals select single pairs.
+    pub element: bool,
 }
 
 impl Ctx<'_> {
@@ -570,40 +588,57 @@ pub fn select<'a>(
         el: Elements { s: &cand, rows },
         docs,
         dense_below,
+        element: spec.element,
     };
-    let schedule = match estimate {
-        false => cand.as_ref().clone(),
+    let (schedule, lines) = match estimate {
+        false => (cand.as_ref().clone(), None),
         true => build(&ctx, estimate::select_all(&ctx, &spec.method))?,
     };
-    let report = report(&schedule, &cand, rows, &dims);
+    let lines = lines.map(|l| {
+        let doc_q0 = ctx.docs.iter().map(|r| r.iter().map(|d| d.q.start).collect());
+        let size = (dims.hq, dims.sq, dims.sk);
+        Lines::new(size, l, doc_q0.collect(), cand.as_ref().clone(), rows)
+    });
+    let sel_rows = match &lines {
+        Some(l) => Some(l as &dyn RowMask),
+        None => rows,
+    };
+    let report = report((&schedule, sel_rows), (&cand, rows), &dims);
     Ok(Selection {
         schedule,
         candidates: cand,
         rows,
+        lines,
         report,
         fallback,
     })
 }
 
-/// Kept entries per (batch row, head) in order, each a list per query tile, into a schedule.
-fn build(ctx: &Ctx, heads: Vec<Vec<Vec<TileEntry>>>) -> Result<BlockSchedule> {
+/// Kept entries per (batch row, head) in order, each a list per query tile, into a schedule;
+/// with element-level lines, those of every (batch row, head) too.
+fn build(
+    ctx: &Ctx,
+    heads: Vec<estimate::HeadSelection>,
+) -> Result<(BlockSchedule, Option<Vec<lines::HeadLines>>)> {
     let c = ctx.cand;
     let mut s = BlockSchedule::empty(c.tile_q, c.tile_k, c.sq, c.sk, ctx.dims.batch, ctx.dims.hq)?;
-    s.reserve(heads.iter().flatten().map(Vec::len).sum());
-    for row in heads.iter().flatten() {
+    s.reserve(heads.iter().flat_map(|h| &h.0).map(Vec::len).sum());
+    for row in heads.iter().flat_map(|h| &h.0) {
         s.push_row_with(|out| out.extend_from_slice(row))?;
     }
-    s.finish()
+    let lines = heads.into_iter().map(|h| h.1).collect::<Option<Vec<_>>>();
+    Ok((s.finish()?, lines))
 }
 
+/// Allowed pairs of the selection (its schedule and element mask) and of the candidates, per
+/// (batch row, head).
 fn report(
-    sel: &BlockSchedule,
-    cand: &BlockSchedule,
-    rows: Option<&dyn RowMask>,
+    (sel, sel_rows): (&BlockSchedule, Option<&dyn RowMask>),
+    (cand, rows): (&BlockSchedule, Option<&dyn RowMask>),
     dims: &Dims,
 ) -> SparseReport {
     let (bn, hq) = (dims.batch, dims.hq);
-    let per_head = |s: &BlockSchedule| -> Vec<u64> {
+    let per_head = |s: &BlockSchedule, rows: Option<&dyn RowMask>| -> Vec<u64> {
         (0..bn * hq)
             .map(|r| s.allowed_pairs(r / hq, r % hq, rows))
             .collect()
@@ -611,8 +646,8 @@ fn report(
     SparseReport {
         batch: bn,
         heads: hq,
-        selected: per_head(sel),
-        allowed: per_head(cand),
+        selected: per_head(sel, sel_rows),
+        allowed: per_head(cand, rows),
     }
 }
 
@@ -656,7 +691,7 @@ pub fn mass_recall(
     };
     let part = Elements {
         s: &sel.schedule,
-        rows: sel.rows,
+        rows: sel.row_mask(),
     };
     // k stands in for v: only the LSE is read.
     let oracle = |el: Elements| {

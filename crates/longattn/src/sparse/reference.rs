@@ -46,6 +46,9 @@ fn doc_sets(mask: &MaskSpec, b: usize, sq: usize, sk: usize) -> Vec<DocSet> {
         .collect()
 }
 
+/// A line pattern's rule: whether key j or offset o = p_i - j is kept.
+type LineRule = Box<dyn Fn(usize, i64) -> bool>;
+
 /// The selection of `spec` under `mask`, computed the plain way: every document of every
 /// (batch row, head) on its own (module `sparse`), the kept tiles the union over the documents,
 /// intersected with the candidates.
@@ -56,13 +59,50 @@ pub fn select_reference(
     spec: &SparseSpec,
     mask: MaskSpec,
 ) -> Result<BlockSchedule> {
+    reference_impl(q, k, params, spec, mask, None)
+}
+
+/// [`select_reference`] and the pairs it keeps, `[B, Hq, Sq, Sk]`: those the mask allows in a
+/// kept tile, and with `spec.element`, for documents estimated by a line pattern
+/// (vertical-slash, FlexPrefill's vertical-slash heads), only those on a kept column or
+/// diagonal (module `sparse::lines`).
+pub fn select_pairs_reference(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec,
+) -> Result<(BlockSchedule, Vec<bool>)> {
+    let dims = dims_of(q, k)?;
+    let mut pairs = vec![false; dims.batch * dims.hq * dims.sq * dims.sk];
+    let s = reference_impl(q, k, params, spec, mask, Some(&mut pairs))?;
+    Ok((s, pairs))
+}
+
+fn reference_impl(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec,
+    mut pairs: Option<&mut Vec<bool>>,
+) -> Result<BlockSchedule> {
     spec.check()?;
     params.check()?;
     let dims = dims_of(q, k)?;
     let (cand, rows) = candidates(mask, &dims, (spec.block, spec.block))?;
     let dense_below = spec.dense_below_or(super::DENSE_BELOW);
     if dims.sk < dense_below || spec.method == Method::Whole {
-        return Ok(cand.into_owned()); // the dense fallback / skip: every tile of the mask
+        // The dense fallback / skip: every tile of the mask.
+        if let Some(p) = pairs {
+            let el = Elements { s: &cand, rows };
+            for (x, f) in p.iter_mut().enumerate() {
+                let (r, j) = (x / dims.sk, x % dims.sk);
+                let (b, h, i) = (r / (dims.hq * dims.sq), r / dims.sq % dims.hq, r % dims.sq);
+                *f = el.allowed(b, h, i, j);
+            }
+        }
+        return Ok(cand.into_owned());
     }
     // The fast path's refusals (`document` not a conjunct, ids that are not runs).
     documents(&mask, &dims)?;
@@ -97,14 +137,17 @@ pub fn select_reference(
                 };
                 let first_key = doc.k[0];
                 let last_rows = &doc.q[doc.q.len() - last_of(spec.method).min(doc.q.len())..];
-                let doc_kept: Vec<Vec<bool>> = if doc.k.len() < dense_below {
+                let (doc_kept, line): (Vec<Vec<bool>>, Option<LineRule>) = if doc.k.len()
+                    < dense_below
+                {
                     // Short document: every candidate of its rows that meets its keys.
-                    (0..nq)
+                    let tiles = (0..nq)
                         .map(|qt| {
                             let some = !q_of(qt).is_empty();
                             (0..nk).map(|kt| some && !k_of(kt).is_empty()).collect()
                         })
-                        .collect()
+                        .collect();
+                    (tiles, None)
                 } else {
                     // The pooled-score selection of `method` over this document.
                     let pooled_doc = |method| {
@@ -136,11 +179,15 @@ pub fn select_reference(
                             off,
                         ) {
                             Some((cols, diags)) => {
-                                let col_kept = |j: usize| j == first_key || cols.contains(&j);
-                                let diag_kept = |o: i64| o == 0 || diags.contains(&o);
-                                cover(&cand, off, (&q_of, &k_of), &col_kept, &diag_kept)
+                                let line: LineRule = Box::new(move |j, o| {
+                                    j == first_key
+                                        || cols.contains(&j)
+                                        || o == 0
+                                        || diags.contains(&o)
+                                });
+                                (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                             }
-                            None => pooled_doc(spec.method),
+                            None => (pooled_doc(spec.method), None),
                         },
                         Method::VerticalSlash {
                             v, s, sink, local, ..
@@ -152,12 +199,16 @@ pub fn select_reference(
                             let (cols, diags): (HashSet<usize>, HashSet<i64>) =
                                 (cols.into_iter().collect(), diags.into_iter().collect());
                             let sinks: HashSet<usize> = doc.k.iter().take(sink).copied().collect();
-                            let col_kept = |j: usize| sinks.contains(&j) || cols.contains(&j);
-                            let diag_kept =
-                                |o: i64| (0..local as i64).contains(&o) || diags.contains(&o);
-                            cover(&cand, off, (&q_of, &k_of), &col_kept, &diag_kept)
+                            let line: LineRule = Box::new(move |j, o| {
+                                sinks.contains(&j)
+                                    || cols.contains(&j)
+                                    || (0..local as i64).contains(&o)
+                                    || diags.contains(&o)
+                            });
+                            (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                         }
-                        Method::Proxy { gamma, rows, .. } => proxy_reference(
+                        Method::Proxy { gamma, rows, .. } => (
+                            proxy_reference(
                             q,
                             k,
                             &el,
@@ -166,12 +217,27 @@ pub fn select_reference(
                             [gamma],
                             rows,
                             (last_rows, &doc.k),
-                            off,
-                            (&q_of, &k_of),
+                                off,
+                                (&q_of, &k_of),
+                            ),
+                            None,
                         ),
-                        method => pooled_doc(method),
+                        method => (pooled_doc(method), None),
                     }
                 };
+                // The document's pairs: allowed by the mask, in a kept tile, on a kept line
+                // where an element-level line pattern chose them.
+                if let Some(p) = pairs.as_deref_mut() {
+                    let line = line.filter(|_| spec.element);
+                    for &i in &doc.q {
+                        let row = ((b * dims.hq + h) * dims.sq + i) * dims.sk;
+                        for &j in &doc.k {
+                            let tile = doc_kept[i / cand.tile_q][j / cand.tile_k];
+                            let on = line.as_ref().is_none_or(|r| r(j, i as i64 + off - j as i64));
+                            p[row + j] = tile && on && el.allowed(b, h, i, j);
+                        }
+                    }
+                }
                 for (row, d) in kept.iter_mut().zip(&doc_kept) {
                     for (x, &y) in row.iter_mut().zip(d) {
                         *x |= y;
@@ -287,13 +353,12 @@ fn pooled(
 }
 
 /// Every tile (as `[q tile][k tile]`) with a document row i and a document key j where j is a
-/// kept column or o = p_i - j a kept diagonal.
+/// kept column or o = p_i - j a kept diagonal (`line(j, o)`).
 fn cover(
     cand: &BlockSchedule,
     off: i64,
     (q_of, k_of): Parts,
-    col_kept: &dyn Fn(usize) -> bool,
-    diag_kept: &dyn Fn(i64) -> bool,
+    line: &dyn Fn(usize, i64) -> bool,
 ) -> Vec<Vec<bool>> {
     (0..cand.q_tiles)
         .map(|qt| {
@@ -302,8 +367,7 @@ fn cover(
                 .map(|kt| {
                     let keys = k_of(kt);
                     rows.iter().any(|&i| {
-                        keys.iter()
-                            .any(|&j| col_kept(j) || diag_kept(i as i64 + off - j as i64))
+                        keys.iter().any(|&j| line(j, i as i64 + off - j as i64))
                     })
                 })
                 .collect()

@@ -69,6 +69,10 @@ pub struct SparseSpec {
     /// the forward through the selection drops key groups whose probabilities relative to the
     /// running maximum all fall below lambda = F / Sk ([`crate::AttnParams::skip_below`]).
     pub skip: Option<f64>,
+    /// Element-level lines (argument `element=1` of `vertical_slash` and `flexprefill`; default
+    /// 0): the kept columns and diagonals select single pairs, not the whole tiles they cross
+    /// (the tiles become Partial, their bits from [`crate::sparse::Lines`]).
+    pub element: bool,
 }
 
 /// Default of `dense_below`: below 1024 keys a 64-wide selection has at most 16 key tiles per
@@ -89,6 +93,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("last", 64.0),
             ("sink", 4.0),
             ("local", 64.0),
+            ("element", 0.0),
         ],
         "flexprefill" => &[
             ("gamma", 0.9),
@@ -96,6 +101,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("min_budget", 256.0),
             ("block", 64.0),
             ("last", 64.0),
+            ("element", 0.0),
         ],
         "proxy" => &[
             ("gamma", 0.9),
@@ -267,6 +273,18 @@ impl SparseSpec {
                 false => None,
             },
             skip,
+            element: match accepted.iter().position(|a| a.0 == "element") {
+                Some(_) => match arg("element") {
+                    0.0 => false,
+                    1.0 => true,
+                    x => {
+                        return Err(err(format!(
+                            "`{name}`: `element` must be 0 (whole tiles) or 1 (single pairs), got {x}"
+                        )))
+                    }
+                },
+                None => false,
+            },
         };
         spec.check()?;
         Ok(spec)
@@ -303,6 +321,16 @@ impl SparseSpec {
                     "the skip-softmax factor must be finite and > 0, got {f}"
                 )));
             }
+        }
+        let lines = matches!(
+            self.method,
+            Method::VerticalSlash { .. } | Method::FlexPrefill { .. }
+        );
+        if self.element && !lines {
+            return Err(err(format!(
+                "`element` selects single pairs on kept columns and diagonals: only `vertical_slash` and `flexprefill` take it, not {:?}",
+                self.method
+            )));
         }
         match self.method {
             Method::TopMass { gamma } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(format!(
@@ -376,6 +404,9 @@ impl fmt::Display for SparseSpec {
             ),
         };
         write!(f, "{name}({args}")?;
+        if self.element {
+            write!(f, ",element=1")?;
+        }
         if let Some(n) = self.dense_below {
             write!(f, ",dense_below={n}")?;
         }

@@ -59,6 +59,7 @@ fn parse_accepts_the_grammar() {
             block: 128,
             dense_below: Some(0),
             skip: None,
+            element: false,
         }
     );
     assert_eq!(
@@ -68,6 +69,7 @@ fn parse_accepts_the_grammar() {
             block: 512,
             dense_below: Some(0),
             skip: None,
+            element: false,
         }
     );
     assert_eq!(
@@ -113,10 +115,14 @@ fn parse_accepts_the_grammar() {
         "skip(factor=12.5,block=32,dense_below=0)",
         "topmass(gamma=0.9,skip=300)",
         "proxy(gamma=0.5,rows=3,block=16,last=8)",
+        "vertical_slash(v=3,s=1,block=16,last=5,sink=0,local=1,element=1)",
+        "flexprefill(gamma=0.5,tau=0.25,min_budget=7,block=8,last=3,element=1,skip=20)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
     }
+    assert!(spec("vertical_slash(element=1)").element);
+    assert!(!spec("vertical_slash(element=0)").element);
 }
 
 #[test]
@@ -150,6 +156,8 @@ fn parse_rejects_bad_specs_by_name() {
         ("topmass(skip=-3)", "factor must be finite and > 0"),
         ("skip(skip=3)", "`factor=F`"),
         ("skip(gamma=0.5)", "unknown argument `gamma`"),
+        ("vertical_slash(element=2)", "`element` must be 0 (whole tiles) or 1"),
+        ("topmass(element=1)", "unknown argument `element`"),
     ] {
         let e = SparseSpec::parse(text).unwrap_err().to_string();
         assert!(e.contains(needle), "`{text}`: error `{e}` lacks `{needle}`");
@@ -711,6 +719,7 @@ fn bad_inputs_are_clear_errors() {
         block: 16,
         dense_below: Some(0),
         skip: None,
+        element: false,
     };
     assert!(select(&qv, &kv, &p, &bad, MaskSpec::Full).is_err());
     let k8 = random_tensor(DType::F32, &[1, 50, 1, 4], 1.0, 1950);
@@ -1205,4 +1214,190 @@ fn documents_that_cross_or_are_not_runs_are_refused_by_name() {
         let r = select_reference(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
         assert_eq!(block_table(&r, 1, 2), block_table(&whole, 1, 2), "{text}");
     }
+}
+
+// ---- Element-level lines (`element=1`) ----
+
+/// The pairs a selection keeps, `[B, Hq, Sq, Sk]`, read through its schedule and row mask.
+fn kept_pairs(sel: &Selection, (b, hq, sq, sk): (usize, usize, usize, usize)) -> Vec<bool> {
+    let el = Elements {
+        s: &sel.schedule,
+        rows: sel.row_mask(),
+    };
+    let (mut out, mut row, mut words) = (Vec::new(), vec![false; sk], Vec::new());
+    for bb in 0..b {
+        for h in 0..hq {
+            for i in 0..sq {
+                el.row(bb, h, i, &mut row, &mut words);
+                out.extend_from_slice(&row);
+            }
+        }
+    }
+    out
+}
+
+/// One element-level case against the reference: the same tiles as the tile-level spec, the
+/// reference's pairs (each pair, and per head in the report), and the forward equal to the
+/// oracle over those pairs. Returns (pairs kept, pairs in the kept tiles under the mask).
+fn check_element_case(
+    [qv, kv, vv]: [&TensorView; 3],
+    s: &SparseSpec,
+    bound: Option<&BoundMask>,
+    what: &str,
+) -> (usize, usize) {
+    let [bn, sq, hq, _] = qv.shape;
+    let sk = kv.shape[1];
+    let p = AttnParams::default();
+    let mask = bound.map_or(MaskSpec::Full, MaskSpec::Expr);
+    let (out, sel) = forward(qv, kv, vv, &p, s, mask).unwrap();
+    let tiles = select(qv, kv, &p, &SparseSpec { element: false, ..*s }, mask).unwrap();
+    let on = |t: Vec<u8>| t.into_iter().map(|x| x != 0).collect::<Vec<_>>();
+    assert_eq!(
+        on(sel.block_mask()),
+        on(tiles.block_mask()),
+        "{what}: tiles differ from the tile-level selection"
+    );
+    let (_, want) =
+        super::reference::select_pairs_reference(qv, kv, &p, s, mask).unwrap();
+    let got = kept_pairs(&sel, (bn, hq, sq, sk));
+    if let Some(x) = (0..want.len()).find(|&x| got[x] != want[x]) {
+        let (r, j) = (x / sk, x % sk);
+        panic!(
+            "{what}: pair (b {}, h {}, i {}, j {j}) kept {} by the selection, {} by the reference",
+            r / (hq * sq),
+            r / sq % hq,
+            r % sq,
+            got[x],
+            want[x]
+        );
+    }
+    for r in 0..bn * hq {
+        let n = want[r * sq * sk..(r + 1) * sq * sk].iter().filter(|&&x| x).count();
+        assert_eq!(sel.report.selected[r], n as u64, "{what}: report of head {r}");
+    }
+    let oracle = attention_f64(qv, kv, vv, &p, &|b, h, i, j| {
+        want[((b * hq + h) * sq + i) * sk + j]
+    })
+    .unwrap();
+    assert_close(&out, &oracle, what);
+    let whole = kept_pairs(&tiles, (bn, hq, sq, sk));
+    (
+        got.iter().filter(|&&x| x).count(),
+        whole.iter().filter(|&&x| x).count(),
+    )
+}
+
+/// Element-level vertical-slash and FlexPrefill (both of its patterns: tau = 0 forces the
+/// lines, tau = 1 the query-aware blocks) keep exactly the reference's pairs at awkward sizes,
+/// Sq != Sk, GQA and under masks with Partial tiles; the forward matches the oracle over them.
+#[test]
+fn element_lines_keep_the_reference_pairs() {
+    let specs = [
+        "vertical_slash(v=8,s=4,block=16,last=16,sink=1,local=4,element=1)",
+        "vertical_slash(v=3,s=2,block=32,last=7,sink=0,local=0,element=1)",
+        "vertical_slash(v=5,s=3,block=24,last=9,sink=2,local=3,element=1)",
+        "flexprefill(gamma=0.7,tau=0,min_budget=3,block=16,last=9,element=1)",
+        "flexprefill(gamma=0.8,tau=0.1,min_budget=20,block=16,last=16,element=1)",
+        "flexprefill(gamma=0.95,tau=1,min_budget=40,block=9,last=1,element=1)",
+    ];
+    let mut shapes: Vec<(usize, usize)> = [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
+    shapes.extend([(65, 130), (113, 65), (7, 63)]);
+    let (mut seed, mut thinner) = (7000, 0);
+    for (sq, sk) in shapes {
+        for m in MASKS {
+            for t in specs {
+                let s = spec(t);
+                let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), seed);
+                seed += 3;
+                let [qv, kv, vv] = views([&q, &k, &v]);
+                let bound = m.map(|e| bind(e, 2, sq, sk));
+                let what = format!("{t} sq {sq} sk {sk} mask {m:?}");
+                let (kept, whole) = check_element_case([&qv, &kv, &vv], &s, bound.as_ref(), &what);
+                assert!(kept <= whole, "{what}");
+                thinner += (kept < whole) as usize;
+            }
+        }
+    }
+    assert!(thinner > 60, "only {thinner} element selections kept fewer pairs than their tiles");
+}
+
+/// Packed documents: every document keeps its own lines (a diagonal one document kept is not
+/// kept in another), documents below `dense_below` and FlexPrefill's block heads keep whole tiles.
+#[test]
+fn element_lines_work_per_document() {
+    let square: [&[usize]; 2] = [&[1, 7, 63, 65, 113], &[113, 65, 1, 7, 63]];
+    let ids = run_ids(&square);
+    let mut seed = 7500;
+    for m in DOC_MASKS {
+        for t in [
+            "vertical_slash(v=5,s=3,block=16,last=80,sink=3,local=5,dense_below=60,element=1)",
+            "vertical_slash(v=4,s=2,block=32,last=8,sink=1,local=2,element=1)",
+            "flexprefill(gamma=0.9,tau=0.2,min_budget=16,block=16,last=100,dense_below=8,element=1)",
+            "flexprefill(gamma=0.6,tau=0,min_budget=2,block=16,last=12,element=1)",
+        ] {
+            let s = spec(t);
+            let [q, k, v] = inputs((2, 249, 249, 4, 2, 8), seed);
+            seed += 3;
+            let [qv, kv, vv] = views([&q, &k, &v]);
+            let bound = bind_docs(m, (2, 249, 249), ids.clone(), ids.clone());
+            let what = format!("{t} mask {m}");
+            let (kept, whole) = check_element_case([&qv, &kv, &vv], &s, Some(&bound), &what);
+            assert!(kept < whole, "{what}: {kept} pairs of {whole}");
+        }
+    }
+}
+
+/// The backward through an element-level selection equals the oracle's over its pairs.
+#[test]
+fn backward_through_element_lines_matches_the_oracle() {
+    let (sq, sk) = (65, 130);
+    let s = spec("vertical_slash(v=6,s=3,block=16,last=8,sink=1,local=4,element=1)");
+    let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), 7900);
+    let d_o = random_tensor(DType::F32, &[2, sq, 4, 16], 1.0, 7901);
+    let [qv, kv, vv] = views([&q, &k, &v]);
+    let dov = d_o.view("do").unwrap();
+    let p = AttnParams::default();
+    let bound = bind("causal", 2, sq, sk);
+    let (out, sel) = forward(&qv, &kv, &vv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+    let keep = kept_pairs(&sel, (2, 4, sq, sk));
+    let ov = out.out.view("out").unwrap();
+    let g = backward(
+        &qv,
+        &kv,
+        &vv,
+        &ov,
+        &out.lse,
+        &dov,
+        &p,
+        sel.mask(),
+        &BackwardParams::default(),
+    )
+    .unwrap();
+    let r = attention_backward_f64(&qv, &kv, &vv, &dov, &p, &|b, h, i, j| {
+        keep[((b * 4 + h) * sq + i) * sk + j]
+    })
+    .unwrap();
+    let floor = r.dv.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    for (name, got, want) in [("dq", &g.dq, &r.dq), ("dk", &g.dk, &r.dk), ("dv", &g.dv, &r.dv)] {
+        let e = compare_grad(got, want, floor);
+        assert!(e <= grad_tolerance(DType::F32), "{name} error {e:e}");
+    }
+}
+
+/// Lines that cross only masked pairs: under `!causal` (keys after the query) the kept
+/// diagonal o = 0 holds no allowed pair, so its tiles are Partial with no bits; every row is
+/// empty (output 0, LSE -inf), and the report counts nothing.
+#[test]
+fn element_lines_on_masked_pairs_leave_rows_empty() {
+    let n = 100;
+    let [q, k, v] = inputs((1, n, n, 2, 1, 16), 7950);
+    let [qv, kv, vv] = views([&q, &k, &v]);
+    let p = AttnParams::default();
+    let bound = bind("!causal", 1, n, n);
+    let s = spec("vertical_slash(v=0,s=0,block=16,last=4,sink=0,local=1,element=1)");
+    let (out, sel) = forward(&qv, &kv, &vv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+    assert!(sel.schedule.counts().1 > 0, "no Partial tile");
+    assert_eq!(sel.report.selected, vec![0, 0]);
+    assert!(out.lse.iter().all(|&l| l == f32::NEG_INFINITY));
+    assert!(out.out.data.to_f32_vec().iter().all(|&x| x == 0.0));
 }
