@@ -55,7 +55,8 @@ pub struct LayerStats {
     /// Rows summed in `recall_sum` (rows the mask leaves non-empty), per query head.
     pub recall_rows: Vec<u64>,
     /// The same sum for the best selection with as many tiles per query tile
-    /// ([`sparse::best_recall`]), per query head (with `recall`).
+    /// ([`sparse::best_recall`]), per query head (with `recall`; empty for element-level
+    /// selections, whose equal size is a pair count, not a tile count).
     pub best_sum: Vec<f64>,
 }
 
@@ -73,7 +74,8 @@ impl LayerStats {
         self.per_row(&self.best_sum)
     }
     fn per_row(&self, sums: &[f64]) -> Option<Vec<f64>> {
-        (!self.recall_rows.is_empty() && self.recall_rows.iter().all(|&n| n > 0)).then(|| {
+        let measured = !self.recall_rows.is_empty() && sums.len() == self.recall_rows.len();
+        (measured && self.recall_rows.iter().all(|&n| n > 0)).then(|| {
             sums.iter()
                 .zip(&self.recall_rows)
                 .map(|(s, &n)| s / n as f64)
@@ -229,9 +231,13 @@ impl Attention for SparseAttention {
                     }
                 }
             }
-            // The best selection of equal size per query tile: its per-head mean times the rows.
-            let best = sparse::best_recall(q, &kv, &params, &sel)?;
-            Some((per, best.per_head))
+            // The best selection of equal size per query tile: its per-head mean times the rows
+            // (tile selections only).
+            let best = match sel.lines {
+                Some(_) => None,
+                None => Some(sparse::best_recall(q, &kv, &params, &sel)?.per_head),
+            };
+            Some((per, best))
         } else {
             None
         };
@@ -251,7 +257,7 @@ impl Attention for SparseAttention {
                         allowed: vec![0; hq],
                         recall_sum: vec![0.0; r],
                         recall_rows: vec![0; r],
-                        best_sum: vec![0.0; r],
+                        best_sum: vec![0.0; if self.spec.element { 0 } else { r }],
                         ..Default::default()
                     },
                 );
@@ -279,7 +285,9 @@ impl Attention for SparseAttention {
             for (h, (s, n)) in per.into_iter().enumerate() {
                 ls.recall_sum[h] += s;
                 ls.recall_rows[h] += n;
-                ls.best_sum[h] += best[h] * n as f64;
+                if let Some(b) = &best {
+                    ls.best_sum[h] += b[h] * n as f64;
+                }
             }
         }
         Ok(out)

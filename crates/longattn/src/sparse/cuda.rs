@@ -133,6 +133,11 @@ pub fn check_spec(spec: &SparseSpec) -> Result<()> {
             "skip-softmax (`skip=F`) runs in the CPU forward only".into(),
         ));
     }
+    if spec.with.is_some() {
+        return Err(param(format!(
+            "`{spec}`: unions of methods (`A + B`) are selected on the CPU only (--backend cpu)"
+        )));
+    }
     if spec.element {
         return Err(param(
             "element-level lines (`element=1`) run on the CPU only: the device schedule keeps whole tiles (drop `element=1`, or select on the CPU, --backend cpu)".into(),

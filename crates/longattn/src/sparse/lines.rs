@@ -12,7 +12,8 @@
 //! the caller's row bits; not listed: none) and `col` / `diag_d` the kept lines. A document
 //! whose estimate is not a line pattern (a FlexPrefill head that chose query-aware blocks, a
 //! document below `dense_below`) is `whole`: its rows keep every pair of their selected tiles,
-//! and those tiles keep the mask's kind.
+//! and those tiles keep the mask's kind. The tiles of a union's second method (`A + B`, B's
+//! tiles whole) keep every pair too.
 //!
 //! Storage, per (batch row, query head): the kept columns as a bit set over the keys, and per
 //! document the kept offsets o = p_i - j as a bit set in reverse, bit x = offset omax - x
@@ -119,6 +120,8 @@ pub struct Lines<'a> {
     /// The candidates (the caller's mask at the selection's tiles) and their row bits.
     cand: BlockSchedule,
     rows: Option<&'a dyn RowMask>,
+    /// The tiles a union's second method keeps (`A + B`): whole, whatever the lines say.
+    whole: Option<BlockSchedule>,
 }
 
 impl<'a> Lines<'a> {
@@ -126,7 +129,7 @@ impl<'a> Lines<'a> {
         (heads, sq, sk): (usize, usize, usize),
         lines: Vec<HeadLines>,
         doc_q0: Vec<Vec<usize>>,
-        cand: BlockSchedule,
+        (cand, whole): (BlockSchedule, Option<BlockSchedule>),
         rows: Option<&'a dyn RowMask>,
     ) -> Lines<'a> {
         Lines {
@@ -137,6 +140,7 @@ impl<'a> Lines<'a> {
             doc_q0,
             cand,
             rows,
+            whole,
         }
     }
 
@@ -188,6 +192,17 @@ impl RowMask for Lines<'_> {
                 let j = (j0 + 64 * w) as i64;
                 *o = bits_at(&hl.cols, j) | bits_at(&dl.diag, j - shift);
             }
+            // A union's whole tiles.
+            if let Some(w) = &self.whole {
+                let end = (j0 + 64 * out.len()).min(self.sk);
+                for e in w.row(b, h, i / w.tile_q) {
+                    let (k0, k1) = w.k_range(e.k_tile as usize);
+                    let (c0, c1) = (k0.max(j0), k1.min(end));
+                    if c0 < c1 {
+                        set_range(out, c0 - j0, c1 - j0);
+                    }
+                }
+            }
         }
         let mut m = [0u64; 8];
         let mut big = Vec::new();
@@ -221,7 +236,9 @@ mod tests {
                 })
                 .fold(0, |a, t| a | 1 << t)
         };
-        for at in [-70, -64, -3, 0, 1, 5, 37, 63, 64, 65, 100, 128, 150, 191, 192, 300] {
+        for at in [
+            -70, -64, -3, 0, 1, 5, 37, 63, 64, 65, 100, 128, 150, 191, 192, 300,
+        ] {
             assert_eq!(bits_at(&b, at), plain(at), "at {at}");
         }
         let mut d = vec![0u64; 3];

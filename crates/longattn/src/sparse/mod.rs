@@ -44,8 +44,8 @@
 //! | `topmass` | `gamma` in (0, 1] (0.95), `block` (64) | the most probable key blocks until their mass reaches gamma, under p = softmax over key blocks of the pooled score; gamma = 1 keeps every block |
 //! | `relthresh` | `alpha` in [0, 1] (0.5), `block` (64) | the key blocks with p >= alpha max p (sort-free: s >= max s + ln alpha); alpha = 0 keeps every block |
 //! | `moba` | `block` (512), `topk` >= 1 (3) | the topk key blocks by mean(q_block) . mean(k_block), the current (diagonal) blocks forced in first |
-//! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64) | the tiles crossed by a kept column or diagonal (below) |
-//! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64) | per head, query-aware blocks or cumulative vertical-slash, chosen by a distance test (below) |
+//! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64), `element` 0 or 1 (0) | the tiles crossed by a kept column or diagonal, or with `element=1` only the pairs on them (below) |
+//! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64), `element` 0 or 1 (0) | per head, query-aware blocks or cumulative vertical-slash (its pairs only with `element=1`), chosen by a distance test (below) |
 //! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
@@ -65,11 +65,17 @@
 //! estimate where the rest of the rows put theirs. Kept: the `v` heaviest columns and the `s`
 //! heaviest diagonals among those with mass > 0, the columns j < `sink` and the diagonals
 //! 0 <= o < `local`. The selection is coarsened to tiles: a tile is kept when a kept column or
-//! diagonal passes through it. The element-level version (MInference's kernel) would keep only
-//! the elements on those columns and diagonals: Partial tiles whose row bits come from a column
-//! list and a set of diagonal bands (a `RowMask` built from the kept indices, the mask's bits
-//! ANDed in) and, for speed, bands whose key start is not tile-aligned and gathered key columns
-//! as new schedule entry kinds.
+//! diagonal passes through it.
+//!
+//! Element level (`element=1`, vertical_slash and flexprefill): the kept tiles are the same, but
+//! they keep only the pairs on a kept column or diagonal (MInference's own granularity): each
+//! becomes a Partial tile whose row bits are `mask(i, j) & (col(j) | diag(p_i - j))`
+//! ([`Lines`], the selection's row mask, [`Selection::row_mask`]); density and recall count
+//! those pairs. A FlexPrefill head that chose query-aware blocks keeps whole tiles. The CPU
+//! forward and backward take it as any Partial schedule (a tile still costs its full product
+//! there); on the GPU the selection's bits would need gathered key columns and unaligned
+//! diagonal bands as schedule entry kinds, which are not built: the CUDA estimator refuses
+//! `element=1`.
 //!
 //! FlexPrefill: per head, the last `last` query rows give the exact block distribution
 //! a_hat(kt) = sum_{j in kt} c_j / sum_j c_j and the pooled estimate
@@ -590,14 +596,38 @@ pub fn select<'a>(
         dense_below,
         element: spec.element,
     };
+    let (mut heads, mut with) = (Vec::new(), None);
+    if estimate {
+        heads = estimate::select_all(&ctx, &spec.method);
+        if let Some(m) = spec.with {
+            // The union's second method: whole tiles (no lines of its own).
+            let ctx_b = Ctx {
+                docs: ctx.docs.clone(),
+                element: false,
+                ..ctx
+            };
+            let b = estimate::select_all(&ctx_b, &m);
+            heads = unite(heads, &b);
+            with = Some(build(&ctx, b)?.0);
+        }
+    }
     let (schedule, lines) = match estimate {
         false => (cand.as_ref().clone(), None),
-        true => build(&ctx, estimate::select_all(&ctx, &spec.method))?,
+        true => build(&ctx, heads)?,
     };
     let lines = lines.map(|l| {
-        let doc_q0 = ctx.docs.iter().map(|r| r.iter().map(|d| d.q.start).collect());
+        let doc_q0 = ctx
+            .docs
+            .iter()
+            .map(|r| r.iter().map(|d| d.q.start).collect());
         let size = (dims.hq, dims.sq, dims.sk);
-        Lines::new(size, l, doc_q0.collect(), cand.as_ref().clone(), rows)
+        Lines::new(
+            size,
+            l,
+            doc_q0.collect(),
+            (cand.as_ref().clone(), with),
+            rows,
+        )
     });
     let sel_rows = match &lines {
         Some(l) => Some(l as &dyn RowMask),
@@ -612,6 +642,34 @@ pub fn select<'a>(
         report,
         fallback,
     })
+}
+
+/// The union of two selections of the same candidates, per (batch row, head) and query tile:
+/// the tiles either keeps; a tile `b` keeps takes `b`'s entry (whole under the mask), `a`'s
+/// lines stay with `a`'s heads.
+fn unite(
+    a: Vec<estimate::HeadSelection>,
+    b: &[estimate::HeadSelection],
+) -> Vec<estimate::HeadSelection> {
+    a.into_iter()
+        .zip(b)
+        .map(|((rows, lines), (brows, _))| {
+            let rows = rows
+                .into_iter()
+                .zip(brows)
+                .map(|(x, y)| {
+                    let mut out: Vec<TileEntry> = y.clone();
+                    out.extend(
+                        x.into_iter()
+                            .filter(|e| y.binary_search_by_key(&e.k_tile, |f| f.k_tile).is_err()),
+                    );
+                    out.sort_unstable_by_key(|e| e.k_tile);
+                    out
+                })
+                .collect();
+            (rows, lines)
+        })
+        .collect()
 }
 
 /// Kept entries per (batch row, head) in order, each a list per query tile, into a schedule;
@@ -799,13 +857,20 @@ pub fn tile_mass(
 /// The mass recall of the best selection with as many tiles as `sel` in every (batch row, head,
 /// query tile): there, the tiles with the most mass M(qt, kt) ([`tile_mass`]), which maximise
 /// the sum of the rows' recalls. Per head: sum over query tiles of the kept masses / the rows
-/// the mask leaves non-empty (the same normalisation as [`mass_recall`]).
+/// the mask leaves non-empty (the same normalisation as [`mass_recall`]). Tile selections
+/// only: an element-level selection (`element=1`) is refused.
 pub fn best_recall(
     q: &TensorView,
     k: &TensorView,
     params: &AttnParams,
     sel: &Selection,
 ) -> Result<Recall> {
+    if sel.lines.is_some() {
+        return Err(Error::Param {
+            op: OP,
+            msg: "best_recall compares tile counts: an element-level selection (element=1) keeps pairs, not whole tiles".into(),
+        });
+    }
     let dims = dims_of(q, k)?;
     let mass = tile_mass(q, k, params, sel)?;
     let c = sel.candidates.as_ref();

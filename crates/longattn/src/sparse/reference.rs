@@ -87,6 +87,47 @@ fn reference_impl(
     mask: MaskSpec,
     mut pairs: Option<&mut Vec<bool>>,
 ) -> Result<BlockSchedule> {
+    if let Some(m) = spec.with {
+        // A union: each part on its own, the tiles and pairs either keeps.
+        spec.check()?;
+        let a = SparseSpec {
+            with: None,
+            ..*spec
+        };
+        let b = SparseSpec {
+            method: m,
+            element: false,
+            with: None,
+            ..*spec
+        };
+        let mut pb = pairs.as_ref().map(|p| vec![false; p.len()]);
+        let sa = reference_impl(q, k, params, &a, mask, pairs.as_deref_mut())?;
+        let sb = reference_impl(q, k, params, &b, mask, pb.as_mut())?;
+        if let (Some(p), Some(pb)) = (pairs, pb) {
+            p.iter_mut().zip(pb).for_each(|(x, y)| *x |= y);
+        }
+        let dims = dims_of(q, k)?;
+        let (cand, _) = candidates(mask, &dims, (spec.block, spec.block))?;
+        let mut out =
+            BlockSchedule::empty(sa.tile_q, sa.tile_k, sa.sq, sa.sk, dims.batch, dims.hq)?;
+        for bb in 0..dims.batch {
+            for h in 0..dims.hq {
+                for qt in 0..cand.q_tiles {
+                    let has = |s: &BlockSchedule, kt: u32| {
+                        s.row(bb, h, qt).iter().any(|e| e.k_tile == kt)
+                    };
+                    let row: Vec<_> = cand
+                        .row(bb, h, qt)
+                        .iter()
+                        .filter(|e| has(&sa, e.k_tile) || has(&sb, e.k_tile))
+                        .copied()
+                        .collect();
+                    out.push_row(&row)?;
+                }
+            }
+        }
+        return out.finish();
+    }
     spec.check()?;
     params.check()?;
     let dims = dims_of(q, k)?;
@@ -209,14 +250,14 @@ fn reference_impl(
                         }
                         Method::Proxy { gamma, rows, .. } => (
                             proxy_reference(
-                            q,
-                            k,
-                            &el,
-                            &logit,
-                            (b, h),
-                            [gamma],
-                            rows,
-                            (last_rows, &doc.k),
+                                q,
+                                k,
+                                &el,
+                                &logit,
+                                (b, h),
+                                [gamma],
+                                rows,
+                                (last_rows, &doc.k),
                                 off,
                                 (&q_of, &k_of),
                             ),
@@ -233,7 +274,9 @@ fn reference_impl(
                         let row = ((b * dims.hq + h) * dims.sq + i) * dims.sk;
                         for &j in &doc.k {
                             let tile = doc_kept[i / cand.tile_q][j / cand.tile_k];
-                            let on = line.as_ref().is_none_or(|r| r(j, i as i64 + off - j as i64));
+                            let on = line
+                                .as_ref()
+                                .is_none_or(|r| r(j, i as i64 + off - j as i64));
                             p[row + j] = tile && on && el.allowed(b, h, i, j);
                         }
                     }
@@ -366,9 +409,8 @@ fn cover(
             (0..cand.k_tiles)
                 .map(|kt| {
                     let keys = k_of(kt);
-                    rows.iter().any(|&i| {
-                        keys.iter().any(|&j| line(j, i as i64 + off - j as i64))
-                    })
+                    rows.iter()
+                        .any(|&i| keys.iter().any(|&j| line(j, i as i64 + off - j as i64)))
                 })
                 .collect()
         })

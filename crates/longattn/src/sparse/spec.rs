@@ -73,6 +73,10 @@ pub struct SparseSpec {
     /// 0): the kept columns and diagonals select single pairs, not the whole tiles they cross
     /// (the tiles become Partial, their bits from [`crate::sparse::Lines`]).
     pub element: bool,
+    /// A second method whose tiles are added to the selection (the spec `A + B`): the
+    /// selection keeps the pairs either keeps, B's tiles whole (under the mask). Both select at
+    /// `block`; B takes no `element`, `skip` or `dense_below` of its own.
+    pub with: Option<Method>,
 }
 
 /// Default of `dense_below`: below 1024 keys a 64-wide selection has at most 16 key tiles per
@@ -195,8 +199,70 @@ impl SparseSpec {
         arguments(name).is_some()
     }
 
-    /// Parses a spec (grammar in the [`crate::sparse`] module header).
+    /// Parses a spec (grammar in the [`crate::sparse`] module header): one method, or the
+    /// union `A + B` of two.
     pub fn parse(text: &str) -> Result<SparseSpec> {
+        // Split at a '+' outside parentheses (a number's exponent sign sits inside them).
+        let mut depth = 0i32;
+        let plus: Vec<usize> = text
+            .char_indices()
+            .filter_map(|(x, c)| {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    '+' if depth == 0 => return Some(x),
+                    _ => {}
+                }
+                None
+            })
+            .collect();
+        match plus[..] {
+            [] => Self::parse_one(text),
+            [x] => {
+                let (a, b) = (
+                    Self::parse_one(&text[..x])?,
+                    Self::parse_one(&text[x + 1..])?,
+                );
+                a.union(b, text)
+            }
+            _ => Err(err(format!(
+                "`{text}`: a union takes two methods (`A + B`), this has {}",
+                plus.len() + 1
+            ))),
+        }
+    }
+
+    /// `self + b` (texts for errors): B's method joins, with the same block; B may not set
+    /// `element`, `skip` or `dense_below` (they are the union's, given on A).
+    fn union(self, b: SparseSpec, text: &str) -> Result<SparseSpec> {
+        let refuse = |what: &str| {
+            Err(err(format!(
+                "`{text}`: {what} (the union's `dense_below` and `skip` are given on its first method)"
+            )))
+        };
+        if b.element || b.skip.is_some() || b.dense_below.is_some() {
+            return refuse(
+                "the second method of a union takes no `element`, `skip` or `dense_below`",
+            );
+        }
+        if b.method == Method::Whole || self.method == Method::Whole {
+            return refuse("`skip` keeps every tile: it is not a part of a union");
+        }
+        if b.block != self.block {
+            return refuse(&format!(
+                "both methods of a union select at one block size, here {} and {} (give `block` equal)",
+                self.block, b.block
+            ));
+        }
+        let spec = SparseSpec {
+            with: Some(b.method),
+            ..self
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+
+    fn parse_one(text: &str) -> Result<SparseSpec> {
         let (name, given) = split_call(OP, text)?;
         if name.is_empty() {
             return Err(err(format!("`{text}`: no method name (known: {KNOWN})")));
@@ -277,14 +343,13 @@ impl SparseSpec {
                 Some(_) => match arg("element") {
                     0.0 => false,
                     1.0 => true,
-                    x => {
-                        return Err(err(format!(
-                            "`{name}`: `element` must be 0 (whole tiles) or 1 (single pairs), got {x}"
-                        )))
-                    }
+                    x => return Err(err(format!(
+                        "`{name}`: `element` must be 0 (whole tiles) or 1 (single pairs), got {x}"
+                    ))),
                 },
                 None => false,
             },
+            with: None,
         };
         spec.check()?;
         Ok(spec)
@@ -312,6 +377,18 @@ impl SparseSpec {
 
     /// Checks the fields (for specs built by hand rather than parsed).
     pub fn check(&self) -> Result<()> {
+        if let Some(m) = self.with {
+            if self.method == Method::Whole || m == Method::Whole {
+                return Err(err("`skip` is not a part of a union".into()));
+            }
+            let b = SparseSpec {
+                method: m,
+                element: false,
+                with: None,
+                ..*self
+            };
+            b.check()?;
+        }
         if self.block == 0 {
             return Err(err("`block` must be >= 1".into()));
         }
@@ -367,42 +444,43 @@ impl SparseSpec {
     }
 }
 
+/// The canonical text of a method with its block (every argument spelled out).
+fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String) {
+    match m {
+        Method::TopMass { gamma } => ("topmass", format!("gamma={gamma},block={b}")),
+        Method::RelThresh { alpha } => ("relthresh", format!("alpha={alpha},block={b}")),
+        Method::Moba { topk } => ("moba", format!("block={b},topk={topk}")),
+        Method::VerticalSlash {
+            v,
+            s,
+            last,
+            sink,
+            local,
+        } => (
+            "vertical_slash",
+            format!("v={v},s={s},block={b},last={last},sink={sink},local={local}"),
+        ),
+        Method::FlexPrefill {
+            gamma,
+            tau,
+            min_budget,
+            last,
+        } => (
+            "flexprefill",
+            format!("gamma={gamma},tau={tau},min_budget={min_budget},block={b},last={last}"),
+        ),
+        Method::Proxy { gamma, rows, last } => (
+            "proxy",
+            format!("gamma={gamma},rows={rows},block={b},last={last}"),
+        ),
+        Method::Whole => ("skip", format!("factor={},block={b}", skip.unwrap_or(0.0))),
+    }
+}
+
 /// The canonical text (every argument spelled out); parses back to the same spec.
 impl fmt::Display for SparseSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.block;
-        let (name, args) = match self.method {
-            Method::TopMass { gamma } => ("topmass", format!("gamma={gamma},block={b}")),
-            Method::RelThresh { alpha } => ("relthresh", format!("alpha={alpha},block={b}")),
-            Method::Moba { topk } => ("moba", format!("block={b},topk={topk}")),
-            Method::VerticalSlash {
-                v,
-                s,
-                last,
-                sink,
-                local,
-            } => (
-                "vertical_slash",
-                format!("v={v},s={s},block={b},last={last},sink={sink},local={local}"),
-            ),
-            Method::FlexPrefill {
-                gamma,
-                tau,
-                min_budget,
-                last,
-            } => (
-                "flexprefill",
-                format!("gamma={gamma},tau={tau},min_budget={min_budget},block={b},last={last}"),
-            ),
-            Method::Proxy { gamma, rows, last } => (
-                "proxy",
-                format!("gamma={gamma},rows={rows},block={b},last={last}"),
-            ),
-            Method::Whole => (
-                "skip",
-                format!("factor={},block={b}", self.skip.unwrap_or(0.0)),
-            ),
-        };
+        let (name, args) = method_text(self.method, self.block, self.skip);
         write!(f, "{name}({args}")?;
         if self.element {
             write!(f, ",element=1")?;
@@ -411,8 +489,13 @@ impl fmt::Display for SparseSpec {
             write!(f, ",dense_below={n}")?;
         }
         match (self.method, self.skip) {
-            (Method::Whole, _) | (_, None) => write!(f, ")"),
-            (_, Some(s)) => write!(f, ",skip={s})"),
+            (Method::Whole, _) | (_, None) => write!(f, ")")?,
+            (_, Some(s)) => write!(f, ",skip={s})")?,
         }
+        if let Some(m) = self.with {
+            let (name, args) = method_text(m, self.block, None);
+            write!(f, "+{name}({args})")?;
+        }
+        Ok(())
     }
 }
