@@ -257,7 +257,7 @@ impl Attention for SparseAttention {
                         allowed: vec![0; hq],
                         recall_sum: vec![0.0; r],
                         recall_rows: vec![0; r],
-                        best_sum: vec![0.0; if self.spec.element { 0 } else { r }],
+                        best_sum: vec![0.0; if self.spec.element_level() { 0 } else { r }],
                         ..Default::default()
                     },
                 );

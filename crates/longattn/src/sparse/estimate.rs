@@ -39,7 +39,10 @@ impl<'c> Kept<'c> {
         let flags: Vec<Vec<bool>> = rows.iter().map(|r| vec![false; r.len()]).collect();
         let lines = ctx.element.then(|| {
             let docs = ctx.docs.get(b).map_or(1, Vec::len);
-            (HeadLines::new(ctx.dims.sk, docs), flags.clone())
+            (
+                HeadLines::new(ctx.dims.sk, docs, cand.q_tiles),
+                flags.clone(),
+            )
         });
         Kept {
             rows,
@@ -89,10 +92,23 @@ impl<'c> Kept<'c> {
         };
     }
 
+    /// Keys kept for the rows of query tile `qt` only (element level only).
+    fn tile_keys(&mut self, qt: usize, keys: impl Iterator<Item = u32>) {
+        if let Some((hl, _)) = self.lines.as_mut() {
+            hl.tiles[qt].extend(keys);
+        }
+    }
+
     fn entries(self) -> (Vec<Vec<TileEntry>>, Option<HeadLines>) {
         let none = vec![Vec::new(); self.rows.len()];
         let (lines, partial) = match self.lines {
-            Some((l, p)) => (Some(l), p),
+            Some((mut l, p)) => {
+                for t in l.tiles.iter_mut() {
+                    t.sort_unstable();
+                    t.dedup();
+                }
+                (Some(l), p)
+            }
             None => (None, none),
         };
         let rows = self
@@ -143,7 +159,10 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
             })
             .collect();
     }
-    let pooled = !matches!(method, Method::VerticalSlash { .. });
+    let pooled = !matches!(
+        method,
+        Method::VerticalSlash { .. } | Method::Columns { .. }
+    );
     // Block means of every document's keys per (batch row, key head), shared by the query
     // heads of a group: `[document][its key tiles, D]`.
     let kbar: Vec<Vec<Vec<f64>>> = if pooled {
@@ -165,6 +184,12 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
         .map(|r| {
             let (b, h) = (r / d.hq, r % d.hq);
             each_doc(ctx, b, h, |doc, x, kept| match *method {
+                Method::Columns {
+                    gamma,
+                    rows,
+                    sink,
+                    local,
+                } => columns_doc(ctx, (b, h), doc, (gamma, rows), [sink, local], kept),
                 Method::VerticalSlash {
                     v,
                     s,
@@ -306,7 +331,7 @@ fn pooled_doc(
             Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
             Method::Moba { topk } => top_k(&scores, topk, &mut keep),
             Method::Whole => keep.fill(true),
-            Method::VerticalSlash { .. } | Method::Proxy { .. } => {
+            Method::VerticalSlash { .. } | Method::Proxy { .. } | Method::Columns { .. } => {
                 unreachable!("not a pooled method")
             }
         }
@@ -686,6 +711,95 @@ fn flexprefill(
         *d0 = true;
     }
     coarsen(ctx, bh, doc, &cols, (&diags, rows.omin), kept)
+}
+
+/// The document's keys of key head `g` in batch row `b`, widened once: `[doc keys, D]`.
+fn doc_keys(ctx: &Ctx, b: usize, g: usize, doc: &Doc) -> Vec<f64> {
+    let dd = ctx.dims.d;
+    doc.k
+        .clone()
+        .flat_map(|j| (0..dd).map(move |c| (j, c)))
+        .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
+        .collect()
+}
+
+/// The sampled rows of a part r0..r1: i_r = r0 + floor((r + 1) (r1 - r0) / rows) - 1 for
+/// r < rows (the last row always among them; fewer when the part is shorter).
+fn sampled_rows(part: &Range<usize>, rows: usize) -> Vec<usize> {
+    let (r0, r1) = (part.start, part.end);
+    let mut s: Vec<usize> = (0..rows).map(|r| r0 + (r + 1) * (r1 - r0) / rows).collect();
+    s.retain(|&i| i > r0);
+    s.dedup();
+    s.into_iter().map(|i| i - 1).collect()
+}
+
+/// Query-tile columns (`columns`) for one document of (batch row, head): the document's first
+/// `sink` keys and its diagonals 0 <= o < `local` as lines, then per part (the document's rows
+/// of a query tile) the mean softmax of its sampled rows (own head, under the mask)
+///   m_j = 1/n sum_{r sampled} p_rj,  p_r = softmax over the allowed keys of logit(q_r . k_j),
+/// and the heaviest keys (ties by index) until their mass reaches gamma sum_j m_j (at least
+/// one) kept for every row of the part; the candidates holding a kept key are kept.
+fn columns_doc(
+    ctx: &Ctx,
+    (b, h): (usize, usize),
+    doc: &Doc,
+    (gamma, rows): (f64, usize),
+    [sink, local]: [usize; 2],
+    kept: &mut Kept,
+) {
+    let dd = ctx.dims.d;
+    let (k0, nk) = (doc.k.start, doc.k.len());
+    let mut cols = vec![false; nk];
+    cols[..sink.min(nk)].fill(true);
+    let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);
+    let nd = (doc.q.len() + nk - 1) as i64;
+    let mut diags = vec![false; nd as usize];
+    let local = i64::try_from(local).unwrap_or(i64::MAX);
+    let band = (-omin).clamp(0, nd) as usize..local.saturating_sub(omin).clamp(0, nd) as usize;
+    diags[band].fill(true);
+    coarsen(ctx, (b, h), doc, &cols, (&diags, omin), kept);
+    let keys = doc_keys(ctx, b, ctx.kv_head(h), doc);
+    let (mut allowed, mut words) = (vec![false; nk], Vec::new());
+    let (mut logits, mut qrow) = (vec![0.0f64; nk], vec![0.0f64; dd]);
+    for (qt, part) in ctx.parts(doc) {
+        let sampled = sampled_rows(&part, rows);
+        let n = sampled.len() as f64;
+        let mut mass = vec![0.0f64; nk];
+        for i in sampled {
+            ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
+            qrow.iter_mut()
+                .enumerate()
+                .for_each(|(c, x)| *x = ctx.q.get(b, i, h, c) as f64);
+            let mut m = f64::NEG_INFINITY;
+            for x in (0..nk).filter(|&x| allowed[x]) {
+                logits[x] = ctx.logit.of(dot(&qrow, &keys[x * dd..][..dd]));
+                m = m.max(logits[x]);
+            }
+            if m == f64::NEG_INFINITY {
+                continue;
+            }
+            let z: f64 = (0..nk)
+                .filter(|&x| allowed[x])
+                .map(|x| (logits[x] - m).exp())
+                .sum();
+            for x in (0..nk).filter(|&x| allowed[x]) {
+                mass[x] += (logits[x] - m).exp() / z / n;
+            }
+        }
+        let total: f64 = mass.iter().sum();
+        let keep = cumulative(&mass, gamma * total, 1);
+        let xs = ctx.doc_cands(b, h, qt, doc);
+        let has = prefix(&keep);
+        let tiles: Vec<bool> = ctx.cand.row(b, h, qt)[xs.clone()]
+            .iter()
+            .map(|e| {
+                let c = k_part(ctx, doc, e.k_tile as usize);
+                has[c.end - k0] > has[c.start - k0]
+            })
+            .collect();
+        kept.or_lines(qt, &xs, &tiles);
+        kept.tile_keys(qt, (0..nk).filter(|&x| keep[x]).map(|x| (k0 + x) as u32));
+    }
 }
 
 /// ProxyAttn's shared scores of KV group `g` in batch row `b`, per document (none for one

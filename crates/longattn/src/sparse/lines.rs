@@ -15,6 +15,9 @@
 //! and those tiles keep the mask's kind. The tiles of a union's second method (`A + B`, B's
 //! tiles whole) keep every pair too.
 //!
+//! The `columns` method adds keys per query tile: `allowed(i, j)` also holds for j in the kept
+//! keys of i's query tile (`tiles`, sorted lists).
+//!
 //! Storage, per (batch row, query head): the kept columns as a bit set over the keys, and per
 //! document the kept offsets o = p_i - j as a bit set in reverse, bit x = offset omax - x
 //! (omax = p_(q1-1) - k0, the document's largest offset), so that the keys j0, j0 + 1, ... of
@@ -50,13 +53,17 @@ pub(crate) struct HeadLines {
     pub cols: Vec<u64>,
     /// One per document of the batch row, in query order.
     pub docs: Vec<DocLines>,
+    /// Keys kept for the rows of one query tile only (the `columns` method), per query tile,
+    /// ascending.
+    pub tiles: Vec<Vec<u32>>,
 }
 
 impl HeadLines {
-    pub fn new(sk: usize, docs: usize) -> HeadLines {
+    pub fn new(sk: usize, docs: usize, q_tiles: usize) -> HeadLines {
         HeadLines {
             cols: vec![0; sk.div_ceil(64)],
             docs: vec![DocLines::whole(); docs],
+            tiles: vec![Vec::new(); q_tiles],
         }
     }
 }
@@ -191,6 +198,13 @@ impl RowMask for Lines<'_> {
             for (w, o) in out.iter_mut().enumerate() {
                 let j = (j0 + 64 * w) as i64;
                 *o = bits_at(&hl.cols, j) | bits_at(&dl.diag, j - shift);
+            }
+            // The query tile's own keys.
+            let keys = &hl.tiles[i / self.cand.tile_q];
+            let end = (j0 + 64 * out.len()).min(self.sk) as u32;
+            let from = keys.partition_point(|&j| (j as usize) < j0);
+            for &j in keys[from..].iter().take_while(|&&j| j < end) {
+                set_bit(out, j as usize - j0);
             }
             // A union's whole tiles.
             if let Some(w) = &self.whole {

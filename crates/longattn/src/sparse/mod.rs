@@ -594,7 +594,7 @@ pub fn select<'a>(
         el: Elements { s: &cand, rows },
         docs,
         dense_below,
-        element: spec.element,
+        element: spec.element_level(),
     };
     let (mut heads, mut with) = (Vec::new(), None);
     if estimate {

@@ -46,8 +46,9 @@ fn doc_sets(mask: &MaskSpec, b: usize, sq: usize, sk: usize) -> Vec<DocSet> {
         .collect()
 }
 
-/// A line pattern's rule: whether key j or offset o = p_i - j is kept.
-type LineRule = Box<dyn Fn(usize, i64) -> bool>;
+/// A line pattern's rule: whether row i keeps key j (o = p_i - j): on a kept column or
+/// diagonal, or (`columns`) among the keys kept for i's query tile.
+type LineRule = Box<dyn Fn(usize, usize, i64) -> bool>;
 
 /// The selection of `spec` under `mask`, computed the plain way: every document of every
 /// (batch row, head) on its own (module `sparse`), the kept tiles the union over the documents,
@@ -220,7 +221,7 @@ fn reference_impl(
                             off,
                         ) {
                             Some((cols, diags)) => {
-                                let line: LineRule = Box::new(move |j, o| {
+                                let line: LineRule = Box::new(move |_, j, o| {
                                     j == first_key
                                         || cols.contains(&j)
                                         || o == 0
@@ -240,11 +241,54 @@ fn reference_impl(
                             let (cols, diags): (HashSet<usize>, HashSet<i64>) =
                                 (cols.into_iter().collect(), diags.into_iter().collect());
                             let sinks: HashSet<usize> = doc.k.iter().take(sink).copied().collect();
-                            let line: LineRule = Box::new(move |j, o| {
+                            let line: LineRule = Box::new(move |_, j, o| {
                                 sinks.contains(&j)
                                     || cols.contains(&j)
                                     || (0..local as i64).contains(&o)
                                     || diags.contains(&o)
+                            });
+                            (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
+                        }
+                        Method::Columns {
+                            gamma,
+                            rows,
+                            sink,
+                            local,
+                        } => {
+                            // Per query tile: the mean softmax of the document's sampled rows
+                            // there, the heaviest keys until gamma of its mass (at least one).
+                            let tq = cand.tile_q;
+                            let per_tile: Vec<HashSet<usize>> = (0..nq)
+                                .map(|qt| {
+                                    let part = q_of(qt);
+                                    if part.is_empty() {
+                                        return HashSet::new();
+                                    }
+                                    let (r0, r1) = (part[0], part[part.len() - 1] + 1);
+                                    let mut sampled: Vec<usize> = (0..rows)
+                                        .map(|r| r0 + (r + 1) * (r1 - r0) / rows)
+                                        .filter(|&i| i > r0)
+                                        .collect();
+                                    sampled.dedup();
+                                    let n = sampled.len() as f64;
+                                    let mut mass = vec![0.0f64; dims.sk];
+                                    for i in sampled.into_iter().map(|i| i - 1) {
+                                        let (col, _) =
+                                            last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
+                                        for (m, c) in mass.iter_mut().zip(col) {
+                                            *m += c / n;
+                                        }
+                                    }
+                                    heaviest_until(mass.into_iter().enumerate().collect(), gamma, 1)
+                                        .into_iter()
+                                        .collect()
+                                })
+                                .collect();
+                            let sinks: HashSet<usize> = doc.k.iter().take(sink).copied().collect();
+                            let line: LineRule = Box::new(move |i, j, o| {
+                                sinks.contains(&j)
+                                    || (0..local as i64).contains(&o)
+                                    || per_tile[i / tq].contains(&j)
                             });
                             (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                         }
@@ -269,14 +313,14 @@ fn reference_impl(
                 // The document's pairs: allowed by the mask, in a kept tile, on a kept line
                 // where an element-level line pattern chose them.
                 if let Some(p) = pairs.as_deref_mut() {
-                    let line = line.filter(|_| spec.element);
+                    let line = line.filter(|_| spec.element_level());
                     for &i in &doc.q {
                         let row = ((b * dims.hq + h) * dims.sq + i) * dims.sk;
                         for &j in &doc.k {
                             let tile = doc_kept[i / cand.tile_q][j / cand.tile_k];
                             let on = line
                                 .as_ref()
-                                .is_none_or(|r| r(j, i as i64 + off - j as i64));
+                                .is_none_or(|r| r(i, j, i as i64 + off - j as i64));
                             p[row + j] = tile && on && el.allowed(b, h, i, j);
                         }
                     }
@@ -401,7 +445,7 @@ fn cover(
     cand: &BlockSchedule,
     off: i64,
     (q_of, k_of): Parts,
-    line: &dyn Fn(usize, i64) -> bool,
+    line: &dyn Fn(usize, usize, i64) -> bool,
 ) -> Vec<Vec<bool>> {
     (0..cand.q_tiles)
         .map(|qt| {
@@ -410,7 +454,7 @@ fn cover(
                 .map(|kt| {
                     let keys = k_of(kt);
                     rows.iter()
-                        .any(|&i| keys.iter().any(|&j| line(j, i as i64 + off - j as i64)))
+                        .any(|&i| keys.iter().any(|&j| line(i, j, i as i64 + off - j as i64)))
                 })
                 .collect()
         })
@@ -460,7 +504,9 @@ fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool
             }
         }
         Method::Whole => keep.fill(true),
-        Method::VerticalSlash { .. } | Method::Proxy { .. } => unreachable!("not a pooled method"),
+        Method::VerticalSlash { .. } | Method::Proxy { .. } | Method::Columns { .. } => {
+            unreachable!("not a pooled method")
+        }
     }
     keep
 }

@@ -50,6 +50,16 @@ pub enum Method {
         rows: usize,
         last: usize,
     },
+    /// Query-tile columns (element level): per query tile, `rows` sampled rows of the head
+    /// attend exactly to every allowed key; the keys with the most mean probability are kept
+    /// for the whole tile until their mass reaches `gamma`, with the first `sink` keys and the
+    /// diagonals `0 <= i - j < local`; the tiles they cross are Partial.
+    Columns {
+        gamma: f64,
+        rows: usize,
+        sink: usize,
+        local: usize,
+    },
     /// No estimate: every tile of the mask (the `skip(factor=F)` spec: skip-softmax alone).
     Whole,
 }
@@ -71,7 +81,8 @@ pub struct SparseSpec {
     pub skip: Option<f64>,
     /// Element-level lines (argument `element=1` of `vertical_slash` and `flexprefill`; default
     /// 0): the kept columns and diagonals select single pairs, not the whole tiles they cross
-    /// (the tiles become Partial, their bits from [`crate::sparse::Lines`]).
+    /// (the tiles become Partial, their bits from [`crate::sparse::Lines`]). `columns` is
+    /// element level whatever this says ([`SparseSpec::element_level`]).
     pub element: bool,
     /// A second method whose tiles are added to the selection (the spec `A + B`): the
     /// selection keeps the pairs either keeps, B's tiles whole (under the mask). Both select at
@@ -113,6 +124,13 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("block", 64.0),
             ("last", 64.0),
         ],
+        "columns" => &[
+            ("gamma", 0.9),
+            ("rows", 4.0),
+            ("block", 64.0),
+            ("sink", 4.0),
+            ("local", 64.0),
+        ],
         "skip" => &[("factor", 600.0), ("block", 64.0)],
         _ => return None,
     })
@@ -122,7 +140,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
 /// `skip` = 0: no skip-softmax.
 const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64), ("skip", 0.0)];
 
-const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, skip";
+const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, columns, skip";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -311,6 +329,12 @@ impl SparseSpec {
                 rows: int("rows", 1)?,
                 last: int("last", 1)?,
             },
+            "columns" => Method::Columns {
+                gamma: arg("gamma"),
+                rows: int("rows", 1)?,
+                sink: int("sink", 0)?,
+                local: int("local", 0)?,
+            },
             "skip" => Method::Whole,
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
@@ -343,9 +367,11 @@ impl SparseSpec {
                 Some(_) => match arg("element") {
                     0.0 => false,
                     1.0 => true,
-                    x => return Err(err(format!(
+                    x => {
+                        return Err(err(format!(
                         "`{name}`: `element` must be 0 (whole tiles) or 1 (single pairs), got {x}"
-                    ))),
+                    )))
+                    }
                 },
                 None => false,
             },
@@ -353,6 +379,11 @@ impl SparseSpec {
         };
         spec.check()?;
         Ok(spec)
+    }
+
+    /// Whether the selection keeps single pairs (`element=1`, or the `columns` method).
+    pub fn element_level(&self) -> bool {
+        self.element || matches!(self.method, Method::Columns { .. })
     }
 
     /// The dense-fallback length: the given `dense_below`, else the backend's `default`.
@@ -436,6 +467,10 @@ impl SparseSpec {
             Method::Proxy { rows: 0, .. } | Method::Proxy { last: 0, .. } => {
                 Err(err("`proxy`: `rows` and `last` must be >= 1".into()))
             }
+            Method::Columns { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(format!(
+                "`columns`: `gamma` must be in (0, 1], got {gamma}"
+            ))),
+            Method::Columns { rows: 0, .. } => Err(err("`columns`: `rows` must be >= 1".into())),
             Method::Whole if self.skip.is_none() => Err(err(
                 "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
             )),
@@ -472,6 +507,15 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
         Method::Proxy { gamma, rows, last } => (
             "proxy",
             format!("gamma={gamma},rows={rows},block={b},last={last}"),
+        ),
+        Method::Columns {
+            gamma,
+            rows,
+            sink,
+            local,
+        } => (
+            "columns",
+            format!("gamma={gamma},rows={rows},block={b},sink={sink},local={local}"),
         ),
         Method::Whole => ("skip", format!("factor={},block={b}", skip.unwrap_or(0.0))),
     }

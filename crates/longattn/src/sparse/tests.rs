@@ -121,6 +121,8 @@ fn parse_accepts_the_grammar() {
         "flexprefill(gamma=0.5,tau=0.25,min_budget=7,block=8,last=3,element=1,skip=20)",
         "vertical_slash(v=3,s=1,block=16,last=5,sink=0,local=1,element=1,dense_below=9)+proxy(gamma=0.5,rows=3,block=16,last=8)",
         "topmass(gamma=1e+0,block=16) + moba(topk=2,block=16)",
+        "columns(gamma=0.8,rows=3,block=16,sink=2,local=5)",
+        "columns(gamma=0.9,rows=4,block=64,sink=4,local=64)+proxy(gamma=0.5,rows=4,block=64,last=64)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
@@ -176,6 +178,9 @@ fn parse_rejects_bad_specs_by_name() {
             "takes no `element`, `skip`",
         ),
         ("skip(factor=3)+topmass", "not a part of a union"),
+        ("columns(gamma=0)", "`gamma` must be in (0, 1]"),
+        ("columns(rows=0)", "`rows` must be an integer in [1"),
+        ("columns(element=1)", "unknown argument `element`"),
         ("topmass+topmass(gamma=2)", "`gamma` must be in (0, 1]"),
     ] {
         let e = SparseSpec::parse(text).unwrap_err().to_string();
@@ -1338,6 +1343,9 @@ fn element_lines_keep_the_reference_pairs() {
         "flexprefill(gamma=0.95,tau=1,min_budget=40,block=9,last=1,element=1)",
         "vertical_slash(v=5,s=3,block=16,last=9,sink=2,local=3,element=1)+proxy(gamma=0.6,rows=2,block=16,last=8)",
         "flexprefill(gamma=0.7,tau=0,min_budget=3,block=16,last=9,element=1)+topmass(gamma=0.5,block=16)",
+        "columns(gamma=0.8,rows=4,block=16,sink=1,local=4)",
+        "columns(gamma=0.5,rows=1,block=24,sink=0,local=0)",
+        "columns(gamma=0.9,rows=3,block=16,sink=2,local=2)+topmass(gamma=0.3,block=16)",
     ];
     let mut shapes: Vec<(usize, usize)> =
         [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
@@ -1378,6 +1386,8 @@ fn element_lines_work_per_document() {
             "flexprefill(gamma=0.9,tau=0.2,min_budget=16,block=16,last=100,dense_below=8,element=1)",
             "flexprefill(gamma=0.6,tau=0,min_budget=2,block=16,last=12,element=1)",
             "vertical_slash(v=4,s=2,block=16,last=8,sink=1,local=2,element=1)+proxy(gamma=0.5,rows=2,block=16,last=8)",
+            "columns(gamma=0.7,rows=3,block=16,sink=2,local=3,dense_below=60)",
+            "columns(gamma=0.9,rows=2,block=32,sink=1,local=1)",
         ] {
             let s = spec(t);
             let [q, k, v] = inputs((2, 249, 249, 4, 2, 8), seed);
