@@ -189,7 +189,8 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                     rows,
                     sink,
                     local,
-                } => columns_doc(ctx, (b, h), doc, (gamma, rows), [sink, local], kept),
+                    check,
+                } => columns_doc(ctx, (b, h), doc, (gamma, rows, check), [sink, local], kept),
                 Method::VerticalSlash {
                     v,
                     s,
@@ -733,22 +734,122 @@ fn sampled_rows(part: &Range<usize>, rows: usize) -> Vec<usize> {
     s.into_iter().map(|i| i - 1).collect()
 }
 
-/// Query-tile columns (`columns`) for one document of (batch row, head): the document's first
-/// `sink` keys and its diagonals 0 <= o < `local` as lines, then per part (the document's rows
-/// of a query tile) the mean softmax of its sampled rows (own head, under the mask)
+/// Exact softmax rows of one (batch row, head) over one document's keys, with their scratch.
+struct RowSoftmax<'c> {
+    ctx: &'c Ctx<'c>,
+    bh: (usize, usize),
+    doc: &'c Doc,
+    /// The document's keys of the head's key head, `[doc keys, D]`.
+    keys: Vec<f64>,
+    allowed: Vec<bool>,
+    words: Vec<u64>,
+    qrow: Vec<f64>,
+    /// p_ij of the last row asked (0 where not allowed), `[doc keys]`.
+    p: Vec<f64>,
+}
+
+impl<'c> RowSoftmax<'c> {
+    fn new(ctx: &'c Ctx<'c>, (b, h): (usize, usize), doc: &'c Doc) -> RowSoftmax<'c> {
+        let nk = doc.k.len();
+        RowSoftmax {
+            ctx,
+            bh: (b, h),
+            doc,
+            keys: doc_keys(ctx, b, ctx.kv_head(h), doc),
+            allowed: vec![false; nk],
+            words: Vec::new(),
+            qrow: vec![0.0; ctx.dims.d],
+            p: vec![0.0; nk],
+        }
+    }
+
+    /// p_i = softmax over the allowed keys of logit(q_i . k_j); `None` when row i has none.
+    fn row(&mut self, i: usize) -> Option<&[f64]> {
+        let (ctx, (b, h), dd) = (self.ctx, self.bh, self.ctx.dims.d);
+        ctx.el
+            .row_in((b, h, i), &self.doc.k, &mut self.allowed, &mut self.words);
+        for (c, x) in self.qrow.iter_mut().enumerate() {
+            *x = ctx.q.get(b, i, h, c) as f64;
+        }
+        let mut m = f64::NEG_INFINITY;
+        for x in 0..self.p.len() {
+            self.p[x] = match self.allowed[x] {
+                true => ctx.logit.of(dot(&self.qrow, &self.keys[x * dd..][..dd])),
+                false => f64::NEG_INFINITY,
+            };
+            m = m.max(self.p[x]);
+        }
+        if m == f64::NEG_INFINITY {
+            return None;
+        }
+        let z: f64 = self.p.iter().map(|&l| (l - m).exp()).sum();
+        self.p.iter_mut().for_each(|l| *l = (*l - m).exp() / z);
+        Some(&self.p)
+    }
+}
+
+/// Query-tile columns (`columns`) for one document of (batch row, head): per part (the
+/// document's rows of a query tile) the mean softmax of its sampled rows (own head, under the
+/// mask)
 ///   m_j = 1/n sum_{r sampled} p_rj,  p_r = softmax over the allowed keys of logit(q_r . k_j),
 /// and the heaviest keys (ties by index) until their mass reaches gamma sum_j m_j (at least
-/// one) kept for every row of the part; the candidates holding a kept key are kept.
+/// one), kept for every row of the part, with the document's first `sink` keys and its
+/// diagonals 0 <= o < `local` as lines; the candidates holding a kept key are kept.
+///
+/// With `check` > 0, first the test of the document's last part: the mean over its rows (all
+/// of them, exactly) of the mass on their kept keys, sinks and band,
+///   t = mean_i sum_{j kept for i} p_ij;
+/// t < check: the sampled rows do not speak for the others (row-specific heads), and the
+/// document keeps every candidate of its rows.
 fn columns_doc(
     ctx: &Ctx,
     (b, h): (usize, usize),
     doc: &Doc,
-    (gamma, rows): (f64, usize),
+    (gamma, rows, check): (f64, usize, f64),
     [sink, local]: [usize; 2],
     kept: &mut Kept,
 ) {
-    let dd = ctx.dims.d;
     let (k0, nk) = (doc.k.start, doc.k.len());
+    let mut sm = RowSoftmax::new(ctx, (b, h), doc);
+    // Kept keys of every part: (query tile, rows, flags over the document's keys).
+    let picks: Vec<(usize, Range<usize>, Vec<bool>)> = ctx
+        .parts(doc)
+        .map(|(qt, part)| {
+            let sampled = sampled_rows(&part, rows);
+            let n = sampled.len() as f64;
+            let mut mass = vec![0.0f64; nk];
+            for i in sampled {
+                if let Some(p) = sm.row(i) {
+                    mass.iter_mut().zip(p).for_each(|(m, p)| *m += p / n);
+                }
+            }
+            let total: f64 = mass.iter().sum();
+            (qt, part, cumulative(&mass, gamma * total, 1))
+        })
+        .collect();
+    let on_lines = |i: usize, x: usize| {
+        let o = ctx.pos(i) - (k0 + x) as i64;
+        x < sink || (0..local as i64).contains(&o)
+    };
+    if let (true, Some((_, part, keep))) = (check > 0.0, picks.last()) {
+        let (mut sum, mut n) = (0.0, 0usize);
+        for i in part.clone() {
+            if let Some(p) = sm.row(i) {
+                sum += (0..nk)
+                    .filter(|&x| keep[x] || on_lines(i, x))
+                    .map(|x| p[x])
+                    .sum::<f64>();
+                n += 1;
+            }
+        }
+        if n > 0 && sum / (n as f64) < check {
+            for (qt, _) in ctx.parts(doc) {
+                let xs = ctx.doc_cands(b, h, qt, doc);
+                kept.or(qt, &xs, &vec![true; xs.len()]);
+            }
+            return;
+        }
+    }
     let mut cols = vec![false; nk];
     cols[..sink.min(nk)].fill(true);
     let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);
@@ -758,36 +859,7 @@ fn columns_doc(
     let band = (-omin).clamp(0, nd) as usize..local.saturating_sub(omin).clamp(0, nd) as usize;
     diags[band].fill(true);
     coarsen(ctx, (b, h), doc, &cols, (&diags, omin), kept);
-    let keys = doc_keys(ctx, b, ctx.kv_head(h), doc);
-    let (mut allowed, mut words) = (vec![false; nk], Vec::new());
-    let (mut logits, mut qrow) = (vec![0.0f64; nk], vec![0.0f64; dd]);
-    for (qt, part) in ctx.parts(doc) {
-        let sampled = sampled_rows(&part, rows);
-        let n = sampled.len() as f64;
-        let mut mass = vec![0.0f64; nk];
-        for i in sampled {
-            ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
-            qrow.iter_mut()
-                .enumerate()
-                .for_each(|(c, x)| *x = ctx.q.get(b, i, h, c) as f64);
-            let mut m = f64::NEG_INFINITY;
-            for x in (0..nk).filter(|&x| allowed[x]) {
-                logits[x] = ctx.logit.of(dot(&qrow, &keys[x * dd..][..dd]));
-                m = m.max(logits[x]);
-            }
-            if m == f64::NEG_INFINITY {
-                continue;
-            }
-            let z: f64 = (0..nk)
-                .filter(|&x| allowed[x])
-                .map(|x| (logits[x] - m).exp())
-                .sum();
-            for x in (0..nk).filter(|&x| allowed[x]) {
-                mass[x] += (logits[x] - m).exp() / z / n;
-            }
-        }
-        let total: f64 = mass.iter().sum();
-        let keep = cumulative(&mass, gamma * total, 1);
+    for (qt, _, keep) in picks {
         let xs = ctx.doc_cands(b, h, qt, doc);
         let has = prefix(&keep);
         let tiles: Vec<bool> = ctx.cand.row(b, h, qt)[xs.clone()]

@@ -254,6 +254,7 @@ fn reference_impl(
                             rows,
                             sink,
                             local,
+                            check,
                         } => {
                             // Per query tile: the mean softmax of the document's sampled rows
                             // there, the heaviest keys until gamma of its mass (at least one).
@@ -290,7 +291,32 @@ fn reference_impl(
                                     || (0..local as i64).contains(&o)
                                     || per_tile[i / tq].contains(&j)
                             });
-                            (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
+                            // The check on the document's last part: the mean over its rows of
+                            // the mass on the keys its rows keep.
+                            let last = (0..nq).rev().map(&q_of).find(|r| !r.is_empty());
+                            let mut t = (0.0, 0usize);
+                            for &i in last.iter().flatten().filter(|_| check > 0.0) {
+                                let (col, _) = last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
+                                if col.iter().sum::<f64>() > 0.0 {
+                                    t.0 += (0..dims.sk)
+                                        .filter(|&j| line(i, j, i as i64 + off - j as i64))
+                                        .map(|j| col[j])
+                                        .sum::<f64>();
+                                    t.1 += 1;
+                                }
+                            }
+                            if t.1 > 0 && t.0 / (t.1 as f64) < check {
+                                // Every candidate of the document's rows.
+                                let tiles = (0..nq)
+                                    .map(|qt| {
+                                        let some = !q_of(qt).is_empty();
+                                        (0..nk).map(|kt| some && !k_of(kt).is_empty()).collect()
+                                    })
+                                    .collect();
+                                (tiles, None)
+                            } else {
+                                (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
+                            }
                         }
                         Method::Proxy { gamma, rows, .. } => (
                             proxy_reference(

@@ -54,11 +54,15 @@ pub enum Method {
     /// attend exactly to every allowed key; the keys with the most mean probability are kept
     /// for the whole tile until their mass reaches `gamma`, with the first `sink` keys and the
     /// diagonals `0 <= i - j < local`; the tiles they cross are Partial.
+    /// `check` in [0, 1] (0: off): a head whose kept keys for its last query tile (from the
+    /// sampled rows) hold less than `check` of the mass of all of that tile's rows keeps every
+    /// tile of the document (its sampled rows do not speak for the others).
     Columns {
         gamma: f64,
         rows: usize,
         sink: usize,
         local: usize,
+        check: f64,
     },
     /// No estimate: every tile of the mask (the `skip(factor=F)` spec: skip-softmax alone).
     Whole,
@@ -130,6 +134,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("block", 64.0),
             ("sink", 4.0),
             ("local", 64.0),
+            ("check", 0.0),
         ],
         "skip" => &[("factor", 600.0), ("block", 64.0)],
         _ => return None,
@@ -334,6 +339,7 @@ impl SparseSpec {
                 rows: int("rows", 1)?,
                 sink: int("sink", 0)?,
                 local: int("local", 0)?,
+                check: arg("check"),
             },
             "skip" => Method::Whole,
             _ => Method::VerticalSlash {
@@ -471,6 +477,9 @@ impl SparseSpec {
                 "`columns`: `gamma` must be in (0, 1], got {gamma}"
             ))),
             Method::Columns { rows: 0, .. } => Err(err("`columns`: `rows` must be >= 1".into())),
+            Method::Columns { check, .. } if !(0.0..=1.0).contains(&check) => Err(err(format!(
+                "`columns`: `check` must be in [0, 1], got {check}"
+            ))),
             Method::Whole if self.skip.is_none() => Err(err(
                 "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
             )),
@@ -513,9 +522,10 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
             rows,
             sink,
             local,
+            check,
         } => (
             "columns",
-            format!("gamma={gamma},rows={rows},block={b},sink={sink},local={local}"),
+            format!("gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check}"),
         ),
         Method::Whole => ("skip", format!("factor={},block={b}", skip.unwrap_or(0.0))),
     }

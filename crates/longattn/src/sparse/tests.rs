@@ -1346,6 +1346,8 @@ fn element_lines_keep_the_reference_pairs() {
         "columns(gamma=0.8,rows=4,block=16,sink=1,local=4)",
         "columns(gamma=0.5,rows=1,block=24,sink=0,local=0)",
         "columns(gamma=0.9,rows=3,block=16,sink=2,local=2)+topmass(gamma=0.3,block=16)",
+        "columns(gamma=0.6,rows=1,block=16,sink=0,local=1,check=0.7)",
+        "columns(gamma=0.8,rows=2,block=32,sink=1,local=3,check=0.85)",
     ];
     let mut shapes: Vec<(usize, usize)> =
         [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
@@ -1388,6 +1390,7 @@ fn element_lines_work_per_document() {
             "vertical_slash(v=4,s=2,block=16,last=8,sink=1,local=2,element=1)+proxy(gamma=0.5,rows=2,block=16,last=8)",
             "columns(gamma=0.7,rows=3,block=16,sink=2,local=3,dense_below=60)",
             "columns(gamma=0.9,rows=2,block=32,sink=1,local=1)",
+            "columns(gamma=0.7,rows=2,block=16,sink=1,local=2,check=0.8)",
         ] {
             let s = spec(t);
             let [q, k, v] = inputs((2, 249, 249, 4, 2, 8), seed);
@@ -1463,4 +1466,38 @@ fn element_lines_on_masked_pairs_leave_rows_empty() {
     assert_eq!(sel.report.selected, vec![0, 0]);
     assert!(out.lse.iter().all(|&l| l == f32::NEG_INFINITY));
     assert!(out.out.data.to_f32_vec().iter().all(|&x| x == 0.0));
+}
+
+/// `columns`' check: at check = 1 no sample speaks for its tile's rows exactly, every head keeps
+/// all of the mask (density 1); at check = 0 it selects; in between some heads go dense.
+#[test]
+fn columns_check_sends_unrepresented_heads_dense() {
+    let n = 300;
+    let [q, k, v] = inputs((1, n, n, 8, 2, 16), 7990);
+    let [qv, kv, _] = views([&q, &k, &v]);
+    let p = AttnParams::default();
+    let bound = bind("causal", 1, n, n);
+    let density = |c: f64| {
+        let s = spec(&format!(
+            "columns(gamma=0.6,rows=2,block=16,sink=1,local=2,check={c})"
+        ));
+        let sel = select(&qv, &kv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
+        (0..8)
+            .map(|h| sel.report.head_density(0, h))
+            .collect::<Vec<_>>()
+    };
+    assert!(density(1.0).iter().all(|&d| d == 1.0));
+    let off = density(0.0);
+    assert!(off.iter().all(|&d| d < 1.0), "{off:?}");
+    // More heads go dense as the check rises, and some check splits them.
+    let dense: Vec<usize> = (1..20)
+        .map(|x| {
+            density(x as f64 * 0.05)
+                .iter()
+                .filter(|&&d| d == 1.0)
+                .count()
+        })
+        .collect();
+    assert!(dense.windows(2).all(|w| w[0] <= w[1]), "{dense:?}");
+    assert!(dense.iter().any(|&n| n > 0 && n < 8), "{dense:?}");
 }
