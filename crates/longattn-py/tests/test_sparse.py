@@ -77,6 +77,28 @@ def test_dense_fallback_keeps_every_tile_and_equals_attention():
     assert torch.equal(out, dense)
 
 
+def test_element_level_selections():
+    """Element level (CPU): `columns` that samples every row of its tiles at gamma = 1 keeps
+    every allowed pair (the dense result, density 1, Partial tiles); element lines keep fewer
+    pairs than the tiles they cross, which are reported in part (2)."""
+    q, k, v = qkv(1, 150, 150, 4, 2, 32, torch.float32, "cpu", gen_seed=5)
+    spec = "columns(gamma=1,rows=16,block=16,sink=0,local=0,dense_below=0)"
+    out, lse, sel = longattn.sparse_attention(q, k, v, spec, "causal", return_lse=True,
+                                              return_selection=True)
+    ref_o, ref_l = longattn.attention(q, k, v, "causal", return_lse=True)
+    assert_close(out, ref_o, torch.float32)
+    assert (lse - ref_l).abs().max() < 1e-4
+    assert sel["density"] == 1.0 and (sel["block_mask"] == 2).any()
+    tiles = "vertical_slash(v=3,s=2,block=16,last=8,dense_below=0)"
+    _, whole = longattn.sparse_attention(q, k, v, tiles, "causal", return_selection=True)
+    out_e, lines = longattn.sparse_attention(q, k, v, tiles[:-1] + ",element=1)", "causal",
+                                             return_selection=True)
+    assert torch.equal(lines["block_mask"] > 0, whole["block_mask"] > 0)
+    assert lines["density"] < whole["density"]
+    assert (lines["block_mask"] == 2).sum() > (whole["block_mask"] == 2).sum()
+    assert torch.isfinite(out_e).all()
+
+
 def test_no_mask_and_window_mask():
     q, k, v = qkv(1, 150, 150, 2, 1, 32, torch.float32, "cpu")
     for mask in (None, "causal & window(40,0)"):

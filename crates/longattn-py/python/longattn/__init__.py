@@ -109,8 +109,11 @@ def sparse_attention(
 
     ``spec`` is a method with keyword arguments, e.g. ``"vertical_slash(v=64,s=32)"``,
     ``"flexprefill(gamma=0.9,tau=0.1)"``, ``"topmass(gamma=0.95)"``, ``"proxy(gamma=0.9)"``,
-    ``"moba(block=512,topk=3)"``, ``"relthresh(alpha=0.7)"``, ``"skip(factor=600)"`` (the grammar
-    and every argument: the Rust crate's ``longattn::sparse``). Every method takes
+    ``"moba(block=512,topk=3)"``, ``"relthresh(alpha=0.7)"``, ``"skip(factor=600)"``,
+    ``"columns(gamma=0.97,rows=8,check=0.92)"`` (element level: the keys each query tile's
+    sampled rows weigh most), ``element=1`` on ``vertical_slash`` / ``flexprefill`` (only the
+    pairs on the kept lines), or a union ``"A + B"`` (the grammar and every argument: the Rust
+    crate's ``longattn::sparse``; element-level selections and unions run on the CPU only). Every method takes
     ``dense_below=N``: with fewer keys the mask runs dense (default 1024 on the CPU, 16384 on
     CUDA). On CUDA the estimator runs on the device with no host synchronisation
     (``vertical_slash``; the selection is made at the attention kernel's tiles; other methods
@@ -122,7 +125,7 @@ def sparse_attention(
 
     Returns ``out`` (and ``lse`` with ``return_lse``), and with ``return_selection`` also a dict:
     ``block_mask`` (uint8 ``[B, Hq, query tiles, key tiles]`` on the CPU: 0 skipped, 1 whole
-    tile, 2 tile under the mask), ``tile_q`` / ``tile_k``, ``density`` (allowed pairs kept /
+    tile, 2 tile in part: under the mask or the kept lines), ``tile_q`` / ``tile_k``, ``density`` (allowed pairs kept /
     allowed pairs of the mask) and ``fallback`` (the dense fallback ran); on CUDA this
     synchronises. Forward only: inputs that require grad (with grad enabled) raise; for a
     differentiable sparse pattern use :func:`attention` with a :class:`BlockMask`.

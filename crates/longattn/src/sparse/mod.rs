@@ -18,11 +18,17 @@
 //! # Grammar
 //!
 //! ```text
-//!   spec := name | name '(' [arg (',' arg)*] ')'       (whitespace around tokens ignored)
+//!   spec := one | one '+' one                           (a union of two methods)
+//!   one  := name | name '(' [arg (',' arg)*] ')'       (whitespace around tokens ignored)
 //!   arg  := key '=' number
 //! ```
 //! Every argument is optional (defaults below), may be given once, and is range-checked; an
 //! unknown method or argument is an error naming it and listing what is accepted.
+//!
+//! A union `A + B` keeps the tiles and pairs either method keeps (B's tiles whole under the
+//! mask, A's as A keeps them: lines stay lines). Both select at one `block`; `dense_below` and
+//! `skip` are the union's, given on A; B takes neither, nor `element`, and `skip` is not a
+//! part. E.g. `vertical_slash(v=512,s=512,element=1)+proxy(gamma=0.7)`.
 //!
 //! Every method also takes `dense_below` (integer >= 0; default [`DENSE_BELOW`] = 1024 on the
 //! CPU, [`cuda::CUDA_DENSE_BELOW`] on CUDA, where the estimate's launches cost more): the
@@ -47,6 +53,7 @@
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64), `element` 0 or 1 (0) | the tiles crossed by a kept column or diagonal, or with `element=1` only the pairs on them (below) |
 //! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64), `element` 0 or 1 (0) | per head, query-aware blocks or cumulative vertical-slash (its pairs only with `element=1`), chosen by a distance test (below) |
 //! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
+//! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile (below) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
@@ -76,6 +83,19 @@
 //! there); on the GPU the selection's bits would need gathered key columns and unaligned
 //! diagonal bands as schedule entry kinds, which are not built: the CUDA estimator refuses
 //! `element=1`.
+//!
+//! Query-tile columns (`columns`, element level always): a head's mass often sits on keys
+//! that neither one column set for all rows (vertical) nor offsets (slash) describe, but that
+//! the rows of one query tile share (the passage they are about). Per query tile, `rows`
+//! sampled rows i_r (as ProxyAttn samples them, but each head with its own queries) attend
+//! exactly to every allowed key; m_j = 1/n sum_r p_(i_r) j, and the heaviest keys until their
+//! mass reaches gamma sum_j m_j (at least one) are kept for every row of the tile, with the
+//! document's first `sink` keys and its diagonals 0 <= o < `local` as lines ([`Lines`], a
+//! sorted key list per query tile). `check` > 0 tests whether the sample speaks for the other
+//! rows: on the document's last query tile, every row's exact mass on the keys kept for it;
+//! a mean below `check` (heads whose rows each want their own keys) keeps every tile of the
+//! document for that head. Cost: `rows` of every `block` rows attend densely (1/16 of the
+//! score work at rows = 4, block = 64) plus the last tile under `check`.
 //!
 //! FlexPrefill: per head, the last `last` query rows give the exact block distribution
 //! a_hat(kt) = sum_{j in kt} c_j / sum_j c_j and the pooled estimate
