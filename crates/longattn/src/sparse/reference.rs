@@ -179,17 +179,19 @@ fn reference_impl(
                 };
                 let first_key = doc.k[0];
                 let last_rows = &doc.q[doc.q.len() - last_of(spec.method).min(doc.q.len())..];
-                let (doc_kept, line): (Vec<Vec<bool>>, Option<LineRule>) = if doc.k.len()
-                    < dense_below
-                {
-                    // Short document: every candidate of its rows that meets its keys.
-                    let tiles = (0..nq)
+                // Every candidate of the document's rows that meets its keys.
+                let every = || -> Vec<Vec<bool>> {
+                    (0..nq)
                         .map(|qt| {
                             let some = !q_of(qt).is_empty();
                             (0..nk).map(|kt| some && !k_of(kt).is_empty()).collect()
                         })
-                        .collect();
-                    (tiles, None)
+                        .collect()
+                };
+                let (doc_kept, line): (Vec<Vec<bool>>, Option<LineRule>) = if doc.k.len()
+                    < dense_below
+                {
+                    (every(), None) // a short document
                 } else {
                     // The pooled-score selection of `method` over this document.
                     let pooled_doc = |method| {
@@ -306,14 +308,7 @@ fn reference_impl(
                                 }
                             }
                             if t.1 > 0 && t.0 / (t.1 as f64) < check {
-                                // Every candidate of the document's rows.
-                                let tiles = (0..nq)
-                                    .map(|qt| {
-                                        let some = !q_of(qt).is_empty();
-                                        (0..nk).map(|kt| some && !k_of(kt).is_empty()).collect()
-                                    })
-                                    .collect();
-                                (tiles, None)
+                                (every(), None)
                             } else {
                                 (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                             }

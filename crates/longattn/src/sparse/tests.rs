@@ -659,6 +659,42 @@ fn recall_is_one_for_the_whole_mask_and_below_for_less() {
     assert!(r.worst < 1.0 && r.worst > 0.0, "{r:?}");
 }
 
+/// The backward through `sel` (from the forward `out`) against the f64 oracle's over the pairs
+/// `allowed`.
+fn assert_backward_matches(
+    [qv, kv, vv, dov]: [&TensorView; 4],
+    out: &AttnOutput,
+    sel: &Selection,
+    allowed: &dyn Fn(usize, usize, usize, usize) -> bool,
+    what: &str,
+) {
+    let p = AttnParams::default();
+    let ov = out.out.view("out").unwrap();
+    let g = backward(
+        qv,
+        kv,
+        vv,
+        &ov,
+        &out.lse,
+        dov,
+        &p,
+        sel.mask(),
+        &BackwardParams::default(),
+    )
+    .unwrap();
+    let r = attention_backward_f64(qv, kv, vv, dov, &p, allowed).unwrap();
+    let floor = r.dv.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    let tol = grad_tolerance(DType::F32);
+    for (name, got, want) in [
+        ("dq", &g.dq, &r.dq),
+        ("dk", &g.dk, &r.dk),
+        ("dv", &g.dv, &r.dv),
+    ] {
+        let e = compare_grad(got, want, floor);
+        assert!(e <= tol, "{what}: {name} error {e:e}");
+    }
+}
+
 #[test]
 fn backward_through_the_selection_matches_the_oracle() {
     for (sq, sk, s) in [
@@ -671,46 +707,19 @@ fn backward_through_the_selection_matches_the_oracle() {
     ] {
         let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), 1700);
         let d_o = random_tensor(DType::F32, &[2, sq, 4, 16], 1.0, 1800);
-        let (qv, kv, vv, dov) = (
-            q.view("q").unwrap(),
-            k.view("k").unwrap(),
-            v.view("v").unwrap(),
-            d_o.view("do").unwrap(),
-        );
+        let [qv, kv, vv] = views([&q, &k, &v]);
+        let dov = d_o.view("do").unwrap();
         let p = AttnParams::default();
         let bound = bind("causal", 2, sq, sk);
         let (out, sel) = forward(&qv, &kv, &vv, &p, &spec(s), MaskSpec::Expr(&bound)).unwrap();
         assert!(sel.report.density() < 1.0, "{s}: nothing was skipped");
-        let ov = out.out.view("out").unwrap();
-        let g = backward(
-            &qv,
-            &kv,
-            &vv,
-            &ov,
-            &out.lse,
-            &dov,
-            &p,
-            sel.mask(),
-            &BackwardParams::default(),
-        )
-        .unwrap();
         let table = sel.block_mask();
         let sc = &sel.schedule;
-        let r = attention_backward_f64(&qv, &kv, &vv, &dov, &p, &|b, h, i, j| {
+        let allowed = |b: usize, h: usize, i: usize, j: usize| {
             bound.allowed(b, i, j)
                 && table[((b * 4 + h) * sc.q_tiles + i / 16) * sc.k_tiles + j / 16] != 0
-        })
-        .unwrap();
-        let floor = r.dv.iter().fold(0.0f64, |a, x| a.max(x.abs()));
-        let tol = grad_tolerance(DType::F32);
-        for (name, got, want) in [
-            ("dq", &g.dq, &r.dq),
-            ("dk", &g.dk, &r.dk),
-            ("dv", &g.dv, &r.dv),
-        ] {
-            let e = compare_grad(got, want, floor);
-            assert!(e <= tol, "{s}: {name} error {e:e}");
-        }
+        };
+        assert_backward_matches([&qv, &kv, &vv, &dov], &out, &sel, &allowed, s);
     }
 }
 
@@ -1413,40 +1422,21 @@ fn element_lines_work_per_document() {
 #[test]
 fn backward_through_element_lines_matches_the_oracle() {
     let (sq, sk) = (65, 130);
-    let s = spec("vertical_slash(v=6,s=3,block=16,last=8,sink=1,local=4,element=1)");
-    let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), 7900);
-    let d_o = random_tensor(DType::F32, &[2, sq, 4, 16], 1.0, 7901);
-    let [qv, kv, vv] = views([&q, &k, &v]);
-    let dov = d_o.view("do").unwrap();
-    let p = AttnParams::default();
-    let bound = bind("causal", 2, sq, sk);
-    let (out, sel) = forward(&qv, &kv, &vv, &p, &s, MaskSpec::Expr(&bound)).unwrap();
-    let keep = kept_pairs(&sel, (2, 4, sq, sk));
-    let ov = out.out.view("out").unwrap();
-    let g = backward(
-        &qv,
-        &kv,
-        &vv,
-        &ov,
-        &out.lse,
-        &dov,
-        &p,
-        sel.mask(),
-        &BackwardParams::default(),
-    )
-    .unwrap();
-    let r = attention_backward_f64(&qv, &kv, &vv, &dov, &p, &|b, h, i, j| {
-        keep[((b * 4 + h) * sq + i) * sk + j]
-    })
-    .unwrap();
-    let floor = r.dv.iter().fold(0.0f64, |a, x| a.max(x.abs()));
-    for (name, got, want) in [
-        ("dq", &g.dq, &r.dq),
-        ("dk", &g.dk, &r.dk),
-        ("dv", &g.dv, &r.dv),
+    for t in [
+        "vertical_slash(v=6,s=3,block=16,last=8,sink=1,local=4,element=1)",
+        "columns(gamma=0.8,rows=4,block=16,sink=1,local=4)",
     ] {
-        let e = compare_grad(got, want, floor);
-        assert!(e <= grad_tolerance(DType::F32), "{name} error {e:e}");
+        let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), 7900);
+        let d_o = random_tensor(DType::F32, &[2, sq, 4, 16], 1.0, 7901);
+        let [qv, kv, vv] = views([&q, &k, &v]);
+        let dov = d_o.view("do").unwrap();
+        let bound = bind("causal", 2, sq, sk);
+        let p = AttnParams::default();
+        let (out, sel) = forward(&qv, &kv, &vv, &p, &spec(t), MaskSpec::Expr(&bound)).unwrap();
+        let keep = kept_pairs(&sel, (2, 4, sq, sk));
+        let allowed =
+            |b: usize, h: usize, i: usize, j: usize| keep[((b * 4 + h) * sq + i) * sk + j];
+        assert_backward_matches([&qv, &kv, &vv, &dov], &out, &sel, &allowed, t);
     }
 }
 
