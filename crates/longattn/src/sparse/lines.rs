@@ -90,7 +90,7 @@ fn bits_at(bits: &[u64], at: i64) -> u64 {
 
 /// ORs the first `n` bits of `src` into `dst` from bit `at` on.
 fn or_bits(dst: &mut [u64], at: usize, src: &[u64], n: usize) {
-    if at % 64 == 0 && n % 64 == 0 {
+    if at.is_multiple_of(64) && n.is_multiple_of(64) {
         for (d, s) in dst[at / 64..].iter_mut().zip(&src[..n / 64]) {
             *d |= s;
         }
@@ -105,7 +105,7 @@ fn or_bits(dst: &mut [u64], at: usize, src: &[u64], n: usize) {
 fn set_range(dst: &mut [u64], a: usize, b: usize) {
     let mut x = a;
     while x < b {
-        if x % 64 == 0 && x + 64 <= b {
+        if x.is_multiple_of(64) && x + 64 <= b {
             dst[x / 64] = !0;
             x += 64;
         } else {
@@ -246,7 +246,7 @@ mod tests {
             (0..64)
                 .filter(|&t| {
                     let x = at + t;
-                    x >= 0 && x < 192 && [0, 5, 63, 64, 100, 191].contains(&x)
+                    (0..192).contains(&x) && [0, 5, 63, 64, 100, 191].contains(&x)
                 })
                 .fold(0, |a, t| a | 1 << t)
         };
