@@ -734,12 +734,30 @@ fn sampled_rows(part: &Range<usize>, rows: usize) -> Vec<usize> {
     s.into_iter().map(|i| i - 1).collect()
 }
 
+/// Keys side by side in [`RowSoftmax`]'s dot products.
+const LANES: usize = 8;
+
+/// `[n, D]` rows into blocks of [`LANES`] rows, each `[D, LANES]`, the last padded with zeros.
+fn lanes_of(rows: &[f64], dd: usize) -> Vec<f64> {
+    let n = rows.len() / dd.max(1);
+    let mut out = vec![0.0f64; n.div_ceil(LANES) * LANES * dd];
+    for x in 0..n {
+        let (blk, l) = (x / LANES, x % LANES);
+        for c in 0..dd {
+            out[(blk * dd + c) * LANES + l] = rows[x * dd + c];
+        }
+    }
+    out
+}
+
 /// Exact softmax rows of one (batch row, head) over one document's keys, with their scratch.
 struct RowSoftmax<'c> {
     ctx: &'c Ctx<'c>,
     bh: (usize, usize),
     doc: &'c Doc,
-    /// The document's keys of the head's key head, `[doc keys, D]`.
+    /// The document's keys of the head's key head in blocks of [`LANES`] keys, each block
+    /// `[D, LANES]` (key-minor; the last block padded with zeros): the dot products of a row
+    /// with a block's keys run side by side, each summed over c in order as [`dot`] sums.
     keys: Vec<f64>,
     allowed: Vec<bool>,
     words: Vec<u64>,
@@ -755,7 +773,7 @@ impl<'c> RowSoftmax<'c> {
             ctx,
             bh: (b, h),
             doc,
-            keys: doc_keys(ctx, b, ctx.kv_head(h), doc),
+            keys: lanes_of(&doc_keys(ctx, b, ctx.kv_head(h), doc), ctx.dims.d),
             allowed: vec![false; nk],
             words: Vec::new(),
             qrow: vec![0.0; ctx.dims.d],
@@ -772,12 +790,24 @@ impl<'c> RowSoftmax<'c> {
             *x = ctx.q.get(b, i, h, c) as f64;
         }
         let mut m = f64::NEG_INFINITY;
-        for x in 0..self.p.len() {
-            self.p[x] = match self.allowed[x] {
-                true => ctx.logit.of(dot(&self.qrow, &self.keys[x * dd..][..dd])),
-                false => f64::NEG_INFINITY,
-            };
-            m = m.max(self.p[x]);
+        for (blk, kb) in self.keys.chunks_exact(dd * LANES).enumerate() {
+            // acc_l = sum_c q_c k_(x0 + l, c), in c order per lane (the order of `dot`).
+            let mut acc = [0.0f64; LANES];
+            for (c, row) in kb.chunks_exact(LANES).enumerate() {
+                let qc = self.qrow[c];
+                acc.iter_mut().zip(row).for_each(|(a, k)| *a += qc * k);
+            }
+            let x0 = blk * LANES;
+            for (l, a) in acc.into_iter().enumerate() {
+                let x = x0 + l;
+                if x < self.p.len() {
+                    self.p[x] = match self.allowed[x] {
+                        true => ctx.logit.of(a),
+                        false => f64::NEG_INFINITY,
+                    };
+                    m = m.max(self.p[x]);
+                }
+            }
         }
         if m == f64::NEG_INFINITY {
             return None;
