@@ -138,6 +138,11 @@ pub fn check_spec(spec: &SparseSpec) -> Result<()> {
             "`{spec}`: unions of methods (`A + B`) are selected on the CPU only (--backend cpu)"
         )));
     }
+    if spec.dense_last > 0 {
+        return Err(param(
+            "`dense_last` runs on the CPU only: the device estimator has no dense rows yet (--backend cpu)".into(),
+        ));
+    }
     if spec.element {
         return Err(param(
             "element-level lines (`element=1`) run on the CPU only: the device schedule keeps whole tiles (drop `element=1`, or select on the CPU, --backend cpu)".into(),
@@ -645,6 +650,7 @@ pub fn check_vertical_slash<'a>(
         docs: vec![vec![Doc::whole(&dims)]; dims.batch],
         dense_below: 0,
         element: false,
+        dense_last: 0,
     };
     let nd = dims.sq + dims.sk - 1;
     let (mut mass_err, mut rows_differ, mut rows_differ_f64) = (0f64, 0, 0);

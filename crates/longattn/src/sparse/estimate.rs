@@ -89,6 +89,7 @@ impl<'c> Kept<'c> {
             whole: false,
             omax: omin + n as i64 - 1,
             diag,
+            dense_from: usize::MAX,
         };
     }
 
@@ -239,6 +240,26 @@ fn each_doc(
             continue;
         }
         f(doc, x, &mut kept);
+        if ctx.dense_last > 0 {
+            // The document's last rows keep every candidate: whole query tiles at tile level,
+            // those rows alone with lines (their tiles Partial for the other rows).
+            let from = doc.q.end - ctx.dense_last.min(doc.q.len());
+            for (qt, part) in ctx.parts(doc).filter(|(_, p)| p.end > from) {
+                let xs = ctx.doc_cands(b, h, qt, doc);
+                let all = vec![true; xs.len()];
+                match kept.lines.as_mut() {
+                    Some((hl, _)) if !hl.docs[x].whole => {
+                        hl.docs[x].dense_from = from;
+                        let whole_tile = part.start >= from;
+                        match whole_tile {
+                            true => kept.or(qt, &xs, &all),
+                            false => kept.or_lines(qt, &xs, &all),
+                        }
+                    }
+                    _ => kept.or(qt, &xs, &all),
+                }
+            }
+        }
     }
     kept.entries()
 }

@@ -12,7 +12,8 @@
 //! the caller's row bits; not listed: none) and `col` / `diag_d` the kept lines. A document
 //! whose estimate is not a line pattern (a FlexPrefill head that chose query-aware blocks, a
 //! document below `dense_below`) is `whole`: its rows keep every pair of their selected tiles,
-//! and those tiles keep the mask's kind. The tiles of a union's second method (`A + B`, B's
+//! and those tiles keep the mask's kind. So do the rows of a document's `dense_last` (from
+//! `dense_from` on), in tiles that are Partial for the document's other rows. The tiles of a union's second method (`A + B`, B's
 //! tiles whole) keep every pair too.
 //!
 //! The `columns` method adds keys per query tile: `allowed(i, j)` also holds for j in the kept
@@ -34,6 +35,8 @@ pub(crate) struct DocLines {
     pub omax: i64,
     /// Kept offsets, bit x = offset omax - x.
     pub diag: Vec<u64>,
+    /// Rows from here on keep every pair of their tiles (`dense_last`).
+    pub dense_from: usize,
 }
 
 impl DocLines {
@@ -42,6 +45,7 @@ impl DocLines {
             whole: true,
             omax: 0,
             diag: Vec::new(),
+            dense_from: usize::MAX,
         }
     }
 }
@@ -189,7 +193,7 @@ impl RowMask for Lines<'_> {
         let starts = &self.doc_q0[b];
         let d = starts.partition_point(|&q0| q0 <= i).saturating_sub(1);
         let dl = &hl.docs[d];
-        if dl.whole {
+        if dl.whole || i >= dl.dense_from {
             out.fill(!0);
         } else {
             // Bit x = omax - o of key j: x = j - (p_i - omax).

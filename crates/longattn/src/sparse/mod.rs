@@ -38,6 +38,12 @@
 //! tiles every method must keep (sink, diagonal) are already a large share of a row.
 //! `dense_below=0` always selects.
 //!
+//! Every method also takes `dense_last` (integer >= 0; default 0): the last N queries of every
+//! document keep every candidate, "last rows dense" composed with the selection. At tile level
+//! the query tiles holding them keep their whole candidate rows; at element level those rows
+//! alone keep every pair of their tiles (the tiles stay Partial for the rows before them).
+//! These are the rows a prompt asks its question in and the next token is read from.
+//!
 //! Every method also takes `skip` (F > 0; default 0: off): skip-softmax (BLASST) in the forward
 //! through the selection ([`Selection::params`]): with lambda = F / Sk, a group of key tiles
 //! whose every probability relative to its row's running maximum is below lambda, for every row
@@ -423,6 +429,8 @@ pub(crate) struct Ctx<'a> {
     pub dense_below: usize,
     /// Element-level lines (`element=1`): kept columns and diagonals select single pairs.
     pub element: bool,
+    /// The last rows of every document that keep every candidate (`dense_last`).
+    pub dense_last: usize,
 }
 
 impl Ctx<'_> {
@@ -615,6 +623,7 @@ pub fn select<'a>(
         docs,
         dense_below,
         element: spec.element_level(),
+        dense_last: spec.dense_last,
     };
     let (mut heads, mut with) = (Vec::new(), None);
     if estimate {
@@ -624,6 +633,7 @@ pub fn select<'a>(
             let ctx_b = Ctx {
                 docs: ctx.docs.clone(),
                 element: false,
+                dense_last: 0,
                 ..ctx
             };
             let b = estimate::select_all(&ctx_b, &m);

@@ -99,6 +99,7 @@ fn reference_impl(
             method: m,
             element: false,
             with: None,
+            dense_last: 0,
             ..*spec
         };
         let mut pb = pairs.as_ref().map(|p| vec![false; p.len()]);
@@ -331,11 +332,25 @@ fn reference_impl(
                         method => (pooled_doc(method), None),
                     }
                 };
+                // `dense_last`: the query tiles holding the document's last rows keep every
+                // candidate; at element level only those rows keep every pair.
+                let from = match spec.dense_last {
+                    0 => usize::MAX,
+                    n => doc.q[doc.q.len() - n.min(doc.q.len())],
+                };
+                let mut doc_kept = doc_kept;
+                if spec.dense_last > 0 {
+                    let all = every();
+                    for qt in (0..nq).filter(|&qt| q_of(qt).iter().any(|&i| i >= from)) {
+                        doc_kept[qt] = all[qt].clone();
+                    }
+                }
                 // The document's pairs: allowed by the mask, in a kept tile, on a kept line
-                // where an element-level line pattern chose them.
+                // where an element-level line pattern chose them (not in the dense last rows).
                 if let Some(p) = pairs.as_deref_mut() {
                     let line = line.filter(|_| spec.element_level());
                     for &i in &doc.q {
+                        let line = line.as_ref().filter(|_| spec.dense_last == 0 || i < from);
                         let row = ((b * dims.hq + h) * dims.sq + i) * dims.sk;
                         for &j in &doc.k {
                             let tile = doc_kept[i / cand.tile_q][j / cand.tile_k];

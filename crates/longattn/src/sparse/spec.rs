@@ -79,6 +79,11 @@ pub struct SparseSpec {
     /// backend's default, [`DENSE_BELOW`] on the CPU, `sparse::cuda::CUDA_DENSE_BELOW` on CUDA;
     /// read it with [`SparseSpec::dense_below_or`]).
     pub dense_below: Option<usize>,
+    /// Dense last rows (argument `dense_last=N` of every estimating method; default 0): the
+    /// last N queries of every document keep every candidate: whole query tiles at tile level,
+    /// those rows alone at element level (the rows that ask the question of a prompt, and the
+    /// ones the next token is read from).
+    pub dense_last: usize,
     /// Skip-softmax factor F (argument `skip=F` of any method, or the `skip(factor=F)` method):
     /// the forward through the selection drops key groups whose probabilities relative to the
     /// running maximum all fall below lambda = F / Sk ([`crate::AttnParams::skip_below`]).
@@ -143,7 +148,11 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
 
 /// Arguments every method accepts, after its own (name, default).
 /// `skip` = 0: no skip-softmax.
-const COMMON: &[(&str, f64)] = &[("dense_below", DENSE_BELOW as f64), ("skip", 0.0)];
+const COMMON: &[(&str, f64)] = &[
+    ("dense_below", DENSE_BELOW as f64),
+    ("skip", 0.0),
+    ("dense_last", 0.0),
+];
 
 const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, columns, skip";
 
@@ -260,12 +269,12 @@ impl SparseSpec {
     fn union(self, b: SparseSpec, text: &str) -> Result<SparseSpec> {
         let refuse = |what: &str| {
             Err(err(format!(
-                "`{text}`: {what} (the union's `dense_below` and `skip` are given on its first method)"
+                "`{text}`: {what} (the union's `dense_below`, `dense_last` and `skip` are given on its first method)"
             )))
         };
-        if b.element || b.skip.is_some() || b.dense_below.is_some() {
+        if b.element || b.skip.is_some() || b.dense_below.is_some() || b.dense_last > 0 {
             return refuse(
-                "the second method of a union takes no `element`, `skip` or `dense_below`",
+                "the second method of a union takes no `element`, `skip`, `dense_below` or `dense_last`",
             );
         }
         if b.method == Method::Whole || self.method == Method::Whole {
@@ -364,6 +373,7 @@ impl SparseSpec {
         let spec = SparseSpec {
             method,
             block: int("block", 1)?,
+            dense_last: int("dense_last", 0)?,
             dense_below: match seen[accepted.iter().position(|a| a.0 == "dense_below").unwrap()] {
                 true => Some(int("dense_below", 0)?),
                 false => None,
@@ -538,6 +548,9 @@ impl fmt::Display for SparseSpec {
         write!(f, "{name}({args}")?;
         if self.element {
             write!(f, ",element=1")?;
+        }
+        if self.dense_last > 0 {
+            write!(f, ",dense_last={}", self.dense_last)?;
         }
         if let Some(n) = self.dense_below {
             write!(f, ",dense_below={n}")?;

@@ -61,6 +61,7 @@ fn parse_accepts_the_grammar() {
             skip: None,
             element: false,
             with: None,
+            dense_last: 0,
         }
     );
     assert_eq!(
@@ -72,6 +73,7 @@ fn parse_accepts_the_grammar() {
             skip: None,
             element: false,
             with: None,
+            dense_last: 0,
         }
     );
     assert_eq!(
@@ -122,7 +124,7 @@ fn parse_accepts_the_grammar() {
         "vertical_slash(v=3,s=1,block=16,last=5,sink=0,local=1,element=1,dense_below=9)+proxy(gamma=0.5,rows=3,block=16,last=8)",
         "topmass(gamma=1e+0,block=16) + moba(topk=2,block=16)",
         "columns(gamma=0.8,rows=3,block=16,sink=2,local=5)",
-        "columns(gamma=0.9,rows=4,block=64,sink=4,local=64)+proxy(gamma=0.5,rows=4,block=64,last=64)",
+        "columns(gamma=0.9,rows=4,block=64,sink=4,local=64,dense_last=64)+proxy(gamma=0.5,rows=4,block=64,last=64)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
@@ -181,6 +183,11 @@ fn parse_rejects_bad_specs_by_name() {
         ("columns(gamma=0)", "`gamma` must be in (0, 1]"),
         ("columns(rows=0)", "`rows` must be an integer in [1"),
         ("columns(element=1)", "unknown argument `element`"),
+        (
+            "topmass(dense_last=-1)",
+            "`dense_last` must be an integer in [0",
+        ),
+        ("topmass+moba(block=64,dense_last=3)", "`dense_last`"),
         ("topmass+topmass(gamma=2)", "`gamma` must be in (0, 1]"),
     ] {
         let e = SparseSpec::parse(text).unwrap_err().to_string();
@@ -259,6 +266,8 @@ fn specs() -> Vec<SparseSpec> {
         "proxy(gamma=1,rows=64,block=16,last=1)",
         "proxy(gamma=0.5,rows=3,block=32,last=40)",
         "topmass(gamma=0.6,block=16)+moba(block=16,topk=1)",
+        "topmass(gamma=0.3,block=16,dense_last=20)",
+        "vertical_slash(v=2,s=1,block=16,last=4,sink=0,local=1,dense_last=40)",
         "vertical_slash(v=3,s=2,block=16,last=7,sink=1,local=2)+proxy(gamma=0.5,rows=2,block=16,last=4)",
     ]
     .into_iter()
@@ -756,6 +765,7 @@ fn bad_inputs_are_clear_errors() {
         skip: None,
         element: false,
         with: None,
+        dense_last: 0,
     };
     assert!(select(&qv, &kv, &p, &bad, MaskSpec::Full).is_err());
     let k8 = random_tensor(DType::F32, &[1, 50, 1, 4], 1.0, 1950);
@@ -1356,6 +1366,8 @@ fn element_lines_keep_the_reference_pairs() {
         "columns(gamma=0.5,rows=1,block=24,sink=0,local=0)",
         "columns(gamma=0.9,rows=3,block=16,sink=2,local=2)+topmass(gamma=0.3,block=16)",
         "columns(gamma=0.6,rows=1,block=16,sink=0,local=1,check=0.7)",
+        "columns(gamma=0.5,rows=2,block=16,sink=1,local=1,dense_last=20)",
+        "vertical_slash(v=2,s=1,block=16,last=4,sink=0,local=1,element=1,dense_last=7)",
         "columns(gamma=0.8,rows=2,block=32,sink=1,local=3,check=0.85)",
     ];
     let mut shapes: Vec<(usize, usize)> =
@@ -1400,6 +1412,7 @@ fn element_lines_work_per_document() {
             "columns(gamma=0.7,rows=3,block=16,sink=2,local=3,dense_below=60)",
             "columns(gamma=0.9,rows=2,block=32,sink=1,local=1)",
             "columns(gamma=0.7,rows=2,block=16,sink=1,local=2,check=0.8)",
+            "columns(gamma=0.6,rows=2,block=16,sink=1,local=2,dense_last=9)",
         ] {
             let s = spec(t);
             let [q, k, v] = inputs((2, 249, 249, 4, 2, 8), seed);
@@ -1490,4 +1503,34 @@ fn columns_check_sends_unrepresented_heads_dense() {
         .collect();
     assert!(dense.windows(2).all(|w| w[0] <= w[1]), "{dense:?}");
     assert!(dense.iter().any(|&n| n > 0 && n < 8), "{dense:?}");
+}
+
+/// `dense_last`: the last rows of the sequence attend to every key of the mask (their output
+/// and LSE are the dense ones) while the rows before them stay sparse, at element level and at
+/// tile level.
+#[test]
+fn dense_last_rows_attend_to_the_whole_mask() {
+    let n = 200;
+    let [q, k, v] = inputs((1, n, n, 2, 1, 16), 8100);
+    let [qv, kv, vv] = views([&q, &k, &v]);
+    let p = AttnParams::default();
+    let bound = bind("causal", 1, n, n);
+    let dense = crate::forward(&qv, &kv, &vv, &p, MaskSpec::Expr(&bound)).unwrap();
+    for t in [
+        "columns(gamma=0.3,rows=2,block=16,sink=1,local=2,dense_last=10)",
+        "topmass(gamma=0.3,block=16,dense_last=10)",
+    ] {
+        let (out, _) = forward(&qv, &kv, &vv, &p, &spec(t), MaskSpec::Expr(&bound)).unwrap();
+        for h in 0..2 {
+            let d = |i: usize| (out.lse[h * n + i] - dense.lse[h * n + i]).abs();
+            assert!(
+                (n - 10..n).all(|i| d(i) < 1e-5),
+                "{t}: a last row is sparse"
+            );
+            assert!(
+                (150..n - 16).any(|i| d(i) > 1e-3),
+                "{t}: earlier rows are dense"
+            );
+        }
+    }
 }
