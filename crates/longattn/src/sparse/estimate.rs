@@ -771,6 +771,39 @@ fn lanes_of(rows: &[f64], dd: usize) -> Vec<f64> {
     out
 }
 
+/// out[x] = sum_c q_c k_(x, c) for every key of `keys` (blocks of [`LANES`] keys, each
+/// `[D, LANES]`), each summed in c order (as [`dot`] sums): the lanes of a block side by side,
+/// with AVX-512 where the machine has it (the same products and sums, so the same bits).
+fn lane_dots(q: &[f64], keys: &[f64], out: &mut [f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just detected.
+        return unsafe { lane_dots_avx512(q, keys, out) };
+    }
+    lane_dots_plain(q, keys, out)
+}
+
+#[inline(always)]
+fn lane_dots_plain(q: &[f64], keys: &[f64], out: &mut [f64]) {
+    let dd = q.len();
+    for (kb, o) in keys
+        .chunks_exact(dd * LANES)
+        .zip(out.chunks_exact_mut(LANES))
+    {
+        let mut acc = [0.0f64; LANES];
+        for (&qc, row) in q.iter().zip(kb.chunks_exact(LANES)) {
+            acc.iter_mut().zip(row).for_each(|(a, k)| *a += qc * k);
+        }
+        o.copy_from_slice(&acc);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_dots_avx512(q: &[f64], keys: &[f64], out: &mut [f64]) {
+    lane_dots_plain(q, keys, out)
+}
+
 /// Exact softmax rows of one (batch row, head) over one document's keys, with their scratch.
 struct RowSoftmax<'c> {
     ctx: &'c Ctx<'c>,
@@ -785,6 +818,8 @@ struct RowSoftmax<'c> {
     qrow: Vec<f64>,
     /// p_ij of the last row asked (0 where not allowed), `[doc keys]`.
     p: Vec<f64>,
+    /// q_i . k_j of the last row asked, `[doc keys rounded up to LANES]`.
+    dots: Vec<f64>,
 }
 
 impl<'c> RowSoftmax<'c> {
@@ -799,42 +834,40 @@ impl<'c> RowSoftmax<'c> {
             words: Vec::new(),
             qrow: vec![0.0; ctx.dims.d],
             p: vec![0.0; nk],
+            dots: vec![0.0; nk.div_ceil(LANES) * LANES],
         }
     }
 
     /// p_i = softmax over the allowed keys of logit(q_i . k_j); `None` when row i has none.
     fn row(&mut self, i: usize) -> Option<&[f64]> {
-        let (ctx, (b, h), dd) = (self.ctx, self.bh, self.ctx.dims.d);
+        let (ctx, (b, h)) = (self.ctx, self.bh);
         ctx.el
             .row_in((b, h, i), &self.doc.k, &mut self.allowed, &mut self.words);
         for (c, x) in self.qrow.iter_mut().enumerate() {
             *x = ctx.q.get(b, i, h, c) as f64;
         }
+        lane_dots(&self.qrow, &self.keys, &mut self.dots);
         let mut m = f64::NEG_INFINITY;
-        for (blk, kb) in self.keys.chunks_exact(dd * LANES).enumerate() {
-            // acc_l = sum_c q_c k_(x0 + l, c), in c order per lane (the order of `dot`).
-            let mut acc = [0.0f64; LANES];
-            for (c, row) in kb.chunks_exact(LANES).enumerate() {
-                let qc = self.qrow[c];
-                acc.iter_mut().zip(row).for_each(|(a, k)| *a += qc * k);
-            }
-            let x0 = blk * LANES;
-            for (l, a) in acc.into_iter().enumerate() {
-                let x = x0 + l;
-                if x < self.p.len() {
-                    self.p[x] = match self.allowed[x] {
-                        true => ctx.logit.of(a),
-                        false => f64::NEG_INFINITY,
-                    };
-                    m = m.max(self.p[x]);
-                }
-            }
+        for (x, &a) in self.dots[..self.p.len()].iter().enumerate() {
+            self.p[x] = match self.allowed[x] {
+                true => ctx.logit.of(a),
+                false => f64::NEG_INFINITY,
+            };
+            m = m.max(self.p[x]);
         }
         if m == f64::NEG_INFINITY {
             return None;
         }
-        let z: f64 = self.p.iter().map(|&l| (l - m).exp()).sum();
-        self.p.iter_mut().for_each(|l| *l = (*l - m).exp() / z);
+        // exp only where allowed (exp(-inf) = 0 elsewhere; the same sums).
+        let e = |l: f64| {
+            if l == f64::NEG_INFINITY {
+                0.0
+            } else {
+                (l - m).exp()
+            }
+        };
+        let z: f64 = self.p.iter().map(|&l| e(l)).sum();
+        self.p.iter_mut().for_each(|l| *l = e(*l) / z);
         Some(&self.p)
     }
 }

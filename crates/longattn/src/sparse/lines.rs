@@ -119,6 +119,18 @@ fn set_range(dst: &mut [u64], a: usize, b: usize) {
     }
 }
 
+/// The entries of row i's query tile in `s` from the one holding key `j0` on (entries are sorted
+/// by key tile: a binary search, not a walk of the row).
+fn tiles_from<'s>(
+    s: &'s BlockSchedule,
+    (b, h, i): (usize, usize, usize),
+    j0: usize,
+) -> &'s [crate::mask::TileEntry] {
+    let row = s.row(b, h, i / s.tile_q);
+    let kt = (j0 / s.tile_k) as u32;
+    &row[row.partition_point(|e| e.k_tile < kt)..]
+}
+
 /// The row mask of an element-level selection (module header).
 pub struct Lines<'a> {
     heads: usize,
@@ -161,9 +173,12 @@ impl<'a> Lines<'a> {
         let end = (j0 + 64 * out.len()).min(self.sk);
         let mut tmp = [0u64; 8];
         let mut big = Vec::new();
-        for e in self.cand.row(b, h, i / self.cand.tile_q) {
+        for e in tiles_from(&self.cand, (b, h, i), j0) {
             let (k0, k1) = self.cand.k_range(e.k_tile as usize);
             let (c0, c1) = (k0.max(j0), k1.min(end));
+            if c0 >= end {
+                break;
+            }
             if c0 >= c1 {
                 continue;
             }
@@ -213,9 +228,12 @@ impl RowMask for Lines<'_> {
             // A union's whole tiles.
             if let Some(w) = &self.whole {
                 let end = (j0 + 64 * out.len()).min(self.sk);
-                for e in w.row(b, h, i / w.tile_q) {
+                for e in tiles_from(w, (b, h, i), j0) {
                     let (k0, k1) = w.k_range(e.k_tile as usize);
                     let (c0, c1) = (k0.max(j0), k1.min(end));
+                    if c0 >= end {
+                        break;
+                    }
                     if c0 < c1 {
                         set_range(out, c0 - j0, c1 - j0);
                     }
