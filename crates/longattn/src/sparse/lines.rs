@@ -121,11 +121,11 @@ fn set_range(dst: &mut [u64], a: usize, b: usize) {
 
 /// The entries of row i's query tile in `s` from the one holding key `j0` on (entries are sorted
 /// by key tile: a binary search, not a walk of the row).
-fn tiles_from<'s>(
-    s: &'s BlockSchedule,
+fn tiles_from(
+    s: &BlockSchedule,
     (b, h, i): (usize, usize, usize),
     j0: usize,
-) -> &'s [crate::mask::TileEntry] {
+) -> &[crate::mask::TileEntry] {
     let row = s.row(b, h, i / s.tile_q);
     let kt = (j0 / s.tile_k) as u32;
     &row[row.partition_point(|e| e.k_tile < kt)..]
