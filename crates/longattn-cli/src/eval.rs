@@ -219,6 +219,11 @@ fn sparse_json(st: &SparseStats) -> SparseJson {
     }
 }
 
+/// The attention a report names: the press's (it wraps the model's attention) or the model's.
+fn attention_spec(press: Option<&PressAttention>, attn: &dyn Attention) -> String {
+    press.map_or_else(|| attn.spec(), |p| p.spec())
+}
+
 /// The attention method of `--attention` with the sparse options, checked against the model.
 fn attention(a: &Args, m: &Model) -> Result<Box<dyn Attention>> {
     let layers = match &a.sparse_layers {
@@ -435,10 +440,7 @@ fn nll(a: &Args) -> Result<()> {
         nll_mean: mean,
         ppl: mean.exp(),
         nll_by_bucket: buckets,
-        attention: match &press {
-            Some(p) => p.spec(),
-            None => attn.spec(),
-        },
+        attention: attention_spec(press.as_ref(), &*attn),
         kv: press.as_ref().map(|p| p.press().to_string()),
         kv_chunk: press.as_ref().map(|_| a.kv_chunk),
         kl_mean: a.kl.then(|| avg(&kls)),

@@ -12,7 +12,9 @@
 //! is NUMBER." at depths (i + 1/2) / K of Gutenberg filler, then a question about one of them.
 //! Greedy exact match (the first number of 8 generated tokens is the key) and the key's
 //! teacher-forced log-probability; `--kv` with passkey's protocols (`--kv-protocol inside|after`).
-use super::{attention, filler_ids, filler_span, passkey_pressed, Args, KvProtocol};
+use super::{
+    attention, attention_spec, filler_ids, filler_span, passkey_pressed, Args, KvProtocol,
+};
 use crate::common::{parse_len, parse_list};
 use crate::lm::{self, Loaded};
 use anyhow::{bail, Result};
@@ -212,10 +214,7 @@ pub(super) fn copy(a: &Args) -> Result<()> {
     };
     let rep = CopyReport {
         model: a.model.display().to_string(),
-        attention: match &press {
-            Some(p) => p.spec(),
-            None => attn.spec(),
-        },
+        attention: attention_spec(press.as_ref(), &*attn),
         kv: press.as_ref().map(|p| p.press().to_string()),
         kv_chunk: press.as_ref().map(|_| a.kv_chunk),
         copy_prefix: a.copy_prefix,
@@ -502,10 +501,7 @@ pub(super) fn multikey(a: &Args) -> Result<()> {
         .collect();
     let rep = MultikeyReport {
         model: a.model.display().to_string(),
-        attention: match &press {
-            Some(p) => p.spec(),
-            None => attn.spec(),
-        },
+        attention: attention_spec(press.as_ref(), &*attn),
         kv: press.as_ref().map(|p| p.press().to_string()),
         kv_protocol: proto.map(|x| format!("{x:?}").to_lowercase()),
         keys: a.keys,

@@ -457,51 +457,26 @@ struct LastRows {
 /// Column and diagonal mass of the document's last `last` query rows (clipped to its length;
 /// rows without an allowed key estimate nothing). The mask keeps every allowed key inside the
 /// document (`document` is one of its conjuncts), so only the document's keys are visited.
-fn last_rows(ctx: &Ctx, (b, h): (usize, usize), doc: &Doc, last: usize) -> LastRows {
-    let dd = ctx.dims.d;
+fn last_rows(ctx: &Ctx, bh: (usize, usize), doc: &Doc, last: usize) -> LastRows {
     let (k0, nk) = (doc.k.start, doc.k.len());
-    let g = ctx.kv_head(h);
-    // Keys of this head, widened once: [doc keys, D].
-    let keys: Vec<f64> = doc
-        .k
-        .clone()
-        .flat_map(|j| (0..dd).map(move |c| (j, c)))
-        .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
-        .collect();
     let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);
     let mut col = vec![0.0f64; nk];
     let mut diag = vec![0.0f64; doc.q.len() + nk - 1];
     let mut seen = vec![false; nk];
-    let mut qmean = vec![0.0f64; dd];
-    let (mut allowed, mut words) = (vec![false; nk], Vec::new());
-    let mut logits = vec![0.0f64; nk];
-    let mut qrow = vec![0.0f64; dd];
+    let mut qmean = vec![0.0f64; ctx.dims.d];
+    let mut sm = RowSoftmax::new(ctx, bh, doc);
     let first = doc.q.end - last.min(doc.q.len());
     for i in first..doc.q.end {
-        ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
-        qrow.iter_mut()
-            .enumerate()
-            .for_each(|(c, x)| *x = ctx.q.get(b, i, h, c) as f64);
-        qmean.iter_mut().zip(&qrow).for_each(|(a, x)| *a += x);
-        // p_ij = exp(s_ij - m) / z over the allowed keys.
-        let mut m = f64::NEG_INFINITY;
-        for x in (0..nk).filter(|&x| allowed[x]) {
-            logits[x] = ctx.logit.of(dot(&qrow, &keys[x * dd..][..dd]));
-            m = m.max(logits[x]);
-            seen[x] = true;
-        }
-        if m == f64::NEG_INFINITY {
+        let any = sm.row(i);
+        qmean.iter_mut().zip(&sm.qrow).for_each(|(a, x)| *a += x);
+        if !any {
             continue; // no allowed key: the row estimates nothing
         }
-        let z: f64 = (0..nk)
-            .filter(|&x| allowed[x])
-            .map(|x| (logits[x] - m).exp())
-            .sum();
         let base = ctx.pos(i) - k0 as i64 - omin; // index of o = p_i - k0
-        for x in (0..nk).filter(|&x| allowed[x]) {
-            let p = (logits[x] - m).exp() / z;
-            col[x] += p;
-            diag[(base - x as i64) as usize] += p;
+        for x in (0..nk).filter(|&x| sm.allowed[x]) {
+            seen[x] = true;
+            col[x] += sm.p[x];
+            diag[(base - x as i64) as usize] += sm.p[x];
         }
     }
     let inv = 1.0 / (doc.q.end - first) as f64;
@@ -574,15 +549,20 @@ fn vs_doc(
 ) {
     let [v, s, sink, local] = a;
     let mut cols = top_positive(col, v);
+    let mut diags = top_positive(diag, s);
+    sinks_and_band((&mut cols, &mut diags), omin, [sink, local]);
+    coarsen(ctx, bh, doc, &cols, (&diags, omin), kept)
+}
+
+/// Keeps the first `sink` columns (index j - k0) and the local band 0 <= o < `local` of the
+/// diagonals (index o - omin: -omin .. local - omin, clipped).
+fn sinks_and_band((cols, diags): (&mut [bool], &mut [bool]), omin: i64, [sink, local]: [usize; 2]) {
     let n = cols.len();
     cols[..sink.min(n)].fill(true);
-    let mut diags = top_positive(diag, s);
-    // Local band 0 <= o < local: indices -omin .. local - omin, clipped.
     let nd = diags.len() as i64;
     let local = i64::try_from(local).unwrap_or(i64::MAX);
     let band = (-omin).clamp(0, nd) as usize..local.saturating_sub(omin).clamp(0, nd) as usize;
     diags[band].fill(true);
-    coarsen(ctx, bh, doc, &cols, (&diags, omin), kept)
 }
 
 /// The document's candidates crossed by a kept column (`cols`, index j - k0) or a kept
@@ -838,8 +818,9 @@ impl<'c> RowSoftmax<'c> {
         }
     }
 
-    /// p_i = softmax over the allowed keys of logit(q_i . k_j); `None` when row i has none.
-    fn row(&mut self, i: usize) -> Option<&[f64]> {
+    /// p_i = softmax over the allowed keys of logit(q_i . k_j) into `p` (`allowed` and `qrow`
+    /// are row i's); false when row i has no allowed key (`p` is then not meaningful).
+    fn row(&mut self, i: usize) -> bool {
         let (ctx, (b, h)) = (self.ctx, self.bh);
         ctx.el
             .row_in((b, h, i), &self.doc.k, &mut self.allowed, &mut self.words);
@@ -856,7 +837,7 @@ impl<'c> RowSoftmax<'c> {
             m = m.max(self.p[x]);
         }
         if m == f64::NEG_INFINITY {
-            return None;
+            return false;
         }
         // exp only where allowed (exp(-inf) = 0 elsewhere; the same sums).
         let e = |l: f64| {
@@ -868,7 +849,7 @@ impl<'c> RowSoftmax<'c> {
         };
         let z: f64 = self.p.iter().map(|&l| e(l)).sum();
         self.p.iter_mut().for_each(|l| *l = e(*l) / z);
-        Some(&self.p)
+        true
     }
 }
 
@@ -903,8 +884,8 @@ fn columns_doc(
             let n = sampled.len() as f64;
             let mut mass = vec![0.0f64; nk];
             for i in sampled {
-                if let Some(p) = sm.row(i) {
-                    mass.iter_mut().zip(p).for_each(|(m, p)| *m += p / n);
+                if sm.row(i) {
+                    mass.iter_mut().zip(&sm.p).for_each(|(m, p)| *m += p / n);
                 }
             }
             let total: f64 = mass.iter().sum();
@@ -918,10 +899,10 @@ fn columns_doc(
     if let (true, Some((_, part, keep))) = (check > 0.0, picks.last()) {
         let (mut sum, mut n) = (0.0, 0usize);
         for i in part.clone() {
-            if let Some(p) = sm.row(i) {
+            if sm.row(i) {
                 sum += (0..nk)
                     .filter(|&x| keep[x] || on_lines(i, x))
-                    .map(|x| p[x])
+                    .map(|x| sm.p[x])
                     .sum::<f64>();
                 n += 1;
             }
@@ -934,14 +915,9 @@ fn columns_doc(
             return;
         }
     }
-    let mut cols = vec![false; nk];
-    cols[..sink.min(nk)].fill(true);
     let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);
-    let nd = (doc.q.len() + nk - 1) as i64;
-    let mut diags = vec![false; nd as usize];
-    let local = i64::try_from(local).unwrap_or(i64::MAX);
-    let band = (-omin).clamp(0, nd) as usize..local.saturating_sub(omin).clamp(0, nd) as usize;
-    diags[band].fill(true);
+    let (mut cols, mut diags) = (vec![false; nk], vec![false; doc.q.len() + nk - 1]);
+    sinks_and_band((&mut cols, &mut diags), omin, [sink, local]);
     coarsen(ctx, (b, h), doc, &cols, (&diags, omin), kept);
     for (qt, _, keep) in picks {
         let xs = ctx.doc_cands(b, h, qt, doc);
@@ -980,25 +956,16 @@ fn proxy_scores(ctx: &Ctx, b: usize, g: usize, rows: usize) -> Vec<Vec<Vec<f64>>
             let (k0, nk) = (doc.k.start, doc.k.len());
             let kt0 = ctx.doc_k_tiles(doc).start;
             let n_tiles = ctx.doc_k_tiles(doc).len();
-            let keys: Vec<f64> = doc
-                .k
-                .clone()
-                .flat_map(|j| (0..dd).map(move |c| (j, c)))
-                .map(|(j, c)| ctx.k.get(b, j, g, c) as f64)
-                .collect();
+            let keys = doc_keys(ctx, b, g, doc);
             let (mut allowed, mut words) = (vec![false; nk], Vec::new());
             let mut logits = vec![0.0f64; nk];
             let mut qbar = vec![0.0f64; dd];
             ctx.parts(doc)
                 .map(|(_, part)| {
-                    let (r0, r1) = (part.start, part.end);
                     let mut out = vec![0.0f64; n_tiles];
-                    let mut sampled: Vec<usize> =
-                        (0..rows).map(|r| r0 + (r + 1) * (r1 - r0) / rows).collect();
-                    sampled.retain(|&i| i > r0);
-                    sampled.dedup();
+                    let sampled = sampled_rows(&part, rows);
                     let n = sampled.len();
-                    for i in sampled.into_iter().map(|i| i - 1) {
+                    for i in sampled {
                         ctx.el.row_in((b, h0, i), &doc.k, &mut allowed, &mut words);
                         for (c, x) in qbar.iter_mut().enumerate() {
                             *x = (h0..h0 + group)

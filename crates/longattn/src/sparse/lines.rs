@@ -119,6 +119,23 @@ fn set_range(dst: &mut [u64], a: usize, b: usize) {
     }
 }
 
+/// Scratch words: on the stack up to 512 keys (a tile), on the heap beyond.
+#[derive(Default)]
+struct Words {
+    small: [u64; 8],
+    big: Vec<u64>,
+}
+
+impl Words {
+    fn get(&mut self, n: usize) -> &mut [u64] {
+        if n <= self.small.len() {
+            return &mut self.small[..n];
+        }
+        self.big.resize(n, 0);
+        &mut self.big[..]
+    }
+}
+
 /// The entries of row i's query tile in `s` from the one holding key `j0` on (entries are sorted
 /// by key tile: a binary search, not a walk of the row).
 fn tiles_from(
@@ -171,8 +188,7 @@ impl<'a> Lines<'a> {
     fn mask_bits(&self, (b, h, i): (usize, usize, usize), j0: usize, out: &mut [u64]) {
         out.fill(0);
         let end = (j0 + 64 * out.len()).min(self.sk);
-        let mut tmp = [0u64; 8];
-        let mut big = Vec::new();
+        let mut tmp = Words::default();
         for e in tiles_from(&self.cand, (b, h, i), j0) {
             let (k0, k1) = self.cand.k_range(e.k_tile as usize);
             let (c0, c1) = (k0.max(j0), k1.min(end));
@@ -186,14 +202,7 @@ impl<'a> Lines<'a> {
                 (TileKind::Full, _) => set_range(out, c0 - j0, c1 - j0),
                 (TileKind::Partial, None) => {}
                 (TileKind::Partial, Some(rm)) => {
-                    let n = (c1 - c0).div_ceil(64);
-                    let w = match n <= tmp.len() {
-                        true => &mut tmp[..n],
-                        false => {
-                            big.resize(n, 0);
-                            &mut big[..]
-                        }
-                    };
+                    let w = tmp.get((c1 - c0).div_ceil(64));
                     rm.row_bits(b, h, i, c0, w);
                     or_bits(out, c0 - j0, w, c1 - c0);
                 }
@@ -240,15 +249,8 @@ impl RowMask for Lines<'_> {
                 }
             }
         }
-        let mut m = [0u64; 8];
-        let mut big = Vec::new();
-        let mb = match out.len() <= m.len() {
-            true => &mut m[..out.len()],
-            false => {
-                big.resize(out.len(), 0);
-                &mut big[..]
-            }
-        };
+        let mut m = Words::default();
+        let mb = m.get(out.len());
         self.mask_bits((b, h, i), j0, mb);
         out.iter_mut().zip(mb.iter()).for_each(|(o, m)| *o &= m);
     }

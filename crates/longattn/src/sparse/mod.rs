@@ -211,10 +211,7 @@ impl<'a> Selection<'a> {
     /// The element mask of the selection's Partial tiles: the lines of an element-level
     /// selection, else the caller's.
     pub fn row_mask(&self) -> Option<&dyn RowMask> {
-        match &self.lines {
-            Some(l) => Some(l as &dyn RowMask),
-            None => self.rows,
-        }
+        self.lines.as_ref().map(|l| l as &dyn RowMask).or(self.rows)
     }
 
     /// The forward's parameters through this selection: `params` with the spec's skip-softmax
@@ -659,10 +656,7 @@ pub fn select<'a>(
             rows,
         )
     });
-    let sel_rows = match &lines {
-        Some(l) => Some(l as &dyn RowMask),
-        None => rows,
-    };
+    let sel_rows = lines.as_ref().map(|l| l as &dyn RowMask).or(rows);
     let report = report((&schedule, sel_rows), (&cand, rows), &dims);
     Ok(Selection {
         schedule,
