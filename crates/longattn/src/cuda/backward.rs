@@ -57,14 +57,13 @@ fn one_pass_smem(br: usize, bc: usize, d: usize, merge: bool) -> usize {
         + 1024
 }
 
-/// How the one-pass kernel forms its dQ partials, `LONGATTN_CUDA_BWD_DQ`: `split` (the default,
-/// the version measured on the device: each consumer over its own 64 keys, two blocks added per
-/// consumer and item) or `merge` (over the whole key tile, one block per consumer: half the
-/// bytes added, a barrier of the two consumers per item; `LA_DQ_MERGE` in attn_bwd_wg.cu).
-/// `merge` compiles (test below) but has not run on a GPU yet: opt-in until the selftest and
-/// the bench have seen it.
+/// How the one-pass kernel forms its dQ partials, `LONGATTN_CUDA_BWD_DQ`: `merge` (the default
+/// since 2026-12-05: each consumer over the whole key tile, one block per consumer and item, half
+/// the bytes added to dq_acc, a barrier of the two consumers per item; `LA_DQ_MERGE` in
+/// attn_bwd_wg.cu; H200: +7-10% over `split` at 4k and 16k, D 64 and 128, docs/PERF.md) or
+/// `split` (the earlier form: each consumer over its own 64 keys, two blocks added per consumer).
 fn dq_merge() -> bool {
-    std::env::var("LONGATTN_CUDA_BWD_DQ").is_ok_and(|v| v == "merge")
+    std::env::var("LONGATTN_CUDA_BWD_DQ").as_deref() != Ok("split")
 }
 
 /// Source, variant name, shared memory, main and dQ entry points, and defines of `kernel` for
