@@ -8,7 +8,9 @@
 # Modes:
 #   nccl      NCCL is found (LONGATTN_NCCL_LIB if set; else torch's nvidia-nccl package is looked up
 #             and LONGATTN_NCCL_LIB pointed at its libnccl.so.2); `longattn cp nccl-check` in a
-#             world of one (the CLI restarts itself once with the link folder on LD_LIBRARY_PATH);
+#             world of one (the CLI restarts itself once with the link folder on LD_LIBRARY_PATH),
+#             with its fault check (a second rank, a thread, that never enters NCCL's init: rank 0
+#             must get an error naming it within --fault-timeout, the communicator aborted);
 #             the same under torchrun --nproc-per-node=1; with two GPUs or more, under torchrun
 #             --nproc-per-node=2 (send / receive ring too).
 #   loopback  `longattn cp loopback-check --require-gpu`: P in {1, 2, 3, 4, 5, 8} ranks as streams of
@@ -59,6 +61,11 @@ PY
     pass "nccl-check: world of 1 initialises, all-reduces, all-gathers, all-to-alls"
   else
     fail "nccl-check: world of 1 (rc=$rc; see $OUT/nccl_check.err)"
+  fi
+  if grep -q "PASS rank 0 of 1: a second rank that never enters NCCL's init" "$OUT/nccl_check.txt"; then
+    pass "nccl-check: a rank that never enters NCCL's init is an error within the timeout (non-blocking init, abort)"
+  else
+    fail "nccl-check: the absent-rank fault check did not pass (see $OUT/nccl_check.txt)"
   fi
   if command -v torchrun > /dev/null; then
     timeout 180 torchrun --no-python --nproc-per-node=1 --master-port "$(free_port)" "$BIN" cp nccl-check \

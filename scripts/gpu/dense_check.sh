@@ -14,6 +14,9 @@
 #                                             # LONGATTN_CUDA_BWD_DQ=merge): selftest --quick
 #                                             # with both, then forward / backward TFLOP/s of
 #                                             # each against the default in the same call
+#   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
+#                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
+#                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
@@ -76,6 +79,18 @@ for mode in "${@:-selftest}"; do
       grep -E "^\| (full|causal)" "$OUT/bwd_$bwd/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/candidates_bwd.txt"
     ;;
+  ncu)
+    for n in ${NCU_LENS:-16k 64k}; do
+      echo "== ncu forward full n $n D 128"
+      timeout 240 ncu --clock-control none --kernel-name la_attn_fwd_ws --launch-skip 4 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --metrics \
+        lts__t_sector_hit_rate.pct,dram__bytes_read.sum,lts__t_bytes.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum \
+        /tmp/longattn bench --backend cuda --masks full --lens "$n" --dims 128 --out "$OUT/ncu_$n" \
+        > "$OUT/ncu_$n.txt" 2>&1
+      echo "ncu rc=$?"
+      grep -E "Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Memory Throughput|L2 Hit Rate|hit_rate|dram__bytes_read|lts__t_bytes|gpu__time_duration|==ERR|==WARN" "$OUT/ncu_$n.txt" | head -20
+    done
+    ;;
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
@@ -90,6 +105,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | fwd | bwd)"; exit 2 ;;
   esac
 done

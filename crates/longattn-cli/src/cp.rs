@@ -60,9 +60,15 @@ pub struct NcclCheckArgs {
     /// Values per rank in each collective.
     #[arg(long, default_value_t = 4099)]
     len: usize,
-    /// Seconds a rank waits for the others (rendezvous and the unique id's exchange).
+    /// Seconds a rank waits for the others (rendezvous, the unique id's exchange, NCCL's init
+    /// and each wait for the collectives).
     #[arg(long, default_value_t = 60.0)]
     timeout: f64,
+    /// Seconds of the fault check a world of one runs after the collectives: a second rank that
+    /// takes the unique id but never enters NCCL's init must cost rank 0 an error naming it
+    /// after this timeout, not a hang (0 skips the check).
+    #[arg(long, default_value_t = 3.0)]
+    fault_timeout: f64,
 }
 
 /// A context-parallel scheme.
@@ -345,7 +351,7 @@ fn nccl_check(a: NcclCheckArgs) -> Result<()> {
     let stream = dev.stream().clone();
     let fp = fingerprint(&[format!("nccl-check {n}")]);
     let t = cp::join(&job, fp, timeout)?;
-    let comm = NcclComm::new(stream.clone(), &t)?;
+    let comm = NcclComm::new(stream.clone(), &t, timeout)?;
     println!(
         "PASS rank {r} of {p}: nccl communicator on GPU {} ({})",
         job.local_rank, dev.name
@@ -411,13 +417,64 @@ fn nccl_check(a: NcclCheckArgs) -> Result<()> {
             &x(prev),
         );
     }
-    stream.synchronize().map_err(&cu)?;
+    comm.wait("the checks' collectives")?;
     // Every rank done before any leaves (the host transport).
     t.barrier()?;
+    drop(comm);
+    if p == 1 && a.fault_timeout > 0.0 {
+        failed += nccl_absent_peer(&dev, a.fault_timeout)?;
+    }
     if failed > 0 {
         bail!("rank {r} of {p}: {failed} NCCL check(s) failed");
     }
     Ok(())
+}
+
+/// The fault check of a world of one: two ranks as threads of this process over the threads
+/// transport, rank 1 takes the unique id and never enters NCCL's init (a rank that stalls or
+/// died after the rendezvous). Rank 0's init must fail within the timeout (and some slack for
+/// the abort) with an error that says what did not complete. Returns the failures (0 or 1).
+fn nccl_absent_peer(dev: &longattn::cuda::CudaDevice, secs: f64) -> Result<usize> {
+    use longattn::cp::nccl::{NcclComm, ID_BYTES, ID_TAG};
+    use longattn::cp::transport::{ThreadTransport, Transport};
+    let timeout = Duration::from_secs_f64(secs);
+    let mut ranks = ThreadTransport::group(2, timeout + Duration::from_secs(30))?.into_iter();
+    let (t0, t1) = (ranks.next().expect("rank 0"), ranks.next().expect("rank 1"));
+    let stream = dev.stream().clone();
+    let absent = std::thread::spawn(move || {
+        let mut id = vec![0u8; ID_BYTES];
+        let got = t1.recv(0, ID_TAG, &mut id);
+        // Hold the id (and the transport) until rank 0 has given up: rank 0's abort message.
+        let mut why = vec![0u8; 0];
+        let _ = t1.recv(0, longattn::cp::transport::ABORT_TAG, &mut why);
+        got
+    });
+    let start = std::time::Instant::now();
+    let res = NcclComm::new(stream, &t0, timeout);
+    let took = start.elapsed().as_secs_f64();
+    drop(t0);
+    let _ = absent.join();
+    let slack = 10.0;
+    Ok(match res {
+        Err(e) if took <= secs + slack && e.to_string().contains("communicator init") => {
+            println!(
+                "PASS rank 0 of 1: a second rank that never enters NCCL's init: error after {took:.2} s (timeout {secs} s): {e}"
+            );
+            0
+        }
+        Err(e) => {
+            println!(
+                "FAIL rank 0 of 1: a second rank that never enters NCCL's init: after {took:.2} s (timeout {secs} s, slack {slack} s): {e}"
+            );
+            1
+        }
+        Ok(_) => {
+            println!(
+                "FAIL rank 0 of 1: NCCL's init of two ranks completed after {took:.2} s with the second rank absent"
+            );
+            1
+        }
+    })
 }
 
 /// The shard bounds of `sk` keys over `p` ranks: `--shards` lengths, or near-equal shards.

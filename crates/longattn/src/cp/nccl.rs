@@ -37,16 +37,21 @@
 //! - `all_reduce_sum`: `out <- sum over ranks of x` (NCCL's order of summation, which may differ
 //!   from the host transports' rank order in the last bits).
 //!
-//! Not yet: a non-blocking communicator init with a timeout (`ncclCommInitRankConfig` with
-//! `blocking = 0` and `ncclCommGetAsyncError` polled, then abort). Until then the host
-//! transport's timeout covers what it can: every rank has arrived, with the same job, before any
-//! rank initialises NCCL.
+//! Timeouts ([`NcclComm`]): the communicator is non-blocking (`ncclCommInitRankConfig` with
+//! `blocking = 0`); its init, every call NCCL answers "in progress" and [`NcclComm::wait`] (the
+//! stream's work) poll `ncclCommGetAsyncError` under the timeout and abort the communicator
+//! (`ncclCommAbort`, which also ends its kernels waiting on a dead peer) past it or on an
+//! error, so a rank that never arrives, stalls or dies is a clear error on the others, never a
+//! hang. Before NCCL is entered at all, the host transport's timeout has covered the rendezvous
+//! and the unique id's exchange.
 use std::ffi::{CStr, CString, OsStr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
-use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use cudarc::nccl::{Id, NcclType};
 
 use super::transport::Transport;
 use crate::error::{Error, Result};
@@ -351,11 +356,115 @@ fn ready() -> Result<()> {
     }
 }
 
-/// A communicator of one rank, on one stream.
+/// `ncclConfig_t` as NCCL 2.17 laid it out (the fields this module sets): NCCL reads the `size`
+/// bytes it is given and takes its defaults for the rest and for fields newer than `version`
+/// (`parseCommConfig`), so one layout serves every NCCL >= 2.17 whatever cudarc's bindings were
+/// generated for. `NCCL_CONFIG_INITIALIZER`: magic 0xcafebeef, every int "undefined" (INT_MIN),
+/// pointers null.
+#[repr(C)]
+struct CommConfig {
+    size: usize,
+    magic: std::ffi::c_uint,
+    version: std::ffi::c_uint,
+    blocking: std::ffi::c_int,
+    cga_cluster_size: std::ffi::c_int,
+    min_ctas: std::ffi::c_int,
+    max_ctas: std::ffi::c_int,
+    net_name: *const std::ffi::c_char,
+    split_share: std::ffi::c_int,
+}
+
+impl CommConfig {
+    /// A non-blocking communicator's config: init and every call return at once
+    /// (`ncclInProgress`), their completion polled with `ncclCommGetAsyncError`.
+    fn non_blocking() -> CommConfig {
+        const UNDEF: std::ffi::c_int = std::ffi::c_int::MIN;
+        CommConfig {
+            size: std::mem::size_of::<CommConfig>(),
+            magic: 0xcafe_beef,
+            version: 21700, // NCCL_VERSION(2, 17, 0)
+            blocking: 0,
+            cga_cluster_size: UNDEF,
+            min_ctas: UNDEF,
+            max_ctas: UNDEF,
+            net_name: std::ptr::null(),
+            split_share: UNDEF,
+        }
+    }
+}
+
+/// NCCL's result codes as numbers (an async error is read into a `u32`: a code this build's
+/// bindings do not list is then a number in the message, not an invalid enum value).
+const NCCL_SUCCESS: u32 = 0;
+const NCCL_IN_PROGRESS: u32 = 7;
+
+/// NCCL's name of result `code`, e.g. "remote process exited or there was a network error".
+fn nccl_reason(code: u32) -> String {
+    use cudarc::nccl::sys::ncclResult_t as R;
+    let known = [
+        R::ncclSuccess,
+        R::ncclUnhandledCudaError,
+        R::ncclSystemError,
+        R::ncclInternalError,
+        R::ncclInvalidArgument,
+        R::ncclInvalidUsage,
+        R::ncclRemoteError,
+        R::ncclInProgress,
+    ];
+    match known.into_iter().find(|r| *r as u32 == code) {
+        Some(r) => {
+            // SAFETY: NCCL returns a static string for every result code.
+            let s = unsafe { cudarc::nccl::sys::ncclGetErrorString(r) };
+            if s.is_null() {
+                format!("NCCL result {code}")
+            } else {
+                // SAFETY: non-null, NUL-terminated, static (above).
+                let text = unsafe { CStr::from_ptr(s) }.to_string_lossy();
+                format!("{text} (NCCL result {code})")
+            }
+        }
+        None => format!("NCCL result {code}"),
+    }
+}
+
+/// A communicator of one rank, on one stream, made non-blocking so that nothing waits on a
+/// peer without a deadline:
+/// - init (`ncclCommInitRankConfig` with `blocking = 0`) returns at once; [`NcclComm::new`]
+///   polls `ncclCommGetAsyncError` until the communicator is ready, and past the timeout aborts
+///   it (`ncclCommAbort`) with an error naming the ranks that were expected: a rank that never
+///   arrives (stalled, killed, or a different job) costs the others the timeout, not a hang;
+/// - every call that NCCL answers with "in progress" (a non-blocking communicator may, e.g.
+///   while it connects to a peer for the first time) is settled the same way before the next;
+/// - [`NcclComm::wait`] waits for the stream's work (the collectives enqueued and the kernels
+///   around them) under the timeout, polling the stream and the communicator's async error
+///   (NCCL reports a peer's death it detects as a remote error); on either, or past the
+///   deadline, it aborts the communicator, which also ends its kernels still waiting on a peer.
+///
+/// Once aborted, every call is refused with the reason; drop aborts (it never waits on peers).
 pub struct NcclComm {
-    comm: Comm,
+    comm: cudarc::nccl::sys::ncclComm_t,
+    stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
+    timeout: std::time::Duration,
+    /// Why the communicator was aborted, once it was.
+    aborted: std::sync::Mutex<Option<String>>,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread (one call at a time: every method
+// takes `&self` but the struct is not `Sync`).
+unsafe impl Send for NcclComm {}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if self.aborted.get_mut().map_or(true, |a| a.is_none()) {
+            // SAFETY: the communicator is valid and not yet aborted; abort does not wait on
+            // peers (destroy would, for a peer that has died).
+            unsafe {
+                let _ = cudarc::nccl::sys::ncclCommAbort(self.comm);
+            }
+        }
+    }
 }
 
 impl NcclComm {
@@ -368,14 +477,22 @@ impl NcclComm {
 
     /// This rank's communicator of the group of `t` (rank r of P here is rank r of P in NCCL),
     /// its operations on `stream` (the rank's GPU): rank 0 draws the unique id and sends it to
-    /// every other rank over `t` (module header). Blocks in NCCL's init until every rank has
-    /// joined; an error on any rank is sent to its peers ([`Transport::abort`]).
-    pub fn new(stream: Arc<CudaStream>, t: &dyn Transport) -> Result<NcclComm> {
-        let res = Self::init(stream, t);
+    /// every other rank over `t` (module header). Waits for NCCL's init at most `timeout`
+    /// (struct header); an error on any rank is sent to its peers ([`Transport::abort`]).
+    pub fn new(
+        stream: Arc<CudaStream>,
+        t: &dyn Transport,
+        timeout: std::time::Duration,
+    ) -> Result<NcclComm> {
+        let res = Self::init(stream, t, timeout);
         res.inspect_err(|e| t.abort(&e.to_string()))
     }
 
-    fn init(stream: Arc<CudaStream>, t: &dyn Transport) -> Result<NcclComm> {
+    fn init(
+        stream: Arc<CudaStream>,
+        t: &dyn Transport,
+        timeout: std::time::Duration,
+    ) -> Result<NcclComm> {
         let (rank, world) = (t.rank(), t.world());
         let err = |msg: String| Error::Comm { rank, world, msg };
         ready()?;
@@ -394,16 +511,63 @@ impl NcclComm {
         } else {
             t.recv(0, ID_TAG, &mut blob)?;
         }
-        let mut id = [0 as std::ffi::c_char; ID_BYTES];
-        for (d, &s) in id.iter_mut().zip(&blob) {
+        let mut id = cudarc::nccl::sys::ncclUniqueId {
+            internal: [0; ID_BYTES],
+        };
+        for (d, &s) in id.internal.iter_mut().zip(&blob) {
             *d = s as std::ffi::c_char;
         }
-        let comm = Comm::from_rank(stream, rank, world, Id::uninit(id)).map_err(|e| {
+        let (nranks, me) = (
+            i32::try_from(world).map_err(|_| err(format!("nccl: {world} ranks")))?,
+            rank as i32,
+        );
+        // NCCL creates the communicator on the current device: the stream's.
+        stream.context().bind_to_thread().map_err(|e| {
             err(format!(
-                "nccl: ncclCommInitRank (rank {rank} of {world}): {e:?}"
+                "nccl: binding the stream's GPU to this thread: {e:?}"
             ))
         })?;
-        Ok(NcclComm { comm, rank, world })
+        let mut config = CommConfig::non_blocking();
+        let mut raw: cudarc::nccl::sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `raw` and `config` outlive the call; NCCL copies the config and the id.
+        let code = unsafe {
+            cudarc::nccl::sys::ncclCommInitRankConfig(
+                &mut raw,
+                nranks,
+                id,
+                me,
+                (&mut config as *mut CommConfig).cast(),
+            )
+        } as u32;
+        if code != NCCL_SUCCESS && code != NCCL_IN_PROGRESS {
+            if !raw.is_null() {
+                // SAFETY: a communicator NCCL handed out, never used after this.
+                unsafe {
+                    let _ = cudarc::nccl::sys::ncclCommAbort(raw);
+                }
+            }
+            return Err(err(format!(
+                "nccl: ncclCommInitRankConfig (rank {rank} of {world}): {}",
+                nccl_reason(code)
+            )));
+        }
+        if raw.is_null() {
+            return Err(err(format!(
+                "nccl: ncclCommInitRankConfig (rank {rank} of {world}) gave no communicator"
+            )));
+        }
+        let comm = NcclComm {
+            comm: raw,
+            stream,
+            rank,
+            world,
+            timeout,
+            aborted: std::sync::Mutex::new(None),
+        };
+        comm.settle(&format!(
+            "communicator init (the {world} ranks joining; the ranks that did not arrive stalled, died or run another job)"
+        ))?;
+        Ok(comm)
     }
 
     pub fn rank(&self) -> usize {
@@ -414,7 +578,11 @@ impl NcclComm {
     }
     /// The stream every operation is enqueued on.
     pub fn stream(&self) -> Arc<CudaStream> {
-        self.comm.stream()
+        self.stream.clone()
+    }
+    /// How long a call waits on the peers before it aborts the communicator.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout
     }
 
     fn err(&self, msg: String) -> Error {
@@ -422,6 +590,123 @@ impl NcclComm {
             rank: self.rank,
             world: self.world,
             msg: format!("nccl {msg}"),
+        }
+    }
+
+    /// The communicator's async state: `NCCL_SUCCESS`, `NCCL_IN_PROGRESS` or an error code.
+    fn async_state(&self) -> u32 {
+        let mut state: u32 = NCCL_SUCCESS;
+        // SAFETY: a live communicator (callers check `aborted` first); NCCL writes one result
+        // code, read as a number.
+        let code = unsafe {
+            cudarc::nccl::sys::ncclCommGetAsyncError(
+                self.comm,
+                (&mut state as *mut u32).cast::<cudarc::nccl::sys::ncclResult_t>(),
+            )
+        } as u32;
+        if code != NCCL_SUCCESS {
+            code
+        } else {
+            state
+        }
+    }
+
+    /// Aborts the communicator (once) and returns the error `why` (also kept: later calls are
+    /// refused with it).
+    fn abort_with(&self, why: String) -> Error {
+        let mut a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        if a.is_none() {
+            // SAFETY: live and not yet aborted (checked under the lock).
+            unsafe {
+                let _ = cudarc::nccl::sys::ncclCommAbort(self.comm);
+            }
+            *a = Some(why.clone());
+        }
+        self.err(why)
+    }
+
+    /// Refuses calls on an aborted communicator, with the reason it was aborted.
+    fn live(&self, what: &str) -> Result<()> {
+        let a = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        match &*a {
+            None => Ok(()),
+            Some(why) => Err(self.err(format!("{what}: the communicator was aborted: {why}"))),
+        }
+    }
+
+    /// Waits until the communicator has no call in progress: an error code, or the timeout,
+    /// aborts it with an error naming `what`.
+    fn settle(&self, what: &str) -> Result<()> {
+        let start = std::time::Instant::now();
+        let mut nap = std::time::Duration::from_micros(20);
+        loop {
+            match self.async_state() {
+                NCCL_SUCCESS => return Ok(()),
+                NCCL_IN_PROGRESS => {}
+                code => {
+                    return Err(self.abort_with(format!("{what}: {}", nccl_reason(code))));
+                }
+            }
+            if start.elapsed() > self.timeout {
+                return Err(self.abort_with(format!(
+                    "{what}: not complete after {:.1} s (the timeout): aborted",
+                    self.timeout.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// The result of an NCCL call `what` returned `code`: in progress is settled, an error
+    /// named (the communicator stays usable after an argument error NCCL refused at once).
+    fn call(&self, what: &str, code: cudarc::nccl::sys::ncclResult_t) -> Result<()> {
+        match code as u32 {
+            NCCL_SUCCESS => Ok(()),
+            NCCL_IN_PROGRESS => self.settle(what),
+            c => Err(self.err(format!("{what}: {}", nccl_reason(c)))),
+        }
+    }
+
+    /// Waits for everything enqueued on the stream (this communicator's collectives and the
+    /// kernels around them), at most the timeout: a peer that stalls or dies leaves NCCL's
+    /// kernels waiting, and this aborts the communicator (ending them) with an error instead of
+    /// hanging; an async error NCCL detects (a remote error) aborts at once.
+    pub fn wait(&self, what: &str) -> Result<()> {
+        self.live(what)?;
+        use cudarc::driver::sys::{cuStreamQuery, CUresult};
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| self.err(format!("{what}: binding the GPU to this thread: {e:?}")))?;
+        let start = std::time::Instant::now();
+        let mut nap = std::time::Duration::from_micros(20);
+        loop {
+            // SAFETY: the stream is alive (we hold it) and its context is current.
+            match unsafe { cuStreamQuery(self.stream.cu_stream()) } {
+                CUresult::CUDA_SUCCESS => return Ok(()),
+                CUresult::CUDA_ERROR_NOT_READY => {}
+                e => {
+                    return Err(self.abort_with(format!("{what}: the stream failed: {e:?}")));
+                }
+            }
+            match self.async_state() {
+                NCCL_SUCCESS | NCCL_IN_PROGRESS => {}
+                code => {
+                    return Err(self.abort_with(format!(
+                        "{what}: {} (a peer rank failed or left)",
+                        nccl_reason(code)
+                    )));
+                }
+            }
+            if start.elapsed() > self.timeout {
+                return Err(self.abort_with(format!(
+                    "{what}: the GPU's work did not complete within {:.1} s (the timeout): a peer rank stalled or died; the communicator was aborted",
+                    self.timeout.as_secs_f64()
+                )));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_millis(2));
         }
     }
 
@@ -435,12 +720,75 @@ impl NcclComm {
         Ok(peer as i32)
     }
 
+    fn raw_stream(&self) -> cudarc::nccl::sys::cudaStream_t {
+        self.stream.cu_stream() as _
+    }
+
+    /// Enqueues a send of `x` to `to` (inside or outside a group).
+    fn enqueue_send<T: NcclType + DeviceRepr>(
+        &self,
+        x: &CudaView<'_, T>,
+        to: i32,
+        what: &str,
+    ) -> Result<()> {
+        let (src, _rec) = x.device_ptr(&self.stream);
+        // SAFETY: a device buffer of x.len() values kept alive by the borrow (the stream orders
+        // its use; `_rec` records the access for cudarc's tracking).
+        let code = unsafe {
+            cudarc::nccl::sys::ncclSend(
+                src as _,
+                x.len(),
+                T::as_nccl_type(),
+                to,
+                self.comm,
+                self.raw_stream(),
+            )
+        };
+        self.call(what, code)
+    }
+
+    /// Enqueues a receive into `out` from `from`.
+    fn enqueue_recv<T: NcclType + DeviceRepr>(
+        &self,
+        out: &mut CudaViewMut<'_, T>,
+        from: i32,
+        what: &str,
+    ) -> Result<()> {
+        let n = out.len();
+        let (dst, _rec) = out.device_ptr_mut(&self.stream);
+        // SAFETY: as in `enqueue_send`, for a writable buffer of n values.
+        let code = unsafe {
+            cudarc::nccl::sys::ncclRecv(
+                dst as _,
+                n,
+                T::as_nccl_type(),
+                from,
+                self.comm,
+                self.raw_stream(),
+            )
+        };
+        self.call(what, code)
+    }
+
+    /// Runs `body` between ncclGroupStart and ncclGroupEnd; the group is closed whatever
+    /// happened inside it, and an "in progress" end settled.
+    fn group(&self, what: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
+        // SAFETY: group calls take no arguments.
+        let code = unsafe { cudarc::nccl::sys::ncclGroupStart() };
+        self.call(&format!("{what}: ncclGroupStart"), code)?;
+        let res = body();
+        // SAFETY: as above.
+        let end = unsafe { cudarc::nccl::sys::ncclGroupEnd() };
+        res?;
+        self.call(&format!("{what}: ncclGroupEnd"), end)
+    }
+
     /// Sends `x` to rank `to` (the receiver posts a receive of the same length).
     pub fn send<T: NcclType + DeviceRepr>(&self, x: &CudaSlice<T>, to: usize) -> Result<()> {
+        let what = format!("send to rank {to} ({} values)", x.len());
+        self.live(&what)?;
         let p = self.peer(to, "send to")?;
-        self.comm
-            .send(x, p)
-            .map_err(|e| self.err(format!("send to rank {to} ({} values): {e:?}", x.len())))
+        self.enqueue_send(&x.as_view(), p, &what)
     }
 
     /// Receives `out.len()` values from rank `from`.
@@ -449,12 +797,10 @@ impl NcclComm {
         out: &mut CudaSlice<T>,
         from: usize,
     ) -> Result<()> {
+        let what = format!("receive from rank {from} ({} values)", out.len());
+        self.live(&what)?;
         let p = self.peer(from, "receive from")?;
-        let n = out.len();
-        self.comm
-            .recv(out, p)
-            .map(|_| ())
-            .map_err(|e| self.err(format!("receive from rank {from} ({n} values): {e:?}")))
+        self.enqueue_recv(&mut out.as_view_mut(), p, &what)
     }
 
     /// Sends `x` to rank `to` and receives `out` from rank `from` in one NCCL group (a ring's
@@ -466,18 +812,13 @@ impl NcclComm {
         out: &mut CudaSlice<T>,
         from: usize,
     ) -> Result<()> {
+        let what = format!("send_recv (to rank {to}, from rank {from})");
+        self.live(&what)?;
         let (pt, pf) = (self.peer(to, "send to")?, self.peer(from, "receive from")?);
-        cudarc::nccl::group_start()
-            .map_err(|e| self.err(format!("send_recv: ncclGroupStart: {e:?}")))?;
-        let res = self
-            .comm
-            .send(x, pt)
-            .and_then(|_| self.comm.recv(out, pf).map(|_| ()));
-        // The group is closed whatever happened inside it.
-        let end = cudarc::nccl::group_end();
-        res.map_err(|e| self.err(format!("send_recv (to rank {to}, from rank {from}): {e:?}")))?;
-        end.map(|_| ())
-            .map_err(|e| self.err(format!("send_recv: ncclGroupEnd: {e:?}")))
+        self.group(&what, || {
+            self.enqueue_send(&x.as_view(), pt, &what)?;
+            self.enqueue_recv(&mut out.as_view_mut(), pf, &what)
+        })
     }
 
     /// Every rank's `x` (all of one length n) in rank order into `out` (P n values).
@@ -486,6 +827,7 @@ impl NcclComm {
         x: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
+        self.live("all_gather")?;
         if out.len() != self.world * x.len() {
             return Err(self.err(format!(
                 "all_gather: output holds {} values, expected {} ranks x {}",
@@ -494,10 +836,21 @@ impl NcclComm {
                 x.len()
             )));
         }
-        self.comm
-            .all_gather(x, out)
-            .map(|_| ())
-            .map_err(|e| self.err(format!("all_gather: {e:?}")))
+        let n = x.len();
+        let (src, _rs) = x.device_ptr(&self.stream);
+        let (dst, _rd) = out.device_ptr_mut(&self.stream);
+        // SAFETY: n values in, P n out (checked above), both alive for the call.
+        let code = unsafe {
+            cudarc::nccl::sys::ncclAllGather(
+                src as _,
+                dst as _,
+                n,
+                T::as_nccl_type(),
+                self.comm,
+                self.raw_stream(),
+            )
+        };
+        self.call("all_gather", code)
     }
 
     /// Chunk j of `send` (P equal chunks) to rank j, chunk i of `recv` from rank i: P grouped
@@ -507,6 +860,7 @@ impl NcclComm {
         send: &CudaSlice<T>,
         recv: &mut CudaSlice<T>,
     ) -> Result<()> {
+        self.live("all_to_all")?;
         let p = self.world;
         if !send.len().is_multiple_of(p) || recv.len() != send.len() {
             return Err(self.err(format!(
@@ -517,8 +871,7 @@ impl NcclComm {
         }
         let n = send.len() / p;
         let r = self.rank;
-        let stream = self.comm.stream();
-        stream
+        self.stream
             .memcpy_dtod(
                 &send.slice(r * n..(r + 1) * n),
                 &mut recv.slice_mut(r * n..(r + 1) * n),
@@ -527,26 +880,14 @@ impl NcclComm {
         if p == 1 {
             return Ok(());
         }
-        cudarc::nccl::group_start()
-            .map_err(|e| self.err(format!("all_to_all: ncclGroupStart: {e:?}")))?;
-        let mut res = Ok(());
-        for j in (0..p).filter(|&j| j != r) {
-            let sent = self.comm.send(&send.slice(j * n..(j + 1) * n), j as i32);
-            let got = sent.and_then(|_| {
-                self.comm
-                    .recv(&mut recv.slice_mut(j * n..(j + 1) * n), j as i32)
-                    .map(|_| ())
-            });
-            if let Err(e) = got {
-                res = Err(self.err(format!("all_to_all: with rank {j}: {e:?}")));
-                break;
+        self.group("all_to_all", || {
+            for j in (0..p).filter(|&j| j != r) {
+                let what = format!("all_to_all: with rank {j}");
+                self.enqueue_send(&send.slice(j * n..(j + 1) * n), j as i32, &what)?;
+                self.enqueue_recv(&mut recv.slice_mut(j * n..(j + 1) * n), j as i32, &what)?;
             }
-        }
-        // The group is closed whatever happened inside it.
-        let end = cudarc::nccl::group_end();
-        res?;
-        end.map(|_| ())
-            .map_err(|e| self.err(format!("all_to_all: ncclGroupEnd: {e:?}")))
+            Ok(())
+        })
     }
 
     /// `out <- sum over ranks of x` (module header).
@@ -555,6 +896,7 @@ impl NcclComm {
         x: &CudaSlice<T>,
         out: &mut CudaSlice<T>,
     ) -> Result<()> {
+        self.live("all_reduce")?;
         if out.len() != x.len() {
             return Err(self.err(format!(
                 "all_reduce: {} values in, {} out",
@@ -562,10 +904,22 @@ impl NcclComm {
                 out.len()
             )));
         }
-        self.comm
-            .all_reduce(x, out, &ReduceOp::Sum)
-            .map(|_| ())
-            .map_err(|e| self.err(format!("all_reduce: {e:?}")))
+        let n = x.len();
+        let (src, _rs) = x.device_ptr(&self.stream);
+        let (dst, _rd) = out.device_ptr_mut(&self.stream);
+        // SAFETY: n values in and out, both alive for the call.
+        let code = unsafe {
+            cudarc::nccl::sys::ncclAllReduce(
+                src as _,
+                dst as _,
+                n,
+                T::as_nccl_type(),
+                cudarc::nccl::sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.raw_stream(),
+            )
+        };
+        self.call("all_reduce", code)
     }
 }
 
