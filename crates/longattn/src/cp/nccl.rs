@@ -102,8 +102,10 @@ pub fn cudarc_names() -> Vec<String> {
 pub const SYMBOLS: &[&str] = &[
     "ncclGetVersion",
     "ncclGetUniqueId",
-    "ncclCommInitRank",
+    "ncclCommInitRankConfig",
+    "ncclCommGetAsyncError",
     "ncclCommAbort",
+    "ncclGetErrorString",
     "ncclSend",
     "ncclRecv",
     "ncclAllGather",
