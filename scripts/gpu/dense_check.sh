@@ -14,9 +14,6 @@
 #                                             # LONGATTN_CUDA_BWD_DQ=merge): selftest --quick
 #                                             # with both, then forward / backward TFLOP/s of
 #                                             # each against the default in the same call
-#   bash scripts/gpu/dense_check.sh overlap   # LONGATTN_CUDA_BWD_OVERLAP=1 (P^T and dV overlapping
-#                                             # dP^T): selftest --quick --filter backward with it,
-#                                             # then backward TFLOP/s without and with it
 #   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
 #                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
@@ -82,18 +79,6 @@ for mode in "${@:-selftest}"; do
       grep -E "^\| (full|causal)" "$OUT/bwd_$bwd/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/candidates_bwd.txt"
     ;;
-  overlap)
-    LONGATTN_CUDA_BWD_OVERLAP=1 timeout 300 /tmp/longattn selftest --backend cuda --quick --filter backward \
-      > "$OUT/selftest_overlap.txt" 2>&1
-    echo "selftest --quick --filter backward (overlap) rc=$?"
-    grep -vE " pass " "$OUT/selftest_overlap.txt" | tail -8
-    for ov in 0 1; do
-      echo "== LONGATTN_CUDA_BWD_OVERLAP=$ov"
-      LONGATTN_CUDA_BWD_OVERLAP=$ov timeout 200 /tmp/longattn bench --backend cuda --backward \
-        --masks full,causal --lens ${BLENS:-4k,16k} --dims 64,128 --out "$OUT/bwd_ov$ov" > /dev/null 2>&1
-      grep -E "^\| (full|causal)" "$OUT/bwd_ov$ov/report_cuda.md" | cut -d'|' -f2-7
-    done 2>&1 | tee "$OUT/overlap_bwd.txt"
-    ;;
   ncu)
     for n in ${NCU_LENS:-16k 64k}; do
       echo "== ncu forward full n $n D 128"
@@ -120,6 +105,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | overlap | ncu | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | fwd | bwd)"; exit 2 ;;
   esac
 done

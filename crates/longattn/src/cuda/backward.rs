@@ -66,16 +66,8 @@ fn dq_merge() -> bool {
     std::env::var("LONGATTN_CUDA_BWD_DQ").as_deref() != Ok("split")
 }
 
-/// Whether the one-pass kernel overlaps P^T (and the dV product) with the dP^T product,
-/// `LONGATTN_CUDA_BWD_OVERLAP=1` (`LA_BWD_OVERLAP` in attn_bwd_wg.cu: S^T and dP^T in two
-/// commit groups, P^T formed after the first). Compiles (test below), not yet run on a GPU:
-/// opt-in until the selftest and the bench have seen it.
-fn bwd_overlap() -> bool {
-    std::env::var("LONGATTN_CUDA_BWD_OVERLAP").as_deref() == Ok("1")
-}
-
 /// Source, variant name, shared memory, main and dQ entry points, and defines of `kernel` for
-/// the mask `program` (`merge`: [`dq_merge`], `overlap`: [`bwd_overlap`]; one-pass kernel only).
+/// the mask `program` (`merge`: [`dq_merge`], one-pass kernel only).
 #[allow(clippy::type_complexity)]
 fn kernel_build(
     kernel: BwdKernel,
@@ -84,7 +76,6 @@ fn kernel_build(
     params: &AttnParams,
     program: &str,
     merge: bool,
-    overlap: bool,
 ) -> (
     String,
     String,
@@ -114,7 +105,6 @@ fn kernel_build(
             defines.push(("LA_BR".into(), br.to_string()));
             defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
             defines.push(("LA_DQ_MERGE".into(), (merge as u8).to_string()));
-            defines.push(("LA_BWD_OVERLAP".into(), (overlap as u8).to_string()));
             let wrappers = &*super::wgmma::WRAPPERS;
             (
                 format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"),
@@ -327,7 +317,7 @@ impl BwdPlan {
         // constants are arguments (`mc`), so the variant depends on the mask's structure only.
         let program = &dm.program;
         let (src, variant, smem, main, dq, defines) =
-            kernel_build(kernel, dtype, d, params, program, dq_merge(), bwd_overlap());
+            kernel_build(kernel, dtype, d, params, program, dq_merge());
         let dq_smem = if kernel == BwdKernel::TwoPass {
             smem
         } else {
@@ -662,8 +652,7 @@ mod tests {
 
     /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
     /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
-    /// adds, dQ split or merged ([`dq_merge`]), merged with P^T overlapping dP^T ([`bwd_overlap`]),
-    /// with and without soft-cap.
+    /// adds, dQ split or merged ([`dq_merge`]), with and without soft-cap.
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
         let Some((program, _)) = super::super::compile::test_programs() else {
@@ -675,14 +664,14 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    for (merge, overlap) in [(false, false), (true, false), (true, true)] {
+                    for merge in [false, true] {
                         for softcap in [None, Some(20.0)] {
                             let params = AttnParams {
                                 softcap,
                                 ..Default::default()
                             };
                             let (src, variant, _, _, _, defines) =
-                                kernel_build(kernel, dtype, d, &params, &program, merge, overlap);
+                                kernel_build(kernel, dtype, d, &params, &program, merge);
                             let name = format!("test_{variant}");
                             if let Err(e) =
                                 super::super::compile::compile(&name, &src, "sm_90a", &defines)
@@ -695,7 +684,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 48);
+        assert_eq!(n, 32);
     }
 
     /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.

@@ -37,13 +37,8 @@
 // t & 1): a consumer writes stage t & 1 again only after the barrier of item t + 1, which the
 // other consumer reaches only after its item-t product has read the stage.
 //
-// LA_BWD_OVERLAP (1): S^T and dP^T in two commit groups; P^T is formed (and dV += P^T dO issued)
-// while dP^T still multiplies (wgmma.wait_group 1), then dS^T once dP^T is in: the exponentials
-// and the dV product overlap the dP^T product instead of following it.
-//
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
-// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), LA_BWD_OVERLAP (0 / 1),
-// the mask program la_mask. Shared-memory layout: the 128-byte-
+// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), the mask program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
@@ -54,9 +49,6 @@
 #endif
 #if LA_DQ_MERGE && LA_NWG != 2
 #error "LA_DQ_MERGE: one dQ block per consumer needs two consumers"
-#endif
-#ifndef LA_BWD_OVERLAP
-#define LA_BWD_OVERLAP 0
 #endif
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
@@ -251,89 +243,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries).
         float s[LA_BR / 2], dp[LA_BR / 2];
-        u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
-        // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
-        // Delta would give 0 there as well).
-        const bool edge = k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
-#if LA_BWD_OVERLAP
-        // S^T and dP^T as two commit groups: P is formed while dP^T still multiplies, and
-        // dV += P^T dO is issued before dP^T is waited for (wait_group 1 leaves the newest group
-        // running). P^T stays in s[] (f32) for dS^T.
-        la_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < LA_D / 16; kk++) {
-            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
-            const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
-            la_wg_ss_br(s, la_wg_desc(sK + ka, 16, 1024), la_wg_desc(cQ + kb, 16, 1024), kk > 0);
-        }
-        la_wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < LA_D / 16; kk++) {
-            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
-            const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
-            la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
-        }
-        la_wg_commit();
-        la_wg_wait1();  // S^T is in; dP^T may still run
-        la_fence_regs<LA_BR / 2>(s);
-#if LA_SOFTCAP
-        float dcap_of[LA_BR / 2];
-#endif
-#pragma unroll
-        for (int jn = 0; jn < LA_BR / 8; jn++) {
-            const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
-#pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                const int x = 4 * jn + e2;
-                float dcap;
-                float y = la_logit(p, s[x], dcap);
-#if LA_SOFTCAP
-                dcap_of[x] = dcap;
-#endif
-                if (partial || edge) {
-                    const int i = q0 + jn * 8 + 2 * t4 + (e2 & 1), j = k0 + krow + ((e2 >> 1) << 3);
-                    bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: the mask program may read per-row ids
-                    if (partial && ok) ok = la_mask(p, b, h, i, j);
-                    if (!ok) y = -LA_INF;
-                }
-                s[x] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
-            }
-            pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(s[4 * jn], s[4 * jn + 1]);
-            pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(s[4 * jn + 2], s[4 * jn + 3]);
-        }
-        la_fence_regs<LA_D / 2>(dv);
-        la_wg_fence();
-#pragma unroll
-        for (int kq = 0; kq < LA_BR / 16; kq++) la_wg_rs_d(dv, pf[kq], la_wg_desc(cdO + kq * 16 * 64, LA_BR * 128, 1024));
-        la_wg_commit();
-        la_wg_wait1();  // dP^T is in; dV may still run
-        la_fence_regs<LA_BR / 2>(dp);
-#pragma unroll
-        for (int jn = 0; jn < LA_BR / 8; jn++) {
-            const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
-            float ds[4];
-#pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                const int x = 4 * jn + e2;
-#if LA_SOFTCAP
-                const float dcap = dcap_of[x];
-#else
-                const float dcap = 1.f;
-#endif
-                ds[e2] = s[x] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap * p.scale;
-            }
-            const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
-            df[jn >> 1][(jn & 1) * 2 + 0] = d01;
-            df[jn >> 1][(jn & 1) * 2 + 1] = d23;
-            *(u32*)(sdS + la_sw128<LA_BC>(krow, jn) + 2 * t4) = d01;
-            *(u32*)(sdS + la_sw128<LA_BC>(krow + 8, jn) + 2 * t4) = d23;
-        }
-        la_fence_regs<LA_D / 2>(dk);
-        la_wg_fence();
-#pragma unroll
-        for (int kq = 0; kq < LA_BR / 16; kq++) la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
-        la_wg_commit();
-#else
         la_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < LA_D / 16; kk++) {
@@ -348,6 +257,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_fence_regs<LA_BR / 2>(dp);
 
         // P^T and dS^T (element x: query column 8 (x / 4) + 2 t4 + (x & 1), key row + 8 ((x / 2) & 1)).
+        // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
+        // Delta would give 0 there as well).
+        const bool edge = k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
+        u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
 #pragma unroll
         for (int jn = 0; jn < LA_BR / 8; jn++) {
             float pr[4], ds[4];
@@ -389,7 +302,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
         }
         la_wg_commit();
-#endif
 
         // dQ partial over this warpgroup's 64 keys, two 64 x 64 blocks, 16 keys a step. The
         // staging buffers are free once the previous item's reductions have read them.
