@@ -62,7 +62,8 @@ pub struct Args {
     /// recent attention `zipvl(lo=2,hi=4,mass=0.9,f=0.95)`; query-aware page selection
     /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
     /// eviction first, then quantization; `h2o(budget=0.2)+merge`: what the press evicts is
-    /// folded into one residual slot per head, LOOK-M style).
+    /// folded into one residual slot per head, LOOK-M style; `quest(budget=0.2)+kivi(bits=4)`:
+    /// Quest's pages over quantized entries).
     #[arg(long)]
     kv: Option<String>,
     /// Tokens per forward under `--kv` (1: token by token, decode-time compression).

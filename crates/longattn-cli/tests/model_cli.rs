@@ -315,7 +315,7 @@ fn eval_kv_sanity_and_bad_input() {
     fails_with(run(&["--kv", "kivi(bits=3)"]), "bits must be 2 or 4");
     fails_with(
         run(&["--kv", "quest(budget=0.2)+h2o(budget=0.2)"]),
-        "quest composes with no other",
+        "quest composes with kivi only",
     );
     fails_with(
         run(&["--kv", "h2o(budget=0.2)", "--kv-reduce", "median"]),

@@ -570,19 +570,27 @@ impl QuantHead {
     }
 
     /// Attention of `qg` `[1, Sq, G, D]` (query row i at position `seq_len - Sq + i`) over the
-    /// quantized entries, under `bound` read at the entries' positions (None: every pair).
-    /// Output `[1, Sq, G, Dv]` f32 and LSE `[G, Sq]` (natural log; -inf where nothing is allowed).
+    /// quantized entries, under `bound` read at the entries' positions (None: every pair) and,
+    /// with `sel` (one query head only: G = 1), only where `sel(query row, position)` holds
+    /// (Quest's pages). Output `[1, Sq, G, Dv]` f32 and LSE `[G, Sq]` (natural log; -inf where
+    /// nothing is allowed).
     pub fn attend(
         &self,
         qg: &TensorView,
         bound: Option<&BoundMask>,
         params: &AttnParams,
+        sel: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
     ) -> Result<AttnOutput> {
         let [_, sq, g, d] = qg.shape;
         if d != self.d {
             return Err(err(format!(
                 "attend: q has head dim {d}, the quantized entries {}",
                 self.d
+            )));
+        }
+        if sel.is_some() && g != 1 {
+            return Err(err(format!(
+                "attend: a selection is per query head; q holds {g}"
             )));
         }
         let (dv, gr) = (self.dv, self.group);
@@ -611,7 +619,10 @@ impl QuantHead {
                     }
                     let (e0, e1) = self.group_range(kg);
                     for e in e0..e1 {
-                        if bound.is_some_and(|bm| !bm.allowed(0, i, self.pos[e] as usize)) {
+                        let at = self.pos[e] as usize;
+                        if bound.is_some_and(|bm| !bm.allowed(0, i, at))
+                            || sel.is_some_and(|f| !f(i, at))
+                        {
                             continue;
                         }
                         let (b, krow, vrow) = self.rows(kg, e);

@@ -28,7 +28,8 @@
 //! part (dequantized in the inner loop) merged with the pages' part by LSE; the batched decode
 //! goes through the same attention per sequence when any head of the layer is quantized.
 //! Query-aware page selection ([`quest`]) attends, per query head and row, a subset of a head's
-//! entries through [`PagedKvCache::attend_selected`].
+//! entries through [`PagedKvCache::attend_selected`] (quantized entries included, under the same
+//! selection).
 pub mod cuda;
 pub mod decode;
 pub mod kivi;
@@ -910,7 +911,8 @@ impl PagedKvCache {
                 [1, sq, g, d],
                 q.strides,
             )?;
-            let r = self.attend_entries(h, &qg, s.len, bound.as_ref(), &mut page_sched, params)?;
+            let r =
+                self.attend_entries(h, &qg, s.len, bound.as_ref(), &mut page_sched, params, None)?;
             let ro = r.out.data.to_f32_vec();
             for i in 0..sq {
                 for gi in 0..g {
@@ -970,7 +972,8 @@ impl PagedKvCache {
     /// Attention of the query heads `q` `[1, Sq, Hq, D]` of one layer over the entries each
     /// query head selects: `select(query head, query row, position)` must hold (besides `mask`)
     /// for a key to be attended (Quest's pages). One kernel call per query head and run of
-    /// pages, every tile read through the row mask; heads must hold no quantized entries.
+    /// pages, every tile read through the row mask; a head's quantized entries (KIVI) are
+    /// attended under the same selection and merged with its full-precision ones by LSE.
     pub fn attend_selected(
         &self,
         id: SeqId,
@@ -991,13 +994,7 @@ impl PagedKvCache {
         let mut none: Option<BlockSchedule> = None;
         for h in 0..hq {
             let ht = &s.heads[layer * c.kv_heads + h / g];
-            if !ht.quant.is_empty() {
-                return Err(param(format!(
-                    "attend_selected: layer {layer} KV head {} holds quantized entries (page selection reads full-precision keys)",
-                    h / g
-                )));
-            }
-            if ht.len() == 0 {
+            if ht.held() == 0 {
                 continue;
             }
             let q1 = TensorView::strided(
@@ -1006,7 +1003,7 @@ impl PagedKvCache {
                 q.strides,
             )?;
             let sel = |i: usize, pos: usize| select(h, i, pos);
-            let r = self.attend_head(
+            let r = self.attend_entries(
                 ht,
                 &q1,
                 s.len,
@@ -1028,9 +1025,11 @@ impl PagedKvCache {
     }
 
     /// One KV head's entries, quantized and full precision, attended by its group's query heads
-    /// `qg` `[1, Sq, G, D]`. With a quantized part the two partial results (o_q, lse_q) and
-    /// (o_r, lse_r) are merged by [`merge_partials`]:
+    /// `qg` `[1, Sq, G, D]` (with `sel`, as in [`attend_head`](Self::attend_head), one query
+    /// head narrowed to the positions it selects, in both parts). With a quantized part the two
+    /// partial results (o_q, lse_q) and (o_r, lse_r) are merged by [`merge_partials`]:
     ///   lse = log(e^lse_q + e^lse_r),  o = e^(lse_q - lse) o_q + e^(lse_r - lse) o_r.
+    #[allow(clippy::too_many_arguments)]
     fn attend_entries(
         &self,
         h: &HeadTable,
@@ -1039,14 +1038,15 @@ impl PagedKvCache {
         bound: Option<&BoundMask>,
         page_sched: &mut Option<BlockSchedule>,
         params: &AttnParams,
+        sel: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
     ) -> Result<AttnOutput> {
         if h.quant.is_empty() {
-            return self.attend_head(h, qg, seq_len, bound, page_sched, params, None);
+            return self.attend_head(h, qg, seq_len, bound, page_sched, params, sel);
         }
         let [_, sq, g, _] = qg.shape;
-        let mut parts = vec![h.quant.attend(qg, bound, params)?];
+        let mut parts = vec![h.quant.attend(qg, bound, params, sel)?];
         if h.len() > 0 {
-            parts.push(self.attend_head(h, qg, seq_len, bound, page_sched, params, None)?);
+            parts.push(self.attend_head(h, qg, seq_len, bound, page_sched, params, sel)?);
         }
         merge_partials(&parts, [1, sq, g, self.cfg.v_dim])
     }

@@ -12,6 +12,12 @@
 //! Selection is per query head and query row; the keys of the chosen pages are attended exactly
 //! under the model's mask (the selection is a row mask read at the entries' positions).
 //!
+//! Over KIVI (`quest(...)+kivi(...)`): the bounds are folded in at each attention, while the
+//! newest keys are still in full precision (KIVI quantizes only after the forward, and only the
+//! oldest whole groups), so they bound the original keys; the selected pages are attended over
+//! both parts, quantized entries dequantized. Quest composes with no eviction: its pages cover
+//! every position.
+//!
 //! Fast path: [`PageBounds`] (running f32 min / max) and [`select_pages`]; plain reference:
 //! [`select_reference`] (bounds recomputed from the keys in f64) and the f64 oracle over the
 //! selected keys.

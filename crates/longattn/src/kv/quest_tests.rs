@@ -260,3 +260,96 @@ fn bad_input_is_refused_with_a_clear_error() {
     let e = index.update(&cache, id, 0).unwrap_err().to_string();
     assert!(e.contains("quest needs every position"), "{e}");
 }
+
+/// Quest over KIVI: the page bounds are folded in while the keys are in full precision, then the
+/// oldest groups are quantized; the selected pages are attended over both parts (quantized
+/// entries dequantized) and equal the f64 oracle over the dequantized keys and values
+/// (`gather_head`) under causal & the reference selection of the full-precision keys. Budget
+/// >= length stays the quantized cache's plain attention bit for bit.
+#[test]
+fn selected_pages_over_quantized_entries_are_attended_exactly() {
+    use crate::kv::kivi::Kivi;
+    for &(len, sq, hq, hk, page, bits) in &[
+        (7usize, 1usize, 2usize, 1usize, 16usize, 4u32),
+        (113, 1, 6, 2, 16, 4),
+        (113, 3, 4, 4, 7, 2),
+        (1023, 5, 6, 3, 32, 4),
+        (1023, 1, 8, 2, 16, 2),
+    ] {
+        let d = 32;
+        let mut rng = Rng::new((len * 7 + hq * 3 + page + bits as usize) as u64);
+        let (mut cache, id, fk, _) = filled(len, hk, d, 16, &mut rng);
+        let quest = Quest { budget: 0.2, page };
+        let mut index = QuestIndex::new(quest, &cache).unwrap();
+        index.update(&cache, id, 0).unwrap();
+        let kivi = Kivi {
+            bits,
+            group: 32,
+            residual: 32,
+            mixed: None,
+        };
+        cache.quantize(id, &kivi).unwrap();
+        let quantized = cache.head_quantized(id, 0, 0).unwrap();
+        assert_eq!(quantized, len.saturating_sub(32) / 32 * 32, "len {len}");
+        let qd = randn(sq * hq * d, &mut rng);
+        let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
+        let expr = MaskExpr::parse("causal").unwrap();
+        let params = AttnParams::default();
+        let got = index
+            .attend(&cache, id, 0, &q, Some(&expr), &params)
+            .unwrap();
+        let g = hq / hk;
+        let mut sel = vec![Vec::new(); hq * sq];
+        for h in 0..hq {
+            let kh = h / g;
+            let keys: Vec<f32> = (0..len)
+                .flat_map(|j| fk[(j * hk + kh) * d..][..d].to_vec())
+                .collect();
+            for i in 0..sq {
+                let qv: Vec<f32> = (0..d).map(|x| qd[(i * hq + h) * d + x]).collect();
+                sel[h * sq + i] = select_reference(&quest, &keys, d, &qv, len - sq + i);
+            }
+        }
+        // The cache's entries as the kernels see them: dequantized, then full precision.
+        let (mut kt, mut vt) = (vec![0.0f32; len * hk * d], vec![0.0f32; len * hk * d]);
+        for kh in 0..hk {
+            let (k, v, pos) = cache.gather_head(id, 0, kh).unwrap();
+            assert_eq!(pos.len(), len);
+            for (e, &p) in pos.iter().enumerate() {
+                let p = p as usize;
+                kt[(p * hk + kh) * d..][..d].copy_from_slice(&k[e * d..][..d]);
+                vt[(p * hk + kh) * d..][..d].copy_from_slice(&v[e * d..][..d]);
+            }
+        }
+        let bound = expr
+            .bind(
+                MaskShape {
+                    batch: 1,
+                    sq,
+                    sk: len,
+                },
+                None,
+            )
+            .unwrap();
+        let allowed = |b: usize, h: usize, i: usize, j: usize| {
+            bound.allowed(b, i, j) && sel[h * sq + i].contains(&(j / page))
+        };
+        let k = TensorView::contiguous(&kt[..], [1, len, hk, d]).unwrap();
+        let v = TensorView::contiguous(&vt[..], [1, len, hk, d]).unwrap();
+        let r = attention_f64(&q, &k, &v, &params, &allowed).unwrap();
+        let (eo, el) = compare(&got.out, &got.lse, &r);
+        assert!(
+            eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
+            "{quest}+int{bits} len {len} sq {sq} hq {hq} hk {hk}: out err {eo:.2e}, lse err {el:.2e}"
+        );
+        // Budget 1: the quantized cache's own attention, bit for bit.
+        let mut whole = QuestIndex::new(Quest { budget: 1.0, page }, &cache).unwrap();
+        whole.heads = index.heads.clone();
+        let a = whole
+            .attend(&cache, id, 0, &q, Some(&expr), &params)
+            .unwrap();
+        let b = cache.attend(id, 0, &q, Some(&expr), &params).unwrap();
+        assert_eq!(a.out.data.to_f32_vec(), b.out.data.to_f32_vec());
+        assert_eq!(a.lse, b.lse);
+    }
+}

@@ -173,9 +173,9 @@ impl KvSpec {
                 _ => {}
             }
         }
-        if s.quest.is_some() && (s.evict.is_some() || s.kivi.is_some()) {
+        if s.quest.is_some() && (s.evict.is_some() || s.merge || s.roles.is_some()) {
             return Err(err(format!(
-                "`{text}`: quest composes with no other policy yet (its page bounds need every position in full precision)"
+                "`{text}`: quest composes with kivi only (its pages cover every position: an eviction press leaves holes in them)"
             )));
         }
         Ok(s)
