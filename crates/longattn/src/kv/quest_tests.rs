@@ -115,21 +115,20 @@ fn filled(
     (cache, ids[0], fk, fv)
 }
 
-fn check(len: usize, sq: usize, hq: usize, hk: usize, quest: Quest, page: usize) {
-    let d = 32;
-    let mut rng = Rng::new((len * 13 + sq * 5 + hq + page) as u64);
-    let (cache, id, fk, fv) = filled(len, hk, d, page, &mut rng);
-    let mut index = QuestIndex::new(quest, &cache).unwrap();
-    index.update(&cache, id, 0).unwrap();
-    let sq = sq.min(len);
-    let qd = randn(sq * hq * d, &mut rng);
-    let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
-    let expr = MaskExpr::parse("causal").unwrap();
-    let params = AttnParams::default();
-    let got = index
-        .attend(&cache, id, 0, &q, Some(&expr), &params)
-        .unwrap();
-    // The reference: causal & the reference selection of each (query head, row).
+/// Compares `got` (attention of the queries `qd` `[1, Sq, Hq, D]` at the last Sq of `len`
+/// positions) with the f64 oracle over `kt` / `vt` `[len, Hk, D]` under causal & the reference
+/// selection of each (query head, row), selected from the full-precision keys `fk`.
+#[allow(clippy::too_many_arguments)]
+fn assert_selected_oracle(
+    what: &str,
+    got: &AttnOutput,
+    quest: &Quest,
+    fk: &[f32],
+    kt: &[f32],
+    vt: &[f32],
+    qd: &[f32],
+    [len, sq, hq, hk, d]: [usize; 5],
+) {
     let g = hq / hk;
     let mut sel = vec![Vec::new(); hq * sq];
     for h in 0..hq {
@@ -139,14 +138,15 @@ fn check(len: usize, sq: usize, hq: usize, hk: usize, quest: Quest, page: usize)
             .collect();
         for i in 0..sq {
             let qv: Vec<f32> = (0..d).map(|x| qd[(i * hq + h) * d + x]).collect();
-            sel[h * sq + i] = select_reference(&quest, &keys, d, &qv, len - sq + i);
+            sel[h * sq + i] = select_reference(quest, &keys, d, &qv, len - sq + i);
         }
     }
     if len >= 113 {
         let narrowed = (0..hq * sq).any(|t| sel[t].len() * quest.page < len - sq + t % sq);
-        assert!(narrowed, "len {len}: every query attended every page");
+        assert!(narrowed, "{what}: every query attended every page");
     }
-    let bound = expr
+    let bound = MaskExpr::parse("causal")
+        .unwrap()
         .bind(
             MaskShape {
                 batch: 1,
@@ -159,13 +159,52 @@ fn check(len: usize, sq: usize, hq: usize, hk: usize, quest: Quest, page: usize)
     let allowed = |b: usize, h: usize, i: usize, j: usize| {
         bound.allowed(b, i, j) && sel[h * sq + i].contains(&(j / quest.page))
     };
-    let k = TensorView::contiguous(&fk[..], [1, len, hk, d]).unwrap();
-    let v = TensorView::contiguous(&fv[..], [1, len, hk, d]).unwrap();
-    let r = attention_f64(&q, &k, &v, &params, &allowed).unwrap();
+    let q = TensorView::contiguous(qd, [1, sq, hq, d]).unwrap();
+    let k = TensorView::contiguous(kt, [1, len, hk, d]).unwrap();
+    let v = TensorView::contiguous(vt, [1, len, hk, d]).unwrap();
+    let r = attention_f64(&q, &k, &v, &AttnParams::default(), &allowed).unwrap();
     let (eo, el) = compare(&got.out, &got.lse, &r);
     assert!(
         eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
-        "{quest} len {len} sq {sq} hq {hq} hk {hk} page {page}: out err {eo:.2e}, lse err {el:.2e}"
+        "{what}: out err {eo:.2e}, lse err {el:.2e}"
+    );
+}
+
+/// Random queries `[1, Sq, Hq, D]` at the last Sq positions and their attention through `index`
+/// under causal.
+fn attend_random(
+    index: &QuestIndex,
+    cache: &PagedKvCache,
+    id: SeqId,
+    [sq, hq, d]: [usize; 3],
+    rng: &mut Rng,
+) -> (Vec<f32>, AttnOutput) {
+    let qd = randn(sq * hq * d, rng);
+    let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
+    let expr = MaskExpr::parse("causal").unwrap();
+    let got = index
+        .attend(cache, id, 0, &q, Some(&expr), &AttnParams::default())
+        .unwrap();
+    (qd, got)
+}
+
+fn check(len: usize, sq: usize, hq: usize, hk: usize, quest: Quest, page: usize) {
+    let d = 32;
+    let mut rng = Rng::new((len * 13 + sq * 5 + hq + page) as u64);
+    let (cache, id, fk, fv) = filled(len, hk, d, page, &mut rng);
+    let mut index = QuestIndex::new(quest, &cache).unwrap();
+    index.update(&cache, id, 0).unwrap();
+    let sq = sq.min(len);
+    let (qd, got) = attend_random(&index, &cache, id, [sq, hq, d], &mut rng);
+    assert_selected_oracle(
+        &format!("{quest} len {len} sq {sq} hq {hq} hk {hk} page {page}"),
+        &got,
+        &quest,
+        &fk,
+        &fk,
+        &fv,
+        &qd,
+        [len, sq, hq, hk, d],
     );
 }
 
@@ -291,25 +330,7 @@ fn selected_pages_over_quantized_entries_are_attended_exactly() {
         cache.quantize(id, &kivi).unwrap();
         let quantized = cache.head_quantized(id, 0, 0).unwrap();
         assert_eq!(quantized, len.saturating_sub(32) / 32 * 32, "len {len}");
-        let qd = randn(sq * hq * d, &mut rng);
-        let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
-        let expr = MaskExpr::parse("causal").unwrap();
-        let params = AttnParams::default();
-        let got = index
-            .attend(&cache, id, 0, &q, Some(&expr), &params)
-            .unwrap();
-        let g = hq / hk;
-        let mut sel = vec![Vec::new(); hq * sq];
-        for h in 0..hq {
-            let kh = h / g;
-            let keys: Vec<f32> = (0..len)
-                .flat_map(|j| fk[(j * hk + kh) * d..][..d].to_vec())
-                .collect();
-            for i in 0..sq {
-                let qv: Vec<f32> = (0..d).map(|x| qd[(i * hq + h) * d + x]).collect();
-                sel[h * sq + i] = select_reference(&quest, &keys, d, &qv, len - sq + i);
-            }
-        }
+        let (qd, got) = attend_random(&index, &cache, id, [sq, hq, d], &mut rng);
         // The cache's entries as the kernels see them: dequantized, then full precision.
         let (mut kt, mut vt) = (vec![0.0f32; len * hk * d], vec![0.0f32; len * hk * d]);
         for kh in 0..hk {
@@ -321,30 +342,22 @@ fn selected_pages_over_quantized_entries_are_attended_exactly() {
                 vt[(p * hk + kh) * d..][..d].copy_from_slice(&v[e * d..][..d]);
             }
         }
-        let bound = expr
-            .bind(
-                MaskShape {
-                    batch: 1,
-                    sq,
-                    sk: len,
-                },
-                None,
-            )
-            .unwrap();
-        let allowed = |b: usize, h: usize, i: usize, j: usize| {
-            bound.allowed(b, i, j) && sel[h * sq + i].contains(&(j / page))
-        };
-        let k = TensorView::contiguous(&kt[..], [1, len, hk, d]).unwrap();
-        let v = TensorView::contiguous(&vt[..], [1, len, hk, d]).unwrap();
-        let r = attention_f64(&q, &k, &v, &params, &allowed).unwrap();
-        let (eo, el) = compare(&got.out, &got.lse, &r);
-        assert!(
-            eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
-            "{quest}+int{bits} len {len} sq {sq} hq {hq} hk {hk}: out err {eo:.2e}, lse err {el:.2e}"
+        assert_selected_oracle(
+            &format!("{quest}+int{bits} len {len} sq {sq} hq {hq} hk {hk}"),
+            &got,
+            &quest,
+            &fk,
+            &kt,
+            &vt,
+            &qd,
+            [len, sq, hq, hk, d],
         );
         // Budget 1: the quantized cache's own attention, bit for bit.
         let mut whole = QuestIndex::new(Quest { budget: 1.0, page }, &cache).unwrap();
         whole.heads = index.heads.clone();
+        let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
+        let expr = MaskExpr::parse("causal").unwrap();
+        let params = AttnParams::default();
         let a = whole
             .attend(&cache, id, 0, &q, Some(&expr), &params)
             .unwrap();
