@@ -22,7 +22,8 @@ pub struct Args {
     /// A small subset (for compute-sanitizer, which is slow).
     #[arg(long)]
     quick: bool,
-    /// Only cases whose name contains this text.
+    /// Only cases whose group and name ("backward bf16 B1 Sq7 ...", "kv kivi ...") contain this
+    /// text: `--filter backward`, `--filter kv`, `--filter D128`.
     #[arg(long)]
     filter: Option<String>,
     /// Write the results as JSON here.
@@ -51,9 +52,10 @@ pub fn main(a: Args) -> Result<()> {
         dev.arch()
     );
     let keep = |name: &str| a.filter.as_ref().is_none_or(|f| name.contains(f.as_str()));
+    // Forward and backward case names do not carry their group: the filter reads "group name".
     let cases: Vec<_> = forward_cases(a.quick)
         .into_iter()
-        .filter(|c| keep(&c.name()))
+        .filter(|c| keep(&format!("forward {}", c.name())))
         .collect();
     let pb = ProgressBar::new(cases.len() as u64);
     pb.set_style(
@@ -69,7 +71,7 @@ pub fn main(a: Args) -> Result<()> {
     pb.finish_and_clear();
     let bcases: Vec<_> = backward_cases(a.quick)
         .into_iter()
-        .filter(|c| keep(&c.name()))
+        .filter(|c| keep(&format!("backward {}", c.name())))
         .collect();
     let pb = ProgressBar::new(bcases.len() as u64);
     for (n, c) in bcases.iter().enumerate() {
