@@ -9,11 +9,11 @@
 #                                             # WS_CFGS, TILE_D, TILE_LENS)
 #   bash scripts/gpu/dense_check.sh softmax   # forward TFLOP/s per softmax step
 #                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy) at 16k
-#   bash scripts/gpu/dense_check.sh candidates  # the opt-in variants not yet run on a GPU
-#                                             # (LONGATTN_CUDA_FWD_SOFTMAX=lazy,
-#                                             # LONGATTN_CUDA_BWD_DQ=merge): selftest --quick
-#                                             # with both, then forward / backward TFLOP/s of
-#                                             # each against the default in the same call
+#   bash scripts/gpu/dense_check.sh candidates  # the variants beside the defaults: selftest
+#                                             # --quick with LONGATTN_CUDA_FWD_SOFTMAX=lazy and
+#                                             # LONGATTN_CUDA_BWD_DQ=merge, then backward
+#                                             # TFLOP/s with split and merged dQ (merge and
+#                                             # fused are the defaults since 2026-12-05)
 #   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
 #                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
