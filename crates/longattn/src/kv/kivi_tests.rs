@@ -151,19 +151,10 @@ fn oracle_over_cache(
     bound: &crate::mask::BoundMask,
 ) -> crate::reference::RefOutput {
     let c = cache.config();
-    let (hk, d, len) = (c.kv_heads, c.head_dim, cache.len(id).unwrap());
-    let mut kf = vec![0.0f32; len * hk * d];
-    let mut vf = vec![0.0f32; len * hk * d];
-    for kh in 0..hk {
-        let (hk_, hv, pos) = cache.gather_head(id, layer, kh).unwrap();
-        assert_eq!(pos, (0..len as u32).collect::<Vec<_>>());
-        for j in 0..len {
-            kf[(j * hk + kh) * d..][..d].copy_from_slice(&hk_[j * d..][..d]);
-            vf[(j * hk + kh) * d..][..d].copy_from_slice(&hv[j * d..][..d]);
-        }
-    }
+    let (hk, d, dv, len) = (c.kv_heads, c.head_dim, c.v_dim, cache.len(id).unwrap());
+    let (kf, vf) = crate::kv::tests::dense_kv(cache, id, layer);
     let kt = TensorView::contiguous(&kf[..], [1, len, hk, d]).unwrap();
-    let vt = TensorView::contiguous(&vf[..], [1, len, hk, d]).unwrap();
+    let vt = TensorView::contiguous(&vf[..], [1, len, hk, dv]).unwrap();
     let allowed = |b: usize, _h: usize, i: usize, j: usize| bound.allowed(b, i, j);
     attention_f64(q, &kt, &vt, &AttnParams::default(), &allowed).unwrap()
 }

@@ -1259,4 +1259,4 @@ pub fn merge_partials(parts: &[AttnOutput], shape: [usize; 4]) -> Result<AttnOut
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

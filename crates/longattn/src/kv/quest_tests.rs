@@ -332,16 +332,7 @@ fn selected_pages_over_quantized_entries_are_attended_exactly() {
         assert_eq!(quantized, len.saturating_sub(32) / 32 * 32, "len {len}");
         let (qd, got) = attend_random(&index, &cache, id, [sq, hq, d], &mut rng);
         // The cache's entries as the kernels see them: dequantized, then full precision.
-        let (mut kt, mut vt) = (vec![0.0f32; len * hk * d], vec![0.0f32; len * hk * d]);
-        for kh in 0..hk {
-            let (k, v, pos) = cache.gather_head(id, 0, kh).unwrap();
-            assert_eq!(pos.len(), len);
-            for (e, &p) in pos.iter().enumerate() {
-                let p = p as usize;
-                kt[(p * hk + kh) * d..][..d].copy_from_slice(&k[e * d..][..d]);
-                vt[(p * hk + kh) * d..][..d].copy_from_slice(&v[e * d..][..d]);
-            }
-        }
+        let (kt, vt) = crate::kv::tests::dense_kv(&cache, id, 0);
         assert_selected_oracle(
             &format!("{quest}+int{bits} len {len} sq {sq} hq {hq} hk {hk}"),
             &got,

@@ -5,6 +5,23 @@ use crate::reference::attention_f64;
 use crate::testing::{compare, out_tolerance, Rng, LSE_TOLERANCE};
 use crate::DType;
 
+/// K and V `[len, Hk, D]` of one layer of a cache whose heads hold every position, as the
+/// kernels see them (quantized entries dequantized by `gather_head`), placed by position.
+pub(crate) fn dense_kv(cache: &PagedKvCache, id: SeqId, layer: usize) -> (Vec<f32>, Vec<f32>) {
+    let c = cache.config();
+    let (hk, d, dv, len) = (c.kv_heads, c.head_dim, c.v_dim, cache.len(id).unwrap());
+    let (mut kf, mut vf) = (vec![0.0f32; len * hk * d], vec![0.0f32; len * hk * dv]);
+    for kh in 0..hk {
+        let (k, v, pos) = cache.gather_head(id, layer, kh).unwrap();
+        assert_eq!(pos, (0..len as u32).collect::<Vec<_>>());
+        for j in 0..len {
+            kf[(j * hk + kh) * d..][..d].copy_from_slice(&k[j * d..][..d]);
+            vf[(j * hk + kh) * dv..][..dv].copy_from_slice(&v[j * dv..][..dv]);
+        }
+    }
+    (kf, vf)
+}
+
 fn randn(n: usize, rng: &mut Rng) -> Vec<f32> {
     (0..n).map(|_| rng.normal() as f32).collect()
 }

@@ -244,19 +244,20 @@ fn each_doc(
             // The document's last rows keep every candidate: whole query tiles at tile level,
             // those rows alone with lines (their tiles Partial for the other rows).
             let from = doc.q.end - ctx.dense_last.min(doc.q.len());
+            let lines = match kept.lines.as_mut() {
+                Some((hl, _)) if !hl.docs[x].whole => {
+                    hl.docs[x].dense_from = from;
+                    true
+                }
+                _ => false,
+            };
             for (qt, part) in ctx.parts(doc).filter(|(_, p)| p.end > from) {
                 let xs = ctx.doc_cands(b, h, qt, doc);
                 let all = vec![true; xs.len()];
-                match kept.lines.as_mut() {
-                    Some((hl, _)) if !hl.docs[x].whole => {
-                        hl.docs[x].dense_from = from;
-                        let whole_tile = part.start >= from;
-                        match whole_tile {
-                            true => kept.or(qt, &xs, &all),
-                            false => kept.or_lines(qt, &xs, &all),
-                        }
-                    }
-                    _ => kept.or(qt, &xs, &all),
+                if lines && part.start < from {
+                    kept.or_lines(qt, &xs, &all);
+                } else {
+                    kept.or(qt, &xs, &all);
                 }
             }
         }

@@ -13,8 +13,8 @@
 //! whose estimate is not a line pattern (a FlexPrefill head that chose query-aware blocks, a
 //! document below `dense_below`) is `whole`: its rows keep every pair of their selected tiles,
 //! and those tiles keep the mask's kind. So do the rows of a document's `dense_last` (from
-//! `dense_from` on), in tiles that are Partial for the document's other rows. The tiles of a union's second method (`A + B`, B's
-//! tiles whole) keep every pair too.
+//! `dense_from` on), in tiles that are Partial for the document's other rows. The tiles of a
+//! union's second method (`A + B`, B's tiles whole) keep every pair too.
 //!
 //! The `columns` method adds keys per query tile: `allowed(i, j)` also holds for j in the kept
 //! keys of i's query tile (`tiles`, sorted lists).

@@ -350,7 +350,7 @@ fn reference_impl(
                 if let Some(p) = pairs.as_deref_mut() {
                     let line = line.filter(|_| spec.element_level());
                     for &i in &doc.q {
-                        let line = line.as_ref().filter(|_| spec.dense_last == 0 || i < from);
+                        let line = line.as_ref().filter(|_| i < from);
                         let row = ((b * dims.hq + h) * dims.sq + i) * dims.sk;
                         for &j in &doc.k {
                             let tile = doc_kept[i / cand.tile_q][j / cand.tile_k];
