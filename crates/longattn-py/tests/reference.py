@@ -20,7 +20,7 @@ import torch
 
 # --------------------------------------------------------------------------------------------
 # Mask language (docs/MASKS.md): full, causal, window(L,R), sinks(S), prefix(P), chunk(C),
-# strided(S), document, combined with ! & | and parentheses; precedence ! > & > |.
+# strided(S), power(B), radial(F,W), document, combined with ! & | and parentheses; precedence ! > & > |.
 # Query row i, key j, aligned query position pos = i + Sk - Sq (bottom-right alignment).
 # --------------------------------------------------------------------------------------------
 
@@ -85,6 +85,40 @@ def _atom(name: str, args: Sequence[int]) -> Evaluator:
         if s < 1:
             raise MaskSyntaxError("strided needs S >= 1")
         return lambda pos, j, qd, kd: torch.remainder(pos - j, s) == 0
+    if name == "power":
+        need(1)
+        b = args[0]
+        if b < 1:
+            raise MaskSyntaxError("power needs B >= 1")
+
+        def power(pos, j, qd, kd):
+            # Block distance 0 or a power of two: 0, 1, 2, 4, ... (either side).
+            d = (torch.div(pos, b, rounding_mode="floor") - torch.div(j, b, rounding_mode="floor")).abs()
+            ok = d == 0
+            p2 = 1
+            while p2 <= int(d.max()):
+                ok = ok | (d == p2)
+                p2 *= 2
+            return ok
+
+        return power
+    if name == "radial":
+        need(2)
+        f, w = args
+        if f < 1:
+            raise MaskSyntaxError("radial needs F >= 1")
+
+        def radial(pos, j, qd, kd):
+            # Frame distance dt; window w for dt <= 1, else w // 2**floor(log2 dt).
+            dt = (torch.div(pos, f, rounding_mode="floor") - torch.div(j, f, rounding_mode="floor")).abs()
+            ds = (torch.remainder(pos, f) - torch.remainder(j, f)).abs()
+            halvings = torch.zeros_like(dt)
+            for r in range(1, 63):
+                halvings = torch.where(dt >= 2 ** r, torch.full_like(dt, r), halvings)
+            width = torch.div(torch.full_like(dt, w), 2 ** halvings, rounding_mode="floor")
+            return ds <= width
+
+        return radial
     if name == "document":
         need(0)
 

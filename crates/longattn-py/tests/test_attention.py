@@ -76,6 +76,10 @@ MASK_CASES = [
     ("causal | prefix(10)", 63, 63, 2, 2),
     ("!causal", 7, 7, 2, 2),            # last row empty
     ("sinks(3) | window(2,2)", 1, 113, 4, 1),
+    ("causal & (sinks(2) | window(7,0) | power(8))", 113, 113, 4, 2),
+    ("power(5)", 65, 130, 2, 1),
+    ("radial(16,6)", 113, 113, 2, 2),
+    ("causal & radial(9,3)", 7, 65, 2, 1),
 ]
 
 

@@ -355,6 +355,8 @@ fn masks_through_the_schedule() {
         "causal & document",
         "causal & (sinks(4) | window(30,0))",
         "chunk(64) & !window(2,2)",
+        "causal & (sinks(2) | window(20,0) | power(16))",
+        "radial(40,12)",
     ]
     .iter()
     .enumerate()

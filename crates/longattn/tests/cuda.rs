@@ -86,7 +86,7 @@ fn mask_program_is_generated_for_every_atom() {
         sq: 512,
         sk: 512,
     };
-    let cases: [(&str, &str, &[i32]); 7] = [
+    let cases: [(&str, &str, &[i32]); 9] = [
         ("causal", "(j <= pos)", &[]),
         (
             "window(7,3)",
@@ -101,6 +101,12 @@ fn mask_program_is_generated_for_every_atom() {
         ("chunk(64)", "la_fdiv(pos, p.mc[0])", &[64]),
         ("strided(3)", "la_emod(pos - j, p.mc[0])", &[3]),
         ("!causal & document", "p.qdoc[", &[]),
+        ("causal & power(64)", "la_power(pos, j, p.mc[0])", &[64]),
+        (
+            "radial(1560,780)",
+            "la_radial(pos, j, p.mc[0], p.mc[1])",
+            &[1560, 780],
+        ),
         (
             "neighborhood2d(16,32,5,7)",
             "la_nbr_axis(i, j, p.mc[0], p.mc[1], p.mc[2], p.mc[3]) && la_nbr_axis(i, j, p.mc[4], ",

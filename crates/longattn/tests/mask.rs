@@ -42,6 +42,14 @@ fn parses_every_atom() {
     assert_eq!(p("chunk(16)"), Chunk(16));
     assert_eq!(p("strided(3)"), Strided(3));
     assert_eq!(p("document"), Document);
+    assert_eq!(p("power(64)"), Power(64));
+    assert_eq!(
+        p("radial(1560,780)"),
+        Radial {
+            frame: 1560,
+            window: 780
+        }
+    );
     let n1 = |k, d| Neighborhood {
         grid: vec![],
         kernel: vec![k],
@@ -106,6 +114,8 @@ fn display_round_trips() {
         "full | (causal | document)",
         "!(chunk(3) & strided(2)) | neighborhood(3,2) & neighborhood2d(4,5,3,3,1,2)",
         "neighborhood3d(2,2,2,1,1,1)",
+        "causal & (sinks(4) | window(63,0) | power(64))",
+        "radial(16,8) & !power(2)",
     ] {
         let e = p(s);
         let text = e.to_string();
@@ -194,6 +204,20 @@ fn bind_errors() {
         .is_ok());
     assert!(is_bind(MaskExpr::Chunk(0).bind(s(1, 4, 4), None)));
     assert!(is_bind(MaskExpr::Strided(0).bind(s(1, 4, 4), None)));
+    assert!(is_bind(MaskExpr::Power(0).bind(s(1, 4, 4), None)));
+    assert!(is_bind(
+        MaskExpr::Radial {
+            frame: 0,
+            window: 3
+        }
+        .bind(s(1, 4, 4), None)
+    ));
+    assert!(MaskExpr::Radial {
+        frame: 3,
+        window: 0
+    }
+    .bind(s(1, 4, 4), None)
+    .is_ok());
     assert!(is_bind(p("causal").bind(s(1, 0, 4), None)));
     let bad_nbr = MaskExpr::Neighborhood {
         grid: vec![2, 2],
@@ -233,6 +257,52 @@ fn causal_aligns_bottom_right() {
     assert_eq!(allowed_set(&m, 4), vec![0, 1]);
     let m = bind("strided(3)", 5, 2);
     assert_eq!(allowed_set(&m, 0), vec![0]); // p = -3
+}
+
+#[test]
+fn power_blocks_by_hand() {
+    // Blocks of 4 tokens, 40 keys: query block 9 (positions 36..39) sees blocks 9, 8, 7, 5, 1.
+    let m = bind("power(4)", 40, 40);
+    let blocks = |i: usize| -> Vec<usize> {
+        let mut b: Vec<usize> = allowed_set(&m, i).iter().map(|j| j / 4).collect();
+        b.dedup();
+        b
+    };
+    assert_eq!(blocks(37), vec![1, 5, 7, 8, 9]);
+    // Block 3 (positions 12..15): 3, 2, 4, 1, 5, 7 (-1 and 11 lie outside blocks 0..9).
+    assert_eq!(blocks(12), vec![1, 2, 3, 4, 5, 7]);
+    // Every key of a kept block is allowed (the block is the unit).
+    assert_eq!(allowed_set(&m, 37).len(), 5 * 4);
+    // Sq < Sk: positions are aligned bottom-right (query 0 at p = 30, block 7).
+    let m = bind("causal & power(4)", 3, 33);
+    let b: Vec<usize> = allowed_set(&m, 0).iter().map(|j| j / 4).collect();
+    assert_eq!(b.first(), Some(&3));
+    assert!(b.contains(&5) && b.contains(&6) && b.contains(&7) && !b.contains(&4));
+}
+
+#[test]
+fn radial_windows_by_hand() {
+    // Frames of 8 tokens, half-width 4. Query at frame 0, spatial 3 (position 3).
+    let m = bind("radial(8,4)", 80, 80);
+    let in_frame = |i: usize, t: usize| -> Vec<usize> {
+        allowed_set(&m, i)
+            .into_iter()
+            .filter(|j| j / 8 == t)
+            .map(|j| j % 8)
+            .collect()
+    };
+    // Distance 0 and 1: |ds| <= 4; distance 2, 3: <= 2; 4..7: <= 1; 8, 9: 0.
+    assert_eq!(in_frame(3, 0), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(in_frame(3, 1), vec![0, 1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(in_frame(3, 2), vec![1, 2, 3, 4, 5]);
+    assert_eq!(in_frame(3, 3), vec![1, 2, 3, 4, 5]);
+    assert_eq!(in_frame(3, 4), vec![2, 3, 4]);
+    assert_eq!(in_frame(3, 7), vec![2, 3, 4]);
+    assert_eq!(in_frame(3, 8), vec![3]);
+    assert_eq!(in_frame(3, 9), vec![3]);
+    // Symmetric in time: frame 9's spatial 0 sees frame 1 (distance 8) at spatial 0 only.
+    assert_eq!(in_frame(72, 1), vec![0]);
+    assert_eq!(in_frame(72, 9), vec![0, 1, 2, 3, 4]);
 }
 
 #[test]
@@ -408,6 +478,8 @@ fn atom(grid: Grid) -> BoxedStrategy<MaskExpr> {
         small().prop_map(Prefix),
         pos().prop_map(Chunk),
         pos().prop_map(Strided),
+        pos().prop_map(Power),
+        (pos(), small()).prop_map(|(frame, window)| Radial { frame, window }),
     ];
     let nb = |g: Vec<usize>| {
         let n = g.len().max(1);
@@ -644,6 +716,45 @@ fn neighborhood_tiles_classified_exactly_on_larger_grids() {
             assert_tiles_exact(&m, tq, tk, expr);
         }
     }
+}
+
+/// The static long-range atoms on longer sequences than the random cases reach (many frames,
+/// query tiles inside one frame and across two, blocks larger and smaller than the tiles,
+/// Sq != Sk): every tile's kind equals the brute-force count's, and the densities fall as the
+/// definitions say.
+#[test]
+fn power_and_radial_tiles_classified_exactly() {
+    for (expr, sq, sk) in [
+        ("radial(160,80)", 1600, 1600),
+        ("radial(100,100) & !window(5,5)", 1500, 1500),
+        ("radial(37,6)", 700, 1100),
+        ("causal & power(64)", 2000, 2000),
+        ("causal & (sinks(4) | window(63,0) | power(32))", 900, 1400),
+        ("power(100) & !chunk(300)", 1200, 1200),
+    ] {
+        let m = MaskExpr::parse(expr)
+            .unwrap()
+            .bind(MaskShape { batch: 1, sq, sk }, None)
+            .unwrap();
+        for (tq, tk) in [(64, 64), (128, 64), (48, 80), (7, 100)] {
+            assert_tiles_exact(&m, tq, tk, expr);
+        }
+    }
+    // causal & power(64) at 8192 tokens (128 blocks): a query keeps at most 8 blocks (distances
+    // 0, 1, 2, ..., 64) of 64 keys: at most 512 of the 8192 keys of a row.
+    let d = MaskExpr::parse("causal & power(64)")
+        .unwrap()
+        .bind(MaskShape::square(8192), None)
+        .unwrap()
+        .density();
+    assert!(d > 0.04 && d <= 512.0 / 8192.0, "{d}");
+    // radial(256,128) over 32 frames: far frames keep a band that halves with distance.
+    let d = MaskExpr::parse("radial(256,128)")
+        .unwrap()
+        .bind(MaskShape::square(256 * 32), None)
+        .unwrap()
+        .density();
+    assert!(d > 0.02 && d < 0.25, "{d}");
 }
 
 /// Every tile of `m`'s schedule for `tq` x `tk` tiles, in every batch row it has, has the kind

@@ -69,6 +69,10 @@ fn every_atom_through_the_kernel() {
         "causal | prefix(40)",
         "!causal",
         "chunk(64) & !window(2,2)",
+        "causal & (sinks(2) | window(15,0) | power(16))",
+        "power(7)",
+        "radial(20,6)",
+        "causal & radial(13,4)",
     ];
     for (n, e) in exprs.iter().enumerate() {
         for dt in [DType::F32, DType::BF16] {

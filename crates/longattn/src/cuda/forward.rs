@@ -1698,6 +1698,41 @@ mod tests {
         assert_eq!(n, 120);
     }
 
+    /// Every atom's device function compiles (NVRTC, sm_90a; skipped without `libnvrtc`): one
+    /// element program holding them all, in the warp-specialized kernel.
+    #[test]
+    fn atom_kernels_compile_with_nvrtc() {
+        if super::super::compile::test_programs().is_none() {
+            return;
+        }
+        let e = crate::mask::MaskExpr::parse(
+            "causal & (window(3,0) | sinks(2) | prefix(5) | chunk(4) | strided(3) | power(8) \
+             | radial(16,4) | neighborhood(5) | neighborhood2d(15,20,3,5,1,2)) | !document | full",
+        )
+        .unwrap();
+        let docs = crate::mask::DocIds {
+            q: (0..300).map(|t| t / 7).collect(),
+            k: (0..300).map(|t| t / 5).collect(),
+        };
+        let bm = e
+            .bind(crate::mask::MaskShape::square(300), Some(docs))
+            .unwrap();
+        let prog = bm.cuda_program().source;
+        let tile = TileCfg::warp_specialized(2, 128, 1);
+        let (src, _, tag, defines) = kernel_build(
+            &tile,
+            DType::BF16,
+            128,
+            &AttnParams::default(),
+            &prog,
+            "fused",
+        );
+        let name = format!("test_atoms{tag}");
+        if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
+            panic!("{name}: {e}");
+        }
+    }
+
     /// `LaFwdParams` and `LaWsParams` are laid out as the kernels declare them (they are passed
     /// by value: one field off shifts every field after it).
     #[test]

@@ -165,6 +165,8 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
         "neighborhood2d(16,32,5,7)",
         "neighborhood2d(16,32,5,7,2,1)",
         "neighborhood3d(4,8,16,3,3,5)",
+        "causal & (sinks(4) | window(63,0) | power(64))",
+        "radial(64,32)",
         "blocks(64)",
         "blocks(32)",
     ];
@@ -501,6 +503,7 @@ pub fn check_mask_constants(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         ),
         ("chunk(64)", "chunk(100)"),
         ("strided(3)", "strided(5)"),
+        ("radial(64,32) | power(32)", "radial(100,7) | power(48)"),
         ("neighborhood(33)", "neighborhood(15,3)"),
         // Dilated: no patch order, so no patch geometry in the variant; the bit table on Hopper.
         (

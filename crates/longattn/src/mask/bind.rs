@@ -63,6 +63,10 @@ pub(crate) enum Atom {
     Strided { s: i64, pat: u64 },
     /// `q_doc[b, i] == k_doc[b, j]`.
     Document,
+    /// `|floor(p / b) - floor(j / b)|` is 0 or a power of two ([`power_gap`]).
+    Power(i64),
+    /// Frames of `f` tokens, spatial window `w >> r` at frame distance `dt` ([`radial_window`]).
+    Radial { f: i64, w: i64 },
     /// Every axis allows the pair (see [`Axis::ap`]).
     Nbr(Vec<Axis>),
 }
@@ -183,6 +187,34 @@ fn nbr_word(axes: &[Axis], ap: &[(i64, i64)], base: i64, jw0: i64) -> u64 {
     w
 }
 
+/// PowerAttention's block distances: `d` (either sign) is 0 or a power of two.
+#[inline]
+pub(crate) fn power_gap(d: i64) -> bool {
+    let d = d.unsigned_abs();
+    d & d.wrapping_sub(1) == 0
+}
+
+/// Radial Attention's spatial half-width at frame distance `dt >= 0`: `w` for `dt <= 1`, else
+/// `w >> floor(log2 dt)` (halved each time the distance doubles).
+#[inline]
+pub(crate) fn radial_window(w: i64, dt: i64) -> i64 {
+    if dt <= 1 {
+        w
+    } else {
+        w >> (63 - dt.leading_zeros())
+    }
+}
+
+/// Radial Attention's keys of query position `p` inside frame `tk` (frames of `f` tokens,
+/// half-width `w`): the closed interval `[tk f + max(0, s - w'), tk f + min(f - 1, s + w')]`,
+/// `s = p mod f`, `w' = radial_window(w, |floor(p / f) - tk|)`.
+#[inline]
+pub(crate) fn radial_keys(f: i64, w: i64, p: i64, tk: i64) -> (i64, i64) {
+    let (tq, s) = (p.div_euclid(f), p.rem_euclid(f));
+    let ww = radial_window(w, (tq - tk).abs());
+    (tk * f + (s - ww).max(0), tk * f + (s + ww).min(f - 1))
+}
+
 fn ceil_div(a: i64, b: i64) -> i64 {
     -((-a).div_euclid(b))
 }
@@ -237,6 +269,21 @@ impl Compiler<'_> {
                 }
             }
             MaskExpr::Document => Atom::Document,
+            MaskExpr::Power(b) => {
+                if *b == 0 {
+                    return Err(zero("the block size"));
+                }
+                Atom::Power(cap(*b))
+            }
+            MaskExpr::Radial { frame, window } => {
+                if *frame == 0 {
+                    return Err(zero("the frame size"));
+                }
+                Atom::Radial {
+                    f: cap(*frame),
+                    w: cap(*window),
+                }
+            }
             MaskExpr::Neighborhood {
                 grid,
                 kernel,
@@ -507,6 +554,12 @@ impl BoundMask {
                 Atom::Below(s) => jj < *s,
                 Atom::Chunk(c) => p.div_euclid(*c) == jj.div_euclid(*c),
                 Atom::Strided { s, .. } => (p - jj).rem_euclid(*s) == 0,
+                Atom::Power(bs) => power_gap(p.div_euclid(*bs) - jj.div_euclid(*bs)),
+                Atom::Radial { f, w } => {
+                    let (tq, tk) = (p.div_euclid(*f), jj.div_euclid(*f));
+                    let ds = (p.rem_euclid(*f) - jj.rem_euclid(*f)).abs();
+                    ds <= radial_window(*w, (tq - tk).abs())
+                }
                 Atom::Document => self
                     .docs
                     .as_ref()
@@ -565,6 +618,34 @@ impl BoundMask {
             Atom::Strided { s, pat } => {
                 for (o, j) in out.iter_mut().zip(words) {
                     *o = periodic(*s, *pat, p, j);
+                }
+            }
+            // The key blocks meeting the word, each whole or not at all.
+            Atom::Power(bs) => {
+                let qb = p.div_euclid(*bs);
+                for (o, j) in out.iter_mut().zip(words) {
+                    let mut m = 0;
+                    let mut kb = j.max(0) / bs;
+                    while kb * bs <= j + 63 {
+                        if power_gap(qb - kb) {
+                            m |= range_mask(kb * bs, kb * bs + bs - 1, j);
+                        }
+                        kb += 1;
+                    }
+                    *o = m;
+                }
+            }
+            // One interval per frame meeting the word.
+            Atom::Radial { f, w } => {
+                for (o, j) in out.iter_mut().zip(words) {
+                    let mut m = 0;
+                    let mut tk = j.max(0) / f;
+                    while tk * f <= j + 63 {
+                        let (lo, hi) = radial_keys(*f, *w, p, tk);
+                        m |= range_mask(lo, hi, j);
+                        tk += 1;
+                    }
+                    *o = m;
                 }
             }
             Atom::Document => {

@@ -12,7 +12,7 @@
 //! 3. Tiles whose class went through such a lossy step are refined with `row_bits` over the rows
 //!    of the tile, so the schedule is exact: a tile is listed iff it holds an allowed pair, and it
 //!    is Full iff all its pairs are allowed.
-use super::bind::{last_word_mask, Atom, Axis, BoundMask, Node};
+use super::bind::{last_word_mask, power_gap, radial_window, Atom, Axis, BoundMask, Node};
 use super::schedule::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::error::Result;
 use rayon::prelude::*;
@@ -297,6 +297,47 @@ impl Builder<'_> {
                             core.clear();
                         }
                     }
+                    // The key blocks at distance 0 or 2^k of each of the tile's query blocks
+                    // (when they are few), else every key; a core only when the tile lies in one
+                    // query block (its rows then share one key set).
+                    Atom::Power(bs) => {
+                        let (qb0, qb1) = (p0.div_euclid(*bs), p1.div_euclid(*bs));
+                        if qb1 - qb0 < 16 {
+                            power_support(*bs, qb0, qb1, sk, &mut sup);
+                            core.clear();
+                            if qb0 == qb1 {
+                                core.extend_from_slice(&sup);
+                            }
+                        } else {
+                            set(&mut sup, 0, sk - 1, sk);
+                            core.clear();
+                        }
+                    }
+                    // A tile inside one frame (spatial indices s0..=s1): per key frame the keys
+                    // some row allows, [s0 - w', s1 + w'], and those every row allows,
+                    // [s1 - w', s0 + w'] (w' that frame distance's half-width); else every key.
+                    Atom::Radial { f, w } => {
+                        let (t0, t1) = (p0.div_euclid(*f), p1.div_euclid(*f));
+                        let frames = (sk - 1) / f + 1;
+                        sup.clear();
+                        core.clear();
+                        if t0 == t1 && frames <= 4096 {
+                            let (s0, s1) = (p0.rem_euclid(*f), p1.rem_euclid(*f));
+                            for tk in 0..frames {
+                                let ww = radial_window(*w, (t0 - tk).abs());
+                                let base = tk * f;
+                                let hi = (base + (s1 + ww).min(f - 1)).min(sk - 1);
+                                push_merge(&mut sup, base + (s0 - ww).max(0), hi);
+                                let (clo, chi) =
+                                    (base + (s1 - ww).max(0), base + (s0 + ww).min(f - 1));
+                                if clo <= chi.min(sk - 1) {
+                                    push_merge(&mut core, clo, chi.min(sk - 1));
+                                }
+                            }
+                        } else {
+                            set(&mut sup, 0, sk - 1, sk);
+                        }
+                    }
                     // Union of the key hulls of the documents of the tile's queries; a core only
                     // when every query is in one contiguous document.
                     Atom::Document => {
@@ -431,6 +472,28 @@ impl Builder<'_> {
                         let (lo, hi) = (p0 - j1, p1 - j0);
                         let none = hi.div_euclid(*s) * s < lo;
                         tri(*s == 1 || (lo == hi && !none), none)
+                    }
+                    // floor(p / B) - floor(j / B) ranges over every integer in
+                    // [qb0 - kb1, qb1 - kb0] (each query and key block of the tile occurs).
+                    Atom::Power(bs) => power_tile(
+                        p0.div_euclid(*bs) - j1.div_euclid(*bs),
+                        p1.div_euclid(*bs) - j0.div_euclid(*bs),
+                    ),
+                    // Inside one query frame and one key frame it is a window on the spatial
+                    // indices; across frames the rows are scanned.
+                    Atom::Radial { f, w } => {
+                        let (t0, u0) = (p0.div_euclid(*f), j0 / f);
+                        if t0 == p1.div_euclid(*f) && u0 == j1 / f {
+                            let ww = radial_window(*w, (t0 - u0).abs());
+                            let (s0, s1) = (p0.rem_euclid(*f), p1.rem_euclid(*f));
+                            let (a, z) = (j0 - u0 * f, j1 - u0 * f);
+                            tri(a >= s1 - ww && z <= s0 + ww, z < s0 - ww || a > s1 + ww)
+                        } else {
+                            let jw0 = k0 as i64;
+                            Self::scan_rows(&mut self.words, q0, q1, k0, k1, |i, w| {
+                                m.atom_words(n, b, i, jw0, w)
+                            })
+                        }
                     }
                     Atom::Document => {
                         let ids = &self.kt.ids[self.kt.off[kt]..self.kt.off[kt + 1]];
@@ -572,6 +635,39 @@ fn nbr_tile(axes: &[Axis], q0: usize, q1: usize, k0: usize, k1: usize) -> Option
         }
     }
     Some(tri(all, !any))
+}
+
+/// The keys of the blocks at distance 0 or 2^k (either direction) of query blocks `qb0..=qb1`
+/// (blocks of `bs` keys, clipped to `[0, sk)`), as sorted disjoint intervals.
+fn power_support(bs: i64, qb0: i64, qb1: i64, sk: i64, out: &mut Ivs) {
+    let blocks = (sk - 1) / bs + 1;
+    let mut kbs = Vec::new();
+    for qb in qb0..=qb1 {
+        kbs.push(qb);
+        let mut d = 1i64;
+        while d <= blocks + qb.abs() {
+            kbs.extend([qb - d, qb + d]);
+            d *= 2;
+        }
+    }
+    kbs.retain(|&kb| (0..blocks).contains(&kb));
+    kbs.sort_unstable();
+    kbs.dedup();
+    out.clear();
+    for kb in kbs {
+        push_merge(out, kb * bs, (kb * bs + bs - 1).min(sk - 1));
+    }
+}
+
+/// Class of `power` on a tile whose block distances are every integer in `[lo, hi]`: Empty when
+/// none is 0 or +-2^k, Full when all are (the allowed distances form the run -2..=2 and
+/// isolated values beyond, so only ranges of at most 5 values can be Full).
+fn power_tile(lo: i64, hi: i64) -> u8 {
+    // A power of two in [a, b], 1 <= a.
+    let pow2_in = |a: i64, b: i64| a <= b && (a as u64).next_power_of_two() <= b as u64;
+    let any = (lo <= 0 && 0 <= hi) || pow2_in(lo.max(1), hi) || pow2_in((-hi).max(1), -lo);
+    let all = hi - lo <= 4 && (lo..=hi).all(power_gap);
+    tri(all, !any)
 }
 
 fn tri(full: bool, empty: bool) -> u8 {

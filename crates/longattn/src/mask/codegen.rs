@@ -33,7 +33,8 @@ fn c32(v: i64) -> i32 {
 }
 
 /// The constants of one atom as the device program reads them (clamped by [`c32`]): `window`
-/// `[l, r]`, `sinks` / `prefix` `[n]`, `chunk` `[c]`, `strided` `[s]`, a neighborhood
+/// `[l, r]`, `sinks` / `prefix` `[n]`, `chunk` `[c]`, `strided` `[s]`, `power` `[b]`, `radial`
+/// `[f, w]`, a neighborhood
 /// `[n, stride, k, d]` per axis (outermost first); none for `full`, `causal`, `document`.
 pub(crate) fn atom_consts(atom: &Atom) -> Vec<i32> {
     match atom {
@@ -42,6 +43,10 @@ pub(crate) fn atom_consts(atom: &Atom) -> Vec<i32> {
         Atom::Below(s) => vec![c32(*s)],
         Atom::Chunk(c) => vec![c32(*c)],
         Atom::Strided { s, .. } => vec![c32(*s)],
+        // A radial window clamped to 2^30 still covers the whole frame at every frame distance
+        // dt of a sequence of L <= 2^29 tokens: 2^r <= dt <= L / F gives 2^30 >> r >= 2F.
+        Atom::Power(b) => vec![c32(*b)],
+        Atom::Radial { f, w } => vec![c32(*f), c32(*w)],
         Atom::Nbr(axes) => axes
             .iter()
             .flat_map(|ax| [ax.n, ax.stride, ax.k, ax.d].map(c32))
@@ -254,6 +259,10 @@ impl BoundMask {
                 Atom::Below(_) => format!("(j < {})", s.get(n, 0)),
                 Atom::Chunk(_) => format!("(la_fdiv(pos, {0}) == la_fdiv(j, {0}))", s.get(n, 0)),
                 Atom::Strided { .. } => format!("(la_emod(pos - j, {}) == 0)", s.get(n, 0)),
+                Atom::Power(_) => format!("la_power(pos, j, {})", s.get(n, 0)),
+                Atom::Radial { .. } => {
+                    format!("la_radial(pos, j, {}, {})", s.get(n, 0), s.get(n, 1))
+                }
                 Atom::Document => "(p.qdoc[(i64)b * p.Sq + i] == p.kdoc[(i64)b * p.Sk + j])".into(),
                 Atom::Nbr(axes) => {
                     let terms: Vec<String> = (0..axes.len())
@@ -284,6 +293,8 @@ impl BoundMask {
                     Atom::Below(_) => "below",
                     Atom::Chunk(_) => "chunk",
                     Atom::Strided { .. } => "strided",
+                    Atom::Power(_) => "power",
+                    Atom::Radial { .. } => "radial",
                     Atom::Nbr(_) => "neighborhood",
                 };
                 let k = atom_consts(atom).len();
@@ -331,6 +342,12 @@ mod tests {
         ("chunk(64)", "chunk(100)"),
         ("causal & chunk(64)", "causal & chunk(7)"),
         ("strided(3)", "strided(17)"),
+        ("power(64)", "power(7)"),
+        (
+            "causal & (window(63,0) | power(64))",
+            "causal & (window(127,0) | power(128))",
+        ),
+        ("radial(16,8)", "radial(1560,1560)"),
         ("neighborhood(5)", "neighborhood(9)"),
         ("neighborhood(5,2)", "neighborhood(3,4)"),
         ("neighborhood2d(16,32,5,7)", "neighborhood2d(32,16,3,9)"),
@@ -712,6 +729,22 @@ mod tests {
                             r
                         }
                     }
+                    // As common.cuh: floor division, then the sign dropped.
+                    ("la_power", &[pos, j, b]) => {
+                        let d = (pos.div_euclid(b) - j.div_euclid(b)).abs();
+                        (d & (d - 1) == 0) as i64
+                    }
+                    ("la_radial", &[pos, j, f, w]) => {
+                        let (tq, tk) = (pos.div_euclid(f), j / f);
+                        let dt = (tq - tk).abs();
+                        let ds = (pos.rem_euclid(f) - j % f).abs();
+                        let r = if dt <= 1 {
+                            0
+                        } else {
+                            31 - (dt as i32).leading_zeros()
+                        };
+                        (ds <= (w as i32 >> r) as i64) as i64
+                    }
                     ("la_nbr_axis", &[i, j, n, stride, k, d]) => {
                         let (cq, ck) = ((i / stride) % n, (j / stride) % n);
                         if cq % d != ck % d {
@@ -777,6 +810,14 @@ mod tests {
             "causal & (sinks(4) | window(7,0))",
             "window(1099511627776,3) & chunk(4294967296)",
             "sinks(1099511627776) & strided(4294967296)",
+            "power(4)",
+            "power(1)",
+            "causal & (sinks(2) | window(3,0) | power(5))",
+            "power(1099511627776)",
+            "radial(8,4)",
+            "radial(5,0)",
+            "radial(7,1099511627776) & !power(3)",
+            "radial(1099511627776,9)",
         ]
         .iter()
         .map(|t| (t.to_string(), rect))

@@ -28,6 +28,17 @@ pub enum MaskExpr {
     Strided(usize),
     /// `q_doc[b, i] == k_doc[b, j]`: packed / varlen documents.
     Document,
+    /// PowerAttention: with blocks of `B` tokens, `d = |floor(p / B) - floor(j / B)|` is 0 or a
+    /// power of two (key blocks at distances 0, 1, 2, 4, 8, ... in either direction).
+    Power(usize),
+    /// Radial Attention on frames of `frame` tokens (frame `t = floor(pos / F)`, spatial index
+    /// `s = pos mod F`): `|s_q - s_k| <= window >> r` with `r = floor(log2 |t_q - t_k|)` for
+    /// frame distances >= 2 and `r = 0` for 0 and 1: the spatial window halves each time the
+    /// temporal distance doubles (once it reaches 0 only the same spatial index remains).
+    Radial {
+        frame: usize,
+        window: usize,
+    },
     /// NATTEN neighborhood attention on a 1-D (`grid` empty), 2-D or 3-D row-major grid.
     Neighborhood {
         /// Grid sizes per axis, outermost first; empty for 1-D (the grid is the sequence).
@@ -126,6 +137,8 @@ impl fmt::Display for MaskExpr {
             MaskExpr::Chunk(c) => write!(f, "chunk({c})"),
             MaskExpr::Strided(s) => write!(f, "strided({s})"),
             MaskExpr::Document => write!(f, "document"),
+            MaskExpr::Power(b) => write!(f, "power({b})"),
+            MaskExpr::Radial { frame, window } => write!(f, "radial({frame},{window})"),
             MaskExpr::Neighborhood {
                 grid,
                 kernel,

@@ -17,8 +17,8 @@ pub const MAX_DEPTH: usize = 200;
 
 /// The atoms, as listed in error messages.
 pub const ATOMS: &str =
-    "full, causal, window(L,R), sinks(S), prefix(P), chunk(C), strided(S), document, \
-neighborhood(K[,D]), neighborhood2d(H,W,KH,KW[,DH,DW]), neighborhood3d(T,H,W,KT,KH,KW[,DT,DH,DW])";
+    "full, causal, window(L,R), sinks(S), prefix(P), chunk(C), strided(S), document, power(B), \
+radial(F,W), neighborhood(K[,D]), neighborhood2d(H,W,KH,KW[,DH,DW]), neighborhood3d(T,H,W,KT,KH,KW[,DT,DH,DW])";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tok<'a> {
@@ -266,6 +266,8 @@ impl<'a> Parser<'a> {
             "prefix" => (1, 1, "(P)"),
             "chunk" => (1, 1, "(C)"),
             "strided" => (1, 1, "(S)"),
+            "power" => (1, 1, "(B)"),
+            "radial" => (2, 2, "(F,W)"),
             "neighborhood" => (1, 2, "(K[,D])"),
             "neighborhood2d" => (4, 6, "(H,W,KH,KW[,DH,DW])"),
             "neighborhood3d" => (6, 9, "(T,H,W,KT,KH,KW[,DT,DH,DW])"),
@@ -287,7 +289,7 @@ impl<'a> Parser<'a> {
         }
         // Arguments that must be >= 1 (a zero would make no sense).
         let positive: &[usize] = match name {
-            "chunk" | "strided" => &[0],
+            "chunk" | "strided" | "power" | "radial" => &[0],
             "neighborhood" => &[0, 1],
             "neighborhood2d" | "neighborhood3d" => &[0, 1, 2, 3, 4, 5, 6, 7, 8],
             _ => &[],
@@ -310,6 +312,11 @@ impl<'a> Parser<'a> {
             "prefix" => MaskExpr::Prefix(v[0]),
             "chunk" => MaskExpr::Chunk(v[0]),
             "strided" => MaskExpr::Strided(v[0]),
+            "power" => MaskExpr::Power(v[0]),
+            "radial" => MaskExpr::Radial {
+                frame: v[0],
+                window: v[1],
+            },
             "neighborhood" => MaskExpr::Neighborhood {
                 grid: vec![],
                 kernel: vec![v[0]],

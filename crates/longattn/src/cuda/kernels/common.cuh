@@ -100,6 +100,25 @@ __device__ __forceinline__ int la_emod(int a, int b) {
     return r < 0 ? r + b : r;
 }
 
+// PowerAttention: the block distance |floor(pos / b) - floor(j / b)| is 0 or a power of two.
+__device__ __forceinline__ bool la_power(int pos, int j, int b) {
+    int d = la_fdiv(pos, b) - la_fdiv(j, b);
+    d = d < 0 ? -d : d;
+    return (d & (d - 1)) == 0;
+}
+
+// Radial Attention: frames of f tokens; spatial indices within w >> floor(log2 dt) of each other
+// at frame distance dt >= 2 (w at 0 and 1).
+__device__ __forceinline__ bool la_radial(int pos, int j, int f, int w) {
+    const int tq = la_fdiv(pos, f), tk = j / f;
+    int dt = tq - tk;
+    dt = dt < 0 ? -dt : dt;
+    int ds = la_emod(pos, f) - j % f;
+    ds = ds < 0 ? -ds : ds;
+    const int r = dt <= 1 ? 0 : 31 - __clz(dt);
+    return ds <= (w >> r);
+}
+
 // One axis of a NATTEN neighborhood: coordinates (t / stride) % n, kernel k, dilation d.
 __device__ __forceinline__ bool la_nbr_axis(int i, int j, int n, int stride, int k, int d) {
     const int cq = (i / stride) % n, ck = (j / stride) % n;
