@@ -114,24 +114,37 @@ pub fn main(a: Args) -> Result<()> {
         inputs.k.view("k")?,
         inputs.v.view("v")?,
     );
-    // An explicit block mask in the file: a schedule of Full tiles (attend whole tiles).
+    // An explicit block mask in the file: whole tiles, or with --mask other than `full` a gate
+    // over the mask (`mask & block_mask`: kept tiles keep the mask's pairs).
+    let gated = *mask.expr() != longattn::mask::MaskExpr::Full;
     let blocks = match &inputs.block_mask {
         None => None,
-        Some(_) if a.mask.trim() != "full" => bail!(
-            "{}: the file holds a `block_mask`; it cannot be combined with --mask `{}` (leave --mask at `full`)",
-            a.input.display(),
-            a.mask
-        ),
         Some((bytes, shape)) => Some(
-            BlockSchedule::from_block_mask(bytes, *shape, a.block_tile, a.block_tile, dims.sq, dims.sk)
-                .with_context(|| format!("{}: tensor `block_mask` with --block-tile {}", a.input.display(), a.block_tile))?,
+            match gated {
+                false => BlockSchedule::from_block_mask(
+                    bytes,
+                    *shape,
+                    a.block_tile,
+                    a.block_tile,
+                    dims.sq,
+                    dims.sk,
+                ),
+                true => mask
+                    .schedule(a.block_tile, a.block_tile)
+                    .and_then(|s| s.gated(bytes, *shape)),
+            }
+            .with_context(|| {
+                format!(
+                    "{}: tensor `block_mask` with --block-tile {}",
+                    a.input.display(),
+                    a.block_tile
+                )
+            })?,
         ),
     };
+    let rows = gated.then_some(&mask as &dyn longattn::mask::RowMask);
     let spec = match &blocks {
-        Some(schedule) => longattn::MaskSpec::Schedule {
-            schedule,
-            rows: None,
-        },
+        Some(schedule) => longattn::MaskSpec::Schedule { schedule, rows },
         None => longattn::MaskSpec::Expr(&mask),
     };
     let dout = match a.backward {
@@ -173,6 +186,7 @@ pub fn main(a: Args) -> Result<()> {
             table,
             tile_q: a.block_tile,
             tile_k: a.block_tile,
+            under: gated.then(|| mask.expr()),
         },
         None => longattn::api::MaskArg::Expr(mask.expr()),
     };
@@ -248,12 +262,13 @@ pub fn main(a: Args) -> Result<()> {
             )?;
         }
     }
-    // Useful pairs: the expression's, or the block mask's (whole tiles, every head).
+    // Useful pairs: the expression's, or the block mask's (whole tiles, or the mask's pairs
+    // inside the kept tiles; mean over heads).
     let pairs: u64 = match &blocks {
         Some(s) => {
             (0..dims.batch)
                 .flat_map(|b| (0..dims.hq).map(move |h| (b, h)))
-                .map(|(b, h)| s.scheduled_pairs(b, h) as u64)
+                .map(|(b, h)| s.allowed_pairs(b, h, rows))
                 .sum::<u64>()
                 / dims.hq as u64
         }
@@ -272,6 +287,11 @@ pub fn main(a: Args) -> Result<()> {
         dims.dv,
         inputs.dtype(),
         match &inputs.block_mask {
+            Some((_, shape)) if gated => format!(
+                "`{}` & block_mask {shape:?} of {1}x{1} tiles",
+                mask.expr(),
+                a.block_tile
+            ),
             Some((_, shape)) => format!("block_mask {shape:?} of {0}x{0} tiles", a.block_tile),
             None => format!("`{}`", mask.expr()),
         },

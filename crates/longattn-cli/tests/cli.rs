@@ -384,15 +384,35 @@ fn run_with_a_block_mask_matches_the_oracle() {
     .unwrap();
     let (eo, el) = longattn::testing::compare(&out, &lse, &r);
     assert!(eo <= 1e-5 && el <= 1e-4, "out {eo}, lse {el}");
-    // A wrong tile size gives a clear error naming the block mask, and so does an expression.
+    // A wrong tile size gives a clear error naming the block mask.
     fails_with(
         run_args(&input, &output, &["--block-tile", "8", "--force"]),
         "block_mask",
     );
-    fails_with(
-        run_args(&input, &output, &["--mask", "causal", "--force"]),
-        "cannot be combined",
+    // With an expression the block mask gates it (an external gate): `causal & blocks`, the
+    // causal diagonal tiles exact.
+    let o = run_args(
+        &input,
+        &output,
+        &["--block-tile", "16", "--mask", "causal", "--force"],
     );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("`causal` & block_mask"),
+        "{}",
+        stderr(&o)
+    );
+    let (out, lse, _) = read_outputs(&output).unwrap();
+    let r = attention_f64(
+        &x.q.view("q").unwrap(),
+        &x.k.view("k").unwrap(),
+        &x.v.view("v").unwrap(),
+        &AttnParams::default(),
+        &|_, h, i, j| j <= i && allowed(h, i, j),
+    )
+    .unwrap();
+    let (eo, el) = longattn::testing::compare(&out, &lse, &r);
+    assert!(eo <= 1e-5 && el <= 1e-4, "gated: out {eo}, lse {el}");
 }
 
 /// `run --sparse`: the output holds the selected `block_mask` (0 / 1 / 2) and tile sizes, and

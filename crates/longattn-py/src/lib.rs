@@ -206,11 +206,6 @@ impl Inputs {
         let blocks = opt_raw(block_mask, "block_mask")?;
         let expr = mask.map(mask_expr).transpose()?;
         if blocks.is_some() {
-            if expr.is_some() {
-                return Err(PyValueError::new_err(
-                    "pass either a mask expression or `block_mask`, not both",
-                ));
-            }
             if block_q == 0 || block_k == 0 {
                 return Err(PyValueError::new_err(format!(
                     "`block_mask` needs tile sizes >= 1, got ({block_q}, {block_k})"
@@ -236,14 +231,16 @@ impl Inputs {
             q: self.q,
             k: self.k,
             v: self.v,
-            // An expression, an explicit block table (never both: `read`), or every pair.
+            // An expression, an explicit block table (gating the expression when both are
+            // given), or every pair.
             mask: match (&self.expr, self.blocks) {
-                (Some(e), _) => MaskArg::Expr(e),
-                (None, Some(table)) => MaskArg::Blocks {
+                (e, Some(table)) => MaskArg::Blocks {
                     table,
                     tile_q: self.block_q,
                     tile_k: self.block_k,
+                    under: e.as_deref(),
                 },
+                (Some(e), None) => MaskArg::Expr(e),
                 (None, None) => MaskArg::Full,
             },
             q_doc: self.q_doc,

@@ -253,8 +253,8 @@ def ref_attention(q, k, v, mask="causal", *, scale=None, softcap=None, q_doc=Non
                   allowed: Optional[torch.Tensor] = None, row_chunk: int = 1024):
     """Reference attention in float64.
 
-    q [B,Sq,Hq,D], k [B,Sk,Hk,D], v [B,Sk,Hk,Dv]. ``allowed`` (bool [B or 1, Sq, Sk]) overrides
-    ``mask``. Returns (out [B,Sq,Hq,Dv] float64, lse [B,Hq,Sq] float64). Scaled logits
+    q [B,Sq,Hq,D], k [B,Sk,Hk,D], v [B,Sk,Hk,Dv]. ``allowed`` (bool [B or 1, Sq, Sk], or per
+    head [B or 1, Hq, Sq, Sk]) overrides ``mask``. Returns (out [B,Sq,Hq,Dv] float64, lse [B,Hq,Sq] float64). Scaled logits
     s = scale * q.k; with softcap c, s -> c * tanh(s / c). Empty rows: out 0, lse -inf.
     Differentiable (grads of empty rows are 0). Query rows are processed in chunks of
     ``row_chunk`` to bound memory on long sequences.
@@ -269,7 +269,8 @@ def ref_attention(q, k, v, mask="causal", *, scale=None, softcap=None, q_doc=Non
     v64 = _expand_kv_heads(v.to(torch.float64), Hq)
     if allowed is None:
         allowed = allowed_matrix(mask, B, Sq, Sk, q_doc, k_doc)
-    allowed = allowed.to(dev).expand(B, Sq, Sk)
+    per_head = allowed.dim() == 4
+    allowed = allowed.to(dev).expand(B, Hq, Sq, Sk) if per_head else allowed.to(dev).expand(B, Sq, Sk)
     if Sq == 0:
         return (q64.new_zeros(B, 0, Hq, v.shape[-1]),
                 q64.new_zeros(B, Hq, 0))
@@ -287,7 +288,7 @@ def ref_attention(q, k, v, mask="causal", *, scale=None, softcap=None, q_doc=Non
         s = torch.matmul(qh[:, :, r0:r1], kh.transpose(-1, -2)) * scale  # [B,H,r,Sk]
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        ok = allowed[:, None, r0:r1, :]
+        ok = allowed[:, :, r0:r1, :] if per_head else allowed[:, None, r0:r1, :]
         s = s.masked_fill(~ok, float("-inf"))
         # Constant shift for stability (softmax and lse are invariant to it): no gradient.
         m = s.detach().amax(dim=-1, keepdim=True)

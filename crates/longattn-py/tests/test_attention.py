@@ -552,3 +552,43 @@ def test_block_mask(device, sq, sk, tq, tk):
     with pytest.raises(ValueError, match="block_mask"):
         wrong = torch.cat([table, table[..., :1]], -1)  # one key tile too many
         longattn.attention(q, k, v, longattn.BlockMask(wrong.to(device), (tq, tk)))
+
+
+@pytest.mark.parametrize("under,sq,sk,tq,tk", [("causal", 113, 113, 32, 16),
+                                                ("causal & (sinks(2) | window(30,0))", 65, 130, 16, 64),
+                                                ("causal & document", 70, 70, 8, 8)])
+def test_block_mask_gates_a_mask(device, under, sq, sk, tq, tk):
+    """A per-(batch, head) block map gating a mask expression (an external gate): forward and
+    gradients against the reference of ``under & table`` (the mask exact inside kept tiles); on
+    CUDA the combination is refused by name."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    b, hq = 2, 4
+    q, k, v = make_qkv(device, dtype, b, sq, sk, hq, 2, 32, requires_grad=True)
+    gen = torch.Generator().manual_seed(sq * 7 + sk)
+    nq, nk = -(-sq // tq), -(-sk // tk)
+    table = (torch.rand(b, hq, nq, nk, generator=gen) > 0.5).to(torch.uint8)
+    q_doc = k_doc = None
+    if "document" in under:
+        q_doc = (torch.arange(sq) // 23).to(torch.int32).expand(b, sq).contiguous()
+        k_doc = (torch.arange(sk) // 23).to(torch.int32).expand(b, sk).contiguous()
+    gate = longattn.BlockMask(table.to(device), (tq, tk), under=under)
+    assert "under=" in repr(gate)
+    docs = {} if q_doc is None else {"q_doc": q_doc.to(device), "k_doc": k_doc.to(device)}
+    if device != "cpu":
+        with pytest.raises((ValueError, RuntimeError), match="external gate"):
+            longattn.attention(q, k, v, gate, **docs)
+        return
+    i = torch.arange(sq)[:, None] // tq
+    j = torch.arange(sk)[None] // tk
+    allowed = allowed_matrix(under, b, sq, sk, q_doc, k_doc)[:, None] & table[:, :, i, j].bool()
+    out, lse = longattn.attention(q, k, v, gate, return_lse=True, **docs)
+    l64 = [leaf64(x) for x in (q, k, v)]
+    ro, rl = ref_attention(*l64, None, allowed=allowed)
+    assert_close(out, ro, dtype)
+    dout = randn(*out.shape, dtype=dtype, device=device)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    r = torch.autograd.grad(ro, l64, dout.cpu().double())
+    for a, bb, n in zip(g, r, "qkv"):
+        assert_grad_close(a, bb, dtype, "d" + n + " (gate)")
+    with pytest.raises(TypeError, match="under"):
+        longattn.BlockMask(table, (tq, tk), under=3)

@@ -153,6 +153,7 @@ fn documents_and_block_tables_through_the_entry_point() {
             table: t,
             tile_q: tq,
             tile_k: tk,
+            under: None,
         },
         None,
     );
@@ -180,12 +181,108 @@ fn documents_and_block_tables_through_the_entry_point() {
             table: bad,
             tile_q: tq,
             tile_k: tk,
+            under: None,
         },
         None,
         &params,
     )
     .unwrap_err();
     assert!(e.to_string().contains("block_mask"), "{e}");
+}
+
+/// An external gate (a per-(batch, head) block map, SeerAttention-style) under a mask
+/// expression: the pairs `mask & table` attend, the mask exact inside kept tiles (causal
+/// diagonals, document boundaries), against the oracle; Sq != Sk, GQA, tiles that do not divide
+/// the lengths, and a gate shared by the batch; on a CUDA tensor the combination is refused by
+/// name.
+#[test]
+fn gates_under_a_mask_expression_match_the_oracle() {
+    let params = AttnParams::default();
+    for (n, (sq, sk, bn, hq, hk, tq, tk, text)) in [
+        (113, 113, 2, 4, 2, 32, 16, "causal"),
+        (
+            65,
+            130,
+            1,
+            2,
+            1,
+            16,
+            64,
+            "causal & (sinks(3) | window(40,0))",
+        ),
+        (70, 70, 2, 2, 2, 8, 8, "causal & document"),
+        (1, 63, 2, 4, 1, 1, 16, "causal"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 40 + 4 * n as u64;
+        let q = random_tensor(DType::F32, &[bn, sq, hq, 16], 1.0, seed);
+        let k = random_tensor(DType::F32, &[bn, sk, hk, 16], 1.0, seed + 1);
+        let v = random_tensor(DType::F32, &[bn, sk, hk, 16], 1.0, seed + 2);
+        let (qv, kv, vv) = (
+            q.view("q").unwrap(),
+            k.view("k").unwrap(),
+            v.view("v").unwrap(),
+        );
+        let docs = DocIds {
+            q: (0..bn * sq).map(|i| ((i % sq) / 23) as i32).collect(),
+            k: (0..bn * sk).map(|j| ((j % sk) / 23) as i32).collect(),
+        };
+        let expr = MaskExpr::parse(text).unwrap();
+        let bound = expr
+            .bind(MaskShape { batch: bn, sq, sk }, Some(docs.clone()))
+            .unwrap();
+        let (nq, nk) = (sq.div_ceil(tq), sk.div_ceil(tk));
+        // Per (batch, head) except the last case (batch shared: [1, Hq, ...]).
+        let tb = if n == 3 { 1 } else { bn };
+        let table: Vec<u8> = (0..tb * hq * nq * nk)
+            .map(|i| ((i * 7 + n) % 5 < 2) as u8)
+            .collect();
+        let t = RawTensor::contiguous(
+            table.as_ptr() as u64,
+            RawDType::U8,
+            &[tb, hq, nq, nk],
+            Device::Cpu,
+        );
+        let gate = MaskArg::Blocks {
+            table: t,
+            tile_q: tq,
+            tile_k: tk,
+            under: Some(&expr),
+        };
+        let got = api::forward_host(&qv, &kv, &vv, gate, Some(&docs), &params).unwrap();
+        let r = attention_f64(&qv, &kv, &vv, &params, &|b, h, i, j| {
+            let bb = if tb == 1 { 0 } else { b };
+            bound.allowed(b, i, j) && table[((bb * hq + h) * nq + i / tq) * nk + j / tk] != 0
+        })
+        .unwrap();
+        let (eo, el) = compare(&got.out, &got.lse, &r);
+        assert!(
+            eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
+            "`{text}` & gate: out {eo:e} lse {el:e}"
+        );
+        // The same call with CUDA tensors is refused by name before any device work (the
+        // pointers are never read).
+        if n == 0 {
+            let cuda = |shape: &[usize]| {
+                RawTensor::contiguous(8, RawDType::Float(DType::F32), shape, Device::Cuda(0))
+            };
+            let a = AttnArgs {
+                q: cuda(&[bn, sq, hq, 16]),
+                k: cuda(&[bn, sk, hk, 16]),
+                v: cuda(&[bn, sk, hk, 16]),
+                mask: gate,
+                q_doc: None,
+                k_doc: None,
+                params: &params,
+            };
+            // SAFETY: refused before any tensor is touched.
+            let e = unsafe { api::forward(&a, &cuda(&[bn, sq, hq, 16]), &cuda(&[bn, hq, sq]), 0) }
+                .unwrap_err();
+            assert!(e.to_string().contains("external gate"), "{e}");
+        }
+    }
 }
 
 /// Decode through the entry point over a contiguous cache (ragged lengths, a zero length) and a

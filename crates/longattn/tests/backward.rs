@@ -344,6 +344,39 @@ fn gqa_mqa_dv_softcap_batch() {
     }
 }
 
+/// A block map gating a mask expression (`BlockSchedule::gated`: an external gate, per head):
+/// the backward through that schedule with the expression as its row mask matches the oracle of
+/// `mask & gate`, so gate distillation and sparse fine-tuning train through it.
+#[test]
+fn gated_schedules_through_the_backward() {
+    let (batch, hq, sq, sk) = (2, 2, 150, 170);
+    let b = bind("causal & (sinks(4) | window(60,0))", batch, sq, sk, None);
+    let (tq, tk) = (32, 48);
+    let (nq, nk) = (sq.div_ceil(tq), sk.div_ceil(tk));
+    let table: Vec<u8> = (0..batch * hq * nq * nk)
+        .map(|i| ((i * 11) % 7 < 4) as u8)
+        .collect();
+    let s = b
+        .schedule(tq, tk)
+        .unwrap()
+        .gated(&table, [batch, hq, nq, nk])
+        .unwrap();
+    assert_eq!((s.batch, s.heads), (batch, hq));
+    for dt in [DType::F32, DType::BF16] {
+        let mut c = Case::new(sq, sk, dt);
+        (c.batch, c.hq, c.hk, c.seed) = (batch, hq, 1, 91);
+        let rows = Some(&b as &dyn longattn::mask::RowMask);
+        check(
+            &c,
+            &Mask::Schedule(&s, rows),
+            &|bb, h, i, j| {
+                b.allowed(bb, i, j) && table[((bb * hq + h) * nq + i / tq) * nk + j / tk] != 0
+            },
+            ALL,
+        );
+    }
+}
+
 #[test]
 fn masks_through_the_schedule() {
     let (batch, n) = (2, 200);

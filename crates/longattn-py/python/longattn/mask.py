@@ -13,8 +13,9 @@ class Mask:
 
     Atoms (query row ``i``, key ``j``, aligned query position ``pos = i + Sk - Sq``):
     ``full``, ``causal`` (j <= pos), ``window(l, r)`` (pos - l <= j <= pos + r), ``sinks(n)`` /
-    ``prefix(n)`` (j < n), ``chunk(c)``, ``document`` (``q_doc[b, i] == k_doc[b, j]``),
-    ``neighborhood2d(...)``, combined with ``&``, ``|``, ``!`` (see docs/MASKS.md).
+    ``prefix(n)`` (j < n), ``chunk(c)``, ``strided(s)``, ``power(b)`` (key blocks at distance 0
+    or 2^k), ``radial(f, w)`` (frames of f tokens, a spatial window halving with frame distance),
+    ``document`` (``q_doc[b, i] == k_doc[b, j]``), ``neighborhood2d(...)``, combined with ``&``, ``|``, ``!`` (see docs/MASKS.md).
     """
 
     __slots__ = ("expr",)
@@ -52,11 +53,16 @@ class BlockMask:
     """An explicit block mask: ``table`` uint8 / bool ``[B or 1, H or 1, ceil(Sq / block_q),
     ceil(Sk / block_k)]`` (nonzero: the whole tile of ``block_q`` queries x ``block_k`` keys
     attends). The schedule is built from it per call shape (on CUDA the table is read to the host:
-    one synchronisation per new table) and cached."""
+    one synchronisation per new table) and cached.
 
-    __slots__ = ("table", "block_q", "block_k")
+    ``under`` (a mask expression or :class:`Mask`): the table gates that mask instead of
+    attending whole tiles, e.g. a learned gate's block map (SeerAttention-style) over ``causal``:
+    the pairs ``under & table`` attend, the mask exact inside the kept tiles (causal diagonals,
+    document boundaries with ``q_doc`` / ``k_doc``). Forward and backward; CPU only for now."""
 
-    def __init__(self, table, block_size=(128, 128)):
+    __slots__ = ("table", "block_q", "block_k", "under")
+
+    def __init__(self, table, block_size=(128, 128), under=None):
         import torch
 
         if not isinstance(table, torch.Tensor) or table.dtype not in (torch.uint8, torch.bool):
@@ -71,15 +77,21 @@ class BlockMask:
             raise ValueError(f"BlockMask: `block_size` must be >= 1, got {block_size!r}")
         self.table = table.contiguous()
         self.block_q, self.block_k = int(bq), int(bk)
+        if under is not None and not isinstance(under, (str, Mask)):
+            raise TypeError(
+                f"BlockMask: `under` must be a mask expression string or a longattn.Mask, got {type(under).__name__}"
+            )
+        self.under = None if under is None else Mask(under).expr
 
     def __repr__(self) -> str:
+        under = "" if self.under is None else f", under={self.under!r}"
         return (f"longattn.BlockMask(table {tuple(self.table.shape)}, "
-                f"block_size=({self.block_q}, {self.block_k}))")
+                f"block_size=({self.block_q}, {self.block_k}){under})")
 
 
 def mask_args(mask):
     """(expression text or None, block table or None, block_q, block_k) of a mask argument
-    (None means every pair attends)."""
+    (None means every pair attends; a table with an expression: the table gates it)."""
     if mask is None:
         return None, None, 0, 0
     if isinstance(mask, Mask):
@@ -87,7 +99,7 @@ def mask_args(mask):
     if isinstance(mask, str):
         return mask, None, 0, 0
     if isinstance(mask, BlockMask):
-        return None, mask.table, mask.block_q, mask.block_k
+        return mask.under, mask.table, mask.block_q, mask.block_k
     raise TypeError(
         "`mask` must be a mask expression string, a longattn.Mask, a longattn.BlockMask or None, "
         f"got {type(mask).__name__}"

@@ -250,11 +250,14 @@ pub enum MaskArg<'a> {
     Full,
     Expr(&'a MaskExpr),
     /// An explicit block mask: `table` uint8 / bool `[B or 1, H or 1, q_tiles, k_tiles]`
-    /// (contiguous; nonzero = attend the whole tile of `tile_q` queries x `tile_k` keys).
+    /// (contiguous; nonzero = attend the whole tile of `tile_q` queries x `tile_k` keys). With
+    /// `under`, the table gates that mask expression (an external gate, SeerAttention-style):
+    /// the pairs attend that `under` allows inside the kept tiles, `under & table` (CPU only).
     Blocks {
         table: RawTensor,
         tile_q: usize,
         tile_k: usize,
+        under: Option<&'a MaskExpr>,
     },
     /// A mask the caller resolved already (a bound expression, or a schedule with an optional
     /// row mask for its Partial tiles, as the paged KV cache builds per page run): CPU only.
@@ -365,9 +368,10 @@ impl MaskData {
     /// A hash of the data (part of the CUDA plan key).
     fn key(&self) -> u64 {
         match (&self.docs, &self.blocks) {
-            (Some(d), _) => hash_of(&(&d.q, &d.k)),
-            (_, Some(b)) => hash_of(b),
-            _ => 0,
+            (Some(d), Some(b)) => hash_of(&(&d.q, &d.k, b)),
+            (Some(d), None) => hash_of(&(&d.q, &d.k)),
+            (None, Some(b)) => hash_of(b),
+            (None, None) => 0,
         }
     }
 }
@@ -378,10 +382,12 @@ fn mask_data(
     dims: &Dims,
     stream: StreamHandle,
 ) -> Result<MaskData> {
+    let mut blocks = None;
     if let MaskArg::Blocks {
         table,
         tile_q,
         tile_k,
+        ..
     } = a.mask
     {
         table.expect_dtype(op, "block_mask", RawDType::U8)?;
@@ -412,14 +418,11 @@ fn mask_data(
             },
             Device::Cuda(ord) => cuda_route::read::<u8>(ord, &table, stream)?,
         };
-        return Ok(MaskData {
-            docs: None,
-            blocks: Some(bytes),
-        });
+        blocks = Some(bytes);
     }
-    let uses = matches!(a.mask, MaskArg::Expr(e) if e.uses_documents());
+    let uses = matches!(a.mask, MaskArg::Expr(e) | MaskArg::Blocks { under: Some(e), .. } if e.uses_documents());
     match (a.q_doc, a.k_doc, uses) {
-        (_, _, false) => Ok(MaskData::default()),
+        (_, _, false) => Ok(MaskData { docs: None, blocks }),
         (Some(qd), Some(kd), true) => {
             let mut ids = Vec::with_capacity(2);
             for (name, t, s) in [("q_doc", qd, dims.sq), ("k_doc", kd, dims.sk)] {
@@ -432,7 +435,7 @@ fn mask_data(
             let q = ids.pop().unwrap();
             Ok(MaskData {
                 docs: Some(DocIds { q, k }),
-                blocks: None,
+                blocks,
             })
         }
         _ => Err(Error::Param {
@@ -469,27 +472,49 @@ enum Resolved<'a> {
     Full,
     Bound(crate::mask::BoundMask),
     Blocks(crate::mask::BlockSchedule),
+    /// A block table under an expression: the expression's schedule at the table's tiles, gated.
+    Gated(crate::mask::BoundMask, crate::mask::BlockSchedule),
     Prepared(MaskSpec<'a>),
 }
 
+fn is_gated(a: &AttnArgs) -> bool {
+    matches!(a.mask, MaskArg::Blocks { under: Some(_), .. })
+}
+
+fn gated_on_cuda() -> Error {
+    Error::Param {
+        op: FWD,
+        msg: "a block mask under a mask expression (an external gate) runs on the CPU only; on CUDA pass the block mask alone or the expression alone".into(),
+    }
+}
+
 fn bind<'a>(a: &AttnArgs<'a>, dims: &Dims, data: MaskData) -> Result<Resolved<'a>> {
+    let shape = MaskShape {
+        batch: dims.batch,
+        sq: dims.sq,
+        sk: dims.sk,
+    };
     match a.mask {
         MaskArg::Prepared(s) => Ok(Resolved::Prepared(s)),
         MaskArg::Full => Ok(Resolved::Full),
-        MaskArg::Expr(e) => e
-            .bind(
-                MaskShape {
-                    batch: dims.batch,
-                    sq: dims.sq,
-                    sk: dims.sk,
-                },
-                data.docs,
-            )
-            .map(Resolved::Bound),
+        MaskArg::Expr(e) => e.bind(shape, data.docs).map(Resolved::Bound),
         MaskArg::Blocks {
             table,
             tile_q,
             tile_k,
+            under: Some(e),
+        } => {
+            let bound = e.bind(shape, data.docs)?;
+            let gated = bound
+                .schedule(tile_q, tile_k)?
+                .gated(&data.blocks.unwrap_or_default(), table.shape)?;
+            Ok(Resolved::Gated(bound, gated))
+        }
+        MaskArg::Blocks {
+            table,
+            tile_q,
+            tile_k,
+            under: None,
         } => {
             let bytes = data.blocks.unwrap_or_default();
             crate::mask::BlockSchedule::from_block_mask(
@@ -513,6 +538,10 @@ fn spec<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
         Resolved::Blocks(s) => MaskSpec::Schedule {
             schedule: s,
             rows: None,
+        },
+        Resolved::Gated(b, s) => MaskSpec::Schedule {
+            schedule: s,
+            rows: Some(b),
         },
     }
 }
@@ -659,6 +688,7 @@ pub unsafe fn forward(
             Ok(())
         }
         Device::Cuda(_) if matches!(a.mask, MaskArg::Prepared(_)) => Err(prepared_on_cuda()),
+        Device::Cuda(_) if is_gated(a) => Err(gated_on_cuda()),
         Device::Cuda(ord) => cuda_route::forward(ord, a, &dims, dt, out, lse, stream),
     }
 }
@@ -856,6 +886,7 @@ pub unsafe fn backward(
             }
             Ok(())
         }
+        Device::Cuda(_) if is_gated(a) => Err(gated_on_cuda()),
         Device::Cuda(ord) => {
             cuda_route::backward(ord, a, &dims, dt, [out, lse, dout, dq, dk, dv], bwd, stream)
         }
@@ -1244,7 +1275,11 @@ mod cuda_route {
                     table,
                     tile_q,
                     tile_k,
-                } => Some(format!("blocks {tile_q}x{tile_k} {:?}", table.shape)),
+                    under,
+                } => Some(format!(
+                    "blocks {tile_q}x{tile_k} {:?} under {under:?}",
+                    table.shape
+                )),
                 // Refused before the CUDA route (`prepared_on_cuda`).
                 MaskArg::Prepared(_) => Some("prepared".into()),
             },

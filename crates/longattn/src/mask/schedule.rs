@@ -184,7 +184,8 @@ impl BlockSchedule {
     }
 
     /// An explicit block mask: `mask` is a u8 tensor of shape `[batch, heads, q_tiles, k_tiles]`
-    /// (batch or heads may be 1 = shared), nonzero = attend the whole tile.
+    /// (batch or heads may be 1 = shared), nonzero = attend the whole tile: the all-Full
+    /// schedule [`gated`](Self::gated) by it.
     pub fn from_block_mask(
         mask: &[u8],
         shape: [usize; 4],
@@ -193,30 +194,62 @@ impl BlockSchedule {
         sq: usize,
         sk: usize,
     ) -> Result<Self> {
-        let mut s = Self::empty(tile_q, tile_k, sq, sk, shape[0], shape[1])?;
-        if shape[2] != s.q_tiles || shape[3] != s.k_tiles {
+        Self::full(tile_q, tile_k, sq, sk)?.gated(mask, shape)
+    }
+
+    /// This schedule (a mask's, at the block map's tiles) under a caller's block map, e.g. a
+    /// learned gate's (SeerAttention-style): `mask` u8 `[batch, heads, q_tiles, k_tiles]`
+    /// (batch or heads 1 = shared), nonzero = keep. A kept tile keeps its entry (Full, or Partial
+    /// with the mask's row bits), so the result is `mask & blocks`, exact for the mask part;
+    /// batch and heads are the map's or this schedule's, whichever is not 1.
+    pub fn gated(&self, mask: &[u8], shape: [usize; 4]) -> Result<Self> {
+        let [mb, mh, mq, mk] = shape;
+        let fits = |m: usize, s: usize| m == s || m == 1 || s == 1;
+        if mq != self.q_tiles
+            || mk != self.k_tiles
+            || !fits(mb, self.batch)
+            || !fits(mh, self.heads)
+        {
             return Err(Error::Schedule(format!(
-                "block mask has shape {shape:?}, expected [batch, heads, {}, {}] for sq {sq} / tile {tile_q} and sk {sk} / tile {tile_k}",
-                s.q_tiles, s.k_tiles
+                "block mask has shape {shape:?}, expected [batch, heads, {}, {}] for sq {} / tile {} and sk {} / tile {}{}",
+                self.q_tiles,
+                self.k_tiles,
+                self.sq,
+                self.tile_q,
+                self.sk,
+                self.tile_k,
+                if self.batch > 1 {
+                    format!(" (batch 1 or {})", self.batch)
+                } else {
+                    String::new()
+                }
             )));
         }
-        let n: usize = shape.iter().product();
-        if mask.len() != n {
+        let n = shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+        if n != Some(mask.len()) {
             return Err(Error::Schedule(format!(
-                "block mask holds {} bytes, its shape {shape:?} needs {n}",
-                mask.len()
+                "block mask holds {} bytes, its shape {shape:?} needs {}",
+                mask.len(),
+                n.map_or("more than usize::MAX".to_string(), |n| n.to_string())
             )));
         }
-        let kt = s.k_tiles;
-        for r in 0..shape[0] * shape[1] * shape[2] {
-            let row: Vec<TileEntry> = (0..kt)
-                .filter(|&k| mask[r * kt + k] != 0)
-                .map(|k| TileEntry {
-                    k_tile: k as u32,
-                    kind: TileKind::Full,
-                })
-                .collect();
-            s.push_row(&row)?;
+        let (batch, heads) = (mb.max(self.batch), mh.max(self.heads));
+        let mut s = Self::empty(self.tile_q, self.tile_k, self.sq, self.sk, batch, heads)?;
+        s.reserve(self.entries.len() * (batch * heads) / (self.batch * self.heads));
+        for b in 0..batch {
+            for h in 0..heads {
+                let (bb, hh) = (if mb == 1 { 0 } else { b }, if mh == 1 { 0 } else { h });
+                for qt in 0..self.q_tiles {
+                    let keep = &mask[((bb * mh + hh) * mq + qt) * mk..][..mk];
+                    s.push_row_with(|out| {
+                        out.extend(
+                            self.row(b, h, qt)
+                                .iter()
+                                .filter(|e| keep[e.k_tile as usize] != 0),
+                        )
+                    })?;
+                }
+            }
         }
         s.finish()
     }
