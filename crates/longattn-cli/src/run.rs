@@ -73,6 +73,12 @@ pub struct Args {
     /// made per document (CPU; the CUDA estimator refuses document ids).
     #[arg(long, conflicts_with = "linear")]
     sparse: Option<String>,
+    /// Also write the block-pooled attention map of the forward at BLOCK x BLOCK (a multiple of
+    /// 64; CPU): `map_mass` (f32 [B, Hq, query blocks, key blocks], the mean over a block's rows
+    /// of their probability mass in the key block) and `map_max` (the largest probability in
+    /// the block): SeerAttention's training target, a sparse estimator's ground truth.
+    #[arg(long, value_name = "BLOCK", conflicts_with_all = ["linear", "sparse"])]
+    attention_map: Option<usize>,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -191,7 +197,21 @@ pub fn main(a: Args) -> Result<()> {
         None => longattn::api::MaskArg::Expr(mask.expr()),
     };
     let pool = pool(a.threads)?;
+    let mut map = None;
     let (out, secs, engine) = match a.backend.as_str() {
+        "cpu" if a.attention_map.is_some() => {
+            // The map needs the kernel's own probabilities: the forward with the resolved mask.
+            let t0 = Instant::now();
+            let block = a.attention_map.unwrap_or_default();
+            let (out, m) =
+                pool.install(|| longattn::forward_with_map(&q, &k, &v, &params, spec, block))?;
+            map = Some(m);
+            let engine = format!("{} threads", pool.current_num_threads());
+            (out, t0.elapsed().as_secs_f64(), engine)
+        }
+        "cuda" if a.attention_map.is_some() => {
+            bail!("--attention-map runs with --backend cpu (the CUDA kernels do not emit the map yet)")
+        }
         "cpu" => {
             let t0 = Instant::now();
             // Mask expressions go through the one entry point (`longattn::api`), as the Python
@@ -229,8 +249,20 @@ pub fn main(a: Args) -> Result<()> {
         other => bail!("--backend {other}: expected `cpu` or `cuda`"),
     };
     let lse_shape = [dims.batch, dims.hq, dims.sq];
+    let map_shape = map
+        .as_ref()
+        .map(|m| vec![m.batch, m.heads, m.q_blocks, m.k_blocks]);
+    let extra: Vec<(&str, Vec<usize>, longattn::io::Extra)> = match (&map, map_shape) {
+        (Some(m), Some(shape)) => vec![
+            ("map_mass", shape.clone(), longattn::io::Extra::F32(&m.mass)),
+            ("map_max", shape, longattn::io::Extra::F32(&m.max)),
+        ],
+        _ => Vec::new(),
+    };
     match &dout {
-        None => longattn::io::write_outputs(&a.output, &out.out, &out.lse, lse_shape, a.force)?,
+        None => longattn::io::write_outputs_with(
+            &a.output, &out.out, &out.lse, lse_shape, None, &extra, a.force,
+        )?,
         Some(dout) => {
             let t1 = Instant::now();
             let bp = longattn::BackwardParams {
@@ -257,8 +289,14 @@ pub fn main(a: Args) -> Result<()> {
                 },
                 t1.elapsed().as_secs_f64() * 1e3
             );
-            longattn::io::write_backward_outputs(
-                &a.output, &out.out, &out.lse, lse_shape, &grads, a.force,
+            longattn::io::write_outputs_with(
+                &a.output,
+                &out.out,
+                &out.lse,
+                lse_shape,
+                Some(&grads),
+                &extra,
+                a.force,
             )?;
         }
     }

@@ -415,6 +415,60 @@ fn run_with_a_block_mask_matches_the_oracle() {
     assert!(eo <= 1e-5 && el <= 1e-4, "gated: out {eo}, lse {el}");
 }
 
+/// `run --attention-map 64`: the output holds `map_mass` and `map_max` (f32 [B, Hq, query
+/// blocks, key blocks]) equal to the oracle's pooled probabilities under the mask; the CUDA
+/// backend and a block that is not a multiple of 64 are refused by name.
+#[test]
+fn run_writes_the_pooled_attention_map() {
+    let (b, s, hq, d) = (2, 150, 2, 16);
+    let x = inputs(DType::F32, b, s, s, hq, 1, d);
+    let input = tmp("in-map.safetensors");
+    let output = tmp("out-map.safetensors");
+    write_inputs(&input, &x, true).unwrap();
+    let o = run_args(
+        &input,
+        &output,
+        &["--attention-map", "64", "--mask", "causal & window(90,0)"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&output).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (mass, max) = longattn::reference::attention_map_f64(
+        &x.q.view("q").unwrap(),
+        &x.k.view("k").unwrap(),
+        &x.v.view("v").unwrap(),
+        &AttnParams::default(),
+        &|_, _, i, j| j <= i && i <= j + 90,
+        64,
+    )
+    .unwrap();
+    for (name, want) in [("map_mass", &mass), ("map_max", &max)] {
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), StDtype::F32);
+        assert_eq!(t.shape(), [b, hq, 3, 3]);
+        let got: Vec<f32> = t
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        for (g, w) in got.iter().zip(want.iter()) {
+            assert!((*g as f64 - w).abs() <= 2e-5, "{name}: {g} vs {w}");
+        }
+    }
+    fails_with(
+        run_args(&input, &output, &["--attention-map", "100", "--force"]),
+        "multiple of 64",
+    );
+    fails_with(
+        run_args(
+            &input,
+            &output,
+            &["--attention-map", "64", "--backend", "cuda", "--force"],
+        ),
+        "--attention-map",
+    );
+}
+
 /// `run --sparse`: the output holds the selected `block_mask` (0 / 1 / 2) and tile sizes, and
 /// `out` / `lse` equal the oracle on `mask & selected tiles` read back from that table.
 #[test]

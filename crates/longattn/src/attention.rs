@@ -187,6 +187,49 @@ pub fn validate(op: &'static str, q: &TensorView, k: &TensorView, v: &TensorView
     })
 }
 
+/// Block-pooled attention probabilities of one forward, `[B, Hq, q_blocks, k_blocks]` each
+/// (blocks of `block` query rows x `block` keys, the last ones shorter): SeerAttention's
+/// training target and a sparse estimator's ground truth, from the forward's own scores.
+/// With p_ij = exp(s_ij - LSE_i) over the allowed keys (0 elsewhere):
+///   mass[qb, kb] = 1/|qb| sum_{i in qb} sum_{j in kb} p_ij   (each query block's row sums to
+///                  the share of its rows that have any key: 1, or less with empty rows),
+///   max[qb, kb]  = max_{i in qb, j in kb} p_ij                (the 2-D max-pool).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttnMap {
+    pub block: usize,
+    pub batch: usize,
+    pub heads: usize,
+    pub q_blocks: usize,
+    pub k_blocks: usize,
+    pub mass: Vec<f32>,
+    pub max: Vec<f32>,
+}
+
+impl AttnMap {
+    /// Index of (b, h, qb, kb) in [`mass`](Self::mass) / [`max`](Self::max).
+    pub fn index(&self, b: usize, h: usize, qb: usize, kb: usize) -> usize {
+        ((b * self.heads + h) * self.q_blocks + qb) * self.k_blocks + kb
+    }
+}
+
+/// [`forward`] that also returns the block-pooled attention map ([`AttnMap`]) at `block` x
+/// `block` (a multiple of 64, the CPU kernel's key chunk), from the softmax step's own
+/// probabilities (one more read of them, no extra exponential or matrix product); the output
+/// and LSE are the forward's, bit for bit. With skip-softmax, skipped key groups count 0.
+pub fn forward_with_map(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+    block: usize,
+) -> Result<(AttnOutput, AttnMap)> {
+    let dims = validate("attention", q, k, v)?;
+    params.check()?;
+    cpu::forward_map(q, k, v, &dims, params, mask, Some(block))
+        .map(|(out, map)| (out, map.expect("a map was asked for")))
+}
+
 /// Masked attention forward on the CPU.
 ///
 /// NaN or Inf in q/k/v is not scanned for (that would cost a pass over the inputs): it propagates

@@ -411,6 +411,7 @@ pub fn write_outputs(
 pub enum Extra<'a> {
     U8(&'a [u8]),
     I32(&'a [i32]),
+    F32(&'a [f32]),
 }
 
 /// Writes `out` and `lse` (as [`write_outputs`]), the gradients `dq`, `dk`, `dv` when given, and
@@ -441,6 +442,10 @@ pub fn write_outputs_with(
             Extra::U8(b) => (StDtype::U8, b.to_vec()),
             Extra::I32(x) => (
                 StDtype::I32,
+                x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Extra::F32(x) => (
+                StDtype::F32,
                 x.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ),
         })

@@ -26,7 +26,7 @@ pub mod sparse;
 pub mod tensor;
 pub mod testing;
 
-pub use attention::{forward, AttnOutput, AttnParams, MaskSpec};
+pub use attention::{forward, forward_with_map, AttnMap, AttnOutput, AttnParams, MaskSpec};
 pub use backward::{backward, BackwardParams, Grads};
 pub use error::{Error, Result};
 pub use sparse::{Selection, SparseSpec};

@@ -14,7 +14,7 @@ pub mod buf;
 pub mod micro;
 pub mod pack;
 
-use crate::attention::{AttnOutput, AttnParams, Dims, MaskSpec};
+use crate::attention::{AttnMap, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, RowMask, TileKind};
 use crate::tensor::{DType, Element, Tensor, TensorView};
@@ -114,6 +114,30 @@ pub fn forward(
     params: &AttnParams,
     mask: MaskSpec,
 ) -> Result<AttnOutput> {
+    forward_map(q, k, v, dims, params, mask, None).map(|(out, _)| out)
+}
+
+/// [`forward`], with the block-pooled attention map at `map_block` x `map_block` when asked
+/// ([`crate::AttnMap`]; `map_block` a multiple of [`NC`]).
+pub(crate) fn forward_map(
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    dims: &Dims,
+    params: &AttnParams,
+    mask: MaskSpec,
+    map_block: Option<usize>,
+) -> Result<(AttnOutput, Option<AttnMap>)> {
+    if let Some(bl) = map_block {
+        if bl == 0 || bl % NC != 0 {
+            return Err(Error::Param {
+                op: "attention",
+                msg: format!(
+                    "the pooled attention map's block must be a positive multiple of {NC} (the CPU kernel's key chunk), got {bl}"
+                ),
+            });
+        }
+    }
     let isa = match params.isa {
         Some(i) if !i.available() => {
             return Err(Error::Param {
@@ -152,6 +176,7 @@ pub fn forward(
         _ => None,
     };
     let job = Job {
+        map: map_block.map(|bl| MapAcc::new(dims, bl)),
         epilogue: Epilogue::for_isa(isa),
         partial_bits,
         q,
@@ -163,19 +188,78 @@ pub fn forward(
         schedule,
         rows,
     };
-    #[cfg(target_arch = "x86_64")]
-    {
-        use micro::{amx::Amx, avx2::Avx2, avx512::Avx512, avx512bf16::Avx512Bf16};
-        match (isa, q.dtype()) {
-            (Isa::Amx, DType::BF16) => return job.run::<bf16, Amx>(Amx),
-            (Isa::Avx512Bf16, DType::BF16) => return job.run::<bf16, Avx512Bf16>(Avx512Bf16),
-            (Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx, _) => return job.run_dtype(Avx512),
-            (Isa::Avx2, _) => return job.run_dtype(Avx2),
-            (Isa::Scalar, _) => {}
+    let out = job.dispatch(isa, q.dtype())?;
+    Ok((out, job.map.map(MapAcc::finish)))
+}
+
+/// The pooled attention map under construction: per (batch row, query head) a slab of
+/// `[q_blocks, k_blocks]` sums of p and maxima of p, shared by the tasks (a task locks its
+/// slab once per group of 64 rows).
+struct MapAcc {
+    block: usize,
+    dims: Dims,
+    q_blocks: usize,
+    k_blocks: usize,
+    slabs: Vec<std::sync::Mutex<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl MapAcc {
+    fn new(dims: &Dims, block: usize) -> MapAcc {
+        let (q_blocks, k_blocks) = (dims.sq.div_ceil(block), dims.sk.div_ceil(block));
+        let n = q_blocks * k_blocks;
+        MapAcc {
+            block,
+            dims: *dims,
+            q_blocks,
+            k_blocks,
+            slabs: (0..dims.batch * dims.hq)
+                .map(|_| std::sync::Mutex::new((vec![0.0; n], vec![0.0; n])))
+                .collect(),
         }
     }
-    let _ = isa;
-    job.run_dtype(micro::scalar::Scalar)
+
+    /// Sums become means over each query block's rows.
+    fn finish(self) -> AttnMap {
+        let (mut mass, mut max) = (Vec::new(), Vec::new());
+        for slab in self.slabs {
+            let (m, x) = slab.into_inner().expect("map slab");
+            mass.extend(m);
+            max.extend(x);
+        }
+        let (nq, nk, bl, sq) = (self.q_blocks, self.k_blocks, self.block, self.dims.sq);
+        for (r, row) in mass.chunks_mut(nk).enumerate() {
+            let rows = bl.min(sq - (r % nq) * bl) as f32;
+            row.iter_mut().for_each(|x| *x /= rows);
+        }
+        AttnMap {
+            block: bl,
+            batch: self.dims.batch,
+            heads: self.dims.hq,
+            q_blocks: nq,
+            k_blocks: nk,
+            mass,
+            max,
+        }
+    }
+}
+
+impl Job<'_> {
+    /// dtype x instruction set -> one monomorphized driver.
+    fn dispatch(&self, isa: Isa, dtype: DType) -> Result<AttnOutput> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use micro::{amx::Amx, avx2::Avx2, avx512::Avx512, avx512bf16::Avx512Bf16};
+            match (isa, dtype) {
+                (Isa::Amx, DType::BF16) => return self.run::<bf16, Amx>(Amx),
+                (Isa::Avx512Bf16, DType::BF16) => return self.run::<bf16, Avx512Bf16>(Avx512Bf16),
+                (Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx, _) => return self.run_dtype(Avx512),
+                (Isa::Avx2, _) => return self.run_dtype(Avx2),
+                (Isa::Scalar, _) => {}
+            }
+        }
+        let _ = (isa, dtype);
+        self.run_dtype(micro::scalar::Scalar)
+    }
 }
 
 pub(crate) fn check_schedule(s: &BlockSchedule, has_rows: bool, d: &Dims) -> Result<()> {
@@ -253,6 +337,8 @@ impl Epilogue {
 
 /// One attention call, resolved.
 struct Job<'a> {
+    /// The pooled attention map, when asked for ([`forward_map`]).
+    map: Option<MapAcc>,
     epilogue: Epilogue,
     /// Precomputed bits of the Partial tiles, shared by all heads (see [`PartialBits`]).
     partial_bits: Option<PartialBits>,
@@ -290,11 +376,22 @@ struct Scratch<P: bytemuck::Pod> {
     l: Vec<f32>,
     alpha: Vec<f32>,
     mask: Vec<u64>,
+    /// Pooled map (empty without one): per (row, key chunk) of the current 64 rows a reference
+    /// base-2 maximum `cm`, `cs = sum_j 2^(x_j - cm)` and `cx = max_j 2^(x_j - cm)` over the
+    /// chunk's allowed keys; `touched` the chunks the rows' schedule entries cover.
+    cm: Vec<f32>,
+    cs: Vec<f32>,
+    cx: Vec<f32>,
+    touched: Vec<usize>,
 }
 
 impl<P: bytemuck::Pod> Scratch<P> {
-    fn new(dp: usize, dvp: usize) -> Self {
+    fn new(dp: usize, dvp: usize, map_chunks: usize) -> Self {
         Scratch {
+            cm: vec![0.0; BQ * map_chunks],
+            cs: vec![0.0; BQ * map_chunks],
+            cx: vec![0.0; BQ * map_chunks],
+            touched: Vec::new(),
             q: AlignedBuf::zeroed(BQ * dp),
             s: AlignedBuf::zeroed(BQ * LDS),
             p: AlignedBuf::zeroed(BQ * LDP),
@@ -405,6 +502,7 @@ impl Job<'_> {
             .flat_map(|b| (0..hk).map(move |h| (b, h)))
             .collect();
         let (kt_len, v_len) = (dp * NC, NC * dvp);
+        let map_chunks = if self.map.is_some() { chunks } else { 0 };
         let (glen, vglen) = (chunks * kt_len, chunks * v_len);
         // Packs K^T and V of the groups `gs` into `kt`/`vp` (group after group), in parallel over
         // all their chunks. The packed copy is the size of K + V (plus padding).
@@ -442,7 +540,8 @@ impl Job<'_> {
             |tasks: &[(usize, usize, usize, usize)], gi0: usize, kt: &[M::P], vp: &[M::P]| {
                 tasks.par_iter().with_max_len(1).for_each(|&(b, h, qt, _)| {
                     let taken = pool.lock().expect("scratch pool").pop();
-                    let mut scr = taken.unwrap_or_else(|| Scratch::<M::P>::new(dp, dvp));
+                    let mut scr =
+                        taken.unwrap_or_else(|| Scratch::<M::P>::new(dp, dvp, map_chunks));
                     let gi = b * hk + h / group - gi0;
                     let ktg = &kt[gi * glen..(gi + 1) * glen];
                     let vpg = &vp[gi * vglen..(gi + 1) * vglen];
@@ -547,6 +646,9 @@ impl Job<'_> {
             &mut scr.alpha,
             &mut scr.p,
         );
+        if self.map.is_some() {
+            self.map_stats(rows, group, scr);
+        }
         micro.pv(
             &scr.p,
             rows,
@@ -555,6 +657,93 @@ impl Job<'_> {
             &scr.alpha,
             &mut scr.o,
         );
+    }
+
+    /// Pooled map, per row and chunk of the group, from the softmax step's own P (no extra
+    /// exponential): p_c = 2^(x_c - m) with m the row's running maximum after the step, so the
+    /// chunk's (sum_c p_c, max_c p_c) are exact relative to m. They merge into the row's state
+    /// for the chunk (cm: its reference maximum, cs: sum, cx: max, both relative to cm) as two
+    /// online-softmax states merge:
+    ///   m* = max(cm, m),  cs <- cs 2^(cm - m*) + sum 2^(m - m*),  cx likewise with max.
+    fn map_stats<P: micro::FromF32 + bytemuck::Pod>(
+        &self,
+        rows: usize,
+        group: &[Chunk],
+        scr: &mut Scratch<P>,
+    ) {
+        let chunks = scr.cm.len() / BQ;
+        for r in 0..rows {
+            let m = scr.m[r];
+            if m == f32::NEG_INFINITY {
+                continue;
+            }
+            for (g, ch) in group.iter().enumerate() {
+                if scr.mask[r * MAXW + g] == 0 {
+                    continue;
+                }
+                // 16 independent lanes (branch-free, so the loop vectorizes).
+                let (mut sums, mut tops) = ([0.0f32; 16], [0.0f32; 16]);
+                for x in scr.p[r * LDP + g * NC..r * LDP + g * NC + NC].chunks_exact(16) {
+                    for l in 0..16 {
+                        let v = x[l].to_f32();
+                        sums[l] += v;
+                        tops[l] = if v > tops[l] { v } else { tops[l] };
+                    }
+                }
+                let sum: f32 = sums.iter().sum();
+                let top = tops.iter().fold(0.0f32, |a, &b| a.max(b));
+                let idx = r * chunks + ch.c;
+                let cm = scr.cm[idx];
+                if cm == f32::NEG_INFINITY {
+                    // First visit of the chunk (the only one unless tiles split it).
+                    (scr.cm[idx], scr.cs[idx], scr.cx[idx]) = (m, sum, top);
+                    continue;
+                }
+                let mm = cm.max(m);
+                let (a, b) = ((cm - mm).exp2(), (m - mm).exp2());
+                scr.cs[idx] = scr.cs[idx] * a + sum * b;
+                scr.cx[idx] = (scr.cx[idx] * a).max(top * b);
+                scr.cm[idx] = mm;
+            }
+        }
+    }
+
+    /// Pooled map: the finished rows `i0 .. i0 + rows` of (b, h) into the map, with
+    /// p_ij = 2^(x_ij - lse2_i), lse2_i = m_i + log2 l_i:
+    ///   sum over the chunk's keys of p = cs 2^(cm - lse2),  max of p = cx 2^(cm - lse2).
+    fn map_flush<P: bytemuck::Pod>(
+        &self,
+        b: usize,
+        h: usize,
+        i0: usize,
+        rows: usize,
+        scr: &Scratch<P>,
+    ) {
+        let Some(map) = &self.map else {
+            return;
+        };
+        let chunks = scr.cm.len() / BQ;
+        let nk = map.k_blocks;
+        let mut slab = map.slabs[b * self.dims.hq + h].lock().expect("map slab");
+        let (mass, max) = &mut *slab;
+        for r in 0..rows {
+            let l = scr.l[r];
+            if l == 0.0 {
+                continue;
+            }
+            let lse2 = scr.m[r] + l.log2();
+            let base = (i0 + r) / map.block * nk;
+            for &c in &scr.touched {
+                let cm = scr.cm[r * chunks + c];
+                if cm == f32::NEG_INFINITY {
+                    continue;
+                }
+                let f = (cm - lse2).exp2();
+                let cell = base + c * NC / map.block;
+                mass[cell] += scr.cs[r * chunks + c] * f;
+                max[cell] = max[cell].max(scr.cx[r * chunks + c] * f);
+            }
+        }
     }
 
     /// Skip-softmax: whether every allowed logit x of the group (base 2) lies below its row's
@@ -646,6 +835,24 @@ impl Job<'_> {
             scr.m[..rows].fill(f32::NEG_INFINITY);
             scr.l[..rows].fill(0.0);
             scr.o[..rows * dvp].fill(0.0);
+            if self.map.is_some() {
+                // The chunks this row's entries cover (non-decreasing: entries are sorted).
+                let chunks = scr.cm.len() / BQ;
+                scr.touched.clear();
+                for e in entries {
+                    let (k0, k1) = sched.k_range(e.k_tile as usize);
+                    for c in k0 / NC..k1.div_ceil(NC) {
+                        if scr.touched.last() != Some(&c) {
+                            scr.touched.push(c);
+                            for r in 0..rows {
+                                scr.cm[r * chunks + c] = f32::NEG_INFINITY;
+                                scr.cs[r * chunks + c] = 0.0;
+                                scr.cx[r * chunks + c] = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
             // Walk the schedule row in 64-key chunks, flushing groups of up to MAXW chunks.
             let mut group: [Chunk; MAXW] = [Chunk::default(); MAXW];
             let mut w = 0;
@@ -691,6 +898,7 @@ impl Job<'_> {
                     }
                 }
             }
+            self.map_flush(b, h, i0, rows, scr);
         }
     }
 }

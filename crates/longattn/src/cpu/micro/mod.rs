@@ -117,6 +117,8 @@ pub trait FromF32: Copy + Sized {
     /// The input dtype whose bits are this type's bits (packing is then a copy).
     const COPY_FROM: Option<DType>;
     fn from_f32(x: f32) -> Self;
+    /// The value as f32 (exact: bf16 widens).
+    fn to_f32(self) -> f32;
     /// `dst[i] = from_f32(src[i])`, a plain copy when `T` is `COPY_FROM`.
     #[inline]
     fn convert_slice<T: Element>(src: &[T], dst: &mut [Self])
@@ -138,12 +140,20 @@ impl FromF32 for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
 }
 impl FromF32 for u16 {
     const COPY_FROM: Option<DType> = Some(DType::BF16);
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         half::bf16::from_f32(x).to_bits()
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
     }
 }
 
