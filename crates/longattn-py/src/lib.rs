@@ -399,6 +399,49 @@ fn fwd(
     .map_err(py_err)
 }
 
+/// Forward with the block-pooled attention map: writes `out`, `lse`, `mass` and `max` (CPU).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, mass, max, block, mask, scale, softcap, q_doc, k_doc, block_mask=None, block_q=0, block_k=0))]
+#[allow(clippy::too_many_arguments)]
+fn fwd_map(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    mass: &Bound<'_, PyAny>,
+    max: &Bound<'_, PyAny>,
+    block: usize,
+    mask: Option<&str>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    q_doc: Option<&Bound<'_, PyAny>>,
+    k_doc: Option<&Bound<'_, PyAny>>,
+    block_mask: Option<&Bound<'_, PyAny>>,
+    block_q: usize,
+    block_k: usize,
+) -> PyResult<()> {
+    let inp = Inputs::read(
+        (q, k, v),
+        mask,
+        scale,
+        softcap,
+        q_doc,
+        k_doc,
+        block_mask,
+        (block_q, block_k),
+    )?;
+    let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let (mass, max) = (raw(mass, "mass")?, raw(max, "max")?);
+    py.detach(|| {
+        let a = inp.args();
+        // SAFETY: as for `fwd` (CPU tensors, held by the caller for the call).
+        unsafe { api::forward_map(&a, &out, &lse, [&mass, &max], block, 0) }
+    })
+    .map_err(py_err)
+}
+
 /// Dynamic sparse forward: selects key tiles of `mask` by `spec` and writes `out` and `lse`.
 /// Returns (fallback, (tile_q, tile_k), density, table bytes, table shape); the last three are
 /// None unless `report` (on CUDA the report synchronises the stream).
@@ -541,6 +584,7 @@ fn plan_counts() -> (usize, usize, usize) {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_fwd, m)?)?;
+    m.add_function(wrap_pyfunction!(fwd_map, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(parse_mask, m)?)?;

@@ -1,4 +1,6 @@
 """longattn.attention and longattn.Mask against the float64 reference."""
+import math
+
 import pytest
 import torch
 
@@ -592,3 +594,32 @@ def test_block_mask_gates_a_mask(device, under, sq, sk, tq, tk):
         assert_grad_close(a, bb, dtype, "d" + n + " (gate)")
     with pytest.raises(TypeError, match="under"):
         longattn.BlockMask(table, (tq, tk), under=3)
+
+
+@pytest.mark.parametrize("mask,sq,sk,block", [("causal", 113, 113, 64), ("causal & power(16)", 200, 300, 128),
+                                              ("window(40,10)", 65, 1, 64)])
+def test_attention_map_pools_the_probabilities(mask, sq, sk, block):
+    """longattn.attention_map (CPU): out / lse equal longattn.attention's, and the pooled maps
+    equal the float64 probabilities pooled per block (mean row mass, 2-D max)."""
+    q, k, v = make_qkv("cpu", F32, 2, sq, sk, 4, 2, 32)
+    with torch.no_grad():
+        out, lse, mass, top = longattn.attention_map(q, k, v, mask, block=block)
+        ref_out, ref_lse = longattn.attention(q, k, v, mask, return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    allowed = allowed_matrix(mask, 2, sq, sk)  # [B, Sq, Sk]
+    kk = k.double().repeat_interleave(2, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(32)
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows: 0
+    nq, nk = -(-sq // block), -(-sk // block)
+    pad = torch.zeros(2, 4, nq * block, nk * block, dtype=torch.float64)
+    pad[:, :, :sq, :sk] = p
+    blocks = pad.view(2, 4, nq, block, nk, block)
+    rows = torch.tensor([min(block, sq - i * block) for i in range(nq)], dtype=torch.float64)
+    want_mass = blocks.sum((3, 5)) / rows[None, None, :, None]
+    want_max = blocks.amax((3, 5))
+    assert mass.shape == (2, 4, nq, nk) and top.shape == (2, 4, nq, nk)
+    torch.testing.assert_close(mass.double(), want_mass, atol=2e-5, rtol=0)
+    torch.testing.assert_close(top.double(), want_max, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        longattn.attention_map(q, k, v, mask, block=96)

@@ -37,6 +37,7 @@ __all__ = [
     "BlockMask",
     "Mask",
     "attention",
+    "attention_map",
     "chunk_gla",
     "chunk_linear_attn",
     "chunk_simple_gla",
@@ -161,6 +162,51 @@ def sparse_attention(
         }
         res = res + (sel,)
     return res[0] if len(res) == 1 else res
+
+
+def attention_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: "str | Mask | BlockMask | None" = "causal",
+    *,
+    block: int = 64,
+    scale: "float | None" = None,
+    softcap: "float | None" = None,
+    q_doc: "torch.Tensor | None" = None,
+    k_doc: "torch.Tensor | None" = None,
+):
+    """Attention forward that also returns its block-pooled probabilities (CPU, forward only):
+    SeerAttention's training target and a sparse estimator's ground truth, from the kernel's own
+    softmax (no second pass over Q K^T).
+
+    Arguments as for :func:`attention`; ``block`` (a multiple of 64) is the pooling block of
+    query rows and keys. Returns ``(out, lse, mass, max)``: ``mass`` and ``max`` are float32
+    ``[B, Hq, ceil(Sq / block), ceil(Sk / block)]``, with p the attention probabilities under
+    the mask, ``mass[qb, kb]`` the mean over the block's query rows of their probability in key
+    block kb (a row of ``mass`` sums to 1 unless the block has rows with no key) and
+    ``max[qb, kb]`` the largest p in the block (2-D max pooling).
+    """
+    from ._ops import check_qkv
+
+    check_qkv(q, k, v, "attention_map")
+    if q.device.type != "cpu":
+        raise ValueError("attention_map runs on the CPU (the CUDA kernels do not emit the map yet)")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("attention_map is forward-only: call it under torch.no_grad()")
+    if not isinstance(block, int) or block < 64 or block % 64 != 0:
+        raise ValueError(f"attention_map: `block` must be a positive multiple of 64, got {block!r}")
+    text, blocks, bq, bk = mask_args(mask)
+    b, sq, hq, _ = q.shape
+    sk = k.shape[1]
+    out = q.new_empty((b, sq, hq, v.shape[3]))
+    lse = torch.empty((b, hq, sq), dtype=torch.float32)
+    shape = (b, hq, -(-sq // block), -(-sk // block))
+    mass = torch.empty(shape, dtype=torch.float32)
+    top = torch.empty(shape, dtype=torch.float32)
+    _native.fwd_map(q, k, v, out, lse, mass, top, block, text, scale, softcap, q_doc, k_doc,
+                    blocks, bq, bk)
+    return out, lse, mass, top
 
 
 def plan_counts():

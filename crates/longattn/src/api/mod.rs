@@ -693,6 +693,54 @@ pub unsafe fn forward(
     }
 }
 
+/// [`forward`] that also writes the block-pooled attention map ([`crate::AttnMap`]) at `block` x
+/// `block` into `mass` and `max` (f32, contiguous `[B, Hq, ceil(Sq / block), ceil(Sk / block)]`).
+/// CPU only (the CUDA kernels do not emit it).
+///
+/// # Safety
+/// As for [`forward`]; `mass` and `max` address writable host memory of their shapes.
+pub unsafe fn forward_map(
+    a: &AttnArgs,
+    out: &RawTensor,
+    lse: &RawTensor,
+    [mass, max]: [&RawTensor; 2],
+    block: usize,
+    stream: StreamHandle,
+) -> Result<()> {
+    const OP: &str = "attention map";
+    let (dims, _, dev) = fwd_prologue(OP, a, out, lse)?;
+    if dev != Device::Cpu {
+        return Err(Error::Param {
+            op: OP,
+            msg: "the pooled attention map is computed by the CPU forward only (the CUDA kernels do not emit it yet)".into(),
+        });
+    }
+    let want = [
+        dims.batch,
+        dims.hq,
+        dims.sq.div_ceil(block.max(1)),
+        dims.sk.div_ceil(block.max(1)),
+    ];
+    for (name, t) in [("mass", mass), ("max", max)] {
+        check_out(OP, name, t, &want, RawDType::Float(DType::F32), dev)?;
+        if !t.is_contiguous() {
+            return Err(t.shape_err(OP, name, format!("a contiguous {want:?} f32 tensor")));
+        }
+    }
+    let data = mask_data(OP, a, &dims, stream)?;
+    let bm = bind(a, &dims, data)?;
+    // SAFETY: the caller's contract.
+    let (q, k, v) = unsafe { host_qkv(OP, a)? };
+    let (r, map) = crate::attention::forward_with_map(&q, &k, &v, a.params, spec(&bm), block)?;
+    // SAFETY: the caller's contract (outputs writable, shapes checked above).
+    unsafe {
+        write_result(out, lse, &r);
+        write_f32(mass, &map.mass);
+        write_f32(max, &map.max);
+    }
+    Ok(())
+}
+
 /// What a sparse forward selected ([`sparse_forward`]).
 #[derive(Clone, Debug)]
 pub struct SparseInfo {
