@@ -205,12 +205,10 @@ impl Inputs {
     ) -> PyResult<Inputs> {
         let blocks = opt_raw(block_mask, "block_mask")?;
         let expr = mask.map(mask_expr).transpose()?;
-        if blocks.is_some() {
-            if block_q == 0 || block_k == 0 {
-                return Err(PyValueError::new_err(format!(
-                    "`block_mask` needs tile sizes >= 1, got ({block_q}, {block_k})"
-                )));
-            }
+        if blocks.is_some() && (block_q == 0 || block_k == 0) {
+            return Err(PyValueError::new_err(format!(
+                "`block_mask` needs tile sizes >= 1, got ({block_q}, {block_k})"
+            )));
         }
         Ok(Inputs {
             q: raw(q, "q")?,
