@@ -257,6 +257,8 @@ const MASKS: &[&str] = &[
     "document",
     "causal & document",
     "chunk(10) & !strided(3)",
+    "causal & (sinks(1) | window(3,0) | power(4))",
+    "radial(6,2)",
     "full",
 ];
 
