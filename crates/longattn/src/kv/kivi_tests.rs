@@ -392,6 +392,9 @@ fn specs_compose_with_plus() {
         "snapkv(budget=0.2,window=32,kernel=5)+kivi(bits=4,group=32,residual=32)"
     );
     assert_eq!(KvSpec::parse(&s.to_string()).unwrap(), s);
+    let qe = KvSpec::parse("h2o(budget=0.5)+quest(budget=0.2,page=16)").unwrap();
+    assert!(qe.quest.is_some() && qe.evict.is_some() && qe.kivi.is_none());
+    assert_eq!(KvSpec::parse(&qe.to_string()).unwrap(), qe);
     let qk = KvSpec::parse("quest(budget=0.2,page=16)+kivi(bits=4)").unwrap();
     assert!(qk.quest.is_some() && qk.kivi.is_some() && qk.evict.is_none());
     assert_eq!(KvSpec::parse(&qk.to_string()).unwrap(), qk);
@@ -399,9 +402,10 @@ fn specs_compose_with_plus() {
         ("kivi(bits=4)+kivi(bits=2)", "more than one quantization"),
         ("h2o(budget=0.2)+tova(budget=0.2)", "more than one eviction"),
         (
-            "quest(budget=0.2)+snapkv(budget=0.2)",
-            "quest composes with kivi only",
+            "quest(budget=0.2)+snapkv(budget=0.2)+kivi(bits=4)",
+            "not both",
         ),
+        ("quest(budget=0.2)+h2o(budget=0.5)+merge", "no `merge`"),
         ("h2o(budget=0.2)+", "empty policy"),
         ("zip(bits=4)", "unknown press `zip`"),
     ] {

@@ -15,8 +15,14 @@
 //! Over KIVI (`quest(...)+kivi(...)`): the bounds are folded in at each attention, while the
 //! newest keys are still in full precision (KIVI quantizes only after the forward, and only the
 //! oldest whole groups), so they bound the original keys; the selected pages are attended over
-//! both parts, quantized entries dequantized. Quest composes with no eviction: its pages cover
-//! every position.
+//! both parts, quantized entries dequantized.
+//!
+//! Over an eviction press (`h2o(budget=0.5)+quest(budget=0.2)`, `duo(...)` roles too): pages are
+//! runs of a head's kept entries, so a query's budget is a fraction of what the head still holds
+//! of the positions it sees; a compression changes a head's entries and its bounds are rebuilt
+//! at the next attention ([`QuestIndex::update`]). The press's scores are observed under the
+//! selection: a key a query did not attend scores 0 for it ([`crate::kv::score::Observation`]).
+//! Not with KIVI at the same time (rebuilding needs the keys in full precision) nor `merge`.
 //!
 //! Fast path: [`PageBounds`] (running f32 min / max) and [`select_pages`]; plain reference:
 //! [`select_reference`] (bounds recomputed from the keys in f64) and the f64 oracle over the
@@ -191,40 +197,161 @@ pub fn select_reference(quest: &Quest, keys: &[f32], d: usize, q: &[f32], at: us
 }
 
 /// The page bounds of every (layer, KV head) of one sequence, grown at each attention.
+///
+/// Pages are runs of `page` consecutive *entries* of a head: on a head that holds every
+/// position they are runs of positions; on a head an eviction press compacted, runs of its kept
+/// entries (in position order). A query at position `at` sees the entries with position <= at,
+/// n of them; it attends the page holding the newest of those and the best others,
+/// ceil(ceil(B n) / P) pages in all ([`select_pages`] with the entry index n - 1). When the
+/// entries of a head change other than by appending (a compression), its bounds are rebuilt
+/// from its keys at the next [`update`](Self::update).
 #[derive(Clone, Debug)]
 pub struct QuestIndex {
     pub quest: Quest,
     /// `[layer * Hk + KV head]`.
     pub heads: Vec<PageBounds>,
+    /// The position of every indexed entry, per head (increasing).
+    pos: Vec<Vec<u32>>,
+}
+
+/// The pages each (query head, query row) of one attention selects ([`QuestIndex::select`]).
+pub struct QuestSelection {
+    sq: usize,
+    /// Pages per query head's KV head (the largest count).
+    np: usize,
+    /// `[(h * Sq + i) * np + page]`.
+    sel: Vec<bool>,
+    /// Every (head, row) selected every page it sees: the plain attention is the same.
+    pub whole: bool,
+    page: usize,
+    g: usize,
+}
+
+impl QuestSelection {
+    /// Whether query head `h`, row `i` attends the entry at position `pos` of its KV head,
+    /// given the index's entry positions `positions` of that head.
+    fn get(&self, positions: &[u32], h: usize, i: usize, pos: usize) -> bool {
+        match positions.binary_search(&(pos as u32)) {
+            Ok(e) => self.sel[(h * self.sq + i) * self.np + e / self.page],
+            Err(_) => false,
+        }
+    }
 }
 
 impl QuestIndex {
     pub fn new(quest: Quest, cache: &PagedKvCache) -> Result<Self> {
         quest.check()?;
         let c = cache.config();
+        let n = c.layers * c.kv_heads;
         Ok(QuestIndex {
             quest,
-            heads: vec![PageBounds::new(quest.page, c.head_dim); c.layers * c.kv_heads],
+            heads: vec![PageBounds::new(quest.page, c.head_dim); n],
+            pos: vec![Vec::new(); n],
         })
     }
 
-    /// Folds in the keys appended to one layer since the last call. Every head must hold every
-    /// position (Quest drops nothing and composes with no eviction).
+    /// Folds in the keys appended to one layer since the last call; a head whose indexed
+    /// entries are no longer its first ones (compressed since) is indexed again from its keys.
     pub fn update(&mut self, cache: &PagedKvCache, id: SeqId, layer: usize) -> Result<()> {
         let c = cache.config();
-        let len = cache.len(id)?;
         for kh in 0..c.kv_heads {
-            let b = &mut self.heads[layer * c.kv_heads + kh];
-            let held = cache.head_len(id, layer, kh)?;
-            if held != len || b.len() > held {
+            let at = layer * c.kv_heads + kh;
+            let now = cache.positions(id, layer, kh)?;
+            let known = &self.pos[at];
+            if now.len() < known.len() || now[..known.len()] != known[..] {
+                self.heads[at] = PageBounds::new(self.quest.page, c.head_dim);
+                self.pos[at].clear();
+            }
+            let b = &mut self.heads[at];
+            b.append(&cache.head_keys(id, layer, kh, b.len()).map_err(|e| {
+                err(format!(
+                    "layer {layer} KV head {kh}: {e} (quest indexes full-precision keys: over KIVI it folds them in before they are quantized, which a compression after quantization undoes)"
+                ))
+            })?);
+            self.pos[at] = now;
+        }
+        Ok(())
+    }
+
+    /// The pages every query head and row of `q` `[1, Sq, Hq, D]` (the last Sq positions,
+    /// indexed with [`update`](Self::update)) selects.
+    pub fn select(
+        &self,
+        cache: &PagedKvCache,
+        id: SeqId,
+        layer: usize,
+        q: &TensorView,
+    ) -> Result<QuestSelection> {
+        let c = cache.config();
+        let len = cache.len(id)?;
+        let [_, sq, hq, d] = q.shape;
+        if d != c.head_dim || sq > len || !hq.is_multiple_of(c.kv_heads) {
+            return Err(err(format!(
+                "q of shape {:?} for a cache of head dim {}, {} KV heads, {len} positions",
+                q.shape, c.head_dim, c.kv_heads
+            )));
+        }
+        let g = hq / c.kv_heads;
+        let p = self.quest.page;
+        let heads = layer * c.kv_heads..(layer + 1) * c.kv_heads;
+        let np = self.heads[heads.clone()]
+            .iter()
+            .map(PageBounds::pages)
+            .max()
+            .unwrap_or(0);
+        let mut sel = vec![false; hq * sq * np];
+        let mut whole = true;
+        let mut qv = vec![0.0f32; d];
+        for h in 0..hq {
+            let at = layer * c.kv_heads + h / g;
+            let (b, positions) = (&self.heads[at], &self.pos[at]);
+            let held = cache.head_len(id, layer, h / g)?;
+            if b.len() != held || positions.len() != held {
                 return Err(err(format!(
-                    "layer {layer} KV head {kh} holds {held} entries of {len} positions ({} indexed): quest needs every position",
+                    "layer {layer}: the page bounds hold {} of {held} entries (update first)",
                     b.len()
                 )));
             }
-            b.append(&cache.head_keys(id, layer, kh, b.len())?);
+            for i in 0..sq {
+                // Entries this row sees: those at positions <= its own.
+                let seen = positions.partition_point(|&x| x as usize <= len - sq + i);
+                if seen == 0 {
+                    continue;
+                }
+                for (x, v) in qv.iter_mut().enumerate() {
+                    *v = q.get(0, i, h, x);
+                }
+                let cur = (seen - 1) / p;
+                let bounds: Vec<f32> = (0..cur).map(|pg| b.bound(&qv, pg)).collect();
+                let pages = select_pages(&self.quest, &bounds, seen - 1);
+                whole &= pages.len() == cur + 1;
+                for pg in pages {
+                    sel[(h * sq + i) * np + pg] = true;
+                }
+            }
         }
-        Ok(())
+        Ok(QuestSelection {
+            sq,
+            np,
+            sel,
+            whole,
+            page: p,
+            g,
+        })
+    }
+
+    /// `select(query head, row, position)` of a selection made at `layer`: whether that key is
+    /// attended (for [`PagedKvCache::attend_selected`] and the scores' [`Observation`]).
+    ///
+    /// [`Observation`]: crate::kv::score::Observation
+    pub fn selector<'a>(
+        &'a self,
+        sel: &'a QuestSelection,
+        cache: &PagedKvCache,
+        layer: usize,
+    ) -> impl Fn(usize, usize, usize) -> bool + Sync + 'a {
+        let hk = cache.config().kv_heads;
+        move |h: usize, i: usize, pos: usize| sel.get(&self.pos[layer * hk + h / sel.g], h, i, pos)
     }
 
     /// Attention of `q` `[1, Sq, Hq, D]` (the last Sq positions, already written and folded in
@@ -239,48 +366,26 @@ impl QuestIndex {
         mask: Option<&MaskExpr>,
         params: &AttnParams,
     ) -> Result<AttnOutput> {
-        let c = cache.config();
-        let len = cache.len(id)?;
-        let [_, sq, hq, d] = q.shape;
-        if d != c.head_dim || sq > len || !hq.is_multiple_of(c.kv_heads) {
-            return Err(err(format!(
-                "q of shape {:?} for a cache of head dim {}, {} KV heads, {len} positions",
-                q.shape, c.head_dim, c.kv_heads
-            )));
-        }
-        let g = hq / c.kv_heads;
-        let np = len.div_ceil(self.quest.page);
-        // sel[(h * Sq + i) * pages + page]
-        let mut sel = vec![false; hq * sq * np];
-        let mut whole = true;
-        let mut qv = vec![0.0f32; d];
-        for h in 0..hq {
-            let b = &self.heads[layer * c.kv_heads + h / g];
-            if b.len() != len {
-                return Err(err(format!(
-                    "layer {layer}: the page bounds hold {} of {len} positions (update first)",
-                    b.len()
-                )));
-            }
-            for i in 0..sq {
-                let at = len - sq + i;
-                for (x, v) in qv.iter_mut().enumerate() {
-                    *v = q.get(0, i, h, x);
-                }
-                let cur = at / self.quest.page;
-                let bounds: Vec<f32> = (0..cur).map(|pg| b.bound(&qv, pg)).collect();
-                let pages = select_pages(&self.quest, &bounds, at);
-                whole &= pages.len() == cur + 1;
-                for pg in pages {
-                    sel[(h * sq + i) * np + pg] = true;
-                }
-            }
-        }
-        if whole {
+        let sel = self.select(cache, id, layer, q)?;
+        self.attend_selection(cache, id, layer, q, mask, params, &sel)
+    }
+
+    /// [`attend`](Self::attend) with a selection made by [`select`](Self::select).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_selection(
+        &self,
+        cache: &PagedKvCache,
+        id: SeqId,
+        layer: usize,
+        q: &TensorView,
+        mask: Option<&MaskExpr>,
+        params: &AttnParams,
+        sel: &QuestSelection,
+    ) -> Result<AttnOutput> {
+        if sel.whole {
             return cache.attend(id, layer, q, mask, params);
         }
-        let p = self.quest.page;
-        let select = |h: usize, i: usize, pos: usize| sel[(h * sq + i) * np + pos / p];
+        let select = self.selector(sel, cache, layer);
         cache.attend_selected(id, layer, q, mask, params, &select)
     }
 }

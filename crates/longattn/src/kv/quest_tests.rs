@@ -283,7 +283,7 @@ fn bad_input_is_refused_with_a_clear_error() {
         let e = Quest::parse(spec).unwrap_err().to_string();
         assert!(e.contains(needle), "{spec}: {e}");
     }
-    // An evicted head: quest needs every position.
+    // A selection made before a compression is refused until the index is updated.
     let mut rng = Rng::new(4);
     let (mut cache, id, _, _) = filled(40, 1, 32, 16, &mut rng);
     let mut index = QuestIndex::new(
@@ -294,10 +294,134 @@ fn bad_input_is_refused_with_a_clear_error() {
         &cache,
     )
     .unwrap();
+    index.update(&cache, id, 0).unwrap();
     let keep: Vec<usize> = (0..40).step_by(2).collect();
     cache.compress(id, 0, 0, &keep).unwrap();
-    let e = index.update(&cache, id, 0).unwrap_err().to_string();
-    assert!(e.contains("quest needs every position"), "{e}");
+    let qd = randn(32, &mut rng);
+    let q = TensorView::contiguous(&qd[..], [1, 1, 1, 32]).unwrap();
+    let e = index.select(&cache, id, 0, &q).err().unwrap().to_string();
+    assert!(e.contains("update first"), "{e}");
+    index.update(&cache, id, 0).unwrap();
+    assert!(index.select(&cache, id, 0, &q).is_ok());
+}
+
+/// Quest over heads an eviction press compacted (each KV head its own kept set): the pages are
+/// runs of kept entries, rebuilt after the compression; every (query head, row) selects what the
+/// reference selects from the kept keys of the positions it sees, the selected entries are
+/// attended exactly (f64 oracle over the kept entries), and budget 1 is the compacted cache's
+/// plain attention bit for bit. The press's scores under the selection match their reference
+/// with the same selection and give 0 to what no query attended.
+#[test]
+fn quest_over_evicted_heads() {
+    use crate::kv::score::{
+        column_scores, column_scores_reference, Observation, Reduce, ScoreParams,
+    };
+    for &(len, sq, hq, hk, page) in &[(113, 1, 4, 2, 4), (300, 7, 4, 1, 8), (1023, 3, 2, 2, 16)] {
+        let d = 32;
+        let mut rng = Rng::new((len * 7 + sq) as u64);
+        let (mut cache, id, _, _) = filled(len, hk, d, 16, &mut rng);
+        let quest = Quest { budget: 0.25, page };
+        let mut index = QuestIndex::new(quest, &cache).unwrap();
+        index.update(&cache, id, 0).unwrap();
+        // Each KV head keeps its own subset (the newest Sq positions always).
+        for kh in 0..hk {
+            let keep: Vec<usize> = (0..len)
+                .filter(|&e| e >= len - sq || (e * (3 + kh) + kh) % 5 < 2)
+                .collect();
+            cache.compress(id, 0, kh, &keep).unwrap();
+        }
+        index.update(&cache, id, 0).unwrap();
+        let qd = randn(sq * hq * d, &mut rng);
+        let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
+        let expr = MaskExpr::parse("causal").unwrap();
+        let params = AttnParams::default();
+        let sel = index.select(&cache, id, 0, &q).unwrap();
+        assert!(!sel.whole, "len {len}: every query attended every page");
+        let got = index
+            .attend_selection(&cache, id, 0, &q, Some(&expr), &params, &sel)
+            .unwrap();
+        let select = index.selector(&sel, &cache, 0);
+        let g = hq / hk;
+        for kh in 0..hk {
+            let (k, v, pos) = cache.gather_head(id, 0, kh).unwrap();
+            let n = pos.len();
+            for gi in 0..g {
+                let h = kh * g + gi;
+                for i in 0..sq {
+                    let at = len - sq + i;
+                    let seen = pos.iter().filter(|&&p| p as usize <= at).count();
+                    let qv: Vec<f32> = (0..d).map(|x| qd[(i * hq + h) * d + x]).collect();
+                    let pages = select_reference(&quest, &k[..seen * d], d, &qv, seen - 1);
+                    for (e, &p) in pos.iter().enumerate() {
+                        let want = (p as usize) <= at && pages.contains(&(e / page));
+                        let inside = select(h, i, p as usize) && (p as usize) <= at;
+                        assert_eq!(inside, want, "len {len} head {h} row {i} entry {e}");
+                    }
+                    // The oracle over this head's kept entries.
+                    let q1 = TensorView::contiguous(&qv[..], [1, 1, 1, d]).unwrap();
+                    let kt = TensorView::contiguous(&k[..], [1, n, 1, d]).unwrap();
+                    let vt = TensorView::contiguous(&v[..], [1, n, 1, d]).unwrap();
+                    let r = attention_f64(&q1, &kt, &vt, &params, &|_, _, _, j| {
+                        (pos[j] as usize) <= at && pages.contains(&(j / page))
+                    })
+                    .unwrap();
+                    let o = got.out.data.to_f32_vec();
+                    let row = &o[(i * hq + h) * d..][..d];
+                    let eo = row
+                        .iter()
+                        .zip(&r.out)
+                        .map(|(a, b)| (*a as f64 - b).abs())
+                        .fold(0.0, f64::max);
+                    let el = (got.lse[h * sq + i] as f64 - r.lse[0]).abs();
+                    assert!(
+                        eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
+                        "len {len} head {h} row {i}: out {eo:e} lse {el:e}"
+                    );
+                }
+            }
+        }
+        // The scores under the selection.
+        let w = vec![1.0f64; sq];
+        let sp = ScoreParams {
+            scale: None,
+            softcap: None,
+            reduce: Reduce::Max,
+        };
+        let obs = Observation {
+            q: &q,
+            lse: &got.lse,
+            mask: Some(&expr),
+            select: Some(&select),
+        };
+        let fast = column_scores(&cache, id, 0, &obs, &w, &sp).unwrap();
+        let slow = column_scores_reference(&cache, id, 0, &obs, &w, &sp).unwrap();
+        for kh in 0..hk {
+            let pos = cache.positions(id, 0, kh).unwrap();
+            for (e, (&a, &b)) in fast[kh].iter().zip(&slow[kh]).enumerate() {
+                assert!(
+                    (a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "kh {kh} entry {e}: {a} vs {b}"
+                );
+                let attended = (0..g).any(|gi| {
+                    (0..sq).any(|i| {
+                        select(kh * g + gi, i, pos[e] as usize) && pos[e] as usize <= len - sq + i
+                    })
+                });
+                if !attended {
+                    assert_eq!(a, 0.0, "kh {kh} entry {e}: not attended, scored {a}");
+                }
+            }
+        }
+        // Budget 1: the compacted cache's own attention, bit for bit.
+        let mut whole = QuestIndex::new(Quest { budget: 1.0, page }, &cache).unwrap();
+        whole.update(&cache, id, 0).unwrap();
+        let a = whole
+            .attend(&cache, id, 0, &q, Some(&expr), &params)
+            .unwrap();
+        let b = cache.attend(id, 0, &q, Some(&expr), &params).unwrap();
+        assert_eq!(a.out.data.to_f32_vec(), b.out.data.to_f32_vec());
+        assert_eq!(a.lse, b.lse);
+    }
 }
 
 /// Quest over KIVI: the page bounds are folded in while the keys are in full precision, then the
@@ -346,6 +470,7 @@ fn selected_pages_over_quantized_entries_are_attended_exactly() {
         // Budget 1: the quantized cache's own attention, bit for bit.
         let mut whole = QuestIndex::new(Quest { budget: 1.0, page }, &cache).unwrap();
         whole.heads = index.heads.clone();
+        whole.pos = index.pos.clone();
         let q = TensorView::contiguous(&qd[..], [1, sq, hq, d]).unwrap();
         let expr = MaskExpr::parse("causal").unwrap();
         let params = AttnParams::default();

@@ -114,6 +114,10 @@ pub struct Observation<'a> {
     pub q: &'a TensorView<'a>,
     pub lse: &'a [f32],
     pub mask: Option<&'a MaskExpr>,
+    /// The keys each query attended besides the mask, `select(query head, row, position)`
+    /// (Quest's pages; `None`: every key the mask allows). Keys it leaves out score 0 for that
+    /// row, as a kernel that attends only the selection would report them.
+    pub select: Option<&'a (dyn Fn(usize, usize, usize) -> bool + Sync)>,
 }
 
 fn check(cache: &PagedKvCache, id: SeqId, layer: usize, obs: &Observation) -> Result<usize> {
@@ -219,6 +223,9 @@ pub fn column_scores(
                             continue;
                         }
                     }
+                    if obs.select.is_some_and(|f| !f(h, i, pos[j] as usize)) {
+                        continue;
+                    }
                     let dot: f32 = qi.iter().zip(&k[j * d..][..d]).map(|(a, b)| a * b).sum();
                     let s = match params.softcap {
                         Some(cap) => cap * (scale * dot / cap).tanh(),
@@ -273,6 +280,7 @@ pub fn column_scores_reference(
                         bound
                             .as_ref()
                             .is_none_or(|m| m.allowed(0, i, pos[j] as usize))
+                            && obs.select.is_none_or(|f| f(h, i, pos[j] as usize))
                     })
                     .collect();
                 if allowed.is_empty() {

@@ -81,6 +81,7 @@ fn column_scores_against_reference() {
                         q: &q,
                         lse: &att.lse,
                         mask: expr.as_ref(),
+                        select: None,
                     };
                     for kind in [
                         ScoreKind::H2o,
@@ -134,6 +135,7 @@ fn a_chunk_folds_as_its_single_steps() {
             q: &q,
             lse: &att.lse,
             mask: Some(&causal),
+            select: None,
         };
         chunk.observe(&full, a, 0, &obs).unwrap();
         // The same positions one by one, the cache growing with them.
@@ -159,6 +161,7 @@ fn a_chunk_folds_as_its_single_steps() {
                 q: &q1,
                 lse: &att.lse,
                 mask: None,
+                select: None,
             };
             steps.observe(&c, b, 0, &obs).unwrap();
         }
@@ -201,6 +204,7 @@ fn bad_input_is_refused() {
         q: &q,
         lse: &lse,
         mask: None,
+        select: None,
     };
     let e = column_scores(&c, a, 0, &obs, &[1.0, 1.0], &ScoreParams::default())
         .unwrap_err()
@@ -211,6 +215,7 @@ fn bad_input_is_refused() {
         q: &q,
         lse: &lse[..5],
         mask: None,
+        select: None,
     };
     let e = column_scores(&c, a, 0, &obs, &[1.0; 3], &ScoreParams::default())
         .unwrap_err()

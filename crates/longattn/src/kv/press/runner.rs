@@ -242,11 +242,40 @@ impl Attention for PressAttention {
                 scale: Some(layer.scale),
                 ..Default::default()
             };
-            return index.attend(cache, seq, layer.layer, q, Some(&expr), &params);
+            let sel = index.select(cache, seq, layer.layer, q)?;
+            let out =
+                index.attend_selection(cache, seq, layer.layer, q, Some(&expr), &params, &sel)?;
+            if self.score_kind().is_none() {
+                return Ok(out);
+            }
+            // The press's scores see what the queries attended: the selected pages.
+            let select = index.selector(&sel, cache, layer.layer);
+            self.observe(cache, seq, q, layer, &out, Some(&select))?;
+            return Ok(out);
         }
         let out = self.inner.attend(cache, seq, q, layer)?;
-        let Some(kind) = self.score_kind() else {
+        if self.score_kind().is_none() {
             return Ok(out);
+        }
+        self.observe(cache, seq, q, layer, &out, None)?;
+        Ok(out)
+    }
+}
+
+impl PressAttention {
+    /// Folds one layer's attention (`out`'s LSE, the queries, the keys `select` let them attend)
+    /// into the running scores.
+    fn observe(
+        &self,
+        cache: &PagedKvCache,
+        seq: SeqId,
+        q: &TensorView,
+        layer: &LayerAttn,
+        out: &AttnOutput,
+        select: Option<&(dyn Fn(usize, usize, usize) -> bool + Sync)>,
+    ) -> Result<()> {
+        let Some(kind) = self.score_kind() else {
+            return Ok(());
         };
         let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
@@ -267,8 +296,8 @@ impl Attention for PressAttention {
             q,
             lse: &out.lse,
             mask: Some(&expr),
+            select,
         };
-        scores.observe(cache, seq, layer.layer, &obs)?;
-        Ok(out)
+        scores.observe(cache, seq, layer.layer, &obs)
     }
 }

@@ -285,6 +285,7 @@ fn run(
                     q: &q,
                     lse: &r.lse,
                     mask: Some(&causal),
+                    select: None,
                 };
                 s.observe(&c, a, l, &obs).unwrap();
             }
@@ -765,6 +766,7 @@ fn kvpress_conventions_match_probabilities_from_the_definition() {
             q: &q,
             lse: &r.lse,
             mask: Some(&causal),
+            select: None,
         };
         s.observe(&c, a, 0, &obs).unwrap();
         let plan = plan(&c, a, &press, Some(&s), 0, None, true, None).unwrap();
