@@ -63,7 +63,8 @@ pub struct Args {
     /// `quest(budget=0.2,page=16)`; composed with `+` (`snapkv(budget=0.2)+kivi(bits=4)`:
     /// eviction first, then quantization; `h2o(budget=0.2)+merge`: what the press evicts is
     /// folded into one residual slot per head, LOOK-M style; `quest(budget=0.2)+kivi(bits=4)`:
-    /// Quest's pages over quantized entries).
+    /// Quest's pages over quantized entries; `h2o(budget=0.5)+quest(budget=0.2)`: Quest's pages
+    /// over the kept entries, the press scoring what the queries attended).
     #[arg(long)]
     kv: Option<String>,
     /// Tokens per forward under `--kv` (1: token by token, decode-time compression).

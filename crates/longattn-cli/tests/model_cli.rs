@@ -263,7 +263,11 @@ fn eval_kv_sanity_and_bad_input() {
     assert!(kb > 0 && kb < kf, "kv_bytes {kb} of {kf}");
     assert_eq!(kf, full["kv_bytes_full"].as_u64().unwrap());
     // Quest with budget 1 and no-op quantization are the full cache bit for bit.
-    for spec in ["quest(budget=1,page=16)", "kivi(bits=16)"] {
+    for spec in [
+        "quest(budget=1,page=16)",
+        "kivi(bits=16)",
+        "h2o(budget=1)+quest(budget=1,page=16)",
+    ] {
         let r = eval("noop.json", &["--kv", spec, "--kv-chunk", "80"]);
         assert_eq!(r["nll_mean"], full["nll_mean"], "{spec}");
     }
@@ -314,8 +318,8 @@ fn eval_kv_sanity_and_bad_input() {
     fails_with(run(&["--kv", "zip(budget=0.2)"]), "unknown press `zip`");
     fails_with(run(&["--kv", "kivi(bits=3)"]), "bits must be 2 or 4");
     fails_with(
-        run(&["--kv", "quest(budget=0.2)+h2o(budget=0.2)"]),
-        "quest composes with kivi only",
+        run(&["--kv", "quest(budget=0.2)+h2o(budget=0.2)+kivi(bits=4)"]),
+        "not both",
     );
     fails_with(
         run(&["--kv", "h2o(budget=0.2)", "--kv-reduce", "median"]),
