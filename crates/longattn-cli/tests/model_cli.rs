@@ -318,8 +318,8 @@ fn eval_kv_sanity_and_bad_input() {
     fails_with(run(&["--kv", "zip(budget=0.2)"]), "unknown press `zip`");
     fails_with(run(&["--kv", "kivi(bits=3)"]), "bits must be 2 or 4");
     fails_with(
-        run(&["--kv", "quest(budget=0.2)+h2o(budget=0.2)+kivi(bits=4)"]),
-        "not both",
+        run(&["--kv", "quest(budget=0.2)+h2o(budget=0.2)+merge"]),
+        "no `merge`",
     );
     fails_with(
         run(&["--kv", "h2o(budget=0.2)", "--kv-reduce", "median"]),

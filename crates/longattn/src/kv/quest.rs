@@ -22,7 +22,8 @@
 //! of the positions it sees; a compression changes a head's entries and its bounds are rebuilt
 //! at the next attention ([`QuestIndex::update`]). The press's scores are observed under the
 //! selection: a key a query did not attend scores 0 for it ([`crate::kv::score::Observation`]).
-//! Not with KIVI at the same time (rebuilding needs the keys in full precision) nor `merge`.
+//! With KIVI as well (`h2o(...)+kivi(...)+quest(...)`), a rebuild bounds the quantized entries'
+//! keys as they are attended, dequantized. Not with `merge` (a residual slot is no position).
 //!
 //! Fast path: [`PageBounds`] (running f32 min / max) and [`select_pages`]; plain reference:
 //! [`select_reference`] (bounds recomputed from the keys in f64) and the f64 oracle over the
@@ -263,11 +264,14 @@ impl QuestIndex {
                 self.pos[at].clear();
             }
             let b = &mut self.heads[at];
-            b.append(&cache.head_keys(id, layer, kh, b.len()).map_err(|e| {
-                err(format!(
-                    "layer {layer} KV head {kh}: {e} (quest indexes full-precision keys: over KIVI it folds them in before they are quantized, which a compression after quantization undoes)"
-                ))
-            })?);
+            if b.len() >= cache.head_quantized(id, layer, kh)? {
+                // The new entries, in full precision (KIVI quantizes only older ones).
+                b.append(&cache.head_keys(id, layer, kh, b.len())?);
+            } else {
+                // Rebuilding a head with quantized entries: their keys as attended, dequantized.
+                let (k, _, _) = cache.gather_head(id, layer, kh)?;
+                b.append(&k[b.len() * c.head_dim..]);
+            }
             self.pos[at] = now;
         }
         Ok(())

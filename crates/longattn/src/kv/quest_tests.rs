@@ -316,7 +316,14 @@ fn quest_over_evicted_heads() {
     use crate::kv::score::{
         column_scores, column_scores_reference, Observation, Reduce, ScoreParams,
     };
-    for &(len, sq, hq, hk, page) in &[(113, 1, 4, 2, 4), (300, 7, 4, 1, 8), (1023, 3, 2, 2, 16)] {
+    // (len, sq, hq, hk, page, KIVI bits after the compression: 0 = none)
+    for &(len, sq, hq, hk, page, bits) in &[
+        (113, 1, 4, 2, 4, 0),
+        (300, 7, 4, 1, 8, 0),
+        (1023, 3, 2, 2, 16, 0),
+        (300, 7, 4, 2, 8, 4),
+        (700, 1, 2, 1, 16, 2),
+    ] {
         let d = 32;
         let mut rng = Rng::new((len * 7 + sq) as u64);
         let (mut cache, id, _, _) = filled(len, hk, d, 16, &mut rng);
@@ -329,6 +336,18 @@ fn quest_over_evicted_heads() {
                 .filter(|&e| e >= len - sq || (e * (3 + kh) + kh) % 5 < 2)
                 .collect();
             cache.compress(id, 0, kh, &keep).unwrap();
+        }
+        if bits > 0 {
+            // Then KIVI: the head's oldest kept entries in whole groups; the rebuilt bounds
+            // read them dequantized, as they are attended.
+            let kivi = crate::kv::kivi::Kivi {
+                bits,
+                group: 32,
+                residual: 32,
+                mixed: None,
+            };
+            cache.quantize(id, &kivi).unwrap();
+            assert!(cache.head_quantized(id, 0, 0).unwrap() > 0);
         }
         index.update(&cache, id, 0).unwrap();
         let qd = randn(sq * hq * d, &mut rng);

@@ -178,11 +178,6 @@ impl KvSpec {
                 "`{text}`: quest composes with no `merge` (a residual slot is not a position its pages can bound)"
             )));
         }
-        if s.quest.is_some() && s.kivi.is_some() && (s.evict.is_some() || s.roles.is_some()) {
-            return Err(err(format!(
-                "`{text}`: quest composes with kivi or with an eviction press, not both (after a compression its page bounds are rebuilt from full-precision keys, which KIVI has quantized)"
-            )));
-        }
         Ok(s)
     }
 }
