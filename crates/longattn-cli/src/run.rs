@@ -150,7 +150,14 @@ pub fn main(a: Args) -> Result<()> {
     };
     let rows = gated.then_some(&mask as &dyn longattn::mask::RowMask);
     let spec = match &blocks {
-        Some(schedule) => longattn::MaskSpec::Schedule { schedule, rows },
+        Some(schedule) if gated => longattn::MaskSpec::Gated {
+            mask: &mask,
+            schedule,
+        },
+        Some(schedule) => longattn::MaskSpec::Schedule {
+            schedule,
+            rows: None,
+        },
         None => longattn::MaskSpec::Expr(&mask),
     };
     let dout = match a.backward {

@@ -79,6 +79,28 @@ pub enum MaskSpec<'a> {
         schedule: &'a BlockSchedule,
         rows: Option<&'a dyn RowMask>,
     },
+    /// A mask expression gated by a block map (`mask & gate`, [`BlockSchedule::gated`]):
+    /// `schedule` is the expression's schedule at the map's tiles with the map applied, `mask`
+    /// the expression (the element mask of its Partial tiles). The CPU reads it as `Schedule`
+    /// with `mask` as the row mask; the CUDA kernels as the expression's device program ANDed
+    /// with a lookup of the kept tiles.
+    Gated {
+        mask: &'a crate::mask::BoundMask,
+        schedule: &'a BlockSchedule,
+    },
+}
+
+impl<'a> MaskSpec<'a> {
+    /// A gated mask as the schedule and row mask the CPU paths read; every other spec as it is.
+    pub fn as_schedule(self) -> MaskSpec<'a> {
+        match self {
+            MaskSpec::Gated { mask, schedule } => MaskSpec::Schedule {
+                schedule,
+                rows: Some(mask),
+            },
+            m => m,
+        }
+    }
 }
 
 /// Output in the input dtype `[B, Sq, Hq, Dv]` and the natural-log LSE `[B, Hq, Sq]` (f32).

@@ -58,7 +58,7 @@ class BlockMask:
     ``under`` (a mask expression or :class:`Mask`): the table gates that mask instead of
     attending whole tiles, e.g. a learned gate's block map (SeerAttention-style) over ``causal``:
     the pairs ``under & table`` attend, the mask exact inside the kept tiles (causal diagonals,
-    document boundaries with ``q_doc`` / ``k_doc``). Forward and backward; CPU only for now."""
+    document boundaries with ``q_doc`` / ``k_doc``). Forward and backward, CPU and CUDA."""
 
     __slots__ = ("table", "block_q", "block_k", "under")
 

@@ -252,7 +252,7 @@ pub enum MaskArg<'a> {
     /// An explicit block mask: `table` uint8 / bool `[B or 1, H or 1, q_tiles, k_tiles]`
     /// (contiguous; nonzero = attend the whole tile of `tile_q` queries x `tile_k` keys). With
     /// `under`, the table gates that mask expression (an external gate, SeerAttention-style):
-    /// the pairs attend that `under` allows inside the kept tiles, `under & table` (CPU only).
+    /// the pairs attend that `under` allows inside the kept tiles, `under & table`.
     Blocks {
         table: RawTensor,
         tile_q: usize,
@@ -477,17 +477,6 @@ enum Resolved<'a> {
     Prepared(MaskSpec<'a>),
 }
 
-fn is_gated(a: &AttnArgs) -> bool {
-    matches!(a.mask, MaskArg::Blocks { under: Some(_), .. })
-}
-
-fn gated_on_cuda() -> Error {
-    Error::Param {
-        op: FWD,
-        msg: "a block mask under a mask expression (an external gate) runs on the CPU only; on CUDA pass the block mask alone or the expression alone".into(),
-    }
-}
-
 fn bind<'a>(a: &AttnArgs<'a>, dims: &Dims, data: MaskData) -> Result<Resolved<'a>> {
     let shape = MaskShape {
         batch: dims.batch,
@@ -539,9 +528,9 @@ fn spec<'a>(r: &'a Resolved<'a>) -> MaskSpec<'a> {
             schedule: s,
             rows: None,
         },
-        Resolved::Gated(b, s) => MaskSpec::Schedule {
+        Resolved::Gated(b, s) => MaskSpec::Gated {
+            mask: b,
             schedule: s,
-            rows: Some(b),
         },
     }
 }
@@ -688,7 +677,6 @@ pub unsafe fn forward(
             Ok(())
         }
         Device::Cuda(_) if matches!(a.mask, MaskArg::Prepared(_)) => Err(prepared_on_cuda()),
-        Device::Cuda(_) if is_gated(a) => Err(gated_on_cuda()),
         Device::Cuda(ord) => cuda_route::forward(ord, a, &dims, dt, out, lse, stream),
     }
 }
@@ -934,7 +922,6 @@ pub unsafe fn backward(
             }
             Ok(())
         }
-        Device::Cuda(_) if is_gated(a) => Err(gated_on_cuda()),
         Device::Cuda(ord) => {
             cuda_route::backward(ord, a, &dims, dt, [out, lse, dout, dq, dk, dv], bwd, stream)
         }

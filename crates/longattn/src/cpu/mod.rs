@@ -157,7 +157,7 @@ pub(crate) fn forward_map(
     // Whether the row mask ignores the head (mask expressions do), so Partial tile bits can be
     // computed once and shared by every head.
     let mut head_free_rows = false;
-    let (schedule, rows): (&BlockSchedule, Option<&dyn RowMask>) = match mask {
+    let (schedule, rows): (&BlockSchedule, Option<&dyn RowMask>) = match mask.as_schedule() {
         MaskSpec::Full => {
             owned = BlockSchedule::full(BQ, NC, dims.sq, dims.sk)?;
             (&owned, None)
@@ -169,6 +169,7 @@ pub(crate) fn forward_map(
             (&owned, Some(bound as &dyn RowMask))
         }
         MaskSpec::Schedule { schedule, rows } => (schedule, rows),
+        MaskSpec::Gated { .. } => unreachable!("as_schedule"),
     };
     check_schedule(schedule, rows.is_some(), dims)?;
     let partial_bits = match rows {

@@ -687,6 +687,29 @@ mod tests {
         assert_eq!(n, 32);
     }
 
+    /// A gated mask's program (the expression ANDed with the gate's table) compiles in the
+    /// one-pass backward (NVRTC; skipped without `libnvrtc`).
+    #[test]
+    fn gated_backward_kernels_compile_with_nvrtc() {
+        let Some((program, _)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let program = crate::cuda::forward::gated_program(&program);
+        let kernel = BwdKernel::choose(128, (9, 0), false);
+        let (src, variant, _, _, _, defines) = kernel_build(
+            kernel,
+            DType::BF16,
+            128,
+            &AttnParams::default(),
+            &program,
+            true,
+        );
+        let name = format!("test_gated_{variant}");
+        if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
+            panic!("{name} {defines:?}: {e}");
+        }
+    }
+
     /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.
     #[test]
     fn one_pass_tiles_fit_shared_memory() {

@@ -707,6 +707,21 @@ impl DevMask {
                 };
                 (s, prog, None, Some((schedule, table)))
             }
+            // mask & gate: the kernel tiles both schedule, Full where both are; the element
+            // program is the expression's ANDed with the gate's kept tiles (its table).
+            MaskSpec::Gated { mask: bm, schedule } => {
+                let (g, table) = retile(schedule, tq, tk)?;
+                let s = gate_tiles(&bm.schedule(tq, tk)?, &g)?;
+                let el = bm.cuda_program_with(bake_mask_consts());
+                consts = el.const_array();
+                let prog = if s.counts().1 > 0 {
+                    gated_program(&el.source)
+                } else {
+                    NO_MASK.to_string()
+                };
+                let docs = bm.docs.as_ref().map(|d| (d.q.clone(), d.k.clone()));
+                (s, prog, docs, Some((schedule, table)))
+            }
         };
         Self::upload(dev, sched, (program, consts), docs, blk, runs, dims)
     }
@@ -1434,6 +1449,50 @@ __device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) 
 }
 "#;
 
+/// The device program of a gated mask: the expression's `la_mask` renamed `la_mask_expr`, and
+/// `la_mask` = the expression && the kept-tile lookup of [`BLOCK_PROGRAM`] (the gate's table at
+/// its own tiles: `mask & gate`, pair for pair).
+pub(crate) fn gated_program(expr_source: &str) -> String {
+    let renamed = expr_source.replacen("bool la_mask(", "bool la_mask_expr(", 1);
+    let gate = BLOCK_PROGRAM.replacen("bool la_mask(", "bool la_mask_gate(", 1);
+    format!(
+        "{renamed}{gate}template <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {{\n    return la_mask_expr(p, b, h, i, j) && la_mask_gate(p, b, h, i, j);\n}}\n"
+    )
+}
+
+/// The kernel-tile schedule of a gated mask: the tiles both the expression's schedule `e` and
+/// the re-tiled gate `g` list (same tiles; `g` may hold batch rows and heads), Full where both
+/// are Full, Partial otherwise.
+fn gate_tiles(e: &BlockSchedule, g: &BlockSchedule) -> Result<BlockSchedule> {
+    let (batch, heads) = (e.batch.max(g.batch), g.heads);
+    let mut rows = Vec::with_capacity(batch * heads * e.q_tiles);
+    for b in 0..batch {
+        for h in 0..heads {
+            for qt in 0..e.q_tiles {
+                let ge = g.row(b, h, qt);
+                let row: Vec<TileEntry> = e
+                    .row(b, h, qt)
+                    .iter()
+                    .filter_map(|x| {
+                        let y = ge.binary_search_by_key(&x.k_tile, |y| y.k_tile).ok()?;
+                        let full = x.kind == TileKind::Full && ge[y].kind == TileKind::Full;
+                        Some(TileEntry {
+                            k_tile: x.k_tile,
+                            kind: if full {
+                                TileKind::Full
+                            } else {
+                                TileKind::Partial
+                            },
+                        })
+                    })
+                    .collect();
+                rows.push(row);
+            }
+        }
+    }
+    BlockSchedule::from_rows(e.tile_q, e.tile_k, e.sq, e.sk, batch, heads, rows)
+}
+
 /// CSR offsets and entries (`k_tile << 1 | partial`).
 fn encode(s: &BlockSchedule) -> (Vec<u32>, Vec<u32>) {
     let rows = s.batch * s.heads * s.q_tiles;
@@ -1696,6 +1755,99 @@ mod tests {
             }
         }
         assert_eq!(n, 120);
+    }
+
+    /// A gated mask at the kernel's tiles (`retile` of the gate, then `gate_tiles` with the
+    /// expression's schedule): a tile is Full only when every pair of `mask & gate` in it is
+    /// allowed, and every tile holding an allowed pair is listed; gates of other tile sizes than
+    /// the kernel's (smaller, larger, not dividing), per head, Sq != Sk.
+    #[test]
+    fn gated_kernel_tiles_cover_mask_and_gate() {
+        let mut rng = Rng::new(17);
+        for &(t, sq, sk, text) in &[
+            (32, 300, 300, "causal"),
+            (48, 200, 333, "causal & (sinks(4) | window(50,0))"),
+            (128, 257, 257, "window(20,20) | strided(7)"),
+            (100, 129, 400, "causal & power(16)"),
+        ] {
+            let hq = 2;
+            let bound = crate::mask::MaskExpr::parse(text)
+                .unwrap()
+                .bind(crate::mask::MaskShape { batch: 1, sq, sk }, None)
+                .unwrap();
+            let (qt, kt) = (sq.div_ceil(t), sk.div_ceil(t));
+            let table: Vec<u8> = (0..hq * qt * kt).map(|_| rng.below(2) as u8).collect();
+            let gated = bound
+                .schedule(t, t)
+                .unwrap()
+                .gated(&table, [1, hq, qt, kt])
+                .unwrap();
+            for (br, bc) in [(128, 128), (64, 176), (128, 64)] {
+                let (g, back) = retile(&gated, br, bc).unwrap();
+                let s = gate_tiles(&bound.schedule(br, bc).unwrap(), &g).unwrap();
+                assert_eq!(s.heads, hq);
+                for h in 0..hq {
+                    for kq in 0..s.q_tiles {
+                        let (r0, r1) = s.q_range(kq);
+                        for kk in 0..s.k_tiles {
+                            let (c0, c1) = s.k_range(kk);
+                            let on = |i: usize, j: usize| {
+                                bound.allowed(0, i, j)
+                                    && back[(h * qt + i / t) * kt + j / t] != 0
+                                    && table[(h * qt + i / t) * kt + j / t] != 0
+                            };
+                            let n = (r0..r1)
+                                .flat_map(|i| (c0..c1).map(move |j| (i, j)))
+                                .filter(|&(i, j)| on(i, j))
+                                .count();
+                            let got = s.row(0, h, kq).iter().find(|e| e.k_tile as usize == kk);
+                            if n > 0 {
+                                assert!(
+                                    got.is_some(),
+                                    "`{text}` gate {t}: tile ({kq}, {kk}) of head {h} dropped"
+                                );
+                            }
+                            if got.is_some_and(|e| e.kind == TileKind::Full) {
+                                assert_eq!(
+                                    n,
+                                    (r1 - r0) * (c1 - c0),
+                                    "`{text}` gate {t}: tile ({kq}, {kk}) Full"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The gated program (the expression's `la_mask` renamed, ANDed with the gate's table
+    /// lookup) compiles in the warp-specialized kernel (NVRTC; skipped without `libnvrtc`).
+    #[test]
+    fn gated_kernels_compile_with_nvrtc() {
+        let Some((element, _)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let prog = gated_program(&element);
+        assert_eq!(prog.matches("bool la_mask(").count(), 1, "{prog}");
+        assert!(prog.contains("la_mask_expr(p, b, h, i, j) && la_mask_gate(p, b, h, i, j)"));
+        for tile in [
+            TileCfg::warp_specialized(2, 128, 1),
+            TileCfg::choose_wgmma(128, false),
+        ] {
+            let (src, _, tag, defines) = kernel_build(
+                &tile,
+                DType::BF16,
+                128,
+                &AttnParams::default(),
+                &prog,
+                "fused",
+            );
+            let name = format!("test_gated{tag}");
+            if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
+                panic!("{name}: {e}");
+            }
+        }
     }
 
     /// Every atom's device function compiles (NVRTC, sm_90a; skipped without `libnvrtc`): one

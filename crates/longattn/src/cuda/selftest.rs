@@ -70,7 +70,8 @@ pub struct FwdCase {
     pub hq: usize,
     pub hk: usize,
     pub d: usize,
-    /// Mask expression, or `blocks(T)` for a random explicit block mask of T x T tiles.
+    /// Mask expression, `blocks(T)` for a random explicit block mask of T x T tiles, or
+    /// `gated(T):EXPR` for such a table gating EXPR.
     pub mask: String,
     pub softcap: Option<f32>,
     /// Equal documents per batch row (for `document`).
@@ -169,6 +170,8 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
         "radial(64,32)",
         "blocks(64)",
         "blocks(32)",
+        "gated(64):causal",
+        "gated(48):causal & (sinks(4) | window(100,0))",
     ];
     for (n, m) in masks.iter().enumerate() {
         if quick && n % 3 != 0 {
@@ -291,6 +294,36 @@ impl Built {
                 .flat_map(|_| (0..n).map(|i| id(i) as i32))
                 .collect()
         };
+        // A gate over an expression, `gated(T):EXPR`: a seeded random table of T x T tiles
+        // (about half on) gating EXPR (`mask & gate`).
+        if let Some((t, text)) = c
+            .mask
+            .strip_prefix("gated(")
+            .and_then(|r| r.split_once("):"))
+        {
+            let t: usize = t.parse().map_err(|_| crate::Error::Param {
+                op: "selftest",
+                msg: format!("bad block size in `{}`", c.mask),
+            })?;
+            let expr = MaskExpr::parse(text)?;
+            let docs = expr.uses_documents().then(|| DocIds {
+                q: ids(c.sq),
+                k: ids(c.sk),
+            });
+            let bound = expr.bind(shape, docs)?;
+            let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
+            let mut rng = Rng::new(seed + 3);
+            let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
+            let s = bound.schedule(t, t)?.gated(&table, [1, 1, qt, kt])?;
+            return Ok(Built {
+                q,
+                k,
+                v,
+                params,
+                bound: Some(bound),
+                blocks: Some((s, table, t, kt)),
+            });
+        }
         // Explicit block masks: a seeded random table of T x T tiles (about half on).
         let (bound, blocks) = if let Some(t) = c
             .mask
@@ -330,7 +363,10 @@ impl Built {
 
     fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
         match (&self.bound, &self.blocks) {
-            (Some(m), _) => m.allowed(b, i, j),
+            (Some(m), Some((_, table, t, kt))) => {
+                m.allowed(b, i, j) && table[(i / t) * kt + j / t] != 0
+            }
+            (Some(m), None) => m.allowed(b, i, j),
             (None, Some((_, table, t, kt))) => table[(i / t) * kt + j / t] != 0,
             _ => false,
         }
@@ -563,7 +599,11 @@ fn spec_cpu<'a>(
     blocks: &'a Option<(BlockSchedule, Vec<u8>, usize, usize)>,
 ) -> MaskSpec<'a> {
     match (bound, blocks) {
-        (Some(b), _) => MaskSpec::Expr(b),
+        (Some(b), Some((s, ..))) => MaskSpec::Gated {
+            mask: b,
+            schedule: s,
+        },
+        (Some(b), None) => MaskSpec::Expr(b),
         (None, Some((s, ..))) => MaskSpec::Schedule {
             schedule: s,
             rows: None,

@@ -558,6 +558,7 @@ fn rows_of<'a>(mask: &MaskSpec<'a>) -> Option<&'a dyn RowMask> {
     match *mask {
         MaskSpec::Expr(b) => Some(b as &dyn RowMask),
         MaskSpec::Schedule { rows, .. } => rows,
+        MaskSpec::Gated { mask, .. } => Some(mask as &dyn RowMask),
         MaskSpec::Full => None,
     }
 }

@@ -560,7 +560,7 @@ fn candidates<'a>(
     (tq, tk): (usize, usize),
 ) -> Result<(Cow<'a, BlockSchedule>, Option<&'a dyn RowMask>)> {
     let block = tq;
-    let (s, rows) = match mask {
+    let (s, rows) = match mask.as_schedule() {
         MaskSpec::Full => (
             Cow::Owned(BlockSchedule::full(tq, tk, dims.sq, dims.sk)?),
             None,
@@ -584,6 +584,7 @@ fn candidates<'a>(
             }
             (Cow::Borrowed(schedule), rows)
         }
+        MaskSpec::Gated { .. } => unreachable!("as_schedule"),
     };
     crate::cpu::check_schedule(&s, rows.is_some(), dims)?;
     Ok((s, rows))

@@ -86,7 +86,7 @@ pub fn backward(
         None => Isa::best(),
     };
     let owned;
-    let (schedule, rows): (&BlockSchedule, Option<&dyn RowMask>) = match mask {
+    let (schedule, rows): (&BlockSchedule, Option<&dyn RowMask>) = match mask.as_schedule() {
         MaskSpec::Full => {
             owned = BlockSchedule::full(T, T, dims.sq, dims.sk)?;
             (&owned, None)
@@ -97,6 +97,7 @@ pub fn backward(
             (&owned, Some(bound as &dyn RowMask))
         }
         MaskSpec::Schedule { schedule, rows } => (schedule, rows),
+        MaskSpec::Gated { .. } => unreachable!("as_schedule"),
     };
     check_schedule(schedule, rows.is_some(), dims)?;
     let job = Job::new(inp, dims, params, schedule, rows, bwd);
