@@ -158,6 +158,14 @@
 //!
 //! [`SparseReport`] gives the achieved density per head; [`mass_recall`] the attention mass
 //! inside the selection, computed exactly with the f64 oracle (small inputs).
+//!
+//! # Gates and targets from outside
+//!
+//! A selection made elsewhere (a learned gate's per-(batch, head) block map, SeerAttention-style)
+//! needs no estimator: [`BlockSchedule::gated`] keeps the mask schedule's tiles the map keeps,
+//! `mask & gate`, and [`MaskSpec::Gated`] runs it on either backend, forward and backward
+//! (`longattn.BlockMask(table, block, under=EXPR)` in Python). Its training target, the
+//! block-pooled attention map, comes from the dense forward: [`crate::forward_with_map`].
 pub mod cuda;
 mod estimate;
 mod lines;
