@@ -1835,18 +1835,18 @@ mod tests {
             TileCfg::warp_specialized(2, 128, 1),
             TileCfg::choose_wgmma(128, false),
         ] {
-            let (src, _, tag, defines) = kernel_build(
-                &tile,
-                DType::BF16,
-                128,
-                &AttnParams::default(),
-                &prog,
-                "fused",
-            );
-            let name = format!("test_gated{tag}");
-            if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
-                panic!("{name}: {e}");
-            }
+            compile_d128(&tile, &prog, "test_gated");
+        }
+    }
+
+    /// Compiles the bf16 D 128 forward of `tile` with mask program `prog` (NVRTC, sm_90a),
+    /// panicking with the compiler's message.
+    fn compile_d128(tile: &TileCfg, prog: &str, prefix: &str) {
+        let params = AttnParams::default();
+        let (src, _, tag, defines) = kernel_build(tile, DType::BF16, 128, &params, prog, "fused");
+        let name = format!("{prefix}{tag}");
+        if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
+            panic!("{name}: {e}");
         }
     }
 
@@ -1870,19 +1870,7 @@ mod tests {
             .bind(crate::mask::MaskShape::square(300), Some(docs))
             .unwrap();
         let prog = bm.cuda_program().source;
-        let tile = TileCfg::warp_specialized(2, 128, 1);
-        let (src, _, tag, defines) = kernel_build(
-            &tile,
-            DType::BF16,
-            128,
-            &AttnParams::default(),
-            &prog,
-            "fused",
-        );
-        let name = format!("test_atoms{tag}");
-        if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
-            panic!("{name}: {e}");
-        }
+        compile_d128(&TileCfg::warp_specialized(2, 128, 1), &prog, "test_atoms");
     }
 
     /// `LaFwdParams` and `LaWsParams` are laid out as the kernels declare them (they are passed

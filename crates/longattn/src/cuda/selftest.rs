@@ -294,58 +294,52 @@ impl Built {
                 .flat_map(|_| (0..n).map(|i| id(i) as i32))
                 .collect()
         };
-        // A gate over an expression, `gated(T):EXPR`: a seeded random table of T x T tiles
-        // (about half on) gating EXPR (`mask & gate`).
-        if let Some((t, text)) = c
-            .mask
-            .strip_prefix("gated(")
-            .and_then(|r| r.split_once("):"))
-        {
-            let t: usize = t.parse().map_err(|_| crate::Error::Param {
-                op: "selftest",
-                msg: format!("bad block size in `{}`", c.mask),
-            })?;
-            let expr = MaskExpr::parse(text)?;
-            let docs = expr.uses_documents().then(|| DocIds {
-                q: ids(c.sq),
-                k: ids(c.sk),
-            });
-            let bound = expr.bind(shape, docs)?;
-            let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
-            let mut rng = Rng::new(seed + 3);
-            let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
-            let s = bound.schedule(t, t)?.gated(&table, [1, 1, qt, kt])?;
-            return Ok(Built {
-                q,
-                k,
-                v,
-                params,
-                bound: Some(bound),
-                blocks: Some((s, table, t, kt)),
-            });
-        }
-        // Explicit block masks: a seeded random table of T x T tiles (about half on).
-        let (bound, blocks) = if let Some(t) = c
+        // `blocks(T)`: a seeded random table of T x T tiles (about half on); `gated(T):EXPR`:
+        // such a table gating EXPR (`mask & gate`); else an expression.
+        let (tile, text) = if let Some(t) = c
             .mask
             .strip_prefix("blocks(")
             .and_then(|r| r.strip_suffix(')'))
         {
-            let t: usize = t.parse().map_err(|_| crate::Error::Param {
-                op: "selftest",
-                msg: format!("bad block size in `{}`", c.mask),
-            })?;
-            let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
-            let mut rng = Rng::new(seed + 3);
-            let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
-            let s = BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, c.sq, c.sk)?;
-            (None, Some((s, table, t, kt)))
+            (Some(t), None)
+        } else if let Some((t, e)) = c
+            .mask
+            .strip_prefix("gated(")
+            .and_then(|r| r.split_once("):"))
+        {
+            (Some(t), Some(e))
         } else {
-            let expr = MaskExpr::parse(&c.mask)?;
-            let docs = expr.uses_documents().then(|| DocIds {
-                q: ids(c.sq),
-                k: ids(c.sk),
-            });
-            (Some(expr.bind(shape, docs)?), None)
+            (None, Some(c.mask.as_str()))
+        };
+        let bound = match text {
+            Some(text) => {
+                let expr = MaskExpr::parse(text)?;
+                let docs = expr.uses_documents().then(|| DocIds {
+                    q: ids(c.sq),
+                    k: ids(c.sk),
+                });
+                Some(expr.bind(shape, docs)?)
+            }
+            None => None,
+        };
+        let blocks = match tile {
+            Some(t) => {
+                let t: usize = t.parse().map_err(|_| crate::Error::Param {
+                    op: "selftest",
+                    msg: format!("bad block size in `{}`", c.mask),
+                })?;
+                let (qt, kt) = (c.sq.div_ceil(t), c.sk.div_ceil(t));
+                let mut rng = Rng::new(seed + 3);
+                let table: Vec<u8> = (0..qt * kt).map(|_| (rng.below(2)) as u8).collect();
+                let s = match &bound {
+                    Some(b) => b.schedule(t, t)?.gated(&table, [1, 1, qt, kt])?,
+                    None => {
+                        BlockSchedule::from_block_mask(&table, [1, 1, qt, kt], t, t, c.sq, c.sk)?
+                    }
+                };
+                Some((s, table, t, kt))
+            }
+            None => None,
         };
         Ok(Built {
             q,
@@ -1453,4 +1447,43 @@ pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The matrix's mask cases are consistent on the CPU (no GPU needed): for every mask case
+    /// of the quick and full matrices at 512 tokens, the CPU forward through the case's spec
+    /// (`gated(T):EXPR` included) equals the f64 oracle of the case's `allowed`, so a GPU
+    /// failure of one of them points at the kernels.
+    #[test]
+    fn mask_cases_agree_with_their_oracle_on_the_cpu() {
+        let mut n = 0;
+        for c in forward_cases(false)
+            .into_iter()
+            .filter(|c| c.sq == 512 && c.sk == 512)
+        {
+            let mut c = c;
+            c.dtype = DType::F32;
+            c.d = 32;
+            let bt = Built::new(&c, 7).unwrap();
+            let (qv, kv, vv) = (
+                bt.q.view("q").unwrap(),
+                bt.k.view("k").unwrap(),
+                bt.v.view("v").unwrap(),
+            );
+            let got = crate::forward(&qv, &kv, &vv, &bt.params, bt.spec()).unwrap();
+            let r = attention_f64(&qv, &kv, &vv, &bt.params, &|b, _, i, j| bt.allowed(b, i, j))
+                .unwrap();
+            let (e, l) = compare(&got.out, &got.lse, &r);
+            assert!(
+                e <= out_tolerance(DType::F32) && l <= LSE_TOLERANCE,
+                "{}: out {e:e}, lse {l:e}",
+                c.name()
+            );
+            n += 1;
+        }
+        assert!(n >= 20, "{n} mask cases");
+    }
 }
