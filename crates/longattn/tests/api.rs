@@ -235,9 +235,12 @@ fn gates_under_a_mask_expression_match_the_oracle() {
         let (nq, nk) = (sq.div_ceil(tq), sk.div_ceil(tk));
         // Per (batch, head) except the last case (batch shared: [1, Hq, ...]).
         let tb = if n == 3 { 1 } else { bn };
-        let table: Vec<u8> = (0..tb * hq * nq * nk)
+        let mut table: Vec<u8> = (0..tb * hq * nq * nk)
             .map(|i| ((i * 7 + n) % 5 < 2) as u8)
             .collect();
+        // Head 0's last query tile keeps nothing: its rows attend no key.
+        let last = ((nq - 1) * nk)..(nq * nk);
+        table[last].fill(0);
         let t = RawTensor::contiguous(
             table.as_ptr() as u64,
             RawDType::U8,
@@ -261,6 +264,15 @@ fn gates_under_a_mask_expression_match_the_oracle() {
             eo <= out_tolerance(DType::F32) && el <= LSE_TOLERANCE,
             "`{text}` & gate: out {eo:e} lse {el:e}"
         );
+        // Rows the gate leaves empty: out 0 and LSE -inf, as under a mask.
+        let o = got.out.data.to_f32_vec();
+        for i in (nq - 1) * tq..sq {
+            assert_eq!(got.lse[i], f32::NEG_INFINITY, "`{text}` row {i}");
+            assert!(
+                o[i * hq * 16..][..16].iter().all(|&x| x == 0.0),
+                "`{text}` row {i}"
+            );
+        }
     }
 }
 
