@@ -670,6 +670,8 @@ fn schedule_build_time_131072() {
         "!causal",
         "neighborhood(1023)",
         "chunk(4096) | strided(512)",
+        "causal & (sinks(4) | window(1023,0) | power(1024))",
+        "radial(4096,2048)",
     ] {
         let e = p(text);
         let t = std::time::Instant::now();
