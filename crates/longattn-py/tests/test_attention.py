@@ -618,3 +618,29 @@ def test_attention_map_pools_the_probabilities(mask, sq, sk, block):
     torch.testing.assert_close(top.double(), want_max, atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="multiple of 64"):
         longattn.attention_map(q, k, v, mask, block=96)
+
+
+def test_attention_map_under_a_gate():
+    """attention_map through a gate (a BlockMask under an expression): the maps are those of
+    ``under & table`` (the gate's skipped blocks hold 0) and out / lse equal attention's."""
+    sq = sk = 200
+    q, k, v = make_qkv("cpu", F32, 1, sq, sk, 2, 1, 32)
+    table = (torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(5)) > 0.4).to(torch.uint8)
+    gate = longattn.BlockMask(table, 64, under="causal")
+    with torch.no_grad():
+        out, lse, mass, top = longattn.attention_map(q, k, v, gate, block=64)
+        ref_out, ref_lse = longattn.attention(q, k, v, gate, return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    i = torch.arange(sq)[:, None] // 64
+    j = torch.arange(sk)[None] // 64
+    allowed = allowed_matrix("causal", 1, sq, sk)[:, None] & table[:, :, i, j].bool()  # [1, 2, Sq, Sk]
+    kk = k.double().repeat_interleave(2, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(32)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    pad = torch.zeros(1, 2, 256, 256, dtype=torch.float64)
+    pad[:, :, :sq, :sk] = p
+    blocks = pad.view(1, 2, 4, 64, 4, 64)
+    rows = torch.tensor([64, 64, 64, 8], dtype=torch.float64)
+    torch.testing.assert_close(mass.double(), blocks.sum((3, 5)) / rows[None, None, :, None], atol=2e-5, rtol=0)
+    torch.testing.assert_close(top.double(), blocks.amax((3, 5)), atol=2e-5, rtol=0)
+    assert (mass[table == 0] == 0).all()
