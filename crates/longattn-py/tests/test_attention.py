@@ -591,6 +591,22 @@ def test_block_mask_gates_a_mask(device, under, sq, sk, tq, tk):
         longattn.BlockMask(table, (tq, tk), under=3)
 
 
+def pooled_reference(q, k, allowed, block):
+    """(mass, max) pooled per block x block from float64 probabilities under ``allowed``
+    ([B, 1 or Hq, Sq, Sk]); GQA by repeating K's heads; rows with no key hold 0."""
+    b, sq, hq, d = q.shape
+    sk = k.shape[1]
+    kk = k.double().repeat_interleave(hq // k.shape[2], dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(d)
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    nq, nk = -(-sq // block), -(-sk // block)
+    pad = torch.zeros(b, hq, nq * block, nk * block, dtype=torch.float64)
+    pad[:, :, :sq, :sk] = p
+    blocks = pad.view(b, hq, nq, block, nk, block)
+    rows = torch.tensor([min(block, sq - i * block) for i in range(nq)], dtype=torch.float64)
+    return blocks.sum((3, 5)) / rows[None, None, :, None], blocks.amax((3, 5))
+
+
 @pytest.mark.parametrize("mask,sq,sk,block", [("causal", 113, 113, 64), ("causal & power(16)", 200, 300, 128),
                                               ("window(40,10)", 65, 1, 64)])
 def test_attention_map_pools_the_probabilities(mask, sq, sk, block):
@@ -601,19 +617,9 @@ def test_attention_map_pools_the_probabilities(mask, sq, sk, block):
         out, lse, mass, top = longattn.attention_map(q, k, v, mask, block=block)
         ref_out, ref_lse = longattn.attention(q, k, v, mask, return_lse=True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
-    allowed = allowed_matrix(mask, 2, sq, sk)  # [B, Sq, Sk]
-    kk = k.double().repeat_interleave(2, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(32)
-    s = s.masked_fill(~allowed[:, None], float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)  # empty rows: 0
-    nq, nk = -(-sq // block), -(-sk // block)
-    pad = torch.zeros(2, 4, nq * block, nk * block, dtype=torch.float64)
-    pad[:, :, :sq, :sk] = p
-    blocks = pad.view(2, 4, nq, block, nk, block)
-    rows = torch.tensor([min(block, sq - i * block) for i in range(nq)], dtype=torch.float64)
-    want_mass = blocks.sum((3, 5)) / rows[None, None, :, None]
-    want_max = blocks.amax((3, 5))
-    assert mass.shape == (2, 4, nq, nk) and top.shape == (2, 4, nq, nk)
+    allowed = allowed_matrix(mask, 2, sq, sk)[:, None]  # [B, 1, Sq, Sk]
+    want_mass, want_max = pooled_reference(q, k, allowed, block)
+    assert mass.shape == want_mass.shape and top.shape == want_max.shape
     torch.testing.assert_close(mass.double(), want_mass, atol=2e-5, rtol=0)
     torch.testing.assert_close(top.double(), want_max, atol=2e-5, rtol=0)
     with pytest.raises(ValueError, match="multiple of 64"):
@@ -634,13 +640,7 @@ def test_attention_map_under_a_gate():
     i = torch.arange(sq)[:, None] // 64
     j = torch.arange(sk)[None] // 64
     allowed = allowed_matrix("causal", 1, sq, sk)[:, None] & table[:, :, i, j].bool()  # [1, 2, Sq, Sk]
-    kk = k.double().repeat_interleave(2, dim=2)
-    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) / math.sqrt(32)
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-    pad = torch.zeros(1, 2, 256, 256, dtype=torch.float64)
-    pad[:, :, :sq, :sk] = p
-    blocks = pad.view(1, 2, 4, 64, 4, 64)
-    rows = torch.tensor([64, 64, 64, 8], dtype=torch.float64)
-    torch.testing.assert_close(mass.double(), blocks.sum((3, 5)) / rows[None, None, :, None], atol=2e-5, rtol=0)
-    torch.testing.assert_close(top.double(), blocks.amax((3, 5)), atol=2e-5, rtol=0)
+    want_mass, want_max = pooled_reference(q, k, allowed, 64)
+    torch.testing.assert_close(mass.double(), want_mass, atol=2e-5, rtol=0)
+    torch.testing.assert_close(top.double(), want_max, atol=2e-5, rtol=0)
     assert (mass[table == 0] == 0).all()
