@@ -526,6 +526,20 @@ def test_cuda_float32_refused_or_supported():
     assert_close(out, ro, F32)
 
 
+def check_forward_and_grads(q, k, v, mask, allowed, dtype, what, **docs):
+    """longattn.attention under ``mask`` and its gradients for a random dO against the float64
+    reference restricted to ``allowed``."""
+    out = longattn.attention(q, k, v, mask, **docs)
+    l64 = [leaf64(x) for x in (q, k, v)]
+    ro, _ = ref_attention(*l64, None, allowed=allowed)
+    assert_close(out, ro, dtype)
+    dout = randn(*out.shape, dtype=dtype, device=q.device)
+    g = torch.autograd.grad(out, (q, k, v), dout)
+    r = torch.autograd.grad(ro, l64, dout.cpu().double())
+    for a, b, n in zip(g, r, "qkv"):
+        assert_grad_close(a, b, dtype, f"d{n} ({what})")
+
+
 @pytest.mark.parametrize("sq,sk,tq,tk", [(65, 113, 64, 64), (200, 63, 128, 32), (7, 7, 16, 16)])
 def test_block_mask(device, sq, sk, tq, tk):
     """An explicit block mask (per batch row, shared by the heads), forward and gradients,
@@ -540,17 +554,8 @@ def test_block_mask(device, sq, sk, tq, tk):
     i = torch.arange(sq)[:, None] // tq
     j = torch.arange(sk)[None] // tk
     allowed = table[:, 0][:, i, j].bool()  # [B, Sq, Sk]
-    out, lse = longattn.attention(
-        q, k, v, longattn.BlockMask(table.to(device), (tq, tk)), return_lse=True
-    )
-    l64 = [leaf64(x) for x in (q, k, v)]
-    ro, rl = ref_attention(*l64, None, allowed=allowed)
-    assert_close(out, ro, dtype)
-    dout = randn(*out.shape, dtype=dtype, device=device)
-    g = torch.autograd.grad(out, (q, k, v), dout)
-    r = torch.autograd.grad(ro, l64, dout.cpu().double())
-    for a, b, n in zip(g, r, "qkv"):
-        assert_grad_close(a, b, dtype, "d" + n + " (block mask)")
+    check_forward_and_grads(q, k, v, longattn.BlockMask(table.to(device), (tq, tk)), allowed,
+                            dtype, "block mask")
     with pytest.raises(ValueError, match="block_mask"):
         wrong = torch.cat([table, table[..., :1]], -1)  # one key tile too many
         longattn.attention(q, k, v, longattn.BlockMask(wrong.to(device), (tq, tk)))
@@ -578,15 +583,7 @@ def test_block_mask_gates_a_mask(device, under, sq, sk, tq, tk):
     i = torch.arange(sq)[:, None] // tq
     j = torch.arange(sk)[None] // tk
     allowed = allowed_matrix(under, b, sq, sk, q_doc, k_doc)[:, None] & table[:, :, i, j].bool()
-    out, lse = longattn.attention(q, k, v, gate, return_lse=True, **docs)
-    l64 = [leaf64(x) for x in (q, k, v)]
-    ro, rl = ref_attention(*l64, None, allowed=allowed)
-    assert_close(out, ro, dtype)
-    dout = randn(*out.shape, dtype=dtype, device=device)
-    g = torch.autograd.grad(out, (q, k, v), dout)
-    r = torch.autograd.grad(ro, l64, dout.cpu().double())
-    for a, bb, n in zip(g, r, "qkv"):
-        assert_grad_close(a, bb, dtype, "d" + n + " (gate)")
+    check_forward_and_grads(q, k, v, gate, allowed, dtype, "gate", **docs)
     with pytest.raises(TypeError, match="under"):
         longattn.BlockMask(table, (tq, tk), under=3)
 
