@@ -207,15 +207,47 @@ pub fn column_scores(
         .map(|t| {
             let (kh, h) = (t / g, t);
             let (k, pos) = &heads[kh];
-            let mut col = vec![0.0f64; pos.len()];
-            let mut qi = vec![0.0f32; d];
-            for &i in &rows {
+            let n = pos.len();
+            let mut col = vec![0.0f64; n];
+            // The rows' dot products with every entry in one product (`gemm`):
+            // dots[r][j] = q_{rows[r]} . k_j.
+            let qm: Vec<f32> = rows
+                .iter()
+                .flat_map(|&i| (0..d).map(move |x| obs.q.get(0, i, h, x)))
+                .collect();
+            let mut dots = vec![0.0f32; rows.len() * n];
+            if n > 0 && !rows.is_empty() {
+                // SAFETY: dst is rows x n row-major inside `dots`; lhs is rows x d row-major
+                // inside `qm`; rhs is K^T, d x n, read from K's row-major [n][d] storage
+                // (element (x, j) at j * d + x: rs = 1, cs = d); no aliasing.
+                unsafe {
+                    gemm::gemm(
+                        rows.len(),
+                        n,
+                        d,
+                        dots.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        qm.as_ptr(),
+                        1,
+                        d as isize,
+                        k.as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            for (r, &i) in rows.iter().enumerate() {
                 let l = obs.lse[h * sq + i];
                 if l == f32::NEG_INFINITY {
                     continue; // the row attended nothing
-                }
-                for (x, qx) in qi.iter_mut().enumerate() {
-                    *qx = obs.q.get(0, i, h, x);
                 }
                 for (j, cj) in col.iter_mut().enumerate() {
                     if let Some(m) = &bound {
@@ -226,7 +258,7 @@ pub fn column_scores(
                     if obs.select.is_some_and(|f| !f(h, i, pos[j] as usize)) {
                         continue;
                     }
-                    let dot: f32 = qi.iter().zip(&k[j * d..][..d]).map(|(a, b)| a * b).sum();
+                    let dot = dots[r * n + j];
                     let s = match params.softcap {
                         Some(cap) => cap * (scale * dot / cap).tanh(),
                         None => scale * dot,
