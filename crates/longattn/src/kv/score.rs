@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::{PagedKvCache, SeqId};
 use crate::error::{Error, Result};
-use crate::mask::{BoundMask, MaskExpr, MaskShape};
+use crate::mask::{BoundMask, MaskExpr, MaskShape, RowMask};
 use crate::tensor::TensorView;
 
 fn param(msg: String) -> Error {
@@ -192,7 +192,7 @@ pub fn column_scores(
     w: &[f64],
     params: &ScoreParams,
 ) -> Result<Vec<Vec<f32>>> {
-    let (_, bound) = prepare(cache, id, layer, obs, w)?;
+    let (len, bound) = prepare(cache, id, layer, obs, w)?;
     let c = cache.config();
     let [_, sq, hq, d] = obs.q.shape;
     let (hk, g) = (c.kv_heads, hq / c.kv_heads);
@@ -244,16 +244,20 @@ pub fn column_scores(
                     );
                 }
             }
+            // The mask's row over every position (64 per word), read at the entries' positions.
+            let mut bits = vec![u64::MAX; len.div_ceil(64)];
             for (r, &i) in rows.iter().enumerate() {
                 let l = obs.lse[h * sq + i];
                 if l == f32::NEG_INFINITY {
                     continue; // the row attended nothing
                 }
+                if let Some(m) = &bound {
+                    m.row_bits(0, 0, i, 0, &mut bits);
+                }
                 for (j, cj) in col.iter_mut().enumerate() {
-                    if let Some(m) = &bound {
-                        if !m.allowed(0, i, pos[j] as usize) {
-                            continue;
-                        }
+                    let p = pos[j] as usize;
+                    if bits[p / 64] >> (p % 64) & 1 == 0 {
+                        continue;
                     }
                     if obs.select.is_some_and(|f| !f(h, i, pos[j] as usize)) {
                         continue;
