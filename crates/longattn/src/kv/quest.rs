@@ -232,7 +232,13 @@ impl QuestSelection {
     /// Whether query head `h`, row `i` attends the entry at position `pos` of its KV head,
     /// given the index's entry positions `positions` of that head.
     fn get(&self, positions: &[u32], h: usize, i: usize, pos: usize) -> bool {
-        match positions.binary_search(&(pos as u32)) {
+        // Positions increase strictly, so entry `pos` holding position `pos` is the one (every
+        // entry of a head nothing was evicted from); else search.
+        let entry = match positions.get(pos) {
+            Some(&p) if p as usize == pos => Ok(pos),
+            _ => positions.binary_search(&(pos as u32)),
+        };
+        match entry {
             Ok(e) => self.sel[(h * self.sq + i) * self.np + e / self.page],
             Err(_) => false,
         }
