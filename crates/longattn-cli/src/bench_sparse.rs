@@ -189,7 +189,7 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         dev.name, a.batch
     );
     println!(
-        "{:<10} {:<50} {:>8} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8}",
+        "{:<10} {:<50} {:>8} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8}",
         "input",
         "spec",
         "density",
@@ -199,7 +199,8 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         "sparse",
         "e2e",
         "speedup",
-        "kernel"
+        "kernel",
+        "skipped"
     );
     let median_ms = |f: &mut dyn FnMut() -> longattn::Result<()>| -> Result<f64> {
         f()?;
@@ -272,9 +273,15 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                 )?;
                 let t_sel = median_ms(&mut || plan.launch_select_on(&s, &qd, &kd))?;
                 let sel = plan.selection(Some(&bound as &dyn longattn::mask::RowMask))?;
+                plan.take_skip_stats()?;
                 let t_att = median_ms(&mut || {
                     plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
                 })?;
+                // Skip-softmax: the share of the tested key tiles the kernel dropped.
+                let skipped = match plan.take_skip_stats()? {
+                    Some((t, d)) => format!("{:.1}%", 100.0 * d as f64 / t.max(1) as f64),
+                    None => "-".into(),
+                };
                 let t_e2e = median_ms(&mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse))?;
                 let density = sel.report.density();
                 let stages = plan
@@ -284,7 +291,7 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ");
                 println!(
-                    "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x",
+                    "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>8}",
                     name,
                     spec.to_string(),
                     density,
@@ -296,6 +303,7 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                     dense / t_e2e,
                     // Sparse kernel time against density x dense: 1.00 = proportional.
                     t_att / (density * dense).max(1e-9),
+                    skipped,
                 );
                 if !stages.is_empty() {
                     println!("{:<10} estimator stages (ms): {stages}", "");

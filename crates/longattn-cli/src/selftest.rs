@@ -143,6 +143,12 @@ pub fn main(a: Args) -> Result<()> {
             .into_iter()
             .filter(|r| keep(&r.name)),
     );
+    // Skip-softmax in the forward (group `skip`, every case named `skip ...`).
+    results.extend(longattn::sparse::skip_check::selftest(
+        &dev,
+        a.quick,
+        &|n| keep(n),
+    ));
 
     println!(
         "{:<10} {:<62} {:>6} {:>10} {:>10} {:>10}  detail",

@@ -148,46 +148,10 @@ pub fn compile(
         }
     }
 
-    let csrc = CString::new(src).map_err(|_| err("kernel source holds a NUL byte"))?;
-    let cname = CString::new(format!("{name}.cu")).map_err(|_| err("bad kernel name"))?;
-    let prog = nvres::create_program(&csrc, Some(&cname))
-        .map_err(|e| err(format!("nvrtcCreateProgram: {e:?}")))?;
-    // SAFETY: `prog` is a live program until destroyed below; buffers are sized by NVRTC's calls.
-    let result = unsafe {
-        let compiled = nvres::compile_program(prog, &opts);
-        let log = nvres::get_program_log(prog)
-            .ok()
-            .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match compiled {
-            Err(e) => Err(err(format!(
-                "NVRTC failed on kernel `{name}` for {arch} ({e:?}):\n{log}"
-            ))),
-            Ok(()) => {
-                if verbose {
-                    eprintln!("nvrtc {name}: {log}");
-                }
-                let mut size = 0usize;
-                let r = nv::nvrtcGetCUBINSize(prog, &mut size);
-                if r != nv::nvrtcResult::NVRTC_SUCCESS || size == 0 {
-                    Err(err(format!(
-                        "no CUBIN for `{name}` ({r:?}): the architecture `{arch}` must be a real one (sm_XX)"
-                    )))
-                } else {
-                    let mut cubin = vec![0u8; size];
-                    let r = nv::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast());
-                    if r != nv::nvrtcResult::NVRTC_SUCCESS {
-                        Err(err(format!("nvrtcGetCUBIN: {r:?}")))
-                    } else {
-                        Ok(cubin)
-                    }
-                }
-            }
-        }
-    };
-    // SAFETY: destroyed once; not used afterwards.
-    let _ = unsafe { nvres::destroy_program(prog) };
-    let cubin = result?;
+    let (cubin, log) = nvrtc_build(name, src, arch, &opts)?;
+    if verbose {
+        eprintln!("nvrtc {name}: {log}");
+    }
     if let Some(p) = &path {
         // A failed write only costs a recompile next time.
         if let Some(dir) = p.parent() {
@@ -203,6 +167,62 @@ pub fn compile(
         source: CompileSource::Compiled,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// One NVRTC compilation of `src` with `opts`: the CUBIN and the program log (ptxas's report
+/// with `--ptxas-options=-v`).
+fn nvrtc_build(name: &str, src: &str, arch: &str, opts: &[String]) -> Result<(Vec<u8>, String)> {
+    let csrc = CString::new(src).map_err(|_| err("kernel source holds a NUL byte"))?;
+    let cname = CString::new(format!("{name}.cu")).map_err(|_| err("bad kernel name"))?;
+    let prog = nvres::create_program(&csrc, Some(&cname))
+        .map_err(|e| err(format!("nvrtcCreateProgram: {e:?}")))?;
+    // SAFETY: `prog` is a live program until destroyed below; buffers are sized by NVRTC's calls.
+    let result = unsafe {
+        let compiled = nvres::compile_program(prog, opts);
+        let log = nvres::get_program_log(prog)
+            .ok()
+            .map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match compiled {
+            Err(e) => Err(err(format!(
+                "NVRTC failed on kernel `{name}` for {arch} ({e:?}):\n{log}"
+            ))),
+            Ok(()) => {
+                let mut size = 0usize;
+                let r = nv::nvrtcGetCUBINSize(prog, &mut size);
+                if r != nv::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                    Err(err(format!(
+                        "no CUBIN for `{name}` ({r:?}): the architecture `{arch}` must be a real one (sm_XX)"
+                    )))
+                } else {
+                    let mut cubin = vec![0u8; size];
+                    let r = nv::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast());
+                    if r != nv::nvrtcResult::NVRTC_SUCCESS {
+                        Err(err(format!("nvrtcGetCUBIN: {r:?}")))
+                    } else {
+                        Ok((cubin, log))
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: destroyed once; not used afterwards.
+    let _ = unsafe { nvres::destroy_program(prog) };
+    result
+}
+
+/// ptxas's report (registers, spills, performance notes such as C7519) of `src` for sm_90a with
+/// `defines`, compiled afresh: the tests that guard a kernel's register use and asynchrony.
+#[cfg(test)]
+pub(crate) fn ptxas_report(name: &str, src: &str, defines: &[(String, String)]) -> Result<String> {
+    let mut opts = vec![
+        "--gpu-architecture=sm_90a".to_string(),
+        "--std=c++17".to_string(),
+        "-default-device".to_string(),
+        "--ptxas-options=-v".to_string(),
+    ];
+    opts.extend(defines.iter().map(|(k, v)| format!("-D{k}={v}")));
+    nvrtc_build(name, src, "sm_90a", &opts).map(|(_, log)| log)
 }
 
 /// For the tests that compile kernels without a GPU: the element and interval mask programs of

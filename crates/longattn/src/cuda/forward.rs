@@ -440,6 +440,9 @@ struct LaWsParams {
     p: LaFwdParams,
     /// The blocks' work lists ([`ws_work_list`]).
     work: u64,
+    /// Skip-softmax: the counters {tiles tested, tiles dropped} (u64) and log2 lambda.
+    skip_stats: u64,
+    skip_log2: f32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `LaWsParams` (64-byte aligned maps).
@@ -911,6 +914,8 @@ pub struct FwdPlan {
     pub tile_counts: (usize, usize),
     /// Grid width and query / key patch shapes in patch order (the TMA maps' boxes).
     patch: Option<crate::mask::patch::PatchGrid>,
+    /// Skip-softmax: log2 lambda and the kernel's counters {tiles tested, tiles dropped}.
+    skip: Option<(f32, CudaSlice<u64>)>,
 }
 
 pub(crate) fn unsupported(msg: String) -> Error {
@@ -943,7 +948,6 @@ impl FwdPlan {
         mask: MaskSpec,
         tma: bool,
     ) -> Result<FwdPlan> {
-        params.refuse_skip("cuda attention", "in the CUDA forward")?;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
                 "dtype {dtype}: the CUDA kernels take bf16 or f16 (use the CPU backend for f32)"
@@ -984,6 +988,15 @@ impl FwdPlan {
                 tile = TileCfg::warp_specialized(1, 64, 2);
             }
         }
+        // Skip-softmax is a step of the warp-specialized kernel's consumers (attn_fwd_ws.cu).
+        if let Some(l) = params.skip_below {
+            if tile.kernel != FwdKernel::WarpSpecialized {
+                return Err(unsupported(format!(
+                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64 or 128, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
+                    tile.kernel
+                )));
+            }
+        }
         let t0 = Instant::now();
         // A 2-D neighborhood runs in patch order (~2x fewer keys per query tile at 13 x 13) on
         // the wgmma kernel, and on the warp-specialized one when its Partial tiles read the bit
@@ -1019,6 +1032,10 @@ impl FwdPlan {
         let (src, entry, tag, mut defines) =
             kernel_build(&tile, dtype, d, params, &dm.program, &fwd_softmax());
         let mut ptag = String::new();
+        if params.skip_below.is_some() {
+            defines.push(("LA_SKIP".into(), "1".into()));
+            ptag.push_str("_skip");
+        }
         // Patch order: the grid width and patch shapes are compile-time (TMA boxes, la_qtok /
         // la_ktok index math), so they stay defines and name the variant; the neighborhood's
         // grid and kernel sizes in the mask program itself are arguments (`mc`) like every other
@@ -1140,6 +1157,15 @@ impl FwdPlan {
             block_dim: (tile.warps as u32 * 32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        let skip = match params.skip_below {
+            Some(l) => Some((
+                l.log2(),
+                dev.stream()
+                    .alloc_zeros::<u64>(2)
+                    .map_err(drv("alloc skip counters"))?,
+            )),
+            None => None,
+        };
         Ok(FwdPlan {
             dev: dev.clone(),
             func,
@@ -1153,7 +1179,22 @@ impl FwdPlan {
             tile,
             schedule_seconds,
             patch: patch.map(|(_, _, g)| g),
+            skip,
         })
+    }
+
+    /// Skip-softmax's counters since the plan was made or last read: (key tiles tested, tiles
+    /// dropped), summed over the consumer warpgroups' 64-row tiles (the first tile of a row
+    /// block is never tested: its rows have no reference yet); None without skip-softmax.
+    /// Waits for the device's stream and zeroes the counters.
+    pub fn take_skip_stats(&mut self) -> Result<Option<(u64, u64)>> {
+        let Some((_, c)) = &mut self.skip else {
+            return Ok(None);
+        };
+        let s = self.dev.stream();
+        let v = s.clone_dtoh(&*c).map_err(drv("read skip counters"))?;
+        s.memset_zeros(c).map_err(drv("zero skip counters"))?;
+        Ok(Some((v[0], v[1])))
     }
 
     /// Runs the kernel (asynchronously on the device's stream): `o` `[B, Sq, Hq, D]` and `lse`
@@ -1294,12 +1335,18 @@ impl FwdPlan {
                     ))
                 }
             };
+            let (skip_log2, skip_stats) = match &self.skip {
+                Some((t, c)) => (*t, c.device_ptr(s).0),
+                None => (0.0, 0),
+            };
             ws = LaWsParams {
                 tq,
                 tk,
                 tv,
                 p,
                 work,
+                skip_stats,
+                skip_log2,
             };
             b.arg(&ws);
         } else {
@@ -1901,6 +1948,68 @@ mod tests {
             std::mem::offset_of!(LaWsParams, work),
             3 * 128 + std::mem::size_of::<LaFwdParams>()
         );
+        // Then the skip-softmax counters' pointer and threshold, as declared.
+        assert_eq!(
+            std::mem::offset_of!(LaWsParams, skip_stats),
+            3 * 128 + std::mem::size_of::<LaFwdParams>() + 8
+        );
+        assert_eq!(
+            std::mem::offset_of!(LaWsParams, skip_log2),
+            3 * 128 + std::mem::size_of::<LaFwdParams>() + 16
+        );
+        let decl = "const u32* work;\n    // Skip-softmax (LA_SKIP)";
+        assert!(
+            FWD_WS.contains(decl),
+            "attn_fwd_ws.cu: skip fields after `work`"
+        );
+        assert!(FWD_WS.contains("unsigned long long* skip_stats;\n    float skip_log2;\n};"));
+    }
+
+    /// The skip-softmax variant (LA_SKIP) of every warp-specialized tile config compiles, with
+    /// the element and interval programs, the fused and lazy softmax steps, and soft-cap; ptxas
+    /// keeps its wgmma asynchronous (no C7519: a branch around a wgmma on a value the compiler
+    /// cannot prove uniform serializes every wgmma of the kernel) and spills nothing, like the
+    /// default variant beside it.
+    #[test]
+    fn skip_kernels_compile_with_nvrtc() {
+        let Some((element, interval)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let interval = element.clone() + &interval;
+        let mut n = 0;
+        for (tile, d) in [
+            (TileCfg::warp_specialized(3, 128, 1), 64),
+            (TileCfg::warp_specialized(2, 128, 1), 128),
+            (TileCfg::warp_specialized(1, 64, 2), 128),
+        ] {
+            for (prog, softmax, cap, skip) in [
+                (&element, "fused", None, false),
+                (&element, "fused", None, true),
+                (&interval, "lazy", None, true),
+                (&interval, "fused", Some(20.0), true),
+            ] {
+                let params = AttnParams {
+                    softcap: cap,
+                    skip_below: skip.then_some(0.01),
+                    ..Default::default()
+                };
+                let (src, _, tag, mut defines) =
+                    kernel_build(&tile, DType::BF16, d, &params, prog, softmax);
+                if skip {
+                    defines.push(("LA_SKIP".into(), "1".into()));
+                }
+                let name = format!("test_fwd{tag}_skip{}_d{d}", skip as u8);
+                let log = super::super::compile::ptxas_report(&name, &src, &defines)
+                    .unwrap_or_else(|e| panic!("{name} {defines:?}: {e}"));
+                assert!(!log.contains("C7519"), "{name} {defines:?}: {log}");
+                assert!(
+                    log.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                    "{name} {defines:?}: {log}"
+                );
+                n += 1;
+            }
+        }
+        assert_eq!(n, 12);
     }
 
     /// Every item once; block loads within one item of each other; groups started in order.

@@ -1398,8 +1398,8 @@ pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> Case
     CaseResult::checked("sparse", case.name(), r, tol)
 }
 
-/// Refusals of the device estimator: methods it lacks, `last` past its bound, skip-softmax,
-/// document ids (it estimates over the whole packed sequence; the CPU estimator works per
+/// Refusals of the device estimator: methods it lacks, `last` past its bound, skip-softmax
+/// on a head dim without the warp-specialized kernel, document ids (it estimates over the whole packed sequence; the CPU estimator works per
 /// document).
 pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     let mut out = Vec::new();
@@ -1413,9 +1413,9 @@ pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         ),
         ("vertical_slash(last=100,dense_below=0)", "full", "last=100"),
         (
-            "vertical_slash(skip=10,dense_below=0)",
-            "full",
-            "skip-softmax",
+            "skip(factor=10,dense_below=0)",
+            "d32 full",
+            "warp-specialized",
         ),
         (
             "vertical_slash(dense_below=0)",
@@ -1425,7 +1425,10 @@ pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     ] {
         let r = (|| -> Result<()> {
             let mut c = docs.clone();
-            c.mask = mask.into();
+            c.mask = mask.trim_start_matches("d32 ").into();
+            if mask.starts_with("d32 ") {
+                c.d = 32;
+            }
             let bt = Built::new(&c, 5)?;
             let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
             let spec = crate::sparse::SparseSpec::parse(spec)?;

@@ -18,6 +18,12 @@
 //! semantics at those tiles ([`super::estimate::vs_keep`]); the others give a clear error.
 //! Below the spec's `dense_below` keys ([`CUDA_DENSE_BELOW`] when not given) the mask's schedule
 //! runs as it is (no estimator).
+//!
+//! Skip-softmax (`skip=F` on a method, or the `skip(factor=F)` method over the mask's own
+//! schedule) runs in the attention kernel (`cuda/kernels/attn_fwd_ws.cu`, `LA_SKIP`) with
+//! lambda = F / Sk, not under the dense fallback; the CUDA forward drops a consumer
+//! warpgroup's 64 rows x tile keys at once (the CPU: its query block x key-tile group), so the
+//! two backends' dropped sets differ while both obey the same per-row bound.
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -128,11 +134,6 @@ type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Res
 /// error a plan would give, before any device is opened.
 pub fn check_spec(spec: &SparseSpec) -> Result<()> {
     spec.check()?;
-    if spec.skip.is_some() {
-        return Err(param(
-            "skip-softmax (`skip=F`) runs in the CPU forward only".into(),
-        ));
-    }
     if spec.with.is_some() {
         return Err(param(format!(
             "`{spec}`: unions of methods (`A + B`) are selected on the CPU only (--backend cpu)"
@@ -187,8 +188,11 @@ pub struct SparsePlan {
     dev: Arc<CudaDevice>,
     fwd: FwdPlan,
     dims: Dims,
-    /// No estimator runs (fewer keys than `dense_below`): the mask's schedule as it is.
+    /// No estimator runs (fewer keys than `dense_below`, or the `skip` method): the mask's
+    /// schedule as it is.
     pub fallback: bool,
+    /// Fewer keys than `dense_below`: the dense fallback (no skip-softmax either).
+    short: bool,
     args: [usize; 5],
     k: Option<(Kernels, Scratch)>,
     /// Schedule rows (B Hq q_tiles) and the entry bound (the candidates' count).
@@ -208,13 +212,21 @@ impl SparsePlan {
         mask: MaskSpec,
     ) -> Result<SparsePlan> {
         check_spec(spec)?;
-        let fallback =
-            dims.sk < spec.dense_below_or(CUDA_DENSE_BELOW) || spec.method == Method::Whole;
+        let short = dims.sk < spec.dense_below_or(CUDA_DENSE_BELOW);
+        let fallback = short || spec.method == Method::Whole;
         let args = if fallback { [0; 5] } else { vs_args(spec)? };
         if !fallback {
             refuse_documents(&mask)?;
         }
-        let fwd = FwdPlan::new(dev, dims, dtype, params, mask)?;
+        // Skip-softmax (`skip=F`, or the `skip` method) in the forward through the selection,
+        // lambda = F / Sk, as on the CPU (`Selection::params`): not under the dense fallback.
+        let mut params = params.clone();
+        params.skip_below = if short {
+            None
+        } else {
+            spec.skip_below(dims.sk)?
+        };
+        let fwd = FwdPlan::new(dev, dims, dtype, &params, mask)?;
         let (br, bc) = (fwd.tile.br, fwd.tile.bc);
         let q_tiles = dims.sq.div_ceil(br);
         let rows = dims.batch * dims.hq * q_tiles;
@@ -232,6 +244,7 @@ impl SparsePlan {
             dev: dev.clone(),
             dims,
             fallback,
+            short,
             args,
             k: None,
             rows,
@@ -310,6 +323,12 @@ impl SparsePlan {
         };
         plan.k = Some((kernels, scratch));
         Ok(plan)
+    }
+
+    /// Skip-softmax's counters since the last call (key tiles tested, dropped); None without
+    /// skip-softmax. Waits for the device ([`FwdPlan::take_skip_stats`]).
+    pub fn take_skip_stats(&mut self) -> Result<Option<(u64, u64)>> {
+        self.fwd.take_skip_stats()
     }
 
     /// The attention kernel's tiles (query rows, keys): the selection's tiles.
@@ -548,7 +567,7 @@ impl SparsePlan {
             rows,
             lines: None,
             report,
-            fallback: self.fallback,
+            fallback: self.short,
         })
     }
 }
@@ -565,7 +584,7 @@ fn rows_of<'a>(mask: &MaskSpec<'a>) -> Option<&'a dyn RowMask> {
 
 /// Uploads q, k, v, selects and attends on the device, waits, and returns the plan (its
 /// selection and masses stay readable) with the output and LSE.
-fn run_host(
+pub(super) fn run_host(
     dev: &Arc<CudaDevice>,
     [q, k, v]: [&TensorView; 3],
     params: &AttnParams,

@@ -30,11 +30,26 @@
 // loads a query or key tile as one 5-D box of the grid (PH rows of PW tokens, the tile's rows in
 // patch order); the mask is the plan's bit table (LA_MASK_BITS), the stores go to la_qtok's tokens.
 //
+// Skip-softmax (LA_SKIP = 1; BLASST, AttnParams::skip_below = lambda): after S_n (n >= 1) a
+// consumer warpgroup drops tile n when, for each of its 64 rows, every allowed logit lies below
+// the row's reference maximum m by more than -log2 lambda (2^(y - m) < lambda), or the row has
+// no allowed key in the tile; a row with no reference yet (m = -inf) or a NaN logit keeps the
+// tile. The vote is one bar.red.and over the warpgroup (named barrier 8 + c), so the decision is
+// uniform: the dropped tile's exponentials and its P V (half the tile's tensor work) are not
+// issued, m, l and O stay as they are. Its V tile is still loaded (the producer runs ahead of
+// the decision) and its stages released as usual. With the `fused` softmax m is the row's running
+// maximum, as in the CPU forward's rule; `lazy` (a reference that may lag by up to LA_SLACK)
+// makes the test stricter, never looser. Counters {tested, dropped} per warpgroup go to
+// skip_stats once per block.
+//
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG (consumer
-// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, and the mask program la_mask.
+// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, and the mask program la_mask.
 
 #ifndef LA_BR
 #define LA_BR (LA_NWG * 64)
+#endif
+#ifndef LA_SKIP
+#define LA_SKIP 0
 #endif
 #define LA_THREADS ((LA_NWG + 1) * 128)
 // Register split (65536 per SM, one block per SM): consumers get what the producer gives up.
@@ -64,6 +79,10 @@ struct LaWsParams {
     // The blocks' work lists (cuda/forward.rs, ws_work_list): work[x] .. work[x + 1] are block
     // x's entries in work[grid + 1 ..], each an item (b Hq + h) q_tiles + qt, in the order run.
     const u32* work;
+    // Skip-softmax (LA_SKIP): counters {tiles tested, tiles dropped} (null: not counted) and the
+    // threshold log2 lambda.
+    unsigned long long* skip_stats;
+    float skip_log2;
 };
 static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs");
 
@@ -82,6 +101,29 @@ __device__ __forceinline__ void la_ws_qk(float* s, const u16* sQ, const u16* sK,
 __device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16* sV) {
 #pragma unroll
     for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024));
+}
+
+// Whether every thread of warpgroup c votes yes (bar.red.and on named barrier 8 + c, the 128
+// threads of the warpgroup): skip-softmax's uniform decision.
+__device__ __forceinline__ bool la_wg_all(int c, bool v) {
+    u32 r;
+    asm volatile(
+        "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.and.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+        : "=r"(r)
+        : "r"((u32)v), "r"(8 + c)
+        : "memory");
+    // Every thread holds the same answer; read through a shuffle from lane 0 the compiler knows
+    // it is warp-uniform, so a wgmma under it stays asynchronous (a branch on the barrier's
+    // predicate alone made ptxas serialize every wgmma of the kernel: C7519).
+    return __shfl_sync(0xffffffffu, r, 0) != 0;
+}
+
+// Skip-softmax's vote of this thread's rows (g, g + 8) on a tile with row maxima mx (log2
+// units, NaN if a logit is NaN) against references m and threshold t = log2 lambda.
+__device__ __forceinline__ bool la_skip_rows(float mx0, float mx1, float m0, float m1, float t) {
+    const bool r0 = mx0 == -LA_INF || (m0 != -LA_INF && mx0 < m0 + t);
+    const bool r1 = mx1 == -LA_INF || (m1 != -LA_INF && mx1 < m1 + t);
+    return r0 && r1;
 }
 
 // In patch order the host builds the bit table whenever there are Partial tiles (the element
@@ -303,6 +345,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     // lets consumer 0 go first, and consumer 0 takes the last one's final arrival at the end.
     if (LA_NWG > 1 && c == LA_NWG - 1) la_bar_arrive(1, 256);
     int nq = 0, nkv = 0;
+#if LA_SKIP
+    u32 tested = 0, dropped = 0;
+#endif
 
     for (u32 i = i0; i < i1; i++) {
         int qt, h, b;
@@ -345,6 +390,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_wg_pack(pf, s);
             }
 
+            // Whether P_{n-1} is in pf (skip-softmax drops a tile's P V).
+            bool pv_due = true;
             for (int n = 1; n < nt; n++) {
                 const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
                 const int st = j & 1, sp = st ^ 1;
@@ -353,8 +400,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
+                // V_{n-1} must have landed before its stage goes back, issued or not.
                 la_mbar_wait(full_v + sp, ((j - 1) >> 1) & 1);
-                la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
+                if (pv_due) la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                 la_wg_commit();
                 if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
                 const u32 ent = p.sched_ent[e0 + n];
@@ -367,20 +415,29 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) la_mbar_arrive(empty_k + st);
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+#if LA_SKIP
+                float mx0, mx1;
+                la_wg_rowmax(s, LA_SM_SCALE(p), mx0, mx1, la_fmax_nan);
+                pv_due = !la_wg_all(c, la_skip_rows(mx0, mx1, m0, m1, w.skip_log2));
+                tested++;
+                dropped += !pv_due;
+                const bool up = pv_due && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1);
+#else
                 const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
+#endif
 
                 la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
                 la_fence_regs<LA_D / 2>(o);
                 if (lane == 0) la_mbar_arrive(empty_v + sp);
                 if (up) la_wg_rescale(o, a0, a1);
-                la_wg_pack(pf, s);
+                if (pv_due) la_wg_pack(pf, s);
             }
 
             // The last tile's P V; then Q and the stage go back to the producer.
             const int jl = nkv + nt - 1, sl = jl & 1;
             la_mbar_wait(full_v + sl, (jl >> 1) & 1);
             la_wg_fence();
-            la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
+            if (pv_due) la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
             la_wg_commit();
             la_wg_wait0();
             la_fence_regs<LA_D / 2>(o);
@@ -398,4 +455,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         la_wg_store(p, o, l0, l1, m0, m1, b, h, la_qtok(qt, rl), la_qtok(qt, rl + 8), t4);
     }
     if (LA_NWG > 1 && c == 0) la_bar_sync(1, 256);
+#if LA_SKIP
+    if (w.skip_stats != nullptr && warp == 0 && lane == 0 && tested > 0) {
+        atomicAdd(w.skip_stats, (unsigned long long)tested);
+        atomicAdd(w.skip_stats + 1, (unsigned long long)dropped);
+    }
+#endif
 }

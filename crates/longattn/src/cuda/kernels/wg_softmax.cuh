@@ -25,20 +25,36 @@
 #else
 #define LA_SM_SCALE(p) 1.f
 #endif
-__device__ __forceinline__ bool la_wg_softmax(float* s, float c, float& m0, float& m1, float& l0, float& l1,
-                                              float& a0, float& a1) {
-    float mx0 = -LA_INF, mx1 = -LA_INF;
+// The tile's row maxima m_t = c max_j s_j of rows g and g + 8 (the 4 lanes of a row agree).
+// `fmax` is the comparison: fmaxf (a NaN never wins) or la_fmax_nan (a NaN wins: skip-softmax
+// must see it).
+template <typename F>
+__device__ __forceinline__ void la_wg_rowmax(const float* s, float c, float& mx0, float& mx1, F fmax) {
+    mx0 = -LA_INF;
+    mx1 = -LA_INF;
 #pragma unroll
     for (int j = 0; j < LA_BC / 8; j++) {
-        mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-        mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        mx0 = fmax(mx0, fmax(s[4 * j], s[4 * j + 1]));
+        mx1 = fmax(mx1, fmax(s[4 * j + 2], s[4 * j + 3]));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+    mx0 = fmax(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+    mx0 = fmax(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+    mx1 = fmax(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+    mx1 = fmax(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
     mx0 *= c;
     mx1 *= c;
+}
+
+// max that returns NaN when either operand is NaN (PTX max.NaN, sm_80+).
+__device__ __forceinline__ float la_fmax_nan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// The step of la_wg_softmax with the tile's row maxima already taken (la_wg_rowmax).
+__device__ __forceinline__ bool la_wg_softmax_from(float* s, float c, float mx0, float mx1, float& m0, float& m1,
+                                                   float& l0, float& l1, float& a0, float& a1) {
     const bool up = !LA_LAZY || __any_sync(0xffffffff, mx0 > m0 + LA_SLACK || mx1 > m1 + LA_SLACK);
     a0 = a1 = 1.f;
     if (up) {
@@ -62,6 +78,13 @@ __device__ __forceinline__ bool la_wg_softmax(float* s, float c, float& m0, floa
     l0 = l0 * a0 + r0;
     l1 = l1 * a1 + r1;
     return up;
+}
+
+__device__ __forceinline__ bool la_wg_softmax(float* s, float c, float& m0, float& m1, float& l0, float& l1,
+                                              float& a0, float& a1) {
+    float mx0, mx1;
+    la_wg_rowmax(s, c, mx0, mx1, [](float a, float b) { return fmaxf(a, b); });
+    return la_wg_softmax_from(s, c, mx0, mx1, m0, m1, l0, l1, a0, a1);
 }
 
 // O *= a per row (the rescale that goes with la_wg_softmax's factors).
