@@ -2,7 +2,8 @@
 # Dense softmax attention on the device machine against FlashAttention-4 (issue 14). Expects the
 # stripped CLI as .dev/longattn.xz (carried); FA4 from .peers/fa4 with .peers/install.sh (carried,
 # 55 MiB: it fits a call only with the tree and the compressed CLI).
-#   bash scripts/gpu/dense_check.sh selftest  # selftest --backend cuda --quick (every group)
+#   bash scripts/gpu/dense_check.sh selftest  # selftest --backend cuda --quick --jobs 8 (every group;
+#                                             # JOBS processes compile and run shares at once)
 #   bash scripts/gpu/dense_check.sh order     # forward TFLOP/s per head-group order
 #                                             # (LONGATTN_CUDA_HGROUP; HGROUPS="1 2 4 16") at 16k / 64k
 #   bash scripts/gpu/dense_check.sh tiles     # forward TFLOP/s per tile config (LONGATTN_CUDA_WS;
@@ -33,7 +34,7 @@ fa4_env() {
 for mode in "${@:-selftest}"; do
   case "$mode" in
   selftest)
-    timeout 400 /tmp/longattn selftest --backend cuda --quick > "$OUT/selftest_quick.txt" 2>&1
+    timeout 400 /tmp/longattn selftest --backend cuda --quick --jobs ${JOBS:-8} > "$OUT/selftest_quick.txt" 2>&1
     echo "selftest --quick rc=$?"
     grep -vE " pass " "$OUT/selftest_quick.txt" | tail -15
     ;;
@@ -69,7 +70,7 @@ for mode in "${@:-selftest}"; do
     ;;
   candidates)
     LONGATTN_CUDA_FWD_SOFTMAX=lazy LONGATTN_CUDA_BWD_DQ=merge timeout 400 /tmp/longattn selftest \
-      --backend cuda --quick > "$OUT/selftest_candidates.txt" 2>&1
+      --backend cuda --quick --jobs ${JOBS:-8} > "$OUT/selftest_candidates.txt" 2>&1
     echo "selftest --quick (lazy softmax, merged dQ) rc=$?"
     grep -vE " pass " "$OUT/selftest_candidates.txt" | tail -15
     for bwd in split merge; do

@@ -29,6 +29,119 @@ pub struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run the matrix in this many processes at once (each compiles its own kernel variants
+    /// with NVRTC and runs its share of the cases on the same GPU; the table is merged). On a
+    /// fresh machine compiling dominates (~1.4 s a variant, one at a time): `--jobs 8` on 16
+    /// cores cuts it several-fold.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// One process of `--jobs` (internal): this share `K/N` of the cases and groups.
+    #[arg(long, hide = true)]
+    shard: Option<String>,
+}
+
+/// Shard `k` of `n` owns `unit` (a case name, or a group that runs as a whole): by a hash of the
+/// name, fixed across runs (FNV-1a).
+fn owned(unit: &str, shard: Option<(u64, u64)>) -> bool {
+    shard.is_none_or(|(k, n)| {
+        let h = unit.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        h % n == k
+    })
+}
+
+/// `--jobs N`: starts N processes of this binary on shares of the matrix, waits for them, and
+/// prints their merged table (and each one's compile summary); fails when any case or process
+/// failed.
+fn run_jobs(a: &Args) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("longattn-selftest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut children = Vec::new();
+    for k in 0..a.jobs {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["selftest", "--backend", "cuda", "--device"])
+            .arg(a.device.to_string())
+            .arg("--shard")
+            .arg(format!("{k}/{}", a.jobs))
+            .arg("--json")
+            .arg(dir.join(format!("{k}.json")));
+        if a.quick {
+            cmd.arg("--quick");
+        }
+        if let Some(f) = &a.filter {
+            cmd.arg("--filter").arg(f);
+        }
+        let log = std::fs::File::create(dir.join(format!("{k}.log")))?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        children.push(cmd.spawn()?);
+    }
+    let mut broken = Vec::new();
+    for (k, mut c) in children.into_iter().enumerate() {
+        let st = c.wait()?;
+        let json = dir.join(format!("{k}.json"));
+        if !json.exists() {
+            broken.push(format!("process {k} ({st}) wrote no results"));
+        }
+    }
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let mut summaries = Vec::new();
+    for k in 0..a.jobs {
+        if let Ok(b) = std::fs::read(dir.join(format!("{k}.json"))) {
+            let r: Vec<serde_json::Value> = serde_json::from_slice(&b)?;
+            rows.extend(r);
+        }
+        let log = std::fs::read_to_string(dir.join(format!("{k}.log"))).unwrap_or_default();
+        summaries.extend(
+            log.lines()
+                .filter(|l| l.starts_with("kernel variants:") || l.starts_with("device "))
+                .map(|l| format!("[{k}] {l}")),
+        );
+        if broken
+            .iter()
+            .any(|b| b.starts_with(&format!("process {k} ")))
+        {
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            for l in tail.into_iter().rev() {
+                println!("[{k}] {l}");
+            }
+        }
+    }
+    let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::INFINITY);
+    let results: Vec<CaseResult> = rows
+        .iter()
+        .map(|r| CaseResult {
+            group: group_name(r["group"].as_str().unwrap_or("")),
+            name: r["case"].as_str().unwrap_or("").to_string(),
+            passed: r["passed"].as_bool().unwrap_or(false),
+            err: num(&r["err"]),
+            tol: num(&r["tol"]),
+            lse_err: num(&r["lse_err"]),
+            detail: r["detail"].as_str().unwrap_or("").to_string(),
+        })
+        .collect();
+    for l in &summaries {
+        println!("{l}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    finish(a, &results, &broken)
+}
+
+/// The groups' names as static strings (results read back from a process's JSON).
+fn group_name(g: &str) -> &'static str {
+    const GROUPS: &[&str] = &[
+        "forward",
+        "backward",
+        "decode",
+        "mask consts",
+        "bad input",
+        "linear",
+        "kv",
+        "sparse",
+        "skip",
+    ];
+    GROUPS.iter().find(|&&x| x == g).copied().unwrap_or("other")
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -37,6 +150,24 @@ pub fn main(a: Args) -> Result<()> {
             "selftest --backend {}: only `cuda` has a device selftest (the CPU path is tested by `cargo test --workspace`)",
             a.backend
         );
+    }
+    if a.jobs == 0 {
+        bail!("--jobs must be >= 1");
+    }
+    let shard = match &a.shard {
+        None => None,
+        Some(t) => {
+            let parsed = t
+                .split_once('/')
+                .and_then(|(k, n)| Some((k.parse::<u64>().ok()?, n.parse::<u64>().ok()?)));
+            match parsed {
+                Some((k, n)) if n >= 1 && k < n => Some((k, n)),
+                _ => bail!("--shard {t}: expected K/N with K < N"),
+            }
+        }
+    };
+    if a.jobs > 1 && shard.is_none() {
+        return run_jobs(&a);
     }
     let dev = CudaDevice::open(a.device)?;
     let (free, total) = dev.mem_info()?;
@@ -51,98 +182,113 @@ pub fn main(a: Args) -> Result<()> {
         total as f64 / (1u64 << 30) as f64,
         dev.arch()
     );
-    let keep = |name: &str| a.filter.as_ref().is_none_or(|f| name.contains(f.as_str()));
+    // A case runs when the filter matches it and this process owns it (`--jobs`); a group that
+    // runs as a whole (decode, kv, bad input, ...) runs in the one process that owns its name.
+    // Seeds follow a case's place in the whole matrix, whatever the filter or share.
+    let matches = |name: &str| a.filter.as_ref().is_none_or(|f| name.contains(f.as_str()));
+    let keep = |name: &str| matches(name) && owned(name, shard);
+    let whole = |group: &str| owned(group, shard);
+    let style = ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut results: Vec<CaseResult> = Vec::new();
     // Forward and backward case names do not carry their group: the filter reads "group name".
     let cases: Vec<_> = forward_cases(a.quick)
         .into_iter()
-        .filter(|c| keep(&format!("forward {}", c.name())))
+        .enumerate()
+        .filter(|(_, c)| keep(&format!("forward {}", c.name())))
         .collect();
-    let pb = ProgressBar::new(cases.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut results: Vec<CaseResult> = Vec::new();
-    for (n, c) in cases.iter().enumerate() {
+    let pb = ProgressBar::new(cases.len() as u64).with_style(style.clone());
+    for (n, c) in &cases {
         pb.set_message(c.name());
-        results.push(check_forward(&dev, c, 1000 + 17 * n as u64));
+        results.push(check_forward(&dev, c, 1000 + 17 * *n as u64));
         pb.inc(1);
     }
     pb.finish_and_clear();
     let bcases: Vec<_> = backward_cases(a.quick)
         .into_iter()
-        .filter(|c| keep(&format!("backward {}", c.name())))
+        .enumerate()
+        .filter(|(_, c)| keep(&format!("backward {}", c.name())))
         .collect();
-    let pb = ProgressBar::new(bcases.len() as u64);
-    for (n, c) in bcases.iter().enumerate() {
+    let pb = ProgressBar::new(bcases.len() as u64).with_style(style.clone());
+    for (n, c) in &bcases {
         pb.set_message(format!("backward {}", c.name()));
-        results.push(check_backward(&dev, c, 5000 + 13 * n as u64));
+        results.push(check_backward(&dev, c, 5000 + 13 * *n as u64));
         pb.inc(1);
     }
     pb.finish_and_clear();
-    results.extend(
-        longattn::cuda::decode::selftest(&dev)?
-            .into_iter()
-            .filter(|r| keep(&r.name)),
-    );
+    if whole("decode") {
+        results.extend(
+            longattn::cuda::decode::selftest(&dev)?
+                .into_iter()
+                .filter(|r| matches(&r.name)),
+        );
+    }
     // Named `mask constants: ...`; run when the filter could match that prefix.
-    if keep("mask constants") {
+    if matches("mask constants") && whole("mask constants") {
         results.extend(check_mask_constants(&dev));
     }
-    results.extend(check_errors(&dev).into_iter().filter(|r| keep(&r.name)));
+    if whole("bad input") {
+        results.extend(check_errors(&dev).into_iter().filter(|r| matches(&r.name)));
+    }
     // Linear attention (group `linear`, every case named `linear ...`: `--filter linear`).
     let lcases: Vec<_> = linear_cases(a.quick)
         .into_iter()
-        .filter(|c| keep(&c.name()))
+        .enumerate()
+        .filter(|(_, c)| keep(&c.name()))
         .collect();
-    let pb = ProgressBar::new(lcases.len() as u64);
-    for (n, c) in lcases.iter().enumerate() {
+    let pb = ProgressBar::new(lcases.len() as u64).with_style(style.clone());
+    for (n, c) in &lcases {
         pb.set_message(c.name());
-        results.push(check_linear(&dev, c, 9000 + 29 * n as u64));
+        results.push(check_linear(&dev, c, 9000 + 29 * *n as u64));
         pb.inc(1);
     }
     pb.finish_and_clear();
-    results.extend(
-        check_linear_errors(&dev)
-            .into_iter()
-            .filter(|r| keep(&r.name)),
-    );
+    if whole("linear errors") {
+        results.extend(
+            check_linear_errors(&dev)
+                .into_iter()
+                .filter(|r| matches(&r.name)),
+        );
+    }
     // KV-cache compression on the device (group `kv`, every case named `kv ...`).
     let kv_asked = a.filter.as_ref().is_none_or(|f| {
         f.starts_with("kv") || ["quest", "evict", "per-head"].iter().any(|k| f.contains(k))
     });
-    if kv_asked {
+    if kv_asked && whole("kv") {
         results.extend(
             longattn::kv::cuda::selftest(&dev)
                 .into_iter()
-                .filter(|r| keep(&r.name)),
+                .filter(|r| matches(&r.name)),
         );
     }
     // KIVI pages (group `kv`, cases named `kv kivi ...`).
-    if kv_asked || a.filter.as_ref().is_some_and(|f| f.contains("kivi")) {
+    if (kv_asked || a.filter.as_ref().is_some_and(|f| f.contains("kivi"))) && whole("kivi") {
         results.extend(
             longattn::kv::kivi_cuda::selftest(&dev)
                 .into_iter()
-                .filter(|r| keep(&r.name)),
+                .filter(|r| matches(&r.name)),
         );
     }
     // The device sparse estimator (group `sparse`, every case named `sparse ...`).
     let scases: Vec<_> = sparse_cases(a.quick)
         .into_iter()
-        .filter(|c| keep(&c.name()))
+        .enumerate()
+        .filter(|(_, c)| keep(&c.name()))
         .collect();
-    let pb = ProgressBar::new(scases.len() as u64);
-    for (n, c) in scases.iter().enumerate() {
+    let pb = ProgressBar::new(scases.len() as u64).with_style(style);
+    for (n, c) in &scases {
         pb.set_message(c.name());
-        results.push(check_sparse(&dev, c, 12000 + 31 * n as u64));
+        results.push(check_sparse(&dev, c, 12000 + 31 * *n as u64));
         pb.inc(1);
     }
     pb.finish_and_clear();
-    results.extend(
-        check_sparse_errors(&dev)
-            .into_iter()
-            .filter(|r| keep(&r.name)),
-    );
+    if whole("sparse errors") {
+        results.extend(
+            check_sparse_errors(&dev)
+                .into_iter()
+                .filter(|r| matches(&r.name)),
+        );
+    }
     // Skip-softmax in the forward (group `skip`, every case named `skip ...`).
     results.extend(longattn::sparse::skip_check::selftest(
         &dev,
@@ -150,22 +296,6 @@ pub fn main(a: Args) -> Result<()> {
         &|n| keep(n),
     ));
 
-    println!(
-        "{:<10} {:<62} {:>6} {:>10} {:>10} {:>10}  detail",
-        "group", "case", "result", "err", "tol", "lse err"
-    );
-    for r in &results {
-        println!(
-            "{:<10} {:<62} {:>6} {:>10.3e} {:>10.3e} {:>10.3e}  {}",
-            r.group,
-            r.name,
-            if r.passed { "pass" } else { "FAIL" },
-            r.err,
-            r.tol,
-            r.lse_err,
-            r.detail
-        );
-    }
     let recs = dev.compile_records();
     let (mut cold, mut warm) = ((0, 0.0), (0, 0.0));
     for r in &recs {
@@ -185,6 +315,27 @@ pub fn main(a: Args) -> Result<()> {
         warm.0,
         warm.1
     );
+    finish(&a, &results, &[])
+}
+
+/// Prints the table, writes `--json`, and fails when a case (or a `--jobs` process) failed.
+fn finish(a: &Args, results: &[CaseResult], broken: &[String]) -> Result<()> {
+    println!(
+        "{:<10} {:<62} {:>6} {:>10} {:>10} {:>10}  detail",
+        "group", "case", "result", "err", "tol", "lse err"
+    );
+    for r in results {
+        println!(
+            "{:<10} {:<62} {:>6} {:>10.3e} {:>10.3e} {:>10.3e}  {}",
+            r.group,
+            r.name,
+            if r.passed { "pass" } else { "FAIL" },
+            r.err,
+            r.tol,
+            r.lse_err,
+            r.detail
+        );
+    }
     if let Some(p) = &a.json {
         let rows: Vec<serde_json::Value> = results
             .iter()
@@ -195,14 +346,24 @@ pub fn main(a: Args) -> Result<()> {
             .collect();
         std::fs::write(p, serde_json::to_vec_pretty(&rows)?)?;
     }
+    for b in broken {
+        println!("{b}");
+    }
     let failed = results.iter().filter(|r| !r.passed).count();
     println!(
         "{} cases: {} passed, {failed} failed",
         results.len(),
         results.len() - failed
     );
-    if failed > 0 {
-        bail!("{failed} selftest case(s) failed");
+    if failed > 0 || !broken.is_empty() {
+        bail!(
+            "{failed} selftest case(s) failed{}",
+            if broken.is_empty() {
+                String::new()
+            } else {
+                format!(", {} process(es) broke", broken.len())
+            }
+        );
     }
     Ok(())
 }

@@ -13,7 +13,8 @@ pub struct AttnParams {
     pub softcap: Option<f32>,
     /// Force one CPU instruction-set path (tests); `None` picks the best the CPU has.
     pub isa: Option<Isa>,
-    /// Skip-softmax threshold `lambda` in (0, 1) (an approximation, forward only, CPU): a group
+    /// Skip-softmax threshold `lambda` in (0, 1) (an approximation, forward only: the CPU
+    /// forward, and on the GPU the Hopper warp-specialized kernel, D 64 / 128): a group
     /// of key tiles in which every allowed logit of every row of the query block lies below
     /// the row's running maximum by more than `-ln lambda` (`exp(s - m) < lambda` for all of
     /// them) is dropped without its exponentials, its V reads and its P V. The row's true sum
@@ -28,7 +29,7 @@ impl AttnParams {
             Some(l) => Err(Error::Param {
                 op,
                 msg: format!(
-                    "skip-softmax (skip_below = {l}) is not available {what}: it runs in the CPU forward only"
+                    "skip-softmax (skip_below = {l}) is not available {what}: it is an approximation of the forward (CPU, and CUDA's warp-specialized kernel)"
                 ),
             }),
             None => Ok(()),

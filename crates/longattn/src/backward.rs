@@ -61,7 +61,7 @@ pub fn backward(
     params.check()?;
     // The forward's skipped groups are not recorded: a backward through them would not be the
     // gradient of that forward.
-    params.refuse_skip(OP, "in the backward (an approximation of the forward only)")?;
+    params.refuse_skip(OP, "in the backward")?;
     let inp = BwdInputs {
         q,
         k,

@@ -48,7 +48,8 @@
 //! through the selection ([`Selection::params`]): with lambda = F / Sk, a group of key tiles
 //! whose every probability relative to its row's running maximum is below lambda, for every row
 //! of the query block, is dropped without exponentials, V reads or P V
-//! ([`crate::AttnParams::skip_below`]; CPU forward only, not under the dense fallback, F < Sk).
+//! ([`crate::AttnParams::skip_below`]; the CPU forward and the CUDA warp-specialized forward,
+//! not the backward, not under the dense fallback, F < Sk; on the GPU the V tile is still loaded).
 //! The method `skip(factor=F, block)` keeps every tile of the mask and only skips.
 //!
 //! | method | arguments (default) | keeps, per (batch, query head, query block) |
