@@ -18,6 +18,9 @@
 #   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
 #                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
+#   bash scripts/gpu/dense_check.sh ncu_bwd   # Nsight Compute on one backward launch per config
+#                                             # (NCU_BWD="full 16k 128" ...): stall reasons,
+#                                             # issue slots, pipes, memory
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
@@ -92,6 +95,25 @@ for mode in "${@:-selftest}"; do
       grep -E "Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Memory Throughput|L2 Hit Rate|hit_rate|dram__bytes_read|lts__t_bytes|gpu__time_duration|==ERR|==WARN" "$OUT/ncu_$n.txt" | head -20
     done
     ;;
+  ncu_bwd)
+    # Where the backward's time goes (issue 14): one la_bwd_wg launch per config under Nsight
+    # Compute with the warp-state (stall reasons), scheduler, pipe and memory sections.
+    for cfg in ${NCU_BWD:-"full 16k 128" "causal 16k 128"}; do
+      set -- $cfg
+      echo "== ncu backward $1 n $2 D $3"
+      timeout 240 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
+        --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        /tmp/longattn bench --backend cuda --backward --masks "$1" --lens "$2" \
+        --dims "$3" --out "$OUT/ncu_bwd_$1_$2_$3" > "$OUT/ncu_bwd_$1_$2_$3.txt" 2>&1
+      echo "ncu rc=$?"
+      grep -E "Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Registers|Executed Ipc|L2 Hit|==ERR|==WARN" \
+        "$OUT/ncu_bwd_$1_$2_$3.txt" | head -30
+      # Stall reasons, largest first (warps stalled per issued instruction).
+      grep -E "issue_stalled" "$OUT/ncu_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
+    done
+    ;;
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
@@ -106,6 +128,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | fwd | bwd)"; exit 2 ;;
   esac
 done
