@@ -141,6 +141,12 @@ pub struct Args {
     /// With --sparse: also the exact mass recall of each selection (f64 oracle: small inputs).
     #[arg(long)]
     pub(crate) recall: bool,
+    /// With --sparse --backend cuda: the q / k generator, `structured` (sinks, hub columns,
+    /// diagonals: `sparse::structured_qk`) or `planted` (every 5th 64-key group near, the
+    /// others' logits ~7 nats below: `sparse::skip_check::planted_near_far`, where skip-softmax
+    /// can drop most tiles).
+    #[arg(long, default_value = "structured")]
+    pub(crate) inputs: String,
 }
 
 #[derive(Serialize, Clone, Debug)]

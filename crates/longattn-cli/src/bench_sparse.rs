@@ -185,8 +185,8 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
     let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
     let reps = a.reps.max(10);
     println!(
-        "sparse prefill on {} (CUDA), mask `{mask_text}`, bf16, batch {}, heads {hq} / {hk}, structured q / k (sparse::structured_qk), median of {reps}",
-        dev.name, a.batch
+        "sparse prefill on {} (CUDA), mask `{mask_text}`, bf16, batch {}, heads {hq} / {hk}, {} q / k, median of {reps}",
+        dev.name, a.batch, a.inputs
     );
     println!(
         "{:<10} {:<50} {:>8} {:>9} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8}",
@@ -223,16 +223,12 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
     let mut peer_rows: Vec<(serde_json::Value, String, f64, f64, f64)> = Vec::new();
     for &n in &lens {
         for &d in &dims {
-            let (q, k) = longattn::sparse::structured_qk(
-                longattn::DType::BF16,
-                a.batch,
-                n,
-                n,
-                hq,
-                hk,
-                d,
-                a.seed,
-            );
+            let gen = match a.inputs.as_str() {
+                "structured" => longattn::sparse::structured_qk,
+                "planted" => longattn::sparse::skip_check::planted_near_far,
+                o => bail!("--inputs {o}: expected `structured` or `planted`"),
+            };
+            let (q, k) = gen(longattn::DType::BF16, a.batch, n, n, hq, hk, d, a.seed);
             let v = longattn::testing::random_tensor(
                 longattn::DType::BF16,
                 &[a.batch, n, hk, d],

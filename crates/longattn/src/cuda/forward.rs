@@ -285,7 +285,8 @@ impl TileCfg {
         match self.kernel {
             FwdKernel::MmaSync => tiles,
             FwdKernel::Wgmma => tiles + 1024,
-            // + a second Q stage and the twelve mbarriers of the TMA rings.
+            // + a second Q stage, the twelve mbarriers of the TMA rings and skip-softmax's
+            // votes (128 bytes).
             FwdKernel::WarpSpecialized => tiles + self.br * d * 2 + 1024 + 128,
         }
     }

@@ -154,6 +154,36 @@ fn planted_qk(c: &SkipCase, seed: u64) -> (Tensor, Tensor) {
     (t(q, c.sq, c.hq), t(k, c.sk, c.hk))
 }
 
+/// The bound cases' planted q / k at any shape (`longattn bench --sparse --inputs planted`):
+/// every 5th 64-key group near (logits ~6 nats), the others ~7 nats below; skip-softmax at
+/// lambda 2^-8 drops about three quarters of the causal tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn planted_near_far(
+    dtype: DType,
+    batch: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hk: usize,
+    d: usize,
+    seed: u64,
+) -> (Tensor, Tensor) {
+    let c = SkipCase {
+        dtype,
+        batch,
+        sq,
+        sk,
+        hq,
+        hk,
+        d,
+        ..skip_cases(true)
+            .into_iter()
+            .find(|c| !c.exact)
+            .expect("a bound case")
+    };
+    planted_qk(&c, seed)
+}
+
 fn near(c: &SkipCase, j: usize) -> bool {
     (j / 64).is_multiple_of(c.near_every)
 }

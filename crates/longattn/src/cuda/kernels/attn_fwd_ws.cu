@@ -30,17 +30,20 @@
 // loads a query or key tile as one 5-D box of the grid (PH rows of PW tokens, the tile's rows in
 // patch order); the mask is the plan's bit table (LA_MASK_BITS), the stores go to la_qtok's tokens.
 //
-// Skip-softmax (LA_SKIP = 1; BLASST, AttnParams::skip_below = lambda): after S_n (n >= 1) a
-// consumer warpgroup drops tile n when, for each of its 64 rows, every allowed logit lies below
-// the row's reference maximum m by more than -log2 lambda (2^(y - m) < lambda), or the row has
-// no allowed key in the tile; a row with no reference yet (m = -inf) or a NaN logit keeps the
-// tile. The vote is one bar.red.and over the warpgroup (named barrier 8 + c), so the decision is
-// uniform: the dropped tile's exponentials and its P V (half the tile's tensor work) are not
-// issued, m, l and O stay as they are. Its V tile is still loaded (the producer runs ahead of
-// the decision) and its stages released as usual. With the `fused` softmax m is the row's running
-// maximum, as in the CPU forward's rule; `lazy` (a reference that may lag by up to LA_SLACK)
-// makes the test stricter, never looser. Counters {tested, dropped} per warpgroup go to
-// skip_stats once per block.
+// Skip-softmax (LA_SKIP = 1; BLASST, AttnParams::skip_below = lambda): after S_n (n >= 1) each
+// consumer warp votes (one __all_sync) whether every one of its 16 rows has nothing allowed in
+// the tile, lies past Sq, or has a reference maximum m with every allowed logit below it by more
+// than -log2 lambda (2^(y - m) < lambda); a row with no reference yet (m = -inf) or a NaN logit
+// votes no. A warp that votes yes drops the tile for its rows: no exponentials, zero P, m and l
+// as they were. The votes go to shared memory (a byte per warp, two slots by tile parity); at the
+// next tile's ping-pong barrier, which all four warps of the warpgroup must reach, each reads the
+// four and issues P_n V_n (a warpgroup-wide wgmma) unless all four dropped the tile (after the last
+// tile, and with one consumer warpgroup, a named barrier 8 + c of the warpgroup does the same).
+// No extra barrier per tile with two or more consumers. The dropped tile's V is still loaded (the
+// producer runs ahead of the decision) and its stages released as usual. With the `fused`
+// softmax m is the row's running maximum, as in the CPU forward's rule; `lazy` (a reference that
+// may lag by up to LA_SLACK) makes the test stricter, never looser. Counters {tiles tested, P V
+// dropped} per warpgroup go to skip_stats once per block.
 //
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG (consumer
 // warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, and the mask program la_mask.
@@ -103,27 +106,29 @@ __device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16
     for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024));
 }
 
-// Whether every thread of warpgroup c votes yes (bar.red.and on named barrier 8 + c, the 128
-// threads of the warpgroup): skip-softmax's uniform decision.
-__device__ __forceinline__ bool la_wg_all(int c, bool v) {
-    u32 r;
-    asm volatile(
-        "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.and.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q;\n}\n"
-        : "=r"(r)
-        : "r"((u32)v), "r"(8 + c)
-        : "memory");
-    // Every thread holds the same answer; read through a shuffle from lane 0 the compiler knows
-    // it is warp-uniform, so a wgmma under it stays asynchronous (a branch on the barrier's
-    // predicate alone made ptxas serialize every wgmma of the kernel: C7519).
-    return __shfl_sync(0xffffffffu, r, 0) != 0;
+// Skip-softmax's vote of this thread's rows (g, g + 8) on a tile with row maxima mx (log2
+// units, NaN if a logit is NaN) against references m and threshold t = log2 lambda; rows past Sq
+// (pad) always agree.
+__device__ __forceinline__ bool la_skip_rows(float mx0, float mx1, float m0, float m1, float t, bool pad0,
+                                             bool pad1) {
+    const bool r0 = pad0 || mx0 == -LA_INF || (m0 != -LA_INF && mx0 < m0 + t);
+    const bool r1 = pad1 || mx1 == -LA_INF || (m1 != -LA_INF && mx1 < m1 + t);
+    return r0 && r1;
 }
 
-// Skip-softmax's vote of this thread's rows (g, g + 8) on a tile with row maxima mx (log2
-// units, NaN if a logit is NaN) against references m and threshold t = log2 lambda.
-__device__ __forceinline__ bool la_skip_rows(float mx0, float mx1, float m0, float m1, float t) {
-    const bool r0 = mx0 == -LA_INF || (m0 != -LA_INF && mx0 < m0 + t);
-    const bool r1 = mx1 == -LA_INF || (m1 != -LA_INF && mx1 < m1 + t);
-    return r0 && r1;
+// Whether all four warps' votes in `slot` (a byte each) are yes. Every thread reads the same
+// word; read back through a shuffle from lane 0 the compiler knows it is warp-uniform, so a wgmma
+// under it stays asynchronous (a branch on a value ptxas cannot prove uniform serializes every
+// wgmma of the kernel: C7519).
+__device__ __forceinline__ bool la_votes_all(const u32* slot) {
+    const u32 w = *(const volatile u32*)slot;
+    return __shfl_sync(0xffffffffu, w, 0) == 0x01010101u;
+}
+
+// A zero P (a warp's dropped tile, when the warpgroup's P V still runs).
+__device__ __forceinline__ void la_wg_zero(u32 (*pf)[4]) {
+#pragma unroll
+    for (int j = 0; j < LA_BC / 16; j++) pf[j][0] = pf[j][1] = pf[j][2] = pf[j][3] = 0u;
 }
 
 // In patch order the host builds the bit table whenever there are Partial tiles (the element
@@ -270,6 +275,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     u64* full_v = bars + 6;   // [2]
     u64* empty_k = bars + 8;  // [2]
     u64* empty_v = bars + 10; // [2]
+#if LA_SKIP
+    u32* votes = (u32*)(bars + 12);  // [LA_NWG][2] skip-softmax votes, a byte per warp (in the
+                                     // 32 bytes behind the barriers; see TileCfg::smem)
+#endif
     constexpr u32 TILE_BYTES = LA_BC * LA_D * 2;
     const int wg = threadIdx.x >> 7;
 
@@ -356,6 +365,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         const u32 e0 = p.sched_off[srow];
         const int nt = (int)(p.sched_off[srow + 1] - e0);
         const int rowbase = qt * LA_BR + c * 64 + warp * 16 + g;
+#if LA_SKIP
+        const bool pad0 = la_qtok(qt, rowbase - qt * LA_BR) >= p.Sq;
+        const bool pad1 = la_qtok(qt, rowbase - qt * LA_BR + 8) >= p.Sq;
+#endif
 
         float o[LA_D / 2];
 #pragma unroll
@@ -390,13 +403,23 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_wg_pack(pf, s);
             }
 
-            // Whether P_{n-1} is in pf (skip-softmax drops a tile's P V).
+            // Whether P_{n-1} V_{n-1} is issued (skip-softmax drops it when every warp of the
+            // warpgroup dropped tile n - 1; tile 0 is never tested).
             bool pv_due = true;
             for (int n = 1; n < nt; n++) {
                 const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
                 const int st = j & 1, sp = st ^ 1;
                 la_mbar_wait(full_k + st, (j >> 1) & 1);
                 if (LA_NWG > 1) la_bar_sync(1 + c, 256);
+#if LA_SKIP
+                if (LA_NWG == 1) la_bar_sync(8 + c, 128);
+                // Every warp of this warpgroup voted on tile n - 1 before reaching the barrier.
+                if (n > 1) {
+                    pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
+                    tested++;
+                    dropped += !pv_due;
+                }
+#endif
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
@@ -418,10 +441,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 #if LA_SKIP
                 float mx0, mx1;
                 la_wg_rowmax(s, LA_SM_SCALE(p), mx0, mx1, la_fmax_nan);
-                pv_due = !la_wg_all(c, la_skip_rows(mx0, mx1, m0, m1, w.skip_log2));
-                tested++;
-                dropped += !pv_due;
-                const bool up = pv_due && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1);
+                const bool drop = __all_sync(0xffffffffu, la_skip_rows(mx0, mx1, m0, m1, w.skip_log2, pad0, pad1));
+                if (lane == 0) ((volatile unsigned char*)(votes + 2 * c + (n & 1)))[warp] = drop ? 1 : 0;
+                const bool up = !drop && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1);
 #else
                 const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
 #endif
@@ -430,8 +452,21 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_D / 2>(o);
                 if (lane == 0) la_mbar_arrive(empty_v + sp);
                 if (up) la_wg_rescale(o, a0, a1);
-                if (pv_due) la_wg_pack(pf, s);
+#if LA_SKIP
+                if (drop)
+                    la_wg_zero(pf);
+                else
+#endif
+                    la_wg_pack(pf, s);
             }
+#if LA_SKIP
+            if (nt > 1) {
+                la_bar_sync(8 + c, 128);  // the votes on the last tile are in
+                pv_due = !la_votes_all(votes + 2 * c + ((nt - 1) & 1));
+                tested++;
+                dropped += !pv_due;
+            }
+#endif
 
             // The last tile's P V; then Q and the stage go back to the producer.
             const int jl = nkv + nt - 1, sl = jl & 1;
