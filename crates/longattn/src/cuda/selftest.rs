@@ -82,7 +82,7 @@ pub struct FwdCase {
 }
 
 impl FwdCase {
-    fn new(dtype: DType, sq: usize, sk: usize, d: usize, mask: &str) -> FwdCase {
+    pub(crate) fn new(dtype: DType, sq: usize, sk: usize, d: usize, mask: &str) -> FwdCase {
         FwdCase {
             dtype,
             batch: 1,

@@ -26,10 +26,10 @@ use rayon::prelude::*;
 
 use super::SparseSpec;
 use crate::attention::{AttnParams, MaskSpec};
-use crate::cuda::selftest::CaseResult;
+use crate::cuda::selftest::{CaseResult, FwdCase};
 use crate::cuda::CudaDevice;
 use crate::error::Result;
-use crate::mask::{MaskExpr, MaskShape};
+use crate::mask::{BoundMask, MaskExpr, MaskShape};
 use crate::reference::attention_f64;
 use crate::tensor::{Buffer, DType, Tensor};
 use crate::testing::{compare, out_tolerance, random_tensor, Rng};
@@ -59,17 +59,12 @@ pub struct SkipCase {
 
 impl SkipCase {
     pub fn name(&self) -> String {
+        let mut f = FwdCase::new(self.dtype, self.sq, self.sk, self.d, self.mask);
+        (f.batch, f.hq, f.hk) = (self.batch, self.hq, self.hk);
         format!(
-            "skip {} {} B{} Sq{} Sk{} H{}/{} D{} `{}` lambda 2^{}",
+            "skip {} {} lambda 2^{}",
             if self.exact { "mechanics" } else { "bound" },
-            self.dtype,
-            self.batch,
-            self.sq,
-            self.sk,
-            self.hq,
-            self.hk,
-            self.d,
-            self.mask,
+            f.name(),
             self.log2_lambda
         )
     }
@@ -208,6 +203,29 @@ fn expected_counts(c: &SkipCase, (br, bc): (usize, usize)) -> (u64, u64) {
     (tested * heads, dropped * heads)
 }
 
+/// The logits s_j = scale q_i . k_j of row (b, h, i) over every key, in f64 from the rounded
+/// inputs (`q`, `k` as f32 `[B, S, H, D]`).
+fn row_logits(
+    q: &[f32],
+    k: &[f32],
+    c: &SkipCase,
+    scale: f64,
+    (b, h, i): (usize, usize, usize),
+) -> Vec<f64> {
+    let (d, group) = (c.d, c.hq / c.hk);
+    let qr = &q[((b * c.sq + i) * c.hq + h) * d..][..d];
+    (0..c.sk)
+        .map(|j| {
+            let kr = &k[((b * c.sk + j) * c.hk + h / group) * d..][..d];
+            scale
+                * qr.iter()
+                    .zip(kr)
+                    .map(|(&x, &y)| x as f64 * y as f64)
+                    .sum::<f64>()
+        })
+        .collect()
+}
+
 /// Per row (b, h, i): E = the share of the row's mass held by keys with p_j < lambda
 /// (p_j = exp(s_j - m) with m the row's maximum), in f64 from the rounded inputs.
 #[allow(clippy::too_many_arguments)]
@@ -219,23 +237,16 @@ fn small_mass(
     lambda: f64,
     allowed: &(dyn Fn(usize, usize, usize) -> bool + Sync),
 ) -> Vec<f64> {
-    let (d, group) = (c.d, c.hq / c.hk);
     (0..c.batch * c.hq * c.sq)
         .into_par_iter()
         .map(|r| {
             // Row index order of the LSE: [B, Hq, Sq].
             let (b, h, i) = (r / (c.hq * c.sq), (r / c.sq) % c.hq, r % c.sq);
-            let qr = &q[((b * c.sq + i) * c.hq + h) * d..][..d];
-            let s: Vec<f64> = (0..c.sk)
-                .filter(|&j| allowed(b, i, j))
-                .map(|j| {
-                    let kr = &k[((b * c.sk + j) * c.hk + h / group) * d..][..d];
-                    scale
-                        * qr.iter()
-                            .zip(kr)
-                            .map(|(&x, &y)| x as f64 * y as f64)
-                            .sum::<f64>()
-                })
+            let s: Vec<f64> = row_logits(q, k, c, scale, (b, h, i))
+                .into_iter()
+                .enumerate()
+                .filter(|&(j, _)| allowed(b, i, j))
+                .map(|(_, x)| x)
                 .collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             if m == f64::NEG_INFINITY {
@@ -310,19 +321,25 @@ fn held_to_bound(
     (worst, lse_over, e_max)
 }
 
+/// A case's planted q, k, random v and bound mask.
+fn inputs(c: &SkipCase, seed: u64) -> Result<(Tensor, Tensor, Tensor, BoundMask)> {
+    let (q, k) = planted_qk(c, seed);
+    let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
+    let shape = MaskShape {
+        batch: c.batch,
+        sq: c.sq,
+        sk: c.sk,
+    };
+    let bound = MaskExpr::parse(c.mask)?.bind(shape, None)?;
+    Ok((q, k, v, bound))
+}
+
 /// Runs one case; see the module documentation for what passes.
 pub fn check_skip(dev: &Arc<CudaDevice>, c: &SkipCase, seed: u64) -> CaseResult {
     let tol = out_tolerance(c.dtype);
     let r = (|| -> Result<(f64, f64, String, bool)> {
-        let (q, k) = planted_qk(c, seed);
-        let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
+        let (q, k, v, bound) = inputs(c, seed)?;
         let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
-        let shape = MaskShape {
-            batch: c.batch,
-            sq: c.sq,
-            sk: c.sk,
-        };
-        let bound = MaskExpr::parse(c.mask)?.bind(shape, None)?;
         let factor = c.sk as f64 * c.log2_lambda.exp2();
         let spec = SparseSpec::parse(&format!("skip(factor={factor},dense_below=0)"))?;
         let params = AttnParams::default();
@@ -393,21 +410,10 @@ mod tests {
             let (q, k) = planted_qk(&c, 3);
             let (q, k) = (q.data.to_f32_vec(), k.data.to_f32_vec());
             let scale = 1.0 / (c.d as f64).sqrt();
-            let group = c.hq / c.hk;
             let (mut far_gap, mut near_gap) = (f64::INFINITY, 0f64);
             for h in 0..c.hq {
                 for i in 0..c.sq {
-                    let qr = &q[(i * c.hq + h) * c.d..][..c.d];
-                    let s: Vec<f64> = (0..c.sk)
-                        .map(|j| {
-                            let kr = &k[(j * c.hk + h / group) * c.d..][..c.d];
-                            scale
-                                * qr.iter()
-                                    .zip(kr)
-                                    .map(|(&x, &y)| x as f64 * y as f64)
-                                    .sum::<f64>()
-                        })
-                        .collect();
+                    let s = row_logits(&q, &k, &c, scale, (0, h, i));
                     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     for (j, &x) in s.iter().enumerate() {
                         if near(&c, j) {
@@ -442,19 +448,12 @@ mod tests {
                 dtype: DType::F32,
                 ..c
             };
-            let (q, k) = planted_qk(&c, 9);
-            let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, 11);
+            let (q, k, v, bound) = inputs(&c, 9).unwrap();
             let (qv, kv, vv) = (
                 q.view("q").unwrap(),
                 k.view("k").unwrap(),
                 v.view("v").unwrap(),
             );
-            let shape = MaskShape {
-                batch: c.batch,
-                sq: c.sq,
-                sk: c.sk,
-            };
-            let bound = MaskExpr::parse(c.mask).unwrap().bind(shape, None).unwrap();
             let exact = AttnParams::default();
             let params = AttnParams {
                 skip_below: Some(c.log2_lambda.exp2() as f32),
