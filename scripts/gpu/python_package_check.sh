@@ -14,7 +14,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 case "${1:-checks}" in
 checks)
-  timeout 280 /tmp/longattn selftest --backend cuda > "$OUT/selftest.txt" 2>&1; echo "selftest rc=$?"
+  timeout 280 /tmp/longattn selftest --backend cuda --jobs 8 > "$OUT/selftest.txt" 2>&1; echo "selftest rc=$?"
   grep -E "passed|failed|FAIL" "$OUT/selftest.txt" | tail -5
   python3 scripts/gpu/cli_backend_check.py --bin /tmp/longattn 2>&1 | tee "$OUT/cli_check.txt" | tail -7
   timeout 200 python3 -m pytest -q -x crates/longattn-py/tests --ignore=crates/longattn-py/tests/test_hf.py \
