@@ -169,6 +169,19 @@ pub fn main(a: Args) -> Result<()> {
     if a.jobs > 1 && shard.is_none() {
         return run_jobs(&a);
     }
+    // A process of `--jobs` ends with its parent (a `timeout` that kills the parent must not
+    // leave shares running on the GPU): it checks every second that its parent is the same.
+    #[cfg(unix)]
+    if shard.is_some() {
+        let parent = std::os::unix::process::parent_id();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if std::os::unix::process::parent_id() != parent {
+                eprintln!("selftest share: the parent process ended; stopping");
+                std::process::exit(3);
+            }
+        });
+    }
     let dev = CudaDevice::open(a.device)?;
     let (free, total) = dev.mem_info()?;
     println!(
