@@ -1376,3 +1376,31 @@ fn cp_run_over_tcp_refuses_mismatched_and_missing_ranks() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("RANK is not set"), "{}", stderr(&o));
 }
+
+/// `selftest --jobs`: bad counts and shares are refused by name; without a GPU every share
+/// fails to open the device and the merged run says so and fails (never a silent pass).
+#[test]
+fn selftest_jobs_refuse_bad_input_and_fail_without_a_gpu() {
+    fails_with(
+        bin().args(["selftest", "--jobs", "0"]).output().unwrap(),
+        "--jobs must be >= 1",
+    );
+    fails_with(
+        bin().args(["selftest", "--shard", "3/2"]).output().unwrap(),
+        "--shard 3/2: expected K/N with K < N",
+    );
+    if longattn::cuda::CudaDevice::open(0).is_ok() {
+        eprintln!("skipped: a CUDA device is present (the GPU-less path is what this checks)");
+        return;
+    }
+    let o = bin().args(["selftest", "--jobs", "2"]).output().unwrap();
+    assert!(!o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains("process 0") && out.contains("wrote no results"),
+        "{out}"
+    );
+    // The share's own error, shown with its number.
+    assert!(out.contains("[0] error: cuda"), "{out}");
+    assert!(stderr(&o).contains("2 process(es) broke"), "{}", stderr(&o));
+}
