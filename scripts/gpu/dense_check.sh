@@ -21,6 +21,10 @@
 #   bash scripts/gpu/dense_check.sh ncu_bwd   # Nsight Compute on one backward launch per config
 #                                             # (NCU_BWD="full 16k 128" ...): stall reasons,
 #                                             # issue slots, pipes, memory
+#   bash scripts/gpu/dense_check.sh skip      # skip-softmax: selftest group, bench on planted /
+#                                             # structured inputs against the dense forward
+#   bash scripts/gpu/dense_check.sh ncu_skip  # Nsight Compute on the forward with and without
+#                                             # skip-softmax (its cost when nothing is dropped)
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
@@ -114,6 +118,36 @@ for mode in "${@:-selftest}"; do
       grep -E "issue_stalled" "$OUT/ncu_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
     done
     ;;
+  skip)
+    # Skip-softmax in the forward (issue 15 item 7): the selftest group, then the kernel against
+    # our dense forward (same schedule) on planted near / far keys and on structured ones.
+    timeout 200 /tmp/longattn selftest --backend cuda --filter skip --jobs ${JOBS:-6} \
+      > "$OUT/selftest_skip.txt" 2>&1
+    echo "selftest skip rc=$?"; grep -E "^skip|cases" "$OUT/selftest_skip.txt" | cut -c1-230
+    timeout 200 /tmp/longattn bench --backend cuda --sparse "${SKIP_PLANTED:-skip(factor=64);skip(factor=256)}" \
+      --inputs planted --lens ${SKIP_LENS:-16k,64k} --dims 128 --out "$OUT/skip_planted" \
+      > "$OUT/skip_planted.txt" 2>&1
+    echo "bench planted rc=$?"; grep -E "^n |^input" "$OUT/skip_planted.txt" | cut -c1-190
+    timeout 200 /tmp/longattn bench --backend cuda --sparse "${SKIP_STRUCTURED:-skip(factor=600)}" \
+      --lens ${SKIP_LENS:-16k,64k} --dims 128 --out "$OUT/skip_structured" > "$OUT/skip_structured.txt" 2>&1
+    echo "bench structured rc=$?"; grep -E "^n |^input" "$OUT/skip_structured.txt" | cut -c1-190
+    ;;
+  ncu_skip)
+    # Where skip-softmax's cost goes when nothing is dropped: the forward kernel with and without
+    # LA_SKIP (16k causal D 128, structured inputs), issue slots and stall reasons side by side:
+    # the bench launches the dense kernel 11 times (warm-up + 10), then the skip variant, so the
+    # launches profiled are the last dense one and the first skip one.
+    for spec in "skip(factor=600)"; do
+      timeout 240 ncu --clock-control none --kernel-name la_attn_fwd_ws --launch-skip 10 --launch-count 2 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        /tmp/longattn bench --backend cuda --sparse "$spec" --lens 16k --dims 128 \
+        --out "$OUT/ncu_skip" > "$OUT/ncu_skip.txt" 2>&1
+      echo "ncu rc=$?"
+      grep -E "Duration|Issue Slots|Issued Warp|No Eligible|Eligible Warps|Executed Ipc|==ERR" "$OUT/ncu_skip.txt" | head -20
+      grep -E "issue_stalled" "$OUT/ncu_skip.txt" | awk '{print $NF, $1}' | sort -gr | head -16
+    done
+    ;;
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
@@ -128,6 +162,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | skip | ncu_skip | fwd | bwd)"; exit 2 ;;
   esac
 done
