@@ -438,6 +438,12 @@ fn run_sparse(
         if grads.is_some() { " (+ backward)" } else { "" },
         a.output.display()
     );
+    if let Some((tested, dropped)) = sel.skipped {
+        eprintln!(
+            "  skip-softmax: {dropped} of {tested} tile groups dropped ({:.1}%)",
+            100.0 * dropped as f64 / tested.max(1) as f64
+        );
+    }
     if sel.fallback {
         eprintln!(
             "  dense fallback: {} keys, fewer than dense_below = {} (give dense_below=0 to select)",

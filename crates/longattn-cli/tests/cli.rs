@@ -545,6 +545,21 @@ fn run_sparse_writes_its_selection_and_matches_the_oracle() {
             "tile ({qt}, {kt})"
         );
     }
+    // Skip-softmax reports what it dropped (tested groups, at least); without it, nothing.
+    let o = run_args(
+        &input,
+        &output,
+        &[
+            "--sparse",
+            "skip(factor=7,dense_below=0)",
+            "--mask",
+            "causal",
+            "--force",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("skip-softmax: "), "{}", stderr(&o));
+    assert!(!stderr(&run_args(&input, &output, &dflt)).contains("skip-softmax"));
     // Bad specs are clear errors.
     fails_with(
         run_args(&input, &output, &["--sparse", "dense(k=1)", "--force"]),

@@ -441,8 +441,9 @@ fn fwd_map(
 }
 
 /// Dynamic sparse forward: selects key tiles of `mask` by `spec` and writes `out` and `lse`.
-/// Returns (fallback, (tile_q, tile_k), density, table bytes, table shape); the last three are
-/// None unless `report` (on CUDA the report synchronises the stream).
+/// Returns (fallback, (tile_q, tile_k), density, table bytes, table shape, skip-softmax's
+/// (tested, dropped)); the last four are None unless `report` (on CUDA the report synchronises
+/// the stream), the last also without skip-softmax.
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, spec, mask, scale, softcap, q_doc, k_doc, stream, report))]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -467,6 +468,7 @@ fn sparse_fwd<'py>(
     Option<f64>,
     Option<Bound<'py, pyo3::types::PyBytes>>,
     Option<[usize; 4]>,
+    Option<(u64, u64)>,
 )> {
     let spec = longattn::SparseSpec::parse(spec).map_err(py_err)?;
     let inp = Inputs::read((q, k, v), mask, scale, softcap, q_doc, k_doc, None, (0, 0))?;
@@ -482,7 +484,14 @@ fn sparse_fwd<'py>(
         Some((t, shape)) => (Some(pyo3::types::PyBytes::new(py, &t)), Some(shape)),
         None => (None, None),
     };
-    Ok((info.fallback, info.tiles, info.density, bytes, shape))
+    Ok((
+        info.fallback,
+        info.tiles,
+        info.density,
+        bytes,
+        shape,
+        info.skipped,
+    ))
 }
 
 /// Backward: writes `dq`, `dk`, `dv` (allocated by the caller).

@@ -142,6 +142,18 @@ def test_cuda_vertical_slash_matches_reference_and_the_cpu_selection(sq, sk):
         assert torch.equal(cpu_sel["block_mask"], sel["block_mask"])
 
 
+def test_skip_counts_in_the_selection():
+    """Skip-softmax's (tested, dropped) groups come back with the selection; None without it."""
+    q, k, v = qkv(1, 300, 900, 2, 1, 64, torch.float32, "cpu")
+    _, sel = longattn.sparse_attention(q, k, v, "skip(factor=3.5,dense_below=0)", "causal",
+                                       return_selection=True)
+    tested, dropped = sel["skipped"]
+    assert tested > 0 and 0 <= dropped <= tested
+    _, sel = longattn.sparse_attention(q, k, v, "topmass(gamma=0.9,dense_below=0)", "causal",
+                                       return_selection=True)
+    assert sel["skipped"] is None
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device (skipped)")
 def test_cuda_fallback_and_refusals():
     require_cuda()

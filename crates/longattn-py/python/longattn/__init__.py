@@ -127,7 +127,9 @@ def sparse_attention(
     Returns ``out`` (and ``lse`` with ``return_lse``), and with ``return_selection`` also a dict:
     ``block_mask`` (uint8 ``[B, Hq, query tiles, key tiles]`` on the CPU: 0 skipped, 1 whole
     tile, 2 tile in part: under the mask or the kept lines), ``tile_q`` / ``tile_k``, ``density`` (allowed pairs kept /
-    allowed pairs of the mask) and ``fallback`` (the dense fallback ran); on CUDA this
+    allowed pairs of the mask), ``fallback`` (the dense fallback ran) and ``skipped``
+    (skip-softmax's ``(tested, dropped)`` tile groups in this forward, or ``None`` without it;
+    on the CPU read from process-wide counters, so concurrent calls mix); on CUDA this
     synchronises. Forward only: inputs that require grad (with grad enabled) raise; for a
     differentiable sparse pattern use :func:`attention` with a :class:`BlockMask`.
     """
@@ -148,7 +150,7 @@ def sparse_attention(
     b, sq, hq, _ = q.shape
     out = q.new_empty((b, sq, hq, v.shape[3]))
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    fallback, (tq, tk), density, table, shape = _native.sparse_fwd(
+    fallback, (tq, tk), density, table, shape, skipped = _native.sparse_fwd(
         q, k, v, out, lse, spec, text, scale, softcap, q_doc, k_doc, _stream(q), return_selection
     )
     res = (out, lse) if return_lse else (out,)
@@ -159,6 +161,7 @@ def sparse_attention(
             "tile_k": tk,
             "density": density,
             "fallback": fallback,
+            "skipped": skipped,
         }
         res = res + (sel,)
     return res[0] if len(res) == 1 else res

@@ -741,6 +741,8 @@ pub struct SparseInfo {
     /// table `[B, Hq, query tiles, key tiles]` (0 skipped, 1 whole tile, 2 tile under the mask).
     pub density: Option<f64>,
     pub table: Option<(Vec<u8>, [usize; 4])>,
+    /// With `report` and skip-softmax: (tile groups tested, dropped) ([`crate::sparse::Selection::skipped`]).
+    pub skipped: Option<(u64, u64)>,
 }
 
 fn sparse_info(sel: &crate::sparse::Selection, report: bool) -> SparseInfo {
@@ -751,6 +753,7 @@ fn sparse_info(sel: &crate::sparse::Selection, report: bool) -> SparseInfo {
         tiles: (s.tile_q, s.tile_k),
         density: report.then(|| r.density()),
         table: report.then(|| (sel.block_mask(), [r.batch, r.heads, s.q_tiles, s.k_tiles])),
+        skipped: if report { sel.skipped } else { None },
     }
 }
 
@@ -1466,6 +1469,12 @@ mod cuda_route {
         let mut plan = plan.lock().unwrap();
         // SAFETY: the entry point's contract.
         let mut l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
+        if report {
+            // Skip-softmax's counters of this launch alone: earlier launches (on this stream,
+            // without a report) are done and their counts dropped.
+            s.synchronize().map_err(crate::cuda::drv("synchronize"))?;
+            plan.take_skip_stats()?;
+        }
         plan.launch_on(&s, &q, &k, &v, &mut o, &mut l)?;
         let (tq, tk) = plan.tiles();
         if !report {
@@ -1474,6 +1483,7 @@ mod cuda_route {
                 tiles: (tq, tk),
                 density: None,
                 table: None,
+                skipped: None,
             });
         }
         s.synchronize().map_err(crate::cuda::drv("synchronize"))?;
@@ -1482,7 +1492,9 @@ mod cuda_route {
             Resolved::Bound(b) => Some(b as &dyn crate::mask::RowMask),
             _ => None,
         };
-        Ok(sparse_info(&plan.selection(rows)?, true))
+        let mut sel = plan.selection(rows)?;
+        sel.skipped = plan.take_skip_stats()?;
+        Ok(sparse_info(&sel, true))
     }
 
     pub(super) fn backward(

@@ -1187,7 +1187,8 @@ impl FwdPlan {
     /// Skip-softmax's counters since the plan was made or last read: (key tiles tested, tiles
     /// dropped), summed over the consumer warpgroups' 64-row tiles (the first tile of a row
     /// block is never tested: its rows have no reference yet); None without skip-softmax.
-    /// Waits for the device's stream and zeroes the counters.
+    /// Waits for the device's stream (launches on another stream must be finished by the caller)
+    /// and zeroes the counters.
     pub fn take_skip_stats(&mut self) -> Result<Option<(u64, u64)>> {
         let Some((_, c)) = &mut self.skip else {
             return Ok(None);
@@ -1195,6 +1196,8 @@ impl FwdPlan {
         let s = self.dev.stream();
         let v = s.clone_dtoh(&*c).map_err(drv("read skip counters"))?;
         s.memset_zeros(c).map_err(drv("zero skip counters"))?;
+        // Zeroed before any later launch, whatever stream it is queued on.
+        s.synchronize().map_err(drv("zero skip counters"))?;
         Ok(Some((v[0], v[1])))
     }
 

@@ -568,6 +568,7 @@ impl SparsePlan {
             lines: None,
             report,
             fallback: self.short,
+            skipped: None,
         })
     }
 }
@@ -621,8 +622,10 @@ pub fn forward<'a>(
     mask: MaskSpec<'a>,
 ) -> Result<(AttnOutput, Selection<'a>)> {
     let rows = rows_of(&mask);
-    let (plan, out) = run_host(dev, [q, k, v], params, spec, mask)?;
-    Ok((out, plan.selection(rows)?))
+    let (mut plan, out) = run_host(dev, [q, k, v], params, spec, mask)?;
+    let mut sel = plan.selection(rows)?;
+    sel.skipped = plan.take_skip_stats()?;
+    Ok((out, sel))
 }
 
 /// What the device selftest compares for one vertical-slash case.

@@ -207,6 +207,12 @@ pub struct Selection<'a> {
     /// The dense fallback was taken (fewer keys than the spec's `dense_below`): every
     /// candidate tile is kept and no estimator ran.
     pub fallback: bool,
+    /// Skip-softmax in the forward that ran through this selection ([`forward`], the CUDA
+    /// `forward` and the entry point): (tile groups tested, dropped): the CPU's key groups of a
+    /// query block (read from the process-wide [`crate::cpu::skip_stats`], so concurrent
+    /// forwards mix), the GPU's tiles of a consumer warpgroup (its plan's own counters). `None`
+    /// without skip-softmax or before a forward.
+    pub skipped: Option<(u64, u64)>,
 }
 
 impl<'a> Selection<'a> {
@@ -676,6 +682,7 @@ pub fn select<'a>(
         lines,
         report,
         fallback,
+        skipped: None,
     })
 }
 
@@ -753,8 +760,17 @@ pub fn forward<'a>(
     spec: &SparseSpec,
     mask: MaskSpec<'a>,
 ) -> Result<(AttnOutput, Selection<'a>)> {
-    let sel = select(q, k, params, spec, mask)?;
-    let out = crate::forward(q, k, v, &sel.params(params, spec)?, sel.mask())?;
+    let mut sel = select(q, k, params, spec, mask)?;
+    let p = sel.params(params, spec)?;
+    let before = crate::cpu::skip_stats();
+    let out = crate::forward(q, k, v, &p, sel.mask())?;
+    if p.skip_below.is_some() {
+        let after = crate::cpu::skip_stats();
+        sel.skipped = Some((
+            after.0.saturating_sub(before.0),
+            after.1.saturating_sub(before.1),
+        ));
+    }
     Ok((out, sel))
 }
 

@@ -231,10 +231,27 @@ fn skip_specs_set_the_forward_threshold() {
     assert_eq!(sel.params(&p, &with).unwrap().skip_below, Some(lambda));
     let without = spec("topmass(gamma=0.9)");
     assert_eq!(sel.params(&p, &without).unwrap().skip_below, None);
+    // Without skip-softmax no counts; with it the forward's (tested, dropped) groups (the
+    // process-wide counters: other tests may add to them, never take away).
+    let (_, sel) = forward(&q, &k, &v, &p, &without, MaskSpec::Expr(&causal)).unwrap();
+    assert_eq!(sel.skipped, None);
+    let (pq, pk) =
+        crate::sparse::skip_check::planted_near_far(DType::F32, 1, 300, 900, 2, 1, 64, 7);
+    let pv = crate::testing::random_tensor(DType::F32, &[1, 900, 1, 64], 1.0, 8);
+    let [pq, pk, pv] = views([&pq, &pk, &pv]);
+    let pc = bind("causal", 1, 300, 900);
+    let ps = spec("skip(factor=3.5,dense_below=0)");
+    let (_, sel) = forward(&pq, &pk, &pv, &p, &ps, MaskSpec::Expr(&pc)).unwrap();
+    let (tested, dropped) = sel.skipped.expect("skip-softmax counts");
+    assert!(
+        tested > 0 && dropped > 0 && dropped <= tested,
+        "{tested} / {dropped}"
+    );
     // The dense fallback skips nothing; F >= Sk is refused by name.
     let fb = SparseSpec::parse("skip(factor=100,dense_below=2000)").unwrap();
     let (_, sel) = forward(&q, &k, &v, &p, &fb, MaskSpec::Full).unwrap();
     assert!(sel.fallback);
+    assert_eq!(sel.skipped, None);
     assert_eq!(sel.params(&p, &fb).unwrap().skip_below, None);
     let e = forward(&q, &k, &v, &p, &spec("skip(factor=5000)"), MaskSpec::Full)
         .err()
