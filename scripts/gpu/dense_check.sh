@@ -10,11 +10,10 @@
 #                                             # WS_CFGS, TILE_D, TILE_LENS)
 #   bash scripts/gpu/dense_check.sh softmax   # forward TFLOP/s per softmax step
 #                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy) at 16k
-#   bash scripts/gpu/dense_check.sh candidates  # the variants beside the defaults: selftest
-#                                             # --quick with LONGATTN_CUDA_FWD_SOFTMAX=lazy and
-#                                             # LONGATTN_CUDA_BWD_DQ=merge, then backward
-#                                             # TFLOP/s with split and merged dQ (merge and
-#                                             # fused are the defaults since 2026-12-05)
+#   bash scripts/gpu/dense_check.sh candidates  # the opt-in variants beside the defaults:
+#                                             # selftest --quick --filter backward with
+#                                             # LONGATTN_CUDA_BWD_WAIT=split, then backward
+#                                             # TFLOP/s (D 128) with one and split waits
 #   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
 #                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
@@ -76,15 +75,17 @@ for mode in "${@:-selftest}"; do
     done 2>&1 | tee "$OUT/softmax.txt"
     ;;
   candidates)
-    LONGATTN_CUDA_FWD_SOFTMAX=lazy LONGATTN_CUDA_BWD_DQ=merge timeout 400 /tmp/longattn selftest \
-      --backend cuda --quick --jobs ${JOBS:-8} > "$OUT/selftest_candidates.txt" 2>&1
-    echo "selftest --quick (lazy softmax, merged dQ) rc=$?"
-    grep -vE " pass " "$OUT/selftest_candidates.txt" | tail -15
-    for bwd in split merge; do
-      echo "== LONGATTN_CUDA_BWD_DQ=$bwd"
-      LONGATTN_CUDA_BWD_DQ=$bwd timeout 200 /tmp/longattn bench --backend cuda --backward \
-        --masks full,causal --lens ${BLENS:-4k,16k} --dims 64,128 --out "$OUT/bwd_$bwd" > /dev/null 2>&1
-      grep -E "^\| (full|causal)" "$OUT/bwd_$bwd/report_cuda.md" | cut -d'|' -f2-7
+    # The opt-in variants beside the defaults: the backward with S^T and dP^T in two commit
+    # groups (LONGATTN_CUDA_BWD_WAIT=split, D 128 only): the backward cases, then the bench.
+    LONGATTN_CUDA_BWD_WAIT=split timeout 400 /tmp/longattn selftest --backend cuda --quick \
+      --filter backward --jobs ${JOBS:-8} > "$OUT/selftest_candidates.txt" 2>&1
+    echo "selftest --quick --filter backward (split wait) rc=$?"
+    grep -vE " pass " "$OUT/selftest_candidates.txt" | grep -v "^\[" | tail -15
+    for w in one split; do
+      echo "== LONGATTN_CUDA_BWD_WAIT=$w"
+      LONGATTN_CUDA_BWD_WAIT=$w timeout 200 /tmp/longattn bench --backend cuda --backward \
+        --masks full,causal --lens ${BLENS:-4k,16k} --dims 128 --out "$OUT/bwd_$w" > /dev/null 2>&1
+      grep -E "^\| (full|causal)" "$OUT/bwd_$w/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/candidates_bwd.txt"
     ;;
   ncu)

@@ -66,8 +66,16 @@ fn dq_merge() -> bool {
     std::env::var("LONGATTN_CUDA_BWD_DQ").as_deref() != Ok("split")
 }
 
+/// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in, not measured yet): the one-pass kernel issues S^T and
+/// dP^T as two commit groups and forms P^T while dP^T still runs (`LA_BWD_SPLITWAIT`; without
+/// soft-cap, at BR 64 (D 128) only; consumers get 240 registers, the producer 24, without which
+/// ptxas serializes the wgmma). Default: one group, both waited for.
+fn split_wait() -> bool {
+    std::env::var("LONGATTN_CUDA_BWD_WAIT").as_deref() == Ok("split")
+}
+
 /// Source, variant name, shared memory, main and dQ entry points, and defines of `kernel` for
-/// the mask `program` (`merge`: [`dq_merge`], one-pass kernel only).
+/// the mask `program` (`merge`: [`dq_merge`], `split`: [`split_wait`], one-pass kernel only).
 #[allow(clippy::type_complexity)]
 fn kernel_build(
     kernel: BwdKernel,
@@ -75,7 +83,7 @@ fn kernel_build(
     d: usize,
     params: &AttnParams,
     program: &str,
-    merge: bool,
+    (merge, split): (bool, bool),
 ) -> (
     String,
     String,
@@ -105,6 +113,10 @@ fn kernel_build(
             defines.push(("LA_BR".into(), br.to_string()));
             defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
             defines.push(("LA_DQ_MERGE".into(), (merge as u8).to_string()));
+            // Not at BR 128 (D 64): S^T and dP^T of 128 queries held at once leave too few
+            // registers (ptxas serializes the wgmma, the compile test checks).
+            let split = split && params.softcap.is_none() && br == 64;
+            defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
             let wrappers = &*super::wgmma::WRAPPERS;
             (
                 format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"),
@@ -316,8 +328,14 @@ impl BwdPlan {
         // The mask program is a template on the parameter struct, instantiated in the kernels; its
         // constants are arguments (`mc`), so the variant depends on the mask's structure only.
         let program = &dm.program;
-        let (src, variant, smem, main, dq, defines) =
-            kernel_build(kernel, dtype, d, params, program, dq_merge());
+        let (src, variant, smem, main, dq, defines) = kernel_build(
+            kernel,
+            dtype,
+            d,
+            params,
+            program,
+            (dq_merge(), split_wait()),
+        );
         let dq_smem = if kernel == BwdKernel::TwoPass {
             smem
         } else {
@@ -652,7 +670,9 @@ mod tests {
 
     /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
     /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
-    /// adds, dQ split or merged ([`dq_merge`]), with and without soft-cap.
+    /// adds, dQ split or merged ([`dq_merge`]; merged ones also with [`split_wait`], which
+    /// soft-cap turns off), with and without soft-cap; ptxas keeps every wgmma asynchronous and
+    /// spills nothing.
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
         let Some((program, _)) = super::super::compile::test_programs() else {
@@ -671,13 +691,20 @@ mod tests {
                                 ..Default::default()
                             };
                             let (src, variant, _, _, _, defines) =
-                                kernel_build(kernel, dtype, d, &params, &program, merge);
+                                kernel_build(kernel, dtype, d, &params, &program, (merge, merge));
                             let name = format!("test_{variant}");
-                            if let Err(e) =
-                                super::super::compile::compile(&name, &src, "sm_90a", &defines)
-                            {
-                                panic!("{name} {defines:?}: {e}");
-                            }
+                            let log = super::super::compile::ptxas_report(&name, &src, &defines)
+                                .unwrap_or_else(|e| panic!("{name} {defines:?}: {e}"));
+                            assert!(
+                                !log.contains("wgmma.mma_async instructions are serialized"),
+                                "{name} {defines:?}: {log}"
+                            );
+                            // Every kernel of the module (main, prep, dQ store) spills nothing.
+                            assert_eq!(
+                                log.matches(" 0 bytes spill stores").count(),
+                                log.matches("bytes spill stores").count(),
+                                "{name} {defines:?}: {log}"
+                            );
                             n += 1;
                         }
                     }
@@ -702,7 +729,7 @@ mod tests {
             128,
             &AttnParams::default(),
             &program,
-            true,
+            (true, false),
         );
         let name = format!("test_gated_{variant}");
         if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {

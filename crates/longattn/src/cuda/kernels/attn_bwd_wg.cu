@@ -38,7 +38,8 @@
 // other consumer reaches only after its item-t product has read the stage.
 //
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
-// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), the mask program la_mask. Shared-memory layout: the 128-byte-
+// 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), LA_BWD_SPLITWAIT (0 / 1:
+// S^T and dP^T in two commit groups, P^T formed while dP^T runs; opt-in), the mask program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
@@ -50,12 +51,24 @@
 #if LA_DQ_MERGE && LA_NWG != 2
 #error "LA_DQ_MERGE: one dQ block per consumer needs two consumers"
 #endif
+#ifndef LA_BWD_SPLITWAIT
+#define LA_BWD_SPLITWAIT 0
+#endif
+#if LA_BWD_SPLITWAIT && LA_SOFTCAP
+#error "LA_BWD_SPLITWAIT: no soft-cap (its derivative per element would need a third array)"
+#endif
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
 // Register split (65536 per SM, one block): consumers get what the producer gives up (the
 // producer walks the item list and forms TMA coordinates: 40 registers).
+#if LA_BWD_SPLITWAIT
+// S^T and dP^T live at once with P^T forming: 232 registers made ptxas serialize the wgmma.
+#define LA_REG_MMA 240
+#define LA_REG_LOAD 24
+#else
 #define LA_REG_MMA 232
 #define LA_REG_LOAD 40
+#endif
 
 #if LA_BR == 64
 #define la_wg_ss_br la_wg_ss_n64
@@ -241,6 +254,67 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         u16* sdS = sdS0 + (LA_DQ_MERGE ? st * LA_BC * LA_BR : 0);
         la_mbar_wait(full_q + st, (t >> 1) & 1);
 
+#if LA_BWD_SPLITWAIT
+        // S^T, then dP^T as a second commit group: P^T = 2^(S^T scale_log2 - L2) is formed in
+        // place in s while the tensor cores still multiply dP^T (no soft-cap: its derivative
+        // would need a third array); then dS^T = P^T (dP^T - Delta) scale. Opt-in
+        // (LONGATTN_CUDA_BWD_WAIT=split), not measured yet.
+        float s[LA_BR / 2], dp[LA_BR / 2];
+        la_wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < LA_D / 16; kk++) {
+            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
+            const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
+            la_wg_ss_br(s, la_wg_desc(sK + ka, 16, 1024), la_wg_desc(cQ + kb, 16, 1024), kk > 0);
+        }
+        la_wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < LA_D / 16; kk++) {
+            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
+            const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
+            la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
+        }
+        la_wg_commit();
+        la_wg_wait1();  // S^T is in; dP^T may still run
+        la_fence_regs<LA_BR / 2>(s);
+        const bool edge = k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
+        u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
+#pragma unroll
+        for (int jn = 0; jn < LA_BR / 8; jn++) {
+            const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
+#pragma unroll
+            for (int e2 = 0; e2 < 4; e2++) {
+                const int x = 4 * jn + e2;
+                float y = s[x] * p.scale_log2;
+                if (partial || edge) {
+                    const int i = q0 + jn * 8 + 2 * t4 + (e2 & 1), j = k0 + krow + ((e2 >> 1) << 3);
+                    bool ok = i < p.Sq && j < p.Sk;
+                    if (partial && ok) ok = la_mask(p, b, h, i, j);
+                    if (!ok) y = -LA_INF;
+                }
+                s[x] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
+            }
+            pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(s[4 * jn], s[4 * jn + 1]);
+            pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(s[4 * jn + 2], s[4 * jn + 3]);
+        }
+        la_wg_wait0();  // dP^T is in
+        la_fence_regs<LA_BR / 2>(dp);
+#pragma unroll
+        for (int jn = 0; jn < LA_BR / 8; jn++) {
+            const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
+            float ds[4];
+#pragma unroll
+            for (int e2 = 0; e2 < 4; e2++) {
+                const int x = 4 * jn + e2;
+                ds[e2] = s[x] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * p.scale;
+            }
+            const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
+            df[jn >> 1][(jn & 1) * 2 + 0] = d01;
+            df[jn >> 1][(jn & 1) * 2 + 1] = d23;
+            *(u32*)(sdS + la_sw128<LA_BC>(krow, jn) + 2 * t4) = d01;
+            *(u32*)(sdS + la_sw128<LA_BC>(krow + 8, jn) + 2 * t4) = d23;
+        }
+#else
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries).
         float s[LA_BR / 2], dp[LA_BR / 2];
         la_wg_fence();
@@ -290,6 +364,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             *(u32*)(sdS + la_sw128<LA_BC>(krow, jn) + 2 * t4) = d01;
             *(u32*)(sdS + la_sw128<LA_BC>(krow + 8, jn) + 2 * t4) = d23;
         }
+
+#endif
 
         // dV += P^T dO, dK += dS^T Q: 16 queries a step; Q's and dO's 8-row groups are 1024
         // bytes apart, their 64-column blocks BR x 128 bytes apart.
