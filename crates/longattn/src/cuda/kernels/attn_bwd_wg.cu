@@ -112,6 +112,19 @@ struct LaBwdWsParams {
 };
 static_assert(sizeof(LaBwdWsParams) == 960, "LaBwdWsParams must match cuda/backward.rs");
 
+#if LA_BWD_SPLITWAIT
+// acc = A B^T for this warpgroup's 64 keys x BR queries: A = K or V (rows = keys), B = Q or dO,
+// both K-major (issued, not waited for).
+__device__ __forceinline__ void la_bwd_kt(float* acc, const u16* a, const u16* bq, int c) {
+#pragma unroll
+    for (int kk = 0; kk < LA_D / 16; kk++) {
+        const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
+        const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
+        la_wg_ss_br(acc, la_wg_desc(a + ka, 16, 1024), la_wg_desc(bq + kb, 16, 1024), kk > 0);
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __grid_constant__ LaBwdWsParams w) {
     const LaBwdParams& p = w.p;
     extern __shared__ __align__(1024) u16 la_smem_bw[];
@@ -261,19 +274,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // (LONGATTN_CUDA_BWD_WAIT=split), not measured yet.
         float s[LA_BR / 2], dp[LA_BR / 2];
         la_wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < LA_D / 16; kk++) {
-            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
-            const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
-            la_wg_ss_br(s, la_wg_desc(sK + ka, 16, 1024), la_wg_desc(cQ + kb, 16, 1024), kk > 0);
-        }
+        la_bwd_kt(s, sK, cQ, c);
         la_wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < LA_D / 16; kk++) {
-            const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
-            const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
-            la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
-        }
+        la_bwd_kt(dp, sV, cdO, c);
         la_wg_commit();
         la_wg_wait1();  // S^T is in; dP^T may still run
         la_fence_regs<LA_BR / 2>(s);
