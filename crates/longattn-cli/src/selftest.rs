@@ -77,34 +77,24 @@ fn run_jobs(a: &Args) -> Result<()> {
         cmd.stdout(log.try_clone()?).stderr(log);
         children.push(cmd.spawn()?);
     }
-    let mut broken = Vec::new();
+    // Each process's rows, its compile summary, and for one that wrote none the end of its log.
+    let (mut rows, mut summaries, mut broken) = (Vec::new(), Vec::new(), Vec::new());
     for (k, mut c) in children.into_iter().enumerate() {
         let st = c.wait()?;
-        let json = dir.join(format!("{k}.json"));
-        if !json.exists() {
-            broken.push(format!("process {k} ({st}) wrote no results"));
-        }
-    }
-    let mut rows: Vec<serde_json::Value> = Vec::new();
-    let mut summaries = Vec::new();
-    for k in 0..a.jobs {
-        if let Ok(b) = std::fs::read(dir.join(format!("{k}.json"))) {
-            let r: Vec<serde_json::Value> = serde_json::from_slice(&b)?;
-            rows.extend(r);
-        }
         let log = std::fs::read_to_string(dir.join(format!("{k}.log"))).unwrap_or_default();
         summaries.extend(
             log.lines()
                 .filter(|l| l.starts_with("kernel variants:") || l.starts_with("device "))
                 .map(|l| format!("[{k}] {l}")),
         );
-        if broken
-            .iter()
-            .any(|b| b.starts_with(&format!("process {k} ")))
-        {
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            for l in tail.into_iter().rev() {
-                println!("[{k}] {l}");
+        match std::fs::read(dir.join(format!("{k}.json"))) {
+            Ok(b) => rows.extend(serde_json::from_slice::<Vec<serde_json::Value>>(&b)?),
+            Err(_) => {
+                broken.push(format!("process {k} ({st}) wrote no results"));
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                for l in tail.into_iter().rev() {
+                    println!("[{k}] {l}");
+                }
             }
         }
     }

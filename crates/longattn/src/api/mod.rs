@@ -1492,9 +1492,7 @@ mod cuda_route {
             Resolved::Bound(b) => Some(b as &dyn crate::mask::RowMask),
             _ => None,
         };
-        let mut sel = plan.selection(rows)?;
-        sel.skipped = plan.take_skip_stats()?;
-        Ok(sparse_info(&sel, true))
+        Ok(sparse_info(&plan.selection_after_forward(rows)?, true))
     }
 
     pub(super) fn backward(

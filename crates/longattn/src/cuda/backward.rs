@@ -693,18 +693,7 @@ mod tests {
                             let (src, variant, _, _, _, defines) =
                                 kernel_build(kernel, dtype, d, &params, &program, (merge, merge));
                             let name = format!("test_{variant}");
-                            let log = super::super::compile::ptxas_report(&name, &src, &defines)
-                                .unwrap_or_else(|e| panic!("{name} {defines:?}: {e}"));
-                            assert!(
-                                !log.contains("wgmma.mma_async instructions are serialized"),
-                                "{name} {defines:?}: {log}"
-                            );
-                            // Every kernel of the module (main, prep, dQ store) spills nothing.
-                            assert_eq!(
-                                log.matches(" 0 bytes spill stores").count(),
-                                log.matches("bytes spill stores").count(),
-                                "{name} {defines:?}: {log}"
-                            );
+                            super::super::compile::assert_ptxas_clean(&name, &src, &defines);
                             n += 1;
                         }
                     }

@@ -211,10 +211,29 @@ fn nvrtc_build(name: &str, src: &str, arch: &str, opts: &[String]) -> Result<(Ve
     result
 }
 
-/// ptxas's report (registers, spills, performance notes such as C7519) of `src` for sm_90a with
-/// `defines`, compiled afresh: the tests that guard a kernel's register use and asynchrony.
+/// Compiles `src` for sm_90a with `defines` afresh and panics, with ptxas's report, unless ptxas
+/// kept every wgmma asynchronous (no "wgmma.mma_async instructions are serialized" note: C7512
+/// for lack of registers, C7519 for a branch it cannot prove uniform) and no kernel of the
+/// module spills: the tests that guard a kernel's register use and asynchrony.
 #[cfg(test)]
-pub(crate) fn ptxas_report(name: &str, src: &str, defines: &[(String, String)]) -> Result<String> {
+pub(crate) fn assert_ptxas_clean(name: &str, src: &str, defines: &[(String, String)]) {
+    let log =
+        ptxas_report(name, src, defines).unwrap_or_else(|e| panic!("{name} {defines:?}: {e}"));
+    assert!(
+        !log.contains("wgmma.mma_async instructions are serialized"),
+        "{name} {defines:?}: {log}"
+    );
+    assert_eq!(
+        log.matches(" 0 bytes spill stores").count(),
+        log.matches("bytes spill stores").count(),
+        "{name} {defines:?}: {log}"
+    );
+}
+
+/// ptxas's report (registers, spills, performance notes such as C7519) of `src` for sm_90a with
+/// `defines`, compiled afresh.
+#[cfg(test)]
+fn ptxas_report(name: &str, src: &str, defines: &[(String, String)]) -> Result<String> {
     let mut opts = vec![
         "--gpu-architecture=sm_90a".to_string(),
         "--std=c++17".to_string(),

@@ -555,6 +555,17 @@ impl SparsePlan {
         }
     }
 
+    /// [`Self::selection`] after a forward through it, with skip-softmax's counters of the
+    /// launches since they were last taken ([`Self::take_skip_stats`]) as its `skipped`.
+    pub fn selection_after_forward<'a>(
+        &mut self,
+        rows: Option<&'a dyn RowMask>,
+    ) -> Result<Selection<'a>> {
+        let mut sel = self.selection(rows)?;
+        sel.skipped = self.take_skip_stats()?;
+        Ok(sel)
+    }
+
     /// The last launch's selection with its report (synchronises): candidates are the mask's
     /// schedule at the kernel's tiles, `rows` the mask's element rule.
     pub fn selection<'a>(&self, rows: Option<&'a dyn RowMask>) -> Result<Selection<'a>> {
@@ -623,9 +634,7 @@ pub fn forward<'a>(
 ) -> Result<(AttnOutput, Selection<'a>)> {
     let rows = rows_of(&mask);
     let (mut plan, out) = run_host(dev, [q, k, v], params, spec, mask)?;
-    let mut sel = plan.selection(rows)?;
-    sel.skipped = plan.take_skip_stats()?;
-    Ok((out, sel))
+    Ok((out, plan.selection_after_forward(rows)?))
 }
 
 /// What the device selftest compares for one vertical-slash case.

@@ -37,14 +37,8 @@ use crate::testing::{compare, out_tolerance, random_tensor, Rng};
 /// One skip-softmax case.
 #[derive(Clone, Debug)]
 pub struct SkipCase {
-    pub dtype: DType,
-    pub batch: usize,
-    pub sq: usize,
-    pub sk: usize,
-    pub hq: usize,
-    pub hk: usize,
-    pub d: usize,
-    pub mask: &'static str,
+    /// Shape, dtype and mask (no soft-cap, no documents).
+    pub base: FwdCase,
     /// Logit of a near key, |u|^2 / sqrt(D), in nats.
     pub amp: f64,
     /// Far keys are -gamma u + noise.
@@ -59,12 +53,10 @@ pub struct SkipCase {
 
 impl SkipCase {
     pub fn name(&self) -> String {
-        let mut f = FwdCase::new(self.dtype, self.sq, self.sk, self.d, self.mask);
-        (f.batch, f.hq, f.hk) = (self.batch, self.hq, self.hk);
         format!(
             "skip {} {} lambda 2^{}",
             if self.exact { "mechanics" } else { "bound" },
-            f.name(),
+            self.base.name(),
             self.log2_lambda
         )
     }
@@ -74,14 +66,7 @@ impl SkipCase {
 /// full, f16.
 pub fn skip_cases(quick: bool) -> Vec<SkipCase> {
     let base = |sq, sk, d, mask, exact| SkipCase {
-        dtype: DType::BF16,
-        batch: 1,
-        sq,
-        sk,
-        hq: 4,
-        hk: 2,
-        d,
-        mask,
+        base: FwdCase::new(DType::BF16, sq, sk, d, mask),
         amp: if exact { 60.0 } else { 6.0 },
         gamma: if exact { 1.0 } else { 0.2 },
         near_every: 5,
@@ -101,10 +86,10 @@ pub fn skip_cases(quick: bool) -> Vec<SkipCase> {
     v.push(base(65, 1023, 64, "full", true));
     v.push(base(1023, 1023, 64, "full", true));
     let mut c = base(513, 1500, 128, "full", true);
-    (c.batch, c.hq, c.hk) = (2, 8, 1);
+    (c.base.batch, c.base.hq, c.base.hk) = (2, 8, 1);
     v.push(c);
     let mut c = base(700, 700, 64, "causal", true);
-    c.dtype = DType::F16;
+    c.base.dtype = DType::F16;
     v.push(c);
     v.push(base(777, 1500, 64, "full", false));
     v.push(base(1500, 3000, 128, "causal & window(1000,0)", false));
@@ -113,9 +98,9 @@ pub fn skip_cases(quick: bool) -> Vec<SkipCase> {
 
 /// q `[B, Sq, Hq, D]` and k `[B, Sk, Hk, D]` of `c` (see the module documentation).
 fn planted_qk(c: &SkipCase, seed: u64) -> (Tensor, Tensor) {
-    let d = c.d;
+    let d = c.base.d;
     let norm = (c.amp * (d as f64).sqrt()).sqrt();
-    let dirs: Vec<Vec<f64>> = (0..c.batch * c.hk)
+    let dirs: Vec<Vec<f64>> = (0..c.base.batch * c.base.hk)
         .map(|bk| {
             let mut r = Rng::new(seed ^ (0x5eed + bk as u64 * 7919));
             let u: Vec<f64> = (0..d).map(|_| r.normal()).collect();
@@ -123,30 +108,38 @@ fn planted_qk(c: &SkipCase, seed: u64) -> (Tensor, Tensor) {
             u.iter().map(|x| x * norm / n).collect()
         })
         .collect();
-    let group = c.hq / c.hk;
+    let group = c.base.hq / c.base.hk;
     let mut r = Rng::new(seed);
     let noise = 0.3;
-    let mut q = vec![0f32; c.batch * c.sq * c.hq * d];
+    let mut q = vec![0f32; c.base.batch * c.base.sq * c.base.hq * d];
     for (row, x) in q.chunks_mut(d).enumerate() {
-        let (b, h) = (row / (c.sq * c.hq), row % c.hq);
-        let u = &dirs[b * c.hk + h / group];
+        let (b, h) = (row / (c.base.sq * c.base.hq), row % c.base.hq);
+        let u = &dirs[b * c.base.hk + h / group];
         for (e, y) in x.iter_mut().enumerate() {
             *y = (u[e] + noise * r.normal()) as f32;
         }
     }
-    let mut k = vec![0f32; c.batch * c.sk * c.hk * d];
+    let mut k = vec![0f32; c.base.batch * c.base.sk * c.base.hk * d];
     for (row, x) in k.chunks_mut(d).enumerate() {
-        let (b, j, kh) = (row / (c.sk * c.hk), (row / c.hk) % c.sk, row % c.hk);
-        let u = &dirs[b * c.hk + kh];
+        let (b, j, kh) = (
+            row / (c.base.sk * c.base.hk),
+            (row / c.base.hk) % c.base.sk,
+            row % c.base.hk,
+        );
+        let u = &dirs[b * c.base.hk + kh];
         let sign = if near(c, j) { 1.0 } else { -c.gamma };
         for (e, y) in x.iter_mut().enumerate() {
             *y = (sign * u[e] + noise * r.normal()) as f32;
         }
     }
     let t = |x: Vec<f32>, s: usize, h: usize| {
-        Tensor::new(Buffer::from_f32(c.dtype, &x), vec![c.batch, s, h, d]).expect("shape")
+        Tensor::new(
+            Buffer::from_f32(c.base.dtype, &x),
+            vec![c.base.batch, s, h, d],
+        )
+        .expect("shape")
     };
-    (t(q, c.sq, c.hq), t(k, c.sk, c.hk))
+    (t(q, c.base.sq, c.base.hq), t(k, c.base.sk, c.base.hk))
 }
 
 /// The bound cases' planted q / k at any shape (`longattn bench --sparse --inputs planted`):
@@ -163,7 +156,11 @@ pub fn planted_near_far(
     d: usize,
     seed: u64,
 ) -> (Tensor, Tensor) {
-    let c = SkipCase {
+    let mut c = skip_cases(true)
+        .into_iter()
+        .find(|c| !c.exact)
+        .expect("a bound case");
+    c.base = FwdCase {
         dtype,
         batch,
         sq,
@@ -171,10 +168,7 @@ pub fn planted_near_far(
         hq,
         hk,
         d,
-        ..skip_cases(true)
-            .into_iter()
-            .find(|c| !c.exact)
-            .expect("a bound case")
+        ..c.base
     };
     planted_qk(&c, seed)
 }
@@ -187,19 +181,23 @@ fn near(c: &SkipCase, j: usize) -> bool {
 /// query tile, consumer warpgroup) every key tile after the first is tested; a warpgroup with a
 /// row below Sq drops the far tiles (no near key), one without drops them all.
 fn expected_counts(c: &SkipCase, (br, bc): (usize, usize)) -> (u64, u64) {
-    let nt = c.sk.div_ceil(bc);
+    let nt = c.base.sk.div_ceil(bc);
     let far = (1..nt)
-        .filter(|&t| !(t * bc..((t + 1) * bc).min(c.sk)).any(|j| near(c, j)))
+        .filter(|&t| !(t * bc..((t + 1) * bc).min(c.base.sk)).any(|j| near(c, j)))
         .count() as u64;
     let (mut tested, mut dropped) = (0u64, 0u64);
-    for qt in 0..c.sq.div_ceil(br) {
+    for qt in 0..c.base.sq.div_ceil(br) {
         for wg in 0..br / 64 {
             tested += (nt - 1) as u64;
             let first = qt * br + wg * 64;
-            dropped += if first < c.sq { far } else { (nt - 1) as u64 };
+            dropped += if first < c.base.sq {
+                far
+            } else {
+                (nt - 1) as u64
+            };
         }
     }
-    let heads = (c.batch * c.hq) as u64;
+    let heads = (c.base.batch * c.base.hq) as u64;
     (tested * heads, dropped * heads)
 }
 
@@ -212,11 +210,11 @@ fn row_logits(
     scale: f64,
     (b, h, i): (usize, usize, usize),
 ) -> Vec<f64> {
-    let (d, group) = (c.d, c.hq / c.hk);
-    let qr = &q[((b * c.sq + i) * c.hq + h) * d..][..d];
-    (0..c.sk)
+    let (d, group) = (c.base.d, c.base.hq / c.base.hk);
+    let qr = &q[((b * c.base.sq + i) * c.base.hq + h) * d..][..d];
+    (0..c.base.sk)
         .map(|j| {
-            let kr = &k[((b * c.sk + j) * c.hk + h / group) * d..][..d];
+            let kr = &k[((b * c.base.sk + j) * c.base.hk + h / group) * d..][..d];
             scale
                 * qr.iter()
                     .zip(kr)
@@ -237,11 +235,15 @@ fn small_mass(
     lambda: f64,
     allowed: &(dyn Fn(usize, usize, usize) -> bool + Sync),
 ) -> Vec<f64> {
-    (0..c.batch * c.hq * c.sq)
+    (0..c.base.batch * c.base.hq * c.base.sq)
         .into_par_iter()
         .map(|r| {
             // Row index order of the LSE: [B, Hq, Sq].
-            let (b, h, i) = (r / (c.hq * c.sq), (r / c.sq) % c.hq, r % c.sq);
+            let (b, h, i) = (
+                r / (c.base.hq * c.base.sq),
+                (r / c.base.sq) % c.base.hq,
+                r % c.base.sq,
+            );
             let s: Vec<f64> = row_logits(q, k, c, scale, (b, h, i))
                 .into_iter()
                 .enumerate()
@@ -275,10 +277,10 @@ fn held_to_bound(
     got: &crate::attention::AttnOutput,
     allowed: &(dyn Fn(usize, usize, usize) -> bool + Sync),
 ) -> (f64, f64, f64) {
-    let tol = out_tolerance(c.dtype);
+    let tol = out_tolerance(c.base.dtype);
     // The bound: per row, the usual tolerance plus what dropping mass E can move.
     let lambda = c.log2_lambda.exp2();
-    let scale = params.scale_for(c.d) as f64;
+    let scale = params.scale_for(c.base.d) as f64;
     let e_row = small_mass(
         &q.data.to_f32_vec(),
         &k.data.to_f32_vec(),
@@ -294,7 +296,7 @@ fn held_to_bound(
         .fold(0f64, |a, &x| a.max(x.abs() as f64));
     let ref_max = oracle.out.iter().fold(1e-30f64, |a, &x| a.max(x.abs()));
     let out = got.out.data.to_f32_vec();
-    let (d, sq, hq) = (c.d, c.sq, c.hq);
+    let (d, sq, hq) = (c.base.d, c.base.sq, c.base.hq);
     let (mut worst, mut lse_over, mut e_max) = (0f64, 0f64, 0f64);
     for (r, &e) in e_row.iter().enumerate() {
         let (b, h, i) = (r / (hq * sq), (r / sq) % hq, r % sq);
@@ -324,23 +326,28 @@ fn held_to_bound(
 /// A case's planted q, k, random v and bound mask.
 fn inputs(c: &SkipCase, seed: u64) -> Result<(Tensor, Tensor, Tensor, BoundMask)> {
     let (q, k) = planted_qk(c, seed);
-    let v = random_tensor(c.dtype, &[c.batch, c.sk, c.hk, c.d], 1.0, seed + 2);
+    let v = random_tensor(
+        c.base.dtype,
+        &[c.base.batch, c.base.sk, c.base.hk, c.base.d],
+        1.0,
+        seed + 2,
+    );
     let shape = MaskShape {
-        batch: c.batch,
-        sq: c.sq,
-        sk: c.sk,
+        batch: c.base.batch,
+        sq: c.base.sq,
+        sk: c.base.sk,
     };
-    let bound = MaskExpr::parse(c.mask)?.bind(shape, None)?;
+    let bound = MaskExpr::parse(&c.base.mask)?.bind(shape, None)?;
     Ok((q, k, v, bound))
 }
 
 /// Runs one case; see the module documentation for what passes.
 pub fn check_skip(dev: &Arc<CudaDevice>, c: &SkipCase, seed: u64) -> CaseResult {
-    let tol = out_tolerance(c.dtype);
+    let tol = out_tolerance(c.base.dtype);
     let r = (|| -> Result<(f64, f64, String, bool)> {
         let (q, k, v, bound) = inputs(c, seed)?;
         let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
-        let factor = c.sk as f64 * c.log2_lambda.exp2();
+        let factor = c.base.sk as f64 * c.log2_lambda.exp2();
         let spec = SparseSpec::parse(&format!("skip(factor={factor},dense_below=0)"))?;
         let params = AttnParams::default();
         let (mut plan, got) =
@@ -355,7 +362,7 @@ pub fn check_skip(dev: &Arc<CudaDevice>, c: &SkipCase, seed: u64) -> CaseResult 
         if c.exact {
             let (e, l) = compare(&got.out, &got.lse, &oracle);
             let mut ok = dropped > 0;
-            if c.mask == "full" {
+            if c.base.mask == "full" {
                 let want = expected_counts(c, plan.tiles());
                 ok &= (tested, dropped) == want;
                 detail += &format!(" (expected {} of {})", want.1, want.0);
@@ -400,19 +407,16 @@ mod tests {
         for exact in [true, false] {
             let c = skip_cases(true)
                 .into_iter()
-                .find(|c| c.exact == exact && c.mask == "full" || !exact && !c.exact)
+                .find(|c| c.exact == exact && c.base.mask == "full" || !exact && !c.exact)
                 .unwrap();
-            let c = SkipCase {
-                sq: 40,
-                sk: 700,
-                ..c
-            };
+            let mut c = c;
+            (c.base.sq, c.base.sk) = (40, 700);
             let (q, k) = planted_qk(&c, 3);
             let (q, k) = (q.data.to_f32_vec(), k.data.to_f32_vec());
-            let scale = 1.0 / (c.d as f64).sqrt();
+            let scale = 1.0 / (c.base.d as f64).sqrt();
             let (mut far_gap, mut near_gap) = (f64::INFINITY, 0f64);
-            for h in 0..c.hq {
-                for i in 0..c.sq {
+            for h in 0..c.base.hq {
+                for i in 0..c.base.sq {
                     let s = row_logits(&q, &k, &c, scale, (0, h, i));
                     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     for (j, &x) in s.iter().enumerate() {
@@ -442,12 +446,9 @@ mod tests {
     #[test]
     fn cpu_skip_softmax_is_held_to_the_bound() {
         for c in skip_cases(false).into_iter().filter(|c| !c.exact) {
-            let c = SkipCase {
-                sq: c.sq.min(700),
-                sk: c.sk.min(900),
-                dtype: DType::F32,
-                ..c
-            };
+            let mut c = c;
+            (c.base.sq, c.base.sk) = (c.base.sq.min(700), c.base.sk.min(900));
+            c.base.dtype = DType::F32;
             let (q, k, v, bound) = inputs(&c, 9).unwrap();
             let (qv, kv, vv) = (
                 q.view("q").unwrap(),
@@ -486,16 +487,12 @@ mod tests {
     /// every tile after the first in both, the empty warpgroup drops all of them.
     #[test]
     fn expected_counts_follow_the_rule() {
-        let c = SkipCase {
-            sq: 1,
-            sk: 1000,
-            near_every: 5,
-            ..skip_cases(true)[0].clone()
-        };
+        let mut c = skip_cases(true)[0].clone();
+        (c.base.sq, c.base.sk, c.near_every) = (1, 1000, 5);
         // 128-key tiles 0..7; 64-key groups 0, 5, 10, 15 near -> tiles 0, 2, 5, 7 near, and
         // 1, 3, 4, 6 far.
         let (t, d) = expected_counts(&c, (128, 128));
-        let heads = (c.batch * c.hq) as u64;
+        let heads = (c.base.batch * c.base.hq) as u64;
         assert_eq!(t, 2 * 7 * heads);
         assert_eq!(d, (4 + 7) * heads);
     }
