@@ -20,6 +20,12 @@
 #   bash scripts/gpu/dense_check.sh ncu_bwd   # Nsight Compute on one backward launch per config
 #                                             # (NCU_BWD="full 16k 128" ...): stall reasons,
 #                                             # issue slots, pipes, memory
+#   bash scripts/gpu/dense_check.sh ncu_bwd_src  # Nsight Compute's per-instruction stall samples of
+#                                             # one backward launch (full 16k D 128) as SASS CSV,
+#                                             # xz-compressed: where the consumers wait
+#   bash scripts/gpu/dense_check.sh knock     # backward TFLOP/s with parts of the kernel dropped
+#                                             # (LONGATTN_CUDA_BWD_KNOCK; wrong gradients, timing
+#                                             # only) and with LONGATTN_CUDA_BWD_ORDER=dk_last
 #   bash scripts/gpu/dense_check.sh skip      # skip-softmax: selftest group, bench on planted /
 #                                             # structured inputs against the dense forward
 #   bash scripts/gpu/dense_check.sh ncu_skip  # Nsight Compute on the forward with and without
@@ -119,6 +125,31 @@ for mode in "${@:-selftest}"; do
       grep -E "issue_stalled" "$OUT/ncu_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
     done
     ;;
+  ncu_bwd_src)
+    timeout 300 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 2 --launch-count 1 \
+      --section SourceCounters --section WarpStateStats -o "$OUT/bwd_src" -f \
+      /tmp/longattn bench --backend cuda --backward --masks full --lens 16k --dims 128 \
+      --out "$OUT/ncu_bwd_src" > "$OUT/ncu_bwd_src.txt" 2>&1
+    echo "ncu rc=$?"; grep -E "==ERR|==WARN" "$OUT/ncu_bwd_src.txt" | head -5
+    ncu --import "$OUT/bwd_src.ncu-rep" --page source --csv --print-source sass > "$OUT/bwd_sass.csv" 2>&1
+    echo "source page rc=$? $(wc -l < "$OUT/bwd_sass.csv") lines"; head -c 600 "$OUT/bwd_sass.csv"; echo
+    xz -9 -f "$OUT/bwd_sass.csv"; rm -f "$OUT/bwd_src.ncu-rep"
+    ;;
+  knock)
+    # What each part of the backward costs: TFLOP/s (D 128, 16k) with parts dropped (bits of
+    # LA_KNOCK: 1 dQ adds, 2 the whole dQ product, 4 exponentials and mask, 16 the consumers'
+    # barrier), then the dK-last order; gradients of the knocked runs are wrong.
+    for k in ${KNOCKS:-0 1 2 4 16 6}; do
+      echo "== LONGATTN_CUDA_BWD_KNOCK=$k"
+      LONGATTN_CUDA_BWD_KNOCK=$k timeout 200 /tmp/longattn bench --backend cuda --backward \
+        --masks full,causal --lens ${KLENS:-16k} --dims ${KDIMS:-128} --out "$OUT/knock_$k" > /dev/null 2>&1
+      grep -E "^\| (full|causal)" "$OUT/knock_$k/report_cuda.md" | cut -d'|' -f2-7
+    done 2>&1 | tee "$OUT/knock.txt"
+    echo "== LONGATTN_CUDA_BWD_ORDER=dk_last"
+    LONGATTN_CUDA_BWD_ORDER=dk_last timeout 200 /tmp/longattn bench --backend cuda --backward \
+      --masks full,causal --lens 4k,16k --dims 128 --out "$OUT/dk_last" > /dev/null 2>&1
+    grep -E "^\| (full|causal)" "$OUT/dk_last/report_cuda.md" | cut -d'|' -f2-7
+    ;;
   skip)
     # Skip-softmax in the forward (issue 15 item 7): the selftest group, then the kernel against
     # our dense forward (same schedule) on planted near / far keys and on structured ones.
@@ -163,6 +194,6 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | skip | ncu_skip | fwd | bwd)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd)"; exit 2 ;;
   esac
 done

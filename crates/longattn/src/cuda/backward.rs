@@ -57,25 +57,67 @@ fn one_pass_smem(br: usize, bc: usize, d: usize, merge: bool) -> usize {
         + 1024
 }
 
-/// How the one-pass kernel forms its dQ partials, `LONGATTN_CUDA_BWD_DQ`: `merge` (the default
-/// since 2026-12-05: each consumer over the whole key tile, one block per consumer and item, half
-/// the bytes added to dq_acc, a barrier of the two consumers per item; `LA_DQ_MERGE` in
-/// attn_bwd_wg.cu; H200: +7-10% over `split` at 4k and 16k, D 64 and 128, docs/PERF.md) or
-/// `split` (the earlier form: each consumer over its own 64 keys, two blocks added per consumer).
-fn dq_merge() -> bool {
-    std::env::var("LONGATTN_CUDA_BWD_DQ").as_deref() != Ok("split")
+/// The one-pass kernel's optional steps, from the environment (read once per launch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BwdSteps {
+    /// How dQ partials are formed, `LONGATTN_CUDA_BWD_DQ`: `merge` (the default since
+    /// 2026-12-05: each consumer over the whole key tile, one block per consumer and item, half
+    /// the bytes added to dq_acc, a barrier of the two consumers per item; `LA_DQ_MERGE` in
+    /// attn_bwd_wg.cu; H200: +7-10% over `split` at 4k and 16k, D 64 and 128, docs/PERF.md) or
+    /// `split` (the earlier form: each consumer over its own 64 keys, two blocks added per
+    /// consumer).
+    merge: bool,
+    /// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in; H100 2026-12-05: +1% full, -3 to -5% causal):
+    /// S^T and dP^T as two commit groups, P^T formed while dP^T still runs
+    /// (`LA_BWD_SPLITWAIT`; without soft-cap, at BR 64 (D 128) only; consumers get 240
+    /// registers, the producer 24, without which ptxas serializes the wgmma).
+    split: bool,
+    /// `LONGATTN_CUDA_BWD_ORDER=dk_last` (opt-in, with `merge` and without `split`): dK is
+    /// issued after the dQ product and runs while dQ is staged and added (`LA_BWD_DKLAST`).
+    dk_last: bool,
+    /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
+    /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
+    knock: u32,
 }
 
-/// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in, not measured yet): the one-pass kernel issues S^T and
-/// dP^T as two commit groups and forms P^T while dP^T still runs (`LA_BWD_SPLITWAIT`; without
-/// soft-cap, at BR 64 (D 128) only; consumers get 240 registers, the producer 24, without which
-/// ptxas serializes the wgmma). Default: one group, both waited for.
-fn split_wait() -> bool {
-    std::env::var("LONGATTN_CUDA_BWD_WAIT").as_deref() == Ok("split")
+impl BwdSteps {
+    fn from_env() -> BwdSteps {
+        let merge = std::env::var("LONGATTN_CUDA_BWD_DQ").as_deref() != Ok("split");
+        let split = std::env::var("LONGATTN_CUDA_BWD_WAIT").as_deref() == Ok("split");
+        let knock = std::env::var("LONGATTN_CUDA_BWD_KNOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if knock != 0 {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "warning: LONGATTN_CUDA_BWD_KNOCK={knock}: timing experiment, the backward's gradients are wrong"
+                )
+            });
+        }
+        BwdSteps {
+            merge,
+            split,
+            dk_last: std::env::var("LONGATTN_CUDA_BWD_ORDER").as_deref() == Ok("dk_last"),
+            knock,
+        }
+    }
+
+    /// The defaults (no environment): merged dQ, one wait.
+    #[cfg(test)]
+    fn defaults() -> BwdSteps {
+        BwdSteps {
+            merge: true,
+            split: false,
+            dk_last: false,
+            knock: 0,
+        }
+    }
 }
 
 /// Source, variant name, shared memory, main and dQ entry points, and defines of `kernel` for
-/// the mask `program` (`merge`: [`dq_merge`], `split`: [`split_wait`], one-pass kernel only).
+/// the mask `program` (`steps`: the one-pass kernel's options).
 #[allow(clippy::type_complexity)]
 fn kernel_build(
     kernel: BwdKernel,
@@ -83,7 +125,7 @@ fn kernel_build(
     d: usize,
     params: &AttnParams,
     program: &str,
-    (merge, split): (bool, bool),
+    steps: BwdSteps,
 ) -> (
     String,
     String,
@@ -112,11 +154,17 @@ fn kernel_build(
             defines.push(("LA_NWG".into(), (bc / 64).to_string()));
             defines.push(("LA_BR".into(), br.to_string()));
             defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
+            let merge = steps.merge;
             defines.push(("LA_DQ_MERGE".into(), (merge as u8).to_string()));
             // Not at BR 128 (D 64): S^T and dP^T of 128 queries held at once leave too few
             // registers (ptxas serializes the wgmma, the compile test checks).
-            let split = split && params.softcap.is_none() && br == 64;
+            let split = steps.split && params.softcap.is_none() && br == 64;
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
+            let dk_last = steps.dk_last && merge && !split;
+            defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
+            if steps.knock != 0 {
+                defines.push(("LA_KNOCK".into(), steps.knock.to_string()));
+            }
             let wrappers = &*super::wgmma::WRAPPERS;
             (
                 format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{BWD_COMMON}\n{program}\n{BWD_WG}"),
@@ -328,14 +376,9 @@ impl BwdPlan {
         // The mask program is a template on the parameter struct, instantiated in the kernels; its
         // constants are arguments (`mc`), so the variant depends on the mask's structure only.
         let program = &dm.program;
-        let (src, variant, smem, main, dq, defines) = kernel_build(
-            kernel,
-            dtype,
-            d,
-            params,
-            program,
-            (dq_merge(), split_wait()),
-        );
+        let steps = BwdSteps::from_env();
+        let (src, variant, smem, main, dq, defines) =
+            kernel_build(kernel, dtype, d, params, program, steps);
         let dq_smem = if kernel == BwdKernel::TwoPass {
             smem
         } else {
@@ -668,11 +711,52 @@ mod tests {
         assert_eq!(two_pass_smem(256), 128 * 1024);
     }
 
+    /// Tuning aid, run by hand: writes the default one-pass backward's CUBIN for `full` and
+    /// `causal` (D 64 / 128, bf16) to `$LONGATTN_DUMP_CUBIN`, to read its SASS with `nvdisasm`
+    /// without a GPU: `LONGATTN_DUMP_CUBIN=/tmp/cub cargo test -p longattn --lib dump_backward
+    /// -- --ignored`.
+    #[test]
+    #[ignore]
+    fn dump_backward_cubins() {
+        let Ok(dir) = std::env::var("LONGATTN_DUMP_CUBIN") else {
+            eprintln!("skipped: set LONGATTN_DUMP_CUBIN to a folder");
+            return;
+        };
+        let shape = crate::mask::MaskShape {
+            batch: 1,
+            sq: 4096,
+            sk: 4096,
+        };
+        for mask in ["full", "causal"] {
+            let bm = crate::mask::MaskExpr::parse(mask)
+                .unwrap()
+                .bind(shape, None)
+                .unwrap();
+            let program = bm.cuda_program().source;
+            for d in [64, 128] {
+                let kernel = BwdKernel::choose(d, (9, 0), false);
+                let (src, variant, _, _, _, defines) = kernel_build(
+                    kernel,
+                    DType::BF16,
+                    d,
+                    &AttnParams::default(),
+                    &program,
+                    super::BwdSteps::from_env(),
+                );
+                let c = super::super::compile::compile(&variant, &src, "sm_90a", &defines)
+                    .unwrap_or_else(|e| panic!("{variant}: {e}"));
+                let path = format!("{dir}/{mask}_{variant}.cubin");
+                std::fs::write(&path, &c.cubin).unwrap();
+                eprintln!("wrote {path}");
+            }
+        }
+    }
+
     /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
     /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
-    /// adds, dQ split or merged ([`dq_merge`]; merged ones also with [`split_wait`], which
-    /// soft-cap turns off), with and without soft-cap; ptxas keeps every wgmma asynchronous and
-    /// spills nothing.
+    /// adds, dQ split or merged ([`BwdSteps`]; merged ones with the split wait, which soft-cap
+    /// turns off, and in bf16 with dK last), with and without soft-cap; ptxas keeps every wgmma
+    /// asynchronous and spills nothing.
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
         let Some((program, _)) = super::super::compile::test_programs() else {
@@ -684,14 +768,26 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    for merge in [false, true] {
+                    // (merge, split wait, dK last): split, merged with the split wait, and
+                    // (bf16) merged with dK last.
+                    let mut steps = vec![(false, false, false), (true, true, false)];
+                    if dtype == DType::BF16 {
+                        steps.push((true, false, true));
+                    }
+                    for (merge, split, dk_last) in steps {
                         for softcap in [None, Some(20.0)] {
                             let params = AttnParams {
                                 softcap,
                                 ..Default::default()
                             };
+                            let steps = super::BwdSteps {
+                                merge,
+                                split,
+                                dk_last,
+                                knock: 0,
+                            };
                             let (src, variant, _, _, _, defines) =
-                                kernel_build(kernel, dtype, d, &params, &program, (merge, merge));
+                                kernel_build(kernel, dtype, d, &params, &program, steps);
                             let name = format!("test_{variant}");
                             super::super::compile::assert_ptxas_clean(&name, &src, &defines);
                             n += 1;
@@ -700,7 +796,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 32);
+        assert_eq!(n, 40);
     }
 
     /// A gated mask's program (the expression ANDed with the gate's table) compiles in the
@@ -718,7 +814,7 @@ mod tests {
             128,
             &AttnParams::default(),
             &program,
-            (true, false),
+            super::BwdSteps::defaults(),
         );
         let name = format!("test_gated_{variant}");
         if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {

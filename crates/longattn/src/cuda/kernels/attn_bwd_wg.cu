@@ -39,7 +39,9 @@
 //
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
 // 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), LA_BWD_SPLITWAIT (0 / 1:
-// S^T and dP^T in two commit groups, P^T formed while dP^T runs; opt-in), the mask program la_mask. Shared-memory layout: the 128-byte-
+// S^T and dP^T in two commit groups, P^T formed while dP^T runs; opt-in), LA_BWD_DKLAST (0 / 1: dK
+// issued after the merged dQ product, running while dQ is staged and added; opt-in), LA_KNOCK
+// (timing experiments), the mask program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
@@ -56,6 +58,18 @@
 #endif
 #if LA_BWD_SPLITWAIT && LA_SOFTCAP
 #error "LA_BWD_SPLITWAIT: no soft-cap (its derivative per element would need a third array)"
+#endif
+#ifndef LA_BWD_DKLAST
+#define LA_BWD_DKLAST 0
+#endif
+#if LA_BWD_DKLAST && (!LA_DQ_MERGE || LA_BWD_SPLITWAIT)
+#error "LA_BWD_DKLAST: one merged dQ block per consumer, one wait for S^T and dP^T"
+#endif
+// Timing experiments only (LONGATTN_CUDA_BWD_KNOCK, results are wrong): bit 1 drops the dQ
+// bulk adds, 2 the whole dQ product, staging and adds, 4 the exponentials and the mask (P^T = S^T,
+// dS^T = dP^T), 16 the merged dQ's barrier of the two consumers.
+#ifndef LA_KNOCK
+#define LA_KNOCK 0
 #endif
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
@@ -355,8 +369,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                     if (partial && ok) ok = la_mask(p, b, h, i, j);
                     if (!ok) y = -LA_INF;
                 }
+#if LA_KNOCK & 4
+                pr[e2] = s[x] + y * 0.f;
+                ds[e2] = dp[x];
+#else
                 pr[e2] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
                 ds[e2] = pr[e2] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap * p.scale;
+#endif
             }
             pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(pr[0], pr[1]);
             pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(pr[2], pr[3]);
@@ -371,16 +390,27 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #endif
 
         // dV += P^T dO, dK += dS^T Q: 16 queries a step; Q's and dO's 8-row groups are 1024
-        // bytes apart, their 64-column blocks BR x 128 bytes apart.
+        // bytes apart, their 64-column blocks BR x 128 bytes apart. LA_BWD_DKLAST: dK is issued
+        // after the dQ product instead, so that it runs while dQ is staged and added.
         la_fence_regs<LA_D / 2>(dv);
         la_fence_regs<LA_D / 2>(dk);
         la_wg_fence();
 #pragma unroll
         for (int kq = 0; kq < LA_BR / 16; kq++) {
             la_wg_rs_d(dv, pf[kq], la_wg_desc(cdO + kq * 16 * 64, LA_BR * 128, 1024));
+#if !LA_BWD_DKLAST
             la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
+#endif
         }
         la_wg_commit();
+#if LA_KNOCK & 2
+        la_wg_wait0();
+        la_fence_regs<LA_D / 2>(dv);
+        la_fence_regs<LA_D / 2>(dk);
+        __syncwarp();
+        if (lane == 0) la_mbar_arrive(empty_q + st);
+        continue;
+#endif
 
         // dQ partial over this warpgroup's 64 keys, two 64 x 64 blocks, 16 keys a step. The
         // staging buffers are free once the previous item's reductions have read them.
@@ -390,7 +420,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #else
         if (tw == 0) la_bulk_wait_read<0>();
 #endif
-#if LA_DQ_MERGE
+#if LA_DQ_MERGE && !(LA_KNOCK & 16)
         la_bar_sync(1 + LA_NWG, 128 * LA_NWG);  // both consumers' dS^T rows are in; staging is free
 #else
         la_bar_sync(1 + c, 128);  // the warpgroup's dS^T rows are in; staging is free
@@ -412,6 +442,16 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 la_wg_sst_n64(dq, da, db, ks > 0);
             }
             la_wg_commit();
+#if LA_BWD_DKLAST
+            la_wg_fence();
+#pragma unroll
+            for (int kq = 0; kq < LA_BR / 16; kq++)
+                la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
+            la_wg_commit();
+            la_wg_wait1();  // dV and dQ are in; dK may still run
+            la_fence_regs<32>(dq);
+            la_fence_regs<LA_D / 2>(dv);
+#else
             la_wg_wait0();
             la_fence_regs<32>(dq);
             if (x == 0) {
@@ -426,6 +466,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 __syncwarp();
                 if (lane == 0) la_mbar_arrive(empty_q + st);
             }
+#endif
 #pragma unroll
             for (int j = 0; j < 8; j++) la_sts4(stg + x * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
         }
@@ -433,8 +474,14 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_bar_sync(1 + c, 128);
 #if LA_ORDERED
         if (tw == 0) la_mbar_arrive(stg_full + c);  // hand the staged partial to the reducer
-#else
+#elif !(LA_KNOCK & 1)
         if (tw == 0) la_dq_add_tile(p, b, h, q0, c, stg);
+#endif
+#if LA_BWD_DKLAST
+        la_wg_wait0();  // dK is in: every read of stage st is done, back to the producer
+        la_fence_regs<LA_D / 2>(dk);
+        __syncwarp();
+        if (lane == 0) la_mbar_arrive(empty_q + st);
 #endif
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
