@@ -2012,6 +2012,39 @@ mod tests {
         assert_eq!(n, 12);
     }
 
+    /// Tuning aid, run by hand: writes the warp-specialized forward's CUBIN (bf16, D 128, the
+    /// default tile) for `full` and `causal`, without and with skip-softmax, to
+    /// `$LONGATTN_DUMP_CUBIN`, to read its SASS with `nvdisasm` without a GPU:
+    /// `LONGATTN_DUMP_CUBIN=/tmp/cub cargo test -p longattn --lib dump_forward -- --ignored`.
+    #[test]
+    #[ignore]
+    fn dump_forward_cubins() {
+        let Ok(dir) = std::env::var("LONGATTN_DUMP_CUBIN") else {
+            eprintln!("skipped: set LONGATTN_DUMP_CUBIN to a folder");
+            return;
+        };
+        for mask in ["full", "causal"] {
+            let bm = crate::mask::MaskExpr::parse(mask)
+                .unwrap()
+                .bind(crate::mask::MaskShape::square(4096), None)
+                .unwrap();
+            let program = bm.cuda_program().source;
+            for skip in [false, true] {
+                let params = AttnParams {
+                    skip_below: skip.then_some(0.01),
+                    ..Default::default()
+                };
+                let tile = TileCfg::warp_specialized(2, 128, 1);
+                let (src, _, tag, defines) =
+                    kernel_build(&tile, DType::BF16, 128, &params, &program, "fused");
+                let name = format!("fwd{tag}_skip{}", skip as u8);
+                let c = super::super::compile::compile(&name, &src, "sm_90a", &defines)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                std::fs::write(format!("{dir}/{mask}_{name}.cubin"), &c.cubin).unwrap();
+            }
+        }
+    }
+
     /// Every item once; block loads within one item of each other; groups started in order.
     #[test]
     fn work_lists_cover_every_item_balanced_and_in_group_order() {

@@ -14,8 +14,8 @@
 use std::fmt::Write;
 use std::sync::LazyLock;
 
-/// Accumulator widths generated.
-const WIDTHS: [usize; 3] = [32, 64, 128];
+/// Accumulator widths generated (8: skip-softmax's stand-in for a dropped product).
+const WIDTHS: [usize; 4] = [8, 32, 64, 128];
 
 /// The wrappers for both element types (`#if LA_F16` picks one at compile time).
 pub(crate) static WRAPPERS: LazyLock<String> = LazyLock::new(|| {

@@ -423,10 +423,29 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
-                // V_{n-1} must have landed before its stage goes back, issued or not.
+                // V_{n-1} must have landed before its stage goes back, issued or not. A dropped
+                // P_{n-1} V_{n-1} commits a group of one m64n8k16 product into scratch registers
+                // instead: a group that may be empty makes ptxas close it with a wgmma of its own
+                // after the branch, on both paths, and the wait for S_n below then waits for P V
+                // as well (8-9% of the forward when nothing is dropped). With three consumers
+                // (D 64) the two paths spill, so that tile keeps the single commit.
                 la_mbar_wait(full_v + sp, ((j - 1) >> 1) & 1);
+#if LA_SKIP && LA_NWG == 3
                 if (pv_due) la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                 la_wg_commit();
+#elif LA_SKIP
+                if (pv_due) {
+                    la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
+                    la_wg_commit();
+                } else {
+                    float z[4];  // never read (ptxas turns the product into its own empty one)
+                    la_wg_ss_n8(z, la_wg_desc(sQ, 16, 1024), la_wg_desc(sV0, 16, 1024), 0);
+                    la_wg_commit();
+                }
+#else
+                la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
+                la_wg_commit();
+#endif
                 if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
                 const u32 ent = p.sched_ent[e0 + n];
                 u32 mw[LA_BC / 16];
