@@ -112,7 +112,7 @@ for mode in "${@:-selftest}"; do
     for cfg in ${NCU_BWD:-"full 16k 128" "causal 16k 128"}; do
       set -- $cfg
       echo "== ncu backward $1 n $2 D $3"
-      timeout 240 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 2 --launch-count 1 \
+      timeout 240 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 4 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
         --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
@@ -126,7 +126,7 @@ for mode in "${@:-selftest}"; do
     done
     ;;
   ncu_bwd_src)
-    timeout 300 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 2 --launch-count 1 \
+    timeout 300 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 4 --launch-count 1 \
       --section SourceCounters --section WarpStateStats -o "$OUT/bwd_src" -f \
       /tmp/longattn bench --backend cuda --backward --masks full --lens 16k --dims 128 \
       --out "$OUT/ncu_bwd_src" > "$OUT/ncu_bwd_src.txt" 2>&1

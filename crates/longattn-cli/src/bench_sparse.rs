@@ -185,7 +185,7 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
     let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
     let reps = a.reps.max(10);
     println!(
-        "sparse prefill on {} (CUDA), mask `{mask_text}`, bf16, batch {}, heads {hq} / {hk}, {} q / k, median of {reps}",
+        "sparse prefill on {} (CUDA), mask `{mask_text}`, bf16, batch {}, heads {hq} / {hk}, {} q / k, median of {reps} (dense timed in turn with each)",
         dev.name, a.batch, a.inputs
     );
     println!(
@@ -210,6 +210,22 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         }
         Ok(median(t))
     };
+    // The medians of several launches timed in turn, one of each per repetition, so that the
+    // device's clock and temperature drift over the run weigh on all of them alike (timed one
+    // after the other, a later variant ran up to 6% slower for no reason of its own).
+    let medians_interleaved =
+        |fs: &mut [&mut dyn FnMut() -> longattn::Result<()>]| -> Result<Vec<f64>> {
+            let mut t = vec![Vec::with_capacity(reps); fs.len()];
+            for f in fs.iter_mut() {
+                f()?;
+            }
+            for _ in 0..reps {
+                for (f, ti) in fs.iter_mut().zip(t.iter_mut()) {
+                    ti.push(dev.time_ms(&mut **f)?);
+                }
+            }
+            Ok(t.into_iter().map(median).collect())
+        };
     let compare = match a.compare.as_deref() {
         None => false,
         Some("torch") => true,
@@ -247,16 +263,15 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
             let mut lse = dev.alloc_f32(a.batch * hq * n)?;
             let params = AttnParams::default();
             let s = dev.stream().clone();
-            let dense = {
-                let plan = FwdPlan::new(
-                    &dev,
-                    dm,
-                    longattn::DType::BF16,
-                    &params,
-                    MaskSpec::Expr(&bound),
-                )?;
-                median_ms(&mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse))?
-            };
+            let dense_plan = FwdPlan::new(
+                &dev,
+                dm,
+                longattn::DType::BF16,
+                &params,
+                MaskSpec::Expr(&bound),
+            )?;
+            let mut o_dense = DevTensor::alloc(&dev, [a.batch, n, hq, d], longattn::DType::BF16)?;
+            let mut lse_dense = dev.alloc_f32(a.batch * hq * n)?;
             let name = format!("n {} D {d}", fmt_len(n));
             for spec in specs {
                 let mut plan = SparsePlan::new(
@@ -270,15 +285,31 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                 let t_sel = median_ms(&mut || plan.launch_select_on(&s, &qd, &kd))?;
                 let sel = plan.selection(Some(&bound as &dyn longattn::mask::RowMask))?;
                 plan.take_skip_stats()?;
-                let t_att = median_ms(&mut || {
-                    plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
-                })?;
+                // Dense, the sparse kernel alone and select + sparse, timed in turn.
+                let (dense, t_att) = {
+                    let t = medians_interleaved(&mut [
+                        &mut || {
+                            dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o_dense, &mut lse_dense)
+                        },
+                        &mut || plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse),
+                    ])?;
+                    (t[0], t[1])
+                };
                 // Skip-softmax: the share of the tested key tiles the kernel dropped.
                 let skipped = match plan.take_skip_stats()? {
                     Some((t, d)) => format!("{:.1}%", 100.0 * d as f64 / t.max(1) as f64),
                     None => "-".into(),
                 };
-                let t_e2e = median_ms(&mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse))?;
+                // The end-to-end speedup against dense timed beside it in its own pass.
+                let (dense_e2e, t_e2e) = {
+                    let t = medians_interleaved(&mut [
+                        &mut || {
+                            dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o_dense, &mut lse_dense)
+                        },
+                        &mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse),
+                    ])?;
+                    (t[0], t[1])
+                };
                 let density = sel.report.density();
                 let stages = plan
                     .profile_select_on(&s, &qd, &kd)?
@@ -296,7 +327,7 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                     100.0 * t_sel / dense,
                     t_att,
                     t_e2e,
-                    dense / t_e2e,
+                    dense_e2e / t_e2e,
                     // Sparse kernel time against density x dense: 1.00 = proportional.
                     t_att / (density * dense).max(1e-9),
                     skipped,
