@@ -404,6 +404,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         }
         la_wg_commit();
 #if LA_KNOCK & 2
+#if LA_BWD_DKLAST
+        la_wg_fence();
+#pragma unroll
+        for (int kq = 0; kq < LA_BR / 16; kq++)
+            la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
+        la_wg_commit();
+#endif
         la_wg_wait0();
         la_fence_regs<LA_D / 2>(dv);
         la_fence_regs<LA_D / 2>(dk);
