@@ -99,6 +99,6 @@ mod tests {
         let w = wrapper(32, "bf16", Form::SsT);
         assert!(w.contains("%16, %17, p, 1, 1, 1, 1;"), "{w}");
         assert!(w.contains("\"+f\"(d[15])") && !w.contains("d[16]"), "{w}");
-        assert_eq!(WRAPPERS.matches("__device__").count(), 18);
+        assert_eq!(WRAPPERS.matches("__device__").count(), 24);
     }
 }
