@@ -12,8 +12,8 @@
 #                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy) at 16k
 #   bash scripts/gpu/dense_check.sh candidates  # the opt-in variants beside the defaults:
 #                                             # selftest --quick --filter backward with
-#                                             # LONGATTN_CUDA_BWD_WAIT=split, then backward
-#                                             # TFLOP/s (D 128) with one and split waits
+#                                             # LONGATTN_CUDA_BWD_DQ_ADD=red, then backward
+#                                             # TFLOP/s (D 64 / 128) with bulk and red dQ adds
 #   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
 #                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
@@ -81,16 +81,17 @@ for mode in "${@:-selftest}"; do
     done 2>&1 | tee "$OUT/softmax.txt"
     ;;
   candidates)
-    # The opt-in variants beside the defaults: the backward with S^T and dP^T in two commit
-    # groups (LONGATTN_CUDA_BWD_WAIT=split, D 128 only): the backward cases, then the bench.
-    LONGATTN_CUDA_BWD_WAIT=split timeout 400 /tmp/longattn selftest --backend cuda --quick \
+    # The opt-in variants beside the defaults: dQ added by vector reductions from registers
+    # (LONGATTN_CUDA_BWD_DQ_ADD=red): the backward cases, then the bench (one / red; the split
+    # wait of S^T and dP^T, LONGATTN_CUDA_BWD_WAIT=split, measured 2026-12-05: not adopted).
+    LONGATTN_CUDA_BWD_DQ_ADD=red timeout 400 /tmp/longattn selftest --backend cuda --quick \
       --filter backward --jobs ${JOBS:-8} > "$OUT/selftest_candidates.txt" 2>&1
-    echo "selftest --quick --filter backward (split wait) rc=$?"
+    echo "selftest --quick --filter backward (dQ by red) rc=$?"
     grep -vE " pass " "$OUT/selftest_candidates.txt" | grep -v "^\[" | tail -15
-    for w in one split; do
-      echo "== LONGATTN_CUDA_BWD_WAIT=$w"
-      LONGATTN_CUDA_BWD_WAIT=$w timeout 200 /tmp/longattn bench --backend cuda --backward \
-        --masks full,causal --lens ${BLENS:-4k,16k} --dims 128 --out "$OUT/bwd_$w" > /dev/null 2>&1
+    for w in bulk red; do
+      echo "== LONGATTN_CUDA_BWD_DQ_ADD=$w"
+      LONGATTN_CUDA_BWD_DQ_ADD=$w timeout 200 /tmp/longattn bench --backend cuda --backward \
+        --masks full,causal --lens ${BLENS:-4k,16k} --dims 64,128 --out "$OUT/bwd_$w" > /dev/null 2>&1
       grep -E "^\| (full|causal)" "$OUT/bwd_$w/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/candidates_bwd.txt"
     ;;

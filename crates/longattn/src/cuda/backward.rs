@@ -77,6 +77,11 @@ struct BwdSteps {
     /// runs while dQ is staged and added, `LA_BWD_DKLAST`; H100: +3% at 16k, +4-5% at 4k,
     /// docs/PERF.md) or `dk_first` (dV and dK together before dQ, as before).
     dk_last: bool,
+    /// `LONGATTN_CUDA_BWD_DQ_ADD=red` (opt-in, fast mode only, not measured yet): each thread adds
+    /// its dQ registers to the accumulator by vector reductions (`red.global.add.v4.f32`)
+    /// instead of staging them for a bulk reduce-add, saving a proxy fence and a barrier per
+    /// item (`LA_DQ_RED`).
+    red: bool,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
     knock: u32,
@@ -102,6 +107,7 @@ impl BwdSteps {
             merge,
             split,
             dk_last: std::env::var("LONGATTN_CUDA_BWD_ORDER").as_deref() != Ok("dk_first"),
+            red: std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() == Ok("red"),
             knock,
         }
     }
@@ -113,6 +119,7 @@ impl BwdSteps {
             merge: true,
             split: false,
             dk_last: true,
+            red: false,
             knock: 0,
         }
     }
@@ -164,6 +171,8 @@ fn kernel_build(
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
             let dk_last = steps.dk_last && merge && !split;
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
+            let red = steps.red && !ordered;
+            defines.push(("LA_DQ_RED".into(), (red as u8).to_string()));
             if steps.knock != 0 {
                 defines.push(("LA_KNOCK".into(), steps.knock.to_string()));
             }
@@ -770,13 +779,18 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    // (merge, split wait, dK last): the default (merged, dK last), split;
-                    // in bf16 also merged with the split wait and merged with dK first.
-                    let mut steps = vec![(true, false, true), (false, false, false)];
+                    // (merge, split wait, dK last, red): the default (merged, dK last), split;
+                    // in bf16 also merged with the split wait, merged with dK first, and the
+                    // default with vector reductions.
+                    let mut steps = vec![(true, false, true, false), (false, false, false, false)];
                     if dtype == DType::BF16 {
-                        steps.extend([(true, true, false), (true, false, false)]);
+                        steps.extend([
+                            (true, true, false, false),
+                            (true, false, false, false),
+                            (true, false, true, true),
+                        ]);
                     }
-                    for (merge, split, dk_last) in steps {
+                    for (merge, split, dk_last, red) in steps {
                         for softcap in [None, Some(20.0)] {
                             let params = AttnParams {
                                 softcap,
@@ -786,6 +800,7 @@ mod tests {
                                 merge,
                                 split,
                                 dk_last,
+                                red,
                                 knock: 0,
                             };
                             let (src, variant, _, _, _, defines) =
@@ -798,7 +813,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 48);
+        assert_eq!(n, 56);
     }
 
     /// A gated mask's program (the expression ANDed with the gate's table) compiles in the

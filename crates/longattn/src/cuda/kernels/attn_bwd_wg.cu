@@ -71,6 +71,16 @@
 #ifndef LA_KNOCK
 #define LA_KNOCK 0
 #endif
+// LA_DQ_RED (1, opt-in: LONGATTN_CUDA_BWD_DQ_ADD=red): each thread adds its dQ registers to dq_acc
+// with vector reductions (red.global.add.v4.f32, 16 bytes a thread, coalesced: dq_acc's blocks are
+// in register order) instead of staging them in shared memory for a bulk reduce-add, which
+// needs a proxy fence and a barrier of the warpgroup per item. Fast mode only.
+#ifndef LA_DQ_RED
+#define LA_DQ_RED 0
+#endif
+#if LA_DQ_RED && LA_ORDERED
+#error "LA_DQ_RED: the deterministic mode orders whole-block adds"
+#endif
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
 // Register split (65536 per SM, one block): consumers get what the producer gives up (the
@@ -98,6 +108,12 @@ __device__ __forceinline__ la_f2 la_lds2(const float* a) {
     la_f2 r;
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(r.x), "=f"(r.y) : "r"(la_smem_addr(a)));
     return r;
+}
+// dst[0..4) += v[0..4) in global memory, one vector reduction (no value returned).
+__device__ __forceinline__ void la_red_add4(float* dst, const float* v) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]), "f"(v[1]), "f"(v[2]),
+                 "f"(v[3])
+                 : "memory");
 }
 __device__ __forceinline__ void la_sts4(float* a, const float* v) {
     asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(la_smem_addr(a)), "f"(v[0]), "f"(v[1]),
@@ -424,7 +440,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_fence_async_smem();  // dS^T stores -> visible to the tensor cores
 #if LA_ORDERED
         if (t > 0) la_mbar_wait(stg_free + c, (t - 1) & 1);  // the reducer is done with it
-#else
+#elif !LA_DQ_RED
         if (tw == 0) la_bulk_wait_read<0>();
 #endif
 #if LA_DQ_MERGE && !(LA_KNOCK & 16)
@@ -474,14 +490,26 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 if (lane == 0) la_mbar_arrive(empty_q + st);
             }
 #endif
+#if LA_DQ_RED && !(LA_KNOCK & 1)
+            {
+                const int blk = LA_DQ_MERGE ? c : x;
+                float* acc = p.dq_acc + la_dq_acc_at(p, b, h, q0 + (LA_DQ_ROWSPLIT ? 64 * blk : 0),
+                                                     LA_DQ_ROWSPLIT ? 0 : 64 * blk);
+#pragma unroll
+                for (int j = 0; j < 8; j++) la_red_add4(acc + (j * 128 + tw) * 4, dq + 4 * j);
+            }
+#elif !LA_DQ_RED
 #pragma unroll
             for (int j = 0; j < 8; j++) la_sts4(stg + x * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
+#endif
         }
+#if !LA_DQ_RED
         la_fence_async_smem();  // staging stores -> visible to the bulk copies
         la_bar_sync(1 + c, 128);
+#endif
 #if LA_ORDERED
         if (tw == 0) la_mbar_arrive(stg_full + c);  // hand the staged partial to the reducer
-#elif !(LA_KNOCK & 1)
+#elif !(LA_KNOCK & 1) && !LA_DQ_RED
         if (tw == 0) la_dq_add_tile(p, b, h, q0, c, stg);
 #endif
 #if LA_BWD_DKLAST
