@@ -27,7 +27,8 @@
 #                                             # (LONGATTN_CUDA_BWD_KNOCK; wrong gradients, timing
 #                                             # only) and with LONGATTN_CUDA_BWD_ORDER=dk_first
 #   bash scripts/gpu/dense_check.sh skip      # skip-softmax: selftest group, bench on planted /
-#                                             # structured inputs against the dense forward
+#                                             # structured inputs against the dense forward,
+#                                             # votes read early (default) and late (opt-in)
 #   bash scripts/gpu/dense_check.sh ncu_skip  # Nsight Compute on the forward with and without
 #                                             # skip-softmax (its cost when nothing is dropped)
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
@@ -154,17 +155,25 @@ for mode in "${@:-selftest}"; do
     ;;
   skip)
     # Skip-softmax in the forward (issue 15 item 7): the selftest group, then the kernel against
-    # our dense forward (same schedule) on planted near / far keys and on structured ones.
-    timeout 200 /tmp/longattn selftest --backend cuda --filter skip --jobs ${JOBS:-6} \
-      > "$OUT/selftest_skip.txt" 2>&1
-    echo "selftest skip rc=$?"; grep -E "^skip|cases" "$OUT/selftest_skip.txt" | cut -c1-230
-    timeout 200 /tmp/longattn bench --backend cuda --sparse "${SKIP_PLANTED:-skip(factor=64);skip(factor=256)}" \
-      --inputs planted --lens ${SKIP_LENS:-16k,64k} --dims 128 --out "$OUT/skip_planted" \
-      > "$OUT/skip_planted.txt" 2>&1
-    echo "bench planted rc=$?"; grep -E "^n |^input" "$OUT/skip_planted.txt" | cut -c1-190
-    timeout 200 /tmp/longattn bench --backend cuda --sparse "${SKIP_STRUCTURED:-skip(factor=600)}" \
-      --lens ${SKIP_LENS:-16k,64k} --dims 128 --out "$OUT/skip_structured" > "$OUT/skip_structured.txt" 2>&1
-    echo "bench structured rc=$?"; grep -E "^n |^input" "$OUT/skip_structured.txt" | cut -c1-190
+    # our dense forward (same schedule, timed in turn) on planted near / far keys and on
+    # structured ones; each with the votes read before S_n (default) and after it
+    # (LONGATTN_CUDA_SKIP_VOTES=late, opt-in).
+    for votes in early late; do
+      export LONGATTN_CUDA_SKIP_VOTES=$votes
+      echo "== LONGATTN_CUDA_SKIP_VOTES=$votes"
+      timeout 200 /tmp/longattn selftest --backend cuda --filter skip --jobs ${JOBS:-6} \
+        > "$OUT/selftest_skip_$votes.txt" 2>&1
+      echo "selftest skip rc=$?"; grep -E "^skip|cases" "$OUT/selftest_skip_$votes.txt" | cut -c1-230 | tail -4
+      timeout 200 /tmp/longattn bench --backend cuda --sparse "${SKIP_PLANTED:-skip(factor=256)}" \
+        --inputs planted --lens ${SKIP_LENS:-16k,64k} --dims 128 --out "$OUT/skip_planted_$votes" \
+        > "$OUT/skip_planted_$votes.txt" 2>&1
+      echo "bench planted rc=$?"; grep -E "^n |^input" "$OUT/skip_planted_$votes.txt" | cut -c1-190
+      timeout 200 /tmp/longattn bench --backend cuda --sparse "${SKIP_STRUCTURED:-skip(factor=600)}" \
+        --lens ${SKIP_LENS:-16k,64k} --dims 128 --out "$OUT/skip_structured_$votes" \
+        > "$OUT/skip_structured_$votes.txt" 2>&1
+      echo "bench structured rc=$?"; grep -E "^n |^input" "$OUT/skip_structured_$votes.txt" | cut -c1-190
+    done
+    unset LONGATTN_CUDA_SKIP_VOTES
     ;;
   ncu_skip)
     # Where skip-softmax's cost goes when nothing is dropped: the forward kernel with and without

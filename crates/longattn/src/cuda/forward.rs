@@ -1447,6 +1447,11 @@ fn kernel_build(
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
     if params.skip_below.is_some() && tile.kernel == FwdKernel::WarpSpecialized {
         defines.push(("LA_SKIP".into(), "1".into()));
+        // `LONGATTN_CUDA_SKIP_VOTES=late` (opt-in, not measured yet): the votes on the previous
+        // tile read after the next Q K^T is issued (`LA_SKIP_LATE`).
+        if std::env::var("LONGATTN_CUDA_SKIP_VOTES").as_deref() == Ok("late") {
+            defines.push(("LA_SKIP_LATE".into(), "1".into()));
+        }
     }
     (src, entry, tag, defines)
 }
@@ -1990,26 +1995,30 @@ mod tests {
             (TileCfg::warp_specialized(2, 128, 1), 128),
             (TileCfg::warp_specialized(1, 64, 2), 128),
         ] {
-            for (prog, softmax, cap, skip) in [
-                (&element, "fused", None, false),
-                (&element, "fused", None, true),
-                (&interval, "lazy", None, true),
-                (&interval, "fused", Some(20.0), true),
+            for (prog, softmax, cap, skip, late) in [
+                (&element, "fused", None, false, false),
+                (&element, "fused", None, true, false),
+                (&element, "fused", None, true, true),
+                (&interval, "lazy", None, true, false),
+                (&interval, "fused", Some(20.0), true, false),
             ] {
                 let params = AttnParams {
                     softcap: cap,
                     skip_below: skip.then_some(0.01),
                     ..Default::default()
                 };
-                let (src, _, tag, defines) =
+                let (src, _, tag, mut defines) =
                     kernel_build(&tile, DType::BF16, d, &params, prog, softmax);
+                if late {
+                    defines.push(("LA_SKIP_LATE".into(), "1".into()));
+                }
                 assert_eq!(defines.iter().any(|(k, _)| k == "LA_SKIP"), skip);
-                let name = format!("test_fwd{tag}_skip{}_d{d}", skip as u8);
+                let name = format!("test_fwd{tag}_skip{}{}_d{d}", skip as u8, late as u8);
                 super::super::compile::assert_ptxas_clean(&name, &src, &defines);
                 n += 1;
             }
         }
-        assert_eq!(n, 12);
+        assert_eq!(n, 15);
     }
 
     /// Tuning aid, run by hand: writes the warp-specialized forward's CUBIN (bf16, D 128, the

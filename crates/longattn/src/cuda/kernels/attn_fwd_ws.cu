@@ -54,6 +54,12 @@
 #ifndef LA_SKIP
 #define LA_SKIP 0
 #endif
+// LA_SKIP_LATE (opt-in, LONGATTN_CUDA_SKIP_VOTES=late): the votes on tile n - 1 are read after
+// S_n is issued rather than before, taking the shared-memory read and its shuffle off the path
+// to the tensor cores.
+#ifndef LA_SKIP_LATE
+#define LA_SKIP_LATE 0
+#endif
 #define LA_THREADS ((LA_NWG + 1) * 128)
 // Register split (65536 per SM, one block per SM): consumers get what the producer gives up.
 #if LA_NWG == 3
@@ -413,8 +419,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 if (LA_NWG > 1) la_bar_sync(1 + c, 256);
 #if LA_SKIP
                 if (LA_NWG == 1) la_bar_sync(8 + c, 128);
-                // Every warp of this warpgroup voted on tile n - 1 before reaching the barrier.
-                if (n > 1) {
+                // Every warp of this warpgroup voted on tile n - 1 before reaching the barrier (the
+                // slot is written again only after the next one, which every warp of the
+                // warpgroup must reach first).
+                if (!LA_SKIP_LATE && n > 1) {
                     pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
                     tested++;
                     dropped += !pv_due;
@@ -423,6 +431,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
+#if LA_SKIP
+                if (LA_SKIP_LATE && n > 1) {
+                    pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
+                    tested++;
+                    dropped += !pv_due;
+                }
+#endif
                 // V_{n-1} must have landed before its stage goes back, issued or not. A dropped
                 // P_{n-1} V_{n-1} commits a group of one m64n8k16 product into scratch registers
                 // instead: a group that may be empty makes ptxas close it with a wgmma of its own
