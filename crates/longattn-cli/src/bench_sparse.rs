@@ -210,22 +210,20 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         }
         Ok(median(t))
     };
-    // The medians of several launches timed in turn, one of each per repetition, so that the
-    // device's clock and temperature drift over the run weigh on all of them alike (timed one
-    // after the other, a later variant ran up to 6% slower for no reason of its own).
-    let medians_interleaved =
-        |fs: &mut [&mut dyn FnMut() -> longattn::Result<()>]| -> Result<Vec<f64>> {
-            let mut t = vec![Vec::with_capacity(reps); fs.len()];
-            for f in fs.iter_mut() {
-                f()?;
-            }
-            for _ in 0..reps {
-                for (f, ti) in fs.iter_mut().zip(t.iter_mut()) {
-                    ti.push(dev.time_ms(&mut **f)?);
-                }
-            }
-            Ok(t.into_iter().map(median).collect())
-        };
+    // The medians of two launches timed in turn, one of each per repetition, so that the
+    // device's clock and temperature drift over the run weigh on both alike (timed one after
+    // the other, the later one ran up to 6% slower for no reason of its own).
+    type Launch<'a> = &'a mut dyn FnMut() -> longattn::Result<()>;
+    let in_turn = |a: Launch, b: Launch| -> Result<(f64, f64)> {
+        a()?;
+        b()?;
+        let (mut ta, mut tb) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+        for _ in 0..reps {
+            ta.push(dev.time_ms(&mut *a)?);
+            tb.push(dev.time_ms(&mut *b)?);
+        }
+        Ok((median(ta), median(tb)))
+    };
     let compare = match a.compare.as_deref() {
         None => false,
         Some("torch") => true,
@@ -285,31 +283,21 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                 let t_sel = median_ms(&mut || plan.launch_select_on(&s, &qd, &kd))?;
                 let sel = plan.selection(Some(&bound as &dyn longattn::mask::RowMask))?;
                 plan.take_skip_stats()?;
-                // Dense, the sparse kernel alone and select + sparse, timed in turn.
-                let (dense, t_att) = {
-                    let t = medians_interleaved(&mut [
-                        &mut || {
-                            dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o_dense, &mut lse_dense)
-                        },
-                        &mut || plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse),
-                    ])?;
-                    (t[0], t[1])
-                };
+                // Dense and the sparse kernel alone, timed in turn.
+                let mut dense_launch =
+                    || dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o_dense, &mut lse_dense);
+                let (dense, t_att) = in_turn(&mut dense_launch, &mut || {
+                    plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
+                })?;
                 // Skip-softmax: the share of the tested key tiles the kernel dropped.
                 let skipped = match plan.take_skip_stats()? {
                     Some((t, d)) => format!("{:.1}%", 100.0 * d as f64 / t.max(1) as f64),
                     None => "-".into(),
                 };
-                // The end-to-end speedup against dense timed beside it in its own pass.
-                let (dense_e2e, t_e2e) = {
-                    let t = medians_interleaved(&mut [
-                        &mut || {
-                            dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o_dense, &mut lse_dense)
-                        },
-                        &mut || plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse),
-                    ])?;
-                    (t[0], t[1])
-                };
+                // The end-to-end speedup against dense timed in turn with it, in its own pass.
+                let (dense_e2e, t_e2e) = in_turn(&mut dense_launch, &mut || {
+                    plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
+                })?;
                 let density = sel.report.density();
                 let stages = plan
                     .profile_select_on(&s, &qd, &kd)?

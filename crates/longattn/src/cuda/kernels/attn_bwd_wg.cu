@@ -142,6 +142,15 @@ struct LaBwdWsParams {
 };
 static_assert(sizeof(LaBwdWsParams) == 960, "LaBwdWsParams must match cuda/backward.rs");
 
+// dK += dS^T Q as its own commit group (dS^T from registers, Q N-major from stage cQ): the
+// dK-last order issues it after the dQ product.
+__device__ __forceinline__ void la_bwd_dk(float* dk, const u32 (*df)[4], const u16* cQ) {
+    la_wg_fence();
+#pragma unroll
+    for (int kq = 0; kq < LA_BR / 16; kq++) la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
+    la_wg_commit();
+}
+
 #if LA_BWD_SPLITWAIT
 // acc = A B^T for this warpgroup's 64 keys x BR queries: A = K or V (rows = keys), B = Q or dO,
 // both K-major (issued, not waited for).
@@ -420,13 +429,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         }
         la_wg_commit();
 #if LA_KNOCK & 2
-#if LA_BWD_DKLAST
-        la_wg_fence();
-#pragma unroll
-        for (int kq = 0; kq < LA_BR / 16; kq++)
-            la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
-        la_wg_commit();
-#endif
+        if (LA_BWD_DKLAST) la_bwd_dk(dk, df, cQ);
         la_wg_wait0();
         la_fence_regs<LA_D / 2>(dv);
         la_fence_regs<LA_D / 2>(dk);
@@ -466,11 +469,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             }
             la_wg_commit();
 #if LA_BWD_DKLAST
-            la_wg_fence();
-#pragma unroll
-            for (int kq = 0; kq < LA_BR / 16; kq++)
-                la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
-            la_wg_commit();
+            la_bwd_dk(dk, df, cQ);
             la_wg_wait1();  // dV and dQ are in; dK may still run
             la_fence_regs<32>(dq);
             la_fence_regs<LA_D / 2>(dv);
