@@ -29,21 +29,14 @@
 //! step); a `lo` group never goes back up (the bits are gone). Codes of 8 bits are one byte
 //! each.
 //!
-//! Attention over the quantized entries ([`QuantHead::attend`]) dequantizes in its inner loop.
-//! With K per channel the dot product factors per group:
-//!   q . k^_t = sum_d q_d (lo_d + s_d c_td) = sum_d q_d lo_d + sum_d (q_d s_d) c_td,
-//! so q's scaled copy and the constant are formed once per group and each entry costs one pass
-//! over its codes; V^ is accumulated as p (lo + s c) channel group by channel group; the softmax
-//! is online (running max m, sum l). The cache's attention merges this part with the residual's
-//! by their LSE. The plain reference is [`QuantHead::dequantize`] followed by the f64 oracle.
+//! Attention over the quantized entries (the cache's `attend_quant`) dequantizes them once per
+//! call, x^ = lo + s c ([`QuantHead::dequantize`]), and runs the CPU attention kernel over the
+//! f32 keys and values with the mask read at the entries' positions; the cache merges this part
+//! with the residual's by their LSE. The plain reference is the same dequantization followed by
+//! the f64 oracle (the tests compare the two through the cache).
 use std::fmt;
 
-use rayon::prelude::*;
-
-use crate::attention::{AttnOutput, AttnParams};
 use crate::error::{Error, Result};
-use crate::mask::BoundMask;
-use crate::tensor::{Buffer, Tensor, TensorView};
 
 const OP: &str = "kv kivi";
 
@@ -246,48 +239,6 @@ pub fn code(x: f32, s: f32, lo: f32, bits: u32) -> u8 {
 fn unpack(row: &[u8], i: usize, bits: u32) -> u8 {
     let at = i * bits as usize;
     ((row[at / 8] as u32 >> (at % 8)) & ((1u32 << bits) - 1)) as u8
-}
-
-/// Every code of a packed row as f32 (`out` holds `8 / b` values per byte): the inner loops
-/// read codes from here, so the products below them run over plain f32 slices.
-#[inline(always)]
-fn unpack_row(row: &[u8], bits: u32, out: &mut [f32]) {
-    match bits {
-        8 => {
-            for (o, &c) in out.iter_mut().zip(row) {
-                *o = c as f32;
-            }
-        }
-        4 => {
-            for (o, &c) in out.chunks_exact_mut(2).zip(row) {
-                o[0] = (c & 15) as f32;
-                o[1] = (c >> 4) as f32;
-            }
-        }
-        _ => {
-            for (o, &c) in out.chunks_exact_mut(4).zip(row) {
-                o[0] = (c & 3) as f32;
-                o[1] = ((c >> 2) & 3) as f32;
-                o[2] = ((c >> 4) & 3) as f32;
-                o[3] = (c >> 6) as f32;
-            }
-        }
-    }
-}
-
-/// sum_x a_x b_x in 8 running lanes (so the compiler keeps it in vector registers).
-#[inline(always)]
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for t in 0..8 {
-            lanes[t] += x[t] * y[t];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Bytes of a packed row of `n` codes.
@@ -567,110 +518,6 @@ impl QuantHead {
         }
         *self = out;
         Ok(())
-    }
-
-    /// Attention of `qg` `[1, Sq, G, D]` (query row i at position `seq_len - Sq + i`) over the
-    /// quantized entries, under `bound` read at the entries' positions (None: every pair) and,
-    /// with `sel` (one query head only: G = 1), only where `sel(query row, position)` holds
-    /// (Quest's pages). Output `[1, Sq, G, Dv]` f32 and LSE `[G, Sq]` (natural log; -inf where
-    /// nothing is allowed).
-    pub fn attend(
-        &self,
-        qg: &TensorView,
-        bound: Option<&BoundMask>,
-        params: &AttnParams,
-        sel: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
-    ) -> Result<AttnOutput> {
-        let [_, sq, g, d] = qg.shape;
-        if d != self.d {
-            return Err(err(format!(
-                "attend: q has head dim {d}, the quantized entries {}",
-                self.d
-            )));
-        }
-        if sel.is_some() && g != 1 {
-            return Err(err(format!(
-                "attend: a selection is per query head; q holds {g}"
-            )));
-        }
-        let (dv, gr) = (self.dv, self.group);
-        let scale = params.scale_for(d);
-        let cap = params.softcap;
-        let ng = dv / gr.max(1);
-        // One task per (query row, head of the group): (o [Dv], lse).
-        let rows: Vec<(Vec<f32>, f32)> = (0..sq * g)
-            .into_par_iter()
-            .map(|t| {
-                let (i, gi) = (t / g, t % g);
-                let q: Vec<f32> = (0..d).map(|x| qg.get(0, i, gi, x)).collect();
-                let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-                let mut acc = vec![0.0f32; dv];
-                let mut qs = vec![0.0f32; d];
-                // Codes of one entry as f32 (room for the padding codes of the last byte).
-                let mut kc = vec![0.0f32; d + 8];
-                let mut vc = vec![0.0f32; dv + 8];
-                for kg in 0..self.gstart.len() {
-                    let pr = &self.kparams[kg * 2 * d..][..2 * d];
-                    // q . k^ = c0 + sum_d (q_d s_d) c_td
-                    let mut c0 = 0.0f32;
-                    for x in 0..d {
-                        qs[x] = q[x] * pr[x];
-                        c0 += q[x] * pr[d + x];
-                    }
-                    let (e0, e1) = self.group_range(kg);
-                    for e in e0..e1 {
-                        let at = self.pos[e] as usize;
-                        if bound.is_some_and(|bm| !bm.allowed(0, i, at))
-                            || sel.is_some_and(|f| !f(i, at))
-                        {
-                            continue;
-                        }
-                        let (b, krow, vrow) = self.rows(kg, e);
-                        unpack_row(krow, b, &mut kc);
-                        let dot = c0 + dot8(&qs, &kc[..d]);
-                        let mut s = dot * scale;
-                        if let Some(c) = cap {
-                            s = c * (s / c).tanh();
-                        }
-                        // Online softmax: m' = max(m, s), l' = l e^(m - m') + e^(s - m'),
-                        // acc' = acc e^(m - m') + e^(s - m') v^.
-                        if s > m {
-                            let alpha = (m - s).exp();
-                            l *= alpha;
-                            acc.iter_mut().for_each(|a| *a *= alpha);
-                            m = s;
-                        }
-                        let p = (s - m).exp();
-                        l += p;
-                        unpack_row(vrow, b, &mut vc);
-                        for vg in 0..ng {
-                            let vp = &self.vparams[(e * ng + vg) * 2..][..2];
-                            let (ps, plo) = (p * vp[0], p * vp[1]);
-                            let x0 = vg * gr;
-                            for (a, &c) in acc[x0..x0 + gr].iter_mut().zip(&vc[x0..x0 + gr]) {
-                                *a += ps * c + plo;
-                            }
-                        }
-                    }
-                }
-                if l == 0.0 {
-                    return (vec![0.0; dv], f32::NEG_INFINITY);
-                }
-                let inv = 1.0 / l;
-                (acc.iter().map(|a| a * inv).collect(), m + l.ln())
-            })
-            .collect();
-        let mut out = vec![0.0f32; sq * g * dv];
-        let mut lse = vec![f32::NEG_INFINITY; g * sq];
-        for (t, (o, l)) in rows.into_iter().enumerate() {
-            let (i, gi) = (t / g, t % g);
-            out[t * dv..][..dv].copy_from_slice(&o);
-            lse[gi * sq + i] = l;
-        }
-        Ok(AttnOutput {
-            out: Tensor::new(Buffer::F32(out), vec![1, sq, g, dv])?,
-            lse,
-        })
     }
 }
 

@@ -1044,11 +1044,71 @@ impl PagedKvCache {
             return self.attend_head(h, qg, seq_len, bound, page_sched, params, sel);
         }
         let [_, sq, g, _] = qg.shape;
-        let mut parts = vec![h.quant.attend(qg, bound, params, sel)?];
+        let mut parts = vec![self.attend_quant(h, qg, bound, params, sel)?];
         if h.len() > 0 {
             parts.push(self.attend_head(h, qg, seq_len, bound, page_sched, params, sel)?);
         }
         merge_partials(&parts, [1, sq, g, self.cfg.v_dim])
+    }
+
+    /// One KV head's quantized entries attended by its group's query heads `qg` `[1, Sq, G, D]`
+    /// (`sel` as in [`attend_head`](Self::attend_head)): the entries dequantized once per call
+    /// (x^ = lo + s c, [`kivi::QuantHead::dequantize`]) into f32 keys and values, then the CPU
+    /// attention kernel over them with the mask (and selection) read at the entries' positions,
+    /// every 64-key tile in part: the kernel's own SIMD / AMX paths, one dequantization for all
+    /// the rows of the call instead of one per row.
+    fn attend_quant(
+        &self,
+        h: &HeadTable,
+        qg: &TensorView,
+        bound: Option<&BoundMask>,
+        params: &AttnParams,
+        sel: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
+    ) -> Result<AttnOutput> {
+        let c = self.cfg;
+        let [_, sq, _, d] = qg.shape;
+        let q = &h.quant;
+        let n = q.len();
+        if d != c.head_dim {
+            return Err(param(format!(
+                "attend: q has head dim {d}, the cache {}",
+                c.head_dim
+            )));
+        }
+        let (kd, vd) = q.dequantize();
+        let k = TensorView::contiguous(&kd[..], [1, n, 1, c.head_dim])?;
+        let v = TensorView::contiguous(&vd[..], [1, n, 1, c.v_dim])?;
+        let sched = if bound.is_none() && sel.is_none() {
+            BlockSchedule::full(64, 64, sq, n)?
+        } else {
+            let row: Vec<TileEntry> = (0..n.div_ceil(64) as u32)
+                .map(|k_tile| TileEntry {
+                    k_tile,
+                    kind: TileKind::Partial,
+                })
+                .collect();
+            BlockSchedule::from_rows(
+                64,
+                64,
+                sq,
+                n,
+                1,
+                1,
+                (0..sq.div_ceil(64)).map(|_| row.clone()),
+            )?
+        };
+        let at = Shifted {
+            inner: bound,
+            off: 0,
+            len: n,
+            pos: Some(&q.pos),
+            sel,
+        };
+        let spec = MaskSpec::Schedule {
+            schedule: &sched,
+            rows: (bound.is_some() || sel.is_some()).then_some(&at as &dyn RowMask),
+        };
+        crate::api::forward_host(qg, &k, &v, MaskArg::Prepared(spec), None, params)
     }
 
     /// One KV head's full-precision entries attended by its group's query heads `qg`
