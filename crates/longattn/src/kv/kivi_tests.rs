@@ -1,12 +1,14 @@
 //! KIVI: round-trip bounds, attention over a quantized cache against the f64 oracle on the
 //! dequantized entries, the no-op, eviction after quantization, memory, bad input.
 use super::*;
+use crate::attention::AttnParams;
 use crate::kv::score::{KvScores, Reduce, ScoreKind, ScoreParams};
 use crate::kv::spec::KvSpec;
 use crate::kv::{KvConfig, PagedKvCache, SeqId};
 use crate::mask::{MaskExpr, MaskShape};
 use crate::reference::attention_f64;
 use crate::testing::{compare, out_tolerance, Rng, LSE_TOLERANCE};
+use crate::tensor::TensorView;
 use crate::DType;
 
 const LENS: [usize; 6] = [1, 7, 63, 65, 113, 1023];
