@@ -7,8 +7,8 @@ use crate::kv::spec::KvSpec;
 use crate::kv::{KvConfig, PagedKvCache, SeqId};
 use crate::mask::{MaskExpr, MaskShape};
 use crate::reference::attention_f64;
-use crate::testing::{compare, out_tolerance, Rng, LSE_TOLERANCE};
 use crate::tensor::TensorView;
+use crate::testing::{compare, out_tolerance, Rng, LSE_TOLERANCE};
 use crate::DType;
 
 const LENS: [usize; 6] = [1, 7, 63, 65, 113, 1023];

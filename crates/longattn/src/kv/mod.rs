@@ -1081,21 +1081,7 @@ impl PagedKvCache {
         let sched = if bound.is_none() && sel.is_none() {
             BlockSchedule::full(64, 64, sq, n)?
         } else {
-            let row: Vec<TileEntry> = (0..n.div_ceil(64) as u32)
-                .map(|k_tile| TileEntry {
-                    k_tile,
-                    kind: TileKind::Partial,
-                })
-                .collect();
-            BlockSchedule::from_rows(
-                64,
-                64,
-                sq,
-                n,
-                1,
-                1,
-                (0..sq.div_ceil(64)).map(|_| row.clone()),
-            )?
+            every_tile_in_part(64, sq, n)?
         };
         let at = Shifted {
             inner: bound,
@@ -1182,23 +1168,7 @@ impl PagedKvCache {
                 (false, None) if sel.is_none() => BlockSchedule::full(64, p, sq, m)?,
                 // Compressed under a mask or a selection: every tile in part, the mask read at
                 // the positions.
-                (false, _) => {
-                    let row: Vec<TileEntry> = (0..m.div_ceil(p) as u32)
-                        .map(|k_tile| TileEntry {
-                            k_tile,
-                            kind: TileKind::Partial,
-                        })
-                        .collect();
-                    BlockSchedule::from_rows(
-                        64,
-                        p,
-                        sq,
-                        m,
-                        1,
-                        1,
-                        (0..sq.div_ceil(64)).map(|_| row.clone()),
-                    )?
-                }
+                (false, _) => every_tile_in_part(p, sq, m)?,
             };
             let shifted = (bound.is_some() || sel.is_some()).then(|| Shifted {
                 inner: bound,
@@ -1226,6 +1196,26 @@ impl PagedKvCache {
         }
         merge_partials(&parts, [1, sq, g, c.v_dim])
     }
+}
+
+/// The schedule of `sq` query rows against `m` keys in tiles of 64 x `tile_k` with every tile
+/// Partial: the keys' mask is read per pair (at the entries' positions, through [`Shifted`]).
+fn every_tile_in_part(tile_k: usize, sq: usize, m: usize) -> Result<BlockSchedule> {
+    let row: Vec<TileEntry> = (0..m.div_ceil(tile_k) as u32)
+        .map(|k_tile| TileEntry {
+            k_tile,
+            kind: TileKind::Partial,
+        })
+        .collect();
+    BlockSchedule::from_rows(
+        64,
+        tile_k,
+        sq,
+        m,
+        1,
+        1,
+        (0..sq.div_ceil(64)).map(|_| row.clone()),
+    )
 }
 
 /// A row mask over entries `off .. off + len` of a head, renumbered from 0: with `pos = None` the
