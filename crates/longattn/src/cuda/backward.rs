@@ -74,8 +74,8 @@ struct BwdSteps {
     split: bool,
     /// The order of the products after dS^T, `LONGATTN_CUDA_BWD_ORDER`: `dk_last` (the default
     /// since 2026-12-05, with `merge` and without `split`: dK is issued after the dQ product and
-    /// runs while dQ is staged and added, `LA_BWD_DKLAST`; H200: +4% at 16k, H100: +3-4% at 16k, +4-5% at 4k,
-    /// docs/PERF.md) or `dk_first` (dV and dK together before dQ, as before).
+    /// runs while dQ is staged and added, `LA_BWD_DKLAST`; H200: +4% at 16k, H100: +3-4% at
+    /// 16k, +4-5% at 4k, docs/PERF.md) or `dk_first` (dV and dK together before dQ, as before).
     dk_last: bool,
     /// `LONGATTN_CUDA_BWD_DQ_ADD=red` (opt-in, fast mode only, not measured yet): each thread adds
     /// its dQ registers to the accumulator by vector reductions (`red.global.add.v4.f32`)
