@@ -65,10 +65,12 @@
 #if LA_BWD_DKLAST && (!LA_DQ_MERGE || LA_BWD_SPLITWAIT)
 #error "LA_BWD_DKLAST: one merged dQ block per consumer, one wait for S^T and dP^T"
 #endif
-// Timing experiments only (LONGATTN_CUDA_BWD_KNOCK, results are wrong): bit 1 drops the dQ
-// bulk adds, 2 the whole dQ product, staging and adds, 4 the exponentials and the mask (P^T = S^T,
+// Timing experiments only (LONGATTN_CUDA_BWD_KNOCK, results are wrong; fast mode only: the
+// deterministic mode's reducers wait for every staged partial): bit 1 drops the dQ bulk adds, 2
+// the whole dQ product, staging and adds, 4 the exponentials and the mask (P^T = S^T,
 // dS^T = dP^T), 16 the merged dQ's barrier of the two consumers.
-#ifndef LA_KNOCK
+#if !defined(LA_KNOCK) || LA_ORDERED
+#undef LA_KNOCK
 #define LA_KNOCK 0
 #endif
 // LA_DQ_RED (1, opt-in: LONGATTN_CUDA_BWD_DQ_ADD=red): each thread adds its dQ registers to dq_acc
