@@ -178,8 +178,8 @@ for mode in "${@:-selftest}"; do
   ncu_skip)
     # Where skip-softmax's cost goes when nothing is dropped: the forward kernel with and without
     # LA_SKIP (16k causal D 128, structured inputs), issue slots and stall reasons side by side:
-    # the bench launches the dense kernel 11 times (warm-up + 10), then the skip variant, so the
-    # launches profiled are the last dense one and the first skip one.
+    # the bench launches the dense kernel and the skip variant in turn (warm-up, then one of each
+    # per repetition), so launches 11 and 12 are a dense one and a skip one.
     for spec in "skip(factor=600)"; do
       timeout 240 ncu --clock-control none --kernel-name la_attn_fwd_ws --launch-skip 10 --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
