@@ -468,13 +468,12 @@ fn run_one(
             DevTensor::alloc(dev, [batch, n, hk, d], dt)?,
         );
         // dQ rows of both modes against the f64 gradient oracle (cost grows with n^2: to 16k).
-        // `LONGATTN_CUDA_BWD_KNOCK` (timing experiments that drop parts of the kernel) gives
-        // wrong gradients on purpose: not checked, and said so.
-        let knock = std::env::var("LONGATTN_CUDA_BWD_KNOCK").is_ok_and(|v| v != "0");
+        // A plan built for a timing experiment (`LONGATTN_CUDA_BWD_KNOCK`: parts of the kernel
+        // dropped) gives wrong gradients on purpose: not checked, and said so.
         for bp in [&fast, &det] {
             bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
             dev.synchronize()?;
-            if knock {
+            if bp.timing_experiment() {
                 row.note = "timing experiment (LONGATTN_CUDA_BWD_KNOCK): dq not checked".into();
                 continue;
             }

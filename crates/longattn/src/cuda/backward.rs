@@ -345,6 +345,8 @@ pub struct BwdPlan {
     _delta: CudaSlice<f32>,
     _dq_acc: Option<CudaSlice<f32>>,
     _dq_sem: Option<CudaSlice<i32>>,
+    /// Built with `LONGATTN_CUDA_BWD_KNOCK` in effect (fast one-pass kernel): wrong gradients.
+    knocked: bool,
 }
 
 impl BwdPlan {
@@ -468,7 +470,15 @@ impl BwdPlan {
             _delta: delta,
             _dq_acc: dq_acc,
             _dq_sem: dq_sem,
+            knocked: steps.knock != 0
+                && matches!(kernel, BwdKernel::OnePassWgmma { ordered: false, .. }),
         })
+    }
+
+    /// Whether this plan runs a timing experiment (`LONGATTN_CUDA_BWD_KNOCK`, fast one-pass
+    /// kernel only) whose gradients are wrong on purpose.
+    pub fn timing_experiment(&self) -> bool {
+        self.knocked
     }
 
     /// Enqueues the three kernels: dq, dk, dv (input dtype) from q, k, v, the forward's out and
@@ -727,21 +737,15 @@ mod tests {
     /// without a GPU: `LONGATTN_DUMP_CUBIN=/tmp/cub cargo test -p longattn --lib dump_backward
     /// -- --ignored`.
     #[test]
-    #[ignore]
+    #[ignore = "a tuning aid that writes files, not a check: run by hand with LONGATTN_DUMP_CUBIN (docs/PERF.md)"]
     fn dump_backward_cubins() {
-        let Ok(dir) = std::env::var("LONGATTN_DUMP_CUBIN") else {
-            eprintln!("skipped: set LONGATTN_DUMP_CUBIN to a folder");
+        let Some(dir) = super::super::compile::dump_dir() else {
             return;
-        };
-        let shape = crate::mask::MaskShape {
-            batch: 1,
-            sq: 4096,
-            sk: 4096,
         };
         for mask in ["full", "causal"] {
             let bm = crate::mask::MaskExpr::parse(mask)
                 .unwrap()
-                .bind(shape, None)
+                .bind(crate::mask::MaskShape::square(4096), None)
                 .unwrap();
             let program = bm.cuda_program().source;
             for d in [64, 128] {
@@ -754,11 +758,12 @@ mod tests {
                     &program,
                     super::BwdSteps::from_env(),
                 );
-                let c = super::super::compile::compile(&variant, &src, "sm_90a", &defines)
-                    .unwrap_or_else(|e| panic!("{variant}: {e}"));
-                let path = format!("{dir}/{mask}_{variant}.cubin");
-                std::fs::write(&path, &c.cubin).unwrap();
-                eprintln!("wrote {path}");
+                super::super::compile::dump_cubin(
+                    &dir,
+                    &format!("{mask}_{variant}"),
+                    &src,
+                    &defines,
+                );
             }
         }
     }

@@ -244,6 +244,26 @@ fn ptxas_report(name: &str, src: &str, defines: &[(String, String)]) -> Result<S
     nvrtc_build(name, src, "sm_90a", &opts).map(|(_, log)| log)
 }
 
+/// The tuning aids' CUBIN dump (ignored tests `dump_forward_cubins` / `dump_backward_cubins`):
+/// the folder `$LONGATTN_DUMP_CUBIN`, or `None` with a printed "skipped".
+#[cfg(test)]
+pub(crate) fn dump_dir() -> Option<String> {
+    let dir = std::env::var("LONGATTN_DUMP_CUBIN").ok();
+    if dir.is_none() {
+        eprintln!("skipped: set LONGATTN_DUMP_CUBIN to a folder");
+    }
+    dir
+}
+
+/// Compiles `src` with `defines` for sm_90a and writes its CUBIN to `dir/file.cubin`, for
+/// `nvdisasm`.
+#[cfg(test)]
+pub(crate) fn dump_cubin(dir: &str, file: &str, src: &str, defines: &[(String, String)]) {
+    let c = compile(file, src, "sm_90a", defines).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let path = format!("{dir}/{file}.cubin");
+    std::fs::write(&path, &c.cubin).unwrap_or_else(|e| panic!("{path}: {e}"));
+}
+
 /// For the tests that compile kernels without a GPU: the element and interval mask programs of
 /// a banded causal mask (`causal & window(100,0)` at 300 x 300), or `None` (and a printed
 /// "skipped") when `libnvrtc` cannot be found.

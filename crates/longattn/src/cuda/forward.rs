@@ -2026,10 +2026,9 @@ mod tests {
     /// `$LONGATTN_DUMP_CUBIN`, to read its SASS with `nvdisasm` without a GPU:
     /// `LONGATTN_DUMP_CUBIN=/tmp/cub cargo test -p longattn --lib dump_forward -- --ignored`.
     #[test]
-    #[ignore]
+    #[ignore = "a tuning aid that writes files, not a check: run by hand with LONGATTN_DUMP_CUBIN (docs/PERF.md)"]
     fn dump_forward_cubins() {
-        let Ok(dir) = std::env::var("LONGATTN_DUMP_CUBIN") else {
-            eprintln!("skipped: set LONGATTN_DUMP_CUBIN to a folder");
+        let Some(dir) = super::super::compile::dump_dir() else {
             return;
         };
         for mask in ["full", "causal"] {
@@ -2046,10 +2045,8 @@ mod tests {
                 let tile = TileCfg::warp_specialized(2, 128, 1);
                 let (src, _, tag, defines) =
                     kernel_build(&tile, DType::BF16, 128, &params, &program, "fused");
-                let name = format!("fwd{tag}_skip{}", skip as u8);
-                let c = super::super::compile::compile(&name, &src, "sm_90a", &defines)
-                    .unwrap_or_else(|e| panic!("{name}: {e}"));
-                std::fs::write(format!("{dir}/{mask}_{name}.cubin"), &c.cubin).unwrap();
+                let file = format!("{mask}_fwd{tag}_skip{}", skip as u8);
+                super::super::compile::dump_cubin(&dir, &file, &src, &defines);
             }
         }
     }

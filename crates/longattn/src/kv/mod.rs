@@ -1066,15 +1066,9 @@ impl PagedKvCache {
         sel: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
     ) -> Result<AttnOutput> {
         let c = self.cfg;
-        let [_, sq, _, d] = qg.shape;
+        let sq = qg.shape[1];
         let q = &h.quant;
         let n = q.len();
-        if d != c.head_dim {
-            return Err(param(format!(
-                "attend: q has head dim {d}, the cache {}",
-                c.head_dim
-            )));
-        }
         let (kd, vd) = q.dequantize();
         let k = TensorView::contiguous(&kd[..], [1, n, 1, c.head_dim])?;
         let v = TensorView::contiguous(&vd[..], [1, n, 1, c.v_dim])?;

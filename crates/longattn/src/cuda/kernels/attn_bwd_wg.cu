@@ -40,8 +40,9 @@
 // Compile-time constants: LA_F16, LA_D (64 or 128), LA_NWG (2), LA_BR (64 or 128; BR x D is two
 // 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), LA_BWD_SPLITWAIT (0 / 1:
 // S^T and dP^T in two commit groups, P^T formed while dP^T runs; opt-in), LA_BWD_DKLAST (0 / 1: dK
-// issued after the merged dQ product, running while dQ is staged and added; opt-in), LA_KNOCK
-// (timing experiments), the mask program la_mask. Shared-memory layout: the 128-byte-
+// issued after the merged dQ product, running while dQ is staged and added; the host's default),
+// LA_DQ_RED (0 / 1: dQ added from registers; opt-in), LA_KNOCK (timing experiments), the mask
+// program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
@@ -492,13 +493,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             }
 #endif
 #if LA_DQ_RED && !(LA_KNOCK & 1)
-            {
-                const int blk = LA_DQ_MERGE ? c : x;
-                float* acc = p.dq_acc + la_dq_acc_at(p, b, h, q0 + (LA_DQ_ROWSPLIT ? 64 * blk : 0),
-                                                     LA_DQ_ROWSPLIT ? 0 : 64 * blk);
+            float* acc = p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0);
 #pragma unroll
-                for (int j = 0; j < 8; j++) la_red_add4(acc + (j * 128 + tw) * 4, dq + 4 * j);
-            }
+            for (int j = 0; j < 8; j++) la_red_add4(acc + (j * 128 + tw) * 4, dq + 4 * j);
 #elif !LA_DQ_RED
 #pragma unroll
             for (int j = 0; j < 8; j++) la_sts4(stg + x * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
