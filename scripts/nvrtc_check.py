@@ -103,6 +103,15 @@ def main():
                 kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                              LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma), ""))
             kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
+            # The decode kernel folding press scores (LA_SCORE: tensor-core path, per-head pages).
+            if d <= 128:
+                for g in (1, 4, 8):
+                    kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16,
+                                                 LA_WARPS=4, LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1,
+                                                 LA_SCORE=1), ""))
+            # Press scores (kv/score_cuda.rs), with and without soft-cap.
+            for cap in (0, 1):
+                kv.append(("kv_score.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LA_SOFTCAP=cap), ""))
         kv.append(("kv_append.cu", dict(LA_F16=f16), ""))
         # KIVI pages (kv/kivi_cuda.rs): decode.cu's parameters, finish and merge, then kv_kivi.cu's
         # quantizer and decode, per (head dim, bits, group).

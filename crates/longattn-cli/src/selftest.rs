@@ -264,6 +264,14 @@ pub fn main(a: Args) -> Result<()> {
                 .filter(|r| matches(&r.name)),
         );
     }
+    // Press scores (group `kv`, cases named `kv scores ...`).
+    if (kv_asked || a.filter.as_ref().is_some_and(|f| f.contains("scores"))) && whole("kv scores") {
+        results.extend(
+            longattn::kv::score_cuda::selftest(&dev)
+                .into_iter()
+                .filter(|r| matches(&r.name)),
+        );
+    }
     // KIVI pages (group `kv`, cases named `kv kivi ...`).
     if (kv_asked || a.filter.as_ref().is_some_and(|f| f.contains("kivi"))) && whole("kivi") {
         results.extend(

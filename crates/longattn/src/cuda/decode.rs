@@ -95,6 +95,15 @@ struct LaDecParams {
     qmax_pages: i32,
     qpad: i32,
     tickets: u64,
+    q_prev: u64,
+    lse_prev: u64,
+    score: u64,
+    score_cap: i32,
+    score_prev_new: i32,
+    score_kind: i32,
+    score_reduce: i32,
+    score_f: f32,
+    score_pad: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -794,6 +803,8 @@ pub struct DecodePlan {
     d: usize,
     /// (bits, group) of a KIVI plan.
     quant: Option<(u32, usize)>,
+    /// The kernel folds press scores ([`DecodePlan::with_scores`]).
+    pub scores: bool,
     _o_part: CudaSlice<f32>,
     _lse_part: CudaSlice<f32>,
     _tickets: CudaSlice<i32>,
@@ -815,10 +826,29 @@ impl DecodePlan {
             .head_tables()
             .then(|| work_rows(&cache.lens(), max_len))
             .flatten();
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None)
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, false)
+    }
+
+    /// [`DecodePlan::new`] with the press-score fold of the previous step inside the kernel
+    /// (`crate::kv::score_cuda::DevScores::decode_fold`): the tensor-core kernel over a per-head
+    /// paged cache, every query head of a KV head's group in one block (groups of at most 8).
+    pub fn with_scores(
+        dev: &Arc<CudaDevice>,
+        cache: &DevPagedCache,
+        hq: usize,
+        max_len: usize,
+        params: &DecodeParams,
+    ) -> Result<DecodePlan> {
+        let work_rows = cache
+            .layout
+            .head_tables()
+            .then(|| work_rows(&cache.lens(), max_len))
+            .flatten();
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, true)
     }
 
     /// [`DecodePlan::plan`] for `cache`'s layout and dimensions.
+    #[allow(clippy::too_many_arguments)]
     fn for_cache(
         dev: &Arc<CudaDevice>,
         cache: &DevPagedCache,
@@ -827,6 +857,7 @@ impl DecodePlan {
         params: &DecodeParams,
         work_rows: Option<usize>,
         quant: Option<(u32, usize)>,
+        scores: bool,
     ) -> Result<DecodePlan> {
         let dims = (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch());
         Self::plan(
@@ -838,6 +869,7 @@ impl DecodePlan {
             params,
             work_rows,
             quant,
+            scores,
         )
     }
 
@@ -854,7 +886,7 @@ impl DecodePlan {
     ) -> Result<DecodePlan> {
         let work_rows = work_rows(lens, max_len);
         let quant = Some((bits, group));
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant)
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant, false)
     }
 
     /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches
@@ -867,12 +899,13 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        Self::plan(dev, layout, dims, hq, max_len, params, None, None)
+        Self::plan(dev, layout, dims, hq, max_len, params, None, None, false)
     }
 
     /// `work_rows`: table rows' worth of keys at `max_len` each that the batch really holds
     /// (default: every row full), for the split plan. `quant`: (bits, group) of KIVI pages
     /// before each row's full-precision ones (kernels/kv_kivi.cu; per-head tables only).
+    /// `scores`: the kernel folds press scores (LA_SCORE; [`DecodePlan::with_scores`]).
     #[allow(clippy::too_many_arguments)]
     fn plan(
         dev: &Arc<CudaDevice>,
@@ -883,6 +916,7 @@ impl DecodePlan {
         params: &DecodeParams,
         work_rows: Option<usize>,
         quant: Option<(u32, usize)>,
+        scores: bool,
     ) -> Result<DecodePlan> {
         params.check()?;
         check_kind(dtype, d)?;
@@ -943,6 +977,13 @@ impl DecodePlan {
         // groups) always streams through its per-warp ring.
         let mma = quant.is_some()
             || (d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0"));
+        if scores && (!mma || quant.is_some() || !layout.head_tables() || chunks != 1) {
+            return Err(param(format!(
+                "press scores in the decode kernel need its tensor-core path (D <= 128, got {d}), a per-head paged cache (got {}, {}) and a group of at most 8 query heads (got {group}); fold them with DevScores::observe instead",
+                layout.name(),
+                if quant.is_some() { "KIVI pages" } else { "full precision" }
+            )));
+        }
         // Bytes of one ring stage of one warp: a K and a V tile of 16 rows (padded), or a KIVI
         // page (kv_kivi.cu).
         let stage = match quant {
@@ -1013,12 +1054,15 @@ impl DecodePlan {
             ("LA_MMA".into(), (mma as u8).to_string()),
             ("LA_L2PF".into(), l2pf.to_string()),
         ];
+        if scores {
+            defines.push(("LA_SCORE".into(), "1".into()));
+        }
         let mut variant = format!(
             "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}{}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" },
             if mma {
-                format!("_mma_pf{l2pf}")
+                format!("_mma_pf{l2pf}{}", if scores { "_score" } else { "" })
             } else {
                 String::new()
             }
@@ -1157,6 +1201,7 @@ impl DecodePlan {
             hk,
             d,
             quant,
+            scores,
             _o_part: o_part,
             _lse_part: lse_part,
             _tickets: tickets,
@@ -1262,6 +1307,22 @@ pub struct RawDecode {
     pub lse: u64,
 }
 
+/// The press-score fold of a [`DecodePlan::with_scores`] launch (`kernels/decode.cu`, LA_SCORE):
+/// the previous step's q `[B, Hq, D]` and lse `[B, Hq]`, the scores `[B Hk, cap]` f32, entries
+/// appended since the previous step, and the fold's kind (0 H2O, 1 A2SF with `f`, 2 TOVA) and
+/// group reduction (0 max, 1 sum, 2 mean).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawScore {
+    pub q_prev: u64,
+    pub lse_prev: u64,
+    pub score: u64,
+    pub cap: usize,
+    pub prev_new: usize,
+    pub kind: i32,
+    pub reduce: i32,
+    pub f: f32,
+}
+
 /// Device pointers of the quantized pages of a KIVI decode: the pool, the tables `[B Hk,
 /// qmax_pages]` and the quantized entries per row `[B Hk]` (int32).
 #[derive(Clone, Copy, Debug)]
@@ -1285,7 +1346,22 @@ impl DecodePlan {
         r: RawDecode,
     ) -> Result<()> {
         // SAFETY: the caller's contract, above.
-        unsafe { self.launch_with(s, r, None) }
+        unsafe { self.launch_with(s, r, None, None) }
+    }
+
+    /// [`DecodePlan::launch_raw`] of a [`DecodePlan::with_scores`] plan folding `sc`.
+    ///
+    /// # Safety
+    /// As [`DecodePlan::launch_raw`]; `sc`'s buffers hold the shapes [`RawScore`] states, every
+    /// row's length is at most `sc.cap`.
+    pub(crate) unsafe fn launch_raw_scored(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        r: RawDecode,
+        sc: RawScore,
+    ) -> Result<()> {
+        // SAFETY: the caller's contract, above.
+        unsafe { self.launch_with(s, r, None, Some(sc)) }
     }
 
     /// [`DecodePlan::launch_raw`] of a KIVI plan ([`DecodePlan::for_kivi`]) with the quantized
@@ -1301,20 +1377,27 @@ impl DecodePlan {
         rq: RawQuant,
     ) -> Result<()> {
         // SAFETY: the caller's contract, above.
-        unsafe { self.launch_with(s, r, Some(rq)) }
+        unsafe { self.launch_with(s, r, Some(rq), None) }
     }
 
     /// # Safety
-    /// [`DecodePlan::launch_raw_kivi`].
+    /// [`DecodePlan::launch_raw_kivi`], [`DecodePlan::launch_raw_scored`].
     unsafe fn launch_with(
         &self,
         s: &Arc<cudarc::driver::CudaStream>,
         r: RawDecode,
         rq: Option<RawQuant>,
+        sc: Option<RawScore>,
     ) -> Result<()> {
         if rq.is_some() != self.quant.is_some() {
             return Err(param(
                 "a KIVI plan runs with its quantized pages, any other plan without".into(),
+            ));
+        }
+        if sc.is_some() && !self.scores {
+            return Err(param(
+                "this decode plan does not fold scores: make it with DecodePlan::with_scores"
+                    .into(),
             ));
         }
         if self.batch == 0 {
@@ -1335,6 +1418,16 @@ impl DecodePlan {
         p.max_pages = r.max_pages as i32;
         p.o = r.o;
         p.lse = r.lse;
+        if let Some(sc) = sc {
+            p.q_prev = sc.q_prev;
+            p.lse_prev = sc.lse_prev;
+            p.score = sc.score;
+            p.score_cap = sc.cap as i32;
+            p.score_prev_new = sc.prev_new.min(i32::MAX as usize) as i32;
+            p.score_kind = sc.kind;
+            p.score_reduce = sc.reduce;
+            p.score_f = sc.f;
+        }
         let mut lb = s.launch_builder(&self.func);
         lb.arg(&p);
         // SAFETY: the struct matches the kernel's; the buffers are the caller's contract (above);
@@ -1910,4 +2003,23 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &DecodeBenchConfig) -> Result<Vec<Decod
         dev.synchronize()?;
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn decode_parameter_struct_matches_the_kernel() {
+        crate::cuda::forward::check_layout(
+            DECODE,
+            "LaDecParams",
+            &crate::cuda::forward::offsets!(LaDecParams; q, k, v, tables, lens, o, lse, o_part,
+                lse_part, seq_cap, b, hq, hk, max_pages, num_splits, split_len, head_chunks,
+                head_tables, q_scale, cap_mul, qpages, qtables, qlens, qmax_pages, qpad, tickets,
+                q_prev, lse_prev, score, score_cap, score_prev_new, score_kind, score_reduce,
+                score_f, score_pad),
+            std::mem::size_of::<LaDecParams>(),
+        );
+    }
 }

@@ -22,7 +22,8 @@ use super::decode::{decode_reference, BlockTables, DecodeParams, PagedKv};
 use super::kivi::Kivi;
 use super::kivi_cuda::DevKivi;
 use super::quest::{select_pages, Quest};
-use super::score::Reduce;
+use super::score::{Reduce, ScoreKind, ScoreParams};
+use super::score_cuda::DevScores;
 use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout};
 use crate::cuda::selftest::CaseResult;
 use crate::cuda::{drv, CudaDevice, DevTensor};
@@ -1029,6 +1030,56 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             ms,
             full_bytes,
             cache_bytes,
+            &mut rows,
+        );
+        // Press scores from the decode's LSE (H2O, one query row), and SnapKV's window of 32
+        // rows (its LSE a stand-in: the timing does not depend on the values).
+        let mut sc = DevScores::new(dev, &c, hq, len, ScoreKind::H2o, ScoreParams::default())?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            sc.observe(&c, &q, &lse, true)
+        })?;
+        let score_bytes = batch * hk * len * (d * es + 8);
+        push(
+            "h2o score fold, decode step (Sq 1)".into(),
+            ms,
+            score_bytes,
+            0,
+            &mut rows,
+        );
+        // The same fold inside the decode kernel (the previous step's query in the product's
+        // free rows), against the decode alone above.
+        let fused = DecodePlan::with_scores(dev, &c, hq, len, &params)?;
+        let (q0, _, l0) = alloc_q(27)?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            sc.decode_fold(&fused, &c, &q, &mut o, &mut lse, Some((&q0, &l0, 1)))
+        })?;
+        push(
+            "decode + h2o fold in the kernel".into(),
+            ms,
+            full_bytes + batch * hk * len * 8,
+            cache_bytes,
+            &mut rows,
+        );
+        let w = 32;
+        let mut qw = DevTensor::alloc(dev, [batch, w, hq, d], dt)?;
+        crate::cuda::decode::fill_random(dev, dt, &mut qw.data, 29)?;
+        let lw = dev.upload(&vec![8.0f32; batch * hq * w])?;
+        let mut sw = DevScores::new(
+            dev,
+            &c,
+            hq,
+            len,
+            ScoreKind::SnapKv(w),
+            ScoreParams::default(),
+        )?;
+        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+            sw.observe(&c, &qw, &lw, true)
+        })?;
+        push(
+            format!("snapkv({w}) window scores (Sq {w})"),
+            ms,
+            score_bytes,
+            0,
             &mut rows,
         );
         let quest = Quest {

@@ -38,6 +38,7 @@ pub mod press;
 pub mod quest;
 pub mod roles;
 pub mod score;
+pub mod score_cuda;
 pub mod spec;
 
 use crate::api::MaskArg;

@@ -54,7 +54,7 @@ impl Reduce {
             ))),
         }
     }
-    fn apply(self, xs: impl Iterator<Item = f64>, g: usize) -> f64 {
+    pub(crate) fn apply(self, xs: impl Iterator<Item = f64>, g: usize) -> f64 {
         match self {
             Reduce::Sum => xs.sum(),
             Reduce::Mean => xs.sum::<f64>() / g as f64,
@@ -77,6 +77,17 @@ pub enum ScoreKind {
 }
 
 impl ScoreKind {
+    /// Refuses a forgetting factor outside [0, 1] and an empty SnapKV window.
+    pub fn check(self) -> Result<()> {
+        match self {
+            ScoreKind::A2sf(f) if !(0.0..=1.0).contains(&f) => {
+                Err(param(format!("forgetting factor f = {f} outside [0, 1]")))
+            }
+            ScoreKind::SnapKv(0) => Err(param("SnapKV window must be >= 1".into())),
+            _ => Ok(()),
+        }
+    }
+
     /// `(decay, w)` of a chunk of `sq` query rows.
     pub fn weights(self, sq: usize) -> (f64, Vec<f64>) {
         match self {
@@ -363,13 +374,7 @@ pub struct KvScores {
 impl KvScores {
     /// Empty scores for a cache's layers and KV heads.
     pub fn new(cache: &PagedKvCache, kind: ScoreKind, params: ScoreParams) -> Result<KvScores> {
-        match kind {
-            ScoreKind::A2sf(f) if !(0.0..=1.0).contains(&f) => {
-                return Err(param(format!("forgetting factor f = {f} outside [0, 1]")))
-            }
-            ScoreKind::SnapKv(0) => return Err(param("SnapKV window must be >= 1".into())),
-            _ => {}
-        }
+        kind.check()?;
         let c = cache.config();
         Ok(KvScores {
             kind,

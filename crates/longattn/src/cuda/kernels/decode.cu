@@ -57,7 +57,22 @@ struct LaDecParams {
     // [B, Hk, head_chunks], zero between launches (the merging block resets its own); null: the
     // separate la_decode_merge kernel merges.
     int* tickets;
+    // Press scores folded inside the tensor-core kernel (LA_SCORE, kv/score_cuda.rs): the
+    // previous step's query q_prev [B, Hq, D] and LSE lse_prev [B, Hq] (natural log) give
+    // P_prev[h, j] = exp(s(q_prev_h, k_j) - lse_prev_h) for the keys it saw, j < len -
+    // score_prev_new, reduced over the group (max / sum / mean) into c[j], and
+    //     score[j] = decay score[j] + c[j]     (H2O decay 1, A2SF f, TOVA 0)
+    // for row trow of score [rows, score_cap]. score null: no fold this launch.
+    const u16* q_prev;
+    const float* lse_prev;
+    float* score;
+    int score_cap, score_prev_new, score_kind, score_reduce;   // kind: 0 H2O, 1 A2SF, 2 TOVA;
+    float score_f;                                            // reduce: 0 max, 1 sum, 2 mean
+    int score_pad;
 };
+#ifndef LA_SCORE
+#define LA_SCORE 0
+#endif
 
 #define LA_LPT (LA_D / 8)             // lanes per token
 #define LA_TPW (32 / LA_LPT)          // tokens per warp and load step
@@ -498,6 +513,28 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             qa[ks][1] = *(const u32*)(qr + 8);
         }
     }
+#if LA_SCORE
+    // The previous step's query as rows 8 .. 15 of A (row 8 + r: head h0 + r), its LSE in log2
+    // units (+inf where no fold: every P_prev is then 0). Rows 8 .. 15 are zero otherwise, so the
+    // fold costs no extra product.
+    const bool fold = p.score != nullptr;
+    u32 qp[LA_D / 16][2];
+    float lp2 = LA_INF;
+#pragma unroll
+    for (int ks = 0; ks < LA_D / 16; ks++) {
+        qp[ks][0] = qp[ks][1] = 0u;
+        if (fold && r < LA_G) {
+            const u16* qr = p.q_prev + ((i64)b * p.Hq + h0 + r) * LA_D + ks * 16 + 2 * q4;
+            qp[ks][0] = *(const u32*)qr;
+            qp[ks][1] = *(const u32*)(qr + 8);
+        }
+    }
+    if (fold && r < LA_G) {
+        const float lp = p.lse_prev[(i64)b * p.Hq + h0 + r];
+        lp2 = lp == -LA_INF ? LA_INF : lp * LA_LOG2E;
+    }
+    const int jprev = len - p.score_prev_new;   // keys the previous step saw
+#endif
     float o[LA_D / 8][4];
 #pragma unroll
     for (int n = 0; n < LA_D / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -552,8 +589,13 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 const int mi = lane >> 3;
                 u32 bf[4];
                 la_ldmatrix_x4(bf, kt + (nb * 8 + (lane & 7)) * LM_LDS + (2 * kp + (mi >> 1)) * 16 + (mi & 1) * 8);
+#if LA_SCORE
+                const u32 a0[4] = {qa[2 * kp][0], qp[2 * kp][0], qa[2 * kp][1], qp[2 * kp][1]};
+                const u32 a1[4] = {qa[2 * kp + 1][0], qp[2 * kp + 1][0], qa[2 * kp + 1][1], qp[2 * kp + 1][1]};
+#else
                 const u32 a0[4] = {qa[2 * kp][0], 0u, qa[2 * kp][1], 0u};
                 const u32 a1[4] = {qa[2 * kp + 1][0], 0u, qa[2 * kp + 1][1], 0u};
+#endif
                 la_mma16816(sc[nb], a0, bf);
                 la_mma16816(sc[nb], a1, bf + 2);
             }
@@ -575,6 +617,38 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         }
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 2));
+#if LA_SCORE
+        if (fold) {
+            // P_prev of head h0 + r on this lane's keys (rows 8 + r of S), reduced over the
+            // block's heads (the lanes of equal q4: xor 4, 8, 16); lanes 0..3 fold 4 keys each.
+            float pp[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
+#if LA_SOFTCAP
+                const float s = p.cap_mul * tanhf(sc[e >> 1][2 + (e & 1)] * p.q_scale);
+#else
+                const float s = sc[e >> 1][2 + (e & 1)] * p.q_scale;
+#endif
+                pp[e] = j < j1 && j < jprev ? la_exp2(s - lp2) : 0.f;
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) {
+                    const float y = __shfl_xor_sync(LA_FULL, pp[e], off);
+                    pp[e] = p.score_reduce == 0 ? fmaxf(pp[e], y) : pp[e] + y;
+                }
+            }
+            if (r == 0) {
+                float* srow = p.score + (i64)trow * p.score_cap;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
+                    if (j >= j1 || j >= jprev) continue;
+                    const float c = p.score_reduce == 2 ? pp[e] * (1.f / LA_G) : pp[e];
+                    srow[j] = p.score_kind == 0 ? srow[j] + c : (p.score_kind == 1 ? p.score_f * srow[j] + c : c);
+                }
+            }
+        }
+#endif
         const float base = mx == -LA_INF ? 0.f : mx;
         const float alpha = la_exp2(m - base);
         m = mx;

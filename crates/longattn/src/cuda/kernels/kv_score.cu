@@ -1,0 +1,191 @@
+// Press scores on the device (kv/score_cuda.rs; the CPU rule and its reference are kv/score.rs):
+// the weighted column sums of one chunk of queries over a per-head paged cache, folded into the
+// running score of every cached entry.
+//
+// With P_h[i, e] = exp(s_h(i, e) - lse_h(i)) the probability of query row i (of Sq, the latest
+// positions of the sequence) of query head h on entry e, s = scale q.k (soft-capped when asked)
+// and lse the attention's own LSE (read, never recomputed):
+//     c_h[e] = sum_i w_i P_h[i, e]           (rows with w_i = 0 or lse = -inf add nothing)
+//     c[e]   = R_h c_h[e]                    R over the G query heads of the KV head: max, sum,
+//                                            mean
+//     score[e] = decay score[e] + c[e]       (entries past the last fold hold 0: see the host)
+// The kind sets decay and w for Sq rows: H2O decay 1, w_i = 1; A2SF(f) decay f^Sq, w_i =
+// f^(Sq - 1 - i); TOVA decay 0, w_i = [i = Sq - 1]; SnapKV(W) decay 0, w_i = [i >= Sq - W].
+// Causal (the chunk is the last Sq entries of every row): entry e is seen by row i iff
+// e <= len - Sq + i; otherwise every entry by every row.
+//
+// Work: block (64 entries, table row r = b Hk + kh), 4 warps of 16 entries. The block's keys go
+// to shared memory once (cp.async, 16 bytes a thread); a warp holds its 16 entries as the A
+// operand of m16n8k16 products for the whole head dim (rows = entries). Per query head, chunks
+// of 64 query rows (and their weights and LSE) go to shared memory, shared by the 4 warps; per
+// group of 8 rows a warp forms S^T = K Q^T (B fragments by ldmatrix from the rows), then adds
+// w_i 2^(x - lse_i log2 e) into one sum per entry (x the logit in log2 units). The four lanes of
+// a quad share an entry: their sums meet by two shuffles per query head.
+// Needs: common.cuh, LA_D (multiple of 32, <= 256), LA_PAGE, LA_F16, LA_SOFTCAP.
+
+struct LaScoreParams {
+    const u16* q;        // [B, Sq, Hq, D] with element strides q_sb, q_ss, q_sh
+    const u16* k;        // pages of one KV head [num_pages, P, D]
+    const float* lse;    // [B, Hq, Sq] natural log
+    const int* tables;   // [rows, max_pages]
+    const int* lens;     // [rows]
+    float* score;        // [rows, cap]
+    i64 q_sb, q_ss, q_sh;
+    int B, Sq, Hq, Hk, max_pages, cap;
+    int causal, reduce, kind, window;   // reduce: 0 max, 1 sum, 2 mean; kind: 0 H2O, 1 A2SF,
+                                        // 2 TOVA, 3 SnapKV (window rows)
+    float f;                            // A2SF forgetting factor
+    float q_scale;                      // scale log2 e, or scale / c with soft-cap
+    float cap_mul;                      // c log2 e (soft-cap)
+    int pad;
+};
+
+#define LS_KSTEPS (LA_D / 16)
+
+// Weight of query row i of Sq (module comment); decay is f^Sq, 1 or 0.
+__device__ __forceinline__ float ls_weight(const LaScoreParams& p, int i) {
+    switch (p.kind) {
+    case 1: return powf(p.f, (float)(p.Sq - 1 - i));
+    case 2: return i == p.Sq - 1 ? 1.f : 0.f;
+    case 3: return i >= p.Sq - p.window ? 1.f : 0.f;
+    default: return 1.f;
+    }
+}
+
+// The first row whose weight can be non-zero.
+__device__ __forceinline__ int ls_first_row(const LaScoreParams& p) {
+    switch (p.kind) {
+    case 2: return p.Sq - 1;
+    case 3: return la_imax(0, p.Sq - p.window);
+    default: return 0;
+    }
+}
+
+// Shared memory (dynamic): the block's 64 keys and one chunk of 64 query rows of one head, rows
+// padded to D + 8 elements (the 8 rows an ldmatrix reads fall in distinct banks), then the
+// chunk's weights and LSE (log2 units).
+#define LS_LDS (LA_D + 8)
+#define LS_ROWS 64
+
+extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParams p) {
+    extern __shared__ __align__(16) u16 ls_smem[];
+    u16* ks = ls_smem;                       // [64][LS_LDS] keys
+    u16* qs = ls_smem + 64 * LS_LDS;         // [LS_ROWS][LS_LDS] query rows of one head
+    float* wl = (float*)(qs + LS_ROWS * LS_LDS);   // [LS_ROWS] weights
+    float* l2s = wl + LS_ROWS;               // [LS_ROWS] lse log2 e (+inf: the row adds nothing)
+    const int r = blockIdx.y;
+    const int b = r / p.Hk, kh = r % p.Hk, G = p.Hq / p.Hk;
+    const int len = p.lens[r];
+    const int kb0 = blockIdx.x * 64;
+    if (kb0 >= len) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int e0 = kb0 + warp * 16;   // this warp's first entry
+    const int g8 = lane >> 2, c4 = lane & 3, mi = lane >> 3;
+    // The block's keys into shared memory (16 bytes a thread and step; zeros past len).
+    for (int c = threadIdx.x; c < 64 * (LA_D / 8); c += 128) {
+        const int row = c / (LA_D / 8), col = c % (LA_D / 8);
+        const int e = kb0 + row;
+        const u16* src = p.k;
+        if (e < len) {
+            const int page = p.tables[(i64)r * p.max_pages + e / LA_PAGE];
+            src = p.k + ((i64)page * LA_PAGE + e % LA_PAGE) * LA_D + col * 8;
+        }
+        la_cp_async16(ks + row * LS_LDS + col * 8, src, e < len ? 16 : 0);
+    }
+    la_cp_commit();
+    la_cp_wait<0>();
+    __syncthreads();
+    // A fragments of the warp's 16 entries (rows) for the whole head dim, by ldmatrix x4:
+    // matrix mi = rows 8 (mi & 1) .., dims 8 (mi >> 1) .. of k-step t.
+    u32 a[LS_KSTEPS][4];
+#pragma unroll
+    for (int t = 0; t < LS_KSTEPS; t++)
+        la_ldmatrix_x4(a[t], ks + (warp * 16 + (mi & 1) * 8 + (lane & 7)) * LS_LDS + t * 16 + (mi >> 1) * 8);
+    // Rows that can see an entry of the block / of this warp: causal, i >= e - (len - Sq).
+    const int off = len - p.Sq;   // entry e is seen by row i iff e <= off + i (causal)
+    const int first = ls_first_row(p);
+    const int blo = p.causal ? la_imax(first, kb0 - off) : first;
+    const int wlo = p.causal ? la_imax(first, e0 - off) : first;
+    const bool live = e0 < len;
+    float red[2] = {p.reduce == 0 ? -LA_INF : 0.f, p.reduce == 0 ? -LA_INF : 0.f};
+    for (int gi = 0; gi < G; gi++) {
+        const int h = kh * G + gi;
+        const u16* qh = p.q + (i64)b * p.q_sb + (i64)h * p.q_sh;
+        const float* lh = p.lse + ((i64)b * p.Hq + h) * p.Sq;
+        float sum[2] = {0.f, 0.f};
+        for (int ib = blo & ~7; ib < p.Sq; ib += LS_ROWS) {
+            const int nrows = la_imin(LS_ROWS, p.Sq - ib);
+            __syncthreads();   // the previous chunk is read
+            for (int c = threadIdx.x; c < LS_ROWS * (LA_D / 8); c += 128) {
+                const int row = c / (LA_D / 8), col = c % (LA_D / 8);
+                const bool in = row < nrows;
+                la_cp_async16(qs + row * LS_LDS + col * 8, in ? qh + (i64)(ib + row) * p.q_ss + col * 8 : qh, in ? 16 : 0);
+            }
+            la_cp_commit();
+            if (threadIdx.x < LS_ROWS) {
+                const int i = ib + threadIdx.x;
+                float w = 0.f, l2 = LA_INF;
+                if (threadIdx.x < nrows) {
+                    const float l = lh[i];
+                    w = ls_weight(p, i);
+                    if (w != 0.f && l != -LA_INF) l2 = l * LA_LOG2E;
+                    else w = 0.f;
+                }
+                wl[threadIdx.x] = w;
+                l2s[threadIdx.x] = l2;
+            }
+            la_cp_wait<0>();
+            __syncthreads();
+            if (!live) continue;
+            for (int i0 = la_imax(ib, wlo & ~7); i0 < ib + nrows; i0 += 8) {
+                // S^T tile: entries x query rows i0 .. i0 + 7 (B fragments by ldmatrix x4: two
+                // k-steps a call).
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+                const u16* qt = qs + (i0 - ib + (lane & 7)) * LS_LDS + (mi >> 1) * 16 + (mi & 1) * 8;
+#pragma unroll
+                for (int t = 0; t < LS_KSTEPS; t += 2) {
+                    u32 bq[4];
+                    la_ldmatrix_x4(bq, qt + t * 16);
+                    la_mma16816(c, a[t], bq);
+                    la_mma16816(c, a[t + 1], bq + 2);
+                }
+                // c[2 hh + x]: entry e0 + g8 + 8 hh, query row i0 + 2 c4 + x.
+#pragma unroll
+                for (int x = 0; x < 2; x++) {
+                    const int il = i0 - ib + 2 * c4 + x;
+                    const int i = ib + il;
+                    if (il >= nrows) continue;
+                    const float w = wl[il], l2 = l2s[il];
+#pragma unroll
+                    for (int hh = 0; hh < 2; hh++) {
+                        const int e = e0 + g8 + 8 * hh;
+                        if (e >= len || (p.causal && e > off + i)) continue;
+#if LA_SOFTCAP
+                        const float s = p.cap_mul * tanhf(c[2 * hh + x] * p.q_scale);
+#else
+                        const float s = c[2 * hh + x] * p.q_scale;
+#endif
+                        sum[hh] += w * la_exp2(s - l2);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            sum[hh] += __shfl_xor_sync(0xffffffffu, sum[hh], 1);
+            sum[hh] += __shfl_xor_sync(0xffffffffu, sum[hh], 2);
+            red[hh] = p.reduce == 0 ? fmaxf(red[hh], sum[hh]) : red[hh] + sum[hh];
+        }
+    }
+    if (!live || c4 != 0) return;
+    const float decay = p.kind == 1 ? powf(p.f, (float)p.Sq) : (p.kind == 0 ? 1.f : 0.f);
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int e = e0 + g8 + 8 * hh;
+        if (e >= len) continue;
+        float cval = red[hh];
+        if (p.reduce == 2) cval /= (float)G;
+        float* dst = p.score + (i64)r * p.cap + e;
+        *dst = decay == 0.f ? cval : decay * *dst + cval;
+    }
+}
