@@ -977,6 +977,11 @@ impl DecodePlan {
         // groups) always streams through its per-warp ring.
         let mma = quant.is_some()
             || (d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0"));
+        if scores && params.split_len.is_some_and(|n| n % 16 != 0) {
+            return Err(param(
+                "press scores in the decode kernel: a split length must be a multiple of 16 keys (whole tiles)".into(),
+            ));
+        }
         if scores && (!mma || quant.is_some() || !layout.head_tables() || chunks != 1) {
             return Err(param(format!(
                 "press scores in the decode kernel need its tensor-core path (D <= 128, got {d}), a per-head paged cache (got {}, {}) and a group of at most 8 query heads (got {group}); fold them with DevScores::observe instead",
@@ -1024,7 +1029,10 @@ impl DecodePlan {
         if mma {
             // The ring's stages shrink (to 2) until the ring and the finish's static arrays
             // (s_acc, s_m, s_l) fit the device's shared memory.
-            let fixed = warps * g * (d + 2) * 4 + warps * crate::kv::decode::MAX_SPLITS * 4 + 1024;
+            let fixed = warps * g * (d + 2) * 4
+                + warps * crate::kv::decode::MAX_SPLITS * 4
+                + 1024
+                + if scores { warps * 8 * 16 * 4 } else { 0 };
             while ns > 2 && warps * ns * stage + fixed > dev.smem_optin {
                 ns -= 1;
             }

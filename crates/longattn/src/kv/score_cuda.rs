@@ -90,7 +90,7 @@ pub struct DevScores {
 
 impl DevScores {
     /// Scores for `cache` (per-head pages) read by `hq` query heads, rows of at most `cap`
-    /// entries.
+    /// entries (rounded up to a multiple of 16: the row stride).
     pub fn new(
         dev: &Arc<CudaDevice>,
         cache: &DevPagedCache,
@@ -143,6 +143,9 @@ impl DevScores {
             &defines,
             smem,
         )?;
+        // Rows of a multiple of 16 floats: the decode kernel copies a tile's 16 scores as four
+        // aligned 16-byte pieces.
+        let cap = cap.max(1).next_multiple_of(16);
         let rows = cache.batch() * hk;
         let scores = dev
             .stream()

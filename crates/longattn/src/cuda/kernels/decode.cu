@@ -542,6 +542,12 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 
     extern __shared__ u16 lm_ring[];
     u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
+#if LA_SCORE
+    // The scores of each ring stage's 16 keys, copied with its K / V (the fold's read of them
+    // never waits on memory). Rows of score_cap (a multiple of 16) floats, tiles at multiples
+    // of 16 keys: 16-byte aligned, inside the row.
+    __shared__ __align__(16) float lm_sc[LA_WARPS][LA_NS][16];
+#endif
     // Copies tile k (keys j0 + 16 k ..) of this warp into stage st; one commit group per call.
     auto issue = [&](int k, int st) {
         if (k < ntiles) {
@@ -567,6 +573,10 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 lm_cp16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
                 lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
+#if LA_SCORE
+            if (fold && lane < 4)
+                la_cp_async16(&lm_sc[warp][st][4 * lane], p.score + (i64)trow * p.score_cap + js + 4 * lane, 16);
+#endif
         }
         la_cp_commit();
     };
@@ -639,12 +649,13 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             }
             if (r == 0) {
                 float* srow = p.score + (i64)trow * p.score_cap;
+                const float* old = lm_sc[warp][cur];
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
+                    const int jl = (e >> 1) * 8 + 2 * q4 + (e & 1), j = jt + jl;
                     if (j >= j1 || j >= jprev) continue;
                     const float c = p.score_reduce == 2 ? pp[e] * (1.f / LA_G) : pp[e];
-                    srow[j] = p.score_kind == 0 ? srow[j] + c : (p.score_kind == 1 ? p.score_f * srow[j] + c : c);
+                    srow[j] = p.score_kind == 0 ? old[jl] + c : (p.score_kind == 1 ? p.score_f * old[jl] + c : c);
                 }
             }
         }

@@ -16,9 +16,11 @@
 //
 // Work: block (64 entries, table row r = b Hk + kh), 4 warps of 16 entries. The block's keys go
 // to shared memory once (cp.async, 16 bytes a thread); a warp holds its 16 entries as the A
-// operand of m16n8k16 products for the whole head dim (rows = entries). Per query head, chunks
-// of 64 query rows (and their weights and LSE) go to shared memory, shared by the 4 warps; per
-// group of 8 rows a warp forms S^T = K Q^T (B fragments by ldmatrix from the rows), then adds
+// operand of m16n8k16 products for the whole head dim (rows = entries). The query rows the block
+// needs (every head's, from the first that can see its keys, in groups of 8 of one head) go to
+// shared memory 64 at a time with their weights and LSE, shared by the 4 warps (a decode step or
+// a short window is one chunk, staged with the keys: one wait); per group of 8 rows a warp forms
+// S^T = K Q^T (B fragments by ldmatrix from the rows), then adds
 // w_i 2^(x - lse_i log2 e) into one sum per entry (x the logit in log2 units). The four lanes of
 // a quad share an entry: their sums meet by two shuffles per query head.
 // Needs: common.cuh, LA_D (multiple of 32, <= 256), LA_PAGE, LA_F16, LA_SOFTCAP.
@@ -61,7 +63,7 @@ __device__ __forceinline__ int ls_first_row(const LaScoreParams& p) {
     }
 }
 
-// Shared memory (dynamic): the block's 64 keys and one chunk of 64 query rows of one head, rows
+// Shared memory (dynamic): the block's 64 keys and one chunk of 64 query rows, rows
 // padded to D + 8 elements (the 8 rows an ldmatrix reads fall in distinct banks), then the
 // chunk's weights and LSE (log2 units).
 #define LS_LDS (LA_D + 8)
@@ -70,7 +72,7 @@ __device__ __forceinline__ int ls_first_row(const LaScoreParams& p) {
 extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParams p) {
     extern __shared__ __align__(16) u16 ls_smem[];
     u16* ks = ls_smem;                       // [64][LS_LDS] keys
-    u16* qs = ls_smem + 64 * LS_LDS;         // [LS_ROWS][LS_LDS] query rows of one head
+    u16* qs = ls_smem + 64 * LS_LDS;         // [LS_ROWS][LS_LDS] query rows
     float* wl = (float*)(qs + LS_ROWS * LS_LDS);   // [LS_ROWS] weights
     float* l2s = wl + LS_ROWS;               // [LS_ROWS] lse log2 e (+inf: the row adds nothing)
     const int r = blockIdx.y;
@@ -81,7 +83,43 @@ extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParam
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int e0 = kb0 + warp * 16;   // this warp's first entry
     const int g8 = lane >> 2, c4 = lane & 3, mi = lane >> 3;
-    // The block's keys into shared memory (16 bytes a thread and step; zeros past len).
+    // Rows that can see an entry of the block / of this warp: causal, i >= e - (len - Sq).
+    const int off = len - p.Sq;   // entry e is seen by row i iff e <= off + i (causal)
+    const int first = ls_first_row(p);
+    const int blo = p.causal ? la_imax(first, kb0 - off) : first;
+    const int wlo = p.causal ? la_imax(first, e0 - off) : first;
+    const bool live = e0 < len;
+    // The rows the block reads: per query head rows hb .. hb + nh - 1 (hb = blo rounded down to
+    // 8, nh a multiple of 8, rows past Sq weigh 0), the heads one after another: N = G nh rows,
+    // staged 64 at a time. A group of 8 staged rows belongs to one head.
+    const int hb = blo & ~7;
+    const int nh = hb < p.Sq ? ((p.Sq - hb + 7) & ~7) : 0;
+    const int N = G * nh;
+    auto stage_rows = [&](int f0) {
+        for (int c = threadIdx.x; c < LS_ROWS * (LA_D / 8); c += 128) {
+            const int row = c / (LA_D / 8), col = c % (LA_D / 8);
+            const int f = f0 + row;
+            const int gi = f / la_imax(nh, 1), i = hb + f % la_imax(nh, 1);
+            const bool in = f < N && i < p.Sq;
+            const u16* src = in ? p.q + (i64)b * p.q_sb + (i64)(kh * G + gi) * p.q_sh + (i64)i * p.q_ss + col * 8 : p.q;
+            la_cp_async16(qs + row * LS_LDS + col * 8, src, in ? 16 : 0);
+        }
+        if (threadIdx.x < LS_ROWS) {
+            const int f = f0 + threadIdx.x;
+            const int gi = f / la_imax(nh, 1), i = hb + f % la_imax(nh, 1);
+            float w = 0.f, l2 = LA_INF;
+            if (f < N && i < p.Sq) {
+                const float l = p.lse[((i64)b * p.Hq + kh * G + gi) * p.Sq + i];
+                w = ls_weight(p, i);
+                if (w != 0.f && l != -LA_INF) l2 = l * LA_LOG2E;
+                else w = 0.f;
+            }
+            wl[threadIdx.x] = w;
+            l2s[threadIdx.x] = l2;
+        }
+    };
+    // The block's keys into shared memory (16 bytes a thread and step; zeros past len), with the
+    // first 64 rows in the same wait.
     for (int c = threadIdx.x; c < 64 * (LA_D / 8); c += 128) {
         const int row = c / (LA_D / 8), col = c % (LA_D / 8);
         const int e = kb0 + row;
@@ -92,6 +130,7 @@ extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParam
         }
         la_cp_async16(ks + row * LS_LDS + col * 8, src, e < len ? 16 : 0);
     }
+    if (N > 0) stage_rows(0);
     la_cp_commit();
     la_cp_wait<0>();
     __syncthreads();
@@ -101,82 +140,68 @@ extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParam
 #pragma unroll
     for (int t = 0; t < LS_KSTEPS; t++)
         la_ldmatrix_x4(a[t], ks + (warp * 16 + (mi & 1) * 8 + (lane & 7)) * LS_LDS + t * 16 + (mi >> 1) * 8);
-    // Rows that can see an entry of the block / of this warp: causal, i >= e - (len - Sq).
-    const int off = len - p.Sq;   // entry e is seen by row i iff e <= off + i (causal)
-    const int first = ls_first_row(p);
-    const int blo = p.causal ? la_imax(first, kb0 - off) : first;
-    const int wlo = p.causal ? la_imax(first, e0 - off) : first;
-    const bool live = e0 < len;
-    float red[2] = {p.reduce == 0 ? -LA_INF : 0.f, p.reduce == 0 ? -LA_INF : 0.f};
-    for (int gi = 0; gi < G; gi++) {
-        const int h = kh * G + gi;
-        const u16* qh = p.q + (i64)b * p.q_sb + (i64)h * p.q_sh;
-        const float* lh = p.lse + ((i64)b * p.Hq + h) * p.Sq;
-        float sum[2] = {0.f, 0.f};
-        for (int ib = blo & ~7; ib < p.Sq; ib += LS_ROWS) {
-            const int nrows = la_imin(LS_ROWS, p.Sq - ib);
-            __syncthreads();   // the previous chunk is read
-            for (int c = threadIdx.x; c < LS_ROWS * (LA_D / 8); c += 128) {
-                const int row = c / (LA_D / 8), col = c % (LA_D / 8);
-                const bool in = row < nrows;
-                la_cp_async16(qs + row * LS_LDS + col * 8, in ? qh + (i64)(ib + row) * p.q_ss + col * 8 : qh, in ? 16 : 0);
-            }
-            la_cp_commit();
-            if (threadIdx.x < LS_ROWS) {
-                const int i = ib + threadIdx.x;
-                float w = 0.f, l2 = LA_INF;
-                if (threadIdx.x < nrows) {
-                    const float l = lh[i];
-                    w = ls_weight(p, i);
-                    if (w != 0.f && l != -LA_INF) l2 = l * LA_LOG2E;
-                    else w = 0.f;
-                }
-                wl[threadIdx.x] = w;
-                l2s[threadIdx.x] = l2;
-            }
-            la_cp_wait<0>();
-            __syncthreads();
-            if (!live) continue;
-            for (int i0 = la_imax(ib, wlo & ~7); i0 < ib + nrows; i0 += 8) {
-                // S^T tile: entries x query rows i0 .. i0 + 7 (B fragments by ldmatrix x4: two
-                // k-steps a call).
-                float c[4] = {0.f, 0.f, 0.f, 0.f};
-                const u16* qt = qs + (i0 - ib + (lane & 7)) * LS_LDS + (mi >> 1) * 16 + (mi & 1) * 8;
-#pragma unroll
-                for (int t = 0; t < LS_KSTEPS; t += 2) {
-                    u32 bq[4];
-                    la_ldmatrix_x4(bq, qt + t * 16);
-                    la_mma16816(c, a[t], bq);
-                    la_mma16816(c, a[t + 1], bq + 2);
-                }
-                // c[2 hh + x]: entry e0 + g8 + 8 hh, query row i0 + 2 c4 + x.
-#pragma unroll
-                for (int x = 0; x < 2; x++) {
-                    const int il = i0 - ib + 2 * c4 + x;
-                    const int i = ib + il;
-                    if (il >= nrows) continue;
-                    const float w = wl[il], l2 = l2s[il];
-#pragma unroll
-                    for (int hh = 0; hh < 2; hh++) {
-                        const int e = e0 + g8 + 8 * hh;
-                        if (e >= len || (p.causal && e > off + i)) continue;
-#if LA_SOFTCAP
-                        const float s = p.cap_mul * tanhf(c[2 * hh + x] * p.q_scale);
-#else
-                        const float s = c[2 * hh + x] * p.q_scale;
-#endif
-                        sum[hh] += w * la_exp2(s - l2);
-                    }
-                }
-            }
-        }
+    // Per-head sums (each head's finished sum meets its quad and enters the reduction when the
+    // next head starts; probabilities are >= 0, so the maximum starts at 0 as on the CPU).
+    float red[2] = {0.f, 0.f};
+    float sum[2] = {0.f, 0.f};
+    int cur_gi = 0;
+    auto flush = [&]() {
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
             sum[hh] += __shfl_xor_sync(0xffffffffu, sum[hh], 1);
             sum[hh] += __shfl_xor_sync(0xffffffffu, sum[hh], 2);
             red[hh] = p.reduce == 0 ? fmaxf(red[hh], sum[hh]) : red[hh] + sum[hh];
+            sum[hh] = 0.f;
+        }
+    };
+    for (int f0 = 0; f0 < N; f0 += LS_ROWS) {
+        if (f0 > 0) {
+            __syncthreads();   // the previous chunk is read
+            stage_rows(f0);
+            la_cp_commit();
+            la_cp_wait<0>();
+            __syncthreads();
+        }
+        if (!live) continue;
+        for (int t8 = 0; t8 < la_imin(LS_ROWS, N - f0); t8 += 8) {
+            const int f = f0 + t8;
+            const int gi = f / nh, i0 = hb + f % nh;
+            if (i0 + 7 < wlo) continue;   // no row of the group sees this warp's entries
+            if (gi != cur_gi) {
+                flush();
+                cur_gi = gi;
+            }
+            // S^T tile: entries x query rows i0 .. i0 + 7 (B fragments by ldmatrix x4: two
+            // k-steps a call).
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            const u16* qt = qs + (t8 + (lane & 7)) * LS_LDS + (mi >> 1) * 16 + (mi & 1) * 8;
+#pragma unroll
+            for (int t = 0; t < LS_KSTEPS; t += 2) {
+                u32 bq[4];
+                la_ldmatrix_x4(bq, qt + t * 16);
+                la_mma16816(c, a[t], bq);
+                la_mma16816(c, a[t + 1], bq + 2);
+            }
+            // c[2 hh + x]: entry e0 + g8 + 8 hh, query row i0 + 2 c4 + x.
+#pragma unroll
+            for (int x = 0; x < 2; x++) {
+                const int rl = t8 + 2 * c4 + x, i = i0 + 2 * c4 + x;
+                const float w = wl[rl], l2 = l2s[rl];
+#pragma unroll
+                for (int hh = 0; hh < 2; hh++) {
+                    const int e = e0 + g8 + 8 * hh;
+                    if (w == 0.f || e >= len || (p.causal && e > off + i)) continue;
+#if LA_SOFTCAP
+                    const float s = p.cap_mul * tanhf(c[2 * hh + x] * p.q_scale);
+#else
+                    const float s = c[2 * hh + x] * p.q_scale;
+#endif
+                    sum[hh] += w * la_exp2(s - l2);
+                }
+            }
         }
     }
+    flush();
     if (!live || c4 != 0) return;
     const float decay = p.kind == 1 ? powf(p.f, (float)p.Sq) : (p.kind == 0 ? 1.f : 0.f);
 #pragma unroll
