@@ -810,6 +810,16 @@ pub struct DecodePlan {
     _tickets: CudaSlice<i32>,
 }
 
+/// The work a ragged per-head cache holds, for the split plan: its rows' total keys (rows shorter
+/// than the longest leave their last splits empty, so count the work, not the grid).
+fn cache_work_rows(cache: &DevPagedCache, max_len: usize) -> Option<usize> {
+    cache
+        .layout
+        .head_tables()
+        .then(|| work_rows(&cache.lens(), max_len))
+        .flatten()
+}
+
 impl DecodePlan {
     /// Plans decode of `hq` query heads against `cache` for sequences of at most `max_len` keys.
     pub fn new(
@@ -819,13 +829,7 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        // A ragged per-head cache: the split is planned for the rows' total keys (rows shorter
-        // than the longest leave their last splits empty, so count the work, not the grid).
-        let work_rows = cache
-            .layout
-            .head_tables()
-            .then(|| work_rows(&cache.lens(), max_len))
-            .flatten();
+        let work_rows = cache_work_rows(cache, max_len);
         Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, false)
     }
 
@@ -839,11 +843,7 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        let work_rows = cache
-            .layout
-            .head_tables()
-            .then(|| work_rows(&cache.lens(), max_len))
-            .flatten();
+        let work_rows = cache_work_rows(cache, max_len);
         Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, true)
     }
 

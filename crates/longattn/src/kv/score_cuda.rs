@@ -489,6 +489,64 @@ fn case(name: String, r: Result<(f64, String, bool)>) -> CaseResult {
 /// from bf16 / f16 products, the approximate exp2, f32 sums).
 const SCORE_TOL: f64 = 2e-4;
 
+/// A random per-head cache on the device for the selftest (`super::cuda::random_head_cache`:
+/// pages of 16 scattered over a pool, ragged rows `lens`), with what the references read.
+struct Fixture {
+    cache: DevPagedCache,
+    /// K of the pool as f32, the tables and their width.
+    kf: Vec<f32>,
+    tables: Vec<i32>,
+    w: usize,
+    /// q `[B, 1, Hq, D]` (random).
+    q: Tensor,
+    ulens: Vec<usize>,
+    b: usize,
+    d: usize,
+}
+
+impl Fixture {
+    fn new(
+        dev: &Arc<CudaDevice>,
+        dt: DType,
+        lens: &[i32],
+        (hq, hk, d): (usize, usize, usize),
+        seed: u64,
+    ) -> Result<Fixture> {
+        let page = 16;
+        let (k, v, tables, w, q) =
+            super::cuda::random_head_cache(dt, lens, page, (hq, hk, d), seed)?;
+        let kv = super::decode::PagedKv {
+            k: k.data.as_slice(),
+            v: v.data.as_slice(),
+            page_size: page,
+            kv_heads: hk,
+            head_dim: d,
+        };
+        let bt = super::decode::BlockTables::per_head(&tables, w, lens);
+        let cache = DevPagedCache::from_parts(dev, &kv, &bt)?;
+        Ok(Fixture {
+            cache,
+            kf: k.data.to_f32_vec(),
+            tables,
+            w,
+            q,
+            ulens: lens.iter().map(|&l| l.max(0) as usize).collect(),
+            b: lens.len() / hk,
+            d,
+        })
+    }
+
+    /// Entry e of table row r (its D key values).
+    fn key(&self, r: usize, e: usize) -> Vec<f32> {
+        let slot = self.tables[r * self.w + e / 16] as usize * 16 + e % 16;
+        self.kf[slot * self.d..][..self.d].to_vec()
+    }
+
+    fn max_len(&self) -> usize {
+        self.ulens.iter().copied().max().unwrap_or(0)
+    }
+}
+
 /// One selftest case: a random per-head cache (ragged rows), two folds of `kind` (chunks of
 /// `sq1` then `sq2` rows over the same cache; the second's LSE from the reference), then a
 /// compaction; every step against [`chunk_scores_reference`] folded on the host in f64.
@@ -504,26 +562,11 @@ fn check_scores(
     causal: bool,
     seed: u64,
 ) -> Result<(f64, String, bool)> {
-    let page = 16;
-    let (k, v, tables, w, _) = super::cuda::random_head_cache(dt, lens, page, (hq, hk, d), seed)?;
-    let kv = super::decode::PagedKv {
-        k: k.data.as_slice(),
-        v: v.data.as_slice(),
-        page_size: page,
-        kv_heads: hk,
-        head_dim: d,
-    };
-    let bt = super::decode::BlockTables::per_head(&tables, w, lens);
-    let cache = DevPagedCache::from_parts(dev, &kv, &bt)?;
-    let b = lens.len() / hk;
-    let ulens: Vec<usize> = lens.iter().map(|&l| l.max(0) as usize).collect();
-    let max_len = ulens.iter().copied().max().unwrap_or(0);
-    let kf = k.data.to_f32_vec();
-    let key = |r: usize, e: usize| -> Vec<f32> {
-        let slot = tables[r * w + e / page] as usize * page + e % page;
-        kf[slot * d..][..d].to_vec()
-    };
-    let mut dsc = DevScores::new(dev, &cache, hq, max_len.max(1) + 5, kind, params)?;
+    let fx = Fixture::new(dev, dt, lens, (hq, hk, d), seed)?;
+    let (cache, b, ulens) = (&fx.cache, fx.b, &fx.ulens);
+    let max_len = fx.max_len();
+    let key = |r: usize, e: usize| fx.key(r, e);
+    let mut dsc = DevScores::new(dev, cache, hq, max_len.max(1) + 5, kind, params)?;
     let mut want: Vec<Vec<f64>> = ulens.iter().map(|&l| vec![0.0; l]).collect();
     let mut worst = 0.0f64;
     let mut err_of = |got: &[f32], stride: usize, want: &[Vec<f64>]| {
@@ -550,7 +593,7 @@ fn check_scores(
         let qf = q.data.to_f32_vec();
         let (decay, wts) = kind.weights(sq);
         let reference =
-            chunk_scores_reference(&key, &ulens, &qf, [b, sq, hq, d], &wts, &params, causal);
+            chunk_scores_reference(&key, ulens, &qf, [b, sq, hq, d], &wts, &params, causal);
         for (wr, c) in want.iter_mut().zip(&reference.cols) {
             for (x, &y) in wr.iter_mut().zip(c) {
                 *x = decay * *x + y;
@@ -559,7 +602,7 @@ fn check_scores(
         let lse: Vec<f32> = reference.lse.iter().map(|&x| x as f32).collect();
         let lse_d = dev.upload(&lse)?;
         let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
-        dsc.observe(&cache, &qd, &lse_d, causal)?;
+        dsc.observe(cache, &qd, &lse_d, causal)?;
         let (got, stride) = dsc.download()?;
         errs.push(err_of(&got, stride, &want));
     }
@@ -601,41 +644,26 @@ fn check_decode_scores(
     (hq, hk, d): (usize, usize, usize),
     seed: u64,
 ) -> Result<(f64, String, bool)> {
-    use super::decode::{BlockTables, DecodeParams, PagedKv};
-    use crate::cuda::decode::DecodePlan;
-    let page = 16;
-    let (k, v, tables, w, q) = super::cuda::random_head_cache(dt, lens, page, (hq, hk, d), seed)?;
-    let kv = PagedKv {
-        k: k.data.as_slice(),
-        v: v.data.as_slice(),
-        page_size: page,
-        kv_heads: hk,
-        head_dim: d,
-    };
-    let cache = DevPagedCache::from_parts(dev, &kv, &BlockTables::per_head(&tables, w, lens))?;
-    let b = lens.len() / hk;
-    let ulens: Vec<usize> = lens.iter().map(|&l| l.max(0) as usize).collect();
-    let max_len = ulens.iter().copied().max().unwrap_or(0);
-    let plan = DecodePlan::new(dev, &cache, hq, max_len, &DecodeParams::default())?;
+    use super::decode::DecodeParams;
+    let fx = Fixture::new(dev, dt, lens, (hq, hk, d), seed)?;
+    let (cache, b, ulens, q) = (&fx.cache, fx.b, &fx.ulens, &fx.q);
+    let max_len = fx.max_len();
+    let plan = DecodePlan::new(dev, cache, hq, max_len, &DecodeParams::default())?;
     let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
     let mut o = DevTensor::alloc(dev, [b, 1, hq, d], dt)?;
     let mut lse = dev.alloc_f32((b * hq).max(1))?;
-    plan.launch(&cache, &qd, &mut o, &mut lse)?;
+    plan.launch(cache, &qd, &mut o, &mut lse)?;
     let params = ScoreParams {
         reduce: Reduce::Sum,
         ..Default::default()
     };
-    let mut dsc = DevScores::new(dev, &cache, hq, max_len.max(1), ScoreKind::H2o, params)?;
-    dsc.observe(&cache, &qd, &lse, true)?;
+    let mut dsc = DevScores::new(dev, cache, hq, max_len.max(1), ScoreKind::H2o, params)?;
+    dsc.observe(cache, &qd, &lse, true)?;
     let (got, stride) = dsc.download()?;
-    let kf = k.data.to_f32_vec();
-    let key = |r: usize, e: usize| -> Vec<f32> {
-        let slot = tables[r * w + e / page] as usize * page + e % page;
-        kf[slot * d..][..d].to_vec()
-    };
+    let key = |r: usize, e: usize| fx.key(r, e);
     let reference = chunk_scores_reference(
         &key,
-        &ulens,
+        ulens,
         &q.data.to_f32_vec(),
         [b, 1, hq, d],
         &[1.0],
@@ -683,28 +711,18 @@ fn check_fused(
     params: ScoreParams,
     seed: u64,
 ) -> Result<(f64, String, bool)> {
-    use super::decode::{BlockTables, DecodeParams, PagedKv};
-    let page = 16;
-    let (k, v, tables, w, _) = super::cuda::random_head_cache(dt, lens, page, (hq, hk, d), seed)?;
-    let kv = PagedKv {
-        k: k.data.as_slice(),
-        v: v.data.as_slice(),
-        page_size: page,
-        kv_heads: hk,
-        head_dim: d,
-    };
-    let cache = DevPagedCache::from_parts(dev, &kv, &BlockTables::per_head(&tables, w, lens))?;
-    let b = lens.len() / hk;
-    let ulens: Vec<usize> = lens.iter().map(|&l| l.max(0) as usize).collect();
-    let max_len = ulens.iter().copied().max().unwrap_or(0).max(1);
+    use super::decode::DecodeParams;
+    let fx = Fixture::new(dev, dt, lens, (hq, hk, d), seed)?;
+    let (cache, b, ulens) = (&fx.cache, fx.b, &fx.ulens);
+    let max_len = fx.max_len().max(1);
     let dp = DecodeParams {
         softcap: params.softcap,
         ..Default::default()
     };
-    let plain = DecodePlan::new(dev, &cache, hq, max_len, &dp)?;
-    let fused = DecodePlan::with_scores(dev, &cache, hq, max_len, &dp)?;
-    let mut sa = DevScores::new(dev, &cache, hq, max_len, kind, params)?;
-    let mut sb = DevScores::new(dev, &cache, hq, max_len, kind, params)?;
+    let plain = DecodePlan::new(dev, cache, hq, max_len, &dp)?;
+    let fused = DecodePlan::with_scores(dev, cache, hq, max_len, &dp)?;
+    let mut sa = DevScores::new(dev, cache, hq, max_len, kind, params)?;
+    let mut sb = DevScores::new(dev, cache, hq, max_len, kind, params)?;
     let qs: Vec<Tensor> = (0..3)
         .map(|i| random_tensor(dt, &[b, 1, hq, d], 1.0, seed + 20 + i))
         .collect();
@@ -722,14 +740,14 @@ fn check_fused(
     for t in 0..3 {
         let (before, rest) = ls.split_at_mut(t);
         let prev = |x: usize| (t > 0).then(|| (&qd[t - 1], &before[t - 1], x));
-        sa.decode_fold(&fused, &cache, &qd[t], &mut os[t], &mut rest[0], prev(0))?;
+        sa.decode_fold(&fused, cache, &qd[t], &mut os[t], &mut rest[0], prev(0))?;
         let mut ob2 = DevTensor::alloc(dev, [b, 1, hq, d], dt)?;
         let mut lb2 = dev.alloc_f32(b * hq)?;
-        sb.decode_fold(&fused, &cache, &qd[t], &mut ob2, &mut lb2, prev(3))?;
+        sb.decode_fold(&fused, cache, &qd[t], &mut ob2, &mut lb2, prev(3))?;
         // The plain decode of the same query: outputs equal bit for bit.
         let mut op = DevTensor::alloc(dev, [b, 1, hq, d], dt)?;
         let mut lp = dev.alloc_f32(b * hq)?;
-        plain.launch(&cache, &qd[t], &mut op, &mut lp)?;
+        plain.launch(cache, &qd[t], &mut op, &mut lp)?;
         let (x, y) = (os[t].download(dev)?, op.download(dev)?);
         let bits = |t: &Tensor| {
             t.data
@@ -743,20 +761,16 @@ fn check_fused(
     }
     let (pre, _) = sa.download()?;
     // Flush the last step.
-    sa.observe(&cache, &qd[2], &ls[2], true)?;
+    sa.observe(cache, &qd[2], &ls[2], true)?;
     let (got, stride) = sa.download()?;
     let (gb, _) = sb.download()?;
-    let kf = k.data.to_f32_vec();
-    let key = |r: usize, e: usize| -> Vec<f32> {
-        let slot = tables[r * w + e / page] as usize * page + e % page;
-        kf[slot * d..][..d].to_vec()
-    };
+    let key = |r: usize, e: usize| fx.key(r, e);
     let (decay, wts) = kind.weights(1);
     let mut want: Vec<Vec<f64>> = ulens.iter().map(|&l| vec![0.0; l]).collect();
     for q in &qs {
         let c = chunk_scores_reference(
             &key,
-            &ulens,
+            ulens,
             &q.data.to_f32_vec(),
             [b, 1, hq, d],
             &wts,
@@ -816,79 +830,16 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         bool,
     );
     let (bf, f16) = (DType::BF16, DType::F16);
+    #[rustfmt::skip]
     let cases: [Case; 8] = [
-        (
-            bf,
-            (8, 2, 128),
-            (7, 1),
-            ScoreKind::H2o,
-            Reduce::Mean,
-            None,
-            true,
-        ),
-        (
-            f16,
-            (4, 1, 64),
-            (65, 7),
-            ScoreKind::A2sf(0.9),
-            Reduce::Max,
-            None,
-            true,
-        ),
-        (
-            bf,
-            (4, 4, 256),
-            (1, 1),
-            ScoreKind::Tova,
-            Reduce::Sum,
-            None,
-            true,
-        ),
-        (
-            bf,
-            (32, 8, 128),
-            (113, 33),
-            ScoreKind::SnapKv(32),
-            Reduce::Mean,
-            None,
-            true,
-        ),
-        (
-            bf,
-            (8, 2, 64),
-            (7, 65),
-            ScoreKind::H2o,
-            Reduce::Sum,
-            Some(20.0),
-            true,
-        ),
-        (
-            f16,
-            (8, 2, 128),
-            (63, 1),
-            ScoreKind::A2sf(0.5),
-            Reduce::Mean,
-            None,
-            false,
-        ),
-        (
-            bf,
-            (6, 2, 128),
-            (1, 1),
-            ScoreKind::H2o,
-            Reduce::Max,
-            None,
-            true,
-        ),
-        (
-            bf,
-            (8, 8, 128),
-            (65, 65),
-            ScoreKind::SnapKv(7),
-            Reduce::Max,
-            None,
-            false,
-        ),
+        (bf, (8, 2, 128), (7, 1), ScoreKind::H2o, Reduce::Mean, None, true),
+        (f16, (4, 1, 64), (65, 7), ScoreKind::A2sf(0.9), Reduce::Max, None, true),
+        (bf, (4, 4, 256), (1, 1), ScoreKind::Tova, Reduce::Sum, None, true),
+        (bf, (32, 8, 128), (113, 33), ScoreKind::SnapKv(32), Reduce::Mean, None, true),
+        (bf, (8, 2, 64), (7, 65), ScoreKind::H2o, Reduce::Sum, Some(20.0), true),
+        (f16, (8, 2, 128), (63, 1), ScoreKind::A2sf(0.5), Reduce::Mean, None, false),
+        (bf, (6, 2, 128), (1, 1), ScoreKind::H2o, Reduce::Max, None, true),
+        (bf, (8, 8, 128), (65, 65), ScoreKind::SnapKv(7), Reduce::Max, None, false),
     ];
     for (n, &(dt, (hq, hk, d), sqs, kind, reduce, softcap, causal)) in cases.iter().enumerate() {
         // Rows of the ragged lengths (two sequences' worth, cycled over the KV heads).
@@ -934,6 +885,7 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         ));
     }
     type Fused = (DType, (usize, usize, usize), ScoreKind, Reduce, Option<f32>);
+    #[rustfmt::skip]
     let fused: [Fused; 4] = [
         (bf, (32, 8, 128), ScoreKind::H2o, Reduce::Sum, None),
         (f16, (4, 1, 64), ScoreKind::A2sf(0.8), Reduce::Max, None),
@@ -974,40 +926,28 @@ fn bad_input(dev: &Arc<CudaDevice>) -> CaseResult {
     let r = (|| -> Result<(f64, String, bool)> {
         let (hq, hk, d) = (8, 2, 64);
         let lens = [40i32, 9];
-        let (k, v, tables, w, _) =
-            super::cuda::random_head_cache(DType::BF16, &lens, 16, (hq, hk, d), 3)?;
-        let kv = super::decode::PagedKv {
-            k: k.data.as_slice(),
-            v: v.data.as_slice(),
-            page_size: 16,
-            kv_heads: hk,
-            head_dim: d,
-        };
-        let cache = DevPagedCache::from_parts(
-            dev,
-            &kv,
-            &super::decode::BlockTables::per_head(&tables, w, &lens),
-        )?;
+        let fx = Fixture::new(dev, DType::BF16, &lens, (hq, hk, d), 3)?;
+        let cache = &fx.cache;
         let p = ScoreParams::default();
         let mut refused = Vec::new();
-        refused.push(DevScores::new(dev, &cache, 5, 64, ScoreKind::H2o, p).is_err());
-        refused.push(DevScores::new(dev, &cache, hq, 64, ScoreKind::A2sf(1.5), p).is_err());
-        refused.push(DevScores::new(dev, &cache, hq, 64, ScoreKind::SnapKv(0), p).is_err());
-        let mut ok = DevScores::new(dev, &cache, hq, 64, ScoreKind::H2o, p)?;
-        let mut small = DevScores::new(dev, &cache, hq, 16, ScoreKind::H2o, p)?;
+        refused.push(DevScores::new(dev, cache, 5, 64, ScoreKind::H2o, p).is_err());
+        refused.push(DevScores::new(dev, cache, hq, 64, ScoreKind::A2sf(1.5), p).is_err());
+        refused.push(DevScores::new(dev, cache, hq, 64, ScoreKind::SnapKv(0), p).is_err());
+        let mut ok = DevScores::new(dev, cache, hq, 64, ScoreKind::H2o, p)?;
+        let mut small = DevScores::new(dev, cache, hq, 16, ScoreKind::H2o, p)?;
         let q = random_tensor(DType::BF16, &[1, 3, hq, d], 1.0, 5);
         let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
         let short = dev.alloc_f32(hq * 3 - 1)?;
         let lse = dev.alloc_f32(hq * 3)?;
-        refused.push(ok.observe(&cache, &qd, &short, true).is_err());
-        refused.push(small.observe(&cache, &qd, &lse, true).is_err());
+        refused.push(ok.observe(cache, &qd, &short, true).is_err());
+        refused.push(small.observe(cache, &qd, &lse, true).is_err());
         let wrong: Tensor = random_tensor(DType::BF16, &[1, 3, hq, 32], 1.0, 6);
         let wd = DevTensor::upload(dev, "q", &wrong.view("q")?)?;
-        refused.push(ok.observe(&cache, &wd, &lse, true).is_err());
+        refused.push(ok.observe(cache, &wd, &lse, true).is_err());
         refused.push(ok.compact(&[vec![0]]).is_err());
         // The fold in the decode: a plan without it, a group of 16 query heads.
         let dp = crate::kv::decode::DecodeParams::default();
-        let plain = DecodePlan::new(dev, &cache, hq, 64, &dp)?;
+        let plain = DecodePlan::new(dev, cache, hq, 64, &dp)?;
         let mut o = DevTensor::alloc(dev, [1, 1, hq, d], DType::BF16)?;
         let q1 = DevTensor::upload(
             dev,
@@ -1016,10 +956,10 @@ fn bad_input(dev: &Arc<CudaDevice>) -> CaseResult {
         )?;
         let mut l1 = dev.alloc_f32(hq)?;
         refused.push(
-            ok.decode_fold(&plain, &cache, &q1, &mut o, &mut l1, None)
+            ok.decode_fold(&plain, cache, &q1, &mut o, &mut l1, None)
                 .is_err(),
         );
-        refused.push(DecodePlan::with_scores(dev, &cache, 32, 64, &dp).is_err());
+        refused.push(DecodePlan::with_scores(dev, cache, 32, 64, &dp).is_err());
         refused.push(ok.compact(&[vec![0], vec![99]]).is_err());
         let all = refused.iter().all(|&x| x);
         Ok((
