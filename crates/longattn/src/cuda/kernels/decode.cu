@@ -630,7 +630,10 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 #if LA_SCORE
         if (fold) {
             // P_prev of head h0 + r on this lane's keys (rows 8 + r of S), reduced over the
-            // block's heads (the lanes of equal q4: xor 4, 8, 16); lanes 0..3 fold 4 keys each.
+            // block's heads (the 8 lanes of equal q4, r = 0..7) by a reduce-scatter: at the
+            // partner xor 4 a lane keeps two of its four keys and adds the partner's two, at xor
+            // 8 one of them, at xor 16 the last head pair: 4 shuffles, and lanes r and r ^ 4
+            // end with key e = 2 (r & 1) + ((r >> 1) & 1) summed over the 8 heads.
             float pp[4];
 #pragma unroll
             for (int e = 0; e < 4; e++) {
@@ -641,21 +644,22 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 const float s = sc[e >> 1][2 + (e & 1)] * p.q_scale;
 #endif
                 pp[e] = j < j1 && j < jprev ? la_exp2(s - lp2) : 0.f;
-#pragma unroll
-                for (int off = 4; off < 32; off <<= 1) {
-                    const float y = __shfl_xor_sync(LA_FULL, pp[e], off);
-                    pp[e] = p.score_reduce == 0 ? fmaxf(pp[e], y) : pp[e] + y;
-                }
             }
-            if (r == 0) {
-                float* srow = p.score + (i64)trow * p.score_cap;
-                const float* old = lm_sc[warp][cur];
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int jl = (e >> 1) * 8 + 2 * q4 + (e & 1), j = jt + jl;
-                    if (j >= j1 || j >= jprev) continue;
-                    const float c = p.score_reduce == 2 ? pp[e] * (1.f / LA_G) : pp[e];
-                    srow[j] = p.score_kind == 0 ? old[jl] + c : (p.score_kind == 1 ? p.score_f * old[jl] + c : c);
+            const bool mx_red = p.score_reduce == 0;
+            auto op = [&](float a, float b2) { return mx_red ? fmaxf(a, b2) : a + b2; };
+            const bool h1 = r & 1, h2 = (r >> 1) & 1;
+            const float k0 = op(h1 ? pp[2] : pp[0], __shfl_xor_sync(LA_FULL, h1 ? pp[0] : pp[2], 4));
+            const float k1 = op(h1 ? pp[3] : pp[1], __shfl_xor_sync(LA_FULL, h1 ? pp[1] : pp[3], 4));
+            float v = op(h2 ? k1 : k0, __shfl_xor_sync(LA_FULL, h2 ? k0 : k1, 8));
+            v = op(v, __shfl_xor_sync(LA_FULL, v, 16));
+            if (r < 4) {
+                const int e = 2 * h1 + h2;
+                const int jl = (e >> 1) * 8 + 2 * q4 + (e & 1), j = jt + jl;
+                if (j < j1 && j < jprev) {
+                    const float c = p.score_reduce == 2 ? v * (1.f / LA_G) : v;
+                    const float old = lm_sc[warp][cur][jl];
+                    p.score[(i64)trow * p.score_cap + j] =
+                        p.score_kind == 0 ? old + c : (p.score_kind == 1 ? p.score_f * old + c : c);
                 }
             }
         }

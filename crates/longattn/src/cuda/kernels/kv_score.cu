@@ -173,15 +173,19 @@ extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParam
             }
             // S^T tile: entries x query rows i0 .. i0 + 7 (B fragments by ldmatrix x4: two
             // k-steps a call).
-            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            // Two accumulator chains (even and odd k-steps), added at the end: half the
+            // dependent products.
+            float c[4] = {0.f, 0.f, 0.f, 0.f}, c2[4] = {0.f, 0.f, 0.f, 0.f};
             const u16* qt = qs + (t8 + (lane & 7)) * LS_LDS + (mi >> 1) * 16 + (mi & 1) * 8;
 #pragma unroll
             for (int t = 0; t < LS_KSTEPS; t += 2) {
                 u32 bq[4];
                 la_ldmatrix_x4(bq, qt + t * 16);
                 la_mma16816(c, a[t], bq);
-                la_mma16816(c, a[t + 1], bq + 2);
+                la_mma16816(c2, a[t + 1], bq + 2);
             }
+#pragma unroll
+            for (int x = 0; x < 4; x++) c[x] += c2[x];
             // c[2 hh + x]: entry e0 + g8 + 8 hh, query row i0 + 2 c4 + x.
 #pragma unroll
             for (int x = 0; x < 2; x++) {
