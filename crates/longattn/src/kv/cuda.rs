@@ -222,11 +222,7 @@ impl DevQuest {
             max_pages: max_pages as i32,
             sel_pages: self.sel_pages as i32,
             tail_only: 0,
-            reduce: match self.reduce {
-                Reduce::Max => 0,
-                Reduce::Sum => 1,
-                Reduce::Mean => 2,
-            },
+            reduce: self.reduce.kernel_code(),
             score_stride: self.cap_pages as i32,
             smem_keys: self.smem_keys as i32,
             pad: 0,

@@ -54,6 +54,16 @@ impl Reduce {
             ))),
         }
     }
+    /// The code the CUDA kernels read (`reduce` in kv_quest.cu, kv_score.cu and decode.cu's
+    /// `score_reduce`): 0 max, 1 sum, 2 mean.
+    pub(crate) fn kernel_code(self) -> i32 {
+        match self {
+            Reduce::Max => 0,
+            Reduce::Sum => 1,
+            Reduce::Mean => 2,
+        }
+    }
+
     pub(crate) fn apply(self, xs: impl Iterator<Item = f64>, g: usize) -> f64 {
         match self {
             Reduce::Sum => xs.sum(),

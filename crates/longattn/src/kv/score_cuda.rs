@@ -177,7 +177,7 @@ impl DevScores {
         causal: bool,
     ) -> Result<()> {
         let [b, sq, hq, d] = q.shape;
-        self.same_cache(cache)?;
+        let max = self.check_cache(cache)?;
         if b != cache.batch()
             || hq != self.hq
             || d != self.head_dim
@@ -204,13 +204,6 @@ impl DevScores {
                 got: vec![lse.len()],
                 expected: format!("[{b}, {hq}, {sq}] (B x Hq x Sq of q) f32"),
             });
-        }
-        let max = cache.max_len();
-        if max > self.cap {
-            return Err(param(format!(
-                "a head holds {max} entries; these scores cover {} (make new ones)",
-                self.cap
-            )));
         }
         if self.rows == 0 || max == 0 {
             return Ok(());
@@ -246,7 +239,7 @@ impl DevScores {
             max_pages: max_pages as i32,
             cap: self.cap as i32,
             causal: causal as i32,
-            reduce: self.reduce_code(),
+            reduce: self.params.reduce.kernel_code(),
             kind,
             window,
             f,
@@ -287,20 +280,13 @@ impl DevScores {
         lse: &mut CudaSlice<f32>,
         prev: Option<(&DevTensor, &CudaSlice<f32>, usize)>,
     ) -> Result<()> {
-        self.same_cache(cache)?;
+        let max = self.check_cache(cache)?;
         if !plan.scores {
             return Err(param(
                 "decode_fold needs a plan made by DecodePlan::with_scores".into(),
             ));
         }
-        let max = cache.max_len();
         plan.check_io(cache, max, q, o, lse)?;
-        if max > self.cap {
-            return Err(param(format!(
-                "a head holds {max} entries; these scores cover {} (make new ones)",
-                self.cap
-            )));
-        }
         if plan.batch == 0 {
             return Ok(());
         }
@@ -334,7 +320,7 @@ impl DevScores {
             cap: self.cap,
             prev_new: appended,
             kind,
-            reduce: self.reduce_code(),
+            reduce: self.params.reduce.kernel_code(),
             f,
         };
         // SAFETY: q / o / lse checked by check_io, the previous q has q's shape and lse holds
@@ -342,15 +328,8 @@ impl DevScores {
         unsafe { plan.launch_raw_scored(s, raw, sc) }
     }
 
-    fn reduce_code(&self) -> i32 {
-        match self.params.reduce {
-            Reduce::Max => 0,
-            Reduce::Sum => 1,
-            Reduce::Mean => 2,
-        }
-    }
-
-    fn same_cache(&self, cache: &DevPagedCache) -> Result<()> {
+    /// `cache` is the one these scores were made for and its longest row (returned) fits them.
+    fn check_cache(&self, cache: &DevPagedCache) -> Result<usize> {
         if cache.layout
             != (KvLayout::HeadPaged {
                 page_size: self.page,
@@ -370,7 +349,14 @@ impl DevScores {
                 self.dtype
             )));
         }
-        Ok(())
+        let max = cache.max_len();
+        if max > self.cap {
+            return Err(param(format!(
+                "a head holds {max} entries; these scores cover {} (make new ones)",
+                self.cap
+            )));
+        }
+        Ok(max)
     }
 
     /// The scores `[rows, cap]` and the row stride `cap` (synchronous).
