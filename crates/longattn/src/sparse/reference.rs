@@ -795,6 +795,9 @@ fn proxy_reference(
         .collect()
 }
 
+/// A document's rows of a query tile, or keys of a key tile (by tile index).
+type TileMembers<'a> = &'a dyn Fn(usize) -> Vec<usize>;
+
 /// The int8 estimate (`lowbit`) of one document of (b, h) from its definition (module
 /// `sparse::lowbit`): every pair of every tile visited, each row's reference maximum over its
 /// sinks and band, dot products in f64 from the int8 values (exact integers).
@@ -808,12 +811,7 @@ fn lowbit_reference(
     [sink, local]: [usize; 2],
     tau: f64,
     off: i64,
-    (q_of, k_of, nq, nk): (
-        &dyn Fn(usize) -> Vec<usize>,
-        &dyn Fn(usize) -> Vec<usize>,
-        usize,
-        usize,
-    ),
+    (q_of, k_of, nq, nk): (TileMembers, TileMembers, usize, usize),
 ) -> Vec<Vec<bool>> {
     use super::lowbit::{quant_keys, quant_row};
     let dd = q.dim();
