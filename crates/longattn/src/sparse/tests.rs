@@ -185,8 +185,8 @@ fn parse_rejects_bad_specs_by_name() {
         ("columns(gamma=0)", "`gamma` must be in (0, 1]"),
         ("columns(rows=0)", "`rows` must be an integer in [1"),
         ("columns(element=1)", "unknown argument `element`"),
-        ("lowbit(tau=0)", "`tau` must be in (0, 1]"),
-        ("lowbit(tau=1.5)", "`tau` must be in (0, 1]"),
+        ("lowbit(tau=0)", "`tau` must be finite and > 0"),
+        ("lowbit(tau=-1)", "`tau` must be finite and > 0"),
         ("lowbit(bits=4)", "unknown argument `bits`"),
         (
             "topmass(dense_last=-1)",
