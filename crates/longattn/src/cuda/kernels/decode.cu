@@ -533,7 +533,15 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         const float lp = p.lse_prev[(i64)b * p.Hq + h0 + r];
         lp2 = lp == -LA_INF ? LA_INF : lp * LA_LOG2E;
     }
-    const int jprev = len - p.score_prev_new;   // keys the previous step saw
+    // Keys the previous step saw and this split holds: j < jlim. After the reduction over the
+    // heads (below) lane (r, q4), r < 4, folds key sc_jl of each tile (loop-invariant).
+    const int jlim = la_imin(j1, len - p.score_prev_new);
+    const int sc_e = 2 * (r & 1) + ((r >> 1) & 1);
+    const int sc_jl = (sc_e >> 1) * 8 + 2 * q4 + (sc_e & 1);
+    float* const srow = fold ? p.score + (i64)trow * p.score_cap + sc_jl : nullptr;
+    // score = decay old + mul c: decay 1 (H2O), f (A2SF), 0 (TOVA); mul 1 / G for the mean.
+    const float sc_decay = p.score_kind == 0 ? 1.f : (p.score_kind == 1 ? p.score_f : 0.f);
+    const float sc_mul = p.score_reduce == 2 ? 1.f / LA_G : 1.f;
 #endif
     float o[LA_D / 8][4];
 #pragma unroll
@@ -643,7 +651,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 #else
                 const float s = sc[e >> 1][2 + (e & 1)] * p.q_scale;
 #endif
-                pp[e] = j < j1 && j < jprev ? la_exp2(s - lp2) : 0.f;
+                pp[e] = j < jlim ? la_exp2(s - lp2) : 0.f;
             }
             const bool mx_red = p.score_reduce == 0;
             auto op = [&](float a, float b2) { return mx_red ? fmaxf(a, b2) : a + b2; };
@@ -652,16 +660,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             const float k1 = op(h1 ? pp[3] : pp[1], __shfl_xor_sync(LA_FULL, h1 ? pp[1] : pp[3], 4));
             float v = op(h2 ? k1 : k0, __shfl_xor_sync(LA_FULL, h2 ? k0 : k1, 8));
             v = op(v, __shfl_xor_sync(LA_FULL, v, 16));
-            if (r < 4) {
-                const int e = 2 * h1 + h2;
-                const int jl = (e >> 1) * 8 + 2 * q4 + (e & 1), j = jt + jl;
-                if (j < j1 && j < jprev) {
-                    const float c = p.score_reduce == 2 ? v * (1.f / LA_G) : v;
-                    const float old = lm_sc[warp][cur][jl];
-                    p.score[(i64)trow * p.score_cap + j] =
-                        p.score_kind == 0 ? old + c : (p.score_kind == 1 ? p.score_f * old + c : c);
-                }
-            }
+            if (r < 4 && jt + sc_jl < jlim) srow[jt] = sc_decay * lm_sc[warp][cur][sc_jl] + sc_mul * v;
         }
 #endif
         const float base = mx == -LA_INF ? 0.f : mx;
