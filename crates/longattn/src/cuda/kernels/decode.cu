@@ -60,18 +60,23 @@ struct LaDecParams {
     // Press scores folded inside the tensor-core kernel (LA_SCORE, kv/score_cuda.rs): the
     // previous step's query q_prev [B, Hq, D] and LSE lse_prev [B, Hq] (natural log) give
     // P_prev[h, j] = exp(s(q_prev_h, k_j) - lse_prev_h) for the keys it saw, j < len -
-    // score_prev_new, reduced over the group (max / sum / mean) into c[j], and
-    //     score[j] = decay score[j] + c[j]     (H2O decay 1, A2SF f, TOVA 0)
-    // for row trow of score [rows, score_cap]. score null: no fold this launch.
+    // score_prev_new, reduced over the group into c[j] (LA_SCORE_REDUCE: 0 max, 1 sum, 2 mean),
+    // and score[j] = decay score[j] + c[j] (LA_SCORE_KIND: 0 H2O decay 1, 1 A2SF decay score_f,
+    // 2 TOVA decay 0) for row trow of score [rows, score_cap]. score null: no fold this launch.
     const u16* q_prev;
     const float* lse_prev;
     float* score;
-    int score_cap, score_prev_new, score_kind, score_reduce;   // kind: 0 H2O, 1 A2SF, 2 TOVA;
-    float score_f;                                            // reduce: 0 max, 1 sum, 2 mean
+    int score_cap, score_prev_new;
+    float score_f;
     int score_pad;
 };
 #ifndef LA_SCORE
 #define LA_SCORE 0
+#endif
+// The fold's kind and group reduction are compile-time constants of an LA_SCORE variant: no
+// run-time branch or select on them in the tile loop.
+#if LA_SCORE && (!defined(LA_SCORE_KIND) || !defined(LA_SCORE_REDUCE))
+#error "LA_SCORE needs LA_SCORE_KIND (0 H2O, 1 A2SF, 2 TOVA) and LA_SCORE_REDUCE (0 max, 1 sum, 2 mean)"
 #endif
 
 #define LA_LPT (LA_D / 8)             // lanes per token
@@ -539,9 +544,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     const int sc_e = 2 * (r & 1) + ((r >> 1) & 1);
     const int sc_jl = (sc_e >> 1) * 8 + 2 * q4 + (sc_e & 1);
     float* const srow = fold ? p.score + (i64)trow * p.score_cap + sc_jl : nullptr;
-    // score = decay old + mul c: decay 1 (H2O), f (A2SF), 0 (TOVA); mul 1 / G for the mean.
-    const float sc_decay = p.score_kind == 0 ? 1.f : (p.score_kind == 1 ? p.score_f : 0.f);
-    const float sc_mul = p.score_reduce == 2 ? 1.f / LA_G : 1.f;
 #endif
     float o[LA_D / 8][4];
 #pragma unroll
@@ -550,10 +552,10 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 
     extern __shared__ u16 lm_ring[];
     u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
-#if LA_SCORE
+#if LA_SCORE && LA_SCORE_KIND != 2
     // The scores of each ring stage's 16 keys, copied with its K / V (the fold's read of them
     // never waits on memory). Rows of score_cap (a multiple of 16) floats, tiles at multiples
-    // of 16 keys: 16-byte aligned, inside the row.
+    // of 16 keys: 16-byte aligned, inside the row. TOVA overwrites them without reading.
     __shared__ __align__(16) float lm_sc[LA_WARPS][LA_NS][16];
 #endif
     // Copies tile k (keys j0 + 16 k ..) of this warp into stage st; one commit group per call.
@@ -581,7 +583,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 lm_cp16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
                 lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
-#if LA_SCORE
+#if LA_SCORE && LA_SCORE_KIND != 2
             if (fold && lane < 4)
                 la_cp_async16(&lm_sc[warp][st][4 * lane], p.score + (i64)trow * p.score_cap + js + 4 * lane, 16);
 #endif
@@ -653,14 +655,24 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 #endif
                 pp[e] = j < jlim ? la_exp2(s - lp2) : 0.f;
             }
-            const bool mx_red = p.score_reduce == 0;
-            auto op = [&](float a, float b2) { return mx_red ? fmaxf(a, b2) : a + b2; };
+            auto op = [](float a, float b2) { return LA_SCORE_REDUCE == 0 ? fmaxf(a, b2) : a + b2; };
             const bool h1 = r & 1, h2 = (r >> 1) & 1;
             const float k0 = op(h1 ? pp[2] : pp[0], __shfl_xor_sync(LA_FULL, h1 ? pp[0] : pp[2], 4));
             const float k1 = op(h1 ? pp[3] : pp[1], __shfl_xor_sync(LA_FULL, h1 ? pp[1] : pp[3], 4));
             float v = op(h2 ? k1 : k0, __shfl_xor_sync(LA_FULL, h2 ? k0 : k1, 8));
             v = op(v, __shfl_xor_sync(LA_FULL, v, 16));
-            if (r < 4 && jt + sc_jl < jlim) srow[jt] = sc_decay * lm_sc[warp][cur][sc_jl] + sc_mul * v;
+            if (r < 4 && jt + sc_jl < jlim) {
+                // c = v / G for the mean (v (1 / G), rounded), then H2O old + c, A2SF
+                // fma(f, old, c), TOVA c: explicit roundings, no contraction across them.
+                const float c = LA_SCORE_REDUCE == 2 ? __fmul_rn(v, 1.f / LA_G) : v;
+#if LA_SCORE_KIND == 0
+                srow[jt] = __fadd_rn(lm_sc[warp][cur][sc_jl], c);
+#elif LA_SCORE_KIND == 1
+                srow[jt] = __fmaf_rn(p.score_f, lm_sc[warp][cur][sc_jl], c);
+#else
+                srow[jt] = c;
+#endif
+            }
         }
 #endif
         const float base = mx == -LA_INF ? 0.f : mx;
