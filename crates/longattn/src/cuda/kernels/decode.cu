@@ -538,11 +538,14 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         const float lp = p.lse_prev[(i64)b * p.Hq + h0 + r];
         lp2 = lp == -LA_INF ? LA_INF : lp * LA_LOG2E;
     }
-    // Keys the previous step saw and this split holds: j < jlim. After the reduction over the
-    // heads (below) lane (r, q4), r < 4, folds key sc_jl of each tile (loop-invariant).
-    const int jlim = la_imin(j1, len - p.score_prev_new);
+    // After the reduction over the heads (below) lane (r, q4), r < 4, folds key sc_jl of each
+    // tile (loop-invariant) if the previous step saw it (j < len - score_prev_new) and this
+    // split holds it (j < j1): key jt + sc_jl with jt < sc_lim (jt >= 0: never without a fold,
+    // nor on lanes r >= 4).
     const int sc_e = 2 * (r & 1) + ((r >> 1) & 1);
     const int sc_jl = (sc_e >> 1) * 8 + 2 * q4 + (sc_e & 1);
+    const int jlim = la_imin(j1, len - p.score_prev_new);
+    const int sc_lim = fold && r < 4 && jlim > sc_jl ? jlim - sc_jl : 0;
     float* const srow = fold ? p.score + (i64)trow * p.score_cap + sc_jl : nullptr;
 #endif
     float o[LA_D / 8][4];
@@ -638,22 +641,24 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 2));
 #if LA_SCORE
-        if (fold) {
+        {
             // P_prev of head h0 + r on this lane's keys (rows 8 + r of S), reduced over the
             // block's heads (the 8 lanes of equal q4, r = 0..7) by a reduce-scatter: at the
             // partner xor 4 a lane keeps two of its four keys and adds the partner's two, at xor
             // 8 one of them, at xor 16 the last head pair: 4 shuffles, and lanes r and r ^ 4
-            // end with key e = 2 (r & 1) + ((r >> 1) & 1) summed over the 8 heads.
+            // end with key e = 2 (r & 1) + ((r >> 1) & 1) reduced over the 8 heads. Without a
+            // fold this launch (no branch per tile) every P_prev is 0 and nothing is stored.
+            // Keys past the bound are not masked: the reduction never mixes keys and only keys
+            // within it are stored.
             float pp[4];
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
 #if LA_SOFTCAP
                 const float s = p.cap_mul * tanhf(sc[e >> 1][2 + (e & 1)] * p.q_scale);
 #else
                 const float s = sc[e >> 1][2 + (e & 1)] * p.q_scale;
 #endif
-                pp[e] = j < jlim ? la_exp2(s - lp2) : 0.f;
+                pp[e] = la_exp2(s - lp2);
             }
             auto op = [](float a, float b2) { return LA_SCORE_REDUCE == 0 ? fmaxf(a, b2) : a + b2; };
             const bool h1 = r & 1, h2 = (r >> 1) & 1;
@@ -661,7 +666,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             const float k1 = op(h1 ? pp[3] : pp[1], __shfl_xor_sync(LA_FULL, h1 ? pp[1] : pp[3], 4));
             float v = op(h2 ? k1 : k0, __shfl_xor_sync(LA_FULL, h2 ? k0 : k1, 8));
             v = op(v, __shfl_xor_sync(LA_FULL, v, 16));
-            if (r < 4 && jt + sc_jl < jlim) {
+            if (jt < sc_lim) {
                 // c = v / G for the mean (v (1 / G), rounded), then H2O old + c, A2SF
                 // fma(f, old, c), TOVA c: explicit roundings, no contraction across them.
                 const float c = LA_SCORE_REDUCE == 2 ? __fmul_rn(v, 1.f / LA_G) : v;
