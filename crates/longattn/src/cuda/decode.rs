@@ -1031,15 +1031,9 @@ impl DecodePlan {
         };
         if mma {
             // The ring's stages shrink (to 2) until the ring and the finish's static arrays
-            // (s_acc, s_m, s_l) fit the device's shared memory.
-            let fixed = warps * g * (d + 2) * 4
-                + warps * crate::kv::decode::MAX_SPLITS * 4
-                + 1024
-                + if scores.is_some() {
-                    warps * 8 * 16 * 4
-                } else {
-                    0
-                };
+            // (s_acc, s_m, s_l) fit the device's shared memory (the press-score fold keeps its
+            // scores in the padding of the ring's K tiles).
+            let fixed = warps * g * (d + 2) * 4 + warps * crate::kv::decode::MAX_SPLITS * 4 + 1024;
             while ns > 2 && warps * ns * stage + fixed > dev.smem_optin {
                 ns -= 1;
             }

@@ -490,6 +490,10 @@ __device__ __forceinline__ void lm_cp16(void* dst, const void* src, int bytes) {
 #endif
 }
 #define LM_TILE (16 * LM_LDS)        // one K or V tile
+// 4-byte global -> shared copy (cp.async, through L1).
+__device__ __forceinline__ void lm_cp4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(la_smem_addr(dst)), "l"(src));
+}
 #if !LA_KIVI
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
@@ -557,9 +561,12 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
 #if LA_SCORE && LA_SCORE_KIND != 2
     // The scores of each ring stage's 16 keys, copied with its K / V (the fold's read of them
-    // never waits on memory). Rows of score_cap (a multiple of 16) floats, tiles at multiples
-    // of 16 keys: 16-byte aligned, inside the row. TOVA overwrites them without reading.
-    __shared__ __align__(16) float lm_sc[LA_WARPS][LA_NS][16];
+    // never waits on memory): lane r < 4 (lane < 16) copies the score of the key it folds,
+    // srow[js] (rows of score_cap floats, a multiple of 16: inside the row), into the padding
+    // of K tile row `lane` (elements D .. D + 1, which no ldmatrix reads), and reads it back
+    // itself (lanes l and l + 8 share a bank: spreading them cost 15 instructions a tile in
+    // address arithmetic). TOVA overwrites the scores without reading them.
+    const int sc_slot = lane * LM_LDS + LA_D;
 #endif
     // Copies tile k (keys j0 + 16 k ..) of this warp into stage st; one commit group per call.
     auto issue = [&](int k, int st) {
@@ -587,8 +594,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
 #if LA_SCORE && LA_SCORE_KIND != 2
-            if (fold && lane < 4)
-                la_cp_async16(&lm_sc[warp][st][4 * lane], p.score + (i64)trow * p.score_cap + js + 4 * lane, 16);
+            if (fold && lane < 16) lm_cp4(kd + sc_slot, srow + js);
 #endif
         }
         la_cp_commit();
@@ -671,9 +677,9 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 // fma(f, old, c), TOVA c: explicit roundings, no contraction across them.
                 const float c = LA_SCORE_REDUCE == 2 ? __fmul_rn(v, 1.f / LA_G) : v;
 #if LA_SCORE_KIND == 0
-                srow[jt] = __fadd_rn(lm_sc[warp][cur][sc_jl], c);
+                srow[jt] = __fadd_rn(*(const float*)(kt + sc_slot), c);
 #elif LA_SCORE_KIND == 1
-                srow[jt] = __fmaf_rn(p.score_f, lm_sc[warp][cur][sc_jl], c);
+                srow[jt] = __fmaf_rn(p.score_f, *(const float*)(kt + sc_slot), c);
 #else
                 srow[jt] = c;
 #endif
