@@ -15,6 +15,9 @@
 //   LA_MMA     1 = the tensor-core kernel (below; D <= 128, LA_NS >= 2), 0 = lane groups
 //   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
 //   LA_KIVI    1 = neither decode kernel (kv_kivi.cu follows with its own, over quantized pages)
+//   LA_SCORE   1 = the tensor-core kernel also folds press scores (LaDecParams' score fields), of
+//              kind LA_SCORE_KIND (0 H2O, 1 A2SF, 2 TOVA) reduced over the group by
+//              LA_SCORE_REDUCE (0 max, 1 sum, 2 mean)
 //
 // Tables at run time (`head_tables`): 0 = one block table and length per sequence, pages
 // [num_pages, P, Hk, D]; 1 = one per (sequence, KV head) (a compressed, ragged cache: table row
