@@ -91,6 +91,22 @@ def main():
                 else:
                     bad += 1
                     print(f"FAIL {tag}\n{log}")
+    # The low-bit estimator (sparse_lowbit.cu after sparse_vs.cu, LB_D32 = D rounded up to 32).
+    for f16 in (0, 1):
+        for d, br, bc in ((64, 192, 128), (128, 128, 128), (80, 128, 64), (256, 64, 64), (128, 176, 80)):
+            for cap in (0, 1):
+                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, LB_D32=(d + 31) // 32 * 32)
+                opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
+                opts += [f"-D{x}={y}" for x, y in defs.items()]
+                src = sp_head + read("sparse_vs.cu") + "\n" + read("sparse_lowbit.cu")
+                rc, log = compile_src(lib, "sparse_lowbit.cu", src, opts)
+                tag = f"sparse_lowbit.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} softcap{cap}"
+                variants.append(tag)
+                if rc == 0:
+                    print(f"PASS {tag}")
+                else:
+                    bad += 1
+                    print(f"FAIL {tag}\n{log}")
     # The KV-cache kernels (cuda/decode.rs, kv/cuda.rs): decode (paged / contiguous, the ring),
     # the append / move / fill helpers, and the Quest selection.
     kv = []

@@ -1276,14 +1276,42 @@ pub fn sparse_cases(quick: bool) -> Vec<SparseCase> {
             (4224, 4224),
         ]
     };
+    let lb = "lowbit(tau=0.05,sink=4,local=64,dense_below=0)";
     for &(sq, sk) in sizes {
         for m in ["causal", "full"] {
             add(FwdCase::new(BF16, sq, sk, 128, m), vs, false);
+            add(FwdCase::new(BF16, sq, sk, 128, m), lb, false);
         }
     }
     add(FwdCase::new(BF16, 4224, 4224, 128, "causal"), vs, true);
+    add(FwdCase::new(BF16, 4224, 4224, 128, "causal"), lb, true);
     if quick {
         return v;
+    }
+    // The low-bit estimator: head dims, f16, soft-cap, GQA / MQA, a window mask (Partial
+    // tiles off the diagonal), thresholds that keep little or everything, no reference keys.
+    for d in [64, 256] {
+        add(FwdCase::new(BF16, 777, 777, d, "causal"), lb, true);
+    }
+    add(FwdCase::new(F16, 513, 700, 128, "causal"), lb, false);
+    let mut c = FwdCase::new(BF16, 600, 600, 128, "causal");
+    c.softcap = Some(20.0);
+    add(c, lb, true);
+    let mut c = FwdCase::new(BF16, 640, 640, 128, "causal");
+    (c.hq, c.hk) = (8, 1);
+    add(c, lb, true);
+    add(
+        FwdCase::new(BF16, 900, 900, 128, "causal & window(255,0)"),
+        lb,
+        true,
+    );
+    for spec in [
+        "lowbit(tau=1,sink=1,local=16,dense_below=0)",
+        "lowbit(tau=0.001,sink=0,local=1,dense_below=0)",
+        "lowbit(tau=0.5,sink=0,local=0,dense_below=0)",
+        "lowbit(tau=0.2,sink=70,local=130,dense_below=0)",
+    ] {
+        add(FwdCase::new(BF16, 1000, 1100, 128, "causal"), spec, true);
     }
     add(
         FwdCase::new(BF16, 2000, 2000, 128, "causal"),
@@ -1362,6 +1390,26 @@ pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> Case
         }
         let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
         let spec = crate::sparse::SparseSpec::parse(&case.spec)?;
+        if let crate::sparse::Method::LowBit { .. } = spec.method {
+            // Flags within LB_MARGIN nats of ln tau may differ (f32 logits on the device).
+            const LB_MARGIN: f64 = 0.01;
+            let (chk, got, sel) = crate::sparse::cuda::check_lowbit(
+                dev,
+                [&qv, &kv, &vv],
+                &bt.params,
+                &spec,
+                bt.spec(),
+                LB_MARGIN,
+            )?;
+            let (e, l, against) =
+                sparse_output_check(case, [&qv, &kv, &vv], &bt.params, &got, &sel)?;
+            let ok = chk.tiles_differ == 0;
+            let detail = format!(
+                "density {:.3}; of {} candidate tiles, flags != CPU estimator {} (must be 0), within {LB_MARGIN} of ln tau {}; output vs {against} through the device's schedule",
+                chk.density, chk.candidates, chk.tiles_differ, chk.tiles_near
+            );
+            return Ok((e, l, detail, ok));
+        }
         let (chk, got, sel) = crate::sparse::cuda::check_vertical_slash(
             dev,
             &qv,
@@ -1371,23 +1419,7 @@ pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> Case
             &spec,
             bt.spec(),
         )?;
-        let c = &case.base;
-        let work = c.batch * c.hq * c.sq * c.sk * c.d;
-        let (e, l, against) = if work <= 1 << 27 {
-            let el = crate::sparse::Elements {
-                s: &sel.schedule,
-                rows: sel.rows,
-            };
-            let r = attention_f64(&qv, &kv, &vv, &bt.params, &|b, h, i, j| {
-                el.allowed(b, h, i, j)
-            })?;
-            let (e, l) = compare(&got.out, &got.lse, &r);
-            (e, l, "f64 oracle")
-        } else {
-            let cpu = crate::forward(&qv, &kv, &vv, &bt.params, sel.mask())?;
-            let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
-            (e, l, "CPU path")
-        };
+        let (e, l, against) = sparse_output_check(case, [&qv, &kv, &vv], &bt.params, &got, &sel)?;
         let ok = chk.mass_err <= MASS_TOL && chk.rows_differ == 0;
         let detail = format!(
             "density {:.3}; mass err {:.1e} (tol {MASS_TOL:.0e}); rows != CPU keep step on the device's masses {} (must be 0), != CPU estimator in f64 {}; output vs {against} through the device's schedule",
@@ -1396,6 +1428,32 @@ pub fn check_sparse(dev: &Arc<CudaDevice>, case: &SparseCase, seed: u64) -> Case
         Ok((e, l, detail, ok))
     })();
     CaseResult::checked("sparse", case.name(), r, tol)
+}
+
+/// The device's output through its own schedule against the f64 oracle (small) or the CPU
+/// forward (large) through the same schedule: (out error, LSE error, which).
+fn sparse_output_check(
+    case: &SparseCase,
+    [qv, kv, vv]: [&crate::TensorView; 3],
+    params: &AttnParams,
+    got: &crate::attention::AttnOutput,
+    sel: &crate::sparse::Selection,
+) -> Result<(f64, f64, &'static str)> {
+    let c = &case.base;
+    let work = c.batch * c.hq * c.sq * c.sk * c.d;
+    Ok(if work <= 1 << 27 {
+        let el = crate::sparse::Elements {
+            s: &sel.schedule,
+            rows: sel.rows,
+        };
+        let r = attention_f64(qv, kv, vv, params, &|b, h, i, j| el.allowed(b, h, i, j))?;
+        let (e, l) = compare(&got.out, &got.lse, &r);
+        (e, l, "f64 oracle")
+    } else {
+        let cpu = crate::forward(qv, kv, vv, params, sel.mask())?;
+        let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
+        (e, l, "CPU path")
+    })
 }
 
 /// Refusals of the device estimator: methods it lacks, `last` past its bound, skip-softmax
@@ -1422,6 +1480,12 @@ pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             "causal & document",
             "not per document",
         ),
+        (
+            "lowbit(dense_below=0)",
+            "causal & document",
+            "not per document",
+        ),
+        ("lowbit(dense_below=0,dense_last=8)", "causal", "dense_last"),
     ] {
         let r = (|| -> Result<()> {
             let mut c = docs.clone();

@@ -37,6 +37,7 @@ use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::tensor::{DType, TensorView};
 
 const SRC: &str = include_str!("../cuda/kernels/sparse_vs.cu");
+const SRC_LB: &str = include_str!("../cuda/kernels/sparse_lowbit.cu");
 const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
 
 /// The device's dense fallback when the spec gives no `dense_below`: below this many keys the
@@ -63,6 +64,7 @@ struct SpParams {
     ent: u64,
     thr: u64,
     seg: u64,
+    flag: u64,
     last: i32,
     nchunks: i32,
     nv: i32,
@@ -72,11 +74,45 @@ struct SpParams {
     k_tiles: i32,
     vec: i32,
     nseg: i32,
-    pad: i32,
+    ncand: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernels' parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for SpParams {}
+
+/// Scratch pointers and arguments of the low-bit estimator; field for field `LbParams` in
+/// `sparse_lowbit.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LbParams {
+    mu_part: u64,
+    mu: u64,
+    kq: u64,
+    ks: u64,
+    qq: u64,
+    qs: u64,
+    qmu: u64,
+    flag: u64,
+    log2_tau: f32,
+    sink: i32,
+    local: i32,
+    nkc: i32,
+    kgroups: i32,
+    ncand: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernels' parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for LbParams {}
+
+/// Keys per chunk of the low-bit estimator's key mean (`LB_KC`).
+const LB_KC: usize = 512;
+
+/// The device estimator of a spec: vertical-slash `[v, s, last, sink, local]`, or low-bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Est {
+    Vs([usize; 5]),
+    LowBit { tau: f64, sink: usize, local: usize },
+}
 
 /// Lines per block of the flag / prefix kernels (`SP_SEG`).
 const SP_SEG: usize = 4096;
@@ -88,6 +124,21 @@ fn nseg(d: &Dims) -> usize {
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
+}
+
+/// The device estimator of `spec`, or the error naming why there is none.
+fn est_of(spec: &SparseSpec) -> Result<Est> {
+    match spec.method {
+        Method::LowBit { tau, sink, local } => {
+            let big = |x: usize| x.min(i32::MAX as usize);
+            Ok(Est::LowBit {
+                tau,
+                sink: big(sink),
+                local: big(local),
+            })
+        }
+        _ => vs_args(spec).map(Est::Vs),
+    }
 }
 
 /// Vertical-slash arguments: [v, s, last, sink, local].
@@ -109,7 +160,7 @@ fn vs_args(spec: &SparseSpec) -> Result<[usize; 5]> {
             Ok([big(v), big(s), last, big(sink), big(local)])
         }
         _ => Err(param(format!(
-            "`{spec}` has no CUDA estimator yet (the CPU backend has it; on CUDA: vertical_slash)"
+            "`{spec}` has no CUDA estimator yet (the CPU backend has it; on CUDA: vertical_slash, lowbit)"
         ))),
     }
 }
@@ -150,7 +201,7 @@ pub fn check_spec(spec: &SparseSpec) -> Result<()> {
         ));
     }
     if spec.method != Method::Whole {
-        vs_args(spec)?;
+        est_of(spec)?;
     }
     Ok(())
 }
@@ -168,6 +219,29 @@ struct Scratch {
     ent: CudaSlice<u32>,
     thr: CudaSlice<i32>,
     seg: CudaSlice<u32>,
+    /// The low-bit estimator's buffers (the vertical-slash ones above are then of length 1).
+    lb: Option<LbScratch>,
+}
+
+/// Buffers of the low-bit estimator (`LbParams`).
+struct LbScratch {
+    mu_part: CudaSlice<f32>,
+    mu: CudaSlice<f32>,
+    kq: CudaSlice<u8>,
+    ks: CudaSlice<f32>,
+    qq: CudaSlice<u8>,
+    qs: CudaSlice<f32>,
+    qmu: CudaSlice<f32>,
+    flag: CudaSlice<u8>,
+}
+
+/// The low-bit estimator's kernels (`sparse_lowbit.cu`).
+struct LbKernels {
+    mean_part: CudaFunction,
+    mean: CudaFunction,
+    quant_k: CudaFunction,
+    quant_q: CudaFunction,
+    score: CudaFunction,
 }
 
 /// The kernels of one (dtype, head dim, tiles, mask program) variant.
@@ -180,6 +254,7 @@ struct Kernels {
     prefix: CudaFunction,
     coarsen: CudaFunction,
     scan: CudaFunction,
+    lb: Option<LbKernels>,
 }
 
 /// Sparse attention forward of one problem on the device: the mask's forward plan, the
@@ -193,13 +268,14 @@ pub struct SparsePlan {
     pub fallback: bool,
     /// Fewer keys than `dense_below`: the dense fallback (no skip-softmax either).
     short: bool,
-    args: [usize; 5],
+    est: Est,
     k: Option<(Kernels, Scratch)>,
     /// Schedule rows (B Hq q_tiles) and the entry bound (the candidates' count).
     rows: usize,
     cap: usize,
     nchunks: usize,
-    smem: (usize, usize),
+    /// Dynamic shared memory of sp_vs_stats, sp_vs_mass and sp_lb_score.
+    smem: (usize, usize, usize),
 }
 
 impl SparsePlan {
@@ -214,7 +290,12 @@ impl SparsePlan {
         check_spec(spec)?;
         let short = dims.sk < spec.dense_below_or(CUDA_DENSE_BELOW);
         let fallback = short || spec.method == Method::Whole;
-        let args = if fallback { [0; 5] } else { vs_args(spec)? };
+        let est = if fallback {
+            Est::Vs([0; 5])
+        } else {
+            est_of(spec)?
+        };
+        let lowbit = matches!(est, Est::LowBit { .. });
         if !fallback {
             refuse_documents(&mask)?;
         }
@@ -238,14 +319,18 @@ impl SparsePlan {
         // sizeof(SpSmem): q and k tiles of 64 padded rows (16-bit), the kind table, the
         // cross-warp (max, sum) pairs.
         let base = 2 * 2 * 64 * (d + 8) + 4 * ((SP_KC + SP_L) / 16 + 4) + 2 * SP_L * 2 * 4;
+        // sizeof(LbSmem): int8 queries of the tile's 64-row windows and a key group (rows of
+        // D32 + 16 bytes), per-row scale, q . mu and reference maximum, the reductions.
+        let (d32, nwin) = (d.div_ceil(32) * 32, br.div_ceil(64));
+        let lb_smem = (nwin * 64 + 64) * (d32 + 16) + 3 * nwin * 64 * 4 + 2 * 64 * 4 + 16 * 4;
         // sp_vs_mass adds its column and diagonal sums behind it.
-        let smem = (base, base + 4 * (2 * SP_KC + SP_L));
+        let smem = (base, base + 4 * (2 * SP_KC + SP_L), lb_smem);
         let mut plan = SparsePlan {
             dev: dev.clone(),
             dims,
             fallback,
             short,
-            args,
+            est,
             k: None,
             rows,
             cap,
@@ -278,8 +363,9 @@ impl SparsePlan {
             ));
         }
         let src = format!(
-            "{COMMON}\n{PARAMS}\n{}\n{SELECT}\n{SRC}",
-            plan.fwd.mask_program()
+            "{COMMON}\n{PARAMS}\n{}\n{SELECT}\n{SRC}\n{}",
+            plan.fwd.mask_program(),
+            if lowbit { SRC_LB } else { "" }
         );
         let defines: Vec<(String, String)> = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
@@ -290,8 +376,13 @@ impl SparsePlan {
                 "LA_SOFTCAP".into(),
                 (params.softcap.is_some() as u8).to_string(),
             ),
+            ("LB_D32".into(), d32.to_string()),
         ];
-        let variant = format!("sparse_vs_{}_d{d}_{br}x{bc}", dtype.name());
+        let variant = format!(
+            "sparse_{}_{}_d{d}_{br}x{bc}",
+            if lowbit { "lowbit" } else { "vs" },
+            dtype.name()
+        );
         let f = |entry: &str, smem: usize| dev.function(&variant, entry, &src, &defines, smem);
         let kernels = Kernels {
             stats: f("sp_vs_stats", smem.0)?,
@@ -302,24 +393,53 @@ impl SparsePlan {
             prefix: f("sp_vs_prefix", 0)?,
             coarsen: f("sp_coarsen", 0)?,
             scan: f("sp_scan", 0)?,
+            lb: match lowbit {
+                false => None,
+                true => Some(LbKernels {
+                    mean_part: f("sp_lb_mean_part", 0)?,
+                    mean: f("sp_lb_mean", 0)?,
+                    quant_k: f("sp_lb_quant_k", 0)?,
+                    quant_q: f("sp_lb_quant_q", 0)?,
+                    score: f("sp_lb_score", smem.2)?,
+                }),
+            },
         };
         let bh = dims.batch * dims.hq;
         let nd = dims.sq + dims.sk - 1;
         let s = dev.stream();
         let zf = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
         let zu = |n: usize| s.alloc_zeros::<u32>(n.max(1)).map_err(drv("alloc"));
+        // The vertical-slash buffers (length 1 under low-bit, which does not read them).
+        let vs = |n: usize| if lowbit { 1 } else { n };
+        let zb = |n: usize| s.alloc_zeros::<u8>(n.max(1)).map_err(drv("alloc"));
+        let bhk = dims.batch * dims.hk;
+        let kgroups = dims.sk.div_ceil(64);
+        let lb = match lowbit {
+            false => None,
+            true => Some(LbScratch {
+                mu_part: zf(bhk * dims.sk.div_ceil(LB_KC) * d)?,
+                mu: zf(bhk * d)?,
+                kq: zb(bhk * kgroups * 64 * d32)?,
+                ks: zf(bhk * kgroups)?,
+                qq: zb(bh * dims.sq * d32)?,
+                qs: zf(bh * dims.sq)?,
+                qmu: zf(bh * dims.sq)?,
+                flag: zb(cap)?,
+            }),
+        };
         let scratch = Scratch {
-            stats: zf(bh * nchunks * SP_L * 2)?,
-            lse: zf(bh * SP_L)?,
-            col: zf(bh * dims.sk)?,
-            diag: zf(bh * nd)?,
-            cp: zu(bh * (dims.sk + 1))?,
-            dp: zu(bh * (nd + 1))?,
+            stats: zf(vs(bh * nchunks * SP_L * 2))?,
+            lse: zf(vs(bh * SP_L))?,
+            col: zf(vs(bh * dims.sk))?,
+            diag: zf(vs(bh * nd))?,
+            cp: zu(vs(bh * (dims.sk + 1)))?,
+            dp: zu(vs(bh * (nd + 1)))?,
             cnt: zu(rows)?,
             off: zu(rows + 1)?,
             ent: zu(cap)?,
-            thr: s.alloc_zeros::<i32>(bh * 4).map_err(drv("alloc"))?,
-            seg: zu(bh * 2 * nseg(&dims))?,
+            thr: s.alloc_zeros::<i32>(vs(bh * 4)).map_err(drv("alloc"))?,
+            seg: zu(vs(bh * 2 * nseg(&dims)))?,
+            lb,
         };
         plan.k = Some((kernels, scratch));
         Ok(plan)
@@ -379,7 +499,11 @@ impl SparsePlan {
             return Ok(());
         };
         let p: LaFwdParams = self.fwd.params_for(s, q, k);
-        let [v, sl, last, sink, local] = self.args;
+        let [v, sl, last, sink, local] = match self.est {
+            Est::Vs(a) => a,
+            Est::LowBit { sink, local, .. } => [0, 0, 0, sink, local],
+        };
+        let ncand = self.fwd.mask_schedule().entries().len();
         let ptr_f = |x: &CudaSlice<f32>| x.device_ptr(s).0;
         let ptr_u = |x: &CudaSlice<u32>| x.device_ptr(s).0;
         let sp = SpParams {
@@ -394,6 +518,7 @@ impl SparsePlan {
             ent: ptr_u(&sc.ent),
             thr: sc.thr.device_ptr(s).0,
             seg: ptr_u(&sc.seg),
+            flag: sc.lb.as_ref().map_or(0, |l| l.flag.device_ptr(s).0),
             last: last as i32,
             nchunks: self.nchunks as i32,
             nv: v as i32,
@@ -403,7 +528,7 @@ impl SparsePlan {
             k_tiles: self.dims.sk.div_ceil(self.fwd.tile.bc) as i32,
             vec: (q.tma_aligned() && k.tma_aligned()) as i32,
             nseg: nseg(&self.dims) as i32,
-            pad: 0,
+            ncand: ncand as i32,
         };
         let bh = (self.dims.batch * self.dims.hq) as u32;
         let q_tiles = self.dims.sq.div_ceil(self.fwd.tile.br) as u32;
@@ -429,25 +554,75 @@ impl SparsePlan {
                 .map(|_| ())
                 .map_err(drv("launch sparse estimator"))
         };
-        // Diagonals no row meets keep mass 0 (the mass kernel writes only the others).
-        around("zero diagonals", &mut || {
-            s.memset_zeros(&mut sc.diag).map_err(drv("memset"))
-        })?;
-        around("row stats", &mut || {
-            launch(&kern.stats, cfg((nch, bh, 1), 256, smem.0), None)
-        })?;
-        around("row LSE", &mut || {
-            launch(&kern.lse, cfg((bh, 1, 1), SP_L as u32, 0), None)
-        })?;
-        around("masses", &mut || {
-            launch(&kern.mass, cfg((nch, bh, 1), 256, smem.1), None)
-        })?;
-        let ns = nseg(&self.dims) as u32;
-        around("top lines", &mut || {
-            launch(&kern.select, cfg((bh, 2, 1), 1024, 0), None)?;
-            launch(&kern.flags, cfg((ns, bh, 2), 1024, 0), None)?;
-            launch(&kern.prefix, cfg((ns, bh, 2), 1024, 0), None)
-        })?;
+        match (self.est, &kern.lb, &sc.lb) {
+            (Est::LowBit { tau, sink, local }, Some(lk), Some(ls)) => {
+                let d = &self.dims;
+                let lp = LbParams {
+                    mu_part: ptr_f(&ls.mu_part),
+                    mu: ptr_f(&ls.mu),
+                    kq: ls.kq.device_ptr(s).0,
+                    ks: ptr_f(&ls.ks),
+                    qq: ls.qq.device_ptr(s).0,
+                    qs: ptr_f(&ls.qs),
+                    qmu: ptr_f(&ls.qmu),
+                    flag: ls.flag.device_ptr(s).0,
+                    log2_tau: tau.log2() as f32,
+                    sink: sink as i32,
+                    local: local as i32,
+                    nkc: d.sk.div_ceil(LB_KC) as i32,
+                    kgroups: d.sk.div_ceil(64) as i32,
+                    ncand: ncand as i32,
+                };
+                let bhk = (d.batch * d.hk) as u32;
+                // SAFETY: as above (LbParams matches the kernels'; its buffers sized in `new`).
+                let launch_lb = |f: &CudaFunction, c: LaunchConfig, with_sp: bool| -> Result<()> {
+                    let mut b = s.launch_builder(f);
+                    b.arg(&p);
+                    if with_sp {
+                        b.arg(&sp);
+                    }
+                    b.arg(&lp);
+                    unsafe { b.launch(c) }
+                        .map(|_| ())
+                        .map_err(drv("launch sparse estimator"))
+                };
+                around("key mean", &mut || {
+                    launch_lb(&lk.mean_part, cfg((lp.nkc as u32, bhk, 1), 128, 0), false)?;
+                    launch_lb(&lk.mean, cfg((bhk, 1, 1), 128, 0), false)
+                })?;
+                around("int8 keys", &mut || {
+                    launch_lb(&lk.quant_k, cfg((lp.kgroups as u32, bhk, 1), 256, 0), false)
+                })?;
+                around("int8 queries", &mut || {
+                    let g = d.sq.div_ceil(8) as u32;
+                    launch_lb(&lk.quant_q, cfg((g, bh, 1), 256, 0), false)
+                })?;
+                around("tile scores", &mut || {
+                    launch_lb(&lk.score, cfg((q_tiles, bh, 1), 256, smem.2), true)
+                })?;
+            }
+            _ => {
+                // Diagonals no row meets keep mass 0 (the mass kernel writes only the others).
+                around("zero diagonals", &mut || {
+                    s.memset_zeros(&mut sc.diag).map_err(drv("memset"))
+                })?;
+                around("row stats", &mut || {
+                    launch(&kern.stats, cfg((nch, bh, 1), 256, smem.0), None)
+                })?;
+                around("row LSE", &mut || {
+                    launch(&kern.lse, cfg((bh, 1, 1), SP_L as u32, 0), None)
+                })?;
+                around("masses", &mut || {
+                    launch(&kern.mass, cfg((nch, bh, 1), 256, smem.1), None)
+                })?;
+                let ns = nseg(&self.dims) as u32;
+                around("top lines", &mut || {
+                    launch(&kern.select, cfg((bh, 2, 1), 1024, 0), None)?;
+                    launch(&kern.flags, cfg((ns, bh, 2), 1024, 0), None)?;
+                    launch(&kern.prefix, cfg((ns, bh, 2), 1024, 0), None)
+                })?;
+            }
+        }
         around("coarsen: count", &mut || {
             launch(&kern.coarsen, cfg((q_tiles, bh, 1), 128, 0), Some(0))
         })?;
@@ -670,7 +845,11 @@ pub fn check_vertical_slash<'a>(
             "the check needs a plan that estimates (not the dense fallback)".into(),
         ));
     };
-    let [v_, s_, last, sink, local] = plan.args;
+    let Est::Vs([v_, s_, last, sink, local]) = plan.est else {
+        return Err(param(
+            "check_vertical_slash takes a vertical_slash spec".into(),
+        ));
+    };
     let cand = sel.candidates.as_ref();
     let ctx = Ctx {
         q,
@@ -719,6 +898,85 @@ pub fn check_vertical_slash<'a>(
     ))
 }
 
+/// What the device selftest compares for one low-bit case.
+pub struct LbCheck {
+    /// Candidate tiles whose kept flag differs from the CPU estimator's (f64 on the same int8
+    /// values) where the CPU's score is more than `margin` from ln tau (must be 0).
+    pub tiles_differ: usize,
+    /// Those that differ within the margin (f32 rounding of the logits; reported).
+    pub tiles_near: usize,
+    pub candidates: usize,
+    pub density: f64,
+}
+
+/// Runs `spec` (lowbit) on the device and checks every candidate's flag against the CPU
+/// estimator at the kernel's tiles (`sparse::lowbit::doc_scores`); returns the selection and
+/// output for the caller's attention check.
+pub fn check_lowbit<'a>(
+    dev: &Arc<CudaDevice>,
+    [q, k, v]: [&TensorView; 3],
+    params: &AttnParams,
+    spec: &SparseSpec,
+    mask: MaskSpec<'a>,
+    margin: f64,
+) -> Result<(LbCheck, AttnOutput, Selection<'a>)> {
+    let dims = crate::attention::validate(OP, q, k, v)?;
+    let rows = rows_of(&mask);
+    let (plan, out) = run_host(dev, [q, k, v], params, spec, mask)?;
+    let Est::LowBit { tau, sink, local } = plan.est else {
+        return Err(param(
+            "check_lowbit takes a lowbit spec that estimates (not the dense fallback)".into(),
+        ));
+    };
+    let sel = plan.selection(rows)?;
+    let cand = sel.candidates.as_ref();
+    let ctx = Ctx {
+        q,
+        k,
+        dims,
+        logit: Logit::new(params, dims.d),
+        cand,
+        el: Elements { s: cand, rows },
+        docs: vec![vec![Doc::whole(&dims)]; dims.batch],
+        dense_below: 0,
+        element: false,
+        dense_last: 0,
+    };
+    let doc = Doc::whole(&dims);
+    let all: Vec<usize> = (0..dims.sk).collect();
+    let mut chk = LbCheck {
+        tiles_differ: 0,
+        tiles_near: 0,
+        candidates: 0,
+        density: sel.report.density(),
+    };
+    for b in 0..dims.batch {
+        for g in 0..dims.hk {
+            let keys = super::lowbit::quant_keys(k, b, g, &all);
+            for h in (0..dims.hq).filter(|&h| ctx.kv_head(h) == g) {
+                for (qt, xs, ts) in
+                    super::lowbit::doc_scores(&ctx, (b, h), &doc, &keys, [sink, local])
+                {
+                    let got = sel.schedule.row(b, h, qt);
+                    for (c, e) in cand.row(b, h, qt)[xs].iter().enumerate() {
+                        let want = super::lowbit::keeps(ts.forced[c], ts.score[c], tau);
+                        let has = got.iter().any(|x| x.k_tile == e.k_tile);
+                        chk.candidates += 1;
+                        if want != has {
+                            if !ts.forced[c] && (ts.score[c] - tau.ln()).abs() <= margin {
+                                chk.tiles_near += 1;
+                            } else {
+                                chk.tiles_differ += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((chk, out, sel))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,10 +1006,36 @@ mod tests {
                 ("local", std::mem::offset_of!(SpParams, local)),
                 ("k_tiles", std::mem::offset_of!(SpParams, k_tiles)),
                 ("vec", std::mem::offset_of!(SpParams, vec)),
+                ("flag", std::mem::offset_of!(SpParams, flag)),
                 ("nseg", std::mem::offset_of!(SpParams, nseg)),
-                ("pad", std::mem::offset_of!(SpParams, pad)),
+                ("ncand", std::mem::offset_of!(SpParams, ncand)),
             ],
             std::mem::size_of::<SpParams>(),
+        );
+    }
+
+    #[test]
+    fn lowbit_parameter_struct_matches_the_kernels() {
+        crate::cuda::forward::check_layout(
+            SRC_LB,
+            "LbParams",
+            &[
+                ("mu_part", std::mem::offset_of!(LbParams, mu_part)),
+                ("mu", std::mem::offset_of!(LbParams, mu)),
+                ("kq", std::mem::offset_of!(LbParams, kq)),
+                ("ks", std::mem::offset_of!(LbParams, ks)),
+                ("qq", std::mem::offset_of!(LbParams, qq)),
+                ("qs", std::mem::offset_of!(LbParams, qs)),
+                ("qmu", std::mem::offset_of!(LbParams, qmu)),
+                ("flag", std::mem::offset_of!(LbParams, flag)),
+                ("log2_tau", std::mem::offset_of!(LbParams, log2_tau)),
+                ("sink", std::mem::offset_of!(LbParams, sink)),
+                ("local", std::mem::offset_of!(LbParams, local)),
+                ("nkc", std::mem::offset_of!(LbParams, nkc)),
+                ("kgroups", std::mem::offset_of!(LbParams, kgroups)),
+                ("ncand", std::mem::offset_of!(LbParams, ncand)),
+            ],
+            std::mem::size_of::<LbParams>(),
         );
     }
 
@@ -790,5 +1074,15 @@ mod tests {
         assert!(e.contains("last=65"), "{e}");
         let spec = SparseSpec::parse("vertical_slash(v=3,s=5,last=7,sink=2,local=9)").unwrap();
         assert_eq!(vs_args(&spec).unwrap(), [3, 5, 7, 2, 9]);
+        let spec = SparseSpec::parse("lowbit(tau=0.25,sink=2,local=9)").unwrap();
+        assert_eq!(
+            est_of(&spec).unwrap(),
+            Est::LowBit {
+                tau: 0.25,
+                sink: 2,
+                local: 9
+            }
+        );
+        assert!(check_spec(&spec).is_ok());
     }
 }

@@ -14,7 +14,7 @@
 //! Means, last rows, masses and budgets only read the document's own queries and keys. A
 //! document with fewer keys than `dense_below` keeps every candidate of its parts.
 use super::lines::{set_bit, DocLines, HeadLines};
-use super::{Ctx, Doc, Method};
+use super::{lowbit, Ctx, Doc, Method};
 use crate::mask::{TileEntry, TileKind};
 use rayon::prelude::*;
 use std::cmp::Ordering;
@@ -156,6 +156,39 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                 let scores = &scores[b * d.hk + ctx.kv_head(h)];
                 each_doc(ctx, b, h, |doc, x, kept| {
                     proxy_doc(ctx, (b, h), doc, &scores[x], [gamma], last, kept)
+                })
+            })
+            .collect();
+    }
+    if let Method::LowBit { tau, sink, local } = *method {
+        // The int8 keys once per (batch row, KV group, document), then each head's rows.
+        let keys: Vec<Vec<lowbit::QKeys>> = (0..d.batch * d.hk)
+            .into_par_iter()
+            .map(|r| {
+                let (b, g) = (r / d.hk, r % d.hk);
+                let docs = &ctx.docs[b];
+                docs.iter()
+                    .map(|doc| lowbit::quant_keys(ctx.k, b, g, &doc.k.clone().collect::<Vec<_>>()))
+                    .collect()
+            })
+            .collect();
+        return (0..d.batch * d.hq)
+            .into_par_iter()
+            .map(|r| {
+                let (b, h) = (r / d.hq, r % d.hq);
+                let keys = &keys[b * d.hk + ctx.kv_head(h)];
+                each_doc(ctx, b, h, |doc, x, kept| {
+                    for (qt, xs, ts) in
+                        lowbit::doc_scores(ctx, (b, h), doc, &keys[x], [sink, local])
+                    {
+                        let keep: Vec<bool> = ts
+                            .forced
+                            .iter()
+                            .zip(&ts.score)
+                            .map(|(&f, &r)| lowbit::keeps(f, r, tau))
+                            .collect();
+                        kept.or(qt, &xs, &keep);
+                    }
                 })
             })
             .collect();
@@ -354,7 +387,10 @@ fn pooled_doc(
             Method::RelThresh { alpha } => rel_thresh(&scores, alpha, &mut keep),
             Method::Moba { topk } => top_k(&scores, topk, &mut keep),
             Method::Whole => keep.fill(true),
-            Method::VerticalSlash { .. } | Method::Proxy { .. } | Method::Columns { .. } => {
+            Method::VerticalSlash { .. }
+            | Method::Proxy { .. }
+            | Method::Columns { .. }
+            | Method::LowBit { .. } => {
                 unreachable!("not a pooled method")
             }
         }

@@ -170,6 +170,7 @@
 pub mod cuda;
 mod estimate;
 mod lines;
+pub mod lowbit;
 pub mod reference;
 pub mod skip_check;
 pub(crate) mod spec;

@@ -329,6 +329,20 @@ fn reference_impl(
                             ),
                             None,
                         ),
+                        Method::LowBit { tau, sink, local } => (
+                            lowbit_reference(
+                                [q, k],
+                                &el,
+                                &logit,
+                                (b, h, g),
+                                &doc.k,
+                                [sink, local],
+                                tau,
+                                off,
+                                (&q_of, &k_of, nq, nk),
+                            ),
+                            None,
+                        ),
                         method => (pooled_doc(method), None),
                     }
                 };
@@ -540,7 +554,10 @@ fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool
             }
         }
         Method::Whole => keep.fill(true),
-        Method::VerticalSlash { .. } | Method::Proxy { .. } | Method::Columns { .. } => {
+        Method::VerticalSlash { .. }
+        | Method::Proxy { .. }
+        | Method::Columns { .. }
+        | Method::LowBit { .. } => {
             unreachable!("not a pooled method")
         }
     }
@@ -776,4 +793,62 @@ fn proxy_reference(
             row
         })
         .collect()
+}
+
+/// A document's rows of a query tile, or keys of a key tile (by tile index).
+type TileMembers<'a> = &'a dyn Fn(usize) -> Vec<usize>;
+
+/// The int8 estimate (`lowbit`) of one document of (b, h) from its definition (module
+/// `sparse::lowbit`): every pair of every tile visited, each row's reference maximum over its
+/// sinks and band, dot products in f64 from the int8 values (exact integers).
+#[allow(clippy::too_many_arguments)]
+fn lowbit_reference(
+    [q, k]: [&TensorView; 2],
+    el: &Elements,
+    logit: &Logit,
+    (b, h, g): (usize, usize, usize),
+    doc_k: &[usize],
+    [sink, local]: [usize; 2],
+    tau: f64,
+    off: i64,
+    (q_of, k_of, nq, nk): (TileMembers, TileMembers, usize, usize),
+) -> Vec<Vec<bool>> {
+    use super::lowbit::{quant_keys, quant_row};
+    let dd = q.dim();
+    let keys = quant_keys(k, b, g, doc_k);
+    let index: HashMap<usize, usize> = doc_k.iter().enumerate().map(|(x, &j)| (j, x)).collect();
+    let sinks: HashSet<usize> = doc_k.iter().take(sink).copied().collect();
+    let mut kept = vec![vec![false; nk]; nq];
+    for (qt, row) in kept.iter_mut().enumerate() {
+        for &i in &q_of(qt) {
+            let mut qq = vec![0i8; dd];
+            let (sq, qmu) = quant_row(q, (b, h, i), &keys.mu, &mut qq);
+            let e = |j: usize| {
+                let x = index[&j];
+                let dot: f64 = (0..dd)
+                    .map(|c| qq[c] as f64 * keys.q[x * dd + c] as f64)
+                    .sum();
+                logit.of(sq as f64 * keys.scale[x] as f64 * dot + qmu)
+            };
+            let is_ref = |j: usize| {
+                sinks.contains(&j) || (0..local as i64).contains(&(i as i64 + off - j as i64))
+            };
+            let m = doc_k
+                .iter()
+                .filter(|&&j| el.allowed(b, h, i, j) && is_ref(j))
+                .map(|&j| e(j))
+                .fold(f64::NEG_INFINITY, f64::max);
+            for (kt, keep) in row.iter_mut().enumerate() {
+                for j in k_of(kt).into_iter().filter(|&j| el.allowed(b, h, i, j)) {
+                    let r = if m == f64::NEG_INFINITY {
+                        f64::INFINITY
+                    } else {
+                        e(j) - m
+                    };
+                    *keep |= is_ref(j) || r >= tau.ln();
+                }
+            }
+        }
+    }
+    kept
 }

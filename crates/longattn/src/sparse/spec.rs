@@ -64,6 +64,12 @@ pub enum Method {
         local: usize,
         check: f64,
     },
+    /// Low-bit estimate (SALE's idea on this hardware, module `sparse::lowbit`): every allowed
+    /// pair's logit estimated from int8 Q and K (K smoothed by its mean); a candidate tile is
+    /// kept when some row has a key in it whose estimated logit is within ln(1 / `tau`) of the
+    /// row's largest estimated logit over its first `sink` keys and its band
+    /// `0 <= p_i - j < local`, and always when it holds such a sink or band pair.
+    LowBit { tau: f64, sink: usize, local: usize },
     /// No estimate: every tile of the mask (the `skip(factor=F)` spec: skip-softmax alone).
     Whole,
 }
@@ -141,6 +147,12 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("local", 64.0),
             ("check", 0.0),
         ],
+        "lowbit" => &[
+            ("tau", 0.02),
+            ("block", 64.0),
+            ("sink", 4.0),
+            ("local", 64.0),
+        ],
         "skip" => &[("factor", 600.0), ("block", 64.0)],
         _ => return None,
     })
@@ -154,7 +166,8 @@ const COMMON: &[(&str, f64)] = &[
     ("dense_last", 0.0),
 ];
 
-const KNOWN: &str = "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, columns, skip";
+const KNOWN: &str =
+    "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, columns, lowbit, skip";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -350,6 +363,11 @@ impl SparseSpec {
                 local: int("local", 0)?,
                 check: arg("check"),
             },
+            "lowbit" => Method::LowBit {
+                tau: arg("tau"),
+                sink: int("sink", 0)?,
+                local: int("local", 0)?,
+            },
             "skip" => Method::Whole,
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
@@ -490,6 +508,9 @@ impl SparseSpec {
             Method::Columns { check, .. } if !(0.0..=1.0).contains(&check) => Err(err(format!(
                 "`columns`: `check` must be in [0, 1], got {check}"
             ))),
+            Method::LowBit { tau, .. } if !(tau > 0.0 && tau <= 1.0) => {
+                Err(err(format!("`lowbit`: `tau` must be in (0, 1], got {tau}")))
+            }
             Method::Whole if self.skip.is_none() => Err(err(
                 "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
             )),
@@ -536,6 +557,10 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
         } => (
             "columns",
             format!("gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check}"),
+        ),
+        Method::LowBit { tau, sink, local } => (
+            "lowbit",
+            format!("tau={tau},block={b},sink={sink},local={local}"),
         ),
         Method::Whole => ("skip", format!("factor={},block={b}", skip.unwrap_or(0.0))),
     }

@@ -124,6 +124,8 @@ fn parse_accepts_the_grammar() {
         "vertical_slash(v=3,s=1,block=16,last=5,sink=0,local=1,element=1,dense_below=9)+proxy(gamma=0.5,rows=3,block=16,last=8)",
         "topmass(gamma=1e+0,block=16) + moba(topk=2,block=16)",
         "columns(gamma=0.8,rows=3,block=16,sink=2,local=5)",
+        "lowbit(tau=0.02,block=64,sink=4,local=64)",
+        "lowbit(tau=0.5,block=16,sink=0,local=3,skip=40)+topmass(gamma=0.5,block=16)",
         "columns(gamma=0.9,rows=4,block=64,sink=4,local=64,dense_last=64)+proxy(gamma=0.5,rows=4,block=64,last=64)",
     ] {
         let s = spec(t);
@@ -183,6 +185,9 @@ fn parse_rejects_bad_specs_by_name() {
         ("columns(gamma=0)", "`gamma` must be in (0, 1]"),
         ("columns(rows=0)", "`rows` must be an integer in [1"),
         ("columns(element=1)", "unknown argument `element`"),
+        ("lowbit(tau=0)", "`tau` must be in (0, 1]"),
+        ("lowbit(tau=1.5)", "`tau` must be in (0, 1]"),
+        ("lowbit(bits=4)", "unknown argument `bits`"),
         (
             "topmass(dense_last=-1)",
             "`dense_last` must be an integer in [0",
@@ -286,6 +291,10 @@ fn specs() -> Vec<SparseSpec> {
         "topmass(gamma=0.3,block=16,dense_last=20)",
         "vertical_slash(v=2,s=1,block=16,last=4,sink=0,local=1,dense_last=40)",
         "vertical_slash(v=3,s=2,block=16,last=7,sink=1,local=2)+proxy(gamma=0.5,rows=2,block=16,last=4)",
+        "lowbit(tau=0.05,block=16,sink=2,local=8)",
+        "lowbit(tau=0.3,block=7,sink=0,local=1)",
+        "lowbit(tau=1,block=32,sink=1,local=0)",
+        "lowbit(tau=0.01,block=16,sink=0,local=0)",
     ]
     .into_iter()
     .map(spec)
@@ -594,6 +603,8 @@ fn planted_structure_is_found_at_low_density() {
                     "flexprefill(gamma=0.95,tau=0.1,min_budget=0,block=64,last=64)",
                     0.4,
                 ),
+                // int8 logits of every pair find the single hub keys too.
+                ("lowbit(tau=0.05,block=64,sink=1,local=64)", 0.3),
             ][..],
         ),
         (
@@ -607,6 +618,7 @@ fn planted_structure_is_found_at_low_density() {
                 ("proxy(gamma=0.95,rows=4,block=64,last=64)", 0.3),
                 ("relthresh(alpha=0.05,block=64)", 0.3),
                 ("moba(block=64,topk=5)", 0.3),
+                ("lowbit(tau=0.05,block=64,sink=1,local=64)", 0.3),
                 (
                     "vertical_slash(v=256,s=0,block=64,last=64,sink=1,local=64)",
                     0.3,

@@ -50,9 +50,11 @@ struct SpParams {
     int* thr;        // [BH][2][2]: per (b h, line kind) the n-th largest bits T and the last index
                      // of the lines equal to T that are kept (-1: none)
     u32* seg;        // [BH][2][nseg]: kept lines per segment of SP_SEG
+    const unsigned char* flag;   // null: keep by lines; else [copies][ncand] kept flags
+                                 // (sparse_lowbit.cu), copy = the (b, h) copy of the mask's row
     int last, nchunks, nv, ns;
     int sink, local, k_tiles, vec;   // vec: q / k rows 16-byte aligned (vector loads)
-    int nseg, pad;
+    int nseg, ncand;                 // ncand: entries of the mask's schedule
 };
 
 #define SP_SEG 4096   // lines per block of the flag / prefix kernels (4 per thread)
@@ -439,8 +441,8 @@ extern "C" __global__ void __launch_bounds__(1024) sp_vs_prefix(const LaFwdParam
     for (int j = s * SP_SEG + threadIdx.x; j < min(N, (s + 1) * SP_SEG); j += blockDim.x) out[j + 1] += off;
 }
 
-// The candidate entries of schedule row (b h, qt) that a kept column or diagonal crosses:
-// write = 0 counts them into cnt, write = 1 stores them (in order) at off[row].
+// The candidate entries of schedule row (b h, qt) that a kept column or diagonal crosses (or,
+// with sp.flag, that the flags keep): write = 0 counts them into cnt, write = 1 stores them (in order) at off[row].
 extern "C" __global__ void __launch_bounds__(128) sp_coarsen(const LaFwdParams p, const SpParams sp, int write) {
     __shared__ u32 ws[32];
     const int qt = blockIdx.x, bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq;
@@ -463,7 +465,12 @@ extern "C" __global__ void __launch_bounds__(128) sp_coarsen(const LaFwdParams p
             const int k0 = kt * LA_BC, k1 = min(p.Sk, k0 + LA_BC);
             const i64 lo = max(p0 - (k1 - 1) + p.Sq - 1, (i64)0);
             const i64 hi = min(p1 - k0 + p.Sq - 1, nd - 1);
-            keep = cp[k1] > cp[k0] || (lo <= hi && dp[hi + 1] > dp[lo]);
+            if (sp.flag) {
+                const int copy = (b / p.sched_batch) * (p.Hq / p.sched_heads) + h / p.sched_heads;
+                keep = sp.flag[(i64)copy * sp.ncand + e0 + x] != 0;
+            } else {
+                keep = cp[k1] > cp[k0] || (lo <= hi && dp[hi + 1] > dp[lo]);
+            }
         }
         u32 tot;
         const u32 at = la_block_scan(keep, ws, tot);

@@ -1,0 +1,327 @@
+// Low-bit selection on the device (`lowbit`, sparse/cuda.rs; the math and the CPU estimator are
+// sparse/lowbit.rs, whose rule these kernels reproduce in f32).
+//
+// For one (batch row b, key head g) and query head h of its group, the whole batch row one
+// document (the device refuses document ids):
+//   mu    = mean_j k_j                                     (f32 sums per chunk, then over chunks)
+//   kq_j  = rne((k_j - mu) / sk_G), sk_G = max_{j in G, c} |k_jc - mu_c| / 127, G = j / 64
+//   qq_i  = rne(q_i / sq_i),        sq_i = max_c |q_ic| / 127
+//   e_ij  = softcap(sq_i sk_G(j) sum_c qq_ic kq_jc + q_i . mu) * scale * log2 e   (log2 units)
+//   m_i   = max e_ij over row i's allowed sinks (j < sink) and band (0 <= p_i - j < local)
+//   kept: a candidate tile holding an allowed sink / band pair, or with
+//         max_{i, j allowed} (e_ij - m_i) >= log2 tau (+inf when m_i = -inf)
+// The maximum over j of e_ij within one 64-key group is taken on the int32 products (the scale
+// sq_i sk_G > 0, and softcap is monotone), so a row converts once per group.
+//
+// Kernels, all on the caller's stream, no host synchronisation:
+//   sp_lb_mean_part  per (key chunk of LB_KC, b g): channel sums of the chunk
+//   sp_lb_mean       per b g: mu from the chunks' sums
+//   sp_lb_quant_k    per (64-key group, b g): kq (rows past Sk zero) and sk_G
+//   sp_lb_quant_q    per (8 rows, b h): qq, sq_i and q_i . mu
+//   sp_lb_score      per (query tile, b h): every candidate's flag (int8 MMA m16n8k32)
+//   then sp_coarsen (flags mode) and sp_scan of sparse_vs.cu write the CSR schedule.
+// Needs sparse_vs.cu before it (SpParams, sp_cand_kind, sp_frag_row / sp_frag_key, the
+// LaFwdParams helpers) and LB_D32: the head dim rounded up to 32 (int8 k-steps).
+
+#define LB_KC 512            // keys per chunk of the mean
+#define LB_LD (LB_D32 + 16)  // bytes per row of the int8 tiles in shared memory: ldmatrix rows
+                             // of 16 bytes hit distinct banks
+
+struct LbParams {
+    float* mu_part;          // [BHk][nkc][LA_D]
+    float* mu;               // [BHk][LA_D]
+    signed char* kq;         // [BHk][kgroups * 64][LB_D32]
+    float* ks;               // [BHk][kgroups]
+    signed char* qq;         // [BHq][Sq][LB_D32]
+    float* qs;               // [BHq][Sq]
+    float* qmu;              // [BHq][Sq]
+    unsigned char* flag;     // [copies][ncand]: kept flag per candidate entry
+    float log2_tau;
+    int sink, local, nkc, kgroups, ncand;
+};
+
+__device__ __forceinline__ void lb_mma(int* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ int lb_q8(float x, float s) {
+    if (s == 0.f) return 0;
+    const int v = __float2int_rn(__fdiv_rn(x, s));
+    return max(-127, min(127, v));
+}
+
+extern "C" __global__ void __launch_bounds__(128) sp_lb_mean_part(const LaFwdParams p, const LbParams lb) {
+    const int bg = blockIdx.y, b = bg / p.Hk, g = bg % p.Hk;
+    const int j0 = blockIdx.x * LB_KC, j1 = min(p.Sk, j0 + LB_KC);
+    for (int c = threadIdx.x; c < LA_D; c += blockDim.x) {
+        float s = 0.f;
+        for (int j = j0; j < j1; j++) s += la_to_f32(sp_k_row(p, b, g, j)[c]);
+        lb.mu_part[((i64)bg * lb.nkc + blockIdx.x) * LA_D + c] = s;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) sp_lb_mean(const LaFwdParams p, const LbParams lb) {
+    const int bg = blockIdx.x;
+    for (int c = threadIdx.x; c < LA_D; c += blockDim.x) {
+        float s = 0.f;
+        for (int x = 0; x < lb.nkc; x++) s += lb.mu_part[((i64)bg * lb.nkc + x) * LA_D + c];
+        lb.mu[(i64)bg * LA_D + c] = s / (float)p.Sk;
+    }
+}
+
+// Block-wide maximum of non-negative floats (blockDim.x = 256).
+__device__ __forceinline__ float lb_block_max(float v, float* ws) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) ws[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) m = fmaxf(m, ws[w]);
+    return m;
+}
+
+extern "C" __global__ void __launch_bounds__(256) sp_lb_quant_k(const LaFwdParams p, const LbParams lb) {
+    __shared__ float ws[8];
+    const int bg = blockIdx.y, b = bg / p.Hk, g = bg % p.Hk;
+    const int j0 = blockIdx.x * 64;
+    const float* mu = lb.mu + (i64)bg * LA_D;
+    float amax = 0.f;
+    for (int x = threadIdx.x; x < 64 * LA_D; x += blockDim.x) {
+        const int j = j0 + x / LA_D, c = x % LA_D;
+        if (j < p.Sk) amax = fmaxf(amax, fabsf(la_to_f32(sp_k_row(p, b, g, j)[c]) - mu[c]));
+    }
+    const float s = lb_block_max(amax, ws) / 127.f;
+    signed char* out = lb.kq + ((i64)bg * lb.kgroups * 64 + j0) * LB_D32;
+    for (int x = threadIdx.x; x < 64 * LB_D32; x += blockDim.x) {
+        const int j = j0 + x / LB_D32, c = x % LB_D32;
+        int v = 0;
+        if (j < p.Sk && c < LA_D) v = lb_q8(la_to_f32(sp_k_row(p, b, g, j)[c]) - mu[c], s);
+        out[x] = (signed char)v;
+    }
+    if (threadIdx.x == 0) lb.ks[(i64)bg * lb.kgroups + blockIdx.x] = s;
+}
+
+// One warp per query row.
+extern "C" __global__ void __launch_bounds__(256) sp_lb_quant_q(const LaFwdParams p, const LbParams lb) {
+    const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const int i = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (i >= p.Sq) return;
+    const u16* q = sp_q_row(p, b, h, i);
+    const float* mu = lb.mu + ((i64)b * p.Hk + g) * LA_D;
+    float amax = 0.f, dot = 0.f;
+    for (int c = lane; c < LA_D; c += 32) {
+        const float x = la_to_f32(q[c]);
+        amax = fmaxf(amax, fabsf(x));
+        dot = fmaf(x, mu[c], dot);
+    }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    }
+    const float s = amax / 127.f;
+    signed char* out = lb.qq + ((i64)bh * p.Sq + i) * LB_D32;
+    for (int c = lane; c < LB_D32; c += 32) out[c] = (signed char)(c < LA_D ? lb_q8(la_to_f32(q[c]), s) : 0);
+    if (lane == 0) {
+        lb.qs[(i64)bh * p.Sq + i] = s;
+        lb.qmu[(i64)bh * p.Sq + i] = dot;
+    }
+}
+
+#define LB_WIN ((LA_BR + 63) / 64)   // 64-row windows of a query tile
+#define LB_NONE (-2147483647 - 1)   // no allowed pair yet
+
+struct LbSmem {
+    unsigned char q[LB_WIN * 64 * LB_LD];
+    unsigned char k[64 * LB_LD];
+    float qs[LB_WIN * 64], qmu[LB_WIN * 64], m[LB_WIN * 64];
+    float red[2][64];
+    float tmax[8];
+    int tforced[8];
+};
+
+// e (log2 units) of row i from a product `acc` with the key group's scale `skg`.
+__device__ __forceinline__ float lb_logit(const LaFwdParams& p, const LbSmem& sm, int r, float skg, int acc) {
+    float x = fmaf(sm.qs[r] * skg, (float)acc, sm.qmu[r]);
+#if LA_SOFTCAP
+    x = p.cap_post * tanhf(x * p.cap_pre);
+#endif
+    return x * p.scale_log2;
+}
+
+// int32 products of window `win` (rows 64 win ..) with the 64 keys of group `grp` in sm.k:
+// acc[nb][e] at (sp_frag_row(e), sp_frag_key(nb, e)) of the window and the group.
+__device__ __forceinline__ void lb_products(const LbSmem& sm, int win, int acc[4][4]) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[nb][e] = 0;
+    const unsigned char* qa = sm.q + (win * 64 + 16 * (w % 4) + lane % 16) * LB_LD + (lane / 16) * 16;
+    const unsigned char* kb = sm.k + (32 * (w / 4) + (lane & 7) + ((lane >> 4) << 3)) * LB_LD + ((lane >> 3) & 1) * 16;
+#pragma unroll
+    for (int k0 = 0; k0 < LB_D32; k0 += 32) {
+        u32 a[4], b0[4], b1[4];
+        la_ldmatrix_x4(a, qa + k0);
+        la_ldmatrix_x4(b0, kb + k0);
+        la_ldmatrix_x4(b1, kb + 16 * LB_LD + k0);
+        lb_mma(acc[0], a, b0);
+        lb_mma(acc[1], a, b0 + 2);
+        lb_mma(acc[2], a, b1);
+        lb_mma(acc[3], a, b1 + 2);
+    }
+}
+
+// Loads key group `grp` (64 int8 rows) of (b g) into sm.k.
+__device__ __forceinline__ void lb_load_k(const LbParams& lb, LbSmem& sm, i64 bg, int grp) {
+    __syncthreads();
+    const uint4* src = reinterpret_cast<const uint4*>(lb.kq + ((bg * lb.kgroups + grp) * 64) * LB_D32);
+    constexpr int W = LB_D32 / 16;
+    for (int x = threadIdx.x; x < 64 * W; x += blockDim.x)
+        *reinterpret_cast<uint4*>(sm.k + (x / W) * LB_LD + 16 * (x % W)) = src[x];
+    __syncthreads();
+}
+
+// Whether (i, j) is allowed in tile kt of kind `kind` (1 Full, 2 Partial).
+__device__ __forceinline__ bool lb_allowed(const LaFwdParams& p, int kind, int b, int h, int i, int j) {
+    return kind == 1 || (kind == 2 && la_mask(p, b, h, i, j));
+}
+
+extern "C" __global__ void __launch_bounds__(256) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
+    extern __shared__ __align__(16) unsigned char lb_smem[];
+    LbSmem& sm = *reinterpret_cast<LbSmem*>(lb_smem);
+    const int qt = blockIdx.x, bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const i64 bg = (i64)b * p.Hk + g;
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q0 = qt * LA_BR, q1 = min(p.Sq, q0 + LA_BR);
+    const int nwin = (q1 - q0 + 63) / 64;
+    // Queries of the tile, their scales and q . mu; rows past the tile are zero.
+    {
+        constexpr int W = LB_D32 / 16;
+        const uint4* src = reinterpret_cast<const uint4*>(lb.qq + ((i64)bh * p.Sq + q0) * LB_D32);
+        for (int x = threadIdx.x; x < LB_WIN * 64 * W; x += blockDim.x) {
+            const int r = x / W;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (q0 + r < q1) v = src[x];
+            *reinterpret_cast<uint4*>(sm.q + r * LB_LD + 16 * (x % W)) = v;
+        }
+        for (int r = threadIdx.x; r < LB_WIN * 64; r += blockDim.x) {
+            const bool in = q0 + r < q1;
+            sm.qs[r] = in ? lb.qs[(i64)bh * p.Sq + q0 + r] : 0.f;
+            sm.qmu[r] = in ? lb.qmu[(i64)bh * p.Sq + q0 + r] : 0.f;
+            sm.m[r] = -LA_INF;
+        }
+    }
+    const int off = p.Sk - p.Sq;   // p_i = i + off
+    // The reference keys of the tile's rows: the sinks [0, sink) and the band
+    // [p_q0 - local + 1, p_(q1-1)], in 64-key groups.
+    const int sink_end = min(p.Sk, lb.sink);
+    const int band_lo = max(0, q0 + off - lb.local + 1), band_hi = min(p.Sk - 1, q1 - 1 + off);
+    // Groups 0 ..= gs1 hold the sinks, gb0 ..= gb1 the band (those not already visited).
+    const int gs1 = sink_end > 0 ? (sink_end - 1) / 64 : -1;
+    const int gb1 = (lb.local > 0 && band_lo <= band_hi) ? band_hi / 64 : -1;
+    const int gb0 = max(band_lo / 64, gs1 + 1);
+    for (int grp = gs1 >= 0 ? 0 : gb0; grp <= max(gs1, gb1);
+         grp = (grp == gs1 && gb0 > grp + 1) ? gb0 : grp + 1) {
+        {
+            lb_load_k(lb, sm, bg, grp);
+            const float skg = lb.ks[bg * lb.kgroups + grp];
+            for (int win = 0; win < nwin; win++) {
+                int acc[4][4];
+                lb_products(sm, win, acc);
+                float mx[2] = {-LA_INF, -LA_INF};
+#pragma unroll
+                for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int r = win * 64 + sp_frag_row(e), i = q0 + r, j = grp * 64 + sp_frag_key(nb, e);
+                        if (i >= q1 || j >= p.Sk) continue;
+                        const int o = i + off - j;
+                        if (!(j < lb.sink || (o >= 0 && o < lb.local))) continue;
+                        const int kind = sp_cand_kind(p, b, h, qt, j / LA_BC);
+                        if (!lb_allowed(p, kind, b, h, i, j)) continue;
+                        mx[e >> 1] = fmaxf(mx[e >> 1], lb_logit(p, sm, r, skg, acc[nb][e]));
+                    }
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++)
+#pragma unroll
+                    for (int o = 1; o <= 2; o <<= 1) mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], o));
+                __syncthreads();
+                if (lane % 4 == 0) {
+                    sm.red[w / 4][sp_frag_row(0)] = mx[0];
+                    sm.red[w / 4][sp_frag_row(2)] = mx[1];
+                }
+                __syncthreads();
+                if (threadIdx.x < 64) {
+                    const int r = win * 64 + threadIdx.x;
+                    sm.m[r] = fmaxf(sm.m[r], fmaxf(sm.red[0][threadIdx.x], sm.red[1][threadIdx.x]));
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // Every candidate of the row: its score and forced flag.
+    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+    const u32 e0 = p.sched_off[srow], ne = p.sched_off[srow + 1] - e0;
+    const int copy = (b / p.sched_batch) * (p.Hq / p.sched_heads) + h / p.sched_heads;
+    for (u32 x = 0; x < ne; x++) {
+        const u32 ent = p.sched_ent[e0 + x];
+        const int kt = (int)(ent >> 1), kind = 1 + (int)(ent & 1);
+        const int k0 = kt * LA_BC, k1 = min(p.Sk, k0 + LA_BC);
+        float best = -LA_INF;
+        int forced = 0;
+        for (int grp = k0 / 64; grp <= (k1 - 1) / 64; grp++) {
+            lb_load_k(lb, sm, bg, grp);
+            const float skg = lb.ks[bg * lb.kgroups + grp];
+            for (int win = 0; win < nwin; win++) {
+                int acc[4][4];
+                lb_products(sm, win, acc);
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    const int r = win * 64 + sp_frag_row(2 * hr), i = q0 + r;
+                    if (i >= q1) continue;
+                    int amax = LB_NONE;
+#pragma unroll
+                    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+                        for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                            const int j = grp * 64 + sp_frag_key(nb, e);
+                            if (j < k0 || j >= k1 || !lb_allowed(p, kind, b, h, i, j)) continue;
+                            const int o = i + off - j;
+                            forced |= (j < lb.sink || (o >= 0 && o < lb.local));
+                            amax = max(amax, acc[nb][e]);
+                        }
+                    if (amax != LB_NONE) {
+                        const float m = sm.m[r];
+                        best = fmaxf(best, m == -LA_INF ? LA_INF : lb_logit(p, sm, r, skg, amax) - m);
+                    }
+                }
+            }
+        }
+        // The tile's maximum and forced flag over the block.
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) {
+            best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+            forced |= __shfl_xor_sync(0xffffffffu, forced, o);
+        }
+        if (lane == 0) {
+            sm.tmax[w] = best;
+            sm.tforced[w] = forced;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float t = -LA_INF;
+            int f = 0;
+            for (int y = 0; y < 8; y++) {
+                t = fmaxf(t, sm.tmax[y]);
+                f |= sm.tforced[y];
+            }
+            lb.flag[(i64)copy * lb.ncand + e0 + x] = (unsigned char)(f || t >= lb.log2_tau);
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Low-bit estimation (`lowbit`, SALE's idea on this hardware): every allowed pair's logit is
+//! estimated from int8 queries and keys, and a tile is kept when one of its pairs could matter
+//! next to the row's own sink and local keys.
+//!
+//! For one document (queries Q_d, keys K_d = [k0, k1)) of (batch row b, query head h, key head
+//! g), in f32 where not said otherwise:
+//! ```text
+//!   mu       = mean_{j in K_d} k_j                                        [D]  (f64 sum, then f32)
+//!   k'_j     = k_j - mu                                   (smoothing: a per-row shift of the logits)
+//!   groups   G = the keys of K_d with equal j / 64;  sk_G = max_{j in G, c} |k'_jc| / 127
+//!   kq_j     = rne(k'_j / sk_G(j)) in [-127, 127]         (0 where sk_G = 0)
+//!   sq_i     = max_c |q_ic| / 127,  qq_i = rne(q_i / sq_i)
+//!   e_ij     = softcap(scale (sq_i sk_G(j) sum_c qq_ic kq_jc + q_i . mu))     (f64 on the CPU)
+//!   m_i      = max e_ij over the allowed reference keys of row i: the sinks j - k0 < sink and the
+//!              band 0 <= p_i - j < local (p_i = i + Sk - Sq)
+//!   r(qt, kt) = max over the part's rows i and the tile's allowed keys j of e_ij - m_i
+//! ```
+//! A candidate tile is kept when it holds an allowed reference pair (sinks and band are always
+//! attended), when r(qt, kt) >= ln tau (a key whose estimated probability is at least tau times
+//! that of the row's heaviest reference key), or when one of its rows has no reference key
+//! (m_i = -inf: nothing to compare with, every allowed tile of the row is kept).
+//!
+//! The integer products are exact, so the CPU estimator and the reference ([`super::reference`])
+//! agree bit for bit; the device (`cuda/kernels/sparse_lowbit.cu`) computes e_ij in f32 and
+//! agrees up to tiles whose r lies within rounding of ln tau. The row test uses a maximum, not
+//! SALE's sum over the tile: a sum needs an exponential per pair, the cost of the attention's own
+//! softmax, where a maximum commutes with the per-group scale and the monotone soft-cap, so the
+//! device takes one maximum over the int32 products per (row, key group) and converts once.
+use super::{Ctx, Doc};
+use crate::tensor::TensorView;
+use std::ops::Range;
+
+/// Keys per quantization group of the key side (absolute positions j / 64).
+pub const GROUP: usize = 64;
+
+/// One document's keys of one key head in int8: `q` `[keys, D]`, the scale of every key (its
+/// group's), the mean `mu` that was subtracted.
+pub(crate) struct QKeys {
+    pub q: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub mu: Vec<f32>,
+}
+
+/// Round to nearest, ties to even, of x / s clamped to the int8 range (0 where s = 0).
+#[inline]
+fn q8(x: f32, s: f32) -> i8 {
+    if s == 0.0 {
+        0
+    } else {
+        (x / s).round_ties_even().clamp(-127.0, 127.0) as i8
+    }
+}
+
+/// The keys `keys` (ascending, one document) of key head `g` in batch row `b`, smoothed and
+/// quantized per group of [`GROUP`] absolute positions.
+pub(crate) fn quant_keys(k: &TensorView, b: usize, g: usize, keys: &[usize]) -> QKeys {
+    let dd = k.dim();
+    let mut sum = vec![0.0f64; dd];
+    for &j in keys {
+        for (c, s) in sum.iter_mut().enumerate() {
+            *s += k.get(b, j, g, c) as f64;
+        }
+    }
+    let n = keys.len().max(1) as f64;
+    let mu: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+    let shifted: Vec<f32> = keys
+        .iter()
+        .flat_map(|&j| (0..dd).map(move |c| (j, c)))
+        .map(|(j, c)| k.get(b, j, g, c) - mu[c])
+        .collect();
+    let mut q = vec![0i8; keys.len() * dd];
+    let mut scale = vec![0.0f32; keys.len()];
+    let mut x0 = 0;
+    while x0 < keys.len() {
+        let grp = keys[x0] / GROUP;
+        let x1 = x0 + keys[x0..].iter().take_while(|&&j| j / GROUP == grp).count();
+        let amax = shifted[x0 * dd..x1 * dd]
+            .iter()
+            .fold(0.0f32, |a, &x| a.max(x.abs()));
+        let s = amax / 127.0;
+        for x in x0..x1 {
+            scale[x] = s;
+            for c in 0..dd {
+                q[x * dd + c] = q8(shifted[x * dd + c], s);
+            }
+        }
+        x0 = x1;
+    }
+    QKeys { q, scale, mu }
+}
+
+/// Query row i of head h in batch row b in int8 with its scale, and q_i . mu (f64).
+pub(crate) fn quant_row(
+    q: &TensorView,
+    (b, h, i): (usize, usize, usize),
+    mu: &[f32],
+    out: &mut [i8],
+) -> (f32, f64) {
+    let dd = q.dim();
+    let row: Vec<f32> = (0..dd).map(|c| q.get(b, i, h, c)).collect();
+    let s = row.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 127.0;
+    for (o, &x) in out.iter_mut().zip(&row) {
+        *o = q8(x, s);
+    }
+    let qmu = row.iter().zip(mu).map(|(&x, &m)| x as f64 * m as f64).sum();
+    (s, qmu)
+}
+
+/// sum_c a_c b_c over int8 vectors (exact in i32 for D <= 2^17).
+#[inline]
+pub(crate) fn dot8(a: &[i8], b: &[i8]) -> i32 {
+    a.iter().zip(b).map(|(&x, &y)| x as i32 * y as i32).sum()
+}
+
+/// The argument of the estimated logit before scale and soft-cap: sq sk dot + q . mu.
+#[inline]
+pub(crate) fn est_dot(sq: f32, sk: f32, dot: i32, qmu: f64) -> f64 {
+    sq as f64 * sk as f64 * dot as f64 + qmu
+}
+
+/// Per candidate of one part (the document's rows `part` of query tile `qt`): whether it holds
+/// an allowed reference pair, and its score r (+inf when a row with allowed keys in it has no
+/// reference key; -inf when no allowed pair).
+pub(crate) struct TileScores {
+    pub forced: Vec<bool>,
+    pub score: Vec<f64>,
+}
+
+/// The scores of every candidate of every part of document `doc` of (batch row b, head h):
+/// (query tile, candidate index range in its row, scores).
+pub(crate) fn doc_scores(
+    ctx: &Ctx,
+    (b, h): (usize, usize),
+    doc: &Doc,
+    keys: &QKeys,
+    [sink, local]: [usize; 2],
+) -> Vec<(usize, Range<usize>, TileScores)> {
+    let dd = ctx.dims.d;
+    let (k0, nk) = (doc.k.start, doc.k.len());
+    let mut allowed = vec![false; nk];
+    let mut words = Vec::new();
+    let mut qq = vec![0i8; dd];
+    let mut e = vec![f64::NEG_INFINITY; nk];
+    ctx.parts(doc)
+        .map(|(qt, part)| {
+            let xs = ctx.doc_cands(b, h, qt, doc);
+            let cand = &ctx.cand.row(b, h, qt)[xs.clone()];
+            let mut ts = TileScores {
+                forced: vec![false; cand.len()],
+                score: vec![f64::NEG_INFINITY; cand.len()],
+            };
+            for i in part.clone() {
+                ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
+                let (sq, qmu) = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq);
+                let p = ctx.pos(i);
+                let is_ref =
+                    |x: usize| x < sink || (0..local as i64).contains(&(p - (k0 + x) as i64));
+                let mut m = f64::NEG_INFINITY;
+                for x in (0..nk).filter(|&x| allowed[x]) {
+                    let d = dot8(&qq, &keys.q[x * dd..][..dd]);
+                    e[x] = ctx.logit.of(est_dot(sq, keys.scale[x], d, qmu));
+                    if is_ref(x) {
+                        m = m.max(e[x]);
+                    }
+                }
+                for (c, t) in cand.iter().enumerate() {
+                    let (c0, c1) = ctx.cand.k_range(t.k_tile as usize);
+                    for x in (c0.max(k0) - k0..c1.min(doc.k.end) - k0).filter(|&x| allowed[x]) {
+                        ts.forced[c] |= is_ref(x);
+                        let r = match m {
+                            f64::NEG_INFINITY => f64::INFINITY,
+                            m => e[x] - m,
+                        };
+                        ts.score[c] = ts.score[c].max(r);
+                    }
+                }
+            }
+            (qt, xs, ts)
+        })
+        .collect()
+}
+
+/// The keep rule: forced, or r >= ln tau.
+#[inline]
+pub(crate) fn keeps(forced: bool, score: f64, tau: f64) -> bool {
+    forced || score >= tau.ln()
+}
