@@ -119,12 +119,18 @@ def main():
                 kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                              LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma), ""))
             kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
-            # The decode kernel folding press scores (LA_SCORE: tensor-core path, per-head pages).
+            # The decode kernel folding press scores (LA_SCORE: tensor-core path, per-head pages),
+            # its kind (0 H2O, 1 A2SF, 2 TOVA) and group reduction (0 max, 1 sum, 2 mean) compiled
+            # in: every pair for bf16 D 128 at each group size, one pair (in turn) otherwise.
             if d <= 128:
                 for g in (1, 4, 8):
-                    kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16,
-                                                 LA_WARPS=4, LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1,
-                                                 LA_SCORE=1), ""))
+                    folds = [(k, r) for k in range(3) for r in range(3)]
+                    if (f16, d) != (0, 128):
+                        folds = [folds[len(kv) % len(folds)]]
+                    for kind, red in folds:
+                        kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16,
+                                                     LA_WARPS=4, LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1,
+                                                     LA_SCORE=1, LA_SCORE_KIND=kind, LA_SCORE_REDUCE=red), ""))
             # Press scores (kv/score_cuda.rs), with and without soft-cap.
             for cap in (0, 1):
                 kv.append(("kv_score.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LA_SOFTCAP=cap), ""))

@@ -25,6 +25,7 @@ use crate::kv::decode::{
     decode_reference, heads_per_block, plan_splits, random_appends, random_cache, split_plan_for,
     validate, BlockTables, DecodeParams, PageTables, PagedCache, PagedKv, SplitPlan,
 };
+use crate::kv::score::{Reduce, ScoreKind};
 use crate::tensor::{DType, Slice, Tensor};
 use crate::testing::{compare, out_tolerance, AWKWARD_SIZES, LSE_TOLERANCE};
 
@@ -100,8 +101,6 @@ struct LaDecParams {
     score: u64,
     score_cap: i32,
     score_prev_new: i32,
-    score_kind: i32,
-    score_reduce: i32,
     score_f: f32,
     score_pad: i32,
 }
@@ -803,8 +802,8 @@ pub struct DecodePlan {
     d: usize,
     /// (bits, group) of a KIVI plan.
     quant: Option<(u32, usize)>,
-    /// The kernel folds press scores ([`DecodePlan::with_scores`]).
-    pub scores: bool,
+    /// The press-score fold compiled into the kernel ([`DecodePlan::with_scores`]).
+    pub scores: Option<ScoreFold>,
     _o_part: CudaSlice<f32>,
     _lse_part: CudaSlice<f32>,
     _tickets: CudaSlice<i32>,
@@ -830,21 +829,24 @@ impl DecodePlan {
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
         let work_rows = cache_work_rows(cache, max_len);
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, false)
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, None)
     }
 
     /// [`DecodePlan::new`] with the press-score fold of the previous step inside the kernel
     /// (`crate::kv::score_cuda::DevScores::decode_fold`): the tensor-core kernel over a per-head
     /// paged cache, every query head of a KV head's group in one block (groups of at most 8).
+    /// `fold` (the scores' [`crate::kv::score_cuda::DevScores::fold`]) is compiled into the
+    /// kernel: the plan folds scores of that kind and group reduction only.
     pub fn with_scores(
         dev: &Arc<CudaDevice>,
         cache: &DevPagedCache,
         hq: usize,
         max_len: usize,
         params: &DecodeParams,
+        fold: ScoreFold,
     ) -> Result<DecodePlan> {
         let work_rows = cache_work_rows(cache, max_len);
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, true)
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, Some(fold))
     }
 
     /// [`DecodePlan::plan`] for `cache`'s layout and dimensions.
@@ -857,7 +859,7 @@ impl DecodePlan {
         params: &DecodeParams,
         work_rows: Option<usize>,
         quant: Option<(u32, usize)>,
-        scores: bool,
+        scores: Option<ScoreFold>,
     ) -> Result<DecodePlan> {
         let dims = (cache.dtype, cache.kv_heads, cache.head_dim, cache.batch());
         Self::plan(
@@ -886,7 +888,7 @@ impl DecodePlan {
     ) -> Result<DecodePlan> {
         let work_rows = work_rows(lens, max_len);
         let quant = Some((bits, group));
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant, false)
+        Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant, None)
     }
 
     /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches
@@ -899,13 +901,14 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        Self::plan(dev, layout, dims, hq, max_len, params, None, None, false)
+        Self::plan(dev, layout, dims, hq, max_len, params, None, None, None)
     }
 
     /// `work_rows`: table rows' worth of keys at `max_len` each that the batch really holds
     /// (default: every row full), for the split plan. `quant`: (bits, group) of KIVI pages
     /// before each row's full-precision ones (kernels/kv_kivi.cu; per-head tables only).
-    /// `scores`: the kernel folds press scores (LA_SCORE; [`DecodePlan::with_scores`]).
+    /// `scores`: the kernel folds press scores of this kind and reduction (LA_SCORE;
+    /// [`DecodePlan::with_scores`]).
     #[allow(clippy::too_many_arguments)]
     fn plan(
         dev: &Arc<CudaDevice>,
@@ -916,7 +919,7 @@ impl DecodePlan {
         params: &DecodeParams,
         work_rows: Option<usize>,
         quant: Option<(u32, usize)>,
-        scores: bool,
+        scores: Option<ScoreFold>,
     ) -> Result<DecodePlan> {
         params.check()?;
         check_kind(dtype, d)?;
@@ -977,12 +980,12 @@ impl DecodePlan {
         // groups) always streams through its per-warp ring.
         let mma = quant.is_some()
             || (d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0"));
-        if scores && params.split_len.is_some_and(|n| n % 16 != 0) {
+        if scores.is_some() && params.split_len.is_some_and(|n| n % 16 != 0) {
             return Err(param(
                 "press scores in the decode kernel: a split length must be a multiple of 16 keys (whole tiles)".into(),
             ));
         }
-        if scores && (!mma || quant.is_some() || !layout.head_tables() || chunks != 1) {
+        if scores.is_some() && (!mma || quant.is_some() || !layout.head_tables() || chunks != 1) {
             return Err(param(format!(
                 "press scores in the decode kernel need its tensor-core path (D <= 128, got {d}), a per-head paged cache (got {}, {}) and a group of at most 8 query heads (got {group}); fold them with DevScores::observe instead",
                 layout.name(),
@@ -1028,11 +1031,9 @@ impl DecodePlan {
         };
         if mma {
             // The ring's stages shrink (to 2) until the ring and the finish's static arrays
-            // (s_acc, s_m, s_l) fit the device's shared memory.
-            let fixed = warps * g * (d + 2) * 4
-                + warps * crate::kv::decode::MAX_SPLITS * 4
-                + 1024
-                + if scores { warps * 8 * 16 * 4 } else { 0 };
+            // (s_acc, s_m, s_l) fit the device's shared memory (the press-score fold keeps its
+            // scores in the padding of the ring's K tiles).
+            let fixed = warps * g * (d + 2) * 4 + warps * crate::kv::decode::MAX_SPLITS * 4 + 1024;
             while ns > 2 && warps * ns * stage + fixed > dev.smem_optin {
                 ns -= 1;
             }
@@ -1062,15 +1063,20 @@ impl DecodePlan {
             ("LA_MMA".into(), (mma as u8).to_string()),
             ("LA_L2PF".into(), l2pf.to_string()),
         ];
-        if scores {
+        if let Some(f) = scores {
             defines.push(("LA_SCORE".into(), "1".into()));
+            defines.push(("LA_SCORE_KIND".into(), f.kind.to_string()));
+            defines.push(("LA_SCORE_REDUCE".into(), f.reduce.to_string()));
         }
         let mut variant = format!(
             "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}{}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" },
             if mma {
-                format!("_mma_pf{l2pf}{}", if scores { "_score" } else { "" })
+                let score = scores.map_or(String::new(), |f| {
+                    format!("_score_k{}_r{}", f.kind, f.reduce)
+                });
+                format!("_mma_pf{l2pf}{score}")
             } else {
                 String::new()
             }
@@ -1315,10 +1321,34 @@ pub struct RawDecode {
     pub lse: u64,
 }
 
+/// What a [`DecodePlan::with_scores`] kernel folds, compiled into it (`LA_SCORE_KIND` and
+/// `LA_SCORE_REDUCE` of `kernels/decode.cu`, part of the variant's name): the update (0 H2O
+/// `score + c`, 1 A2SF `f score + c` with f a launch argument, 2 TOVA and SnapKV's one row `c`)
+/// and the reduction over the group (0 max, 1 sum, 2 mean: [`Reduce::kernel_code`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScoreFold {
+    kind: i32,
+    reduce: i32,
+}
+
+impl ScoreFold {
+    pub fn new(kind: ScoreKind, reduce: Reduce) -> ScoreFold {
+        let kind = match kind {
+            ScoreKind::H2o => 0,
+            ScoreKind::A2sf(_) => 1,
+            ScoreKind::Tova | ScoreKind::SnapKv(_) => 2,
+        };
+        ScoreFold {
+            kind,
+            reduce: reduce.kernel_code(),
+        }
+    }
+}
+
 /// The press-score fold of a [`DecodePlan::with_scores`] launch (`kernels/decode.cu`, LA_SCORE):
 /// the previous step's q `[B, Hq, D]` and lse `[B, Hq]`, the scores `[B Hk, cap]` f32, entries
-/// appended since the previous step, and the fold's kind (0 H2O, 1 A2SF with `f`, 2 TOVA) and
-/// group reduction (0 max, 1 sum, 2 mean).
+/// appended since the previous step, and A2SF's forgetting factor `f` (read by an A2SF plan
+/// only: the kind and the reduction are the plan's [`ScoreFold`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RawScore {
     pub q_prev: u64,
@@ -1326,8 +1356,6 @@ pub(crate) struct RawScore {
     pub score: u64,
     pub cap: usize,
     pub prev_new: usize,
-    pub kind: i32,
-    pub reduce: i32,
     pub f: f32,
 }
 
@@ -1402,7 +1430,7 @@ impl DecodePlan {
                 "a KIVI plan runs with its quantized pages, any other plan without".into(),
             ));
         }
-        if sc.is_some() && !self.scores {
+        if sc.is_some() && self.scores.is_none() {
             return Err(param(
                 "this decode plan does not fold scores: make it with DecodePlan::with_scores"
                     .into(),
@@ -1432,8 +1460,6 @@ impl DecodePlan {
             p.score = sc.score;
             p.score_cap = sc.cap as i32;
             p.score_prev_new = sc.prev_new.min(i32::MAX as usize) as i32;
-            p.score_kind = sc.kind;
-            p.score_reduce = sc.reduce;
             p.score_f = sc.f;
         }
         let mut lb = s.launch_builder(&self.func);
@@ -2025,8 +2051,8 @@ mod layout_tests {
             &crate::cuda::forward::offsets!(LaDecParams; q, k, v, tables, lens, o, lse, o_part,
                 lse_part, seq_cap, b, hq, hk, max_pages, num_splits, split_len, head_chunks,
                 head_tables, q_scale, cap_mul, qpages, qtables, qlens, qmax_pages, qpad, tickets,
-                q_prev, lse_prev, score, score_cap, score_prev_new, score_kind, score_reduce,
-                score_f, score_pad),
+                q_prev, lse_prev, score, score_cap, score_prev_new, score_f,
+                score_pad),
             std::mem::size_of::<LaDecParams>(),
         );
     }

@@ -1044,7 +1044,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
         );
         // The same fold inside the decode kernel (the previous step's query in the product's
         // free rows), against the decode alone above.
-        let fused = DecodePlan::with_scores(dev, &c, hq, len, &params)?;
+        let fused = DecodePlan::with_scores(dev, &c, hq, len, &params, sc.fold())?;
         let (q0, _, l0) = alloc_q(27)?;
         let ms = time_calls(dev, cfg.reps, cfg.samples, || {
             sc.decode_fold(&fused, &c, &q, &mut o, &mut lse, Some((&q0, &l0, 1)))

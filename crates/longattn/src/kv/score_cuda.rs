@@ -17,7 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::score::{Reduce, ScoreKind, ScoreParams};
-use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout, RawScore};
+use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout, RawScore, ScoreFold};
 use crate::cuda::selftest::CaseResult;
 use crate::cuda::{drv, CudaDevice, DevTensor};
 use crate::error::{Error, Result};
@@ -261,10 +261,16 @@ impl DevScores {
         Ok(())
     }
 
+    /// What a decode plan folding these scores compiles in: their kind and group reduction
+    /// ([`DecodePlan::with_scores`]).
+    pub fn fold(&self) -> ScoreFold {
+        ScoreFold::new(self.kind, self.params.reduce)
+    }
+
     /// One decode step that also folds the previous step's attention (the tensor-core decode
     /// kernel computes the previous query's logits in rows of its product that are zero
     /// otherwise: no extra product, no second read of K). `plan` from
-    /// [`DecodePlan::with_scores`]; q, o `[B, 1, Hq, D]`, lse `[B, Hq]` as
+    /// [`DecodePlan::with_scores`] with [`DevScores::fold`]; q, o `[B, 1, Hq, D]`, lse `[B, Hq]` as
     /// [`DecodePlan::launch`]. `prev`: the previous step's (q, lse) and how many entries every row
     /// gained since it (its keys were each row's first `len - appended`); `None` (the first step,
     /// or the first after a compression) folds nothing. Scores therefore lag one step: fold the
@@ -281,10 +287,12 @@ impl DevScores {
         prev: Option<(&DevTensor, &CudaSlice<f32>, usize)>,
     ) -> Result<()> {
         let max = self.check_cache(cache)?;
-        if !plan.scores {
-            return Err(param(
-                "decode_fold needs a plan made by DecodePlan::with_scores".into(),
-            ));
+        if plan.scores != Some(self.fold()) {
+            return Err(param(format!(
+                "decode_fold needs a plan made by DecodePlan::with_scores for these scores' kind and reduction ({:?}); this plan folds {:?}",
+                self.fold(),
+                plan.scores
+            )));
         }
         plan.check_io(cache, max, q, o, lse)?;
         if plan.batch == 0 {
@@ -308,10 +316,9 @@ impl DevScores {
                 expected: format!("{:?} contiguous in {} and [B, Hq] f32", q.shape, q.dtype),
             });
         }
-        let (kind, f) = match self.kind {
-            ScoreKind::H2o => (0, 1.0),
-            ScoreKind::A2sf(f) => (1, f),
-            ScoreKind::Tova | ScoreKind::SnapKv(_) => (2, 0.0),
+        let f = match self.kind {
+            ScoreKind::A2sf(f) => f,
+            _ => 0.0,
         };
         let sc = RawScore {
             q_prev: qp.data.device_ptr(s).0,
@@ -319,8 +326,6 @@ impl DevScores {
             score: self.scores.device_ptr(s).0,
             cap: self.cap,
             prev_new: appended,
-            kind,
-            reduce: self.params.reduce.kernel_code(),
             f,
         };
         // SAFETY: q / o / lse checked by check_io, the previous q has q's shape and lse holds
@@ -706,9 +711,9 @@ fn check_fused(
         ..Default::default()
     };
     let plain = DecodePlan::new(dev, cache, hq, max_len, &dp)?;
-    let fused = DecodePlan::with_scores(dev, cache, hq, max_len, &dp)?;
     let mut sa = DevScores::new(dev, cache, hq, max_len, kind, params)?;
     let mut sb = DevScores::new(dev, cache, hq, max_len, kind, params)?;
+    let fused = DecodePlan::with_scores(dev, cache, hq, max_len, &dp, sa.fold())?;
     let qs: Vec<Tensor> = (0..3)
         .map(|i| random_tensor(dt, &[b, 1, hq, d], 1.0, seed + 20 + i))
         .collect();
@@ -931,7 +936,8 @@ fn bad_input(dev: &Arc<CudaDevice>) -> CaseResult {
         let wd = DevTensor::upload(dev, "q", &wrong.view("q")?)?;
         refused.push(ok.observe(cache, &wd, &lse, true).is_err());
         refused.push(ok.compact(&[vec![0]]).is_err());
-        // The fold in the decode: a plan without it, a group of 16 query heads.
+        // The fold in the decode: a plan without it, a plan folding another kind or reduction,
+        // a group of 16 query heads.
         let dp = crate::kv::decode::DecodeParams::default();
         let plain = DecodePlan::new(dev, cache, hq, 64, &dp)?;
         let mut o = DevTensor::alloc(dev, [1, 1, hq, d], DType::BF16)?;
@@ -945,7 +951,17 @@ fn bad_input(dev: &Arc<CudaDevice>) -> CaseResult {
             ok.decode_fold(&plain, cache, &q1, &mut o, &mut l1, None)
                 .is_err(),
         );
-        refused.push(DecodePlan::with_scores(dev, cache, 32, 64, &dp).is_err());
+        for other in [
+            ScoreFold::new(ScoreKind::A2sf(0.5), p.reduce),
+            ScoreFold::new(ScoreKind::H2o, crate::kv::score::Reduce::Max),
+        ] {
+            let plan = DecodePlan::with_scores(dev, cache, hq, 64, &dp, other)?;
+            refused.push(
+                ok.decode_fold(&plan, cache, &q1, &mut o, &mut l1, None)
+                    .is_err(),
+            );
+        }
+        refused.push(DecodePlan::with_scores(dev, cache, 32, 64, &dp, ok.fold()).is_err());
         refused.push(ok.compact(&[vec![0], vec![99]]).is_err());
         let all = refused.iter().all(|&x| x);
         Ok((

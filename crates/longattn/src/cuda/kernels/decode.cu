@@ -15,6 +15,9 @@
 //   LA_MMA     1 = the tensor-core kernel (below; D <= 128, LA_NS >= 2), 0 = lane groups
 //   LA_MERGE_ONLY 1 = only la_decode_merge (needs LA_F16 and LA_D; one module per dtype and D)
 //   LA_KIVI    1 = neither decode kernel (kv_kivi.cu follows with its own, over quantized pages)
+//   LA_SCORE   1 = the tensor-core kernel also folds press scores (LaDecParams' score fields), of
+//              kind LA_SCORE_KIND (0 H2O, 1 A2SF, 2 TOVA) reduced over the group by
+//              LA_SCORE_REDUCE (0 max, 1 sum, 2 mean)
 //
 // Tables at run time (`head_tables`): 0 = one block table and length per sequence, pages
 // [num_pages, P, Hk, D]; 1 = one per (sequence, KV head) (a compressed, ragged cache: table row
@@ -60,18 +63,23 @@ struct LaDecParams {
     // Press scores folded inside the tensor-core kernel (LA_SCORE, kv/score_cuda.rs): the
     // previous step's query q_prev [B, Hq, D] and LSE lse_prev [B, Hq] (natural log) give
     // P_prev[h, j] = exp(s(q_prev_h, k_j) - lse_prev_h) for the keys it saw, j < len -
-    // score_prev_new, reduced over the group (max / sum / mean) into c[j], and
-    //     score[j] = decay score[j] + c[j]     (H2O decay 1, A2SF f, TOVA 0)
-    // for row trow of score [rows, score_cap]. score null: no fold this launch.
+    // score_prev_new, reduced over the group into c[j] (LA_SCORE_REDUCE: 0 max, 1 sum, 2 mean),
+    // and score[j] = decay score[j] + c[j] (LA_SCORE_KIND: 0 H2O decay 1, 1 A2SF decay score_f,
+    // 2 TOVA decay 0) for row trow of score [rows, score_cap]. score null: no fold this launch.
     const u16* q_prev;
     const float* lse_prev;
     float* score;
-    int score_cap, score_prev_new, score_kind, score_reduce;   // kind: 0 H2O, 1 A2SF, 2 TOVA;
-    float score_f;                                            // reduce: 0 max, 1 sum, 2 mean
+    int score_cap, score_prev_new;
+    float score_f;
     int score_pad;
 };
 #ifndef LA_SCORE
 #define LA_SCORE 0
+#endif
+// The fold's kind and group reduction are compile-time constants of an LA_SCORE variant: no
+// run-time branch or select on them in the tile loop.
+#if LA_SCORE && (!defined(LA_SCORE_KIND) || !defined(LA_SCORE_REDUCE))
+#error "LA_SCORE needs LA_SCORE_KIND (0 H2O, 1 A2SF, 2 TOVA) and LA_SCORE_REDUCE (0 max, 1 sum, 2 mean)"
 #endif
 
 #define LA_LPT (LA_D / 8)             // lanes per token
@@ -485,6 +493,10 @@ __device__ __forceinline__ void lm_cp16(void* dst, const void* src, int bytes) {
 #endif
 }
 #define LM_TILE (16 * LM_LDS)        // one K or V tile
+// 4-byte global -> shared copy (cp.async, through L1).
+__device__ __forceinline__ void lm_cp4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(la_smem_addr(dst)), "l"(src));
+}
 #if !LA_KIVI
 extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDecParams p) {
     const int split = blockIdx.x;
@@ -533,7 +545,15 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         const float lp = p.lse_prev[(i64)b * p.Hq + h0 + r];
         lp2 = lp == -LA_INF ? LA_INF : lp * LA_LOG2E;
     }
-    const int jprev = len - p.score_prev_new;   // keys the previous step saw
+    // After the reduction over the heads (below) lane (r, q4), r < 4, folds key sc_jl of each
+    // tile (loop-invariant) if the previous step saw it (j < len - score_prev_new) and this
+    // split holds it (j < j1): key jt + sc_jl with jt < sc_lim (jt >= 0: never without a fold,
+    // nor on lanes r >= 4).
+    const int sc_e = 2 * (r & 1) + ((r >> 1) & 1);
+    const int sc_jl = (sc_e >> 1) * 8 + 2 * q4 + (sc_e & 1);
+    const int jlim = la_imin(j1, len - p.score_prev_new);
+    const int sc_lim = fold && r < 4 && jlim > sc_jl ? jlim - sc_jl : 0;
+    float* const srow = fold ? p.score + (i64)trow * p.score_cap + sc_jl : nullptr;
 #endif
     float o[LA_D / 8][4];
 #pragma unroll
@@ -542,11 +562,14 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 
     extern __shared__ u16 lm_ring[];
     u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
-#if LA_SCORE
+#if LA_SCORE && LA_SCORE_KIND != 2
     // The scores of each ring stage's 16 keys, copied with its K / V (the fold's read of them
-    // never waits on memory). Rows of score_cap (a multiple of 16) floats, tiles at multiples
-    // of 16 keys: 16-byte aligned, inside the row.
-    __shared__ __align__(16) float lm_sc[LA_WARPS][LA_NS][16];
+    // never waits on memory): lane r < 4 (lane < 16) copies the score of the key it folds,
+    // srow[js] (rows of score_cap floats, a multiple of 16: inside the row), into the padding
+    // of K tile row `lane` (elements D .. D + 1, which no ldmatrix reads), and reads it back
+    // itself (lanes l and l + 8 share a bank: spreading them cost 15 instructions a tile in
+    // address arithmetic). TOVA overwrites the scores without reading them.
+    const int sc_slot = lane * LM_LDS + LA_D;
 #endif
     // Copies tile k (keys j0 + 16 k ..) of this warp into stage st; one commit group per call.
     auto issue = [&](int k, int st) {
@@ -573,9 +596,8 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 lm_cp16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
                 lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
-#if LA_SCORE
-            if (fold && lane < 4)
-                la_cp_async16(&lm_sc[warp][st][4 * lane], p.score + (i64)trow * p.score_cap + js + 4 * lane, 16);
+#if LA_SCORE && LA_SCORE_KIND != 2
+            if (fold && lane < 16) lm_cp4(kd + sc_slot, srow + js);
 #endif
         }
         la_cp_commit();
@@ -628,39 +650,42 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 2));
 #if LA_SCORE
-        if (fold) {
+        {
             // P_prev of head h0 + r on this lane's keys (rows 8 + r of S), reduced over the
             // block's heads (the 8 lanes of equal q4, r = 0..7) by a reduce-scatter: at the
             // partner xor 4 a lane keeps two of its four keys and adds the partner's two, at xor
             // 8 one of them, at xor 16 the last head pair: 4 shuffles, and lanes r and r ^ 4
-            // end with key e = 2 (r & 1) + ((r >> 1) & 1) summed over the 8 heads.
+            // end with key e = 2 (r & 1) + ((r >> 1) & 1) reduced over the 8 heads. Without a
+            // fold this launch (no branch per tile) every P_prev is 0 and nothing is stored.
+            // Keys past the bound are not masked: the reduction never mixes keys and only keys
+            // within it are stored.
             float pp[4];
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int j = jt + (e >> 1) * 8 + 2 * q4 + (e & 1);
 #if LA_SOFTCAP
                 const float s = p.cap_mul * tanhf(sc[e >> 1][2 + (e & 1)] * p.q_scale);
 #else
                 const float s = sc[e >> 1][2 + (e & 1)] * p.q_scale;
 #endif
-                pp[e] = j < j1 && j < jprev ? la_exp2(s - lp2) : 0.f;
+                pp[e] = la_exp2(s - lp2);
             }
-            const bool mx_red = p.score_reduce == 0;
-            auto op = [&](float a, float b2) { return mx_red ? fmaxf(a, b2) : a + b2; };
+            auto op = [](float a, float b2) { return LA_SCORE_REDUCE == 0 ? fmaxf(a, b2) : a + b2; };
             const bool h1 = r & 1, h2 = (r >> 1) & 1;
             const float k0 = op(h1 ? pp[2] : pp[0], __shfl_xor_sync(LA_FULL, h1 ? pp[0] : pp[2], 4));
             const float k1 = op(h1 ? pp[3] : pp[1], __shfl_xor_sync(LA_FULL, h1 ? pp[1] : pp[3], 4));
             float v = op(h2 ? k1 : k0, __shfl_xor_sync(LA_FULL, h2 ? k0 : k1, 8));
             v = op(v, __shfl_xor_sync(LA_FULL, v, 16));
-            if (r < 4) {
-                const int e = 2 * h1 + h2;
-                const int jl = (e >> 1) * 8 + 2 * q4 + (e & 1), j = jt + jl;
-                if (j < j1 && j < jprev) {
-                    const float c = p.score_reduce == 2 ? v * (1.f / LA_G) : v;
-                    const float old = lm_sc[warp][cur][jl];
-                    p.score[(i64)trow * p.score_cap + j] =
-                        p.score_kind == 0 ? old + c : (p.score_kind == 1 ? p.score_f * old + c : c);
-                }
+            if (jt < sc_lim) {
+                // c = v / G for the mean (v (1 / G), rounded), then H2O old + c, A2SF
+                // fma(f, old, c), TOVA c: explicit roundings, no contraction across them.
+                const float c = LA_SCORE_REDUCE == 2 ? __fmul_rn(v, 1.f / LA_G) : v;
+#if LA_SCORE_KIND == 0
+                srow[jt] = __fadd_rn(*(const float*)(kt + sc_slot), c);
+#elif LA_SCORE_KIND == 1
+                srow[jt] = __fmaf_rn(p.score_f, *(const float*)(kt + sc_slot), c);
+#else
+                srow[jt] = c;
+#endif
             }
         }
 #endif
