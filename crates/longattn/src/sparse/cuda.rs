@@ -276,6 +276,8 @@ pub struct SparsePlan {
     nchunks: usize,
     /// Dynamic shared memory of sp_vs_stats, sp_vs_mass and sp_lb_score.
     smem: (usize, usize, usize),
+    /// Warps of sp_lb_score (`LB_WARPS`).
+    lb_warps: usize,
 }
 
 impl SparsePlan {
@@ -319,10 +321,12 @@ impl SparsePlan {
         // sizeof(SpSmem): q and k tiles of 64 padded rows (16-bit), the kind table, the
         // cross-warp (max, sum) pairs.
         let base = 2 * 2 * 64 * (d + 8) + 4 * ((SP_KC + SP_L) / 16 + 4) + 2 * SP_L * 2 * 4;
-        // sizeof(LbSmem): int8 queries of the tile's 64-row windows and a key group (rows of
-        // D32 + 16 bytes), per-row scale, q . mu and reference maximum, the reductions.
+        // sizeof(LbSmem): int8 queries of the tile's 64-row windows and each warp's two key
+        // groups (rows of D32 + 16 bytes), per-row scale, q . mu and reference maximum, the
+        // warps' partial maxima. 8 warps up to D 128, 4 above (the rings' shared memory).
         let (d32, nwin) = (d.div_ceil(32) * 32, br.div_ceil(64));
-        let lb_smem = (nwin * 64 + 64) * (d32 + 16) + 3 * nwin * 64 * 4 + 2 * 64 * 4 + 16 * 4;
+        let lb_warps = if d32 <= 128 { 8 } else { 4 };
+        let lb_smem = (nwin * 64 + lb_warps * 2 * 64) * (d32 + 16) + (3 + lb_warps) * nwin * 64 * 4;
         // sp_vs_mass adds its column and diagonal sums behind it.
         let smem = (base, base + 4 * (2 * SP_KC + SP_L), lb_smem);
         let mut plan = SparsePlan {
@@ -336,6 +340,7 @@ impl SparsePlan {
             cap,
             nchunks,
             smem,
+            lb_warps,
             fwd,
         };
         if fallback {
@@ -377,6 +382,7 @@ impl SparsePlan {
                 (params.softcap.is_some() as u8).to_string(),
             ),
             ("LB_D32".into(), d32.to_string()),
+            ("LB_WARPS".into(), lb_warps.to_string()),
         ];
         let variant = format!(
             "sparse_{}_{}_d{d}_{br}x{bc}",
@@ -598,7 +604,8 @@ impl SparsePlan {
                     launch_lb(&lk.quant_q, cfg((g, bh, 1), 256, 0), false)
                 })?;
                 around("tile scores", &mut || {
-                    launch_lb(&lk.score, cfg((q_tiles, bh, 1), 256, smem.2), true)
+                    let threads = 32 * self.lb_warps as u32;
+                    launch_lb(&lk.score, cfg((q_tiles, bh, 1), threads, smem.2), true)
                 })?;
             }
             _ => {

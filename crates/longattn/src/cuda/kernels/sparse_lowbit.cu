@@ -135,17 +135,21 @@ extern "C" __global__ void __launch_bounds__(256) sp_lb_quant_q(const LaFwdParam
 
 #define LB_WIN ((LA_BR + 63) / 64)   // 64-row windows of a query tile
 #define LB_NONE (-2147483647 - 1)   // no allowed pair yet
+#ifndef LB_WARPS
+#define LB_WARPS 8                  // warps of sp_lb_score (each owns its candidates)
+#endif
 
+// sp_lb_score's shared memory: the tile's int8 queries (every warp reads them), a two-stage
+// ring of 64-key groups per warp (cp.async), per-row scale, q . mu and reference maximum, and
+// the warps' partial reference maxima.
 struct LbSmem {
     unsigned char q[LB_WIN * 64 * LB_LD];
-    unsigned char k[64 * LB_LD];
+    unsigned char ring[LB_WARPS][2][64 * LB_LD];
     float qs[LB_WIN * 64], qmu[LB_WIN * 64], m[LB_WIN * 64];
-    float red[2][64];
-    float tmax[8];
-    int tforced[8];
+    float mw[LB_WARPS][LB_WIN * 64];
 };
 
-// e (log2 units) of row i from a product `acc` with the key group's scale `skg`.
+// e (log2 units) of row r of the tile from a product `acc` with the key group's scale `skg`.
 __device__ __forceinline__ float lb_logit(const LaFwdParams& p, const LbSmem& sm, int r, float skg, int acc) {
     float x = fmaf(sm.qs[r] * skg, (float)acc, sm.qmu[r]);
 #if LA_SOFTCAP
@@ -154,45 +158,56 @@ __device__ __forceinline__ float lb_logit(const LaFwdParams& p, const LbSmem& sm
     return x * p.scale_log2;
 }
 
-// int32 products of window `win` (rows 64 win ..) with the 64 keys of group `grp` in sm.k:
-// acc[nb][e] at (sp_frag_row(e), sp_frag_key(nb, e)) of the window and the group.
-__device__ __forceinline__ void lb_products(const LbSmem& sm, int win, int acc[4][4]) {
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+// Queues the copy of key group `grp` of (b g) into `dst` (this warp's lanes; one commit group).
+__device__ __forceinline__ void lb_fetch(const LbParams& lb, unsigned char* dst, i64 bg, int grp) {
+    constexpr int W = LB_D32 / 16;
+    const signed char* src = lb.kq + ((bg * lb.kgroups + grp) * 64) * LB_D32;
+    for (int x = threadIdx.x % 32; x < 64 * W; x += 32)
+        la_cp_async16(dst + (x / W) * LB_LD + 16 * (x % W), src + 16 * x, 16);
+    la_cp_commit();
+}
+
+// One warp's int32 products of window `win` (64 rows) with keys [32 half, 32 half + 32) of the
+// group in `kb`: acc[mb][nb][e] at row 16 mb + lane / 4 + 8 (e >= 2), key 32 half + 8 nb +
+// 2 (lane % 4) + (e & 1) (mma.sync m16n8k32, s8 x s8 -> s32).
+__device__ __forceinline__ void lb_products(const LbSmem& sm, const unsigned char* kb, int win, int half,
+                                            int acc[4][4][4]) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int nb = 0; nb < 4; nb++)
+    for (int mb = 0; mb < 4; mb++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc[nb][e] = 0;
-    const unsigned char* qa = sm.q + (win * 64 + 16 * (w % 4) + lane % 16) * LB_LD + (lane / 16) * 16;
-    const unsigned char* kb = sm.k + (32 * (w / 4) + (lane & 7) + ((lane >> 4) << 3)) * LB_LD + ((lane >> 3) & 1) * 16;
+        for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mb][nb][e] = 0;
+    const unsigned char* qa = sm.q + (win * 64 + lane % 16) * LB_LD + (lane / 16) * 16;
+    const unsigned char* kp = kb + (32 * half + (lane & 7) + ((lane >> 4) << 3)) * LB_LD + ((lane >> 3) & 1) * 16;
 #pragma unroll
     for (int k0 = 0; k0 < LB_D32; k0 += 32) {
-        u32 a[4], b0[4], b1[4];
-        la_ldmatrix_x4(a, qa + k0);
-        la_ldmatrix_x4(b0, kb + k0);
-        la_ldmatrix_x4(b1, kb + 16 * LB_LD + k0);
-        lb_mma(acc[0], a, b0);
-        lb_mma(acc[1], a, b0 + 2);
-        lb_mma(acc[2], a, b1);
-        lb_mma(acc[3], a, b1 + 2);
+        u32 b0[4], b1[4];
+        la_ldmatrix_x4(b0, kp + k0);               // keys +0 .. 15
+        la_ldmatrix_x4(b1, kp + 16 * LB_LD + k0);  // keys +16 .. 31
+#pragma unroll
+        for (int mb = 0; mb < 4; mb++) {
+            u32 a[4];
+            la_ldmatrix_x4(a, qa + mb * 16 * LB_LD + k0);
+            lb_mma(acc[mb][0], a, b0);
+            lb_mma(acc[mb][1], a, b0 + 2);
+            lb_mma(acc[mb][2], a, b1);
+            lb_mma(acc[mb][3], a, b1 + 2);
+        }
     }
 }
 
-// Loads key group `grp` (64 int8 rows) of (b g) into sm.k.
-__device__ __forceinline__ void lb_load_k(const LbParams& lb, LbSmem& sm, i64 bg, int grp) {
-    __syncthreads();
-    const uint4* src = reinterpret_cast<const uint4*>(lb.kq + ((bg * lb.kgroups + grp) * 64) * LB_D32);
-    constexpr int W = LB_D32 / 16;
-    for (int x = threadIdx.x; x < 64 * W; x += blockDim.x)
-        *reinterpret_cast<uint4*>(sm.k + (x / W) * LB_LD + 16 * (x % W)) = src[x];
-    __syncthreads();
-}
-
-// Whether (i, j) is allowed in tile kt of kind `kind` (1 Full, 2 Partial).
+// Whether (i, j) is allowed in a tile of kind `kind` (1 Full, 2 Partial).
 __device__ __forceinline__ bool lb_allowed(const LaFwdParams& p, int kind, int b, int h, int i, int j) {
     return kind == 1 || (kind == 2 && la_mask(p, b, h, i, j));
 }
 
-extern "C" __global__ void __launch_bounds__(256) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
+// Block: one (query tile, b h), LB_WARPS warps. First the rows' reference maxima m_i over the
+// sink and band groups (split over the warps), then every candidate of the row's schedule, the
+// candidates dealt to the warps in turn; a warp streams its candidates' key groups through its
+// own two-stage ring and writes each candidate's flag. No block-wide step after the first.
+extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
     extern __shared__ __align__(16) unsigned char lb_smem[];
     LbSmem& sm = *reinterpret_cast<LbSmem*>(lb_smem);
     const int qt = blockIdx.x, bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
@@ -214,114 +229,147 @@ extern "C" __global__ void __launch_bounds__(256) sp_lb_score(const LaFwdParams 
             const bool in = q0 + r < q1;
             sm.qs[r] = in ? lb.qs[(i64)bh * p.Sq + q0 + r] : 0.f;
             sm.qmu[r] = in ? lb.qmu[(i64)bh * p.Sq + q0 + r] : 0.f;
-            sm.m[r] = -LA_INF;
-        }
-    }
-    const int off = p.Sk - p.Sq;   // p_i = i + off
-    // The reference keys of the tile's rows: the sinks [0, sink) and the band
-    // [p_q0 - local + 1, p_(q1-1)], in 64-key groups.
-    const int sink_end = min(p.Sk, lb.sink);
-    const int band_lo = max(0, q0 + off - lb.local + 1), band_hi = min(p.Sk - 1, q1 - 1 + off);
-    // Groups 0 ..= gs1 hold the sinks, gb0 ..= gb1 the band (those not already visited).
-    const int gs1 = sink_end > 0 ? (sink_end - 1) / 64 : -1;
-    const int gb1 = (lb.local > 0 && band_lo <= band_hi) ? band_hi / 64 : -1;
-    const int gb0 = max(band_lo / 64, gs1 + 1);
-    for (int grp = gs1 >= 0 ? 0 : gb0; grp <= max(gs1, gb1);
-         grp = (grp == gs1 && gb0 > grp + 1) ? gb0 : grp + 1) {
-        {
-            lb_load_k(lb, sm, bg, grp);
-            const float skg = lb.ks[bg * lb.kgroups + grp];
-            for (int win = 0; win < nwin; win++) {
-                int acc[4][4];
-                lb_products(sm, win, acc);
-                float mx[2] = {-LA_INF, -LA_INF};
-#pragma unroll
-                for (int nb = 0; nb < 4; nb++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int r = win * 64 + sp_frag_row(e), i = q0 + r, j = grp * 64 + sp_frag_key(nb, e);
-                        if (i >= q1 || j >= p.Sk) continue;
-                        const int o = i + off - j;
-                        if (!(j < lb.sink || (o >= 0 && o < lb.local))) continue;
-                        const int kind = sp_cand_kind(p, b, h, qt, j / LA_BC);
-                        if (!lb_allowed(p, kind, b, h, i, j)) continue;
-                        mx[e >> 1] = fmaxf(mx[e >> 1], lb_logit(p, sm, r, skg, acc[nb][e]));
-                    }
-#pragma unroll
-                for (int hr = 0; hr < 2; hr++)
-#pragma unroll
-                    for (int o = 1; o <= 2; o <<= 1) mx[hr] = fmaxf(mx[hr], __shfl_xor_sync(0xffffffffu, mx[hr], o));
-                __syncthreads();
-                if (lane % 4 == 0) {
-                    sm.red[w / 4][sp_frag_row(0)] = mx[0];
-                    sm.red[w / 4][sp_frag_row(2)] = mx[1];
-                }
-                __syncthreads();
-                if (threadIdx.x < 64) {
-                    const int r = win * 64 + threadIdx.x;
-                    sm.m[r] = fmaxf(sm.m[r], fmaxf(sm.red[0][threadIdx.x], sm.red[1][threadIdx.x]));
-                }
-            }
+            for (int y = 0; y < LB_WARPS; y++) sm.mw[y][r] = -LA_INF;
         }
     }
     __syncthreads();
-    // Every candidate of the row: its score and forced flag.
+    const int off = p.Sk - p.Sq;   // p_i = i + off
+    // The reference keys of the tile's rows: the sinks [0, sink) and the band
+    // [p_q0 - local + 1, p_(q1-1)], in 64-key groups: gs1 + 1 sink groups (0 ..= gs1), then the
+    // band's groups gb0 ..= gb1 not among them.
+    const int sink_end = min(p.Sk, lb.sink);
+    const int band_lo = max(0, q0 + off - lb.local + 1), band_hi = min(p.Sk - 1, q1 - 1 + off);
+    const int gs1 = sink_end > 0 ? (sink_end - 1) / 64 : -1;
+    const int gb1 = (lb.local > 0 && band_lo <= band_hi) ? band_hi / 64 : -1;
+    const int gb0 = max(band_lo / 64, gs1 + 1);
+    const int nref = (gs1 + 1) + max(0, gb1 - gb0 + 1);
+    unsigned char* ring0 = sm.ring[w][0];
+    unsigned char* ring1 = sm.ring[w][1];
+    for (int t = w; t < nref; t += LB_WARPS) {
+        const int grp = t <= gs1 ? t : gb0 + (t - gs1 - 1);
+        lb_fetch(lb, ring0, bg, grp);
+        la_cp_wait<0>();
+        __syncwarp();
+        const float skg = lb.ks[bg * lb.kgroups + grp];
+        for (int win = 0; win < nwin; win++)
+            for (int half = 0; half < 2; half++) {
+                int acc[4][4][4];
+                lb_products(sm, ring0, win, half, acc);
+#pragma unroll
+                for (int mb = 0; mb < 4; mb++)
+#pragma unroll
+                    for (int hr = 0; hr < 2; hr++) {
+                        const int r = win * 64 + 16 * mb + lane / 4 + 8 * hr, i = q0 + r;
+                        float mx = -LA_INF;
+                        if (i < q1) {
+#pragma unroll
+                            for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+                                for (int c = 0; c < 2; c++) {
+                                    const int j = grp * 64 + 32 * half + 8 * nb + 2 * (lane % 4) + c;
+                                    const int o = i + off - j;
+                                    if (j >= p.Sk || !(j < lb.sink || (o >= 0 && o < lb.local))) continue;
+                                    const int kind = sp_cand_kind(p, b, h, qt, j / LA_BC);
+                                    if (!lb_allowed(p, kind, b, h, i, j)) continue;
+                                    mx = fmaxf(mx, lb_logit(p, sm, r, skg, acc[mb][nb][2 * hr + c]));
+                                }
+                        }
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                        if (lane % 4 == 0 && i < q1) sm.mw[w][r] = fmaxf(sm.mw[w][r], mx);
+                    }
+            }
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < LB_WIN * 64; r += blockDim.x) {
+        float m = -LA_INF;
+        for (int y = 0; y < LB_WARPS; y++) m = fmaxf(m, sm.mw[y][r]);
+        sm.m[r] = m;
+    }
+    __syncthreads();
+    // The candidates: warp w takes entries w, w + LB_WARPS, ...; its items (entry, group) in
+    // order, the next item's group fetched while the current one is scored.
     const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
     const u32 e0 = p.sched_off[srow], ne = p.sched_off[srow + 1] - e0;
     const int copy = (b / p.sched_batch) * (p.Hq / p.sched_heads) + h / p.sched_heads;
-    for (u32 x = 0; x < ne; x++) {
+    // The item after (x, grp): the next group of entry x, else the first of entry x + LB_WARPS.
+    auto first_grp = [&](u32 x) { return (int)(p.sched_ent[e0 + x] >> 1) * LA_BC / 64; };
+    u32 x = w;
+    if (x >= ne) return;
+    int grp = first_grp(x);
+    lb_fetch(lb, ring0, bg, grp);
+    int stage = 0;
+    float best = -LA_INF;
+    int forced = 0;
+    while (true) {
         const u32 ent = p.sched_ent[e0 + x];
         const int kt = (int)(ent >> 1), kind = 1 + (int)(ent & 1);
         const int k0 = kt * LA_BC, k1 = min(p.Sk, k0 + LA_BC);
-        float best = -LA_INF;
-        int forced = 0;
-        for (int grp = k0 / 64; grp <= (k1 - 1) / 64; grp++) {
-            lb_load_k(lb, sm, bg, grp);
-            const float skg = lb.ks[bg * lb.kgroups + grp];
-            for (int win = 0; win < nwin; win++) {
-                int acc[4][4];
-                lb_products(sm, win, acc);
+        // The next item, fetched into the other stage.
+        const bool last_of_entry = grp == (k1 - 1) / 64;
+        u32 nx = last_of_entry ? x + LB_WARPS : x;
+        int ngrp = last_of_entry ? (nx < ne ? first_grp(nx) : -1) : grp + 1;
+        if (ngrp >= 0) lb_fetch(lb, stage ? ring0 : ring1, bg, ngrp);
+        if (ngrp >= 0) la_cp_wait<1>(); else la_cp_wait<0>();
+        __syncwarp();
+        const unsigned char* kb = stage ? ring1 : ring0;
+        const float skg = lb.ks[bg * lb.kgroups + grp];
+        const int gj0 = grp * 64;
+        for (int win = 0; win < nwin; win++) {
+            const int i0 = q0 + win * 64, i1 = min(q1, i0 + 64);
+            // The group meets no sink and no band key of the window's rows, lies inside the
+            // tile and the tile is Full: the rows' maxima straight from the products.
+            const bool ref = gj0 < lb.sink
+                || (lb.local > 0 && gj0 <= i1 - 1 + off && gj0 + 63 >= i0 + off - lb.local + 1);
+            const bool fast = kind == 1 && !ref && gj0 >= k0 && gj0 + 64 <= k1;
+            for (int half = 0; half < 2; half++) {
+                int acc[4][4][4];
+                lb_products(sm, kb, win, half, acc);
 #pragma unroll
-                for (int hr = 0; hr < 2; hr++) {
-                    const int r = win * 64 + sp_frag_row(2 * hr), i = q0 + r;
-                    if (i >= q1) continue;
-                    int amax = LB_NONE;
+                for (int mb = 0; mb < 4; mb++)
 #pragma unroll
-                    for (int nb = 0; nb < 4; nb++)
+                    for (int hr = 0; hr < 2; hr++) {
+                        const int r = win * 64 + 16 * mb + lane / 4 + 8 * hr, i = q0 + r;
+                        if (i >= q1) continue;
+                        int amax = LB_NONE;
+                        if (fast) {
 #pragma unroll
-                        for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                            const int j = grp * 64 + sp_frag_key(nb, e);
-                            if (j < k0 || j >= k1 || !lb_allowed(p, kind, b, h, i, j)) continue;
-                            const int o = i + off - j;
-                            forced |= (j < lb.sink || (o >= 0 && o < lb.local));
-                            amax = max(amax, acc[nb][e]);
+                            for (int nb = 0; nb < 4; nb++)
+                                amax = max(amax, max(acc[mb][nb][2 * hr], acc[mb][nb][2 * hr + 1]));
+                        } else {
+#pragma unroll
+                            for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+                                for (int c = 0; c < 2; c++) {
+                                    const int j = gj0 + 32 * half + 8 * nb + 2 * (lane % 4) + c;
+                                    if (j < k0 || j >= k1 || !lb_allowed(p, kind, b, h, i, j)) continue;
+                                    const int o = i + off - j;
+                                    forced |= (j < lb.sink || (o >= 0 && o < lb.local));
+                                    amax = max(amax, acc[mb][nb][2 * hr + c]);
+                                }
                         }
-                    if (amax != LB_NONE) {
-                        const float m = sm.m[r];
-                        best = fmaxf(best, m == -LA_INF ? LA_INF : lb_logit(p, sm, r, skg, amax) - m);
+                        if (amax != LB_NONE) {
+                            const float m = sm.m[r];
+                            best = fmaxf(best, m == -LA_INF ? LA_INF : lb_logit(p, sm, r, skg, amax) - m);
+                        }
                     }
-                }
             }
         }
-        // The tile's maximum and forced flag over the block.
+        __syncwarp();   // this stage is refilled two items on
+        if (last_of_entry) {
 #pragma unroll
-        for (int o = 16; o >= 1; o >>= 1) {
-            best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
-            forced |= __shfl_xor_sync(0xffffffffu, forced, o);
-        }
-        if (lane == 0) {
-            sm.tmax[w] = best;
-            sm.tforced[w] = forced;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float t = -LA_INF;
-            int f = 0;
-            for (int y = 0; y < 8; y++) {
-                t = fmaxf(t, sm.tmax[y]);
-                f |= sm.tforced[y];
+            for (int o = 16; o >= 1; o >>= 1) {
+                best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, o));
+                forced |= __shfl_xor_sync(0xffffffffu, forced, o);
             }
-            lb.flag[(i64)copy * lb.ncand + e0 + x] = (unsigned char)(f || t >= lb.log2_tau);
+            if (lane == 0) lb.flag[(i64)copy * lb.ncand + e0 + x] = (unsigned char)(forced || best >= lb.log2_tau);
+            best = -LA_INF;
+            forced = 0;
         }
+        if (ngrp < 0) break;
+        x = nx;
+        grp = ngrp;
+        stage ^= 1;
     }
 }
