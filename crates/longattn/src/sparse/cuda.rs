@@ -326,7 +326,10 @@ impl SparsePlan {
         // warps' partial maxima. 8 warps up to D 128, 4 above (the rings' shared memory).
         let (d32, nwin) = (d.div_ceil(32) * 32, br.div_ceil(64));
         let lb_warps = if d32 <= 128 { 8 } else { 4 };
-        let lb_smem = (nwin * 64 + lb_warps * 2 * 64) * (d32 + 16) + (3 + lb_warps) * nwin * 64 * 4;
+        // Behind it the kind table of a schedule row (one byte per key tile).
+        let lb_smem = (nwin * 64 + lb_warps * 2 * 64) * (d32 + 16)
+            + (3 + lb_warps) * nwin * 64 * 4
+            + dims.sk.div_ceil(bc).div_ceil(16) * 16;
         // sp_vs_mass adds its column and diagonal sums behind it.
         let smem = (base, base + 4 * (2 * SP_KC + SP_L), lb_smem);
         let mut plan = SparsePlan {
@@ -355,6 +358,12 @@ impl SparsePlan {
             return Err(param(format!(
                 "grid: batch x heads {} and query tiles {q_tiles} must be <= 65535",
                 dims.batch * dims.hq
+            )));
+        }
+        if lowbit && smem.2 > dev.smem_optin {
+            return Err(param(format!(
+                "lowbit over {} keys: the estimator's shared memory ({} bytes with a byte per key tile) exceeds the device's {}",
+                dims.sk, smem.2, dev.smem_optin
             )));
         }
         if plan.fwd.uses_mask_bits() {

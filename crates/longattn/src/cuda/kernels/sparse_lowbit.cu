@@ -210,11 +210,21 @@ __device__ __forceinline__ bool lb_allowed(const LaFwdParams& p, int kind, int b
 extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
     extern __shared__ __align__(16) unsigned char lb_smem[];
     LbSmem& sm = *reinterpret_cast<LbSmem*>(lb_smem);
+    // Behind it, the kind of every key tile in this row of the mask's schedule (0 absent).
+    unsigned char* kinds = lb_smem + sizeof(LbSmem);
     const int qt = blockIdx.x, bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
     const i64 bg = (i64)b * p.Hk + g;
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int q0 = qt * LA_BR, q1 = min(p.Sq, q0 + LA_BR);
     const int nwin = (q1 - q0 + 63) / 64;
+    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+    const u32 e0 = p.sched_off[srow], ne = p.sched_off[srow + 1] - e0;
+    for (int t = threadIdx.x; t < sp.k_tiles; t += blockDim.x) kinds[t] = 0;
+    __syncthreads();
+    for (u32 x = threadIdx.x; x < ne; x += blockDim.x) {
+        const u32 ent = p.sched_ent[e0 + x];
+        kinds[ent >> 1] = (unsigned char)(1 + (ent & 1));
+    }
     // Queries of the tile, their scales and q . mu; rows past the tile are zero.
     {
         constexpr int W = LB_D32 / 16;
@@ -269,8 +279,7 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
                                     const int j = grp * 64 + 32 * half + 8 * nb + 2 * (lane % 4) + c;
                                     const int o = i + off - j;
                                     if (j >= p.Sk || !(j < lb.sink || (o >= 0 && o < lb.local))) continue;
-                                    const int kind = sp_cand_kind(p, b, h, qt, j / LA_BC);
-                                    if (!lb_allowed(p, kind, b, h, i, j)) continue;
+                                    if (!lb_allowed(p, kinds[j / LA_BC], b, h, i, j)) continue;
                                     mx = fmaxf(mx, lb_logit(p, sm, r, skg, acc[mb][nb][2 * hr + c]));
                                 }
                         }
@@ -290,8 +299,6 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
     __syncthreads();
     // The candidates: warp w takes entries w, w + LB_WARPS, ...; its items (entry, group) in
     // order, the next item's group fetched while the current one is scored.
-    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
-    const u32 e0 = p.sched_off[srow], ne = p.sched_off[srow + 1] - e0;
     const int copy = (b / p.sched_batch) * (p.Hq / p.sched_heads) + h / p.sched_heads;
     // The item after (x, grp): the next group of entry x, else the first of entry x + LB_WARPS.
     auto first_grp = [&](u32 x) { return (int)(p.sched_ent[e0 + x] >> 1) * LA_BC / 64; };
