@@ -415,7 +415,9 @@ impl SparsePlan {
                     mean: f("sp_lb_mean", 0)?,
                     quant_k: f("sp_lb_quant_k", 0)?,
                     quant_q: f("sp_lb_quant_q", 0)?,
-                    score: f("sp_lb_score", smem.2)?,
+                    // The kind table grows with Sk: the variant's function allows the device's
+                    // whole opt-in (launches pass their own size).
+                    score: f("sp_lb_score", dev.smem_optin)?,
                 }),
             },
         };

@@ -330,6 +330,11 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
             const bool ref = gj0 < lb.sink
                 || (lb.local > 0 && gj0 <= i1 - 1 + off && gj0 + 63 >= i0 + off - lb.local + 1);
             const bool fast = kind == 1 && !ref && gj0 >= k0 && gj0 + 64 <= k1;
+            // The rows' largest products over the group's 64 keys (both halves), then one
+            // conversion per row.
+            int amax[4][2];
+#pragma unroll
+            for (int mb = 0; mb < 4; mb++) amax[mb][0] = amax[mb][1] = LB_NONE;
             for (int half = 0; half < 2; half++) {
                 int acc[4][4][4];
                 lb_products(sm, kb, win, half, acc);
@@ -337,31 +342,34 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
                 for (int mb = 0; mb < 4; mb++)
 #pragma unroll
                     for (int hr = 0; hr < 2; hr++) {
-                        const int r = win * 64 + 16 * mb + lane / 4 + 8 * hr, i = q0 + r;
-                        if (i >= q1) continue;
-                        int amax = LB_NONE;
                         if (fast) {
 #pragma unroll
                             for (int nb = 0; nb < 4; nb++)
-                                amax = max(amax, max(acc[mb][nb][2 * hr], acc[mb][nb][2 * hr + 1]));
+                                amax[mb][hr] = max(amax[mb][hr], max(acc[mb][nb][2 * hr], acc[mb][nb][2 * hr + 1]));
                         } else {
+                            const int i = i0 + 16 * mb + lane / 4 + 8 * hr;
 #pragma unroll
                             for (int nb = 0; nb < 4; nb++)
 #pragma unroll
                                 for (int c = 0; c < 2; c++) {
                                     const int j = gj0 + 32 * half + 8 * nb + 2 * (lane % 4) + c;
-                                    if (j < k0 || j >= k1 || !lb_allowed(p, kind, b, h, i, j)) continue;
+                                    if (i >= q1 || j < k0 || j >= k1 || !lb_allowed(p, kind, b, h, i, j)) continue;
                                     const int o = i + off - j;
                                     forced |= (j < lb.sink || (o >= 0 && o < lb.local));
-                                    amax = max(amax, acc[mb][nb][2 * hr + c]);
+                                    amax[mb][hr] = max(amax[mb][hr], acc[mb][nb][2 * hr + c]);
                                 }
-                        }
-                        if (amax != LB_NONE) {
-                            const float m = sm.m[r];
-                            best = fmaxf(best, m == -LA_INF ? LA_INF : lb_logit(p, sm, r, skg, amax) - m);
                         }
                     }
             }
+#pragma unroll
+            for (int mb = 0; mb < 4; mb++)
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    const int r = win * 64 + 16 * mb + lane / 4 + 8 * hr;
+                    if (q0 + r >= q1 || amax[mb][hr] == LB_NONE) continue;
+                    const float m = sm.m[r];
+                    best = fmaxf(best, m == -LA_INF ? LA_INF : lb_logit(p, sm, r, skg, amax[mb][hr]) - m);
+                }
         }
         __syncwarp();   // this stage is refilled two items on
         if (last_of_entry) {
