@@ -15,7 +15,10 @@
 //! entry count); the forward runs through it (`FwdPlan::launch_sched_on`). The selection is
 //! made at the kernel's tiles, not at the spec's `block` (the report and `block_mask` give the
 //! tiles). Methods on the device: `vertical_slash` (MInference), exactly the CPU estimator's
-//! semantics at those tiles ([`super::estimate::vs_keep`]); the others give a clear error.
+//! semantics at those tiles ([`super::estimate::vs_keep`]), and `lowbit` (SALE's idea,
+//! `cuda/kernels/sparse_lowbit.cu`: int8 keys and queries, every candidate's flag from int8 MMA
+//! products against its rows' sink / band maxima, the CPU rule of [`super::lowbit`] in f32);
+//! the others give a clear error.
 //! Below the spec's `dense_below` keys ([`CUDA_DENSE_BELOW`] when not given) the mask's schedule
 //! runs as it is (no estimator).
 //!

@@ -61,6 +61,7 @@
 //! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64), `element` 0 or 1 (0) | per head, query-aware blocks or cumulative vertical-slash (its pairs only with `element=1`), chosen by a distance test (below) |
 //! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
 //! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile (below) |
+//! | `lowbit` | `tau` > 0 (0.02), `block` (64), `sink` (4), `local` (64) | SALE's idea: every allowed pair's logit estimated from int8 Q and K; the tiles with a pair whose estimated logit is within ln(1 / tau) of its row's largest over the row's sinks and band, and the tiles holding those (below) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
@@ -103,6 +104,16 @@
 //! a mean below `check` (heads whose rows each want their own keys) keeps every tile of the
 //! document for that head. Cost: `rows` of every `block` rows attend densely (1/16 of the
 //! score work at rows = 4, block = 64) plus the last tile under `check`.
+//!
+//! Low-bit estimate (`lowbit`, module [`lowbit`]): K smoothed by its mean over the document's
+//! keys and quantized to int8 per group of 64 keys, each query row to int8 with its own scale;
+//! e_ij = softcap(scale (s_q s_k sum qq kq + q_i . mu)) estimates every allowed logit. A row's
+//! reference m_i is its largest e over its first `sink` keys and its band 0 <= p_i - j <
+//! `local`; a candidate tile is kept when it holds such a reference pair, or when
+//! max (e_ij - m_i) over its allowed pairs is at least ln tau (tau > 1 asks a pair to beat the
+//! reference), or when one of its rows has no reference key. A maximum, not a sum: the device
+//! takes it on the int32 products. The CPU estimator and the reference agree bit for bit (the
+//! products are exact integers); the CUDA estimator computes e in f32.
 //!
 //! FlexPrefill: per head, the last `last` query rows give the exact block distribution
 //! a_hat(kt) = sum_{j in kt} c_j / sum_j c_j and the pooled estimate

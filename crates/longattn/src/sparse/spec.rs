@@ -508,9 +508,9 @@ impl SparseSpec {
             Method::Columns { check, .. } if !(0.0..=1.0).contains(&check) => Err(err(format!(
                 "`columns`: `check` must be in [0, 1], got {check}"
             ))),
-            Method::LowBit { tau, .. } if !(tau > 0.0 && tau.is_finite()) => {
-                Err(err(format!("`lowbit`: `tau` must be finite and > 0, got {tau}")))
-            }
+            Method::LowBit { tau, .. } if !(tau > 0.0 && tau.is_finite()) => Err(err(format!(
+                "`lowbit`: `tau` must be finite and > 0, got {tau}"
+            ))),
             Method::Whole if self.skip.is_none() => Err(err(
                 "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
             )),
