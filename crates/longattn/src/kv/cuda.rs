@@ -1078,6 +1078,66 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             0,
             &mut rows,
         );
+        // H2O's full accumulation at prefill: every row of the prompt folded at once (Sq = the
+        // length, causal), against the causal prefill forward of the same shape (the issue asks
+        // <= 0.6x). Up to 256k tokens a call (three samples of one call each).
+        if batch * len <= 1 << 18 {
+            let mut qf = DevTensor::alloc(dev, [batch, len, hq, d], dt)?;
+            crate::cuda::decode::fill_random(dev, dt, &mut qf.data, 31)?;
+            let lf = dev.upload(&vec![8.0f32; batch * hq * len])?;
+            let mut sf =
+                DevScores::new(dev, &c, hq, len, ScoreKind::H2o, ScoreParams::default())?;
+            let ms_obs = time_calls(dev, 1, 3, || sf.observe(&c, &qf, &lf, true))?;
+            drop(sf);
+            let mut kv = Vec::new();
+            for seed in [37, 41] {
+                let mut t = DevTensor::alloc(dev, [batch, len, hk, d], dt)?;
+                crate::cuda::decode::fill_random(dev, dt, &mut t.data, seed)?;
+                kv.push(t);
+            }
+            let shape = crate::mask::MaskShape {
+                batch: 1,
+                sq: len,
+                sk: len,
+            };
+            let causal = crate::mask::MaskExpr::parse("causal")?.bind(shape, None)?;
+            let dims = crate::attention::Dims {
+                batch,
+                sq: len,
+                sk: len,
+                hq,
+                hk,
+                d,
+                dv: d,
+            };
+            let fwd = crate::cuda::FwdPlan::new(
+                dev,
+                dims,
+                dt,
+                &crate::AttnParams::default(),
+                crate::attention::MaskSpec::Expr(&causal),
+            )?;
+            let mut of = DevTensor::alloc(dev, [batch, len, hq, d], dt)?;
+            let mut lo = dev.alloc_f32(batch * hq * len)?;
+            let ms_fwd = time_calls(dev, 1, 3, || fwd.launch(&qf, &kv[0], &kv[1], &mut of, &mut lo))?;
+            push(
+                format!("h2o full accumulation (Sq {len}, causal)"),
+                ms_obs,
+                score_bytes,
+                0,
+                &mut rows,
+            );
+            push(
+                format!(
+                    "causal prefill forward (Sq {len}); accumulation / forward {:.2}x",
+                    ms_obs / ms_fwd
+                ),
+                ms_fwd,
+                0,
+                0,
+                &mut rows,
+            );
+        }
         let quest = Quest {
             budget: cfg.budget,
             page,
