@@ -329,8 +329,14 @@ impl SparsePlan {
         // warps' partial maxima. 8 warps up to D 128, 4 above (the rings' shared memory).
         let (d32, nwin) = (d.div_ceil(32) * 32, br.div_ceil(64));
         let lb_warps = if d32 <= 128 { 8 } else { 4 };
+        // Key groups in flight per warp and blocks per SM the registers are capped for
+        // (`LONGATTN_LOWBIT=stages,minb`, tuning runs): 2 stages, 1 block.
+        let (lb_stages, lb_minb) = match crate::cuda::forward::env_list("LONGATTN_LOWBIT")[..] {
+            [st, mb] if (1..=2).contains(&st) && (1..=2).contains(&mb) => (st, mb),
+            _ => (2, 1),
+        };
         // Behind it the kind table of a schedule row (one byte per key tile).
-        let lb_smem = (nwin * 64 + lb_warps * 2 * 64) * (d32 + 16)
+        let lb_smem = (nwin * 64 + lb_warps * lb_stages * 64) * (d32 + 16)
             + (3 + lb_warps) * nwin * 64 * 4
             + dims.sk.div_ceil(bc).div_ceil(16) * 16;
         // sp_vs_mass adds its column and diagonal sums behind it.
@@ -395,6 +401,8 @@ impl SparsePlan {
             ),
             ("LB_D32".into(), d32.to_string()),
             ("LB_WARPS".into(), lb_warps.to_string()),
+            ("LB_STAGES".into(), lb_stages.to_string()),
+            ("LB_MINB".into(), lb_minb.to_string()),
         ];
         let variant = format!(
             "sparse_{}_{}_d{d}_{br}x{bc}",

@@ -138,13 +138,19 @@ extern "C" __global__ void __launch_bounds__(256) sp_lb_quant_q(const LaFwdParam
 #ifndef LB_WARPS
 #define LB_WARPS 8                  // warps of sp_lb_score (each owns its candidates)
 #endif
+#ifndef LB_STAGES
+#define LB_STAGES 2                 // key groups in flight per warp (1: fetch after scoring)
+#endif
+#ifndef LB_MINB
+#define LB_MINB 1                   // blocks per SM the registers are capped for
+#endif
 
 // sp_lb_score's shared memory: the tile's int8 queries (every warp reads them), a two-stage
 // ring of 64-key groups per warp (cp.async), per-row scale, q . mu and reference maximum, and
 // the warps' partial reference maxima.
 struct LbSmem {
     unsigned char q[LB_WIN * 64 * LB_LD];
-    unsigned char ring[LB_WARPS][2][64 * LB_LD];
+    unsigned char ring[LB_WARPS][LB_STAGES][64 * LB_LD];
     float qs[LB_WIN * 64], qmu[LB_WIN * 64], m[LB_WIN * 64];
     float mw[LB_WARPS][LB_WIN * 64];
 };
@@ -207,7 +213,7 @@ __device__ __forceinline__ bool lb_allowed(const LaFwdParams& p, int kind, int b
 // sink and band groups (split over the warps), then every candidate of the row's schedule, the
 // candidates dealt to the warps in turn; a warp streams its candidates' key groups through its
 // own two-stage ring and writes each candidate's flag. No block-wide step after the first.
-extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
+extern "C" __global__ void __launch_bounds__(LB_WARPS * 32, LB_MINB) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
     extern __shared__ __align__(16) unsigned char lb_smem[];
     LbSmem& sm = *reinterpret_cast<LbSmem*>(lb_smem);
     // Behind it, the kind of every key tile in this row of the mask's schedule (0 absent).
@@ -254,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
     const int gb0 = max(band_lo / 64, gs1 + 1);
     const int nref = (gs1 + 1) + max(0, gb1 - gb0 + 1);
     unsigned char* ring0 = sm.ring[w][0];
-    unsigned char* ring1 = sm.ring[w][1];
+    unsigned char* ring1 = sm.ring[w][LB_STAGES - 1];
     for (int t = w; t < nref; t += LB_WARPS) {
         const int grp = t <= gs1 ? t : gb0 + (t - gs1 - 1);
         lb_fetch(lb, ring0, bg, grp);
@@ -317,8 +323,12 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
         const bool last_of_entry = grp == (k1 - 1) / 64;
         u32 nx = last_of_entry ? x + LB_WARPS : x;
         int ngrp = last_of_entry ? (nx < ne ? first_grp(nx) : -1) : grp + 1;
-        if (ngrp >= 0) lb_fetch(lb, stage ? ring0 : ring1, bg, ngrp);
-        if (ngrp >= 0) la_cp_wait<1>(); else la_cp_wait<0>();
+        if (LB_STAGES == 2 && ngrp >= 0) {
+            lb_fetch(lb, stage ? ring0 : ring1, bg, ngrp);
+            la_cp_wait<1>();
+        } else {
+            la_cp_wait<0>();
+        }
         __syncwarp();
         const unsigned char* kb = stage ? ring1 : ring0;
         const float skg = lb.ks[bg * lb.kgroups + grp];
@@ -371,7 +381,8 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
                     best = fmaxf(best, m == -LA_INF ? LA_INF : lb_logit(p, sm, r, skg, amax[mb][hr]) - m);
                 }
         }
-        __syncwarp();   // this stage is refilled two items on
+        __syncwarp();   // this stage is refilled two items on (one, with one stage)
+        if (LB_STAGES == 1 && ngrp >= 0) lb_fetch(lb, ring0, bg, ngrp);
         if (last_of_entry) {
 #pragma unroll
             for (int o = 16; o >= 1; o >>= 1) {
@@ -385,6 +396,6 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32) sp_lb_score(const La
         if (ngrp < 0) break;
         x = nx;
         grp = ngrp;
-        stage ^= 1;
+        stage ^= (LB_STAGES == 2);
     }
 }
