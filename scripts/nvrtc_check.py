@@ -96,7 +96,8 @@ def main():
         for d, br, bc in ((64, 192, 128), (128, 128, 128), (80, 128, 64), (256, 64, 64), (128, 176, 80)):
             for cap in (0, 1):
                 d32 = (d + 31) // 32 * 32
-                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, LB_D32=d32, LB_WARPS=8 if d32 <= 128 else 4)
+                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, LB_D32=d32, LB_WARPS=8 if d32 <= 128 else 4,
+                            LB_STAGES=1 + f16, LB_MINB=2 - f16)
                 opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
                 opts += [f"-D{x}={y}" for x, y in defs.items()]
                 src = sp_head + read("sparse_vs.cu") + "\n" + read("sparse_lowbit.cu")

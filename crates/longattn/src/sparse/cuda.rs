@@ -330,10 +330,13 @@ impl SparsePlan {
         let (d32, nwin) = (d.div_ceil(32) * 32, br.div_ceil(64));
         let lb_warps = if d32 <= 128 { 8 } else { 4 };
         // Key groups in flight per warp and blocks per SM the registers are capped for
-        // (`LONGATTN_LOWBIT=stages,minb`, tuning runs): 2 stages, 1 block.
+        // (`LONGATTN_LOWBIT=stages,minb`, tuning runs). H100, 16k / 64k tile scores ms: 2
+        // stages, 1 block (172 KB, 212 registers) 4.083 / 48.100; 1 stage, 2 blocks (128
+        // registers) 2.974 / 37.414; 1 stage, 1 block 4.147 / 48.366: the warps, not the
+        // prefetch, hide the latency.
         let (lb_stages, lb_minb) = match crate::cuda::forward::env_list("LONGATTN_LOWBIT")[..] {
             [st, mb] if (1..=2).contains(&st) && (1..=2).contains(&mb) => (st, mb),
-            _ => (2, 1),
+            _ => (1, 2),
         };
         // Behind it the kind table of a schedule row (one byte per key tile).
         let lb_smem = (nwin * 64 + lb_warps * lb_stages * 64) * (d32 + 16)

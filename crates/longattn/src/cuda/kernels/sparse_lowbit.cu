@@ -139,14 +139,14 @@ extern "C" __global__ void __launch_bounds__(256) sp_lb_quant_q(const LaFwdParam
 #define LB_WARPS 8                  // warps of sp_lb_score (each owns its candidates)
 #endif
 #ifndef LB_STAGES
-#define LB_STAGES 2                 // key groups in flight per warp (1: fetch after scoring)
+#define LB_STAGES 1                 // key groups in flight per warp (1: fetch after scoring)
 #endif
 #ifndef LB_MINB
-#define LB_MINB 1                   // blocks per SM the registers are capped for
+#define LB_MINB 2                   // blocks per SM the registers are capped for
 #endif
 
-// sp_lb_score's shared memory: the tile's int8 queries (every warp reads them), a two-stage
-// ring of 64-key groups per warp (cp.async), per-row scale, q . mu and reference maximum, and
+// sp_lb_score's shared memory: the tile's int8 queries (every warp reads them), a ring of
+// LB_STAGES 64-key groups per warp (cp.async), per-row scale, q . mu and reference maximum, and
 // the warps' partial reference maxima.
 struct LbSmem {
     unsigned char q[LB_WIN * 64 * LB_LD];
@@ -212,7 +212,7 @@ __device__ __forceinline__ bool lb_allowed(const LaFwdParams& p, int kind, int b
 // Block: one (query tile, b h), LB_WARPS warps. First the rows' reference maxima m_i over the
 // sink and band groups (split over the warps), then every candidate of the row's schedule, the
 // candidates dealt to the warps in turn; a warp streams its candidates' key groups through its
-// own two-stage ring and writes each candidate's flag. No block-wide step after the first.
+// own ring (LB_STAGES deep) and writes each candidate's flag. No block-wide step after the first.
 extern "C" __global__ void __launch_bounds__(LB_WARPS * 32, LB_MINB) sp_lb_score(const LaFwdParams p, const SpParams sp, const LbParams lb) {
     extern __shared__ __align__(16) unsigned char lb_smem[];
     LbSmem& sm = *reinterpret_cast<LbSmem*>(lb_smem);
