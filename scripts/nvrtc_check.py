@@ -77,38 +77,37 @@ def main():
         "    const int pos = i + p.Sk - p.Sq;\n    (void)b; (void)h;\n    return j <= pos + p.mc[0];\n}\n"
     )
     sp_head = read("common.cuh") + "\n" + read("fwd_params.cuh") + "\n" + causal + "\n" + read("select.cuh") + "\n"
+    def check_variant(name, src, tag, defs):
+        nonlocal bad
+        opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
+        opts += [f"-D{x}={y}" for x, y in defs.items()]
+        rc, log = compile_src(lib, name, src, opts)
+        variants.append(tag)
+        if rc == 0:
+            print(f"PASS {tag}")
+        else:
+            bad += 1
+            print(f"FAIL {tag}\n{log}")
+
+    vs_src = sp_head + read("sparse_vs.cu")
     for f16 in (0, 1):
         for d, br, bc in ((64, 192, 128), (128, 128, 128), (128, 192, 64), (256, 64, 64)):
             for cap in (0, 1):
                 defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap)
-                opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
-                opts += [f"-D{x}={y}" for x, y in defs.items()]
-                rc, log = compile_src(lib, "sparse_vs.cu", sp_head + read("sparse_vs.cu"), opts)
                 tag = f"sparse_vs.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} softcap{cap}"
-                variants.append(tag)
-                if rc == 0:
-                    print(f"PASS {tag}")
-                else:
-                    bad += 1
-                    print(f"FAIL {tag}\n{log}")
-    # The low-bit estimator (sparse_lowbit.cu after sparse_vs.cu, LB_D32 = D rounded up to 32).
+                check_variant("sparse_vs.cu", vs_src, tag, defs)
+    # The low-bit estimator (sparse_lowbit.cu after sparse_vs.cu, LB_D32 = D rounded up to 32;
+    # one stage and two blocks per SM as in sparse/cuda.rs, the f16 variants with the other
+    # setting of the tuning override).
+    lb_src = vs_src + "\n" + read("sparse_lowbit.cu")
     for f16 in (0, 1):
         for d, br, bc in ((64, 192, 128), (128, 128, 128), (80, 128, 64), (256, 64, 64), (128, 176, 80)):
             for cap in (0, 1):
                 d32 = (d + 31) // 32 * 32
-                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, LB_D32=d32, LB_WARPS=8 if d32 <= 128 else 4,
-                            LB_STAGES=1 + f16, LB_MINB=2 - f16)
-                opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
-                opts += [f"-D{x}={y}" for x, y in defs.items()]
-                src = sp_head + read("sparse_vs.cu") + "\n" + read("sparse_lowbit.cu")
-                rc, log = compile_src(lib, "sparse_lowbit.cu", src, opts)
+                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, LB_D32=d32,
+                            LB_WARPS=8 if d32 <= 128 else 4, LB_STAGES=1 + f16, LB_MINB=2 - f16)
                 tag = f"sparse_lowbit.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} softcap{cap}"
-                variants.append(tag)
-                if rc == 0:
-                    print(f"PASS {tag}")
-                else:
-                    bad += 1
-                    print(f"FAIL {tag}\n{log}")
+                check_variant("sparse_lowbit.cu", lb_src, tag, defs)
     # The KV-cache kernels (cuda/decode.rs, kv/cuda.rs): decode (paged / contiguous, the ring),
     # the append / move / fill helpers, and the Quest selection.
     kv = []
@@ -144,16 +143,8 @@ def main():
                                           LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1, LA_KIVI=1, LA_QB=qb,
                                           LA_QG=qg), read("decode.cu")))
     for f, defs, extra in kv:
-        opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo"]
-        opts += [f"-D{x}={y}" for x, y in defs.items()]
-        rc, log = compile_src(lib, f, read("common.cuh") + "\n" + extra + "\n" + read(f), opts)
         tag = f"{f} " + " ".join(f"{x}={y}" for x, y in defs.items())
-        variants.append(tag)
-        if rc == 0:
-            print(f"PASS {tag}")
-        else:
-            bad += 1
-            print(f"FAIL {tag}\n{log}")
+        check_variant(f, read("common.cuh") + "\n" + extra + "\n" + read(f), tag, defs)
     # The ring's LSE merge of the one-GPU loopback (cp/loopback.rs): common.cuh + cp_merge.cu.
     for f16 in (0, 1):
         opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo", f"-DLA_F16={f16}"]

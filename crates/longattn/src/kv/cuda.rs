@@ -1085,8 +1085,7 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             let mut qf = DevTensor::alloc(dev, [batch, len, hq, d], dt)?;
             crate::cuda::decode::fill_random(dev, dt, &mut qf.data, 31)?;
             let lf = dev.upload(&vec![8.0f32; batch * hq * len])?;
-            let mut sf =
-                DevScores::new(dev, &c, hq, len, ScoreKind::H2o, ScoreParams::default())?;
+            let mut sf = DevScores::new(dev, &c, hq, len, ScoreKind::H2o, ScoreParams::default())?;
             let ms_obs = time_calls(dev, 1, 3, || sf.observe(&c, &qf, &lf, true))?;
             drop(sf);
             let mut kv = Vec::new();
@@ -1119,7 +1118,9 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             )?;
             let mut of = DevTensor::alloc(dev, [batch, len, hq, d], dt)?;
             let mut lo = dev.alloc_f32(batch * hq * len)?;
-            let ms_fwd = time_calls(dev, 1, 3, || fwd.launch(&qf, &kv[0], &kv[1], &mut of, &mut lo))?;
+            let ms_fwd = time_calls(dev, 1, 3, || {
+                fwd.launch(&qf, &kv[0], &kv[1], &mut of, &mut lo)
+            })?;
             push(
                 format!("h2o full accumulation (Sq {len}, causal)"),
                 ms_obs,

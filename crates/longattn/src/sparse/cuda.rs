@@ -844,6 +844,29 @@ pub fn forward<'a>(
     Ok((out, plan.selection_after_forward(rows)?))
 }
 
+/// The CPU estimators' context for a device check: the whole batch row one document, the
+/// device's candidates (the mask's schedule at the kernel's tiles), no fallback.
+fn check_ctx<'a>(
+    [q, k]: [&'a TensorView<'a>; 2],
+    dims: Dims,
+    params: &AttnParams,
+    cand: &'a BlockSchedule,
+    rows: Option<&'a dyn RowMask>,
+) -> Ctx<'a> {
+    Ctx {
+        q,
+        k,
+        dims,
+        logit: Logit::new(params, dims.d),
+        cand,
+        el: Elements { s: cand, rows },
+        docs: vec![vec![Doc::whole(&dims)]; dims.batch],
+        dense_below: 0,
+        element: false,
+        dense_last: 0,
+    }
+}
+
 /// What the device selftest compares for one vertical-slash case.
 pub struct VsCheck {
     /// Largest |device mass - f64 mass| / (1 + |f64 mass|) over columns and diagonals.
@@ -883,18 +906,7 @@ pub fn check_vertical_slash<'a>(
         ));
     };
     let cand = sel.candidates.as_ref();
-    let ctx = Ctx {
-        q,
-        k,
-        dims,
-        logit: Logit::new(params, dims.d),
-        cand,
-        el: Elements { s: cand, rows },
-        docs: vec![vec![Doc::whole(&dims)]; dims.batch],
-        dense_below: 0,
-        element: false,
-        dense_last: 0,
-    };
+    let ctx = check_ctx([q, k], dims, params, cand, rows);
     let nd = dims.sq + dims.sk - 1;
     let (mut mass_err, mut rows_differ, mut rows_differ_f64) = (0f64, 0, 0);
     for r in 0..dims.batch * dims.hq {
@@ -962,18 +974,7 @@ pub fn check_lowbit<'a>(
     };
     let sel = plan.selection(rows)?;
     let cand = sel.candidates.as_ref();
-    let ctx = Ctx {
-        q,
-        k,
-        dims,
-        logit: Logit::new(params, dims.d),
-        cand,
-        el: Elements { s: cand, rows },
-        docs: vec![vec![Doc::whole(&dims)]; dims.batch],
-        dense_below: 0,
-        element: false,
-        dense_last: 0,
-    };
+    let ctx = check_ctx([q, k], dims, params, cand, rows);
     let doc = Doc::whole(&dims);
     let all: Vec<usize> = (0..dims.sk).collect();
     let mut chk = LbCheck {
