@@ -42,6 +42,7 @@ CPU_SPECS = [
     "relthresh(alpha=0.3,block=32,dense_below=0)",
     "moba(block=32,topk=2,dense_below=0)",
     "proxy(gamma=0.8,rows=4,block=32,last=16,dense_below=0)",
+    "lowbit(tau=0.3,block=32,sink=2,local=16,dense_below=0)",
 ]
 
 

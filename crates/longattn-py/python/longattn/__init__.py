@@ -112,12 +112,13 @@ def sparse_attention(
     ``"flexprefill(gamma=0.9,tau=0.1)"``, ``"topmass(gamma=0.95)"``, ``"proxy(gamma=0.9)"``,
     ``"moba(block=512,topk=3)"``, ``"relthresh(alpha=0.7)"``, ``"skip(factor=600)"``,
     ``"columns(gamma=0.97,rows=8,check=0.92)"`` (element level: the keys each query tile's
-    sampled rows weigh most), ``element=1`` on ``vertical_slash`` / ``flexprefill`` (only the
+    sampled rows weigh most), ``"lowbit(tau=0.3)"`` (every pair's logit estimated from int8
+    Q and K), ``element=1`` on ``vertical_slash`` / ``flexprefill`` (only the
     pairs on the kept lines), or a union ``"A + B"`` (the grammar and every argument: the Rust
     crate's ``longattn::sparse``; element-level selections and unions run on the CPU only). Every method takes
     ``dense_below=N``: with fewer keys the mask runs dense (default 1024 on the CPU, 16384 on
     CUDA). On CUDA the estimator runs on the device with no host synchronisation
-    (``vertical_slash``; the selection is made at the attention kernel's tiles; other methods
+    (``vertical_slash``, ``lowbit``; the selection is made at the attention kernel's tiles; other methods
     raise a clear error); on the CPU every method. Shapes, dtypes and ``mask`` (an expression
     string, a :class:`Mask` or ``None``) as for :func:`attention`. With ``q_doc`` / ``k_doc``
     (packed varlen, ``mask="causal & document"``) the CPU estimators work per document (each
