@@ -977,6 +977,7 @@ pub fn check_lowbit<'a>(
     let ctx = check_ctx([q, k], dims, params, cand, rows);
     let doc = Doc::whole(&dims);
     let all: Vec<usize> = (0..dims.sk).collect();
+    let ln_tau = tau.ln();
     let mut chk = LbCheck {
         tiles_differ: 0,
         tiles_near: 0,
@@ -992,11 +993,11 @@ pub fn check_lowbit<'a>(
                 {
                     let got = sel.schedule.row(b, h, qt);
                     for (c, e) in cand.row(b, h, qt)[xs].iter().enumerate() {
-                        let want = super::lowbit::keeps(ts.forced[c], ts.score[c], tau);
+                        let want = super::lowbit::keeps(ts.forced[c], ts.score[c], ln_tau);
                         let has = got.iter().any(|x| x.k_tile == e.k_tile);
                         chk.candidates += 1;
                         if want != has {
-                            if !ts.forced[c] && (ts.score[c] - tau.ln()).abs() <= margin {
+                            if !ts.forced[c] && (ts.score[c] - ln_tau).abs() <= margin {
                                 chk.tiles_near += 1;
                             } else {
                                 chk.tiles_differ += 1;

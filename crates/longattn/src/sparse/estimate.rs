@@ -161,6 +161,7 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
             .collect();
     }
     if let Method::LowBit { tau, sink, local } = *method {
+        let ln_tau = tau.ln();
         // The int8 keys once per (batch row, KV group, document), then each head's rows.
         let keys: Vec<Vec<lowbit::QKeys>> = (0..d.batch * d.hk)
             .into_par_iter()
@@ -185,7 +186,7 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                             .forced
                             .iter()
                             .zip(&ts.score)
-                            .map(|(&f, &r)| lowbit::keeps(f, r, tau))
+                            .map(|(&f, &r)| lowbit::keeps(f, r, ln_tau))
                             .collect();
                         kept.or(qt, &xs, &keep);
                     }

@@ -96,13 +96,13 @@ pub(crate) fn quant_row(
     mu: &[f32],
     out: &mut [i8],
 ) -> (f32, f64) {
-    let dd = q.dim();
-    let row: Vec<f32> = (0..dd).map(|c| q.get(b, i, h, c)).collect();
-    let s = row.iter().fold(0.0f32, |a, &x| a.max(x.abs())) / 127.0;
-    for (o, &x) in out.iter_mut().zip(&row) {
+    let s = (0..q.dim()).fold(0.0f32, |a, c| a.max(q.get(b, i, h, c).abs())) / 127.0;
+    let mut qmu = 0.0;
+    for (c, (o, &m)) in out.iter_mut().zip(mu).enumerate() {
+        let x = q.get(b, i, h, c);
         *o = q8(x, s);
+        qmu += x as f64 * m as f64;
     }
-    let qmu = row.iter().zip(mu).map(|(&x, &m)| x as f64 * m as f64).sum();
     (s, qmu)
 }
 
@@ -180,8 +180,8 @@ pub(crate) fn doc_scores(
         .collect()
 }
 
-/// The keep rule: forced, or r >= ln tau.
+/// The keep rule: forced, or r >= ln tau (`ln_tau`).
 #[inline]
-pub(crate) fn keeps(forced: bool, score: f64, tau: f64) -> bool {
-    forced || score >= tau.ln()
+pub(crate) fn keeps(forced: bool, score: f64, ln_tau: f64) -> bool {
+    forced || score >= ln_tau
 }

@@ -818,6 +818,7 @@ fn lowbit_reference(
     let keys = quant_keys(k, b, g, doc_k);
     let index: HashMap<usize, usize> = doc_k.iter().enumerate().map(|(x, &j)| (j, x)).collect();
     let sinks: HashSet<usize> = doc_k.iter().take(sink).copied().collect();
+    let ln_tau = tau.ln();
     let mut kept = vec![vec![false; nk]; nq];
     for (qt, row) in kept.iter_mut().enumerate() {
         for &i in &q_of(qt) {
@@ -845,7 +846,7 @@ fn lowbit_reference(
                     } else {
                         e(j) - m
                     };
-                    *keep |= is_ref(j) || r >= tau.ln();
+                    *keep |= is_ref(j) || r >= ln_tau;
                 }
             }
         }

@@ -304,7 +304,8 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32, LB_MINB) sp_lb_score
     }
     __syncthreads();
     // The candidates: warp w takes entries w, w + LB_WARPS, ...; its items (entry, group) in
-    // order, the next item's group fetched while the current one is scored.
+    // order, the next item's group fetched after the current one is scored (with two stages:
+    // while it is).
     const int copy = (b / p.sched_batch) * (p.Hq / p.sched_heads) + h / p.sched_heads;
     // The item after (x, grp): the next group of entry x, else the first of entry x + LB_WARPS.
     auto first_grp = [&](u32 x) { return (int)(p.sched_ent[e0 + x] >> 1) * LA_BC / 64; };
@@ -319,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(LB_WARPS * 32, LB_MINB) sp_lb_score
         const u32 ent = p.sched_ent[e0 + x];
         const int kt = (int)(ent >> 1), kind = 1 + (int)(ent & 1);
         const int k0 = kt * LA_BC, k1 = min(p.Sk, k0 + LA_BC);
-        // The next item, fetched into the other stage.
+        // The next item (with two stages fetched now, into the other stage).
         const bool last_of_entry = grp == (k1 - 1) / 64;
         u32 nx = last_of_entry ? x + LB_WARPS : x;
         int ngrp = last_of_entry ? (nx < ne ? first_grp(nx) : -1) : grp + 1;
