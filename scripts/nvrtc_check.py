@@ -147,15 +147,8 @@ def main():
         check_variant(f, read("common.cuh") + "\n" + extra + "\n" + read(f), tag, defs)
     # The ring's LSE merge of the one-GPU loopback (cp/loopback.rs): common.cuh + cp_merge.cu.
     for f16 in (0, 1):
-        opts = [f"--gpu-architecture={a.arch}", "--std=c++17", "-default-device", "-lineinfo", f"-DLA_F16={f16}"]
-        rc, log = compile_src(lib, "cp_merge.cu", read("common.cuh") + "\n" + read("cp_merge.cu"), opts)
         tag = f"cp_merge.cu {'f16' if f16 else 'bf16'}"
-        variants.append(tag)
-        if rc == 0:
-            print(f"PASS {tag}")
-        else:
-            bad += 1
-            print(f"FAIL {tag}\n{log}")
+        check_variant("cp_merge.cu", read("common.cuh") + "\n" + read("cp_merge.cu"), tag, dict(LA_F16=f16))
     for f, nw, gla, f16, k, v, bv in (x for x in variants if isinstance(x, tuple)):
         defs = dict(LIN_NW=nw, LA_F16=f16, LIN_K=k, LIN_V=v, LIN_BV=bv, LIN_BK=32)
         if gla:
