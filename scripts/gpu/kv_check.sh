@@ -5,6 +5,8 @@
 #   bash scripts/gpu/kv_check.sh checks   # selftest groups kv, decode (ragged ...), sparse
 #   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
 #   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
+#   bash scripts/gpu/kv_check.sh scores   # press scores: selftest, then the bench's accumulation
+#                                         # rows with the Hopper kernel and with the generic one
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -25,6 +27,16 @@ bench)
   if [ -d .peers/flashinfer ]; then E=$(bash .peers/install.sh flashinfer light) && eval "$E"; fi
   timeout 400 /tmp/longattn kv bench ${KV_BENCH_ARGS:-} > "$OUT/kv_bench.txt" 2>&1
   echo "kv bench rc=$?"; cat "$OUT/kv_bench.txt" | grep -v "^kv bench " | tail -60
+  ;;
+scores)
+  timeout 300 /tmp/longattn selftest --backend cuda --filter "kv scores" --jobs 6 > "$OUT/selftest_scores.txt" 2>&1
+  echo "selftest kv scores rc=$?"; cat "$OUT/selftest_scores.txt" | tail -25
+  for wg in 1 0; do
+    LONGATTN_CUDA_SCORE_WG=$wg timeout 300 /tmp/longattn kv bench --compare none \
+      --configs ${SCORE_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_scores_wg$wg.txt" 2>&1
+    echo "kv bench (LONGATTN_CUDA_SCORE_WG=$wg) rc=$?"
+    grep -E "config|accumulation|prefill forward|window scores" "$OUT/kv_bench_scores_wg$wg.txt"
+  done
   ;;
 memcheck)
   timeout 400 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --filter kv \

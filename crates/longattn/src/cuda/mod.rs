@@ -14,7 +14,7 @@ pub mod compile;
 pub mod decode;
 pub mod forward;
 pub mod selftest;
-mod wgmma;
+pub(crate) mod wgmma;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -8,7 +8,8 @@
 //! - `la_wg_ss_n{N}(d, da, db, acc)`: A and B in shared memory, both K-major (descriptors);
 //! - `la_wg_sst_n{N}(d, da, db, acc)`: A and B in shared memory, both M/N-major (transposed);
 //! - `la_wg_rs_n{N}(d, a, db)`: A from registers (the mma.sync A fragment per warp), B in
-//!   shared memory N-major; always accumulates.
+//!   shared memory N-major; always accumulates;
+//! - `la_wg_rsk_n{N}(d, a, db, acc)`: A from registers, B in shared memory K-major.
 //!
 //! `acc = 0` overwrites D. bf16 or f16 by the kernel's `LA_F16`.
 use std::fmt::Write;
@@ -23,7 +24,7 @@ pub(crate) static WRAPPERS: LazyLock<String> = LazyLock::new(|| {
     for (cond, ty) in [("!LA_F16", "bf16"), ("LA_F16", "f16")] {
         writeln!(s, "#if {cond}").unwrap();
         for n in WIDTHS {
-            for form in [Form::Ss, Form::SsT, Form::Rs] {
+            for form in [Form::Ss, Form::SsT, Form::Rs, Form::RsK] {
                 s.push_str(&wrapper(n, ty, form));
             }
         }
@@ -37,6 +38,7 @@ enum Form {
     Ss,
     SsT,
     Rs,
+    RsK,
 }
 
 fn wrapper(n: usize, ty: &str, form: Form) -> String {
@@ -72,6 +74,15 @@ fn wrapper(n: usize, ty: &str, form: Form) -> String {
             "\"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"(1)".to_string(),
             nacc + 5,
         ),
+        Form::RsK => (
+            "rsk",
+            "float* d, const u32* a, u64 db, int accumulate",
+            format!("{{{}}}", list(nacc, 4)),
+            format!("%{}, p, 1, 1, 0", nacc + 4),
+            "\"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"(accumulate)"
+                .to_string(),
+            nacc + 5,
+        ),
     };
     format!(
         "__device__ __forceinline__ void la_wg_{name}_n{n}({args}) {{\n    asm volatile(\n        \
@@ -99,6 +110,9 @@ mod tests {
         let w = wrapper(32, "bf16", Form::SsT);
         assert!(w.contains("%16, %17, p, 1, 1, 1, 1;"), "{w}");
         assert!(w.contains("\"+f\"(d[15])") && !w.contains("d[16]"), "{w}");
-        assert_eq!(WRAPPERS.matches("__device__").count(), 24);
+        let w = wrapper(128, "bf16", Form::RsK);
+        assert!(w.contains("{%64, %65, %66, %67}, %68, p, 1, 1, 0;"), "{w}");
+        assert!(w.contains("setp.ne.b32 p, %69, 0;") && w.contains("\"r\"(accumulate)"), "{w}");
+        assert_eq!(WRAPPERS.matches("__device__").count(), 32);
     }
 }

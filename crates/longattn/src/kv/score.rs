@@ -99,6 +99,15 @@ impl ScoreKind {
     }
 
     /// `(decay, w)` of a chunk of `sq` query rows.
+    /// The first of `sq` rows whose weight can be non-zero ([`ScoreKind::weights`]).
+    pub fn first_row(self, sq: usize) -> usize {
+        match self {
+            ScoreKind::H2o | ScoreKind::A2sf(_) => 0,
+            ScoreKind::Tova => sq.saturating_sub(1),
+            ScoreKind::SnapKv(w) => sq.saturating_sub(w.max(1)),
+        }
+    }
+
     pub fn weights(self, sq: usize) -> (f64, Vec<f64>) {
         match self {
             ScoreKind::H2o => (1.0, vec![1.0; sq]),

@@ -18,6 +18,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKerne
 
 use super::score::{Reduce, ScoreKind, ScoreParams};
 use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout, RawScore, ScoreFold};
+use crate::cuda::forward::{env_off, TmaMap, TMA, WGMMA};
 use crate::cuda::selftest::CaseResult;
 use crate::cuda::{drv, CudaDevice, DevTensor};
 use crate::error::{Error, Result};
@@ -26,7 +27,12 @@ use crate::testing::{random_tensor, Rng};
 
 const COMMON: &str = include_str!("../cuda/kernels/common.cuh");
 const SCORE: &str = include_str!("../cuda/kernels/kv_score.cu");
+const SCORE_WG: &str = include_str!("../cuda/kernels/kv_score_wg.cu");
 const OP: &str = "cuda kv scores";
+
+/// Chunks with at least this many weighted rows fold through the Hopper kernel
+/// (`kv_score_wg.cu`) where it applies ([`DevScores::observe`]).
+const WG_MIN_ROWS: usize = 128;
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -64,6 +70,57 @@ struct LaScoreParams {
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaScoreParams {}
 
+/// Field for field `LaColArgs` in `kernels/kv_score_wg.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LaColArgs {
+    k: u64,
+    l2: u64,
+    tables: u64,
+    lens: u64,
+    score: u64,
+    sq: i32,
+    hq: i32,
+    hk: i32,
+    max_pages: i32,
+    cap: i32,
+    sq_pad: i32,
+    causal: i32,
+    reduce: i32,
+    first: i32,
+    decay: f32,
+    q_scale: f32,
+    cap_mul: f32,
+}
+
+/// `LaColWs`: q's tensor map, then the arguments.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LaColWs {
+    tq: TmaMap,
+    p: LaColArgs,
+}
+
+const _: () = assert!(std::mem::size_of::<LaColWs>() == 256);
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl cudarc::driver::DeviceRepr for LaColWs {}
+
+/// Tiling of `la_kv_colscore` at head dim `d`: (query rows a step, ring stages).
+fn wg_tiles(d: usize) -> (usize, usize) {
+    if d > 128 {
+        (64, 3)
+    } else {
+        (128, 3)
+    }
+}
+
+/// Dynamic shared memory of `la_kv_colscore`: 1 KiB for alignment, the ring's Q tiles and l2
+/// rows, its mbarriers.
+fn wg_smem_bytes(d: usize) -> usize {
+    let (br, st) = wg_tiles(d);
+    1024 + st * br * d * 2 + st * br * 4 + 2 * st * 8
+}
+
 /// Dynamic shared memory of `la_kv_score`: 64 keys and 64 query rows of D + 8 elements, and the
 /// rows' weights and LSE (`kv_score.cu`).
 fn smem_bytes(d: usize) -> usize {
@@ -86,6 +143,13 @@ pub struct DevScores {
     dtype: DType,
     head_dim: usize,
     page: usize,
+    /// The Hopper fold's row offsets (`la_kv_score_l2`), grown as chunks need.
+    l2: Option<CudaSlice<f32>>,
+    /// The kernels' variant name and compile-time constants (`kv_score.cu`).
+    variant: String,
+    defines: Vec<(String, String)>,
+    /// Whether large chunks may take the Hopper kernel (the selftest turns it off to compare).
+    hopper: bool,
 }
 
 impl DevScores {
@@ -163,6 +227,10 @@ impl DevScores {
             dtype: dt,
             head_dim: d,
             page: page_size,
+            l2: None,
+            variant,
+            defines,
+            hopper: true,
         })
     }
 
@@ -247,6 +315,10 @@ impl DevScores {
             cap_mul,
             pad: 0,
         };
+        let first = self.kind.first_row(sq);
+        if sq - first >= WG_MIN_ROWS && self.wg_applies(q) {
+            return self.observe_wg(q, &p, first, max);
+        }
         let cfg = LaunchConfig {
             grid_dim: (max.div_ceil(64) as u32, self.rows as u32, 1),
             block_dim: (128, 1, 1),
@@ -258,6 +330,105 @@ impl DevScores {
         // its pool), every length is at most cap (checked: the score row bounds), q's strides and
         // shape were checked against [B, Sq, Hq, D], lse holds B Hq Sq values.
         unsafe { lb.launch(cfg) }.map_err(drv("launch kv scores"))?;
+        Ok(())
+    }
+
+    /// Whether a chunk of `q` can fold through the Hopper kernel: an sm_90 device, head dim 64,
+    /// 128 or 256, q's address and strides multiples of 16 bytes (TMA), and
+    /// `LONGATTN_CUDA_SCORE_WG` not `0`.
+    fn wg_applies(&self, q: &DevTensor) -> bool {
+        self.hopper
+            && self.dev.cc == (9, 0)
+            && matches!(self.head_dim, 64 | 128 | 256)
+            && q.tma_aligned()
+            && !env_off("LONGATTN_CUDA_SCORE_WG")
+    }
+
+    /// The fold of `observe` through `kv_score_wg.cu`: the rows' offsets in log2 units
+    /// (`la_kv_score_l2`, padded to whole query tiles), then one block per (128 entries, table
+    /// row). `p` is the generic kernel's parameter set for this chunk (checked by `observe`),
+    /// `first` the first weighted row, `max` the longest row.
+    fn observe_wg(
+        &mut self,
+        q: &DevTensor,
+        p: &LaScoreParams,
+        first: usize,
+        max: usize,
+    ) -> Result<()> {
+        let [b, sq, hq, d] = q.shape;
+        let (br, stages) = wg_tiles(d);
+        let sq_pad = sq.next_multiple_of(br);
+        let n = b * hq * sq_pad;
+        if self.l2.as_ref().is_none_or(|x| x.len() < n) {
+            self.l2 = Some(self.dev.alloc_f32(n)?);
+        }
+        let l2 = self.l2.as_ref().expect("allocated above");
+        let (src, variant) = (|| format!("{COMMON}\n{SCORE}"), &self.variant);
+        let prep =
+            self.dev
+                .function_static(variant, "la_kv_score_l2", src, &self.defines, 0)?;
+        let mut defines = self.defines.clone();
+        defines.push(("LC_BR".into(), br.to_string()));
+        defines.push(("LC_ST".into(), stages.to_string()));
+        let smem = wg_smem_bytes(d);
+        let wrappers = &*crate::cuda::wgmma::WRAPPERS;
+        let main = self.dev.function_static(
+            &format!("{}_wg{br}x{stages}", self.variant),
+            "la_kv_colscore",
+            || format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{SCORE_WG}"),
+            &defines,
+            smem,
+        )?;
+        let s = self.dev.stream();
+        let sq_pad_i = sq_pad as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = s.launch_builder(&prep);
+        lb.arg(p).arg(l2).arg(&sq_pad_i);
+        // SAFETY: the parameters as for `la_kv_score` (checked by observe); l2 holds
+        // B Hq sq_pad values.
+        unsafe { lb.launch(cfg) }.map_err(drv("launch kv score offsets"))?;
+        let decay = match self.kind {
+            ScoreKind::H2o => 1.0,
+            ScoreKind::A2sf(f) => f.powi(sq.min(i32::MAX as usize) as i32),
+            ScoreKind::Tova | ScoreKind::SnapKv(_) => 0.0,
+        };
+        let w = LaColWs {
+            tq: TmaMap::rows(q, br)?,
+            p: LaColArgs {
+                k: p.k,
+                l2: l2.device_ptr(s).0,
+                tables: p.tables,
+                lens: p.lens,
+                score: p.score,
+                sq: sq as i32,
+                hq: hq as i32,
+                hk: p.hk,
+                max_pages: p.max_pages,
+                cap: p.cap,
+                sq_pad: sq_pad_i,
+                causal: p.causal,
+                reduce: p.reduce,
+                first: first as i32,
+                decay,
+                q_scale: p.q_scale,
+                cap_mul: p.cap_mul,
+            },
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (max.div_ceil(128) as u32, self.rows as u32, 1),
+            block_dim: (384, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut lb = s.launch_builder(&main);
+        lb.arg(&w);
+        // SAFETY: the struct matches the kernel's (size asserted on both sides); q's tensor map
+        // covers [B, Sq, Hq, D]; l2 was just written for every (b, h, row < sq_pad); tables,
+        // lengths and scores as for `la_kv_score`.
+        unsafe { lb.launch(cfg) }.map_err(drv("launch kv scores (Hopper)"))?;
         Ok(())
     }
 
@@ -558,6 +729,11 @@ fn check_scores(
     let max_len = fx.max_len();
     let key = |r: usize, e: usize| fx.key(r, e);
     let mut dsc = DevScores::new(dev, cache, hq, max_len.max(1) + 5, kind, params)?;
+    // The same folds through the generic kernel only (a chunk of many weighted rows takes the
+    // Hopper kernel in `dsc` where it applies).
+    let mut generic = DevScores::new(dev, cache, hq, max_len.max(1) + 5, kind, params)?;
+    generic.hopper = false;
+    let mut hopper_used = false;
     let mut want: Vec<Vec<f64>> = ulens.iter().map(|&l| vec![0.0; l]).collect();
     let mut worst = 0.0f64;
     let mut err_of = |got: &[f32], stride: usize, want: &[Vec<f64>]| {
@@ -594,7 +770,11 @@ fn check_scores(
         let lse_d = dev.upload(&lse)?;
         let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
         dsc.observe(cache, &qd, &lse_d, causal)?;
+        generic.observe(cache, &qd, &lse_d, causal)?;
+        hopper_used |= sq - kind.first_row(sq) >= WG_MIN_ROWS && dsc.wg_applies(&qd);
         let (got, stride) = dsc.download()?;
+        errs.push(err_of(&got, stride, &want));
+        let (got, stride) = generic.download()?;
         errs.push(err_of(&got, stride, &want));
     }
     // Compaction: a random keep set per row (some rows whole, some empty).
@@ -619,8 +799,13 @@ fn check_scores(
     Ok((
         worst,
         format!(
-            "score err (vs the row's largest) fold 1 {:.1e}, fold 2 {:.1e}, after compaction {:.1e}",
-            errs[0], errs[1], errs[2]
+            "score err (vs the row's largest) fold 1 {:.1e}, fold 2 {:.1e}, after compaction {:.1e}{}; generic kernel fold 1 {:.1e}, fold 2 {:.1e}",
+            errs[0],
+            errs[2],
+            errs[4],
+            if hopper_used { " (Hopper kernel)" } else { "" },
+            errs[1],
+            errs[3]
         ),
         worst <= SCORE_TOL,
     ))
@@ -822,8 +1007,14 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
     );
     let (bf, f16) = (DType::BF16, DType::F16);
     #[rustfmt::skip]
-    let cases: [Case; 8] = [
+    let cases: [Case; 13] = [
         (bf, (8, 2, 128), (7, 1), ScoreKind::H2o, Reduce::Mean, None, true),
+        // Chunks of >= 128 weighted rows: the Hopper kernel on sm_90.
+        (bf, (8, 2, 128), (300, 129), ScoreKind::H2o, Reduce::Mean, None, true),
+        (f16, (4, 1, 64), (1023, 200), ScoreKind::A2sf(0.999), Reduce::Max, None, true),
+        (bf, (4, 4, 256), (257, 128), ScoreKind::H2o, Reduce::Sum, Some(20.0), false),
+        (bf, (32, 8, 128), (513, 7), ScoreKind::H2o, Reduce::Sum, None, true),
+        (bf, (8, 2, 64), (300, 131), ScoreKind::SnapKv(200), Reduce::Mean, None, false),
         (f16, (4, 1, 64), (65, 7), ScoreKind::A2sf(0.9), Reduce::Max, None, true),
         (bf, (4, 4, 256), (1, 1), ScoreKind::Tova, Reduce::Sum, None, true),
         (bf, (32, 8, 128), (113, 33), ScoreKind::SnapKv(32), Reduce::Mean, None, true),
@@ -995,6 +1186,55 @@ mod tests {
                 q_scale, cap_mul, pad),
             std::mem::size_of::<LaScoreParams>(),
         );
+    }
+
+    #[test]
+    fn colscore_parameter_struct_matches_the_kernel() {
+        crate::cuda::forward::check_layout(
+            SCORE_WG,
+            "LaColArgs",
+            &crate::cuda::forward::offsets!(LaColArgs; k, l2, tables, lens, score, sq, hq, hk,
+                max_pages, cap, sq_pad, causal, reduce, first, decay, q_scale, cap_mul),
+            std::mem::size_of::<LaColArgs>(),
+        );
+        assert_eq!(std::mem::offset_of!(LaColWs, p), 128);
+    }
+
+    /// The Hopper fold compiles under NVRTC for sm_90a (no GPU needed, only `libnvrtc`;
+    /// skipped, and said so, without it): D 64 / 128 / 256, bf16 / f16, with and without
+    /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing. The offsets kernel
+    /// compiles with the generic one (`scripts/nvrtc_check.py`).
+    #[test]
+    fn colscore_kernels_compile_with_nvrtc() {
+        if crate::cuda::compile::test_programs().is_none() {
+            return;
+        }
+        let wrappers = &*crate::cuda::wgmma::WRAPPERS;
+        let src = format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{SCORE_WG}");
+        let mut n = 0;
+        for d in [64usize, 128, 256] {
+            let (br, st) = wg_tiles(d);
+            assert!(wg_smem_bytes(d) <= 227 * 1024);
+            for f16 in [0, 1] {
+                for cap in [0, 1] {
+                    let defines: Vec<(String, String)> = [
+                        ("LA_F16", f16.to_string()),
+                        ("LA_D", d.to_string()),
+                        ("LA_PAGE", "16".to_string()),
+                        ("LA_SOFTCAP", cap.to_string()),
+                        ("LC_BR", br.to_string()),
+                        ("LC_ST", st.to_string()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                    let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}");
+                    crate::cuda::compile::assert_ptxas_clean(&name, &src, &defines);
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n, 12);
     }
 
     /// The device's reference reads entries by index with the chunk as every row's last Sq

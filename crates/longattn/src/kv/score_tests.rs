@@ -222,3 +222,24 @@ fn bad_input_is_refused() {
         .to_string();
     assert!(e.contains("lse"), "{e}");
 }
+
+/// `first_row` is where each kind's weights start: every row before it weighs 0, the row at it
+/// does not (Sq 1, 7, 300; SnapKV windows shorter and longer than the chunk).
+#[test]
+fn first_row_is_the_first_weighted_row() {
+    for sq in [1usize, 7, 300] {
+        for kind in [
+            ScoreKind::H2o,
+            ScoreKind::A2sf(0.5),
+            ScoreKind::Tova,
+            ScoreKind::SnapKv(1),
+            ScoreKind::SnapKv(5),
+            ScoreKind::SnapKv(1000),
+        ] {
+            let (_, w) = kind.weights(sq);
+            let f = kind.first_row(sq);
+            assert!(w[..f].iter().all(|&x| x == 0.0), "{kind:?} sq {sq}");
+            assert!(w[f] > 0.0, "{kind:?} sq {sq}: row {f} weighs 0");
+        }
+    }
+}

@@ -103,21 +103,13 @@
 #define la_wg_ss_br la_wg_ss_n128
 #endif
 
-struct la_f2 {
-    float x, y;
-};
-// 8-byte shared-memory load of two floats, 16-byte store of four (one instruction each).
-__device__ __forceinline__ la_f2 la_lds2(const float* a) {
-    la_f2 r;
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(r.x), "=f"(r.y) : "r"(la_smem_addr(a)));
-    return r;
-}
 // dst[0..4) += v[0..4) in global memory, one vector reduction (no value returned).
 __device__ __forceinline__ void la_red_add4(float* dst, const float* v) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]), "f"(v[1]), "f"(v[2]),
                  "f"(v[3])
                  : "memory");
 }
+// 16-byte shared-memory store of four floats (one instruction; la_lds2 in wgmma.cuh loads two).
 __device__ __forceinline__ void la_sts4(float* a, const float* v) {
     asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(la_smem_addr(a)), "f"(v[0]), "f"(v[1]),
                  "f"(v[2]), "f"(v[3])

@@ -218,3 +218,21 @@ extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParam
         *dst = decay == 0.f ? cval : decay * *dst + cval;
     }
 }
+
+// The rows' offsets for the prefill-sized fold (kv_score_wg.cu), in log2 units and padded to
+// sq_pad rows per (batch, query head): l2[(b Hq + h) sq_pad + i] = lse log2 e - log2 w_i, so that
+// w_i 2^(x - lse log2 e) = 2^(x - l2); +inf where the row adds nothing (i >= Sq, w_i = 0,
+// lse = -inf: a row that sees no entry).
+extern "C" __global__ void __launch_bounds__(256) la_kv_score_l2(const LaScoreParams p, float* l2, int sq_pad) {
+    const i64 n = (i64)p.B * p.Hq * sq_pad;
+    for (i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x; x < n; x += (i64)gridDim.x * blockDim.x) {
+        const int i = (int)(x % sq_pad);
+        float v = LA_INF;
+        if (i < p.Sq) {
+            const float l = p.lse[(x / sq_pad) * p.Sq + i];
+            const float w = ls_weight(p, i);
+            if (w != 0.f && l != -LA_INF) v = l * LA_LOG2E - log2f(w);
+        }
+        l2[x] = v;
+    }
+}

@@ -27,6 +27,16 @@ __device__ __forceinline__ void la_fence_regs(float* x) {
 #define la_wg_rs_d la_wg_rs_n128
 #endif
 
+struct la_f2 {
+    float x, y;
+};
+// 8-byte shared-memory load of two floats (one instruction).
+__device__ __forceinline__ la_f2 la_lds2(const float* a) {
+    la_f2 r;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(r.x), "=f"(r.y) : "r"(la_smem_addr(a)));
+    return r;
+}
+
 __device__ __forceinline__ void la_fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Element offset of (row r, 16-byte chunk c) in a 128-byte-swizzled [ROWS][D] tile.
