@@ -112,7 +112,10 @@ mod tests {
         assert!(w.contains("\"+f\"(d[15])") && !w.contains("d[16]"), "{w}");
         let w = wrapper(128, "bf16", Form::RsK);
         assert!(w.contains("{%64, %65, %66, %67}, %68, p, 1, 1, 0;"), "{w}");
-        assert!(w.contains("setp.ne.b32 p, %69, 0;") && w.contains("\"r\"(accumulate)"), "{w}");
+        assert!(
+            w.contains("setp.ne.b32 p, %69, 0;") && w.contains("\"r\"(accumulate)"),
+            "{w}"
+        );
         assert_eq!(WRAPPERS.matches("__device__").count(), 32);
     }
 }

@@ -18,7 +18,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKerne
 
 use super::score::{Reduce, ScoreKind, ScoreParams};
 use crate::cuda::decode::{DecodePlan, DevPagedCache, KvLayout, RawScore, ScoreFold};
-use crate::cuda::forward::{env_off, TmaMap, TMA, WGMMA};
+use crate::cuda::forward::{TmaMap, TMA, WGMMA};
 use crate::cuda::selftest::CaseResult;
 use crate::cuda::{drv, CudaDevice, DevTensor};
 use crate::error::{Error, Result};
@@ -148,7 +148,8 @@ pub struct DevScores {
     /// The kernels' variant name and compile-time constants (`kv_score.cu`).
     variant: String,
     defines: Vec<(String, String)>,
-    /// Whether large chunks may take the Hopper kernel (the selftest turns it off to compare).
+    /// Whether large chunks may take the Hopper kernel: opt-in (`LONGATTN_CUDA_SCORE_WG=1`)
+    /// until the kernel has passed the device selftest, which turns it on itself.
     hopper: bool,
 }
 
@@ -230,7 +231,7 @@ impl DevScores {
             l2: None,
             variant,
             defines,
-            hopper: true,
+            hopper: std::env::var("LONGATTN_CUDA_SCORE_WG").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -333,15 +334,14 @@ impl DevScores {
         Ok(())
     }
 
-    /// Whether a chunk of `q` can fold through the Hopper kernel: an sm_90 device, head dim 64,
-    /// 128 or 256, q's address and strides multiples of 16 bytes (TMA), and
-    /// `LONGATTN_CUDA_SCORE_WG` not `0`.
+    /// Whether a chunk of `q` can fold through the Hopper kernel: turned on (the `hopper` field), an
+    /// sm_90 device, head dim 64, 128 or 256, q's address and strides multiples of 16 bytes
+    /// (TMA).
     fn wg_applies(&self, q: &DevTensor) -> bool {
         self.hopper
             && self.dev.cc == (9, 0)
             && matches!(self.head_dim, 64 | 128 | 256)
             && q.tma_aligned()
-            && !env_off("LONGATTN_CUDA_SCORE_WG")
     }
 
     /// The fold of `observe` through `kv_score_wg.cu`: the rows' offsets in log2 units
@@ -364,9 +364,9 @@ impl DevScores {
         }
         let l2 = self.l2.as_ref().expect("allocated above");
         let (src, variant) = (|| format!("{COMMON}\n{SCORE}"), &self.variant);
-        let prep =
-            self.dev
-                .function_static(variant, "la_kv_score_l2", src, &self.defines, 0)?;
+        let prep = self
+            .dev
+            .function_static(variant, "la_kv_score_l2", src, &self.defines, 0)?;
         let mut defines = self.defines.clone();
         defines.push(("LC_BR".into(), br.to_string()));
         defines.push(("LC_ST".into(), stages.to_string()));
@@ -729,6 +729,7 @@ fn check_scores(
     let max_len = fx.max_len();
     let key = |r: usize, e: usize| fx.key(r, e);
     let mut dsc = DevScores::new(dev, cache, hq, max_len.max(1) + 5, kind, params)?;
+    dsc.hopper = true;
     // The same folds through the generic kernel only (a chunk of many weighted rows takes the
     // Hopper kernel in `dsc` where it applies).
     let mut generic = DevScores::new(dev, cache, hq, max_len.max(1) + 5, kind, params)?;
@@ -989,7 +990,9 @@ fn check_fused(
 }
 
 /// The device's press scores (group `kv` of `longattn selftest --backend cuda`, cases `kv scores
-/// ...`): every kind and reduction, causal and not, Sq 1 / 7 / 65 / 113, ragged rows 0..4224,
+/// ...`): every kind and reduction, causal and not, Sq 1 / 7 / 65 / 113 and chunks of 128+
+/// weighted rows (129 .. 1023: the Hopper kernel on sm_90, each also through the generic one),
+/// ragged rows 0..4224,
 /// GQA / MQA / MHA, D 64 / 128 / 256, bf16 and f16, soft-cap, compaction; decode steps with the
 /// decode kernel's LSE; the fold inside the decode kernel; bad input refused.
 pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {

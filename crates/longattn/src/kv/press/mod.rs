@@ -886,6 +886,61 @@ pub fn plan(
     })
 }
 
+/// Drops, from every layer that attends over a sliding window, the entries of sequence `id` that
+/// no query to come can see: `windows[l] = Some(W)` (W keys per query, the query included) means
+/// a query at position p sees positions p - W + 1 ..= p, and the next query is at the sequence's
+/// length L, so an entry at a position below L - W + 1 is dead for good. Exact: the attention of
+/// every later query is unchanged, and their pages go back to the pool. `scores` and merging's
+/// `slots` follow the cache (a dead slot is forgotten). Layers past `windows` and `None` keep
+/// everything. Everything is checked before anything changes. Returns the pages freed.
+pub fn drop_dead(
+    cache: &mut PagedKvCache,
+    id: SeqId,
+    windows: &[Option<usize>],
+    mut scores: Option<&mut KvScores>,
+    mut slots: Option<&mut merge::MergeSlots>,
+) -> Result<usize> {
+    let c = cache.config();
+    let seq_len = cache.len(id)?;
+    let mut cuts = Vec::new();
+    for (l, w) in windows.iter().enumerate().take(c.layers) {
+        let Some(w) = *w else { continue };
+        let first_live = (seq_len + 1).saturating_sub(w.max(1));
+        if first_live == 0 {
+            continue;
+        }
+        for kh in 0..c.kv_heads {
+            let pos = cache.positions(id, l, kh)?;
+            if pos.iter().all(|&p| p as usize >= first_live) {
+                continue;
+            }
+            let keep: Vec<usize> = (0..pos.len())
+                .filter(|&e| pos[e] as usize >= first_live)
+                .collect();
+            cache.check_keep(id, l, kh, &keep)?;
+            cuts.push((l, kh, keep));
+        }
+    }
+    // Everything checked: apply.
+    let mut freed = 0;
+    for (l, kh, keep) in cuts {
+        freed += cache.compress(id, l, kh, &keep)?;
+        if let Some(s) = scores.as_deref_mut() {
+            s.compact(l, kh, &keep);
+        }
+        if let Some(m) = slots.as_deref_mut() {
+            let i = l * c.kv_heads + kh;
+            m.slots[i] = m.slots[i].take().and_then(|s| {
+                keep.binary_search(&s.entry).ok().map(|entry| merge::Slot {
+                    entry,
+                    weight: s.weight,
+                })
+            });
+        }
+    }
+    Ok(freed)
+}
+
 /// A merging head's slot after compression: (entry before compaction, K, V, weight).
 type MergedSlot = (usize, Vec<f32>, Vec<f32>, f64);
 

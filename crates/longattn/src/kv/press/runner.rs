@@ -36,6 +36,9 @@ pub struct PressAttention {
     roles: Option<HeadRoles>,
     /// `+merge`: the residual slots and their sequence (created at the first compression).
     merge: Mutex<Option<(SeqId, MergeSlots)>>,
+    /// Each layer's sliding window as its attentions reported it (`LayerAttn::window`): the
+    /// entries no later query of such a layer can see are dropped before the press ranks.
+    windows: Mutex<Vec<Option<usize>>>,
 }
 
 impl PressAttention {
@@ -64,6 +67,7 @@ impl PressAttention {
             quest: Mutex::new(None),
             roles: None,
             merge: Mutex::new(None),
+            windows: Mutex::new(Vec::new()),
         })
     }
 
@@ -92,6 +96,10 @@ impl PressAttention {
         *self.scores.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.quest.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.merge.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.windows
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn press(&self) -> &KvSpec {
@@ -142,7 +150,9 @@ impl PressAttention {
     }
 
     /// Compresses sequence `seq` under the spec, leaving room for `headroom` positions: the
-    /// eviction press first, then quantization.
+    /// entries that layers with a sliding window can no longer see are dropped first
+    /// ([`super::drop_dead`]: exact), then the eviction press ranks what is left, then
+    /// quantization.
     pub fn compress(
         &self,
         cache: &mut PagedKvCache,
@@ -151,6 +161,12 @@ impl PressAttention {
     ) -> Result<CompressReport> {
         let mut guard = self.scores.lock().unwrap_or_else(|e| e.into_inner());
         let mut scores = of_seq(&mut guard, seq)?;
+        let dead = {
+            let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            let mut mguard = self.merge.lock().unwrap_or_else(|e| e.into_inner());
+            let slots = of_seq(&mut mguard, seq)?;
+            super::drop_dead(cache, seq, &windows, scores.as_deref_mut(), slots)?
+        };
         let mut report = match &self.spec.evict {
             Some(press) => {
                 let mut mguard = self.merge.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,6 +205,7 @@ impl PressAttention {
                 }
             }
         };
+        report.pages_freed += dead;
         if let Some(k) = &self.spec.kivi {
             let before = cache.pages_in_use();
             cache.quantize_scored(seq, k, scores.as_deref())?;
@@ -227,6 +244,13 @@ impl Attention for PressAttention {
         q: &TensorView,
         layer: &LayerAttn,
     ) -> Result<AttnOutput> {
+        {
+            let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+            if w.len() <= layer.layer {
+                w.resize(layer.layer + 1, None);
+            }
+            w[layer.layer] = layer.window;
+        }
         if let Some(quest) = self.spec.quest {
             let mut guard = self.quest.lock().unwrap_or_else(|e| e.into_inner());
             if guard.is_none() {

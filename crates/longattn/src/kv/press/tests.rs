@@ -1049,3 +1049,151 @@ fn merged_slot_weights_the_evicted_entries_by_their_scores() {
         assert!(e.contains("merge slots of 1 heads"), "{e}");
     }
 }
+
+/// Dropping the entries a sliding-window layer can no longer see is exact: layer 0 (window W)
+/// attends as before (the next chunk's rows under `causal & window(W-1,0)`, against a cache
+/// that kept them), holds only its live entries (positions >= L - W + 1,
+/// pages freed), its scores and merge slots follow the entries; layer 1 (no window) and a layer
+/// past the window list are untouched. Ragged heads (one compressed before) and W = 1 included.
+#[test]
+fn dropping_dead_window_entries_is_exact() {
+    for &w in &[1usize, 5, 17, 40, 70] {
+        let cfg = KvConfig {
+            layers: 3,
+            kv_heads: HK,
+            head_dim: D,
+            v_dim: D,
+            page_size: 16,
+        };
+        let mask = MaskExpr::parse(&format!("causal & window({},0)", w - 1)).unwrap();
+        let (mut cut, mut full) = (
+            PagedKvCache::new(cfg).unwrap(),
+            PagedKvCache::new(cfg).unwrap(),
+        );
+        let (a, b) = (cut.add_sequence(), full.add_sequence());
+        let mut rng = Rng::new(7 + w as u64);
+        let params = ScoreParams::default();
+        let mut scores = KvScores::new(&cut, ScoreKind::H2o, params).unwrap();
+        let mut slots = merge::MergeSlots::new(cfg.layers, cfg.kv_heads);
+        let windows = [Some(w), None];
+        let (mut appended, mut total_freed) = (0usize, 0usize);
+        for (step, chunk) in [1usize, 3, 7, 1, 13, 2, 1, 9, 40, 5]
+            .into_iter()
+            .enumerate()
+        {
+            let layer_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.layers)
+                .map(|_| {
+                    (
+                        randn(chunk * HK * D, &mut rng),
+                        randn(chunk * HK * D, &mut rng),
+                    )
+                })
+                .collect();
+            let refs: Vec<(&[f32], &[f32])> =
+                layer_kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            cut.append(a, &refs).unwrap();
+            full.append(b, &refs).unwrap();
+            appended += chunk;
+            // Scores grow with the entries (every entry scored 1 + its position).
+            for l in 0..cfg.layers {
+                for kh in 0..HK {
+                    let pos = cut.positions(a, l, kh).unwrap();
+                    let row = &mut scores.scores[l * HK + kh];
+                    row.resize(pos.len(), 0.0);
+                    for (x, &p) in row.iter_mut().zip(&pos) {
+                        *x = 1.0 + p as f32;
+                    }
+                }
+            }
+            if step == 2 {
+                // Head 1 of layer 0 drops every other entry first (a ragged head), and a merge
+                // slot sits on its newest entry.
+                // Entries chosen by position, so that both caches keep the same ones.
+                let odd = |c: &PagedKvCache, id| -> Vec<usize> {
+                    let pos = c.positions(id, 0, 1).unwrap();
+                    (0..pos.len())
+                        .filter(|&e| pos[e] % 2 == 1 || e + 1 == pos.len())
+                        .collect()
+                };
+                let keep = odd(&cut, a);
+                let keep_full = odd(&full, b);
+                cut.compress(a, 0, 1, &keep).unwrap();
+                full.compress(b, 0, 1, &keep_full).unwrap();
+                scores.compact(0, 1, &keep);
+                let row = cut.positions(a, 0, 1).unwrap();
+                slots.slots[HK + 1] = Some(merge::Slot {
+                    entry: row.len() - 1,
+                    weight: 2.0,
+                });
+                slots.slots[1] = Some(merge::Slot {
+                    entry: 0,
+                    weight: 1.0,
+                });
+            }
+            let before: Vec<Vec<u32>> = (0..cfg.layers * HK)
+                .map(|i| cut.positions(a, i / HK, i % HK).unwrap())
+                .collect();
+            let pages = cut.pages_in_use();
+            let freed =
+                drop_dead(&mut cut, a, &windows, Some(&mut scores), Some(&mut slots)).unwrap();
+            assert_eq!(pages - cut.pages_in_use(), freed, "W {w} step {step}");
+            total_freed += freed;
+            let first_live = (appended + 1).saturating_sub(w) as u32;
+            for l in 0..cfg.layers {
+                for kh in 0..HK {
+                    let pos = cut.positions(a, l, kh).unwrap();
+                    let want: Vec<u32> = if l == 0 {
+                        before[kh]
+                            .iter()
+                            .copied()
+                            .filter(|&p| p >= first_live)
+                            .collect()
+                    } else {
+                        before[l * HK + kh].clone()
+                    };
+                    assert_eq!(pos, want, "W {w} step {step} layer {l} head {kh}");
+                    let sc: Vec<f32> = pos.iter().map(|&p| 1.0 + p as f32).collect();
+                    assert_eq!(scores.scores[l * HK + kh], sc, "scores follow the entries");
+                }
+            }
+            // The slot on layer 0 head 1 survives while its position is live, at its new index.
+            if let Some(s) = slots.slots[1] {
+                let pos = cut.positions(a, 0, 1).unwrap();
+                assert!(s.entry < pos.len());
+            }
+            assert_eq!(
+                slots.slots[HK + 1].is_some(),
+                step >= 2,
+                "layer 1 is never cut"
+            );
+            // The next chunk's queries see the same through the cut cache.
+            let sq = 3;
+            let qd = randn(sq * HQ * D, &mut rng);
+            let q = TensorView::contiguous(&qd[..], [1, sq, HQ, D]).unwrap();
+            let layer_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.layers)
+                .map(|_| (randn(sq * HK * D, &mut rng), randn(sq * HK * D, &mut rng)))
+                .collect();
+            let refs: Vec<(&[f32], &[f32])> =
+                layer_kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            cut.append(a, &refs).unwrap();
+            full.append(b, &refs).unwrap();
+            appended += sq;
+            let p = AttnParams::default();
+            let got = cut.attend(a, 0, &q, Some(&mask), &p).unwrap();
+            let want = full.attend(b, 0, &q, Some(&mask), &p).unwrap();
+            let e = got
+                .out
+                .data
+                .to_f32_vec()
+                .iter()
+                .zip(&want.out.data.to_f32_vec())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(e <= 1e-5, "W {w} step {step}: output differs by {e}");
+        }
+        assert!(total_freed > 0, "W {w}: no page was freed");
+        // A list longer than the layers: the extra entries are ignored.
+        let long = vec![Some(w); cfg.layers + 2];
+        drop_dead(&mut cut, a, &long, None, None).unwrap();
+    }
+}
