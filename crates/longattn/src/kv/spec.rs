@@ -2,7 +2,8 @@
 //!
 //! Each part is `name(key=value,...)` (the grammar shared with the presses and sparse specs):
 //! at most one eviction press ([`Press`]), optionally `merge` (its evicted entries folded into a
-//! residual slot per head, [`super::press::merge`]), at most one quantization ([`Kivi`]: `kivi`
+//! residual slot per head, [`super::press::merge`]) and `share` (its budget shared over the
+//! layers: what layers with a sliding window cannot hold goes to the others), at most one quantization ([`Kivi`]: `kivi`
 //! or its mixed-precision form `zipvl`) and at most one page selection ([`Quest`]). Order of application does not follow the text: after each forward
 //! the eviction press runs first, then quantization of the kept entries; Quest selects pages per
 //! query at attention time and drops nothing (it composes with nothing yet: its page bounds are
@@ -79,6 +80,9 @@ pub struct KvSpec {
     /// `+merge`: what the eviction press evicts is merged into a residual slot per head
     /// ([`super::press::merge`]).
     pub merge: bool,
+    /// `+share`: the eviction press's budget is shared over the layers: what layers with a
+    /// sliding window cannot use goes to the others ([`super::press::shared_targets`]).
+    pub share: bool,
 }
 
 impl From<Press> for KvSpec {
@@ -129,13 +133,18 @@ impl KvSpec {
                         return Err(twice("quantization (kivi, zipvl)"));
                     }
                 }
-                "merge" => {
+                "merge" | "share" => {
                     let (_, args) = crate::sparse::spec::split_call(OP, t)?;
                     if !args.is_empty() {
-                        return Err(err(format!("`{t}`: `merge` takes no arguments")));
+                        return Err(err(format!("`{t}`: `{name}` takes no arguments")));
                     }
-                    if std::mem::replace(&mut s.merge, true) {
-                        return Err(twice("merge"));
+                    let flag = if name == "merge" {
+                        &mut s.merge
+                    } else {
+                        &mut s.share
+                    };
+                    if std::mem::replace(flag, true) {
+                        return Err(twice(name));
                     }
                 }
                 "quest" => {
@@ -155,6 +164,16 @@ impl KvSpec {
         if s.merge && s.evict.is_none() {
             return Err(err(format!(
                 "`{text}`: `merge` folds what an eviction press evicts into a residual slot: give one (e.g. snapkv(budget=0.2)+merge)"
+            )));
+        }
+        if s.share && s.evict.is_none() {
+            return Err(err(format!(
+                "`{text}`: `share` moves an eviction press's budget between layers: give one (e.g. h2o(budget=0.2)+share)"
+            )));
+        }
+        if s.share && s.needs_roles() {
+            return Err(err(format!(
+                "`{text}`: duo's budget is its roles' (retrieval heads keep everything): `share` does not apply"
             )));
         }
         if s.merge && s.kivi.is_some() {
@@ -194,6 +213,9 @@ impl fmt::Display for KvSpec {
         }
         if self.merge {
             parts.push("merge".into());
+        }
+        if self.share {
+            parts.push("share".into());
         }
         if let Some(k) = &self.kivi {
             parts.push(k.to_string());

@@ -718,7 +718,7 @@ pub fn compress(
     scores: Option<&mut KvScores>,
     headroom: usize,
 ) -> Result<CompressReport> {
-    compress_with(cache, id, press, scores, headroom, None, None)
+    compress_with(cache, id, press, scores, headroom, None, None, None)
 }
 
 /// The keep sets a compression would apply, per `[layer * Hk + KV head]` (entry indices,
@@ -733,7 +733,8 @@ pub struct KeepPlan {
 
 /// Every head's keep set under `press` (what [`compress_with`] applies), checked against the
 /// cache; nothing changes. `with_ranks` also returns the values the press ranked; `merge` plans
-/// LOOK-M-style merging with these residual slots ([`merge::keep_with_slot`]).
+/// LOOK-M-style merging with these residual slots ([`merge::keep_with_slot`]); `targets`, one
+/// per layer, replace the press's own entry counts ([`Press::layer_target`]; [`shared_targets`]).
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     cache: &PagedKvCache,
@@ -744,6 +745,7 @@ pub fn plan(
     roles: Option<&HeadRoles>,
     with_ranks: bool,
     merge: Option<&merge::MergeSlots>,
+    targets: Option<&[usize]>,
 ) -> Result<KeepPlan> {
     press.check()?;
     let c = cache.config();
@@ -793,8 +795,20 @@ pub fn plan(
     let mut keeps = Vec::with_capacity(c.layers * c.kv_heads);
     let mut all_ranks = Vec::new();
     let mut slots = Vec::with_capacity(c.layers * c.kv_heads);
+    if let Some(t) = targets {
+        if t.len() != c.layers {
+            return Err(err(format!(
+                "{} layer targets for a cache of {} layers",
+                t.len(),
+                c.layers
+            )));
+        }
+    }
     for l in 0..c.layers {
-        let n = press.layer_target(seq_len, headroom, l, c.layers);
+        let n = match targets {
+            Some(t) => t[l],
+            None => press.layer_target(seq_len, headroom, l, c.layers),
+        };
         let layer_mean = match (press, scores) {
             (
                 Press::Tova {
@@ -941,6 +955,51 @@ pub fn drop_dead(
     Ok(freed)
 }
 
+/// Per-layer entry counts with the budget shared over the layers (`+share`): a layer with a
+/// sliding window (`windows[l] = Some(W)`) can use at most its live entries (positions >=
+/// L - W + 1, [`drop_dead`]), so of its heads' counts under `press` the part beyond what each
+/// head holds live goes, in equal shares, to every head of the layers without a window. The
+/// total over all heads never exceeds the press's own; with no window, or no layer without
+/// one, the press's counts are returned unchanged.
+pub fn shared_targets(
+    cache: &PagedKvCache,
+    id: SeqId,
+    press: &Press,
+    headroom: usize,
+    windows: &[Option<usize>],
+) -> Result<Vec<usize>> {
+    let c = cache.config();
+    let seq_len = cache.len(id)?;
+    let mut t: Vec<usize> = (0..c.layers)
+        .map(|l| press.layer_target(seq_len, headroom, l, c.layers))
+        .collect();
+    let windowed = |l: usize| windows.get(l).copied().flatten();
+    let open = (0..c.layers).filter(|&l| windowed(l).is_none()).count();
+    if open == 0 || open == c.layers {
+        return Ok(t);
+    }
+    let mut spare = 0usize;
+    for (l, &n) in t.iter().enumerate() {
+        let Some(w) = windowed(l) else { continue };
+        let first_live = (seq_len + 1).saturating_sub(w.max(1));
+        for kh in 0..c.kv_heads {
+            let live = cache
+                .positions(id, l, kh)?
+                .iter()
+                .filter(|&&p| p as usize >= first_live)
+                .count();
+            spare += n.saturating_sub(live);
+        }
+    }
+    let extra = spare / (open * c.kv_heads);
+    for (l, n) in t.iter_mut().enumerate() {
+        if windowed(l).is_none() {
+            *n += extra;
+        }
+    }
+    Ok(t)
+}
+
 /// A merging head's slot after compression: (entry before compaction, K, V, weight).
 type MergedSlot = (usize, Vec<f32>, Vec<f32>, f64);
 
@@ -948,7 +1007,8 @@ type MergedSlot = (usize, Vec<f32>, Vec<f32>, f64);
 /// every entry, the others are cut as streaming heads; ignored by the other presses), and with
 /// `merge` the residual slots of LOOK-M-style merging ([`merge`]: evicted entries are folded into
 /// one slot per head instead of dropped; the slots are updated with the cache). Everything is
-/// planned and the merged values computed before anything changes.
+/// planned and the merged values computed before anything changes. `targets` as for [`plan`].
+#[allow(clippy::too_many_arguments)]
 pub fn compress_with(
     cache: &mut PagedKvCache,
     id: SeqId,
@@ -957,6 +1017,7 @@ pub fn compress_with(
     headroom: usize,
     roles: Option<&HeadRoles>,
     mut merge: Option<&mut merge::MergeSlots>,
+    targets: Option<&[usize]>,
 ) -> Result<CompressReport> {
     let KeepPlan { keeps, slots, .. } = plan(
         cache,
@@ -967,6 +1028,7 @@ pub fn compress_with(
         roles,
         false,
         merge.as_deref(),
+        targets,
     )?;
     let c = cache.config();
     // The merged slots' values (reads only) per merging head.

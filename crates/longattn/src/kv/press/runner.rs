@@ -137,6 +137,8 @@ impl PressAttention {
                 Some(&fresh)
             }
         };
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        let targets = self.targets(cache, seq, press, headroom, &windows)?;
         plan(
             cache,
             seq,
@@ -146,7 +148,24 @@ impl PressAttention {
             self.roles.as_ref(),
             true,
             slots,
+            targets.as_deref(),
         )
+    }
+
+    /// `+share`: the layers' entry counts with the budget shared ([`super::shared_targets`]);
+    /// otherwise the press's own.
+    fn targets(
+        &self,
+        cache: &PagedKvCache,
+        seq: SeqId,
+        press: &Press,
+        headroom: usize,
+        windows: &[Option<usize>],
+    ) -> Result<Option<Vec<usize>>> {
+        if !self.spec.share {
+            return Ok(None);
+        }
+        super::shared_targets(cache, seq, press, headroom, windows).map(Some)
     }
 
     /// Compresses sequence `seq` under the spec, leaving room for `headroom` positions: the
@@ -181,6 +200,10 @@ impl PressAttention {
                 } else {
                     None
                 };
+                let targets = {
+                    let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+                    self.targets(cache, seq, press, headroom, &windows)?
+                };
                 compress_with(
                     cache,
                     seq,
@@ -189,6 +212,7 @@ impl PressAttention {
                     headroom,
                     self.roles.as_ref(),
                     slots,
+                    targets.as_deref(),
                 )?
             }
             None => {

@@ -598,7 +598,7 @@ fn duo_keeps_retrieval_heads_whole_and_cuts_streaming_heads_to_sinks_and_window(
         .to_string();
     assert!(e.contains("needs the head role table"), "{e}");
     let other = HeadRoles::from_scores(vec![vec![0.5; 3]], RoleSelect::Ratio(0.5), 0, 8).unwrap();
-    let e = compress_with(&mut c, a, &press, None, 1, Some(&other), None)
+    let e = compress_with(&mut c, a, &press, None, 1, Some(&other), None, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("1 layers x 3 KV heads"), "{e}");
@@ -613,7 +613,7 @@ fn duo_keeps_retrieval_heads_whole_and_cuts_streaming_heads_to_sinks_and_window(
             c.append(a, &refs).unwrap();
         }
         let len = c.len(a).unwrap();
-        let rep = compress_with(&mut c, a, &press, None, 1, Some(&roles), None).unwrap();
+        let rep = compress_with(&mut c, a, &press, None, 1, Some(&roles), None, None).unwrap();
         for l in 0..LAYERS {
             for kh in 0..HK {
                 let pos = c.positions(a, l, kh).unwrap();
@@ -769,7 +769,7 @@ fn kvpress_conventions_match_probabilities_from_the_definition() {
             select: None,
         };
         s.observe(&c, a, 0, &obs).unwrap();
-        let plan = plan(&c, a, &press, Some(&s), 0, None, true, None).unwrap();
+        let plan = plan(&c, a, &press, Some(&s), 0, None, true, None, None).unwrap();
         let n = press.target(len, 0);
         for kh in 0..HK {
             let mut w = want(kh, n);
@@ -910,7 +910,7 @@ fn merged_streaming_slot_is_the_mean_of_every_evicted_entry() {
             }
             let refs: Vec<(&[f32], &[f32])> = kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
             c.append(a, &refs).unwrap();
-            compress_with(&mut c, a, &press, None, 1, None, Some(&mut slots)).unwrap();
+            compress_with(&mut c, a, &press, None, 1, None, Some(&mut slots), None).unwrap();
             let len = step + 1;
             let n = press.target(len, 1);
             for (i, (all_k, all_v)) in all.iter().enumerate() {
@@ -986,6 +986,7 @@ fn merged_slot_weights_the_evicted_entries_by_their_scores() {
             0,
             None,
             Some(&mut slots),
+            None,
         )
         .unwrap();
         let n = press.target(len, 0);
@@ -1043,6 +1044,7 @@ fn merged_slot_weights_the_evicted_entries_by_their_scores() {
             0,
             None,
             Some(&mut bad),
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -1196,4 +1198,111 @@ fn dropping_dead_window_entries_is_exact() {
         let long = vec![Some(w); cfg.layers + 2];
         drop_dead(&mut cut, a, &long, None, None).unwrap();
     }
+}
+
+/// `+share`: parsed, printed and refused where it cannot apply; the shared counts give the
+/// window layers' unused entries to the other layers in equal shares, never more in total than
+/// the press's own counts, and change nothing without a window or without an open layer.
+#[test]
+fn shared_targets_move_the_window_layers_spare_entries() {
+    use crate::kv::spec::KvSpec;
+    let s = KvSpec::parse("h2o(budget=0.2)+share").unwrap();
+    assert!(s.share && !s.merge);
+    assert_eq!(s.to_string(), "h2o(budget=0.2)+share");
+    assert_eq!(
+        KvSpec::parse("tova(budget=0.1)+merge+share")
+            .unwrap()
+            .to_string(),
+        "tova(budget=0.1)+merge+share"
+    );
+    for (bad, want) in [
+        ("kivi(bits=4)+share", "give one"),
+        ("h2o(budget=0.2)+share(x=1)", "takes no arguments"),
+        ("h2o(budget=0.2)+share+share", "more than one share"),
+        ("duo(sinks=4,window=64,ratio=0.5)+share", "does not apply"),
+    ] {
+        let e = KvSpec::parse(bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+    let cfg = KvConfig {
+        layers: 4,
+        kv_heads: HK,
+        head_dim: D,
+        v_dim: D,
+        page_size: 16,
+    };
+    let mut c = PagedKvCache::new(cfg).unwrap();
+    let a = c.add_sequence();
+    let mut rng = Rng::new(5);
+    let len = 1000;
+    let layer_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.layers)
+        .map(|_| (randn(len * HK * D, &mut rng), randn(len * HK * D, &mut rng)))
+        .collect();
+    let refs: Vec<(&[f32], &[f32])> = layer_kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    c.append(a, &refs).unwrap();
+    let press = Press::parse("h2o(budget=0.2)").unwrap();
+    let own: Vec<usize> = (0..4).map(|l| press.layer_target(len, 1, l, 4)).collect();
+    // Layers 0 and 2 attend over 64 keys: 63 of their entries are live, the rest of their
+    // counts (own - 63 per head) goes to layers 1 and 3.
+    let windows = [Some(64), None, Some(64)];
+    let t = shared_targets(&c, a, &press, 1, &windows).unwrap();
+    let spare = 2 * HK * (own[0] - 63);
+    assert_eq!(t[0], own[0]);
+    assert_eq!(t[2], own[2]);
+    assert_eq!(t[1], own[1] + spare / (2 * HK));
+    assert_eq!(t[3], own[3] + spare / (2 * HK));
+    let used: usize = (0..4)
+        .map(|l| if l % 2 == 0 { 63 } else { t[l] })
+        .sum::<usize>()
+        * HK;
+    assert!(used <= own.iter().sum::<usize>() * HK);
+    // No window, every layer windowed, a window wider than the sequence: the press's own.
+    assert_eq!(shared_targets(&c, a, &press, 1, &[]).unwrap(), own);
+    assert_eq!(
+        shared_targets(&c, a, &press, 1, &[Some(8); 4]).unwrap(),
+        own
+    );
+    assert_eq!(
+        shared_targets(&c, a, &press, 1, &[Some(5000), None]).unwrap(),
+        own
+    );
+    // Through compress_with: layers 1 and 3 keep their larger counts, the total held stays
+    // within the press's own.
+    let mut scores = KvScores::new(&c, ScoreKind::H2o, ScoreParams::default()).unwrap();
+    for (i, row) in scores.scores.iter_mut().enumerate() {
+        *row = (0..len).map(|e| ((e * 7 + i) % 13) as f32).collect();
+    }
+    drop_dead(&mut c, a, &windows, Some(&mut scores), None).unwrap();
+    let rep = compress_with(
+        &mut c,
+        a,
+        &press,
+        Some(&mut scores),
+        1,
+        None,
+        None,
+        Some(&t),
+    )
+    .unwrap();
+    for l in 0..4 {
+        for kh in 0..HK {
+            let want = if l % 2 == 0 { 63 } else { t[l].min(len) };
+            assert_eq!(rep.kept[l * HK + kh], want, "layer {l} head {kh}");
+        }
+    }
+    assert!(rep.kept.iter().sum::<usize>() <= own.iter().sum::<usize>() * HK);
+    let e = plan(
+        &c,
+        a,
+        &press,
+        Some(&scores),
+        1,
+        None,
+        false,
+        None,
+        Some(&t[..3]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("3 layer targets for a cache of 4 layers"), "{e}");
 }
