@@ -64,7 +64,10 @@ pub struct Args {
     /// eviction first, then quantization; `h2o(budget=0.2)+merge`: what the press evicts is
     /// folded into one residual slot per head, LOOK-M style; `quest(budget=0.2)+kivi(bits=4)`:
     /// Quest's pages over quantized entries; `h2o(budget=0.5)+quest(budget=0.2)`: Quest's pages
-    /// over the kept entries, the press scoring what the queries attended).
+    /// over the kept entries, the press scoring what the queries attended; `h2o(budget=0.2)+share`:
+    /// the budget shared over the layers, what sliding-window layers cannot hold going to the
+    /// others). Layers with a sliding window (Gemma-3's local layers) always drop the entries
+    /// no later query can see.
     #[arg(long)]
     kv: Option<String>,
     /// Tokens per forward under `--kv` (1: token by token, decode-time compression).
