@@ -1052,6 +1052,17 @@ fn merged_slot_weights_the_evicted_entries_by_their_scores() {
     }
 }
 
+/// Random K / V of `n` positions for each of `layers` layers.
+fn random_chunk(layers: usize, n: usize, rng: &mut Rng) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (0..layers)
+        .map(|_| (randn(n * HK * D, rng), randn(n * HK * D, rng)))
+        .collect()
+}
+
+fn as_refs(kv: &[(Vec<f32>, Vec<f32>)]) -> Vec<(&[f32], &[f32])> {
+    kv.iter().map(|(k, v)| (&k[..], &v[..])).collect()
+}
+
 /// Dropping the entries a sliding-window layer can no longer see is exact: layer 0 (window W)
 /// attends as before (the next chunk's rows under `causal & window(W-1,0)`, against a cache
 /// that kept them), holds only its live entries (positions >= L - W + 1,
@@ -1083,16 +1094,8 @@ fn dropping_dead_window_entries_is_exact() {
             .into_iter()
             .enumerate()
         {
-            let layer_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.layers)
-                .map(|_| {
-                    (
-                        randn(chunk * HK * D, &mut rng),
-                        randn(chunk * HK * D, &mut rng),
-                    )
-                })
-                .collect();
-            let refs: Vec<(&[f32], &[f32])> =
-                layer_kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            let layer_kv = random_chunk(cfg.layers, chunk, &mut rng);
+            let refs = as_refs(&layer_kv);
             cut.append(a, &refs).unwrap();
             full.append(b, &refs).unwrap();
             appended += chunk;
@@ -1172,11 +1175,8 @@ fn dropping_dead_window_entries_is_exact() {
             let sq = 3;
             let qd = randn(sq * HQ * D, &mut rng);
             let q = TensorView::contiguous(&qd[..], [1, sq, HQ, D]).unwrap();
-            let layer_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.layers)
-                .map(|_| (randn(sq * HK * D, &mut rng), randn(sq * HK * D, &mut rng)))
-                .collect();
-            let refs: Vec<(&[f32], &[f32])> =
-                layer_kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            let layer_kv = random_chunk(cfg.layers, sq, &mut rng);
+            let refs = as_refs(&layer_kv);
             cut.append(a, &refs).unwrap();
             full.append(b, &refs).unwrap();
             appended += sq;
@@ -1235,10 +1235,8 @@ fn shared_targets_move_the_window_layers_spare_entries() {
     let a = c.add_sequence();
     let mut rng = Rng::new(5);
     let len = 1000;
-    let layer_kv: Vec<(Vec<f32>, Vec<f32>)> = (0..cfg.layers)
-        .map(|_| (randn(len * HK * D, &mut rng), randn(len * HK * D, &mut rng)))
-        .collect();
-    let refs: Vec<(&[f32], &[f32])> = layer_kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let layer_kv = random_chunk(cfg.layers, len, &mut rng);
+    let refs = as_refs(&layer_kv);
     c.append(a, &refs).unwrap();
     let press = Press::parse("h2o(budget=0.2)").unwrap();
     let own: Vec<usize> = (0..4).map(|l| press.layer_target(len, 1, l, 4)).collect();
