@@ -452,6 +452,9 @@ fn run_press_roles(
     (out, cache.memory())
 }
 
+/// Budget 1 is the full cache bit for bit (llama); on gemma3, whose layers attend over 24 keys,
+/// every press drops the entries no later query sees, and the logits equal the full cache's to
+/// rounding with fewer entries held.
 #[test]
 fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
     for arch in ["llama", "gemma3"] {
@@ -482,11 +485,22 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             "quest(budget=1,page=4)",
         ] {
             let (got, mem) = run_press(&m, &t, press, 25, 16);
-            assert!(
-                got == want,
-                "{arch} {press}: logits differ from the full cache"
-            );
-            assert_eq!(mem.bytes_entries, mem.bytes_full, "{arch} {press}");
+            if arch == "gemma3" {
+                // Its layers attend over 24 keys: every press drops the entries no later query
+                // sees (exact; the kernels then walk other page runs, so equal to rounding).
+                let e = max_diff(&got, &want);
+                assert!(e < 1e-4, "{arch} {press}: logits differ by {e}");
+                assert!(
+                    mem.bytes_entries < mem.bytes_full,
+                    "{arch} {press}: {mem:?}"
+                );
+            } else {
+                assert!(
+                    got == want,
+                    "{arch} {press}: logits differ from the full cache"
+                );
+                assert_eq!(mem.bytes_entries, mem.bytes_full, "{arch} {press}");
+            }
         }
         // A real budget changes the logits and holds less.
         let (got, mem) = run_press(&m, &t, "h2o(budget=0.3)", 25, 16);
@@ -501,7 +515,14 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
             max_diff(&merged, &got) > 1e-5,
             "{arch}: merge changed nothing"
         );
-        assert_eq!(mem_m, mem, "{arch}");
+        if arch == "gemma3" {
+            // A slot carries the position of an evicted entry: once that position leaves a
+            // window it is dropped with the dead entries, so the entry counts may differ by a
+            // slot per head; the pages do not.
+            assert_eq!(mem_m.pages_in_use, mem.pages_in_use, "{arch}");
+        } else {
+            assert_eq!(mem_m, mem, "{arch}");
+        }
     }
 }
 
@@ -567,7 +588,10 @@ fn kv_quantized_pages_in_the_model_stay_close_and_hold_less() {
             25,
             16,
         );
-        assert!(mem.bytes_quantized > 0 && mem.bytes_entries * 2 < full.bytes_entries);
+        // (On gemma3 both runs hold only the 23 entries its window layers still see, and the
+        // press's half of 60 is more than that.)
+        let cut = if arch == "gemma3" { 1 } else { 2 };
+        assert!(mem.bytes_quantized > 0 && mem.bytes_entries * cut < full.bytes_entries);
     }
 }
 
@@ -627,12 +651,16 @@ fn head_role_probe_on_the_model_and_duo_under_it() {
         let none = probe(&m, &[3], 37, 5, RoleSelect::Ratio(0.0)).unwrap();
         let (_, mem_none) = run_press_roles(&m, &t, "duo(sinks=2,window=4)", 25, 16, Some(none));
         assert!(max_diff(&half, &want) > 1e-4, "{arch}: duo changed nothing");
+        // Entries held at the end (60 positions): a retrieval head all it can still see (60;
+        // 23 in gemma3's layers of 24-key windows), a streaming head its 2 sinks and 4 - 1
+        // newest (gemma3: its sinks are out of the window and dropped, 3).
+        let (retr, strm) = if arch == "gemma3" { (23, 3) } else { (60, 5) };
         assert_eq!(
             mem_half.bytes_entries,
-            (3 * 60 + 3 * 5) * 2 * 8 * 4,
+            (3 * retr + 3 * strm) * 2 * 8 * 4,
             "{arch}"
         );
-        assert_eq!(mem_none.bytes_entries, 6 * 5 * 2 * 8 * 4, "{arch}");
+        assert_eq!(mem_none.bytes_entries, 6 * strm * 2 * 8 * 4, "{arch}");
         assert!(mem_none.bytes_in_use < mem_half.bytes_in_use);
         assert!(mem_half.bytes_in_use < full.bytes_in_use);
     }

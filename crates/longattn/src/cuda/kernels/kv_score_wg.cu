@@ -162,7 +162,8 @@ extern "C" __global__ void __launch_bounds__(LC_THREADS, 1) la_kv_colscore(const
         const int q0 = (qt0 + t % per) * LC_BR;
         const float* cL = sL + st * LC_BR;
         // Entries past the row's last visible one for some column of the tile: masked per element
-        // (column i is masked for entry e iff i < e - off: lim[hf] below, relative to the tile).
+        // (column i is masked for entry e iff i < e - off: lim0 / lim1 below, relative to the
+        // tile and the thread's first column).
         const bool mask = p.causal && k0 + c * 64 + 63 > off + q0;
         const int lim0 = ek[0] - off - q0 - 2 * t4, lim1 = lim0 + 8;
 #pragma unroll

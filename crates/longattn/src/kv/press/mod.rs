@@ -821,9 +821,26 @@ pub fn plan(
         };
         for kh in 0..c.kv_heads {
             let len = cache.head_len(id, l, kh)?;
-            let n = match (press, roles) {
-                (Press::Duo { .. }, Some(r)) if r.is_retrieval(l, kh) => len,
-                _ => n,
+            let retrieval =
+                matches!((press, roles), (Press::Duo { .. }, Some(r)) if r.is_retrieval(l, kh));
+            let n = if retrieval { len } else { n };
+            // Streaming's sinks are positions 0 .. S - 1, held as the head's first entries
+            // unless they were dropped (a sliding-window layer, `drop_dead`): then only the
+            // sinks still held are kept as such, and the window keeps its own length.
+            let held_press;
+            let (press, n) = match *press {
+                Press::Streaming { sinks, window } | Press::Duo { sinks, window, .. }
+                    if !retrieval =>
+                {
+                    let pos = cache.positions(id, l, kh)?;
+                    let held = pos.iter().take_while(|&&p| (p as usize) < sinks).count();
+                    held_press = Press::Streaming {
+                        sinks: held,
+                        window,
+                    };
+                    (&held_press, n.saturating_sub(sinks - held))
+                }
+                _ => (press, n),
             };
             let sc: &[f32] = match scores {
                 Some(s) if press.score_kind().is_some() => s.head(l, kh),
