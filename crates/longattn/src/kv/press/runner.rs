@@ -171,7 +171,8 @@ impl PressAttention {
     /// Compresses sequence `seq` under the spec, leaving room for `headroom` positions: the
     /// entries that layers with a sliding window can no longer see are dropped first
     /// ([`super::drop_dead`]: exact), then the eviction press ranks what is left, then
-    /// quantization.
+    /// quantization. A press that fails leaves the cache as it was apart from those dead
+    /// entries (nothing any later query could read is lost).
     pub fn compress(
         &self,
         cache: &mut PagedKvCache,
