@@ -1,6 +1,7 @@
 // Press scores of a prefill-sized chunk on Hopper (sm_90a), warp-specialized: the fold of
-// kv_score.cu (same math, same result) shaped like the backward's key-tile pass, for chunks
-// whose weighted rows are many (H2O's and A2SF's full accumulation over a prompt).
+// kv_score.cu (the same sums, added in another order) shaped like the backward's key-tile
+// pass, for chunks whose weighted rows are many (H2O's and A2SF's full accumulation over a
+// prompt).
 //
 // With l2_h[i] = lse_h(i) log2 e - log2 w_i (la_kv_score_l2, +inf where row i adds nothing) and
 // x_h(i, e) the logit in log2 units (scale log2 e q.k, or c log2 e tanh(scale q.k / c)):
@@ -27,6 +28,9 @@
 #define LC_BC 128
 #define LC_THREADS 384
 #define LC_KS (LA_D / 16)
+// Register split after setmaxnreg (ptxas compiles the kernel within 168 a thread, the
+// launch bound's share; the consumers need about 160: two 64-float accumulators and the A
+// fragments).
 #define LC_REG_MMA 232
 #define LC_REG_LOAD 40
 #if LC_BR == 64
