@@ -98,7 +98,6 @@ impl ScoreKind {
         }
     }
 
-    /// `(decay, w)` of a chunk of `sq` query rows.
     /// The first of `sq` rows whose weight can be non-zero ([`ScoreKind::weights`]).
     pub fn first_row(self, sq: usize) -> usize {
         match self {
@@ -108,19 +107,31 @@ impl ScoreKind {
         }
     }
 
-    pub fn weights(self, sq: usize) -> (f64, Vec<f64>) {
+    /// The factor a chunk of `sq` query rows applies to the running scores before adding its
+    /// own ([`ScoreKind::weights`]).
+    pub fn decay(self, sq: usize) -> f64 {
         match self {
-            ScoreKind::H2o => (1.0, vec![1.0; sq]),
+            ScoreKind::H2o => 1.0,
+            ScoreKind::A2sf(f) => (f as f64).powi(sq.min(i32::MAX as usize) as i32),
+            ScoreKind::Tova | ScoreKind::SnapKv(_) => 0.0,
+        }
+    }
+
+    /// `(decay, w)` of a chunk of `sq` query rows.
+    pub fn weights(self, sq: usize) -> (f64, Vec<f64>) {
+        let decay = self.decay(sq);
+        match self {
+            ScoreKind::H2o => (decay, vec![1.0; sq]),
             ScoreKind::A2sf(f) => {
                 let f = f as f64;
                 (
-                    f.powi(sq as i32),
+                    decay,
                     (0..sq).map(|q| f.powi((sq - 1 - q) as i32)).collect(),
                 )
             }
-            ScoreKind::Tova => (0.0, (0..sq).map(|q| f64::from(q + 1 == sq)).collect()),
+            ScoreKind::Tova => (decay, (0..sq).map(|q| f64::from(q + 1 == sq)).collect()),
             ScoreKind::SnapKv(w) => (
-                0.0,
+                decay,
                 (0..sq).map(|q| f64::from(q + w.max(1) >= sq)).collect(),
             ),
         }

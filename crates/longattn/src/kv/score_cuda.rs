@@ -107,11 +107,7 @@ unsafe impl cudarc::driver::DeviceRepr for LaColWs {}
 
 /// Tiling of `la_kv_colscore` at head dim `d`: (query rows a step, ring stages).
 fn wg_tiles(d: usize) -> (usize, usize) {
-    if d > 128 {
-        (64, 3)
-    } else {
-        (128, 3)
-    }
+    (if d > 128 { 64 } else { 128 }, 3)
 }
 
 /// Dynamic shared memory of `la_kv_colscore`: 1 KiB for alignment, the ring's Q tiles and l2
@@ -316,9 +312,8 @@ impl DevScores {
             cap_mul,
             pad: 0,
         };
-        let first = self.kind.first_row(sq);
-        if sq - first >= WG_MIN_ROWS && self.wg_applies(q) {
-            return self.observe_wg(q, &p, first, max);
+        if self.takes_wg(q) {
+            return self.observe_wg(q, &p, max);
         }
         let cfg = LaunchConfig {
             grid_dim: (max.div_ceil(64) as u32, self.rows as u32, 1),
@@ -334,11 +329,13 @@ impl DevScores {
         Ok(())
     }
 
-    /// Whether a chunk of `q` can fold through the Hopper kernel: turned on (the `hopper` field), an
-    /// sm_90 device, head dim 64, 128 or 256, q's address and strides multiples of 16 bytes
-    /// (TMA).
-    fn wg_applies(&self, q: &DevTensor) -> bool {
-        self.hopper
+    /// Whether the chunk `q` folds through the Hopper kernel: at least `WG_MIN_ROWS` weighted
+    /// rows, the kernel turned on (the `hopper` field), an sm_90 device, head dim 64, 128 or 256,
+    /// q's address and strides multiples of 16 bytes (TMA).
+    fn takes_wg(&self, q: &DevTensor) -> bool {
+        let sq = q.shape[1];
+        sq - self.kind.first_row(sq) >= WG_MIN_ROWS
+            && self.hopper
             && self.dev.cc == (9, 0)
             && matches!(self.head_dim, 64 | 128 | 256)
             && q.tma_aligned()
@@ -347,15 +344,10 @@ impl DevScores {
     /// The fold of `observe` through `kv_score_wg.cu`: the rows' offsets in log2 units
     /// (`la_kv_score_l2`, padded to whole query tiles), then one block per (128 entries, table
     /// row). `p` is the generic kernel's parameter set for this chunk (checked by `observe`),
-    /// `first` the first weighted row, `max` the longest row.
-    fn observe_wg(
-        &mut self,
-        q: &DevTensor,
-        p: &LaScoreParams,
-        first: usize,
-        max: usize,
-    ) -> Result<()> {
+    /// `max` the longest row.
+    fn observe_wg(&mut self, q: &DevTensor, p: &LaScoreParams, max: usize) -> Result<()> {
         let [b, sq, hq, d] = q.shape;
+        let first = self.kind.first_row(sq);
         let (br, stages) = wg_tiles(d);
         let sq_pad = sq.next_multiple_of(br);
         let n = b * hq * sq_pad;
@@ -391,11 +383,6 @@ impl DevScores {
         // SAFETY: the parameters as for `la_kv_score` (checked by observe); l2 holds
         // B Hq sq_pad values.
         unsafe { lb.launch(cfg) }.map_err(drv("launch kv score offsets"))?;
-        let decay = match self.kind {
-            ScoreKind::H2o => 1.0,
-            ScoreKind::A2sf(f) => f.powi(sq.min(i32::MAX as usize) as i32),
-            ScoreKind::Tova | ScoreKind::SnapKv(_) => 0.0,
-        };
         let w = LaColWs {
             tq: TmaMap::rows(q, br)?,
             p: LaColArgs {
@@ -413,7 +400,7 @@ impl DevScores {
                 causal: p.causal,
                 reduce: p.reduce,
                 first: first as i32,
-                decay,
+                decay: self.kind.decay(sq) as f32,
                 q_scale: p.q_scale,
                 cap_mul: p.cap_mul,
             },
@@ -772,7 +759,7 @@ fn check_scores(
         let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
         dsc.observe(cache, &qd, &lse_d, causal)?;
         generic.observe(cache, &qd, &lse_d, causal)?;
-        hopper_used |= sq - kind.first_row(sq) >= WG_MIN_ROWS && dsc.wg_applies(&qd);
+        hopper_used |= dsc.takes_wg(&qd);
         let (got, stride) = dsc.download()?;
         errs.push(err_of(&got, stride, &want));
         let (got, stride) = generic.download()?;

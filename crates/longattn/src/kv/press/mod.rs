@@ -917,6 +917,12 @@ pub fn plan(
     })
 }
 
+/// The first position a query to come can see in a layer whose window is `w` keys (the query
+/// included), `seq_len` positions in: the next query sits at `seq_len`.
+fn first_live(seq_len: usize, w: usize) -> usize {
+    (seq_len + 1).saturating_sub(w.max(1))
+}
+
 /// Drops, from every layer that attends over a sliding window, the entries of sequence `id` that
 /// no query to come can see: `windows[l] = Some(W)` (W keys per query, the query included) means
 /// a query at position p sees positions p - W + 1 ..= p, and the next query is at the sequence's
@@ -936,7 +942,7 @@ pub fn drop_dead(
     let mut cuts = Vec::new();
     for (l, w) in windows.iter().enumerate().take(c.layers) {
         let Some(w) = *w else { continue };
-        let first_live = (seq_len + 1).saturating_sub(w.max(1));
+        let first_live = first_live(seq_len, w);
         if first_live == 0 {
             continue;
         }
@@ -998,7 +1004,7 @@ pub fn shared_targets(
     let mut spare = 0usize;
     for (l, &n) in t.iter().enumerate() {
         let Some(w) = windowed(l) else { continue };
-        let first_live = (seq_len + 1).saturating_sub(w.max(1));
+        let first_live = first_live(seq_len, w);
         for kh in 0..c.kv_heads {
             let live = cache
                 .positions(id, l, kh)?

@@ -137,8 +137,7 @@ impl PressAttention {
                 Some(&fresh)
             }
         };
-        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let targets = self.targets(cache, seq, press, headroom, &windows)?;
+        let targets = self.targets(cache, seq, press, headroom)?;
         plan(
             cache,
             seq,
@@ -160,12 +159,12 @@ impl PressAttention {
         seq: SeqId,
         press: &Press,
         headroom: usize,
-        windows: &[Option<usize>],
     ) -> Result<Option<Vec<usize>>> {
         if !self.spec.share {
             return Ok(None);
         }
-        super::shared_targets(cache, seq, press, headroom, windows).map(Some)
+        let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        super::shared_targets(cache, seq, press, headroom, &windows).map(Some)
     }
 
     /// Compresses sequence `seq` under the spec, leaving room for `headroom` positions: the
@@ -201,10 +200,7 @@ impl PressAttention {
                 } else {
                     None
                 };
-                let targets = {
-                    let windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-                    self.targets(cache, seq, press, headroom, &windows)?
-                };
+                let targets = self.targets(cache, seq, press, headroom)?;
                 compress_with(
                     cache,
                     seq,
