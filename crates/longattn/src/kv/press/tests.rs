@@ -1282,9 +1282,9 @@ fn shared_targets_move_the_window_layers_spare_entries() {
         Some(&t),
     )
     .unwrap();
-    for l in 0..4 {
+    for (l, &tl) in t.iter().enumerate() {
         for kh in 0..HK {
-            let want = if l % 2 == 0 { 63 } else { t[l].min(len) };
+            let want = if l % 2 == 0 { 63 } else { tl.min(len) };
             assert_eq!(rep.kept[l * HK + kh], want, "layer {l} head {kh}");
         }
     }
