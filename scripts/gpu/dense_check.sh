@@ -34,6 +34,9 @@
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
+#   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D256 and skip groups), then
+#                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
+#                                             # the mma.sync kernel it replaces (LONGATTN_CUDA_WS=0)
 # Several modes run in order: `bash scripts/gpu/dense_check.sh selftest order fwd bwd`.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -205,6 +208,21 @@ for mode in "${@:-selftest}"; do
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd)"; exit 2 ;;
+  d256)
+    timeout 200 /tmp/longattn selftest --backend cuda --filter D256 --jobs ${JOBS:-8} > "$OUT/selftest_d256.txt" 2>&1
+    echo "selftest D256 rc=$?"; grep -vE " pass " "$OUT/selftest_d256.txt" | tail -12
+    timeout 200 /tmp/longattn selftest --backend cuda --filter skip --jobs ${JOBS:-8} > "$OUT/selftest_skip.txt" 2>&1
+    echo "selftest skip rc=$?"; grep -vE " pass " "$OUT/selftest_skip.txt" | tail -8
+    fa4_env
+    timeout 300 /tmp/longattn bench --backend cuda --masks full,causal --lens ${D256_LENS:-4k,16k,64k} \
+      --dims 256 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} --out "$OUT/d256" > "$OUT/d256.txt" 2>&1
+    echo "bench D256 rc=$?"
+    sed -n '/^longattn bench/,$p' "$OUT/d256.txt" | head -30
+    echo "== LONGATTN_CUDA_WS=0 (the mma.sync kernel)"
+    LONGATTN_CUDA_WS=0 timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
+      --lens ${D256_LENS:-4k,16k,64k} --dims 256 --out "$OUT/d256_mma" > /dev/null 2>&1
+    grep -E "^\| (full|causal)" "$OUT/d256_mma/report_cuda.md" | cut -d'|' -f2-7
+    ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | d256)"; exit 2 ;;
   esac
 done

@@ -158,7 +158,13 @@ impl TileCfg {
         }
         // `LONGATTN_CUDA_WGMMA=0`: no Hopper kernels; `LONGATTN_CUDA_WS=0`: the warpgroup-MMA
         // kernel without warp specialization.
-        let hopper = cc == (9, 0) && (d == 64 || d == 128) && !env_off("LONGATTN_CUDA_WGMMA");
+        let hopper = cc == (9, 0) && !env_off("LONGATTN_CUDA_WGMMA");
+        if hopper && d == 256 && !env_off("LONGATTN_CUDA_WS") {
+            // D 256: two consumers of 64 rows (O is 128 registers a thread), 64-key tiles, one Q
+            // stage (attn_fwd_ws.cu); `LONGATTN_CUDA_WS=0` keeps the mma.sync kernel.
+            return Self::warp_specialized(2, 64, 1);
+        }
+        let hopper = hopper && (d == 64 || d == 128);
         if hopper && !env_off("LONGATTN_CUDA_WS") {
             // Warp-specialized: one TMA producer warpgroup + consumers of 64 rows, persistent
             // blocks, one per SM (consumers get 240 registers with 2 of them, 160 with 3).
@@ -185,6 +191,12 @@ impl TileCfg {
         if hopper {
             return Self::choose_wgmma(d, false);
         }
+        Self::mma_sync(d)
+    }
+
+    /// The mma.sync kernel (any GPU of compute capability 8.0 or later, D a multiple of 16 up to
+    /// 256).
+    fn mma_sync(d: usize) -> TileCfg {
         if d <= 128 {
             // 4 warps x 32 rows: every K/V fragment read from shared memory feeds two MMAs
             // (16-row warps were bound by shared-memory reads: 8 warps re-read each tile).
@@ -228,9 +240,13 @@ impl TileCfg {
         }
     }
 
-    /// The Hopper warpgroup-MMA kernel without warp specialization (D 64 / 128).
-    /// `nbr2d`: the mask is a 2-D neighborhood (Partial tiles everywhere, short schedule rows).
+    /// The Hopper warpgroup-MMA kernel without warp specialization (D 64 / 128; other head dims
+    /// take the mma.sync kernel). `nbr2d`: the mask is a 2-D neighborhood (Partial tiles
+    /// everywhere, short schedule rows).
     fn choose_wgmma(d: usize, nbr2d: bool) -> TileCfg {
+        if d != 64 && d != 128 {
+            return Self::mma_sync(d);
+        }
         // Hopper: 2 warpgroups x 64 rows, 64-key tiles, two blocks per SM (registers capped
         // at 128: D 128 spills ~50 bytes a thread, still the fastest). Measured at n 16k
         // (full / causal TFLOP/s, D 128 | D 64): 2 WG x 128 keys, 1 block: 319/287 | 242/183;
@@ -285,9 +301,11 @@ impl TileCfg {
         match self.kernel {
             FwdKernel::MmaSync => tiles,
             FwdKernel::Wgmma => tiles + 1024,
-            // + a second Q stage, the twelve mbarriers of the TMA rings and skip-softmax's
-            // votes (128 bytes).
-            FwdKernel::WarpSpecialized => tiles + self.br * d * 2 + 1024 + 128,
+            // + a second Q stage (none at D 256: attn_fwd_ws.cu's LA_QST), the twelve mbarriers
+            // of the TMA rings and skip-softmax's votes (128 bytes).
+            FwdKernel::WarpSpecialized => {
+                tiles + if d == 256 { 0 } else { self.br * d * 2 } + 1024 + 128
+            }
         }
     }
 }
@@ -985,7 +1003,9 @@ impl FwdPlan {
         if tile.kernel == FwdKernel::WarpSpecialized && heavy && heavy_env != "0" {
             if heavy_env == "wgmma" {
                 tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
-            } else if std::env::var("LONGATTN_CUDA_WS").is_err() {
+            } else if std::env::var("LONGATTN_CUDA_WS").is_err() && d != 256 {
+                // (D 256 keeps its tiles: two blocks of one consumer would not fit shared
+                // memory.)
                 tile = TileCfg::warp_specialized(1, 64, 2);
             }
         }
@@ -993,7 +1013,7 @@ impl FwdPlan {
         if let Some(l) = params.skip_below {
             if tile.kernel != FwdKernel::WarpSpecialized {
                 return Err(unsupported(format!(
-                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64 or 128, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
+                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64, 128 or 256, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
                     tile.kernel
                 )));
             }
@@ -1753,7 +1773,7 @@ mod tests {
     use crate::testing::Rng;
 
     /// The Hopper forward kernels compile under NVRTC for sm_90a (no GPU needed, only
-    /// `libnvrtc`; skipped, and said so, without it): warp-specialized tiles of D 64 and 128 and
+    /// `libnvrtc`; skipped, and said so, without it): warp-specialized tiles of D 64, 128 and 256 and
     /// the wgmma kernel, bf16 / f16, each softmax step ([`fwd_softmax`]: the scale in the
     /// exponent's FFMA only for scale > 0 without soft-cap), element and interval mask programs.
     #[test]
@@ -1768,6 +1788,7 @@ mod tests {
             (TileCfg::warp_specialized(3, 128, 1), 64),
             (TileCfg::warp_specialized(2, 128, 1), 128),
             (TileCfg::warp_specialized(1, 64, 2), 128),
+            (TileCfg::warp_specialized(2, 64, 1), 256),
             (TileCfg::choose_wgmma(64, false), 64),
             (TileCfg::choose_wgmma(128, false), 128),
         ];
@@ -1813,7 +1834,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 120);
+        assert_eq!(n, 144);
     }
 
     /// A gated mask at the kernel's tiles (`retile` of the gate, then `gate_tiles` with the
@@ -1994,6 +2015,7 @@ mod tests {
             (TileCfg::warp_specialized(3, 128, 1), 64),
             (TileCfg::warp_specialized(2, 128, 1), 128),
             (TileCfg::warp_specialized(1, 64, 2), 128),
+            (TileCfg::warp_specialized(2, 64, 1), 256),
         ] {
             for (prog, softmax, cap, skip, late) in [
                 (&element, "fused", None, false, false),
@@ -2018,7 +2040,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 15);
+        assert_eq!(n, 20);
     }
 
     /// Tuning aid, run by hand: writes the warp-specialized forward's CUBIN (bf16, D 128, the

@@ -151,6 +151,25 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
             v.push(FwdCase::new(dt, 300, 300, d, "causal"));
         }
     }
+    // D 256, Hopper's warp-specialized kernel with one Q stage and m64n256 P V products: awkward
+    // sizes, decode rows, Sq != Sk both ways.
+    let d256: &[(usize, usize, &str)] = if quick {
+        &[(63, 65, "causal"), (113, 203, "full")]
+    } else {
+        &[
+            (1, 1, "full"),
+            (7, 7, "causal"),
+            (63, 65, "causal"),
+            (65, 63, "full"),
+            (113, 203, "causal"),
+            (1, 4224, "full"),
+            (1023, 1024, "causal"),
+            (1024, 1023, "full"),
+        ]
+    };
+    for &(sq, sk, m) in d256 {
+        v.push(FwdCase::new(BF16, sq, sk, 256, m));
+    }
     let masks: &[&str] = &[
         "window(64,0)",
         "causal & window(100,20)",
@@ -216,6 +235,19 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
         let mut c = FwdCase::new(BF16, 1000, 1000, 64, "causal & document");
         c.batch = 3;
         c.docs = 5;
+        v.push(c);
+        // D 256 as Gemma-3 runs it (4 query heads on 1 KV head, a sliding window, f16), with
+        // soft-cap, and documents in a batch.
+        let mut c = FwdCase::new(F16, 777, 1500, 256, "causal & window(511,0)");
+        c.hq = 4;
+        c.hk = 1;
+        v.push(c);
+        let mut c = FwdCase::new(BF16, 513, 513, 256, "causal");
+        c.softcap = Some(20.0);
+        v.push(c);
+        let mut c = FwdCase::new(BF16, 700, 700, 256, "causal & document");
+        c.batch = 3;
+        c.docs = 4;
         v.push(c);
     }
     // Documents dealt in runs of 16 (not contiguous): Partial tiles everywhere, the element

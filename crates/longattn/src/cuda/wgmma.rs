@@ -17,6 +17,9 @@ use std::sync::LazyLock;
 
 /// Accumulator widths generated (8: skip-softmax's stand-in for a dropped product).
 const WIDTHS: [usize; 4] = [8, 32, 64, 128];
+/// N 256 only as `la_wg_rs_n256`: the O += P V product of the D 256 forward (128 accumulators a
+/// thread; the other forms at this width would only lengthen every kernel's source).
+const WIDE: usize = 256;
 
 /// The wrappers for both element types (`#if LA_F16` picks one at compile time).
 pub(crate) static WRAPPERS: LazyLock<String> = LazyLock::new(|| {
@@ -28,6 +31,7 @@ pub(crate) static WRAPPERS: LazyLock<String> = LazyLock::new(|| {
                 s.push_str(&wrapper(n, ty, form));
             }
         }
+        s.push_str(&wrapper(WIDE, ty, Form::Rs));
         writeln!(s, "#endif").unwrap();
     }
     s
@@ -116,6 +120,9 @@ mod tests {
             w.contains("setp.ne.b32 p, %69, 0;") && w.contains("\"r\"(accumulate)"),
             "{w}"
         );
-        assert_eq!(WRAPPERS.matches("__device__").count(), 32);
+        let w = wrapper(256, "bf16", Form::Rs);
+        assert!(w.contains("{%128, %129, %130, %131}, %132, p, 1, 1, 1;"), "{w}");
+        assert!(w.contains("m64n256k16") && w.contains("\"+f\"(d[127])"), "{w}");
+        assert_eq!(WRAPPERS.matches("__device__").count(), 34);
     }
 }

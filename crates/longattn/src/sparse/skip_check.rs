@@ -62,8 +62,8 @@ impl SkipCase {
     }
 }
 
-/// The matrix: decode rows, Sq != Sk, awkward lengths, D 64 / 128, GQA 8:1, batch 2, causal and
-/// full, f16.
+/// The matrix: decode rows, Sq != Sk, awkward lengths, D 64 / 128 / 256, GQA 8:1, batch 2,
+/// causal and full, f16.
 pub fn skip_cases(quick: bool) -> Vec<SkipCase> {
     let base = |sq, sk, d, mask, exact| SkipCase {
         base: FwdCase::new(DType::BF16, sq, sk, d, mask),
@@ -79,6 +79,7 @@ pub fn skip_cases(quick: bool) -> Vec<SkipCase> {
         base(300, 700, 128, "full", true),
         base(1023, 1023, 128, "causal", true),
         base(2000, 2000, 128, "causal", false),
+        base(300, 700, 256, "full", true),
     ];
     if quick {
         return v;
@@ -93,6 +94,10 @@ pub fn skip_cases(quick: bool) -> Vec<SkipCase> {
     v.push(c);
     v.push(base(777, 1500, 64, "full", false));
     v.push(base(1500, 3000, 128, "causal & window(1000,0)", false));
+    v.push(base(1023, 1023, 256, "causal", true));
+    let mut c = base(129, 2000, 256, "full", false);
+    (c.base.hq, c.base.hk) = (4, 1);
+    v.push(c);
     v
 }
 

@@ -16,7 +16,9 @@
 //     so the exponentials of tile n overlap the tensor cores' P V of tile n - 1 (intra-warpgroup
 //     overlap), and the consumers take turns issuing their matrix products (ping-pong on named
 //     barriers 1 .. LA_NWG), so one warpgroup's softmax overlaps another's products.
-// Q has two stages too, so the next item's Q lands while the current item runs.
+// Q has two stages too (LA_QST; one at D 256, where two would not fit shared memory), so the
+// next item's Q lands while the current item runs; a consumer warp gives its Q stage back as soon
+// as its last S = Q K^T of the item is in registers.
 // Shared-memory tiles use the 128-byte swizzle of attn_fwd_wg.cu, which is what the TMA writes
 // with CU_TENSOR_MAP_SWIZZLE_128B and a box of 64 columns: a [R][D] tile is D / 64 boxes of
 // [R][64], each 1024-byte aligned. Rows past Sq / Sk arrive as zeros (TMA out-of-bounds fill).
@@ -45,8 +47,11 @@
 // may lag by up to LA_SLACK) makes the test stricter, never looser. Counters {tiles tested, P V
 // dropped} per warpgroup go to skip_stats once per block.
 //
-// Compile-time constants: LA_F16, LA_D (64 or 128), LA_BC (64 or 128), LA_NWG (consumer
+// Compile-time constants: LA_F16, LA_D (64, 128 or 256), LA_BC (64 or 128), LA_NWG (consumer
 // warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, and the mask program la_mask.
+//
+// D 256 (two consumers, 64-key tiles): O takes 128 registers a thread, P V is one m64n256k16
+// product per 16 keys; shared memory holds one Q stage (64 KiB) and two of K and V (32 KiB each).
 
 #ifndef LA_BR
 #define LA_BR (LA_NWG * 64)
@@ -60,7 +65,19 @@
 #ifndef LA_SKIP_LATE
 #define LA_SKIP_LATE 0
 #endif
+#if LA_D == 256 && LA_SKIP
+// D 256 reads the votes late: read early, they spill 40 bytes (ptxas, 240 registers).
+#undef LA_SKIP_LATE
+#define LA_SKIP_LATE 1
+#endif
 #define LA_THREADS ((LA_NWG + 1) * 128)
+#if LA_D != 64 && LA_D != 128 && LA_D != 256
+#error "attn_fwd_ws.cu: LA_D must be 64, 128 or 256"
+#endif
+#if LA_D == 256 && (LA_BC != 64 || LA_NWG != 2)
+#error "attn_fwd_ws.cu: D 256 takes two consumers and 64-key tiles (registers, shared memory)"
+#endif
+#define LA_QST (LA_D == 256 ? 1 : 2)  // Q stages
 // Register split (65536 per SM, one block per SM): consumers get what the producer gives up.
 #if LA_NWG == 3
 #define LA_REG_MMA 160
@@ -272,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     extern __shared__ __align__(1024) u16 la_smem_ws[];
     const u32 mis = la_smem_addr(la_smem_ws) & 1023;
     u16* sQ0 = la_smem_ws + (mis ? (1024 - mis) / 2 : 0);  // stage sq: sQ0 + sq * BR * D
-    u16* sK0 = sQ0 + 2 * LA_BR * LA_D;  // stage st: sK0 + st * BC * D
+    u16* sK0 = sQ0 + LA_QST * LA_BR * LA_D;  // stage st: sK0 + st * BC * D
     u16* sV0 = sK0 + 2 * LA_BC * LA_D;  // stage st: sV0 + st * BC * D
     u64* bars = (u64*)(sV0 + 2 * LA_BC * LA_D);
     u64* full_q = bars;       // [2]
@@ -304,8 +321,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 
     // Persistent blocks: block x runs the items of its work list in order. Producer and consumers
     // walk the same items, so their ring positions agree: `nq` counts items with work (Q stage
-    // nq & 1), `nkv` key tiles (K/V stage nkv & 1); the (x >> 1)-th use of a stage waits for
-    // parity (x >> 1) & 1.
+    // nq % LA_QST, its (nq / LA_QST)-th use), `nkv` key tiles (K/V stage nkv & 1); the u-th use
+    // of a stage waits for parity u & 1.
     const u32 i0 = w.work[blockIdx.x], i1 = w.work[blockIdx.x + 1];
     const u32* list = w.work + gridDim.x + 1;
 
@@ -323,8 +340,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             const u32 e0 = p.sched_off[srow];
             const int nt = (int)(p.sched_off[srow + 1] - e0);
             if (nt == 0) continue;
-            const int sq = nq & 1;
-            la_mbar_wait(empty_q + sq, ((nq >> 1) & 1) ^ 1);
+            const int sq = nq % LA_QST;
+            la_mbar_wait(empty_q + sq, ((nq / LA_QST) & 1) ^ 1);
             la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
 #pragma unroll
             for (int cb = 0; cb < LA_D / 64; cb++)
@@ -385,9 +402,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             float s[LA_BC / 2];
             u32 pf[LA_BC / 16][4];
             float a0, a1;
-            const int sq = nq & 1;
+            const int sq = nq % LA_QST;
             const u16* sQ = sQ0 + sq * LA_BR * LA_D;
-            la_mbar_wait(full_q + sq, (nq >> 1) & 1);
+            la_mbar_wait(full_q + sq, (nq / LA_QST) & 1);
 
             // Tile 0: S_0, softmax -> P_0.
             {
@@ -403,7 +420,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 #endif
                 la_wg_wait0();
                 la_fence_regs<LA_BC / 2>(s);
-                if (lane == 0) la_mbar_arrive(empty_k + st);
+                if (lane == 0) {
+                    la_mbar_arrive(empty_k + st);
+                    if (nt == 1) la_mbar_arrive(empty_q + sq);  // the item's last Q K^T is done
+                }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
                 la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
                 la_wg_pack(pf, s);
@@ -453,8 +473,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                     la_wg_commit();
                 } else {
-                    float z[4];  // never read (ptxas turns the product into its own empty one)
-                    la_wg_ss_n8(z, la_wg_desc(sQ, 16, 1024), la_wg_desc(sV0, 16, 1024), 0);
+                    // Never read (ptxas turns the product into its own empty one). Its operands
+                    // are V_{n-1}'s stage, which goes back only after the wait for this group (Q's
+                    // stage may go back before).
+                    float z[4];
+                    const u16* sVp = sV0 + sp * LA_BC * LA_D;
+                    la_wg_ss_n8(z, la_wg_desc(sVp, 16, 1024), la_wg_desc(sVp, 16, 1024), 0);
                     la_wg_commit();
                 }
 #else
@@ -470,7 +494,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 
                 la_wg_wait1();  // S_n is ready; P_{n-1} V_{n-1} may still run
                 la_fence_regs<LA_BC / 2>(s);
-                if (lane == 0) la_mbar_arrive(empty_k + st);
+                if (lane == 0) {
+                    la_mbar_arrive(empty_k + st);
+                    if (n == nt - 1) la_mbar_arrive(empty_q + sq);  // the item's last Q K^T is done
+                }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
 #if LA_SKIP
                 float mx0, mx1;
@@ -502,7 +529,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             }
 #endif
 
-            // The last tile's P V; then Q and the stage go back to the producer.
+            // The last tile's P V; then its V stage goes back to the producer.
             const int jl = nkv + nt - 1, sl = jl & 1;
             la_mbar_wait(full_v + sl, (jl >> 1) & 1);
             la_wg_fence();
@@ -510,10 +537,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             la_wg_commit();
             la_wg_wait0();
             la_fence_regs<LA_D / 2>(o);
-            if (lane == 0) {
-                la_mbar_arrive(empty_v + sl);
-                la_mbar_arrive(empty_q + sq);
-            }
+            if (lane == 0) la_mbar_arrive(empty_v + sl);
             nq++;
             nkv += nt;
         }

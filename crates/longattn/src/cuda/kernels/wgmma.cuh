@@ -23,6 +23,8 @@ __device__ __forceinline__ void la_fence_regs(float* x) {
 // O += P V shaped products (N = the head dim): la_wg_rs_d.
 #if LA_D == 64
 #define la_wg_rs_d la_wg_rs_n64
+#elif LA_D == 256
+#define la_wg_rs_d la_wg_rs_n256
 #else
 #define la_wg_rs_d la_wg_rs_n128
 #endif
