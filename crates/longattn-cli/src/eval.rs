@@ -368,7 +368,9 @@ fn nll(a: &Args) -> Result<()> {
         let rows = h.len() / d;
         let hf = match full.as_mut() {
             Some((c, s)) => {
-                Some(m.forward(c, *s, &ids[start..start + rows], attn.as_ref(), None)?)
+                let h = m.forward(c, *s, &ids[start..start + rows], attn.as_ref(), None)?;
+                m.drop_dead(c, *s)?;
+                Some(h)
             }
             None => None,
         };
@@ -403,7 +405,7 @@ fn nll(a: &Args) -> Result<()> {
             &mut each,
         )?,
         None => {
-            lm::prefill(
+            let peak = lm::prefill(
                 m,
                 &mut cache,
                 seq,
@@ -413,7 +415,7 @@ fn nll(a: &Args) -> Result<()> {
                 Some(&pb),
                 &mut each,
             )?;
-            (cache.memory(), cache.memory())
+            (peak, cache.memory())
         }
     };
     let secs = t0.elapsed().as_secs_f64();

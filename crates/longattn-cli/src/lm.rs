@@ -93,7 +93,9 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Runs `tokens` through the model in chunks of `chunk` tokens into `seq`, calling
-/// `each(start, hidden)` with the final hidden states of every chunk.
+/// `each(start, hidden)` with the final hidden states of every chunk. After each chunk the
+/// sliding-window layers free what no later query sees ([`Model::drop_dead`]). Returns the
+/// largest memory the cache held (after a forward, before that).
 #[allow(clippy::too_many_arguments)]
 pub fn prefill(
     m: &Model,
@@ -104,17 +106,28 @@ pub fn prefill(
     chunk: usize,
     pb: Option<&ProgressBar>,
     mut each: impl FnMut(usize, &[f32]) -> Result<()>,
-) -> Result<()> {
+) -> Result<KvMemory> {
     let mut start = 0;
+    let mut peak: Option<KvMemory> = None;
     for part in tokens.chunks(chunk.max(1)) {
         let h = m.forward(cache, seq, part, attn, None)?;
         each(start, &h)?;
         start += part.len();
+        peak = Some(larger(peak, cache.memory()));
+        m.drop_dead(cache, seq)?;
         if let Some(pb) = pb {
             pb.inc(part.len() as u64);
         }
     }
-    Ok(())
+    Ok(peak.unwrap_or_else(|| cache.memory()))
+}
+
+/// The larger of two memory readings (bytes in use, then entries).
+fn larger(peak: Option<KvMemory>, mem: KvMemory) -> KvMemory {
+    match peak {
+        Some(p) if (p.bytes_in_use, p.bytes_entries) >= (mem.bytes_in_use, mem.bytes_entries) => p,
+        _ => mem,
+    }
 }
 
 /// Runs `tokens` through the model under a press, `chunk` tokens per forward (1: token by
@@ -139,12 +152,7 @@ pub fn prefill_pressed(
         let h = m.forward(cache, seq, part, attn, None)?;
         each(start, &h)?;
         start += part.len();
-        let mem = cache.memory();
-        if peak.is_none_or(|p| {
-            (mem.bytes_in_use, mem.bytes_entries) > (p.bytes_in_use, p.bytes_entries)
-        }) {
-            peak = Some(mem);
-        }
+        peak = Some(larger(peak, cache.memory()));
         let next = parts.get(i + 1).map_or(0, |p| p.len());
         attn.compress(cache, seq, next)?;
         if let Some(pb) = pb {

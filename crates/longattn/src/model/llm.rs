@@ -281,6 +281,24 @@ impl Model {
         })
     }
 
+    /// Each layer's sliding window (keys per query, the query included); `None`: the layer
+    /// attends over the whole prefix.
+    pub fn windows(&self) -> Vec<Option<usize>> {
+        (0..self.cfg.layers)
+            .map(|l| self.cfg.layer_window(l))
+            .collect()
+    }
+
+    /// Frees, in every sliding-window layer, the entries of `seq` that no later query can see
+    /// (positions below L - W + 1, L the sequence's length: [`crate::kv::press::drop_dead`]).
+    /// Exact for every attention the model runs, each of which applies the layer's window; it is
+    /// what keeps a windowed model's cache (Gemma-3: five layers in six) at its windows' size.
+    /// Returns the pages freed. A press ([`crate::kv::press::runner::PressAttention`]) does this
+    /// itself in its `compress`, its scores following the entries.
+    pub fn drop_dead(&self, cache: &mut PagedKvCache, seq: SeqId) -> Result<usize> {
+        crate::kv::press::drop_dead(cache, seq, &self.windows(), None, None)
+    }
+
     /// Multiply-add count (x2 = FLOPs) of the matmuls for `n` tokens, LM head on `rows` of them.
     pub fn matmul_flops(&self, n: usize, rows: usize) -> f64 {
         let c = &self.cfg;
@@ -437,6 +455,7 @@ impl Model {
         let mut last = Vec::new();
         for part in prompt.chunks(chunk.max(1)) {
             last = self.forward(cache, seq, part, attn, None)?;
+            self.drop_dead(cache, seq)?;
         }
         let d = self.cfg.d_model;
         let mut hidden = last[last.len() - d..].to_vec();
@@ -449,6 +468,7 @@ impl Model {
                 break;
             }
             hidden = self.forward(cache, seq, &[t], attn, None)?;
+            self.drop_dead(cache, seq)?;
         }
         Ok(out)
     }
