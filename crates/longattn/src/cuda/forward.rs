@@ -159,6 +159,11 @@ impl TileCfg {
         // `LONGATTN_CUDA_WGMMA=0`: no Hopper kernels; `LONGATTN_CUDA_WS=0`: the warpgroup-MMA
         // kernel without warp specialization.
         let hopper = cc == (9, 0) && !env_off("LONGATTN_CUDA_WGMMA");
+        // Head dims between the kernels' own run padded (`ws_dim`).
+        let d = match ws_dim(d) {
+            Some(k) if hopper && !env_off("LONGATTN_CUDA_WS") && !env_off("LONGATTN_CUDA_PAD") => k,
+            _ => d,
+        };
         if hopper && d == 256 && !env_off("LONGATTN_CUDA_WS") {
             // D 256: two consumers of 64 rows (O is 128 registers a thread), 64-key tiles, one Q
             // stage (attn_fwd_ws.cu); `LONGATTN_CUDA_WS=0` keeps the mma.sync kernel.
@@ -295,7 +300,8 @@ impl TileCfg {
     }
 
     /// Dynamic shared memory: Q [br][d] + two stages of K [bc][d] + V [bc][d], 2-byte elements
-    /// (+ 1 KiB to align the wgmma kernel's swizzle atoms).
+    /// (+ 1 KiB to align the wgmma kernel's swizzle atoms); `d`: the kernel's head dim
+    /// ([`kernel_dim`]).
     pub fn smem(&self, d: usize) -> usize {
         let tiles = (self.br + 4 * self.bc) * d * 2;
         match self.kernel {
@@ -1003,7 +1009,7 @@ impl FwdPlan {
         if tile.kernel == FwdKernel::WarpSpecialized && heavy && heavy_env != "0" {
             if heavy_env == "wgmma" {
                 tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
-            } else if std::env::var("LONGATTN_CUDA_WS").is_err() && d != 256 {
+            } else if std::env::var("LONGATTN_CUDA_WS").is_err() && kernel_dim(&tile, d) != 256 {
                 // (D 256 keeps its tiles: two blocks of one consumer would not fit shared
                 // memory.)
                 tile = TileCfg::warp_specialized(1, 64, 2);
@@ -1073,7 +1079,7 @@ impl FwdPlan {
             }
             ptag = format!("_patch{}x{}_{}x{}_w{}", g.q.0, g.q.1, g.k.0, g.k.1, g.w);
         }
-        let smem = tile.smem(d);
+        let smem = tile.smem(kernel_dim(&tile, d));
         let mut base = LaFwdParams {
             b: dims.batch as i32,
             sq: dims.sq as i32,
@@ -1405,6 +1411,28 @@ fn fwd_softmax() -> String {
     std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| "fused".into())
 }
 
+/// The head dim the warp-specialized kernel runs a tensor's head dim `d` at: 64, 128 and 256 as
+/// they are, other multiples of 16 between 64 and 256 padded to the next of them (D 96 -> 128,
+/// D 192 -> 256: the TMA reads the columns past `d` as zeros); `None` for the rest (D <= 64 takes
+/// the mma.sync kernel below 64).
+pub(crate) fn ws_dim(d: usize) -> Option<usize> {
+    match d {
+        64 | 128 | 256 => Some(d),
+        _ if !d.is_multiple_of(16) || d < 64 || d > 256 => None,
+        _ if d < 128 => Some(128),
+        _ => Some(256),
+    }
+}
+
+/// The head dim the kernel of `tile` is compiled for: [`ws_dim`] on the warp-specialized kernel
+/// (which pads), the tensor's own elsewhere.
+pub(crate) fn kernel_dim(tile: &TileCfg, d: usize) -> usize {
+    match tile.kernel {
+        FwdKernel::WarpSpecialized => ws_dim(d).unwrap_or(d),
+        _ => d,
+    }
+}
+
 /// Source, entry point, variant tag and defines of the forward kernel of `tile` for `program`
 /// (the mask's `la_mask`) and the Hopper softmax step `softmax` ([`fwd_softmax`]); the plan adds
 /// what depends on the mask's layout (patch order, bit tables, grid order).
@@ -1443,7 +1471,8 @@ fn kernel_build(
     };
     let mut defines = vec![
         ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
-        ("LA_D".into(), d.to_string()),
+        ("LA_D".into(), kernel_dim(tile, d).to_string()),
+        ("LA_DO".into(), d.to_string()),
         ("LA_BR".into(), tile.br.to_string()),
         ("LA_BC".into(), tile.bc.to_string()),
         ("LA_WARPS".into(), tile.warps.to_string()),
@@ -1773,7 +1802,8 @@ mod tests {
     use crate::testing::Rng;
 
     /// The Hopper forward kernels compile under NVRTC for sm_90a (no GPU needed, only
-    /// `libnvrtc`; skipped, and said so, without it): warp-specialized tiles of D 64, 128 and 256 and
+    /// `libnvrtc`; skipped, and said so, without it): warp-specialized tiles of D 64, 128 and 256
+    /// (and D 96 / 192 padded to 128 / 256) and
     /// the wgmma kernel, bf16 / f16, each softmax step ([`fwd_softmax`]: the scale in the
     /// exponent's FFMA only for scale > 0 without soft-cap), element and interval mask programs.
     #[test]
@@ -1789,6 +1819,8 @@ mod tests {
             (TileCfg::warp_specialized(2, 128, 1), 128),
             (TileCfg::warp_specialized(1, 64, 2), 128),
             (TileCfg::warp_specialized(2, 64, 1), 256),
+            (TileCfg::warp_specialized(2, 128, 1), 96),
+            (TileCfg::warp_specialized(2, 64, 1), 192),
             (TileCfg::choose_wgmma(64, false), 64),
             (TileCfg::choose_wgmma(128, false), 128),
         ];
@@ -1834,7 +1866,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 144);
+        assert_eq!(n, 192);
     }
 
     /// A gated mask at the kernel's tiles (`retile` of the gate, then `gate_tiles` with the
@@ -2070,6 +2102,40 @@ mod tests {
                 let file = format!("{mask}_fwd{tag}_skip{}", skip as u8);
                 super::super::compile::dump_cubin(&dir, &file, &src, &defines);
             }
+        }
+    }
+
+    /// Head dims between 64 and 256 run padded on Hopper's warp-specialized kernel; others, and
+    /// other GPUs, keep the mma.sync kernel at their own head dim.
+    #[test]
+    fn head_dims_pad_to_the_warp_specialized_kernels() {
+        for (d, want) in [
+            (16, None),
+            (32, None),
+            (48, None),
+            (64, Some(64)),
+            (80, Some(128)),
+            (96, Some(128)),
+            (128, Some(128)),
+            (144, Some(256)),
+            (192, Some(256)),
+            (256, Some(256)),
+            (100, None),
+            (272, None),
+        ] {
+            assert_eq!(ws_dim(d), want, "D {d}");
+            let t = TileCfg::choose(d, 4096, (9, 0));
+            match want {
+                Some(k) => {
+                    assert_eq!(t.kernel, FwdKernel::WarpSpecialized, "D {d}");
+                    assert_eq!(kernel_dim(&t, d), k, "D {d}");
+                    assert!(t.smem(k) <= 227 * 1024, "D {d}: {} bytes", t.smem(k));
+                }
+                None => assert_eq!(t.kernel, FwdKernel::MmaSync, "D {d}"),
+            }
+            let a = TileCfg::choose(d, 4096, (8, 0));
+            assert_eq!(a.kernel, FwdKernel::MmaSync, "D {d} on sm_80");
+            assert_eq!(kernel_dim(&a, d), d);
         }
     }
 

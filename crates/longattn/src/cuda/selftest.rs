@@ -117,8 +117,8 @@ impl FwdCase {
 }
 
 /// The forward matrix: awkward sizes (causal and full), every mask atom and compositions, GQA /
-/// MQA / MHA, head dims 32..256, f16 and bf16, batches with documents, soft-cap, Sq != Sk,
-/// decode shapes, explicit block masks. `quick` keeps a small subset (for compute-sanitizer).
+/// MQA / MHA, head dims 32..256 (80, 96, 192 padded on Hopper), f16 and bf16, batches with
+/// documents, soft-cap, Sq != Sk, decode shapes, explicit block masks. `quick` keeps a small subset (for compute-sanitizer).
 pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
     use DType::{BF16, F16};
     let mut v = Vec::new();
@@ -141,10 +141,11 @@ pub fn forward_cases(quick: bool) -> Vec<FwdCase> {
             v.push(FwdCase::new(BF16, sq, sk, 128, m));
         }
     }
+    // D 80, 96 and 192 run padded to 128 / 256 on Hopper's warp-specialized kernel.
     let dims: &[usize] = if quick {
-        &[64, 256]
+        &[64, 96, 256]
     } else {
-        &[32, 64, 96, 128, 256]
+        &[32, 64, 80, 96, 128, 192, 256]
     };
     for &d in dims {
         for dt in [BF16, F16] {

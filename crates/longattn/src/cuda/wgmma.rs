@@ -121,8 +121,14 @@ mod tests {
             "{w}"
         );
         let w = wrapper(256, "bf16", Form::Rs);
-        assert!(w.contains("{%128, %129, %130, %131}, %132, p, 1, 1, 1;"), "{w}");
-        assert!(w.contains("m64n256k16") && w.contains("\"+f\"(d[127])"), "{w}");
+        assert!(
+            w.contains("{%128, %129, %130, %131}, %132, p, 1, 1, 1;"),
+            "{w}"
+        );
+        assert!(
+            w.contains("m64n256k16") && w.contains("\"+f\"(d[127])"),
+            "{w}"
+        );
         assert_eq!(WRAPPERS.matches("__device__").count(), 34);
     }
 }

@@ -487,13 +487,17 @@ fn kv_press_budget_one_is_the_full_cache_bit_for_bit() {
         let mut kept = run(&m, &t[..25], "causal", 25, 16);
         let mut c2 = m.new_cache(16).unwrap();
         let s2 = c2.add_sequence();
-        m.forward(&mut c2, s2, &t[..25], attn.as_ref(), None).unwrap();
+        m.forward(&mut c2, s2, &t[..25], attn.as_ref(), None)
+            .unwrap();
         for &tok in &t[25..] {
             let h = m.forward(&mut c2, s2, &[tok], attn.as_ref(), None).unwrap();
             kept.extend(m.logits(&h));
         }
         let e = max_diff(&kept, &want);
-        assert!(e < 1e-4, "{arch}: dropping dead entries moved the logits by {e}");
+        assert!(
+            e < 1e-4,
+            "{arch}: dropping dead entries moved the logits by {e}"
+        );
         for press in [
             "h2o(budget=1)",
             "snapkv(budget=1,window=4)",

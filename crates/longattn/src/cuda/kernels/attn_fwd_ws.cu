@@ -52,6 +52,9 @@
 //
 // D 256 (two consumers, 64-key tiles): O takes 128 registers a thread, P V is one m64n256k16
 // product per 16 keys; shared memory holds one Q stage (64 KiB) and two of K and V (32 KiB each).
+// Other head dims (multiples of 16) run padded to the next of 64 / 128 / 256 (LA_DO: the tensor's
+// head dim): the TMA fills the columns past it with zeros, which add nothing to Q K^T and give
+// zero columns of O, which the epilogue does not write.
 
 #ifndef LA_BR
 #define LA_BR (LA_NWG * 64)

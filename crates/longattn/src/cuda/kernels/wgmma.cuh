@@ -65,7 +65,11 @@ __device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, F 
 
 // Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's query rows
 // `row0` and `row1` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are not
-// written; a row with no allowed key (l = 0) gets 0 and -inf.
+// written; a row with no allowed key (l = 0) gets 0 and -inf. Only the tensor's LA_DO columns are
+// written (a head dim padded to the kernel's LA_D: the padding's columns of O are zero).
+#ifndef LA_DO
+#define LA_DO LA_D
+#endif
 template <typename P>
 __device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
                                             int b, int h, int row0, int row1, int t4) {
@@ -80,7 +84,7 @@ __device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0
         if (r < p.Sq) {
             u32* dst = (u32*)(go + (i64)r * p.o_ss);
 #pragma unroll
-            for (int j = 0; j < LA_D / 8; j++)
+            for (int j = 0; j < LA_DO / 8; j++)
                 dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
             if (t4 == 0)
                 p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
