@@ -34,7 +34,7 @@
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
-#   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D256 and skip groups), then
+#   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
 #                                             # the mma.sync kernel it replaces (LONGATTN_CUDA_WS=0)
 # Several modes run in order: `bash scripts/gpu/dense_check.sh selftest order fwd bwd`.
@@ -209,8 +209,10 @@ for mode in "${@:-selftest}"; do
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
   d256)
-    timeout 200 /tmp/longattn selftest --backend cuda --filter D256 --jobs ${JOBS:-8} > "$OUT/selftest_d256.txt" 2>&1
-    echo "selftest D256 rc=$?"; grep -vE " pass " "$OUT/selftest_d256.txt" | tail -12
+    for dd in D256 D192 D96 D80; do
+      timeout 200 /tmp/longattn selftest --backend cuda --filter $dd --jobs ${JOBS:-8} > "$OUT/selftest_$dd.txt" 2>&1
+      echo "selftest $dd rc=$?"; grep -vE " pass " "$OUT/selftest_$dd.txt" | tail -8
+    done
     timeout 200 /tmp/longattn selftest --backend cuda --filter skip --jobs ${JOBS:-8} > "$OUT/selftest_skip.txt" 2>&1
     echo "selftest skip rc=$?"; grep -vE " pass " "$OUT/selftest_skip.txt" | tail -8
     fa4_env
