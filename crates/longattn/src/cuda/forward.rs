@@ -1418,7 +1418,7 @@ fn fwd_softmax() -> String {
 pub(crate) fn ws_dim(d: usize) -> Option<usize> {
     match d {
         64 | 128 | 256 => Some(d),
-        _ if !d.is_multiple_of(16) || d < 64 || d > 256 => None,
+        _ if !d.is_multiple_of(16) || !(64..=256).contains(&d) => None,
         _ if d < 128 => Some(128),
         _ => Some(256),
     }
