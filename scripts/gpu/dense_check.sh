@@ -36,7 +36,7 @@
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
 #   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
-#                                             # the mma.sync kernel it replaces (LONGATTN_CUDA_WS=0)
+#                                             # the mma.sync kernel it replaces
 # Several modes run in order: `bash scripts/gpu/dense_check.sh selftest order fwd bwd`.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -209,6 +209,7 @@ for mode in "${@:-selftest}"; do
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
   d256)
+    export LONGATTN_CUDA_WS_WIDE=1  # D 256 and the padded head dims (opt-in until run here)
     for dd in D256 D192 D96 D80; do
       timeout 200 /tmp/longattn selftest --backend cuda --filter $dd --jobs ${JOBS:-8} > "$OUT/selftest_$dd.txt" 2>&1
       echo "selftest $dd rc=$?"; grep -vE " pass " "$OUT/selftest_$dd.txt" | tail -8
@@ -220,8 +221,8 @@ for mode in "${@:-selftest}"; do
       --dims 256 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} --out "$OUT/d256" > "$OUT/d256.txt" 2>&1
     echo "bench D256 rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/d256.txt" | head -30
-    echo "== LONGATTN_CUDA_WS=0 (the mma.sync kernel)"
-    LONGATTN_CUDA_WS=0 timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
+    echo "== LONGATTN_CUDA_WS_WIDE=0 (the mma.sync kernel)"
+    LONGATTN_CUDA_WS_WIDE=0 timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
       --lens ${D256_LENS:-4k,16k,64k} --dims 256 --out "$OUT/d256_mma" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/d256_mma/report_cuda.md" | cut -d'|' -f2-7
     ;;

@@ -153,6 +153,12 @@ pub struct TileCfg {
 impl TileCfg {
     /// The tile configuration for head dim `d` and `sk` keys on a GPU of compute capability `cc`.
     pub fn choose(d: usize, sk: usize, cc: (i32, i32)) -> TileCfg {
+        Self::choose_with(d, sk, cc, ws_wide())
+    }
+
+    /// [`choose`](Self::choose) with the D 256 and padded head dims of the warp-specialized
+    /// kernel on or off (`wide`, [`ws_wide`]).
+    fn choose_with(d: usize, sk: usize, cc: (i32, i32), wide: bool) -> TileCfg {
         if let Some(t) = Self::from_env() {
             return t;
         }
@@ -160,13 +166,13 @@ impl TileCfg {
         // kernel without warp specialization.
         let hopper = cc == (9, 0) && !env_off("LONGATTN_CUDA_WGMMA");
         // Head dims between the kernels' own run padded (`ws_dim`).
-        let d = match ws_dim(d) {
-            Some(k) if hopper && !env_off("LONGATTN_CUDA_WS") && !env_off("LONGATTN_CUDA_PAD") => k,
+        let d = match ws_dim(d, wide) {
+            Some(k) if hopper && !env_off("LONGATTN_CUDA_WS") => k,
             _ => d,
         };
-        if hopper && d == 256 && !env_off("LONGATTN_CUDA_WS") {
+        if hopper && wide && d == 256 && !env_off("LONGATTN_CUDA_WS") {
             // D 256: two consumers of 64 rows (O is 128 registers a thread), 64-key tiles, one Q
-            // stage (attn_fwd_ws.cu); `LONGATTN_CUDA_WS=0` keeps the mma.sync kernel.
+            // stage (attn_fwd_ws.cu); without `wide`, or with `LONGATTN_CUDA_WS=0`, the mma.sync kernel.
             return Self::warp_specialized(2, 64, 1);
         }
         let hopper = hopper && (d == 64 || d == 128);
@@ -1411,13 +1417,21 @@ fn fwd_softmax() -> String {
     std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| "fused".into())
 }
 
-/// The head dim the warp-specialized kernel runs a tensor's head dim `d` at: 64, 128 and 256 as
-/// they are, other multiples of 16 between 64 and 256 padded to the next of them (D 96 -> 128,
-/// D 192 -> 256: the TMA reads the columns past `d` as zeros); `None` for the rest (D <= 64 takes
-/// the mma.sync kernel below 64).
-pub(crate) fn ws_dim(d: usize) -> Option<usize> {
+/// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]):
+/// `LONGATTN_CUDA_WS_WIDE=1` (opt-in until the selftest has run them on a GPU; docs/PERF.md).
+pub(crate) fn ws_wide() -> bool {
+    std::env::var("LONGATTN_CUDA_WS_WIDE").is_ok_and(|v| v == "1")
+}
+
+/// The head dim the warp-specialized kernel runs a tensor's head dim `d` at: 64 and 128 as they
+/// are; with `wide`, 256 too and the other multiples of 16 between 64 and 256 padded to the next
+/// of them (D 96 -> 128, D 192 -> 256: the TMA reads the columns past `d` as zeros); `None` for
+/// the rest (the mma.sync kernel, also below 64).
+fn ws_dim(d: usize, wide: bool) -> Option<usize> {
     match d {
-        64 | 128 | 256 => Some(d),
+        64 | 128 => Some(d),
+        _ if !wide => None,
+        256 => Some(d),
         _ if !d.is_multiple_of(16) || !(64..=256).contains(&d) => None,
         _ if d < 128 => Some(128),
         _ => Some(256),
@@ -1428,7 +1442,7 @@ pub(crate) fn ws_dim(d: usize) -> Option<usize> {
 /// (which pads), the tensor's own elsewhere.
 pub(crate) fn kernel_dim(tile: &TileCfg, d: usize) -> usize {
     match tile.kernel {
-        FwdKernel::WarpSpecialized => ws_dim(d).unwrap_or(d),
+        FwdKernel::WarpSpecialized => ws_dim(d, true).unwrap_or(d),
         _ => d,
     }
 }
@@ -2123,12 +2137,17 @@ mod tests {
             (100, None),
             (272, None),
         ] {
-            assert_eq!(ws_dim(d), want, "D {d}");
-            let t = TileCfg::choose(d, 4096, (9, 0));
+            assert_eq!(ws_dim(d, true), want, "D {d}");
+            let narrow = TileCfg::choose_with(d, 4096, (9, 0), false);
+            if d != 64 && d != 128 {
+                assert_eq!(ws_dim(d, false), None, "D {d}");
+                assert_eq!(narrow.kernel, FwdKernel::MmaSync, "D {d} without the wide dims");
+            }
+            let t = TileCfg::choose_with(d, 4096, (9, 0), true);
             match want {
                 Some(k) => {
                     assert_eq!(t.kernel, FwdKernel::WarpSpecialized, "D {d}");
-                    assert_eq!(kernel_dim(&t, d), k, "D {d}");
+                    assert_eq!(ws_dim(d, true), Some(k), "D {d}");
                     assert!(t.smem(k) <= 227 * 1024, "D {d}: {} bytes", t.smem(k));
                 }
                 None => assert_eq!(t.kernel, FwdKernel::MmaSync, "D {d}"),
