@@ -16,9 +16,8 @@
 //     so the exponentials of tile n overlap the tensor cores' P V of tile n - 1 (intra-warpgroup
 //     overlap), and the consumers take turns issuing their matrix products (ping-pong on named
 //     barriers 1 .. LA_NWG), so one warpgroup's softmax overlaps another's products.
-// Q has two stages too (LA_QST; one at D 256, where two would not fit shared memory), so the
-// next item's Q lands while the current item runs; a consumer warp gives its Q stage back as soon
-// as its last S = Q K^T of the item is in registers.
+// Q has two stages too (LA_QST; one at D 256, where two would not fit shared memory, given back
+// early: LA_Q_EARLY), so the next item's Q lands while the current item runs.
 // Shared-memory tiles use the 128-byte swizzle of attn_fwd_wg.cu, which is what the TMA writes
 // with CU_TENSOR_MAP_SWIZZLE_128B and a box of 64 columns: a [R][D] tile is D / 64 boxes of
 // [R][64], each 1024-byte aligned. Rows past Sq / Sk arrive as zeros (TMA out-of-bounds fill).
@@ -81,6 +80,13 @@
 #error "attn_fwd_ws.cu: D 256 takes two consumers and 64-key tiles (registers, shared memory)"
 #endif
 #define LA_QST (LA_D == 256 ? 1 : 2)  // Q stages
+// With one Q stage a consumer warp gives it back once the item's last S = Q K^T is in registers,
+// so the next item's Q loads during the last P V and the epilogue; with two it goes back after
+// the item's last P V.
+#define LA_Q_EARLY (LA_QST == 1)
+// Stage and use count of the n-th item's Q (n >= 0; bit operations with two stages).
+#define LA_QSTAGE(n) (LA_QST == 1 ? 0 : (n) & 1)
+#define LA_QUSE(n) (LA_QST == 1 ? (n) : (n) >> 1)
 // Register split (65536 per SM, one block per SM): consumers get what the producer gives up.
 #if LA_NWG == 3
 #define LA_REG_MMA 160
@@ -324,7 +330,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 
     // Persistent blocks: block x runs the items of its work list in order. Producer and consumers
     // walk the same items, so their ring positions agree: `nq` counts items with work (Q stage
-    // nq % LA_QST, its (nq / LA_QST)-th use), `nkv` key tiles (K/V stage nkv & 1); the u-th use
+    // LA_QSTAGE(nq), its LA_QUSE(nq)-th use), `nkv` key tiles (K/V stage nkv & 1); the u-th use
     // of a stage waits for parity u & 1.
     const u32 i0 = w.work[blockIdx.x], i1 = w.work[blockIdx.x + 1];
     const u32* list = w.work + gridDim.x + 1;
@@ -343,8 +349,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             const u32 e0 = p.sched_off[srow];
             const int nt = (int)(p.sched_off[srow + 1] - e0);
             if (nt == 0) continue;
-            const int sq = nq % LA_QST;
-            la_mbar_wait(empty_q + sq, ((nq / LA_QST) & 1) ^ 1);
+            const int sq = LA_QSTAGE(nq);
+            la_mbar_wait(empty_q + sq, (LA_QUSE(nq) & 1) ^ 1);
             la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
 #pragma unroll
             for (int cb = 0; cb < LA_D / 64; cb++)
@@ -405,9 +411,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             float s[LA_BC / 2];
             u32 pf[LA_BC / 16][4];
             float a0, a1;
-            const int sq = nq % LA_QST;
+            const int sq = LA_QSTAGE(nq);
             const u16* sQ = sQ0 + sq * LA_BR * LA_D;
-            la_mbar_wait(full_q + sq, (nq / LA_QST) & 1);
+            la_mbar_wait(full_q + sq, LA_QUSE(nq) & 1);
 
             // Tile 0: S_0, softmax -> P_0.
             {
@@ -425,7 +431,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) {
                     la_mbar_arrive(empty_k + st);
-                    if (nt == 1) la_mbar_arrive(empty_q + sq);  // the item's last Q K^T is done
+                    if (LA_Q_EARLY && nt == 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
                 }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
                 la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
@@ -476,12 +482,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                     la_wg_commit();
                 } else {
-                    // Never read (ptxas turns the product into its own empty one). Its operands
-                    // are V_{n-1}'s stage, which goes back only after the wait for this group (Q's
-                    // stage may go back before).
+                    // Never read (ptxas turns the product into its own empty one). With LA_Q_EARLY
+                    // its operands are V_{n-1}'s stage, which goes back only after the wait for
+                    // this group (Q's may go back before).
                     float z[4];
                     const u16* sVp = sV0 + sp * LA_BC * LA_D;
-                    la_wg_ss_n8(z, la_wg_desc(sVp, 16, 1024), la_wg_desc(sVp, 16, 1024), 0);
+                    la_wg_ss_n8(z, la_wg_desc(LA_Q_EARLY ? sVp : sQ, 16, 1024),
+                                la_wg_desc(LA_Q_EARLY ? sVp : sV0, 16, 1024), 0);
                     la_wg_commit();
                 }
 #else
@@ -499,7 +506,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_BC / 2>(s);
                 if (lane == 0) {
                     la_mbar_arrive(empty_k + st);
-                    if (n == nt - 1) la_mbar_arrive(empty_q + sq);  // the item's last Q K^T is done
+                    if (LA_Q_EARLY && n == nt - 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
                 }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
 #if LA_SKIP
@@ -532,7 +539,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             }
 #endif
 
-            // The last tile's P V; then its V stage goes back to the producer.
+            // The last tile's P V; then its V stage (and Q's, unless given back early) goes back
+            // to the producer.
             const int jl = nkv + nt - 1, sl = jl & 1;
             la_mbar_wait(full_v + sl, (jl >> 1) & 1);
             la_wg_fence();
@@ -540,7 +548,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             la_wg_commit();
             la_wg_wait0();
             la_fence_regs<LA_D / 2>(o);
-            if (lane == 0) la_mbar_arrive(empty_v + sl);
+            if (lane == 0) {
+                la_mbar_arrive(empty_v + sl);
+                if (!LA_Q_EARLY) la_mbar_arrive(empty_q + sq);
+            }
             nq++;
             nkv += nt;
         }
