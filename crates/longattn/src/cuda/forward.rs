@@ -172,7 +172,8 @@ impl TileCfg {
         };
         if hopper && wide && d == 256 && !env_off("LONGATTN_CUDA_WS") {
             // D 256: two consumers of 64 rows (O is 128 registers a thread), 64-key tiles, one Q
-            // stage (attn_fwd_ws.cu); without `wide`, or with `LONGATTN_CUDA_WS=0`, the mma.sync kernel.
+            // stage (attn_fwd_ws.cu); without `wide`, or with `LONGATTN_CUDA_WS=0`, the mma.sync
+            // kernel.
             return Self::warp_specialized(2, 64, 1);
         }
         let hopper = hopper && (d == 64 || d == 128);
@@ -1025,7 +1026,7 @@ impl FwdPlan {
         if let Some(l) = params.skip_below {
             if tile.kernel != FwdKernel::WarpSpecialized {
                 return Err(unsupported(format!(
-                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64, 128 or 256, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
+                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64 or 128, or 256 and the padded head dims with LONGATTN_CUDA_WS_WIDE=1, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
                     tile.kernel
                 )));
             }
@@ -1419,7 +1420,7 @@ fn fwd_softmax() -> String {
 
 /// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]):
 /// `LONGATTN_CUDA_WS_WIDE=1` (opt-in until the selftest has run them on a GPU; docs/PERF.md).
-pub(crate) fn ws_wide() -> bool {
+fn ws_wide() -> bool {
     std::env::var("LONGATTN_CUDA_WS_WIDE").is_ok_and(|v| v == "1")
 }
 
@@ -2141,13 +2142,17 @@ mod tests {
             let narrow = TileCfg::choose_with(d, 4096, (9, 0), false);
             if d != 64 && d != 128 {
                 assert_eq!(ws_dim(d, false), None, "D {d}");
-                assert_eq!(narrow.kernel, FwdKernel::MmaSync, "D {d} without the wide dims");
+                assert_eq!(
+                    narrow.kernel,
+                    FwdKernel::MmaSync,
+                    "D {d} without the wide dims"
+                );
             }
             let t = TileCfg::choose_with(d, 4096, (9, 0), true);
             match want {
                 Some(k) => {
                     assert_eq!(t.kernel, FwdKernel::WarpSpecialized, "D {d}");
-                    assert_eq!(ws_dim(d, true), Some(k), "D {d}");
+                    assert_eq!(kernel_dim(&t, d), k, "D {d}");
                     assert!(t.smem(k) <= 227 * 1024, "D {d}: {} bytes", t.smem(k));
                 }
                 None => assert_eq!(t.kernel, FwdKernel::MmaSync, "D {d}"),

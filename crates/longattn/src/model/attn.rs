@@ -43,6 +43,11 @@ pub trait Attention: Send + Sync {
     fn sparse_stats(&self) -> Option<SparseStats> {
         None
     }
+    /// Whether this attention removes cache entries itself (a press, whose scores follow the
+    /// entries): [`super::Model::generate`] then leaves the cache to it.
+    fn evicts(&self) -> bool {
+        false
+    }
 }
 
 /// Builds the method named by a spec: `exact`, a sparse spec (all layers, no recall), or a mask

@@ -439,7 +439,9 @@ impl Model {
     }
 
     /// Feeds `prompt` in chunks of `chunk` tokens (memory O(chunk x vocab) for logits), then
-    /// decodes greedily up to `max_new` tokens, stopping at `stop`. Returns the new tokens.
+    /// decodes greedily up to `max_new` tokens, stopping at `stop`. Returns the new tokens. After
+    /// every forward the window layers' dead entries are freed ([`drop_dead`](Self::drop_dead)),
+    /// unless `attn` evicts entries itself (a press, which the caller compresses).
     #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
@@ -455,7 +457,9 @@ impl Model {
         let mut last = Vec::new();
         for part in prompt.chunks(chunk.max(1)) {
             last = self.forward(cache, seq, part, attn, None)?;
-            self.drop_dead(cache, seq)?;
+            if !attn.evicts() {
+                self.drop_dead(cache, seq)?;
+            }
         }
         let d = self.cfg.d_model;
         let mut hidden = last[last.len() - d..].to_vec();
@@ -468,7 +472,9 @@ impl Model {
                 break;
             }
             hidden = self.forward(cache, seq, &[t], attn, None)?;
-            self.drop_dead(cache, seq)?;
+            if !attn.evicts() {
+                self.drop_dead(cache, seq)?;
+            }
         }
         Ok(out)
     }

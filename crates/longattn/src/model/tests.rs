@@ -152,6 +152,45 @@ fn chunked_prefill_and_decode_equal_one_shot() {
     }
 }
 
+/// `generate` frees the dead entries of a windowed model's window layers as it goes (the same
+/// tokens as a cache that keeps everything), and leaves a press's cache to the press.
+#[test]
+fn generate_frees_dead_window_entries_unless_a_press_owns_the_cache() {
+    use crate::kv::press::{runner::PressAttention, Press};
+    use crate::kv::score::Reduce;
+    let m = Model::load(&synthetic("gemma3", 5), LoadOptions::default()).unwrap();
+    let attn = from_spec("causal").unwrap();
+    let prompt = tokens(50, 6);
+    let mut cache = m.new_cache(16).unwrap();
+    let s = cache.add_sequence();
+    let got = m
+        .generate(&mut cache, s, &prompt, 12, None, attn.as_ref(), 7, |_| {})
+        .unwrap();
+    let mem = cache.memory();
+    assert!(mem.bytes_entries < mem.bytes_full, "{mem:?}");
+    // Greedy tokens as with every entry kept: the drop is exact.
+    let mut seq = prompt.clone();
+    for &g in &got {
+        let l = run(&m, &seq, "causal", seq.len(), 16);
+        assert_eq!(ops::argmax(&l[l.len() - VOCAB..]) as u32, g);
+        seq.push(g);
+    }
+    // A press evicts (and drops) in its own `compress`, which the caller runs: without it the
+    // cache holds every entry.
+    let press = PressAttention::new(
+        "causal",
+        Press::parse("h2o(budget=1)").unwrap(),
+        Reduce::Mean,
+    )
+    .unwrap();
+    let mut cache = m.new_cache(16).unwrap();
+    let s = cache.add_sequence();
+    m.generate(&mut cache, s, &prompt, 4, None, &press, 7, |_| {})
+        .unwrap();
+    let mem = cache.memory();
+    assert_eq!(mem.bytes_entries, mem.bytes_full, "{mem:?}");
+}
+
 #[test]
 fn greedy_decode_with_cache_equals_full_recompute() {
     let m = Model::load(&synthetic("llama", 5), LoadOptions::default()).unwrap();

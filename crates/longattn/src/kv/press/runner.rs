@@ -258,6 +258,10 @@ impl Attention for PressAttention {
     fn spec(&self) -> String {
         format!("{} with kv {}", self.inner.spec(), self.spec)
     }
+    /// Its `compress` drops and evicts entries, its scores following them.
+    fn evicts(&self) -> bool {
+        true
+    }
     fn attend(
         &self,
         cache: &PagedKvCache,
