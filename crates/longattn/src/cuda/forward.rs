@@ -165,19 +165,20 @@ impl TileCfg {
         // `LONGATTN_CUDA_WGMMA=0`: no Hopper kernels; `LONGATTN_CUDA_WS=0`: the warpgroup-MMA
         // kernel without warp specialization.
         let hopper = cc == (9, 0) && !env_off("LONGATTN_CUDA_WGMMA");
+        let ws = hopper && !env_off("LONGATTN_CUDA_WS");
         // Head dims between the kernels' own run padded (`ws_dim`).
         let d = match ws_dim(d, wide) {
-            Some(k) if hopper && !env_off("LONGATTN_CUDA_WS") => k,
+            Some(k) if ws => k,
             _ => d,
         };
-        if hopper && wide && d == 256 && !env_off("LONGATTN_CUDA_WS") {
+        if ws && wide && d == 256 {
             // D 256: two consumers of 64 rows (O is 128 registers a thread), 64-key tiles, one Q
             // stage (attn_fwd_ws.cu); without `wide`, or with `LONGATTN_CUDA_WS=0`, the mma.sync
             // kernel.
             return Self::warp_specialized(2, 64, 1);
         }
         let hopper = hopper && (d == 64 || d == 128);
-        if hopper && !env_off("LONGATTN_CUDA_WS") {
+        if hopper && ws {
             // Warp-specialized: one TMA producer warpgroup + consumers of 64 rows, persistent
             // blocks, one per SM (consumers get 240 registers with 2 of them, 160 with 3).
             // Measured at n 1k / 4k / 16k (full / causal TFLOP/s, non-persistent blocks):
@@ -314,10 +315,11 @@ impl TileCfg {
         match self.kernel {
             FwdKernel::MmaSync => tiles,
             FwdKernel::Wgmma => tiles + 1024,
-            // + a second Q stage (none at D 256: attn_fwd_ws.cu's LA_QST), the twelve mbarriers
-            // of the TMA rings and skip-softmax's votes (128 bytes).
+            // + the Q stages past the first (attn_fwd_ws.cu's LA_QST: one at D 256, else two),
+            // the twelve mbarriers of the TMA rings and skip-softmax's votes (128 bytes).
             FwdKernel::WarpSpecialized => {
-                tiles + if d == 256 { 0 } else { self.br * d * 2 } + 1024 + 128
+                let q_stages = if d == 256 { 1 } else { 2 };
+                tiles + (q_stages - 1) * self.br * d * 2 + 1024 + 128
             }
         }
     }

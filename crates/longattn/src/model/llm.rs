@@ -454,12 +454,17 @@ impl Model {
         chunk: usize,
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
-        let mut last = Vec::new();
-        for part in prompt.chunks(chunk.max(1)) {
-            last = self.forward(cache, seq, part, attn, None)?;
+        // One forward, then the window layers' dead entries freed unless `attn` evicts itself.
+        let step = |cache: &mut PagedKvCache, tokens: &[u32]| -> Result<Vec<f32>> {
+            let h = self.forward(cache, seq, tokens, attn, None)?;
             if !attn.evicts() {
                 self.drop_dead(cache, seq)?;
             }
+            Ok(h)
+        };
+        let mut last = Vec::new();
+        for part in prompt.chunks(chunk.max(1)) {
+            last = step(cache, part)?;
         }
         let d = self.cfg.d_model;
         let mut hidden = last[last.len() - d..].to_vec();
@@ -471,10 +476,7 @@ impl Model {
             if Some(t) == stop || cache.len(seq)? >= self.cfg.context {
                 break;
             }
-            hidden = self.forward(cache, seq, &[t], attn, None)?;
-            if !attn.evicts() {
-                self.drop_dead(cache, seq)?;
-            }
+            hidden = step(cache, &[t])?;
         }
         Ok(out)
     }
