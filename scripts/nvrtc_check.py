@@ -138,10 +138,11 @@ def main():
         kv.append(("kv_append.cu", dict(LA_F16=f16), ""))
         # KIVI pages (kv/kivi_cuda.rs): decode.cu's parameters, finish and merge, then kv_kivi.cu's
         # quantizer and decode, per (head dim, bits, group).
-        for d, qb, qg, g in ((128, 4, 32, 4), (128, 2, 64, 8), (64, 4, 16, 1), (64, 2, 64, 4)):
+        for d, qb, qg, g in ((128, 4, 32, 4), (128, 2, 64, 8), (64, 4, 16, 1), (64, 2, 64, 4), (256, 4, 32, 4),
+                             (256, 2, 64, 1)):
             kv.append(("kv_kivi.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16, LA_WARPS=4,
                                           LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1, LA_KIVI=1, LA_QB=qb,
-                                          LA_QG=qg), read("decode.cu")))
+                                          LA_QG=qg, KQ_MINB=2 if d > 128 else 3), read("decode.cu")))
     for f, defs, extra in kv:
         tag = f"{f} " + " ".join(f"{x}={y}" for x, y in defs.items())
         check_variant(f, read("common.cuh") + "\n" + extra + "\n" + read(f), tag, defs)

@@ -1010,9 +1010,12 @@ impl DecodePlan {
         // (`LONGATTN_CUDA_KIVI=minb,stages`, tuning runs). H200, 1 / 8 x 128k, int4 g32 ms:
         // (4, 2) 0.0643 / 0.3357, (3, 2) 0.0609 / 0.3274, (3, 3) 0.0655 / 0.362, (2, 3) 0.0648 /
         // 0.352, (4, 4) 0.0733 / 0.433, (2, 6) 0.0902 / 0.590 (PERF.md): 3 blocks, 2 stages.
+        // At D 256 the registers' cap for 3 blocks (168) spills 240-300 bytes (ptxas, sm_90a:
+        // O^T is 64 registers a thread, q in both types 64 more): 2 blocks (254, no spill).
         let kivi_tune = super::forward::env_list("LONGATTN_CUDA_KIVI");
         let minb = match kivi_tune.first() {
             Some(&b) if (1..=8).contains(&b) => b,
+            _ if d > 128 => 2,
             _ => 3,
         };
         if quant.is_some() {

@@ -34,7 +34,10 @@ fn param(msg: String) -> Error {
 /// Groups the device takes (tokens per page and K group, channels per V group).
 pub const DEVICE_GROUPS: [usize; 3] = [16, 32, 64];
 /// Head dims the device takes (K and V alike).
-pub const DEVICE_HEAD_DIMS: [usize; 2] = [64, 128];
+pub const DEVICE_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+/// At most this many V channel groups per token (D / G): a tile's V minima are the rows of one
+/// mma A fragment's first 8 rows (kv_kivi.cu).
+const MAX_V_GROUPS: usize = 8;
 
 /// Byte layout of one quantized page: `kv_kivi.cu`'s header states it; the functions here
 /// compute the same offsets.
@@ -57,12 +60,24 @@ impl PageLayout {
                 "KIVI pages on the GPU take head dims {DEVICE_HEAD_DIMS:?}, got {d}"
             )));
         }
-        if !DEVICE_GROUPS.contains(&group) || !d.is_multiple_of(group) {
+        if !Self::groups(d).any(|g| g == group) {
             return Err(param(format!(
-                "KIVI group {group}: the GPU takes {DEVICE_GROUPS:?} dividing the head dim {d}"
+                "KIVI group {group}: at head dim {d} the GPU takes {:?} (from {DEVICE_GROUPS:?}, dividing D into at most {MAX_V_GROUPS} channel groups)",
+                Self::groups(d).collect::<Vec<_>>()
             )));
         }
         Ok(PageLayout { d, bits, group })
+    }
+    /// The groups the device takes at head dim `d`.
+    pub fn groups(d: usize) -> impl Iterator<Item = usize> {
+        DEVICE_GROUPS
+            .into_iter()
+            .filter(move |&g| d.is_multiple_of(g) && d / g <= MAX_V_GROUPS)
+    }
+    /// Dynamic shared memory of the quantizer (`KQ_QSMEM`): a job's G entries of K and V in the
+    /// storage type, K's (s, lo) per channel and V's per (token, channel group) in f32.
+    pub fn quant_smem(&self) -> usize {
+        4 * self.group * self.d + 8 * self.d + 8 * self.group * self.ng()
     }
     /// Code words of one lane and tile.
     fn nw(&self) -> usize {
@@ -315,7 +330,7 @@ impl DevKivi {
             layout.bits,
             layout.group
         );
-        let quant = dev.function(&variant, "la_kivi_quant", &src, &defs, 0)?;
+        let quant = dev.function(&variant, "la_kivi_quant", &src, &defs, layout.quant_smem())?;
         let rows = cache.batch() * cache.kv_heads;
         let qmax_pages = max_len.div_ceil(layout.group).max(1);
         let s = dev.stream();
@@ -466,7 +481,7 @@ impl DevKivi {
         let cfg = LaunchConfig {
             grid_dim: (n as u32, 1, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: self.layout.quant_smem() as u32,
         };
         let mut lb = s.launch_builder(&self.quant);
         lb.arg(&p);
@@ -851,7 +866,7 @@ fn check_refusals(dev: &Arc<CudaDevice>) -> Result<(f64, f64, String, bool)> {
     )];
     let mut ok = e1.is_err() && unchanged && kv.bytes().0 == 0;
     let refused = [
-        PageLayout::new(256, 4, 32).is_err(),
+        PageLayout::new(256, 4, 16).is_err(),
         PageLayout::new(128, 3, 32).is_err(),
         PageLayout::new(64, 4, 128).is_err(),
         PageLayout::new(128, 4, 48).is_err(),
@@ -925,6 +940,25 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             more: 0,
             seed: 5,
         },
+        // D 256 (Gemma-3's heads): groups of 32 and 64 only (at most 8 V channel groups).
+        KiviCase {
+            dt: DType::BF16,
+            heads: (4, 1),
+            d: 256,
+            kivi: k(4, 32, 32),
+            lens: vec![1, 7, 63, 65, 113, 1023, 4224],
+            more: 37,
+            seed: 6,
+        },
+        KiviCase {
+            dt: DType::F16,
+            heads: (8, 2),
+            d: 256,
+            kivi: k(2, 64, 16),
+            lens: vec![4224, 130],
+            more: 70,
+            seed: 7,
+        },
     ];
     let mut out: Vec<CaseResult> = cases
         .iter()
@@ -976,7 +1010,7 @@ mod tests {
     fn every_code_and_scale_has_its_own_place() {
         for d in DEVICE_HEAD_DIMS {
             for bits in [2, 4] {
-                for group in DEVICE_GROUPS.into_iter().filter(|g| d % g == 0) {
+                for group in PageLayout::groups(d) {
                     let lay = PageLayout::new(d, bits, group).unwrap();
                     let mut seen = vec![0u8; lay.page_bytes()];
                     let mut mark = |at: usize, mask: u8| {
@@ -1012,7 +1046,14 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_within_half_a_step() {
-        for (d, bits, group) in [(128, 4, 32), (64, 2, 16), (128, 2, 64), (64, 4, 64)] {
+        for (d, bits, group) in [
+            (128, 4, 32),
+            (64, 2, 16),
+            (128, 2, 64),
+            (64, 4, 64),
+            (256, 4, 32),
+            (256, 2, 64),
+        ] {
             let lay = PageLayout::new(d, bits, group).unwrap();
             let (k, v) = rows(group, d, 7 + d as u64);
             let (page, ok) = pack_page(&k, &v, lay);
@@ -1079,8 +1120,10 @@ mod tests {
 
     #[test]
     fn bad_layouts_are_refused_by_name() {
-        let e = PageLayout::new(256, 4, 32).unwrap_err().to_string();
+        let e = PageLayout::new(96, 4, 32).unwrap_err().to_string();
         assert!(e.contains("head dims"), "{e}");
+        let e = PageLayout::new(256, 4, 16).unwrap_err().to_string();
+        assert!(e.contains("[32, 64]"), "{e}");
         let e = PageLayout::new(128, 3, 32).unwrap_err().to_string();
         assert!(e.contains("2 or 4 bits"), "{e}");
         let e = PageLayout::new(64, 4, 128).unwrap_err().to_string();

@@ -6,7 +6,8 @@
 // Constants (with decode.cu's LA_F16, LA_D, LA_G, LA_PAGE, LA_SOFTCAP, LA_WARPS, LA_NS):
 //   LA_QB   bits per code: 2 or 4
 //   LA_QG   the group: tokens per K group (= tokens of one quantized page) and channels per V
-//           group; 16, 32 or 64, dividing LA_D (64 or 128)
+//           group; 16, 32 or 64, dividing LA_D (64, 128 or 256) at most 8 times (the V minima
+//           of a tile are the 8 rows r of one mma's A, one per channel group)
 //
 // Quantization (asymmetric min / max, b bits, as kivi.rs): over a group x_1..x_G,
 //   s = (max x - min x) / (2^b - 1), lo = min x, both rounded to f16 (the stored values),
@@ -125,6 +126,9 @@ __device__ __forceinline__ int kq_code(float x, float s, float lo) {
 // ---------------------------------------------------------------------------------------------
 // Quantizer: one block per job (table row, first position, destination page) quantizes the G
 // entries at positions first .. first + G - 1 of the row's full-precision pages into the page.
+// Dynamic shared memory, KQ_QSMEM bytes: the entries' K and V (G x D each, storage type), then
+// K's (s, lo) per channel and V's per (token, channel group) as f32 (64 KiB of entries at
+// D 256, G 64: more than a static array may take).
 // Groups whose s or lo is not finite in f16 (|x| beyond 65504, NaN or inf in the input) count
 // into *bad (the host then refuses the call and keeps the cache as it was).
 struct LaKiviParams {
@@ -137,12 +141,18 @@ struct LaKiviParams {
     int max_pages, njobs;
 };
 
+#define KQ_QSMEM (4 * LA_QG * LA_D + 8 * LA_D + 8 * LA_QG * KQ_NG)
 extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviParams p) {
     const int job = blockIdx.x;
     const int row = p.jobs[3 * job], first = p.jobs[3 * job + 1];
     u8* page = p.qpages + (i64)p.jobs[3 * job + 2] * KQ_PAGE;
-    __shared__ u16 sk[LA_QG * LA_D], sv[LA_QG * LA_D];
-    __shared__ float ks[LA_D], klo[LA_D], vs[LA_QG * KQ_NG], vlo[LA_QG * KQ_NG];
+    extern __shared__ __align__(16) u8 kq_qsmem[];
+    u16* sk = (u16*)kq_qsmem;
+    u16* sv = sk + LA_QG * LA_D;
+    float* ks = (float*)(sv + LA_QG * LA_D);
+    float* klo = ks + LA_D;
+    float* vs = klo + LA_D;
+    float* vlo = vs + LA_QG * KQ_NG;
     const int* tab = p.tables + (i64)row * p.max_pages;
     for (int i = threadIdx.x; i < LA_QG * LA_D / 8; i += blockDim.x) {
         const int t = i / (LA_D / 8), c = i % (LA_D / 8), pos = first + t;
