@@ -112,9 +112,10 @@ pub struct Args {
     /// at which SmolLM2's full cache comes near 80% at 1k-2k, docs/QUALITY.md).
     #[arg(long, default_value_t = 2)]
     keys: usize,
-    /// Passkey: heat map PNG.
-    #[arg(long, default_value = "passkey.png")]
-    png: PathBuf,
+    /// Passkey: heat map PNG (default: beside `--json`, its name with `.png`; none without
+    /// either).
+    #[arg(long)]
+    png: Option<PathBuf>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -755,16 +756,25 @@ fn passkey(a: &Args) -> Result<()> {
     }
     let rows: Vec<String> = lengths.iter().map(|l| l.to_string()).collect();
     let cols: Vec<String> = depths.iter().map(|d| format!("{d:.2}")).collect();
-    plot::heat_map_png(
-        &a.png,
-        &format!("passkey accuracy, attention `{spec}`"),
-        "prompt length (tokens)",
-        "depth of the key",
-        &rows,
-        &cols,
-        &grid,
-    )?;
-    eprintln!("heat map: {}", a.png.display());
+    match a
+        .png
+        .clone()
+        .or_else(|| a.json.as_ref().map(|j| j.with_extension("png")))
+    {
+        Some(png) => {
+            plot::heat_map_png(
+                &png,
+                &format!("passkey accuracy, attention `{spec}`"),
+                "prompt length (tokens)",
+                "depth of the key",
+                &rows,
+                &cols,
+                &grid,
+            )?;
+            eprintln!("heat map: {}", png.display());
+        }
+        None => eprintln!("heat map: none (--png PATH or --json PATH)"),
+    }
     let rep = PasskeyReport {
         model: a.model.display().to_string(),
         attention: attn.spec(),

@@ -347,8 +347,6 @@ fn eval_passkey_kv_protocols() {
             .arg("--text")
             .arg(&book)
             .args(["--lengths", "300", "--depths", "0,1", "--trials", "1"])
-            .arg("--png")
-            .arg(tmp(&format!("{name}.png")))
             .args(extra)
             .arg("--json")
             .arg(&json)
@@ -356,7 +354,11 @@ fn eval_passkey_kv_protocols() {
             .unwrap());
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
     };
+    let png = tmp("pk-dense.png");
+    let _ = std::fs::remove_file(&png);
     let dense = run("pk-dense.json", &[]);
+    // The heat map goes beside --json when --png is not given (not into the working directory).
+    assert!(png.exists(), "no heat map at {}", png.display());
     for proto in ["inside", "after"] {
         let full = run(
             &format!("pk-full-{proto}.json"),
