@@ -209,7 +209,7 @@ for mode in "${@:-selftest}"; do
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;
   d256)
-    export LONGATTN_CUDA_WS_WIDE=1  # D 256 and the padded head dims (opt-in until run here)
+    # D 256 and the padded head dims on the warp-specialized kernel (the default)
     for dd in D256 D192 D96 D80; do
       timeout 200 /tmp/longattn selftest --backend cuda --filter $dd --jobs ${JOBS:-8} > "$OUT/selftest_$dd.txt" 2>&1
       echo "selftest $dd rc=$?"; grep -vE " pass " "$OUT/selftest_$dd.txt" | tail -8

@@ -6,8 +6,8 @@
 #   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
 #   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
 #   bash scripts/gpu/kv_check.sh scores   # press scores: selftest, then the bench's accumulation
-#                                         # rows with the Hopper kernel (LONGATTN_CUDA_SCORE_WG=1,
-#                                         # opt-in) and with the generic one
+#                                         # rows with the Hopper kernel (the default) and with
+#                                         # the generic one (LONGATTN_CUDA_SCORE_WG=0)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"

@@ -1028,7 +1028,7 @@ impl FwdPlan {
         if let Some(l) = params.skip_below {
             if tile.kernel != FwdKernel::WarpSpecialized {
                 return Err(unsupported(format!(
-                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64 or 128, or 256 and the padded head dims with LONGATTN_CUDA_WS_WIDE=1, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
+                    "skip-softmax (skip_below = {l}) runs in the Hopper warp-specialized forward (sm_90, D 64, 128 or 256 and the head dims padded to them unless LONGATTN_CUDA_WS_WIDE=0, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
                     tile.kernel
                 )));
             }
@@ -1420,10 +1420,11 @@ fn fwd_softmax() -> String {
     std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| "fused".into())
 }
 
-/// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]):
-/// `LONGATTN_CUDA_WS_WIDE=1` (opt-in until the selftest has run them on a GPU; docs/PERF.md).
+/// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]): the
+/// default since the selftest passed them on an H100 (D 256 at 0.87x FA4 against the mma.sync
+/// kernel's 0.24x, 2026-12-06, docs/PERF.md); `LONGATTN_CUDA_WS_WIDE=0` keeps them on mma.sync.
 fn ws_wide() -> bool {
-    std::env::var("LONGATTN_CUDA_WS_WIDE").is_ok_and(|v| v == "1")
+    std::env::var("LONGATTN_CUDA_WS_WIDE").map_or(true, |v| v != "0")
 }
 
 /// The head dim the warp-specialized kernel runs a tensor's head dim `d` at: 64 and 128 as they

@@ -1043,19 +1043,22 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             &mut rows,
         );
         // The same fold inside the decode kernel (the previous step's query in the product's
-        // free rows), against the decode alone above.
-        let fused = DecodePlan::with_scores(dev, &c, hq, len, &params, sc.fold())?;
-        let (q0, _, l0) = alloc_q(27)?;
-        let ms = time_calls(dev, cfg.reps, cfg.samples, || {
-            sc.decode_fold(&fused, &c, &q, &mut o, &mut lse, Some((&q0, &l0, 1)))
-        })?;
-        push(
-            "decode + h2o fold in the kernel".into(),
-            ms,
-            full_bytes + batch * hk * len * 8,
-            cache_bytes,
-            &mut rows,
-        );
+        // free rows), against the decode alone above; it needs the decode's tensor-core path
+        // (D <= 128, groups of at most 8 query heads): other shapes fold with `observe` (above).
+        if d <= 128 && hq / hk <= 8 {
+            let fused = DecodePlan::with_scores(dev, &c, hq, len, &params, sc.fold())?;
+            let (q0, _, l0) = alloc_q(27)?;
+            let ms = time_calls(dev, cfg.reps, cfg.samples, || {
+                sc.decode_fold(&fused, &c, &q, &mut o, &mut lse, Some((&q0, &l0, 1)))
+            })?;
+            push(
+                "decode + h2o fold in the kernel".into(),
+                ms,
+                full_bytes + batch * hk * len * 8,
+                cache_bytes,
+                &mut rows,
+            );
+        }
         let w = 32;
         let mut qw = DevTensor::alloc(dev, [batch, w, hq, d], dt)?;
         crate::cuda::decode::fill_random(dev, dt, &mut qw.data, 29)?;
