@@ -31,16 +31,8 @@ const SCORE_WG: &str = include_str!("../cuda/kernels/kv_score_wg.cu");
 const OP: &str = "cuda kv scores";
 
 /// Chunks with at least this many weighted rows fold through the Hopper kernel
-/// (`kv_score_wg.cu`) where it applies ([`DevScores::observe`]); `LONGATTN_CUDA_SCORE_WG_MIN=N`
-/// overrides (tuning runs: a window of 32 rows pads to one 128-row query tile per head there,
-/// against the generic kernel's groups of 8 rows).
-fn wg_min_rows() -> usize {
-    std::env::var("LONGATTN_CUDA_SCORE_WG_MIN")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n >= 1)
-        .unwrap_or(128)
-}
+/// (`kv_score_wg.cu`) where it applies ([`DevScores::observe`]).
+const WG_MIN_ROWS: usize = 128;
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -167,8 +159,6 @@ pub struct DevScores {
     /// selftest on an H100 (H2O's accumulation at 32 x 8k: 19.6 ms against the generic kernel's
     /// 75.7, docs/PERF.md); `LONGATTN_CUDA_SCORE_WG=0` keeps the generic one.
     hopper: bool,
-    /// Weighted rows from which a chunk takes the Hopper kernel ([`wg_min_rows`]).
-    wg_min: usize,
 }
 
 impl DevScores {
@@ -250,7 +240,6 @@ impl DevScores {
             variant,
             defines,
             hopper: std::env::var("LONGATTN_CUDA_SCORE_WG").map_or(true, |v| v != "0"),
-            wg_min: wg_min_rows(),
         })
     }
 
@@ -352,12 +341,12 @@ impl DevScores {
         Ok(())
     }
 
-    /// Whether the chunk `q` folds through the Hopper kernel: at least `wg_min` weighted
+    /// Whether the chunk `q` folds through the Hopper kernel: at least `WG_MIN_ROWS` weighted
     /// rows, the kernel turned on (the `hopper` field), an sm_90 device, head dim 64, 128 or 256,
     /// q's address and strides multiples of 16 bytes (TMA).
     fn takes_wg(&self, q: &DevTensor) -> bool {
         let sq = q.shape[1];
-        sq - self.kind.first_row(sq) >= self.wg_min
+        sq - self.kind.first_row(sq) >= WG_MIN_ROWS
             && self.hopper
             && self.dev.cc == (9, 0)
             && matches!(self.head_dim, 64 | 128 | 256)
