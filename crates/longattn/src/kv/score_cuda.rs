@@ -110,17 +110,6 @@ fn wg_tiles(d: usize) -> (usize, usize) {
     (if d > 128 { 64 } else { 128 }, 3)
 }
 
-/// Of every 8 probabilities of a thread, how many `la_kv_colscore` forms with its polynomial
-/// 2^x on the FMA pipe instead of the MUFU (`LC_POLY`): `LONGATTN_CUDA_SCORE_POLY=0..4`, 0 by
-/// default (tuning runs).
-fn wg_poly() -> usize {
-    std::env::var("LONGATTN_CUDA_SCORE_POLY")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n <= 4)
-        .unwrap_or(0)
-}
-
 /// Dynamic shared memory of `la_kv_colscore`: 1 KiB for alignment, the ring's Q tiles and l2
 /// rows, its mbarriers.
 fn wg_smem_bytes(d: usize) -> usize {
@@ -374,12 +363,10 @@ impl DevScores {
         let mut defines = self.defines.clone();
         defines.push(("LC_BR".into(), br.to_string()));
         defines.push(("LC_ST".into(), stages.to_string()));
-        let poly = wg_poly();
-        defines.push(("LC_POLY".into(), poly.to_string()));
         let smem = wg_smem_bytes(d);
         let wrappers = &*crate::cuda::wgmma::WRAPPERS;
         let main = self.dev.function_static(
-            &format!("{}_wg{br}x{stages}p{poly}", self.variant),
+            &format!("{}_wg{br}x{stages}", self.variant),
             "la_kv_colscore",
             || format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{SCORE_WG}"),
             &defines,
@@ -1228,7 +1215,6 @@ mod tests {
                         ("LA_SOFTCAP", cap.to_string()),
                         ("LC_BR", br.to_string()),
                         ("LC_ST", st.to_string()),
-                        ("LC_POLY", (2 * f16).to_string()),
                     ]
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))

@@ -23,13 +23,7 @@
 //     so the tensor cores and the exponentials overlap within a warpgroup as well as across
 //     the two.
 // Compile-time constants: LA_F16, LA_D (64, 128, 256), LA_PAGE, LA_SOFTCAP, LC_BR (128; 64 at
-// D 256), LC_ST (stages), LC_POLY (0..4: of every 8 probabilities of a thread, this many take
-// 2^x from a polynomial on the FMA pipe instead of the MUFU's ex2; 0 by default, tuning runs:
-// the multi-function unit forms 16 exponentials a clock per SM, the product's rate asks for
-// about as many, so moving a share of them to the FMA pipe can balance the two).
-#ifndef LC_POLY
-#define LC_POLY 0
-#endif
+// D 256), LC_ST (stages).
 
 #define LC_BC 128
 #define LC_THREADS 384
@@ -44,22 +38,6 @@
 #else
 #define la_wg_rsk_br la_wg_rsk_n128
 #endif
-
-// 2^x on the FMA pipe, x <= 0: x = n + f with n = round(x) (the 1.5 2^23 shift puts n in t's
-// low mantissa bits), f in [-0.5, 0.5]; 2^f by a degree-4 polynomial (relative error 2.7e-6,
-// fitted to 2^f on Chebyshev nodes), then n added to its exponent field ((bits of t) << 23 is
-// n << 23 modulo 2^32). x is clamped at -125 so that the exponent stays positive: 2^-125 stands
-// for the zeros of -inf (2e-38 per term in a sum of at most 2^31 terms).
-__device__ __forceinline__ float lc_exp2_poly(float x) {
-    x = fmaxf(x, -125.f);
-    const float t = x + 12582912.f;
-    const float f = x - (t - 12582912.f);
-    float q = fmaf(0.009560520f, f, 0.05591712f);
-    q = fmaf(q, f, 0.24024981f);
-    q = fmaf(q, f, 0.69312197f);
-    q = fmaf(q, f, 0.99999917f);
-    return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
-}
 
 struct LaColArgs {
     const u16* k;          // pages of one KV head [num_pages, LA_PAGE, D]
@@ -200,11 +178,10 @@ extern "C" __global__ void __launch_bounds__(LC_THREADS, 1) la_kv_colscore(const
                 const int x = 4 * jn + e2;
                 const float l = (e2 & 1) ? l2.y : l2.x;
 #if LA_SOFTCAP
-                const float xl = p.cap_mul * tanhf(s[x] * p.q_scale) - l;
+                float pr = la_exp2(p.cap_mul * tanhf(s[x] * p.q_scale) - l);
 #else
-                const float xl = fmaf(s[x], p.q_scale, -l);
+                float pr = la_exp2(fmaf(s[x], p.q_scale, -l));
 #endif
-                float pr = (jn & 1) * 4 + e2 < LC_POLY ? lc_exp2_poly(xl) : la_exp2(xl);
                 if (mask && jn * 8 + (e2 & 1) < ((e2 & 2) ? lim1 : lim0)) pr = 0.f;
                 acc[e2] += pr;
             }
