@@ -866,6 +866,7 @@ fn check_refusals(dev: &Arc<CudaDevice>) -> Result<(f64, f64, String, bool)> {
     )];
     let mut ok = e1.is_err() && unchanged && kv.bytes().0 == 0;
     let refused = [
+        PageLayout::new(96, 4, 32).is_err(),
         PageLayout::new(256, 4, 16).is_err(),
         PageLayout::new(128, 3, 32).is_err(),
         PageLayout::new(64, 4, 128).is_err(),
