@@ -58,6 +58,19 @@ fn work_rows(lens: &[usize], max_len: usize) -> Option<usize> {
     })
 }
 
+/// Whether the tensor-core decode kernel (`LA_MMA`) takes head dim `d`: D <= 128, unless
+/// `LONGATTN_CUDA_DECODE_MMA=0` picks the lane-group kernel (KIVI pages always take it).
+fn mma_path(d: usize) -> bool {
+    d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0")
+}
+
+/// Whether the decode kernel can fold press scores (`LA_SCORE`) at head dim `d` with `group`
+/// query heads per KV head: the tensor-core path with the whole group in one block.
+/// [`DecodePlan::with_scores`] refuses the rest (on a per-head paged, full-precision cache).
+pub(crate) fn folds_scores(d: usize, group: usize) -> bool {
+    mma_path(d) && group / heads_per_block(group) == 1
+}
+
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 {
         a
@@ -976,16 +989,16 @@ impl DecodePlan {
             _ if g >= 8 => 2,
             _ => 4,
         };
-        // The tensor-core kernel (LA_MMA: D <= 128; `LONGATTN_CUDA_DECODE_MMA=0` picks the lane
-        // groups) always streams through its per-warp ring.
-        let mma = quant.is_some()
-            || (d <= 128 && std::env::var("LONGATTN_CUDA_DECODE_MMA").map_or(true, |v| v != "0"));
+        // The tensor-core kernel (`mma_path`; KIVI pages always) streams through its per-warp
+        // ring.
+        let mma = quant.is_some() || mma_path(d);
         if scores.is_some() && params.split_len.is_some_and(|n| n % 16 != 0) {
             return Err(param(
                 "press scores in the decode kernel: a split length must be a multiple of 16 keys (whole tiles)".into(),
             ));
         }
-        if scores.is_some() && (!mma || quant.is_some() || !layout.head_tables() || chunks != 1) {
+        if scores.is_some() && (quant.is_some() || !layout.head_tables() || !folds_scores(d, group))
+        {
             return Err(param(format!(
                 "press scores in the decode kernel need its tensor-core path (D <= 128, got {d}), a per-head paged cache (got {}, {}) and a group of at most 8 query heads (got {group}); fold them with DevScores::observe instead",
                 layout.name(),

@@ -1043,9 +1043,9 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             &mut rows,
         );
         // The same fold inside the decode kernel (the previous step's query in the product's
-        // free rows), against the decode alone above; it needs the decode's tensor-core path
-        // (D <= 128, groups of at most 8 query heads): other shapes fold with `observe` (above).
-        if d <= 128 && hq / hk <= 8 {
+        // free rows), against the decode alone above, where the decode can fold (other shapes
+        // fold with `observe`, above).
+        if crate::cuda::decode::folds_scores(d, hq / hk) {
             let fused = DecodePlan::with_scores(dev, &c, hq, len, &params, sc.fold())?;
             let (q0, _, l0) = alloc_q(27)?;
             let ms = time_calls(dev, cfg.reps, cfg.samples, || {

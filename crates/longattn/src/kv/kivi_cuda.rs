@@ -74,8 +74,8 @@ impl PageLayout {
             .into_iter()
             .filter(move |&g| d.is_multiple_of(g) && d / g <= MAX_V_GROUPS)
     }
-    /// Dynamic shared memory of the quantizer (`KQ_QSMEM`): a job's G entries of K and V in the
-    /// storage type, K's (s, lo) per channel and V's per (token, channel group) in f32.
+    /// Dynamic shared memory of the quantizer (`la_kivi_quant`): a job's G entries of K and V
+    /// in the storage type, K's (s, lo) per channel and V's per (token, channel group) in f32.
     pub fn quant_smem(&self) -> usize {
         4 * self.group * self.d + 8 * self.d + 8 * self.group * self.ng()
     }

@@ -126,9 +126,9 @@ __device__ __forceinline__ int kq_code(float x, float s, float lo) {
 // ---------------------------------------------------------------------------------------------
 // Quantizer: one block per job (table row, first position, destination page) quantizes the G
 // entries at positions first .. first + G - 1 of the row's full-precision pages into the page.
-// Dynamic shared memory, KQ_QSMEM bytes: the entries' K and V (G x D each, storage type), then
-// K's (s, lo) per channel and V's per (token, channel group) as f32 (64 KiB of entries at
-// D 256, G 64: more than a static array may take).
+// Dynamic shared memory, 4 G D + 8 D + 8 G (D / G) bytes (kivi_cuda.rs `quant_smem`): the
+// entries' K and V (G x D each, storage type), then K's (s, lo) per channel and V's per (token,
+// channel group) as f32 (64 KiB of entries at D 256, G 64: more than a static array may take).
 // Groups whose s or lo is not finite in f16 (|x| beyond 65504, NaN or inf in the input) count
 // into *bad (the host then refuses the call and keeps the cache as it was).
 struct LaKiviParams {
@@ -141,7 +141,6 @@ struct LaKiviParams {
     int max_pages, njobs;
 };
 
-#define KQ_QSMEM (4 * LA_QG * LA_D + 8 * LA_D + 8 * LA_QG * KQ_NG)
 extern "C" __global__ void __launch_bounds__(256) la_kivi_quant(const LaKiviParams p) {
     const int job = blockIdx.x;
     const int row = p.jobs[3 * job], first = p.jobs[3 * job + 1];
