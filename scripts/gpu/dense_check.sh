@@ -23,6 +23,9 @@
 #   bash scripts/gpu/dense_check.sh ncu_bwd_src  # Nsight Compute's per-instruction stall samples of
 #                                             # one backward launch (full 16k D 128) as SASS CSV,
 #                                             # xz-compressed: where the consumers wait
+#   bash scripts/gpu/dense_check.sh ncu_fa4_bwd  # the same sections on FA4's backward kernel
+#   bash scripts/gpu/dense_check.sh bwd_ab    # backward TFLOP/s of each binary in BINS, and of the
+#                                             # first with LONGATTN_CUDA_BWD_DQ_ADD in DQ_ADDS
 #   bash scripts/gpu/dense_check.sh knock     # backward TFLOP/s with parts of the kernel dropped
 #                                             # (LONGATTN_CUDA_BWD_KNOCK; wrong gradients, timing
 #                                             # only) and with LONGATTN_CUDA_BWD_ORDER=dk_first
@@ -43,8 +46,12 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
 fa4_env() {
+  # The install's export line is kept in /tmp (with /tmp/site it outlives the call while the
+  # machine stays warm): a next call need not carry the 55 MiB bundle again.
   if [ -z "${FA4_READY:-}" ] && [ -d .peers/fa4 ]; then
-    E=$(bash .peers/install.sh fa4) && eval "$E" && FA4_READY=1
+    E=$(bash .peers/install.sh fa4) && echo "$E" > /tmp/fa4_env.sh && eval "$E" && FA4_READY=1
+  elif [ -z "${FA4_READY:-}" ] && [ -s /tmp/fa4_env.sh ]; then
+    eval "$(cat /tmp/fa4_env.sh)" && FA4_READY=1
   fi
 }
 for mode in "${@:-selftest}"; do
@@ -128,6 +135,43 @@ for mode in "${@:-selftest}"; do
         "$OUT/ncu_bwd_$1_$2_$3.txt" | head -30
       # Stall reasons, largest first (warps stalled per issued instruction).
       grep -E "issue_stalled" "$OUT/ncu_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
+    done
+    ;;
+  ncu_fa4_bwd)
+    # FlashAttention-4's backward under the same sections as ncu_bwd (NCU_BWD configs): its
+    # main kernel (FlashAttentionBackwardSm90) of the third iteration.
+    fa4_env
+    for cfg in ${NCU_BWD:-"full 16k 128" "causal 16k 128"}; do
+      set -- $cfg
+      echo "== ncu FA4 backward $1 n $2 D $3"
+      timeout 240 ncu --clock-control none --kernel-name regex:BackwardSm90 --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
+        --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        python3 scripts/gpu/fa4_bwd.py "$1" "$2" "$3" > "$OUT/ncu_fa4_bwd_$1_$2_$3.txt" 2>&1
+      echo "ncu rc=$?"
+      grep -E "^  [A-Za-z].*Backward|Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Registers|Executed Ipc|L2 Hit|Block Size|Grid Size|==ERR|==WARN|No kernels" \
+        "$OUT/ncu_fa4_bwd_$1_$2_$3.txt" | head -32
+      grep -E "issue_stalled" "$OUT/ncu_fa4_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
+    done
+    ;;
+  bwd_ab)
+    # The backward's TFLOP/s (fast mode, full / causal, BLENS x D 64 / 128) of each binary in
+    # BINS (xz files; default .dev/longattn.xz) and, for the first, of each value of
+    # LONGATTN_CUDA_BWD_DQ_ADD in DQ_ADDS: before / after comparisons on one machine.
+    first=1
+    for bin in ${BINS:-.dev/longattn.xz}; do
+      xz -dc "$bin" > /tmp/ab_bin && chmod +x /tmp/ab_bin
+      adds="default"; [ $first = 1 ] && adds="default ${DQ_ADDS:-}"
+      for a in $adds; do
+        echo "== $bin LONGATTN_CUDA_BWD_DQ_ADD=$a"
+        if [ "$a" = default ]; then unset LONGATTN_CUDA_BWD_DQ_ADD; else export LONGATTN_CUDA_BWD_DQ_ADD=$a; fi
+        timeout 300 /tmp/ab_bin bench --backend cuda --backward --masks full,causal --lens ${BLENS:-4k,16k} \
+          --dims 64,128 --out "$OUT/ab_$(basename "$bin" .xz)_$a" > "$OUT/ab_$(basename "$bin" .xz)_$a.txt" 2>&1
+        echo "rc=$?"; grep -E "^\| (full|causal)" "$OUT/ab_$(basename "$bin" .xz)_$a/report_cuda.md" | cut -d'|' -f2-7
+        unset LONGATTN_CUDA_BWD_DQ_ADD
+      done
+      first=0
     done
     ;;
   ncu_bwd_src)
@@ -226,6 +270,6 @@ for mode in "${@:-selftest}"; do
       --lens ${D256_LENS:-4k,16k,64k} --dims 256 --out "$OUT/d256_mma" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/d256_mma/report_cuda.md" | cut -d'|' -f2-7
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | d256)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | ncu_fa4_bwd | bwd_ab | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | d256)"; exit 2 ;;
   esac
 done

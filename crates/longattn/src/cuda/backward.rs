@@ -82,6 +82,11 @@ struct BwdSteps {
     /// instead of staging them for a bulk reduce-add, saving a proxy fence and a barrier per
     /// item (`LA_DQ_RED`).
     red: bool,
+    /// `LONGATTN_CUDA_BWD_DQ_ADD=warp` (opt-in, fast mode; the deterministic mode always works
+    /// this way): warps of the producer warpgroup issue the dQ bulk adds; a consumer hands its
+    /// staged partial over with one arrival per warp instead of a barrier of the warpgroup
+    /// (`LA_DQ_WARP`).
+    warp: bool,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
     knock: u32,
@@ -108,6 +113,7 @@ impl BwdSteps {
             split,
             dk_last: std::env::var("LONGATTN_CUDA_BWD_ORDER").as_deref() != Ok("dk_first"),
             red: std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() == Ok("red"),
+            warp: std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() == Ok("warp"),
             knock,
         }
     }
@@ -120,6 +126,7 @@ impl BwdSteps {
             split: false,
             dk_last: true,
             red: false,
+            warp: false,
             knock: 0,
         }
     }
@@ -173,6 +180,10 @@ fn kernel_build(
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
             let red = steps.red && !ordered;
             defines.push(("LA_DQ_RED".into(), (red as u8).to_string()));
+            defines.push((
+                "LA_DQ_WARP".into(),
+                ((steps.warp && !red) as u8).to_string(),
+            ));
             if steps.knock != 0 {
                 defines.push(("LA_KNOCK".into(), steps.knock.to_string()));
             }
@@ -784,18 +795,22 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    // (merge, split wait, dK last, red): the default (merged, dK last), split;
-                    // in bf16 also merged with the split wait, merged with dK first, and the
-                    // default with vector reductions.
-                    let mut steps = vec![(true, false, true, false), (false, false, false, false)];
+                    // (merge, split wait, dK last, red, warp): the default (merged, dK last),
+                    // split; in bf16 also merged with the split wait, merged with dK first, and
+                    // the default with vector reductions or with the producer's adder warps.
+                    let mut steps = vec![
+                        (true, false, true, false, false),
+                        (false, false, false, false, false),
+                    ];
                     if dtype == DType::BF16 {
                         steps.extend([
-                            (true, true, false, false),
-                            (true, false, false, false),
-                            (true, false, true, true),
+                            (true, true, false, false, false),
+                            (true, false, false, false, false),
+                            (true, false, true, true, false),
+                            (true, false, true, false, true),
                         ]);
                     }
-                    for (merge, split, dk_last, red) in steps {
+                    for (merge, split, dk_last, red, warp) in steps {
                         for softcap in [None, Some(20.0)] {
                             let params = AttnParams {
                                 softcap,
@@ -806,6 +821,7 @@ mod tests {
                                 split,
                                 dk_last,
                                 red,
+                                warp,
                                 knock: 0,
                             };
                             let (src, variant, _, _, _, defines) =
@@ -818,7 +834,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 56);
+        assert_eq!(n, 64);
     }
 
     /// A gated mask's program (the expression ANDed with the gate's table) compiles in the

@@ -13,7 +13,9 @@
 //     products) and never waits for the other consumer: per item
 //       S^T  = K Q^T                   wgmma ss m64 n(BR): A = K, B = Q, both K-major
 //       dP^T = V dO^T                  same with V, dO
-//       P^T  = 2^(S^T scale_log2 - L2),  dS^T = P^T (dP^T - Delta) dcap scale   (registers)
+//       P^T  = 2^(S^T scale_log2 - L2),  dS^T = P^T (dP^T - Delta) dcap      (registers; the
+//                                      softmax scale is left to the stores: dK here, dQ in
+//                                      la_bwd_dq_store)
 //       dV  += P^T dO                  wgmma rs m64 n(D): A = P^T from registers (the
 //                                      accumulator layout is the A-fragment layout), B = dO
 //                                      N-major
@@ -41,7 +43,8 @@
 // 64 x 64 blocks), LA_SOFTCAP, LA_ORDERED (0 / 1), LA_DQ_MERGE (0 / 1), LA_BWD_SPLITWAIT (0 / 1:
 // S^T and dP^T in two commit groups, P^T formed while dP^T runs; opt-in), LA_BWD_DKLAST (0 / 1: dK
 // issued after the merged dQ product, running while dQ is staged and added; the host's default),
-// LA_DQ_RED (0 / 1: dQ added from registers; opt-in), LA_KNOCK (timing experiments), the mask
+// LA_DQ_RED (0 / 1: dQ added from registers; opt-in), LA_DQ_WARP (0 / 1: dQ added by producer
+// warps; opt-in, implied by LA_ORDERED), LA_KNOCK (timing experiments), the mask
 // program la_mask. Shared-memory layout: the 128-byte-
 // swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
 
@@ -83,6 +86,21 @@
 #endif
 #if LA_DQ_RED && LA_ORDERED
 #error "LA_DQ_RED: the deterministic mode orders whole-block adds"
+#endif
+// LA_DQ_WARP (1, opt-in in fast mode: LONGATTN_CUDA_BWD_DQ_ADD=warp; always with LA_ORDERED):
+// warp 1 + c of the producer warpgroup adds consumer c's staged dQ partials (the deterministic
+// mode's reducers, which add in a fixed order). A consumer hands its staging over with one
+// arrival per warp (no barrier of the warpgroup, no bulk issue of its own) and waits only when
+// it stages the next item's partial, until the adder has read the previous one.
+#ifndef LA_DQ_WARP
+#define LA_DQ_WARP 0
+#endif
+#if LA_ORDERED
+#undef LA_DQ_WARP
+#define LA_DQ_WARP 1
+#endif
+#if LA_DQ_WARP && LA_DQ_RED
+#error "LA_DQ_WARP: the staged partials are added by bulk copies"
 #endif
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
@@ -127,6 +145,50 @@ __device__ __forceinline__ void la_dq_add_tile(const LaBwdParams& p, int b, int 
         la_bulk_add_f32(p.dq_acc + la_dq_acc_at(p, b, h, q0 + qr0, dc0), stg + x * 4096, 4096 * 4);
     }
     la_bulk_commit();
+}
+
+// Which of this thread's S^T elements count, for item (query tile q0, Partial or not): bit x is
+// element x = 4 jn + e2 (query q0 + 8 jn + 2 t4 + (e2 & 1), key kr + 8 (e2 >> 1)); 0 past Sq /
+// Sk and, in Partial tiles, where the mask is false. Evaluated in a rolled loop over jn (the
+// caller issues it while the tensor cores run S^T and dP^T): BR / 2 inlined copies of the mask
+// program in the unrolled element loop made the kernel large for the instruction cache, as they
+// did in the forward (attn_fwd_ws.cu). Interval masks (LA_MASK_INTERVAL: one run of keys per
+// query row) test two bounds per query instead of running the program per element.
+__device__ __forceinline__ u64 la_bwd_keep(const LaBwdParams& p, int b, int h, int q0, int kr, int t4, bool partial) {
+    u64 keep = 0;
+#pragma unroll 1
+    for (int jn = 0; jn < LA_BR / 8; jn++) {
+        u32 nib = 0;
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int i = q0 + jn * 8 + 2 * t4 + c;
+            if (i >= p.Sq) continue;  // rows past Sq: the mask program may read per-row ids
+#if LA_MASK_INTERVAL
+            int lo = 0, hi = p.Sk - 1;
+            if (partial) {
+                int a, z;
+                la_mask_interval(p, b, h, i, a, z);
+                lo = la_imax(a, lo);
+                hi = la_imin(z, hi);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int j = kr + 8 * r;
+                nib |= (u32)(j >= lo && j <= hi) << (2 * r + c);
+            }
+#else
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int j = kr + 8 * r;
+                bool ok = j < p.Sk;
+                if (partial && ok) ok = la_mask(p, b, h, i, j);
+                nib |= (u32)ok << (2 * r + c);
+            }
+#endif
+        }
+        keep |= (u64)nib << (4 * jn);
+    }
+    return keep;
 }
 
 // TMA descriptors of q, k, v, dO ([B, S, H, D] as boxes {64 columns, rows, 1 head, 1 batch}) and
@@ -176,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u64* full_kv = bars;       // [1]
     u64* full_q = bars + 1;    // [2]: Q, dO, L2, Delta of a stage landed
     u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
-    u64* stg_full = bars + 5;  // [LA_NWG] (deterministic mode): consumer c's dQ partial is staged
+    u64* stg_full = bars + 5;  // [LA_NWG] (LA_DQ_WARP): consumer c's dQ partial is staged
     u64* stg_free = bars + 5 + LA_NWG;  // [LA_NWG]: its adds are done, the staging is free
     // Key tiles fastest: the blocks running together walk the same query tiles, so Q, dO and the
     // dQ accumulator's blocks are shared in L2 rather than fetched once per block.
@@ -194,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         }
 #pragma unroll
         for (int cc = 0; cc < LA_NWG; cc++) {
-            la_mbar_init(stg_full + cc, 1);
+            la_mbar_init(stg_full + cc, 4);  // one arrival per consumer warp
             la_mbar_init(stg_free + cc, 1);
         }
         la_mbar_fence_init();
@@ -215,8 +277,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // Producer: one thread issues every copy. A wait for an "empty" barrier with parity
         // ((t >> 1) & 1) ^ 1 passes at once on a stage's first use.
         la_regs_dec<LA_REG_LOAD>();
-#if LA_ORDERED
-        // Deterministic mode: warp 1 + c adds consumer c's staged dQ partials in a fixed order:
+#if LA_DQ_WARP
+        // Warp 1 + c adds consumer c's staged dQ partials. Deterministic mode: in a fixed order,
         // per dQ tile by (rank of this key tile in the tile's row, consumer), handed on by a
         // counter in global memory (wait for the count to reach ours, add, wait until the adds
         // are complete, count on). A block only waits on blocks of lower key tiles, launched
@@ -229,17 +291,24 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 u32 ent, ci;
                 item(t, h, ent, ci);
                 const int q0 = (int)(ent >> 1) * LA_BR;
+                la_mbar_wait(stg_full + rw, t & 1);
+#if LA_ORDERED
                 int* sem = la_dq_sem_at(p, b, h, q0);
                 const int want = 2 * (int)p.col_rank[ci] + rw;
-                la_mbar_wait(stg_full + rw, t & 1);
                 while (la_ld_acquire(sem) != want) la_nanosleep(32);
                 la_fence_proxy_async_global();  // the adds are ordered after the acquire
                 la_dq_add_tile(p, b, h, q0, rw, stg);
                 la_bulk_wait<0>();              // the adds are performed
                 la_fence_proxy_async_global();  // ... and ordered before the release
                 la_st_release(sem, want + 1);
+#else
+                (void)ci;
+                la_dq_add_tile(p, b, h, q0, rw, stg);
+                la_bulk_wait_read<0>();  // the staging is read: the consumer may refill it
+#endif
                 la_mbar_arrive(stg_free + rw);
             }
+            la_bulk_wait<0>();
             return;
         }
 #endif
@@ -287,11 +356,16 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     for (int x = 0; x < LA_D / 2; x++) dk[x] = dv[x] = 0.f;
     if (n_items > 0) la_mbar_wait(full_kv, 0);
 
+    // The item list lives in global memory: item t + 1 is looked up while item t runs, so the
+    // loads' latency stays off the path to the mask bits and the dQ add.
+    int h_next = 0;
+    u32 ent_next = 0, ci_next;
+    if (n_items > 0) item(0, h_next, ent_next, ci_next);
     for (int t = 0; t < n_items; t++) {
         const int st = t & 1;
-        int h;
-        u32 ent, ci;
-        item(t, h, ent, ci);
+        const int h = h_next;
+        const u32 ent = ent_next;
+        if (t + 1 < n_items) item(t + 1, h_next, ent_next, ci_next);
         const bool partial = ent & 1;
         const int q0 = (int)(ent >> 1) * LA_BR;
         const u16* cQ = sQ0 + st * LA_BR * LA_D;
@@ -304,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #if LA_BWD_SPLITWAIT
         // S^T, then dP^T as a second commit group: P^T = 2^(S^T scale_log2 - L2) is formed in
         // place in s while the tensor cores still multiply dP^T (no soft-cap: its derivative
-        // would need a third array); then dS^T = P^T (dP^T - Delta) scale. Opt-in
+        // would need a third array); then dS^T = P^T (dP^T - Delta). Opt-in
         // (LONGATTN_CUDA_BWD_WAIT=split), not measured yet.
         float s[LA_BR / 2], dp[LA_BR / 2];
         la_wg_fence();
@@ -312,9 +386,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_wg_commit();
         la_bwd_kt(dp, sV, cdO, c);
         la_wg_commit();
+        const bool masked = partial || k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
+        const u64 keep = masked ? la_bwd_keep(p, b, h, q0, k0 + krow, t4, partial) : 0;
         la_wg_wait1();  // S^T is in; dP^T may still run
         la_fence_regs<LA_BR / 2>(s);
-        const bool edge = k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
         u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
 #pragma unroll
         for (int jn = 0; jn < LA_BR / 8; jn++) {
@@ -323,12 +398,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             for (int e2 = 0; e2 < 4; e2++) {
                 const int x = 4 * jn + e2;
                 float y = s[x] * p.scale_log2;
-                if (partial || edge) {
-                    const int i = q0 + jn * 8 + 2 * t4 + (e2 & 1), j = k0 + krow + ((e2 >> 1) << 3);
-                    bool ok = i < p.Sq && j < p.Sk;
-                    if (partial && ok) ok = la_mask(p, b, h, i, j);
-                    if (!ok) y = -LA_INF;
-                }
+                if (masked && !((keep >> x) & 1)) y = -LA_INF;
                 s[x] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
             }
             pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(s[4 * jn], s[4 * jn + 1]);
@@ -343,7 +413,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #pragma unroll
             for (int e2 = 0; e2 < 4; e2++) {
                 const int x = 4 * jn + e2;
-                ds[e2] = s[x] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * p.scale;
+                ds[e2] = s[x] * (dp[x] - ((e2 & 1) ? dl.y : dl.x));
             }
             const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
             df[jn >> 1][(jn & 1) * 2 + 0] = d01;
@@ -363,14 +433,16 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
         }
         la_wg_commit();
+        // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
+        // Delta would give 0 there as well); the bits are formed while the products run.
+        const bool masked = partial || k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
+        const u64 keep = masked ? la_bwd_keep(p, b, h, q0, k0 + krow, t4, partial) : 0;
         la_wg_wait0();
         la_fence_regs<LA_BR / 2>(s);
         la_fence_regs<LA_BR / 2>(dp);
 
         // P^T and dS^T (element x: query column 8 (x / 4) + 2 t4 + (x & 1), key row + 8 ((x / 2) & 1)).
-        // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
-        // Delta would give 0 there as well).
-        const bool edge = k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
+        // dS^T leaves out the softmax scale: dK and dQ take it once at their stores.
         u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
 #pragma unroll
         for (int jn = 0; jn < LA_BR / 8; jn++) {
@@ -383,18 +455,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 const int x = 4 * jn + e2;
                 float dcap;
                 float y = la_logit(p, s[x], dcap);
-                if (partial || edge) {
-                    const int i = q0 + jn * 8 + 2 * t4 + (e2 & 1), j = k0 + krow + ((e2 >> 1) << 3);
-                    bool ok = i < p.Sq && j < p.Sk;  // rows past Sq: the mask program may read per-row ids
-                    if (partial && ok) ok = la_mask(p, b, h, i, j);
-                    if (!ok) y = -LA_INF;
-                }
+                if (masked && !((keep >> x) & 1)) y = -LA_INF;
 #if LA_KNOCK & 4
                 pr[e2] = s[x] + y * 0.f;
                 ds[e2] = dp[x];
 #else
                 pr[e2] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
-                ds[e2] = pr[e2] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap * p.scale;
+                ds[e2] = pr[e2] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap;
 #endif
             }
             pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(pr[0], pr[1]);
@@ -434,11 +501,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #endif
 
         // dQ partial over this warpgroup's 64 keys, two 64 x 64 blocks, 16 keys a step. The
-        // staging buffers are free once the previous item's reductions have read them.
+        // staging buffers are free once the previous item's reductions have read them
+        // (LA_DQ_WARP: each thread waits for that just before it stages).
         la_fence_async_smem();  // dS^T stores -> visible to the tensor cores
-#if LA_ORDERED
-        if (t > 0) la_mbar_wait(stg_free + c, (t - 1) & 1);  // the reducer is done with it
-#elif !LA_DQ_RED
+#if !LA_DQ_RED && !LA_DQ_WARP
         if (tw == 0) la_bulk_wait_read<0>();
 #endif
 #if LA_DQ_MERGE && !(LA_KNOCK & 16)
@@ -489,18 +555,25 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #pragma unroll
             for (int j = 0; j < 8; j++) la_red_add4(acc + (j * 128 + tw) * 4, dq + 4 * j);
 #elif !LA_DQ_RED
+#if LA_DQ_WARP
+            if (x == 0 && t > 0) la_mbar_wait(stg_free + c, (t - 1) & 1);  // the adder has read it
+#endif
 #pragma unroll
             for (int j = 0; j < 8; j++) la_sts4(stg + x * 4096 + (j * 128 + tw) * 4, dq + 4 * j);
 #endif
         }
-#if !LA_DQ_RED
+#if LA_DQ_WARP
+        // Hand the staged partial to the adder: each thread's stores made visible to the bulk
+        // copies, then one arrival per warp (the warp barrier orders the lanes' stores first).
+        la_fence_async_smem();
+        __syncwarp();
+        if (lane == 0) la_mbar_arrive(stg_full + c);
+#elif !LA_DQ_RED
         la_fence_async_smem();  // staging stores -> visible to the bulk copies
         la_bar_sync(1 + c, 128);
-#endif
-#if LA_ORDERED
-        if (tw == 0) la_mbar_arrive(stg_full + c);  // hand the staged partial to the reducer
-#elif !(LA_KNOCK & 1) && !LA_DQ_RED
+#if !(LA_KNOCK & 1)
         if (tw == 0) la_dq_add_tile(p, b, h, q0, c, stg);
+#endif
 #endif
 #if LA_BWD_DKLAST
         la_wg_wait0();  // dK is in: every read of stage st is done, back to the producer
@@ -520,7 +593,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             u32* dstv = (u32*)(p.dv + koff + (i64)j * p.k_ss);
 #pragma unroll
             for (int x = 0; x < LA_D / 8; x++) {
-                dstk[x * 4 + t4] = la_pack2(dk[4 * x + 2 * hf], dk[4 * x + 2 * hf + 1]);
+                dstk[x * 4 + t4] = la_pack2(dk[4 * x + 2 * hf] * p.scale, dk[4 * x + 2 * hf + 1] * p.scale);
                 dstv[x * 4 + t4] = la_pack2(dv[4 * x + 2 * hf], dv[4 * x + 2 * hf + 1]);
             }
         }

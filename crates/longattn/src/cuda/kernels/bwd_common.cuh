@@ -148,7 +148,8 @@ extern "C" __global__ void la_bwd_dq_store(const LaBwdParams p) {
     const i64 bh = r / p.Sq;
     const int h = bh % p.Hq, b = bh / p.Hq;
     float* src = p.dq_acc + la_dq_acc_at(p, b, h, i, d);
-    *(u32*)(p.dq + b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh + d) = la_pack2(src[0], src[1]);
+    // dQ = scale sum_j dS_ij K_j: the one-pass kernel accumulates dS without the scale.
+    *(u32*)(p.dq + b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh + d) = la_pack2(src[0] * p.scale, src[1] * p.scale);
     src[0] = 0.f;
     src[1] = 0.f;
 }
