@@ -25,7 +25,7 @@
 #                                             # xz-compressed: where the consumers wait
 #   bash scripts/gpu/dense_check.sh ncu_fa4_bwd  # the same sections on FA4's backward kernel
 #   bash scripts/gpu/dense_check.sh bwd_ab    # backward TFLOP/s of each binary in BINS, and of the
-#                                             # first with LONGATTN_CUDA_BWD_DQ_ADD in DQ_ADDS
+#                                             # first under each environment in VARIANTS
 #   bash scripts/gpu/dense_check.sh knock     # backward TFLOP/s with parts of the kernel dropped
 #                                             # (LONGATTN_CUDA_BWD_KNOCK; wrong gradients, timing
 #                                             # only) and with LONGATTN_CUDA_BWD_ORDER=dk_first
@@ -121,8 +121,8 @@ for mode in "${@:-selftest}"; do
   ncu_bwd)
     # Where the backward's time goes (issue 14): one la_bwd_wg launch per config under Nsight
     # Compute with the warp-state (stall reasons), scheduler, pipe and memory sections.
-    for cfg in ${NCU_BWD:-"full 16k 128" "causal 16k 128"}; do
-      set -- $cfg
+    for cfg in ${NCU_BWD:-full:16k:128 causal:16k:128}; do
+      set -- ${cfg//:/ }
       echo "== ncu backward $1 n $2 D $3"
       timeout 240 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 4 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
@@ -141,8 +141,8 @@ for mode in "${@:-selftest}"; do
     # FlashAttention-4's backward under the same sections as ncu_bwd (NCU_BWD configs): its
     # main kernel (FlashAttentionBackwardSm90) of the third iteration.
     fa4_env
-    for cfg in ${NCU_BWD:-"full 16k 128" "causal 16k 128"}; do
-      set -- $cfg
+    for cfg in ${NCU_BWD:-full:16k:128 causal:16k:128}; do
+      set -- ${cfg//:/ }
       echo "== ncu FA4 backward $1 n $2 D $3"
       timeout 240 ncu --clock-control none --kernel-name regex:BackwardSm90 --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
@@ -157,19 +157,20 @@ for mode in "${@:-selftest}"; do
     ;;
   bwd_ab)
     # The backward's TFLOP/s (fast mode, full / causal, BLENS x D 64 / 128) of each binary in
-    # BINS (xz files; default .dev/longattn.xz) and, for the first, of each value of
-    # LONGATTN_CUDA_BWD_DQ_ADD in DQ_ADDS: before / after comparisons on one machine.
+    # BINS (xz files; default .dev/longattn.xz) and, for the first, of each variant in VARIANTS
+    # (environment assignments joined by commas, e.g. LONGATTN_CUDA_BWD_DQ_ADD=warp): before /
+    # after comparisons on one machine.
     first=1
     for bin in ${BINS:-.dev/longattn.xz}; do
       xz -dc "$bin" > /tmp/ab_bin && chmod +x /tmp/ab_bin
-      adds="default"; [ $first = 1 ] && adds="default ${DQ_ADDS:-}"
-      for a in $adds; do
-        echo "== $bin LONGATTN_CUDA_BWD_DQ_ADD=$a"
-        if [ "$a" = default ]; then unset LONGATTN_CUDA_BWD_DQ_ADD; else export LONGATTN_CUDA_BWD_DQ_ADD=$a; fi
-        timeout 300 /tmp/ab_bin bench --backend cuda --backward --masks full,causal --lens ${BLENS:-4k,16k} \
-          --dims 64,128 --out "$OUT/ab_$(basename "$bin" .xz)_$a" > "$OUT/ab_$(basename "$bin" .xz)_$a.txt" 2>&1
-        echo "rc=$?"; grep -E "^\| (full|causal)" "$OUT/ab_$(basename "$bin" .xz)_$a/report_cuda.md" | cut -d'|' -f2-7
-        unset LONGATTN_CUDA_BWD_DQ_ADD
+      vars="default"; [ $first = 1 ] && vars="default ${VARIANTS:-}"
+      for a in $vars; do
+        tag="$(basename "$bin" .xz)_$(echo "$a" | tr -c 'A-Za-z0-9_\n' _)"
+        echo "== $bin $a"
+        envs=""; [ "$a" != default ] && envs="$(echo "$a" | tr , ' ')"
+        env $envs timeout 300 /tmp/ab_bin bench --backend cuda --backward --masks full,causal \
+          --lens ${BLENS:-4k,16k} --dims ${BDIMS:-64,128} --out "$OUT/ab_$tag" > "$OUT/ab_$tag.txt" 2>&1
+        echo "rc=$?"; grep -E "^\| (full|causal)" "$OUT/ab_$tag/report_cuda.md" | cut -d'|' -f2-7
       done
       first=0
     done

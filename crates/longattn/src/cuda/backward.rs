@@ -176,7 +176,7 @@ fn kernel_build(
             // registers (ptxas serializes the wgmma, the compile test checks).
             let split = steps.split && params.softcap.is_none() && br == 64;
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
-            let dk_last = steps.dk_last && merge && !split;
+            let dk_last = steps.dk_last && merge;
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
             let red = steps.red && !ordered;
             defines.push(("LA_DQ_RED".into(), (red as u8).to_string()));
@@ -805,6 +805,8 @@ mod tests {
                     if dtype == DType::BF16 {
                         steps.extend([
                             (true, true, false, false, false),
+                            (true, true, true, false, false),
+                            (true, true, true, false, true),
                             (true, false, false, false, false),
                             (true, false, true, true, false),
                             (true, false, true, false, true),
@@ -834,7 +836,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 64);
+        assert_eq!(n, 80);
     }
 
     /// A gated mask's program (the expression ANDed with the gate's table) compiles in the

@@ -66,8 +66,8 @@
 #ifndef LA_BWD_DKLAST
 #define LA_BWD_DKLAST 0
 #endif
-#if LA_BWD_DKLAST && (!LA_DQ_MERGE || LA_BWD_SPLITWAIT)
-#error "LA_BWD_DKLAST: one merged dQ block per consumer, one wait for S^T and dP^T"
+#if LA_BWD_DKLAST && !LA_DQ_MERGE
+#error "LA_BWD_DKLAST: one merged dQ block per consumer"
 #endif
 // Timing experiments only (LONGATTN_CUDA_BWD_KNOCK, results are wrong; fast mode only: the
 // deterministic mode's reducers wait for every staged partial): bit 1 drops the dQ bulk adds, 2
@@ -125,6 +125,14 @@
 __device__ __forceinline__ void la_red_add4(float* dst, const float* v) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(v[0]), "f"(v[1]), "f"(v[2]),
                  "f"(v[3])
+                 : "memory");
+}
+// stmatrix .x4: four 8 x 8 b16 matrices from one register each (thread 4 g + t4 holds row g,
+// columns 2 t4 and 2 t4 + 1: the accumulator's pair layout); lane l gives the address of row
+// l & 7 of matrix l >> 3.
+__device__ __forceinline__ void la_stsm4(u16* a, const u32* r) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(la_smem_addr(a)), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
                  : "memory");
 }
 // 16-byte shared-memory store of four floats (one instruction; la_lds2 in wgmma.cuh loads two).
@@ -189,6 +197,14 @@ __device__ __forceinline__ u64 la_bwd_keep(const LaBwdParams& p, int b, int h, i
         keep |= (u64)nib << (4 * jn);
     }
     return keep;
+}
+
+// dS^T -> the [key][query] tile in shared memory, 16 queries (kq) a store: d holds the 8 x 8
+// blocks (rows krow, query chunk 2 kq), (krow + 8, 2 kq), (krow, 2 kq + 1), (krow + 8, 2 kq + 1)
+// of this warp's 16 keys (krow = 64 c + 16 warp + g).
+__device__ __forceinline__ void la_bwd_store_ds(u16* sdS, int c, int warp, int lane, int kq, const u32* d) {
+    const int srow = c * 64 + warp * 16 + (lane & 7) + (lane & 8);
+    la_stsm4(sdS + la_sw128<LA_BC>(srow, 2 * kq + (lane >> 4)), d);
 }
 
 // TMA descriptors of q, k, v, dO ([B, S, H, D] as boxes {64 columns, rows, 1 head, 1 batch}) and
@@ -418,8 +434,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
             df[jn >> 1][(jn & 1) * 2 + 0] = d01;
             df[jn >> 1][(jn & 1) * 2 + 1] = d23;
-            *(u32*)(sdS + la_sw128<LA_BC>(krow, jn) + 2 * t4) = d01;
-            *(u32*)(sdS + la_sw128<LA_BC>(krow + 8, jn) + 2 * t4) = d23;
+            if (jn & 1) la_bwd_store_ds(sdS, c, warp, lane, jn >> 1, df[jn >> 1]);
         }
 #else
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries).
@@ -469,9 +484,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
             df[jn >> 1][(jn & 1) * 2 + 0] = d01;
             df[jn >> 1][(jn & 1) * 2 + 1] = d23;
-            // dS^T rows krow, krow + 8, query columns 8 jn + 2 t4, + 1 -> [key][query] tile.
-            *(u32*)(sdS + la_sw128<LA_BC>(krow, jn) + 2 * t4) = d01;
-            *(u32*)(sdS + la_sw128<LA_BC>(krow + 8, jn) + 2 * t4) = d23;
+            if (jn & 1) la_bwd_store_ds(sdS, c, warp, lane, jn >> 1, df[jn >> 1]);
         }
 
 #endif
