@@ -207,6 +207,84 @@ __device__ __forceinline__ void la_bwd_store_ds(u16* sdS, int c, int warp, int l
     la_stsm4(sdS + la_sw128<LA_BC>(srow, 2 * kq + (lane >> 4)), d);
 }
 
+// P^T for query columns 8 jn + 2 t4, + 1 (elements 4 jn .. 4 jn + 3; element x: query column
+// 8 (x / 4) + 2 t4 + (x & 1), key row + 8 ((x / 2) & 1)) in place of S^T, with L2 from the stage:
+// P^T = 2^(S^T scale_log2 - L2), one FFMA and one exponential an element; MASKED: 0 where the
+// element's bit in keep is 0. Soft-cap: 2^(cap tanh(S^T / cap) scale_log2 - L2), and dP^T - Delta
+// takes the cap's derivative 1 - tanh^2 here (dS^T is then P^T times it).
+template <bool MASKED>
+__device__ __forceinline__ void la_bwd_p(const LaBwdParams& p, float* s, float* dp, const float* cL, const float* cD,
+                                         u64 keep, int t4, int jn) {
+    const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
+#if LA_SOFTCAP
+    const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
+#else
+    (void)dp;
+    (void)cD;
+#endif
+#pragma unroll
+    for (int e2 = 0; e2 < 4; e2++) {
+        const int x = 4 * jn + e2;
+        const float l = (e2 & 1) ? l2.y : l2.x;
+#if LA_SOFTCAP
+        float dcap;
+        float y = la_logit(p, s[x], dcap) - l;
+        dp[x] = (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap;
+#else
+        float y = fmaf(s[x], p.scale_log2, -l);
+#endif
+        if (MASKED && !((keep >> x) & 1)) y = -LA_INF;
+#if LA_KNOCK & 4
+        (void)y;
+#else
+        s[x] = la_exp2(y);
+#endif
+    }
+}
+
+// P^T and dS^T of one item from the accumulators s (S^T) and dp (dP^T), packed to bf16 / f16
+// pairs as they go (pf for dV, df for dK), dS^T also to the [key][query] tile for dQ (16
+// queries a store). dS^T = P^T (dP^T - Delta), without the softmax scale: dK and dQ take it once
+// at their stores. MASKED (a uniform branch of the caller: items with masked elements): P^T = 0
+// where keep's bit is 0. LA_BWD_SPLITWAIT: P^T is formed first, then the wait for dP^T.
+template <bool MASKED>
+__device__ __forceinline__ void la_bwd_pds(const LaBwdParams& p, float* s, float* dp, const float* cL,
+                                           const float* cD, u64 keep, int t4, u32 (*pf)[4], u32 (*df)[4], u16* sdS,
+                                           int c, int warp, int lane) {
+#if LA_BWD_SPLITWAIT
+#pragma unroll
+    for (int jn = 0; jn < LA_BR / 8; jn++) la_bwd_p<MASKED>(p, s, dp, cL, cD, keep, t4, jn);
+    la_wg_wait0();  // dP^T is in
+    la_fence_regs<LA_BR / 2>(dp);
+#endif
+#pragma unroll
+    for (int jn = 0; jn < LA_BR / 8; jn++) {
+#if !LA_BWD_SPLITWAIT
+        la_bwd_p<MASKED>(p, s, dp, cL, cD, keep, t4, jn);
+#endif
+        pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(s[4 * jn], s[4 * jn + 1]);
+        pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(s[4 * jn + 2], s[4 * jn + 3]);
+#if !LA_SOFTCAP
+        const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
+#endif
+        float ds[4];
+#pragma unroll
+        for (int e2 = 0; e2 < 4; e2++) {
+            const int x = 4 * jn + e2;
+#if LA_KNOCK & 4
+            ds[e2] = dp[x];
+#elif LA_SOFTCAP
+            ds[e2] = s[x] * dp[x];
+#else
+            ds[e2] = s[x] * (dp[x] - ((e2 & 1) ? dl.y : dl.x));
+#endif
+        }
+        df[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(ds[0], ds[1]);
+        df[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(ds[2], ds[3]);
+        if (jn & 1) la_bwd_store_ds(sdS, c, warp, lane, jn >> 1, df[jn >> 1]);
+    }
+}
+
 // TMA descriptors of q, k, v, dO ([B, S, H, D] as boxes {64 columns, rows, 1 head, 1 batch}) and
 // the backward parameters.
 struct LaBwdWsParams {
@@ -391,55 +469,15 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         u16* sdS = sdS0 + (LA_DQ_MERGE ? st * LA_BC * LA_BR : 0);
         la_mbar_wait(full_q + st, (t >> 1) & 1);
 
-#if LA_BWD_SPLITWAIT
-        // S^T, then dP^T as a second commit group: P^T = 2^(S^T scale_log2 - L2) is formed in
-        // place in s while the tensor cores still multiply dP^T (no soft-cap: its derivative
-        // would need a third array); then dS^T = P^T (dP^T - Delta). Opt-in
-        // (LONGATTN_CUDA_BWD_WAIT=split), not measured yet.
+        // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries). LA_BWD_SPLITWAIT:
+        // dP^T as a second commit group, P^T formed while the tensor cores still multiply it.
         float s[LA_BR / 2], dp[LA_BR / 2];
         la_wg_fence();
+#if LA_BWD_SPLITWAIT
         la_bwd_kt(s, sK, cQ, c);
         la_wg_commit();
         la_bwd_kt(dp, sV, cdO, c);
-        la_wg_commit();
-        const bool masked = partial || k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
-        const u64 keep = masked ? la_bwd_keep(p, b, h, q0, k0 + krow, t4, partial) : 0;
-        la_wg_wait1();  // S^T is in; dP^T may still run
-        la_fence_regs<LA_BR / 2>(s);
-        u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
-#pragma unroll
-        for (int jn = 0; jn < LA_BR / 8; jn++) {
-            const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
-#pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                const int x = 4 * jn + e2;
-                float y = s[x] * p.scale_log2;
-                if (masked && !((keep >> x) & 1)) y = -LA_INF;
-                s[x] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
-            }
-            pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(s[4 * jn], s[4 * jn + 1]);
-            pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(s[4 * jn + 2], s[4 * jn + 3]);
-        }
-        la_wg_wait0();  // dP^T is in
-        la_fence_regs<LA_BR / 2>(dp);
-#pragma unroll
-        for (int jn = 0; jn < LA_BR / 8; jn++) {
-            const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
-            float ds[4];
-#pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                const int x = 4 * jn + e2;
-                ds[e2] = s[x] * (dp[x] - ((e2 & 1) ? dl.y : dl.x));
-            }
-            const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
-            df[jn >> 1][(jn & 1) * 2 + 0] = d01;
-            df[jn >> 1][(jn & 1) * 2 + 1] = d23;
-            if (jn & 1) la_bwd_store_ds(sdS, c, warp, lane, jn >> 1, df[jn >> 1]);
-        }
 #else
-        // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries).
-        float s[LA_BR / 2], dp[LA_BR / 2];
-        la_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < LA_D / 16; kk++) {
             const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
@@ -447,47 +485,24 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             la_wg_ss_br(s, la_wg_desc(sK + ka, 16, 1024), la_wg_desc(cQ + kb, 16, 1024), kk > 0);
             la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
         }
+#endif
         la_wg_commit();
         // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
         // Delta would give 0 there as well); the bits are formed while the products run.
         const bool masked = partial || k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
         const u64 keep = masked ? la_bwd_keep(p, b, h, q0, k0 + krow, t4, partial) : 0;
-        la_wg_wait0();
-        la_fence_regs<LA_BR / 2>(s);
-        la_fence_regs<LA_BR / 2>(dp);
-
-        // P^T and dS^T (element x: query column 8 (x / 4) + 2 t4 + (x & 1), key row + 8 ((x / 2) & 1)).
-        // dS^T leaves out the softmax scale: dK and dQ take it once at their stores.
-        u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
-#pragma unroll
-        for (int jn = 0; jn < LA_BR / 8; jn++) {
-            float pr[4], ds[4];
-            // L2 and Delta of query columns 8 jn + 2 t4 and + 1.
-            const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
-            const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
-#pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                const int x = 4 * jn + e2;
-                float dcap;
-                float y = la_logit(p, s[x], dcap);
-                if (masked && !((keep >> x) & 1)) y = -LA_INF;
-#if LA_KNOCK & 4
-                pr[e2] = s[x] + y * 0.f;
-                ds[e2] = dp[x];
+#if LA_BWD_SPLITWAIT
+        la_wg_wait1();  // S^T is in; dP^T may still run
 #else
-                pr[e2] = la_exp2(y - ((e2 & 1) ? l2.y : l2.x));
-                ds[e2] = pr[e2] * (dp[x] - ((e2 & 1) ? dl.y : dl.x)) * dcap;
+        la_wg_wait0();
+        la_fence_regs<LA_BR / 2>(dp);
 #endif
-            }
-            pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(pr[0], pr[1]);
-            pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(pr[2], pr[3]);
-            const u32 d01 = la_pack2(ds[0], ds[1]), d23 = la_pack2(ds[2], ds[3]);
-            df[jn >> 1][(jn & 1) * 2 + 0] = d01;
-            df[jn >> 1][(jn & 1) * 2 + 1] = d23;
-            if (jn & 1) la_bwd_store_ds(sdS, c, warp, lane, jn >> 1, df[jn >> 1]);
-        }
-
-#endif
+        la_fence_regs<LA_BR / 2>(s);
+        u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
+        if (masked)
+            la_bwd_pds<true>(p, s, dp, cL, cD, keep, t4, pf, df, sdS, c, warp, lane);
+        else
+            la_bwd_pds<false>(p, s, dp, cL, cD, keep, t4, pf, df, sdS, c, warp, lane);
 
         // dV += P^T dO, dK += dS^T Q: 16 queries a step; Q's and dO's 8-row groups are 1024
         // bytes apart, their 64-column blocks BR x 128 bytes apart. LA_BWD_DKLAST: dK is issued
