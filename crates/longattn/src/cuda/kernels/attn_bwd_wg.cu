@@ -293,24 +293,24 @@ struct LaBwdWsParams {
 };
 static_assert(sizeof(LaBwdWsParams) == 960, "LaBwdWsParams must match cuda/backward.rs");
 
-// dK += dS^T Q as its own commit group (dS^T from registers, Q N-major from stage cQ): the
-// dK-last order issues it after the dQ product.
-__device__ __forceinline__ void la_bwd_dk(float* dk, const u32 (*df)[4], const u16* cQ) {
+// dK += dS^T Q as its own commit group (dS^T from registers, Q N-major: qn, the stage's
+// descriptor): the dK-last order issues it after the dQ product.
+__device__ __forceinline__ void la_bwd_dk(float* dk, const u32 (*df)[4], u64 qn) {
     la_wg_fence();
 #pragma unroll
-    for (int kq = 0; kq < LA_BR / 16; kq++) la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
+    for (int kq = 0; kq < LA_BR / 16; kq++) la_wg_rs_d(dk, df[kq], la_desc_add(qn, kq * 16 * 64));
     la_wg_commit();
 }
 
 #if LA_BWD_SPLITWAIT
 // acc = A B^T for this warpgroup's 64 keys x BR queries: A = K or V (rows = keys), B = Q or dO,
-// both K-major (issued, not waited for).
-__device__ __forceinline__ void la_bwd_kt(float* acc, const u16* a, const u16* bq, int c) {
+// both K-major, as descriptors of the buffers' starts (issued, not waited for).
+__device__ __forceinline__ void la_bwd_kt(float* acc, u64 a, u64 bq, int c) {
 #pragma unroll
     for (int kk = 0; kk < LA_D / 16; kk++) {
         const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
         const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
-        la_wg_ss_br(acc, la_wg_desc(a + ka, 16, 1024), la_wg_desc(bq + kb, 16, 1024), kk > 0);
+        la_wg_ss_br(acc, la_desc_add(a, ka), la_desc_add(bq, kb), kk > 0);
     }
 }
 #endif
@@ -337,7 +337,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     // Key tiles fastest: the blocks running together walk the same query tiles, so Q, dO and the
     // dQ accumulator's blocks are shared in L2 rather than fetched once per block.
     const int kt = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
-    const int wg = threadIdx.x >> 7;
+    // Warp-uniform as far as the compiler knows (lane 0's value): operand offsets that depend on
+    // the warpgroup stay in uniform registers, next to the wgmma descriptors.
+    const int wg = __shfl_sync(0xffffffff, threadIdx.x >> 7, 0);
     const int k0 = kt * LA_BC;
     const i64 koff = b * p.k_sb + kh * p.k_sh;
 
@@ -443,6 +445,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     const int g = lane >> 2, t4 = lane & 3, tw = threadIdx.x & 127;
     const int krow = c * 64 + warp * 16 + g;  // this thread's keys in the tile: krow, krow + 8
     float* stg = sStg + c * LA_STG_BLOCKS * 4096;
+    // Matrix descriptors of the operands at their buffers' starts (stage 0); a product's operand
+    // is its base plus an offset (la_desc_add). K-major B of S^T / dP^T: q, o; N-major B of dK /
+    // dV: qn, on; dQ: A = dS^T read M-major, B = K N-major.
+    const u64 dsc_k = la_wg_desc(sK, 16, 1024), dsc_v = la_wg_desc(sV, 16, 1024);
+    const u64 dsc_q = la_wg_desc(sQ0, 16, 1024), dsc_o = la_wg_desc(sdO0, 16, 1024);
+    const u64 dsc_qn = la_wg_desc(sQ0, LA_BR * 128, 1024), dsc_on = la_wg_desc(sdO0, LA_BR * 128, 1024);
+    const u64 dsc_ds = la_wg_desc(sdS0, LA_BC * 128, 1024), dsc_kn = la_wg_desc(sK, LA_BC * 128, 1024);
 
     // Accumulators, flat: n8 block j holds elements 4 j .. 4 j + 3 (rows g, g, g + 8, g + 8).
     float dk[LA_D / 2], dv[LA_D / 2];
@@ -462,11 +471,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         if (t + 1 < n_items) item(t + 1, h_next, ent_next, ci_next);
         const bool partial = ent & 1;
         const int q0 = (int)(ent >> 1) * LA_BR;
-        const u16* cQ = sQ0 + st * LA_BR * LA_D;
-        const u16* cdO = sdO0 + st * LA_BR * LA_D;
+        const int qoff = st * LA_BR * LA_D;  // stage st of Q and dO, in elements
+        const int soff = LA_DQ_MERGE ? st * LA_BC * LA_BR : 0;  // its dS^T tile
         const float* cL = sLD0 + st * 2 * LA_BR;
         const float* cD = cL + LA_BR;
-        u16* sdS = sdS0 + (LA_DQ_MERGE ? st * LA_BC * LA_BR : 0);
+        u16* sdS = sdS0 + soff;
         la_mbar_wait(full_q + st, (t >> 1) & 1);
 
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries). LA_BWD_SPLITWAIT:
@@ -474,16 +483,16 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         float s[LA_BR / 2], dp[LA_BR / 2];
         la_wg_fence();
 #if LA_BWD_SPLITWAIT
-        la_bwd_kt(s, sK, cQ, c);
+        la_bwd_kt(s, dsc_k, la_desc_add(dsc_q, qoff), c);
         la_wg_commit();
-        la_bwd_kt(dp, sV, cdO, c);
+        la_bwd_kt(dp, dsc_v, la_desc_add(dsc_o, qoff), c);
 #else
 #pragma unroll
         for (int kk = 0; kk < LA_D / 16; kk++) {
             const int ka = (kk >> 2) * LA_BC * 64 + c * 64 * 64 + (kk & 3) * 16;
             const int kb = (kk >> 2) * LA_BR * 64 + (kk & 3) * 16;
-            la_wg_ss_br(s, la_wg_desc(sK + ka, 16, 1024), la_wg_desc(cQ + kb, 16, 1024), kk > 0);
-            la_wg_ss_br(dp, la_wg_desc(sV + ka, 16, 1024), la_wg_desc(cdO + kb, 16, 1024), kk > 0);
+            la_wg_ss_br(s, la_desc_add(dsc_k, ka), la_desc_add(dsc_q, qoff + kb), kk > 0);
+            la_wg_ss_br(dp, la_desc_add(dsc_v, ka), la_desc_add(dsc_o, qoff + kb), kk > 0);
         }
 #endif
         la_wg_commit();
@@ -512,14 +521,14 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_wg_fence();
 #pragma unroll
         for (int kq = 0; kq < LA_BR / 16; kq++) {
-            la_wg_rs_d(dv, pf[kq], la_wg_desc(cdO + kq * 16 * 64, LA_BR * 128, 1024));
+            la_wg_rs_d(dv, pf[kq], la_desc_add(dsc_on, qoff + kq * 16 * 64));
 #if !LA_BWD_DKLAST
-            la_wg_rs_d(dk, df[kq], la_wg_desc(cQ + kq * 16 * 64, LA_BR * 128, 1024));
+            la_wg_rs_d(dk, df[kq], la_desc_add(dsc_qn, qoff + kq * 16 * 64));
 #endif
         }
         la_wg_commit();
 #if LA_KNOCK & 2
-        if (LA_BWD_DKLAST) la_bwd_dk(dk, df, cQ);
+        if (LA_BWD_DKLAST) la_bwd_dk(dk, df, la_desc_add(dsc_qn, qoff));
         la_wg_wait0();
         la_fence_regs<LA_D / 2>(dv);
         la_fence_regs<LA_D / 2>(dk);
@@ -552,13 +561,13 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #pragma unroll
             for (int ks = 0; ks < LA_DQ_KEYS / 16; ks++) {
                 const int kr = (kb0 + ks * 16) * 64;
-                const u64 da = la_wg_desc(sdS + (qr0 >> 6) * LA_BC * 64 + kr, LA_BC * 128, 1024);
-                const u64 db = la_wg_desc(sK + (dc0 >> 6) * LA_BC * 64 + kr, LA_BC * 128, 1024);
+                const u64 da = la_desc_add(dsc_ds, soff + (qr0 >> 6) * LA_BC * 64 + kr);
+                const u64 db = la_desc_add(dsc_kn, (dc0 >> 6) * LA_BC * 64 + kr);
                 la_wg_sst_n64(dq, da, db, ks > 0);
             }
             la_wg_commit();
 #if LA_BWD_DKLAST
-            la_bwd_dk(dk, df, cQ);
+            la_bwd_dk(dk, df, la_desc_add(dsc_qn, qoff));
             la_wg_wait1();  // dV and dQ are in; dK may still run
             la_fence_regs<32>(dq);
             la_fence_regs<LA_D / 2>(dv);

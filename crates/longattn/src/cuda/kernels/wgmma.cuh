@@ -9,6 +9,13 @@ __device__ __forceinline__ u64 la_wg_desc(const void* p, u32 lbo, u32 sbo) {
     return (u64)((a & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) |
            ((u64)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
+// The descriptor of (operand + elems 2-byte elements): the start address is the low 14 bits in
+// 16-byte units, and offsets inside one shared-memory buffer never carry out of them, so one
+// 32-bit add on the low word replaces forming the descriptor again.
+__device__ __forceinline__ u64 la_desc_add(u64 d, int elems) {
+    const u32 lo = (u32)d + ((u32)elems >> 3);
+    return (d & 0xFFFFFFFF00000000ull) | lo;
+}
 __device__ __forceinline__ void la_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void la_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void la_wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
