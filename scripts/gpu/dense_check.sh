@@ -127,11 +127,11 @@ for mode in "${@:-selftest}"; do
       timeout 240 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 4 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
-        --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        --section Occupancy --section InstructionStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         /tmp/longattn bench --backend cuda --backward --masks "$1" --lens "$2" \
         --dims "$3" --out "$OUT/ncu_bwd_$1_$2_$3" > "$OUT/ncu_bwd_$1_$2_$3.txt" 2>&1
       echo "ncu rc=$?"
-      grep -E "Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Registers|Executed Ipc|L2 Hit|==ERR|==WARN" \
+      grep -E "Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Registers|Executed Ipc|Executed Instructions  |L2 Hit|==ERR|==WARN" \
         "$OUT/ncu_bwd_$1_$2_$3.txt" | head -30
       # Stall reasons, largest first (warps stalled per issued instruction).
       grep -E "issue_stalled" "$OUT/ncu_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
@@ -147,10 +147,10 @@ for mode in "${@:-selftest}"; do
       timeout 240 ncu --clock-control none --kernel-name regex:BackwardSm90 --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
-        --section Occupancy --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+        --section Occupancy --section InstructionStats --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
         python3 scripts/gpu/fa4_bwd.py "$1" "$2" "$3" > "$OUT/ncu_fa4_bwd_$1_$2_$3.txt" 2>&1
       echo "ncu rc=$?"
-      grep -E "^  [A-Za-z].*Backward|Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Registers|Executed Ipc|L2 Hit|Block Size|Grid Size|==ERR|==WARN|No kernels" \
+      grep -E "^  [A-Za-z].*Backward|Duration|Throughput|Issue Slots|Issued Warp|No Eligible|Active Warps|Eligible Warps|Registers|Executed Ipc|Executed Instructions  |L2 Hit|Block Size|Grid Size|==ERR|==WARN|No kernels" \
         "$OUT/ncu_fa4_bwd_$1_$2_$3.txt" | head -32
       grep -E "issue_stalled" "$OUT/ncu_fa4_bwd_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -12
     done
