@@ -10,15 +10,16 @@
 //!   of 5). Both modes off Hopper and at head dims other than 64 / 128.
 //! - one pass, Hopper, D 64 / 128 (`kernels/attn_bwd_wg.cu`, warpgroup MMA, warp-specialized):
 //!   dK, dV and dQ together over the schedule's columns. A producer warpgroup loads Q, dO (TMA)
-//!   and the rows' LSE/Delta into a two-stage ring; two consumer warpgroups own 64 keys each and
-//!   never wait for each other; each adds the dQ partial of its keys to an f32 buffer by 16 KiB
-//!   bulk reduce-adds of the TMA unit, and `la_bwd_dq_store` converts it. Fast mode: the adds
+//!   and the rows' LSE/Delta into a two-stage ring; two consumer warpgroups own 64 keys each;
+//!   each stages one 64 x 64 block of the tile's dQ partial, which a warp of the producer
+//!   warpgroup adds to an f32 buffer by a 16 KiB bulk reduce-add of the TMA unit, and
+//!   `la_bwd_dq_store` converts it (applying the softmax scale). Fast mode: the adds
 //!   land in whatever order they arrive (run-to-run differences of a few f32 ulps before the
 //!   final rounding to bf16/f16). Deterministic mode (`LA_ORDERED`): the adds into each dQ tile
 //!   go in a fixed order (key tile, then warpgroup), handed on by a per-tile counter; a reducer
 //!   warp per consumer does the waiting so the consumers keep computing, and the blocks walk
 //!   their columns backwards so that under causal and banded masks they reach each tile in that
-//!   order. Cost on an H100 (docs/PERF.md): 1.10-1.61x the fast mode's time (the two-pass
+//!   order. Cost on an H100 (docs/PERF.md, 2026-12-06): 1.13-1.83x the fast mode's time (the two-pass
 //!   kernels: 1.46-2.39x); the adds into one tile are serial, so each wave of blocks pays a
 //!   start-up of one add latency per key tile of a head.
 //!
@@ -77,15 +78,16 @@ struct BwdSteps {
     /// runs while dQ is staged and added, `LA_BWD_DKLAST`; H200: +4% at 16k, H100: +3-4% at
     /// 16k, +4-5% at 4k, docs/PERF.md) or `dk_first` (dV and dK together before dQ, as before).
     dk_last: bool,
-    /// `LONGATTN_CUDA_BWD_DQ_ADD=red` (opt-in, fast mode only, not measured yet): each thread adds
-    /// its dQ registers to the accumulator by vector reductions (`red.global.add.v4.f32`)
-    /// instead of staging them for a bulk reduce-add, saving a proxy fence and a barrier per
-    /// item (`LA_DQ_RED`).
+    /// `LONGATTN_CUDA_BWD_DQ_ADD=red` (opt-in, fast mode only; H100 2026-12-05: within 2%, not
+    /// adopted): each thread adds its dQ registers to the accumulator by vector reductions
+    /// (`red.global.add.v4.f32`) instead of staging them for a bulk reduce-add, saving a proxy
+    /// fence and a barrier per item (`LA_DQ_RED`).
     red: bool,
-    /// `LONGATTN_CUDA_BWD_DQ_ADD=warp` (opt-in, fast mode; the deterministic mode always works
-    /// this way): warps of the producer warpgroup issue the dQ bulk adds; a consumer hands its
-    /// staged partial over with one arrival per warp instead of a barrier of the warpgroup
-    /// (`LA_DQ_WARP`).
+    /// How staged dQ partials reach the accumulator, `LONGATTN_CUDA_BWD_DQ_ADD`: by warps of the
+    /// producer warpgroup (the default since 2026-12-06, `LA_DQ_WARP`; a consumer hands its
+    /// staging over with one arrival per warp instead of a barrier of the warpgroup; H100: +4
+    /// to +7% at 4k and 16k, D 64 and 128, docs/PERF.md; the deterministic mode always works
+    /// this way) or, with `bulk`, by a consumer thread after that barrier (as before).
     warp: bool,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
@@ -113,12 +115,16 @@ impl BwdSteps {
             split,
             dk_last: std::env::var("LONGATTN_CUDA_BWD_ORDER").as_deref() != Ok("dk_first"),
             red: std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() == Ok("red"),
-            warp: std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() == Ok("warp"),
+            warp: !matches!(
+                std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref(),
+                Ok("bulk") | Ok("red")
+            ),
             knock,
         }
     }
 
-    /// The defaults (no environment): merged dQ, one wait, dK last.
+    /// The defaults (no environment): merged dQ, one wait, dK last, dQ added by the producer's
+    /// warps.
     #[cfg(test)]
     fn defaults() -> BwdSteps {
         BwdSteps {
@@ -126,7 +132,7 @@ impl BwdSteps {
             split: false,
             dk_last: true,
             red: false,
-            warp: false,
+            warp: true,
             knock: 0,
         }
     }
@@ -795,21 +801,23 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    // (merge, split wait, dK last, red, warp): the default (merged, dK last),
-                    // split; in bf16 also merged with the split wait, merged with dK first, and
-                    // the default with vector reductions or with the producer's adder warps.
+                    // (merge, split wait, dK last, red, warp): the default (merged, dK last, the
+                    // producer's adder warps), split; in bf16 also merged with the split wait
+                    // (dK first / last, with and without the adder warps), merged with dK
+                    // first, and the default with vector reductions or with bulk adds issued by
+                    // the consumers.
                     let mut steps = vec![
-                        (true, false, true, false, false),
-                        (false, false, false, false, false),
+                        (true, false, true, false, true),
+                        (false, false, false, false, true),
                     ];
                     if dtype == DType::BF16 {
                         steps.extend([
-                            (true, true, false, false, false),
+                            (true, true, false, false, true),
                             (true, true, true, false, false),
                             (true, true, true, false, true),
-                            (true, false, false, false, false),
+                            (true, false, false, false, true),
                             (true, false, true, true, false),
-                            (true, false, true, false, true),
+                            (true, false, true, false, false),
                         ]);
                     }
                     for (merge, split, dk_last, red, warp) in steps {
