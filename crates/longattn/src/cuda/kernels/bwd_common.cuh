@@ -85,6 +85,52 @@ __device__ __forceinline__ void la_bwd_item(const LaBwdParams& p, int b, int kh,
     }
 }
 
+// The same items walked in order (REV: from the last), one step a call: a column's bounds are
+// looked up once per query head instead of per item (la_bwd_col divides twice). begin and next
+// leave `ci` at the current item (h = kh * G + hh); call next only while items remain.
+struct LaBwdWalk {
+    int hh, G;
+    u32 ci, c0, c1;
+};
+__device__ __forceinline__ void la_bwd_walk_col(const LaBwdParams& p, int b, int kh, int kt, LaBwdWalk& w) {
+    la_bwd_col(p, b, kh * w.G + w.hh, kt, w.c0, w.c1);
+}
+template <bool REV>
+__device__ __forceinline__ void la_bwd_walk_next(const LaBwdParams& p, int b, int kh, int kt, LaBwdWalk& w) {
+    if (REV) {
+        if (w.ci > w.c0) {
+            w.ci--;
+            return;
+        }
+        do {
+            if (--w.hh < 0) return;
+            la_bwd_walk_col(p, b, kh, kt, w);
+        } while (w.c0 == w.c1);
+        w.ci = w.c1 - 1;
+    } else {
+        if (w.ci + 1 < w.c1) {
+            w.ci++;
+            return;
+        }
+        do {
+            if (++w.hh >= w.G) return;
+            la_bwd_walk_col(p, b, kh, kt, w);
+        } while (w.c0 == w.c1);
+        w.ci = w.c0;
+    }
+}
+template <bool REV>
+__device__ __forceinline__ LaBwdWalk la_bwd_walk_begin(const LaBwdParams& p, int b, int kh, int kt) {
+    LaBwdWalk w;
+    w.G = p.Hq / p.Hk;
+    // Positioned just before the first column's first item (REV: after the last column's last),
+    // then one step.
+    w.hh = REV ? w.G : -1;
+    w.ci = w.c0 = w.c1 = 0;
+    la_bwd_walk_next<REV>(p, b, kh, kt, w);
+    return w;
+}
+
 #if LA_ORDERED
 // The deterministic one-pass kernel's counter of the query tile holding row i of (b, h).
 __device__ __forceinline__ int* la_dq_sem_at(const LaBwdParams& p, int b, int h, int i) {
