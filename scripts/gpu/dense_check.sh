@@ -171,6 +171,7 @@ for mode in "${@:-selftest}"; do
         env $envs timeout 300 /tmp/ab_bin bench --backend cuda --backward --masks full,causal \
           --lens ${BLENS:-4k,16k} --dims ${BDIMS:-64,128} --out "$OUT/ab_$tag" > "$OUT/ab_$tag.txt" 2>&1
         echo "rc=$?"; grep -E "^\| (full|causal)" "$OUT/ab_$tag/report_cuda.md" | cut -d'|' -f2-7
+        grep -E "deterministic mode" "$OUT/ab_$tag.txt" | sed 's/: deterministic mode / det /; s/ (.*fast mode / fast /' | tr '\n' ';'; echo
       done
       first=0
     done
