@@ -19,7 +19,7 @@
 //!   go in a fixed order (key tile, then warpgroup), handed on by a per-tile counter; a reducer
 //!   warp per consumer does the waiting so the consumers keep computing, and the blocks walk
 //!   their columns backwards so that under causal and banded masks they reach each tile in that
-//!   order. Cost on an H100 (docs/PERF.md, 2026-12-06): 1.13-1.83x the fast mode's time (the two-pass
+//!   order. Cost on an H100 (docs/PERF.md, 2026-12-06): 1.27-2.01x the fast mode's time (the two-pass
 //!   kernels: 1.46-2.39x); the adds into one tile are serial, so each wave of blocks pays a
 //!   start-up of one add latency per key tile of a head.
 //!
