@@ -27,8 +27,10 @@
 //                                      (transposed) and B = K read N-major. Each block is
 //                                      staged in register order and added to dq_acc (f32,
 //                                      la_dq_acc_at) by one 16 KiB bulk reduce-add of the TMA
-//                                      unit, in whatever order blocks and warpgroups get there
-//                                      (LA_ORDERED: in a fixed order, see the producer).
+//                                      unit (issued by a producer warp with LA_DQ_WARP, the
+//                                      host's default), in whatever order blocks and
+//                                      warpgroups get there (LA_ORDERED: in a fixed order,
+//                                      see the producer).
 // la_bwd_dq_store converts dq_acc afterwards.
 //
 // LA_DQ_MERGE (1): the dQ partial is formed over the whole key tile instead of each consumer's
@@ -44,9 +46,10 @@
 // S^T and dP^T in two commit groups, P^T formed while dP^T runs; opt-in), LA_BWD_DKLAST (0 / 1: dK
 // issued after the merged dQ product, running while dQ is staged and added; the host's default),
 // LA_DQ_RED (0 / 1: dQ added from registers; opt-in), LA_DQ_WARP (0 / 1: dQ added by producer
-// warps; opt-in, implied by LA_ORDERED), LA_KNOCK (timing experiments), the mask
-// program la_mask. Shared-memory layout: the 128-byte-
-// swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64 columns.
+// warps; the host's default, implied by LA_ORDERED), LA_KNOCK (timing experiments), the mask
+// program la_mask (and la_mask_interval where LA_MASK_INTERVAL). Shared-memory layout: the
+// 128-byte-swizzle tiles of wgmma.cuh (la_sw128), which the TMA writes with a box of 64
+// columns.
 
 #define LA_THREADS ((LA_NWG + 1) * 128)
 #define LA_BC (LA_NWG * 64)
@@ -87,7 +90,8 @@
 #if LA_DQ_RED && LA_ORDERED
 #error "LA_DQ_RED: the deterministic mode orders whole-block adds"
 #endif
-// LA_DQ_WARP (1, opt-in in fast mode: LONGATTN_CUDA_BWD_DQ_ADD=warp; always with LA_ORDERED):
+// LA_DQ_WARP (1: the host's default in fast mode, LONGATTN_CUDA_BWD_DQ_ADD=bulk turns it off;
+// always with LA_ORDERED):
 // warp 1 + c of the producer warpgroup adds consumer c's staged dQ partials (the deterministic
 // mode's reducers, which add in a fixed order). A consumer hands its staging over with one
 // arrival per warp (no barrier of the warpgroup, no bulk issue of its own) and waits only when
