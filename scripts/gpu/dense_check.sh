@@ -26,6 +26,8 @@
 #   bash scripts/gpu/dense_check.sh ncu_fa4_bwd  # the same sections on FA4's backward kernel
 #   bash scripts/gpu/dense_check.sh bwd_ab    # backward TFLOP/s of each binary in BINS, and of the
 #                                             # first under each environment in VARIANTS
+#                                             # (AB_PASS=fwd: the forward's, e.g. VARIANTS=
+#                                             # LONGATTN_CUDA_FWD_DESC=add)
 #   bash scripts/gpu/dense_check.sh knock     # backward TFLOP/s with parts of the kernel dropped
 #                                             # (LONGATTN_CUDA_BWD_KNOCK; wrong gradients, timing
 #                                             # only) and with LONGATTN_CUDA_BWD_ORDER=dk_first
@@ -168,8 +170,10 @@ for mode in "${@:-selftest}"; do
         tag="$(basename "$bin" .xz)_$(echo "$a" | tr -c 'A-Za-z0-9_\n' _)"
         echo "== $bin $a"
         envs=""; [ "$a" != default ] && envs="$(echo "$a" | tr , ' ')"
-        env $envs timeout 300 /tmp/ab_bin bench --backend cuda --backward --masks full,causal \
-          --lens ${BLENS:-4k,16k} --dims ${BDIMS:-64,128} --out "$OUT/ab_$tag" > "$OUT/ab_$tag.txt" 2>&1
+        # AB_PASS=fwd compares forwards (4k / 16k / 64k) instead.
+        if [ "${AB_PASS:-bwd}" = fwd ]; then pass=""; lens=${BLENS:-4k,16k,64k}; else pass="--backward"; lens=${BLENS:-4k,16k}; fi
+        env $envs timeout 300 /tmp/ab_bin bench --backend cuda $pass --masks full,causal \
+          --lens $lens --dims ${BDIMS:-64,128} --out "$OUT/ab_$tag" > "$OUT/ab_$tag.txt" 2>&1
         echo "rc=$?"; grep -E "^\| (full|causal)" "$OUT/ab_$tag/report_cuda.md" | cut -d'|' -f2-7
         grep -E "deterministic mode" "$OUT/ab_$tag.txt" | sed 's/: deterministic mode / det /; s/ (.*fast mode / fast /' | tr '\n' ';'; echo
       done

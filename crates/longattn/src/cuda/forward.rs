@@ -1420,6 +1420,12 @@ fn fwd_softmax() -> String {
     std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| "fused".into())
 }
 
+/// `LONGATTN_CUDA_FWD_DESC=add`: the warp-specialized forward's descriptors by one add per
+/// product (opt-in until measured; see [`kernel_build`]).
+fn fwd_desc_add() -> bool {
+    std::env::var("LONGATTN_CUDA_FWD_DESC").as_deref() == Ok("add")
+}
+
 /// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]): the
 /// default since the selftest passed them on an H100 (D 256 at 0.87x FA4 against the mma.sync
 /// kernel's 0.24x, 2026-12-06, docs/PERF.md); `LONGATTN_CUDA_WS_WIDE=0` keeps them on mma.sync.
@@ -1511,6 +1517,11 @@ fn kernel_build(
         ),
         ("LA_LAZY".into(), ((softmax == "lazy") as u8).to_string()),
     ];
+    // `LONGATTN_CUDA_FWD_DESC=add` (opt-in, not measured yet): the warp-specialized kernel forms
+    // its wgmma descriptors by one add from the buffers' (`LA_DESC_ADD` in attn_fwd_ws.cu).
+    if tile.kernel == FwdKernel::WarpSpecialized && fwd_desc_add() {
+        defines.push(("LA_DESC_ADD".into(), "1".into()));
+    }
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
     if params.skip_below.is_some() && tile.kernel == FwdKernel::WarpSpecialized {
         defines.push(("LA_SKIP".into(), "1".into()));
@@ -1885,6 +1896,30 @@ mod tests {
             }
         }
         assert_eq!(n, 192);
+    }
+
+    /// The warp-specialized forward with `LA_DESC_ADD` (descriptors by one add per product,
+    /// opt-in) compiles for every tile, bf16 / f16, without spills or serialized wgmma, as the
+    /// default does (NVRTC; skipped without `libnvrtc`).
+    #[test]
+    fn warp_specialized_desc_add_compiles_clean() {
+        let Some((element, interval)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let program = element + &interval;
+        for (tile, d) in [
+            (TileCfg::warp_specialized(3, 128, 1), 64),
+            (TileCfg::warp_specialized(2, 128, 1), 128),
+            (TileCfg::warp_specialized(2, 64, 1), 256),
+        ] {
+            for dtype in [DType::BF16, DType::F16] {
+                let (src, _, tag, mut defines) =
+                    kernel_build(&tile, dtype, d, &AttnParams::default(), &program, "fused");
+                defines.push(("LA_DESC_ADD".into(), "1".into()));
+                let name = format!("test_fwd{tag}_desc_add_d{d}_{}", dtype.name());
+                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+            }
+        }
     }
 
     /// A gated mask at the kernel's tiles (`retile` of the gate, then `gate_tiles` with the

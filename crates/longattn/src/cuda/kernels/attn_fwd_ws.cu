@@ -121,21 +121,44 @@ struct LaWsParams {
 };
 static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs");
 
+// LA_DESC_ADD (opt-in, LONGATTN_CUDA_FWD_DESC=add; not measured yet): each product's operand
+// descriptors are the buffer's descriptor plus an offset (la_desc_add, one add) instead of being
+// formed from the address per wgmma, and the warpgroup index is read warp-uniformly so that
+// offsets depending on it stay in uniform registers (the backward gained from both, docs/PERF.md).
+#ifndef LA_DESC_ADD
+#define LA_DESC_ADD 0
+#endif
+
 // S = Q K^T for this warpgroup's 64 rows (issued, not waited for).
 __device__ __forceinline__ void la_ws_qk(float* s, const u16* sQ, const u16* sK, int c) {
+#if LA_DESC_ADD
+    const u64 dq = la_wg_desc(sQ, 16, 1024), dk = la_wg_desc(sK, 16, 1024);
+#endif
 #pragma unroll
     for (int kk = 0; kk < LA_D / 16; kk++) {
+#if LA_DESC_ADD
+        const int qo = (kk >> 2) * LA_BR * 64 + c * 64 * 64 + (kk & 3) * 16;
+        const int ko = (kk >> 2) * LA_BC * 64 + (kk & 3) * 16;
+        la_wg_ss_bc(s, la_desc_add(dq, qo), la_desc_add(dk, ko), kk > 0);
+#else
         const u64 da = la_wg_desc(sQ + (kk >> 2) * LA_BR * 64 + c * 64 * 64 + (kk & 3) * 16, 16, 1024);
         const u64 db = la_wg_desc(sK + (kk >> 2) * LA_BC * 64 + (kk & 3) * 16, 16, 1024);
         la_wg_ss_bc(s, da, db, kk > 0);
+#endif
     }
 }
 
 // O += P V, 16 keys a step (issued, not waited for). V is the N-major operand: 8-key groups 1024
 // bytes apart, 64-column blocks BC x 128 bytes apart.
 __device__ __forceinline__ void la_ws_pv(float* o, const u32 (*pf)[4], const u16* sV) {
+#if LA_DESC_ADD
+    const u64 dv = la_wg_desc(sV, LA_BC * 128, 1024);
+#pragma unroll
+    for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_desc_add(dv, ks * 16 * 64));
+#else
 #pragma unroll
     for (int ks = 0; ks < LA_BC / 16; ks++) la_wg_rs_d(o, pf[ks], la_wg_desc(sV + ks * 16 * 64, LA_BC * 128, 1024));
+#endif
 }
 
 // Skip-softmax's vote of this thread's rows (g, g + 8) on a tile with row maxima mx (log2
@@ -312,7 +335,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                                      // 32 bytes behind the barriers; see TileCfg::smem)
 #endif
     constexpr u32 TILE_BYTES = LA_BC * LA_D * 2;
+#if LA_DESC_ADD
+    const int wg = __shfl_sync(0xffffffff, threadIdx.x >> 7, 0);  // warp-uniform for the compiler
+#else
     const int wg = threadIdx.x >> 7;
+#endif
 
     if (threadIdx.x == 0) {
 #pragma unroll
