@@ -404,7 +404,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
                 la_st_release(sem, want + 1);
 #else
                 (void)ci;
+#if !(LA_KNOCK & 1)
                 la_dq_add_tile(p, b, h, q0, rw, stg);
+#endif
                 la_bulk_wait_read<0>();  // the staging is read: the consumer may refill it
 #endif
                 la_mbar_arrive(stg_free + rw);
