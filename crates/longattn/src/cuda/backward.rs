@@ -68,15 +68,17 @@ struct BwdSteps {
     /// `split` (the earlier form: each consumer over its own 64 keys, two blocks added per
     /// consumer).
     merge: bool,
-    /// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in; H100 2026-12-05: +1% full, -3 to -5% causal):
-    /// S^T and dP^T as two commit groups, P^T formed while dP^T still runs
+    /// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in; H100 2026-12-05: +1% full, -3 to -5% causal;
+    /// 2026-12-06 with dK last and the producer's dQ adds: -1% to +4% at D 128): S^T and dP^T
+    /// as two commit groups, P^T formed while dP^T still runs
     /// (`LA_BWD_SPLITWAIT`; without soft-cap, at BR 64 (D 128) only; consumers get 240
     /// registers, the producer 24, without which ptxas serializes the wgmma).
     split: bool,
     /// The order of the products after dS^T, `LONGATTN_CUDA_BWD_ORDER`: `dk_last` (the default
-    /// since 2026-12-05, with `merge` and without `split`: dK is issued after the dQ product and
-    /// runs while dQ is staged and added, `LA_BWD_DKLAST`; H200: +4% at 16k, H100: +3-4% at
-    /// 16k, +4-5% at 4k, docs/PERF.md) or `dk_first` (dV and dK together before dQ, as before).
+    /// since 2026-12-05, with `merge`, and since 2026-12-06 also with `split`: dK is issued
+    /// after the dQ product and runs while dQ is staged and added, `LA_BWD_DKLAST`; H200: +4%
+    /// at 16k, H100: +3-4% at 16k, +4-5% at 4k, docs/PERF.md) or `dk_first` (dV and dK
+    /// together before dQ, as before).
     dk_last: bool,
     /// `LONGATTN_CUDA_BWD_DQ_ADD=red` (opt-in, fast mode only; H100 2026-12-05: within 2%, not
     /// adopted): each thread adds its dQ registers to the accumulator by vector reductions
