@@ -58,6 +58,22 @@ fn one_pass_smem(br: usize, bc: usize, d: usize, merge: bool) -> usize {
         + 1024
 }
 
+/// How the one-pass kernel's dQ partials reach the f32 accumulator, `LONGATTN_CUDA_BWD_DQ_ADD`
+/// (fast mode; the deterministic mode always uses the producer's warps, in a fixed order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DqAdd {
+    /// The default since 2026-12-06 (`LA_DQ_WARP`): warps of the producer warpgroup issue the
+    /// bulk reduce-adds; a consumer hands its staging over with one arrival per warp instead of
+    /// a barrier of the warpgroup (H100: +4 to +7% at 4k and 16k, D 64 and 128, docs/PERF.md).
+    Warp,
+    /// `bulk`: a consumer thread issues the bulk add after a barrier of its warpgroup (before).
+    Bulk,
+    /// `red` (opt-in; H100 2026-12-05: within 2%, not adopted): each thread adds its dQ
+    /// registers by vector reductions (`red.global.add.v4.f32`) instead of staging them, saving
+    /// a proxy fence and a barrier per item (`LA_DQ_RED`).
+    Red,
+}
+
 /// The one-pass kernel's optional steps, from the environment (read once per launch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct BwdSteps {
@@ -80,17 +96,8 @@ struct BwdSteps {
     /// at 16k, H100: +3-4% at 16k, +4-5% at 4k, docs/PERF.md) or `dk_first` (dV and dK
     /// together before dQ, as before).
     dk_last: bool,
-    /// `LONGATTN_CUDA_BWD_DQ_ADD=red` (opt-in, fast mode only; H100 2026-12-05: within 2%, not
-    /// adopted): each thread adds its dQ registers to the accumulator by vector reductions
-    /// (`red.global.add.v4.f32`) instead of staging them for a bulk reduce-add, saving a proxy
-    /// fence and a barrier per item (`LA_DQ_RED`).
-    red: bool,
-    /// How staged dQ partials reach the accumulator, `LONGATTN_CUDA_BWD_DQ_ADD`: by warps of the
-    /// producer warpgroup (the default since 2026-12-06, `LA_DQ_WARP`; a consumer hands its
-    /// staging over with one arrival per warp instead of a barrier of the warpgroup; H100: +4
-    /// to +7% at 4k and 16k, D 64 and 128, docs/PERF.md; the deterministic mode always works
-    /// this way) or, with `bulk`, by a consumer thread after that barrier (as before).
-    warp: bool,
+    /// How staged dQ partials reach the accumulator ([`DqAdd`], `LONGATTN_CUDA_BWD_DQ_ADD`).
+    dq_add: DqAdd,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
     knock: u32,
@@ -116,11 +123,11 @@ impl BwdSteps {
             merge,
             split,
             dk_last: std::env::var("LONGATTN_CUDA_BWD_ORDER").as_deref() != Ok("dk_first"),
-            red: std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() == Ok("red"),
-            warp: !matches!(
-                std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref(),
-                Ok("bulk") | Ok("red")
-            ),
+            dq_add: match std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() {
+                Ok("bulk") => DqAdd::Bulk,
+                Ok("red") => DqAdd::Red,
+                _ => DqAdd::Warp,
+            },
             knock,
         }
     }
@@ -133,8 +140,7 @@ impl BwdSteps {
             merge: true,
             split: false,
             dk_last: true,
-            red: false,
-            warp: true,
+            dq_add: DqAdd::Warp,
             knock: 0,
         }
     }
@@ -186,12 +192,12 @@ fn kernel_build(
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
             let dk_last = steps.dk_last && merge;
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
-            let red = steps.red && !ordered;
+            // The deterministic mode adds through the producer's warps whatever was asked
+            // (`LA_ORDERED` implies `LA_DQ_WARP`).
+            let red = steps.dq_add == DqAdd::Red && !ordered;
             defines.push(("LA_DQ_RED".into(), (red as u8).to_string()));
-            defines.push((
-                "LA_DQ_WARP".into(),
-                ((steps.warp && !red) as u8).to_string(),
-            ));
+            let warp = steps.dq_add == DqAdd::Warp;
+            defines.push(("LA_DQ_WARP".into(), (warp as u8).to_string()));
             if steps.knock != 0 {
                 defines.push(("LA_KNOCK".into(), steps.knock.to_string()));
             }
@@ -803,26 +809,24 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    // (merge, split wait, dK last, red, warp): the default (merged, dK last, the
+                    // (merge, split wait, dK last, dQ adds): the default (merged, dK last, the
                     // producer's adder warps), split; in bf16 also merged with the split wait
                     // (dK first / last, with and without the adder warps), merged with dK
                     // first, and the default with vector reductions or with bulk adds issued by
                     // the consumers.
-                    let mut steps = vec![
-                        (true, false, true, false, true),
-                        (false, false, false, false, true),
-                    ];
+                    use super::DqAdd::{Bulk, Red, Warp};
+                    let mut steps = vec![(true, false, true, Warp), (false, false, false, Warp)];
                     if dtype == DType::BF16 {
                         steps.extend([
-                            (true, true, false, false, true),
-                            (true, true, true, false, false),
-                            (true, true, true, false, true),
-                            (true, false, false, false, true),
-                            (true, false, true, true, false),
-                            (true, false, true, false, false),
+                            (true, true, false, Warp),
+                            (true, true, true, Bulk),
+                            (true, true, true, Warp),
+                            (true, false, false, Warp),
+                            (true, false, true, Red),
+                            (true, false, true, Bulk),
                         ]);
                     }
-                    for (merge, split, dk_last, red, warp) in steps {
+                    for (merge, split, dk_last, dq_add) in steps {
                         for softcap in [None, Some(20.0)] {
                             let params = AttnParams {
                                 softcap,
@@ -832,8 +836,7 @@ mod tests {
                                 merge,
                                 split,
                                 dk_last,
-                                red,
-                                warp,
+                                dq_add,
                                 knock: 0,
                             };
                             let (src, variant, _, _, _, defines) =
