@@ -28,6 +28,8 @@
 #                                             # first under each environment in VARIANTS
 #                                             # (AB_PASS=fwd: the forward's, e.g. VARIANTS=
 #                                             # LONGATTN_CUDA_FWD_DESC=add)
+#   bash scripts/gpu/dense_check.sh bwd_parts # the backward's three kernels timed apart (Nsight
+#                                             # Compute), per binary in BINS and config in NCU_BWD
 #   bash scripts/gpu/dense_check.sh knock     # backward TFLOP/s with parts of the kernel dropped
 #                                             # (LONGATTN_CUDA_BWD_KNOCK; wrong gradients, timing
 #                                             # only) and with LONGATTN_CUDA_BWD_ORDER=dk_first
@@ -178,6 +180,22 @@ for mode in "${@:-selftest}"; do
         grep -E "deterministic mode" "$OUT/ab_$tag.txt" | sed 's/: deterministic mode / det /; s/ (.*fast mode / fast /' | tr '\n' ';'; echo
       done
       first=0
+    done
+    ;;
+  bwd_parts)
+    # The backward's three kernels (la_bwd_prep, la_bwd_wg, la_bwd_dq_store) timed apart by
+    # Nsight Compute, per binary in BINS and config in NCU_BWD (default full 4k D 64 and 128).
+    for bin in ${BINS:-.dev/longattn.xz}; do
+      xz -dc "$bin" > /tmp/parts_bin && chmod +x /tmp/parts_bin
+      for cfg in ${NCU_BWD:-full:4k:64 full:4k:128}; do
+        set -- ${cfg//:/ }
+        echo "== $bin backward $1 n $2 D $3"
+        timeout 200 ncu --clock-control none --kernel-name regex:'la_bwd_(prep|wg|dq_store)' --launch-skip 6 \
+          --launch-count 3 --section SpeedOfLight /tmp/parts_bin bench --backend cuda --backward --masks "$1" \
+          --lens "$2" --dims "$3" --out "$OUT/parts_$1_$2_$3" > "$OUT/parts_$(basename "$bin" .xz)_$1_$2_$3.txt" 2>&1
+        echo "ncu rc=$?"
+        grep -E "^  la_bwd|Duration|DRAM Throughput|==ERR" "$OUT/parts_$(basename "$bin" .xz)_$1_$2_$3.txt" | head -12
+      done
     done
     ;;
   ncu_bwd_src)

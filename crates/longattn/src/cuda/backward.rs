@@ -98,6 +98,10 @@ struct BwdSteps {
     dk_last: bool,
     /// How staged dQ partials reach the accumulator ([`DqAdd`], `LONGATTN_CUDA_BWD_DQ_ADD`).
     dq_add: DqAdd,
+    /// `LONGATTN_CUDA_BWD_L2PRE=N` (opt-in, 0 unless set): the L2 values of the first N groups
+    /// of 8 queries read into registers before the wait for S^T / dP^T (`LA_BWD_L2PRE`; at
+    /// most 8 at D 128, 4 at D 64).
+    l2pre: u32,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
     knock: u32,
@@ -128,6 +132,11 @@ impl BwdSteps {
                 Ok("red") => DqAdd::Red,
                 _ => DqAdd::Warp,
             },
+            l2pre: std::env::var("LONGATTN_CUDA_BWD_L2PRE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+                .min(16),
             knock,
         }
     }
@@ -141,6 +150,7 @@ impl BwdSteps {
             split: false,
             dk_last: true,
             dq_add: DqAdd::Warp,
+            l2pre: 0,
             knock: 0,
         }
     }
@@ -198,6 +208,9 @@ fn kernel_build(
             defines.push(("LA_DQ_RED".into(), (red as u8).to_string()));
             let warp = steps.dq_add == DqAdd::Warp;
             defines.push(("LA_DQ_WARP".into(), (warp as u8).to_string()));
+            if steps.l2pre != 0 {
+                defines.push(("LA_BWD_L2PRE".into(), steps.l2pre.to_string()));
+            }
             if steps.knock != 0 {
                 defines.push(("LA_KNOCK".into(), steps.knock.to_string()));
             }
@@ -212,6 +225,32 @@ fn kernel_build(
         }
     };
     (src, variant, smem, main, dq, defines)
+}
+
+/// The one-pass kernel's launch order (`hgroup` of `la_bwd_block` in bwd_common.cuh): `0`, the
+/// 3-D grid with key tiles fastest; `l2`, groups of the (batch, KV head) pairs whose Q, dO (bf16)
+/// and f32 dQ accumulator fill L2, key tiles outermost inside a group; `N`, groups of N pairs.
+/// Defaults (H100, 2026-12-06, docs/PERF.md): `0` in fast mode (`l2` within the run-to-run
+/// spread of it), `l2` in the deterministic mode (1.13-1.32x the fast mode's time against
+/// 1.38-1.96x with `0`: a query tile's ordered adds come from key tiles that run one after
+/// another instead of all at once). `LONGATTN_CUDA_BWD_HGROUP` sets it for both.
+fn bwd_head_group(dev: &CudaDevice, dims: &Dims, deterministic: bool) -> usize {
+    let pairs = (dims.batch * dims.hk).max(1);
+    let l2 = || {
+        let per_pair = (dims.hq / dims.hk.max(1)).max(1) * dims.sq * dims.d * (2 + 2 + 4);
+        (dev.l2_bytes / per_pair.max(1)).clamp(1, pairs)
+    };
+    match std::env::var("LONGATTN_CUDA_BWD_HGROUP").as_deref() {
+        Ok("l2") => l2(),
+        Ok(v) => v.parse::<usize>().map_or(0, |g| g.min(pairs)),
+        Err(_) if deterministic => l2(),
+        Err(_) => 0,
+    }
+}
+
+/// Threads per row of `la_bwd_prep` (`LA_PREP_TPR`): 8 elements each, a power of two.
+fn prep_threads(d: usize) -> usize {
+    (d / 8).next_power_of_two().clamp(2, 32)
 }
 
 /// Blocks per tile of the two-pass kernels: above D 128 each owns half of the gradient columns
@@ -310,7 +349,9 @@ struct LaBwdParams {
     blk: u64,
     blk_dims: [i32; 6],
     lstride: i32,
-    pad0: i32,
+    /// Launch order of the one-pass kernel: 0 = 3-D grid, key tiles fastest; n = groups of n
+    /// (batch, KV head) pairs over a 1-D grid (`la_bwd_block`, [`bwd_head_group`]).
+    hgroup: i32,
     dq_sem: u64,
     col_rank: u64,
     /// The mask program's atom constants (`p.mc[k]`, [`crate::mask::codegen::CudaProgram`]).
@@ -474,6 +515,12 @@ impl BwdPlan {
             blk: dm.blk.device_ptr(s).0,
             blk_dims: dm.blk_dims,
             lstride: lstride(dims.sq) as i32,
+            hgroup: match kernel {
+                BwdKernel::OnePassWgmma { ordered, .. } => {
+                    bwd_head_group(dev, &dims, ordered) as i32
+                }
+                BwdKernel::TwoPass => 0,
+            },
             dq_sem: dq_sem.as_ref().map_or(0, |a| a.device_ptr(s).0),
             col_rank: cols.2.device_ptr(s).0,
             mc: dm.consts,
@@ -610,12 +657,15 @@ impl BwdPlan {
             unsafe { b.launch(cfg) }.map_err(drv("launch backward"))?;
             Ok(())
         };
-        let rows = batch * sq * hq;
         launch(
             &self.f_prep,
             LaunchConfig {
-                // One warp per row, rows padded to lstride.
-                grid_dim: ((batch * lstride(sq) * hq).div_ceil(8) as u32, 1, 1),
+                // prep_threads(d) threads per row, rows padded to lstride; y: the batch.
+                grid_dim: (
+                    (lstride(sq) * hq).div_ceil(256 / prep_threads(d)) as u32,
+                    batch as u32,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },
@@ -646,18 +696,25 @@ impl BwdPlan {
                 };
                 let mut b = s.launch_builder(&self.f_main);
                 b.arg(&ws);
+                let k_tiles = sk.div_ceil(bc) as u32;
+                let grid_dim = if p.hgroup > 0 {
+                    (k_tiles * (hk * batch) as u32, 1, 1)
+                } else {
+                    (k_tiles, hk as u32, batch as u32)
+                };
                 let cfg = LaunchConfig {
-                    grid_dim: (sk.div_ceil(bc) as u32, hk as u32, batch as u32),
+                    grid_dim,
                     // A producer warpgroup + one consumer warpgroup per 64 keys.
                     block_dim: (128 * (bc as u32 / 64 + 1), 1, 1),
                     shared_mem_bytes: self.smem as u32,
                 };
                 // SAFETY: as above; the TMA maps describe exactly the q, k, v, dO allocations.
                 unsafe { b.launch(cfg) }.map_err(drv("launch backward"))?;
+                // A thread per two elements of dq.
                 launch(
                     &self.f_dq,
                     LaunchConfig {
-                        grid_dim: ((rows * d / 2).div_ceil(256) as u32, 1, 1),
+                        grid_dim: ((batch * sq * hq * d / 2).div_ceil(256) as u32, 1, 1),
                         block_dim: (256, 1, 1),
                         shared_mem_bytes: 0,
                     },
@@ -731,7 +788,7 @@ mod tests {
         let rust = offsets!(LaBwdParams; q, k, v, o, dout, lse, lse2, delta, dq, dk, dv, dq_acc,
             q_s, k_s, b, sq, sk, hq, hk, scale_log2, cap_pre, cap_post, scale, row_off, row_ent,
             col_off, col_ent, sched_batch, sched_heads, q_tiles, k_tiles, qdoc, kdoc, blk,
-            blk_dims, lstride, pad0, dq_sem, col_rank, mc);
+            blk_dims, lstride, hgroup, dq_sem, col_rank, mc);
         let size = std::mem::size_of::<LaBwdParams>();
         check_layout(BWD_COMMON, "LaBwdParams", &rust, size);
         let (c, _) = c_struct_layout(BWD_COMMON, "LaBwdParams");
@@ -837,6 +894,7 @@ mod tests {
                                 split,
                                 dk_last,
                                 dq_add,
+                                l2pre: 0,
                                 knock: 0,
                             };
                             let (src, variant, _, _, _, defines) =
@@ -850,6 +908,60 @@ mod tests {
             }
         }
         assert_eq!(n, 80);
+    }
+
+    /// The opt-in L2 preload (`LONGATTN_CUDA_BWD_L2PRE`) keeps the one-pass kernel clean for
+    /// ptxas (asynchronous wgmma, no spills) at every depth the benchmarks try.
+    #[test]
+    fn l2_preload_kernels_compile_with_nvrtc() {
+        let Some((program, _)) = super::super::compile::test_programs() else {
+            return;
+        };
+        for d in [64, 128] {
+            let kernel = BwdKernel::choose(d, (9, 0), false);
+            for l2pre in [2, 4, 8, 16] {
+                // Above the kernel's cap (8 at D 128, 4 at D 64) runs as the cap.
+                let steps = super::BwdSteps {
+                    l2pre,
+                    ..super::BwdSteps::defaults()
+                };
+                let (src, variant, _, _, _, defines) = kernel_build(
+                    kernel,
+                    DType::BF16,
+                    d,
+                    &AttnParams::default(),
+                    &program,
+                    steps,
+                );
+                let name = format!("test_l2pre{l2pre}_{variant}");
+                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+            }
+        }
+    }
+
+    /// The two-pass kernels (and the shared `la_bwd_prep`, whose threads per row follow D)
+    /// compile at head dims off the one-pass kernel's 64 / 128, in both storage types.
+    #[test]
+    fn two_pass_kernels_compile_with_nvrtc() {
+        let Some((program, _)) = super::super::compile::test_programs() else {
+            return;
+        };
+        for d in [16, 48, 96, 256] {
+            for dtype in [DType::BF16, DType::F16] {
+                let (src, variant, _, _, _, defines) = kernel_build(
+                    BwdKernel::TwoPass,
+                    dtype,
+                    d,
+                    &AttnParams::default(),
+                    &program,
+                    super::BwdSteps::defaults(),
+                );
+                let name = format!("test_{variant}");
+                if let Err(e) = super::super::compile::compile(&name, &src, "sm_80", &defines) {
+                    panic!("{name} {defines:?}: {e}");
+                }
+            }
+        }
     }
 
     /// A gated mask's program (the expression ANDed with the gate's table) compiles in the

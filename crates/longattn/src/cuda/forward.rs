@@ -1420,10 +1420,12 @@ fn fwd_softmax() -> String {
     std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| "fused".into())
 }
 
-/// `LONGATTN_CUDA_FWD_DESC=add`: the warp-specialized forward's descriptors by one add per
-/// product (opt-in until measured; see [`kernel_build`]).
+/// `LONGATTN_CUDA_FWD_DESC`: how the warp-specialized forward forms its wgmma descriptors,
+/// `add` (the default since 2026-12-06: one add per operand from the buffer's descriptor;
+/// H100: +1% to +6% over `address`, docs/PERF.md) or `address` (from each operand's address, as
+/// before; see [`kernel_build`]).
 fn fwd_desc_add() -> bool {
-    std::env::var("LONGATTN_CUDA_FWD_DESC").as_deref() == Ok("add")
+    std::env::var("LONGATTN_CUDA_FWD_DESC").as_deref() != Ok("address")
 }
 
 /// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]): the
@@ -1517,10 +1519,14 @@ fn kernel_build(
         ),
         ("LA_LAZY".into(), ((softmax == "lazy") as u8).to_string()),
     ];
-    // `LONGATTN_CUDA_FWD_DESC=add` (opt-in, not measured yet): the warp-specialized kernel forms
-    // its wgmma descriptors by one add from the buffers' (`LA_DESC_ADD` in attn_fwd_ws.cu).
-    if tile.kernel == FwdKernel::WarpSpecialized && fwd_desc_add() {
-        defines.push(("LA_DESC_ADD".into(), "1".into()));
+    // The warp-specialized kernel forms its wgmma descriptors by one add from the buffers'
+    // (`LA_DESC_ADD` in attn_fwd_ws.cu) unless `LONGATTN_CUDA_FWD_DESC=address`, or where ptxas
+    // would spill: three consumers (D 64) under a mask evaluated element by element (no interval
+    // program), 16 bytes with the descriptors kept live.
+    if tile.kernel == FwdKernel::WarpSpecialized {
+        let spills = nwg == 3 && !program.contains("#define LA_MASK_INTERVAL 1");
+        let add = fwd_desc_add() && !spills;
+        defines.push(("LA_DESC_ADD".into(), (add as u8).to_string()));
     }
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
     if params.skip_below.is_some() && tile.kernel == FwdKernel::WarpSpecialized {
@@ -1898,11 +1904,12 @@ mod tests {
         assert_eq!(n, 192);
     }
 
-    /// The warp-specialized forward with `LA_DESC_ADD` (descriptors by one add per product,
-    /// opt-in) compiles for every tile, bf16 / f16, without spills or serialized wgmma, as the
-    /// default does (NVRTC; skipped without `libnvrtc`).
+    /// The warp-specialized forward with descriptors formed from the addresses
+    /// (`LONGATTN_CUDA_FWD_DESC=address`, `LA_DESC_ADD` 0; the default adds) compiles for every
+    /// tile, bf16 / f16, without spills or serialized wgmma, as the default does (NVRTC; skipped
+    /// without `libnvrtc`).
     #[test]
-    fn warp_specialized_desc_add_compiles_clean() {
+    fn warp_specialized_desc_address_compiles_clean() {
         let Some((element, interval)) = super::super::compile::test_programs() else {
             return;
         };
@@ -1915,8 +1922,12 @@ mod tests {
             for dtype in [DType::BF16, DType::F16] {
                 let (src, _, tag, mut defines) =
                     kernel_build(&tile, dtype, d, &AttnParams::default(), &program, "fused");
-                defines.push(("LA_DESC_ADD".into(), "1".into()));
-                let name = format!("test_fwd{tag}_desc_add_d{d}_{}", dtype.name());
+                for (k, v) in defines.iter_mut() {
+                    if k == "LA_DESC_ADD" {
+                        *v = "0".into();
+                    }
+                }
+                let name = format!("test_fwd{tag}_desc_address_d{d}_{}", dtype.name());
                 super::super::compile::assert_ptxas_clean(&name, &src, &defines);
             }
         }

@@ -106,6 +106,15 @@
 #if LA_DQ_WARP && LA_DQ_RED
 #error "LA_DQ_WARP: the staged partials are added by bulk copies"
 #endif
+// LA_BWD_L2PRE (n, opt-in: LONGATTN_CUDA_BWD_L2PRE=n): the L2 values of the first n column
+// groups (8 queries each) are read from the stage into registers before the wait for S^T and
+// dP^T, so the first exponentials do not wait on shared-memory loads after it. At most 8 groups
+// at BR 64 (all of them), 4 at BR 128 (8 held over the wait spill there).
+#ifndef LA_BWD_L2PRE
+#define LA_BWD_L2PRE 0
+#endif
+#define LA_L2PRE_MAX (LA_BR == 128 ? 4 : 8)
+#define LA_L2PRE (LA_BWD_L2PRE < LA_L2PRE_MAX ? LA_BWD_L2PRE : LA_L2PRE_MAX)
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
 // Register split (65536 per SM, one block): consumers get what the producer gives up (the
@@ -218,8 +227,8 @@ __device__ __forceinline__ void la_bwd_store_ds(u16* sdS, int c, int warp, int l
 // takes the cap's derivative 1 - tanh^2 here (dS^T is then P^T times it).
 template <bool MASKED>
 __device__ __forceinline__ void la_bwd_p(const LaBwdParams& p, float* s, float* dp, const float* cL, const float* cD,
-                                         u64 keep, int t4, int jn) {
-    const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
+                                         const la_f2* l2pre, u64 keep, int t4, int jn) {
+    const la_f2 l2 = jn < LA_L2PRE ? l2pre[jn] : la_lds2(cL + jn * 8 + 2 * t4);
 #if LA_SOFTCAP
     const la_f2 dl = la_lds2(cD + jn * 8 + 2 * t4);
 #else
@@ -253,18 +262,18 @@ __device__ __forceinline__ void la_bwd_p(const LaBwdParams& p, float* s, float* 
 // where keep's bit is 0. LA_BWD_SPLITWAIT: P^T is formed first, then the wait for dP^T.
 template <bool MASKED>
 __device__ __forceinline__ void la_bwd_pds(const LaBwdParams& p, float* s, float* dp, const float* cL,
-                                           const float* cD, u64 keep, int t4, u32 (*pf)[4], u32 (*df)[4], u16* sdS,
-                                           int c, int warp, int lane) {
+                                           const float* cD, const la_f2* l2pre, u64 keep, int t4, u32 (*pf)[4],
+                                           u32 (*df)[4], u16* sdS, int c, int warp, int lane) {
 #if LA_BWD_SPLITWAIT
 #pragma unroll
-    for (int jn = 0; jn < LA_BR / 8; jn++) la_bwd_p<MASKED>(p, s, dp, cL, cD, keep, t4, jn);
+    for (int jn = 0; jn < LA_BR / 8; jn++) la_bwd_p<MASKED>(p, s, dp, cL, cD, l2pre, keep, t4, jn);
     la_wg_wait0();  // dP^T is in
     la_fence_regs<LA_BR / 2>(dp);
 #endif
 #pragma unroll
     for (int jn = 0; jn < LA_BR / 8; jn++) {
 #if !LA_BWD_SPLITWAIT
-        la_bwd_p<MASKED>(p, s, dp, cL, cD, keep, t4, jn);
+        la_bwd_p<MASKED>(p, s, dp, cL, cD, l2pre, keep, t4, jn);
 #endif
         pf[jn >> 1][(jn & 1) * 2 + 0] = la_pack2(s[4 * jn], s[4 * jn + 1]);
         pf[jn >> 1][(jn & 1) * 2 + 1] = la_pack2(s[4 * jn + 2], s[4 * jn + 3]);
@@ -338,9 +347,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
     u64* stg_full = bars + 5;  // [LA_NWG] (LA_DQ_WARP): consumer c's dQ partial is staged
     u64* stg_free = bars + 5 + LA_NWG;  // [LA_NWG]: its adds are done, the staging is free
-    // Key tiles fastest: the blocks running together walk the same query tiles, so Q, dO and the
-    // dQ accumulator's blocks are shared in L2 rather than fetched once per block.
-    const int kt = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
+    // The blocks running together walk the same heads' query tiles, so Q, dO and the dQ
+    // accumulator's blocks are shared in L2 rather than fetched once per block (la_bwd_block).
+    int kt, kh, b;
+    la_bwd_block(p, kt, kh, b);
     // Warp-uniform as far as the compiler knows (lane 0's value): operand offsets that depend on
     // the warpgroup stay in uniform registers, next to the wgmma descriptors.
     const int wg = __shfl_sync(0xffffffff, threadIdx.x >> 7, 0);
@@ -512,6 +522,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // Delta would give 0 there as well); the bits are formed while the products run.
         const bool masked = partial || k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
         const u64 keep = masked ? la_bwd_keep(p, b, h, q0, k0 + krow, t4, partial) : 0;
+        la_f2 l2pre[LA_L2PRE > 0 ? LA_L2PRE : 1];
+#pragma unroll
+        for (int jn = 0; jn < LA_L2PRE; jn++) l2pre[jn] = la_lds2(cL + jn * 8 + 2 * t4);
 #if LA_BWD_SPLITWAIT
         la_wg_wait1();  // S^T is in; dP^T may still run
 #else
@@ -521,9 +534,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_fence_regs<LA_BR / 2>(s);
         u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
         if (masked)
-            la_bwd_pds<true>(p, s, dp, cL, cD, keep, t4, pf, df, sdS, c, warp, lane);
+            la_bwd_pds<true>(p, s, dp, cL, cD, l2pre, keep, t4, pf, df, sdS, c, warp, lane);
         else
-            la_bwd_pds<false>(p, s, dp, cL, cD, keep, t4, pf, df, sdS, c, warp, lane);
+            la_bwd_pds<false>(p, s, dp, cL, cD, l2pre, keep, t4, pf, df, sdS, c, warp, lane);
 
         // dV += P^T dO, dK += dS^T Q: 16 queries a step; Q's and dO's 8-row groups are 1024
         // bytes apart, their 64-column blocks BR x 128 bytes apart. LA_BWD_DKLAST: dK is issued

@@ -121,10 +121,10 @@ struct LaWsParams {
 };
 static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs");
 
-// LA_DESC_ADD (opt-in, LONGATTN_CUDA_FWD_DESC=add; not measured yet): each product's operand
-// descriptors are the buffer's descriptor plus an offset (la_desc_add, one add) instead of being
-// formed from the address per wgmma, and the warpgroup index is read warp-uniformly so that
-// offsets depending on it stay in uniform registers (the backward gained from both, docs/PERF.md).
+// LA_DESC_ADD (1: the host's default; LONGATTN_CUDA_FWD_DESC=address gives 0): each product's
+// operand descriptors are the buffer's descriptor plus an offset (la_desc_add, one add) instead of
+// being formed from the address per wgmma, and the warpgroup index is read warp-uniformly so that
+// offsets depending on it stay in uniform registers (H100: +1% to +6%, docs/PERF.md).
 #ifndef LA_DESC_ADD
 #define LA_DESC_ADD 0
 #endif

@@ -28,7 +28,8 @@ struct LaBwdParams {
     const unsigned char* blk;
     int blk_tq, blk_tk, blk_qtiles, blk_ktiles, blk_batch, blk_heads;
     int lstride;            // row length of lse2 / delta: Sq rounded up to 128 (aligned tiles)
-    int pad0;
+    int hgroup;             // one-pass kernel's launch order: 0 = key tiles fastest over a 3-D
+                            // grid; n > 0 = groups of n (batch, KV head) pairs (la_bwd_block)
     int* dq_sem;            // deterministic one-pass: per (b, h, query tile) the number of
                             // dQ adds done (zeroed by la_bwd_prep)
     const u32* col_rank;    // per column entry: its key tile's position in the query tile's row
@@ -131,6 +132,30 @@ __device__ __forceinline__ LaBwdWalk la_bwd_walk_begin(const LaBwdParams& p, int
     return w;
 }
 
+// The one-pass kernel's block -> (key tile kt, KV head kh, batch b). hgroup 0: the 3-D grid,
+// key tiles fastest (the blocks running at once: every key tile of a few heads). hgroup n: a 1-D
+// grid over groups of n consecutive (b, kh) pairs (the last group may be smaller); inside a group
+// key tiles outermost, the pairs innermost, so the blocks running at once share the group's
+// Q, dO and dQ in L2 while the first key tiles (under causal masks the ones with the most query
+// tiles) start first and the light ones fill the end. Either way a block's lower key tiles of
+// the same (b, kh) come earlier, which the deterministic mode's ordered adds rely on.
+__device__ __forceinline__ void la_bwd_block(const LaBwdParams& p, int& kt, int& kh, int& b) {
+    if (p.hgroup == 0) {
+        kt = blockIdx.x;
+        kh = blockIdx.y;
+        b = blockIdx.z;
+        return;
+    }
+    const u32 pairs = (u32)p.B * (u32)p.Hk, per_group = (u32)p.hgroup * (u32)p.k_tiles;
+    const u32 grp = blockIdx.x / per_group, in = blockIdx.x % per_group;
+    const u32 first = grp * (u32)p.hgroup;
+    const u32 n = pairs - first < (u32)p.hgroup ? pairs - first : (u32)p.hgroup;
+    const u32 pair = first + in % n;
+    kt = in / n;
+    kh = pair % (u32)p.Hk;
+    b = pair / (u32)p.Hk;
+}
+
 #if LA_ORDERED
 // The deterministic one-pass kernel's counter of the query tile holding row i of (b, h).
 __device__ __forceinline__ int* la_dq_sem_at(const LaBwdParams& p, int b, int h, int i) {
@@ -138,35 +163,58 @@ __device__ __forceinline__ int* la_dq_sem_at(const LaBwdParams& p, int b, int h,
 }
 #endif
 
-extern "C" __global__ void la_bwd_prep(const LaBwdParams p) {
-    // One warp per (b, i, h) row, i < lstride (rows past Sq: L2 = +inf, Delta = 0, so tiles that
-    // reach past Sq read P = 0).
-    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (row >= (i64)p.B * p.lstride * p.Hq) return;
-    const int h = row % p.Hq;
-    const i64 bi = row / p.Hq;
-    const int i = bi % p.lstride, b = bi / p.lstride;
-    const i64 r = ((i64)b * p.Hq + h) * p.lstride + i;
+// la_bwd_prep: LA_PREP_TPR threads per (b, i, h) row (a power of two, >= D / 8), each with 8
+// elements of O and dO; rows past Sq get L2 = +inf, Delta = 0, so tiles that reach past Sq read
+// P = 0. Grid (rows of a batch / rows per block, B); a block's rows are consecutive (i, h) pairs,
+// h fastest, which is the memory order of contiguous [B, S, H, D] tensors.
+#define LA_PREP_TPR (LA_D <= 16 ? 2 : LA_D <= 32 ? 4 : LA_D <= 64 ? 8 : LA_D <= 128 ? 16 : 32)
+#define LA_PREP_THREADS 256
+extern "C" __global__ void __launch_bounds__(LA_PREP_THREADS) la_bwd_prep(const LaBwdParams p) {
+    const u32 r = blockIdx.x * (LA_PREP_THREADS / LA_PREP_TPR) + threadIdx.x / LA_PREP_TPR;  // (i, h) of batch b
+    const int lane = threadIdx.x % LA_PREP_TPR;
+    const int b = blockIdx.y;
+    if (r >= (u32)p.lstride * (u32)p.Hq) return;
+    const int h = r % (u32)p.Hq, i = r / (u32)p.Hq;
+    const i64 lr = ((i64)b * p.Hq + h) * p.lstride + i;
 #if LA_ORDERED
     if (lane == 0 && i % LA_BR == 0) *la_dq_sem_at(p, b, h, i) = 0;
 #endif
     if (i >= p.Sq) {
         if (lane == 0) {
-            p.lse2[r] = LA_INF;
-            p.delta[r] = 0.f;
+            p.lse2[lr] = LA_INF;
+            p.delta[lr] = 0.f;
         }
         return;
     }
+    // Delta_i = sum_d O_id dO_id: 8 elements a thread (one 16-byte load of each where the rows
+    // are 16-byte aligned, which the host's contiguous tensors are), then a sum over the row's
+    // threads.
     const i64 off = b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh;
+    const int d0 = lane * 8;
     float acc = 0.f;
-    for (int d = lane; d < LA_D; d += 32) acc += la_to_f32(p.o[off + d]) * la_to_f32(p.dout[off + d]);
+    if (d0 < LA_D) {
+        const u16* po = p.o + off + d0;
+        const u16* pd = p.dout + off + d0;
+        u16 ov[8], dv[8];
+        if ((((u64)po | (u64)pd) & 15) == 0) {
+            *(uint4*)ov = *(const uint4*)po;
+            *(uint4*)dv = *(const uint4*)pd;
+        } else {
 #pragma unroll
-    for (int s = 16; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s);
+            for (int e = 0; e < 8; e++) {
+                ov[e] = po[e];
+                dv[e] = pd[e];
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc = fmaf(la_to_f32(ov[e]), la_to_f32(dv[e]), acc);
+    }
+#pragma unroll
+    for (int s = LA_PREP_TPR / 2; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s, LA_PREP_TPR);
     if (lane == 0) {
-        p.delta[r] = acc;
+        p.delta[lr] = acc;
         const float l = p.lse[((i64)b * p.Hq + h) * p.Sq + i];
-        p.lse2[r] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
+        p.lse2[lr] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
     }
 }
 
@@ -184,7 +232,10 @@ __device__ __forceinline__ i64 la_dq_acc_at(const LaBwdParams& p, int b, int h, 
 }
 
 // dq [B, Sq, Hq, D] (storage type) from the f32 accumulator, which is cleared on the way (zero
-// for the next launch); one thread per two elements.
+// for the next launch); one thread per two elements (a warp writes 64 consecutive elements of a
+// row). Two layouts that read dq_acc in its block order instead (16 bytes a thread, then dq
+// through shared memory or as 8 rows x 16 bytes a warp store) took 1.4x and 4x as long on H100
+// (docs/PERF.md).
 extern "C" __global__ void la_bwd_dq_store(const LaBwdParams p) {
     const i64 x = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (x >= (i64)p.B * p.Hq * p.Sq * (LA_D / 2)) return;
