@@ -232,7 +232,7 @@ fn kernel_build(
 /// and f32 dQ accumulator fill L2, key tiles outermost inside a group; `N`, groups of N pairs.
 /// Defaults (H100, 2026-12-06, docs/PERF.md): `0` in fast mode (`l2` within the run-to-run
 /// spread of it), `l2` in the deterministic mode (1.13-1.32x the fast mode's time against
-/// 1.38-1.96x with `0`: a query tile's ordered adds come from key tiles that run one after
+/// 1.25-1.96x with `0`: a query tile's ordered adds come from key tiles that run one after
 /// another instead of all at once). `LONGATTN_CUDA_BWD_HGROUP` sets it for both.
 fn bwd_head_group(dev: &CudaDevice, dims: &Dims, deterministic: bool) -> usize {
     let pairs = (dims.batch * dims.hk).max(1);
