@@ -1428,6 +1428,13 @@ fn fwd_desc_add() -> bool {
     std::env::var("LONGATTN_CUDA_FWD_DESC").as_deref() != Ok("address")
 }
 
+/// `LONGATTN_CUDA_FWD_OSTAGE`: whether the warp-specialized forward writes O through shared
+/// memory (whole rows a warp store; the default since 2026-12-06, H100: D 128 +0.3% to +5.8%,
+/// D 64 within 0.5%, docs/PERF.md) or from registers (`0`).
+fn fwd_o_stage() -> bool {
+    std::env::var("LONGATTN_CUDA_FWD_OSTAGE").as_deref() != Ok("0")
+}
+
 /// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]): the
 /// default since the selftest passed them on an H100 (D 256 at 0.87x FA4 against the mma.sync
 /// kernel's 0.24x, 2026-12-06, docs/PERF.md); `LONGATTN_CUDA_WS_WIDE=0` keeps them on mma.sync.
@@ -1527,6 +1534,13 @@ fn kernel_build(
         let spills = nwg == 3 && !program.contains("#define LA_MASK_INTERVAL 1");
         let add = fwd_desc_add() && !spills;
         defines.push(("LA_DESC_ADD".into(), (add as u8).to_string()));
+        // The epilogue through the item's Q stage (`LA_O_STAGE`, unless
+        // `LONGATTN_CUDA_FWD_OSTAGE=0`; two Q stages, i.e. up to D 128; not with skip-softmax on
+        // three consumers, where ptxas spills 4 bytes).
+        let o_spills = nwg == 3 && params.skip_below.is_some();
+        if fwd_o_stage() && kernel_dim(tile, d) <= 128 && !o_spills {
+            defines.push(("LA_O_STAGE".into(), "1".into()));
+        }
     }
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
     if params.skip_below.is_some() && tile.kernel == FwdKernel::WarpSpecialized {
@@ -1902,6 +1916,42 @@ mod tests {
             }
         }
         assert_eq!(n, 192);
+    }
+
+    /// The staged epilogue (`LA_O_STAGE`, the default) compiles for the
+    /// warp-specialized tiles with two Q stages (D 64 / 128, one and two blocks per SM), bf16 /
+    /// f16, with and without skip-softmax (not on three consumers, which `kernel_build` keeps
+    /// from it), without spills or serialized wgmma.
+    #[test]
+    fn warp_specialized_o_stage_compiles_clean() {
+        let Some((element, interval)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let program = element + &interval;
+        for (tile, d) in [
+            (TileCfg::warp_specialized(3, 128, 1), 64),
+            (TileCfg::warp_specialized(2, 128, 1), 128),
+            (TileCfg::warp_specialized(1, 64, 2), 128),
+        ] {
+            for dtype in [DType::BF16, DType::F16] {
+                for skip in [None, Some(0.01)] {
+                    let params = AttnParams {
+                        skip_below: skip,
+                        ..Default::default()
+                    };
+                    let (src, _, tag, defines) =
+                        kernel_build(&tile, dtype, d, &params, &program, "fused");
+                    let staged = defines.iter().any(|(k, v)| k == "LA_O_STAGE" && v == "1");
+                    assert_eq!(staged, !(tile.warps == 16 && skip.is_some()), "{tag} d{d}");
+                    let name = format!(
+                        "test_fwd{tag}_ostage{}_d{d}_{}",
+                        skip.is_some() as u8,
+                        dtype.name()
+                    );
+                    super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+                }
+            }
+        }
     }
 
     /// The warp-specialized forward with descriptors formed from the addresses

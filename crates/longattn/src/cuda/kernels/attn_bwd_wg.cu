@@ -140,14 +140,6 @@ __device__ __forceinline__ void la_red_add4(float* dst, const float* v) {
                  "f"(v[3])
                  : "memory");
 }
-// stmatrix .x4: four 8 x 8 b16 matrices from one register each (thread 4 g + t4 holds row g,
-// columns 2 t4 and 2 t4 + 1: the accumulator's pair layout); lane l gives the address of row
-// l & 7 of matrix l >> 3.
-__device__ __forceinline__ void la_stsm4(u16* a, const u32* r) {
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(la_smem_addr(a)), "r"(r[0]),
-                 "r"(r[1]), "r"(r[2]), "r"(r[3])
-                 : "memory");
-}
 // 16-byte shared-memory store of four floats (one instruction; la_lds2 in wgmma.cuh loads two).
 __device__ __forceinline__ void la_sts4(float* a, const float* v) {
     asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(la_smem_addr(a)), "f"(v[0]), "f"(v[1]),

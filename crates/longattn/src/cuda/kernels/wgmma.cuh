@@ -39,6 +39,14 @@ __device__ __forceinline__ void la_fence_regs(float* x) {
 struct la_f2 {
     float x, y;
 };
+// stmatrix .x4: four 8 x 8 b16 matrices from one register each (thread 4 g + t4 holds row g,
+// columns 2 t4 and 2 t4 + 1: the accumulator's pair layout); lane l gives the address of row
+// l & 7 of matrix l >> 3.
+__device__ __forceinline__ void la_stsm4(u16* a, const u32* r) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(la_smem_addr(a)), "r"(r[0]),
+                 "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+}
 // 8-byte shared-memory load of two floats (one instruction).
 __device__ __forceinline__ la_f2 la_lds2(const float* a) {
     la_f2 r;
