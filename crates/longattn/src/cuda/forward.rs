@@ -1918,12 +1918,13 @@ mod tests {
         assert_eq!(n, 192);
     }
 
-    /// The staged epilogue (`LA_O_STAGE`, the default) compiles for the
-    /// warp-specialized tiles with two Q stages (D 64 / 128, one and two blocks per SM), bf16 /
-    /// f16, with and without skip-softmax (not on three consumers, which `kernel_build` keeps
-    /// from it), without spills or serialized wgmma.
+    /// The warp-specialized kernel's epilogue and descriptor variants compile for every tile,
+    /// bf16 / f16, without spills or serialized wgmma (NVRTC; skipped without `libnvrtc`): the
+    /// defaults with and without skip-softmax, which stage the epilogue (`LA_O_STAGE`) up to
+    /// D 128 except with skip-softmax on three consumers, and descriptors formed from the
+    /// addresses (`LONGATTN_CUDA_FWD_DESC=address`, `LA_DESC_ADD` 0).
     #[test]
-    fn warp_specialized_o_stage_compiles_clean() {
+    fn warp_specialized_variants_compile_clean() {
         let Some((element, interval)) = super::super::compile::test_programs() else {
             return;
         };
@@ -1932,53 +1933,34 @@ mod tests {
             (TileCfg::warp_specialized(3, 128, 1), 64),
             (TileCfg::warp_specialized(2, 128, 1), 128),
             (TileCfg::warp_specialized(1, 64, 2), 128),
+            (TileCfg::warp_specialized(2, 64, 1), 256),
         ] {
             for dtype in [DType::BF16, DType::F16] {
-                for skip in [None, Some(0.01)] {
+                for (skip, address) in [(None, false), (Some(0.01), false), (None, true)] {
                     let params = AttnParams {
                         skip_below: skip,
                         ..Default::default()
                     };
-                    let (src, _, tag, defines) =
+                    let (src, _, tag, mut defines) =
                         kernel_build(&tile, dtype, d, &params, &program, "fused");
                     let staged = defines.iter().any(|(k, v)| k == "LA_O_STAGE" && v == "1");
-                    assert_eq!(staged, !(tile.warps == 16 && skip.is_some()), "{tag} d{d}");
+                    let three_skip = tile.warps == 16 && skip.is_some();
+                    assert_eq!(staged, d <= 128 && !three_skip, "{tag} d{d}");
+                    if address {
+                        for (k, v) in defines.iter_mut() {
+                            if k == "LA_DESC_ADD" {
+                                *v = "0".into();
+                            }
+                        }
+                    }
                     let name = format!(
-                        "test_fwd{tag}_ostage{}_d{d}_{}",
+                        "test_fwd{tag}_skip{}_addr{}_d{d}_{}",
                         skip.is_some() as u8,
+                        address as u8,
                         dtype.name()
                     );
                     super::super::compile::assert_ptxas_clean(&name, &src, &defines);
                 }
-            }
-        }
-    }
-
-    /// The warp-specialized forward with descriptors formed from the addresses
-    /// (`LONGATTN_CUDA_FWD_DESC=address`, `LA_DESC_ADD` 0; the default adds) compiles for every
-    /// tile, bf16 / f16, without spills or serialized wgmma, as the default does (NVRTC; skipped
-    /// without `libnvrtc`).
-    #[test]
-    fn warp_specialized_desc_address_compiles_clean() {
-        let Some((element, interval)) = super::super::compile::test_programs() else {
-            return;
-        };
-        let program = element + &interval;
-        for (tile, d) in [
-            (TileCfg::warp_specialized(3, 128, 1), 64),
-            (TileCfg::warp_specialized(2, 128, 1), 128),
-            (TileCfg::warp_specialized(2, 64, 1), 256),
-        ] {
-            for dtype in [DType::BF16, DType::F16] {
-                let (src, _, tag, mut defines) =
-                    kernel_build(&tile, dtype, d, &AttnParams::default(), &program, "fused");
-                for (k, v) in defines.iter_mut() {
-                    if k == "LA_DESC_ADD" {
-                        *v = "0".into();
-                    }
-                }
-                let name = format!("test_fwd{tag}_desc_address_d{d}_{}", dtype.name());
-                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
             }
         }
     }

@@ -225,7 +225,15 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                     sink,
                     local,
                     check,
-                } => columns_doc(ctx, (b, h), doc, (gamma, rows, check), [sink, local], kept),
+                    check_gamma,
+                } => columns_doc(
+                    ctx,
+                    (b, h),
+                    doc,
+                    (gamma, rows, [check, check_gamma]),
+                    [sink, local],
+                    kept,
+                ),
                 Method::VerticalSlash {
                     v,
                     s,
@@ -903,19 +911,20 @@ impl<'c> RowSoftmax<'c> {
 /// of them, exactly) of the mass on their kept keys, sinks and band,
 ///   t = mean_i sum_{j kept for i} p_ij;
 /// t < check: the sampled rows do not speak for the others (row-specific heads), and the
-/// document keeps every candidate of its rows.
+/// document keeps every candidate of its rows, or with `check_gamma` > 0 selects again as above
+/// with gamma = `check_gamma`.
 fn columns_doc(
     ctx: &Ctx,
     (b, h): (usize, usize),
     doc: &Doc,
-    (gamma, rows, check): (f64, usize, f64),
+    (gamma, rows, [check, check_gamma]): (f64, usize, [f64; 2]),
     [sink, local]: [usize; 2],
     kept: &mut Kept,
 ) {
     let (k0, nk) = (doc.k.start, doc.k.len());
     let mut sm = RowSoftmax::new(ctx, (b, h), doc);
-    // Kept keys of every part: (query tile, rows, flags over the document's keys).
-    let picks: Vec<(usize, Range<usize>, Vec<bool>)> = ctx
+    // Mean softmax of every part's sampled rows: (query tile, rows, m_j over the document's keys).
+    let means: Vec<(usize, Range<usize>, Vec<f64>)> = ctx
         .parts(doc)
         .map(|(qt, part)| {
             let sampled = sampled_rows(&part, rows);
@@ -926,10 +935,20 @@ fn columns_doc(
                     mass.iter_mut().zip(&sm.p).for_each(|(m, p)| *m += p / n);
                 }
             }
-            let total: f64 = mass.iter().sum();
-            (qt, part, cumulative(&mass, gamma * total, 1))
+            (qt, part, mass)
         })
         .collect();
+    // Kept keys of every part at cumulative mass g: (query tile, rows, flags over the keys).
+    let pick = |g: f64| -> Vec<(usize, Range<usize>, Vec<bool>)> {
+        means
+            .iter()
+            .map(|(qt, part, mass)| {
+                let total: f64 = mass.iter().sum();
+                (*qt, part.clone(), cumulative(mass, g * total, 1))
+            })
+            .collect()
+    };
+    let mut picks = pick(gamma);
     let on_lines = |i: usize, x: usize| {
         let o = ctx.pos(i) - (k0 + x) as i64;
         x < sink || (0..local as i64).contains(&o)
@@ -946,11 +965,15 @@ fn columns_doc(
             }
         }
         if n > 0 && sum / (n as f64) < check {
-            for (qt, _) in ctx.parts(doc) {
-                let xs = ctx.doc_cands(b, h, qt, doc);
-                kept.or(qt, &xs, &vec![true; xs.len()]);
+            if check_gamma > 0.0 {
+                picks = pick(check_gamma);
+            } else {
+                for (qt, _) in ctx.parts(doc) {
+                    let xs = ctx.doc_cands(b, h, qt, doc);
+                    kept.or(qt, &xs, &vec![true; xs.len()]);
+                }
+                return;
             }
-            return;
         }
     }
     let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);

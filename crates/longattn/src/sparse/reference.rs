@@ -258,42 +258,49 @@ fn reference_impl(
                             sink,
                             local,
                             check,
+                            check_gamma,
                         } => {
                             // Per query tile: the mean softmax of the document's sampled rows
-                            // there, the heaviest keys until gamma of its mass (at least one).
+                            // there, the heaviest keys until g of its mass (at least one).
                             let tq = cand.tile_q;
-                            let per_tile: Vec<HashSet<usize>> = (0..nq)
-                                .map(|qt| {
-                                    let part = q_of(qt);
-                                    if part.is_empty() {
-                                        return HashSet::new();
-                                    }
-                                    let (r0, r1) = (part[0], part[part.len() - 1] + 1);
-                                    let mut sampled: Vec<usize> = (0..rows)
-                                        .map(|r| r0 + (r + 1) * (r1 - r0) / rows)
-                                        .filter(|&i| i > r0)
-                                        .collect();
-                                    sampled.dedup();
-                                    let n = sampled.len() as f64;
-                                    let mut mass = vec![0.0f64; dims.sk];
-                                    for i in sampled.into_iter().map(|i| i - 1) {
-                                        let (col, _) =
-                                            last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
-                                        for (m, c) in mass.iter_mut().zip(col) {
-                                            *m += c / n;
+                            let per_tile = |g: f64| -> Vec<HashSet<usize>> {
+                                (0..nq)
+                                    .map(|qt| {
+                                        let part = q_of(qt);
+                                        if part.is_empty() {
+                                            return HashSet::new();
                                         }
-                                    }
-                                    heaviest_until(mass.into_iter().enumerate().collect(), gamma, 1)
-                                        .into_iter()
-                                        .collect()
-                                })
-                                .collect();
+                                        let (r0, r1) = (part[0], part[part.len() - 1] + 1);
+                                        let mut sampled: Vec<usize> = (0..rows)
+                                            .map(|r| r0 + (r + 1) * (r1 - r0) / rows)
+                                            .filter(|&i| i > r0)
+                                            .collect();
+                                        sampled.dedup();
+                                        let n = sampled.len() as f64;
+                                        let mut mass = vec![0.0f64; dims.sk];
+                                        for i in sampled.into_iter().map(|i| i - 1) {
+                                            let (col, _) =
+                                                last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
+                                            for (m, c) in mass.iter_mut().zip(col) {
+                                                *m += c / n;
+                                            }
+                                        }
+                                        heaviest_until(mass.into_iter().enumerate().collect(), g, 1)
+                                            .into_iter()
+                                            .collect()
+                                    })
+                                    .collect()
+                            };
                             let sinks: HashSet<usize> = doc.k.iter().take(sink).copied().collect();
-                            let line: LineRule = Box::new(move |i, j, o| {
-                                sinks.contains(&j)
-                                    || (0..local as i64).contains(&o)
-                                    || per_tile[i / tq].contains(&j)
-                            });
+                            let rule = |tiles: Vec<HashSet<usize>>| -> LineRule {
+                                let sinks = sinks.clone();
+                                Box::new(move |i, j, o| {
+                                    sinks.contains(&j)
+                                        || (0..local as i64).contains(&o)
+                                        || tiles[i / tq].contains(&j)
+                                })
+                            };
+                            let line = rule(per_tile(gamma));
                             // The check on the document's last part: the mean over its rows of
                             // the mass on the keys its rows keep.
                             let last = (0..nq).rev().map(&q_of).find(|r| !r.is_empty());
@@ -309,7 +316,12 @@ fn reference_impl(
                                 }
                             }
                             if t.1 > 0 && t.0 / (t.1 as f64) < check {
-                                (every(), None)
+                                if check_gamma > 0.0 {
+                                    let line = rule(per_tile(check_gamma));
+                                    (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
+                                } else {
+                                    (every(), None)
+                                }
                             } else {
                                 (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                             }

@@ -56,13 +56,16 @@ pub enum Method {
     /// diagonals `0 <= i - j < local`; the tiles they cross are Partial.
     /// `check` in [0, 1] (0: off): a head whose kept keys for its last query tile (from the
     /// sampled rows) hold less than `check` of the mass of all of that tile's rows keeps every
-    /// tile of the document (its sampled rows do not speak for the others).
+    /// tile of the document (its sampled rows do not speak for the others), or, with
+    /// `check_gamma` in (0, 1], selects again with that gamma instead of `gamma` (a budget that
+    /// grows for the heads whose mass is spread, short of every tile).
     Columns {
         gamma: f64,
         rows: usize,
         sink: usize,
         local: usize,
         check: f64,
+        check_gamma: f64,
     },
     /// Low-bit estimate (SALE's idea on this hardware, module `sparse::lowbit`): every allowed
     /// pair's logit estimated from int8 Q and K (K smoothed by its mean); a candidate tile is
@@ -146,6 +149,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("sink", 4.0),
             ("local", 64.0),
             ("check", 0.0),
+            ("check_gamma", 0.0),
         ],
         "lowbit" => &[
             ("tau", 0.02),
@@ -362,6 +366,7 @@ impl SparseSpec {
                 sink: int("sink", 0)?,
                 local: int("local", 0)?,
                 check: arg("check"),
+                check_gamma: arg("check_gamma"),
             },
             "lowbit" => Method::LowBit {
                 tau: arg("tau"),
@@ -508,6 +513,11 @@ impl SparseSpec {
             Method::Columns { check, .. } if !(0.0..=1.0).contains(&check) => Err(err(format!(
                 "`columns`: `check` must be in [0, 1], got {check}"
             ))),
+            Method::Columns { check_gamma, .. } if !(0.0..=1.0).contains(&check_gamma) => {
+                Err(err(format!(
+                    "`columns`: `check_gamma` must be in [0, 1] (0: every tile), got {check_gamma}"
+                )))
+            }
             Method::LowBit { tau, .. } if !(tau > 0.0 && tau.is_finite()) => Err(err(format!(
                 "`lowbit`: `tau` must be finite and > 0, got {tau}"
             ))),
@@ -554,9 +564,12 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
             sink,
             local,
             check,
+            check_gamma,
         } => (
             "columns",
-            format!("gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check}"),
+            format!(
+                "gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check},check_gamma={check_gamma}"
+            ),
         ),
         Method::LowBit { tau, sink, local } => (
             "lowbit",

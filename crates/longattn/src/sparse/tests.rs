@@ -1398,6 +1398,8 @@ fn element_lines_keep_the_reference_pairs() {
         "columns(gamma=0.5,rows=2,block=16,sink=1,local=1,dense_last=20)",
         "vertical_slash(v=2,s=1,block=16,last=4,sink=0,local=1,element=1,dense_last=7)",
         "columns(gamma=0.8,rows=2,block=32,sink=1,local=3,check=0.85)",
+        "columns(gamma=0.5,rows=2,block=16,sink=1,local=2,check=0.9,check_gamma=0.8)",
+        "columns(gamma=0.6,rows=1,block=32,sink=0,local=1,check=1,check_gamma=0.95)",
     ];
     let mut shapes: Vec<(usize, usize)> =
         [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
@@ -1442,6 +1444,7 @@ fn element_lines_work_per_document() {
             "columns(gamma=0.9,rows=2,block=32,sink=1,local=1)",
             "columns(gamma=0.7,rows=2,block=16,sink=1,local=2,check=0.8)",
             "columns(gamma=0.6,rows=2,block=16,sink=1,local=2,dense_last=9)",
+            "columns(gamma=0.5,rows=2,block=16,sink=1,local=2,check=0.95,check_gamma=0.85)",
         ] {
             let s = spec(t);
             let [q, k, v] = inputs((2, 249, 249, 4, 2, 8), seed);
@@ -1456,7 +1459,7 @@ fn element_lines_work_per_document() {
     }
     assert!(
         thinner >= 12,
-        "only {thinner} of 15 selections kept fewer pairs than their tiles"
+        "only {thinner} of 16 selections kept fewer pairs than their tiles"
     );
 }
 
