@@ -911,8 +911,8 @@ impl<'c> RowSoftmax<'c> {
 /// of them, exactly) of the mass on their kept keys, sinks and band,
 ///   t = mean_i sum_{j kept for i} p_ij;
 /// t < check: the sampled rows do not speak for the others (row-specific heads), and the
-/// document keeps every candidate of its rows, or with `check_gamma` > 0 selects again as above
-/// with gamma = `check_gamma`.
+/// document keeps every candidate of its rows; with `check_gamma` > 0 it first selects again as
+/// above with gamma = `check_gamma`, and keeps every candidate only if that fails the test too.
 fn columns_doc(
     ctx: &Ctx,
     (b, h): (usize, usize),
@@ -953,7 +953,11 @@ fn columns_doc(
         let o = ctx.pos(i) - (k0 + x) as i64;
         x < sink || (0..local as i64).contains(&o)
     };
-    if let (true, Some((_, part, keep))) = (check > 0.0, picks.last()) {
+    // The check's mean over the last part's rows of their mass on the kept keys and lines.
+    let mut fails = |picks: &[(usize, Range<usize>, Vec<bool>)]| -> bool {
+        let Some((_, part, keep)) = picks.last().filter(|_| check > 0.0) else {
+            return false;
+        };
         let (mut sum, mut n) = (0.0, 0usize);
         for i in part.clone() {
             if sm.row(i) {
@@ -964,16 +968,18 @@ fn columns_doc(
                 n += 1;
             }
         }
-        if n > 0 && sum / (n as f64) < check {
-            if check_gamma > 0.0 {
-                picks = pick(check_gamma);
-            } else {
-                for (qt, _) in ctx.parts(doc) {
-                    let xs = ctx.doc_cands(b, h, qt, doc);
-                    kept.or(qt, &xs, &vec![true; xs.len()]);
-                }
-                return;
+        n > 0 && sum / (n as f64) < check
+    };
+    if fails(&picks) {
+        if check_gamma > 0.0 {
+            picks = pick(check_gamma);
+        }
+        if check_gamma == 0.0 || fails(&picks) {
+            for (qt, _) in ctx.parts(doc) {
+                let xs = ctx.doc_cands(b, h, qt, doc);
+                kept.or(qt, &xs, &vec![true; xs.len()]);
             }
+            return;
         }
     }
     let omin = ctx.pos(doc.q.start) - (doc.k.end as i64 - 1);

@@ -300,28 +300,32 @@ fn reference_impl(
                                         || tiles[i / tq].contains(&j)
                                 })
                             };
-                            let line = rule(per_tile(gamma));
                             // The check on the document's last part: the mean over its rows of
                             // the mass on the keys its rows keep.
                             let last = (0..nq).rev().map(&q_of).find(|r| !r.is_empty());
-                            let mut t = (0.0, 0usize);
-                            for &i in last.iter().flatten().filter(|_| check > 0.0) {
-                                let (col, _) = last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
-                                if col.iter().sum::<f64>() > 0.0 {
-                                    t.0 += (0..dims.sk)
-                                        .filter(|&j| line(i, j, i as i64 + off - j as i64))
-                                        .map(|j| col[j])
-                                        .sum::<f64>();
-                                    t.1 += 1;
+                            let fails = |line: &LineRule| {
+                                let mut t = (0.0, 0usize);
+                                for &i in last.iter().flatten().filter(|_| check > 0.0) {
+                                    let (col, _) =
+                                        last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
+                                    if col.iter().sum::<f64>() > 0.0 {
+                                        t.0 += (0..dims.sk)
+                                            .filter(|&j| line(i, j, i as i64 + off - j as i64))
+                                            .map(|j| col[j])
+                                            .sum::<f64>();
+                                        t.1 += 1;
+                                    }
                                 }
+                                t.1 > 0 && t.0 / (t.1 as f64) < check
+                            };
+                            // Failing: again at check_gamma (if given), every tile if that fails
+                            // too.
+                            let mut line = rule(per_tile(gamma));
+                            if fails(&line) && check_gamma > 0.0 {
+                                line = rule(per_tile(check_gamma));
                             }
-                            if t.1 > 0 && t.0 / (t.1 as f64) < check {
-                                if check_gamma > 0.0 {
-                                    let line = rule(per_tile(check_gamma));
-                                    (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
-                                } else {
-                                    (every(), None)
-                                }
+                            if fails(&line) {
+                                (every(), None)
                             } else {
                                 (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                             }
