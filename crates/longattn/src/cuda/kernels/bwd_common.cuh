@@ -173,26 +173,21 @@ extern "C" __global__ void __launch_bounds__(LA_PREP_THREADS) la_bwd_prep(const 
     const u32 r = blockIdx.x * (LA_PREP_THREADS / LA_PREP_TPR) + threadIdx.x / LA_PREP_TPR;  // (i, h) of batch b
     const int lane = threadIdx.x % LA_PREP_TPR;
     const int b = blockIdx.y;
+    // Whole blocks only: lstride Hq is a multiple of 128, which the rows per block divide, so
+    // no warp is left part-way here (its lanes reach the shuffles below together).
     if (r >= (u32)p.lstride * (u32)p.Hq) return;
     const int h = r % (u32)p.Hq, i = r / (u32)p.Hq;
     const i64 lr = ((i64)b * p.Hq + h) * p.lstride + i;
 #if LA_ORDERED
     if (lane == 0 && i % LA_BR == 0) *la_dq_sem_at(p, b, h, i) = 0;
 #endif
-    if (i >= p.Sq) {
-        if (lane == 0) {
-            p.lse2[lr] = LA_INF;
-            p.delta[lr] = 0.f;
-        }
-        return;
-    }
     // Delta_i = sum_d O_id dO_id: 8 elements a thread (one 16-byte load of each where the rows
     // are 16-byte aligned, which the host's contiguous tensors are), then a sum over the row's
-    // threads.
+    // threads. Rows past Sq (a warp may hold both kinds) load nothing and sum 0.
     const i64 off = b * p.q_sb + (i64)i * p.q_ss + h * p.q_sh;
     const int d0 = lane * 8;
     float acc = 0.f;
-    if (d0 < LA_D) {
+    if (i < p.Sq && d0 < LA_D) {
         const u16* po = p.o + off + d0;
         const u16* pd = p.dout + off + d0;
         u16 ov[8], dv[8];
@@ -213,7 +208,7 @@ extern "C" __global__ void __launch_bounds__(LA_PREP_THREADS) la_bwd_prep(const 
     for (int s = LA_PREP_TPR / 2; s >= 1; s >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, s, LA_PREP_TPR);
     if (lane == 0) {
         p.delta[lr] = acc;
-        const float l = p.lse[((i64)b * p.Hq + h) * p.Sq + i];
+        const float l = i < p.Sq ? p.lse[((i64)b * p.Hq + h) * p.Sq + i] : -LA_INF;
         p.lse2[lr] = l == -LA_INF ? LA_INF : l * LA_LOG2E;
     }
 }
