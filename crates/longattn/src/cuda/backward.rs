@@ -19,12 +19,16 @@
 //!   go in a fixed order (key tile, then warpgroup), handed on by a per-tile counter; a reducer
 //!   warp per consumer does the waiting so the consumers keep computing, and the blocks walk
 //!   their columns backwards so that under causal and banded masks they reach each tile in that
-//!   order. Cost on an H100 (docs/PERF.md, 2026-12-06): 1.27-2.01x the fast mode's time (the two-pass
-//!   kernels: 1.46-2.39x); the adds into one tile are serial, so each wave of blocks pays a
-//!   start-up of one add latency per key tile of a head.
+//!   order. The adds into one tile are serial, so the deterministic mode launches its blocks in
+//!   groups of heads that fit L2, key tiles outermost ([`bwd_head_group`]): the blocks running
+//!   together are a few key tiles of many heads rather than every key tile of a few, which
+//!   would queue on the same tiles' counters. Cost on an H100 (docs/PERF.md, 2026-12-06, second
+//!   table): 1.13-1.32x the fast mode's time (1.25-1.96x with the fast mode's order; the
+//!   two-pass kernels: 1.46-2.39x).
 //!
-//! Both schemes put the tile index first in the grid, so the blocks running together are the
-//! tiles of one head: they walk the same rows (columns) and share them in L2 (1.6x at n = 4k).
+//! Otherwise both schemes put the tile index first in the grid, so the blocks running together
+//! are the tiles of one head: they walk the same rows (columns) and share them in L2 (1.6x at
+//! n = 4k).
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};

@@ -60,7 +60,7 @@
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64), `element` 0 or 1 (0) | the tiles crossed by a kept column or diagonal, or with `element=1` only the pairs on them (below) |
 //! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64), `element` 0 or 1 (0) | per head, query-aware blocks or cumulative vertical-slash (its pairs only with `element=1`), chosen by a distance test (below) |
 //! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
-//! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0), `check_gamma` in [0, 1] (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile, or with `check_gamma` > 0 select again to that mass (below) |
+//! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0), `check_gamma` in [0, 1] (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile, or with `check_gamma` > 0 first select again to that mass (below) |
 //! | `lowbit` | `tau` > 0 (0.02), `block` (64), `sink` (4), `local` (64) | SALE's idea: every allowed pair's logit estimated from int8 Q and K; the tiles with a pair whose estimated logit is within ln(1 / tau) of its row's largest over the row's sinks and band, and the tiles holding those (below) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
@@ -102,8 +102,9 @@
 //! sorted key list per query tile). `check` > 0 tests whether the sample speaks for the other
 //! rows: on the document's last query tile, every row's exact mass on the keys kept for it;
 //! a mean below `check` (heads whose rows each want their own keys) keeps every tile of the
-//! document for that head, or with `check_gamma` > 0 selects that head again to that larger
-//! mass (a budget that grows where the mass is spread, short of every tile). Cost: `rows` of every `block` rows attend densely (1/16 of the
+//! document for that head; with `check_gamma` > 0 it first selects that head again to that
+//! larger mass (a budget that grows where the mass is spread) and keeps every tile only if that
+//! fails the check too. Cost: `rows` of every `block` rows attend densely (1/16 of the
 //! score work at rows = 4, block = 64) plus the last tile under `check`.
 //!
 //! Low-bit estimate (`lowbit`, module [`lowbit`]): K smoothed by its mean over the document's

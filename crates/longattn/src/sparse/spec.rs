@@ -56,9 +56,10 @@ pub enum Method {
     /// diagonals `0 <= i - j < local`; the tiles they cross are Partial.
     /// `check` in [0, 1] (0: off): a head whose kept keys for its last query tile (from the
     /// sampled rows) hold less than `check` of the mass of all of that tile's rows keeps every
-    /// tile of the document (its sampled rows do not speak for the others), or, with
-    /// `check_gamma` in (0, 1], selects again with that gamma instead of `gamma` (a budget that
-    /// grows for the heads whose mass is spread, short of every tile).
+    /// tile of the document (its sampled rows do not speak for the others); with `check_gamma`
+    /// in (0, 1] it first selects again with that gamma instead of `gamma` (a budget that grows
+    /// for the heads whose mass is spread, short of every tile) and keeps every tile only if
+    /// that fails the check too.
     Columns {
         gamma: f64,
         rows: usize,

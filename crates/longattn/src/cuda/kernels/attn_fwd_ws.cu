@@ -144,8 +144,8 @@ static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs"
 // r0 = 64 c + 16 warp) and their LSE. The rows' slice of the item's Q stage (free: every
 // Q K^T of the item has completed) takes O in bf16 / f16 by stmatrix, per 64-column block 16
 // rows of 128 bytes whose 16-byte chunks are XOR-swizzled by row & 7 (conflict-free both ways);
-// the warp then writes each row's chunks with 16-byte stores (a warp store: four rows of 128
-// contiguous bytes). Rows past Sq and columns past LA_DO are not written; rows with no allowed
+// the warp then writes each row's chunks with 16-byte stores (a warp store covers whole rows:
+// four of 128 bytes at D 64, two of 256 at D 128). Rows past Sq and columns past LA_DO are not written; rows with no allowed
 // key get 0 and -inf. The caller fences the generic accesses before handing the stage back.
 template <typename P>
 __device__ __forceinline__ void la_ws_store_staged(const P& p, const float* o, float l0, float l1, float m0, float m1,
