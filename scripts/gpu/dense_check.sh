@@ -41,6 +41,8 @@
 #   bash scripts/gpu/dense_check.sh fwd       # bench forward 4k..64k, full / causal, D 64 / 128,
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
+#                                             # (fwd, bwd: SANDWICH=1 times ours again after the
+#                                             # peers, `bench --sandwich`)
 #   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
 #                                             # the mma.sync kernel it replaces
@@ -265,14 +267,14 @@ for mode in "${@:-selftest}"; do
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
-      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} --out "$OUT/fwd" > "$OUT/fwd.txt" 2>&1
+      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} ${SANDWICH:+--sandwich} --out "$OUT/fwd" > "$OUT/fwd.txt" 2>&1
     echo "bench fwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/fwd.txt" | head -40
     ;;
   bwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --backward --masks full,causal --lens ${BLENS:-4k,16k} \
-      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} --out "$OUT/bwd" > "$OUT/bwd.txt" 2>&1
+      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} ${SANDWICH:+--sandwich} --out "$OUT/bwd" > "$OUT/bwd.txt" 2>&1
     echo "bench bwd rc=$?"
     sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
     ;;

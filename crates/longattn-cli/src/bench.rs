@@ -97,6 +97,11 @@ pub struct Args {
     /// fa4 (FlashAttention-4's `flash_attn.cute`, full and causal, when importable); default all.
     #[arg(long)]
     pub(crate) peers: Option<String>,
+    /// `--backend cuda --compare torch`: time our kernels again after the peers and report ours
+    /// as the mean of the two passes (each in the JSON report), so that a clock drifting over
+    /// the run weighs on both sides alike.
+    #[arg(long)]
+    pub(crate) sandwich: bool,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
@@ -292,6 +297,9 @@ fn plan(a: &Args) -> Result<Plan> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if a.sandwich && (a.backend != "cuda" || a.sparse.is_some() || a.linear.is_some()) {
+        bail!("--sandwich belongs to the dense GPU suite (--backend cuda --compare torch)");
+    }
     if let Some(specs) = &a.sparse {
         return crate::bench_sparse::main(&a, specs);
     }

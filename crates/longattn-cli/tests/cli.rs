@@ -1419,3 +1419,31 @@ fn selftest_jobs_refuse_bad_input_and_fail_without_a_gpu() {
     assert!(out.contains("[0] error: cuda"), "{out}");
     assert!(stderr(&o).contains("2 process(es) broke"), "{}", stderr(&o));
 }
+
+/// `bench --sandwich` belongs to the dense GPU suite with its peers: elsewhere, or without
+/// `--compare torch`, a clear error before any device is opened.
+#[test]
+fn bench_sandwich_needs_the_gpu_suite_with_peers() {
+    for (args, want) in [
+        (vec!["bench", "--sandwich"], "dense GPU suite"),
+        (
+            vec![
+                "bench",
+                "--backend",
+                "cuda",
+                "--sandwich",
+                "--sparse",
+                "skip(factor=1)",
+            ],
+            "dense GPU suite",
+        ),
+        (
+            vec!["bench", "--backend", "cuda", "--sandwich"],
+            "add --compare torch",
+        ),
+    ] {
+        let o = bin().args(&args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+}
