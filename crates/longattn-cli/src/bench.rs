@@ -97,9 +97,9 @@ pub struct Args {
     /// fa4 (FlashAttention-4's `flash_attn.cute`, full and causal, when importable); default all.
     #[arg(long)]
     pub(crate) peers: Option<String>,
-    /// `--backend cuda --compare torch`: time our kernels again after the peers and report ours
-    /// as the mean of the two passes (each in the JSON report), so that a clock drifting over
-    /// the run weighs on both sides alike.
+    /// `--backend cuda --compare torch`: time our attention configs again after the peers and
+    /// report ours as the mean of the two passes (each in the JSON report; the decode rows once),
+    /// so that a clock drifting over the run weighs on both sides alike.
     #[arg(long)]
     pub(crate) sandwich: bool,
     /// Seed of the random inputs.

@@ -388,9 +388,10 @@ fn peer_geometry(expr: &str) -> (usize, usize, usize) {
     (0, 0, 0)
 }
 
-/// `--sandwich`: every timed config again (same inputs: the seed follows the config's id), ours
-/// then the mean of the two passes, TFLOP/s and the ratios to the peers recomputed from it. A
-/// second pass that fails leaves the first pass's figures and says so.
+/// `--sandwich`: every timed attention config again (same inputs: the seed follows the config's
+/// id; the decode rows are timed once), ours then the mean of the two passes, TFLOP/s and the
+/// ratios to the peers recomputed from it. A second pass that fails leaves the first pass's
+/// figures and says so.
 fn sandwich(dev: &std::sync::Arc<CudaDevice>, a: &Args, rows: &mut [Row]) {
     println!("timing ours again after the peers (--sandwich) ...");
     for r in rows.iter_mut().filter(|r| r.time_ms.is_some()) {
@@ -416,17 +417,19 @@ fn sandwich(dev: &std::sync::Arc<CudaDevice>, a: &Args, rows: &mut [Row]) {
                     r.ratios.insert(p.clone(), theirs_ms / ms);
                 }
                 println!(
-                    "{:<15} n {:>6} D {:>3}: ours {before:.3} ms before, {after:.3} ms after the peers",
+                    "{:<15} n {:>6} D {:>3} {}: ours {before:.3} ms before, {after:.3} ms after the peers",
                     r.mask,
                     fmt_len(r.n),
-                    r.d
+                    r.d,
+                    r.dtype
                 );
             }
             Err(e) => println!(
-                "{} n {} D {}: second pass failed, first pass kept: {e:#}",
+                "{} n {} D {} {}: second pass failed, first pass kept: {e:#}",
                 r.mask,
                 fmt_len(r.n),
-                r.d
+                r.d,
+                r.dtype
             ),
         }
     }
