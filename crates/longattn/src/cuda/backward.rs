@@ -181,6 +181,7 @@ fn kernel_build(
     let mut defines = vec![
         ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
         ("LA_D".into(), d.to_string()),
+        ("LA_PREP_TPR".into(), prep_threads(d).to_string()),
         (
             "LA_SOFTCAP".into(),
             (params.softcap.is_some() as u8).to_string(),
@@ -252,7 +253,8 @@ fn bwd_head_group(dev: &CudaDevice, dims: &Dims, deterministic: bool) -> usize {
     }
 }
 
-/// Threads per row of `la_bwd_prep` (`LA_PREP_TPR`): 8 elements each, a power of two.
+/// Threads per row of `la_bwd_prep` (its `LA_PREP_TPR`, and the launch's rows per block): 8
+/// elements each, a power of two.
 fn prep_threads(d: usize) -> usize {
     (d / 8).next_power_of_two().clamp(2, 32)
 }

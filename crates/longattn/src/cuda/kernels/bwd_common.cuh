@@ -163,11 +163,17 @@ __device__ __forceinline__ int* la_dq_sem_at(const LaBwdParams& p, int b, int h,
 }
 #endif
 
-// la_bwd_prep: LA_PREP_TPR threads per (b, i, h) row (a power of two, >= D / 8), each with 8
-// elements of O and dO; rows past Sq get L2 = +inf, Delta = 0, so tiles that reach past Sq read
-// P = 0. Grid (rows of a batch / rows per block, B); a block's rows are consecutive (i, h) pairs,
-// h fastest, which is the memory order of contiguous [B, S, H, D] tensors.
-#define LA_PREP_TPR (LA_D <= 16 ? 2 : LA_D <= 32 ? 4 : LA_D <= 64 ? 8 : LA_D <= 128 ? 16 : 32)
+// la_bwd_prep: LA_PREP_TPR threads per (b, i, h) row (the host's `prep_threads`, which also
+// sizes the grid: a power of two, >= D / 8), each with 8 elements of O and dO; rows past Sq get
+// L2 = +inf, Delta = 0, so tiles that reach past Sq read P = 0. Grid (rows of a batch / rows per
+// block, B); a block's rows are consecutive (i, h) pairs, h fastest, which is the memory order
+// of contiguous [B, S, H, D] tensors.
+#ifndef LA_PREP_TPR
+#error "LA_PREP_TPR: threads per row of la_bwd_prep, set by the host (cuda/backward.rs)"
+#endif
+#if LA_PREP_TPR * 8 < LA_D || LA_PREP_TPR > 32 || (LA_PREP_TPR & (LA_PREP_TPR - 1))
+#error "LA_PREP_TPR: a power of two of at most 32 threads, 8 elements each, covering LA_D"
+#endif
 #define LA_PREP_THREADS 256
 extern "C" __global__ void __launch_bounds__(LA_PREP_THREADS) la_bwd_prep(const LaBwdParams p) {
     const u32 r = blockIdx.x * (LA_PREP_THREADS / LA_PREP_TPR) + threadIdx.x / LA_PREP_TPR;  // (i, h) of batch b
