@@ -1587,11 +1587,6 @@ fn kernel_build(
         if fwd_idle() && params.skip_below.is_none() && add {
             defines.push(("LA_IDLE".into(), "1".into()));
         }
-        // An item's first Q K^T and last P V in ping-pong turns too (`LA_EDGE_TURNS`, unless
-        // `LONGATTN_CUDA_FWD_EDGE=0`; with the descriptors by one add only, as `LA_IDLE`).
-        if std::env::var("LONGATTN_CUDA_FWD_EDGE").as_deref() != Ok("0") && add {
-            defines.push(("LA_EDGE_TURNS".into(), "1".into()));
-        }
     }
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
     if params.skip_below.is_some() && tile.kernel == FwdKernel::WarpSpecialized {
@@ -2001,10 +1996,9 @@ mod tests {
                     let idle = defines.iter().any(|(k, v)| k == "LA_IDLE" && v == "1");
                     assert_eq!(idle, skip.is_none(), "{tag} d{d}");
                     if address {
-                        // As `LONGATTN_CUDA_FWD_DESC=address` builds it (no LA_IDLE or
-                        // LA_EDGE_TURNS either).
+                        // As `LONGATTN_CUDA_FWD_DESC=address` builds it (no LA_IDLE either).
                         for (k, v) in defines.iter_mut() {
-                            if k == "LA_DESC_ADD" || k == "LA_IDLE" || k == "LA_EDGE_TURNS" {
+                            if k == "LA_DESC_ADD" || k == "LA_IDLE" {
                                 *v = "0".into();
                             }
                         }

@@ -153,15 +153,6 @@ static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs"
 #if LA_IDLE && (LA_PATCH || LA_SKIP)
 #error "LA_IDLE: row order only (in patch order a tile's rows past Sq are not its last), no skip-softmax"
 #endif
-// LA_EDGE_TURNS (1: the host's default; LONGATTN_CUDA_FWD_EDGE=0 gives 0): an item's first
-// Q K^T and its last P V are issued in ping-pong turns too, like every product between them, so
-// the consumers stay staggered across item boundaries (each one's epilogue and first softmax
-// overlap the others' products) instead of all issuing their first Q K^T at once and then all
-// running its softmax while the tensor cores idle.
-#ifndef LA_EDGE_TURNS
-#define LA_EDGE_TURNS 0
-#endif
-
 // Consumers of tile qt with a row before Sq.
 #if LA_IDLE
 #define LA_ACTIVE(p, qt) la_imin(LA_NWG, ((p).Sq - (qt) * LA_BR + 63) >> 6)
@@ -487,10 +478,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             const int nt = (int)(p.sched_off[srow + 1] - e0);
             if (nt == 0) continue;
             const int sq = LA_QSTAGE(nq);
-#if LA_IDLE
-            // Arrivals owed for idle consumers: 4 a consumer on each empty barrier.
+            // Arrivals owed for idle consumers (LA_IDLE): 4 a consumer on each empty barrier.
             const u32 owed = 4 * (LA_NWG - LA_ACTIVE(p, qt));
-#endif
             la_mbar_wait(empty_q + sq, (LA_QUSE(nq) & 1) ^ 1);
             la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
 #pragma unroll
@@ -588,11 +577,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             {
                 const int st = nkv & 1;
                 la_mbar_wait(full_k + st, (nkv >> 1) & 1);
-                if (LA_EDGE_TURNS && LA_NWG > 1 && turns) la_bar_sync(1 + c, 256);
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
-                if (LA_EDGE_TURNS && LA_NWG > 1 && turns) la_bar_arrive(next_turn, 256);
                 const u32 ent = p.sched_ent[e0];
                 u32 mw[LA_BC / 16];
 #if LA_MASK_BITS
@@ -714,11 +701,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             // to the producer.
             const int jl = nkv + nt - 1, sl = jl & 1;
             la_mbar_wait(full_v + sl, (jl >> 1) & 1);
-            if (LA_EDGE_TURNS && LA_NWG > 1 && turns) la_bar_sync(1 + c, 256);
             la_wg_fence();
             if (pv_due) la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
             la_wg_commit();
-            if (LA_EDGE_TURNS && LA_NWG > 1 && turns) la_bar_arrive(next_turn, 256);
             la_wg_wait0();
             la_fence_regs<LA_D / 2>(o);
             if (lane == 0) {
