@@ -74,7 +74,8 @@ fn ws_head_group(dev: &CudaDevice, dims: &Dims, one_head: bool) -> usize {
 /// Items are taken in locality order: the `pairs` (batch, head) pairs in groups of `group`
 /// consecutive pairs, group after group; inside a group query tiles outermost, heaviest first
 /// (causal: the last tiles have the most keys), the group's pairs innermost. Each item goes to
-/// the block with the least work so far (list scheduling; `cost(pair, qt)`: [`ws_item_cost`]). Blocks then start items in about the locality order, so the blocks
+/// the block with the least work so far (list scheduling; `cost(pair, qt)` = its key tiles, plus
+/// one for the epilogue). Blocks then start items in about the locality order, so the blocks
 /// running at once read the keys and values of about one group (which stay in L2), and no block
 /// ends more than one item's cost after the average: a static stride over a group's uneven
 /// (causal) items left some blocks with twice the work of others.
@@ -101,7 +102,7 @@ fn ws_work_list(
                     unreachable!("the heap holds every block")
                 };
                 lists[x].push((bh * q_tiles + qt) as u32);
-                heap.push(Reverse((load + cost(bh, qt) as u64, x)));
+                heap.push(Reverse((load + cost(bh, qt) as u64 + 1, x)));
             }
         }
     }
@@ -1087,11 +1088,6 @@ impl FwdPlan {
             }
             ptag = format!("_patch{}x{}_{}x{}_w{}", g.q.0, g.q.1, g.k.0, g.k.1, g.w);
         }
-        // Consumers with every row past Sq skip their products (`LA_IDLE`): row order only.
-        if patch.is_some() {
-            defines.retain(|(k, _)| k != "LA_IDLE");
-        }
-        let idle = defines.iter().any(|(k, v)| k == "LA_IDLE" && v == "1");
         let smem = tile.smem(kernel_dim(&tile, d));
         let mut base = LaFwdParams {
             b: dims.batch as i32,
@@ -1177,21 +1173,12 @@ impl FwdPlan {
                 .max(1);
                 let t1 = Instant::now();
                 let s = &dm.sched;
-                let base = ws_idle_base();
                 let list = ws_work_list(
                     pairs,
                     q_tiles,
                     ws_head_group(dev, &dims, qfirst),
                     blocks,
-                    |bh, qt| {
-                        let tiles = s.row(bh / dims.hq, bh % dims.hq, qt).len();
-                        let active = if idle {
-                            (dims.sq - qt * tile.br).div_ceil(64).min(tile.br / 64)
-                        } else {
-                            tile.br / 64
-                        };
-                        ws_item_cost(tiles, active, tile.br / 64, base)
-                    },
+                    |bh, qt| s.row(bh / dims.hq, bh % dims.hq, qt).len(),
                 );
                 work = Some(dev.upload(&list)?);
                 schedule_seconds += t1.elapsed().as_secs_f64();
@@ -1444,32 +1431,6 @@ fn fwd_desc_add() -> bool {
 /// `LONGATTN_CUDA_FWD_OSTAGE`: whether the warp-specialized forward writes O through shared
 /// memory (whole rows a warp store; the default since 2026-12-06, H100: D 128 +0.3% to +5.8%,
 /// D 64 within 0.5%, docs/PERF.md) or from registers (`0`).
-/// Whether the warp-specialized forward lets consumers with every row past Sq skip the item
-/// (`LA_IDLE` in attn_fwd_ws.cu; `LONGATTN_CUDA_FWD_IDLE=0` turns it off).
-fn fwd_idle() -> bool {
-    std::env::var("LONGATTN_CUDA_FWD_IDLE").as_deref() != Ok("0")
-}
-
-/// A work item's cost for the forward's work lists ([`ws_work_list`]), in hundredths of a key
-/// tile of the whole item: `tiles` key tiles plus one for the epilogue; an item of which only
-/// `active` of `nwg` consumers compute (the rest idle past Sq, `LA_IDLE`) costs
-/// `base + (100 - base) active / nwg` percent of a whole one ([`ws_idle_base`]): the active
-/// consumers run without waiting for the idle ones' products, but not `nwg / active` times
-/// faster (their softmax and their own products' latency remain).
-fn ws_item_cost(tiles: usize, active: usize, nwg: usize, base: usize) -> usize {
-    let (nwg, base) = (nwg.max(1), base.min(100));
-    let pct = base + (100 - base) * active.min(nwg) / nwg;
-    (tiles + 1) * pct
-}
-
-/// The base of [`ws_item_cost`]: `LONGATTN_CUDA_WS_IDLE_BASE` (0..=100, tuning runs) or 40.
-fn ws_idle_base() -> usize {
-    std::env::var("LONGATTN_CUDA_WS_IDLE_BASE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(40, |b| b.min(100))
-}
-
 fn fwd_o_stage() -> bool {
     std::env::var("LONGATTN_CUDA_FWD_OSTAGE").as_deref() != Ok("0")
 }
@@ -1579,13 +1540,6 @@ fn kernel_build(
         let o_spills = nwg == 3 && params.skip_below.is_some();
         if fwd_o_stage() && kernel_dim(tile, d) <= 128 && !o_spills {
             defines.push(("LA_O_STAGE".into(), "1".into()));
-        }
-        // Consumers whose rows all lie past Sq skip the item (`LA_IDLE`, unless
-        // `LONGATTN_CUDA_FWD_IDLE=0`; not with skip-softmax; only with the descriptors by one
-        // add: with those formed from addresses ptxas spills (three consumers) or serializes the
-        // wgmma (D 256); the plan drops it in patch order).
-        if fwd_idle() && params.skip_below.is_none() && add {
-            defines.push(("LA_IDLE".into(), "1".into()));
         }
     }
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
@@ -1967,8 +1921,7 @@ mod tests {
     /// The warp-specialized kernel's epilogue and descriptor variants compile for every tile,
     /// bf16 / f16, without spills or serialized wgmma (NVRTC; skipped without `libnvrtc`): the
     /// defaults with and without skip-softmax, which stage the epilogue (`LA_O_STAGE`) up to
-    /// D 128 except with skip-softmax on three consumers and, without skip-softmax, let
-    /// consumers past Sq idle (`LA_IDLE`), and descriptors formed from the
+    /// D 128 except with skip-softmax on three consumers, and descriptors formed from the
     /// addresses (`LONGATTN_CUDA_FWD_DESC=address`, `LA_DESC_ADD` 0).
     #[test]
     fn warp_specialized_variants_compile_clean() {
@@ -1993,12 +1946,9 @@ mod tests {
                     let staged = defines.iter().any(|(k, v)| k == "LA_O_STAGE" && v == "1");
                     let three_skip = tile.warps == 16 && skip.is_some();
                     assert_eq!(staged, d <= 128 && !three_skip, "{tag} d{d}");
-                    let idle = defines.iter().any(|(k, v)| k == "LA_IDLE" && v == "1");
-                    assert_eq!(idle, skip.is_none(), "{tag} d{d}");
                     if address {
-                        // As `LONGATTN_CUDA_FWD_DESC=address` builds it (no LA_IDLE either).
                         for (k, v) in defines.iter_mut() {
-                            if k == "LA_DESC_ADD" || k == "LA_IDLE" {
+                            if k == "LA_DESC_ADD" {
                                 *v = "0".into();
                             }
                         }
@@ -2294,25 +2244,11 @@ mod tests {
         }
     }
 
-    /// An item's cost: whole items by their key tiles plus the epilogue, idle consumers' share
-    /// taken off above the base; the base clamped.
-    #[test]
-    fn item_costs_weigh_idle_consumers() {
-        assert_eq!(ws_item_cost(32, 3, 3, 40), 3300);
-        assert_eq!(ws_item_cost(32, 1, 3, 40), 33 * 60);
-        assert_eq!(ws_item_cost(32, 2, 3, 40), 33 * 80);
-        assert_eq!(ws_item_cost(0, 2, 2, 40), 100);
-        assert_eq!(ws_item_cost(7, 1, 2, 250), 800);
-        assert_eq!(ws_item_cost(7, 5, 2, 0), 800);
-    }
-
     /// Every item once; block loads within one item of each other; groups started in order.
     #[test]
     fn work_lists_cover_every_item_balanced_and_in_group_order() {
-        let causal = |_: usize, qt: usize| ws_item_cost(qt + 1, 3, 3, 40);
+        let causal = |_: usize, qt: usize| qt + 1;
         let uneven = |bh: usize, qt: usize| (bh * 7 + qt * 13) % 11;
-        // A head's last tile with one of three consumers active (`LA_IDLE`).
-        let last_idle = |_: usize, qt: usize| ws_item_cost(9, if qt == 4 { 1 } else { 3 }, 3, 40);
         let cases: [(usize, usize, usize, usize); 7] = [
             (16, 128, 3, 132),
             (16, 512, 1, 264),
@@ -2326,7 +2262,6 @@ mod tests {
             for (name, cost) in [
                 ("causal", &causal as &dyn Fn(usize, usize) -> usize),
                 ("uneven", &uneven),
-                ("last_idle", &last_idle),
             ] {
                 let w = ws_work_list(pairs, q_tiles, group, blocks, cost);
                 let what =
@@ -2347,7 +2282,7 @@ mod tests {
                             !std::mem::replace(&mut seen[t as usize], true),
                             "{what}: item {t} twice"
                         );
-                        load += cost(bh, qt);
+                        load += cost(bh, qt) + 1;
                         // A block never goes back to an earlier group.
                         assert!(
                             bh / group >= last_group,
@@ -2360,7 +2295,7 @@ mod tests {
                 assert!(seen.iter().all(|&s| s), "{what}: an item is missing");
                 let most = (0..pairs)
                     .flat_map(|bh| (0..q_tiles).map(move |qt| (bh, qt)))
-                    .map(|(bh, qt)| cost(bh, qt))
+                    .map(|(bh, qt)| cost(bh, qt) + 1)
                     .max()
                     .unwrap();
                 let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());

@@ -139,27 +139,6 @@ static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs"
 #define LA_DESC_ADD 0
 #endif
 
-// LA_IDLE (1: the host's default in row order without skip-softmax; LONGATTN_CUDA_FWD_IDLE=0
-// gives 0): in an item whose last rows lie past Sq (a head's last query tile when BR does not
-// divide Sq), consumers with no row before Sq are idle. They skip the item at once; the producer
-// makes their arrivals on the item's "empty" barriers (4 per idle consumer, counted with the
-// active ones' into the phase it has just opened), and the active consumers ping-pong among
-// themselves (the last active one hands the turn to consumer 0; one alone takes no turns).
-// The host's work lists weigh such items by their active consumers (ws_item_cost in
-// cuda/forward.rs).
-#ifndef LA_IDLE
-#define LA_IDLE 0
-#endif
-#if LA_IDLE && (LA_PATCH || LA_SKIP)
-#error "LA_IDLE: row order only (in patch order a tile's rows past Sq are not its last), no skip-softmax"
-#endif
-// Consumers of tile qt with a row before Sq.
-#if LA_IDLE
-#define LA_ACTIVE(p, qt) la_imin(LA_NWG, ((p).Sq - (qt) * LA_BR + 63) >> 6)
-#else
-#define LA_ACTIVE(p, qt) LA_NWG
-#endif
-
 #if LA_O_STAGE
 // Epilogue through shared memory: O / l of this warp's 16 rows (tile rows r0 .. r0 + 15,
 // r0 = 64 c + 16 warp) and their LSE. The rows' slice of the item's Q stage (free: every
@@ -220,13 +199,6 @@ __device__ __forceinline__ void la_ws_store_staged(const P& p, const float* o, f
             dst[3] = v.w;
         }
     }
-}
-#endif
-
-#if LA_IDLE
-// `n` arrivals on an mbarrier at once (the producer's, for idle consumers).
-__device__ __forceinline__ void la_mbar_arrive_n(u64* bar, u32 n) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;\n" ::"r"(la_smem_addr(bar)), "r"(n) : "memory");
 }
 #endif
 
@@ -478,16 +450,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             const int nt = (int)(p.sched_off[srow + 1] - e0);
             if (nt == 0) continue;
             const int sq = LA_QSTAGE(nq);
-            // Arrivals owed for idle consumers (LA_IDLE): 4 a consumer on each empty barrier.
-            const u32 owed = 4 * (LA_NWG - LA_ACTIVE(p, qt));
             la_mbar_wait(empty_q + sq, (LA_QUSE(nq) & 1) ^ 1);
             la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
 #pragma unroll
             for (int cb = 0; cb < LA_D / 64; cb++)
                 la_ws_tma_tile<LA_BR, LA_QPH, LA_QPW>(sQ0 + sq * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + sq, cb * 64, qt, h, b);
-#if LA_IDLE
-            if (owed) la_mbar_arrive_n(empty_q + sq, owed);
-#endif
             nq++;
             for (int n = 0; n < nt; n++, nkv++) {
                 const int st = nkv & 1;
@@ -500,17 +467,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 #pragma unroll
                 for (int cb = 0; cb < LA_D / 64; cb++)
                     la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, kt, kh, b);
-#if LA_IDLE
-                if (owed) la_mbar_arrive_n(empty_k + st, owed);
-#endif
                 la_mbar_wait(empty_v + st, par);
                 la_mbar_expect(full_v + st, TILE_BYTES);
 #pragma unroll
                 for (int cb = 0; cb < LA_D / 64; cb++)
                     la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, kt, kh, b);
-#if LA_IDLE
-                if (owed) la_mbar_arrive_n(empty_v + st, owed);
-#endif
             }
         }
         return;
@@ -536,25 +497,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         const u32 e0 = p.sched_off[srow];
         const int nt = (int)(p.sched_off[srow + 1] - e0);
         const int rowbase = qt * LA_BR + c * 64 + warp * 16 + g;
-#if LA_IDLE
-        // Idle consumers skip the item (the producer arrives for them); the others pass the turn
-        // to the next active one, the last active one to consumer 0. (Through a shuffle so that
-        // ptxas sees the branch warp-uniform: one it cannot prove uniform makes it serialize every
-        // wgmma of the kernel, C7519.)
-        const int act = __shfl_sync(0xffffffffu, LA_ACTIVE(p, qt), 0);
-        if (c >= act) {
-            if (nt > 0) {
-                nq++;
-                nkv += nt;
-            }
-            continue;
-        }
-        const bool turns = act > 1;
-        const int next_turn = c + 1 < act ? 2 + c : 1;
-#else
-        const bool turns = LA_NWG > 1;
-        const int next_turn = 1 + (c + 1) % LA_NWG;
-#endif
 #if LA_SKIP
         const bool pad0 = la_qtok(qt, rowbase - qt * LA_BR) >= p.Sq;
         const bool pad1 = la_qtok(qt, rowbase - qt * LA_BR + 8) >= p.Sq;
@@ -603,7 +545,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
                 const int st = j & 1, sp = st ^ 1;
                 la_mbar_wait(full_k + st, (j >> 1) & 1);
-                if (LA_NWG > 1 && turns) la_bar_sync(1 + c, 256);
+                if (LA_NWG > 1) la_bar_sync(1 + c, 256);
 #if LA_SKIP
                 if (LA_NWG == 1) la_bar_sync(8 + c, 128);
                 // Every warp of this warpgroup voted on tile n - 1 before reaching the barrier (the
@@ -653,7 +595,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                 la_wg_commit();
 #endif
-                if (LA_NWG > 1 && turns) la_bar_arrive(next_turn, 256);
+                if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
                 const u32 ent = p.sched_ent[e0 + n];
                 u32 mw[LA_BC / 16];
 #if LA_MASK_BITS
