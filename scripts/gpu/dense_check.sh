@@ -17,6 +17,9 @@
 #   bash scripts/gpu/dense_check.sh ncu       # Nsight Compute on one forward launch per length
 #                                             # (NCU_LENS, default 16k 64k; D 128 full): throughput
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
+#   bash scripts/gpu/dense_check.sh ncu_fwd   # Nsight Compute on one forward launch of ours and
+#                                             # one of FA4's per config (NCU_FWD="full:4k:64 ..."):
+#                                             # stall reasons, issue slots, pipes
 #   bash scripts/gpu/dense_check.sh ncu_bwd   # Nsight Compute on one backward launch per config
 #                                             # (NCU_BWD="full 16k 128" ...): stall reasons,
 #                                             # issue slots, pipes, memory
@@ -122,6 +125,34 @@ for mode in "${@:-selftest}"; do
         > "$OUT/ncu_$n.txt" 2>&1
       echo "ncu rc=$?"
       grep -E "Duration|DRAM Throughput|L2 Cache Throughput|Compute \(SM\) Throughput|Memory Throughput|L2 Hit Rate|hit_rate|dram__bytes_read|lts__t_bytes|gpu__time_duration|==ERR|==WARN" "$OUT/ncu_$n.txt" | head -20
+    done
+    ;;
+  ncu_fwd)
+    # The forward's steady state against FA4's (issue 14: full D 64 trails, causal does not):
+    # one launch of ours and one of FA4's forward kernel per config (NCU_FWD="full:4k:64" ...)
+    # under the sections of ncu_bwd plus the pipes' utilization.
+    fa4_env
+    for cfg in ${NCU_FWD:-full:4k:64 causal:4k:64}; do
+      set -- ${cfg//:/ }
+      for who in ours fa4; do
+        echo "== ncu $who forward $1 n $2 D $3"
+        if [ $who = ours ]; then
+          kn=la_attn_fwd_ws; skip=4
+          cmd="/tmp/longattn bench --backend cuda --masks $1 --lens $2 --dims $3 --out $OUT/ncu_fwd_$1_$2_$3"
+        else
+          kn=regex:ForwardSm90; skip=2
+          cmd="python3 scripts/gpu/fa4_bwd.py $1 $2 $3"
+        fi
+        timeout 240 ncu --clock-control none --kernel-name $kn --launch-skip $skip --launch-count 1 \
+          --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+          --section ComputeWorkloadAnalysis --section LaunchStats --section InstructionStats \
+          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_.*(tensor|xu|fma|alu).*cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_(xu|fma|alu|fmaheavy|fmalite|tensor).*\.sum$' \
+          $cmd > "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" 2>&1
+        echo "ncu rc=$?"
+        grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp|No Eligible|Eligible Warps|Registers|Executed Ipc A|Executed Instructions  |Grid Size|Block Size|pipe_|inst_executed_pipe|==ERR|No kernels" \
+          "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" | head -40
+        grep -E "issue_stalled" "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -8
+      done
     done
     ;;
   ncu_bwd)
@@ -296,6 +327,6 @@ for mode in "${@:-selftest}"; do
       --lens ${D256_LENS:-4k,16k,64k} --dims 256 --out "$OUT/d256_mma" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/d256_mma/report_cuda.md" | cut -d'|' -f2-7
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_bwd | ncu_fa4_bwd | bwd_ab | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | d256)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_fwd | ncu_bwd | ncu_fa4_bwd | bwd_ab | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | d256)"; exit 2 ;;
   esac
 done
