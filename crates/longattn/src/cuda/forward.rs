@@ -679,7 +679,12 @@ pub(crate) struct DevMask {
     pub mgrp: CudaSlice<u32>,
 }
 
-const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
+/// The program of a schedule without Partial tiles: no pair is masked, and a tile's only bound is
+/// Sk. It is an interval program too (every row allows keys 0 ..= Sk - 1), so the
+/// warp-specialized kernels take their interval path for the last key tile: two compares an
+/// element instead of the element program's loop, and on three consumers (D 64) the descriptors
+/// by one add, which the element path's registers do not leave room for (`kernel_build`).
+const NO_MASK: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n#define LA_MASK_INTERVAL 1\ntemplate <typename P>\n__device__ __forceinline__ void la_mask_interval(const P& p, int, int, int, int& lo, int& hi) {\n    lo = 0;\n    hi = p.Sk - 1;\n}\n";
 
 /// `LONGATTN_CUDA_MASK_CONSTS=0`: mask constants written into the program source (one kernel
 /// variant per distinct constant, as before they were arguments; tuning runs).
@@ -1962,6 +1967,27 @@ mod tests {
                     super::super::compile::assert_ptxas_clean(&name, &src, &defines);
                 }
             }
+        }
+        // A schedule without Partial tiles (full masks): its program is an interval one, so
+        // three consumers take the descriptors by one add, clean.
+        for (tile, d) in [
+            (TileCfg::warp_specialized(3, 128, 1), 64),
+            (TileCfg::warp_specialized(2, 128, 1), 128),
+        ] {
+            let (src, _, tag, defines) = kernel_build(
+                &tile,
+                DType::BF16,
+                d,
+                &AttnParams::default(),
+                NO_MASK,
+                "fused",
+            );
+            assert!(
+                defines.contains(&("LA_DESC_ADD".into(), "1".into())),
+                "{tag} d{d}: {defines:?}"
+            );
+            let name = format!("test_fwd{tag}_nomask_d{d}");
+            super::super::compile::assert_ptxas_clean(&name, &src, &defines);
         }
     }
 
