@@ -9,7 +9,7 @@
 #   bash scripts/gpu/dense_check.sh tiles     # forward TFLOP/s per tile config (LONGATTN_CUDA_WS;
 #                                             # WS_CFGS, TILE_D, TILE_LENS)
 #   bash scripts/gpu/dense_check.sh softmax   # forward TFLOP/s per softmax step
-#                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy) at 16k
+#                                             # (LONGATTN_CUDA_FWD_SOFTMAX=plain|fused|lazy; lazy the default) at 16k
 #   bash scripts/gpu/dense_check.sh candidates  # the opt-in variants beside the defaults:
 #                                             # selftest --quick --filter backward with
 #                                             # LONGATTN_CUDA_BWD_DQ_ADD=red, then backward

@@ -1415,14 +1415,16 @@ pub(crate) fn logit_consts(params: &AttnParams, d: usize) -> (f32, f32, f32) {
     }
 }
 
-/// The Hopper forward's softmax step (wg_softmax.cuh), `LONGATTN_CUDA_FWD_SOFTMAX`: `fused` (the
-/// default since 2026-12-05: the scale applied in the exponent's FFMA, one FMUL per logit fewer;
-/// H200 16k: +14% at D 64 full, +6% causal, level at D 128 full, +5% causal, docs/PERF.md),
-/// `plain` (the earlier step: logits scaled before the softmax, O rescaled at every rise of a
-/// row's maximum) or `lazy` (`fused`, and a stale row reference kept while no logit exceeds it
-/// by more than 8 in log2 units, skipping the rescale of O; within 2% of `fused` there).
+/// The Hopper forward's softmax step (wg_softmax.cuh), `LONGATTN_CUDA_FWD_SOFTMAX`: `lazy` (the
+/// default since 2026-12-06: `fused`, and a stale row reference kept while no logit exceeds it by
+/// more than 8 in log2 units, skipping the rescale of O and its two exponentials; H100: +2.8% to
+/// +4.9% over `fused` on 11 of 12 configs in two calls run in either order, docs/PERF.md),
+/// `fused` (the default from 2026-12-05: the scale applied in the exponent's FFMA, one FMUL per
+/// logit fewer, O rescaled every tile) or `plain` (logits scaled before the softmax).
+const FWD_SOFTMAX_DEFAULT: &str = "lazy";
+
 fn fwd_softmax() -> String {
-    std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| "fused".into())
+    std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| FWD_SOFTMAX_DEFAULT.into())
 }
 
 /// `LONGATTN_CUDA_FWD_DESC`: how the warp-specialized forward forms its wgmma descriptors,
@@ -1947,7 +1949,7 @@ mod tests {
                         ..Default::default()
                     };
                     let (src, _, tag, mut defines) =
-                        kernel_build(&tile, dtype, d, &params, &program, "fused");
+                        kernel_build(&tile, dtype, d, &params, &program, FWD_SOFTMAX_DEFAULT);
                     let staged = defines.iter().any(|(k, v)| k == "LA_O_STAGE" && v == "1");
                     let three_skip = tile.warps == 16 && skip.is_some();
                     assert_eq!(staged, d <= 128 && !three_skip, "{tag} d{d}");
@@ -1980,7 +1982,7 @@ mod tests {
                 d,
                 &AttnParams::default(),
                 NO_MASK,
-                "fused",
+                FWD_SOFTMAX_DEFAULT,
             );
             assert!(
                 defines.contains(&("LA_DESC_ADD".into(), "1".into())),
