@@ -128,9 +128,9 @@ for mode in "${@:-selftest}"; do
     done
     ;;
   ncu_fwd)
-    # The forward's steady state against FA4's (issue 14: full D 64 trails, causal does not):
-    # one launch of ours and one of FA4's forward kernel per config (NCU_FWD="full:4k:64" ...)
-    # under the sections of ncu_bwd plus the pipes' utilization.
+    # The forward against FA4's, side by side (issue 14): one launch of ours and one of FA4's
+    # forward kernel (its third, from fa4_bwd.py's iterations) per config (NCU_FWD="full:4k:64"
+    # ...) under the sections of ncu_bwd plus the pipes' instruction counts and utilization.
     fa4_env
     for cfg in ${NCU_FWD:-full:4k:64 causal:4k:64}; do
       set -- ${cfg//:/ }

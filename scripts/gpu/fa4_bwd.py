@@ -4,7 +4,8 @@
 
 MASK is full or causal, N the sequence length (4k, 16k or a number), D the head dim; 16k tokens
 per config and model dim 2048, as the bench (B = 16k / N, H = 2048 / D). Each iteration runs the
-forward and the backward; the profile takes the backward's main kernel of a later iteration.
+forward and the backward; the profile takes the backward's main kernel of a later iteration
+(`dense_check.sh ncu_fa4_bwd`) or the forward's (`dense_check.sh ncu_fwd`).
 """
 
 import sys

@@ -1417,8 +1417,9 @@ pub(crate) fn logit_consts(params: &AttnParams, d: usize) -> (f32, f32, f32) {
 
 /// The Hopper forward's softmax step (wg_softmax.cuh), `LONGATTN_CUDA_FWD_SOFTMAX`: `lazy` (the
 /// default since 2026-12-06: `fused`, and a stale row reference kept while no logit exceeds it by
-/// more than 8 in log2 units, skipping the rescale of O and its two exponentials; H100: +2.8% to
-/// +4.9% over `fused` on 11 of 12 configs in two calls run in either order, docs/PERF.md),
+/// more than 8 in log2 units, skipping the rescale of O and its two exponentials; H100, two calls
+/// in opposite orders: +2% to +5% over `fused` on 18 of 20 points, -6% and +9% on the other two,
+/// docs/PERF.md),
 /// `fused` (the default from 2026-12-05: the scale applied in the exponent's FFMA, one FMUL per
 /// logit fewer, O rescaled every tile) or `plain` (logits scaled before the softmax).
 const FWD_SOFTMAX_DEFAULT: &str = "lazy";
