@@ -963,9 +963,7 @@ mod tests {
                     super::BwdSteps::defaults(),
                 );
                 let name = format!("test_{variant}");
-                if let Err(e) = super::super::compile::compile(&name, &src, "sm_80", &defines) {
-                    panic!("{name} {defines:?}: {e}");
-                }
+                super::super::compile::assert_compiles(&name, &src, "sm_80", &defines);
             }
         }
     }
@@ -988,9 +986,7 @@ mod tests {
             super::BwdSteps::defaults(),
         );
         let name = format!("test_gated_{variant}");
-        if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
-            panic!("{name} {defines:?}: {e}");
-        }
+        super::super::compile::assert_compiles(&name, &src, "sm_90a", &defines);
     }
 
     /// Both one-pass tile configurations fit Hopper's 227 KiB of shared memory per block.

@@ -211,6 +211,15 @@ fn nvrtc_build(name: &str, src: &str, arch: &str, opts: &[String]) -> Result<(Ve
     result
 }
 
+/// Compiles `src` for `arch` with `defines` and panics with the compiler's message if it fails:
+/// the tests that need a kernel to build and nothing more.
+#[cfg(test)]
+pub(crate) fn assert_compiles(name: &str, src: &str, arch: &str, defines: &[(String, String)]) {
+    if let Err(e) = compile(name, src, arch, defines) {
+        panic!("{name} {defines:?}: {e}");
+    }
+}
+
 /// Compiles `src` for sm_90a with `defines` afresh and panics, with ptxas's report, unless ptxas
 /// kept every wgmma asynchronous (no "wgmma.mma_async instructions are serialized" note: C7512
 /// for lack of registers, C7519 for a branch it cannot prove uniform) and no kernel of the

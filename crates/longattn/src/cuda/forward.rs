@@ -2082,9 +2082,7 @@ mod tests {
         let params = AttnParams::default();
         let (src, _, tag, defines) = kernel_build(tile, DType::BF16, 128, &params, prog, "fused");
         let name = format!("{prefix}{tag}");
-        if let Err(e) = super::super::compile::compile(&name, &src, "sm_90a", &defines) {
-            panic!("{name}: {e}");
-        }
+        super::super::compile::assert_compiles(&name, &src, "sm_90a", &defines);
     }
 
     /// Every atom's device function compiles (NVRTC, sm_90a; skipped without `libnvrtc`): one
