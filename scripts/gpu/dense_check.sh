@@ -24,7 +24,7 @@
 #                                             # (NCU_BWD="full 16k 128" ...): stall reasons,
 #                                             # issue slots, pipes, memory
 #   bash scripts/gpu/dense_check.sh ncu_bwd_src  # Nsight Compute's per-instruction stall samples of
-#                                             # one backward launch (full 16k D 128) as SASS CSV,
+#                                             # one backward launch (NCU_SRC, default full:16k:128) as SASS CSV,
 #                                             # xz-compressed: where the consumers wait
 #   bash scripts/gpu/dense_check.sh ncu_fa4_bwd  # the same sections on FA4's backward kernel
 #   bash scripts/gpu/dense_check.sh bwd_ab    # backward TFLOP/s of each binary in BINS, and of the
@@ -232,9 +232,11 @@ for mode in "${@:-selftest}"; do
     done
     ;;
   ncu_bwd_src)
+    # One config, NCU_SRC="mask:n:D" (default full:16k:128).
+    set -- $(echo "${NCU_SRC:-full:16k:128}" | tr : ' ')
     timeout 300 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 4 --launch-count 1 \
       --section SourceCounters --section WarpStateStats -o "$OUT/bwd_src" -f \
-      /tmp/longattn bench --backend cuda --backward --masks full --lens 16k --dims 128 \
+      /tmp/longattn bench --backend cuda --backward --masks "$1" --lens "$2" --dims "$3" \
       --out "$OUT/ncu_bwd_src" > "$OUT/ncu_bwd_src.txt" 2>&1
     echo "ncu rc=$?"; grep -E "==ERR|==WARN" "$OUT/ncu_bwd_src.txt" | head -5
     ncu --import "$OUT/bwd_src.ncu-rep" --page source --csv --print-source sass > "$OUT/bwd_sass.csv" 2>&1

@@ -2220,8 +2220,14 @@ mod tests {
                     ..Default::default()
                 };
                 let tile = TileCfg::warp_specialized(2, 128, 1);
-                let (src, _, tag, defines) =
-                    kernel_build(&tile, DType::BF16, 128, &params, &program, "fused");
+                let (src, _, tag, defines) = kernel_build(
+                    &tile,
+                    DType::BF16,
+                    128,
+                    &params,
+                    &program,
+                    FWD_SOFTMAX_DEFAULT,
+                );
                 let file = format!("{mask}_fwd{tag}_skip{}", skip as u8);
                 super::super::compile::dump_cubin(&dir, &file, &src, &defines);
             }

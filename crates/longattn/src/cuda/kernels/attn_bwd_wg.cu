@@ -643,18 +643,14 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
 
-    // dK, dV of this thread's keys krow, krow + 8; keys past Sk are not written.
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int j = k0 + krow + 8 * hf;
-        if (j < p.Sk) {
-            u32* dstk = (u32*)(p.dk + koff + (i64)j * p.k_ss);
-            u32* dstv = (u32*)(p.dv + koff + (i64)j * p.k_ss);
-#pragma unroll
-            for (int x = 0; x < LA_D / 8; x++) {
-                dstk[x * 4 + t4] = la_pack2(dk[4 * x + 2 * hf] * p.scale, dk[4 * x + 2 * hf + 1] * p.scale);
-                dstv[x * 4 + t4] = la_pack2(dv[4 * x + 2 * hf], dv[4 * x + 2 * hf + 1]);
-            }
-        }
-    }
+    // dK (times the softmax scale) and dV of this warp's 16 keys through shared memory, whole rows
+    // a store (la_warp_store_rows): dK through the Q stages, dV through the dO stages (each
+    // LA_BC x D 16-bit values fit one; free once both consumers' last products are in, the
+    // barrier); keys past Sk are not written.
+    la_bar_sync(1 + LA_NWG, 128 * LA_NWG);
+    const int r0 = c * 64 + warp * 16;
+    const float dk_mul[2] = {p.scale, p.scale}, dv_mul[2] = {1.f, 1.f};
+    auto key = [&](int row) { return k0 + r0 + row; };
+    la_warp_store_rows<LA_BC>(dk, dk_mul, sQ0, r0, lane, p.dk + koff, p.k_ss, key, p.Sk, LA_D);
+    la_warp_store_rows<LA_BC>(dv, dv_mul, sdO0, r0, lane, p.dv + koff, p.k_ss, key, p.Sk, LA_D);
 }

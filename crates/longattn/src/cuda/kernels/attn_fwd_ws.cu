@@ -141,64 +141,20 @@ static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs"
 
 #if LA_O_STAGE
 // Epilogue through shared memory: O / l of this warp's 16 rows (tile rows r0 .. r0 + 15,
-// r0 = 64 c + 16 warp) and their LSE. The rows' slice of the item's Q stage (free: every
-// Q K^T of the item has completed) takes O in bf16 / f16 by stmatrix, per 64-column block 16
-// rows of 128 bytes whose 16-byte chunks are XOR-swizzled by row & 7 (conflict-free both ways);
-// the warp then writes each row's chunks with 16-byte stores (a warp store covers whole rows:
-// four of 128 bytes at D 64, two of 256 at D 128). Rows past Sq and columns past LA_DO are not written; rows with no allowed
-// key get 0 and -inf. The caller fences the generic accesses before handing the stage back.
+// r0 = 64 c + 16 warp) through the rows' slice of the item's Q stage (free: every Q K^T of the
+// item has completed) by la_warp_store_rows (16-byte stores of whole rows: four rows of 128 bytes
+// a warp store at D 64, two of 256 at D 128), and their LSE (la_wg_row_lse). Rows past Sq and
+// columns past LA_DO are not written. The caller fences the generic accesses before handing the
+// stage back.
 template <typename P>
 __device__ __forceinline__ void la_ws_store_staged(const P& p, const float* o, float l0, float l1, float m0, float m1,
                                                    int b, int h, int qt, int r0, u16* sQ, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
     float inv[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        float lsum = hf ? l1 : l0;
-        lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
-        lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
-        inv[hf] = lsum > 0.f ? 1.f / lsum : 0.f;
-        const int r = la_qtok(qt, r0 + g + 8 * hf);
-        if (t4 == 0 && r < p.Sq)
-            p.lse[((i64)b * p.Hq + h) * p.Sq + r] = lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
-    }
-    // stmatrix x4 per 16 columns: matrices (rows 0-7 | 8-15) x (n8 block j0 | j0 + 1); lane l
-    // addresses row (l & 7) + (l & 8) at chunk 2 kq + (l >> 4).
-    const int srow = (lane & 7) + (lane & 8);
-#pragma unroll
-    for (int cb = 0; cb < LA_D / 64; cb++) {
-        u16* blk = sQ + cb * LA_BR * 64 + r0 * 64;
-#pragma unroll
-        for (int kq = 0; kq < 4; kq++) {
-            const int j0 = cb * 8 + 2 * kq;
-            u32 r[4];
-            r[0] = la_pack2(o[4 * j0] * inv[0], o[4 * j0 + 1] * inv[0]);
-            r[1] = la_pack2(o[4 * j0 + 2] * inv[1], o[4 * j0 + 3] * inv[1]);
-            r[2] = la_pack2(o[4 * j0 + 4] * inv[0], o[4 * j0 + 5] * inv[0]);
-            r[3] = la_pack2(o[4 * j0 + 6] * inv[1], o[4 * j0 + 7] * inv[1]);
-            const int ch = 2 * kq + (lane >> 4);
-            la_stsm4(blk + srow * 64 + ((ch ^ (srow & 7)) << 3), r);
-        }
-    }
-    __syncwarp();
+    la_wg_row_lse(p, l0, l1, m0, m1, b, h, [&](int hf) { return la_qtok(qt, r0 + g + 8 * hf); }, t4, inv);
     u16* go = p.o + b * p.o_sb + h * p.o_sh;
-#pragma unroll
-    for (int x = lane; x < 16 * (LA_D / 8); x += 32) {
-        const int row = x / (LA_D / 8), chk = x % (LA_D / 8);
-        const int cb = chk >> 3, ch = chk & 7;
-        const int tok = la_qtok(qt, r0 + row);
-        if (chk * 8 >= LA_DO || tok >= p.Sq) continue;
-        const uint4 v = *(const uint4*)(sQ + cb * LA_BR * 64 + (r0 + row) * 64 + ((ch ^ (row & 7)) << 3));
-        u32* dst = (u32*)(go + (i64)tok * p.o_ss + chk * 8);
-        if (((u64)dst & 15) == 0) {
-            *(uint4*)dst = v;
-        } else {
-            dst[0] = v.x;
-            dst[1] = v.y;
-            dst[2] = v.z;
-            dst[3] = v.w;
-        }
-    }
+    la_warp_store_rows<LA_BR>(o, inv, sQ, r0, lane, go, p.o_ss, [&](int row) { return la_qtok(qt, r0 + row); }, p.Sq,
+                              LA_DO);
 }
 #endif
 

@@ -78,6 +78,56 @@ __device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, F 
     }
 }
 
+// A warp's 16 rows of an m64 x LA_D accumulator (n8 block j: elements 4 j, 4 j + 1 in row g,
+// 4 j + 2, 4 j + 3 in row g + 8, columns 8 j + 2 t4 and + 1) written to global memory as 16-bit
+// values, row g + 8 hf times mul[hf], through shared memory: stmatrix into the warp's rows r0 ..
+// r0 + 15 of `stage` ([LA_D / 64][ROWS][64], 16-byte chunks XOR-swizzled by row), a warp barrier,
+// then 16-byte chunks of whole rows per lane (a warp store covers 512 contiguous-row bytes instead
+// of 16 bytes in each of 8 rows). The warp's row `row` (0 .. 15) goes to row row_of(row) of `g`
+// (row stride `ss` elements) where that lies below `limit`; only the first `cols` columns (a
+// multiple of 8) are written. The caller makes sure no one else uses those rows of `stage`
+// meanwhile.
+template <int ROWS, typename F>
+__device__ __forceinline__ void la_warp_store_rows(const float* acc, const float* mul, u16* stage, int r0, int lane,
+                                                   u16* g, i64 ss, F row_of, int limit, int cols) {
+    // stmatrix x4 per 16 columns: matrices (rows 0-7 | 8-15) x (n8 block j0 | j0 + 1); lane l
+    // addresses row (l & 7) + (l & 8) at chunk 2 kq + (l >> 4).
+    const int srow = (lane & 7) + (lane & 8);
+#pragma unroll
+    for (int cb = 0; cb < LA_D / 64; cb++) {
+        u16* blk = stage + cb * ROWS * 64 + r0 * 64;
+#pragma unroll
+        for (int kq = 0; kq < 4; kq++) {
+            const int j0 = cb * 8 + 2 * kq;
+            u32 r[4];
+            r[0] = la_pack2(acc[4 * j0] * mul[0], acc[4 * j0 + 1] * mul[0]);
+            r[1] = la_pack2(acc[4 * j0 + 2] * mul[1], acc[4 * j0 + 3] * mul[1]);
+            r[2] = la_pack2(acc[4 * j0 + 4] * mul[0], acc[4 * j0 + 5] * mul[0]);
+            r[3] = la_pack2(acc[4 * j0 + 6] * mul[1], acc[4 * j0 + 7] * mul[1]);
+            const int ch = 2 * kq + (lane >> 4);
+            la_stsm4(blk + srow * 64 + ((ch ^ (srow & 7)) << 3), r);
+        }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int x = lane; x < 16 * (LA_D / 8); x += 32) {
+        const int row = x / (LA_D / 8), chk = x % (LA_D / 8);
+        const int cb = chk >> 3, ch = chk & 7;
+        const int gr = row_of(row);
+        if (chk * 8 >= cols || gr >= limit) continue;
+        const uint4 v = *(const uint4*)(stage + cb * ROWS * 64 + (r0 + row) * 64 + ((ch ^ (row & 7)) << 3));
+        u32* d = (u32*)(g + (i64)gr * ss + chk * 8);
+        if (((u64)d & 15) == 0) {
+            *(uint4*)d = v;
+        } else {
+            d[0] = v.x;
+            d[1] = v.y;
+            d[2] = v.z;
+            d[3] = v.w;
+        }
+    }
+}
+
 // Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's query rows
 // `row0` and `row1` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are not
 // written; a row with no allowed key (l = 0) gets 0 and -inf. Only the tensor's LA_DO columns are
@@ -85,25 +135,37 @@ __device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, F 
 #ifndef LA_DO
 #define LA_DO LA_D
 #endif
-template <typename P>
-__device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
-                                            int b, int h, int row0, int row1, int t4) {
-    u16* go = p.o + b * p.o_sb + h * p.o_sh;
+// Row sums of this thread's two query rows (l0, l1 summed over the quad): 1 / l into inv (0 for
+// a row with no allowed key), and the LSE (natural log) of row row_of(hf) where it lies below
+// Sq: (m + log2 l) ln 2, -inf for a row with no allowed key.
+template <typename P, typename Row>
+__device__ __forceinline__ void la_wg_row_lse(const P& p, float l0, float l1, float m0, float m1, int b, int h,
+                                              Row row_of, int t4, float* inv) {
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         float lsum = hf ? l1 : l0;
         lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
         lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
-        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        inv[hf] = lsum > 0.f ? 1.f / lsum : 0.f;
+        const int r = row_of(hf);
+        if (t4 == 0 && r < p.Sq)
+            p.lse[((i64)b * p.Hq + h) * p.Sq + r] = lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
+    }
+}
+template <typename P>
+__device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
+                                            int b, int h, int row0, int row1, int t4) {
+    u16* go = p.o + b * p.o_sb + h * p.o_sh;
+    float inv[2];
+    la_wg_row_lse(p, l0, l1, m0, m1, b, h, [&](int hf) { return hf ? row1 : row0; }, t4, inv);
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
         const int r = hf ? row1 : row0;
         if (r < p.Sq) {
             u32* dst = (u32*)(go + (i64)r * p.o_ss);
 #pragma unroll
             for (int j = 0; j < LA_DO / 8; j++)
-                dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv, o[4 * j + 2 * hf + 1] * inv);
-            if (t4 == 0)
-                p.lse[((i64)b * p.Hq + h) * p.Sq + r] =
-                    lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
+                dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv[hf], o[4 * j + 2 * hf + 1] * inv[hf]);
         }
     }
 }
