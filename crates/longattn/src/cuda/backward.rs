@@ -28,7 +28,9 @@
 //!
 //! Otherwise both schemes put the tile index first in the grid, so the blocks running together
 //! are the tiles of one head: they walk the same rows (columns) and share them in L2 (1.6x at
-//! n = 4k).
+//! n = 4k). The fast one-pass kernel launches groups of four heads, key tiles outermost, where
+//! one head has fewer key tiles than half the SMs: under causal masks the heavy blocks then
+//! start first instead of in the last wave ([`bwd_head_group`]).
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
@@ -235,23 +237,57 @@ fn kernel_build(
 /// The one-pass kernel's launch order (`hgroup` of `la_bwd_block` in bwd_common.cuh): `0`, the
 /// 3-D grid with key tiles fastest; `l2`, groups of the (batch, KV head) pairs whose Q, dO (bf16)
 /// and f32 dQ accumulator fill L2, key tiles outermost inside a group; `N`, groups of N pairs.
-/// Defaults (H100, 2026-12-06, docs/PERF.md): `0` in fast mode (`l2` within the run-to-run
-/// spread of it), `l2` in the deterministic mode (1.13-1.32x the fast mode's time against
-/// 1.25-1.96x with `0`: a query tile's ordered adds come from key tiles that run one after
-/// another instead of all at once). `LONGATTN_CUDA_BWD_HGROUP` sets it for both.
-fn bwd_head_group(dev: &CudaDevice, dims: &Dims, deterministic: bool) -> usize {
+///
+/// Fast mode: key tiles fastest while one pair's key tiles fill a wave of blocks (`k_tiles`
+/// >= SMs / 2): the blocks running together share one head's Q and dO in L2. With fewer key
+/// tiles a wave spans several pairs, and under causal masks the heaviest block of each (key
+/// tile 0, every query tile) starts within the last wave, so the launch ends on a tail of
+/// one block; groups of [`BWD_FAST_GROUP`] pairs with key tiles outermost start the heavy
+/// blocks of a group first instead (greedy list-scheduling model: 3-7% tail at 4k, 0.1-0.5%
+/// grouped). H100, 2026-12-06 (docs/PERF.md): causal 4k +2% (D 64) / +4% (D 128), full 4k
+/// within the spread, groups at 16k -2 to -8% (so not there).
+/// Deterministic mode: `l2` always (1.13-1.32x the fast mode's time against 1.25-1.96x with key
+/// tiles fastest: a query tile's ordered adds come from key tiles that run one after another
+/// instead of all at once). `LONGATTN_CUDA_BWD_HGROUP` sets it for both.
+fn bwd_head_group(dev: &CudaDevice, dims: &Dims, deterministic: bool, k_tiles: usize) -> usize {
+    let env = std::env::var("LONGATTN_CUDA_BWD_HGROUP").ok();
+    head_group(
+        dev.sms,
+        dev.l2_bytes,
+        dims,
+        deterministic,
+        k_tiles,
+        env.as_deref(),
+    )
+}
+
+/// [`bwd_head_group`] for a device of `sms` SMs and `l2_bytes` of L2, with the environment's
+/// setting `env`.
+fn head_group(
+    sms: usize,
+    l2_bytes: usize,
+    dims: &Dims,
+    deterministic: bool,
+    k_tiles: usize,
+    env: Option<&str>,
+) -> usize {
     let pairs = (dims.batch * dims.hk).max(1);
     let l2 = || {
         let per_pair = (dims.hq / dims.hk.max(1)).max(1) * dims.sq * dims.d * (2 + 2 + 4);
-        (dev.l2_bytes / per_pair.max(1)).clamp(1, pairs)
+        (l2_bytes / per_pair.max(1)).clamp(1, pairs)
     };
-    match std::env::var("LONGATTN_CUDA_BWD_HGROUP").as_deref() {
-        Ok("l2") => l2(),
-        Ok(v) => v.parse::<usize>().map_or(0, |g| g.min(pairs)),
-        Err(_) if deterministic => l2(),
-        Err(_) => 0,
+    match env {
+        Some("l2") => l2(),
+        Some(v) => v.parse::<usize>().map_or(0, |g| g.min(pairs)),
+        None if deterministic => l2(),
+        None if 2 * k_tiles <= sms && pairs > 1 => BWD_FAST_GROUP.min(l2()),
+        None => 0,
     }
 }
+
+/// Pairs per launch group of the fast mode when a wave of blocks spans several pairs
+/// ([`bwd_head_group`]; 4 and 8 measured alike at 4k, 4 a little ahead).
+const BWD_FAST_GROUP: usize = 4;
 
 /// Threads per row of `la_bwd_prep` (its `LA_PREP_TPR`, and the launch's rows per block): 8
 /// elements each, a power of two.
@@ -523,7 +559,7 @@ impl BwdPlan {
             lstride: lstride(dims.sq) as i32,
             hgroup: match kernel {
                 BwdKernel::OnePassWgmma { ordered, .. } => {
-                    bwd_head_group(dev, &dims, ordered) as i32
+                    bwd_head_group(dev, &dims, ordered, k_tiles) as i32
                 }
                 BwdKernel::TwoPass => 0,
             },
@@ -780,10 +816,10 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::{
-        kernel_build, one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel, LaBwdParams,
-        LaBwdWsParams, BWD_COMMON, BWD_WG,
+        head_group, kernel_build, one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel,
+        LaBwdParams, LaBwdWsParams, BWD_COMMON, BWD_WG,
     };
-    use crate::attention::AttnParams;
+    use crate::attention::{AttnParams, Dims};
     use crate::cuda::forward::{c_struct_layout, check_layout, offsets};
     use crate::tensor::DType;
 
@@ -861,6 +897,69 @@ mod tests {
     /// adds, dQ merged with dK last (the default) or split, in bf16 also merged with the split
     /// wait (which soft-cap turns off) and with dK first ([`BwdSteps`]), with and without
     /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing.
+    /// The launch order's defaults on an H100's 132 SMs and 50 MiB of L2 (dims: B x Sq x Hq x D,
+    /// 16k tokens): the fast mode groups four heads where a head has fewer key tiles than half
+    /// the SMs (4k: 32 key tiles of 128) and keeps key tiles fastest at 16k (128); the
+    /// deterministic mode groups by L2; the environment overrides both.
+    #[test]
+    fn launch_groups_follow_key_tiles_and_l2() {
+        let (sms, l2) = (132, 50 << 20);
+        let dims = |b, n, h, d| Dims {
+            batch: b,
+            sq: n,
+            sk: n,
+            hq: h,
+            hk: h,
+            d,
+            dv: d,
+        };
+        // 4k, D 64: 4 x 32 pairs of 32 key tiles; D 128: 4 x 16.
+        assert_eq!(
+            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, None),
+            4
+        );
+        assert_eq!(
+            head_group(sms, l2, &dims(4, 4096, 16, 128), false, 32, None),
+            4
+        );
+        // 16k: 128 key tiles fill a wave.
+        assert_eq!(
+            head_group(sms, l2, &dims(1, 16384, 32, 64), false, 128, None),
+            0
+        );
+        // One pair: nothing to group. A pair bigger than L2 / 4: as many as fit.
+        assert_eq!(
+            head_group(sms, l2, &dims(1, 4096, 1, 64), false, 32, None),
+            0
+        );
+        assert_eq!(
+            head_group(sms, l2, &dims(8, 65536 / 2, 2, 128), false, 32, None),
+            1
+        );
+        // Deterministic: L2 groups (4k D 64: 2 MiB a pair -> 25).
+        assert_eq!(
+            head_group(sms, l2, &dims(4, 4096, 32, 64), true, 32, None),
+            25
+        );
+        // Overrides, capped by the pairs; an unreadable one is the 3-D grid.
+        assert_eq!(
+            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, Some("0")),
+            0
+        );
+        assert_eq!(
+            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, Some("l2")),
+            25
+        );
+        assert_eq!(
+            head_group(sms, l2, &dims(1, 4096, 2, 64), false, 32, Some("8")),
+            2
+        );
+        assert_eq!(
+            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, Some("x")),
+            0
+        );
+    }
+
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
         let Some((program, _)) = super::super::compile::test_programs() else {
