@@ -396,15 +396,19 @@ struct LaBwdParams {
     hgroup: i32,
     dq_sem: u64,
     col_rank: u64,
+    /// First / last key of each query row's document run (interval programs of document masks;
+    /// [`DevMask`]'s `dlo` / `dhi`).
+    dlo: u64,
+    dhi: u64,
     /// The mask program's atom constants (`p.mc[k]`, [`crate::mask::codegen::CudaProgram`]).
     mc: [i32; MASK_CONSTS],
 }
 
 // The C side asserts the same sizes (`static_assert` in bwd_common.cuh and attn_bwd_wg.cu); 4
 // bytes of implicit padding before `row_off` on both sides.
-const _: () = assert!(std::mem::size_of::<LaBwdParams>() == 432);
+const _: () = assert!(std::mem::size_of::<LaBwdParams>() == 448);
 const _: () = assert!(std::mem::offset_of!(LaBwdParams, row_off) == 184);
-const _: () = assert!(std::mem::offset_of!(LaBwdParams, mc) == 304);
+const _: () = assert!(std::mem::offset_of!(LaBwdParams, mc) == 320);
 const _: () = assert!(std::mem::size_of::<LaBwdWsParams>() == 960);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -565,6 +569,8 @@ impl BwdPlan {
             },
             dq_sem: dq_sem.as_ref().map_or(0, |a| a.device_ptr(s).0),
             col_rank: cols.2.device_ptr(s).0,
+            dlo: dm.dlo.device_ptr(s).0,
+            dhi: dm.dhi.device_ptr(s).0,
             mc: dm.consts,
             ..Default::default()
         };
@@ -830,11 +836,11 @@ mod tests {
         let rust = offsets!(LaBwdParams; q, k, v, o, dout, lse, lse2, delta, dq, dk, dv, dq_acc,
             q_s, k_s, b, sq, sk, hq, hk, scale_log2, cap_pre, cap_post, scale, row_off, row_ent,
             col_off, col_ent, sched_batch, sched_heads, q_tiles, k_tiles, qdoc, kdoc, blk,
-            blk_dims, lstride, hgroup, dq_sem, col_rank, mc);
+            blk_dims, lstride, hgroup, dq_sem, col_rank, dlo, dhi, mc);
         let size = std::mem::size_of::<LaBwdParams>();
         check_layout(BWD_COMMON, "LaBwdParams", &rust, size);
         let (c, _) = c_struct_layout(BWD_COMMON, "LaBwdParams");
-        assert_eq!(c.len(), 12 + 6 + 9 + 4 + 4 + 2 + 1 + 6 + 2 + 2 + 1);
+        assert_eq!(c.len(), 12 + 6 + 9 + 4 + 4 + 2 + 1 + 6 + 2 + 2 + 2 + 1);
         assert!(BWD_COMMON.contains(&format!("sizeof(LaBwdParams) == {size},")));
         let ws = format!(
             "sizeof(LaBwdWsParams) == {},",
@@ -897,6 +903,49 @@ mod tests {
     /// adds, dQ merged with dK last (the default) or split, in bf16 also merged with the split
     /// wait (which soft-cap turns off) and with dK first ([`BwdSteps`]), with and without
     /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing.
+    /// Document masks (element and interval programs, the run bounds read from `p.dlo` /
+    /// `p.dhi`) compile into the one-pass kernel at both head dims and in both modes: the
+    /// selftest's document cases are not in its quick set.
+    #[test]
+    fn document_programs_compile_into_the_one_pass_kernel() {
+        if super::super::compile::test_programs().is_none() {
+            return;
+        }
+        let shape = crate::mask::MaskShape {
+            batch: 1,
+            sq: 500,
+            sk: 500,
+        };
+        let ids: Vec<i32> = (0..500).map(|i| (i >= 200) as i32).collect();
+        for expr in ["document", "causal & document", "document & window(64,0)"] {
+            let docs = crate::mask::DocIds {
+                q: ids.clone(),
+                k: ids.clone(),
+            };
+            let bm = crate::mask::MaskExpr::parse(expr)
+                .unwrap()
+                .bind(shape, Some(docs))
+                .unwrap();
+            let mut program = bm.cuda_program().source;
+            program.push_str(&bm.cuda_interval_program().expect("runs").source);
+            for d in [64, 128] {
+                for det in [false, true] {
+                    let kernel = BwdKernel::choose(d, (9, 0), det);
+                    let (src, variant, _, _, _, defines) = kernel_build(
+                        kernel,
+                        DType::BF16,
+                        d,
+                        &AttnParams::default(),
+                        &program,
+                        super::BwdSteps::defaults(),
+                    );
+                    let name = format!("test_doc_{variant}");
+                    super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+                }
+            }
+        }
+    }
+
     /// The launch order's defaults on an H100's 132 SMs and 50 MiB of L2 (dims: B x Sq x Hq x D,
     /// 16k tokens): the fast mode groups four heads where a head has fewer key tiles than half
     /// the SMs (4k: 32 key tiles of 128) and keeps key tiles fastest at 16k (128); the

@@ -33,11 +33,13 @@ struct LaBwdParams {
     int* dq_sem;            // deterministic one-pass: per (b, h, query tile) the number of
                             // dQ adds done (zeroed by la_bwd_prep)
     const u32* col_rank;    // per column entry: its key tile's position in the query tile's row
+    const int* dlo; const int* dhi;  // per (b, i): first / last key of the row's document run
+                                     // (interval programs of document masks)
     int mc[LA_MASK_CONSTS]; // the mask program's atom constants (mask/codegen.rs)
 };
 // Checked against size_of::<LaBwdParams>() on the host (4 bytes of implicit padding before
 // row_off, on both sides).
-static_assert(sizeof(LaBwdParams) == 432, "LaBwdParams must match cuda/backward.rs");
+static_assert(sizeof(LaBwdParams) == 448, "LaBwdParams must match cuda/backward.rs");
 
 // Logit in log2 units and d(logit)/d(q.k) / scale for the soft-cap (1 otherwise).
 __device__ __forceinline__ float la_logit(const LaBwdParams& p, float raw, float& dcap) {
