@@ -239,7 +239,7 @@ fn kernel_build(
 /// and f32 dQ accumulator fill L2, key tiles outermost inside a group; `N`, groups of N pairs.
 ///
 /// Fast mode: key tiles fastest while one pair's key tiles fill a wave of blocks (`k_tiles`
-/// >= SMs / 2): the blocks running together share one head's Q and dO in L2. With fewer key
+/// above half the SMs): the blocks running together share one head's Q and dO in L2. With fewer key
 /// tiles a wave spans several pairs, and under causal masks the heaviest block of each (key
 /// tile 0, every query tile) starts within the last wave, so the launch ends on a tail of
 /// one block; groups of [`BWD_FAST_GROUP`] pairs with key tiles outermost start the heavy
@@ -907,7 +907,7 @@ mod tests {
     /// `p.dhi`) compile into the one-pass kernel at both head dims and in both modes: the
     /// selftest's document cases are not in its quick set.
     #[test]
-    fn document_programs_compile_into_the_one_pass_kernel() {
+    fn document_backward_kernels_compile_with_nvrtc() {
         if super::super::compile::test_programs().is_none() {
             return;
         }
