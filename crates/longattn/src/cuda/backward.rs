@@ -239,13 +239,13 @@ fn kernel_build(
 /// and f32 dQ accumulator fill L2, key tiles outermost inside a group; `N`, groups of N pairs.
 ///
 /// Fast mode: key tiles fastest while one pair's key tiles fill a wave of blocks (`k_tiles`
-/// above half the SMs): the blocks running together share one head's Q and dO in L2. With fewer key
-/// tiles a wave spans several pairs, and under causal masks the heaviest block of each (key
-/// tile 0, every query tile) starts within the last wave, so the launch ends on a tail of
-/// one block; groups of [`BWD_FAST_GROUP`] pairs with key tiles outermost start the heavy
-/// blocks of a group first instead (greedy list-scheduling model: 3-7% tail at 4k, 0.1-0.5%
-/// grouped). H100, 2026-12-06 (docs/PERF.md): causal 4k +2% (D 64) / +4% (D 128), full 4k
-/// within the spread, groups at 16k -2 to -8% (so not there).
+/// above half the SMs): the blocks running together share one head's Q and dO in L2. With
+/// fewer key tiles a wave spans several pairs, and under causal masks the heaviest blocks of the
+/// last pairs (key tile 0: every query tile) start within the last wave, so the launch ends on
+/// a tail of about one such block; groups of [`BWD_FAST_GROUP`] pairs with key tiles outermost
+/// start every group's heavy blocks first instead (greedy list-scheduling model: 3-7% above
+/// the ideal at 4k, 0.1-0.5% grouped). H100, 2026-12-06 (docs/PERF.md): causal 4k +2% (D 64)
+/// / +4% (D 128), full 4k within the spread; groups at 16k cost 2-8%, so not there.
 /// Deterministic mode: `l2` always (1.13-1.32x the fast mode's time against 1.25-1.96x with key
 /// tiles fastest: a query tile's ordered adds come from key tiles that run one after another
 /// instead of all at once). `LONGATTN_CUDA_BWD_HGROUP` sets it for both.
