@@ -82,7 +82,7 @@ enum DqAdd {
 
 /// The one-pass kernel's optional steps, from the environment (read once per launch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct BwdSteps {
+pub(super) struct BwdSteps {
     /// How dQ partials are formed, `LONGATTN_CUDA_BWD_DQ`: `merge` (the default since
     /// 2026-12-05: each consumer over the whole key tile, one block per consumer and item, half
     /// the bytes added to dq_acc, a barrier of the two consumers per item; `LA_DQ_MERGE` in
@@ -150,7 +150,7 @@ impl BwdSteps {
     /// The defaults (no environment): merged dQ, one wait, dK last, dQ added by the producer's
     /// warps.
     #[cfg(test)]
-    fn defaults() -> BwdSteps {
+    pub(super) fn defaults() -> BwdSteps {
         BwdSteps {
             merge: true,
             split: false,
@@ -165,7 +165,7 @@ impl BwdSteps {
 /// Source, variant name, shared memory, main and dQ entry points, and defines of `kernel` for
 /// the mask `program` (`steps`: the one-pass kernel's options).
 #[allow(clippy::type_complexity)]
-fn kernel_build(
+pub(super) fn kernel_build(
     kernel: BwdKernel,
     dtype: DType,
     d: usize,

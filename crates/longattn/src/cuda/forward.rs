@@ -692,21 +692,30 @@ fn bake_mask_consts() -> bool {
     env_off("LONGATTN_CUDA_MASK_CONSTS")
 }
 
-impl DevMask {
+/// The host half of [`DevMask::new`]: the schedule for the kernel's tiles, the mask program the
+/// kernels compile (element form, with the interval form where the mask has one; `NO_MASK`
+/// without Partial tiles; the block-table or gated programs for explicit schedules), its atom
+/// constants, and the buffers to upload. No device needed: the compile tests build every mask
+/// of the selftest's matrix through it.
+pub(crate) struct MaskHost<'a> {
+    pub sched: BlockSchedule,
+    pub program: String,
+    pub consts: [i32; MASK_CONSTS],
+    /// Document ids of queries and keys.
+    pub docs: Option<(Vec<i32>, Vec<i32>)>,
+    /// The explicit schedule and its re-tiled table (block and gated masks).
+    pub blk: Option<(&'a BlockSchedule, Vec<u8>)>,
+    /// First / last key of each query row's document run (interval programs with documents).
+    pub runs: (Vec<i32>, Vec<i32>),
+}
+
+impl<'a> MaskHost<'a> {
     pub(crate) fn new(
-        dev: &CudaDevice,
-        mask: MaskSpec,
+        mask: MaskSpec<'a>,
         tq: usize,
         tk: usize,
         dims: Dims,
-    ) -> Result<DevMask> {
-        let max = crate::mask::codegen::DEVICE_MAX_LEN;
-        if dims.sq > max || dims.sk > max {
-            return Err(unsupported(format!(
-                "Sq {} / Sk {}: the CUDA kernels take sequences up to {max} tokens",
-                dims.sq, dims.sk
-            )));
-        }
+    ) -> Result<MaskHost<'a>> {
         let mut runs = (Vec::new(), Vec::new());
         let mut consts = [0; MASK_CONSTS];
         let (sched, program, docs, blk) = match mask {
@@ -765,7 +774,42 @@ impl DevMask {
                 (s, prog, docs, Some((schedule, table)))
             }
         };
-        Self::upload(dev, sched, (program, consts), docs, blk, runs, dims)
+        Ok(MaskHost {
+            sched,
+            program,
+            consts,
+            docs,
+            blk,
+            runs,
+        })
+    }
+}
+
+impl DevMask {
+    pub(crate) fn new(
+        dev: &CudaDevice,
+        mask: MaskSpec,
+        tq: usize,
+        tk: usize,
+        dims: Dims,
+    ) -> Result<DevMask> {
+        let max = crate::mask::codegen::DEVICE_MAX_LEN;
+        if dims.sq > max || dims.sk > max {
+            return Err(unsupported(format!(
+                "Sq {} / Sk {}: the CUDA kernels take sequences up to {max} tokens",
+                dims.sq, dims.sk
+            )));
+        }
+        let h = MaskHost::new(mask, tq, tk, dims)?;
+        Self::upload(
+            dev,
+            h.sched,
+            (h.program, h.consts),
+            h.docs,
+            h.blk,
+            h.runs,
+            dims,
+        )
     }
 
     /// The mask of a 2-D neighborhood in patch order (`mask/patch.rs`): the schedule in patch
@@ -1422,7 +1466,7 @@ pub(crate) fn logit_consts(params: &AttnParams, d: usize) -> (f32, f32, f32) {
 /// docs/PERF.md),
 /// `fused` (the default from 2026-12-05: the scale applied in the exponent's FFMA, one FMUL per
 /// logit fewer, O rescaled every tile) or `plain` (logits scaled before the softmax).
-const FWD_SOFTMAX_DEFAULT: &str = "lazy";
+pub(super) const FWD_SOFTMAX_DEFAULT: &str = "lazy";
 
 fn fwd_softmax() -> String {
     std::env::var("LONGATTN_CUDA_FWD_SOFTMAX").unwrap_or_else(|_| FWD_SOFTMAX_DEFAULT.into())
@@ -1477,7 +1521,7 @@ pub(crate) fn kernel_dim(tile: &TileCfg, d: usize) -> usize {
 /// Source, entry point, variant tag and defines of the forward kernel of `tile` for `program`
 /// (the mask's `la_mask`) and the Hopper softmax step `softmax` ([`fwd_softmax`]); the plan adds
 /// what depends on the mask's layout (patch order, bit tables, grid order).
-fn kernel_build(
+pub(super) fn kernel_build(
     tile: &TileCfg,
     dtype: DType,
     d: usize,

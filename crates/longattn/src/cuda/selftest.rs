@@ -1553,6 +1553,92 @@ pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
 mod tests {
     use super::*;
 
+    /// Every mask case of the matrix (quick and full, 512 tokens) gives, through the plans' own
+    /// host step (`MaskHost`: schedule and program for the kernel's tiles), a program that
+    /// compiles into the Hopper kernels it would meet: the forward of `TileCfg::choose` and the
+    /// one-pass backward, fast and deterministic, at D 64 and 128, in plain tile order (the
+    /// plans' patch-order and bit-table variants add defines not built here). NVRTC only, no
+    /// GPU: a mask
+    /// whose program a kernel cannot compile fails here instead of on the device's full
+    /// selftest (as document masks did in the backward until 2026-12-06). Kernels are compiled
+    /// once per distinct source and defines (mask constants are arguments, so most masks share).
+    #[test]
+    fn mask_case_kernels_compile_with_nvrtc() {
+        use crate::attention::Dims;
+        use crate::cuda::backward::{kernel_build as bwd_build, BwdKernel, BwdSteps};
+        use crate::cuda::forward::{
+            kernel_build as fwd_build, MaskHost, TileCfg, FWD_SOFTMAX_DEFAULT,
+        };
+        if super::super::compile::test_programs().is_none() {
+            return;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut jobs = Vec::new();
+        let mut masks = 0;
+        for c in forward_cases(false)
+            .into_iter()
+            .filter(|c| c.sq == 512 && c.sk == 512)
+        {
+            masks += 1;
+            let bt = Built::new(&c, 7).unwrap();
+            for d in [64, 128] {
+                let dims = Dims {
+                    batch: c.batch,
+                    sq: c.sq,
+                    sk: c.sk,
+                    hq: c.hq,
+                    hk: c.hk,
+                    d,
+                    dv: d,
+                };
+                let params = AttnParams::default();
+                let tile = TileCfg::choose(d, c.sk, (9, 0));
+                let h = MaskHost::new(bt.spec(), tile.br, tile.bc, dims).unwrap();
+                let (src, entry, tag, defines) =
+                    fwd_build(&tile, c.dtype, d, &params, &h.program, FWD_SOFTMAX_DEFAULT);
+                if seen.insert((src.clone(), defines.clone())) {
+                    jobs.push((format!("{} fwd{tag} {entry} d{d}", c.mask), src, defines));
+                }
+                for det in [false, true] {
+                    let kernel = BwdKernel::choose(d, (9, 0), det);
+                    let BwdKernel::OnePassWgmma { br, bc, .. } = kernel else {
+                        panic!("D {d}: not the one-pass kernel on Hopper");
+                    };
+                    let h = MaskHost::new(bt.spec(), br, bc, dims).unwrap();
+                    let (src, variant, _, _, _, defines) = bwd_build(
+                        kernel,
+                        c.dtype,
+                        d,
+                        &params,
+                        &h.program,
+                        BwdSteps::defaults(),
+                    );
+                    if seen.insert((src.clone(), defines.clone())) {
+                        jobs.push((format!("{} {variant}", c.mask), src, defines));
+                    }
+                }
+            }
+        }
+        assert!(masks >= 20, "{masks} mask cases");
+        // Two threads: NVRTC compiles distinct programs concurrently.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, src, defines)) = jobs.get(i) else {
+                        break;
+                    };
+                    let file = format!("test_mask_case_{i}");
+                    if let Err(e) = super::super::compile::compile(&file, src, "sm_90a", defines) {
+                        panic!("{name}: {e}");
+                    }
+                });
+            }
+        });
+        eprintln!("{} kernels from {masks} mask cases compiled", jobs.len());
+    }
+
     /// The matrix's mask cases are consistent on the CPU (no GPU needed): for every mask case
     /// of the quick and full matrices at 512 tokens, the CPU forward through the case's spec
     /// (`gated(T):EXPR` included) equals the f64 oracle of the case's `allowed`, so a GPU
