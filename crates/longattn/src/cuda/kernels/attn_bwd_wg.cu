@@ -643,10 +643,10 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
 
-    // dK (times the softmax scale) and dV of this warp's 16 keys through shared memory, whole rows
-    // a store (la_warp_store_rows): dK through the Q stages, dV through the dO stages (each
-    // LA_BC x D 16-bit values fit one; free once both consumers' last products are in, the
-    // barrier); keys past Sk are not written.
+    // dK (times the softmax scale) and dV of this warp's 16 keys, written as whole rows through
+    // shared memory (la_warp_store_rows): dK through the Q stages, dV through the dO stages (each
+    // holds the tile's LA_BC x D 16-bit values), free once both consumers' last products are in
+    // (the barrier). Keys past Sk are not written.
     la_bar_sync(1 + LA_NWG, 128 * LA_NWG);
     const int r0 = c * 64 + warp * 16;
     const float dk_mul[2] = {p.scale, p.scale}, dv_mul[2] = {1.f, 1.f};

@@ -82,7 +82,7 @@ __device__ __forceinline__ void la_load_tile128(u16* s, const u16* g, i64 ss, F 
 // 4 j + 2, 4 j + 3 in row g + 8, columns 8 j + 2 t4 and + 1) written to global memory as 16-bit
 // values, row g + 8 hf times mul[hf], through shared memory: stmatrix into the warp's rows r0 ..
 // r0 + 15 of `stage` ([LA_D / 64][ROWS][64], 16-byte chunks XOR-swizzled by row), a warp barrier,
-// then 16-byte chunks of whole rows per lane (a warp store covers 512 contiguous-row bytes instead
+// then 16-byte chunks of whole rows per lane (a warp store writes 512 bytes of whole rows instead
 // of 16 bytes in each of 8 rows). The warp's row `row` (0 .. 15) goes to row row_of(row) of `g`
 // (row stride `ss` elements) where that lies below `limit`; only the first `cols` columns (a
 // multiple of 8) are written. The caller makes sure no one else uses those rows of `stage`
@@ -128,13 +128,6 @@ __device__ __forceinline__ void la_warp_store_rows(const float* acc, const float
     }
 }
 
-// Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's query rows
-// `row0` and `row1` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are not
-// written; a row with no allowed key (l = 0) gets 0 and -inf. Only the tensor's LA_DO columns are
-// written (a head dim padded to the kernel's LA_D: the padding's columns of O are zero).
-#ifndef LA_DO
-#define LA_DO LA_D
-#endif
 // Row sums of this thread's two query rows (l0, l1 summed over the quad): 1 / l into inv (0 for
 // a row with no allowed key), and the LSE (natural log) of row row_of(hf) where it lies below
 // Sq: (m + log2 l) ln 2, -inf for a row with no allowed key.
@@ -152,6 +145,14 @@ __device__ __forceinline__ void la_wg_row_lse(const P& p, float l0, float l1, fl
             p.lse[((i64)b * p.Hq + h) * p.Sq + r] = lsum > 0.f ? ((hf ? m1 : m0) + __log2f(lsum)) * LA_LN2 : -LA_INF;
     }
 }
+
+// Epilogue of the warpgroup kernels: O / l and the LSE (natural log) of this thread's query rows
+// `row0` and `row1` (l0, m0 and l1, m1; l summed over the quad here); rows past Sq are not
+// written; a row with no allowed key (l = 0) gets 0 and -inf. Only the tensor's LA_DO columns are
+// written (a head dim padded to the kernel's LA_D: the padding's columns of O are zero).
+#ifndef LA_DO
+#define LA_DO LA_D
+#endif
 template <typename P>
 __device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
                                             int b, int h, int row0, int row1, int t4) {
