@@ -93,8 +93,10 @@ pub(super) struct BwdSteps {
     /// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in; H100 2026-12-05: +1% full, -3 to -5% causal;
     /// 2026-12-06 with dK last and the producer's dQ adds: -1% to +4% at D 128): S^T and dP^T
     /// as two commit groups, P^T formed while dP^T still runs
-    /// (`LA_BWD_SPLITWAIT`; without soft-cap, at BR 64 (D 128) only; consumers get 240
-    /// registers, the producer 24, without which ptxas serializes the wgmma).
+    /// (`LA_BWD_SPLITWAIT`; without soft-cap; at BR 128 (D 64) only with the producer's dQ adds,
+    /// clean for ptxas there since 2026-12-06 and not yet run on a GPU; consumers get 240
+    /// registers, the producer 24, without which ptxas serializes the wgmma). FA4's Hopper
+    /// backward forms P this way at both head dims.
     split: bool,
     /// The order of the products after dS^T, `LONGATTN_CUDA_BWD_ORDER`: `dk_last` (the default
     /// since 2026-12-05, with `merge`, and since 2026-12-06 also with `split`: dK is issued
@@ -203,9 +205,12 @@ pub(super) fn kernel_build(
             defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
             let merge = steps.merge;
             defines.push(("LA_DQ_MERGE".into(), (merge as u8).to_string()));
-            // Not at BR 128 (D 64): S^T and dP^T of 128 queries held at once leave too few
-            // registers (ptxas serializes the wgmma, the compile test checks).
-            let split = steps.split && params.softcap.is_none() && br == 64;
+            // At BR 128 (D 64) S^T and dP^T of 128 queries are held at once: ptxas keeps the
+            // wgmma asynchronous and spills nothing there only when the producer's warps add dQ
+            // (`DqAdd::Warp`, or the deterministic mode); with bulk adds issued by the consumers
+            // it spills (the compile test checks both).
+            let warp_adds = steps.dq_add == DqAdd::Warp || ordered;
+            let split = steps.split && params.softcap.is_none() && (br == 64 || warp_adds);
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
             let dk_last = steps.dk_last && merge;
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
@@ -1053,6 +1058,14 @@ mod tests {
                             };
                             let (src, variant, _, _, _, defines) =
                                 kernel_build(kernel, dtype, d, &params, &program, steps);
+                            // The split wait where asked, without soft-cap; at D 64 (BR 128)
+                            // only with the producer's dQ adds.
+                            let split_on = defines
+                                .iter()
+                                .any(|(k, v)| k == "LA_BWD_SPLITWAIT" && v == "1");
+                            let want =
+                                split && softcap.is_none() && (d == 128 || dq_add == Warp || det);
+                            assert_eq!(split_on, want, "{variant} {defines:?}");
                             let name = format!("test_{variant}");
                             super::super::compile::assert_ptxas_clean(&name, &src, &defines);
                             n += 1;
