@@ -1558,10 +1558,10 @@ mod tests {
     /// compiles into the Hopper kernels it would meet: the forward of `TileCfg::choose` and the
     /// one-pass backward, fast and deterministic, at D 64 and 128, in plain tile order (the
     /// plans' patch-order and bit-table variants add defines not built here). NVRTC only, no
-    /// GPU: a mask
-    /// whose program a kernel cannot compile fails here instead of on the device's full
-    /// selftest (as document masks did in the backward until 2026-12-06). Kernels are compiled
-    /// once per distinct source and defines (mask constants are arguments, so most masks share).
+    /// GPU: a mask whose program a kernel cannot compile fails here instead of on the device's
+    /// full selftest (as document masks did in the backward until 2026-12-06). Kernels are
+    /// compiled once per distinct source and defines (mask constants are arguments, so most
+    /// masks share one).
     #[test]
     fn mask_case_kernels_compile_with_nvrtc() {
         use crate::attention::Dims;
@@ -1569,7 +1569,7 @@ mod tests {
         use crate::cuda::forward::{
             kernel_build as fwd_build, MaskHost, TileCfg, FWD_SOFTMAX_DEFAULT,
         };
-        if super::super::compile::test_programs().is_none() {
+        if crate::cuda::compile::test_programs().is_none() {
             return;
         }
         let mut seen = std::collections::HashSet::new();
@@ -1630,7 +1630,7 @@ mod tests {
                         break;
                     };
                     let file = format!("test_mask_case_{i}");
-                    if let Err(e) = super::super::compile::compile(&file, src, "sm_90a", defines) {
+                    if let Err(e) = crate::cuda::compile::compile(&file, src, "sm_90a", defines) {
                         panic!("{name}: {e}");
                     }
                 });
