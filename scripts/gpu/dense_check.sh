@@ -233,7 +233,8 @@ for mode in "${@:-selftest}"; do
     ;;
   ncu_bwd_src)
     # One config, NCU_SRC="mask:n:D" (default full:16k:128).
-    set -- $(echo "${NCU_SRC:-full:16k:128}" | tr : ' ')
+    cfg=${NCU_SRC:-full:16k:128}
+    set -- ${cfg//:/ }
     timeout 300 ncu --clock-control none --kernel-name la_bwd_wg --launch-skip 4 --launch-count 1 \
       --section SourceCounters --section WarpStateStats -o "$OUT/bwd_src" -f \
       /tmp/longattn bench --backend cuda --backward --masks "$1" --lens "$2" --dims "$3" \

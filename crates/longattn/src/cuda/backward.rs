@@ -830,8 +830,8 @@ mod tests {
         head_group, kernel_build, one_pass_smem, two_pass_halves, two_pass_smem, BwdKernel,
         LaBwdParams, LaBwdWsParams, BWD_COMMON, BWD_WG,
     };
-    use crate::attention::{AttnParams, Dims};
-    use crate::cuda::forward::{c_struct_layout, check_layout, offsets};
+    use crate::attention::{AttnParams, Dims, MaskSpec};
+    use crate::cuda::forward::{c_struct_layout, check_layout, offsets, MaskHost};
     use crate::tensor::DType;
 
     /// `LaBwdParams` and `LaBwdWsParams` are laid out as the kernels declare them (passed by
@@ -903,14 +903,9 @@ mod tests {
         }
     }
 
-    /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
-    /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
-    /// adds, dQ merged with dK last (the default) or split, in bf16 also merged with the split
-    /// wait (which soft-cap turns off) and with dK first ([`BwdSteps`]), with and without
-    /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing.
-    /// Document masks (element and interval programs, the run bounds read from `p.dlo` /
-    /// `p.dhi`) compile into the one-pass kernel at both head dims and in both modes: the
-    /// selftest's document cases are not in its quick set.
+    /// Document masks whose documents are runs of keys (element and interval programs, the run
+    /// bounds read from `p.dlo` / `p.dhi`), built as the plan builds them (`MaskHost`), compile
+    /// into the one-pass kernel at both head dims and in both modes, clean for ptxas.
     #[test]
     fn document_backward_kernels_compile_with_nvrtc() {
         if super::super::compile::test_programs().is_none() {
@@ -931,17 +926,29 @@ mod tests {
                 .unwrap()
                 .bind(shape, Some(docs))
                 .unwrap();
-            let mut program = bm.cuda_program().source;
-            program.push_str(&bm.cuda_interval_program().expect("runs").source);
             for d in [64, 128] {
+                let dims = Dims {
+                    batch: 1,
+                    sq: 500,
+                    sk: 500,
+                    hq: 1,
+                    hk: 1,
+                    d,
+                    dv: d,
+                };
                 for det in [false, true] {
                     let kernel = BwdKernel::choose(d, (9, 0), det);
+                    let BwdKernel::OnePassWgmma { br, bc, .. } = kernel else {
+                        panic!("D {d}: not the one-pass kernel on Hopper");
+                    };
+                    let h = MaskHost::new(MaskSpec::Expr(&bm), br, bc, dims).unwrap();
+                    assert!(h.program.contains("p.dlo"), "{expr}: no interval form");
                     let (src, variant, _, _, _, defines) = kernel_build(
                         kernel,
                         DType::BF16,
                         d,
                         &AttnParams::default(),
-                        &program,
+                        &h.program,
                         super::BwdSteps::defaults(),
                     );
                     let name = format!("test_doc_{variant}");
@@ -967,53 +974,38 @@ mod tests {
             d,
             dv: d,
         };
-        // 4k, D 64: 4 x 32 pairs of 32 key tiles; D 128: 4 x 16.
-        assert_eq!(
-            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, None),
-            4
-        );
-        assert_eq!(
-            head_group(sms, l2, &dims(4, 4096, 16, 128), false, 32, None),
-            4
-        );
-        // 16k: 128 key tiles fill a wave.
-        assert_eq!(
-            head_group(sms, l2, &dims(1, 16384, 32, 64), false, 128, None),
-            0
-        );
-        // One pair: nothing to group. A pair bigger than L2 / 4: as many as fit.
-        assert_eq!(
-            head_group(sms, l2, &dims(1, 4096, 1, 64), false, 32, None),
-            0
-        );
-        assert_eq!(
-            head_group(sms, l2, &dims(8, 65536 / 2, 2, 128), false, 32, None),
-            1
-        );
-        // Deterministic: L2 groups (4k D 64: 2 MiB a pair -> 25).
-        assert_eq!(
-            head_group(sms, l2, &dims(4, 4096, 32, 64), true, 32, None),
-            25
-        );
-        // Overrides, capped by the pairs; an unreadable one is the 3-D grid.
-        assert_eq!(
-            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, Some("0")),
-            0
-        );
-        assert_eq!(
-            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, Some("l2")),
-            25
-        );
-        assert_eq!(
-            head_group(sms, l2, &dims(1, 4096, 2, 64), false, 32, Some("8")),
-            2
-        );
-        assert_eq!(
-            head_group(sms, l2, &dims(4, 4096, 32, 64), false, 32, Some("x")),
-            0
-        );
+        // (dims, deterministic, key tiles, environment, pairs per group)
+        let cases = [
+            // 4k, D 64: 4 x 32 pairs of 32 key tiles; D 128: 4 x 16.
+            (dims(4, 4096, 32, 64), false, 32, None, 4),
+            (dims(4, 4096, 16, 128), false, 32, None, 4),
+            // 16k: 128 key tiles fill a wave.
+            (dims(1, 16384, 32, 64), false, 128, None, 0),
+            // One pair: nothing to group. A pair bigger than L2 / 4: as many as fit.
+            (dims(1, 4096, 1, 64), false, 32, None, 0),
+            (dims(8, 65536 / 2, 2, 128), false, 32, None, 1),
+            // Deterministic: L2 groups (4k D 64: 2 MiB a pair -> 25).
+            (dims(4, 4096, 32, 64), true, 32, None, 25),
+            // Overrides, capped by the pairs; an unreadable one is the 3-D grid.
+            (dims(4, 4096, 32, 64), false, 32, Some("0"), 0),
+            (dims(4, 4096, 32, 64), false, 32, Some("l2"), 25),
+            (dims(1, 4096, 2, 64), false, 32, Some("8"), 2),
+            (dims(4, 4096, 32, 64), false, 32, Some("x"), 0),
+        ];
+        for (dm, det, k_tiles, env, want) in cases {
+            assert_eq!(
+                head_group(sms, l2, &dm, det, k_tiles, env),
+                want,
+                "{dm:?} deterministic {det} key tiles {k_tiles} env {env:?}"
+            );
+        }
     }
 
+    /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
+    /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
+    /// adds, dQ merged with dK last (the default) or split, in bf16 also merged with the split
+    /// wait (which soft-cap turns off) and with dK first ([`BwdSteps`]), with and without
+    /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing.
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
         let Some((program, _)) = super::super::compile::test_programs() else {
