@@ -45,7 +45,12 @@
 #                                             # with FA4 and cuDNN in the same run
 #   bash scripts/gpu/dense_check.sh bwd       # the same for the backward at 4k / 16k
 #                                             # (fwd, bwd: SANDWICH=1 times ours again after the
-#                                             # peers, `bench --sandwich`)
+#                                             # peers, `bench --sandwich`; SUSTAIN=S runs every
+#                                             # kernel S seconds before its timing, `--sustain`:
+#                                             # the clock of sustained load, not of a burst)
+#   bash scripts/gpu/dense_check.sh power     # the forward under sustained load (ours, FA4; 16k,
+#                                             # 64k; POWER_SECS s each) with nvidia-smi's SM clock,
+#                                             # power and clock-event reasons per phase
 #   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
 #                                             # the mma.sync kernel it replaces
@@ -301,16 +306,66 @@ for mode in "${@:-selftest}"; do
   fwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --masks full,causal --lens ${LENS:-4k,16k,64k} \
-      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} ${SANDWICH:+--sandwich} --out "$OUT/fwd" > "$OUT/fwd.txt" 2>&1
+      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} ${SANDWICH:+--sandwich} ${SUSTAIN:+--sustain $SUSTAIN} \
+      --out "$OUT/fwd${SUSTAIN:+_sustain}" > "$OUT/fwd${SUSTAIN:+_sustain}.txt" 2>&1
     echo "bench fwd rc=$?"
-    sed -n '/^longattn bench/,$p' "$OUT/fwd.txt" | head -40
+    sed -n '/^longattn bench/,$p' "$OUT/fwd${SUSTAIN:+_sustain}.txt" | head -40
     ;;
   bwd)
     fa4_env
     timeout 500 /tmp/longattn bench --backend cuda --backward --masks full,causal --lens ${BLENS:-4k,16k} \
-      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} ${SANDWICH:+--sandwich} --out "$OUT/bwd" > "$OUT/bwd.txt" 2>&1
+      --dims 64,128 --compare torch --peers ${PEERS:-sdpa_cudnn,fa4} ${SANDWICH:+--sandwich} ${SUSTAIN:+--sustain $SUSTAIN} \
+      --out "$OUT/bwd${SUSTAIN:+_sustain}" > "$OUT/bwd${SUSTAIN:+_sustain}.txt" 2>&1
     echo "bench bwd rc=$?"
-    sed -n '/^longattn bench/,$p' "$OUT/bwd.txt" | head -40
+    sed -n '/^longattn bench/,$p' "$OUT/bwd${SUSTAIN:+_sustain}.txt" | head -40
+    ;;
+  power)
+    # The forward under sustained load (issue 14: 64k against 16k): ours (`bench --sustain`) and
+    # FA4 (fa4_sustained.py) in turn at POWER_LENS (default 16k 64k), full D 128, for POWER_SECS
+    # seconds each (default 4) with a pause between, while nvidia-smi samples the SM clock, the
+    # power and the clock-event reasons every 100 ms; then each phase's medians.
+    fa4_env
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_event_reasons.active,temperature.gpu \
+      --format=csv,noheader,nounits -lms 100 > "$OUT/power_smi.csv" 2>&1 &
+    smi=$!
+    : > "$OUT/power_phases.txt"
+    for n in ${POWER_LENS:-16k 64k}; do
+      for who in ours fa4; do
+        sleep 8
+        t0=$(date +%s.%N)
+        if [ $who = ours ]; then
+          timeout 200 /tmp/longattn bench --backend cuda --masks ${POWER_MASK:-full} --lens $n --dims 128 \
+            --sustain ${POWER_SECS:-4} --out "$OUT/power_$n" > "$OUT/power_ours_$n.txt" 2>&1
+          grep -E "^\| ${POWER_MASK:-full}" "$OUT/power_$n/report_cuda.md" | cut -d'|' -f2-7
+        else
+          timeout 200 python3 scripts/gpu/fa4_sustained.py ${POWER_MASK:-full} $n 128 ${POWER_SECS:-4} 2>&1 | tail -1
+        fi
+        echo "$who $n $t0 $(date +%s.%N)" >> "$OUT/power_phases.txt"
+      done
+    done
+    kill $smi
+    python3 - "$OUT/power_smi.csv" "$OUT/power_phases.txt" <<'PY'
+import statistics, sys
+from datetime import datetime
+rows = []
+for line in open(sys.argv[1]):
+    f = [x.strip() for x in line.split(",")]
+    try:
+        t = datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        rows.append((t, float(f[1]), float(f[2]), f[3], float(f[4])))
+    except (ValueError, IndexError):
+        pass
+for line in open(sys.argv[2]):
+    who, n, t0, t1 = line.split()
+    # The last half of each phase: the steady state the power cap settles into.
+    mid = (float(t0) + float(t1)) / 2
+    s = [r for r in rows if mid <= r[0] <= float(t1)]
+    if s:
+        reasons = sorted({r[3] for r in s})
+        print(f"{who} {n}: {len(s)} samples, SM clock median {statistics.median(r[1] for r in s):.0f} MHz, "
+              f"power median {statistics.median(r[2] for r in s):.0f} W, temp max {max(r[4] for r in s):.0f} C, "
+              f"reasons {' '.join(reasons)}")
+PY
     ;;
   d256)
     # D 256 and the padded head dims on the warp-specialized kernel (the default)

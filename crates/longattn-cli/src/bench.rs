@@ -102,6 +102,12 @@ pub struct Args {
     /// so that a clock drifting over the run weighs on both sides alike.
     #[arg(long)]
     pub(crate) sandwich: bool,
+    /// `--backend cuda`: before each config's timed launches, ours (fast and deterministic mode
+    /// apart) and every peer's run back to back for this many seconds, so that timing starts at
+    /// the clock the power cap settles into under sustained load rather than at the boost clock
+    /// a short burst still gets (default 0: the burst protocol of the earlier tables).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) sustain: f64,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
@@ -297,6 +303,17 @@ fn plan(a: &Args) -> Result<Plan> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if a.sustain != 0.0
+        && (a.backend != "cuda"
+            || a.sparse.is_some()
+            || a.linear.is_some()
+            || !(0.0..=600.0).contains(&a.sustain))
+    {
+        bail!(
+            "--sustain {}: seconds from 0 to 600, for the dense GPU suite (--backend cuda)",
+            a.sustain
+        );
+    }
     if a.sandwich && (a.backend != "cuda" || a.sparse.is_some() || a.linear.is_some()) {
         bail!("--sandwich belongs to the dense GPU suite (--backend cuda --compare torch)");
     }

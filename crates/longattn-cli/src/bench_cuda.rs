@@ -93,6 +93,8 @@ struct PeerJob<'a> {
     backward: bool,
     /// The peers to time (names of `PEERS`).
     peers: Vec<String>,
+    /// `--sustain`: seconds of back-to-back launches before each peer's timing.
+    sustain_s: f64,
     configs: &'a [PeerCfg],
 }
 
@@ -280,6 +282,7 @@ pub fn main(a: &Args) -> Result<()> {
             &PeerJob {
                 backward: a.backward,
                 peers: peers.clone(),
+                sustain_s: a.sustain,
                 configs: &peer_cfgs,
             },
             |l| {
@@ -567,6 +570,9 @@ fn run_one(
             for _ in 0..3 {
                 bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
             }
+            sustain(dev, a.sustain, || {
+                bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)
+            })?;
             let mut ts = Vec::with_capacity(reps);
             for _ in 0..reps {
                 ts.push(dev.time_ms(|| {
@@ -584,6 +590,7 @@ fn run_one(
         for _ in 0..3 {
             plan.launch(&q, &k, &v, &mut o, &mut lse)?;
         }
+        sustain(dev, a.sustain, || plan.launch(&q, &k, &v, &mut o, &mut lse))?;
         let mut ts = Vec::with_capacity(reps);
         for _ in 0..reps {
             ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
@@ -593,6 +600,23 @@ fn run_one(
     row.time_ms = Some(ms);
     row.tflops = Some(row.useful_flops / (ms * 1e-3) / 1e12);
     row.status = "ok".into();
+    Ok(())
+}
+
+/// `--sustain`: `launch` back to back for `secs` seconds (synchronized every few launches, so
+/// the queue stays short and the time is wall time), then one more synchronization.
+fn sustain(
+    dev: &CudaDevice,
+    secs: f64,
+    mut launch: impl FnMut() -> longattn::Result<()>,
+) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed().as_secs_f64() < secs {
+        for _ in 0..4 {
+            launch()?;
+        }
+        dev.synchronize()?;
+    }
     Ok(())
 }
 

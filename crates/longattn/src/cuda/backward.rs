@@ -80,6 +80,25 @@ enum DqAdd {
     Red,
 }
 
+/// How the one-pass kernel's consumers wait for the S^T and dP^T products,
+/// `LONGATTN_CUDA_BWD_WAIT` (`LA_BWD_SPLITWAIT`). The split wait issues them as two commit
+/// groups and forms P^T = exp(S^T - L) while dP^T still runs, as FA4's Hopper backward does;
+/// never with soft-cap, and at BR 128 (D 64), where S^T and dP^T of 128 queries are held at
+/// once, only when the producer's warps add dQ (with bulk adds issued by the consumers ptxas
+/// spills there; the compile test checks both). Consumers get 240 registers, the producer 24,
+/// without which ptxas serializes the wgmma.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// The default: split at D 64, one wait at D 128. H100 2026-12-06: split +4 to +6% at 4k
+    /// and full 16k D 64 (+1% causal 16k), but -1 to -7% at D 128 (causal 16k the worst),
+    /// docs/PERF.md.
+    Auto,
+    /// `one`: one wait for both products at every head dim.
+    One,
+    /// `split`: the split wait wherever it can run.
+    Split,
+}
+
 /// The one-pass kernel's optional steps, from the environment (read once per launch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct BwdSteps {
@@ -90,14 +109,8 @@ pub(super) struct BwdSteps {
     /// `split` (the earlier form: each consumer over its own 64 keys, two blocks added per
     /// consumer).
     merge: bool,
-    /// `LONGATTN_CUDA_BWD_WAIT=split` (opt-in; H100 2026-12-05: +1% full, -3 to -5% causal;
-    /// 2026-12-06 with dK last and the producer's dQ adds: -1% to +4% at D 128): S^T and dP^T
-    /// as two commit groups, P^T formed while dP^T still runs
-    /// (`LA_BWD_SPLITWAIT`; without soft-cap; at BR 128 (D 64) only with the producer's dQ adds,
-    /// clean for ptxas there since 2026-12-06 and not yet run on a GPU; consumers get 240
-    /// registers, the producer 24, without which ptxas serializes the wgmma). FA4's Hopper
-    /// backward forms P this way at both head dims.
-    split: bool,
+    /// How the consumers wait for S^T and dP^T, `LONGATTN_CUDA_BWD_WAIT` ([`Wait`]).
+    wait: Wait,
     /// The order of the products after dS^T, `LONGATTN_CUDA_BWD_ORDER`: `dk_last` (the default
     /// since 2026-12-05, with `merge`, and since 2026-12-06 also with `split`: dK is issued
     /// after the dQ product and runs while dQ is staged and added, `LA_BWD_DKLAST`; H200: +4%
@@ -118,7 +131,11 @@ pub(super) struct BwdSteps {
 impl BwdSteps {
     fn from_env() -> BwdSteps {
         let merge = std::env::var("LONGATTN_CUDA_BWD_DQ").as_deref() != Ok("split");
-        let split = std::env::var("LONGATTN_CUDA_BWD_WAIT").as_deref() == Ok("split");
+        let wait = match std::env::var("LONGATTN_CUDA_BWD_WAIT").as_deref() {
+            Ok("split") => Wait::Split,
+            Ok("one") => Wait::One,
+            _ => Wait::Auto,
+        };
         let knock = std::env::var("LONGATTN_CUDA_BWD_KNOCK")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -133,7 +150,7 @@ impl BwdSteps {
         }
         BwdSteps {
             merge,
-            split,
+            wait,
             dk_last: std::env::var("LONGATTN_CUDA_BWD_ORDER").as_deref() != Ok("dk_first"),
             dq_add: match std::env::var("LONGATTN_CUDA_BWD_DQ_ADD").as_deref() {
                 Ok("bulk") => DqAdd::Bulk,
@@ -149,13 +166,13 @@ impl BwdSteps {
         }
     }
 
-    /// The defaults (no environment): merged dQ, one wait, dK last, dQ added by the producer's
-    /// warps.
+    /// The defaults (no environment): merged dQ, the wait by head dim, dK last, dQ added by the
+    /// producer's warps.
     #[cfg(test)]
     pub(super) fn defaults() -> BwdSteps {
         BwdSteps {
             merge: true,
-            split: false,
+            wait: Wait::Auto,
             dk_last: true,
             dq_add: DqAdd::Warp,
             l2pre: 0,
@@ -205,12 +222,15 @@ pub(super) fn kernel_build(
             defines.push(("LA_ORDERED".into(), (ordered as u8).to_string()));
             let merge = steps.merge;
             defines.push(("LA_DQ_MERGE".into(), (merge as u8).to_string()));
-            // At BR 128 (D 64) S^T and dP^T of 128 queries are held at once: ptxas keeps the
-            // wgmma asynchronous and spills nothing there only when the producer's warps add dQ
-            // (`DqAdd::Warp`, or the deterministic mode); with bulk adds issued by the consumers
-            // it spills (the compile test checks both).
+            // The split wait ([`Wait`]): at BR 128 (D 64) only when the producer's warps add dQ
+            // (`DqAdd::Warp`, or the deterministic mode).
             let warp_adds = steps.dq_add == DqAdd::Warp || ordered;
-            let split = steps.split && params.softcap.is_none() && (br == 64 || warp_adds);
+            let asked = match steps.wait {
+                Wait::Auto => br == 128,
+                Wait::One => false,
+                Wait::Split => true,
+            };
+            let split = asked && params.softcap.is_none() && (br == 64 || warp_adds);
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
             let dk_last = steps.dk_last && merge;
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
@@ -1003,9 +1023,10 @@ mod tests {
 
     /// The one-pass kernel compiles under NVRTC for sm_90a in every mode (no GPU needed, only
     /// `libnvrtc`; skipped, and said so, without it): D 64 / 128, bf16 / f16, fast and ordered
-    /// adds, dQ merged with dK last (the default) or split, in bf16 also merged with the split
-    /// wait (which soft-cap turns off) and with dK first ([`BwdSteps`]), with and without
-    /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing.
+    /// adds, dQ merged with dK last (the default, the split wait at D 64 only) or split, in bf16
+    /// also merged with the split wait at both head dims (which soft-cap turns off), with one
+    /// wait at both, and with dK first ([`BwdSteps`]), with and without soft-cap; ptxas keeps
+    /// every wgmma asynchronous and spills nothing.
     #[test]
     fn one_pass_kernels_compile_with_nvrtc() {
         let Some((program, _)) = super::super::compile::test_programs() else {
@@ -1017,24 +1038,27 @@ mod tests {
                 let kernel = BwdKernel::choose(d, (9, 0), det);
                 assert!(matches!(kernel, BwdKernel::OnePassWgmma { .. }));
                 for dtype in [DType::BF16, DType::F16] {
-                    // (merge, split wait, dK last, dQ adds): the default (merged, dK last, the
-                    // producer's adder warps), split; in bf16 also merged with the split wait
-                    // (dK first / last, with and without the adder warps), merged with dK
-                    // first, and the default with vector reductions or with bulk adds issued by
-                    // the consumers.
+                    // (merge, wait, dK last, dQ adds): the default (merged, the wait by head
+                    // dim, dK last, the producer's adder warps), split dQ with one wait; in bf16
+                    // also merged with the split wait everywhere (dK first / last, with and
+                    // without the adder warps), with one wait everywhere (dK last / first), and
+                    // the default with vector reductions or with bulk adds issued by the
+                    // consumers.
                     use super::DqAdd::{Bulk, Red, Warp};
-                    let mut steps = vec![(true, false, true, Warp), (false, false, false, Warp)];
+                    use super::Wait::{Auto, One, Split};
+                    let mut steps = vec![(true, Auto, true, Warp), (false, One, false, Warp)];
                     if dtype == DType::BF16 {
                         steps.extend([
-                            (true, true, false, Warp),
-                            (true, true, true, Bulk),
-                            (true, true, true, Warp),
-                            (true, false, false, Warp),
-                            (true, false, true, Red),
-                            (true, false, true, Bulk),
+                            (true, Split, false, Warp),
+                            (true, Split, true, Bulk),
+                            (true, Split, true, Warp),
+                            (true, One, true, Warp),
+                            (true, One, false, Warp),
+                            (true, Auto, true, Red),
+                            (true, Auto, true, Bulk),
                         ]);
                     }
-                    for (merge, split, dk_last, dq_add) in steps {
+                    for (merge, wait, dk_last, dq_add) in steps {
                         for softcap in [None, Some(20.0)] {
                             let params = AttnParams {
                                 softcap,
@@ -1042,7 +1066,7 @@ mod tests {
                             };
                             let steps = super::BwdSteps {
                                 merge,
-                                split,
+                                wait,
                                 dk_last,
                                 dq_add,
                                 l2pre: 0,
@@ -1050,13 +1074,18 @@ mod tests {
                             };
                             let (src, variant, _, _, _, defines) =
                                 kernel_build(kernel, dtype, d, &params, &program, steps);
-                            // The split wait where asked, without soft-cap; at D 64 (BR 128)
-                            // only with the producer's dQ adds.
+                            // The split wait where asked (by default at D 64 only), without
+                            // soft-cap; at D 64 (BR 128) only with the producer's dQ adds.
                             let split_on = defines
                                 .iter()
                                 .any(|(k, v)| k == "LA_BWD_SPLITWAIT" && v == "1");
+                            let asked = match wait {
+                                Auto => d == 64,
+                                One => false,
+                                Split => true,
+                            };
                             let want =
-                                split && softcap.is_none() && (d == 128 || dq_add == Warp || det);
+                                asked && softcap.is_none() && (d == 128 || dq_add == Warp || det);
                             assert_eq!(split_on, want, "{variant} {defines:?}");
                             let name = format!("test_{variant}");
                             super::super::compile::assert_ptxas_clean(&name, &src, &defines);
@@ -1066,7 +1095,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(n, 80);
+        assert_eq!(n, 88);
     }
 
     /// The opt-in L2 preload (`LONGATTN_CUDA_BWD_L2PRE`) keeps the one-pass kernel clean for
