@@ -5,7 +5,8 @@
 #   bash scripts/gpu/dense_check.sh selftest  # selftest --backend cuda --quick --jobs 8 (every group;
 #                                             # JOBS processes compile and run shares at once)
 #   bash scripts/gpu/dense_check.sh order     # forward TFLOP/s per head-group order
-#                                             # (LONGATTN_CUDA_HGROUP; HGROUPS="1 2 4 16") at 16k / 64k
+#                                             # (LONGATTN_CUDA_HGROUP; HGROUPS="1 2 4 16") at
+#                                             # ORDER_LENS (16k,64k); SUSTAIN=S: `--sustain S`
 #   bash scripts/gpu/dense_check.sh tiles     # forward TFLOP/s per tile config (LONGATTN_CUDA_WS;
 #                                             # WS_CFGS, TILE_D, TILE_LENS)
 #   bash scripts/gpu/dense_check.sh softmax   # forward TFLOP/s per softmax step
@@ -19,7 +20,8 @@
 #                                             # of SM, DRAM and L2, L2 hit rate (where the 64k loss goes)
 #   bash scripts/gpu/dense_check.sh ncu_fwd   # Nsight Compute on one forward launch of ours and
 #                                             # one of FA4's per config (NCU_FWD="full:4k:64 ..."):
-#                                             # stall reasons, issue slots, pipes
+#                                             # stall reasons, issue slots, pipes (NCU_MEM=1:
+#                                             # DRAM bytes and L2 hit rate instead)
 #   bash scripts/gpu/dense_check.sh ncu_bwd   # Nsight Compute on one backward launch per config
 #                                             # (NCU_BWD="full 16k 128" ...): stall reasons,
 #                                             # issue slots, pipes, memory
@@ -80,10 +82,10 @@ for mode in "${@:-selftest}"; do
     for g in ${HGROUPS:-1 2 16}; do
       echo "== LONGATTN_CUDA_HGROUP=$g"
       LONGATTN_CUDA_HGROUP=$g timeout 200 /tmp/longattn bench --backend cuda --masks full,causal \
-        --lens 16k,64k --dims 128 --out "$OUT/order_$g" > /dev/null 2>&1
+        --lens ${ORDER_LENS:-16k,64k} --dims 128 ${SUSTAIN:+--sustain $SUSTAIN} --out "$OUT/order_$g" > /dev/null 2>&1
       grep -E "^\| (full|causal)" "$OUT/order_$g/report_cuda.md" | cut -d'|' -f2-7
     done 2>&1 | tee "$OUT/order.txt"
-    echo "== default (L2 rule)" | tee -a "$OUT/order.txt"
+    echo "== default (one head at a time)" | tee -a "$OUT/order.txt"
     timeout 200 /tmp/longattn bench --backend cuda --masks full,causal --lens 4k,16k,64k --dims 64,128 \
       --out "$OUT/order_default" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/order_default/report_cuda.md" | cut -d'|' -f2-7 | tee -a "$OUT/order.txt"
@@ -148,13 +150,19 @@ for mode in "${@:-selftest}"; do
           kn=regex:ForwardSm90; skip=2
           cmd="python3 scripts/gpu/fa4_bwd.py $1 $2 $3"
         fi
+        if [ -n "${NCU_MEM:-}" ]; then
+          # NCU_MEM=1: memory traffic only (DRAM bytes, L2 hit rate; energy the power cap
+          # charges though a burst does not wait for it).
+          what=(--metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,lts__t_bytes.sum,gpu__time_duration.sum)
+        else
+          what=(--section SpeedOfLight --section WarpStateStats --section SchedulerStats
+            --section ComputeWorkloadAnalysis --section LaunchStats --section InstructionStats
+            --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_.*(tensor|xu|fma|alu).*cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_(xu|fma|alu|fmaheavy|fmalite|tensor).*\.sum$')
+        fi
         timeout 240 ncu --clock-control none --kernel-name $kn --launch-skip $skip --launch-count 1 \
-          --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
-          --section ComputeWorkloadAnalysis --section LaunchStats --section InstructionStats \
-          --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_.*(tensor|xu|fma|alu).*cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_(xu|fma|alu|fmaheavy|fmalite|tensor).*\.sum$' \
-          $cmd > "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" 2>&1
+          "${what[@]}" $cmd > "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" 2>&1
         echo "ncu rc=$?"
-        grep -E "Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp|No Eligible|Eligible Warps|Registers|Executed Ipc A|Executed Instructions  |Grid Size|Block Size|pipe_|inst_executed_pipe|==ERR|No kernels" \
+        grep -E "dram__bytes|lts__t|gpu__time|Duration|Compute \(SM\) Throughput|Issue Slots Busy|Issued Warp|No Eligible|Eligible Warps|Registers|Executed Ipc A|Executed Instructions  |Grid Size|Block Size|pipe_|inst_executed_pipe|==ERR|No kernels" \
           "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" | head -40
         grep -E "issue_stalled" "$OUT/ncu_fwd_${who}_$1_$2_$3.txt" | awk '{print $NF, $1}' | sort -gr | head -8
       done

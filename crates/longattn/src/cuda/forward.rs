@@ -47,24 +47,22 @@ pub(crate) fn env_off(key: &str) -> bool {
 }
 
 /// How many (batch, head) pairs the warp-specialized kernel walks together ([`ws_work_list`]):
-/// the query heads whose keys and values (a KV head's `Sk D` keys and as many values, read by
-/// `Hq / Hk` query heads) fill half of L2, at least 1; heavy mask programs (`one_head`) take 1.
-/// `LONGATTN_CUDA_HGROUP=N` sets it (tuning runs; `B Hq`: every head at once).
-fn ws_head_group(dev: &CudaDevice, dims: &Dims, one_head: bool) -> usize {
-    let pairs = (dims.batch * dims.hq).max(1);
-    if let Some(g) = std::env::var("LONGATTN_CUDA_HGROUP")
+/// one, heads outermost, so that the blocks running at once read the keys and values of as few
+/// heads as the query tiles allow. `LONGATTN_CUDA_HGROUP=N` sets it (tuning runs).
+///
+/// Until 2026-12-06 the group was the query heads whose keys and values fill half of L2 (3 at
+/// 16k D 128). One head at a time was as fast or faster in every call that compared them: the
+/// first H200 table (full / causal 16k D 128 620 / 676 against 603-619 / 651-652), and on an
+/// H100 under sustained load (`bench --sustain 2`, full 4k D 64 / 128 +5% / +9%, 16k +4% / +2%;
+/// 16k read 520 MB from DRAM per launch with 3 heads, L2 hit rate 92.8%: power the cap takes
+/// from the clock) and in short bursts (geometric mean +1.2% over full / causal 4k / 16k),
+/// docs/PERF.md.
+fn ws_head_group(pairs: usize) -> usize {
+    std::env::var("LONGATTN_CUDA_HGROUP")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&g| g > 0)
-    {
-        return g.min(pairs);
-    }
-    if one_head {
-        return 1;
-    }
-    let kv_bytes = 2 * dims.sk * dims.d * 2;
-    let per_query_head = (kv_bytes / (dims.hq / dims.hk.max(1)).max(1)).max(1);
-    (dev.l2_bytes / 2 / per_query_head).clamp(1, pairs)
+        .map_or(1, |g| g.min(pairs.max(1)))
 }
 
 /// The warp-specialized kernel's work lists: `blocks + 1` offsets, then every item
@@ -1222,13 +1220,9 @@ impl FwdPlan {
                 .max(1);
                 let t1 = Instant::now();
                 let s = &dm.sched;
-                let list = ws_work_list(
-                    pairs,
-                    q_tiles,
-                    ws_head_group(dev, &dims, qfirst),
-                    blocks,
-                    |bh, qt| s.row(bh / dims.hq, bh % dims.hq, qt).len(),
-                );
+                let list = ws_work_list(pairs, q_tiles, ws_head_group(pairs), blocks, |bh, qt| {
+                    s.row(bh / dims.hq, bh % dims.hq, qt).len()
+                });
                 work = Some(dev.upload(&list)?);
                 schedule_seconds += t1.elapsed().as_secs_f64();
                 (blocks as u32, 1, 1)
