@@ -365,9 +365,12 @@ for line in open(sys.argv[1]):
         pass
 for line in open(sys.argv[2]):
     who, n, t0, t1 = line.split()
-    # The last half of each phase: the steady state the power cap settles into.
-    mid = (float(t0) + float(t1)) / 2
-    s = [r for r in rows if mid <= r[0] <= float(t1)]
+    # The phase's loaded samples (power at least half its peak: the kernel's run, not the
+    # bench's checks on the host), after the first second (the ramp up to the power cap).
+    s = [r for r in rows if float(t0) <= r[0] <= float(t1)]
+    peak = max((r[2] for r in s), default=0.0)
+    s = [r for r in s if r[2] >= peak / 2]
+    s = [r for r in s if r[0] >= s[0][0] + 1.0] if s else s
     if s:
         reasons = sorted({r[3] for r in s})
         print(f"{who} {n}: {len(s)} samples, SM clock median {statistics.median(r[1] for r in s):.0f} MHz, "

@@ -1447,3 +1447,32 @@ fn bench_sandwich_needs_the_gpu_suite_with_peers() {
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// `bench --sustain S` takes seconds from 0 to 600 and belongs to the dense GPU suite: out of
+/// range, not a number, or elsewhere, a clear error before any device is opened.
+#[test]
+fn bench_sustain_is_checked_before_any_device() {
+    for args in [
+        vec!["bench", "--sustain", "2"],
+        vec!["bench", "--backend", "cuda", "--sustain", "700"],
+        vec!["bench", "--backend", "cuda", "--sustain", "nan"],
+        vec!["bench", "--backend", "cuda", "--sustain", "inf"],
+        vec![
+            "bench",
+            "--backend",
+            "cuda",
+            "--sustain",
+            "1",
+            "--linear",
+            "simple_gla",
+        ],
+    ] {
+        let o = bin().args(&args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(
+            e.contains("--sustain") && e.contains("seconds from 0 to 600"),
+            "{args:?}: {e}"
+        );
+    }
+}
