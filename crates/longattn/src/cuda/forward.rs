@@ -51,12 +51,12 @@ pub(crate) fn env_off(key: &str) -> bool {
 /// heads as the query tiles allow. `LONGATTN_CUDA_HGROUP=N` sets it (tuning runs).
 ///
 /// Until 2026-12-06 the group was the query heads whose keys and values fill half of L2 (3 at
-/// 16k D 128). One head at a time was as fast or faster in every call that compared them: the
-/// first H200 table (full / causal 16k D 128 620 / 676 against 603-619 / 651-652), and on an
-/// H100 under sustained load (`bench --sustain 2`, full 4k D 64 / 128 +5% / +9%, 16k +4% / +2%;
-/// 16k read 520 MB from DRAM per launch with 3 heads, L2 hit rate 92.8%: power the cap takes
-/// from the clock) and in short bursts (geometric mean +1.2% over full / causal 4k / 16k),
-/// docs/PERF.md.
+/// 16k D 128). One head at a time was faster on the whole in every call that compared them:
+/// the first H200 table (full / causal 16k D 128 620 / 676 against 603-619 / 651-652), and on
+/// an H100 under sustained load (`bench --sustain 2`, full 4k D 64 / 128 +5% / +9%, 16k +4% /
+/// +2%; 16k read 520 MB from DRAM per launch with 3 heads, L2 hit rate 92.8%: power the cap
+/// takes from the clock) and in short bursts (geometric mean +1.2% over full / causal 4k / 16k,
+/// from -2% to +4% per config), docs/PERF.md.
 fn ws_head_group(pairs: usize) -> usize {
     std::env::var("LONGATTN_CUDA_HGROUP")
         .ok()
