@@ -9,7 +9,9 @@
 //!    (median of 3) and the kernel's compile/load time reported;
 //! 3. one warm-up launch whose output is CHECKED on batch row 0, the first and last heads and
 //!    `--check-rows` rows against the f64 oracle (a failing config is not timed);
-//! 4. timing with CUDA events around each launch, median of max(--reps, 20) launches;
+//! 4. timing by `triton.testing.do_bench`'s protocol, which times the peers (`time_like_do_bench`:
+//!    an L2 flush before every timed launch, warm-up and run counts from an estimate, events
+//!    read after the last run; `--sustain S`: S seconds of warm-up on both sides), median;
 //!    useful TFLOP/s = 4 * Hq * D * (allowed pairs over the batch) / time.
 //!
 //! With `--compare torch` the peers (`peer_torch_cuda.py`) run afterwards in the same process run
@@ -499,7 +501,6 @@ fn run_one(
         row.note = format!("rel err {:.2e}, lse err {:.2e}", chk.rel_err, chk.lse_err);
         return Ok(());
     }
-    let reps = a.reps.max(20);
     let ms = if a.backward {
         let dout = longattn::testing::random_tensor(
             dt,
@@ -567,35 +568,17 @@ fn run_one(
             }
         }
         let mut time = |bp: &BwdPlan| -> Result<f64> {
-            for _ in 0..3 {
-                bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)?;
-            }
-            sustain(dev, a.sustain, || {
+            time_like_do_bench(dev, a, || {
                 bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)
-            })?;
-            let mut ts = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                ts.push(dev.time_ms(|| {
-                    bp.launch(&q, &k, &v, &o, &lse, &dod, &mut dq, &mut dk, &mut dv)
-                })?);
-            }
-            Ok(median(ts))
+            })
         };
-        // Fast mode first: its launches are the 3rd to 5th of the row (warm-up; profilers skip
-        // to them with `--launch-skip 4`).
+        // Fast mode first: the row's launches 3 to 8 are its first run and its five estimate
+        // runs (after the two checks), where profilers skip to with `--launch-skip 4`.
         let fast_ms = time(&fast)?;
         row.det_ms = Some(time(&det)?);
         fast_ms
     } else {
-        for _ in 0..3 {
-            plan.launch(&q, &k, &v, &mut o, &mut lse)?;
-        }
-        sustain(dev, a.sustain, || plan.launch(&q, &k, &v, &mut o, &mut lse))?;
-        let mut ts = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            ts.push(dev.time_ms(|| plan.launch(&q, &k, &v, &mut o, &mut lse))?);
-        }
-        median(ts)
+        time_like_do_bench(dev, a, || plan.launch(&q, &k, &v, &mut o, &mut lse))?
     };
     row.time_ms = Some(ms);
     row.tflops = Some(row.useful_flops / (ms * 1e-3) / 1e12);
@@ -603,21 +586,62 @@ fn run_one(
     Ok(())
 }
 
-/// `--sustain`: `launch` back to back for `secs` seconds (synchronized every few launches, so
-/// the queue stays short and the time is wall time), then one more synchronization.
-fn sustain(
+/// Bytes zeroed before every timed run to flush L2, as `triton.testing.do_bench` does.
+const FLUSH_BYTES: usize = 256 << 20;
+/// `do_bench`'s span of timed runs, in ms (its `rep`, as the peers call it).
+const REP_MS: f64 = 100.0;
+
+/// Our time of one config, in ms, by `triton.testing.do_bench`'s protocol, which times the
+/// peers (`peer_torch_cuda.py`), so that both sides put the same load on the device before and
+/// while they are timed (under sustained load the power cap lowers the clock: a side timed
+/// longer, or without the flushes' pauses, runs slower). One run and a synchronization; five
+/// runs each after an L2 flush estimate a run's time t (flushes included, as there); the
+/// warm-up, `do_bench_counts(t, ..).0` runs back to back; then `.1` timed runs, each after a
+/// flush, enqueued without synchronizing; the median. The warm-up is 25 ms, or `--sustain`
+/// seconds.
+fn time_like_do_bench(
     dev: &CudaDevice,
-    secs: f64,
+    a: &Args,
     mut launch: impl FnMut() -> longattn::Result<()>,
-) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    while t0.elapsed().as_secs_f64() < secs {
-        for _ in 0..4 {
+) -> Result<f64> {
+    let mut flush = dev.scratch(FLUSH_BYTES)?;
+    launch()?;
+    dev.synchronize()?;
+    let five = dev.time_ms(|| {
+        for _ in 0..5 {
+            dev.zero(&mut flush)?;
             launch()?;
         }
-        dev.synchronize()?;
+        Ok(())
+    })?;
+    let (warm, runs) = do_bench_counts(five / 5.0, warmup_ms(a.sustain), REP_MS, a.reps);
+    for _ in 0..warm {
+        launch()?;
     }
-    Ok(())
+    Ok(median(dev.time_runs(runs, Some(&mut flush), launch)?))
+}
+
+/// `do_bench`'s warm-up in ms: 25, or `--sustain` seconds (the peer script takes the same).
+fn warmup_ms(sustain_s: f64) -> f64 {
+    (1000.0 * sustain_s).max(25.0)
+}
+
+/// `do_bench`'s run counts for an estimated run of `estimate_ms`: max(1, warmup / t) warm-up
+/// runs and max(1, rep / t) timed runs (truncated, as Python's `int`), here at least `min_runs`
+/// (`--reps`). The estimate includes the flushes (~0.1 ms), so t is never near 0; the counts
+/// are capped all the same (10^7 warm-up runs, 10^4 timed ones, whose events are held).
+fn do_bench_counts(
+    estimate_ms: f64,
+    warmup_ms: f64,
+    rep_ms: f64,
+    min_runs: usize,
+) -> (usize, usize) {
+    let t = estimate_ms.max(1e-6);
+    let count = |span: f64, cap: usize| ((span / t) as usize).clamp(1, cap);
+    (
+        count(warmup_ms, 10_000_000),
+        count(rep_ms, 10_000).max(min_runs),
+    )
 }
 
 fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Result<()> {
@@ -734,4 +758,33 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
         serde_json::to_vec_pretty(rows)?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The run counts follow `triton.testing.do_bench` (n_warmup = max(1, int(warmup / t)),
+    /// n_repeat = max(1, int(rep / t))), ours with at least `--reps` timed runs; the warm-up is
+    /// 25 ms or `--sustain` seconds.
+    #[test]
+    fn run_counts_follow_do_bench() {
+        for (t, warm, min, want) in [
+            (0.85, 25.0, 3, (29, 117)),  // 4k D 128: 117 runs of ~0.85 ms in 100 ms
+            (3.1, 25.0, 3, (8, 32)),     // 16k
+            (52.0, 25.0, 3, (1, 3)),     // 64k: do_bench would time 1 run, we time 3
+            (52.0, 25.0, 1, (1, 1)),     // with --reps 1 exactly do_bench's
+            (3.1, 2000.0, 3, (645, 32)), // --sustain 2
+            (0.0, 25.0, 3, (10_000_000, 10_000)), // a zero estimate: the caps
+        ] {
+            assert_eq!(
+                do_bench_counts(t, warm, REP_MS, min),
+                want,
+                "t {t} warm {warm}"
+            );
+        }
+        assert_eq!(warmup_ms(0.0), 25.0);
+        assert_eq!(warmup_ms(0.01), 25.0);
+        assert_eq!(warmup_ms(2.0), 2000.0);
+    }
 }

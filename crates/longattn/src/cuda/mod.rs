@@ -306,6 +306,47 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(drv("synchronize"))
     }
+
+    /// A zero-filled device buffer of `bytes` bytes (scratch, e.g. an L2 flush for [`Self::zero`]).
+    pub fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(drv("alloc"))
+    }
+
+    /// Enqueues the zeroing of `buf` (as `torch.Tensor.zero_` does to flush L2 in
+    /// `triton.testing.do_bench`).
+    pub fn zero(&self, buf: &mut CudaSlice<u8>) -> Result<()> {
+        self.stream.memset_zeros(buf).map_err(drv("memset"))
+    }
+
+    /// Device times of `n` runs of the work `f` enqueues, each after a zeroing of `flush` (when
+    /// given; outside the timed span), enqueued back to back with no synchronization between
+    /// them and read once all are done: `triton.testing.do_bench`'s timed loop, so that a
+    /// benchmark of ours and of a peer timed by it put the same load on the device.
+    pub fn time_runs(
+        &self,
+        n: usize,
+        mut flush: Option<&mut CudaSlice<u8>>,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<Vec<f64>> {
+        let flags = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            if let Some(buf) = flush.as_deref_mut() {
+                self.zero(buf)?;
+            }
+            let e0 = self.stream.record_event(flags).map_err(drv("event"))?;
+            f()?;
+            let e1 = self.stream.record_event(flags).map_err(drv("event"))?;
+            events.push((e0, e1));
+        }
+        self.synchronize()?;
+        events
+            .iter()
+            .map(|(e0, e1)| Ok(e0.elapsed_ms(e1).map_err(drv("event"))? as f64))
+            .collect()
+    }
 }
 
 /// A caller's device allocation seen as a `CudaSlice<T>` for the length of a call: never freed
