@@ -78,7 +78,9 @@ pub struct Args {
     /// Minimum timed repetitions per config.
     #[arg(long, default_value_t = 3)]
     pub(crate) reps: usize,
-    /// Time each config at least this long, in seconds (default 0.5; 0.1 with --quick).
+    /// Time each config at least this long, in seconds (default 0.5; 0.1 with --quick). The CPU
+    /// suites; the dense GPU suite times as `triton.testing.do_bench` does (100 ms of runs; a
+    /// longer warm-up with --sustain).
     #[arg(long)]
     pub(crate) min_time: Option<f64>,
     /// Query rows checked against the f64 oracle (per checked head).
