@@ -618,7 +618,7 @@ fn time_like_do_bench(
     for _ in 0..warm {
         launch()?;
     }
-    Ok(median(dev.time_runs(runs, Some(&mut flush), launch)?))
+    Ok(median(dev.time_runs(runs, &mut flush, launch)?))
 }
 
 /// `do_bench`'s warm-up in ms: 25, or `--sustain` seconds (the peer script takes the same).

@@ -320,22 +320,20 @@ impl CudaDevice {
         self.stream.memset_zeros(buf).map_err(drv("memset"))
     }
 
-    /// Device times of `n` runs of the work `f` enqueues, each after a zeroing of `flush` (when
-    /// given; outside the timed span), enqueued back to back with no synchronization between
-    /// them and read once all are done: `triton.testing.do_bench`'s timed loop, so that a
-    /// benchmark of ours and of a peer timed by it put the same load on the device.
+    /// Device times of `n` runs of the work `f` enqueues, each after a zeroing of `flush`
+    /// (outside the timed span), enqueued back to back with no synchronization between them and
+    /// read once all are done: `triton.testing.do_bench`'s timed loop, so that a benchmark of
+    /// ours and of a peer timed by it put the same load on the device.
     pub fn time_runs(
         &self,
         n: usize,
-        mut flush: Option<&mut CudaSlice<u8>>,
+        flush: &mut CudaSlice<u8>,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<Vec<f64>> {
         let flags = Some(cu::CUevent_flags::CU_EVENT_DEFAULT);
         let mut events = Vec::with_capacity(n);
         for _ in 0..n {
-            if let Some(buf) = flush.as_deref_mut() {
-                self.zero(buf)?;
-            }
+            self.zero(flush)?;
             let e0 = self.stream.record_event(flags).map_err(drv("event"))?;
             f()?;
             let e1 = self.stream.record_event(flags).map_err(drv("event"))?;
