@@ -1980,7 +1980,8 @@ mod tests {
     /// The warp-specialized kernel's epilogue and descriptor variants compile for every tile,
     /// bf16 / f16, without spills or serialized wgmma (NVRTC; skipped without `libnvrtc`): the
     /// defaults with and without skip-softmax, which stage the epilogue (`LA_O_STAGE`) up to
-    /// D 128 except with skip-softmax on three consumers, and descriptors formed from the
+    /// D 128 except with skip-softmax on three consumers and carry an item's last P V into the
+    /// next item (`LA_CARRY`) except with skip-softmax, and descriptors formed from the
     /// addresses (`LONGATTN_CUDA_FWD_DESC=address`, `LA_DESC_ADD` 0).
     #[test]
     fn warp_specialized_variants_compile_clean() {
@@ -2005,6 +2006,8 @@ mod tests {
                     let staged = defines.iter().any(|(k, v)| k == "LA_O_STAGE" && v == "1");
                     let three_skip = tile.warps == 16 && skip.is_some();
                     assert_eq!(staged, d <= 128 && !three_skip, "{tag} d{d}");
+                    let carry = defines.iter().any(|(k, v)| k == "LA_CARRY" && v == "1");
+                    assert_eq!(carry, skip.is_none(), "{tag} d{d}");
                     if address {
                         for (k, v) in defines.iter_mut() {
                             if k == "LA_DESC_ADD" {

@@ -25,7 +25,9 @@
 // Blocks are persistent (one or two per SM, LA_MINB): each walks its list of work items (query
 // tile, batch, head), built on the host for L2 reuse and balance (ws_work_list in forward.rs), so
 // the producer loads the next item's Q, K and V while the consumers still finish (softmax tail,
-// output stores) the current one.
+// output stores) the current one. With LA_CARRY the consumers' item boundary overlaps too: an
+// item's last P V is issued behind the next item's S_0 and runs under its softmax, and the
+// item's output is stored after that (its LSE before: it needs only m and l).
 //
 // Patch order (LA_PATCH = 1, 2-D neighborhoods; mask/patch.rs, tile_tokens.cuh): the producer
 // loads a query or key tile as one 5-D box of the grid (PH rows of PW tokens, the tile's rows in
@@ -47,7 +49,8 @@
 // dropped} per warpgroup go to skip_stats once per block.
 //
 // Compile-time constants: LA_F16, LA_D (64, 128 or 256), LA_BC (64 or 128), LA_NWG (consumer
-// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, and the mask program la_mask.
+// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, LA_O_STAGE, LA_CARRY, LA_DESC_ADD, and the
+// mask program la_mask.
 //
 // D 256 (two consumers, 64-key tiles): O takes 128 registers a thread, P V is one m64n256k16
 // product per 16 keys; shared memory holds one Q stage (64 KiB) and two of K and V (32 KiB each).
