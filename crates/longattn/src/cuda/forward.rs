@@ -1481,13 +1481,6 @@ fn fwd_o_stage() -> bool {
     std::env::var("LONGATTN_CUDA_FWD_OSTAGE").as_deref() != Ok("0")
 }
 
-/// `LONGATTN_CUDA_FWD_CARRY`: whether the warp-specialized forward defers an item's last P V and
-/// epilogue into the next item's first tile (`LA_CARRY` in attn_fwd_ws.cu; the default, not with
-/// skip-softmax) or runs them before the next item starts (`0`).
-fn fwd_carry() -> bool {
-    std::env::var("LONGATTN_CUDA_FWD_CARRY").as_deref() != Ok("0")
-}
-
 /// Whether the warp-specialized forward takes D 256 and the padded head dims ([`ws_dim`]): the
 /// default since the selftest passed them on an H100 (D 256 at 0.87x FA4 against the mma.sync
 /// kernel's 0.24x, 2026-12-06, docs/PERF.md); `LONGATTN_CUDA_WS_WIDE=0` keeps them on mma.sync.
@@ -1593,12 +1586,6 @@ pub(super) fn kernel_build(
         let o_spills = nwg == 3 && params.skip_below.is_some();
         if fwd_o_stage() && kernel_dim(tile, d) <= 128 && !o_spills {
             defines.push(("LA_O_STAGE".into(), "1".into()));
-        }
-        // An item's last P V under the next item's first softmax (`LA_CARRY`), unless
-        // `LONGATTN_CUDA_FWD_CARRY=0`; not with skip-softmax, whose dropped last P V would leave
-        // an empty commit group in front of the next S_0's wait.
-        if fwd_carry() && params.skip_below.is_none() {
-            defines.push(("LA_CARRY".into(), "1".into()));
         }
     }
     // Skip-softmax: a step of the warp-specialized kernel only (the plan refuses it elsewhere).
@@ -1980,8 +1967,7 @@ mod tests {
     /// The warp-specialized kernel's epilogue and descriptor variants compile for every tile,
     /// bf16 / f16, without spills or serialized wgmma (NVRTC; skipped without `libnvrtc`): the
     /// defaults with and without skip-softmax, which stage the epilogue (`LA_O_STAGE`) up to
-    /// D 128 except with skip-softmax on three consumers and carry an item's last P V into the
-    /// next item (`LA_CARRY`) except with skip-softmax, and descriptors formed from the
+    /// D 128 except with skip-softmax on three consumers, and descriptors formed from the
     /// addresses (`LONGATTN_CUDA_FWD_DESC=address`, `LA_DESC_ADD` 0).
     #[test]
     fn warp_specialized_variants_compile_clean() {
@@ -2006,8 +1992,6 @@ mod tests {
                     let staged = defines.iter().any(|(k, v)| k == "LA_O_STAGE" && v == "1");
                     let three_skip = tile.warps == 16 && skip.is_some();
                     assert_eq!(staged, d <= 128 && !three_skip, "{tag} d{d}");
-                    let carry = defines.iter().any(|(k, v)| k == "LA_CARRY" && v == "1");
-                    assert_eq!(carry, skip.is_none(), "{tag} d{d}");
                     if address {
                         for (k, v) in defines.iter_mut() {
                             if k == "LA_DESC_ADD" {

@@ -25,9 +25,7 @@
 // Blocks are persistent (one or two per SM, LA_MINB): each walks its list of work items (query
 // tile, batch, head), built on the host for L2 reuse and balance (ws_work_list in forward.rs), so
 // the producer loads the next item's Q, K and V while the consumers still finish (softmax tail,
-// output stores) the current one. With LA_CARRY the consumers' item boundary overlaps too: an
-// item's last P V is issued behind the next item's S_0 and runs under its softmax, and the
-// item's output is stored after that (its LSE before: it needs only m and l).
+// output stores) the current one.
 //
 // Patch order (LA_PATCH = 1, 2-D neighborhoods; mask/patch.rs, tile_tokens.cuh): the producer
 // loads a query or key tile as one 5-D box of the grid (PH rows of PW tokens, the tile's rows in
@@ -49,8 +47,7 @@
 // dropped} per warpgroup go to skip_stats once per block.
 //
 // Compile-time constants: LA_F16, LA_D (64, 128 or 256), LA_BC (64 or 128), LA_NWG (consumer
-// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, LA_O_STAGE, LA_CARRY, LA_DESC_ADD, and the
-// mask program la_mask.
+// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, and the mask program la_mask.
 //
 // D 256 (two consumers, 64-key tiles): O takes 128 registers a thread, P V is one m64n256k16
 // product per 16 keys; shared memory holds one Q stage (64 KiB) and two of K and V (32 KiB each).
@@ -74,16 +71,6 @@
 // D 256 reads the votes late: read early, they spill 40 bytes (ptxas, 240 registers).
 #undef LA_SKIP_LATE
 #define LA_SKIP_LATE 1
-#endif
-// LA_CARRY (1: the host's default without skip-softmax; LONGATTN_CUDA_FWD_CARRY=0 gives 0): an
-// item's last P V and its epilogue wait for the next item's first S = Q K^T, so that product runs
-// under the new item's first softmax and the tensor cores are not idle between items (an item is
-// 32 key tiles at 4k, 8 at 1k: the boundary is a few percent of the forward there).
-#ifndef LA_CARRY
-#define LA_CARRY 0
-#endif
-#if LA_CARRY && LA_SKIP
-#error "attn_fwd_ws.cu: LA_CARRY issues the deferred P V unconditionally (no skip-softmax)"
 #endif
 #define LA_THREADS ((LA_NWG + 1) * 128)
 #if LA_D != 64 && LA_D != 128 && LA_D != 256
@@ -154,14 +141,17 @@ static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs"
 
 #if LA_O_STAGE
 // Epilogue through shared memory: O / l of this warp's 16 rows (tile rows r0 .. r0 + 15,
-// r0 = 64 c + 16 warp; inv = 1 / l of this thread's two rows, from la_wg_row_lse, which wrote
-// the LSE) through the rows' slice of the item's Q stage (free: every Q K^T of the item has
-// completed) by la_warp_store_rows (16-byte stores of whole rows: four rows of 128 bytes a warp
-// store at D 64, two of 256 at D 128). Rows past Sq and columns past LA_DO are not written. The
-// caller fences the generic accesses before handing the stage back.
+// r0 = 64 c + 16 warp) through the rows' slice of the item's Q stage (free: every Q K^T of the
+// item has completed) by la_warp_store_rows (16-byte stores of whole rows: four rows of 128 bytes
+// a warp store at D 64, two of 256 at D 128), and their LSE (la_wg_row_lse). Rows past Sq and
+// columns past LA_DO are not written. The caller fences the generic accesses before handing the
+// stage back.
 template <typename P>
-__device__ __forceinline__ void la_ws_store_staged(const P& p, const float* o, const float* inv, int b, int h, int qt,
-                                                   int r0, u16* sQ, int lane) {
+__device__ __forceinline__ void la_ws_store_staged(const P& p, const float* o, float l0, float l1, float m0, float m1,
+                                                   int b, int h, int qt, int r0, u16* sQ, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+    float inv[2];
+    la_wg_row_lse(p, l0, l1, m0, m1, b, h, [&](int hf) { return la_qtok(qt, r0 + g + 8 * hf); }, t4, inv);
     u16* go = p.o + b * p.o_sb + h * p.o_sh;
     la_warp_store_rows<LA_BR>(o, inv, sQ, r0, lane, go, p.o_ss, [&](int row) { return la_qtok(qt, r0 + row); }, p.Sq,
                               LA_DO);
@@ -456,63 +446,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
     u32 tested = 0, dropped = 0;
 #endif
 
-    // The item's accumulator, running maxima and sums, and its P in registers; with LA_CARRY they
-    // outlive the item (its last P V and epilogue run inside the next item's tile 0).
-    float o[LA_D / 2];
-    float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
-    u32 pf[LA_BC / 16][4];
-    // Whether P_{n-1} V_{n-1} is issued (skip-softmax drops it when every warp of the warpgroup
-    // dropped tile n - 1; tile 0 is never tested).
-    bool pv_due = true;
-#pragma unroll
-    for (int x = 0; x < LA_D / 2; x++) o[x] = 0.f;
-    // The last item with work, while its last P V and epilogue wait (LA_CARRY): (t of the work
-    // list) or ~0u for none; its Q stage is the previous item's (nq - 1), its last key tile the
-    // ring position nkv - 1.
-    u32 pend = ~0u;
-    // An item's last P V (tile at ring position jl, V stage jl & 1), then its epilogue: O / l and
-    // the LSE of this warp's rows, through the item's Q stage (LA_O_STAGE, which then goes back to
-    // the producer) or from registers. `sq` is the item's Q stage, (mm, ll) its maxima and sums.
-    auto last_pv = [&](int jl, bool issue) {
-        const int sl = jl & 1;
-        la_mbar_wait(full_v + sl, (jl >> 1) & 1);
-        la_wg_fence();
-        if (issue) la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
-        la_wg_commit();
-    };
-    auto last_done = [&](int jl, int sq) {
-        la_wg_wait0();
-        la_fence_regs<LA_D / 2>(o);
-        if (lane == 0) {
-            la_mbar_arrive(empty_v + (jl & 1));
-            if (!LA_Q_EARLY && !LA_O_STAGE) la_mbar_arrive(empty_q + sq);
-        }
-    };
-    // The item's LSE, written when its last softmax is done (before its last P V), and 1 / l of
-    // this thread's two rows for the epilogue, which is all of the item it carries.
-    float inv[2];
-    auto item_lse = [&](int qt, int h, int b) {
-        const int rl = c * 64 + warp * 16 + g;
-        la_wg_row_lse(p, l0, l1, m0, m1, b, h, [&](int hf) { return la_qtok(qt, rl + 8 * hf); }, t4, inv);
-    };
-    auto epilogue = [&](int sq, int qt, int h, int b) {
-#if LA_O_STAGE
-        // Each thread's generic accesses to the stage are ordered before the TMA's refill, then
-        // one arrival per warp.
-        la_ws_store_staged(p, o, inv, b, h, qt, c * 64 + warp * 16, sQ0 + sq * LA_BR * LA_D, lane);
-        la_fence_async_smem();
-        __syncwarp();
-        if (lane == 0) la_mbar_arrive(empty_q + sq);
-#else
-        const int rl = c * 64 + warp * 16 + g;
-        la_wg_store_o(p, o, inv, b, h, la_qtok(qt, rl), la_qtok(qt, rl + 8), t4);
-#endif
-    };
-
     for (u32 i = i0; i < i1; i++) {
         int qt, h, b;
-        const u32 t = list[i];
-        la_ws_item(p, t, qt, h, b);
+        la_ws_item(p, list[i], qt, h, b);
         const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
         const u32 e0 = p.sched_off[srow];
         const int nt = (int)(p.sched_off[srow + 1] - e0);
@@ -521,210 +457,174 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         const bool pad0 = la_qtok(qt, rowbase - qt * LA_BR) >= p.Sq;
         const bool pad1 = la_qtok(qt, rowbase - qt * LA_BR + 8) >= p.Sq;
 #endif
-        m0 = m1 = -LA_INF;
-        l0 = l1 = 0.f;
 
-        if (nt == 0) {
-            // No key for any row: 0 and -inf (a deferred item stays deferred: nothing here
-            // touches its registers or stages).
-            const int rl = rowbase - qt * LA_BR;
-            la_wg_store_empty(p, b, h, la_qtok(qt, rl), la_qtok(qt, rl + 8), t4);
-            continue;
-        }
-
-#if !LA_CARRY
+        float o[LA_D / 2];
 #pragma unroll
-        for (int x = 0; x < LA_D / 2; x++) o[x] = 0.f;
-        pv_due = true;
-#endif
-        float s[LA_BC / 2];
-        float a0, a1;
-        const int sq = LA_QSTAGE(nq);
-        const u16* sQ = sQ0 + sq * LA_BR * LA_D;
-        la_mbar_wait(full_q + sq, LA_QUSE(nq) & 1);
+        for (int i = 0; i < LA_D / 2; i++) o[i] = 0.f;
+        float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
 
-        // Tile 0: S_0, softmax -> P_0. With a deferred item (LA_CARRY) its last P V is issued
-        // right behind S_0 and runs under this tile's softmax; its epilogue follows, then O
-        // starts afresh.
-        {
-            const int st = nkv & 1;
-            la_mbar_wait(full_k + st, (nkv >> 1) & 1);
-            la_wg_fence();
-            la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
-            la_wg_commit();
-#if LA_CARRY
-            // One more commit group on every path: the deferred item's last P V, or with none (the
-            // block's first item with work) one m64n8k16 product into scratch registers that are
-            // never read. The flag is warp-uniform to ptxas (a shuffle from lane 0) and the
-            // waits below are the same on both paths: otherwise ptxas serializes every wgmma.
-            const bool carried = __shfl_sync(0xffffffffu, (int)(pend != ~0u), 0);
-            const int jl = nkv - 1, sl = jl & 1;
-            if (carried) {
-                la_mbar_wait(full_v + sl, (jl >> 1) & 1);
-                la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
-            } else {
-                float z[4];
-                la_wg_ss_n8(z, la_wg_desc(sQ, 16, 1024), la_wg_desc(sQ, 16, 1024), 0);
-            }
-            la_wg_commit();
-#endif
-            const u32 ent = p.sched_ent[e0];
-            u32 mw[LA_BC / 16];
+        if (nt > 0) {
+            float s[LA_BC / 2];
+            u32 pf[LA_BC / 16][4];
+            float a0, a1;
+            const int sq = LA_QSTAGE(nq);
+            const u16* sQ = sQ0 + sq * LA_BR * LA_D;
+            la_mbar_wait(full_q + sq, LA_QUSE(nq) & 1);
+
+            // Tile 0: S_0, softmax -> P_0.
+            {
+                const int st = nkv & 1;
+                la_mbar_wait(full_k + st, (nkv >> 1) & 1);
+                la_wg_fence();
+                la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
+                la_wg_commit();
+                const u32 ent = p.sched_ent[e0];
+                u32 mw[LA_BC / 16];
 #if LA_MASK_BITS
-            la_ws_bits(p, e0, ent & 1, rowbase - qt * LA_BR, t4, mw);
+                la_ws_bits(p, e0, ent & 1, rowbase - qt * LA_BR, t4, mw);
 #endif
-#if LA_CARRY
-            la_wg_wait1();  // S_0 is ready; the deferred P V may still run
-#else
-            la_wg_wait0();
-#endif
-            la_fence_regs<LA_BC / 2>(s);
-            if (lane == 0) {
-                la_mbar_arrive(empty_k + st);
-                if (LA_Q_EARLY && nt == 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
+                la_wg_wait0();
+                la_fence_regs<LA_BC / 2>(s);
+                if (lane == 0) {
+                    la_mbar_arrive(empty_k + st);
+                    if (LA_Q_EARLY && nt == 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
+                }
+                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+                la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
+                la_wg_pack(pf, s);
             }
-            la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
-            la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
-#if LA_CARRY
-            // The deferred P V is done before P_0 takes its registers; then the epilogue holds O
-            // and P_0 only.
-            la_wg_wait0();
-            la_fence_regs<LA_D / 2>(o);
-            if (carried && lane == 0) {
-                la_mbar_arrive(empty_v + sl);
-                if (!LA_Q_EARLY && !LA_O_STAGE) la_mbar_arrive(empty_q + LA_QSTAGE(nq - 1));
-            }
-            la_wg_pack(pf, s);
-            if (carried) {
-                int pqt, ph, pb;
-                la_ws_item(p, pend, pqt, ph, pb);
-                epilogue(LA_QSTAGE(nq - 1), pqt, ph, pb);
-            }
-#pragma unroll
-            for (int x = 0; x < LA_D / 2; x++) o[x] = 0.f;
-            pv_due = true;
-#else
-            la_wg_pack(pf, s);
-#endif
-        }
 
-        for (int n = 1; n < nt; n++) {
-            const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
-            const int st = j & 1, sp = st ^ 1;
-            la_mbar_wait(full_k + st, (j >> 1) & 1);
-            if (LA_NWG > 1) la_bar_sync(1 + c, 256);
+            // Whether P_{n-1} V_{n-1} is issued (skip-softmax drops it when every warp of the
+            // warpgroup dropped tile n - 1; tile 0 is never tested).
+            bool pv_due = true;
+            for (int n = 1; n < nt; n++) {
+                const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
+                const int st = j & 1, sp = st ^ 1;
+                la_mbar_wait(full_k + st, (j >> 1) & 1);
+                if (LA_NWG > 1) la_bar_sync(1 + c, 256);
 #if LA_SKIP
-            if (LA_NWG == 1) la_bar_sync(8 + c, 128);
-            // Every warp of this warpgroup voted on tile n - 1 before reaching the barrier (the
-            // slot is written again only after the next one, which every warp of the warpgroup
-            // must reach first).
-            if (!LA_SKIP_LATE && n > 1) {
-                pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
-                tested++;
-                dropped += !pv_due;
-            }
+                if (LA_NWG == 1) la_bar_sync(8 + c, 128);
+                // Every warp of this warpgroup voted on tile n - 1 before reaching the barrier (the
+                // slot is written again only after the next one, which every warp of the
+                // warpgroup must reach first).
+                if (!LA_SKIP_LATE && n > 1) {
+                    pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
+                    tested++;
+                    dropped += !pv_due;
+                }
 #endif
-            la_wg_fence();
-            la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
-            la_wg_commit();
+                la_wg_fence();
+                la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
+                la_wg_commit();
 #if LA_SKIP
-            if (LA_SKIP_LATE && n > 1) {
-                pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
-                tested++;
-                dropped += !pv_due;
-            }
+                if (LA_SKIP_LATE && n > 1) {
+                    pv_due = !la_votes_all(votes + 2 * c + ((n - 1) & 1));
+                    tested++;
+                    dropped += !pv_due;
+                }
 #endif
-            // V_{n-1} must have landed before its stage goes back, issued or not. A dropped
-            // P_{n-1} V_{n-1} commits a group of one m64n8k16 product into scratch registers
-            // instead: a group that may be empty makes ptxas close it with a wgmma of its own
-            // after the branch, on both paths, and the wait for S_n below then waits for P V as
-            // well (8-9% of the forward when nothing is dropped). With three consumers (D 64) the
-            // two paths spill, so that tile keeps the single commit.
-            la_mbar_wait(full_v + sp, ((j - 1) >> 1) & 1);
+                // V_{n-1} must have landed before its stage goes back, issued or not. A dropped
+                // P_{n-1} V_{n-1} commits a group of one m64n8k16 product into scratch registers
+                // instead: a group that may be empty makes ptxas close it with a wgmma of its own
+                // after the branch, on both paths, and the wait for S_n below then waits for P V
+                // as well (8-9% of the forward when nothing is dropped). With three consumers
+                // (D 64) the two paths spill, so that tile keeps the single commit.
+                la_mbar_wait(full_v + sp, ((j - 1) >> 1) & 1);
 #if LA_SKIP && LA_NWG == 3
-            if (pv_due) la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
-            la_wg_commit();
+                if (pv_due) la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
+                la_wg_commit();
 #elif LA_SKIP
-            if (pv_due) {
+                if (pv_due) {
+                    la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
+                    la_wg_commit();
+                } else {
+                    // Never read (ptxas turns the product into its own empty one). With LA_Q_EARLY
+                    // its operands are V_{n-1}'s stage, which goes back only after the wait for
+                    // this group (Q's may go back before).
+                    float z[4];
+                    const u16* sVp = sV0 + sp * LA_BC * LA_D;
+                    la_wg_ss_n8(z, la_wg_desc(LA_Q_EARLY ? sVp : sQ, 16, 1024),
+                                la_wg_desc(LA_Q_EARLY ? sVp : sV0, 16, 1024), 0);
+                    la_wg_commit();
+                }
+#else
                 la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                 la_wg_commit();
-            } else {
-                // Never read (ptxas turns the product into its own empty one). With LA_Q_EARLY its
-                // operands are V_{n-1}'s stage, which goes back only after the wait for this
-                // group (Q's may go back before).
-                float z[4];
-                const u16* sVp = sV0 + sp * LA_BC * LA_D;
-                la_wg_ss_n8(z, la_wg_desc(LA_Q_EARLY ? sVp : sQ, 16, 1024), la_wg_desc(LA_Q_EARLY ? sVp : sV0, 16, 1024),
-                            0);
-                la_wg_commit();
-            }
-#else
-            la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
-            la_wg_commit();
 #endif
-            if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
-            const u32 ent = p.sched_ent[e0 + n];
-            u32 mw[LA_BC / 16];
+                if (LA_NWG > 1) la_bar_arrive(1 + (c + 1) % LA_NWG, 256);
+                const u32 ent = p.sched_ent[e0 + n];
+                u32 mw[LA_BC / 16];
 #if LA_MASK_BITS
-            la_ws_bits(p, e0 + n, ent & 1, rowbase - qt * LA_BR, t4, mw);
+                la_ws_bits(p, e0 + n, ent & 1, rowbase - qt * LA_BR, t4, mw);
 #endif
 
-            la_wg_wait1();  // S_n is ready; P_{n-1} V_{n-1} may still run
-            la_fence_regs<LA_BC / 2>(s);
-            if (lane == 0) {
-                la_mbar_arrive(empty_k + st);
-                if (LA_Q_EARLY && n == nt - 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
-            }
-            la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+                la_wg_wait1();  // S_n is ready; P_{n-1} V_{n-1} may still run
+                la_fence_regs<LA_BC / 2>(s);
+                if (lane == 0) {
+                    la_mbar_arrive(empty_k + st);
+                    if (LA_Q_EARLY && n == nt - 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
+                }
+                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
 #if LA_SKIP
-            float mx0, mx1;
-            la_wg_rowmax(s, LA_SM_SCALE(p), mx0, mx1, la_fmax_nan);
-            const bool drop = __all_sync(0xffffffffu, la_skip_rows(mx0, mx1, m0, m1, w.skip_log2, pad0, pad1));
-            if (lane == 0) ((volatile unsigned char*)(votes + 2 * c + (n & 1)))[warp] = drop ? 1 : 0;
-            const bool up = !drop && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1);
+                float mx0, mx1;
+                la_wg_rowmax(s, LA_SM_SCALE(p), mx0, mx1, la_fmax_nan);
+                const bool drop = __all_sync(0xffffffffu, la_skip_rows(mx0, mx1, m0, m1, w.skip_log2, pad0, pad1));
+                if (lane == 0) ((volatile unsigned char*)(votes + 2 * c + (n & 1)))[warp] = drop ? 1 : 0;
+                const bool up = !drop && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1);
 #else
-            const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
+                const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
 #endif
 
-            la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
+                la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
+                la_fence_regs<LA_D / 2>(o);
+                if (lane == 0) la_mbar_arrive(empty_v + sp);
+                if (up) la_wg_rescale(o, a0, a1);
+#if LA_SKIP
+                if (drop)
+                    la_wg_zero(pf);
+                else
+#endif
+                    la_wg_pack(pf, s);
+            }
+#if LA_SKIP
+            if (nt > 1) {
+                la_bar_sync(8 + c, 128);  // the votes on the last tile are in
+                pv_due = !la_votes_all(votes + 2 * c + ((nt - 1) & 1));
+                tested++;
+                dropped += !pv_due;
+            }
+#endif
+
+            // The last tile's P V; then its V stage (and Q's, unless given back early) goes back
+            // to the producer.
+            const int jl = nkv + nt - 1, sl = jl & 1;
+            la_mbar_wait(full_v + sl, (jl >> 1) & 1);
+            la_wg_fence();
+            if (pv_due) la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
+            la_wg_commit();
+            la_wg_wait0();
             la_fence_regs<LA_D / 2>(o);
-            if (lane == 0) la_mbar_arrive(empty_v + sp);
-            if (up) la_wg_rescale(o, a0, a1);
-#if LA_SKIP
-            if (drop)
-                la_wg_zero(pf);
-            else
+            if (lane == 0) {
+                la_mbar_arrive(empty_v + sl);
+                if (!LA_Q_EARLY && !LA_O_STAGE) la_mbar_arrive(empty_q + sq);
+            }
+            nq++;
+            nkv += nt;
+#if LA_O_STAGE
+            // Epilogue through the Q stage, which then goes back: each thread's generic accesses
+            // to it are ordered before the TMA's refill, then one arrival per warp.
+            la_ws_store_staged(p, o, l0, l1, m0, m1, b, h, qt, c * 64 + warp * 16, (u16*)sQ, lane);
+            la_fence_async_smem();
+            __syncwarp();
+            if (lane == 0) la_mbar_arrive(empty_q + sq);
+            continue;
 #endif
-                la_wg_pack(pf, s);
         }
-#if LA_SKIP
-        if (nt > 1) {
-            la_bar_sync(8 + c, 128);  // the votes on the last tile are in
-            pv_due = !la_votes_all(votes + 2 * c + ((nt - 1) & 1));
-            tested++;
-            dropped += !pv_due;
-        }
-#endif
-        nq++;
-        nkv += nt;
-        // The last tile's P V; then its V stage (and Q's, unless given back early or used for
-        // the epilogue) goes back to the producer. With LA_CARRY both wait for the next item.
-        if (LA_CARRY) {
-            item_lse(qt, h, b);
-            pend = t;
-        } else {
-            last_pv(nkv - 1, pv_due);
-            last_done(nkv - 1, sq);
-            item_lse(qt, h, b);
-            epilogue(sq, qt, h, b);
-        }
-    }
-    if (LA_CARRY && pend != ~0u) {
-        last_pv(nkv - 1, pv_due);
-        last_done(nkv - 1, LA_QSTAGE(nq - 1));
-        int pqt, ph, pb;
-        la_ws_item(p, pend, pqt, ph, pb);
-        epilogue(LA_QSTAGE(nq - 1), pqt, ph, pb);
+
+        // Epilogue: O / l and the LSE; rows past Sq are not written; rows with no allowed key get
+        // 0 and -inf.
+        const int rl = rowbase - qt * LA_BR;
+        la_wg_store(p, o, l0, l1, m0, m1, b, h, la_qtok(qt, rl), la_qtok(qt, rl + 8), t4);
     }
     if (LA_NWG > 1 && c == 0) la_bar_sync(1, 256);
 #if LA_SKIP

@@ -153,11 +153,12 @@ __device__ __forceinline__ void la_wg_row_lse(const P& p, float l0, float l1, fl
 #ifndef LA_DO
 #define LA_DO LA_D
 #endif
-// O / l alone, with inv = 1 / l of the two rows from la_wg_row_lse.
 template <typename P>
-__device__ __forceinline__ void la_wg_store_o(const P& p, const float* o, const float* inv, int b, int h, int row0,
-                                              int row1, int t4) {
+__device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
+                                            int b, int h, int row0, int row1, int t4) {
     u16* go = p.o + b * p.o_sb + h * p.o_sh;
+    float inv[2];
+    la_wg_row_lse(p, l0, l1, m0, m1, b, h, [&](int hf) { return hf ? row1 : row0; }, t4, inv);
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         const int r = hf ? row1 : row0;
@@ -168,26 +169,4 @@ __device__ __forceinline__ void la_wg_store_o(const P& p, const float* o, const 
                 dst[j * 4 + t4] = la_pack2(o[4 * j + 2 * hf] * inv[hf], o[4 * j + 2 * hf + 1] * inv[hf]);
         }
     }
-}
-// The rows of a tile with no allowed key: O 0 and LSE -inf (no accumulator needed).
-template <typename P>
-__device__ __forceinline__ void la_wg_store_empty(const P& p, int b, int h, int row0, int row1, int t4) {
-    u16* go = p.o + b * p.o_sb + h * p.o_sh;
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int r = hf ? row1 : row0;
-        if (r < p.Sq) {
-            u32* dst = (u32*)(go + (i64)r * p.o_ss);
-#pragma unroll
-            for (int j = 0; j < LA_DO / 8; j++) dst[j * 4 + t4] = 0u;
-            if (t4 == 0) p.lse[((i64)b * p.Hq + h) * p.Sq + r] = -LA_INF;
-        }
-    }
-}
-template <typename P>
-__device__ __forceinline__ void la_wg_store(const P& p, const float* o, float l0, float l1, float m0, float m1,
-                                            int b, int h, int row0, int row1, int t4) {
-    float inv[2];
-    la_wg_row_lse(p, l0, l1, m0, m1, b, h, [&](int hf) { return hf ? row1 : row0; }, t4, inv);
-    la_wg_store_o(p, o, inv, b, h, row0, row1, t4);
 }
