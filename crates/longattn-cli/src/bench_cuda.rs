@@ -740,6 +740,9 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             );
         }
     }
+    if let Some(line) = longest_against_16k(rows) {
+        let _ = writeln!(md, "\n{line}");
+    }
     let notes: Vec<String> = rows
         .iter()
         .flat_map(|r| {
@@ -760,9 +763,77 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
     Ok(())
 }
 
+/// Our TFLOP/s at the longest length run against 16k, per (mask, D, dtype) timed at both (issue
+/// 14's floor: the forward at 64k within 5% of 16k), e.g. "n 64k against 16k (TFLOP/s): full D
+/// 64 -0.9%, causal D 64 +4.8%"; `None` when no config has both lengths.
+fn longest_against_16k(rows: &[Row]) -> Option<String> {
+    const BASE: usize = 16384;
+    let longest = rows
+        .iter()
+        .filter(|r| r.tflops.is_some())
+        .map(|r| r.n)
+        .max()?;
+    if longest <= BASE {
+        return None;
+    }
+    let at = |r: &Row, n: usize| {
+        rows.iter()
+            .find(|x| x.n == n && x.mask == r.mask && x.d == r.d && x.dtype == r.dtype)
+            .and_then(|x| x.tflops)
+    };
+    let parts: Vec<String> = rows
+        .iter()
+        .filter(|r| r.n == longest)
+        .filter_map(|r| {
+            let (long, base) = (at(r, longest)?, at(r, BASE)?);
+            Some(format!(
+                "{} D {} {:+.1}%",
+                r.mask,
+                r.d,
+                100.0 * (long / base - 1.0)
+            ))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| {
+        format!(
+            "n {} against 16k (TFLOP/s): {}",
+            fmt_len(longest),
+            parts.join(", ")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The longest length against 16k: per (mask, D) timed at both, signed percent; nothing
+    /// without a length above 16k or without its 16k partner.
+    #[test]
+    fn longest_length_is_set_against_16k() {
+        let row = |mask: &str, n: usize, d: usize, tflops: f64| Row {
+            mask: mask.into(),
+            n,
+            d,
+            dtype: "bf16".into(),
+            tflops: Some(tflops),
+            ..Default::default()
+        };
+        let rows = vec![
+            row("full", 4096, 64, 510.0),
+            row("full", 16384, 64, 570.0),
+            row("causal", 16384, 64, 538.0),
+            row("full", 65536, 64, 565.0),
+            row("causal", 65536, 64, 564.0),
+            row("full", 65536, 128, 691.0),
+        ];
+        assert_eq!(
+            longest_against_16k(&rows).as_deref(),
+            Some("n 64k against 16k (TFLOP/s): full D 64 -0.9%, causal D 64 +4.8%")
+        );
+        assert_eq!(longest_against_16k(&rows[..3]), None);
+        assert_eq!(longest_against_16k(&rows[5..]), None);
+    }
 
     /// The run counts follow `triton.testing.do_bench` (n_warmup = max(1, int(warmup / t)),
     /// n_repeat = max(1, int(rep / t))), ours with at least `--reps` timed runs; the warm-up is
