@@ -274,16 +274,22 @@ impl CudaDevice {
     ) -> Result<CudaSlice<T>> {
         if x.is_empty() {
             // A 1-element placeholder: kernels never read it, but the pointer must be valid.
-            return self.stream.alloc_zeros::<T>(1).map_err(drv("alloc"));
+            return self.alloc_zeros(1);
         }
         self.stream.clone_htod(x).map_err(drv("copy to device"))
     }
 
+    /// Zero-filled device buffer of `n` elements (at least one).
+    fn alloc_zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(drv("alloc"))
+    }
+
     /// Zero-filled f32 device buffer (LSE outputs).
     pub fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(drv("alloc"))
+        self.alloc_zeros(n)
     }
 
     /// Copies a device buffer to the host (synchronous).
@@ -309,9 +315,7 @@ impl CudaDevice {
 
     /// A zero-filled device buffer of `bytes` bytes (scratch, e.g. an L2 flush for [`Self::zero`]).
     pub fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
-        self.stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(drv("alloc"))
+        self.alloc_zeros(bytes)
     }
 
     /// Enqueues the zeroing of `buf` (as `torch.Tensor.zero_` does to flush L2 in
