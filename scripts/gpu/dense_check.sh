@@ -54,6 +54,11 @@
 #   bash scripts/gpu/dense_check.sh power     # the forward under sustained load (ours, FA4; 16k,
 #                                             # 64k; POWER_SECS s each) with nvidia-smi's SM clock,
 #                                             # power and clock-event reasons per phase
+#   bash scripts/gpu/dense_check.sh parity    # ours (the Python package: importable, or the wheel in
+#                                             # .dev-wheels/) and FA4 timed by one do_bench in one
+#                                             # process, forward and backward (fa4_parity.py;
+#                                             # PARITY_LENS, ROUNDS, CLOCKS=1). With the FA4 bundle
+#                                             # the carry fits 64 MiB if the wheel's .so is stripped
 #   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
 #                                             # the mma.sync kernel it replaces
@@ -380,6 +385,14 @@ for line in open(sys.argv[2]):
               f"power median {statistics.median(r[2] for r in s):.0f} W, temp max {max(r[4] for r in s):.0f} C, "
               f"reasons {' '.join(reasons)}")
 PY
+    ;;
+  parity)
+    fa4_env
+    python3 -c "import longattn" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+      --target /tmp/site .dev-wheels/*.whl > /dev/null
+    PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 timeout 400 python3 scripts/gpu/fa4_parity.py \
+      --lens ${PARITY_LENS:-4k,16k} --rounds ${ROUNDS:-2} ${CLOCKS:+--clocks} 2>&1 | grep -v -i "warning\|exe_args" \
+      | tee "$OUT/parity.txt"
     ;;
   d256)
     # D 256 and the padded head dims on the warp-specialized kernel (the default)

@@ -11,7 +11,9 @@ with the same flush, warm-up and repetitions; the report gives each side's TFLOP
 rounds) and ours / FA4. The backward is timed as the peers' script times it: `out.backward(dO)`
 alone on a kept graph, gradients set to None before every run. This separates the kernels from
 the harness: `longattn bench` times ours from Rust and the peers from Python. `--clocks` samples
-nvidia-smi's SM clock and power during each side's timings and reports their medians.
+nvidia-smi's SM clock and power during each side's timings and reports their medians (the power
+reading is nvidia-smi's running average, slower than a phase of ~0.2 s: read the clock).
+On the device: `bash scripts/gpu/dense_check.sh parity`.
 """
 
 import argparse
