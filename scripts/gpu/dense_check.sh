@@ -54,11 +54,10 @@
 #   bash scripts/gpu/dense_check.sh power     # the forward under sustained load (ours, FA4; 16k,
 #                                             # 64k; POWER_SECS s each) with nvidia-smi's SM clock,
 #                                             # power and clock-event reasons per phase
-#   bash scripts/gpu/dense_check.sh parity    # ours (the Python package: importable, or the wheel in
-#                                             # .dev-wheels/) and FA4 timed by one do_bench in one
-#                                             # process, forward and backward (fa4_parity.py;
-#                                             # PARITY_LENS, ROUNDS, CLOCKS=1). With the FA4 bundle
-#                                             # the carry fits 64 MiB if the wheel's .so is stripped
+#   bash scripts/gpu/dense_check.sh parity    # ours (the Python package, carried as fa4_env says)
+#                                             # and FA4 timed by one do_bench in one process,
+#                                             # forward and backward (fa4_parity.py; PARITY_LENS,
+#                                             # ROUNDS, CLOCKS=1)
 #   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
 #                                             # the mma.sync kernel it replaces
@@ -74,6 +73,19 @@ fa4_env() {
     E=$(bash .peers/install.sh fa4) && echo "$E" > /tmp/fa4_env.sh && eval "$E" && FA4_READY=1
   elif [ -z "${FA4_READY:-}" ] && [ -s /tmp/fa4_env.sh ]; then
     eval "$(cat /tmp/fa4_env.sh)" && FA4_READY=1
+  fi
+  # Our Python package beside FA4, carried in .dev-wheels/: the peers' script then times ours in
+  # its own process too, before and after FA4 (bench's "in the peers' process" line). A wheel,
+  # or, to fit 64 MiB with the FA4 bundle and the CLI, the installed package as an xz tar:
+  #   python3 -m pip install --no-deps --target /tmp/pk .dev-wheels/*.whl &&
+  #   tar -C /tmp/pk -cJf .dev-wheels/longattn.tar.xz longattn && rm .dev-wheels/*.whl
+  if ! python3 -c "import longattn" 2> /dev/null; then
+    if ls .dev-wheels/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl > /dev/null
+    elif [ -s .dev-wheels/longattn.tar.xz ]; then
+      mkdir -p /tmp/site && tar -C /tmp/site -xJf .dev-wheels/longattn.tar.xz
+    fi
+    case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
   fi
 }
 for mode in "${@:-selftest}"; do
@@ -388,9 +400,7 @@ PY
     ;;
   parity)
     fa4_env
-    python3 -c "import longattn" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
-      --target /tmp/site .dev-wheels/*.whl > /dev/null
-    PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 timeout 400 python3 scripts/gpu/fa4_parity.py \
+    PYTHONUNBUFFERED=1 timeout 400 python3 scripts/gpu/fa4_parity.py \
       --lens ${PARITY_LENS:-4k,16k} --rounds ${ROUNDS:-2} ${CLOCKS:+--clocks} 2>&1 | grep -v -i "warning\|exe_args" \
       | tee "$OUT/parity.txt"
     ;;

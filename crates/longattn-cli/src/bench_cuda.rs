@@ -743,6 +743,9 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
     if let Some(line) = longest_against_16k(rows) {
         let _ = writeln!(md, "\n{line}");
     }
+    if let Some(line) = in_process_against_fa4(rows) {
+        let _ = writeln!(md, "\n{line}");
+    }
     let notes: Vec<String> = rows
         .iter()
         .flat_map(|r| {
@@ -803,9 +806,85 @@ fn longest_against_16k(rows: &[Row]) -> Option<String> {
     })
 }
 
+/// Peer name of our kernels timed inside the peers' process (`peer_torch_cuda.py`: the Python
+/// package's `flash_attn_func` on FA4's tensors, just before and just after FA4, same
+/// `do_bench`), where that process can import the package.
+const OURS_PY: &str = "ours_py";
+
+/// "ours timed in the peers' process ...: geometric mean ours/FA4 G (N configs; lowest L at
+/// ...); speed of ours timed from Rust against in-process R": the ratio with both sides timed
+/// by one timer in one process (full and causal configs that have both times), and how our own
+/// harness's times compare with the in-process ones (geometric mean of Python ms / Rust ms, a
+/// speed ratio). None when no row has both.
+fn in_process_against_fa4(rows: &[Row]) -> Option<String> {
+    let v: Vec<(f64, f64, &Row)> = rows
+        .iter()
+        .filter(|r| r.mask == "full" || r.mask == "causal")
+        .filter_map(|r| {
+            let (py, fa4) = (r.peers_ms.get(OURS_PY)?, r.peers_ms.get("fa4")?);
+            Some((fa4 / py, py / r.time_ms?, r))
+        })
+        .collect();
+    let (lo, w) = v
+        .iter()
+        .map(|x| (x.0, x.2))
+        .min_by(|a, b| a.0.total_cmp(&b.0))?;
+    let gm = |f: &dyn Fn(&(f64, f64, &Row)) -> f64| {
+        (v.iter().map(|x| f(x).ln()).sum::<f64>() / v.len() as f64).exp()
+    };
+    Some(format!(
+        "ours timed in the peers' process (the Python package, before and after FA4, same do_bench): geometric mean ours/fa4 {:.3} ({} configs; lowest {lo:.3} at {} n {} D {}); speed of ours timed from Rust against in-process {:.3}",
+        gm(&|x| x.0),
+        v.len(),
+        w.mask,
+        fmt_len(w.n),
+        w.d,
+        gm(&|x| x.1),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The in-process ratio is FA4's time over ours-in-Python per config; the second figure
+    /// compares our Rust-timed ms with the in-process ones; rows without both are left out.
+    #[test]
+    fn in_process_ratio_against_fa4() {
+        let row = |mask: &str, n: usize, rust: f64, py: Option<f64>, fa4: f64| {
+            let mut r = Row {
+                mask: mask.into(),
+                n,
+                d: 64,
+                time_ms: Some(rust),
+                ..Default::default()
+            };
+            r.peers_ms.insert("fa4".into(), fa4);
+            if let Some(py) = py {
+                r.peers_ms.insert(OURS_PY.into(), py);
+            }
+            r
+        };
+        let rows = vec![
+            row("full", 4096, 1.10, Some(1.00), 1.02),
+            row("causal", 4096, 0.50, Some(0.55), 0.50),
+            row("full", 16384, 4.0, None, 3.9),
+            row("window", 4096, 1.0, Some(1.0), 1.0),
+        ];
+        let line = in_process_against_fa4(&rows).unwrap();
+        // ratios 1.02 and 0.909..: geometric mean 0.963; Python / Rust 0.909.. and 1.1: 1.0
+        assert!(
+            line.contains(
+                "geometric mean ours/fa4 0.963 (2 configs; lowest 0.909 at causal n 4k D 64)"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("from Rust against in-process 1.000"),
+            "{line}"
+        );
+        assert_eq!(in_process_against_fa4(&rows[2..3]), None);
+    }
 
     /// The longest length against 16k: per (mask, D) timed at both, signed percent; nothing
     /// without a length above 16k or without its 16k partner.

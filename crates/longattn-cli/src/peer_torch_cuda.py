@@ -4,7 +4,10 @@ Usage: python3 peer_torch_cuda.py JOB.json. For each forward config it times PyT
 FLASH_ATTENTION and CUDNN_ATTENTION backends (full and causal masks only: SDPA has no other fused
 masks) and FlexAttention (torch.compile(flex_attention) with create_block_mask on the same mask),
 FlashAttention-4 (`flash_attn.cute.flash_attn_func`, full and causal, [B, S, H, D] inputs) when it is
-importable, and prints one JSON line per (config, peer): {"id", "peer", "ms"} or {"id", "peer", "error"};
+importable, and prints one JSON line per (config, peer): {"id", "peer", "ms"} or {"id", "peer", "error"}.
+Where FA4 runs and this Python can import longattn's own package, ours is timed here too, through
+`longattn.flash_attn_func` on the same tensors just before and just after FA4 (peer "ours_py": the
+mean of the two, "rounds" both), so that one ratio comes from one process and one timer;
 FlexAttention lines also carry "build_ms" (create_block_mask, after its first compiled call). Decode
 configs time SDPA on q [B, Hq, 1, D] against k, v [B, Hk, n, D] (GQA). With "backward": true in the
 job, every peer times `out.backward(dO)` alone (the forward runs once, its graph is kept). "peers"
@@ -46,6 +49,15 @@ def main():
             fa4_status = "flash-attn-4 (version unknown)"
     else:
         fa4_status = fa4_error or "FA4 not asked"
+    ours_py = None
+    if fa4 is not None:
+        try:
+            import longattn
+
+            ours_py = longattn.flash_attn_func
+            fa4_status += "; ours also in this process (longattn package)"
+        except Exception:  # noqa: BLE001
+            pass
     print(json.dumps({"version": f"{torch.__version__}; {fa4_status}",
                       "device": torch.cuda.get_device_name()}), flush=True)
     dev = "cuda"
@@ -148,12 +160,23 @@ def main():
             if fa4 is not None:
                 # FA4 takes [B, S, H, D]: the same values, transposed once outside the timing.
                 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+                causal = c["mask"] == "causal"
+                ours_fn = (lambda: ours_py(qt, kt, vt, causal=causal)) if ours_py else None  # noqa: E731
+                rounds, who = [], "ours_py"
                 try:
-                    fn = lambda: fa4(qt, kt, vt, causal=c["mask"] == "causal")[0]  # noqa: E731
+                    if ours_fn:
+                        rounds.append(timed(ours_fn, [qt, kt, vt]))
+                    who = "fa4"
+                    fn = lambda: fa4(qt, kt, vt, causal=causal)[0]  # noqa: E731
                     ms = timed(fn, [qt, kt, vt])
                     print(json.dumps({"id": c["id"], "peer": "fa4", "ms": ms}), flush=True)
+                    who = "ours_py"
+                    if ours_fn:
+                        rounds.append(timed(ours_fn, [qt, kt, vt]))
+                        print(json.dumps({"id": c["id"], "peer": "ours_py", "ms": sum(rounds) / 2, "rounds": rounds}),
+                              flush=True)
                 except Exception as e:  # noqa: BLE001
-                    print(json.dumps({"id": c["id"], "peer": "fa4", "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
+                    print(json.dumps({"id": c["id"], "peer": who, "error": f"{type(e).__name__}: {str(e)[:300]}"}), flush=True)
                 del qt, kt, vt
         if flex is None:
             del q, k, v
