@@ -1098,6 +1098,39 @@ mod tests {
         assert_eq!(n, 88);
     }
 
+    /// The timing experiments (`LONGATTN_CUDA_BWD_KNOCK`, fast mode, the default steps) compile
+    /// for every knock `dense_check.sh knock` runs, at both tiles (D 64: BR 128, D 128: BR 64).
+    #[test]
+    fn knock_kernels_compile_with_nvrtc() {
+        let Some((program, _)) = super::super::compile::test_programs() else {
+            return;
+        };
+        for d in [64, 128] {
+            let kernel = BwdKernel::choose(d, (9, 0), false);
+            for knock in [1, 2, 4, 6, 16] {
+                let steps = super::BwdSteps {
+                    knock,
+                    ..super::BwdSteps::defaults()
+                };
+                let params = AttnParams::default();
+                let (src, variant, _, _, _, defines) =
+                    kernel_build(kernel, DType::BF16, d, &params, &program, steps);
+                assert!(
+                    defines
+                        .iter()
+                        .any(|(k, v)| k == "LA_KNOCK" && *v == knock.to_string()),
+                    "{variant} {defines:?}"
+                );
+                super::super::compile::assert_compiles(
+                    &format!("test_knock{knock}_{variant}"),
+                    &src,
+                    "sm_90a",
+                    &defines,
+                );
+            }
+        }
+    }
+
     /// The opt-in L2 preload (`LONGATTN_CUDA_BWD_L2PRE`) keeps the one-pass kernel clean for
     /// ptxas (asynchronous wgmma, no spills) at every depth the benchmarks try.
     #[test]

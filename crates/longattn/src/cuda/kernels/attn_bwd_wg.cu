@@ -386,6 +386,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // are complete, count on). A block only waits on blocks of lower key tiles, launched
         // before it, so the chain always progresses. The consumers go on computing meanwhile.
         const int rw = (threadIdx.x >> 5) - 1;
+        // LA_KNOCK & 2 (no dQ at all): the consumers stage nothing, so the adders must not wait
+        // for partials (they waited forever: that knock hung until the call's timeout).
+        if (rw >= 0 && rw < LA_NWG && (LA_KNOCK & 2)) return;
         if (rw >= 0 && rw < LA_NWG && (threadIdx.x & 31) == 0) {
             const float* stg = sStg + rw * LA_STG_BLOCKS * 4096;
             LaBwdWalk wk = walk_begin();
