@@ -79,7 +79,7 @@ fa4_env() {
   # or, to fit 64 MiB with the FA4 bundle and the CLI, the installed package as an xz tar:
   #   python3 -m pip install --no-deps --target /tmp/pk .dev-wheels/*.whl &&
   #   tar -C /tmp/pk -cJf .dev-wheels/longattn.tar.xz longattn && rm .dev-wheels/*.whl
-  if ! python3 -c "import longattn" 2> /dev/null; then
+  if [ -z "${PKG_READY:-}" ] && ! python3 -c "import longattn" 2> /dev/null; then
     if ls .dev-wheels/*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl > /dev/null
     elif [ -s .dev-wheels/longattn.tar.xz ]; then
@@ -87,6 +87,7 @@ fa4_env() {
     fi
     case ":${PYTHONPATH:-}:" in *:/tmp/site:*) ;; *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
   fi
+  PKG_READY=1  # looked for once per script run (importing the package loads torch)
 }
 for mode in "${@:-selftest}"; do
   case "$mode" in

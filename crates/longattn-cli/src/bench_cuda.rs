@@ -728,16 +728,8 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             .filter(|r| r.mask == "full" || r.mask == "causal")
             .filter_map(|r| r.ratios.get(p).map(|&x| (x, r)))
             .collect();
-        if let Some(&(lo, w)) = v.iter().min_by(|a, b| a.0.total_cmp(&b.0)) {
-            let g = (v.iter().map(|x| x.0.ln()).sum::<f64>() / v.len() as f64).exp();
-            let _ = writeln!(
-                md,
-                "\ngeometric mean ours/{p} over full+causal: {g:.3} ({} configs; lowest {lo:.3} at {} n {} D {})",
-                v.len(),
-                w.mask,
-                fmt_len(w.n),
-                w.d
-            );
+        if let Some(summary) = ratio_summary(&v) {
+            let _ = writeln!(md, "\ngeometric mean ours/{p} over full+causal: {summary}");
         }
     }
     if let Some(line) = longest_against_16k(rows) {
@@ -817,29 +809,39 @@ const OURS_PY: &str = "ours_py";
 /// harness's times compare with the in-process ones (geometric mean of Python ms / Rust ms, a
 /// speed ratio). None when no row has both.
 fn in_process_against_fa4(rows: &[Row]) -> Option<String> {
-    let v: Vec<(f64, f64, &Row)> = rows
+    let mut rust_vs_py = Vec::new();
+    let v: Vec<(f64, &Row)> = rows
         .iter()
         .filter(|r| r.mask == "full" || r.mask == "causal")
         .filter_map(|r| {
             let (py, fa4) = (r.peers_ms.get(OURS_PY)?, r.peers_ms.get("fa4")?);
-            Some((fa4 / py, py / r.time_ms?, r))
+            rust_vs_py.push(py / r.time_ms?);
+            Some((fa4 / py, r))
         })
         .collect();
-    let (lo, w) = v
-        .iter()
-        .map(|x| (x.0, x.2))
-        .min_by(|a, b| a.0.total_cmp(&b.0))?;
-    let gm = |f: &dyn Fn(&(f64, f64, &Row)) -> f64| {
-        (v.iter().map(|x| f(x).ln()).sum::<f64>() / v.len() as f64).exp()
-    };
     Some(format!(
-        "ours timed in the peers' process (the Python package, before and after FA4, same do_bench): geometric mean ours/fa4 {:.3} ({} configs; lowest {lo:.3} at {} n {} D {}); speed of ours timed from Rust against in-process {:.3}",
-        gm(&|x| x.0),
+        "ours timed in the peers' process (the Python package, before and after FA4, same do_bench): geometric mean ours/fa4 {}; speed of ours timed from Rust against in-process {:.3}",
+        ratio_summary(&v)?,
+        geo_mean(&rust_vs_py),
+    ))
+}
+
+/// Geometric mean of `x` (non-empty, positive).
+fn geo_mean(x: &[f64]) -> f64 {
+    (x.iter().map(|v| v.ln()).sum::<f64>() / x.len() as f64).exp()
+}
+
+/// "G (N configs; lowest L at MASK n LEN D D)" over per-config ratios; `None` when empty.
+fn ratio_summary(v: &[(f64, &Row)]) -> Option<String> {
+    let &(lo, w) = v.iter().min_by(|a, b| a.0.total_cmp(&b.0))?;
+    let ratios: Vec<f64> = v.iter().map(|x| x.0).collect();
+    Some(format!(
+        "{:.3} ({} configs; lowest {lo:.3} at {} n {} D {})",
+        geo_mean(&ratios),
         v.len(),
         w.mask,
         fmt_len(w.n),
-        w.d,
-        gm(&|x| x.1),
+        w.d
     ))
 }
 
