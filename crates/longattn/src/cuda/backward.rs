@@ -80,17 +80,6 @@ enum DqAdd {
     Red,
 }
 
-/// Whether the one-pass kernel forms dQ one item late, `LONGATTN_CUDA_BWD_DQ_LATE`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Late {
-    /// Unset (the default): dQ of each item after a barrier of both consumers.
-    Off,
-    /// `1`: dQ(t - 1) issued at item t, the barrier replaced by mbarriers per dS^T stage.
-    On,
-    /// `pingpong`: as `On`, and the consumers take turns at issuing their products.
-    PingPong,
-}
-
 /// How the one-pass kernel's consumers wait for the S^T and dP^T products,
 /// `LONGATTN_CUDA_BWD_WAIT` (`LA_BWD_SPLITWAIT`). The split wait issues them as two commit
 /// groups and forms P^T = exp(S^T - L) while dP^T still runs, as FA4's Hopper backward does;
@@ -134,11 +123,6 @@ pub(super) struct BwdSteps {
     /// of 8 queries read into registers before the wait for S^T / dP^T (`LA_BWD_L2PRE`; at
     /// most 8 at D 128, 4 at D 64).
     l2pre: u32,
-    /// `LONGATTN_CUDA_BWD_DQ_LATE=1` (opt-in): the merged dQ formed one item late, with no
-    /// barrier of the two consumers per item (`LA_BWD_DQLATE`; fast mode, merged dQ, dK last,
-    /// dQ added by the producer's warps); `=pingpong` also has the consumers take turns at
-    /// issuing products (`LA_BWD_PINGPONG`).
-    dq_late: Late,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
     knock: u32,
@@ -178,11 +162,6 @@ impl BwdSteps {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
                 .min(16),
-            dq_late: match std::env::var("LONGATTN_CUDA_BWD_DQ_LATE").as_deref() {
-                Ok("1") => Late::On,
-                Ok("pingpong") => Late::PingPong,
-                _ => Late::Off,
-            },
             knock,
         }
     }
@@ -197,7 +176,6 @@ impl BwdSteps {
             dk_last: true,
             dq_add: DqAdd::Warp,
             l2pre: 0,
-            dq_late: Late::Off,
             knock: 0,
         }
     }
@@ -252,21 +230,9 @@ pub(super) fn kernel_build(
                 Wait::One => false,
                 Wait::Split => true,
             };
-            let dk_last = steps.dk_last && merge;
-            // The late dQ: merged, dK last, dQ added by the producer's warps, fast mode only,
-            // never under a knock.
-            let late = steps.dq_late != Late::Off
-                && dk_last
-                && steps.dq_add == DqAdd::Warp
-                && !ordered
-                && steps.knock == 0;
-            let turns = late && steps.dq_late == Late::PingPong;
-            // With turns at BR 128 (D 64) one wait: the split wait spilled there (a register).
-            let split = asked
-                && params.softcap.is_none()
-                && (br == 64 || warp_adds)
-                && !(turns && br == 128);
+            let split = asked && params.softcap.is_none() && (br == 64 || warp_adds);
             defines.push(("LA_BWD_SPLITWAIT".into(), (split as u8).to_string()));
+            let dk_last = steps.dk_last && merge;
             defines.push(("LA_BWD_DKLAST".into(), (dk_last as u8).to_string()));
             // The deterministic mode adds through the producer's warps whatever was asked
             // (`LA_ORDERED` implies `LA_DQ_WARP`).
@@ -274,8 +240,6 @@ pub(super) fn kernel_build(
             defines.push(("LA_DQ_RED".into(), (red as u8).to_string()));
             let warp = steps.dq_add == DqAdd::Warp;
             defines.push(("LA_DQ_WARP".into(), (warp as u8).to_string()));
-            defines.push(("LA_BWD_DQLATE".into(), (late as u8).to_string()));
-            defines.push(("LA_BWD_PINGPONG".into(), (turns as u8).to_string()));
             if steps.l2pre != 0 {
                 defines.push(("LA_BWD_L2PRE".into(), steps.l2pre.to_string()));
             }
@@ -1106,7 +1070,6 @@ mod tests {
                                 dk_last,
                                 dq_add,
                                 l2pre: 0,
-                                dq_late: super::Late::Off,
                                 knock: 0,
                             };
                             let (src, variant, _, _, _, defines) =
@@ -1133,72 +1096,6 @@ mod tests {
             }
         }
         assert_eq!(n, 88);
-    }
-
-    /// The late dQ (`LONGATTN_CUDA_BWD_DQ_LATE=1` / `pingpong`) keeps the fast one-pass kernel
-    /// clean for ptxas (asynchronous wgmma, no spills) at both head dims, bf16 and f16, with and
-    /// without soft-cap, under the default wait and the split one; it is not built in the
-    /// deterministic mode or where its other preconditions fail (dK first, dQ adds by the
-    /// consumers).
-    #[test]
-    fn late_dq_kernels_compile_with_nvrtc() {
-        use super::Late::{On, PingPong};
-        let Some((program, _)) = super::super::compile::test_programs() else {
-            return;
-        };
-        let on = |defines: &[(String, String)], key: &str| {
-            defines.iter().any(|(k, v)| k == key && v == "1")
-        };
-        for d in [64, 128] {
-            let kernel = BwdKernel::choose(d, (9, 0), false);
-            for dtype in [DType::BF16, DType::F16] {
-                for wait in [super::Wait::Auto, super::Wait::Split] {
-                    for late in [On, PingPong] {
-                        for softcap in [None, Some(20.0)] {
-                            let params = AttnParams {
-                                softcap,
-                                ..Default::default()
-                            };
-                            let steps = super::BwdSteps {
-                                dq_late: late,
-                                wait,
-                                ..super::BwdSteps::defaults()
-                            };
-                            let (src, variant, _, _, _, defines) =
-                                kernel_build(kernel, dtype, d, &params, &program, steps);
-                            assert!(on(&defines, "LA_BWD_DQLATE"), "{variant} {defines:?}");
-                            assert_eq!(
-                                on(&defines, "LA_BWD_PINGPONG"),
-                                late == PingPong,
-                                "{variant} {defines:?}"
-                            );
-                            if late == PingPong && d == 64 {
-                                assert!(!on(&defines, "LA_BWD_SPLITWAIT"), "{variant} {defines:?}");
-                            }
-                            let name = format!("test_late_{variant}");
-                            super::super::compile::assert_ptxas_clean(&name, &src, &defines);
-                        }
-                    }
-                }
-            }
-            let ordered = BwdKernel::choose(d, (9, 0), true);
-            for (kernel, dk_last, dq_add) in [
-                (ordered, true, super::DqAdd::Warp),
-                (kernel, false, super::DqAdd::Warp),
-                (kernel, true, super::DqAdd::Bulk),
-            ] {
-                let steps = super::BwdSteps {
-                    dq_late: PingPong,
-                    dk_last,
-                    dq_add,
-                    ..super::BwdSteps::defaults()
-                };
-                let params = AttnParams::default();
-                let defines = kernel_build(kernel, DType::BF16, d, &params, &program, steps).5;
-                assert!(!on(&defines, "LA_BWD_DQLATE"), "{defines:?}");
-                assert!(!on(&defines, "LA_BWD_PINGPONG"), "{defines:?}");
-            }
-        }
     }
 
     /// The timing experiments (`LONGATTN_CUDA_BWD_KNOCK`, fast mode, the default steps) compile

@@ -72,26 +72,6 @@
 #if LA_BWD_DKLAST && !LA_DQ_MERGE
 #error "LA_BWD_DKLAST: one merged dQ block per consumer"
 #endif
-// LA_BWD_DQLATE (0 / 1, opt-in: LONGATTN_CUDA_BWD_DQ_LATE=1): each consumer forms the merged dQ
-// one item late, so that the consumers no longer meet at a barrier per item: at item t it
-// issues dV(t), dQ(t - 1), dK(t). Two mbarriers per dS^T stage s replace the barrier:
-//   ds_full[s]  (8 warp arrivals): both consumers' dS^T rows of the item in stage s are stored
-//               (and made visible to the tensor cores); dQ of that item waits for it;
-//   ds_empty[s] (8 warp arrivals): both consumers' dQ products of that item have read stage s;
-//               the item two later waits for it before its dS^T stores.
-// The staged partials reach the adders in item order as before, one item later; the last
-// item's dQ is formed after the loop. Needs LA_DQ_MERGE, LA_DQ_WARP and LA_BWD_DKLAST.
-// LA_BWD_PINGPONG (0 / 1, with LA_BWD_DQLATE; opt-in: LONGATTN_CUDA_BWD_DQ_LATE=pingpong): the
-// two consumers take turns at issuing products (named barriers 4 and 5, as the forward's
-// ping-pong): consumer 0 issues S^T(t), dP^T(t), then consumer 1 its own, then consumer 0
-// dV(t), dQ(t - 1), dK(t), then consumer 1, and so on; each consumer's exponentials then run
-// while the tensor cores multiply the other's products instead of both at once.
-#ifndef LA_BWD_DQLATE
-#define LA_BWD_DQLATE 0
-#endif
-#ifndef LA_BWD_PINGPONG
-#define LA_BWD_PINGPONG 0
-#endif
 // Timing experiments only (LONGATTN_CUDA_BWD_KNOCK, results are wrong; fast mode only: the
 // deterministic mode's reducers wait for every staged partial): bit 1 drops the dQ bulk adds, 2
 // the whole dQ product, staging and adds, 4 the exponentials and the mask (P^T = S^T,
@@ -99,14 +79,6 @@
 #if !defined(LA_KNOCK) || LA_ORDERED
 #undef LA_KNOCK
 #define LA_KNOCK 0
-#endif
-#if LA_KNOCK
-#undef LA_BWD_DQLATE
-#define LA_BWD_DQLATE 0
-#endif
-#if !LA_BWD_DQLATE
-#undef LA_BWD_PINGPONG
-#define LA_BWD_PINGPONG 0
 #endif
 // LA_DQ_RED (1, opt-in: LONGATTN_CUDA_BWD_DQ_ADD=red): each thread adds its dQ registers to dq_acc
 // with vector reductions (red.global.add.v4.f32, 16 bytes a thread, coalesced: dq_acc's blocks are
@@ -140,9 +112,6 @@
 // at BR 64 (all of them), 4 at BR 128 (8 held over the wait spill there).
 #ifndef LA_BWD_L2PRE
 #define LA_BWD_L2PRE 0
-#endif
-#if LA_BWD_DQLATE && !(LA_DQ_MERGE && LA_DQ_WARP && LA_BWD_DKLAST)
-#error "LA_BWD_DQLATE: merged dQ added by the producer's warps, dK last"
 #endif
 #define LA_L2PRE_MAX (LA_BR == 128 ? 4 : 8)
 #define LA_L2PRE (LA_BWD_L2PRE < LA_L2PRE_MAX ? LA_BWD_L2PRE : LA_L2PRE_MAX)
@@ -351,32 +320,6 @@ __device__ __forceinline__ void la_bwd_kt(float* acc, u64 a, u64 bq, int c) {
 }
 #endif
 
-#if LA_BWD_DQLATE
-// Merged dQ block c of one item (LA_DQ_ROWSPLIT: query rows 64 c ..; else head-dim columns
-// 64 c ..) over all LA_BC keys: dq = dS K with A = the dS^T tile at offset soff read M-major and
-// B = K N-major, 16 keys a step, issued as one commit group (not waited for).
-__device__ __forceinline__ void la_bwd_dq_issue(float* dq, u64 dsc_ds, u64 dsc_kn, int soff, int c) {
-    const int qr0 = LA_DQ_ROWSPLIT ? 64 * c : 0, dc0 = LA_DQ_ROWSPLIT ? 0 : 64 * c;
-    la_wg_fence();
-#pragma unroll
-    for (int ks = 0; ks < LA_BC / 16; ks++) {
-        const int kr = ks * 16 * 64;
-        const u64 da = la_desc_add(dsc_ds, soff + (qr0 >> 6) * LA_BC * 64 + kr);
-        const u64 db = la_desc_add(dsc_kn, (dc0 >> 6) * LA_BC * 64 + kr);
-        la_wg_sst_n64(dq, da, db, ks > 0);
-    }
-    la_wg_commit();
-}
-
-// Stages the dQ partial of item k (this thread's registers dq, in register order) once the
-// adder warp has read item k - 1's (its k-th arrival on stg_free); the caller hands it over.
-__device__ __forceinline__ void la_bwd_dq_stage(float* stg, const float* dq, u64* stg_free, int k, int tw) {
-    if (k > 0) la_mbar_wait(stg_free, (k - 1) & 1);
-#pragma unroll
-    for (int j = 0; j < 8; j++) la_sts4(stg + (j * 128 + tw) * 4, dq + 4 * j);
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __grid_constant__ LaBwdWsParams w) {
     const LaBwdParams& p = w.p;
     extern __shared__ __align__(1024) u16 la_smem_bw[];
@@ -396,8 +339,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
     u64* empty_q = bars + 3;   // [2]: every consumer warp is done with the stage
     u64* stg_full = bars + 5;  // [LA_NWG] (LA_DQ_WARP): consumer c's dQ partial is staged
     u64* stg_free = bars + 5 + LA_NWG;  // [LA_NWG]: its adds are done, the staging is free
-    u64* ds_full = bars + 5 + 2 * LA_NWG;   // [2] (LA_BWD_DQLATE): dS^T of a stage stored
-    u64* ds_empty = bars + 7 + 2 * LA_NWG;  // [2]: both dQ products of a stage done
     // The blocks running together walk the same heads' query tiles, so Q, dO and the dQ
     // accumulator's blocks are shared in L2 rather than fetched once per block (la_bwd_block).
     int kt, kh, b;
@@ -420,16 +361,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             la_mbar_init(stg_full + cc, 4);  // one arrival per consumer warp
             la_mbar_init(stg_free + cc, 1);
         }
-#if LA_BWD_DQLATE
-#pragma unroll
-        for (int st = 0; st < 2; st++) {
-            la_mbar_init(ds_full + st, 4 * LA_NWG);  // one arrival per consumer warp
-            la_mbar_init(ds_empty + st, 4 * LA_NWG);
-        }
-#else
-        (void)ds_full;
-        (void)ds_empty;
-#endif
         la_mbar_fence_init();
     }
     __syncthreads();
@@ -543,9 +474,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 
     // The item list lives in global memory: item t + 1 is looked up while item t runs, so the
     // loads' latency stays off the path to the mask bits and the dQ add.
-#if LA_BWD_PINGPONG
-    if (c == 1 && n_items > 0) la_bar_arrive(4, 256);  // consumer 0 takes the first turn
-#endif
     LaBwdWalk wk = walk_begin();
     int h_next = kh * wk.G + wk.hh;
     u32 ent_next = n_items > 0 ? p.col_ent[wk.ci] : 0;
@@ -570,9 +498,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // S^T = K Q^T and dP^T = V dO^T (this warpgroup's 64 keys x BR queries). LA_BWD_SPLITWAIT:
         // dP^T as a second commit group, P^T formed while the tensor cores still multiply it.
         float s[LA_BR / 2], dp[LA_BR / 2];
-#if LA_BWD_PINGPONG
-        la_bar_sync(4 + c, 256);  // this consumer's turn
-#endif
         la_wg_fence();
 #if LA_BWD_SPLITWAIT
         la_bwd_kt(s, dsc_k, la_desc_add(dsc_q, qoff), c);
@@ -588,9 +513,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         }
 #endif
         la_wg_commit();
-#if LA_BWD_PINGPONG
-        la_bar_arrive(4 + (c ^ 1), 256);  // the other consumer's turn
-#endif
         // Keys past Sk or query rows past Sq in the tile: masked explicitly (the padded L2 and
         // Delta would give 0 there as well); the bits are formed while the products run.
         const bool masked = partial || k0 + LA_BC > p.Sk || q0 + LA_BR > p.Sq;
@@ -605,11 +527,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_fence_regs<LA_BR / 2>(dp);
 #endif
         la_fence_regs<LA_BR / 2>(s);
-#if LA_BWD_DQLATE
-        // Stage st is written again only after both consumers' dQ of item t - 2 have read it
-        // (passes at once at its first use, t < 2).
-        la_mbar_wait(ds_empty + st, ((t >> 1) & 1) ^ 1);
-#endif
         u32 pf[LA_BR / 16][4], df[LA_BR / 16][4];
         if (masked)
             la_bwd_pds<true>(p, s, dp, cL, cD, l2pre, keep, t4, pf, df, sdS, c, warp, lane);
@@ -619,9 +536,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         // dV += P^T dO, dK += dS^T Q: 16 queries a step; Q's and dO's 8-row groups are 1024
         // bytes apart, their 64-column blocks BR x 128 bytes apart. LA_BWD_DKLAST: dK is issued
         // after the dQ product instead, so that it runs while dQ is staged and added.
-#if LA_BWD_PINGPONG
-        la_bar_sync(4 + c, 256);  // this consumer's turn
-#endif
         la_fence_regs<LA_D / 2>(dv);
         la_fence_regs<LA_D / 2>(dk);
         la_wg_fence();
@@ -643,44 +557,6 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         continue;
 #endif
 
-#if LA_BWD_DQLATE
-        // dQ(t - 1) behind dV(t), once both consumers' dS^T rows of it are in (stage st ^ 1; at
-        // t = 0 it multiplies a stage not yet written and the result is dropped: a branch
-        // around the product made ptxas guard the wgmma, C7519). dS^T(t) is stored: made
-        // visible to the tensor cores, then one arrival per warp for both consumers' dQ(t) at
-        // the next item (or after the loop). Then dK(t); once dQ(t - 1) is in (dK may still
-        // run) its stage goes back to the writers and the partial is staged, handed to the
-        // adder after dK's wait.
-        float dq[32];
-        if (t > 0) la_mbar_wait(ds_full + (st ^ 1), ((t - 1) >> 1) & 1);
-        la_bwd_dq_issue(dq, dsc_ds, dsc_kn, (st ^ 1) * LA_BC * LA_BR, c);
-        la_fence_async_smem();
-        __syncwarp();
-        if (lane == 0) la_mbar_arrive(ds_full + st);
-        la_bwd_dk(dk, df, la_desc_add(dsc_qn, qoff));
-#if LA_BWD_PINGPONG
-        // The other consumer's turn (consumer 1's last arrival would have no partner).
-        if (c == 0 || t + 1 < n_items) la_bar_arrive(4 + (c ^ 1), 256);
-#endif
-        la_wg_wait1();
-        if (t > 0) {
-            la_fence_regs<32>(dq);
-            __syncwarp();
-            if (lane == 0) la_mbar_arrive(ds_empty + (st ^ 1));
-            la_bwd_dq_stage(stg, dq, stg_free + c, t - 1, tw);
-        }
-        la_wg_wait0();  // dV and dK are in: every read of stage st is done
-        la_fence_regs<LA_D / 2>(dv);
-        la_fence_regs<LA_D / 2>(dk);
-        // The staging stores made visible to the bulk copies after dK's wait, so that they
-        // complete under that product (as in the dK-last order below).
-        if (t > 0) la_fence_async_smem();
-        __syncwarp();
-        if (lane == 0) {
-            if (t > 0) la_mbar_arrive(stg_full + c);
-            la_mbar_arrive(empty_q + st);  // stage st back to the producer
-        }
-#else
         // dQ partial over this warpgroup's 64 keys, two 64 x 64 blocks, 16 keys a step. The
         // staging buffers are free once the previous item's reductions have read them
         // (LA_DQ_WARP: each thread waits for that just before it stages).
@@ -767,23 +643,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         __syncwarp();
         if (lane == 0) la_mbar_arrive(empty_q + st);  // stage st back to the producer
 #endif
-#endif  // LA_BWD_DQLATE
     }
-#if LA_BWD_DQLATE
-    // dQ of the last item, staged and handed over as in the loop.
-    if (n_items > 0) {
-        const int sp = (n_items - 1) & 1;
-        float dq[32];
-        la_mbar_wait(ds_full + sp, ((n_items - 1) >> 1) & 1);
-        la_bwd_dq_issue(dq, dsc_ds, dsc_kn, sp * LA_BC * LA_BR, c);
-        la_wg_wait0();
-        la_fence_regs<32>(dq);
-        la_bwd_dq_stage(stg, dq, stg_free + c, n_items - 1, tw);
-        la_fence_async_smem();
-        __syncwarp();
-        if (lane == 0) la_mbar_arrive(stg_full + c);
-    }
-#endif
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
 
     // dK (times the softmax scale) and dV of this warp's 16 keys, written as whole rows through
