@@ -58,6 +58,10 @@
 #                                             # and FA4 timed by one do_bench in one process,
 #                                             # forward and backward (fa4_parity.py; PARITY_LENS,
 #                                             # ROUNDS, CLOCKS=1)
+#   bash scripts/gpu/dense_check.sh racerepro # the reduced reproduction of the backward's racecheck
+#                                             # report (scripts/gpu/racecheck_repro.cu, nvcc): the
+#                                             # stage handed back by every thread, then by lane 0
+#                                             # after __syncwarp() as the kernel does
 #   bash scripts/gpu/dense_check.sh d256      # D 256: selftest cases (D 256, 192, 96, 80; skip), then
 #                                             # the forward at 4k / 16k / 64k with FA4 and cuDNN, and
 #                                             # the mma.sync kernel it replaces
@@ -405,6 +409,15 @@ PY
       --lens ${PARITY_LENS:-4k,16k} --rounds ${ROUNDS:-2} ${CLOCKS:+--clocks} 2>&1 | grep -v -i "warning\|exe_args" \
       | tee "$OUT/parity.txt"
     ;;
+  racerepro)
+    nvcc -O2 -arch=sm_90a -DLA_F16=0 -I crates/longattn/src/cuda/kernels -o /tmp/race_repro \
+      scripts/gpu/racecheck_repro.cu > "$OUT/racerepro_build.txt" 2>&1
+    echo "nvcc rc=$?"; tail -5 "$OUT/racerepro_build.txt"
+    for m in every warp; do
+      timeout 120 compute-sanitizer --tool racecheck /tmp/race_repro $m > "$OUT/racerepro_$m.txt" 2>&1
+      echo "== $m rc=$?"; grep -E "sums|RACECHECK SUMMARY" "$OUT/racerepro_$m.txt"
+    done
+    ;;
   d256)
     # D 256 and the padded head dims on the warp-specialized kernel (the default)
     for dd in D256 D192 D96 D80; do
@@ -423,6 +436,6 @@ PY
       --lens ${D256_LENS:-4k,16k,64k} --dims 256 --out "$OUT/d256_mma" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/d256_mma/report_cuda.md" | cut -d'|' -f2-7
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_fwd | ncu_bwd | ncu_fa4_bwd | bwd_ab | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | d256)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_fwd | ncu_bwd | ncu_fa4_bwd | bwd_ab | bwd_parts | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | power | parity | racerepro | d256)"; exit 2 ;;
   esac
 done

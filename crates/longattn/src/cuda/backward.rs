@@ -1098,6 +1098,37 @@ mod tests {
         assert_eq!(n, 88);
     }
 
+    /// The reduced reproduction of the hand-back pattern racecheck reports in the one-pass
+    /// kernel (`scripts/gpu/racecheck_repro.cu`, run by `dense_check.sh racerepro`) still
+    /// compiles against the crate's own mbarrier and bulk-copy helpers (its `#include`s are the
+    /// kernels' `common.cuh` and `tma.cuh`, given here as text).
+    #[test]
+    fn racecheck_repro_compiles_with_nvrtc() {
+        if super::super::compile::test_programs().is_none() {
+            return;
+        }
+        let repro = include_str!("../../../../scripts/gpu/racecheck_repro.cu");
+        assert!(
+            repro.contains("#include \"common.cuh\"") && repro.contains("#include \"tma.cuh\"")
+        );
+        let body: String = repro
+            .lines()
+            .filter(|l| !l.starts_with("#include \""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let src = format!(
+            "{}\n{}\n{body}",
+            super::super::forward::COMMON,
+            super::super::forward::TMA
+        );
+        super::super::compile::assert_compiles(
+            "test_racecheck_repro",
+            &src,
+            "sm_90a",
+            &[("LA_F16".into(), "0".into())],
+        );
+    }
+
     /// The timing experiments (`LONGATTN_CUDA_BWD_KNOCK`, fast mode, the default steps) compile
     /// for every knock `dense_check.sh knock` runs, at both tiles (D 64: BR 128, D 128: BR 64).
     #[test]
