@@ -119,6 +119,10 @@ def main():
                     continue
                 kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                              LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma), ""))
+                if mma and page:  # the page read one copy ahead (LONGATTN_CUDA_DECODE_PAGE_AHEAD=1)
+                    kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
+                                                 LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
+                                                 LA_PAGE_AHEAD=1), ""))
             kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
             # The decode kernel folding press scores (LA_SCORE: tensor-core path, per-head pages),
             # its kind (0 H2O, 1 A2SF, 2 TOVA) and group reduction (0 max, 1 sum, 2 mean) compiled

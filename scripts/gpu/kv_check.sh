@@ -5,6 +5,9 @@
 #   bash scripts/gpu/kv_check.sh checks   # selftest groups kv, decode (ragged ...), sparse
 #   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
 #   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
+#   bash scripts/gpu/kv_check.sh ahead    # the page read one copy ahead (opt-in,
+#                                         # LONGATTN_CUDA_DECODE_PAGE_AHEAD=1): the decode selftest
+#                                         # groups with it, then kv bench (no peers) without / with
 #   bash scripts/gpu/kv_check.sh scores   # press scores: selftest, then the bench's accumulation
 #                                         # rows with the Hopper kernel (the default) and with
 #                                         # the generic one (LONGATTN_CUDA_SCORE_WG=0)
@@ -28,6 +31,19 @@ bench)
   if [ -d .peers/flashinfer ]; then E=$(bash .peers/install.sh flashinfer light) && eval "$E"; fi
   timeout 400 /tmp/longattn kv bench ${KV_BENCH_ARGS:-} > "$OUT/kv_bench.txt" 2>&1
   echo "kv bench rc=$?"; cat "$OUT/kv_bench.txt" | grep -v "^kv bench " | tail -60
+  ;;
+ahead)
+  for f in kv ragged split long softcap; do
+    LONGATTN_CUDA_DECODE_PAGE_AHEAD=1 timeout 240 /tmp/longattn selftest --backend cuda --filter "$f" \
+      > "$OUT/selftest_ahead_$f.txt" 2>&1
+    echo "selftest $f (page ahead) rc=$?"; grep -vE " pass " "$OUT/selftest_ahead_$f.txt" | tail -3
+  done
+  for a in 0 1 0 1; do
+    LONGATTN_CUDA_DECODE_PAGE_AHEAD=$a timeout 300 /tmp/longattn kv bench --compare none \
+      --configs ${AHEAD_CONFIGS:-32x8k,1x128k,8x128k} > "$OUT/kv_bench_ahead$a.txt" 2>&1
+    echo "kv bench (LONGATTN_CUDA_DECODE_PAGE_AHEAD=$a) rc=$?"
+    grep -E "tokens,|^\| (full|per-head)" "$OUT/kv_bench_ahead$a.txt" | head -12
+  done
   ;;
 scores)
   timeout 300 /tmp/longattn selftest --backend cuda --filter "kv scores" --jobs 6 > "$OUT/selftest_scores.txt" 2>&1

@@ -1061,6 +1061,11 @@ impl DecodePlan {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|v| [0, 128, 256].contains(v))
             .unwrap_or(128);
+        // The page of a warp's next tile read one copy ahead (opt-in, tensor-core kernel over
+        // pages: `LONGATTN_CUDA_DECODE_PAGE_AHEAD=1`, `LA_PAGE_AHEAD` in decode.cu).
+        let page_ahead = mma
+            && page > 0
+            && std::env::var("LONGATTN_CUDA_DECODE_PAGE_AHEAD").as_deref() == Ok("1");
         let smem = if mma {
             warps * ns * stage
         } else {
@@ -1078,6 +1083,7 @@ impl DecodePlan {
             ("LA_NS".into(), ns.to_string()),
             ("LA_MMA".into(), (mma as u8).to_string()),
             ("LA_L2PF".into(), l2pf.to_string()),
+            ("LA_PAGE_AHEAD".into(), (page_ahead as u8).to_string()),
         ];
         if let Some(f) = scores {
             defines.push(("LA_SCORE".into(), "1".into()));
@@ -1092,7 +1098,8 @@ impl DecodePlan {
                 let score = scores.map_or(String::new(), |f| {
                     format!("_score_k{}_r{}", f.kind, f.reduce)
                 });
-                format!("_mma_pf{l2pf}{score}")
+                let ahead = if page_ahead { "_ahead" } else { "" };
+                format!("_mma_pf{l2pf}{ahead}{score}")
             } else {
                 String::new()
             }

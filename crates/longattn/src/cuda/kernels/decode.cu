@@ -493,6 +493,13 @@ __device__ __forceinline__ void lm_cp16(void* dst, const void* src, int bytes) {
 #endif
 }
 #define LM_TILE (16 * LM_LDS)        // one K or V tile
+// LA_PAGE_AHEAD (1, opt-in: LONGATTN_CUDA_DECODE_PAGE_AHEAD=1; paged caches with splits of a
+// multiple of 16 keys): the page of the next tile a warp copies is read from the block table one
+// copy ahead, so a tile's cp.async addresses never wait on the table's load (without it each
+// copy of a tile first waits one L2 round trip for its page number).
+#ifndef LA_PAGE_AHEAD
+#define LA_PAGE_AHEAD 0
+#endif
 // 4-byte global -> shared copy (cp.async, through L1).
 __device__ __forceinline__ void lm_cp4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(la_smem_addr(dst)), "l"(src));
@@ -571,6 +578,10 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     // address arithmetic). TOVA overwrites the scores without reading them.
     const int sc_slot = lane * LM_LDS + LA_D;
 #endif
+#if LA_PAGE && LA_PAGE_AHEAD
+    // The page of the next tile this warp copies (tiles are copied in order, LA_WARPS apart).
+    int page_ahead = p.split_len % 16 == 0 && warp < ntiles ? tab[(j0 + 16 * warp) / LA_PAGE] : 0;
+#endif
     // Copies tile k (keys j0 + 16 k ..) of this warp into stage st; one commit group per call.
     auto issue = [&](int k, int st) {
         if (k < ntiles) {
@@ -579,7 +590,15 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             // Splits of a multiple of 16 keys: the tile lies in one page (one table read); a
             // forced split length that is not (a caller's split_len) reads each row's page.
             const bool one_page = p.split_len % 16 == 0;
+#if LA_PAGE_AHEAD
+            const int page0 = page_ahead;
+            if (one_page) {
+                const int kn = k + LA_WARPS;
+                page_ahead = kn < ntiles ? tab[(j0 + 16 * kn) / LA_PAGE] : 0;
+            }
+#else
             const int page0 = one_page ? tab[js / LA_PAGE] : 0;
+#endif
 #endif
             u16* kd = ring + st * 2 * LM_TILE;
 #pragma unroll
