@@ -58,6 +58,11 @@
 #                                             # and FA4 timed by one do_bench in one process,
 #                                             # forward and backward (fa4_parity.py; PARITY_LENS,
 #                                             # ROUNDS, CLOCKS=1)
+#   bash scripts/gpu/dense_check.sh racecheck # compute-sanitizer racecheck over the backward's
+#                                             # quick selftest, with the default hand-back of a Q / dO
+#                                             # stage and with LONGATTN_CUDA_BWD_ARRIVE=all (every
+#                                             # consumer thread arrives), then the backward's TFLOP/s
+#                                             # of both (bwd_ab)
 #   bash scripts/gpu/dense_check.sh racerepro # the reduced reproduction of the backward's racecheck
 #                                             # report (scripts/gpu/racecheck_repro.cu, nvcc): the
 #                                             # stage handed back by every thread, then by lane 0
@@ -409,6 +414,17 @@ PY
       --lens ${PARITY_LENS:-4k,16k} --rounds ${ROUNDS:-2} ${CLOCKS:+--clocks} 2>&1 | grep -v -i "warning\|exe_args" \
       | tee "$OUT/parity.txt"
     ;;
+  racecheck)
+    for a in default all; do
+      envs=""; [ $a = all ] && envs="LONGATTN_CUDA_BWD_ARRIVE=all"
+      env $envs timeout 240 compute-sanitizer --tool racecheck --target-processes all /tmp/longattn selftest \
+        --backend cuda --quick --filter backward --jobs 8 > "$OUT/racecheck_$a.txt" 2>&1
+      echo "== hand-back $a rc=$?"; grep -E "cases:|RACECHECK SUMMARY" "$OUT/racecheck_$a.txt"
+      grep -oE "at [a-z_0-9]+\(.*\)\+0x[0-9a-f]+ in [a-z_0-9]+\.cu:[0-9]+" "$OUT/racecheck_$a.txt" \
+        | sed 's/+0x[0-9a-f]*//' | sort | uniq -c | sort -rn | head -4
+    done
+    VARIANTS=LONGATTN_CUDA_BWD_ARRIVE=all BLENS=${BLENS:-4k,16k} bash "$0" bwd_ab
+    ;;
   racerepro)
     nvcc -O2 -arch=sm_90a -DLA_F16=0 -I crates/longattn/src/cuda/kernels -o /tmp/race_repro \
       scripts/gpu/racecheck_repro.cu > "$OUT/racerepro_build.txt" 2>&1
@@ -436,6 +452,6 @@ PY
       --lens ${D256_LENS:-4k,16k,64k} --dims 256 --out "$OUT/d256_mma" > /dev/null 2>&1
     grep -E "^\| (full|causal)" "$OUT/d256_mma/report_cuda.md" | cut -d'|' -f2-7
     ;;
-  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_fwd | ncu_bwd | ncu_fa4_bwd | bwd_ab | bwd_parts | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | power | parity | racerepro | d256)"; exit 2 ;;
+  *) echo "unknown mode $mode (selftest | order | tiles | softmax | candidates | ncu | ncu_fwd | ncu_bwd | ncu_fa4_bwd | bwd_ab | bwd_parts | ncu_bwd_src | knock | skip | ncu_skip | fwd | bwd | power | parity | racecheck | racerepro | d256)"; exit 2 ;;
   esac
 done

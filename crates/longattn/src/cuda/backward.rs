@@ -123,6 +123,10 @@ pub(super) struct BwdSteps {
     /// of 8 queries read into registers before the wait for S^T / dP^T (`LA_BWD_L2PRE`; at
     /// most 8 at D 128, 4 at D 64).
     l2pre: u32,
+    /// `LONGATTN_CUDA_BWD_ARRIVE=all` (opt-in): every consumer thread hands a Q / dO stage back
+    /// with its own mbarrier arrival instead of lane 0 after a warp barrier (`LA_ARRIVE_ALL`):
+    /// the form compute-sanitizer racecheck follows (`scripts/gpu/racecheck_repro.cu`).
+    arrive_all: bool,
     /// `LONGATTN_CUDA_BWD_KNOCK=BITS`: timing experiments that drop parts of the kernel
     /// (`LA_KNOCK`; the gradients are wrong). 0 unless set.
     knock: u32,
@@ -162,6 +166,7 @@ impl BwdSteps {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
                 .min(16),
+            arrive_all: std::env::var("LONGATTN_CUDA_BWD_ARRIVE").as_deref() == Ok("all"),
             knock,
         }
     }
@@ -176,6 +181,7 @@ impl BwdSteps {
             dk_last: true,
             dq_add: DqAdd::Warp,
             l2pre: 0,
+            arrive_all: false,
             knock: 0,
         }
     }
@@ -242,6 +248,9 @@ pub(super) fn kernel_build(
             defines.push(("LA_DQ_WARP".into(), (warp as u8).to_string()));
             if steps.l2pre != 0 {
                 defines.push(("LA_BWD_L2PRE".into(), steps.l2pre.to_string()));
+            }
+            if steps.arrive_all {
+                defines.push(("LA_ARRIVE_ALL".into(), "1".into()));
             }
             if steps.knock != 0 {
                 defines.push(("LA_KNOCK".into(), steps.knock.to_string()));
@@ -1070,6 +1079,7 @@ mod tests {
                                 dk_last,
                                 dq_add,
                                 l2pre: 0,
+                                arrive_all: false,
                                 knock: 0,
                             };
                             let (src, variant, _, _, _, defines) =
@@ -1127,6 +1137,36 @@ mod tests {
             "sm_90a",
             &[("LA_F16".into(), "0".into())],
         );
+    }
+
+    /// Every consumer thread arriving on the stage's "empty" barrier
+    /// (`LONGATTN_CUDA_BWD_ARRIVE=all`) keeps the one-pass kernel clean for ptxas in both modes
+    /// at both head dims, under the default steps.
+    #[test]
+    fn arrive_all_kernels_compile_with_nvrtc() {
+        let Some((program, _)) = super::super::compile::test_programs() else {
+            return;
+        };
+        for d in [64, 128] {
+            for det in [false, true] {
+                let kernel = BwdKernel::choose(d, (9, 0), det);
+                let steps = super::BwdSteps {
+                    arrive_all: true,
+                    ..super::BwdSteps::defaults()
+                };
+                let params = AttnParams::default();
+                let (src, variant, _, _, _, defines) =
+                    kernel_build(kernel, DType::BF16, d, &params, &program, steps);
+                assert!(
+                    defines
+                        .iter()
+                        .any(|(k, v)| k == "LA_ARRIVE_ALL" && v == "1"),
+                    "{variant} {defines:?}"
+                );
+                let name = format!("test_arrive_all_{variant}");
+                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+            }
+        }
     }
 
     /// The timing experiments (`LONGATTN_CUDA_BWD_KNOCK`, fast mode, the default steps) compile

@@ -115,6 +115,13 @@
 #endif
 #define LA_L2PRE_MAX (LA_BR == 128 ? 4 : 8)
 #define LA_L2PRE (LA_BWD_L2PRE < LA_L2PRE_MAX ? LA_BWD_L2PRE : LA_L2PRE_MAX)
+// LA_ARRIVE_ALL (opt-in: LONGATTN_CUDA_BWD_ARRIVE=all): every consumer thread hands a Q / dO
+// stage back to the producer with its own arrival (128 per warpgroup) instead of lane 0 after a
+// warp barrier (4 per warpgroup). Both are correct; compute-sanitizer racecheck follows only the
+// first (scripts/gpu/racecheck_repro.cu reproduces its report of the second).
+#ifndef LA_ARRIVE_ALL
+#define LA_ARRIVE_ALL 0
+#endif
 #define LA_DS_STAGES (1 + LA_DQ_MERGE)
 #define LA_STG_BLOCKS (2 - LA_DQ_MERGE)  // 64 x 64 f32 dQ blocks staged per consumer
 // Register split (65536 per SM, one block): consumers get what the producer gives up (the
@@ -298,6 +305,19 @@ struct LaBwdWsParams {
 };
 static_assert(sizeof(LaBwdWsParams) == 960, "LaBwdWsParams must match cuda/backward.rs");
 
+// Hands a Q / dO stage back to the producer once this thread's (LA_ARRIVE_ALL) or this warp's
+// reads of it (products, L2, Delta) are done: the warp barrier orders the other lanes' loads
+// before lane 0's arrival.
+__device__ __forceinline__ void la_bwd_release(u64* empty, int lane) {
+#if LA_ARRIVE_ALL
+    (void)lane;
+    la_mbar_arrive(empty);
+#else
+    __syncwarp();
+    if (lane == 0) la_mbar_arrive(empty);
+#endif
+}
+
 // dK += dS^T Q as its own commit group (dS^T from registers, Q N-major: qn, the stage's
 // descriptor): the dK-last order issues it after the dQ product.
 __device__ __forceinline__ void la_bwd_dk(float* dk, const u32 (*df)[4], u64 qn) {
@@ -354,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
 #pragma unroll
         for (int st = 0; st < 2; st++) {
             la_mbar_init(full_q + st, 1);
-            la_mbar_init(empty_q + st, 4 * LA_NWG);  // one arrival per consumer warp
+            la_mbar_init(empty_q + st, (LA_ARRIVE_ALL ? 128 : 4) * LA_NWG);  // la_bwd_release
         }
 #pragma unroll
         for (int cc = 0; cc < LA_NWG; cc++) {
@@ -552,8 +572,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         la_wg_wait0();
         la_fence_regs<LA_D / 2>(dv);
         la_fence_regs<LA_D / 2>(dk);
-        __syncwarp();
-        if (lane == 0) la_mbar_arrive(empty_q + st);
+        la_bwd_release(empty_q + st, lane);
         continue;
 #endif
 
@@ -597,14 +616,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
             if (x == 0) {
                 la_fence_regs<LA_D / 2>(dv);
                 la_fence_regs<LA_D / 2>(dk);
-                // Every read of stage st (products, L2, Delta) is done: back to the producer. The
-                // warp barrier orders the other lanes' L2 / Delta loads before lane 0's arrival.
-                // compute-sanitizer racecheck does not follow that order and reports the refill
-                // racing those loads (it reports the same for a 60-line producer / consumer test
-                // of this pattern, and nothing once every thread arrives itself: an arrival count
-                // of 128 per warpgroup would make the kernel clean for the tool).
-                __syncwarp();
-                if (lane == 0) la_mbar_arrive(empty_q + st);
+                // Every read of stage st (products, L2, Delta) is done: back to the producer.
+                // compute-sanitizer racecheck does not follow the warp barrier of the default
+                // hand-back and reports the refill racing the L2 / Delta loads (it reports the
+                // same for scripts/gpu/racecheck_repro.cu, and nothing once every thread arrives
+                // itself: LA_ARRIVE_ALL).
+                la_bwd_release(empty_q + st, lane);
             }
 #endif
 #if LA_DQ_RED && !(LA_KNOCK & 1)
@@ -640,8 +657,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, 1) la_bwd_wg(const __gr
         if (lane == 0) la_mbar_arrive(stg_full + c);
 #endif
 #if LA_BWD_DKLAST
-        __syncwarp();
-        if (lane == 0) la_mbar_arrive(empty_q + st);  // stage st back to the producer
+        la_bwd_release(empty_q + st, lane);  // stage st back to the producer
 #endif
     }
     if (tw == 0) la_bulk_wait<0>();  // shared memory outlives the reductions
