@@ -1139,6 +1139,25 @@ mod tests {
         );
     }
 
+    /// Source, variant and defines of the one-pass `kernel` in bf16 at head dim `d` under `steps`
+    /// (default attention parameters), checked to carry the define `key` = `value`.
+    fn build_with_define(
+        kernel: BwdKernel,
+        d: usize,
+        steps: super::BwdSteps,
+        program: &str,
+        (key, value): (&str, &str),
+    ) -> (String, String, Vec<(String, String)>) {
+        let params = AttnParams::default();
+        let (src, variant, _, _, _, defines) =
+            kernel_build(kernel, DType::BF16, d, &params, program, steps);
+        assert!(
+            defines.iter().any(|(k, v)| k == key && v == value),
+            "{variant} {defines:?}"
+        );
+        (src, variant, defines)
+    }
+
     /// Every consumer thread arriving on the stage's "empty" barrier
     /// (`LONGATTN_CUDA_BWD_ARRIVE=all`) keeps the one-pass kernel clean for ptxas in both modes
     /// at both head dims, under the default steps.
@@ -1154,15 +1173,8 @@ mod tests {
                     arrive_all: true,
                     ..super::BwdSteps::defaults()
                 };
-                let params = AttnParams::default();
-                let (src, variant, _, _, _, defines) =
-                    kernel_build(kernel, DType::BF16, d, &params, &program, steps);
-                assert!(
-                    defines
-                        .iter()
-                        .any(|(k, v)| k == "LA_ARRIVE_ALL" && v == "1"),
-                    "{variant} {defines:?}"
-                );
+                let (src, variant, defines) =
+                    build_with_define(kernel, d, steps, &program, ("LA_ARRIVE_ALL", "1"));
                 let name = format!("test_arrive_all_{variant}");
                 super::super::compile::assert_ptxas_clean(&name, &src, &defines);
             }
@@ -1183,15 +1195,9 @@ mod tests {
                     knock,
                     ..super::BwdSteps::defaults()
                 };
-                let params = AttnParams::default();
-                let (src, variant, _, _, _, defines) =
-                    kernel_build(kernel, DType::BF16, d, &params, &program, steps);
-                assert!(
-                    defines
-                        .iter()
-                        .any(|(k, v)| k == "LA_KNOCK" && *v == knock.to_string()),
-                    "{variant} {defines:?}"
-                );
+                let want = knock.to_string();
+                let (src, variant, defines) =
+                    build_with_define(kernel, d, steps, &program, ("LA_KNOCK", &want));
                 super::super::compile::assert_compiles(
                     &format!("test_knock{knock}_{variant}"),
                     &src,
