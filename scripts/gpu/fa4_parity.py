@@ -18,16 +18,21 @@ On the device: `bash scripts/gpu/dense_check.sh parity`.
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime
 
 import torch
-import triton.testing
 
 import longattn
 from flash_attn.cute import flash_attn_func as fa4
+
+# The peers' timing (`longattn bench --backend cuda`'s script), so both harnesses time alike.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "crates", "longattn-cli", "src"))
+from peer_torch_cuda import time_pass  # noqa: E402
 
 
 def tokens(s):
@@ -55,28 +60,6 @@ def main():
         spans.append((who, cfg, t0, time.time()))
         return r
 
-    def bench(fn, tensors=None):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=tensors)
-
-    def timed(fn, tensors, backward):
-        if not backward:
-            fn()
-            return bench(fn)
-        for t in tensors:
-            t.requires_grad_(True)
-        out = fn()
-        dout = torch.rand_like(out) * 2 - 1
-
-        def bwd():
-            out.backward(dout, retain_graph=True)
-
-        bwd()
-        ms = bench(bwd, tensors)
-        for t in tensors:
-            t.requires_grad_(False)
-            t.grad = None
-        return ms
-
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
     print("| pass | mask | n | D | B x H | ours TFLOP/s (rounds) | FA4 TFLOP/s (rounds) | ours / FA4 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -97,8 +80,8 @@ def main():
                     ours, theirs = [], []
                     for _ in range(a.rounds):
                         cfg = f"{ps}:{mask}:{n // 1024}k:{d}"
-                        ours.append(flops / phase("ours", cfg, lambda: timed(ours_fn, [q, k, v], backward)) / 1e9)
-                        theirs.append(flops / phase("fa4", cfg, lambda: timed(fa4_fn, [q, k, v], backward)) / 1e9)
+                        ours.append(flops / phase("ours", cfg, lambda: time_pass(ours_fn, [q, k, v], backward)) / 1e9)
+                        theirs.append(flops / phase("fa4", cfg, lambda: time_pass(fa4_fn, [q, k, v], backward)) / 1e9)
                     mo, mt = sum(ours) / len(ours), sum(theirs) / len(theirs)
                     ratios[(ps, mask, n, d)] = mo / mt
                     fo = " ".join(f"{x:.0f}" for x in ours)

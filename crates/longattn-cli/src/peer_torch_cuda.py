@@ -20,6 +20,33 @@ import sys
 import time
 
 
+def time_pass(fwd, tensors, backward, warmup_ms=25.0):
+    """Median ms (`triton.testing.do_bench`, `warmup_ms` of warm-up, 100 ms of runs) of the
+    forward `fwd`, or with `backward` of `out.backward(dO)` alone: the forward runs once, its
+    graph is kept, dO is uniform in [-1, 1) and the inputs' gradients are set to None before
+    every run. Also imported by scripts/gpu/fa4_parity.py."""
+    import torch
+    import triton.testing
+
+    if not backward:
+        fwd()
+        return triton.testing.do_bench(fwd, warmup=warmup_ms, rep=100, return_mode="median")
+    for t in tensors:
+        t.requires_grad_(True)
+    out = fwd()
+    dout = torch.rand_like(out) * 2 - 1
+
+    def bwd():
+        out.backward(dout, retain_graph=True)
+
+    bwd()
+    ms = triton.testing.do_bench(bwd, warmup=warmup_ms, rep=100, return_mode="median", grad_to_none=tensors)
+    for t in tensors:
+        t.requires_grad_(False)
+        t.grad = None
+    return ms
+
+
 def main():
     job = json.load(open(sys.argv[1]))
     try:
@@ -87,23 +114,7 @@ def main():
 
     def timed(fwd, tensors):
         """Median ms of the forward, or of the backward alone when the job asks for it."""
-        if not backward:
-            fwd()
-            return bench(fwd)
-        for t in tensors:
-            t.requires_grad_(True)
-        out = fwd()
-        dout = torch.rand_like(out) * 2 - 1
-
-        def bwd():
-            out.backward(dout, retain_graph=True)
-
-        bwd()
-        ms = triton.testing.do_bench(bwd, warmup=warmup_ms, rep=100, return_mode="median", grad_to_none=tensors)
-        for t in tensors:
-            t.requires_grad_(False)
-            t.grad = None
-        return ms
+        return time_pass(fwd, tensors, backward, warmup_ms)
 
     def mask_mod(c):
         n, kind = c["n"], c["mask"]

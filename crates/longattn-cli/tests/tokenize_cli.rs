@@ -10,15 +10,10 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_longattn"))
 }
 
-/// A fresh path in this process's temporary folder: a file or folder left there by an earlier
-/// process of the same id is removed first (the commands refuse to overwrite their outputs).
+mod common;
+
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("longattn-tok-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    let p = d.join(name);
-    let _ = std::fs::remove_file(&p);
-    let _ = std::fs::remove_dir_all(&p);
-    p
+    common::tmp("tok", name)
 }
 
 fn fails_with(o: Output, want: &str) {
