@@ -5,6 +5,8 @@
 #   bash scripts/gpu/kv_check.sh checks   # selftest groups kv, decode (ragged ...), sparse
 #   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
 #   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
+#   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
+#                                         # SnapKV window's fold (32 x 8k)
 #   bash scripts/gpu/kv_check.sh ahead    # the page read one copy ahead (opt-in,
 #                                         # LONGATTN_CUDA_DECODE_PAGE_AHEAD=1): the decode selftest
 #                                         # groups with it, then kv bench (no peers) without / with
@@ -28,7 +30,9 @@ checks)
   echo "selftest sparse rc=$?"; tail -3 "$OUT/selftest_sparse.txt"
   ;;
 bench)
-  if [ -d .peers/flashinfer ]; then E=$(bash .peers/install.sh flashinfer light) && eval "$E"; fi
+  # the carried bundles of the two (FlashInfer's peer rows need only `flashinfer`)
+  bundles=""; for x in flashinfer light; do [ -d .peers/$x ] && bundles="$bundles $x"; done
+  if [ -n "$bundles" ]; then E=$(bash .peers/install.sh $bundles) && eval "$E"; fi
   timeout 400 /tmp/longattn kv bench ${KV_BENCH_ARGS:-} > "$OUT/kv_bench.txt" 2>&1
   echo "kv bench rc=$?"; cat "$OUT/kv_bench.txt" | grep -v "^kv bench " | tail -60
   ;;
@@ -53,6 +57,18 @@ scores)
       --configs ${SCORE_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_scores_wg$wg.txt" 2>&1
     echo "kv bench (LONGATTN_CUDA_SCORE_WG=$wg) rc=$?"
     grep -E "config|accumulation|prefill forward|window scores" "$OUT/kv_bench_scores_wg$wg.txt"
+  done
+  ;;
+ncu)
+  # Nsight Compute on the kernels of two rows: Quest's score and select at 1 x 128k, and the
+  # SnapKV window's fold at 32 x 8k (la_kv_score launches past the decode step's H2O row)
+  for spec in "1x128k regex:la_quest_s 0 4" "32x8k regex:^la_kv_score$ 200 2"; do
+    read -r cfg kn skip cnt <<< "$spec"
+    timeout 240 ncu --kernel-name "$kn" --launch-skip "$skip" --launch-count "$cnt" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      /tmp/longattn kv bench --compare none --configs "$cfg" > "$OUT/ncu_$cfg.txt" 2>&1
+    echo "ncu $cfg $kn rc=$?"
+    grep -E "la_quest|la_kv_score|Duration|DRAM Throughput|Compute \(SM\) Thr|Achieved Occupancy|Registers Per|Grid Size|Dynamic Shared" "$OUT/ncu_$cfg.txt" | head -40
   done
   ;;
 memcheck)

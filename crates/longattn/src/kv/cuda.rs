@@ -37,6 +37,8 @@ const QUEST: &str = include_str!("../cuda/kernels/kv_quest.cu");
 const OP: &str = "cuda kv";
 /// Most page keys per row the Quest select kernel keeps in shared memory.
 const SMEM_KEYS: usize = 16384;
+/// Most candidates per row the Quest select kernel holds in registers (1024 threads x LQ_KPT).
+const REG_KEYS: usize = 8192;
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -138,7 +140,12 @@ impl DevQuest {
         let cap_pages = max_len.div_ceil(page_size).max(1);
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
         // passes; the kernel is loaded once allowing the most (the launch asks for what it uses).
-        let smem_keys = cap_pages.min(SMEM_KEYS);
+        // Rows of at most REG_KEYS candidates take the kernel's register path (no shared keys).
+        let smem_keys = if cap_pages <= REG_KEYS {
+            0
+        } else {
+            cap_pages.min(SMEM_KEYS)
+        };
         let (bounds, score_fn) = (f("la_quest_bounds")?, f("la_quest_score")?);
         let select = dev.function(&variant, "la_quest_select", &src, &defines, SMEM_KEYS * 4)?;
         let rows = b * hk;
@@ -797,6 +804,22 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         ))
     })();
     out.push(case("kv quest ties keep the newest pages".into(), tie, 1.0));
+    // Rows past the select kernel's register path (REG_KEYS candidates): one whose keys fit the
+    // shared buffer (140000 entries, 8750 pages) and one read from global memory (270000: more
+    // candidates than SMEM_KEYS).
+    out.push(case(
+        "kv quest(0.2) Max bf16 4:1 d64 long rows (shared, global select)".into(),
+        check_quest(
+            dev,
+            DType::BF16,
+            &[140_000, 270_000],
+            (4, 1, 64),
+            0.2,
+            Reduce::Max,
+            77,
+        ),
+        out_tolerance(DType::BF16),
+    ));
     // Bad input.
     let refused = |name: &str, r: Result<()>, want: &str| {
         let (passed, detail) = match r {

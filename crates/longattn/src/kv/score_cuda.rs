@@ -64,6 +64,8 @@ struct LaScoreParams {
     f: f32,
     q_scale: f32,
     cap_mul: f32,
+    kblocks: i32,
+    rows_cap: i32,
     pad: i32,
 }
 
@@ -117,10 +119,40 @@ fn wg_smem_bytes(d: usize) -> usize {
     1024 + st * br * d * 2 + st * br * 4 + 2 * st * 8
 }
 
-/// Dynamic shared memory of `la_kv_score`: 64 keys and 64 query rows of D + 8 elements, and the
-/// rows' weights and LSE (`kv_score.cu`).
-fn smem_bytes(d: usize) -> usize {
-    2 * 64 * (d + 8) * 2 + 2 * 64 * 4
+/// Dynamic shared memory of `la_kv_score`: 64 keys and `rows` query rows of D + 8 elements, and
+/// the rows' weights and LSE (`kv_score.cu`).
+fn smem_bytes(d: usize, rows: usize) -> usize {
+    (64 + rows) * (d + 8) * 2 + 2 * rows * 4
+}
+
+/// The most query rows `la_kv_score` holds in shared memory at once (89 KiB at D 128, 102 KiB at
+/// D 256 with the keys).
+fn max_rows(d: usize) -> usize {
+    if d > 128 {
+        128
+    } else {
+        256
+    }
+}
+
+/// Launch shape of `la_kv_score` for a chunk whose blocks read at most `n_rows` staged rows
+/// (G heads x the rows a head can weigh, padded to 8), over rows of at most `max` entries:
+/// (rows in the shared buffer, key blocks of 64 per thread block). When every row fits, they are
+/// staged once per block and a block takes several key blocks (up to 8, keeping about 8 blocks per
+/// SM); otherwise chunks of 64 rows, one key block.
+fn launch_shape(
+    n_rows: usize,
+    max: usize,
+    table_rows: usize,
+    d: usize,
+    sms: usize,
+) -> (usize, usize) {
+    if n_rows > max_rows(d) {
+        return (64, 1);
+    }
+    let rows = n_rows.next_multiple_of(64).max(64);
+    let key_blocks = max.div_ceil(64) * table_rows;
+    (rows, (key_blocks / (8 * sms.max(1))).clamp(1, 8))
 }
 
 /// Running press scores of one layer's per-head cache on the device: `[rows, cap]` f32, row
@@ -197,7 +229,7 @@ impl DevScores {
             dt.name(),
             if softcap { "_cap" } else { "" }
         );
-        let smem = smem_bytes(d);
+        let smem = smem_bytes(d, max_rows(d));
         let func = dev.function_static(
             &variant,
             "la_kv_score",
@@ -311,15 +343,27 @@ impl DevScores {
             f,
             q_scale,
             cap_mul,
+            kblocks: 1,
+            rows_cap: 64,
             pad: 0,
         };
         if self.takes_wg(q) {
             return self.observe_wg(q, &p, max);
         }
+        // The most rows a block stages: G heads x the rows from the first weighted one (rounded
+        // down to 8) to Sq, padded to 8 (kv_score.cu).
+        let g = hq / cache.kv_heads;
+        let n_rows = g * (sq - (self.kind.first_row(sq) & !7)).next_multiple_of(8);
+        let (rows_cap, kblocks) = launch_shape(n_rows, max, self.rows, d, self.dev.sms);
+        let p = LaScoreParams {
+            kblocks: kblocks as i32,
+            rows_cap: rows_cap as i32,
+            ..p
+        };
         let cfg = LaunchConfig {
-            grid_dim: (max.div_ceil(64) as u32, self.rows as u32, 1),
+            grid_dim: (max.div_ceil(64 * kblocks) as u32, self.rows as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: smem_bytes(d) as u32,
+            shared_mem_bytes: smem_bytes(d, rows_cap) as u32,
         };
         let mut lb = s.launch_builder(&self.func);
         lb.arg(&p);
@@ -1174,7 +1218,7 @@ mod tests {
             "LaScoreParams",
             &crate::cuda::forward::offsets!(LaScoreParams; q, k, lse, tables, lens, score, q_sb,
                 q_ss, q_sh, b, sq, hq, hk, max_pages, cap, causal, reduce, kind, window, f,
-                q_scale, cap_mul, pad),
+                q_scale, cap_mul, kblocks, rows_cap, pad),
             std::mem::size_of::<LaScoreParams>(),
         );
     }

@@ -18,7 +18,8 @@
 //                    (after an append)
 //   la_quest_score   per (group of pages, row): the reduced bound of pages 0 .. cur - 1
 //   la_quest_select  per row: radix select of the (n - 1)-th largest score, then one ordered
-//                    pass writing the table
+//                    pass writing the table (rows of up to 8192 candidates from registers,
+//                    longer ones from shared or global memory)
 // Needs: common.cuh, select.cuh, LA_D (multiple of 8), LA_PAGE, LA_F16.
 
 struct LaQuestParams {
@@ -37,6 +38,7 @@ struct LaQuestParams {
 };
 
 #define LQ_LPP (LA_D / 8)        // lanes per page (16 bytes each)
+#define LQ_KPT 8                 // candidates a thread of la_quest_select holds in registers
 #define LQ_PPB (256 / LQ_LPP)    // pages per block of 256 threads
 
 struct alignas(16) lq_v4 {
@@ -153,7 +155,52 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
         return;
     }
     const float* x = p.score + (i64)r * p.score_stride;
-    // The order keys, read once into shared memory when they fit (every pass below reads them).
+    u32 need = 0, T = 0xffffffffu;
+    if (cur <= 1024 * LQ_KPT) {
+        // Rows of up to 1024 LQ_KPT candidates: thread t holds the order keys of pages
+        // t LQ_KPT .. t LQ_KPT + LQ_KPT - 1 in registers, so the ordered pass below is one scan.
+        const int j0 = threadIdx.x * LQ_KPT;
+        u32 u[LQ_KPT];
+#pragma unroll
+        for (int i = 0; i < LQ_KPT; i++) u[i] = j0 + i < cur ? la_order_key(x[j0 + i]) : 0u;
+        if (n > 1)
+            T = la_radix_nth_by(
+                (u32)(n - 1),
+                [&](int shift, u32 mask, u32 prefix) {
+#pragma unroll
+                    for (int i = 0; i < LQ_KPT; i++)
+                        la_hist_add(j0 + i < cur && (u[i] & mask) == prefix, (u[i] >> shift) & 255u, hist);
+                },
+                hist, pick, need);
+        if (n > 1) {
+            // The keep rule of the pass below: the counts of the thread's pages above T and tied
+            // at T, one scan of both (low / high 16 bits; a row counts at most 8192 of each).
+            u32 a = 0, t = 0;
+#pragma unroll
+            for (int i = 0; i < LQ_KPT; i++) {
+                a += j0 + i < cur && u[i] > T;
+                t += j0 + i < cur && u[i] == T;
+            }
+            u32 tot;
+            const u32 ex = la_block_scan(a | (t << 16), ws, tot);
+            const u32 skip = (tot >> 16) - need;
+            u32 ab = ex & 0xffffu, tb = ex >> 16;
+#pragma unroll
+            for (int i = 0; i < LQ_KPT; i++) {
+                const bool in = j0 + i < cur, above = in && u[i] > T, tied = in && u[i] == T;
+                if (above || (tied && tb >= skip)) out[ab + (tb > skip ? tb - skip : 0u)] = tab[j0 + i];
+                ab += above;
+                tb += tied;
+            }
+        }
+        if (threadIdx.x == 0) {
+            out[n - 1] = tab[cur];
+            p.sel_lens[r] = (n - 1) * LA_PAGE + (len - cur * LA_PAGE);
+        }
+        return;
+    }
+    // Longer rows: the order keys, read once into shared memory when they fit (every pass below
+    // reads them).
     extern __shared__ u32 lq_keys[];
     const bool in_smem = cur <= p.smem_keys;
     if (in_smem) {
@@ -161,7 +208,6 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
         __syncthreads();
     }
     auto key = [&](int j) -> u32 { return in_smem ? lq_keys[j] : la_order_key(x[j]); };
-    u32 need = 0, T = 0xffffffffu;
     if (n > 1) T = la_radix_nth(cur, (u32)(n - 1), [&](int j, u32& u) { u = key(j); return true; },
                                hist, pick, need);
     // Pages with key > T are kept; of the pages with key == T (tied at the cut) the `need` newest.

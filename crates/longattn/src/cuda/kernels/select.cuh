@@ -43,26 +43,27 @@ __device__ __forceinline__ u32 la_order_key(float f) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// The n-th largest key (1 <= n <= count of keys taken) among key(j) for j < N where take(j), by
-// radix select: four passes of 8-bit digits, each a shared histogram of the taken keys that match
-// the digits chosen so far. Returns T and sets `need` to how many keys equal to T complete the
-// top n (the keys > T are n - need). The lanes of a warp that fall into one bin add once (leading
-// digits are shared by most keys: one address would serialise the warp's adds), so whole warps
-// iterate. hist: 256 words, pick: 2 words of shared memory.
-template <typename K>
-__device__ __forceinline__ u32 la_radix_nth(int N, u32 n, K key, u32* hist, u32* pick, u32& need) {
+// One key's count into a radix pass's shared histogram (`in`: the key is taken and matches the
+// digits chosen so far; `bin` its digit). The lanes of a warp that fall into one bin add once
+// (leading digits are shared by most keys: one address would serialise the warp's adds). Called
+// by every lane of the warp.
+__device__ __forceinline__ void la_hist_add(bool in, u32 bin, u32* hist) {
+    const u32 peers = __match_any_sync(0xffffffffu, in ? bin : 256u);
+    if (in && (int)(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+}
+
+// The n-th largest of a set of keys by radix select: four passes of 8-bit digits, each a shared
+// histogram of the keys that match the digits chosen so far, filled by
+// fill(shift, mask, prefix) (every thread adds its keys k with (k & mask) == prefix to bin
+// (k >> shift) & 255 through la_hist_add). Returns T and sets `need` to how many keys equal to T
+// complete the top n (the keys > T are n - need). hist: 256 words, pick: 2 words of shared memory.
+template <typename F>
+__device__ __forceinline__ u32 la_radix_nth_by(u32 n, F fill, u32* hist, u32* pick, u32& need) {
     u32 prefix = 0, mask = 0, rem = n;   // rem: keys still to take at or below the prefix
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int t = threadIdx.x; t < 256; t += blockDim.x) hist[t] = 0;
         __syncthreads();
-        for (int jb = 0; jb < N; jb += blockDim.x) {
-            const int j = jb + threadIdx.x;
-            u32 u = 0;
-            const bool in = j < N && key(j, u) && (u & mask) == prefix;
-            const u32 bin = in ? (u >> shift) & 255u : 256u;
-            const u32 peers = __match_any_sync(0xffffffffu, bin);
-            if (in && (int)(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-        }
+        fill(shift, mask, prefix);
         __syncthreads();
         if (threadIdx.x < 32) {
             // Lane l sums bins 255 - 8 l - 7 .. 255 - 8 l (the top bins first); the first lane
@@ -99,4 +100,21 @@ __device__ __forceinline__ u32 la_radix_nth(int N, u32 n, K key, u32* hist, u32*
     }
     need = rem;
     return prefix;
+}
+
+// The n-th largest key (1 <= n <= count of keys taken) among key(j) for j < N where take(j)
+// (la_radix_nth_by over the block's strided indices; whole warps iterate).
+template <typename K>
+__device__ __forceinline__ u32 la_radix_nth(int N, u32 n, K key, u32* hist, u32* pick, u32& need) {
+    return la_radix_nth_by(
+        n,
+        [&](int shift, u32 mask, u32 prefix) {
+            for (int jb = 0; jb < N; jb += blockDim.x) {
+                const int j = jb + threadIdx.x;
+                u32 u = 0;
+                const bool in = j < N && key(j, u) && (u & mask) == prefix;
+                la_hist_add(in, (u >> shift) & 255u, hist);
+            }
+        },
+        hist, pick, need);
 }
