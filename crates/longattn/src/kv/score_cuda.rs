@@ -112,6 +112,15 @@ fn wg_tiles(d: usize) -> (usize, usize) {
     (if d > 128 { 64 } else { 128 }, 3)
 }
 
+/// Items per turn of `la_kv_colscore`'s consumer loop (`LC_PIPE`): 2, or 4 with
+/// `LONGATTN_CUDA_SCORE_PIPE=4` (opt-in until measured against 2 on the device).
+fn wg_pipe() -> usize {
+    match std::env::var("LONGATTN_CUDA_SCORE_PIPE").as_deref() {
+        Ok("4") => 4,
+        _ => 2,
+    }
+}
+
 /// Dynamic shared memory of `la_kv_colscore`: 1 KiB for alignment, the ring's Q tiles and l2
 /// rows, its mbarriers.
 fn wg_smem_bytes(d: usize) -> usize {
@@ -407,10 +416,12 @@ impl DevScores {
         let mut defines = self.defines.clone();
         defines.push(("LC_BR".into(), br.to_string()));
         defines.push(("LC_ST".into(), stages.to_string()));
+        let pipe = wg_pipe();
+        defines.push(("LC_PIPE".into(), pipe.to_string()));
         let smem = wg_smem_bytes(d);
         let wrappers = &*crate::cuda::wgmma::WRAPPERS;
         let main = self.dev.function_static(
-            &format!("{}_wg{br}x{stages}", self.variant),
+            &format!("{}_wg{br}x{stages}p{pipe}", self.variant),
             "la_kv_colscore",
             || format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{SCORE_WG}"),
             &defines,
@@ -1237,7 +1248,8 @@ mod tests {
 
     /// The Hopper fold compiles under NVRTC for sm_90a (no GPU needed, only `libnvrtc`;
     /// skipped, and said so, without it): D 64 / 128 / 256, bf16 / f16, with and without
-    /// soft-cap; ptxas keeps every wgmma asynchronous and spills nothing. The offsets kernel
+    /// soft-cap, two and four items per turn; ptxas keeps every wgmma asynchronous and spills
+    /// nothing. The offsets kernel
     /// compiles with the generic one (`scripts/nvrtc_check.py`).
     #[test]
     fn colscore_kernels_compile_with_nvrtc() {
@@ -1250,26 +1262,32 @@ mod tests {
         for d in [64usize, 128, 256] {
             let (br, st) = wg_tiles(d);
             assert!(wg_smem_bytes(d) <= 227 * 1024);
-            for f16 in [0, 1] {
-                for cap in [0, 1] {
-                    let defines: Vec<(String, String)> = [
-                        ("LA_F16", f16.to_string()),
-                        ("LA_D", d.to_string()),
-                        ("LA_PAGE", "16".to_string()),
-                        ("LA_SOFTCAP", cap.to_string()),
-                        ("LC_BR", br.to_string()),
-                        ("LC_ST", st.to_string()),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect();
-                    let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}");
-                    crate::cuda::compile::assert_ptxas_clean(&name, &src, &defines);
-                    n += 1;
-                }
+            for (f16, cap, pipe) in [
+                (0, 0, 2),
+                (0, 1, 2),
+                (1, 0, 2),
+                (1, 1, 2),
+                (0, 0, 4),
+                (1, 1, 4),
+            ] {
+                let defines: Vec<(String, String)> = [
+                    ("LA_F16", f16.to_string()),
+                    ("LA_D", d.to_string()),
+                    ("LA_PAGE", "16".to_string()),
+                    ("LA_SOFTCAP", cap.to_string()),
+                    ("LC_BR", br.to_string()),
+                    ("LC_ST", st.to_string()),
+                    ("LC_PIPE", pipe.to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}_p{pipe}");
+                crate::cuda::compile::assert_ptxas_clean(&name, &src, &defines);
+                n += 1;
             }
         }
-        assert_eq!(n, 12);
+        assert_eq!(n, 18);
     }
 
     /// The device's reference reads entries by index with the chunk as every row's last Sq

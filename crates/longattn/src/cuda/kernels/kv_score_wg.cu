@@ -23,9 +23,14 @@
 //     so the tensor cores and the exponentials overlap within a warpgroup as well as across
 //     the two.
 // Compile-time constants: LA_F16, LA_D (64, 128, 256), LA_PAGE, LA_SOFTCAP, LC_BR (128; 64 at
-// D 256), LC_ST (stages).
+// D 256), LC_ST (stages), LC_PIPE (items per turn of the consumers' loop: 2, or 4 where the
+// third and fourth products are issued as the first two are consumed, so that only the last
+// item of a turn has its exponentials formed with no product of its warpgroup running).
 
 #define LC_BC 128
+#ifndef LC_PIPE
+#define LC_PIPE 2
+#endif
 #define LC_THREADS 384
 #define LC_KS (LA_D / 16)
 // Register split after setmaxnreg (ptxas compiles the kernel within 168 a thread, the
@@ -201,16 +206,32 @@ extern "C" __global__ void __launch_bounds__(LC_THREADS, 1) la_kv_colscore(const
     // still running across the loop's back edge made ptxas serialize every wgmma). The pair's
     // second product past the last item multiplies whatever its stage holds, unwaited, and is
     // discarded (no branch around a wgmma).
-    for (int t = 0; t < n_items; t += 2) {
+    // With LC_PIPE 4 the turn holds four items in the two accumulators: each product but the
+    // last is consumed while the next one runs, and nothing runs across the back edge.
+    for (int t = 0; t < n_items; t += LC_PIPE) {
         float sa[LC_BR / 2], sb[LC_BR / 2];
         issue(sa, t);
         issue(sb, t + 1);
         la_wg_wait1();
         la_fence_regs<LC_BR / 2>(sa);
         consume(sa, t);
+#if LC_PIPE == 4
+        issue(sa, t + 2);
+        la_wg_wait1();
+        la_fence_regs<LC_BR / 2>(sb);
+        if (t + 1 < n_items) consume(sb, t + 1);
+        issue(sb, t + 3);
+        la_wg_wait1();
+        la_fence_regs<LC_BR / 2>(sa);
+        if (t + 2 < n_items) consume(sa, t + 2);
+        la_wg_wait0();
+        la_fence_regs<LC_BR / 2>(sb);
+        if (t + 3 < n_items) consume(sb, t + 3);
+#else
         la_wg_wait0();
         la_fence_regs<LC_BR / 2>(sb);
         if (t + 1 < n_items) consume(sb, t + 1);
+#endif
     }
     if (p.reduce != 0) {
 #pragma unroll
