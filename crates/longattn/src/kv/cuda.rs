@@ -66,7 +66,7 @@ struct LaQuestParams {
     reduce: i32,
     score_stride: i32,
     smem_keys: i32,
-    pad: i32,
+    reg_keys: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -92,6 +92,8 @@ pub struct DevQuest {
     cap_pages: usize,
     /// Candidates per row whose keys the select kernel holds in shared memory.
     smem_keys: usize,
+    /// Rows of at most this many candidates take the select kernel's register path (0: none).
+    reg_keys: usize,
     rows: usize,
     hq: usize,
     /// Decode over the selected tables.
@@ -140,8 +142,14 @@ impl DevQuest {
         let cap_pages = max_len.div_ceil(page_size).max(1);
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
         // passes; the kernel is loaded once allowing the most (the launch asks for what it uses).
-        // Rows of at most REG_KEYS candidates take the kernel's register path (no shared keys).
-        let smem_keys = if cap_pages <= REG_KEYS {
+        // Rows of at most REG_KEYS candidates take the kernel's register path (no shared keys;
+        // opt-in until timed on the device: LONGATTN_CUDA_QUEST_REGS=1).
+        let reg_keys = if std::env::var("LONGATTN_CUDA_QUEST_REGS").is_ok_and(|v| v == "1") {
+            REG_KEYS
+        } else {
+            0
+        };
+        let smem_keys = if cap_pages <= reg_keys {
             0
         } else {
             cap_pages.min(SMEM_KEYS)
@@ -184,6 +192,7 @@ impl DevQuest {
             sel_pages,
             cap_pages,
             smem_keys,
+            reg_keys,
             rows,
             hq,
             plan,
@@ -232,7 +241,7 @@ impl DevQuest {
             reduce: self.reduce.kernel_code(),
             score_stride: self.cap_pages as i32,
             smem_keys: self.smem_keys as i32,
-            pad: 0,
+            reg_keys: self.reg_keys as i32,
         })
     }
 
@@ -1282,7 +1291,7 @@ mod tests {
             "LaQuestParams",
             &crate::cuda::forward::offsets!(LaQuestParams; q, k, meta, tables, lens, score,
                 sel_tables, sel_lens, budget, b, hq, hk, max_pages, sel_pages, tail_only, reduce,
-                score_stride, smem_keys, pad),
+                score_stride, smem_keys, reg_keys),
             std::mem::size_of::<LaQuestParams>(),
         );
     }

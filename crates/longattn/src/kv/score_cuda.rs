@@ -156,7 +156,10 @@ fn launch_shape(
     d: usize,
     sms: usize,
 ) -> (usize, usize) {
-    if n_rows > max_rows(d) {
+    // Opt-in until timed on the device (LONGATTN_CUDA_SCORE_RESIDENT=1); otherwise one key
+    // block and chunks of 64 rows, the kernel's earlier shape.
+    let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").is_ok_and(|v| v == "1");
+    if !resident || n_rows > max_rows(d) {
         return (64, 1);
     }
     let rows = n_rows.next_multiple_of(64).max(64);

@@ -18,8 +18,8 @@
 //                    (after an append)
 //   la_quest_score   per (group of pages, row): the reduced bound of pages 0 .. cur - 1
 //   la_quest_select  per row: radix select of the (n - 1)-th largest score, then one ordered
-//                    pass writing the table (rows of up to 8192 candidates from registers,
-//                    longer ones from shared or global memory)
+//                    pass writing the table (rows of up to reg_keys <= 8192 candidates from
+//                    registers, longer ones from shared or global memory)
 // Needs: common.cuh, select.cuh, LA_D (multiple of 8), LA_PAGE, LA_F16.
 
 struct LaQuestParams {
@@ -34,7 +34,8 @@ struct LaQuestParams {
     double budget;       // fraction of the positions attended, (0, 1]
     int B, Hq, Hk, max_pages;
     int sel_pages, tail_only, reduce, score_stride;   // reduce: 0 max, 1 sum, 2 mean
-    int smem_keys, pad;   // rows of at most smem_keys candidates keep their keys in shared memory
+    int smem_keys;        // rows of at most smem_keys candidates keep their keys in shared memory
+    int reg_keys;         // rows of at most reg_keys candidates (<= 1024 LQ_KPT) hold them in registers
 };
 
 #define LQ_LPP (LA_D / 8)        // lanes per page (16 bytes each)
@@ -156,7 +157,7 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
     }
     const float* x = p.score + (i64)r * p.score_stride;
     u32 need = 0, T = 0xffffffffu;
-    if (cur <= 1024 * LQ_KPT) {
+    if (cur <= p.reg_keys) {
         // Rows of up to 1024 LQ_KPT candidates: thread t holds the order keys of pages
         // t LQ_KPT .. t LQ_KPT + LQ_KPT - 1 in registers, so the ordered pass below is one scan.
         const int j0 = threadIdx.x * LQ_KPT;
