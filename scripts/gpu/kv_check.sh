@@ -5,6 +5,9 @@
 #   bash scripts/gpu/kv_check.sh checks   # selftest groups kv, decode (ragged ...), sparse
 #   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
 #   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
+#   bash scripts/gpu/kv_check.sh optins   # the opt-ins of 2026-12-06 (score fold's resident rows,
+#                                         # Quest's register select, the Hopper fold's four-item
+#                                         # turn): selftest with them, kv bench A / B
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 #   bash scripts/gpu/kv_check.sh ahead    # the page read one copy ahead (opt-in,
@@ -57,6 +60,28 @@ scores)
       --configs ${SCORE_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_scores_wg$wg.txt" 2>&1
     echo "kv bench (LONGATTN_CUDA_SCORE_WG=$wg) rc=$?"
     grep -E "config|accumulation|prefill forward|window scores" "$OUT/kv_bench_scores_wg$wg.txt"
+  done
+  ;;
+optins)
+  # The eighteenth session's opt-ins, compiled only until this runs: the score fold's resident
+  # rows (LONGATTN_CUDA_SCORE_RESIDENT=1), Quest's register select (LONGATTN_CUDA_QUEST_REGS=1),
+  # the Hopper fold's four-item turn (LONGATTN_CUDA_SCORE_PIPE=4); first the kv selftest group
+  # with them, then kv bench (no peers) with the defaults and with each, twice
+  ON="LONGATTN_CUDA_SCORE_RESIDENT=1 LONGATTN_CUDA_QUEST_REGS=1"
+  env $ON timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_optins.txt" 2>&1
+  echo "selftest kv (opt-ins) rc=$?"; grep -vE " pass " "$OUT/selftest_optins.txt" | tail -6
+  LONGATTN_CUDA_SCORE_PIPE=4 timeout 100 /tmp/longattn selftest --backend cuda --filter "kv scores" --jobs 12 \
+    > "$OUT/selftest_pipe4.txt" 2>&1
+  echo "selftest kv scores (pipe 4) rc=$?"; grep -vE " pass " "$OUT/selftest_pipe4.txt" | tail -3
+  for it in 1 2; do
+    for v in default "$ON" LONGATTN_CUDA_SCORE_PIPE=4; do
+      tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' _ | cut -c1-40)
+      envs="X=0"; [ "$v" != default ] && envs="$v"
+      env $envs timeout 120 /tmp/longattn kv bench --compare none --configs ${OPTIN_CONFIGS:-32x8k,1x128k} \
+        > "$OUT/kv_bench_${tag}_$it.txt" 2>&1
+      echo "== kv bench ($v, $it) rc=$?"
+      grep -E "^\| (quest|h2o|snapkv|causal)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f2-3
+    done
   done
   ;;
 ncu)
