@@ -149,16 +149,14 @@ fn max_rows(d: usize) -> usize {
 /// (rows in the shared buffer, key blocks of 64 per thread block). When every row fits, they are
 /// staged once per block and a block takes several key blocks (up to 8, keeping about 8 blocks per
 /// SM); otherwise chunks of 64 rows, one key block.
+/// Without `resident` (the default until timed on the device; `LONGATTN_CUDA_SCORE_RESIDENT=1`
+/// turns it on): one key block and chunks of 64 rows, the kernel's earlier shape.
 fn launch_shape(
-    n_rows: usize,
-    max: usize,
-    table_rows: usize,
+    (n_rows, max, table_rows): (usize, usize, usize),
     d: usize,
     sms: usize,
+    resident: bool,
 ) -> (usize, usize) {
-    // Opt-in until timed on the device (LONGATTN_CUDA_SCORE_RESIDENT=1); otherwise one key
-    // block and chunks of 64 rows, the kernel's earlier shape.
-    let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").is_ok_and(|v| v == "1");
     if !resident || n_rows > max_rows(d) {
         return (64, 1);
     }
@@ -366,7 +364,8 @@ impl DevScores {
         // down to 8) to Sq, padded to 8 (kv_score.cu).
         let g = hq / cache.kv_heads;
         let n_rows = g * (sq - (self.kind.first_row(sq) & !7)).next_multiple_of(8);
-        let (rows_cap, kblocks) = launch_shape(n_rows, max, self.rows, d, self.dev.sms);
+        let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").is_ok_and(|v| v == "1");
+        let (rows_cap, kblocks) = launch_shape((n_rows, max, self.rows), d, self.dev.sms, resident);
         let p = LaScoreParams {
             kblocks: kblocks as i32,
             rows_cap: rows_cap as i32,
@@ -1247,6 +1246,29 @@ mod tests {
             std::mem::size_of::<LaColArgs>(),
         );
         assert_eq!(std::mem::offset_of!(LaColWs, p), 128);
+    }
+
+    /// The generic fold's launch shape: chunks of 64 rows over one key block unless the rows are
+    /// resident; resident rows up to the buffer (256 at D 128, 128 at D 256) in multiples of 64,
+    /// up to 8 key blocks a block while the grid keeps about 8 blocks per SM; the shared memory
+    /// of the largest buffer within the device's 227 KiB.
+    #[test]
+    fn generic_fold_launch_shape() {
+        let sms = 132;
+        // SnapKV's window of 32 rows at G 4 (128 rows), 32 x 8 table rows of 8192 entries.
+        assert_eq!(launch_shape((128, 8192, 256), 128, sms, false), (64, 1));
+        assert_eq!(launch_shape((128, 8192, 256), 128, sms, true), (128, 8));
+        // A decode step (G 4 heads x 8 padded rows) on 8 rows of 4096: 512 key blocks, 1 each.
+        assert_eq!(launch_shape((32, 4096, 8), 128, sms, true), (64, 1));
+        // 1 x 128k at 8 table rows: 16384 key blocks, 15 per 8 x 132 -> 8.
+        assert_eq!(launch_shape((32, 131072, 8), 128, sms, true), (64, 8));
+        // More rows than the buffer holds: chunks.
+        assert_eq!(launch_shape((257, 8192, 256), 128, sms, true), (64, 1));
+        assert_eq!(launch_shape((129, 8192, 256), 256, sms, true), (64, 1));
+        assert_eq!(launch_shape((128, 8192, 256), 256, sms, true), (128, 8));
+        for d in [64, 128, 256] {
+            assert!(smem_bytes(d, max_rows(d)) <= 227 * 1024);
+        }
     }
 
     /// The Hopper fold compiles under NVRTC for sm_90a (no GPU needed, only `libnvrtc`;
