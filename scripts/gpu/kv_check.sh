@@ -5,17 +5,17 @@
 #   bash scripts/gpu/kv_check.sh checks   # selftest groups kv, decode (ragged ...), sparse
 #   bash scripts/gpu/kv_check.sh bench    # longattn kv bench with SDPA and FlashInfer
 #   bash scripts/gpu/kv_check.sh memcheck # compute-sanitizer memcheck over the kv group
-#   bash scripts/gpu/kv_check.sh optins   # the opt-ins of 2026-12-06 (score fold's resident rows,
-#                                         # Quest's register select, the Hopper fold's four-item
-#                                         # turn): selftest with them, kv bench A / B
-#   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
-#                                         # SnapKV window's fold (32 x 8k)
 #   bash scripts/gpu/kv_check.sh ahead    # the page read one copy ahead (opt-in,
 #                                         # LONGATTN_CUDA_DECODE_PAGE_AHEAD=1): the decode selftest
 #                                         # groups with it, then kv bench (no peers) without / with
 #   bash scripts/gpu/kv_check.sh scores   # press scores: selftest, then the bench's accumulation
 #                                         # rows with the Hopper kernel (the default) and with
 #                                         # the generic one (LONGATTN_CUDA_SCORE_WG=0)
+#   bash scripts/gpu/kv_check.sh optins   # the opt-ins of 2026-12-06 (score fold's resident rows,
+#                                         # Quest's register select, the Hopper fold's four-item
+#                                         # turn): selftest with them, kv bench A / B
+#   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
+#                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
