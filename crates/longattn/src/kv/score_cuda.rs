@@ -145,16 +145,16 @@ fn max_rows(d: usize) -> usize {
 }
 
 /// Launch shape of `la_kv_score` for a chunk whose blocks read at most `n_rows` staged rows
-/// (G heads x the rows a head can weigh, padded to 8), over rows of at most `max` entries:
-/// (rows in the shared buffer, key blocks of 64 per thread block). When every row fits, they are
-/// staged once per block and a block takes several key blocks (up to 8, keeping about 8 blocks per
-/// SM); otherwise chunks of 64 rows, one key block.
-/// Without `resident` (the default until timed on the device; `LONGATTN_CUDA_SCORE_RESIDENT=1`
-/// turns it on): one key block and chunks of 64 rows, the kernel's earlier shape.
+/// (G heads x the rows a head can weigh, padded to 8), over `table_rows` rows of at most `max`
+/// entries: (rows in the shared buffer, key blocks of 64 per thread block). With `resident` (the
+/// opt-in `LONGATTN_CUDA_SCORE_RESIDENT=1`, until timed on the device) and every row fitting the
+/// buffer, the rows are staged once per block and a block takes several key blocks (up to 8,
+/// keeping about 8 blocks per SM); otherwise chunks of 64 rows over one key block.
 fn launch_shape(
-    (n_rows, max, table_rows): (usize, usize, usize),
-    d: usize,
-    sms: usize,
+    n_rows: usize,
+    max: usize,
+    table_rows: usize,
+    (d, sms): (usize, usize),
     resident: bool,
 ) -> (usize, usize) {
     if !resident || n_rows > max_rows(d) {
@@ -330,6 +330,12 @@ impl DevScores {
             ScoreKind::Tova => (2, 0.0, 0),
             ScoreKind::SnapKv(w) => (3, 0.0, w.min(i32::MAX as usize) as i32),
         };
+        // The most rows a block stages: G heads x the rows from the first weighted one (rounded
+        // down to 8) to Sq, padded to 8 (kv_score.cu).
+        let n_rows =
+            hq / cache.kv_heads * (sq - (self.kind.first_row(sq) & !7)).next_multiple_of(8);
+        let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").is_ok_and(|v| v == "1");
+        let (rows_cap, kblocks) = launch_shape(n_rows, max, self.rows, (d, self.dev.sms), resident);
         let p = LaScoreParams {
             q: q.data.device_ptr(s).0,
             k: cache.k.device_ptr(s).0,
@@ -353,24 +359,13 @@ impl DevScores {
             f,
             q_scale,
             cap_mul,
-            kblocks: 1,
-            rows_cap: 64,
+            kblocks: kblocks as i32,
+            rows_cap: rows_cap as i32,
             pad: 0,
         };
         if self.takes_wg(q) {
             return self.observe_wg(q, &p, max);
         }
-        // The most rows a block stages: G heads x the rows from the first weighted one (rounded
-        // down to 8) to Sq, padded to 8 (kv_score.cu).
-        let g = hq / cache.kv_heads;
-        let n_rows = g * (sq - (self.kind.first_row(sq) & !7)).next_multiple_of(8);
-        let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").is_ok_and(|v| v == "1");
-        let (rows_cap, kblocks) = launch_shape((n_rows, max, self.rows), d, self.dev.sms, resident);
-        let p = LaScoreParams {
-            kblocks: kblocks as i32,
-            rows_cap: rows_cap as i32,
-            ..p
-        };
         let cfg = LaunchConfig {
             grid_dim: (max.div_ceil(64 * kblocks) as u32, self.rows as u32, 1),
             block_dim: (128, 1, 1),
@@ -1256,16 +1251,16 @@ mod tests {
     fn generic_fold_launch_shape() {
         let sms = 132;
         // SnapKV's window of 32 rows at G 4 (128 rows), 32 x 8 table rows of 8192 entries.
-        assert_eq!(launch_shape((128, 8192, 256), 128, sms, false), (64, 1));
-        assert_eq!(launch_shape((128, 8192, 256), 128, sms, true), (128, 8));
+        assert_eq!(launch_shape(128, 8192, 256, (128, sms), false), (64, 1));
+        assert_eq!(launch_shape(128, 8192, 256, (128, sms), true), (128, 8));
         // A decode step (G 4 heads x 8 padded rows) on 8 rows of 4096: 512 key blocks, 1 each.
-        assert_eq!(launch_shape((32, 4096, 8), 128, sms, true), (64, 1));
+        assert_eq!(launch_shape(32, 4096, 8, (128, sms), true), (64, 1));
         // 1 x 128k at 8 table rows: 16384 key blocks, 15 per 8 x 132 -> 8.
-        assert_eq!(launch_shape((32, 131072, 8), 128, sms, true), (64, 8));
+        assert_eq!(launch_shape(32, 131072, 8, (128, sms), true), (64, 8));
         // More rows than the buffer holds: chunks.
-        assert_eq!(launch_shape((257, 8192, 256), 128, sms, true), (64, 1));
-        assert_eq!(launch_shape((129, 8192, 256), 256, sms, true), (64, 1));
-        assert_eq!(launch_shape((128, 8192, 256), 256, sms, true), (128, 8));
+        assert_eq!(launch_shape(257, 8192, 256, (128, sms), true), (64, 1));
+        assert_eq!(launch_shape(129, 8192, 256, (256, sms), true), (64, 1));
+        assert_eq!(launch_shape(128, 8192, 256, (256, sms), true), (128, 8));
         for d in [64, 128, 256] {
             assert!(smem_bytes(d, max_rows(d)) <= 227 * 1024);
         }

@@ -136,6 +136,13 @@ extern "C" __global__ void __launch_bounds__(256) la_quest_score(const LaQuestPa
     if (ok && sub == 0) p.score[(i64)r * p.score_stride + i] = red;
 }
 
+// The keep rule of la_quest_select for page j (above: key > T, tied: key == T), ab / tb the pages
+// above / tied before it, skip = ties - need: its table entry into its slot when kept.
+__device__ __forceinline__ void lq_keep(int* out, const int* tab, int j, bool above, bool tied, u32 ab,
+                                        u32 tb, u32 skip) {
+    if (above || (tied && tb >= skip)) out[ab + (tb > skip ? tb - skip : 0u)] = tab[j];
+}
+
 extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuestParams p) {
     __shared__ u32 ws[32];
     __shared__ u32 hist[256];
@@ -156,84 +163,73 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
         return;
     }
     const float* x = p.score + (i64)r * p.score_stride;
-    u32 need = 0, T = 0xffffffffu;
-    if (cur <= p.reg_keys) {
+    // The n - 1 pages of largest score among 0 .. cur - 1 (n > 1): T the (n - 1)-th largest order
+    // key; pages with key > T are kept, and of the pages with key == T (tied at the cut) the
+    // `need` newest. The ordered passes carry two running counts, above (key > T) and tied (key
+    // == T), packed in one scan (low / high 16 bits): tied page of rank t (0-based, by index) is
+    // kept when t >= ties - need, and a kept page's slot is above_before + max(0, tied_before -
+    // (ties - need)) (lq_keep).
+    if (n > 1 && cur <= p.reg_keys) {
         // Rows of up to 1024 LQ_KPT candidates: thread t holds the order keys of pages
-        // t LQ_KPT .. t LQ_KPT + LQ_KPT - 1 in registers, so the ordered pass below is one scan.
+        // t LQ_KPT .. t LQ_KPT + LQ_KPT - 1 in registers, so the ordered pass is one scan (a row
+        // counts at most 8192 of each).
         const int j0 = threadIdx.x * LQ_KPT;
         u32 u[LQ_KPT];
 #pragma unroll
         for (int i = 0; i < LQ_KPT; i++) u[i] = j0 + i < cur ? la_order_key(x[j0 + i]) : 0u;
-        if (n > 1)
-            T = la_radix_nth_by(
-                (u32)(n - 1),
-                [&](int shift, u32 mask, u32 prefix) {
+        u32 need;
+        const u32 T = la_radix_nth_by(
+            (u32)(n - 1),
+            [&](int shift, u32 mask, u32 prefix) {
 #pragma unroll
-                    for (int i = 0; i < LQ_KPT; i++)
-                        la_hist_add(j0 + i < cur && (u[i] & mask) == prefix, (u[i] >> shift) & 255u, hist);
-                },
-                hist, pick, need);
-        if (n > 1) {
-            // The keep rule of the pass below: the counts of the thread's pages above T and tied
-            // at T, one scan of both (low / high 16 bits; a row counts at most 8192 of each).
-            u32 a = 0, t = 0;
+                for (int i = 0; i < LQ_KPT; i++)
+                    la_hist_add(j0 + i < cur && (u[i] & mask) == prefix, (u[i] >> shift) & 255u, hist);
+            },
+            hist, pick, need);
+        u32 a = 0, t = 0;
 #pragma unroll
-            for (int i = 0; i < LQ_KPT; i++) {
-                a += j0 + i < cur && u[i] > T;
-                t += j0 + i < cur && u[i] == T;
-            }
-            u32 tot;
-            const u32 ex = la_block_scan(a | (t << 16), ws, tot);
-            const u32 skip = (tot >> 16) - need;
-            u32 ab = ex & 0xffffu, tb = ex >> 16;
-#pragma unroll
-            for (int i = 0; i < LQ_KPT; i++) {
-                const bool in = j0 + i < cur, above = in && u[i] > T, tied = in && u[i] == T;
-                if (above || (tied && tb >= skip)) out[ab + (tb > skip ? tb - skip : 0u)] = tab[j0 + i];
-                ab += above;
-                tb += tied;
-            }
+        for (int i = 0; i < LQ_KPT; i++) {
+            a += j0 + i < cur && u[i] > T;
+            t += j0 + i < cur && u[i] == T;
         }
-        if (threadIdx.x == 0) {
-            out[n - 1] = tab[cur];
-            p.sel_lens[r] = (n - 1) * LA_PAGE + (len - cur * LA_PAGE);
+        u32 tot;
+        const u32 ex = la_block_scan(a | (t << 16), ws, tot);
+        const u32 skip = (tot >> 16) - need;
+        u32 ab = ex & 0xffffu, tb = ex >> 16;
+#pragma unroll
+        for (int i = 0; i < LQ_KPT; i++) {
+            const bool in = j0 + i < cur, above = in && u[i] > T, tied = in && u[i] == T;
+            lq_keep(out, tab, j0 + i, above, tied, ab, tb, skip);
+            ab += above;
+            tb += tied;
         }
-        return;
-    }
-    // Longer rows: the order keys, read once into shared memory when they fit (every pass below
-    // reads them).
-    extern __shared__ u32 lq_keys[];
-    const bool in_smem = cur <= p.smem_keys;
-    if (in_smem) {
-        for (int j = threadIdx.x; j < cur; j += blockDim.x) lq_keys[j] = la_order_key(x[j]);
-        __syncthreads();
-    }
-    auto key = [&](int j) -> u32 { return in_smem ? lq_keys[j] : la_order_key(x[j]); };
-    if (n > 1) T = la_radix_nth(cur, (u32)(n - 1), [&](int j, u32& u) { u = key(j); return true; },
-                               hist, pick, need);
-    // Pages with key > T are kept; of the pages with key == T (tied at the cut) the `need` newest.
-    // One ordered pass with two running counts, above (key > T) and tied (key == T), packed in
-    // one scan (low / high 16 bits; a chunk of the block counts at most 1024 of each): tied page
-    // of rank t (0-based, by index) is kept when t >= ties - need, and a kept page's slot is
-    // above_before + max(0, tied_before - (ties - need)).
-    u32 ties = 0;
-    if (n > 1) {
+    } else if (n > 1) {
+        // Longer rows: the order keys, read once into shared memory when they fit (every pass
+        // below reads them); one scan per 1024 candidates (a chunk counts at most 1024 of each).
+        extern __shared__ u32 lq_keys[];
+        const bool in_smem = cur <= p.smem_keys;
+        if (in_smem) {
+            for (int j = threadIdx.x; j < cur; j += blockDim.x) lq_keys[j] = la_order_key(x[j]);
+            __syncthreads();
+        }
+        auto key = [&](int j) -> u32 { return in_smem ? lq_keys[j] : la_order_key(x[j]); };
+        u32 need;
+        const u32 T = la_radix_nth(cur, (u32)(n - 1), [&](int j, u32& u) { u = key(j); return true; },
+                                   hist, pick, need);
         u32 c = 0;
         for (int j = threadIdx.x; j < cur; j += blockDim.x) c += key(j) == T;
-        ties = la_block_sum(c, ws);
-    }
-    const u32 skip = ties - need;
-    u32 above0 = 0, tied0 = 0;
-    for (int jb = 0; jb < cur && n > 1; jb += blockDim.x) {
-        const int j = jb + threadIdx.x;
-        const u32 kj = j < cur ? key(j) : 0u;
-        const bool a = j < cur && kj > T, t = j < cur && kj == T;
-        u32 tot;
-        const u32 ex = la_block_scan((u32)a | ((u32)t << 16), ws, tot);
-        const u32 ab = above0 + (ex & 0xffffu), tb = tied0 + (ex >> 16);
-        if (a || (t && tb >= skip)) out[ab + (tb > skip ? tb - skip : 0u)] = tab[j];
-        above0 += tot & 0xffffu;
-        tied0 += tot >> 16;
+        const u32 skip = la_block_sum(c, ws) - need;
+        u32 above0 = 0, tied0 = 0;
+        for (int jb = 0; jb < cur; jb += blockDim.x) {
+            const int j = jb + threadIdx.x;
+            const u32 kj = j < cur ? key(j) : 0u;
+            const bool a = j < cur && kj > T, t = j < cur && kj == T;
+            u32 tot;
+            const u32 ex = la_block_scan((u32)a | ((u32)t << 16), ws, tot);
+            lq_keep(out, tab, j, a, t, above0 + (ex & 0xffffu), tied0 + (ex >> 16), skip);
+            above0 += tot & 0xffffu;
+            tied0 += tot >> 16;
+        }
     }
     if (threadIdx.x == 0) {
         out[n - 1] = tab[cur];

@@ -102,12 +102,12 @@ extern "C" __global__ void __launch_bounds__(128) la_kv_score(const LaScoreParam
     const int N = G * nh;
     const bool resident = N <= R;   // every row staged once for all key blocks
     auto stage_rows = [&](int f0) {
-        for (int c = threadIdx.x; c < R * (LA_D / 8); c += 128) {
+        // Only rows f < N are copied: the products read no row past N (a multiple of 8).
+        for (int c = threadIdx.x; c < la_imin(R, N - f0) * (LA_D / 8); c += 128) {
             const int row = c / (LA_D / 8), col = c % (LA_D / 8);
             const int f = f0 + row;
             const int gi = f / la_imax(nh, 1), i = hb + f % la_imax(nh, 1);
-            const bool in = f < N && i < p.Sq;
-            if (resident && f >= N) break;   // nothing of these rows is read
+            const bool in = i < p.Sq;
             const u16* src = in ? p.q + (i64)b * p.q_sb + (i64)(kh * G + gi) * p.q_sh + (i64)i * p.q_ss + col * 8 : p.q;
             la_cp_async16(qs + row * LS_LDS + col * 8, src, in ? 16 : 0);
         }
