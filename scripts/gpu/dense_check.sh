@@ -74,7 +74,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
+# unpacked on every call: a warm machine keeps /tmp from the call before, with its older binary
+xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn
 fa4_env() {
   # The install's export line is kept in /tmp (with /tmp/site it outlives the call while the
   # machine stays warm): a next call need not carry the 55 MiB bundle again.

@@ -6,7 +6,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -x /tmp/longattn ]; then xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn; fi
+# unpacked on every call: a warm machine keeps /tmp from the call before, with its older binary
+xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn
 python3 -c "import longattn" 2>/dev/null || {
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl >/dev/null
 }
