@@ -11,9 +11,10 @@
 #   bash scripts/gpu/kv_check.sh scores   # press scores: selftest, then the bench's accumulation
 #                                         # rows with the Hopper kernel (the default) and with
 #                                         # the generic one (LONGATTN_CUDA_SCORE_WG=0)
-#   bash scripts/gpu/kv_check.sh optins   # the opt-ins of 2026-12-06 (score fold's resident rows,
-#                                         # Quest's register select, the Hopper fold's four-item
-#                                         # turn): selftest with them, kv bench A / B
+#   bash scripts/gpu/kv_check.sh ab       # the score fold's resident rows, the Hopper fold's
+#                                         # four-item turn, Quest's register select (defaults since
+#                                         # 2026-12-07) against the former kernels: selftest, kv bench
+#                                         # A / B, Quest's register path around its threshold
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -63,26 +64,30 @@ scores)
     grep -E "config|accumulation|prefill forward|window scores" "$OUT/kv_bench_scores_wg$wg.txt"
   done
   ;;
-optins)
-  # The eighteenth session's opt-ins, compiled only until this runs: the score fold's resident
-  # rows (LONGATTN_CUDA_SCORE_RESIDENT=1), Quest's register select (LONGATTN_CUDA_QUEST_REGS=1),
-  # the Hopper fold's four-item turn (LONGATTN_CUDA_SCORE_PIPE=4); first the kv selftest group
-  # with them, then kv bench (no peers) with the defaults and with each, twice
-  ON="LONGATTN_CUDA_SCORE_RESIDENT=1 LONGATTN_CUDA_QUEST_REGS=1"
-  env $ON timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_optins.txt" 2>&1
-  echo "selftest kv (opt-ins) rc=$?"; grep -vE " pass " "$OUT/selftest_optins.txt" | tail -6
-  LONGATTN_CUDA_SCORE_PIPE=4 timeout 100 /tmp/longattn selftest --backend cuda --filter "kv scores" --jobs 12 \
-    > "$OUT/selftest_pipe4.txt" 2>&1
-  echo "selftest kv scores (pipe 4) rc=$?"; grep -vE " pass " "$OUT/selftest_pipe4.txt" | tail -3
+ab)
+  # The score fold's resident rows, the Hopper fold's four-item turn and Quest's register select
+  # (defaults since 2026-12-07) against the former kernels (LONGATTN_CUDA_SCORE_RESIDENT=0,
+  # LONGATTN_CUDA_SCORE_PIPE=2, LONGATTN_CUDA_QUEST_REG_MIN=8192): the kv selftest group with
+  # the former ones, then kv bench (no peers) alternating, twice; then Quest's register path
+  # from every length (REG_MIN=0) against none at the lengths around its threshold
+  OLD="LONGATTN_CUDA_SCORE_RESIDENT=0 LONGATTN_CUDA_SCORE_PIPE=2 LONGATTN_CUDA_QUEST_REG_MIN=8192"
+  env $OLD timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_former.txt" 2>&1
+  echo "selftest kv (former kernels) rc=$?"; grep -vE " pass " "$OUT/selftest_former.txt" | tail -4
   for it in 1 2; do
-    for v in default "$ON" LONGATTN_CUDA_SCORE_PIPE=4; do
-      tag=$(echo "$v" | tr -c 'A-Za-z0-9\n' _ | cut -c1-40)
+    for v in default "$OLD"; do
+      tag=$(echo "$v" | cut -c1-20 | tr -c 'A-Za-z0-9\n' _)
       envs="X=0"; [ "$v" != default ] && envs="$v"
-      env $envs timeout 120 /tmp/longattn kv bench --compare none --configs ${OPTIN_CONFIGS:-32x8k,1x128k} \
+      env $envs timeout 120 /tmp/longattn kv bench --compare none --configs ${AB_CONFIGS:-32x8k,1x128k} \
         > "$OUT/kv_bench_${tag}_$it.txt" 2>&1
       echo "== kv bench ($v, $it) rc=$?"
-      grep -E "^\| (quest|h2o|snapkv|causal)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f2-3
+      grep -E "^\| (full paged|decode \+|quest\(|h2o|snapkv|causal)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f2-3
     done
+  done
+  for m in 0 8192 0 8192; do
+    LONGATTN_CUDA_QUEST_REG_MIN=$m timeout 120 /tmp/longattn kv bench --compare none \
+      --configs ${REG_CONFIGS:-32x8k,1x32k,1x64k,1x128k} > "$OUT/kv_bench_regmin$m.txt" 2>&1
+    echo "== kv bench (LONGATTN_CUDA_QUEST_REG_MIN=$m) rc=$?"
+    grep -E "tokens,|^\| quest\(0.2\) score" "$OUT/kv_bench_regmin$m.txt" | cut -d'|' -f1-3 | cut -c1-60
   done
   ;;
 ncu)

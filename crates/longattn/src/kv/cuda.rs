@@ -40,6 +40,11 @@ const SMEM_KEYS: usize = 16384;
 /// Most candidates per row the Quest select kernel holds in registers (1024 threads x LQ_KPT).
 const REG_KEYS: usize = 8192;
 
+/// Rows of at most this many candidates stay on the select kernel's shared path (H100,
+/// 2026-12-07: the register path took quest(0.2)'s score + select from 62 to 72 us at 32 x 8k,
+/// 512 pages a row, and from 45 to 38 us at 1 x 128k, 8192 pages).
+const REG_MIN: usize = 2048;
+
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
 }
@@ -67,10 +72,23 @@ struct LaQuestParams {
     score_stride: i32,
     smem_keys: i32,
     reg_keys: i32,
+    reg_min: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaQuestParams {}
+
+/// Rows the Quest select kernel takes through its register path: more than `reg_min` and at
+/// most REG_KEYS candidates, (reg_min, REG_KEYS). The register path runs its passes over all
+/// 1024 x 8 slots whatever the row's length, so short rows stay on the shared path:
+/// `LONGATTN_CUDA_QUEST_REG_MIN` (default REG_MIN; REG_KEYS turns the register path off).
+fn reg_range() -> (usize, usize) {
+    let min = std::env::var("LONGATTN_CUDA_QUEST_REG_MIN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(REG_MIN);
+    (min.min(REG_KEYS), REG_KEYS)
+}
 
 /// Quest on the device for one layer's per-head cache: the page bounds, the scores, the
 /// selected tables and the decode plan over them (see the module documentation).
@@ -92,8 +110,10 @@ pub struct DevQuest {
     cap_pages: usize,
     /// Candidates per row whose keys the select kernel holds in shared memory.
     smem_keys: usize,
-    /// Rows of at most this many candidates take the select kernel's register path (0: none).
+    /// Rows of more than `reg_min` and at most `reg_keys` candidates take the select kernel's
+    /// register path.
     reg_keys: usize,
+    reg_min: usize,
     rows: usize,
     hq: usize,
     /// Decode over the selected tables.
@@ -142,18 +162,10 @@ impl DevQuest {
         let cap_pages = max_len.div_ceil(page_size).max(1);
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
         // passes; the kernel is loaded once allowing the most (the launch asks for what it uses).
-        // Rows of at most REG_KEYS candidates take the kernel's register path (no shared keys;
-        // opt-in until timed on the device: LONGATTN_CUDA_QUEST_REGS=1).
-        let reg_keys = if std::env::var("LONGATTN_CUDA_QUEST_REGS").is_ok_and(|v| v == "1") {
-            REG_KEYS
-        } else {
-            0
-        };
-        let smem_keys = if cap_pages <= reg_keys {
-            0
-        } else {
-            cap_pages.min(SMEM_KEYS)
-        };
+        // Rows of more than reg_min and at most REG_KEYS candidates take the kernel's register
+        // path instead (`reg_range`).
+        let (reg_min, reg_keys) = reg_range();
+        let smem_keys = cap_pages.min(SMEM_KEYS);
         let (bounds, score_fn) = (f("la_quest_bounds")?, f("la_quest_score")?);
         let select = dev.function(&variant, "la_quest_select", &src, &defines, SMEM_KEYS * 4)?;
         let rows = b * hk;
@@ -193,6 +205,7 @@ impl DevQuest {
             cap_pages,
             smem_keys,
             reg_keys,
+            reg_min,
             rows,
             hq,
             plan,
@@ -242,6 +255,7 @@ impl DevQuest {
             score_stride: self.cap_pages as i32,
             smem_keys: self.smem_keys as i32,
             reg_keys: self.reg_keys as i32,
+            reg_min: self.reg_min as i32,
         })
     }
 
@@ -1291,7 +1305,7 @@ mod tests {
             "LaQuestParams",
             &crate::cuda::forward::offsets!(LaQuestParams; q, k, meta, tables, lens, score,
                 sel_tables, sel_lens, budget, b, hq, hk, max_pages, sel_pages, tail_only, reduce,
-                score_stride, smem_keys, reg_keys),
+                score_stride, smem_keys, reg_keys, reg_min),
             std::mem::size_of::<LaQuestParams>(),
         );
     }

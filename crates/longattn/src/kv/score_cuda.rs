@@ -112,12 +112,13 @@ fn wg_tiles(d: usize) -> (usize, usize) {
     (if d > 128 { 64 } else { 128 }, 3)
 }
 
-/// Items per turn of `la_kv_colscore`'s consumer loop (`LC_PIPE`): 2, or 4 with
-/// `LONGATTN_CUDA_SCORE_PIPE=4` (opt-in until measured against 2 on the device).
+/// Items per turn of `la_kv_colscore`'s consumer loop (`LC_PIPE`): 4 (H100, 2026-12-07: H2O's
+/// full accumulation 0.70x -> 0.65x of a forward at 32 x 8k, 0.76x -> 0.66x at 1 x 128k), or
+/// the former 2 with `LONGATTN_CUDA_SCORE_PIPE=2`.
 fn wg_pipe() -> usize {
     match std::env::var("LONGATTN_CUDA_SCORE_PIPE").as_deref() {
-        Ok("4") => 4,
-        _ => 2,
+        Ok("2") => 2,
+        _ => 4,
     }
 }
 
@@ -147,9 +148,11 @@ fn max_rows(d: usize) -> usize {
 /// Launch shape of `la_kv_score` for a chunk whose blocks read at most `n_rows` staged rows
 /// (G heads x the rows a head can weigh, padded to 8), over `table_rows` rows of at most `max`
 /// entries: (rows in the shared buffer, key blocks of 64 per thread block). With `resident` (the
-/// opt-in `LONGATTN_CUDA_SCORE_RESIDENT=1`, until timed on the device) and every row fitting the
-/// buffer, the rows are staged once per block and a block takes several key blocks (up to 8,
-/// keeping about 8 blocks per SM); otherwise chunks of 64 rows over one key block.
+/// default; `LONGATTN_CUDA_SCORE_RESIDENT=0` turns it off) and every row fitting the buffer, the
+/// rows are staged once per block and a block takes several key blocks (up to 8, keeping about
+/// 8 blocks per SM); otherwise chunks of 64 rows over one key block. Resident rows on the H100
+/// (2026-12-07): the SnapKV window 0.79 -> 0.53 ms at 32 x 8k, the decode step's fold 0.37 ->
+/// 0.27 ms.
 fn launch_shape(
     n_rows: usize,
     max: usize,
@@ -334,7 +337,7 @@ impl DevScores {
         // down to 8) to Sq, padded to 8 (kv_score.cu).
         let n_rows =
             hq / cache.kv_heads * (sq - (self.kind.first_row(sq) & !7)).next_multiple_of(8);
-        let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").is_ok_and(|v| v == "1");
+        let resident = std::env::var("LONGATTN_CUDA_SCORE_RESIDENT").map_or(true, |v| v != "0");
         let (rows_cap, kblocks) = launch_shape(n_rows, max, self.rows, (d, self.dev.sms), resident);
         let p = LaScoreParams {
             q: q.data.device_ptr(s).0,

@@ -93,6 +93,26 @@ impl<'c> Kept<'c> {
         };
     }
 
+    /// Marks the current document as selected by per-row keys (element level only): no
+    /// columns or diagonals, its rows' own keys from [`Kept::row_keys`].
+    fn row_lines(&mut self) {
+        if let Some((hl, _)) = self.lines.as_mut() {
+            hl.docs[self.doc] = DocLines {
+                whole: false,
+                omax: 0,
+                diag: Vec::new(),
+                dense_from: usize::MAX,
+            };
+        }
+    }
+
+    /// Keys kept for query row `i` only (element level only), ascending.
+    fn row_keys(&mut self, i: usize, keys: &[u32]) {
+        if let Some((hl, _)) = self.lines.as_mut() {
+            hl.rows.set(i, keys);
+        }
+    }
+
     /// Keys kept for the rows of query tile `qt` only (element level only).
     fn tile_keys(&mut self, qt: usize, keys: impl Iterator<Item = u32>) {
         if let Some((hl, _)) = self.lines.as_mut() {
@@ -160,8 +180,7 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
             })
             .collect();
     }
-    if let Method::LowBit { tau, sink, local } = *method {
-        let ln_tau = tau.ln();
+    if let Method::LowBit { sink, local, .. } | Method::LowBitMass { sink, local, .. } = *method {
         // The int8 keys once per (batch row, KV group, document), then each head's rows.
         let keys: Vec<Vec<lowbit::QKeys>> = (0..d.batch * d.hk)
             .into_par_iter()
@@ -178,18 +197,35 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
             .map(|r| {
                 let (b, h) = (r / d.hq, r % d.hq);
                 let keys = &keys[b * d.hk + ctx.kv_head(h)];
-                each_doc(ctx, b, h, |doc, x, kept| {
-                    for (qt, xs, ts) in
-                        lowbit::doc_scores(ctx, (b, h), doc, &keys[x], [sink, local])
-                    {
-                        let keep: Vec<bool> = ts
-                            .forced
-                            .iter()
-                            .zip(&ts.score)
-                            .map(|(&f, &r)| lowbit::keeps(f, r, ln_tau))
-                            .collect();
-                        kept.or(qt, &xs, &keep);
+                each_doc(ctx, b, h, |doc, x, kept| match *method {
+                    Method::LowBitMass { gamma, .. } => {
+                        kept.row_lines();
+                        let parts = lowbit::doc_rows(
+                            ctx,
+                            (b, h),
+                            doc,
+                            &keys[x],
+                            ([sink, local], gamma),
+                            |i, keys| kept.row_keys(i, keys),
+                        );
+                        for (qt, xs, hit) in parts {
+                            kept.or_lines(qt, &xs, &hit);
+                        }
                     }
+                    Method::LowBit { tau, .. } => {
+                        for (qt, xs, ts) in
+                            lowbit::doc_scores(ctx, (b, h), doc, &keys[x], [sink, local])
+                        {
+                            let keep: Vec<bool> = ts
+                                .forced
+                                .iter()
+                                .zip(&ts.score)
+                                .map(|(&f, &r)| lowbit::keeps(f, r, tau.ln()))
+                                .collect();
+                            kept.or(qt, &xs, &keep);
+                        }
+                    }
+                    _ => unreachable!("the low-bit methods"),
                 })
             })
             .collect();
@@ -399,7 +435,8 @@ fn pooled_doc(
             Method::VerticalSlash { .. }
             | Method::Proxy { .. }
             | Method::Columns { .. }
-            | Method::LowBit { .. } => {
+            | Method::LowBit { .. }
+            | Method::LowBitMass { .. } => {
                 unreachable!("not a pooled method")
             }
         }

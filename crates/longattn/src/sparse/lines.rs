@@ -17,7 +17,8 @@
 //! union's second method (`A + B`, B's tiles whole) keep every pair too.
 //!
 //! The `columns` method adds keys per query tile: `allowed(i, j)` also holds for j in the kept
-//! keys of i's query tile (`tiles`, sorted lists).
+//! keys of i's query tile (`tiles`, sorted lists). The `lowbit_mass` method adds keys per query
+//! row: `allowed(i, j)` also holds for j in row i's own kept keys (`rows`, [`RowKeys`]).
 //!
 //! Storage, per (batch row, query head): the kept columns as a bit set over the keys, and per
 //! document the kept offsets o = p_i - j as a bit set in reverse, bit x = offset omax - x
@@ -60,6 +61,8 @@ pub(crate) struct HeadLines {
     /// Keys kept for the rows of one query tile only (the `columns` method), per query tile,
     /// ascending.
     pub tiles: Vec<Vec<u32>>,
+    /// Keys kept for one query row only (the `lowbit_mass` method).
+    pub rows: RowKeys,
 }
 
 impl HeadLines {
@@ -68,6 +71,58 @@ impl HeadLines {
             cols: vec![0; sk.div_ceil(64)],
             docs: vec![DocLines::whole(); docs],
             tiles: vec![Vec::new(); q_tiles],
+            rows: RowKeys::default(),
+        }
+    }
+}
+
+/// Keys kept per query row, as bit sets over the words that hold them: row i's words are
+/// `words[span.start..][..span.len]`, covering keys from 64 * span.w0 on (a row with no span
+/// keeps no key of its own). About a bit per key up to the row's last kept key, so a causal
+/// row i costs (i + 1) / 8 bytes at most.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct RowKeys {
+    spans: Vec<RowSpan>,
+    words: Vec<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct RowSpan {
+    w0: usize,
+    start: usize,
+    len: usize,
+}
+
+impl RowKeys {
+    /// Sets row `i`'s kept keys (`keys` ascending, not empty); each row at most once.
+    pub fn set(&mut self, i: usize, keys: &[u32]) {
+        let (Some(&lo), Some(&hi)) = (keys.first(), keys.last()) else {
+            return;
+        };
+        if self.spans.len() <= i {
+            self.spans.resize(i + 1, RowSpan::default());
+        }
+        let (w0, w1) = (lo as usize / 64, hi as usize / 64 + 1);
+        let start = self.words.len();
+        self.words.resize(start + w1 - w0, 0);
+        for &j in keys {
+            set_bit(&mut self.words[start..], j as usize - 64 * w0);
+        }
+        self.spans[i] = RowSpan {
+            w0,
+            start,
+            len: w1 - w0,
+        };
+    }
+
+    /// The 64 bits of row `i` from key `j` on (bit t = key j + t).
+    #[inline]
+    fn bits(&self, i: usize, j: i64) -> u64 {
+        match self.spans.get(i) {
+            Some(sp) if sp.len > 0 => {
+                bits_at(&self.words[sp.start..][..sp.len], j - 64 * sp.w0 as i64)
+            }
+            _ => 0,
         }
     }
 }
@@ -225,7 +280,7 @@ impl RowMask for Lines<'_> {
             let shift = p - dl.omax;
             for (w, o) in out.iter_mut().enumerate() {
                 let j = (j0 + 64 * w) as i64;
-                *o = bits_at(&hl.cols, j) | bits_at(&dl.diag, j - shift);
+                *o = bits_at(&hl.cols, j) | bits_at(&dl.diag, j - shift) | hl.rows.bits(i, j);
             }
             // The query tile's own keys.
             let keys = &hl.tiles[i / self.cand.tile_q];

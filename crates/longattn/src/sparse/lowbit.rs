@@ -26,6 +26,13 @@
 //! SALE's sum over the tile: a sum needs an exponential per pair, the cost of the attention's own
 //! softmax, where a maximum commutes with the per-group scale and the monotone soft-cap, so the
 //! device takes one maximum over the int32 products per (row, key group) and converts once.
+//!
+//! `lowbit_mass` (element level) uses the same e_ij per row, not per tile: row i keeps its
+//! reference keys, then its other allowed keys by e_ij, highest first, until the kept keys hold
+//! gamma of the row's estimated softmax mass sum_j exp(e_ij) ([`mass_keep`]). Each row gets the
+//! keys its own mass needs, so a head whose rows each read their own few keys keeps few, and a
+//! diffuse head many: the budget follows the mass row by row. The kept keys are the row's
+//! element mask ([`super::lines::RowKeys`]); the tiles they cross are Partial. CPU only.
 use super::{Ctx, Doc};
 use crate::tensor::TensorView;
 use std::ops::Range;
@@ -184,4 +191,175 @@ pub(crate) fn doc_scores(
 #[inline]
 pub(crate) fn keeps(forced: bool, score: f64, ln_tau: f64) -> bool {
     forced || score >= ln_tau
+}
+
+/// `lowbit_mass`'s keep rule for one row. `cand` holds (key j, estimate e_j, reference) for
+/// the row's allowed keys, ascending in j. With w_j = exp(e_j - max e) and Z = sum_j w_j (in
+/// ascending j), the row keeps its reference keys (sinks and band), then the others by e
+/// descending (ties: lower j first) while the kept weight is below gamma Z:
+/// ```text
+///   kept = R ∪ { the shortest prefix of the ordered others with sum_R w + sum_prefix w >= gamma Z }
+/// ```
+/// (every key when gamma = 1). A key with w_j < (1 - gamma) Z / (2 n) is never reached — such
+/// keys weigh under (1 - gamma) Z / 2 together, so the heavier ones pass gamma Z before them —
+/// and is left out of the sort. Returns the kept keys ascending.
+pub(crate) fn mass_keep(cand: &[(u32, f64, bool)], gamma: f64) -> Vec<u32> {
+    if gamma >= 1.0 {
+        return cand.iter().map(|c| c.0).collect();
+    }
+    let n = cand.len();
+    let m = cand.iter().fold(f64::NEG_INFINITY, |a, c| a.max(c.1));
+    let w: Vec<f64> = cand.iter().map(|c| (c.1 - m).exp()).collect();
+    let z: f64 = w.iter().sum();
+    let (target, floor) = (gamma * z, (1.0 - gamma) * z / (2 * n.max(1)) as f64);
+    let mut keep: Vec<bool> = cand.iter().map(|c| c.2).collect();
+    let mut acc: f64 = (0..n).filter(|&x| keep[x]).map(|x| w[x]).sum();
+    let mut order: Vec<usize> = (0..n).filter(|&x| !keep[x] && w[x] >= floor).collect();
+    order.sort_unstable_by(|&a, &b| {
+        cand[b]
+            .1
+            .total_cmp(&cand[a].1)
+            .then(cand[a].0.cmp(&cand[b].0))
+    });
+    for x in order {
+        if acc >= target {
+            break;
+        }
+        keep[x] = true;
+        acc += w[x];
+    }
+    (0..n).filter(|&x| keep[x]).map(|x| cand[x].0).collect()
+}
+
+/// `lowbit_mass` over document `doc` of (batch row b, query head h): every row of every part
+/// keeps its keys by [`mass_keep`] (`row(i, keys)` receives them); returns per part its query
+/// tile, its candidate range and, per candidate, whether one of its rows keeps a key in it.
+pub(crate) fn doc_rows(
+    ctx: &Ctx,
+    (b, h): (usize, usize),
+    doc: &Doc,
+    keys: &QKeys,
+    ([sink, local], gamma): ([usize; 2], f64),
+    mut row: impl FnMut(usize, &[u32]),
+) -> Vec<(usize, Range<usize>, Vec<bool>)> {
+    let dd = ctx.dims.d;
+    let (k0, nk) = (doc.k.start, doc.k.len());
+    let mut allowed = vec![false; nk];
+    let mut words = Vec::new();
+    let mut qq = vec![0i8; dd];
+    let mut cand: Vec<(u32, f64, bool)> = Vec::with_capacity(nk);
+    ctx.parts(doc)
+        .map(|(qt, part)| {
+            let xs = ctx.doc_cands(b, h, qt, doc);
+            let tiles = &ctx.cand.row(b, h, qt)[xs.clone()];
+            let mut hit = vec![false; tiles.len()];
+            for i in part.clone() {
+                ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
+                let (sq, qmu) = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq);
+                let p = ctx.pos(i);
+                cand.clear();
+                for x in (0..nk).filter(|&x| allowed[x]) {
+                    let d = dot8(&qq, &keys.q[x * dd..][..dd]);
+                    let e = ctx.logit.of(est_dot(sq, keys.scale[x], d, qmu));
+                    let j = k0 + x;
+                    let is_ref = x < sink || (0..local as i64).contains(&(p - j as i64));
+                    cand.push((j as u32, e, is_ref));
+                }
+                let kept = mass_keep(&cand, gamma);
+                for (c, t) in tiles.iter().enumerate() {
+                    let (c0, c1) = ctx.cand.k_range(t.k_tile as usize);
+                    let at = kept.partition_point(|&j| (j as usize) < c0);
+                    hit[c] |= kept.get(at).is_some_and(|&j| (j as usize) < c1);
+                }
+                row(i, &kept);
+            }
+            (qt, xs, hit)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mass_keep;
+    use crate::testing::Rng;
+
+    /// The rule without the sort's floor: every non-reference key in (e desc, j asc) order.
+    fn plain(cand: &[(u32, f64, bool)], gamma: f64) -> Vec<u32> {
+        let m = cand.iter().fold(f64::NEG_INFINITY, |a, c| a.max(c.1));
+        let z: f64 = cand.iter().map(|c| (c.1 - m).exp()).sum();
+        let mut acc: f64 = cand.iter().filter(|c| c.2).map(|c| (c.1 - m).exp()).sum();
+        let mut rest: Vec<&(u32, f64, bool)> = cand.iter().filter(|c| !c.2).collect();
+        rest.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept: Vec<u32> = cand.iter().filter(|c| c.2).map(|c| c.0).collect();
+        for c in rest {
+            if acc >= gamma * z && gamma < 1.0 {
+                break;
+            }
+            kept.push(c.0);
+            acc += (c.1 - m).exp();
+        }
+        kept.sort_unstable();
+        kept
+    }
+
+    #[test]
+    fn mass_keep_takes_the_heaviest_keys_to_gamma() {
+        let ln = |x: f64| x.ln();
+        // Weights 1, 8, 4, 2, 1 (Z = 16), key 4 a reference key.
+        let cand = [
+            (10, ln(1.0), false),
+            (11, ln(8.0), false),
+            (12, ln(4.0), false),
+            (13, ln(2.0), false),
+            (14, ln(1.0), true),
+        ];
+        // 1 (reference) + 8 = 9 < 0.5 * 16 is false: 9 >= 8 stops after key 11.
+        assert_eq!(mass_keep(&cand, 0.5), vec![11, 14]);
+        // 13 / 16 = 0.8125 reaches 0.8 after 8 and 4.
+        assert_eq!(mass_keep(&cand, 0.8), vec![11, 12, 14]);
+        assert_eq!(mass_keep(&cand, 0.85), vec![11, 12, 13, 14]);
+        // 15 / 16 reaches 0.9 without key 10; 0.95 takes it; gamma = 1 keeps every key.
+        assert_eq!(mass_keep(&cand, 0.9), vec![11, 12, 13, 14]);
+        assert_eq!(mass_keep(&cand, 0.95), vec![10, 11, 12, 13, 14]);
+        assert_eq!(mass_keep(&cand[..4], 1.0), vec![10, 11, 12, 13]);
+        // Reference keys holding gamma already: nothing else; no key: none.
+        assert_eq!(mass_keep(&[(3, 0.0, true), (4, -9.0, false)], 0.9), vec![3]);
+        assert!(mass_keep(&[], 0.9).is_empty());
+        // Ties at the boundary: keys 1 and 2 weigh alike, 1 comes first.
+        assert_eq!(
+            mass_keep(&[(1, 0.0, false), (2, 0.0, false), (3, -50.0, false)], 0.4),
+            vec![1]
+        );
+    }
+
+    /// The floor that keeps light keys out of the sort changes nothing: random rows of 1 to
+    /// 4224 keys with spread and peaked logits, against the plain rule.
+    #[test]
+    fn mass_keep_floor_changes_nothing() {
+        let mut rng = Rng::new(4242);
+        for (n, spread) in [
+            (1, 1.0),
+            (7, 3.0),
+            (63, 0.1),
+            (65, 8.0),
+            (1023, 4.0),
+            (4224, 12.0),
+        ] {
+            for gamma in [0.3, 0.9, 0.95, 0.999, 1.0] {
+                let cand: Vec<(u32, f64, bool)> = (0..n)
+                    .map(|j| {
+                        let e = spread * rng.normal();
+                        (j as u32, e, rng.uniform() < 0.02)
+                    })
+                    .collect();
+                let got = mass_keep(&cand, gamma);
+                assert_eq!(
+                    got,
+                    plain(&cand, gamma),
+                    "n {n} spread {spread} gamma {gamma}"
+                );
+                assert!(!got.is_empty() || n == 0);
+            }
+        }
+    }
 }

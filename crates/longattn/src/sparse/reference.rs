@@ -359,6 +359,22 @@ fn reference_impl(
                             ),
                             None,
                         ),
+                        Method::LowBitMass { gamma, sink, local } => {
+                            let rows = lowbit_mass_reference(
+                                [q, k],
+                                &el,
+                                &logit,
+                                (b, h, g),
+                                &doc.q,
+                                &doc.k,
+                                ([sink, local], gamma),
+                                off,
+                            );
+                            let line: LineRule = Box::new(move |i, j, _| {
+                                rows.get(&i).is_some_and(|r| r.contains(&j))
+                            });
+                            (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
+                        }
                         method => (pooled_doc(method), None),
                     }
                 };
@@ -573,7 +589,8 @@ fn rule(method: Method, score: &[f64], forced: &[bool], tile: usize) -> Vec<bool
         Method::VerticalSlash { .. }
         | Method::Proxy { .. }
         | Method::Columns { .. }
-        | Method::LowBit { .. } => {
+        | Method::LowBit { .. }
+        | Method::LowBitMass { .. } => {
             unreachable!("not a pooled method")
         }
     }
@@ -868,4 +885,45 @@ fn lowbit_reference(
         }
     }
     kept
+}
+
+/// `lowbit_mass` on one document of (b, h) from its definition (module `sparse::lowbit`): per
+/// row, the int8 estimate of every allowed key (dot products in f64 from the int8 values, exact
+/// integers), the reference keys (the document's first `sink` keys and the band
+/// 0 <= p_i - j < `local`) marked, and the keys the rule keeps (`mass_keep`, the rule itself).
+#[allow(clippy::too_many_arguments)]
+fn lowbit_mass_reference(
+    [q, k]: [&TensorView; 2],
+    el: &Elements,
+    logit: &Logit,
+    (b, h, g): (usize, usize, usize),
+    doc_q: &[usize],
+    doc_k: &[usize],
+    ([sink, local], gamma): ([usize; 2], f64),
+    off: i64,
+) -> HashMap<usize, HashSet<usize>> {
+    use super::lowbit::{mass_keep, quant_keys, quant_row};
+    let dd = q.dim();
+    let keys = quant_keys(k, b, g, doc_k);
+    let mut out = HashMap::new();
+    for &i in doc_q {
+        let mut qq = vec![0i8; dd];
+        let (sq, qmu) = quant_row(q, (b, h, i), &keys.mu, &mut qq);
+        let cand: Vec<(u32, f64, bool)> = doc_k
+            .iter()
+            .enumerate()
+            .filter(|&(_, &j)| el.allowed(b, h, i, j))
+            .map(|(x, &j)| {
+                let dot: f64 = (0..dd)
+                    .map(|c| qq[c] as f64 * keys.q[x * dd + c] as f64)
+                    .sum();
+                let e = logit.of(sq as f64 * keys.scale[x] as f64 * dot + qmu);
+                let is_ref = x < sink || (0..local as i64).contains(&(i as i64 + off - j as i64));
+                (j as u32, e, is_ref)
+            })
+            .collect();
+        let kept = mass_keep(&cand, gamma);
+        out.insert(i, kept.into_iter().map(|j| j as usize).collect());
+    }
+    out
 }

@@ -74,6 +74,15 @@ pub enum Method {
     /// row's largest estimated logit over its first `sink` keys and its band
     /// `0 <= p_i - j < local`, and always when it holds such a sink or band pair.
     LowBit { tau: f64, sink: usize, local: usize },
+    /// Low-bit estimate, each row its own keys (element level): the same int8 estimate of every
+    /// allowed logit; every row keeps its first `sink` keys and its band `0 <= p_i - j < local`,
+    /// then its other keys by estimated logit, highest first, until the kept keys hold `gamma`
+    /// of the row's estimated softmax mass. The tiles they cross are Partial.
+    LowBitMass {
+        gamma: f64,
+        sink: usize,
+        local: usize,
+    },
     /// No estimate: every tile of the mask (the `skip(factor=F)` spec: skip-softmax alone).
     Whole,
 }
@@ -158,6 +167,12 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("sink", 4.0),
             ("local", 64.0),
         ],
+        "lowbit_mass" => &[
+            ("gamma", 0.95),
+            ("block", 64.0),
+            ("sink", 4.0),
+            ("local", 64.0),
+        ],
         "skip" => &[("factor", 600.0), ("block", 64.0)],
         _ => return None,
     })
@@ -172,7 +187,7 @@ const COMMON: &[(&str, f64)] = &[
 ];
 
 const KNOWN: &str =
-    "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, columns, lowbit, skip";
+    "topmass, relthresh, moba, vertical_slash, flexprefill, proxy, columns, lowbit, lowbit_mass, skip";
 
 fn err(msg: String) -> Error {
     Error::Param { op: OP, msg }
@@ -374,6 +389,11 @@ impl SparseSpec {
                 sink: int("sink", 0)?,
                 local: int("local", 0)?,
             },
+            "lowbit_mass" => Method::LowBitMass {
+                gamma: arg("gamma"),
+                sink: int("sink", 0)?,
+                local: int("local", 0)?,
+            },
             "skip" => Method::Whole,
             _ => Method::VerticalSlash {
                 v: int("v", 0)?,
@@ -421,9 +441,14 @@ impl SparseSpec {
         Ok(spec)
     }
 
-    /// Whether the selection keeps single pairs (`element=1`, or the `columns` method).
+    /// Whether the selection keeps single pairs (`element=1`, or the `columns` and
+    /// `lowbit_mass` methods).
     pub fn element_level(&self) -> bool {
-        self.element || matches!(self.method, Method::Columns { .. })
+        self.element
+            || matches!(
+                self.method,
+                Method::Columns { .. } | Method::LowBitMass { .. }
+            )
     }
 
     /// The dense-fallback length: the given `dense_below`, else the backend's `default`.
@@ -522,6 +547,9 @@ impl SparseSpec {
             Method::LowBit { tau, .. } if !(tau > 0.0 && tau.is_finite()) => Err(err(format!(
                 "`lowbit`: `tau` must be finite and > 0, got {tau}"
             ))),
+            Method::LowBitMass { gamma, .. } if !(gamma > 0.0 && gamma <= 1.0) => Err(err(
+                format!("`lowbit_mass`: `gamma` must be in (0, 1], got {gamma}"),
+            )),
             Method::Whole if self.skip.is_none() => Err(err(
                 "`skip`: the method keeps every tile and needs its factor (skip = Some(F))".into(),
             )),
@@ -575,6 +603,10 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
         Method::LowBit { tau, sink, local } => (
             "lowbit",
             format!("tau={tau},block={b},sink={sink},local={local}"),
+        ),
+        Method::LowBitMass { gamma, sink, local } => (
+            "lowbit_mass",
+            format!("gamma={gamma},block={b},sink={sink},local={local}"),
         ),
         Method::Whole => ("skip", format!("factor={},block={b}", skip.unwrap_or(0.0))),
     }

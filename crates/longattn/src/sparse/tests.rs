@@ -126,6 +126,8 @@ fn parse_accepts_the_grammar() {
         "columns(gamma=0.8,rows=3,block=16,sink=2,local=5)",
         "lowbit(tau=0.02,block=64,sink=4,local=64)",
         "lowbit(tau=0.5,block=16,sink=0,local=3,skip=40)+topmass(gamma=0.5,block=16)",
+        "lowbit_mass(gamma=0.9,block=16,sink=2,local=5)",
+        "lowbit_mass(gamma=0.5,block=64,sink=0,local=0,dense_last=8)+proxy(gamma=0.5,rows=4,block=64,last=64)",
         "columns(gamma=0.9,rows=4,block=64,sink=4,local=64,dense_last=64)+proxy(gamma=0.5,rows=4,block=64,last=64)",
     ] {
         let s = spec(t);
@@ -188,6 +190,11 @@ fn parse_rejects_bad_specs_by_name() {
         ("lowbit(tau=0)", "`tau` must be finite and > 0"),
         ("lowbit(tau=-1)", "`tau` must be finite and > 0"),
         ("lowbit(bits=4)", "unknown argument `bits`"),
+        ("lowbit_mass(gamma=0)", "`gamma` must be in (0, 1]"),
+        ("lowbit_mass(gamma=1.5)", "`gamma` must be in (0, 1]"),
+        ("lowbit_mass(tau=0.1)", "unknown argument `tau`"),
+        ("lowbit_mass(element=1)", "unknown argument `element`"),
+        ("lowbit_mass(sink=-1)", "`sink` must be an integer in [0"),
         (
             "topmass(dense_last=-1)",
             "`dense_last` must be an integer in [0",
@@ -605,6 +612,8 @@ fn planted_structure_is_found_at_low_density() {
                 ),
                 // int8 logits of every pair find the single hub keys too.
                 ("lowbit(tau=0.05,block=64,sink=1,local=64)", 0.3),
+                // and each row's own keys to 0.99 of its estimated mass
+                ("lowbit_mass(gamma=0.99,block=64,sink=1,local=64)", 0.1),
             ][..],
         ),
         (
@@ -619,6 +628,7 @@ fn planted_structure_is_found_at_low_density() {
                 ("relthresh(alpha=0.05,block=64)", 0.3),
                 ("moba(block=64,topk=5)", 0.3),
                 ("lowbit(tau=0.05,block=64,sink=1,local=64)", 0.3),
+                ("lowbit_mass(gamma=0.99,block=64,sink=1,local=64)", 0.3),
                 (
                     "vertical_slash(v=256,s=0,block=64,last=64,sink=1,local=64)",
                     0.3,
@@ -1400,6 +1410,12 @@ fn element_lines_keep_the_reference_pairs() {
         "columns(gamma=0.8,rows=2,block=32,sink=1,local=3,check=0.85)",
         "columns(gamma=0.5,rows=2,block=16,sink=1,local=2,check=0.9,check_gamma=0.8)",
         "columns(gamma=0.6,rows=1,block=32,sink=0,local=1,check=1,check_gamma=0.95)",
+        "lowbit_mass(gamma=0.8,block=16,sink=1,local=4)",
+        "lowbit_mass(gamma=0.5,block=24,sink=0,local=0)",
+        "lowbit_mass(gamma=0.95,block=16,sink=2,local=2,dense_last=20)",
+        "lowbit_mass(gamma=0.6,block=16,sink=1,local=1)+topmass(gamma=0.3,block=16)",
+        "lowbit_mass(gamma=1,block=32,sink=0,local=1)",
+        "lowbit_mass(gamma=0.7,block=7,sink=0,local=1)",
     ];
     let mut shapes: Vec<(usize, usize)> =
         [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
@@ -1445,6 +1461,8 @@ fn element_lines_work_per_document() {
             "columns(gamma=0.7,rows=2,block=16,sink=1,local=2,check=0.8)",
             "columns(gamma=0.6,rows=2,block=16,sink=1,local=2,dense_last=9)",
             "columns(gamma=0.5,rows=2,block=16,sink=1,local=2,check=0.95,check_gamma=0.85)",
+            "lowbit_mass(gamma=0.7,block=16,sink=2,local=3,dense_below=60)",
+            "lowbit_mass(gamma=0.9,block=32,sink=1,local=1,dense_last=9)",
         ] {
             let s = spec(t);
             let [q, k, v] = inputs((2, 249, 249, 4, 2, 8), seed);
@@ -1470,6 +1488,7 @@ fn backward_through_element_lines_matches_the_oracle() {
     for t in [
         "vertical_slash(v=6,s=3,block=16,last=8,sink=1,local=4,element=1)",
         "columns(gamma=0.8,rows=4,block=16,sink=1,local=4)",
+        "lowbit_mass(gamma=0.8,block=16,sink=1,local=4)",
     ] {
         let [q, k, v] = inputs((2, sq, sk, 4, 2, 16), 7900);
         let d_o = random_tensor(DType::F32, &[2, sq, 4, 16], 1.0, 7901);

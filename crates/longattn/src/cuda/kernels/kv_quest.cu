@@ -18,8 +18,8 @@
 //                    (after an append)
 //   la_quest_score   per (group of pages, row): the reduced bound of pages 0 .. cur - 1
 //   la_quest_select  per row: radix select of the (n - 1)-th largest score, then one ordered
-//                    pass writing the table (rows of up to reg_keys <= 8192 candidates from
-//                    registers, longer ones from shared or global memory)
+//                    pass writing the table (rows of reg_min < n <= reg_keys <= 8192
+//                    candidates from registers, others from shared or global memory)
 // Needs: common.cuh, select.cuh, LA_D (multiple of 8), LA_PAGE, LA_F16.
 
 struct LaQuestParams {
@@ -36,6 +36,7 @@ struct LaQuestParams {
     int sel_pages, tail_only, reduce, score_stride;   // reduce: 0 max, 1 sum, 2 mean
     int smem_keys;        // rows of at most smem_keys candidates keep their keys in shared memory
     int reg_keys;         // rows of at most reg_keys candidates (<= 1024 LQ_KPT) hold them in registers
+    int reg_min;          // ... when they have more than reg_min
 };
 
 #define LQ_LPP (LA_D / 8)        // lanes per page (16 bytes each)
@@ -169,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
     // == T), packed in one scan (low / high 16 bits): tied page of rank t (0-based, by index) is
     // kept when t >= ties - need, and a kept page's slot is above_before + max(0, tied_before -
     // (ties - need)) (lq_keep).
-    if (n > 1 && cur <= p.reg_keys) {
+    if (n > 1 && cur > p.reg_min && cur <= p.reg_keys) {
         // Rows of up to 1024 LQ_KPT candidates: thread t holds the order keys of pages
         // t LQ_KPT .. t LQ_KPT + LQ_KPT - 1 in registers, so the ordered pass is one scan (a row
         // counts at most 8192 of each).
