@@ -63,8 +63,8 @@ pub struct Args {
     /// Dynamic sparse attention: select key tiles of --mask with this spec, e.g.
     /// `topmass(gamma=0.95,block=128)`, `relthresh(alpha=0.7)`, `moba(block=512,topk=3)`,
     /// `vertical_slash(v=1000,s=6096)`, `columns(gamma=0.97,rows=8,check=0.92,dense_last=64)`
-    /// (element level), `vertical_slash(v=512,s=512,element=1)`, `lowbit(tau=0.3)`, unions
-    /// `A+B` (grammar: `longattn::sparse`). With --backend cuda the estimate runs on the GPU
+    /// (element level), `vertical_slash(v=512,s=512,element=1)`, `lowbit(tau=0.3)`,
+    /// `lowbit_mass(gamma=0.95)` (element level: each row its own keys), unions `A+B` (grammar: `longattn::sparse`). With --backend cuda the estimate runs on the GPU
     /// (vertical_slash and lowbit at tile level; tiles of the attention kernel; forward only; the dense fallback below 16k keys
     /// unless `dense_below` is given). The output also holds the selection: `block_mask` (u8 [B,
     /// Hq, query tiles, key tiles]: 0 = tile skipped, 1 = computed whole, 2 = computed in part,

@@ -113,7 +113,8 @@ def sparse_attention(
     ``"moba(block=512,topk=3)"``, ``"relthresh(alpha=0.7)"``, ``"skip(factor=600)"``,
     ``"columns(gamma=0.97,rows=8,check=0.92)"`` (element level: the keys each query tile's
     sampled rows weigh most), ``"lowbit(tau=0.3)"`` (every pair's logit estimated from int8
-    Q and K), ``element=1`` on ``vertical_slash`` / ``flexprefill`` (only the
+    Q and K), ``"lowbit_mass(gamma=0.95)"`` (element level: the same estimate, each row its
+    own keys to that share of its estimated mass), ``element=1`` on ``vertical_slash`` / ``flexprefill`` (only the
     pairs on the kept lines), or a union ``"A + B"`` (the grammar and every argument: the Rust
     crate's ``longattn::sparse``; element-level selections and unions run on the CPU only). Every method takes
     ``dense_below=N``: with fewer keys the mask runs dense (default 1024 on the CPU, 16384 on

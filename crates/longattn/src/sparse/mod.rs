@@ -62,6 +62,7 @@
 //! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
 //! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0), `check_gamma` in [0, 1] (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile, or with `check_gamma` > 0 first select again to that mass (below) |
 //! | `lowbit` | `tau` > 0 (0.02), `block` (64), `sink` (4), `local` (64) | SALE's idea: every allowed pair's logit estimated from int8 Q and K; the tiles with a pair whose estimated logit is within ln(1 / tau) of its row's largest over the row's sinks and band, and the tiles holding those (below) |
+//! | `lowbit_mass` | `gamma` in (0, 1] (0.95), `block` (64), `sink` (4), `local` (64) | element level: the same int8 estimate; every row keeps its sinks and band, then its own keys by estimated logit until they hold gamma of its estimated softmax mass (below) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
 //!
 //! Pooled score (topmass, relthresh, moba): s(qb, kb) = softcap(scale mean(q_i, i in qb) .
@@ -116,6 +117,17 @@
 //! reference), or when one of its rows has no reference key. A maximum, not a sum: the device
 //! takes it on the int32 products. The CPU estimator and the reference agree bit for bit (the
 //! products are exact integers); the CUDA estimator computes e in f32.
+//!
+//! Per-row mass (`lowbit_mass`, element level always): the int8 estimate e_ij of `lowbit`,
+//! read row by row. With w_ij = exp(e_ij - max_j e_ij) over the row's allowed keys, row i keeps
+//! its reference keys (the document's first `sink` keys, the band 0 <= p_i - j < `local`), then
+//! its other keys by e_ij descending until sum_kept w_ij >= gamma sum_j w_ij
+//! ([`lowbit::mass_keep`]). The budget follows each row's mass: a head whose rows each read a
+//! few keys of their own (no key set shared by a query tile holds them) keeps few, a diffuse
+//! head many. The kept keys are the row's bits ([`Lines`]); the tiles they cross are Partial.
+//! Its cost is `lowbit`'s products plus a partial sort per row (keys lighter than
+//! (1 - gamma) / (2 n) of the row's weight are left out of it); CPU only (the CUDA estimator
+//! refuses element-level specs).
 //!
 //! FlexPrefill: per head, the last `last` query rows give the exact block distribution
 //! a_hat(kt) = sum_{j in kt} c_j / sum_j c_j and the pooled estimate
