@@ -68,12 +68,12 @@ ab)
   # The score fold's resident rows, the Hopper fold's four-item turn and Quest's register select
   # (defaults since 2026-12-07) against the former kernels (LONGATTN_CUDA_SCORE_RESIDENT=0,
   # LONGATTN_CUDA_SCORE_PIPE=2, LONGATTN_CUDA_QUEST_REG_MIN=8192): the kv selftest group with
-  # the former ones, then kv bench (no peers) alternating, twice; then Quest's register path
+  # the defaults, then kv bench (no peers) alternating, twice; then Quest's register path
   # from every length (REG_MIN=0) against none at the lengths around its threshold
   OLD="LONGATTN_CUDA_SCORE_RESIDENT=0 LONGATTN_CUDA_SCORE_PIPE=2 LONGATTN_CUDA_QUEST_REG_MIN=8192"
-  env $OLD timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_former.txt" 2>&1
-  echo "selftest kv (former kernels) rc=$?"; grep -vE " pass " "$OUT/selftest_former.txt" | tail -4
-  for it in 1 2; do
+  timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
+  echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -4
+  for it in ${AB_RUNS:-1 2}; do
     for v in default "$OLD"; do
       tag=$(echo "$v" | cut -c1-20 | tr -c 'A-Za-z0-9\n' _)
       envs="X=0"; [ "$v" != default ] && envs="$v"
@@ -83,7 +83,7 @@ ab)
       grep -E "^\| (full paged|decode \+|quest\(|h2o|snapkv|causal)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f2-3
     done
   done
-  for m in 0 8192 0 8192; do
+  for m in ${REG_MINS:-0 8192 0 8192}; do
     LONGATTN_CUDA_QUEST_REG_MIN=$m timeout 120 /tmp/longattn kv bench --compare none \
       --configs ${REG_CONFIGS:-32x8k,1x32k,1x64k,1x128k} > "$OUT/kv_bench_regmin$m.txt" 2>&1
     echo "== kv bench (LONGATTN_CUDA_QUEST_REG_MIN=$m) rc=$?"
