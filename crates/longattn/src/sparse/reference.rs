@@ -60,7 +60,7 @@ pub fn select_reference(
     spec: &SparseSpec,
     mask: MaskSpec,
 ) -> Result<BlockSchedule> {
-    reference_impl(q, k, params, spec, mask, None)
+    reference_impl(q, k, params, spec, mask, None, false)
 }
 
 /// [`select_reference`] and the pairs it keeps, `[B, Hq, Sq, Sk]`: those the mask allows in a
@@ -76,10 +76,12 @@ pub fn select_pairs_reference(
 ) -> Result<(BlockSchedule, Vec<bool>)> {
     let dims = dims_of(q, k)?;
     let mut pairs = vec![false; dims.batch * dims.hq * dims.sq * dims.sk];
-    let s = reference_impl(q, k, params, spec, mask, Some(&mut pairs))?;
+    let s = reference_impl(q, k, params, spec, mask, Some(&mut pairs), false)?;
     Ok((s, pairs))
 }
 
+/// `whole`: the pairs are every allowed pair of the kept tiles, whatever the method's level (a
+/// union's second method).
 fn reference_impl(
     q: &TensorView,
     k: &TensorView,
@@ -87,6 +89,7 @@ fn reference_impl(
     spec: &SparseSpec,
     mask: MaskSpec,
     mut pairs: Option<&mut Vec<bool>>,
+    whole: bool,
 ) -> Result<BlockSchedule> {
     if let Some(m) = spec.with {
         // A union: each part on its own, the tiles and pairs either keeps.
@@ -103,8 +106,8 @@ fn reference_impl(
             ..*spec
         };
         let mut pb = pairs.as_ref().map(|p| vec![false; p.len()]);
-        let sa = reference_impl(q, k, params, &a, mask, pairs.as_deref_mut())?;
-        let sb = reference_impl(q, k, params, &b, mask, pb.as_mut())?;
+        let sa = reference_impl(q, k, params, &a, mask, pairs.as_deref_mut(), false)?;
+        let sb = reference_impl(q, k, params, &b, mask, pb.as_mut(), true)?;
         if let (Some(p), Some(pb)) = (pairs, pb) {
             p.iter_mut().zip(pb).for_each(|(x, y)| *x |= y);
         }
@@ -394,7 +397,7 @@ fn reference_impl(
                 // The document's pairs: allowed by the mask, in a kept tile, on a kept line
                 // where an element-level line pattern chose them (not in the dense last rows).
                 if let Some(p) = pairs.as_deref_mut() {
-                    let line = line.filter(|_| spec.element_level());
+                    let line = line.filter(|_| spec.element_level() && !whole);
                     for &i in &doc.q {
                         let line = line.as_ref().filter(|_| i < from);
                         let row = ((b * dims.hq + h) * dims.sq + i) * dims.sk;

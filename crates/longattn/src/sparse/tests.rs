@@ -1416,6 +1416,8 @@ fn element_lines_keep_the_reference_pairs() {
         "lowbit_mass(gamma=0.6,block=16,sink=1,local=1)+topmass(gamma=0.3,block=16)",
         "lowbit_mass(gamma=1,block=32,sink=0,local=1)",
         "lowbit_mass(gamma=0.7,block=7,sink=0,local=1)",
+        "topmass(gamma=0.5,block=16)+lowbit_mass(gamma=0.8,block=16,sink=1,local=2)",
+        "vertical_slash(v=3,s=2,block=16,last=7,sink=1,local=2,element=1)+columns(gamma=0.8,rows=2,block=16,sink=1,local=2)",
     ];
     let mut shapes: Vec<(usize, usize)> =
         [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
