@@ -98,6 +98,16 @@ def test_element_level_selections():
     assert lines["density"] < whole["density"]
     assert (lines["block_mask"] == 2).sum() > (whole["block_mask"] == 2).sum()
     assert torch.isfinite(out_e).all()
+    # `lowbit_mass`: gamma = 1 keeps every row's every key (the dense result); below 1 each row
+    # keeps only part of its keys.
+    full = "lowbit_mass(gamma=1,block=16,sink=0,local=0,dense_below=0)"
+    out_m, lse_m, sel_m = longattn.sparse_attention(q, k, v, full, "causal", return_lse=True,
+                                                    return_selection=True)
+    assert_close(out_m, ref_o, torch.float32)
+    assert (lse_m - ref_l).abs().max() < 1e-4 and sel_m["density"] == 1.0
+    _, part = longattn.sparse_attention(q, k, v, full.replace("gamma=1", "gamma=0.8"), "causal",
+                                        return_selection=True)
+    assert 0.0 < part["density"] < 1.0 and (part["block_mask"] == 2).any()
 
 
 def test_no_mask_and_window_mask():
