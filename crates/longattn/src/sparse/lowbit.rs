@@ -305,7 +305,7 @@ mod tests {
     #[test]
     fn mass_keep_takes_the_heaviest_keys_to_gamma() {
         let ln = |x: f64| x.ln();
-        // Weights 1, 8, 4, 2, 1 (Z = 16), key 4 a reference key.
+        // Weights 1, 8, 4, 2, 1 (Z = 16), key 14 a reference key (kept first: weight 1).
         let cand = [
             (10, ln(1.0), false),
             (11, ln(8.0), false),
@@ -313,9 +313,9 @@ mod tests {
             (13, ln(2.0), false),
             (14, ln(1.0), true),
         ];
-        // 1 (reference) + 8 = 9 < 0.5 * 16 is false: 9 >= 8 stops after key 11.
+        // gamma 0.5, target 8: 1 (reference) + 8 (key 11) = 9 >= 8 stops there.
         assert_eq!(mass_keep(&cand, 0.5), vec![11, 14]);
-        // 13 / 16 = 0.8125 reaches 0.8 after 8 and 4.
+        // 1 + 8 + 4 = 13 = 0.8125 Z reaches 0.8; 0.85 needs key 13 too.
         assert_eq!(mass_keep(&cand, 0.8), vec![11, 12, 14]);
         assert_eq!(mass_keep(&cand, 0.85), vec![11, 12, 13, 14]);
         // 15 / 16 reaches 0.9 without key 10; 0.95 takes it; gamma = 1 keeps every key.
