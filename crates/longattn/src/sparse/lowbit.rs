@@ -231,9 +231,16 @@ pub(crate) fn mass_keep(cand: &[(u32, f64, bool)], gamma: f64) -> Vec<u32> {
     (0..n).filter(|&x| keep[x]).map(|x| cand[x].0).collect()
 }
 
+/// Head dims up to which the int8 products are exact in an f32 product: every partial sum of
+/// D products of magnitude <= 127 x 127 stays below 2^24, so [`doc_rows`] forms them with one
+/// f32 `gemm` per query tile (the same integers as [`dot8`], in any order of summation).
+pub(crate) const EXACT_F32_D: usize = (1 << 24) / (127 * 127);
+
 /// `lowbit_mass` over document `doc` of (batch row b, query head h): every row of every part
 /// keeps its keys by [`mass_keep`] (`row(i, keys)` receives them); returns per part its query
 /// tile, its candidate range and, per candidate, whether one of its rows keeps a key in it.
+/// The part's int8 products come from one f32 product (exact, [`EXACT_F32_D`]) over the keys
+/// up to the part's last allowed one; past that head dim, from [`dot8`] pair by pair.
 pub(crate) fn doc_rows(
     ctx: &Ctx,
     (b, h): (usize, usize),
@@ -244,22 +251,70 @@ pub(crate) fn doc_rows(
 ) -> Vec<(usize, Range<usize>, Vec<bool>)> {
     let dd = ctx.dims.d;
     let (k0, nk) = (doc.k.start, doc.k.len());
-    let mut allowed = vec![false; nk];
+    let exact = dd <= EXACT_F32_D;
+    let kf: Vec<f32> = match exact {
+        true => keys.q.iter().map(|&x| x as f32).collect(),
+        false => Vec::new(),
+    };
     let mut words = Vec::new();
-    let mut qq = vec![0i8; dd];
     let mut cand: Vec<(u32, f64, bool)> = Vec::with_capacity(nk);
     ctx.parts(doc)
         .map(|(qt, part)| {
             let xs = ctx.doc_cands(b, h, qt, doc);
             let tiles = &ctx.cand.row(b, h, qt)[xs.clone()];
             let mut hit = vec![false; tiles.len()];
-            for i in part.clone() {
-                ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
-                let (sq, qmu) = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq);
+            // Per row: its allowed keys, int8 query, scale and q . mu.
+            let n = part.len();
+            let mut allowed = vec![false; n * nk];
+            let mut qq = vec![0i8; n * dd];
+            let mut sqm = vec![(0.0f32, 0.0f64); n];
+            let mut hi = 0;
+            for (r, i) in part.clone().enumerate() {
+                let a = &mut allowed[r * nk..][..nk];
+                ctx.el.row_in((b, h, i), &doc.k, a, &mut words);
+                hi = hi.max(a.iter().rposition(|&x| x).map_or(0, |x| x + 1));
+                sqm[r] = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq[r * dd..][..dd]);
+            }
+            // dots[r][x] = qq_r . kq_x for the keys x < hi.
+            let mut dots = vec![0.0f32; if exact { n * hi } else { 0 }];
+            if exact && hi > 0 {
+                let qf: Vec<f32> = qq.iter().map(|&x| x as f32).collect();
+                // SAFETY: dst is n x hi row-major inside `dots`; lhs n x dd row-major inside
+                // `qf`; rhs is Kq^T, dd x hi, read from the keys' row-major [nk][dd] storage
+                // (element (c, x) at x dd + c: rs = 1, cs = dd), hi <= nk; no aliasing.
+                unsafe {
+                    gemm::gemm(
+                        n,
+                        hi,
+                        dd,
+                        dots.as_mut_ptr(),
+                        1,
+                        hi as isize,
+                        false,
+                        qf.as_ptr(),
+                        1,
+                        dd as isize,
+                        kf.as_ptr(),
+                        dd as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            for (r, i) in part.clone().enumerate() {
+                let (sq, qmu) = sqm[r];
                 let p = ctx.pos(i);
                 cand.clear();
-                for x in (0..nk).filter(|&x| allowed[x]) {
-                    let d = dot8(&qq, &keys.q[x * dd..][..dd]);
+                for x in (0..hi).filter(|&x| allowed[r * nk + x]) {
+                    let d = match exact {
+                        true => dots[r * hi + x] as i32,
+                        false => dot8(&qq[r * dd..][..dd], &keys.q[x * dd..][..dd]),
+                    };
                     let e = ctx.logit.of(est_dot(sq, keys.scale[x], d, qmu));
                     let j = k0 + x;
                     let is_ref = x < sink || (0..local as i64).contains(&(p - j as i64));

@@ -1483,6 +1483,21 @@ fn element_lines_work_per_document() {
     );
 }
 
+/// `lowbit_mass` past the head dims whose int8 products are exact in f32 (the estimator takes
+/// them pair by pair there) keeps the reference's pairs too.
+#[test]
+fn lowbit_mass_past_the_f32_exact_head_dim() {
+    let d = super::lowbit::EXACT_F32_D + 3;
+    for (sq, sk) in [(33, 33), (20, 45)] {
+        let [q, k, v] = inputs((1, sq, sk, 2, 1, d), 7800 + sq as u64);
+        let [qv, kv, vv] = views([&q, &k, &v]);
+        let bound = bind("causal", 1, sq, sk);
+        let t = "lowbit_mass(gamma=0.7,block=16,sink=1,local=2,dense_below=0)";
+        let what = format!("{t} D {d} sq {sq} sk {sk}");
+        check_element_case([&qv, &kv, &vv], &spec(t), Some(&bound), &what);
+    }
+}
+
 /// The backward through an element-level selection equals the oracle's over its pairs.
 #[test]
 fn backward_through_element_lines_matches_the_oracle() {
