@@ -11,6 +11,7 @@
 //! once so every thread has work.
 pub mod backward;
 pub mod buf;
+pub mod gemm;
 pub mod micro;
 pub mod pack;
 

@@ -257,34 +257,7 @@ pub fn column_scores(
                 .flat_map(|&i| (0..d).map(move |x| obs.q.get(0, i, h, x)))
                 .collect();
             let mut dots = vec![0.0f32; rows.len() * n];
-            if n > 0 && !rows.is_empty() {
-                // SAFETY: dst is rows x n row-major inside `dots`; lhs is rows x d row-major
-                // inside `qm`; rhs is K^T, d x n, read from K's row-major [n][d] storage
-                // (element (x, j) at j * d + x: rs = 1, cs = d); no aliasing.
-                unsafe {
-                    gemm::gemm(
-                        rows.len(),
-                        n,
-                        d,
-                        dots.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        qm.as_ptr(),
-                        1,
-                        d as isize,
-                        k.as_ptr(),
-                        d as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-            }
+            crate::cpu::gemm::gemm_abt(&mut dots, &qm, k, (rows.len(), n, d));
             // The mask's row over every position (64 per word), read at the entries' positions.
             let mut bits = vec![u64::MAX; len.div_ceil(64)];
             for (r, &i) in rows.iter().enumerate() {

@@ -279,32 +279,7 @@ pub(crate) fn doc_rows(
             let mut dots = vec![0.0f32; if exact { n * hi } else { 0 }];
             if exact && hi > 0 {
                 let qf: Vec<f32> = qq.iter().map(|&x| x as f32).collect();
-                // SAFETY: dst is n x hi row-major inside `dots`; lhs n x dd row-major inside
-                // `qf`; rhs is Kq^T, dd x hi, read from the keys' row-major [nk][dd] storage
-                // (element (c, x) at x dd + c: rs = 1, cs = dd), hi <= nk; no aliasing.
-                unsafe {
-                    gemm::gemm(
-                        n,
-                        hi,
-                        dd,
-                        dots.as_mut_ptr(),
-                        1,
-                        hi as isize,
-                        false,
-                        qf.as_ptr(),
-                        1,
-                        dd as isize,
-                        kf.as_ptr(),
-                        dd as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
+                crate::cpu::gemm::gemm_abt(&mut dots, &qf, &kf[..hi * dd], (n, hi, dd));
             }
             for (r, i) in part.clone().enumerate() {
                 let (sq, qmu) = sqm[r];
