@@ -78,16 +78,16 @@ struct LaQuestParams {
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaQuestParams {}
 
-/// Rows the Quest select kernel takes through its register path: more than `reg_min` and at
-/// most REG_KEYS candidates, (reg_min, REG_KEYS). The register path runs its passes over all
-/// 1024 x 8 slots whatever the row's length, so short rows stay on the shared path:
-/// `LONGATTN_CUDA_QUEST_REG_MIN` (default REG_MIN; REG_KEYS turns the register path off).
-fn reg_range() -> (usize, usize) {
-    let min = std::env::var("LONGATTN_CUDA_QUEST_REG_MIN")
+/// Rows of more than this many (and at most REG_KEYS) candidates take the Quest select
+/// kernel's register path. The register path runs its passes over all 1024 x 8 slots whatever
+/// the row's length, so short rows stay on the shared path: `LONGATTN_CUDA_QUEST_REG_MIN`
+/// (default REG_MIN; REG_KEYS turns the register path off).
+fn reg_min() -> usize {
+    std::env::var("LONGATTN_CUDA_QUEST_REG_MIN")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(REG_MIN);
-    (min.min(REG_KEYS), REG_KEYS)
+        .unwrap_or(REG_MIN)
+        .min(REG_KEYS)
 }
 
 /// Quest on the device for one layer's per-head cache: the page bounds, the scores, the
@@ -110,9 +110,8 @@ pub struct DevQuest {
     cap_pages: usize,
     /// Candidates per row whose keys the select kernel holds in shared memory.
     smem_keys: usize,
-    /// Rows of more than `reg_min` and at most `reg_keys` candidates take the select kernel's
+    /// Rows of more than `reg_min` and at most REG_KEYS candidates take the select kernel's
     /// register path.
-    reg_keys: usize,
     reg_min: usize,
     rows: usize,
     hq: usize,
@@ -163,8 +162,8 @@ impl DevQuest {
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
         // passes; the kernel is loaded once allowing the most (the launch asks for what it uses).
         // Rows of more than reg_min and at most REG_KEYS candidates take the kernel's register
-        // path instead (`reg_range`).
-        let (reg_min, reg_keys) = reg_range();
+        // path instead (`reg_min`).
+        let reg_min = reg_min();
         let smem_keys = cap_pages.min(SMEM_KEYS);
         let (bounds, score_fn) = (f("la_quest_bounds")?, f("la_quest_score")?);
         let select = dev.function(&variant, "la_quest_select", &src, &defines, SMEM_KEYS * 4)?;
@@ -204,7 +203,6 @@ impl DevQuest {
             sel_pages,
             cap_pages,
             smem_keys,
-            reg_keys,
             reg_min,
             rows,
             hq,
@@ -254,7 +252,7 @@ impl DevQuest {
             reduce: self.reduce.kernel_code(),
             score_stride: self.cap_pages as i32,
             smem_keys: self.smem_keys as i32,
-            reg_keys: self.reg_keys as i32,
+            reg_keys: REG_KEYS as i32,
             reg_min: self.reg_min as i32,
         })
     }

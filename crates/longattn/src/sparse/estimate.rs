@@ -85,24 +85,14 @@ impl<'c> Kept<'c> {
         for x in (0..n).filter(|&x| diags[x]) {
             set_bit(&mut diag, n - 1 - x);
         }
-        hl.docs[self.doc] = DocLines {
-            whole: false,
-            omax: omin + n as i64 - 1,
-            diag,
-            dense_from: usize::MAX,
-        };
+        hl.docs[self.doc] = DocLines::lines(omin + n as i64 - 1, diag);
     }
 
     /// Marks the current document as selected by per-row keys (element level only): no
     /// columns or diagonals, its rows' own keys from [`Kept::row_keys`].
     fn row_lines(&mut self) {
         if let Some((hl, _)) = self.lines.as_mut() {
-            hl.docs[self.doc] = DocLines {
-                whole: false,
-                omax: 0,
-                diag: Vec::new(),
-                dense_from: usize::MAX,
-            };
+            hl.docs[self.doc] = DocLines::lines(0, Vec::new());
         }
     }
 

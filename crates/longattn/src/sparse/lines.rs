@@ -44,8 +44,16 @@ impl DocLines {
     pub fn whole() -> DocLines {
         DocLines {
             whole: true,
-            omax: 0,
-            diag: Vec::new(),
+            ..DocLines::lines(0, Vec::new())
+        }
+    }
+
+    /// A line pattern: kept offsets `diag` (bit x = offset omax - x), no dense rows.
+    pub fn lines(omax: i64, diag: Vec<u64>) -> DocLines {
+        DocLines {
+            whole: false,
+            omax,
+            diag,
             dense_from: usize::MAX,
         }
     }
