@@ -123,7 +123,9 @@ def main():
                     kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                                  LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
                                                  LA_PAGE_AHEAD=1), ""))
-            kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16), read("select.cuh")))
+            # Quest: the score kernel's pages per lane group (LQ_SPP) at its default and at 1
+            kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LQ_SPP=4 if d != 64 else 1),
+                       read("select.cuh")))
             # The decode kernel folding press scores (LA_SCORE: tensor-core path, per-head pages),
             # its kind (0 H2O, 1 A2SF, 2 TOVA) and group reduction (0 max, 1 sum, 2 mean) compiled
             # in: every pair for bf16 D 128 at each group size, one pair (in turn) otherwise.

@@ -15,6 +15,11 @@
 #                                         # four-item turn, Quest's register select (defaults since
 #                                         # 2026-12-07) against the former kernels: selftest, kv bench
 #                                         # A / B, Quest's register path around its threshold
+#   bash scripts/gpu/kv_check.sh quest    # Quest's score (pages per lane group) and select (bucket
+#                                         # pass): selftest kv, kv bench against the former
+#                                         # kernels (LONGATTN_CUDA_QUEST_SPP=1 _BUCKET=0), ncu
+#   bash scripts/gpu/kv_check.sh splits   # the full decode at SPLIT_CONFIGS with the split count
+#                                         # forced to each of SPLITS (LONGATTN_CUDA_DECODE=0,S)
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -93,13 +98,39 @@ ab)
 ncu)
   # Nsight Compute on the kernels of two rows: Quest's score and select at 1 x 128k, and the
   # SnapKV window's fold at 32 x 8k (la_kv_score launches past the decode step's H2O row)
-  for spec in "1x128k regex:la_quest_s 0 4" "32x8k regex:^la_kv_score$ 200 2"; do
+  # and the full paged decode at 1 x 128k (its first launches: the bench's base row)
+  for spec in ${NCU_SPECS:-"1x128k regex:la_quest_s 0 4" "32x8k regex:^la_kv_score$ 200 2" "1x128k regex:^la_decode 0 2"}; do
     read -r cfg kn skip cnt <<< "$spec"
+    tag=$(echo "$cfg$kn" | tr -c 'A-Za-z0-9\n' _)
     timeout 240 ncu --kernel-name "$kn" --launch-skip "$skip" --launch-count "$cnt" \
       --section SpeedOfLight --section Occupancy --section LaunchStats \
-      /tmp/longattn kv bench --compare none --configs "$cfg" > "$OUT/ncu_$cfg.txt" 2>&1
+      /tmp/longattn kv bench --compare none --configs "$cfg" > "$OUT/ncu_$tag.txt" 2>&1
     echo "ncu $cfg $kn rc=$?"
-    grep -E "la_quest|la_kv_score|Duration|DRAM Throughput|Compute \(SM\) Thr|Achieved Occupancy|Registers Per|Grid Size|Dynamic Shared" "$OUT/ncu_$cfg.txt" | head -40
+    grep -E "la_quest|la_kv_score|la_decode|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Thr|Achieved Occupancy|Registers Per|Grid Size|Block Size|Dynamic Shared" "$OUT/ncu_$tag.txt" | head -40
+  done
+  ;;
+quest)
+  timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
+  echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -6; grep -E "quest" "$OUT/selftest_kv.txt" | grep -E "register|ties" | cut -c1-200
+  for it in 1 2; do
+    for v in default "LONGATTN_CUDA_QUEST_SPP=1 LONGATTN_CUDA_QUEST_BUCKET=0"; do
+      envs="X=0"; [ "$v" != default ] && envs="$v"
+      env $envs timeout 120 /tmp/longattn kv bench --compare none --configs ${QUEST_CONFIGS:-1x128k,8x128k,32x8k} \
+        > "$OUT/kv_bench_quest_${it}_${#v}.txt" 2>&1
+      echo "== kv bench ($v, $it) rc=$?"
+      grep -E "tokens,|^\| (full paged|quest\()" "$OUT/kv_bench_quest_${it}_${#v}.txt" | cut -d'|' -f1-3 | cut -c1-70
+    done
+  done
+  timeout 200 ncu --kernel-name regex:la_quest_s --launch-skip 0 --launch-count 4 --section SpeedOfLight \
+    /tmp/longattn kv bench --compare none --configs 1x128k > "$OUT/ncu_quest_new.txt" 2>&1
+  echo "ncu quest rc=$?"; grep -E "la_quest|Duration|DRAM Throughput" "$OUT/ncu_quest_new.txt" | head -12
+  ;;
+splits)
+  for sp in ${SPLITS:-0 33 44 66 99 132}; do
+    LONGATTN_CUDA_DECODE=0,$sp timeout 120 /tmp/longattn kv bench --compare none \
+      --configs ${SPLIT_CONFIGS:-1x128k,8x128k} > "$OUT/kv_bench_split$sp.txt" 2>&1
+    echo "== kv bench (splits $sp; 0 = planned) rc=$?"
+    grep -E "tokens,|^\| (full paged|evict to 0.2 \(|quest\(0.2,)" "$OUT/kv_bench_split$sp.txt" | cut -d'|' -f1-3 | cut -c1-70
   done
   ;;
 memcheck)

@@ -73,6 +73,7 @@ struct LaQuestParams {
     smem_keys: i32,
     reg_keys: i32,
     reg_min: i32,
+    bucket_first: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -88,6 +89,23 @@ fn reg_min() -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(REG_MIN)
         .min(REG_KEYS)
+}
+
+/// Pages each lane group of the score kernel scores (`LQ_SPP`; H100, 2026-12-07: one page a
+/// group took 24.8 us for the 8192 pages of 8 rows at 1 x 128k, 43% of the DRAM's bandwidth).
+/// `LONGATTN_CUDA_QUEST_SPP` (1..=8) overrides (A / B runs).
+fn score_pages() -> usize {
+    std::env::var("LONGATTN_CUDA_QUEST_SPP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=8).contains(n))
+        .unwrap_or(4)
+}
+
+/// The select's register path starts with one bucket pass (`lq_nth_bucketed`) unless
+/// `LONGATTN_CUDA_QUEST_BUCKET=0` (four radix passes, the former kernel; A / B runs).
+fn bucket_first() -> bool {
+    std::env::var("LONGATTN_CUDA_QUEST_BUCKET").map_or(true, |v| v != "0")
 }
 
 /// Quest on the device for one layer's per-head cache: the page bounds, the scores, the
@@ -113,6 +131,10 @@ pub struct DevQuest {
     /// Rows of more than `reg_min` and at most REG_KEYS candidates take the select kernel's
     /// register path.
     reg_min: usize,
+    /// Pages a lane group of the score kernel scores (its `LQ_SPP`).
+    score_pages: usize,
+    /// The select's register path starts with a bucket pass.
+    bucket_first: bool,
     rows: usize,
     hq: usize,
     /// Decode over the selected tables.
@@ -150,13 +172,15 @@ impl DevQuest {
             )));
         }
         let dt = cache.dtype;
+        let spp = score_pages();
         let defines = vec![
             ("LA_F16".into(), ((dt == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
             ("LA_PAGE".into(), page_size.to_string()),
+            ("LQ_SPP".into(), spp.to_string()),
         ];
         let src = format!("{COMMON}\n{SELECT}\n{QUEST}");
-        let variant = format!("kv_quest_{}_d{d}_p{page_size}", dt.name());
+        let variant = format!("kv_quest_{}_d{d}_p{page_size}_s{spp}", dt.name());
         let f = |name: &str| dev.function(&variant, name, &src, &defines, 0);
         let cap_pages = max_len.div_ceil(page_size).max(1);
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
@@ -204,6 +228,8 @@ impl DevQuest {
             cap_pages,
             smem_keys,
             reg_min,
+            score_pages: spp,
+            bucket_first: bucket_first(),
             rows,
             hq,
             plan,
@@ -254,6 +280,7 @@ impl DevQuest {
             smem_keys: self.smem_keys as i32,
             reg_keys: REG_KEYS as i32,
             reg_min: self.reg_min as i32,
+            bucket_first: self.bucket_first as i32,
         })
     }
 
@@ -301,7 +328,7 @@ impl DevQuest {
         }
         let s = self.dev.stream();
         let p = self.params(cache, q.data.device_ptr(s).0)?;
-        let ppb = 256 / (cache.head_dim / 8);
+        let ppb = 256 / (cache.head_dim / 8) * self.score_pages;
         let score_cfg = LaunchConfig {
             grid_dim: (
                 (p.max_pages as usize).div_ceil(ppb).max(1) as u32,
@@ -624,7 +651,9 @@ fn check_evict(
 /// Quest on the device against its references: the scores vs [`quest_scores_reference`], the
 /// selection vs the CPU keep rule on the device's own scores (must be equal), the output vs the
 /// f64 oracle over the selected tables; with `tail` the bounds are rebuilt after an append by the
-/// tail-only update and must equal a full rebuild bit for bit.
+/// tail-only update and must equal a full rebuild bit for bit. `levels`: every physical page's
+/// keys are one value of `levels` evenly spaced ones (pages tie in groups, at the select's cut
+/// too), else random keys.
 #[allow(clippy::too_many_arguments)]
 fn check_quest(
     dev: &Arc<CudaDevice>,
@@ -634,9 +663,19 @@ fn check_quest(
     budget: f64,
     reduce: Reduce,
     seed: u64,
+    levels: Option<usize>,
 ) -> Result<(f64, f64, String, bool)> {
     let page = 16;
-    let (k, v, tables, w, q) = random_head_cache(dt, lens, page, (hq, hk, d), seed)?;
+    let (mut k, v, tables, w, q) = random_head_cache(dt, lens, page, (hq, hk, d), seed)?;
+    if let Some(n) = levels {
+        let mut kf = k.data.to_f32_vec();
+        let mut rng = Rng::new(seed + 9);
+        for chunk in kf.chunks_mut(page * d) {
+            let x = (rng.below(n) as f32 + 1.0) / n as f32;
+            chunk.fill(x);
+        }
+        k = Tensor::new(Buffer::from_f32(dt, &kf), k.shape.clone())?;
+    }
     let kv = PagedKv {
         k: k.data.as_slice(),
         v: v.data.as_slice(),
@@ -779,52 +818,71 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
                 .collect();
             out.push(case(
                 format!("kv quest({budget}) {reduce:?} {dt} {hq}:{hk} d{d}"),
-                check_quest(dev, dt, &lens, (hq, hk, d), budget, reduce, 31 + hq as u64),
+                check_quest(
+                    dev,
+                    dt,
+                    &lens,
+                    (hq, hk, d),
+                    budget,
+                    reduce,
+                    31 + hq as u64,
+                    None,
+                ),
                 tol,
             ));
         }
     }
-    // Ties: every key equal, so every page ties; the newest pages must win.
-    let tie = (|| {
-        let (hq, hk, d, page) = (4usize, 1usize, 64usize, 16usize);
-        let lens = vec![1000i32];
-        let (_, v, tables, w, q) = random_head_cache(DType::BF16, &lens, page, (hq, hk, d), 5)?;
-        let kf = vec![0.5f32; v.data.as_slice().len()];
-        let k = Tensor::new(Buffer::from_f32(DType::BF16, &kf), vec![kf.len()])?;
-        let cache = upload_heads(dev, (&k, &v), (&tables, w, &lens), (page, hk, d))?;
-        let quest = Quest { budget: 0.3, page };
-        let dq = DevQuest::new(
-            dev,
-            &cache,
-            hq,
-            1000,
-            quest,
-            Reduce::Max,
-            &DecodeParams::default(),
-        )?;
-        dq.update_bounds(&cache, false)?;
-        let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
-        dq.select(&cache, &qd)?;
-        let (sel, _, sl) = dq.selection()?;
-        let n = quest.pages_for(999);
-        let want: Vec<i32> = {
-            let mut x: Vec<i32> = ((62 - (n - 1))..62).map(|i| tables[i]).collect();
-            x.push(tables[62]);
-            x
-        };
-        let ok = sel[..n] == want[..];
-        Ok((
-            0.0,
-            0.0,
-            format!(
-                "{n} pages of 63 tied: kept {:?}, expected the newest {want:?}; len {}",
-                &sel[..n],
-                sl[0]
-            ),
-            ok,
-        ))
-    })();
-    out.push(case("kv quest ties keep the newest pages".into(), tie, 1.0));
+    // Ties: every key equal, so every page ties; the newest pages must win (a short row on the
+    // shared path, a long one on the register path).
+    for len in [1000i32, 40_000] {
+        let tie = (|| {
+            let (hq, hk, d, page) = (4usize, 1usize, 64usize, 16usize);
+            let lens = vec![len];
+            let (_, v, tables, w, q) = random_head_cache(DType::BF16, &lens, page, (hq, hk, d), 5)?;
+            let kf = vec![0.5f32; v.data.as_slice().len()];
+            let k = Tensor::new(Buffer::from_f32(DType::BF16, &kf), vec![kf.len()])?;
+            let cache = upload_heads(dev, (&k, &v), (&tables, w, &lens), (page, hk, d))?;
+            let quest = Quest { budget: 0.3, page };
+            let dq = DevQuest::new(
+                dev,
+                &cache,
+                hq,
+                len as usize,
+                quest,
+                Reduce::Max,
+                &DecodeParams::default(),
+            )?;
+            dq.update_bounds(&cache, false)?;
+            let qd = DevTensor::upload(dev, "q", &q.view("q")?)?;
+            dq.select(&cache, &qd)?;
+            let (sel, _, sl) = dq.selection()?;
+            let n = quest.pages_for(len as usize - 1);
+            let cur = (len as usize - 1) / page;
+            let want: Vec<i32> = {
+                let mut x: Vec<i32> = ((cur - (n - 1))..cur).map(|i| tables[i]).collect();
+                x.push(tables[cur]);
+                x
+            };
+            let ok = sel[..n] == want[..];
+            Ok((
+                0.0,
+                0.0,
+                format!(
+                    "{n} pages of {} tied: kept {:?}.., expected the newest {:?}..; len {}",
+                    cur + 1,
+                    &sel[..n.min(8)],
+                    &want[..n.min(8)],
+                    sl[0]
+                ),
+                ok,
+            ))
+        })();
+        out.push(case(
+            format!("kv quest ties keep the newest pages ({len} entries)"),
+            tie,
+            1.0,
+        ));
+    }
     // Rows past the select kernel's register path (REG_KEYS candidates): one whose keys fit the
     // shared buffer (140000 entries, 8750 pages) and one read from global memory (270000: more
     // candidates than SMEM_KEYS).
@@ -838,9 +896,34 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             0.2,
             Reduce::Max,
             77,
+            None,
         ),
         out_tolerance(DType::BF16),
     ));
+    // Rows on the register path (more than REG_MIN and at most REG_KEYS candidates: 2499 and
+    // 8191 pages): random keys (spread scores: the cut's bucket counted pair by pair), pages of
+    // 600 levels (ties at the cut within a small bucket), of 3 levels (a bucket of thousands:
+    // its radix select).
+    for (levels, what) in [
+        (None, "random keys"),
+        (Some(600), "600 key levels"),
+        (Some(3), "3 key levels"),
+    ] {
+        out.push(case(
+            format!("kv quest(0.2) Sum bf16 4:1 d64 register rows, {what}"),
+            check_quest(
+                dev,
+                DType::BF16,
+                &[40_000, 131_072],
+                (4, 1, 64),
+                0.2,
+                Reduce::Sum,
+                78,
+                levels,
+            ),
+            out_tolerance(DType::BF16),
+        ));
+    }
     // Bad input.
     let refused = |name: &str, r: Result<()>, want: &str| {
         let (passed, detail) = match r {

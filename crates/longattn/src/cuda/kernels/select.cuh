@@ -52,6 +52,38 @@ __device__ __forceinline__ void la_hist_add(bool in, u32 bin, u32* hist) {
     if (in && (int)(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
 }
 
+// Of a 256-bin histogram (bins in key order), the bin that holds the rem-th largest key
+// (1-based, counting from the top bin down): pick[0] = the bin, pick[1] = how many of its keys
+// complete the top rem (the keys of the bins above are rem - pick[1]). Run by warp 0 (the
+// caller brackets it with barriers).
+__device__ __forceinline__ void la_hist_pick(const u32* hist, u32 rem, u32* pick) {
+    // Lane l sums bins 255 - 8 l - 7 .. 255 - 8 l (the top bins first); the first lane whose
+    // running total reaches rem walks its 8 bins.
+    const int lane = threadIdx.x & 31;
+    u32 s = 0;
+#pragma unroll
+    for (int t = 0; t < 8; t++) s += hist[255 - 8 * lane - t];
+    u32 inc = s;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u32 y = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += y;
+    }
+    const u32 hit = __ballot_sync(0xffffffffu, inc >= rem);
+    const int first = hit ? __ffs(hit) - 1 : 31;
+    if (lane == first) {
+        u32 cum = inc - s;
+        int dgt = 255 - 8 * lane - 7;
+        for (int t = 0; t < 8; t++) {
+            const int b = 255 - 8 * lane - t;
+            if (cum + hist[b] >= rem) { dgt = b; break; }
+            cum += hist[b];
+        }
+        pick[0] = (u32)dgt;
+        pick[1] = rem - cum;
+    }
+}
+
 // The n-th largest of a set of keys by radix select: four passes of 8-bit digits, each a shared
 // histogram of the keys that match the digits chosen so far, filled by
 // fill(shift, mask, prefix) (every thread adds its keys k with (k & mask) == prefix to bin
@@ -65,33 +97,7 @@ __device__ __forceinline__ u32 la_radix_nth_by(u32 n, F fill, u32* hist, u32* pi
         __syncthreads();
         fill(shift, mask, prefix);
         __syncthreads();
-        if (threadIdx.x < 32) {
-            // Lane l sums bins 255 - 8 l - 7 .. 255 - 8 l (the top bins first); the first lane
-            // whose running total reaches rem walks its 8 bins.
-            const int lane = threadIdx.x;
-            u32 s = 0;
-#pragma unroll
-            for (int t = 0; t < 8; t++) s += hist[255 - 8 * lane - t];
-            u32 inc = s;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 y = __shfl_up_sync(0xffffffffu, inc, o);
-                if (lane >= o) inc += y;
-            }
-            const u32 hit = __ballot_sync(0xffffffffu, inc >= rem);
-            const int first = hit ? __ffs(hit) - 1 : 31;
-            if (lane == first) {
-                u32 cum = inc - s;
-                int dgt = 255 - 8 * lane - 7;
-                for (int t = 0; t < 8; t++) {
-                    const int b = 255 - 8 * lane - t;
-                    if (cum + hist[b] >= rem) { dgt = b; break; }
-                    cum += hist[b];
-                }
-                pick[0] = (u32)dgt;
-                pick[1] = rem - cum;
-            }
-        }
+        if (threadIdx.x < 32) la_hist_pick(hist, rem, pick);
         __syncthreads();
         prefix |= pick[0] << shift;
         mask |= 255u << shift;
