@@ -20,6 +20,8 @@
 #                                         # kernels (LONGATTN_CUDA_QUEST_SPP=1 _BUCKET=0), ncu
 #   bash scripts/gpu/kv_check.sh splits   # the full decode at SPLIT_CONFIGS with the split count
 #                                         # forced to each of SPLITS (LONGATTN_CUDA_DECODE=0,S)
+#   bash scripts/gpu/kv_check.sh ncu_colscore # Nsight Compute on H2O's full accumulation (one
+#                                         # la_kv_colscore launch at 32 x 8k): pipes, L2, stalls
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -132,6 +134,14 @@ splits)
     echo "== kv bench (splits $sp; 0 = planned) rc=$?"
     grep -E "tokens,|^\| (full paged|evict to 0.2 \(|quest\(0.2,)" "$OUT/kv_bench_split$sp.txt" | cut -d'|' -f1-3 | cut -c1-70
   done
+  ;;
+ncu_colscore)
+  timeout 300 ncu --kernel-name regex:la_kv_colscore --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section InstructionStats \
+    /tmp/longattn kv bench --compare none --configs 32x8k > "$OUT/ncu_colscore.txt" 2>&1
+  echo "ncu colscore rc=$?"
+  grep -E "la_kv_colscore|Duration|Throughput|Pipe|Issue Slots|Executed Ipc|L2 Hit|Stall|Warp Cycles|Occupancy|Registers" "$OUT/ncu_colscore.txt" | head -50
   ;;
 memcheck)
   timeout 400 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --filter kv \

@@ -125,6 +125,83 @@ pub(crate) fn est_dot(sq: f32, sk: f32, dot: i32, qmu: f64) -> f64 {
     sq as f64 * sk as f64 * dot as f64 + qmu
 }
 
+/// The int8 side of one part (rows `part` of a query tile, document `doc` of (b, h)): per row
+/// its allowed keys, int8 query, scale and q . mu, and the products with the keys up to the
+/// part's last allowed one, from one f32 product (exact, [`EXACT_F32_D`]) or, past that head
+/// dim, from [`dot8`] pair by pair on demand.
+struct PartRows {
+    /// Keys 0 .. hi of the document hold every allowed pair of the part.
+    hi: usize,
+    nk: usize,
+    dd: usize,
+    allowed: Vec<bool>,
+    qq: Vec<i8>,
+    /// Per row: (scale, q . mu).
+    sqm: Vec<(f32, f64)>,
+    /// dots[r hi + x] = qq_r . kq_x (exact products only).
+    dots: Vec<f32>,
+}
+
+impl PartRows {
+    fn new(
+        ctx: &Ctx,
+        (b, h): (usize, usize),
+        doc: &Doc,
+        keys: &QKeys,
+        part: &Range<usize>,
+        kf: &[f32],
+        words: &mut Vec<u64>,
+    ) -> PartRows {
+        let (dd, nk, n) = (ctx.dims.d, doc.k.len(), part.len());
+        let mut allowed = vec![false; n * nk];
+        let mut qq = vec![0i8; n * dd];
+        let mut sqm = vec![(0.0f32, 0.0f64); n];
+        let mut hi = 0;
+        for (r, i) in part.clone().enumerate() {
+            let a = &mut allowed[r * nk..][..nk];
+            ctx.el.row_in((b, h, i), &doc.k, a, words);
+            hi = hi.max(a.iter().rposition(|&x| x).map_or(0, |x| x + 1));
+            sqm[r] = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq[r * dd..][..dd]);
+        }
+        let exact = !kf.is_empty();
+        let mut dots = vec![0.0f32; if exact { n * hi } else { 0 }];
+        if exact && hi > 0 {
+            let qf: Vec<f32> = qq.iter().map(|&x| x as f32).collect();
+            crate::cpu::gemm::gemm_abt(&mut dots, &qf, &kf[..hi * dd], (n, hi, dd));
+        }
+        PartRows {
+            hi,
+            nk,
+            dd,
+            allowed,
+            qq,
+            sqm,
+            dots,
+        }
+    }
+
+    /// The allowed keys of row r (document indices, ascending).
+    fn keys(&self, r: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.hi).filter(move |&x| self.allowed[r * self.nk + x])
+    }
+
+    /// qq_r . kq_x.
+    fn dot(&self, keys: &QKeys, r: usize, x: usize) -> i32 {
+        match self.dots.is_empty() {
+            false => self.dots[r * self.hi + x] as i32,
+            true => dot8(&self.qq[r * self.dd..][..self.dd], &keys.q[x * self.dd..][..self.dd]),
+        }
+    }
+}
+
+/// The keys as f32 for [`PartRows`]' exact product; empty past [`EXACT_F32_D`].
+fn keys_f32(keys: &QKeys, dd: usize) -> Vec<f32> {
+    match dd <= EXACT_F32_D {
+        true => keys.q.iter().map(|&x| x as f32).collect(),
+        false => Vec::new(),
+    }
+}
+
 /// Per candidate of one part (the document's rows `part` of query tile `qt`): whether it holds
 /// an allowed reference pair, and its score r (+inf when a row with allowed keys in it has no
 /// reference key; -inf when no allowed pair).
@@ -142,11 +219,9 @@ pub(crate) fn doc_scores(
     keys: &QKeys,
     [sink, local]: [usize; 2],
 ) -> Vec<(usize, Range<usize>, TileScores)> {
-    let dd = ctx.dims.d;
     let (k0, nk) = (doc.k.start, doc.k.len());
-    let mut allowed = vec![false; nk];
+    let kf = keys_f32(keys, ctx.dims.d);
     let mut words = Vec::new();
-    let mut qq = vec![0i8; dd];
     let mut e = vec![f64::NEG_INFINITY; nk];
     ctx.parts(doc)
         .map(|(qt, part)| {
@@ -156,23 +231,23 @@ pub(crate) fn doc_scores(
                 forced: vec![false; cand.len()],
                 score: vec![f64::NEG_INFINITY; cand.len()],
             };
-            for i in part.clone() {
-                ctx.el.row_in((b, h, i), &doc.k, &mut allowed, &mut words);
-                let (sq, qmu) = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq);
+            let pr = PartRows::new(ctx, (b, h), doc, keys, &part, &kf, &mut words);
+            for (r, i) in part.clone().enumerate() {
+                let (sq, qmu) = pr.sqm[r];
                 let p = ctx.pos(i);
                 let is_ref =
                     |x: usize| x < sink || (0..local as i64).contains(&(p - (k0 + x) as i64));
                 let mut m = f64::NEG_INFINITY;
-                for x in (0..nk).filter(|&x| allowed[x]) {
-                    let d = dot8(&qq, &keys.q[x * dd..][..dd]);
-                    e[x] = ctx.logit.of(est_dot(sq, keys.scale[x], d, qmu));
+                for x in pr.keys(r) {
+                    e[x] = ctx.logit.of(est_dot(sq, keys.scale[x], pr.dot(keys, r, x), qmu));
                     if is_ref(x) {
                         m = m.max(e[x]);
                     }
                 }
                 for (c, t) in cand.iter().enumerate() {
                     let (c0, c1) = ctx.cand.k_range(t.k_tile as usize);
-                    for x in (c0.max(k0) - k0..c1.min(doc.k.end) - k0).filter(|&x| allowed[x]) {
+                    let (x0, x1) = (c0.max(k0) - k0, (c1.min(doc.k.end) - k0).min(pr.hi));
+                    for x in (x0..x1).filter(|&x| pr.allowed[r * nk + x]) {
                         ts.forced[c] |= is_ref(x);
                         let r = match m {
                             f64::NEG_INFINITY => f64::INFINITY,
@@ -249,48 +324,22 @@ pub(crate) fn doc_rows(
     ([sink, local], gamma): ([usize; 2], f64),
     mut row: impl FnMut(usize, &[u32]),
 ) -> Vec<(usize, Range<usize>, Vec<bool>)> {
-    let dd = ctx.dims.d;
-    let (k0, nk) = (doc.k.start, doc.k.len());
-    let exact = dd <= EXACT_F32_D;
-    let kf: Vec<f32> = match exact {
-        true => keys.q.iter().map(|&x| x as f32).collect(),
-        false => Vec::new(),
-    };
+    let k0 = doc.k.start;
+    let kf = keys_f32(keys, ctx.dims.d);
     let mut words = Vec::new();
-    let mut cand: Vec<(u32, f64, bool)> = Vec::with_capacity(nk);
+    let mut cand: Vec<(u32, f64, bool)> = Vec::with_capacity(doc.k.len());
     ctx.parts(doc)
         .map(|(qt, part)| {
             let xs = ctx.doc_cands(b, h, qt, doc);
             let tiles = &ctx.cand.row(b, h, qt)[xs.clone()];
             let mut hit = vec![false; tiles.len()];
-            // Per row: its allowed keys, int8 query, scale and q . mu.
-            let n = part.len();
-            let mut allowed = vec![false; n * nk];
-            let mut qq = vec![0i8; n * dd];
-            let mut sqm = vec![(0.0f32, 0.0f64); n];
-            let mut hi = 0;
+            let pr = PartRows::new(ctx, (b, h), doc, keys, &part, &kf, &mut words);
             for (r, i) in part.clone().enumerate() {
-                let a = &mut allowed[r * nk..][..nk];
-                ctx.el.row_in((b, h, i), &doc.k, a, &mut words);
-                hi = hi.max(a.iter().rposition(|&x| x).map_or(0, |x| x + 1));
-                sqm[r] = quant_row(ctx.q, (b, h, i), &keys.mu, &mut qq[r * dd..][..dd]);
-            }
-            // dots[r][x] = qq_r . kq_x for the keys x < hi.
-            let mut dots = vec![0.0f32; if exact { n * hi } else { 0 }];
-            if exact && hi > 0 {
-                let qf: Vec<f32> = qq.iter().map(|&x| x as f32).collect();
-                crate::cpu::gemm::gemm_abt(&mut dots, &qf, &kf[..hi * dd], (n, hi, dd));
-            }
-            for (r, i) in part.clone().enumerate() {
-                let (sq, qmu) = sqm[r];
+                let (sq, qmu) = pr.sqm[r];
                 let p = ctx.pos(i);
                 cand.clear();
-                for x in (0..hi).filter(|&x| allowed[r * nk + x]) {
-                    let d = match exact {
-                        true => dots[r * hi + x] as i32,
-                        false => dot8(&qq[r * dd..][..dd], &keys.q[x * dd..][..dd]),
-                    };
-                    let e = ctx.logit.of(est_dot(sq, keys.scale[x], d, qmu));
+                for x in pr.keys(r) {
+                    let e = ctx.logit.of(est_dot(sq, keys.scale[x], pr.dot(keys, r, x), qmu));
                     let j = k0 + x;
                     let is_ref = x < sink || (0..local as i64).contains(&(p - j as i64));
                     cand.push((j as u32, e, is_ref));
