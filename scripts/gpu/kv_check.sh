@@ -126,9 +126,11 @@ quest)
       grep -E "tokens,|^\| (full paged|quest\()" "$OUT/kv_bench_quest_${it}_${#v}.txt" | cut -d'|' -f1-3 | cut -c1-70
     done
   done
-  timeout 200 ncu --kernel-name regex:la_quest_s --launch-skip 0 --launch-count 4 --section SpeedOfLight \
-    /tmp/longattn kv bench --compare none --configs 1x128k > "$OUT/ncu_quest_new.txt" 2>&1
-  echo "ncu quest rc=$?"; grep -E "la_quest|Duration|DRAM Throughput" "$OUT/ncu_quest_new.txt" | head -12
+  if [ "${QUEST_NCU:-1}" != 0 ]; then
+    timeout 200 ncu --kernel-name regex:la_quest_s --launch-skip 0 --launch-count 4 --section SpeedOfLight \
+      /tmp/longattn kv bench --compare none --configs 1x128k > "$OUT/ncu_quest_new.txt" 2>&1
+    echo "ncu quest rc=$?"; grep -E "la_quest|Duration|DRAM Throughput" "$OUT/ncu_quest_new.txt" | head -12
+  fi
   ;;
 splits)
   for sp in ${SPLITS:-0 33 44 66 99 132}; do
