@@ -15,16 +15,13 @@
 #                                         # four-item turn, Quest's register select (defaults since
 #                                         # 2026-12-07) against the former kernels: selftest, kv bench
 #                                         # A / B, Quest's register path around its threshold
-#   bash scripts/gpu/kv_check.sh quest    # Quest's score (pages per lane group) and select (bucket
-#                                         # pass): selftest kv, kv bench against the former
-#                                         # kernels (LONGATTN_CUDA_QUEST_SPP=1 _BUCKET=0), ncu
+#   bash scripts/gpu/kv_check.sh quest    # Quest's score kernel (pages per lane group, LQ_SPP):
+#                                         # selftest kv, kv bench against one page a group
+#                                         # (LONGATTN_CUDA_QUEST_SPP=1), ncu (QUEST_NCU=0: none)
 #   bash scripts/gpu/kv_check.sh splits   # the full decode at SPLIT_CONFIGS with the split count
 #                                         # forced to each of SPLITS (LONGATTN_CUDA_DECODE=0,S)
 #   bash scripts/gpu/kv_check.sh ncu_colscore # Nsight Compute on H2O's full accumulation (one
 #                                         # la_kv_colscore launch at 32 x 8k): pipes, L2, stalls
-#   bash scripts/gpu/kv_check.sh poly     # H2O's accumulation with every n-th exponential on the
-#                                         # FMA pipe (LONGATTN_CUDA_SCORE_POLY=n, POLYS): selftest
-#                                         # kv scores with each, kv bench A / B
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -118,7 +115,7 @@ quest)
   timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
   echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -6; grep -E "quest" "$OUT/selftest_kv.txt" | grep -E "register|ties" | cut -c1-200
   for it in 1 2; do
-    for v in default "LONGATTN_CUDA_QUEST_SPP=1 LONGATTN_CUDA_QUEST_BUCKET=0"; do
+    for v in default "LONGATTN_CUDA_QUEST_SPP=1"; do
       envs="X=0"; [ "$v" != default ] && envs="$v"
       env $envs timeout 120 /tmp/longattn kv bench --compare none --configs ${QUEST_CONFIGS:-1x128k,8x128k,32x8k} \
         > "$OUT/kv_bench_quest_${it}_${#v}.txt" 2>&1
@@ -147,21 +144,6 @@ ncu_colscore)
     /tmp/longattn kv bench --compare none --configs 32x8k > "$OUT/ncu_colscore.txt" 2>&1
   echo "ncu colscore rc=$?"
   grep -E "la_kv_colscore|Duration|Throughput|Pipe|Issue Slots|Executed Ipc|L2 Hit|Stall|Warp Cycles|Occupancy|Registers" "$OUT/ncu_colscore.txt" | head -50
-  ;;
-poly)
-  for n in ${POLYS:-4 2}; do
-    LONGATTN_CUDA_SCORE_POLY=$n timeout 200 /tmp/longattn selftest --backend cuda --filter "kv scores" --jobs 8 \
-      > "$OUT/selftest_scores_poly$n.txt" 2>&1
-    echo "selftest kv scores (poly $n) rc=$?"; grep -vE " pass " "$OUT/selftest_scores_poly$n.txt" | tail -3
-  done
-  for it in 1 2; do
-    for n in 0 ${POLYS:-4 2}; do
-      LONGATTN_CUDA_SCORE_POLY=$n timeout 200 /tmp/longattn kv bench --compare none --configs ${POLY_CONFIGS:-32x8k,1x128k} \
-        > "$OUT/kv_bench_poly${n}_$it.txt" 2>&1
-      echo "== kv bench (poly $n, $it) rc=$?"
-      grep -E "tokens,|accumulation|prefill forward" "$OUT/kv_bench_poly${n}_$it.txt" | cut -d'|' -f1-3 | cut -c1-110
-    done
-  done
   ;;
 memcheck)
   timeout 400 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --filter kv \

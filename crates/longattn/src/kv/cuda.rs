@@ -73,7 +73,6 @@ struct LaQuestParams {
     smem_keys: i32,
     reg_keys: i32,
     reg_min: i32,
-    bucket_first: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
@@ -91,21 +90,16 @@ fn reg_min() -> usize {
         .min(REG_KEYS)
 }
 
-/// Pages each lane group of the score kernel scores (`LQ_SPP`; H100, 2026-12-07: one page a
-/// group took 24.8 us for the 8192 pages of 8 rows at 1 x 128k, 43% of the DRAM's bandwidth).
+/// Pages each lane group of the score kernel scores (`LQ_SPP`): 3 (H100, 2026-12-07, three runs
+/// each: score + select at 1 x 128k 38.1 / 35.4 / 33.9 us with 1 / 2 / 3, at 8 x 128k 138.3 /
+/// 138.4 / 132.1 us, at 32 x 8k 56.6 / 55.7 / 55.9 us; 4 took 61 us at 32 x 8k).
 /// `LONGATTN_CUDA_QUEST_SPP` (1..=8) overrides (A / B runs).
 fn score_pages() -> usize {
     std::env::var("LONGATTN_CUDA_QUEST_SPP")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| (1..=8).contains(n))
-        .unwrap_or(4)
-}
-
-/// The select's register path starts with one bucket pass (`lq_nth_bucketed`) unless
-/// `LONGATTN_CUDA_QUEST_BUCKET=0` (four radix passes, the former kernel; A / B runs).
-fn bucket_first() -> bool {
-    std::env::var("LONGATTN_CUDA_QUEST_BUCKET").map_or(true, |v| v != "0")
+        .unwrap_or(3)
 }
 
 /// Quest on the device for one layer's per-head cache: the page bounds, the scores, the
@@ -133,8 +127,6 @@ pub struct DevQuest {
     reg_min: usize,
     /// Pages a lane group of the score kernel scores (its `LQ_SPP`).
     score_pages: usize,
-    /// The select's register path starts with a bucket pass.
-    bucket_first: bool,
     rows: usize,
     hq: usize,
     /// Decode over the selected tables.
@@ -229,7 +221,6 @@ impl DevQuest {
             smem_keys,
             reg_min,
             score_pages: spp,
-            bucket_first: bucket_first(),
             rows,
             hq,
             plan,
@@ -280,7 +271,6 @@ impl DevQuest {
             smem_keys: self.smem_keys as i32,
             reg_keys: REG_KEYS as i32,
             reg_min: self.reg_min as i32,
-            bucket_first: self.bucket_first as i32,
         })
     }
 
@@ -901,9 +891,8 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
         out_tolerance(DType::BF16),
     ));
     // Rows on the register path (more than REG_MIN and at most REG_KEYS candidates: 2499 and
-    // 8191 pages): random keys (spread scores: the cut's bucket counted pair by pair), pages of
-    // 600 levels (ties at the cut within a small bucket), of 3 levels (a bucket of thousands:
-    // its radix select).
+    // 8191 pages): random keys (spread scores), pages of 600 key levels (a few ties at the cut)
+    // and of 3 (thousands of ties at the cut).
     for (levels, what) in [
         (None, "random keys"),
         (Some(600), "600 key levels"),

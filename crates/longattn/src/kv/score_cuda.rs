@@ -122,16 +122,6 @@ fn wg_pipe() -> usize {
     }
 }
 
-/// Every n-th exponential of `la_kv_colscore` on the FMA pipe (`LC_POLY`): 0 (all on the MUFU)
-/// unless `LONGATTN_CUDA_SCORE_POLY=n` (2..=8; A / B runs).
-fn wg_poly() -> usize {
-    std::env::var("LONGATTN_CUDA_SCORE_POLY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| (2..=8).contains(n))
-        .unwrap_or(0)
-}
-
 /// Dynamic shared memory of `la_kv_colscore`: 1 KiB for alignment, the ring's Q tiles and l2
 /// rows, its mbarriers.
 fn wg_smem_bytes(d: usize) -> usize {
@@ -428,12 +418,10 @@ impl DevScores {
         defines.push(("LC_ST".into(), stages.to_string()));
         let pipe = wg_pipe();
         defines.push(("LC_PIPE".into(), pipe.to_string()));
-        let poly = wg_poly();
-        defines.push(("LC_POLY".into(), poly.to_string()));
         let smem = wg_smem_bytes(d);
         let wrappers = &*crate::cuda::wgmma::WRAPPERS;
         let main = self.dev.function_static(
-            &format!("{}_wg{br}x{stages}p{pipe}e{poly}", self.variant),
+            &format!("{}_wg{br}x{stages}p{pipe}", self.variant),
             "la_kv_colscore",
             || format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{SCORE_WG}"),
             &defines,
@@ -1283,7 +1271,7 @@ mod tests {
 
     /// The Hopper fold compiles under NVRTC for sm_90a (no GPU needed, only `libnvrtc`;
     /// skipped, and said so, without it): D 64 / 128 / 256, bf16 / f16, with and without
-    /// soft-cap, two and four items per turn, exponentials partly on the FMA pipe; ptxas keeps every wgmma asynchronous and spills
+    /// soft-cap, two and four items per turn; ptxas keeps every wgmma asynchronous and spills
     /// nothing. The offsets kernel
     /// compiles with the generic one (`scripts/nvrtc_check.py`).
     #[test]
@@ -1297,15 +1285,13 @@ mod tests {
         for d in [64usize, 128, 256] {
             let (br, st) = wg_tiles(d);
             assert!(wg_smem_bytes(d) <= 227 * 1024);
-            for (f16, cap, pipe, poly) in [
-                (0, 0, 2, 0),
-                (0, 1, 2, 0),
-                (1, 0, 2, 0),
-                (1, 1, 2, 0),
-                (0, 0, 4, 0),
-                (1, 1, 4, 0),
-                (0, 0, 4, 4),
-                (0, 1, 4, 2),
+            for (f16, cap, pipe) in [
+                (0, 0, 2),
+                (0, 1, 2),
+                (1, 0, 2),
+                (1, 1, 2),
+                (0, 0, 4),
+                (1, 1, 4),
             ] {
                 let defines: Vec<(String, String)> = [
                     ("LA_F16", f16.to_string()),
@@ -1315,17 +1301,16 @@ mod tests {
                     ("LC_BR", br.to_string()),
                     ("LC_ST", st.to_string()),
                     ("LC_PIPE", pipe.to_string()),
-                    ("LC_POLY", poly.to_string()),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
-                let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}_p{pipe}e{poly}");
+                let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}_p{pipe}");
                 crate::cuda::compile::assert_ptxas_clean(&name, &src, &defines);
                 n += 1;
             }
         }
-        assert_eq!(n, 24);
+        assert_eq!(n, 18);
     }
 
     /// The device's reference reads entries by index with the chunk as every row's last Sq

@@ -189,7 +189,10 @@ impl PartRows {
     fn dot(&self, keys: &QKeys, r: usize, x: usize) -> i32 {
         match self.dots.is_empty() {
             false => self.dots[r * self.hi + x] as i32,
-            true => dot8(&self.qq[r * self.dd..][..self.dd], &keys.q[x * self.dd..][..self.dd]),
+            true => dot8(
+                &self.qq[r * self.dd..][..self.dd],
+                &keys.q[x * self.dd..][..self.dd],
+            ),
         }
     }
 }
@@ -239,7 +242,9 @@ pub(crate) fn doc_scores(
                     |x: usize| x < sink || (0..local as i64).contains(&(p - (k0 + x) as i64));
                 let mut m = f64::NEG_INFINITY;
                 for x in pr.keys(r) {
-                    e[x] = ctx.logit.of(est_dot(sq, keys.scale[x], pr.dot(keys, r, x), qmu));
+                    e[x] = ctx
+                        .logit
+                        .of(est_dot(sq, keys.scale[x], pr.dot(keys, r, x), qmu));
                     if is_ref(x) {
                         m = m.max(e[x]);
                     }
@@ -339,7 +344,9 @@ pub(crate) fn doc_rows(
                 let p = ctx.pos(i);
                 cand.clear();
                 for x in pr.keys(r) {
-                    let e = ctx.logit.of(est_dot(sq, keys.scale[x], pr.dot(keys, r, x), qmu));
+                    let e = ctx
+                        .logit
+                        .of(est_dot(sq, keys.scale[x], pr.dot(keys, r, x), qmu));
                     let j = k0 + x;
                     let is_ref = x < sink || (0..local as i64).contains(&(p - j as i64));
                     cand.push((j as u32, e, is_ref));

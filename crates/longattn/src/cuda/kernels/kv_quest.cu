@@ -17,10 +17,9 @@
 //   la_quest_bounds  per (group of pages, row): meta of every page, or of the last page only
 //                    (after an append)
 //   la_quest_score   per (group of pages, row): the reduced bound of pages 0 .. cur - 1
-//   la_quest_select  per row: select of the (n - 1)-th largest score, then one ordered pass
-//                    writing the table (rows of reg_min < n <= reg_keys <= 8192 candidates from
-//                    registers, a bucket pass and a count over the cut's bucket
-//                    (lq_nth_bucketed); others from shared or global memory, radix select)
+//   la_quest_select  per row: radix select of the (n - 1)-th largest score, then one ordered
+//                    pass writing the table (rows of reg_min < n <= reg_keys <= 8192
+//                    candidates from registers, others from shared or global memory)
 // Needs: common.cuh, select.cuh, LA_D (multiple of 8), LA_PAGE, LA_F16.
 
 struct LaQuestParams {
@@ -38,14 +37,13 @@ struct LaQuestParams {
     int smem_keys;        // rows of at most smem_keys candidates keep their keys in shared memory
     int reg_keys;         // rows of at most reg_keys candidates (<= 1024 LQ_KPT) hold them in registers
     int reg_min;          // ... when they have more than reg_min
-    int bucket_first;     // register path: one bucket pass first (lq_nth_bucketed), 0 = four radix passes
 };
 
 #define LQ_LPP (LA_D / 8)        // lanes per page (16 bytes each)
 #define LQ_KPT 8                 // candidates a thread of la_quest_select holds in registers
 #define LQ_PPB (256 / LQ_LPP)    // lane groups (pages at a time) per block of 256 threads
 #ifndef LQ_SPP
-#define LQ_SPP 4                 // pages each lane group of la_quest_score scores
+#define LQ_SPP 3                 // pages each lane group of la_quest_score scores
 #endif
 
 struct alignas(16) lq_v4 {
@@ -166,91 +164,6 @@ extern "C" __global__ void __launch_bounds__(256) la_quest_score(const LaQuestPa
     }
 }
 
-// Candidates of one bucket whose ranks are counted pair by pair (below: radix select).
-#define LQ_RANK_MAX 256
-
-// The n-th largest of the register-held order keys of la_quest_select's register path (thread
-// t: u[i] for pages j0 + i < cur), with `need` as la_radix_nth_by's (exact; ties the same).
-// One pass over value buckets instead of four over digits: the keys' range [lo, hi] in 256
-// equal buckets, bucket(u) = floor((u - lo) 256 / (hi - lo + 1)) (monotone in u), a histogram
-// gives the bucket that holds the n-th largest and how many of its keys complete the top n
-// (rem); that bucket's keys (a few hundred when the scores are spread) are compacted into
-// `cand` (shared, room for cur keys) and the rem-th largest among them is found by counting,
-// for each, the keys above it (gt) and at or above it (ge): T is the one with gt < rem <= ge,
-// need = rem - gt. A bucket of more than LQ_RANK_MAX keys (equal or nearly equal scores) takes
-// the radix select over its compacted keys.
-__device__ __forceinline__ u32 lq_nth_bucketed(const u32 (&u)[LQ_KPT], int j0, int cur, u32 n, u32* hist,
-                                               u32* pick, u32* ws, u32* cand, u32& need) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    u32 lo = 0xffffffffu, hi = 0u;
-#pragma unroll
-    for (int i = 0; i < LQ_KPT; i++)
-        if (j0 + i < cur) {
-            lo = umin(lo, u[i]);
-            hi = umax(hi, u[i]);
-        }
-    lo = __reduce_min_sync(0xffffffffu, lo);
-    hi = __reduce_max_sync(0xffffffffu, hi);
-    if (lane == 0) {
-        hist[w] = lo;
-        hist[32 + w] = hi;
-    }
-    __syncthreads();
-    if (w == 0) {
-        const int nw = blockDim.x >> 5;
-        const u32 a = __reduce_min_sync(0xffffffffu, lane < nw ? hist[lane] : 0xffffffffu);
-        const u32 b = __reduce_max_sync(0xffffffffu, lane < nw ? hist[32 + lane] : 0u);
-        if (lane == 0) {
-            pick[0] = a;
-            pick[1] = b;
-        }
-    }
-    __syncthreads();
-    lo = pick[0];
-    const unsigned long long span = (unsigned long long)(pick[1] - lo) + 1ull;
-    u32 bk[LQ_KPT];
-#pragma unroll
-    for (int i = 0; i < LQ_KPT; i++) bk[i] = j0 + i < cur ? (u32)(((unsigned long long)(u[i] - lo) << 8) / span) : 256u;
-    for (int t = threadIdx.x; t < 256; t += blockDim.x) hist[t] = 0;
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < LQ_KPT; i++) la_hist_add(bk[i] < 256u, bk[i] & 255u, hist);
-    __syncthreads();
-    if (threadIdx.x < 32) la_hist_pick(hist, n, pick);
-    __syncthreads();
-    const u32 bsel = pick[0], rem = pick[1];
-    u32 c = 0;
-#pragma unroll
-    for (int i = 0; i < LQ_KPT; i++) c += bk[i] == bsel;
-    u32 tot;
-    u32 at = la_block_scan(c, ws, tot);   // barriers inside: every thread has read pick
-#pragma unroll
-    for (int i = 0; i < LQ_KPT; i++)
-        if (bk[i] == bsel) cand[at++] = u[i];
-    __syncthreads();
-    if (tot > LQ_RANK_MAX)
-        return la_radix_nth((int)tot, rem, [&](int j, u32& v) { v = cand[j]; return true; }, hist, pick, need);
-    for (int ci = threadIdx.x; ci < (int)tot; ci += blockDim.x) {
-        const u32 v = cand[ci];
-        u32 gt = 0, ge = 0;
-        for (int j = 0; j < (int)tot; j++) {
-            const u32 y = cand[j];   // the same word for every lane: a broadcast
-            gt += y > v;
-            ge += y >= v;
-        }
-        // Every key equal to T finds the same (T, rem - gt): equal writes.
-        if (gt < rem && rem <= ge) {
-            pick[0] = v;
-            pick[1] = rem - gt;
-        }
-    }
-    __syncthreads();
-    const u32 T = pick[0];
-    need = pick[1];
-    __syncthreads();   // pick is free again
-    return T;
-}
-
 // The keep rule of la_quest_select for page j (above: key > T, tied: key == T), ab / tb the pages
 // above / tied before it, skip = ties - need: its table entry into its slot when kept.
 __device__ __forceinline__ void lq_keep(int* out, const int* tab, int j, bool above, bool tied, u32 ab,
@@ -284,7 +197,6 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
     // == T), packed in one scan (low / high 16 bits): tied page of rank t (0-based, by index) is
     // kept when t >= ties - need, and a kept page's slot is above_before + max(0, tied_before -
     // (ties - need)) (lq_keep).
-    extern __shared__ u32 lq_keys[];
     if (n > 1 && cur > p.reg_min && cur <= p.reg_keys) {
         // Rows of up to 1024 LQ_KPT candidates: thread t holds the order keys of pages
         // t LQ_KPT .. t LQ_KPT + LQ_KPT - 1 in registers, so the ordered pass is one scan (a row
@@ -294,16 +206,14 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
 #pragma unroll
         for (int i = 0; i < LQ_KPT; i++) u[i] = j0 + i < cur ? la_order_key(x[j0 + i]) : 0u;
         u32 need;
-        const u32 T = p.bucket_first ? lq_nth_bucketed(u, j0, cur, (u32)(n - 1), hist, pick, ws, lq_keys, need)
-                                     : la_radix_nth_by(
-                                           (u32)(n - 1),
-                                           [&](int shift, u32 mask, u32 prefix) {
+        const u32 T = la_radix_nth_by(
+            (u32)(n - 1),
+            [&](int shift, u32 mask, u32 prefix) {
 #pragma unroll
-                                               for (int i = 0; i < LQ_KPT; i++)
-                                                   la_hist_add(j0 + i < cur && (u[i] & mask) == prefix,
-                                                               (u[i] >> shift) & 255u, hist);
-                                           },
-                                           hist, pick, need);
+                for (int i = 0; i < LQ_KPT; i++)
+                    la_hist_add(j0 + i < cur && (u[i] & mask) == prefix, (u[i] >> shift) & 255u, hist);
+            },
+            hist, pick, need);
         u32 a = 0, t = 0;
 #pragma unroll
         for (int i = 0; i < LQ_KPT; i++) {
@@ -324,6 +234,7 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
     } else if (n > 1) {
         // Longer rows: the order keys, read once into shared memory when they fit (every pass
         // below reads them); one scan per 1024 candidates (a chunk counts at most 1024 of each).
+        extern __shared__ u32 lq_keys[];
         const bool in_smem = cur <= p.smem_keys;
         if (in_smem) {
             for (int j = threadIdx.x; j < cur; j += blockDim.x) lq_keys[j] = la_order_key(x[j]);

@@ -61,24 +61,6 @@ struct LaColWs {
 };
 static_assert(sizeof(LaColWs) == 256, "LaColWs must match kv/score_cuda.rs");
 
-#ifndef LC_POLY
-#define LC_POLY 0   // 0: every exponential on the MUFU (ex2.approx); n: every n-th on the FMA pipe
-#endif
-
-// 2^x on the FMA pipe (x >= -126; larger negative x gives 2^-126 scale, ~1e-38): x = i + f with
-// i = floor(x), 2^f from a degree-4 polynomial fitted on [0, 1) (relative error 2.7e-6), i added
-// into the exponent field.
-__device__ __forceinline__ float la_exp2_fma(float x) {
-    x = fmaxf(x, -126.f);
-    const float fi = floorf(x);
-    const float f = x - fi;
-    float q = fmaf(f, 0.0135206032f, 0.0520374288f);
-    q = fmaf(q, f, 0.241427493f);
-    q = fmaf(q, f, 0.693006621f);
-    q = fmaf(q, f, 1.00000252f);
-    return __int_as_float(__float_as_int(q) + ((int)fi << 23));
-}
-
 extern "C" __global__ void __launch_bounds__(LC_THREADS, 1) la_kv_colscore(const __grid_constant__ LaColWs w) {
     const LaColArgs& p = w.p;
     const int r = blockIdx.y;
@@ -201,13 +183,10 @@ extern "C" __global__ void __launch_bounds__(LC_THREADS, 1) la_kv_colscore(const
                 const int x = 4 * jn + e2;
                 const float l = (e2 & 1) ? l2.y : l2.x;
 #if LA_SOFTCAP
-                const float ex = p.cap_mul * tanhf(s[x] * p.q_scale) - l;
+                float pr = la_exp2(p.cap_mul * tanhf(s[x] * p.q_scale) - l);
 #else
-                const float ex = fmaf(s[x], p.q_scale, -l);
+                float pr = la_exp2(fmaf(s[x], p.q_scale, -l));
 #endif
-                // With LC_POLY = n, every n-th element's exponential runs on the FMA pipe
-                // (la_exp2_fma) beside the MUFU's (x is a compile-time index: no branch).
-                float pr = (LC_POLY > 0 && x % (LC_POLY > 0 ? LC_POLY : 1) == LC_POLY - 1) ? la_exp2_fma(ex) : la_exp2(ex);
                 if (mask && jn * 8 + (e2 & 1) < ((e2 & 2) ? lim1 : lim0)) pr = 0.f;
                 acc[e2] += pr;
             }
