@@ -22,6 +22,9 @@
 #                                         # forced to each of SPLITS (LONGATTN_CUDA_DECODE=0,S)
 #   bash scripts/gpu/kv_check.sh ncu_colscore # Nsight Compute on H2O's full accumulation (one
 #                                         # la_kv_colscore launch at 32 x 8k): pipes, L2, stalls
+#   bash scripts/gpu/kv_check.sh unswitch # H2O's accumulation with the mask's test only in
+#                                         # items on the diagonal (default) against every item
+#                                         # (LONGATTN_CUDA_SCORE_UNSWITCH=0): selftest, kv bench A / B
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -144,6 +147,18 @@ ncu_colscore)
     /tmp/longattn kv bench --compare none --configs 32x8k > "$OUT/ncu_colscore.txt" 2>&1
   echo "ncu colscore rc=$?"
   grep -E "la_kv_colscore|Duration|Throughput|Pipe|Issue Slots|Executed Ipc|L2 Hit|Stall|Warp Cycles|Occupancy|Registers" "$OUT/ncu_colscore.txt" | head -50
+  ;;
+unswitch)
+  timeout 200 /tmp/longattn selftest --backend cuda --filter "kv scores" --jobs 8 > "$OUT/selftest_scores.txt" 2>&1
+  echo "selftest kv scores rc=$?"; grep -vE " pass " "$OUT/selftest_scores.txt" | tail -3
+  for it in 1 2; do
+    for u in 1 0; do
+      LONGATTN_CUDA_SCORE_UNSWITCH=$u timeout 200 /tmp/longattn kv bench --compare none --configs ${UNSWITCH_CONFIGS:-32x8k,1x128k} \
+        > "$OUT/kv_bench_unswitch${u}_$it.txt" 2>&1
+      echo "== kv bench (unswitch $u, $it) rc=$?"
+      grep -E "tokens,|accumulation|prefill forward" "$OUT/kv_bench_unswitch${u}_$it.txt" | cut -d'|' -f1-3 | cut -c1-110
+    done
+  done
   ;;
 memcheck)
   timeout 400 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --filter kv \

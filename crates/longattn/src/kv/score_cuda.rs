@@ -122,6 +122,13 @@ fn wg_pipe() -> usize {
     }
 }
 
+/// Whether `la_kv_colscore` tests the causal mask only in items that cross the diagonal
+/// (`LC_UNSWITCH`): yes unless `LONGATTN_CUDA_SCORE_UNSWITCH=0` (the former, per element in every
+/// item; A / B runs).
+fn wg_unswitch() -> bool {
+    std::env::var("LONGATTN_CUDA_SCORE_UNSWITCH").map_or(true, |v| v != "0")
+}
+
 /// Dynamic shared memory of `la_kv_colscore`: 1 KiB for alignment, the ring's Q tiles and l2
 /// rows, its mbarriers.
 fn wg_smem_bytes(d: usize) -> usize {
@@ -418,10 +425,12 @@ impl DevScores {
         defines.push(("LC_ST".into(), stages.to_string()));
         let pipe = wg_pipe();
         defines.push(("LC_PIPE".into(), pipe.to_string()));
+        let unswitch = wg_unswitch() as u8;
+        defines.push(("LC_UNSWITCH".into(), unswitch.to_string()));
         let smem = wg_smem_bytes(d);
         let wrappers = &*crate::cuda::wgmma::WRAPPERS;
         let main = self.dev.function_static(
-            &format!("{}_wg{br}x{stages}p{pipe}", self.variant),
+            &format!("{}_wg{br}x{stages}p{pipe}u{unswitch}", self.variant),
             "la_kv_colscore",
             || format!("{COMMON}\n{WGMMA}\n{wrappers}\n{TMA}\n{SCORE_WG}"),
             &defines,
@@ -1271,7 +1280,7 @@ mod tests {
 
     /// The Hopper fold compiles under NVRTC for sm_90a (no GPU needed, only `libnvrtc`;
     /// skipped, and said so, without it): D 64 / 128 / 256, bf16 / f16, with and without
-    /// soft-cap, two and four items per turn; ptxas keeps every wgmma asynchronous and spills
+    /// soft-cap, two and four items per turn, the mask's test unswitched or not; ptxas keeps every wgmma asynchronous and spills
     /// nothing. The offsets kernel
     /// compiles with the generic one (`scripts/nvrtc_check.py`).
     #[test]
@@ -1285,13 +1294,14 @@ mod tests {
         for d in [64usize, 128, 256] {
             let (br, st) = wg_tiles(d);
             assert!(wg_smem_bytes(d) <= 227 * 1024);
-            for (f16, cap, pipe) in [
-                (0, 0, 2),
-                (0, 1, 2),
-                (1, 0, 2),
-                (1, 1, 2),
-                (0, 0, 4),
-                (1, 1, 4),
+            for (f16, cap, pipe, unswitch) in [
+                (0, 0, 2, 1),
+                (0, 1, 2, 1),
+                (1, 0, 2, 1),
+                (1, 1, 2, 1),
+                (0, 0, 4, 1),
+                (1, 1, 4, 1),
+                (0, 0, 4, 0),
             ] {
                 let defines: Vec<(String, String)> = [
                     ("LA_F16", f16.to_string()),
@@ -1301,16 +1311,17 @@ mod tests {
                     ("LC_BR", br.to_string()),
                     ("LC_ST", st.to_string()),
                     ("LC_PIPE", pipe.to_string()),
+                    ("LC_UNSWITCH", unswitch.to_string()),
                 ]
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect();
-                let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}_p{pipe}");
+                let name = format!("test_kv_colscore_d{d}_f{f16}_c{cap}_p{pipe}u{unswitch}");
                 crate::cuda::compile::assert_ptxas_clean(&name, &src, &defines);
                 n += 1;
             }
         }
-        assert_eq!(n, 18);
+        assert_eq!(n, 21);
     }
 
     /// The device's reference reads entries by index with the chunk as every row's last Sq

@@ -25,12 +25,22 @@
 // Compile-time constants: LA_F16, LA_D (64, 128, 256), LA_PAGE, LA_SOFTCAP, LC_BR (128; 64 at
 // D 256), LC_ST (stages), LC_PIPE (items per turn of the consumers' loop: 2, or 4 where the
 // third and fourth products are issued as the first two are consumed, so that only the last
-// item of a turn has its exponentials formed with no product of its warpgroup running).
+// item of a turn has its exponentials formed with no product of its warpgroup running),
+// LC_UNSWITCH (1: the causal mask's test only in items that cross the diagonal; 0: in every
+// item, per element).
 
 #define LC_BC 128
 #ifndef LC_PIPE
 #define LC_PIPE 2
 #endif
+#ifndef LC_UNSWITCH
+#define LC_UNSWITCH 1
+#endif
+// A compile-time bool as a type (the masked / unmasked sums of an item).
+template <bool B>
+struct la_bool_c {
+    static constexpr bool value = B;
+};
 #define LC_THREADS 384
 #define LC_KS (LA_D / 16)
 // Register split after setmaxnreg (ptxas compiles the kernel within 168 a thread, the
@@ -175,22 +185,36 @@ extern "C" __global__ void __launch_bounds__(LC_THREADS, 1) la_kv_colscore(const
         // tile and the thread's first column).
         const bool mask = p.causal && k0 + c * 64 + 63 > off + q0;
         const int lim0 = ek[0] - off - q0 - 2 * t4, lim1 = lim0 + 8;
+        // The sums, with the per-element mask test only in items that cross the diagonal
+        // (LC_UNSWITCH: one branch per item, so the other items' loop is the exponential and
+        // the add alone; the loop is bound by issued instructions).
+        auto sums = [&](auto masked) {
 #pragma unroll
-        for (int jn = 0; jn < LC_BR / 8; jn++) {
-            const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
+            for (int jn = 0; jn < LC_BR / 8; jn++) {
+                const la_f2 l2 = la_lds2(cL + jn * 8 + 2 * t4);
 #pragma unroll
-            for (int e2 = 0; e2 < 4; e2++) {
-                const int x = 4 * jn + e2;
-                const float l = (e2 & 1) ? l2.y : l2.x;
+                for (int e2 = 0; e2 < 4; e2++) {
+                    const int x = 4 * jn + e2;
+                    const float l = (e2 & 1) ? l2.y : l2.x;
 #if LA_SOFTCAP
-                float pr = la_exp2(p.cap_mul * tanhf(s[x] * p.q_scale) - l);
+                    float pr = la_exp2(p.cap_mul * tanhf(s[x] * p.q_scale) - l);
 #else
-                float pr = la_exp2(fmaf(s[x], p.q_scale, -l));
+                    float pr = la_exp2(fmaf(s[x], p.q_scale, -l));
 #endif
-                if (mask && jn * 8 + (e2 & 1) < ((e2 & 2) ? lim1 : lim0)) pr = 0.f;
-                acc[e2] += pr;
+                    if (decltype(masked)::value && mask && jn * 8 + (e2 & 1) < ((e2 & 2) ? lim1 : lim0))
+                        pr = 0.f;
+                    acc[e2] += pr;
+                }
             }
-        }
+        };
+#if LC_UNSWITCH
+        if (mask)
+            sums(la_bool_c<true>{});
+        else
+            sums(la_bool_c<false>{});
+#else
+        sums(la_bool_c<true>{});   // the former: the test in every item's elements (A / B runs)
+#endif
         // Every read of the stage (the product, l2) is done: back to the producer. The warp
         // barrier orders the other lanes' l2 loads before lane 0's arrival.
         __syncwarp();
