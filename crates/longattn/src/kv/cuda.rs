@@ -873,41 +873,53 @@ pub fn selftest(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             1.0,
         ));
     }
-    // Rows past the select kernel's register path (REG_KEYS candidates): one whose keys fit the
-    // shared buffer (140000 entries, 8750 pages) and one read from global memory (270000: more
-    // candidates than SMEM_KEYS).
-    out.push(case(
-        "kv quest(0.2) Max bf16 4:1 d64 long rows (shared, global select)".into(),
-        check_quest(
-            dev,
-            DType::BF16,
-            &[140_000, 270_000],
-            (4, 1, 64),
-            0.2,
+    // Long rows, bf16 4:1 D 64, budget 0.2: past the select kernel's register path (REG_KEYS
+    // candidates), one whose keys fit the shared buffer (140000 entries, 8750 pages) and one
+    // read from global memory (270000: more candidates than SMEM_KEYS); on the register path
+    // (more than REG_MIN and at most REG_KEYS candidates: 2499 and 8191 pages) with random keys
+    // (spread scores), pages of 600 key levels (a few ties at the cut) and of 3 (thousands of
+    // ties at the cut).
+    let long = [
+        (
+            "long rows (shared, global select)",
+            [140_000, 270_000],
             Reduce::Max,
             77,
             None,
         ),
-        out_tolerance(DType::BF16),
-    ));
-    // Rows on the register path (more than REG_MIN and at most REG_KEYS candidates: 2499 and
-    // 8191 pages): random keys (spread scores), pages of 600 key levels (a few ties at the cut)
-    // and of 3 (thousands of ties at the cut).
-    for (levels, what) in [
-        (None, "random keys"),
-        (Some(600), "600 key levels"),
-        (Some(3), "3 key levels"),
-    ] {
+        (
+            "register rows, random keys",
+            [40_000, 131_072],
+            Reduce::Sum,
+            78,
+            None,
+        ),
+        (
+            "register rows, 600 key levels",
+            [40_000, 131_072],
+            Reduce::Sum,
+            78,
+            Some(600),
+        ),
+        (
+            "register rows, 3 key levels",
+            [40_000, 131_072],
+            Reduce::Sum,
+            78,
+            Some(3),
+        ),
+    ];
+    for (what, lens, reduce, seed, levels) in long {
         out.push(case(
-            format!("kv quest(0.2) Sum bf16 4:1 d64 register rows, {what}"),
+            format!("kv quest(0.2) {reduce:?} bf16 4:1 d64 {what}"),
             check_quest(
                 dev,
                 DType::BF16,
-                &[40_000, 131_072],
+                &lens,
                 (4, 1, 64),
                 0.2,
-                Reduce::Sum,
-                78,
+                reduce,
+                seed,
                 levels,
             ),
             out_tolerance(DType::BF16),
