@@ -1,11 +1,24 @@
-//! One safe wrapper over the `gemm` crate for the products the estimators and the press scores
-//! form on the host: C = A B^T with A `[m, k]` and B `[n, k]` row-major (rows of queries against
-//! rows of keys), C `[m, n]` row-major, single-threaded (the callers run on rayon already).
+//! One safe wrapper over the `gemm` crate for the host's products: C = A B^T with A `[m, k]` and
+//! B `[n, k]` row-major (rows of queries against rows of keys, activations against a weight
+//! matrix's rows), C `[m, n]` row-major.
 
-/// `c[i n + j] = sum_x a[i k + x] b[j k + x]` for i < m, j < n (C overwritten).
+/// `c[i n + j] = sum_x a[i k + x] b[j k + x]` for i < m, j < n (C overwritten), single-threaded
+/// (the estimators and the press scores run on rayon already).
 ///
 /// Panics when a slice is shorter than its shape (a caller's bug, not an input error).
-pub fn gemm_abt(c: &mut [f32], a: &[f32], b: &[f32], (m, n, k): (usize, usize, usize)) {
+pub fn gemm_abt(c: &mut [f32], a: &[f32], b: &[f32], shape: (usize, usize, usize)) {
+    gemm_abt_par(c, a, b, shape, gemm::Parallelism::None);
+}
+
+/// [`gemm_abt`] with the `gemm` crate's parallelism (the model's matmuls: threads of the
+/// current rayon pool).
+pub fn gemm_abt_par(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    par: gemm::Parallelism,
+) {
     assert!(
         c.len() >= m * n && a.len() >= m * k && b.len() >= n * k,
         "gemm_abt: slices shorter than [{m}, {n}] = [{m}, {k}] x [{n}, {k}]^T"
@@ -36,7 +49,7 @@ pub fn gemm_abt(c: &mut [f32], a: &[f32], b: &[f32], (m, n, k): (usize, usize, u
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         );
     }
 }

@@ -44,42 +44,13 @@ pub fn reset_matmul_stats() {
 pub fn matmul_t(x: &[f32], n: usize, w: &Mat, y: &mut [f32]) {
     let t0 = Instant::now();
     let (k, m) = (w.cols, w.rows);
-    assert!(
-        x.len() >= n * k && y.len() >= n * m,
-        "matmul_t: buffer sizes"
-    );
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && n * k * m >= 1 << 16 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: dst is n x m row-major (rs = m, cs = 1) inside `y`; lhs is x, n x k row-major inside
-    // `x`; rhs is W^T, k x m, read from W's row-major [m][k] storage (element (kk, j) at j*k + kk:
-    // rs = 1, cs = k). The asserts above bound every index; dst does not alias the inputs.
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            y.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.data.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    crate::cpu::gemm::gemm_abt_par(y, x, &w.data, (n, m, k), par);
     MATMUL_NANOS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     MATMUL_FLOPS.fetch_add(2 * (n * k * m) as u64, Ordering::Relaxed);
 }
