@@ -25,6 +25,8 @@
 #   bash scripts/gpu/kv_check.sh unswitch # H2O's accumulation with the mask's test only in
 #                                         # items on the diagonal (default) against every item
 #                                         # (LONGATTN_CUDA_SCORE_UNSWITCH=0): selftest, kv bench A / B
+#   bash scripts/gpu/kv_check.sh lazy     # the decode's lazy rescale (LONGATTN_CUDA_DECODE_LAZY=8)
+#                                         # against the exact running max: selftest, kv bench A / B
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -98,6 +100,27 @@ ab)
       --configs ${REG_CONFIGS:-32x8k,1x32k,1x64k,1x128k} > "$OUT/kv_bench_regmin$m.txt" 2>&1
     echo "== kv bench (LONGATTN_CUDA_QUEST_REG_MIN=$m) rc=$?"
     grep -E "tokens,|^\| quest\(0.2\) score" "$OUT/kv_bench_regmin$m.txt" | cut -d'|' -f1-3 | cut -c1-60
+  done
+  ;;
+lazy)
+  # The online softmax's lazy rescale (LONGATTN_CUDA_DECODE_LAZY=8) against the exact running
+  # max (=0): the decode selftest groups with 8, then kv bench (no peers) alternating,
+  # LAZY_RUNS times
+  export LONGATTN_CUDA_DECODE_LAZY=8
+  timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
+  echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -4
+  for f in ragged split long softcap contiguous; do
+    timeout 120 /tmp/longattn selftest --backend cuda --filter "$f" > "$OUT/selftest_dec_$f.txt" 2>&1
+    echo "selftest $f rc=$?"; grep -vE " pass " "$OUT/selftest_dec_$f.txt" | tail -2
+  done
+  unset LONGATTN_CUDA_DECODE_LAZY
+  for it in ${LAZY_RUNS:-1 2}; do
+    for z in 0 8; do
+      LONGATTN_CUDA_DECODE_LAZY=$z timeout 150 /tmp/longattn kv bench --compare none \
+        --configs ${LAZY_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_lazy${z}_$it.txt" 2>&1
+      echo "== kv bench (LONGATTN_CUDA_DECODE_LAZY=$z, $it) rc=$?"
+      grep -E "tokens,|^\| (full paged|decode \+|quest\(0.2\) score|evict|kivi)" "$OUT/kv_bench_lazy${z}_$it.txt" | cut -d'|' -f1-4 | cut -c1-110
+    done
   done
   ;;
 ncu)
