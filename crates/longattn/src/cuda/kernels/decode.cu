@@ -156,13 +156,20 @@ __device__ __forceinline__ void la_merge_row(const LaDecParams& p, int row, int 
     const int len = p.lens[trow] + (p.qlens ? p.qlens[trow] : 0);
     const int n = la_imin(p.num_splits, la_imax(1, (len + p.split_len - 1) / p.split_len));
     const float* lp = p.lse_part + (i64)row * p.num_splits;
+    // The partial LSEs are read once (one L2 round trip: lane l holds splits l, l + 32, ..).
+    constexpr int NL = (LA_MAX_SPLITS + 31) / 32;
+    float ls[NL];
+#pragma unroll
+    for (int k = 0; k < NL; k++) ls[k] = lane + 32 * k < n ? __ldcg(lp + lane + 32 * k) : -LA_INF;
     float mx = -LA_INF;
-    for (int i = lane; i < n; i += 32) mx = fmaxf(mx, __ldcg(lp + i));
+#pragma unroll
+    for (int k = 0; k < NL; k++) mx = fmaxf(mx, ls[k]);
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, off));
     const float base = mx == -LA_INF ? 0.f : mx;
     float sum = 0.f;
-    for (int i = lane; i < n; i += 32) sum += la_exp2((__ldcg(lp + i) - base) * LA_LOG2E);
+#pragma unroll
+    for (int k = 0; k < NL; k++) sum += la_exp2((ls[k] - base) * LA_LOG2E);
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(LA_FULL, sum, off);
     const float lse = sum > 0.f ? base + logf(sum) : -LA_INF;
@@ -170,7 +177,9 @@ __device__ __forceinline__ void la_merge_row(const LaDecParams& p, int row, int 
     // contiguous elements over the splits: every split's row is one coalesced load per warp and
     // the loop is unrolled so that several splits' loads are in flight (a loop over splits per
     // element waits on one L2 round trip per split and element).
-    for (int i = lane; i < n; i += 32) w[i] = sum > 0.f ? la_exp2((__ldcg(lp + i) - lse) * LA_LOG2E) : 0.f;
+#pragma unroll
+    for (int k = 0; k < NL; k++)
+        if (lane + 32 * k < n) w[lane + 32 * k] = sum > 0.f ? la_exp2((ls[k] - lse) * LA_LOG2E) : 0.f;
     __syncwarp();
     constexpr int PER = LA_D / 32;
     float acc[PER];
