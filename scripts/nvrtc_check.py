@@ -137,9 +137,11 @@ def main():
                     if (f16, d) != (0, 128):
                         folds = [folds[len(kv) % len(folds)]]
                     for kind, red in folds:
+                        # H2O's fold as a reduction at L2 (LONGATTN_CUDA_DECODE_FOLD_RED=1) on its sum
                         kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16,
                                                      LA_WARPS=4, LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1,
-                                                     LA_SCORE=1, LA_SCORE_KIND=kind, LA_SCORE_REDUCE=red), ""))
+                                                     LA_SCORE=1, LA_SCORE_KIND=kind, LA_SCORE_REDUCE=red,
+                                                     LA_SCORE_RED=int(kind == 0 and red == 1)), ""))
             # Press scores (kv/score_cuda.rs), with and without soft-cap.
             for cap in (0, 1):
                 kv.append(("kv_score.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LA_SOFTCAP=cap), ""))

@@ -1098,10 +1098,15 @@ impl DecodePlan {
             ("LA_PAGE_AHEAD".into(), (page_ahead as u8).to_string()),
             ("LA_LAZY".into(), lazy.to_string()),
         ];
+        // H2O's fold as a reduction at L2 (`LA_SCORE_RED`; tuning runs:
+        // `LONGATTN_CUDA_DECODE_FOLD_RED=1`).
+        let fold_red = scores.is_some_and(|f| f.kind == 0)
+            && std::env::var("LONGATTN_CUDA_DECODE_FOLD_RED").as_deref() == Ok("1");
         if let Some(f) = scores {
             defines.push(("LA_SCORE".into(), "1".into()));
             defines.push(("LA_SCORE_KIND".into(), f.kind.to_string()));
             defines.push(("LA_SCORE_REDUCE".into(), f.reduce.to_string()));
+            defines.push(("LA_SCORE_RED".into(), (fold_red as u8).to_string()));
         }
         let mut variant = format!(
             "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}_z{lazy}{}{}",
@@ -1109,7 +1114,8 @@ impl DecodePlan {
             if softcap { "_cap" } else { "" },
             if mma {
                 let score = scores.map_or(String::new(), |f| {
-                    format!("_score_k{}_r{}", f.kind, f.reduce)
+                    let red = if fold_red { "_red" } else { "" };
+                    format!("_score_k{}_r{}{red}", f.kind, f.reduce)
                 });
                 let ahead = if page_ahead { "_ahead" } else { "" };
                 format!("_mma_pf{l2pf}{ahead}{score}")

@@ -76,6 +76,17 @@ struct LaDecParams {
 #ifndef LA_SCORE
 #define LA_SCORE 0
 #endif
+// LA_SCORE_RED (H2O; `LONGATTN_CUDA_DECODE_FOLD_RED=1`): the fold adds c to score[j] with a
+// reduction at L2 (red.global.add.f32, one request a tile's 16 keys) instead of copying the old
+// scores in with the tile and storing old + c (two). Each key has one writer, so the sum is the
+// same f32 old + c, except that the reduction flushes subnormals to zero: sums and maxima of the
+// group's 2^x (ex2.approx: 0 or normal) never are, the mean's c = v / G can be (an error below
+// 2^-126).
+#ifndef LA_SCORE_RED
+#define LA_SCORE_RED 0
+#endif
+// The fold reads the old scores (H2O without LA_SCORE_RED, A2SF; TOVA overwrites them).
+#define LA_SCORE_READS (LA_SCORE && (LA_SCORE_KIND == 1 || (LA_SCORE_KIND == 0 && !LA_SCORE_RED)))
 // The fold's kind and group reduction are compile-time constants of an LA_SCORE variant: no
 // run-time branch or select on them in the tile loop.
 #if LA_SCORE && (!defined(LA_SCORE_KIND) || !defined(LA_SCORE_REDUCE))
@@ -588,7 +599,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 
     extern __shared__ u16 lm_ring[];
     u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
-#if LA_SCORE && LA_SCORE_KIND != 2
+#if LA_SCORE_READS
     // The scores of each ring stage's 16 keys, copied with its K / V (the fold's read of them
     // never waits on memory): lane r < 4 (lane < 16) copies the score of the key it folds,
     // srow[js] (rows of score_cap floats, a multiple of 16: inside the row), into the padding
@@ -634,7 +645,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 lm_cp16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
                 lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
-#if LA_SCORE && LA_SCORE_KIND != 2
+#if LA_SCORE_READS
             if (fold && lane < 16) lm_cp4(kd + sc_slot, srow + js);
 #endif
         }
@@ -720,7 +731,9 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 // c = v / G for the mean (v (1 / G), rounded), then H2O old + c, A2SF
                 // fma(f, old, c), TOVA c: explicit roundings, no contraction across them.
                 const float c = LA_SCORE_REDUCE == 2 ? __fmul_rn(v, 1.f / LA_G) : v;
-#if LA_SCORE_KIND == 0
+#if LA_SCORE_KIND == 0 && LA_SCORE_RED
+                atomicAdd(srow + jt, c);   // red.global.add.f32 at L2: old + c, rounded once
+#elif LA_SCORE_KIND == 0
                 srow[jt] = __fadd_rn(*(const float*)(kt + sc_slot), c);
 #elif LA_SCORE_KIND == 1
                 srow[jt] = __fmaf_rn(p.score_f, *(const float*)(kt + sc_slot), c);
