@@ -122,7 +122,7 @@ lazy)
       env $v timeout 150 /tmp/longattn kv bench --compare none \
         --configs ${LAZY_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_${tag}_$it.txt" 2>&1
       echo "== kv bench ($v, $it) rc=$?"
-      grep -E "tokens,|^\| (full paged|decode \+|quest\(0.2\) score|evict|kivi)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f1-4 | cut -c1-110
+      grep -E "tokens,|host-bound|^\| (full paged|decode \+|quest\(0.2\) score|evict|kivi)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f1-4 | cut -c1-110
     done
   done
   ;;

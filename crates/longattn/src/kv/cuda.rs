@@ -1067,16 +1067,30 @@ fn time_calls(
             .map_err(drv("record event"))
     };
     let mut t = Vec::with_capacity(samples);
+    let mut host = Vec::with_capacity(samples);
     for _ in 0..samples.max(1) {
         let e0 = ev()?;
+        let h0 = std::time::Instant::now();
         for _ in 0..reps.max(1) {
             f()?;
         }
+        host.push(h0.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64);
         let e1 = ev()?;
         t.push(e0.elapsed_ms(&e1).map_err(drv("event time"))? as f64 / reps.max(1) as f64);
     }
     t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    host.sort_by(f64::total_cmp);
+    let (ms, host_ms) = (t[t.len() / 2], host[host.len() / 2]);
+    // The events time the device's stream; if the host takes about as long to enqueue a call,
+    // the device waited on it and the row times the host, not the kernels.
+    if host_ms > 0.8 * ms {
+        eprintln!(
+            "kv bench: the host took {:.1} us to enqueue a call the device ran in {:.1} us: this row may be host-bound",
+            host_ms * 1e3,
+            ms * 1e3
+        );
+    }
+    Ok(ms)
 }
 
 /// Decode of one layer at `cfg` (the 128k problem by default), every cache filled on the
