@@ -121,10 +121,6 @@ def main():
                 kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                              LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
                                              LA_LAZY=8 * mma), ""))
-                if mma:  # whole rows by bulk copies (LONGATTN_CUDA_DECODE_BULK=1; tma.cuh first)
-                    kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
-                                                 LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
-                                                 LA_LAZY=8, LA_BULK=1), read("tma.cuh")))
                 if mma and page:  # the page read one copy ahead (LONGATTN_CUDA_DECODE_PAGE_AHEAD=1)
                     kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                                  LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,

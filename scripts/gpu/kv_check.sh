@@ -27,8 +27,7 @@
 #                                         # (LONGATTN_CUDA_SCORE_UNSWITCH=0): selftest, kv bench A / B
 #   bash scripts/gpu/kv_check.sh lazy     # the decode's lazy rescale (LONGATTN_CUDA_DECODE_LAZY=8)
 #                                         # against the exact running max, H2O's fold as a
-#                                         # reduction (..._FOLD_RED=1), rows by bulk copies
-#                                         # (..._BULK=1): selftest, kv bench in turn
+#                                         # reduction (..._FOLD_RED=1): selftest, kv bench A / B / C
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -106,29 +105,24 @@ ab)
   ;;
 lazy)
   # The online softmax's lazy rescale (LONGATTN_CUDA_DECODE_LAZY=8) against the exact running
-  # max (=0), H2O's fold as a reduction at L2 (LONGATTN_CUDA_DECODE_FOLD_RED=1) and whole rows by
-  # bulk copies (LONGATTN_CUDA_DECODE_BULK=1): the selftest groups with them (bulk first on the
-  # ragged group: a wrong byte count would hang there, and the bulk rows are then left out), then
-  # kv bench (no peers) in turn, LAZY_RUNS times
-  P=LONGATTN_CUDA_DECODE_
-  env ${P}LAZY=8 ${P}BULK=1 timeout 90 /tmp/longattn selftest --backend cuda --filter ragged > "$OUT/selftest_bulk_ragged.txt" 2>&1
-  rc=$?; echo "selftest ragged (lazy 8, bulk) rc=$rc"; grep -vE " pass " "$OUT/selftest_bulk_ragged.txt" | tail -3
-  bulk=1; [ $rc -ne 0 ] && bulk=0
-  env ${P}LAZY=8 ${P}FOLD_RED=1 ${P}BULK=$bulk timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
-  echo "selftest kv (lazy 8, fold red, bulk $bulk) rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -4
-  for f in split long softcap contiguous; do
-    env ${P}LAZY=8 ${P}BULK=$bulk timeout 90 /tmp/longattn selftest --backend cuda --filter "$f" > "$OUT/selftest_dec_$f.txt" 2>&1
-    echo "selftest $f (lazy 8, bulk $bulk) rc=$?"; grep -vE " pass " "$OUT/selftest_dec_$f.txt" | tail -2
+  # max (=0), and H2O's fold as a reduction at L2 (LONGATTN_CUDA_DECODE_FOLD_RED=1): the decode
+  # selftest groups and kv scores with both, then kv bench (no peers) in turn, LAZY_RUNS times
+  export LONGATTN_CUDA_DECODE_LAZY=8 LONGATTN_CUDA_DECODE_FOLD_RED=1
+  timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
+  echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -4
+  for f in ragged split long softcap contiguous; do
+    timeout 120 /tmp/longattn selftest --backend cuda --filter "$f" > "$OUT/selftest_dec_$f.txt" 2>&1
+    echo "selftest $f rc=$?"; grep -vE " pass " "$OUT/selftest_dec_$f.txt" | tail -2
   done
-  vs=("${P}LAZY=0" "${P}LAZY=8" "${P}LAZY=8 ${P}FOLD_RED=1")
-  [ $bulk = 1 ] && vs+=("${P}LAZY=8 ${P}BULK=1")
+  unset LONGATTN_CUDA_DECODE_LAZY LONGATTN_CUDA_DECODE_FOLD_RED
   for it in ${LAZY_RUNS:-1 2}; do
-    for v in "${vs[@]}"; do
-      tag=$(echo "$v" | sed "s/$P//g" | tr -c 'A-Za-z0-9\n' _)
+    for v in "LONGATTN_CUDA_DECODE_LAZY=0" "LONGATTN_CUDA_DECODE_LAZY=8" \
+             "LONGATTN_CUDA_DECODE_LAZY=8 LONGATTN_CUDA_DECODE_FOLD_RED=1"; do
+      tag=$(echo "$v" | sed 's/LONGATTN_CUDA_DECODE_//g' | tr -c 'A-Za-z0-9\n' _)
       env $v timeout 150 /tmp/longattn kv bench --compare none \
         --configs ${LAZY_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_${tag}_$it.txt" 2>&1
-      rc=$?; echo "== kv bench ($(echo "$v" | sed "s/$P//g"), $it) rc=$rc"
-      grep -E "tokens,|host-bound|^\| (full paged|decode \+|quest\(0.2\) score|evict|kivi)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f1-4 | cut -c1-100
+      echo "== kv bench ($v, $it) rc=$?"
+      grep -E "tokens,|host-bound|^\| (full paged|decode \+|quest\(0.2\) score|evict|kivi)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f1-4 | cut -c1-110
     done
   done
   ;;

@@ -1070,11 +1070,6 @@ impl DecodePlan {
         let page_ahead = mma
             && page > 0
             && std::env::var("LONGATTN_CUDA_DECODE_PAGE_AHEAD").as_deref() == Ok("1");
-        // Each lane copies whole K / V rows with bulk copies (opt-in, tensor-core kernel over full
-        // precision pages: `LONGATTN_CUDA_DECODE_BULK=1`, `LA_BULK` in decode.cu).
-        let bulk = mma
-            && quant.is_none()
-            && std::env::var("LONGATTN_CUDA_DECODE_BULK").as_deref() == Ok("1");
         // The online softmax's lazy rescale (log2 units; `LA_LAZY` in decode.cu, tensor-core and
         // KIVI kernels): the running max moves only past m + lazy. Tuning runs:
         // `LONGATTN_CUDA_DECODE_LAZY=0..16` (0: the exact running max).
@@ -1102,7 +1097,6 @@ impl DecodePlan {
             ("LA_L2PF".into(), l2pf.to_string()),
             ("LA_PAGE_AHEAD".into(), (page_ahead as u8).to_string()),
             ("LA_LAZY".into(), lazy.to_string()),
-            ("LA_BULK".into(), (bulk as u8).to_string()),
         ];
         // H2O's fold as a reduction at L2 (`LA_SCORE_RED`; tuning runs:
         // `LONGATTN_CUDA_DECODE_FOLD_RED=1`).
@@ -1124,8 +1118,7 @@ impl DecodePlan {
                     format!("_score_k{}_r{}{red}", f.kind, f.reduce)
                 });
                 let ahead = if page_ahead { "_ahead" } else { "" };
-                let bulk = if bulk { "_bulk" } else { "" };
-                format!("_mma_pf{l2pf}{ahead}{bulk}{score}")
+                format!("_mma_pf{l2pf}{ahead}{score}")
             } else {
                 String::new()
             }
@@ -1139,8 +1132,7 @@ impl DecodePlan {
                 dev.function(&variant, "la_decode_kivi", &src, &defines, smem)?
             }
             None => {
-                let tma = if bulk { super::forward::TMA } else { "" };
-                let src = format!("{COMMON}\n{tma}\n{DECODE}");
+                let src = format!("{COMMON}\n{DECODE}");
                 dev.function(&variant, "la_decode", &src, &defines, smem)?
             }
         };

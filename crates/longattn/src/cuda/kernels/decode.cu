@@ -530,13 +530,6 @@ __device__ __forceinline__ void lm_cp16(void* dst, const void* src, int bytes) {
 #ifndef LA_PAGE_AHEAD
 #define LA_PAGE_AHEAD 0
 #endif
-// LA_BULK (1, opt-in: `LONGATTN_CUDA_DECODE_BULK=1`; needs tma.cuh before this file): each lane
-// copies one whole K or V row of a tile with one bulk copy (the TMA unit, completion counted in
-// bytes on a barrier per ring stage) instead of 2 D / 16 sixteen-byte cp.async of pieces of rows:
-// 1 copy instruction a lane and tile instead of D / 8, and no per-copy L1 / LSU traffic.
-#ifndef LA_BULK
-#define LA_BULK 0
-#endif
 // 4-byte global -> shared copy (cp.async, through L1).
 __device__ __forceinline__ void lm_cp4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(la_smem_addr(dst)), "l"(src));
@@ -606,16 +599,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 
     extern __shared__ u16 lm_ring[];
     u16* ring = lm_ring + (i64)warp * LA_NS * 2 * LM_TILE;
-#if LA_BULK
-    // One barrier per ring stage of this warp: one arrival (lane 0's expect_tx) and the bytes of
-    // the tile's rows.
-    __shared__ u64 lm_bar[LA_WARPS][LA_NS];
-    if (lane == 0) {
-        for (int st = 0; st < LA_NS; st++) la_mbar_init(&lm_bar[warp][st], 1);
-        la_mbar_fence_init();
-    }
-    __syncwarp();
-#endif
 #if LA_SCORE_READS
     // The scores of each ring stage's 16 keys, copied with its K / V (the fold's read of them
     // never waits on memory): lane r < 4 (lane < 16) copies the score of the key it folds,
@@ -633,30 +616,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
     auto issue = [&](int k, int st) {
         if (k < ntiles) {
             const int js = j0 + 16 * k;
-            u16* kd = ring + st * 2 * LM_TILE;
-#if LA_BULK
-            // Lane L copies row L % 16 of the K tile (L < 16) or of the V tile: one bulk copy of
-            // its 2 D bytes, on the stage's barrier, after lane 0 announced the tile's bytes. A
-            // row past j1 is zeroed instead (its key is masked, P = 0, and 0 x V must stay 0).
-            {
-                const int row = lane & 15, j = js + row;
-                if (lane == 0) la_mbar_expect(&lm_bar[warp][st], (u32)(la_imin(16, j1 - js) * 4 * LA_D));
-                __syncwarp();
-                u16* dst = kd + (lane >> 4) * LM_TILE + row * LM_LDS;
-                if (j < j1) {
-#if LA_PAGE
-                    const int page = tab[j / LA_PAGE];
-#else
-                    const int page = 0;
-#endif
-                    const i64 off = la_row(p, page, b, j, kh, 0);
-                    la_bulk_load(dst, (lane < 16 ? p.k : p.v) + off, 2 * LA_D, &lm_bar[warp][st]);
-                } else {
-#pragma unroll
-                    for (int c = 0; c < LA_D / 8; c++) *(la_v4*)(dst + 8 * c) = la_v4{0u, 0u, 0u, 0u};
-                }
-            }
-#else
 #if LA_PAGE
             // Splits of a multiple of 16 keys: the tile lies in one page (one table read); a
             // forced split length that is not (a caller's split_len) reads each row's page.
@@ -671,6 +630,7 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
             const int page0 = one_page ? tab[js / LA_PAGE] : 0;
 #endif
 #endif
+            u16* kd = ring + st * 2 * LM_TILE;
 #pragma unroll
             for (int i = 0; i < LA_D / 16; i++) {
                 const int c = lane + 32 * i, row = c / (LA_D / 8), col = c % (LA_D / 8);
@@ -685,7 +645,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
                 lm_cp16(kd + row * LM_LDS + col * 8, p.k + off, in ? 16 : 0);
                 lm_cp16(kd + LM_TILE + row * LM_LDS + col * 8, p.v + off, in ? 16 : 0);
             }
-#endif  // LA_BULK
 #if LA_SCORE_READS
             if (fold && lane < 16) lm_cp4(kd + sc_slot, srow + js);
 #endif
@@ -695,15 +654,9 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
 #pragma unroll
     for (int st = 0; st < LA_NS - 1; st++) issue(warp + st * LA_WARPS, st);
     int cur = 0;
-    for (int k = warp, use = 0; k < ntiles; k += LA_WARPS, use++) {
+    for (int k = warp; k < ntiles; k += LA_WARPS) {
         issue(k + (LA_NS - 1) * LA_WARPS, (cur + LA_NS - 1) % LA_NS);
         la_cp_wait<LA_NS - 1>();
-#if LA_BULK
-        // This warp's tile number `use` is the (use / LA_NS)-th fill of stage cur: that phase.
-        la_mbar_wait(&lm_bar[warp][cur], (u32)(use / LA_NS) & 1u);
-#else
-        (void)use;
-#endif
         __syncwarp();
         const u16* kt = ring + cur * 2 * LM_TILE;
         const u16* vt = kt + LM_TILE;
