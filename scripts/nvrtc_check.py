@@ -117,10 +117,8 @@ def main():
                                         (8, 0, 4, 2, 1), (1, 64, 4, 4, 1)):
                 if mma and d > 128:
                     continue
-                # the tensor-core kernel with the host's lazy rescale (LA_LAZY, cuda/decode.rs)
                 kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
-                                             LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
-                                             LA_LAZY=8 * mma), ""))
+                                             LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma), ""))
                 if mma and page:  # the page read one copy ahead (LONGATTN_CUDA_DECODE_PAGE_AHEAD=1)
                     kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=page, LA_SOFTCAP=f16,
                                                  LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
@@ -137,11 +135,12 @@ def main():
                     if (f16, d) != (0, 128):
                         folds = [folds[len(kv) % len(folds)]]
                     for kind, red in folds:
-                        # H2O's fold as a reduction at L2 (LONGATTN_CUDA_DECODE_FOLD_RED=1) on its sum
+                        # H2O's fold as a reduction at L2 (the default), the copy of the old scores
+                        # (LONGATTN_CUDA_DECODE_FOLD_RED=0) on the group's sum
                         kv.append(("decode.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16,
                                                      LA_WARPS=4, LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1,
                                                      LA_SCORE=1, LA_SCORE_KIND=kind, LA_SCORE_REDUCE=red,
-                                                     LA_SCORE_RED=int(kind == 0 and red == 1)), ""))
+                                                     LA_SCORE_RED=int(kind == 0 and red != 1)), ""))
             # Press scores (kv/score_cuda.rs), with and without soft-cap.
             for cap in (0, 1):
                 kv.append(("kv_score.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LA_SOFTCAP=cap), ""))
@@ -152,7 +151,7 @@ def main():
                              (256, 2, 64, 1)):
             kv.append(("kv_kivi.cu", dict(LA_F16=f16, LA_D=d, LA_G=g, LA_PAGE=16, LA_SOFTCAP=f16, LA_WARPS=4,
                                           LA_U=4, LA_MERGE_ONLY=0, LA_NS=3, LA_MMA=1, LA_KIVI=1, LA_QB=qb,
-                                          LA_QG=qg, KQ_MINB=2 if d > 128 else 3, LA_LAZY=8), read("decode.cu")))
+                                          LA_QG=qg, KQ_MINB=2 if d > 128 else 3), read("decode.cu")))
     for f, defs, extra in kv:
         tag = f"{f} " + " ".join(f"{x}={y}" for x, y in defs.items())
         check_variant(f, read("common.cuh") + "\n" + extra + "\n" + read(f), tag, defs)

@@ -25,9 +25,9 @@
 #   bash scripts/gpu/kv_check.sh unswitch # H2O's accumulation with the mask's test only in
 #                                         # items on the diagonal (default) against every item
 #                                         # (LONGATTN_CUDA_SCORE_UNSWITCH=0): selftest, kv bench A / B
-#   bash scripts/gpu/kv_check.sh lazy     # the decode's lazy rescale (LONGATTN_CUDA_DECODE_LAZY=8)
-#                                         # against the exact running max, H2O's fold as a
-#                                         # reduction (..._FOLD_RED=1): selftest, kv bench A / B / C
+#   bash scripts/gpu/kv_check.sh fold     # H2O's fold in the decode as a reduction at L2 (default)
+#                                         # against the copy of the old scores
+#                                         # (LONGATTN_CUDA_DECODE_FOLD_RED=0): selftest, kv bench
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -103,26 +103,18 @@ ab)
     grep -E "tokens,|^\| quest\(0.2\) score" "$OUT/kv_bench_regmin$m.txt" | cut -d'|' -f1-3 | cut -c1-60
   done
   ;;
-lazy)
-  # The online softmax's lazy rescale (LONGATTN_CUDA_DECODE_LAZY=8) against the exact running
-  # max (=0), and H2O's fold as a reduction at L2 (LONGATTN_CUDA_DECODE_FOLD_RED=1): the decode
-  # selftest groups and kv scores with both, then kv bench (no peers) in turn, LAZY_RUNS times
-  export LONGATTN_CUDA_DECODE_LAZY=8 LONGATTN_CUDA_DECODE_FOLD_RED=1
+fold)
+  # H2O's fold inside the decode as a reduction at L2 (the default) against the copy of the old
+  # scores with the tile (LONGATTN_CUDA_DECODE_FOLD_RED=0): the kv selftest group, then kv bench
+  # (no peers) in turn, FOLD_RUNS times
   timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
   echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -4
-  for f in ragged split long softcap contiguous; do
-    timeout 120 /tmp/longattn selftest --backend cuda --filter "$f" > "$OUT/selftest_dec_$f.txt" 2>&1
-    echo "selftest $f rc=$?"; grep -vE " pass " "$OUT/selftest_dec_$f.txt" | tail -2
-  done
-  unset LONGATTN_CUDA_DECODE_LAZY LONGATTN_CUDA_DECODE_FOLD_RED
-  for it in ${LAZY_RUNS:-1 2}; do
-    for v in "LONGATTN_CUDA_DECODE_LAZY=0" "LONGATTN_CUDA_DECODE_LAZY=8" \
-             "LONGATTN_CUDA_DECODE_LAZY=8 LONGATTN_CUDA_DECODE_FOLD_RED=1"; do
-      tag=$(echo "$v" | sed 's/LONGATTN_CUDA_DECODE_//g' | tr -c 'A-Za-z0-9\n' _)
-      env $v timeout 150 /tmp/longattn kv bench --compare none \
-        --configs ${LAZY_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_${tag}_$it.txt" 2>&1
-      echo "== kv bench ($v, $it) rc=$?"
-      grep -E "tokens,|host-bound|^\| (full paged|decode \+|quest\(0.2\) score|evict|kivi)" "$OUT/kv_bench_${tag}_$it.txt" | cut -d'|' -f1-4 | cut -c1-110
+  for it in ${FOLD_RUNS:-1 2}; do
+    for r in 1 0; do
+      LONGATTN_CUDA_DECODE_FOLD_RED=$r timeout 150 /tmp/longattn kv bench --compare none \
+        --configs ${FOLD_CONFIGS:-32x8k,1x128k} > "$OUT/kv_bench_red${r}_$it.txt" 2>&1
+      echo "== kv bench (LONGATTN_CUDA_DECODE_FOLD_RED=$r, $it) rc=$?"
+      grep -E "tokens,|host-bound|^\| (full paged|full per-head|decode \+)" "$OUT/kv_bench_red${r}_$it.txt" | cut -d'|' -f1-3 | cut -c1-80
     done
   done
   ;;

@@ -38,10 +38,6 @@ const OP: &str = "cuda decode";
 
 /// Warps per decode block.
 const WARPS: usize = 4;
-/// The online softmax's lazy rescale threshold in log2 units (`LA_LAZY` in decode.cu): a tile
-/// moves the running max only past m + LAZY, so most tiles skip O's rescale. 0 = the exact
-/// running max (the default until the threshold is measured on a GPU).
-const LAZY: u32 = 0;
 /// Merge kernel: rows (warps) per block (`LA_MERGE_ROWS` in decode.cu).
 const MERGE_ROWS: usize = 4;
 
@@ -1070,14 +1066,6 @@ impl DecodePlan {
         let page_ahead = mma
             && page > 0
             && std::env::var("LONGATTN_CUDA_DECODE_PAGE_AHEAD").as_deref() == Ok("1");
-        // The online softmax's lazy rescale (log2 units; `LA_LAZY` in decode.cu, tensor-core and
-        // KIVI kernels): the running max moves only past m + lazy. Tuning runs:
-        // `LONGATTN_CUDA_DECODE_LAZY=0..16` (0: the exact running max).
-        let lazy = std::env::var("LONGATTN_CUDA_DECODE_LAZY")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|v| *v <= 16)
-            .unwrap_or(LAZY);
         let smem = if mma {
             warps * ns * stage
         } else {
@@ -1096,12 +1084,13 @@ impl DecodePlan {
             ("LA_MMA".into(), (mma as u8).to_string()),
             ("LA_L2PF".into(), l2pf.to_string()),
             ("LA_PAGE_AHEAD".into(), (page_ahead as u8).to_string()),
-            ("LA_LAZY".into(), lazy.to_string()),
         ];
-        // H2O's fold as a reduction at L2 (`LA_SCORE_RED`; tuning runs:
-        // `LONGATTN_CUDA_DECODE_FOLD_RED=1`).
+        // H2O's fold as a reduction at L2 (`LA_SCORE_RED`; `LONGATTN_CUDA_DECODE_FOLD_RED=0`
+        // copies the old scores in with the tile instead, the former kernel). H100, two runs
+        // each, decode + fold against the decode of the same per-head cache: +1.9% / +3.5% at
+        // 1 x 128k (copy: +7.0% / +6.5%), +4.3% / +3.4% at 32 x 8k (+5.0% / +5.9%) (PERF.md).
         let fold_red = scores.is_some_and(|f| f.kind == 0)
-            && std::env::var("LONGATTN_CUDA_DECODE_FOLD_RED").as_deref() == Ok("1");
+            && std::env::var("LONGATTN_CUDA_DECODE_FOLD_RED").as_deref() != Ok("0");
         if let Some(f) = scores {
             defines.push(("LA_SCORE".into(), "1".into()));
             defines.push(("LA_SCORE_KIND".into(), f.kind.to_string()));
@@ -1109,7 +1098,7 @@ impl DecodePlan {
             defines.push(("LA_SCORE_RED".into(), (fold_red as u8).to_string()));
         }
         let mut variant = format!(
-            "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}_z{lazy}{}{}",
+            "decode_{}_d{d}_g{g}_p{page}_u{u}_s{ns}_w{warps}{}{}",
             dtype.name(),
             if softcap { "_cap" } else { "" },
             if mma {

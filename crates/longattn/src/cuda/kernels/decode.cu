@@ -76,12 +76,12 @@ struct LaDecParams {
 #ifndef LA_SCORE
 #define LA_SCORE 0
 #endif
-// LA_SCORE_RED (H2O; `LONGATTN_CUDA_DECODE_FOLD_RED=1`): the fold adds c to score[j] with a
-// reduction at L2 (red.global.add.f32, one request a tile's 16 keys) instead of copying the old
-// scores in with the tile and storing old + c (two). Each key has one writer, so the sum is the
-// same f32 old + c, except that the reduction flushes subnormals to zero: sums and maxima of the
-// group's 2^x (ex2.approx: 0 or normal) never are, the mean's c = v / G can be (an error below
-// 2^-126).
+// LA_SCORE_RED (H2O; the host's default, `LONGATTN_CUDA_DECODE_FOLD_RED=0` for the copy): the
+// fold adds c to score[j] with a reduction at L2 (red.global.add.f32, one request a tile's 16
+// keys) instead of copying the old scores in with the tile and storing old + c (two). Each key
+// has one writer, so the sum is the same f32 old + c, except that the reduction flushes
+// subnormals to zero: sums and maxima of the group's 2^x (ex2.approx: 0 or normal) never are, the
+// mean's c = v / G can be (an error below 2^-126).
 #ifndef LA_SCORE_RED
 #define LA_SCORE_RED 0
 #endif
@@ -91,16 +91,6 @@ struct LaDecParams {
 // run-time branch or select on them in the tile loop.
 #if LA_SCORE && (!defined(LA_SCORE_KIND) || !defined(LA_SCORE_REDUCE))
 #error "LA_SCORE needs LA_SCORE_KIND (0 H2O, 1 A2SF, 2 TOVA) and LA_SCORE_REDUCE (0 max, 1 sum, 2 mean)"
-#endif
-
-// LA_LAZY (log2 units, >= 0; `LONGATTN_CUDA_DECODE_LAZY`): the online softmax's running max m
-// moves only when a tile's max exceeds it by more than LA_LAZY, so P = 2^(x - m) <= 2^LA_LAZY
-// against a stale m. The result is the same softmax (m cancels in O / l and lse = m + log2 l),
-// and a tile that leaves m in place has alpha = 2^0 = 1 exactly and skips the D / 4 multiplies
-// of O's rescale (FlashAttention-4's conditional rescale). 0: m is the exact running max (a
-// rescale only when it grows, otherwise the same arithmetic as an unconditional one).
-#ifndef LA_LAZY
-#define LA_LAZY 0
 #endif
 
 #define LA_LPT (LA_D / 8)             // lanes per token
@@ -698,9 +688,6 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         }
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 2));
-        // Lazy rescale: the running max moves only past m + LA_LAZY (mx >= m here), so
-        // most tiles keep alpha = 1 and skip O's rescale (see LA_LAZY above).
-        mx = mx > m + LA_LAZY ? mx : m;
 #if LA_SCORE
         {
             // P_prev of head h0 + r on this lane's keys (rows 8 + r of S), reduced over the
@@ -744,18 +731,16 @@ extern "C" __global__ void __launch_bounds__(LA_WARPS * 32) la_decode(const LaDe
         }
 #endif
         const float base = mx == -LA_INF ? 0.f : mx;
-        const float alpha = la_exp2(m - base);   // exactly 1 where m stays
+        const float alpha = la_exp2(m - base);
         m = mx;
         float pe[4];
 #pragma unroll
         for (int e = 0; e < 4; e++) pe[e] = la_exp2(x[e] - base);
         l = l * alpha + (pe[0] + pe[1]) + (pe[2] + pe[3]);
-        if (__any_sync(LA_FULL, alpha != 1.f)) {
 #pragma unroll
-            for (int n = 0; n < LA_D / 8; n++) {
-                o[n][0] *= alpha;
-                o[n][1] *= alpha;
-            }
+        for (int n = 0; n < LA_D / 8; n++) {
+            o[n][0] *= alpha;
+            o[n][1] *= alpha;
         }
         // O += P V: A = P (row r; keys 0..7 | 8..15), B fragments of V by ldmatrix.trans.
         const u32 pa[4] = {la_pack2(pe[0], pe[1]), 0u, la_pack2(pe[2], pe[3]), 0u};

@@ -297,7 +297,6 @@ __device__ __forceinline__ void kq_softmax(const float (&x)[T][4], float (&m)[2]
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 4));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(LA_FULL, mx, 16));
-        mx = mx > m[c] + LA_LAZY ? mx : m[c];   // lazy rescale (decode.cu's LA_LAZY)
         const float base = mx == -LA_INF ? 0.f : mx;
         alpha[c] = la_exp2(m[c] - base);
         m[c] = mx;
