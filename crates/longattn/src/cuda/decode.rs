@@ -22,7 +22,7 @@ use super::{drv, CudaDevice};
 use crate::attention::AttnOutput;
 use crate::error::{Error, Result};
 use crate::kv::decode::{
-    decode_reference, heads_per_block, plan_splits, random_appends, random_cache, split_plan_for,
+    decode_reference, heads_per_block, plan_splits, plan_splits_ragged, random_appends, random_cache, split_plan_for,
     validate, BlockTables, DecodeParams, PageTables, PagedCache, PagedKv, SplitPlan,
 };
 use crate::kv::score::{Reduce, ScoreKind};
@@ -47,15 +47,6 @@ pub const HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
 
 fn param(msg: String) -> Error {
     Error::Param { op: OP, msg }
-}
-
-/// Rows' worth of keys at `max_len` each that rows of lengths `lens` really hold (for the split
-/// plan of a ragged cache); None without keys.
-fn work_rows(lens: &[usize], max_len: usize) -> Option<usize> {
-    (max_len > 0).then(|| {
-        let total: usize = lens.iter().map(|&l| l.min(max_len)).sum();
-        total.div_ceil(max_len).max(1)
-    })
 }
 
 /// Whether the tensor-core decode kernel (`LA_MMA`) takes head dim `d`: D <= 128, unless
@@ -822,14 +813,11 @@ pub struct DecodePlan {
     _tickets: CudaSlice<i32>,
 }
 
-/// The work a ragged per-head cache holds, for the split plan: its rows' total keys (rows shorter
-/// than the longest leave their last splits empty, so count the work, not the grid).
-fn cache_work_rows(cache: &DevPagedCache, max_len: usize) -> Option<usize> {
-    cache
-        .layout
-        .head_tables()
-        .then(|| work_rows(&cache.lens(), max_len))
-        .flatten()
+/// The rows' lengths of a ragged per-head cache, for the split plan
+/// ([`crate::kv::decode::plan_splits_ragged`]: rows shorter than the longest launch fewer
+/// blocks, so count the blocks, not the grid); None for one table per sequence.
+fn cache_row_lens(cache: &DevPagedCache) -> Option<Vec<usize>> {
+    cache.layout.head_tables().then(|| cache.lens())
 }
 
 impl DecodePlan {
@@ -841,8 +829,8 @@ impl DecodePlan {
         max_len: usize,
         params: &DecodeParams,
     ) -> Result<DecodePlan> {
-        let work_rows = cache_work_rows(cache, max_len);
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, None)
+        let rows = cache_row_lens(cache);
+        Self::for_cache(dev, cache, hq, max_len, params, rows, None, None)
     }
 
     /// [`DecodePlan::new`] with the press-score fold of the previous step inside the kernel
@@ -858,8 +846,8 @@ impl DecodePlan {
         params: &DecodeParams,
         fold: ScoreFold,
     ) -> Result<DecodePlan> {
-        let work_rows = cache_work_rows(cache, max_len);
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, None, Some(fold))
+        let rows = cache_row_lens(cache);
+        Self::for_cache(dev, cache, hq, max_len, params, rows, None, Some(fold))
     }
 
     /// [`DecodePlan::plan`] for `cache`'s layout and dimensions.
@@ -870,7 +858,7 @@ impl DecodePlan {
         hq: usize,
         max_len: usize,
         params: &DecodeParams,
-        work_rows: Option<usize>,
+        rows: Option<Vec<usize>>,
         quant: Option<(u32, usize)>,
         scores: Option<ScoreFold>,
     ) -> Result<DecodePlan> {
@@ -882,7 +870,7 @@ impl DecodePlan {
             hq,
             max_len,
             params,
-            work_rows,
+            rows,
             quant,
             scores,
         )
@@ -899,9 +887,8 @@ impl DecodePlan {
         params: &DecodeParams,
         (bits, group): (u32, usize),
     ) -> Result<DecodePlan> {
-        let work_rows = work_rows(lens, max_len);
         let quant = Some((bits, group));
-        Self::for_cache(dev, cache, hq, max_len, params, work_rows, quant, None)
+        Self::for_cache(dev, cache, hq, max_len, params, Some(lens.to_vec()), quant, None)
     }
 
     /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches
@@ -917,8 +904,8 @@ impl DecodePlan {
         Self::plan(dev, layout, dims, hq, max_len, params, None, None, None)
     }
 
-    /// `work_rows`: table rows' worth of keys at `max_len` each that the batch really holds
-    /// (default: every row full), for the split plan. `quant`: (bits, group) of KIVI pages
+    /// `rows`: the lengths of the table rows (a per-head cache, B Hk of them; default: every
+    /// row full), for the split plan. `quant`: (bits, group) of KIVI pages
     /// before each row's full-precision ones (kernels/kv_kivi.cu; per-head tables only).
     /// `scores`: the kernel folds press scores of this kind and reduction (LA_SCORE;
     /// [`DecodePlan::with_scores`]).
@@ -930,7 +917,7 @@ impl DecodePlan {
         hq: usize,
         max_len: usize,
         params: &DecodeParams,
-        work_rows: Option<usize>,
+        rows: Option<Vec<usize>>,
         quant: Option<(u32, usize)>,
         scores: Option<ScoreFold>,
     ) -> Result<DecodePlan> {
@@ -1150,7 +1137,6 @@ impl DecodePlan {
             .ok()
             .filter(|&n| n > 0)
             .unwrap_or(4) as usize;
-        let items = work_rows.map_or(batch * hk, |r| r.min(batch * hk)) * chunks;
         // Splits in whole pages (64 keys for contiguous caches); over KIVI pages also in whole
         // quantized pages of G keys (a warp takes whole ones): lcm(page, G).
         let align = match (quant, page) {
@@ -1163,7 +1149,12 @@ impl DecodePlan {
             None if tune.get(1).is_some_and(|&s| s > 0) => {
                 split_plan_for(max_len, max_len.div_ceil(tune[1]), align)
             }
-            None => plan_splits(items, dev.sms * blocks_per_sm, max_len, align),
+            None => match rows {
+                Some(l) if l.len() == batch * hk => {
+                    plan_splits_ragged(&l, chunks, dev.sms * blocks_per_sm, max_len, align)
+                }
+                _ => plan_splits(batch * hk * chunks, dev.sms * blocks_per_sm, max_len, align),
+            },
         };
         if hk * chunks > 65535 || batch > 65535 {
             return Err(param(format!(

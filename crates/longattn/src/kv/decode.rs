@@ -337,6 +337,47 @@ pub fn plan_splits(items: usize, slots: usize, max_len: usize, align: usize) -> 
     split_plan_for(max_len, max_len.div_ceil(s), align)
 }
 
+/// [`plan_splits`] for rows of unequal lengths `lens` (a compressed, ragged per-head cache), each
+/// row `chunks` blocks wide: the wave efficiency of a split count s counts the blocks the rows
+/// really launch, sum_r ceil(len_r / split_len) per chunk, and the keys they really hold:
+///
+/// ```text
+///   eff(s) = chunks sum_r len_r / (ceil(blocks(s) / slots) slots split_len(s))
+/// ```
+///
+/// (a wave lasts as long as a full split). Counting rows' worth of keys instead, as
+/// [`plan_splits`] does, misses each row's partial last split: 8 rows of 0.1-0.3 x 128k keys, 8
+/// sequences, 264 slots gave 6 splits, 280 blocks, and a second wave of 16 blocks (H100: 0.339
+/// ms against 0.308-0.311 with 16-64 splits; PERF.md). The same rule then picks the fewest splits
+/// within 85% of the best; rows of equal length get [`plan_splits`]'s plan.
+pub fn plan_splits_ragged(
+    lens: &[usize],
+    chunks: usize,
+    slots: usize,
+    max_len: usize,
+    align: usize,
+) -> SplitPlan {
+    let total: usize = lens.iter().map(|&l| l.min(max_len)).sum::<usize>() * chunks;
+    if total == 0 || max_len == 0 {
+        return plan_splits(lens.len() * chunks, slots, max_len, align);
+    }
+    let slots = slots.max(1);
+    let max_s = (max_len / MIN_SPLIT_KEYS).clamp(1, MAX_SPLITS);
+    let eff = |s: usize| {
+        let p = split_plan_for(max_len, max_len.div_ceil(s), align);
+        // A row of no keys still runs its first split (a -inf partial).
+        let blocks: usize = lens
+            .iter()
+            .map(|&l| l.min(max_len).div_ceil(p.split_len).max(1))
+            .sum::<usize>()
+            * chunks;
+        total as f64 / (blocks.div_ceil(slots) * slots * p.split_len) as f64
+    };
+    let best = (1..=max_s).map(eff).fold(0.0f64, f64::max);
+    let s = (1..=max_s).find(|&s| eff(s) >= 0.85 * best).unwrap_or(1);
+    split_plan_for(max_len, max_len.div_ceil(s), align)
+}
+
 /// The plan with about `split_len` keys per split (rounded up to `align`), capped at
 /// [`MAX_SPLITS`] splits.
 pub fn split_plan_for(max_len: usize, split_len: usize, align: usize) -> SplitPlan {

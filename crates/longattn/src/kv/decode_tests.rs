@@ -146,6 +146,42 @@ fn batched_append_writes_the_pages_it_reports() {
 }
 
 #[test]
+fn ragged_split_plan_counts_the_blocks_rows_launch() {
+    // The benchmark's eviction to 20% at 8 x 128k: KV head h keeps 0.2 (0.5 + h / 7) of 131072
+    // keys; 8 sequences x 8 heads, 132 SMs x 2 blocks, pages of 16.
+    let row = |h: usize| (0.2 * (0.5 + h as f64 / 7.0) * 131072.0) as usize;
+    let lens: Vec<usize> = (0..64).map(|r| row(r % 8)).collect();
+    let max = *lens.iter().max().unwrap();
+    let (slots, align) = (264, 16);
+    let blocks = |p: SplitPlan| -> usize { lens.iter().map(|&l| l.div_ceil(p.split_len)).sum() };
+    // Rows' worth of keys (43 rows at the longest length) fit one wave at 6 splits, but the rows
+    // launch 280 blocks: a second wave of 16.
+    let items = lens.iter().sum::<usize>().div_ceil(max);
+    let old = plan_splits(items, slots, max, align);
+    assert_eq!(old.num_splits, 6, "{old:?}");
+    assert_eq!(blocks(old), 280);
+    // Counting the blocks: the waves are nearly full.
+    let p = plan_splits_ragged(&lens, 1, slots, max, align);
+    let total: usize = lens.iter().sum();
+    let eff = total as f64 / (blocks(p).div_ceil(slots) * slots * p.split_len) as f64;
+    assert!(eff >= 0.85, "{p:?}: {} blocks, efficiency {eff:.3}", blocks(p));
+    assert!(p.num_splits > 6 && p.split_len % align == 0, "{p:?}");
+    // Rows of equal length: the plan of rows' worth of keys.
+    for (rows, len) in [(8, 131072), (256, 8192), (1, 4224), (3, 1023)] {
+        let eq = vec![len; rows];
+        assert_eq!(
+            plan_splits_ragged(&eq, 1, slots, len, align),
+            plan_splits(rows, slots, len, align),
+            "{rows} x {len}"
+        );
+    }
+    // No keys at all, and rows of no keys among others.
+    assert_eq!(plan_splits_ragged(&[0, 0], 1, slots, 0, align).num_splits, 1);
+    let p = plan_splits_ragged(&[0, 0, 40000], 2, slots, 40000, align);
+    assert!(p.num_splits >= 2 && p.split_len * p.num_splits >= 40000, "{p:?}");
+}
+
+#[test]
 fn split_plan_fills_the_device() {
     // The benchmark's problem on an H100-like device: 32 x 8 items, 132 SMs x 4 blocks.
     let p = plan_splits(256, 528, 8192, 16);
