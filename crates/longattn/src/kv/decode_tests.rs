@@ -165,7 +165,7 @@ fn ragged_split_plan_counts_the_blocks_rows_launch() {
     let total: usize = lens.iter().sum();
     let eff = total as f64 / (blocks(p).div_ceil(slots) * slots * p.split_len) as f64;
     assert!(eff >= 0.85, "{p:?}: {} blocks, efficiency {eff:.3}", blocks(p));
-    assert!(p.num_splits > 6 && p.split_len % align == 0, "{p:?}");
+    assert!(p.num_splits > 6 && p.split_len.is_multiple_of(align), "{p:?}");
     // Rows of equal length: the plan of rows' worth of keys.
     for (rows, len) in [(8, 131072), (256, 8192), (1, 4224), (3, 1023)] {
         let eq = vec![len; rows];
