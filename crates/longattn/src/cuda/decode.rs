@@ -22,8 +22,9 @@ use super::{drv, CudaDevice};
 use crate::attention::AttnOutput;
 use crate::error::{Error, Result};
 use crate::kv::decode::{
-    decode_reference, heads_per_block, plan_splits, plan_splits_ragged, random_appends, random_cache, split_plan_for,
-    validate, BlockTables, DecodeParams, PageTables, PagedCache, PagedKv, SplitPlan,
+    decode_reference, heads_per_block, plan_splits, plan_splits_ragged, random_appends,
+    random_cache, split_plan_for, validate, BlockTables, DecodeParams, PageTables, PagedCache,
+    PagedKv, SplitPlan,
 };
 use crate::kv::score::{Reduce, ScoreKind};
 use crate::tensor::{DType, Slice, Tensor};
@@ -888,7 +889,16 @@ impl DecodePlan {
         (bits, group): (u32, usize),
     ) -> Result<DecodePlan> {
         let quant = Some((bits, group));
-        Self::for_cache(dev, cache, hq, max_len, params, Some(lens.to_vec()), quant, None)
+        Self::for_cache(
+            dev,
+            cache,
+            hq,
+            max_len,
+            params,
+            Some(lens.to_vec()),
+            quant,
+            None,
+        )
     }
 
     /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches

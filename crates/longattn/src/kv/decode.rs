@@ -411,14 +411,15 @@ pub fn decode(
 ) -> Result<AttnOutput> {
     params.check()?;
     let dims = validate(q.shape, q.dtype(), kv, bt)?;
+    let threads = rayon::current_num_threads();
     let plan = match params.split_len {
         Some(n) => split_plan_for(dims.max_len, n, 1),
-        None => plan_splits(
-            dims.batch * dims.hk,
-            rayon::current_num_threads(),
-            dims.max_len,
-            dims.page_size,
-        ),
+        // Per-head tables: the rows' own lengths (a compressed cache is ragged).
+        None if bt.head_tables => {
+            let lens: Vec<usize> = bt.lens.iter().map(|&l| l.max(0) as usize).collect();
+            plan_splits_ragged(&lens, 1, threads, dims.max_len, dims.page_size)
+        }
+        None => plan_splits(dims.batch * dims.hk, threads, dims.max_len, dims.page_size),
     };
     match (kv.k, kv.v) {
         (Slice::F32(k), Slice::F32(v)) => run::<f32>(q, k, v, bt, &dims, plan, params),

@@ -164,8 +164,15 @@ fn ragged_split_plan_counts_the_blocks_rows_launch() {
     let p = plan_splits_ragged(&lens, 1, slots, max, align);
     let total: usize = lens.iter().sum();
     let eff = total as f64 / (blocks(p).div_ceil(slots) * slots * p.split_len) as f64;
-    assert!(eff >= 0.85, "{p:?}: {} blocks, efficiency {eff:.3}", blocks(p));
-    assert!(p.num_splits > 6 && p.split_len.is_multiple_of(align), "{p:?}");
+    assert!(
+        eff >= 0.85,
+        "{p:?}: {} blocks, efficiency {eff:.3}",
+        blocks(p)
+    );
+    assert!(
+        p.num_splits > 6 && p.split_len.is_multiple_of(align),
+        "{p:?}"
+    );
     // Rows of equal length: the plan of rows' worth of keys.
     for (rows, len) in [(8, 131072), (256, 8192), (1, 4224), (3, 1023)] {
         let eq = vec![len; rows];
@@ -176,9 +183,15 @@ fn ragged_split_plan_counts_the_blocks_rows_launch() {
         );
     }
     // No keys at all, and rows of no keys among others.
-    assert_eq!(plan_splits_ragged(&[0, 0], 1, slots, 0, align).num_splits, 1);
+    assert_eq!(
+        plan_splits_ragged(&[0, 0], 1, slots, 0, align).num_splits,
+        1
+    );
     let p = plan_splits_ragged(&[0, 0, 40000], 2, slots, 40000, align);
-    assert!(p.num_splits >= 2 && p.split_len * p.num_splits >= 40000, "{p:?}");
+    assert!(
+        p.num_splits >= 2 && p.split_len * p.num_splits >= 40000,
+        "{p:?}"
+    );
 }
 
 #[test]
