@@ -20,6 +20,8 @@
 #                                         # (LONGATTN_CUDA_QUEST_SPP=1), ncu (QUEST_NCU=0: none)
 #   bash scripts/gpu/kv_check.sh splits   # the full decode at SPLIT_CONFIGS with the split count
 #                                         # forced to each of SPLITS (LONGATTN_CUDA_DECODE=0,S)
+#   bash scripts/gpu/kv_check.sh ncu_fold # Nsight Compute on the per-head decode without / with H2O's
+#                                         # fold (32 x 8k): throughput, instructions, stalls
 #   bash scripts/gpu/kv_check.sh ncu_colscore # Nsight Compute on H2O's full accumulation (one
 #                                         # la_kv_colscore launch at 32 x 8k): pipes, L2, stalls
 #   bash scripts/gpu/kv_check.sh unswitch # H2O's accumulation with the mask's test only in
@@ -156,6 +158,18 @@ splits)
       --configs ${SPLIT_CONFIGS:-1x128k,8x128k} > "$OUT/kv_bench_split$sp.txt" 2>&1
     echo "== kv bench (splits $sp; 0 = planned) rc=$?"
     grep -E "tokens,|^\| (full paged|evict to 0.2 \(|quest\(0.2,)" "$OUT/kv_bench_split$sp.txt" | cut -d'|' -f1-3 | cut -c1-70
+  done
+  ;;
+ncu_fold)
+  # Nsight Compute on the decode of the per-head cache without and with H2O's fold (32 x 8k, the
+  # bench's la_decode launches: 143 of the paged row, 143 of the per-head row, then the fold's)
+  for sk in 143 286; do
+    timeout 240 ncu --kernel-name la_decode --launch-skip $sk --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section InstructionStats --section LaunchStats \
+      /tmp/longattn kv bench --compare none --configs 32x8k > "$OUT/ncu_fold_$sk.txt" 2>&1
+    echo "ncu la_decode launch $sk rc=$?"
+    grep -E "Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|Executed Ipc A|Issue Slots Busy|Executed Instructions  |Warp Cycles Per Issued|Registers Per|Stall|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu_fold_$sk.txt" | head -30
   done
   ;;
 ncu_colscore)
