@@ -349,7 +349,8 @@ pub fn plan_splits(items: usize, slots: usize, max_len: usize, align: usize) -> 
 /// [`plan_splits`] does, misses each row's partial last split: 8 rows of 0.1-0.3 x 128k keys, 8
 /// sequences, 264 slots gave 6 splits, 280 blocks, and a second wave of 16 blocks (H100: 0.339
 /// ms against 0.308-0.311 with 16-64 splits; PERF.md). The same rule then picks the fewest splits
-/// within 85% of the best; rows of equal length get [`plan_splits`]'s plan.
+/// within 85% of the best. Rows of equal length get [`plan_splits`]'s plan up to the rounding of
+/// `split_len` to `align` (equal on the benchmark's shapes, which the tests check).
 pub fn plan_splits_ragged(
     lens: &[usize],
     chunks: usize,
