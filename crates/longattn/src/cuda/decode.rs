@@ -888,17 +888,8 @@ impl DecodePlan {
         params: &DecodeParams,
         (bits, group): (u32, usize),
     ) -> Result<DecodePlan> {
-        let quant = Some((bits, group));
-        Self::for_cache(
-            dev,
-            cache,
-            hq,
-            max_len,
-            params,
-            Some(lens.to_vec()),
-            quant,
-            None,
-        )
+        let (rows, quant) = (Some(lens.to_vec()), Some((bits, group)));
+        Self::for_cache(dev, cache, hq, max_len, params, rows, quant, None)
     }
 
     /// A plan for caches of `layout` holding `(dtype, kv heads, head dim, batch)` (the caches

@@ -374,8 +374,12 @@ pub fn plan_splits_ragged(
             * chunks;
         total as f64 / (blocks.div_ceil(slots) * slots * p.split_len) as f64
     };
-    let best = (1..=max_s).map(eff).fold(0.0f64, f64::max);
-    let s = (1..=max_s).find(|&s| eff(s) >= 0.85 * best).unwrap_or(1);
+    let effs: Vec<f64> = (1..=max_s).map(eff).collect();
+    let best = effs.iter().copied().fold(0.0f64, f64::max);
+    let s = effs
+        .iter()
+        .position(|&e| e >= 0.85 * best)
+        .map_or(1, |i| i + 1);
     split_plan_for(max_len, max_len.div_ceil(s), align)
 }
 
