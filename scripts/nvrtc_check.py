@@ -124,7 +124,9 @@ def main():
                                                  LA_WARPS=4, LA_U=u, LA_MERGE_ONLY=0, LA_NS=ns, LA_MMA=mma,
                                                  LA_PAGE_AHEAD=1), ""))
             # Quest: the score kernel's pages per lane group (LQ_SPP) at its default and at 1
-            kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LQ_SPP=3 if d != 64 else 1),
+            # and the register select's prefix passes (LQ_PREFIX) on and off
+            kv.append(("kv_quest.cu", dict(LA_F16=f16, LA_D=d, LA_PAGE=16, LQ_SPP=3 if d != 64 else 1,
+                                           LQ_PREFIX=1 if d != 64 else 0),
                        read("select.cuh")))
             # The decode kernel folding press scores (LA_SCORE: tensor-core path, per-head pages),
             # its kind (0 H2O, 1 A2SF, 2 TOVA) and group reduction (0 max, 1 sum, 2 mean) compiled

@@ -30,6 +30,11 @@
 #   bash scripts/gpu/kv_check.sh fold     # H2O's fold in the decode as a reduction at L2 (default)
 #                                         # against the copy of the old scores
 #                                         # (LONGATTN_CUDA_DECODE_FOLD_RED=0): selftest, kv bench
+#   bash scripts/gpu/kv_check.sh prefix   # Quest's register select from the keys' first differing
+#                                         # bit with an early stop (default) against four fixed
+#                                         # passes (LONGATTN_CUDA_QUEST_PREFIX=0): selftest kv, kv
+#                                         # bench A / B (with the fold's paired rows and the SM clock
+#                                         # sampled beside), ncu of the score / select kernels
 #   bash scripts/gpu/kv_check.sh ncu      # Nsight Compute: Quest's score / select (1 x 128k), the
 #                                         # SnapKV window's fold (32 x 8k)
 set -uo pipefail
@@ -191,6 +196,34 @@ unswitch)
       grep -E "tokens,|accumulation|prefill forward" "$OUT/kv_bench_unswitch${u}_$it.txt" | cut -d'|' -f1-3 | cut -c1-110
     done
   done
+  ;;
+prefix)
+  timeout 200 /tmp/longattn selftest --backend cuda --filter kv --jobs 12 > "$OUT/selftest_kv.txt" 2>&1
+  echo "selftest kv rc=$?"; grep -vE " pass " "$OUT/selftest_kv.txt" | tail -4
+  grep -E "quest" "$OUT/selftest_kv.txt" | grep -E "register|ties|tied" | cut -c1-160 | head -8
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader \
+    -lms 100 > "$OUT/clocks.csv" 2>&1 &
+  smi=$!
+  for it in ${PREFIX_RUNS:-1 2}; do
+    for x in 1 0; do
+      LONGATTN_CUDA_QUEST_PREFIX=$x timeout 200 /tmp/longattn kv bench --compare none \
+        --configs ${PREFIX_CONFIGS:-1x128k,8x128k,32x8k} > "$OUT/kv_bench_prefix${x}_$it.txt" 2>&1
+      echo "== kv bench (prefix $x, $it) rc=$?"
+      grep -E "tokens,|^\| (full p|decode \+|per-head decode|quest\()" "$OUT/kv_bench_prefix${x}_$it.txt" \
+        | cut -d'|' -f1-3 | cut -c1-90
+    done
+  done
+  kill $smi 2>/dev/null
+  awk -F', ' '{print $2}' "$OUT/clocks.csv" | sort | uniq -c | sort -rn | head -5
+  if [ "${QUEST_NCU:-1}" = 1 ]; then
+    for x in 1 0; do
+      LONGATTN_CUDA_QUEST_PREFIX=$x timeout 200 ncu --kernel-name regex:la_quest_s --launch-skip 0 --launch-count 4 \
+        --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+        /tmp/longattn kv bench --compare none --configs 1x128k > "$OUT/ncu_quest_prefix$x.txt" 2>&1
+      echo "ncu quest (prefix $x) rc=$?"
+      grep -E "la_quest|Duration|DRAM Throughput|Stall Long|Warp Cycles Per Issued|L2 Hit" "$OUT/ncu_quest_prefix$x.txt" | head -16
+    done
+  fi
   ;;
 memcheck)
   timeout 400 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --filter kv \

@@ -102,6 +102,13 @@ fn score_pages() -> usize {
         .unwrap_or(3)
 }
 
+/// Whether the select kernel's register path starts its radix passes at the keys' first
+/// differing bit and stops at a bin that holds exactly the keys still wanted (`LQ_PREFIX`,
+/// `la_radix_top_in`); `LONGATTN_CUDA_QUEST_PREFIX=0` gives the four fixed passes (A / B runs).
+fn prefix_select() -> bool {
+    crate::cuda::forward::env_off("LONGATTN_CUDA_QUEST_PREFIX")
+}
+
 /// Quest on the device for one layer's per-head cache: the page bounds, the scores, the
 /// selected tables and the decode plan over them (see the module documentation).
 pub struct DevQuest {
@@ -170,9 +177,14 @@ impl DevQuest {
             ("LA_D".into(), d.to_string()),
             ("LA_PAGE".into(), page_size.to_string()),
             ("LQ_SPP".into(), spp.to_string()),
+            ("LQ_PREFIX".into(), (prefix_select() as u8).to_string()),
         ];
         let src = format!("{COMMON}\n{SELECT}\n{QUEST}");
-        let variant = format!("kv_quest_{}_d{d}_p{page_size}_s{spp}", dt.name());
+        let variant = format!(
+            "kv_quest_{}_d{d}_p{page_size}_s{spp}_x{}",
+            dt.name(),
+            prefix_select() as u8
+        );
         let f = |name: &str| dev.function(&variant, name, &src, &defines, 0);
         let cap_pages = max_len.div_ceil(page_size).max(1);
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
@@ -1093,6 +1105,42 @@ fn time_calls(
     Ok(ms)
 }
 
+/// Two calls timed in turns (`f(false)`, `f(true)`): per sample the mean of `reps` back-to-back
+/// calls of each, the first of the two alternating between samples, so that a drift of the
+/// device's clock over the run (power, heat) weighs on both alike; the medians of each.
+fn time_pair(
+    dev: &Arc<CudaDevice>,
+    reps: usize,
+    samples: usize,
+    mut f: impl FnMut(bool) -> Result<()>,
+) -> Result<(f64, f64)> {
+    for w in [false, true, false, true] {
+        f(w)?;
+    }
+    let s = dev.stream().clone();
+    let ev = || {
+        s.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv("record event"))
+    };
+    let mut t = [Vec::new(), Vec::new()];
+    for i in 0..samples.max(1) {
+        for w in [i % 2 == 1, i % 2 == 0] {
+            let e0 = ev()?;
+            for _ in 0..reps.max(1) {
+                f(w)?;
+            }
+            let e1 = ev()?;
+            t[w as usize].push(e0.elapsed_ms(&e1).map_err(drv("event time"))? as f64 / reps.max(1) as f64);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [mut a, mut b] = t;
+    Ok((med(&mut a), med(&mut b)))
+}
+
 /// Decode of one layer at `cfg` (the 128k problem by default), every cache filled on the
 /// device: the full paged decode (tables per sequence), the full per-head cache, eviction to
 /// `budget` (ragged: KV head kh keeps budget x (0.5 + kh / (Hk - 1)) of the positions, mean
@@ -1196,6 +1244,29 @@ pub fn bench(dev: &Arc<CudaDevice>, cfg: &KvBenchConfig) -> Result<Vec<KvBenchRo
             push(
                 "decode + h2o fold in the kernel".into(),
                 ms,
+                full_bytes + batch * hk * len * 8,
+                cache_bytes,
+                &mut rows,
+            );
+            // The fold's cost measured in turns with the decode alone (`time_pair`): the two
+            // rows above ran one after the other, apart by the rows between.
+            let (plain, folded) = time_pair(dev, cfg.reps, cfg.samples, |fold| {
+                if fold {
+                    sc.decode_fold(&fused, &c, &q, &mut o, &mut lse, Some((&q0, &l0, 1)))
+                } else {
+                    plan.launch(&c, &q, &mut o, &mut lse)
+                }
+            })?;
+            push(
+                "per-head decode, in turns with the fold".into(),
+                plain,
+                full_bytes,
+                cache_bytes,
+                &mut rows,
+            );
+            push(
+                "decode + h2o fold, in turns with the decode".into(),
+                folded,
                 full_bytes + batch * hk * len * 8,
                 cache_bytes,
                 &mut rows,

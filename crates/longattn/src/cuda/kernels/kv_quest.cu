@@ -17,8 +17,9 @@
 //   la_quest_bounds  per (group of pages, row): meta of every page, or of the last page only
 //                    (after an append)
 //   la_quest_score   per (group of pages, row): the reduced bound of pages 0 .. cur - 1
-//   la_quest_select  per row: radix select of the (n - 1)-th largest score, then one ordered
-//                    pass writing the table (rows of reg_min < n <= reg_keys <= 8192
+//   la_quest_select  per row: radix select of the (n - 1)-th largest score (on the register
+//                    path from the keys' first differing bit, stopping at an exact bin), then
+//                    one ordered pass writing the table (rows of reg_min < n <= reg_keys <= 8192
 //                    candidates from registers, others from shared or global memory)
 // Needs: common.cuh, select.cuh, LA_D (multiple of 8), LA_PAGE, LA_F16.
 
@@ -44,6 +45,9 @@ struct LaQuestParams {
 #define LQ_PPB (256 / LQ_LPP)    // lane groups (pages at a time) per block of 256 threads
 #ifndef LQ_SPP
 #define LQ_SPP 3                 // pages each lane group of la_quest_score scores
+#endif
+#ifndef LQ_PREFIX
+#define LQ_PREFIX 1              // register select: from the keys' first differing bit, early stop
 #endif
 
 struct alignas(16) lq_v4 {
@@ -205,20 +209,34 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
         u32 u[LQ_KPT];
 #pragma unroll
         for (int i = 0; i < LQ_KPT; i++) u[i] = j0 + i < cur ? la_order_key(x[j0 + i]) : 0u;
-        u32 need;
-        const u32 T = la_radix_nth_by(
-            (u32)(n - 1),
-            [&](int shift, u32 mask, u32 prefix) {
+        u32 need, cm = 0xffffffffu;   // the cut: keys with (u & cm) > T above, == T tied
+        const auto fill = [&](int shift, u32 mask, u32 prefix) {
 #pragma unroll
-                for (int i = 0; i < LQ_KPT; i++)
-                    la_hist_add(j0 + i < cur && (u[i] & mask) == prefix, (u[i] >> shift) & 255u, hist);
-            },
-            hist, pick, need);
+            for (int i = 0; i < LQ_KPT; i++)
+                la_hist_add(j0 + i < cur && (u[i] & mask) == prefix, (u[i] >> shift) & 255u, hist);
+        };
+#if LQ_PREFIX
+        // From the highest bit where the row's keys differ, stopping at the first bin that
+        // holds exactly the keys still wanted (la_radix_top_in): two passes instead of four on
+        // rows of 8192 pages.
+        u32 lo = 0xffffffffu, hi = 0u;
+#pragma unroll
+        for (int i = 0; i < LQ_KPT; i++) {
+            if (j0 + i < cur) {
+                lo = min(lo, u[i]);
+                hi = max(hi, u[i]);
+            }
+        }
+        la_block_minmax(lo, hi, ws);
+        const u32 T = la_radix_top_in((u32)(n - 1), lo, hi, fill, hist, pick, need, cm);
+#else
+        const u32 T = la_radix_nth_by((u32)(n - 1), fill, hist, pick, need);
+#endif
         u32 a = 0, t = 0;
 #pragma unroll
         for (int i = 0; i < LQ_KPT; i++) {
-            a += j0 + i < cur && u[i] > T;
-            t += j0 + i < cur && u[i] == T;
+            a += j0 + i < cur && (u[i] & cm) > T;
+            t += j0 + i < cur && (u[i] & cm) == T;
         }
         u32 tot;
         const u32 ex = la_block_scan(a | (t << 16), ws, tot);
@@ -226,7 +244,7 @@ extern "C" __global__ void __launch_bounds__(1024) la_quest_select(const LaQuest
         u32 ab = ex & 0xffffu, tb = ex >> 16;
 #pragma unroll
         for (int i = 0; i < LQ_KPT; i++) {
-            const bool in = j0 + i < cur, above = in && u[i] > T, tied = in && u[i] == T;
+            const bool in = j0 + i < cur, above = in && (u[i] & cm) > T, tied = in && (u[i] & cm) == T;
             lq_keep(out, tab, j0 + i, above, tied, ab, tb, skip);
             ab += above;
             tb += tied;

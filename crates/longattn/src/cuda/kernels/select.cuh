@@ -30,6 +30,28 @@ __device__ __forceinline__ u32 la_block_scan(u32 x, u32* ws, u32& total) {
     return before + v - x;
 }
 
+// The least and largest of one value per thread over the block, into every thread's lo / hi
+// (ws: 32 words of shared memory).
+__device__ __forceinline__ void la_block_minmax(u32& lo, u32& hi, u32* ws) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    __syncthreads();
+    if (lane == 0) ws[w] = lo;
+    __syncthreads();
+    lo = ws[0];
+    for (int i = 1; i < nw; i++) lo = min(lo, ws[i]);
+    __syncthreads();
+    if (lane == 0) ws[w] = hi;
+    __syncthreads();
+    hi = ws[0];
+    for (int i = 1; i < nw; i++) hi = max(hi, ws[i]);
+    __syncthreads();
+}
+
 __device__ __forceinline__ u32 la_block_sum(u32 x, u32* ws) {
     u32 total;
     la_block_scan(x, ws, total);
@@ -45,9 +67,11 @@ __device__ __forceinline__ u32 la_order_key(float f) {
 
 // One key's count into a radix pass's shared histogram (`in`: the key is taken and matches the
 // digits chosen so far; `bin` its digit). The lanes of a warp that fall into one bin add once
-// (leading digits are shared by most keys: one address would serialise the warp's adds). Called
-// by every lane of the warp.
+// (leading digits are shared by most keys: one address would serialise the warp's adds); a warp
+// none of whose keys is taken (most warps of a late pass) skips the match. Called by every lane
+// of the warp.
 __device__ __forceinline__ void la_hist_add(bool in, u32 bin, u32* hist) {
+    if (__ballot_sync(0xffffffffu, in) == 0u) return;
     const u32 peers = __match_any_sync(0xffffffffu, in ? bin : 256u);
     if (in && (int)(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
 }
@@ -103,6 +127,44 @@ __device__ __forceinline__ u32 la_radix_nth_by(u32 n, F fill, u32* hist, u32* pi
         mask |= 255u << shift;
         rem = pick[1];
         __syncthreads();
+    }
+    need = rem;
+    return prefix;
+}
+
+// la_radix_nth_by over keys known to lie in [lo, hi] (lo <= hi: the block's least and largest),
+// stopping early. The digits above the highest bit where lo and hi differ are lo's (every key
+// shares them), so the first pass takes the 8 bits from that one down (passes of 8 bits, the
+// last one clamped to bit 0, overlapping digits already chosen, which its histogram agrees
+// with); and once the bin a pass picks holds exactly the keys still wanted, every key of it
+// is in the top n whatever its lower digits, so the passes stop. Returns the chosen digits
+// `prefix` under `mask` (contiguous top bits): the keys with (k & mask) > prefix are the top
+// n - need, and `need` of those with (k & mask) == prefix complete it (all of them when the
+// passes stopped early; with mask = ~0 they equal the n-th largest key).
+template <typename F>
+__device__ __forceinline__ u32 la_radix_top_in(u32 n, u32 lo, u32 hi, F fill, u32* hist, u32* pick,
+                                               u32& need, u32& mask) {
+    if (lo == hi) {   // one value: every key ties
+        need = n;
+        mask = 0xffffffffu;
+        return lo;
+    }
+    const int top = 31 - __clz(lo ^ hi);
+    mask = top == 31 ? 0u : ~((2u << top) - 1u);
+    u32 prefix = lo & mask, rem = n;
+    for (int shift = la_imax(top - 7, 0);; shift = la_imax(shift - 8, 0)) {
+        for (int t = threadIdx.x; t < 256; t += blockDim.x) hist[t] = 0;
+        __syncthreads();
+        fill(shift, mask, prefix);
+        __syncthreads();
+        if (threadIdx.x < 32) la_hist_pick(hist, rem, pick);
+        __syncthreads();
+        prefix |= pick[0] << shift;
+        mask |= 255u << shift;
+        rem = pick[1];
+        const bool whole = hist[pick[0]] == rem;   // the bin's keys are exactly those wanted
+        __syncthreads();
+        if (whole || shift == 0) break;
     }
     need = rem;
     return prefix;
