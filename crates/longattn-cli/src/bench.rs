@@ -110,6 +110,11 @@ pub struct Args {
     /// a short burst still gets (default 0: the burst protocol of the earlier tables).
     #[arg(long, default_value_t = 0.0)]
     pub(crate) sustain: f64,
+    /// `--backend cuda` forward rows: also time the forward that writes the block-pooled
+    /// attention map at this block (a multiple of 64), against the plain forward, and check the
+    /// map's rows against the f64 probabilities.
+    #[arg(long)]
+    pub(crate) map: Option<usize>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,

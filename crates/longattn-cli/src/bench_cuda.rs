@@ -64,6 +64,11 @@ struct Row {
     flex_build_ms: Option<f64>,
     /// Backward runs: the deterministic mode's median ms (the main columns are the fast mode's).
     det_ms: Option<f64>,
+    /// `--map`: the forward that also writes the pooled map, and the plain forward timed in
+    /// turns with it (median ms each), and the map's largest error against the f64 oracle's
+    /// pooled probabilities over the checked rows' blocks.
+    map_ms: Option<(f64, f64)>,
+    map_err: Option<f64>,
     /// Our useful TFLOP/s over each peer's.
     ratios: BTreeMap<String, f64>,
     /// `--sandwich`: our median ms before and after the peers (`time_ms` is their mean).
@@ -578,12 +583,105 @@ fn run_one(
         row.det_ms = Some(time(&det)?);
         fast_ms
     } else {
-        time_like_do_bench(dev, a, || plan.launch(&q, &k, &v, &mut o, &mut lse))?
+        let ms = time_like_do_bench(dev, a, || plan.launch(&q, &k, &v, &mut o, &mut lse))?;
+        if let Some(block) = a.map {
+            let mp = FwdPlan::with_map(dev, dims, dt, &params, spec, block)?;
+            let shape = mp.map_shape().unwrap_or_default();
+            let cells: usize = shape.iter().product();
+            let (mut mass, mut max) = (dev.alloc_f32(cells)?, dev.alloc_f32(cells)?);
+            let s = dev.stream().clone();
+            mp.launch_map_on(&s, &q, &k, &v, &mut o, &mut lse, &mut mass, &mut max)?;
+            dev.synchronize()?;
+            row.map_err = Some(check_map_rows(
+                &inputs,
+                &mask,
+                &params,
+                (&dev.download(&mass)?, &dev.download(&max)?),
+                shape,
+                block,
+            )?);
+            // In turns, so that the clock's drift weighs on both alike.
+            let (mut plain, mut with) = (Vec::new(), Vec::new());
+            for i in 0..6 {
+                for m in [i % 2 == 1, i % 2 == 0] {
+                    let t = if m {
+                        time_like_do_bench(dev, a, || {
+                            mp.launch_map_on(&s, &q, &k, &v, &mut o, &mut lse, &mut mass, &mut max)
+                        })?
+                    } else {
+                        time_like_do_bench(dev, a, || plan.launch(&q, &k, &v, &mut o, &mut lse))?
+                    };
+                    if m { &mut with } else { &mut plain }.push(t);
+                }
+            }
+            row.map_ms = Some((median(with), median(plain)));
+        }
+        ms
     };
     row.time_ms = Some(ms);
     row.tflops = Some(row.useful_flops / (ms * 1e-3) / 1e12);
     row.status = "ok".into();
     Ok(())
+}
+
+/// The largest error of a GPU map against the f64 oracle's probabilities pooled the same way,
+/// over the map blocks of a few query blocks (first, middle, last) of heads 0 and Hq - 1 and
+/// batch row 0: mass and max, each absolute (both lie in [0, 1]).
+fn check_map_rows(
+    inputs: &longattn::io::Inputs,
+    mask: &longattn::mask::BoundMask,
+    params: &AttnParams,
+    (mass, max): (&[f32], &[f32]),
+    [_, hq, nqb, nkb]: [usize; 4],
+    block: usize,
+) -> Result<f64> {
+    let (q, k) = (&inputs.q, &inputs.k);
+    let (sq, d, sk, hk) = (q.shape[1], q.shape[3], k.shape[1], k.shape[2]);
+    let f64s = |t: &longattn::Tensor| -> Vec<f64> {
+        t.data.to_f32_vec().into_iter().map(f64::from).collect()
+    };
+    let (qf, kf) = (f64s(q), f64s(k));
+    let scale = params.scale_for(d) as f64;
+    let mut worst = 0f64;
+    let mut qbs = vec![0, nqb / 2, nqb - 1];
+    qbs.dedup();
+    for h in [0, hq - 1] {
+        let kh = h / (hq / hk);
+        for &qb in &qbs {
+            let rows = (qb * block)..((qb + 1) * block).min(sq);
+            let nrows = rows.len() as f64;
+            let (mut sum, mut top) = (vec![0f64; nkb], vec![0f64; nkb]);
+            for i in rows {
+                let qi = &qf[(i * hq + h) * d..][..d];
+                let logits: Vec<f64> = (0..sk)
+                    .map(|j| {
+                        if !mask.allowed(0, i, j) {
+                            return f64::NEG_INFINITY;
+                        }
+                        let kj = &kf[(j * hk + kh) * d..][..d];
+                        scale * qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f64>()
+                    })
+                    .collect();
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let z: f64 = logits.iter().map(|&x| (x - m).exp()).sum();
+                for (j, &x) in logits.iter().enumerate() {
+                    let p = (x - m).exp() / z;
+                    sum[j / block] += p / nrows;
+                    top[j / block] = top[j / block].max(p);
+                }
+            }
+            for kb in 0..nkb {
+                let at = (h * nqb + qb) * nkb + kb;
+                worst = worst
+                    .max((mass[at] as f64 - sum[kb]).abs())
+                    .max((max[at] as f64 - top[kb]).abs());
+            }
+        }
+    }
+    Ok(worst)
 }
 
 /// Bytes zeroed before every timed run to flush L2, as `triton.testing.do_bench` does.
@@ -721,6 +819,21 @@ fn report(a: &Args, dev: &CudaDevice, rows: &[Row], torch: Option<String>) -> Re
             r.useful_flops / (r.det_ms.unwrap_or(1.0) * 1e-3) / 1e12,
             r.time_ms.unwrap_or(0.0)
         );
+    }
+    for r in rows.iter() {
+        if let (Some((with, plain)), Some(err)) = (r.map_ms, r.map_err) {
+            let _ = writeln!(
+                md,
+                "\n{} n {} D {}: forward with the pooled map {:.3} ms, without {:.3} ms (in turns, medians of 6): +{:.1}%; map max error vs f64 {:.1e}",
+                r.mask,
+                fmt_len(r.n),
+                r.d,
+                with,
+                plain,
+                100.0 * (with / plain - 1.0),
+                err
+            );
+        }
     }
     for p in PEERS {
         let v: Vec<(f64, &Row)> = rows

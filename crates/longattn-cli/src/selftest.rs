@@ -130,6 +130,7 @@ fn group_name(g: &str) -> &'static str {
         "kv",
         "sparse",
         "skip",
+        "map",
     ];
     GROUPS.iter().find(|&&x| x == g).copied().unwrap_or("other")
 }
@@ -302,6 +303,12 @@ pub fn main(a: Args) -> Result<()> {
     }
     // Skip-softmax in the forward (group `skip`, every case named `skip ...`).
     results.extend(longattn::sparse::skip_check::selftest(
+        &dev,
+        a.quick,
+        &|n| keep(n),
+    ));
+    // The forward's pooled attention map (group `map`, every case named `map ...`).
+    results.extend(longattn::cuda::selftest::map_selftest(
         &dev,
         a.quick,
         &|n| keep(n),

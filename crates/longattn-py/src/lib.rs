@@ -397,9 +397,10 @@ fn fwd(
     .map_err(py_err)
 }
 
-/// Forward with the block-pooled attention map: writes `out`, `lse`, `mass` and `max` (CPU).
+/// Forward with the block-pooled attention map: writes `out`, `lse`, `mass` and `max` (CPU, or
+/// CUDA on the caller's stream).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, lse, mass, max, block, mask, scale, softcap, q_doc, k_doc, block_mask=None, block_q=0, block_k=0))]
+#[pyo3(signature = (q, k, v, out, lse, mass, max, block, mask, scale, softcap, q_doc, k_doc, block_mask=None, block_q=0, block_k=0, stream=0))]
 #[allow(clippy::too_many_arguments)]
 fn fwd_map(
     py: Python<'_>,
@@ -419,6 +420,7 @@ fn fwd_map(
     block_mask: Option<&Bound<'_, PyAny>>,
     block_q: usize,
     block_k: usize,
+    stream: u64,
 ) -> PyResult<()> {
     let inp = Inputs::read(
         (q, k, v),
@@ -434,8 +436,9 @@ fn fwd_map(
     let (mass, max) = (raw(mass, "mass")?, raw(max, "max")?);
     py.detach(|| {
         let a = inp.args();
-        // SAFETY: as for `fwd` (CPU tensors, held by the caller for the call).
-        unsafe { api::forward_map(&a, &out, &lse, [&mass, &max], block, 0) }
+        // SAFETY: as for `fwd` (live torch tensors held by the caller for the call; CUDA work
+        // on the caller's stream).
+        unsafe { api::forward_map(&a, &out, &lse, [&mass, &max], block, stream) }
     })
     .map_err(py_err)
 }

@@ -641,3 +641,29 @@ def test_attention_map_under_a_gate():
     torch.testing.assert_close(mass.double(), want_mass, atol=2e-5, rtol=0)
     torch.testing.assert_close(top.double(), want_max, atol=2e-5, rtol=0)
     assert (mass[table == 0] == 0).all()
+
+
+@pytest.mark.parametrize("mask,sq,sk,block", [("causal", 300, 300, 64), ("causal & window(100,0)", 129, 700, 128),
+                                              ("full", 1, 1000, 192)])
+def test_attention_map_on_cuda_matches_the_pooled_probabilities(mask, sq, sk, block):
+    """longattn.attention_map on CUDA (the Hopper forward writes the map): tensors stay on the
+    device, out / lse equal longattn.attention's on CUDA, and the maps equal the float64
+    probabilities of the same bf16 inputs pooled per block."""
+    from conftest import require_cuda
+
+    require_cuda()
+    BF16 = torch.bfloat16
+    q, k, v = (x.cuda() for x in make_qkv("cpu", BF16, 2, sq, sk, 4, 2, 128))
+    with torch.no_grad():
+        try:
+            out, lse, mass, top = longattn.attention_map(q, k, v, mask, block=block)
+        except ValueError as e:  # not a Hopper GPU: refused by name
+            assert "warp-specialized" in str(e)
+            pytest.skip(f"no Hopper forward here: {e}")
+        ref_out, ref_lse = longattn.attention(q, k, v, mask, return_lse=True)
+    assert mass.is_cuda and top.is_cuda and lse.is_cuda
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    allowed = allowed_matrix(mask, 2, sq, sk)[:, None]
+    want_mass, want_max = pooled_reference(q.cpu().float(), k.cpu().float(), allowed, block)
+    torch.testing.assert_close(mass.cpu().double(), want_mass, atol=2e-4, rtol=2e-3)
+    torch.testing.assert_close(top.cpu().double(), want_max, atol=2e-4, rtol=2e-3)

@@ -181,9 +181,10 @@ def attention_map(
     q_doc: "torch.Tensor | None" = None,
     k_doc: "torch.Tensor | None" = None,
 ):
-    """Attention forward that also returns its block-pooled probabilities (CPU, forward only):
+    """Attention forward that also returns its block-pooled probabilities (forward only):
     SeerAttention's training target and a sparse estimator's ground truth, from the kernel's own
-    softmax (no second pass over Q K^T).
+    softmax (no second pass over Q K^T). On CUDA the Hopper forward writes it (contiguous bf16 /
+    f16 inputs; other GPUs and kernels raise), queued on the current stream.
 
     Arguments as for :func:`attention`; ``block`` (a multiple of 64) is the pooling block of
     query rows and keys. Returns ``(out, lse, mass, max)``: ``mass`` and ``max`` are float32
@@ -192,11 +193,9 @@ def attention_map(
     block kb (a row of ``mass`` sums to 1 unless the block has rows with no key) and
     ``max[qb, kb]`` the largest p in the block (2-D max pooling).
     """
-    from ._ops import check_qkv
+    from ._ops import _stream, check_qkv
 
     check_qkv(q, k, v, "attention_map")
-    if q.device.type != "cpu":
-        raise ValueError("attention_map runs on the CPU (the CUDA kernels do not emit the map yet)")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError("attention_map is forward-only: call it under torch.no_grad()")
     if not isinstance(block, int) or block < 64 or block % 64 != 0:
@@ -205,12 +204,12 @@ def attention_map(
     b, sq, hq, _ = q.shape
     sk = k.shape[1]
     out = q.new_empty((b, sq, hq, v.shape[3]))
-    lse = torch.empty((b, hq, sq), dtype=torch.float32)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     shape = (b, hq, -(-sq // block), -(-sk // block))
-    mass = torch.empty(shape, dtype=torch.float32)
-    top = torch.empty(shape, dtype=torch.float32)
+    mass = torch.empty(shape, dtype=torch.float32, device=q.device)
+    top = torch.empty(shape, dtype=torch.float32, device=q.device)
     _native.fwd_map(q, k, v, out, lse, mass, top, block, text, scale, softcap, q_doc, k_doc,
-                    blocks, bq, bk)
+                    blocks, bq, bk, _stream(q))
     return out, lse, mass, top
 
 

@@ -683,7 +683,8 @@ pub unsafe fn forward(
 
 /// [`forward`] that also writes the block-pooled attention map ([`crate::AttnMap`]) at `block` x
 /// `block` into `mass` and `max` (f32, contiguous `[B, Hq, ceil(Sq / block), ceil(Sk / block)]`).
-/// CPU only (the CUDA kernels do not emit it).
+/// On CUDA the Hopper warp-specialized forward writes it ([`crate::cuda::FwdPlan::with_map`]);
+/// other kernels refuse.
 ///
 /// # Safety
 /// As for [`forward`]; `mass` and `max` address writable host memory of their shapes.
@@ -696,12 +697,11 @@ pub unsafe fn forward_map(
     stream: StreamHandle,
 ) -> Result<()> {
     const OP: &str = "attention map";
-    let (dims, _, dev) = fwd_prologue(OP, a, out, lse)?;
-    if dev != Device::Cpu {
-        return Err(Error::Param {
-            op: OP,
-            msg: "the pooled attention map is computed by the CPU forward only (the CUDA kernels do not emit it yet)".into(),
-        });
+    let (dims, dt, dev) = fwd_prologue(OP, a, out, lse)?;
+    if let Device::Cuda(_) = dev {
+        if matches!(a.mask, MaskArg::Prepared(_)) {
+            return Err(prepared_on_cuda());
+        }
     }
     let want = [
         dims.batch,
@@ -714,6 +714,9 @@ pub unsafe fn forward_map(
         if !t.is_contiguous() {
             return Err(t.shape_err(OP, name, format!("a contiguous {want:?} f32 tensor")));
         }
+    }
+    if let Device::Cuda(ord) = dev {
+        return cuda_route::forward_map(ord, a, &dims, dt, out, lse, [mass, max], block, stream);
     }
     let data = mask_data(OP, a, &dims, stream)?;
     let bm = bind(a, &dims, data)?;
@@ -1205,6 +1208,8 @@ mod cuda_route {
         scale: Option<u32>,
         softcap: Option<u32>,
         tma: bool,
+        /// The pooled attention map's block (a plan that writes it).
+        map: Option<usize>,
     }
 
     #[derive(Hash, PartialEq, Eq)]
@@ -1325,6 +1330,7 @@ mod cuda_route {
             scale: a.params.scale.map(f32::to_bits),
             softcap: a.params.softcap.map(f32::to_bits),
             tma,
+            map: None,
         }
     }
 
@@ -1392,6 +1398,50 @@ mod cuda_route {
             out: o.download(&dev)?,
             lse: dev.download(&lse)?,
         })
+    }
+
+    /// [`super::forward_map`] on the device: a plan that writes the map, launched on the
+    /// caller's stream into the caller's `mass` and `max` (zeroed there first).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_map(
+        ord: usize,
+        a: &AttnArgs,
+        dims: &Dims,
+        dt: DType,
+        out: &RawTensor,
+        lse: &RawTensor,
+        [mass, max]: [&RawTensor; 2],
+        block: usize,
+        stream: StreamHandle,
+    ) -> Result<()> {
+        const OP: &str = "attention map";
+        f32_contig(OP, "lse", lse)?;
+        let dev = device(ord)?;
+        let s = stream_of(&dev, stream);
+        // SAFETY: the entry point's contract.
+        let (q, k, v, mut o) = unsafe { qkv_out(&s, a, out)? };
+        if !(q.tma_aligned() && k.tma_aligned() && v.tma_aligned()) {
+            return Err(Error::Param {
+                op: OP,
+                msg: "the pooled attention map on CUDA needs q / k / v addresses and strides that are multiples of 16 bytes (the warp-specialized kernel's TMA): pass contiguous tensors".into(),
+            });
+        }
+        let data = mask_data(OP, a, dims, stream)?;
+        let mut key = fwd_key(ord, a, dims, dt, &data, true);
+        key.map = Some(block);
+        let plan = plans().0.get_or(key, || {
+            let bm = bind(a, dims, data)?;
+            FwdPlan::with_map(&dev, *dims, dt, a.params, spec(&bm), block)
+        })?;
+        // SAFETY: the entry point's contract (contiguous f32 tensors of the checked shapes).
+        let (mut l, mut ms, mut mx) = unsafe {
+            (
+                Borrowed::<f32>::new(&s, lse.ptr, lse.numel()),
+                Borrowed::<f32>::new(&s, mass.ptr, mass.numel()),
+                Borrowed::<f32>::new(&s, max.ptr, max.numel()),
+            )
+        };
+        plan.launch_map_on(&s, &q, &k, &v, &mut o, &mut l, &mut ms, &mut mx)
     }
 
     pub(super) fn forward(

@@ -367,7 +367,7 @@ pub(crate) struct LaFwdParams {
 // The C side asserts the same sizes (`static_assert` in fwd_params.cuh and attn_fwd_ws.cu).
 const _: () = assert!(std::mem::size_of::<LaFwdParams>() == 416);
 const _: () = assert!(std::mem::offset_of!(LaFwdParams, mc) == 288);
-const _: () = assert!(std::mem::size_of::<LaWsParams>() == 832);
+const _: () = assert!(std::mem::size_of::<LaWsParams>() == 896);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
@@ -475,6 +475,15 @@ struct LaWsParams {
     /// Skip-softmax: the counters {tiles tested, tiles dropped} (u64) and log2 lambda.
     skip_stats: u64,
     skip_log2: f32,
+    /// Pooled attention map (`LA_MAP`): per-row scratch, the two maps, block, map query / key
+    /// blocks and scratch slots per consumer warpgroup.
+    map_scratch: u64,
+    map_mass: u64,
+    map_max: u64,
+    map_block: i32,
+    map_qb: i32,
+    map_kb: i32,
+    map_cap: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `LaWsParams` (64-byte aligned maps).
@@ -997,6 +1006,19 @@ pub struct FwdPlan {
     patch: Option<crate::mask::patch::PatchGrid>,
     /// Skip-softmax: log2 lambda and the kernel's counters {tiles tested, tiles dropped}.
     skip: Option<(f32, CudaSlice<u64>)>,
+    /// The pooled attention map the kernel also writes ([`FwdPlan::with_map`]).
+    map: Option<MapPlan>,
+}
+
+/// The pooled attention map of a forward plan (`LA_MAP`, attn_fwd_ws.cu): its block, the map's
+/// query / key blocks, and the kernel's per-row scratch: per persistent block and consumer
+/// warpgroup, `cap` = key tiles x (tile keys / 64) slots of 64 rows x (A, B) (f32 pairs).
+struct MapPlan {
+    block: usize,
+    qb: usize,
+    kb: usize,
+    cap: usize,
+    scratch: CudaSlice<f32>,
 }
 
 pub(crate) fn unsupported(msg: String) -> Error {
@@ -1028,6 +1050,37 @@ impl FwdPlan {
         params: &AttnParams,
         mask: MaskSpec,
         tma: bool,
+    ) -> Result<FwdPlan> {
+        Self::build(dev, dims, dtype, params, mask, tma, None)
+    }
+
+    /// [`FwdPlan::new`] whose kernel also writes the block-pooled attention map
+    /// ([`crate::AttnMap`], `block` a positive multiple of 64) at small extra cost: launch it with
+    /// [`FwdPlan::launch_map_on`]. The warp-specialized kernel (Hopper, row order) only.
+    pub fn with_map(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        mask: MaskSpec,
+        block: usize,
+    ) -> Result<FwdPlan> {
+        if block == 0 || !block.is_multiple_of(64) {
+            return Err(unsupported(format!(
+                "the pooled attention map's block must be a positive multiple of 64, got {block}"
+            )));
+        }
+        Self::build(dev, dims, dtype, params, mask, true, Some(block))
+    }
+
+    fn build(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        mask: MaskSpec,
+        tma: bool,
+        map_block: Option<usize>,
     ) -> Result<FwdPlan> {
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
@@ -1080,6 +1133,14 @@ impl FwdPlan {
                 )));
             }
         }
+        if let Some(bl) = map_block {
+            if tile.kernel != FwdKernel::WarpSpecialized {
+                return Err(unsupported(format!(
+                    "the pooled attention map (block {bl}) is written by the Hopper warp-specialized forward (sm_90, D up to 256, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
+                    tile.kernel
+                )));
+            }
+        }
         let t0 = Instant::now();
         // A 2-D neighborhood runs in patch order (~2x fewer keys per query tile at 13 x 13) on
         // the wgmma kernel, and on the warp-specialized one when its Partial tiles read the bit
@@ -1093,6 +1154,7 @@ impl FwdPlan {
             {
                 nb.choose_patches(tile.br, tile.bc).map(|g| (bm, nb, g))
             }
+            _ if map_block.is_some() => None, // the map pools in row order
             _ => None,
         };
         let mut dm = match &patch {
@@ -1117,6 +1179,10 @@ impl FwdPlan {
         let mut ptag = String::new();
         if params.skip_below.is_some() {
             ptag.push_str("_skip");
+        }
+        if map_block.is_some() {
+            defines.push(("LA_MAP".into(), "1".into()));
+            ptag.push_str("_map");
         }
         // Patch order: the grid width and patch shapes are compile-time (TMA boxes, la_qtok /
         // la_ktok index math), so they stay defines and name the variant; the neighborhood's
@@ -1244,6 +1310,32 @@ impl FwdPlan {
             )),
             None => None,
         };
+        let map = match map_block {
+            Some(block) => {
+                // Scratch: blocks x consumers x cap slots x 64 rows x (A, B).
+                let cap = dims.sk.div_ceil(tile.bc) * (tile.bc / 64);
+                let consumers = tile.warps / 4 - 1;
+                let n = cfg.grid_dim.0 as usize * consumers * cap * 64 * 2;
+                if cap > i32::MAX as usize / 64 || n > i32::MAX as usize * 8 {
+                    return Err(unsupported(format!(
+                        "pooled attention map: {n} floats of scratch for Sk {}",
+                        dims.sk
+                    )));
+                }
+                let scratch = dev
+                    .stream()
+                    .alloc_zeros::<f32>(n.max(1))
+                    .map_err(drv("alloc map scratch"))?;
+                Some(MapPlan {
+                    block,
+                    qb: dims.sq.div_ceil(block),
+                    kb: dims.sk.div_ceil(block),
+                    cap,
+                    scratch,
+                })
+            }
+            None => None,
+        };
         Ok(FwdPlan {
             dev: dev.clone(),
             func,
@@ -1258,7 +1350,52 @@ impl FwdPlan {
             schedule_seconds,
             patch: patch.map(|(_, _, g)| g),
             skip,
+            map,
         })
+    }
+
+    /// The map's shape `[B, Hq, q_blocks, k_blocks]` when the plan writes one.
+    pub fn map_shape(&self) -> Option<[usize; 4]> {
+        self.map
+            .as_ref()
+            .map(|m| [self.dims.batch, self.dims.hq, m.qb, m.kb])
+    }
+
+    /// [`FwdPlan::launch_on`] of a plan made by [`FwdPlan::with_map`], also writing the pooled
+    /// map into `mass` and `max` (f32, contiguous `[B, Hq, q_blocks, k_blocks]`, zeroed here on
+    /// `s` first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_map_on(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+        mass: &mut CudaSlice<f32>,
+        max: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let Some(shape) = self.map_shape() else {
+            return Err(unsupported(
+                "this forward plan writes no attention map (make it with FwdPlan::with_map)".into(),
+            ));
+        };
+        let n: usize = shape.iter().product();
+        for (name, t) in [("mass", &*mass), ("max", &*max)] {
+            if t.len() < n {
+                return Err(Error::Shape {
+                    op: "cuda attention map",
+                    tensor: name.into(),
+                    got: vec![t.len()],
+                    expected: format!("{n} floats ({shape:?})"),
+                });
+            }
+        }
+        s.memset_zeros(mass).map_err(drv("zero map"))?;
+        s.memset_zeros(max).map_err(drv("zero map"))?;
+        let ptrs = (mass.device_ptr(s).0, max.device_ptr(s).0);
+        self.launch_inner(s, q, k, v, o, lse, None, Some(ptrs))
     }
 
     /// Skip-softmax's counters since the plan was made or last read: (key tiles tested, tiles
@@ -1352,6 +1489,29 @@ impl FwdPlan {
         lse: &mut CudaSlice<f32>,
         sched: Option<(u64, u64)>,
     ) -> Result<()> {
+        if self.map.is_some() {
+            return Err(unsupported(
+                "this forward plan writes the pooled attention map: launch it with launch_map_on"
+                    .into(),
+            ));
+        }
+        self.launch_inner(s, q, k, v, o, lse, sched, None)
+    }
+
+    /// The launch behind [`FwdPlan::launch_sched_on`] and [`FwdPlan::launch_map_on`]; `map`:
+    /// the device addresses of the zeroed mass and max maps.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_inner(
+        &self,
+        s: &Arc<cudarc::driver::CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+        sched: Option<(u64, u64)>,
+        map: Option<(u64, u64)>,
+    ) -> Result<()> {
         let Dims {
             batch,
             sq,
@@ -1420,6 +1580,14 @@ impl FwdPlan {
                 Some((t, c)) => (*t, c.device_ptr(s).0),
                 None => (0.0, 0),
             };
+            let (mut map_scratch, mut map_block, mut map_qb, mut map_kb, mut map_cap) =
+                (0, 0, 0, 0, 0);
+            if let (Some(m), Some(_)) = (&self.map, map) {
+                map_scratch = m.scratch.device_ptr(s).0;
+                (map_block, map_qb, map_kb, map_cap) =
+                    (m.block as i32, m.qb as i32, m.kb as i32, m.cap as i32);
+            }
+            let (map_mass, map_max) = map.unwrap_or((0, 0));
             ws = LaWsParams {
                 tq,
                 tk,
@@ -1428,6 +1596,13 @@ impl FwdPlan {
                 work,
                 skip_stats,
                 skip_log2,
+                map_scratch,
+                map_mass,
+                map_max,
+                map_block,
+                map_qb,
+                map_kb,
+                map_cap,
             };
             b.arg(&ws);
         } else {
@@ -1798,6 +1973,52 @@ pub fn forward(
     let out = o.download(dev)?;
     let lse = dev.stream().clone_dtoh(&lse).map_err(drv("copy to host"))?;
     Ok(AttnOutput { out, lse })
+}
+
+/// [`crate::forward_with_map`] on the GPU ([`FwdPlan::with_map`]): the output, LSE and the
+/// block-pooled attention map copied back.
+pub fn forward_with_map(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+    block: usize,
+) -> Result<(AttnOutput, crate::AttnMap)> {
+    let dims = validate("cuda attention", q, k, v)?;
+    let plan = FwdPlan::with_map(dev, dims, q.dtype(), params, mask, block)?;
+    let (qd, kd, vd) = (
+        DevTensor::upload(dev, "q", q)?,
+        DevTensor::upload(dev, "k", k)?,
+        DevTensor::upload(dev, "v", v)?,
+    );
+    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.d], q.dtype())?;
+    let s = dev.stream();
+    let alloc = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
+    let mut lse = alloc(dims.batch * dims.hq * dims.sq)?;
+    let shape = plan.map_shape().unwrap_or_default();
+    let n = shape.iter().product();
+    let (mut mass, mut max) = (alloc(n)?, alloc(n)?);
+    plan.launch_map_on(s, &qd, &kd, &vd, &mut o, &mut lse, &mut mass, &mut max)?;
+    dev.synchronize()?;
+    let out = o.download(dev)?;
+    let host = |x: &CudaSlice<f32>| -> Result<Vec<f32>> {
+        let mut v = s.clone_dtoh(x).map_err(drv("copy to host"))?;
+        v.truncate(n);
+        Ok(v)
+    };
+    let map = crate::AttnMap {
+        block,
+        batch: dims.batch,
+        heads: dims.hq,
+        q_blocks: shape[2],
+        k_blocks: shape[3],
+        mass: host(&mass)?,
+        max: host(&max)?,
+    };
+    let lse = s.clone_dtoh(&lse).map_err(drv("copy to host"))?;
+    Ok((AttnOutput { out, lse }, map))
 }
 
 /// The byte layout of a C parameter struct as the kernels declare it (tests: the Rust structs
@@ -2188,7 +2409,17 @@ mod tests {
             FWD_WS.contains(decl),
             "attn_fwd_ws.cu: skip fields after `work`"
         );
-        assert!(FWD_WS.contains("unsigned long long* skip_stats;\n    float skip_log2;\n};"));
+        assert!(FWD_WS.contains("unsigned long long* skip_stats;\n    float skip_log2;\n"));
+        // Then the map's fields, as declared.
+        assert_eq!(
+            std::mem::offset_of!(LaWsParams, map_scratch),
+            3 * 128 + std::mem::size_of::<LaFwdParams>() + 24
+        );
+        assert_eq!(
+            std::mem::offset_of!(LaWsParams, map_cap),
+            3 * 128 + std::mem::size_of::<LaFwdParams>() + 24 + 3 * 8 + 3 * 4
+        );
+        assert!(FWD_WS.contains("float2* map_scratch;\n    float* map_mass;\n    float* map_max;\n    int map_block, map_qb, map_kb, map_cap;\n};"));
     }
 
     /// The skip-softmax variant (LA_SKIP) of every warp-specialized tile config compiles, with
@@ -2234,6 +2465,38 @@ mod tests {
             }
         }
         assert_eq!(n, 20);
+    }
+
+    /// The pooled-map variant (LA_MAP) of every warp-specialized tile config compiles, alone
+    /// and with skip-softmax, the element and interval programs, without spills or serialized
+    /// wgmma (NVRTC; skipped without `libnvrtc`).
+    #[test]
+    fn map_kernels_compile_with_nvrtc() {
+        let Some((element, interval)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let interval = element.clone() + &interval;
+        let mut n = 0;
+        for (tile, d) in [
+            (TileCfg::warp_specialized(3, 128, 1), 64),
+            (TileCfg::warp_specialized(2, 128, 1), 128),
+            (TileCfg::warp_specialized(1, 64, 2), 128),
+            (TileCfg::warp_specialized(2, 64, 1), 256),
+        ] {
+            for (prog, skip) in [(&element, false), (&interval, false), (&interval, true)] {
+                let params = AttnParams {
+                    skip_below: skip.then_some(0.01),
+                    ..Default::default()
+                };
+                let (src, _, tag, mut defines) =
+                    kernel_build(&tile, DType::BF16, d, &params, prog, &fwd_softmax());
+                defines.push(("LA_MAP".into(), "1".into()));
+                let name = format!("test_fwd{tag}_map_skip{}_d{d}", skip as u8);
+                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+                n += 1;
+            }
+        }
+        assert_eq!(n, 12);
     }
 
     /// Tuning aid, run by hand: writes the warp-specialized forward's CUBIN (bf16, D 128, the

@@ -1673,3 +1673,162 @@ mod tests {
         assert!(n >= 20, "{n} mask cases");
     }
 }
+
+// ---- Pooled attention map (group `map`) ------------------------------------------------------
+
+/// One case of the forward that also writes the block-pooled attention map ([`FwdPlan::with_map`](
+/// super::FwdPlan::with_map)): a forward case, the map's block and skip-softmax's lambda.
+#[derive(Clone, Debug)]
+pub struct MapCase {
+    pub fwd: FwdCase,
+    pub block: usize,
+    pub skip: Option<f32>,
+}
+
+impl MapCase {
+    pub fn name(&self) -> String {
+        format!(
+            "map {} block {}{}",
+            self.fwd.name(),
+            self.block,
+            self.skip
+                .map(|l| format!(" skip {l:e}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// Awkward sizes, decode rows and Sq != Sk; causal, full, a window, documents and an explicit
+/// block mask; D 64 / 128 / 256 (the warp-specialized kernel's three tile shapes) and a padded
+/// D 96; GQA 4 / 2 and 8 / 1; f16; soft-cap; blocks 64, 128 and 192 (not a tile multiple);
+/// skip-softmax.
+pub fn map_cases(quick: bool) -> Vec<MapCase> {
+    use DType::{BF16, F16};
+    let case = |dt, sq, sk, d, mask: &str, block| MapCase {
+        fwd: FwdCase::new(dt, sq, sk, d, mask),
+        block,
+        skip: None,
+    };
+    let mut v = vec![
+        case(BF16, 1, 1, 128, "causal", 64),
+        case(BF16, 7, 7, 64, "full", 64),
+        case(BF16, 63, 65, 128, "causal", 64),
+        case(BF16, 113, 203, 256, "causal", 128),
+        case(BF16, 1, 4224, 128, "causal", 128),
+        case(F16, 100, 1000, 64, "full", 192),
+        case(BF16, 1023, 1023, 128, "causal & window(255,0)", 128),
+        case(BF16, 65, 4224, 96, "full", 64),
+    ];
+    if !quick {
+        v.push(case(BF16, 4224, 4224, 128, "causal", 128));
+        v.push(case(BF16, 2000, 2000, 256, "causal", 192));
+        v.push(case(BF16, 700, 700, 64, "causal & document", 64));
+        v.push(case(BF16, 1000, 1000, 128, "blocks(128)", 256));
+        let mut g = case(BF16, 513, 777, 128, "causal", 64);
+        (g.fwd.hq, g.fwd.hk) = (8, 1);
+        g.fwd.batch = 2;
+        v.push(g);
+        let mut c = case(BF16, 300, 900, 128, "causal", 128);
+        c.fwd.softcap = Some(20.0);
+        v.push(c);
+        let mut s = case(BF16, 2048, 2048, 128, "causal", 128);
+        s.skip = Some(1e-4);
+        v.push(s);
+    }
+    v
+}
+
+/// The GPU's output, LSE and map against the CPU forward with its map (no skip-softmax: a
+/// skip case's dropped tiles hold probabilities below lambda, so each map entry may lack up to
+/// block x lambda of mass and lambda of max). Map error: the largest |GPU - CPU| over the
+/// entries, relative to the largest CPU entry, of mass and of max.
+pub fn check_map(dev: &Arc<CudaDevice>, case: &MapCase, seed: u64) -> CaseResult {
+    const MAP_TOL: f64 = 2e-3;
+    let tol = out_tolerance(case.fwd.dtype);
+    let r = (|| -> Result<(f64, f64, String, bool)> {
+        let bt = Built::new(&case.fwd, seed)?;
+        let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+        let params = AttnParams {
+            skip_below: case.skip,
+            ..bt.params
+        };
+        let (got, gm) =
+            super::forward_with_map(dev, &qv, &kv, &vv, &params, bt.spec(), case.block)?;
+        let (cpu, cm) = crate::forward_with_map(&qv, &kv, &vv, &bt.params, bt.spec(), case.block)?;
+        let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
+        let shape = |m: &crate::AttnMap| (m.batch, m.heads, m.q_blocks, m.k_blocks);
+        if shape(&gm) != shape(&cm) {
+            return Ok((
+                e,
+                l,
+                format!("map shape {:?} vs {:?}", shape(&gm), shape(&cm)),
+                false,
+            ));
+        }
+        let slack = case.skip.map_or(0.0, |l| l as f64);
+        let err = |g: &[f32], c: &[f32], allow: f64| -> f64 {
+            let top = c.iter().fold(0f64, |a, &x| a.max(x as f64)).max(1e-30);
+            g.iter()
+                .zip(c)
+                .map(|(&a, &b)| ((a as f64 - b as f64).abs() - allow).max(0.0))
+                .fold(0f64, f64::max)
+                / top
+        };
+        let em = err(&gm.mass, &cm.mass, slack * case.block as f64);
+        let ex = err(&gm.max, &cm.max, slack);
+        let total: f64 = gm.mass.iter().map(|&x| x as f64).sum();
+        Ok((
+            e,
+            l,
+            format!("vs CPU path; map mass err {em:.2e}, max err {ex:.2e} (tol {MAP_TOL:e}), mass total {total:.3}"),
+            em <= MAP_TOL && ex <= MAP_TOL,
+        ))
+    })();
+    let tol = if case.skip.is_some() {
+        tol.max(1e-2)
+    } else {
+        tol
+    };
+    CaseResult::checked("map", case.name(), r, tol)
+}
+
+/// The map group: every case, then a plan whose kernel is not the warp-specialized one (D 32)
+/// and a block that is not a multiple of 64, each refused by name.
+pub fn map_selftest(
+    dev: &Arc<CudaDevice>,
+    quick: bool,
+    keep: &dyn Fn(&str) -> bool,
+) -> Vec<CaseResult> {
+    let mut out: Vec<CaseResult> = map_cases(quick)
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| keep(&c.name()))
+        .map(|(n, c)| check_map(dev, c, 17000 + 41 * n as u64))
+        .collect();
+    for (d, block, want) in [(32, 64, "warp-specialized"), (128, 100, "multiple of 64")] {
+        let name = format!("map bad input: D {d}, block {block}");
+        if !keep(&name) {
+            continue;
+        }
+        let r = (|| -> Result<()> {
+            let c = FwdCase::new(DType::BF16, 70, 70, d, "causal");
+            let bt = Built::new(&c, 3)?;
+            let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+            super::forward_with_map(dev, &qv, &kv, &vv, &bt.params, bt.spec(), block).map(|_| ())
+        })();
+        let (passed, detail) = match r {
+            Ok(()) => (false, "accepted".to_string()),
+            Err(e) => (e.to_string().contains(want), format!("error: {e}")),
+        };
+        out.push(CaseResult {
+            group: "map",
+            name,
+            passed,
+            err: 0.0,
+            tol: 0.0,
+            lse_err: 0.0,
+            detail,
+        });
+    }
+    out
+}

@@ -1130,7 +1130,8 @@ fn time_pair(
                 f(w)?;
             }
             let e1 = ev()?;
-            t[w as usize].push(e0.elapsed_ms(&e1).map_err(drv("event time"))? as f64 / reps.max(1) as f64);
+            t[w as usize]
+                .push(e0.elapsed_ms(&e1).map_err(drv("event time"))? as f64 / reps.max(1) as f64);
         }
     }
     let med = |v: &mut Vec<f64>| {

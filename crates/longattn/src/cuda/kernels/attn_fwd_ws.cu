@@ -46,8 +46,22 @@
 // may lag by up to LA_SLACK) makes the test stricter, never looser. Counters {tiles tested, P V
 // dropped} per warpgroup go to skip_stats once per block.
 //
+// Pooled attention map (LA_MAP = 1; crate::AttnMap, SeerAttention's training target): with
+// p_ij = 2^(y_ij - L_i) (log2 units, L_i the row's final log-sum-exp)
+//     mass[qb, kb] = 1/|qb| sum_{i in qb} sum_{j in kb} p_ij,   max[qb, kb] = max p_ij
+// over blocks of map_block rows and keys (a multiple of 64). L_i is known only after the row's
+// last tile, so per tile a consumer keeps, for each row and 64-key group x of the tile, from the
+// softmax's own p~_ij = 2^(y_ij - u_i) (u_i the row's reference when the tile ran)
+//     A = u_i + log2 sum_{j in x} p~_ij,   B = u_i + log2 max_{j in x} p~_ij
+// in a scratch region of its own (la_map_tile: a few adds and shuffles per tile, no exponential);
+// after the epilogue has written the LSE, the warpgroup reads its rows' L_i back and adds
+// sum_i 2^(A - L_i) / |qb| and max_i 2^(B - L_i) into the map (la_map_pool: one exponential per
+// row and group, atomics at L2, so the mass's summation order over warpgroups is not fixed).
+// Since 2^(A - L_i) = sum_{j in x} 2^(y_ij - L_i) exactly, the map is the forward's own
+// probabilities; a tile skip-softmax drops counts 0.
+//
 // Compile-time constants: LA_F16, LA_D (64, 128 or 256), LA_BC (64 or 128), LA_NWG (consumer
-// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, and the mask program la_mask.
+// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, LA_MAP, and the mask program la_mask.
 //
 // D 256 (two consumers, 64-key tiles): O takes 128 registers a thread, P V is one m64n256k16
 // product per 16 keys; shared memory holds one Q stage (64 KiB) and two of K and V (32 KiB each).
@@ -128,8 +142,97 @@ struct LaWsParams {
     // threshold log2 lambda.
     unsigned long long* skip_stats;
     float skip_log2;
+    // Pooled attention map (LA_MAP): the per-row scratch (per block and consumer, map_cap slots
+    // of 64 rows of (A, B)), the maps [B, Hq, map_qb, map_kb] (zeroed by the host), the block.
+    float2* map_scratch;
+    float* map_mass;
+    float* map_max;
+    int map_block, map_qb, map_kb, map_cap;
 };
-static_assert(sizeof(LaWsParams) == 832, "LaWsParams must match cuda/forward.rs");
+static_assert(sizeof(LaWsParams) == 896, "LaWsParams must match cuda/forward.rs");
+
+#ifndef LA_MAP
+#define LA_MAP 0
+#endif
+#if LA_MAP && LA_PATCH
+#error "LA_MAP: the map pools rows and keys in row order"
+#endif
+#define LA_MAP_NG (LA_BC / 64)   // 64-key groups of a key tile
+
+// Tile n's (A, B) of this thread's rows g and g + 8 for each 64-key group (header): s holds p~
+// (or, `live` false, a dropped tile's logits: (-inf, -inf)); slot = the consumer's region plus
+// n LA_MAP_NG 64 + 16 warp.
+__device__ __forceinline__ void la_map_tile(float2* slot, const float* s, float m0, float m1, bool live, int lane) {
+    const int g = lane >> 2, t4 = lane & 3;
+    const float u0 = m0 == -LA_INF ? 0.f : m0, u1 = m1 == -LA_INF ? 0.f : m1;
+#pragma unroll
+    for (int x = 0; x < LA_MAP_NG; x++) {
+        float s0 = 0.f, s1 = 0.f, x0 = 0.f, x1 = 0.f;
+#pragma unroll
+        for (int j = 8 * x; j < 8 * x + 8; j++) {
+            s0 += s[4 * j] + s[4 * j + 1];
+            s1 += s[4 * j + 2] + s[4 * j + 3];
+            x0 = fmaxf(x0, fmaxf(s[4 * j], s[4 * j + 1]));
+            x1 = fmaxf(x1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+#pragma unroll
+        for (int o = 1; o <= 2; o <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffff, s0, o);
+            s1 += __shfl_xor_sync(0xffffffff, s1, o);
+            x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, o));
+            x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, o));
+        }
+        if (t4 == 0) {
+            float2* d = slot + x * 64 + g;
+            d[0] = live ? make_float2(u0 + __log2f(s0), u0 + __log2f(x0)) : make_float2(-LA_INF, -LA_INF);
+            d[8] = live ? make_float2(u1 + __log2f(s1), u1 + __log2f(x1)) : make_float2(-LA_INF, -LA_INF);
+        }
+    }
+}
+
+// After the epilogue of an item with nt > 0 tiles (header): the warpgroup's 64 rows (first
+// row row0 = qt BR + 64 c) from its region into the map. Warp w takes the slots w, w + 4, ...;
+// lane l rows l and l + 32. Rows past Sq and rows without keys (L = -inf) add nothing. Barrier
+// 12 + c brackets it: the LSE and every slot are in before the reads, and the reads are done
+// before the next item writes the region again.
+__device__ __forceinline__ void la_map_pool(const LaWsParams& w, const float2* region, int nt, u32 e0, int b, int h,
+                                            int row0, int c, int warp, int lane) {
+    const LaFwdParams& p = w.p;
+    __threadfence_block();
+    la_bar_sync(12 + c, 128);
+    float L[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int i = row0 + lane + 32 * hf;
+        const float lse = i < p.Sq ? p.lse[((i64)b * p.Hq + h) * p.Sq + i] : -LA_INF;
+        L[hf] = lse * LA_LOG2E;   // -inf: the row adds nothing
+    }
+    const int qb = row0 / w.map_block;
+    const float inv_rows = 1.f / (float)la_imin(w.map_block, p.Sq - qb * w.map_block);
+    for (int x = warp; x < nt * LA_MAP_NG; x += 4) {
+        float sum = 0.f, mx = 0.f;
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            if (L[hf] != -LA_INF) {
+                const float2 ab = region[x * 64 + lane + 32 * hf];
+                sum += la_exp2(ab.x - L[hf]);
+                mx = fmaxf(mx, la_exp2(ab.y - L[hf]));
+            }
+        }
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) {
+            sum += __shfl_xor_sync(0xffffffff, sum, o);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+        }
+        const int key = (int)(p.sched_ent[e0 + x / LA_MAP_NG] >> 1) * LA_BC + 64 * (x % LA_MAP_NG);
+        if (lane == 0 && key < p.Sk) {
+            const i64 at = (((i64)b * p.Hq + h) * w.map_qb + qb) * w.map_kb + key / w.map_block;
+            if (sum > 0.f) atomicAdd(w.map_mass + at, sum * inv_rows);
+            if (mx > 0.f) atomicMax((int*)(w.map_max + at), __float_as_int(mx));   // p >= 0: int order
+        }
+    }
+    la_bar_sync(12 + c, 128);
+}
 
 // LA_DESC_ADD (1: the host's default; LONGATTN_CUDA_FWD_DESC=address gives 0): each product's
 // operand descriptors are the buffer's descriptor plus an offset (la_desc_add, one add) instead of
@@ -462,6 +565,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 #pragma unroll
         for (int i = 0; i < LA_D / 2; i++) o[i] = 0.f;
         float m0 = -LA_INF, m1 = -LA_INF, l0 = 0.f, l1 = 0.f;
+#if LA_MAP
+        float2* const map_region = w.map_scratch + (i64)(blockIdx.x * LA_NWG + c) * w.map_cap * 64;
+#endif
 
         if (nt > 0) {
             float s[LA_BC / 2];
@@ -491,6 +597,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
                 la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
+#if LA_MAP
+                la_map_tile(map_region + warp * 16, s, m0, m1, true, lane);
+#endif
                 la_wg_pack(pf, s);
             }
 
@@ -579,6 +688,11 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 la_fence_regs<LA_D / 2>(o);
                 if (lane == 0) la_mbar_arrive(empty_v + sp);
                 if (up) la_wg_rescale(o, a0, a1);
+#if LA_MAP && LA_SKIP
+                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), s, m0, m1, !drop, lane);
+#elif LA_MAP
+                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), s, m0, m1, true, lane);
+#endif
 #if LA_SKIP
                 if (drop)
                     la_wg_zero(pf);
@@ -617,6 +731,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             la_fence_async_smem();
             __syncwarp();
             if (lane == 0) la_mbar_arrive(empty_q + sq);
+#if LA_MAP
+            la_map_pool(w, map_region, nt, e0, b, h, qt * LA_BR + c * 64, c, warp, lane);
+#endif
             continue;
 #endif
         }
@@ -625,6 +742,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         // 0 and -inf.
         const int rl = rowbase - qt * LA_BR;
         la_wg_store(p, o, l0, l1, m0, m1, b, h, la_qtok(qt, rl), la_qtok(qt, rl + 8), t4);
+#if LA_MAP
+        if (nt > 0) la_map_pool(w, map_region, nt, e0, b, h, qt * LA_BR + c * 64, c, warp, lane);
+#endif
     }
     if (LA_NWG > 1 && c == 0) la_bar_sync(1, 256);
 #if LA_SKIP
