@@ -74,7 +74,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "linear")]
     sparse: Option<String>,
     /// Also write the block-pooled attention map of the forward at BLOCK x BLOCK (a multiple of
-    /// 64; CPU): `map_mass` (f32 [B, Hq, query blocks, key blocks], the mean over a block's rows
+    /// 64; CPU, or CUDA on Hopper): `map_mass` (f32 [B, Hq, query blocks, key blocks], the mean over a block's rows
     /// of their probability mass in the key block) and `map_max` (the largest probability in
     /// the block): SeerAttention's training target, a sparse estimator's ground truth.
     #[arg(long, value_name = "BLOCK", conflicts_with_all = ["linear", "sparse"])]
@@ -217,7 +217,18 @@ pub fn main(a: Args) -> Result<()> {
             (out, t0.elapsed().as_secs_f64(), engine)
         }
         "cuda" if a.attention_map.is_some() => {
-            bail!("--attention-map runs with --backend cpu (the CUDA kernels do not emit the map yet)")
+            // The Hopper forward writes the map beside its output (`FwdPlan::with_map`).
+            let dev = longattn::cuda::CudaDevice::open(a.device)?;
+            let block = a.attention_map.unwrap_or_default();
+            let t0 = Instant::now();
+            let (out, m) =
+                longattn::cuda::forward_with_map(&dev, &q, &k, &v, &params, spec, block)?;
+            map = Some(m);
+            (
+                out,
+                t0.elapsed().as_secs_f64(),
+                format!("{} (copies and compile included)", dev.name),
+            )
         }
         "cpu" => {
             let t0 = Instant::now();
