@@ -191,7 +191,8 @@
 //! needs no estimator: [`BlockSchedule::gated`] keeps the mask schedule's tiles the map keeps,
 //! `mask & gate`, and [`MaskSpec::Gated`] runs it on either backend, forward and backward
 //! (`longattn.BlockMask(table, block, under=EXPR)` in Python). Its training target, the
-//! block-pooled attention map, comes from the dense forward: [`crate::forward_with_map`].
+//! block-pooled attention map, comes from the dense forward: [`crate::forward_with_map`] (CPU),
+//! [`crate::cuda::forward_with_map`] (the Hopper kernel, `FwdPlan::with_map`).
 pub mod cuda;
 mod estimate;
 mod lines;
