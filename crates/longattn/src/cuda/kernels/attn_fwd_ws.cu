@@ -159,22 +159,17 @@ static_assert(sizeof(LaWsParams) == 896, "LaWsParams must match cuda/forward.rs"
 #endif
 #define LA_MAP_NG (LA_BC / 64)   // 64-key groups of a key tile
 
-// Tile n's (A, B) of this thread's rows g and g + 8 for each 64-key group (header): s holds p~
-// (or, `live` false, a dropped tile's logits: (-inf, -inf)); slot = the consumer's region plus
-// n LA_MAP_NG 64 + 16 warp.
-__device__ __forceinline__ void la_map_tile(float2* slot, const float* s, float m0, float m1, bool live, int lane) {
+// Tile n's (A, B) of this thread's rows g and g + 8 for each 64-key group (header), from the
+// softmax step's own per-thread group sums of p~ (gs) and group maxima of s (gm: c s is the logit
+// in log2 units, so B is the group's largest logit itself); `live` false (a tile skip-softmax
+// dropped): (-inf, -inf). slot = the consumer's region plus n LA_MAP_NG 64 + 16 warp.
+__device__ __forceinline__ void la_map_tile(float2* slot, const float* gm, const float* gs, float c, float m0,
+                                            float m1, bool live, int lane) {
     const int g = lane >> 2, t4 = lane & 3;
     const float u0 = m0 == -LA_INF ? 0.f : m0, u1 = m1 == -LA_INF ? 0.f : m1;
 #pragma unroll
     for (int x = 0; x < LA_MAP_NG; x++) {
-        float s0 = 0.f, s1 = 0.f, x0 = 0.f, x1 = 0.f;
-#pragma unroll
-        for (int j = 8 * x; j < 8 * x + 8; j++) {
-            s0 += s[4 * j] + s[4 * j + 1];
-            s1 += s[4 * j + 2] + s[4 * j + 3];
-            x0 = fmaxf(x0, fmaxf(s[4 * j], s[4 * j + 1]));
-            x1 = fmaxf(x1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
+        float s0 = gs[x], s1 = gs[LA_MAP_NG + x], x0 = gm[x], x1 = gm[LA_MAP_NG + x];
 #pragma unroll
         for (int o = 1; o <= 2; o <<= 1) {
             s0 += __shfl_xor_sync(0xffffffff, s0, o);
@@ -184,11 +179,14 @@ __device__ __forceinline__ void la_map_tile(float2* slot, const float* s, float 
         }
         if (t4 == 0) {
             float2* d = slot + x * 64 + g;
-            d[0] = live ? make_float2(u0 + __log2f(s0), u0 + __log2f(x0)) : make_float2(-LA_INF, -LA_INF);
-            d[8] = live ? make_float2(u1 + __log2f(s1), u1 + __log2f(x1)) : make_float2(-LA_INF, -LA_INF);
+            d[0] = live ? make_float2(u0 + __log2f(s0), x0 * c) : make_float2(-LA_INF, -LA_INF);
+            d[8] = live ? make_float2(u1 + __log2f(s1), x1 * c) : make_float2(-LA_INF, -LA_INF);
         }
     }
 }
+#if LA_MAP && LA_WG_NG != LA_MAP_NG
+#error "LA_MAP: the softmax step's groups (wg_softmax.cuh) must be the map's"
+#endif
 
 // After the epilogue of an item with nt > 0 tiles (header): the warpgroup's 64 rows (first
 // row row0 = qt BR + 64 c) from its region into the map. Warp w takes the slots w, w + 4, ...;
@@ -209,26 +207,46 @@ __device__ __forceinline__ void la_map_pool(const LaWsParams& w, const float2* r
     }
     const int qb = row0 / w.map_block;
     const float inv_rows = 1.f / (float)la_imin(w.map_block, p.Sq - qb * w.map_block);
-    for (int x = warp; x < nt * LA_MAP_NG; x += 4) {
-        float sum = 0.f, mx = 0.f;
+    const int ns = nt * LA_MAP_NG;
+    // U slots a warp at a time, every load issued before the first use (the loads are
+    // L2 round trips; one at a time they were most of the map's cost).
+    constexpr int U = LA_NWG == 3 ? 4 : 8;   // (three consumers: 160 registers a thread)
+    for (int x0 = warp; x0 < ns; x0 += 4 * U) {
+        float2 v[U][2];
+        u32 ent[U];
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            if (L[hf] != -LA_INF) {
-                const float2 ab = region[x * 64 + lane + 32 * hf];
-                sum += la_exp2(ab.x - L[hf]);
-                mx = fmaxf(mx, la_exp2(ab.y - L[hf]));
+        for (int k = 0; k < U; k++) {
+            const int x = x0 + 4 * k;
+            v[k][0] = v[k][1] = make_float2(-LA_INF, -LA_INF);
+            ent[k] = 0;
+            if (x < ns) {
+                v[k][0] = region[x * 64 + lane];
+                v[k][1] = region[x * 64 + lane + 32];
+                ent[k] = p.sched_ent[e0 + x / LA_MAP_NG];
             }
         }
 #pragma unroll
-        for (int o = 16; o >= 1; o >>= 1) {
-            sum += __shfl_xor_sync(0xffffffff, sum, o);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-        }
-        const int key = (int)(p.sched_ent[e0 + x / LA_MAP_NG] >> 1) * LA_BC + 64 * (x % LA_MAP_NG);
-        if (lane == 0 && key < p.Sk) {
-            const i64 at = (((i64)b * p.Hq + h) * w.map_qb + qb) * w.map_kb + key / w.map_block;
-            if (sum > 0.f) atomicAdd(w.map_mass + at, sum * inv_rows);
-            if (mx > 0.f) atomicMax((int*)(w.map_max + at), __float_as_int(mx));   // p >= 0: int order
+        for (int k = 0; k < U; k++) {
+            const int x = x0 + 4 * k;
+            float sum = 0.f, mx = 0.f;
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                if (L[hf] != -LA_INF) {
+                    sum += la_exp2(v[k][hf].x - L[hf]);
+                    mx = fmaxf(mx, la_exp2(v[k][hf].y - L[hf]));
+                }
+            }
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) {
+                sum += __shfl_xor_sync(0xffffffff, sum, o);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            }
+            const int key = (int)(ent[k] >> 1) * LA_BC + 64 * (x % LA_MAP_NG);
+            if (lane == 0 && x < ns && key < p.Sk) {
+                const i64 at = (((i64)b * p.Hq + h) * w.map_qb + qb) * w.map_kb + key / w.map_block;
+                if (sum > 0.f) atomicAdd(w.map_mass + at, sum * inv_rows);
+                if (mx > 0.f) atomicMax((int*)(w.map_max + at), __float_as_int(mx));   // p >= 0: int order
+            }
         }
     }
     la_bar_sync(12 + c, 128);
@@ -596,9 +614,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     if (LA_Q_EARLY && nt == 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
                 }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
-                la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
 #if LA_MAP
-                la_map_tile(map_region + warp * 16, s, m0, m1, true, lane);
+                float mg[2 * LA_MAP_NG], sg[2 * LA_MAP_NG];
+                la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1, mg, sg);
+                la_map_tile(map_region + warp * 16, mg, sg, LA_SM_SCALE(p), m0, m1, true, lane);
+#else
+                la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
 #endif
                 la_wg_pack(pf, s);
             }
@@ -674,25 +695,35 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     if (LA_Q_EARLY && n == nt - 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
                 }
                 la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+#if LA_MAP
+                float mg[2 * LA_MAP_NG], sg[2 * LA_MAP_NG];
+#define LA_MAP_MG , mg
+#define LA_MAP_SG , sg
+#else
+#define LA_MAP_MG
+#define LA_MAP_SG
+#endif
 #if LA_SKIP
                 float mx0, mx1;
-                la_wg_rowmax(s, LA_SM_SCALE(p), mx0, mx1, la_fmax_nan);
+                la_wg_rowmax(s, LA_SM_SCALE(p), mx0, mx1, la_fmax_nan LA_MAP_MG);
                 const bool drop = __all_sync(0xffffffffu, la_skip_rows(mx0, mx1, m0, m1, w.skip_log2, pad0, pad1));
                 if (lane == 0) ((volatile unsigned char*)(votes + 2 * c + (n & 1)))[warp] = drop ? 1 : 0;
-                const bool up = !drop && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1);
+                const bool up = !drop && la_wg_softmax_from(s, LA_SM_SCALE(p), mx0, mx1, m0, m1, l0, l1, a0, a1 LA_MAP_SG);
 #else
-                const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
+                const bool up = la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1 LA_MAP_MG LA_MAP_SG);
+#endif
+#undef LA_MAP_MG
+#undef LA_MAP_SG
+#if LA_MAP && LA_SKIP
+                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), mg, sg, LA_SM_SCALE(p), m0, m1, !drop, lane);
+#elif LA_MAP
+                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), mg, sg, LA_SM_SCALE(p), m0, m1, true, lane);
 #endif
 
                 la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free
                 la_fence_regs<LA_D / 2>(o);
                 if (lane == 0) la_mbar_arrive(empty_v + sp);
                 if (up) la_wg_rescale(o, a0, a1);
-#if LA_MAP && LA_SKIP
-                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), s, m0, m1, !drop, lane);
-#elif LA_MAP
-                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), s, m0, m1, true, lane);
-#endif
 #if LA_SKIP
                 if (drop)
                     la_wg_zero(pf);

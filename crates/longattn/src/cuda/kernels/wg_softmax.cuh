@@ -27,15 +27,38 @@
 #endif
 // The tile's row maxima m_t = c max_j s_j of rows g and g + 8 (the 4 lanes of a row agree).
 // `fmax` is the comparison: fmaxf (a NaN never wins) or la_fmax_nan (a NaN wins: skip-softmax
-// must see it).
+// must see it). For the pooled map (attn_fwd_ws.cu LA_MAP) the maxima are taken per 64-key group
+// (LA_WG_NG of them; otherwise one group, the tile) and then over the groups; `gm`, when given,
+// receives this thread's group maxima of s before the quad's shuffles: gm[x] row g,
+// gm[LA_WG_NG + x] row g + 8.
+#ifndef LA_MAP
+#define LA_MAP 0
+#endif
+#if LA_MAP
+#define LA_WG_NG (LA_BC / 64)   // the pooled map's 64-key groups
+#else
+#define LA_WG_NG 1              // one group: the whole tile
+#endif
+#define LA_WG_JG (LA_BC / 8 / LA_WG_NG)   // fragment columns of 8 keys a group
 template <typename F>
-__device__ __forceinline__ void la_wg_rowmax(const float* s, float c, float& mx0, float& mx1, F fmax) {
+__device__ __forceinline__ void la_wg_rowmax(const float* s, float c, float& mx0, float& mx1, F fmax,
+                                             float* gm = nullptr) {
     mx0 = -LA_INF;
     mx1 = -LA_INF;
 #pragma unroll
-    for (int j = 0; j < LA_BC / 8; j++) {
-        mx0 = fmax(mx0, fmax(s[4 * j], s[4 * j + 1]));
-        mx1 = fmax(mx1, fmax(s[4 * j + 2], s[4 * j + 3]));
+    for (int x = 0; x < LA_WG_NG; x++) {
+        float g0 = -LA_INF, g1 = -LA_INF;
+#pragma unroll
+        for (int j = LA_WG_JG * x; j < LA_WG_JG * (x + 1); j++) {
+            g0 = fmax(g0, fmax(s[4 * j], s[4 * j + 1]));
+            g1 = fmax(g1, fmax(s[4 * j + 2], s[4 * j + 3]));
+        }
+        if (gm) {
+            gm[x] = g0;
+            gm[LA_WG_NG + x] = g1;
+        }
+        mx0 = fmax(mx0, g0);
+        mx1 = fmax(mx1, g1);
     }
     mx0 = fmax(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
     mx0 = fmax(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
@@ -52,9 +75,12 @@ __device__ __forceinline__ float la_fmax_nan(float a, float b) {
     return r;
 }
 
-// The step of la_wg_softmax with the tile's row maxima already taken (la_wg_rowmax).
+// The step of la_wg_softmax with the tile's row maxima already taken (la_wg_rowmax). The row
+// sums are taken per group of la_wg_rowmax and then over the groups; `gs`, when given, receives
+// this thread's group sums of p before the quad's shuffles (as `gm` of la_wg_rowmax).
 __device__ __forceinline__ bool la_wg_softmax_from(float* s, float c, float mx0, float mx1, float& m0, float& m1,
-                                                   float& l0, float& l1, float& a0, float& a1) {
+                                                   float& l0, float& l1, float& a0, float& a1,
+                                                   float* gs = nullptr) {
     const bool up = !LA_LAZY || __any_sync(0xffffffff, mx0 > m0 + LA_SLACK || mx1 > m1 + LA_SLACK);
     a0 = a1 = 1.f;
     if (up) {
@@ -67,13 +93,23 @@ __device__ __forceinline__ bool la_wg_softmax_from(float* s, float c, float mx0,
     const float u0 = m0 == -LA_INF ? 0.f : m0, u1 = m1 == -LA_INF ? 0.f : m1;
     float r0 = 0.f, r1 = 0.f;
 #pragma unroll
-    for (int j = 0; j < LA_BC / 8; j++) {
-        s[4 * j] = la_exp2(fmaf(s[4 * j], c, -u0));
-        s[4 * j + 1] = la_exp2(fmaf(s[4 * j + 1], c, -u0));
-        s[4 * j + 2] = la_exp2(fmaf(s[4 * j + 2], c, -u1));
-        s[4 * j + 3] = la_exp2(fmaf(s[4 * j + 3], c, -u1));
-        r0 += s[4 * j] + s[4 * j + 1];
-        r1 += s[4 * j + 2] + s[4 * j + 3];
+    for (int x = 0; x < LA_WG_NG; x++) {
+        float q0 = 0.f, q1 = 0.f;
+#pragma unroll
+        for (int j = LA_WG_JG * x; j < LA_WG_JG * (x + 1); j++) {
+            s[4 * j] = la_exp2(fmaf(s[4 * j], c, -u0));
+            s[4 * j + 1] = la_exp2(fmaf(s[4 * j + 1], c, -u0));
+            s[4 * j + 2] = la_exp2(fmaf(s[4 * j + 2], c, -u1));
+            s[4 * j + 3] = la_exp2(fmaf(s[4 * j + 3], c, -u1));
+            q0 += s[4 * j] + s[4 * j + 1];
+            q1 += s[4 * j + 2] + s[4 * j + 3];
+        }
+        if (gs) {
+            gs[x] = q0;
+            gs[LA_WG_NG + x] = q1;
+        }
+        r0 += q0;
+        r1 += q1;
     }
     l0 = l0 * a0 + r0;
     l1 = l1 * a1 + r1;
@@ -81,10 +117,10 @@ __device__ __forceinline__ bool la_wg_softmax_from(float* s, float c, float mx0,
 }
 
 __device__ __forceinline__ bool la_wg_softmax(float* s, float c, float& m0, float& m1, float& l0, float& l1,
-                                              float& a0, float& a1) {
+                                              float& a0, float& a1, float* gm = nullptr, float* gs = nullptr) {
     float mx0, mx1;
-    la_wg_rowmax(s, c, mx0, mx1, [](float a, float b) { return fmaxf(a, b); });
-    return la_wg_softmax_from(s, c, mx0, mx1, m0, m1, l0, l1, a0, a1);
+    la_wg_rowmax(s, c, mx0, mx1, [](float a, float b) { return fmaxf(a, b); }, gm);
+    return la_wg_softmax_from(s, c, mx0, mx1, m0, m1, l0, l1, a0, a1, gs);
 }
 
 // O *= a per row (the rescale that goes with la_wg_softmax's factors).
