@@ -1183,6 +1183,12 @@ impl FwdPlan {
         if map_block.is_some() {
             defines.push(("LA_MAP".into(), "1".into()));
             ptag.push_str("_map");
+            // `LONGATTN_CUDA_MAP_PARTS` (1: the per-tile statistics only, 2: the pool only):
+            // timing experiments, the map is wrong then.
+            if let Ok(v) = std::env::var("LONGATTN_CUDA_MAP_PARTS") {
+                defines.push(("LA_MAP_PARTS".into(), v.clone()));
+                ptag.push_str(&format!("_parts{v}"));
+            }
         }
         // Patch order: the grid width and patch shapes are compile-time (TMA boxes, la_qtok /
         // la_ktok index math), so they stay defines and name the variant; the neighborhood's
