@@ -1401,7 +1401,7 @@ impl FwdPlan {
         s.memset_zeros(mass).map_err(drv("zero map"))?;
         s.memset_zeros(max).map_err(drv("zero map"))?;
         let ptrs = (mass.device_ptr(s).0, max.device_ptr(s).0);
-        self.launch_inner(s, q, k, v, o, lse, None, Some(ptrs))
+        self.launch_sched_on(s, q, k, v, o, lse, None, Some(ptrs))
     }
 
     /// Skip-softmax's counters since the plan was made or last read: (key tiles tested, tiles
@@ -1444,7 +1444,7 @@ impl FwdPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_sched_on(s, q, k, v, o, lse, None)
+        self.launch_sched_on(s, q, k, v, o, lse, None, None)
     }
 
     /// The plan's kernel parameters with q and k bound (strides included): what the device-side
@@ -1483,7 +1483,9 @@ impl FwdPlan {
     /// [`FwdPlan::launch_on`] through a schedule in device memory instead of the mask's:
     /// `sched = (offsets, entries)` in the kernels' CSR form (`B Hq q_tiles + 1` offsets, entries
     /// `k_tile << 1 | partial`, rows (b, h, qt) in that order, a subset of the mask's rows with
-    /// their kinds); `None` runs the mask's own schedule.
+    /// their kinds); `None` runs the mask's own schedule. `map`: the device addresses of the
+    /// zeroed mass and max maps, for a plan that writes them ([`FwdPlan::launch_map_on`]) and
+    /// only then.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn launch_sched_on(
         &self,
@@ -1494,30 +1496,16 @@ impl FwdPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
         sched: Option<(u64, u64)>,
-    ) -> Result<()> {
-        if self.map.is_some() {
-            return Err(unsupported(
-                "this forward plan writes the pooled attention map: launch it with launch_map_on"
-                    .into(),
-            ));
-        }
-        self.launch_inner(s, q, k, v, o, lse, sched, None)
-    }
-
-    /// The launch behind [`FwdPlan::launch_sched_on`] and [`FwdPlan::launch_map_on`]; `map`:
-    /// the device addresses of the zeroed mass and max maps.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_inner(
-        &self,
-        s: &Arc<cudarc::driver::CudaStream>,
-        q: &DevTensor,
-        k: &DevTensor,
-        v: &DevTensor,
-        o: &mut DevTensor,
-        lse: &mut CudaSlice<f32>,
-        sched: Option<(u64, u64)>,
         map: Option<(u64, u64)>,
     ) -> Result<()> {
+        if self.map.is_some() != map.is_some() {
+            return Err(unsupported(if map.is_some() {
+                "this forward plan writes no attention map (make it with FwdPlan::with_map)".into()
+            } else {
+                "this forward plan writes the pooled attention map: launch it with launch_map_on"
+                    .into()
+            }));
+        }
         let Dims {
             batch,
             sq,
@@ -2202,12 +2190,7 @@ mod tests {
             return;
         };
         let program = element + &interval;
-        for (tile, d) in [
-            (TileCfg::warp_specialized(3, 128, 1), 64),
-            (TileCfg::warp_specialized(2, 128, 1), 128),
-            (TileCfg::warp_specialized(1, 64, 2), 128),
-            (TileCfg::warp_specialized(2, 64, 1), 256),
-        ] {
+        for (tile, d) in ws_test_tiles() {
             for dtype in [DType::BF16, DType::F16] {
                 for (skip, address) in [(None, false), (Some(0.01), false), (None, true)] {
                     let params = AttnParams {
@@ -2428,6 +2411,17 @@ mod tests {
         assert!(FWD_WS.contains("float2* map_scratch;\n    float* map_mass;\n    float* map_max;\n    int map_block, map_qb, map_kb, map_cap;\n};"));
     }
 
+    /// The warp-specialized tile configs and their head dims (three consumers at D 64, two at
+    /// D 128, one with two blocks per SM, two with 64-key tiles at D 256).
+    fn ws_test_tiles() -> [(TileCfg, usize); 4] {
+        [
+            (TileCfg::warp_specialized(3, 128, 1), 64),
+            (TileCfg::warp_specialized(2, 128, 1), 128),
+            (TileCfg::warp_specialized(1, 64, 2), 128),
+            (TileCfg::warp_specialized(2, 64, 1), 256),
+        ]
+    }
+
     /// The skip-softmax variant (LA_SKIP) of every warp-specialized tile config compiles, with
     /// the element and interval programs, the fused and lazy softmax steps, and soft-cap; ptxas
     /// keeps its wgmma asynchronous (C7519 "wgmma.mma_async instructions are serialized": a
@@ -2441,12 +2435,7 @@ mod tests {
         };
         let interval = element.clone() + &interval;
         let mut n = 0;
-        for (tile, d) in [
-            (TileCfg::warp_specialized(3, 128, 1), 64),
-            (TileCfg::warp_specialized(2, 128, 1), 128),
-            (TileCfg::warp_specialized(1, 64, 2), 128),
-            (TileCfg::warp_specialized(2, 64, 1), 256),
-        ] {
+        for (tile, d) in ws_test_tiles() {
             for (prog, softmax, cap, skip, late) in [
                 (&element, "fused", None, false, false),
                 (&element, "fused", None, true, false),
@@ -2483,12 +2472,7 @@ mod tests {
         };
         let interval = element.clone() + &interval;
         let mut n = 0;
-        for (tile, d) in [
-            (TileCfg::warp_specialized(3, 128, 1), 64),
-            (TileCfg::warp_specialized(2, 128, 1), 128),
-            (TileCfg::warp_specialized(1, 64, 2), 128),
-            (TileCfg::warp_specialized(2, 64, 1), 256),
-        ] {
+        for (tile, d) in ws_test_tiles() {
             for (prog, skip) in [(&element, false), (&interval, false), (&interval, true)] {
                 let params = AttnParams {
                     skip_below: skip.then_some(0.01),

@@ -17,6 +17,23 @@ pub struct CaseResult {
 }
 
 impl CaseResult {
+    /// A bad-input case: passed when `r` is an error whose message contains `want`.
+    pub fn refused(group: &'static str, name: String, r: Result<()>, want: &str) -> CaseResult {
+        let (passed, detail) = match r {
+            Ok(()) => (false, "accepted".to_string()),
+            Err(e) => (e.to_string().contains(want), format!("error: {e}")),
+        };
+        CaseResult {
+            group,
+            name,
+            passed,
+            err: 0.0,
+            tol: 0.0,
+            lse_err: 0.0,
+            detail,
+        }
+    }
+
     /// The result of a check that returns (output error, LSE error, detail, its own verdict):
     /// passed when the verdict holds and both errors are within `tol` and [`LSE_TOLERANCE`]; an
     /// error is a failure that names it.
@@ -1532,19 +1549,12 @@ pub fn check_sparse_errors(dev: &Arc<CudaDevice>) -> Vec<CaseResult> {
             crate::sparse::cuda::forward(dev, &qv, &kv, &vv, &bt.params, &spec, bt.spec())
                 .map(|_| ())
         })();
-        let (passed, detail) = match r {
-            Ok(()) => (false, "accepted".to_string()),
-            Err(e) => (e.to_string().contains(want), format!("error: {e}")),
-        };
-        out.push(CaseResult {
-            group: "sparse",
-            name: format!("sparse bad input: {spec} `{mask}`"),
-            passed,
-            err: 0.0,
-            tol: 0.0,
-            lse_err: 0.0,
-            detail,
-        });
+        out.push(CaseResult::refused(
+            "sparse",
+            format!("sparse bad input: {spec} `{mask}`"),
+            r,
+            want,
+        ));
     }
     out
 }
@@ -1834,19 +1844,7 @@ pub fn map_selftest(
             let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
             super::forward_with_map(dev, &qv, &kv, &vv, &bt.params, bt.spec(), block).map(|_| ())
         })();
-        let (passed, detail) = match r {
-            Ok(()) => (false, "accepted".to_string()),
-            Err(e) => (e.to_string().contains(want), format!("error: {e}")),
-        };
-        out.push(CaseResult {
-            group: "map",
-            name,
-            passed,
-            err: 0.0,
-            tol: 0.0,
-            lse_err: 0.0,
-            detail,
-        });
+        out.push(CaseResult::refused("map", name, r, want));
     }
     out
 }

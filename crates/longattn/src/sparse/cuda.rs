@@ -702,7 +702,7 @@ impl SparsePlan {
             .k
             .as_ref()
             .map(|(_, sc)| (sc.off.device_ptr(s).0, sc.ent.device_ptr(s).0));
-        self.fwd.launch_sched_on(s, q, k, v, o, lse, sched)
+        self.fwd.launch_sched_on(s, q, k, v, o, lse, sched, None)
     }
 
     /// The selected schedule on the host (synchronises the device's stream): batch B, heads Hq,
