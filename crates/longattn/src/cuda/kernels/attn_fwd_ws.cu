@@ -167,10 +167,9 @@ static_assert(sizeof(LaWsParams) == 896, "LaWsParams must match cuda/forward.rs"
 // Tile n's (A, B) of this thread's rows g and g + 8 for each 64-key group (header), from the
 // softmax step's own per-thread group sums of p~ (gs) and group maxima of s (gm: c s is the logit
 // in log2 units, so B is the group's largest logit itself); `live` false (a tile skip-softmax
-// dropped): (-inf, -inf). The consumer's region holds 64 rows of `cap` slots (row-major, so the
-// pool reads a row's slots across lanes); `rows` = its row 16 warp, `slot` = n LA_MAP_NG.
-__device__ __forceinline__ void la_map_tile(float2* rows, int cap, int slot, const float* gm, const float* gs,
-                                            float c, float m0, float m1, bool live, int lane) {
+// dropped): (-inf, -inf). slot = the consumer's region plus n LA_MAP_NG 64 + 16 warp.
+__device__ __forceinline__ void la_map_tile(float2* slot, const float* gm, const float* gs, float c, float m0,
+                                            float m1, bool live, int lane) {
     if (!(LA_MAP_PARTS & 1)) return;
     const int g = lane >> 2, t4 = lane & 3;
     const float u0 = m0 == -LA_INF ? 0.f : m0, u1 = m1 == -LA_INF ? 0.f : m1;
@@ -185,9 +184,9 @@ __device__ __forceinline__ void la_map_tile(float2* rows, int cap, int slot, con
             x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, o));
         }
         if (t4 == 0) {
-            float2* d = rows + (g * cap + slot + x);   // (a region's offsets fit an int: 64 cap < 2^31, checked on the host)
+            float2* d = slot + x * 64 + g;
             d[0] = live ? make_float2(u0 + __log2f(s0), x0 * c) : make_float2(-LA_INF, -LA_INF);
-            d[8 * cap] = live ? make_float2(u1 + __log2f(s1), x1 * c) : make_float2(-LA_INF, -LA_INF);
+            d[8] = live ? make_float2(u1 + __log2f(s1), x1 * c) : make_float2(-LA_INF, -LA_INF);
         }
     }
 }
@@ -196,11 +195,10 @@ __device__ __forceinline__ void la_map_tile(float2* rows, int cap, int slot, con
 #endif
 
 // After the epilogue of an item with nt > 0 tiles (header): the warpgroup's 64 rows (first
-// row row0 = qt BR + 64 c) from its region into the map. A lane takes one slot (64-key group)
-// and walks the 64 rows (row-major region: a warp reads 32 consecutive slots of a row at once),
-// the rows' L broadcast by shuffles; warp w takes the slots 32 w + 128 k + lane. Rows past Sq
-// and rows without keys (L = -inf) add nothing. Barrier 12 + c brackets it: the LSE and every
-// slot are in before the reads, and the reads are done before the next item writes the region.
+// row row0 = qt BR + 64 c) from its region into the map. Warp w takes the slots w, w + 4, ...;
+// lane l rows l and l + 32. Rows past Sq and rows without keys (L = -inf) add nothing. Barrier
+// 12 + c brackets it: the LSE and every slot are in before the reads, and the reads are done
+// before the next item writes the region again.
 __device__ __forceinline__ void la_map_pool(const LaWsParams& w, const float2* region, int nt, u32 e0, int b, int h,
                                             int row0, int c, int warp, int lane) {
     const LaFwdParams& p = w.p;
@@ -216,32 +214,46 @@ __device__ __forceinline__ void la_map_pool(const LaWsParams& w, const float2* r
     }
     const int qb = row0 / w.map_block;
     const float inv_rows = 1.f / (float)la_imin(w.map_block, p.Sq - qb * w.map_block);
-    const int ns = nt * LA_MAP_NG, cap = w.map_cap;
-    constexpr int R = LA_NWG == 3 ? 4 : 8;   // rows' loads in flight (three consumers: 160 registers)
-    for (int x0 = 32 * warp; x0 < ns; x0 += 128) {
-        const int x = la_imin(x0 + lane, ns - 1);   // lanes past the slots read the last, add nothing
-        float sum = 0.f, mx = 0.f;
+    const int ns = nt * LA_MAP_NG;
+    // U slots a warp at a time, every load issued before the first use (the loads are
+    // L2 round trips; one at a time they were most of the map's cost).
+    constexpr int U = LA_NWG == 3 ? 4 : 8;   // (three consumers: 160 registers a thread)
+    for (int x0 = warp; x0 < ns; x0 += 4 * U) {
+        float2 v[U][2];
+        u32 ent[U];
 #pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            for (int r0 = 0; r0 < 32; r0 += R) {
-                float2 v[R];
-#pragma unroll
-                for (int k = 0; k < R; k++) v[k] = region[(32 * hf + r0 + k) * cap + x];
-#pragma unroll
-                for (int k = 0; k < R; k++) {
-                    const float Lr = __shfl_sync(0xffffffff, L[hf], r0 + k);
-                    if (Lr != -LA_INF) {
-                        sum += la_exp2(v[k].x - Lr);
-                        mx = fmaxf(mx, la_exp2(v[k].y - Lr));
-                    }
-                }
+        for (int k = 0; k < U; k++) {
+            const int x = x0 + 4 * k;
+            v[k][0] = v[k][1] = make_float2(-LA_INF, -LA_INF);
+            ent[k] = 0;
+            if (x < ns) {
+                v[k][0] = region[x * 64 + lane];
+                v[k][1] = region[x * 64 + lane + 32];
+                ent[k] = p.sched_ent[e0 + x / LA_MAP_NG];
             }
         }
-        const int key = (int)(p.sched_ent[e0 + x / LA_MAP_NG] >> 1) * LA_BC + 64 * (x % LA_MAP_NG);
-        if (x0 + lane < ns && key < p.Sk) {
-            const i64 at = (((i64)b * p.Hq + h) * w.map_qb + qb) * w.map_kb + key / w.map_block;
-            if (sum > 0.f) atomicAdd(w.map_mass + at, sum * inv_rows);
-            if (mx > 0.f) atomicMax((int*)(w.map_max + at), __float_as_int(mx));   // p >= 0: int order
+#pragma unroll
+        for (int k = 0; k < U; k++) {
+            const int x = x0 + 4 * k;
+            float sum = 0.f, mx = 0.f;
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+                if (L[hf] != -LA_INF) {
+                    sum += la_exp2(v[k][hf].x - L[hf]);
+                    mx = fmaxf(mx, la_exp2(v[k][hf].y - L[hf]));
+                }
+            }
+#pragma unroll
+            for (int o = 16; o >= 1; o >>= 1) {
+                sum += __shfl_xor_sync(0xffffffff, sum, o);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            }
+            const int key = (int)(ent[k] >> 1) * LA_BC + 64 * (x % LA_MAP_NG);
+            if (lane == 0 && x < ns && key < p.Sk) {
+                const i64 at = (((i64)b * p.Hq + h) * w.map_qb + qb) * w.map_kb + key / w.map_block;
+                if (sum > 0.f) atomicAdd(w.map_mass + at, sum * inv_rows);
+                if (mx > 0.f) atomicMax((int*)(w.map_max + at), __float_as_int(mx));   // p >= 0: int order
+            }
         }
     }
     la_bar_sync(12 + c, 128);
@@ -612,7 +624,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 #if LA_MAP
                 float mg[2 * LA_MAP_NG], sg[2 * LA_MAP_NG];
                 la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1, mg, sg);
-                la_map_tile(map_region + warp * 16 * w.map_cap, w.map_cap, 0, mg, sg, LA_SM_SCALE(p), m0, m1, true, lane);
+                la_map_tile(map_region + warp * 16, mg, sg, LA_SM_SCALE(p), m0, m1, true, lane);
 #else
                 la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1);
 #endif
@@ -710,11 +722,9 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
 #undef LA_MAP_MG
 #undef LA_MAP_SG
 #if LA_MAP && LA_SKIP
-                la_map_tile(map_region + warp * 16 * w.map_cap, w.map_cap, n * LA_MAP_NG, mg, sg, LA_SM_SCALE(p), m0, m1,
-                            !drop, lane);
+                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), mg, sg, LA_SM_SCALE(p), m0, m1, !drop, lane);
 #elif LA_MAP
-                la_map_tile(map_region + warp * 16 * w.map_cap, w.map_cap, n * LA_MAP_NG, mg, sg, LA_SM_SCALE(p), m0, m1,
-                            true, lane);
+                la_map_tile(map_region + (n * LA_MAP_NG * 64 + warp * 16), mg, sg, LA_SM_SCALE(p), m0, m1, true, lane);
 #endif
 
                 la_wg_wait0();  // P_{n-1} V_{n-1} is done: O and the P registers are free

@@ -108,21 +108,42 @@ __device__ __forceinline__ void la_hist_pick(const u32* hist, u32 rem, u32* pick
     }
 }
 
-// The n-th largest of keys known to lie in [lo, hi] (lo <= hi: e.g. the block's least and
-// largest) by radix select, each pass a shared histogram of the keys that match the digits
-// chosen so far, filled by fill(shift, mask, prefix) (every thread adds its keys k with
-// (k & mask) == prefix to bin (k >> shift) & 255 through la_hist_add). The digits above the
-// highest bit where lo and hi differ are lo's (every key shares them), so the first pass takes
-// the 8 bits from that one down (passes of 8 bits, the last one clamped to bit 0, overlapping
-// digits already chosen, which its histogram agrees with); and with `early`, once the bin a
-// pass picks holds exactly the keys still wanted, every key of it is in the top n whatever its
-// lower digits, so the passes stop. Returns the chosen digits `prefix` under `mask`
-// (contiguous top bits): the keys with (k & mask) > prefix are the top n - need, and `need` of
-// those with (k & mask) == prefix complete it (all of them when the passes stopped early; with
-// mask = ~0 they equal the n-th largest key).
+// The n-th largest of a set of keys by radix select: four passes of 8-bit digits, each a shared
+// histogram of the keys that match the digits chosen so far, filled by
+// fill(shift, mask, prefix) (every thread adds its keys k with (k & mask) == prefix to bin
+// (k >> shift) & 255 through la_hist_add). Returns T and sets `need` to how many keys equal to T
+// complete the top n (the keys > T are n - need). hist: 256 words, pick: 2 words of shared memory.
+template <typename F>
+__device__ __forceinline__ u32 la_radix_nth_by(u32 n, F fill, u32* hist, u32* pick, u32& need) {
+    u32 prefix = 0, mask = 0, rem = n;   // rem: keys still to take at or below the prefix
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int t = threadIdx.x; t < 256; t += blockDim.x) hist[t] = 0;
+        __syncthreads();
+        fill(shift, mask, prefix);
+        __syncthreads();
+        if (threadIdx.x < 32) la_hist_pick(hist, rem, pick);
+        __syncthreads();
+        prefix |= pick[0] << shift;
+        mask |= 255u << shift;
+        rem = pick[1];
+        __syncthreads();
+    }
+    need = rem;
+    return prefix;
+}
+
+// la_radix_nth_by over keys known to lie in [lo, hi] (lo <= hi: the block's least and largest),
+// stopping early. The digits above the highest bit where lo and hi differ are lo's (every key
+// shares them), so the first pass takes the 8 bits from that one down (passes of 8 bits, the
+// last one clamped to bit 0, overlapping digits already chosen, which its histogram agrees
+// with); and once the bin a pass picks holds exactly the keys still wanted, every key of it
+// is in the top n whatever its lower digits, so the passes stop. Returns the chosen digits
+// `prefix` under `mask` (contiguous top bits): the keys with (k & mask) > prefix are the top
+// n - need, and `need` of those with (k & mask) == prefix complete it (all of them when the
+// passes stopped early; with mask = ~0 they equal the n-th largest key).
 template <typename F>
 __device__ __forceinline__ u32 la_radix_top_in(u32 n, u32 lo, u32 hi, F fill, u32* hist, u32* pick,
-                                               u32& need, u32& mask, bool early = true) {
+                                               u32& need, u32& mask) {
     if (lo == hi) {   // one value: every key ties
         need = n;
         mask = 0xffffffffu;
@@ -141,21 +162,12 @@ __device__ __forceinline__ u32 la_radix_top_in(u32 n, u32 lo, u32 hi, F fill, u3
         prefix |= pick[0] << shift;
         mask |= 255u << shift;
         rem = pick[1];
-        const bool whole = early && hist[pick[0]] == rem;   // the bin's keys are exactly those wanted
+        const bool whole = hist[pick[0]] == rem;   // the bin's keys are exactly those wanted
         __syncthreads();
         if (whole || shift == 0) break;
     }
     need = rem;
     return prefix;
-}
-
-// The n-th largest of a set of keys by radix select: four passes of 8-bit digits
-// (la_radix_top_in over the whole range, no early stop). Returns T and sets `need` to how many
-// keys equal to T complete the top n (the keys > T are n - need).
-template <typename F>
-__device__ __forceinline__ u32 la_radix_nth_by(u32 n, F fill, u32* hist, u32* pick, u32& need) {
-    u32 mask;
-    return la_radix_top_in(n, 0u, 0xffffffffu, fill, hist, pick, need, mask, false);
 }
 
 // The n-th largest key (1 <= n <= count of keys taken) among key(j) for j < N where take(j)
