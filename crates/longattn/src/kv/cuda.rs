@@ -172,19 +172,16 @@ impl DevQuest {
         }
         let dt = cache.dtype;
         let spp = score_pages();
+        let prefix = prefix_select() as u8;
         let defines = vec![
             ("LA_F16".into(), ((dt == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
             ("LA_PAGE".into(), page_size.to_string()),
             ("LQ_SPP".into(), spp.to_string()),
-            ("LQ_PREFIX".into(), (prefix_select() as u8).to_string()),
+            ("LQ_PREFIX".into(), prefix.to_string()),
         ];
         let src = format!("{COMMON}\n{SELECT}\n{QUEST}");
-        let variant = format!(
-            "kv_quest_{}_d{d}_p{page_size}_s{spp}_x{}",
-            dt.name(),
-            prefix_select() as u8
-        );
+        let variant = format!("kv_quest_{}_d{d}_p{page_size}_s{spp}_x{prefix}", dt.name());
         let f = |name: &str| dev.function(&variant, name, &src, &defines, 0);
         let cap_pages = max_len.div_ceil(page_size).max(1);
         // Up to SMEM_KEYS candidates (64 KiB of keys) stay in shared memory for the select
