@@ -165,6 +165,13 @@ pub struct Args {
     /// can drop most tiles).
     #[arg(long, default_value = "structured")]
     pub(crate) inputs: String,
+    /// `--backend cuda`: time gathered keys instead (`sparse::gather`): per length and key
+    /// probability P of this list (e.g. `0.05,0.1,0.2`), a seeded selection (the sink tile and
+    /// the local band whole, each earlier key with probability P, shared by the heads) under
+    /// `causal` through the gathered forward, against our dense causal forward timed in turn
+    /// with it (--lens, default 16k,64k,128k; --dims, default 128; 32 / 8 heads).
+    #[arg(long)]
+    pub(crate) gather: Option<String>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -326,6 +333,9 @@ pub fn main(a: Args) -> Result<()> {
     }
     if let Some(specs) = &a.sparse {
         return crate::bench_sparse::main(&a, specs);
+    }
+    if let Some(list) = &a.gather {
+        return crate::bench_sparse::gather(&a, list);
     }
     if let Some(spec) = &a.linear {
         if a.backend != "cpu" {

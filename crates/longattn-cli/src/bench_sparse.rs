@@ -394,3 +394,125 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
     }
     Ok(())
 }
+
+/// `--gather P,...` (`--backend cuda`): the gathered forward ([`longattn::cuda::FwdPlan::with_gather`])
+/// of a seeded selection ([`longattn::sparse::gather::TileKeys::synthetic`]: the sink tile and the
+/// local band whole, each earlier key with probability P; one selection shared by the heads)
+/// under `causal`, against our dense causal forward, the two timed in turn (medians of CUDA-event
+/// timings after a warm-up). density = kept pairs / causal pairs; kernel = gathered / (density x
+/// dense), 1.00 being a kernel whose time is proportional to the pairs kept; touched = the share
+/// of causal tiles holding a kept pair (what a tile-level schedule of the same selection would
+/// compute whole).
+pub fn gather(a: &Args, list: &str) -> Result<()> {
+    use longattn::cuda::{gather_tiles, CudaDevice, DevTensor, FwdPlan};
+    use longattn::sparse::gather::TileKeys;
+    if a.backend != "cuda" {
+        bail!("--gather times the CUDA forward (--backend cuda)");
+    }
+    if a.masks.as_deref().is_some_and(|m| m != "causal") {
+        bail!("--gather runs under `causal` (its density is counted for that mask)");
+    }
+    let probs = parse_list(list, "key probability", |x| {
+        x.parse::<f64>().ok().filter(|p| (0.0..=1.0).contains(p))
+    })?;
+    let dev = CudaDevice::open(a.device)?;
+    let lens = parse_list(
+        a.lens.as_deref().unwrap_or("16k,64k,128k"),
+        "length",
+        parse_len,
+    )?;
+    let dims = parse_list(a.dims.as_deref().unwrap_or("128"), "head dim", |x| {
+        x.parse().ok()
+    })?;
+    let hq = if a.heads == 8 && a.kv_heads.is_none() {
+        32
+    } else {
+        a.heads
+    };
+    let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
+    let reps = a.reps.max(10);
+    println!(
+        "gathered keys on {} (CUDA), causal, bf16, batch {}, heads {hq} / {hk}, median of {reps} (dense timed in turn)",
+        dev.name, a.batch
+    );
+    println!(
+        "{:<12} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}",
+        "input", "P", "density", "touched", "entries", "dense ms", "gather", "speedup", "kernel", "plan s"
+    );
+    for &n in &lens {
+        for &d in &dims {
+            let (q, k) = longattn::sparse::structured_qk(longattn::DType::BF16, a.batch, n, n, hq, hk, d, a.seed);
+            let v = longattn::testing::random_tensor(longattn::DType::BF16, &[a.batch, n, hk, d], 1.0, a.seed + 2);
+            let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
+            let bound = bind_mask("causal", a.batch, n, n, None)?;
+            let dm = longattn::attention::validate("bench", &qv, &kv, &vv)?;
+            let (qd, kd, vd) = (
+                DevTensor::upload(&dev, "q", &qv)?,
+                DevTensor::upload(&dev, "k", &kv)?,
+                DevTensor::upload(&dev, "v", &vv)?,
+            );
+            let bf = longattn::DType::BF16;
+            let params = AttnParams::default();
+            let s = dev.stream().clone();
+            let dense_plan = FwdPlan::new(&dev, dm, bf, &params, MaskSpec::Expr(&bound))?;
+            let (mut o1, mut o2) = (
+                DevTensor::alloc(&dev, [a.batch, n, hq, d], bf)?,
+                DevTensor::alloc(&dev, [a.batch, n, hq, d], bf)?,
+            );
+            let (mut l1, mut l2) = (dev.alloc_f32(a.batch * hq * n)?, dev.alloc_f32(a.batch * hq * n)?);
+            let (tq, tk) = gather_tiles(&dev, d, n, &MaskSpec::Expr(&bound))?;
+            let causal_pairs = (n as f64) * (n as f64 + 1.0) / 2.0;
+            let causal_tiles: usize = (0..n.div_ceil(tq)).map(|qt| ((qt + 1) * tq).min(n).div_ceil(tk)).sum();
+            for &p in &probs {
+                let sel = TileKeys::synthetic((tq, tk), (n, n), (1, 1), p, a.seed + 9)?;
+                // Kept pairs under causal: a whole tile's rows i keep keys k0 ..= min(i, k1 - 1);
+                // a kept key j (all below the tile's last row) rows max(q0, j) .. q1 - 1.
+                let (mut kept, mut touched) = (0f64, 0usize);
+                for qt in 0..sel.q_tiles {
+                    let (q0, q1) = (qt * tq, ((qt + 1) * tq).min(n));
+                    let tiles = sel.tiles_of(0, 0, qt);
+                    for &kt in tiles {
+                        let (k0, k1) = (kt as usize * tk, ((kt as usize + 1) * tk).min(n));
+                        kept += (q0..q1).map(|i| (i.min(k1 - 1) + 1).saturating_sub(k0) as f64).sum::<f64>();
+                    }
+                    let keys = sel.keys_of(0, 0, qt);
+                    kept += keys.iter().map(|&j| (q1 - (j as usize).max(q0)) as f64).sum::<f64>();
+                    let mut kts: Vec<u32> = keys.iter().map(|&j| j / tk as u32).collect();
+                    kts.extend_from_slice(tiles);
+                    kts.sort_unstable();
+                    kts.dedup();
+                    touched += kts.len();
+                }
+                let density = kept / causal_pairs;
+                let t0 = Instant::now();
+                let plan = FwdPlan::with_gather(&dev, dm, bf, &params, MaskSpec::Expr(&bound), &sel)?;
+                let plan_s = t0.elapsed().as_secs_f64();
+                let (tiles, chunks) = plan.gather_counts().unwrap_or_default();
+                let mut one = || dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o1, &mut l1);
+                let mut two = || plan.launch_on(&s, &qd, &kd, &vd, &mut o2, &mut l2);
+                one()?;
+                two()?;
+                let (mut ta, mut tb) = (Vec::new(), Vec::new());
+                for _ in 0..reps {
+                    ta.push(dev.time_ms(&mut one)?);
+                    tb.push(dev.time_ms(&mut two)?);
+                }
+                let (dense, t) = (median(ta), median(tb));
+                println!(
+                    "{:<12} {:>6} {:>8.4} {:>7.1}% {:>9} {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>9.2}",
+                    format!("n {} D {d}", fmt_len(n)),
+                    p,
+                    density,
+                    100.0 * touched as f64 / causal_tiles as f64,
+                    format!("{tiles}+{chunks}"),
+                    dense,
+                    t,
+                    dense / t,
+                    t / (density * dense).max(1e-9),
+                    plan_s
+                );
+            }
+        }
+    }
+    Ok(())
+}

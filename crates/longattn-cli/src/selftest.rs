@@ -313,6 +313,12 @@ pub fn main(a: Args) -> Result<()> {
         a.quick,
         &|n| keep(n),
     ));
+    // Gathered keys in the forward (group `gather`, every case named `gather ...`).
+    results.extend(longattn::cuda::selftest::gather_selftest(
+        &dev,
+        a.quick,
+        &|n| keep(n),
+    ));
 
     let recs = dev.compile_records();
     let (mut cold, mut warm) = ((0, 0.0), (0, 0.0));

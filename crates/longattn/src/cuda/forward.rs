@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::mask::codegen::MASK_CONSTS;
 use crate::mask::{BlockSchedule, TileEntry, TileKind};
 use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
+use crate::sparse::gather::TileKeys;
 
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 /// Swizzled shared-memory tiles of the mma.sync kernels (forward and backward).
@@ -484,6 +485,8 @@ struct LaWsParams {
     map_qb: i32,
     map_kb: i32,
     map_cap: i32,
+    /// Gathered keys (`LA_GATHER`): the chunks' key lists.
+    gkeys: u64,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `LaWsParams` (64-byte aligned maps).
@@ -1008,6 +1011,9 @@ pub struct FwdPlan {
     skip: Option<(f32, CudaSlice<u64>)>,
     /// The pooled attention map the kernel also writes ([`FwdPlan::with_map`]).
     map: Option<MapPlan>,
+    /// Gathered keys ([`FwdPlan::with_gather`]): the chunks' key lists, and the kept tiles and
+    /// chunks the schedule lists.
+    gather: Option<(CudaSlice<u32>, (usize, usize))>,
 }
 
 /// The pooled attention map of a forward plan (`LA_MAP`, attn_fwd_ws.cu): its block, the map's
@@ -1051,7 +1057,7 @@ impl FwdPlan {
         mask: MaskSpec,
         tma: bool,
     ) -> Result<FwdPlan> {
-        Self::build(dev, dims, dtype, params, mask, tma, None)
+        Self::build(dev, dims, dtype, params, mask, tma, None, None)
     }
 
     /// [`FwdPlan::new`] whose kernel also writes the block-pooled attention map
@@ -1070,9 +1076,30 @@ impl FwdPlan {
                 "the pooled attention map's block must be a positive multiple of 64, got {block}"
             )));
         }
-        Self::build(dev, dims, dtype, params, mask, true, Some(block))
+        Self::build(dev, dims, dtype, params, mask, true, Some(block), None)
     }
 
+    /// [`FwdPlan::new`] of a selection of whole key tiles and single keys per query tile under
+    /// `mask` (`sparse::gather`): the kept tiles run as schedule entries, the keys as gathered
+    /// chunks of a key tile's size, so the work is the keys kept. The selection's tiles must be
+    /// the kernel's ([`gather_tiles`]). The warp-specialized kernel (Hopper, row order) only.
+    pub fn with_gather(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        mask: MaskSpec,
+        sel: &TileKeys,
+    ) -> Result<FwdPlan> {
+        Self::build(dev, dims, dtype, params, mask, true, None, Some(sel))
+    }
+
+    /// Kept tiles and gathered chunks of a plan made by [`FwdPlan::with_gather`].
+    pub fn gather_counts(&self) -> Option<(usize, usize)> {
+        self.gather.as_ref().map(|g| g.1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn build(
         dev: &Arc<CudaDevice>,
         dims: Dims,
@@ -1081,6 +1108,7 @@ impl FwdPlan {
         mask: MaskSpec,
         tma: bool,
         map_block: Option<usize>,
+        gather: Option<&TileKeys>,
     ) -> Result<FwdPlan> {
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
@@ -1097,33 +1125,12 @@ impl FwdPlan {
         if dims.sq > i32::MAX as usize || dims.sk > i32::MAX as usize {
             return Err(unsupported("sequence longer than 2^31".into()));
         }
-        let mut tile = TileCfg::choose(d, dims.sk, dev.cc);
+        let tile = plan_tile(dev, d, dims.sk, &mask, tma, gather.is_some());
         let (bound, nbr2d) = match &mask {
             MaskSpec::Expr(bm) => (Some(*bm), bm.nbr2d()),
             _ => (None, None),
         };
         let heavy = bound.is_some_and(|bm| bm.cuda_program_is_heavy());
-        if !tma && tile.kernel == FwdKernel::WarpSpecialized {
-            tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
-        }
-        // Heavy programs (2-D neighborhoods, documents whose keys are not runs) read a bit table
-        // on their Partial tiles (below) on the warp-specialized kernel with one consumer
-        // warpgroup, 64-key tiles and two blocks per SM; 2-D neighborhoods in patch order where
-        // one helps (`mask/patch.rs`: the TMA loads patch tiles as 5-D boxes). n 1k
-        // neighborhood2d 32 x 32, 13 x 13 (row order), H100, D 64 / D 128 ms: 0.199 / 0.152
-        // against 0.245 / 0.193 for its default tiles, 0.240 / 0.179 for 2 x 64, and 0.327 /
-        // 0.254 on the wgmma kernel. `LONGATTN_CUDA_HEAVY=0` keeps the default tiles,
-        // `LONGATTN_CUDA_HEAVY=wgmma` takes the wgmma kernel (tuning runs).
-        let heavy_env = std::env::var("LONGATTN_CUDA_HEAVY").unwrap_or_default();
-        if tile.kernel == FwdKernel::WarpSpecialized && heavy && heavy_env != "0" {
-            if heavy_env == "wgmma" {
-                tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
-            } else if std::env::var("LONGATTN_CUDA_WS").is_err() && kernel_dim(&tile, d) != 256 {
-                // (D 256 keeps its tiles: two blocks of one consumer would not fit shared
-                // memory.)
-                tile = TileCfg::warp_specialized(1, 64, 2);
-            }
-        }
         // Skip-softmax is a step of the warp-specialized kernel's consumers (attn_fwd_ws.cu).
         if let Some(l) = params.skip_below {
             if tile.kernel != FwdKernel::WarpSpecialized {
@@ -1141,11 +1148,28 @@ impl FwdPlan {
                 )));
             }
         }
+        if gather.is_some() && tile.kernel != FwdKernel::WarpSpecialized {
+            return Err(unsupported(format!(
+                "gathered keys run in the Hopper warp-specialized forward (sm_90, D up to 256, q / k / v addresses and strides multiples of 16 bytes); this forward takes the {:?} kernel (use the CPU backend)",
+                tile.kernel
+            )));
+        }
+        if gather.is_some() && params.skip_below.is_some() && kernel_dim(&tile, d) == 256 {
+            // (attn_fwd_ws.cu: the gathered variant's consumers have 8 registers fewer; with
+            // skip-softmax at D 256 they would spill.)
+            return Err(unsupported(
+                "gathered keys with skip-softmax at head dims above 128 (use one or the other, or the CPU backend)".into(),
+            ));
+        }
         let t0 = Instant::now();
         // A 2-D neighborhood runs in patch order (~2x fewer keys per query tile at 13 x 13) on
         // the wgmma kernel, and on the warp-specialized one when its Partial tiles read the bit
         // table (its element program takes row order); `LONGATTN_CUDA_PATCH=0` keeps row order.
-        let bits_on = heavy && tile.kernel != FwdKernel::MmaSync && !env_off("LONGATTN_CUDA_BITS");
+        // (Gathered chunks are not key tiles: no bit table; their elements run the program.)
+        let bits_on = heavy
+            && tile.kernel != FwdKernel::MmaSync
+            && gather.is_none()
+            && !env_off("LONGATTN_CUDA_BITS");
         let patch = match (bound, nbr2d) {
             (Some(bm), Some(nb))
                 if (tile.kernel == FwdKernel::Wgmma
@@ -1156,6 +1180,10 @@ impl FwdPlan {
             }
             _ if map_block.is_some() => None, // the map pools in row order
             _ => None,
+        };
+        let patch = match gather {
+            Some(_) => None, // chunks are gathered rows, not patches
+            None => patch,
         };
         let mut dm = match &patch {
             Some((bm, nb, grid)) => DevMask::patched(dev, bm, nb, grid, dims)?,
@@ -1171,6 +1199,19 @@ impl FwdPlan {
             }
             p => p,
         };
+        // A gathered selection: the kernel's rows are the lowered ones (kept tiles, then chunks).
+        let mut lowered = None;
+        if let Some(sel) = gather {
+            let l = crate::sparse::gather::lower(&dm.sched, sel, dims.batch, dims.hq)?;
+            dm.row_off = dev.upload(&l.offs)?;
+            dm.row_ent = dev.upload(&l.ents)?;
+            let keys = if l.keys.is_empty() {
+                dev.upload(&[crate::sparse::gather::PAD])?
+            } else {
+                dev.upload(&l.keys)?
+            };
+            lowered = Some((l, keys));
+        }
         let schedule_seconds = t0.elapsed().as_secs_f64();
 
         let ptr = |s: &CudaSlice<u32>| s.device_ptr(dev.stream()).0;
@@ -1179,6 +1220,10 @@ impl FwdPlan {
         let mut ptag = String::new();
         if params.skip_below.is_some() {
             ptag.push_str("_skip");
+        }
+        if lowered.is_some() {
+            defines.push(("LA_GATHER".into(), "1".into()));
+            ptag.push_str("_gather");
         }
         if map_block.is_some() {
             defines.push(("LA_MAP".into(), "1".into()));
@@ -1229,6 +1274,10 @@ impl FwdPlan {
             mc: dm.consts,
             ..Default::default()
         };
+        if let Some((l, _)) = &lowered {
+            base.sched_batch = l.batch as i32;
+            base.sched_heads = l.heads as i32;
+        }
         // Programs that are heavy per element, on the wgmma kernel: Partial tiles read the mask's
         // bit table (built here, timed with the schedule) instead of running the program.
         // `LONGATTN_CUDA_BITS=0` keeps the program (tuning runs).
@@ -1292,8 +1341,16 @@ impl FwdPlan {
                 .max(1);
                 let t1 = Instant::now();
                 let s = &dm.sched;
+                // A chunk costs what a key tile does.
                 let list = ws_work_list(pairs, q_tiles, ws_head_group(pairs), blocks, |bh, qt| {
-                    s.row(bh / dims.hq, bh % dims.hq, qt).len()
+                    let (b, h) = (bh / dims.hq, bh % dims.hq);
+                    match &lowered {
+                        Some((l, _)) => {
+                            let r = ((b % l.batch) * l.heads + h % l.heads) * q_tiles + qt;
+                            (l.offs[r + 1] - l.offs[r]) as usize
+                        }
+                        None => s.row(b, h, qt).len(),
+                    }
                 });
                 work = Some(dev.upload(&list)?);
                 schedule_seconds += t1.elapsed().as_secs_f64();
@@ -1357,6 +1414,7 @@ impl FwdPlan {
             patch: patch.map(|(_, _, g)| g),
             skip,
             map,
+            gather: lowered.map(|(l, keys)| (keys, (l.tiles, l.chunks))),
         })
     }
 
@@ -1537,6 +1595,11 @@ impl FwdPlan {
         p.v_s = v.strides();
         p.o_s = o.strides();
         if let Some((off, ent)) = sched {
+            if self.gather.is_some() {
+                return Err(unsupported(
+                    "a device-written schedule with a gathered selection (the plan's rows are the selection's)".into(),
+                ));
+            }
             if self.uses_mask_bits() {
                 return Err(unsupported(
                     "a device-written schedule with a mask whose Partial tiles read its bit table (2-D neighborhoods, dealt documents)".into(),
@@ -1597,6 +1660,7 @@ impl FwdPlan {
                 map_qb,
                 map_kb,
                 map_cap,
+                gkeys: self.gather.as_ref().map_or(0, |g| g.0.device_ptr(s).0),
             };
             b.arg(&ws);
         } else {
@@ -1608,6 +1672,58 @@ impl FwdPlan {
         unsafe { b.launch(self.cfg) }.map_err(drv("launch attention"))?;
         Ok(())
     }
+}
+
+/// The forward kernel and tiles for head dim `d`, `sk` keys and `mask` on `dev` (`tma = false`:
+/// kernels that read q / k / v without TMA descriptors).
+fn plan_tile(dev: &CudaDevice, d: usize, sk: usize, mask: &MaskSpec, tma: bool, gather: bool) -> TileCfg {
+    let mut tile = TileCfg::choose(d, sk, dev.cc);
+    let (bound, nbr2d) = match &mask {
+        MaskSpec::Expr(bm) => (Some(*bm), bm.nbr2d()),
+        _ => (None, None),
+    };
+    let heavy = bound.is_some_and(|bm| bm.cuda_program_is_heavy());
+    if !tma && tile.kernel == FwdKernel::WarpSpecialized {
+        tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
+    }
+    // Heavy programs (2-D neighborhoods, documents whose keys are not runs) read a bit table
+    // on their Partial tiles (below) on the warp-specialized kernel with one consumer
+    // warpgroup, 64-key tiles and two blocks per SM; 2-D neighborhoods in patch order where
+    // one helps (`mask/patch.rs`: the TMA loads patch tiles as 5-D boxes). n 1k
+    // neighborhood2d 32 x 32, 13 x 13 (row order), H100, D 64 / D 128 ms: 0.199 / 0.152
+    // against 0.245 / 0.193 for its default tiles, 0.240 / 0.179 for 2 x 64, and 0.327 /
+    // 0.254 on the wgmma kernel. `LONGATTN_CUDA_HEAVY=0` keeps the default tiles,
+    // `LONGATTN_CUDA_HEAVY=wgmma` takes the wgmma kernel (tuning runs).
+    let heavy_env = std::env::var("LONGATTN_CUDA_HEAVY").unwrap_or_default();
+    if tile.kernel == FwdKernel::WarpSpecialized && heavy && heavy_env != "0" {
+        if heavy_env == "wgmma" {
+            tile = TileCfg::choose_wgmma(d, nbr2d.is_some());
+        } else if std::env::var("LONGATTN_CUDA_WS").is_err() && kernel_dim(&tile, d) != 256 {
+            // (D 256 keeps its tiles: two blocks of one consumer would not fit shared
+            // memory.)
+            tile = TileCfg::warp_specialized(1, 64, 2);
+        }
+    }
+    // A gathered selection's producers need more registers than three consumers leave them
+    // (attn_fwd_ws.cu, LA_GATHER): D 64 takes two.
+    if gather && tile.kernel == FwdKernel::WarpSpecialized && tile.warps == 16 {
+        tile = TileCfg::warp_specialized(2, 128, 1);
+    }
+    tile
+}
+
+/// The query and key tiles (rows, keys) of the forward kernel a gathered selection
+/// ([`FwdPlan::with_gather`]) runs on for head dim `d` and `sk` keys under `mask`: the
+/// selection's tiles must be these.
+pub fn gather_tiles(dev: &CudaDevice, d: usize, sk: usize, mask: &MaskSpec) -> Result<(usize, usize)> {
+    let tile = plan_tile(dev, d, sk, mask, true, true);
+    if tile.kernel != FwdKernel::WarpSpecialized {
+        return Err(unsupported(format!(
+            "gathered keys run in the Hopper warp-specialized forward (sm_90, D up to 256); D {d} takes the {:?} kernel here (use the CPU backend)",
+            tile.kernel
+        )));
+    }
+    Ok((tile.br, tile.bc))
 }
 
 /// Kernel constants of the logits (forward and backward): a logit is `s * scale_log2` in log2
@@ -1952,6 +2068,36 @@ pub fn forward(
 ) -> Result<AttnOutput> {
     let dims = validate("cuda attention", q, k, v)?;
     let plan = FwdPlan::new(dev, dims, q.dtype(), params, mask)?;
+    let (qd, kd, vd) = (
+        DevTensor::upload(dev, "q", q)?,
+        DevTensor::upload(dev, "k", k)?,
+        DevTensor::upload(dev, "v", v)?,
+    );
+    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.d], q.dtype())?;
+    let mut lse = dev
+        .stream()
+        .alloc_zeros::<f32>(dims.batch * dims.hq * dims.sq)
+        .map_err(drv("alloc"))?;
+    plan.launch(&qd, &kd, &vd, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let out = o.download(dev)?;
+    let lse = dev.stream().clone_dtoh(&lse).map_err(drv("copy to host"))?;
+    Ok(AttnOutput { out, lse })
+}
+
+/// The forward of a gathered selection under `mask` on the GPU ([`FwdPlan::with_gather`]):
+/// copies the inputs, runs, copies the output and LSE back.
+pub fn forward_gathered(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+    sel: &TileKeys,
+) -> Result<AttnOutput> {
+    let dims = validate("cuda attention", q, k, v)?;
+    let plan = FwdPlan::with_gather(dev, dims, q.dtype(), params, mask, sel)?;
     let (qd, kd, vd) = (
         DevTensor::upload(dev, "q", q)?,
         DevTensor::upload(dev, "k", k)?,
@@ -2487,6 +2633,39 @@ mod tests {
             }
         }
         assert_eq!(n, 12);
+    }
+
+    /// The gathered-key variant (`LA_GATHER`) of every warp-specialized tile shape, with the
+    /// element and interval programs and with skip-softmax, without spills or serialized wgmma
+    /// (NVRTC; skipped without `libnvrtc`).
+    #[test]
+    fn gather_kernels_compile_with_nvrtc() {
+        let Some((element, interval)) = super::super::compile::test_programs() else {
+            return;
+        };
+        let interval = element.clone() + &interval;
+        let mut n = 0;
+        // (D 64 gathers with two consumers: plan_tile.)
+        let mut tiles = ws_test_tiles();
+        tiles[0].0 = TileCfg::warp_specialized(2, 128, 1);
+        for (tile, d) in tiles {
+            for (prog, skip) in [(&element, false), (&interval, false), (&interval, true)] {
+                if skip && d == 256 {
+                    continue; // refused by the host (FwdPlan::build): its consumers would spill
+                }
+                let params = AttnParams {
+                    skip_below: skip.then_some(0.01),
+                    ..Default::default()
+                };
+                let (src, _, tag, mut defines) =
+                    kernel_build(&tile, DType::BF16, d, &params, prog, &fwd_softmax());
+                defines.push(("LA_GATHER".into(), "1".into()));
+                let name = format!("test_fwd{tag}_gather_skip{}_d{d}", skip as u8);
+                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+                n += 1;
+            }
+        }
+        assert_eq!(n, 11);
     }
 
     /// Tuning aid, run by hand: writes the warp-specialized forward's CUBIN (bf16, D 128, the

@@ -24,7 +24,7 @@ use cudarc::driver::{sys as cu, CudaContext, CudaFunction, CudaStream, DriverErr
 use crate::error::{Error, Result};
 pub use compile::CompileSource;
 pub use cudarc::driver::CudaSlice;
-pub use forward::{forward, forward_with_map, DevTensor, FwdPlan};
+pub use forward::{forward, forward_gathered, forward_with_map, gather_tiles, DevTensor, FwdPlan};
 
 pub fn drv(op: &'static str) -> impl Fn(DriverError) -> Error {
     move |e: DriverError| {

@@ -1848,3 +1848,154 @@ pub fn map_selftest(
     }
     out
 }
+
+/// One gathered-keys case ([`super::FwdPlan::with_gather`]): a forward case, the probability
+/// of each key outside the whole tiles in the seeded selection
+/// ([`crate::sparse::gather::TileKeys::synthetic`], one per query head), skip-softmax.
+pub struct GatherCase {
+    pub fwd: FwdCase,
+    pub p: f64,
+    pub skip: Option<f32>,
+}
+
+impl GatherCase {
+    pub fn name(&self) -> String {
+        format!(
+            "gather {} keys {}{}",
+            self.fwd.name(),
+            self.p,
+            self.skip
+                .map(|l| format!(" skip {l:e}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// Awkward sizes, a decode row and Sq != Sk; causal, full, a window (keys the window drops:
+/// tested chunks), documents; D 64 / 128 / 256 and a padded D 96; f16; GQA 8 / 1 with batch 2;
+/// soft-cap; skip-softmax; every key kept and none (tiles only).
+pub fn gather_cases(quick: bool) -> Vec<GatherCase> {
+    use DType::{BF16, F16};
+    let case = |dt, sq, sk, d, mask: &str, p| GatherCase {
+        fwd: FwdCase::new(dt, sq, sk, d, mask),
+        p,
+        skip: None,
+    };
+    let mut v = vec![
+        case(BF16, 1, 1, 128, "causal", 0.5),
+        case(BF16, 7, 7, 64, "full", 0.5),
+        case(BF16, 63, 65, 128, "causal", 0.5),
+        case(BF16, 113, 203, 256, "causal", 0.4),
+        case(BF16, 1, 4224, 128, "causal", 0.2),
+        case(F16, 100, 1000, 64, "full", 0.3),
+        case(BF16, 1023, 1023, 128, "causal & window(255,0)", 0.3),
+        case(BF16, 65, 4224, 96, "full", 0.1),
+    ];
+    if !quick {
+        v.push(case(BF16, 4224, 4224, 128, "causal", 0.15));
+        v.push(case(BF16, 2000, 2000, 256, "causal", 0.2));
+        v.push(case(BF16, 700, 700, 64, "causal & document", 0.3));
+        v.push(case(BF16, 600, 600, 128, "causal", 1.0));
+        v.push(case(BF16, 600, 600, 128, "causal", 0.0));
+        let mut g = case(BF16, 513, 777, 128, "causal", 0.3);
+        (g.fwd.hq, g.fwd.hk) = (8, 1);
+        g.fwd.batch = 2;
+        v.push(g);
+        let mut c = case(BF16, 300, 900, 128, "causal", 0.3);
+        c.fwd.softcap = Some(20.0);
+        v.push(c);
+        let mut s = case(BF16, 2048, 2048, 128, "causal", 0.2);
+        s.skip = Some(1e-4);
+        v.push(s);
+    }
+    v
+}
+
+/// The GPU's gathered forward against the f64 oracle over `mask & selection` when the problem is
+/// small, else against the CPU path (the selection as a row mask over the tiles it touches). The
+/// detail names the kept tiles and chunks and the pairs kept.
+pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> CaseResult {
+    use crate::sparse::gather::{RowKeys, TileKeys};
+    let tol = out_tolerance(case.fwd.dtype);
+    let r = (|| -> Result<(f64, f64, String, bool)> {
+        let c = &case.fwd;
+        let bt = Built::new(c, seed)?;
+        let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+        let (tq, tk) = super::gather_tiles(dev, c.d, c.sk, &bt.spec())?;
+        let sel = TileKeys::synthetic((tq, tk), (c.sq, c.sk), (1, c.hq), case.p, seed + 7)?;
+        let params = AttnParams {
+            skip_below: case.skip,
+            ..bt.params
+        };
+        let plan = super::FwdPlan::with_gather(dev, crate::attention::validate("gather", &qv, &kv, &vv)?, c.dtype, &params, bt.spec(), &sel)?;
+        let (tiles, chunks) = plan.gather_counts().unwrap_or_default();
+        drop(plan);
+        let got = super::forward_gathered(dev, &qv, &kv, &vv, &params, bt.spec(), &sel)?;
+        let keeps = |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
+        let (e, l, against) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
+            let r = attention_f64(&qv, &kv, &vv, &bt.params, &keeps)?;
+            let (e, l) = compare(&got.out, &got.lse, &r);
+            (e, l, "f64 oracle")
+        } else {
+            let sched = match &bt.bound {
+                Some(bm) => bm.schedule(tq, tk)?,
+                None => BlockSchedule::full(tq, tk, c.sq, c.sk)?,
+            };
+            let cs = sel.cpu_schedule(&sched, c.batch, c.hq)?;
+            let rows = RowKeys {
+                mask: bt.bound.as_ref().map(|b| b as &dyn crate::mask::RowMask),
+                sel: &sel,
+            };
+            let cpu = crate::forward(&qv, &kv, &vv, &bt.params, MaskSpec::Schedule { schedule: &cs, rows: Some(&rows) })?;
+            let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
+            (e, l, "CPU path")
+        };
+        Ok((e, l, format!("vs {against}; tiles {tiles}, chunks {chunks} of {tk} keys"), chunks > 0 || case.p == 0.0))
+    })();
+    let tol = if case.skip.is_some() { tol.max(1e-2) } else { tol };
+    CaseResult::checked("gather", case.name(), r, tol)
+}
+
+/// The gather group: every case, then bad input refused by name: a selection at other tiles than
+/// the kernel's, a head dim the warp-specialized kernel does not take (D 32), skip-softmax at D
+/// 256.
+pub fn gather_selftest(
+    dev: &Arc<CudaDevice>,
+    quick: bool,
+    keep: &dyn Fn(&str) -> bool,
+) -> Vec<CaseResult> {
+    use crate::sparse::gather::TileKeys;
+    let mut out: Vec<CaseResult> = gather_cases(quick)
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| keep(&c.name()))
+        .map(|(n, c)| check_gather(dev, c, 23000 + 37 * n as u64))
+        .collect();
+    for (d, tiles, skip, want) in [
+        (128, Some((64, 64)), None, "must be the mask schedule's"),
+        (32, Some((64, 64)), None, "warp-specialized"),
+        (256, None, Some(1e-3), "skip-softmax"),
+    ] {
+        let name = format!("gather bad input: D {d}, tiles {tiles:?}, skip {skip:?}");
+        if !keep(&name) {
+            continue;
+        }
+        let r = (|| -> Result<()> {
+            let c = FwdCase::new(DType::BF16, 300, 300, d, "causal");
+            let bt = Built::new(&c, 3)?;
+            let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+            let t = match tiles {
+                Some(t) => t,
+                None => super::gather_tiles(dev, d, c.sk, &bt.spec())?,
+            };
+            let sel = TileKeys::synthetic(t, (c.sq, c.sk), (1, 1), 0.3, 5)?;
+            let params = AttnParams {
+                skip_below: skip,
+                ..bt.params
+            };
+            super::forward_gathered(dev, &qv, &kv, &vv, &params, bt.spec(), &sel).map(|_| ())
+        })();
+        out.push(CaseResult::refused("gather", name, r, want));
+    }
+    out
+}

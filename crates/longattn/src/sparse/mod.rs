@@ -195,6 +195,7 @@
 //! [`crate::cuda::forward_with_map`] (the Hopper kernel, `FwdPlan::with_map`).
 pub mod cuda;
 mod estimate;
+pub mod gather;
 mod lines;
 pub mod lowbit;
 pub mod reference;

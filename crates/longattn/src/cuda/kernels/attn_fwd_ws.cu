@@ -60,8 +60,20 @@
 // Since 2^(A - L_i) = sum_{j in x} 2^(y_ij - L_i) exactly, the map is the forward's own
 // probabilities; a tile skip-softmax drops counts 0.
 //
+// Gathered keys (LA_GATHER = 1; sparse/gather.rs): an entry with bit 31 set is not a key tile
+// but chunk x = (entry >> 1) & (2^30 - 1) of the key list w.gkeys: the keys gkeys[x BC ..
+// x BC + BC), in any order, each allowed for every row of the query tile (entry bit 0 clear) or
+// to be tested per element with the mask program (bit 0 set; the list's padding, INT_MAX, is
+// then masked as a key past Sk). The producer warpgroup's 128 threads copy the chunk's K and V
+// rows 16 bytes a thread (cp.async, rows past Sk as zeros) into the layout the TMA writes, and
+// each thread's copies count on the stage's "full" barrier (cp.async.mbarrier.arrive adds a
+// pending arrival at once and completes it when they land; thread 0's own arrival, after a
+// named barrier of the 128, is the one the barrier expects). Those writes are the generic
+// proxy's, the tensor cores read through the async proxy: consumers fence the two after each
+// wait for a stage. From there a chunk is a tile like any other.
+//
 // Compile-time constants: LA_F16, LA_D (64, 128 or 256), LA_BC (64 or 128), LA_NWG (consumer
-// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, LA_MAP, and the mask program la_mask.
+// warpgroups: 1..3), LA_MINB, LA_SOFTCAP, LA_SKIP, LA_MAP, LA_GATHER, and the mask program la_mask.
 //
 // D 256 (two consumers, 64-key tiles): O takes 128 registers a thread, P V is one m64n256k16
 // product per 16 keys; shared memory holds one Q stage (64 KiB) and two of K and V (32 KiB each).
@@ -123,6 +135,23 @@
 #define LA_REG_MMA 240
 #define LA_REG_LOAD 24
 #endif
+// The gathered-key variant (LA_GATHER): the producer warpgroup's walk with its copies spills at
+// 24 and 32 registers; the producers take 40 and the consumers give up 8 (two consumers: 128 x
+// 40 + 256 x 232 = 64512 a block) or 16 (one consumer, two blocks per SM: 128 x 40 + 128 x 216
+// = 32768 a block). Three consumers (D 64) are not taken with it (the host plans two).
+#if LA_GATHER
+#if LA_NWG == 3
+#error "LA_GATHER: three consumer warpgroups leave the producers too few registers"
+#endif
+#undef LA_REG_MMA
+#undef LA_REG_LOAD
+#if LA_NWG == 1 && LA_MINB == 2
+#define LA_REG_MMA 216
+#else
+#define LA_REG_MMA 232
+#endif
+#define LA_REG_LOAD 40
+#endif
 
 #if LA_BC == 64
 #define la_wg_ss_bc la_wg_ss_n64
@@ -148,12 +177,22 @@ struct LaWsParams {
     float* map_mass;
     float* map_max;
     int map_block, map_qb, map_kb, map_cap;
+    // Gathered keys (LA_GATHER): the chunks' key lists, LA_BC keys a chunk.
+    const u32* gkeys;
 };
 static_assert(sizeof(LaWsParams) == 896, "LaWsParams must match cuda/forward.rs");
 
 #ifndef LA_MAP
 #define LA_MAP 0
 #endif
+#ifndef LA_GATHER
+#define LA_GATHER 0
+#endif
+#if LA_GATHER && (LA_MAP || LA_PATCH || LA_MASK_BITS)
+#error "LA_GATHER: chunks are not key tiles (no map slots, no patch order, no bit-table tile)"
+#endif
+#define LA_GATHERED(e) (LA_GATHER && ((e) >> 31))
+#define LA_CHUNK(e) ((e) >> 1 & 0x3fffffffu)
 #if LA_MAP && LA_PATCH
 #error "LA_MAP: the map pools rows and keys in row order"
 #endif
@@ -389,15 +428,8 @@ __device__ __forceinline__ void la_ws_bits(const LaFwdParams& p, u32 e, bool par
 }
 #endif
 
-// Logits in log2 units with soft-cap and mask (Partial tiles and keys past Sk) applied in place.
-// Element x of the accumulator: row `rowbase + 8 ((x >> 1) & 1)`, key `k0 + 8 (x >> 2) + 2 t4 + (x & 1)`.
-// The mask is evaluated in a mostly rolled loop into one bit per element, then applied: an
-// unrolled mask program (BC / 2 copies of it) made the main loop too large for the instruction
-// cache (ncu, causal D 64: 2.9 of 8 cycles per instruction waiting for fetch; causal 16k D 64
-// went from 283 to 438 TFLOP/s without it).
-__device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int b, int h, int rowbase, int t4,
-                                             int k0, bool partial, const u32* mw) {
-    (void)mw;
+// Logits in log2 units (or, with the fused softmax, raw: it applies the scale), soft-capped.
+__device__ __forceinline__ void la_ws_scale(float* s, const LaFwdParams& p) {
 #pragma unroll
     for (int x = 0; x < LA_BC / 2; x++) {
         float y = s[x];
@@ -410,6 +442,18 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
         s[x] = y * p.scale_log2;
 #endif
     }
+}
+
+// Logits in log2 units with soft-cap and mask (Partial tiles and keys past Sk) applied in place.
+// Element x of the accumulator: row `rowbase + 8 ((x >> 1) & 1)`, key `k0 + 8 (x >> 2) + 2 t4 + (x & 1)`.
+// The mask is evaluated in a mostly rolled loop into one bit per element, then applied: an
+// unrolled mask program (BC / 2 copies of it) made the main loop too large for the instruction
+// cache (ncu, causal D 64: 2.9 of 8 cycles per instruction waiting for fetch; causal 16k D 64
+// went from 283 to 438 TFLOP/s without it).
+__device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int b, int h, int rowbase, int t4,
+                                             int k0, bool partial, const u32* mw) {
+    (void)mw;
+    la_ws_scale(s, p);
 #if LA_MASK_INTERVAL
     // Masks that allow one interval of keys per row: two bounds per row, two compares per
     // element (the unrolled compares are small enough for the instruction cache).
@@ -473,6 +517,78 @@ __device__ __forceinline__ void la_ws_logits(float* s, const LaFwdParams& p, int
 #endif
 }
 
+#if LA_GATHER
+// The logits of gathered chunk gk (its LA_BC keys): scaled as any tile's; a partial chunk's
+// elements tested one by one with the mask program on their keys (rows past Sq and keys at or
+// past Sk, the list's padding among them, masked), a whole one's left as they are (every key
+// allowed for every row of the query tile: sparse/gather.rs built it so). Element x: row
+// rowbase + 8 ((x >> 1) & 1), key gk[8 (x >> 2) + 2 t4 + (x & 1)].
+__device__ __forceinline__ void la_ws_logits_gather(float* s, const LaFwdParams& p, int b, int h, int rowbase, int t4,
+                                                    const u32* gk, bool partial) {
+    la_ws_scale(s, p);
+    if (!partial) return;
+    u64 bits = 0;
+#pragma unroll 2
+    for (int jb = 0; jb < LA_BC / 8; jb++) {
+        const uint2 kk = *(const uint2*)(gk + jb * 8 + 2 * t4);
+        u32 nib = 0;
+#pragma unroll
+        for (int v = 0; v < 4; v++) {
+            const int j = (int)((v & 1) ? kk.y : kk.x);
+            const int i = rowbase + ((v >> 1) << 3);
+            bool ok = i < p.Sq && j < p.Sk;
+            if (ok) ok = la_mask(p, b, h, i, j);
+            nib |= (u32)ok << v;
+        }
+        bits |= (u64)nib << (4 * jb);
+    }
+#pragma unroll
+    for (int x = 0; x < LA_BC / 2; x++)
+        if (!((bits >> x) & 1)) s[x] = -LA_INF;
+}
+
+// Gathered chunk: key rows j_r (r < LA_BC; at or past Sk, and columns past LA_DO: zeros) of a [Sk][D] slab (row stride ss
+// elements) into a [LA_BC][D] tile in the TMA's layout (la_sw128), 16 bytes a copy over the
+// producer warpgroup's 128 threads: warp w copies rows w BC / 4 .. (w + 1) BC / 4 - 1, whose keys
+// its lanes hold (`jl`: lane l the key of row w BC / 4 + l mod BC / 4, one coalesced load a warp
+// for K and V both), a step taking 32 / (D / 8) rows, each lane a 16-byte piece; the row's key
+// comes by a shuffle. Then this thread's copies count on `bar`: one pending arrival added now,
+// completed when they have landed.
+__device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, int jl, int Sk, u64* bar) {
+    constexpr int RW = LA_BC / 4, PR = LA_D / 8, RPS = 32 / PR;
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+    const int c = lane % PR, rs = lane / PR;
+#pragma unroll 1
+    for (int st = 0; st < RW / RPS; st++) {
+        const int r = st * RPS + rs;
+        const int j = __shfl_sync(0xffffffffu, jl, r);
+        const bool ok = j < Sk && c * 8 < LA_DO;  // (columns past the tensor's head dim: zeros, as the TMA fills them)
+        la_cp_async16(dst + la_sw128<LA_BC>(w * RW + r, c), src + (ok ? (i64)j * ss : 0) + c * 8, ok ? 16 : 0);
+    }
+    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(la_smem_addr(bar)) : "memory");
+}
+// Named barrier of the producer warpgroup's 128 threads after a chunk's copies.
+#define LA_GATHER_BAR 15
+// A consumer after its wait for a stage: the chunk's rows, written through the generic proxy,
+// become visible to its tensor-core reads (async proxy). TMA stages need none; every stage gets
+// it in this variant.
+#define LA_GATHER_FENCE() la_fence_async_smem()
+#else
+#define LA_GATHER_FENCE() ((void)0)
+#endif
+
+// The logits of schedule entry `ent`: a key tile (la_ws_logits) or a gathered chunk.
+__device__ __forceinline__ void la_ws_logits_ent(float* s, const LaWsParams& w, int b, int h, int rowbase, int t4,
+                                                 u32 ent, const u32* mw) {
+#if LA_GATHER
+    if (LA_GATHERED(ent)) {
+        la_ws_logits_gather(s, w.p, b, h, rowbase, t4, w.gkeys + (i64)LA_CHUNK(ent) * LA_BC, ent & 1);
+        return;
+    }
+#endif
+    la_ws_logits(s, w.p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+}
+
 extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws(const __grid_constant__ LaWsParams w) {
     const LaFwdParams& p = w.p;
     extern __shared__ __align__(1024) u16 la_smem_ws[];
@@ -523,7 +639,14 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         // Producer: one thread issues every TMA copy. A wait for an "empty" barrier with parity
         // (use & 1) ^ 1 passes at once on a stage's first use.
         la_regs_dec<LA_REG_LOAD>();
+#if LA_GATHER
+        // Every thread of the warpgroup walks the items: thread 0 issues the TMA copies, the 128
+        // copy the gathered chunks.
+        const bool lead = threadIdx.x == 0;
+#else
         if (threadIdx.x != 0) return;
+        const bool lead = true;
+#endif
         int nq = 0, nkv = 0;
         for (u32 i = i0; i < i1; i++) {
             int qt, h, b;
@@ -534,18 +657,39 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             const int nt = (int)(p.sched_off[srow + 1] - e0);
             if (nt == 0) continue;
             const int sq = LA_QSTAGE(nq);
-            la_mbar_wait(empty_q + sq, (LA_QUSE(nq) & 1) ^ 1);
-            la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
+            if (lead) {
+                la_mbar_wait(empty_q + sq, (LA_QUSE(nq) & 1) ^ 1);
+                la_mbar_expect(full_q + sq, LA_BR * LA_D * 2);
 #pragma unroll
-            for (int cb = 0; cb < LA_D / 64; cb++)
-                la_ws_tma_tile<LA_BR, LA_QPH, LA_QPW>(sQ0 + sq * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + sq, cb * 64, qt, h, b);
+                for (int cb = 0; cb < LA_D / 64; cb++)
+                    la_ws_tma_tile<LA_BR, LA_QPH, LA_QPW>(sQ0 + sq * LA_BR * LA_D + cb * LA_BR * 64, &w.tq, full_q + sq, cb * 64, qt, h, b);
+            }
             nq++;
             for (int n = 0; n < nt; n++, nkv++) {
                 const int st = nkv & 1;
                 const u32 par = ((nkv >> 1) & 1) ^ 1;
-                const int kt = (int)(p.sched_ent[e0 + n] >> 1);
+                const u32 ent = p.sched_ent[e0 + n];
+                const int kt = (int)(ent >> 1);
                 u16* sK = sK0 + st * LA_BC * LA_D;
                 u16* sV = sV0 + st * LA_BC * LA_D;
+#if LA_GATHER
+                if (LA_GATHERED(ent)) {
+                    const int jl = (int)w.gkeys[(i64)LA_CHUNK(ent) * LA_BC + ((threadIdx.x >> 5) & 3) * (LA_BC / 4) +
+                                                (threadIdx.x & 31) % (LA_BC / 4)];
+                    la_mbar_wait(empty_k + st, par);
+                    la_ws_gather(sK, p.k + b * p.k_sb + kh * p.k_sh, p.k_ss, jl, p.Sk, full_k + st);
+                    la_mbar_wait(empty_v + st, par);
+                    la_ws_gather(sV, p.v + b * p.v_sb + kh * p.v_sh, p.v_ss, jl, p.Sk, full_v + st);
+                    // Every thread's pending arrivals are in before the one the barriers expect.
+                    la_bar_sync(LA_GATHER_BAR, 128);
+                    if (lead) {
+                        la_mbar_arrive(full_k + st);
+                        la_mbar_arrive(full_v + st);
+                    }
+                    continue;
+                }
+                if (!lead) continue;
+#endif
                 la_mbar_wait(empty_k + st, par);
                 la_mbar_expect(full_k + st, TILE_BYTES);
 #pragma unroll
@@ -606,6 +750,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             {
                 const int st = nkv & 1;
                 la_mbar_wait(full_k + st, (nkv >> 1) & 1);
+                LA_GATHER_FENCE();
                 la_wg_fence();
                 la_ws_qk(s, sQ, sK0 + st * LA_BC * LA_D, c);
                 la_wg_commit();
@@ -620,7 +765,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     la_mbar_arrive(empty_k + st);
                     if (LA_Q_EARLY && nt == 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
                 }
-                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+                la_ws_logits_ent(s, w, b, h, rowbase, t4, ent, mw);
 #if LA_MAP
                 float mg[2 * LA_MAP_NG], sg[2 * LA_MAP_NG];
                 la_wg_softmax(s, LA_SM_SCALE(p), m0, m1, l0, l1, a0, a1, mg, sg);
@@ -638,6 +783,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 const int j = nkv + n;  // ring position of tile n; tile n - 1 sits at j - 1
                 const int st = j & 1, sp = st ^ 1;
                 la_mbar_wait(full_k + st, (j >> 1) & 1);
+                LA_GATHER_FENCE();
                 if (LA_NWG > 1) la_bar_sync(1 + c, 256);
 #if LA_SKIP
                 if (LA_NWG == 1) la_bar_sync(8 + c, 128);
@@ -667,6 +813,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 // as well (8-9% of the forward when nothing is dropped). With three consumers
                 // (D 64) the two paths spill, so that tile keeps the single commit.
                 la_mbar_wait(full_v + sp, ((j - 1) >> 1) & 1);
+                LA_GATHER_FENCE();
 #if LA_SKIP && LA_NWG == 3
                 if (pv_due) la_ws_pv(o, pf, sV0 + sp * LA_BC * LA_D);
                 la_wg_commit();
@@ -701,7 +848,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     la_mbar_arrive(empty_k + st);
                     if (LA_Q_EARLY && n == nt - 1) la_mbar_arrive(empty_q + sq);  // the last Q K^T is done
                 }
-                la_ws_logits(s, p, b, h, rowbase, t4, (int)(ent >> 1) * LA_BC, ent & 1, mw);
+                la_ws_logits_ent(s, w, b, h, rowbase, t4, ent, mw);
 #if LA_MAP
                 float mg[2 * LA_MAP_NG], sg[2 * LA_MAP_NG];
 #define LA_MAP_MG , mg
@@ -751,6 +898,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
             // to the producer.
             const int jl = nkv + nt - 1, sl = jl & 1;
             la_mbar_wait(full_v + sl, (jl >> 1) & 1);
+            LA_GATHER_FENCE();
             la_wg_fence();
             if (pv_due) la_ws_pv(o, pf, sV0 + sl * LA_BC * LA_D);
             la_wg_commit();
