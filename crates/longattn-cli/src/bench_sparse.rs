@@ -437,12 +437,35 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
     );
     println!(
         "{:<12} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}",
-        "input", "P", "density", "touched", "entries", "dense ms", "gather", "speedup", "kernel", "plan s"
+        "input",
+        "P",
+        "density",
+        "touched",
+        "entries",
+        "dense ms",
+        "gather",
+        "speedup",
+        "kernel",
+        "plan s"
     );
     for &n in &lens {
         for &d in &dims {
-            let (q, k) = longattn::sparse::structured_qk(longattn::DType::BF16, a.batch, n, n, hq, hk, d, a.seed);
-            let v = longattn::testing::random_tensor(longattn::DType::BF16, &[a.batch, n, hk, d], 1.0, a.seed + 2);
+            let (q, k) = longattn::sparse::structured_qk(
+                longattn::DType::BF16,
+                a.batch,
+                n,
+                n,
+                hq,
+                hk,
+                d,
+                a.seed,
+            );
+            let v = longattn::testing::random_tensor(
+                longattn::DType::BF16,
+                &[a.batch, n, hk, d],
+                1.0,
+                a.seed + 2,
+            );
             let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
             let bound = bind_mask("causal", a.batch, n, n, None)?;
             let dm = longattn::attention::validate("bench", &qv, &kv, &vv)?;
@@ -459,10 +482,15 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
                 DevTensor::alloc(&dev, [a.batch, n, hq, d], bf)?,
                 DevTensor::alloc(&dev, [a.batch, n, hq, d], bf)?,
             );
-            let (mut l1, mut l2) = (dev.alloc_f32(a.batch * hq * n)?, dev.alloc_f32(a.batch * hq * n)?);
+            let (mut l1, mut l2) = (
+                dev.alloc_f32(a.batch * hq * n)?,
+                dev.alloc_f32(a.batch * hq * n)?,
+            );
             let (tq, tk) = gather_tiles(&dev, d, n, &MaskSpec::Expr(&bound))?;
             let causal_pairs = (n as f64) * (n as f64 + 1.0) / 2.0;
-            let causal_tiles: usize = (0..n.div_ceil(tq)).map(|qt| ((qt + 1) * tq).min(n).div_ceil(tk)).sum();
+            let causal_tiles: usize = (0..n.div_ceil(tq))
+                .map(|qt| ((qt + 1) * tq).min(n).div_ceil(tk))
+                .sum();
             for &p in &probs {
                 let sel = TileKeys::synthetic((tq, tk), (n, n), (1, 1), p, a.seed + 9)?;
                 // Kept pairs under causal: a whole tile's rows i keep keys k0 ..= min(i, k1 - 1);
@@ -473,10 +501,15 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
                     let tiles = sel.tiles_of(0, 0, qt);
                     for &kt in tiles {
                         let (k0, k1) = (kt as usize * tk, ((kt as usize + 1) * tk).min(n));
-                        kept += (q0..q1).map(|i| (i.min(k1 - 1) + 1).saturating_sub(k0) as f64).sum::<f64>();
+                        kept += (q0..q1)
+                            .map(|i| (i.min(k1 - 1) + 1).saturating_sub(k0) as f64)
+                            .sum::<f64>();
                     }
                     let keys = sel.keys_of(0, 0, qt);
-                    kept += keys.iter().map(|&j| (q1 - (j as usize).max(q0)) as f64).sum::<f64>();
+                    kept += keys
+                        .iter()
+                        .map(|&j| (q1 - (j as usize).max(q0)) as f64)
+                        .sum::<f64>();
                     let mut kts: Vec<u32> = keys.iter().map(|&j| j / tk as u32).collect();
                     kts.extend_from_slice(tiles);
                     kts.sort_unstable();
@@ -485,7 +518,8 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
                 }
                 let density = kept / causal_pairs;
                 let t0 = Instant::now();
-                let plan = FwdPlan::with_gather(&dev, dm, bf, &params, MaskSpec::Expr(&bound), &sel)?;
+                let plan =
+                    FwdPlan::with_gather(&dev, dm, bf, &params, MaskSpec::Expr(&bound), &sel)?;
                 let plan_s = t0.elapsed().as_secs_f64();
                 let (tiles, chunks) = plan.gather_counts().unwrap_or_default();
                 let mut one = || dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o1, &mut l1);

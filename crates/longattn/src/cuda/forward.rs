@@ -17,8 +17,8 @@ use crate::attention::{validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
 use crate::mask::codegen::MASK_CONSTS;
 use crate::mask::{BlockSchedule, TileEntry, TileKind};
-use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 use crate::sparse::gather::TileKeys;
+use crate::tensor::{Buffer, DType, Slice, Tensor, TensorView};
 
 pub(crate) const COMMON: &str = include_str!("kernels/common.cuh");
 /// Swizzled shared-memory tiles of the mma.sync kernels (forward and backward).
@@ -1676,7 +1676,14 @@ impl FwdPlan {
 
 /// The forward kernel and tiles for head dim `d`, `sk` keys and `mask` on `dev` (`tma = false`:
 /// kernels that read q / k / v without TMA descriptors).
-fn plan_tile(dev: &CudaDevice, d: usize, sk: usize, mask: &MaskSpec, tma: bool, gather: bool) -> TileCfg {
+fn plan_tile(
+    dev: &CudaDevice,
+    d: usize,
+    sk: usize,
+    mask: &MaskSpec,
+    tma: bool,
+    gather: bool,
+) -> TileCfg {
     let mut tile = TileCfg::choose(d, sk, dev.cc);
     let (bound, nbr2d) = match &mask {
         MaskSpec::Expr(bm) => (Some(*bm), bm.nbr2d()),
@@ -1715,7 +1722,12 @@ fn plan_tile(dev: &CudaDevice, d: usize, sk: usize, mask: &MaskSpec, tma: bool, 
 /// The query and key tiles (rows, keys) of the forward kernel a gathered selection
 /// ([`FwdPlan::with_gather`]) runs on for head dim `d` and `sk` keys under `mask`: the
 /// selection's tiles must be these.
-pub fn gather_tiles(dev: &CudaDevice, d: usize, sk: usize, mask: &MaskSpec) -> Result<(usize, usize)> {
+pub fn gather_tiles(
+    dev: &CudaDevice,
+    d: usize,
+    sk: usize,
+    mask: &MaskSpec,
+) -> Result<(usize, usize)> {
     let tile = plan_tile(dev, d, sk, mask, true, true);
     if tile.kernel != FwdKernel::WarpSpecialized {
         return Err(unsupported(format!(

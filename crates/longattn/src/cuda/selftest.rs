@@ -1915,7 +1915,7 @@ pub fn gather_cases(quick: bool) -> Vec<GatherCase> {
 /// small, else against the CPU path (the selection as a row mask over the tiles it touches). The
 /// detail names the kept tiles and chunks and the pairs kept.
 pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> CaseResult {
-    use crate::sparse::gather::{RowKeys, TileKeys};
+    use crate::sparse::gather::TileKeys;
     let tol = out_tolerance(case.fwd.dtype);
     let r = (|| -> Result<(f64, f64, String, bool)> {
         let c = &case.fwd;
@@ -1927,32 +1927,40 @@ pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> Case
             skip_below: case.skip,
             ..bt.params
         };
-        let plan = super::FwdPlan::with_gather(dev, crate::attention::validate("gather", &qv, &kv, &vv)?, c.dtype, &params, bt.spec(), &sel)?;
+        let plan = super::FwdPlan::with_gather(
+            dev,
+            crate::attention::validate("gather", &qv, &kv, &vv)?,
+            c.dtype,
+            &params,
+            bt.spec(),
+            &sel,
+        )?;
         let (tiles, chunks) = plan.gather_counts().unwrap_or_default();
         drop(plan);
         let got = super::forward_gathered(dev, &qv, &kv, &vv, &params, bt.spec(), &sel)?;
-        let keeps = |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
+        let keeps =
+            |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
         let (e, l, against) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
             let r = attention_f64(&qv, &kv, &vv, &bt.params, &keeps)?;
             let (e, l) = compare(&got.out, &got.lse, &r);
             (e, l, "f64 oracle")
         } else {
-            let sched = match &bt.bound {
-                Some(bm) => bm.schedule(tq, tk)?,
-                None => BlockSchedule::full(tq, tk, c.sq, c.sk)?,
-            };
-            let cs = sel.cpu_schedule(&sched, c.batch, c.hq)?;
-            let rows = RowKeys {
-                mask: bt.bound.as_ref().map(|b| b as &dyn crate::mask::RowMask),
-                sel: &sel,
-            };
-            let cpu = crate::forward(&qv, &kv, &vv, &bt.params, MaskSpec::Schedule { schedule: &cs, rows: Some(&rows) })?;
+            let cpu = crate::sparse::gather::forward(&qv, &kv, &vv, &bt.params, bt.spec(), &sel)?;
             let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
             (e, l, "CPU path")
         };
-        Ok((e, l, format!("vs {against}; tiles {tiles}, chunks {chunks} of {tk} keys"), chunks > 0 || case.p == 0.0))
+        Ok((
+            e,
+            l,
+            format!("vs {against}; tiles {tiles}, chunks {chunks} of {tk} keys"),
+            chunks > 0 || case.p == 0.0,
+        ))
     })();
-    let tol = if case.skip.is_some() { tol.max(1e-2) } else { tol };
+    let tol = if case.skip.is_some() {
+        tol.max(1e-2)
+    } else {
+        tol
+    };
     CaseResult::checked("gather", case.name(), r, tol)
 }
 

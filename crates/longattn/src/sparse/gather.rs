@@ -86,7 +86,9 @@ impl TileKeys {
                 )));
             }
             if !ascending(k, sk) {
-                return Err(bad(format!("row {r}: keys must ascend, each below Sk {sk}")));
+                return Err(bad(format!(
+                    "row {r}: keys must ascend, each below Sk {sk}"
+                )));
             }
             k.retain(|&j| t.binary_search(&(j / tile_k as u32)).is_err());
         }
@@ -171,26 +173,27 @@ impl TileKeys {
                 t.dedup();
                 let end = q1.min(sk);
                 let k: Vec<u32> = (0..end)
-                    .filter(|&j| rng.uniform() < p && t.binary_search(&((j / tile_k) as u32)).is_err())
+                    .filter(|&j| {
+                        rng.uniform() < p && t.binary_search(&((j / tile_k) as u32)).is_err()
+                    })
                     .map(|j| j as u32)
                     .collect();
                 tiles.push(t);
                 keys.push(k);
             }
         }
-        TileKeys::new(
-            (tile_q, tile_k),
-            (sq, sk),
-            (batch, heads),
-            tiles,
-            keys,
-        )
+        TileKeys::new((tile_q, tile_k), (sq, sk), (batch, heads), tiles, keys)
     }
 
     /// The CPU's schedule of the selection under `mask` (the mask's schedule at the selection's
     /// tiles): each kept tile the mask lists, with the mask's kind; each other tile the mask
     /// lists that holds a kept key, Partial. Run it with [`RowKeys`] as the row mask.
-    pub fn cpu_schedule(&self, mask: &BlockSchedule, batch: usize, hq: usize) -> Result<BlockSchedule> {
+    pub fn cpu_schedule(
+        &self,
+        mask: &BlockSchedule,
+        batch: usize,
+        hq: usize,
+    ) -> Result<BlockSchedule> {
         self.check_fits(mask, batch, hq)?;
         let (ob, oh) = (self.batch.max(mask.batch), self.heads.max(mask.heads));
         let mut s = BlockSchedule::empty(self.tile_q, self.tile_k, self.sq, self.sk, ob, oh)?;
@@ -202,7 +205,10 @@ impl TileKeys {
                     let (t, k) = (self.tiles_of(b, h, qt), self.keys_of(b, h, qt));
                     let mut ki = 0;
                     for e in mask.row(b, h, qt) {
-                        let (k0, k1) = (e.k_tile * self.tile_k as u32, (e.k_tile + 1) * self.tile_k as u32);
+                        let (k0, k1) = (
+                            e.k_tile * self.tile_k as u32,
+                            (e.k_tile + 1) * self.tile_k as u32,
+                        );
                         while ki < k.len() && k[ki] < k0 {
                             ki += 1;
                         }
@@ -226,7 +232,9 @@ impl TileKeys {
     }
 
     fn check_fits(&self, mask: &BlockSchedule, batch: usize, hq: usize) -> Result<()> {
-        if (mask.tile_q, mask.tile_k, mask.sq, mask.sk) != (self.tile_q, self.tile_k, self.sq, self.sk) {
+        if (mask.tile_q, mask.tile_k, mask.sq, mask.sk)
+            != (self.tile_q, self.tile_k, self.sq, self.sk)
+        {
             return Err(bad(format!(
                 "the selection's tiles {} x {} over Sq {} x Sk {} must be the mask schedule's ({} x {} over {} x {}): on the GPU, the forward kernel's tiles (cuda::gather_tiles)",
                 self.tile_q, self.tile_k, self.sq, self.sk, mask.tile_q, mask.tile_k, mask.sq, mask.sk
@@ -288,6 +296,44 @@ impl RowMask for RowKeys<'_> {
     }
 }
 
+/// The forward of a selection under `mask` (`Full` or an expression) on the CPU: the selection's
+/// schedule ([`TileKeys::cpu_schedule`]) with [`RowKeys`] as its row mask. The GPU's is
+/// [`crate::cuda::forward_gathered`].
+pub fn forward(
+    q: &crate::TensorView,
+    k: &crate::TensorView,
+    v: &crate::TensorView,
+    params: &crate::AttnParams,
+    mask: crate::MaskSpec,
+    sel: &TileKeys,
+) -> Result<crate::AttnOutput> {
+    let dims = crate::attention::validate("gathered keys", q, k, v)?;
+    let (sched, rows): (BlockSchedule, Option<&dyn RowMask>) = match mask {
+        crate::MaskSpec::Full => (
+            BlockSchedule::full(sel.tile_q, sel.tile_k, dims.sq, dims.sk)?,
+            None,
+        ),
+        crate::MaskSpec::Expr(bm) => (bm.schedule(sel.tile_q, sel.tile_k)?, Some(bm)),
+        _ => {
+            return Err(bad(
+                "a gathered selection takes the full mask or a mask expression".into(),
+            ))
+        }
+    };
+    let s = sel.cpu_schedule(&sched, dims.batch, dims.hq)?;
+    let rows = RowKeys { mask: rows, sel };
+    crate::forward(
+        q,
+        k,
+        v,
+        params,
+        crate::MaskSpec::Schedule {
+            schedule: &s,
+            rows: Some(&rows),
+        },
+    )
+}
+
 /// Entry flag of a gathered chunk in the kernels' schedule (`LA_GATHERED`).
 pub(crate) const GATHERED: u32 = 1 << 31;
 /// Key-list padding: a key past any Sk the kernels take (masked, loaded as zeros).
@@ -314,7 +360,12 @@ pub(crate) struct Lowered {
 /// list is dropped (no pair of it is allowed); keys in tiles the mask lists Full fill whole chunks
 /// in order; what is left of them and the keys in Partial tiles go to tested chunks, the last one
 /// padded with [`PAD`].
-pub(crate) fn lower(mask: &BlockSchedule, sel: &TileKeys, batch: usize, hq: usize) -> Result<Lowered> {
+pub(crate) fn lower(
+    mask: &BlockSchedule,
+    sel: &TileKeys,
+    batch: usize,
+    hq: usize,
+) -> Result<Lowered> {
     sel.check_fits(mask, batch, hq)?;
     let bc = sel.tile_k;
     let (ob, oh) = (sel.batch.max(mask.batch), sel.heads.max(mask.heads));
@@ -335,7 +386,8 @@ pub(crate) fn lower(mask: &BlockSchedule, sel: &TileKeys, batch: usize, hq: usiz
                 let t = sel.tiles_of(b, h, qt);
                 for e in m {
                     if t.binary_search(&e.k_tile).is_ok() {
-                        out.ents.push(e.k_tile << 1 | (e.kind == TileKind::Partial) as u32);
+                        out.ents
+                            .push(e.k_tile << 1 | (e.kind == TileKind::Partial) as u32);
                         out.tiles += 1;
                     }
                 }
@@ -357,9 +409,7 @@ pub(crate) fn lower(mask: &BlockSchedule, sel: &TileKeys, batch: usize, hq: usiz
                 tested.extend_from_slice(&whole[n_whole..]);
                 let chunk = |keys: &[u32], flag: u32, out: &mut Lowered| -> Result<()> {
                     if out.chunks >= 1 << 30 {
-                        return Err(bad(format!(
-                            "more than 2^30 gathered chunks of {bc} keys"
-                        )));
+                        return Err(bad(format!("more than 2^30 gathered chunks of {bc} keys")));
                     }
                     out.ents.push(GATHERED | (out.chunks as u32) << 1 | flag);
                     out.keys.extend_from_slice(keys);
@@ -418,7 +468,12 @@ mod tests {
 
     #[test]
     fn lowered_rows_allow_exactly_the_selection_under_the_mask() {
-        for (sq, sk, tq, tk, p) in [(300, 300, 64, 64, 0.3), (130, 517, 128, 64, 0.5), (1, 700, 64, 128, 0.2), (700, 700, 128, 128, 0.9)] {
+        for (sq, sk, tq, tk, p) in [
+            (300, 300, 64, 64, 0.3),
+            (130, 517, 128, 64, 0.5),
+            (1, 700, 64, 128, 0.2),
+            (700, 700, 128, 128, 0.9),
+        ] {
             let bm = causal(sq, sk);
             let sel = TileKeys::synthetic((tq, tk), (sq, sk), (1, 1), p, 7).unwrap();
             let l = lower(&bm.schedule(tq, tk).unwrap(), &sel, 1, 1).unwrap();
@@ -427,7 +482,11 @@ mod tests {
             for i in 0..sq {
                 for j in 0..sk {
                     let want = bm.allowed(0, i, j) && sel.keeps(0, 0, i, j);
-                    assert_eq!(lowered_allows(&l, &bm, &sel, i, j), want, "{sq} x {sk} tiles {tq} x {tk}: pair ({i}, {j})");
+                    assert_eq!(
+                        lowered_allows(&l, &bm, &sel, i, j),
+                        want,
+                        "{sq} x {sk} tiles {tq} x {tk}: pair ({i}, {j})"
+                    );
                 }
             }
             // Whole chunks hold only keys the mask allows for every row of their query tile.
@@ -437,7 +496,10 @@ mod tests {
                     if e & GATHERED != 0 && e & 1 == 0 {
                         let c = ((e >> 1) & 0x3fff_ffff) as usize;
                         for &j in &l.keys[c * tk..(c + 1) * tk] {
-                            assert!((q0..q1).all(|i| bm.allowed(0, i, j as usize)), "whole chunk key {j} in query tile {qt}");
+                            assert!(
+                                (q0..q1).all(|i| bm.allowed(0, i, j as usize)),
+                                "whole chunk key {j} in query tile {qt}"
+                            );
                         }
                     }
                 }
@@ -453,27 +515,40 @@ mod tests {
         let q = random_tensor(DType::F32, &[1, sq, 2, d], 1.0, 1);
         let k = random_tensor(DType::F32, &[1, sk, 1, d], 1.0, 2);
         let v = random_tensor(DType::F32, &[1, sk, 1, d], 1.0, 3);
-        let (qv, kv, vv) = (q.view("q").unwrap(), k.view("k").unwrap(), v.view("v").unwrap());
+        let (qv, kv, vv) = (
+            q.view("q").unwrap(),
+            k.view("k").unwrap(),
+            v.view("v").unwrap(),
+        );
         let params = AttnParams::default();
-        let s = sel.cpu_schedule(&bm.schedule(64, 64).unwrap(), 1, 2).unwrap();
-        let rows = RowKeys { mask: Some(&bm), sel: &sel };
-        let got = crate::forward(&qv, &kv, &vv, &params, MaskSpec::Schedule { schedule: &s, rows: Some(&rows) }).unwrap();
-        let want = attention_f64(&qv, &kv, &vv, &params, &|b, h, i, j| bm.allowed(b, i, j) && sel.keeps(b, h, i, j)).unwrap();
+        let got = forward(&qv, &kv, &vv, &params, MaskSpec::Expr(&bm), &sel).unwrap();
+        let want = attention_f64(&qv, &kv, &vv, &params, &|b, h, i, j| {
+            bm.allowed(b, i, j) && sel.keeps(b, h, i, j)
+        })
+        .unwrap();
         let (e, l) = compare(&got.out, &got.lse, &want);
         assert!(e < 1e-4 && l < 1e-4, "out err {e}, lse err {l}");
     }
 
     #[test]
     fn bad_selections_are_refused_by_name() {
-        let t = |tiles: Vec<Vec<u32>>, keys: Vec<Vec<u32>>| TileKeys::new((64, 64), (100, 100), (1, 1), tiles, keys).map(|_| ());
+        let t = |tiles: Vec<Vec<u32>>, keys: Vec<Vec<u32>>| {
+            TileKeys::new((64, 64), (100, 100), (1, 1), tiles, keys).map(|_| ())
+        };
         let e = t(vec![vec![0]], vec![vec![]]).unwrap_err().to_string();
         assert!(e.contains("1 tile lists"), "{e}");
-        let e = t(vec![vec![1, 0], vec![]], vec![vec![], vec![]]).unwrap_err().to_string();
+        let e = t(vec![vec![1, 0], vec![]], vec![vec![], vec![]])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must ascend"), "{e}");
-        let e = t(vec![vec![], vec![]], vec![vec![5, 100], vec![]]).unwrap_err().to_string();
+        let e = t(vec![vec![], vec![]], vec![vec![5, 100], vec![]])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("below Sk 100"), "{e}");
         let sel = TileKeys::synthetic((64, 64), (100, 100), (1, 1), 0.5, 1).unwrap();
-        let e = lower(&causal(100, 100).schedule(128, 64).unwrap(), &sel, 1, 1).unwrap_err().to_string();
+        let e = lower(&causal(100, 100).schedule(128, 64).unwrap(), &sel, 1, 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must be the mask schedule's"), "{e}");
         assert!(TileKeys::synthetic((64, 64), (100, 100), (1, 1), 1.5, 1).is_err());
     }
