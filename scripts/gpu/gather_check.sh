@@ -25,7 +25,7 @@ checks)
   echo "selftest quick rc=$?"; grep -E "FAIL|passed|failed" "$OUT/selftest_quick.txt" | cut -c1-200 | tail -8
   ;;
 bench)
-  timeout 500 /tmp/longattn bench --backend cuda --gather "${GATHER_P:-0,0.05,0.1,0.2,0.4}" \
+  timeout 500 /tmp/longattn bench --backend cuda --gather "${GATHER_P:-0,0.05,0.1,0.2,0.4,1}" \
     --lens "${GATHER_LENS:-16k,64k,128k}" --dims "${GATHER_DIMS:-128}" --out "$OUT/bench_gather" \
     > "$OUT/bench_gather.txt" 2>&1
   echo "bench gather rc=$?"; tail -20 "$OUT/bench_gather.txt"

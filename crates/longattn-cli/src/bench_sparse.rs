@@ -402,7 +402,8 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
 /// timings after a warm-up). density = kept pairs / causal pairs; kernel = gathered / (density x
 /// dense), 1.00 being a kernel whose time is proportional to the pairs kept; touched = the share
 /// of causal tiles holding a kept pair (what a tile-level schedule of the same selection would
-/// compute whole).
+/// compute whole). The first row of each length (P `tiles`) keeps every causal tile whole: the
+/// gathered variant on the dense forward's own work.
 pub fn gather(a: &Args, list: &str) -> Result<()> {
     use longattn::cuda::{gather_tiles, CudaDevice, DevTensor, FwdPlan};
     use longattn::sparse::gather::TileKeys;
@@ -491,8 +492,20 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
             let causal_tiles: usize = (0..n.div_ceil(tq))
                 .map(|qt| ((qt + 1) * tq).min(n).div_ceil(tk))
                 .sum();
-            for &p in &probs {
-                let sel = TileKeys::synthetic((tq, tk), (n, n), (1, 1), p, a.seed + 9)?;
+            // First every causal tile whole (the variant's own cost against the plain kernel on
+            // the same work: kernel = 1.00 is none), then each probability.
+            let all = {
+                let tiles: Vec<Vec<u32>> = (0..n.div_ceil(tq))
+                    .map(|qt| (0..((qt + 1) * tq).min(n).div_ceil(tk) as u32).collect())
+                    .collect();
+                let keys = vec![Vec::new(); tiles.len()];
+                TileKeys::new((tq, tk), (n, n), (1, 1), tiles, keys)?
+            };
+            for p in std::iter::once(None).chain(probs.iter().map(|&p| Some(p))) {
+                let sel = match p {
+                    None => all.clone(),
+                    Some(p) => TileKeys::synthetic((tq, tk), (n, n), (1, 1), p, a.seed + 9)?,
+                };
                 // Kept pairs under causal: a whole tile's rows i keep keys k0 ..= min(i, k1 - 1);
                 // a kept key j (all below the tile's last row) rows max(q0, j) .. q1 - 1.
                 let (mut kept, mut touched) = (0f64, 0usize);
@@ -535,7 +548,7 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
                 println!(
                     "{:<12} {:>6} {:>8.4} {:>7.1}% {:>9} {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>9.2}",
                     format!("n {} D {d}", fmt_len(n)),
-                    p,
+                    p.map_or("tiles".to_string(), |p| p.to_string()),
                     density,
                     100.0 * touched as f64 / causal_tiles as f64,
                     format!("{tiles}+{chunks}"),
