@@ -1224,6 +1224,12 @@ impl FwdPlan {
         if lowered.is_some() {
             defines.push(("LA_GATHER".into(), "1".into()));
             ptag.push_str("_gather");
+            // `LONGATTN_CUDA_GATHER_WAIT=1`: each producer thread waits for its copies and fences
+            // before the chunk's arrival (a diagnostic of the copies' hand-over).
+            if std::env::var("LONGATTN_CUDA_GATHER_WAIT").is_ok_and(|v| v == "1") {
+                defines.push(("LA_GATHER_WAIT".into(), "1".into()));
+                ptag.push_str("_wait");
+            }
         }
         if map_block.is_some() {
             defines.push(("LA_MAP".into(), "1".into()));
@@ -2566,7 +2572,13 @@ mod tests {
             std::mem::offset_of!(LaWsParams, map_cap),
             3 * 128 + std::mem::size_of::<LaFwdParams>() + 24 + 3 * 8 + 3 * 4
         );
-        assert!(FWD_WS.contains("float2* map_scratch;\n    float* map_mass;\n    float* map_max;\n    int map_block, map_qb, map_kb, map_cap;\n};"));
+        assert!(FWD_WS.contains("float2* map_scratch;\n    float* map_mass;\n    float* map_max;\n    int map_block, map_qb, map_kb, map_cap;\n"));
+        // Then the gathered keys' list, the last field.
+        assert_eq!(
+            std::mem::offset_of!(LaWsParams, gkeys),
+            3 * 128 + std::mem::size_of::<LaFwdParams>() + 24 + 3 * 8 + 4 * 4
+        );
+        assert!(FWD_WS.contains("int map_block, map_qb, map_kb, map_cap;\n    // Gathered keys (LA_GATHER): the chunks' key lists, LA_BC keys a chunk.\n    const u32* gkeys;\n};"));
     }
 
     /// The warp-specialized tile configs and their head dims (three consumers at D 64, two at

@@ -1940,20 +1940,41 @@ pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> Case
         let got = super::forward_gathered(dev, &qv, &kv, &vv, &params, bt.spec(), &sel)?;
         let keeps =
             |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
-        let (e, l, against) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
+        let (e, l, against, want) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
             let r = attention_f64(&qv, &kv, &vv, &bt.params, &keeps)?;
             let (e, l) = compare(&got.out, &got.lse, &r);
-            (e, l, "f64 oracle")
+            (e, l, "f64 oracle", r.out)
         } else {
             let cpu = crate::sparse::gather::forward(&qv, &kv, &vv, &bt.params, bt.spec(), &sel)?;
             let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
-            (e, l, "CPU path")
+            let want = cpu.out.data.to_f32_vec().into_iter().map(f64::from).collect();
+            (e, l, "CPU path", want)
         };
+        // The worst row (b, i, h) and how many rows are off by more than the tolerance.
+        let g = got.out.data.to_f32_vec();
+        let top = want.iter().fold(1e-30f64, |m: f64, &x: &f64| m.max(x.abs()));
+        let (mut worst, mut bad) = ((0.0f64, 0usize), 0usize);
+        for (r, (a, w)) in g.chunks(c.d).zip(want.chunks(c.d)).enumerate() {
+            let d = a
+                .iter()
+                .zip(w)
+                .map(|(&x, &y)| (x as f64 - y).abs())
+                .fold(0.0, f64::max)
+                / top;
+            bad += (d > tol) as usize;
+            if d > worst.0 {
+                worst = (d, r);
+            }
+        }
+        let (b, i, h) = (worst.1 / (c.sq * c.hq), worst.1 / c.hq % c.sq, worst.1 % c.hq);
         Ok((
             e,
             l,
-            format!("vs {against}; tiles {tiles}, chunks {chunks} of {tk} keys"),
-            chunks > 0 || case.p == 0.0,
+            format!(
+                "vs {against}; tiles {tiles}, chunks {chunks} of {tk} keys; rows off {bad}, worst (b {b}, i {i}, h {h}) {:.1e}",
+                worst.0
+            ),
+            true,
         ))
     })();
     let tol = if case.skip.is_some() {

@@ -192,6 +192,9 @@ static_assert(sizeof(LaWsParams) == 896, "LaWsParams must match cuda/forward.rs"
 #error "LA_GATHER: chunks are not key tiles (no map slots, no patch order, no bit-table tile)"
 #endif
 #define LA_GATHERED(e) (LA_GATHER && ((e) >> 31))
+#ifndef LA_GATHER_WAIT
+#define LA_GATHER_WAIT 0
+#endif
 #define LA_CHUNK(e) ((e) >> 1 & 0x3fffffffu)
 #if LA_MAP && LA_PATCH
 #error "LA_MAP: the map pools rows and keys in row order"
@@ -565,7 +568,11 @@ __device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, i
         const bool ok = j < Sk && c * 8 < LA_DO;  // (columns past the tensor's head dim: zeros, as the TMA fills them)
         la_cp_async16(dst + la_sw128<LA_BC>(w * RW + r, c), src + (ok ? (i64)j * ss : 0) + c * 8, ok ? 16 : 0);
     }
+#if LA_GATHER_WAIT
+    (void)bar;
+#else
     asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(la_smem_addr(bar)) : "memory");
+#endif
 }
 // Named barrier of the producer warpgroup's 128 threads after a chunk's copies.
 #define LA_GATHER_BAR 15
@@ -680,6 +687,12 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                     la_ws_gather(sK, p.k + b * p.k_sb + kh * p.k_sh, p.k_ss, jl, p.Sk, full_k + st);
                     la_mbar_wait(empty_v + st, par);
                     la_ws_gather(sV, p.v + b * p.v_sb + kh * p.v_sh, p.v_ss, jl, p.Sk, full_v + st);
+#if LA_GATHER_WAIT
+                    // (Diagnostic, LONGATTN_CUDA_GATHER_WAIT=1: each thread waits for its copies and
+                    // fences the proxies itself; the barriers then count only thread 0's arrival.)
+                    asm volatile("cp.async.wait_all;\n" ::: "memory");
+                    la_fence_async_smem();
+#endif
                     // Every thread's pending arrivals are in before the one the barriers expect.
                     la_bar_sync(LA_GATHER_BAR, 128);
                     if (lead) {
