@@ -68,7 +68,8 @@
 // rows 16 bytes a thread (cp.async, rows past Sk as zeros) into the layout the TMA writes, and
 // each thread's copies count on the stage's "full" barrier (cp.async.mbarrier.arrive adds a
 // pending arrival at once and completes it when they land; thread 0's own arrival, after a
-// named barrier of the 128, is the one the barrier expects). Those writes are the generic
+// named barrier of the 128, is the one the barrier expects). All 128 wait for every stage,
+// the TMA tiles' too (a parity wait tells only one phase from the next). Those writes are the generic
 // proxy's, the tensor cores read through the async proxy: consumers fence the two after each
 // wait for a stage. From there a chunk is a tile like any other.
 //
@@ -557,6 +558,7 @@ __device__ __forceinline__ void la_ws_logits_gather(float* s, const LaFwdParams&
 // for K and V both), a step taking 32 / (D / 8) rows, each lane a 16-byte piece; the row's key
 // comes by a shuffle. Then this thread's copies count on `bar`: one pending arrival added now,
 // completed when they have landed.
+#define LA_GATHER_BAR 15  // named barrier of the producer warpgroup's 128 threads
 __device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, int jl, int Sk, u64* bar) {
     constexpr int RW = LA_BC / 4, PR = LA_D / 8, RPS = 32 / PR;
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
@@ -574,8 +576,19 @@ __device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, i
     asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(la_smem_addr(bar)) : "memory");
 #endif
 }
-// Named barrier of the producer warpgroup's 128 threads after a chunk's copies.
-#define LA_GATHER_BAR 15
+
+// After every producer thread's la_ws_gather into the stage of `bar`: a named barrier of the 128
+// (each thread's pending arrival is on the barrier), then thread 0's arrival, the one the
+// barrier expects. LA_GATHER_WAIT (diagnostic): each thread first waits for its copies and
+// fences the proxies itself.
+__device__ __forceinline__ void la_ws_handover(u64* bar, bool lead) {
+#if LA_GATHER_WAIT
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    la_fence_async_smem();
+#endif
+    la_bar_sync(LA_GATHER_BAR, 128);
+    if (lead) la_mbar_arrive(bar);
+}
 // A consumer after its wait for a stage: the chunk's rows, written through the generic proxy,
 // become visible to its tensor-core reads (async proxy). TMA stages need none; every stage gets
 // it in this variant.
@@ -652,7 +665,7 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         const bool lead = threadIdx.x == 0;
 #else
         if (threadIdx.x != 0) return;
-        const bool lead = true;
+        constexpr bool lead = true;
 #endif
         int nq = 0, nkv = 0;
         for (u32 i = i0; i < i1; i++) {
@@ -683,36 +696,37 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 if (LA_GATHERED(ent)) {
                     const int jl = (int)w.gkeys[(i64)LA_CHUNK(ent) * LA_BC + ((threadIdx.x >> 5) & 3) * (LA_BC / 4) +
                                                 (threadIdx.x & 31) % (LA_BC / 4)];
+                    // K, then V, each handed over on its own: its copies counted on its "full"
+                    // barrier, a named barrier of the 128 (every pending arrival is in), then
+                    // thread 0's arrival, the one the barrier expects. (K waiting for V's stage
+                    // would hold S = Q K^T back behind the previous tile's P V.)
                     la_mbar_wait(empty_k + st, par);
                     la_ws_gather(sK, p.k + b * p.k_sb + kh * p.k_sh, p.k_ss, jl, p.Sk, full_k + st);
+                    la_ws_handover(full_k + st, lead);
                     la_mbar_wait(empty_v + st, par);
                     la_ws_gather(sV, p.v + b * p.v_sb + kh * p.v_sh, p.v_ss, jl, p.Sk, full_v + st);
-#if LA_GATHER_WAIT
-                    // (Diagnostic, LONGATTN_CUDA_GATHER_WAIT=1: each thread waits for its copies and
-                    // fences the proxies itself; the barriers then count only thread 0's arrival.)
-                    asm volatile("cp.async.wait_all;\n" ::: "memory");
-                    la_fence_async_smem();
-#endif
-                    // Every thread's pending arrivals are in before the one the barriers expect.
-                    la_bar_sync(LA_GATHER_BAR, 128);
-                    if (lead) {
-                        la_mbar_arrive(full_k + st);
-                        la_mbar_arrive(full_v + st);
-                    }
+                    la_ws_handover(full_v + st, lead);
                     continue;
                 }
-                if (!lead) continue;
 #endif
+                // Every producer thread waits for every stage, TMA tiles' included: a wait is
+                // for the parity of the phase before, which tells one phase from the next only,
+                // so a thread that skipped the tiles' waits could pass a wait two phases early
+                // and overwrite a stage still being read.
                 la_mbar_wait(empty_k + st, par);
-                la_mbar_expect(full_k + st, TILE_BYTES);
+                if (lead) {
+                    la_mbar_expect(full_k + st, TILE_BYTES);
 #pragma unroll
-                for (int cb = 0; cb < LA_D / 64; cb++)
-                    la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, kt, kh, b);
+                    for (int cb = 0; cb < LA_D / 64; cb++)
+                        la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, kt, kh, b);
+                }
                 la_mbar_wait(empty_v + st, par);
-                la_mbar_expect(full_v + st, TILE_BYTES);
+                if (lead) {
+                    la_mbar_expect(full_v + st, TILE_BYTES);
 #pragma unroll
-                for (int cb = 0; cb < LA_D / 64; cb++)
-                    la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, kt, kh, b);
+                    for (int cb = 0; cb < LA_D / 64; cb++)
+                        la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, kt, kh, b);
+                }
             }
         }
         return;
