@@ -30,9 +30,9 @@ bench)
   echo "bench gather rc=$?"; tail -20 "$OUT/bench_gather.txt"
   ;;
 ncu)
-  # Launches 1-2: the dense warm-up and the gathered one (bench --gather 1 --lens 16k).
+  # Launches 23-24: the P 1 row's dense and gathered warm-up launches (after the tiles row's 2 + 2 x 10).
   timeout 300 ncu --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-    --section SchedulerStats -k regex:la_attn_fwd_ws -c 2 \
+    --section SchedulerStats -k regex:la_attn_fwd_ws --launch-skip 22 -c 2 \
     /tmp/longattn bench --backend cuda --gather 1 --lens 16k --reps 1 --out "$OUT/bench_ncu" > "$OUT/ncu_gather.txt" 2>&1
   echo "ncu rc=$?"; grep -E "attn_fwd_ws|Duration|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|L2 Hit|Issued Warp|No Eligible|Stall|Warp Cycles Per Issued" "$OUT/ncu_gather.txt" | head -40
   ;;
