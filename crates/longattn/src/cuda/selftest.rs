@@ -1947,12 +1947,20 @@ pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> Case
         } else {
             let cpu = crate::sparse::gather::forward(&qv, &kv, &vv, &bt.params, bt.spec(), &sel)?;
             let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
-            let want = cpu.out.data.to_f32_vec().into_iter().map(f64::from).collect();
+            let want = cpu
+                .out
+                .data
+                .to_f32_vec()
+                .into_iter()
+                .map(f64::from)
+                .collect();
             (e, l, "CPU path", want)
         };
         // The worst row (b, i, h) and how many rows are off by more than the tolerance.
         let g = got.out.data.to_f32_vec();
-        let top = want.iter().fold(1e-30f64, |m: f64, &x: &f64| m.max(x.abs()));
+        let top = want
+            .iter()
+            .fold(1e-30f64, |m: f64, &x: &f64| m.max(x.abs()));
         let (mut worst, mut bad) = ((0.0f64, 0usize), 0usize);
         for (r, (a, w)) in g.chunks(c.d).zip(want.chunks(c.d)).enumerate() {
             let d = a
@@ -1966,7 +1974,11 @@ pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> Case
                 worst = (d, r);
             }
         }
-        let (b, i, h) = (worst.1 / (c.sq * c.hq), worst.1 / c.hq % c.sq, worst.1 % c.hq);
+        let (b, i, h) = (
+            worst.1 / (c.sq * c.hq),
+            worst.1 / c.hq % c.sq,
+            worst.1 % c.hq,
+        );
         Ok((
             e,
             l,
