@@ -152,6 +152,23 @@ pub fn main(a: &Args, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The GPU benches' problem shape: `--lens` (default `lens`), `--dims` (default 128), query / KV
+/// heads (32 / 8 unless --heads / --kv-heads say otherwise) and repetitions (at least 10).
+#[allow(clippy::type_complexity)]
+fn gpu_shape(a: &Args, lens: &str) -> Result<(Vec<usize>, Vec<usize>, (usize, usize), usize)> {
+    let lens = parse_list(a.lens.as_deref().unwrap_or(lens), "length", parse_len)?;
+    let dims = parse_list(a.dims.as_deref().unwrap_or("128"), "head dim", |x| {
+        x.parse().ok()
+    })?;
+    let hq = if a.heads == 8 && a.kv_heads.is_none() {
+        32
+    } else {
+        a.heads
+    };
+    let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
+    Ok((lens, dims, (hq, hk), a.reps.max(10)))
+}
+
 /// `--backend cuda`: per length, our dense forward under the mask against, per spec, the device
 /// estimator + schedule build (`SparsePlan::launch_select_on`) and the attention through the
 /// device-written schedule (`launch_attention_on`), each the median of CUDA-event timings after
@@ -169,21 +186,7 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         longattn::sparse::cuda::check_spec(spec).with_context(|| format!("--sparse `{spec}`"))?;
     }
     let dev = CudaDevice::open(a.device)?;
-    let lens = parse_list(
-        a.lens.as_deref().unwrap_or("4k,8k,64k,128k"),
-        "length",
-        parse_len,
-    )?;
-    let dims = parse_list(a.dims.as_deref().unwrap_or("128"), "head dim", |x| {
-        x.parse().ok()
-    })?;
-    let hq = if a.heads == 8 && a.kv_heads.is_none() {
-        32
-    } else {
-        a.heads
-    };
-    let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
-    let reps = a.reps.max(10);
+    let (lens, dims, (hq, hk), reps) = gpu_shape(a, "4k,8k,64k,128k")?;
     println!(
         "sparse prefill on {} (CUDA), mask `{mask_text}`, bf16, batch {}, heads {hq} / {hk}, {} q / k, median of {reps} (dense timed in turn with each)",
         dev.name, a.batch, a.inputs
@@ -417,21 +420,7 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
         x.parse::<f64>().ok().filter(|p| (0.0..=1.0).contains(p))
     })?;
     let dev = CudaDevice::open(a.device)?;
-    let lens = parse_list(
-        a.lens.as_deref().unwrap_or("16k,64k,128k"),
-        "length",
-        parse_len,
-    )?;
-    let dims = parse_list(a.dims.as_deref().unwrap_or("128"), "head dim", |x| {
-        x.parse().ok()
-    })?;
-    let hq = if a.heads == 8 && a.kv_heads.is_none() {
-        32
-    } else {
-        a.heads
-    };
-    let hk = a.kv_heads.unwrap_or(if hq == 32 { 8 } else { hq });
-    let reps = a.reps.max(10);
+    let (lens, dims, (hq, hk), reps) = gpu_shape(a, "16k,64k,128k")?;
     println!(
         "gathered keys on {} (CUDA), causal, bf16, batch {}, heads {hq} / {hk}, median of {reps} (dense timed in turn)",
         dev.name, a.batch

@@ -2086,6 +2086,19 @@ pub fn forward(
 ) -> Result<AttnOutput> {
     let dims = validate("cuda attention", q, k, v)?;
     let plan = FwdPlan::new(dev, dims, q.dtype(), params, mask)?;
+    run_host(dev, &plan, q, k, v)
+}
+
+/// Runs `plan` on host tensors: copies the inputs, launches, copies the output (in the input
+/// dtype) and LSE back.
+pub(crate) fn run_host(
+    dev: &Arc<CudaDevice>,
+    plan: &FwdPlan,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+) -> Result<AttnOutput> {
+    let dims = plan.dims;
     let (qd, kd, vd) = (
         DevTensor::upload(dev, "q", q)?,
         DevTensor::upload(dev, "k", k)?,
@@ -2116,21 +2129,7 @@ pub fn forward_gathered(
 ) -> Result<AttnOutput> {
     let dims = validate("cuda attention", q, k, v)?;
     let plan = FwdPlan::with_gather(dev, dims, q.dtype(), params, mask, sel)?;
-    let (qd, kd, vd) = (
-        DevTensor::upload(dev, "q", q)?,
-        DevTensor::upload(dev, "k", k)?,
-        DevTensor::upload(dev, "v", v)?,
-    );
-    let mut o = DevTensor::alloc(dev, [dims.batch, dims.sq, dims.hq, dims.d], q.dtype())?;
-    let mut lse = dev
-        .stream()
-        .alloc_zeros::<f32>(dims.batch * dims.hq * dims.sq)
-        .map_err(drv("alloc"))?;
-    plan.launch(&qd, &kd, &vd, &mut o, &mut lse)?;
-    dev.synchronize()?;
-    let out = o.download(dev)?;
-    let lse = dev.stream().clone_dtoh(&lse).map_err(drv("copy to host"))?;
-    Ok(AttnOutput { out, lse })
+    run_host(dev, &plan, q, k, v)
 }
 
 /// [`crate::forward_with_map`] on the GPU ([`FwdPlan::with_map`]): the output, LSE and the
