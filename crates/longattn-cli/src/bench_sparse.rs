@@ -152,6 +152,48 @@ pub fn main(a: &Args, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// A seeded q / k generator of the GPU benches (`sparse::structured_qk`, ...): dtype, batch, Sq,
+/// Sk, query heads, KV heads, head dim, seed.
+type QkGen = fn(
+    longattn::DType,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    u64,
+) -> (longattn::Tensor, longattn::Tensor);
+
+/// The GPU benches' inputs on the device: bf16 q / k from `gen`, random v (seed + 2), `n` tokens,
+/// head dim `d`, (query, KV) heads; with their problem dims.
+fn device_inputs(
+    dev: &std::sync::Arc<longattn::cuda::CudaDevice>,
+    a: &Args,
+    gen: QkGen,
+    n: usize,
+    d: usize,
+    (hq, hk): (usize, usize),
+) -> Result<(
+    longattn::attention::Dims,
+    longattn::cuda::DevTensor,
+    longattn::cuda::DevTensor,
+    longattn::cuda::DevTensor,
+)> {
+    use longattn::cuda::DevTensor;
+    let bf = longattn::DType::BF16;
+    let (q, k) = gen(bf, a.batch, n, n, hq, hk, d, a.seed);
+    let v = longattn::testing::random_tensor(bf, &[a.batch, n, hk, d], 1.0, a.seed + 2);
+    let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
+    let dm = longattn::attention::validate("bench", &qv, &kv, &vv)?;
+    Ok((
+        dm,
+        DevTensor::upload(dev, "q", &qv)?,
+        DevTensor::upload(dev, "k", &kv)?,
+        DevTensor::upload(dev, "v", &vv)?,
+    ))
+}
+
 /// The GPU benches' problem shape: `--lens` (default `lens`), `--dims` (default 128), query / KV
 /// heads (32 / 8 unless --heads / --kv-heads say otherwise) and repetitions (at least 10).
 #[allow(clippy::type_complexity)]
@@ -245,21 +287,8 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                 "planted" => longattn::sparse::skip_check::planted_near_far,
                 o => bail!("--inputs {o}: expected `structured` or `planted`"),
             };
-            let (q, k) = gen(longattn::DType::BF16, a.batch, n, n, hq, hk, d, a.seed);
-            let v = longattn::testing::random_tensor(
-                longattn::DType::BF16,
-                &[a.batch, n, hk, d],
-                1.0,
-                a.seed + 2,
-            );
-            let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
             let bound = bind_mask(&mask_text, a.batch, n, n, None)?;
-            let dm = longattn::attention::validate("bench", &qv, &kv, &vv)?;
-            let (qd, kd, vd) = (
-                DevTensor::upload(&dev, "q", &qv)?,
-                DevTensor::upload(&dev, "k", &kv)?,
-                DevTensor::upload(&dev, "v", &vv)?,
-            );
+            let (dm, qd, kd, vd) = device_inputs(&dev, a, gen, n, d, (hq, hk))?;
             let mut o = DevTensor::alloc(&dev, [a.batch, n, hq, d], longattn::DType::BF16)?;
             let mut lse = dev.alloc_f32(a.batch * hq * n)?;
             let params = AttnParams::default();
@@ -440,30 +469,9 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
     );
     for &n in &lens {
         for &d in &dims {
-            let (q, k) = longattn::sparse::structured_qk(
-                longattn::DType::BF16,
-                a.batch,
-                n,
-                n,
-                hq,
-                hk,
-                d,
-                a.seed,
-            );
-            let v = longattn::testing::random_tensor(
-                longattn::DType::BF16,
-                &[a.batch, n, hk, d],
-                1.0,
-                a.seed + 2,
-            );
-            let (qv, kv, vv) = (q.view("q")?, k.view("k")?, v.view("v")?);
             let bound = bind_mask("causal", a.batch, n, n, None)?;
-            let dm = longattn::attention::validate("bench", &qv, &kv, &vv)?;
-            let (qd, kd, vd) = (
-                DevTensor::upload(&dev, "q", &qv)?,
-                DevTensor::upload(&dev, "k", &kv)?,
-                DevTensor::upload(&dev, "v", &vv)?,
-            );
+            let (dm, qd, kd, vd) =
+                device_inputs(&dev, a, longattn::sparse::structured_qk, n, d, (hq, hk))?;
             let bf = longattn::DType::BF16;
             let params = AttnParams::default();
             let s = dev.stream().clone();

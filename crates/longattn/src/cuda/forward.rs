@@ -2631,31 +2631,46 @@ mod tests {
         assert_eq!(n, 20);
     }
 
+    /// Compiles `define` = 1 on each of `tiles` with the element program, the interval program
+    /// and the interval program with skip-softmax (`skip` decides which (D, skip-softmax) pairs
+    /// the host builds), asserting ptxas keeps every wgmma asynchronous and spills nothing;
+    /// returns the number of variants built (None without `libnvrtc`).
+    fn assert_ws_variants_clean(
+        define: &str,
+        tiles: &[(TileCfg, usize)],
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let (element, interval) = super::super::compile::test_programs()?;
+        let interval = element.clone() + &interval;
+        let mut n = 0;
+        for &(tile, d) in tiles {
+            for (prog, sk) in [(&element, false), (&interval, false), (&interval, true)] {
+                if sk && !skip(d) {
+                    continue;
+                }
+                let params = AttnParams {
+                    skip_below: sk.then_some(0.01),
+                    ..Default::default()
+                };
+                let (src, _, tag, mut defines) =
+                    kernel_build(&tile, DType::BF16, d, &params, prog, &fwd_softmax());
+                defines.push((define.into(), "1".into()));
+                let name = format!("test_fwd{tag}_{define}_skip{}_d{d}", sk as u8);
+                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+                n += 1;
+            }
+        }
+        Some(n)
+    }
+
     /// The pooled-map variant (LA_MAP) of every warp-specialized tile config compiles, alone
     /// and with skip-softmax, the element and interval programs, without spills or serialized
     /// wgmma (NVRTC; skipped without `libnvrtc`).
     #[test]
     fn map_kernels_compile_with_nvrtc() {
-        let Some((element, interval)) = super::super::compile::test_programs() else {
-            return;
-        };
-        let interval = element.clone() + &interval;
-        let mut n = 0;
-        for (tile, d) in ws_test_tiles() {
-            for (prog, skip) in [(&element, false), (&interval, false), (&interval, true)] {
-                let params = AttnParams {
-                    skip_below: skip.then_some(0.01),
-                    ..Default::default()
-                };
-                let (src, _, tag, mut defines) =
-                    kernel_build(&tile, DType::BF16, d, &params, prog, &fwd_softmax());
-                defines.push(("LA_MAP".into(), "1".into()));
-                let name = format!("test_fwd{tag}_map_skip{}_d{d}", skip as u8);
-                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
-                n += 1;
-            }
+        if let Some(n) = assert_ws_variants_clean("LA_MAP", &ws_test_tiles(), |_| true) {
+            assert_eq!(n, 12);
         }
-        assert_eq!(n, 12);
     }
 
     /// The gathered-key variant (`LA_GATHER`) of every warp-specialized tile shape, with the
@@ -2663,32 +2678,13 @@ mod tests {
     /// (NVRTC; skipped without `libnvrtc`).
     #[test]
     fn gather_kernels_compile_with_nvrtc() {
-        let Some((element, interval)) = super::super::compile::test_programs() else {
-            return;
-        };
-        let interval = element.clone() + &interval;
-        let mut n = 0;
-        // (D 64 gathers with two consumers: plan_tile.)
+        // (D 64 gathers with two consumers: plan_tile; skip-softmax at D 256 is refused by the
+        // host, FwdPlan::build: its consumers would spill.)
         let mut tiles = ws_test_tiles();
         tiles[0].0 = TileCfg::warp_specialized(2, 128, 1);
-        for (tile, d) in tiles {
-            for (prog, skip) in [(&element, false), (&interval, false), (&interval, true)] {
-                if skip && d == 256 {
-                    continue; // refused by the host (FwdPlan::build): its consumers would spill
-                }
-                let params = AttnParams {
-                    skip_below: skip.then_some(0.01),
-                    ..Default::default()
-                };
-                let (src, _, tag, mut defines) =
-                    kernel_build(&tile, DType::BF16, d, &params, prog, &fwd_softmax());
-                defines.push(("LA_GATHER".into(), "1".into()));
-                let name = format!("test_fwd{tag}_gather_skip{}_d{d}", skip as u8);
-                super::super::compile::assert_ptxas_clean(&name, &src, &defines);
-                n += 1;
-            }
+        if let Some(n) = assert_ws_variants_clean("LA_GATHER", &tiles, |d| d != 256) {
+            assert_eq!(n, 11);
         }
-        assert_eq!(n, 11);
     }
 
     /// Tuning aid, run by hand: writes the warp-specialized forward's CUBIN (bf16, D 128, the

@@ -1936,8 +1936,7 @@ pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> Case
             &sel,
         )?;
         let (tiles, chunks) = plan.gather_counts().unwrap_or_default();
-        drop(plan);
-        let got = super::forward_gathered(dev, &qv, &kv, &vv, &params, bt.spec(), &sel)?;
+        let got = super::forward::run_host(dev, &plan, &qv, &kv, &vv)?;
         let keeps =
             |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
         let (e, l, against, want) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
