@@ -273,14 +273,23 @@ impl RowMask for RowKeys<'_> {
         let qt = i / s.tile_q;
         let (tiles, keys) = (s.tiles_of(b, h, qt), s.keys_of(b, h, qt));
         let first = keys.partition_point(|&j| (j as usize) < j0);
+        let tk = s.tile_k;
         for (w, o) in out.iter_mut().enumerate() {
-            let lo = j0 + 64 * w;
+            let (lo, hi) = (j0 + 64 * w, j0 + 64 * w + 64);
             let mut keep = 0u64;
-            for t in 0..64 {
-                let j = lo + t;
-                if tiles.binary_search(&((j / s.tile_k) as u32)).is_ok() {
-                    keep |= 1 << t;
+            // The whole tiles' key ranges that meet this word, as bit ranges.
+            let t0 = tiles.partition_point(|&t| (t as usize + 1) * tk <= lo);
+            for &t in &tiles[t0..] {
+                let (a, b) = (t as usize * tk, (t as usize + 1) * tk);
+                if a >= hi {
+                    break;
                 }
+                let (a, b) = (a.max(lo) - lo, b.min(hi) - lo);
+                keep |= if b - a == 64 {
+                    !0
+                } else {
+                    ((1u64 << (b - a)) - 1) << a
+                };
             }
             for &j in &keys[first..] {
                 let j = j as usize;
