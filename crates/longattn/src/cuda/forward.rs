@@ -1230,6 +1230,12 @@ impl FwdPlan {
                 defines.push(("LA_GATHER_WAIT".into(), "1".into()));
                 ptag.push_str("_wait");
             }
+            // `LONGATTN_CUDA_GATHER_DIAG` (1: the chunks' copies left out, 2: issued but not
+            // waited for): timing experiments, the output is wrong then.
+            if let Ok(v) = std::env::var("LONGATTN_CUDA_GATHER_DIAG") {
+                defines.push(("LA_GATHER_DIAG".into(), v.clone()));
+                ptag.push_str(&format!("_diag{v}"));
+            }
         }
         if map_block.is_some() {
             defines.push(("LA_MAP".into(), "1".into()));

@@ -64,12 +64,14 @@
 // but chunk x = (entry >> 1) & (2^30 - 1) of the key list w.gkeys: the keys gkeys[x BC ..
 // x BC + BC), in any order, each allowed for every row of the query tile (entry bit 0 clear) or
 // to be tested per element with the mask program (bit 0 set; the list's padding, INT_MAX, is
-// then masked as a key past Sk). The producer warpgroup's 128 threads copy the chunk's K and V
-// rows 16 bytes a thread (cp.async, rows past Sk as zeros) into the layout the TMA writes, and
-// each thread's copies count on the stage's "full" barrier (cp.async.mbarrier.arrive adds a
-// pending arrival at once and completes it when they land; thread 0's own arrival, after a
-// named barrier of the 128, is the one the barrier expects). All 128 wait for every stage,
-// the TMA tiles' too (a parity wait tells only one phase from the next). Those writes are the generic
+// then masked as a key past Sk). The producer warpgroup splits in two sides of 64 threads, one
+// for K and one for V, each on its own ring of stages: a side copies the chunk's rows 16 bytes a
+// thread (cp.async, rows past Sk as zeros) into the layout the TMA writes, and each thread's
+// copies count on the stage's "full" barrier (cp.async.mbarrier.arrive adds a pending arrival
+// at once and completes it when they land; the side's first thread's own arrival, after a named
+// barrier of the 64, is the one the barrier expects). Every thread of a side waits for every
+// stage of its ring, the TMA tiles' too (a parity wait tells only one phase from the next), and
+// the side's first thread issues its TMA tiles. Those writes are the generic
 // proxy's, the tensor cores read through the async proxy: consumers fence the two after each
 // wait for a stage. From there a chunk is a tile like any other.
 //
@@ -136,22 +138,28 @@
 #define LA_REG_MMA 240
 #define LA_REG_LOAD 24
 #endif
-// The gathered-key variant (LA_GATHER): the producer warpgroup's walk with its copies spills at
-// 24 and 32 registers; the producers take 40 and the consumers give up 8 (two consumers: 128 x
-// 40 + 256 x 232 = 64512 a block) or 16 (one consumer, two blocks per SM: 128 x 40 + 128 x 216
-// = 32768 a block). Three consumers (D 64) are not taken with it (the host plans two).
+// The gathered-key variant (LA_GATHER): the producer warpgroup's walk with its copies, unrolled
+// four steps (la_ws_gather), takes 48 registers; the consumers give up 16 (two consumers: 128 x
+// 48 + 256 x 224 = 63488 a block) or 24 (one consumer, two blocks per SM: 128 x 48 + 128 x 208
+// = 32768 a block). At D 256 the consumers need 232 (O alone is 128), so the producers keep 40
+// and copy one step at a time. Three consumers (D 64) are not taken with it (the host plans two).
 #if LA_GATHER
 #if LA_NWG == 3
 #error "LA_GATHER: three consumer warpgroups leave the producers too few registers"
 #endif
 #undef LA_REG_MMA
 #undef LA_REG_LOAD
-#if LA_NWG == 1 && LA_MINB == 2
-#define LA_REG_MMA 216
-#else
+#if LA_D == 256
 #define LA_REG_MMA 232
-#endif
 #define LA_REG_LOAD 40
+#define LA_GATHER_UNROLL 1
+#elif LA_NWG == 1 && LA_MINB == 2
+#define LA_REG_MMA 208
+#define LA_REG_LOAD 48
+#else
+#define LA_REG_MMA 224
+#define LA_REG_LOAD 48
+#endif
 #endif
 
 #if LA_BC == 64
@@ -195,6 +203,10 @@ static_assert(sizeof(LaWsParams) == 896, "LaWsParams must match cuda/forward.rs"
 #define LA_GATHERED(e) (LA_GATHER && ((e) >> 31))
 #ifndef LA_GATHER_WAIT
 #define LA_GATHER_WAIT 0
+#endif
+// Timing diagnostic (results wrong): 1 the chunks' copies left out, 2 issued but not waited for.
+#ifndef LA_GATHER_DIAG
+#define LA_GATHER_DIAG 0
 #endif
 #define LA_CHUNK(e) ((e) >> 1 & 0x3fffffffu)
 #if LA_MAP && LA_PATCH
@@ -551,42 +563,59 @@ __device__ __forceinline__ void la_ws_logits_gather(float* s, const LaFwdParams&
         if (!((bits >> x) & 1)) s[x] = -LA_INF;
 }
 
-// Gathered chunk: key rows j_r (r < LA_BC; at or past Sk, and columns past LA_DO: zeros) of a [Sk][D] slab (row stride ss
-// elements) into a [LA_BC][D] tile in the TMA's layout (la_sw128), 16 bytes a copy over the
-// producer warpgroup's 128 threads: warp w copies rows w BC / 4 .. (w + 1) BC / 4 - 1, whose keys
-// its lanes hold (`jl`: lane l the key of row w BC / 4 + l mod BC / 4, one coalesced load a warp
-// for K and V both), a step taking 32 / (D / 8) rows, each lane a 16-byte piece; the row's key
-// comes by a shuffle. Then this thread's copies count on `bar`: one pending arrival added now,
-// completed when they have landed.
-#define LA_GATHER_BAR 15  // named barrier of the producer warpgroup's 128 threads
-__device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, int jl, int Sk, u64* bar) {
-    constexpr int RW = LA_BC / 4, PR = LA_D / 8, RPS = 32 / PR;
-    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 3;
+// Gathered chunk: key rows j_r (r < LA_BC; at or past Sk, and columns past LA_DO: zeros) of a
+// [Sk][D] slab (row stride ss elements) into a [LA_BC][D] tile in the TMA's layout (la_sw128),
+// by one side of the producer warpgroup (64 threads: K or V). Warp w of the side copies rows
+// w BC / 2 .. (w + 1) BC / 2 - 1, lane l holding the keys of rows w BC / 2 + l (jl0) and
+// w BC / 2 + 32 + l (jl1, BC 128); a step copies 32 / (D / 8) whole rows, each lane the same
+// 16-byte piece c of its row, the row's key by a shuffle. What a lane's copies share (its
+// piece's offsets in the row and in shared memory) is computed once, and the steps are unrolled
+// so that their shuffles and address arithmetic overlap: one lane's copies are a chain of
+// dependent steps, and with one producer warp per scheduler that chain's latency, not the
+// copies' bytes, set a chunk's time (DIAG 2 below issued the copies without waiting for them
+// and was as slow; docs/PERF.md). Then this thread's copies count on `bar`: one pending arrival
+// added now, completed when they have landed.
+#ifndef LA_GATHER_UNROLL
+#define LA_GATHER_UNROLL 4  // (1 at D 256: registers, above)
+#endif
+__device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, int jl0, int jl1, int Sk, u64* bar) {
+    constexpr int RW = LA_BC / 2, PR = LA_D / 8, RPS = 32 / PR;
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 1;
     const int c = lane % PR, rs = lane / PR;
-#pragma unroll 1
+    // (Columns past the tensor's head dim: zeros, as the TMA fills them.)
+    const bool cok = c * 8 < LA_DO;
+    const u16* gsrc = src + c * 8;
+    // Row r of the warp is tile row w RW + r (RW a multiple of 8: the same swizzle phase r & 7).
+    const u32 sblk = la_smem_addr(dst) + (u32)((c >> 3) * LA_BC * 128 + w * RW * 128);
+    const u32 piece = (u32)(c & 7);
+#if LA_GATHER_DIAG != 1
+#pragma unroll LA_GATHER_UNROLL
     for (int st = 0; st < RW / RPS; st++) {
         const int r = st * RPS + rs;
-        const int j = __shfl_sync(0xffffffffu, jl, r);
-        const bool ok = j < Sk && c * 8 < LA_DO;  // (columns past the tensor's head dim: zeros, as the TMA fills them)
-        la_cp_async16(dst + la_sw128<LA_BC>(w * RW + r, c), src + (ok ? (i64)j * ss : 0) + c * 8, ok ? 16 : 0);
+        const int j = __shfl_sync(0xffffffffu, st * RPS < 32 ? jl0 : jl1, r & 31);
+        const bool ok = cok && j < Sk;
+        const u32 sa = sblk + (u32)r * 128 + ((piece ^ (u32)(r & 7)) << 4);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa),
+                     "l"(gsrc + (ok ? (i64)j * ss : 0)), "r"(ok ? 16 : 0));
     }
-#if LA_GATHER_WAIT
+#endif
+#if LA_GATHER_WAIT || LA_GATHER_DIAG
     (void)bar;
 #else
     asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(la_smem_addr(bar)) : "memory");
 #endif
 }
 
-// After every producer thread's la_ws_gather into the stage of `bar`: a named barrier of the 128
-// (each thread's pending arrival is on the barrier), then thread 0's arrival, the one the
-// barrier expects. LA_GATHER_WAIT (diagnostic): each thread first waits for its copies and
-// fences the proxies itself.
-__device__ __forceinline__ void la_ws_handover(u64* bar, bool lead) {
+// After the 64 threads of a side have run la_ws_gather into the stage of `bar`: a named barrier
+// of the 64 (`id`; each thread's pending arrival is on the barrier), then the side's first
+// thread's arrival, the one the barrier expects. LA_GATHER_WAIT (diagnostic): each thread first
+// waits for its copies and fences the proxies itself.
+__device__ __forceinline__ void la_ws_handover(u64* bar, int id, bool lead) {
 #if LA_GATHER_WAIT
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     la_fence_async_smem();
 #endif
-    la_bar_sync(LA_GATHER_BAR, 128);
+    la_bar_sync(id, 64);
     if (lead) la_mbar_arrive(bar);
 }
 // A consumer after its wait for a stage: the chunk's rows, written through the generic proxy,
@@ -693,19 +722,35 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 u16* sK = sK0 + st * LA_BC * LA_D;
                 u16* sV = sV0 + st * LA_BC * LA_D;
 #if LA_GATHER
-                if (LA_GATHERED(ent)) {
-                    const int jl = (int)w.gkeys[(i64)LA_CHUNK(ent) * LA_BC + ((threadIdx.x >> 5) & 3) * (LA_BC / 4) +
-                                                (threadIdx.x & 31) % (LA_BC / 4)];
-                    // K, then V, each handed over on its own: its copies counted on its "full"
-                    // barrier, a named barrier of the 128 (every pending arrival is in), then
-                    // thread 0's arrival, the one the barrier expects. (K waiting for V's stage
-                    // would hold S = Q K^T back behind the previous tile's P V.)
-                    la_mbar_wait(empty_k + st, par);
-                    la_ws_gather(sK, p.k + b * p.k_sb + kh * p.k_sh, p.k_ss, jl, p.Sk, full_k + st);
-                    la_ws_handover(full_k + st, lead);
-                    la_mbar_wait(empty_v + st, par);
-                    la_ws_gather(sV, p.v + b * p.v_sb + kh * p.v_sh, p.v_ss, jl, p.Sk, full_v + st);
-                    la_ws_handover(full_v + st, lead);
+                {
+                    // Threads 0-63 bring K, 64-127 V, each side on its own ring: it waits for
+                    // every stage of it (a wait is for the parity of the phase before, which
+                    // tells one phase from the next only: a thread that skipped a tile's wait
+                    // could pass a later wait two phases early and overwrite a stage still
+                    // being read); its first thread issues the TMA tiles and hands the chunks
+                    // over (named barrier 15 for K, 11 for V).
+                    const bool kside = threadIdx.x < 64, slead = (threadIdx.x & 63) == 0;
+                    u64* eb = kside ? empty_k + st : empty_v + st;
+                    u64* fb = kside ? full_k + st : full_v + st;
+                    u16* dst = kside ? sK : sV;
+                    if (LA_GATHERED(ent)) {
+                        // The keys first, so that their loads overlap the wait.
+                        const u32* gk = w.gkeys + (i64)LA_CHUNK(ent) * LA_BC + ((threadIdx.x >> 5) & 1) * (LA_BC / 2) +
+                                        (threadIdx.x & 31);
+                        const int jl0 = (int)gk[0], jl1 = LA_BC / 2 > 32 ? (int)gk[32] : 0;
+                        const u16* src = kside ? p.k + b * p.k_sb + kh * p.k_sh : p.v + b * p.v_sb + kh * p.v_sh;
+                        la_mbar_wait(eb, par);
+                        la_ws_gather(dst, src, kside ? p.k_ss : p.v_ss, jl0, jl1, p.Sk, fb);
+                        la_ws_handover(fb, kside ? 15 : 11, slead);
+                    } else {
+                        la_mbar_wait(eb, par);
+                        if (slead) {
+                            la_mbar_expect(fb, TILE_BYTES);
+#pragma unroll
+                            for (int cb = 0; cb < LA_D / 64; cb++)
+                                la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(dst + cb * LA_BC * 64, kside ? &w.tk : &w.tv, fb, cb * 64, kt, kh, b);
+                        }
+                    }
                     continue;
                 }
 #endif
