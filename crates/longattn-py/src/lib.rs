@@ -397,6 +397,97 @@ fn fwd(
     .map_err(py_err)
 }
 
+/// int32 values from the bytes of a contiguous int32 array (little-endian), as u32 (the ids
+/// and counts of a gathered selection: negative values are refused).
+fn u32s(b: &[u8], name: &str) -> PyResult<Vec<u32>> {
+    if !b.len().is_multiple_of(4) {
+        return Err(PyValueError::new_err(format!(
+            "`{name}`: {} bytes is not a whole number of int32 values",
+            b.len()
+        )));
+    }
+    b.chunks_exact(4)
+        .map(|c| {
+            let x = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            u32::try_from(x).map_err(|_| {
+                PyValueError::new_err(format!("`{name}` holds a negative value ({x})"))
+            })
+        })
+        .collect()
+}
+
+/// Attention over a gathered-key selection (`longattn::sparse::gather::TileKeys`): per row
+/// (b heads + h) q_tiles + qt of a `[batch, heads, q_tiles]` layout (`layout`, batch and heads
+/// each 1 or the inputs'), `tile_counts[row]` whole key tiles from `tile_ids` and
+/// `key_counts[row]` single keys from `key_ids` (int32 bytes). Writes `out` and `lse` (CPU, or
+/// CUDA on the caller's stream).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, mask, scale, softcap, q_doc, k_doc, stream, tiles, layout, tile_counts, tile_ids, key_counts, key_ids))]
+#[allow(clippy::too_many_arguments)]
+fn fwd_gathered(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    mask: Option<&str>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    q_doc: Option<&Bound<'_, PyAny>>,
+    k_doc: Option<&Bound<'_, PyAny>>,
+    stream: u64,
+    tiles: (usize, usize),
+    layout: (usize, usize),
+    tile_counts: &[u8],
+    tile_ids: &[u8],
+    key_counts: &[u8],
+    key_ids: &[u8],
+) -> PyResult<()> {
+    let inp = Inputs::read((q, k, v), mask, scale, softcap, q_doc, k_doc, None, (0, 0))?;
+    let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let (qd, kd) = (inp.q.dims(), inp.k.dims());
+    if qd.len() != 4 || kd.len() != 4 {
+        return Err(PyValueError::new_err(format!(
+            "q and k must be [B, S, H, D] tensors, got shapes {qd:?} and {kd:?}"
+        )));
+    }
+    let size = (qd[1], kd[1]);
+    let sel = longattn::sparse::gather::TileKeys::from_counts(
+        tiles,
+        size,
+        layout,
+        (
+            &u32s(tile_counts, "tile_counts")?,
+            &u32s(tile_ids, "tiles")?,
+        ),
+        (&u32s(key_counts, "key_counts")?, &u32s(key_ids, "keys")?),
+    )
+    .map_err(py_err)?;
+    py.detach(|| {
+        let a = inp.args();
+        // SAFETY: as for `fwd` (live torch tensors held by the caller for the call; CUDA work
+        // on the caller's stream).
+        unsafe { api::forward_gathered(&a, &sel, &out, &lse, stream) }
+    })
+    .map_err(py_err)
+}
+
+/// The (query rows, keys) tiles a gathered selection must use for these inputs and mask.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, mask, q_doc, k_doc))]
+fn gather_tiles(
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    mask: Option<&str>,
+    q_doc: Option<&Bound<'_, PyAny>>,
+    k_doc: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(usize, usize)> {
+    let inp = Inputs::read((q, k, v), mask, None, None, q_doc, k_doc, None, (0, 0))?;
+    api::gather_tiles(&inp.args()).map_err(py_err)
+}
+
 /// Forward with the block-pooled attention map: writes `out`, `lse`, `mass` and `max` (CPU, or
 /// CUDA on the caller's stream).
 #[pyfunction]
@@ -595,6 +686,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd, m)?)?;
     m.add_function(wrap_pyfunction!(sparse_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_map, m)?)?;
+    m.add_function(wrap_pyfunction!(fwd_gathered, m)?)?;
+    m.add_function(wrap_pyfunction!(gather_tiles, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;
     m.add_function(wrap_pyfunction!(parse_mask, m)?)?;

@@ -463,3 +463,85 @@ fn bad_input_names_the_tensor() {
         eprintln!("skipped: a CUDA device is present (f32 is refused there by dtype instead)");
     }
 }
+
+/// A caller's gathered-key selection through the entry point (`api::forward_gathered`): head-major
+/// K / V, awkward sizes, GQA, batch 2, one selection per (batch row, head) and one shared by all,
+/// against the oracle over `mask & selection`; then the errors that name a mismatched selection.
+#[test]
+fn gathered_forward_matches_the_oracle() {
+    use longattn::sparse::gather::TileKeys;
+    let expr = MaskExpr::parse("causal & (sinks(2) | window(300,0))").unwrap();
+    let mut n = 0;
+    for &(sq, sk) in &[(1, 1), (7, 7), (65, 65), (113, 300), (300, 113), (1, 1023)] {
+        for shared in [false, true] {
+            n += 1;
+            let (b, hq, hk, d) = (2, 4, 2, 32);
+            let (sb, sh) = if shared { (1, 1) } else { (b, hq) };
+            let sel = TileKeys::synthetic((64, 32), (sq, sk), (sb, sh), 0.3, n).unwrap();
+            let q = random_tensor(DType::F32, &[b, sq, hq, d], 1.0, 40 + n);
+            let k = random_tensor(DType::F32, &[b, sk, hk, d], 1.0, 41 + n);
+            let v = random_tensor(DType::F32, &[b, sk, hk, d], 1.0, 42 + n);
+            let (kx, ks, kst) = head_major(&k);
+            let (vx, vs, vst) = head_major(&v);
+            let qx = q.data.to_f32_vec();
+            let mut out = vec![f32::NAN; b * sq * hq * d];
+            let mut lse = vec![0f32; b * hq * sq];
+            let params = AttnParams::default();
+            let a = AttnArgs {
+                q: raw(f32_ptr(&qx), [b, sq, hq, d], [sq * hq * d, hq * d, d, 1]),
+                k: raw(f32_ptr(&kx), ks, kst),
+                v: raw(f32_ptr(&vx), vs, vst),
+                mask: MaskArg::Expr(&expr),
+                q_doc: None,
+                k_doc: None,
+                params: &params,
+            };
+            let o = RawTensor::contiguous(
+                out.as_mut_ptr() as u64,
+                RawDType::Float(DType::F32),
+                &[b, sq, hq, d],
+                Device::Cpu,
+            );
+            let l = RawTensor::contiguous(
+                lse.as_mut_ptr() as u64,
+                RawDType::Float(DType::F32),
+                &[b, hq, sq],
+                Device::Cpu,
+            );
+            assert_eq!(api::gather_tiles(&a).unwrap(), (64, 64));
+            // SAFETY: every buffer lives to the end of the call and holds what its view addresses.
+            unsafe { api::forward_gathered(&a, &sel, &o, &l, 0) }.unwrap();
+            let bm = expr.bind(MaskShape { batch: b, sq, sk }, None).unwrap();
+            let (qv, kv, vv) = (
+                q.view("q").unwrap(),
+                k.view("k").unwrap(),
+                v.view("v").unwrap(),
+            );
+            let r = attention_f64(&qv, &kv, &vv, &params, &|bb, h, i, j| {
+                bm.allowed(bb, i, j) && sel.keeps(bb, h, i, j)
+            })
+            .unwrap();
+            let got = Tensor::new(
+                longattn::tensor::Buffer::F32(out.clone()),
+                vec![b, sq, hq, d],
+            )
+            .unwrap();
+            let (eo, el) = compare(&got, &lse, &r);
+            assert!(
+                eo < out_tolerance(DType::F32) && el < LSE_TOLERANCE,
+                "sq {sq} sk {sk} shared {shared}: out err {eo}, lse err {el}"
+            );
+            // A selection for other sizes or another batch is refused by name.
+            let other = TileKeys::synthetic((64, 32), (sq + 1, sk), (1, 1), 0.3, n).unwrap();
+            let e = unsafe { api::forward_gathered(&a, &other, &o, &l, 0) }
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("the selection is for Sq"), "{e}");
+            let three = TileKeys::synthetic((64, 32), (sq, sk), (3, 1), 0.3, n).unwrap();
+            let e = unsafe { api::forward_gathered(&a, &three, &o, &l, 0) }
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("batch 3"), "{e}");
+        }
+    }
+}

@@ -47,6 +47,8 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "fused_recurrent_simple_gla",
+    "gather_tiles",
+    "gathered_attention",
     "linear",
     "plan_counts",
     "set_cache_checks",
@@ -167,6 +169,108 @@ def sparse_attention(
         }
         res = res + (sel,)
     return res[0] if len(res) == 1 else res
+
+
+def _int32_bytes(name: str, t) -> bytes:
+    """The values of an integer tensor (or sequence) as contiguous int32 bytes (host copy)."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.int64)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integers, got dtype {t.dtype}")
+    t = t.detach().reshape(-1)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > 2**31 - 1):
+        raise ValueError(f"`{name}` must hold values in [0, 2^31 - 1]")
+    return t.to(device="cpu", dtype=torch.int32).contiguous().numpy().tobytes()
+
+
+def gather_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: "str | Mask | None" = "causal",
+    *,
+    q_doc: "torch.Tensor | None" = None,
+    k_doc: "torch.Tensor | None" = None,
+) -> "tuple[int, int]":
+    """The ``(tile_q, tile_k)`` a :func:`gathered_attention` selection must use for these
+    inputs: on CUDA the Hopper warp-specialized forward's tiles (other GPUs and head dims past
+    256 raise); on the CPU any tiles run, and this returns ``(64, 64)``."""
+    from ._ops import check_qkv
+
+    check_qkv(q, k, v, "gather_tiles")
+    if isinstance(mask, BlockMask):
+        raise ValueError("gathered attention takes a mask expression (or None), not a BlockMask")
+    text, _, _, _ = mask_args(mask)
+    return _native.gather_tiles(q, k, v, text, q_doc, k_doc)
+
+
+def gathered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tile_counts,
+    tiles,
+    key_counts,
+    keys,
+    mask: "str | Mask | None" = "causal",
+    *,
+    tile_q: int,
+    tile_k: int,
+    scale: "float | None" = None,
+    softcap: "float | None" = None,
+    q_doc: "torch.Tensor | None" = None,
+    k_doc: "torch.Tensor | None" = None,
+    return_lse: bool = False,
+):
+    """Attention over a caller's selection of keys per query tile (forward only): each query
+    tile of ``tile_q`` rows computes some key tiles (of ``tile_k`` keys) whole and some single
+    keys besides, under ``mask`` (the pairs kept are ``mask & selection``). This is how a
+    selection that keeps a few keys scattered over the whole prefix (a MInference column list,
+    per-tile top keys) runs at the cost of the keys kept: on CUDA the Hopper forward copies the
+    single keys' rows into tiles of their own.
+
+    The selection, in flat lists: ``tile_counts`` and ``key_counts`` are integer tensors of
+    shape ``[Bs, Hs, ceil(Sq / tile_q)]`` (``Bs`` 1 or B, ``Hs`` 1 or Hq: one selection shared
+    by the batch rows / heads), and ``tiles`` / ``keys`` the concatenation, in that order, of
+    each (batch row, head, query tile)'s key tiles and keys, each ascending (keys inside a
+    listed tile are dropped). The lists are read on the host (a copy from the GPU synchronises).
+    On CUDA the tiles must be :func:`gather_tiles`'s, the inputs contiguous bf16 / f16 with the
+    head dim at most 256; the plan is made per call. Shapes, ``mask`` (an expression, a
+    :class:`Mask` or ``None``), ``scale``, ``softcap`` and documents as for :func:`attention`.
+    Returns ``out`` (and ``lse`` with ``return_lse``).
+    """
+    from ._ops import _stream, check_qkv
+
+    check_qkv(q, k, v, "gathered_attention")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("gathered_attention is forward-only: call it under torch.no_grad()")
+    if isinstance(mask, BlockMask):
+        raise ValueError("gathered attention takes a mask expression (or None), not a BlockMask")
+    for name, x in (("tile_q", tile_q), ("tile_k", tile_k)):
+        if not isinstance(x, int) or x < 1:
+            raise ValueError(f"gathered_attention: `{name}` must be a positive int, got {x!r}")
+    b, sq, hq, _ = q.shape
+    nq = -(-sq // tile_q)
+    layout = None
+    for name, c in (("tile_counts", tile_counts), ("key_counts", key_counts)):
+        shape = tuple(torch.as_tensor(c).shape) if not isinstance(c, torch.Tensor) else tuple(c.shape)
+        if len(shape) != 3 or shape[0] not in (1, b) or shape[1] not in (1, hq) or shape[2] != nq:
+            raise ValueError(
+                f"gathered_attention: `{name}` must have shape [1 or {b}, 1 or {hq}, {nq}] "
+                f"(batch rows, query heads, query tiles of {tile_q}), got {list(shape)}"
+            )
+        if layout is not None and shape[:2] != layout:
+            raise ValueError("gathered_attention: `tile_counts` and `key_counts` must have the same shape")
+        layout = shape[:2]
+    text, _, _, _ = mask_args(mask)
+    out = q.new_empty((b, sq, hq, v.shape[3]))
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    _native.fwd_gathered(
+        q, k, v, out, lse, text, scale, softcap, q_doc, k_doc, _stream(q), (tile_q, tile_k), layout,
+        _int32_bytes("tile_counts", tile_counts), _int32_bytes("tiles", tiles),
+        _int32_bytes("key_counts", key_counts), _int32_bytes("keys", keys),
+    )
+    return (out, lse) if return_lse else out
 
 
 def attention_map(

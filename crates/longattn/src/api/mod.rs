@@ -800,6 +800,69 @@ pub unsafe fn sparse_forward(
     }
 }
 
+/// Attention over a caller's gathered-key selection ([`crate::sparse::gather::TileKeys`]: per
+/// query tile, key tiles computed whole and single keys computed besides; the pairs kept are
+/// `mask & selection`): writes `out` and `lse` as [`forward`] does. The mask must be an
+/// expression (or `None`: full). On CUDA the Hopper warp-specialized forward runs it
+/// (`FwdPlan::with_gather`, planned per call: the selection is lowered and uploaded from the
+/// host), whose tiles the selection must use ([`gather_tiles`]); the CPU takes any tiles.
+///
+/// # Safety
+/// As for [`forward`].
+pub unsafe fn forward_gathered(
+    a: &AttnArgs,
+    sel: &crate::sparse::gather::TileKeys,
+    out: &RawTensor,
+    lse: &RawTensor,
+    stream: StreamHandle,
+) -> Result<()> {
+    const OP: &str = "gathered attention";
+    let (dims, dt, dev) = fwd_prologue(OP, a, out, lse)?;
+    if !matches!(a.mask, MaskArg::Full | MaskArg::Expr(_)) {
+        return Err(Error::Param {
+            op: OP,
+            msg: "a gathered selection is taken within a mask expression (or no mask); an explicit block mask or a prepared schedule cannot be combined with it".into(),
+        });
+    }
+    if (sel.sq, sel.sk) != (dims.sq, dims.sk)
+        || !(sel.batch == 1 || sel.batch == dims.batch)
+        || !(sel.heads == 1 || sel.heads == dims.hq)
+    {
+        return Err(Error::Param {
+            op: OP,
+            msg: format!(
+                "the selection is for Sq {} x Sk {}, batch {} x heads {}; the inputs have Sq {} x Sk {}, batch {} x query heads {} (a selection's batch and heads are 1 or the inputs')",
+                sel.sq, sel.sk, sel.batch, sel.heads, dims.sq, dims.sk, dims.batch, dims.hq
+            ),
+        });
+    }
+    match dev {
+        Device::Cpu => {
+            let data = mask_data(OP, a, &dims, stream)?;
+            let bm = bind(a, &dims, data)?;
+            // SAFETY: the caller's contract.
+            let (q, k, v) = unsafe { host_qkv(OP, a)? };
+            let r = crate::sparse::gather::forward(&q, &k, &v, a.params, self::spec(&bm), sel)?;
+            // SAFETY: the caller's contract (outputs writable).
+            unsafe { write_result(out, lse, &r) };
+            Ok(())
+        }
+        Device::Cuda(ord) => cuda_route::forward_gathered(ord, a, &dims, dt, sel, out, lse, stream),
+    }
+}
+
+/// The (query rows, keys) tiles a gathered selection ([`forward_gathered`]) must use for
+/// these inputs: on CUDA the warp-specialized forward's (an error where that kernel does not
+/// run: other GPUs, head dims past 256); on the CPU any tiles run, and this gives (64, 64).
+pub fn gather_tiles(a: &AttnArgs) -> Result<(usize, usize)> {
+    const OP: &str = "gathered attention";
+    let (dims, _) = dims_of(OP, a)?;
+    match common_device(OP, &[("q", &a.q), ("k", &a.k), ("v", &a.v)])? {
+        Device::Cpu => Ok((64, 64)),
+        Device::Cuda(ord) => cuda_route::gather_tiles(ord, a, &dims),
+    }
+}
+
 /// [`forward`] over host views with outputs allocated here: `out` (q's dtype) and the LSE.
 pub fn forward_host(
     q: &TensorView,
@@ -1442,6 +1505,46 @@ mod cuda_route {
             )
         };
         plan.launch_map_on(&s, &q, &k, &v, &mut o, &mut l, &mut ms, &mut mx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_gathered(
+        ord: usize,
+        a: &AttnArgs,
+        dims: &Dims,
+        dt: DType,
+        sel: &crate::sparse::gather::TileKeys,
+        out: &RawTensor,
+        lse: &RawTensor,
+        stream: StreamHandle,
+    ) -> Result<()> {
+        const OP: &str = "gathered attention";
+        f32_contig(OP, "lse", lse)?;
+        let dev = device(ord)?;
+        let s = stream_of(&dev, stream);
+        // SAFETY: the entry point's contract.
+        let (q, k, v, mut o) = unsafe { qkv_out(&s, a, out)? };
+        if !(q.tma_aligned() && k.tma_aligned() && v.tma_aligned()) {
+            return Err(Error::Param {
+                op: OP,
+                msg: "gathered keys on CUDA need q / k / v addresses and strides that are multiples of 16 bytes (the warp-specialized kernel's TMA): pass contiguous tensors".into(),
+            });
+        }
+        let data = mask_data(OP, a, dims, stream)?;
+        let bm = bind(a, dims, data)?;
+        // Planned per call: the plan holds the lowered selection.
+        let plan = FwdPlan::with_gather(&dev, *dims, dt, a.params, spec(&bm), sel)?;
+        // SAFETY: the entry point's contract.
+        let mut l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
+        plan.launch_on(&s, &q, &k, &v, &mut o, &mut l)
+    }
+
+    pub(super) fn gather_tiles(ord: usize, a: &AttnArgs, dims: &Dims) -> Result<(usize, usize)> {
+        const OP: &str = "gathered attention";
+        let dev = device(ord)?;
+        let data = mask_data(OP, a, dims, 0)?;
+        let bm = bind(a, dims, data)?;
+        crate::cuda::gather_tiles(&dev, dims.d, dims.sk, &spec(&bm))
     }
 
     pub(super) fn forward(

@@ -105,6 +105,49 @@ impl TileKeys {
         })
     }
 
+    /// A selection from flat lists (the Python package's form): per row
+    /// `(b heads + h) q_tiles + qt` in order, `tile_counts[row]` key tiles taken from
+    /// `tile_ids` and `key_counts[row]` keys from `key_ids`, each row's ascending
+    /// ([`TileKeys::new`] checks them). The counts must cover the lists exactly.
+    pub fn from_counts(
+        tiles: (usize, usize),
+        size: (usize, usize),
+        (batch, heads): (usize, usize),
+        (tile_counts, tile_ids): (&[u32], &[u32]),
+        (key_counts, key_ids): (&[u32], &[u32]),
+    ) -> Result<TileKeys> {
+        let q_tiles = size.0.div_ceil(tiles.0.max(1));
+        let rows = batch * heads * q_tiles;
+        let split = |what: &str, counts: &[u32], ids: &[u32]| -> Result<Vec<Vec<u32>>> {
+            if counts.len() != rows {
+                return Err(bad(format!(
+                    "{} {what} counts for {rows} rows (batch {batch} x heads {heads} x {q_tiles} query tiles of {})",
+                    counts.len(),
+                    tiles.0
+                )));
+            }
+            let total: u64 = counts.iter().map(|&c| c as u64).sum();
+            if total != ids.len() as u64 {
+                return Err(bad(format!(
+                    "the {what} counts add up to {total}, but {} {what} ids were given",
+                    ids.len()
+                )));
+            }
+            let mut at = 0;
+            Ok(counts
+                .iter()
+                .map(|&c| {
+                    let row = ids[at..at + c as usize].to_vec();
+                    at += c as usize;
+                    row
+                })
+                .collect())
+        };
+        let t = split("tile", tile_counts, tile_ids)?;
+        let k = split("key", key_counts, key_ids)?;
+        TileKeys::new(tiles, size, (batch, heads), t, k)
+    }
+
     fn row_index(&self, b: usize, h: usize, qt: usize) -> usize {
         let b = if self.batch == 1 { 0 } else { b };
         let h = if self.heads == 1 { 0 } else { h };
@@ -560,5 +603,27 @@ mod tests {
             .to_string();
         assert!(e.contains("must be the mask schedule's"), "{e}");
         assert!(TileKeys::synthetic((64, 64), (100, 100), (1, 1), 1.5, 1).is_err());
+    }
+
+    #[test]
+    fn flat_lists_give_the_same_selection() {
+        let sel = TileKeys::synthetic((64, 32), (200, 300), (2, 3), 0.3, 5).unwrap();
+        let (mut tc, mut ti, mut kc, mut ki) = (vec![], vec![], vec![], vec![]);
+        for r in 0..sel.tiles.len() {
+            tc.push(sel.tiles[r].len() as u32);
+            ti.extend(&sel.tiles[r]);
+            kc.push(sel.keys[r].len() as u32);
+            ki.extend(&sel.keys[r]);
+        }
+        let flat = |tc: &[u32], kc: &[u32]| {
+            TileKeys::from_counts((64, 32), (200, 300), (2, 3), (tc, &ti), (kc, &ki))
+        };
+        assert_eq!(flat(&tc, &kc).unwrap(), sel);
+        let e = flat(&tc[1..], &kc).unwrap_err().to_string();
+        assert!(e.contains("tile counts for 24 rows"), "{e}");
+        let mut more = kc.clone();
+        more[0] += 1;
+        let e = flat(&tc, &more).unwrap_err().to_string();
+        assert!(e.contains("key counts add up to"), "{e}");
     }
 }
