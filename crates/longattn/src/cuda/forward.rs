@@ -1233,6 +1233,11 @@ impl FwdPlan {
             // `LONGATTN_CUDA_GATHER_DIAG` (1: the chunks' copies left out, 2: issued but not
             // waited for): timing experiments, the output is wrong then.
             if let Ok(v) = std::env::var("LONGATTN_CUDA_GATHER_DIAG") {
+                if v != "1" && v != "2" {
+                    return Err(unsupported(format!(
+                        "LONGATTN_CUDA_GATHER_DIAG={v:?}: the diagnostic takes 1 (copies left out) or 2 (copies not waited for)"
+                    )));
+                }
                 defines.push(("LA_GATHER_DIAG".into(), v.clone()));
                 ptag.push_str(&format!("_diag{v}"));
             }
