@@ -1355,6 +1355,39 @@ mod cuda_route {
         }
     }
 
+    /// The device, the caller's stream and q, k, v, out of a call that runs the Hopper
+    /// warp-specialized forward (`what` on CUDA needs TMA-aligned inputs); `lse` contiguous.
+    ///
+    /// # Safety
+    /// The entry point's contract.
+    #[allow(clippy::type_complexity)]
+    unsafe fn tma_inputs(
+        op: &'static str,
+        what: &str,
+        ord: usize,
+        a: &AttnArgs,
+        out: &RawTensor,
+        lse: &RawTensor,
+        stream: StreamHandle,
+    ) -> Result<(
+        Arc<CudaDevice>,
+        Arc<cudarc::driver::CudaStream>,
+        [DevTensor; 4],
+    )> {
+        f32_contig(op, "lse", lse)?;
+        let dev = device(ord)?;
+        let s = stream_of(&dev, stream);
+        // SAFETY: forwarded.
+        let (q, k, v, o) = unsafe { qkv_out(&s, a, out)? };
+        if !(q.tma_aligned() && k.tma_aligned() && v.tma_aligned()) {
+            return Err(Error::Param {
+                op,
+                msg: format!("{what} on CUDA: q / k / v addresses and strides must be multiples of 16 bytes (the warp-specialized kernel's TMA): pass contiguous tensors"),
+            });
+        }
+        Ok((dev, s, [q, k, v, o]))
+    }
+
     fn f32_contig(op: &'static str, name: &str, t: &RawTensor) -> Result<()> {
         if !t.is_contiguous() {
             return Err(t.shape_err(op, name, "a contiguous float32 tensor".into()));
@@ -1478,17 +1511,9 @@ mod cuda_route {
         stream: StreamHandle,
     ) -> Result<()> {
         const OP: &str = "attention map";
-        f32_contig(OP, "lse", lse)?;
-        let dev = device(ord)?;
-        let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract.
-        let (q, k, v, mut o) = unsafe { qkv_out(&s, a, out)? };
-        if !(q.tma_aligned() && k.tma_aligned() && v.tma_aligned()) {
-            return Err(Error::Param {
-                op: OP,
-                msg: "the pooled attention map on CUDA needs q / k / v addresses and strides that are multiples of 16 bytes (the warp-specialized kernel's TMA): pass contiguous tensors".into(),
-            });
-        }
+        let (dev, s, [q, k, v, mut o]) =
+            unsafe { tma_inputs(OP, "the pooled attention map", ord, a, out, lse, stream)? };
         let data = mask_data(OP, a, dims, stream)?;
         let mut key = fwd_key(ord, a, dims, dt, &data, true);
         key.map = Some(block);
@@ -1519,17 +1544,9 @@ mod cuda_route {
         stream: StreamHandle,
     ) -> Result<()> {
         const OP: &str = "gathered attention";
-        f32_contig(OP, "lse", lse)?;
-        let dev = device(ord)?;
-        let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract.
-        let (q, k, v, mut o) = unsafe { qkv_out(&s, a, out)? };
-        if !(q.tma_aligned() && k.tma_aligned() && v.tma_aligned()) {
-            return Err(Error::Param {
-                op: OP,
-                msg: "gathered keys on CUDA need q / k / v addresses and strides that are multiples of 16 bytes (the warp-specialized kernel's TMA): pass contiguous tensors".into(),
-            });
-        }
+        let (dev, s, [q, k, v, mut o]) =
+            unsafe { tma_inputs(OP, "gathered keys", ord, a, out, lse, stream)? };
         let data = mask_data(OP, a, dims, stream)?;
         let bm = bind(a, dims, data)?;
         // Planned per call: the plan holds the lowered selection.
