@@ -31,6 +31,16 @@ fn head_major(t: &Tensor) -> (Vec<f32>, [usize; 4], [usize; 4]) {
     (y, [b, s, h, d], [h * s * d, d, s * d, 1])
 }
 
+/// A contiguous host f32 buffer as a caller's tensor of `shape`.
+fn host_f32(x: &mut [f32], shape: &[usize]) -> RawTensor {
+    RawTensor::contiguous(
+        x.as_mut_ptr() as u64,
+        RawDType::Float(DType::F32),
+        shape,
+        Device::Cpu,
+    )
+}
+
 fn raw(ptr: u64, shape: [usize; 4], strides: [usize; 4]) -> RawTensor {
     let mut r = RawTensor::contiguous(ptr, RawDType::Float(DType::F32), &shape, Device::Cpu);
     r.strides = strides;
@@ -71,12 +81,7 @@ fn forward_on_strided_caller_buffers_matches_the_oracle() {
                 [b, sq, hq, d],
                 [2 * sq * hq * d, 2 * hq * d, d, 1],
             );
-            let l = RawTensor::contiguous(
-                lse.as_mut_ptr() as u64,
-                RawDType::Float(DType::F32),
-                &[b, hq, sq],
-                Device::Cpu,
-            );
+            let l = host_f32(&mut lse, &[b, hq, sq]);
             // SAFETY: every buffer lives to the end of the call and holds what its view addresses.
             unsafe { api::forward(&a, &o, &l, 0) }.unwrap();
             let bm = expr.bind(MaskShape { batch: b, sq, sk }, None).unwrap();
@@ -300,18 +305,8 @@ fn decode_over_contiguous_and_paged_caches() {
             &[b, 1, hq, d],
             Device::Cpu,
         );
-        let o = RawTensor::contiguous(
-            out.as_mut_ptr() as u64,
-            RawDType::Float(DType::F32),
-            &[b, 1, hq, d],
-            Device::Cpu,
-        );
-        let l = RawTensor::contiguous(
-            lse.as_mut_ptr() as u64,
-            RawDType::Float(DType::F32),
-            &[b, hq],
-            Device::Cpu,
-        );
+        let o = host_f32(&mut out, &[b, 1, hq, d]);
+        let l = host_f32(&mut lse, &[b, hq]);
         // SAFETY: every buffer lives to the end of the call.
         unsafe { api::decode(&qr, &cache, &o, &l, &params, 0) }.unwrap();
         for (bi, &n) in lens.iter().enumerate() {
@@ -392,18 +387,8 @@ fn bad_input_names_the_tensor() {
     );
     let mut lse = vec![0f32; 2 * 2 * 8];
     let mut out = vec![0f32; x.len()];
-    let l = RawTensor::contiguous(
-        lse.as_mut_ptr() as u64,
-        RawDType::Float(DType::F32),
-        &[2, 2, 8],
-        Device::Cpu,
-    );
-    let o = RawTensor::contiguous(
-        out.as_mut_ptr() as u64,
-        RawDType::Float(DType::F32),
-        &[2, 8, 2, 16],
-        Device::Cpu,
-    );
+    let l = host_f32(&mut lse, &[2, 2, 8]);
+    let o = host_f32(&mut out, &[2, 8, 2, 16]);
     let call = |q: RawTensor, k: RawTensor, o: RawTensor| -> Error {
         let a = AttnArgs {
             q,
@@ -430,12 +415,7 @@ fn bad_input_names_the_tensor() {
     let mut gpu = good;
     gpu.device = Device::Cuda(0);
     assert!(call(good, gpu, o).to_string().contains("`k` is on cuda:0"));
-    let small = RawTensor::contiguous(
-        out.as_mut_ptr() as u64,
-        RawDType::Float(DType::F32),
-        &[2, 8, 2, 8],
-        Device::Cpu,
-    );
+    let small = host_f32(&mut out, &[2, 8, 2, 8]);
     assert!(call(good, good, small).to_string().contains("`out`"));
     // All on a CUDA device that this machine may not have: a clean error, never a crash.
     let mut all = [good; 3];
@@ -496,18 +476,8 @@ fn gathered_forward_matches_the_oracle() {
                 k_doc: None,
                 params: &params,
             };
-            let o = RawTensor::contiguous(
-                out.as_mut_ptr() as u64,
-                RawDType::Float(DType::F32),
-                &[b, sq, hq, d],
-                Device::Cpu,
-            );
-            let l = RawTensor::contiguous(
-                lse.as_mut_ptr() as u64,
-                RawDType::Float(DType::F32),
-                &[b, hq, sq],
-                Device::Cpu,
-            );
+            let o = host_f32(&mut out, &[b, sq, hq, d]);
+            let l = host_f32(&mut lse, &[b, hq, sq]);
             assert_eq!(api::gather_tiles(&a).unwrap(), (64, 64));
             // SAFETY: every buffer lives to the end of the call and holds what its view addresses.
             unsafe { api::forward_gathered(&a, &sel, &o, &l, 0) }.unwrap();

@@ -689,8 +689,8 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
         // (use & 1) ^ 1 passes at once on a stage's first use.
         la_regs_dec<LA_REG_LOAD>();
 #if LA_GATHER
-        // Every thread of the warpgroup walks the items: thread 0 issues the TMA copies, the 128
-        // copy the gathered chunks.
+        // Every thread of the warpgroup walks the items: thread 0 issues Q's TMA copies, the K
+        // and V sides their tiles and chunks (below).
         const bool lead = threadIdx.x == 0;
 #else
         if (threadIdx.x != 0) return;
@@ -722,56 +722,47 @@ extern "C" __global__ void __launch_bounds__(LA_THREADS, LA_MINB) la_attn_fwd_ws
                 u16* sK = sK0 + st * LA_BC * LA_D;
                 u16* sV = sV0 + st * LA_BC * LA_D;
 #if LA_GATHER
-                {
-                    // Threads 0-63 bring K, 64-127 V, each side on its own ring: it waits for
-                    // every stage of it (a wait is for the parity of the phase before, which
-                    // tells one phase from the next only: a thread that skipped a tile's wait
-                    // could pass a later wait two phases early and overwrite a stage still
-                    // being read); its first thread issues the TMA tiles and hands the chunks
-                    // over (named barrier 15 for K, 11 for V).
-                    const bool kside = threadIdx.x < 64, slead = (threadIdx.x & 63) == 0;
-                    u64* eb = kside ? empty_k + st : empty_v + st;
-                    u64* fb = kside ? full_k + st : full_v + st;
-                    u16* dst = kside ? sK : sV;
-                    if (LA_GATHERED(ent)) {
-                        // The keys first, so that their loads overlap the wait.
-                        const u32* gk = w.gkeys + (i64)LA_CHUNK(ent) * LA_BC + ((threadIdx.x >> 5) & 1) * (LA_BC / 2) +
-                                        (threadIdx.x & 31);
-                        const int jl0 = (int)gk[0], jl1 = LA_BC / 2 > 32 ? (int)gk[32] : 0;
-                        const u16* src = kside ? p.k + b * p.k_sb + kh * p.k_sh : p.v + b * p.v_sb + kh * p.v_sh;
-                        la_mbar_wait(eb, par);
-                        la_ws_gather(dst, src, kside ? p.k_ss : p.v_ss, jl0, jl1, p.Sk, fb);
-                        la_ws_handover(fb, kside ? 15 : 11, slead);
-                    } else {
-                        la_mbar_wait(eb, par);
-                        if (slead) {
-                            la_mbar_expect(fb, TILE_BYTES);
+                // Threads 0-63 bring K, 64-127 V, each side on its own ring: it waits for
+                // every stage of it (a wait is for the parity of the phase before, which
+                // tells one phase from the next only: a thread that skipped a tile's wait
+                // could pass a later wait two phases early and overwrite a stage still
+                // being read); its first thread issues the TMA tiles and hands the chunks
+                // over (named barrier 15 for K, 11 for V).
+                const bool kside = threadIdx.x < 64, slead = (threadIdx.x & 63) == 0;
+                u64* eb = kside ? empty_k + st : empty_v + st;
+                u64* fb = kside ? full_k + st : full_v + st;
+                u16* dst = kside ? sK : sV;
+                if (LA_GATHERED(ent)) {
+                    // The keys first, so that their loads overlap the wait.
+                    const u32* gk = w.gkeys + (i64)LA_CHUNK(ent) * LA_BC + ((threadIdx.x >> 5) & 1) * (LA_BC / 2) +
+                                    (threadIdx.x & 31);
+                    const int jl0 = (int)gk[0], jl1 = LA_BC / 2 > 32 ? (int)gk[32] : 0;
+                    const u16* src = kside ? p.k + b * p.k_sb + kh * p.k_sh : p.v + b * p.v_sb + kh * p.v_sh;
+                    la_mbar_wait(eb, par);
+                    la_ws_gather(dst, src, kside ? p.k_ss : p.v_ss, jl0, jl1, p.Sk, fb);
+                    la_ws_handover(fb, kside ? 15 : 11, slead);
+                } else {
+                    la_mbar_wait(eb, par);
+                    if (slead) {
+                        la_mbar_expect(fb, TILE_BYTES);
 #pragma unroll
-                            for (int cb = 0; cb < LA_D / 64; cb++)
-                                la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(dst + cb * LA_BC * 64, kside ? &w.tk : &w.tv, fb, cb * 64, kt, kh, b);
-                        }
+                        for (int cb = 0; cb < LA_D / 64; cb++)
+                            la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(dst + cb * LA_BC * 64, kside ? &w.tk : &w.tv, fb, cb * 64, kt, kh, b);
                     }
-                    continue;
                 }
-#endif
-                // Every producer thread waits for every stage, TMA tiles' included: a wait is
-                // for the parity of the phase before, which tells one phase from the next only,
-                // so a thread that skipped the tiles' waits could pass a wait two phases early
-                // and overwrite a stage still being read.
+#else
+                // Thread 0 alone: K's tile, then V's.
                 la_mbar_wait(empty_k + st, par);
-                if (lead) {
-                    la_mbar_expect(full_k + st, TILE_BYTES);
+                la_mbar_expect(full_k + st, TILE_BYTES);
 #pragma unroll
-                    for (int cb = 0; cb < LA_D / 64; cb++)
-                        la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, kt, kh, b);
-                }
+                for (int cb = 0; cb < LA_D / 64; cb++)
+                    la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sK + cb * LA_BC * 64, &w.tk, full_k + st, cb * 64, kt, kh, b);
                 la_mbar_wait(empty_v + st, par);
-                if (lead) {
-                    la_mbar_expect(full_v + st, TILE_BYTES);
+                la_mbar_expect(full_v + st, TILE_BYTES);
 #pragma unroll
-                    for (int cb = 0; cb < LA_D / 64; cb++)
-                        la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, kt, kh, b);
-                }
+                for (int cb = 0; cb < LA_D / 64; cb++)
+                    la_ws_tma_tile<LA_BC, LA_KPH, LA_KPW>(sV + cb * LA_BC * 64, &w.tv, full_v + st, cb * 64, kt, kh, b);
+#endif
             }
         }
         return;
