@@ -1230,6 +1230,11 @@ impl FwdPlan {
                 defines.push(("LA_GATHER_WAIT".into(), "1".into()));
                 ptag.push_str("_wait");
             }
+            // `LONGATTN_CUDA_GATHER_ROWS=4` (experiment): four rows a step, eight lanes a row.
+            if std::env::var("LONGATTN_CUDA_GATHER_ROWS").is_ok_and(|v| v == "4") {
+                defines.push(("LA_GATHER_ROWS4".into(), "1".into()));
+                ptag.push_str("_rows4");
+            }
             // `LONGATTN_CUDA_GATHER_DIAG` (1: the chunks' copies left out, 2: issued but not
             // waited for): timing experiments, the output is wrong then.
             if let Ok(v) = std::env::var("LONGATTN_CUDA_GATHER_DIAG") {

@@ -579,6 +579,33 @@ __device__ __forceinline__ void la_ws_logits_gather(float* s, const LaFwdParams&
 #define LA_GATHER_UNROLL 4  // (1 at D 256: registers, above)
 #endif
 __device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, int jl0, int jl1, int Sk, u64* bar) {
+#if LA_GATHER_ROWS4
+    // (LONGATTN_CUDA_GATHER_ROWS=4, experiment.) A step copies 4 rows, 8 lanes a row: lane l
+    // takes 16-byte piece l mod 8 of each of the row's D / 64 column blocks, so one shuffle (the
+    // row's key) and one address serve D / 64 copies.
+    constexpr int RW = LA_BC / 2, NB = LA_D / 64;
+    const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 1;
+    const int c = lane & 7, rs = lane >> 3;
+    const u16* gsrc = src + c * 8;
+    const u32 sblk = la_smem_addr(dst) + (u32)(w * RW * 128);
+#if LA_GATHER_DIAG != 1
+#pragma unroll LA_GATHER_UNROLL
+    for (int st = 0; st < RW / 4; st++) {
+        const int r = st * 4 + rs;
+        const int j = __shfl_sync(0xffffffffu, st * 4 < 32 ? jl0 : jl1, r & 31);
+        const bool ok = j < Sk;
+        const u16* g = gsrc + (ok ? (i64)j * ss : 0);
+        const u32 sa = sblk + (u32)r * 128 + (((u32)c ^ (u32)(r & 7)) << 4);
+#pragma unroll
+        for (int cb = 0; cb < NB; cb++) {
+            // (Columns past the tensor's head dim: zeros, as the TMA fills them.)
+            const bool in = ok && cb * 64 + c * 8 < LA_DO;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa + cb * LA_BC * 128),
+                         "l"(in ? g + cb * 64 : src), "r"(in ? 16 : 0));
+        }
+    }
+#endif
+#else
     constexpr int RW = LA_BC / 2, PR = LA_D / 8, RPS = 32 / PR;
     const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) & 1;
     const int c = lane % PR, rs = lane / PR;
@@ -598,6 +625,7 @@ __device__ __forceinline__ void la_ws_gather(u16* dst, const u16* src, i64 ss, i
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa),
                      "l"(gsrc + (ok ? (i64)j * ss : 0)), "r"(ok ? 16 : 0));
     }
+#endif
 #endif
 #if LA_GATHER_WAIT || LA_GATHER_DIAG
     (void)bar;
