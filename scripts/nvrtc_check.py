@@ -108,6 +108,16 @@ def main():
                             LB_WARPS=8 if d32 <= 128 else 4, LB_STAGES=1 + f16, LB_MINB=2 - f16)
                 tag = f"sparse_lowbit.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} softcap{cap}"
                 check_variant("sparse_lowbit.cu", lb_src, tag, defs)
+    # The gathered `columns` estimator (sparse/columns.rs: sparse_columns.cu after sparse_vs.cu),
+    # sampled rows per query tile 1 / 4 / 8 / 5 (tiles per block 64 / 16 / 8 / 12).
+    cl_src = vs_src + "\n" + read("sparse_columns.cu")
+    for f16 in (0, 1):
+        for d, br, bc, r in ((64, 128, 128, 8), (128, 128, 128, 4), (96, 128, 128, 1), (256, 64, 64, 5)):
+            for cap in (0, 1):
+                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, CL_R=r,
+                            LA_GATHERED_BIT="2147483648u", LA_PAD="2147483647u")
+                tag = f"sparse_columns.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} rows{r} softcap{cap}"
+                check_variant("sparse_columns.cu", cl_src, tag, defs)
     # The KV-cache kernels (cuda/decode.rs, kv/cuda.rs): decode (paged / contiguous, the ring),
     # the append / move / fill helpers, and the Quest selection.
     kv = []

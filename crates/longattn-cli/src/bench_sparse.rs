@@ -225,7 +225,16 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         None => "causal".into(),
     };
     for spec in specs {
-        longattn::sparse::cuda::check_spec(spec).with_context(|| format!("--sparse `{spec}`"))?;
+        match spec.method {
+            longattn::sparse::Method::Columns { .. } => {
+                if mask_text != "causal" {
+                    bail!("--sparse `{spec}` on CUDA: the gathered form's density is counted under `causal` only (--masks causal)");
+                }
+                longattn::sparse::columns::ColumnsArgs::of(spec).map(|_| ())
+            }
+            _ => longattn::sparse::cuda::check_spec(spec),
+        }
+        .with_context(|| format!("--sparse `{spec}`"))?;
     }
     let dev = CudaDevice::open(a.device)?;
     let (lens, dims, (hq, hk), reps) = gpu_shape(a, "4k,8k,64k,128k")?;
@@ -304,6 +313,61 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
             let mut lse_dense = dev.alloc_f32(a.batch * hq * n)?;
             let name = format!("n {} D {d}", fmt_len(n));
             for spec in specs {
+                if matches!(spec.method, longattn::sparse::Method::Columns { .. }) {
+                    // `columns` runs in the gathered form (sparse::columns): estimate, key lists,
+                    // the gathered forward.
+                    let mut plan = longattn::sparse::columns::ColumnsPlan::new(
+                        &dev,
+                        dm,
+                        longattn::DType::BF16,
+                        &params,
+                        spec,
+                        MaskSpec::Expr(&bound),
+                    )?;
+                    let t_sel = median_ms(&mut || plan.launch_select_on(&s, &qd, &kd))?;
+                    let sel = plan.selection()?;
+                    let mut dense_launch =
+                        || dense_plan.launch_on(&s, &qd, &kd, &vd, &mut o_dense, &mut lse_dense);
+                    let (dense, t_att) = in_turn(&mut dense_launch, &mut || {
+                        plan.launch_attention_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
+                    })?;
+                    let (dense_e2e, t_e2e) = in_turn(&mut dense_launch, &mut || {
+                        plan.launch_on(&s, &qd, &kd, &vd, &mut o, &mut lse)
+                    })?;
+                    let mut kept = 0.0;
+                    for b in 0..a.batch {
+                        for h in 0..hq {
+                            kept += causal_kept(&sel, b, h, n).0;
+                        }
+                    }
+                    let density = kept / (n as f64 * (n as f64 + 1.0) / 2.0) / (a.batch * hq) as f64;
+                    let stages = plan
+                        .profile_select_on(&s, &qd, &kd)?
+                        .iter()
+                        .map(|(n, ms)| format!("{n} {ms:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    println!(
+                        "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>8}",
+                        name,
+                        spec.to_string(),
+                        density,
+                        dense,
+                        t_sel,
+                        100.0 * t_sel / dense,
+                        t_att,
+                        t_e2e,
+                        dense_e2e / t_e2e,
+                        t_att / (density * dense).max(1e-9),
+                        "-",
+                    );
+                    println!(
+                        "{:<10} estimator stages (ms): {stages}; scratch {} MB",
+                        "",
+                        plan.scratch_bytes() >> 20
+                    );
+                    continue;
+                }
                 let mut plan = SparsePlan::new(
                     &dev,
                     dm,
@@ -427,6 +491,39 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
     Ok(())
 }
 
+/// Pairs a selection computes under `causal` (n x n) for (b, h), and the key tiles it touches:
+/// a whole tile's rows i keep keys k0 ..= min(i, k1 - 1); a kept key j rows max(q0, j) .. q1 - 1.
+fn causal_kept(
+    sel: &longattn::sparse::gather::TileKeys,
+    b: usize,
+    h: usize,
+    n: usize,
+) -> (f64, usize) {
+    let (tq, tk) = (sel.tile_q, sel.tile_k);
+    let (mut kept, mut touched) = (0f64, 0usize);
+    for qt in 0..sel.q_tiles {
+        let (q0, q1) = (qt * tq, ((qt + 1) * tq).min(n));
+        let tiles = sel.tiles_of(b, h, qt);
+        for &kt in tiles {
+            let (k0, k1) = (kt as usize * tk, ((kt as usize + 1) * tk).min(n));
+            kept += (q0..q1)
+                .map(|i| (i.min(k1 - 1) + 1).saturating_sub(k0) as f64)
+                .sum::<f64>();
+        }
+        let keys = sel.keys_of(b, h, qt);
+        kept += keys
+            .iter()
+            .map(|&j| q1.saturating_sub((j as usize).max(q0)) as f64)
+            .sum::<f64>();
+        let mut kts: Vec<u32> = keys.iter().map(|&j| j / tk as u32).collect();
+        kts.extend_from_slice(tiles);
+        kts.sort_unstable();
+        kts.dedup();
+        touched += kts.len();
+    }
+    (kept, touched)
+}
+
 /// `--gather P,...` (`--backend cuda`): the gathered forward ([`longattn::cuda::FwdPlan::with_gather`])
 /// of a seeded selection ([`longattn::sparse::gather::TileKeys::synthetic`]: the sink tile and the
 /// local band whole, each earlier key with probability P; one selection shared by the heads)
@@ -503,29 +600,7 @@ pub fn gather(a: &Args, list: &str) -> Result<()> {
                     None => all.clone(),
                     Some(p) => TileKeys::synthetic((tq, tk), (n, n), (1, 1), p, a.seed + 9)?,
                 };
-                // Kept pairs under causal: a whole tile's rows i keep keys k0 ..= min(i, k1 - 1);
-                // a kept key j (all below the tile's last row) rows max(q0, j) .. q1 - 1.
-                let (mut kept, mut touched) = (0f64, 0usize);
-                for qt in 0..sel.q_tiles {
-                    let (q0, q1) = (qt * tq, ((qt + 1) * tq).min(n));
-                    let tiles = sel.tiles_of(0, 0, qt);
-                    for &kt in tiles {
-                        let (k0, k1) = (kt as usize * tk, ((kt as usize + 1) * tk).min(n));
-                        kept += (q0..q1)
-                            .map(|i| (i.min(k1 - 1) + 1).saturating_sub(k0) as f64)
-                            .sum::<f64>();
-                    }
-                    let keys = sel.keys_of(0, 0, qt);
-                    kept += keys
-                        .iter()
-                        .map(|&j| (q1 - (j as usize).max(q0)) as f64)
-                        .sum::<f64>();
-                    let mut kts: Vec<u32> = keys.iter().map(|&j| j / tk as u32).collect();
-                    kts.extend_from_slice(tiles);
-                    kts.sort_unstable();
-                    kts.dedup();
-                    touched += kts.len();
-                }
+                let (kept, touched) = causal_kept(&sel, 0, 0, n);
                 let density = kept / causal_pairs;
                 let t0 = Instant::now();
                 let plan =

@@ -319,6 +319,12 @@ pub fn main(a: Args) -> Result<()> {
         a.quick,
         &|n| keep(n),
     ));
+    // `columns` in the gathered form on the device (group `columns`, cases named `columns ...`).
+    results.extend(longattn::cuda::selftest::columns_selftest(
+        &dev,
+        a.quick,
+        &|n| keep(n),
+    ));
 
     let recs = dev.compile_records();
     let (mut cold, mut warm) = ((0, 0.0), (0, 0.0));

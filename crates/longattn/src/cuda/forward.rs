@@ -373,6 +373,18 @@ const _: () = assert!(std::mem::size_of::<LaWsParams>() == 896);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
 
+impl LaFwdParams {
+    /// These parameters reading the schedule (CSR rows `off`, entries `ent`, shared over
+    /// `batch` / `heads` as in [`BlockSchedule`]) at device addresses.
+    pub(crate) fn with_schedule(mut self, (off, ent): (u64, u64), (batch, heads): (usize, usize)) -> Self {
+        self.sched_off = off;
+        self.sched_ent = ent;
+        self.sched_batch = batch as i32;
+        self.sched_heads = heads as i32;
+        self
+    }
+}
+
 /// A TMA descriptor (`CUtensorMap`, 128 opaque bytes built by the driver); `LaTmap` in
 /// `kernels/tma.cuh`.
 #[repr(C, align(64))]
@@ -1481,7 +1493,7 @@ impl FwdPlan {
         s.memset_zeros(mass).map_err(drv("zero map"))?;
         s.memset_zeros(max).map_err(drv("zero map"))?;
         let ptrs = (mass.device_ptr(s).0, max.device_ptr(s).0);
-        self.launch_sched_on(s, q, k, v, o, lse, None, Some(ptrs))
+        self.launch_sched_on(s, q, k, v, o, lse, None, Some(ptrs), None)
     }
 
     /// Skip-softmax's counters since the plan was made or last read: (key tiles tested, tiles
@@ -1524,7 +1536,7 @@ impl FwdPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        self.launch_sched_on(s, q, k, v, o, lse, None, None)
+        self.launch_sched_on(s, q, k, v, o, lse, None, None, None)
     }
 
     /// The plan's kernel parameters with q and k bound (strides included): what the device-side
@@ -1577,6 +1589,7 @@ impl FwdPlan {
         lse: &mut CudaSlice<f32>,
         sched: Option<(u64, u64)>,
         map: Option<(u64, u64)>,
+        gkeys: Option<u64>,
     ) -> Result<()> {
         if self.map.is_some() != map.is_some() {
             return Err(unsupported(if map.is_some() {
@@ -1616,10 +1629,15 @@ impl FwdPlan {
         p.lse = lse.device_ptr(s).0;
         p.v_s = v.strides();
         p.o_s = o.strides();
+        if gkeys.is_some() && (self.gather.is_none() || sched.is_none()) {
+            return Err(unsupported(
+                "device-written key lists need a gathered plan (FwdPlan::with_gather) and a device-written schedule".into(),
+            ));
+        }
         if let Some((off, ent)) = sched {
-            if self.gather.is_some() {
+            if self.gather.is_some() && gkeys.is_none() {
                 return Err(unsupported(
-                    "a device-written schedule with a gathered selection (the plan's rows are the selection's)".into(),
+                    "a device-written schedule with a gathered selection (the plan's rows are the selection's) needs the device-written key lists too".into(),
                 ));
             }
             if self.uses_mask_bits() {
@@ -1682,7 +1700,7 @@ impl FwdPlan {
                 map_qb,
                 map_kb,
                 map_cap,
-                gkeys: self.gather.as_ref().map_or(0, |g| g.0.device_ptr(s).0),
+                gkeys: gkeys.unwrap_or_else(|| self.gather.as_ref().map_or(0, |g| g.0.device_ptr(s).0)),
             };
             b.arg(&ws);
         } else {

@@ -2039,3 +2039,182 @@ pub fn gather_selftest(
     }
     out
 }
+
+/// One case of `columns` in the gathered form on the device ([`crate::sparse::columns`]): a
+/// forward case, the spec, structured inputs (sinks, hubs, band, slashes:
+/// [`crate::sparse::synthetic::structured_qk`]) or plain Gaussian ones.
+pub struct ColumnsCase {
+    pub fwd: FwdCase,
+    pub spec: &'static str,
+    pub structured: bool,
+}
+
+impl ColumnsCase {
+    pub fn name(&self) -> String {
+        format!(
+            "columns {} {}{}",
+            self.fwd.name(),
+            self.spec,
+            if self.structured { " structured" } else { "" }
+        )
+    }
+}
+
+/// Awkward sizes, Sq != Sk, a decode row, causal / full / a window (Partial tiles outside the
+/// band: tested chunks), GQA with batch 2, D 64 / 96 / 128, f16, soft-cap; rows 1 / 4 / 8,
+/// with and without the check and the band; Gaussian inputs at gamma 0.5 (most rows gathered).
+pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
+    use DType::{BF16, F16};
+    let case = |dt, sq, sk, d, mask: &str, spec, structured| ColumnsCase {
+        fwd: FwdCase::new(dt, sq, sk, d, mask),
+        spec,
+        structured,
+    };
+    let std = "columns(gamma=0.97,rows=4,check=0.92,sink=4,local=64)";
+    let mut v = vec![
+        case(BF16, 1023, 1023, 128, "causal", std, true),
+        case(BF16, 65, 1000, 64, "causal", "columns(gamma=0.9,rows=8,sink=4,local=64)", true),
+        case(BF16, 1, 4224, 128, "causal", std, true),
+        case(BF16, 700, 700, 128, "causal", "columns(gamma=0.5,rows=4,sink=4,local=64)", false),
+        case(F16, 300, 900, 96, "full", "columns(gamma=0.6,rows=1,sink=2,local=0)", false),
+    ];
+    if !quick {
+        v.push(case(BF16, 4224, 4224, 128, "causal", std, true));
+        v.push(case(BF16, 2000, 2000, 128, "causal & window(600,0)", "columns(gamma=0.9,rows=8,sink=4,local=64)", true));
+        v.push(case(BF16, 1500, 1500, 64, "causal", "columns(gamma=0.97,rows=8,check=0.92,sink=4,local=64)", true));
+        let mut g = case(BF16, 513, 777, 128, "causal", "columns(gamma=0.8,rows=4,sink=4,local=32)", true);
+        (g.fwd.hq, g.fwd.hk) = (8, 1);
+        g.fwd.batch = 2;
+        v.push(g);
+        let mut c = case(BF16, 1100, 1100, 128, "causal", "columns(gamma=0.9,rows=2,sink=4,local=64)", true);
+        c.fwd.softcap = Some(20.0);
+        v.push(c);
+        v.push(case(BF16, 800, 800, 128, "causal", "columns(gamma=0.999,rows=4,check=0.999,sink=4,local=64)", false));
+    }
+    v
+}
+
+/// The device's selection against the plain reference ([`crate::sparse::columns::reference`]:
+/// the query tiles computed whole alike, the gathered keys' Jaccard index >= 0.98, f32 against
+/// f64 at the bins' edges), and the gathered forward through it against the f64 oracle over
+/// `mask & selection` (small problems) or the CPU path.
+pub fn check_columns(dev: &Arc<CudaDevice>, case: &ColumnsCase, seed: u64) -> CaseResult {
+    use crate::sparse::columns::{reference, ColumnsArgs, ColumnsPlan};
+    let tol = out_tolerance(case.fwd.dtype);
+    let r = (|| -> Result<(f64, f64, String, bool)> {
+        let c = &case.fwd;
+        let mut bt = Built::new(c, seed)?;
+        if case.structured {
+            let (q, k) = crate::sparse::synthetic::structured_qk(
+                c.dtype, c.batch, c.sq, c.sk, c.hq, c.hk, c.d, seed + 5,
+            );
+            (bt.q, bt.k) = (q, k);
+        }
+        let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+        let spec = crate::sparse::SparseSpec::parse(case.spec)?;
+        let dims = crate::attention::validate("columns", &qv, &kv, &vv)?;
+        let mut plan = ColumnsPlan::new(dev, dims, c.dtype, &bt.params, &spec, bt.spec())?;
+        let (qd, kd, vd) = (
+            super::DevTensor::upload(dev, "q", &qv)?,
+            super::DevTensor::upload(dev, "k", &kv)?,
+            super::DevTensor::upload(dev, "v", &vv)?,
+        );
+        let mut o = super::DevTensor::alloc(dev, [c.batch, c.sq, c.hq, c.d], c.dtype)?;
+        let mut lse = dev.alloc_f32(c.batch * c.hq * c.sq)?;
+        plan.launch_on(dev.stream(), &qd, &kd, &vd, &mut o, &mut lse)?;
+        dev.synchronize()?;
+        let got = crate::attention::AttnOutput {
+            out: o.download(dev)?,
+            lse: dev.download(&lse)?,
+        };
+        let sel = plan.selection()?;
+        let rows = bt.bound.as_ref().map(|b| b as &dyn crate::mask::RowMask);
+        let want_sel = reference(&qv, &kv, &bt.params, &ColumnsArgs::of(&spec)?, plan.candidates(), rows)?;
+        // Agreement: rows whose whole tiles differ, and the keys' Jaccard index.
+        let (mut rows_off, mut inter, mut union, mut keys_n, mut whole_rows) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let mut tiles_n = 0usize;
+        let q_tiles = sel.q_tiles;
+        for b in 0..c.batch {
+            for h in 0..c.hq {
+                for qt in 0..q_tiles {
+                    let (ta, tb) = (sel.tiles_of(b, h, qt), want_sel.tiles_of(b, h, qt));
+                    rows_off += (ta != tb) as usize;
+                    whole_rows += (sel.keys_of(b, h, qt).is_empty()) as usize;
+                    let (ka, kb) = (sel.keys_of(b, h, qt), want_sel.keys_of(b, h, qt));
+                    let i = ka.iter().filter(|j| kb.binary_search(j).is_ok()).count();
+                    inter += i;
+                    union += ka.len() + kb.len() - i;
+                    keys_n += ka.len();
+                    tiles_n += ta.len();
+                }
+            }
+        }
+        let jac = if union == 0 { 1.0 } else { inter as f64 / union as f64 };
+        let total_rows = c.batch * c.hq * q_tiles;
+        let agree = rows_off * 50 <= total_rows && jac >= 0.98;
+        let keeps = |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
+        let (e, l, against) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
+            let r = attention_f64(&qv, &kv, &vv, &bt.params, &keeps)?;
+            let (e, l) = compare(&got.out, &got.lse, &r);
+            (e, l, "f64 oracle")
+        } else {
+            let cpu = crate::sparse::gather::forward(&qv, &kv, &vv, &bt.params, bt.spec(), &sel)?;
+            let (e, l) = compare_outputs(&got.out, &got.lse, &cpu.out, &cpu.lse);
+            (e, l, "CPU path")
+        };
+        Ok((
+            e,
+            l,
+            format!(
+                "vs {against}; vs reference: rows off {rows_off} / {total_rows}, keys Jaccard {jac:.4}; per query tile {:.1} whole tiles and {:.0} keys ({whole_rows} rows without keys); scratch {} MB",
+                tiles_n as f64 / total_rows as f64,
+                keys_n as f64 / total_rows as f64,
+                plan.scratch_bytes() >> 20
+            ),
+            agree,
+        ))
+    })();
+    CaseResult::checked("columns", case.name(), r, tol)
+}
+
+/// The columns group: every case, then bad input refused by name (another method, `check_gamma`,
+/// more than 64 rows, document masks, skip-softmax).
+pub fn columns_selftest(
+    dev: &Arc<CudaDevice>,
+    quick: bool,
+    keep: &dyn Fn(&str) -> bool,
+) -> Vec<CaseResult> {
+    use crate::sparse::columns::ColumnsPlan;
+    let mut out: Vec<CaseResult> = columns_cases(quick)
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| keep(&c.name()))
+        .map(|(n, c)| check_columns(dev, c, 29000 + 41 * n as u64))
+        .collect();
+    for (spec, mask, skip, want) in [
+        ("topmass(gamma=0.9)", "causal", None, "is not `columns`"),
+        ("columns(check=0.9,check_gamma=0.5)", "causal", None, "check_gamma"),
+        ("columns(rows=65)", "causal", None, "at most 64 rows"),
+        ("columns(rows=4)", "causal & document", None, "document ids"),
+        ("columns(rows=4)", "causal", Some(1e-3f32), "skip-softmax"),
+    ] {
+        let name = format!("columns bad input: {spec} `{mask}` skip {skip:?}");
+        if !keep(&name) {
+            continue;
+        }
+        let r = (|| -> Result<()> {
+            let c = FwdCase::new(DType::BF16, 300, 300, 128, mask);
+            let bt = Built::new(&c, 3)?;
+            let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+            let spec = crate::sparse::SparseSpec::parse(spec)?;
+            let params = AttnParams {
+                skip_below: skip,
+                ..bt.params
+            };
+            let dims = crate::attention::validate("columns", &qv, &kv, &vv)?;
+            ColumnsPlan::new(dev, dims, c.dtype, &params, &spec, bt.spec()).map(|_| ())
+        })();
+        out.push(CaseResult::refused("columns", name, r, want));
+    }
+    out
+}

@@ -39,9 +39,9 @@ use crate::error::{Error, Result};
 use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::tensor::{DType, TensorView};
 
-const SRC: &str = include_str!("../cuda/kernels/sparse_vs.cu");
+pub(super) const SRC: &str = include_str!("../cuda/kernels/sparse_vs.cu");
 const SRC_LB: &str = include_str!("../cuda/kernels/sparse_lowbit.cu");
-const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
+pub(super) const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
 
 /// The device's dense fallback when the spec gives no `dense_below`: below this many keys the
 /// estimate (a few fixed-cost launches) and a sparse schedule cannot pay against the dense
@@ -55,7 +55,7 @@ const SP_KC: usize = 256;
 /// Scratch pointers and arguments; field for field `SpParams` in `sparse_vs.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct SpParams {
+pub(super) struct SpParams {
     stats: u64,
     lse: u64,
     col: u64,
@@ -181,8 +181,26 @@ fn refuse_documents(mask: &MaskSpec) -> Result<()> {
     }
 }
 
+/// Milliseconds `f`'s launches take on `s`, between two CUDA events (waits for the second).
+pub(super) fn time_on(s: &Arc<CudaStream>, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let e0 = s.record_event(flags).map_err(drv("event"))?;
+    f()?;
+    let e1 = s.record_event(flags).map_err(drv("event"))?;
+    Ok(e0.elapsed_ms(&e1).map_err(drv("event"))? as f64)
+}
+
+/// The scan kernel's parameters (`sp_scan` reads `cnt` and writes `off`; nothing else).
+pub(super) fn scan_params(cnt: u64, off: u64) -> SpParams {
+    SpParams {
+        cnt,
+        off,
+        ..Default::default()
+    }
+}
+
 /// Wraps each launch of the estimator: `around(stage name, launch)` (timing, or just calling).
-type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
+pub(super) type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
 
 /// Whether the device estimator takes `spec` (its method and arguments; lengths aside): the
 /// error a plan would give, before any device is opened.
@@ -507,12 +525,8 @@ impl SparsePlan {
         k: &DevTensor,
     ) -> Result<Vec<(&'static str, f64)>> {
         let mut out = Vec::new();
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         self.stages(s, q, k, &mut |name, f| {
-            let e0 = s.record_event(flags).map_err(drv("event"))?;
-            f()?;
-            let e1 = s.record_event(flags).map_err(drv("event"))?;
-            out.push((name, e0.elapsed_ms(&e1).map_err(drv("event"))? as f64));
+            out.push((name, time_on(s, f)?));
             Ok(())
         })?;
         Ok(out)
@@ -702,7 +716,7 @@ impl SparsePlan {
             .k
             .as_ref()
             .map(|(_, sc)| (sc.off.device_ptr(s).0, sc.ent.device_ptr(s).0));
-        self.fwd.launch_sched_on(s, q, k, v, o, lse, sched, None)
+        self.fwd.launch_sched_on(s, q, k, v, o, lse, sched, None, None)
     }
 
     /// The selected schedule on the host (synchronises the device's stream): batch B, heads Hq,
@@ -846,7 +860,7 @@ pub fn forward<'a>(
 
 /// The CPU estimators' context for a device check: the whole batch row one document, the
 /// device's candidates (the mask's schedule at the kernel's tiles), no fallback.
-fn check_ctx<'a>(
+pub(super) fn check_ctx<'a>(
     [q, k]: [&'a TensorView<'a>; 2],
     dims: Dims,
     params: &AttnParams,

@@ -800,7 +800,7 @@ fn doc_keys(ctx: &Ctx, b: usize, g: usize, doc: &Doc) -> Vec<f64> {
 
 /// The sampled rows of a part r0..r1: i_r = r0 + floor((r + 1) (r1 - r0) / rows) - 1 for
 /// r < rows (the last row always among them; fewer when the part is shorter).
-fn sampled_rows(part: &Range<usize>, rows: usize) -> Vec<usize> {
+pub(crate) fn sampled_rows(part: &Range<usize>, rows: usize) -> Vec<usize> {
     let (r0, r1) = (part.start, part.end);
     let mut s: Vec<usize> = (0..rows).map(|r| r0 + (r + 1) * (r1 - r0) / rows).collect();
     s.retain(|&i| i > r0);
@@ -1156,4 +1156,92 @@ fn proxy_doc(
         }
         kept.or(qt, &xs, &keep);
     }
+}
+
+/// `columns` in the gathered form for (batch row b, head h), the whole batch row one document:
+/// the plain reference of the device estimator (`cuda/kernels/sparse_columns.cu`, semantics in
+/// [`super::columns`]). Per query tile: (key tiles computed whole, keys gathered besides), and
+/// the check's mean mass t of the last tile (None without a row to test).
+pub(crate) fn columns_gathered(
+    ctx: &Ctx,
+    (b, h): (usize, usize),
+    (gamma, rows, sink, local): (f64, usize, usize, usize),
+) -> (Vec<(Vec<u32>, Vec<u32>)>, Option<f64>) {
+    use super::columns::{band_tiles, bin, NBIN};
+    let doc = Doc::whole(&ctx.dims);
+    let nk = ctx.dims.sk;
+    let (tq, tk) = (ctx.cand.tile_q, ctx.cand.tile_k);
+    let mut sm = RowSoftmax::new(ctx, (b, h), &doc);
+    let mut out = Vec::new();
+    for (qt, part) in ctx.parts(&doc) {
+        let cand = ctx.cand.row(b, h, qt);
+        let sampled = sampled_rows(&part, rows);
+        let n = sampled.len() as f64;
+        let mut mass = vec![0.0f64; nk];
+        for &i in &sampled {
+            if sm.row(i) {
+                mass.iter_mut().zip(&sm.p).for_each(|(m, p)| *m += p);
+            }
+        }
+        mass.iter_mut().for_each(|m| *m /= n);
+        // The cut bin: the largest B whose bins >= B hold gamma of the mass.
+        let mut hist = vec![0.0f64; NBIN];
+        for &m in mass.iter().filter(|&&m| m > 0.0) {
+            hist[bin(m)] += m;
+        }
+        let total: f64 = hist.iter().sum();
+        let mut cut = None;
+        if total > 0.0 {
+            let mut acc = 0.0;
+            let mut c = NBIN - 1;
+            while c > 0 {
+                acc += hist[c];
+                if acc >= gamma * total {
+                    break;
+                }
+                c -= 1;
+            }
+            cut = Some(c);
+        }
+        let band = band_tiles(qt, (tq, tk), (ctx.dims.sq, nk), local);
+        let in_band = |kt: u32| band.as_ref().is_some_and(|r| r.contains(&(kt as usize)));
+        let kind = |kt: u32| cand.binary_search_by_key(&kt, |e| e.k_tile).is_ok();
+        let keys: Vec<u32> = (0..nk as u32)
+            .filter(|&j| {
+                let kt = j / tk as u32;
+                !in_band(kt)
+                    && kind(kt)
+                    && ((j as usize) < sink
+                        || cut.is_some_and(|c| mass[j as usize] > 0.0 && bin(mass[j as usize]) >= c))
+            })
+            .collect();
+        let cand_keys: usize = cand
+            .iter()
+            .map(|e| (e.k_tile as usize * tk + tk).min(nk) - e.k_tile as usize * tk)
+            .sum();
+        let all: Vec<u32> = cand.iter().map(|e| e.k_tile).collect();
+        out.push(if keys.len() > cand_keys / 2 {
+            (all, Vec::new())
+        } else {
+            (all.into_iter().filter(|&kt| in_band(kt)).collect(), keys)
+        });
+    }
+    // The check over the last tile's rows: the mass on the pairs the forward computes.
+    let (mut sum, mut cnt) = (0.0, 0usize);
+    if let (Some((qt, part)), Some((tiles, keys))) = (ctx.parts(&doc).last(), out.last()) {
+        debug_assert_eq!(qt + 1, out.len());
+        for i in part {
+            if sm.row(i) {
+                sum += (0..nk)
+                    .filter(|&j| {
+                        tiles.binary_search(&((j / tk) as u32)).is_ok()
+                            || keys.binary_search(&(j as u32)).is_ok()
+                    })
+                    .map(|j| sm.p[j])
+                    .sum::<f64>();
+                cnt += 1;
+            }
+        }
+    }
+    (out, (cnt > 0).then(|| sum / cnt as f64))
 }

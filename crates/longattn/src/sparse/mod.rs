@@ -193,6 +193,7 @@
 //! (`longattn.BlockMask(table, block, under=EXPR)` in Python). Its training target, the
 //! block-pooled attention map, comes from the dense forward: [`crate::forward_with_map`] (CPU),
 //! [`crate::cuda::forward_with_map`] (the Hopper kernel, `FwdPlan::with_map`).
+pub mod columns;
 pub mod cuda;
 mod estimate;
 pub mod gather;
@@ -201,7 +202,7 @@ pub mod lowbit;
 pub mod reference;
 pub mod skip_check;
 pub(crate) mod spec;
-mod synthetic;
+pub(crate) mod synthetic;
 #[cfg(test)]
 mod tests;
 

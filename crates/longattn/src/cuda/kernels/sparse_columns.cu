@@ -1,0 +1,470 @@
+// Query-tile columns (`columns`) on the device, in the gathered form (sparse/columns.rs holds the
+// plain reference, `reference_tile_keys`, whose semantics these kernels reproduce step by step).
+//
+// Per (batch row b, query head h, query tile qt of LA_BR rows, part = its rows r0 .. r1 - 1):
+//   sampled rows  i_s = r0 + floor((s + 1) (r1 - r0) / R) - 1, s < R (R = `rows`; repeats and
+//                 values below r0 dropped: CPU `sampled_rows`), n of them
+//   s_ij = softcap(scale q_i . k_j) in log2 units; A_i the allowed keys (the mask's candidate
+//   tiles: Full every key, Partial the mask program)
+//   LSE_i = log2 sum_{j in A_i} 2^s_ij                       (cl_lse; -inf: A_i empty)
+//   m_j   = 1/n sum_{i sampled, A_i not empty} 2^(s_ij - LSE_i)   (the part's mean softmax)
+//   bin(m) = clamp(floor(16 (log2 m + 24)), 0, CL_NBIN - 1) for m > 0 (2^(1/16) steps; masses
+//            below 2^-24 share bin 0)
+//   cut B = the largest bin with sum_{j: bin(m_j) >= B} m_j >= gamma sum_j m_j   (cl_hist)
+//   kept keys: m_j > 0 and bin(m_j) >= B, and the sinks j < sink in candidate tiles; not those
+//   in the band tiles (cl_emit, ascending, at most the row's capacity)
+//   band tiles: the candidate key tiles meeting [p_r0 - (local - 1), p_(r1-1)] (p_i = i + Sk - Sq;
+//   none when local = 0), computed whole
+// A row keeping more than half its candidate keys (`lim`) runs every candidate tile whole
+// instead (a gathered chunk costs about twice a tile). The check (check > 0): over the last query
+// tile's rows i with A_i not empty, t = mean_i sum_{j computed for i} 2^(s_ij - LSE_i) (cl_check);
+// t < check: every row of (b, h) runs every candidate tile whole. Then cl_lower writes the
+// forward's rows (count, sp_scan, write): the kept band tiles (`k_tile << 1 | partial`) then the
+// chunks (`LA_GATHERED | chunk << 1 | tested`, LA_BC keys each from gkeys; tested when a Partial
+// candidate tile lies within the chunk's key range or the chunk is padded).
+//
+// A block takes T = CL_T tiles' sampled rows (64 / R tiles, at most 64 rows), row t R + s of the
+// block = sampled row s of tile qt0 + t, over keys [0, the tiles' last candidate key) in
+// sub-tiles of 64 keys (sp_vs's 64 x 64 tensor-core logits, rows from a table).
+// Needs: common.cuh, fwd_params.cuh, the mask program, select.cuh, sparse_vs.cu (tiles, logits
+// fragment layout, candidate kinds), LA_D, LA_BR, LA_BC, LA_SOFTCAP, LA_F16, CL_R.
+
+#define CL_T (64 / CL_R)      // query tiles per block
+#define CL_NBIN 384           // mass bins: 16 per octave over [2^-24, 1]
+
+struct ClParams {
+    float* lse;        // [BH q_tiles][CL_R] sampled rows' LSE (log2; -inf: none)
+    int* cut;          // [BH q_tiles] cut bin (-1: no mass)
+    u32* nkeys;        // [BH q_tiles] keys kept (may exceed the capacity: then the row is whole)
+    u32* gkeys;        // key lists, row r's from kbase[r] (a multiple of LA_BC)
+    const u32* kbase;  // [BH q_tiles] (u32 offsets into gkeys)
+    const u32* lim;    // [BH q_tiles] most keys the row gathers (half its candidate keys)
+    const u32* cap;    // [BH q_tiles] capacity of the row's list (lim rounded up to LA_BC)
+    float* chk;        // [BH][2] the check's (sum, rows)
+    u32* cnt;          // [BH q_tiles] entries per forward row
+    u32* off;          // [BH q_tiles + 1]
+    u32* ent;          // the forward's entries
+    float gamma, check;
+    int sink, local;
+    int vec;           // q / k rows 16-byte aligned (vector loads)
+};
+
+struct ClSmem {
+    u16 q[64 * SP_LD];
+    u16 k[SP_SUB * SP_LD];
+    int row[64];           // block row -> query row (-1: none)
+    float lse[64];
+    float p[64][65];       // probabilities of a sub-tile (cl_hist, cl_emit, cl_check)
+    unsigned char kind[64];  // per block tile: the candidate kind of the current key tile
+    int kend;              // keys the block's tiles reach
+};
+
+// Sampled row s of the part [r0, r1): the CPU's sampled_rows (ascending, deduplicated, the
+// values <= r0 dropped), -1 when this s is a repeat or dropped.
+__device__ __forceinline__ int cl_sampled(int r0, int r1, int s) {
+    const int v = r0 + (int)(((i64)(s + 1) * (r1 - r0)) / CL_R);
+    const int prev = s == 0 ? r0 : r0 + (int)(((i64)s * (r1 - r0)) / CL_R);
+    return (v > r0 && v != prev) ? v - 1 : -1;
+}
+
+// Block set-up: the row table for tiles qt0 .. qt0 + CL_T - 1 (the check: rows r0 .. r0 + 63 of
+// one tile, `check_r0` >= 0), the queries, and the last candidate key of the tiles.
+__device__ void cl_setup(const LaFwdParams& p, const ClParams& cp, ClSmem& sm, int b, int h, int qt0, int check_r0) {
+    if (threadIdx.x < 64) {
+        const int r = threadIdx.x;
+        int i = -1;
+        if (check_r0 >= 0) {
+            i = check_r0 + r < p.Sq ? check_r0 + r : -1;
+        } else {
+            const int qt = qt0 + r / CL_R;
+            if (r < CL_T * CL_R && qt < p.q_tiles)
+                i = cl_sampled(qt * LA_BR, min(p.Sq, qt * LA_BR + LA_BR), r % CL_R);
+        }
+        sm.row[r] = i;
+    }
+    if (threadIdx.x == 0) {
+        int kend = 0;
+        const int t1 = check_r0 >= 0 ? 1 : CL_T;
+        for (int t = 0; t < t1; t++) {
+            const int qt = check_r0 >= 0 ? check_r0 / LA_BR : qt0 + t;
+            if (qt >= p.q_tiles) break;
+            const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+            const u32 e0 = p.sched_off[srow], e1 = p.sched_off[srow + 1];
+            if (e1 > e0) kend = max(kend, min(p.Sk, (int)(p.sched_ent[e1 - 1] >> 1) * LA_BC + LA_BC));
+        }
+        sm.kend = kend;
+    }
+    __syncthreads();
+    sp_load_tile(sm.q, 64, cp.vec != 0, [&](int r) {
+        const int i = sm.row[r];
+        return sp_q_row(p, b, h, i < 0 ? 0 : i);
+    });
+}
+
+// The candidate kinds of key tile kt for the block's tiles (row r's tile: r / CL_R, or the
+// check's one tile).
+__device__ __forceinline__ void cl_kinds(const LaFwdParams& p, ClSmem& sm, int b, int h, int qt0, int check_qt, int kt) {
+    __syncthreads();
+    if (threadIdx.x < CL_T) {
+        const int qt = check_qt >= 0 ? check_qt : qt0 + threadIdx.x;
+        sm.kind[threadIdx.x] = qt < p.q_tiles ? (unsigned char)sp_cand_kind(p, b, h, qt, kt) : 0;
+    }
+}
+
+// Logits of the block's 64 rows x keys [j0, j0 + 64) (log2 units; -inf where not allowed or no
+// row), in sp_logits' fragment layout. `check`: every row is of the block's one tile.
+__device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int j0, bool check, float s[4][4]) {
+    __syncthreads();
+    sp_load_tile(sm.k, min(SP_SUB, p.Sk - j0), vec, [&](int r) { return sp_k_row(p, b, g, j0 + r); });
+    __syncthreads();
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[nb][e] = 0.f;
+    const u16* qa = sm.q + (16 * (w % 4) + lane % 16) * SP_LD + (lane / 16) * 8;
+    const u16* kb = sm.k + (32 * (w / 4) + (lane & 7) + ((lane >> 4) << 3)) * SP_LD + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int k0 = 0; k0 < LA_D; k0 += 16) {
+        u32 a[4], b0[4], b1[4];
+        la_ldmatrix_x4(a, qa + k0);
+        la_ldmatrix_x4(b0, kb + k0);
+        la_ldmatrix_x4(b1, kb + 16 * SP_LD + k0);
+        la_mma16816(s[0], a, b0);
+        la_mma16816(s[1], a, b0 + 2);
+        la_mma16816(s[2], a, b1);
+        la_mma16816(s[3], a, b1 + 2);
+    }
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = sp_frag_row(e), i = sm.row[r], j = j0 + sp_frag_key(nb, e);
+            bool ok = i >= 0 && j < p.Sk;
+            if (ok) {
+                const int kind = sm.kind[check ? 0 : r / CL_R];
+                ok = kind == 1 || (kind == 2 && la_mask(p, b, h, i, j));
+            }
+            float x = s[nb][e];
+#if LA_SOFTCAP
+            x = p.cap_post * tanhf(x * p.cap_pre);
+#endif
+            s[nb][e] = ok ? x * p.scale_log2 : -LA_INF;
+        }
+}
+
+// Each block row's LSE over keys [0, kend) into sm.lse.
+__device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt) {
+    float m[2] = {-LA_INF, -LA_INF}, z[2] = {0.f, 0.f};
+    for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
+        if (j0 % LA_BC == 0) cl_kinds(p, sm, b, h, qt0, check_qt, j0 / LA_BC);
+        float s[4][4];
+        cl_logits(p, vec, sm, b, h, g, j0, check_qt >= 0, s);
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            float mx = -LA_INF;
+#pragma unroll
+            for (int nb = 0; nb < 4; nb++) mx = fmaxf(mx, fmaxf(s[nb][2 * hr], s[nb][2 * hr + 1]));
+            float zz = 0.f;
+            if (mx != -LA_INF) {
+#pragma unroll
+                for (int nb = 0; nb < 4; nb++)
+                    zz += la_exp2(s[nb][2 * hr] - mx) + la_exp2(s[nb][2 * hr + 1] - mx);
+            }
+            sp_merge(m[hr], z[hr], mx, zz);
+        }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++)
+#pragma unroll
+        for (int o = 1; o <= 2; o <<= 1)
+            sp_merge(m[hr], z[hr], __shfl_xor_sync(0xffffffffu, m[hr], o), __shfl_xor_sync(0xffffffffu, z[hr], o));
+    // The two warps of a row band (w, w + 4) through shared memory (sm.p as scratch).
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane % 4 == 0) {
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int r = sp_frag_row(2 * hr);
+            sm.p[r][(w / 4) * 2] = m[hr];
+            sm.p[r][(w / 4) * 2 + 1] = z[hr];
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < 64) {
+        const int r = threadIdx.x;
+        float mm = sm.p[r][0], zz = sm.p[r][1];
+        sp_merge(mm, zz, sm.p[r][2], sm.p[r][3]);
+        sm.lse[r] = mm == -LA_INF ? -LA_INF : mm + __log2f(zz);
+    }
+    __syncthreads();
+}
+
+// The probabilities of keys [j0, j0 + 64) into sm.p[row][key] (0 where not allowed).
+__device__ void cl_probs(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt, int j0) {
+    if (j0 % LA_BC == 0) cl_kinds(p, sm, b, h, qt0, check_qt, j0 / LA_BC);
+    float s[4][4];
+    cl_logits(p, vec, sm, b, h, g, j0, check_qt >= 0, s);
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int r = sp_frag_row(e);
+            const float l = sm.lse[r], x = s[nb][e];
+            sm.p[r][sp_frag_key(nb, e)] = (x == -LA_INF || l == -LA_INF) ? 0.f : la_exp2(x - l);
+        }
+    __syncthreads();
+}
+
+// Sampled rows of tile t in the block and their count n.
+__device__ __forceinline__ int cl_count(const ClSmem& sm, int t) {
+    int n = 0;
+    for (int s = 0; s < CL_R; s++) n += sm.row[t * CL_R + s] >= 0;
+    return n;
+}
+
+__device__ __forceinline__ int cl_bin(float m) {
+    return max(0, min(CL_NBIN - 1, (int)floorf(16.f * (log2f(m) + 24.f))));
+}
+
+// The band's key tiles of query tile qt: [kt0, kt1] (kt0 > kt1: none).
+__device__ __forceinline__ void cl_band(const LaFwdParams& p, int local, int qt, int& kt0, int& kt1) {
+    const i64 p0 = (i64)qt * LA_BR + p.Sk - p.Sq, p1 = (i64)min(p.Sq, qt * LA_BR + LA_BR) - 1 + p.Sk - p.Sq;
+    const i64 lo = max(p0 - (local - 1), (i64)0), hi = min(p1, (i64)p.Sk - 1);
+    if (local <= 0 || lo > hi) {
+        kt0 = 1;
+        kt1 = 0;
+    } else {
+        kt0 = (int)(lo / LA_BC);
+        kt1 = (int)(hi / LA_BC);
+    }
+}
+
+// Mean softmax m_j of each of the block's tiles, its bins, and the cut bin per tile.
+extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, const ClParams cp) {
+    extern __shared__ __align__(16) unsigned char cl_smem[];
+    ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
+    float* hist = reinterpret_cast<float*>(cl_smem + sizeof(ClSmem));   // [CL_T][CL_NBIN]
+    const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const int qt0 = blockIdx.x * CL_T;
+    cl_setup(p, cp, sm, b, h, qt0, -1);
+    for (int x = threadIdx.x; x < CL_T * CL_NBIN; x += blockDim.x) hist[x] = 0.f;
+    cl_row_lse(p, cp.vec != 0, sm, b, h, g, qt0, -1);
+    if (threadIdx.x < 64) {
+        const int r = threadIdx.x, qt = qt0 + r / CL_R;
+        if (r < CL_T * CL_R && qt < p.q_tiles) cp.lse[((i64)bh * p.q_tiles + qt) * CL_R + r % CL_R] = sm.lse[r];
+    }
+    for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
+        cl_probs(p, cp.vec != 0, sm, b, h, g, qt0, -1, j0);
+        for (int x = threadIdx.x; x < CL_T * 64; x += blockDim.x) {
+            const int t = x / 64, c = x % 64;
+            float m = 0.f;
+            int n = 0;
+            for (int s = 0; s < CL_R; s++) {
+                m += sm.p[t * CL_R + s][c];
+                n += sm.row[t * CL_R + s] >= 0;
+            }
+            if (n > 0 && m > 0.f) {
+                m /= (float)n;
+                atomicAdd(&hist[t * CL_NBIN + cl_bin(m)], m);
+            }
+        }
+        __syncthreads();
+    }
+    __syncthreads();
+    // Cut per tile: the largest B with the mass of bins >= B at least gamma of the total.
+    if (threadIdx.x < CL_T && qt0 + (int)threadIdx.x < p.q_tiles) {
+        const float* hb = hist + threadIdx.x * CL_NBIN;
+        float tot = 0.f;
+        for (int x = 0; x < CL_NBIN; x++) tot += hb[x];
+        int cut = -1;
+        if (tot > 0.f) {
+            float acc = 0.f;
+            for (cut = CL_NBIN - 1; cut > 0; cut--) {
+                acc += hb[cut];
+                if (acc >= cp.gamma * tot) break;
+            }
+        }
+        cp.cut[(i64)bh * p.q_tiles + qt0 + threadIdx.x] = cut;
+    }
+}
+
+// The kept keys of each of the block's tiles, ascending, into the row's list (at most its
+// capacity; the count whole), the list padded with LA_PAD to a multiple of LA_BC.
+extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, const ClParams cp) {
+    extern __shared__ __align__(16) unsigned char cl_smem[];
+    ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
+    u32* cnt = reinterpret_cast<u32*>(cl_smem + sizeof(ClSmem));   // [CL_T] keys so far
+    const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const int qt0 = blockIdx.x * CL_T;
+    cl_setup(p, cp, sm, b, h, qt0, -1);
+    if (threadIdx.x < 64) {
+        const int r = threadIdx.x, qt = qt0 + r / CL_R;
+        sm.lse[r] = (r < CL_T * CL_R && qt < p.q_tiles) ? cp.lse[((i64)bh * p.q_tiles + qt) * CL_R + r % CL_R] : -LA_INF;
+    }
+    if (threadIdx.x < CL_T) cnt[threadIdx.x] = 0;
+    __syncthreads();
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
+        cl_probs(p, cp.vec != 0, sm, b, h, g, qt0, -1, j0);
+        // Warp w takes tiles w, w + 8, ...: lanes over the 64 keys in two halves.
+        for (int t = w; t < CL_T; t += 8) {
+            const int qt = qt0 + t;
+            if (qt >= p.q_tiles) break;
+            const i64 row = (i64)bh * p.q_tiles + qt;
+            const int cut = cp.cut[row];
+            int bk0, bk1;
+            cl_band(p, cp.local, qt, bk0, bk1);
+            const int n = cl_count(sm, t);
+            u32 c = cnt[t];
+            const u32 capr = cp.cap[row];
+            const u32 base = cp.kbase[row];
+            for (int half = 0; half < 2; half++) {
+                const int x = half * 32 + lane, j = j0 + x, kt = j / LA_BC;
+                bool k = false;
+                if (j < p.Sk && !(kt >= bk0 && kt <= bk1) && sm.kind[t] != 0) {
+                    float m = 0.f;
+                    for (int s = 0; s < CL_R; s++) m += sm.p[t * CL_R + s][x];
+                    k = j < cp.sink || (n > 0 && m > 0.f && cut >= 0 && cl_bin(m / (float)n) >= cut);
+                }
+                const u32 bal = __ballot_sync(0xffffffffu, k);
+                const u32 at = c + __popc(bal & ((1u << lane) - 1));
+                if (k && at < capr) cp.gkeys[base + at] = (u32)j;
+                c += __popc(bal);
+            }
+            if (lane == 0) cnt[t] = c;
+            __syncwarp();
+        }
+        __syncthreads();
+    }
+    // Counts, and the padding of the last chunk.
+    for (int t = w; t < CL_T; t += 8) {
+        const int qt = qt0 + t;
+        if (qt >= p.q_tiles) break;
+        const i64 row = (i64)bh * p.q_tiles + qt;
+        const u32 c = cnt[t], capr = cp.cap[row];
+        if (lane == 0) cp.nkeys[row] = c;
+        if (c <= capr)
+            for (u32 x = c + lane; x < min(capr, (c + LA_BC - 1) / LA_BC * LA_BC); x += 32) cp.gkeys[cp.kbase[row] + x] = LA_PAD;
+    }
+}
+
+// The check over the last query tile's rows r0 + 64 blockIdx.x .. (+ 63): the sum over rows
+// with allowed keys of the mass on the pairs the forward computes for them, and their count,
+// added into chk[bh] (two adds at most per value: the same sum in either order).
+extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, const ClParams cp) {
+    extern __shared__ __align__(16) unsigned char cl_smem[];
+    ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
+    unsigned char* kf = reinterpret_cast<unsigned char*>(cl_smem + sizeof(ClSmem));   // [64] kept flags
+    __shared__ u32 cursor;
+    const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const int qt = p.q_tiles - 1, r0 = qt * LA_BR + 64 * blockIdx.x;
+    if (r0 >= p.Sq) return;
+    const i64 row = (i64)bh * p.q_tiles + qt;
+    const u32 nk = cp.nkeys[row];
+    const bool whole = nk > cp.lim[row];
+    cl_setup(p, cp, sm, b, h, 0, r0);
+    cl_row_lse(p, cp.vec != 0, sm, b, h, g, -1, qt);
+    int bk0, bk1;
+    cl_band(p, cp.local, qt, bk0, bk1);
+    if (threadIdx.x == 0) cursor = 0;
+    // Per row (threads 0..63): the mass on computed pairs.
+    float t = 0.f;
+    for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
+        cl_probs(p, cp.vec != 0, sm, b, h, g, -1, qt, j0);
+        if (threadIdx.x < 64) kf[threadIdx.x] = whole || (j0 + (int)threadIdx.x) / LA_BC >= bk0 && (j0 + (int)threadIdx.x) / LA_BC <= bk1;
+        __syncthreads();
+        if (threadIdx.x == 0 && !whole) {
+            // The kept list is ascending: its keys in [j0, j0 + 64) follow the cursor.
+            u32 c = cursor;
+            const u32* lk = cp.gkeys + cp.kbase[row];
+            while (c < nk && lk[c] < (u32)(j0 + 64)) {
+                if (lk[c] >= (u32)j0) kf[lk[c] - j0] = 1;
+                c++;
+            }
+            cursor = c;
+        }
+        __syncthreads();
+        if (threadIdx.x < 64)
+            for (int x = 0; x < 64; x++) t += kf[x] ? sm.p[threadIdx.x][x] : 0.f;
+        __syncthreads();
+    }
+    __shared__ float red[2][64];
+    if (threadIdx.x < 64) {
+        const bool ok = sm.row[threadIdx.x] >= 0 && sm.lse[threadIdx.x] != -LA_INF;
+        red[0][threadIdx.x] = ok ? t : 0.f;
+        red[1][threadIdx.x] = ok ? 1.f : 0.f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float a = 0.f, n = 0.f;
+        for (int x = 0; x < 64; x++) {
+            a += red[0][x];
+            n += red[1][x];
+        }
+        atomicAdd(&cp.chk[bh * 2], a);
+        atomicAdd(&cp.chk[bh * 2 + 1], n);
+    }
+}
+
+// The forward's row (b h, qt): `write` = 0 counts its entries into cnt, 1 stores them at off.
+// Whole (every candidate tile): the check failed for (b, h) or the row keeps more than lim keys.
+extern "C" __global__ void __launch_bounds__(128) cl_lower(const LaFwdParams p, const ClParams cp, int write) {
+    __shared__ u32 ws[32];
+    __shared__ int part[32];
+    __shared__ int npart;
+    const int qt = blockIdx.x, bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq;
+    const i64 row = (i64)bh * p.q_tiles + qt;
+    const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+    const u32 e0 = p.sched_off[srow], ne = p.sched_off[srow + 1] - e0;
+    const u32 nk = cp.nkeys[row];
+    bool whole = nk > cp.lim[row];
+    if (cp.check > 0.f) {
+        const float n = cp.chk[bh * 2 + 1];
+        whole = whole || (n > 0.f && cp.chk[bh * 2] / n < cp.check);
+    }
+    int bk0, bk1;
+    cl_band(p, cp.local, qt, bk0, bk1);
+    if (threadIdx.x == 0) npart = 0;
+    __syncthreads();
+    u32 base = write ? cp.off[row] : 0, total = 0;
+    for (u32 x0 = 0; x0 < ne; x0 += blockDim.x) {
+        const u32 x = x0 + threadIdx.x;
+        bool keep = false;
+        u32 e = 0;
+        if (x < ne) {
+            e = p.sched_ent[e0 + x];
+            const int kt = (int)(e >> 1);
+            keep = whole || (kt >= bk0 && kt <= bk1);
+            // Partial candidate tiles outside the band: the chunks' test below.
+            if (!whole && !keep && (e & 1)) {
+                const int at = atomicAdd(&npart, 1);
+                if (at < 32) part[at] = kt;
+            }
+        }
+        u32 tot;
+        const u32 at = la_block_scan(keep, ws, tot);
+        if (write && keep) cp.ent[base + at] = e;
+        base += tot;
+        total += tot;
+    }
+    __syncthreads();
+    if (!whole) {
+        const u32 nch = (nk + LA_BC - 1) / LA_BC;
+        const u32 kb = cp.kbase[row];
+        const u32* lk = cp.gkeys + kb;
+        if (write) {
+            for (u32 c = threadIdx.x; c < nch; c += blockDim.x) {
+                const u32 a = lk[c * LA_BC], z = lk[min(nk, c * LA_BC + LA_BC) - 1];
+                bool tested = (c + 1) * LA_BC > nk || npart > 32;
+                for (int x = 0; x < min(npart, 32) && !tested; x++) {
+                    const u32 k0 = (u32)part[x] * LA_BC;
+                    tested = k0 <= z && a < k0 + LA_BC;
+                }
+                cp.ent[base + c] = LA_GATHERED_BIT | ((kb / LA_BC + c) << 1) | (u32)tested;
+            }
+        }
+        total += nch;
+    }
+    if (!write && threadIdx.x == 0) cp.cnt[row] = total;
+}

@@ -1,0 +1,631 @@
+//! Query-tile columns (`columns`) in the gathered form: the selection as whole key tiles and
+//! gathered keys ([`TileKeys`]), what the CUDA forward's gathered variant computes at the cost
+//! of the keys kept. The plain reference ([`reference`], f64) and the device estimator
+//! ([`ColumnsPlan`], `cuda/kernels/sparse_columns.cu`) share these semantics.
+//!
+//! Per (batch row b, query head h, query tile qt of the kernel's `tile_q` rows r0 .. r1 - 1; the
+//! whole batch row one document):
+//! ```text
+//!   sampled rows  i_s = r0 + floor((s + 1) (r1 - r0) / R) - 1, s < R   (R = `rows`; repeats and
+//!                 rows before r0 dropped), n of them
+//!   p_ij = softmax over the allowed keys of logit(q_i . k_j)           (mask: the candidates)
+//!   m_j  = 1/n sum_{i sampled} p_ij                                     (the tile's mean softmax)
+//!   bin(m) = clamp(floor(16 (log2 m + 24)), 0, NBIN - 1)               (2^(1/16) steps)
+//!   cut B = the largest bin with sum_{j: bin(m_j) >= B} m_j >= gamma sum_j m_j
+//!   keys  = { j : m_j > 0, bin(m_j) >= B } | { j < sink }   (in candidate tiles, not in band tiles)
+//!   band tiles = the candidate key tiles meeting [p_r0 - (local - 1), p_(r1-1)]  (computed whole;
+//!                p_i = i + Sk - Sq; none for local = 0)
+//! ```
+//! The element-level `columns` of the CPU selector ([`super::estimate`]) keeps exactly the
+//! heaviest keys and the band per row; here the cut is rounded down to its bin (every key of
+//! the cut's bin kept: masses within 4.4% of each other) and the band to whole tiles (about one
+//! tile more per query tile), a superset of the same pattern.
+//!
+//! A query tile whose keys number more than half its candidate keys computes every candidate
+//! tile whole instead (a gathered chunk costs about twice a tile: docs/PERF.md), which also
+//! bounds the key lists' memory by half the candidates. The check (`check` > 0): over the last
+//! query tile's rows i with allowed keys, t = mean_i sum_{j computed for i} p_ij; t < check:
+//! every query tile of (b, h) computes every candidate tile whole (the sampled rows do not speak
+//! for the others).
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+
+use super::gather::{TileKeys, GATHERED, PAD};
+use super::{estimate, Method, SparseSpec};
+use crate::attention::{AttnParams, Dims, MaskSpec};
+use crate::cuda::forward::{LaFwdParams, COMMON, PARAMS};
+use crate::cuda::{drv, CudaDevice, DevTensor, FwdPlan};
+use crate::error::{Error, Result};
+use crate::mask::{BlockSchedule, RowMask, TileKind};
+use crate::tensor::{DType, TensorView};
+
+const SRC: &str = include_str!("../cuda/kernels/sparse_columns.cu");
+const OP: &str = "columns (gathered)";
+
+/// Mass bins: 16 per octave over [2^-24, 1] (`CL_NBIN`).
+pub(crate) const NBIN: usize = 384;
+
+fn param(msg: String) -> Error {
+    Error::Param { op: OP, msg }
+}
+
+/// The bin of a mass m > 0.
+pub(crate) fn bin(m: f64) -> usize {
+    (16.0 * (m.log2() + 24.0)).floor().clamp(0.0, (NBIN - 1) as f64) as usize
+}
+
+/// The band's key tiles of query tile `qt`: those meeting [p_r0 - (local - 1), p_(r1-1)].
+pub(crate) fn band_tiles(
+    qt: usize,
+    (tq, tk): (usize, usize),
+    (sq, sk): (usize, usize),
+    local: usize,
+) -> Option<RangeInclusive<usize>> {
+    let pos = |i: usize| i as i64 + sk as i64 - sq as i64;
+    let (p0, p1) = (pos(qt * tq), pos(((qt + 1) * tq).min(sq) - 1));
+    let lo = (p0 - (local as i64 - 1)).max(0);
+    let hi = p1.min(sk as i64 - 1);
+    (local > 0 && lo <= hi).then(|| lo as usize / tk..=hi as usize / tk)
+}
+
+/// The arguments of the gathered form.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ColumnsArgs {
+    pub gamma: f64,
+    pub rows: usize,
+    pub sink: usize,
+    pub local: usize,
+    pub check: f64,
+}
+
+impl ColumnsArgs {
+    /// The `columns` spec's arguments, or the error naming what the gathered form does not take.
+    pub fn of(spec: &SparseSpec) -> Result<ColumnsArgs> {
+        spec.check()?;
+        let Method::Columns {
+            gamma,
+            rows,
+            sink,
+            local,
+            check,
+            check_gamma,
+            ..
+        } = spec.method
+        else {
+            return Err(param(format!("`{spec}` is not `columns`")));
+        };
+        if check_gamma > 0.0 {
+            return Err(param(format!(
+                "`{spec}`: `check_gamma` (selecting again) runs on the CPU's element-level selector only (--backend cpu)"
+            )));
+        }
+        if rows > 64 {
+            return Err(param(format!(
+                "`{spec}`: the gathered form samples at most 64 rows per query tile, got rows={rows}"
+            )));
+        }
+        if spec.with.is_some() || spec.dense_last > 0 || spec.skip.is_some() {
+            return Err(param(format!(
+                "`{spec}`: unions (`A + B`), `dense_last` and skip-softmax are not taken by the gathered form"
+            )));
+        }
+        let big = |x: usize| x.min(i32::MAX as usize);
+        Ok(ColumnsArgs {
+            gamma,
+            rows,
+            sink: big(sink),
+            local: big(local),
+            check,
+        })
+    }
+}
+
+/// Refuses masks with document ids: the gathered form takes the whole batch row as one document.
+fn refuse_documents(mask: &MaskSpec) -> Result<()> {
+    match mask {
+        MaskSpec::Expr(b) if b.docs.is_some() => Err(param(format!(
+            "mask `{}` has document ids: the gathered form selects over the whole batch row (select on the CPU's element-level `columns`)",
+            b.expr()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The plain reference (f64): the selection of `args` over q `[B, Sq, Hq, D]`, k `[B, Sk, Hk,
+/// D]` at the candidates `cand` (the mask's schedule at the kernel's tiles; `rows` its element
+/// rule), for every (batch row, query head).
+pub fn reference(
+    q: &TensorView,
+    k: &TensorView,
+    params: &AttnParams,
+    args: &ColumnsArgs,
+    cand: &BlockSchedule,
+    rows: Option<&dyn RowMask>,
+) -> Result<TileKeys> {
+    let dims = super::dims_of(q, k)?;
+    let ctx = super::cuda::check_ctx([q, k], dims, params, cand, rows);
+    let (mut tiles, mut keys) = (Vec::new(), Vec::new());
+    for b in 0..dims.batch {
+        for h in 0..dims.hq {
+            let (per, t) = estimate::columns_gathered(
+                &ctx,
+                (b, h),
+                (args.gamma, args.rows, args.sink, args.local),
+            );
+            let fails = args.check > 0.0 && t.is_some_and(|t| t < args.check);
+            for (qt, (ts, ks)) in per.into_iter().enumerate() {
+                if fails {
+                    tiles.push(cand.row(b, h, qt).iter().map(|e| e.k_tile).collect());
+                    keys.push(Vec::new());
+                } else {
+                    tiles.push(ts);
+                    keys.push(ks);
+                }
+            }
+        }
+    }
+    TileKeys::new(
+        (cand.tile_q, cand.tile_k),
+        (dims.sq, dims.sk),
+        (dims.batch, dims.hq),
+        tiles,
+        keys,
+    )
+}
+
+/// Field for field `ClParams` in `sparse_columns.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ClParams {
+    lse: u64,
+    cut: u64,
+    nkeys: u64,
+    gkeys: u64,
+    kbase: u64,
+    lim: u64,
+    cap: u64,
+    chk: u64,
+    cnt: u64,
+    off: u64,
+    ent: u64,
+    gamma: f32,
+    check: f32,
+    sink: i32,
+    local: i32,
+    vec: i32,
+}
+
+// SAFETY: plain-old-data with the C layout of the kernel's `ClParams`.
+unsafe impl cudarc::driver::DeviceRepr for ClParams {}
+
+struct Kernels {
+    hist: CudaFunction,
+    emit: CudaFunction,
+    check: CudaFunction,
+    lower: CudaFunction,
+    scan: CudaFunction,
+}
+
+struct Scratch {
+    cand_off: CudaSlice<u32>,
+    cand_ent: CudaSlice<u32>,
+    lse: CudaSlice<f32>,
+    cut: CudaSlice<i32>,
+    nkeys: CudaSlice<u32>,
+    gkeys: CudaSlice<u32>,
+    kbase: CudaSlice<u32>,
+    lim: CudaSlice<u32>,
+    cap: CudaSlice<u32>,
+    chk: CudaSlice<f32>,
+    cnt: CudaSlice<u32>,
+    off: CudaSlice<u32>,
+    ent: CudaSlice<u32>,
+}
+
+/// `columns` on the device: the estimator's kernels and scratch, and the gathered forward that
+/// runs through what they write, all on the caller's stream with no host synchronisation.
+///
+/// ```text
+///   ColumnsPlan::new(dev, dims, dtype, params, spec, mask)
+///   plan.launch_on(stream, q, k, v, out, lse)   // estimate -> key lists -> gathered forward
+///   plan.selection()                            // what it computed, as TileKeys (host)
+/// ```
+pub struct ColumnsPlan {
+    dev: Arc<CudaDevice>,
+    fwd: FwdPlan,
+    dims: Dims,
+    args: ColumnsArgs,
+    /// The mask's schedule at the kernel's tiles (the candidates).
+    cand: BlockSchedule,
+    k: Kernels,
+    sc: Scratch,
+    /// Forward rows (B Hq q_tiles) and the bound on their entries.
+    rows: usize,
+    bound: usize,
+    /// Dynamic shared memory of cl_hist, cl_emit, cl_check.
+    smem: [usize; 3],
+}
+
+impl ColumnsPlan {
+    pub fn new(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        spec: &SparseSpec,
+        mask: MaskSpec,
+    ) -> Result<ColumnsPlan> {
+        let args = ColumnsArgs::of(spec)?;
+        refuse_documents(&mask)?;
+        if params.skip_below.is_some() {
+            return Err(param(
+                "skip-softmax with the gathered form (use one or the other)".into(),
+            ));
+        }
+        let (br, bc) = crate::cuda::gather_tiles(dev, dims.d, dims.sk, &mask)?;
+        let q_tiles = dims.sq.div_ceil(br);
+        let k_tiles = dims.sk.div_ceil(bc);
+        // Every key tile kept whole: the forward's work lists weigh rows by the mask's tiles.
+        let all = TileKeys::new(
+            (br, bc),
+            (dims.sq, dims.sk),
+            (1, 1),
+            vec![(0..k_tiles as u32).collect(); q_tiles],
+            vec![Vec::new(); q_tiles],
+        )?;
+        let fwd = FwdPlan::with_gather(dev, dims, dtype, params, mask, &all)?;
+        if fwd.uses_mask_bits() {
+            return Err(param(
+                "masks whose Partial tiles read a bit table (2-D neighborhoods, dealt documents) cannot take a device-written schedule yet".into(),
+            ));
+        }
+        let cand = fwd.mask_schedule().clone();
+        if (cand.tile_q, cand.tile_k) != (br, bc) {
+            return Err(param(format!(
+                "the mask's schedule is at {}x{} tiles, the gathered forward's at {br}x{bc}",
+                cand.tile_q, cand.tile_k
+            )));
+        }
+        let bh = dims.batch * dims.hq;
+        if bh > 65535 || q_tiles > 65535 {
+            return Err(param(format!(
+                "grid: batch x heads {bh} and query tiles {q_tiles} must be <= 65535"
+            )));
+        }
+        // The candidates' CSR (the schedule's own batch / head sharing).
+        let (mut cand_off, mut cand_ent) = (vec![0u32], Vec::new());
+        for b in 0..cand.batch {
+            for h in 0..cand.heads {
+                for qt in 0..q_tiles {
+                    cand_ent.extend(
+                        cand.row(b, h, qt)
+                            .iter()
+                            .map(|e| e.k_tile << 1 | (e.kind == TileKind::Partial) as u32),
+                    );
+                    cand_off.push(cand_ent.len() as u32);
+                }
+            }
+        }
+        // Per forward row: half its candidate keys (lim), the list's room (lim rounded up to a
+        // chunk) and where it starts.
+        let rows = bh * q_tiles;
+        let (mut lim, mut cap, mut kbase) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut at, mut bound) = (0usize, 0usize);
+        for r in 0..rows {
+            let (b, h, qt) = (r / (dims.hq * q_tiles), r / q_tiles % dims.hq, r % q_tiles);
+            let row = cand.row(b, h, qt);
+            let keys: usize = row
+                .iter()
+                .map(|e| (e.k_tile as usize * bc + bc).min(dims.sk) - e.k_tile as usize * bc)
+                .sum();
+            let l = keys / 2;
+            let c = l.div_ceil(bc) * bc;
+            lim.push(l as u32);
+            cap.push(c as u32);
+            kbase.push(at as u32);
+            at += c;
+            bound += row.len() + c / bc;
+            if at / bc >= 1 << 30 || at > u32::MAX as usize {
+                return Err(param(format!(
+                    "the key lists would hold more than 2^30 chunks or 2^32 keys ({rows} query tiles)"
+                )));
+            }
+        }
+        let d = dims.d;
+        let rr = args.rows;
+        let t = 64 / rr;
+        // sizeof(ClSmem): q and k tiles (64 rows of D + 8 16-bit words), row table, LSE, the
+        // probabilities [64][65], the kinds, the key extent.
+        let base = 2 * 2 * 64 * (d + 8) + 64 * 4 + 64 * 4 + 64 * 65 * 4 + 64 + 4 + 60;
+        let smem = [base + t * NBIN * 4, base + t * 4, base + 64];
+        if smem[0] > dev.smem_optin {
+            return Err(param(format!(
+                "rows={rr} at head dim {d}: the estimator's shared memory ({} bytes) exceeds the device's {}",
+                smem[0], dev.smem_optin
+            )));
+        }
+        let src = format!(
+            "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{SRC}",
+            fwd.mask_program(),
+            super::cuda::SELECT,
+            super::cuda::SRC
+        );
+        let defines: Vec<(String, String)> = vec![
+            ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
+            ("LA_D".into(), d.to_string()),
+            ("LA_BR".into(), br.to_string()),
+            ("LA_BC".into(), bc.to_string()),
+            (
+                "LA_SOFTCAP".into(),
+                (params.softcap.is_some() as u8).to_string(),
+            ),
+            ("CL_R".into(), rr.to_string()),
+            ("LA_GATHERED_BIT".into(), format!("{GATHERED}u")),
+            ("LA_PAD".into(), format!("{PAD}u")),
+        ];
+        let variant = format!("sparse_columns_{}_d{d}_{br}x{bc}_r{rr}", dtype.name());
+        let f = |entry: &str, smem: usize| dev.function(&variant, entry, &src, &defines, smem);
+        let k = Kernels {
+            hist: f("cl_hist", smem[0])?,
+            emit: f("cl_emit", smem[1])?,
+            check: f("cl_check", smem[2])?,
+            lower: f("cl_lower", 0)?,
+            scan: f("sp_scan", 0)?,
+        };
+        let s = dev.stream();
+        let zf = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
+        let zu = |n: usize| s.alloc_zeros::<u32>(n.max(1)).map_err(drv("alloc"));
+        let sc = Scratch {
+            cand_off: dev.upload(&cand_off)?,
+            cand_ent: if cand_ent.is_empty() {
+                zu(1)?
+            } else {
+                dev.upload(&cand_ent)?
+            },
+            lse: zf(rows * rr)?,
+            cut: s.alloc_zeros::<i32>(rows.max(1)).map_err(drv("alloc"))?,
+            nkeys: zu(rows)?,
+            gkeys: zu(at)?,
+            kbase: dev.upload(&kbase)?,
+            lim: dev.upload(&lim)?,
+            cap: dev.upload(&cap)?,
+            chk: zf(bh * 2)?,
+            cnt: zu(rows)?,
+            off: zu(rows + 1)?,
+            ent: zu(bound)?,
+        };
+        Ok(ColumnsPlan {
+            dev: dev.clone(),
+            fwd,
+            dims,
+            args,
+            cand,
+            k,
+            sc,
+            rows,
+            bound,
+            smem,
+        })
+    }
+
+    /// The kernel's tiles (query, key).
+    pub fn tiles(&self) -> (usize, usize) {
+        (self.cand.tile_q, self.cand.tile_k)
+    }
+
+    /// Bytes of the estimator's device buffers (the key lists most of them).
+    pub fn scratch_bytes(&self) -> usize {
+        let sc = &self.sc;
+        4 * (sc.cand_off.len()
+            + sc.cand_ent.len()
+            + sc.lse.len()
+            + sc.cut.len()
+            + sc.nkeys.len()
+            + sc.gkeys.len()
+            + sc.kbase.len()
+            + sc.lim.len()
+            + sc.cap.len()
+            + sc.chk.len()
+            + sc.cnt.len()
+            + sc.off.len()
+            + sc.ent.len())
+    }
+
+    /// Estimate and write the forward's rows and key lists on `s` (no host synchronisation).
+    pub fn launch_select_on(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+    ) -> Result<()> {
+        self.stages(s, q, k, &mut |_, f| f())
+    }
+
+    /// [`Self::launch_select_on`] with each stage timed by CUDA events: (stage, ms).
+    pub fn profile_select_on(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let mut times = Vec::new();
+        self.stages(s, q, k, &mut |name, f| {
+            let t = super::cuda::time_on(s, f)?;
+            times.push((name, t));
+            Ok(())
+        })?;
+        Ok(times)
+    }
+
+    fn stages(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        around: &mut super::cuda::Around,
+    ) -> Result<()> {
+        let sc = &mut self.sc;
+        let ptr_u = |x: &CudaSlice<u32>| x.device_ptr(s).0;
+        let ptr_f = |x: &CudaSlice<f32>| x.device_ptr(s).0;
+        // The estimator reads the mask's candidates (the forward's rows are written below).
+        let p: LaFwdParams = self.fwd.params_for(s, q, k).with_schedule(
+            (ptr_u(&sc.cand_off), ptr_u(&sc.cand_ent)),
+            (self.cand.batch, self.cand.heads),
+        );
+        let cp = ClParams {
+            lse: ptr_f(&sc.lse),
+            cut: sc.cut.device_ptr(s).0,
+            nkeys: ptr_u(&sc.nkeys),
+            gkeys: ptr_u(&sc.gkeys),
+            kbase: ptr_u(&sc.kbase),
+            lim: ptr_u(&sc.lim),
+            cap: ptr_u(&sc.cap),
+            chk: ptr_f(&sc.chk),
+            cnt: ptr_u(&sc.cnt),
+            off: ptr_u(&sc.off),
+            ent: ptr_u(&sc.ent),
+            gamma: self.args.gamma as f32,
+            check: self.args.check as f32,
+            sink: self.args.sink as i32,
+            local: self.args.local as i32,
+            vec: (q.tma_aligned() && k.tma_aligned()) as i32,
+        };
+        let d = &self.dims;
+        let bh = (d.batch * d.hq) as u32;
+        let q_tiles = d.sq.div_ceil(self.cand.tile_q) as u32;
+        let groups = q_tiles.div_ceil((64 / self.args.rows) as u32);
+        let cfg = |grid: (u32, u32, u32), threads: u32, smem: usize| LaunchConfig {
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let smem = self.smem;
+        // SAFETY (every launch below): the parameter structs match the kernels'; every pointer
+        // is a live allocation of the size the kernels index (scratch sized in `new` from the
+        // same dims; q / k are device tensors of these dims, the forward plan's contract).
+        let launch = |f: &CudaFunction, c: LaunchConfig, extra: Option<i32>| -> Result<()> {
+            let mut b = s.launch_builder(f);
+            b.arg(&p);
+            b.arg(&cp);
+            if let Some(x) = &extra {
+                b.arg(x);
+            }
+            unsafe { b.launch(c) }
+                .map(|_| ())
+                .map_err(drv("launch columns estimator"))
+        };
+        around("zero check", &mut || {
+            s.memset_zeros(&mut sc.chk).map_err(drv("memset"))
+        })?;
+        around("LSE + mass bins", &mut || {
+            launch(&self.k.hist, cfg((groups, bh, 1), 256, smem[0]), None)
+        })?;
+        around("key lists", &mut || {
+            launch(&self.k.emit, cfg((groups, bh, 1), 256, smem[1]), None)
+        })?;
+        if self.args.check > 0.0 {
+            let halves = self.cand.tile_q.div_ceil(64) as u32;
+            around("check", &mut || {
+                launch(&self.k.check, cfg((halves, bh, 1), 256, smem[2]), None)
+            })?;
+        }
+        around("rows: count", &mut || {
+            launch(&self.k.lower, cfg((q_tiles, bh, 1), 128, 0), Some(0))
+        })?;
+        let rows = self.rows as i32;
+        let sp = super::cuda::scan_params(cp.cnt, cp.off);
+        around("scan", &mut || {
+            let mut b = s.launch_builder(&self.k.scan);
+            b.arg(&sp);
+            b.arg(&rows);
+            // SAFETY: as above (sp_scan reads cnt [rows] and writes off [rows + 1]).
+            unsafe { b.launch(cfg((1, 1, 1), 1024, 0)) }
+                .map(|_| ())
+                .map_err(drv("launch columns estimator"))
+        })?;
+        around("rows: write", &mut || {
+            launch(&self.k.lower, cfg((q_tiles, bh, 1), 128, 0), Some(1))
+        })?;
+        Ok(())
+    }
+
+    /// The gathered forward through the rows and lists the last selection wrote.
+    pub fn launch_attention_on(
+        &self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let sched = (
+            self.sc.off.device_ptr(s).0,
+            self.sc.ent.device_ptr(s).0,
+        );
+        let gkeys = self.sc.gkeys.device_ptr(s).0;
+        self.fwd
+            .launch_sched_on(s, q, k, v, o, lse, Some(sched), None, Some(gkeys))
+    }
+
+    /// Estimate, write the rows and run the gathered forward, all queued on `s`.
+    pub fn launch_on(
+        &mut self,
+        s: &Arc<CudaStream>,
+        q: &DevTensor,
+        k: &DevTensor,
+        v: &DevTensor,
+        o: &mut DevTensor,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.launch_select_on(s, q, k)?;
+        self.launch_attention_on(s, q, k, v, o, lse)
+    }
+
+    /// What the last selection computes, as whole tiles and gathered keys (synchronises).
+    pub fn selection(&self) -> Result<TileKeys> {
+        let off = self.dev.download(&self.sc.off)?;
+        let ent = self.dev.download(&self.sc.ent)?;
+        let gk = self.dev.download(&self.sc.gkeys)?;
+        let n = off[self.rows] as usize;
+        if n > self.bound {
+            return Err(param(format!(
+                "the device rows hold {n} entries, more than their bound {}",
+                self.bound
+            )));
+        }
+        let bc = self.cand.tile_k;
+        let (mut tiles, mut keys) = (Vec::new(), Vec::new());
+        for r in 0..self.rows {
+            let (mut t, mut ks) = (Vec::new(), Vec::new());
+            for &e in &ent[off[r] as usize..off[r + 1] as usize] {
+                if e & GATHERED != 0 {
+                    let c = ((e & !GATHERED) >> 1) as usize;
+                    let chunk = gk.get(c * bc..(c + 1) * bc).ok_or_else(|| {
+                        param(format!("chunk {c} past the key lists ({} keys)", gk.len()))
+                    })?;
+                    ks.extend(chunk.iter().copied().filter(|&j| j != PAD));
+                } else {
+                    t.push(e >> 1);
+                }
+            }
+            tiles.push(t);
+            keys.push(ks);
+        }
+        let d = &self.dims;
+        TileKeys::new(
+            self.tiles(),
+            (d.sq, d.sk),
+            (d.batch, d.hq),
+            tiles,
+            keys,
+        )
+    }
+
+    /// The mask's schedule at the kernel's tiles (the candidates).
+    pub fn candidates(&self) -> &BlockSchedule {
+        &self.cand
+    }
+}
