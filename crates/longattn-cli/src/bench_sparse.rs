@@ -340,7 +340,8 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                             kept += causal_kept(&sel, b, h, n).0;
                         }
                     }
-                    let density = kept / (n as f64 * (n as f64 + 1.0) / 2.0) / (a.batch * hq) as f64;
+                    let density =
+                        kept / (n as f64 * (n as f64 + 1.0) / 2.0) / (a.batch * hq) as f64;
                     let stages = plan
                         .profile_select_on(&s, &qd, &kd)?
                         .iter()

@@ -376,7 +376,11 @@ unsafe impl cudarc::driver::DeviceRepr for LaFwdParams {}
 impl LaFwdParams {
     /// These parameters reading the schedule (CSR rows `off`, entries `ent`, shared over
     /// `batch` / `heads` as in [`BlockSchedule`]) at device addresses.
-    pub(crate) fn with_schedule(mut self, (off, ent): (u64, u64), (batch, heads): (usize, usize)) -> Self {
+    pub(crate) fn with_schedule(
+        mut self,
+        (off, ent): (u64, u64),
+        (batch, heads): (usize, usize),
+    ) -> Self {
         self.sched_off = off;
         self.sched_ent = ent;
         self.sched_batch = batch as i32;
@@ -1700,7 +1704,8 @@ impl FwdPlan {
                 map_qb,
                 map_kb,
                 map_cap,
-                gkeys: gkeys.unwrap_or_else(|| self.gather.as_ref().map_or(0, |g| g.0.device_ptr(s).0)),
+                gkeys: gkeys
+                    .unwrap_or_else(|| self.gather.as_ref().map_or(0, |g| g.0.device_ptr(s).0)),
             };
             b.arg(&ws);
         } else {

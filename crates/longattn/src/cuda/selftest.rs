@@ -2073,23 +2073,87 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
     let std = "columns(gamma=0.97,rows=4,check=0.92,sink=4,local=64)";
     let mut v = vec![
         case(BF16, 1023, 1023, 128, "causal", std, true),
-        case(BF16, 65, 1000, 64, "causal", "columns(gamma=0.9,rows=8,sink=4,local=64)", true),
+        case(
+            BF16,
+            65,
+            1000,
+            64,
+            "causal",
+            "columns(gamma=0.9,rows=8,sink=4,local=64)",
+            true,
+        ),
         case(BF16, 1, 4224, 128, "causal", std, true),
-        case(BF16, 700, 700, 128, "causal", "columns(gamma=0.5,rows=4,sink=4,local=64)", false),
-        case(F16, 300, 900, 96, "full", "columns(gamma=0.6,rows=1,sink=2,local=0)", false),
+        case(
+            BF16,
+            700,
+            700,
+            128,
+            "causal",
+            "columns(gamma=0.5,rows=4,sink=4,local=64)",
+            false,
+        ),
+        case(
+            F16,
+            300,
+            900,
+            96,
+            "full",
+            "columns(gamma=0.6,rows=1,sink=2,local=0)",
+            false,
+        ),
     ];
     if !quick {
         v.push(case(BF16, 4224, 4224, 128, "causal", std, true));
-        v.push(case(BF16, 2000, 2000, 128, "causal & window(600,0)", "columns(gamma=0.9,rows=8,sink=4,local=64)", true));
-        v.push(case(BF16, 1500, 1500, 64, "causal", "columns(gamma=0.97,rows=8,check=0.92,sink=4,local=64)", true));
-        let mut g = case(BF16, 513, 777, 128, "causal", "columns(gamma=0.8,rows=4,sink=4,local=32)", true);
+        v.push(case(
+            BF16,
+            2000,
+            2000,
+            128,
+            "causal & window(600,0)",
+            "columns(gamma=0.9,rows=8,sink=4,local=64)",
+            true,
+        ));
+        v.push(case(
+            BF16,
+            1500,
+            1500,
+            64,
+            "causal",
+            "columns(gamma=0.97,rows=8,check=0.92,sink=4,local=64)",
+            true,
+        ));
+        let mut g = case(
+            BF16,
+            513,
+            777,
+            128,
+            "causal",
+            "columns(gamma=0.8,rows=4,sink=4,local=32)",
+            true,
+        );
         (g.fwd.hq, g.fwd.hk) = (8, 1);
         g.fwd.batch = 2;
         v.push(g);
-        let mut c = case(BF16, 1100, 1100, 128, "causal", "columns(gamma=0.9,rows=2,sink=4,local=64)", true);
+        let mut c = case(
+            BF16,
+            1100,
+            1100,
+            128,
+            "causal",
+            "columns(gamma=0.9,rows=2,sink=4,local=64)",
+            true,
+        );
         c.fwd.softcap = Some(20.0);
         v.push(c);
-        v.push(case(BF16, 800, 800, 128, "causal", "columns(gamma=0.999,rows=4,check=0.999,sink=4,local=64)", false));
+        v.push(case(
+            BF16,
+            800,
+            800,
+            128,
+            "causal",
+            "columns(gamma=0.999,rows=4,check=0.999,sink=4,local=64)",
+            false,
+        ));
     }
     v
 }
@@ -2106,7 +2170,14 @@ pub fn check_columns(dev: &Arc<CudaDevice>, case: &ColumnsCase, seed: u64) -> Ca
         let mut bt = Built::new(c, seed)?;
         if case.structured {
             let (q, k) = crate::sparse::synthetic::structured_qk(
-                c.dtype, c.batch, c.sq, c.sk, c.hq, c.hk, c.d, seed + 5,
+                c.dtype,
+                c.batch,
+                c.sq,
+                c.sk,
+                c.hq,
+                c.hk,
+                c.d,
+                seed + 5,
             );
             (bt.q, bt.k) = (q, k);
         }
@@ -2129,9 +2200,17 @@ pub fn check_columns(dev: &Arc<CudaDevice>, case: &ColumnsCase, seed: u64) -> Ca
         };
         let sel = plan.selection()?;
         let rows = bt.bound.as_ref().map(|b| b as &dyn crate::mask::RowMask);
-        let want_sel = reference(&qv, &kv, &bt.params, &ColumnsArgs::of(&spec)?, plan.candidates(), rows)?;
+        let want_sel = reference(
+            &qv,
+            &kv,
+            &bt.params,
+            &ColumnsArgs::of(&spec)?,
+            plan.candidates(),
+            rows,
+        )?;
         // Agreement: rows whose whole tiles differ, and the keys' Jaccard index.
-        let (mut rows_off, mut inter, mut union, mut keys_n, mut whole_rows) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut rows_off, mut inter, mut union, mut keys_n, mut whole_rows) =
+            (0usize, 0usize, 0usize, 0usize, 0usize);
         let mut tiles_n = 0usize;
         let q_tiles = sel.q_tiles;
         for b in 0..c.batch {
@@ -2149,10 +2228,15 @@ pub fn check_columns(dev: &Arc<CudaDevice>, case: &ColumnsCase, seed: u64) -> Ca
                 }
             }
         }
-        let jac = if union == 0 { 1.0 } else { inter as f64 / union as f64 };
+        let jac = if union == 0 {
+            1.0
+        } else {
+            inter as f64 / union as f64
+        };
         let total_rows = c.batch * c.hq * q_tiles;
         let agree = rows_off * 50 <= total_rows && jac >= 0.98;
-        let keeps = |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
+        let keeps =
+            |b: usize, h: usize, i: usize, j: usize| bt.allowed(b, i, j) && sel.keeps(b, h, i, j);
         let (e, l, against) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 28 {
             let r = attention_f64(&qv, &kv, &vv, &bt.params, &keeps)?;
             let (e, l) = compare(&got.out, &got.lse, &r);
@@ -2193,7 +2277,12 @@ pub fn columns_selftest(
         .collect();
     for (spec, mask, skip, want) in [
         ("topmass(gamma=0.9)", "causal", None, "is not `columns`"),
-        ("columns(check=0.9,check_gamma=0.5)", "causal", None, "check_gamma"),
+        (
+            "columns(check=0.9,check_gamma=0.5)",
+            "causal",
+            None,
+            "check_gamma",
+        ),
         ("columns(rows=65)", "causal", None, "at most 64 rows"),
         ("columns(rows=4)", "causal & document", None, "document ids"),
         ("columns(rows=4)", "causal", Some(1e-3f32), "skip-softmax"),

@@ -53,7 +53,9 @@ fn param(msg: String) -> Error {
 
 /// The bin of a mass m > 0.
 pub(crate) fn bin(m: f64) -> usize {
-    (16.0 * (m.log2() + 24.0)).floor().clamp(0.0, (NBIN - 1) as f64) as usize
+    (16.0 * (m.log2() + 24.0))
+        .floor()
+        .clamp(0.0, (NBIN - 1) as f64) as usize
 }
 
 /// The band's key tiles of query tile `qt`: those meeting [p_r0 - (local - 1), p_(r1-1)].
@@ -561,10 +563,7 @@ impl ColumnsPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let sched = (
-            self.sc.off.device_ptr(s).0,
-            self.sc.ent.device_ptr(s).0,
-        );
+        let sched = (self.sc.off.device_ptr(s).0, self.sc.ent.device_ptr(s).0);
         let gkeys = self.sc.gkeys.device_ptr(s).0;
         self.fwd
             .launch_sched_on(s, q, k, v, o, lse, Some(sched), None, Some(gkeys))
@@ -615,17 +614,165 @@ impl ColumnsPlan {
             keys.push(ks);
         }
         let d = &self.dims;
-        TileKeys::new(
-            self.tiles(),
-            (d.sq, d.sk),
-            (d.batch, d.hq),
-            tiles,
-            keys,
-        )
+        TileKeys::new(self.tiles(), (d.sq, d.sk), (d.batch, d.hq), tiles, keys)
     }
 
     /// The mask's schedule at the kernel's tiles (the candidates).
     pub fn candidates(&self) -> &BlockSchedule {
         &self.cand
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mask::{MaskExpr, MaskShape};
+    use crate::sparse::synthetic::structured_qk;
+
+    fn spec(s: &str) -> ColumnsArgs {
+        ColumnsArgs::of(&SparseSpec::parse(s).unwrap()).unwrap()
+    }
+
+    /// Independently of the estimator: p_ij in f64 for (h, i) under causal (scale 1/sqrt(D)).
+    fn probs(q: &TensorView, k: &TensorView, h: usize, i: usize, off: i64) -> Vec<f64> {
+        let (d, sk, g) = (q.shape[3], k.shape[1], h / (q.shape[2] / k.shape[2]));
+        let l: Vec<f64> = (0..sk)
+            .map(|j| {
+                if j as i64 > i as i64 + off {
+                    return f64::NEG_INFINITY;
+                }
+                (0..d)
+                    .map(|c| q.get(0, i, h, c) as f64 * k.get(0, j, g, c) as f64)
+                    .sum::<f64>()
+                    / (d as f64).sqrt()
+            })
+            .collect();
+        let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = l.iter().map(|x| (x - m).exp()).sum();
+        l.iter().map(|x| (x - m).exp() / z).collect()
+    }
+
+    /// Structured inputs at awkward sizes (Sq != Sk too): every query tile that gathers keeps
+    /// its band tiles and sinks, and its whole tiles and keys hold at least gamma of its
+    /// sampled rows' mean softmax; a tile keeping more than half its candidate keys runs them
+    /// all whole.
+    #[test]
+    fn reference_keeps_gamma_of_the_sampled_mass() {
+        for (sq, sk, rows, gamma) in [(1023, 1023, 4, 0.9), (65, 700, 8, 0.7), (300, 300, 1, 0.8)] {
+            let (q, k) = structured_qk(DType::F32, 1, sq, sk, 2, 1, 64, 11);
+            let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+            let bm = MaskExpr::parse("causal")
+                .unwrap()
+                .bind(MaskShape { batch: 1, sq, sk }, None)
+                .unwrap();
+            let cand = bm.schedule(128, 128).unwrap();
+            let a = spec(&format!(
+                "columns(gamma={gamma},rows={rows},sink=4,local=64)"
+            ));
+            let sel = reference(&qv, &kv, &AttnParams::default(), &a, &cand, Some(&bm)).unwrap();
+            let off = sk as i64 - sq as i64;
+            let (mut gathered, mut whole) = (0, 0);
+            for h in 0..2 {
+                for qt in 0..sq.div_ceil(128) {
+                    let (r0, r1) = (qt * 128, ((qt + 1) * 128).min(sq));
+                    let all: Vec<u32> = cand.row(0, h, qt).iter().map(|e| e.k_tile).collect();
+                    if sel.keys_of(0, h, qt).is_empty() && sel.tiles_of(0, h, qt) == all.as_slice()
+                    {
+                        whole += 1;
+                        continue;
+                    }
+                    gathered += 1;
+                    let band = band_tiles(qt, (128, 128), (sq, sk), 64).unwrap();
+                    for kt in band {
+                        assert!(
+                            sel.tiles_of(0, h, qt).contains(&(kt as u32)),
+                            "band tile {kt} of {qt}"
+                        );
+                    }
+                    for j in 0..4 {
+                        assert!(sel.keeps(0, h, r1 - 1, j), "sink {j} of {qt}");
+                    }
+                    let sampled = estimate::sampled_rows(&(r0..r1), rows);
+                    let mut mean = vec![0.0; sk];
+                    for &i in &sampled {
+                        for (m, p) in mean.iter_mut().zip(probs(&qv, &kv, h, i, off)) {
+                            *m += p / sampled.len() as f64;
+                        }
+                    }
+                    let total: f64 = mean.iter().sum();
+                    let kept: f64 = (0..sk)
+                        .filter(|&j| sel.keeps(0, h, r1 - 1, j))
+                        .map(|j| mean[j])
+                        .sum();
+                    assert!(
+                        kept >= gamma * total * (1.0 - 1e-9),
+                        "tile {qt} head {h}: {kept} of {total}"
+                    );
+                    let n = sel.keys_of(0, h, qt).len();
+                    let cand_keys: usize = all
+                        .iter()
+                        .map(|&t| (t as usize * 128 + 128).min(sk) - t as usize * 128)
+                        .sum();
+                    assert!(n <= cand_keys / 2, "{n} keys of {cand_keys}");
+                }
+            }
+            assert!(
+                gathered > 0,
+                "Sq {sq}: no query tile gathered ({whole} whole)"
+            );
+        }
+    }
+
+    /// Gaussian inputs at gamma = 1 keep every key: each tile runs its candidates whole; a check
+    /// no selection can pass (1.0 + margin: never met) makes every tile whole too.
+    #[test]
+    fn whole_tiles_when_the_keys_would_cost_more_or_the_check_fails() {
+        let q = crate::testing::random_tensor(DType::F32, &[1, 400, 2, 64], 1.0, 3);
+        let k = crate::testing::random_tensor(DType::F32, &[1, 400, 1, 64], 1.0, 4);
+        let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
+        let bm = MaskExpr::parse("causal")
+            .unwrap()
+            .bind(MaskShape::square(400), None)
+            .unwrap();
+        let cand = bm.schedule(128, 128).unwrap();
+        for s in [
+            "columns(gamma=1,rows=4,sink=4,local=0)",
+            "columns(gamma=0.3,rows=4,sink=4,local=0,check=1)",
+        ] {
+            let sel =
+                reference(&qv, &kv, &AttnParams::default(), &spec(s), &cand, Some(&bm)).unwrap();
+            for h in 0..2 {
+                for qt in 0..4 {
+                    let all: Vec<u32> = cand.row(0, h, qt).iter().map(|e| e.k_tile).collect();
+                    assert_eq!(sel.tiles_of(0, h, qt), all.as_slice(), "{s}: tile {qt}");
+                    assert!(sel.keys_of(0, h, qt).is_empty(), "{s}: tile {qt}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_methods_and_options_are_refused_by_name() {
+        for (s, want) in [
+            ("topmass(gamma=0.9)", "is not `columns`"),
+            ("columns(check=0.9,check_gamma=0.5)", "check_gamma"),
+            ("columns(rows=65)", "at most 64"),
+            ("columns(rows=4,dense_last=64)", "dense_last"),
+        ] {
+            let e = ColumnsArgs::of(&SparseSpec::parse(s).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{s}: {e}");
+        }
+    }
+
+    /// The bins: 16 per octave, masses at or below 2^-24 in bin 0, 1 (and 1 - 2^-17) in the last.
+    #[test]
+    fn bins_are_sixteen_per_octave() {
+        assert_eq!(bin(1.0), NBIN - 1);
+        assert_eq!(bin(0.5), NBIN - 16);
+        assert_eq!(bin(2f64.powi(-24)), 0);
+        assert_eq!(bin(1e-30), 0);
+        assert_eq!(bin(2f64.powf(-23.0 + 1.0 / 16.0)), 17);
     }
 }

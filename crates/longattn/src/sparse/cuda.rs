@@ -200,7 +200,8 @@ pub(super) fn scan_params(cnt: u64, off: u64) -> SpParams {
 }
 
 /// Wraps each launch of the estimator: `around(stage name, launch)` (timing, or just calling).
-pub(super) type Around<'a> = dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
+pub(super) type Around<'a> =
+    dyn FnMut(&'static str, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
 
 /// Whether the device estimator takes `spec` (its method and arguments; lengths aside): the
 /// error a plan would give, before any device is opened.
@@ -716,7 +717,8 @@ impl SparsePlan {
             .k
             .as_ref()
             .map(|(_, sc)| (sc.off.device_ptr(s).0, sc.ent.device_ptr(s).0));
-        self.fwd.launch_sched_on(s, q, k, v, o, lse, sched, None, None)
+        self.fwd
+            .launch_sched_on(s, q, k, v, o, lse, sched, None, None)
     }
 
     /// The selected schedule on the host (synchronises the device's stream): batch B, heads Hq,

@@ -1212,7 +1212,8 @@ pub(crate) fn columns_gathered(
                 !in_band(kt)
                     && kind(kt)
                     && ((j as usize) < sink
-                        || cut.is_some_and(|c| mass[j as usize] > 0.0 && bin(mass[j as usize]) >= c))
+                        || cut
+                            .is_some_and(|c| mass[j as usize] > 0.0 && bin(mass[j as usize]) >= c))
             })
             .collect();
         let cand_keys: usize = cand
