@@ -154,6 +154,7 @@ pub fn reference(
             let (per, t) = estimate::columns_gathered(
                 &ctx,
                 (b, h),
+                &super::Doc::whole(&dims),
                 (args.gamma, args.rows, args.sink, args.local),
             );
             let fails = args.check > 0.0 && t.is_some_and(|t| t < args.check);
@@ -774,5 +775,44 @@ mod tests {
         assert_eq!(bin(2f64.powi(-24)), 0);
         assert_eq!(bin(1e-30), 0);
         assert_eq!(bin(2f64.powf(-23.0 + 1.0 / 16.0)), 17);
+    }
+}
+
+#[cfg(test)]
+mod cpu_route {
+    use super::*;
+    use crate::mask::{MaskExpr, MaskShape};
+    use crate::reference::attention_f64;
+    use crate::sparse::synthetic::structured_qk;
+    use crate::testing::{compare, random_tensor};
+
+    /// `columns(...,gathered=1)` through the CPU selector and forward computes exactly the pairs
+    /// of the plain reference's selection (mask & (tiles | keys)): the f64 oracle over those
+    /// pairs, at awkward sizes, Sq != Sk, GQA, with and without a check.
+    #[test]
+    fn the_cpu_route_computes_the_reference_pairs() {
+        for (sq, sk, spec) in [
+            (700, 700, "columns(gamma=0.9,rows=4,block=128,sink=4,local=64,gathered=1,dense_below=0)"),
+            (113, 650, "columns(gamma=0.8,rows=8,block=128,sink=2,local=32,check=0.5,gathered=1,dense_below=0)"),
+            (1, 300, "columns(gamma=0.9,rows=1,block=128,sink=4,local=0,gathered=1,dense_below=0)"),
+        ] {
+            let (q, k) = structured_qk(DType::F32, 1, sq, sk, 4, 2, 32, 7);
+            let v = random_tensor(DType::F32, &[1, sk, 2, 32], 1.0, 9);
+            let (qv, kv, vv) = (q.view("q").unwrap(), k.view("k").unwrap(), v.view("v").unwrap());
+            let bm = MaskExpr::parse("causal")
+                .unwrap()
+                .bind(MaskShape { batch: 1, sq, sk }, None)
+                .unwrap();
+            let sp = SparseSpec::parse(spec).unwrap();
+            let params = AttnParams::default();
+            let (got, _) = super::super::forward(&qv, &kv, &vv, &params, &sp, MaskSpec::Expr(&bm)).unwrap();
+            let cand = bm.schedule(128, 128).unwrap();
+            let args = ColumnsArgs::of(&sp).unwrap();
+            let sel = reference(&qv, &kv, &params, &args, &cand, Some(&bm)).unwrap();
+            let keeps = |b: usize, h: usize, i: usize, j: usize| bm.allowed(b, i, j) && sel.keeps(b, h, i, j);
+            let want = attention_f64(&qv, &kv, &vv, &params, &keeps).unwrap();
+            let (e, l) = compare(&got.out, &got.lse, &want);
+            assert!(e < 1e-5 && l < 1e-5, "{spec} Sq {sq} Sk {sk}: out {e:e}, lse {l:e}");
+        }
     }
 }

@@ -251,7 +251,24 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                     sink,
                     local,
                     check,
+                    gathered: true,
+                    ..
+                } => columns_gathered_doc(
+                    ctx,
+                    (b, h),
+                    doc,
+                    (gamma, rows, sink, local),
+                    check,
+                    kept,
+                ),
+                Method::Columns {
+                    gamma,
+                    rows,
+                    sink,
+                    local,
+                    check,
                     check_gamma,
+                    gathered: false,
                 } => columns_doc(
                     ctx,
                     (b, h),
@@ -1158,23 +1175,23 @@ fn proxy_doc(
     }
 }
 
-/// `columns` in the gathered form for (batch row b, head h), the whole batch row one document:
-/// the plain reference of the device estimator (`cuda/kernels/sparse_columns.cu`, semantics in
-/// [`super::columns`]). Per query tile: (key tiles computed whole, keys gathered besides), and
-/// the check's mean mass t of the last tile (None without a row to test).
+/// `columns` in the gathered form for one document of (batch row b, head h): the plain
+/// reference of the device estimator (`cuda/kernels/sparse_columns.cu`, semantics in
+/// [`super::columns`]). Per query tile of the document: (key tiles computed whole, keys
+/// gathered besides), and the check's mean mass t of its last tile (None without a row to test).
 pub(crate) fn columns_gathered(
     ctx: &Ctx,
     (b, h): (usize, usize),
+    doc: &Doc,
     (gamma, rows, sink, local): (f64, usize, usize, usize),
 ) -> (Vec<(Vec<u32>, Vec<u32>)>, Option<f64>) {
     use super::columns::{band_tiles, bin, NBIN};
-    let doc = Doc::whole(&ctx.dims);
-    let nk = ctx.dims.sk;
+    let (k0, nk) = (doc.k.start, doc.k.len());
     let (tq, tk) = (ctx.cand.tile_q, ctx.cand.tile_k);
-    let mut sm = RowSoftmax::new(ctx, (b, h), &doc);
+    let mut sm = RowSoftmax::new(ctx, (b, h), doc);
     let mut out = Vec::new();
-    for (qt, part) in ctx.parts(&doc) {
-        let cand = ctx.cand.row(b, h, qt);
+    for (qt, part) in ctx.parts(doc) {
+        let cand = &ctx.cand.row(b, h, qt)[ctx.doc_cands(b, h, qt, doc)];
         let sampled = sampled_rows(&part, rows);
         let n = sampled.len() as f64;
         let mut mass = vec![0.0f64; nk];
@@ -1203,22 +1220,25 @@ pub(crate) fn columns_gathered(
             }
             cut = Some(c);
         }
-        let band = band_tiles(qt, (tq, tk), (ctx.dims.sq, nk), local);
+        let band = band_tiles(qt, (tq, tk), (ctx.dims.sq, ctx.dims.sk), local);
         let in_band = |kt: u32| band.as_ref().is_some_and(|r| r.contains(&(kt as usize)));
         let kind = |kt: u32| cand.binary_search_by_key(&kt, |e| e.k_tile).is_ok();
-        let keys: Vec<u32> = (0..nk as u32)
-            .filter(|&j| {
-                let kt = j / tk as u32;
+        let keys: Vec<u32> = (0..nk)
+            .filter(|&x| {
+                let kt = ((k0 + x) / tk) as u32;
                 !in_band(kt)
                     && kind(kt)
-                    && ((j as usize) < sink
-                        || cut
-                            .is_some_and(|c| mass[j as usize] > 0.0 && bin(mass[j as usize]) >= c))
+                    && (x < sink || cut.is_some_and(|c| mass[x] > 0.0 && bin(mass[x]) >= c))
             })
+            .map(|x| (k0 + x) as u32)
             .collect();
+        // (Candidate keys of the document: its part of each candidate tile.)
         let cand_keys: usize = cand
             .iter()
-            .map(|e| (e.k_tile as usize * tk + tk).min(nk) - e.k_tile as usize * tk)
+            .map(|e| {
+                let (a, z) = (e.k_tile as usize * tk, e.k_tile as usize * tk + tk);
+                z.min(doc.k.end).saturating_sub(a.max(k0))
+            })
             .sum();
         let all: Vec<u32> = cand.iter().map(|e| e.k_tile).collect();
         out.push(if keys.len() > cand_keys / 2 {
@@ -1229,20 +1249,62 @@ pub(crate) fn columns_gathered(
     }
     // The check over the last tile's rows: the mass on the pairs the forward computes.
     let (mut sum, mut cnt) = (0.0, 0usize);
-    if let (Some((qt, part)), Some((tiles, keys))) = (ctx.parts(&doc).last(), out.last()) {
-        debug_assert_eq!(qt + 1, out.len());
+    if let (Some((_, part)), Some((tiles, keys))) = (ctx.parts(doc).last(), out.last()) {
         for i in part {
             if sm.row(i) {
                 sum += (0..nk)
-                    .filter(|&j| {
-                        tiles.binary_search(&((j / tk) as u32)).is_ok()
-                            || keys.binary_search(&(j as u32)).is_ok()
+                    .filter(|&x| {
+                        tiles.binary_search(&(((k0 + x) / tk) as u32)).is_ok()
+                            || keys.binary_search(&((k0 + x) as u32)).is_ok()
                     })
-                    .map(|j| sm.p[j])
+                    .map(|x| sm.p[x])
                     .sum::<f64>();
                 cnt += 1;
             }
         }
     }
     (out, (cnt > 0).then(|| sum / cnt as f64))
+}
+
+/// `columns(gathered=1)` for one document of (batch row, head): [`columns_gathered`] as the
+/// selection's lines, every pair the gathered forward computes in its query tile's keys (the
+/// gathered keys, and every key of the tiles it computes whole: band tiles, or all candidate
+/// tiles where the keys would exceed half the tile's candidate keys), the tiles holding them
+/// Partial. A failed check keeps the document's candidate tiles whole (no lines).
+fn columns_gathered_doc(
+    ctx: &Ctx,
+    (b, h): (usize, usize),
+    doc: &Doc,
+    args: (f64, usize, usize, usize),
+    check: f64,
+    kept: &mut Kept,
+) {
+    let (per, t) = columns_gathered(ctx, (b, h), doc, args);
+    if check > 0.0 && t.is_some_and(|t| t < check) {
+        for (qt, _) in ctx.parts(doc) {
+            let xs = ctx.doc_cands(b, h, qt, doc);
+            kept.or(qt, &xs, &vec![true; xs.len()]);
+        }
+        return;
+    }
+    let tk = ctx.cand.tile_k;
+    kept.row_lines();
+    for ((qt, _), (tiles, mut keys)) in ctx.parts(doc).zip(per) {
+        let xs = ctx.doc_cands(b, h, qt, doc);
+        for &kt in &tiles {
+            let (a, z) = (kt as usize * tk, kt as usize * tk + tk);
+            keys.extend(a.max(doc.k.start) as u32..z.min(doc.k.end) as u32);
+        }
+        keys.sort_unstable();
+        let has: Vec<bool> = ctx.cand.row(b, h, qt)[xs.clone()]
+            .iter()
+            .map(|e| {
+                let a = e.k_tile as usize * tk;
+                let lo = keys.partition_point(|&j| (j as usize) < a);
+                keys.get(lo).is_some_and(|&j| (j as usize) < a + tk)
+            })
+            .collect();
+        kept.or_lines(qt, &xs, &has);
+        kept.tile_keys(qt, keys.into_iter());
+    }
 }

@@ -255,6 +255,12 @@ fn reference_impl(
                             });
                             (cover(&cand, off, (&q_of, &k_of), &line), Some(line))
                         }
+                        Method::Columns { gathered: true, .. } => {
+                            return Err(crate::error::Error::Param {
+                                op: "sparse reference",
+                                msg: "`columns(gathered=1)`: its plain reference is sparse::columns::reference".into(),
+                            })
+                        }
                         Method::Columns {
                             gamma,
                             rows,
@@ -262,6 +268,7 @@ fn reference_impl(
                             local,
                             check,
                             check_gamma,
+                            gathered: false,
                         } => {
                             // Per query tile: the mean softmax of the document's sampled rows
                             // there, the heaviest keys until g of its mass (at least one).

@@ -60,6 +60,10 @@ pub enum Method {
     /// in (0, 1] it first selects again with that gamma instead of `gamma` (a budget that grows
     /// for the heads whose mass is spread, short of every tile) and keeps every tile only if
     /// that fails the check too.
+    ///
+    /// `gathered=1`: the gathered form the CUDA forward runs ([`crate::sparse::columns`]): the
+    /// cut rounded to 2^(1/16) mass bins, the band as whole key tiles, a query tile keeping more
+    /// than half its candidate keys computes them all, the check over the computed pairs.
     Columns {
         gamma: f64,
         rows: usize,
@@ -67,6 +71,7 @@ pub enum Method {
         local: usize,
         check: f64,
         check_gamma: f64,
+        gathered: bool,
     },
     /// Low-bit estimate (SALE's idea on this hardware, module `sparse::lowbit`): every allowed
     /// pair's logit estimated from int8 Q and K (K smoothed by its mean); a candidate tile is
@@ -160,6 +165,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("local", 64.0),
             ("check", 0.0),
             ("check_gamma", 0.0),
+            ("gathered", 0.0),
         ],
         "lowbit" => &[
             ("tau", 0.02),
@@ -383,6 +389,11 @@ impl SparseSpec {
                 local: int("local", 0)?,
                 check: arg("check"),
                 check_gamma: arg("check_gamma"),
+                gathered: match arg("gathered") {
+                    x if x == 0.0 => false,
+                    x if x == 1.0 => true,
+                    x => return Err(err(format!("`columns`: `gathered` is 0 or 1, got {x}"))),
+                },
             },
             "lowbit" => Method::LowBit {
                 tau: arg("tau"),
@@ -594,10 +605,12 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
             local,
             check,
             check_gamma,
+            gathered,
         } => (
             "columns",
             format!(
-                "gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check},check_gamma={check_gamma}"
+                "gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check},check_gamma={check_gamma}{}",
+                if gathered { ",gathered=1" } else { "" }
             ),
         ),
         Method::LowBit { tau, sink, local } => (
