@@ -375,6 +375,12 @@ fn run_sparse(
     if spec.skip.is_some() && dout.is_some() {
         bail!("--sparse {text}: skip-softmax approximates the forward only; drop `skip` for --backward");
     }
+    if a.backend == "cuda" && matches!(spec.method, longattn::sparse::Method::Columns { .. }) {
+        if dout.is_some() {
+            bail!("--sparse with --backward runs on the CPU (--backend cpu): the CUDA backward through a device-written selection is not built yet");
+        }
+        return run_columns_cuda(a, &spec, [q, k, v], mask, params);
+    }
     let pool = pool(a.threads)?;
     let t0 = Instant::now();
     let (out, sel) = match a.backend.as_str() {
@@ -463,6 +469,80 @@ fn run_sparse(
                 "cuda" => longattn::sparse::cuda::CUDA_DENSE_BELOW,
                 _ => longattn::sparse::DENSE_BELOW,
             })
+        );
+    }
+    Ok(())
+}
+
+/// `run --sparse 'columns(...)' --backend cuda`: the gathered form on the device
+/// (`sparse::columns::ColumnsPlan`), the outputs written with its block table (2 for the tiles
+/// it computes in part: gathered keys, and the mask's Partial tiles).
+fn run_columns_cuda(
+    a: &Args,
+    spec: &longattn::SparseSpec,
+    [q, k, v]: [&longattn::TensorView; 3],
+    mask: &longattn::mask::BoundMask,
+    params: &AttnParams,
+) -> Result<()> {
+    use longattn::cuda::{CudaDevice, DevTensor};
+    let dev = CudaDevice::open(a.device)?;
+    let dims = longattn::attention::validate("sparse attention", q, k, v)?;
+    let t0 = Instant::now();
+    let mut plan = longattn::sparse::columns::ColumnsPlan::new(
+        &dev,
+        dims,
+        q.dtype(),
+        params,
+        spec,
+        longattn::MaskSpec::Expr(mask),
+    )?;
+    let (qd, kd, vd) = (
+        DevTensor::upload(&dev, "q", q)?,
+        DevTensor::upload(&dev, "k", k)?,
+        DevTensor::upload(&dev, "v", v)?,
+    );
+    let [b, sq, hq, d] = q.shape;
+    let mut o = DevTensor::alloc(&dev, [b, sq, hq, d], q.dtype())?;
+    let mut lse = dev.alloc_f32(b * hq * sq)?;
+    plan.launch_on(dev.stream(), &qd, &kd, &vd, &mut o, &mut lse)?;
+    dev.synchronize()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let (out, lse) = (o.download(&dev)?, dev.download(&lse)?);
+    let sel = plan.selection()?;
+    let cand = plan.candidates();
+    let rows = Some(mask as &dyn longattn::mask::RowMask);
+    let (density, table) = longattn::sparse::gather::report(&sel, cand, rows, b, hq)?;
+    let (tq, tk) = ([cand.tile_q as i32], [cand.tile_k as i32]);
+    use longattn::io::Extra;
+    longattn::io::write_outputs_with(
+        &a.output,
+        &out,
+        &lse,
+        [b, hq, sq],
+        None,
+        &[
+            (
+                "block_mask",
+                vec![b, hq, cand.q_tiles, cand.k_tiles],
+                Extra::U8(&table),
+            ),
+            ("block_tile_q", vec![1], Extra::I32(&tq)),
+            ("block_tile_k", vec![1], Extra::I32(&tk)),
+        ],
+        a.force,
+    )?;
+    eprintln!(
+        "{}: sparse {spec} (gathered form) within mask `{}`: density {density:.4} of the mask's pairs, {:.3} ms plan + selection + attention -> {}",
+        a.input.display(),
+        mask.expr(),
+        secs * 1e3,
+        a.output.display()
+    );
+    if plan.fallback {
+        eprintln!(
+            "  dense fallback: {} keys, fewer than dense_below = {} (give dense_below=0 to select)",
+            k.shape[1],
+            spec.dense_below_or(longattn::sparse::cuda::CUDA_DENSE_BELOW)
         );
     }
     Ok(())

@@ -1604,6 +1604,13 @@ mod cuda_route {
         P.get_or_init(PlanCache::new)
     }
 
+    type ColumnsPlans = PlanCache<SparseKey, Mutex<crate::sparse::columns::ColumnsPlan>>;
+
+    fn columns_plans() -> &'static ColumnsPlans {
+        static P: OnceLock<ColumnsPlans> = OnceLock::new();
+        P.get_or_init(PlanCache::new)
+    }
+
     /// The device estimator and the attention through its schedule, on the caller's stream; one
     /// plan (scratch included) per problem, spec and stream (two streams never share scratch).
     #[allow(clippy::too_many_arguments)]
@@ -1631,6 +1638,41 @@ mod cuda_route {
             stream,
         };
         let docs = data.docs.clone();
+        if matches!(spec.method, crate::sparse::Method::Columns { .. }) {
+            // `columns` on the device: the gathered form (sparse::columns).
+            let plan = columns_plans().get_or(key, || {
+                let bm = bind(a, dims, data)?;
+                crate::sparse::columns::ColumnsPlan::new(&dev, *dims, dt, a.params, spec, super::spec(&bm))
+                    .map(Mutex::new)
+            })?;
+            let mut plan = plan.lock().unwrap();
+            // SAFETY: the entry point's contract.
+            let mut l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
+            plan.launch_on(&s, &q, &k, &v, &mut o, &mut l)?;
+            let tiles = plan.tiles();
+            let (density, table) = if report {
+                s.synchronize().map_err(crate::cuda::drv("synchronize"))?;
+                let bm = bind(a, dims, MaskData { docs, blocks: None })?;
+                let rows = match &bm {
+                    Resolved::Bound(b) => Some(b as &dyn crate::mask::RowMask),
+                    _ => None,
+                };
+                let sel = plan.selection()?;
+                let cand = plan.candidates();
+                let (d, t) = crate::sparse::gather::report(&sel, cand, rows, dims.batch, dims.hq)?;
+                let shape = [dims.batch, dims.hq, cand.q_tiles, cand.k_tiles];
+                (Some(d), Some((t, shape)))
+            } else {
+                (None, None)
+            };
+            return Ok(SparseInfo {
+                fallback: plan.fallback,
+                tiles,
+                density,
+                table,
+                skipped: None,
+            });
+        }
         let plan = sparse_plans().get_or(key, || {
             let bm = bind(a, dims, data)?;
             crate::sparse::cuda::SparsePlan::new(&dev, *dims, dt, a.params, spec, super::spec(&bm))

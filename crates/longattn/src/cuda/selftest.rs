@@ -2070,7 +2070,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
         spec,
         structured,
     };
-    let std = "columns(gamma=0.97,rows=4,check=0.92,sink=4,local=64)";
+    let std = "columns(gamma=0.97,rows=4,check=0.92,sink=4,local=64,dense_below=0)";
     let mut v = vec![
         case(BF16, 1023, 1023, 128, "causal", std, true),
         case(
@@ -2079,7 +2079,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             1000,
             64,
             "causal",
-            "columns(gamma=0.9,rows=8,sink=4,local=64)",
+            "columns(gamma=0.9,rows=8,sink=4,local=64,dense_below=0)",
             true,
         ),
         case(BF16, 1, 4224, 128, "causal", std, true),
@@ -2089,7 +2089,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             700,
             128,
             "causal",
-            "columns(gamma=0.5,rows=4,sink=4,local=64)",
+            "columns(gamma=0.5,rows=4,sink=4,local=64,dense_below=0)",
             false,
         ),
         case(
@@ -2098,7 +2098,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             900,
             96,
             "full",
-            "columns(gamma=0.6,rows=1,sink=2,local=0)",
+            "columns(gamma=0.6,rows=1,sink=2,local=0,dense_below=0)",
             false,
         ),
     ];
@@ -2110,7 +2110,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             2000,
             128,
             "causal & window(600,0)",
-            "columns(gamma=0.9,rows=8,sink=4,local=64)",
+            "columns(gamma=0.9,rows=8,sink=4,local=64,dense_below=0)",
             true,
         ));
         v.push(case(
@@ -2119,7 +2119,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             1500,
             64,
             "causal",
-            "columns(gamma=0.97,rows=8,check=0.92,sink=4,local=64)",
+            "columns(gamma=0.97,rows=8,check=0.92,sink=4,local=64,dense_below=0)",
             true,
         ));
         let mut g = case(
@@ -2128,7 +2128,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             777,
             128,
             "causal",
-            "columns(gamma=0.8,rows=4,sink=4,local=32)",
+            "columns(gamma=0.8,rows=4,sink=4,local=32,dense_below=0)",
             true,
         );
         (g.fwd.hq, g.fwd.hk) = (8, 1);
@@ -2140,7 +2140,7 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             1100,
             128,
             "causal",
-            "columns(gamma=0.9,rows=2,sink=4,local=64)",
+            "columns(gamma=0.9,rows=2,sink=4,local=64,dense_below=0)",
             true,
         );
         c.fwd.softcap = Some(20.0);
@@ -2151,10 +2151,20 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             800,
             128,
             "causal",
-            "columns(gamma=0.999,rows=4,check=0.999,sink=4,local=64)",
+            "columns(gamma=0.999,rows=4,check=0.999,sink=4,local=64,dense_below=0)",
             false,
         ));
     }
+    // The dense fallback (fewer keys than the device's default dense_below): every tile.
+    v.push(case(
+        BF16,
+        900,
+        900,
+        128,
+        "causal",
+        "columns(gamma=0.9,rows=4,sink=4,local=64)",
+        true,
+    ));
     v
 }
 
@@ -2200,14 +2210,38 @@ pub fn check_columns(dev: &Arc<CudaDevice>, case: &ColumnsCase, seed: u64) -> Ca
         };
         let sel = plan.selection()?;
         let rows = bt.bound.as_ref().map(|b| b as &dyn crate::mask::RowMask);
-        let want_sel = reference(
-            &qv,
-            &kv,
-            &bt.params,
-            &ColumnsArgs::of(&spec)?,
-            plan.candidates(),
-            rows,
-        )?;
+        let want_sel = if plan.fallback {
+            // Every candidate tile whole.
+            let cand = plan.candidates();
+            let tiles: Vec<Vec<u32>> = (0..c.batch * c.hq * cand.q_tiles)
+                .map(|r| {
+                    let (b, h, qt) = (
+                        r / (c.hq * cand.q_tiles),
+                        r / cand.q_tiles % c.hq,
+                        r % cand.q_tiles,
+                    );
+                    cand.row(b, h, qt).iter().map(|e| e.k_tile).collect()
+                })
+                .collect();
+            let n = tiles.len();
+            let size = (c.sq, c.sk);
+            crate::sparse::gather::TileKeys::new(
+                plan.tiles(),
+                size,
+                (c.batch, c.hq),
+                tiles,
+                vec![Vec::new(); n],
+            )?
+        } else {
+            reference(
+                &qv,
+                &kv,
+                &bt.params,
+                &ColumnsArgs::of(&spec)?,
+                plan.candidates(),
+                rows,
+            )?
+        };
         // Agreement: rows whose whole tiles differ, and the keys' Jaccard index.
         let (mut rows_off, mut inter, mut union, mut keys_n, mut whole_rows) =
             (0usize, 0usize, 0usize, 0usize, 0usize);

@@ -242,8 +242,11 @@ pub struct ColumnsPlan {
     args: ColumnsArgs,
     /// The mask's schedule at the kernel's tiles (the candidates).
     cand: BlockSchedule,
-    k: Kernels,
-    sc: Scratch,
+    /// The estimator's kernels and scratch (None under the dense fallback).
+    est: Option<(Kernels, Scratch)>,
+    /// Fewer keys than the spec's `dense_below` (default [`super::cuda::CUDA_DENSE_BELOW`]):
+    /// no estimate, every candidate tile through the gathered forward's own rows.
+    pub fallback: bool,
     /// Forward rows (B Hq q_tiles) and the bound on their entries.
     rows: usize,
     bound: usize,
@@ -279,6 +282,7 @@ impl ColumnsPlan {
             vec![Vec::new(); q_tiles],
         )?;
         let fwd = FwdPlan::with_gather(dev, dims, dtype, params, mask, &all)?;
+        let fallback = dims.sk < spec.dense_below_or(super::cuda::CUDA_DENSE_BELOW);
         if fwd.uses_mask_bits() {
             return Err(param(
                 "masks whose Partial tiles read a bit table (2-D neighborhoods, dealt documents) cannot take a device-written schedule yet".into(),
@@ -349,6 +353,20 @@ impl ColumnsPlan {
                 smem[0], dev.smem_optin
             )));
         }
+        if fallback {
+            return Ok(ColumnsPlan {
+                dev: dev.clone(),
+                fwd,
+                dims,
+                args,
+                cand,
+                est: None,
+                fallback,
+                rows,
+                bound,
+                smem,
+            });
+        }
         let src = format!(
             "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{SRC}",
             fwd.mask_program(),
@@ -405,8 +423,8 @@ impl ColumnsPlan {
             dims,
             args,
             cand,
-            k,
-            sc,
+            est: Some((k, sc)),
+            fallback,
             rows,
             bound,
             smem,
@@ -420,7 +438,9 @@ impl ColumnsPlan {
 
     /// Bytes of the estimator's device buffers (the key lists most of them).
     pub fn scratch_bytes(&self) -> usize {
-        let sc = &self.sc;
+        let Some((_, sc)) = &self.est else {
+            return 0;
+        };
         4 * (sc.cand_off.len()
             + sc.cand_ent.len()
             + sc.lse.len()
@@ -469,7 +489,9 @@ impl ColumnsPlan {
         k: &DevTensor,
         around: &mut super::cuda::Around,
     ) -> Result<()> {
-        let sc = &mut self.sc;
+        let Some((kern, sc)) = &mut self.est else {
+            return Ok(());
+        };
         let ptr_u = |x: &CudaSlice<u32>| x.device_ptr(s).0;
         let ptr_f = |x: &CudaSlice<f32>| x.device_ptr(s).0;
         // The estimator reads the mask's candidates (the forward's rows are written below).
@@ -523,24 +545,24 @@ impl ColumnsPlan {
             s.memset_zeros(&mut sc.chk).map_err(drv("memset"))
         })?;
         around("LSE + mass bins", &mut || {
-            launch(&self.k.hist, cfg((groups, bh, 1), 256, smem[0]), None)
+            launch(&kern.hist, cfg((groups, bh, 1), 256, smem[0]), None)
         })?;
         around("key lists", &mut || {
-            launch(&self.k.emit, cfg((groups, bh, 1), 256, smem[1]), None)
+            launch(&kern.emit, cfg((groups, bh, 1), 256, smem[1]), None)
         })?;
         if self.args.check > 0.0 {
             let halves = self.cand.tile_q.div_ceil(64) as u32;
             around("check", &mut || {
-                launch(&self.k.check, cfg((halves, bh, 1), 256, smem[2]), None)
+                launch(&kern.check, cfg((halves, bh, 1), 256, smem[2]), None)
             })?;
         }
         around("rows: count", &mut || {
-            launch(&self.k.lower, cfg((q_tiles, bh, 1), 128, 0), Some(0))
+            launch(&kern.lower, cfg((q_tiles, bh, 1), 128, 0), Some(0))
         })?;
         let rows = self.rows as i32;
         let sp = super::cuda::scan_params(cp.cnt, cp.off);
         around("scan", &mut || {
-            let mut b = s.launch_builder(&self.k.scan);
+            let mut b = s.launch_builder(&kern.scan);
             b.arg(&sp);
             b.arg(&rows);
             // SAFETY: as above (sp_scan reads cnt [rows] and writes off [rows + 1]).
@@ -549,7 +571,7 @@ impl ColumnsPlan {
                 .map_err(drv("launch columns estimator"))
         })?;
         around("rows: write", &mut || {
-            launch(&self.k.lower, cfg((q_tiles, bh, 1), 128, 0), Some(1))
+            launch(&kern.lower, cfg((q_tiles, bh, 1), 128, 0), Some(1))
         })?;
         Ok(())
     }
@@ -564,8 +586,14 @@ impl ColumnsPlan {
         o: &mut DevTensor,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let sched = (self.sc.off.device_ptr(s).0, self.sc.ent.device_ptr(s).0);
-        let gkeys = self.sc.gkeys.device_ptr(s).0;
+        let Some((_, sc)) = &self.est else {
+            // The dense fallback: the plan's own rows, every candidate tile.
+            return self
+                .fwd
+                .launch_sched_on(s, q, k, v, o, lse, None, None, None);
+        };
+        let sched = (sc.off.device_ptr(s).0, sc.ent.device_ptr(s).0);
+        let gkeys = sc.gkeys.device_ptr(s).0;
         self.fwd
             .launch_sched_on(s, q, k, v, o, lse, Some(sched), None, Some(gkeys))
     }
@@ -586,9 +614,27 @@ impl ColumnsPlan {
 
     /// What the last selection computes, as whole tiles and gathered keys (synchronises).
     pub fn selection(&self) -> Result<TileKeys> {
-        let off = self.dev.download(&self.sc.off)?;
-        let ent = self.dev.download(&self.sc.ent)?;
-        let gk = self.dev.download(&self.sc.gkeys)?;
+        let d = &self.dims;
+        let Some((_, sc)) = &self.est else {
+            let rows = (0..self.rows).map(|r| {
+                let (b, h, qt) = (
+                    r / (d.hq * self.cand.q_tiles),
+                    r / self.cand.q_tiles % d.hq,
+                    r % self.cand.q_tiles,
+                );
+                self.cand.row(b, h, qt).iter().map(|e| e.k_tile).collect()
+            });
+            return TileKeys::new(
+                self.tiles(),
+                (d.sq, d.sk),
+                (d.batch, d.hq),
+                rows.collect(),
+                vec![Vec::new(); self.rows],
+            );
+        };
+        let off = self.dev.download(&sc.off)?;
+        let ent = self.dev.download(&sc.ent)?;
+        let gk = self.dev.download(&sc.gkeys)?;
         let n = off[self.rows] as usize;
         if n > self.bound {
             return Err(param(format!(
@@ -614,7 +660,6 @@ impl ColumnsPlan {
             tiles.push(t);
             keys.push(ks);
         }
-        let d = &self.dims;
         TileKeys::new(self.tiles(), (d.sq, d.sk), (d.batch, d.hq), tiles, keys)
     }
 

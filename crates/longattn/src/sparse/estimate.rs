@@ -253,14 +253,9 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                     check,
                     gathered: true,
                     ..
-                } => columns_gathered_doc(
-                    ctx,
-                    (b, h),
-                    doc,
-                    (gamma, rows, sink, local),
-                    check,
-                    kept,
-                ),
+                } => {
+                    columns_gathered_doc(ctx, (b, h), doc, (gamma, rows, sink, local), check, kept)
+                }
                 Method::Columns {
                     gamma,
                     rows,

@@ -386,6 +386,31 @@ pub fn forward(
     )
 }
 
+/// The density of a selection under its mask (allowed pairs it computes / allowed pairs of the
+/// mask, over every (batch row, query head)) and its table `[batch, hq, query tiles, key
+/// tiles]` (0 skipped, 1 tile computed whole (the mask's Full tile), 2 computed in part): what
+/// `run --sparse` and the entry point's report give. `mask`: the mask's schedule at the
+/// selection's tiles, `rows` its element rule (None: every pair of its tiles).
+pub fn report(
+    sel: &TileKeys,
+    mask: &BlockSchedule,
+    rows: Option<&dyn RowMask>,
+    batch: usize,
+    hq: usize,
+) -> Result<(f64, Vec<u8>)> {
+    let s = sel.cpu_schedule(mask, batch, hq)?;
+    let keyed = RowKeys { mask: rows, sel };
+    let (mut kept, mut all) = (0u64, 0u64);
+    for b in 0..batch {
+        for h in 0..hq {
+            kept += s.allowed_pairs(b, h, Some(&keyed));
+            all += mask.allowed_pairs(b, h, rows);
+        }
+    }
+    let density = if all == 0 { 1.0 } else { kept as f64 / all as f64 };
+    Ok((density, super::block_table(&s, batch, hq)))
+}
+
 /// Entry flag of a gathered chunk in the kernels' schedule (`LA_GATHERED`).
 pub(crate) const GATHERED: u32 = 1 << 31;
 /// Key-list padding: a key past any Sk the kernels take (masked, loaded as zeros).
