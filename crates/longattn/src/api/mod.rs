@@ -1642,8 +1642,15 @@ mod cuda_route {
             // `columns` on the device: the gathered form (sparse::columns).
             let plan = columns_plans().get_or(key, || {
                 let bm = bind(a, dims, data)?;
-                crate::sparse::columns::ColumnsPlan::new(&dev, *dims, dt, a.params, spec, super::spec(&bm))
-                    .map(Mutex::new)
+                crate::sparse::columns::ColumnsPlan::new(
+                    &dev,
+                    *dims,
+                    dt,
+                    a.params,
+                    spec,
+                    super::spec(&bm),
+                )
+                .map(Mutex::new)
             })?;
             let mut plan = plan.lock().unwrap();
             // SAFETY: the entry point's contract.

@@ -271,6 +271,12 @@ impl ColumnsPlan {
             ));
         }
         let (br, bc) = crate::cuda::gather_tiles(dev, dims.d, dims.sk, &mask)?;
+        if !bc.is_multiple_of(64) {
+            // (The estimator's 64-key sub-tiles each lie in one key tile.)
+            return Err(param(format!(
+                "key tiles of {bc}: the estimator takes key tiles of a multiple of 64 keys"
+            )));
+        }
         let q_tiles = dims.sq.div_ceil(br);
         let k_tiles = dims.sk.div_ceil(bc);
         // Every key tile kept whole: the forward's work lists weigh rows by the mask's tiles.

@@ -407,7 +407,11 @@ pub fn report(
             all += mask.allowed_pairs(b, h, rows);
         }
     }
-    let density = if all == 0 { 1.0 } else { kept as f64 / all as f64 };
+    let density = if all == 0 {
+        1.0
+    } else {
+        kept as f64 / all as f64
+    };
     Ok((density, super::block_table(&s, batch, hq)))
 }
 
