@@ -278,6 +278,28 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         }
         Ok((median(ta), median(tb)))
     };
+    // One row of the table; kernel = sparse kernel time against density x dense (1.00:
+    // proportional).
+    let print_row = |name: &str,
+                     spec: &SparseSpec,
+                     density: f64,
+                     [dense, t_sel, t_att, t_e2e, dense_e2e]: [f64; 5],
+                     skipped: &str| {
+        println!(
+            "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>8}",
+            name,
+            spec.to_string(),
+            density,
+            dense,
+            t_sel,
+            100.0 * t_sel / dense,
+            t_att,
+            t_e2e,
+            dense_e2e / t_e2e,
+            t_att / (density * dense).max(1e-9),
+            skipped,
+        )
+    };
     let compare = match a.compare.as_deref() {
         None => false,
         Some("torch") => true,
@@ -348,18 +370,11 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                         .map(|(n, ms)| format!("{n} {ms:.3}"))
                         .collect::<Vec<_>>()
                         .join(", ");
-                    println!(
-                        "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>8}",
-                        name,
-                        spec.to_string(),
+                    print_row(
+                        &name,
+                        spec,
                         density,
-                        dense,
-                        t_sel,
-                        100.0 * t_sel / dense,
-                        t_att,
-                        t_e2e,
-                        dense_e2e / t_e2e,
-                        t_att / (density * dense).max(1e-9),
+                        [dense, t_sel, t_att, t_e2e, dense_e2e],
                         "-",
                     );
                     println!(
@@ -402,20 +417,12 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
                     .map(|(n, ms)| format!("{n} {ms:.3}"))
                     .collect::<Vec<_>>()
                     .join(", ");
-                println!(
-                    "{:<10} {:<50} {:>8.4} {:>9.3} {:>9.3} {:>6.1}% {:>9.3} {:>9.3} {:>7.2}x {:>7.2}x {:>8}",
-                    name,
-                    spec.to_string(),
+                print_row(
+                    &name,
+                    spec,
                     density,
-                    dense,
-                    t_sel,
-                    100.0 * t_sel / dense,
-                    t_att,
-                    t_e2e,
-                    dense_e2e / t_e2e,
-                    // Sparse kernel time against density x dense: 1.00 = proportional.
-                    t_att / (density * dense).max(1e-9),
-                    skipped,
+                    [dense, t_sel, t_att, t_e2e, dense_e2e],
+                    &skipped,
                 );
                 if !stages.is_empty() {
                     println!("{:<10} estimator stages (ms): {stages}", "");
