@@ -1170,6 +1170,9 @@ fn proxy_doc(
     }
 }
 
+/// A query tile's gathered selection: key tiles computed whole, keys gathered besides.
+pub(crate) type TileSel = (Vec<u32>, Vec<u32>);
+
 /// `columns` in the gathered form for one document of (batch row b, head h): the plain
 /// reference of the device estimator (`cuda/kernels/sparse_columns.cu`, semantics in
 /// [`super::columns`]). Per query tile of the document: (key tiles computed whole, keys
@@ -1179,7 +1182,7 @@ pub(crate) fn columns_gathered(
     (b, h): (usize, usize),
     doc: &Doc,
     (gamma, rows, sink, local): (f64, usize, usize, usize),
-) -> (Vec<(Vec<u32>, Vec<u32>)>, Option<f64>) {
+) -> (Vec<TileSel>, Option<f64>) {
     use super::columns::{band_tiles, bin, NBIN};
     let (k0, nk) = (doc.k.start, doc.k.len());
     let (tq, tk) = (ctx.cand.tile_q, ctx.cand.tile_k);

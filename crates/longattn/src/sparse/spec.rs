@@ -390,8 +390,8 @@ impl SparseSpec {
                 check: arg("check"),
                 check_gamma: arg("check_gamma"),
                 gathered: match arg("gathered") {
-                    x if x == 0.0 => false,
-                    x if x == 1.0 => true,
+                    0.0 => false,
+                    1.0 => true,
                     x => return Err(err(format!("`columns`: `gathered` is 0 or 1, got {x}"))),
                 },
             },
