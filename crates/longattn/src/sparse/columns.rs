@@ -818,6 +818,36 @@ mod tests {
         }
     }
 
+    /// `ClParams` field for field as `sparse_columns.cu` declares it (order and offsets).
+    #[test]
+    fn parameter_struct_matches_the_kernels() {
+        let mut at = SRC.find("struct ClParams {").unwrap();
+        for f in [
+            "float* lse;",
+            "int* cut;",
+            "u32* nkeys;",
+            "u32* gkeys;",
+            "const u32* kbase;",
+            "const u32* lim;",
+            "const u32* cap;",
+            "float* chk;",
+            "u32* cnt;",
+            "u32* off;",
+            "u32* ent;",
+            "float gamma, check;",
+            "int sink, local;",
+            "int vec;",
+            "};",
+        ] {
+            at += SRC[at..]
+                .find(f)
+                .unwrap_or_else(|| panic!("`{f}` after offset {at}"));
+        }
+        assert_eq!(std::mem::offset_of!(ClParams, gamma), 11 * 8);
+        assert_eq!(std::mem::offset_of!(ClParams, vec), 11 * 8 + 16);
+        assert_eq!(std::mem::size_of::<ClParams>(), 112);
+    }
+
     /// The bins: 16 per octave, masses at or below 2^-24 in bin 0, 1 (and 1 - 2^-17) in the last.
     #[test]
     fn bins_are_sixteen_per_octave() {

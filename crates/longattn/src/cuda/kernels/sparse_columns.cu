@@ -1,16 +1,18 @@
 // Query-tile columns (`columns`) on the device, in the gathered form (sparse/columns.rs holds the
-// plain reference, `reference_tile_keys`, whose semantics these kernels reproduce step by step).
+// plain reference, `columns::reference`, whose semantics these kernels reproduce step by step;
+// f32 here, f64 there: keys at a bin's edge may fall on either side).
 //
 // Per (batch row b, query head h, query tile qt of LA_BR rows, part = its rows r0 .. r1 - 1):
 //   sampled rows  i_s = r0 + floor((s + 1) (r1 - r0) / R) - 1, s < R (R = `rows`; repeats and
 //                 values below r0 dropped: CPU `sampled_rows`), n of them
 //   s_ij = softcap(scale q_i . k_j) in log2 units; A_i the allowed keys (the mask's candidate
 //   tiles: Full every key, Partial the mask program)
-//   LSE_i = log2 sum_{j in A_i} 2^s_ij                       (cl_lse; -inf: A_i empty)
+//   LSE_i = log2 sum_{j in A_i} 2^s_ij                       (cl_hist's first pass; -inf: A_i empty)
 //   m_j   = 1/n sum_{i sampled, A_i not empty} 2^(s_ij - LSE_i)   (the part's mean softmax)
 //   bin(m) = clamp(floor(16 (log2 m + 24)), 0, CL_NBIN - 1) for m > 0 (2^(1/16) steps; masses
 //            below 2^-24 share bin 0)
-//   cut B = the largest bin with sum_{j: bin(m_j) >= B} m_j >= gamma sum_j m_j   (cl_hist)
+//   cut B = the largest bin with sum_{j: bin(m_j) >= B} m_j >= gamma sum_j m_j   (cl_hist's second
+//   pass: shared-memory float adds, so a total's rounding, not its terms, varies from run to run)
 //   kept keys: m_j > 0 and bin(m_j) >= B, and the sinks j < sink in candidate tiles; not those
 //   in the band tiles (cl_emit, ascending, at most the row's capacity)
 //   band tiles: the candidate key tiles meeting [p_r0 - (local - 1), p_(r1-1)] (p_i = i + Sk - Sq;
@@ -27,7 +29,8 @@
 // block = sampled row s of tile qt0 + t, over keys [0, the tiles' last candidate key) in
 // sub-tiles of 64 keys (sp_vs's 64 x 64 tensor-core logits, rows from a table).
 // Needs: common.cuh, fwd_params.cuh, the mask program, select.cuh, sparse_vs.cu (tiles, logits
-// fragment layout, candidate kinds), LA_D, LA_BR, LA_BC, LA_SOFTCAP, LA_F16, CL_R.
+// fragment layout, candidate kinds), LA_D, LA_BR, LA_BC (a multiple of 64), LA_SOFTCAP, LA_F16,
+// CL_R, LA_GATHERED_BIT and LA_PAD (sparse/gather.rs's GATHERED and PAD).
 
 #define CL_T (64 / CL_R)      // query tiles per block
 #define CL_NBIN 384           // mass bins: 16 per octave over [2^-24, 1]
