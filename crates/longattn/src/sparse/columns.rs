@@ -124,17 +124,6 @@ impl ColumnsArgs {
     }
 }
 
-/// Refuses masks with document ids: the gathered form takes the whole batch row as one document.
-fn refuse_documents(mask: &MaskSpec) -> Result<()> {
-    match mask {
-        MaskSpec::Expr(b) if b.docs.is_some() => Err(param(format!(
-            "mask `{}` has document ids: the gathered form selects over the whole batch row (select on the CPU's element-level `columns`)",
-            b.expr()
-        ))),
-        _ => Ok(()),
-    }
-}
-
 /// The plain reference (f64): the selection of `args` over q `[B, Sq, Hq, D]`, k `[B, Sk, Hk,
 /// D]` at the candidates `cand` (the mask's schedule at the kernel's tiles; `rows` its element
 /// rule), for every (batch row, query head).
@@ -264,7 +253,8 @@ impl ColumnsPlan {
         mask: MaskSpec,
     ) -> Result<ColumnsPlan> {
         let args = ColumnsArgs::of(spec)?;
-        refuse_documents(&mask)?;
+        // (The gathered form, like every device estimator, takes the batch row whole.)
+        super::cuda::refuse_documents(&mask)?;
         if params.skip_below.is_some() {
             return Err(param(
                 "skip-softmax with the gathered form (use one or the other)".into(),

@@ -171,7 +171,7 @@ fn vs_args(spec: &SparseSpec) -> Result<[usize; 5]> {
 /// The device estimator takes the last rows of the whole batch row: under a mask with document
 /// ids it would apply the last document's columns and diagonals to every document, where the
 /// CPU estimator works per document ([`super::documents`]). Refused rather than different.
-fn refuse_documents(mask: &MaskSpec) -> Result<()> {
+pub(super) fn refuse_documents(mask: &MaskSpec) -> Result<()> {
     match mask {
         MaskSpec::Expr(b) if b.docs.is_some() => Err(param(format!(
             "mask `{}` has document ids: the CUDA estimator estimates over the whole packed sequence, not per document (select on the CPU, --backend cpu, or set dense_below above Sk to run the mask dense)",
