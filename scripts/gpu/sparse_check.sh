@@ -4,6 +4,9 @@
 #   bash scripts/gpu/sparse_check.sh checks    # selftest group sparse (vertical-slash, lowbit, refusals)
 #   bash scripts/gpu/sparse_check.sh memcheck  # compute-sanitizer memcheck over the quick lowbit cases
 #   bash scripts/gpu/sparse_check.sh bench     # longattn bench --backend cuda --sparse (SPARSE_SPECS, SPARSE_LENS)
+#   bash scripts/gpu/sparse_check.sh columns   # the gathered form of `columns` (sparse::columns): selftest group
+#                                              # columns, memcheck over its quick cases, pytest's columns /
+#                                              # gathered CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -26,6 +29,23 @@ bench)
   timeout 400 /tmp/longattn bench --backend cuda --sparse "$SPECS" --lens "${SPARSE_LENS:-16k,64k,128k}" \
     > "$OUT/sparse_bench.txt" 2>&1
   echo "sparse bench rc=$?"; cat "$OUT/sparse_bench.txt" | tail -40
+  ;;
+columns)
+  timeout 300 /tmp/longattn selftest --backend cuda --filter columns --jobs 8 > "$OUT/selftest_columns.txt" 2>&1
+  echo "selftest columns rc=$?"; grep -vE " pass " "$OUT/selftest_columns.txt" | cut -c1-260 | tail -30
+  timeout 300 compute-sanitizer --tool memcheck /tmp/longattn selftest --backend cuda --quick --filter columns \
+    > "$OUT/memcheck_columns.txt" 2>&1
+  echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck_columns.txt" | tail -5
+  if ls .dev-wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl >/dev/null
+    PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} timeout 200 python3 -m pytest -q -ra crates/longattn-py/tests \
+      --ignore=crates/longattn-py/tests/test_hf.py -k "columns or gathered" -p no:cacheprovider \
+      > "$OUT/pytest_columns.txt" 2>&1; echo "pytest rc=$?"; tail -8 "$OUT/pytest_columns.txt"
+  fi
+  SPEC=${COLUMNS_SPEC:-"columns(gamma=0.97,rows=4,check=0.92,block=128,sink=4,local=64,dense_below=0)"}
+  timeout 400 /tmp/longattn bench --backend cuda --sparse "$SPEC" --lens "${COLUMNS_LENS:-16k,64k,128k}" \
+    > "$OUT/columns_bench.txt" 2>&1
+  echo "columns bench rc=$?"; tail -30 "$OUT/columns_bench.txt"
   ;;
 esac
 done

@@ -348,18 +348,13 @@ impl RowMask for RowKeys<'_> {
     }
 }
 
-/// The forward of a selection under `mask` (`Full` or an expression) on the CPU: the selection's
-/// schedule ([`TileKeys::cpu_schedule`]) with [`RowKeys`] as its row mask. The GPU's is
-/// [`crate::cuda::forward_gathered`].
-pub fn forward(
-    q: &crate::TensorView,
-    k: &crate::TensorView,
-    v: &crate::TensorView,
-    params: &crate::AttnParams,
-    mask: crate::MaskSpec,
+/// The CPU's form of a selection under `mask` (`Full` or an expression): the selection's
+/// schedule ([`TileKeys::cpu_schedule`]) and the mask's element rule (None: every pair).
+fn cpu_form<'a>(
+    mask: crate::MaskSpec<'a>,
     sel: &TileKeys,
-) -> Result<crate::AttnOutput> {
-    let dims = crate::attention::validate("gathered keys", q, k, v)?;
+    dims: &crate::attention::Dims,
+) -> Result<(BlockSchedule, Option<&'a dyn RowMask>)> {
     let (sched, rows): (BlockSchedule, Option<&dyn RowMask>) = match mask {
         crate::MaskSpec::Full => (
             BlockSchedule::full(sel.tile_q, sel.tile_k, dims.sq, dims.sk)?,
@@ -372,7 +367,22 @@ pub fn forward(
             ))
         }
     };
-    let s = sel.cpu_schedule(&sched, dims.batch, dims.hq)?;
+    Ok((sel.cpu_schedule(&sched, dims.batch, dims.hq)?, rows))
+}
+
+/// The forward of a selection under `mask` (`Full` or an expression) on the CPU: the selection's
+/// schedule ([`TileKeys::cpu_schedule`]) with [`RowKeys`] as its row mask. The GPU's is
+/// [`crate::cuda::forward_gathered`].
+pub fn forward(
+    q: &crate::TensorView,
+    k: &crate::TensorView,
+    v: &crate::TensorView,
+    params: &crate::AttnParams,
+    mask: crate::MaskSpec,
+    sel: &TileKeys,
+) -> Result<crate::AttnOutput> {
+    let dims = crate::attention::validate("gathered keys", q, k, v)?;
+    let (s, rows) = cpu_form(mask, sel, &dims)?;
     let rows = RowKeys { mask: rows, sel };
     crate::forward(
         q,
@@ -383,6 +393,41 @@ pub fn forward(
             schedule: &s,
             rows: Some(&rows),
         },
+    )
+}
+
+/// The backward of [`forward`] through the same selection on the CPU (sparse fine-tuning through
+/// a fixed selection): the gradients of the pairs `mask & selection` alone, the selection held
+/// fixed. `out` / `lse` are the forward's.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &crate::TensorView,
+    k: &crate::TensorView,
+    v: &crate::TensorView,
+    out: &crate::TensorView,
+    lse: &[f32],
+    dout: &crate::TensorView,
+    params: &crate::AttnParams,
+    mask: crate::MaskSpec,
+    sel: &TileKeys,
+    bwd: &crate::BackwardParams,
+) -> Result<crate::Grads> {
+    let dims = crate::attention::validate("gathered keys", q, k, v)?;
+    let (s, rows) = cpu_form(mask, sel, &dims)?;
+    let rows = RowKeys { mask: rows, sel };
+    crate::backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        params,
+        crate::MaskSpec::Schedule {
+            schedule: &s,
+            rows: Some(&rows),
+        },
+        bwd,
     )
 }
 
@@ -609,6 +654,72 @@ mod tests {
         .unwrap();
         let (e, l) = compare(&got.out, &got.lse, &want);
         assert!(e < 1e-4 && l < 1e-4, "out err {e}, lse err {l}");
+    }
+
+    #[test]
+    fn cpu_backward_matches_the_oracle() {
+        use crate::reference::attention_backward_f64;
+        use crate::testing::{compare_grad, grad_tolerance};
+        // Awkward sizes, Sq != Sk, a decode row, GQA, both mask forms.
+        for (sq, sk, tiles, p, causal_mask, seed) in [
+            (113, 200, (64, 32), 0.3, true, 11),
+            (65, 65, (32, 64), 0.5, false, 12),
+            (1, 130, (64, 64), 0.4, true, 13),
+        ] {
+            let (hq, hk, d) = (4, 2, 16);
+            let sel = TileKeys::synthetic(tiles, (sq, sk), (1, hq), p, seed).unwrap();
+            let q = random_tensor(DType::F32, &[1, sq, hq, d], 1.0, seed + 1);
+            let k = random_tensor(DType::F32, &[1, sk, hk, d], 1.0, seed + 2);
+            let v = random_tensor(DType::F32, &[1, sk, hk, d], 1.0, seed + 3);
+            let d_o = random_tensor(DType::F32, &[1, sq, hq, d], 1.0, seed + 4);
+            let (qv, kv, vv, dov) = (
+                q.view("q").unwrap(),
+                k.view("k").unwrap(),
+                v.view("v").unwrap(),
+                d_o.view("do").unwrap(),
+            );
+            let params = AttnParams::default();
+            let bm = causal(sq, sk);
+            let mask = || {
+                if causal_mask {
+                    MaskSpec::Expr(&bm)
+                } else {
+                    MaskSpec::Full
+                }
+            };
+            let fwd = forward(&qv, &kv, &vv, &params, mask(), &sel).unwrap();
+            let ov = fwd.out.view("out").unwrap();
+            let g = backward(
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &fwd.lse,
+                &dov,
+                &params,
+                mask(),
+                &sel,
+                &crate::BackwardParams::default(),
+            )
+            .unwrap();
+            let allowed = |b: usize, h: usize, i: usize, j: usize| {
+                (!causal_mask || bm.allowed(b, i, j)) && sel.keeps(b, h, i, j)
+            };
+            let r = attention_backward_f64(&qv, &kv, &vv, &dov, &params, &allowed).unwrap();
+            let floor = r.dv.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            assert!(floor > 0.0, "{sq} x {sk}: nothing kept");
+            for (name, got, want) in [
+                ("dq", &g.dq, &r.dq),
+                ("dk", &g.dk, &r.dk),
+                ("dv", &g.dv, &r.dv),
+            ] {
+                let e = compare_grad(got, want, floor);
+                assert!(
+                    e <= grad_tolerance(DType::F32),
+                    "{sq} x {sk}: {name} error {e:e}"
+                );
+            }
+        }
     }
 
     #[test]
