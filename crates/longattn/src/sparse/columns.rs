@@ -182,6 +182,8 @@ struct ClParams {
     cnt: u64,
     off: u64,
     ent: u64,
+    bins: u64,
+    bbase: u64,
     gamma: f32,
     check: f32,
     sink: i32,
@@ -195,6 +197,7 @@ unsafe impl cudarc::driver::DeviceRepr for ClParams {}
 struct Kernels {
     hist: CudaFunction,
     emit: CudaFunction,
+    emit_stored: CudaFunction,
     check: CudaFunction,
     lower: CudaFunction,
     scan: CudaFunction,
@@ -214,6 +217,9 @@ struct Scratch {
     cnt: CudaSlice<u32>,
     off: CudaSlice<u32>,
     ent: CudaSlice<u32>,
+    /// The keys' codes from the mass pass and where each row's start (None: the key lists'
+    /// pass recomputes the probabilities).
+    bins: Option<(CudaSlice<u16>, CudaSlice<u64>)>,
 }
 
 /// `columns` on the device: the estimator's kernels and scratch, and the gathered forward that
@@ -241,6 +247,37 @@ pub struct ColumnsPlan {
     bound: usize,
     /// Dynamic shared memory of cl_hist, cl_emit, cl_check.
     smem: [usize; 3],
+}
+
+/// Most bytes of stored key codes (beyond them the key lists' pass recomputes the probabilities).
+const CODES_MAX_BYTES: usize = 8 << 30;
+
+/// Where each forward row's key codes start (`[rows + 1]`, in codes): row `(b Hq + h) q_tiles + qt`
+/// holds its candidates' keys `0 .. min(Sk, end of its last candidate tile)` rounded up to 64
+/// (cl_hist writes exactly those). None when `LONGATTN_COLUMNS_EMIT=recompute` or the codes would
+/// pass [`CODES_MAX_BYTES`]: then the key lists' pass recomputes the probabilities instead.
+fn code_offsets(
+    cand: &BlockSchedule,
+    dims: &Dims,
+    (bc, q_tiles): (usize, usize),
+) -> Option<Vec<u64>> {
+    if std::env::var("LONGATTN_COLUMNS_EMIT").is_ok_and(|v| v == "recompute") {
+        return None;
+    }
+    let mut off = vec![0u64];
+    for b in 0..dims.batch {
+        for h in 0..dims.hq {
+            for qt in 0..q_tiles {
+                let end = cand
+                    .row(b, h, qt)
+                    .last()
+                    .map_or(0, |e| (e.k_tile as usize * bc + bc).min(dims.sk));
+                let at = off.last().unwrap() + end.div_ceil(64) as u64 * 64;
+                off.push(at);
+            }
+        }
+    }
+    (2 * *off.last().unwrap() as usize <= CODES_MAX_BYTES).then_some(off)
 }
 
 impl ColumnsPlan {
@@ -363,6 +400,7 @@ impl ColumnsPlan {
                 smem,
             });
         }
+        let bbase = code_offsets(&cand, &dims, (bc, q_tiles));
         let src = format!(
             "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{SRC}",
             fwd.mask_program(),
@@ -387,6 +425,7 @@ impl ColumnsPlan {
         let k = Kernels {
             hist: f("cl_hist", smem[0])?,
             emit: f("cl_emit", smem[1])?,
+            emit_stored: f("cl_emit_stored", 0)?,
             check: f("cl_check", smem[2])?,
             lower: f("cl_lower", 0)?,
             scan: f("sp_scan", 0)?,
@@ -412,6 +451,14 @@ impl ColumnsPlan {
             cnt: zu(rows)?,
             off: zu(rows + 1)?,
             ent: zu(bound)?,
+            bins: match bbase {
+                Some(bb) => Some((
+                    s.alloc_zeros::<u16>(bb[rows] as usize)
+                        .map_err(drv("alloc"))?,
+                    dev.upload(&bb)?,
+                )),
+                None => None,
+            },
         };
         Ok(ColumnsPlan {
             dev: dev.clone(),
@@ -450,6 +497,9 @@ impl ColumnsPlan {
             + sc.cnt.len()
             + sc.off.len()
             + sc.ent.len())
+            + sc.bins
+                .as_ref()
+                .map_or(0, |(b, o)| 2 * b.len() + 8 * o.len())
     }
 
     /// Estimate and write the forward's rows and key lists on `s` (no host synchronisation).
@@ -507,6 +557,8 @@ impl ColumnsPlan {
             cnt: ptr_u(&sc.cnt),
             off: ptr_u(&sc.off),
             ent: ptr_u(&sc.ent),
+            bins: sc.bins.as_ref().map_or(0, |(b, _)| b.device_ptr(s).0),
+            bbase: sc.bins.as_ref().map_or(0, |(_, o)| o.device_ptr(s).0),
             gamma: self.args.gamma as f32,
             check: self.args.check as f32,
             sink: self.args.sink as i32,
@@ -543,9 +595,19 @@ impl ColumnsPlan {
         around("LSE + mass bins", &mut || {
             launch(&kern.hist, cfg((groups, bh, 1), 256, smem[0]), None)
         })?;
-        around("key lists", &mut || {
-            launch(&kern.emit, cfg((groups, bh, 1), 256, smem[1]), None)
-        })?;
+        if sc.bins.is_some() {
+            around("key lists (stored)", &mut || {
+                launch(
+                    &kern.emit_stored,
+                    cfg((q_tiles.div_ceil(8), bh, 1), 256, 0),
+                    None,
+                )
+            })?;
+        } else {
+            around("key lists", &mut || {
+                launch(&kern.emit, cfg((groups, bh, 1), 256, smem[1]), None)
+            })?;
+        }
         if self.args.check > 0.0 {
             let halves = self.cand.tile_q.div_ceil(64) as u32;
             around("check", &mut || {
@@ -824,6 +886,8 @@ mod tests {
             "u32* cnt;",
             "u32* off;",
             "u32* ent;",
+            "u16* bins;",
+            "const u64* bbase;",
             "float gamma, check;",
             "int sink, local;",
             "int vec;",
@@ -833,9 +897,9 @@ mod tests {
                 .find(f)
                 .unwrap_or_else(|| panic!("`{f}` after offset {at}"));
         }
-        assert_eq!(std::mem::offset_of!(ClParams, gamma), 11 * 8);
-        assert_eq!(std::mem::offset_of!(ClParams, vec), 11 * 8 + 16);
-        assert_eq!(std::mem::size_of::<ClParams>(), 112);
+        assert_eq!(std::mem::offset_of!(ClParams, gamma), 13 * 8);
+        assert_eq!(std::mem::offset_of!(ClParams, vec), 13 * 8 + 16);
+        assert_eq!(std::mem::size_of::<ClParams>(), 128);
     }
 
     /// The bins: 16 per octave, masses at or below 2^-24 in bin 0, 1 (and 1 - 2^-17) in the last.

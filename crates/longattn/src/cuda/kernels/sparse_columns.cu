@@ -47,6 +47,9 @@ struct ClParams {
     u32* cnt;          // [BH q_tiles] entries per forward row
     u32* off;          // [BH q_tiles + 1]
     u32* ent;          // the forward's entries
+    u16* bins;         // null, or per row the keys' codes (cl_hist writes, cl_emit_stored reads):
+                       // 0 not a candidate, 1 candidate with no mass, 2 + bin(m_j)
+    const u64* bbase;  // [BH q_tiles + 1] where row r's codes start (multiples of 64 codes)
     float gamma, check;
     int sink, local;
     int vec;           // q / k rows 16-byte aligned (vector loads)
@@ -267,9 +270,18 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
                 m += sm.p[t * CL_R + s][c];
                 n += sm.row[t * CL_R + s] >= 0;
             }
+            int code = sm.kind[t] != 0;
             if (n > 0 && m > 0.f) {
                 m /= (float)n;
-                atomicAdd(&hist[t * CL_NBIN + cl_bin(m)], m);
+                const int bn = cl_bin(m);
+                atomicAdd(&hist[t * CL_NBIN + bn], m);
+                code = sm.kind[t] != 0 ? 2 + bn : 0;
+            }
+            const int qt = qt0 + t;
+            if (cp.bins != nullptr && qt < p.q_tiles) {
+                const i64 row = (i64)bh * p.q_tiles + qt;
+                const u64 b0 = cp.bbase[row];
+                if ((u64)(j0 + c) < cp.bbase[row + 1] - b0) cp.bins[b0 + j0 + c] = (u16)(j0 + c < p.Sk ? code : 0);
             }
         }
         __syncthreads();
@@ -350,6 +362,55 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, c
         if (c <= capr)
             for (u32 x = c + lane; x < min(capr, (c + LA_BC - 1) / LA_BC * LA_BC); x += 32) cp.gkeys[cp.kbase[row] + x] = LA_PAD;
     }
+}
+
+// cl_emit from the codes cl_hist stored (cp.bins): the same keys as cl_emit without a third
+// pass over Q K^T. One warp per row (b h, qt), 8 rows a block; lane l reads codes 8 l .. 8 l + 7
+// of each 256-key step (one 16-byte load) and the warp's prefix sum of the kept counts places
+// them ascending.
+extern "C" __global__ void __launch_bounds__(256) cl_emit_stored(const LaFwdParams p, const ClParams cp) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int qt = blockIdx.x * 8 + w, bh = blockIdx.y;
+    if (qt >= p.q_tiles) return;
+    const i64 row = (i64)bh * p.q_tiles + qt;
+    const int cut = cp.cut[row];
+    int bk0, bk1;
+    cl_band(p, cp.local, qt, bk0, bk1);
+    const u64 b0 = cp.bbase[row];
+    const int len = (int)(cp.bbase[row + 1] - b0);
+    const u32 capr = cp.cap[row], base = cp.kbase[row];
+    u32 c = 0;
+    for (int j0 = 0; j0 < len; j0 += 256) {
+        const int j = j0 + 8 * lane;
+        uint4 raw = make_uint4(0, 0, 0, 0);
+        if (j < len) raw = *reinterpret_cast<const uint4*>(cp.bins + b0 + j);
+        const u16* code = reinterpret_cast<const u16*>(&raw);
+        u32 keep = 0;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int jj = j + e, kt = jj / LA_BC, x = code[e];
+            const bool k = x != 0 && !(kt >= bk0 && kt <= bk1) && (jj < cp.sink || (x >= 2 && cut >= 0 && x - 2 >= cut));
+            keep |= (u32)k << e;
+        }
+        const u32 n = __popc(keep);
+        u32 incl = n;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += y;
+        }
+        u32 at = c + incl - n;
+#pragma unroll
+        for (int e = 0; e < 8; e++)
+            if (keep >> e & 1) {
+                if (at < capr) cp.gkeys[base + at] = (u32)(j + e);
+                at++;
+            }
+        c += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) cp.nkeys[row] = c;
+    if (c <= capr)
+        for (u32 x = c + lane; x < min(capr, (c + LA_BC - 1) / LA_BC * LA_BC); x += 32) cp.gkeys[base + x] = LA_PAD;
 }
 
 // The check over the last query tile's rows r0 + 64 blockIdx.x .. (+ 63): the sum over rows
