@@ -195,7 +195,9 @@ def test_cuda_columns_runs_the_gathered_form(sq, sk):
     """`columns` on CUDA is the gathered form: the CPU's `gathered=1` selects the same tiles and
     keys up to the f32 / f64 bin edges, so the tables and the outputs agree almost everywhere."""
     require_cuda()
-    spec = "columns(gamma=0.6,rows=4,block=128,sink=4,local=64,dense_below=0)"
+    # gamma 0.3: well below the half of the candidate keys where a tile turns whole (random inputs
+    # near that edge flip whole rows between the f32 and f64 bins).
+    spec = "columns(gamma=0.3,rows=4,block=128,sink=4,local=64,dense_below=0)"
     q, k, v = qkv(1, sq, sk, 4, 2, 128, torch.bfloat16, "cuda", gen_seed=sq + 3 * sk)
     out, sel = longattn.sparse_attention(q, k, v, spec, "causal", return_selection=True)
     assert not sel["fallback"] and 0.0 < sel["density"] <= 1.0

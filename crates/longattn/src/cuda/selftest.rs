@@ -2061,7 +2061,7 @@ impl ColumnsCase {
 }
 
 /// Awkward sizes, Sq != Sk, a decode row, causal / full / a window (Partial tiles outside the
-/// band: tested chunks), GQA with batch 2, D 64 / 96 / 128, f16, soft-cap; rows 1 / 4 / 8,
+/// band: tested chunks), GQA with batch 2, D 64 / 96 / 128, f16, soft-cap; rows 1 / 2 / 3 / 4 / 8 / 16,
 /// with and without the check and the band; Gaussian inputs at gamma 0.5 (most rows gathered).
 pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
     use DType::{BF16, F16};
@@ -2154,6 +2154,21 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             "columns(gamma=0.999,rows=4,check=0.999,sink=4,local=64,dense_below=0)",
             false,
         ));
+        // Rows a tile's sampled rows cannot sum in registers (3: across the fragment's halves;
+        // 16: both halves), the mass pass through shared memory; and past a kinds window (CL_KW
+        // key tiles) at 5000 keys.
+        for (sq, spec) in [
+            (
+                1300,
+                "columns(gamma=0.9,rows=3,sink=4,local=64,dense_below=0)",
+            ),
+            (
+                5000,
+                "columns(gamma=0.9,rows=16,check=0.5,sink=4,local=64,dense_below=0)",
+            ),
+        ] {
+            v.push(case(BF16, sq, sq, 128, "causal", spec, true));
+        }
     }
     // The dense fallback (fewer keys than the device's default dense_below): every tile.
     v.push(case(

@@ -376,9 +376,11 @@ impl ColumnsPlan {
         let d = dims.d;
         let rr = args.rows;
         let t = 64 / rr;
-        // sizeof(ClSmem): q and k tiles (64 rows of D + 8 16-bit words), row table, LSE, the
-        // probabilities [64][65], the kinds, the key extent.
-        let base = 2 * 2 * 64 * (d + 8) + 64 * 4 + 64 * 4 + 64 * 65 * 4 + 64 + 4 + 60;
+        // sizeof(ClSmem) and some: q and k tiles (64 rows of D + 8 16-bit words), row table,
+        // LSE, the probabilities [64][65], the kinds' window [64][CL_KW = 32], its cursors and
+        // the tiles' row counts [3][64], the window start and the key extent.
+        let base =
+            2 * 2 * 64 * (d + 8) + 2 * 64 * 4 + 64 * 65 * 4 + 64 * 32 + 3 * 64 * 4 + 4 + 4 + 64;
         let smem = [base + t * NBIN * 4, base + t * 4, base + 64];
         if smem[0] > dev.smem_optin {
             return Err(param(format!(

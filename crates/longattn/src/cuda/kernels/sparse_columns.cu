@@ -34,6 +34,10 @@
 
 #define CL_T (64 / CL_R)      // query tiles per block
 #define CL_NBIN 384           // mass bins: 16 per octave over [2^-24, 1]
+#define CL_KW 32              // key tiles per window of candidate kinds in shared memory
+// The mass pass sums a tile's sampled rows in registers (shuffles within the m16n8 fragment)
+// when they lie in one 8-row half of a warp's rows: CL_R 1, 2, 4 or 8.
+#define CL_REG (CL_R == 1 || CL_R == 2 || CL_R == 4 || CL_R == 8)
 
 struct ClParams {
     float* lse;        // [BH q_tiles][CL_R] sampled rows' LSE (log2; -inf: none)
@@ -61,9 +65,44 @@ struct ClSmem {
     int row[64];           // block row -> query row (-1: none)
     float lse[64];
     float p[64][65];       // probabilities of a sub-tile (cl_hist, cl_emit, cl_check)
-    unsigned char kind[64];  // per block tile: the candidate kind of the current key tile
+    unsigned char kwin[64][CL_KW];  // per block tile: candidate kinds of key tiles kw0 ..
+    u32 kcur[64], kstop[64];        // per block tile: its schedule row's window start, end
+    int cnt[64];           // per block tile: its sampled rows
+    int kw0;               // first key tile of the window
     int kend;              // keys the block's tiles reach
 };
+
+// Registers holding the next 64 key rows (vector loads issued before the current sub-tile's
+// products, stored to shared memory after them): the load's latency behind the tensor cores.
+struct ClPre {
+    uint4 w[(64 * (LA_D / 8) + 255) / 256];
+};
+
+__device__ __forceinline__ void cl_fetch(const LaFwdParams& p, bool vec, ClPre& pre, int b, int g, int j0) {
+    if (!vec) return;
+    constexpr int W = LA_D / 8;
+#pragma unroll
+    for (int u = 0; u < (64 * W + 255) / 256; u++) {
+        const int x = threadIdx.x + 256 * u, r = x / W, c = x % W;
+        pre.w[u] = make_uint4(0, 0, 0, 0);
+        if (x < 64 * W && j0 + r < p.Sk) pre.w[u] = reinterpret_cast<const uint4*>(sp_k_row(p, b, g, j0 + r))[c];
+    }
+}
+
+// The key sub-tile [j0, j0 + 64) into sm.k: from the registers cl_fetch filled (vector
+// loads), or loaded here (rows not 16-byte aligned). Callers synchronise around it.
+__device__ __forceinline__ void cl_store(const LaFwdParams& p, bool vec, const ClPre& pre, u16* dst, int b, int g, int j0) {
+    if (vec) {
+        constexpr int W = LA_D / 8;
+#pragma unroll
+        for (int u = 0; u < (64 * W + 255) / 256; u++) {
+            const int x = threadIdx.x + 256 * u, r = x / W, c = x % W;
+            if (x < 64 * W) *reinterpret_cast<uint4*>(dst + r * SP_LD + 8 * c) = pre.w[u];
+        }
+    } else {
+        sp_load_tile(dst, min(SP_SUB, p.Sk - j0), false, [&](int r) { return sp_k_row(p, b, g, j0 + r); });
+    }
+}
 
 // Sampled row s of the part [r0, r1): the CPU's sampled_rows (ascending, deduplicated, the
 // values <= r0 dropped), -1 when this s is a repeat or dropped.
@@ -88,6 +127,13 @@ __device__ void cl_setup(const LaFwdParams& p, const ClParams& cp, ClSmem& sm, i
         }
         sm.row[r] = i;
     }
+    __syncthreads();
+    if (threadIdx.x < 64) {
+        int n = 0;
+        if (check_r0 < 0)
+            for (int x = 0; x < CL_R; x++) n += threadIdx.x < CL_T && sm.row[threadIdx.x * CL_R + x] >= 0;
+        sm.cnt[threadIdx.x] = n;
+    }
     if (threadIdx.x == 0) {
         int kend = 0;
         const int t1 = check_r0 >= 0 ? 1 : CL_T;
@@ -107,22 +153,58 @@ __device__ void cl_setup(const LaFwdParams& p, const ClParams& cp, ClSmem& sm, i
     });
 }
 
-// The candidate kinds of key tile kt for the block's tiles (row r's tile: r / CL_R, or the
-// check's one tile).
-__device__ __forceinline__ void cl_kinds(const LaFwdParams& p, ClSmem& sm, int b, int h, int qt0, int check_qt, int kt) {
+// The candidate kinds of key tiles kt0 .. kt0 + CL_KW - 1 for the block's tiles (row r's tile:
+// r / CL_R, or the check's one tile, t = 0) into sm.kwin: per tile one binary search for the
+// window's first entry, then the window's entries read side by side (a row's entries ascend
+// by key tile, so the window's are among the CL_KW from there).
+__device__ void cl_window(const LaFwdParams& p, ClSmem& sm, int b, int h, int qt0, int check_qt, int kt0) {
+    const int nt = check_qt >= 0 ? 1 : CL_T;
     __syncthreads();
-    if (threadIdx.x < CL_T) {
+    for (int x = threadIdx.x; x < nt * CL_KW; x += blockDim.x) sm.kwin[x / CL_KW][x % CL_KW] = 0;
+    if (threadIdx.x < nt) {
         const int qt = check_qt >= 0 ? check_qt : qt0 + threadIdx.x;
-        sm.kind[threadIdx.x] = qt < p.q_tiles ? (unsigned char)sp_cand_kind(p, b, h, qt, kt) : 0;
+        u32 lo = 0, hi = 0;
+        if (qt < p.q_tiles) {
+            const int srow = ((b % p.sched_batch) * p.sched_heads + (h % p.sched_heads)) * p.q_tiles + qt;
+            lo = p.sched_off[srow];
+            hi = p.sched_off[srow + 1];
+            u32 a = lo, z = hi;   // first entry with key tile >= kt0
+            while (a < z) {
+                const u32 m = (a + z) >> 1;
+                if ((int)(p.sched_ent[m] >> 1) < kt0) a = m + 1; else z = m;
+            }
+            lo = a;
+        }
+        sm.kcur[threadIdx.x] = lo;
+        sm.kstop[threadIdx.x] = hi;
     }
+    if (threadIdx.x == 0) sm.kw0 = kt0;
+    __syncthreads();
+    for (int x = threadIdx.x; x < nt * CL_KW; x += blockDim.x) {
+        const int t = x / CL_KW;
+        const u32 at = sm.kcur[t] + (u32)(x % CL_KW);
+        if (at < sm.kstop[t]) {
+            const u32 e = p.sched_ent[at];
+            const int kt = (int)(e >> 1) - kt0;
+            if (kt < CL_KW) sm.kwin[t][kt] = (unsigned char)(1 + (e & 1));
+        }
+    }
+    __syncthreads();
+}
+
+// Refill the kinds' window where sub-tile j0 starts one (every CL_KW key tiles).
+__device__ __forceinline__ void cl_kinds(const LaFwdParams& p, ClSmem& sm, int b, int h, int qt0, int check_qt, int j0) {
+    if (j0 % (LA_BC * CL_KW) == 0) cl_window(p, sm, b, h, qt0, check_qt, j0 / LA_BC);
 }
 
 // Logits of the block's 64 rows x keys [j0, j0 + 64) (log2 units; -inf where not allowed or no
 // row), in sp_logits' fragment layout. `check`: every row is of the block's one tile.
-__device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int j0, bool check, float s[4][4]) {
+// `pre` holds keys [j0, j0 + 64) (cl_fetch) and is refilled with the next sub-tile's.
+__device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre, int b, int h, int g, int j0, bool check, float s[4][4]) {
     __syncthreads();
-    sp_load_tile(sm.k, min(SP_SUB, p.Sk - j0), vec, [&](int r) { return sp_k_row(p, b, g, j0 + r); });
+    cl_store(p, vec, pre, sm.k, b, g, j0);
     __syncthreads();
+    if (j0 + SP_SUB < sm.kend) cl_fetch(p, vec, pre, b, g, j0 + SP_SUB);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int nb = 0; nb < 4; nb++)
@@ -148,7 +230,7 @@ __device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int
             const int r = sp_frag_row(e), i = sm.row[r], j = j0 + sp_frag_key(nb, e);
             bool ok = i >= 0 && j < p.Sk;
             if (ok) {
-                const int kind = sm.kind[check ? 0 : r / CL_R];
+                const int kind = sm.kwin[check ? 0 : r / CL_R][j0 / LA_BC - sm.kw0];
                 ok = kind == 1 || (kind == 2 && la_mask(p, b, h, i, j));
             }
             float x = s[nb][e];
@@ -162,10 +244,12 @@ __device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int
 // Each block row's LSE over keys [0, kend) into sm.lse.
 __device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt) {
     float m[2] = {-LA_INF, -LA_INF}, z[2] = {0.f, 0.f};
+    ClPre pre;
+    cl_fetch(p, vec, pre, b, g, 0);
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
-        if (j0 % LA_BC == 0) cl_kinds(p, sm, b, h, qt0, check_qt, j0 / LA_BC);
+        cl_kinds(p, sm, b, h, qt0, check_qt, j0);
         float s[4][4];
-        cl_logits(p, vec, sm, b, h, g, j0, check_qt >= 0, s);
+        cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
             float mx = -LA_INF;
@@ -207,10 +291,10 @@ __device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, in
 }
 
 // The probabilities of keys [j0, j0 + 64) into sm.p[row][key] (0 where not allowed).
-__device__ void cl_probs(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt, int j0) {
-    if (j0 % LA_BC == 0) cl_kinds(p, sm, b, h, qt0, check_qt, j0 / LA_BC);
+__device__ void cl_probs(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre, int b, int h, int g, int qt0, int check_qt, int j0) {
+    cl_kinds(p, sm, b, h, qt0, check_qt, j0);
     float s[4][4];
-    cl_logits(p, vec, sm, b, h, g, j0, check_qt >= 0, s);
+    cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
 #pragma unroll
     for (int nb = 0; nb < 4; nb++)
 #pragma unroll
@@ -252,7 +336,8 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
     ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
     float* hist = reinterpret_cast<float*>(cl_smem + sizeof(ClSmem));   // [CL_T][CL_NBIN]
     const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
-    const int qt0 = blockIdx.x * CL_T;
+    // The longest tiles (the most keys under a causal mask) first: a shorter tail.
+    const int qt0 = (gridDim.x - 1 - blockIdx.x) * CL_T;
     cl_setup(p, cp, sm, b, h, qt0, -1);
     for (int x = threadIdx.x; x < CL_T * CL_NBIN; x += blockDim.x) hist[x] = 0.f;
     cl_row_lse(p, cp.vec != 0, sm, b, h, g, qt0, -1);
@@ -260,22 +345,73 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
         const int r = threadIdx.x, qt = qt0 + r / CL_R;
         if (r < CL_T * CL_R && qt < p.q_tiles) cp.lse[((i64)bh * p.q_tiles + qt) * CL_R + r % CL_R] = sm.lse[r];
     }
+    ClPre pre;
+    cl_fetch(p, cp.vec != 0, pre, b, g, 0);
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
-        cl_probs(p, cp.vec != 0, sm, b, h, g, qt0, -1, j0);
+#if CL_REG
+        // p_ij in registers, summed over each tile's sampled rows by shuffles (its rows are the
+        // lanes whose lane / 4 differ in the low log2 CL_R bits), then the owner lane (lane / 4
+        // a multiple of CL_R) bins m_j = sum / n and stores two keys' codes at once.
+        cl_kinds(p, sm, b, h, qt0, -1, j0);
+        float sv[4][4];
+        cl_logits(p, cp.vec != 0, sm, pre, b, h, g, j0, false, sv);
+        const int lane = threadIdx.x % 32, ktw = j0 / LA_BC - sm.kw0;
+#pragma unroll
+        for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float l = sm.lse[sp_frag_row(e)], x = sv[nb][e];
+                sv[nb][e] = (x == -LA_INF || l == -LA_INF) ? 0.f : la_exp2(x - l);
+            }
+#pragma unroll
+        for (int o = 4; o < 4 * CL_R; o <<= 1)
+#pragma unroll
+            for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) sv[nb][e] += __shfl_xor_sync(0xffffffffu, sv[nb][e], o);
+        if ((lane / 4) % CL_R == 0) {
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int t = sp_frag_row(2 * hr) / CL_R, qt = qt0 + t;
+                if (qt >= p.q_tiles) continue;
+                const int n = sm.cnt[t], kind = sm.kwin[t][ktw];
+                const i64 row = (i64)bh * p.q_tiles + qt;
+                const u64 b0 = cp.bins != nullptr ? cp.bbase[row] : 0;
+                const u64 len = cp.bins != nullptr ? cp.bbase[row + 1] - b0 : 0;
+#pragma unroll
+                for (int nb = 0; nb < 4; nb++) {
+                    const int key0 = sp_frag_key(nb, 2 * hr);
+                    u32 codes = 0;
+#pragma unroll
+                    for (int e1 = 0; e1 < 2; e1++) {
+                        float m = sv[nb][2 * hr + e1];
+                        int code = kind != 0;
+                        if (n > 0 && m > 0.f) {
+                            m /= (float)n;
+                            const int bn = cl_bin(m);
+                            atomicAdd(&hist[t * CL_NBIN + bn], m);
+                            code = kind != 0 ? 2 + bn : 0;
+                        }
+                        if (j0 + key0 + e1 >= p.Sk) code = 0;
+                        codes |= (u32)code << (16 * e1);
+                    }
+                    if ((u64)(j0 + key0) < len) *reinterpret_cast<u32*>(cp.bins + b0 + j0 + key0) = codes;
+                }
+            }
+        }
+#else
+        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, qt0, -1, j0);
         for (int x = threadIdx.x; x < CL_T * 64; x += blockDim.x) {
             const int t = x / 64, c = x % 64;
             float m = 0.f;
-            int n = 0;
-            for (int s = 0; s < CL_R; s++) {
-                m += sm.p[t * CL_R + s][c];
-                n += sm.row[t * CL_R + s] >= 0;
-            }
-            int code = sm.kind[t] != 0;
+            const int n = sm.cnt[t], kind = sm.kwin[t][j0 / LA_BC - sm.kw0];
+            for (int s = 0; s < CL_R; s++) m += sm.p[t * CL_R + s][c];
+            int code = kind != 0;
             if (n > 0 && m > 0.f) {
                 m /= (float)n;
                 const int bn = cl_bin(m);
                 atomicAdd(&hist[t * CL_NBIN + bn], m);
-                code = sm.kind[t] != 0 ? 2 + bn : 0;
+                code = kind != 0 ? 2 + bn : 0;
             }
             const int qt = qt0 + t;
             if (cp.bins != nullptr && qt < p.q_tiles) {
@@ -285,6 +421,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
             }
         }
         __syncthreads();
+#endif
     }
     __syncthreads();
     // Cut per tile: the largest B with the mass of bins >= B at least gamma of the total.
@@ -311,7 +448,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, c
     ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
     u32* cnt = reinterpret_cast<u32*>(cl_smem + sizeof(ClSmem));   // [CL_T] keys so far
     const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
-    const int qt0 = blockIdx.x * CL_T;
+    const int qt0 = (gridDim.x - 1 - blockIdx.x) * CL_T;
     cl_setup(p, cp, sm, b, h, qt0, -1);
     if (threadIdx.x < 64) {
         const int r = threadIdx.x, qt = qt0 + r / CL_R;
@@ -320,8 +457,10 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, c
     if (threadIdx.x < CL_T) cnt[threadIdx.x] = 0;
     __syncthreads();
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    ClPre pre;
+    cl_fetch(p, cp.vec != 0, pre, b, g, 0);
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
-        cl_probs(p, cp.vec != 0, sm, b, h, g, qt0, -1, j0);
+        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, qt0, -1, j0);
         // Warp w takes tiles w, w + 8, ...: lanes over the 64 keys in two halves.
         for (int t = w; t < CL_T; t += 8) {
             const int qt = qt0 + t;
@@ -337,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, c
             for (int half = 0; half < 2; half++) {
                 const int x = half * 32 + lane, j = j0 + x, kt = j / LA_BC;
                 bool k = false;
-                if (j < p.Sk && !(kt >= bk0 && kt <= bk1) && sm.kind[t] != 0) {
+                if (j < p.Sk && !(kt >= bk0 && kt <= bk1) && sm.kwin[t][j0 / LA_BC - sm.kw0] != 0) {
                     float m = 0.f;
                     for (int s = 0; s < CL_R; s++) m += sm.p[t * CL_R + s][x];
                     k = j < cp.sink || (n > 0 && m > 0.f && cut >= 0 && cl_bin(m / (float)n) >= cut);
@@ -434,8 +573,10 @@ extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, 
     if (threadIdx.x == 0) cursor = 0;
     // Per row (threads 0..63): the mass on computed pairs.
     float t = 0.f;
+    ClPre pre;
+    cl_fetch(p, cp.vec != 0, pre, b, g, 0);
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
-        cl_probs(p, cp.vec != 0, sm, b, h, g, -1, qt, j0);
+        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, -1, qt, j0);
         if (threadIdx.x < 64) kf[threadIdx.x] = whole || (j0 + (int)threadIdx.x) / LA_BC >= bk0 && (j0 + (int)threadIdx.x) / LA_BC <= bk1;
         __syncthreads();
         if (threadIdx.x == 0 && !whole) {
