@@ -184,11 +184,13 @@ struct ClParams {
     ent: u64,
     bins: u64,
     bbase: u64,
+    chkp: u64,
     gamma: f32,
     check: f32,
     sink: i32,
     local: i32,
     vec: i32,
+    nchunk: i32,
 }
 
 // SAFETY: plain-old-data with the C layout of the kernel's `ClParams`.
@@ -198,6 +200,7 @@ struct Kernels {
     hist: CudaFunction,
     emit: CudaFunction,
     emit_stored: CudaFunction,
+    check_lse: CudaFunction,
     check: CudaFunction,
     lower: CudaFunction,
     scan: CudaFunction,
@@ -213,7 +216,9 @@ struct Scratch {
     kbase: CudaSlice<u32>,
     lim: CudaSlice<u32>,
     cap: CudaSlice<u32>,
+    /// The check's per-block (mass sum, rows) and per-(block, row) partial (max, sum).
     chk: CudaSlice<f32>,
+    chkp: CudaSlice<f32>,
     cnt: CudaSlice<u32>,
     off: CudaSlice<u32>,
     ent: CudaSlice<u32>,
@@ -247,6 +252,11 @@ pub struct ColumnsPlan {
     bound: usize,
     /// Dynamic shared memory of cl_hist, cl_emit, cl_check.
     smem: [usize; 3],
+}
+
+/// The check's key chunks: `CL_CHUNK` = 32 key tiles (one window of kinds) each.
+fn check_chunks(sk: usize, bc: usize) -> usize {
+    sk.div_ceil(32 * bc)
 }
 
 /// Most bytes of stored key codes (beyond them the key lists' pass recomputes the probabilities).
@@ -403,6 +413,8 @@ impl ColumnsPlan {
             });
         }
         let bbase = code_offsets(&cand, &dims, (bc, q_tiles));
+        // The check's blocks per (batch row, head): 64-row halves of the last tile x key chunks.
+        let check_blocks = br.div_ceil(64) * check_chunks(dims.sk, bc);
         let src = format!(
             "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{SRC}",
             fwd.mask_program(),
@@ -428,6 +440,7 @@ impl ColumnsPlan {
             hist: f("cl_hist", smem[0])?,
             emit: f("cl_emit", smem[1])?,
             emit_stored: f("cl_emit_stored", 0)?,
+            check_lse: f("cl_check_lse", smem[2])?,
             check: f("cl_check", smem[2])?,
             lower: f("cl_lower", 0)?,
             scan: f("sp_scan", 0)?,
@@ -449,7 +462,8 @@ impl ColumnsPlan {
             kbase: dev.upload(&kbase)?,
             lim: dev.upload(&lim)?,
             cap: dev.upload(&cap)?,
-            chk: zf(bh * 2)?,
+            chk: zf(bh * check_blocks * 2)?,
+            chkp: zf(bh * check_blocks * 128)?,
             cnt: zu(rows)?,
             off: zu(rows + 1)?,
             ent: zu(bound)?,
@@ -496,6 +510,7 @@ impl ColumnsPlan {
             + sc.lim.len()
             + sc.cap.len()
             + sc.chk.len()
+            + sc.chkp.len()
             + sc.cnt.len()
             + sc.off.len()
             + sc.ent.len())
@@ -556,6 +571,7 @@ impl ColumnsPlan {
             lim: ptr_u(&sc.lim),
             cap: ptr_u(&sc.cap),
             chk: ptr_f(&sc.chk),
+            chkp: ptr_f(&sc.chkp),
             cnt: ptr_u(&sc.cnt),
             off: ptr_u(&sc.off),
             ent: ptr_u(&sc.ent),
@@ -566,6 +582,7 @@ impl ColumnsPlan {
             sink: self.args.sink as i32,
             local: self.args.local as i32,
             vec: (q.tma_aligned() && k.tma_aligned()) as i32,
+            nchunk: check_chunks(self.dims.sk, self.cand.tile_k) as i32,
         };
         let d = &self.dims;
         let bh = (d.batch * d.hq) as u32;
@@ -612,8 +629,12 @@ impl ColumnsPlan {
         }
         if self.args.check > 0.0 {
             let halves = self.cand.tile_q.div_ceil(64) as u32;
+            let grid = (halves, cp.nchunk as u32, bh);
+            around("check: LSE", &mut || {
+                launch(&kern.check_lse, cfg(grid, 256, smem[2]), None)
+            })?;
             around("check", &mut || {
-                launch(&kern.check, cfg((halves, bh, 1), 256, smem[2]), None)
+                launch(&kern.check, cfg(grid, 256, smem[2]), None)
             })?;
         }
         around("rows: count", &mut || {
@@ -890,18 +911,21 @@ mod tests {
             "u32* ent;",
             "u16* bins;",
             "const u64* bbase;",
+            "float* chkp;",
             "float gamma, check;",
             "int sink, local;",
             "int vec;",
+            "int nchunk;",
             "};",
         ] {
             at += SRC[at..]
                 .find(f)
                 .unwrap_or_else(|| panic!("`{f}` after offset {at}"));
         }
-        assert_eq!(std::mem::offset_of!(ClParams, gamma), 13 * 8);
-        assert_eq!(std::mem::offset_of!(ClParams, vec), 13 * 8 + 16);
-        assert_eq!(std::mem::size_of::<ClParams>(), 128);
+        assert_eq!(std::mem::offset_of!(ClParams, gamma), 14 * 8);
+        assert_eq!(std::mem::offset_of!(ClParams, vec), 14 * 8 + 16);
+        assert_eq!(std::mem::offset_of!(ClParams, nchunk), 14 * 8 + 20);
+        assert_eq!(std::mem::size_of::<ClParams>(), 136);
     }
 
     /// The bins: 16 per octave, masses at or below 2^-24 in bin 0, 1 (and 1 - 2^-17) in the last.

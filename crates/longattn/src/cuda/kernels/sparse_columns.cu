@@ -35,6 +35,7 @@
 #define CL_T (64 / CL_R)      // query tiles per block
 #define CL_NBIN 384           // mass bins: 16 per octave over [2^-24, 1]
 #define CL_KW 32              // key tiles per window of candidate kinds in shared memory
+#define CL_CHUNK (LA_BC * CL_KW)   // keys per block of the check (a whole number of windows)
 // The mass pass sums a tile's sampled rows in registers (shuffles within the m16n8 fragment)
 // when they lie in one 8-row half of a warp's rows: CL_R 1, 2, 4 or 8.
 #define CL_REG (CL_R == 1 || CL_R == 2 || CL_R == 4 || CL_R == 8)
@@ -47,16 +48,18 @@ struct ClParams {
     const u32* kbase;  // [BH q_tiles] (u32 offsets into gkeys)
     const u32* lim;    // [BH q_tiles] most keys the row gathers (half its candidate keys)
     const u32* cap;    // [BH q_tiles] capacity of the row's list (lim rounded up to LA_BC)
-    float* chk;        // [BH][2] the check's (sum, rows)
+    float* chk;        // [BH][halves][nchunk][2] the check's (mass sum, rows) per block
     u32* cnt;          // [BH q_tiles] entries per forward row
     u32* off;          // [BH q_tiles + 1]
     u32* ent;          // the forward's entries
     u16* bins;         // null, or per row the keys' codes (cl_hist writes, cl_emit_stored reads):
                        // 0 not a candidate, 1 candidate with no mass, 2 + bin(m_j)
     const u64* bbase;  // [BH q_tiles + 1] where row r's codes start (multiples of 64 codes)
+    float* chkp;       // the check's partial (max, sum) per (bh, half, chunk, row): [.. ][64][2]
     float gamma, check;
     int sink, local;
     int vec;           // q / k rows 16-byte aligned (vector loads)
+    int nchunk;        // the check's key chunks (CL_CHUNK keys each)
 };
 
 struct ClSmem {
@@ -241,12 +244,13 @@ __device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre
         }
 }
 
-// Each block row's LSE over keys [0, kend) into sm.lse.
-__device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt) {
+// Each block row's LSE over keys [jb, je) (jb a multiple of CL_CHUNK) into sm.lse, or with
+// `part` its (max, sum), max(s) and sum 2^(s - max) in log2 units, into part[row][2].
+__device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt, int jb, int je, float* part) {
     float m[2] = {-LA_INF, -LA_INF}, z[2] = {0.f, 0.f};
     ClPre pre;
-    cl_fetch(p, vec, pre, b, g, 0);
-    for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
+    cl_fetch(p, vec, pre, b, g, jb);
+    for (int j0 = jb; j0 < je; j0 += SP_SUB) {
         cl_kinds(p, sm, b, h, qt0, check_qt, j0);
         float s[4][4];
         cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
@@ -285,7 +289,12 @@ __device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, in
         const int r = threadIdx.x;
         float mm = sm.p[r][0], zz = sm.p[r][1];
         sp_merge(mm, zz, sm.p[r][2], sm.p[r][3]);
-        sm.lse[r] = mm == -LA_INF ? -LA_INF : mm + __log2f(zz);
+        if (part != nullptr) {
+            part[2 * r] = mm;
+            part[2 * r + 1] = zz;
+        } else {
+            sm.lse[r] = mm == -LA_INF ? -LA_INF : mm + __log2f(zz);
+        }
     }
     __syncthreads();
 }
@@ -340,7 +349,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
     const int qt0 = (gridDim.x - 1 - blockIdx.x) * CL_T;
     cl_setup(p, cp, sm, b, h, qt0, -1);
     for (int x = threadIdx.x; x < CL_T * CL_NBIN; x += blockDim.x) hist[x] = 0.f;
-    cl_row_lse(p, cp.vec != 0, sm, b, h, g, qt0, -1);
+    cl_row_lse(p, cp.vec != 0, sm, b, h, g, qt0, -1, 0, sm.kend, nullptr);
     if (threadIdx.x < 64) {
         const int r = threadIdx.x, qt = qt0 + r / CL_R;
         if (r < CL_T * CL_R && qt < p.q_tiles) cp.lse[((i64)bh * p.q_tiles + qt) * CL_R + r % CL_R] = sm.lse[r];
@@ -552,35 +561,73 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit_stored(const LaFwdPara
         for (u32 x = c + lane; x < min(capr, (c + LA_BC - 1) / LA_BC * LA_BC); x += 32) cp.gkeys[base + x] = LA_PAD;
 }
 
-// The check over the last query tile's rows r0 + 64 blockIdx.x .. (+ 63): the sum over rows
-// with allowed keys of the mass on the pairs the forward computes for them, and their count,
-// added into chk[bh] (two adds at most per value: the same sum in either order).
+// The check over the last query tile's rows r0 = qt BR + 64 blockIdx.x .. r0 + 63 (a half),
+// split over key chunks c = blockIdx.y of CL_CHUNK keys for parallelism: cl_check_lse writes
+// each chunk's (max, sum) of the rows' logits; cl_check merges them into the rows' LSE,
+//   LSE_i = M + log2 sum_c z_c 2^(m_c - M),  M = max_c m_c,
+// and sums over its chunk the mass on the pairs the forward computes, t_i = sum_j 2^(s_ij -
+// LSE_i), into chk (the block's sum over rows with allowed keys, and their count); cl_lower adds
+// the blocks' sums in a fixed order.
+__device__ __forceinline__ i64 cl_check_slot(const LaFwdParams& p, const ClParams& cp, int bh) {
+    return ((i64)bh * gridDim.x + blockIdx.x) * cp.nchunk + blockIdx.y;
+}
+
+extern "C" __global__ void __launch_bounds__(256) cl_check_lse(const LaFwdParams p, const ClParams cp) {
+    extern __shared__ __align__(16) unsigned char cl_smem[];
+    ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
+    const int bh = blockIdx.z, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const int qt = p.q_tiles - 1, r0 = qt * LA_BR + 64 * blockIdx.x;
+    if (r0 >= p.Sq) return;
+    cl_setup(p, cp, sm, b, h, 0, r0);
+    const int jb = blockIdx.y * CL_CHUNK, je = min(sm.kend, jb + CL_CHUNK);
+    float* part = cp.chkp + cl_check_slot(p, cp, bh) * 128;
+    cl_row_lse(p, cp.vec != 0, sm, b, h, g, -1, qt, jb, je, part);
+}
+
 extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, const ClParams cp) {
     extern __shared__ __align__(16) unsigned char cl_smem[];
     ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
     unsigned char* kf = reinterpret_cast<unsigned char*>(cl_smem + sizeof(ClSmem));   // [64] kept flags
     __shared__ u32 cursor;
-    const int bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
+    const int bh = blockIdx.z, b = bh / p.Hq, h = bh % p.Hq, g = h / (p.Hq / p.Hk);
     const int qt = p.q_tiles - 1, r0 = qt * LA_BR + 64 * blockIdx.x;
     if (r0 >= p.Sq) return;
     const i64 row = (i64)bh * p.q_tiles + qt;
     const u32 nk = cp.nkeys[row];
     const bool whole = nk > cp.lim[row];
     cl_setup(p, cp, sm, b, h, 0, r0);
-    cl_row_lse(p, cp.vec != 0, sm, b, h, g, -1, qt);
+    const int jb = blockIdx.y * CL_CHUNK, je = min(sm.kend, jb + CL_CHUNK);
+    // The rows' LSE from every chunk's (max, sum).
+    if (threadIdx.x < 64) {
+        const int r = threadIdx.x;
+        const float* part = cp.chkp + (cl_check_slot(p, cp, bh) - blockIdx.y) * 128;
+        float mm = -LA_INF, zz = 0.f;
+        for (int c = 0; c < cp.nchunk; c++) sp_merge(mm, zz, part[c * 128 + 2 * r], part[c * 128 + 2 * r + 1]);
+        sm.lse[r] = mm == -LA_INF ? -LA_INF : mm + __log2f(zz);
+    }
     int bk0, bk1;
     cl_band(p, cp.local, qt, bk0, bk1);
-    if (threadIdx.x == 0) cursor = 0;
+    if (threadIdx.x == 0) {
+        // The kept list is ascending: the first of its keys at or past jb.
+        const u32* lk = cp.gkeys + cp.kbase[row];
+        u32 a = 0, z = whole ? 0 : nk;
+        while (a < z) {
+            const u32 m = (a + z) >> 1;
+            if (lk[m] < (u32)jb) a = m + 1; else z = m;
+        }
+        cursor = a;
+    }
+    __syncthreads();
     // Per row (threads 0..63): the mass on computed pairs.
     float t = 0.f;
     ClPre pre;
-    cl_fetch(p, cp.vec != 0, pre, b, g, 0);
-    for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
+    cl_fetch(p, cp.vec != 0, pre, b, g, jb);
+    for (int j0 = jb; j0 < je; j0 += SP_SUB) {
         cl_probs(p, cp.vec != 0, sm, pre, b, h, g, -1, qt, j0);
         if (threadIdx.x < 64) kf[threadIdx.x] = whole || (j0 + (int)threadIdx.x) / LA_BC >= bk0 && (j0 + (int)threadIdx.x) / LA_BC <= bk1;
         __syncthreads();
         if (threadIdx.x == 0 && !whole) {
-            // The kept list is ascending: its keys in [j0, j0 + 64) follow the cursor.
+            // Its keys in [j0, j0 + 64) follow the cursor.
             u32 c = cursor;
             const u32* lk = cp.gkeys + cp.kbase[row];
             while (c < nk && lk[c] < (u32)(j0 + 64)) {
@@ -607,8 +654,9 @@ extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, 
             a += red[0][x];
             n += red[1][x];
         }
-        atomicAdd(&cp.chk[bh * 2], a);
-        atomicAdd(&cp.chk[bh * 2 + 1], n);
+        const i64 at = cl_check_slot(p, cp, bh);
+        cp.chk[2 * at] = a;
+        cp.chk[2 * at + 1] = n;
     }
 }
 
@@ -625,8 +673,15 @@ extern "C" __global__ void __launch_bounds__(128) cl_lower(const LaFwdParams p, 
     const u32 nk = cp.nkeys[row];
     bool whole = nk > cp.lim[row];
     if (cp.check > 0.f) {
-        const float n = cp.chk[bh * 2 + 1];
-        whole = whole || (n > 0.f && cp.chk[bh * 2] / n < cp.check);
+        // The check's blocks (halves x chunks), in order; each chunk counts the half's rows.
+        float a = 0.f, n = 0.f;
+        const int halves = (LA_BR + 63) / 64;
+        for (int x = 0; x < halves * cp.nchunk; x++) {
+            const float* c = cp.chk + 2 * ((i64)bh * halves * cp.nchunk + x);
+            a += c[0];
+            if (x % cp.nchunk == 0) n += c[1];
+        }
+        whole = whole || (n > 0.f && a / n < cp.check);
     }
     int bk0, bk1;
     cl_band(p, cp.local, qt, bk0, bk1);
