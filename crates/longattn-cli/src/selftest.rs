@@ -131,6 +131,8 @@ fn group_name(g: &str) -> &'static str {
         "sparse",
         "skip",
         "map",
+        "gather",
+        "columns",
     ];
     GROUPS.iter().find(|&&x| x == g).copied().unwrap_or("other")
 }
@@ -403,5 +405,37 @@ fn finite(x: f64) -> serde_json::Value {
         serde_json::json!(x)
     } else {
         serde_json::json!(null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every group the library's device selftests report keeps its name when read back from a
+    /// worker process's JSON (an unknown one reads as "other").
+    #[test]
+    fn the_library_groups_keep_their_names() {
+        let src = [
+            include_str!("../../longattn/src/cuda/selftest.rs"),
+            include_str!("../../longattn/src/cuda/decode.rs"),
+            include_str!("../../longattn/src/sparse/skip_check.rs"),
+            include_str!("../../longattn/src/kv/score_cuda.rs"),
+            include_str!("../../longattn/src/kv/kivi_cuda.rs"),
+            include_str!("../../longattn/src/kv/cuda.rs"),
+        ]
+        .concat();
+        let mut seen = 0;
+        for pat in [
+            "CaseResult::checked(\"",
+            "CaseResult::refused(\"",
+            "group: \"",
+        ] {
+            for (at, _) in src.match_indices(pat) {
+                let rest = &src[at + pat.len()..];
+                let g = &rest[..rest.find('"').unwrap()];
+                assert_eq!(super::group_name(g), g, "group `{g}`");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "only {seen} groups found");
     }
 }
