@@ -315,8 +315,9 @@ fn cuda(a: &Args, specs: &[SparseSpec]) -> Result<()> {
         for &d in &dims {
             let gen = match a.inputs.as_str() {
                 "structured" => longattn::sparse::structured_qk,
+                "sharp" => longattn::sparse::structured_qk_sharp,
                 "planted" => longattn::sparse::skip_check::planted_near_far,
-                o => bail!("--inputs {o}: expected `structured` or `planted`"),
+                o => bail!("--inputs {o}: expected `structured`, `sharp` or `planted`"),
             };
             let bound = bind_mask(&mask_text, a.batch, n, n, None)?;
             let (dm, qd, kd, vd) = device_inputs(&dev, a, gen, n, d, (hq, hk))?;

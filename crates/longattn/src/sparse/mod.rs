@@ -208,7 +208,7 @@ mod tests;
 
 pub use lines::Lines;
 pub use spec::{Method, SparseSpec, DENSE_BELOW};
-pub use synthetic::structured_qk;
+pub use synthetic::{structured_qk, structured_qk_sharp};
 
 use crate::attention::{check_bound, validate, AttnOutput, AttnParams, Dims, MaskSpec};
 use crate::error::{Error, Result};
