@@ -12,14 +12,18 @@
 //   bin(m) = clamp(floor(16 (log2 m + 24)), 0, CL_NBIN - 1) for m > 0 (2^(1/16) steps; masses
 //            below 2^-24 share bin 0)
 //   cut B = the largest bin with sum_{j: bin(m_j) >= B} m_j >= gamma sum_j m_j   (cl_hist's second
-//   pass: shared-memory float adds, so a total's rounding, not its terms, varies from run to run)
+//   pass: shared-memory float adds, so a total's rounding, not its terms, varies from run to run;
+//   the pass also stores each candidate key's code, 2 + bin(m_j), 1 for no mass, 0 for a key
+//   outside the candidates, when ClParams::bins is set)
 //   kept keys: m_j > 0 and bin(m_j) >= B, and the sinks j < sink in candidate tiles; not those
-//   in the band tiles (cl_emit, ascending, at most the row's capacity)
+//   in the band tiles (cl_emit_stored from the codes, or cl_emit computing the probabilities a
+//   third time; ascending, at most the row's capacity)
 //   band tiles: the candidate key tiles meeting [p_r0 - (local - 1), p_(r1-1)] (p_i = i + Sk - Sq;
 //   none when local = 0), computed whole
 // A row keeping more than half its candidate keys (`lim`) runs every candidate tile whole
 // instead (a gathered chunk costs about twice a tile). The check (check > 0): over the last query
-// tile's rows i with A_i not empty, t = mean_i sum_{j computed for i} 2^(s_ij - LSE_i) (cl_check);
+// tile's rows i with A_i not empty, t = mean_i sum_{j computed for i} 2^(s_ij - LSE_i) (cl_check_lse
+// and cl_check, over key chunks of CL_CHUNK keys);
 // t < check: every row of (b, h) runs every candidate tile whole. Then cl_lower writes the
 // forward's rows (count, sp_scan, write): the kept band tiles (`k_tile << 1 | partial`) then the
 // chunks (`LA_GATHERED | chunk << 1 | tested`, LA_BC keys each from gkeys; tested when a Partial
@@ -27,7 +31,9 @@
 //
 // A block takes T = CL_T tiles' sampled rows (64 / R tiles, at most 64 rows), row t R + s of the
 // block = sampled row s of tile qt0 + t, over keys [0, the tiles' last candidate key) in
-// sub-tiles of 64 keys (sp_vs's 64 x 64 tensor-core logits, rows from a table).
+// sub-tiles of 64 keys (sp_vs's 64 x 64 tensor-core logits, rows from a table; the candidate
+// kinds from a shared-memory window of CL_KW key tiles, the next sub-tile's keys loaded into
+// registers during the current one's products).
 // Needs: common.cuh, fwd_params.cuh, the mask program, select.cuh, sparse_vs.cu (tiles, logits
 // fragment layout, candidate kinds), LA_D, LA_BR, LA_BC (a multiple of 64), LA_SOFTCAP, LA_F16,
 // CL_R, LA_GATHERED_BIT and LA_PAD (sparse/gather.rs's GATHERED and PAD).
