@@ -332,6 +332,18 @@ __device__ __forceinline__ int cl_bin(float m) {
     return max(0, min(CL_NBIN - 1, (int)floorf(16.f * (log2f(m) + 24.f))));
 }
 
+// One key of a tile in the mass pass: m = the sum of its n sampled rows' probabilities; its
+// mean m / n into the tile's bins `hb`, and its code (0 not a candidate, 1 no mass, 2 + bin).
+__device__ __forceinline__ int cl_mass(float m, int n, int kind, float* hb) {
+    if (n > 0 && m > 0.f) {
+        m /= (float)n;
+        const int bn = cl_bin(m);
+        atomicAdd(&hb[bn], m);
+        return kind != 0 ? 2 + bn : 0;
+    }
+    return kind != 0;
+}
+
 // The band's key tiles of query tile qt: [kt0, kt1] (kt0 > kt1: none).
 __device__ __forceinline__ void cl_band(const LaFwdParams& p, int local, int qt, int& kt0, int& kt1) {
     const i64 p0 = (i64)qt * LA_BR + p.Sk - p.Sq, p1 = (i64)min(p.Sq, qt * LA_BR + LA_BR) - 1 + p.Sk - p.Sq;
@@ -399,14 +411,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
                     u32 codes = 0;
 #pragma unroll
                     for (int e1 = 0; e1 < 2; e1++) {
-                        float m = sv[nb][2 * hr + e1];
-                        int code = kind != 0;
-                        if (n > 0 && m > 0.f) {
-                            m /= (float)n;
-                            const int bn = cl_bin(m);
-                            atomicAdd(&hist[t * CL_NBIN + bn], m);
-                            code = kind != 0 ? 2 + bn : 0;
-                        }
+                        int code = cl_mass(sv[nb][2 * hr + e1], n, kind, hist + t * CL_NBIN);
                         if (j0 + key0 + e1 >= p.Sk) code = 0;
                         codes |= (u32)code << (16 * e1);
                     }
@@ -421,13 +426,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
             float m = 0.f;
             const int n = sm.cnt[t], kind = sm.kwin[t][j0 / LA_BC - sm.kw0];
             for (int s = 0; s < CL_R; s++) m += sm.p[t * CL_R + s][c];
-            int code = kind != 0;
-            if (n > 0 && m > 0.f) {
-                m /= (float)n;
-                const int bn = cl_bin(m);
-                atomicAdd(&hist[t * CL_NBIN + bn], m);
-                code = kind != 0 ? 2 + bn : 0;
-            }
+            const int code = cl_mass(m, n, kind, hist + t * CL_NBIN);
             const int qt = qt0 + t;
             if (cp.bins != nullptr && qt < p.q_tiles) {
                 const i64 row = (i64)bh * p.q_tiles + qt;
