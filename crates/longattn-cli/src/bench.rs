@@ -160,8 +160,8 @@ pub struct Args {
     #[arg(long)]
     pub(crate) recall: bool,
     /// With --sparse --backend cuda: the q / k generator, `structured` (sinks, hub columns,
-    /// diagonals: `sparse::structured_qk`), `sharp` (the same with rows as peaked as a real
-    /// model's: `sparse::structured_qk_sharp`) or `planted` (every 5th 64-key group near, the
+    /// diagonals: `sparse::structured_qk`), `sharp` (peaked rows whose heavy keys nearby
+    /// queries share: `sparse::structured_qk_sharp`) or `planted` (every 5th 64-key group near, the
     /// others' logits ~7 nats below: `sparse::skip_check::planted_near_far`, where skip-softmax
     /// can drop most tiles).
     #[arg(long, default_value = "structured")]

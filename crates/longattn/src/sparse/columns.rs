@@ -254,9 +254,12 @@ pub struct ColumnsPlan {
     smem: [usize; 3],
 }
 
-/// The check's key chunks: `CL_CHUNK` = 32 key tiles (one window of kinds) each.
+/// Key tiles per window of candidate kinds in the kernels' shared memory (`CL_KW`).
+const KINDS_WINDOW: usize = 32;
+
+/// The check's key chunks: `CL_CHUNK` = one window of kinds each.
 fn check_chunks(sk: usize, bc: usize) -> usize {
-    sk.div_ceil(32 * bc)
+    sk.div_ceil(KINDS_WINDOW * bc)
 }
 
 /// Most bytes of stored key codes (beyond them the key lists' pass recomputes the probabilities).
@@ -387,10 +390,16 @@ impl ColumnsPlan {
         let rr = args.rows;
         let t = 64 / rr;
         // sizeof(ClSmem) and some: q and k tiles (64 rows of D + 8 16-bit words), row table,
-        // LSE, the probabilities [64][65], the kinds' window [64][CL_KW = 32], its cursors and
-        // the tiles' row counts [3][64], the window start and the key extent.
-        let base =
-            2 * 2 * 64 * (d + 8) + 2 * 64 * 4 + 64 * 65 * 4 + 64 * 32 + 3 * 64 * 4 + 4 + 4 + 64;
+        // LSE, the probabilities [64][65], the kinds' window [64][CL_KW], its cursors and the
+        // tiles' row counts [3][64], the window start and the key extent.
+        let base = 2 * 2 * 64 * (d + 8)
+            + 2 * 64 * 4
+            + 64 * 65 * 4
+            + 64 * KINDS_WINDOW
+            + 3 * 64 * 4
+            + 4
+            + 4
+            + 64;
         let smem = [base + t * NBIN * 4, base + t * 4, base + 64];
         if smem[0] > dev.smem_optin {
             return Err(param(format!(
@@ -926,6 +935,8 @@ mod tests {
         assert_eq!(std::mem::offset_of!(ClParams, vec), 14 * 8 + 16);
         assert_eq!(std::mem::offset_of!(ClParams, nchunk), 14 * 8 + 20);
         assert_eq!(std::mem::size_of::<ClParams>(), 136);
+        // The kinds window the Rust side sizes shared memory and the check's chunks by.
+        assert!(SRC.contains(&format!("#define CL_KW {KINDS_WINDOW} ")));
     }
 
     /// The bins: 16 per octave, masses at or below 2^-24 in bin 0, 1 (and 1 - 2^-17) in the last.

@@ -348,13 +348,14 @@ impl RowMask for RowKeys<'_> {
     }
 }
 
-/// The CPU's form of a selection under `mask` (`Full` or an expression): the selection's
-/// schedule ([`TileKeys::cpu_schedule`]) and the mask's element rule (None: every pair).
+/// The CPU's form of a selection under `mask` (`Full` or an expression) for these inputs: the
+/// selection's schedule ([`TileKeys::cpu_schedule`]) and its row mask ([`RowKeys`]).
 fn cpu_form<'a>(
+    [q, k, v]: [&crate::TensorView; 3],
     mask: crate::MaskSpec<'a>,
-    sel: &TileKeys,
-    dims: &crate::attention::Dims,
-) -> Result<(BlockSchedule, Option<&'a dyn RowMask>)> {
+    sel: &'a TileKeys,
+) -> Result<(BlockSchedule, RowKeys<'a>)> {
+    let dims = crate::attention::validate("gathered keys", q, k, v)?;
     let (sched, rows): (BlockSchedule, Option<&dyn RowMask>) = match mask {
         crate::MaskSpec::Full => (
             BlockSchedule::full(sel.tile_q, sel.tile_k, dims.sq, dims.sk)?,
@@ -367,7 +368,8 @@ fn cpu_form<'a>(
             ))
         }
     };
-    Ok((sel.cpu_schedule(&sched, dims.batch, dims.hq)?, rows))
+    let s = sel.cpu_schedule(&sched, dims.batch, dims.hq)?;
+    Ok((s, RowKeys { mask: rows, sel }))
 }
 
 /// The forward of a selection under `mask` (`Full` or an expression) on the CPU: the selection's
@@ -381,9 +383,7 @@ pub fn forward(
     mask: crate::MaskSpec,
     sel: &TileKeys,
 ) -> Result<crate::AttnOutput> {
-    let dims = crate::attention::validate("gathered keys", q, k, v)?;
-    let (s, rows) = cpu_form(mask, sel, &dims)?;
-    let rows = RowKeys { mask: rows, sel };
+    let (s, rows) = cpu_form([q, k, v], mask, sel)?;
     crate::forward(
         q,
         k,
@@ -412,9 +412,7 @@ pub fn backward(
     sel: &TileKeys,
     bwd: &crate::BackwardParams,
 ) -> Result<crate::Grads> {
-    let dims = crate::attention::validate("gathered keys", q, k, v)?;
-    let (s, rows) = cpu_form(mask, sel, &dims)?;
-    let rows = RowKeys { mask: rows, sel };
+    let (s, rows) = cpu_form([q, k, v], mask, sel)?;
     crate::backward(
         q,
         k,

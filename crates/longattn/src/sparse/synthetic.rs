@@ -34,7 +34,8 @@ const C: f64 = 0.55;
 
 /// The query scale of [`structured_qk_sharp`]: the std of its rows' noise logits.
 pub const SHARP: f64 = 2.7;
-/// The share of a query's noise variance common to its 64-row block in [`structured_qk_sharp`].
+/// The share of a query's noise variance that is smooth along the positions (between anchors
+/// every 256 rows) in [`structured_qk_sharp`].
 pub const SHARED: f64 = 0.97;
 
 /// q `[batch, sq, hq, d]` and k `[batch, sk, hk, d]` in `dtype` (see the module header).
@@ -90,6 +91,23 @@ fn structured_scaled(
             (u, hub, gauss(npos * d, s ^ 0x9999))
         })
         .collect();
+    // The queries' smooth noise: seeded anchors every 256 rows per (batch row, query head),
+    // `[batch][hq][anchor][d]` (none without a smooth share).
+    let n_anchor = sq.div_ceil(256) + 1;
+    let anchors: Vec<f64> = if share > 0.0 {
+        (0..batch * hq * n_anchor)
+            .into_par_iter()
+            .flat_map_iter(|x| {
+                let (bh, a) = (x / n_anchor, x % n_anchor);
+                let (b, h) = (bh / hq, bh % hq);
+                let z = ((b * sq.div_ceil(256) + a + 1) * 131 + h) as u64;
+                let (s0, zk) = (seed ^ 0x1111, z.wrapping_mul(0x51ED));
+                (0..d).map(move |c| Rng::new(s0 ^ zk.wrapping_add(c as u64)).normal())
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let fill =
         |rows: usize, h_of: &(dyn Fn(usize) -> usize + Sync), nh: usize, key: bool, s0: u64| {
             let mut out = vec![0f32; batch * rows * nh * d];
@@ -107,16 +125,13 @@ fn structured_scaled(
                             // A smooth part of the row's noise: between seeded anchors every
                             // 256 rows (per batch row and head), so nearby queries weigh the
                             // same keys.
-                            let anchor = |a: usize, c: usize| {
-                                let z = ((b * rows.div_ceil(256) + a + 1) * 131 + h) as u64;
-                                Rng::new(s0 ^ z.wrapping_mul(0x51ED).wrapping_add(c as u64))
-                                    .normal()
-                            };
                             let (a, f) = (t / 256, (t % 256) as f64 / 256.0);
+                            let at = ((b * hq + h) * n_anchor + a) * d;
+                            let (a0, a1) = (&anchors[at..at + d], &anchors[at + d..at + 2 * d]);
                             let norm = ((1.0 - f) * (1.0 - f) + f * f).sqrt();
                             let (wi, ws) = ((1.0 - share).sqrt(), share.sqrt() / norm);
-                            for (c, v) in x.iter_mut().enumerate() {
-                                let z = (1.0 - f) * anchor(a, c) + f * anchor(a + 1, c);
+                            for ((v, z0), z1) in x.iter_mut().zip(a0).zip(a1) {
+                                let z = (1.0 - f) * z0 + f * z1;
                                 *v = (wi * *v as f64 + ws * z) as f32;
                             }
                         }
@@ -163,7 +178,7 @@ mod tests {
     /// over some rows of a causal 4096 x 4096 head.
     fn keys_for_mass(q: &Tensor, k: &Tensor, gamma: f64) -> f64 {
         let (qv, kv) = (q.view("q").unwrap(), k.view("k").unwrap());
-        let (n, d) = (qv.shape[1], qv.shape[3]);
+        let d = qv.shape[3];
         let rows = [1023, 2047, 3071, 4095];
         let mut share = 0.0;
         for &i in &rows {
@@ -186,7 +201,6 @@ mod tests {
             }
             share += kept as f64 / (i + 1) as f64;
         }
-        let _ = n;
         share / rows.len() as f64
     }
 

@@ -321,13 +321,6 @@ __device__ void cl_probs(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre,
     __syncthreads();
 }
 
-// Sampled rows of tile t in the block and their count n.
-__device__ __forceinline__ int cl_count(const ClSmem& sm, int t) {
-    int n = 0;
-    for (int s = 0; s < CL_R; s++) n += sm.row[t * CL_R + s] >= 0;
-    return n;
-}
-
 __device__ __forceinline__ int cl_bin(float m) {
     return max(0, min(CL_NBIN - 1, (int)floorf(16.f * (log2f(m) + 24.f))));
 }
@@ -483,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, c
             const int cut = cp.cut[row];
             int bk0, bk1;
             cl_band(p, cp.local, qt, bk0, bk1);
-            const int n = cl_count(sm, t);
+            const int n = sm.cnt[t];
             u32 c = cnt[t];
             const u32 capr = cp.cap[row];
             const u32 base = cp.kbase[row];
@@ -573,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit_stored(const LaFwdPara
 // and sums over its chunk the mass on the pairs the forward computes, t_i = sum_j 2^(s_ij -
 // LSE_i), into chk (the block's sum over rows with allowed keys, and their count); cl_lower adds
 // the blocks' sums in a fixed order.
-__device__ __forceinline__ i64 cl_check_slot(const LaFwdParams& p, const ClParams& cp, int bh) {
+__device__ __forceinline__ i64 cl_check_slot(const ClParams& cp, int bh) {
     return ((i64)bh * gridDim.x + blockIdx.x) * cp.nchunk + blockIdx.y;
 }
 
@@ -585,7 +578,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_check_lse(const LaFwdParams
     if (r0 >= p.Sq) return;
     cl_setup(p, cp, sm, b, h, 0, r0);
     const int jb = blockIdx.y * CL_CHUNK, je = min(sm.kend, jb + CL_CHUNK);
-    float* part = cp.chkp + cl_check_slot(p, cp, bh) * 128;
+    float* part = cp.chkp + cl_check_slot(cp, bh) * 128;
     cl_row_lse(p, cp.vec != 0, sm, b, h, g, -1, qt, jb, je, part);
 }
 
@@ -605,7 +598,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, 
     // The rows' LSE from every chunk's (max, sum).
     if (threadIdx.x < 64) {
         const int r = threadIdx.x;
-        const float* part = cp.chkp + (cl_check_slot(p, cp, bh) - blockIdx.y) * 128;
+        const float* part = cp.chkp + (cl_check_slot(cp, bh) - blockIdx.y) * 128;
         float mm = -LA_INF, zz = 0.f;
         for (int c = 0; c < cp.nchunk; c++) sp_merge(mm, zz, part[c * 128 + 2 * r], part[c * 128 + 2 * r + 1]);
         sm.lse[r] = mm == -LA_INF ? -LA_INF : mm + __log2f(zz);
@@ -659,7 +652,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, 
             a += red[0][x];
             n += red[1][x];
         }
-        const i64 at = cl_check_slot(p, cp, bh);
+        const i64 at = cl_check_slot(cp, bh);
         cp.chk[2 * at] = a;
         cp.chk[2 * at + 1] = n;
     }
