@@ -6,7 +6,8 @@
 #   bash scripts/gpu/sparse_check.sh bench     # longattn bench --backend cuda --sparse (SPARSE_SPECS, SPARSE_LENS)
 #   bash scripts/gpu/sparse_check.sh columns   # the gathered form of `columns` (sparse::columns): selftest group
 #                                              # columns, memcheck over its quick cases, pytest's columns /
-#                                              # gathered CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS)
+#                                              # gathered CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS, COLUMNS_INPUTS:
+#                                              # structured and / or sharp)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -43,9 +44,11 @@ columns)
       > "$OUT/pytest_columns.txt" 2>&1; echo "pytest rc=$?"; tail -8 "$OUT/pytest_columns.txt"
   fi
   SPEC=${COLUMNS_SPEC:-"columns(gamma=0.97,rows=4,check=0.92,block=128,sink=4,local=64,dense_below=0)"}
-  timeout 400 /tmp/longattn bench --backend cuda --sparse "$SPEC" --lens "${COLUMNS_LENS:-16k,64k,128k}" \
-    > "$OUT/columns_bench.txt" 2>&1
-  echo "columns bench rc=$?"; tail -30 "$OUT/columns_bench.txt"
+  for inputs in ${COLUMNS_INPUTS:-structured}; do
+    timeout 400 /tmp/longattn bench --backend cuda --sparse "$SPEC" --lens "${COLUMNS_LENS:-16k,64k,128k}" \
+      --inputs "$inputs" > "$OUT/columns_bench_$inputs.txt" 2>&1
+    echo "columns bench ($inputs) rc=$?"; tail -30 "$OUT/columns_bench_$inputs.txt"
+  done
   ;;
 esac
 done
