@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Dynamic sparse prefill on the device machine (issue 15's GPU part). Expects the stripped CLI as
-# .dev/longattn.xz (carried).
+# .dev/longattn.xz (carried; LONGATTN_XZ names another).
 #   bash scripts/gpu/sparse_check.sh checks    # selftest group sparse (vertical-slash, lowbit, refusals)
 #   bash scripts/gpu/sparse_check.sh memcheck  # compute-sanitizer memcheck over the quick lowbit cases
 #   bash scripts/gpu/sparse_check.sh bench     # longattn bench --backend cuda --sparse (SPARSE_SPECS, SPARSE_LENS)
@@ -12,7 +12,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 # unpacked on every call: a warm machine keeps /tmp from the call before, with its older binary
-xz -dc .dev/longattn.xz > /tmp/longattn && chmod +x /tmp/longattn
+xz -dc "${LONGATTN_XZ:-.dev/longattn.xz}" > /tmp/longattn && chmod +x /tmp/longattn
 for what in "${@:-checks}"; do
 case "$what" in
 checks)

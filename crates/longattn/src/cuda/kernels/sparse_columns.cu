@@ -232,15 +232,25 @@ __device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre
         la_mma16816(s[2], a, b1);
         la_mma16816(s[3], a, b1 + 2);
     }
+    // A thread's two rows (elements 0, 1 and 2, 3) each lie in one tile, and the 64 keys in one
+    // key tile (LA_BC a multiple of 64): one candidate kind per row, read once; only Partial
+    // kinds and the last sub-tile test element by element.
+    int ri[2], kd[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int r = sp_frag_row(2 * hr);
+        ri[hr] = sm.row[r];
+        kd[hr] = ri[hr] >= 0 ? sm.kwin[check ? 0 : r / CL_R][j0 / LA_BC - sm.kw0] : 0;
+    }
+    const bool each = kd[0] == 2 || kd[1] == 2 || j0 + SP_SUB > p.Sk;
 #pragma unroll
     for (int nb = 0; nb < 4; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const int r = sp_frag_row(e), i = sm.row[r], j = j0 + sp_frag_key(nb, e);
-            bool ok = i >= 0 && j < p.Sk;
-            if (ok) {
-                const int kind = sm.kwin[check ? 0 : r / CL_R][j0 / LA_BC - sm.kw0];
-                ok = kind == 1 || (kind == 2 && la_mask(p, b, h, i, j));
+            bool ok = kd[e / 2] == 1;
+            if (each) {
+                const int j = j0 + sp_frag_key(nb, e);
+                ok = j < p.Sk && (ok || (kd[e / 2] == 2 && la_mask(p, b, h, ri[e / 2], j)));
             }
             float x = s[nb][e];
 #if LA_SOFTCAP
@@ -376,11 +386,14 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
         float sv[4][4];
         cl_logits(p, cp.vec != 0, sm, pre, b, h, g, j0, false, sv);
         const int lane = threadIdx.x % 32, ktw = j0 / LA_BC - sm.kw0;
+        float lr[2];
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) lr[hr] = sm.lse[sp_frag_row(2 * hr)];
 #pragma unroll
         for (int nb = 0; nb < 4; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const float l = sm.lse[sp_frag_row(e)], x = sv[nb][e];
+                const float l = lr[e / 2], x = sv[nb][e];
                 sv[nb][e] = (x == -LA_INF || l == -LA_INF) ? 0.f : la_exp2(x - l);
             }
 #pragma unroll
@@ -389,27 +402,37 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
             for (int nb = 0; nb < 4; nb++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) sv[nb][e] += __shfl_xor_sync(0xffffffffu, sv[nb][e], o);
-        if ((lane / 4) % CL_R == 0) {
+        // Every lane of a tile's CL_R row lanes now holds the sums; they share the binning: a
+        // thread's 8 key pairs (nb, hr), pair q = u CL_R + c to the lane with (lane / 4) % CL_R
+        // = c, so each bins 8 / CL_R pairs (two adjacent keys, one 4-byte code store).
+        const int c = (lane / 4) % CL_R;
 #pragma unroll
-            for (int hr = 0; hr < 2; hr++) {
-                const int t = sp_frag_row(2 * hr) / CL_R, qt = qt0 + t;
-                if (qt >= p.q_tiles) continue;
-                const int n = sm.cnt[t], kind = sm.kwin[t][ktw];
-                const i64 row = (i64)bh * p.q_tiles + qt;
-                const u64 b0 = cp.bins != nullptr ? cp.bbase[row] : 0;
-                const u64 len = cp.bins != nullptr ? cp.bbase[row + 1] - b0 : 0;
+        for (int u = 0; u < 8 / CL_R; u++) {
+            float v0 = 0.f, v1 = 0.f;
+            int q = 0;
 #pragma unroll
-                for (int nb = 0; nb < 4; nb++) {
-                    const int key0 = sp_frag_key(nb, 2 * hr);
-                    u32 codes = 0;
-#pragma unroll
-                    for (int e1 = 0; e1 < 2; e1++) {
-                        int code = cl_mass(sv[nb][2 * hr + e1], n, kind, hist + t * CL_NBIN);
-                        if (j0 + key0 + e1 >= p.Sk) code = 0;
-                        codes |= (u32)code << (16 * e1);
-                    }
-                    if ((u64)(j0 + key0) < len) *reinterpret_cast<u32*>(cp.bins + b0 + j0 + key0) = codes;
+            for (int cc = 0; cc < CL_R; cc++)
+                if (cc == c) {
+                    q = u * CL_R + cc;
+                    v0 = sv[q / 2][2 * (q % 2)];
+                    v1 = sv[q / 2][2 * (q % 2) + 1];
                 }
+            const int nb = q / 2, hr = q % 2;
+            const int t = sp_frag_row(2 * hr) / CL_R, qt = qt0 + t;
+            if (qt >= p.q_tiles) continue;
+            const int n = sm.cnt[t], kind = sm.kwin[t][ktw];
+            const i64 row = (i64)bh * p.q_tiles + qt;
+            const int key0 = sp_frag_key(nb, 2 * hr);
+            u32 codes = 0;
+#pragma unroll
+            for (int e1 = 0; e1 < 2; e1++) {
+                int code = cl_mass(e1 ? v1 : v0, n, kind, hist + t * CL_NBIN);
+                if (j0 + key0 + e1 >= p.Sk) code = 0;
+                codes |= (u32)code << (16 * e1);
+            }
+            if (cp.bins != nullptr) {
+                const u64 b0 = cp.bbase[row], len = cp.bbase[row + 1] - b0;
+                if ((u64)(j0 + key0) < len) *reinterpret_cast<u32*>(cp.bins + b0 + j0 + key0) = codes;
             }
         }
 #else
@@ -526,33 +549,41 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit_stored(const LaFwdPara
     const int len = (int)(cp.bbase[row + 1] - b0);
     const u32 capr = cp.cap[row], base = cp.kbase[row];
     u32 c = 0;
-    for (int j0 = 0; j0 < len; j0 += 256) {
-        const int j = j0 + 8 * lane;
-        uint4 raw = make_uint4(0, 0, 0, 0);
-        if (j < len) raw = *reinterpret_cast<const uint4*>(cp.bins + b0 + j);
-        const u16* code = reinterpret_cast<const u16*>(&raw);
-        u32 keep = 0;
+    // Four 256-key steps' loads issued together (1 KB a warp each), then placed in order.
+    for (int j00 = 0; j00 < len; j00 += 4 * 256) {
+        uint4 raw[4];
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int jj = j + e, kt = jj / LA_BC, x = code[e];
-            const bool k = x != 0 && !(kt >= bk0 && kt <= bk1) && (jj < cp.sink || (x >= 2 && cut >= 0 && x - 2 >= cut));
-            keep |= (u32)k << e;
+        for (int st = 0; st < 4; st++) {
+            const int j = j00 + 256 * st + 8 * lane;
+            raw[st] = j < len ? *reinterpret_cast<const uint4*>(cp.bins + b0 + j) : make_uint4(0, 0, 0, 0);
         }
-        const u32 n = __popc(keep);
-        u32 incl = n;
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += y;
-        }
-        u32 at = c + incl - n;
+        for (int st = 0; st < 4; st++) {
+            const int j = j00 + 256 * st + 8 * lane;
+            const u16* code = reinterpret_cast<const u16*>(&raw[st]);
+            u32 keep = 0;
 #pragma unroll
-        for (int e = 0; e < 8; e++)
-            if (keep >> e & 1) {
-                if (at < capr) cp.gkeys[base + at] = (u32)(j + e);
-                at++;
+            for (int e = 0; e < 8; e++) {
+                const int jj = j + e, kt = jj / LA_BC, x = code[e];
+                const bool k = x != 0 && !(kt >= bk0 && kt <= bk1) && (jj < cp.sink || (x >= 2 && cut >= 0 && x - 2 >= cut));
+                keep |= (u32)k << e;
             }
-        c += __shfl_sync(0xffffffffu, incl, 31);
+            const u32 n = __popc(keep);
+            u32 incl = n;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            u32 at = c + incl - n;
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                if (keep >> e & 1) {
+                    if (at < capr) cp.gkeys[base + at] = (u32)(j + e);
+                    at++;
+                }
+            c += __shfl_sync(0xffffffffu, incl, 31);
+        }
     }
     if (lane == 0) cp.nkeys[row] = c;
     if (c <= capr)
