@@ -8,6 +8,9 @@
 #                                              # columns, memcheck over its quick cases, pytest's columns /
 #                                              # gathered CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS, COLUMNS_INPUTS:
 #                                              # structured and / or sharp)
+#   bash scripts/gpu/sparse_check.sh columns_ncu   # Nsight Compute on one launch of each estimator kernel
+#                                              # (cl_hist, cl_emit_stored, cl_check_lse, cl_check) at
+#                                              # NCU_LEN (default 16k), sharp inputs, COLUMNS_SPEC's first spec
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -49,6 +52,14 @@ columns)
       --inputs "$inputs" > "$OUT/columns_bench_$inputs.txt" 2>&1
     echo "columns bench ($inputs) rc=$?"; tail -30 "$OUT/columns_bench_$inputs.txt"
   done
+  ;;
+columns_ncu)
+  SPEC=${COLUMNS_SPEC:-"columns(gamma=0.97,rows=4,check=0.92,block=128,sink=4,local=64,dense_below=0)"}
+  timeout 300 ncu --clock-control none --kernel-name regex:"cl_hist|cl_emit_stored|cl_check_lse|cl_check" \
+    --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    /tmp/longattn bench --backend cuda --sparse "${SPEC%%;*}" --lens "${NCU_LEN:-16k}" --inputs sharp \
+    > "$OUT/ncu_columns.txt" 2>&1
+  echo "ncu rc=$?"; grep -E "^  cl_|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit|Warp Cycles Per Issued|Stall|Dynamic Shared" "$OUT/ncu_columns.txt" | head -80
   ;;
 esac
 done

@@ -380,8 +380,8 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
 #if CL_REG
         // p_ij in registers, summed over each tile's sampled rows by shuffles (its rows are the
-        // lanes whose lane / 4 differ in the low log2 CL_R bits), then the owner lane (lane / 4
-        // a multiple of CL_R) bins m_j = sum / n and stores two keys' codes at once.
+        // lanes whose lane / 4 differ in the low log2 CL_R bits), then those lanes bin
+        // m_j = sum / n, each for its share of the keys, two keys' codes per store.
         cl_kinds(p, sm, b, h, qt0, -1, j0);
         float sv[4][4];
         cl_logits(p, cp.vec != 0, sm, pre, b, h, g, j0, false, sv);
