@@ -114,9 +114,10 @@ def main():
     for f16 in (0, 1):
         for d, br, bc, r in ((64, 128, 128, 8), (128, 128, 128, 4), (96, 128, 128, 1), (256, 64, 64, 5)):
             for cap in (0, 1):
-                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, CL_R=r,
+                chains = 1 + cap   # the product's one or two accumulator chains
+                defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, CL_R=r, CL_CHAINS=chains,
                             LA_GATHERED_BIT="2147483648u", LA_PAD="2147483647u")
-                tag = f"sparse_columns.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} rows{r} softcap{cap}"
+                tag = f"sparse_columns.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} rows{r} softcap{cap} chains{chains}"
                 check_variant("sparse_columns.cu", cl_src, tag, defs)
     # The KV-cache kernels (cuda/decode.rs, kv/cuda.rs): decode (paged / contiguous, the ring),
     # the append / move / fill helpers, and the Quest selection.

@@ -262,6 +262,17 @@ fn check_chunks(sk: usize, bc: usize) -> usize {
     sk.div_ceil(KINDS_WINDOW * bc)
 }
 
+/// Independent accumulator chains per logit fragment in the estimator's Q K^T products
+/// (`CL_CHAINS`): 1, or 2 with `LONGATTN_COLUMNS_CHAINS=2` (the even and odd 16-wide steps of
+/// the head dimension summed apart, then added: twice the tensor-core operations in flight per
+/// warp, 16 more registers). A tuning knob for the device runs (docs/PERF.md).
+fn product_chains() -> usize {
+    match std::env::var("LONGATTN_COLUMNS_CHAINS").as_deref() {
+        Ok("2") => 2,
+        _ => 1,
+    }
+}
+
 /// Most bytes of stored key codes (beyond them the key lists' pass recomputes the probabilities).
 const CODES_MAX_BYTES: usize = 8 << 30;
 
@@ -422,6 +433,7 @@ impl ColumnsPlan {
             });
         }
         let bbase = code_offsets(&cand, &dims, (bc, q_tiles));
+        let chains = product_chains();
         // The check's blocks per (batch row, head): 64-row halves of the last tile x key chunks.
         let check_blocks = br.div_ceil(64) * check_chunks(dims.sk, bc);
         let src = format!(
@@ -440,10 +452,14 @@ impl ColumnsPlan {
                 (params.softcap.is_some() as u8).to_string(),
             ),
             ("CL_R".into(), rr.to_string()),
+            ("CL_CHAINS".into(), chains.to_string()),
             ("LA_GATHERED_BIT".into(), format!("{GATHERED}u")),
             ("LA_PAD".into(), format!("{PAD}u")),
         ];
-        let variant = format!("sparse_columns_{}_d{d}_{br}x{bc}_r{rr}", dtype.name());
+        let variant = format!(
+            "sparse_columns_{}_d{d}_{br}x{bc}_r{rr}_c{chains}",
+            dtype.name()
+        );
         let f = |entry: &str, smem: usize| dev.function(&variant, entry, &src, &defines, smem);
         let k = Kernels {
             hist: f("cl_hist", smem[0])?,

@@ -36,7 +36,8 @@
 // registers during the current one's products).
 // Needs: common.cuh, fwd_params.cuh, the mask program, select.cuh, sparse_vs.cu (tiles, logits
 // fragment layout, candidate kinds), LA_D, LA_BR, LA_BC (a multiple of 64), LA_SOFTCAP, LA_F16,
-// CL_R, LA_GATHERED_BIT and LA_PAD (sparse/gather.rs's GATHERED and PAD).
+// CL_R, CL_CHAINS (1 or 2: accumulator chains of the products), LA_GATHERED_BIT and LA_PAD
+// (sparse/gather.rs's GATHERED and PAD).
 
 #define CL_T (64 / CL_R)      // query tiles per block
 #define CL_NBIN 384           // mass bins: 16 per octave over [2^-24, 1]
@@ -221,17 +222,36 @@ __device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre
         for (int e = 0; e < 4; e++) s[nb][e] = 0.f;
     const u16* qa = sm.q + (16 * (w % 4) + lane % 16) * SP_LD + (lane / 16) * 8;
     const u16* kb = sm.k + (32 * (w / 4) + (lane & 7) + ((lane >> 4) << 3)) * SP_LD + ((lane >> 3) & 1) * 8;
+#if CL_CHAINS == 2
+    // Two chains: the even 16-wide steps of the head dimension into s, the odd into s2.
+    float s2[4][4];
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s2[nb][e] = 0.f;
+#endif
 #pragma unroll
     for (int k0 = 0; k0 < LA_D; k0 += 16) {
         u32 a[4], b0[4], b1[4];
         la_ldmatrix_x4(a, qa + k0);
         la_ldmatrix_x4(b0, kb + k0);
         la_ldmatrix_x4(b1, kb + 16 * SP_LD + k0);
-        la_mma16816(s[0], a, b0);
-        la_mma16816(s[1], a, b0 + 2);
-        la_mma16816(s[2], a, b1);
-        la_mma16816(s[3], a, b1 + 2);
+#if CL_CHAINS == 2
+        float(*acc)[4] = (k0 / 16) % 2 ? s2 : s;
+#else
+        float(*acc)[4] = s;
+#endif
+        la_mma16816(acc[0], a, b0);
+        la_mma16816(acc[1], a, b0 + 2);
+        la_mma16816(acc[2], a, b1);
+        la_mma16816(acc[3], a, b1 + 2);
     }
+#if CL_CHAINS == 2
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[nb][e] += s2[nb][e];
+#endif
     // A thread's two rows (elements 0, 1 and 2, 3) each lie in one tile, and the 64 keys in one
     // key tile (LA_BC a multiple of 64): one candidate kind per row, read once; only Partial
     // kinds and the last sub-tile test element by element.
