@@ -238,29 +238,71 @@ impl TileKeys {
         hq: usize,
     ) -> Result<BlockSchedule> {
         self.check_fits(mask, batch, hq)?;
+        self.schedule_at(mask, batch, hq)
+    }
+
+    /// The selection under `mask` at the mask schedule's own tiles (any sizes: a kernel's), for
+    /// kernels that test a Partial tile's pairs one by one (the CUDA backward, with
+    /// [`TileKeys::key_bits`] ANDed into its mask program). A tile `(qt, kt)` the mask lists is
+    ///
+    /// ```text
+    ///   Full     the mask's tile is Full and every selection row u meeting rows of qt keeps all
+    ///            of kt's keys as whole tiles of its own;
+    ///   Partial  else, when some such u keeps a key of kt (in a whole tile or listed);
+    ///   dropped  otherwise.
+    /// ```
+    /// At the selection's tiles this is [`TileKeys::cpu_schedule`].
+    pub fn schedule_at(
+        &self,
+        mask: &BlockSchedule,
+        batch: usize,
+        hq: usize,
+    ) -> Result<BlockSchedule> {
+        if (mask.sq, mask.sk) != (self.sq, self.sk) {
+            return Err(bad(format!(
+                "the selection is over Sq {} x Sk {}, the mask over {} x {}",
+                self.sq, self.sk, mask.sq, mask.sk
+            )));
+        }
+        if self.batch != 1 && self.batch != batch || self.heads != 1 && self.heads != hq {
+            return Err(bad(format!(
+                "selection for batch {} x heads {} does not fit batch {batch} x query heads {hq}",
+                self.batch, self.heads
+            )));
+        }
+        let (tq, tk) = (mask.tile_q, mask.tile_k);
         let (ob, oh) = (self.batch.max(mask.batch), self.heads.max(mask.heads));
-        let mut s = BlockSchedule::empty(self.tile_q, self.tile_k, self.sq, self.sk, ob, oh)?;
+        let mut s = BlockSchedule::empty(tq, tk, self.sq, self.sk, ob, oh)?;
         let mut row = Vec::new();
         for b in 0..ob {
             for h in 0..oh {
-                for qt in 0..self.q_tiles {
+                for qt in 0..mask.q_tiles {
                     row.clear();
-                    let (t, k) = (self.tiles_of(b, h, qt), self.keys_of(b, h, qt));
-                    let mut ki = 0;
+                    // The selection's rows meeting query rows [qt tq, min((qt + 1) tq, Sq)).
+                    let u0 = qt * tq / self.tile_q;
+                    let u1 = (((qt + 1) * tq).min(self.sq) - 1) / self.tile_q;
                     for e in mask.row(b, h, qt) {
-                        let (k0, k1) = (
-                            e.k_tile * self.tile_k as u32,
-                            (e.k_tile + 1) * self.tile_k as u32,
-                        );
-                        while ki < k.len() && k[ki] < k0 {
-                            ki += 1;
+                        let k0 = e.k_tile as usize * tk;
+                        let k1 = (k0 + tk).min(self.sk);
+                        let (t0, t1) = (k0 / self.tile_k, (k1 - 1) / self.tile_k);
+                        let (mut any, mut all) = (false, true);
+                        for u in u0..=u1 {
+                            let (t, k) = (self.tiles_of(b, h, u), self.keys_of(b, h, u));
+                            // Whole tiles of u among t0 ..= t1, and listed keys in [k0, k1).
+                            let a = t.partition_point(|&x| (x as usize) < t0);
+                            let z = t.partition_point(|&x| (x as usize) <= t1);
+                            let ka = k.partition_point(|&j| (j as usize) < k0);
+                            let kz = k.partition_point(|&j| (j as usize) < k1);
+                            any |= z > a || kz > ka;
+                            all &= z - a == t1 - t0 + 1;
                         }
-                        let kind = if t.binary_search(&e.k_tile).is_ok() {
-                            e.kind
-                        } else if ki < k.len() && k[ki] < k1 {
-                            TileKind::Partial
-                        } else {
+                        if !any {
                             continue;
+                        }
+                        let kind = if all && e.kind == TileKind::Full {
+                            TileKind::Full
+                        } else {
+                            TileKind::Partial
                         };
                         row.push(TileEntry {
                             k_tile: e.k_tile,
@@ -272,6 +314,28 @@ impl TileKeys {
             }
         }
         s.finish()
+    }
+
+    /// Bytes of [`TileKeys::key_bits`].
+    pub fn key_bits_len(&self) -> usize {
+        self.batch * self.heads * self.q_tiles * self.sk.div_ceil(8)
+    }
+
+    /// The kept keys as bits: per selection row `(b heads + h) q_tiles + qt`, `ceil(Sk / 8)`
+    /// bytes, bit `j % 8` of byte `j / 8` set iff the row keeps key `j` (in a whole tile or
+    /// listed): `keeps(b, h, i, j) = bits[row(b, h, i / tile_q)][j / 8] >> (j % 8) & 1`.
+    pub fn key_bits(&self) -> Vec<u8> {
+        let w = self.sk.div_ceil(8);
+        let mut bits = vec![0u8; self.key_bits_len()];
+        for (r, out) in bits.chunks_mut(w).enumerate() {
+            let mut set = |j: usize| out[j / 8] |= 1 << (j % 8);
+            for &t in &self.tiles[r] {
+                let k0 = t as usize * self.tile_k;
+                (k0..(k0 + self.tile_k).min(self.sk)).for_each(&mut set);
+            }
+            self.keys[r].iter().for_each(|&j| set(j as usize));
+        }
+        bits
     }
 
     fn check_fits(&self, mask: &BlockSchedule, batch: usize, hq: usize) -> Result<()> {
@@ -629,6 +693,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The selection at other tiles ([`TileKeys::schedule_at`], the CUDA backward's form) with
+    /// its key bits allows exactly `mask & selection`, and its Full tiles need no test.
+    #[test]
+    fn schedule_at_other_tiles_allows_exactly_the_selection() {
+        // (sq, sk, selection tiles, kernel tiles, key probability, batch x heads of the selection)
+        for (sq, sk, st, kt, p, bh) in [
+            (300, 300, (64, 64), (128, 128), 0.3, (1, 1)),
+            (130, 517, (128, 64), (64, 128), 0.5, (2, 3)),
+            (1, 700, (64, 128), (64, 64), 0.2, (1, 3)),
+            (113, 65, (32, 16), (48, 80), 0.6, (2, 1)),
+            (700, 700, (128, 128), (128, 128), 0.9, (1, 1)),
+        ] {
+            let bm = causal(sq, sk);
+            let sel = TileKeys::synthetic(st, (sq, sk), bh, p, 11).unwrap();
+            let (batch, hq) = (2, 3);
+            let s = sel
+                .schedule_at(&bm.schedule(kt.0, kt.1).unwrap(), batch, hq)
+                .unwrap();
+            let bits = sel.key_bits();
+            assert_eq!(bits.len(), sel.key_bits_len());
+            let w = sk.div_ceil(8);
+            let mut partial = 0;
+            for b in 0..batch {
+                for h in 0..hq {
+                    let (sb, sh) = (b % sel.batch, h % sel.heads);
+                    for i in 0..sq {
+                        let row = &s.row(b, h, i / kt.0);
+                        let brow = &bits[((sb * sel.heads + sh) * sel.q_tiles + i / st.0) * w..];
+                        for j in 0..sk {
+                            let want = bm.allowed(0, i, j) && sel.keeps(b, h, i, j);
+                            let bit = brow[j / 8] >> (j % 8) & 1 == 1;
+                            assert_eq!(bit, sel.keeps(b, h, i, j), "bits ({b}, {h}, {i}, {j})");
+                            let got = match row.iter().find(|e| e.k_tile as usize == j / kt.1) {
+                                None => false,
+                                Some(e) if e.kind == TileKind::Full => true,
+                                Some(_) => {
+                                    partial += 1;
+                                    bm.allowed(0, i, j) && bit
+                                }
+                            };
+                            assert_eq!(
+                                got, want,
+                                "{sq} x {sk}, selection tiles {st:?}, kernel tiles {kt:?}: ({b}, {h}, {i}, {j})"
+                            );
+                        }
+                    }
+                }
+            }
+            assert!(partial > 0, "{sq} x {sk}: no Partial tile tested");
+        }
+        // At the selection's own tiles it is the CPU's schedule.
+        let bm = causal(300, 400);
+        let sel = TileKeys::synthetic((64, 64), (300, 400), (1, 2), 0.4, 3).unwrap();
+        let m = bm.schedule(64, 64).unwrap();
+        assert_eq!(
+            sel.schedule_at(&m, 1, 2).unwrap(),
+            sel.cpu_schedule(&m, 1, 2).unwrap()
+        );
+        // A mask over other sizes is refused by name.
+        let e = sel
+            .schedule_at(&causal(300, 401).schedule(64, 64).unwrap(), 1, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Sk 400") && e.contains("401"), "{e}");
     }
 
     #[test]
