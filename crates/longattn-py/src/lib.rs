@@ -446,16 +446,40 @@ fn fwd_gathered(
 ) -> PyResult<()> {
     let inp = Inputs::read((q, k, v), mask, scale, softcap, q_doc, k_doc, None, (0, 0))?;
     let (out, lse) = (raw(out, "out")?, raw(lse, "lse")?);
+    let sel = selection(
+        &inp,
+        tiles,
+        layout,
+        (tile_counts, tile_ids),
+        (key_counts, key_ids),
+    )?;
+    py.detach(|| {
+        let a = inp.args();
+        // SAFETY: as for `fwd` (live torch tensors held by the caller for the call; CUDA work
+        // on the caller's stream).
+        unsafe { api::forward_gathered(&a, &sel, &out, &lse, stream) }
+    })
+    .map_err(py_err)
+}
+
+/// The selection of `fwd_gathered` / `bwd_gathered` from its flat int32 lists, for the inputs'
+/// sequence lengths.
+fn selection(
+    inp: &Inputs,
+    tiles: (usize, usize),
+    layout: (usize, usize),
+    (tile_counts, tile_ids): (&[u8], &[u8]),
+    (key_counts, key_ids): (&[u8], &[u8]),
+) -> PyResult<longattn::sparse::gather::TileKeys> {
     let (qd, kd) = (inp.q.dims(), inp.k.dims());
     if qd.len() != 4 || kd.len() != 4 {
         return Err(PyValueError::new_err(format!(
             "q and k must be [B, S, H, D] tensors, got shapes {qd:?} and {kd:?}"
         )));
     }
-    let size = (qd[1], kd[1]);
-    let sel = longattn::sparse::gather::TileKeys::from_counts(
+    longattn::sparse::gather::TileKeys::from_counts(
         tiles,
-        size,
+        (qd[1], kd[1]),
         layout,
         (
             &u32s(tile_counts, "tile_counts")?,
@@ -463,12 +487,59 @@ fn fwd_gathered(
         ),
         (&u32s(key_counts, "key_counts")?, &u32s(key_ids, "keys")?),
     )
-    .map_err(py_err)?;
+    .map_err(py_err)
+}
+
+/// The backward of `fwd_gathered` through the same selection: dq, dk, dv from the forward's
+/// out and lse and dout (CPU, or CUDA on the caller's stream).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, lse, dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc, deterministic, stream, tiles, layout, tile_counts, tile_ids, key_counts, key_ids))]
+#[allow(clippy::too_many_arguments)]
+fn bwd_gathered(
+    py: Python<'_>,
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    lse: &Bound<'_, PyAny>,
+    dout: &Bound<'_, PyAny>,
+    dq: &Bound<'_, PyAny>,
+    dk: &Bound<'_, PyAny>,
+    dv: &Bound<'_, PyAny>,
+    mask: Option<&str>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    q_doc: Option<&Bound<'_, PyAny>>,
+    k_doc: Option<&Bound<'_, PyAny>>,
+    deterministic: bool,
+    stream: u64,
+    tiles: (usize, usize),
+    layout: (usize, usize),
+    tile_counts: &[u8],
+    tile_ids: &[u8],
+    key_counts: &[u8],
+    key_ids: &[u8],
+) -> PyResult<()> {
+    let inp = Inputs::read((q, k, v), mask, scale, softcap, q_doc, k_doc, None, (0, 0))?;
+    let (out, lse, dout) = (raw(out, "out")?, raw(lse, "lse")?, raw(dout, "dout")?);
+    let (dq, dk, dv) = (raw(dq, "dq")?, raw(dk, "dk")?, raw(dv, "dv")?);
+    let sel = selection(
+        &inp,
+        tiles,
+        layout,
+        (tile_counts, tile_ids),
+        (key_counts, key_ids),
+    )?;
+    let b = BackwardParams {
+        deterministic,
+        ..Default::default()
+    };
     py.detach(|| {
         let a = inp.args();
-        // SAFETY: as for `fwd` (live torch tensors held by the caller for the call; CUDA work
-        // on the caller's stream).
-        unsafe { api::forward_gathered(&a, &sel, &out, &lse, stream) }
+        // SAFETY: as in `fwd`.
+        unsafe {
+            api::backward_gathered(&a, &sel, &out, &lse, &dout, &dq, &dk, &dv, &b, stream)
+        }
     })
     .map_err(py_err)
 }
@@ -687,6 +758,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sparse_fwd, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_map, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_gathered, m)?)?;
+    m.add_function(wrap_pyfunction!(bwd_gathered, m)?)?;
     m.add_function(wrap_pyfunction!(gather_tiles, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;

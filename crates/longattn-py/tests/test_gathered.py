@@ -1,12 +1,13 @@
 """longattn.gathered_attention: a caller's per-query-tile selection of whole key tiles and single
-keys, through the one entry point (CPU every dtype; CUDA the Hopper forward's gathered chunks).
-Each output is checked against the f64 reference over ``mask & selection``, built here from the
-same flat lists the call takes; bad lists raise errors that name them."""
+keys, through the one entry point (CPU every dtype; CUDA the Hopper forward's gathered chunks),
+and its gradients through the same selection. Each output and gradient is checked against the
+f64 reference over ``mask & selection``, built here from the same flat lists the call takes; bad
+lists raise errors that name them."""
 import pytest
 import torch
 
 import longattn
-from conftest import HAS_CUDA, assert_close, require_cuda
+from conftest import HAS_CUDA, assert_close, assert_grad_close, require_cuda
 from reference import allowed_matrix, ref_attention
 
 
@@ -115,3 +116,68 @@ def test_gathered_attention_on_cuda(sq, sk, d):
     with pytest.raises(ValueError, match="tiles"):
         other, _ = random_selection(b, hq, sq, sk, tq // 2, tk, 0.2, seed=1)
         longattn.gathered_attention(q, k, v, *other, mask, tile_q=tq // 2, tile_k=tk)
+
+
+def gathered_grads(q, k, v, lists, mask, tq, tk, dout, **kw):
+    q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+    out = longattn.gathered_attention(q, k, v, *lists, mask, tile_q=tq, tile_k=tk, **kw)
+    return out, torch.autograd.grad(out, (q, k, v), dout)
+
+
+def reference_grads(q, k, v, mask, kept, dout):
+    l64 = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)]
+    ro, _ = reference(*l64, mask, kept)
+    return torch.autograd.grad(ro, l64, dout.cpu().double())
+
+
+GRAD_CASES = [
+    # (b, sq, sk, hq, hk, d, per-head selection, mask, tiles)
+    (1, 1, 113, 4, 2, 32, True, None, (64, 64)),                     # decode row
+    (2, 65, 65, 4, 2, 32, True, "causal", (32, 16)),
+    (1, 113, 63, 2, 1, 16, False, "causal", (16, 32)),                # Sq > Sk: empty rows
+    (1, 63, 130, 2, 2, 32, True, "causal & (sinks(4) | window(40,0))", (64, 64)),
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gathered_attention_grads_match_the_reference_cpu(case, dtype):
+    b, sq, sk, hq, hk, d, per_head, mask, (tq, tk) = case
+    q, k, v = qkv(b, sq, sk, hq, hk, d, dtype, "cpu", seed=sq * 3 + sk)
+    bs, hs = (b, hq) if per_head else (1, 1)
+    lists, kept = random_selection(bs, hs, sq, sk, tq, tk, 0.3, seed=sk)
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(b, sq, hq, d, generator=g).to(dtype)
+    out, grads = gathered_grads(q, k, v, lists, mask, tq, tk, dout)
+    ref = reference_grads(q, k, v, mask, kept, dout)
+    for a, r, n in zip(grads, ref, ("dq", "dk", "dv")):
+        assert a.dtype == dtype and a.shape == r.shape, n
+        assert_grad_close(a, r, dtype, n)
+    # The gradients are the selection's: keys no row of a KV group keeps get none, exactly.
+    base = allowed_matrix(mask, b, sq, sk) if mask is not None else torch.ones(b, sq, sk, dtype=torch.bool)
+    used = (base[:, None] & kept.expand(b, hq, sq, sk)).any(2)                # [B, Hq, Sk]
+    unused = ~used.reshape(b, hk, hq // hk, sk).any(2)                         # [B, Hk, Sk]
+    for t in (grads[1], grads[2]):
+        assert (t.permute(0, 2, 1, 3)[unused] == 0).all()
+    # No grad wanted: the forward alone, same output.
+    with torch.no_grad():
+        again = longattn.gathered_attention(q, k, v, *lists, mask, tile_q=tq, tile_k=tk)
+    assert torch.equal(again, out.detach())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device (skipped)")
+@pytest.mark.parametrize("sq,sk,d", [(1, 300, 128), (200, 700, 64), (513, 513, 128)])
+def test_gathered_attention_grads_on_cuda(sq, sk, d):
+    require_cuda()
+    b, hq, hk = 2, 4, 2
+    dtype = torch.bfloat16
+    q, k, v = qkv(b, sq, sk, hq, hk, d, dtype, "cuda", seed=sq + 1)
+    mask = "causal"
+    tq, tk = longattn.gather_tiles(q, k, v, mask)
+    lists, kept = random_selection(b, hq, sq, sk, tq, tk, 0.2, seed=sk + 1)
+    dout = torch.randn(b, sq, hq, d, generator=torch.Generator().manual_seed(9)).to(dtype).cuda()
+    _, grads = gathered_grads(q, k, v, lists, mask, tq, tk, dout)
+    torch.cuda.synchronize()
+    ref = reference_grads(q, k, v, mask, kept, dout)
+    for a, r, n in zip(grads, ref, ("dq", "dk", "dv")):
+        assert_grad_close(a, r, dtype, n)

@@ -220,14 +220,15 @@ def gathered_attention(
     softcap: "float | None" = None,
     q_doc: "torch.Tensor | None" = None,
     k_doc: "torch.Tensor | None" = None,
+    deterministic: bool = False,
     return_lse: bool = False,
 ):
-    """Attention over a caller's selection of keys per query tile (forward only): each query
-    tile of ``tile_q`` rows computes some key tiles (of ``tile_k`` keys) whole and some single
-    keys besides, under ``mask`` (the pairs kept are ``mask & selection``). This is how a
-    selection that keeps a few keys scattered over the whole prefix (a MInference column list,
-    per-tile top keys) runs at the cost of the keys kept: on CUDA the Hopper forward copies the
-    single keys' rows into tiles of their own.
+    """Attention over a caller's selection of keys per query tile: each query tile of
+    ``tile_q`` rows computes some key tiles (of ``tile_k`` keys) whole and some single keys
+    besides, under ``mask`` (the pairs kept are ``mask & selection``). This is how a selection
+    that keeps a few keys scattered over the whole prefix (a MInference column list, per-tile
+    top keys) runs at the cost of the keys kept: on CUDA the Hopper forward copies the single
+    keys' rows into tiles of their own.
 
     The selection, in flat lists: ``tile_counts`` and ``key_counts`` are integer tensors of
     shape ``[Bs, Hs, ceil(Sq / tile_q)]`` (``Bs`` 1 or B, ``Hs`` 1 or Hq: one selection shared
@@ -238,12 +239,15 @@ def gathered_attention(
     head dim at most 256; the plan is made per call. Shapes, ``mask`` (an expression, a
     :class:`Mask` or ``None``), ``scale``, ``softcap`` and documents as for :func:`attention`.
     Returns ``out`` (and ``lse`` with ``return_lse``).
+
+    Differentiable in q, k, v through ``out`` (eager autograd; ``lse`` is not differentiable):
+    the backward runs through the same selection, pair for pair (on CUDA the attention backward
+    over the tiles holding kept keys, each tested against the mask and the selection: a tile
+    costs its whole product there; ``deterministic`` as for :func:`attention`).
     """
-    from ._ops import _stream, check_qkv
+    from ._ops import check_qkv
 
     check_qkv(q, k, v, "gathered_attention")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("gathered_attention is forward-only: call it under torch.no_grad()")
     if isinstance(mask, BlockMask):
         raise ValueError("gathered attention takes a mask expression (or None), not a BlockMask")
     for name, x in (("tile_q", tile_q), ("tile_k", tile_k)):
@@ -263,14 +267,56 @@ def gathered_attention(
             raise ValueError("gathered_attention: `tile_counts` and `key_counts` must have the same shape")
         layout = shape[:2]
     text, _, _, _ = mask_args(mask)
-    out = q.new_empty((b, sq, hq, v.shape[3]))
-    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    _native.fwd_gathered(
-        q, k, v, out, lse, text, scale, softcap, q_doc, k_doc, _stream(q), (tile_q, tile_k), layout,
+    sel = (
+        (tile_q, tile_k), layout,
         _int32_bytes("tile_counts", tile_counts), _int32_bytes("tiles", tiles),
         _int32_bytes("key_counts", key_counts), _int32_bytes("keys", keys),
     )
+    args = (text, scale, softcap, q_doc, k_doc, bool(deterministic), sel)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _Gathered.apply(q, k, v, args)
+    else:
+        out, lse = _gathered_fwd(q, k, v, args)
     return (out, lse) if return_lse else out
+
+
+def _gathered_fwd(q, k, v, args):
+    from ._ops import _stream
+
+    text, scale, softcap, q_doc, k_doc, _, sel = args
+    b, sq, hq, _ = q.shape
+    out = q.new_empty((b, sq, hq, v.shape[3]))
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    _native.fwd_gathered(q, k, v, out, lse, text, scale, softcap, q_doc, k_doc, _stream(q), *sel)
+    return out, lse
+
+
+class _Gathered(torch.autograd.Function):
+    """:func:`gathered_attention` with its backward through the same selection."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, args):
+        out, lse = _gathered_fwd(q, k, v, args)
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = args
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        from ._ops import _stream
+
+        q, k, v, out, lse = ctx.saved_tensors
+        text, scale, softcap, q_doc, k_doc, deterministic, sel = ctx.args
+        # One set of strides per tensor shape in the kernels: contiguous copies where needed.
+        q, k, v, out = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous()
+        dout = torch.zeros_like(out) if dout is None else dout.to(q.dtype).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _native.bwd_gathered(
+            q, k, v, out, lse, dout, dq, dk, dv, text, scale, softcap, q_doc, k_doc,
+            deterministic, _stream(q), *sel,
+        )
+        return dq, dk, dv, None
 
 
 def attention_map(

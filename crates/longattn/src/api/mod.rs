@@ -818,24 +818,7 @@ pub unsafe fn forward_gathered(
 ) -> Result<()> {
     const OP: &str = "gathered attention";
     let (dims, dt, dev) = fwd_prologue(OP, a, out, lse)?;
-    if !matches!(a.mask, MaskArg::Full | MaskArg::Expr(_)) {
-        return Err(Error::Param {
-            op: OP,
-            msg: "a gathered selection is taken within a mask expression (or no mask); an explicit block mask or a prepared schedule cannot be combined with it".into(),
-        });
-    }
-    if (sel.sq, sel.sk) != (dims.sq, dims.sk)
-        || !(sel.batch == 1 || sel.batch == dims.batch)
-        || !(sel.heads == 1 || sel.heads == dims.hq)
-    {
-        return Err(Error::Param {
-            op: OP,
-            msg: format!(
-                "the selection is for Sq {} x Sk {}, batch {} x heads {}; the inputs have Sq {} x Sk {}, batch {} x query heads {} (a selection's batch and heads are 1 or the inputs')",
-                sel.sq, sel.sk, sel.batch, sel.heads, dims.sq, dims.sk, dims.batch, dims.hq
-            ),
-        });
-    }
+    gathered_fits(OP, a, sel, &dims)?;
     match dev {
         Device::Cpu => {
             let data = mask_data(OP, a, &dims, stream)?;
@@ -848,6 +831,124 @@ pub unsafe fn forward_gathered(
             Ok(())
         }
         Device::Cuda(ord) => cuda_route::forward_gathered(ord, a, &dims, dt, sel, out, lse, stream),
+    }
+}
+
+/// A gathered selection's mask must be an expression (or none) and its sizes the inputs'.
+fn gathered_fits(
+    op: &'static str,
+    a: &AttnArgs,
+    sel: &crate::sparse::gather::TileKeys,
+    dims: &Dims,
+) -> Result<()> {
+    if !matches!(a.mask, MaskArg::Full | MaskArg::Expr(_)) {
+        return Err(Error::Param {
+            op,
+            msg: "a gathered selection is taken within a mask expression (or no mask); an explicit block mask or a prepared schedule cannot be combined with it".into(),
+        });
+    }
+    if (sel.sq, sel.sk) != (dims.sq, dims.sk)
+        || !(sel.batch == 1 || sel.batch == dims.batch)
+        || !(sel.heads == 1 || sel.heads == dims.hq)
+    {
+        return Err(Error::Param {
+            op,
+            msg: format!(
+                "the selection is for Sq {} x Sk {}, batch {} x heads {}; the inputs have Sq {} x Sk {}, batch {} x query heads {} (a selection's batch and heads are 1 or the inputs')",
+                sel.sq, sel.sk, sel.batch, sel.heads, dims.sq, dims.sk, dims.batch, dims.hq
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The backward of [`forward_gathered`]: gradients through the same selection (`mask &
+/// selection`, pair for pair), arguments as [`backward`]'s. The CPU runs
+/// [`crate::sparse::gather::backward`]; CUDA the attention backward over the selection at its
+/// own tiles, each tile holding a kept key tested pair by pair against the mask and the
+/// selection's key bits ([`crate::cuda::BwdPlan::with_gather`]; a tile costs its whole product,
+/// the forward's key gathering has no backward twin yet). Any tiles on either device.
+///
+/// # Safety
+/// As for [`backward`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_gathered(
+    a: &AttnArgs,
+    sel: &crate::sparse::gather::TileKeys,
+    out: &RawTensor,
+    lse: &RawTensor,
+    dout: &RawTensor,
+    dq: &RawTensor,
+    dk: &RawTensor,
+    dv: &RawTensor,
+    bwd: &BackwardParams,
+    stream: StreamHandle,
+) -> Result<()> {
+    const OP: &str = "gathered attention backward";
+    let (dims, dt, dev) = prologue(OP, a, lse)?;
+    gathered_fits(OP, a, sel, &dims)?;
+    let f = RawDType::Float(dt);
+    let qs = [dims.batch, dims.sq, dims.hq, dims.d];
+    let os = [dims.batch, dims.sq, dims.hq, dims.dv];
+    let ks = [dims.batch, dims.sk, dims.hk, dims.d];
+    let vs = [dims.batch, dims.sk, dims.hk, dims.dv];
+    for (name, t, want) in [
+        ("out", out, &os),
+        ("dout", dout, &os),
+        ("dq", dq, &qs),
+        ("dk", dk, &ks),
+        ("dv", dv, &vs),
+    ] {
+        check_out(OP, name, t, want, f, dev)?;
+    }
+    match dev {
+        Device::Cpu => {
+            let data = mask_data(OP, a, &dims, stream)?;
+            let bm = bind(a, &dims, data)?;
+            if !lse.is_contiguous() {
+                return Err(lse.shape_err(OP, "lse", "a contiguous [B, Hq, Sq] f32 tensor".into()));
+            }
+            // SAFETY: the caller's contract.
+            let (q, k, v, o, d_o, l) = unsafe {
+                (
+                    a.q.view(OP, "q")?,
+                    a.k.view(OP, "k")?,
+                    a.v.view(OP, "v")?,
+                    out.view(OP, "out")?,
+                    dout.view(OP, "dout")?,
+                    std::slice::from_raw_parts(lse.ptr as *const f32, lse.numel()),
+                )
+            };
+            let g = crate::sparse::gather::backward(
+                &q,
+                &k,
+                &v,
+                &o,
+                l,
+                &d_o,
+                a.params,
+                spec(&bm),
+                sel,
+                bwd,
+            )?;
+            // SAFETY: the caller's contract (gradients writable).
+            unsafe {
+                write_host(dq, &g.dq.data);
+                write_host(dk, &g.dk.data);
+                write_host(dv, &g.dv.data);
+            }
+            Ok(())
+        }
+        Device::Cuda(ord) => cuda_route::backward_gathered(
+            ord,
+            a,
+            &dims,
+            dt,
+            sel,
+            [out, lse, dout, dq, dk, dv],
+            bwd,
+            stream,
+        ),
     }
 }
 
@@ -1554,6 +1655,43 @@ mod cuda_route {
         // SAFETY: the entry point's contract.
         let mut l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
         plan.launch_on(&s, &q, &k, &v, &mut o, &mut l)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_gathered(
+        ord: usize,
+        a: &AttnArgs,
+        dims: &Dims,
+        dt: DType,
+        sel: &crate::sparse::gather::TileKeys,
+        [out, lse, dout, dq, dk, dv]: [&RawTensor; 6],
+        bwd: &BackwardParams,
+        stream: StreamHandle,
+    ) -> Result<()> {
+        const OP: &str = "gathered attention backward";
+        f32_contig(OP, "lse", lse)?;
+        let dev = device(ord)?;
+        let s = stream_of(&dev, stream);
+        // SAFETY: the entry point's contract.
+        let (q, k, v, o, d_o, mut g_q, mut g_k, mut g_v) = unsafe {
+            (
+                dev_tensor(&s, "q", &a.q)?,
+                dev_tensor(&s, "k", &a.k)?,
+                dev_tensor(&s, "v", &a.v)?,
+                dev_tensor(&s, "out", out)?,
+                dev_tensor(&s, "dout", dout)?,
+                dev_tensor(&s, "dq", dq)?,
+                dev_tensor(&s, "dk", dk)?,
+                dev_tensor(&s, "dv", dv)?,
+            )
+        };
+        let data = mask_data(OP, a, dims, stream)?;
+        let bm = bind(a, dims, data)?;
+        // Planned per call: the plan holds the selection's schedule and key bits.
+        let plan = BwdPlan::with_gather(&dev, *dims, dt, a.params, spec(&bm), sel, bwd)?;
+        // SAFETY: the entry point's contract.
+        let l = unsafe { Borrowed::<f32>::new(&s, lse.ptr, lse.numel()) };
+        plan.launch_on(&s, &q, &k, &v, &o, &l, &d_o, &mut g_q, &mut g_k, &mut g_v)
     }
 
     pub(super) fn gather_tiles(ord: usize, a: &AttnArgs, dims: &Dims) -> Result<(usize, usize)> {

@@ -505,6 +505,38 @@ impl BwdPlan {
         mask: MaskSpec,
         bwd: &BackwardParams,
     ) -> Result<BwdPlan> {
+        Self::build(dev, dims, dtype, params, bwd, |br, bc| {
+            DevMask::new(dev, mask, br, bc, dims)
+        })
+    }
+
+    /// The backward through a gathered-key selection (`sparse::gather::TileKeys`, the pairs
+    /// `mask & selection`; `mask` Full or an expression): the selection at the kernel's tiles,
+    /// each Partial tile testing its pairs against the mask and the selection's key bits
+    /// ([`DevMask::gathered`]). A tile costs its whole product here (the forward gathers the
+    /// keys instead); the gradients are the selection's exactly.
+    pub fn with_gather(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        mask: MaskSpec,
+        sel: &crate::sparse::gather::TileKeys,
+        bwd: &BackwardParams,
+    ) -> Result<BwdPlan> {
+        Self::build(dev, dims, dtype, params, bwd, |br, bc| {
+            DevMask::gathered(dev, mask, sel, br, bc, dims)
+        })
+    }
+
+    fn build(
+        dev: &Arc<CudaDevice>,
+        dims: Dims,
+        dtype: DType,
+        params: &AttnParams,
+        bwd: &BackwardParams,
+        mask: impl FnOnce(usize, usize) -> Result<DevMask>,
+    ) -> Result<BwdPlan> {
         let d = dims.d;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Err(unsupported(format!(
@@ -530,7 +562,7 @@ impl BwdPlan {
         }
         params.check()?;
         params.refuse_skip("cuda attention backward", "in the backward")?;
-        let dm = DevMask::new(dev, mask, br, bc, dims)?;
+        let dm = mask(br, bc)?;
         let cols = dm.columns(dev)?;
         // The mask program is a template on the parameter struct, instantiated in the kernels; its
         // constants are arguments (`mc`), so the variant depends on the mask's structure only.
@@ -822,6 +854,39 @@ pub fn backward(
     mask: MaskSpec,
     bwd: &BackwardParams,
 ) -> Result<Grads> {
+    run_host(dev, [q, k, v, out, dout], lse, |dims| {
+        BwdPlan::new(dev, dims, q.dtype(), params, mask, bwd)
+    })
+}
+
+/// [`backward`] through a gathered-key selection ([`BwdPlan::with_gather`]): `out` and `lse`
+/// from the forward over `mask & selection`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_gathered(
+    dev: &Arc<CudaDevice>,
+    q: &TensorView,
+    k: &TensorView,
+    v: &TensorView,
+    out: &TensorView,
+    lse: &[f32],
+    dout: &TensorView,
+    params: &AttnParams,
+    mask: MaskSpec,
+    sel: &crate::sparse::gather::TileKeys,
+    bwd: &BackwardParams,
+) -> Result<Grads> {
+    run_host(dev, [q, k, v, out, dout], lse, |dims| {
+        BwdPlan::with_gather(dev, dims, q.dtype(), params, mask, sel, bwd)
+    })
+}
+
+/// A backward plan run on host tensors: checked, uploaded, launched, downloaded.
+fn run_host(
+    dev: &Arc<CudaDevice>,
+    [q, k, v, out, dout]: [&TensorView; 5],
+    lse: &[f32],
+    plan: impl FnOnce(Dims) -> Result<BwdPlan>,
+) -> Result<Grads> {
     let dims =
         crate::backward::validate_inputs("cuda attention backward", q, k, v, out, lse, dout)?;
     if let Some(i) = lse.iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
@@ -831,7 +896,7 @@ pub fn backward(
             value: lse[i],
         });
     }
-    let plan = BwdPlan::new(dev, dims, q.dtype(), params, mask, bwd)?;
+    let plan = plan(dims)?;
     let up = |name: &str, t: &TensorView| DevTensor::upload(dev, name, t);
     let (qd, kd, vd, od, dod) = (
         up("q", q)?,

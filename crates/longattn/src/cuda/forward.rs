@@ -827,13 +827,72 @@ impl DevMask {
             )));
         }
         let h = MaskHost::new(mask, tq, tk, dims)?;
+        let blk = h.blk.map(|(s, table)| (blk_dims(s), table));
         Self::upload(
             dev,
             h.sched,
             (h.program, h.consts),
             h.docs,
-            h.blk,
+            blk,
             h.runs,
+            dims,
+        )
+    }
+
+    /// The mask of a gathered-key selection ([`crate::sparse::gather::TileKeys`]) for kernels
+    /// that test Partial tiles pair by pair (the backward): the schedule is the selection at
+    /// the kernel's tiles under the mask ([`TileKeys::schedule_at`]), and the program is
+    ///
+    /// ```text
+    ///   la_mask(b, h, i, j) = mask(b, h, i, j) && bit j of the key bits of selection row
+    ///                         (b, h, i / tile_q)                    (TileKeys::key_bits)
+    /// ```
+    /// the bits in the block-table slot (`p.blk`, dims `[tile_q, 8, q_tiles, bytes per row,
+    /// batch, heads]` of the selection). `mask` is Full or an expression.
+    ///
+    /// [`TileKeys::schedule_at`]: crate::sparse::gather::TileKeys::schedule_at
+    pub(crate) fn gathered(
+        dev: &CudaDevice,
+        mask: MaskSpec,
+        sel: &crate::sparse::gather::TileKeys,
+        tq: usize,
+        tk: usize,
+        dims: Dims,
+    ) -> Result<DevMask> {
+        let (expr, consts, docs) = match mask {
+            MaskSpec::Full => (ALL_PAIRS.to_string(), [0; MASK_CONSTS], None),
+            MaskSpec::Expr(bm) => {
+                let el = bm.cuda_program_with(bake_mask_consts());
+                let docs = bm.docs.as_ref().map(|d| (d.q.clone(), d.k.clone()));
+                (el.source.clone(), el.const_array(), docs)
+            }
+            _ => {
+                return Err(unsupported(
+                    "a gathered selection is taken within a mask expression (or no mask)".into(),
+                ))
+            }
+        };
+        let h = MaskHost::new(mask, tq, tk, dims)?;
+        let sched = sel.schedule_at(&h.sched, dims.batch, dims.hq)?;
+        let program = keys_program(&expr);
+        let table = (
+            [
+                sel.tile_q as i32,
+                8,
+                sel.q_tiles as i32,
+                sel.sk.div_ceil(8) as i32,
+                sel.batch as i32,
+                sel.heads as i32,
+            ],
+            sel.key_bits(),
+        );
+        Self::upload(
+            dev,
+            sched,
+            (program, consts),
+            docs,
+            Some(table),
+            Default::default(),
             dims,
         )
     }
@@ -868,7 +927,7 @@ impl DevMask {
         sched: BlockSchedule,
         (program, consts): (String, [i32; MASK_CONSTS]),
         docs: Option<(Vec<i32>, Vec<i32>)>,
-        blk: Option<(&BlockSchedule, Vec<u8>)>,
+        blk: Option<([i32; 6], Vec<u8>)>,
         runs: (Vec<i32>, Vec<i32>),
         dims: Dims,
     ) -> Result<DevMask> {
@@ -885,17 +944,7 @@ impl DevMask {
         let (offs, ents) = encode(&sched);
         let (qd, kd) = docs.unwrap_or_default();
         let (blk, blk_dims) = match &blk {
-            Some((s, table)) => (
-                dev.upload(table)?,
-                [
-                    s.tile_q as i32,
-                    s.tile_k as i32,
-                    s.q_tiles as i32,
-                    s.k_tiles as i32,
-                    s.batch as i32,
-                    s.heads as i32,
-                ],
-            ),
+            Some((d, table)) => (dev.upload(table)?, *d),
             None => (dev.upload::<u8>(&[])?, [1; 6]),
         };
         Ok(DevMask {
@@ -2002,6 +2051,33 @@ pub(crate) fn gated_program(expr_source: &str) -> String {
     let gate = BLOCK_PROGRAM.replacen("bool la_mask(", "bool la_mask_gate(", 1);
     format!(
         "{renamed}{gate}template <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {{\n    return la_mask_expr(p, b, h, i, j) && la_mask_gate(p, b, h, i, j);\n}}\n"
+    )
+}
+
+/// `p.blk` / `p.blk_dims` of an explicit schedule's table ([`BLOCK_PROGRAM`]): its tiles, tile
+/// counts, batch rows and heads.
+fn blk_dims(s: &BlockSchedule) -> [i32; 6] {
+    [
+        s.tile_q as i32,
+        s.tile_k as i32,
+        s.q_tiles as i32,
+        s.k_tiles as i32,
+        s.batch as i32,
+        s.heads as i32,
+    ]
+}
+
+/// The element program of no mask, under the name a composed program gives its mask part.
+const ALL_PAIRS: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
+
+/// The device program of a gathered-key selection ([`DevMask::gathered`]): the mask's `la_mask`
+/// renamed `la_mask_expr`, and `la_mask` = the mask && the selection row's key bit, read from
+/// `p.blk` (`blk_dims` = tile_q, 8, selection rows per head, bytes per row, batch, heads).
+/// No interval program: every Partial tile tests its pairs.
+pub(crate) fn keys_program(expr_source: &str) -> String {
+    let renamed = expr_source.replacen("bool la_mask(", "bool la_mask_expr(", 1);
+    format!(
+        "{renamed}template <typename P>\n__device__ __forceinline__ bool la_mask(const P& p, int b, int h, int i, int j) {{\n    const int bb = b % p.blk_batch, hh = h % p.blk_heads;\n    const unsigned char* row = p.blk + (((i64)bb * p.blk_heads + hh) * p.blk_qtiles + i / p.blk_tq) * p.blk_ktiles;\n    return la_mask_expr(p, b, h, i, j) && ((row[j >> 3] >> (j & 7)) & 1);\n}}\n"
     )
 }
 

@@ -1996,6 +1996,110 @@ pub fn check_gather(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> Case
     CaseResult::checked("gather", case.name(), r, tol)
 }
 
+/// The backward through a gathered selection on the GPU ([`super::BwdPlan::with_gather`]): the
+/// case's seeded selection at 64 x 64 tiles (not the backward kernel's: the plan re-tiles it),
+/// the forward's out and LSE from the CPU path, a random dO; dQ, dK, dV (deterministic, twice
+/// bit-identical, and fast) against the f64 gradient oracle over `mask & selection` when small,
+/// else the CPU's [`crate::sparse::gather::backward`]. Errors as in [`check_backward`].
+pub fn check_gather_backward(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64) -> CaseResult {
+    use crate::sparse::gather::TileKeys;
+    let c = &case.fwd;
+    let tol = crate::testing::grad_tolerance(c.dtype);
+    let r = (|| -> Result<(f64, String)> {
+        let bt = Built::new(c, seed)?;
+        let (qv, kv, vv) = (bt.q.view("q")?, bt.k.view("k")?, bt.v.view("v")?);
+        let sel = TileKeys::synthetic((64, 64), (c.sq, c.sk), (1, c.hq), case.p, seed + 7)?;
+        let fwd = crate::sparse::gather::forward(&qv, &kv, &vv, &bt.params, bt.spec(), &sel)?;
+        let ov = fwd.out.view("out")?;
+        let dout = random_tensor(c.dtype, &[c.batch, c.sq, c.hq, c.d], 1.0, seed + 9);
+        let dov = dout.view("do")?;
+        let run = |deterministic: bool| {
+            super::backward::backward_gathered(
+                dev,
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &fwd.lse,
+                &dov,
+                &bt.params,
+                bt.spec(),
+                &sel,
+                &crate::BackwardParams {
+                    deterministic,
+                    ..Default::default()
+                },
+            )
+        };
+        let (g, g2, gf) = (run(true)?, run(true)?, run(false)?);
+        let same = [(&g.dq, &g2.dq), (&g.dk, &g2.dk), (&g.dv, &g2.dv)]
+            .iter()
+            .all(|(a, b)| a.data.bytes() == b.data.bytes());
+        if !same {
+            return Ok((
+                f64::INFINITY,
+                "deterministic mode differs between two runs".into(),
+            ));
+        }
+        let (want, how): ([Vec<f64>; 3], &str) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 26 {
+            let r = crate::reference::attention_backward_f64(
+                &qv,
+                &kv,
+                &vv,
+                &dov,
+                &bt.params,
+                &|b, h, i, j| bt.allowed(b, i, j) && sel.keeps(b, h, i, j),
+            )?;
+            ([r.dq, r.dk, r.dv], "vs f64 gradient oracle")
+        } else {
+            let cg = crate::sparse::gather::backward(
+                &qv,
+                &kv,
+                &vv,
+                &ov,
+                &fwd.lse,
+                &dov,
+                &bt.params,
+                bt.spec(),
+                &sel,
+                &crate::BackwardParams::default(),
+            )?;
+            let f = |t: &Tensor| t.data.to_f32_vec().iter().map(|&x| x as f64).collect();
+            (
+                [f(&cg.dq), f(&cg.dk), f(&cg.dv)],
+                "vs CPU gathered backward",
+            )
+        };
+        let floor = want[2].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
+        let errs = |g: &crate::Grads| -> [f64; 3] {
+            let got = [&g.dq, &g.dk, &g.dv];
+            std::array::from_fn(|x| crate::testing::compare_grad(got[x], &want[x], floor))
+        };
+        let (ed, ef) = (errs(&g), errs(&gf));
+        let max3 = |e: [f64; 3]| e.into_iter().fold(0.0, f64::max);
+        Ok((
+            max3(ed).max(max3(ef)),
+            format!(
+                "{how}; dq/dk/dv deterministic {:.1e}/{:.1e}/{:.1e} (bit-identical twice), fast {:.1e}/{:.1e}/{:.1e}",
+                ed[0], ed[1], ed[2], ef[0], ef[1], ef[2]
+            ),
+        ))
+    })();
+    let (err, detail) = match r {
+        Ok((e, d)) => (e, d),
+        Err(e) => (f64::INFINITY, format!("error: {e}")),
+    };
+    CaseResult {
+        group: "gather",
+        name: format!("backward {}", case.name()),
+        passed: err <= tol,
+        err,
+        tol,
+        lse_err: 0.0,
+        detail,
+    }
+}
+
 /// The gather group: every case, then bad input refused by name: a selection at other tiles than
 /// the kernel's, a head dim the warp-specialized kernel does not take (D 32), skip-softmax at D
 /// 256.
@@ -2011,6 +2115,15 @@ pub fn gather_selftest(
         .filter(|(_, c)| keep(&c.name()))
         .map(|(n, c)| check_gather(dev, c, 23000 + 37 * n as u64))
         .collect();
+    // The backward through the same kind of selection: the cases up to ~1100 x 1100 without
+    // skip-softmax (forward only) whose head dim the CUDA backward takes.
+    for (n, c) in gather_cases(quick).iter().enumerate() {
+        let f = &c.fwd;
+        let name = format!("backward {}", c.name());
+        if f.sq * f.sk <= 1100 * 1100 && c.skip.is_none() && f.d % 16 == 0 && keep(&name) {
+            out.push(check_gather_backward(dev, c, 24000 + 37 * n as u64));
+        }
+    }
     for (d, tiles, skip, want) in [
         (128, Some((64, 64)), None, "must be the mask schedule's"),
         (32, Some((64, 64)), None, "warp-specialized"),
