@@ -8,6 +8,8 @@
 #                                              # columns, memcheck over its quick cases, pytest's columns /
 #                                              # gathered CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS, COLUMNS_INPUTS:
 #                                              # structured and / or sharp)
+#   bash scripts/gpu/sparse_check.sh gather    # selftest group gather: the gathered forward and the backward
+#                                              # through a gathered selection (BwdPlan::with_gather)
 #   bash scripts/gpu/sparse_check.sh columns_ncu   # Nsight Compute on one launch of each estimator kernel
 #                                              # (cl_hist, cl_emit_stored, cl_check_lse, cl_check) at
 #                                              # NCU_LEN (default 16k), sharp inputs, COLUMNS_SPEC's first spec
@@ -52,6 +54,11 @@ columns)
       --inputs "$inputs" > "$OUT/columns_bench_$inputs.txt" 2>&1
     echo "columns bench ($inputs) rc=$?"; tail -30 "$OUT/columns_bench_$inputs.txt"
   done
+  ;;
+gather)
+  timeout 300 /tmp/longattn selftest --backend cuda --filter gather --jobs 8 > "$OUT/selftest_gather.txt" 2>&1
+  echo "selftest gather rc=$?"; grep -vE " pass " "$OUT/selftest_gather.txt" | cut -c1-260 | tail -30
+  grep -E "backward" "$OUT/selftest_gather.txt" | cut -c1-200 | head -20
   ;;
 columns_ncu)
   SPEC=${COLUMNS_SPEC:-"columns(gamma=0.97,rows=4,check=0.92,block=128,sink=4,local=64,dense_below=0)"}
