@@ -659,6 +659,14 @@ fn sparse_fwd<'py>(
     ))
 }
 
+/// What a sparse spec's selection is, for the Python layer's autograd: (element level: it
+/// keeps single pairs, not tiles; skip-softmax asked). Parse errors name the problem.
+#[pyfunction]
+fn sparse_spec_info(spec: &str) -> PyResult<(bool, bool)> {
+    let s = longattn::SparseSpec::parse(spec).map_err(py_err)?;
+    Ok((s.element_level(), s.skip.is_some()))
+}
+
 /// Backward: writes `dq`, `dk`, `dv` (allocated by the caller).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, lse, dout, dq, dk, dv, mask, scale, softcap, q_doc, k_doc, deterministic, stream, block_mask=None, block_q=0, block_k=0))]
@@ -759,6 +767,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fwd_map, m)?)?;
     m.add_function(wrap_pyfunction!(fwd_gathered, m)?)?;
     m.add_function(wrap_pyfunction!(bwd_gathered, m)?)?;
+    m.add_function(wrap_pyfunction!(sparse_spec_info, m)?)?;
     m.add_function(wrap_pyfunction!(gather_tiles, m)?)?;
     m.add_function(wrap_pyfunction!(bwd, m)?)?;
     m.add_function(wrap_pyfunction!(decode, m)?)?;

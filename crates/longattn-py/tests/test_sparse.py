@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import longattn
-from conftest import HAS_CUDA, assert_close, require_cuda
+from conftest import HAS_CUDA, assert_close, assert_grad_close, require_cuda
 from reference import allowed_matrix, ref_attention
 
 
@@ -128,11 +128,46 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="BlockMask"):
         longattn.sparse_attention(q, k, v, "topmass()",
                                   longattn.BlockMask(torch.ones(1, 1, 1, 1, dtype=torch.bool), (64, 64)))
+    # Gradients: refused by name where the selection is finer than tiles or skip-softmax
+    # approximates the forward; under no_grad those run.
     qg = q.clone().requires_grad_(True)
-    with pytest.raises(RuntimeError, match="forward-only"):
-        longattn.sparse_attention(qg, k, v, "topmass()")
-    with torch.no_grad():
-        longattn.sparse_attention(qg, k, v, "topmass()")
+    for spec, what in (("columns(gamma=0.9,block=32,dense_below=0)", "element-level"),
+                       ("vertical_slash(v=8,s=4,block=32,element=1,dense_below=0)", "element-level"),
+                       ("skip(factor=600,block=32)", "skip-softmax")):
+        with pytest.raises(RuntimeError, match=what):
+            longattn.sparse_attention(qg, k, v, spec)
+        with torch.no_grad():
+            longattn.sparse_attention(qg, k, v, spec)
+    with pytest.raises(ValueError, match="unknown method"):
+        longattn.sparse_attention(qg, k, v, "nosuch()")
+
+
+GRAD_SPECS = [
+    "topmass(gamma=0.8,block=32,dense_below=0)",
+    "moba(block=32,topk=2,dense_below=0)",
+    "vertical_slash(v=8,s=4,block=32,last=16,dense_below=0)",
+    "lowbit(tau=0.3,block=32,sink=2,local=16,dense_below=0)+topmass(gamma=0.5,block=32)",
+    "topmass(gamma=0.8,block=32,dense_below=4096)",   # the dense fallback
+]
+
+
+@pytest.mark.parametrize("spec", GRAD_SPECS)
+@pytest.mark.parametrize("sq,sk,mask", [(65, 65, "causal"), (113, 300, "causal & (sinks(4) | window(64,0))"),
+                                        (1, 257, None)])
+def test_cpu_grads_run_through_the_selected_tiles(spec, sq, sk, mask):
+    q, k, v = qkv(2, sq, sk, 4, 2, 32, torch.float32, "cpu", gen_seed=sq + 7 * sk)
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    out, sel = longattn.sparse_attention(q, k, v, spec, mask, return_selection=True)
+    assert (sel["block_mask"] == 0).any() or sel["fallback"], "nothing dropped: the test says little"
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    # The f64 reference through mask & kept tiles, per head, and its gradients.
+    l64 = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ro, _, _ = selected_ref(*l64, mask, sel)
+    assert_close(out, ro, torch.float32)
+    ref = torch.autograd.grad(ro, l64, dout.double())
+    for a, r, n in zip(grads, ref, ("dq", "dk", "dv")):
+        assert_grad_close(a, r, torch.float32, n)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device (skipped)")
@@ -151,6 +186,23 @@ def test_cuda_vertical_slash_matches_reference_and_the_cpu_selection(sq, sk):
         _, cpu_sel = longattn.sparse_attention(q.cpu(), k.cpu(), v.cpu(), spec, "causal",
                                                return_selection=True)
         assert torch.equal(cpu_sel["block_mask"], sel["block_mask"])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: no CUDA device (skipped)")
+@pytest.mark.parametrize("sq,sk", [(113, 113), (1023, 1023), (500, 2100)])
+def test_cuda_grads_run_through_the_device_selection(sq, sk):
+    require_cuda()
+    spec = "vertical_slash(v=16,s=8,block=128,last=64,dense_below=0)"
+    q, k, v = qkv(1, sq, sk, 4, 2, 128, torch.bfloat16, "cuda", gen_seed=sq + 3 * sk)
+    q, k, v = (x.requires_grad_(True) for x in (q, k, v))
+    out, sel = longattn.sparse_attention(q, k, v, spec, "causal", return_selection=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).cuda()
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    l64 = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)]
+    ro, _, _ = selected_ref(*l64, "causal", sel)
+    ref = torch.autograd.grad(ro, l64, dout.cpu().double())
+    for a, r, n in zip(grads, ref, ("dq", "dk", "dv")):
+        assert_grad_close(a, r, torch.bfloat16, n)
 
 
 def test_skip_counts_in_the_selection():

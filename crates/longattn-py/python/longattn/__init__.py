@@ -134,29 +134,43 @@ def sparse_attention(
     allowed pairs of the mask), ``fallback`` (the dense fallback ran) and ``skipped``
     (skip-softmax's ``(tested, dropped)`` tile groups in this forward, or ``None`` without it;
     on the CPU read from process-wide counters, so concurrent calls mix); on CUDA this
-    synchronises. Forward only: inputs that require grad (with grad enabled) raise; for a
-    differentiable sparse pattern use :func:`attention` with a :class:`BlockMask`.
+    synchronises.
+
+    Differentiable in q, k, v through ``out`` for tile-level selections (eager autograd; ``lse``
+    is not differentiable): the selection is made once, in the forward, and the backward runs
+    through the same tiles (``mask & selection`` as a :class:`BlockMask` gating ``mask``; on
+    CUDA the selection is read to the host: one synchronisation). Element-level selections
+    (``columns``, ``lowbit_mass``, ``element=1``) and skip-softmax (a forward approximation)
+    raise when gradients are wanted: :func:`gathered_attention` takes a per-tile key selection
+    with gradients.
     """
-    from ._ops import _stream, check_qkv
+    from ._ops import check_qkv
 
     check_qkv(q, k, v, "sparse_attention")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError(
-            "sparse_attention is forward-only: call it under torch.no_grad() (or detach the inputs); "
-            "for gradients through a fixed pattern use longattn.attention with a BlockMask"
-        )
     if isinstance(mask, BlockMask):
         raise ValueError(
             "sparse_attention selects within a mask expression (or None); an explicit BlockMask "
             "cannot be combined with it"
         )
     text, _, _, _ = mask_args(mask)
-    b, sq, hq, _ = q.shape
-    out = q.new_empty((b, sq, hq, v.shape[3]))
-    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
-    fallback, (tq, tk), density, table, shape, skipped = _native.sparse_fwd(
-        q, k, v, out, lse, spec, text, scale, softcap, q_doc, k_doc, _stream(q), return_selection
-    )
+    args = (spec, text, scale, softcap, q_doc, k_doc)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        element, skip = _native.sparse_spec_info(spec)
+        if element:
+            raise RuntimeError(
+                f"sparse_attention: no gradients through the element-level selection of {spec!r} "
+                "(it keeps single pairs); use a tile-level method, call it under torch.no_grad(), "
+                "or pass the selection to longattn.gathered_attention, which has a backward"
+            )
+        if skip:
+            raise RuntimeError(
+                f"sparse_attention: no gradients with skip-softmax ({spec!r} drops tiles as a "
+                "forward approximation); drop `skip` for training or call it under torch.no_grad()"
+            )
+        out, lse, info = _SparseTiles.apply(q, k, v, args)
+    else:
+        out, lse, info = _sparse_fwd(q, k, v, args, return_selection)
+    fallback, (tq, tk), density, table, shape, skipped = info
     res = (out, lse) if return_lse else (out,)
     if return_selection:
         sel = {
@@ -169,6 +183,47 @@ def sparse_attention(
         }
         res = res + (sel,)
     return res[0] if len(res) == 1 else res
+
+
+def _sparse_fwd(q, k, v, args, report):
+    from ._ops import _stream
+
+    spec, text, scale, softcap, q_doc, k_doc = args
+    b, sq, hq, _ = q.shape
+    out = q.new_empty((b, sq, hq, v.shape[3]))
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+    info = _native.sparse_fwd(
+        q, k, v, out, lse, spec, text, scale, softcap, q_doc, k_doc, _stream(q), report
+    )
+    return out, lse, info
+
+
+class _SparseTiles(torch.autograd.Function):
+    """:func:`sparse_attention` for a tile-level selection, with the backward through the
+    forward's selection: the kept tiles as a block table gating the mask."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, args):
+        out, lse, info = _sparse_fwd(q, k, v, args, True)
+        _, (tq, tk), _, table, shape, _ = info
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        kept = torch.frombuffer(bytearray(table), dtype=torch.uint8).reshape(shape) != 0
+        ctx.gate = (kept.to(torch.uint8), tq, tk)
+        ctx.args = args
+        return out, lse, info
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, _dinfo=None):
+        q, k, v, out, lse = ctx.saved_tensors
+        _, text, scale, softcap, q_doc, k_doc = ctx.args
+        gate, tq, tk = ctx.gate
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.longattn.bwd(
+            dout, q, k, v, out, lse, text, scale, softcap, q_doc, k_doc, False, gate, tq, tk
+        )
+        return dq, dk, dv, None
 
 
 def _int32_bytes(name: str, t) -> bytes:
