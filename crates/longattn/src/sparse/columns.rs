@@ -80,6 +80,8 @@ pub struct ColumnsArgs {
     pub sink: usize,
     pub local: usize,
     pub check: f64,
+    /// The sampled rows' products from int8 Q and K (`int8=1`; the CPU only so far).
+    pub int8: bool,
 }
 
 impl ColumnsArgs {
@@ -93,11 +95,13 @@ impl ColumnsArgs {
             local,
             check,
             check_gamma,
+            int8,
             ..
         } = spec.method
         else {
             return Err(param(format!("`{spec}` is not `columns`")));
         };
+
         if check_gamma > 0.0 {
             return Err(param(format!(
                 "`{spec}`: `check_gamma` (selecting again) runs on the CPU's element-level selector only (--backend cpu)"
@@ -120,6 +124,7 @@ impl ColumnsArgs {
             sink: big(sink),
             local: big(local),
             check,
+            int8,
         })
     }
 }
@@ -144,7 +149,7 @@ pub fn reference(
                 &ctx,
                 (b, h),
                 &super::Doc::whole(&dims),
-                (args.gamma, args.rows, args.sink, args.local),
+                (args.gamma, args.rows, args.sink, args.local, args.int8),
             );
             let fails = args.check > 0.0 && t.is_some_and(|t| t < args.check);
             for (qt, (ts, ks)) in per.into_iter().enumerate() {
@@ -314,6 +319,11 @@ impl ColumnsPlan {
         mask: MaskSpec,
     ) -> Result<ColumnsPlan> {
         let args = ColumnsArgs::of(spec)?;
+        if args.int8 {
+            return Err(param(format!(
+                "`{spec}`: the int8 estimate (`int8=1`) runs on the CPU only so far (--backend cpu)"
+            )));
+        }
         // (The gathered form, like every device estimator, takes the batch row whole.)
         super::cuda::refuse_documents(&mask)?;
         if params.skip_below.is_some() {
@@ -983,6 +993,7 @@ mod cpu_route {
             (700, 700, "columns(gamma=0.9,rows=4,block=128,sink=4,local=64,gathered=1,dense_below=0)"),
             (113, 650, "columns(gamma=0.8,rows=8,block=128,sink=2,local=32,check=0.5,gathered=1,dense_below=0)"),
             (1, 300, "columns(gamma=0.9,rows=1,block=128,sink=4,local=0,gathered=1,dense_below=0)"),
+            (650, 650, "columns(gamma=0.9,rows=4,block=128,sink=4,local=64,gathered=1,int8=1,dense_below=0)"),
         ] {
             let (q, k) = structured_qk(DType::F32, 1, sq, sk, 4, 2, 32, 7);
             let v = random_tensor(DType::F32, &[1, sk, 2, 32], 1.0, 9);

@@ -252,10 +252,16 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                     local,
                     check,
                     gathered: true,
+                    int8,
                     ..
-                } => {
-                    columns_gathered_doc(ctx, (b, h), doc, (gamma, rows, sink, local), check, kept)
-                }
+                } => columns_gathered_doc(
+                    ctx,
+                    (b, h),
+                    doc,
+                    (gamma, rows, sink, local, int8),
+                    check,
+                    kept,
+                ),
                 Method::Columns {
                     gamma,
                     rows,
@@ -264,11 +270,12 @@ pub(crate) fn select_all(ctx: &Ctx, method: &Method) -> Vec<HeadSelection> {
                     check,
                     check_gamma,
                     gathered: false,
+                    int8,
                 } => columns_doc(
                     ctx,
                     (b, h),
                     doc,
-                    (gamma, rows, [check, check_gamma]),
+                    (gamma, rows, [check, check_gamma], int8),
                     [sink, local],
                     kept,
                 ),
@@ -885,6 +892,9 @@ struct RowSoftmax<'c> {
     p: Vec<f64>,
     /// q_i . k_j of the last row asked, `[doc keys rounded up to LANES]`.
     dots: Vec<f64>,
+    /// With int8 products: the keys' int8 side (`keys` then holds their int8 values) and the
+    /// row's int8 query.
+    int8: Option<(super::lowbit::QKeys, Vec<i8>)>,
 }
 
 impl<'c> RowSoftmax<'c> {
@@ -900,7 +910,24 @@ impl<'c> RowSoftmax<'c> {
             qrow: vec![0.0; ctx.dims.d],
             p: vec![0.0; nk],
             dots: vec![0.0; nk.div_ceil(LANES) * LANES],
+            int8: None,
         }
+    }
+
+    /// With `int8`, the logits from `lowbit`'s int8 queries and keys (K smoothed by the
+    /// document's mean, scaled per 64-key group; each query row by its own scale):
+    ///   logit(sq_i sk_G(j) sum_c qq_ic kq_jc + q_i . mu)    (the integer sum exact in f64)
+    /// as `lowbit`'s estimate; without, [`RowSoftmax::new`].
+    fn with_int8(ctx: &'c Ctx<'c>, (b, h): (usize, usize), doc: &'c Doc, int8: bool) -> Self {
+        let mut sm = RowSoftmax::new(ctx, (b, h), doc);
+        if int8 {
+            let keys: Vec<usize> = doc.k.clone().collect();
+            let qk = super::lowbit::quant_keys(ctx.k, b, ctx.kv_head(h), &keys);
+            let vals: Vec<f64> = qk.q.iter().map(|&x| x as f64).collect();
+            sm.keys = lanes_of(&vals, ctx.dims.d);
+            sm.int8 = Some((qk, vec![0i8; ctx.dims.d]));
+        }
+        sm
     }
 
     /// p_i = softmax over the allowed keys of logit(q_i . k_j) into `p` (`allowed` and `qrow`
@@ -909,10 +936,24 @@ impl<'c> RowSoftmax<'c> {
         let (ctx, (b, h)) = (self.ctx, self.bh);
         ctx.el
             .row_in((b, h, i), &self.doc.k, &mut self.allowed, &mut self.words);
-        for (c, x) in self.qrow.iter_mut().enumerate() {
-            *x = ctx.q.get(b, i, h, c) as f64;
+        match &mut self.int8 {
+            None => {
+                for (c, x) in self.qrow.iter_mut().enumerate() {
+                    *x = ctx.q.get(b, i, h, c) as f64;
+                }
+                lane_dots(&self.qrow, &self.keys, &mut self.dots);
+            }
+            Some((kq, qq)) => {
+                let (sq, qmu) = super::lowbit::quant_row(ctx.q, (b, h, i), &kq.mu, qq);
+                for (x, &v) in self.qrow.iter_mut().zip(qq.iter()) {
+                    *x = v as f64;
+                }
+                lane_dots(&self.qrow, &self.keys, &mut self.dots);
+                for (d, &sk) in self.dots.iter_mut().zip(&kq.scale) {
+                    *d = super::lowbit::est_dot(sq, sk, *d as i32, qmu);
+                }
+            }
         }
-        lane_dots(&self.qrow, &self.keys, &mut self.dots);
         let mut m = f64::NEG_INFINITY;
         for (x, &a) in self.dots[..self.p.len()].iter().enumerate() {
             self.p[x] = match self.allowed[x] {
@@ -956,11 +997,13 @@ fn columns_doc(
     ctx: &Ctx,
     (b, h): (usize, usize),
     doc: &Doc,
-    (gamma, rows, [check, check_gamma]): (f64, usize, [f64; 2]),
+    (gamma, rows, [check, check_gamma], int8): (f64, usize, [f64; 2], bool),
     [sink, local]: [usize; 2],
     kept: &mut Kept,
 ) {
     let (k0, nk) = (doc.k.start, doc.k.len());
+    // The sampled rows' softmax (int8 products with `int8`); the check's is exact.
+    let mut est = RowSoftmax::with_int8(ctx, (b, h), doc, int8);
     let mut sm = RowSoftmax::new(ctx, (b, h), doc);
     // Mean softmax of every part's sampled rows: (query tile, rows, m_j over the document's keys).
     let means: Vec<(usize, Range<usize>, Vec<f64>)> = ctx
@@ -970,8 +1013,8 @@ fn columns_doc(
             let n = sampled.len() as f64;
             let mut mass = vec![0.0f64; nk];
             for i in sampled {
-                if sm.row(i) {
-                    mass.iter_mut().zip(&sm.p).for_each(|(m, p)| *m += p / n);
+                if est.row(i) {
+                    mass.iter_mut().zip(&est.p).for_each(|(m, p)| *m += p / n);
                 }
             }
             (qt, part, mass)
@@ -1181,11 +1224,13 @@ pub(crate) fn columns_gathered(
     ctx: &Ctx,
     (b, h): (usize, usize),
     doc: &Doc,
-    (gamma, rows, sink, local): (f64, usize, usize, usize),
+    (gamma, rows, sink, local, int8): (f64, usize, usize, usize, bool),
 ) -> (Vec<TileSel>, Option<f64>) {
     use super::columns::{band_tiles, bin, NBIN};
     let (k0, nk) = (doc.k.start, doc.k.len());
     let (tq, tk) = (ctx.cand.tile_q, ctx.cand.tile_k);
+    // The sampled rows' softmax (int8 products with `int8`); the check's is exact.
+    let mut est = RowSoftmax::with_int8(ctx, (b, h), doc, int8);
     let mut sm = RowSoftmax::new(ctx, (b, h), doc);
     let mut out = Vec::new();
     for (qt, part) in ctx.parts(doc) {
@@ -1194,8 +1239,8 @@ pub(crate) fn columns_gathered(
         let n = sampled.len() as f64;
         let mut mass = vec![0.0f64; nk];
         for &i in &sampled {
-            if sm.row(i) {
-                mass.iter_mut().zip(&sm.p).for_each(|(m, p)| *m += p);
+            if est.row(i) {
+                mass.iter_mut().zip(&est.p).for_each(|(m, p)| *m += p);
             }
         }
         mass.iter_mut().for_each(|m| *m /= n);
@@ -1273,7 +1318,7 @@ fn columns_gathered_doc(
     ctx: &Ctx,
     (b, h): (usize, usize),
     doc: &Doc,
-    args: (f64, usize, usize, usize),
+    args: (f64, usize, usize, usize, bool),
     check: f64,
     kept: &mut Kept,
 ) {

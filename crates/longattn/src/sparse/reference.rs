@@ -269,7 +269,24 @@ fn reference_impl(
                             check,
                             check_gamma,
                             gathered: false,
+                            int8,
                         } => {
+                            // With int8: the sampled rows' products from lowbit's int8 Q and
+                            // K (the check below stays exact).
+                            let keys8 = int8.then(|| super::lowbit::quant_keys(k, b, g, &doc.k));
+                            let index8: HashMap<usize, usize> =
+                                doc.k.iter().enumerate().map(|(x, &j)| (j, x)).collect();
+                            let qk8 = |i: usize, j: usize| -> f64 {
+                                let kq = keys8.as_ref().expect("int8 keys");
+                                let mut qq = vec![0i8; dims.d];
+                                let (sq, qmu) =
+                                    super::lowbit::quant_row(q, (b, h, i), &kq.mu, &mut qq);
+                                let x = index8[&j];
+                                let dot = super::lowbit::dot8(&qq, &kq.q[x * dims.d..][..dims.d]);
+                                super::lowbit::est_dot(sq, kq.scale[x], dot, qmu)
+                            };
+                            let qk_est: &dyn Fn(usize, usize) -> f64 =
+                                if int8 { &qk8 } else { &qk };
                             // Per query tile: the mean softmax of the document's sampled rows
                             // there, the heaviest keys until g of its mass (at least one).
                             let tq = cand.tile_q;
@@ -290,7 +307,7 @@ fn reference_impl(
                                         let mut mass = vec![0.0f64; dims.sk];
                                         for i in sampled.into_iter().map(|i| i - 1) {
                                             let (col, _) =
-                                                last_rows_mass(&el, &logit, &qk, b, h, &[i], off);
+                                                last_rows_mass(&el, &logit, qk_est, b, h, &[i], off);
                                             for (m, c) in mass.iter_mut().zip(col) {
                                                 *m += c / n;
                                             }

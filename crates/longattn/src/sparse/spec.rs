@@ -64,6 +64,11 @@ pub enum Method {
     /// `gathered=1`: the gathered form the CUDA forward runs ([`crate::sparse::columns`]): the
     /// cut rounded to 2^(1/16) mass bins, the band as whole key tiles, a query tile keeping more
     /// than half its candidate keys computes them all, the check over the computed pairs.
+    ///
+    /// `int8=1`: the sampled rows' logits from int8 queries and keys, `lowbit`'s quantization
+    /// (K smoothed by its mean and scaled per 64-key group, each query row by its own scale;
+    /// exact integer products): the estimate's products at twice the tensor cores' bf16 rate
+    /// on the device. The check stays exact. CPU selector only so far.
     Columns {
         gamma: f64,
         rows: usize,
@@ -72,6 +77,7 @@ pub enum Method {
         check: f64,
         check_gamma: f64,
         gathered: bool,
+        int8: bool,
     },
     /// Low-bit estimate (SALE's idea on this hardware, module `sparse::lowbit`): every allowed
     /// pair's logit estimated from int8 Q and K (K smoothed by its mean); a candidate tile is
@@ -166,6 +172,7 @@ fn arguments(name: &str) -> Option<&'static [(&'static str, f64)]> {
             ("check", 0.0),
             ("check_gamma", 0.0),
             ("gathered", 0.0),
+            ("int8", 0.0),
         ],
         "lowbit" => &[
             ("tau", 0.02),
@@ -394,6 +401,11 @@ impl SparseSpec {
                     1.0 => true,
                     x => return Err(err(format!("`columns`: `gathered` is 0 or 1, got {x}"))),
                 },
+                int8: match arg("int8") {
+                    0.0 => false,
+                    1.0 => true,
+                    x => return Err(err(format!("`columns`: `int8` is 0 or 1, got {x}"))),
+                },
             },
             "lowbit" => Method::LowBit {
                 tau: arg("tau"),
@@ -606,11 +618,13 @@ fn method_text(m: Method, b: usize, skip: Option<f64>) -> (&'static str, String)
             check,
             check_gamma,
             gathered,
+            int8,
         } => (
             "columns",
             format!(
-                "gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check},check_gamma={check_gamma}{}",
-                if gathered { ",gathered=1" } else { "" }
+                "gamma={gamma},rows={rows},block={b},sink={sink},local={local},check={check},check_gamma={check_gamma}{}{}",
+                if gathered { ",gathered=1" } else { "" },
+                if int8 { ",int8=1" } else { "" }
             ),
         ),
         Method::LowBit { tau, sink, local } => (

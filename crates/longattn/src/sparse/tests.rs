@@ -129,6 +129,7 @@ fn parse_accepts_the_grammar() {
         "lowbit_mass(gamma=0.9,block=16,sink=2,local=5)",
         "lowbit_mass(gamma=0.5,block=64,sink=0,local=0,dense_last=8)+proxy(gamma=0.5,rows=4,block=64,last=64)",
         "columns(gamma=0.9,rows=4,block=64,sink=4,local=64,dense_last=64)+proxy(gamma=0.5,rows=4,block=64,last=64)",
+        "columns(gamma=0.9,rows=4,block=128,sink=4,local=64,gathered=1,int8=1)",
     ] {
         let s = spec(t);
         assert_eq!(spec(&s.to_string()), s, "{t}");
@@ -187,6 +188,7 @@ fn parse_rejects_bad_specs_by_name() {
         ("columns(gamma=0)", "`gamma` must be in (0, 1]"),
         ("columns(rows=0)", "`rows` must be an integer in [1"),
         ("columns(element=1)", "unknown argument `element`"),
+        ("columns(int8=2)", "`int8` is 0 or 1"),
         ("lowbit(tau=0)", "`tau` must be finite and > 0"),
         ("lowbit(tau=-1)", "`tau` must be finite and > 0"),
         ("lowbit(bits=4)", "unknown argument `bits`"),
@@ -1418,6 +1420,8 @@ fn element_lines_keep_the_reference_pairs() {
         "lowbit_mass(gamma=0.7,block=7,sink=0,local=1)",
         "topmass(gamma=0.5,block=16)+lowbit_mass(gamma=0.8,block=16,sink=1,local=2)",
         "vertical_slash(v=3,s=2,block=16,last=7,sink=1,local=2,element=1)+columns(gamma=0.8,rows=2,block=16,sink=1,local=2)",
+        "columns(gamma=0.8,rows=4,block=16,sink=1,local=4,int8=1)",
+        "columns(gamma=0.6,rows=2,block=32,sink=0,local=1,check=0.8,int8=1)",
     ];
     let mut shapes: Vec<(usize, usize)> =
         [1, 7, 63, 65, 113, 300].iter().map(|&n| (n, n)).collect();
@@ -1463,6 +1467,7 @@ fn element_lines_work_per_document() {
             "columns(gamma=0.7,rows=2,block=16,sink=1,local=2,check=0.8)",
             "columns(gamma=0.6,rows=2,block=16,sink=1,local=2,dense_last=9)",
             "columns(gamma=0.5,rows=2,block=16,sink=1,local=2,check=0.95,check_gamma=0.85)",
+            "columns(gamma=0.7,rows=3,block=16,sink=2,local=3,int8=1)",
             "lowbit_mass(gamma=0.7,block=16,sink=2,local=3,dense_below=60)",
             "lowbit_mass(gamma=0.9,block=32,sink=1,local=1,dense_last=9)",
         ] {
@@ -1601,4 +1606,29 @@ fn dense_last_rows_attend_to_the_whole_mask() {
             );
         }
     }
+}
+
+/// `columns(int8=1)` estimates from int8 Q and K: its selection differs from the exact one only
+/// near the cut (most pairs agree), and it does differ (the int8 products are in use).
+#[test]
+fn columns_int8_moves_only_keys_near_the_cut() {
+    let (sq, sk) = (300, 300);
+    let (q, k) = crate::sparse::synthetic::structured_qk(DType::F32, 1, sq, sk, 4, 2, 32, 11);
+    let v = random_tensor(DType::F32, &[1, sk, 2, 32], 1.0, 12);
+    let [qv, kv, vv] = views([&q, &k, &v]);
+    let bound = bind("causal", 1, sq, sk);
+    let p = AttnParams::default();
+    let kept = |t: &str| {
+        let (_, sel) = forward(&qv, &kv, &vv, &p, &spec(t), MaskSpec::Expr(&bound)).unwrap();
+        kept_pairs(&sel, (1, 4, sq, sk))
+    };
+    let exact = kept("columns(gamma=0.8,rows=4,block=32,sink=1,local=4)");
+    let int8 = kept("columns(gamma=0.8,rows=4,block=32,sink=1,local=4,int8=1)");
+    let both = exact.iter().zip(&int8).filter(|(a, b)| **a && **b).count();
+    let either = exact.iter().zip(&int8).filter(|(a, b)| **a || **b).count();
+    let jaccard = both as f64 / either as f64;
+    assert!(
+        both < either && jaccard > 0.9,
+        "int8 vs exact: {both} pairs in both of {either} (Jaccard {jaccard:.4})"
+    );
 }
