@@ -60,7 +60,7 @@
 //! | `vertical_slash` | `v` (1000), `s` (6096), `block` (64), `last` >= 1 (64), `sink` (4), `local` (64), `element` 0 or 1 (0) | the tiles crossed by a kept column or diagonal, or with `element=1` only the pairs on them (below) |
 //! | `flexprefill` | `gamma` in (0, 1] (0.9), `tau` in [0, 1] (0.1), `min_budget` (256), `block` (64), `last` >= 1 (64), `element` 0 or 1 (0) | per head, query-aware blocks or cumulative vertical-slash (its pairs only with `element=1`), chosen by a distance test (below) |
 //! | `proxy` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `last` >= 1 (64) | ProxyAttn: per KV group one proxy head (the mean of the group's queries) scores the key tiles by its exact softmax mass on `rows` sampled rows of the query tile, shared by the group; each head keeps sink and diagonal tiles, then the proxy's best until they hold proxy mass gamma and number at least the tiles its own last `last` rows need for mass gamma (its budget) |
-//! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0), `check_gamma` in [0, 1] (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile, or with `check_gamma` > 0 first select again to that mass (below) |
+//! | `columns` | `gamma` in (0, 1] (0.9), `rows` >= 1 (4), `block` (64), `sink` (4), `local` (64), `check` in [0, 1] (0), `check_gamma` in [0, 1] (0), `gathered` 0 or 1 (0), `int8` 0 or 1 (0) | element level: per query tile, the keys its `rows` sampled rows weigh most, to mass gamma, for every row of the tile, with sink columns and the local band; heads whose sample fails `check` keep every tile, or with `check_gamma` > 0 first select again to that mass (below) |
 //! | `lowbit` | `tau` > 0 (0.02), `block` (64), `sink` (4), `local` (64) | SALE's idea: every allowed pair's logit estimated from int8 Q and K; the tiles with a pair whose estimated logit is within ln(1 / tau) of its row's largest over the row's sinks and band, and the tiles holding those (below) |
 //! | `lowbit_mass` | `gamma` in (0, 1] (0.95), `block` (64), `sink` (4), `local` (64) | element level: the same int8 estimate; every row keeps its sinks and band, then its own keys by estimated logit until they hold gamma of its estimated softmax mass (below) |
 //! | `skip` | `factor` > 0 (600), `block` (64) | every tile of the mask; the forward skips negligible key groups (above) |
@@ -106,7 +106,10 @@
 //! document for that head; with `check_gamma` > 0 it first selects that head again to that
 //! larger mass (a budget that grows where the mass is spread) and keeps every tile only if that
 //! fails the check too. Cost: `rows` of every `block` rows attend densely (1/16 of the
-//! score work at rows = 4, block = 64) plus the last tile under `check`.
+//! score work at rows = 4, block = 64) plus the last tile under `check`. With `int8=1` the
+//! sampled rows' logits come from `lowbit`'s int8 queries and keys (below; exact integer
+//! products, the soft-cap and scale on top), the check's from the exact ones: the products a
+//! device estimate can run at twice the bf16 rate (the CPU only so far).
 //!
 //! Low-bit estimate (`lowbit`, module [`lowbit`]): K smoothed by its mean over the document's
 //! keys and quantized to int8 per group of 64 keys, each query row to int8 with its own scale;
