@@ -110,14 +110,17 @@ def main():
                 check_variant("sparse_lowbit.cu", lb_src, tag, defs)
     # The gathered `columns` estimator (sparse/columns.rs: sparse_columns.cu after sparse_vs.cu),
     # sampled rows per query tile 1 / 4 / 8 / 5 (tiles per block 64 / 16 / 8 / 12).
-    cl_src = vs_src + "\n" + read("sparse_columns.cu")
+    cl_src = vs_src + "\n" + read("sparse_lowbit.cu") + "\n" + read("sparse_columns.cu")
     for f16 in (0, 1):
         for d, br, bc, r in ((64, 128, 128, 8), (128, 128, 128, 4), (96, 128, 128, 1), (256, 64, 64, 5)):
             for cap in (0, 1):
                 chains = 1 + cap   # the product's one or two accumulator chains
+                int8 = cap ^ f16   # the int8 estimate in half of the variants
                 defs = dict(LA_F16=f16, LA_D=d, LA_BR=br, LA_BC=bc, LA_SOFTCAP=cap, CL_R=r, CL_CHAINS=chains,
+                            CL_INT8=int8, LB_D32=(d + 31) // 32 * 32, LB_WARPS=8, LB_STAGES=1, LB_MINB=2,
                             LA_GATHERED_BIT="2147483648u", LA_PAD="2147483647u")
-                tag = f"sparse_columns.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} rows{r} softcap{cap} chains{chains}"
+                tag = (f"sparse_columns.cu {'f16' if f16 else 'bf16'} D{d} {br}x{bc} rows{r} softcap{cap} "
+                       f"chains{chains} int8{int8}")
                 check_variant("sparse_columns.cu", cl_src, tag, defs)
     # The KV-cache kernels (cuda/decode.rs, kv/cuda.rs): decode (paged / contiguous, the ring),
     # the append / move / fill helpers, and the Quest selection.

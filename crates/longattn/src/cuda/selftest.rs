@@ -2214,6 +2214,25 @@ pub fn columns_cases(quick: bool) -> Vec<ColumnsCase> {
             "columns(gamma=0.6,rows=1,sink=2,local=0,dense_below=0)",
             false,
         ),
+        // The int8 estimate (sparse_lowbit.cu's quantizers, cl_logits8), both mass paths.
+        case(
+            BF16,
+            1023,
+            1023,
+            128,
+            "causal",
+            "columns(gamma=0.97,rows=4,check=0.92,sink=4,local=64,int8=1,dense_below=0)",
+            true,
+        ),
+        case(
+            BF16,
+            700,
+            900,
+            64,
+            "causal",
+            "columns(gamma=0.8,rows=3,sink=2,local=32,int8=1,dense_below=0)",
+            false,
+        ),
     ];
     if !quick {
         v.push(case(BF16, 4224, 4224, 128, "causal", std, true));

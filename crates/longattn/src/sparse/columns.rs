@@ -209,6 +209,8 @@ struct Kernels {
     check: CudaFunction,
     lower: CudaFunction,
     scan: CudaFunction,
+    /// `int8=1`: sparse_lowbit.cu's quantizers (key mean in two steps, int8 keys, int8 queries).
+    quant: Option<[CudaFunction; 4]>,
 }
 
 struct Scratch {
@@ -230,6 +232,8 @@ struct Scratch {
     /// The keys' codes from the mass pass and where each row's start (None: the key lists'
     /// pass recomputes the probabilities).
     bins: Option<(CudaSlice<u16>, CudaSlice<u64>)>,
+    /// `int8=1`: the int8 queries and keys (`sparse::cuda::LbScratch`).
+    lb: Option<super::cuda::LbScratch>,
 }
 
 /// `columns` on the device: the estimator's kernels and scratch, and the gathered forward that
@@ -319,11 +323,6 @@ impl ColumnsPlan {
         mask: MaskSpec,
     ) -> Result<ColumnsPlan> {
         let args = ColumnsArgs::of(spec)?;
-        if args.int8 {
-            return Err(param(format!(
-                "`{spec}`: the int8 estimate (`int8=1`) runs on the CPU only so far (--backend cpu)"
-            )));
-        }
         // (The gathered form, like every device estimator, takes the batch row whole.)
         super::cuda::refuse_documents(&mask)?;
         if params.skip_below.is_some() {
@@ -412,7 +411,8 @@ impl ColumnsPlan {
         let t = 64 / rr;
         // sizeof(ClSmem) and some: q and k tiles (64 rows of D + 8 16-bit words), row table,
         // LSE, the probabilities [64][65], the kinds' window [64][CL_KW], its cursors and the
-        // tiles' row counts [3][64], the window start and the key extent.
+        // tiles' row counts [3][64], the window start and the key extent, the rows' int8 scale
+        // and q . mu [2][64].
         let base = 2 * 2 * 64 * (d + 8)
             + 2 * 64 * 4
             + 64 * 65 * 4
@@ -420,6 +420,7 @@ impl ColumnsPlan {
             + 3 * 64 * 4
             + 4
             + 4
+            + 2 * 64 * 4
             + 64;
         let smem = [base + t * NBIN * 4, base + t * 4, base + 64];
         if smem[0] > dev.smem_optin {
@@ -446,12 +447,20 @@ impl ColumnsPlan {
         let chains = product_chains();
         // The check's blocks per (batch row, head): 64-row halves of the last tile x key chunks.
         let check_blocks = br.div_ceil(64) * check_chunks(dims.sk, bc);
+        if args.int8 && bbase.is_none() {
+            return Err(param(format!(
+                "`{spec}`: the int8 estimate needs the stored key codes (not LONGATTN_COLUMNS_EMIT=recompute, at most {} GiB of them)",
+                CODES_MAX_BYTES >> 30
+            )));
+        }
         let src = format!(
-            "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{SRC}",
+            "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{}\n{SRC}",
             fwd.mask_program(),
             super::cuda::SELECT,
-            super::cuda::SRC
+            super::cuda::SRC,
+            super::cuda::SRC_LB
         );
+        let d32 = d.div_ceil(32) * 32;
         let defines: Vec<(String, String)> = vec![
             ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
             ("LA_D".into(), d.to_string()),
@@ -463,12 +472,15 @@ impl ColumnsPlan {
             ),
             ("CL_R".into(), rr.to_string()),
             ("CL_CHAINS".into(), chains.to_string()),
+            ("CL_INT8".into(), (args.int8 as u8).to_string()),
+            ("LB_D32".into(), d32.to_string()),
             ("LA_GATHERED_BIT".into(), format!("{GATHERED}u")),
             ("LA_PAD".into(), format!("{PAD}u")),
         ];
         let variant = format!(
-            "sparse_columns_{}_d{d}_{br}x{bc}_r{rr}_c{chains}",
-            dtype.name()
+            "sparse_columns_{}_d{d}_{br}x{bc}_r{rr}_c{chains}{}",
+            dtype.name(),
+            if args.int8 { "_int8" } else { "" }
         );
         let f = |entry: &str, smem: usize| dev.function(&variant, entry, &src, &defines, smem);
         let k = Kernels {
@@ -479,6 +491,15 @@ impl ColumnsPlan {
             check: f("cl_check", smem[2])?,
             lower: f("cl_lower", 0)?,
             scan: f("sp_scan", 0)?,
+            quant: match args.int8 {
+                false => None,
+                true => Some([
+                    f("sp_lb_mean_part", 0)?,
+                    f("sp_lb_mean", 0)?,
+                    f("sp_lb_quant_k", 0)?,
+                    f("sp_lb_quant_q", 0)?,
+                ]),
+            },
         };
         let s = dev.stream();
         let zf = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
@@ -509,6 +530,10 @@ impl ColumnsPlan {
                     dev.upload(&bb)?,
                 )),
                 None => None,
+            },
+            lb: match args.int8 {
+                false => None,
+                true => Some(super::cuda::LbScratch::alloc(s, &dims, d32, 1)?),
             },
         };
         Ok(ColumnsPlan {
@@ -646,8 +671,22 @@ impl ColumnsPlan {
         around("zero check", &mut || {
             s.memset_zeros(&mut sc.chk).map_err(drv("memset"))
         })?;
+        let lp = sc.lb.as_ref().map(|l| l.params(s, d)).unwrap_or_default();
+        if let Some(fq) = &kern.quant {
+            around("int8 queries and keys", &mut || {
+                super::cuda::LbScratch::quantize(s, [&fq[0], &fq[1], &fq[2], &fq[3]], &p, &lp, d)
+            })?;
+        }
         around("LSE + mass bins", &mut || {
-            launch(&kern.hist, cfg((groups, bh, 1), 256, smem[0]), None)
+            let mut b = s.launch_builder(&kern.hist);
+            b.arg(&p);
+            b.arg(&cp);
+            b.arg(&lp);
+            // SAFETY: as above; `lp` points at the int8 buffers sized for these dims (cl_hist
+            // reads them under CL_INT8 only).
+            unsafe { b.launch(cfg((groups, bh, 1), 256, smem[0])) }
+                .map(|_| ())
+                .map_err(drv("launch columns estimator"))
         })?;
         if sc.bins.is_some() {
             around("key lists (stored)", &mut || {

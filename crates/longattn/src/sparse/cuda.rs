@@ -40,7 +40,7 @@ use crate::mask::{BlockSchedule, RowMask, TileEntry, TileKind};
 use crate::tensor::{DType, TensorView};
 
 pub(super) const SRC: &str = include_str!("../cuda/kernels/sparse_vs.cu");
-const SRC_LB: &str = include_str!("../cuda/kernels/sparse_lowbit.cu");
+pub(super) const SRC_LB: &str = include_str!("../cuda/kernels/sparse_lowbit.cu");
 pub(super) const SELECT: &str = include_str!("../cuda/kernels/select.cuh");
 
 /// The device's dense fallback when the spec gives no `dense_below`: below this many keys the
@@ -87,7 +87,7 @@ unsafe impl cudarc::driver::DeviceRepr for SpParams {}
 /// `sparse_lowbit.cu`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct LbParams {
+pub(super) struct LbParams {
     mu_part: u64,
     mu: u64,
     kq: u64,
@@ -108,7 +108,7 @@ struct LbParams {
 unsafe impl cudarc::driver::DeviceRepr for LbParams {}
 
 /// Keys per chunk of the low-bit estimator's key mean (`LB_KC`).
-const LB_KC: usize = 512;
+pub(super) const LB_KC: usize = 512;
 
 /// The device estimator of a spec: vertical-slash `[v, s, last, sink, local]`, or low-bit.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -246,7 +246,7 @@ struct Scratch {
 }
 
 /// Buffers of the low-bit estimator (`LbParams`).
-struct LbScratch {
+pub(super) struct LbScratch {
     mu_part: CudaSlice<f32>,
     mu: CudaSlice<f32>,
     kq: CudaSlice<u8>,
@@ -255,6 +255,85 @@ struct LbScratch {
     qs: CudaSlice<f32>,
     qmu: CudaSlice<f32>,
     flag: CudaSlice<u8>,
+}
+
+impl LbScratch {
+    /// The int8 side of q and k (`sparse_lowbit.cu`'s quantizers write it) for `dims`, the
+    /// head dim rounded up to `d32`, and `flags` kept flags (`sp_lb_score`'s; 1 when unused).
+    pub(super) fn alloc(
+        s: &Arc<CudaStream>,
+        dims: &Dims,
+        d32: usize,
+        flags: usize,
+    ) -> Result<LbScratch> {
+        let zf = |n: usize| s.alloc_zeros::<f32>(n.max(1)).map_err(drv("alloc"));
+        let zb = |n: usize| s.alloc_zeros::<u8>(n.max(1)).map_err(drv("alloc"));
+        let (bh, bhk, d) = (dims.batch * dims.hq, dims.batch * dims.hk, dims.d);
+        let kgroups = dims.sk.div_ceil(64);
+        Ok(LbScratch {
+            mu_part: zf(bhk * dims.sk.div_ceil(LB_KC) * d)?,
+            mu: zf(bhk * d)?,
+            kq: zb(bhk * kgroups * 64 * d32)?,
+            ks: zf(bhk * kgroups)?,
+            qq: zb(bh * dims.sq * d32)?,
+            qs: zf(bh * dims.sq)?,
+            qmu: zf(bh * dims.sq)?,
+            flag: zb(flags)?,
+        })
+    }
+
+    /// `LbParams` over these buffers (the selection's arguments zero: set by the caller).
+    pub(super) fn params(&self, s: &Arc<CudaStream>, dims: &Dims) -> LbParams {
+        let f = |b: &CudaSlice<f32>| b.device_ptr(s).0;
+        LbParams {
+            mu_part: f(&self.mu_part),
+            mu: f(&self.mu),
+            kq: self.kq.device_ptr(s).0,
+            ks: f(&self.ks),
+            qq: self.qq.device_ptr(s).0,
+            qs: f(&self.qs),
+            qmu: f(&self.qmu),
+            flag: self.flag.device_ptr(s).0,
+            nkc: dims.sk.div_ceil(LB_KC) as i32,
+            kgroups: dims.sk.div_ceil(64) as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Queues the quantizers: the key mean, int8 keys per 64-key group, int8 query rows with
+    /// q . mu (`f` = sp_lb_mean_part, sp_lb_mean, sp_lb_quant_k, sp_lb_quant_q).
+    pub(super) fn quantize(
+        s: &Arc<CudaStream>,
+        f: [&CudaFunction; 4],
+        p: &LaFwdParams,
+        lp: &LbParams,
+        dims: &Dims,
+    ) -> Result<()> {
+        let (bh, bhk) = ((dims.batch * dims.hq) as u32, (dims.batch * dims.hk) as u32);
+        let grid = [
+            (lp.nkc as u32, bhk),
+            (bhk, 1),
+            (lp.kgroups as u32, bhk),
+            (dims.sq.div_ceil(8) as u32, bh),
+        ];
+        let threads = [128, 128, 256, 256];
+        for x in 0..4 {
+            let mut b = s.launch_builder(f[x]);
+            b.arg(p);
+            b.arg(lp);
+            // SAFETY: LbParams matches the kernels' struct; its buffers sized by `alloc` for
+            // these dims, q / k device tensors of them (the caller's plan contract).
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (grid[x].0, grid[x].1, 1),
+                    block_dim: (threads[x], 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(drv("launch int8 quantizer"))?;
+        }
+        Ok(())
+    }
 }
 
 /// The low-bit estimator's kernels (`sparse_lowbit.cu`).
@@ -461,21 +540,9 @@ impl SparsePlan {
         let zu = |n: usize| s.alloc_zeros::<u32>(n.max(1)).map_err(drv("alloc"));
         // The vertical-slash buffers (length 1 under low-bit, which does not read them).
         let vs = |n: usize| if lowbit { 1 } else { n };
-        let zb = |n: usize| s.alloc_zeros::<u8>(n.max(1)).map_err(drv("alloc"));
-        let bhk = dims.batch * dims.hk;
-        let kgroups = dims.sk.div_ceil(64);
         let lb = match lowbit {
             false => None,
-            true => Some(LbScratch {
-                mu_part: zf(bhk * dims.sk.div_ceil(LB_KC) * d)?,
-                mu: zf(bhk * d)?,
-                kq: zb(bhk * kgroups * 64 * d32)?,
-                ks: zf(bhk * kgroups)?,
-                qq: zb(bh * dims.sq * d32)?,
-                qs: zf(bh * dims.sq)?,
-                qmu: zf(bh * dims.sq)?,
-                flag: zb(cap)?,
-            }),
+            true => Some(LbScratch::alloc(s, &dims, d32, cap)?),
         };
         let scratch = Scratch {
             stats: zf(vs(bh * nchunks * SP_L * 2))?,
@@ -604,20 +671,11 @@ impl SparsePlan {
             (Est::LowBit { tau, sink, local }, Some(lk), Some(ls)) => {
                 let d = &self.dims;
                 let lp = LbParams {
-                    mu_part: ptr_f(&ls.mu_part),
-                    mu: ptr_f(&ls.mu),
-                    kq: ls.kq.device_ptr(s).0,
-                    ks: ptr_f(&ls.ks),
-                    qq: ls.qq.device_ptr(s).0,
-                    qs: ptr_f(&ls.qs),
-                    qmu: ptr_f(&ls.qmu),
-                    flag: ls.flag.device_ptr(s).0,
                     log2_tau: tau.log2() as f32,
                     sink: sink as i32,
                     local: local as i32,
-                    nkc: d.sk.div_ceil(LB_KC) as i32,
-                    kgroups: d.sk.div_ceil(64) as i32,
                     ncand: ncand as i32,
+                    ..ls.params(s, d)
                 };
                 let bhk = (d.batch * d.hk) as u32;
                 // SAFETY: as above (LbParams matches the kernels'; its buffers sized in `new`).

@@ -34,8 +34,14 @@
 // sub-tiles of 64 keys (sp_vs's 64 x 64 tensor-core logits, rows from a table; the candidate
 // kinds from a shared-memory window of CL_KW key tiles, the next sub-tile's keys loaded into
 // registers during the current one's products).
+// CL_INT8 = 1 (`columns(int8=1)`): cl_hist's two passes take the sampled rows' logits from
+// sparse_lowbit.cu's int8 queries and keys (its quantizers run first), x_ij = qs_i sk_G(j)
+// sum_c qq_ic kq_jc + q_i . mu (mma.sync m16n8k32 s8 x s8 -> s32), then softcap and scale as
+// s_ij: lowbit's estimate; the key lists come from the stored codes (the recomputing cl_emit
+// is not taken) and the check stays on the exact logits.
 // Needs: common.cuh, fwd_params.cuh, the mask program, select.cuh, sparse_vs.cu (tiles, logits
-// fragment layout, candidate kinds), LA_D, LA_BR, LA_BC (a multiple of 64), LA_SOFTCAP, LA_F16,
+// fragment layout, candidate kinds), sparse_lowbit.cu (LbParams, lb_mma; LB_D32), LA_D, LA_BR,
+// LA_BC (a multiple of 64), LA_SOFTCAP, LA_F16, CL_INT8,
 // CL_R, CL_CHAINS (1 or 2: accumulator chains of the products), LA_GATHERED_BIT and LA_PAD
 // (sparse/gather.rs's GATHERED and PAD).
 
@@ -80,6 +86,7 @@ struct ClSmem {
     int cnt[64];           // per block tile: its sampled rows
     int kw0;               // first key tile of the window
     int kend;              // keys the block's tiles reach
+    float qs[64], qmu[64]; // CL_INT8: the rows' int8 scale and q . mu (sparse_lowbit.cu's)
 };
 
 // Registers holding the next 64 key rows (vector loads issued before the current sub-tile's
@@ -111,6 +118,28 @@ __device__ __forceinline__ void cl_store(const LaFwdParams& p, bool vec, const C
         }
     } else {
         sp_load_tile(dst, min(SP_SUB, p.Sk - j0), false, [&](int r) { return sp_k_row(p, b, g, j0 + r); });
+    }
+}
+
+// The int8 keys (sparse_lowbit.cu's kq: [b g][64-key group][64][LB_D32] bytes) of the sub-tile
+// [j0, j0 + 64), one group, into registers (cl_fetch8) and from them into `dst` at rows of
+// LB_LD bytes (cl_store8), the int8 twin of cl_fetch / cl_store.
+__device__ __forceinline__ void cl_fetch8(const LbParams& lb, ClPre& pre, i64 bg, int j0) {
+    constexpr int W = LB_D32 / 16;
+    const uint4* src = reinterpret_cast<const uint4*>(lb.kq + (bg * lb.kgroups * 64 + j0) * LB_D32);
+#pragma unroll
+    for (int u = 0; u < (64 * W + 255) / 256; u++) {
+        const int x = threadIdx.x + 256 * u;
+        pre.w[u] = x < 64 * W ? src[x] : make_uint4(0, 0, 0, 0);
+    }
+}
+
+__device__ __forceinline__ void cl_store8(const ClPre& pre, unsigned char* dst) {
+    constexpr int W = LB_D32 / 16;
+#pragma unroll
+    for (int u = 0; u < (64 * W + 255) / 256; u++) {
+        const int x = threadIdx.x + 256 * u;
+        if (x < 64 * W) *reinterpret_cast<uint4*>(dst + (x / W) * LB_LD + 16 * (x % W)) = pre.w[u];
     }
 }
 
@@ -163,6 +192,26 @@ __device__ void cl_setup(const LaFwdParams& p, const ClParams& cp, ClSmem& sm, i
     });
 }
 
+// The block's rows in int8 (sparse_lowbit.cu's qq, qs, qmu) over sm.q (rows of LB_LD bytes),
+// after cl_setup; rows without a query zero.
+__device__ void cl_setup8(const LaFwdParams& p, const LbParams& lb, ClSmem& sm, int bh) {
+    __syncthreads();
+    unsigned char* q8 = reinterpret_cast<unsigned char*>(sm.q);
+    constexpr int W = LB_D32 / 16;
+    for (int x = threadIdx.x; x < 64 * W; x += blockDim.x) {
+        const int r = x / W, i = sm.row[r];
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (i >= 0) v = reinterpret_cast<const uint4*>(lb.qq + ((i64)bh * p.Sq + i) * LB_D32)[x % W];
+        *reinterpret_cast<uint4*>(q8 + r * LB_LD + 16 * (x % W)) = v;
+    }
+    if (threadIdx.x < 64) {
+        const int i = sm.row[threadIdx.x];
+        sm.qs[threadIdx.x] = i >= 0 ? lb.qs[(i64)bh * p.Sq + i] : 0.f;
+        sm.qmu[threadIdx.x] = i >= 0 ? lb.qmu[(i64)bh * p.Sq + i] : 0.f;
+    }
+    __syncthreads();
+}
+
 // The candidate kinds of key tiles kt0 .. kt0 + CL_KW - 1 for the block's tiles (row r's tile:
 // r / CL_R, or the check's one tile, t = 0) into sm.kwin: per tile one binary search for the
 // window's first entry, then the window's entries read side by side (a row's entries ascend
@@ -205,6 +254,38 @@ __device__ void cl_window(const LaFwdParams& p, ClSmem& sm, int b, int h, int qt
 // Refill the kinds' window where sub-tile j0 starts one (every CL_KW key tiles).
 __device__ __forceinline__ void cl_kinds(const LaFwdParams& p, ClSmem& sm, int b, int h, int qt0, int check_qt, int j0) {
     if (j0 % (LA_BC * CL_KW) == 0) cl_window(p, sm, b, h, qt0, check_qt, j0 / LA_BC);
+}
+
+// Raw logits x (q . k, or the int8 estimate) of the block's rows x keys [j0, j0 + 64) to log2
+// units in place: softcap(x) scale_log2, -inf where the pair is not allowed or there is no row.
+// A thread's two rows (elements 0, 1 and 2, 3) each lie in one tile, and the 64 keys in one
+// key tile (LA_BC a multiple of 64): one candidate kind per row, read once; only Partial kinds
+// and the last sub-tile test element by element.
+__device__ __forceinline__ void cl_mask_scale(const LaFwdParams& p, const ClSmem& sm, int b, int h, int j0, bool check,
+                                              float s[4][4]) {
+    int ri[2], kd[2];
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int r = sp_frag_row(2 * hr);
+        ri[hr] = sm.row[r];
+        kd[hr] = ri[hr] >= 0 ? sm.kwin[check ? 0 : r / CL_R][j0 / LA_BC - sm.kw0] : 0;
+    }
+    const bool each = kd[0] == 2 || kd[1] == 2 || j0 + SP_SUB > p.Sk;
+#pragma unroll
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            bool ok = kd[e / 2] == 1;
+            if (each) {
+                const int j = j0 + sp_frag_key(nb, e);
+                ok = j < p.Sk && (ok || (kd[e / 2] == 2 && la_mask(p, b, h, ri[e / 2], j)));
+            }
+            float x = s[nb][e];
+#if LA_SOFTCAP
+            x = p.cap_post * tanhf(x * p.cap_pre);
+#endif
+            s[nb][e] = ok ? x * p.scale_log2 : -LA_INF;
+        }
 }
 
 // Logits of the block's 64 rows x keys [j0, j0 + 64) (log2 units; -inf where not allowed or no
@@ -252,44 +333,63 @@ __device__ void cl_logits(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre
 #pragma unroll
         for (int e = 0; e < 4; e++) s[nb][e] += s2[nb][e];
 #endif
-    // A thread's two rows (elements 0, 1 and 2, 3) each lie in one tile, and the 64 keys in one
-    // key tile (LA_BC a multiple of 64): one candidate kind per row, read once; only Partial
-    // kinds and the last sub-tile test element by element.
-    int ri[2], kd[2];
+    cl_mask_scale(p, sm, b, h, j0, check, s);
+}
+
+// cl_logits from the int8 rows and keys (sparse_lowbit.cu's quantization; `bg` = b Hk + g):
+// the s8 x s8 -> s32 products (mma.sync m16n8k32), then x = qs_i sk_G acc + q_i . mu, as
+// lowbit's estimate, masked, soft-capped and scaled by cl_mask_scale. `pre` holds the sub-tile's
+// int8 keys (cl_fetch8) and is refilled with the next's.
+__device__ void cl_logits8(const LaFwdParams& p, const LbParams& lb, ClSmem& sm, ClPre& pre, int b, int h, i64 bg,
+                           int j0, float s[4][4]) {
+    __syncthreads();
+    cl_store8(pre, reinterpret_cast<unsigned char*>(sm.k));
+    __syncthreads();
+    if (j0 + SP_SUB < sm.kend) cl_fetch8(lb, pre, bg, j0 + SP_SUB);
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int acc[4][4];
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        const int r = sp_frag_row(2 * hr);
-        ri[hr] = sm.row[r];
-        kd[hr] = ri[hr] >= 0 ? sm.kwin[check ? 0 : r / CL_R][j0 / LA_BC - sm.kw0] : 0;
+    for (int nb = 0; nb < 4; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[nb][e] = 0;
+    const unsigned char* qa = reinterpret_cast<const unsigned char*>(sm.q) + (16 * (w % 4) + lane % 16) * LB_LD + (lane / 16) * 16;
+    const unsigned char* kb = reinterpret_cast<const unsigned char*>(sm.k) +
+                              (32 * (w / 4) + (lane & 7) + ((lane >> 4) << 3)) * LB_LD + ((lane >> 3) & 1) * 16;
+#pragma unroll
+    for (int k0 = 0; k0 < LB_D32; k0 += 32) {
+        u32 a[4], b0[4], b1[4];
+        la_ldmatrix_x4(a, qa + k0);
+        la_ldmatrix_x4(b0, kb + k0);
+        la_ldmatrix_x4(b1, kb + 16 * LB_LD + k0);
+        lb_mma(acc[0], a, b0);
+        lb_mma(acc[1], a, b0 + 2);
+        lb_mma(acc[2], a, b1);
+        lb_mma(acc[3], a, b1 + 2);
     }
-    const bool each = kd[0] == 2 || kd[1] == 2 || j0 + SP_SUB > p.Sk;
+    const float skg = lb.ks[bg * lb.kgroups + j0 / 64];
 #pragma unroll
     for (int nb = 0; nb < 4; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            bool ok = kd[e / 2] == 1;
-            if (each) {
-                const int j = j0 + sp_frag_key(nb, e);
-                ok = j < p.Sk && (ok || (kd[e / 2] == 2 && la_mask(p, b, h, ri[e / 2], j)));
-            }
-            float x = s[nb][e];
-#if LA_SOFTCAP
-            x = p.cap_post * tanhf(x * p.cap_pre);
-#endif
-            s[nb][e] = ok ? x * p.scale_log2 : -LA_INF;
+            const int r = sp_frag_row(e);
+            s[nb][e] = fmaf(sm.qs[r] * skg, (float)acc[nb][e], sm.qmu[r]);
         }
+    cl_mask_scale(p, sm, b, h, j0, false, s);
 }
-
 // Each block row's LSE over keys [jb, je) (jb a multiple of CL_CHUNK) into sm.lse, or with
 // `part` its (max, sum), max(s) and sum 2^(s - max) in log2 units, into part[row][2].
-__device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt, int jb, int je, float* part) {
+// With `lb` (cl_hist under CL_INT8) the logits are cl_logits8's.
+__device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, int h, int g, int qt0, int check_qt, int jb, int je, float* part,
+                           const LbParams* lb) {
     float m[2] = {-LA_INF, -LA_INF}, z[2] = {0.f, 0.f};
+    const i64 bg = (i64)b * p.Hk + g;
     ClPre pre;
-    cl_fetch(p, vec, pre, b, g, jb);
+    if (lb != nullptr) cl_fetch8(*lb, pre, bg, jb); else cl_fetch(p, vec, pre, b, g, jb);
     for (int j0 = jb; j0 < je; j0 += SP_SUB) {
         cl_kinds(p, sm, b, h, qt0, check_qt, j0);
         float s[4][4];
-        cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
+        if (lb != nullptr) cl_logits8(p, *lb, sm, pre, b, h, bg, j0, s);
+        else cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
             float mx = -LA_INF;
@@ -336,10 +436,13 @@ __device__ void cl_row_lse(const LaFwdParams& p, bool vec, ClSmem& sm, int b, in
 }
 
 // The probabilities of keys [j0, j0 + 64) into sm.p[row][key] (0 where not allowed).
-__device__ void cl_probs(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre, int b, int h, int g, int qt0, int check_qt, int j0) {
+// With `lb` the logits are cl_logits8's (cl_hist under CL_INT8).
+__device__ void cl_probs(const LaFwdParams& p, bool vec, ClSmem& sm, ClPre& pre, int b, int h, int g, int qt0, int check_qt, int j0,
+                         const LbParams* lb) {
     cl_kinds(p, sm, b, h, qt0, check_qt, j0);
     float s[4][4];
-    cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
+    if (lb != nullptr) cl_logits8(p, *lb, sm, pre, b, h, (i64)b * p.Hk + g, j0, s);
+    else cl_logits(p, vec, sm, pre, b, h, g, j0, check_qt >= 0, s);
 #pragma unroll
     for (int nb = 0; nb < 4; nb++)
 #pragma unroll
@@ -381,7 +484,9 @@ __device__ __forceinline__ void cl_band(const LaFwdParams& p, int local, int qt,
 }
 
 // Mean softmax m_j of each of the block's tiles, its bins, and the cut bin per tile.
-extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, const ClParams cp) {
+// CL_INT8: the sampled rows' logits from sparse_lowbit.cu's int8 rows and keys (`lb`, written
+// by its quantizers before this kernel), lowbit's estimate; otherwise `lb` is not read.
+extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, const ClParams cp, const LbParams lb) {
     extern __shared__ __align__(16) unsigned char cl_smem[];
     ClSmem& sm = *reinterpret_cast<ClSmem*>(cl_smem);
     float* hist = reinterpret_cast<float*>(cl_smem + sizeof(ClSmem));   // [CL_T][CL_NBIN]
@@ -390,13 +495,20 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
     const int qt0 = (gridDim.x - 1 - blockIdx.x) * CL_T;
     cl_setup(p, cp, sm, b, h, qt0, -1);
     for (int x = threadIdx.x; x < CL_T * CL_NBIN; x += blockDim.x) hist[x] = 0.f;
-    cl_row_lse(p, cp.vec != 0, sm, b, h, g, qt0, -1, 0, sm.kend, nullptr);
+#if CL_INT8
+    cl_setup8(p, lb, sm, bh);
+    const LbParams* lbp = &lb;
+#else
+    const LbParams* lbp = nullptr;
+#endif
+    const i64 bg = (i64)b * p.Hk + g;
+    cl_row_lse(p, cp.vec != 0, sm, b, h, g, qt0, -1, 0, sm.kend, nullptr, lbp);
     if (threadIdx.x < 64) {
         const int r = threadIdx.x, qt = qt0 + r / CL_R;
         if (r < CL_T * CL_R && qt < p.q_tiles) cp.lse[((i64)bh * p.q_tiles + qt) * CL_R + r % CL_R] = sm.lse[r];
     }
     ClPre pre;
-    cl_fetch(p, cp.vec != 0, pre, b, g, 0);
+    if (lbp != nullptr) cl_fetch8(lb, pre, bg, 0); else cl_fetch(p, cp.vec != 0, pre, b, g, 0);
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
 #if CL_REG
         // p_ij in registers, summed over each tile's sampled rows by shuffles (its rows are the
@@ -404,7 +516,8 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
         // m_j = sum / n, each for its share of the keys, two keys' codes per store.
         cl_kinds(p, sm, b, h, qt0, -1, j0);
         float sv[4][4];
-        cl_logits(p, cp.vec != 0, sm, pre, b, h, g, j0, false, sv);
+        if (lbp != nullptr) cl_logits8(p, lb, sm, pre, b, h, bg, j0, sv);
+        else cl_logits(p, cp.vec != 0, sm, pre, b, h, g, j0, false, sv);
         const int lane = threadIdx.x % 32, ktw = j0 / LA_BC - sm.kw0;
         float lr[2];
 #pragma unroll
@@ -456,7 +569,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_hist(const LaFwdParams p, c
             }
         }
 #else
-        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, qt0, -1, j0);
+        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, qt0, -1, j0, lbp);
         for (int x = threadIdx.x; x < CL_T * 64; x += blockDim.x) {
             const int t = x / 64, c = x % 64;
             float m = 0.f;
@@ -510,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_emit(const LaFwdParams p, c
     ClPre pre;
     cl_fetch(p, cp.vec != 0, pre, b, g, 0);
     for (int j0 = 0; j0 < sm.kend; j0 += SP_SUB) {
-        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, qt0, -1, j0);
+        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, qt0, -1, j0, nullptr);
         // Warp w takes tiles w, w + 8, ...: lanes over the 64 keys in two halves.
         for (int t = w; t < CL_T; t += 8) {
             const int qt = qt0 + t;
@@ -630,7 +743,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_check_lse(const LaFwdParams
     cl_setup(p, cp, sm, b, h, 0, r0);
     const int jb = blockIdx.y * CL_CHUNK, je = min(sm.kend, jb + CL_CHUNK);
     float* part = cp.chkp + cl_check_slot(cp, bh) * 128;
-    cl_row_lse(p, cp.vec != 0, sm, b, h, g, -1, qt, jb, je, part);
+    cl_row_lse(p, cp.vec != 0, sm, b, h, g, -1, qt, jb, je, part, nullptr);
 }
 
 extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, const ClParams cp) {
@@ -672,7 +785,7 @@ extern "C" __global__ void __launch_bounds__(256) cl_check(const LaFwdParams p, 
     ClPre pre;
     cl_fetch(p, cp.vec != 0, pre, b, g, jb);
     for (int j0 = jb; j0 < je; j0 += SP_SUB) {
-        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, -1, qt, j0);
+        cl_probs(p, cp.vec != 0, sm, pre, b, h, g, -1, qt, j0, nullptr);
         if (threadIdx.x < 64) kf[threadIdx.x] = whole || (j0 + (int)threadIdx.x) / LA_BC >= bk0 && (j0 + (int)threadIdx.x) / LA_BC <= bk1;
         __syncthreads();
         if (threadIdx.x == 0 && !whole) {
