@@ -109,7 +109,7 @@
 //! score work at rows = 4, block = 64) plus the last tile under `check`. With `int8=1` the
 //! sampled rows' logits come from `lowbit`'s int8 queries and keys (below; exact integer
 //! products, the soft-cap and scale on top), the check's from the exact ones: the products a
-//! device estimate can run at twice the bf16 rate (the CPU only so far).
+//! device estimate runs at twice the bf16 rate (`sparse::columns`, CL_INT8).
 //!
 //! Low-bit estimate (`lowbit`, module [`lowbit`]): K smoothed by its mean over the document's
 //! keys and quantized to int8 per group of 64 keys, each query row to int8 with its own scale;

@@ -68,7 +68,7 @@ pub enum Method {
     /// `int8=1`: the sampled rows' logits from int8 queries and keys, `lowbit`'s quantization
     /// (K smoothed by its mean and scaled per 64-key group, each query row by its own scale;
     /// exact integer products): the estimate's products at twice the tensor cores' bf16 rate
-    /// on the device. The check stays exact. CPU selector only so far.
+    /// on the device (`sparse_columns.cu`'s `cl_logits8`). The check stays exact.
     Columns {
         gamma: f64,
         rows: usize,
