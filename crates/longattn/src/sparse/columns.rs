@@ -80,7 +80,7 @@ pub struct ColumnsArgs {
     pub sink: usize,
     pub local: usize,
     pub check: f64,
-    /// The sampled rows' products from int8 Q and K (`int8=1`; the CPU only so far).
+    /// The sampled rows' products from int8 Q and K (`int8=1`).
     pub int8: bool,
 }
 
