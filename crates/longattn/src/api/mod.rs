@@ -1436,6 +1436,35 @@ mod cuda_route {
         unsafe { DevTensor::borrow(s, name, t.ptr, t.shape, t.strides, dt) }
     }
 
+    /// A backward's inputs (q, k, v, out, dout) and gradients (dq, dk, dv) as device tensors
+    /// on stream `s`.
+    ///
+    /// # Safety
+    /// As for [`dev_tensor`], for every tensor.
+    unsafe fn bwd_tensors(
+        s: &Arc<cudarc::driver::CudaStream>,
+        a: &AttnArgs,
+        [out, dout, dq, dk, dv]: [&RawTensor; 5],
+    ) -> Result<([DevTensor; 5], [DevTensor; 3])> {
+        // SAFETY: forwarded.
+        unsafe {
+            Ok((
+                [
+                    dev_tensor(s, "q", &a.q)?,
+                    dev_tensor(s, "k", &a.k)?,
+                    dev_tensor(s, "v", &a.v)?,
+                    dev_tensor(s, "out", out)?,
+                    dev_tensor(s, "dout", dout)?,
+                ],
+                [
+                    dev_tensor(s, "dq", dq)?,
+                    dev_tensor(s, "dk", dk)?,
+                    dev_tensor(s, "dv", dv)?,
+                ],
+            ))
+        }
+    }
+
     /// q, k, v and the output of a forward as device tensors on stream `s`.
     ///
     /// # Safety
@@ -1673,18 +1702,8 @@ mod cuda_route {
         let dev = device(ord)?;
         let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract.
-        let (q, k, v, o, d_o, mut g_q, mut g_k, mut g_v) = unsafe {
-            (
-                dev_tensor(&s, "q", &a.q)?,
-                dev_tensor(&s, "k", &a.k)?,
-                dev_tensor(&s, "v", &a.v)?,
-                dev_tensor(&s, "out", out)?,
-                dev_tensor(&s, "dout", dout)?,
-                dev_tensor(&s, "dq", dq)?,
-                dev_tensor(&s, "dk", dk)?,
-                dev_tensor(&s, "dv", dv)?,
-            )
-        };
+        let ([q, k, v, o, d_o], [mut g_q, mut g_k, mut g_v]) =
+            unsafe { bwd_tensors(&s, a, [out, dout, dq, dk, dv])? };
         let data = mask_data(OP, a, dims, stream)?;
         let bm = bind(a, dims, data)?;
         // Planned per call: the plan holds the selection's schedule and key bits.
@@ -1865,18 +1884,8 @@ mod cuda_route {
         let dev = device(ord)?;
         let s = stream_of(&dev, stream);
         // SAFETY: the entry point's contract.
-        let (q, k, v, o, d_o, mut g_q, mut g_k, mut g_v) = unsafe {
-            (
-                dev_tensor(&s, "q", &a.q)?,
-                dev_tensor(&s, "k", &a.k)?,
-                dev_tensor(&s, "v", &a.v)?,
-                dev_tensor(&s, "out", out)?,
-                dev_tensor(&s, "dout", dout)?,
-                dev_tensor(&s, "dq", dq)?,
-                dev_tensor(&s, "dk", dk)?,
-                dev_tensor(&s, "dv", dv)?,
-            )
-        };
+        let ([q, k, v, o, d_o], [mut g_q, mut g_k, mut g_v]) =
+            unsafe { bwd_tensors(&s, a, [out, dout, dq, dk, dv])? };
         let data = mask_data(BWD, a, dims, stream)?;
         let key = BwdKey {
             fwd: fwd_key(ord, a, dims, dt, &data, true),

@@ -468,16 +468,6 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
             )
         };
         let (g, g2, gf) = (run(true)?, run(true)?, run(false)?);
-        // Deterministic mode: bit-identical run to run.
-        let same = [(&g.dq, &g2.dq), (&g.dk, &g2.dk), (&g.dv, &g2.dv)]
-            .iter()
-            .all(|(a, b)| a.data.bytes() == b.data.bytes());
-        if !same {
-            return Ok((
-                f64::INFINITY,
-                "deterministic mode differs between two runs".into(),
-            ));
-        }
         let bp = crate::BackwardParams {
             deterministic: true,
             ..Default::default()
@@ -508,14 +498,15 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
             let f = |t: &Tensor| t.data.to_f32_vec().iter().map(|&x| x as f64).collect();
             ([f(&c.dq), f(&c.dk), f(&c.dv)], "vs CPU backward")
         };
-        let floor = want[2].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
-        // Errors of dq, dk, dv; each mode's figure is the largest.
-        let errs = |g: &crate::Grads| -> [f64; 3] {
-            let got = [&g.dq, &g.dk, &g.dv];
-            std::array::from_fn(|x| crate::testing::compare_grad(got[x], &want[x], floor))
+        // Errors of dq, dk, dv; each mode's figure is the largest. Deterministic mode:
+        // bit-identical run to run.
+        let Some((ed, ef)) = grad_errors([&g, &g2, &gf], &want) else {
+            return Ok((
+                f64::INFINITY,
+                "deterministic mode differs between two runs".into(),
+            ));
         };
         let max3 = |e: [f64; 3]| e.into_iter().fold(0.0, f64::max);
-        let (ed, ef) = (errs(&g), errs(&gf));
         let (md, mf) = (max3(ed), max3(ef));
         let mut detail =
             format!("{how}; deterministic {md:.1e} (bit-identical twice), fast {mf:.1e}");
@@ -542,6 +533,24 @@ pub fn check_backward(dev: &Arc<CudaDevice>, case: &FwdCase, seed: u64) -> CaseR
         lse_err: 0.0,
         detail,
     }
+}
+
+/// Errors of a backward's dq / dk / dv against `want` (each relative to max(|reference|, max
+/// |dV|), [`crate::testing::compare_grad`]) for the deterministic mode (`g`, run twice: `g2`)
+/// and the fast one (`gf`); None when the two deterministic runs differ in any bit.
+fn grad_errors(
+    [g, g2, gf]: [&crate::Grads; 3],
+    want: &[Vec<f64>; 3],
+) -> Option<([f64; 3], [f64; 3])> {
+    let same = [(&g.dq, &g2.dq), (&g.dk, &g2.dk), (&g.dv, &g2.dv)]
+        .iter()
+        .all(|(a, b)| a.data.bytes() == b.data.bytes());
+    let floor = want[2].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
+    let errs = |g: &crate::Grads| -> [f64; 3] {
+        let got = [&g.dq, &g.dk, &g.dv];
+        std::array::from_fn(|x| crate::testing::compare_grad(got[x], &want[x], floor))
+    };
+    same.then(|| (errs(g), errs(gf)))
 }
 
 /// The backward matrix: the forward's cases up to ~1100 x 1100, and head dims above 128 (where
@@ -2032,15 +2041,6 @@ pub fn check_gather_backward(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64
             )
         };
         let (g, g2, gf) = (run(true)?, run(true)?, run(false)?);
-        let same = [(&g.dq, &g2.dq), (&g.dk, &g2.dk), (&g.dv, &g2.dv)]
-            .iter()
-            .all(|(a, b)| a.data.bytes() == b.data.bytes());
-        if !same {
-            return Ok((
-                f64::INFINITY,
-                "deterministic mode differs between two runs".into(),
-            ));
-        }
         let (want, how): ([Vec<f64>; 3], &str) = if c.batch * c.hq * c.sq * c.sk * c.d <= 1 << 26 {
             let r = crate::reference::attention_backward_f64(
                 &qv,
@@ -2070,12 +2070,12 @@ pub fn check_gather_backward(dev: &Arc<CudaDevice>, case: &GatherCase, seed: u64
                 "vs CPU gathered backward",
             )
         };
-        let floor = want[2].iter().fold(0.0f64, |a, &x| a.max(x.abs()));
-        let errs = |g: &crate::Grads| -> [f64; 3] {
-            let got = [&g.dq, &g.dk, &g.dv];
-            std::array::from_fn(|x| crate::testing::compare_grad(got[x], &want[x], floor))
+        let Some((ed, ef)) = grad_errors([&g, &g2, &gf], &want) else {
+            return Ok((
+                f64::INFINITY,
+                "deterministic mode differs between two runs".into(),
+            ));
         };
-        let (ed, ef) = (errs(&g), errs(&gf));
         let max3 = |e: [f64; 3]| e.into_iter().fold(0.0, f64::max);
         Ok((
             max3(ed).max(max3(ef)),
