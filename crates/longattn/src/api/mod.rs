@@ -834,6 +834,32 @@ pub unsafe fn forward_gathered(
     }
 }
 
+/// A backward's out, dout (`[B, Sq, Hq, Dv]`) and gradients (q's, k's and v's shapes): the
+/// inputs' float dtype, on their device.
+fn check_bwd_tensors(
+    op: &'static str,
+    dims: &Dims,
+    dt: DType,
+    dev: Device,
+    [out, dout, dq, dk, dv]: [&RawTensor; 5],
+) -> Result<()> {
+    let f = RawDType::Float(dt);
+    let qs = [dims.batch, dims.sq, dims.hq, dims.d];
+    let os = [dims.batch, dims.sq, dims.hq, dims.dv];
+    let ks = [dims.batch, dims.sk, dims.hk, dims.d];
+    let vs = [dims.batch, dims.sk, dims.hk, dims.dv];
+    for (name, t, want) in [
+        ("out", out, &os),
+        ("dout", dout, &os),
+        ("dq", dq, &qs),
+        ("dk", dk, &ks),
+        ("dv", dv, &vs),
+    ] {
+        check_out(op, name, t, want, f, dev)?;
+    }
+    Ok(())
+}
+
 /// A gathered selection's mask must be an expression (or none) and its sizes the inputs'.
 fn gathered_fits(
     op: &'static str,
@@ -887,20 +913,7 @@ pub unsafe fn backward_gathered(
     const OP: &str = "gathered attention backward";
     let (dims, dt, dev) = prologue(OP, a, lse)?;
     gathered_fits(OP, a, sel, &dims)?;
-    let f = RawDType::Float(dt);
-    let qs = [dims.batch, dims.sq, dims.hq, dims.d];
-    let os = [dims.batch, dims.sq, dims.hq, dims.dv];
-    let ks = [dims.batch, dims.sk, dims.hk, dims.d];
-    let vs = [dims.batch, dims.sk, dims.hk, dims.dv];
-    for (name, t, want) in [
-        ("out", out, &os),
-        ("dout", dout, &os),
-        ("dq", dq, &qs),
-        ("dk", dk, &ks),
-        ("dv", dv, &vs),
-    ] {
-        check_out(OP, name, t, want, f, dev)?;
-    }
+    check_bwd_tensors(OP, &dims, dt, dev, [out, dout, dq, dk, dv])?;
     match dev {
         Device::Cpu => {
             let data = mask_data(OP, a, &dims, stream)?;
@@ -1047,20 +1060,7 @@ pub unsafe fn backward(
     stream: StreamHandle,
 ) -> Result<()> {
     let (dims, dt, dev) = prologue(BWD, a, lse)?;
-    let f = RawDType::Float(dt);
-    let qs = [dims.batch, dims.sq, dims.hq, dims.d];
-    let os = [dims.batch, dims.sq, dims.hq, dims.dv];
-    let ks = [dims.batch, dims.sk, dims.hk, dims.d];
-    let vs = [dims.batch, dims.sk, dims.hk, dims.dv];
-    for (name, t, want) in [
-        ("out", out, &os),
-        ("dout", dout, &os),
-        ("dq", dq, &qs),
-        ("dk", dk, &ks),
-        ("dv", dv, &vs),
-    ] {
-        check_out(BWD, name, t, want, f, dev)?;
-    }
+    check_bwd_tensors(BWD, &dims, dt, dev, [out, dout, dq, dk, dv])?;
     match dev {
         Device::Cpu => {
             let data = mask_data(BWD, a, &dims, stream)?;
