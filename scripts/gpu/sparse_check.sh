@@ -6,7 +6,7 @@
 #   bash scripts/gpu/sparse_check.sh bench     # longattn bench --backend cuda --sparse (SPARSE_SPECS, SPARSE_LENS)
 #   bash scripts/gpu/sparse_check.sh columns   # the gathered form of `columns` (sparse::columns): selftest group
 #                                              # columns, memcheck over its quick cases, pytest's columns /
-#                                              # gathered CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS, COLUMNS_INPUTS:
+#                                              # gathered / sparse-gradient CUDA tests (wheel in .dev-wheels/), bench (COLUMNS_LENS, COLUMNS_INPUTS:
 #                                              # structured and / or sharp)
 #   bash scripts/gpu/sparse_check.sh gather    # selftest group gather: the gathered forward and the backward
 #                                              # through a gathered selection (BwdPlan::with_gather)
@@ -45,7 +45,7 @@ columns)
   if ls .dev-wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev-wheels/*.whl >/dev/null
     PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} timeout 200 python3 -m pytest -q -ra crates/longattn-py/tests \
-      --ignore=crates/longattn-py/tests/test_hf.py -k "columns or gathered" -p no:cacheprovider \
+      --ignore=crates/longattn-py/tests/test_hf.py -k "columns or gathered or device_selection" -p no:cacheprovider \
       > "$OUT/pytest_columns.txt" 2>&1; echo "pytest rc=$?"; tail -8 "$OUT/pytest_columns.txt"
   fi
   SPEC=${COLUMNS_SPEC:-"columns(gamma=0.97,rows=4,check=0.92,block=128,sink=4,local=64,dense_below=0)"}
