@@ -997,6 +997,55 @@ mod tests {
         }
     }
 
+    /// The backward through a gathered selection (`BwdPlan::with_gather`): the keys program
+    /// (mask && key bit, `DevMask::gathered`) over causal and over no mask compiles into the
+    /// one-pass kernel at both head dims and in both modes, clean for ptxas, and into the
+    /// two-pass kernel.
+    #[test]
+    fn gathered_backward_kernels_compile_with_nvrtc() {
+        if super::super::compile::test_programs().is_none() {
+            return;
+        }
+        let bm = crate::mask::MaskExpr::parse("causal")
+            .unwrap()
+            .bind(crate::mask::MaskShape::square(500), None)
+            .unwrap();
+        let causal = bm.cuda_program().source;
+        for (what, expr) in [
+            ("causal", causal.as_str()),
+            ("full", crate::cuda::forward::ALL_PAIRS),
+        ] {
+            let program = crate::cuda::forward::keys_program(expr);
+            for d in [64, 128] {
+                for det in [false, true] {
+                    let kernel = BwdKernel::choose(d, (9, 0), det);
+                    let (src, variant, _, _, _, defines) = kernel_build(
+                        kernel,
+                        DType::BF16,
+                        d,
+                        &AttnParams::default(),
+                        &program,
+                        super::BwdSteps::defaults(),
+                    );
+                    let name = format!("test_keys_{what}_{variant}");
+                    super::super::compile::assert_ptxas_clean(&name, &src, &defines);
+                }
+            }
+            // The two-pass kernel (other GPUs, other head dims): that it compiles, as
+            // two_pass_kernels_compile_with_nvrtc checks it for the plain programs.
+            let (src, variant, _, _, _, defines) = kernel_build(
+                BwdKernel::TwoPass,
+                DType::BF16,
+                96,
+                &AttnParams::default(),
+                &program,
+                super::BwdSteps::defaults(),
+            );
+            let name = format!("test_keys_{what}_{variant}");
+            super::super::compile::assert_compiles(&name, &src, "sm_80", &defines);
+        }
+    }
+
     /// Document masks whose documents are runs of keys (element and interval programs, the run
     /// bounds read from `p.dlo` / `p.dhi`), built as the plan builds them (`MaskHost`), compile
     /// into the one-pass kernel at both head dims and in both modes, clean for ptxas.

@@ -2068,7 +2068,7 @@ fn blk_dims(s: &BlockSchedule) -> [i32; 6] {
 }
 
 /// The element program of no mask, under the name a composed program gives its mask part.
-const ALL_PAIRS: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
+pub(crate) const ALL_PAIRS: &str = "template <typename P>\n__device__ __forceinline__ bool la_mask(const P&, int, int, int, int) { return true; }\n";
 
 /// The device program of a gathered-key selection ([`DevMask::gathered`]): the mask's `la_mask`
 /// renamed `la_mask_expr`, and `la_mask` = the mask && the selection row's key bit, read from
