@@ -271,6 +271,41 @@ fn check_chunks(sk: usize, bc: usize) -> usize {
     sk.div_ceil(KINDS_WINDOW * bc)
 }
 
+/// The estimator's source: the mask's device program, the selection helpers, sparse_vs.cu's
+/// tiles and kinds, sparse_lowbit.cu's int8 quantizers, then sparse_columns.cu.
+fn kernel_source(mask_program: &str) -> String {
+    format!(
+        "{COMMON}\n{PARAMS}\n{mask_program}\n{}\n{}\n{}\n{SRC}",
+        super::cuda::SELECT,
+        super::cuda::SRC,
+        super::cuda::SRC_LB
+    )
+}
+
+/// The estimator's defines: storage type, head dim, the forward's tiles, soft-cap, and
+/// (sampled rows, product chains, int8 estimate).
+fn kernel_defines(
+    dtype: DType,
+    d: usize,
+    (br, bc): (usize, usize),
+    softcap: bool,
+    (rows, chains, int8): (usize, usize, bool),
+) -> Vec<(String, String)> {
+    vec![
+        ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
+        ("LA_D".into(), d.to_string()),
+        ("LA_BR".into(), br.to_string()),
+        ("LA_BC".into(), bc.to_string()),
+        ("LA_SOFTCAP".into(), (softcap as u8).to_string()),
+        ("CL_R".into(), rows.to_string()),
+        ("CL_CHAINS".into(), chains.to_string()),
+        ("CL_INT8".into(), (int8 as u8).to_string()),
+        ("LB_D32".into(), (d.div_ceil(32) * 32).to_string()),
+        ("LA_GATHERED_BIT".into(), format!("{GATHERED}u")),
+        ("LA_PAD".into(), format!("{PAD}u")),
+    ]
+}
+
 /// Independent accumulator chains per logit fragment in the estimator's Q K^T products
 /// (`CL_CHAINS`): 1, or 2 with `LONGATTN_COLUMNS_CHAINS=2` (the even and odd 16-wide steps of
 /// the head dimension summed apart, then added: twice the tensor-core operations in flight per
@@ -453,30 +488,15 @@ impl ColumnsPlan {
                 CODES_MAX_BYTES >> 30
             )));
         }
-        let src = format!(
-            "{COMMON}\n{PARAMS}\n{}\n{}\n{}\n{}\n{SRC}",
-            fwd.mask_program(),
-            super::cuda::SELECT,
-            super::cuda::SRC,
-            super::cuda::SRC_LB
-        );
+        let src = kernel_source(fwd.mask_program());
         let d32 = d.div_ceil(32) * 32;
-        let defines: Vec<(String, String)> = vec![
-            ("LA_F16".into(), ((dtype == DType::F16) as u8).to_string()),
-            ("LA_D".into(), d.to_string()),
-            ("LA_BR".into(), br.to_string()),
-            ("LA_BC".into(), bc.to_string()),
-            (
-                "LA_SOFTCAP".into(),
-                (params.softcap.is_some() as u8).to_string(),
-            ),
-            ("CL_R".into(), rr.to_string()),
-            ("CL_CHAINS".into(), chains.to_string()),
-            ("CL_INT8".into(), (args.int8 as u8).to_string()),
-            ("LB_D32".into(), d32.to_string()),
-            ("LA_GATHERED_BIT".into(), format!("{GATHERED}u")),
-            ("LA_PAD".into(), format!("{PAD}u")),
-        ];
+        let defines = kernel_defines(
+            dtype,
+            d,
+            (br, bc),
+            params.softcap.is_some(),
+            (rr, chains, args.int8),
+        );
         let variant = format!(
             "sparse_columns_{}_d{d}_{br}x{bc}_r{rr}_c{chains}{}",
             dtype.name(),
@@ -1012,6 +1032,34 @@ mod tests {
         assert_eq!(bin(2f64.powi(-24)), 0);
         assert_eq!(bin(1e-30), 0);
         assert_eq!(bin(2f64.powf(-23.0 + 1.0 / 16.0)), 17);
+    }
+}
+
+#[cfg(test)]
+mod compile_tests {
+    use super::*;
+
+    /// The estimator's kernels as the plan assembles them (the mask program first, the lowbit
+    /// quantizers among them) compile with NVRTC: bf16 / f16, the int8 estimate on and off, both
+    /// mass paths (rows 4 in registers, rows 3 through shared memory), two product chains, D 64
+    /// / 96 / 128 / 256, soft-cap (skipped without `libnvrtc`).
+    #[test]
+    fn columns_kernels_compile_with_nvrtc() {
+        let Some((program, _)) = crate::cuda::compile::test_programs() else {
+            return;
+        };
+        let src = kernel_source(&program);
+        for (dtype, d, tiles, softcap, knobs) in [
+            (DType::BF16, 128, (128, 128), false, (4, 1, false)),
+            (DType::BF16, 128, (128, 128), false, (4, 1, true)),
+            (DType::F16, 64, (128, 128), true, (3, 2, true)),
+            (DType::BF16, 96, (128, 128), false, (8, 1, true)),
+            (DType::BF16, 256, (64, 64), true, (4, 2, true)),
+        ] {
+            let defines = kernel_defines(dtype, d, tiles, softcap, knobs);
+            let name = format!("test_columns_{}_d{d}_{knobs:?}", dtype.name());
+            crate::cuda::compile::assert_compiles(&name, &src, "sm_90a", &defines);
+        }
     }
 }
 
