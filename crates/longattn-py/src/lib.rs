@@ -537,9 +537,7 @@ fn bwd_gathered(
     py.detach(|| {
         let a = inp.args();
         // SAFETY: as in `fwd`.
-        unsafe {
-            api::backward_gathered(&a, &sel, &out, &lse, &dout, &dq, &dk, &dv, &b, stream)
-        }
+        unsafe { api::backward_gathered(&a, &sel, &out, &lse, &dout, &dq, &dk, &dv, &b, stream) }
     })
     .map_err(py_err)
 }
