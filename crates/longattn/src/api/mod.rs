@@ -834,6 +834,45 @@ pub unsafe fn forward_gathered(
     }
 }
 
+/// A backward on the host: the mask bound, the LSE checked contiguous, q, k, v, out, dout as
+/// views, `run` (gradients from them, the LSE and the mask), the gradients written to dq, dk, dv.
+///
+/// # Safety
+/// As for [`backward`].
+unsafe fn host_backward(
+    op: &'static str,
+    a: &AttnArgs,
+    dims: &Dims,
+    [out, lse, dout, dq, dk, dv]: [&RawTensor; 6],
+    stream: StreamHandle,
+    run: impl FnOnce([&TensorView; 5], &[f32], MaskSpec) -> Result<crate::Grads>,
+) -> Result<()> {
+    let data = mask_data(op, a, dims, stream)?;
+    let bm = bind(a, dims, data)?;
+    if !lse.is_contiguous() {
+        return Err(lse.shape_err(op, "lse", "a contiguous [B, Hq, Sq] f32 tensor".into()));
+    }
+    // SAFETY: the caller's contract.
+    let (q, k, v, o, d_o, l) = unsafe {
+        (
+            a.q.view(op, "q")?,
+            a.k.view(op, "k")?,
+            a.v.view(op, "v")?,
+            out.view(op, "out")?,
+            dout.view(op, "dout")?,
+            std::slice::from_raw_parts(lse.ptr as *const f32, lse.numel()),
+        )
+    };
+    let g = run([&q, &k, &v, &o, &d_o], l, spec(&bm))?;
+    // SAFETY: the caller's contract (gradients writable).
+    unsafe {
+        write_host(dq, &g.dq.data);
+        write_host(dk, &g.dk.data);
+        write_host(dv, &g.dv.data);
+    }
+    Ok(())
+}
+
 /// A backward's out, dout (`[B, Sq, Hq, Dv]`) and gradients (q's, k's and v's shapes): the
 /// inputs' float dtype, on their device.
 fn check_bwd_tensors(
@@ -915,43 +954,19 @@ pub unsafe fn backward_gathered(
     gathered_fits(OP, a, sel, &dims)?;
     check_bwd_tensors(OP, &dims, dt, dev, [out, dout, dq, dk, dv])?;
     match dev {
-        Device::Cpu => {
-            let data = mask_data(OP, a, &dims, stream)?;
-            let bm = bind(a, &dims, data)?;
-            if !lse.is_contiguous() {
-                return Err(lse.shape_err(OP, "lse", "a contiguous [B, Hq, Sq] f32 tensor".into()));
-            }
-            // SAFETY: the caller's contract.
-            let (q, k, v, o, d_o, l) = unsafe {
-                (
-                    a.q.view(OP, "q")?,
-                    a.k.view(OP, "k")?,
-                    a.v.view(OP, "v")?,
-                    out.view(OP, "out")?,
-                    dout.view(OP, "dout")?,
-                    std::slice::from_raw_parts(lse.ptr as *const f32, lse.numel()),
-                )
-            };
-            let g = crate::sparse::gather::backward(
-                &q,
-                &k,
-                &v,
-                &o,
-                l,
-                &d_o,
-                a.params,
-                spec(&bm),
-                sel,
-                bwd,
-            )?;
-            // SAFETY: the caller's contract (gradients writable).
-            unsafe {
-                write_host(dq, &g.dq.data);
-                write_host(dk, &g.dk.data);
-                write_host(dv, &g.dv.data);
-            }
-            Ok(())
-        }
+        // SAFETY: the caller's contract.
+        Device::Cpu => unsafe {
+            host_backward(
+                OP,
+                a,
+                &dims,
+                [out, lse, dout, dq, dk, dv],
+                stream,
+                |[q, k, v, o, d_o], l, m| {
+                    crate::sparse::gather::backward(q, k, v, o, l, d_o, a.params, m, sel, bwd)
+                },
+            )
+        },
         Device::Cuda(ord) => cuda_route::backward_gathered(
             ord,
             a,
@@ -1062,36 +1077,17 @@ pub unsafe fn backward(
     let (dims, dt, dev) = prologue(BWD, a, lse)?;
     check_bwd_tensors(BWD, &dims, dt, dev, [out, dout, dq, dk, dv])?;
     match dev {
-        Device::Cpu => {
-            let data = mask_data(BWD, a, &dims, stream)?;
-            let bm = bind(a, &dims, data)?;
-            if !lse.is_contiguous() {
-                return Err(lse.shape_err(
-                    BWD,
-                    "lse",
-                    "a contiguous [B, Hq, Sq] f32 tensor".into(),
-                ));
-            }
-            // SAFETY: the caller's contract.
-            let (q, k, v, o, d_o, l) = unsafe {
-                (
-                    a.q.view(BWD, "q")?,
-                    a.k.view(BWD, "k")?,
-                    a.v.view(BWD, "v")?,
-                    out.view(BWD, "out")?,
-                    dout.view(BWD, "dout")?,
-                    std::slice::from_raw_parts(lse.ptr as *const f32, lse.numel()),
-                )
-            };
-            let g = crate::backward(&q, &k, &v, &o, l, &d_o, a.params, spec(&bm), bwd)?;
-            // SAFETY: the caller's contract (gradients writable).
-            unsafe {
-                write_host(dq, &g.dq.data);
-                write_host(dk, &g.dk.data);
-                write_host(dv, &g.dv.data);
-            }
-            Ok(())
-        }
+        // SAFETY: the caller's contract.
+        Device::Cpu => unsafe {
+            host_backward(
+                BWD,
+                a,
+                &dims,
+                [out, lse, dout, dq, dk, dv],
+                stream,
+                |[q, k, v, o, d_o], l, m| crate::backward(q, k, v, o, l, d_o, a.params, m, bwd),
+            )
+        },
         Device::Cuda(ord) => {
             cuda_route::backward(ord, a, &dims, dt, [out, lse, dout, dq, dk, dv], bwd, stream)
         }

@@ -859,12 +859,24 @@ impl DevMask {
         tk: usize,
         dims: Dims,
     ) -> Result<DevMask> {
-        let (expr, consts, docs) = match mask {
-            MaskSpec::Full => (ALL_PAIRS.to_string(), [0; MASK_CONSTS], None),
+        // The mask's schedule at the kernel's tiles and its element program (no interval form:
+        // every Partial tile tests its pairs against the key bits too).
+        let (mask_sched, expr, consts, docs) = match mask {
+            MaskSpec::Full => (
+                BlockSchedule::full(tq, tk, dims.sq, dims.sk)?,
+                ALL_PAIRS.to_string(),
+                [0; MASK_CONSTS],
+                None,
+            ),
             MaskSpec::Expr(bm) => {
                 let el = bm.cuda_program_with(bake_mask_consts());
                 let docs = bm.docs.as_ref().map(|d| (d.q.clone(), d.k.clone()));
-                (el.source.clone(), el.const_array(), docs)
+                (
+                    bm.schedule(tq, tk)?,
+                    el.source.clone(),
+                    el.const_array(),
+                    docs,
+                )
             }
             _ => {
                 return Err(unsupported(
@@ -872,8 +884,7 @@ impl DevMask {
                 ))
             }
         };
-        let h = MaskHost::new(mask, tq, tk, dims)?;
-        let sched = sel.schedule_at(&h.sched, dims.batch, dims.hq)?;
+        let sched = sel.schedule_at(&mask_sched, dims.batch, dims.hq)?;
         let program = keys_program(&expr);
         let table = (
             [

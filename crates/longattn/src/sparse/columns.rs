@@ -693,9 +693,8 @@ impl ColumnsPlan {
         })?;
         let lp = sc.lb.as_ref().map(|l| l.params(s, d)).unwrap_or_default();
         if let Some(fq) = &kern.quant {
-            around("int8 queries and keys", &mut || {
-                super::cuda::LbScratch::quantize(s, [&fq[0], &fq[1], &fq[2], &fq[3]], &p, &lp, d)
-            })?;
+            let f = [&fq[0], &fq[1], &fq[2], &fq[3]];
+            super::cuda::LbScratch::quantize(s, f, &p, &lp, d, around)?;
         }
         around("LSE + mass bins", &mut || {
             let mut b = s.launch_builder(&kern.hist);

@@ -300,24 +300,19 @@ impl LbScratch {
         }
     }
 
-    /// Queues the quantizers: the key mean, int8 keys per 64-key group, int8 query rows with
-    /// q . mu (`f` = sp_lb_mean_part, sp_lb_mean, sp_lb_quant_k, sp_lb_quant_q).
+    /// Queues the quantizers, each stage inside `around` (profiling): the key mean, int8 keys
+    /// per 64-key group, int8 query rows with q . mu (`f` = sp_lb_mean_part, sp_lb_mean,
+    /// sp_lb_quant_k, sp_lb_quant_q).
     pub(super) fn quantize(
         s: &Arc<CudaStream>,
         f: [&CudaFunction; 4],
         p: &LaFwdParams,
         lp: &LbParams,
         dims: &Dims,
+        around: &mut Around,
     ) -> Result<()> {
         let (bh, bhk) = ((dims.batch * dims.hq) as u32, (dims.batch * dims.hk) as u32);
-        let grid = [
-            (lp.nkc as u32, bhk),
-            (bhk, 1),
-            (lp.kgroups as u32, bhk),
-            (dims.sq.div_ceil(8) as u32, bh),
-        ];
-        let threads = [128, 128, 256, 256];
-        for x in 0..4 {
+        let launch = |x: usize, grid: (u32, u32), threads: u32| -> Result<()> {
             let mut b = s.launch_builder(f[x]);
             b.arg(p);
             b.arg(lp);
@@ -325,14 +320,24 @@ impl LbScratch {
             // these dims, q / k device tensors of them (the caller's plan contract).
             unsafe {
                 b.launch(LaunchConfig {
-                    grid_dim: (grid[x].0, grid[x].1, 1),
-                    block_dim: (threads[x], 1, 1),
+                    grid_dim: (grid.0, grid.1, 1),
+                    block_dim: (threads, 1, 1),
                     shared_mem_bytes: 0,
                 })
             }
-            .map_err(drv("launch int8 quantizer"))?;
-        }
-        Ok(())
+            .map(|_| ())
+            .map_err(drv("launch int8 quantizer"))
+        };
+        around("key mean", &mut || {
+            launch(0, (lp.nkc as u32, bhk), 128)?;
+            launch(1, (bhk, 1), 128)
+        })?;
+        around("int8 keys", &mut || {
+            launch(2, (lp.kgroups as u32, bhk), 256)
+        })?;
+        around("int8 queries", &mut || {
+            launch(3, (dims.sq.div_ceil(8) as u32, bh), 256)
+        })
     }
 }
 
@@ -677,33 +682,24 @@ impl SparsePlan {
                     ncand: ncand as i32,
                     ..ls.params(s, d)
                 };
-                let bhk = (d.batch * d.hk) as u32;
-                // SAFETY: as above (LbParams matches the kernels'; its buffers sized in `new`).
-                let launch_lb = |f: &CudaFunction, c: LaunchConfig, with_sp: bool| -> Result<()> {
-                    let mut b = s.launch_builder(f);
-                    b.arg(&p);
-                    if with_sp {
-                        b.arg(&sp);
-                    }
-                    b.arg(&lp);
-                    unsafe { b.launch(c) }
-                        .map(|_| ())
-                        .map_err(drv("launch sparse estimator"))
-                };
-                around("key mean", &mut || {
-                    launch_lb(&lk.mean_part, cfg((lp.nkc as u32, bhk, 1), 128, 0), false)?;
-                    launch_lb(&lk.mean, cfg((bhk, 1, 1), 128, 0), false)
-                })?;
-                around("int8 keys", &mut || {
-                    launch_lb(&lk.quant_k, cfg((lp.kgroups as u32, bhk, 1), 256, 0), false)
-                })?;
-                around("int8 queries", &mut || {
-                    let g = d.sq.div_ceil(8) as u32;
-                    launch_lb(&lk.quant_q, cfg((g, bh, 1), 256, 0), false)
-                })?;
+                LbScratch::quantize(
+                    s,
+                    [&lk.mean_part, &lk.mean, &lk.quant_k, &lk.quant_q],
+                    &p,
+                    &lp,
+                    d,
+                    around,
+                )?;
                 around("tile scores", &mut || {
                     let threads = 32 * self.lb_warps as u32;
-                    launch_lb(&lk.score, cfg((q_tiles, bh, 1), threads, smem.2), true)
+                    let mut b = s.launch_builder(&lk.score);
+                    b.arg(&p);
+                    b.arg(&sp);
+                    b.arg(&lp);
+                    // SAFETY: as above (LbParams matches the kernels'; its buffers sized in `new`).
+                    unsafe { b.launch(cfg((q_tiles, bh, 1), threads, smem.2)) }
+                        .map(|_| ())
+                        .map_err(drv("launch sparse estimator"))
                 })?;
             }
             _ => {
